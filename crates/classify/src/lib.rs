@@ -1,0 +1,1 @@
+//! Palisade classify layer (under construction).

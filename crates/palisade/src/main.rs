@@ -1,0 +1,2 @@
+//! The `palisade` binary: one CLI for every Palisade role.
+fn main() {}

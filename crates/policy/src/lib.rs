@@ -1,0 +1,1 @@
+//! Palisade policy layer (under construction).

@@ -1,0 +1,1 @@
+//! Palisade wire layer (under construction).
