@@ -1,1 +1,45 @@
-//! Palisade wire layer (under construction).
+//! Palisade's wire layer: zero-copy packet views and owned representations.
+//!
+//! Every protocol module follows one pattern (after smoltcp's `wire`):
+//! - a view `Packet<T: AsRef<[u8]>>` (named `Frame` for Ethernet) with
+//!   `new_unchecked`, `new_checked` and `check_len`, field getters, and setters
+//!   when `T: AsMut<[u8]>`; field offsets are named ranges in a private `field`
+//!   module;
+//! - an owned `…Repr` with `parse(&Packet<&T>) -> Result<Repr>`,
+//!   `buffer_len()` and `emit(&mut Packet<T>)`.
+//!
+//! **Contract:** once `new_checked` (or `Repr::parse`) has accepted a buffer,
+//! no accessor panics on it, whatever its contents. Parsing allocates nothing.
+//!
+//! The [`frame`] module dissects a whole Ethernet frame (tags, network and
+//! transport headers) and [`flow`] extracts the exact-match key the datapath's
+//! flow cache is indexed by.
+#![deny(missing_docs)]
+
+pub mod arp;
+pub mod checksum;
+mod error;
+pub mod ethernet;
+pub mod flow;
+pub mod frame;
+pub mod icmpv4;
+pub mod icmpv6;
+pub mod ip;
+pub mod ipv4;
+pub mod ipv6;
+pub mod ipv6ext;
+pub mod tcp;
+pub mod udp;
+pub mod vlan;
+pub mod vxlan;
+
+pub use error::{Error, ErrorKind, Layer, Result};
+
+/// Byte-range type of the `field` modules.
+pub(crate) mod field {
+    /// A range of bytes within a header.
+    pub type Field = core::ops::Range<usize>;
+    /// The bytes from an offset to the end of the header.
+    #[allow(dead_code)]
+    pub type Rest = core::ops::RangeFrom<usize>;
+}

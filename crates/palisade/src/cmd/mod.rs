@@ -1,0 +1,5 @@
+//! Subcommands of the `palisade` binary, one module each.
+
+pub mod bench;
+pub mod pcap;
+pub mod policy;

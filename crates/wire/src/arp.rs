@@ -1,0 +1,1 @@
+//! TODO(arp): being written.

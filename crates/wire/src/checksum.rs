@@ -1,0 +1,129 @@
+//! The Internet checksum (RFC 1071), pseudo-headers, and incremental update (RFC 1624).
+//!
+//! Sums are accumulated in a `u32` without folding until the end; a caller
+//! combines partial sums with [`combine`] and folds once with [`fold`].
+
+/// Sum `data` as big-endian 16-bit words (an odd trailing byte is padded with zero).
+///
+/// Returns the unfolded 32-bit accumulator. Adding the result of several calls is
+/// valid as long as every part but the last has even length.
+pub fn sum(data: &[u8]) -> u32 {
+    let mut acc: u64 = 0;
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        // Eight bytes at a time: four 16-bit words summed into a u64 cannot overflow
+        // for any packet length that fits in memory.
+        let w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        acc += (w >> 48) + ((w >> 32) & 0xffff) + ((w >> 16) & 0xffff) + (w & 0xffff);
+    }
+    let rest = chunks.remainder();
+    let mut pairs = rest.chunks_exact(2);
+    for p in &mut pairs {
+        acc += u64::from(u16::from_be_bytes([p[0], p[1]]));
+    }
+    if let [last] = pairs.remainder() {
+        acc += u64::from(*last) << 8;
+    }
+    // Fold the u64 into a u32 accumulator without losing carries.
+    while acc > 0xffff_ffff {
+        acc = (acc & 0xffff_ffff) + (acc >> 32);
+    }
+    acc as u32
+}
+
+/// Add unfolded partial sums.
+pub fn combine(parts: &[u32]) -> u32 {
+    let mut acc: u64 = parts.iter().map(|&p| u64::from(p)).sum();
+    while acc > 0xffff_ffff {
+        acc = (acc & 0xffff_ffff) + (acc >> 32);
+    }
+    acc as u32
+}
+
+/// Fold an accumulator to 16 bits (ones' complement sum, not yet complemented).
+pub fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    acc as u16
+}
+
+/// The checksum field value for `data`: the complement of the folded sum.
+pub fn checksum(data: &[u8]) -> u16 {
+    !fold(sum(data))
+}
+
+/// Sum of the IPv4 pseudo-header for an upper-layer protocol (RFC 793 / 768).
+pub fn pseudo_header_v4(src: [u8; 4], dst: [u8; 4], protocol: u8, length: u16) -> u32 {
+    sum(&src) + sum(&dst) + u32::from(protocol) + u32::from(length)
+}
+
+/// Sum of the IPv6 pseudo-header (RFC 8200 section 8.1).
+pub fn pseudo_header_v6(src: [u8; 16], dst: [u8; 16], next_header: u8, length: u32) -> u32 {
+    combine(&[
+        sum(&src),
+        sum(&dst),
+        (length >> 16) + (length & 0xffff),
+        u32::from(next_header),
+    ])
+}
+
+/// Incrementally update checksum field `old_check` when one 16-bit word of the
+/// covered data changes from `old` to `new` (RFC 1624, equation 3:
+/// `HC' = ~(~HC + ~m + m')`).
+pub fn update16(old_check: u16, old: u16, new: u16) -> u16 {
+    let acc = u32::from(!old_check) + u32::from(!old) + u32::from(new);
+    !fold(acc)
+}
+
+/// Incrementally update a checksum when a 32-bit field (an IPv4 address, say) changes.
+pub fn update32(old_check: u16, old: u32, new: u32) -> u16 {
+    let c = update16(old_check, (old >> 16) as u16, (new >> 16) as u16);
+    update16(c, old as u16, new as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc1071_example() {
+        // RFC 1071 section 3: words 0001 f203 f4f5 f6f7 sum to 0xddf2 (folded).
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(fold(sum(&data)), 0xddf2);
+        assert_eq!(checksum(&data), !0xddf2);
+    }
+
+    #[test]
+    fn odd_length_pads_with_zero() {
+        assert_eq!(sum(&[0x12, 0x34, 0x56]), 0x1234 + 0x5600);
+    }
+
+    #[test]
+    fn long_buffers_match_bytewise_sum() {
+        let data: Vec<u8> = (0..1501u32).map(|i| (i * 7 + 3) as u8).collect();
+        let mut slow = 0u64;
+        for p in data.chunks(2) {
+            let w = if p.len() == 2 {
+                u16::from_be_bytes([p[0], p[1]])
+            } else {
+                u16::from(p[0]) << 8
+            };
+            slow += u64::from(w);
+        }
+        while slow > 0xffff {
+            slow = (slow & 0xffff) + (slow >> 16);
+        }
+        assert_eq!(u64::from(fold(sum(&data))), slow);
+    }
+
+    #[test]
+    fn incremental_update_matches_recompute() {
+        let mut data: Vec<u8> = (0..40u8).collect();
+        let before = checksum(&data);
+        let old = u32::from_be_bytes([data[12], data[13], data[14], data[15]]);
+        let new = 0xc0a8_0101u32;
+        data[12..16].copy_from_slice(&new.to_be_bytes());
+        assert_eq!(update32(before, old, new), checksum(&data));
+    }
+}

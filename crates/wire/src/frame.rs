@@ -1,0 +1,1 @@
+//! TODO(frame): being written.

@@ -1,0 +1,1 @@
+//! TODO(icmpv6): being written.

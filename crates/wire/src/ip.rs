@@ -1,0 +1,1 @@
+//! TODO(ip): being written.

@@ -1,0 +1,1 @@
+//! TODO(ipv4): being written.

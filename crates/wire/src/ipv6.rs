@@ -1,0 +1,1 @@
+//! TODO(ipv6): being written.

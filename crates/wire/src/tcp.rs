@@ -1,0 +1,1 @@
+//! TODO(tcp): being written.

@@ -1,0 +1,1 @@
+//! TODO(vlan): being written.

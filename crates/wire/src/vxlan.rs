@@ -1,0 +1,1 @@
+//! TODO(vxlan): being written.
