@@ -1,1 +1,406 @@
-//! TODO(flow): being written.
+//! Flow-key extraction for the fast path.
+//!
+//! [`extract`] reads just enough of a frame to build the exact-match key the
+//! datapath's flow cache is indexed by: segment (VLAN / QinQ / VNI), addresses,
+//! protocol and ports (ICMP: identifier or type/code), plus the few facts the
+//! connection tracker needs (TCP flags, fragment position). It allocates
+//! nothing, copies only the key, and uses the same checked views as the rest of
+//! the crate, so a malformed frame is an [`Error`] naming its layer.
+//!
+//! Key conventions, chosen so that reversing a key ([`FlowKey::reversed`])
+//! gives the key of the reply packet:
+//! - TCP, UDP: the ports.
+//! - ICMP and ICMPv6 echo request/reply: both ports hold the echo identifier.
+//! - Other ICMP messages: source port 0, destination port `type << 8 | code`;
+//!   errors are related to their flow through the quoted packet, not the key.
+//! - Fragments: the first fragment carries the ports; non-first fragments have
+//!   ports 0 and [`Fragment::NonFirst`], so the datapath can reassemble or
+//!   apply its fragment policy.
+//! - IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) in 16 bytes so
+//!   one key type serves both families.
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::ethernet::{self, EtherType};
+use crate::ip::IpProtocol;
+use crate::ipv6ext::{self, WalkEnd};
+use crate::tcp::TcpFlags;
+use crate::vlan::{self, MAX_TAGS};
+use crate::{Error, ErrorKind, Layer, Result, icmpv4, icmpv6, ipv4, ipv6, tcp, udp};
+
+/// The L2 segment a frame travels on: untagged, a VLAN, a QinQ pair, or a VXLAN VNI.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
+pub struct Segment(u32);
+
+impl Segment {
+    const KIND_SHIFT: u32 = 28;
+    const VLAN: u32 = 1 << Self::KIND_SHIFT;
+    const QINQ: u32 = 2 << Self::KIND_SHIFT;
+    const VNI: u32 = 3 << Self::KIND_SHIFT;
+
+    /// No tag.
+    pub const UNTAGGED: Segment = Segment(0);
+
+    /// A single 802.1Q tag.
+    pub const fn vlan(vid: u16) -> Segment {
+        Segment(Self::VLAN | (vid as u32 & 0xfff))
+    }
+
+    /// An outer (service) and inner (customer) tag.
+    pub const fn qinq(outer: u16, inner: u16) -> Segment {
+        Segment(Self::QINQ | ((outer as u32 & 0xfff) << 12) | (inner as u32 & 0xfff))
+    }
+
+    /// A VXLAN network identifier (24 bits).
+    pub const fn vni(vni: u32) -> Segment {
+        Segment(Self::VNI | (vni & 0x00ff_ffff))
+    }
+
+    /// The packed value (kind in the top nibble), for hashing and classifier meta fields.
+    pub const fn raw(self) -> u32 {
+        self.0
+    }
+
+    /// The VLAN id of a single-tagged segment.
+    pub const fn vlan_id(self) -> Option<u16> {
+        if self.0 >> Self::KIND_SHIFT == 1 { Some((self.0 & 0xfff) as u16) } else { None }
+    }
+
+    /// The VNI of an overlay segment.
+    pub const fn vni_id(self) -> Option<u32> {
+        if self.0 >> Self::KIND_SHIFT == 3 { Some(self.0 & 0x00ff_ffff) } else { None }
+    }
+}
+
+/// Where a packet sits in a fragmented datagram.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub enum Fragment {
+    /// Not fragmented.
+    #[default]
+    None,
+    /// The first fragment: the transport header (and so the ports) is present.
+    First,
+    /// A later fragment: no transport header; ports are 0 in the key.
+    NonFirst,
+}
+
+/// The exact-match key of a flow (one direction).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct FlowKey {
+    /// The segment the frame was seen on.
+    pub segment: Segment,
+    /// Source address (IPv4-mapped for IPv4).
+    pub src: [u8; 16],
+    /// Destination address (IPv4-mapped for IPv4).
+    pub dst: [u8; 16],
+    /// Source port, or ICMP identifier (see the module documentation).
+    pub src_port: u16,
+    /// Destination port, ICMP identifier, or ICMP `type << 8 | code`.
+    pub dst_port: u16,
+    /// The upper-layer protocol (after IPv6 extension headers).
+    pub protocol: IpProtocol,
+}
+
+fn mapped(a: Ipv4Addr) -> [u8; 16] {
+    a.to_ipv6_mapped().octets()
+}
+
+fn unmap(a: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+impl FlowKey {
+    /// The key of the reply direction.
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            segment: self.segment,
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            protocol: self.protocol,
+        }
+    }
+
+    /// The source address.
+    pub fn src_addr(&self) -> IpAddr {
+        unmap(self.src)
+    }
+
+    /// The destination address.
+    pub fn dst_addr(&self) -> IpAddr {
+        unmap(self.dst)
+    }
+
+    /// The direction-independent form of the key (the smaller of the key and its
+    /// reverse), and whether it was reversed. Both directions of a connection
+    /// map to the same canonical key, which is what a symmetric shard hash needs.
+    pub fn canonical(&self) -> (FlowKey, bool) {
+        let reversed = self.reversed();
+        if (reversed.src, reversed.src_port) < (self.src, self.src_port) { (reversed, true) } else { (*self, false) }
+    }
+
+    /// A hash that is the same for both directions of a flow (FNV-1a over the
+    /// canonical key), for choosing the worker that owns a connection.
+    pub fn symmetric_hash(&self) -> u64 {
+        let (k, _) = self.canonical();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        };
+        eat(&k.segment.raw().to_le_bytes());
+        eat(&k.src);
+        eat(&k.dst);
+        eat(&k.src_port.to_le_bytes());
+        eat(&k.dst_port.to_le_bytes());
+        eat(&[k.protocol.0]);
+        h
+    }
+}
+
+/// What [`extract`] learned about an IP packet.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct FlowInfo {
+    /// The flow key.
+    pub key: FlowKey,
+    /// TCP flags (empty for other protocols and non-first fragments).
+    pub tcp_flags: TcpFlags,
+    /// ICMP type and code (ICMPv4 or ICMPv6), when the packet is ICMP.
+    pub icmp: Option<(u8, u8)>,
+    /// Fragment position.
+    pub fragment: Fragment,
+    /// Offset of the IP header in the frame.
+    pub l3_offset: u16,
+    /// Offset of the transport header (or fragment data) in the frame.
+    pub l4_offset: u16,
+}
+
+/// Extract the flow key of an Ethernet frame.
+///
+/// Returns `Ok(None)` for frames that are not IP (ARP, LLC, …): the datapath
+/// handles those by other rules.
+pub fn extract(frame: &[u8]) -> Result<Option<FlowInfo>> {
+    let eth = ethernet::Frame::new_checked(frame)?;
+    let mut ethertype = eth.ethertype();
+    let mut offset = ethernet::HEADER_LEN;
+    let mut vids = [0u16; MAX_TAGS];
+    let mut tags = 0;
+    while ethertype.is_vlan_tag() {
+        if tags == MAX_TAGS {
+            return Err(Error::new(Layer::Vlan, ErrorKind::TooDeep));
+        }
+        // `offset` never exceeds the frame: it only advances past checked headers.
+        let tag = vlan::Packet::new_checked(&frame[offset..])?;
+        vids[tags] = tag.vid();
+        tags += 1;
+        ethertype = tag.ethertype();
+        offset += vlan::HEADER_LEN;
+    }
+    let segment = match tags {
+        0 => Segment::UNTAGGED,
+        1 => Segment::vlan(vids[0]),
+        _ => Segment::qinq(vids[0], vids[1]),
+    };
+    extract_l3(ethertype, frame, offset, segment)
+}
+
+/// Extract the flow key of a packet that starts at the network layer, tagged
+/// with `segment` (a decapsulated VXLAN payload's inner frame goes through
+/// [`extract`] instead; raw-IP captures come here).
+pub fn extract_ip(packet: &[u8], segment: Segment) -> Result<Option<FlowInfo>> {
+    let ethertype = match packet.first().map(|b| b >> 4) {
+        Some(4) => EtherType::IPV4,
+        Some(6) => EtherType::IPV6,
+        Some(_) => return Err(Error::new(Layer::Ipv4, ErrorKind::BadVersion)),
+        None => return Err(Error::new(Layer::Ipv4, ErrorKind::Truncated)),
+    };
+    extract_l3(ethertype, packet, 0, segment)
+}
+
+fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -> Result<Option<FlowInfo>> {
+    // Callers pass an offset just past checked headers, so the slice is in bounds.
+    let data = &frame[l3..];
+    let (src, dst, protocol, l4, fragment) = match ethertype {
+        EtherType::IPV4 => {
+            let ip = ipv4::Packet::new_checked(data)?;
+            let fragment = match (ip.frag_offset(), ip.more_frags()) {
+                (0, false) => Fragment::None,
+                (0, true) => Fragment::First,
+                _ => Fragment::NonFirst,
+            };
+            (mapped(ip.src_addr()), mapped(ip.dst_addr()), ip.protocol(), l3 + ip.header_len(), fragment)
+        }
+        EtherType::IPV6 => {
+            let ip = ipv6::Packet::new_checked(data)?;
+            let mut fragment = Fragment::None;
+            let mut walk = ipv6ext::walk(ip.next_header(), ip.payload());
+            let end = loop {
+                match walk.next() {
+                    Some(Ok(ipv6ext::WalkItem::Header { header, .. })) => {
+                        if header.kind() == IpProtocol::IPV6_FRAG && header.frag_offset() == 0 && header.more_frags() {
+                            fragment = Fragment::First;
+                        }
+                    }
+                    Some(Ok(ipv6ext::WalkItem::End(end))) => break end,
+                    Some(Err(e)) => return Err(e),
+                    // A walk that did not fail always ends with an End item.
+                    None => return Err(Error::new(Layer::Ipv6Ext, ErrorKind::Truncated)),
+                }
+            };
+            let (protocol, offset) = match end {
+                WalkEnd::Upper { protocol, offset } => (protocol, offset),
+                WalkEnd::NonFirstFragment { protocol, offset, .. } => {
+                    fragment = Fragment::NonFirst;
+                    (protocol, offset)
+                }
+                WalkEnd::NoNextHeader { offset } => (IpProtocol::IPV6_NONXT, offset),
+            };
+            let l4 = l3 + ipv6::HEADER_LEN + offset;
+            (ip.src_addr().octets(), ip.dst_addr().octets(), protocol, l4, fragment)
+        }
+        _ => return Ok(None),
+    };
+    let mut info = FlowInfo {
+        key: FlowKey { segment, src, dst, src_port: 0, dst_port: 0, protocol },
+        tcp_flags: TcpFlags(0),
+        icmp: None,
+        fragment,
+        l3_offset: l3 as u16,
+        l4_offset: l4 as u16,
+    };
+    if fragment == Fragment::NonFirst {
+        return Ok(Some(info));
+    }
+    // The transport slice ends where the IP layer says its payload ends, not at
+    // the frame's end (which may carry Ethernet padding).
+    let ip_end = l3 + ip_len(ethertype, data);
+    let upper = frame.get(l4..ip_end).unwrap_or(&[]);
+    let first_fragment = fragment == Fragment::First;
+    match protocol {
+        IpProtocol::TCP => {
+            let (sport, dport, flags) = if first_fragment {
+                ports_only(upper, Layer::Tcp)?
+            } else {
+                let t = tcp::Packet::new_checked(upper)?;
+                (t.src_port(), t.dst_port(), t.flags())
+            };
+            (info.key.src_port, info.key.dst_port, info.tcp_flags) = (sport, dport, flags);
+        }
+        IpProtocol::UDP => {
+            let (sport, dport, _) = if first_fragment {
+                ports_only(upper, Layer::Udp)?
+            } else {
+                let u = udp::Packet::new_checked(upper)?;
+                (u.src_port(), u.dst_port(), TcpFlags(0))
+            };
+            (info.key.src_port, info.key.dst_port) = (sport, dport);
+        }
+        IpProtocol::ICMP if ethertype == EtherType::IPV4 => {
+            let m = icmpv4::Packet::new_checked(upper)?;
+            let (ty, code) = (m.msg_type().0, m.msg_code());
+            info.icmp = Some((ty, code));
+            (info.key.src_port, info.key.dst_port) = match ty {
+                0 | 8 => (m.echo_ident(), m.echo_ident()),
+                _ => (0, u16::from_be_bytes([ty, code])),
+            };
+        }
+        IpProtocol::ICMPV6 if ethertype == EtherType::IPV6 => {
+            let m = icmpv6::Packet::new_checked(upper)?;
+            let (ty, code) = (m.msg_type().0, m.msg_code());
+            info.icmp = Some((ty, code));
+            (info.key.src_port, info.key.dst_port) = match ty {
+                128 | 129 => (m.echo_ident(), m.echo_ident()),
+                _ => (0, u16::from_be_bytes([ty, code])),
+            };
+        }
+        _ => {}
+    }
+    Ok(Some(info))
+}
+
+/// Length of the IP packet (header + payload) per its own length fields; the
+/// views' `check_len` has already bounded it by the buffer.
+fn ip_len(ethertype: EtherType, data: &[u8]) -> usize {
+    if ethertype == EtherType::IPV4 {
+        ipv4::Packet::new_unchecked(data).total_len().into()
+    } else {
+        ipv6::HEADER_LEN + usize::from(ipv6::Packet::new_unchecked(data).payload_len())
+    }
+}
+
+/// Ports (and TCP flags when present) of a first fragment, which may hold
+/// less than a whole transport header.
+fn ports_only(upper: &[u8], layer: Layer) -> Result<(u16, u16, TcpFlags)> {
+    let [a, b, c, d, ..] = *upper else { return Err(Error::new(layer, ErrorKind::Truncated)) };
+    let flags = match (layer, upper.get(12..14)) {
+        (Layer::Tcp, Some(f)) => TcpFlags(u16::from_be_bytes([f[0], f[1]]) & 0x01ff),
+        _ => TcpFlags(0),
+    };
+    Ok((u16::from_be_bytes([a, b]), u16::from_be_bytes([c, d]), flags))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ethernet + 802.1Q(vid 100) + IPv4 + TCP SYN 10.0.0.1:40000 -> 10.0.0.2:443.
+    fn tcp_syn_vlan() -> Vec<u8> {
+        let mut f = vec![
+            0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x81, 0x00, 0x00, 100, 0x08, 0x00, // eth + tag
+            0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2, // ipv4
+            0x9c, 0x40, 0x01, 0xbb, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0, // tcp
+        ];
+        f.extend_from_slice(&[0; 6]); // Ethernet padding to 64 bytes, which must be ignored
+        f
+    }
+
+    #[test]
+    fn tcp_over_vlan() {
+        let info = extract(&tcp_syn_vlan()).unwrap().unwrap();
+        assert_eq!(info.key.segment, Segment::vlan(100));
+        assert_eq!(info.key.src_addr(), IpAddr::from([10, 0, 0, 1]));
+        assert_eq!(info.key.dst_addr(), IpAddr::from([10, 0, 0, 2]));
+        assert_eq!((info.key.src_port, info.key.dst_port), (40000, 443));
+        assert_eq!(info.key.protocol, IpProtocol::TCP);
+        assert_eq!(info.tcp_flags, TcpFlags::SYN);
+        assert_eq!((info.l3_offset, info.l4_offset), (18, 38));
+    }
+
+    #[test]
+    fn reverse_and_symmetric_hash() {
+        let k = extract(&tcp_syn_vlan()).unwrap().unwrap().key;
+        let r = k.reversed();
+        assert_eq!((r.src_port, r.dst_port), (443, 40000));
+        assert_eq!(r.reversed(), k);
+        assert_eq!(k.canonical().0, r.canonical().0);
+        assert_ne!(k.canonical().1, r.canonical().1);
+        assert_eq!(k.symmetric_hash(), r.symmetric_hash());
+    }
+
+    #[test]
+    fn non_ip_is_none_and_truncations_are_errors() {
+        let mut arp = tcp_syn_vlan();
+        arp[16..18].copy_from_slice(&[0x08, 0x06]);
+        assert_eq!(extract(&arp).unwrap(), None);
+        let f = tcp_syn_vlan();
+        for n in 0..58 {
+            assert!(extract(&f[..n]).is_err(), "prefix of {n} bytes accepted");
+        }
+    }
+
+    #[test]
+    fn segments_pack_distinctly() {
+        assert_ne!(Segment::vlan(5), Segment::vni(5));
+        assert_ne!(Segment::qinq(1, 2), Segment::qinq(2, 1));
+        assert_eq!(Segment::vlan(4095).vlan_id(), Some(4095));
+        assert_eq!(Segment::vni(0xabcdef).vni_id(), Some(0xabcdef));
+        assert_eq!(Segment::UNTAGGED.vlan_id(), None);
+    }
+}
