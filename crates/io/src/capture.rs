@@ -12,9 +12,9 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pcap_file::DataLink;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
 use pcap_file::pcapng::{Block, PcapNgReader};
+use pcap_file::{DataLink, TsResolution};
 
 /// A link-layer header type (tcpdump.org LINKTYPE_ registry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -121,14 +121,24 @@ pub struct CaptureReader {
 
 impl std::fmt::Debug for CaptureReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaptureReader").field("path", &self.path).field("index", &self.index).finish()
+        f.debug_struct("CaptureReader")
+            .field("path", &self.path)
+            .field("index", &self.index)
+            .finish()
     }
 }
 
+/// The largest record libpcap accepts for any link type (`MAXIMUM_SNAPLEN`).
+const MAX_RECORD_LEN: u32 = 262_144;
+
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 const PCAPNG_MAGIC: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
-const PCAP_MAGICS: [[u8; 4]; 4] =
-    [[0xa1, 0xb2, 0xc3, 0xd4], [0xd4, 0xc3, 0xb2, 0xa1], [0xa1, 0xb2, 0x3c, 0x4d], [0x4d, 0x3c, 0xb2, 0xa1]];
+const PCAP_MAGICS: [[u8; 4]; 4] = [
+    [0xa1, 0xb2, 0xc3, 0xd4],
+    [0xd4, 0xc3, 0xb2, 0xa1],
+    [0xa1, 0xb2, 0x3c, 0x4d],
+    [0x4d, 0x3c, 0xb2, 0xa1],
+];
 
 /// Read the first four bytes of `reader`, returning them and a reader that still yields them.
 fn sniff(mut reader: Box<dyn Read>) -> io::Result<([u8; 4], Box<dyn Read>)> {
@@ -149,20 +159,29 @@ impl CaptureReader {
     /// Open a capture file, detecting pcap, pcapng and gzip by their magic numbers.
     pub fn open(path: impl AsRef<Path>) -> Result<CaptureReader, CaptureError> {
         let path = path.as_ref().to_path_buf();
-        let io_err = |source| CaptureError::Io { path: path.clone(), source };
+        let io_err = |source| CaptureError::Io {
+            path: path.clone(),
+            source,
+        };
         let file = File::open(&path).map_err(io_err)?;
         Self::from_reader(path.clone(), Box::new(BufReader::new(file)))
     }
 
     /// Read a capture from any reader; `path` is used only in error messages.
     pub fn from_reader(path: PathBuf, reader: Box<dyn Read>) -> Result<CaptureReader, CaptureError> {
-        let io_err = |source| CaptureError::Io { path: path.clone(), source };
+        let io_err = |source| CaptureError::Io {
+            path: path.clone(),
+            source,
+        };
         let (mut magic, mut reader) = sniff(reader).map_err(io_err)?;
         if magic[..2] == GZIP_MAGIC {
             let decoder: Box<dyn Read> = Box::new(BufReader::new(flate2::read::MultiGzDecoder::new(reader)));
             (magic, reader) = sniff(decoder).map_err(io_err)?;
         }
-        let bad_header = |e: pcap_file::PcapError| CaptureError::BadHeader { path: path.clone(), reason: e.to_string() };
+        let bad_header = |e: pcap_file::PcapError| CaptureError::BadHeader {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
         let format = if magic == PCAPNG_MAGIC {
             Format::PcapNg(PcapNgReader::new(reader).map_err(bad_header)?)
         } else if PCAP_MAGICS.contains(&magic) {
@@ -170,7 +189,12 @@ impl CaptureReader {
         } else {
             return Err(CaptureError::UnknownFormat { path, magic });
         };
-        Ok(CaptureReader { path, format, index: 0, done: false })
+        Ok(CaptureReader {
+            path,
+            format,
+            index: 0,
+            done: false,
+        })
     }
 
     /// The file this reader reads.
@@ -201,15 +225,37 @@ impl CaptureReader {
 
     fn read_one(&mut self, buf: &mut Vec<u8>) -> Option<Result<PacketMeta, CaptureError>> {
         buf.clear();
-        let bad_record =
-            |e: pcap_file::PcapError, index| CaptureError::BadRecord { path: self.path.clone(), index, reason: e.to_string() };
+        let bad_record = |e: pcap_file::PcapError, index| CaptureError::BadRecord {
+            path: self.path.clone(),
+            index,
+            reason: e.to_string(),
+        };
         match &mut self.format {
             Format::Pcap(r) => {
-                let linktype = LinkType::from(r.header().datalink);
-                match r.next_packet()? {
+                let header = r.header();
+                let linktype = LinkType::from(header.datalink);
+                // Raw records, validated the way libpcap does: pcap-file's own checks refuse
+                // `orig_len > snaplen`, which every snapped capture has, and captures whose
+                // records exceed the header's snap length, which tcpdump still reads.
+                match r.next_raw_packet()? {
+                    Ok(p) if p.incl_len > MAX_RECORD_LEN => Some(Err(CaptureError::BadRecord {
+                        path: self.path.clone(),
+                        index: self.index,
+                        reason: format!("record length {} exceeds {MAX_RECORD_LEN}", p.incl_len),
+                    })),
                     Ok(p) => {
                         buf.extend_from_slice(&p.data);
-                        Some(Ok(PacketMeta { timestamp: p.timestamp, linktype, orig_len: p.orig_len }))
+                        let nanos = match header.ts_resolution {
+                            TsResolution::MicroSecond => u64::from(p.ts_frac) * 1000,
+                            TsResolution::NanoSecond => u64::from(p.ts_frac),
+                        };
+                        // An out-of-range fraction (a damaged record) carries into the seconds.
+                        let timestamp = Duration::from_secs(u64::from(p.ts_sec)) + Duration::from_nanos(nanos);
+                        Some(Ok(PacketMeta {
+                            timestamp,
+                            linktype,
+                            orig_len: p.orig_len,
+                        }))
                     }
                     Err(e) => Some(Err(bad_record(e, self.index))),
                 }
@@ -225,9 +271,12 @@ impl CaptureReader {
                     Block::SimplePacket(p) => (0, Duration::ZERO, p.original_len, p.data),
                     // The obsolete packet block has a raw timestamp in the interface's units; the
                     // default resolution is microseconds.
-                    Block::Packet(p) => {
-                        (u32::from(p.interface_id), Duration::from_micros(p.timestamp), p.original_len, p.data)
-                    }
+                    Block::Packet(p) => (
+                        u32::from(p.interface_id),
+                        Duration::from_micros(p.timestamp),
+                        p.original_len,
+                        p.data,
+                    ),
                     _ => continue,
                 };
                 buf.extend_from_slice(&data);
@@ -241,7 +290,11 @@ impl CaptureReader {
                     }));
                 };
                 let linktype = LinkType::from(idb.linktype);
-                return Some(Ok(PacketMeta { timestamp, linktype, orig_len }));
+                return Some(Ok(PacketMeta {
+                    timestamp,
+                    linktype,
+                    orig_len,
+                }));
             },
         }
     }
@@ -263,10 +316,18 @@ impl CaptureWriter {
     /// Create (or truncate) `path` as a pcap file of `linktype` packets.
     pub fn create(path: impl AsRef<Path>, linktype: LinkType) -> Result<CaptureWriter, CaptureError> {
         let path = path.as_ref().to_path_buf();
-        let file = File::create(&path).map_err(|source| CaptureError::Io { path: path.clone(), source })?;
-        let header = PcapHeader { datalink: DataLink::from(linktype.0), ..PcapHeader::default() };
-        let writer = PcapWriter::with_header(BufWriter::new(file), header)
-            .map_err(|e| CaptureError::BadHeader { path: path.clone(), reason: e.to_string() })?;
+        let file = File::create(&path).map_err(|source| CaptureError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let header = PcapHeader {
+            datalink: DataLink::from(linktype.0),
+            ..PcapHeader::default()
+        };
+        let writer = PcapWriter::with_header(BufWriter::new(file), header).map_err(|e| CaptureError::BadHeader {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         Ok(CaptureWriter { path, writer })
     }
 
@@ -274,16 +335,22 @@ impl CaptureWriter {
     pub fn write(&mut self, timestamp: Duration, data: &[u8]) -> Result<(), CaptureError> {
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
         let packet = PcapPacket::new(timestamp, len, data);
-        self.writer.write_packet(&packet).map(|_| ()).map_err(|e| CaptureError::Io {
-            path: self.path.clone(),
-            source: io::Error::other(e.to_string()),
-        })
+        self.writer
+            .write_packet(&packet)
+            .map(|_| ())
+            .map_err(|e| CaptureError::Io {
+                path: self.path.clone(),
+                source: io::Error::other(e.to_string()),
+            })
     }
 
     /// Flush buffered packets to the file.
     pub fn finish(self) -> Result<(), CaptureError> {
         let path = self.path;
-        self.writer.into_writer().flush().map_err(|source| CaptureError::Io { path, source })
+        self.writer
+            .into_writer()
+            .flush()
+            .map_err(|source| CaptureError::Io { path, source })
     }
 }
 
@@ -381,7 +448,9 @@ mod tests {
                     stack.push(path);
                     continue;
                 }
-                let Ok(mut r) = CaptureReader::open(&path) else { continue };
+                let Ok(mut r) = CaptureReader::open(&path) else {
+                    continue;
+                };
                 files += 1;
                 let mut buf = Vec::new();
                 while let Some(Ok(_)) = r.next_into(&mut buf) {

@@ -63,12 +63,20 @@ impl Segment {
 
     /// The VLAN id of a single-tagged segment.
     pub const fn vlan_id(self) -> Option<u16> {
-        if self.0 >> Self::KIND_SHIFT == 1 { Some((self.0 & 0xfff) as u16) } else { None }
+        if self.0 >> Self::KIND_SHIFT == 1 {
+            Some((self.0 & 0xfff) as u16)
+        } else {
+            None
+        }
     }
 
     /// The VNI of an overlay segment.
     pub const fn vni_id(self) -> Option<u32> {
-        if self.0 >> Self::KIND_SHIFT == 3 { Some(self.0 & 0x00ff_ffff) } else { None }
+        if self.0 >> Self::KIND_SHIFT == 3 {
+            Some(self.0 & 0x00ff_ffff)
+        } else {
+            None
+        }
     }
 }
 
@@ -141,28 +149,39 @@ impl FlowKey {
     /// map to the same canonical key, which is what a symmetric shard hash needs.
     pub fn canonical(&self) -> (FlowKey, bool) {
         let reversed = self.reversed();
-        if (reversed.src, reversed.src_port) < (self.src, self.src_port) { (reversed, true) } else { (*self, false) }
+        if (reversed.src, reversed.src_port) < (self.src, self.src_port) {
+            (reversed, true)
+        } else {
+            (*self, false)
+        }
     }
 
-    /// A hash that is the same for both directions of a flow (FNV-1a over the
-    /// canonical key), for choosing the worker that owns a connection.
+    /// A hash that is the same for both directions of a flow, for choosing the
+    /// worker that owns a connection. Each endpoint (address, port) is mixed on
+    /// its own and the two are added, so the result is symmetric without first
+    /// ordering the endpoints.
     pub fn symmetric_hash(&self) -> u64 {
-        let (k, _) = self.canonical();
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |bytes: &[u8]| {
-            for &b in bytes {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
-            }
-        };
-        eat(&k.segment.raw().to_le_bytes());
-        eat(&k.src);
-        eat(&k.dst);
-        eat(&k.src_port.to_le_bytes());
-        eat(&k.dst_port.to_le_bytes());
-        eat(&[k.protocol.0]);
-        h
+        let a = endpoint_hash(&self.src, self.src_port);
+        let b = endpoint_hash(&self.dst, self.dst_port);
+        mix64(a.wrapping_add(b) ^ (u64::from(self.segment.raw()) << 8 | u64::from(self.protocol.0)))
     }
+}
+
+/// The splitmix64 finalizer: a cheap, well-distributed 64-bit mix.
+const fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn endpoint_hash(addr: &[u8; 16], port: u16) -> u64 {
+    let (hi, lo) = addr.split_at(8);
+    // Both halves are exactly 8 bytes: split_at(8) of a 16-byte array.
+    let hi = u64::from_le_bytes(hi.try_into().unwrap_or_default());
+    let lo = u64::from_le_bytes(lo.try_into().unwrap_or_default());
+    mix64(hi ^ mix64(lo ^ u64::from(port)))
 }
 
 /// What [`extract`] learned about an IP packet.
@@ -235,7 +254,13 @@ fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -
                 (0, true) => Fragment::First,
                 _ => Fragment::NonFirst,
             };
-            (mapped(ip.src_addr()), mapped(ip.dst_addr()), ip.protocol(), l3 + ip.header_len(), fragment)
+            (
+                mapped(ip.src_addr()),
+                mapped(ip.dst_addr()),
+                ip.protocol(),
+                l3 + ip.header_len(),
+                fragment,
+            )
         }
         EtherType::IPV6 => {
             let ip = ipv6::Packet::new_checked(data)?;
@@ -268,7 +293,14 @@ fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -
         _ => return Ok(None),
     };
     let mut info = FlowInfo {
-        key: FlowKey { segment, src, dst, src_port: 0, dst_port: 0, protocol },
+        key: FlowKey {
+            segment,
+            src,
+            dst,
+            src_port: 0,
+            dst_port: 0,
+            protocol,
+        },
         tcp_flags: TcpFlags(0),
         icmp: None,
         fragment,
@@ -338,7 +370,9 @@ fn ip_len(ethertype: EtherType, data: &[u8]) -> usize {
 /// Ports (and TCP flags when present) of a first fragment, which may hold
 /// less than a whole transport header.
 fn ports_only(upper: &[u8], layer: Layer) -> Result<(u16, u16, TcpFlags)> {
-    let [a, b, c, d, ..] = *upper else { return Err(Error::new(layer, ErrorKind::Truncated)) };
+    let [a, b, c, d, ..] = *upper else {
+        return Err(Error::new(layer, ErrorKind::Truncated));
+    };
     let flags = match (layer, upper.get(12..14)) {
         (Layer::Tcp, Some(f)) => TcpFlags(u16::from_be_bytes([f[0], f[1]]) & 0x01ff),
         _ => TcpFlags(0),
@@ -382,6 +416,9 @@ mod tests {
         assert_eq!(k.canonical().0, r.canonical().0);
         assert_ne!(k.canonical().1, r.canonical().1);
         assert_eq!(k.symmetric_hash(), r.symmetric_hash());
+        let mut other = k;
+        other.src_port += 1;
+        assert_ne!(k.symmetric_hash(), other.symmetric_hash());
     }
 
     #[test]

@@ -131,6 +131,9 @@ pub struct Dissection<'a> {
     pub transport: Transport<'a>,
     /// A VXLAN header found in a UDP payload on one of [`VXLAN_PORTS`]; the inner frame follows it.
     pub vxlan: Option<VxlanRepr>,
+    /// An IPv4 UDP datagram was sent without a checksum (the field is zero, RFC 768);
+    /// [`Dissection::emit`] keeps it that way.
+    pub udp_checksum_omitted: bool,
     /// Bytes after the end the network layer declares (Ethernet padding, trailers).
     pub trailer: &'a [u8],
     /// The first error met; the layers before it are sound.
@@ -148,6 +151,7 @@ impl<'a> Dissection<'a> {
             ext_headers: ExtChain::default(),
             transport: Transport::None,
             vxlan: None,
+            udp_checksum_omitted: false,
             trailer: &[],
             error: None,
             frame,
@@ -214,6 +218,15 @@ impl<'a> Dissection<'a> {
         self.tags[..self.tag_count].iter().flatten()
     }
 
+    /// The network layer's source and destination addresses, for IPv4 and IPv6.
+    pub fn addresses(&self) -> Option<(IpAddr, IpAddr)> {
+        match self.network {
+            Network::Ipv4(ip) => Some((ip.src_addr.into(), ip.dst_addr.into())),
+            Network::Ipv6(ip) => Some((ip.src_addr.into(), ip.dst_addr.into())),
+            _ => None,
+        }
+    }
+
     /// The bytes the frame was dissected from.
     pub fn bytes(&self) -> &'a [u8] {
         self.frame
@@ -224,15 +237,21 @@ impl<'a> Dissection<'a> {
             EtherType::IPV4 => self.ipv4(data),
             EtherType::IPV6 => self.ipv6(data),
             EtherType::ARP | EtherType::RARP => {
-                match arp::Packet::new_checked(data).and_then(|p| ArpRepr::parse(&p)) {
+                let packet = match arp::Packet::new_checked(data) {
+                    Ok(p) => p,
+                    Err(e) => return self.record(e),
+                };
+                // ARP for other hardware or protocol types is well-formed, just not decoded.
+                if !packet.is_ethernet_ipv4() {
+                    self.network = Network::Other(ethertype, data);
+                    return;
+                }
+                match ArpRepr::parse(&packet) {
                     Ok(repr) => {
                         self.network = Network::Arp(repr);
                         self.trailer = &data[repr.buffer_len()..];
                     }
-                    Err(e) => {
-                        self.network = Network::Other(ethertype, data);
-                        self.record(e);
-                    }
+                    Err(e) => self.record(e),
                 }
             }
             _ => self.network = Network::Other(ethertype, data),
@@ -254,7 +273,11 @@ impl<'a> Dissection<'a> {
         self.trailer = &data[total..];
         let payload = packet.payload();
         if repr.more_frags || repr.frag_offset != 0 {
-            self.transport = Transport::Fragment { protocol: repr.protocol, first: repr.frag_offset == 0, data: payload };
+            self.transport = Transport::Fragment {
+                protocol: repr.protocol,
+                first: repr.frag_offset == 0,
+                data: payload,
+            };
             return;
         }
         // AH over IPv4 is kept opaque (Transport::Other): IPsec traffic is rare on
@@ -285,7 +308,12 @@ impl<'a> Dissection<'a> {
                 Err(e) => return self.record(e),
                 Ok(WalkItem::Header { header, .. }) => match ExtHeaderRepr::parse(&header) {
                     Ok(h) => {
-                        if let ExtHeaderRepr::Fragment { more_frags, frag_offset: 0, .. } = h {
+                        if let ExtHeaderRepr::Fragment {
+                            more_frags,
+                            frag_offset: 0,
+                            ..
+                        } = h
+                        {
                             first_fragment = Some(more_frags);
                         }
                         self.ext_headers.push(h);
@@ -296,12 +324,22 @@ impl<'a> Dissection<'a> {
                     let upper = &data[offset..];
                     match first_fragment {
                         // A first fragment with more to come holds only part of the datagram.
-                        Some(true) => self.transport = Transport::Fragment { protocol, first: true, data: upper },
+                        Some(true) => {
+                            self.transport = Transport::Fragment {
+                                protocol,
+                                first: true,
+                                data: upper,
+                            }
+                        }
                         _ => self.transport_layer(protocol, upper, true),
                     }
                 }
                 Ok(WalkItem::End(WalkEnd::NonFirstFragment { protocol, offset, .. })) => {
-                    self.transport = Transport::Fragment { protocol, first: false, data: &data[offset..] };
+                    self.transport = Transport::Fragment {
+                        protocol,
+                        first: false,
+                        data: &data[offset..],
+                    };
                 }
                 Ok(WalkItem::End(WalkEnd::NoNextHeader { offset })) => {
                     self.transport = Transport::Other(IpProtocol::IPV6_NONXT, &data[offset..]);
@@ -312,14 +350,19 @@ impl<'a> Dissection<'a> {
 
     fn transport_layer(&mut self, protocol: IpProtocol, data: &'a [u8], is_ipv6: bool) {
         let parsed = match protocol {
-            IpProtocol::TCP => tcp::Packet::new_checked(data).and_then(|p| TcpRepr::parse(&p)).map(Transport::Tcp),
-            IpProtocol::UDP => udp::Packet::new_checked(data).and_then(|p| UdpRepr::parse(&p)).map(Transport::Udp),
-            IpProtocol::ICMP if !is_ipv6 => {
-                icmpv4::Packet::new_checked(data).and_then(|p| Icmpv4Repr::parse(&p)).map(Transport::Icmpv4)
-            }
-            IpProtocol::ICMPV6 if is_ipv6 => {
-                icmpv6::Packet::new_checked(data).and_then(|p| Icmpv6Repr::parse(&p)).map(Transport::Icmpv6)
-            }
+            IpProtocol::TCP => tcp::Packet::new_checked(data)
+                .and_then(|p| TcpRepr::parse(&p))
+                .map(Transport::Tcp),
+            IpProtocol::UDP => udp::Packet::new_checked(data).and_then(|p| {
+                self.udp_checksum_omitted = !is_ipv6 && !p.has_checksum();
+                UdpRepr::parse(&p).map(Transport::Udp)
+            }),
+            IpProtocol::ICMP if !is_ipv6 => icmpv4::Packet::new_checked(data)
+                .and_then(|p| Icmpv4Repr::parse(&p))
+                .map(Transport::Icmpv4),
+            IpProtocol::ICMPV6 if is_ipv6 => icmpv6::Packet::new_checked(data)
+                .and_then(|p| Icmpv6Repr::parse(&p))
+                .map(Transport::Icmpv6),
             other => Ok(Transport::Other(other, data)),
         };
         match parsed {
@@ -344,11 +387,17 @@ impl<'a> Dissection<'a> {
         let (src, dst, l4) = match self.network {
             Network::Ipv4(ip) => {
                 let start = self.l3_offset();
-                let Ok(packet) = ipv4::Packet::new_checked(&self.frame[start..]) else { return false };
+                let Ok(packet) = ipv4::Packet::new_checked(&self.frame[start..]) else {
+                    return false;
+                };
                 if !packet.verify_checksum() {
                     return false;
                 }
-                (IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr), start + packet.header_len())
+                (
+                    IpAddr::V4(ip.src_addr),
+                    IpAddr::V4(ip.dst_addr),
+                    start + packet.header_len(),
+                )
             }
             Network::Ipv6(ip) => (
                 IpAddr::V6(ip.src_addr),
@@ -358,7 +407,9 @@ impl<'a> Dissection<'a> {
             _ => return true,
         };
         let end = self.frame.len() - self.trailer.len();
-        let Some(data) = self.frame.get(l4..end) else { return false };
+        let Some(data) = self.frame.get(l4..end) else {
+            return false;
+        };
         match (self.transport, src, dst) {
             (Transport::Tcp(_), _, _) => tcp::Packet::new_checked(data).is_ok_and(|p| p.verify_checksum(src, dst)),
             (Transport::Udp(_), _, _) => udp::Packet::new_checked(data).is_ok_and(|p| p.verify_checksum(src, dst)),
@@ -424,7 +475,11 @@ impl<'a> Dissection<'a> {
             }
             Network::Ipv6(ip) => {
                 ip.emit(&mut ipv6::Packet::new_unchecked(&mut *body));
-                self.emit_upper(&mut body[ipv6::HEADER_LEN..], IpAddr::V6(ip.src_addr), IpAddr::V6(ip.dst_addr));
+                self.emit_upper(
+                    &mut body[ipv6::HEADER_LEN..],
+                    IpAddr::V6(ip.src_addr),
+                    IpAddr::V6(ip.dst_addr),
+                );
             }
         }
         Some(())
@@ -442,7 +497,13 @@ impl<'a> Dissection<'a> {
         match self.transport {
             Transport::None => {}
             Transport::Tcp(t) => t.emit(&mut tcp::Packet::new_unchecked(buf), src, dst),
-            Transport::Udp(u) => u.emit(&mut udp::Packet::new_unchecked(buf), src, dst),
+            Transport::Udp(u) => {
+                let mut packet = udp::Packet::new_unchecked(buf);
+                u.emit(&mut packet, src, dst);
+                if self.udp_checksum_omitted {
+                    packet.set_checksum(0);
+                }
+            }
             Transport::Icmpv4(i) => i.emit(&mut icmpv4::Packet::new_unchecked(buf)),
             Transport::Icmpv6(i) => {
                 if let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) {

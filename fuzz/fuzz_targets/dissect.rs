@@ -1,0 +1,8 @@
+//! Fuzz the whole wire layer: dissection, emit round trip, flow-key extraction.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Err(e) = palisade_wire::fuzzing::check_frame(data) {
+        panic!("{e}");
+    }
+});
