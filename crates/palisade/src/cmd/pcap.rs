@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use palisade_io::capture::{CaptureReader, LinkType, PacketMeta};
+use palisade_io::capture::{CaptureReader, LinkPayload, LinkType, PacketMeta, strip_link_header};
 use palisade_wire::ethernet::EtherType;
 use palisade_wire::flow::{self, FlowInfo, FlowKey, Segment};
 use palisade_wire::frame::{Dissection, Network, Transport};
@@ -81,25 +81,14 @@ enum Link<'a> {
     Truncated,
 }
 
-/// Strip the capture's link-layer header.
+/// Strip the capture's link-layer header (the logic lives in palisade-io, shared with the corpus tests).
 fn link(linktype: LinkType, data: &[u8]) -> Link<'_> {
-    let (skip, ethertype_bytes) = match linktype {
-        LinkType::ETHERNET => return Link::Ethernet(data),
-        // Raw IP: LINKTYPE_RAW and the DLT_RAW values some platforms write (12, 14).
-        LinkType::RAW | LinkType::IPV4 | LinkType::IPV6 | LinkType(12) | LinkType(14) => (0, None),
-        // A 4-byte address family (host or network order) precedes IP: the version nibble decides.
-        LinkType::NULL | LinkType::LOOP => (4, None),
-        LinkType::LINUX_SLL => (16, data.get(14..16)),
-        LinkType::LINUX_SLL2 => (20, data.get(0..2)),
-        _ => return Link::Unsupported,
-    };
-    let Some(packet) = data.get(skip..) else { return Link::Truncated };
-    let ethertype = match (ethertype_bytes, packet.first().map(|b| b >> 4)) {
-        (Some(b), _) => EtherType(u16::from_be_bytes([b[0], b[1]])),
-        (None, Some(6)) => EtherType::IPV6,
-        (None, _) => EtherType::IPV4,
-    };
-    Link::Network(ethertype, packet)
+    match strip_link_header(linktype, data) {
+        LinkPayload::Ethernet(frame) => Link::Ethernet(frame),
+        LinkPayload::Network { ethertype, packet } => Link::Network(EtherType(ethertype), packet),
+        LinkPayload::Unsupported => Link::Unsupported,
+        LinkPayload::Truncated => Link::Truncated,
+    }
 }
 
 /// The counters `pcap stats` prints.
@@ -191,9 +180,7 @@ impl Stats {
         };
         self.count_layers(&dissection);
         match dissection.error {
-            Some(e) if snapped && e.kind() == ErrorKind::Truncated || snapped && is_length_error(e) => {
-                self.truncated_by_snaplen += 1
-            }
+            Some(e) if snapped && looks_snapped(e) => self.truncated_by_snaplen += 1,
             Some(e) => {
                 *self.malformed.entry(e.to_string()).or_default() += 1;
                 self.malformed_packets += 1;
@@ -275,9 +262,10 @@ impl Stats {
     }
 }
 
-/// Whether an error is what a snapped packet looks like: a length field pointing past the captured bytes.
-fn is_length_error(e: Error) -> bool {
-    matches!(e.kind(), ErrorKind::BadLength | ErrorKind::BadHeaderLength)
+/// Whether an error is what a snapped packet looks like: the bytes end early, or
+/// a length field points past the captured bytes.
+fn looks_snapped(e: Error) -> bool {
+    matches!(e.kind(), ErrorKind::Truncated | ErrorKind::BadLength | ErrorKind::BadHeaderLength)
 }
 
 fn link_name(linktype: LinkType) -> String {
