@@ -105,7 +105,8 @@ pub struct FlowKey {
     pub src_port: u16,
     /// Destination port, ICMP identifier, or ICMP `type << 8 | code`.
     pub dst_port: u16,
-    /// The upper-layer protocol (after IPv6 extension headers).
+    /// The upper-layer protocol (after IPv6 extension headers; a Mobility or
+    /// HIP header that ends the chain is the upper layer).
     pub protocol: IpProtocol,
 }
 
@@ -265,13 +266,15 @@ fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -
         EtherType::IPV6 => {
             let ip = ipv6::Packet::new_checked(data)?;
             let mut fragment = Fragment::None;
+            let mut last_header = None;
             let mut walk = ipv6ext::walk(ip.next_header(), ip.payload());
             let end = loop {
                 match walk.next() {
-                    Some(Ok(ipv6ext::WalkItem::Header { header, .. })) => {
+                    Some(Ok(ipv6ext::WalkItem::Header { header, offset })) => {
                         if header.kind() == IpProtocol::IPV6_FRAG && header.frag_offset() == 0 && header.more_frags() {
                             fragment = Fragment::First;
                         }
+                        last_header = Some((header.kind(), offset));
                     }
                     Some(Ok(ipv6ext::WalkItem::End(end))) => break end,
                     Some(Err(e)) => return Err(e),
@@ -285,7 +288,15 @@ fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -
                     fragment = Fragment::NonFirst;
                     (protocol, offset)
                 }
-                WalkEnd::NoNextHeader { offset } => (IpProtocol::IPV6_NONXT, offset),
+                // A Mobility or HIP header is the message itself, not a header in
+                // front of one: its Next Header is No Next Header by specification
+                // (RFC 6275 section 6.1.1, RFC 7401 section 5.1). The key names it,
+                // as hosts and other firewalls do (Linux: `ip6tables -p mh`), so a
+                // rule on the protocol can match it.
+                WalkEnd::NoNextHeader { offset } => match last_header {
+                    Some((kind @ (IpProtocol::MOBILITY | IpProtocol::HIP), at)) => (kind, at),
+                    _ => (IpProtocol::IPV6_NONXT, offset),
+                },
             };
             let l4 = l3 + ipv6::HEADER_LEN + offset;
             (ip.src_addr().octets(), ip.dst_addr().octets(), protocol, l4, fragment)
@@ -430,6 +441,23 @@ mod tests {
         for n in 0..58 {
             assert!(extract(&f[..n]).is_err(), "prefix of {n} bytes accepted");
         }
+    }
+
+    #[test]
+    fn mobility_header_is_the_protocol() {
+        // IPv6 (next header 135) + an 8-byte Mobility Header whose payload proto is 59.
+        let mut p = vec![0x60, 0, 0, 0, 0, 8, 135, 64];
+        p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        p.extend_from_slice(&[59, 0, 0, 0, 0, 0, 0, 0]);
+        let info = extract_ip(&p, Segment::UNTAGGED).unwrap().unwrap();
+        assert_eq!(info.key.protocol, IpProtocol::MOBILITY);
+        assert_eq!(info.l4_offset, 40);
+        // A Destination Options header ending the chain is still "no next header".
+        p[6] = 60;
+        let info = extract_ip(&p, Segment::UNTAGGED).unwrap().unwrap();
+        assert_eq!(info.key.protocol, IpProtocol::IPV6_NONXT);
+        assert_eq!(info.l4_offset, 48);
     }
 
     #[test]

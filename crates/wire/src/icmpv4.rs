@@ -194,9 +194,8 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 
 /// A parsed ICMPv4 message.
 ///
-/// Type-specific bytes that a variant does not name (the unused bytes of
-/// an error message, which RFC 4884 reuses for a length) are ignored by
-/// `parse` and emitted as zero; parse→emit is byte-exact when they are zero.
+/// An error message whose unused bytes are not zero (RFC 4884 reuses one for
+/// a length) parses as [`Icmpv4Repr::Other`], so parse→emit is always byte-exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Icmpv4Repr<'a> {
     /// Echo request.
@@ -283,13 +282,15 @@ impl<'a> Icmpv4Repr<'a> {
                 seq_no: packet.echo_seq_no(),
                 data,
             },
-            Icmpv4Message::DST_UNREACHABLE => Icmpv4Repr::DstUnreachable {
+            // Error messages whose unused bytes are not zero (RFC 4884 puts a length in one)
+            // stay raw in `Other`, which keeps every byte; `quoted_packet` still works.
+            Icmpv4Message::DST_UNREACHABLE if rest[..2] == [0, 0] => Icmpv4Repr::DstUnreachable {
                 code,
                 next_hop_mtu: u16::from_be_bytes([rest[2], rest[3]]),
                 header: data,
             },
-            Icmpv4Message::TIME_EXCEEDED => Icmpv4Repr::TimeExceeded { code, header: data },
-            Icmpv4Message::PARAM_PROBLEM => Icmpv4Repr::ParamProblem {
+            Icmpv4Message::TIME_EXCEEDED if rest == [0; 4] => Icmpv4Repr::TimeExceeded { code, header: data },
+            Icmpv4Message::PARAM_PROBLEM if rest[1..] == [0, 0, 0] => Icmpv4Repr::ParamProblem {
                 code,
                 pointer: rest[0],
                 header: data,

@@ -385,7 +385,7 @@ impl RouterFlags {
     }
 }
 
-/// Neighbor-advertisement flags: R, S and O (the other 29 bits are reserved and ignored).
+/// Neighbor-advertisement flags: R, S and O (the other 29 bits are reserved: see [`NdiscRepr::NeighborAdvert`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct NeighborFlags {
     /// R: the sender is a router.
@@ -400,6 +400,8 @@ impl NeighborFlags {
     const ROUTER: u8 = 0x80;
     const SOLICITED: u8 = 0x40;
     const OVERRIDE: u8 = 0x20;
+    /// The bits of the flags word after R, S and O.
+    const RESERVED_MASK: u32 = 0x1fff_ffff;
 
     const fn from_byte(b: u8) -> NeighborFlags {
         NeighborFlags {
@@ -419,12 +421,14 @@ impl NeighborFlags {
 /// A parsed neighbour-discovery message. Options are kept raw (walk them with
 /// [`NdiscRepr::option_iter`]); `parse` has already checked they are well formed.
 ///
-/// Reserved fields are ignored by `parse` (RFC 4861: receivers must) and
-/// emitted as zero.
+/// Reserved fields carry no meaning (RFC 4861: receivers ignore them) but are
+/// kept in `reserved`, so that parse→emit is byte-exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum NdiscRepr<'a> {
     /// Router solicitation.
     RouterSolicit {
+        /// The reserved header bits, kept so the message re-emits exactly (RFC 4861: ignored on receipt).
+        reserved: u32,
         /// Options.
         options: &'a [u8],
     },
@@ -445,6 +449,8 @@ pub enum NdiscRepr<'a> {
     },
     /// Neighbor solicitation.
     NeighborSolicit {
+        /// The reserved header bits, kept so the message re-emits exactly (RFC 4861: ignored on receipt).
+        reserved: u32,
         /// The address being resolved.
         target_addr: Ipv6Addr,
         /// Options.
@@ -454,6 +460,8 @@ pub enum NdiscRepr<'a> {
     NeighborAdvert {
         /// R/S/O flags.
         flags: NeighborFlags,
+        /// The 29 reserved bits after the flags (the flag bits themselves are zero here).
+        reserved: u32,
         /// The address advertised.
         target_addr: Ipv6Addr,
         /// Options.
@@ -461,6 +469,8 @@ pub enum NdiscRepr<'a> {
     },
     /// Redirect.
     Redirect {
+        /// The reserved header bits, kept so the message re-emits exactly (RFC 4861: ignored on receipt).
+        reserved: u32,
         /// The better first hop.
         target_addr: Ipv6Addr,
         /// The destination being redirected.
@@ -485,7 +495,7 @@ impl<'a> NdiscRepr<'a> {
     /// The raw option bytes.
     pub const fn options(&self) -> &'a [u8] {
         match *self {
-            NdiscRepr::RouterSolicit { options }
+            NdiscRepr::RouterSolicit { options, .. }
             | NdiscRepr::RouterAdvert { options, .. }
             | NdiscRepr::NeighborSolicit { options, .. }
             | NdiscRepr::NeighborAdvert { options, .. }
@@ -523,6 +533,7 @@ impl<'a> NdiscRepr<'a> {
             a.copy_from_slice(&body[at..at + 16]);
             Ipv6Addr::from(a)
         };
+        let reserved = u32::from_be_bytes(rest);
         Ok(match msg_type {
             Icmpv6Message::ROUTER_ADVERT => NdiscRepr::RouterAdvert {
                 hop_limit: rest[0],
@@ -533,20 +544,23 @@ impl<'a> NdiscRepr<'a> {
                 options,
             },
             Icmpv6Message::NEIGHBOR_SOLICIT => NdiscRepr::NeighborSolicit {
+                reserved,
                 target_addr: addr(0),
                 options,
             },
             Icmpv6Message::NEIGHBOR_ADVERT => NdiscRepr::NeighborAdvert {
                 flags: NeighborFlags::from_byte(rest[0]),
+                reserved: reserved & NeighborFlags::RESERVED_MASK,
                 target_addr: addr(0),
                 options,
             },
             Icmpv6Message::REDIRECT => NdiscRepr::Redirect {
+                reserved,
                 target_addr: addr(0),
                 dest_addr: addr(16),
                 options,
             },
-            _ => NdiscRepr::RouterSolicit { options },
+            _ => NdiscRepr::RouterSolicit { reserved, options },
         })
     }
 
@@ -562,8 +576,12 @@ impl<'a> NdiscRepr<'a> {
                 let l = router_lifetime.to_be_bytes();
                 [hop_limit, flags.0, l[0], l[1]]
             }
-            NdiscRepr::NeighborAdvert { flags, .. } => [flags.to_byte(), 0, 0, 0],
-            _ => [0; 4],
+            NdiscRepr::NeighborAdvert { flags, reserved, .. } => {
+                (u32::from(flags.to_byte()) << 24 | reserved & NeighborFlags::RESERVED_MASK).to_be_bytes()
+            }
+            NdiscRepr::RouterSolicit { reserved, .. }
+            | NdiscRepr::NeighborSolicit { reserved, .. }
+            | NdiscRepr::Redirect { reserved, .. } => reserved.to_be_bytes(),
         }
     }
 
@@ -596,10 +614,10 @@ impl<'a> NdiscRepr<'a> {
 
 /// A parsed ICMPv6 message.
 ///
-/// Type-specific bytes that a variant does not name (the unused bytes of an
-/// error message, reserved fields of neighbour discovery) are ignored by
-/// `parse` and emitted as zero, and so is the code of a packet-too-big message
-/// (RFC 4443: ignored by the receiver); parse→emit is byte-exact when they are zero.
+/// Every byte is kept, so parse→emit is byte-exact: neighbour discovery keeps
+/// its reserved bits in `reserved`, and an error message whose unused bytes
+/// are not zero (or a packet-too-big with a non-zero code) parses as
+/// [`Icmpv6Repr::Other`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Icmpv6Repr<'a> {
     /// Echo request.
@@ -686,12 +704,14 @@ impl<'a> Icmpv6Repr<'a> {
                 seq_no: packet.echo_seq_no(),
                 data,
             },
-            Icmpv6Message::DST_UNREACHABLE => Icmpv6Repr::DstUnreachable { code, header: data },
-            Icmpv6Message::PKT_TOO_BIG => Icmpv6Repr::PktTooBig {
+            // Error messages whose unused bytes are not zero (or, for packet-too-big, whose
+            // code is not) stay raw in `Other`, which keeps every byte; `quoted_packet` still works.
+            Icmpv6Message::DST_UNREACHABLE if rest == [0; 4] => Icmpv6Repr::DstUnreachable { code, header: data },
+            Icmpv6Message::PKT_TOO_BIG if code == 0 => Icmpv6Repr::PktTooBig {
                 mtu: packet.rest_u32(),
                 header: data,
             },
-            Icmpv6Message::TIME_EXCEEDED => Icmpv6Repr::TimeExceeded { code, header: data },
+            Icmpv6Message::TIME_EXCEEDED if rest == [0; 4] => Icmpv6Repr::TimeExceeded { code, header: data },
             Icmpv6Message::PARAM_PROBLEM => Icmpv6Repr::ParamProblem {
                 code,
                 pointer: packet.rest_u32(),
@@ -896,6 +916,7 @@ mod tests {
         assert_eq!(
             ns,
             NdiscRepr::NeighborSolicit {
+                reserved: 0,
                 target_addr: ip(ND_ROUTER),
                 options: &[]
             }
@@ -1022,7 +1043,14 @@ mod tests {
                 rest: [0, 10, 0, 0],
                 data: &[0; 16],
             },
-            Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit { options: &NA[24..] }),
+            Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit {
+                reserved: 0,
+                options: &NA[24..],
+            }),
+            Icmpv6Repr::Ndisc(NdiscRepr::RouterSolicit {
+                reserved: 0xdead_beef,
+                options: &[],
+            }),
         ];
         for repr in reprs {
             let mut out = vec![0u8; repr.buffer_len()];

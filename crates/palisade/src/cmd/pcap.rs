@@ -63,7 +63,11 @@ pub fn run(cmd: PcapCmd) -> anyhow::Result<ExitCode> {
             } else {
                 stats.render(&mut out)?;
             }
-            Ok(if stats.capture_errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if stats.capture_errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         PcapCmd::ExportFrames { out, per_file, files } => export_frames(&out, per_file, &files),
     }
@@ -168,7 +172,10 @@ impl Stats {
                 (Dissection::from_ethertype(ethertype, packet), flow)
             }
             Link::Unsupported => {
-                *self.link_types.entry(format!("unsupported ({})", meta.linktype.0)).or_default() += 1;
+                *self
+                    .link_types
+                    .entry(format!("unsupported ({})", meta.linktype.0))
+                    .or_default() += 1;
                 return;
             }
             Link::Truncated => {
@@ -233,10 +240,18 @@ impl Stats {
     fn render(&self, out: &mut impl Write) -> std::io::Result<()> {
         writeln!(out, "files            {}", self.files)?;
         writeln!(out, "packets          {}", self.packets)?;
-        writeln!(out, "bytes            {} captured, {} on the wire", self.bytes, self.bytes_on_wire)?;
+        writeln!(
+            out,
+            "bytes            {} captured, {} on the wire",
+            self.bytes, self.bytes_on_wire
+        )?;
         writeln!(out, "flows            {} ({} one-way keys)", self.flows, self.flow_keys)?;
         writeln!(out, "malformed        {}", self.malformed_packets)?;
-        writeln!(out, "snapped          {} (cut by the capture's snap length)", self.truncated_by_snaplen)?;
+        writeln!(
+            out,
+            "snapped          {} (cut by the capture's snap length)",
+            self.truncated_by_snaplen
+        )?;
         writeln!(out, "bad checksums    {}", self.bad_checksums)?;
         writeln!(out, "\nlink types")?;
         for (k, v) in &self.link_types {
@@ -265,7 +280,10 @@ impl Stats {
 /// Whether an error is what a snapped packet looks like: the bytes end early, or
 /// a length field points past the captured bytes.
 fn looks_snapped(e: Error) -> bool {
-    matches!(e.kind(), ErrorKind::Truncated | ErrorKind::BadLength | ErrorKind::BadHeaderLength)
+    matches!(
+        e.kind(),
+        ErrorKind::Truncated | ErrorKind::BadLength | ErrorKind::BadHeaderLength
+    )
 }
 
 fn link_name(linktype: LinkType) -> String {
@@ -310,5 +328,7 @@ fn export_frames(out: &std::path::Path, per_file: usize, files: &[PathBuf]) -> a
 
 /// A stable content hash for file names (FNV-1a, 64 bits).
 fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
