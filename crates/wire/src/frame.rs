@@ -134,6 +134,9 @@ pub struct Dissection<'a> {
     /// An IPv4 UDP datagram was sent without a checksum (the field is zero, RFC 768);
     /// [`Dissection::emit`] keeps it that way.
     pub udp_checksum_omitted: bool,
+    /// Bytes inside the IP payload after a UDP datagram whose length field is
+    /// shorter than the payload (receivers trim them, RFC 768); kept for `emit`.
+    pub udp_slack: &'a [u8],
     /// Bytes after the end the network layer declares (Ethernet padding, trailers).
     pub trailer: &'a [u8],
     /// The first error met; the layers before it are sound.
@@ -152,6 +155,7 @@ impl<'a> Dissection<'a> {
             transport: Transport::None,
             vxlan: None,
             udp_checksum_omitted: false,
+            udp_slack: &[],
             trailer: &[],
             error: None,
             frame,
@@ -355,6 +359,8 @@ impl<'a> Dissection<'a> {
                 .map(Transport::Tcp),
             IpProtocol::UDP => udp::Packet::new_checked(data).and_then(|p| {
                 self.udp_checksum_omitted = !is_ipv6 && !p.has_checksum();
+                // check_len bounds the length field by the buffer.
+                self.udp_slack = &data[usize::from(p.len())..];
                 UdpRepr::parse(&p).map(Transport::Udp)
             }),
             IpProtocol::ICMP if !is_ipv6 => icmpv4::Packet::new_checked(data)
@@ -498,7 +504,9 @@ impl<'a> Dissection<'a> {
             Transport::None => {}
             Transport::Tcp(t) => t.emit(&mut tcp::Packet::new_unchecked(buf), src, dst),
             Transport::Udp(u) => {
-                let mut packet = udp::Packet::new_unchecked(buf);
+                let (datagram, slack) = buf.split_at_mut(buf.len() - self.udp_slack.len());
+                slack.copy_from_slice(self.udp_slack);
+                let mut packet = udp::Packet::new_unchecked(datagram);
                 u.emit(&mut packet, src, dst);
                 if self.udp_checksum_omitted {
                     packet.set_checksum(0);
