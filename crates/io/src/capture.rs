@@ -7,13 +7,16 @@
 //! (torn last record, bad block) ends the iteration with an error; the packets
 //! read before it stay valid.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
-use pcap_file::pcapng::{Block, PcapNgReader};
+use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
+use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionBlock;
+use pcap_file::pcapng::{Block, PcapNgReader, PcapNgWriter};
 use pcap_file::{DataLink, TsResolution};
 
 /// A link-layer header type (tcpdump.org LINKTYPE_ registry).
@@ -300,10 +303,24 @@ impl CaptureReader {
     }
 }
 
-/// Writes a pcap file (microsecond timestamps, one link type).
+/// The file format a [`CaptureWriter`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureFormat {
+    /// Classic pcap, microsecond timestamps.
+    Pcap,
+    /// pcapng: one section, one interface, enhanced packet blocks.
+    PcapNg,
+}
+
+enum Sink {
+    Pcap(PcapWriter<BufWriter<File>>),
+    PcapNg(PcapNgWriter<BufWriter<File>>),
+}
+
+/// Writes a capture file of one link type, as pcap or pcapng.
 pub struct CaptureWriter {
     path: PathBuf,
-    writer: PcapWriter<BufWriter<File>>,
+    sink: Sink,
 }
 
 impl std::fmt::Debug for CaptureWriter {
@@ -315,87 +332,75 @@ impl std::fmt::Debug for CaptureWriter {
 impl CaptureWriter {
     /// Create (or truncate) `path` as a pcap file of `linktype` packets.
     pub fn create(path: impl AsRef<Path>, linktype: LinkType) -> Result<CaptureWriter, CaptureError> {
+        Self::create_as(path, linktype, CaptureFormat::Pcap)
+    }
+
+    /// Create (or truncate) `path` as a capture file of `linktype` packets in `format`.
+    pub fn create_as(
+        path: impl AsRef<Path>,
+        linktype: LinkType,
+        format: CaptureFormat,
+    ) -> Result<CaptureWriter, CaptureError> {
         let path = path.as_ref().to_path_buf();
         let file = File::create(&path).map_err(|source| CaptureError::Io {
             path: path.clone(),
             source,
         })?;
-        let header = PcapHeader {
-            datalink: DataLink::from(linktype.0),
-            ..PcapHeader::default()
-        };
-        let writer = PcapWriter::with_header(BufWriter::new(file), header).map_err(|e| CaptureError::BadHeader {
+        let bad_header = |e: pcap_file::PcapError| CaptureError::BadHeader {
             path: path.clone(),
             reason: e.to_string(),
-        })?;
-        Ok(CaptureWriter { path, writer })
+        };
+        let datalink = DataLink::from(linktype.0);
+        let sink = match format {
+            CaptureFormat::Pcap => {
+                let header = PcapHeader {
+                    datalink,
+                    ..PcapHeader::default()
+                };
+                Sink::Pcap(PcapWriter::with_header(BufWriter::new(file), header).map_err(bad_header)?)
+            }
+            CaptureFormat::PcapNg => {
+                let mut w = PcapNgWriter::new(BufWriter::new(file)).map_err(bad_header)?;
+                let interface = InterfaceDescriptionBlock {
+                    linktype: datalink,
+                    snaplen: 0,
+                    options: vec![],
+                };
+                w.write_pcapng_block(interface).map_err(bad_header)?;
+                Sink::PcapNg(w)
+            }
+        };
+        Ok(CaptureWriter { path, sink })
     }
 
     /// Append one packet.
     pub fn write(&mut self, timestamp: Duration, data: &[u8]) -> Result<(), CaptureError> {
         let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        let packet = PcapPacket::new(timestamp, len, data);
-        self.writer
-            .write_packet(&packet)
-            .map(|_| ())
-            .map_err(|e| CaptureError::Io {
-                path: self.path.clone(),
-                source: io::Error::other(e.to_string()),
-            })
+        let written = match &mut self.sink {
+            Sink::Pcap(w) => w.write_packet(&PcapPacket::new(timestamp, len, data)),
+            Sink::PcapNg(w) => w.write_pcapng_block(EnhancedPacketBlock {
+                interface_id: 0,
+                timestamp,
+                original_len: len,
+                data: Cow::Borrowed(data),
+                options: vec![],
+            }),
+        };
+        written.map(|_| ()).map_err(|e| CaptureError::Io {
+            path: self.path.clone(),
+            source: io::Error::other(e.to_string()),
+        })
     }
 
     /// Flush buffered packets to the file.
     pub fn finish(self) -> Result<(), CaptureError> {
         let path = self.path;
-        self.writer
-            .into_writer()
-            .flush()
-            .map_err(|source| CaptureError::Io { path, source })
+        let mut inner = match self.sink {
+            Sink::Pcap(w) => w.into_writer(),
+            Sink::PcapNg(w) => w.into_inner(),
+        };
+        inner.flush().map_err(|source| CaptureError::Io { path, source })
     }
-}
-
-/// A packet's bytes as the link layer gave them, reduced to what a network
-/// dissector reads: `pcap stats` and the corpus tests share this so both see
-/// the same packets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinkPayload<'a> {
-    /// An Ethernet frame, link header included.
-    Ethernet(&'a [u8]),
-    /// A network-layer packet (cooked, loopback and raw-IP captures) with its
-    /// EtherType; for link types that carry none, the IP version nibble decides.
-    Network {
-        /// The EtherType of `packet`.
-        ethertype: u16,
-        /// The bytes after the link header.
-        packet: &'a [u8],
-    },
-    /// A link type this function does not strip.
-    Unsupported,
-    /// A link header shorter than its fixed size.
-    Truncated,
-}
-
-/// Strip the link-layer header of a captured packet of type `linktype`.
-pub fn strip_link_header(linktype: LinkType, data: &[u8]) -> LinkPayload<'_> {
-    let (skip, ethertype_bytes) = match linktype {
-        LinkType::ETHERNET => return LinkPayload::Ethernet(data),
-        // Raw IP: LINKTYPE_RAW and the DLT_RAW values some platforms write (12, 14).
-        LinkType::RAW | LinkType::IPV4 | LinkType::IPV6 | LinkType(12) | LinkType(14) => (0, None),
-        // A 4-byte address family (host or network order) precedes IP: the version nibble decides.
-        LinkType::NULL | LinkType::LOOP => (4, None),
-        LinkType::LINUX_SLL => (16, data.get(14..16)),
-        LinkType::LINUX_SLL2 => (20, data.get(0..2)),
-        _ => return LinkPayload::Unsupported,
-    };
-    let Some(packet) = data.get(skip..) else {
-        return LinkPayload::Truncated;
-    };
-    let ethertype = match (ethertype_bytes, packet.first().map(|b| b >> 4)) {
-        (Some(b), _) => u16::from_be_bytes([b[0], b[1]]),
-        (None, Some(6)) => 0x86dd,
-        (None, _) => 0x0800,
-    };
-    LinkPayload::Network { ethertype, packet }
 }
 
 #[cfg(test)]
@@ -434,6 +439,22 @@ mod tests {
         assert_eq!(packets[0].0.timestamp, Duration::from_micros(1_500_000));
         assert_eq!(packets[0].1, vec![1, 2, 3, 4]);
         assert_eq!(packets[1].1, vec![5; 60]);
+    }
+
+    #[test]
+    fn pcapng_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.pcapng");
+        let mut w = CaptureWriter::create_as(&path, LinkType::RAW, CaptureFormat::PcapNg).unwrap();
+        w.write(Duration::from_micros(7), &[0x45, 0, 0, 20]).unwrap();
+        w.write(Duration::from_nanos(1_000_000_123), &[0x60; 40]).unwrap();
+        w.finish().unwrap();
+        let (packets, err) = read_all(&path);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(packets.len(), 2);
+        assert_eq!(packets[0].0.linktype, LinkType::RAW);
+        assert_eq!(packets[0].1, vec![0x45, 0, 0, 20]);
+        assert_eq!(packets[1].1, vec![0x60; 40]);
     }
 
     #[test]
