@@ -403,6 +403,50 @@ impl CaptureWriter {
     }
 }
 
+/// A packet's bytes as the link layer gave them, reduced to what a network
+/// dissector reads: `pcap stats` and the corpus tests share this so both see
+/// the same packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkPayload<'a> {
+    /// An Ethernet frame, link header included.
+    Ethernet(&'a [u8]),
+    /// A network-layer packet (cooked, loopback and raw-IP captures) with its
+    /// EtherType; for link types that carry none, the IP version nibble decides.
+    Network {
+        /// The EtherType of `packet`.
+        ethertype: u16,
+        /// The bytes after the link header.
+        packet: &'a [u8],
+    },
+    /// A link type this function does not strip.
+    Unsupported,
+    /// A link header shorter than its fixed size.
+    Truncated,
+}
+
+/// Strip the link-layer header of a captured packet of type `linktype`.
+pub fn strip_link_header(linktype: LinkType, data: &[u8]) -> LinkPayload<'_> {
+    let (skip, ethertype_bytes) = match linktype {
+        LinkType::ETHERNET => return LinkPayload::Ethernet(data),
+        // Raw IP: LINKTYPE_RAW and the DLT_RAW values some platforms write (12, 14).
+        LinkType::RAW | LinkType::IPV4 | LinkType::IPV6 | LinkType(12) | LinkType(14) => (0, None),
+        // A 4-byte address family (host or network order) precedes IP: the version nibble decides.
+        LinkType::NULL | LinkType::LOOP => (4, None),
+        LinkType::LINUX_SLL => (16, data.get(14..16)),
+        LinkType::LINUX_SLL2 => (20, data.get(0..2)),
+        _ => return LinkPayload::Unsupported,
+    };
+    let Some(packet) = data.get(skip..) else {
+        return LinkPayload::Truncated;
+    };
+    let ethertype = match (ethertype_bytes, packet.first().map(|b| b >> 4)) {
+        (Some(b), _) => u16::from_be_bytes([b[0], b[1]]),
+        (None, Some(6)) => 0x86dd,
+        (None, _) => 0x0800,
+    };
+    LinkPayload::Network { ethertype, packet }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,8 @@
 //!   ports 0 and [`Fragment::NonFirst`], so the datapath can reassemble or
 //!   apply its fragment policy.
 //! - IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) in 16 bytes so
-//!   one key type serves both families.
+//!   one key type serves both families; IPv6 packets carrying such addresses
+//!   are rejected ([`has_v4_mapped_address`]), so the form is unambiguous.
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -265,6 +266,9 @@ fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -
         }
         EtherType::IPV6 => {
             let ip = ipv6::Packet::new_checked(data)?;
+            if has_v4_mapped_address(&ip) {
+                return Err(Error::new(Layer::Ipv6, ErrorKind::BadValue));
+            }
             let mut fragment = Fragment::None;
             let mut last_header = None;
             let mut walk = ipv6ext::walk(ip.next_header(), ip.payload());
@@ -366,6 +370,16 @@ fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -
         _ => {}
     }
     Ok(Some(info))
+}
+
+/// Whether an IPv6 header carries an IPv4-mapped address (`::ffff:a.b.c.d`).
+///
+/// Such addresses must not appear on the wire (draft-itojun-v6ops-v4mapped-harmful;
+/// Linux drops them in `ip6_rcv_core`): a policy written for `a.b.c.d` would be
+/// fooled by them, and this module's keys store IPv4 addresses in exactly that
+/// form. Both the extractor and the dissector reject them as malformed.
+pub fn has_v4_mapped_address<T: AsRef<[u8]>>(ip: &ipv6::Packet<T>) -> bool {
+    ip.src_addr().to_ipv4_mapped().is_some() || ip.dst_addr().to_ipv4_mapped().is_some()
 }
 
 /// Length of the IP packet (header + payload) per its own length fields; the

@@ -301,6 +301,9 @@ impl<'a> Dissection<'a> {
         let total = ipv6::HEADER_LEN + repr.payload_len;
         self.trailer = &data[total..];
         self.network = Network::Ipv6(repr);
+        if crate::flow::has_v4_mapped_address(&packet) {
+            return self.record(Error::new(Layer::Ipv6, ErrorKind::BadValue));
+        }
         self.walk_ext_headers(repr.next_header, packet.payload());
     }
 

@@ -227,3 +227,27 @@ fn ipv6_non_first_fragment_has_no_ports() {
     assert!(matches!(d.transport, Transport::Fragment { first: false, .. }));
     round_trips(&frame);
 }
+
+#[test]
+fn ipv4_mapped_ipv6_addresses_are_refused() {
+    // An IPv6 packet to ::ffff:10.0.2.21 must not be keyed like IPv4 traffic to 10.0.2.21.
+    let repr = ipv6::Ipv6Repr {
+        src_addr: "fd00::1".parse().unwrap(),
+        dst_addr: B.to_ipv6_mapped(),
+        next_header: IpProtocol::IPV6_NONXT,
+        payload_len: 0,
+        hop_limit: 64,
+        traffic_class: 0,
+        flow_label: 0,
+    };
+    let mut ip = vec![0u8; ipv6::HEADER_LEN];
+    repr.emit(&mut ipv6::Packet::new_unchecked(&mut ip[..]));
+    let mut frame = eth(EtherType::IPV6);
+    frame.extend(&ip);
+    let err = flow::extract(&frame).unwrap_err();
+    assert_eq!(
+        (err.layer(), err.kind()),
+        (palisade_wire::Layer::Ipv6, palisade_wire::ErrorKind::BadValue)
+    );
+    assert_eq!(Dissection::ethernet(&frame).error, Some(err));
+}

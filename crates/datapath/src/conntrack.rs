@@ -1,0 +1,695 @@
+//! Connection tracking.
+//!
+//! A connection is keyed by the direction-independent form of its flow key
+//! ([`FlowKey::canonical`]) and remembers its initiator's direction. TCP
+//! follows a state machine with sequence-window tracking after Guido van
+//! Rooij's "Real Stateful TCP Packet Filtering" (as in netfilter): each side's
+//! highest sequence sent, largest window and highest acknowledged limit bound
+//! what the other side may send and acknowledge. Zones are *liberal* by default
+//! (out-of-window segments pass and are counted, so asymmetric routing and
+//! mid-stream pickup after a restart work) or *strict* (they are dropped, and a
+//! connection must start with a SYN). UDP, ICMP echo and other protocols are
+//! pseudo-connections (new → replied). Every state has a timeout; entries
+//! expire lazily on lookup and in [`Conntrack::expire`] sweeps.
+//!
+//! The table is bounded ([`crate::table::BoundedMap`]); when it is full a new
+//! connection either evicts one (preferring closing or idle ones) or is refused,
+//! per [`FullPolicy`]. Each vNIC may hold at most its port's `max_conns`.
+
+use palisade_wire::flow::FlowKey;
+use palisade_wire::tcp::TcpFlags;
+
+use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
+use crate::port::PortId;
+use crate::table::{BoundedMap, Slot};
+use crate::verdict::{Counters, DropReason};
+
+/// A connection's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnState {
+    /// TCP: the initiator's SYN was seen.
+    SynSent,
+    /// TCP: the responder's SYN-ACK was seen.
+    SynReceived,
+    /// TCP: the handshake completed (or was picked up mid-stream).
+    Established,
+    /// TCP: one side sent FIN.
+    FinWait,
+    /// TCP: both sides sent FIN; lingering for late segments.
+    TimeWait,
+    /// Other protocols: only the initiator has sent.
+    New,
+    /// Other protocols: the responder has answered.
+    Replied,
+}
+
+impl ConnState {
+    /// Stable wire code (state blobs).
+    pub const fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// The state of a wire code.
+    pub const fn from_code(code: u8) -> Option<ConnState> {
+        Some(match code {
+            0 => ConnState::SynSent,
+            1 => ConnState::SynReceived,
+            2 => ConnState::Established,
+            3 => ConnState::FinWait,
+            4 => ConnState::TimeWait,
+            5 => ConnState::New,
+            6 => ConnState::Replied,
+            _ => return None,
+        })
+    }
+}
+
+/// Timeouts per state, in nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP handshake in progress.
+    pub tcp_handshake: u64,
+    /// TCP established.
+    pub tcp_established: u64,
+    /// TCP closing (FIN seen) and time-wait.
+    pub tcp_closing: u64,
+    /// UDP/other before a reply.
+    pub unreplied: u64,
+    /// UDP/other after a reply.
+    pub replied: u64,
+    /// ICMP echo.
+    pub icmp: u64,
+}
+
+const SEC: u64 = 1_000_000_000;
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp_handshake: 30 * SEC,
+            tcp_established: 24 * 3600 * SEC,
+            tcp_closing: 120 * SEC,
+            unreplied: 30 * SEC,
+            replied: 180 * SEC,
+            icmp: 30 * SEC,
+        }
+    }
+}
+
+/// What a full table does with a new connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FullPolicy {
+    /// Evict a closing, idle or (failing those) the oldest scanned connection.
+    #[default]
+    EvictIdle,
+    /// Refuse the new connection ([`DropReason::ConntrackFull`]).
+    Refuse,
+}
+
+/// One side's TCP sequence tracking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpPeer {
+    /// Highest sequence number sent plus one (SYN and FIN count one).
+    pub end: u32,
+    /// Highest `ack + window` this side advertised: the limit of the other side's data.
+    pub limit: u32,
+    /// Largest (scaled) window this side advertised.
+    pub max_win: u32,
+    /// Window scale shift this side announced.
+    pub wscale: u8,
+    /// Whether this side has sent anything.
+    pub seen: bool,
+    /// Whether this side has sent FIN.
+    pub fin: bool,
+}
+
+/// A tracked connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conn {
+    /// The key in the initiator's direction.
+    pub key: FlowKey,
+    /// State.
+    pub state: ConnState,
+    /// When it was created.
+    pub created: u64,
+    /// When its last packet was seen.
+    pub last_seen: u64,
+    /// Packets, both directions.
+    pub packets: u64,
+    /// Bytes, both directions.
+    pub bytes: u64,
+    /// The engine policy epoch its verdict is valid for.
+    pub epoch: u64,
+    /// The policy version that allowed it.
+    pub policy_version: u64,
+    /// The local vNIC ports at its ends (initiator, responder), charged against their limits.
+    pub owners: [Option<PortId>; 2],
+    /// Strict window checking.
+    pub strict: bool,
+    /// Allowed on another host's verdict (VXLAN-GBP policy-applied).
+    pub trusted: bool,
+    /// TCP tracking for the initiator (0) and the responder (1).
+    pub tcp: [TcpPeer; 2],
+    /// The end event has been emitted (time-wait lingers after it).
+    pub ended: bool,
+}
+
+impl Conn {
+    /// A new connection for `key` (initiator direction) at `now`.
+    pub fn new(key: FlowKey, now: u64) -> Conn {
+        Conn {
+            key,
+            state: ConnState::New,
+            created: now,
+            last_seen: now,
+            packets: 0,
+            bytes: 0,
+            epoch: 0,
+            policy_version: 0,
+            owners: [None, None],
+            strict: false,
+            trusted: false,
+            tcp: [TcpPeer::default(); 2],
+            ended: false,
+        }
+    }
+
+    fn timeout(&self, t: &Timeouts) -> u64 {
+        match self.state {
+            ConnState::SynSent | ConnState::SynReceived => t.tcp_handshake,
+            ConnState::Established => t.tcp_established,
+            ConnState::FinWait | ConnState::TimeWait => t.tcp_closing,
+            ConnState::New if is_icmp(&self.key) => t.icmp,
+            ConnState::Replied if is_icmp(&self.key) => t.icmp,
+            ConnState::New => t.unreplied,
+            ConnState::Replied => t.replied,
+        }
+    }
+
+    /// Whether it has timed out at `now`.
+    pub fn expired(&self, now: u64, t: &Timeouts) -> bool {
+        now.saturating_sub(self.last_seen) > self.timeout(t)
+    }
+
+    fn event(&self, kind: EventKind, now: u64) -> FlowEvent {
+        FlowEvent {
+            kind,
+            key: self.key,
+            state: self.state,
+            packets: self.packets,
+            bytes: self.bytes,
+            now,
+        }
+    }
+}
+
+fn is_icmp(key: &FlowKey) -> bool {
+    key.protocol.0 == 1 || key.protocol.0 == 58
+}
+
+/// The TCP facts of one segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpSeg {
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number.
+    pub ack: u32,
+    /// Window (unscaled, as on the wire).
+    pub win: u16,
+    /// Flags.
+    pub flags: TcpFlags,
+    /// Payload length.
+    pub len: u32,
+    /// Window scale option (SYN segments).
+    pub wscale: Option<u8>,
+}
+
+impl TcpSeg {
+    fn seq_end(&self) -> u32 {
+        let extra = u32::from(self.flags.contains(TcpFlags::SYN)) + u32::from(self.flags.contains(TcpFlags::FIN));
+        self.seq.wrapping_add(self.len).wrapping_add(extra)
+    }
+}
+
+/// Whether a TCP flag combination is impossible (NULL, SYN+FIN, SYN+RST).
+pub fn bad_tcp_flags(flags: TcpFlags) -> bool {
+    let syn = flags.contains(TcpFlags::SYN);
+    (flags & (TcpFlags::SYN | TcpFlags::FIN | TcpFlags::RST | TcpFlags::ACK)).is_empty()
+        || (syn && flags.intersects(TcpFlags::FIN | TcpFlags::RST))
+}
+
+/// `a < b` in sequence space.
+fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+fn after(a: u32, b: u32) -> bool {
+    before(b, a)
+}
+
+fn seq_max(a: u32, b: u32) -> u32 {
+    if after(a, b) { a } else { b }
+}
+
+/// Most an acknowledgment may lag behind what the other side sent (netfilter's MAXACKWINDOW).
+const MAX_ACK_WINDOW: u32 = 66_000;
+
+/// What tracking a packet did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracked {
+    /// Accepted; the connection continues.
+    Ok,
+    /// Accepted, and the connection ended (RST): it has been removed.
+    Removed,
+}
+
+/// The connection table.
+#[derive(Debug, Clone)]
+pub struct Conntrack {
+    map: BoundedMap<Conn>,
+    per_port: Vec<u32>,
+    /// Timeouts per state.
+    pub timeouts: Timeouts,
+    /// Full-table behaviour.
+    pub full: FullPolicy,
+}
+
+/// How many slots an eviction scan looks at.
+const EVICT_SCAN: usize = 16;
+
+impl Conntrack {
+    /// A table of at most `capacity` connections for ports `0..ports`.
+    pub fn new(capacity: usize, ports: usize, timeouts: Timeouts, full: FullPolicy) -> Self {
+        Conntrack {
+            map: BoundedMap::new(capacity),
+            per_port: vec![0; ports],
+            timeouts,
+            full,
+        }
+    }
+
+    /// Connections held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether no connection is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Most connections the table holds.
+    pub fn capacity(&self) -> usize {
+        self.map.capacity()
+    }
+
+    /// Connections charged to `port`.
+    pub fn port_conns(&self, port: PortId) -> u32 {
+        self.per_port.get(usize::from(port.0)).copied().unwrap_or(0)
+    }
+
+    /// Make room for `ports` ports.
+    pub fn ensure_ports(&mut self, ports: usize) {
+        if self.per_port.len() < ports {
+            self.per_port.resize(ports, 0);
+        }
+    }
+
+    /// The connection in `slot`.
+    pub fn get(&self, slot: Slot) -> Option<&Conn> {
+        self.map.get(slot)
+    }
+
+    /// The connection in `slot`, mutably.
+    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn> {
+        self.map.get_mut(slot)
+    }
+
+    /// Every connection.
+    pub fn iter(&self) -> impl Iterator<Item = (Slot, &Conn)> {
+        self.map.iter().map(|(s, _, c)| (s, c))
+    }
+
+    /// Find the connection of a packet with `key` (either direction); an
+    /// expired one is removed (with its end event) and not returned. The
+    /// boolean is true for the reply direction.
+    pub fn lookup(
+        &mut self,
+        key: &FlowKey,
+        now: u64,
+        sink: &mut dyn EventSink,
+        c: &mut Counters,
+    ) -> Option<(Slot, bool)> {
+        let slot = self.map.find(&key.canonical().0)?;
+        let conn = self.map.get(slot)?;
+        if conn.expired(now, &self.timeouts) {
+            self.remove(slot, EndReason::Timeout, now, sink, c);
+            return None;
+        }
+        Some((slot, conn.key != *key))
+    }
+
+    /// Insert a new connection, enforcing per-port limits (`limits`: the
+    /// owners' `max_conns`) and the full-table policy.
+    pub fn create(
+        &mut self,
+        conn: Conn,
+        limits: [u32; 2],
+        now: u64,
+        sink: &mut dyn EventSink,
+        c: &mut Counters,
+    ) -> Result<Slot, DropReason> {
+        // A connection with the same key (an import over live state) is replaced, its charges released.
+        if let Some(old) = self.map.find(&conn.key.canonical().0) {
+            self.remove(old, EndReason::Evicted, now, sink, c);
+        }
+        for (owner, limit) in conn.owners.iter().zip(limits) {
+            if let Some(p) = owner
+                && self.port_conns(*p) >= limit
+            {
+                return Err(DropReason::VnicConnLimit);
+            }
+        }
+        if self.map.is_full() {
+            if self.full == FullPolicy::Refuse {
+                return Err(DropReason::ConntrackFull);
+            }
+            let t = self.timeouts;
+            let victim = self.map.victim(EVICT_SCAN, |v| {
+                v.ended || matches!(v.state, ConnState::New | ConnState::SynSent) || v.expired(now, &t)
+            });
+            match victim {
+                Some(slot) => {
+                    self.remove(slot, EndReason::Evicted, now, sink, c);
+                    c.conns_evicted += 1;
+                }
+                None => return Err(DropReason::ConntrackFull),
+            }
+        }
+        let owners = conn.owners;
+        let event = conn.event(EventKind::Start, now);
+        let slot = self
+            .map
+            .insert(conn.key.canonical().0, conn)
+            .map_err(|_| DropReason::ConntrackFull)?;
+        for p in owners.into_iter().flatten() {
+            if let Some(n) = self.per_port.get_mut(usize::from(p.0)) {
+                *n += 1;
+            }
+        }
+        c.conns_created += 1;
+        sink.event(&event);
+        Ok(slot)
+    }
+
+    /// Remove a connection, emitting its end event unless already emitted.
+    pub fn remove(
+        &mut self,
+        slot: Slot,
+        reason: EndReason,
+        now: u64,
+        sink: &mut dyn EventSink,
+        c: &mut Counters,
+    ) -> Option<Conn> {
+        let (_, conn) = self.map.remove(slot)?;
+        for p in conn.owners.into_iter().flatten() {
+            if let Some(n) = self.per_port.get_mut(usize::from(p.0)) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        if !conn.ended {
+            c.conns_ended += 1;
+            sink.event(&conn.event(EventKind::End(reason), now));
+        }
+        Some(conn)
+    }
+
+    /// Remove up to `budget` expired connections; returns how many.
+    pub fn expire(&mut self, now: u64, budget: usize, sink: &mut dyn EventSink, c: &mut Counters) -> usize {
+        let t = self.timeouts;
+        let expired: Vec<Slot> = self
+            .map
+            .iter()
+            .filter(|(_, _, v)| v.expired(now, &t))
+            .map(|(s, _, _)| s)
+            .take(budget)
+            .collect();
+        for &s in &expired {
+            self.remove(s, EndReason::Timeout, now, sink, c);
+        }
+        expired.len()
+    }
+
+    /// Account a non-TCP packet to its connection.
+    pub fn track_other(&mut self, slot: Slot, reply: bool, len: usize, now: u64, sink: &mut dyn EventSink) {
+        let Some(conn) = self.map.get_mut(slot) else { return };
+        conn.packets += 1;
+        conn.bytes += len as u64;
+        conn.last_seen = now;
+        if reply && conn.state == ConnState::New {
+            conn.state = ConnState::Replied;
+            sink.event(&conn.event(EventKind::Update, now));
+        }
+    }
+
+    /// Track a TCP segment of an existing connection.
+    #[allow(clippy::too_many_arguments)]
+    pub fn track_tcp(
+        &mut self,
+        slot: Slot,
+        reply: bool,
+        seg: &TcpSeg,
+        len: usize,
+        now: u64,
+        sink: &mut dyn EventSink,
+        c: &mut Counters,
+    ) -> Result<Tracked, DropReason> {
+        let Some(conn) = self.map.get_mut(slot) else {
+            return Err(DropReason::TcpNoConnection);
+        };
+        let (s, r) = if reply { (1, 0) } else { (0, 1) };
+        let flags = seg.flags;
+        if !window_ok(&conn.tcp[s], &conn.tcp[r], seg) {
+            if conn.strict {
+                return Err(DropReason::TcpOutOfWindow);
+            }
+            c.tcp_window_liberal += 1;
+        }
+        update_peers(&mut conn.tcp, s, seg);
+        conn.packets += 1;
+        conn.bytes += len as u64;
+        conn.last_seen = now;
+        if flags.contains(TcpFlags::RST) {
+            self.remove(slot, EndReason::Reset, now, sink, c);
+            return Ok(Tracked::Removed);
+        }
+        let old = conn.state;
+        let syn = flags.contains(TcpFlags::SYN);
+        let ack = flags.contains(TcpFlags::ACK);
+        conn.state = match conn.state {
+            ConnState::SynSent if reply && syn && ack => ConnState::SynReceived,
+            ConnState::SynReceived if !reply && ack && !syn => ConnState::Established,
+            st => st,
+        };
+        if flags.contains(TcpFlags::FIN) {
+            conn.tcp[s].fin = true;
+            conn.state = if conn.tcp[r].fin {
+                ConnState::TimeWait
+            } else {
+                ConnState::FinWait
+            };
+        }
+        if conn.state != old {
+            if conn.state == ConnState::TimeWait {
+                c.conns_ended += 1;
+                sink.event(&conn.event(EventKind::End(EndReason::Closed), now));
+                conn.ended = true;
+            } else {
+                sink.event(&conn.event(EventKind::Update, now));
+            }
+        }
+        Ok(Tracked::Ok)
+    }
+}
+
+/// Initialise the initiator's side from its first segment; a SYN starts the
+/// handshake, anything else (liberal pickup) starts established.
+pub fn tcp_open(conn: &mut Conn, seg: &TcpSeg) {
+    let syn = seg.flags.contains(TcpFlags::SYN) && !seg.flags.contains(TcpFlags::ACK);
+    conn.state = if syn {
+        ConnState::SynSent
+    } else {
+        ConnState::Established
+    };
+    update_peers(&mut conn.tcp, 0, seg);
+}
+
+/// Van Rooij's four bounds, for a segment from side `s` to side `r`.
+fn window_ok(s: &TcpPeer, r: &TcpPeer, seg: &TcpSeg) -> bool {
+    if !s.seen || !r.seen {
+        // A side's first segment (SYN, SYN-ACK or a mid-stream pickup) sets its baseline.
+        return true;
+    }
+    let end = seg.seq_end();
+    let max_win = r.max_win.max(1);
+    // I: the data fits within what the receiver advertised.
+    let upper = !after(end, r.limit.wrapping_add(1));
+    // II: it is not older than one window behind what the sender already sent.
+    let lower = !before(end, s.end.wrapping_sub(max_win).wrapping_sub(1));
+    if !seg.flags.contains(TcpFlags::ACK) {
+        return upper && lower;
+    }
+    // III: it acknowledges nothing the receiver has not sent; IV: nor lags too far.
+    let ack_upper = !after(seg.ack, r.end.wrapping_add(1));
+    let lag = (MAX_ACK_WINDOW << r.wscale.min(14)).max(s.max_win);
+    let ack_lower = !before(seg.ack, r.end.wrapping_sub(lag));
+    upper && lower && ack_upper && ack_lower
+}
+
+fn update_peers(peers: &mut [TcpPeer; 2], s: usize, seg: &TcpSeg) {
+    let syn = seg.flags.contains(TcpFlags::SYN);
+    let sender = &mut peers[s];
+    if syn {
+        // RFC 7323: scaling applies only if both SYNs carry the option.
+        sender.wscale = seg.wscale.unwrap_or(0).min(14);
+    }
+    let win = if syn {
+        u32::from(seg.win)
+    } else {
+        u32::from(seg.win) << sender.wscale
+    };
+    let end = seg.seq_end();
+    sender.end = if sender.seen { seq_max(sender.end, end) } else { end };
+    sender.max_win = sender.max_win.max(win).max(1);
+    if seg.flags.contains(TcpFlags::ACK) {
+        let limit = seg.ack.wrapping_add(win.max(1));
+        sender.limit = if sender.seen {
+            seq_max(sender.limit, limit)
+        } else {
+            limit
+        };
+    } else if !sender.seen {
+        sender.limit = seg.seq;
+    }
+    sender.seen = true;
+    if syn && s == 1 && seg.wscale.is_none() {
+        peers[0].wscale = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use palisade_wire::flow::Segment;
+    use palisade_wire::ip::IpProtocol;
+
+    use super::*;
+
+    fn key() -> FlowKey {
+        FlowKey {
+            segment: Segment::vlan(100),
+            src: [1; 16],
+            dst: [2; 16],
+            src_port: 40000,
+            dst_port: 443,
+            protocol: IpProtocol::TCP,
+        }
+    }
+
+    fn seg(seq: u32, ack: u32, flags: TcpFlags, len: u32) -> TcpSeg {
+        TcpSeg {
+            seq,
+            ack,
+            win: 1000,
+            flags,
+            len,
+            wscale: None,
+        }
+    }
+
+    fn handshake(strict: bool) -> (Conntrack, Slot, Vec<FlowEvent>, Counters) {
+        let mut ct = Conntrack::new(4, 4, Timeouts::default(), FullPolicy::Refuse);
+        let mut ev = Vec::new();
+        let mut c = Counters::default();
+        let mut conn = Conn::new(key(), 0);
+        conn.strict = strict;
+        tcp_open(&mut conn, &seg(100, 0, TcpFlags::SYN, 0));
+        let slot = ct.create(conn, [u32::MAX; 2], 0, &mut ev, &mut c).unwrap();
+        let synack = seg(5000, 101, TcpFlags::SYN | TcpFlags::ACK, 0);
+        assert_eq!(
+            ct.track_tcp(slot, true, &synack, 60, 1, &mut ev, &mut c),
+            Ok(Tracked::Ok)
+        );
+        assert_eq!(ct.get(slot).unwrap().state, ConnState::SynReceived);
+        let ack = seg(101, 5001, TcpFlags::ACK, 0);
+        assert_eq!(ct.track_tcp(slot, false, &ack, 60, 2, &mut ev, &mut c), Ok(Tracked::Ok));
+        assert_eq!(ct.get(slot).unwrap().state, ConnState::Established);
+        (ct, slot, ev, c)
+    }
+
+    #[test]
+    fn strict_window_drops_and_liberal_counts() {
+        let (mut ct, slot, mut ev, mut c) = handshake(true);
+        let far = seg(101 + 50_000, 5001, TcpFlags::ACK, 10);
+        assert_eq!(
+            ct.track_tcp(slot, false, &far, 60, 3, &mut ev, &mut c),
+            Err(DropReason::TcpOutOfWindow)
+        );
+        let bad_ack = seg(101, 5001 + 10_000, TcpFlags::ACK, 0);
+        assert_eq!(
+            ct.track_tcp(slot, false, &bad_ack, 60, 3, &mut ev, &mut c),
+            Err(DropReason::TcpOutOfWindow)
+        );
+        let ok = seg(101, 5001, TcpFlags::ACK | TcpFlags::PSH, 500);
+        assert_eq!(ct.track_tcp(slot, false, &ok, 60, 3, &mut ev, &mut c), Ok(Tracked::Ok));
+
+        let (mut ct, slot, mut ev, mut c) = handshake(false);
+        assert_eq!(ct.track_tcp(slot, false, &far, 60, 3, &mut ev, &mut c), Ok(Tracked::Ok));
+        assert_eq!(c.tcp_window_liberal, 1);
+    }
+
+    #[test]
+    fn fin_teardown_and_timeouts() {
+        let (mut ct, slot, mut ev, mut c) = handshake(false);
+        let fin = seg(101, 5001, TcpFlags::FIN | TcpFlags::ACK, 0);
+        ct.track_tcp(slot, false, &fin, 60, 3, &mut ev, &mut c).unwrap();
+        assert_eq!(ct.get(slot).unwrap().state, ConnState::FinWait);
+        let fin2 = seg(5001, 102, TcpFlags::FIN | TcpFlags::ACK, 0);
+        ct.track_tcp(slot, true, &fin2, 60, 4, &mut ev, &mut c).unwrap();
+        assert_eq!(ct.get(slot).unwrap().state, ConnState::TimeWait);
+        assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::Closed));
+        let ends = ev.len();
+        // Time-wait lingers, then expires without a second end event.
+        assert!(ct.lookup(&key(), 5 + 60 * SEC, &mut ev, &mut c).is_some());
+        assert!(ct.lookup(&key(), 5 + 121 * SEC, &mut ev, &mut c).is_none());
+        assert_eq!(ev.len(), ends);
+        assert!(ct.is_empty());
+    }
+
+    #[test]
+    fn limits_full_policy_and_bad_flags() {
+        let mut ct = Conntrack::new(1, 2, Timeouts::default(), FullPolicy::Refuse);
+        let (mut ev, mut c) = (Vec::new(), Counters::default());
+        let mut conn = Conn::new(key(), 0);
+        conn.owners = [Some(PortId(1)), None];
+        assert_eq!(
+            ct.create(conn.clone(), [0, 0], 0, &mut ev, &mut c),
+            Err(DropReason::VnicConnLimit)
+        );
+        ct.create(conn.clone(), [1, 0], 0, &mut ev, &mut c).unwrap();
+        assert_eq!(ct.port_conns(PortId(1)), 1);
+        let mut other = conn.clone();
+        other.key.src_port = 1;
+        other.owners = [None, None];
+        assert_eq!(
+            ct.create(other.clone(), [9, 9], 0, &mut ev, &mut c),
+            Err(DropReason::ConntrackFull)
+        );
+        ct.full = FullPolicy::EvictIdle;
+        ct.create(other, [9, 9], 0, &mut ev, &mut c).unwrap();
+        assert_eq!(c.conns_evicted, 1);
+        assert_eq!(ct.port_conns(PortId(1)), 0);
+        assert!(bad_tcp_flags(TcpFlags::SYN | TcpFlags::FIN));
+        assert!(bad_tcp_flags(TcpFlags::EMPTY));
+        assert!(!bad_tcp_flags(TcpFlags::SYN));
+    }
+}

@@ -1,0 +1,1212 @@
+//! The per-host pipeline.
+//!
+//! For each frame: parse L2 (decapsulating VXLAN on the uplink), apply the
+//! anti-spoofing checks of the sending vNIC, extract the flow key, then
+//! - **flow cache** hit with the current policy epoch: update the connection and forward;
+//! - otherwise the **slow path**: an existing connection (the reply direction,
+//!   or a flow whose cache entry was evicted or imported) is reinstalled
+//!   without classification if its verdict is current, re-validated if the
+//!   policy changed since (and cut if now denied); a new flow is classified
+//!   once, against the source vNIC's egress chain *and* the destination
+//!   vNIC's ingress chain, then tracked and cached. A flow arriving from
+//!   another host with the VXLAN-GBP policy-applied bit is trusted, not
+//!   classified again.
+//!
+//! The result is a [`Disposition`] and a list of [`Output`]s (ports, with the
+//! encapsulation to apply), which [`Engine::render`] turns into frames.
+//!
+//! Across hosts, a segment travels in its VNI (a VLAN zone's VNI is its VLAN
+//! id). The policy-applied bit is believed from any sender on the underlay, so
+//! the underlay must be trusted (or authenticated, e.g. IPsec), as in every
+//! VXLAN-GBP deployment. Frames from the uplink claiming a local vNIC's MAC
+//! are dropped as spoofed.
+//!
+//! Hot-path notes: the tables are preallocated ([`crate::table`]) and the
+//! output list is reused, so a cache hit allocates nothing; policy is swapped
+//! whole by [`Engine::update_policy`], which only bumps an epoch.
+
+use core::net::{IpAddr, Ipv4Addr};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use palisade_policy::eval::{Direction, Flow};
+use palisade_policy::model::Action;
+use palisade_wire::ethernet::{self, EtherType, EthernetAddress};
+use palisade_wire::flow::{self, FlowInfo, FlowKey, Fragment, Segment};
+use palisade_wire::ip::IpProtocol;
+use palisade_wire::ipv4::{self, Ipv4Repr};
+use palisade_wire::tcp::{self, TcpFlags, TcpOption};
+use palisade_wire::{icmpv4, icmpv6, ipv6, udp, vlan, vxlan};
+
+use crate::conntrack::{self, Conn, ConnState, Conntrack, FullPolicy, TcpSeg, Timeouts, Tracked};
+use crate::events::{EndReason, EventSink};
+use crate::flow_table::{CachedVerdict, FlowEntry, FlowTable};
+use crate::lookup::ChainLookup;
+use crate::port::{self, PortError, PortId, UPLINK, UplinkConfig, VnicPort};
+use crate::switch::{self, Location, MacTable};
+use crate::table::Slot;
+use crate::verdict::{Counters, DropReason, Tally};
+
+/// Engine sizing and behaviour.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Flow-cache capacity (directional flows).
+    pub flow_capacity: usize,
+    /// Connection-table capacity.
+    pub conn_capacity: usize,
+    /// MAC-table capacity.
+    pub mac_capacity: usize,
+    /// What a full connection table does.
+    pub full_policy: FullPolicy,
+    /// Connection timeouts.
+    pub timeouts: Timeouts,
+    /// The uplink's underlay configuration.
+    pub uplink: UplinkConfig,
+}
+
+impl EngineConfig {
+    /// Defaults sized for a host with `uplink`.
+    pub fn new(uplink: UplinkConfig) -> Self {
+        EngineConfig {
+            flow_capacity: 65_536,
+            conn_capacity: 32_768,
+            mac_capacity: 4096,
+            full_policy: FullPolicy::EvictIdle,
+            timeouts: Timeouts::default(),
+            uplink,
+        }
+    }
+}
+
+/// What to do with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Send it to [`Engine::outputs`].
+    Forward,
+    /// Drop it.
+    Drop(DropReason),
+}
+
+/// VXLAN-GBP encapsulation towards another host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Encap {
+    /// The remote tunnel endpoint.
+    pub remote: Ipv4Addr,
+    /// The VNI.
+    pub vni: u32,
+    /// The source's group id.
+    pub group_id: u16,
+    /// Whether policy was applied here (the receiver must not evaluate again).
+    pub policy_applied: bool,
+}
+
+/// One copy of a frame to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Output {
+    /// The port.
+    pub port: PortId,
+    /// Encapsulation (uplink outputs to another host).
+    pub encap: Option<Encap>,
+}
+
+/// Errors rendering an output frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    /// The buffer cannot hold the frame.
+    #[error("output buffer too small: need {0} bytes")]
+    BufferTooSmall(usize),
+    /// No such output for the last frame.
+    #[error("no output {0} for the last frame")]
+    NoSuchOutput(usize),
+    /// The frame is too large to encapsulate in one IPv4 packet.
+    #[error("frame of {0} bytes too large to encapsulate")]
+    TooLarge(usize),
+    /// The frame passed is shorter than the one last processed.
+    #[error("frame does not match the last processed frame")]
+    FrameMismatch,
+}
+
+/// Where the (inner) Ethernet frame of the last packet lies.
+#[derive(Debug, Clone, Copy)]
+struct L2 {
+    /// Offset of the destination MAC.
+    eth: usize,
+    /// Offset of the payload after any tags.
+    payload: usize,
+    ethertype: EtherType,
+    src: EthernetAddress,
+    dst: EthernetAddress,
+    segment: Segment,
+    /// Outer UDP source port (flow entropy for the underlay's ECMP).
+    entropy: u16,
+}
+
+impl Default for L2 {
+    fn default() -> Self {
+        L2 {
+            eth: 0,
+            payload: 0,
+            ethertype: EtherType(0),
+            src: EthernetAddress([0; 6]),
+            dst: EthernetAddress([0; 6]),
+            segment: Segment::UNTAGGED,
+            entropy: 0,
+        }
+    }
+}
+
+/// Rule-counter indices of the egress and ingress verdicts of a flow.
+type RuleRefs = [Option<u32>; 2];
+
+/// The engine of one host.
+pub struct Engine {
+    config: EngineConfig,
+    lookup: Box<dyn ChainLookup + Send>,
+    epoch: u64,
+    ports: Vec<Option<VnicPort>>,
+    macs: MacTable,
+    flows: FlowTable,
+    conns: Conntrack,
+    counters: Counters,
+    port_tallies: Vec<Tally>,
+    /// Drops by reason of the frames each port sent.
+    port_drops: Vec<[u64; DropReason::COUNT]>,
+    rule_index: HashMap<Arc<str>, u32>,
+    rule_tallies: Vec<(Arc<str>, Tally)>,
+    outputs: Vec<Output>,
+    l2: L2,
+}
+
+impl core::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Engine")
+            .field("epoch", &self.epoch)
+            .field("ports", &self.ports.len())
+            .field("flows", &self.flows.len())
+            .field("conns", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const MAX_PORTS: usize = 4096;
+
+impl Engine {
+    /// An engine with only its uplink (port 0).
+    pub fn new(config: EngineConfig, lookup: Box<dyn ChainLookup + Send>) -> Self {
+        Engine {
+            flows: FlowTable::new(config.flow_capacity),
+            conns: Conntrack::new(config.conn_capacity, 1, config.timeouts, config.full_policy),
+            macs: MacTable::new(config.mac_capacity),
+            config,
+            lookup,
+            epoch: 1,
+            ports: vec![None],
+            counters: Counters::default(),
+            port_tallies: vec![Tally::default()],
+            port_drops: vec![[0; DropReason::COUNT]],
+            rule_index: HashMap::new(),
+            rule_tallies: Vec::new(),
+            outputs: Vec::with_capacity(64),
+            l2: L2::default(),
+        }
+    }
+
+    /// Attach a vNIC; its MAC is bound in its segment.
+    pub fn add_vnic(&mut self, vnic: VnicPort) -> Result<PortId, PortError> {
+        if self.ports.len() >= MAX_PORTS {
+            return Err(PortError::TooMany);
+        }
+        let id = PortId(self.ports.len() as u16);
+        self.macs.bind(vnic.segment, vnic.mac, id);
+        self.ports.push(Some(vnic));
+        self.port_tallies.push(Tally::default());
+        self.port_drops.push([0; DropReason::COUNT]);
+        self.conns.ensure_ports(self.ports.len());
+        Ok(id)
+    }
+
+    /// The port of vNIC `name`.
+    pub fn port_of(&self, name: &str) -> Option<PortId> {
+        self.ports
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.name == name))
+            .map(|i| PortId(i as u16))
+    }
+
+    /// A vNIC port.
+    pub fn vnic(&self, port: PortId) -> Option<&VnicPort> {
+        self.ports.get(usize::from(port.0))?.as_ref()
+    }
+
+    /// Engine counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Packets and bytes received from a port, and connections it started.
+    pub fn port_tally(&self, port: PortId) -> Tally {
+        self.port_tallies.get(usize::from(port.0)).copied().unwrap_or_default()
+    }
+
+    /// Drops for `reason` of frames received from `port`.
+    pub fn port_dropped(&self, port: PortId, reason: DropReason) -> u64 {
+        self.port_drops
+            .get(usize::from(port.0))
+            .map_or(0, |d| d[reason.index()])
+    }
+
+    /// A rule's tally: classifications it decided (`hits`), packets and bytes of its flows.
+    pub fn rule_tally(&self, rule: &str) -> Tally {
+        self.rule_index
+            .get(rule)
+            .and_then(|&i| self.rule_tallies.get(i as usize))
+            .map(|(_, t)| *t)
+            .unwrap_or_default()
+    }
+
+    /// The policy epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The policy version of the current lookup.
+    pub fn policy_version(&self) -> u64 {
+        self.lookup.version()
+    }
+
+    /// The connection table.
+    pub fn conntrack(&self) -> &Conntrack {
+        &self.conns
+    }
+
+    /// The flow cache.
+    pub fn flow_table(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    /// The outputs of the last forwarded frame.
+    pub fn outputs(&self) -> &[Output] {
+        &self.outputs
+    }
+
+    /// Swap in a new policy. Cached flows are re-validated on their next
+    /// packet; nothing else changes now.
+    pub fn update_policy(&mut self, lookup: Box<dyn ChainLookup + Send>) {
+        self.lookup = lookup;
+        self.epoch += 1;
+    }
+
+    /// Remove up to `budget` expired connections.
+    pub fn expire(&mut self, now: u64, budget: usize, sink: &mut dyn EventSink) -> usize {
+        self.conns.expire(now, budget, sink, &mut self.counters)
+    }
+
+    /// Process one frame received on `port` at `now` (nanoseconds, caller's clock).
+    pub fn process(&mut self, now: u64, port: PortId, frame: &[u8], sink: &mut dyn EventSink) -> Disposition {
+        self.outputs.clear();
+        self.counters.packets += 1;
+        if let Some(t) = self.port_tallies.get_mut(usize::from(port.0)) {
+            t.add(frame.len());
+        }
+        match self.pipeline(now, port, frame, sink) {
+            Ok(()) if !self.outputs.is_empty() => {
+                self.counters.forwarded += 1;
+                Disposition::Forward
+            }
+            Ok(()) => {
+                self.counters.drops[DropReason::NoRoute.index()] += 1;
+                Disposition::Drop(DropReason::NoRoute)
+            }
+            Err(r) => {
+                self.outputs.clear();
+                self.counters.drops[r.index()] += 1;
+                if let Some(d) = self.port_drops.get_mut(usize::from(port.0)) {
+                    d[r.index()] += 1;
+                }
+                Disposition::Drop(r)
+            }
+        }
+    }
+
+    fn pipeline(
+        &mut self,
+        now: u64,
+        in_port: PortId,
+        frame: &[u8],
+        sink: &mut dyn EventSink,
+    ) -> Result<(), DropReason> {
+        let mut trusted = false;
+        let src_vnic = if in_port == UPLINK {
+            let (l2, gbp, from) = self.uplink_l2(frame)?;
+            // A local vNIC's MAC cannot arrive from outside: someone is impersonating it.
+            if let Some(Location::Port(p)) = self.macs.lookup(l2.segment, l2.src)
+                && p != UPLINK
+            {
+                return Err(DropReason::SpoofedMac);
+            }
+            self.l2 = l2;
+            trusted = gbp;
+            let at = from.map_or(Location::Port(UPLINK), Location::Remote);
+            self.macs.learn(l2.segment, l2.src, at);
+            None
+        } else {
+            let vnic = self.vnic(in_port).ok_or(DropReason::UnknownPort)?;
+            let mut l2 = parse_l2(frame, 0)?;
+            if l2.src != vnic.mac {
+                return Err(DropReason::SpoofedMac);
+            }
+            if l2.segment != Segment::UNTAGGED && l2.segment != vnic.segment {
+                return Err(DropReason::VlanMismatch);
+            }
+            l2.segment = vnic.segment;
+            self.l2 = l2;
+            Some(in_port)
+        };
+        let l2 = self.l2;
+        let payload = frame.get(l2.payload..).unwrap_or(&[]);
+        match l2.ethertype {
+            EtherType::ARP => {
+                if let Some(v) = src_vnic.and_then(|p| self.vnic(p)) {
+                    switch::check_arp(v, payload)?;
+                }
+                return self.l2_outputs(in_port, src_vnic, false);
+            }
+            EtherType::IPV4 | EtherType::IPV6 => {}
+            _ => return Err(DropReason::UnsupportedEthertype),
+        }
+        // `eth` is where the (inner) frame starts: in bounds, it was parsed.
+        let inner = &frame[l2.eth..];
+        let mut info = match flow::extract(inner) {
+            Ok(Some(info)) => info,
+            Ok(None) | Err(_) => return Err(DropReason::Malformed),
+        };
+        info.key.segment = l2.segment;
+        self.l2.entropy = 49152 | (info.key.symmetric_hash() as u16 & 0x3fff);
+        if info.fragment == Fragment::NonFirst {
+            return Err(DropReason::Fragment);
+        }
+        let key = info.key;
+        let l4 = inner.get(usize::from(info.l4_offset)..).unwrap_or(&[]);
+        let is_v6_icmp = key.protocol == IpProtocol::ICMPV6;
+        if let Some(v) = src_vnic.and_then(|p| self.vnic(p)) {
+            switch::check_ip_source(v, key.src_addr(), key.protocol.0, key.dst_port)?;
+            if is_v6_icmp {
+                switch::check_icmpv6(v, l4)?;
+            }
+        }
+        if let Some((ty, _)) = info.icmp {
+            // Neighbour discovery and MLD are switch infrastructure, like ARP.
+            if is_v6_icmp && (130..=143).contains(&ty) {
+                return self.l2_outputs(in_port, src_vnic, false);
+            }
+            let error = if is_v6_icmp {
+                (1..=4).contains(&ty)
+            } else {
+                matches!(ty, 3 | 4 | 5 | 11 | 12)
+            };
+            if error {
+                return self.related_error(now, in_port, src_vnic, &info, l4, frame.len(), sink);
+            }
+        }
+        if trusted {
+            self.counters.trusted += 1;
+        }
+        self.decide(now, src_vnic, &info, inner, frame.len(), trusted, sink)?;
+        self.l2_outputs(in_port, src_vnic, true)
+    }
+
+    /// Parse what arrived on the uplink: a VXLAN packet for this tunnel
+    /// endpoint (decapsulated), or a plain, possibly tagged frame.
+    fn uplink_l2(&self, frame: &[u8]) -> Result<(L2, bool, Option<Ipv4Addr>), DropReason> {
+        let outer = parse_l2(frame, 0)?;
+        if outer.ethertype == EtherType::IPV4
+            && let Some(p) = frame.get(outer.payload..)
+            && let Ok(ip) = ipv4::Packet::new_checked(p)
+            && ip.protocol() == IpProtocol::UDP
+            && ip.dst_addr() == self.config.uplink.local_ip
+            && !ip.is_fragment()
+            && let Ok(u) = udp::Packet::new_checked(ip.payload())
+            && u.dst_port() == vxlan::VXLAN_PORT
+        {
+            let vx = vxlan::Packet::new_checked(u.payload()).map_err(|_| DropReason::Malformed)?;
+            let repr = vxlan::VxlanRepr::parse(&vx).map_err(|_| DropReason::Malformed)?;
+            let segment = self.vni_segment(repr.vni).ok_or(DropReason::UnknownVni)?;
+            // The offsets add up headers that were just checked to be within the frame.
+            let inner_off = outer.payload + ip.header_len() + udp::HEADER_LEN + vxlan::HEADER_LEN;
+            let mut l2 = parse_l2(frame, inner_off)?;
+            l2.segment = segment;
+            let applied = repr.gbp.is_some_and(|g| g.policy_applied);
+            return Ok((l2, applied, Some(ip.src_addr())));
+        }
+        Ok((outer, false, None))
+    }
+
+    fn vni_segment(&self, vni: u32) -> Option<Segment> {
+        let segs = || self.ports.iter().flatten().map(|p| p.segment);
+        segs()
+            .find(|s| s.vni_id() == Some(vni))
+            .or_else(|| segs().find(|s| port::segment_vni(*s) == Some(vni)))
+    }
+
+    /// Work out where the current frame goes in its segment.
+    fn l2_outputs(&mut self, in_port: PortId, src_vnic: Option<PortId>, applied: bool) -> Result<(), DropReason> {
+        let l2 = self.l2;
+        let group_id = src_vnic.and_then(|p| self.vnic(p)).map_or(0, |v| v.group_id);
+        let vni = port::segment_vni(l2.segment).unwrap_or(0);
+        let encap = |remote| Encap {
+            remote,
+            vni,
+            group_id,
+            policy_applied: applied,
+        };
+        match self.macs.lookup(l2.segment, l2.dst) {
+            Some(Location::Port(p)) if p == in_port => return Err(DropReason::NoRoute),
+            Some(Location::Port(p)) => self.outputs.push(Output { port: p, encap: None }),
+            Some(Location::Remote(_)) if in_port == UPLINK => return Err(DropReason::NoRoute),
+            Some(Location::Remote(ip)) => {
+                self.counters.encapsulated += 1;
+                self.outputs.push(Output {
+                    port: UPLINK,
+                    encap: Some(encap(ip)),
+                });
+            }
+            None => {
+                self.counters.flooded += 1;
+                for (i, p) in self.ports.iter().enumerate() {
+                    if let Some(p) = p
+                        && p.segment == l2.segment
+                        && i != usize::from(in_port.0)
+                    {
+                        self.outputs.push(Output {
+                            port: PortId(i as u16),
+                            encap: None,
+                        });
+                    }
+                }
+                if in_port != UPLINK {
+                    for &ip in &self.config.uplink.flood {
+                        self.outputs.push(Output {
+                            port: UPLINK,
+                            encap: Some(encap(ip)),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn local_port_of(&self, ip: IpAddr) -> Option<PortId> {
+        self.ports
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.owns(ip)))
+            .map(|i| PortId(i as u16))
+    }
+
+    /// Classify a flow once: the source's egress chain and the destination's
+    /// ingress chain. Returns the deciding rules' counter indices (with the
+    /// drop reason when denied).
+    fn classify(&mut self, key: &FlowKey) -> Result<RuleRefs, (RuleRefs, DropReason)> {
+        self.counters.classifications += 1;
+        let flow = policy_flow(key);
+        let src = self.lookup.vnic_of(flow.src);
+        let dst = self.lookup.vnic_of(flow.dst);
+        let eg = src.and_then(|v| self.lookup.decide(v, Direction::Egress, &flow));
+        let ig = dst.and_then(|v| self.lookup.decide(v, Direction::Ingress, &flow));
+        if eg.is_none() && ig.is_none() {
+            // Neither end is managed: nothing here may forward it.
+            return Err(([None; 2], DropReason::PolicyDeny));
+        }
+        let mut rules = [None; 2];
+        let mut denied = None;
+        for (slot, v) in rules.iter_mut().zip([eg, ig]) {
+            let Some(v) = v else { continue };
+            let idx = self.rule_counter(&v.rule);
+            if let Some((_, t)) = self.rule_tallies.get_mut(idx as usize) {
+                t.hits += 1;
+            }
+            *slot = Some(idx);
+            if denied.is_none() && v.action != Action::Allow {
+                denied = Some(if v.action == Action::Reject {
+                    DropReason::PolicyReject
+                } else {
+                    DropReason::PolicyDeny
+                });
+            }
+        }
+        match denied {
+            Some(r) => Err((rules, r)),
+            None => Ok(rules),
+        }
+    }
+
+    fn rule_counter(&mut self, rule: &Arc<str>) -> u32 {
+        if let Some(&i) = self.rule_index.get(rule) {
+            return i;
+        }
+        let i = self.rule_tallies.len() as u32;
+        self.rule_tallies.push((rule.clone(), Tally::default()));
+        self.rule_index.insert(rule.clone(), i);
+        i
+    }
+
+    fn tally_rules(&mut self, rules: RuleRefs, len: usize) {
+        // One rule deciding both chains carries the packet once.
+        let second = if rules[1] == rules[0] { None } else { rules[1] };
+        for i in [rules[0], second].into_iter().flatten() {
+            if let Some((_, t)) = self.rule_tallies.get_mut(i as usize) {
+                t.add(len);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &mut self,
+        now: u64,
+        src_vnic: Option<PortId>,
+        info: &FlowInfo,
+        inner: &[u8],
+        len: usize,
+        trusted: bool,
+        sink: &mut dyn EventSink,
+    ) -> Result<(), DropReason> {
+        let key = info.key;
+        let tcp = if key.protocol == IpProtocol::TCP {
+            let seg = tcp_seg(inner, info).ok_or(DropReason::Malformed)?;
+            if conntrack::bad_tcp_flags(seg.flags) {
+                return Err(DropReason::TcpBadFlags);
+            }
+            Some(seg)
+        } else {
+            None
+        };
+        // Fast path: a current cache entry whose connection is still there.
+        if let Some(e) = self.flows.get(&key)
+            && e.epoch == self.epoch
+        {
+            match e.verdict {
+                CachedVerdict::Drop(r) => {
+                    self.counters.cache_hits += 1;
+                    self.tally_rules(e.rules, len);
+                    return Err(r);
+                }
+                CachedVerdict::Allow => {
+                    if let Some(slot) = e.conn
+                        && let Some(conn) = self.conns.get(slot)
+                        && conn.key.canonical().0 == key.canonical().0
+                        && !conn.expired(now, &self.conns.timeouts)
+                        && !(conn.state == ConnState::TimeWait && tcp.is_some_and(is_pure_syn))
+                    {
+                        let reply = conn.key != key;
+                        self.counters.cache_hits += 1;
+                        self.tally_rules(e.rules, len);
+                        return self.track(now, slot, reply, tcp.as_ref(), len, sink);
+                    }
+                }
+            }
+        }
+        self.counters.cache_misses += 1;
+        // An existing connection: the reply direction, an evicted or imported entry, or a policy change.
+        if let Some((slot, reply)) = self.conns.lookup(&key, now, sink, &mut self.counters) {
+            let conn = self.conns.get(slot).ok_or(DropReason::TcpNoConnection)?;
+            if conn.state == ConnState::TimeWait && !reply && tcp.is_some_and(is_pure_syn) {
+                // Port reuse after a close: start over as a new connection.
+                self.cut(slot, EndReason::Closed, now, sink);
+            } else {
+                // The reply direction shares the initiator's rule counters.
+                let mut rules = self
+                    .flows
+                    .get(&conn.key)
+                    .filter(|e| e.conn == Some(slot))
+                    .map_or([None; 2], |e| e.rules);
+                if conn.epoch != self.epoch {
+                    let orig = conn.key;
+                    self.counters.revalidations += 1;
+                    match self.classify(&orig) {
+                        Ok(r) => rules = r,
+                        Err(_) => {
+                            self.cut(slot, EndReason::PolicyRevoked, now, sink);
+                            return Err(DropReason::PolicyRevoked);
+                        }
+                    }
+                    let version = self.lookup.version();
+                    if let Some(c) = self.conns.get_mut(slot) {
+                        c.epoch = self.epoch;
+                        c.policy_version = version;
+                    }
+                }
+                self.cache(key, CachedVerdict::Allow, Some(slot), rules);
+                self.tally_rules(rules, len);
+                return self.track(now, slot, reply, tcp.as_ref(), len, sink);
+            }
+        }
+        // A new flow.
+        let rules = if trusted {
+            [None; 2]
+        } else {
+            match self.classify(&key) {
+                Ok(r) => r,
+                Err((rules, reason)) => {
+                    self.cache(key, CachedVerdict::Drop(reason), None, rules);
+                    self.tally_rules(rules, len);
+                    return Err(reason);
+                }
+            }
+        };
+        let dst_port = self.local_port_of(key.dst_addr());
+        let ends = [src_vnic, dst_port];
+        let strict = ends.iter().flatten().any(|p| self.vnic(*p).is_some_and(|v| v.strict));
+        let limits = ends.map(|p| p.and_then(|p| self.vnic(p)).map_or(u32::MAX, |v| v.max_conns));
+        let mut conn = Conn::new(key, now);
+        conn.owners = ends;
+        conn.strict = strict;
+        conn.trusted = trusted;
+        conn.epoch = self.epoch;
+        conn.policy_version = self.lookup.version();
+        conn.packets = 1;
+        conn.bytes = len as u64;
+        if let Some(seg) = &tcp {
+            if strict && !is_pure_syn(*seg) {
+                return Err(DropReason::TcpNoConnection);
+            }
+            if seg.flags.contains(TcpFlags::RST) {
+                // Nothing to track: a reset for a connection we never saw.
+                return Ok(());
+            }
+            conntrack::tcp_open(&mut conn, seg);
+        }
+        let slot = self.conns.create(conn, limits, now, sink, &mut self.counters)?;
+        if let Some(p) = src_vnic
+            && let Some(t) = self.port_tallies.get_mut(usize::from(p.0))
+        {
+            t.hits += 1;
+        }
+        self.cache(key, CachedVerdict::Allow, Some(slot), rules);
+        self.tally_rules(rules, len);
+        Ok(())
+    }
+
+    fn cache(&mut self, key: FlowKey, verdict: CachedVerdict, conn: Option<Slot>, rules: [Option<u32>; 2]) {
+        let entry = FlowEntry {
+            epoch: self.epoch,
+            verdict,
+            conn,
+            rules,
+        };
+        if self.flows.insert(key, entry) {
+            self.counters.cache_evictions += 1;
+        }
+    }
+
+    /// Remove a connection and both directions' cache entries.
+    fn cut(&mut self, slot: Slot, reason: EndReason, now: u64, sink: &mut dyn EventSink) {
+        if let Some(conn) = self.conns.remove(slot, reason, now, sink, &mut self.counters) {
+            self.flows.remove(&conn.key);
+            self.flows.remove(&conn.key.reversed());
+        }
+    }
+
+    fn track(
+        &mut self,
+        now: u64,
+        slot: Slot,
+        reply: bool,
+        tcp: Option<&TcpSeg>,
+        len: usize,
+        sink: &mut dyn EventSink,
+    ) -> Result<(), DropReason> {
+        match tcp {
+            Some(seg) => {
+                let key = self.conns.get(slot).map(|c| c.key);
+                let t = self
+                    .conns
+                    .track_tcp(slot, reply, seg, len, now, sink, &mut self.counters)?;
+                if t == Tracked::Removed
+                    && let Some(k) = key
+                {
+                    self.flows.remove(&k);
+                    self.flows.remove(&k.reversed());
+                }
+            }
+            None => self.conns.track_other(slot, reply, len, now, sink),
+        }
+        Ok(())
+    }
+
+    /// An ICMP error is forwarded only if the packet it quotes belongs to a tracked connection.
+    #[allow(clippy::too_many_arguments)]
+    fn related_error(
+        &mut self,
+        now: u64,
+        in_port: PortId,
+        src_vnic: Option<PortId>,
+        info: &FlowInfo,
+        l4: &[u8],
+        len: usize,
+        sink: &mut dyn EventSink,
+    ) -> Result<(), DropReason> {
+        let quoted = l4.get(8..).unwrap_or(&[]);
+        let key = quoted_key(quoted, info.key.segment).ok_or(DropReason::IcmpErrorUnrelated)?;
+        let (slot, _) = self
+            .conns
+            .lookup(&key, now, sink, &mut self.counters)
+            .ok_or(DropReason::IcmpErrorUnrelated)?;
+        // The error must travel between the connection's endpoints' side: towards the quoted packet's source.
+        if canonical(info.key.dst_addr()) != canonical(key.src_addr()) {
+            return Err(DropReason::IcmpErrorUnrelated);
+        }
+        self.counters.icmp_related += 1;
+        if let Some(c) = self.conns.get_mut(slot) {
+            c.packets += 1;
+            c.bytes += len as u64;
+        }
+        self.l2_outputs(in_port, src_vnic, true)
+    }
+
+    /// Build the reply that tells the sender of a rejected frame (the last
+    /// frame processed, which returned [`DropReason::PolicyReject`]): a TCP
+    /// reset for TCP, otherwise ICMP "administratively prohibited"
+    /// (destination unreachable code 13, ICMPv6 code 1) quoting the start of
+    /// the packet. It is written into `buf` as an Ethernet frame addressed
+    /// back to the sender, tagged as the frame arrived; the caller sends it
+    /// out the port the frame came in on (re-encapsulating it when it came
+    /// over VXLAN). Returns its length.
+    pub fn reject_reply(&self, frame: &[u8], buf: &mut [u8]) -> Result<usize, RenderError> {
+        let l2 = self.l2;
+        let inner = frame.get(l2.eth..).ok_or(RenderError::FrameMismatch)?;
+        let info = flow::extract(inner).ok().flatten().ok_or(RenderError::FrameMismatch)?;
+        let l3 = inner
+            .get(usize::from(info.l3_offset)..)
+            .ok_or(RenderError::FrameMismatch)?;
+        let (src, dst) = (info.key.src_addr(), info.key.dst_addr());
+        let v4 = matches!(src, IpAddr::V4(_));
+        // Ethernet (+ tag when the frame came tagged), then the IP reply.
+        let tagged = l2.payload - l2.eth > ethernet::HEADER_LEN;
+        let eth_len = ethernet::HEADER_LEN + if tagged { vlan::HEADER_LEN } else { 0 };
+        let ip_hdr = if v4 { ipv4::HEADER_LEN } else { ipv6::HEADER_LEN };
+        let mut l4 = [0u8; 8 + 40 + 8];
+        let l4_len = match tcp_seg(inner, &info) {
+            Some(seg) if info.key.protocol == IpProtocol::TCP => {
+                let (seq, ack, flags) = if seg.flags.contains(TcpFlags::ACK) {
+                    (seg.ack, 0, TcpFlags::RST)
+                } else {
+                    let extra =
+                        u32::from(seg.flags.contains(TcpFlags::SYN)) + u32::from(seg.flags.contains(TcpFlags::FIN));
+                    (
+                        0,
+                        seg.seq.wrapping_add(seg.len).wrapping_add(extra),
+                        TcpFlags::RST | TcpFlags::ACK,
+                    )
+                };
+                let repr = tcp::TcpRepr {
+                    src_port: info.key.dst_port,
+                    dst_port: info.key.src_port,
+                    seq_number: seq,
+                    ack_number: ack,
+                    flags,
+                    window_len: 0,
+                    urgent_pointer: 0,
+                    options: &[],
+                    payload: &[],
+                };
+                repr.emit(&mut tcp::Packet::new_unchecked(&mut l4[..tcp::HEADER_LEN]), dst, src);
+                tcp::HEADER_LEN
+            }
+            _ => {
+                // Quote the IP header and the first 8 bytes of its payload.
+                let quote_len = (usize::from(info.l4_offset - info.l3_offset) + 8).min(l3.len()).min(48);
+                l4[0] = if v4 { 3 } else { 1 };
+                l4[1] = if v4 { 13 } else { 1 };
+                l4[8..8 + quote_len].copy_from_slice(&l3[..quote_len]);
+                8 + quote_len
+            }
+        };
+        let total = eth_len + ip_hdr + l4_len;
+        if buf.len() < total {
+            return Err(RenderError::BufferTooSmall(total));
+        }
+        let buf = &mut buf[..total];
+        let mut eth = ethernet::Frame::new_unchecked(&mut buf[..]);
+        eth.set_dst_addr(l2.src);
+        eth.set_src_addr(l2.dst);
+        if tagged {
+            eth.set_ethertype(EtherType::VLAN);
+            let vid = l2.segment.vlan_id().unwrap_or(0);
+            buf[14..16].copy_from_slice(&(vid & 0xfff).to_be_bytes());
+            buf[16..18].copy_from_slice(&l2.ethertype.0.to_be_bytes());
+        } else {
+            eth.set_ethertype(l2.ethertype);
+        }
+        let (ip_buf, l4_buf) = buf[eth_len..].split_at_mut(ip_hdr);
+        l4_buf.copy_from_slice(&l4[..l4_len]);
+        let proto = if info.key.protocol == IpProtocol::TCP {
+            IpProtocol::TCP
+        } else if v4 {
+            IpProtocol::ICMP
+        } else {
+            IpProtocol::ICMPV6
+        };
+        match (dst, src) {
+            (IpAddr::V4(from), IpAddr::V4(to)) => {
+                if proto == IpProtocol::ICMP {
+                    icmpv4::Packet::new_unchecked(&mut *l4_buf).fill_checksum();
+                }
+                let repr = Ipv4Repr {
+                    src_addr: from,
+                    dst_addr: to,
+                    protocol: proto,
+                    payload_len: l4_len,
+                    ttl: 64,
+                    dscp: 0,
+                    ecn: 0,
+                    ident: 0,
+                    dont_frag: true,
+                    more_frags: false,
+                    frag_offset: 0,
+                    options: &[],
+                };
+                repr.emit(&mut ipv4::Packet::new_unchecked(ip_buf));
+            }
+            (IpAddr::V6(from), IpAddr::V6(to)) => {
+                if proto == IpProtocol::ICMPV6 {
+                    icmpv6::Packet::new_unchecked(&mut *l4_buf).fill_checksum(from, to);
+                }
+                let repr = ipv6::Ipv6Repr {
+                    src_addr: from,
+                    dst_addr: to,
+                    next_header: proto,
+                    payload_len: l4_len,
+                    hop_limit: 64,
+                    traffic_class: 0,
+                    flow_label: 0,
+                };
+                repr.emit(&mut ipv6::Packet::new_unchecked(ip_buf));
+            }
+            // A key's two addresses are of one family.
+            _ => return Err(RenderError::FrameMismatch),
+        }
+        Ok(total)
+    }
+
+    /// The flow key a frame received on `port` belongs to, for choosing the
+    /// worker (shard) that owns its connection: the key the engine would track
+    /// it under, or for an ICMP error the key of the packet it quotes. `None`
+    /// for frames that are not IP or do not parse (any worker may take them).
+    pub fn dispatch_key(&self, port: PortId, frame: &[u8]) -> Option<FlowKey> {
+        let l2 = if port == UPLINK {
+            self.uplink_l2(frame).ok()?.0
+        } else {
+            let mut l2 = parse_l2(frame, 0).ok()?;
+            l2.segment = self.vnic(port)?.segment;
+            l2
+        };
+        let inner = frame.get(l2.eth..)?;
+        let info = flow::extract(inner).ok()??;
+        if let Some((ty, _)) = info.icmp {
+            let v6 = info.key.protocol == IpProtocol::ICMPV6;
+            if (v6 && (1..=4).contains(&ty)) || (!v6 && matches!(ty, 3 | 4 | 5 | 11 | 12)) {
+                let quoted = inner.get(usize::from(info.l4_offset) + 8..)?;
+                return quoted_key(quoted, l2.segment);
+            }
+        }
+        let mut key = info.key;
+        key.segment = l2.segment;
+        Some(key)
+    }
+
+    /// Write output `index` of the last forwarded frame (`frame` is that frame) into `buf`; returns its length.
+    pub fn render(&self, frame: &[u8], index: usize, buf: &mut [u8]) -> Result<usize, RenderError> {
+        let out = *self.outputs.get(index).ok_or(RenderError::NoSuchOutput(index))?;
+        let l2 = self.l2;
+        let payload = frame.get(l2.payload..).ok_or(RenderError::FrameMismatch)?;
+        let macs = frame.get(l2.eth..l2.eth + 12).ok_or(RenderError::FrameMismatch)?;
+        let tag = match (out.port, out.encap) {
+            (UPLINK, None) => l2.segment.vlan_id(),
+            _ => None,
+        };
+        let inner_len = 14 + tag.map_or(0, |_| vlan::HEADER_LEN) + payload.len();
+        let outer_len = if out.encap.is_some() { 14 + 20 + 8 + 8 } else { 0 };
+        let total = outer_len + inner_len;
+        if buf.len() < total {
+            return Err(RenderError::BufferTooSmall(total));
+        }
+        let buf = &mut buf[..total];
+        if let Some(e) = out.encap {
+            let up = &self.config.uplink;
+            let mut eth = ethernet::Frame::new_unchecked(&mut buf[..14]);
+            eth.set_dst_addr(up.gateway_mac);
+            eth.set_src_addr(up.local_mac);
+            eth.set_ethertype(EtherType::IPV4);
+            let udp_len = 8 + 8 + inner_len;
+            if 20 + udp_len > usize::from(u16::MAX) {
+                return Err(RenderError::TooLarge(inner_len));
+            }
+            let ip = Ipv4Repr {
+                src_addr: up.local_ip,
+                dst_addr: e.remote,
+                protocol: IpProtocol::UDP,
+                payload_len: udp_len,
+                ttl: 64,
+                dscp: 0,
+                ecn: 0,
+                ident: 0,
+                dont_frag: true,
+                more_frags: false,
+                frag_offset: 0,
+                options: &[],
+            };
+            ip.emit(&mut ipv4::Packet::new_unchecked(&mut buf[14..34]));
+            let mut u = udp::Packet::new_unchecked(&mut buf[34..42]);
+            u.set_src_port(l2.entropy);
+            u.set_dst_port(vxlan::VXLAN_PORT);
+            u.set_len(udp_len as u16);
+            // RFC 7348: a zero UDP checksum over IPv4 (the inner frame carries its own).
+            u.set_checksum(0);
+            let vx = vxlan::VxlanRepr {
+                vni: e.vni,
+                gbp: Some(vxlan::GbpRepr {
+                    dont_learn: false,
+                    policy_applied: e.policy_applied,
+                    group_id: e.group_id,
+                }),
+            };
+            vx.emit(&mut vxlan::Packet::new_unchecked(&mut buf[42..50]));
+        }
+        let inner = &mut buf[outer_len..];
+        inner[..12].copy_from_slice(macs);
+        let mut at = 12;
+        if let Some(vid) = tag {
+            inner[at..at + 2].copy_from_slice(&EtherType::VLAN.0.to_be_bytes());
+            inner[at + 2..at + 4].copy_from_slice(&(vid & 0xfff).to_be_bytes());
+            at += 4;
+        }
+        inner[at..at + 2].copy_from_slice(&l2.ethertype.0.to_be_bytes());
+        inner[at + 2..].copy_from_slice(payload);
+        Ok(total)
+    }
+
+    /// Export (and remove, when `remove`) every connection of `port`'s vNIC as a state blob.
+    pub fn export_vnic(&mut self, port: PortId, now: u64, remove: bool, sink: &mut dyn EventSink) -> Option<Vec<u8>> {
+        let vnic = self.vnic(port)?.name.clone();
+        let slots: Vec<Slot> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.owners.contains(&Some(port)))
+            .map(|(s, _)| s)
+            .collect();
+        let conns: Vec<Conn> = slots.iter().filter_map(|&s| self.conns.get(s).cloned()).collect();
+        let blob = crate::state::encode(&vnic, self.lookup.version(), &conns, now);
+        if remove {
+            for s in slots {
+                self.cut(s, EndReason::Exported, now, sink);
+            }
+        }
+        Some(blob)
+    }
+
+    /// Import a state blob into `port`'s vNIC. Connections continue without
+    /// classification when the blob's policy version is this engine's;
+    /// otherwise they are re-validated on their next packet. The import is
+    /// all or nothing: a blob that does not verify, or does not fit in the
+    /// table, changes nothing. Migrated connections are not refused by the
+    /// vNIC's connection limit (they exist already); one with the same key as
+    /// a local connection replaces it. Returns how many were imported.
+    pub fn import_vnic(
+        &mut self,
+        port: PortId,
+        blob: &[u8],
+        now: u64,
+        sink: &mut dyn EventSink,
+    ) -> Result<usize, crate::state::StateError> {
+        let vnic = self.vnic(port).ok_or(crate::state::StateError::UnknownPort)?;
+        let snap = crate::state::decode(blob)?;
+        if snap.vnic != vnic.name {
+            return Err(crate::state::StateError::ForeignVnic {
+                expected: vnic.name.clone(),
+                found: snap.vnic,
+            });
+        }
+        let free = self.conns.capacity() - self.conns.len();
+        if snap.conns.len() > free {
+            return Err(crate::state::StateError::NoRoom {
+                needed: snap.conns.len(),
+                free,
+            });
+        }
+        let strict = vnic.strict;
+        let current = snap.policy_version == self.lookup.version();
+        let mut n = 0;
+        for s in snap.conns {
+            let mut conn = Conn::new(s.key, now);
+            let ends = [s.key.src_addr(), s.key.dst_addr()].map(|ip| self.local_port_of(ip));
+            conn.owners = ends;
+            conn.state = s.state;
+            conn.last_seen = now.saturating_sub(s.idle);
+            conn.created = now.saturating_sub(s.age);
+            conn.packets = s.packets;
+            conn.bytes = s.bytes;
+            conn.tcp = s.tcp;
+            conn.strict = strict || s.strict;
+            conn.trusted = s.trusted;
+            conn.policy_version = snap.policy_version;
+            conn.epoch = if current { self.epoch } else { 0 };
+            if self
+                .conns
+                .create(conn, [u32::MAX; 2], now, sink, &mut self.counters)
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn is_pure_syn(seg: TcpSeg) -> bool {
+    seg.flags.contains(TcpFlags::SYN) && !seg.flags.contains(TcpFlags::ACK)
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    port::canonical_ip(ip)
+}
+
+/// Parse an Ethernet header and its VLAN tags starting at `start`.
+fn parse_l2(frame: &[u8], start: usize) -> Result<L2, DropReason> {
+    let data = frame.get(start..).ok_or(DropReason::Malformed)?;
+    let eth = ethernet::Frame::new_checked(data).map_err(|_| DropReason::Malformed)?;
+    let mut ethertype = eth.ethertype();
+    let mut off = start + ethernet::HEADER_LEN;
+    let mut vids = [0u16; vlan::MAX_TAGS];
+    let mut tags = 0;
+    while ethertype.is_vlan_tag() {
+        if tags == vlan::MAX_TAGS {
+            return Err(DropReason::Malformed);
+        }
+        let tag = vlan::Packet::new_checked(frame.get(off..).unwrap_or(&[])).map_err(|_| DropReason::Malformed)?;
+        vids[tags] = tag.vid();
+        tags += 1;
+        ethertype = tag.ethertype();
+        off += vlan::HEADER_LEN;
+    }
+    let segment = match tags {
+        0 => Segment::UNTAGGED,
+        1 => Segment::vlan(vids[0]),
+        _ => Segment::qinq(vids[0], vids[1]),
+    };
+    Ok(L2 {
+        eth: start,
+        payload: off,
+        ethertype,
+        src: eth.src_addr(),
+        dst: eth.dst_addr(),
+        segment,
+        entropy: 0,
+    })
+}
+
+/// The TCP facts of the segment `info` describes (`frame` starts at its Ethernet header).
+fn tcp_seg(frame: &[u8], info: &FlowInfo) -> Option<TcpSeg> {
+    let l3 = usize::from(info.l3_offset);
+    let l4 = usize::from(info.l4_offset);
+    let ip = frame.get(l3..)?;
+    let ip_end = match ip.first()? >> 4 {
+        4 => l3 + usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?])),
+        _ => l3 + 40 + usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?])),
+    };
+    let t = tcp::Packet::new_checked(frame.get(l4..ip_end)?).ok()?;
+    let len = (ip_end - l4).checked_sub(t.header_len())? as u32;
+    let wscale = if t.flags().contains(TcpFlags::SYN) {
+        tcp::TcpOptions::new(t.options()).find_map(|o| match o {
+            Ok(TcpOption::WindowScale(s)) => Some(s),
+            _ => None,
+        })
+    } else {
+        None
+    };
+    Some(TcpSeg {
+        seq: t.seq_number(),
+        ack: t.ack_number(),
+        win: t.window_len(),
+        flags: t.flags(),
+        len,
+        wscale,
+    })
+}
+
+/// The key of the packet an ICMP error quotes (IP header and at least the
+/// first 8 bytes of its transport header, possibly truncated after that).
+fn quoted_key(q: &[u8], segment: Segment) -> Option<FlowKey> {
+    let (src, dst, proto, l4): ([u8; 16], [u8; 16], u8, &[u8]) = match q.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(q.first()? & 0xf) * 4;
+            let s: [u8; 4] = q.get(12..16)?.try_into().ok()?;
+            let d: [u8; 4] = q.get(16..20)?.try_into().ok()?;
+            let m = |a: [u8; 4]| Ipv4Addr::from(a).to_ipv6_mapped().octets();
+            (m(s), m(d), *q.get(9)?, q.get(ihl..)?)
+        }
+        6 => (
+            q.get(8..24)?.try_into().ok()?,
+            q.get(24..40)?.try_into().ok()?,
+            *q.get(6)?,
+            q.get(40..)?,
+        ),
+        _ => return None,
+    };
+    let w = |i: usize| Some(u16::from_be_bytes([*l4.get(i)?, *l4.get(i + 1)?]));
+    let (src_port, dst_port) = match proto {
+        6 | 17 | 132 => (w(0)?, w(2)?),
+        // A quoted echo request or reply: the identifier, as in the key.
+        1 | 58 if matches!(*l4.first()?, 0 | 8 | 128 | 129) => (w(4)?, w(4)?),
+        _ => return None,
+    };
+    Some(FlowKey {
+        segment,
+        src,
+        dst,
+        src_port,
+        dst_port,
+        protocol: IpProtocol(proto),
+    })
+}
+
+/// The policy's view of a flow key (ICMP: type and code in the ports).
+fn policy_flow(key: &FlowKey) -> Flow {
+    let (mut src_port, mut dst_port) = (key.src_port, key.dst_port);
+    if key.protocol == IpProtocol::ICMP || key.protocol == IpProtocol::ICMPV6 {
+        let echo = if key.protocol == IpProtocol::ICMP { 8 } else { 128 };
+        (src_port, dst_port) = if key.src_port == 0 && key.dst_port != 0 {
+            (key.dst_port >> 8, key.dst_port & 0xff)
+        } else {
+            // Echo keys hold the identifier in both ports; only a request starts a flow.
+            (echo, 0)
+        };
+    }
+    Flow {
+        src: canonical(key.src_addr()),
+        dst: canonical(key.dst_addr()),
+        proto: key.protocol.0,
+        src_port,
+        dst_port,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_udp_and_echo_keys() {
+        let mut q = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        q.extend_from_slice(&[0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
+        let k = quoted_key(&q, Segment::vlan(1)).unwrap();
+        assert_eq!((k.src_port, k.dst_port, k.protocol), (40000, 53, IpProtocol::UDP));
+        q[9] = 1;
+        q[20..28].copy_from_slice(&[8, 0, 0, 0, 0x12, 0x34, 0, 1]);
+        let k = quoted_key(&q, Segment::vlan(1)).unwrap();
+        assert_eq!((k.src_port, k.dst_port), (0x1234, 0x1234));
+        assert!(quoted_key(&q[..22], Segment::vlan(1)).is_none());
+        let f = policy_flow(&k);
+        assert_eq!((f.src_port, f.dst_port), (8, 0));
+    }
+}

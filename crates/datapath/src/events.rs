@@ -1,0 +1,72 @@
+//! Flow events: a connection started, changed state, or ended, and why.
+//!
+//! The engine reports them to an [`EventSink`] the caller passes with each
+//! packet (no queue or lock inside the engine); the audit layer turns them into
+//! flow records.
+
+use palisade_wire::flow::FlowKey;
+
+use crate::conntrack::ConnState;
+
+/// Why a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EndReason {
+    /// Both sides closed (FIN handshake).
+    Closed,
+    /// A TCP reset.
+    Reset,
+    /// No packet within the state's timeout.
+    Timeout,
+    /// A policy change denied it.
+    PolicyRevoked,
+    /// Evicted to make room in a full table.
+    Evicted,
+    /// Exported to another host (live migration).
+    Exported,
+}
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A connection was created.
+    Start,
+    /// Its state changed.
+    Update,
+    /// It ended.
+    End(EndReason),
+}
+
+/// A flow event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// What happened.
+    pub kind: EventKind,
+    /// The connection's key, in the initiator's direction.
+    pub key: FlowKey,
+    /// Its state after the event.
+    pub state: ConnState,
+    /// Packets seen (both directions).
+    pub packets: u64,
+    /// Bytes seen (both directions).
+    pub bytes: u64,
+    /// When (caller's clock, nanoseconds).
+    pub now: u64,
+}
+
+/// Where flow events go.
+pub trait EventSink {
+    /// Receive one event.
+    fn event(&mut self, event: &FlowEvent);
+}
+
+/// Discard events.
+impl EventSink for () {
+    fn event(&mut self, _: &FlowEvent) {}
+}
+
+/// Collect events (tests, replay).
+impl EventSink for Vec<FlowEvent> {
+    fn event(&mut self, event: &FlowEvent) {
+        self.push(*event);
+    }
+}

@@ -1,0 +1,38 @@
+//! Palisade's per-host datapath engine, sans-IO.
+//!
+//! The [`engine::Engine`] is handed a frame, the port it arrived on and the
+//! current time (nanoseconds from any fixed origin, supplied by the caller) and
+//! says what to do with it: forward to one or more ports (with the frame edits
+//! to apply, see [`engine::Engine::render`]) or drop it with a typed
+//! [`verdict::DropReason`]. It owns no clock, socket or thread, so every
+//! behaviour is testable deterministically.
+//!
+//! Modules, one per concept (after Oxide OPTE's `engine/`):
+//! - [`port`]: vNIC ports bound to a VM's identity, MAC, addresses and zone, and the uplink.
+//! - [`switch`]: L2 forwarding per segment with MAC learning and anti-spoofing.
+//! - [`conntrack`]: connection tracking (TCP windows, UDP/ICMP pseudo-connections, related ICMP errors).
+//! - [`flow_table`]: the epoch-stamped exact-match flow cache.
+//! - [`table`]: the bounded, preallocated key → slot map both tables are built on.
+//! - [`verdict`]: drop reasons and counters.
+//! - [`events`]: flow start/update/end events.
+//! - [`lookup`]: the rule-lookup trait the classifier plugs into.
+//! - [`state`]: export/import of a vNIC's connection state (live migration).
+//! - [`shard`]: which worker owns a flow (symmetric hash), for one engine per core.
+
+pub mod conntrack;
+pub mod engine;
+pub mod events;
+pub mod flow_table;
+pub mod lookup;
+pub mod port;
+pub mod shard;
+pub mod state;
+pub mod switch;
+pub mod table;
+pub mod verdict;
+
+pub use engine::{Disposition, Engine, EngineConfig, Output};
+pub use events::{EventSink, FlowEvent};
+pub use lookup::{ChainLookup, ChainVerdict, PolicyLookup};
+pub use port::PortId;
+pub use verdict::{Counters, DropReason};

@@ -1,0 +1,81 @@
+//! The rule lookup the engine classifies new flows with.
+//!
+//! The engine asks one question per chain: what does this vNIC's egress (or
+//! ingress) chain say about this flow? [`PolicyLookup`] answers it with the
+//! policy compiler's chains (a linear walk); a fast multi-field classifier can
+//! implement [`ChainLookup`] later without the engine changing.
+
+use core::net::IpAddr;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use palisade_policy::compile::Compiler;
+use palisade_policy::eval::{Direction, Flow};
+use palisade_policy::model::Action;
+
+use crate::port::canonical_ip;
+
+/// One chain's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainVerdict {
+    /// `allow`, `deny` or `reject`.
+    pub action: Action,
+    /// The deciding rule's id (`default` when the chain default applied).
+    pub rule: Arc<str>,
+    /// The policy version that decided.
+    pub policy_version: u64,
+}
+
+/// Rule lookup per vNIC chain.
+pub trait ChainLookup {
+    /// The managed vNIC that owns `ip`, if any.
+    fn vnic_of(&self, ip: IpAddr) -> Option<&str>;
+    /// The verdict of `vnic`'s `direction` chain on `flow`; `None` when the vNIC has no chains.
+    fn decide(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict>;
+    /// The policy version this lookup implements.
+    fn version(&self) -> u64;
+}
+
+/// [`ChainLookup`] over the policy compiler's chains.
+#[derive(Debug, Clone)]
+pub struct PolicyLookup {
+    compiler: Compiler,
+    owners: HashMap<IpAddr, String>,
+}
+
+impl PolicyLookup {
+    /// Wrap a compiler.
+    pub fn new(compiler: Compiler) -> Self {
+        let owners = compiler
+            .model()
+            .inventory
+            .vnics()
+            .flat_map(|(_, n)| n.ips.iter().map(|ip| (canonical_ip(*ip), n.name.clone())))
+            .collect();
+        PolicyLookup { compiler, owners }
+    }
+
+    /// The compiler.
+    pub fn compiler(&self) -> &Compiler {
+        &self.compiler
+    }
+}
+
+impl ChainLookup for PolicyLookup {
+    fn vnic_of(&self, ip: IpAddr) -> Option<&str> {
+        self.owners.get(&canonical_ip(ip)).map(String::as_str)
+    }
+
+    fn decide(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict> {
+        let d = self.compiler.chain(vnic, direction)?.decide(flow);
+        Some(ChainVerdict {
+            action: d.action,
+            rule: d.provenance.rule_id.clone(),
+            policy_version: d.provenance.policy_version,
+        })
+    }
+
+    fn version(&self) -> u64 {
+        self.compiler.model().policy.version
+    }
+}

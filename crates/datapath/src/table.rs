@@ -1,0 +1,171 @@
+//! A bounded, preallocated map from flow keys to slots.
+//!
+//! Both the flow cache and the connection table are a `BoundedMap`: values
+//! live in a slab allocated once at the table's capacity and are named by slot
+//! index (indices, not pointers, so the tables can be exported and shared by
+//! shard), and the key index is a hash map reserved to the same capacity, so
+//! inserting and removing never allocates after construction. A full table
+//! refuses inserts; what to do then (evict, refuse) is the owner's policy.
+
+use std::collections::HashMap;
+
+use foldhash::fast::RandomState;
+
+use palisade_wire::flow::FlowKey;
+
+/// A slot index.
+pub type Slot = u32;
+
+/// A fixed-capacity key → value map with stable slot indices.
+#[derive(Debug, Clone)]
+pub struct BoundedMap<V> {
+    /// Keys are attacker-influenced: the hasher is seeded randomly per table.
+    index: HashMap<FlowKey, Slot, RandomState>,
+    slots: Vec<Option<(FlowKey, V)>>,
+    free: Vec<Slot>,
+    /// Where the next eviction scan starts (a clock hand).
+    hand: usize,
+}
+
+impl<V> BoundedMap<V> {
+    /// A map holding at most `capacity` entries (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, Slot::MAX as usize);
+        let mut slots = Vec::with_capacity(capacity);
+        slots.resize_with(capacity, || None);
+        BoundedMap {
+            index: HashMap::with_capacity_and_hasher(capacity, RandomState::default()),
+            slots,
+            // Popped from the end: hand out low slots first.
+            free: (0..capacity as Slot).rev().collect(),
+            hand: 0,
+        }
+    }
+
+    /// Maximum number of entries.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Current number of entries.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Whether the map is full.
+    pub fn is_full(&self) -> bool {
+        self.free.is_empty()
+    }
+
+    /// The slot of `key`.
+    pub fn find(&self, key: &FlowKey) -> Option<Slot> {
+        self.index.get(key).copied()
+    }
+
+    /// The entry in `slot`.
+    pub fn get(&self, slot: Slot) -> Option<&V> {
+        self.slots.get(slot as usize)?.as_ref().map(|(_, v)| v)
+    }
+
+    /// The entry in `slot`, mutably.
+    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut V> {
+        self.slots.get_mut(slot as usize)?.as_mut().map(|(_, v)| v)
+    }
+
+    /// The key of the entry in `slot`.
+    pub fn key(&self, slot: Slot) -> Option<&FlowKey> {
+        self.slots.get(slot as usize)?.as_ref().map(|(k, _)| k)
+    }
+
+    /// Insert `key` (replacing its value if present); `Err(value)` when full.
+    pub fn insert(&mut self, key: FlowKey, value: V) -> Result<Slot, V> {
+        if let Some(slot) = self.find(&key) {
+            // `find` only returns slots that hold an entry.
+            self.slots[slot as usize] = Some((key, value));
+            return Ok(slot);
+        }
+        let Some(slot) = self.free.pop() else {
+            return Err(value);
+        };
+        self.slots[slot as usize] = Some((key, value));
+        self.index.insert(key, slot);
+        Ok(slot)
+    }
+
+    /// Remove the entry in `slot`, returning it.
+    pub fn remove(&mut self, slot: Slot) -> Option<(FlowKey, V)> {
+        let (key, value) = self.slots.get_mut(slot as usize)?.take()?;
+        self.index.remove(&key);
+        self.free.push(slot);
+        Some((key, value))
+    }
+
+    /// Scan up to `budget` occupied-or-not slots from the clock hand and
+    /// return the first whose value satisfies `pick`, else the last occupied
+    /// slot seen (the oldest by position of the hand, a cheap approximation of
+    /// LRU). `None` only when no slot was occupied.
+    pub fn victim(&mut self, budget: usize, mut pick: impl FnMut(&V) -> bool) -> Option<Slot> {
+        let n = self.slots.len();
+        let mut fallback = None;
+        for _ in 0..budget.min(n) {
+            let slot = self.hand;
+            self.hand = (self.hand + 1) % n;
+            if let Some((_, v)) = &self.slots[slot] {
+                if pick(v) {
+                    return Some(slot as Slot);
+                }
+                fallback = Some(slot as Slot);
+            }
+        }
+        fallback
+    }
+
+    /// Every occupied slot with its key and value.
+    pub fn iter(&self) -> impl Iterator<Item = (Slot, &FlowKey, &V)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.as_ref().map(|(k, v)| (i as Slot, k, v)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use palisade_wire::flow::Segment;
+    use palisade_wire::ip::IpProtocol;
+
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            segment: Segment::UNTAGGED,
+            src: [1; 16],
+            dst: [2; 16],
+            src_port: port,
+            dst_port: 80,
+            protocol: IpProtocol::TCP,
+        }
+    }
+
+    #[test]
+    fn bounded_insert_remove_and_victim() {
+        let mut m = BoundedMap::new(2);
+        let a = m.insert(key(1), 10).unwrap();
+        let b = m.insert(key(2), 20).unwrap();
+        assert!(m.is_full());
+        assert_eq!(m.insert(key(3), 30), Err(30));
+        assert_eq!(m.insert(key(1), 11), Ok(a), "replacing needs no room");
+        assert_eq!(m.get(a), Some(&11));
+        assert_eq!(m.victim(4, |v| *v == 20), Some(b));
+        assert_eq!(m.remove(b), Some((key(2), 20)));
+        assert_eq!(m.find(&key(2)), None);
+        assert_eq!(m.insert(key(3), 30), Ok(b), "freed slot is reused");
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.iter().count(), 2);
+    }
+}

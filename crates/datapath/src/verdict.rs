@@ -1,0 +1,185 @@
+//! Verdicts, typed drop reasons and the counters that account for them.
+//!
+//! Every drop has a [`DropReason`], and every reason a counter, so an operator
+//! (and a test) can tell a policy deny from a spoofed frame from a full table
+//! without reading logs. Counters are plain integers in preallocated arrays:
+//! updating them on the hot path allocates nothing.
+
+/// Why a packet was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// The frame did not parse (the layer and kind are counted separately in the wire errors).
+    Malformed,
+    /// The frame arrived on a port the engine does not know.
+    UnknownPort,
+    /// A VM sent from a MAC address that is not its own.
+    SpoofedMac,
+    /// A VM sent from an IP address that is not its own.
+    SpoofedIp,
+    /// A VM sent an ARP packet whose sender MAC or IP is not its own.
+    SpoofedArp,
+    /// A VM sent neighbour discovery claiming an address or link-layer address not its own.
+    SpoofedNd,
+    /// A VM sent a frame tagged with a VLAN other than its zone's.
+    VlanMismatch,
+    /// An EtherType the datapath does not forward (neither IP nor ARP).
+    UnsupportedEthertype,
+    /// The policy denied the flow.
+    PolicyDeny,
+    /// The policy rejected the flow (the reject reply is the caller's to send).
+    PolicyReject,
+    /// An established connection the new policy denies was cut.
+    PolicyRevoked,
+    /// A TCP segment outside the receiver's window (strict zones only).
+    TcpOutOfWindow,
+    /// A TCP segment that is not a SYN for a connection the tracker does not know (strict zones only).
+    TcpNoConnection,
+    /// A TCP segment with an impossible flag combination.
+    TcpBadFlags,
+    /// An ICMP error that quotes no tracked connection.
+    IcmpErrorUnrelated,
+    /// A non-first fragment: reassembly is not supported yet.
+    Fragment,
+    /// The connection table is full and its policy is to refuse new connections.
+    ConntrackFull,
+    /// The vNIC already has as many connections as it may.
+    VnicConnLimit,
+    /// No port to forward to (unknown destination and nowhere to flood, or the sender's own port).
+    NoRoute,
+    /// A VXLAN packet for a VNI that maps to no local segment.
+    UnknownVni,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 20] = [
+        DropReason::Malformed,
+        DropReason::UnknownPort,
+        DropReason::SpoofedMac,
+        DropReason::SpoofedIp,
+        DropReason::SpoofedArp,
+        DropReason::SpoofedNd,
+        DropReason::VlanMismatch,
+        DropReason::UnsupportedEthertype,
+        DropReason::PolicyDeny,
+        DropReason::PolicyReject,
+        DropReason::PolicyRevoked,
+        DropReason::TcpOutOfWindow,
+        DropReason::TcpNoConnection,
+        DropReason::TcpBadFlags,
+        DropReason::IcmpErrorUnrelated,
+        DropReason::Fragment,
+        DropReason::ConntrackFull,
+        DropReason::VnicConnLimit,
+        DropReason::NoRoute,
+        DropReason::UnknownVni,
+    ];
+
+    /// Number of reasons.
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// A short stable name, for metric labels and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownPort => "unknown-port",
+            DropReason::SpoofedMac => "spoofed-mac",
+            DropReason::SpoofedIp => "spoofed-ip",
+            DropReason::SpoofedArp => "spoofed-arp",
+            DropReason::SpoofedNd => "spoofed-nd",
+            DropReason::VlanMismatch => "vlan-mismatch",
+            DropReason::UnsupportedEthertype => "unsupported-ethertype",
+            DropReason::PolicyDeny => "policy-deny",
+            DropReason::PolicyReject => "policy-reject",
+            DropReason::PolicyRevoked => "policy-revoked",
+            DropReason::TcpOutOfWindow => "tcp-out-of-window",
+            DropReason::TcpNoConnection => "tcp-no-connection",
+            DropReason::TcpBadFlags => "tcp-bad-flags",
+            DropReason::IcmpErrorUnrelated => "icmp-error-unrelated",
+            DropReason::Fragment => "fragment",
+            DropReason::ConntrackFull => "conntrack-full",
+            DropReason::VnicConnLimit => "vnic-conn-limit",
+            DropReason::NoRoute => "no-route",
+            DropReason::UnknownVni => "unknown-vni",
+        }
+    }
+
+    /// The reason's counter index.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl core::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Packets, bytes and hits of one thing (a vNIC, a rule).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (whole frames as received).
+    pub bytes: u64,
+    /// Classifications that ended at this rule (for rules), or new connections (for vNICs).
+    pub hits: u64,
+}
+
+impl Tally {
+    /// Count one packet of `len` bytes.
+    pub fn add(&mut self, len: usize) {
+        self.packets += 1;
+        self.bytes += len as u64;
+    }
+}
+
+/// Engine-wide counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets handed to the engine.
+    pub packets: u64,
+    /// Packets forwarded (to at least one port).
+    pub forwarded: u64,
+    /// Drops by reason, indexed by [`DropReason::index`].
+    pub drops: [u64; DropReason::COUNT],
+    /// Flow-cache hits with a current epoch.
+    pub cache_hits: u64,
+    /// Flow-cache misses.
+    pub cache_misses: u64,
+    /// Flow-cache entries evicted to make room.
+    pub cache_evictions: u64,
+    /// Rule evaluations (one per flow: both ends' chains in one evaluation).
+    pub classifications: u64,
+    /// Re-validations of cached flows after a policy change (each also a classification).
+    pub revalidations: u64,
+    /// Packets accepted on the verdict of another host (VXLAN-GBP policy-applied bit).
+    pub trusted: u64,
+    /// Connections created.
+    pub conns_created: u64,
+    /// Connections ended (any reason).
+    pub conns_ended: u64,
+    /// Connections evicted because the table was full.
+    pub conns_evicted: u64,
+    /// TCP segments outside the window accepted because the zone is liberal.
+    pub tcp_window_liberal: u64,
+    /// ICMP errors accepted as related to a tracked connection.
+    pub icmp_related: u64,
+    /// Frames flooded within their segment (unknown or broadcast destination).
+    pub flooded: u64,
+    /// Frames encapsulated towards another host.
+    pub encapsulated: u64,
+}
+
+impl Counters {
+    /// Drops for one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// All drops.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}

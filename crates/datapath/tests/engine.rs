@@ -1,0 +1,1076 @@
+//! End-to-end tests of the engine: hand-built frames, injected time, counter deltas.
+
+use core::net::{IpAddr, Ipv4Addr};
+
+use palisade_datapath::conntrack::{ConnState, FullPolicy};
+use palisade_datapath::engine::{Disposition, Engine, EngineConfig};
+use palisade_datapath::events::{EndReason, EventKind, FlowEvent};
+use palisade_datapath::lookup::PolicyLookup;
+use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
+use palisade_datapath::state::StateError;
+use palisade_datapath::verdict::{Counters, DropReason};
+use palisade_policy::compile::Compiler;
+use palisade_policy::{DirSource, MemorySource, load};
+use palisade_wire::arp::{self, ArpRepr, Operation};
+use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
+use palisade_wire::ip::IpProtocol;
+use palisade_wire::ipv4::{self, Ipv4Repr};
+use palisade_wire::ipv6::{self, Ipv6Repr};
+use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
+use palisade_wire::udp::{self, UdpRepr};
+use palisade_wire::{icmpv4, icmpv6, vlan, vxlan};
+
+const MS: u64 = 1_000_000;
+
+fn policy(ssh: bool) -> String {
+    format!(
+        r#"
+version: {version}
+datacenter: {{ name: dc1, default: deny }}
+zones: [{{ name: web, vlan: 100 }}]
+vms:
+  - {{ name: a, uuid: 00000000-0000-4000-8000-00000000000a, host: h1, vnics: [{{ name: a.0, mac: "02:00:00:00:00:0a", ips: [10.0.0.10, "fd00::a"], zone: web }}] }}
+  - {{ name: b, uuid: 00000000-0000-4000-8000-00000000000b, host: h1, vnics: [{{ name: b.0, mac: "02:00:00:00:00:0b", ips: [10.0.0.11], zone: web }}] }}
+  - {{ name: c, uuid: 00000000-0000-4000-8000-00000000000c, host: h2, vnics: [{{ name: c.0, mac: "02:00:00:00:00:0c", ips: [10.0.0.12], zone: web }}] }}
+groups: {{ web: {{ zone: web }}, internet: external }}
+rules:
+  datacenter:
+    - {{ id: web-https, from: web, to: web, service: tcp/443, action: allow }}
+    - {{ id: web-dns, from: web, to: web, service: udp/53, action: allow }}
+    - {{ id: web-ping, from: web, to: web, service: icmp/echo-request, action: allow }}
+    {ssh_rule}
+    - {{ id: web-out, from: web, to: internet, service: tcp/443, action: allow }}
+    - {{ id: web-reject, from: web, to: web, service: [tcp/23, udp/69], action: reject }}
+"#,
+        version = if ssh { 1 } else { 2 },
+        ssh_rule = if ssh {
+            "- { id: web-ssh, from: web, to: web, service: tcp/22, action: allow }"
+        } else {
+            ""
+        }
+    )
+}
+
+fn compile_mem(text: String) -> Compiler {
+    let loaded = load(&MemorySource::new().with("p.yaml", text)).unwrap();
+    assert!(!loaded.has_errors(), "{}", loaded.render());
+    Compiler::new(loaded.model).unwrap()
+}
+
+fn uplink(host: u8) -> UplinkConfig {
+    UplinkConfig {
+        local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, host]),
+        local_ip: Ipv4Addr::new(192, 168, 0, host),
+        gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
+        flood: vec![Ipv4Addr::new(192, 168, 0, 3 - host)],
+    }
+}
+
+/// An engine for `host` with that host's vNICs attached.
+fn host(compiler: Compiler, name: &str, hostno: u8, strict: &[&str], tweak: impl FnOnce(&mut EngineConfig)) -> Engine {
+    let mut cfg = EngineConfig::new(uplink(hostno));
+    tweak(&mut cfg);
+    let model = compiler.model().clone();
+    let mut e = Engine::new(cfg, Box::new(PolicyLookup::new(compiler)));
+    let strict: Vec<String> = strict.iter().map(|s| s.to_string()).collect();
+    for vm in model.inventory.vms.iter().filter(|v| v.host.as_deref() == Some(name)) {
+        for nic in &vm.vnics {
+            e.add_vnic(port::vnic_from_model(&model, &nic.name, &strict, 1000).unwrap())
+                .unwrap();
+        }
+    }
+    e
+}
+
+fn h1() -> Engine {
+    host(compile_mem(policy(true)), "h1", 1, &[], |_| {})
+}
+
+fn mac(last: u8) -> [u8; 6] {
+    [2, 0, 0, 0, 0, last]
+}
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, last)
+}
+
+fn eth(src: [u8; 6], dst: [u8; 6], tag: Option<u16>, ethertype: EtherType, payload: &[u8]) -> Vec<u8> {
+    let hdr = 14 + if tag.is_some() { 4 } else { 0 };
+    let mut f = vec![0; hdr + payload.len()];
+    let repr = EthernetRepr {
+        src_addr: EthernetAddress(src),
+        dst_addr: EthernetAddress(dst),
+        ethertype: if tag.is_some() { EtherType::VLAN } else { ethertype },
+    };
+    repr.emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
+    if let Some(vid) = tag {
+        let t = vlan::VlanRepr {
+            pcp: 0,
+            dei: false,
+            vid,
+            ethertype,
+        };
+        t.emit(&mut vlan::Packet::new_unchecked(&mut f[14..18]));
+    }
+    f[hdr..].copy_from_slice(payload);
+    f
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, l4: &[u8]) -> Vec<u8> {
+    let repr = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        protocol: proto,
+        payload_len: l4.len(),
+        ttl: 64,
+        dscp: 0,
+        ecn: 0,
+        ident: 1,
+        dont_frag: true,
+        more_frags: false,
+        frag_offset: 0,
+        options: &[],
+    };
+    let mut p = vec![0; 20 + l4.len()];
+    repr.emit(&mut ipv4::Packet::new_unchecked(&mut p[..]));
+    p[20..].copy_from_slice(l4);
+    p
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tcp_ip(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: TcpFlags,
+    data: &[u8],
+) -> Vec<u8> {
+    let repr = TcpRepr {
+        src_port: sport,
+        dst_port: dport,
+        seq_number: seq,
+        ack_number: ack,
+        flags,
+        window_len: 64000,
+        urgent_pointer: 0,
+        options: &[],
+        payload: data,
+    };
+    let mut t = vec![0; repr.buffer_len()];
+    repr.emit(&mut tcp::Packet::new_unchecked(&mut t[..]), src.into(), dst.into());
+    ipv4(src, dst, IpProtocol::TCP, &t)
+}
+
+/// A TCP frame between two VMs of the in-memory policy (by last octet/MAC byte).
+#[allow(clippy::too_many_arguments)]
+fn tcp(from: u8, to: u8, sport: u16, dport: u16, seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
+    eth(
+        mac(from),
+        mac(to),
+        None,
+        EtherType::IPV4,
+        &tcp_ip(ip(from), ip(to), sport, dport, seq, ack, flags, data),
+    )
+}
+
+fn udp(from: u8, to: u8, sport: u16, dport: u16) -> Vec<u8> {
+    let repr = UdpRepr {
+        src_port: sport,
+        dst_port: dport,
+        payload: b"query",
+    };
+    let mut u = vec![0; repr.buffer_len()];
+    repr.emit(
+        &mut udp::Packet::new_unchecked(&mut u[..]),
+        ip(from).into(),
+        ip(to).into(),
+    );
+    eth(
+        mac(from),
+        mac(to),
+        None,
+        EtherType::IPV4,
+        &ipv4(ip(from), ip(to), IpProtocol::UDP, &u),
+    )
+}
+
+fn icmp(from: u8, to: u8, ty: u8, code: u8, rest: [u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(data);
+    icmpv4::Packet::new_unchecked(&mut m[..]).fill_checksum();
+    eth(
+        mac(from),
+        mac(to),
+        None,
+        EtherType::IPV4,
+        &ipv4(ip(from), ip(to), IpProtocol::ICMP, &m),
+    )
+}
+
+fn arp_frame(from_mac: [u8; 6], sender_ip: Ipv4Addr, target_ip: Ipv4Addr) -> Vec<u8> {
+    let repr = ArpRepr {
+        operation: Operation::REQUEST,
+        source_hardware_addr: EthernetAddress(from_mac),
+        source_protocol_addr: sender_ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: target_ip,
+    };
+    let mut a = vec![0; repr.buffer_len()];
+    repr.emit(&mut arp::Packet::new_unchecked(&mut a[..]));
+    eth(from_mac, [0xff; 6], None, EtherType::ARP, &a)
+}
+
+fn delta(before: &Counters, after: &Counters, f: impl Fn(&Counters) -> u64) -> u64 {
+    f(after) - f(before)
+}
+
+fn port(e: &Engine, name: &str) -> PortId {
+    e.port_of(name).unwrap()
+}
+
+/// Run a frame and assert it is forwarded to exactly `to`.
+fn fwd(e: &mut Engine, now: u64, from: PortId, frame: &[u8], to: PortId, ev: &mut Vec<FlowEvent>) {
+    assert_eq!(e.process(now, from, frame, ev), Disposition::Forward);
+    let outs: Vec<PortId> = e.outputs().iter().map(|o| o.port).collect();
+    assert_eq!(outs, vec![to]);
+}
+
+fn handshake(e: &mut Engine, ev: &mut Vec<FlowEvent>, sport: u16, dport: u16, t: u64) {
+    let (a, b) = (port(e, "a.0"), port(e, "b.0"));
+    fwd(e, t, a, &tcp(10, 11, sport, dport, 1000, 0, TcpFlags::SYN, b""), b, ev);
+    fwd(
+        e,
+        t + 1,
+        b,
+        &tcp(11, 10, dport, sport, 9000, 1001, TcpFlags::SYN | TcpFlags::ACK, b""),
+        a,
+        ev,
+    );
+    fwd(
+        e,
+        t + 2,
+        a,
+        &tcp(10, 11, sport, dport, 1001, 9001, TcpFlags::ACK, b""),
+        b,
+        ev,
+    );
+}
+
+#[test]
+fn tcp_handshake_data_and_fin_teardown_classified_once() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    let before = e.counters().clone();
+    handshake(&mut e, &mut ev, 40000, 443, 0);
+    fwd(
+        &mut e,
+        10 * MS,
+        a,
+        &tcp(10, 11, 40000, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"GET /"),
+        b,
+        &mut ev,
+    );
+    fwd(
+        &mut e,
+        11 * MS,
+        b,
+        &tcp(11, 10, 443, 40000, 9001, 1006, TcpFlags::ACK | TcpFlags::PSH, b"200 OK"),
+        a,
+        &mut ev,
+    );
+    fwd(
+        &mut e,
+        12 * MS,
+        a,
+        &tcp(10, 11, 40000, 443, 1006, 9007, TcpFlags::FIN | TcpFlags::ACK, b""),
+        b,
+        &mut ev,
+    );
+    fwd(
+        &mut e,
+        13 * MS,
+        b,
+        &tcp(11, 10, 443, 40000, 9007, 1007, TcpFlags::FIN | TcpFlags::ACK, b""),
+        a,
+        &mut ev,
+    );
+    fwd(
+        &mut e,
+        14 * MS,
+        a,
+        &tcp(10, 11, 40000, 443, 1007, 9008, TcpFlags::ACK, b""),
+        b,
+        &mut ev,
+    );
+    let after = e.counters().clone();
+    // One evaluation for both ends, for the whole connection.
+    assert_eq!(delta(&before, &after, |c| c.classifications), 1);
+    assert_eq!(
+        e.rule_tally("web-https").hits,
+        2,
+        "egress and ingress chains in that one evaluation"
+    );
+    assert_eq!(delta(&before, &after, |c| c.forwarded), 8);
+    // SYN and the first reply miss the cache; the rest hit it.
+    assert_eq!(delta(&before, &after, |c| c.cache_misses), 2);
+    assert_eq!(delta(&before, &after, |c| c.cache_hits), 6);
+    assert_eq!(delta(&before, &after, |c| c.conns_ended), 1);
+    let kinds: Vec<_> = ev.iter().map(|e| (e.kind, e.state)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (EventKind::Start, ConnState::SynSent),
+            (EventKind::Update, ConnState::SynReceived),
+            (EventKind::Update, ConnState::Established),
+            (EventKind::Update, ConnState::FinWait),
+            (EventKind::End(EndReason::Closed), ConnState::TimeWait),
+        ]
+    );
+    assert_eq!(ev.last().unwrap().packets, 7, "the last ACK comes after the end event");
+    assert_eq!(e.port_tally(a).hits, 1);
+    assert_eq!(e.port_tally(a).packets, 5);
+}
+
+#[test]
+fn rst_ends_the_connection() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    handshake(&mut e, &mut ev, 40001, 443, 0);
+    assert_eq!(e.conntrack().len(), 1);
+    fwd(
+        &mut e,
+        5,
+        b,
+        &tcp(11, 10, 443, 40001, 9001, 1001, TcpFlags::RST | TcpFlags::ACK, b""),
+        a,
+        &mut ev,
+    );
+    assert_eq!(e.conntrack().len(), 0);
+    assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::Reset));
+    assert_eq!(e.flow_table().len(), 0, "both directions' cache entries go with it");
+}
+
+#[test]
+fn strict_zone_drops_out_of_window_and_liberal_counts_it() {
+    let mut strict = host(compile_mem(policy(true)), "h1", 1, &["web"], |_| {});
+    let mut liberal = h1();
+    for (e, strict) in [(&mut strict, true), (&mut liberal, false)] {
+        let mut ev = Vec::new();
+        let a = port(e, "a.0");
+        handshake(e, &mut ev, 40002, 443, 0);
+        let before = e.counters().clone();
+        let far = tcp(10, 11, 40002, 443, 1001 + 3_000_000, 9001, TcpFlags::ACK, b"x");
+        let d = e.process(10, a, &far, &mut ev);
+        let after = e.counters().clone();
+        if strict {
+            assert_eq!(d, Disposition::Drop(DropReason::TcpOutOfWindow));
+            assert_eq!(delta(&before, &after, |c| c.dropped(DropReason::TcpOutOfWindow)), 1);
+            // Strict zones also refuse mid-stream pickup.
+            let stray = tcp(10, 11, 40003, 443, 5, 5, TcpFlags::ACK, b"");
+            assert_eq!(
+                e.process(11, a, &stray, &mut ev),
+                Disposition::Drop(DropReason::TcpNoConnection)
+            );
+        } else {
+            assert_eq!(d, Disposition::Forward);
+            assert_eq!(delta(&before, &after, |c| c.tcp_window_liberal), 1);
+        }
+    }
+}
+
+#[test]
+fn icmp_echo_and_related_errors() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    let before = e.counters().clone();
+    fwd(
+        &mut e,
+        0,
+        a,
+        &icmp(10, 11, 8, 0, [0x12, 0x34, 0, 1], b"ping"),
+        b,
+        &mut ev,
+    );
+    fwd(
+        &mut e,
+        1,
+        b,
+        &icmp(11, 10, 0, 0, [0x12, 0x34, 0, 1], b"ping"),
+        a,
+        &mut ev,
+    );
+    assert_eq!(ev.last().unwrap().state, ConnState::Replied);
+    // UDP to b, answered with port unreachable quoting the datagram.
+    let query = udp(10, 11, 5353, 53);
+    fwd(&mut e, 2, a, &query, b, &mut ev);
+    let quoted = &query[14..14 + 28];
+    fwd(&mut e, 3, b, &icmp(11, 10, 3, 3, [0; 4], quoted), a, &mut ev);
+    // An error quoting a datagram nobody sent is not forwarded.
+    let other = udp(10, 11, 6000, 53);
+    let d = e.process(4, b, &icmp(11, 10, 3, 3, [0; 4], &other[14..42]), &mut ev);
+    assert_eq!(d, Disposition::Drop(DropReason::IcmpErrorUnrelated));
+    let after = e.counters().clone();
+    assert_eq!(
+        delta(&before, &after, |c| c.classifications),
+        2,
+        "ping and the UDP flow"
+    );
+    assert_eq!(delta(&before, &after, |c| c.icmp_related), 1);
+    assert_eq!(delta(&before, &after, |c| c.dropped(DropReason::IcmpErrorUnrelated)), 1);
+    // An ICMP query no service names (timestamp) is denied.
+    let d = e.process(5, a, &icmp(10, 11, 13, 0, [0; 4], &[0; 12]), &mut ev);
+    assert_eq!(d, Disposition::Drop(DropReason::PolicyDeny));
+}
+
+#[test]
+fn spoofing_is_dropped_with_reasons() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    let before = e.counters().clone();
+    // Source MAC of b.
+    let mut f = tcp(10, 11, 1, 443, 1, 0, TcpFlags::SYN, b"");
+    f[6..12].copy_from_slice(&mac(11));
+    assert_eq!(e.process(0, a, &f, &mut ev), Disposition::Drop(DropReason::SpoofedMac));
+    // Own MAC, b's address.
+    let f = eth(
+        mac(10),
+        mac(11),
+        None,
+        EtherType::IPV4,
+        &tcp_ip(ip(11), ip(10), 1, 443, 1, 0, TcpFlags::SYN, b""),
+    );
+    assert_eq!(e.process(0, a, &f, &mut ev), Disposition::Drop(DropReason::SpoofedIp));
+    // ARP claiming b's address; then an honest ARP, flooded in the segment.
+    let f = arp_frame(mac(10), ip(11), ip(12));
+    assert_eq!(e.process(0, a, &f, &mut ev), Disposition::Drop(DropReason::SpoofedArp));
+    let f = arp_frame(mac(10), ip(10), ip(11));
+    assert_eq!(e.process(0, a, &f, &mut ev), Disposition::Forward);
+    let outs: Vec<PortId> = e.outputs().iter().map(|o| o.port).collect();
+    assert_eq!(
+        outs,
+        vec![b, UPLINK],
+        "flooded to the segment's other port and the peer host"
+    );
+    let after = e.counters().clone();
+    for r in [DropReason::SpoofedMac, DropReason::SpoofedIp, DropReason::SpoofedArp] {
+        assert_eq!(delta(&before, &after, |c| c.dropped(r)), 1, "{r}");
+    }
+    assert_eq!(
+        delta(&before, &after, |c| c.classifications),
+        0,
+        "spoofed frames never reach the classifier"
+    );
+    assert_eq!(
+        e.port_dropped(a, DropReason::SpoofedArp),
+        1,
+        "charged to the sending vNIC"
+    );
+    assert_eq!(e.port_dropped(b, DropReason::SpoofedArp), 0);
+}
+
+#[test]
+fn policy_change_cuts_one_flow_and_keeps_another() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    handshake(&mut e, &mut ev, 40010, 22, 0);
+    handshake(&mut e, &mut ev, 40011, 443, 0);
+    assert_eq!(e.conntrack().len(), 2);
+    let before = e.counters().clone();
+    e.update_policy(Box::new(PolicyLookup::new(compile_mem(policy(false)))));
+    let ssh = tcp(10, 11, 40010, 22, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"ls");
+    assert_eq!(
+        e.process(10, a, &ssh, &mut ev),
+        Disposition::Drop(DropReason::PolicyRevoked)
+    );
+    assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::PolicyRevoked));
+    let https = tcp(10, 11, 40011, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"GET");
+    fwd(&mut e, 11, a, &https, b, &mut ev);
+    fwd(
+        &mut e,
+        12,
+        b,
+        &tcp(11, 10, 443, 40011, 9001, 1004, TcpFlags::ACK, b""),
+        a,
+        &mut ev,
+    );
+    // The cut flow stays cut: a retransmission is now a new, denied flow.
+    assert_eq!(
+        e.process(13, a, &ssh, &mut ev),
+        Disposition::Drop(DropReason::PolicyDeny)
+    );
+    let after = e.counters().clone();
+    assert_eq!(delta(&before, &after, |c| c.revalidations), 2);
+    assert_eq!(
+        delta(&before, &after, |c| c.classifications),
+        3,
+        "two re-validations and the retransmission"
+    );
+    assert_eq!(delta(&before, &after, |c| c.dropped(DropReason::PolicyRevoked)), 1);
+    assert_eq!(delta(&before, &after, |c| c.forwarded), 2);
+    assert_eq!(e.conntrack().len(), 1);
+    assert_eq!(e.conntrack().iter().next().unwrap().1.policy_version, 2);
+}
+
+#[test]
+fn full_tables_and_vnic_limits() {
+    let c = compile_mem(policy(true));
+    let mut refuse = host(c.clone(), "h1", 1, &[], |cfg| {
+        cfg.conn_capacity = 2;
+        cfg.flow_capacity = 3;
+        cfg.full_policy = FullPolicy::Refuse;
+    });
+    let mut ev = Vec::new();
+    let (a, b) = (port(&refuse, "a.0"), port(&refuse, "b.0"));
+    fwd(&mut refuse, 0, a, &udp(10, 11, 1000, 53), b, &mut ev);
+    fwd(&mut refuse, 0, a, &udp(10, 11, 1001, 53), b, &mut ev);
+    let before = refuse.counters().clone();
+    assert_eq!(
+        refuse.process(0, a, &udp(10, 11, 1002, 53), &mut ev),
+        Disposition::Drop(DropReason::ConntrackFull)
+    );
+    // Existing flows are unaffected; the cache (3 entries) evicts to admit the replies.
+    fwd(&mut refuse, 1, b, &udp(11, 10, 53, 1000), a, &mut ev);
+    fwd(&mut refuse, 1, b, &udp(11, 10, 53, 1001), a, &mut ev);
+    let after = refuse.counters().clone();
+    assert_eq!(delta(&before, &after, |c| c.dropped(DropReason::ConntrackFull)), 1);
+    assert!(delta(&before, &after, |c| c.cache_evictions) >= 1);
+    assert!(refuse.flow_table().len() <= 3);
+
+    let mut evict = host(c.clone(), "h1", 1, &[], |cfg| cfg.conn_capacity = 2);
+    fwd(&mut evict, 0, a, &udp(10, 11, 1000, 53), b, &mut ev);
+    fwd(&mut evict, 0, a, &udp(10, 11, 1001, 53), b, &mut ev);
+    fwd(&mut evict, 0, a, &udp(10, 11, 1002, 53), b, &mut ev);
+    assert_eq!(evict.counters().conns_evicted, 1);
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == EventKind::End(EndReason::Evicted))
+            .count(),
+        1
+    );
+
+    // Per-vNIC limit: a vNIC allowed one connection.
+    let model = c.model().clone();
+    let mut limited = Engine::new(EngineConfig::new(uplink(1)), Box::new(PolicyLookup::new(c)));
+    let a = limited
+        .add_vnic(port::vnic_from_model(&model, "a.0", &[], 1).unwrap())
+        .unwrap();
+    let b = limited
+        .add_vnic(port::vnic_from_model(&model, "b.0", &[], 100).unwrap())
+        .unwrap();
+    fwd(&mut limited, 0, a, &udp(10, 11, 1000, 53), b, &mut ev);
+    assert_eq!(
+        limited.process(0, a, &udp(10, 11, 1001, 53), &mut ev),
+        Disposition::Drop(DropReason::VnicConnLimit)
+    );
+    assert_eq!(limited.conntrack().port_conns(a), 1);
+}
+
+#[test]
+fn state_export_import_continues_without_classification() {
+    let c = compile_mem(policy(true));
+    let mut src = host(c.clone(), "h1", 1, &["web"], |_| {});
+    let mut ev = Vec::new();
+    handshake(&mut src, &mut ev, 40020, 443, 0);
+    let a = port(&src, "a.0");
+    let blob = src.export_vnic(a, 100, true, &mut ev).unwrap();
+    assert_eq!(src.conntrack().len(), 0);
+    assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::Exported));
+
+    // The destination host: a fresh engine where a.0 (and b.0) now live.
+    let model = c.model().clone();
+    let mut dst = Engine::new(EngineConfig::new(uplink(2)), Box::new(PolicyLookup::new(c)));
+    let a2 = dst
+        .add_vnic(port::vnic_from_model(&model, "a.0", &["web".into()], 100).unwrap())
+        .unwrap();
+    let b2 = dst
+        .add_vnic(port::vnic_from_model(&model, "b.0", &["web".into()], 100).unwrap())
+        .unwrap();
+    assert_eq!(dst.import_vnic(a2, &blob, 5_000, &mut ev), Ok(1));
+    let before = dst.counters().clone();
+    // Strict zone: a mid-stream segment would be refused without the imported state.
+    let data = tcp(10, 11, 40020, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"more");
+    fwd(&mut dst, 5_001, a2, &data, b2, &mut ev);
+    fwd(
+        &mut dst,
+        5_002,
+        b2,
+        &tcp(11, 10, 443, 40020, 9001, 1005, TcpFlags::ACK, b""),
+        a2,
+        &mut ev,
+    );
+    let after = dst.counters().clone();
+    assert_eq!(delta(&before, &after, |c| c.classifications), 0);
+    assert_eq!(delta(&before, &after, |c| c.forwarded), 2);
+    // The window state came along: a segment far outside it is still refused.
+    let far = tcp(10, 11, 40020, 443, 1005 + 3_000_000, 9001, TcpFlags::ACK, b"x");
+    assert_eq!(
+        dst.process(5_003, a2, &far, &mut ev),
+        Disposition::Drop(DropReason::TcpOutOfWindow)
+    );
+
+    // Corrupt and foreign blobs are refused, and nothing already stored is lost.
+    let mut bad = blob.clone();
+    bad[30] ^= 1;
+    assert!(matches!(
+        dst.import_vnic(a2, &bad, 6_000, &mut ev),
+        Err(StateError::BadChecksum { .. })
+    ));
+    assert_eq!(
+        dst.import_vnic(b2, &blob, 6_000, &mut ev).unwrap_err().to_string(),
+        "state blob is for vNIC \"a.0\", not \"b.0\""
+    );
+    assert_eq!(dst.import_vnic(a2, b"junk", 6_000, &mut ev), Err(StateError::Truncated));
+    assert_eq!(dst.conntrack().len(), 1);
+}
+
+/// Decapsulated-frame helper: run `frame` out of `from`, render output 0, return it.
+fn render0(e: &Engine, frame: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0; 2048];
+    let n = e.render(frame, 0, &mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn cross_host_flow_is_classified_once_in_total() {
+    let c = compile_mem(policy(true));
+    let mut h1 = host(c.clone(), "h1", 1, &[], |_| {});
+    let mut h2 = host(c, "h2", 2, &[], |_| {});
+    let mut ev = Vec::new();
+    let a = port(&h1, "a.0");
+    let cc = port(&h2, "c.0");
+    // c announces itself (ARP, flooded to h1 over VXLAN); h1 learns where c's MAC lives.
+    let arp = arp_frame(mac(12), ip(12), ip(10));
+    assert_eq!(h2.process(0, cc, &arp, &mut ev), Disposition::Forward);
+    let out = h2.outputs()[0];
+    assert_eq!(out.port, UPLINK);
+    assert!(!out.encap.unwrap().policy_applied, "ARP carries no verdict");
+    let wire = render0(&h2, &arp);
+    assert_eq!(h1.process(1, UPLINK, &wire, &mut ev), Disposition::Forward);
+    // A frame from outside claiming a local vNIC's MAC is an impersonation.
+    let mut fake = wire.clone();
+    fake[50 + 6..50 + 12].copy_from_slice(&mac(10));
+    assert_eq!(
+        h1.process(1, UPLINK, &fake, &mut ev),
+        Disposition::Drop(DropReason::SpoofedMac)
+    );
+    let (b1, b2) = (h1.counters().clone(), h2.counters().clone());
+
+    // a → c: classified on h1, encapsulated with the policy-applied bit and a's group.
+    let syn = tcp(10, 12, 40030, 443, 1, 0, TcpFlags::SYN, b"");
+    assert_eq!(h1.process(2, a, &syn, &mut ev), Disposition::Forward);
+    let enc = h1.outputs()[0].encap.unwrap();
+    assert!(enc.policy_applied);
+    assert_eq!(enc.remote, Ipv4Addr::new(192, 168, 0, 2));
+    assert_eq!(enc.group_id, h1.vnic(a).unwrap().group_id);
+    let wire = render0(&h1, &syn);
+    let vx = vxlan::Packet::new_checked(&wire[42..]).unwrap();
+    assert!(vx.policy_applied() && vx.has_gbp());
+    assert_eq!(vx.vni(), 100);
+    assert_eq!(&wire[50..], &syn[..], "the inner frame is the VM's frame");
+    fwd(&mut h2, 3, UPLINK, &wire, cc, &mut ev);
+    assert_eq!(render0(&h2, &wire), syn);
+
+    // The reply goes back the same way, trusted on h1 too.
+    let synack = tcp(12, 10, 443, 40030, 100, 2, TcpFlags::SYN | TcpFlags::ACK, b"");
+    assert_eq!(h2.process(4, cc, &synack, &mut ev), Disposition::Forward);
+    assert!(h2.outputs()[0].encap.unwrap().policy_applied);
+    let wire = render0(&h2, &synack);
+    fwd(&mut h1, 5, UPLINK, &wire, a, &mut ev);
+    let ack = tcp(10, 12, 40030, 443, 2, 101, TcpFlags::ACK, b"");
+    assert_eq!(h1.process(6, a, &ack, &mut ev), Disposition::Forward);
+    fwd(&mut h2, 7, UPLINK, &render0(&h1, &ack), cc, &mut ev);
+
+    let (a1, a2) = (h1.counters().clone(), h2.counters().clone());
+    let total = delta(&b1, &a1, |c| c.classifications) + delta(&b2, &a2, |c| c.classifications);
+    assert_eq!(total, 1, "one evaluation across both hosts");
+    assert_eq!(delta(&b2, &a2, |c| c.trusted), 2);
+    assert_eq!(delta(&b1, &a1, |c| c.trusted), 1);
+
+    // Without the policy-applied bit, the receiving host evaluates the flow itself.
+    let syn2 = tcp(10, 12, 40031, 22, 1, 0, TcpFlags::SYN, b"");
+    assert_eq!(h1.process(8, a, &syn2, &mut ev), Disposition::Forward);
+    let mut wire = render0(&h1, &syn2);
+    vxlan::Packet::new_unchecked(&mut wire[42..50]).set_policy_applied(false);
+    let before = h2.counters().classifications;
+    fwd(&mut h2, 9, UPLINK, &wire, cc, &mut ev);
+    assert_eq!(h2.counters().classifications - before, 1);
+}
+
+#[test]
+fn three_tier_vlan_tagged_north_south() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/three-tier");
+    let loaded = load(&DirSource::new(dir)).unwrap();
+    assert!(!loaded.has_errors(), "{}", loaded.render());
+    let mut e = host(Compiler::new(loaded.model).unwrap(), "hv1", 1, &[], |_| {});
+    let mut ev = Vec::new();
+    let web = port(&e, "web-1.0");
+    let router = [0x0e, 0, 0, 0, 0, 0x99];
+    let web_mac = [0x02, 0x00, 0x0a, 0x00, 0x01, 0x0b];
+    let client = Ipv4Addr::new(203, 0, 113, 5);
+    let web_ip = Ipv4Addr::new(10, 0, 1, 11);
+    // From the physical network, tagged VLAN 100: https allowed (zone rule), to web-1 untagged.
+    let syn = eth(
+        router,
+        web_mac,
+        Some(100),
+        EtherType::IPV4,
+        &tcp_ip(client, web_ip, 50000, 443, 7, 0, TcpFlags::SYN, b""),
+    );
+    fwd(&mut e, 0, UPLINK, &syn, web, &mut ev);
+    let out = render0(&e, &syn);
+    assert_eq!(out.len(), syn.len() - 4);
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    assert_eq!(e.rule_tally("web-from-internet").hits, 1);
+    // The reply leaves on the uplink, re-tagged with the zone's VLAN.
+    let synack = eth(
+        web_mac,
+        router,
+        None,
+        EtherType::IPV4,
+        &tcp_ip(web_ip, client, 443, 50000, 70, 8, TcpFlags::SYN | TcpFlags::ACK, b""),
+    );
+    fwd(&mut e, 1, web, &synack, UPLINK, &mut ev);
+    let out = render0(&e, &synack);
+    assert_eq!(out, eth(web_mac, router, Some(100), EtherType::IPV4, &synack[14..]));
+    // SSH from the internet is denied by the datacenter guard rail, and counted against it.
+    let ssh = eth(
+        router,
+        web_mac,
+        Some(100),
+        EtherType::IPV4,
+        &tcp_ip(client, web_ip, 50001, 22, 7, 0, TcpFlags::SYN, b""),
+    );
+    assert_eq!(
+        e.process(2, UPLINK, &ssh, &mut ev),
+        Disposition::Drop(DropReason::PolicyDeny)
+    );
+    assert_eq!(
+        e.process(3, UPLINK, &ssh, &mut ev),
+        Disposition::Drop(DropReason::PolicyDeny)
+    );
+    let t = e.rule_tally("dc-deny-internet-ssh");
+    assert_eq!((t.hits, t.packets), (1, 2), "the second attempt hits the cached deny");
+    // A VM may not tag its frames into another VLAN.
+    let tagged = eth(web_mac, router, Some(200), EtherType::IPV4, &synack[14..]);
+    assert_eq!(
+        e.process(4, web, &tagged, &mut ev),
+        Disposition::Drop(DropReason::VlanMismatch)
+    );
+    // Garbage is a typed drop, never a panic.
+    for n in 0..syn.len() {
+        let d = e.process(5, UPLINK, &syn[..n], &mut ev);
+        assert!(matches!(d, Disposition::Drop(_)), "{n}: {d:?}");
+    }
+    let _: IpAddr = web_ip.into();
+}
+
+#[test]
+fn timeouts_expire_connections() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    fwd(&mut e, 0, a, &udp(10, 11, 7000, 53), b, &mut ev);
+    assert_eq!(e.expire(10 * 1_000 * MS, 100, &mut ev), 0);
+    assert_eq!(e.expire(31 * 1_000 * MS, 100, &mut ev), 1);
+    assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::Timeout));
+    // A late reply is now a new flow from b (source port 53 to 7000), which no rule allows.
+    assert_eq!(
+        e.process(32 * 1_000 * MS, b, &udp(11, 10, 53, 7000), &mut ev),
+        Disposition::Drop(DropReason::PolicyDeny)
+    );
+}
+
+/// A neighbour advertisement from a's MAC for `target`, with target link-layer address `tlla`.
+fn neighbor_advert(target: &str, tlla: [u8; 6]) -> Vec<u8> {
+    let src: core::net::Ipv6Addr = "fd00::a".parse().unwrap();
+    let dst: core::net::Ipv6Addr = "ff02::1".parse().unwrap();
+    let target: core::net::Ipv6Addr = target.parse().unwrap();
+    let mut m = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    m.extend_from_slice(&target.octets());
+    m.extend_from_slice(&[2, 1]);
+    m.extend_from_slice(&tlla);
+    icmpv6::Packet::new_unchecked(&mut m[..]).fill_checksum(src, dst);
+    let ip = Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::ICMPV6,
+        payload_len: m.len(),
+        hop_limit: 255,
+        traffic_class: 0,
+        flow_label: 0,
+    };
+    let mut p = vec![0; 40 + m.len()];
+    ip.emit(&mut ipv6::Packet::new_unchecked(&mut p[..]));
+    p[40..].copy_from_slice(&m);
+    eth(mac(10), [0x33, 0x33, 0, 0, 0, 1], None, EtherType::IPV6, &p)
+}
+
+#[test]
+fn neighbour_discovery_spoofing_is_dropped() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let a = port(&e, "a.0");
+    assert_eq!(
+        e.process(0, a, &neighbor_advert("fd00::a", mac(10)), &mut ev),
+        Disposition::Forward
+    );
+    assert_eq!(
+        e.process(0, a, &neighbor_advert("fd00::b", mac(10)), &mut ev),
+        Disposition::Drop(DropReason::SpoofedNd),
+        "advertising another address"
+    );
+    assert_eq!(
+        e.process(0, a, &neighbor_advert("fd00::a", mac(11)), &mut ev),
+        Disposition::Drop(DropReason::SpoofedNd),
+        "advertising another link-layer address"
+    );
+    assert_eq!(e.counters().dropped(DropReason::SpoofedNd), 2);
+    assert_eq!(e.counters().classifications, 0, "neighbour discovery is not a flow");
+}
+
+#[test]
+fn mutated_frames_never_panic() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    handshake(&mut e, &mut ev, 40100, 443, 0);
+    let mut seeds = vec![
+        tcp(10, 11, 40100, 443, 1001, 9001, TcpFlags::ACK, b"data"),
+        udp(10, 11, 5000, 53),
+        icmp(11, 10, 3, 3, [0; 4], &udp(10, 11, 5000, 53)[14..42]),
+        arp_frame(mac(10), ip(10), ip(11)),
+        neighbor_advert("fd00::a", mac(10)),
+        tcp(10, 11, 40101, 23, 1, 0, TcpFlags::SYN, b""),
+        udp(10, 11, 6001, 69),
+    ];
+    // A VXLAN packet for the uplink, too.
+    let syn = tcp(12, 10, 1, 443, 1, 0, TcpFlags::SYN, b"");
+    let mut h2 = host(compile_mem(policy(true)), "h2", 2, &[], |_| {});
+    let c = port(&h2, "c.0");
+    h2.process(0, c, &syn, &mut ev);
+    let mut buf = vec![0; 2048];
+    let n = h2.render(&syn, 0, &mut buf).unwrap();
+    seeds.push(buf[..n].to_vec());
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..20_000u64 {
+        let mut f = seeds[(next() % seeds.len() as u64) as usize].clone();
+        for _ in 0..(next() % 4) {
+            let at = (next() % f.len() as u64) as usize;
+            f[at] = next() as u8;
+        }
+        f.truncate((next() % (f.len() as u64 + 1)) as usize);
+        let from = [a, b, UPLINK][(next() % 3) as usize];
+        match e.process(i, from, &f, &mut ev) {
+            Disposition::Forward => {
+                for o in 0..e.outputs().len() {
+                    e.render(&f, o, &mut buf).unwrap();
+                }
+            }
+            Disposition::Drop(DropReason::PolicyReject) => {
+                e.reject_reply(&f, &mut buf).unwrap();
+            }
+            Disposition::Drop(_) => {}
+        }
+    }
+    assert_eq!(e.counters().packets, 20_000 + 3);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tcp6(from: u8, to: u8, sport: u16, dport: u16, seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
+    let src: core::net::Ipv6Addr = format!("fd00::{from:x}").parse().unwrap();
+    let dst: core::net::Ipv6Addr = format!("fd00::{to:x}").parse().unwrap();
+    let repr = TcpRepr {
+        src_port: sport,
+        dst_port: dport,
+        seq_number: seq,
+        ack_number: ack,
+        flags,
+        window_len: 64000,
+        urgent_pointer: 0,
+        options: &[3, 3, 7, 1],
+        payload: data,
+    };
+    let mut t = vec![0; repr.buffer_len()];
+    repr.emit(&mut tcp::Packet::new_unchecked(&mut t[..]), src.into(), dst.into());
+    let ip = Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::TCP,
+        payload_len: t.len(),
+        hop_limit: 64,
+        traffic_class: 0,
+        flow_label: 0,
+    };
+    let mut p = vec![0; 40 + t.len()];
+    ip.emit(&mut ipv6::Packet::new_unchecked(&mut p[..]));
+    p[40..].copy_from_slice(&t);
+    eth(mac(from), mac(to), None, EtherType::IPV6, &p)
+}
+
+#[test]
+fn ipv6_tcp_with_window_scaling_in_a_strict_zone() {
+    let text = policy(true).replace(r#"ips: [10.0.0.11], zone"#, r#"ips: [10.0.0.11, "fd00::b"], zone"#);
+    let mut e = host(compile_mem(text), "h1", 1, &["web"], |_| {});
+    let mut ev = Vec::new();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    fwd(
+        &mut e,
+        0,
+        a,
+        &tcp6(10, 11, 40200, 443, 1000, 0, TcpFlags::SYN, b""),
+        b,
+        &mut ev,
+    );
+    fwd(
+        &mut e,
+        1,
+        b,
+        &tcp6(11, 10, 443, 40200, 9000, 1001, TcpFlags::SYN | TcpFlags::ACK, b""),
+        a,
+        &mut ev,
+    );
+    fwd(
+        &mut e,
+        2,
+        a,
+        &tcp6(10, 11, 40200, 443, 1001, 9001, TcpFlags::ACK, b""),
+        b,
+        &mut ev,
+    );
+    // The SYN-ACK's window is never scaled, so 5 MB ahead is out of window until b advertises a scaled one.
+    let ahead = tcp6(10, 11, 40200, 443, 1001 + 5_000_000, 9001, TcpFlags::ACK, b"x");
+    assert_eq!(
+        e.process(3, a, &ahead, &mut ev),
+        Disposition::Drop(DropReason::TcpOutOfWindow)
+    );
+    fwd(
+        &mut e,
+        3,
+        b,
+        &tcp6(11, 10, 443, 40200, 9001, 1001, TcpFlags::ACK, b""),
+        a,
+        &mut ev,
+    );
+    // With a window scale of 7 on both sides, 64000 << 7 bytes may be in flight: 5 MB ahead is fine.
+    let ahead = tcp6(10, 11, 40200, 443, 1001 + 5_000_000, 9001, TcpFlags::ACK, b"x");
+    fwd(&mut e, 3, a, &ahead, b, &mut ev);
+    let beyond = tcp6(10, 11, 40200, 443, 1001 + 9_000_000, 9001, TcpFlags::ACK, b"x");
+    assert_eq!(
+        e.process(4, a, &beyond, &mut ev),
+        Disposition::Drop(DropReason::TcpOutOfWindow)
+    );
+    assert_eq!(e.counters().classifications, 1);
+    assert_eq!(ev[2].state, ConnState::Established);
+}
+
+#[test]
+fn dispatch_keys_put_a_connection_and_its_errors_on_one_shard() {
+    use palisade_datapath::shard::shard_of;
+    let e = h1();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    for sport in 1000..1100 {
+        let query = udp(10, 11, sport, 53);
+        let reply = udp(11, 10, 53, sport);
+        let error = icmp(11, 10, 3, 3, [0; 4], &query[14..42]);
+        let k = e.dispatch_key(a, &query).unwrap();
+        assert_eq!(e.dispatch_key(b, &reply).unwrap(), k.reversed());
+        assert_eq!(e.dispatch_key(b, &error).unwrap(), k);
+        for n in [2, 4, 7] {
+            assert_eq!(shard_of(&k, n), shard_of(&e.dispatch_key(b, &reply).unwrap(), n));
+        }
+    }
+    assert_eq!(e.dispatch_key(a, &arp_frame(mac(10), ip(10), ip(11))), None);
+}
+
+#[test]
+fn reply_packets_count_against_the_deciding_rule() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    handshake(&mut e, &mut ev, 40300, 443, 0);
+    let t = e.rule_tally("web-https");
+    assert_eq!(
+        (t.hits, t.packets),
+        (2, 3),
+        "two chain decisions; the three packets are counted once each"
+    );
+}
+
+#[test]
+fn rejected_flows_get_a_reset_or_an_icmp_error() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let a = port(&e, "a.0");
+    let mut buf = [0u8; 256];
+    let syn = tcp(10, 11, 40400, 23, 5000, 0, TcpFlags::SYN, b"");
+    assert_eq!(
+        e.process(0, a, &syn, &mut ev),
+        Disposition::Drop(DropReason::PolicyReject)
+    );
+    let n = e.reject_reply(&syn, &mut buf).unwrap();
+    let f = ethernet::Frame::new_checked(&buf[..n]).unwrap();
+    assert_eq!(
+        (f.dst_addr(), f.src_addr()),
+        (EthernetAddress(mac(10)), EthernetAddress(mac(11)))
+    );
+    let hdr = ipv4::Packet::new_checked(&buf[14..n]).unwrap();
+    assert!(hdr.verify_checksum());
+    assert_eq!((hdr.src_addr(), hdr.dst_addr()), (ip(11), ip(10)));
+    let t = tcp::Packet::new_checked(&buf[34..n]).unwrap();
+    assert!(t.verify_checksum(ip(11).into(), ip(10).into()));
+    assert_eq!((t.src_port(), t.dst_port()), (23, 40400));
+    assert_eq!((t.flags(), t.ack_number()), (TcpFlags::RST | TcpFlags::ACK, 5001));
+    assert_eq!(e.rule_tally("web-reject").hits, 2);
+
+    let tftp = udp(10, 11, 6000, 69);
+    assert_eq!(
+        e.process(1, a, &tftp, &mut ev),
+        Disposition::Drop(DropReason::PolicyReject)
+    );
+    let n = e.reject_reply(&tftp, &mut buf).unwrap();
+    let m = icmpv4::Packet::new_checked(&buf[34..n]).unwrap();
+    assert!(m.verify_checksum());
+    assert_eq!((m.msg_type().0, m.msg_code()), (3, 13));
+    assert_eq!(&buf[42..n], &tftp[14..42], "quotes the IP header and 8 bytes");
+    assert_eq!(e.counters().dropped(DropReason::PolicyReject), 2);
+}
+
+#[test]
+fn import_is_all_or_nothing_and_replaces_duplicates() {
+    let c = compile_mem(policy(true));
+    let mut src = h1();
+    let mut ev = Vec::new();
+    handshake(&mut src, &mut ev, 40500, 443, 0);
+    handshake(&mut src, &mut ev, 40501, 443, 0);
+    let a = port(&src, "a.0");
+    let blob = src.export_vnic(a, 10, false, &mut ev).unwrap();
+    assert_eq!(src.conntrack().len(), 2, "exporting without removing keeps the state");
+
+    let mut small = host(c, "h1", 1, &[], |cfg| cfg.conn_capacity = 1);
+    let a2 = port(&small, "a.0");
+    assert_eq!(
+        small.import_vnic(a2, &blob, 20, &mut ev),
+        Err(StateError::NoRoom { needed: 2, free: 1 })
+    );
+    assert_eq!(small.conntrack().len(), 0);
+
+    // Importing over live state replaces the duplicates and keeps the per-vNIC charge right.
+    assert_eq!(src.import_vnic(a, &blob, 20, &mut ev), Ok(2));
+    assert_eq!(src.conntrack().len(), 2);
+    assert_eq!(src.conntrack().port_conns(a), 2);
+}
