@@ -23,6 +23,8 @@ enum Command {
     /// Check, compile, explain and analyze policy.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCmd),
+    /// Run a capture through the datapath engine and print verdicts per flow.
+    Replay(cmd::replay::ReplayArgs),
     /// Benchmarks printing machine-readable results.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCmd),
@@ -34,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::Pcap(c) => cmd::pcap::run(c),
         Command::Policy(c) => cmd::policy::run(c),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Replay(a) => cmd::replay::run(a),
     };
     match result {
         Ok(code) => code,

@@ -3,3 +3,4 @@
 pub mod bench;
 pub mod pcap;
 pub mod policy;
+pub mod replay;
