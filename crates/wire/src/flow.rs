@@ -330,6 +330,9 @@ fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -
     let ip_end = l3 + ip_len(ethertype, data);
     let upper = frame.get(l4..ip_end).unwrap_or(&[]);
     let first_fragment = fragment == Fragment::First;
+    if first_fragment {
+        check_first_fragment(protocol, upper)?;
+    }
     match protocol {
         IpProtocol::TCP => {
             let (sport, dport, flags) = if first_fragment {
@@ -389,6 +392,25 @@ fn ip_len(ethertype: EtherType, data: &[u8]) -> usize {
         ipv4::Packet::new_unchecked(data).total_len().into()
     } else {
         ipv6::HEADER_LEN + usize::from(ipv6::Packet::new_unchecked(data).payload_len())
+    }
+}
+
+/// Refuse a first fragment too short to hold what the firewall decides on: the
+/// whole TCP header (flags included: the tiny-fragment attack of RFC 1858 hides
+/// them in the second fragment), or the first 8 bytes of UDP and ICMP (ports,
+/// or type, code and identifier). Both the extractor and the dissector apply it.
+pub fn check_first_fragment(protocol: IpProtocol, upper: &[u8]) -> Result<()> {
+    let (layer, min) = match protocol {
+        IpProtocol::TCP => (Layer::Tcp, tcp::HEADER_LEN),
+        IpProtocol::UDP => (Layer::Udp, udp::HEADER_LEN),
+        IpProtocol::ICMP => (Layer::Icmpv4, icmpv4::HEADER_LEN),
+        IpProtocol::ICMPV6 => (Layer::Icmpv6, icmpv6::HEADER_LEN),
+        _ => return Ok(()),
+    };
+    if upper.len() < min {
+        Err(Error::new(layer, ErrorKind::Truncated))
+    } else {
+        Ok(())
     }
 }
 

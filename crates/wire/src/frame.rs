@@ -282,6 +282,11 @@ impl<'a> Dissection<'a> {
                 first: repr.frag_offset == 0,
                 data: payload,
             };
+            if repr.frag_offset == 0
+                && let Err(e) = crate::flow::check_first_fragment(repr.protocol, payload)
+            {
+                self.record(e);
+            }
             return;
         }
         // AH over IPv4 is kept opaque (Transport::Other): IPsec traffic is rare on
@@ -336,6 +341,9 @@ impl<'a> Dissection<'a> {
                                 protocol,
                                 first: true,
                                 data: upper,
+                            };
+                            if let Err(e) = crate::flow::check_first_fragment(protocol, upper) {
+                                self.record(e);
                             }
                         }
                         _ => self.transport_layer(protocol, upper, true),

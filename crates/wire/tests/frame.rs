@@ -167,29 +167,46 @@ fn three_tags_are_too_deep() {
 
 #[test]
 fn ipv4_fragments_first_has_ports_later_do_not() {
-    let seg = tcp_segment(A.into(), B.into());
+    let seg = tcp_segment(A.into(), B.into()); // 24 bytes: header with an MSS option
     let mut first = eth(EtherType::IPV4);
-    first.extend(ipv4_header(IpProtocol::TCP, 16, true, 0));
-    first.extend(&seg[..16]);
+    first.extend(ipv4_header(IpProtocol::TCP, seg.len(), true, 0));
+    first.extend(&seg);
     let info = flow::extract(&first).unwrap().unwrap();
     assert_eq!(
         (info.fragment, info.key.src_port, info.key.dst_port),
         (Fragment::First, 40000, 8080)
     );
+    assert_eq!(info.tcp_flags, TcpFlags::SYN);
     assert!(matches!(
         Dissection::ethernet(&first).transport,
         Transport::Fragment { first: true, .. }
     ));
+    round_trips(&first);
 
     let mut later = eth(EtherType::IPV4);
-    later.extend(ipv4_header(IpProtocol::TCP, 8, false, 2));
-    later.extend(&seg[16..]);
+    later.extend(ipv4_header(IpProtocol::TCP, 8, false, 3));
+    later.extend(b"payload!");
     let info = flow::extract(&later).unwrap().unwrap();
     assert_eq!(
         (info.fragment, info.key.src_port, info.key.dst_port),
         (Fragment::NonFirst, 0, 0)
     );
     round_trips(&later);
+}
+
+#[test]
+fn tiny_first_fragments_are_refused() {
+    // RFC 1858: a first fragment that splits the TCP header hides the flags from the firewall.
+    let seg = tcp_segment(A.into(), B.into());
+    let mut tiny = eth(EtherType::IPV4);
+    tiny.extend(ipv4_header(IpProtocol::TCP, 16, true, 0));
+    tiny.extend(&seg[..16]);
+    let err = flow::extract(&tiny).unwrap_err();
+    assert_eq!(
+        (err.layer(), err.kind()),
+        (palisade_wire::Layer::Tcp, palisade_wire::ErrorKind::Truncated)
+    );
+    assert_eq!(Dissection::ethernet(&tiny).error, Some(err));
 }
 
 #[test]
