@@ -39,6 +39,19 @@ use crate::{Error, ErrorKind, Layer};
 /// the one the Linux kernel used before IANA assigned it.
 pub const VXLAN_PORTS: [u16; 2] = [vxlan::VXLAN_PORT, 8472];
 
+/// Offset of the IPv4 header checksum.
+const IPV4_CHECKSUM_AT: usize = 10;
+
+/// Offset of the checksum field in a parsed transport header.
+fn transport_checksum_offset(t: &Transport<'_>) -> Option<usize> {
+    match t {
+        Transport::Tcp(_) => Some(16),
+        Transport::Udp(_) => Some(6),
+        Transport::Icmpv4(_) | Transport::Icmpv6(_) => Some(2),
+        _ => None,
+    }
+}
+
 /// The network layer of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Network<'a> {
@@ -131,9 +144,6 @@ pub struct Dissection<'a> {
     pub transport: Transport<'a>,
     /// A VXLAN header found in a UDP payload on one of [`VXLAN_PORTS`]; the inner frame follows it.
     pub vxlan: Option<VxlanRepr>,
-    /// An IPv4 UDP datagram was sent without a checksum (the field is zero, RFC 768);
-    /// [`Dissection::emit`] keeps it that way.
-    pub udp_checksum_omitted: bool,
     /// Bytes inside the IP payload after a UDP datagram whose length field is
     /// shorter than the payload (receivers trim them, RFC 768); kept for `emit`.
     pub udp_slack: &'a [u8],
@@ -142,6 +152,32 @@ pub struct Dissection<'a> {
     /// The first error met; the layers before it are sound.
     pub error: Option<Error>,
     frame: &'a [u8],
+    sent: SentChecksums,
+}
+
+/// Checksum fields as the sender wrote them. A ones'-complement sum has two
+/// encodings of zero (0x0000 and 0xffff) and UDP over IPv4 may omit its
+/// checksum (0), so recomputing alone cannot reproduce every valid packet:
+/// [`Dissection::emit`] writes the sent value back when it encodes the same sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct SentChecksums {
+    ipv4: Option<u16>,
+    transport: Option<u16>,
+}
+
+/// Whether checksum field `sent` may replace the freshly computed `computed`.
+fn same_sum(sent: u16, computed: u16, udp_over_ipv4: bool) -> bool {
+    sent == computed || matches!((sent, computed), (0, 0xffff) | (0xffff, 0)) || (udp_over_ipv4 && sent == 0)
+}
+
+/// Write `sent` into the 2-byte checksum field at `at` of `buf` if it encodes the same sum.
+fn restore_checksum(buf: &mut [u8], at: usize, sent: Option<u16>, udp_over_ipv4: bool) {
+    if let (Some(sent), Some(field)) = (sent, buf.get_mut(at..at + 2)) {
+        let computed = u16::from_be_bytes([field[0], field[1]]);
+        if same_sum(sent, computed, udp_over_ipv4) {
+            field.copy_from_slice(&sent.to_be_bytes());
+        }
+    }
 }
 
 impl<'a> Dissection<'a> {
@@ -154,11 +190,11 @@ impl<'a> Dissection<'a> {
             ext_headers: ExtChain::default(),
             transport: Transport::None,
             vxlan: None,
-            udp_checksum_omitted: false,
             udp_slack: &[],
             trailer: &[],
             error: None,
             frame,
+            sent: SentChecksums::default(),
         }
     }
 
@@ -272,6 +308,7 @@ impl<'a> Dissection<'a> {
             Err(e) => return self.record(e),
         };
         self.network = Network::Ipv4(repr);
+        self.sent.ipv4 = Some(packet.checksum());
         // check_len guarantees total_len <= data.len().
         let total = usize::from(packet.total_len());
         self.trailer = &data[total..];
@@ -369,7 +406,6 @@ impl<'a> Dissection<'a> {
                 .and_then(|p| TcpRepr::parse(&p))
                 .map(Transport::Tcp),
             IpProtocol::UDP => udp::Packet::new_checked(data).and_then(|p| {
-                self.udp_checksum_omitted = !is_ipv6 && !p.has_checksum();
                 // check_len bounds the length field by the buffer.
                 self.udp_slack = &data[usize::from(p.len())..];
                 UdpRepr::parse(&p).map(Transport::Udp)
@@ -386,6 +422,9 @@ impl<'a> Dissection<'a> {
             Ok(t) => self.transport = t,
             Err(e) => return self.record(e),
         }
+        // Every parsed transport header is at least 8 bytes: the field is in bounds.
+        let at = transport_checksum_offset(&self.transport).unwrap_or(0);
+        self.sent.transport = data.get(at..at + 2).map(|f| u16::from_be_bytes([f[0], f[1]]));
         if let Transport::Udp(udp) = self.transport
             && VXLAN_PORTS.contains(&udp.dst_port)
         {
@@ -488,7 +527,8 @@ impl<'a> Dissection<'a> {
                 let hlen = ip.buffer_len();
                 // Transport first: the IPv4 header checksum does not cover it, but AH may precede it.
                 self.emit_upper(&mut body[hlen..], IpAddr::V4(ip.src_addr), IpAddr::V4(ip.dst_addr));
-                ip.emit(&mut ipv4::Packet::new_unchecked(body));
+                ip.emit(&mut ipv4::Packet::new_unchecked(&mut *body));
+                restore_checksum(body, IPV4_CHECKSUM_AT, self.sent.ipv4, false);
             }
             Network::Ipv6(ip) => {
                 ip.emit(&mut ipv6::Packet::new_unchecked(&mut *body));
@@ -513,23 +553,23 @@ impl<'a> Dissection<'a> {
         let buf = &mut buf[at..];
         match self.transport {
             Transport::None => {}
-            Transport::Tcp(t) => t.emit(&mut tcp::Packet::new_unchecked(buf), src, dst),
+            Transport::Tcp(t) => t.emit(&mut tcp::Packet::new_unchecked(&mut *buf), src, dst),
             Transport::Udp(u) => {
                 let (datagram, slack) = buf.split_at_mut(buf.len() - self.udp_slack.len());
                 slack.copy_from_slice(self.udp_slack);
-                let mut packet = udp::Packet::new_unchecked(datagram);
-                u.emit(&mut packet, src, dst);
-                if self.udp_checksum_omitted {
-                    packet.set_checksum(0);
-                }
+                u.emit(&mut udp::Packet::new_unchecked(datagram), src, dst);
             }
-            Transport::Icmpv4(i) => i.emit(&mut icmpv4::Packet::new_unchecked(buf)),
+            Transport::Icmpv4(i) => i.emit(&mut icmpv4::Packet::new_unchecked(&mut *buf)),
             Transport::Icmpv6(i) => {
                 if let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) {
-                    i.emit(&mut icmpv6::Packet::new_unchecked(buf), s, d)
+                    i.emit(&mut icmpv6::Packet::new_unchecked(&mut *buf), s, d)
                 }
             }
             Transport::Fragment { data, .. } | Transport::Other(_, data) => buf.copy_from_slice(data),
+        }
+        if let Some(at) = transport_checksum_offset(&self.transport) {
+            let udp_over_ipv4 = matches!(self.transport, Transport::Udp(_)) && src.is_ipv4();
+            restore_checksum(buf, at, self.sent.transport, udp_over_ipv4);
         }
     }
 }
