@@ -331,7 +331,7 @@ fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -
     let upper = frame.get(l4..ip_end).unwrap_or(&[]);
     let first_fragment = fragment == Fragment::First;
     if first_fragment {
-        check_first_fragment(protocol, upper)?;
+        check_first_fragment(protocol, ethertype == EtherType::IPV6, upper)?;
     }
     match protocol {
         IpProtocol::TCP => {
@@ -399,12 +399,13 @@ fn ip_len(ethertype: EtherType, data: &[u8]) -> usize {
 /// whole TCP header (flags included: the tiny-fragment attack of RFC 1858 hides
 /// them in the second fragment), or the first 8 bytes of UDP and ICMP (ports,
 /// or type, code and identifier). Both the extractor and the dissector apply it.
-pub fn check_first_fragment(protocol: IpProtocol, upper: &[u8]) -> Result<()> {
+pub fn check_first_fragment(protocol: IpProtocol, is_ipv6: bool, upper: &[u8]) -> Result<()> {
     let (layer, min) = match protocol {
         IpProtocol::TCP => (Layer::Tcp, tcp::HEADER_LEN),
         IpProtocol::UDP => (Layer::Udp, udp::HEADER_LEN),
-        IpProtocol::ICMP => (Layer::Icmpv4, icmpv4::HEADER_LEN),
-        IpProtocol::ICMPV6 => (Layer::Icmpv6, icmpv6::HEADER_LEN),
+        // ICMP is parsed only over its own IP version, here as everywhere else.
+        IpProtocol::ICMP if !is_ipv6 => (Layer::Icmpv4, icmpv4::HEADER_LEN),
+        IpProtocol::ICMPV6 if is_ipv6 => (Layer::Icmpv6, icmpv6::HEADER_LEN),
         _ => return Ok(()),
     };
     if upper.len() < min {

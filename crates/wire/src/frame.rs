@@ -320,7 +320,7 @@ impl<'a> Dissection<'a> {
                 data: payload,
             };
             if repr.frag_offset == 0
-                && let Err(e) = crate::flow::check_first_fragment(repr.protocol, payload)
+                && let Err(e) = crate::flow::check_first_fragment(repr.protocol, false, payload)
             {
                 self.record(e);
             }
@@ -363,7 +363,9 @@ impl<'a> Dissection<'a> {
                             ..
                         } = h
                         {
-                            first_fragment = Some(more_frags);
+                            // Any offset-0 fragment header with more to come makes this a first
+                            // fragment, however many fragment headers are stacked (as flow::extract).
+                            first_fragment = Some(first_fragment.unwrap_or(false) || more_frags);
                         }
                         self.ext_headers.push(h);
                     }
@@ -379,7 +381,7 @@ impl<'a> Dissection<'a> {
                                 first: true,
                                 data: upper,
                             };
-                            if let Err(e) = crate::flow::check_first_fragment(protocol, upper) {
+                            if let Err(e) = crate::flow::check_first_fragment(protocol, true, upper) {
                                 self.record(e);
                             }
                         }
