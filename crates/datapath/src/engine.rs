@@ -1171,7 +1171,7 @@ fn quoted_key(q: &[u8], segment: Segment) -> Option<FlowKey> {
 }
 
 /// The policy's view of a flow key (ICMP: type and code in the ports).
-fn policy_flow(key: &FlowKey) -> Flow {
+pub fn policy_flow(key: &FlowKey) -> Flow {
     let (mut src_port, mut dst_port) = (key.src_port, key.dst_port);
     if key.protocol == IpProtocol::ICMP || key.protocol == IpProtocol::ICMPV6 {
         let echo = if key.protocol == IpProtocol::ICMP { 8 } else { 128 };

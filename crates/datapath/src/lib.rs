@@ -18,6 +18,7 @@
 //! - [`lookup`]: the rule-lookup trait the classifier plugs into.
 //! - [`state`]: export/import of a vNIC's connection state (live migration).
 //! - [`shard`]: which worker owns a flow (symmetric hash), for one engine per core.
+//! - [`workers`]: worker threads, one engine each, fed over bounded queues.
 
 pub mod conntrack;
 pub mod engine;
@@ -30,6 +31,7 @@ pub mod state;
 pub mod switch;
 pub mod table;
 pub mod verdict;
+pub mod workers;
 
 pub use engine::{Disposition, Engine, EngineConfig, Output};
 pub use events::{EventSink, FlowEvent};
