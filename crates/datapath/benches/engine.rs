@@ -1,4 +1,5 @@
-//! Engine throughput: cache-hit ns/packet with 1k and 100k flows, and new flows per second.
+//! Engine throughput on one core: cache-hit ns/packet (and Mpps) with 1k, 100k and
+//! 1M concurrent flows, new flows per second, and a mixed run (10% new flows).
 //!
 //! Prints one JSON object. Run with `cargo bench -p palisade-datapath --bench engine`.
 
@@ -105,11 +106,51 @@ fn run(flows: u32, passes: u32) -> (f64, f64) {
     (new_per_s, ns)
 }
 
+/// Mixed traffic: `established` flows already cached, then passes over them in
+/// which every `new_every`-th packet opens a new flow. Returns ns per packet.
+fn run_mixed(established: u32, new_every: u32, passes: u32) -> f64 {
+    let fresh = established * passes / new_every + 1;
+    let (mut e, a) = engine((established + fresh) as usize);
+    let frames: Vec<Vec<u8>> = (0..established + fresh).map(frame).collect();
+    let (old, new) = frames.split_at(established as usize);
+    for (i, f) in old.iter().enumerate() {
+        e.process(i as u64, a, f, &mut ());
+    }
+    let mut new_iter = new.iter();
+    let (misses_before, t) = (e.counters().cache_misses, Instant::now());
+    let mut n = 0u64;
+    for p in 0..passes {
+        for (i, f) in old.iter().enumerate() {
+            let f = if i as u32 % new_every == 0 {
+                new_iter.next().unwrap_or(f)
+            } else {
+                f
+            };
+            black_box(e.process(u64::from(established + p), a, black_box(f), &mut ()));
+            n += 1;
+        }
+    }
+    let ns = t.elapsed().as_nanos() as f64 / n as f64;
+    assert!(
+        e.counters().cache_misses > misses_before,
+        "the mixed run opened no flow"
+    );
+    ns
+}
+
 fn main() {
     let (new_1k, hit_1k) = run(1_000, 200);
     let (new_100k, hit_100k) = run(100_000, 5);
+    let (new_1m, hit_1m) = run(1_000_000, 2);
+    let mixed = run_mixed(100_000, 10, 3);
+    let mpps = |ns: f64| 1e3 / ns;
     println!(
-        "{{\"cache_hit_ns_per_packet\":{{\"flows_1k\":{hit_1k:.1},\"flows_100k\":{hit_100k:.1}}},\
-         \"new_flows_per_s\":{{\"flows_1k\":{new_1k:.0},\"flows_100k\":{new_100k:.0}}}}}"
+        "{{\"cache_hit_ns_per_packet\":{{\"flows_1k\":{hit_1k:.1},\"flows_100k\":{hit_100k:.1},\"flows_1m\":{hit_1m:.1}}},\
+         \"cache_hit_mpps_per_core\":{{\"flows_1k\":{:.2},\"flows_100k\":{:.2},\"flows_1m\":{:.2}}},\
+         \"new_flows_per_s\":{{\"flows_1k\":{new_1k:.0},\"flows_100k\":{new_100k:.0},\"flows_1m\":{new_1m:.0}}},\
+         \"mixed_100k_established_10pct_new_ns_per_packet\":{mixed:.1}}}",
+        mpps(hit_1k),
+        mpps(hit_100k),
+        mpps(hit_1m)
     );
 }
