@@ -16,10 +16,12 @@
 //! - [`verdict`]: drop reasons and counters.
 //! - [`events`]: flow start/update/end events.
 //! - [`lookup`]: the rule-lookup trait the classifier plugs into.
+//! - [`classified`]: that trait answered by the classify layer's decision trees.
 //! - [`state`]: export/import of a vNIC's connection state (live migration).
 //! - [`shard`]: which worker owns a flow (symmetric hash), for one engine per core.
 //! - [`workers`]: worker threads, one engine each, fed over bounded queues.
 
+pub mod classified;
 pub mod conntrack;
 pub mod engine;
 pub mod events;
