@@ -933,6 +933,15 @@ impl Classifier for SplitClassifier {
         let n = keys.len().min(out.len());
         for (keys, out) in keys[..n].chunks(GROUP).zip(out[..n].chunks_mut(GROUP)) {
             for engine in [&self.v4, &self.v6] {
+                if engine.levels.is_empty() && engine.buf.is_empty() {
+                    // Its keys get no match, which `out` must still say.
+                    for (key, slot) in keys.iter().zip(out.iter_mut()) {
+                        if key.family == engine.family {
+                            *slot = None;
+                        }
+                    }
+                    continue;
+                }
                 let mut pk = [PKey::default(); GROUP];
                 let mut refs: [&Key; GROUP] = [&keys[0]; GROUP];
                 let mut pos = [0usize; GROUP];

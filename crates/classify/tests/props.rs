@@ -211,6 +211,27 @@ fn ties_go_to_the_lower_id_and_families_stay_apart() {
     assert_eq!(fast.lookup(&Key::v6(1, 2, 3, 4, 6, 0)).map(|m| m.id), Some(c));
 }
 
+/// A batch overwrites every slot, also for keys of a family with no rules at
+/// all (whose engine the batch skips), whatever `out` held before.
+#[test]
+fn batch_overwrites_stale_slots_of_an_empty_family() {
+    let mut fast = SplitClassifier::new();
+    let a = fast.insert(Rule::any(Family::V4, 5, 1)).unwrap();
+    let keys = [
+        Key::v6(1, 2, 3, 4, 6, 0),
+        Key::v4(1, 2, 3, 4, 6, 0),
+        Key::v6(5, 6, 7, 8, 17, 0),
+    ];
+    let stale = Some(Match {
+        id: RuleId(77),
+        priority: 0,
+        action: 0,
+    });
+    let mut out = [stale; 3];
+    fast.lookup_batch(&keys, &mut out);
+    assert_eq!(out.map(|m| m.map(|m| m.id)), [None, Some(a), None]);
+}
+
 /// Fill several levels, empty them (tombstones, then level rebuilds and
 /// removals), and refill: every step answers like the oracle.
 #[test]
