@@ -3,6 +3,8 @@
 //! Sums are accumulated in a `u32` without folding until the end; a caller
 //! combines partial sums with [`combine`] and folds once with [`fold`].
 
+use core::net::IpAddr;
+
 /// Sum `data` as big-endian 16-bit words (an odd trailing byte is padded with zero).
 ///
 /// Returns the unfolded 32-bit accumulator. Adding the result of several calls is
@@ -66,6 +68,27 @@ pub fn pseudo_header_v6(src: [u8; 16], dst: [u8; 16], next_header: u8, length: u
         (length >> 16) + (length & 0xffff),
         u32::from(next_header),
     ])
+}
+
+/// Sum of the pseudo-header for either IP version, for TCP and UDP, whose
+/// checksum routines take `core::net::IpAddr`s. `None` when the addresses are
+/// of different families (a caller bug) or `length` does not fit the version's field.
+pub fn pseudo_header(src: IpAddr, dst: IpAddr, protocol: u8, length: usize) -> Option<u32> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Some(pseudo_header_v4(
+            s.octets(),
+            d.octets(),
+            protocol,
+            u16::try_from(length).ok()?,
+        )),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Some(pseudo_header_v6(
+            s.octets(),
+            d.octets(),
+            protocol,
+            u32::try_from(length).ok()?,
+        )),
+        _ => None,
+    }
 }
 
 /// Incrementally update checksum field `old_check` when one 16-bit word of the

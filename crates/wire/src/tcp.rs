@@ -10,7 +10,6 @@ use core::net::IpAddr;
 use core::ops::{BitAnd, BitOr, BitOrAssign};
 
 use crate::checksum;
-use crate::udp::pseudo_header_sum;
 use crate::{Error, ErrorKind, Layer, Result};
 
 /// IP protocol number of TCP.
@@ -412,7 +411,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     /// Addresses of different families are a caller bug and fail.
     pub fn verify_checksum(&self, src: IpAddr, dst: IpAddr) -> bool {
         let data = self.buffer.as_ref();
-        match pseudo_header_sum(src, dst, PROTOCOL, data.len()) {
+        match checksum::pseudo_header(src, dst, PROTOCOL, data.len()) {
             Some(ph) => checksum::fold(checksum::combine(&[ph, checksum::sum(data)])) == 0xffff,
             None => false,
         }
@@ -504,7 +503,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     pub fn fill_checksum(&mut self, src: IpAddr, dst: IpAddr) {
         self.set_checksum(0);
         let data = self.buffer.as_ref();
-        if let Some(ph) = pseudo_header_sum(src, dst, PROTOCOL, data.len()) {
+        if let Some(ph) = checksum::pseudo_header(src, dst, PROTOCOL, data.len()) {
             let value = !checksum::fold(checksum::combine(&[ph, checksum::sum(data)]));
             self.set_checksum(value);
         }

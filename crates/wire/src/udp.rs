@@ -19,24 +19,6 @@ pub const PROTOCOL: u8 = 17;
 ///
 /// `None` when the families differ (a caller bug: one IP header cannot carry
 /// both) or when `length` does not fit the pseudo-header's length field.
-pub(crate) fn pseudo_header_sum(src: IpAddr, dst: IpAddr, protocol: u8, length: usize) -> Option<u32> {
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => Some(checksum::pseudo_header_v4(
-            s.octets(),
-            d.octets(),
-            protocol,
-            u16::try_from(length).ok()?,
-        )),
-        (IpAddr::V6(s), IpAddr::V6(d)) => Some(checksum::pseudo_header_v6(
-            s.octets(),
-            d.octets(),
-            protocol,
-            u32::try_from(length).ok()?,
-        )),
-        _ => None,
-    }
-}
-
 /// Byte ranges of the header fields.
 mod field {
     use crate::field::Field;
@@ -141,7 +123,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
             return src.is_ipv4() && dst.is_ipv4();
         }
         let data = self.datagram();
-        match pseudo_header_sum(src, dst, PROTOCOL, data.len()) {
+        match checksum::pseudo_header(src, dst, PROTOCOL, data.len()) {
             Some(ph) => checksum::fold(checksum::combine(&[ph, checksum::sum(data)])) == 0xffff,
             None => false,
         }
@@ -191,7 +173,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     pub fn fill_checksum(&mut self, src: IpAddr, dst: IpAddr) {
         self.set_checksum(0);
         let data = self.datagram();
-        let Some(ph) = pseudo_header_sum(src, dst, PROTOCOL, data.len()) else {
+        let Some(ph) = checksum::pseudo_header(src, dst, PROTOCOL, data.len()) else {
             return;
         };
         let value = !checksum::fold(checksum::combine(&[ph, checksum::sum(data)]));
