@@ -5,88 +5,23 @@
 //! The dispatcher runs on the calling thread, so 2 workers use 3 threads: on
 //! a 2-core machine they compete with it for the cores.
 
-use std::net::Ipv4Addr;
+mod common;
+
 use std::time::Instant;
 
-use palisade_datapath::engine::{Engine, EngineConfig};
-use palisade_datapath::lookup::PolicyLookup;
-use palisade_datapath::port::{self, PortId, UplinkConfig};
+use palisade_datapath::Engine;
+use palisade_datapath::port::PortId;
 use palisade_datapath::workers::{WorkerPool, total};
-use palisade_policy::compile::Compiler;
-use palisade_policy::{MemorySource, load};
-use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
-use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
-use palisade_wire::udp::{self, UdpRepr};
-
-const POLICY: &str = r#"
-datacenter: { name: dc1, default: deny }
-zones: [{ name: web, vlan: 100 }]
-vms:
-  - { name: a, uuid: 00000000-0000-4000-8000-00000000000a, vnics: [{ name: a.0, mac: "02:00:00:00:00:0a", ips: [10.0.0.10], zone: web }] }
-  - { name: b, uuid: 00000000-0000-4000-8000-00000000000b, vnics: [{ name: b.0, mac: "02:00:00:00:00:0b", ips: [10.0.0.11], zone: web }] }
-groups: { web: { zone: web } }
-rules:
-  datacenter:
-    - { id: web-any, from: web, to: web, action: allow }
-"#;
 
 const FLOWS: u32 = 4096;
 const PASSES: u32 = 300;
 
 fn engine() -> Engine {
-    let loaded = load(&MemorySource::new().with("p.yaml", POLICY)).expect("policy loads");
-    assert!(!loaded.has_errors(), "{}", loaded.render());
-    let model = loaded.model.clone();
-    let compiler = Compiler::new(loaded.model).expect("policy compiles");
-    let mut cfg = EngineConfig::new(UplinkConfig {
-        local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 1]),
-        local_ip: Ipv4Addr::new(192, 168, 0, 1),
-        gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
-        flood: vec![],
-    });
-    cfg.flow_capacity = FLOWS as usize * 2;
-    cfg.conn_capacity = FLOWS as usize * 2;
-    let mut e = Engine::new(cfg, Box::new(PolicyLookup::new(compiler)));
-    for n in ["a.0", "b.0"] {
-        e.add_vnic(port::vnic_from_model(&model, n, &[], u32::MAX).expect("vNIC"))
-            .expect("port");
-    }
-    e
+    common::engine(FLOWS as usize).0
 }
 
 fn frame(i: u32) -> Vec<u8> {
-    let (src, dst) = (Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 11));
-    let payload = [0u8; 18];
-    let u = UdpRepr {
-        src_port: 1024 + i as u16,
-        dst_port: 9000,
-        payload: &payload,
-    };
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        protocol: IpProtocol::UDP,
-        payload_len: u.buffer_len(),
-        ttl: 64,
-        dscp: 0,
-        ecn: 0,
-        ident: 0,
-        dont_frag: true,
-        more_frags: false,
-        frag_offset: 0,
-        options: &[],
-    };
-    let mut f = vec![0; 14 + 20 + u.buffer_len()];
-    EthernetRepr {
-        src_addr: EthernetAddress([2, 0, 0, 0, 0, 0x0a]),
-        dst_addr: EthernetAddress([2, 0, 0, 0, 0, 0x0b]),
-        ethertype: EtherType::IPV4,
-    }
-    .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
-    ip.emit(&mut ipv4::Packet::new_unchecked(&mut f[14..34]));
-    u.emit(&mut udp::Packet::new_unchecked(&mut f[34..]), src.into(), dst.into());
-    f
+    common::udp_frame(1024 + i as u16, 9000)
 }
 
 /// Mpps through `workers` workers, after one warm-up pass that creates the flows.
