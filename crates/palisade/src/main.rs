@@ -28,6 +28,33 @@ enum Command {
     /// Benchmarks printing machine-readable results.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCmd),
+    /// Run the host agent: the datapath on this host's vNIC interfaces.
+    Agent(cmd::agent::AgentArgs),
+    /// Build, inspect and remove a small virtual datacenter on this machine.
+    #[command(subcommand)]
+    Lab(cmd::lab::LabCmd),
+    /// Bring up the lab with the three-tier example, drive traffic and show verdicts live.
+    Demo(cmd::demo::DemoArgs),
+    /// Verify and export the tamper-evident audit trail.
+    #[command(subcommand)]
+    Audit(cmd::audit::AuditCmd),
+    /// Query recorded flows.
+    Flows(cmd::audit::FlowsArgs),
+    /// Run the controller: API, versioned policy, agents' channel.
+    Controller(cmd::controller::ControllerArgs),
+    /// Make the certificates of the agent↔controller channel.
+    #[command(subcommand)]
+    Ca(cmd::ca::CaCmd),
+    /// Apply a policy directory on the controller as a new version.
+    Apply(cmd::ctl::ApplyArgs),
+    /// Show hosts, VMs or policy from the controller.
+    Get(cmd::ctl::GetArgs),
+    /// Show what applying a policy directory would change.
+    Diff(cmd::ctl::DiffArgs),
+    /// Make an earlier policy version current again.
+    Rollback(cmd::ctl::RollbackArgs),
+    /// Set or remove tags on a VM through the controller.
+    Tag(cmd::ctl::TagArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -37,6 +64,18 @@ fn main() -> std::process::ExitCode {
         Command::Policy(c) => cmd::policy::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Replay(a) => cmd::replay::run(a),
+        Command::Agent(a) => cmd::agent::run(a),
+        Command::Lab(c) => cmd::lab::run(c),
+        Command::Demo(a) => cmd::demo::run(a),
+        Command::Audit(c) => cmd::audit::run(c),
+        Command::Flows(a) => cmd::audit::flows(a),
+        Command::Controller(a) => cmd::controller::run(a),
+        Command::Ca(c) => cmd::ca::run(c),
+        Command::Apply(a) => cmd::ctl::apply(a),
+        Command::Get(a) => cmd::ctl::get(a),
+        Command::Diff(a) => cmd::ctl::diff(a),
+        Command::Rollback(a) => cmd::ctl::rollback(a),
+        Command::Tag(a) => cmd::ctl::tag(a),
     };
     match result {
         Ok(code) => code,

@@ -60,6 +60,8 @@ pub enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Replay recorded flows against a candidate policy; list those whose verdict would change.
+    WhatIf(super::whatif::WhatIfArgs),
 }
 
 fn load_dir(dir: &PathBuf) -> anyhow::Result<Loaded> {
@@ -80,6 +82,7 @@ fn load_valid(dir: &PathBuf) -> anyhow::Result<Result<Loaded, ExitCode>> {
 /// Run a `palisade policy` subcommand.
 pub fn run(cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
     match cmd {
+        PolicyCmd::WhatIf(args) => super::whatif::run(args),
         PolicyCmd::Check { dir, json } => {
             let loaded = load_dir(&dir)?;
             let errors = loaded.diagnostics.iter().filter(|d| d.is_error()).count();

@@ -1,0 +1,2 @@
+//! Palisade's controller: API, versioned policy, stores (embedded and etcd), secure agent channel.
+#![deny(missing_docs)]
