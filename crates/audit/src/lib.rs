@@ -8,3 +8,5 @@
 #![deny(missing_docs)]
 
 pub mod record;
+pub mod ipfix;
+pub mod jsonl;

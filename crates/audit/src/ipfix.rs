@@ -1,0 +1,1 @@
+//! IPFIX (RFC 7011/7012) export of flow records over UDP.
