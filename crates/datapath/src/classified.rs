@@ -218,6 +218,7 @@ impl FastChain {
         let verdict = |p: &palisade_policy::eval::Provenance, action| ChainVerdict {
             action,
             rule: p.rule_id.clone(),
+            level: p.level,
             policy_version: p.policy_version,
         };
         let steps = entries
@@ -410,6 +411,7 @@ mod tests {
                     let want = ChainVerdict {
                         action: d.action,
                         rule: d.provenance.rule_id.clone(),
+                        level: d.provenance.level,
                         policy_version: d.provenance.policy_version,
                     };
                     assert_eq!(fast.decide(&key_of(&flow).unwrap()), want, "{flow:?}");

@@ -138,6 +138,13 @@ pub struct Conn {
     pub packets: u64,
     /// Bytes, both directions.
     pub bytes: u64,
+    /// Packets of the responder's direction (included in `packets`).
+    pub reply_packets: u64,
+    /// Bytes of the responder's direction (included in `bytes`).
+    pub reply_bytes: u64,
+    /// The rules that allowed it (indices into the engine's rule registry: the
+    /// initiator's egress chain, the responder's ingress chain).
+    pub rules: [Option<u32>; 2],
     /// The engine policy epoch its verdict is valid for.
     pub epoch: u64,
     /// The policy version that allowed it.
@@ -164,6 +171,9 @@ impl Conn {
             last_seen: now,
             packets: 0,
             bytes: 0,
+            reply_packets: 0,
+            reply_bytes: 0,
+            rules: [None; 2],
             epoch: 0,
             policy_version: 0,
             owners: [None, None],
@@ -191,6 +201,16 @@ impl Conn {
         now.saturating_sub(self.last_seen) > self.timeout(t)
     }
 
+    /// Count one packet of `len` bytes in the initiator's or the responder's (`reply`) direction.
+    pub fn count(&mut self, reply: bool, len: usize) {
+        self.packets += 1;
+        self.bytes += len as u64;
+        if reply {
+            self.reply_packets += 1;
+            self.reply_bytes += len as u64;
+        }
+    }
+
     fn event(&self, kind: EventKind, now: u64) -> FlowEvent {
         FlowEvent {
             kind,
@@ -198,6 +218,14 @@ impl Conn {
             state: self.state,
             packets: self.packets,
             bytes: self.bytes,
+            reply_packets: self.reply_packets,
+            reply_bytes: self.reply_bytes,
+            rules: self.rules,
+            policy_version: self.policy_version,
+            trusted: self.trusted,
+            owners: self.owners,
+            created: self.created,
+            last_seen: self.last_seen,
             now,
         }
     }
@@ -443,8 +471,7 @@ impl Conntrack {
     /// Account a non-TCP packet to its connection.
     pub fn track_other(&mut self, slot: Slot, reply: bool, len: usize, now: u64, sink: &mut dyn EventSink) {
         let Some(conn) = self.map.get_mut(slot) else { return };
-        conn.packets += 1;
-        conn.bytes += len as u64;
+        conn.count(reply, len);
         conn.last_seen = now;
         if reply && conn.state == ConnState::New {
             conn.state = ConnState::Replied;
@@ -476,8 +503,7 @@ impl Conntrack {
             c.tcp_window_liberal += 1;
         }
         update_peers(&mut conn.tcp, s, seg);
-        conn.packets += 1;
-        conn.bytes += len as u64;
+        conn.count(reply, len);
         conn.last_seen = now;
         if flags.contains(TcpFlags::RST) {
             self.remove(slot, EndReason::Reset, now, sink, c);

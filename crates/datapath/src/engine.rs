@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use palisade_policy::eval::{Direction, Flow};
-use palisade_policy::model::Action;
+use palisade_policy::model::{Action, Level};
 use palisade_wire::ethernet::{self, EtherType, EthernetAddress};
 use palisade_wire::flow::{self, FlowInfo, FlowKey, Fragment, Segment};
 use palisade_wire::ip::IpProtocol;
@@ -39,7 +39,7 @@ use palisade_wire::tcp::{self, TcpFlags, TcpOption};
 use palisade_wire::{icmpv4, icmpv6, ipv6, udp, vlan, vxlan};
 
 use crate::conntrack::{self, Conn, ConnState, Conntrack, FullPolicy, TcpSeg, Timeouts, Tracked};
-use crate::events::{EndReason, EventSink};
+use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::flow_table::{CachedVerdict, FlowEntry, FlowTable};
 use crate::lookup::ChainLookup;
 use crate::port::{self, PortError, PortId, UPLINK, UplinkConfig, VnicPort};
@@ -155,8 +155,19 @@ impl Default for L2 {
     }
 }
 
-/// Rule-counter indices of the egress and ingress verdicts of a flow.
+/// Rule-registry indices of the egress and ingress verdicts of a flow.
 type RuleRefs = [Option<u32>; 2];
+
+/// A rule that decided flows on this engine (see [`Engine::rule_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    /// The rule id (`default` for a zone or datacenter default).
+    pub rule: Arc<str>,
+    /// Its level.
+    pub level: Level,
+    /// Packets, bytes and flows it decided.
+    pub tally: Tally,
+}
 
 /// The engine of one host.
 pub struct Engine {
@@ -171,8 +182,8 @@ pub struct Engine {
     port_tallies: Vec<Tally>,
     /// Drops by reason of the frames each port sent.
     port_drops: Vec<[u64; DropReason::COUNT]>,
-    rule_index: HashMap<Arc<str>, u32>,
-    rule_tallies: Vec<(Arc<str>, Tally)>,
+    rule_index: HashMap<(Arc<str>, Level), u32>,
+    rules: Vec<RuleInfo>,
     outputs: Vec<Output>,
     l2: L2,
 }
@@ -205,7 +216,7 @@ impl Engine {
             port_tallies: vec![Tally::default()],
             port_drops: vec![[0; DropReason::COUNT]],
             rule_index: HashMap::new(),
-            rule_tallies: Vec::new(),
+            rules: Vec::new(),
             outputs: Vec::with_capacity(64),
             l2: L2::default(),
         }
@@ -256,12 +267,26 @@ impl Engine {
     }
 
     /// A rule's tally: classifications it decided (`hits`), packets and bytes of its flows.
+    /// (A rule id names one rule; `default` sums the defaults of every level.)
     pub fn rule_tally(&self, rule: &str) -> Tally {
-        self.rule_index
-            .get(rule)
-            .and_then(|&i| self.rule_tallies.get(i as usize))
-            .map(|(_, t)| *t)
-            .unwrap_or_default()
+        self.rules
+            .iter()
+            .filter(|r| &*r.rule == rule)
+            .fold(Tally::default(), |a, r| Tally {
+                packets: a.packets + r.tally.packets,
+                bytes: a.bytes + r.tally.bytes,
+                hits: a.hits + r.tally.hits,
+            })
+    }
+
+    /// The rule behind a registry index of a [`crate::FlowEvent`]'s `rules`.
+    pub fn rule_info(&self, index: u32) -> Option<&RuleInfo> {
+        self.rules.get(index as usize)
+    }
+
+    /// Every rule that has decided a flow on this engine, with its tally.
+    pub fn rules(&self) -> &[RuleInfo] {
+        &self.rules
     }
 
     /// The policy epoch.
@@ -303,12 +328,38 @@ impl Engine {
 
     /// Process one frame received on `port` at `now` (nanoseconds, caller's clock).
     pub fn process(&mut self, now: u64, port: PortId, frame: &[u8], sink: &mut dyn EventSink) -> Disposition {
+        self.process_from(now, port, None, frame, sink)
+    }
+
+    /// Process a VXLAN packet that arrived on the underlay UDP socket from
+    /// tunnel endpoint `remote`: `payload` is the UDP payload (the VXLAN
+    /// header, then the inner Ethernet frame). It is the uplink's traffic
+    /// without the outer headers the kernel already removed; outputs towards
+    /// other hosts are rendered for the same socket by [`Engine::render_overlay`].
+    pub fn process_overlay(
+        &mut self,
+        now: u64,
+        remote: Ipv4Addr,
+        payload: &[u8],
+        sink: &mut dyn EventSink,
+    ) -> Disposition {
+        self.process_from(now, UPLINK, Some(remote), payload, sink)
+    }
+
+    fn process_from(
+        &mut self,
+        now: u64,
+        port: PortId,
+        overlay: Option<Ipv4Addr>,
+        frame: &[u8],
+        sink: &mut dyn EventSink,
+    ) -> Disposition {
         self.outputs.clear();
         self.counters.packets += 1;
         if let Some(t) = self.port_tallies.get_mut(usize::from(port.0)) {
             t.add(frame.len());
         }
-        match self.pipeline(now, port, frame, sink) {
+        match self.pipeline(now, port, overlay, frame, sink) {
             Ok(()) if !self.outputs.is_empty() => {
                 self.counters.forwarded += 1;
                 Disposition::Forward
@@ -332,12 +383,16 @@ impl Engine {
         &mut self,
         now: u64,
         in_port: PortId,
+        overlay: Option<Ipv4Addr>,
         frame: &[u8],
         sink: &mut dyn EventSink,
     ) -> Result<(), DropReason> {
         let mut trusted = false;
         let src_vnic = if in_port == UPLINK {
-            let (l2, gbp, from) = self.uplink_l2(frame)?;
+            let (l2, gbp, from) = match overlay {
+                Some(remote) => self.vxlan_l2(frame, 0, remote)?,
+                None => self.uplink_l2(frame)?,
+            };
             // A local vNIC's MAC cannot arrive from outside: someone is impersonating it.
             if let Some(Location::Port(p)) = self.macs.lookup(l2.segment, l2.src)
                 && p != UPLINK
@@ -428,17 +483,28 @@ impl Engine {
             && let Ok(u) = udp::Packet::new_checked(ip.payload())
             && u.dst_port() == vxlan::VXLAN_PORT
         {
-            let vx = vxlan::Packet::new_checked(u.payload()).map_err(|_| DropReason::Malformed)?;
-            let repr = vxlan::VxlanRepr::parse(&vx).map_err(|_| DropReason::Malformed)?;
-            let segment = self.vni_segment(repr.vni).ok_or(DropReason::UnknownVni)?;
             // The offsets add up headers that were just checked to be within the frame.
-            let inner_off = outer.payload + ip.header_len() + udp::HEADER_LEN + vxlan::HEADER_LEN;
-            let mut l2 = parse_l2(frame, inner_off)?;
-            l2.segment = segment;
-            let applied = repr.gbp.is_some_and(|g| g.policy_applied);
-            return Ok((l2, applied, Some(ip.src_addr())));
+            let vxlan_off = outer.payload + ip.header_len() + udp::HEADER_LEN;
+            return self.vxlan_l2(frame, vxlan_off, ip.src_addr());
         }
         Ok((outer, false, None))
+    }
+
+    /// Parse the VXLAN header at `offset` of `frame` (sent by tunnel endpoint
+    /// `remote`) and the inner frame behind it.
+    fn vxlan_l2(
+        &self,
+        frame: &[u8],
+        offset: usize,
+        remote: Ipv4Addr,
+    ) -> Result<(L2, bool, Option<Ipv4Addr>), DropReason> {
+        let vx = vxlan::Packet::new_checked(frame.get(offset..).unwrap_or(&[])).map_err(|_| DropReason::Malformed)?;
+        let repr = vxlan::VxlanRepr::parse(&vx).map_err(|_| DropReason::Malformed)?;
+        let segment = self.vni_segment(repr.vni).ok_or(DropReason::UnknownVni)?;
+        let mut l2 = parse_l2(frame, offset + vxlan::HEADER_LEN)?;
+        l2.segment = segment;
+        let applied = repr.gbp.is_some_and(|g| g.policy_applied);
+        Ok((l2, applied, Some(remote)))
     }
 
     fn vni_segment(&self, vni: u32) -> Option<Segment> {
@@ -521,9 +587,9 @@ impl Engine {
         let mut denied = None;
         for (slot, v) in rules.iter_mut().zip([eg, ig]) {
             let Some(v) = v else { continue };
-            let idx = self.rule_counter(&v.rule);
-            if let Some((_, t)) = self.rule_tallies.get_mut(idx as usize) {
-                t.hits += 1;
+            let idx = self.rule_counter(&v.rule, v.level);
+            if let Some(r) = self.rules.get_mut(idx as usize) {
+                r.tally.hits += 1;
             }
             *slot = Some(idx);
             if denied.is_none() && v.action != Action::Allow {
@@ -540,13 +606,18 @@ impl Engine {
         }
     }
 
-    fn rule_counter(&mut self, rule: &Arc<str>) -> u32 {
-        if let Some(&i) = self.rule_index.get(rule) {
+    fn rule_counter(&mut self, rule: &Arc<str>, level: Level) -> u32 {
+        let key = (rule.clone(), level);
+        if let Some(&i) = self.rule_index.get(&key) {
             return i;
         }
-        let i = self.rule_tallies.len() as u32;
-        self.rule_tallies.push((rule.clone(), Tally::default()));
-        self.rule_index.insert(rule.clone(), i);
+        let i = self.rules.len() as u32;
+        self.rules.push(RuleInfo {
+            rule: rule.clone(),
+            level,
+            tally: Tally::default(),
+        });
+        self.rule_index.insert(key, i);
         i
     }
 
@@ -554,8 +625,8 @@ impl Engine {
         // One rule deciding both chains carries the packet once.
         let second = if rules[1] == rules[0] { None } else { rules[1] };
         for i in [rules[0], second].into_iter().flatten() {
-            if let Some((_, t)) = self.rule_tallies.get_mut(i as usize) {
-                t.add(len);
+            if let Some(r) = self.rules.get_mut(i as usize) {
+                r.tally.add(len);
             }
         }
     }
@@ -634,6 +705,7 @@ impl Engine {
                     if let Some(c) = self.conns.get_mut(slot) {
                         c.epoch = self.epoch;
                         c.policy_version = version;
+                        c.rules = rules;
                     }
                 }
                 self.cache(key, CachedVerdict::Allow, Some(slot), rules);
@@ -650,6 +722,23 @@ impl Engine {
                 Err((rules, reason)) => {
                     self.cache(key, CachedVerdict::Drop(reason), None, rules);
                     self.tally_rules(rules, len);
+                    let dst_port = self.local_port_of(key.dst_addr());
+                    sink.event(&FlowEvent {
+                        kind: EventKind::Denied(reason),
+                        key,
+                        state: ConnState::New,
+                        packets: 1,
+                        bytes: len as u64,
+                        reply_packets: 0,
+                        reply_bytes: 0,
+                        rules,
+                        policy_version: self.lookup.version(),
+                        trusted: false,
+                        owners: [src_vnic, dst_port],
+                        created: now,
+                        last_seen: now,
+                        now,
+                    });
                     return Err(reason);
                 }
             }
@@ -666,6 +755,7 @@ impl Engine {
         conn.policy_version = self.lookup.version();
         conn.packets = 1;
         conn.bytes = len as u64;
+        conn.rules = rules;
         if let Some(seg) = &tcp {
             if strict && !is_pure_syn(*seg) {
                 return Err(DropReason::TcpNoConnection);
@@ -758,8 +848,9 @@ impl Engine {
         }
         self.counters.icmp_related += 1;
         if let Some(c) = self.conns.get_mut(slot) {
-            c.packets += 1;
-            c.bytes += len as u64;
+            // The error travels back towards the quoted packet's sender.
+            let reply = c.key == key;
+            c.count(reply, len);
         }
         self.l2_outputs(in_port, src_vnic, true)
     }
@@ -973,17 +1064,35 @@ impl Engine {
             };
             vx.emit(&mut vxlan::Packet::new_unchecked(&mut buf[42..50]));
         }
-        let inner = &mut buf[outer_len..];
-        inner[..12].copy_from_slice(macs);
-        let mut at = 12;
-        if let Some(vid) = tag {
-            inner[at..at + 2].copy_from_slice(&EtherType::VLAN.0.to_be_bytes());
-            inner[at + 2..at + 4].copy_from_slice(&(vid & 0xfff).to_be_bytes());
-            at += 4;
-        }
-        inner[at..at + 2].copy_from_slice(&l2.ethertype.0.to_be_bytes());
-        inner[at + 2..].copy_from_slice(payload);
+        write_inner(&mut buf[outer_len..], macs, tag, l2.ethertype, payload);
         Ok(total)
+    }
+
+    /// Write output `index` of the last forwarded frame, which must go to
+    /// another host, as the payload of a UDP datagram for the underlay socket
+    /// (the VXLAN-GBP header, then the frame): returns the tunnel endpoint to
+    /// send it to and its length. Outputs to local ports use [`Engine::render`].
+    pub fn render_overlay(&self, frame: &[u8], index: usize, buf: &mut [u8]) -> Result<(Ipv4Addr, usize), RenderError> {
+        let out = *self.outputs.get(index).ok_or(RenderError::NoSuchOutput(index))?;
+        let e = out.encap.ok_or(RenderError::NoSuchOutput(index))?;
+        let l2 = self.l2;
+        let payload = frame.get(l2.payload..).ok_or(RenderError::FrameMismatch)?;
+        let macs = frame.get(l2.eth..l2.eth + 12).ok_or(RenderError::FrameMismatch)?;
+        let total = vxlan::HEADER_LEN + 14 + payload.len();
+        if buf.len() < total {
+            return Err(RenderError::BufferTooSmall(total));
+        }
+        let vx = vxlan::VxlanRepr {
+            vni: e.vni,
+            gbp: Some(vxlan::GbpRepr {
+                dont_learn: false,
+                policy_applied: e.policy_applied,
+                group_id: e.group_id,
+            }),
+        };
+        vx.emit(&mut vxlan::Packet::new_unchecked(&mut buf[..vxlan::HEADER_LEN]));
+        write_inner(&mut buf[vxlan::HEADER_LEN..total], macs, None, l2.ethertype, payload);
+        Ok((e.remote, total))
     }
 
     /// Export (and remove, when `remove`) every connection of `port`'s vNIC as a state blob.
@@ -1189,6 +1298,20 @@ pub fn policy_flow(key: &FlowKey) -> Flow {
         src_port,
         dst_port,
     }
+}
+
+/// Write an Ethernet frame (addresses `macs`, an optional VLAN tag, the
+/// ethertype and payload) into `buf`, which is exactly its length.
+fn write_inner(buf: &mut [u8], macs: &[u8], tag: Option<u16>, ethertype: EtherType, payload: &[u8]) {
+    buf[..12].copy_from_slice(macs);
+    let mut at = 12;
+    if let Some(vid) = tag {
+        buf[at..at + 2].copy_from_slice(&EtherType::VLAN.0.to_be_bytes());
+        buf[at + 2..at + 4].copy_from_slice(&(vid & 0xfff).to_be_bytes());
+        at += 4;
+    }
+    buf[at..at + 2].copy_from_slice(&ethertype.0.to_be_bytes());
+    buf[at + 2..].copy_from_slice(payload);
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 use palisade_wire::flow::FlowKey;
 
 use crate::conntrack::ConnState;
+use crate::port::PortId;
+use crate::verdict::DropReason;
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,6 +36,9 @@ pub enum EventKind {
     Update,
     /// It ended.
     End(EndReason),
+    /// Policy denied its first packet (no connection was made; later packets
+    /// of the flow hit the cached verdict and make no further event).
+    Denied(DropReason),
 }
 
 /// A flow event.
@@ -49,6 +54,24 @@ pub struct FlowEvent {
     pub packets: u64,
     /// Bytes seen (both directions).
     pub bytes: u64,
+    /// Packets of the responder's direction (included in `packets`).
+    pub reply_packets: u64,
+    /// Bytes of the responder's direction (included in `bytes`).
+    pub reply_bytes: u64,
+    /// The deciding rules: the initiator's egress chain and the responder's
+    /// ingress chain, as indices for [`crate::Engine::rule_info`]; `None` where
+    /// that end is not managed, or the verdict came from another host.
+    pub rules: [Option<u32>; 2],
+    /// The policy version that decided.
+    pub policy_version: u64,
+    /// Decided by another host (VXLAN-GBP policy-applied) and trusted here.
+    pub trusted: bool,
+    /// The local ports at its ends (initiator, responder).
+    pub owners: [Option<PortId>; 2],
+    /// When its first packet was seen (caller's clock).
+    pub created: u64,
+    /// When its last packet was seen (caller's clock).
+    pub last_seen: u64,
     /// When (caller's clock, nanoseconds).
     pub now: u64,
 }

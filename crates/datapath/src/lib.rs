@@ -35,7 +35,7 @@ pub mod table;
 pub mod verdict;
 pub mod workers;
 
-pub use engine::{Disposition, Engine, EngineConfig, Output};
+pub use engine::{Disposition, Engine, EngineConfig, Output, RuleInfo};
 pub use events::{EventSink, FlowEvent};
 pub use lookup::{ChainLookup, ChainVerdict, PolicyLookup};
 pub use port::PortId;

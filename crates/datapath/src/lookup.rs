@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use palisade_policy::compile::Compiler;
 use palisade_policy::eval::{Direction, Flow};
-use palisade_policy::model::Action;
+use palisade_policy::model::{Action, Level};
 
 use crate::port::canonical_ip;
 
@@ -22,6 +22,8 @@ pub struct ChainVerdict {
     pub action: Action,
     /// The deciding rule's id (`default` when the chain default applied).
     pub rule: Arc<str>,
+    /// The level of the deciding rule (or of the default that applied).
+    pub level: Level,
     /// The policy version that decided.
     pub policy_version: u64,
 }
@@ -71,6 +73,7 @@ impl ChainLookup for PolicyLookup {
         Some(ChainVerdict {
             action: d.action,
             rule: d.provenance.rule_id.clone(),
+            level: d.provenance.level,
             policy_version: d.provenance.policy_version,
         })
     }

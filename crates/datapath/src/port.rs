@@ -40,6 +40,11 @@ pub struct VnicPort {
     pub strict: bool,
     /// Most connections it may hold at once (as either end).
     pub max_conns: u32,
+    /// An appliance port (a router or gateway leg, not a VM): it forwards
+    /// other hosts' packets, so it may send from any IP address (its MAC is
+    /// still checked). It owns no address and has no chains of its own; flows
+    /// through it are decided by the managed ends' chains, found by address.
+    pub any_source: bool,
 }
 
 impl VnicPort {
@@ -142,6 +147,7 @@ pub fn vnic_from_model(
         group_id: position.map_or(0, |p| u16::try_from(p + 1).unwrap_or(u16::MAX)),
         strict: strict_zones.contains(&nic.zone),
         max_conns,
+        any_source: false,
     })
 }
 

@@ -92,7 +92,9 @@ impl MacTable {
 pub fn check_arp(port: &VnicPort, payload: &[u8]) -> Result<(), DropReason> {
     let packet = arp::Packet::new_checked(payload).map_err(|_| DropReason::Malformed)?;
     let repr = ArpRepr::parse(&packet).map_err(|_| DropReason::Malformed)?;
-    let ip_ok = repr.source_protocol_addr.is_unspecified() || port.owns(IpAddr::V4(repr.source_protocol_addr));
+    let ip_ok = port.any_source
+        || repr.source_protocol_addr.is_unspecified()
+        || port.owns(IpAddr::V4(repr.source_protocol_addr));
     if repr.source_hardware_addr != port.mac || !ip_ok {
         return Err(DropReason::SpoofedArp);
     }
@@ -103,7 +105,7 @@ pub fn check_arp(port: &VnicPort, payload: &[u8]) -> Result<(), DropReason> {
 /// (0.0.0.0 → UDP 67) and IPv6 neighbour discovery from the unspecified or a
 /// link-local address are allowed before the VM has its address.
 pub fn check_ip_source(port: &VnicPort, src: IpAddr, protocol: u8, dst_port: u16) -> Result<(), DropReason> {
-    if port.owns(src) {
+    if port.any_source || port.owns(src) {
         return Ok(());
     }
     let ok = match src {
@@ -119,6 +121,10 @@ pub fn check_icmpv6(port: &VnicPort, message: &[u8]) -> Result<(), DropReason> {
     let Ok(Icmpv6Repr::Ndisc(nd)) = Icmpv6Repr::parse(&packet) else {
         return Ok(());
     };
+    if port.any_source {
+        // A router leg announces itself and answers for the addresses it routes.
+        return Ok(());
+    }
     match nd {
         NdiscRepr::RouterAdvert { .. } | NdiscRepr::Redirect { .. } => return Err(DropReason::SpoofedNd),
         NdiscRepr::NeighborAdvert { target_addr, .. } if !port.owns(IpAddr::V6(target_addr)) => {
@@ -152,6 +158,7 @@ mod tests {
             group_id: 1,
             strict: false,
             max_conns: 10,
+            any_source: false,
         }
     }
 

@@ -1074,3 +1074,192 @@ fn import_is_all_or_nothing_and_replaces_duplicates() {
     assert_eq!(src.conntrack().len(), 2);
     assert_eq!(src.conntrack().port_conns(a), 2);
 }
+
+fn overlay0(e: &Engine, frame: &[u8]) -> (Ipv4Addr, Vec<u8>) {
+    let mut buf = vec![0; 2048];
+    let (remote, n) = e.render_overlay(frame, 0, &mut buf).unwrap();
+    buf.truncate(n);
+    (remote, buf)
+}
+
+#[test]
+fn overlay_socket_path_matches_the_uplink_path() {
+    // The agent's UDP socket sees only the VXLAN payload: rendering for it and
+    // processing what it receives must behave like the full uplink frames.
+    let c = compile_mem(policy(true));
+    let mut h1 = host(c.clone(), "h1", 1, &[], |_| {});
+    let mut h2 = host(c, "h2", 2, &[], |_| {});
+    let mut ev = Vec::new();
+    let a = port(&h1, "a.0");
+    let cc = port(&h2, "c.0");
+    let arp = arp_frame(mac(12), ip(12), ip(10));
+    assert_eq!(h2.process(0, cc, &arp, &mut ev), Disposition::Forward);
+    let (remote, payload) = overlay0(&h2, &arp);
+    assert_eq!(remote, Ipv4Addr::new(192, 168, 0, 1));
+    assert_eq!(
+        &payload[8..],
+        &render0(&h2, &arp)[50..],
+        "same inner frame as the uplink rendering"
+    );
+    assert_eq!(&payload[..8], &render0(&h2, &arp)[42..50], "same VXLAN-GBP header");
+    assert_eq!(
+        h1.process_overlay(1, Ipv4Addr::new(192, 168, 0, 2), &payload, &mut ev),
+        Disposition::Forward
+    );
+
+    let before = (h1.counters().classifications, h2.counters().classifications);
+    let syn = tcp(10, 12, 40030, 443, 1, 0, TcpFlags::SYN, b"");
+    assert_eq!(h1.process(2, a, &syn, &mut ev), Disposition::Forward);
+    let (remote, payload) = overlay0(&h1, &syn);
+    assert_eq!(remote, Ipv4Addr::new(192, 168, 0, 2), "learned from the ARP's sender");
+    assert_eq!(
+        h2.process_overlay(3, Ipv4Addr::new(192, 168, 0, 1), &payload, &mut ev),
+        Disposition::Forward
+    );
+    assert_eq!(h2.outputs()[0].port, cc);
+    assert_eq!(render0(&h2, &payload), syn, "delivered unchanged");
+    let after = (h1.counters().classifications, h2.counters().classifications);
+    assert_eq!(
+        (after.0 - before.0) + (after.1 - before.1),
+        1,
+        "one evaluation in total"
+    );
+    assert_eq!(h2.counters().trusted, 1);
+
+    // A local output has no overlay rendering; garbage from the socket is a typed drop.
+    assert!(h2.render_overlay(&payload, 0, &mut [0; 2048]).is_err());
+    assert_eq!(
+        h2.process_overlay(4, Ipv4Addr::new(192, 168, 0, 1), &payload[..6], &mut ev),
+        Disposition::Drop(DropReason::Malformed)
+    );
+    let mut other_vni = payload.clone();
+    other_vni[4..7].copy_from_slice(&[0, 0x0f, 0xff]);
+    assert_eq!(
+        h2.process_overlay(5, Ipv4Addr::new(192, 168, 0, 1), &other_vni, &mut ev),
+        Disposition::Drop(DropReason::UnknownVni)
+    );
+}
+
+#[test]
+fn events_carry_direction_counts_and_the_deciding_rules() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    handshake(&mut e, &mut ev, 40100, 443, 0);
+    let data = tcp(10, 11, 40100, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"hello");
+    fwd(&mut e, 10, a, &data, b, &mut ev);
+    let fin = tcp(10, 11, 40100, 443, 1006, 9001, TcpFlags::FIN | TcpFlags::ACK, b"");
+    fwd(&mut e, 11, a, &fin, b, &mut ev);
+    let finack = tcp(11, 10, 443, 40100, 9001, 1007, TcpFlags::FIN | TcpFlags::ACK, b"");
+    fwd(&mut e, 12, b, &finack, a, &mut ev);
+    let end = ev.iter().rfind(|x| matches!(x.kind, EventKind::End(_))).unwrap();
+    // Initiator: SYN, ACK, data, FIN; responder: SYN-ACK, FIN-ACK.
+    assert_eq!((end.packets, end.reply_packets), (6, 2));
+    assert_eq!(end.reply_bytes, (syn_ack_len() + finack.len()) as u64);
+    let names: Vec<_> = end
+        .rules
+        .iter()
+        .map(|r| r.map(|i| e.rule_info(i).unwrap().rule.to_string()))
+        .collect();
+    assert_eq!(names, [Some("web-https".to_string()), Some("web-https".to_string())]);
+    assert_eq!(
+        e.rule_info(end.rules[0].unwrap()).unwrap().level,
+        palisade_policy::model::Level::Datacenter
+    );
+    assert_eq!(end.owners, [Some(a), Some(b)]);
+    assert_eq!(end.policy_version, 1);
+
+    // A denied flow makes exactly one Denied event, with the rule that denied it.
+    let n = ev.len();
+    let smtp = tcp(10, 11, 40101, 25, 1, 0, TcpFlags::SYN, b"");
+    for t in 20..23 {
+        assert_eq!(
+            e.process(t, a, &smtp, &mut ev),
+            Disposition::Drop(DropReason::PolicyDeny)
+        );
+    }
+    assert_eq!(ev.len(), n + 1, "later packets hit the cached verdict silently");
+    let d = ev[n];
+    assert_eq!(d.kind, EventKind::Denied(DropReason::PolicyDeny));
+    assert_eq!(d.key.dst_port, 25);
+    let rule = |i: Option<u32>| i.map(|i| e.rule_info(i).unwrap().rule.to_string());
+    assert_eq!(rule(d.rules[0]).as_deref(), Some("default"));
+}
+
+fn syn_ack_len() -> usize {
+    tcp(11, 10, 443, 40100, 100, 2, TcpFlags::SYN | TcpFlags::ACK, b"").len()
+}
+
+#[test]
+fn appliance_ports_may_send_from_any_address_but_not_any_mac() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let a = port(&e, "a.0");
+    let seg = e.vnic(a).unwrap().segment;
+    let gw = e
+        .add_vnic(port::VnicPort {
+            name: "edge-web".into(),
+            vm: "edge".into(),
+            mac: EthernetAddress(mac(0xfe)),
+            ips: vec![],
+            zone: "web".into(),
+            segment: seg,
+            group_id: 0,
+            strict: false,
+            max_conns: u32::MAX,
+            any_source: true,
+        })
+        .unwrap();
+    // The internet (203.0.113.10) reaches a's HTTPS through the router leg: decided by a's ingress chain.
+    let inbound = |dport| {
+        let ip = tcp_ip(
+            Ipv4Addr::new(203, 0, 113, 10),
+            ip(10),
+            50000,
+            dport,
+            1,
+            0,
+            TcpFlags::SYN,
+            b"",
+        );
+        eth(mac(0xfe), mac(10), None, EtherType::IPV4, &ip)
+    };
+    assert_eq!(
+        e.process(1, gw, &inbound(443), &mut ev),
+        Disposition::Drop(DropReason::PolicyDeny)
+    );
+    // The same from a VM port is spoofing.
+    let mut spoof = inbound(443);
+    spoof[6..12].copy_from_slice(&mac(11));
+    let b = port(&e, "b.0");
+    assert_eq!(
+        e.process(2, b, &spoof, &mut ev),
+        Disposition::Drop(DropReason::SpoofedIp)
+    );
+    // A's traffic to the internet through the router is allowed by web-out (a's egress chain).
+    let out = tcp_ip(
+        ip(10),
+        Ipv4Addr::new(203, 0, 113, 10),
+        40200,
+        443,
+        1,
+        0,
+        TcpFlags::SYN,
+        b"",
+    );
+    fwd(
+        &mut e,
+        3,
+        a,
+        &eth(mac(10), mac(0xfe), None, EtherType::IPV4, &out),
+        gw,
+        &mut ev,
+    );
+    // The router leg's MAC is still checked.
+    let mut wrong_mac = inbound(443);
+    wrong_mac[6..12].copy_from_slice(&mac(0xfd));
+    assert_eq!(
+        e.process(4, gw, &wrong_mac, &mut ev),
+        Disposition::Drop(DropReason::SpoofedMac)
+    );
+}
