@@ -282,15 +282,6 @@ fn seq_max(a: u32, b: u32) -> u32 {
 /// Most an acknowledgment may lag behind what the other side sent (netfilter's MAXACKWINDOW).
 const MAX_ACK_WINDOW: u32 = 66_000;
 
-/// What tracking a packet did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tracked {
-    /// Accepted; the connection continues.
-    Ok,
-    /// Accepted, and the connection ended (RST): it has been removed.
-    Removed,
-}
-
 /// The connection table.
 #[derive(Debug, Clone)]
 pub struct Conntrack {
@@ -490,7 +481,7 @@ impl Conntrack {
         now: u64,
         sink: &mut dyn EventSink,
         c: &mut Counters,
-    ) -> Result<Tracked, DropReason> {
+    ) -> Result<(), DropReason> {
         let Some(conn) = self.map.get_mut(slot) else {
             return Err(DropReason::TcpNoConnection);
         };
@@ -506,8 +497,17 @@ impl Conntrack {
         conn.count(reply, len);
         conn.last_seen = now;
         if flags.contains(TcpFlags::RST) {
-            self.remove(slot, EndReason::Reset, now, sink, c);
-            return Ok(Tracked::Removed);
+            // Like netfilter's CLOSE state: the connection is over, but it
+            // lingers (time-wait) so that segments still in flight from
+            // either side are recognised as its late packets instead of
+            // being classified as new flows (and denied, and logged as such).
+            if !conn.ended {
+                conn.state = ConnState::TimeWait;
+                conn.ended = true;
+                c.conns_ended += 1;
+                sink.event(&conn.event(EventKind::End(EndReason::Reset), now));
+            }
+            return Ok(());
         }
         let old = conn.state;
         let syn = flags.contains(TcpFlags::SYN);
@@ -534,7 +534,7 @@ impl Conntrack {
                 sink.event(&conn.event(EventKind::Update, now));
             }
         }
-        Ok(Tracked::Ok)
+        Ok(())
     }
 }
 
@@ -641,13 +641,10 @@ mod tests {
         tcp_open(&mut conn, &seg(100, 0, TcpFlags::SYN, 0));
         let slot = ct.create(conn, [u32::MAX; 2], 0, &mut ev, &mut c).unwrap();
         let synack = seg(5000, 101, TcpFlags::SYN | TcpFlags::ACK, 0);
-        assert_eq!(
-            ct.track_tcp(slot, true, &synack, 60, 1, &mut ev, &mut c),
-            Ok(Tracked::Ok)
-        );
+        assert_eq!(ct.track_tcp(slot, true, &synack, 60, 1, &mut ev, &mut c), Ok(()));
         assert_eq!(ct.get(slot).unwrap().state, ConnState::SynReceived);
         let ack = seg(101, 5001, TcpFlags::ACK, 0);
-        assert_eq!(ct.track_tcp(slot, false, &ack, 60, 2, &mut ev, &mut c), Ok(Tracked::Ok));
+        assert_eq!(ct.track_tcp(slot, false, &ack, 60, 2, &mut ev, &mut c), Ok(()));
         assert_eq!(ct.get(slot).unwrap().state, ConnState::Established);
         (ct, slot, ev, c)
     }
@@ -666,10 +663,10 @@ mod tests {
             Err(DropReason::TcpOutOfWindow)
         );
         let ok = seg(101, 5001, TcpFlags::ACK | TcpFlags::PSH, 500);
-        assert_eq!(ct.track_tcp(slot, false, &ok, 60, 3, &mut ev, &mut c), Ok(Tracked::Ok));
+        assert_eq!(ct.track_tcp(slot, false, &ok, 60, 3, &mut ev, &mut c), Ok(()));
 
         let (mut ct, slot, mut ev, mut c) = handshake(false);
-        assert_eq!(ct.track_tcp(slot, false, &far, 60, 3, &mut ev, &mut c), Ok(Tracked::Ok));
+        assert_eq!(ct.track_tcp(slot, false, &far, 60, 3, &mut ev, &mut c), Ok(()));
         assert_eq!(c.tcp_window_liberal, 1);
     }
 

@@ -38,7 +38,7 @@ use palisade_wire::ipv4::{self, Ipv4Repr};
 use palisade_wire::tcp::{self, TcpFlags, TcpOption};
 use palisade_wire::{icmpv4, icmpv6, ipv6, udp, vlan, vxlan};
 
-use crate::conntrack::{self, Conn, ConnState, Conntrack, FullPolicy, TcpSeg, Timeouts, Tracked};
+use crate::conntrack::{self, Conn, ConnState, Conntrack, FullPolicy, TcpSeg, Timeouts};
 use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::flow_table::{CachedVerdict, FlowEntry, FlowTable};
 use crate::lookup::ChainLookup;
@@ -807,18 +807,9 @@ impl Engine {
         sink: &mut dyn EventSink,
     ) -> Result<(), DropReason> {
         match tcp {
-            Some(seg) => {
-                let key = self.conns.get(slot).map(|c| c.key);
-                let t = self
-                    .conns
-                    .track_tcp(slot, reply, seg, len, now, sink, &mut self.counters)?;
-                if t == Tracked::Removed
-                    && let Some(k) = key
-                {
-                    self.flows.remove(&k);
-                    self.flows.remove(&k.reversed());
-                }
-            }
+            Some(seg) => self
+                .conns
+                .track_tcp(slot, reply, seg, len, now, sink, &mut self.counters)?,
             None => self.conns.track_other(slot, reply, len, now, sink),
         }
         Ok(())

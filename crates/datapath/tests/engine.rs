@@ -351,9 +351,23 @@ fn rst_ends_the_connection() {
         a,
         &mut ev,
     );
-    assert_eq!(e.conntrack().len(), 0);
     assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::Reset));
-    assert_eq!(e.flow_table().len(), 0, "both directions' cache entries go with it");
+    let n = ev.len();
+    // Segments still in flight from either side are the dead connection's
+    // late packets: forwarded, not classified as new flows, no new events.
+    let before = e.counters().classifications;
+    let late_data = tcp(10, 11, 40001, 443, 1001, 9001, TcpFlags::ACK, b"late");
+    fwd(&mut e, 6, a, &late_data, b, &mut ev);
+    let late_rst = tcp(11, 10, 443, 40001, 9001, 1005, TcpFlags::RST, b"");
+    fwd(&mut e, 7, b, &late_rst, a, &mut ev);
+    assert_eq!(e.counters().classifications, before);
+    assert_eq!(ev.len(), n, "one end event only");
+    // It lingers in time-wait, then expires; a new SYN on the same ports is a new connection.
+    assert_eq!(e.conntrack().len(), 1);
+    let syn = tcp(10, 11, 40001, 443, 5000, 0, TcpFlags::SYN, b"");
+    fwd(&mut e, 8, a, &syn, b, &mut ev);
+    assert_eq!(ev.last().unwrap().kind, EventKind::Start);
+    assert_eq!(e.counters().classifications, before + 1);
 }
 
 #[test]

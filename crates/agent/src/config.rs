@@ -1,0 +1,252 @@
+//! The agent's configuration file (TOML).
+//!
+//! ```toml
+//! host = "hv1"                       # this host's name in the inventory
+//! policy = "/etc/palisade/policy"    # standalone mode: the policy directory
+//! state_dir = "/var/lib/palisade"    # connection state across restarts, last good policy
+//! metrics = "127.0.0.1:9101"         # Prometheus metrics and /flows (optional)
+//! audit = "/var/lib/palisade/audit"  # flow records (optional)
+//! [underlay]
+//! local = "192.168.100.1"            # this host's tunnel endpoint
+//! port = 4789
+//! peers = { hv2 = "192.168.100.2" }
+//! [[vnic]]
+//! name = "web-1.0"                   # the vNIC in the inventory
+//! interface = "vn-web-1"             # its host-side veth or tap
+//! [[appliance]]                      # a router or gateway leg: may send from any address
+//! name = "edge-web"
+//! interface = "ge-web"
+//! zone = "web"
+//! mac = "02:00:00:00:fe:01"
+//! ```
+//!
+//! Everything is checked when the file is read; errors name the file and the
+//! offending field.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The agent's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This host's name in the inventory.
+    pub host: String,
+    /// The policy directory (standalone mode).
+    pub policy: PathBuf,
+    /// Where the agent keeps state across restarts.
+    pub state_dir: PathBuf,
+    /// Address of the HTTP endpoint for metrics and flows.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    /// Directory of the audit trail (flow records).
+    #[serde(default)]
+    pub audit: Option<PathBuf>,
+    /// The VXLAN underlay.
+    pub underlay: Underlay,
+    /// The vNICs this agent switches.
+    #[serde(default, rename = "vnic")]
+    pub vnics: Vec<VnicBinding>,
+    /// Appliance ports (router legs).
+    #[serde(default, rename = "appliance")]
+    pub appliances: Vec<ApplianceBinding>,
+    /// Flow-table capacity (default 65,536).
+    #[serde(default)]
+    pub flow_capacity: Option<usize>,
+    /// Connection-table capacity (default 32,768).
+    #[serde(default)]
+    pub conn_capacity: Option<usize>,
+}
+
+/// The VXLAN underlay.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Underlay {
+    /// This host's tunnel endpoint address.
+    pub local: Ipv4Addr,
+    /// The UDP port (default 4789).
+    #[serde(default = "default_vxlan_port")]
+    pub port: u16,
+    /// Other hosts' tunnel endpoints, by host name.
+    #[serde(default)]
+    pub peers: BTreeMap<String, Ipv4Addr>,
+}
+
+fn default_vxlan_port() -> u16 {
+    4789
+}
+
+/// A vNIC of the inventory bound to a host interface.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VnicBinding {
+    /// The vNIC's name in the inventory.
+    pub name: String,
+    /// The host-side interface (veth end or tap).
+    pub interface: String,
+}
+
+/// A router or gateway leg attached to a zone.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceBinding {
+    /// A name for counters and logs.
+    pub name: String,
+    /// The host-side interface.
+    pub interface: String,
+    /// The zone it is attached to.
+    pub zone: String,
+    /// The appliance's MAC (the only source MAC it may use).
+    pub mac: String,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A value is inconsistent.
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl AgentConfig {
+    /// Read and check a configuration file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        AgentConfig::parse(&text, path)
+    }
+
+    /// Parse and check configuration text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
+        let config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message,
+        };
+        let mut interfaces = std::collections::HashSet::new();
+        let all = config
+            .vnics
+            .iter()
+            .map(|v| ("vnic", &v.name, &v.interface))
+            .chain(config.appliances.iter().map(|a| ("appliance", &a.name, &a.interface)));
+        for (kind, name, interface) in all {
+            if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
+                return Err(invalid(
+                    format!("{kind} {name}: interface"),
+                    format!("`{interface}` is not a Linux interface name (1-15 characters, no '/' or spaces)"),
+                ));
+            }
+            if !interfaces.insert(interface.clone()) {
+                return Err(invalid(
+                    format!("{kind} {name}: interface"),
+                    format!("`{interface}` is bound twice"),
+                ));
+            }
+        }
+        for a in &config.appliances {
+            if a.mac.parse::<palisade_wire::ethernet::EthernetAddress>().is_err() {
+                return Err(invalid(
+                    format!("appliance {}: mac", a.name),
+                    format!("`{}` is not a MAC address", a.mac),
+                ));
+            }
+        }
+        if config.underlay.peers.values().any(|p| *p == config.underlay.local) {
+            return Err(invalid(
+                "underlay.peers".into(),
+                format!("lists this host's own address {}", config.underlay.local),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+host = "hv1"
+policy = "/p"
+state_dir = "/s"
+metrics = "127.0.0.1:9101"
+[underlay]
+local = "192.168.100.1"
+peers = { hv2 = "192.168.100.2" }
+[[vnic]]
+name = "web-1.0"
+interface = "vn-web-1"
+[[appliance]]
+name = "edge-web"
+interface = "ge-web"
+zone = "web"
+mac = "02:00:00:00:fe:01"
+"#;
+
+    #[test]
+    fn a_lab_config_parses() {
+        let c = AgentConfig::parse(GOOD, Path::new("hv1.toml")).unwrap();
+        assert_eq!(c.host, "hv1");
+        assert_eq!(c.underlay.port, 4789);
+        assert_eq!(c.underlay.peers["hv2"], Ipv4Addr::new(192, 168, 100, 2));
+        assert_eq!(c.vnics[0].interface, "vn-web-1");
+        assert_eq!(c.appliances[0].zone, "web");
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases = [
+            (GOOD.replace("vn-web-1", "ge-web"), "interface: `ge-web` is bound twice"),
+            (
+                GOOD.replace("vn-web-1", "a-much-too-long-name"),
+                "is not a Linux interface name",
+            ),
+            (GOOD.replace("02:00:00:00:fe:01", "nope"), "appliance edge-web: mac"),
+            (GOOD.replace("192.168.100.2", "192.168.100.1"), "underlay.peers"),
+            (GOOD.replace("host = ", "hots = "), "unknown field `hots`"),
+            (
+                GOOD.replace("\"192.168.100.1\"", "\"300.1.1.1\""),
+                "invalid IPv4 address",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = AgentConfig::parse(&text, Path::new("hv1.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{err} should contain {want}");
+            assert!(err.starts_with("hv1.toml"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Prometheus text exposition of the agent's state.
+
+use std::fmt::Write;
+
+use palisade_datapath::port::PortId;
+use palisade_datapath::{DropReason, Engine};
+use palisade_io::port::PortStats;
+
+use crate::trail::TrailStats;
+
+/// Everything the metrics page shows.
+#[derive(Debug)]
+pub struct Snapshot<'a> {
+    /// Host name (a label on every metric).
+    pub host: &'a str,
+    /// The engine.
+    pub engine: &'a Engine,
+    /// (port name, interface, I/O stats) of each attached port.
+    pub ports: &'a [(String, String, PortStats)],
+    /// The engine port of each entry of `ports`.
+    pub port_ids: &'a [PortId],
+    /// The underlay socket's I/O stats.
+    pub overlay: PortStats,
+    /// Outputs with nowhere to go (plain uplink frames; this agent has no physical uplink).
+    pub unroutable: u64,
+    /// Outputs that could not be rendered.
+    pub render_errors: u64,
+    /// Policy reloads that failed (the previous policy stayed in force).
+    pub policy_errors: u64,
+    /// The audit trail, when enabled.
+    pub audit: Option<TrailStats>,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Render the exposition text.
+pub fn render(s: &Snapshot<'_>) -> String {
+    let mut o = String::new();
+    let h = esc(s.host);
+    let e = s.engine;
+    let c = e.counters();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let sep = if labels.is_empty() { "" } else { "," };
+            let _ = writeln!(o, "{name}{{host=\"{h}\"{sep}{labels}}} {v}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    metric(
+        "palisade_packets_total",
+        "counter",
+        "Frames the engine processed.",
+        &one(c.packets),
+    );
+    metric(
+        "palisade_forwarded_total",
+        "counter",
+        "Frames forwarded.",
+        &one(c.forwarded),
+    );
+    let drops: Vec<_> = DropReason::ALL
+        .iter()
+        .map(|r| (format!("reason=\"{}\"", r.name()), c.dropped(*r)))
+        .collect();
+    metric("palisade_drops_total", "counter", "Frames dropped, by reason.", &drops);
+    metric(
+        "palisade_flow_cache_hits_total",
+        "counter",
+        "Flow-cache hits.",
+        &one(c.cache_hits),
+    );
+    metric(
+        "palisade_flow_cache_misses_total",
+        "counter",
+        "Flow-cache misses (slow path).",
+        &one(c.cache_misses),
+    );
+    metric(
+        "palisade_classifications_total",
+        "counter",
+        "Flows classified against policy.",
+        &one(c.classifications),
+    );
+    metric(
+        "palisade_revalidations_total",
+        "counter",
+        "Connections re-validated after a policy change.",
+        &one(c.revalidations),
+    );
+    metric(
+        "palisade_trusted_total",
+        "counter",
+        "Flows trusted on another host's VXLAN-GBP verdict.",
+        &one(c.trusted),
+    );
+    metric(
+        "palisade_connections_created_total",
+        "counter",
+        "Connections created.",
+        &one(c.conns_created),
+    );
+    metric(
+        "palisade_flooded_total",
+        "counter",
+        "Frames flooded in their segment.",
+        &one(c.flooded),
+    );
+    metric(
+        "palisade_encapsulated_total",
+        "counter",
+        "Frames sent to other hosts over VXLAN.",
+        &one(c.encapsulated),
+    );
+    metric(
+        "palisade_flow_table_entries",
+        "gauge",
+        "Flow-cache entries in use.",
+        &one(e.flow_table().len() as u64),
+    );
+    metric(
+        "palisade_flow_table_capacity",
+        "gauge",
+        "Flow-cache capacity.",
+        &one(e.flow_table().capacity() as u64),
+    );
+    metric(
+        "palisade_connections",
+        "gauge",
+        "Tracked connections.",
+        &one(e.conntrack().len() as u64),
+    );
+    metric(
+        "palisade_connections_capacity",
+        "gauge",
+        "Connection-table capacity.",
+        &one(e.conntrack().capacity() as u64),
+    );
+    metric(
+        "palisade_policy_version",
+        "gauge",
+        "Policy version in force.",
+        &one(e.policy_version()),
+    );
+    metric(
+        "palisade_policy_reload_errors_total",
+        "counter",
+        "Policy reloads refused (the previous policy stayed).",
+        &one(s.policy_errors),
+    );
+    metric(
+        "palisade_unroutable_outputs_total",
+        "counter",
+        "Outputs to a plain uplink this agent does not have.",
+        &one(s.unroutable),
+    );
+    metric(
+        "palisade_render_errors_total",
+        "counter",
+        "Outputs that could not be rendered.",
+        &one(s.render_errors),
+    );
+    let port_rows = |f: &dyn Fn(&PortStats) -> u64| -> Vec<(String, u64)> {
+        let mut rows: Vec<_> = s
+            .ports
+            .iter()
+            .map(|(n, i, st)| (format!("port=\"{}\",interface=\"{}\"", esc(n), esc(i)), f(st)))
+            .collect();
+        rows.push(("port=\"underlay\",interface=\"udp\"".into(), f(&s.overlay)));
+        rows
+    };
+    metric(
+        "palisade_port_rx_frames_total",
+        "counter",
+        "Frames received per port.",
+        &port_rows(&|p| p.rx_frames),
+    );
+    metric(
+        "palisade_port_tx_frames_total",
+        "counter",
+        "Frames sent per port.",
+        &port_rows(&|p| p.tx_frames),
+    );
+    metric(
+        "palisade_port_rx_bytes_total",
+        "counter",
+        "Bytes received per port.",
+        &port_rows(&|p| p.rx_bytes),
+    );
+    metric(
+        "palisade_port_tx_bytes_total",
+        "counter",
+        "Bytes sent per port.",
+        &port_rows(&|p| p.tx_bytes),
+    );
+    metric(
+        "palisade_port_kernel_drops_total",
+        "counter",
+        "Frames the kernel dropped (ring full).",
+        &port_rows(&|p| p.kernel_drops),
+    );
+    metric(
+        "palisade_port_truncated_total",
+        "counter",
+        "Frames too large for the ring (not forwarded).",
+        &port_rows(&|p| p.truncated),
+    );
+    metric(
+        "palisade_port_tx_errors_total",
+        "counter",
+        "Send errors per port.",
+        &port_rows(&|p| p.tx_errors),
+    );
+    let vnic_drops: Vec<_> = s
+        .ports
+        .iter()
+        .zip(s.port_ids)
+        .flat_map(|((n, _, _), id)| {
+            DropReason::ALL
+                .iter()
+                .map(move |r| {
+                    (
+                        format!("port=\"{}\",reason=\"{}\"", esc(n), r.name()),
+                        e.port_dropped(*id, *r),
+                    )
+                })
+                .filter(|(_, v)| *v > 0)
+        })
+        .collect();
+    metric(
+        "palisade_port_drops_total",
+        "counter",
+        "Frames a port sent that were dropped, by reason.",
+        &vnic_drops,
+    );
+    let rules: Vec<_> = e
+        .rules()
+        .iter()
+        .map(|r| {
+            (
+                format!("rule=\"{}\",level=\"{}\"", esc(&r.rule), r.level),
+                r.tally.packets,
+            )
+        })
+        .collect();
+    metric(
+        "palisade_rule_packets_total",
+        "counter",
+        "Packets of flows each rule decided.",
+        &rules,
+    );
+    let hits: Vec<_> = e
+        .rules()
+        .iter()
+        .map(|r| (format!("rule=\"{}\",level=\"{}\"", esc(&r.rule), r.level), r.tally.hits))
+        .collect();
+    metric(
+        "palisade_rule_hits_total",
+        "counter",
+        "Classifications each rule decided.",
+        &hits,
+    );
+    if let Some(a) = s.audit {
+        metric(
+            "palisade_audit_records_total",
+            "counter",
+            "Flow records made durable.",
+            &one(a.written),
+        );
+        metric(
+            "palisade_audit_pending_records",
+            "gauge",
+            "Flow records waiting for the next batch.",
+            &one(a.pending),
+        );
+    }
+    o
+}

@@ -1,0 +1,106 @@
+//! The agent's side of the audit trail: batches flow records and makes each
+//! batch durable in the tamper-evident store.
+//!
+//! Records are appended in batches (every 200 ms or 1,000 records, whichever
+//! comes first): the store syncs each batch, so a crash loses at most the
+//! records of the current batch, which were never acknowledged. If the store
+//! fails, the agent stops with an error rather than forwarding traffic it can
+//! no longer account for.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use palisade_audit::record::Record;
+use palisade_audit::store::{AuditConfig, AuditLog};
+
+use crate::agent::AgentError;
+
+const MAX_BATCH: usize = 1000;
+const MAX_DELAY: Duration = Duration::from_millis(200);
+
+/// Counts for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrailStats {
+    /// Records made durable.
+    pub written: u64,
+    /// Batches appended.
+    pub batches: u64,
+    /// Records waiting.
+    pub pending: u64,
+    /// Last acknowledged sequence number.
+    pub last_seq: u64,
+}
+
+/// A batching writer over the audit store.
+pub struct Trail {
+    dir: PathBuf,
+    log: AuditLog,
+    pending: Vec<Record>,
+    oldest: Option<Instant>,
+    stats: TrailStats,
+}
+
+impl core::fmt::Debug for Trail {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Trail")
+            .field("dir", &self.dir)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Trail {
+    /// Open (or create) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Trail, AgentError> {
+        let log = AuditLog::open(dir, AuditConfig::default()).map_err(|e| AgentError::Audit {
+            dir: dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(Trail {
+            dir: dir.to_path_buf(),
+            log,
+            pending: Vec::new(),
+            oldest: None,
+            stats: TrailStats::default(),
+        })
+    }
+
+    /// Queue a record.
+    pub fn push(&mut self, r: Record) {
+        self.oldest.get_or_insert_with(Instant::now);
+        self.pending.push(r);
+    }
+
+    /// Append the queue if it is big or old enough.
+    pub fn maybe_flush(&mut self) -> Result<(), AgentError> {
+        if self.pending.len() >= MAX_BATCH || self.oldest.is_some_and(|t| t.elapsed() >= MAX_DELAY) {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Append and sync everything queued.
+    pub fn flush(&mut self) -> Result<(), AgentError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let seq = self.log.append(&self.pending).map_err(|e| AgentError::Audit {
+            dir: self.dir.clone(),
+            message: e.to_string(),
+        })?;
+        self.stats.written += self.pending.len() as u64;
+        self.stats.batches += 1;
+        self.stats.last_seq = seq;
+        self.pending.clear();
+        self.oldest = None;
+        Ok(())
+    }
+
+    /// Counts.
+    pub fn stats(&self) -> TrailStats {
+        TrailStats {
+            pending: self.pending.len() as u64,
+            ..self.stats
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Frames per second through AF_PACKET ports on a veth pair (run as root).
+//!
+//! `cargo bench -p palisade-io --bench veth` prints one JSON line:
+//! - `rx_fps`/`tx_fps`: one port blasts 64-byte frames (batches of 256, one
+//!   `sendmmsg` each) into `vb` while another drains `va`'s TPACKET_V3 ring,
+//!   concurrently, for a few seconds; `kernel_drops` is what the ring lost.
+//! - `tx_only_batch256_fps` / `tx_only_batch1_fps`: the sender alone, with 256
+//!   frames per `sendmmsg` and with one call per frame, to show what batching buys.
+//!
+//! Run any other way (`cargo test --all-targets`), it does a one-tenth-length smoke run.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::Netns;
+use palisade_io::{AfPacket, AfPacketConfig, FramePort, wait_readable};
+
+const FRAME_LEN: usize = 64;
+const MARK: u16 = 0x88b5;
+
+fn frame(seq: u32) -> [u8; FRAME_LEN] {
+    let mut f = [0u8; FRAME_LEN];
+    f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0xaa]);
+    f[12..14].copy_from_slice(&MARK.to_be_bytes());
+    f[14..18].copy_from_slice(&seq.to_be_bytes());
+    f
+}
+
+/// Send batches of `batch` frames until `stop`; returns (frames handed to the kernel, errors, seconds).
+fn blast(port: &mut AfPacket, batch: usize, stop: &AtomicBool) -> (u64, u64, f64) {
+    let start = Instant::now();
+    let mut seq = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        for _ in 0..batch {
+            seq = seq.wrapping_add(1);
+            // Errors are counted in the port's stats; a full socket buffer is not fatal here.
+            let _ = port.send(&frame(seq));
+        }
+        let _ = port.flush();
+    }
+    let s = port.stats();
+    (s.tx_frames, s.tx_errors, start.elapsed().as_secs_f64())
+}
+
+fn tx_only(ns: &Netns, batch: usize, seconds: f64) -> f64 {
+    let mut tx = ns.enter(|| AfPacket::open("vb", &AfPacketConfig::default())).unwrap();
+    let stop = AtomicBool::new(false);
+    thread::scope(|s| {
+        let h = s.spawn(|| blast(&mut tx, batch, &stop));
+        thread::sleep(Duration::from_secs_f64(seconds));
+        stop.store(true, Ordering::Relaxed);
+        let (frames, _, secs) = h.join().unwrap();
+        frames as f64 / secs
+    })
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    if !common::can_run("bench veth", &[]) {
+        println!("{{\"bench\":\"veth\",\"skipped\":\"needs root and iproute2\"}}");
+        return;
+    }
+    // `cargo bench` passes --bench; any other run (`cargo test --all-targets`) is a short smoke run.
+    let scale = if std::env::args().any(|a| a == "--bench") {
+        1.0
+    } else {
+        0.1
+    };
+    let ns = Netns::new("bench");
+    ns.ip(&["link", "add", "va", "type", "veth", "peer", "name", "vb"]);
+    ns.ip(&["link", "set", "va", "up"]);
+    ns.ip(&["link", "set", "vb", "up"]);
+
+    let batch256 = tx_only(&ns, 256, 1.5 * scale);
+    let batch1 = tx_only(&ns, 1, 1.5 * scale);
+
+    let config = AfPacketConfig::default();
+    let mut rx = ns.enter(|| AfPacket::open("va", &config)).unwrap();
+    let mut tx = ns.enter(|| AfPacket::open("vb", &config)).unwrap();
+    let seconds = 3.0 * scale;
+    let stop = AtomicBool::new(false);
+    let (tx_frames, tx_errors, tx_secs, received, rx_secs, drops) = thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            let start = Instant::now();
+            let mut received = 0u64;
+            let mut idle_since: Option<Instant> = None;
+            loop {
+                wait_readable(&[rx.fd()], Duration::from_millis(5)).unwrap();
+                let n = rx
+                    .recv(1024, &mut |f| {
+                        if f.len() == FRAME_LEN && f[12..14] == MARK.to_be_bytes() {
+                            received += 1;
+                        }
+                    })
+                    .unwrap();
+                // After the sender stops, drain until the ring has been quiet for 50 ms.
+                if stop.load(Ordering::Relaxed) {
+                    if n > 0 {
+                        idle_since = None;
+                    } else if idle_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(50) {
+                        break;
+                    }
+                }
+            }
+            (received, start.elapsed().as_secs_f64(), rx.stats().kernel_drops)
+        });
+        let sender = s.spawn(|| blast(&mut tx, 256, &stop));
+        thread::sleep(Duration::from_secs_f64(seconds));
+        stop.store(true, Ordering::Relaxed);
+        let (tx_frames, tx_errors, tx_secs) = sender.join().unwrap();
+        let (received, rx_secs, drops) = receiver.join().unwrap();
+        (tx_frames, tx_errors, tx_secs, received, rx_secs, drops)
+    });
+    println!(
+        "{{\"bench\":\"veth\",\"frame_len\":{FRAME_LEN},\"seconds\":{seconds:.1},\"tx_fps\":{:.0},\"rx_fps\":{:.0},\
+         \"tx_frames\":{tx_frames},\"rx_frames\":{received},\"kernel_drops\":{drops},\"tx_errors\":{tx_errors},\
+         \"tx_only_batch256_fps\":{batch256:.0},\"tx_only_batch1_fps\":{batch1:.0}}}",
+        tx_frames as f64 / tx_secs,
+        received as f64 / rx_secs,
+    );
+}

@@ -1,0 +1,602 @@
+//! AF_PACKET ports: a TPACKET_V3 receive ring and batched `sendmmsg` transmission.
+//!
+//! An [`AfPacket`] owns one packet socket bound to one interface (the host
+//! end of a VM's veth pair, typically). Receiving uses the kernel's
+//! memory-mapped TPACKET_V3 ring: the kernel fills fixed-size blocks with
+//! variable-length frames and hands a block over when it is full or its retire
+//! timeout expires, so a busy port costs one `poll` per block instead of one
+//! `recvfrom` per frame (Documentation/networking/packet_mmap.rst). The socket
+//! is promiscuous and sets `PACKET_IGNORE_OUTGOING`: it never sees frames that
+//! it, or the host stack, transmits on the interface, or a switch would
+//! re-forward its own output.
+//!
+//! Frames that do not fit the configured frame size (GSO super-packets, jumbo
+//! frames) are snapped by a one-instruction socket filter, counted as
+//! `truncated` and not delivered: a partial frame must never be forwarded.
+//! Frames whose sender left the TCP/UDP checksum to offload hardware
+//! (`TP_STATUS_CSUMNOTREADY`) are completed in place ([`crate::csum`]); a
+//! VLAN tag the kernel moved into the ring's metadata is put back into the
+//! frame. Transmission queues frames in a preallocated buffer and sends each
+//! batch with one `sendmmsg`, which needs no second ring and keeps the socket
+//! in one TPACKET version; `benches/veth.rs` measures it against one call per
+//! frame.
+
+use std::cell::Cell;
+use std::fmt;
+use std::io;
+use std::mem;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::csum::complete_checksum;
+use crate::error::IoError;
+use crate::port::{FramePort, PortStats};
+use crate::sys;
+
+const KIND: &str = "AF_PACKET";
+
+/// `TPACKET_V3` from `enum tpacket_versions`.
+const TPACKET_V3: libc::c_int = 2;
+/// TPACKET_ALIGNMENT: frame sizes must be multiples of it.
+const TPACKET_ALIGNMENT: usize = 16;
+/// Smallest frame size accepted: room for the kernel's TPACKET3 header and a minimal Ethernet frame.
+const MIN_FRAME_SIZE: usize = 128;
+/// Classic BPF `ret #k`: accept the packet, snapped to `k` bytes.
+const BPF_RET_K: u16 = 0x06;
+/// Default TPID for a VLAN tag whose TPID the kernel did not report.
+const ETH_P_8021Q: u16 = 0x8100;
+/// Bytes of the Ethernet destination and source addresses, before which nothing is inserted.
+const MAC_PAIR_LEN: usize = 12;
+
+/// Offsets in `struct tpacket_block_desc` (version, offset_to_priv, then `tpacket_hdr_v1`).
+mod block {
+    pub const STATUS: usize = 8;
+    pub const NUM_PKTS: usize = 12;
+    pub const FIRST_PKT: usize = 16;
+}
+
+/// Offsets in `struct tpacket3_hdr`.
+mod hdr {
+    pub const NEXT_OFFSET: usize = 0;
+    pub const SNAPLEN: usize = 12;
+    pub const LEN: usize = 16;
+    pub const STATUS: usize = 20;
+    pub const MAC: usize = 24;
+    pub const VLAN_TCI: usize = 32;
+    pub const VLAN_TPID: usize = 36;
+    /// The fixed part read here (through `hv1`).
+    pub const FIXED: usize = 40;
+}
+
+/// Sizes of an AF_PACKET port's rings and batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AfPacketConfig {
+    /// Bytes per receive-ring block; a multiple of the page size.
+    pub block_size: usize,
+    /// Number of receive-ring blocks.
+    pub block_count: usize,
+    /// Largest frame delivered or sent (bytes of Ethernet frame); a multiple of 16, at least 128.
+    pub frame_size: usize,
+    /// Milliseconds after which the kernel hands over a partly filled block.
+    pub block_timeout_ms: u32,
+    /// Frames queued by `send` before a `flush` is forced.
+    pub tx_frames: usize,
+}
+
+impl Default for AfPacketConfig {
+    /// 8 blocks of 1 MiB, 2048-byte frames, 1 ms retire timeout, 256-frame TX batches.
+    fn default() -> Self {
+        AfPacketConfig {
+            block_size: 1 << 20,
+            block_count: 8,
+            frame_size: 2048,
+            block_timeout_ms: 1,
+            tx_frames: 256,
+        }
+    }
+}
+
+impl AfPacketConfig {
+    fn validate(&self, name: &str) -> Result<(), IoError> {
+        let bad = |reason: String| {
+            Err(IoError::Config {
+                kind: KIND,
+                name: name.to_owned(),
+                reason,
+            })
+        };
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        if self.block_size == 0 || self.block_size % page != 0 || u32::try_from(self.block_size).is_err() {
+            return bad(format!(
+                "block size {} is not a multiple of the page size {page}",
+                self.block_size
+            ));
+        }
+        if self.frame_size < MIN_FRAME_SIZE || self.frame_size % TPACKET_ALIGNMENT != 0 {
+            return bad(format!(
+                "frame size {} must be a multiple of {TPACKET_ALIGNMENT} and at least {MIN_FRAME_SIZE}",
+                self.frame_size
+            ));
+        }
+        if self.frame_size > self.block_size {
+            return bad(format!(
+                "frame size {} exceeds block size {}",
+                self.frame_size, self.block_size
+            ));
+        }
+        let frames = (self.block_size / self.frame_size).checked_mul(self.block_count);
+        if self.block_count == 0 || frames.and_then(|f| u32::try_from(f).ok()).is_none() {
+            return bad(format!("block count {} is out of range", self.block_count));
+        }
+        if self.block_size.checked_mul(self.block_count).is_none() {
+            return bad("ring size overflows".to_owned());
+        }
+        if self.tx_frames == 0 || self.tx_frames.checked_mul(self.frame_size).is_none() {
+            return bad(format!("tx frames {} is out of range", self.tx_frames));
+        }
+        Ok(())
+    }
+}
+
+/// An AF_PACKET port on one interface; see the module documentation.
+pub struct AfPacket {
+    fd: OwnedFd,
+    name: String,
+    ifindex: u32,
+    ring: NonNull<u8>,
+    ring_len: usize,
+    block_size: usize,
+    block_count: usize,
+    frame_size: usize,
+    /// Index of the block being read.
+    block: usize,
+    /// Packets of the current block already consumed.
+    pkt: u32,
+    /// Offset in the current block of the next packet.
+    off: usize,
+    /// Where a frame is rebuilt when a VLAN tag must be reinserted.
+    scratch: Vec<u8>,
+    /// `tx_frames` slots of `frame_size` bytes.
+    tx_buf: Vec<u8>,
+    tx_lens: Vec<usize>,
+    tx_iov: Vec<libc::iovec>,
+    tx_msgs: Vec<libc::mmsghdr>,
+    stats: PortStats,
+    /// PACKET_STATISTICS resets on every read, so the total is accumulated here.
+    kernel_drops: Cell<u64>,
+}
+
+// SAFETY: `ring` points to a mapping owned exclusively by this value (unmapped in Drop), and
+// the pointers in `tx_iov`/`tx_msgs` only ever point into `tx_buf`, owned by this value, and
+// are rewritten before each use. Nothing is shared with another thread, so moving the value
+// to another thread is sound.
+unsafe impl Send for AfPacket {}
+
+impl fmt::Debug for AfPacket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AfPacket")
+            .field("name", &self.name)
+            .field("ifindex", &self.ifindex)
+            .field("fd", &self.fd.as_raw_fd())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AfPacket {
+    /// Open a promiscuous AF_PACKET port on interface `ifname` of the current network namespace.
+    pub fn open(ifname: &str, config: &AfPacketConfig) -> Result<AfPacket, IoError> {
+        config.validate(ifname)?;
+        let cname = sys::ifname(KIND, ifname)?;
+        let os = |step: &'static str| {
+            move |source: io::Error| IoError::Os {
+                kind: KIND,
+                name: ifname.to_owned(),
+                step,
+                source,
+            }
+        };
+        // SAFETY: `cname` is a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if ifindex == 0 {
+            return Err(IoError::last_os(KIND, ifname, "if_nametoindex"));
+        }
+        // Protocol 0: the socket receives nothing until it is bound to the interface below,
+        // so no frame of another interface can slip into the ring.
+        // SAFETY: socket() has no memory-safety preconditions.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
+        if raw < 0 {
+            return Err(IoError::last_os(KIND, ifname, "socket(AF_PACKET)"));
+        }
+        // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let sfd = fd.as_fd();
+        sys::setsockopt(sfd, libc::SOL_PACKET, libc::PACKET_VERSION, &TPACKET_V3)
+            .map_err(os("setsockopt(PACKET_VERSION)"))?;
+        let one: libc::c_int = 1;
+        sys::setsockopt(sfd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &one)
+            .map_err(os("setsockopt(PACKET_IGNORE_OUTGOING)"))?;
+        // Snap every packet to the frame size in the kernel: an oversize frame then shows
+        // tp_snaplen < tp_len (counted as truncated) and costs no more than a frame of copying.
+        let mut filter = [libc::sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: config.frame_size as u32,
+        }];
+        let prog = libc::sock_fprog {
+            len: 1,
+            filter: filter.as_mut_ptr(),
+        };
+        sys::setsockopt(sfd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
+            .map_err(os("setsockopt(SO_ATTACH_FILTER)"))?;
+        let req = libc::tpacket_req3 {
+            tp_block_size: config.block_size as u32,
+            tp_block_nr: config.block_count as u32,
+            tp_frame_size: config.frame_size as u32,
+            tp_frame_nr: ((config.block_size / config.frame_size) * config.block_count) as u32,
+            tp_retire_blk_tov: config.block_timeout_ms,
+            tp_sizeof_priv: 0,
+            tp_feature_req_word: 0,
+        };
+        sys::setsockopt(sfd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req).map_err(os("setsockopt(PACKET_RX_RING)"))?;
+        let ring_len = config.block_size * config.block_count;
+        // SAFETY: mapping a fresh region backed by the socket's ring; the kernel validates the
+        // length against the ring it just allocated.
+        let ring = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                ring_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ring == libc::MAP_FAILED {
+            return Err(IoError::last_os(KIND, ifname, "mmap(rx ring)"));
+        }
+        let Some(ring) = NonNull::new(ring.cast::<u8>()) else {
+            return Err(IoError::last_os(KIND, ifname, "mmap(rx ring)"));
+        };
+        let tx = config.tx_frames;
+        let iov = libc::iovec {
+            iov_base: ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid (empty) value.
+        let msg: libc::mmsghdr = unsafe { mem::zeroed() };
+        // From here on the mapping is owned by `port`, whose Drop unmaps it on any error below.
+        let port = AfPacket {
+            fd,
+            name: ifname.to_owned(),
+            ifindex,
+            ring,
+            ring_len,
+            block_size: config.block_size,
+            block_count: config.block_count,
+            frame_size: config.frame_size,
+            block: 0,
+            pkt: 0,
+            off: 0,
+            scratch: Vec::with_capacity(config.frame_size + 4),
+            tx_buf: vec![0; tx * config.frame_size],
+            tx_lens: Vec::with_capacity(tx),
+            tx_iov: vec![iov; tx],
+            tx_msgs: vec![msg; tx],
+            stats: PortStats::default(),
+            kernel_drops: Cell::new(0),
+        };
+        // SAFETY: sockaddr_ll is a plain C struct; all-zero is valid and the fields that matter are set below.
+        let mut sll: libc::sockaddr_ll = unsafe { mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_ifindex = ifindex as libc::c_int;
+        // SAFETY: `sll` is a valid sockaddr_ll and the length passed is its size.
+        let r = unsafe {
+            libc::bind(
+                port.fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(IoError::last_os(KIND, ifname, "bind"));
+        }
+        let mreq = libc::packet_mreq {
+            mr_ifindex: ifindex as libc::c_int,
+            mr_type: libc::PACKET_MR_PROMISC as u16,
+            mr_alen: 0,
+            mr_address: [0; 8],
+        };
+        sys::setsockopt(port.fd.as_fd(), libc::SOL_PACKET, libc::PACKET_ADD_MEMBERSHIP, &mreq)
+            .map_err(os("setsockopt(PACKET_ADD_MEMBERSHIP)"))?;
+        Ok(port)
+    }
+
+    /// The interface index the port is bound to.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// The interface name the port was opened on.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The largest frame this port delivers or sends.
+    pub fn frame_size(&self) -> usize {
+        self.frame_size
+    }
+
+    fn block_ptr(&self, index: usize) -> *mut u8 {
+        // SAFETY: `index < block_count`, so the offset stays inside the `ring_len`-byte mapping.
+        unsafe { self.ring.as_ptr().add(index * self.block_size) }
+    }
+
+    /// The block's status word, shared with the kernel.
+    fn block_status(&self, index: usize) -> &AtomicU32 {
+        // SAFETY: blocks are page-aligned, so the status word at offset 8 is aligned for a u32
+        // and lies inside the mapping, which lives as long as `self`. The kernel updates it
+        // concurrently, hence the atomic view.
+        unsafe { &*self.block_ptr(index).add(block::STATUS).cast::<AtomicU32>() }
+    }
+
+    /// Read a u32 of the current block at `at`, which the caller checked is inside the block.
+    fn read_u32(&self, at: usize) -> u32 {
+        // SAFETY: `at + 4 <= block_size` (checked by callers), so the read is inside the mapping;
+        // the block belongs to user space while its status has TP_STATUS_USER.
+        unsafe { ptr::read_unaligned(self.block_ptr(self.block).add(at).cast::<u32>()) }
+    }
+
+    fn read_u16(&self, at: usize) -> u16 {
+        // SAFETY: as for `read_u32`, with `at + 2 <= block_size`.
+        unsafe { ptr::read_unaligned(self.block_ptr(self.block).add(at).cast::<u16>()) }
+    }
+
+    /// Give the current block back to the kernel and move to the next.
+    fn release_block(&mut self) {
+        self.block_status(self.block)
+            .store(libc::TP_STATUS_KERNEL, Ordering::Release);
+        self.block = (self.block + 1) % self.block_count;
+        self.pkt = 0;
+        self.off = 0;
+    }
+
+    /// Handle the packet at `self.off` of the current block: `Some(true)` when delivered,
+    /// `Some(false)` when counted and skipped, `None` when the block's layout is corrupt.
+    fn deliver_one(&mut self, f: &mut dyn FnMut(&[u8])) -> Option<bool> {
+        let off = self.off;
+        if off.checked_add(hdr::FIXED)? > self.block_size {
+            return None;
+        }
+        let snaplen = self.read_u32(off + hdr::SNAPLEN) as usize;
+        let len = self.read_u32(off + hdr::LEN) as usize;
+        let status = self.read_u32(off + hdr::STATUS);
+        let mac = usize::from(self.read_u16(off + hdr::MAC));
+        let start = off.checked_add(mac)?;
+        if start.checked_add(snaplen)? > self.block_size {
+            return None;
+        }
+        let vlan = status & libc::TP_STATUS_VLAN_VALID != 0 && snaplen >= MAC_PAIR_LEN;
+        // The reinserted tag counts: the frame must still fit a frame when forwarded.
+        let wire_len = if vlan { len + 4 } else { len };
+        if snaplen < len || wire_len > self.frame_size {
+            self.stats.truncated += 1;
+            return Some(false);
+        }
+        let tci = self.read_u32(off + hdr::VLAN_TCI) as u16;
+        let tpid = if status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
+            self.read_u16(off + hdr::VLAN_TPID)
+        } else {
+            ETH_P_8021Q
+        };
+        // SAFETY: `start + snaplen <= block_size` was checked above, so the slice lies inside
+        // the mapping; the block is owned by user space until `release_block`, and nothing
+        // else references these bytes while the slice lives.
+        let frame = unsafe { std::slice::from_raw_parts_mut(self.block_ptr(self.block).add(start), snaplen) };
+        let out: &mut [u8] = if vlan {
+            // The kernel moved the tag into metadata (VLAN acceleration); a switch must forward
+            // the frame as the sender wrote it.
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&frame[..MAC_PAIR_LEN]);
+            self.scratch.extend_from_slice(&tpid.to_be_bytes());
+            self.scratch.extend_from_slice(&tci.to_be_bytes());
+            self.scratch.extend_from_slice(&frame[MAC_PAIR_LEN..]);
+            &mut self.scratch
+        } else {
+            frame
+        };
+        if status & libc::TP_STATUS_CSUMNOTREADY != 0 && complete_checksum(out).is_ok() {
+            self.stats.csum_completed += 1;
+        }
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += out.len() as u64;
+        f(out);
+        Some(true)
+    }
+}
+
+impl FramePort for AfPacket {
+    fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        let mut delivered = 0;
+        while delivered < max {
+            if self.block_status(self.block).load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
+                break;
+            }
+            let num_pkts = self.read_u32(block::NUM_PKTS);
+            if self.pkt == 0 {
+                self.off = self.read_u32(block::FIRST_PKT) as usize;
+            }
+            while self.pkt < num_pkts && delivered < max {
+                match self.deliver_one(f) {
+                    Some(true) => delivered += 1,
+                    Some(false) => {}
+                    // A header pointing outside its block: the rest of the block cannot be trusted.
+                    None => {
+                        self.pkt = num_pkts;
+                        break;
+                    }
+                }
+                self.pkt += 1;
+                let next = self.read_u32(self.off + hdr::NEXT_OFFSET) as usize;
+                self.off = self.off.saturating_add(next);
+            }
+            if self.pkt >= num_pkts {
+                self.release_block();
+            }
+        }
+        // The ring never reports errors; the socket does (ENETDOWN when the interface goes
+        // down, after which nothing arrives until it is up again). Reporting it once keeps a
+        // poll loop that sees POLLERR from spinning on empty receives.
+        if delivered == 0 {
+            if let Some(e) = sys::take_socket_error(self.fd.as_fd()) {
+                return Err(e);
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// Queue `frame`; when the queue is full, flush it first (on an error from that flush,
+    /// `frame` is not queued). A frame longer than the frame size is an error.
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        if frame.len() > self.frame_size {
+            self.stats.tx_errors += 1;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{KIND} on {}: frame of {} bytes exceeds the frame size {}",
+                    self.name,
+                    frame.len(),
+                    self.frame_size
+                ),
+            ));
+        }
+        if self.tx_lens.len() == self.tx_msgs.len() {
+            self.flush()?;
+        }
+        let at = self.tx_lens.len() * self.frame_size;
+        self.tx_buf[at..at + frame.len()].copy_from_slice(frame);
+        self.tx_lens.push(frame.len());
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let n = self.tx_lens.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let base = self.tx_buf.as_mut_ptr();
+        for i in 0..n {
+            self.tx_iov[i] = libc::iovec {
+                // SAFETY: slot `i < tx_frames` starts inside `tx_buf` (tx_frames * frame_size bytes).
+                iov_base: unsafe { base.add(i * self.frame_size) }.cast(),
+                iov_len: self.tx_lens[i],
+            };
+            let h = &mut self.tx_msgs[i].msg_hdr;
+            // The socket is bound to the interface, so no destination address is needed.
+            h.msg_name = ptr::null_mut();
+            h.msg_namelen = 0;
+            h.msg_iov = &mut self.tx_iov[i];
+            h.msg_iovlen = 1;
+        }
+        let r = sys::send_batch(self.fd.as_fd(), &mut self.tx_msgs, &self.tx_lens, &mut self.stats);
+        self.tx_lens.clear();
+        r
+    }
+
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    fn stats(&self) -> PortStats {
+        // SAFETY: tpacket_stats_v3 is a plain C struct; all-zero is a valid value.
+        let mut st: libc::tpacket_stats_v3 = unsafe { mem::zeroed() };
+        let mut len = mem::size_of::<libc::tpacket_stats_v3>() as libc::socklen_t;
+        // SAFETY: `st` and `len` are valid for writes and `len` holds the size of `st`.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut st as *mut libc::tpacket_stats_v3).cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            self.kernel_drops.set(self.kernel_drops.get() + u64::from(st.tp_drops));
+        }
+        PortStats {
+            kernel_drops: self.kernel_drops.get(),
+            ..self.stats
+        }
+    }
+}
+
+impl Drop for AfPacket {
+    fn drop(&mut self) {
+        // SAFETY: `ring` and `ring_len` describe the mapping made in `open`, which nothing
+        // references any more; the descriptor is closed afterwards by OwnedFd.
+        unsafe { libc::munmap(self.ring.as_ptr().cast(), self.ring_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_errors_name_the_interface() {
+        let cases = [
+            AfPacketConfig {
+                block_size: 1000,
+                ..AfPacketConfig::default()
+            },
+            AfPacketConfig {
+                frame_size: 100,
+                ..AfPacketConfig::default()
+            },
+            AfPacketConfig {
+                frame_size: 2050,
+                ..AfPacketConfig::default()
+            },
+            AfPacketConfig {
+                block_count: 0,
+                ..AfPacketConfig::default()
+            },
+            AfPacketConfig {
+                tx_frames: 0,
+                ..AfPacketConfig::default()
+            },
+            AfPacketConfig {
+                block_size: 4096,
+                frame_size: 8192,
+                ..AfPacketConfig::default()
+            },
+        ];
+        for c in cases {
+            let e = AfPacket::open("vn-web-1", &c).unwrap_err();
+            assert!(matches!(e, IoError::Config { .. }), "{c:?}: {e}");
+            assert!(e.to_string().starts_with("AF_PACKET on vn-web-1: "), "{e}");
+        }
+        assert!(AfPacketConfig::default().validate("x").is_ok());
+    }
+
+    #[test]
+    fn missing_interface_is_a_named_os_error() {
+        let e = AfPacket::open("io-nosuchif", &AfPacketConfig::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "AF_PACKET on io-nosuchif: if_nametoindex: No such device (os error 19)"
+        );
+        let e = AfPacket::open("a-name-that-is-too-long", &AfPacketConfig::default()).unwrap_err();
+        assert!(matches!(e, IoError::Config { .. }), "{e}");
+    }
+}
