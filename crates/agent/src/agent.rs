@@ -239,8 +239,9 @@ fn policy_stamp(dir: &Path) -> Option<SystemTime> {
     newest
 }
 
-fn state_file(state_dir: &Path, vnic: &str) -> PathBuf {
-    state_dir.join("conntrack").join(format!("{vnic}.state"))
+/// Where the connection table is saved across a restart.
+fn state_file(state_dir: &Path) -> PathBuf {
+    state_dir.join("conntrack").join("host.state")
 }
 
 impl Agent {
@@ -380,19 +381,13 @@ impl Agent {
     /// Import connection state saved by a previous run (then remove it: it is stale once used).
     fn import_state(&mut self) {
         let now = self.now();
-        for i in 0..self.ports.len() {
-            let (name, port) = (self.ports[i].name.clone(), self.ports[i].port);
-            let path = state_file(&self.config.state_dir, &name);
-            let Ok(blob) = std::fs::read(&path) else { continue };
-            match self.engine.import_vnic(port, &blob, now, &mut self.events) {
-                Ok(n) => eprintln!(
-                    "palisade agent: {name}: resumed {n} connection(s) from {}",
-                    path.display()
-                ),
-                Err(e) => eprintln!("palisade agent: {name}: saved state {} refused: {e}", path.display()),
-            }
-            let _ = std::fs::remove_file(&path);
+        let path = state_file(&self.config.state_dir);
+        let Ok(blob) = std::fs::read(&path) else { return };
+        match self.engine.import_all(&blob, now, &mut self.events) {
+            Ok(n) => eprintln!("palisade agent: resumed {n} connection(s) from {}", path.display()),
+            Err(e) => eprintln!("palisade agent: saved state {} refused: {e}", path.display()),
         }
+        let _ = std::fs::remove_file(&path);
         // Imported connections are not new flows: their start was recorded before the restart.
         self.events.clear();
     }
@@ -627,27 +622,17 @@ impl Agent {
         }
     }
 
-    /// Stop: save every vNIC's connections for the next start, make the trail durable.
+    /// Stop: save every connection for the next start, make the trail durable.
+    /// Returns how many connections were saved.
     pub fn shutdown(mut self) -> Result<usize, AgentError> {
         let now = self.now();
-        let mut saved = 0;
-        for i in 0..self.ports.len() {
-            let (name, port) = (self.ports[i].name.clone(), self.ports[i].port);
-            // Appliance ports hold no connections of their own (they are exported with the vNICs).
-            if self.config.appliances.iter().any(|a| a.name == name) {
-                continue;
-            }
-            let mut sink = Vec::new();
-            let Some(blob) = self.engine.export_vnic(port, now, false, &mut sink) else {
-                continue;
-            };
-            let path = state_file(&self.config.state_dir, &name);
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &blob)
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(io_err(format!("saving {}", path.display())))?;
-            saved += 1;
-        }
+        let saved = self.engine.conntrack().len();
+        let blob = self.engine.export_all(now);
+        let path = state_file(&self.config.state_dir);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &blob)
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(io_err(format!("saving {}", path.display())))?;
         self.take_events()?;
         if let Some(t) = &mut self.audit {
             t.flush()?;

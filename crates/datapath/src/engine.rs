@@ -155,6 +155,9 @@ impl Default for L2 {
     }
 }
 
+/// The name a whole-engine state blob carries where a vNIC blob names its vNIC.
+const HOST_STATE: &str = "*host*";
+
 /// Rule-registry indices of the egress and ingress verdicts of a flow.
 type RuleRefs = [Option<u32>; 2];
 
@@ -1135,6 +1138,51 @@ impl Engine {
             });
         }
         let strict = vnic.strict;
+        Ok(self.import_snapshot(snap, strict, now, sink))
+    }
+
+    /// Export every connection of this engine (a restart of the agent on
+    /// the same host: the next engine takes them all back with
+    /// [`Engine::import_all`]). Unlike [`Engine::export_vnic`] this includes
+    /// connections no local vNIC owns: flows in transit through an appliance
+    /// port or trusted from another host, whose later packets would otherwise
+    /// look like new flows.
+    pub fn export_all(&self, now: u64) -> Vec<u8> {
+        let conns: Vec<Conn> = self.conns.iter().map(|(_, c)| c.clone()).collect();
+        crate::state::encode(HOST_STATE, self.lookup.version(), &conns, now)
+    }
+
+    /// Import what [`Engine::export_all`] saved. A blob of one vNIC's state is refused.
+    pub fn import_all(
+        &mut self,
+        blob: &[u8],
+        now: u64,
+        sink: &mut dyn EventSink,
+    ) -> Result<usize, crate::state::StateError> {
+        let snap = crate::state::decode(blob)?;
+        if snap.vnic != HOST_STATE {
+            return Err(crate::state::StateError::ForeignVnic {
+                expected: HOST_STATE.to_string(),
+                found: snap.vnic,
+            });
+        }
+        let free = self.conns.capacity() - self.conns.len();
+        if snap.conns.len() > free {
+            return Err(crate::state::StateError::NoRoom {
+                needed: snap.conns.len(),
+                free,
+            });
+        }
+        Ok(self.import_snapshot(snap, false, now, sink))
+    }
+
+    fn import_snapshot(
+        &mut self,
+        snap: crate::state::Snapshot,
+        strict: bool,
+        now: u64,
+        sink: &mut dyn EventSink,
+    ) -> usize {
         let current = snap.policy_version == self.lookup.version();
         let mut n = 0;
         for s in snap.conns {
@@ -1159,7 +1207,7 @@ impl Engine {
                 n += 1;
             }
         }
-        Ok(n)
+        n
     }
 }
 

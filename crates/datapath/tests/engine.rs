@@ -1206,24 +1206,9 @@ fn syn_ack_len() -> usize {
 
 #[test]
 fn appliance_ports_may_send_from_any_address_but_not_any_mac() {
-    let mut e = h1();
+    let (mut e, gw) = with_gateway(h1());
     let mut ev = Vec::new();
     let a = port(&e, "a.0");
-    let seg = e.vnic(a).unwrap().segment;
-    let gw = e
-        .add_vnic(port::VnicPort {
-            name: "edge-web".into(),
-            vm: "edge".into(),
-            mac: EthernetAddress(mac(0xfe)),
-            ips: vec![],
-            zone: "web".into(),
-            segment: seg,
-            group_id: 0,
-            strict: false,
-            max_conns: u32::MAX,
-            any_source: true,
-        })
-        .unwrap();
     // The internet (203.0.113.10) reaches a's HTTPS through the router leg: decided by a's ingress chain.
     let inbound = |dport| {
         let ip = tcp_ip(
@@ -1276,4 +1261,71 @@ fn appliance_ports_may_send_from_any_address_but_not_any_mac() {
         e.process(4, gw, &wrong_mac, &mut ev),
         Disposition::Drop(DropReason::SpoofedMac)
     );
+}
+
+fn with_gateway(mut e: Engine) -> (Engine, PortId) {
+    let seg = e.vnic(port(&e, "a.0")).unwrap().segment;
+    let gw = e
+        .add_vnic(port::VnicPort {
+            name: "edge-web".into(),
+            vm: "edge".into(),
+            mac: EthernetAddress(mac(0xfe)),
+            ips: vec![],
+            zone: "web".into(),
+            segment: seg,
+            group_id: 0,
+            strict: false,
+            max_conns: u32::MAX,
+            any_source: true,
+        })
+        .unwrap();
+    (e, gw)
+}
+
+#[test]
+fn a_restart_keeps_every_connection_including_transit_ones() {
+    let (mut e, gw) = with_gateway(h1());
+    let mut ev = Vec::new();
+    let a = port(&e, "a.0");
+    let inet = Ipv4Addr::new(203, 0, 113, 10);
+    // a → the internet through the router leg, and a VM-to-VM connection.
+    let out = tcp_ip(ip(10), inet, 40300, 443, 1, 0, TcpFlags::SYN, b"");
+    fwd(
+        &mut e,
+        1,
+        a,
+        &eth(mac(10), mac(0xfe), None, EtherType::IPV4, &out),
+        gw,
+        &mut ev,
+    );
+    handshake(&mut e, &mut ev, 40301, 443, 2);
+    let blob = e.export_all(10);
+    assert!(e.export_vnic(a, 10, false, &mut ev).is_some());
+
+    let (mut fresh, gw2) = with_gateway(h1());
+    assert_eq!(fresh.import_all(&blob, 20, &mut ev).unwrap(), 2);
+    let vnic_blob = e.export_vnic(a, 10, false, &mut ev).unwrap();
+    assert!(
+        fresh.import_all(&vnic_blob, 20, &mut ev).is_err(),
+        "a vNIC blob is not a host blob"
+    );
+    assert!(
+        fresh.import_vnic(a, &blob, 20, &mut ev).is_err(),
+        "and the other way round"
+    );
+    // The internet's reply comes back through the router: part of the saved connection, not classified.
+    let before = fresh.counters().classifications;
+    let reply = tcp_ip(inet, ip(10), 443, 40300, 500, 2, TcpFlags::SYN | TcpFlags::ACK, b"");
+    fwd(
+        &mut fresh,
+        21,
+        gw2,
+        &eth(mac(0xfe), mac(10), None, EtherType::IPV4, &reply),
+        a,
+        &mut ev,
+    );
+    let b = port(&fresh, "b.0");
+    let data = tcp(11, 10, 443, 40301, 9001, 1001, TcpFlags::ACK, b"x");
+    fwd(&mut fresh, 22, b, &data, a, &mut ev);
+    assert_eq!(fresh.counters().classifications, before);
 }

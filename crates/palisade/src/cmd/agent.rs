@@ -36,6 +36,6 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     );
     agent.run(&stop)?;
     let saved = agent.shutdown()?;
-    println!("palisade agent {host}: stopped; saved connection state of {saved} vNIC(s)");
+    println!("palisade agent {host}: stopped; saved {saved} connection(s) for the next start");
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,206 @@
+//! End-to-end: Palisade agents on real namespaces, veth pairs and a VXLAN
+//! underlay, built by `palisade lab`, with real TCP, UDP and ICMP traffic.
+//!
+//! These need root, iproute2, busybox-static, curl and ethtool. Outside CI
+//! they are skipped (with the reason printed) when any is missing; with
+//! `CI` set they must run.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use palisade_lab::{Lab, LabSpec, Spawned, leftovers};
+
+const EXE: &str = env!("CARGO_BIN_EXE_palisade");
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether this machine can run the lab; panics in CI when it cannot.
+fn lab_possible() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let missing: Vec<_> = ["ip", "busybox", "curl", "ethtool"]
+        .into_iter()
+        .filter(|t| !have(t))
+        .collect();
+    if root && missing.is_empty() {
+        return true;
+    }
+    let why = format!("root: {root}, missing tools: {missing:?}");
+    assert!(std::env::var_os("CI").is_none(), "CI must run the lab tests: {why}");
+    eprintln!("skipping: {why}");
+    false
+}
+
+fn three_tier() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/three-tier"))
+}
+
+/// Removes the lab even when an assertion fails half-way.
+struct Teardown(Option<Lab>);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        if let Some(lab) = self.0.take() {
+            let _ = lab.shutdown();
+        }
+    }
+}
+
+#[test]
+fn demo_once_enforces_the_three_tier_policy_and_leaves_nothing_behind() {
+    if !lab_possible() {
+        return;
+    }
+    let out = Command::new(EXE)
+        .args(["demo", "--once", "--name", "pe2d"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "demo failed");
+    // Every scripted connection behaved as the policy says, and the agents' records name the rule.
+    assert_eq!(text.matches('✓').count(), 11, "eleven scripted connections");
+    assert!(!text.contains("UNEXPECTED") && !text.contains("no flow record"));
+    assert!(text.contains("long-lived database session still open: yes"));
+    for rule in [
+        "web-from-internet (zone)",
+        "dc-deny-internet-ssh (datacenter)",
+        "prod-no-web-to-db (cluster)",
+    ] {
+        assert!(text.contains(rule), "flow table shows {rule}");
+    }
+    assert_eq!(leftovers("pe2d").unwrap(), Vec::<String>::new(), "no namespace left");
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    assert!(!ps.lines().any(|l| l.contains("lab-pe2d")), "no agent left:\n{ps}");
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&links.stdout).contains("pe2d"), "no link left");
+}
+
+/// Lines of a child's output, read on a thread so a stalled peer cannot hang the test.
+fn lines_of(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn start_agent(lab: &Lab, host: &str) -> std::process::Child {
+    let log = lab.state().state_dir.join(format!("restart-{host}.log"));
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lab.host_netns(host), EXE, "agent", "--config"])
+        .arg(lab.agent_config(host))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The reader thread keeps draining its stdout, so it never blocks on a full pipe.
+    let out = lines_of(child.stdout.take().unwrap());
+    let line = out
+        .recv_timeout(Duration::from_secs(20))
+        .expect("agent prints its ready line");
+    assert!(line.contains("agent ready"), "{line}");
+    child
+}
+
+#[test]
+fn agents_restart_without_cutting_established_connections_and_nothing_flows_while_down() {
+    if !lab_possible() {
+        return;
+    }
+    let spec = LabSpec::from_inventory(three_tier()).with_name("pe2r");
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        ..spec
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let db = lab.vm_ip("db-1").unwrap().to_string();
+    let web2 = lab.vm_ip("web-2").unwrap().to_string();
+    let mut server = lab.spawn("db-1", &[EXE, "lab", "serve", "stream", "5432"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // app-2 (hv2) → db-1 (hv2) through the edge router on hv1: both agents carry it.
+    let mut session = lab.spawn("app-2", &["busybox", "nc", &db, "5432"]).unwrap();
+    let Spawned::Process(child) = &mut session else {
+        panic!("namespace VM")
+    };
+    let lines = lines_of(child.stdout.take().unwrap());
+    assert!(lines.recv_timeout(Duration::from_secs(5)).is_ok(), "stream flows");
+    let ping = |lab: &Lab| {
+        lab.exec(
+            "bastion-1",
+            &["busybox", "ping", "-c", "1", "-W", "1", &web2],
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .status
+        .success()
+    };
+    assert!(ping(lab), "the bastion may ping web-2");
+
+    // Stop both agents: protection does not lapse, traffic stops.
+    for h in ["hv1", "hv2"] {
+        let pid = lab.state().agents[h].pid;
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    // The lab started them as our children: once they exit they are zombies until reaped.
+    let running = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    let t = Instant::now();
+    while lab.state().agents.values().any(|a| running(a.pid)) {
+        assert!(t.elapsed() < Duration::from_secs(10), "agents exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!ping(lab), "with the agents stopped nothing is forwarded");
+    for h in ["hv1", "hv2"] {
+        let saved = lab.state().state_dir.join(h).join("conntrack/host.state");
+        assert!(saved.exists(), "{h} saved its connections");
+    }
+
+    // Start them again: the established session resumes without a new handshake.
+    let mut restarted: Vec<_> = ["hv1", "hv2"].iter().map(|h| start_agent(lab, h)).collect();
+    // Drop what was buffered before the stop, then require fresh lines.
+    while lines.try_recv().is_ok() {}
+    let mut got = 0;
+    while got < 5 && lines.recv_timeout(Duration::from_secs(5)).is_ok() {
+        got += 1;
+    }
+    assert_eq!(got, 5, "the stream continued after the restart");
+    assert!(ping(lab), "forwarding is back");
+    let _ = lab.kill(&mut session);
+    let _ = lab.kill(&mut server);
+    for c in &mut restarted {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let report = guard.0.take().unwrap().shutdown().unwrap();
+    assert!(!report.namespaces.is_empty());
+    assert_eq!(leftovers("pe2r").unwrap(), Vec::<String>::new());
+}
