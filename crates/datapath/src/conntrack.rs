@@ -460,9 +460,21 @@ impl Conntrack {
     }
 
     /// Account a non-TCP packet to its connection.
-    pub fn track_other(&mut self, slot: Slot, reply: bool, len: usize, now: u64, sink: &mut dyn EventSink) {
+    ///
+    /// A packet already counted on another leg of a routed flow (`count` false) updates state only.
+    pub fn track_other(
+        &mut self,
+        slot: Slot,
+        reply: bool,
+        len: usize,
+        count: bool,
+        now: u64,
+        sink: &mut dyn EventSink,
+    ) {
         let Some(conn) = self.map.get_mut(slot) else { return };
-        conn.count(reply, len);
+        if count {
+            conn.count(reply, len);
+        }
         conn.last_seen = now;
         if reply && conn.state == ConnState::New {
             conn.state = ConnState::Replied;
@@ -470,7 +482,7 @@ impl Conntrack {
         }
     }
 
-    /// Track a TCP segment of an existing connection.
+    /// Track a TCP segment of an existing connection (`count`: as for [`Conntrack::track_other`]).
     #[allow(clippy::too_many_arguments)]
     pub fn track_tcp(
         &mut self,
@@ -478,6 +490,7 @@ impl Conntrack {
         reply: bool,
         seg: &TcpSeg,
         len: usize,
+        count: bool,
         now: u64,
         sink: &mut dyn EventSink,
         c: &mut Counters,
@@ -494,7 +507,9 @@ impl Conntrack {
             c.tcp_window_liberal += 1;
         }
         update_peers(&mut conn.tcp, s, seg);
-        conn.count(reply, len);
+        if count {
+            conn.count(reply, len);
+        }
         conn.last_seen = now;
         if flags.contains(TcpFlags::RST) {
             // Like netfilter's CLOSE state: the connection is over, but it
@@ -641,10 +656,10 @@ mod tests {
         tcp_open(&mut conn, &seg(100, 0, TcpFlags::SYN, 0));
         let slot = ct.create(conn, [u32::MAX; 2], 0, &mut ev, &mut c).unwrap();
         let synack = seg(5000, 101, TcpFlags::SYN | TcpFlags::ACK, 0);
-        assert_eq!(ct.track_tcp(slot, true, &synack, 60, 1, &mut ev, &mut c), Ok(()));
+        assert_eq!(ct.track_tcp(slot, true, &synack, 60, true, 1, &mut ev, &mut c), Ok(()));
         assert_eq!(ct.get(slot).unwrap().state, ConnState::SynReceived);
         let ack = seg(101, 5001, TcpFlags::ACK, 0);
-        assert_eq!(ct.track_tcp(slot, false, &ack, 60, 2, &mut ev, &mut c), Ok(()));
+        assert_eq!(ct.track_tcp(slot, false, &ack, 60, true, 2, &mut ev, &mut c), Ok(()));
         assert_eq!(ct.get(slot).unwrap().state, ConnState::Established);
         (ct, slot, ev, c)
     }
@@ -654,19 +669,19 @@ mod tests {
         let (mut ct, slot, mut ev, mut c) = handshake(true);
         let far = seg(101 + 50_000, 5001, TcpFlags::ACK, 10);
         assert_eq!(
-            ct.track_tcp(slot, false, &far, 60, 3, &mut ev, &mut c),
+            ct.track_tcp(slot, false, &far, 60, true, 3, &mut ev, &mut c),
             Err(DropReason::TcpOutOfWindow)
         );
         let bad_ack = seg(101, 5001 + 10_000, TcpFlags::ACK, 0);
         assert_eq!(
-            ct.track_tcp(slot, false, &bad_ack, 60, 3, &mut ev, &mut c),
+            ct.track_tcp(slot, false, &bad_ack, 60, true, 3, &mut ev, &mut c),
             Err(DropReason::TcpOutOfWindow)
         );
         let ok = seg(101, 5001, TcpFlags::ACK | TcpFlags::PSH, 500);
-        assert_eq!(ct.track_tcp(slot, false, &ok, 60, 3, &mut ev, &mut c), Ok(()));
+        assert_eq!(ct.track_tcp(slot, false, &ok, 60, true, 3, &mut ev, &mut c), Ok(()));
 
         let (mut ct, slot, mut ev, mut c) = handshake(false);
-        assert_eq!(ct.track_tcp(slot, false, &far, 60, 3, &mut ev, &mut c), Ok(()));
+        assert_eq!(ct.track_tcp(slot, false, &far, 60, true, 3, &mut ev, &mut c), Ok(()));
         assert_eq!(c.tcp_window_liberal, 1);
     }
 
@@ -674,10 +689,10 @@ mod tests {
     fn fin_teardown_and_timeouts() {
         let (mut ct, slot, mut ev, mut c) = handshake(false);
         let fin = seg(101, 5001, TcpFlags::FIN | TcpFlags::ACK, 0);
-        ct.track_tcp(slot, false, &fin, 60, 3, &mut ev, &mut c).unwrap();
+        ct.track_tcp(slot, false, &fin, 60, true, 3, &mut ev, &mut c).unwrap();
         assert_eq!(ct.get(slot).unwrap().state, ConnState::FinWait);
         let fin2 = seg(5001, 102, TcpFlags::FIN | TcpFlags::ACK, 0);
-        ct.track_tcp(slot, true, &fin2, 60, 4, &mut ev, &mut c).unwrap();
+        ct.track_tcp(slot, true, &fin2, 60, true, 4, &mut ev, &mut c).unwrap();
         assert_eq!(ct.get(slot).unwrap().state, ConnState::TimeWait);
         assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::Closed));
         let ends = ev.len();

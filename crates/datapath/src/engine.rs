@@ -155,6 +155,13 @@ impl Default for L2 {
     }
 }
 
+/// The segment every connection is keyed in. Addresses are unique across the
+/// inventory, so the datacenter is one routing domain: a connection is its L3
+/// 5-tuple, whatever L2 segment a packet of it is on (the switch deals with
+/// segments). The two legs of a routed flow (VM → router appliance → VM) are
+/// therefore one connection, classified once.
+pub const ROUTING_DOMAIN: Segment = Segment::UNTAGGED;
+
 /// The name a whole-engine state blob carries where a vNIC blob names its vNIC.
 const HOST_STATE: &str = "*host*";
 
@@ -189,6 +196,12 @@ pub struct Engine {
     rules: Vec<RuleInfo>,
     outputs: Vec<Output>,
     l2: L2,
+    /// The current packet is the second leg of a routed flow (it comes back
+    /// from a router appliance with a managed VM's source address): it was
+    /// counted on its first leg.
+    second_leg: bool,
+    /// The addresses of the local vNICs.
+    local_ips: HashMap<IpAddr, PortId, foldhash::fast::RandomState>,
 }
 
 impl core::fmt::Debug for Engine {
@@ -222,6 +235,8 @@ impl Engine {
             rules: Vec::new(),
             outputs: Vec::with_capacity(64),
             l2: L2::default(),
+            second_leg: false,
+            local_ips: HashMap::default(),
         }
     }
 
@@ -232,6 +247,9 @@ impl Engine {
         }
         let id = PortId(self.ports.len() as u16);
         self.macs.bind(vnic.segment, vnic.mac, id);
+        for ip in &vnic.ips {
+            self.local_ips.entry(port::canonical_ip(*ip)).or_insert(id);
+        }
         self.ports.push(Some(vnic));
         self.port_tallies.push(Tally::default());
         self.port_drops.push([0; DropReason::COUNT]);
@@ -438,7 +456,7 @@ impl Engine {
             Ok(Some(info)) => info,
             Ok(None) | Err(_) => return Err(DropReason::Malformed),
         };
-        info.key.segment = l2.segment;
+        info.key.segment = ROUTING_DOMAIN;
         self.l2.entropy = 49152 | (info.key.symmetric_hash() as u16 & 0x3fff);
         if info.fragment == Fragment::NonFirst {
             return Err(DropReason::Fragment);
@@ -446,6 +464,14 @@ impl Engine {
         let key = info.key;
         let l4 = inner.get(usize::from(info.l4_offset)..).unwrap_or(&[]);
         let is_v6_icmp = key.protocol == IpProtocol::ICMPV6;
+        // A packet seen a second time on this host (a routed flow's leg back
+        // from a router) was counted the first time: through an appliance
+        // port with a managed VM's source address, or from the uplink with a
+        // local VM's source address (the router is on another host).
+        self.second_leg = match src_vnic.and_then(|p| self.vnic(p)) {
+            Some(v) => v.any_source && self.lookup.vnic_of(key.src_addr()).is_some(),
+            None => self.local_port_of(key.src_addr()).is_some(),
+        };
         if let Some(v) = src_vnic.and_then(|p| self.vnic(p)) {
             switch::check_ip_source(v, key.src_addr(), key.protocol.0, key.dst_port)?;
             if is_v6_icmp {
@@ -566,10 +592,7 @@ impl Engine {
     }
 
     fn local_port_of(&self, ip: IpAddr) -> Option<PortId> {
-        self.ports
-            .iter()
-            .position(|p| p.as_ref().is_some_and(|p| p.owns(ip)))
-            .map(|i| PortId(i as u16))
+        self.local_ips.get(&port::canonical_ip(ip)).copied()
     }
 
     /// Classify a flow once: the source's egress chain and the destination's
@@ -625,6 +648,9 @@ impl Engine {
     }
 
     fn tally_rules(&mut self, rules: RuleRefs, len: usize) {
+        if self.second_leg {
+            return;
+        }
         // One rule deciding both chains carries the packet once.
         let second = if rules[1] == rules[0] { None } else { rules[1] };
         for i in [rules[0], second].into_iter().flatten() {
@@ -810,10 +836,11 @@ impl Engine {
         sink: &mut dyn EventSink,
     ) -> Result<(), DropReason> {
         match tcp {
-            Some(seg) => self
-                .conns
-                .track_tcp(slot, reply, seg, len, now, sink, &mut self.counters)?,
-            None => self.conns.track_other(slot, reply, len, now, sink),
+            Some(seg) => {
+                self.conns
+                    .track_tcp(slot, reply, seg, len, !self.second_leg, now, sink, &mut self.counters)?
+            }
+            None => self.conns.track_other(slot, reply, len, !self.second_leg, now, sink),
         }
         Ok(())
     }
@@ -992,12 +1019,24 @@ impl Engine {
             let v6 = info.key.protocol == IpProtocol::ICMPV6;
             if (v6 && (1..=4).contains(&ty)) || (!v6 && matches!(ty, 3 | 4 | 5 | 11 | 12)) {
                 let quoted = inner.get(usize::from(info.l4_offset) + 8..)?;
-                return quoted_key(quoted, l2.segment);
+                return quoted_key(quoted, ROUTING_DOMAIN);
             }
         }
         let mut key = info.key;
-        key.segment = l2.segment;
+        key.segment = ROUTING_DOMAIN;
         Some(key)
+    }
+
+    /// The L2 segment a frame received on `port` is switched in (the vNIC's
+    /// zone, or the VLAN or VNI it arrived with on the uplink). Connections
+    /// are keyed without it ([`ROUTING_DOMAIN`]); tools that show per-segment
+    /// views (`palisade replay`) ask here.
+    pub fn frame_segment(&self, port: PortId, frame: &[u8]) -> Option<Segment> {
+        if port == UPLINK {
+            Some(self.uplink_l2(frame).ok()?.0.segment)
+        } else {
+            Some(self.vnic(port)?.segment)
+        }
     }
 
     /// Write output `index` of the last forwarded frame (`frame` is that frame) into `buf`; returns its length.

@@ -1329,3 +1329,107 @@ fn a_restart_keeps_every_connection_including_transit_ones() {
     fwd(&mut fresh, 22, b, &data, a, &mut ev);
     assert_eq!(fresh.counters().classifications, before);
 }
+
+#[test]
+fn a_routed_flow_is_one_connection_classified_once_and_counted_once() {
+    // Two zones on one host and a router appliance with a leg in each: a
+    // VM-to-VM flow between zones crosses the switch twice (VM → router,
+    // router → VM). Both legs are one connection in the routing domain.
+    let text = r#"
+version: 1
+datacenter: { name: dc1, default: deny }
+zones: [{ name: web, vlan: 100 }, { name: app, vlan: 200 }]
+vms:
+  - { name: w, uuid: 00000000-0000-4000-8000-00000000000a, host: h1, vnics: [{ name: w.0, mac: "02:00:00:00:00:0a", ips: [10.0.1.10], zone: web }] }
+  - { name: p, uuid: 00000000-0000-4000-8000-00000000000b, host: h1, vnics: [{ name: p.0, mac: "02:00:00:00:00:0b", ips: [10.0.2.11], zone: app }] }
+groups: { web: { zone: web }, app: { zone: app } }
+rules:
+  datacenter:
+    - { id: web-to-app, from: web, to: app, service: tcp/8080, action: allow }
+"#;
+    let mut e = host(compile_mem(text.to_string()), "h1", 1, &[], |_| {});
+    let mut ev = Vec::new();
+    let (w, p) = (port(&e, "w.0"), port(&e, "p.0"));
+    let leg = |e: &mut Engine, zone: &str, last: u8| {
+        let segment = e.vnic(if zone == "web" { w } else { p }).unwrap().segment;
+        e.add_vnic(port::VnicPort {
+            name: format!("gw-{zone}"),
+            vm: "router".into(),
+            mac: EthernetAddress(mac(last)),
+            ips: vec![],
+            zone: zone.into(),
+            segment,
+            group_id: 0,
+            strict: false,
+            max_conns: u32::MAX,
+            any_source: true,
+        })
+        .unwrap()
+    };
+    let (gw_web, gw_app) = (leg(&mut e, "web", 0xfe), leg(&mut e, "app", 0xfd));
+    let (wip, pip) = (Ipv4Addr::new(10, 0, 1, 10), Ipv4Addr::new(10, 0, 2, 11));
+    let syn = tcp_ip(wip, pip, 40000, 8080, 1, 0, TcpFlags::SYN, b"");
+    let synack = tcp_ip(pip, wip, 8080, 40000, 100, 2, TcpFlags::SYN | TcpFlags::ACK, b"");
+    // SYN: w → router (web leg), router → p (app leg).
+    fwd(
+        &mut e,
+        1,
+        w,
+        &eth(mac(10), mac(0xfe), None, EtherType::IPV4, &syn),
+        gw_web,
+        &mut ev,
+    );
+    fwd(
+        &mut e,
+        2,
+        gw_app,
+        &eth(mac(0xfd), mac(11), None, EtherType::IPV4, &syn),
+        p,
+        &mut ev,
+    );
+    // SYN-ACK: p → router (app leg), router → w (web leg).
+    fwd(
+        &mut e,
+        3,
+        p,
+        &eth(mac(11), mac(0xfd), None, EtherType::IPV4, &synack),
+        gw_app,
+        &mut ev,
+    );
+    fwd(
+        &mut e,
+        4,
+        gw_web,
+        &eth(mac(0xfe), mac(10), None, EtherType::IPV4, &synack),
+        w,
+        &mut ev,
+    );
+    assert_eq!(e.counters().classifications, 1, "one evaluation for both legs");
+    assert_eq!(e.conntrack().len(), 1, "one connection");
+    let starts = ev.iter().filter(|x| x.kind == EventKind::Start).count();
+    assert_eq!(starts, 1);
+    let (_, conn) = e.conntrack().iter().next().unwrap();
+    assert_eq!((conn.packets, conn.reply_packets), (2, 1), "each packet counted once");
+    assert_eq!(e.rule_tally("web-to-app").packets, 2);
+    // The internet through the same router is not a second leg: it is decided and counted.
+    let inet = tcp_ip(
+        Ipv4Addr::new(203, 0, 113, 9),
+        pip,
+        50000,
+        8080,
+        1,
+        0,
+        TcpFlags::SYN,
+        b"",
+    );
+    assert_eq!(
+        e.process(
+            5,
+            gw_app,
+            &eth(mac(0xfd), mac(11), None, EtherType::IPV4, &inet),
+            &mut ev
+        ),
+        Disposition::Drop(DropReason::PolicyDeny)
+    );
+    assert_eq!(e.counters().classifications, 2);
+}

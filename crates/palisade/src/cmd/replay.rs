@@ -436,7 +436,12 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         let disposition = engine.process(now, in_port, frame, &mut ());
 
         // The row: the packet's own flow (inside the tunnel for uplink VXLAN frames).
-        let own = engine.dispatch_key(in_port, frame);
+        // Rows are per L2 segment (the engine keys connections without it).
+        let segment = engine.frame_segment(in_port, frame);
+        let own = engine.dispatch_key(in_port, frame).map(|k| FlowKey {
+            segment: segment.unwrap_or(k.segment),
+            ..k
+        });
         let id = match flow::extract(frame) {
             Ok(Some(info)) => match own {
                 Some(k) if (k.src, k.dst, k.protocol) == (info.key.src, info.key.dst, info.key.protocol) => {
