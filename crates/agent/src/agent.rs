@@ -634,8 +634,9 @@ impl Agent {
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(io_err(format!("saving {}", path.display())))?;
         self.take_events()?;
+        let unix_now = self.clock.unix(self.now());
         if let Some(t) = &mut self.audit {
-            t.flush()?;
+            t.close(unix_now)?;
         }
         Ok(saved)
     }

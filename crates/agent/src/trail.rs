@@ -56,6 +56,21 @@ impl Trail {
             dir: dir.to_path_buf(),
             message: e.to_string(),
         })?;
+        // A crash mid-append leaves a torn record: say so, loudly, once.
+        for t in &log.recovery().torn {
+            eprintln!(
+                "palisade agent: audit trail: a torn record ({} bytes at offset {} of {}) was set aside to {}; \
+                 the trail continues after record {}",
+                t.bytes,
+                t.offset,
+                t.file.display(),
+                t.moved_to.display(),
+                t.last_intact_seq
+            );
+        }
+        for n in &log.recovery().notes {
+            eprintln!("palisade agent: audit trail: {n}");
+        }
         Ok(Trail {
             dir: dir.to_path_buf(),
             log,
@@ -94,6 +109,15 @@ impl Trail {
         self.pending.clear();
         self.oldest = None;
         Ok(())
+    }
+
+    /// Append what is queued and sign a checkpoint over it (at shutdown), at `now_ns` (Unix time).
+    pub fn close(&mut self, now_ns: u64) -> Result<(), AgentError> {
+        self.flush()?;
+        self.log.checkpoint(now_ns).map_err(|e| AgentError::Audit {
+            dir: self.dir.clone(),
+            message: e.to_string(),
+        })
     }
 
     /// Counts.
