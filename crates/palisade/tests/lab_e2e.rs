@@ -204,3 +204,67 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
     assert!(!report.namespaces.is_empty());
     assert_eq!(leftovers("pe2r").unwrap(), Vec::<String>::new());
 }
+
+#[test]
+fn qemu_guests_on_two_hosts_are_filtered_by_policy() {
+    if !lab_possible() {
+        return;
+    }
+    if !have("qemu-system-x86_64") || palisade_lab::qemu::find_kernel().is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the QEMU test");
+        eprintln!("skipping: no qemu-system-x86_64 or no /boot/vmlinuz-*-cloud-amd64");
+        return;
+    }
+    // Two hosts, one guest each, in different zones: vm1 (hv1) → vm2 (hv2) crosses
+    // the edge router on hv1 and the VXLAN underlay. The generated policy allows
+    // ICMP and HTTP between lab VMs and nothing else.
+    let _ = Lab::down("pe2q", &palisade_lab::default_state_dir("pe2q"));
+    let spec = LabSpec::generated(2, 1, palisade_lab::default_state_dir("pe2q")).unwrap();
+    let spec = LabSpec {
+        name: "pe2q".into(),
+        qemu: palisade_lab::QemuMode::All,
+        agent_exe: Some(EXE.into()),
+        ..spec
+    };
+    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    assert!(lab.vm_netns("vm1").is_none(), "vm1 is a QEMU guest");
+    let vm2 = lab.vm_ip("vm2").unwrap().to_string();
+    let t = Duration::from_secs(30);
+    let ping = lab.exec("vm1", &["ping", "-c", "2", "-W", "3", &vm2], t).unwrap();
+    assert!(ping.status.success(), "ICMP allowed: {ping:?}");
+    let http = lab
+        .exec(
+            "vm1",
+            &["timeout", "10", "wget", "-q", "-O", "-", &format!("http://{vm2}/")],
+            t,
+        )
+        .unwrap();
+    let page = String::from_utf8_lossy(&http.stdout);
+    assert!(http.status.success() && page.contains("vm2"), "HTTP allowed: {http:?}");
+    // An SSH listener in vm2 answers nobody: the policy denies tcp/22.
+    let mut listener = lab.spawn("vm2", &["nc", "-ll", "-p", "22", "-e", "/bin/cat"]).unwrap();
+    let ssh = lab
+        .exec("vm1", &["sh", "-c", &format!("echo hello | timeout 5 nc {vm2} 22")], t)
+        .unwrap();
+    assert!(ssh.stdout.is_empty(), "tcp/22 must be blocked: {ssh:?}");
+    // The listener is real: vm2 reaches itself.
+    let local = lab
+        .exec("vm2", &["sh", "-c", "echo hello | timeout 5 nc 127.0.0.1 22"], t)
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&local.stdout).trim(), "hello");
+    // hv1 decided both: the agent's records name the rules.
+    std::thread::sleep(Duration::from_millis(1200));
+    let sock = lab.state().state_dir.join("hv1/agent.sock");
+    let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
+    let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
+    let decided = |port: u16, rule: &str| {
+        recs.iter()
+            .any(|r| r.dst.port == port && r.protocol == 6 && r.decided_by.iter().any(|d| d.rule == rule))
+    };
+    assert!(decided(80, "lab-http"), "{flows}");
+    assert!(decided(22, "default"), "{flows}");
+    let _ = lab.kill(&mut listener);
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2q").unwrap(), Vec::<String>::new());
+}
