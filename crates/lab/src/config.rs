@@ -45,6 +45,11 @@ pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path
     let _ = writeln!(o, "policy = {}", tq(&policy_dir.to_string_lossy()));
     let _ = writeln!(o, "state_dir = {}", tq(&state_dir.join(&h.name).to_string_lossy()));
     let _ = writeln!(o, "metrics = {}", tq(&h.metrics));
+    let _ = writeln!(
+        o,
+        "audit = {}",
+        tq(&state_dir.join(&h.name).join("audit").to_string_lossy())
+    );
     let _ = writeln!(o, "\n[underlay]");
     let _ = writeln!(o, "local = {}", tq(&h.underlay_ip.to_string()));
     let _ = writeln!(o, "port = {VXLAN_PORT}");

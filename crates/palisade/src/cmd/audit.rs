@@ -1,26 +1,449 @@
 //! `palisade audit …` and `palisade flows`: the tamper-evident trail.
+//!
+//! `audit verify` checks a log offline and exits 1 with every problem (file,
+//! byte offset, sequence number) when anything is wrong; `flows` queries it;
+//! the hidden `audit append-test` appends synthetic records and prints each
+//! acknowledged sequence number, for crash tests that kill it mid-write.
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use palisade_audit::record::{Endpoint, FlowRecord, Phase, Record, Verdict};
+use palisade_audit::{AuditConfig, AuditLog, LogReader, Query, RecordKind};
 
 /// Subcommands of `palisade audit`.
 #[derive(clap::Subcommand, Debug)]
 pub enum AuditCmd {
     /// Export records as IPFIX or JSON lines.
     Export(super::audit_export::ExportArgs),
+    /// Verify a log: hash chain, segment continuity, checkpoint signatures.
+    Verify(VerifyArgs),
+    /// Append synthetic records, printing each acknowledged sequence number (for crash tests).
+    #[command(hide = true)]
+    AppendTest(AppendTestArgs),
+}
+
+/// Arguments of `palisade audit verify`.
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// The log directory.
+    pub dir: PathBuf,
+    /// Public key to verify signatures with (default: DIR/audit.pub, which only shows self-consistency).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `palisade audit append-test`.
+#[derive(clap::Args, Debug)]
+pub struct AppendTestArgs {
+    /// The log directory (created if missing).
+    pub dir: PathBuf,
+    /// How many records to append.
+    #[arg(long)]
+    pub count: u64,
+    /// Records per append (each append is one fdatasync).
+    #[arg(long, default_value_t = 1)]
+    pub batch: u64,
+    /// Segment size, to exercise rotation.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub segment_bytes: u64,
 }
 
 /// Arguments of `palisade flows`.
 #[derive(clap::Args, Debug)]
-pub struct FlowsArgs {}
+pub struct FlowsArgs {
+    /// The log directory.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// A VM at either end (or the VM a change concerns).
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// A zone at either end.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// allow, deny or reject.
+    #[arg(long, value_parser = parse_verdict)]
+    pub verdict: Option<Verdict>,
+    /// A deciding rule id.
+    #[arg(long)]
+    pub rule: Option<String>,
+    /// Records since: a duration back from now (`90s`, `15m`, `1h`, `7d`), RFC 3339, or Unix nanoseconds.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Records before: same forms as --since.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many records.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Include change records too (default: flows only).
+    #[arg(long)]
+    pub changes: bool,
+    /// One JSON object per line: {"seq": N, "record": {...}}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_verdict(s: &str) -> Result<Verdict, String> {
+    match s {
+        "allow" => Ok(Verdict::Allow),
+        "deny" => Ok(Verdict::Deny),
+        "reject" => Ok(Verdict::Reject),
+        _ => Err(format!("`{s}`: expected allow, deny or reject")),
+    }
+}
 
 /// Run an audit subcommand.
 pub fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         AuditCmd::Export(a) => super::audit_export::run(a),
+        AuditCmd::Verify(a) => verify(a),
+        AuditCmd::AppendTest(a) => append_test(a),
+    }
+}
+
+fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let report = palisade_audit::verify(&a.dir, a.key.as_deref())
+        .with_context(|| format!("verifying the audit log in {}", a.dir.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if report.is_ok() {
+        println!(
+            "{}: intact: {} records (seq {}..={}) in {} segments; {} valid checkpoints, signed through seq {}",
+            a.dir.display(),
+            report.records,
+            report.first_seq,
+            report.last_seq,
+            report.segments,
+            report.checkpoints,
+            report.signed_through
+        );
+    } else {
+        println!("{}: {} problem(s):", a.dir.display(), report.problems.len());
+        for p in &report.problems {
+            println!("  {p}");
+        }
+        if report.only_torn_tail() {
+            println!("only a torn tail (an interrupted append): opening the log sets it aside");
+        }
+    }
+    if !a.json {
+        for n in &report.notes {
+            println!("note: {n}");
+        }
+    }
+    Ok(if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Now, Unix nanoseconds.
+pub(crate) fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn append_test(a: AppendTestArgs) -> anyhow::Result<ExitCode> {
+    let config = AuditConfig {
+        segment_bytes: a.segment_bytes,
+        ..AuditConfig::default()
+    };
+    let mut log = AuditLog::open(&a.dir, config).with_context(|| format!("opening {}", a.dir.display()))?;
+    for t in &log.recovery().torn {
+        eprintln!(
+            "recovered: {} bytes torn at {} byte {} moved to {}",
+            t.bytes,
+            t.file.display(),
+            t.offset,
+            t.moved_to.display()
+        );
+    }
+    let mut stdout = std::io::stdout().lock();
+    let mut left = a.count;
+    while left > 0 {
+        let n = left.min(a.batch.max(1));
+        let batch: Vec<Record> = (0..n).map(|i| synthetic(log.last_seq() + i + 1)).collect();
+        let seq = log.append(&batch)?;
+        writeln!(stdout, "{seq}")?;
+        stdout.flush()?;
+        left -= n;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A synthetic flow record numbered `n`.
+fn synthetic(n: u64) -> Record {
+    let vm = |i: u64| palisade_audit::record::VmIdentity {
+        name: format!("vm-{}", i % 16),
+        uuid: format!("00000000-0000-0000-0000-{:012}", i % 16),
+        vnic: format!("vm-{}.0", i % 16),
+        zone: ["web", "app", "db"][(i % 3) as usize].into(),
+        cluster: None,
+        host: Some("test".into()),
+        tags: Default::default(),
+    };
+    let t = 1_700_000_000_000_000_000 + n * 1_000_000;
+    Record::Flow(FlowRecord {
+        time_ns: t,
+        flow_id: n,
+        host: "test".into(),
+        phase: Phase::Start,
+        src: Endpoint {
+            addr: std::net::Ipv4Addr::from(0x0a00_0000 + (n % 200) as u32).into(),
+            port: 30000 + (n % 30000) as u16,
+            vm: Some(vm(n)),
+        },
+        dst: Endpoint {
+            addr: std::net::Ipv4Addr::from(0x0a00_0100 + (n % 7) as u32).into(),
+            port: 443,
+            vm: Some(vm(n + 5)),
+        },
+        protocol: 6,
+        verdict: if n % 3 == 0 { Verdict::Deny } else { Verdict::Allow },
+        decided_by: vec![palisade_audit::record::Decision {
+            rule: format!("rule-{}", n % 10),
+            level: "zone".into(),
+            policy_version: 1,
+            chain: "egress".into(),
+        }],
+        packets_out: n,
+        bytes_out: n * 64,
+        packets_in: 0,
+        bytes_in: 0,
+        start_ns: t,
+        last_ns: t,
+    })
+}
+
+/// Parse a time: a duration back from `now` (`90s`, `15m`, `1h`, `7d`), RFC
+/// 3339 (`2026-11-23T06:00:00Z`, `…+01:00`, fractions allowed), or Unix ns.
+pub(crate) fn parse_time(s: &str, now: u64) -> anyhow::Result<u64> {
+    let s = s.trim();
+    if let Ok(ns) = s.parse::<u64>() {
+        return Ok(ns);
+    }
+    for (suffix, unit) in [
+        ("ms", 1_000_000u64),
+        ("s", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+        ("d", 86_400_000_000_000),
+    ] {
+        if let Some(n) = s.strip_suffix(suffix).and_then(|n| n.parse::<u64>().ok()) {
+            return Ok(now.saturating_sub(n.saturating_mul(unit)));
+        }
+    }
+    parse_rfc3339(s)
+        .with_context(|| format!("`{s}`: expected a duration like 1h or 30m, RFC 3339, or Unix nanoseconds"))
+}
+
+fn parse_rfc3339(s: &str) -> anyhow::Result<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || !s.is_ascii()
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        bail!("not RFC 3339");
+    }
+    // `s` is ASCII and at least 20 bytes long, so these slices are in bounds.
+    let num = |r: std::ops::Range<usize>| s[r].parse::<i64>().context("not RFC 3339");
+    let (y, mo, d, h, mi, se) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        bail!("date or time out of range");
+    }
+    let mut rest = &s[19..];
+    let mut frac_ns = 0i64;
+    if let Some(r) = rest.strip_prefix('.') {
+        let digits = r.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            bail!("empty fraction");
+        }
+        let f = &r[..digits.min(9)];
+        frac_ns = f.parse::<i64>()? * 10i64.pow(9 - f.len() as u32);
+        rest = &r[digits..];
+    }
+    let offset_s = match rest {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+            let v = o[1..3].parse::<i64>()? * 3600 + o[4..6].parse::<i64>()? * 60;
+            if o.starts_with('-') { -v } else { v }
+        }
+        _ => bail!("missing or bad UTC offset"),
+    };
+    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se - offset_s;
+    let ns = i128::from(secs) * 1_000_000_000 + i128::from(frac_ns);
+    u64::try_from(ns).context("before 1970")
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// RFC 3339 (UTC, milliseconds) of Unix nanoseconds.
+pub(crate) fn format_time(ns: u64) -> String {
+    let secs = (ns / 1_000_000_000) as i64;
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+        ns % 1_000_000_000 / 1_000_000
+    )
+}
+
+/// `vm (addr:port)` or `addr:port`.
+pub(crate) fn endpoint(e: &Endpoint) -> String {
+    let addr = match e.addr {
+        std::net::IpAddr::V6(a) => format!("[{a}]:{}", e.port),
+        a => format!("{a}:{}", e.port),
+    };
+    match &e.vm {
+        Some(vm) => format!("{}({addr})", vm.name),
+        None => addr,
     }
 }
 
 /// Run `palisade flows`.
-pub fn flows(_args: FlowsArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("palisade flows: not built yet")
+pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
+    let now = now_ns();
+    let q = Query {
+        vm: a.vm,
+        zone: a.zone,
+        verdict: a.verdict,
+        rule: a.rule,
+        since_ns: a.since.as_deref().map(|s| parse_time(s, now)).transpose()?,
+        until_ns: a.until.as_deref().map(|s| parse_time(s, now)).transpose()?,
+        limit: a.limit,
+        kind: (!a.changes).then_some(RecordKind::Flow),
+    };
+    let reader = LogReader::open(&a.dir).with_context(|| format!("opening the audit log in {}", a.dir.display()))?;
+    let mut out = std::io::stdout().lock();
+    if !a.json {
+        writeln!(
+            out,
+            "{:>8}  {:24}  {:7}  {:5}  {:32}  {:32}  RULE",
+            "SEQ", "TIME", "VERDICT", "PROTO", "SOURCE", "DESTINATION"
+        )?;
+    }
+    let mut err = None;
+    let n = reader.query_each(&q, |seq, rec| {
+        let r = if a.json {
+            serde_json::to_string(&serde_json::json!({ "seq": seq, "record": rec }))
+                .map_err(anyhow::Error::from)
+                .and_then(|line| writeln!(out, "{line}").map_err(Into::into))
+        } else {
+            writeln!(out, "{}", row(seq, &rec)).map_err(Into::into)
+        };
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                err = Some(e);
+                false
+            }
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if !a.json {
+        writeln!(out, "{n} record(s)")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn row(seq: u64, rec: &Record) -> String {
+    match rec {
+        Record::Flow(f) => {
+            let verdict = match f.verdict {
+                Verdict::Allow => "allow",
+                Verdict::Deny => "deny",
+                Verdict::Reject => "reject",
+            };
+            let phase = match f.phase {
+                Phase::Start => "",
+                Phase::Update => " (update)",
+                Phase::End(_) => " (end)",
+            };
+            let rules: Vec<String> = f.decided_by.iter().map(|d| format!("{}:{}", d.chain, d.rule)).collect();
+            format!(
+                "{seq:>8}  {:24}  {:7}  {:5}  {:32}  {:32}  {}{phase}",
+                format_time(f.time_ns),
+                verdict,
+                f.protocol,
+                endpoint(&f.src),
+                endpoint(&f.dst),
+                rules.join(",")
+            )
+        }
+        Record::Change(c) => format!(
+            "{seq:>8}  {:24}  change   {} {} {} (by {})",
+            format_time(c.time_ns),
+            c.action,
+            c.resource,
+            c.diff.lines().next().unwrap_or(""),
+            c.actor
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_parse_and_format() {
+        let now = 10_000 * 1_000_000_000;
+        assert_eq!(parse_time("1h", now).unwrap(), now - 3_600_000_000_000);
+        assert_eq!(parse_time("90s", now).unwrap(), now - 90_000_000_000);
+        assert_eq!(parse_time("123", now).unwrap(), 123);
+        let t = parse_time("2023-11-14T22:13:20Z", now).unwrap();
+        assert_eq!(t, 1_700_000_000_000_000_000);
+        assert_eq!(parse_time("2023-11-14T23:13:20.5+01:00", now).unwrap(), t + 500_000_000);
+        assert_eq!(format_time(t + 500_000_000), "2023-11-14T22:13:20.500Z");
+        assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
+        for bad in [
+            "yesterday",
+            "2023-13-01T00:00:00Z",
+            "2023-11-14T22:13:20",
+            "1969-12-31T23:59:59Z",
+        ] {
+            assert!(parse_time(bad, now).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,0 +1,76 @@
+//! Shared helpers of the audit store tests: synthetic records.
+#![allow(dead_code)]
+
+use palisade_audit::record::*;
+
+/// Base time of synthetic records (2023-11-14T22:13:20Z).
+pub const T0: u64 = 1_700_000_000_000_000_000;
+/// One second in nanoseconds.
+pub const SEC: u64 = 1_000_000_000;
+
+/// The `i`th synthetic record: mostly flows among 7 VMs in 3 zones, with
+/// varied verdicts and rules, one change record in 10; one second apart.
+pub fn rec(i: u64) -> Record {
+    let time_ns = T0 + i * SEC;
+    if i % 10 == 9 {
+        return Record::Change(ChangeRecord {
+            time_ns,
+            actor: "alice".into(),
+            action: "vm.tag".into(),
+            resource: format!("vm/vm-{}", i % 7),
+            diff: format!("+n={i}"),
+            policy_version: Some(i),
+        });
+    }
+    let zone = |v: u64| ["web", "app", "db"][(v % 3) as usize].to_string();
+    let vm = |v: u64| VmIdentity {
+        name: format!("vm-{v}"),
+        uuid: format!("u-{v}"),
+        vnic: format!("vm-{v}.0"),
+        zone: zone(v),
+        cluster: None,
+        host: Some("hv1".into()),
+        tags: Default::default(),
+    };
+    let (s, d) = (i % 7, (i * 3 + 1) % 7);
+    let verdict = [Verdict::Allow, Verdict::Allow, Verdict::Deny, Verdict::Reject][(i % 4) as usize];
+    Record::Flow(FlowRecord {
+        time_ns,
+        flow_id: i,
+        host: "hv1".into(),
+        phase: Phase::Start,
+        src: Endpoint {
+            addr: format!("10.0.0.{}", s + 1).parse().unwrap(),
+            port: 40000 + (i % 1000) as u16,
+            vm: Some(vm(s)),
+        },
+        dst: Endpoint {
+            addr: if i % 5 == 0 {
+                "203.0.113.9".parse().unwrap()
+            } else {
+                format!("10.0.0.{}", d + 1).parse().unwrap()
+            },
+            port: 443,
+            vm: (i % 5 != 0).then(|| vm(d)),
+        },
+        protocol: 6,
+        verdict,
+        decided_by: vec![Decision {
+            rule: format!("rule-{}", i % 5),
+            level: "zone".into(),
+            policy_version: 1,
+            chain: "egress".into(),
+        }],
+        packets_out: i,
+        bytes_out: i * 100,
+        packets_in: 0,
+        bytes_in: 0,
+        start_ns: time_ns,
+        last_ns: time_ns,
+    })
+}
+
+/// Records `from..to`.
+pub fn recs(from: u64, to: u64) -> Vec<Record> {
+    (from..to).map(rec).collect()
+}
