@@ -71,6 +71,11 @@ fn demo_once_enforces_the_three_tier_policy_and_leaves_nothing_behind() {
     assert_eq!(text.matches('✓').count(), 11, "eleven scripted connections");
     assert!(!text.contains("UNEXPECTED") && !text.contains("no flow record"));
     assert!(text.contains("long-lived database session still open: yes"));
+    assert_eq!(
+        text.matches("hash chain intact").count(),
+        2,
+        "both hosts' audit trails verify"
+    );
     for rule in [
         "web-from-internet (zone)",
         "dc-deny-internet-ssh (datacenter)",

@@ -200,6 +200,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         lab.plan().vms.len()
     );
     let result = drive(&lab, &args, &stop);
+    let trails = stop_agents_and_verify(&lab);
     println!("tearing the lab down …");
     let report = lab.shutdown()?;
     println!(
@@ -208,12 +209,56 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         report.processes.len(),
         report.links.len()
     );
-    let failures = result?;
+    let failures = result? + trails?;
     if failures > 0 {
         println!("{failures} connection(s) did not behave as the policy says");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Stop the agents (SIGTERM: they save state, flush and sign their audit
+/// trails), then verify each host's trail. Returns the number of trails that
+/// do not verify.
+fn stop_agents_and_verify(lab: &Lab) -> anyhow::Result<usize> {
+    for a in lab.state().agents.values() {
+        // SAFETY: kill has no memory preconditions; the pid is our child's.
+        unsafe { libc::kill(a.pid, libc::SIGTERM) };
+    }
+    // The lab started them as our children: exited ones are zombies until reaped.
+    let running = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lab.state().agents.values().any(|a| running(a.pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut bad = 0;
+    for h in &lab.plan().hosts {
+        let dir = lab.state().state_dir.join(&h.name).join("audit");
+        match palisade_audit::verify(&dir, None) {
+            Ok(r) if r.is_ok() => println!(
+                "audit trail of {}: {} records, hash chain intact, signed through record {}",
+                h.name, r.records, r.signed_through
+            ),
+            Ok(r) => {
+                bad += 1;
+                println!("audit trail of {}: {} problem(s):", h.name, r.problems.len());
+                for p in &r.problems {
+                    println!("  {p}");
+                }
+            }
+            Err(e) => {
+                bad += 1;
+                println!("audit trail of {}: cannot verify: {e}", h.name);
+            }
+        }
+    }
+    Ok(bad)
 }
 
 /// Start the servers, run the script, show the flows. Returns the number of failed expectations.
