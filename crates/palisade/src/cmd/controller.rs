@@ -1,12 +1,138 @@
 //! `palisade controller`: the API, versioned policy and the agents' channel.
+//!
+//! The store is embedded (a redb file under `--data`) unless `--etcd` names
+//! an etcd cluster. HTTPS with client certificates is the normal mode
+//! (`--tls-dir` holds `ca.pem`, `controller.pem`, `controller.key`, made with
+//! `palisade ca`); `--insecure-http` serves plain HTTP, and only on loopback.
+//! At the first start, when the store holds no token, an admin token is made
+//! and written to `DATA/admin.token` (mode 0600).
 
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use palisade_controller::auth::Role;
+use palisade_controller::core::Controller;
+use palisade_controller::server::{self, ServeOptions};
+use palisade_controller::store::{EmbeddedStore, EtcdStore, Store};
+use palisade_controller::tls;
 
 /// Arguments of `palisade controller`.
 #[derive(clap::Args, Debug)]
-pub struct ControllerArgs {}
+pub struct ControllerArgs {
+    /// Data directory: the embedded store and the bootstrap admin token.
+    #[arg(long, global = true, default_value = "/var/lib/palisade/controller")]
+    pub data: PathBuf,
+    /// etcd client URLs, comma-separated (default: the embedded store).
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Key prefix in etcd.
+    #[arg(long, global = true, default_value = "/palisade/")]
+    pub etcd_prefix: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+    /// Directory with ca.pem, controller.pem and controller.key: serve HTTPS.
+    #[arg(long, conflicts_with = "insecure_http")]
+    pub tls_dir: Option<PathBuf>,
+    /// Serve plain HTTP (development; loopback addresses only).
+    #[arg(long)]
+    pub insecure_http: bool,
+    /// Token management instead of serving.
+    #[command(subcommand)]
+    pub command: Option<ControllerCmd>,
+}
+
+/// Subcommands of `palisade controller`.
+#[derive(clap::Subcommand, Debug)]
+pub enum ControllerCmd {
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+/// `palisade controller token …`.
+#[derive(clap::Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token and print it (once; only its hash is stored).
+    Create {
+        /// Its name: the actor recorded for its changes.
+        name: String,
+        /// admin, operator, auditor or read-only.
+        #[arg(long)]
+        role: Role,
+    },
+}
+
+fn open_store(args: &ControllerArgs) -> anyhow::Result<Arc<dyn Store>> {
+    if !args.etcd.is_empty() {
+        let s = EtcdStore::new(args.etcd.clone(), &args.etcd_prefix);
+        s.ping()
+            .with_context(|| format!("connecting to etcd at {}", args.etcd.join(",")))?;
+        return Ok(Arc::new(s));
+    }
+    std::fs::create_dir_all(&args.data).with_context(|| format!("creating {}", args.data.display()))?;
+    let path = args.data.join("store.redb");
+    let s = EmbeddedStore::open(&path)
+        .with_context(|| format!("opening {} (is a controller running on it?)", path.display()))?;
+    Ok(Arc::new(s))
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
 
 /// Run the controller.
-pub fn run(_args: ControllerArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("palisade controller: not built yet")
+pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    let store = open_store(&args)?;
+    let ctl = Controller::new(store);
+    if let Some(ControllerCmd::Token(TokenCmd::Create { name, role })) = &args.command {
+        let secret = ctl.create_token("local", name, *role).context("creating the token")?;
+        println!("{secret}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let tls = match (&args.tls_dir, args.insecure_http) {
+        (Some(d), _) => Some(
+            tls::server_config(&d.join("ca.pem"), &d.join("controller.pem"), &d.join("controller.key"))
+                .with_context(|| format!("loading TLS files from {}", d.display()))?,
+        ),
+        (None, true) if args.listen.ip().is_loopback() => None,
+        (None, true) => bail!("--insecure-http is for loopback addresses only, not {}", args.listen),
+        (None, false) => {
+            bail!("give --tls-dir DIR (see `palisade ca`) or, for development on loopback, --insecure-http")
+        }
+    };
+    if !ctl.has_tokens().context("reading tokens")? {
+        std::fs::create_dir_all(&args.data).with_context(|| format!("creating {}", args.data.display()))?;
+        let path = args.data.join("admin.token");
+        let secret = ctl
+            .create_token("local", "admin", Role::Admin)
+            .context("creating the bootstrap token")?;
+        write_secret(&path, &format!("{secret}\n"))?;
+        eprintln!(
+            "palisade controller: first start: admin token written to {}",
+            path.display()
+        );
+    }
+    let opts = ServeOptions {
+        listen: args.listen,
+        tls,
+        poll_interval: Duration::from_millis(if args.etcd.is_empty() { 1000 } else { 250 }),
+    };
+    let srv = server::spawn(ctl, opts).context("starting the server")?;
+    eprintln!("palisade controller: serving {}", srv.url());
+    srv.wait();
+    Ok(ExitCode::SUCCESS)
 }

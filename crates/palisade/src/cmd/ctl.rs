@@ -1,40 +1,389 @@
 //! The CLI against the controller: `apply`, `get`, `diff`, `rollback`, `tag`.
+//!
+//! The controller URL and token come from `--server`/`--token`, else from
+//! `PALISADE_SERVER`/`PALISADE_TOKEN`; for HTTPS, `--ca` (or `PALISADE_CA`)
+//! names the CA certificate to trust. `--server` may list several URLs,
+//! comma-separated: the client fails over between them.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::{Context as _, anyhow, bail};
+use palisade_controller::api::{Files, TagRequest};
+use palisade_controller::client::{Client, ClientAuth};
+use palisade_policy::PolicySource as _;
+
+/// How to reach the controller.
+#[derive(clap::Args, Debug)]
+pub struct Conn {
+    /// Controller URL(s), comma-separated [env: PALISADE_SERVER].
+    #[arg(long)]
+    pub server: Option<String>,
+    /// API token [env: PALISADE_TOKEN].
+    #[arg(long)]
+    pub token: Option<String>,
+    /// CA certificate to trust for HTTPS [env: PALISADE_CA].
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+}
+
+impl Conn {
+    fn client(&self) -> anyhow::Result<Client> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let server = self
+            .server
+            .clone()
+            .or_else(|| env("PALISADE_SERVER"))
+            .ok_or_else(|| anyhow!("no controller: give --server URL or set PALISADE_SERVER"))?;
+        let token = self
+            .token
+            .clone()
+            .or_else(|| env("PALISADE_TOKEN"))
+            .ok_or_else(|| anyhow!("no token: give --token or set PALISADE_TOKEN"))?;
+        let urls = server
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let mut c = Client::with_failover(urls, ClientAuth::Token(token)).context("controller client")?;
+        if let Some(ca) = self.ca.clone().or_else(|| env("PALISADE_CA").map(PathBuf::from)) {
+            c = c.with_ca(&ca).with_context(|| format!("loading CA {}", ca.display()))?;
+        }
+        Ok(c)
+    }
+}
 
 /// Arguments of `palisade apply`.
 #[derive(clap::Args, Debug)]
-pub struct ApplyArgs {}
+pub struct ApplyArgs {
+    /// Policy directory (or one file).
+    #[arg(short = 'f', long = "file")]
+    pub dir: PathBuf,
+    /// Why (kept with the version).
+    #[arg(short, long, default_value = "")]
+    pub message: String,
+    /// Only validate on the controller; store nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Connection.
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// What `palisade get` shows.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum GetWhat {
+    /// VMs with effective tags.
+    Vms,
+    /// Hosts and their agents.
+    Hosts,
+    /// The current policy files.
+    Policy,
+    /// Version history.
+    Versions,
+    /// Registered agents.
+    Agents,
+    /// Change records.
+    Changes,
+}
+
 /// Arguments of `palisade get`.
 #[derive(clap::Args, Debug)]
-pub struct GetArgs {}
+pub struct GetArgs {
+    /// What to show.
+    pub what: GetWhat,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Connection.
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
 /// Arguments of `palisade diff`.
 #[derive(clap::Args, Debug)]
-pub struct DiffArgs {}
+pub struct DiffArgs {
+    /// Policy directory (or one file).
+    #[arg(short = 'f', long = "file")]
+    pub dir: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Connection.
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
 /// Arguments of `palisade rollback`.
 #[derive(clap::Args, Debug)]
-pub struct RollbackArgs {}
+pub struct RollbackArgs {
+    /// The version to make current again.
+    #[arg(value_name = "VERSION")]
+    pub target: u64,
+    /// Connection.
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// What `palisade tag` tags.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum TagKind {
+    /// A VM.
+    Vm,
+}
+
 /// Arguments of `palisade tag`.
 #[derive(clap::Args, Debug)]
-pub struct TagArgs {}
+pub struct TagArgs {
+    /// What to tag (`vm`).
+    pub kind: TagKind,
+    /// Its name.
+    pub name: String,
+    /// Tags to set, as key=value.
+    pub tags: Vec<String>,
+    /// Tag keys to remove (repeatable).
+    #[arg(long = "remove")]
+    pub remove: Vec<String>,
+    /// Connection.
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+fn read_files(dir: &std::path::Path) -> anyhow::Result<Files> {
+    let files = palisade_policy::DirSource::new(dir)
+        .files()
+        .with_context(|| format!("reading {}", dir.display()))?;
+    files
+        .into_iter()
+        .map(|(p, text)| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .ok_or_else(|| anyhow!("{} has no file name", p.display()))?;
+            Ok((name, text))
+        })
+        .collect()
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
 
 /// `palisade apply`.
-pub fn apply(_a: ApplyArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("palisade apply: not built yet")
+pub fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let files = read_files(&a.dir)?;
+    let r = a.conn.client()?.apply(&files, &a.message, a.dry_run).context("apply")?;
+    if !r.warnings.is_empty() {
+        eprint!("{}", r.warnings);
+    }
+    if r.dry_run {
+        println!("valid: would become version {} (revision {})", r.version, r.revision);
+    } else {
+        println!("applied: version {} (revision {})", r.version, r.revision);
+    }
+    Ok(ExitCode::SUCCESS)
 }
+
 /// `palisade get`.
-pub fn get(_a: GetArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("palisade get: not built yet")
+pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
+    let c = a.conn.client()?;
+    match a.what {
+        GetWhat::Vms => {
+            let vms = c.vms()?;
+            if a.json {
+                return print_json(&vms).map(|_| ExitCode::SUCCESS);
+            }
+            println!("{:<20} {:<10} {:<8} {:<30} TAGS", "NAME", "CLUSTER", "HOST", "VNICS");
+            for v in vms {
+                let tags: Vec<String> = v.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let dash = || "-".to_string();
+                println!(
+                    "{:<20} {:<10} {:<8} {:<30} {}",
+                    v.name,
+                    v.cluster.unwrap_or_else(dash),
+                    v.host.unwrap_or_else(dash),
+                    v.vnics.join(","),
+                    tags.join(",")
+                );
+            }
+        }
+        GetWhat::Hosts => {
+            let hosts = c.hosts()?;
+            if a.json {
+                return print_json(&hosts).map(|_| ExitCode::SUCCESS);
+            }
+            println!("{:<16} {:<10} {:<10} VMS", "HOST", "CLUSTER", "INSTALLED");
+            for h in hosts {
+                let rev = h
+                    .agent
+                    .map_or("-".to_string(), |a| format!("rev {}", a.installed_revision));
+                println!(
+                    "{:<16} {:<10} {:<10} {}",
+                    h.name,
+                    h.cluster.unwrap_or_default(),
+                    rev,
+                    h.vms.join(",")
+                );
+            }
+        }
+        GetWhat::Policy => {
+            let p = c.policy()?;
+            if a.json {
+                return print_json(&p).map(|_| ExitCode::SUCCESS);
+            }
+            println!("# version {} (revision {})", p.version, p.revision);
+            for (name, text) in &p.files {
+                println!("# --- {name}\n{text}");
+            }
+            if !p.tags.is_empty() {
+                println!("# tag overlay: {}", serde_json::to_string(&p.tags)?);
+            }
+        }
+        GetWhat::Versions => {
+            let vs = c.versions()?;
+            if a.json {
+                return print_json(&vs).map(|_| ExitCode::SUCCESS);
+            }
+            println!("{:<8} {:<12} {:<20} MESSAGE", "VERSION", "AUTHOR", "TIME_NS");
+            for v in vs {
+                println!("{:<8} {:<12} {:<20} {}", v.version, v.author, v.time_ns, v.message);
+            }
+        }
+        GetWhat::Agents => {
+            let ags = c.agents()?;
+            if a.json {
+                return print_json(&ags).map(|_| ExitCode::SUCCESS);
+            }
+            println!("{:<16} {:<10} {:<22} VERSION", "HOST", "INSTALLED", "LAST_SEEN_NS");
+            for g in ags {
+                println!(
+                    "{:<16} {:<10} {:<22} {}",
+                    g.host, g.installed_revision, g.last_seen_ns, g.agent_version
+                );
+            }
+        }
+        GetWhat::Changes => {
+            let ch = c.changes()?;
+            if a.json {
+                return print_json(&ch).map(|_| ExitCode::SUCCESS);
+            }
+            for r in ch {
+                let v = r.policy_version.map(|v| format!(" -> v{v}")).unwrap_or_default();
+                println!("{} {} {} {}{v}", r.time_ns, r.actor, r.action, r.resource);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
+
 /// `palisade diff`.
-pub fn diff(_a: DiffArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("palisade diff: not built yet")
+pub fn diff(a: DiffArgs) -> anyhow::Result<ExitCode> {
+    let files = read_files(&a.dir)?;
+    let d = a.conn.client()?.diff(&files).context("diff")?;
+    if a.json {
+        return print_json(&d).map(|_| ExitCode::SUCCESS);
+    }
+    print!("{}", d.diff);
+    if d.chains.is_empty() {
+        println!("# no compiled chain changes (against version {})", d.base_version);
+    } else {
+        println!("# chains that change (against version {}):", d.base_version);
+        for ch in &d.chains {
+            println!("#   {} {} {}", ch.vnic, ch.direction, ch.change);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
+
 /// `palisade rollback`.
-pub fn rollback(_a: RollbackArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("palisade rollback: not built yet")
+pub fn rollback(a: RollbackArgs) -> anyhow::Result<ExitCode> {
+    let r = a.conn.client()?.rollback(a.target).context("rollback")?;
+    println!(
+        "rolled back to version {}: now version {} (revision {})",
+        a.target, r.version, r.revision
+    );
+    Ok(ExitCode::SUCCESS)
 }
+
 /// `palisade tag`.
-pub fn tag(_a: TagArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("palisade tag: not built yet")
+pub fn tag(a: TagArgs) -> anyhow::Result<ExitCode> {
+    let TagKind::Vm = a.kind;
+    let mut req = TagRequest {
+        set: Default::default(),
+        remove: a.remove.clone(),
+    };
+    for t in &a.tags {
+        let Some((k, v)) = t.split_once('=') else {
+            bail!("tag \"{t}\" is not key=value");
+        };
+        req.set.insert(k.to_string(), v.to_string());
+    }
+    let r = a.conn.client()?.tag(&a.name, &req).context("tag")?;
+    let tags: Vec<String> = r.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("{}: {} (revision {})", r.vm, tags.join(","), r.revision);
+    if !r.chains.is_empty() {
+        println!("chains changed: {}", r.chains.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser};
+
+    /// The controller-facing commands as main.rs mounts them (with a propagated `--version`).
+    #[derive(Parser, Debug)]
+    #[command(name = "palisade", version, propagate_version = true)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(clap::Subcommand, Debug)]
+    enum Command {
+        Controller(super::super::controller::ControllerArgs),
+        #[command(subcommand)]
+        Ca(super::super::ca::CaCmd),
+        Apply(super::ApplyArgs),
+        Get(super::GetArgs),
+        Diff(super::DiffArgs),
+        Rollback(super::RollbackArgs),
+        Tag(super::TagArgs),
+    }
+
+    #[test]
+    fn arguments_are_consistent_and_parse() {
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from([
+            "palisade", "tag", "vm", "web-1", "a=b", "--remove", "c", "--server", "http://x",
+        ])
+        .unwrap();
+        let Command::Tag(t) = c.command else { panic!() };
+        assert_eq!(
+            (t.name.as_str(), t.tags.as_slice(), t.remove.as_slice()),
+            ("web-1", &["a=b".to_string()][..], &["c".to_string()][..])
+        );
+        let c = Cli::try_parse_from(["palisade", "rollback", "3"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Rollback(super::RollbackArgs { target: 3, .. })
+        ));
+        let c = Cli::try_parse_from([
+            "palisade",
+            "controller",
+            "token",
+            "create",
+            "bob",
+            "--role",
+            "auditor",
+            "--data",
+            "/d",
+        ])
+        .unwrap();
+        let Command::Controller(a) = c.command else { panic!() };
+        assert_eq!(a.data, std::path::PathBuf::from("/d"));
+        assert!(Cli::try_parse_from(["palisade", "controller", "--tls-dir", "d", "--insecure-http"]).is_err());
+        assert!(Cli::try_parse_from(["palisade", "get", "nonsense"]).is_err());
+    }
 }

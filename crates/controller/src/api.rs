@@ -1,0 +1,313 @@
+//! The JSON documents of the HTTP API, shared by the server and the client.
+//!
+//! They are also the stored form: a [`VersionRecord`] is what the store keeps
+//! under `policy/versions/…`, the [`CurrentRecord`] is the compare-and-swapped
+//! pointer every change goes through, so the two ends and the store can never
+//! disagree on a field's meaning.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Policy files by name (`name.yaml` → YAML text), in name order.
+pub type Files = BTreeMap<String, String>;
+
+/// A tag overlay: VM name → tag key → `Some(value)` (set) or `None` (removed).
+///
+/// The overlay is applied over the tags the policy files give a VM, so tagging
+/// through the API needs no edit of the files, and survives new versions.
+pub type TagOverlay = BTreeMap<String, BTreeMap<String, Option<String>>>;
+
+/// One stored policy version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// The version number (1, 2, …).
+    pub version: u64,
+    /// Who made it (token name).
+    pub author: String,
+    /// When (Unix time, nanoseconds).
+    pub time_ns: u64,
+    /// The author's message.
+    pub message: String,
+    /// The files.
+    pub files: Files,
+    /// The version this one restored, for a rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<u64>,
+}
+
+/// A version without its files, for history listings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionSummary {
+    /// The version number.
+    pub version: u64,
+    /// Who made it.
+    pub author: String,
+    /// When (Unix time, nanoseconds).
+    pub time_ns: u64,
+    /// The author's message.
+    pub message: String,
+    /// The version this one restored, for a rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<u64>,
+}
+
+impl From<&VersionRecord> for VersionSummary {
+    fn from(v: &VersionRecord) -> VersionSummary {
+        VersionSummary {
+            version: v.version,
+            author: v.author.clone(),
+            time_ns: v.time_ns,
+            message: v.message.clone(),
+            rollback_of: v.rollback_of,
+        }
+    }
+}
+
+/// The current effective policy: which version, which tag overlay, and the
+/// revision that any change of either bumps (agents watch the revision).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentRecord {
+    /// Effective-policy revision: +1 on every apply, rollback or tag change.
+    pub revision: u64,
+    /// The current version (0: none applied yet).
+    pub version: u64,
+    /// The tag overlay.
+    #[serde(default)]
+    pub tags: TagOverlay,
+}
+
+/// What an agent fetches: everything needed to build its chains.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyBundle {
+    /// Effective-policy revision.
+    pub revision: u64,
+    /// Policy version.
+    pub version: u64,
+    /// The version's files.
+    pub files: Files,
+    /// The tag overlay to apply over the files' VM tags.
+    pub tags: TagOverlay,
+}
+
+/// Building a [`PolicyBundle`]'s model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The files do not load (a stored version always does; this means a corrupt bundle).
+    #[error("policy does not load:\n{0}")]
+    Invalid(String),
+    /// The overlay names a VM the files do not have.
+    #[error("tag overlay names VM \"{0}\", which the policy does not have")]
+    UnknownVm(String),
+}
+
+impl PolicyBundle {
+    /// Load the files and apply the tag overlay: the model the agent compiles.
+    pub fn model(&self) -> Result<palisade_policy::Model, BundleError> {
+        effective_model(&self.files, &self.tags)
+    }
+}
+
+/// Load `files` and apply `tags` over the VMs' tags.
+pub fn effective_model(files: &Files, tags: &TagOverlay) -> Result<palisade_policy::Model, BundleError> {
+    let src = files
+        .iter()
+        .fold(palisade_policy::MemorySource::new(), |s, (n, t)| s.with(n, t.clone()));
+    // A memory source cannot fail to read.
+    let loaded = palisade_policy::load(&src).map_err(|e| BundleError::Invalid(e.to_string()))?;
+    if loaded.has_errors() {
+        return Err(BundleError::Invalid(loaded.render()));
+    }
+    let mut model = loaded.model;
+    for (vm, overlay) in tags {
+        let Some(v) = model.inventory.vms.iter_mut().find(|v| &v.name == vm) else {
+            return Err(BundleError::UnknownVm(vm.clone()));
+        };
+        apply_overlay(&mut v.tags, overlay);
+    }
+    Ok(model)
+}
+
+/// Apply one VM's overlay to its tags.
+pub fn apply_overlay(tags: &mut BTreeMap<String, String>, overlay: &BTreeMap<String, Option<String>>) {
+    for (k, v) in overlay {
+        match v {
+            Some(v) => tags.insert(k.clone(), v.clone()),
+            None => tags.remove(k),
+        };
+    }
+}
+
+/// `POST /v1/policy` and `POST /v1/policy/diff`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyRequest {
+    /// The files.
+    pub files: Files,
+    /// Why (kept in the version's metadata).
+    #[serde(default)]
+    pub message: String,
+}
+
+/// The answer to an apply (also a dry run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    /// The new version (for a dry run: the version it would get).
+    pub version: u64,
+    /// The new effective revision (for a dry run: the one it would get).
+    pub revision: u64,
+    /// Whether this was a dry run (nothing stored).
+    pub dry_run: bool,
+    /// Warnings of the loader, rendered.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub warnings: String,
+}
+
+/// One vNIC chain that a change modifies.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChainChange {
+    /// The vNIC.
+    pub vnic: String,
+    /// `egress` or `ingress`.
+    pub direction: String,
+    /// `added`, `removed` or `changed`.
+    pub change: String,
+}
+
+/// The answer to `POST /v1/policy/diff`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffResponse {
+    /// The current version compared against.
+    pub base_version: u64,
+    /// Unified diff of the files (empty when identical).
+    pub diff: String,
+    /// The compiled chains that would change.
+    pub chains: Vec<ChainChange>,
+}
+
+/// `GET /v1/policy`: the current effective policy.
+pub type CurrentPolicy = PolicyBundle;
+
+/// `PUT /v1/vms/{name}/tags`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRequest {
+    /// Tags to set.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Tag keys to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// The answer to a tag change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagResponse {
+    /// The VM.
+    pub vm: String,
+    /// Its effective tags now.
+    pub tags: BTreeMap<String, String>,
+    /// The new effective revision.
+    pub revision: u64,
+    /// The chains the retag changed.
+    pub chains: Vec<String>,
+}
+
+/// One VM as `GET /v1/vms` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Name.
+    pub name: String,
+    /// UUID.
+    pub uuid: String,
+    /// Cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Effective tags (files + overlay).
+    pub tags: BTreeMap<String, String>,
+    /// vNIC names.
+    pub vnics: Vec<String>,
+}
+
+/// One host as `GET /v1/hosts` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    /// Host name.
+    pub name: String,
+    /// Its cluster, when the inventory places it in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// VMs the inventory places on it.
+    pub vms: Vec<String>,
+    /// Its agent, when one registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentRecord>,
+}
+
+/// An agent as the controller knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// Host name.
+    pub host: String,
+    /// First registration (Unix time, nanoseconds).
+    pub registered_ns: u64,
+    /// Last register or report (Unix time, nanoseconds).
+    pub last_seen_ns: u64,
+    /// The effective revision it last reported installed.
+    pub installed_revision: u64,
+    /// Its agent version string.
+    #[serde(default)]
+    pub agent_version: String,
+    /// Its last reported counters.
+    #[serde(default)]
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// `POST /v1/agents/{host}/register`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    /// The agent's software version.
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+/// `POST /v1/agents/{host}/report`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportRequest {
+    /// The effective revision installed.
+    pub installed_revision: u64,
+    /// Counters (drops, flows, …).
+    #[serde(default)]
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// The token's name (the actor of its changes).
+    pub name: String,
+    /// Its role.
+    pub role: crate::auth::Role,
+}
+
+/// The answer to `POST /v1/tokens`: the only time the secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenResponse {
+    /// The token's name.
+    pub name: String,
+    /// Its role.
+    pub role: crate::auth::Role,
+    /// The secret.
+    pub token: String,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+    /// Rendered diagnostics (`file:line:col: …`), for an invalid policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<String>,
+}

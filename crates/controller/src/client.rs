@@ -1,0 +1,341 @@
+//! A blocking client of the controller API, for the CLI and the agent.
+//!
+//! It takes a list of controller URLs and fails over: a request that cannot
+//! reach a controller (connection refused, reset, timed out) is retried on
+//! the next one, and the client stays with whichever answered last. An answer
+//! with an error status is the controller's decision and is returned as
+//! [`ClientError::Api`], not retried elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::api::*;
+use crate::tls::{self, TlsError};
+
+/// How the client authenticates.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    /// An API token (`Authorization: Bearer …`). Over HTTPS, set the CA with [`Client::with_ca`].
+    Token(String),
+    /// A client certificate (agents): trust `ca`, present `cert`/`key`.
+    Cert {
+        /// The CA certificate (PEM) the controller's certificate chains to.
+        ca: PathBuf,
+        /// This host's certificate (PEM).
+        cert: PathBuf,
+        /// Its key (PEM).
+        key: PathBuf,
+    },
+}
+
+/// A request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No controller could be reached.
+    #[error("cannot reach the controller ({url}): {message}")]
+    Transport {
+        /// The URL tried last.
+        url: String,
+        /// What failed.
+        message: String,
+    },
+    /// The controller refused the request.
+    #[error("controller answered {status}: {error}{}", diagnostics.as_deref().map(|d| format!("\n{d}")).unwrap_or_default())]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// Its `error` message.
+        error: String,
+        /// Rendered policy diagnostics, for an invalid policy.
+        diagnostics: Option<String>,
+    },
+    /// The answer did not decode.
+    #[error("unexpected answer from {url}: {message}")]
+    Decode {
+        /// The URL.
+        url: String,
+        /// The decoding error.
+        message: String,
+    },
+    /// The TLS files could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// No controller URL was given.
+    #[error("no controller URL given")]
+    NoServer,
+}
+
+/// A client of one or more controllers.
+#[derive(Debug)]
+pub struct Client {
+    bases: Vec<String>,
+    token: Option<String>,
+    agent: ureq::Agent,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    current: AtomicUsize,
+}
+
+fn agent(tls: Option<Arc<rustls::ClientConfig>>) -> ureq::Agent {
+    let mut b = ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(3))
+        .redirects(0);
+    if let Some(t) = tls {
+        b = b.tls_config(t);
+    }
+    b.build()
+}
+
+impl Client {
+    /// A client of the controller at `base_url` (`http://…` or `https://…`).
+    pub fn new(base_url: &str, auth: ClientAuth) -> Result<Client, ClientError> {
+        Client::with_failover(vec![base_url.to_string()], auth)
+    }
+
+    /// A client of several controllers, failing over between them in order.
+    pub fn with_failover(base_urls: Vec<String>, auth: ClientAuth) -> Result<Client, ClientError> {
+        if base_urls.is_empty() {
+            return Err(ClientError::NoServer);
+        }
+        let bases = base_urls
+            .into_iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .collect();
+        let (token, tls) = match auth {
+            ClientAuth::Token(t) => (Some(t), None),
+            ClientAuth::Cert { ca, cert, key } => (None, Some(tls::client_config(&ca, Some((&cert, &key)))?)),
+        };
+        Ok(Client {
+            bases,
+            token,
+            agent: agent(tls.clone()),
+            tls,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// Trust `ca` (PEM) for HTTPS when authenticating with a token.
+    pub fn with_ca(mut self, ca: &Path) -> Result<Client, ClientError> {
+        if self.tls.is_none() {
+            let cfg = tls::client_config(ca, None)?;
+            self.agent = agent(Some(cfg.clone()));
+            self.tls = Some(cfg);
+        }
+        Ok(self)
+    }
+
+    /// The controller URL the client currently uses.
+    pub fn current_url(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed) % self.bases.len();
+        &self.bases[i]
+    }
+
+    /// Send a request, failing over on transport errors. Returns the status and body text.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+        timeout: Duration,
+    ) -> Result<(u16, String), ClientError> {
+        let n = self.bases.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            let url = format!("{}{path}", self.bases[idx]);
+            let mut req = self.agent.request(method, &url).timeout(timeout);
+            if let Some(t) = &self.token {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            let res = match &body {
+                Some(b) => req.set("Content-Type", "application/json").send_string(b),
+                None => req.call(),
+            };
+            let (status, resp) = match res {
+                Ok(r) => (r.status(), r),
+                Err(ureq::Error::Status(code, r)) => (code, r),
+                Err(ureq::Error::Transport(t)) => {
+                    last = Some(ClientError::Transport {
+                        url,
+                        message: t.to_string(),
+                    });
+                    continue;
+                }
+            };
+            self.current.store(idx, Ordering::Relaxed);
+            let text = resp.into_string().map_err(|e| ClientError::Transport {
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+            if status >= 400 {
+                let err: Option<ErrorBody> = serde_json::from_str(&text).ok();
+                return Err(match err {
+                    Some(e) => ClientError::Api {
+                        status,
+                        error: e.error,
+                        diagnostics: e.diagnostics,
+                    },
+                    None => ClientError::Api {
+                        status,
+                        error: text,
+                        diagnostics: None,
+                    },
+                });
+            }
+            return Ok((status, text));
+        }
+        Err(last.unwrap_or(ClientError::NoServer))
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        // Serializing the API's request types cannot fail.
+        let body = body.map(|b| serde_json::to_string(b).unwrap_or_default());
+        let (_, text) = self.send(method, path, body, Duration::from_secs(60))?;
+        decode(&self.bases[0], &text)
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call("GET", path, None::<&()>)
+    }
+
+    /// Apply `files` as a new policy version (`dry_run`: only validate).
+    pub fn apply(&self, files: &Files, message: &str, dry_run: bool) -> Result<ApplyResponse, ClientError> {
+        let req = ApplyRequest {
+            files: files.clone(),
+            message: message.to_string(),
+        };
+        let path = if dry_run {
+            "/v1/policy?dry_run=true"
+        } else {
+            "/v1/policy"
+        };
+        self.call("POST", path, Some(&req))
+    }
+
+    /// The current effective policy.
+    pub fn policy(&self) -> Result<PolicyBundle, ClientError> {
+        self.get("/v1/policy")
+    }
+
+    /// The version history.
+    pub fn versions(&self) -> Result<Vec<VersionSummary>, ClientError> {
+        self.get("/v1/policy/versions")
+    }
+
+    /// One version with its files.
+    pub fn version(&self, v: u64) -> Result<VersionRecord, ClientError> {
+        self.get(&format!("/v1/policy/versions/{v}"))
+    }
+
+    /// What applying `files` would change.
+    pub fn diff(&self, files: &Files) -> Result<DiffResponse, ClientError> {
+        let req = ApplyRequest {
+            files: files.clone(),
+            message: String::new(),
+        };
+        self.call("POST", "/v1/policy/diff", Some(&req))
+    }
+
+    /// Make version `v` current again (as a new version).
+    pub fn rollback(&self, v: u64) -> Result<ApplyResponse, ClientError> {
+        self.call("POST", &format!("/v1/policy/rollback/{v}"), None::<&()>)
+    }
+
+    /// Set and remove tags of a VM.
+    pub fn tag(&self, vm: &str, req: &TagRequest) -> Result<TagResponse, ClientError> {
+        self.call("PUT", &format!("/v1/vms/{}/tags", segment(vm)), Some(req))
+    }
+
+    /// VMs with their effective tags.
+    pub fn vms(&self) -> Result<Vec<VmInfo>, ClientError> {
+        self.get("/v1/vms")
+    }
+
+    /// Hosts.
+    pub fn hosts(&self) -> Result<Vec<HostInfo>, ClientError> {
+        self.get("/v1/hosts")
+    }
+
+    /// Registered agents.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, ClientError> {
+        self.get("/v1/agents")
+    }
+
+    /// Change records.
+    pub fn changes(&self) -> Result<Vec<palisade_audit::record::ChangeRecord>, ClientError> {
+        self.get("/v1/changes")
+    }
+
+    /// Create an API token (admin only); returns its secret.
+    pub fn create_token(&self, name: &str, role: crate::auth::Role) -> Result<String, ClientError> {
+        let req = TokenRequest {
+            name: name.to_string(),
+            role,
+        };
+        let r: TokenResponse = self.call("POST", "/v1/tokens", Some(&req))?;
+        Ok(r.token)
+    }
+
+    /// Register agent `host`.
+    pub fn register(&self, host: &str, agent_version: &str) -> Result<AgentRecord, ClientError> {
+        let req = RegisterRequest {
+            agent_version: agent_version.to_string(),
+        };
+        self.call("POST", &format!("/v1/agents/{}/register", segment(host)), Some(&req))
+    }
+
+    /// Report what agent `host` runs.
+    pub fn report(&self, host: &str, req: &ReportRequest) -> Result<AgentRecord, ClientError> {
+        self.call("POST", &format!("/v1/agents/{}/report", segment(host)), Some(req))
+    }
+
+    /// Wait up to `wait` for an effective policy newer than `after_rev`:
+    /// `Some(bundle)` as soon as there is one, `None` if none came in time.
+    pub fn watch_policy(
+        &self,
+        host: &str,
+        after_rev: u64,
+        wait: Duration,
+    ) -> Result<Option<PolicyBundle>, ClientError> {
+        let path = format!(
+            "/v1/agents/{}/policy?after={after_rev}&wait={}",
+            segment(host),
+            wait.as_secs()
+        );
+        let (status, text) = self.send("GET", &path, None, wait + Duration::from_secs(10))?;
+        if status == 304 {
+            return Ok(None);
+        }
+        decode(self.current_url(), &text).map(Some)
+    }
+}
+
+fn decode<T: DeserializeOwned>(url: &str, text: &str) -> Result<T, ClientError> {
+    serde_json::from_str(text).map_err(|e| ClientError::Decode {
+        url: url.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Percent-encode a path segment (names are usually plain; this keeps odd ones from changing the path).
+fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,598 @@
+//! The controller's logic, independent of HTTP: versioned policy, the tag
+//! overlay, agents, tokens and change records, all on a [`Store`].
+//!
+//! Every change is validated completely first (the policy loads without
+//! errors and compiles), and only then written as one store transaction that
+//! is conditional on the current-policy pointer being what was read: the new
+//! version, the moved pointer and the [`ChangeRecord`] land together or not at
+//! all. A lost race (another controller on the same etcd changed the pointer
+//! meanwhile) is retried from a fresh read, so concurrent applies serialize
+//! into consecutive versions.
+//!
+//! Store layout (all values JSON):
+//! - `policy/current` → [`CurrentRecord`] (version, tag overlay, revision)
+//! - `policy/versions/<version, 20 digits>` → [`VersionRecord`]
+//! - `agents/<host>` → [`AgentRecord`]
+//! - `changes/<time ns, 20 digits>-<random>` → [`ChangeRecord`]
+//! - `tokens/<sha256 of the secret>` → [`TokenRecord`]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use palisade_audit::record::ChangeRecord;
+use palisade_policy::compile::{CompiledChain, Compiler};
+use palisade_policy::{Model, Severity};
+
+use crate::api::*;
+use crate::auth::{self, Role, TokenRecord};
+use crate::store::{self, Compare, Store, StoreError};
+
+const CURRENT: &str = "policy/current";
+const VERSIONS: &str = "policy/versions/";
+const AGENTS: &str = "agents/";
+const CHANGES: &str = "changes/";
+const TOKENS: &str = "tokens/";
+/// How often a change is retried after losing the compare-and-swap race.
+const CAS_RETRIES: usize = 16;
+
+/// A controller operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The policy does not load or does not compile; the rendered diagnostics.
+    #[error("policy is invalid")]
+    InvalidPolicy(String),
+    /// The request is malformed in a way the JSON schema does not catch.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The change kept losing to concurrent changes.
+    #[error("too many concurrent changes, try again")]
+    Conflict,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Now, as Unix nanoseconds.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn version_key(v: u64) -> String {
+    format!("{VERSIONS}{v:020}")
+}
+
+fn change_key(t: u64) -> String {
+    let r: [u8; 4] = rand::random();
+    format!("{CHANGES}{t:020}-{}", auth::hex(&r))
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs (string keys, no floats) cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Load `files`; errors become [`CoreError::InvalidPolicy`]. Returns the model and rendered warnings.
+pub fn validate(files: &Files) -> Result<(Model, String), CoreError> {
+    if files.is_empty() {
+        return Err(CoreError::BadRequest("no policy files given".into()));
+    }
+    for name in files.keys() {
+        let ok = (name.ends_with(".yaml") || name.ends_with(".yml")) && !name.contains('/') && !name.contains('\\');
+        if !ok {
+            return Err(CoreError::BadRequest(format!(
+                "file name \"{name}\" must be a plain *.yaml or *.yml name"
+            )));
+        }
+    }
+    let src = files
+        .iter()
+        .fold(palisade_policy::MemorySource::new(), |s, (n, t)| s.with(n, t.clone()));
+    let loaded = palisade_policy::load(&src).map_err(|e| CoreError::BadRequest(e.to_string()))?;
+    if loaded.has_errors() {
+        return Err(CoreError::InvalidPolicy(loaded.render()));
+    }
+    let warnings = if loaded.diagnostics.iter().any(|d| d.severity == Severity::Warning) {
+        loaded.render()
+    } else {
+        String::new()
+    };
+    Ok((loaded.model, warnings))
+}
+
+/// The overlay restricted to VMs that `model` has, applied to it.
+fn overlay_onto(model: &mut Model, tags: &TagOverlay) -> TagOverlay {
+    let mut kept = TagOverlay::new();
+    for (vm, o) in tags {
+        if let Some(v) = model.inventory.vms.iter_mut().find(|v| &v.name == vm) {
+            apply_overlay(&mut v.tags, o);
+            kept.insert(vm.clone(), o.clone());
+        }
+    }
+    kept
+}
+
+fn compile(model: Model) -> Result<Compiler, CoreError> {
+    Compiler::new(model).map_err(|e| CoreError::InvalidPolicy(e.to_string()))
+}
+
+/// The chains of a compiler by (vNIC, direction), without the version stamp
+/// (which every new version changes and which changes no verdict).
+fn chain_map(c: &Compiler) -> BTreeMap<(String, String), CompiledChain> {
+    c.chains()
+        .map(|ch| {
+            let mut ch = ch.clone();
+            for e in &mut ch.entries {
+                e.provenance.policy_version = 0;
+            }
+            ch.default.1.policy_version = 0;
+            ((ch.vnic.clone(), ch.direction.to_string()), ch)
+        })
+        .collect()
+}
+
+fn chain_changes(old: Option<&Compiler>, new: &Compiler) -> Vec<ChainChange> {
+    let old = old.map(chain_map).unwrap_or_default();
+    let new = chain_map(new);
+    let keys: BTreeSet<_> = old.keys().chain(new.keys()).cloned().collect();
+    let mut out = Vec::new();
+    for k in keys {
+        let change = match (old.get(&k), new.get(&k)) {
+            (None, Some(_)) => "added",
+            (Some(_), None) => "removed",
+            (Some(a), Some(b)) if a != b => "changed",
+            _ => continue,
+        };
+        out.push(ChainChange {
+            vnic: k.0,
+            direction: k.1,
+            change: change.into(),
+        });
+    }
+    out
+}
+
+/// A unified diff of two file sets.
+pub fn diff_files(old: &Files, new: &Files) -> String {
+    let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let mut out = String::new();
+    for n in names {
+        let a = old.get(n).map_or("", String::as_str);
+        let b = new.get(n).map_or("", String::as_str);
+        if a == b {
+            continue;
+        }
+        let d = similar::TextDiff::from_lines(a, b);
+        let text = d
+            .unified_diff()
+            .header(&format!("a/{n}"), &format!("b/{n}"))
+            .to_string();
+        out.push_str(&text);
+    }
+    out
+}
+
+/// The controller on a store.
+#[derive(Clone)]
+pub struct Controller {
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller").finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// A controller on `store`.
+    pub fn new(store: Arc<dyn Store>) -> Controller {
+        Controller { store }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    // ---- tokens ----
+
+    /// Create a token on behalf of `actor` (`local` from the command line);
+    /// returns the secret (shown once, stored only hashed). Recorded as a change.
+    pub fn create_token(&self, actor: &str, name: &str, role: Role) -> Result<String, CoreError> {
+        let ok = !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_graphic());
+        if !ok {
+            return Err(CoreError::BadRequest(format!(
+                "token name \"{name}\" must be 1 to 64 printable characters without spaces"
+            )));
+        }
+        let secret = auth::new_secret();
+        let t = now_ns();
+        let rec = TokenRecord {
+            name: name.to_string(),
+            role,
+            created_ns: t,
+        };
+        let change = ChangeRecord {
+            time_ns: t,
+            actor: actor.to_string(),
+            action: "token.create".into(),
+            resource: format!("token/{name}"),
+            diff: format!("role {}", role.name()),
+            policy_version: None,
+        };
+        let puts = [(auth::token_key(&secret), json(&rec)), (change_key(t), json(&change))];
+        self.store.txn(&[], &puts)?;
+        Ok(secret)
+    }
+
+    /// The token a secret belongs to.
+    pub fn authenticate(&self, secret: &str) -> Result<Option<TokenRecord>, CoreError> {
+        Ok(store::get_json(&*self.store, &auth::token_key(secret))?)
+    }
+
+    /// Whether any token exists.
+    pub fn has_tokens(&self) -> Result<bool, CoreError> {
+        Ok(!self.store.list_prefix(TOKENS)?.is_empty())
+    }
+
+    // ---- reading ----
+
+    /// The current-policy pointer (default: nothing applied yet) and its raw bytes for a compare.
+    fn current_raw(&self) -> Result<(CurrentRecord, Option<Vec<u8>>), CoreError> {
+        let raw = self.store.get(CURRENT)?;
+        let cur = match &raw {
+            Some(b) => store::decode(CURRENT, b)?,
+            None => CurrentRecord::default(),
+        };
+        Ok((cur, raw))
+    }
+
+    /// The current-policy pointer.
+    pub fn current(&self) -> Result<CurrentRecord, CoreError> {
+        Ok(self.current_raw()?.0)
+    }
+
+    /// One version.
+    pub fn version(&self, v: u64) -> Result<VersionRecord, CoreError> {
+        store::get_json(&*self.store, &version_key(v))?.ok_or_else(|| CoreError::NotFound(format!("no version {v}")))
+    }
+
+    /// Every version, oldest first.
+    pub fn versions(&self) -> Result<Vec<VersionSummary>, CoreError> {
+        self.store
+            .list_prefix(VERSIONS)?
+            .iter()
+            .map(|(k, b)| Ok(VersionSummary::from(&store::decode::<VersionRecord>(k, b)?)))
+            .collect()
+    }
+
+    /// The current effective policy.
+    pub fn bundle(&self) -> Result<PolicyBundle, CoreError> {
+        let cur = self.current()?;
+        self.bundle_of(cur)
+    }
+
+    fn bundle_of(&self, cur: CurrentRecord) -> Result<PolicyBundle, CoreError> {
+        let files = if cur.version == 0 {
+            Files::new()
+        } else {
+            self.version(cur.version)?.files
+        };
+        Ok(PolicyBundle {
+            revision: cur.revision,
+            version: cur.version,
+            files,
+            tags: cur.tags,
+        })
+    }
+
+    /// The current effective model (files + overlay); `None` before the first apply.
+    fn effective(&self, cur: &CurrentRecord) -> Result<Option<(Model, Files)>, CoreError> {
+        if cur.version == 0 {
+            return Ok(None);
+        }
+        let files = self.version(cur.version)?.files;
+        let (mut model, _) = validate(&files)?;
+        overlay_onto(&mut model, &cur.tags);
+        Ok(Some((model, files)))
+    }
+
+    /// VMs of the current policy with their effective tags.
+    pub fn vms(&self) -> Result<Vec<VmInfo>, CoreError> {
+        let cur = self.current()?;
+        let Some((model, _)) = self.effective(&cur)? else {
+            return Ok(Vec::new());
+        };
+        Ok(model
+            .inventory
+            .vms
+            .iter()
+            .map(|v| VmInfo {
+                name: v.name.clone(),
+                uuid: v.uuid.clone(),
+                cluster: v.cluster.clone(),
+                host: v.host.clone(),
+                tags: v.tags.clone(),
+                vnics: v.vnics.iter().map(|n| n.name.clone()).collect(),
+            })
+            .collect())
+    }
+
+    /// Hosts: those the inventory names and those whose agent registered.
+    pub fn hosts(&self) -> Result<Vec<HostInfo>, CoreError> {
+        let mut hosts: BTreeMap<String, HostInfo> = BTreeMap::new();
+        let blank = |name: &str| HostInfo {
+            name: name.to_string(),
+            cluster: None,
+            vms: Vec::new(),
+            agent: None,
+        };
+        let cur = self.current()?;
+        if let Some((model, _)) = self.effective(&cur)? {
+            for c in &model.inventory.clusters {
+                for h in &c.hosts {
+                    hosts.entry(h.clone()).or_insert_with(|| blank(h)).cluster = Some(c.name.clone());
+                }
+            }
+            for vm in &model.inventory.vms {
+                if let Some(h) = &vm.host {
+                    hosts
+                        .entry(h.clone())
+                        .or_insert_with(|| blank(h))
+                        .vms
+                        .push(vm.name.clone());
+                }
+            }
+        }
+        for a in self.agents()? {
+            let h = a.host.clone();
+            hosts.entry(h.clone()).or_insert_with(|| blank(&h)).agent = Some(a);
+        }
+        Ok(hosts.into_values().collect())
+    }
+
+    /// Registered agents.
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, CoreError> {
+        self.store
+            .list_prefix(AGENTS)?
+            .iter()
+            .map(|(k, b)| Ok(store::decode(k, b)?))
+            .collect()
+    }
+
+    /// Change records, oldest first.
+    pub fn changes(&self) -> Result<Vec<ChangeRecord>, CoreError> {
+        self.store
+            .list_prefix(CHANGES)?
+            .iter()
+            .map(|(k, b)| Ok(store::decode(k, b)?))
+            .collect()
+    }
+
+    // ---- changing ----
+
+    /// Move the current pointer from `raw` to `next`, writing `extra` and a change record with it.
+    fn commit(
+        &self,
+        raw: Option<Vec<u8>>,
+        next: &CurrentRecord,
+        extra: Vec<(String, Vec<u8>)>,
+        change: &ChangeRecord,
+    ) -> Result<bool, CoreError> {
+        let mut compares = vec![Compare {
+            key: CURRENT.into(),
+            value: raw,
+        }];
+        let mut puts = extra;
+        for (k, _) in &puts {
+            // New versions are never overwritten, even by a controller with a stale view.
+            compares.push(Compare {
+                key: k.clone(),
+                value: None,
+            });
+        }
+        puts.push((CURRENT.into(), json(next)));
+        puts.push((change_key(change.time_ns), json(change)));
+        Ok(self.store.txn(&compares, &puts)?)
+    }
+
+    /// Validate `req` and, unless `dry_run`, make it the current policy as a new version.
+    pub fn apply(&self, actor: &str, req: &ApplyRequest, dry_run: bool) -> Result<ApplyResponse, CoreError> {
+        let (model, warnings) = validate(&req.files)?;
+        for _ in 0..CAS_RETRIES {
+            let (cur, raw) = self.current_raw()?;
+            let mut model = model.clone();
+            let tags = overlay_onto(&mut model, &cur.tags);
+            compile(model)?;
+            let next = CurrentRecord {
+                revision: cur.revision + 1,
+                version: cur.version + 1,
+                tags,
+            };
+            let resp = ApplyResponse {
+                version: next.version,
+                revision: next.revision,
+                dry_run,
+                warnings: warnings.clone(),
+            };
+            if dry_run {
+                return Ok(resp);
+            }
+            let old = match cur.version {
+                0 => Files::new(),
+                v => self.version(v)?.files,
+            };
+            let t = now_ns();
+            let rec = VersionRecord {
+                version: next.version,
+                author: actor.to_string(),
+                time_ns: t,
+                message: req.message.clone(),
+                files: req.files.clone(),
+                rollback_of: None,
+            };
+            let change = ChangeRecord {
+                time_ns: t,
+                actor: actor.to_string(),
+                action: "policy.apply".into(),
+                resource: "policy".into(),
+                diff: diff_files(&old, &req.files),
+                policy_version: Some(next.version),
+            };
+            if self.commit(raw, &next, vec![(version_key(next.version), json(&rec))], &change)? {
+                return Ok(resp);
+            }
+        }
+        Err(CoreError::Conflict)
+    }
+
+    /// What applying `files` would change, against the current policy.
+    pub fn diff(&self, files: &Files) -> Result<DiffResponse, CoreError> {
+        let (mut model, _) = validate(files)?;
+        let cur = self.current()?;
+        let old = self.effective(&cur)?;
+        overlay_onto(&mut model, &cur.tags);
+        let new = compile(model)?;
+        let (old_c, old_files) = match old {
+            Some((m, f)) => (Some(compile(m)?), f),
+            None => (None, Files::new()),
+        };
+        Ok(DiffResponse {
+            base_version: cur.version,
+            diff: diff_files(&old_files, files),
+            chains: chain_changes(old_c.as_ref(), &new),
+        })
+    }
+
+    /// Make version `v`'s files current again, as a new version.
+    pub fn rollback(&self, actor: &str, v: u64) -> Result<ApplyResponse, CoreError> {
+        let target = self.version(v)?;
+        let (model, warnings) = validate(&target.files)?;
+        for _ in 0..CAS_RETRIES {
+            let (cur, raw) = self.current_raw()?;
+            let mut model = model.clone();
+            let tags = overlay_onto(&mut model, &cur.tags);
+            compile(model)?;
+            let next = CurrentRecord {
+                revision: cur.revision + 1,
+                version: cur.version + 1,
+                tags,
+            };
+            let old = self.version(cur.version)?.files;
+            let t = now_ns();
+            let rec = VersionRecord {
+                version: next.version,
+                author: actor.to_string(),
+                time_ns: t,
+                message: format!("rollback to version {v}"),
+                files: target.files.clone(),
+                rollback_of: Some(v),
+            };
+            let change = ChangeRecord {
+                time_ns: t,
+                actor: actor.to_string(),
+                action: "policy.rollback".into(),
+                resource: "policy".into(),
+                diff: diff_files(&old, &target.files),
+                policy_version: Some(next.version),
+            };
+            if self.commit(raw, &next, vec![(version_key(next.version), json(&rec))], &change)? {
+                return Ok(ApplyResponse {
+                    version: next.version,
+                    revision: next.revision,
+                    dry_run: false,
+                    warnings,
+                });
+            }
+        }
+        Err(CoreError::Conflict)
+    }
+
+    /// Set and remove tags of VM `vm` in the overlay: a new effective revision.
+    pub fn tag(&self, actor: &str, vm: &str, req: &TagRequest) -> Result<TagResponse, CoreError> {
+        if req.set.is_empty() && req.remove.is_empty() {
+            return Err(CoreError::BadRequest("nothing to set or remove".into()));
+        }
+        if let Some(k) = req.remove.iter().find(|k| req.set.contains_key(*k)) {
+            return Err(CoreError::BadRequest(format!("tag \"{k}\" is both set and removed")));
+        }
+        if let Some(k) = req.set.keys().chain(&req.remove).find(|k| k.is_empty()) {
+            return Err(CoreError::BadRequest(format!("empty tag key \"{k}\"")));
+        }
+        for _ in 0..CAS_RETRIES {
+            let (cur, raw) = self.current_raw()?;
+            let Some((model, _)) = self.effective(&cur)? else {
+                return Err(CoreError::NotFound("no policy applied yet, so no VM to tag".into()));
+            };
+            let Some(before) = model.inventory.vm(vm).map(|v| v.tags.clone()) else {
+                return Err(CoreError::NotFound(format!("VM \"{vm}\" is not in the current policy")));
+            };
+            let mut next = cur.clone();
+            let o = next.tags.entry(vm.to_string()).or_default();
+            for (k, v) in &req.set {
+                o.insert(k.clone(), Some(v.clone()));
+            }
+            for k in &req.remove {
+                o.insert(k.clone(), None);
+            }
+            let mut after = before.clone();
+            apply_overlay(&mut after, o);
+            let mut compiler = compile(model)?;
+            let changes = compiler
+                .retag(vm, after.clone())
+                .map_err(|e| CoreError::InvalidPolicy(e.to_string()))?;
+            next.revision = cur.revision + 1;
+            let change = ChangeRecord {
+                time_ns: now_ns(),
+                actor: actor.to_string(),
+                action: "vm.tag".into(),
+                resource: format!("vm/{vm}"),
+                diff: format!("tags {before:?} -> {after:?}"),
+                policy_version: None,
+            };
+            if self.commit(raw, &next, Vec::new(), &change)? {
+                return Ok(TagResponse {
+                    vm: vm.to_string(),
+                    tags: after,
+                    revision: next.revision,
+                    chains: changes.changed.to_vec(),
+                });
+            }
+        }
+        Err(CoreError::Conflict)
+    }
+
+    /// Record an agent's registration.
+    pub fn register(&self, host: &str, req: &RegisterRequest) -> Result<AgentRecord, CoreError> {
+        let key = format!("{AGENTS}{host}");
+        let t = now_ns();
+        let mut rec: AgentRecord = store::get_json(&*self.store, &key)?.unwrap_or_else(|| AgentRecord {
+            host: host.to_string(),
+            registered_ns: t,
+            ..AgentRecord::default()
+        });
+        rec.last_seen_ns = t;
+        rec.agent_version = req.agent_version.clone();
+        self.store.put(&key, &json(&rec))?;
+        Ok(rec)
+    }
+
+    /// Record an agent's report.
+    pub fn report(&self, host: &str, req: &ReportRequest) -> Result<AgentRecord, CoreError> {
+        let key = format!("{AGENTS}{host}");
+        let t = now_ns();
+        let mut rec: AgentRecord = store::get_json(&*self.store, &key)?
+            .ok_or_else(|| CoreError::NotFound(format!("agent \"{host}\" has not registered")))?;
+        rec.last_seen_ns = t;
+        rec.installed_revision = req.installed_revision;
+        rec.counters = req.counters.clone();
+        self.store.put(&key, &json(&rec))?;
+        Ok(rec)
+    }
+}

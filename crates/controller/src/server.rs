@@ -1,0 +1,629 @@
+//! The HTTP API: axum routes over the [`Controller`], served on plain HTTP
+//! (development, loopback) or HTTPS with optional client certificates.
+//!
+//! Each accepted connection is served by hyper directly, so the TLS layer can
+//! hand the request handlers who is on the other end: the verified client
+//! certificate's common name is put into every request's extensions
+//! ([`Peer`]). Handlers authenticate before they read the body, so an
+//! unauthenticated or unauthorized request is refused as such (401/403) even
+//! when its body is oversized or malformed, and they validate completely
+//! before calling the controller, which writes in one transaction: nothing
+//! stored changes on any 4xx.
+//!
+//! Long-polling: a background task re-reads the store's current-policy
+//! revision every `poll_interval` (so a change made through another
+//! controller on the same etcd is seen) and publishes it on a
+//! [`tokio::sync::watch`] channel; changes made here publish at once. A
+//! waiting agent request sleeps on that channel until the revision passes
+//! the one it has, or its wait runs out (304).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tower::ServiceExt as _;
+
+use crate::api::*;
+use crate::auth::{Permission, TokenRecord};
+use crate::core::{Controller, CoreError};
+use crate::tls::common_name;
+
+/// The largest request body accepted (413 above).
+pub const BODY_LIMIT: usize = 8 << 20;
+/// The longest long-poll wait granted, in seconds.
+pub const MAX_WAIT_S: u64 = 300;
+
+/// Starting the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The async runtime could not start.
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// How to serve.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Where to listen (port 0: any free port).
+    pub listen: SocketAddr,
+    /// TLS settings; `None` serves plain HTTP (agents then authenticate with an admin token).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// How often the store's current revision is re-read for long-polls.
+    pub poll_interval: Duration,
+}
+
+impl ServeOptions {
+    /// Plain HTTP on `listen`, polling the store every 200 ms.
+    pub fn plain(listen: SocketAddr) -> ServeOptions {
+        ServeOptions {
+            listen,
+            tls: None,
+            poll_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The verified client certificate's common name.
+    pub cert_cn: Option<String>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    ctl: Controller,
+    tls: bool,
+    revision: Arc<watch::Sender<u64>>,
+}
+
+/// An error answer: a status and `{"error": …}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: msg.into(),
+                diagnostics: None,
+            },
+        }
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> ApiError {
+        match e {
+            CoreError::InvalidPolicy(d) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                body: ErrorBody {
+                    error: "policy is invalid".into(),
+                    diagnostics: Some(d),
+                },
+            },
+            CoreError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
+            CoreError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m),
+            CoreError::Conflict => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            CoreError::Store(s) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, s.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body)).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok<T: Serialize>(v: T) -> ApiResult {
+    Ok(axum::Json(v).into_response())
+}
+
+/// Run blocking controller work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, CoreError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("worker failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+/// The bearer token's record, if it grants `perm`.
+async fn authorize(s: &AppState, headers: &HeaderMap, perm: Permission) -> Result<TokenRecord, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer token",
+        ));
+    };
+    let secret = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "Authorization must be \"Bearer <token>\""))?
+        .to_string();
+    let ctl = s.ctl.clone();
+    let rec = blocking(move || ctl.authenticate(&secret))
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown token"))?;
+    if !rec.role.allows(perm) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token \"{}\" has role {}, which may not {perm:?}",
+                rec.name,
+                rec.role.name()
+            ),
+        ));
+    }
+    Ok(rec)
+}
+
+/// Who may act for agent `host`: over TLS, only a client certificate for that
+/// host; over plain HTTP (development), an admin token.
+async fn authorize_agent(s: &AppState, peer: &Peer, headers: &HeaderMap, host: &str) -> Result<(), ApiError> {
+    if !s.tls {
+        return authorize(s, headers, Permission::Agent).await.map(|_| ());
+    }
+    match &peer.cert_cn {
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "agent endpoints need a client certificate signed by the controller's CA",
+        )),
+        Some(cn) if cn != host => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("client certificate is for \"{cn}\", not \"{host}\""),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Bodies up to this size are read to the end even when over [`BODY_LIMIT`],
+/// so that a plain client finishes sending and receives the 413 (instead of a
+/// broken pipe); beyond it the connection is simply cut.
+const DRAIN_LIMIT: usize = 8 * BODY_LIMIT;
+
+/// Read and decode a JSON body (after authorization).
+async fn json_body<T: DeserializeOwned>(mut body: Body) -> Result<T, ApiError> {
+    use http_body_util::BodyExt as _;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is over the limit of {BODY_LIMIT} bytes"),
+        )
+    };
+    let mut buf = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        total = total.saturating_add(data.len());
+        if total <= BODY_LIMIT {
+            buf.extend_from_slice(&data);
+        } else if total > DRAIN_LIMIT {
+            return Err(too_large());
+        }
+    }
+    if total > BODY_LIMIT {
+        return Err(too_large());
+    }
+    serde_json::from_slice(&buf)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+}
+
+fn query(raw: &Option<String>) -> BTreeMap<String, String> {
+    raw.as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (kv.to_string(), String::new()),
+        })
+        .collect()
+}
+
+fn num_param(q: &BTreeMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
+    q.get(name)
+        .map(|v| {
+            v.parse().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("query parameter {name}={v} is not a number"),
+                )
+            })
+        })
+        .transpose()
+}
+
+fn version_param(v: &str) -> Result<u64, ApiError> {
+    v.parse()
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("version \"{v}\" is not a number")))
+}
+
+fn publish(s: &AppState, revision: u64) {
+    s.revision.send_if_modified(|r| {
+        let newer = revision > *r;
+        if newer {
+            *r = revision;
+        }
+        newer
+    });
+}
+
+async fn apply(State(s): State<AppState>, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> ApiResult {
+    let q = query(&q);
+    let dry_run = match q.get("dry_run").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(v) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("dry_run={v}: expected true or false"),
+            ));
+        }
+    };
+    let tok = authorize(
+        &s,
+        &headers,
+        if dry_run { Permission::Read } else { Permission::Change },
+    )
+    .await?;
+    let req: ApplyRequest = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    let resp = blocking(move || ctl.apply(&tok.name, &req, dry_run)).await?;
+    if !dry_run {
+        publish(&s, resp.revision);
+    }
+    ok(resp)
+}
+
+async fn current(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.bundle()).await?)
+}
+
+async fn versions(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.versions()).await?)
+}
+
+async fn version(State(s): State<AppState>, Path(v): Path<String>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let v = version_param(&v)?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.version(v)).await?)
+}
+
+async fn diff(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let req: ApplyRequest = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.diff(&req.files)).await?)
+}
+
+async fn rollback(State(s): State<AppState>, Path(v): Path<String>, headers: HeaderMap) -> ApiResult {
+    let tok = authorize(&s, &headers, Permission::Change).await?;
+    let v = version_param(&v)?;
+    let ctl = s.ctl.clone();
+    let resp = blocking(move || ctl.rollback(&tok.name, v)).await?;
+    publish(&s, resp.revision);
+    ok(resp)
+}
+
+async fn vms(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.vms()).await?)
+}
+
+async fn hosts(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.hosts()).await?)
+}
+
+async fn tag(State(s): State<AppState>, Path(vm): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
+    let tok = authorize(&s, &headers, Permission::Change).await?;
+    let req: TagRequest = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    let resp = blocking(move || ctl.tag(&tok.name, &vm, &req)).await?;
+    publish(&s, resp.revision);
+    ok(resp)
+}
+
+async fn agents(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.agents()).await?)
+}
+
+async fn changes(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Audit).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.changes()).await?)
+}
+
+async fn register(
+    State(s): State<AppState>,
+    Path(host): Path<String>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    let req: RegisterRequest = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.register(&host, &req)).await?)
+}
+
+async fn report(
+    State(s): State<AppState>,
+    Path(host): Path<String>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    let req: ReportRequest = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.report(&host, &req)).await?)
+}
+
+async fn agent_policy(
+    State(s): State<AppState>,
+    Path(host): Path<String>,
+    RawQuery(q): RawQuery,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    let q = query(&q);
+    let after = num_param(&q, "after")?.unwrap_or(0);
+    let wait = Duration::from_secs(num_param(&q, "wait")?.unwrap_or(0).min(MAX_WAIT_S));
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut rx = s.revision.subscribe();
+    loop {
+        // The store is the truth; the channel only says when to look again.
+        let ctl = s.ctl.clone();
+        let cur = blocking(move || ctl.current()).await?;
+        if cur.revision > after {
+            let ctl = s.ctl.clone();
+            let bundle = blocking(move || ctl.bundle()).await?;
+            return ok(bundle);
+        }
+        rx.borrow_and_update();
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => continue,
+            _ => return Ok(StatusCode::NOT_MODIFIED.into_response()),
+        }
+    }
+}
+
+async fn create_token(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+    let tok = authorize(&s, &headers, Permission::ManageTokens).await?;
+    let req: TokenRequest = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    let (name, role) = (req.name.clone(), req.role);
+    let token = blocking(move || ctl.create_token(&tok.name, &req.name, req.role)).await?;
+    ok(TokenResponse { name, role, token })
+}
+
+async fn openapi() -> ApiResult {
+    ok(crate::openapi::document())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/policy", post(apply).get(current))
+        .route("/v1/policy/versions", get(versions))
+        .route("/v1/policy/versions/{v}", get(version))
+        .route("/v1/policy/diff", post(diff))
+        .route("/v1/policy/rollback/{v}", post(rollback))
+        .route("/v1/vms", get(vms))
+        .route("/v1/vms/{name}/tags", put(tag))
+        .route("/v1/hosts", get(hosts))
+        .route("/v1/agents", get(agents))
+        .route("/v1/changes", get(changes))
+        .route("/v1/agents/{host}/register", post(register))
+        .route("/v1/agents/{host}/policy", get(agent_policy))
+        .route("/v1/agents/{host}/report", post(report))
+        .route("/v1/tokens", post(create_token))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn serve_conn<I>(io: I, app: Router, peer: Peer)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(peer.clone());
+        app.clone().oneshot(req)
+    });
+    // A client that goes away mid-request is not the server's problem.
+    // A client that never finishes its headers must not hold a connection forever.
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+}
+
+/// A server running on its own threads; stopped (connections dropped) on [`RunningServer::stop`] or drop.
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    tls: bool,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr` or `https://addr`.
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+
+    /// Stop serving and drop every open connection.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    /// Block until the server stops (it only stops through [`RunningServer::stop`] or an error).
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Start serving `ctl` as `opts` says; returns once the socket is bound.
+pub fn spawn(ctl: Controller, opts: ServeOptions) -> Result<RunningServer, ServerError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(ServerError::Runtime)?;
+    let std_listener = std::net::TcpListener::bind(opts.listen).map_err(|source| ServerError::Bind {
+        addr: opts.listen,
+        source,
+    })?;
+    let addr = std_listener.local_addr().map_err(ServerError::Runtime)?;
+    std_listener.set_nonblocking(true).map_err(ServerError::Runtime)?;
+    let tls = opts.tls.is_some();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("palisade-controller-{addr}"))
+        .spawn(move || {
+            rt.block_on(serve(ctl, opts, std_listener, stop_rx));
+            // Dropping the runtime here cancels every connection task, closing their sockets.
+            rt.shutdown_timeout(Duration::from_secs(1));
+        })
+        .map_err(ServerError::Runtime)?;
+    Ok(RunningServer {
+        addr,
+        tls,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+async fn serve(
+    ctl: Controller,
+    opts: ServeOptions,
+    std_listener: std::net::TcpListener,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(std_listener) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("palisade controller: listener: {e}");
+            return;
+        }
+    };
+    let (tx, _) = watch::channel(0u64);
+    let state = AppState {
+        ctl: ctl.clone(),
+        tls: opts.tls.is_some(),
+        revision: Arc::new(tx),
+    };
+    let poll_state = state.clone();
+    let interval = opts.poll_interval;
+    tokio::spawn(async move {
+        loop {
+            let c = poll_state.ctl.clone();
+            if let Ok(Ok(cur)) = tokio::task::spawn_blocking(move || c.current()).await {
+                publish(&poll_state, cur.revision);
+            }
+            tokio::time::sleep(interval).await;
+        }
+    });
+    let app = router(state);
+    let acceptor = opts.tls.map(tokio_rustls::TlsAcceptor::from);
+    loop {
+        let tcp = tokio::select! {
+            _ = &mut stop => return,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                // Out of descriptors and the like: back off instead of spinning.
+                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+            },
+        };
+        let app = app.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            match acceptor {
+                None => serve_conn(tcp, app, Peer::default()).await,
+                Some(a) => {
+                    let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), a.accept(tcp)).await else {
+                        return;
+                    };
+                    let cert_cn = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| common_name(c));
+                    serve_conn(tls, app, Peer { tls: true, cert_cn }).await
+                }
+            }
+        });
+    }
+}

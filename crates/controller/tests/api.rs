@@ -1,0 +1,468 @@
+//! The HTTP API on the embedded store, through the real server and client.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use palisade_controller::api::TagRequest;
+use palisade_controller::client::{Client, ClientAuth, ClientError};
+
+fn client(env: &Env, token: &str) -> Client {
+    Client::new(&env.url(), ClientAuth::Token(token.to_string())).unwrap()
+}
+
+/// Everything stored, and the store revision.
+fn snapshot(env: &Env) -> (Vec<(String, Vec<u8>)>, u64) {
+    (env.store.list_prefix("").unwrap(), env.store.revision().unwrap())
+}
+
+fn status(e: ClientError) -> u16 {
+    match e {
+        ClientError::Api { status, .. } => status,
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+/// A raw request: (status, parsed JSON body).
+fn raw(env: &Env, method: &str, path: &str, token: Option<&str>, body: Option<&[u8]>) -> (u16, serde_json::Value) {
+    let mut req = ureq::request(method, &format!("{}{path}", env.url()));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let res = match body {
+        Some(b) => req.send_bytes(b),
+        None => req.call(),
+    };
+    let resp = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn apply_versions_diff_rollback_and_change_records() {
+    let env = Env::start("api-flow");
+    let op = client(&env, &env.operator);
+
+    // Dry run stores nothing.
+    let before = snapshot(&env);
+    let dry = op.apply(&files(POLICY_V1), "first", true).unwrap();
+    assert!(dry.dry_run);
+    assert_eq!((dry.version, dry.revision), (1, 1));
+    assert_eq!(snapshot(&env), before);
+
+    let v1 = op.apply(&files(POLICY_V1), "first", false).unwrap();
+    assert_eq!((v1.version, v1.revision), (1, 1));
+    let cur = op.policy().unwrap();
+    assert_eq!(cur.version, 1);
+    assert_eq!(cur.files, files(POLICY_V1));
+
+    // Diff against v1: the text and the chains that change (web's egress, db's ingress).
+    let d = op.diff(&files(POLICY_V2)).unwrap();
+    assert_eq!(d.base_version, 1);
+    assert!(d.diff.contains("+    - { id: web-to-db"), "{}", d.diff);
+    assert!(d.diff.contains("--- a/policy.yaml"), "{}", d.diff);
+    let changed: Vec<(String, String)> = d.chains.iter().map(|c| (c.vnic.clone(), c.direction.clone())).collect();
+    assert_eq!(
+        changed,
+        vec![("db-1.0".into(), "ingress".into()), ("web-1.0".into(), "egress".into())]
+    );
+    // Diff against the same files: nothing.
+    let same = op.diff(&files(POLICY_V1)).unwrap();
+    assert!(same.diff.is_empty() && same.chains.is_empty(), "{same:?}");
+
+    let v2 = op.apply(&files(POLICY_V2), "web may reach db", false).unwrap();
+    assert_eq!(v2.version, 2);
+    let hist = op.versions().unwrap();
+    assert_eq!(hist.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(hist[1].message, "web may reach db");
+    assert_eq!(hist[1].author, "olga");
+    assert_eq!(op.version(1).unwrap().files, files(POLICY_V1));
+    assert_eq!(status(op.version(9).unwrap_err()), 404);
+
+    // Rollback to 1 is a new version 3 with v1's files.
+    let rb = op.rollback(1).unwrap();
+    assert_eq!(rb.version, 3);
+    let v3 = op.version(3).unwrap();
+    assert_eq!(v3.files, files(POLICY_V1));
+    assert_eq!(v3.rollback_of, Some(1));
+    assert_eq!(op.policy().unwrap().version, 3);
+
+    // Every change is recorded with its actor; only auditors and admins may read them.
+    assert_eq!(status(op.changes().unwrap_err()), 403);
+    let changes = client(&env, &env.auditor).changes().unwrap();
+    let actions: Vec<(&str, &str, Option<u64>)> = changes
+        .iter()
+        .filter(|c| c.action.starts_with("policy."))
+        .map(|c| (c.actor.as_str(), c.action.as_str(), c.policy_version))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("olga", "policy.apply", Some(1)),
+            ("olga", "policy.apply", Some(2)),
+            ("olga", "policy.rollback", Some(3))
+        ]
+    );
+    let v2_change = changes.iter().find(|c| c.policy_version == Some(2)).unwrap();
+    assert!(v2_change.diff.contains("+    - { id: web-to-db"), "{}", v2_change.diff);
+
+    // Read endpoints.
+    let reader = client(&env, &env.reader);
+    let vms = reader.vms().unwrap();
+    assert_eq!(
+        vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["web-1", "db-1"]
+    );
+    let hosts = reader.hosts().unwrap();
+    assert_eq!(
+        hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+        ["hv1", "hv2"]
+    );
+    assert_eq!(hosts[0].vms, ["web-1"]);
+    let doc = raw(&env, "GET", "/openapi.json", None, None);
+    assert_eq!(doc.0, 200);
+    assert!(doc.1["paths"]["/v1/agents/{host}/policy"]["get"].is_object());
+}
+
+#[test]
+fn tags_reach_a_watching_agent() {
+    let env = Env::start("api-tags");
+    let op = client(&env, &env.operator);
+    op.apply(&files(POLICY_V2), "", false).unwrap();
+    let agent = client(&env, &env.admin);
+    agent.register("hv2", "test").unwrap();
+    let first = agent.watch_policy("hv2", 0, Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(first.revision, 1);
+    // Nothing newer: 304 after the wait.
+    let t = Instant::now();
+    assert_eq!(agent.watch_policy("hv2", 1, Duration::from_secs(1)).unwrap(), None);
+    assert!(t.elapsed() >= Duration::from_millis(900));
+
+    // A waiting agent sees the retag as soon as it happens.
+    let url = env.url();
+    let admin = env.admin.clone();
+    let waiter = std::thread::spawn(move || {
+        let c = Client::new(&url, ClientAuth::Token(admin)).unwrap();
+        let t = Instant::now();
+        let b = c.watch_policy("hv2", 1, Duration::from_secs(20)).unwrap();
+        (b, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let req = TagRequest {
+        set: [
+            ("tier".to_string(), "db".to_string()),
+            ("pci".to_string(), "yes".to_string()),
+        ]
+        .into(),
+        remove: vec![],
+    };
+    // web-1 retagged as db: it leaves group web, joins db: chains change.
+    let resp = op.tag("web-1", &req).unwrap();
+    assert_eq!(resp.revision, 2);
+    assert_eq!(resp.tags.get("tier").map(String::as_str), Some("db"));
+    assert!(resp.chains.contains(&"web-1.0".to_string()), "{resp:?}");
+    let (bundle, waited) = waiter.join().unwrap();
+    let bundle = bundle.expect("the watcher must see the new revision");
+    assert!(waited < Duration::from_secs(5), "took {waited:?}");
+    assert_eq!((bundle.revision, bundle.version), (2, 1));
+    let model = bundle.model().unwrap();
+    assert_eq!(
+        model.inventory.vm("web-1").unwrap().tags.get("pci").map(String::as_str),
+        Some("yes")
+    );
+
+    // Removing a tag the files give, through the overlay.
+    let rm = TagRequest {
+        set: Default::default(),
+        remove: vec!["pci".into(), "tier".into()],
+    };
+    let r = op.tag("web-1", &rm).unwrap();
+    assert!(r.tags.is_empty(), "{r:?}");
+    let vms = op.vms().unwrap();
+    assert!(vms.iter().find(|v| v.name == "web-1").unwrap().tags.is_empty());
+    // The overlay survives a new version.
+    op.apply(&files(POLICY_V1), "", false).unwrap();
+    assert!(
+        op.vms()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "web-1")
+            .unwrap()
+            .tags
+            .is_empty()
+    );
+    assert_eq!(status(op.tag("nope", &req).unwrap_err()), 404);
+
+    agent
+        .report(
+            "hv2",
+            &palisade_controller::api::ReportRequest {
+                installed_revision: 2,
+                counters: [("drops".to_string(), 7)].into(),
+            },
+        )
+        .unwrap();
+    let agents = op.agents().unwrap();
+    assert_eq!(agents[0].host, "hv2");
+    assert_eq!(agents[0].installed_revision, 2);
+    let changes = client(&env, &env.admin).changes().unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.action == "vm.tag" && c.actor == "olga" && c.resource == "vm/web-1")
+    );
+}
+
+#[test]
+fn every_refusal_leaves_the_store_unchanged() {
+    let env = Env::start("api-4xx");
+    client(&env, &env.operator).apply(&files(POLICY_V1), "", false).unwrap();
+    let body = serde_json::to_vec(&serde_json::json!({ "files": files(POLICY_V2), "message": "m" })).unwrap();
+    let mut bad_policy = files(POLICY_V2);
+    bad_policy.insert("policy.yaml".into(), POLICY_V2.replace("to: db,", "to: dbz,"));
+    let invalid = serde_json::to_vec(&serde_json::json!({ "files": bad_policy })).unwrap();
+    let huge = vec![b' '; 9 << 20];
+    let tag = br#"{"set":{"tier":"db"}}"#;
+
+    // (method, path, token, body, expected status, what the error must say)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a [u8]>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        ("POST", "/v1/policy", None, Some(&body), 401, "missing Authorization"),
+        (
+            "POST",
+            "/v1/policy",
+            Some("pal_wrong"),
+            Some(&body),
+            401,
+            "unknown token",
+        ),
+        (
+            "POST",
+            "/v1/policy",
+            Some(&env.reader),
+            Some(&body),
+            403,
+            "role read-only",
+        ),
+        (
+            "POST",
+            "/v1/policy",
+            Some(&env.auditor),
+            Some(&body),
+            403,
+            "role auditor",
+        ),
+        (
+            "POST",
+            "/v1/policy",
+            Some(&env.operator),
+            Some(b"{\"files\": "),
+            400,
+            "malformed JSON",
+        ),
+        (
+            "POST",
+            "/v1/policy",
+            Some(&env.operator),
+            Some(b"{\"message\": \"no files\"}"),
+            400,
+            "malformed JSON",
+        ),
+        (
+            "POST",
+            "/v1/policy",
+            Some(&env.operator),
+            Some(&huge),
+            413,
+            "over the limit",
+        ),
+        (
+            "POST",
+            "/v1/policy",
+            Some(&env.operator),
+            Some(&invalid),
+            422,
+            "policy is invalid",
+        ),
+        (
+            "POST",
+            "/v1/policy?dry_run=maybe",
+            Some(&env.operator),
+            Some(&body),
+            400,
+            "dry_run",
+        ),
+        (
+            "POST",
+            "/v1/policy/rollback/1",
+            Some(&env.reader),
+            None,
+            403,
+            "role read-only",
+        ),
+        (
+            "POST",
+            "/v1/policy/rollback/77",
+            Some(&env.operator),
+            None,
+            404,
+            "no version 77",
+        ),
+        (
+            "POST",
+            "/v1/policy/rollback/x",
+            Some(&env.operator),
+            None,
+            400,
+            "not a number",
+        ),
+        (
+            "PUT",
+            "/v1/vms/web-1/tags",
+            None,
+            Some(tag),
+            401,
+            "missing Authorization",
+        ),
+        (
+            "PUT",
+            "/v1/vms/web-1/tags",
+            Some(&env.auditor),
+            Some(tag),
+            403,
+            "role auditor",
+        ),
+        (
+            "PUT",
+            "/v1/vms/web-1/tags",
+            Some(&env.operator),
+            Some(b"[1,2"),
+            400,
+            "malformed JSON",
+        ),
+        (
+            "PUT",
+            "/v1/vms/web-1/tags",
+            Some(&env.operator),
+            Some(b"{}"),
+            400,
+            "nothing to set",
+        ),
+        (
+            "PUT",
+            "/v1/vms/ghost/tags",
+            Some(&env.operator),
+            Some(tag),
+            404,
+            "ghost",
+        ),
+        ("GET", "/v1/changes", Some(&env.reader), None, 403, "role read-only"),
+        ("GET", "/v1/vms", None, None, 401, "missing Authorization"),
+        (
+            "POST",
+            "/v1/agents/hv1/register",
+            Some(&env.operator),
+            Some(b"{}"),
+            403,
+            "role operator",
+        ),
+        ("GET", "/v1/agents/hv1/policy", None, None, 401, "missing Authorization"),
+        (
+            "POST",
+            "/v1/agents/hv1/report",
+            Some(&env.admin),
+            Some(b"{\"installed_revision\": 1}"),
+            404,
+            "not registered",
+        ),
+        ("GET", "/v1/nothing", None, None, 404, "no such endpoint"),
+    ];
+    for (method, path, token, body, want, needle) in cases {
+        let before = snapshot(&env);
+        let (got, json) = raw(&env, method, path, token, body);
+        let err = json["error"].as_str().unwrap_or_default();
+        assert_eq!(got, want, "{method} {path}: {json}");
+        assert!(
+            err.contains(needle),
+            "{method} {path}: error {err:?} should mention {needle:?}"
+        );
+        assert_eq!(snapshot(&env), before, "{method} {path} changed the store");
+    }
+    // The invalid policy's diagnostics point at file:line:col.
+    let (_, json) = raw(&env, "POST", "/v1/policy", Some(&env.operator), Some(&invalid));
+    let diags = json["diagnostics"].as_str().unwrap();
+    assert!(diags.contains("policy.yaml:5:"), "{diags}");
+    assert!(diags.contains("dbz"), "{diags}");
+}
+
+#[test]
+fn every_documented_endpoint_is_routed() {
+    let env = Env::start("api-openapi");
+    let (status, doc) = raw(&env, "GET", "/openapi.json", None, None);
+    assert_eq!(status, 200);
+    let paths = doc["paths"].as_object().unwrap();
+    assert_eq!(paths.len(), 15);
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{v}", "1")
+            .replace("{name}", "web-1")
+            .replace("{host}", "hv1");
+        for method in ops.as_object().unwrap().keys() {
+            let body: Option<&[u8]> = if method == "get" { None } else { Some(b"{}") };
+            let (got, json) = raw(&env, &method.to_uppercase(), &concrete, None, body);
+            // Unauthenticated: each route answers 401 (or 200 for the document itself), never the fallback.
+            let expected = if path == "/openapi.json" { 200 } else { 401 };
+            assert_eq!(got, expected, "{method} {path}: {json}");
+        }
+    }
+}
+
+#[test]
+fn admins_create_tokens_that_work_and_are_recorded() {
+    let env = Env::start("api-tokens");
+    let admin = client(&env, &env.admin);
+    let before = snapshot(&env);
+    match client(&env, &env.operator).create_token("eve", palisade_controller::auth::Role::Admin) {
+        Err(ClientError::Api { status: 403, .. }) => {}
+        other => panic!("expected 403, got {other:?}"),
+    }
+    assert_eq!(
+        status(
+            admin
+                .create_token("has space", palisade_controller::auth::Role::ReadOnly)
+                .unwrap_err()
+        ),
+        400
+    );
+    assert_eq!(snapshot(&env), before);
+    let secret = admin
+        .create_token("ci", palisade_controller::auth::Role::Operator)
+        .unwrap();
+    let ci = client(&env, &secret);
+    assert_eq!(ci.apply(&files(POLICY_V1), "from ci", false).unwrap().version, 1);
+    assert_eq!(ci.versions().unwrap()[0].author, "ci");
+    let changes = admin.changes().unwrap();
+    let tok = changes
+        .iter()
+        .find(|c| c.action == "token.create" && c.resource == "token/ci")
+        .unwrap();
+    assert_eq!(tok.actor, "alice");
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.resource == "token/alice" && c.actor == "local")
+    );
+    // The store holds only the hash of the secret.
+    let stored = env.store.list_prefix("").unwrap();
+    assert!(
+        stored
+            .iter()
+            .all(|(k, v)| !k.contains(&secret[4..]) && !String::from_utf8_lossy(v).contains(&secret[4..]))
+    );
+}

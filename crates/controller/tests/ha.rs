@@ -1,0 +1,108 @@
+//! Several controllers on one etcd: any serves the API and the agents, and an
+//! agent whose controller stops moves to another and still sees the next change.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use palisade_controller::auth::Role;
+use palisade_controller::client::{Client, ClientAuth};
+use palisade_controller::core::Controller;
+use palisade_controller::server::{self, RunningServer, ServeOptions};
+use palisade_controller::store::{EtcdStore, Store};
+
+fn controller(etcd: &TestEtcd) -> (Controller, RunningServer) {
+    let store: Arc<dyn Store> = Arc::new(EtcdStore::new(vec![etcd.url.clone()], "/palisade/"));
+    let ctl = Controller::new(store);
+    let srv = server::spawn(ctl.clone(), ServeOptions::plain("127.0.0.1:0".parse().unwrap())).unwrap();
+    (ctl, srv)
+}
+
+#[test]
+fn three_controllers_one_etcd_failover() {
+    let Some(etcd) = TestEtcd::or_skip("ha", 23_795) else {
+        return;
+    };
+    let mut servers: Vec<Option<RunningServer>> = Vec::new();
+    let mut ctls = Vec::new();
+    for _ in 0..3 {
+        let (c, s) = controller(&etcd);
+        ctls.push(c);
+        servers.push(Some(s));
+    }
+    let urls: Vec<String> = servers.iter().map(|s| s.as_ref().unwrap().url()).collect();
+    // A token made through one controller works on all (it lives in etcd).
+    let token = ctls[0].create_token("local", "ops", Role::Admin).unwrap();
+    let api = |i: usize| Client::new(&urls[i], ClientAuth::Token(token.clone())).unwrap();
+    assert_eq!(api(1).apply(&files(POLICY_V1), "via 1", false).unwrap().version, 1);
+    assert_eq!(api(2).policy().unwrap().version, 1);
+
+    // Concurrent applies through different controllers serialize into distinct versions.
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let (u, t) = (urls[i].clone(), token.clone());
+            std::thread::spawn(move || {
+                let c = Client::new(&u, ClientAuth::Token(t)).unwrap();
+                c.apply(&files(POLICY_V2), &format!("race {i}"), false).unwrap().version
+            })
+        })
+        .collect();
+    let mut got: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    got.sort();
+    assert_eq!(got, [2, 3, 4]);
+    assert_eq!(api(0).versions().unwrap().len(), 4);
+
+    // Six agents, each preferring a different controller first.
+    let hosts: Vec<String> = (0..6).map(|i| format!("hv{i}")).collect();
+    let agents: Vec<Client> = (0..6)
+        .map(|i| {
+            let order: Vec<String> = (0..3).map(|k| urls[(i + k) % 3].clone()).collect();
+            Client::with_failover(order, ClientAuth::Token(token.clone())).unwrap()
+        })
+        .collect();
+    let mut revs = Vec::new();
+    for (a, h) in agents.iter().zip(&hosts) {
+        a.register(h, "t").unwrap();
+        revs.push(a.watch_policy(h, 0, Duration::from_secs(2)).unwrap().unwrap().revision);
+    }
+    assert!(revs.iter().all(|&r| r == 4), "{revs:?}");
+    assert_eq!(api(2).agents().unwrap().len(), 6);
+
+    // Every agent long-polls; controller 0 goes away while they wait.
+    let waiters: Vec<_> = agents
+        .into_iter()
+        .zip(hosts.clone())
+        .map(|(a, h)| {
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < deadline {
+                    // A dropped connection is a transport error: the next call fails over.
+                    if let Ok(Some(b)) = a.watch_policy(&h, 4, Duration::from_secs(10)) {
+                        return Some((b.revision, a.current_url().to_string()));
+                    }
+                }
+                None
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    servers[0].take().unwrap().stop();
+    std::thread::sleep(Duration::from_millis(300));
+    // The next change, made through controller 2, reaches every agent.
+    let req = palisade_controller::api::TagRequest {
+        set: [("env".to_string(), "prod".to_string())].into(),
+        remove: vec![],
+    };
+    assert_eq!(api(2).tag("db-1", &req).unwrap().revision, 5);
+    for (i, w) in waiters.into_iter().enumerate() {
+        let (rev, url) = w
+            .join()
+            .unwrap()
+            .unwrap_or_else(|| panic!("agent {i} never saw revision 5"));
+        assert_eq!(rev, 5, "agent {i}");
+        assert_ne!(url, urls[0], "agent {i} must have left the stopped controller");
+    }
+    drop(servers);
+}
