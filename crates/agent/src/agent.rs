@@ -64,6 +64,9 @@ pub enum AgentError {
         /// The error.
         source: std::io::Error,
     },
+    /// The controller connection.
+    #[error("{0}")]
+    Controller(String),
     /// The audit trail failed (records could not be made durable).
     #[error("audit trail {dir}: {message}")]
     Audit {
@@ -184,6 +187,10 @@ pub struct Agent {
     model: Model,
     identities: Identities,
     policy_stamp: Option<SystemTime>,
+    /// Policies from the controller (controller mode).
+    upstream: Option<std::sync::mpsc::Receiver<crate::upstream::Installed>>,
+    /// The controller revision in force (controller mode).
+    revision: Option<u64>,
     origin: Instant,
     clock: Clock,
     audit: Option<crate::trail::Trail>,
@@ -250,8 +257,37 @@ impl Agent {
     pub fn start(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<Agent, AgentError> {
         std::fs::create_dir_all(config.state_dir.join("conntrack"))
             .map_err(io_err(format!("state directory {}", config.state_dir.display())))?;
-        let policy_stamp = policy_stamp(&config.policy);
-        let compiler = load_policy(&config.policy)?;
+        let (compiler, policy_stamp, upstream, revision) = match (&config.policy, &config.controller) {
+            (Some(dir), _) => (load_policy(dir)?, policy_stamp(dir), None, None),
+            (None, Some(cc)) => {
+                let client = crate::upstream::client(cc)?;
+                // The last good policy first: the controller may be down.
+                let (bundle, compiler) = match crate::upstream::load_saved(&config.state_dir) {
+                    Some(saved) => {
+                        eprintln!(
+                            "palisade agent: enforcing saved controller policy revision {} until the controller answers",
+                            saved.0.revision
+                        );
+                        saved
+                    }
+                    None => crate::upstream::first_policy(&client, &config.host, &config.state_dir, &stop)?,
+                };
+                let rx = crate::upstream::watch(
+                    client,
+                    config.host.clone(),
+                    config.state_dir.clone(),
+                    bundle.revision,
+                    stop.clone(),
+                )?;
+                (compiler, None, Some(rx), Some(bundle.revision))
+            }
+            (None, None) => {
+                return Err(AgentError::Policy {
+                    dir: PathBuf::new(),
+                    message: "no policy source configured".into(),
+                });
+            }
+        };
         let model = compiler.model().clone();
         let uplink = UplinkConfig {
             local_mac: EthernetAddress([0; 6]),
@@ -358,6 +394,8 @@ impl Agent {
             model,
             identities,
             policy_stamp,
+            upstream,
+            revision,
             origin,
             clock,
             audit,
@@ -529,22 +567,37 @@ impl Agent {
                 self.keep(rec);
             }
         }
-        let stamp = policy_stamp(&self.config.policy);
-        if stamp != self.policy_stamp {
-            self.policy_stamp = stamp;
-            self.reload_policy();
+        if let Some(dir) = self.config.policy.clone() {
+            let stamp = policy_stamp(&dir);
+            if stamp != self.policy_stamp {
+                self.policy_stamp = stamp;
+                self.reload_policy(&dir);
+            }
+        }
+        let mut newest = None;
+        while let Some(i) = self.upstream.as_ref().and_then(|rx| rx.try_recv().ok()) {
+            newest = Some(i);
+        }
+        if let Some(i) = newest {
+            self.install(i.compiler);
+            self.revision = Some(i.revision);
+            eprintln!("palisade agent: controller policy revision {} installed", i.revision);
         }
     }
 
-    /// Swap in the policy on disk, or keep enforcing the current one if it is broken.
-    pub fn reload_policy(&mut self) {
-        match load_policy(&self.config.policy) {
+    fn install(&mut self, compiler: Compiler) {
+        self.model = compiler.model().clone();
+        self.identities = Identities::new(&self.model);
+        self.engine.update_policy(Box::new(PolicyLookup::new(compiler)));
+        self.last_policy_error = None;
+    }
+
+    /// Swap in the policy in `dir`, or keep enforcing the current one if it is broken.
+    pub fn reload_policy(&mut self, dir: &Path) {
+        match load_policy(dir) {
             Ok(compiler) => {
                 let version = compiler.model().policy.version;
-                self.model = compiler.model().clone();
-                self.identities = Identities::new(&self.model);
-                self.engine.update_policy(Box::new(PolicyLookup::new(compiler)));
-                self.last_policy_error = None;
+                self.install(compiler);
                 eprintln!("palisade agent: policy version {version} installed");
             }
             Err(e) => {
@@ -607,6 +660,7 @@ impl Agent {
             "host": self.config.host,
             "status": if self.last_policy_error.is_some() { "degraded" } else { "ok" },
             "policy_version": self.engine.policy_version(),
+            "controller_revision": self.revision,
             "policy_error": self.last_policy_error,
             "ports": self.ports.len(),
             "connections": self.engine.conntrack().len(),

@@ -35,8 +35,12 @@ use serde::Deserialize;
 pub struct AgentConfig {
     /// This host's name in the inventory.
     pub host: String,
-    /// The policy directory (standalone mode).
-    pub policy: PathBuf,
+    /// The policy directory (standalone mode). Exactly one of this and `controller`.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+    /// Take policy from the controller instead.
+    #[serde(default)]
+    pub controller: Option<ControllerConfig>,
     /// Where the agent keeps state across restarts.
     pub state_dir: PathBuf,
     /// Address of the HTTP endpoint for metrics and flows.
@@ -59,6 +63,26 @@ pub struct AgentConfig {
     /// Connection-table capacity (default 32,768).
     #[serde(default)]
     pub conn_capacity: Option<usize>,
+}
+
+/// Where the controller is and how to prove who we are.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// Controller URLs (several: failover).
+    pub servers: Vec<String>,
+    /// The CA certificate that signed the controller's (and our) certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// This host's certificate (mutual TLS; its common name must be the host name).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// A token instead of a certificate (a controller on loopback with `--insecure-http`).
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// The VXLAN underlay.
@@ -183,6 +207,30 @@ impl AgentConfig {
                 ));
             }
         }
+        match (&config.policy, &config.controller) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "policy".into(),
+                    "give a policy directory or a [controller], not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "policy".into(),
+                    "no policy: give a policy directory or a [controller] section".into(),
+                ));
+            }
+            (None, Some(c)) if c.servers.is_empty() => {
+                return Err(invalid("controller.servers".into(), "is empty".into()));
+            }
+            (None, Some(c)) if c.token.is_none() && (c.cert.is_none() || c.key.is_none() || c.ca.is_none()) => {
+                return Err(invalid(
+                    "controller".into(),
+                    "give ca, cert and key (mutual TLS), or a token".into(),
+                ));
+            }
+            _ => {}
+        }
         if config.underlay.peers.values().any(|p| *p == config.underlay.local) {
             return Err(invalid(
                 "underlay.peers".into(),
@@ -225,6 +273,19 @@ mac = "02:00:00:00:fe:01"
         assert_eq!(c.appliances[0].zone, "web");
     }
 
+    const CONTROLLER: &str = "[controller]\nservers = [\"https://c:7443\"]\n";
+
+    #[test]
+    fn a_controller_config_parses() {
+        let text = GOOD.replace("policy = \"/p\"\n", "").replace(
+            "[underlay]",
+            &format!("{CONTROLLER}ca = \"/t/ca.pem\"\ncert = \"/t/hv1.pem\"\nkey = \"/t/hv1.key\"\n[underlay]"),
+        );
+        let c = AgentConfig::parse(&text, Path::new("hv1.toml")).unwrap();
+        assert_eq!(c.policy, None);
+        assert_eq!(c.controller.unwrap().servers, ["https://c:7443"]);
+    }
+
     #[test]
     fn bad_configs_name_the_field() {
         let cases = [
@@ -239,6 +300,16 @@ mac = "02:00:00:00:fe:01"
             (
                 GOOD.replace("\"192.168.100.1\"", "\"300.1.1.1\""),
                 "invalid IPv4 address",
+            ),
+            (GOOD.replace("policy = \"/p\"\n", ""), "no policy"),
+            (
+                GOOD.replace("[underlay]", &format!("{CONTROLLER}[underlay]")),
+                "not both",
+            ),
+            (
+                GOOD.replace("policy = \"/p\"\n", "")
+                    .replace("[underlay]", &format!("{CONTROLLER}[underlay]")),
+                "give ca, cert and key",
             ),
         ];
         for (text, want) in cases {

@@ -7,6 +7,7 @@
 //! - [`trail`]: batched, durable appends to the audit store.
 //! - [`metrics`]: Prometheus text.
 //! - [`http`]: the metrics/flows/health endpoint (TCP and a Unix socket).
+//! - [`upstream`]: policy from the controller, the last good one saved.
 #![deny(missing_docs)]
 
 pub mod agent;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod records;
 pub mod trail;
+pub mod upstream;
 
 pub use agent::{Agent, AgentError};
 pub use config::AgentConfig;

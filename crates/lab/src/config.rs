@@ -36,6 +36,35 @@ fn tk(s: &str) -> String {
     }
 }
 
+/// Turn a standalone agent configuration into one that takes its policy from
+/// the controller at `url` over mutual TLS (certificates `<ca_dir>/<host>.pem`/`.key`).
+pub fn with_controller(config: &str, url: &str, ca: &Path, ca_dir: &Path, host: &str) -> String {
+    let mut out = String::new();
+    for line in config.lines() {
+        if line.starts_with("policy = ") {
+            continue;
+        }
+        if line == "[underlay]" {
+            let _ = writeln!(out, "[controller]");
+            let _ = writeln!(out, "servers = [{}]", tq(url));
+            let _ = writeln!(out, "ca = {}", tq(&ca.to_string_lossy()));
+            let _ = writeln!(
+                out,
+                "cert = {}",
+                tq(&ca_dir.join(format!("{host}.pem")).to_string_lossy())
+            );
+            let _ = writeln!(
+                out,
+                "key = {}",
+                tq(&ca_dir.join(format!("{host}.key")).to_string_lossy())
+            );
+            let _ = writeln!(out);
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    out
+}
+
 /// The configuration of `host`'s agent, or `None` if the plan has no such host.
 pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path) -> Option<String> {
     let h = plan.host(host)?;

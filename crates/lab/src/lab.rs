@@ -42,11 +42,23 @@ pub struct LabSpec {
     pub state_dir: PathBuf,
     /// The `palisade` binary to start agents with (`None`: no agents).
     pub agent_exe: Option<PathBuf>,
+    /// Run a controller (embedded store) in the underlay namespace and have
+    /// the agents take their policy from it (needs `agent_exe`, the
+    /// `palisade` binary).
+    pub controller: bool,
     /// Memory of each QEMU guest.
     pub vm_mem_mib: u32,
 }
 
 /// The default state directory of lab `name`.
+/// The controller's address on the underlay bridge (when the lab runs one).
+pub const CONTROLLER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 168, 100, 254);
+/// The controller's HTTPS port.
+pub const CONTROLLER_PORT: u16 = 7443;
+/// MTU of the underlay links: a 1500-byte frame plus VXLAN's 50 bytes fits.
+const UNDERLAY_MTU: &str = "1600";
+
+/// The state directory of lab `name` unless one is given.
 pub fn default_state_dir(name: &str) -> PathBuf {
     PathBuf::from(format!("/run/palisade/lab-{name}"))
 }
@@ -60,6 +72,7 @@ impl LabSpec {
             qemu: QemuMode::None,
             state_dir: default_state_dir("pal"),
             agent_exe: None,
+            controller: false,
             vm_mem_mib: 256,
         }
     }
@@ -146,6 +159,26 @@ pub struct LabState {
     pub agents: BTreeMap<String, AgentProc>,
     /// QEMU guests by VM.
     pub guests: BTreeMap<String, QemuProc>,
+    /// The controller, when the lab runs one.
+    #[serde(default)]
+    pub controller: Option<ControllerProc>,
+}
+
+/// A controller the lab started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerProc {
+    /// Its pid.
+    pub pid: i32,
+    /// Its URL (on the underlay).
+    pub url: String,
+    /// The CA certificate its server certificate chains to.
+    pub ca: PathBuf,
+    /// The bootstrap admin token.
+    pub token: String,
+    /// Its log.
+    pub log: PathBuf,
+    /// The `palisade` binary (to run CLI commands against it).
+    pub exe: PathBuf,
 }
 
 /// What [`Lab::down`] removed.
@@ -371,6 +404,7 @@ impl Lab {
                 state_dir,
                 agents: BTreeMap::new(),
                 guests: BTreeMap::new(),
+                controller: None,
             },
             children: Vec::new(),
             consoles: Mutex::new(BTreeMap::new()),
@@ -422,9 +456,11 @@ impl Lab {
                     u,
                 ],
             )?;
+            // Room for VXLAN's 50 bytes around a 1500-byte frame: no fragmentation on the underlay.
+            sys::ip_n(u, &["link", "set", &h.underlay_port, "mtu", UNDERLAY_MTU])?;
             sys::ip_n(u, &["link", "set", &h.underlay_port, "master", "br0", "up"])?;
             sys::ip_n(&h.ns, &["addr", "add", &format!("{}/24", h.underlay_ip), "dev", "ul0"])?;
-            sys::ip_n(&h.ns, &["link", "set", "ul0", "up"])?;
+            sys::ip_n(&h.ns, &["link", "set", "ul0", "mtu", UNDERLAY_MTU, "up"])?;
         }
         // Edge router and internet.
         let e = &plan.edge_ns;
@@ -523,14 +559,23 @@ impl Lab {
         let zone = self.state.state_dir.join("dns.zone");
         std::fs::write(&zone, dns::Records::from_inventory(inv).to_zone_file())
             .map_err(LabError::io(format!("writing {}", zone.display())))?;
+        if spec.controller {
+            let exe = spec
+                .agent_exe
+                .clone()
+                .ok_or_else(|| LabError::Invalid("a lab with a controller needs the palisade binary".into()))?;
+            self.start_controller(&exe)?;
+        }
         for h in &plan.hosts {
             mkdir(&self.state.state_dir.join(&h.name))?;
-            let text = config::agent_config(&plan, &h.name, &self.state.policy_dir, &self.state.state_dir).ok_or_else(
-                || LabError::Unknown {
+            let mut text = config::agent_config(&plan, &h.name, &self.state.policy_dir, &self.state.state_dir)
+                .ok_or_else(|| LabError::Unknown {
                     kind: "host",
                     name: h.name.clone(),
-                },
-            )?;
+                })?;
+            if let Some(c) = &self.state.controller {
+                text = config::with_controller(&text, &c.url, &c.ca, &self.state.state_dir.join("ca"), &h.name);
+            }
             let p = self.agent_config(&h.name);
             std::fs::write(&p, text).map_err(LabError::io(format!("writing {}", p.display())))?;
         }
@@ -620,6 +665,127 @@ impl Lab {
             })?;
         }
         Ok(())
+    }
+
+    /// A CA and certificates, the controller on the underlay (embedded
+    /// store), and the lab's policy applied to it as version 1.
+    fn start_controller(&mut self, exe: &Path) -> Result<(), LabError> {
+        let exe = absolute(exe)?;
+        let u = self.state.plan.underlay_ns.clone();
+        let ip = CONTROLLER_IP.to_string();
+        sys::ip_n(&u, &["addr", "add", &format!("{ip}/24"), "dev", "br0"])?;
+        let ca = self.state.state_dir.join("ca");
+        let data = self.state.state_dir.join("controller");
+        let run = |args: Vec<String>| -> Result<(), LabError> {
+            let mut cmd = Command::new(&exe);
+            cmd.args(&args);
+            let out = sys::output_timeout(cmd, Duration::from_secs(30), &format!("palisade {}", args.join(" ")))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(LabError::Invalid(format!(
+                    "palisade {} failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )))
+            }
+        };
+        let d = ca.to_string_lossy().to_string();
+        run(vec!["ca".into(), "init".into(), "--dir".into(), d.clone()])?;
+        run([
+            "ca",
+            "issue",
+            "--dir",
+            &d,
+            "--name",
+            "controller",
+            "--server",
+            "--ip",
+            &ip,
+        ]
+        .map(String::from)
+        .to_vec())?;
+        for h in self.state.plan.hosts.clone() {
+            run(["ca", "issue", "--dir", &d, "--name", &h.name]
+                .map(String::from)
+                .to_vec())?;
+        }
+        let log = self.state.state_dir.join("logs").join("controller.log");
+        let logf = File::create(&log).map_err(LabError::io(format!("creating {}", log.display())))?;
+        let logf2 = logf.try_clone().map_err(LabError::io("duplicating log handle"))?;
+        let listen = format!("{ip}:{CONTROLLER_PORT}");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &u])
+            .arg(&exe)
+            .args(["controller", "--listen", &listen, "--data"])
+            .arg(&data)
+            .arg("--tls-dir")
+            .arg(&ca)
+            .stdin(Stdio::null())
+            .stdout(logf)
+            .stderr(logf2)
+            .spawn()
+            .map_err(LabError::io("starting the controller"))?;
+        let pid = child.id() as i32;
+        self.children.push(child);
+        let token_file = data.join("admin.token");
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("serving")) {
+            for c in &mut self.children {
+                let _ = c.try_wait();
+            }
+            if !sys::pid_alive(pid) || start.elapsed() >= AGENT_READY_TIMEOUT {
+                return Err(LabError::Invalid(format!(
+                    "the controller did not start:\n{}",
+                    tail(&log, 20)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let token = std::fs::read_to_string(&token_file)
+            .map_err(LabError::io(format!("reading {}", token_file.display())))?
+            .trim()
+            .to_string();
+        self.state.controller = Some(ControllerProc {
+            pid,
+            url: format!("https://{listen}"),
+            ca: ca.join("ca.pem"),
+            token,
+            log,
+            exe,
+        });
+        self.save()?;
+        let policy = self.state.policy_dir.to_string_lossy().to_string();
+        let out = self.ctl(&["apply", "-f", &policy, "-m", "lab up"])?;
+        if !out.status.success() {
+            return Err(LabError::Invalid(format!(
+                "applying {policy} to the controller failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Run a `palisade` CLI command against the lab's controller (from the
+    /// underlay namespace, with its URL, admin token and CA).
+    pub fn ctl(&self, args: &[&str]) -> Result<Output, LabError> {
+        let c = self
+            .state
+            .controller
+            .as_ref()
+            .ok_or_else(|| LabError::Invalid("this lab runs no controller".into()))?;
+        let mut argv: Vec<String> = vec![c.exe.to_string_lossy().to_string()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv.extend([
+            "--server".into(),
+            c.url.clone(),
+            "--token".into(),
+            c.token.clone(),
+            "--ca".into(),
+        ]);
+        argv.push(c.ca.to_string_lossy().to_string());
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        self.exec_ns(&self.state.plan.underlay_ns, &refs, Duration::from_secs(30))
     }
 
     fn start_agents(&mut self, exe: &Path) -> Result<(), LabError> {
@@ -975,6 +1141,11 @@ fn down_impl(
     let me = std::process::id() as i32;
     let mut pids: Vec<i32> = Vec::new();
     if let Some(s) = state {
+        if let Some(c) = &s.controller
+            && sys::pid_cmdline(c.pid).contains("controller")
+        {
+            pids.push(c.pid);
+        }
         for a in s.agents.values() {
             if sys::pid_cmdline(a.pid).contains("agent") {
                 pids.push(a.pid);

@@ -25,6 +25,9 @@ pub mod stream;
 mod sys;
 
 pub use error::LabError;
-pub use lab::{DownReport, Lab, LabSpec, LabState, LabStatus, Spawned, default_state_dir, leftovers};
+pub use lab::{
+    CONTROLLER_IP, CONTROLLER_PORT, ControllerProc, DownReport, Lab, LabSpec, LabState, LabStatus, Spawned,
+    default_state_dir, leftovers,
+};
 pub use plan::{Plan, QemuMode};
 pub use sys::{NetnsThread, spawn_in_netns};

@@ -68,7 +68,16 @@ fn demo_once_enforces_the_three_tier_policy_and_leaves_nothing_behind() {
     println!("{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "demo failed");
     // Every scripted connection behaved as the policy says, and the agents' records name the rule.
-    assert_eq!(text.matches('✓').count(), 11, "eleven scripted connections");
+    assert_eq!(
+        text.matches('✓').count(),
+        12,
+        "eleven scripted connections and one after the quarantine"
+    );
+    assert!(
+        text.contains("every agent installed the change: yes"),
+        "the tag reached both agents"
+    );
+    assert!(text.contains("dc-quarantine-in (datacenter)"));
     assert!(!text.contains("UNEXPECTED") && !text.contains("no flow record"));
     assert!(text.contains("long-lived database session still open: yes"));
     assert_eq!(

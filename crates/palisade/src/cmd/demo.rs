@@ -33,6 +33,9 @@ pub struct DemoArgs {
     /// Lab name (prefix of every namespace it creates).
     #[arg(long, default_value = "pal")]
     pub name: String,
+    /// Agents read the policy directory themselves instead of taking it from a controller.
+    #[arg(long)]
+    pub standalone: bool,
 }
 
 /// One scripted connection attempt.
@@ -179,6 +182,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let spec = LabSpec::from_inventory(&policy).with_name(&args.name);
     let spec = LabSpec {
         agent_exe: Some(std::env::current_exe().context("locating the palisade binary")?),
+        controller: !args.standalone,
         ..spec
     };
     // A lab of this name left by a crash is removed first.
@@ -199,6 +203,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         lab.plan().hosts.len(),
         lab.plan().vms.len()
     );
+    if let Some(c) = &lab.state().controller {
+        println!(
+            "controller at {} (embedded store, mutual TLS for agents); policy applied as version 1",
+            c.url
+        );
+    }
     let result = drive(&lab, &args, &stop);
     let trails = stop_agents_and_verify(&lab);
     println!("tearing the lab down …");
@@ -297,12 +307,15 @@ fn drive(lab: &Lab, args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<usize>
             failures += 1;
         }
     }
+    if lab.state().controller.is_some() {
+        failures += quarantine(lab)?;
+    }
     // Let the agents publish their flow records.
     std::thread::sleep(Duration::from_millis(1200));
     let flows = collect_flows(lab);
     println!();
     print_flows(&flows);
-    failures += check_rules(&flows);
+    failures += check_rules(&flows, lab.state().controller.is_some());
     if !args.once {
         println!("\nlive: the table refreshes every 2 s; Ctrl-C tears the lab down");
         while !stop.load(Ordering::Relaxed) {
@@ -351,6 +364,72 @@ fn start_servers(lab: &Lab) -> anyhow::Result<Vec<Spawned>> {
     spawn("dns-1", &[&exe, "lab", "serve", "dns", "--zone-file", &zone])?;
     Ok(servers)
 }
+
+/// The controller revision each agent enforces.
+fn revisions(lab: &Lab) -> Vec<Option<u64>> {
+    lab.plan()
+        .hosts
+        .iter()
+        .map(|h| {
+            let sock = lab.state().state_dir.join(&h.name).join("agent.sock");
+            palisade_agent::http::get_unix(&sock, "/health")
+                .ok()
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["controller_revision"].as_u64())
+        })
+        .collect()
+}
+
+/// An incident responder tags web-1 through the controller: every agent
+/// installs the change, and the internet's HTTP to web-1 is now refused by the
+/// datacenter's quarantine rule. Returns the number of failed expectations.
+fn quarantine(lab: &Lab) -> anyhow::Result<usize> {
+    let before = revisions(lab);
+    println!();
+    println!("incident response: `palisade tag vm web-1 quarantine=true` through the controller");
+    let out = lab.ctl(&["tag", "vm", "web-1", "quarantine=true"])?;
+    if !out.status.success() {
+        bail!("tagging web-1 failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        let now = revisions(lab);
+        if now.iter().zip(&before).all(|(n, b)| n > b) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = t.elapsed();
+    let installed = revisions(lab).iter().zip(&before).all(|(n, b)| n > b);
+    println!(
+        "every agent installed the change: {} ({} ms after the tag)",
+        if installed { "yes" } else { "NO" },
+        took.as_millis()
+    );
+    let step = &QUARANTINE;
+    let (ok, note) = attempt(lab, step, &mut None)?;
+    let good = installed && ok == step.allowed;
+    println!(
+        "{:<46} {:<10} {:<10} {:<9} {:<8} {:<8} {} {note}",
+        step.what,
+        step.from,
+        step.to,
+        step.service,
+        "deny",
+        if ok { "allowed" } else { "blocked" },
+        if good { "✓" } else { "✗ UNEXPECTED" }
+    );
+    Ok(usize::from(!good))
+}
+
+const QUARANTINE: Step = Step {
+    what: "HTTP from the internet to quarantined web-1",
+    from: "internet",
+    to: "web-1",
+    service: "tcp/80",
+    allowed: false,
+    rule: "dc-quarantine-in",
+};
 
 /// Try one connection; returns whether it got through, and a note.
 fn attempt(lab: &Lab, step: &Step, session: &mut Option<Spawned>) -> anyhow::Result<(bool, String)> {
@@ -483,9 +562,10 @@ fn print_flows(flows: &[FlowRecord]) {
 }
 
 /// Each scripted connection must appear in the agents' records, decided by the expected rule.
-fn check_rules(flows: &[FlowRecord]) -> usize {
+fn check_rules(flows: &[FlowRecord], quarantined: bool) -> usize {
     let mut missing = 0;
-    for step in SCRIPT {
+    let extra = quarantined.then_some(&QUARANTINE);
+    for step in SCRIPT.iter().chain(extra) {
         let found = flows.iter().any(|r| {
             let from_ok = if step.from == "internet" {
                 r.src.vm.is_none()

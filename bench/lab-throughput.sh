@@ -1,0 +1,414 @@
+#!/usr/bin/env bash
+# Throughput of three datapaths on one lab shape, back to back, same traffic:
+#
+#   palisade  the Palisade agents (AF_PACKET TPACKET_V3 + VXLAN over UDP),
+#             stateful policy: client -> server icmp, tcp/5201, udp/5201 only
+#   ovs       Open vSwitch userspace datapath (datapath_type=netdev, AF_PACKET
+#             ports, userspace VXLAN via br-phy), equivalent ct() rules
+#   bridge    Linux bridge + kernel vxlan device, no filtering (upper reference)
+#
+# Shape: `palisade lab up` with two hosts (hv1, hv2), one namespace VM on each
+# (client on hv1, server on hv2), both in ONE zone, so frames cross the VXLAN
+# underlay between the host namespaces and no router is involved. The underlay
+# MTU is 1600 (ul0, underlay bridge and its ports, OVS br-phy) so that 1500-byte
+# VM frames plus 50 bytes of VXLAN never fragment; the VMs' eth0 have TX
+# checksum offload off (as the lab makes them) for all three datapaths.
+#
+# Traffic per datapath: a 1 s TCP warm-up (also the connectivity check), a
+# check that the server cannot open a TCP connection to the client (the
+# stateful rule; the bridge does not filter, so there it connects), iperf3 TCP
+# for --seconds, then iperf3 UDP with 64-byte payloads at unlimited rate
+# (`-u -l 64 -b 0`) for --seconds, reporting packets/s the server received and
+# the loss. One JSON line per datapath, then a summary line with the ratios.
+#
+# usage: bench/lab-throughput.sh [--palisade BIN] [--seconds N] [--only LIST]
+#   --palisade BIN  the palisade binary (lab + agent); default: build
+#                   `cargo build --release -p palisade` here and use that
+#   --seconds N     iperf3 duration of each test (default 5)
+#   --only LIST     comma-separated subset of palisade,ovs,bridge
+# Run as root. A benchmark, not a test: CI does not run it. Needs iperf3, jq,
+# ethtool, Open vSwitch (Debian openvswitch-switch; its kernel module is not
+# used). Everything it starts is stopped on exit (trap), the lab removed.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+palisade=""
+seconds=5
+only="palisade,ovs,bridge"
+name="plbench"
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --palisade) palisade="$2"; shift 2 ;;
+        --seconds) seconds="$2"; shift 2 ;;
+        --only) only="$2"; shift 2 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+
+die() { echo "lab-throughput: $*" >&2; exit 1; }
+log() { echo "lab-throughput: $*" >&2; }
+
+[ "$(id -u)" = 0 ] || die "run as root (namespaces, veths, OVS)"
+case "$seconds" in ''|*[!0-9]*|0) die "--seconds wants a positive integer" ;; esac
+for t in ip ethtool iperf3 jq ovsdb-tool ovsdb-server ovs-vswitchd ovs-vsctl ovs-ofctl ovs-appctl; do
+    command -v "$t" >/dev/null 2>&1 || die "\`$t\` is not installed (iperf3, jq, ethtool, openvswitch-switch)"
+done
+ovs_schema=/usr/share/openvswitch/vswitch.ovsschema
+[ -f "$ovs_schema" ] || die "no $ovs_schema (install openvswitch-switch)"
+
+if [ -z "$palisade" ]; then
+    (cd "$here" && cargo build --release -q -p palisade)
+    target=$(cd "$here" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+    palisade="$target/release/palisade"
+fi
+[ -x "$palisade" ] || die "no palisade binary at $palisade"
+palisade=$(cd "$(dirname "$palisade")" && pwd)/$(basename "$palisade")
+"$palisade" lab up --help >/dev/null 2>&1 || die "$palisade has no \`lab\` subcommand"
+
+tmp=$(mktemp -d /tmp/lab-throughput.XXXXXX)
+state="$tmp/lab"
+pids_file="$tmp/pids"   # every background process this script started, one pid a line
+: >"$pids_file"
+
+# ---------------------------------------------------------------- cleanup ---
+# Each undo step is idempotent and ignores what is already gone, so cleanup
+# can run after a failure at any point (and phases call the same steps).
+
+stop_pid() { # pid: TERM, wait up to 3 s, then KILL
+    local p=$1 i
+    kill -0 "$p" 2>/dev/null || return 0
+    kill "$p" 2>/dev/null || true
+    for i in $(seq 30); do kill -0 "$p" 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+}
+
+stop_recorded() { # stop every process listed in $pids_file
+    local p
+    while read -r p; do [ -n "$p" ] && stop_pid "$p"; done <"$pids_file"
+    : >"$pids_file"
+}
+
+ovs_down() { # host-ns dir underlay-ip: remove bridges, stop daemons, give the IP back to ul0
+    local ns=$1 d=$2 ip=$3 f pid
+    if [ -S "$d/db.sock" ]; then
+        ovs-vsctl --db="unix:$d/db.sock" --timeout=5 -- --if-exists del-br br-int -- --if-exists del-br br-phy \
+            >/dev/null 2>&1 || true
+    fi
+    for f in ovs-vswitchd ovsdb-server; do
+        # Read the pid first: a daemon removes its pidfile as it exits.
+        pid=$(cat "$d/$f.pid" 2>/dev/null || true)
+        ovs-appctl -t "$d/$f.ctl" exit >/dev/null 2>&1 || true
+        [ -n "$pid" ] && stop_pid "$pid"
+    done
+    [ -e "/run/netns/$ns" ] || return 0
+    for f in br-int br-phy ovs-netdev; do ip -n "$ns" link del "$f" >/dev/null 2>&1 || true; done
+    ip -n "$ns" link set ul0 promisc off >/dev/null 2>&1 || true
+    ip -n "$ns" -4 addr show dev ul0 2>/dev/null | grep -q "inet $ip/" ||
+        ip -n "$ns" addr add "$ip/24" dev ul0 >/dev/null 2>&1 || true
+}
+
+bridge_down() { # host-ns
+    local ns=$1
+    [ -e "/run/netns/$ns" ] || return 0
+    ip -n "$ns" link del brb >/dev/null 2>&1 || true
+    ip -n "$ns" link del vxb >/dev/null 2>&1 || true
+}
+
+hosts_known=0
+cleanup() {
+    local rc=$?
+    set +e
+    stop_recorded
+    if [ "$hosts_known" = 1 ]; then
+        ovs_down "$ns1" "$tmp/ovs-hv1" "$ul1"
+        ovs_down "$ns2" "$tmp/ovs-hv2" "$ul2"
+        bridge_down "$ns1"
+        bridge_down "$ns2"
+    fi
+    if [ -f "$state/lab.json" ] || ip netns list | grep -q "^$name-"; then
+        "$palisade" lab down --name "$name" --state-dir "$state" >/dev/null 2>&1 ||
+            log "WARNING: \`palisade lab down --name $name --state-dir $state\` failed"
+    fi
+    rm -rf "$tmp"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# -------------------------------------------------------------------- lab ---
+
+# Two hosts, one VM each, one zone: the client may open icmp, tcp/5201 and
+# udp/5201 to the server; nothing may open towards the client.
+mkdir -p "$tmp/policy"
+cat >"$tmp/policy/inventory.yaml" <<'EOF'
+# Written by bench/lab-throughput.sh: two hosts, one VM each, one L2 zone.
+datacenter: { name: bench, default: deny }
+clusters:
+  - { name: bench, hosts: [hv1, hv2] }
+zones:
+  - { name: blue, vlan: 10, default: deny, on_failure: closed }
+vms:
+  - name: client
+    uuid: 00000000-0000-4000-8000-0000000000c1
+    cluster: bench
+    host: hv1
+    tags: { role: client }
+    vnics:
+      - { name: client.0, mac: "02:00:0a:0a:00:0a", ips: [10.10.0.10], zone: blue }
+  - name: server
+    uuid: 00000000-0000-4000-8000-0000000000c2
+    cluster: bench
+    host: hv2
+    tags: { role: server }
+    vnics:
+      - { name: server.0, mac: "02:00:0a:0a:00:0b", ips: [10.10.0.11], zone: blue }
+EOF
+cat >"$tmp/policy/policy.yaml" <<'EOF'
+# Written by bench/lab-throughput.sh: only the client opens, only these services.
+version: 1
+groups:
+  clients: { tags: { role: client } }
+  servers: { tags: { role: server } }
+services:
+  ping: icmp
+  iperf: [tcp/5201, udp/5201]
+rules:
+  datacenter:
+    - { id: bench-icmp, from: clients, to: servers, service: ping, action: allow }
+    - { id: bench-iperf, from: clients, to: servers, service: iperf, action: allow }
+EOF
+
+if ip netns list | grep -q "^$name-"; then
+    die "namespaces $name-* exist (an earlier run?); remove them with \`$palisade lab down --name $name\`"
+fi
+log "building lab $name (state $state)"
+"$palisade" lab up --policy "$tmp/policy" --name "$name" --state-dir "$state" --no-agents >"$tmp/lab-up.log" 2>&1 ||
+    { cat "$tmp/lab-up.log" >&2; die "palisade lab up failed"; }
+
+# Names and addresses from the lab's own plan, not guessed.
+plan() { jq -r "$1" "$state/lab.json"; }
+ns1=$(plan '.plan.hosts[] | select(.name=="hv1") | .ns')
+ns2=$(plan '.plan.hosts[] | select(.name=="hv2") | .ns')
+ul1=$(plan '.plan.hosts[] | select(.name=="hv1") | .underlay_ip')
+ul2=$(plan '.plan.hosts[] | select(.name=="hv2") | .underlay_ip')
+ulport1=$(plan '.plan.hosts[] | select(.name=="hv1") | .underlay_port')
+ulport2=$(plan '.plan.hosts[] | select(.name=="hv2") | .underlay_port')
+uns=$(plan '.plan.underlay_ns')
+cns=$(plan '.plan.vms[] | select(.name=="client") | .ns')
+sns=$(plan '.plan.vms[] | select(.name=="server") | .ns')
+cif=$(plan '.plan.vms[] | select(.name=="client") | .vnics[0].host_if')
+sif=$(plan '.plan.vms[] | select(.name=="server") | .vnics[0].host_if')
+cip=$(plan '.plan.vms[] | select(.name=="client") | .vnics[0].ips[0]')
+sip=$(plan '.plan.vms[] | select(.name=="server") | .vnics[0].ips[0]')
+hosts_known=1
+for v in ns1 ns2 ul1 ul2 ulport1 ulport2 uns cns sns cif sif cip sip; do
+    [ -n "${!v}" ] && [ "${!v}" != null ] || die "lab plan lacks $v (lab.json format changed?)"
+done
+
+# Underlay MTU 1600 everywhere a VXLAN packet travels.
+ip -n "$ns1" link set ul0 mtu 1600
+ip -n "$ns2" link set ul0 mtu 1600
+ip -n "$uns" link set "$ulport1" mtu 1600
+ip -n "$uns" link set "$ulport2" mtu 1600
+ip -n "$uns" link set br0 mtu 1600
+
+# ---------------------------------------------------------------- traffic ---
+
+start_bg() { # logfile cmd...: start in the background, record the pid
+    local out=$1
+    shift
+    "$@" >"$out" 2>&1 &
+    echo $! >>"$pids_file"
+    echo $!
+}
+
+# Measure the current datapath; write $tmp/result-$dp.json.
+measure() { # datapath expect-reverse-blocked(true|false)
+    local dp=$1 expect_blocked=$2 srv i ok=0 rsrv blocked tcp udp
+    srv=$(start_bg "$tmp/iperf-server-$dp.log" ip netns exec "$sns" iperf3 -s -p 5201)
+    sleep 0.5
+    # Warm-up and connectivity: up to 15 tries (ARP, MAC learning, OVS's tunnel ARP).
+    for i in $(seq 15); do
+        if ip netns exec "$cns" timeout 10 iperf3 -c "$sip" -p 5201 -t 1 >"$tmp/warmup-$dp.log" 2>&1; then
+            ok=1
+            break
+        fi
+        sleep 1
+    done
+    [ "$ok" = 1 ] || { cat "$tmp/warmup-$dp.log" >&2; die "$dp: client cannot reach the server"; }
+
+    # Stateful check: the server may not open a connection to the client.
+    rsrv=$(start_bg "$tmp/iperf-reverse-$dp.log" ip netns exec "$cns" iperf3 -s -p 5201)
+    sleep 0.5
+    if ip netns exec "$sns" timeout 2 bash -c "exec 3<>/dev/tcp/$cip/5201" 2>/dev/null; then
+        blocked=false
+    else
+        blocked=true
+    fi
+    stop_pid "$rsrv"
+    [ "$blocked" = "$expect_blocked" ] ||
+        log "WARNING: $dp: reverse TCP connection blocked=$blocked, expected $expect_blocked"
+
+    ip netns exec "$cns" timeout $((seconds + 30)) iperf3 -c "$sip" -p 5201 -t "$seconds" -J >"$tmp/tcp-$dp.json" ||
+        { cat "$tmp/tcp-$dp.json" >&2; die "$dp: iperf3 TCP failed"; }
+    sleep 1
+    ip netns exec "$cns" timeout $((seconds + 30)) iperf3 -c "$sip" -p 5201 -u -l 64 -b 0 -t "$seconds" -J \
+        >"$tmp/udp-$dp.json" || { cat "$tmp/udp-$dp.json" >&2; die "$dp: iperf3 UDP failed"; }
+    stop_pid "$srv"
+
+    tcp=$(jq -c '{
+        tcp_gbps: (.end.sum_received.bits_per_second / 1e9),
+        tcp_retransmits: .end.sum_sent.retransmits }' "$tmp/tcp-$dp.json")
+    # The server's counts: packets is the highest sequence number seen, so
+    # packets - lost_packets is what arrived.
+    udp=$(jq -c '.end as $e | {
+        udp_sent_kpps: ($e.sum_sent.packets / $e.sum_sent.seconds / 1e3),
+        udp_rx_kpps: (($e.sum_received.packets - $e.sum_received.lost_packets) / $e.sum_received.seconds / 1e3),
+        udp_loss_pct: $e.sum_received.lost_percent }' "$tmp/udp-$dp.json")
+    jq -cn --arg dp "$dp" --argjson tcp "$tcp" --argjson udp "$udp" --argjson blocked "$blocked" \
+        --argjson s "$seconds" --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" \
+        '{datapath: $dp, shape: "2 hosts, 1 VM each, one zone, VXLAN underlay (MTU 1600)", seconds: $s}
+         + ($tcp | .tcp_gbps |= (. * 1000 | round / 1000))
+         + ($udp | with_entries(.value |= (. * 100 | round / 100)))
+         + {reverse_tcp_blocked: $blocked, loadavg_after: $load}' | tee "$tmp/result-$dp.json"
+}
+
+# ---------------------------------------------------------------- phases ---
+
+phase_palisade() {
+    local h ns a p
+    declare -A pid
+    for h in hv1 hv2; do
+        ns=$([ $h = hv1 ] && echo "$ns1" || echo "$ns2")
+        start_bg "$tmp/agent-$h.log" ip netns exec "$ns" "$palisade" agent --config "$state/agents/$h.toml" >/dev/null
+        pid[$h]=$(tail -1 "$pids_file")
+    done
+    for h in hv1 hv2; do
+        for a in $(seq 300); do
+            grep -q "agent ready" "$tmp/agent-$h.log" 2>/dev/null && break
+            kill -0 "${pid[$h]}" 2>/dev/null || { tail -20 "$tmp/agent-$h.log" >&2; die "palisade: agent $h exited"; }
+            [ "$a" = 300 ] && { tail -20 "$tmp/agent-$h.log" >&2; die "palisade: agent $h not ready in 30 s"; }
+            sleep 0.1
+        done
+    done
+    measure palisade true
+    stop_recorded
+    for h in hv1 hv2; do
+        p="$tmp/agent-$h.log"
+        grep -qiE "panic|error" "$p" && { log "palisade agent $h log (tail):"; tail -5 "$p" >&2; }
+    done
+    return 0
+}
+
+ovs_up() { # host-ns dir vm-if local-ip remote-ip
+    local ns=$1 d=$2 vmif=$3 lip=$4 rip=$5 vs mac
+    mkdir -p "$d"
+    ovsdb-tool create "$d/conf.db" "$ovs_schema"
+    # Separate database, sockets and logs per host; both daemons run inside
+    # the host namespace, so vswitchd's taps (br-phy) and routes are there.
+    ip netns exec "$ns" ovsdb-server "$d/conf.db" --remote="punix:$d/db.sock" --pidfile="$d/ovsdb-server.pid" \
+        --unixctl="$d/ovsdb-server.ctl" --log-file="$d/ovsdb-server.log" --detach 2>>"$d/start.log"
+    vs="ovs-vsctl --db=unix:$d/db.sock --timeout=10"
+    $vs --no-wait init
+    ip netns exec "$ns" env OVS_RUNDIR="$d" ovs-vswitchd "unix:$d/db.sock" --pidfile="$d/ovs-vswitchd.pid" \
+        --unixctl="$d/ovs-vswitchd.ctl" --log-file="$d/ovs-vswitchd.log" --detach 2>>"$d/start.log"
+    # Userspace tunnelling: the underlay IP lives on br-phy (an OVS internal
+    # port, a tap), with ul0 as br-phy's uplink; see OVS "userspace-tunneling".
+    mac=$(ip netns exec "$ns" cat /sys/class/net/ul0/address)
+    $vs add-br br-phy -- set bridge br-phy datapath_type=netdev other-config:hwaddr="$mac" \
+        -- add-port br-phy ul0 -- set interface br-phy mtu_request=1600
+    ip -n "$ns" addr flush dev ul0
+    ip -n "$ns" addr add "$lip/24" dev br-phy
+    ip -n "$ns" link set br-phy up
+    $vs add-br br-int -- set bridge br-int datapath_type=netdev fail-mode=secure \
+        -- add-port br-int "$vmif" -- set interface "$vmif" ofport_request=1 \
+        -- add-port br-int vx0 -- set interface vx0 type=vxlan ofport_request=2 \
+        options:remote_ip="$rip" options:local_ip="$lip" options:key=10
+    # Same rules as the Palisade policy: ARP switched, IPv4 through conntrack,
+    # new connections only client -> server for icmp and tcp/udp 5201,
+    # established/related both ways, everything else dropped. Both hosts
+    # enforce (as both Palisade agents do).
+    cat >"$d/flows.txt" <<EOF
+table=0,priority=100,arp,actions=NORMAL
+table=0,priority=90,ip,actions=ct(table=1)
+table=0,priority=0,actions=drop
+table=1,priority=100,ct_state=+trk+est,ip,actions=NORMAL
+table=1,priority=100,ct_state=+trk+rel,ip,actions=NORMAL
+table=1,priority=90,ct_state=+trk+new,tcp,nw_src=$cip,nw_dst=$sip,tp_dst=5201,actions=ct(commit),NORMAL
+table=1,priority=90,ct_state=+trk+new,udp,nw_src=$cip,nw_dst=$sip,tp_dst=5201,actions=ct(commit),NORMAL
+table=1,priority=90,ct_state=+trk+new,icmp,nw_src=$cip,nw_dst=$sip,actions=ct(commit),NORMAL
+table=1,priority=0,actions=drop
+EOF
+    # (ovs-ofctl replace-flows fails to negotiate a flow format here; del + add does not.)
+    ovs-ofctl del-flows "unix:$d/br-int.mgmt"
+    ovs-ofctl add-flows "unix:$d/br-int.mgmt" "$d/flows.txt"
+}
+
+phase_ovs() {
+    ovs_up "$ns1" "$tmp/ovs-hv1" "$cif" "$ul1" "$ul2"
+    ovs_up "$ns2" "$tmp/ovs-hv2" "$sif" "$ul2" "$ul1"
+    measure ovs true
+    ovs_down "$ns1" "$tmp/ovs-hv1" "$ul1"
+    ovs_down "$ns2" "$tmp/ovs-hv2" "$ul2"
+}
+
+bridge_up() { # host-ns vm-if local-ip remote-ip
+    local ns=$1 vmif=$2 lip=$3 rip=$4
+    ip -n "$ns" link add vxb type vxlan id 10 local "$lip" remote "$rip" dstport 4789 dev ul0
+    ip -n "$ns" link set vxb mtu 1500
+    ip -n "$ns" link add brb type bridge
+    ip -n "$ns" link set "$vmif" master brb
+    ip -n "$ns" link set vxb master brb
+    ip -n "$ns" link set vxb up
+    ip -n "$ns" link set brb up
+}
+
+phase_bridge() {
+    bridge_up "$ns1" "$cif" "$ul1" "$ul2"
+    bridge_up "$ns2" "$sif" "$ul2" "$ul1"
+    measure bridge false
+    bridge_down "$ns1"
+    bridge_down "$ns2"
+}
+
+failed=0
+log "palisade: $palisade ($("$palisade" --version 2>/dev/null || echo unknown version)); $seconds s per test"
+for dp in palisade ovs bridge; do
+    case ",$only," in *",$dp,"*) ;; *) continue ;; esac
+    log "measuring $dp"
+    # A failing datapath is reported and the others still run: the phase runs
+    # in a subshell with errexit of its own, and cleans up after it below.
+    set +e
+    (set -e; "phase_$dp")
+    rc=$?
+    set -e
+    if [ "$rc" != 0 ]; then
+        failed=1
+        jq -cn --arg dp "$dp" --argjson rc "$rc" '{datapath: $dp, error: "phase failed", rc: $rc}' |
+            tee "$tmp/result-$dp.json"
+        stop_recorded
+        ovs_down "$ns1" "$tmp/ovs-hv1" "$ul1"
+        ovs_down "$ns2" "$tmp/ovs-hv2" "$ul2"
+        bridge_down "$ns1"
+        bridge_down "$ns2"
+    fi
+done
+
+# Summary: the ratios Palisade/OVS and Palisade/bridge.
+get() { jq -r "$2 // empty" "$tmp/result-$1.json" 2>/dev/null || true; }
+jq -cn \
+    --arg pt "$(get palisade .tcp_gbps)" --arg ot "$(get ovs .tcp_gbps)" --arg bt "$(get bridge .tcp_gbps)" \
+    --arg pu "$(get palisade .udp_rx_kpps)" --arg ou "$(get ovs .udp_rx_kpps)" --arg bu "$(get bridge .udp_rx_kpps)" \
+    --arg bin "$palisade" --arg when "$(date -u +%FT%TZ)" --argjson s "$seconds" '
+    def num: if . == "" then null else tonumber end;
+    def ratio(a; b): if (a|num) == null or (b|num) == null or (b|num) == 0 then null
+                     else ((a|num) / (b|num) * 1000 | round / 1000) end;
+    {summary: true, at: $when, seconds: $s, palisade_binary: $bin,
+     tcp_gbps: {palisade: ($pt|num), ovs: ($ot|num), bridge: ($bt|num)},
+     udp_rx_kpps: {palisade: ($pu|num), ovs: ($ou|num), bridge: ($bu|num)},
+     ratios: {tcp_palisade_over_ovs: ratio($pt; $ot), tcp_palisade_over_bridge: ratio($pt; $bt),
+              udp_kpps_palisade_over_ovs: ratio($pu; $ou), udp_kpps_palisade_over_bridge: ratio($pu; $bu)}}'
+# A datapath that could not be measured makes the run fail (after the summary).
+exit "$failed"

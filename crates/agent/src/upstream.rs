@@ -1,0 +1,210 @@
+//! Policy from the controller.
+//!
+//! A watcher thread long-polls the controller for this host's effective
+//! policy (the version's files plus the tag overlay) and hands each new one,
+//! compiled, to the datapath thread over a channel; the datapath swaps it in
+//! between rounds (an epoch bump: flows the new policy denies are cut on their
+//! next packet). Every bundle is saved to the state directory before it is
+//! handed over, so an agent that starts while the controller is unreachable
+//! enforces the last policy it had, and one that loses the controller keeps
+//! enforcing it and reconciles when the controller returns (the next poll
+//! asks for anything newer than what it has). An agent that has never had a
+//! policy does not forward anything until one arrives.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Duration;
+
+use palisade_controller::api::{PolicyBundle, ReportRequest};
+use palisade_controller::client::{Client, ClientAuth};
+use palisade_policy::compile::Compiler;
+
+use crate::agent::AgentError;
+use crate::config::ControllerConfig;
+
+/// A policy ready to install.
+pub struct Installed {
+    /// The compiled policy.
+    pub compiler: Compiler,
+    /// The controller's effective-policy revision it came from.
+    pub revision: u64,
+}
+
+impl core::fmt::Debug for Installed {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Installed")
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the last good bundle is kept.
+pub fn saved_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("controller-policy.json")
+}
+
+/// Compile a bundle.
+pub fn compile(bundle: &PolicyBundle) -> Result<Compiler, String> {
+    let model = bundle.model().map_err(|e| e.to_string())?;
+    Compiler::new(model).map_err(|e| e.to_string())
+}
+
+/// The bundle saved by an earlier run, if it is there and still compiles.
+pub fn load_saved(state_dir: &Path) -> Option<(PolicyBundle, Compiler)> {
+    let text = std::fs::read_to_string(saved_path(state_dir)).ok()?;
+    let bundle: PolicyBundle = match serde_json::from_str(&text) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("palisade agent: saved controller policy is unreadable, ignored: {e}");
+            return None;
+        }
+    };
+    match compile(&bundle) {
+        Ok(c) => Some((bundle, c)),
+        Err(e) => {
+            eprintln!("palisade agent: saved controller policy does not compile, ignored: {e}");
+            None
+        }
+    }
+}
+
+fn save(state_dir: &Path, bundle: &PolicyBundle) -> std::io::Result<()> {
+    let path = saved_path(state_dir);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(bundle).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// The controller connection of one agent.
+pub fn client(config: &ControllerConfig) -> Result<Client, AgentError> {
+    let auth = match (&config.cert, &config.key, &config.token) {
+        (Some(cert), Some(key), _) => ClientAuth::Cert {
+            ca: config.ca.clone().unwrap_or_default(),
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        (_, _, Some(token)) => ClientAuth::Token(token.clone()),
+        _ => {
+            return Err(AgentError::Controller(
+                "controller: give cert and key (mutual TLS) or a token".into(),
+            ));
+        }
+    };
+    let mut c =
+        Client::with_failover(config.servers.clone(), auth).map_err(|e| AgentError::Controller(e.to_string()))?;
+    if let (Some(ca), None) = (&config.ca, &config.cert) {
+        c = c.with_ca(ca).map_err(|e| AgentError::Controller(e.to_string()))?;
+    }
+    Ok(c)
+}
+
+/// Wait for the first policy (blocking; `stop` ends the wait).
+pub fn first_policy(
+    client: &Client,
+    host: &str,
+    state_dir: &Path,
+    stop: &AtomicBool,
+) -> Result<(PolicyBundle, Compiler), AgentError> {
+    let mut said = false;
+    while !stop.load(Ordering::Relaxed) {
+        match client.watch_policy(host, 0, Duration::from_secs(5)) {
+            Ok(Some(b)) => match compile(&b) {
+                Ok(c) => {
+                    let _ = save(state_dir, &b);
+                    return Ok((b, c));
+                }
+                Err(e) => return Err(AgentError::Controller(format!("policy revision {}: {e}", b.revision))),
+            },
+            Ok(None) => {}
+            Err(e) => {
+                if !said {
+                    eprintln!("palisade agent: no policy yet and the controller is unreachable ({e}); waiting");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    Err(AgentError::Controller("stopped before a policy arrived".into()))
+}
+
+/// Start the watcher from revision `after`. The receiver gets every newer policy.
+pub fn watch(
+    client: Client,
+    host: String,
+    state_dir: PathBuf,
+    after: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<Receiver<Installed>, AgentError> {
+    // Depth 1: if the datapath has not taken the last one yet, the watcher waits (it is superseded anyway).
+    let (tx, rx) = sync_channel(1);
+    std::thread::Builder::new()
+        .name("palisade-upstream".into())
+        .spawn(move || run(client, host, state_dir, after, stop, tx))
+        .map_err(|e| AgentError::Controller(format!("starting the watcher: {e}")))?;
+    Ok(rx)
+}
+
+fn run(
+    client: Client,
+    host: String,
+    state_dir: PathBuf,
+    mut after: u64,
+    stop: Arc<AtomicBool>,
+    tx: SyncSender<Installed>,
+) {
+    if let Err(e) = client.register(&host, env!("CARGO_PKG_VERSION")) {
+        eprintln!("palisade agent: registering with the controller: {e}");
+    }
+    let mut reachable = true;
+    while !stop.load(Ordering::Relaxed) {
+        match client.watch_policy(&host, after, Duration::from_secs(10)) {
+            Ok(None) => {}
+            Ok(Some(b)) => {
+                if !reachable {
+                    eprintln!("palisade agent: controller reachable again");
+                    reachable = true;
+                }
+                match compile(&b) {
+                    Ok(compiler) => {
+                        if let Err(e) = save(&state_dir, &b) {
+                            eprintln!("palisade agent: saving policy revision {}: {e}", b.revision);
+                        }
+                        after = b.revision;
+                        let installed = Installed {
+                            compiler,
+                            revision: b.revision,
+                        };
+                        if tx.send(installed).is_err() {
+                            return;
+                        }
+                        let report = ReportRequest {
+                            installed_revision: after,
+                            counters: Default::default(),
+                        };
+                        let _ = client.report(&host, &report);
+                    }
+                    Err(e) => {
+                        // Keep enforcing what we have; skip this revision.
+                        eprintln!("palisade agent: policy revision {} refused: {e}", b.revision);
+                        after = b.revision;
+                    }
+                }
+            }
+            Err(e) => {
+                if reachable {
+                    eprintln!("palisade agent: controller unreachable, still enforcing revision {after}: {e}");
+                    reachable = false;
+                }
+                for _ in 0..10 {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
