@@ -194,6 +194,14 @@ pub struct Agent {
     origin: Instant,
     clock: Clock,
     audit: Option<crate::trail::Trail>,
+    /// Live IPFIX export of flow records.
+    ipfix: Option<palisade_audit::ipfix::IpfixExporter>,
+    /// Flow records for the controller (controller mode), sent once a second.
+    to_controller: Option<std::sync::mpsc::SyncSender<Vec<FlowRecord>>>,
+    controller_batch: Vec<FlowRecord>,
+    /// Records the controller channel had no room for (they are in the local trail).
+    controller_dropped: u64,
+    last_retention: Option<Instant>,
     recent: VecDeque<FlowRecord>,
     shared: Shared,
     staging: Staging,
@@ -374,7 +382,26 @@ impl Agent {
             unix_at_zero: unix_now.as_nanos() as u64,
         };
         let audit = match &config.audit {
-            Some(dir) => Some(crate::trail::Trail::open(dir)?),
+            Some(dir) => Some(crate::trail::Trail::open(dir, config.audit_retention())?),
+            None => None,
+        };
+        let ipfix = match config.ipfix {
+            Some(collector) => {
+                let e = palisade_audit::ipfix::IpfixExporter::connect(collector, 1)
+                    .map_err(io_err(format!("IPFIX socket towards {collector}")))?;
+                Some(match config.ipfix_rate {
+                    Some(r) => e.with_rate_limit(r),
+                    None => e,
+                })
+            }
+            None => None,
+        };
+        let to_controller = match &config.controller {
+            Some(cc) => Some(crate::upstream::flow_pusher(
+                crate::upstream::client(cc)?,
+                config.host.clone(),
+                stop.clone(),
+            )?),
             None => None,
         };
         let shared: Shared = Arc::new(Mutex::new(Arc::new(Published::default())));
@@ -399,6 +426,11 @@ impl Agent {
             origin,
             clock,
             audit,
+            ipfix,
+            to_controller,
+            controller_batch: Vec::new(),
+            controller_dropped: 0,
+            last_retention: None,
             recent: VecDeque::new(),
             shared,
             staging: Staging::default(),
@@ -567,6 +599,31 @@ impl Agent {
                 self.keep(rec);
             }
         }
+        let unix_s = (self.clock.unix(now) / 1_000_000_000) as u32;
+        if let Some(x) = &mut self.ipfix {
+            let _ = x.flush(unix_s);
+        }
+        if let Some(tx) = &self.to_controller
+            && !self.controller_batch.is_empty()
+        {
+            let batch = std::mem::take(&mut self.controller_batch);
+            let n = batch.len() as u64;
+            if tx.try_send(batch).is_err() {
+                self.controller_dropped += n;
+            }
+        }
+        if self
+            .last_retention
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(3600))
+            && let Some(t) = &mut self.audit
+        {
+            self.last_retention = Some(Instant::now());
+            match t.retain(self.clock.unix(now)) {
+                Ok(0) => {}
+                Ok(n) => eprintln!("palisade agent: audit retention deleted {n} record(s)"),
+                Err(e) => eprintln!("palisade agent: audit retention: {e}"),
+            }
+        }
         if let Some(dir) = self.config.policy.clone() {
             let stamp = policy_stamp(&dir);
             if stamp != self.policy_stamp {
@@ -616,6 +673,14 @@ impl Agent {
             self.recent.pop_front();
         }
         self.recent.push_back(rec.clone());
+        if let Some(x) = &mut self.ipfix {
+            // Over the rate limit the record is counted as dropped (ExportStats), never silently lost:
+            // it is still in the audit trail.
+            let _ = x.export(&rec, (rec.time_ns / 1_000_000_000) as u32);
+        }
+        if self.to_controller.is_some() {
+            self.controller_batch.push(rec.clone());
+        }
         if let Some(t) = &mut self.audit {
             t.push(Record::Flow(rec));
         }
@@ -654,6 +719,8 @@ impl Agent {
             render_errors: self.staging.render_errors,
             policy_errors: self.policy_errors,
             audit: self.audit.as_ref().map(|t| t.stats()),
+            ipfix: self.ipfix.as_ref().map(|x| x.stats()),
+            controller_dropped: self.to_controller.as_ref().map(|_| self.controller_dropped),
         });
         let flows = serde_json::to_string(&self.recent).unwrap_or_else(|_| "[]".into());
         let health = serde_json::json!({

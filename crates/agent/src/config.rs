@@ -49,6 +49,18 @@ pub struct AgentConfig {
     /// Directory of the audit trail (flow records).
     #[serde(default)]
     pub audit: Option<PathBuf>,
+    /// Delete audit segments older than this (`90d`, `12h`, `30m`, `45s`; default 90 days).
+    #[serde(default)]
+    pub audit_max_age: Option<String>,
+    /// Delete the oldest audit segments while the trail is larger than this many bytes.
+    #[serde(default)]
+    pub audit_max_bytes: Option<u64>,
+    /// Also export flow records, as they are made, to this IPFIX collector (UDP).
+    #[serde(default)]
+    pub ipfix: Option<SocketAddr>,
+    /// At most this many records per second to the collector (the excess is counted, never silent).
+    #[serde(default)]
+    pub ipfix_rate: Option<u32>,
     /// The VXLAN underlay.
     pub underlay: Underlay,
     /// The vNICs this agent switches.
@@ -158,7 +170,35 @@ pub enum ConfigError {
     },
 }
 
+/// Parse a duration written `90d`, `12h`, `30m` or `45s`.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(secs))
+}
+
 impl AgentConfig {
+    /// How long audit records are kept.
+    pub fn audit_retention(&self) -> palisade_audit::Retention {
+        palisade_audit::Retention {
+            max_age: Some(
+                self.audit_max_age
+                    .as_deref()
+                    .and_then(parse_duration)
+                    .unwrap_or(std::time::Duration::from_secs(90 * 86_400)),
+            ),
+            max_bytes: self.audit_max_bytes,
+        }
+    }
+
     /// Read and check a configuration file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -206,6 +246,14 @@ impl AgentConfig {
                     format!("`{}` is not a MAC address", a.mac),
                 ));
             }
+        }
+        if let Some(a) = &config.audit_max_age
+            && parse_duration(a).is_none()
+        {
+            return Err(invalid(
+                "audit_max_age".into(),
+                format!("`{a}` is not a duration like 90d, 12h, 30m or 45s"),
+            ));
         }
         match (&config.policy, &config.controller) {
             (Some(_), Some(_)) => {
@@ -273,6 +321,18 @@ mac = "02:00:00:00:fe:01"
         assert_eq!(c.appliances[0].zone, "web");
     }
 
+    #[test]
+    fn durations() {
+        let d = |s| parse_duration(s).map(|d| d.as_secs());
+        assert_eq!(d("90d"), Some(90 * 86_400));
+        assert_eq!(d("12h"), Some(43_200));
+        assert_eq!(d("30m"), Some(1800));
+        assert_eq!(d("45s"), Some(45));
+        for bad in ["", "d", "10", "10w", "-1d", "99999999999999999999d"] {
+            assert_eq!(d(bad), None, "{bad}");
+        }
+    }
+
     const CONTROLLER: &str = "[controller]\nservers = [\"https://c:7443\"]\n";
 
     #[test]
@@ -302,6 +362,10 @@ mac = "02:00:00:00:fe:01"
                 "invalid IPv4 address",
             ),
             (GOOD.replace("policy = \"/p\"\n", ""), "no policy"),
+            (
+                GOOD.replace("[underlay]", "audit_max_age = \"3 weeks\"\n[underlay]"),
+                "audit_max_age",
+            ),
             (
                 GOOD.replace("[underlay]", &format!("{CONTROLLER}[underlay]")),
                 "not both",

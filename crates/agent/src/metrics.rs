@@ -29,6 +29,10 @@ pub struct Snapshot<'a> {
     pub policy_errors: u64,
     /// The audit trail, when enabled.
     pub audit: Option<TrailStats>,
+    /// The live IPFIX export, when enabled.
+    pub ipfix: Option<palisade_audit::ipfix::ExportStats>,
+    /// Flow records the controller channel had no room for (controller mode).
+    pub controller_dropped: Option<u64>,
 }
 
 fn esc(s: &str) -> String {
@@ -262,6 +266,40 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Classifications each rule decided.",
         &hits,
     );
+    if let Some(x) = s.ipfix {
+        metric(
+            "palisade_ipfix_records_total",
+            "counter",
+            "Flow records exported over IPFIX.",
+            &one(x.records_exported),
+        );
+        metric(
+            "palisade_ipfix_messages_total",
+            "counter",
+            "IPFIX messages sent.",
+            &one(x.messages_sent),
+        );
+        metric(
+            "palisade_ipfix_rate_limited_total",
+            "counter",
+            "Flow records not exported because of the rate limit (they stay in the audit trail).",
+            &one(x.records_dropped_rate_limit),
+        );
+        metric(
+            "palisade_ipfix_send_errors_total",
+            "counter",
+            "IPFIX messages that failed to send.",
+            &one(x.send_errors),
+        );
+    }
+    if let Some(d) = s.controller_dropped {
+        metric(
+            "palisade_controller_flow_records_dropped_total",
+            "counter",
+            "Flow records not sent to the controller (its queue was full; they stay in the local trail).",
+            &one(d),
+        );
+    }
     if let Some(a) = s.audit {
         metric(
             "palisade_audit_records_total",

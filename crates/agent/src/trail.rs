@@ -51,8 +51,12 @@ impl core::fmt::Debug for Trail {
 
 impl Trail {
     /// Open (or create) the store in `dir`.
-    pub fn open(dir: &Path) -> Result<Trail, AgentError> {
-        let log = AuditLog::open(dir, AuditConfig::default()).map_err(|e| AgentError::Audit {
+    pub fn open(dir: &Path, retention: palisade_audit::Retention) -> Result<Trail, AgentError> {
+        let config = AuditConfig {
+            retention,
+            ..AuditConfig::default()
+        };
+        let log = AuditLog::open(dir, config).map_err(|e| AgentError::Audit {
             dir: dir.to_path_buf(),
             message: e.to_string(),
         })?;
@@ -118,6 +122,16 @@ impl Trail {
             dir: self.dir.clone(),
             message: e.to_string(),
         })
+    }
+
+    /// Delete segments past the retention limits (whole sealed segments; the
+    /// chain stays verifiable from the first one kept).
+    pub fn retain(&mut self, now_ns: u64) -> Result<u64, AgentError> {
+        let r = self.log.apply_retention(now_ns).map_err(|e| AgentError::Audit {
+            dir: self.dir.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(r.records_deleted)
     }
 
     /// Counts.

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Duration;
 
+use palisade_audit::record::FlowRecord;
 use palisade_controller::api::{PolicyBundle, ReportRequest};
 use palisade_controller::client::{Client, ClientAuth};
 use palisade_policy::compile::Compiler;
@@ -207,4 +208,42 @@ fn run(
             }
         }
     }
+}
+
+/// Start the thread that sends flow records to the controller, batch by
+/// batch. The queue is short: if the controller is slow or away, the agent's
+/// `try_send` fails and counts the records (they are in the local trail).
+pub fn flow_pusher(
+    client: Client,
+    host: String,
+    stop: Arc<AtomicBool>,
+) -> Result<SyncSender<Vec<FlowRecord>>, AgentError> {
+    let (tx, rx) = sync_channel::<Vec<FlowRecord>>(16);
+    std::thread::Builder::new()
+        .name("palisade-flow-push".into())
+        .spawn(move || {
+            let mut failing = false;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(batch) = rx.recv_timeout(Duration::from_millis(500)) else {
+                    continue;
+                };
+                match client.push_flows(&host, &batch) {
+                    Ok(_) if failing => {
+                        eprintln!("palisade agent: sending flow records to the controller again");
+                        failing = false;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if !failing {
+                            eprintln!(
+                                "palisade agent: flow records not sent to the controller ({e}); they stay in the local trail"
+                            );
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        })
+        .map_err(|e| AgentError::Controller(format!("starting the flow sender: {e}")))?;
+    Ok(tx)
 }

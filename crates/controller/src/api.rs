@@ -311,3 +311,79 @@ pub struct ErrorBody {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diagnostics: Option<String>,
 }
+
+/// The most flow records one `POST /v1/agents/{host}/flows` may carry.
+pub const MAX_FLOW_BATCH: usize = 10_000;
+/// The default number of records `GET /v1/flows` returns.
+pub const DEFAULT_FLOW_LIMIT: usize = 1000;
+/// The most records `GET /v1/flows` returns.
+pub const MAX_FLOW_LIMIT: usize = 100_000;
+
+/// `POST /v1/agents/{host}/flows`: flow records of that host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowBatch {
+    /// The records, each with `host` equal to the path's host (at most [`MAX_FLOW_BATCH`]).
+    pub records: Vec<palisade_audit::record::FlowRecord>,
+}
+
+/// The answer to a flow push: how many records were appended, durably.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowPushResponse {
+    /// Records appended.
+    pub appended: u64,
+    /// The sequence number of the last one in the controller's audit log.
+    pub last_seq: u64,
+}
+
+/// `GET /v1/flows` filters; every filter given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowQuery {
+    /// A VM at either end of a flow (or the VM a change concerns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// A zone at either end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<palisade_audit::record::Verdict>,
+    /// A deciding rule id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Records at or after this time (Unix ns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ns: Option<u64>,
+    /// Records before this time (Unix ns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ns: Option<u64>,
+    /// At most this many (default [`DEFAULT_FLOW_LIMIT`], at most [`MAX_FLOW_LIMIT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Include change records (default: flows only).
+    #[serde(default)]
+    pub changes: bool,
+}
+
+/// One record of the trail with its sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqRecord {
+    /// Its sequence number in the controller's audit log.
+    pub seq: u64,
+    /// The record.
+    pub record: palisade_audit::record::Record,
+}
+
+/// The answer to `GET /v1/flows`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowList {
+    /// The matching records in sequence order.
+    pub records: Vec<SeqRecord>,
+}
+
+/// `GET /v1/status`: how this controller is doing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerStatus {
+    /// Its audit trail, when it keeps one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::trail::TrailStatus>,
+}

@@ -299,6 +299,63 @@ impl Client {
         self.call("POST", &format!("/v1/agents/{}/report", segment(host)), Some(req))
     }
 
+    /// Push agent `host`'s flow records (all with `host` = `host`, at most
+    /// [`MAX_FLOW_BATCH`]); the controller's sequence number of the last one,
+    /// durable when this returns.
+    pub fn push_flows(&self, host: &str, records: &[palisade_audit::record::FlowRecord]) -> Result<u64, ClientError> {
+        #[derive(Serialize)]
+        struct Batch<'a> {
+            records: &'a [palisade_audit::record::FlowRecord],
+        }
+        let r: FlowPushResponse = self.call(
+            "POST",
+            &format!("/v1/agents/{}/flows", segment(host)),
+            Some(&Batch { records }),
+        )?;
+        Ok(r.last_seq)
+    }
+
+    /// Records of the controller's audit trail matching `q`, with their sequence numbers.
+    pub fn flows(&self, q: &FlowQuery) -> Result<Vec<(u64, palisade_audit::record::Record)>, ClientError> {
+        let mut params = Vec::new();
+        for (k, v) in [("vm", &q.vm), ("zone", &q.zone), ("rule", &q.rule)] {
+            if let Some(v) = v {
+                params.push(format!("{k}={}", segment(v)));
+            }
+        }
+        if let Some(v) = q.verdict {
+            let v = match v {
+                palisade_audit::record::Verdict::Allow => "allow",
+                palisade_audit::record::Verdict::Deny => "deny",
+                palisade_audit::record::Verdict::Reject => "reject",
+            };
+            params.push(format!("verdict={v}"));
+        }
+        for (k, v) in [("since", q.since_ns), ("until", q.until_ns)] {
+            if let Some(v) = v {
+                params.push(format!("{k}={v}"));
+            }
+        }
+        if let Some(l) = q.limit {
+            params.push(format!("limit={l}"));
+        }
+        if q.changes {
+            params.push("changes=true".into());
+        }
+        let path = if params.is_empty() {
+            "/v1/flows".to_string()
+        } else {
+            format!("/v1/flows?{}", params.join("&"))
+        };
+        let list: FlowList = self.get(&path)?;
+        Ok(list.records.into_iter().map(|r| (r.seq, r.record)).collect())
+    }
+
+    /// How the controller is doing (its audit trail).
+    pub fn status(&self) -> Result<ControllerStatus, ClientError> {
+        self.get("/v1/status")
+    }
+
     /// Wait up to `wait` for an effective policy newer than `after_rev`:
     /// `Some(bundle)` as soon as there is one, `None` if none came in time.
     pub fn watch_policy(

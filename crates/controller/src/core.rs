@@ -15,18 +15,23 @@
 //! - `agents/<host>` → [`AgentRecord`]
 //! - `changes/<time ns, 20 digits>-<random>` → [`ChangeRecord`]
 //! - `tokens/<sha256 of the secret>` → [`TokenRecord`]
+//!
+//! With a [`Trail`], every change record is also appended to the
+//! controller's audit log once its transaction has committed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use palisade_audit::record::ChangeRecord;
+use palisade_audit::record::{ChangeRecord, Record};
+use palisade_audit::{Query, RecordKind};
 use palisade_policy::compile::{CompiledChain, Compiler};
 use palisade_policy::{Model, Severity};
 
 use crate::api::*;
 use crate::auth::{self, Role, TokenRecord};
 use crate::store::{self, Compare, Store, StoreError};
+use crate::trail::Trail;
 
 const CURRENT: &str = "policy/current";
 const VERSIONS: &str = "policy/versions/";
@@ -51,9 +56,18 @@ pub enum CoreError {
     /// The change kept losing to concurrent changes.
     #[error("too many concurrent changes, try again")]
     Conflict,
+    /// The request is over a size limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// This controller cannot serve the request (it keeps no audit log).
+    #[error("{0}")]
+    Unavailable(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The audit log failed.
+    #[error("audit log: {0}")]
+    Audit(#[from] palisade_audit::AuditError),
 }
 
 /// Now, as Unix nanoseconds.
@@ -181,6 +195,7 @@ pub fn diff_files(old: &Files, new: &Files) -> String {
 #[derive(Clone)]
 pub struct Controller {
     store: Arc<dyn Store>,
+    trail: Option<Arc<Trail>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -192,7 +207,26 @@ impl std::fmt::Debug for Controller {
 impl Controller {
     /// A controller on `store`.
     pub fn new(store: Arc<dyn Store>) -> Controller {
-        Controller { store }
+        Controller { store, trail: None }
+    }
+
+    /// The same controller, also keeping its change records (and the flows
+    /// pushed to it) in `trail`.
+    pub fn with_trail(mut self, trail: Arc<Trail>) -> Controller {
+        self.trail = Some(trail);
+        self
+    }
+
+    /// Its audit trail, if it keeps one.
+    pub fn trail(&self) -> Option<&Arc<Trail>> {
+        self.trail.as_ref()
+    }
+
+    /// Copy a committed change's record to the trail.
+    fn recorded(&self, change: &ChangeRecord) {
+        if let Some(t) = &self.trail {
+            t.record_change(change);
+        }
     }
 
     /// The store.
@@ -228,6 +262,7 @@ impl Controller {
         };
         let puts = [(auth::token_key(&secret), json(&rec)), (change_key(t), json(&change))];
         self.store.txn(&[], &puts)?;
+        self.recorded(&change);
         Ok(secret)
     }
 
@@ -399,7 +434,11 @@ impl Controller {
         }
         puts.push((CURRENT.into(), json(next)));
         puts.push((change_key(change.time_ns), json(change)));
-        Ok(self.store.txn(&compares, &puts)?)
+        let committed = self.store.txn(&compares, &puts)?;
+        if committed {
+            self.recorded(change);
+        }
+        Ok(committed)
     }
 
     /// Validate `req` and, unless `dry_run`, make it the current policy as a new version.
@@ -594,5 +633,76 @@ impl Controller {
         rec.counters = req.counters.clone();
         self.store.put(&key, &json(&rec))?;
         Ok(rec)
+    }
+
+    // ---- the trail ----
+
+    fn need_trail(&self) -> Result<&Arc<Trail>, CoreError> {
+        self.trail
+            .as_ref()
+            .ok_or_else(|| CoreError::Unavailable("this controller keeps no audit log".into()))
+    }
+
+    /// Append agent `host`'s flow records to the trail in one durable batch:
+    /// all of them, or (when one is refused) none.
+    pub fn push_flows(&self, host: &str, batch: FlowBatch) -> Result<FlowPushResponse, CoreError> {
+        let n = batch.records.len();
+        if n > MAX_FLOW_BATCH {
+            return Err(CoreError::TooLarge(format!(
+                "{n} flow records in one request; the limit is {MAX_FLOW_BATCH}"
+            )));
+        }
+        if let Some((i, r)) = batch.records.iter().enumerate().find(|(_, r)| r.host != host) {
+            return Err(CoreError::BadRequest(format!(
+                "record {i} has host \"{}\", not \"{host}\"; nothing was appended",
+                r.host
+            )));
+        }
+        let trail = self.need_trail()?;
+        let records: Vec<Record> = batch.records.into_iter().map(Record::Flow).collect();
+        let last_seq = trail.append(&records, now_ns()).map_err(|e| match e {
+            palisade_audit::AuditError::TooLarge(len) => CoreError::TooLarge(format!(
+                "a flow record of {len} bytes is over the audit log's record limit"
+            )),
+            e => CoreError::Audit(e),
+        })?;
+        Ok(FlowPushResponse {
+            appended: n as u64,
+            last_seq,
+        })
+    }
+
+    /// The trail's records matching `q`, in sequence order.
+    pub fn flows(&self, q: &FlowQuery) -> Result<FlowList, CoreError> {
+        let limit = q.limit.unwrap_or(DEFAULT_FLOW_LIMIT);
+        if limit > MAX_FLOW_LIMIT {
+            return Err(CoreError::BadRequest(format!(
+                "limit={limit} is over the maximum of {MAX_FLOW_LIMIT}"
+            )));
+        }
+        let query = Query {
+            vm: q.vm.clone(),
+            zone: q.zone.clone(),
+            verdict: q.verdict,
+            rule: q.rule.clone(),
+            since_ns: q.since_ns,
+            until_ns: q.until_ns,
+            limit: Some(limit),
+            kind: (!q.changes).then_some(RecordKind::Flow),
+        };
+        let records = self
+            .need_trail()?
+            .query(&query)?
+            .into_iter()
+            .map(|(seq, record)| SeqRecord { seq, record })
+            .collect();
+        Ok(FlowList { records })
+    }
+
+    /// How this controller is doing.
+    pub fn status(&self) -> ControllerStatus {
+        ControllerStatus {
+            audit: self.trail.as_ref().map(|t| t.status()),
+        }
     }
 }

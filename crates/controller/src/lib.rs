@@ -9,6 +9,7 @@
 //!   over several controllers.
 //! - [`tls`]: the private CA and the rustls settings of both ends.
 //! - [`api`]: the JSON documents both ends exchange; [`auth`]: tokens and roles.
+//! - [`trail`]: the controller's audit log of its changes and its agents' flows.
 //!
 //! High availability needs no leader: every controller serves the whole API
 //! from the shared etcd, every change is one conditional transaction on the
@@ -24,5 +25,6 @@ mod openapi;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod trail;
 
 pub use openapi::document as openapi_document;

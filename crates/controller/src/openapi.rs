@@ -124,6 +124,30 @@ const ENDPOINTS: &[Endpoint] = &[
     ),
     (
         "post",
+        "/v1/agents/{host}/flows",
+        "Append the host's flow records (at most 10000, each with this host) to the controller's audit log, in one durable batch",
+        "client certificate with CN = host (plain HTTP: admin token)",
+        Some("FlowBatch"),
+        "FlowPushResponse",
+    ),
+    (
+        "get",
+        "/v1/flows",
+        "Flow records (and with `changes`, change records) of the controller's audit log, in sequence order",
+        "any role",
+        None,
+        "FlowList",
+    ),
+    (
+        "get",
+        "/v1/status",
+        "This controller's status: its audit log and how many change records it failed to append",
+        "any role",
+        None,
+        "ControllerStatus",
+    ),
+    (
+        "post",
         "/v1/tokens",
         "Create an API token; the answer is the only time its secret is shown",
         "admin",
@@ -179,7 +203,14 @@ fn schemas() -> Value {
         "ReportRequest": obj(&[("installed_revision", n.clone()), ("counters", json!({"type": "object", "additionalProperties": n.clone()}))], &["installed_revision"]),
         "TokenRequest": obj(&[("name", s.clone()), ("role", json!({"enum": ["admin", "operator", "auditor", "read-only"]}))], &["name", "role"]),
         "TokenResponse": obj(&[("name", s.clone()), ("role", s.clone()), ("token", s.clone())], &["name", "role", "token"]),
-        "Error": obj(&[("error", s.clone()), ("diagnostics", s)], &["error"]),
+        "Error": obj(&[("error", s.clone()), ("diagnostics", s.clone())], &["error"]),
+        "FlowRecord": json!({ "type": "object", "description": "a palisade_audit FlowRecord (time_ns, flow_id, host, phase, src, dst, protocol, verdict, decided_by, counters)", "required": ["time_ns", "flow_id", "host", "phase", "src", "dst", "protocol", "verdict", "decided_by"] }),
+        "FlowBatch": obj(&[("records", json!({"type": "array", "maxItems": crate::api::MAX_FLOW_BATCH, "items": r("FlowRecord")}))], &["records"]),
+        "FlowPushResponse": obj(&[("appended", n.clone()), ("last_seq", n.clone())], &["appended", "last_seq"]),
+        "SeqRecord": obj(&[("seq", n.clone()), ("record", json!({"type": "object", "description": "a FlowRecord or a Change, with `kind`: flow or change"}))], &["seq", "record"]),
+        "FlowList": obj(&[("records", list("SeqRecord"))], &["records"]),
+        "TrailStatus": obj(&[("dir", s.clone()), ("last_seq", n.clone()), ("append_failures", n.clone()), ("last_error", s.clone())], &["dir", "last_seq", "append_failures"]),
+        "ControllerStatus": obj(&[("audit", r("TrailStatus"))], &[]),
         "Object": json!({ "type": "object" }),
     })
 }
@@ -207,14 +238,36 @@ pub fn document() -> Value {
             params.push(json!({ "name": "after", "in": "query", "schema": { "type": "integer" }, "description": "the revision the agent has" }));
             params.push(json!({ "name": "wait", "in": "query", "schema": { "type": "integer", "maximum": crate::server::MAX_WAIT_S }, "description": "seconds to wait" }));
         }
+        if *path == "/v1/flows" {
+            let q = |name: &str, schema: Value, d: &str| json!({ "name": name, "in": "query", "schema": schema, "description": d });
+            params.push(q(
+                "vm",
+                json!({"type": "string"}),
+                "a VM at either end (or the VM a change concerns)",
+            ));
+            params.push(q("zone", json!({"type": "string"}), "a zone at either end"));
+            params.push(q(
+                "verdict",
+                json!({"enum": ["allow", "deny", "reject"]}),
+                "the verdict",
+            ));
+            params.push(q("rule", json!({"type": "string"}), "a deciding rule id"));
+            params.push(q("since", json!({"type": "integer"}), "records at or after (Unix ns)"));
+            params.push(q("until", json!({"type": "integer"}), "records before (Unix ns)"));
+            params.push(q("limit", json!({"type": "integer", "default": crate::api::DEFAULT_FLOW_LIMIT, "maximum": crate::api::MAX_FLOW_LIMIT}), "at most this many"));
+            params.push(q("changes", json!({"type": "boolean"}), "include change records"));
+        }
         let mut responses = json!({
             "200": { "description": "OK", "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{resp}") } } } },
             "400": err("malformed request or JSON"),
             "401": err("no or unknown credentials"),
             "403": err("the role or certificate does not allow this"),
             "404": err("no such version, VM or endpoint"),
-            "413": err("body over 8 MiB"),
+            "413": err("body over 8 MiB (flows: over 10000 records)"),
         });
+        if matches!(*path, "/v1/flows" | "/v1/agents/{host}/flows" | "/v1/status") {
+            responses["503"] = err("the audit log failed, or this controller keeps none");
+        }
         if matches!(
             *path,
             "/v1/policy" | "/v1/policy/diff" | "/v1/policy/rollback/{v}" | "/v1/vms/{name}/tags"

@@ -16,6 +16,10 @@
 //! [`tokio::sync::watch`] channel; changes made here publish at once. A
 //! waiting agent request sleeps on that channel until the revision passes
 //! the one it has, or its wait runs out (304).
+//!
+//! Agents push flow records to `POST /v1/agents/{host}/flows` (authorized
+//! like the other agent endpoints); they and the controller's own change
+//! records go to its [`crate::trail::Trail`], which `GET /v1/flows` queries.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -131,7 +135,10 @@ impl From<CoreError> for ApiError {
             CoreError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
             CoreError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m),
             CoreError::Conflict => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            CoreError::TooLarge(m) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, m),
+            CoreError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m),
             CoreError::Store(s) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, s.to_string()),
+            e @ CoreError::Audit(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }
 }
@@ -440,6 +447,104 @@ async fn create_token(State(s): State<AppState>, headers: HeaderMap, body: Body)
     ok(TokenResponse { name, role, token })
 }
 
+async fn push_flows(
+    State(s): State<AppState>,
+    Path(host): Path<String>,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    let batch: FlowBatch = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.push_flows(&host, batch)).await?)
+}
+
+/// Decode `%XX` escapes (the client escapes everything but unreserved characters).
+fn percent_decode(name: &str, v: &str) -> Result<String, ApiError> {
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("query parameter {name}: bad percent-encoding"),
+        )
+    };
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    // `i < b.len()` guards both indexings; the escape's two digits go through `get`.
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+fn flow_query(q: &BTreeMap<String, String>) -> Result<FlowQuery, ApiError> {
+    const KNOWN: [&str; 8] = ["vm", "zone", "verdict", "rule", "since", "until", "limit", "changes"];
+    if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("unknown query parameter {k} (known: {})", KNOWN.join(", ")),
+        ));
+    }
+    let text = |name: &str| q.get(name).map(|v| percent_decode(name, v)).transpose();
+    let verdict = match text("verdict")?.as_deref() {
+        None => None,
+        Some("allow") => Some(palisade_audit::record::Verdict::Allow),
+        Some("deny") => Some(palisade_audit::record::Verdict::Deny),
+        Some("reject") => Some(palisade_audit::record::Verdict::Reject),
+        Some(v) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("verdict={v}: expected allow, deny or reject"),
+            ));
+        }
+    };
+    let changes = match q.get("changes").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") | Some("") => true,
+        Some(v) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("changes={v}: expected true or false"),
+            ));
+        }
+    };
+    let limit = num_param(q, "limit")?.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+    Ok(FlowQuery {
+        vm: text("vm")?,
+        zone: text("zone")?,
+        verdict,
+        rule: text("rule")?,
+        since_ns: num_param(q, "since")?,
+        until_ns: num_param(q, "until")?,
+        limit,
+        changes,
+    })
+}
+
+async fn flows(State(s): State<AppState>, RawQuery(q): RawQuery, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let fq = flow_query(&query(&q))?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.flows(&fq)).await?)
+}
+
+async fn status(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || Ok(ctl.status())).await?)
+}
+
 async fn openapi() -> ApiResult {
     ok(crate::openapi::document())
 }
@@ -463,6 +568,9 @@ fn router(state: AppState) -> Router {
         .route("/v1/agents/{host}/register", post(register))
         .route("/v1/agents/{host}/policy", get(agent_policy))
         .route("/v1/agents/{host}/report", post(report))
+        .route("/v1/agents/{host}/flows", post(push_flows))
+        .route("/v1/flows", get(flows))
+        .route("/v1/status", get(status))
         .route("/v1/tokens", post(create_token))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)

@@ -58,6 +58,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // Output piped into `head` and closed early ends the process quietly, as
+    // for any Unix tool, instead of panicking on a broken pipe.
+    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Pcap(c) => cmd::pcap::run(c),

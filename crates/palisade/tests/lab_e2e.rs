@@ -22,6 +22,14 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// One lab at a time: QEMU guests under TCG boot slowly when several labs
+/// compete for the CI machine's two cores.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_lab() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Whether this machine can run the lab; panics in CI when it cannot.
 fn lab_possible() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -59,6 +67,7 @@ fn demo_once_enforces_the_three_tier_policy_and_leaves_nothing_behind() {
     if !lab_possible() {
         return;
     }
+    let _one = one_lab();
     let out = Command::new(EXE)
         .args(["demo", "--once", "--name", "pe2d"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
@@ -137,6 +146,7 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
     if !lab_possible() {
         return;
     }
+    let _one = one_lab();
     let spec = LabSpec::from_inventory(three_tier()).with_name("pe2r");
     let spec = LabSpec {
         agent_exe: Some(EXE.into()),
@@ -224,6 +234,7 @@ fn qemu_guests_on_two_hosts_are_filtered_by_policy() {
     if !lab_possible() {
         return;
     }
+    let _one = one_lab();
     if !have("qemu-system-x86_64") || palisade_lab::qemu::find_kernel().is_none() {
         assert!(std::env::var_os("CI").is_none(), "CI must run the QEMU test");
         eprintln!("skipping: no qemu-system-x86_64 or no /boot/vmlinuz-*-cloud-amd64");
@@ -281,4 +292,106 @@ fn qemu_guests_on_two_hosts_are_filtered_by_policy() {
     let _ = lab.kill(&mut listener);
     guard.0.take().unwrap().shutdown().unwrap();
     assert_eq!(leftovers("pe2q").unwrap(), Vec::<String>::new());
+}
+
+#[test]
+fn agents_keep_enforcing_while_the_controller_is_down_and_follow_it_when_it_returns() {
+    if !lab_possible() {
+        return;
+    }
+    let _one = one_lab();
+    let spec = LabSpec::from_inventory(three_tier()).with_name("pe2c");
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        controller: true,
+        ..spec
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let web1 = lab.vm_ip("web-1").unwrap().to_string();
+    let inet = lab.plan().internet_ns.clone();
+    let http = |lab: &Lab| {
+        let o = lab
+            .exec_ns(
+                &inet,
+                &["curl", "-s", "-m", "3", &format!("http://{web1}/")],
+                Duration::from_secs(10),
+            )
+            .unwrap();
+        o.status.success()
+    };
+    let www = lab.state().state_dir.join("www-e2e");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "web-1\n").unwrap();
+    let mut server = lab
+        .spawn(
+            "web-1",
+            &["busybox", "httpd", "-f", "-p", "80", "-h", www.to_str().unwrap()],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(http(lab), "the internet may reach web-1's HTTP");
+
+    // The controller dies: the agents keep enforcing the policy they have.
+    let c = lab.state().controller.clone().unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &c.pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(http(lab), "allowed traffic still flows");
+    let ssh = lab
+        .exec_ns(
+            &inet,
+            &["sh", "-c", &format!("echo x | busybox nc -w 2 {web1} 22")],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(ssh.stdout.is_empty(), "denied traffic is still denied");
+
+    // It comes back on the same store; a change made now reaches every agent.
+    let listen = c.url.trim_start_matches("https://").to_string();
+    let log = std::fs::File::create(lab.state().state_dir.join("logs/controller-2.log")).unwrap();
+    let mut again = Command::new("ip")
+        .args(["netns", "exec", &lab.plan().underlay_ns])
+        .arg(&c.exe)
+        .args(["controller", "--listen", &listen, "--data"])
+        .arg(lab.state().state_dir.join("controller"))
+        .arg("--tls-dir")
+        .arg(lab.state().state_dir.join("ca"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let out = lab.ctl(&["tag", "vm", "web-1", "quarantine=true"]).unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "controller back: {out:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = Instant::now();
+    while http(lab) {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the quarantine reaches the agents"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let changes = lab.ctl(&["get", "changes"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&changes.stdout).contains("web-1"),
+        "{changes:?}"
+    );
+    let _ = lab.kill(&mut server);
+    let _ = again.kill();
+    let _ = again.wait();
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2c").unwrap(), Vec::<String>::new());
 }

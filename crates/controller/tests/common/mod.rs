@@ -9,6 +9,7 @@ use palisade_controller::auth::Role;
 use palisade_controller::core::Controller;
 use palisade_controller::server::{self, RunningServer, ServeOptions};
 use palisade_controller::store::{EmbeddedStore, Store};
+use palisade_controller::trail::Trail;
 
 pub const INVENTORY: &str = r#"datacenter: { name: dc1, default: deny }
 clusters: [{ name: prod, hosts: [hv1, hv2] }]
@@ -67,9 +68,11 @@ impl Drop for TempDir {
     }
 }
 
-/// An embedded-store controller on plain HTTP with one token per role.
+/// An embedded-store controller on plain HTTP with one token per role and an audit trail in `dir/audit`.
 pub struct Env {
     pub dir: TempDir,
+    pub audit: PathBuf,
+    pub trail: Arc<Trail>,
     pub store: Arc<dyn Store>,
     pub ctl: Controller,
     pub server: RunningServer,
@@ -83,7 +86,9 @@ impl Env {
     pub fn start(tag: &str) -> Env {
         let dir = TempDir::new(tag);
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.0.join("store.redb")).unwrap());
-        let ctl = Controller::new(store.clone());
+        let audit = dir.0.join("audit");
+        let trail = Arc::new(Trail::open(&audit).unwrap());
+        let ctl = Controller::new(store.clone()).with_trail(trail.clone());
         let admin = ctl.create_token("local", "alice", Role::Admin).unwrap();
         let operator = ctl.create_token("local", "olga", Role::Operator).unwrap();
         let auditor = ctl.create_token("local", "audrey", Role::Auditor).unwrap();
@@ -91,6 +96,8 @@ impl Env {
         let server = server::spawn(ctl.clone(), ServeOptions::plain("127.0.0.1:0".parse().unwrap())).unwrap();
         Env {
             dir,
+            audit,
+            trail,
             store,
             ctl,
             server,

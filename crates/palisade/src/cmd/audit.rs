@@ -55,12 +55,16 @@ pub struct AppendTestArgs {
     pub segment_bytes: u64,
 }
 
-/// Arguments of `palisade flows`.
+/// Arguments of `palisade flows`: a log directory (`--dir`) or a controller
+/// (`--server`, else `PALISADE_SERVER` when no `--dir` is given).
 #[derive(clap::Args, Debug)]
 pub struct FlowsArgs {
     /// The log directory.
-    #[arg(long)]
-    pub dir: PathBuf,
+    #[arg(long, conflicts_with_all = ["server", "token", "ca"])]
+    pub dir: Option<PathBuf>,
+    /// Or query a controller's audit log.
+    #[command(flatten)]
+    pub conn: super::ctl::Conn,
     /// A VM at either end (or the VM a change concerns).
     #[arg(long)]
     pub vm: Option<String>,
@@ -79,7 +83,7 @@ pub struct FlowsArgs {
     /// Records before: same forms as --since.
     #[arg(long)]
     pub until: Option<String>,
-    /// At most this many records.
+    /// At most this many records (from a controller: 1000 unless given, 100000 at most).
     #[arg(long)]
     pub limit: Option<usize>,
     /// Include change records too (default: flows only).
@@ -339,6 +343,12 @@ pub(crate) fn endpoint(e: &Endpoint) -> String {
     }
 }
 
+/// Where `palisade flows` reads: a log directory, or a controller's answer.
+enum Source {
+    Log(LogReader),
+    Fetched(Vec<(u64, Record)>),
+}
+
 /// Run `palisade flows`.
 pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
     let now = now_ns();
@@ -352,7 +362,33 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
         limit: a.limit,
         kind: (!a.changes).then_some(RecordKind::Flow),
     };
-    let reader = LogReader::open(&a.dir).with_context(|| format!("opening the audit log in {}", a.dir.display()))?;
+    // Open or fetch before printing anything, so a failure prints only the error.
+    let source = match &a.dir {
+        Some(dir) => {
+            Source::Log(LogReader::open(dir).with_context(|| format!("opening the audit log in {}", dir.display()))?)
+        }
+        None => {
+            let client = a
+                .conn
+                .client()
+                .context("palisade flows reads a log directory (--dir DIR) or asks a controller")?;
+            let fq = palisade_controller::api::FlowQuery {
+                vm: q.vm.clone(),
+                zone: q.zone.clone(),
+                verdict: q.verdict,
+                rule: q.rule.clone(),
+                since_ns: q.since_ns,
+                until_ns: q.until_ns,
+                limit: q.limit,
+                changes: a.changes,
+            };
+            Source::Fetched(
+                client
+                    .flows(&fq)
+                    .with_context(|| format!("querying flows on {}", client.current_url()))?,
+            )
+        }
+    };
     let mut out = std::io::stdout().lock();
     if !a.json {
         writeln!(
@@ -362,7 +398,7 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
         )?;
     }
     let mut err = None;
-    let n = reader.query_each(&q, |seq, rec| {
+    let mut each = |seq: u64, rec: Record| {
         let r = if a.json {
             serde_json::to_string(&serde_json::json!({ "seq": seq, "record": rec }))
                 .map_err(anyhow::Error::from)
@@ -377,7 +413,19 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
                 false
             }
         }
-    })?;
+    };
+    let n = match source {
+        Source::Log(reader) => reader.query_each(&q, each)?,
+        Source::Fetched(records) => {
+            let n = records.len();
+            for (seq, rec) in records {
+                if !each(seq, rec) {
+                    break;
+                }
+            }
+            n
+        }
+    };
     if let Some(e) = err {
         return Err(e);
     }

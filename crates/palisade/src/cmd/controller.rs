@@ -6,6 +6,10 @@
 //! `palisade ca`); `--insecure-http` serves plain HTTP, and only on loopback.
 //! At the first start, when the store holds no token, an admin token is made
 //! and written to `DATA/admin.token` (mode 0600).
+//!
+//! Every change record the controller makes is also appended to its audit
+//! log (`--audit`, default `DATA/audit`), which also holds the flow records
+//! its agents push; `palisade audit verify` and `palisade flows` read it.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -21,6 +25,7 @@ use palisade_controller::core::Controller;
 use palisade_controller::server::{self, ServeOptions};
 use palisade_controller::store::{EmbeddedStore, EtcdStore, Store};
 use palisade_controller::tls;
+use palisade_controller::trail::{Trail, TrailError};
 
 /// Arguments of `palisade controller`.
 #[derive(clap::Args, Debug)]
@@ -34,6 +39,9 @@ pub struct ControllerArgs {
     /// Key prefix in etcd.
     #[arg(long, global = true, default_value = "/palisade/")]
     pub etcd_prefix: String,
+    /// Audit log directory: this controller's change records and its agents' flows [default: DATA/audit].
+    #[arg(long, global = true)]
+    pub audit: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,
@@ -94,11 +102,26 @@ fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+fn audit_dir(args: &ControllerArgs) -> PathBuf {
+    args.audit.clone().unwrap_or_else(|| args.data.join("audit"))
+}
+
 /// Run the controller.
 pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&args)?;
     let ctl = Controller::new(store);
+    let audit = audit_dir(&args);
     if let Some(ControllerCmd::Token(TokenCmd::Create { name, role })) = &args.command {
+        // The change lands in the store regardless; the audit log gets a copy
+        // unless a running controller (etcd) owns it.
+        let ctl = match Trail::open(&audit) {
+            Ok(t) => ctl.with_trail(Arc::new(t)),
+            Err(e @ TrailError::Locked(_)) => {
+                eprintln!("palisade controller: warning: {e}: the token creation is recorded in the store only");
+                ctl
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening the audit log {}", audit.display())),
+        };
         let secret = ctl.create_token("local", name, *role).context("creating the token")?;
         println!("{secret}");
         return Ok(ExitCode::SUCCESS);
@@ -114,6 +137,8 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             bail!("give --tls-dir DIR (see `palisade ca`) or, for development on loopback, --insecure-http")
         }
     };
+    let trail = Trail::open(&audit).with_context(|| format!("opening the audit log {}", audit.display()))?;
+    let ctl = ctl.with_trail(Arc::new(trail));
     if !ctl.has_tokens().context("reading tokens")? {
         std::fs::create_dir_all(&args.data).with_context(|| format!("creating {}", args.data.display()))?;
         let path = args.data.join("admin.token");
@@ -132,7 +157,11 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         poll_interval: Duration::from_millis(if args.etcd.is_empty() { 1000 } else { 250 }),
     };
     let srv = server::spawn(ctl, opts).context("starting the server")?;
-    eprintln!("palisade controller: serving {}", srv.url());
+    eprintln!(
+        "palisade controller: serving {}, audit log {}",
+        srv.url(),
+        audit.display()
+    );
     srv.wait();
     Ok(ExitCode::SUCCESS)
 }

@@ -28,7 +28,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn client(&self) -> anyhow::Result<Client> {
+    /// A client of the controller(s) these options (or the environment) name.
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let server = self
             .server
@@ -350,6 +351,7 @@ mod tests {
         Diff(super::DiffArgs),
         Rollback(super::RollbackArgs),
         Tag(super::TagArgs),
+        Flows(super::super::audit::FlowsArgs),
     }
 
     #[test]
@@ -385,5 +387,20 @@ mod tests {
         assert_eq!(a.data, std::path::PathBuf::from("/d"));
         assert!(Cli::try_parse_from(["palisade", "controller", "--tls-dir", "d", "--insecure-http"]).is_err());
         assert!(Cli::try_parse_from(["palisade", "get", "nonsense"]).is_err());
+        // `flows` reads a directory or asks a controller, never both.
+        let c = Cli::try_parse_from(["palisade", "flows", "--dir", "/a", "--vm", "web-1"]).unwrap();
+        let Command::Flows(f) = c.command else { panic!() };
+        assert_eq!(
+            (f.dir.as_deref(), f.conn.server.as_deref()),
+            (Some(std::path::Path::new("/a")), None)
+        );
+        let c = Cli::try_parse_from(["palisade", "flows", "--server", "https://c:7443", "--since", "1h"]).unwrap();
+        let Command::Flows(f) = c.command else { panic!() };
+        assert_eq!((f.dir, f.conn.server.as_deref()), (None, Some("https://c:7443")));
+        for both in [["--server", "http://x"], ["--token", "t"], ["--ca", "ca.pem"]] {
+            let mut argv = vec!["palisade", "flows", "--dir", "/a"];
+            argv.extend(both);
+            assert!(Cli::try_parse_from(argv).is_err(), "{both:?}");
+        }
     }
 }

@@ -316,6 +316,17 @@ fn drive(lab: &Lab, args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<usize>
     println!();
     print_flows(&flows);
     failures += check_rules(&flows, lab.state().controller.is_some());
+    if lab.state().controller.is_some() {
+        // The agents also send their records to the controller: one query for the whole datacenter.
+        std::thread::sleep(Duration::from_millis(1500));
+        println!("\nthe controller's view, `palisade flows --server … --vm db-1`:");
+        let out = lab.ctl(&["flows", "--vm", "db-1"])?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("prod-no-web-to-db") {
+            println!("the controller does not have web-1 → db-1's record");
+            failures += 1;
+        }
+    }
     if !args.once {
         println!("\nlive: the table refreshes every 2 s; Ctrl-C tears the lab down");
         while !stop.load(Ordering::Relaxed) {
