@@ -484,6 +484,7 @@ impl Agent {
                 }
             }
             self.send_staged();
+            self.take_upstream();
             if last_housekeeping.elapsed() >= Duration::from_secs(1) {
                 last_housekeeping = Instant::now();
                 self.housekeeping();
@@ -563,6 +564,21 @@ impl Agent {
         self.staging.buf.clear();
     }
 
+    /// Install the newest policy the controller sent, if any (checked every
+    /// round: an atomic load when there is none, and a change takes effect
+    /// within one round of its arrival).
+    fn take_upstream(&mut self) {
+        let mut newest = None;
+        while let Some(i) = self.upstream.as_ref().and_then(|rx| rx.try_recv().ok()) {
+            newest = Some(i);
+        }
+        if let Some(i) = newest {
+            self.install(i.compiler);
+            self.revision = Some(i.revision);
+            eprintln!("palisade agent: controller policy revision {} installed", i.revision);
+        }
+    }
+
     /// Expire idle connections, emit periodic updates, reload a changed policy.
     fn housekeeping(&mut self) {
         let now = self.now();
@@ -630,15 +646,6 @@ impl Agent {
                 self.policy_stamp = stamp;
                 self.reload_policy(&dir);
             }
-        }
-        let mut newest = None;
-        while let Some(i) = self.upstream.as_ref().and_then(|rx| rx.try_recv().ok()) {
-            newest = Some(i);
-        }
-        if let Some(i) = newest {
-            self.install(i.compiler);
-            self.revision = Some(i.revision);
-            eprintln!("palisade agent: controller policy revision {} installed", i.revision);
         }
     }
 
