@@ -396,22 +396,30 @@ impl Lab {
         let state_dir = absolute(&spec.state_dir)?;
         // A new lab starts clean: an earlier lab's agent state (saved
         // connections, a controller policy revision, an audit trail), CA and
-        // controller store would otherwise leak into this one. Only the
-        // initramfs cache and a generated policy (written there before `up`) are kept.
-        let policy_dir = absolute(&spec.policy_dir)?;
-        if let Ok(entries) = std::fs::read_dir(&state_dir) {
-            for e in entries.flatten() {
-                let p = e.path();
-                if e.file_name() == "cache" || policy_dir.starts_with(&p) {
-                    continue;
-                }
-                let r = if p.is_dir() {
-                    std::fs::remove_dir_all(&p)
-                } else {
-                    std::fs::remove_file(&p)
-                };
-                r.map_err(LabError::io(format!("removing {}", p.display())))?;
-            }
+        // controller store would otherwise leak into this one. What the lab
+        // makes is removed; anything else (the initramfs cache, a generated
+        // policy, the caller's files) is left alone.
+        let made = [
+            "agents",
+            "logs",
+            "qemu",
+            "ca",
+            "controller",
+            "www",
+            "dns.zone",
+            STATE_FILE,
+        ];
+        let hosts = plan.hosts.iter().map(|h| h.name.as_str());
+        for name in made.into_iter().chain(hosts) {
+            let p = state_dir.join(name);
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else if p.exists() {
+                std::fs::remove_file(&p)
+            } else {
+                Ok(())
+            };
+            r.map_err(LabError::io(format!("removing {}", p.display())))?;
         }
         for d in ["", "agents", "logs", "qemu", "cache"] {
             mkdir(&state_dir.join(d))?;
