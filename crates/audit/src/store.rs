@@ -499,10 +499,17 @@ fn create_segment(
         f.write_all(&header.emit()).at(&tmp)?;
         f.sync_all().at(&tmp)?;
     }
-    std::fs::rename(&tmp, &path).at(&path)?;
+    // The signed anchor exists before the segment does: a crash between the
+    // two leaves at most an orphan sidecar (ignored, and replaced here next
+    // time), never a segment that verify must call unanchored.
     let ckpt = segment::sidecar(&path, "ckpt");
+    match std::fs::remove_file(&ckpt) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).at(&ckpt),
+        _ => {}
+    }
     let anchor = Checkpoint::sign(key, Purpose::Checkpoint, first_seq - 1, prev_hash, prev_time_ns);
     append_checkpoint(&ckpt, &anchor)?;
+    std::fs::rename(&tmp, &path).at(&path)?;
     sync_dir(dir)?;
     let file = OpenOptions::new().append(true).open(&path).at(&path)?;
     Ok(Active {
