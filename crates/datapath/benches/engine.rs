@@ -1,7 +1,9 @@
-//! Engine throughput on one core: cache-hit ns/packet (and Mpps) with 1k, 100k and
+//! Engine throughput on one core: cache-hit ns/packet (one frame at a time, and in
+//! batches of 256 through `process_batch`; Mpps of the latter) with 1k, 100k and
 //! 1M concurrent flows, new flows per second, and a mixed run (10% new flows).
 //!
-//! Prints one JSON object. Run with `cargo bench -p palisade-datapath --bench engine`.
+//! Prints one JSON object. Run with `cargo bench -p palisade-datapath --bench engine`
+//! (`ENGINE_BENCH_ONLY=<flows>` runs only the cache-hit case at that many flows).
 
 mod common;
 
@@ -16,8 +18,13 @@ fn frame(i: u32) -> Vec<u8> {
     udp_frame(1024 + (i % 60_000) as u16, 1 + (i / 60_000) as u16)
 }
 
-/// Returns (new flows per second, cache-hit ns per packet).
-fn run(flows: u32, passes: u32) -> (f64, f64) {
+/// Frames per `process_batch` call: what one TPACKET_V3 block holds of
+/// small frames.
+const BATCH: usize = 256;
+
+/// Returns (new flows per second, cache-hit ns per packet one frame at a
+/// time, cache-hit ns per packet in batches).
+fn run(flows: u32, passes: u32) -> (f64, f64, f64) {
     let (mut e, a) = engine(flows as usize);
     let frames: Vec<Vec<u8>> = (0..flows).map(frame).collect();
     let t = Instant::now();
@@ -34,7 +41,25 @@ fn run(flows: u32, passes: u32) -> (f64, f64) {
     }
     let ns = t.elapsed().as_nanos() as f64 / f64::from(flows * passes);
     assert_eq!(e.counters().cache_hits - hits_before, u64::from(flows * passes));
-    (new_per_s, ns)
+    let (hits_before, mut forwarded) = (e.counters().cache_hits, 0u64);
+    let t = Instant::now();
+    for p in 0..passes {
+        for batch in frames.chunks(BATCH) {
+            e.process_batch(
+                u64::from(flows + passes + p),
+                a,
+                black_box(batch),
+                &mut (),
+                |_, _, d| {
+                    forwarded += u64::from(d == Disposition::Forward);
+                },
+            );
+        }
+    }
+    let batched_ns = t.elapsed().as_nanos() as f64 / f64::from(flows * passes);
+    assert_eq!(e.counters().cache_hits - hits_before, u64::from(flows * passes));
+    assert_eq!(forwarded, u64::from(flows * passes));
+    (new_per_s, ns, batched_ns)
 }
 
 /// Mixed traffic: `established` flows already cached, then passes over them in
@@ -70,18 +95,30 @@ fn run_mixed(established: u32, new_every: u32, passes: u32) -> f64 {
 }
 
 fn main() {
-    let (new_1k, hit_1k) = run(1_000, 200);
-    let (new_100k, hit_100k) = run(100_000, 5);
-    let (new_1m, hit_1m) = run(1_000_000, 2);
+    // `ENGINE_BENCH_ONLY=<flows>`: only the cache-hit run at that many flows,
+    // long enough to profile (`perf record`).
+    if let Some(flows) = std::env::var("ENGINE_BENCH_ONLY")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        let passes = (20_000_000 / flows.max(1)).max(2);
+        let (_, ns, batched) = run(flows, passes);
+        println!("{{\"flows\":{flows},\"cache_hit_ns_per_packet\":{ns:.1},\"batched\":{batched:.1}}}");
+        return;
+    }
+    let (new_1k, hit_1k, batch_1k) = run(1_000, 200);
+    let (new_100k, hit_100k, batch_100k) = run(100_000, 5);
+    let (new_1m, hit_1m, batch_1m) = run(1_000_000, 2);
     let mixed = run_mixed(100_000, 10, 3);
     let mpps = |ns: f64| 1e3 / ns;
     println!(
         "{{\"cache_hit_ns_per_packet\":{{\"flows_1k\":{hit_1k:.1},\"flows_100k\":{hit_100k:.1},\"flows_1m\":{hit_1m:.1}}},\
-         \"cache_hit_mpps_per_core\":{{\"flows_1k\":{:.2},\"flows_100k\":{:.2},\"flows_1m\":{:.2}}},\
+         \"cache_hit_batched_ns_per_packet\":{{\"flows_1k\":{batch_1k:.1},\"flows_100k\":{batch_100k:.1},\"flows_1m\":{batch_1m:.1}}},\
+         \"cache_hit_batched_mpps_per_core\":{{\"flows_1k\":{:.2},\"flows_100k\":{:.2},\"flows_1m\":{:.2}}},\
          \"new_flows_per_s\":{{\"flows_1k\":{new_1k:.0},\"flows_100k\":{new_100k:.0},\"flows_1m\":{new_1m:.0}}},\
          \"mixed_100k_established_10pct_new_ns_per_packet\":{mixed:.1}}}",
-        mpps(hit_1k),
-        mpps(hit_100k),
-        mpps(hit_1m)
+        mpps(batch_1k),
+        mpps(batch_100k),
+        mpps(batch_1m)
     );
 }

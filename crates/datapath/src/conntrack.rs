@@ -339,6 +339,12 @@ impl Conntrack {
         self.map.get(slot)
     }
 
+    /// Hint that connection `slot` will be used soon: start loading it.
+    #[inline]
+    pub fn prefetch(&self, slot: Slot) {
+        self.map.prefetch(slot);
+    }
+
     /// The connection in `slot`, mutably.
     pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn> {
         self.map.get_mut(slot)

@@ -52,6 +52,16 @@ impl VnicPort {
     pub fn owns(&self, ip: IpAddr) -> bool {
         self.ips.iter().any(|a| canonical_ip(*a) == canonical_ip(ip))
     }
+
+    /// Whether `addr`, in a flow key's form (IPv4 addresses IPv4-mapped), is
+    /// one of the vNIC's addresses: [`VnicPort::owns`] without converting
+    /// the key's address first.
+    pub fn owns_mapped(&self, addr: &[u8; 16]) -> bool {
+        self.ips.iter().any(|a| match a {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets() == *addr,
+            IpAddr::V6(v6) => v6.octets() == *addr,
+        })
+    }
 }
 
 /// IPv4-mapped IPv6 addresses compared as IPv4.

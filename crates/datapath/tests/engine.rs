@@ -1433,3 +1433,98 @@ rules:
     );
     assert_eq!(e.counters().classifications, 2);
 }
+
+/// `process_batch` is an optimisation only: over a stream that opens, hits,
+/// denies, spoofs, cuts and re-opens flows, in batches that do and do not
+/// fill its look-ahead groups, every disposition, output, rendered frame,
+/// event and counter equals frame-by-frame processing.
+#[test]
+fn batch_processing_matches_frame_by_frame() {
+    let (a, b) = (10, 11);
+    let mut from_a = Vec::new();
+    for i in 0..40u16 {
+        from_a.push(udp(a, b, 5000 + i % 7, 53));
+        from_a.push(tcp(
+            a,
+            b,
+            40000 + i % 5,
+            443,
+            1000 + u32::from(i),
+            0,
+            TcpFlags::SYN,
+            b"",
+        ));
+        from_a.push(tcp(a, b, 41000 + i % 3, 22 + i % 2, 7, 0, TcpFlags::SYN, b""));
+        if i % 9 == 0 {
+            from_a.push(udp(b, a, 5000, 53)); // spoofed: b's MAC from a's port
+            from_a.push(arp_frame(mac(a), ip(a), ip(b)));
+            from_a.push(udp(a, b, 5000, 53)[..30].to_vec()); // truncated
+            from_a.push(icmp(a, b, 8, 0, [0, 1, 0, u8::try_from(i).unwrap()], b"ping"));
+        }
+    }
+    let from_b: Vec<Vec<u8>> = (0..7).map(|i| udp(b, a, 53, 5000 + i)).collect();
+    let run = |batched: bool| {
+        let mut e = h1();
+        let (pa, pb) = (port(&e, "a.0"), port(&e, "b.0"));
+        let mut ev = Vec::new();
+        let mut seen = Vec::new();
+        let mut record = |e: &Engine, d: Disposition, frame: &[u8]| {
+            let outs: Vec<_> = (0..e.outputs().len())
+                .map(|i| (e.outputs()[i], render_at(e, frame, i)))
+                .collect();
+            seen.push((d, outs));
+        };
+        let mut t = 0;
+        for (round, size) in [5usize, 17, 1, 40, 3, 1000].into_iter().enumerate() {
+            t += 10 * MS;
+            if round == 3 {
+                // A policy change between batches: cached verdicts go stale.
+                e.update_policy(Box::new(PolicyLookup::new(compile_mem(policy(false)))));
+            }
+            let start = (round * 13) % from_a.len();
+            let chunk: Vec<&[u8]> = from_a.iter().cycle().skip(start).take(size).map(|f| &f[..]).collect();
+            for (p, frames) in [
+                (pa, &chunk[..]),
+                (pb, &from_b.iter().map(|f| &f[..]).collect::<Vec<_>>()[..]),
+            ] {
+                if batched {
+                    e.process_batch(t, p, frames, &mut ev, |e, i, d| record(e, d, frames[i]));
+                } else {
+                    for f in frames {
+                        let d = e.process(t, p, f, &mut ev);
+                        record(&e, d, f);
+                    }
+                }
+            }
+        }
+        (
+            seen,
+            ev,
+            e.counters().clone(),
+            e.rule_tally("web-dns"),
+            e.port_tally(pa),
+        )
+    };
+    let (one, many) = (run(false), run(true));
+    assert!(one.0.iter().any(|(d, _)| *d == Disposition::Forward));
+    assert!(
+        one.0
+            .iter()
+            .any(|(d, _)| *d == Disposition::Drop(DropReason::SpoofedMac))
+    );
+    assert!(one.2.cache_hits > 100, "the stream exercises the cache: {:?}", one.2);
+    assert_eq!(one.0.len(), many.0.len());
+    for (i, (x, y)) in one.0.iter().zip(&many.0).enumerate() {
+        assert_eq!(x, y, "frame {i}");
+    }
+    assert_eq!(one.1, many.1, "events");
+    assert_eq!(one.2, many.2, "counters");
+    assert_eq!((one.3, one.4), (many.3, many.4), "tallies");
+}
+
+fn render_at(e: &Engine, frame: &[u8], i: usize) -> Vec<u8> {
+    let mut buf = vec![0; 2048];
+    let n = e.render(frame, i, &mut buf).unwrap();
+    buf.truncate(n);
+    buf
+}

@@ -125,12 +125,20 @@ fn cache_hits_allocate_nothing() {
         e.render(&ack, 0, &mut buf).unwrap();
         assert_eq!(e.process(2 + i, b, &back, &mut ()), Disposition::Forward);
     }
+    let batch = [&ack[..]; 40];
+    let mut forwarded = 0;
+    for i in 0..25 {
+        e.process_batch(3000 + i, a, &batch, &mut (), |_, _, d| {
+            forwarded += usize::from(d == Disposition::Forward)
+        });
+    }
     let allocs = ALLOCS.load(Ordering::Relaxed) - before;
-    assert_eq!(e.counters().cache_hits - hits, 2000);
+    assert_eq!(forwarded, 1000);
+    assert_eq!(e.counters().cache_hits - hits, 3000);
     assert_eq!(allocs, 0, "the cache-hit path allocated");
     // The counter does count: a new flow (slow path) allocates at least a provenance clone.
     let before = ALLOCS.load(Ordering::Relaxed);
     let other = frame(10, 11, 40001, 443, 5, 0, TcpFlags::SYN);
-    assert_eq!(e.process(3000, a, &other, &mut ()), Disposition::Forward);
+    assert_eq!(e.process(4000, a, &other, &mut ()), Disposition::Forward);
     assert!(ALLOCS.load(Ordering::Relaxed) > before);
 }

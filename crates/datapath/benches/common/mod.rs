@@ -37,8 +37,8 @@ pub fn engine(flows: usize) -> (Engine, PortId) {
         gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
         flood: vec![],
     });
-    cfg.flow_capacity = flows * 2;
-    cfg.conn_capacity = flows * 2;
+    cfg.flow_capacity = flows;
+    cfg.conn_capacity = flows;
     let mut e = Engine::new(cfg, Box::new(PolicyLookup::new(compiler)));
     let a = e
         .add_vnic(port::vnic_from_model(&model, "a.0", &[], u32::MAX).expect("vNIC a.0"))
