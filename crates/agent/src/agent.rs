@@ -284,7 +284,7 @@ impl Agent {
                     client,
                     config.host.clone(),
                     config.state_dir.clone(),
-                    bundle.revision,
+                    bundle.clone(),
                     stop.clone(),
                 )?;
                 (compiler, None, Some(rx), Some(bundle.revision))

@@ -131,19 +131,19 @@ pub fn first_policy(
     Err(AgentError::Controller("stopped before a policy arrived".into()))
 }
 
-/// Start the watcher from revision `after`. The receiver gets every newer policy.
+/// Start the watcher from `held`, the bundle in force. The receiver gets every newer policy.
 pub fn watch(
     client: Client,
     host: String,
     state_dir: PathBuf,
-    after: u64,
+    held: PolicyBundle,
     stop: Arc<AtomicBool>,
 ) -> Result<Receiver<Installed>, AgentError> {
     // Depth 1: if the datapath has not taken the last one yet, the watcher waits (it is superseded anyway).
     let (tx, rx) = sync_channel(1);
     std::thread::Builder::new()
         .name("palisade-upstream".into())
-        .spawn(move || run(client, host, state_dir, after, stop, tx))
+        .spawn(move || run(client, host, state_dir, held, stop, tx))
         .map_err(|e| AgentError::Controller(format!("starting the watcher: {e}")))?;
     Ok(rx)
 }
@@ -152,22 +152,35 @@ fn run(
     client: Client,
     host: String,
     state_dir: PathBuf,
-    mut after: u64,
+    mut held: PolicyBundle,
     stop: Arc<AtomicBool>,
     tx: SyncSender<Installed>,
 ) {
+    let mut after = held.revision;
     if let Err(e) = client.register(&host, env!("CARGO_PKG_VERSION")) {
         eprintln!("palisade agent: registering with the controller: {e}");
     }
     let mut reachable = true;
     while !stop.load(Ordering::Relaxed) {
-        match client.watch_policy(&host, after, Duration::from_secs(10)) {
+        // Saying which version's files we hold makes a tag change cost only the overlay.
+        let have = (held.version != 0).then_some(held.version);
+        match client.watch_policy_having(&host, after, have, Duration::from_secs(10)) {
             Ok(None) => {}
             Ok(Some(b)) => {
                 if !reachable {
                     eprintln!("palisade agent: controller reachable again");
                     reachable = true;
                 }
+                let revision = b.revision;
+                let b = match b.resolve(&held) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        // Cannot happen with a sane controller; ask again for the whole bundle.
+                        eprintln!("palisade agent: policy revision {revision}: {e}");
+                        held.version = 0;
+                        continue;
+                    }
+                };
                 match compile(&b) {
                     Ok(compiler) => {
                         if let Err(e) = save(&state_dir, &b) {
@@ -178,6 +191,7 @@ fn run(
                             compiler,
                             revision: b.revision,
                         };
+                        held = b;
                         if tx.send(installed).is_err() {
                             return;
                         }

@@ -84,10 +84,16 @@ pub struct PolicyBundle {
     pub revision: u64,
     /// Policy version.
     pub version: u64,
-    /// The version's files.
+    /// The version's files (empty when [`PolicyBundle::same_files`] is set).
     pub files: Files,
     /// The tag overlay to apply over the files' VM tags.
     pub tags: TagOverlay,
+    /// The files were left out: the agent said it already has this version's
+    /// files (`have=VERSION`), so only the revision and the overlay travel.
+    /// A tag change thus costs the size of the overlay, not of the
+    /// datacenter. Fill them in with [`PolicyBundle::resolve`].
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub same_files: bool,
 }
 
 /// Building a [`PolicyBundle`]'s model failed.
@@ -99,12 +105,44 @@ pub enum BundleError {
     /// The overlay names a VM the files do not have.
     #[error("tag overlay names VM \"{0}\", which the policy does not have")]
     UnknownVm(String),
+    /// The bundle was sent without its files and has not been resolved.
+    #[error("bundle of version {0} was sent without its files; resolve it against the bundle held")]
+    FilesOmitted(u64),
+    /// A bundle without files names another version than the one held.
+    #[error("bundle of version {sent} was sent without its files, but the bundle held is version {have}")]
+    WrongBase {
+        /// The version the bundle is of.
+        sent: u64,
+        /// The version held.
+        have: u64,
+    },
 }
 
 impl PolicyBundle {
     /// Load the files and apply the tag overlay: the model the agent compiles.
     pub fn model(&self) -> Result<palisade_policy::Model, BundleError> {
+        if self.same_files {
+            return Err(BundleError::FilesOmitted(self.version));
+        }
         effective_model(&self.files, &self.tags)
+    }
+
+    /// A bundle sent without its files, completed with those of `have`, the
+    /// bundle the agent holds (which must be of the same version); a bundle
+    /// with its files is returned as it is.
+    pub fn resolve(mut self, have: &PolicyBundle) -> Result<PolicyBundle, BundleError> {
+        if !self.same_files {
+            return Ok(self);
+        }
+        if have.same_files || have.version != self.version {
+            return Err(BundleError::WrongBase {
+                sent: self.version,
+                have: have.version,
+            });
+        }
+        self.files = have.files.clone();
+        self.same_files = false;
+        Ok(self)
     }
 }
 

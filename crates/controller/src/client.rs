@@ -364,8 +364,23 @@ impl Client {
         after_rev: u64,
         wait: Duration,
     ) -> Result<Option<PolicyBundle>, ClientError> {
+        self.watch_policy_having(host, after_rev, None, wait)
+    }
+
+    /// [`Client::watch_policy`] for an agent that holds the files of version
+    /// `have`: if the new revision is of that version (a tag change), the
+    /// bundle comes without them ([`PolicyBundle::same_files`]); complete it
+    /// with [`PolicyBundle::resolve`].
+    pub fn watch_policy_having(
+        &self,
+        host: &str,
+        after_rev: u64,
+        have: Option<u64>,
+        wait: Duration,
+    ) -> Result<Option<PolicyBundle>, ClientError> {
+        let have = have.map(|v| format!("&have={v}")).unwrap_or_default();
         let path = format!(
-            "/v1/agents/{}/policy?after={after_rev}&wait={}",
+            "/v1/agents/{}/policy?after={after_rev}{have}&wait={}",
             segment(host),
             wait.as_secs()
         );

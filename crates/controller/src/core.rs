@@ -196,6 +196,12 @@ pub fn diff_files(old: &Files, new: &Files) -> String {
 pub struct Controller {
     store: Arc<dyn Store>,
     trail: Option<Arc<Trail>>,
+    /// The effective policy of one revision, compiled: a tag change then
+    /// recompiles only what the retagged VM affects (`Compiler::retag`)
+    /// instead of reading, validating and compiling the whole datacenter.
+    /// Keyed by revision, which names one content in the store (with etcd,
+    /// for every controller), so a stale entry is never used: it is a miss.
+    compiled: Arc<std::sync::Mutex<Option<(u64, Compiler)>>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -207,7 +213,11 @@ impl std::fmt::Debug for Controller {
 impl Controller {
     /// A controller on `store`.
     pub fn new(store: Arc<dyn Store>) -> Controller {
-        Controller { store, trail: None }
+        Controller {
+            store,
+            trail: None,
+            compiled: Arc::default(),
+        }
     }
 
     /// The same controller, also keeping its change records (and the flows
@@ -309,12 +319,16 @@ impl Controller {
 
     /// The current effective policy.
     pub fn bundle(&self) -> Result<PolicyBundle, CoreError> {
-        let cur = self.current()?;
-        self.bundle_of(cur)
+        self.bundle_for(None)
     }
 
-    fn bundle_of(&self, cur: CurrentRecord) -> Result<PolicyBundle, CoreError> {
-        let files = if cur.version == 0 {
+    /// The current effective policy for a reader that already has the files
+    /// of version `have`: when that is still the current version, the bundle
+    /// leaves them out (and the version is not even read from the store).
+    pub fn bundle_for(&self, have: Option<u64>) -> Result<PolicyBundle, CoreError> {
+        let cur = self.current()?;
+        let same_files = cur.version != 0 && have == Some(cur.version);
+        let files = if cur.version == 0 || same_files {
             Files::new()
         } else {
             self.version(cur.version)?.files
@@ -324,6 +338,7 @@ impl Controller {
             version: cur.version,
             files,
             tags: cur.tags,
+            same_files,
         })
     }
 
@@ -448,7 +463,7 @@ impl Controller {
             let (cur, raw) = self.current_raw()?;
             let mut model = model.clone();
             let tags = overlay_onto(&mut model, &cur.tags);
-            compile(model)?;
+            let compiled = compile(model)?;
             let next = CurrentRecord {
                 revision: cur.revision + 1,
                 version: cur.version + 1,
@@ -485,6 +500,7 @@ impl Controller {
                 policy_version: Some(next.version),
             };
             if self.commit(raw, &next, vec![(version_key(next.version), json(&rec))], &change)? {
+                self.keep_compiled(next.revision, compiled);
                 return Ok(resp);
             }
         }
@@ -517,7 +533,7 @@ impl Controller {
             let (cur, raw) = self.current_raw()?;
             let mut model = model.clone();
             let tags = overlay_onto(&mut model, &cur.tags);
-            compile(model)?;
+            let compiled = compile(model)?;
             let next = CurrentRecord {
                 revision: cur.revision + 1,
                 version: cur.version + 1,
@@ -542,6 +558,7 @@ impl Controller {
                 policy_version: Some(next.version),
             };
             if self.commit(raw, &next, vec![(version_key(next.version), json(&rec))], &change)? {
+                self.keep_compiled(next.revision, compiled);
                 return Ok(ApplyResponse {
                     version: next.version,
                     revision: next.revision,
@@ -566,10 +583,20 @@ impl Controller {
         }
         for _ in 0..CAS_RETRIES {
             let (cur, raw) = self.current_raw()?;
-            let Some((model, _)) = self.effective(&cur)? else {
-                return Err(CoreError::NotFound("no policy applied yet, so no VM to tag".into()));
+            let cached = self
+                .compiled
+                .lock()
+                .ok()
+                .and_then(|mut c| c.take_if(|(r, _)| *r == cur.revision))
+                .map(|(_, c)| c);
+            let mut compiler = match cached {
+                Some(c) => c,
+                None => match self.effective(&cur)? {
+                    Some((model, _)) => compile(model)?,
+                    None => return Err(CoreError::NotFound("no policy applied yet, so no VM to tag".into())),
+                },
             };
-            let Some(before) = model.inventory.vm(vm).map(|v| v.tags.clone()) else {
+            let Some(before) = compiler.model().inventory.vm(vm).map(|v| v.tags.clone()) else {
                 return Err(CoreError::NotFound(format!("VM \"{vm}\" is not in the current policy")));
             };
             let mut next = cur.clone();
@@ -582,7 +609,6 @@ impl Controller {
             }
             let mut after = before.clone();
             apply_overlay(&mut after, o);
-            let mut compiler = compile(model)?;
             let changes = compiler
                 .retag(vm, after.clone())
                 .map_err(|e| CoreError::InvalidPolicy(e.to_string()))?;
@@ -596,6 +622,8 @@ impl Controller {
                 policy_version: None,
             };
             if self.commit(raw, &next, Vec::new(), &change)? {
+                // The compiler now holds the new revision's effective policy.
+                self.keep_compiled(next.revision, compiler);
                 return Ok(TagResponse {
                     vm: vm.to_string(),
                     tags: after,
@@ -605,6 +633,13 @@ impl Controller {
             }
         }
         Err(CoreError::Conflict)
+    }
+
+    /// Keep `compiler`, the effective policy of `revision`, for the next tag change.
+    fn keep_compiled(&self, revision: u64, compiler: Compiler) {
+        if let Ok(mut c) = self.compiled.lock() {
+            *c = Some((revision, compiler));
+        }
     }
 
     /// Record an agent's registration.

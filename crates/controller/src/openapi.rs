@@ -109,7 +109,7 @@ const ENDPOINTS: &[Endpoint] = &[
     (
         "get",
         "/v1/agents/{host}/policy",
-        "Long-poll: the effective policy once its revision exceeds `after`, else 304 after `wait` seconds",
+        "Long-poll: the effective policy once its revision exceeds `after`, else 304 after `wait` seconds; with `have=VERSION`, a bundle of that same version comes without its files (`same_files: true`)",
         "client certificate with CN = host (plain HTTP: admin token)",
         None,
         "PolicyBundle",
@@ -183,7 +183,7 @@ fn schemas() -> Value {
     json!({
         "ApplyRequest": obj(&[("files", files.clone()), ("message", s.clone())], &["files"]),
         "ApplyResponse": obj(&[("version", n.clone()), ("revision", n.clone()), ("dry_run", json!({"type": "boolean"})), ("warnings", s.clone())], &["version", "revision", "dry_run"]),
-        "PolicyBundle": obj(&[("revision", n.clone()), ("version", n.clone()), ("files", files.clone()), ("tags", overlay)], &["revision", "version", "files", "tags"]),
+        "PolicyBundle": obj(&[("revision", n.clone()), ("version", n.clone()), ("files", files.clone()), ("tags", overlay), ("same_files", json!({"type": "boolean"}))], &["revision", "version", "files", "tags"]),
         "VersionSummary": obj(&summary, &["version", "author", "time_ns", "message"]),
         "VersionSummaryList": list("VersionSummary"),
         "VersionRecord": obj(&version, &["version", "author", "time_ns", "message", "files"]),
@@ -236,6 +236,7 @@ pub fn document() -> Value {
         }
         if path.ends_with("/policy") && path.contains("{host}") {
             params.push(json!({ "name": "after", "in": "query", "schema": { "type": "integer" }, "description": "the revision the agent has" }));
+            params.push(json!({ "name": "have", "in": "query", "schema": { "type": "integer" }, "description": "the policy version whose files the agent holds" }));
             params.push(json!({ "name": "wait", "in": "query", "schema": { "type": "integer", "maximum": crate::server::MAX_WAIT_S }, "description": "seconds to wait" }));
         }
         if *path == "/v1/flows" {
@@ -263,7 +264,7 @@ pub fn document() -> Value {
             "401": err("no or unknown credentials"),
             "403": err("the role or certificate does not allow this"),
             "404": err("no such version, VM or endpoint"),
-            "413": err("body over 8 MiB (flows: over 10000 records)"),
+            "413": err("body over 32 MiB (flows: over 10000 records)"),
         });
         if matches!(*path, "/v1/flows" | "/v1/agents/{host}/flows" | "/v1/status") {
             responses["503"] = err("the audit log failed, or this controller keeps none");

@@ -43,8 +43,10 @@ use crate::auth::{Permission, TokenRecord};
 use crate::core::{Controller, CoreError};
 use crate::tls::common_name;
 
-/// The largest request body accepted (413 above).
-pub const BODY_LIMIT: usize = 8 << 20;
+/// The largest request body accepted (413 above). Bodies are read only
+/// after the caller is authorized; the size is set by the largest policy an
+/// apply carries: a 50,000-VM inventory is about 9 MiB of JSON.
+pub const BODY_LIMIT: usize = 32 << 20;
 /// The longest long-poll wait granted, in seconds.
 pub const MAX_WAIT_S: u64 = 300;
 
@@ -100,7 +102,13 @@ pub struct Peer {
 struct AppState {
     ctl: Controller,
     tls: bool,
-    revision: Arc<watch::Sender<u64>>,
+    /// The newest effective-policy record seen (from this controller's
+    /// changes, or the store poll that brings other controllers' changes).
+    revision: Arc<watch::Sender<Arc<CurrentRecord>>>,
+    /// The newest whole bundle, encoded once: when every agent asks at once
+    /// (a new version, a fleet restart), each gets the same bytes instead of
+    /// a store read and a multi-megabyte encode of its own.
+    bundle_cache: Arc<std::sync::Mutex<Option<(u64, axum::body::Bytes)>>>,
 }
 
 /// An error answer: a status and `{"error": …}`.
@@ -217,7 +225,7 @@ async fn authorize_agent(s: &AppState, peer: &Peer, headers: &HeaderMap, host: &
 /// Bodies up to this size are read to the end even when over [`BODY_LIMIT`],
 /// so that a plain client finishes sending and receives the 413 (instead of a
 /// broken pipe); beyond it the connection is simply cut.
-const DRAIN_LIMIT: usize = 8 * BODY_LIMIT;
+const DRAIN_LIMIT: usize = 2 * BODY_LIMIT;
 
 /// Read and decode a JSON body (after authorization).
 async fn json_body<T: DeserializeOwned>(mut body: Body) -> Result<T, ApiError> {
@@ -277,14 +285,23 @@ fn version_param(v: &str) -> Result<u64, ApiError> {
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("version \"{v}\" is not a number")))
 }
 
-fn publish(s: &AppState, revision: u64) {
+fn publish(s: &AppState, cur: CurrentRecord) {
     s.revision.send_if_modified(|r| {
-        let newer = revision > *r;
+        let newer = cur.revision > r.revision;
         if newer {
-            *r = revision;
+            *r = Arc::new(cur);
         }
         newer
     });
+}
+
+/// Publish the current record after a change made here (the change's own
+/// revision or a newer one).
+async fn publish_current(s: &AppState) {
+    let ctl = s.ctl.clone();
+    if let Ok(cur) = blocking(move || ctl.current()).await {
+        publish(s, cur);
+    }
 }
 
 async fn apply(State(s): State<AppState>, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> ApiResult {
@@ -309,7 +326,7 @@ async fn apply(State(s): State<AppState>, RawQuery(q): RawQuery, headers: Header
     let ctl = s.ctl.clone();
     let resp = blocking(move || ctl.apply(&tok.name, &req, dry_run)).await?;
     if !dry_run {
-        publish(&s, resp.revision);
+        publish_current(&s).await;
     }
     ok(resp)
 }
@@ -345,7 +362,7 @@ async fn rollback(State(s): State<AppState>, Path(v): Path<String>, headers: Hea
     let v = version_param(&v)?;
     let ctl = s.ctl.clone();
     let resp = blocking(move || ctl.rollback(&tok.name, v)).await?;
-    publish(&s, resp.revision);
+    publish_current(&s).await;
     ok(resp)
 }
 
@@ -366,7 +383,7 @@ async fn tag(State(s): State<AppState>, Path(vm): Path<String>, headers: HeaderM
     let req: TagRequest = json_body(body).await?;
     let ctl = s.ctl.clone();
     let resp = blocking(move || ctl.tag(&tok.name, &vm, &req)).await?;
-    publish(&s, resp.revision);
+    publish_current(&s).await;
     ok(resp)
 }
 
@@ -418,24 +435,69 @@ async fn agent_policy(
     authorize_agent(&s, &peer, &headers, &host).await?;
     let q = query(&q);
     let after = num_param(&q, "after")?.unwrap_or(0);
+    let have = num_param(&q, "have")?;
     let wait = Duration::from_secs(num_param(&q, "wait")?.unwrap_or(0).min(MAX_WAIT_S));
     let deadline = tokio::time::Instant::now() + wait;
     let mut rx = s.revision.subscribe();
+    // The store is the truth on entry; after that, a wake-up carries the
+    // record that caused it (read from the store by whoever published it),
+    // so a thousand waiting agents do not read the store a thousand times.
+    let ctl = s.ctl.clone();
+    let mut cur = Arc::new(blocking(move || ctl.current()).await?);
     loop {
-        // The store is the truth; the channel only says when to look again.
-        let ctl = s.ctl.clone();
-        let cur = blocking(move || ctl.current()).await?;
         if cur.revision > after {
+            if cur.version != 0 && have == Some(cur.version) {
+                return ok(PolicyBundle {
+                    revision: cur.revision,
+                    version: cur.version,
+                    files: Files::new(),
+                    tags: cur.tags.clone(),
+                    same_files: true,
+                });
+            }
+            if have.is_none_or(|v| v != cur.version)
+                && let Some(bytes) = cached_bundle(&s, cur.revision)
+            {
+                return Ok(json_bytes(bytes));
+            }
             let ctl = s.ctl.clone();
-            let bundle = blocking(move || ctl.bundle()).await?;
-            return ok(bundle);
+            let bundle = blocking(move || ctl.bundle_for(have)).await?;
+            if bundle.same_files {
+                return ok(bundle);
+            }
+            let bytes =
+                axum::body::Bytes::from(serde_json::to_vec(&bundle).map_err(|e| {
+                    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the bundle: {e}"))
+                })?);
+            if let Ok(mut c) = s.bundle_cache.lock()
+                && c.as_ref().is_none_or(|(r, _)| *r < bundle.revision)
+            {
+                *c = Some((bundle.revision, bytes.clone()));
+            }
+            return Ok(json_bytes(bytes));
         }
-        rx.borrow_and_update();
+        // Whatever was published since the store read counts: what is marked
+        // seen here is what is looked at.
+        let seen = rx.borrow_and_update().clone();
+        if seen.revision > cur.revision {
+            cur = seen;
+            continue;
+        }
         match tokio::time::timeout_at(deadline, rx.changed()).await {
-            Ok(Ok(())) => continue,
+            Ok(Ok(())) => {}
             _ => return Ok(StatusCode::NOT_MODIFIED.into_response()),
         }
     }
+}
+
+/// The cached whole bundle of `revision`, if that is the one cached.
+fn cached_bundle(s: &AppState, revision: u64) -> Option<axum::body::Bytes> {
+    let c = s.bundle_cache.lock().ok()?;
+    c.as_ref().filter(|(r, _)| *r == revision).map(|(_, b)| b.clone())
+}
+
+fn json_bytes(bytes: axum::body::Bytes) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response()
 }
 
 async fn create_token(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
@@ -686,11 +748,12 @@ async fn serve(
             return;
         }
     };
-    let (tx, _) = watch::channel(0u64);
+    let (tx, _) = watch::channel(Arc::new(CurrentRecord::default()));
     let state = AppState {
         ctl: ctl.clone(),
         tls: opts.tls.is_some(),
         revision: Arc::new(tx),
+        bundle_cache: Arc::default(),
     };
     let poll_state = state.clone();
     let interval = opts.poll_interval;
@@ -698,7 +761,7 @@ async fn serve(
         loop {
             let c = poll_state.ctl.clone();
             if let Ok(Ok(cur)) = tokio::task::spawn_blocking(move || c.current()).await {
-                publish(&poll_state, cur.revision);
+                publish(&poll_state, cur);
             }
             tokio::time::sleep(interval).await;
         }

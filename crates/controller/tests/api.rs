@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use palisade_controller::api::TagRequest;
+use palisade_controller::api::{PolicyBundle, TagRequest};
 use palisade_controller::client::{Client, ClientAuth, ClientError};
 
 fn client(env: &Env, token: &str) -> Client {
@@ -176,6 +176,19 @@ fn tags_reach_a_watching_agent() {
         model.inventory.vm("web-1").unwrap().tags.get("pci").map(String::as_str),
         Some("yes")
     );
+    // An agent that holds version 1's files gets the retag without them.
+    let delta = agent
+        .watch_policy_having("hv2", 1, Some(1), Duration::from_secs(1))
+        .unwrap()
+        .unwrap();
+    assert!(delta.same_files && delta.files.is_empty(), "{delta:?}");
+    assert!(delta.model().is_err(), "an unresolved bundle has no model");
+    assert_eq!(delta.clone().resolve(&first).unwrap(), bundle);
+    let other_version = PolicyBundle {
+        version: 9,
+        ..first.clone()
+    };
+    assert!(delta.resolve(&other_version).is_err());
 
     // Removing a tag the files give, through the overlay.
     let rm = TagRequest {
@@ -188,6 +201,13 @@ fn tags_reach_a_watching_agent() {
     assert!(vms.iter().find(|v| v.name == "web-1").unwrap().tags.is_empty());
     // The overlay survives a new version.
     op.apply(&files(POLICY_V1), "", false).unwrap();
+    // A new version comes whole, even to an agent that names the old one.
+    let full = agent
+        .watch_policy_having("hv2", 2, Some(1), Duration::from_secs(1))
+        .unwrap()
+        .unwrap();
+    assert!(!full.same_files);
+    assert_eq!(full.files, files(POLICY_V1));
     assert!(
         op.vms()
             .unwrap()
@@ -227,7 +247,7 @@ fn every_refusal_leaves_the_store_unchanged() {
     let mut bad_policy = files(POLICY_V2);
     bad_policy.insert("policy.yaml".into(), POLICY_V2.replace("to: db,", "to: dbz,"));
     let invalid = serde_json::to_vec(&serde_json::json!({ "files": bad_policy })).unwrap();
-    let huge = vec![b' '; 9 << 20];
+    let huge = vec![b' '; 33 << 20];
     let tag = br#"{"set":{"tier":"db"}}"#;
 
     // (method, path, token, body, expected status, what the error must say)
@@ -465,4 +485,52 @@ fn admins_create_tokens_that_work_and_are_recorded() {
             .iter()
             .all(|(k, v)| !k.contains(&secret[4..]) && !String::from_utf8_lossy(v).contains(&secret[4..]))
     );
+}
+
+/// A tag change recompiles incrementally from the compiled policy the
+/// controller kept of the revision before it. Its every answer (revision,
+/// resulting tags, chains that changed) and the bundles agents get equal
+/// those of a controller that compiles the whole policy from its store each
+/// time (a fresh one per step), through tags, removals and a new version.
+#[test]
+fn incremental_tags_match_full_recompiles() {
+    use palisade_controller::api::ApplyRequest;
+    use palisade_controller::core::Controller;
+    use palisade_controller::store::EmbeddedStore;
+    let dir = TempDir::new("api-incremental");
+    let open = |name: &str| std::sync::Arc::new(EmbeddedStore::open(&dir.0.join(name)).unwrap());
+    let (store_a, store_b) = (open("a.redb"), open("b.redb"));
+    let kept = Controller::new(store_a);
+    let fresh = || Controller::new(store_b.clone());
+    let apply = |policy| ApplyRequest {
+        files: files(policy),
+        message: String::new(),
+    };
+    kept.apply("t", &apply(POLICY_V2), false).unwrap();
+    fresh().apply("t", &apply(POLICY_V2), false).unwrap();
+    let tag = |set: &[(&str, &str)], remove: &[&str]| TagRequest {
+        set: set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        remove: remove.iter().map(|k| k.to_string()).collect(),
+    };
+    let steps = [
+        ("web-1", tag(&[("tier", "db")], &[])),
+        ("web-1", tag(&[("pci", "yes")], &[])),
+        ("db-1", tag(&[("tier", "web")], &[])),
+        ("web-1", tag(&[], &["tier"])),
+        ("web-1", tag(&[("tier", "web")], &["pci"])),
+        ("db-1", tag(&[], &["tier"])),
+    ];
+    let mut changed = 0;
+    for (i, (vm, req)) in steps.iter().enumerate() {
+        if i == 3 {
+            kept.apply("t", &apply(POLICY_V1), false).unwrap();
+            fresh().apply("t", &apply(POLICY_V1), false).unwrap();
+        }
+        let got = kept.tag("t", vm, req).unwrap();
+        let want = fresh().tag("t", vm, req).unwrap();
+        assert_eq!(got, want, "step {i}");
+        assert_eq!(kept.bundle().unwrap(), fresh().bundle().unwrap(), "step {i}");
+        changed += usize::from(!got.chains.is_empty());
+    }
+    assert!(changed >= 3, "the steps move VMs between groups");
 }
