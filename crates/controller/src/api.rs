@@ -340,6 +340,22 @@ pub struct TokenResponse {
     pub token: String,
 }
 
+/// A token as `GET /v1/tokens` lists it: never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// A short prefix of the store key (a hash of the secret): tells tokens of one name apart.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: crate::auth::Role,
+    /// When it was created (Unix time, nanoseconds).
+    pub created_ns: u64,
+    /// When and by whom it was revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<crate::auth::Revocation>,
+}
+
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

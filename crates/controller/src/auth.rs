@@ -82,6 +82,20 @@ pub struct TokenRecord {
     pub role: Role,
     /// When it was created (Unix time, nanoseconds).
     pub created_ns: u64,
+    /// When it was revoked, and by whom: a revoked token authenticates
+    /// nothing, and its record stays so that changes made with it keep a
+    /// named actor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<Revocation>,
+}
+
+/// When and by whom a token was revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Unix time, nanoseconds.
+    pub time_ns: u64,
+    /// The actor who revoked it.
+    pub by: String,
 }
 
 /// A new random token secret.

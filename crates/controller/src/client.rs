@@ -286,6 +286,16 @@ impl Client {
         Ok(r.token)
     }
 
+    /// Every token, revoked ones included (admin only; never the secrets).
+    pub fn tokens(&self) -> Result<Vec<crate::api::TokenInfo>, ClientError> {
+        self.get("/v1/tokens")
+    }
+
+    /// Revoke the live tokens named `name` (or with that id); returns them (admin only).
+    pub fn revoke_token(&self, name: &str) -> Result<Vec<crate::api::TokenInfo>, ClientError> {
+        self.call("DELETE", &format!("/v1/tokens/{}", segment(name)), None::<&()>)
+    }
+
     /// Register agent `host`.
     pub fn register(&self, host: &str, agent_version: &str) -> Result<AgentRecord, ClientError> {
         let req = RegisterRequest {

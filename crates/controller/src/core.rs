@@ -261,6 +261,7 @@ impl Controller {
             name: name.to_string(),
             role,
             created_ns: t,
+            revoked: None,
         };
         let change = ChangeRecord {
             time_ns: t,
@@ -279,6 +280,96 @@ impl Controller {
     /// The token a secret belongs to.
     pub fn authenticate(&self, secret: &str) -> Result<Option<TokenRecord>, CoreError> {
         Ok(store::get_json(&*self.store, &auth::token_key(secret))?)
+    }
+
+    /// Every token, revoked ones included, oldest first.
+    pub fn tokens(&self) -> Result<Vec<TokenInfo>, CoreError> {
+        let mut all = self
+            .store
+            .list_prefix(TOKENS)?
+            .iter()
+            .map(|(k, b)| {
+                let rec: TokenRecord = store::decode(k, b)?;
+                Ok(TokenInfo {
+                    id: k.trim_start_matches(TOKENS).chars().take(12).collect(),
+                    name: rec.name,
+                    role: rec.role,
+                    created_ns: rec.created_ns,
+                    revoked: rec.revoked,
+                })
+            })
+            .collect::<Result<Vec<_>, CoreError>>()?;
+        all.sort_by(|a, b| (a.created_ns, &a.id).cmp(&(b.created_ns, &b.id)));
+        Ok(all)
+    }
+
+    /// Revoke every live token named `name` (or the one whose id is
+    /// `name`) on behalf of `actor`; returns them. Refused when it would
+    /// leave no live admin token (nobody could manage tokens any more).
+    /// Recorded as a change, in the same transaction.
+    pub fn revoke_token(&self, actor: &str, name: &str) -> Result<Vec<TokenInfo>, CoreError> {
+        for _ in 0..CAS_RETRIES {
+            let all = self.store.list_prefix(TOKENS)?;
+            let mut records = Vec::new();
+            for (k, b) in &all {
+                records.push((k, b, store::decode::<TokenRecord>(k, b)?));
+            }
+            let is_target = |k: &str, r: &TokenRecord| {
+                r.revoked.is_none()
+                    && (r.name == name || k.trim_start_matches(TOKENS).starts_with(name) && name.len() >= 12)
+            };
+            let targets: Vec<_> = records.iter().filter(|(k, _, r)| is_target(k, r)).collect();
+            if targets.is_empty() {
+                return Err(CoreError::NotFound(format!("no live token named \"{name}\"")));
+            }
+            let admins_left = records
+                .iter()
+                .filter(|(k, _, r)| r.revoked.is_none() && r.role == Role::Admin && !is_target(k, r))
+                .count();
+            if admins_left == 0 && targets.iter().any(|(_, _, r)| r.role == Role::Admin) {
+                return Err(CoreError::BadRequest(format!(
+                    "revoking \"{name}\" would leave no admin token; create another admin token first"
+                )));
+            }
+            let t = now_ns();
+            let revocation = crate::auth::Revocation {
+                time_ns: t,
+                by: actor.to_string(),
+            };
+            let mut puts = Vec::new();
+            let mut compares = Vec::new();
+            let mut out = Vec::new();
+            for (k, b, r) in &targets {
+                let mut r = r.clone();
+                r.revoked = Some(revocation.clone());
+                compares.push(store::Compare {
+                    key: k.to_string(),
+                    value: Some(b.to_vec()),
+                });
+                puts.push((k.to_string(), json(&r)));
+                out.push(TokenInfo {
+                    id: k.trim_start_matches(TOKENS).chars().take(12).collect(),
+                    name: r.name,
+                    role: r.role,
+                    created_ns: r.created_ns,
+                    revoked: r.revoked,
+                });
+            }
+            let change = ChangeRecord {
+                time_ns: t,
+                actor: actor.to_string(),
+                action: "token.revoke".into(),
+                resource: format!("token/{name}"),
+                diff: format!("{} token(s) revoked", out.len()),
+                policy_version: None,
+            };
+            puts.push((change_key(t), json(&change)));
+            if self.store.txn(&compares, &puts)? {
+                self.recorded(&change);
+                return Ok(out);
+            }
+        }
+        Err(CoreError::Conflict)
     }
 
     /// Whether any token exists.

@@ -154,6 +154,22 @@ const ENDPOINTS: &[Endpoint] = &[
         Some("TokenRequest"),
         "TokenResponse",
     ),
+    (
+        "get",
+        "/v1/tokens",
+        "Every token, revoked ones included (never the secrets)",
+        "admin",
+        None,
+        "TokenList",
+    ),
+    (
+        "delete",
+        "/v1/tokens/{name}",
+        "Revoke the live tokens of that name (or id); refused (400) if no live admin token would remain",
+        "admin",
+        None,
+        "TokenList",
+    ),
     ("get", "/openapi.json", "This document", "anyone", None, "Object"),
 ];
 
@@ -202,6 +218,9 @@ fn schemas() -> Value {
         "RegisterRequest": obj(&[("agent_version", s.clone())], &[]),
         "ReportRequest": obj(&[("installed_revision", n.clone()), ("counters", json!({"type": "object", "additionalProperties": n.clone()}))], &["installed_revision"]),
         "TokenRequest": obj(&[("name", s.clone()), ("role", json!({"enum": ["admin", "operator", "auditor", "read-only"]}))], &["name", "role"]),
+        "TokenList": list("TokenInfo"),
+        "TokenInfo": obj(&[("id", s.clone()), ("name", s.clone()), ("role", s.clone()), ("created_ns", n.clone()),
+            ("revoked", obj(&[("time_ns", n.clone()), ("by", s.clone())], &["time_ns", "by"]))], &["id", "name", "role", "created_ns"]),
         "TokenResponse": obj(&[("name", s.clone()), ("role", s.clone()), ("token", s.clone())], &["name", "role", "token"]),
         "Error": obj(&[("error", s.clone()), ("diagnostics", s.clone())], &["error"]),
         "FlowRecord": json!({ "type": "object", "description": "a palisade_audit FlowRecord (time_ns, flow_id, host, phase, src, dst, protocol, verdict, decided_by, counters)", "required": ["time_ns", "flow_id", "host", "phase", "src", "dst", "protocol", "verdict", "decided_by"] }),

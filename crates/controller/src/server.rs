@@ -190,6 +190,12 @@ async fn authorize(s: &AppState, headers: &HeaderMap, perm: Permission) -> Resul
     let rec = blocking(move || ctl.authenticate(&secret))
         .await?
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown token"))?;
+    if let Some(r) = &rec.revoked {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("token \"{}\" was revoked by {} at {} ns", rec.name, r.by, r.time_ns),
+        ));
+    }
     if !rec.role.allows(perm) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -500,6 +506,18 @@ fn json_bytes(bytes: axum::body::Bytes) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "application/json")], bytes).into_response()
 }
 
+async fn list_tokens(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::ManageTokens).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.tokens()).await?)
+}
+
+async fn revoke_token(State(s): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> ApiResult {
+    let tok = authorize(&s, &headers, Permission::ManageTokens).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.revoke_token(&tok.name, &name)).await?)
+}
+
 async fn create_token(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
     let tok = authorize(&s, &headers, Permission::ManageTokens).await?;
     let req: TokenRequest = json_body(body).await?;
@@ -633,7 +651,8 @@ fn router(state: AppState) -> Router {
         .route("/v1/agents/{host}/flows", post(push_flows))
         .route("/v1/flows", get(flows))
         .route("/v1/status", get(status))
-        .route("/v1/tokens", post(create_token))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .with_state(state)

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use palisade_controller::api::{PolicyBundle, TagRequest};
+use palisade_controller::auth::Role;
 use palisade_controller::client::{Client, ClientAuth, ClientError};
 
 fn client(env: &Env, token: &str) -> Client {
@@ -427,7 +428,7 @@ fn every_documented_endpoint_is_routed() {
     let (status, doc) = raw(&env, "GET", "/openapi.json", None, None);
     assert_eq!(status, 200);
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 18);
+    assert_eq!(paths.len(), 19);
     for (path, ops) in paths {
         let concrete = path
             .replace("{v}", "1")
@@ -533,4 +534,73 @@ fn incremental_tags_match_full_recompiles() {
         changed += usize::from(!got.chains.is_empty());
     }
     assert!(changed >= 3, "the steps move VMs between groups");
+}
+
+/// An admin lists tokens (never their secrets) and revokes one: the revoked
+/// token authenticates nothing from then on, with a message that says so;
+/// its record stays, naming who revoked it; the revocation is a change
+/// record; the last admin token cannot be revoked; other roles may do none of it.
+#[test]
+fn tokens_are_listed_and_revoked() {
+    let env = Env::start("api-revoke");
+    let admin = client(&env, &env.admin);
+    let ci_secret = admin.create_token("ci", Role::Operator).unwrap();
+    let ci = client(&env, &ci_secret);
+    ci.apply(&files(POLICY_V1), "from ci", false).unwrap();
+
+    let listed = admin.tokens().unwrap();
+    let names: Vec<&str> = listed.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["alice", "olga", "audrey", "rita", "ci"]);
+    let text = serde_json::to_string(&listed).unwrap();
+    for secret in [&env.admin, &env.operator, &ci_secret] {
+        assert!(!text.contains(&secret[4..]), "a listing shows no secret");
+    }
+    assert!(listed.iter().all(|t| t.revoked.is_none() && t.id.len() == 12));
+
+    for other in [&env.operator, &env.auditor, &env.reader] {
+        assert_eq!(status(client(&env, other).tokens().unwrap_err()), 403);
+        assert_eq!(status(client(&env, other).revoke_token("ci").unwrap_err()), 403);
+    }
+
+    let revoked = admin.revoke_token("ci").unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0].revoked.as_ref().map(|r| r.by.as_str()), Some("alice"));
+    match ci.apply(&files(POLICY_V2), "after revocation", false).unwrap_err() {
+        ClientError::Api { status, error, .. } => {
+            assert_eq!(status, 401);
+            assert!(error.contains("revoked by alice"), "{error}");
+        }
+        other => panic!("expected 401, got {other}"),
+    }
+    assert_eq!(
+        admin.policy().unwrap().version,
+        1,
+        "nothing applied with the revoked token"
+    );
+    assert_eq!(status(admin.revoke_token("ci").unwrap_err()), 404, "already revoked");
+    let after = admin.tokens().unwrap();
+    assert!(after.iter().find(|t| t.name == "ci").unwrap().revoked.is_some());
+
+    // The only admin token stays.
+    match admin.revoke_token("alice").unwrap_err() {
+        ClientError::Api { status, error, .. } => {
+            assert_eq!(status, 400);
+            assert!(error.contains("no admin token"), "{error}");
+        }
+        other => panic!("expected 400, got {other}"),
+    }
+    assert!(admin.tokens().is_ok());
+    // With a second admin, the first may go, by id.
+    let bob = client(&env, &admin.create_token("bob", Role::Admin).unwrap());
+    let alice_id = after.iter().find(|t| t.name == "alice").unwrap().id.clone();
+    assert_eq!(bob.revoke_token(&alice_id).unwrap()[0].name, "alice");
+    assert_eq!(status(admin.tokens().unwrap_err()), 401);
+
+    let changes = bob.changes().unwrap();
+    let revokes: Vec<_> = changes.iter().filter(|c| c.action == "token.revoke").collect();
+    assert_eq!(revokes.len(), 2);
+    assert_eq!(
+        (revokes[0].actor.as_str(), revokes[0].resource.as_str()),
+        ("alice", "token/ci")
+    );
 }

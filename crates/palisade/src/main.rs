@@ -47,7 +47,7 @@ enum Command {
     Ca(cmd::ca::CaCmd),
     /// Apply a policy directory on the controller as a new version.
     Apply(cmd::ctl::ApplyArgs),
-    /// Show hosts, VMs or policy from the controller.
+    /// Show hosts, VMs, policy, agents, changes or tokens from the controller.
     Get(cmd::ctl::GetArgs),
     /// Show what applying a policy directory would change.
     Diff(cmd::ctl::DiffArgs),
@@ -55,6 +55,8 @@ enum Command {
     Rollback(cmd::ctl::RollbackArgs),
     /// Set or remove tags on a VM through the controller.
     Tag(cmd::ctl::TagArgs),
+    /// Revoke an API token on the controller.
+    Revoke(cmd::ctl::RevokeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -82,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::Diff(a) => cmd::ctl::diff(a),
         Command::Rollback(a) => cmd::ctl::rollback(a),
         Command::Tag(a) => cmd::ctl::tag(a),
+        Command::Revoke(a) => cmd::ctl::revoke(a),
     };
     match result {
         Ok(code) => code,

@@ -1,4 +1,4 @@
-//! The CLI against the controller: `apply`, `get`, `diff`, `rollback`, `tag`.
+//! The CLI against the controller: `apply`, `get`, `diff`, `rollback`, `tag`, `revoke`.
 //!
 //! The controller URL and token come from `--server`/`--token`, else from
 //! `PALISADE_SERVER`/`PALISADE_TOKEN`; for HTTPS, `--ca` (or `PALISADE_CA`)
@@ -86,6 +86,8 @@ pub enum GetWhat {
     Agents,
     /// Change records.
     Changes,
+    /// API tokens (admin only; never their secrets).
+    Tokens,
 }
 
 /// Arguments of `palisade get`.
@@ -274,6 +276,57 @@ pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
                 println!("{} {} {} {}{v}", r.time_ns, r.actor, r.action, r.resource);
             }
         }
+        GetWhat::Tokens => {
+            let ts = c.tokens()?;
+            if a.json {
+                return print_json(&ts).map(|_| ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<12} {:<16} {:<10} {:<20} REVOKED",
+                "ID", "NAME", "ROLE", "CREATED_NS"
+            );
+            for t in ts {
+                let revoked = t
+                    .revoked
+                    .map_or("-".to_string(), |r| format!("{} by {}", r.time_ns, r.by));
+                println!(
+                    "{:<12} {:<16} {:<10} {:<20} {revoked}",
+                    t.id,
+                    t.name,
+                    t.role.name(),
+                    t.created_ns
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `palisade revoke` revokes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum RevokeKind {
+    /// An API token.
+    Token,
+}
+
+/// Arguments of `palisade revoke`.
+#[derive(clap::Args, Debug)]
+pub struct RevokeArgs {
+    /// What to revoke (`token`).
+    pub kind: RevokeKind,
+    /// The token's name (every live token of that name) or its id (`palisade get tokens`).
+    pub name: String,
+    /// Connection.
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `palisade revoke`.
+pub fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
+    let RevokeKind::Token = a.kind;
+    let gone = a.conn.client()?.revoke_token(&a.name).context("revoke")?;
+    for t in gone {
+        println!("revoked: token {} ({}, {})", t.name, t.id, t.role.name());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -351,6 +404,7 @@ mod tests {
         Diff(super::DiffArgs),
         Rollback(super::RollbackArgs),
         Tag(super::TagArgs),
+        Revoke(super::RevokeArgs),
         Flows(super::super::audit::FlowsArgs),
     }
 
@@ -366,6 +420,9 @@ mod tests {
             (t.name.as_str(), t.tags.as_slice(), t.remove.as_slice()),
             ("web-1", &["a=b".to_string()][..], &["c".to_string()][..])
         );
+        let c = Cli::try_parse_from(["palisade", "revoke", "token", "ci", "--server", "http://x"]).unwrap();
+        assert!(matches!(c.command, Command::Revoke(super::RevokeArgs { ref name, .. }) if name == "ci"));
+        assert!(Cli::try_parse_from(["palisade", "revoke", "vm", "web-1"]).is_err());
         let c = Cli::try_parse_from(["palisade", "rollback", "3"]).unwrap();
         assert!(matches!(
             c.command,
