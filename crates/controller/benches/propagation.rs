@@ -1,10 +1,11 @@
 //! How long a change takes to reach every agent: simulated agents long-poll
-//! their host's policy from an in-process controller (embedded store, plain
+//! their host's policy from an in-process controller (plain
 //! HTTP on loopback); one VM is tagged; the time until each agent has received
 //! and decoded the new bundle is recorded. Prints one JSON line with p50, p99
 //! and the maximum.
 //!
-//! `PROP_AGENTS` (default 100) agents, one per host, and `PROP_VMS` (default
+//! `PROP_AGENTS` (default 100) agents, one per host, `PROP_ETCD=URL` to run
+//! on etcd instead of the embedded store, and `PROP_VMS` (default
 //! 5,000) VMs spread over them. #7's goal is 1,000 agents and 50,000 VMs with
 //! p99 under 1 s. Agents name the version whose files they hold, so a tag
 //! change reaches them as the revision and the overlay alone: both sizes are
@@ -22,7 +23,7 @@ use palisade_controller::auth::Role;
 use palisade_controller::client::{Client, ClientAuth};
 use palisade_controller::core::Controller;
 use palisade_controller::server::{self, ServeOptions};
-use palisade_controller::store::EmbeddedStore;
+use palisade_controller::store::{EmbeddedStore, EtcdStore, Store};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -59,7 +60,20 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("palisade-prop-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let store = Arc::new(EmbeddedStore::open(&dir.join("store.redb")).expect("store"));
+    // `PROP_ETCD=URL`: on etcd (a fresh key prefix) instead of the embedded store.
+    let store: Arc<dyn Store> = match std::env::var("PROP_ETCD") {
+        Ok(url) => {
+            let s = EtcdStore::new(vec![url.clone()], &format!("/palisade-prop-{}/", std::process::id()));
+            s.ping().unwrap_or_else(|e| panic!("etcd at {url}: {e}"));
+            Arc::new(s)
+        }
+        Err(_) => Arc::new(EmbeddedStore::open(&dir.join("store.redb")).expect("store")),
+    };
+    let store_name = if std::env::var_os("PROP_ETCD").is_some() {
+        "etcd"
+    } else {
+        "embedded"
+    };
     let ctl = Controller::new(store);
     let token = ctl.create_token("bench", "bench", Role::Admin).expect("token");
     let srv = server::spawn(ctl, ServeOptions::plain("127.0.0.1:0".parse().expect("addr"))).expect("server");
@@ -136,7 +150,7 @@ fn main() {
             .min(ms.len() - 1)]
     };
     println!(
-        "{{\"agents\":{agents},\"vms\":{vms},\"bundle_bytes\":{bundle_bytes},\"tag_delta_bytes\":{delta_bytes},\"apply_ms\":{apply_ms:.1},\
+        "{{\"store\":\"{store_name}\",\"agents\":{agents},\"vms\":{vms},\"bundle_bytes\":{bundle_bytes},\"tag_delta_bytes\":{delta_bytes},\"apply_ms\":{apply_ms:.1},\
          \"tag_to_all_agents_ms\":{{\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}}}}",
         pct(0.50),
         pct(0.99),

@@ -109,6 +109,8 @@ struct AppState {
     /// (a new version, a fleet restart), each gets the same bytes instead of
     /// a store read and a multi-megabyte encode of its own.
     bundle_cache: Arc<std::sync::Mutex<Option<(u64, axum::body::Bytes)>>>,
+    /// Held while a whole bundle is read and encoded.
+    bundle_build: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// An error answer: a status and `{"error": …}`.
@@ -461,9 +463,13 @@ async fn agent_policy(
                     same_files: true,
                 });
             }
-            if have.is_none_or(|v| v != cur.version)
-                && let Some(bytes) = cached_bundle(&s, cur.revision)
-            {
+            if let Some(bytes) = cached_bundle(&s, cur.revision) {
+                return Ok(json_bytes(bytes));
+            }
+            // One build at a time: the agents that asked meanwhile wait and
+            // then find it cached, instead of each reading the store.
+            let _building = s.bundle_build.lock().await;
+            if let Some(bytes) = cached_bundle(&s, cur.revision) {
                 return Ok(json_bytes(bytes));
             }
             let ctl = s.ctl.clone();
@@ -773,6 +779,7 @@ async fn serve(
         tls: opts.tls.is_some(),
         revision: Arc::new(tx),
         bundle_cache: Arc::default(),
+        bundle_build: Arc::default(),
     };
     let poll_state = state.clone();
     let interval = opts.poll_interval;

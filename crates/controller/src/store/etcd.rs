@@ -60,9 +60,10 @@ impl EtcdStore {
             endpoint: String::new(),
             message: "no endpoint configured".into(),
         };
+        let body = body.to_string();
         for ep in &self.endpoints {
             let url = format!("{ep}{path}");
-            match self.agent.post(&url).send_string(&body.to_string()) {
+            match self.agent.post(&url).send_string(&body) {
                 Ok(resp) => {
                     return resp
                         .into_string()
@@ -72,7 +73,17 @@ impl EtcdStore {
                 // An answer with an error status is the cluster's word: another endpoint would say the same.
                 Err(ureq::Error::Status(code, resp)) => {
                     let text = resp.into_string().unwrap_or_default();
-                    return Err(etcd_err(ep, format!("HTTP {code}: {text}")));
+                    let message = if text.trim().is_empty() {
+                        // The gateway answers a request over etcd's size limit with an empty 400.
+                        format!(
+                            "HTTP {code} with no explanation for a request of {} bytes (etcd refuses \
+                             requests over its --max-request-bytes, 1.5 MiB unless raised)",
+                            body.len()
+                        )
+                    } else {
+                        format!("HTTP {code}: {text}")
+                    };
+                    return Err(etcd_err(ep, message));
                 }
                 Err(e) => last = etcd_err(ep, e),
             }
