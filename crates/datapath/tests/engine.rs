@@ -1434,10 +1434,11 @@ rules:
     assert_eq!(e.counters().classifications, 2);
 }
 
-/// `process_batch` is an optimisation only: over a stream that opens, hits,
-/// denies, spoofs, cuts and re-opens flows, in batches that do and do not
-/// fill its look-ahead groups, every disposition, output, rendered frame,
-/// event and counter equals frame-by-frame processing.
+/// `process_batch` is an optimisation only: with enough flows cached that it
+/// looks ahead, over a stream that opens, hits, denies, spoofs, cuts and
+/// re-opens flows, in batches that do and do not fill its look-ahead groups,
+/// every disposition, output, rendered frame, event and counter equals
+/// frame-by-frame processing.
 #[test]
 fn batch_processing_matches_frame_by_frame() {
     let (a, b) = (10, 11);
@@ -1474,6 +1475,14 @@ fn batch_processing_matches_frame_by_frame() {
                 .collect();
             seen.push((d, outs));
         };
+        // Enough cached (denied) flows that process_batch looks ahead.
+        for p in 0..8300u16 {
+            let syn = tcp(a, b, 10_000 + p, 25, 1, 0, TcpFlags::SYN, b"");
+            assert_eq!(
+                e.process(0, pa, &syn, &mut ev),
+                Disposition::Drop(DropReason::PolicyDeny)
+            );
+        }
         let mut t = 0;
         for (round, size) in [5usize, 17, 1, 40, 3, 1000].into_iter().enumerate() {
             t += 10 * MS;
