@@ -1,41 +1,46 @@
 //! The agent's runtime: real ports around the sans-IO engine.
 //!
-//! One datapath thread owns the engine, every port (an AF_PACKET ring per vNIC
-//! or appliance interface) and the underlay UDP socket. It waits for any of
-//! them to be readable, takes a batch from each ready one, runs every frame
-//! through the engine, stages the rendered outputs, and flushes each port once
-//! per round. Between rounds it expires connections, reloads the policy when
-//! its files change (keeping the last good one when the new one has errors),
-//! turns flow events into audit records, and publishes metrics.
+//! The agent runs one datapath worker per core (the `worker` module): each has
+//! its own engine and its own socket on every port, and the kernel steers
+//! each flow to one worker. This module is the control side: it attaches the
+//! ports, starts the workers, takes their flow records to the audit trail,
+//! IPFIX and the controller, installs new policies in every worker (reloading
+//! the policy directory when its files change and keeping the last good
+//! policy when the new one has errors), and publishes metrics and health.
 //!
 //! Protection never lapses: Palisade *is* the switch between the VMs and the
-//! network, so when the agent stops, traffic stops. On SIGTERM it exports each
-//! vNIC's connection state to the state directory and the next start imports
-//! it, so established connections survive a restart.
+//! network, so when the agent stops, traffic stops. On SIGTERM each worker's
+//! connection state is saved to the state directory and the next start hands
+//! every connection to the worker its flows are steered to (whatever the
+//! number of workers), so established connections survive a restart. A
+//! worker that fails stops the agent: its share of the traffic would
+//! otherwise stop unnoticed.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use palisade_audit::record::{FlowRecord, Record};
-use palisade_datapath::events::FlowEvent;
 use palisade_datapath::lookup::PolicyLookup;
 use palisade_datapath::port::{self, PortId, UplinkConfig, VnicPort};
-use palisade_datapath::{Disposition, DropReason, Engine, EngineConfig};
-use palisade_io::afpacket::{AfPacket, AfPacketConfig};
+use palisade_datapath::{Engine, EngineConfig};
+use palisade_io::afpacket::{AfPacket, AfPacketConfig, Fanout};
 use palisade_io::overlay::UdpOverlay;
-use palisade_io::port::{FramePort, wait_readable};
+use palisade_io::port::PortStats;
+use palisade_io::steer;
 use palisade_policy::compile::Compiler;
 use palisade_policy::{DirSource, Model, load};
 use palisade_wire::ethernet::EthernetAddress;
+use palisade_wire::flow::FlowKey;
 
 use crate::config::AgentConfig;
 use crate::http::{self, Published, Shared};
 use crate::metrics;
-use crate::records::{self, Clock, Identities};
+use crate::records::{Clock, Identities};
+use crate::worker::{Attached, Worker, WorkerCore, WorkerIo, lock};
 
 /// Errors that stop the agent.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +72,14 @@ pub enum AgentError {
     /// The controller connection.
     #[error("{0}")]
     Controller(String),
+    /// A datapath worker stopped (its share of the traffic would stop with it).
+    #[error("datapath worker {index}: {message}")]
+    Worker {
+        /// The worker.
+        index: usize,
+        /// Why it stopped.
+        message: String,
+    },
     /// The audit trail failed (records could not be made durable).
     #[error("audit trail {dir}: {message}")]
     Audit {
@@ -82,110 +95,28 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError 
     move |source| AgentError::Io { what, source }
 }
 
-/// Frames taken from one port per round.
-const BATCH: usize = 64;
-/// Longest frame the agent renders (a VXLAN header plus a 9000-byte jumbo frame, with room).
-const MAX_FRAME: usize = 9216 + 64;
-/// Flow records kept in memory for `/flows`.
-const RECENT_FLOWS: usize = 500;
-
-/// A port of the engine and the interface behind it.
-struct Attached {
-    /// Vnic or appliance name.
+/// A vNIC or appliance port: its name, its interface, its engine port (the same in every worker).
+#[derive(Debug, Clone)]
+struct PortBinding {
     name: String,
     interface: String,
     port: PortId,
-    io: Box<dyn FramePort>,
 }
 
-/// Outputs of one round, rendered and waiting to be sent.
-#[derive(Default)]
-struct Staging {
-    buf: Vec<u8>,
-    /// (destination, end offset in `buf`).
-    items: Vec<(Dest, usize)>,
-    /// Outputs the agent has no port for (a plain uplink: this agent has none).
-    unroutable: u64,
-    /// Outputs that could not be rendered.
-    render_errors: u64,
-}
-
-#[derive(Clone, Copy)]
-enum Dest {
-    Port(PortId),
-    Overlay(Ipv4Addr),
-}
-
-impl Staging {
-    /// Append room for one frame; `fill` writes it and returns its length.
-    fn push(&mut self, dest: Dest, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
-        let start = self.buf.len();
-        self.buf.resize(start + MAX_FRAME, 0);
-        match fill(&mut self.buf[start..]) {
-            Some(n) => {
-                self.buf.truncate(start + n);
-                self.items.push((dest, start + n));
-            }
-            None => {
-                self.buf.truncate(start);
-                self.render_errors += 1;
-            }
-        }
-    }
-}
-
-/// Run one frame through the engine and stage its outputs.
-fn handle_frame(
-    engine: &mut Engine,
-    staging: &mut Staging,
-    events: &mut Vec<FlowEvent>,
-    now: u64,
-    from: Result<PortId, Ipv4Addr>,
-    frame: &[u8],
-) {
-    let disposition = match from {
-        Ok(port) => engine.process(now, port, frame, events),
-        Err(remote) => engine.process_overlay(now, remote, frame, events),
-    };
-    match disposition {
-        Disposition::Forward => {
-            for i in 0..engine.outputs().len() {
-                let out = engine.outputs()[i];
-                if out.encap.is_some() {
-                    let mut remote = None;
-                    staging.push(Dest::Overlay(Ipv4Addr::UNSPECIFIED), |buf| {
-                        let (r, n) = engine.render_overlay(frame, i, buf).ok()?;
-                        remote = Some(r);
-                        Some(n)
-                    });
-                    if let (Some(r), Some(last)) = (remote, staging.items.last_mut()) {
-                        last.0 = Dest::Overlay(r);
-                    }
-                } else if out.port == port::UPLINK {
-                    staging.unroutable += 1;
-                } else {
-                    staging.push(Dest::Port(out.port), |buf| engine.render(frame, i, buf).ok());
-                }
-            }
-        }
-        Disposition::Drop(DropReason::PolicyReject) => {
-            // Tell the sender: a TCP reset or ICMP prohibited, back out the port it came in on.
-            if let Ok(port) = from {
-                staging.push(Dest::Port(port), |buf| engine.reject_reply(frame, buf).ok());
-            }
-        }
-        Disposition::Drop(_) => {}
-    }
-}
+/// Flow records kept in memory for `/flows`.
+const RECENT_FLOWS: usize = 500;
+/// Connections one vNIC may have open (shared out between the workers).
+const VNIC_MAX_CONNS: u32 = 10_000;
 
 /// The running agent.
 pub struct Agent {
     config: AgentConfig,
-    engine: Engine,
-    ports: Vec<Attached>,
-    overlay: UdpOverlay,
-    model: Model,
-    identities: Identities,
+    /// Each worker's engine and stats.
+    workers: Vec<Arc<Mutex<WorkerCore>>>,
+    /// Each worker's sockets, until [`Agent::run`] hands them to the worker threads.
+    io: Vec<WorkerIo>,
+    /// Each attached port, the same in every worker.
+    ports: Vec<PortBinding>,
     policy_stamp: Option<SystemTime>,
     /// Policies from the controller (controller mode).
     upstream: Option<std::sync::mpsc::Receiver<crate::upstream::Installed>>,
@@ -204,9 +135,6 @@ pub struct Agent {
     last_retention: Option<Instant>,
     recent: VecDeque<FlowRecord>,
     shared: Shared,
-    staging: Staging,
-    events: Vec<FlowEvent>,
-    last_update_round: u64,
     policy_errors: u64,
     last_policy_error: Option<String>,
 }
@@ -216,6 +144,7 @@ impl core::fmt::Debug for Agent {
         f.debug_struct("Agent")
             .field("host", &self.config.host)
             .field("ports", &self.ports.len())
+            .field("workers", &self.workers.len())
             .finish_non_exhaustive()
     }
 }
@@ -254,14 +183,155 @@ fn policy_stamp(dir: &Path) -> Option<SystemTime> {
     newest
 }
 
-/// Where the connection table is saved across a restart.
-fn state_file(state_dir: &Path) -> PathBuf {
-    state_dir.join("conntrack").join("host.state")
+/// Where worker connection tables are saved across a restart: one file per
+/// worker (`host-N.state`); `host.state` is what a single-threaded agent
+/// wrote, still read.
+fn state_files(state_dir: &Path) -> Vec<PathBuf> {
+    let dir = state_dir.join("conntrack");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n == "host.state" || (n.starts_with("host-") && n.ends_with(".state")))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+fn state_file(state_dir: &Path, worker: usize) -> PathBuf {
+    state_dir.join("conntrack").join(format!("host-{worker}.state"))
+}
+
+/// One worker's engine with every port of the configuration added, in the
+/// configuration's order (so port ids agree across workers).
+fn build_engine(
+    config: &AgentConfig,
+    model: &Model,
+    lookup: PolicyLookup,
+    workers: usize,
+) -> Result<(Engine, Vec<PortBinding>), AgentError> {
+    let uplink = UplinkConfig {
+        local_mac: EthernetAddress([0; 6]),
+        local_ip: config.underlay.local,
+        gateway_mac: EthernetAddress([0; 6]),
+        flood: config.underlay.peers.values().copied().collect(),
+    };
+    // The host's tables and each vNIC's connection limit are shared out
+    // between the workers, so the totals stay what the configuration says.
+    let mut ec = EngineConfig::new(uplink);
+    ec.flow_capacity = config.flow_capacity.unwrap_or(ec.flow_capacity).div_ceil(workers);
+    ec.conn_capacity = config.conn_capacity.unwrap_or(ec.conn_capacity).div_ceil(workers);
+    let max_conns = VNIC_MAX_CONNS.div_ceil(workers as u32);
+    let mut engine = Engine::new(ec, Box::new(lookup));
+    let mut ports = Vec::new();
+    for v in &config.vnics {
+        let fail = |message: String| AgentError::Port {
+            what: format!("vnic {} on {}", v.name, v.interface),
+            message,
+        };
+        if model.inventory.vnic(&v.name).is_none() {
+            return Err(fail("not in the policy's inventory".into()));
+        }
+        let vnic = port::vnic_from_model(model, &v.name, &[], max_conns).map_err(|e| fail(e.to_string()))?;
+        let id = engine.add_vnic(vnic).map_err(|e| fail(e.to_string()))?;
+        ports.push(PortBinding {
+            name: v.name.clone(),
+            interface: v.interface.clone(),
+            port: id,
+        });
+    }
+    for a in &config.appliances {
+        let fail = |message: String| AgentError::Port {
+            what: format!("appliance {} on {}", a.name, a.interface),
+            message,
+        };
+        let zone = model
+            .inventory
+            .zone(&a.zone)
+            .ok_or_else(|| fail(format!("zone {} is not in the policy's inventory", a.zone)))?;
+        let mac = a.mac.parse().map_err(|_| fail(format!("bad MAC {}", a.mac)))?;
+        let vnic = VnicPort {
+            name: a.name.clone(),
+            vm: format!("appliance:{}", a.name),
+            mac,
+            ips: Vec::new(),
+            zone: a.zone.clone(),
+            segment: port::zone_segment(zone.segment),
+            group_id: 0,
+            strict: false,
+            max_conns: u32::MAX,
+            any_source: true,
+        };
+        let id = engine.add_vnic(vnic).map_err(|e| fail(e.to_string()))?;
+        ports.push(PortBinding {
+            name: a.name.clone(),
+            interface: a.interface.clone(),
+            port: id,
+        });
+    }
+    Ok((engine, ports))
+}
+
+/// Open worker `index`'s sockets: one on every port's interface (in the
+/// fanout group of that interface when there are several workers) and one on
+/// the underlay. Workers must open theirs in index order: the kernel numbers
+/// group members in the order they join.
+fn open_sockets(
+    config: &AgentConfig,
+    ports: &[PortBinding],
+    index: usize,
+    workers: usize,
+) -> Result<WorkerIo, AgentError> {
+    let n = workers as u32;
+    let afp = AfPacketConfig {
+        // The traffic is shared out too, so the rings are: about the same
+        // memory per interface whatever the number of workers.
+        block_count: (AfPacketConfig::default().block_count / workers).max(2),
+        fanout: (workers > 1).then_some(Fanout {
+            workers: n,
+            group: None,
+        }),
+        ..AfPacketConfig::default()
+    };
+    let mut attached = Vec::new();
+    for p in ports {
+        let io = AfPacket::open(&p.interface, &afp).map_err(|e| AgentError::Port {
+            what: format!("{} on {} (worker {index})", p.name, p.interface),
+            message: e.to_string(),
+        })?;
+        attached.push(Attached {
+            interface: p.interface.clone(),
+            port: p.port,
+            io: Box::new(io),
+        });
+    }
+    let local = std::net::SocketAddrV4::new(config.underlay.local, config.underlay.port);
+    let overlay = if workers > 1 {
+        UdpOverlay::bind_steered(local, index as u32, n)
+    } else {
+        UdpOverlay::bind(local)
+    }
+    .map_err(|e| AgentError::Port {
+        what: format!("underlay socket {local} (worker {index})"),
+        message: e.to_string(),
+    })?;
+    Ok(WorkerIo {
+        ports: attached,
+        overlay,
+    })
 }
 
 impl Agent {
-    /// Load the policy, attach every port, import saved connection state and
-    /// start the HTTP endpoint. `stop` ends the HTTP threads too.
+    /// Load the policy, attach every port in every worker, import saved
+    /// connection state and start the HTTP endpoint. `stop` ends the HTTP
+    /// threads too. The worker threads start in [`Agent::run`].
     pub fn start(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<Agent, AgentError> {
         std::fs::create_dir_all(config.state_dir.join("conntrack"))
             .map_err(io_err(format!("state directory {}", config.state_dir.display())))?;
@@ -297,85 +367,42 @@ impl Agent {
             }
         };
         let model = compiler.model().clone();
-        let uplink = UplinkConfig {
-            local_mac: EthernetAddress([0; 6]),
-            local_ip: config.underlay.local,
-            gateway_mac: EthernetAddress([0; 6]),
-            flood: config.underlay.peers.values().copied().collect(),
-        };
-        let mut ec = EngineConfig::new(uplink);
-        if let Some(n) = config.flow_capacity {
-            ec.flow_capacity = n;
-        }
-        if let Some(n) = config.conn_capacity {
-            ec.conn_capacity = n;
-        }
-        let mut engine = Engine::new(ec, Box::new(PolicyLookup::new(compiler)));
-        let mut ports = Vec::new();
-        let afp = AfPacketConfig::default();
         for v in &config.vnics {
-            let what = format!("vnic {} on {}", v.name, v.interface);
-            let fail = |message: String| AgentError::Port {
-                what: what.clone(),
-                message,
-            };
-            let (vm, _) = model
-                .inventory
-                .vnic(&v.name)
-                .ok_or_else(|| fail("not in the policy's inventory".into()))?;
-            if vm.host.as_deref().is_some_and(|h| h != config.host) {
+            if let Some((vm, _)) = model.inventory.vnic(&v.name)
+                && vm.host.as_deref().is_some_and(|h| h != config.host)
+            {
                 eprintln!(
                     "palisade agent: warning: vnic {} belongs to host {:?} in the inventory, attached here to {}",
                     v.name, vm.host, config.host
                 );
             }
-            let vnic = port::vnic_from_model(&model, &v.name, &[], 10_000).map_err(|e| fail(e.to_string()))?;
-            let id = engine.add_vnic(vnic).map_err(|e| fail(e.to_string()))?;
-            let io = AfPacket::open(&v.interface, &afp).map_err(|e| fail(e.to_string()))?;
-            ports.push(Attached {
-                name: v.name.clone(),
-                interface: v.interface.clone(),
-                port: id,
-                io: Box::new(io),
-            });
         }
-        for a in &config.appliances {
-            let what = format!("appliance {} on {}", a.name, a.interface);
-            let fail = |message: String| AgentError::Port {
-                what: what.clone(),
-                message,
-            };
-            let zone = model
-                .inventory
-                .zone(&a.zone)
-                .ok_or_else(|| fail(format!("zone {} is not in the policy's inventory", a.zone)))?;
-            let mac = a.mac.parse().map_err(|_| fail(format!("bad MAC {}", a.mac)))?;
-            let vnic = VnicPort {
-                name: a.name.clone(),
-                vm: format!("appliance:{}", a.name),
-                mac,
-                ips: Vec::new(),
-                zone: a.zone.clone(),
-                segment: port::zone_segment(zone.segment),
-                group_id: 0,
-                strict: false,
-                max_conns: u32::MAX,
-                any_source: true,
-            };
-            let id = engine.add_vnic(vnic).map_err(|e| fail(e.to_string()))?;
-            let io = AfPacket::open(&a.interface, &afp).map_err(|e| fail(e.to_string()))?;
-            ports.push(Attached {
-                name: a.name.clone(),
-                interface: a.interface.clone(),
-                port: id,
-                io: Box::new(io),
-            });
+        let mut n = config.workers();
+        if n > 1 && !steer::fanout_ignores_outgoing() {
+            eprintln!(
+                "palisade agent: warning: this kernel cannot keep a fanout group from seeing the host's own \
+                 frames (Linux 6.2 can): running 1 datapath worker, not {n}"
+            );
+            n = 1;
         }
-        let local = std::net::SocketAddrV4::new(config.underlay.local, config.underlay.port);
-        let overlay = UdpOverlay::bind(local).map_err(|e| AgentError::Port {
-            what: format!("underlay socket {local}"),
-            message: e.to_string(),
-        })?;
+        let identities = Arc::new(Identities::new(&model));
+        let lookup = PolicyLookup::new(compiler);
+        let mut workers = Vec::new();
+        let mut io = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..n {
+            let (engine, p) = build_engine(&config, &model, lookup.clone(), n)?;
+            io.push(open_sockets(&config, &p, i, n)?);
+            ports = p;
+            workers.push(Arc::new(Mutex::new(WorkerCore {
+                engine,
+                identities: identities.clone(),
+                port_stats: Vec::new(),
+                overlay_stats: PortStats::default(),
+                unroutable: 0,
+                render_errors: 0,
+            })));
+        }
         let origin = Instant::now();
         let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let clock = Clock {
@@ -412,14 +439,11 @@ impl Agent {
             stop,
         )
         .map_err(io_err("agent HTTP endpoint"))?;
-        let identities = Identities::new(&model);
         let mut agent = Agent {
             config,
-            engine,
+            workers,
+            io,
             ports,
-            overlay,
-            model,
-            identities,
             policy_stamp,
             upstream,
             revision,
@@ -433,9 +457,6 @@ impl Agent {
             last_retention: None,
             recent: VecDeque::new(),
             shared,
-            staging: Staging::default(),
-            events: Vec::new(),
-            last_update_round: 0,
             policy_errors: 0,
             last_policy_error: None,
         };
@@ -448,48 +469,130 @@ impl Agent {
         self.origin.elapsed().as_nanos() as u64
     }
 
-    /// Import connection state saved by a previous run (then remove it: it is stale once used).
+    /// Import connection state saved by a previous run, each connection into
+    /// the worker its flows are steered to (then remove it: it is stale once used).
     fn import_state(&mut self) {
         let now = self.now();
-        let path = state_file(&self.config.state_dir);
-        let Ok(blob) = std::fs::read(&path) else { return };
-        match self.engine.import_all(&blob, now, &mut self.events) {
-            Ok(n) => eprintln!("palisade agent: resumed {n} connection(s) from {}", path.display()),
-            Err(e) => eprintln!("palisade agent: saved state {} refused: {e}", path.display()),
+        let n = self.workers.len() as u32;
+        for path in state_files(&self.config.state_dir) {
+            let Ok(blob) = std::fs::read(&path) else { continue };
+            let mut resumed = 0;
+            for (i, core) in self.workers.iter().enumerate() {
+                let mut core = lock(core);
+                // Imported connections are not new flows: their start was recorded before the restart.
+                let mut events = Vec::new();
+                let mine = |k: &FlowKey| steer::addresses_worker(k.src_addr(), k.dst_addr(), n) == i as u32;
+                match core.engine.import_all_where(&blob, now, &mut events, mine) {
+                    Ok(k) => resumed += k,
+                    Err(e) => {
+                        eprintln!("palisade agent: saved state {} refused: {e}", path.display());
+                        break;
+                    }
+                }
+            }
+            eprintln!(
+                "palisade agent: resumed {resumed} connection(s) from {}",
+                path.display()
+            );
+            let _ = std::fs::remove_file(&path);
         }
-        let _ = std::fs::remove_file(&path);
-        // Imported connections are not new flows: their start was recorded before the restart.
-        self.events.clear();
     }
 
-    /// Serve until `stop` is set.
+    /// Serve until `stop` is set: start one thread per worker, then take
+    /// their records, install policies and publish metrics here. Returns an
+    /// error if a worker fails (the others are stopped first).
     pub fn run(&mut self, stop: &AtomicBool) -> Result<(), AgentError> {
-        let mut fds: Vec<i32> = self.ports.iter().map(|p| p.io.fd()).collect();
-        fds.push(self.overlay.fd());
-        let overlay_index = fds.len() - 1;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let halt = AtomicBool::new(false);
+        let ios = std::mem::take(&mut self.io);
+        std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            for (index, io) in ios.into_iter().enumerate() {
+                let worker = Worker {
+                    index,
+                    host: self.config.host.clone(),
+                    origin: self.origin,
+                    clock: self.clock,
+                    core: self.workers[index].clone(),
+                    io,
+                    records: tx.clone(),
+                };
+                let halt = &halt;
+                let h = std::thread::Builder::new()
+                    .name(format!("palisade-w{index}"))
+                    .spawn_scoped(scope, move || worker.run(halt));
+                match h {
+                    Ok(h) => handles.push(h),
+                    Err(e) => {
+                        halt.store(true, Ordering::Relaxed);
+                        return Err(io_err(format!("starting worker {index}"))(e));
+                    }
+                }
+            }
+            drop(tx);
+            let served = self.control(&rx, stop, &handles);
+            halt.store(true, Ordering::Relaxed);
+            let failures: Vec<Option<String>> = handles
+                .into_iter()
+                .map(|h| match h.join() {
+                    Ok(Ok(())) => None,
+                    Ok(Err(why)) => Some(why),
+                    Err(_) => Some("it panicked".to_string()),
+                })
+                .collect();
+            let result = match served {
+                // The control loop saw a worker stop; its join says why.
+                Err(AgentError::Worker { index, message }) => Err(AgentError::Worker {
+                    index,
+                    message: failures[index].clone().unwrap_or(message),
+                }),
+                Ok(()) => match failures.into_iter().enumerate().find_map(|(i, f)| Some((i, f?))) {
+                    Some((index, message)) => Err(AgentError::Worker { index, message }),
+                    None => Ok(()),
+                },
+                other => other,
+            };
+            // What the workers recorded before they stopped.
+            for batch in rx.try_iter() {
+                self.keep_all(batch);
+            }
+            result
+        })
+    }
+
+    /// The control loop: until `stop`, or until a worker stops on its own.
+    fn control(
+        &mut self,
+        rx: &Receiver<Vec<FlowRecord>>,
+        stop: &AtomicBool,
+        workers: &[std::thread::ScopedJoinHandle<'_, Result<(), String>>],
+    ) -> Result<(), AgentError> {
         let mut last_housekeeping = Instant::now();
         let mut last_publish = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            let ready = match wait_readable(&fds, Duration::from_millis(100)) {
-                Ok(r) => r,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err("waiting for packets")(e)),
-            };
-            let now = self.now();
-            for i in ready {
-                if i == overlay_index {
-                    self.round_overlay(now);
-                } else {
-                    self.round_port(i, now);
-                }
+            // Records wake the loop; otherwise it ticks to take policies and publish.
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(batch) => self.keep_all(batch),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
             }
-            self.send_staged();
+            for batch in rx.try_iter() {
+                self.keep_all(batch);
+            }
+            if let Some(t) = &mut self.audit {
+                t.maybe_flush()?;
+            }
+            if let Some(index) = workers.iter().position(|h| h.is_finished()) {
+                // Its join (in `run`) says why; fail now so the others stop and the error shows.
+                return Err(AgentError::Worker {
+                    index,
+                    message: "stopped".into(),
+                });
+            }
             self.take_upstream();
             if last_housekeeping.elapsed() >= Duration::from_secs(1) {
                 last_housekeeping = Instant::now();
                 self.housekeeping();
             }
-            self.take_events()?;
             if last_publish.elapsed() >= Duration::from_millis(500) {
                 last_publish = Instant::now();
                 self.publish();
@@ -498,75 +601,9 @@ impl Agent {
         Ok(())
     }
 
-    fn round_port(&mut self, i: usize, now: u64) {
-        let Agent {
-            engine,
-            ports,
-            staging,
-            events,
-            ..
-        } = self;
-        let p = &mut ports[i];
-        let port = p.port;
-        let r = p.io.recv(BATCH, &mut |frame| {
-            handle_frame(engine, staging, events, now, Ok(port), frame);
-        });
-        if let Err(e) = r {
-            eprintln!("palisade agent: receive on {}: {e}", p.interface);
-        }
-    }
-
-    fn round_overlay(&mut self, now: u64) {
-        let Agent {
-            engine,
-            overlay,
-            staging,
-            events,
-            ..
-        } = self;
-        let r = overlay.recv(BATCH, &mut |remote, payload| {
-            handle_frame(engine, staging, events, now, Err(remote), payload);
-        });
-        if let Err(e) = r {
-            eprintln!("palisade agent: receive on the underlay socket: {e}");
-        }
-    }
-
-    fn send_staged(&mut self) {
-        let mut start = 0;
-        let index: HashMap<PortId, usize> = self.ports.iter().enumerate().map(|(i, p)| (p.port, i)).collect();
-        let mut touched = vec![false; self.ports.len()];
-        for &(dest, end) in &self.staging.items {
-            let frame = &self.staging.buf[start..end];
-            start = end;
-            match dest {
-                Dest::Port(p) => {
-                    if let Some(&i) = index.get(&p) {
-                        touched[i] = true;
-                        // Send errors are counted by the port (tx_errors) and show in metrics.
-                        let _ = self.ports[i].io.send(frame);
-                    }
-                }
-                Dest::Overlay(remote) => {
-                    let _ = self.overlay.send_to(remote, frame);
-                }
-            }
-        }
-        for (i, t) in touched.into_iter().enumerate() {
-            if t {
-                let _ = self.ports[i].io.flush();
-            }
-        }
-        if !self.staging.items.is_empty() {
-            let _ = self.overlay.flush();
-        }
-        self.staging.items.clear();
-        self.staging.buf.clear();
-    }
-
     /// Install the newest policy the controller sent, if any (checked every
-    /// round: an atomic load when there is none, and a change takes effect
-    /// within one round of its arrival).
+    /// tick: an atomic load when there is none, and a change takes effect
+    /// within a tick of its arrival).
     fn take_upstream(&mut self) {
         let mut newest = None;
         while let Some(i) = self.upstream.as_ref().and_then(|rx| rx.try_recv().ok()) {
@@ -579,42 +616,9 @@ impl Agent {
         }
     }
 
-    /// Expire idle connections, emit periodic updates, reload a changed policy.
+    /// Export records, apply retention, reload a changed policy.
     fn housekeeping(&mut self) {
         let now = self.now();
-        self.engine.expire(now, 65_536, &mut self.events);
-        // Long-lived flows get an update record every minute.
-        let minute = now / 60_000_000_000;
-        if minute > self.last_update_round {
-            let since = self.last_update_round * 60_000_000_000;
-            self.last_update_round = minute;
-            let live: Vec<FlowEvent> = self
-                .engine
-                .conntrack()
-                .iter()
-                .filter(|(_, c)| c.last_seen >= since && !c.ended)
-                .map(|(_, c)| FlowEvent {
-                    kind: palisade_datapath::events::EventKind::Update,
-                    key: c.key,
-                    state: c.state,
-                    packets: c.packets,
-                    bytes: c.bytes,
-                    reply_packets: c.reply_packets,
-                    reply_bytes: c.reply_bytes,
-                    rules: c.rules,
-                    policy_version: c.policy_version,
-                    trusted: c.trusted,
-                    owners: c.owners,
-                    created: c.created,
-                    last_seen: c.last_seen,
-                    now,
-                })
-                .collect();
-            for ev in &live {
-                let rec = records::update_record(ev, &self.config.host, &self.engine, &self.identities, self.clock);
-                self.keep(rec);
-            }
-        }
         let unix_s = (self.clock.unix(now) / 1_000_000_000) as u32;
         if let Some(x) = &mut self.ipfix {
             let _ = x.flush(unix_s);
@@ -649,10 +653,17 @@ impl Agent {
         }
     }
 
+    /// Swap `compiler` in on every worker. Each worker switches between two
+    /// of its rounds; flows cached under the old policy are re-validated on
+    /// their next packet.
     fn install(&mut self, compiler: Compiler) {
-        self.model = compiler.model().clone();
-        self.identities = Identities::new(&self.model);
-        self.engine.update_policy(Box::new(PolicyLookup::new(compiler)));
+        let identities = Arc::new(Identities::new(compiler.model()));
+        let lookup = PolicyLookup::new(compiler);
+        for core in &self.workers {
+            let mut core = lock(core);
+            core.engine.update_policy(Box::new(lookup.clone()));
+            core.identities = identities.clone();
+        }
         self.last_policy_error = None;
     }
 
@@ -668,10 +679,16 @@ impl Agent {
                 self.policy_errors += 1;
                 eprintln!(
                     "palisade agent: policy reload failed, still enforcing version {}: {e}",
-                    self.engine.policy_version()
+                    self.policy_version()
                 );
                 self.last_policy_error = Some(e.to_string());
             }
+        }
+    }
+
+    fn keep_all(&mut self, batch: Vec<FlowRecord>) {
+        for rec in batch {
+            self.keep(rec);
         }
     }
 
@@ -693,51 +710,52 @@ impl Agent {
         }
     }
 
-    /// Turn the round's flow events into records; make them durable.
-    fn take_events(&mut self) -> Result<(), AgentError> {
-        let events = std::mem::take(&mut self.events);
-        for ev in &events {
-            if let Some(rec) = records::flow_record(ev, &self.config.host, &self.engine, &self.identities, self.clock) {
-                self.keep(rec);
-            }
-        }
-        self.events = events;
-        self.events.clear();
-        if let Some(t) = &mut self.audit {
-            t.maybe_flush()?;
-        }
-        Ok(())
-    }
-
     /// Publish metrics, recent flows and health for the HTTP endpoint.
     pub fn publish(&mut self) {
-        let port_stats: Vec<(String, String, palisade_io::port::PortStats)> = self
+        let guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let engines: Vec<&Engine> = guards.iter().map(|g| &g.engine).collect();
+        let mut port_stats: Vec<(String, String, PortStats)> = self
             .ports
             .iter()
-            .map(|p| (p.name.clone(), p.interface.clone(), p.io.stats()))
+            .map(|p| (p.name.clone(), p.interface.clone(), PortStats::default()))
             .collect();
+        let mut overlay = PortStats::default();
+        let (mut unroutable, mut render_errors) = (0, 0);
+        for g in &guards {
+            for ((_, _, total), s) in port_stats.iter_mut().zip(&g.port_stats) {
+                metrics::add_stats(total, s);
+            }
+            metrics::add_stats(&mut overlay, &g.overlay_stats);
+            unroutable += g.unroutable;
+            render_errors += g.render_errors;
+        }
         let text = metrics::render(&metrics::Snapshot {
             host: &self.config.host,
-            engine: &self.engine,
+            engines: &engines,
             ports: &port_stats,
             port_ids: &self.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
-            overlay: self.overlay.stats(),
-            unroutable: self.staging.unroutable,
-            render_errors: self.staging.render_errors,
+            overlay,
+            unroutable,
+            render_errors,
             policy_errors: self.policy_errors,
             audit: self.audit.as_ref().map(|t| t.stats()),
             ipfix: self.ipfix.as_ref().map(|x| x.stats()),
             controller_dropped: self.to_controller.as_ref().map(|_| self.controller_dropped),
         });
+        let connections: usize = engines.iter().map(|e| e.conntrack().len()).sum();
+        let policy_version = engines.first().map_or(0, |e| e.policy_version());
+        drop(engines);
+        drop(guards);
         let flows = serde_json::to_string(&self.recent).unwrap_or_else(|_| "[]".into());
         let health = serde_json::json!({
             "host": self.config.host,
             "status": if self.last_policy_error.is_some() { "degraded" } else { "ok" },
-            "policy_version": self.engine.policy_version(),
+            "policy_version": policy_version,
             "controller_revision": self.revision,
             "policy_error": self.last_policy_error,
             "ports": self.ports.len(),
-            "connections": self.engine.conntrack().len(),
+            "workers": self.workers.len(),
+            "connections": connections,
             "uptime_s": self.origin.elapsed().as_secs(),
         })
         .to_string();
@@ -750,18 +768,28 @@ impl Agent {
         }
     }
 
-    /// Stop: save every connection for the next start, make the trail durable.
-    /// Returns how many connections were saved.
+    /// Stop: save every worker's connections for the next start, make the
+    /// trail durable. Returns how many connections were saved.
     pub fn shutdown(mut self) -> Result<usize, AgentError> {
         let now = self.now();
-        let saved = self.engine.conntrack().len();
-        let blob = self.engine.export_all(now);
-        let path = state_file(&self.config.state_dir);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &blob)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(io_err(format!("saving {}", path.display())))?;
-        self.take_events()?;
+        for old in state_files(&self.config.state_dir) {
+            // Left by a run that stopped before importing them; superseded now.
+            let _ = std::fs::remove_file(old);
+        }
+        let mut saved = 0;
+        for (i, core) in self.workers.iter().enumerate() {
+            let core = lock(core);
+            saved += core.engine.conntrack().len();
+            let blob = core.engine.export_all(now);
+            let path = state_file(&self.config.state_dir, i);
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &blob)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(io_err(format!("saving {}", path.display())))?;
+        }
+        if let Some(t) = &mut self.audit {
+            t.maybe_flush()?;
+        }
         let unix_now = self.clock.unix(self.now());
         if let Some(t) = &mut self.audit {
             t.close(unix_now)?;
@@ -769,13 +797,18 @@ impl Agent {
         Ok(saved)
     }
 
-    /// Ports attached (vNICs and appliances).
+    /// Ports attached (vNICs and appliances), each with one socket per worker.
     pub fn ports(&self) -> usize {
         self.ports.len()
     }
 
-    /// The engine (tests, metrics).
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// Datapath workers.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The policy version in force.
+    pub fn policy_version(&self) -> u64 {
+        self.workers.first().map_or(0, |c| lock(c).engine.policy_version())
     }
 }

@@ -6,6 +6,7 @@
 //! state_dir = "/var/lib/palisade"    # connection state across restarts, last good policy
 //! metrics = "127.0.0.1:9101"         # Prometheus metrics and /flows (optional)
 //! audit = "/var/lib/palisade/audit"  # flow records (optional)
+//! workers = 4                        # datapath threads (default: one per core)
 //! [underlay]
 //! local = "192.168.100.1"            # this host's tunnel endpoint
 //! port = 4789
@@ -28,6 +29,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+/// Most datapath workers an agent runs.
+pub const MAX_WORKERS: usize = 64;
 
 /// The agent's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -75,6 +79,10 @@ pub struct AgentConfig {
     /// Connection-table capacity (default 32,768).
     #[serde(default)]
     pub conn_capacity: Option<usize>,
+    /// Datapath workers (default: one per core). The flow and connection
+    /// tables, and each vNIC's connection limit, are shared out between them.
+    #[serde(default)]
+    pub workers: Option<usize>,
 }
 
 /// Where the controller is and how to prove who we are.
@@ -199,6 +207,15 @@ impl AgentConfig {
         }
     }
 
+    /// Datapath workers: as configured, else one per core.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_WORKERS)
+        })
+    }
+
     /// Read and check a configuration file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -279,6 +296,20 @@ impl AgentConfig {
             }
             _ => {}
         }
+        if let Some(w) = config.workers
+            && !(1..=MAX_WORKERS).contains(&w)
+        {
+            return Err(invalid(
+                "workers".into(),
+                format!("{w} is not between 1 and {MAX_WORKERS}"),
+            ));
+        }
+        if config.workers() > 1 && config.underlay.port == 0 {
+            return Err(invalid(
+                "underlay.port".into(),
+                "0 (any port) cannot be shared by several workers: give the port".into(),
+            ));
+        }
         if config.underlay.peers.values().any(|p| *p == config.underlay.local) {
             return Err(invalid(
                 "underlay.peers".into(),
@@ -356,6 +387,18 @@ mac = "02:00:00:00:fe:01"
             ),
             (GOOD.replace("02:00:00:00:fe:01", "nope"), "appliance edge-web: mac"),
             (GOOD.replace("192.168.100.2", "192.168.100.1"), "underlay.peers"),
+            (
+                GOOD.replace("[underlay]", "workers = 0\n[underlay]"),
+                "workers: 0 is not between 1 and 64",
+            ),
+            (
+                GOOD.replace("[underlay]", "workers = 65\n[underlay]"),
+                "workers: 65 is not between",
+            ),
+            (
+                GOOD.replace("[underlay]", "workers = 2\n[underlay]\nport = 0"),
+                "underlay.port: 0 (any port) cannot be shared",
+            ),
             (GOOD.replace("host = ", "hots = "), "unknown field `hots`"),
             (
                 GOOD.replace("\"192.168.100.1\"", "\"300.1.1.1\""),

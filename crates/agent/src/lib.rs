@@ -1,8 +1,10 @@
 //! Palisade's host agent: the datapath engine on a host's real interfaces.
 //!
 //! - [`config`]: the agent's TOML configuration.
-//! - [`agent`]: the runtime: ports (AF_PACKET rings) and the VXLAN underlay
-//!   socket around the sans-IO engine, policy reload, state saved across restarts.
+//! - [`agent`]: the runtime's control side: ports attached, policy installed
+//!   and reloaded, records taken to the trail, state saved across restarts.
+//! - `worker`: one datapath thread per core, each with its own engine and
+//!   its own socket on every port (AF_PACKET rings, the VXLAN underlay).
 //! - [`records`]: flow events → audit flow records with both ends' identity.
 //! - [`trail`]: batched, durable appends to the audit store.
 //! - [`metrics`]: Prometheus text.
@@ -17,6 +19,7 @@ pub mod metrics;
 pub mod records;
 pub mod trail;
 pub mod upstream;
+mod worker;
 
 pub use agent::{Agent, AgentError};
 pub use config::AgentConfig;

@@ -3,7 +3,8 @@
 use std::fmt::Write;
 
 use palisade_datapath::port::PortId;
-use palisade_datapath::{DropReason, Engine};
+use palisade_datapath::verdict::Tally;
+use palisade_datapath::{Counters, DropReason, Engine};
 use palisade_io::port::PortStats;
 
 use crate::trail::TrailStats;
@@ -13,8 +14,8 @@ use crate::trail::TrailStats;
 pub struct Snapshot<'a> {
     /// Host name (a label on every metric).
     pub host: &'a str,
-    /// The engine.
-    pub engine: &'a Engine,
+    /// Every worker's engine (the metrics are their sums).
+    pub engines: &'a [&'a Engine],
     /// (port name, interface, I/O stats) of each attached port.
     pub ports: &'a [(String, String, PortStats)],
     /// The engine port of each entry of `ports`.
@@ -43,8 +44,11 @@ fn esc(s: &str) -> String {
 pub fn render(s: &Snapshot<'_>) -> String {
     let mut o = String::new();
     let h = esc(s.host);
-    let e = s.engine;
-    let c = e.counters();
+    let c = s.engines.iter().fold(Counters::default(), |mut all, e| {
+        all.merge(e.counters());
+        all
+    });
+    let sum = |f: &dyn Fn(&Engine) -> u64| -> u64 { s.engines.iter().map(|e| f(e)).sum() };
     let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, v) in rows {
@@ -58,6 +62,18 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "counter",
         "Frames the engine processed.",
         &one(c.packets),
+    );
+    let per_worker: Vec<_> = s
+        .engines
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (format!("worker=\"{i}\""), e.counters().packets))
+        .collect();
+    metric(
+        "palisade_worker_packets_total",
+        "counter",
+        "Frames each datapath worker processed (the kernel's steering spread).",
+        &per_worker,
     );
     metric(
         "palisade_forwarded_total",
@@ -122,31 +138,31 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "palisade_flow_table_entries",
         "gauge",
         "Flow-cache entries in use.",
-        &one(e.flow_table().len() as u64),
+        &one(sum(&|e| e.flow_table().len() as u64)),
     );
     metric(
         "palisade_flow_table_capacity",
         "gauge",
         "Flow-cache capacity.",
-        &one(e.flow_table().capacity() as u64),
+        &one(sum(&|e| e.flow_table().capacity() as u64)),
     );
     metric(
         "palisade_connections",
         "gauge",
         "Tracked connections.",
-        &one(e.conntrack().len() as u64),
+        &one(sum(&|e| e.conntrack().len() as u64)),
     );
     metric(
         "palisade_connections_capacity",
         "gauge",
         "Connection-table capacity.",
-        &one(e.conntrack().capacity() as u64),
+        &one(sum(&|e| e.conntrack().capacity() as u64)),
     );
     metric(
         "palisade_policy_version",
         "gauge",
         "Policy version in force.",
-        &one(e.policy_version()),
+        &one(s.engines.first().map_or(0, |e| e.policy_version())),
     );
     metric(
         "palisade_policy_reload_errors_total",
@@ -227,7 +243,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
                 .map(move |r| {
                     (
                         format!("port=\"{}\",reason=\"{}\"", esc(n), r.name()),
-                        e.port_dropped(*id, *r),
+                        sum(&|e| e.port_dropped(*id, *r)),
                     )
                 })
                 .filter(|(_, v)| *v > 0)
@@ -239,27 +255,32 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Frames a port sent that were dropped, by reason.",
         &vnic_drops,
     );
-    let rules: Vec<_> = e
-        .rules()
-        .iter()
-        .map(|r| {
-            (
-                format!("rule=\"{}\",level=\"{}\"", esc(&r.rule), r.level),
-                r.tally.packets,
-            )
-        })
-        .collect();
+    // Each worker registers the rules that decided its flows; sum them by rule and level.
+    let mut by_rule: Vec<(String, Tally)> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for r in s.engines.iter().flat_map(|e| e.rules()) {
+        let labels = format!("rule=\"{}\",level=\"{}\"", esc(&r.rule), r.level);
+        match index.get(&labels) {
+            Some(&i) => {
+                let t = &mut by_rule[i].1;
+                t.packets += r.tally.packets;
+                t.bytes += r.tally.bytes;
+                t.hits += r.tally.hits;
+            }
+            None => {
+                index.insert(labels.clone(), by_rule.len());
+                by_rule.push((labels, r.tally));
+            }
+        }
+    }
+    let rules: Vec<_> = by_rule.iter().map(|(l, t)| (l.clone(), t.packets)).collect();
     metric(
         "palisade_rule_packets_total",
         "counter",
         "Packets of flows each rule decided.",
         &rules,
     );
-    let hits: Vec<_> = e
-        .rules()
-        .iter()
-        .map(|r| (format!("rule=\"{}\",level=\"{}\"", esc(&r.rule), r.level), r.tally.hits))
-        .collect();
+    let hits: Vec<_> = by_rule.iter().map(|(l, t)| (l.clone(), t.hits)).collect();
     metric(
         "palisade_rule_hits_total",
         "counter",
@@ -315,4 +336,26 @@ pub fn render(s: &Snapshot<'_>) -> String {
         );
     }
     o
+}
+
+/// Add `more` to `total` (one port's sockets in several workers).
+pub fn add_stats(total: &mut PortStats, more: &PortStats) {
+    let PortStats {
+        rx_frames,
+        rx_bytes,
+        tx_frames,
+        tx_bytes,
+        kernel_drops,
+        truncated,
+        csum_completed,
+        tx_errors,
+    } = more;
+    total.rx_frames += rx_frames;
+    total.rx_bytes += rx_bytes;
+    total.tx_frames += tx_frames;
+    total.tx_bytes += tx_bytes;
+    total.kernel_drops += kernel_drops;
+    total.truncated += truncated;
+    total.csum_completed += csum_completed;
+    total.tx_errors += tx_errors;
 }

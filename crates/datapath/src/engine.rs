@@ -1308,7 +1308,21 @@ impl Engine {
         now: u64,
         sink: &mut dyn EventSink,
     ) -> Result<usize, crate::state::StateError> {
-        let snap = crate::state::decode(blob)?;
+        self.import_all_where(blob, now, sink, |_| true)
+    }
+
+    /// Import the connections of what [`Engine::export_all`] saved whose key
+    /// `keep` accepts: a host with several workers hands each saved
+    /// connection to the worker its flows are steered to.
+    pub fn import_all_where(
+        &mut self,
+        blob: &[u8],
+        now: u64,
+        sink: &mut dyn EventSink,
+        keep: impl Fn(&FlowKey) -> bool,
+    ) -> Result<usize, crate::state::StateError> {
+        let mut snap = crate::state::decode(blob)?;
+        snap.conns.retain(|c| keep(&c.key));
         if snap.vnic != HOST_STATE {
             return Err(crate::state::StateError::ForeignVnic {
                 expected: HOST_STATE.to_string(),

@@ -182,4 +182,44 @@ impl Counters {
     pub fn total_drops(&self) -> u64 {
         self.drops.iter().sum()
     }
+
+    /// Add `other`'s counts to these (the totals of several workers' engines).
+    pub fn merge(&mut self, other: &Counters) {
+        let Counters {
+            packets,
+            forwarded,
+            drops,
+            cache_hits,
+            cache_misses,
+            cache_evictions,
+            classifications,
+            revalidations,
+            trusted,
+            conns_created,
+            conns_ended,
+            conns_evicted,
+            tcp_window_liberal,
+            icmp_related,
+            flooded,
+            encapsulated,
+        } = other;
+        self.packets += packets;
+        self.forwarded += forwarded;
+        for (mine, theirs) in self.drops.iter_mut().zip(drops) {
+            *mine += theirs;
+        }
+        self.cache_hits += cache_hits;
+        self.cache_misses += cache_misses;
+        self.cache_evictions += cache_evictions;
+        self.classifications += classifications;
+        self.revalidations += revalidations;
+        self.trusted += trusted;
+        self.conns_created += conns_created;
+        self.conns_ended += conns_ended;
+        self.conns_evicted += conns_evicted;
+        self.tcp_window_liberal += tcp_window_liberal;
+        self.icmp_related += icmp_related;
+        self.flooded += flooded;
+        self.encapsulated += encapsulated;
+    }
 }

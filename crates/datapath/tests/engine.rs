@@ -13,6 +13,7 @@ use palisade_policy::compile::Compiler;
 use palisade_policy::{DirSource, MemorySource, load};
 use palisade_wire::arp::{self, ArpRepr, Operation};
 use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
+use palisade_wire::flow::FlowKey;
 use palisade_wire::ip::IpProtocol;
 use palisade_wire::ipv4::{self, Ipv4Repr};
 use palisade_wire::ipv6::{self, Ipv6Repr};
@@ -1282,14 +1283,32 @@ fn with_gateway(mut e: Engine) -> (Engine, PortId) {
     (e, gw)
 }
 
+/// A host with two workers hands each saved connection to one of them: the
+/// filtered imports split the blob with nothing lost or doubled.
 #[test]
-fn a_restart_keeps_every_connection_including_transit_ones() {
+fn a_saved_host_state_splits_between_workers() {
+    let (_, blob) = two_connections_saved();
+    let mut ev = Vec::new();
+    let inet = IpAddr::V4(INTERNET_HOST);
+    let to_internet = |k: &FlowKey| k.dst_addr() == inet || k.src_addr() == inet;
+    let (mut w0, _) = with_gateway(h1());
+    let (mut w1, _) = with_gateway(h1());
+    assert_eq!(w0.import_all_where(&blob, 20, &mut ev, to_internet).unwrap(), 1);
+    assert_eq!(w1.import_all_where(&blob, 20, &mut ev, |k| !to_internet(k)).unwrap(), 1);
+    assert!(w0.conntrack().iter().all(|(_, c)| to_internet(&c.key)));
+    assert!(w1.conntrack().iter().all(|(_, c)| !to_internet(&c.key)));
+}
+
+/// The internet host of [`two_connections_saved`].
+const INTERNET_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+
+/// An engine with a connection from a to the internet through the router
+/// leg and a VM-to-VM one, and its `export_all`.
+fn two_connections_saved() -> (Engine, Vec<u8>) {
     let (mut e, gw) = with_gateway(h1());
     let mut ev = Vec::new();
     let a = port(&e, "a.0");
-    let inet = Ipv4Addr::new(203, 0, 113, 10);
-    // a → the internet through the router leg, and a VM-to-VM connection.
-    let out = tcp_ip(ip(10), inet, 40300, 443, 1, 0, TcpFlags::SYN, b"");
+    let out = tcp_ip(ip(10), INTERNET_HOST, 40300, 443, 1, 0, TcpFlags::SYN, b"");
     fwd(
         &mut e,
         1,
@@ -1300,6 +1319,15 @@ fn a_restart_keeps_every_connection_including_transit_ones() {
     );
     handshake(&mut e, &mut ev, 40301, 443, 2);
     let blob = e.export_all(10);
+    (e, blob)
+}
+
+#[test]
+fn a_restart_keeps_every_connection_including_transit_ones() {
+    let (mut e, blob) = two_connections_saved();
+    let mut ev = Vec::new();
+    let a = port(&e, "a.0");
+    let inet = INTERNET_HOST;
     assert!(e.export_vnic(a, 10, false, &mut ev).is_some());
 
     let (mut fresh, gw2) = with_gateway(h1());

@@ -20,18 +20,32 @@
 //! batch with one `sendmmsg`, which needs no second ring and keeps the socket
 //! in one TPACKET version; `benches/veth.rs` measures it against one call per
 //! frame.
+//!
+//! With [`AfPacketConfig::fanout`] set, the port joins the interface's packet
+//! fanout group (`PACKET_FANOUT_CBPF`): the N ports of the N workers share
+//! the interface and the kernel hands each frame to exactly one of them, the
+//! one [`crate::steer`]'s program picks. The i-th port to join is worker i.
+//! A port receives nothing until it has joined (its socket filter drops
+//! everything until then), so no frame reaches two workers while a group is
+//! being formed. A fanout group does not honour its members'
+//! `PACKET_IGNORE_OUTGOING`; the group is created with
+//! `PACKET_FANOUT_FLAG_IGNORE_OUTGOING` instead (Linux 6.2 and later; an
+//! older kernel does not know the flag, and the group would also get the
+//! frames the host stack transmits on the interface). Frames a member
+//! transmits never come back to the group.
 
 use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::mem;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::csum::complete_checksum;
 use crate::error::IoError;
 use crate::port::{FramePort, PortStats};
+use crate::steer;
 use crate::sys;
 
 const KIND: &str = "AF_PACKET";
@@ -69,7 +83,27 @@ mod hdr {
     pub const FIXED: usize = 40;
 }
 
-/// Sizes of an AF_PACKET port's rings and batches.
+/// A port's place in its interface's fanout group of per-worker ports.
+///
+/// The kernel's index of a port in the group is the order of joining: worker
+/// `i` must open its port on an interface `i`-th, after workers `0..i`, and
+/// all `workers` ports must be opened before the steering is right (until
+/// then frames steered to a missing index go to an existing one). Closing a
+/// port moves the group's last port into its place, so a group that loses a
+/// member must be rebuilt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    /// Number of ports (workers) in the group, 1 to 256.
+    pub workers: u32,
+    /// The group id, unique per interface within the network namespace; `None`: the low
+    /// 16 bits of the interface index.
+    pub group: Option<u16>,
+}
+
+/// Most members of a fanout group created without `fanout_args` (`PACKET_FANOUT_MAX`).
+const FANOUT_MAX: u32 = 256;
+
+/// Sizes of an AF_PACKET port's rings and batches, and its fanout group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AfPacketConfig {
     /// Bytes per receive-ring block; a multiple of the page size.
@@ -82,10 +116,13 @@ pub struct AfPacketConfig {
     pub block_timeout_ms: u32,
     /// Frames queued by `send` before a `flush` is forced.
     pub tx_frames: usize,
+    /// Join the interface's fanout group as one of several per-worker ports; `None`: the
+    /// port receives every frame of the interface.
+    pub fanout: Option<Fanout>,
 }
 
 impl Default for AfPacketConfig {
-    /// 8 blocks of 1 MiB, 2048-byte frames, 1 ms retire timeout, 256-frame TX batches.
+    /// 8 blocks of 1 MiB, 2048-byte frames, 1 ms retire timeout, 256-frame TX batches, no fanout.
     fn default() -> Self {
         AfPacketConfig {
             block_size: 1 << 20,
@@ -93,6 +130,7 @@ impl Default for AfPacketConfig {
             frame_size: 2048,
             block_timeout_ms: 1,
             tx_frames: 256,
+            fanout: None,
         }
     }
 }
@@ -136,6 +174,14 @@ impl AfPacketConfig {
         if self.tx_frames == 0 || self.tx_frames.checked_mul(self.frame_size).is_none() {
             return bad(format!("tx frames {} is out of range", self.tx_frames));
         }
+        if let Some(f) = self.fanout {
+            if f.workers == 0 || f.workers > FANOUT_MAX {
+                return bad(format!(
+                    "fanout of {} workers: 1 to {FANOUT_MAX} are possible",
+                    f.workers
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -145,6 +191,8 @@ pub struct AfPacket {
     fd: OwnedFd,
     name: String,
     ifindex: u32,
+    /// The fanout group joined, if any.
+    fanout_group: Option<u16>,
     ring: NonNull<u8>,
     ring_len: usize,
     block_size: usize,
@@ -179,6 +227,7 @@ impl fmt::Debug for AfPacket {
         f.debug_struct("AfPacket")
             .field("name", &self.name)
             .field("ifindex", &self.ifindex)
+            .field("fanout_group", &self.fanout_group)
             .field("fd", &self.fd.as_raw_fd())
             .finish_non_exhaustive()
     }
@@ -186,6 +235,9 @@ impl fmt::Debug for AfPacket {
 
 impl AfPacket {
     /// Open a promiscuous AF_PACKET port on interface `ifname` of the current network namespace.
+    ///
+    /// With `config.fanout` set, the port joins the interface's fanout group as its next
+    /// member (see [`Fanout`]).
     pub fn open(ifname: &str, config: &AfPacketConfig) -> Result<AfPacket, IoError> {
         config.validate(ifname)?;
         let cname = sys::ifname(KIND, ifname)?;
@@ -223,20 +275,9 @@ impl AfPacket {
         let one: libc::c_int = 1;
         sys::setsockopt(sfd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &one)
             .map_err(os("setsockopt(PACKET_IGNORE_OUTGOING)"))?;
-        // Snap every packet to the frame size in the kernel: an oversize frame then shows
-        // tp_snaplen < tp_len (counted as truncated) and costs no more than a frame of copying.
-        let mut filter = [libc::sock_filter {
-            code: BPF_RET_K,
-            jt: 0,
-            jf: 0,
-            k: config.frame_size as u32,
-        }];
-        let prog = libc::sock_fprog {
-            len: 1,
-            filter: filter.as_mut_ptr(),
-        };
-        sys::setsockopt(sfd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
-            .map_err(os("setsockopt(SO_ATTACH_FILTER)"))?;
+        // Accept nothing until the socket is bound and in its fanout group (a bound socket
+        // outside the group would get a copy of every frame besides the group's).
+        attach_snap_filter(sfd, 0).map_err(os("setsockopt(SO_ATTACH_FILTER)"))?;
         let req = libc::tpacket_req3 {
             tp_block_size: config.block_size as u32,
             tp_block_nr: config.block_count as u32,
@@ -274,10 +315,11 @@ impl AfPacket {
         // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid (empty) value.
         let msg: libc::mmsghdr = unsafe { mem::zeroed() };
         // From here on the mapping is owned by `port`, whose Drop unmaps it on any error below.
-        let port = AfPacket {
+        let mut port = AfPacket {
             fd,
             name: ifname.to_owned(),
             ifindex,
+            fanout_group: None,
             ring,
             ring_len,
             block_size: config.block_size,
@@ -318,12 +360,33 @@ impl AfPacket {
         };
         sys::setsockopt(port.fd.as_fd(), libc::SOL_PACKET, libc::PACKET_ADD_MEMBERSHIP, &mreq)
             .map_err(os("setsockopt(PACKET_ADD_MEMBERSHIP)"))?;
+        if let Some(fanout) = config.fanout {
+            // Joining needs a bound socket; the program is the group's, set once joined.
+            let group = fanout.group.unwrap_or(ifindex as u16);
+            let type_flags = libc::PACKET_FANOUT_CBPF | libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING;
+            let arg = libc::c_int::from(group) | (type_flags << 16) as libc::c_int;
+            sys::setsockopt(port.fd.as_fd(), libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)
+                .map_err(os("setsockopt(PACKET_FANOUT)"))?;
+            port.fanout_group = Some(group);
+            let mut program = steer::fanout_program(fanout.workers);
+            let prog = steer::fprog(&mut program);
+            sys::setsockopt(port.fd.as_fd(), libc::SOL_PACKET, libc::PACKET_FANOUT_DATA, &prog)
+                .map_err(os("setsockopt(PACKET_FANOUT_DATA)"))?;
+        }
+        // Snap every packet to the frame size in the kernel: an oversize frame then shows
+        // tp_snaplen < tp_len (counted as truncated) and costs no more than a frame of copying.
+        attach_snap_filter(port.fd.as_fd(), config.frame_size as u32).map_err(os("setsockopt(SO_ATTACH_FILTER)"))?;
         Ok(port)
     }
 
     /// The interface index the port is bound to.
     pub fn ifindex(&self) -> u32 {
         self.ifindex
+    }
+
+    /// The fanout group the port joined, if it was opened with [`AfPacketConfig::fanout`].
+    pub fn fanout_group(&self) -> Option<u16> {
+        self.fanout_group
     }
 
     /// The interface name the port was opened on.
@@ -540,6 +603,18 @@ impl FramePort for AfPacket {
     }
 }
 
+/// Replace the socket filter with one that accepts every packet snapped to `snap` bytes (0: none).
+fn attach_snap_filter(fd: BorrowedFd<'_>, snap: u32) -> io::Result<()> {
+    let mut filter = [libc::sock_filter {
+        code: BPF_RET_K,
+        jt: 0,
+        jf: 0,
+        k: snap,
+    }];
+    let prog = steer::fprog(&mut filter);
+    sys::setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &prog)
+}
+
 impl Drop for AfPacket {
     fn drop(&mut self) {
         // SAFETY: `ring` and `ring_len` describe the mapping made in `open`, which nothing
@@ -578,6 +653,20 @@ mod tests {
             AfPacketConfig {
                 block_size: 4096,
                 frame_size: 8192,
+                ..AfPacketConfig::default()
+            },
+            AfPacketConfig {
+                fanout: Some(Fanout {
+                    workers: 0,
+                    group: None,
+                }),
+                ..AfPacketConfig::default()
+            },
+            AfPacketConfig {
+                fanout: Some(Fanout {
+                    workers: 257,
+                    group: Some(7),
+                }),
                 ..AfPacketConfig::default()
             },
         ];

@@ -9,7 +9,8 @@
 //! a sender left with a partial TCP/UDP checksum (TX offload on veth and TAP)
 //! are completed on receipt ([`csum`]), so forwarded frames are always valid
 //! on the wire. Errors opening a port name the interface and the failed step
-//! ([`IoError`]).
+//! ([`IoError`]). With several workers, each opening its own ports, the kernel
+//! steers every connection to one worker ([`steer`]).
 #![deny(missing_docs)]
 
 pub mod afpacket;
@@ -17,11 +18,14 @@ pub mod capture;
 pub mod csum;
 mod error;
 pub mod overlay;
+#[doc(hidden)]
+pub mod packets;
 pub mod port;
+pub mod steer;
 mod sys;
 pub mod tap;
 
-pub use afpacket::{AfPacket, AfPacketConfig};
+pub use afpacket::{AfPacket, AfPacketConfig, Fanout};
 pub use error::IoError;
 pub use overlay::UdpOverlay;
 pub use port::{FramePort, PortStats, wait_readable};

@@ -7,16 +7,22 @@
 //! one system call per batch of up to [`RX_BATCH`] / [`TX_BATCH`] datagrams,
 //! into and out of buffers allocated once. A datagram larger than
 //! [`MAX_PAYLOAD`] is counted as truncated and not delivered.
+//!
+//! With several workers, each binds its own socket to the same address
+//! ([`UdpOverlay::bind_steered`]): the sockets form an `SO_REUSEPORT` group
+//! whose classic BPF program ([`crate::steer`]) hands every datagram to the
+//! worker its inner packet's connection belongs to.
 
 use std::fmt;
 use std::io;
 use std::mem;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 
 use crate::error::IoError;
 use crate::port::PortStats;
+use crate::steer;
 use crate::sys;
 
 const KIND: &str = "UDP overlay";
@@ -69,20 +75,88 @@ fn sockaddr(addr: SocketAddrV4) -> libc::sockaddr_in {
 /// Socket buffer size asked for in each direction.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
 
+/// The error of `step` on the socket for `local`.
+fn os_error(local: SocketAddrV4, step: &'static str) -> impl FnOnce(io::Error) -> IoError {
+    move |source| IoError::Os {
+        kind: KIND,
+        name: local.to_string(),
+        step,
+        source,
+    }
+}
+
 impl UdpOverlay {
     /// Bind a non-blocking UDP socket to `local` (port 0 picks a free port).
     pub fn bind(local: SocketAddrV4) -> Result<UdpOverlay, IoError> {
-        let name = local.to_string();
-        let os = |step: &'static str| {
-            let name = name.clone();
-            move |source: io::Error| IoError::Os {
+        let sock = UdpSocket::bind(local).map_err(os_error(local, "bind"))?;
+        UdpOverlay::with_socket(sock, local)
+    }
+
+    /// Bind socket `index` of the `workers` sockets that share `local`, the kernel
+    /// steering each datagram to one of them by its inner packet ([`crate::steer`]).
+    ///
+    /// The socket sets `SO_REUSEPORT` before binding, and attaches the group's
+    /// steering program (`SO_ATTACH_REUSEPORT_CBPF`; every socket attaches the
+    /// same one). The kernel numbers the sockets in the order they are bound,
+    /// whatever `index` says (it is only checked against `workers`): bind them
+    /// in index order, all before traffic is expected (until then a datagram
+    /// steered to a missing index goes by the kernel's own hash). Closing one
+    /// moves the group's last socket into its place, so a group that loses a
+    /// socket must be rebuilt. Every socket needs the same fixed port, so port
+    /// 0 is refused when `workers` is more than 1; and any other socket bound
+    /// to the same address with `SO_REUSEPORT` by the same user would join the
+    /// group.
+    pub fn bind_steered(local: SocketAddrV4, index: u32, workers: u32) -> Result<UdpOverlay, IoError> {
+        let bad = |reason: String| {
+            Err(IoError::Config {
                 kind: KIND,
-                name,
-                step,
-                source,
-            }
+                name: local.to_string(),
+                reason,
+            })
         };
-        let sock = UdpSocket::bind(local).map_err(os("bind"))?;
+        if workers == 0 || workers > u32::from(u16::MAX) {
+            return bad(format!("{workers} workers: 1 to {} are possible", u16::MAX));
+        }
+        if index >= workers {
+            return bad(format!("socket index {index} of {workers} workers"));
+        }
+        if local.port() == 0 && workers > 1 {
+            return bad("steered sockets share one fixed port; port 0 picks a different one for each".to_owned());
+        }
+        // SAFETY: socket() has no memory-safety preconditions.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(IoError::last_os(KIND, &local.to_string(), "socket(AF_INET)"));
+        }
+        // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let one: libc::c_int = 1;
+        sys::setsockopt(fd.as_fd(), libc::SOL_SOCKET, libc::SO_REUSEPORT, &one)
+            .map_err(os_error(local, "setsockopt(SO_REUSEPORT)"))?;
+        let sa = sockaddr(local);
+        // SAFETY: `sa` is a valid sockaddr_in and the length passed is its size.
+        let r = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_in).cast(),
+                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(IoError::last_os(KIND, &local.to_string(), "bind"));
+        }
+        // After binding: a program attached before would belong to a group of its own,
+        // dropped when the bind joins the existing group.
+        let mut program = steer::reuseport_program(workers);
+        let prog = steer::fprog(&mut program);
+        sys::setsockopt(fd.as_fd(), libc::SOL_SOCKET, libc::SO_ATTACH_REUSEPORT_CBPF, &prog)
+            .map_err(os_error(local, "setsockopt(SO_ATTACH_REUSEPORT_CBPF)"))?;
+        UdpOverlay::with_socket(UdpSocket::from(fd), local)
+    }
+
+    /// Make a bound socket an overlay port: non-blocking, large buffers, batch buffers.
+    fn with_socket(sock: UdpSocket, local: SocketAddrV4) -> Result<UdpOverlay, IoError> {
+        let os = |step| os_error(local, step);
         sock.set_nonblocking(true).map_err(os("set non-blocking"))?;
         // A burst from another host's switch arrives faster than one round
         // drains it; the default buffer (~200 KiB) overflows and TCP inside

@@ -185,6 +185,7 @@ fn ring_walk_spans_blocks_in_small_batches() {
         frame_size: 2048,
         block_timeout_ms: 1,
         tx_frames: 16,
+        fanout: None,
     };
     let mut sw = open(&pair.sw, "va", &small);
     let mut vm = open(&pair.vm, "vb", &AfPacketConfig::default());

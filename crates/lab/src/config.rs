@@ -65,6 +65,9 @@ pub fn with_controller(config: &str, url: &str, ca: &Path, ca_dir: &Path, host: 
     out
 }
 
+/// Datapath workers of each lab agent.
+pub const LAB_WORKERS: usize = 2;
+
 /// The configuration of `host`'s agent, or `None` if the plan has no such host.
 pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path) -> Option<String> {
     let h = plan.host(host)?;
@@ -79,6 +82,10 @@ pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path
         "audit = {}",
         tq(&state_dir.join(&h.name).join("audit").to_string_lossy())
     );
+    // Two datapath workers whatever the machine: the kernel's flow steering
+    // between workers is exercised everywhere, and a lab on a many-core
+    // machine does not start a worker per core on every host.
+    let _ = writeln!(o, "workers = {LAB_WORKERS}");
     let _ = writeln!(o, "\n[underlay]");
     let _ = writeln!(o, "local = {}", tq(&h.underlay_ip.to_string()));
     let _ = writeln!(o, "port = {VXLAN_PORT}");

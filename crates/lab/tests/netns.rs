@@ -143,6 +143,7 @@ fn three_tier_up_exec_down() {
         format!("state_dir = \"{}\"", g.state_dir.join("hv1").display()),
         "metrics = \"127.0.0.1:9101\"".to_string(),
         format!("audit = \"{}\"", g.state_dir.join("hv1/audit").display()),
+        "workers = 2".to_string(),
         "[underlay]".to_string(),
         "local = \"192.168.100.1\"".to_string(),
         "port = 4789".to_string(),

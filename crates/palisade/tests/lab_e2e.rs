@@ -123,6 +123,16 @@ fn lines_of(r: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver
     rx
 }
 
+/// Datapath workers a lab agent runs: the lab's two, or one on a kernel
+/// whose fanout groups cannot ignore the host's own frames.
+fn lab_workers() -> usize {
+    if palisade_io::steer::fanout_ignores_outgoing() {
+        palisade_lab::config::LAB_WORKERS
+    } else {
+        1
+    }
+}
+
 fn start_agent(lab: &Lab, host: &str) -> std::process::Child {
     let log = lab.state().state_dir.join(format!("restart-{host}.log"));
     let mut child = Command::new("ip")
@@ -204,8 +214,14 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
     }
     assert!(!ping(lab), "with the agents stopped nothing is forwarded");
     for h in ["hv1", "hv2"] {
-        let saved = lab.state().state_dir.join(h).join("conntrack/host.state");
-        assert!(saved.exists(), "{h} saved its connections");
+        for worker in 0..lab_workers() {
+            let saved = lab
+                .state()
+                .state_dir
+                .join(h)
+                .join(format!("conntrack/host-{worker}.state"));
+            assert!(saved.exists(), "{h} worker {worker} saved its connections");
+        }
     }
 
     // Start them again: the established session resumes without a new handshake.
@@ -217,6 +233,22 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
         got += 1;
     }
     assert_eq!(got, 5, "the stream continued after the restart");
+    // ... on the connection each agent saved, handed to the worker the kernel
+    // steers it to: a worker without it would have picked the stream up as a
+    // new flow (liberal tracking) and recorded its start.
+    std::thread::sleep(Duration::from_millis(1200));
+    for h in ["hv1", "hv2"] {
+        let sock = lab.state().state_dir.join(h).join("agent.sock");
+        let health = palisade_agent::http::get_unix(&sock, "/health").unwrap();
+        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        assert_eq!(health["workers"], lab_workers(), "{health}");
+        let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
+        let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
+        assert!(
+            !recs.iter().any(|r| r.dst.port == 5432 || r.src.port == 5432),
+            "{h} treated the resumed stream as new: {flows}"
+        );
+    }
     assert!(ping(lab), "forwarding is back");
     let _ = lab.kill(&mut session);
     let _ = lab.kill(&mut server);

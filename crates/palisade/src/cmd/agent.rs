@@ -30,9 +30,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let host = config.host.clone();
     let mut agent = Agent::start(config, stop.clone()).with_context(|| format!("starting the agent of {host}"))?;
     println!(
-        "palisade agent {host}: policy version {}, {} port(s); agent ready",
-        agent.engine().policy_version(),
-        agent.ports()
+        "palisade agent {host}: policy version {}, {} port(s), {} worker(s); agent ready",
+        agent.policy_version(),
+        agent.ports(),
+        agent.workers()
     );
     agent.run(&stop)?;
     let saved = agent.shutdown()?;
