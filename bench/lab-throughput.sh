@@ -21,11 +21,12 @@
 # (`-u -l 64 -b 0`) for --seconds, reporting packets/s the server received and
 # the loss. One JSON line per datapath, then a summary line with the ratios.
 #
-# usage: bench/lab-throughput.sh [--palisade BIN] [--seconds N] [--only LIST]
+# usage: bench/lab-throughput.sh [--palisade BIN] [--seconds N] [--only LIST] [--workers N]
 #   --palisade BIN  the palisade binary (lab + agent); default: build
 #                   `cargo build --release -p palisade` here and use that
 #   --seconds N     iperf3 duration of each test (default 5)
 #   --only LIST     comma-separated subset of palisade,ovs,bridge
+#   --workers N     Palisade's datapath workers per agent (default: the lab's, 2)
 # Run as root. A benchmark, not a test: CI does not run it. Needs iperf3, jq,
 # ethtool, Open vSwitch (Debian openvswitch-switch; its kernel module is not
 # used). Everything it starts is stopped on exit (trap), the lab removed.
@@ -35,6 +36,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 palisade=""
 seconds=5
 only="palisade,ovs,bridge"
+workers=""
 name="plbench"
 
 while [ $# -gt 0 ]; do
@@ -42,7 +44,8 @@ while [ $# -gt 0 ]; do
         --palisade) palisade="$2"; shift 2 ;;
         --seconds) seconds="$2"; shift 2 ;;
         --only) only="$2"; shift 2 ;;
-        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+        --workers) workers="$2"; shift 2 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -52,6 +55,7 @@ log() { echo "lab-throughput: $*" >&2; }
 
 [ "$(id -u)" = 0 ] || die "run as root (namespaces, veths, OVS)"
 case "$seconds" in ''|*[!0-9]*|0) die "--seconds wants a positive integer" ;; esac
+case "$workers" in ''|[1-9]|[1-9][0-9]) ;; *) die "--workers wants 1 to 64" ;; esac
 for t in ip ethtool iperf3 jq ovsdb-tool ovsdb-server ovs-vswitchd ovs-vsctl ovs-ofctl ovs-appctl; do
     command -v "$t" >/dev/null 2>&1 || die "\`$t\` is not installed (iperf3, jq, ethtool, openvswitch-switch)"
 done
@@ -282,6 +286,7 @@ phase_palisade() {
     declare -A pid
     for h in hv1 hv2; do
         ns=$([ $h = hv1 ] && echo "$ns1" || echo "$ns2")
+        [ -z "$workers" ] || sed -i "s/^workers = .*/workers = $workers/" "$state/agents/$h.toml"
         start_bg "$tmp/agent-$h.log" ip netns exec "$ns" "$palisade" agent --config "$state/agents/$h.toml" >/dev/null
         pid[$h]=$(tail -1 "$pids_file")
     done
