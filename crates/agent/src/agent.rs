@@ -723,9 +723,9 @@ impl Agent {
         let (mut unroutable, mut render_errors) = (0, 0);
         for g in &guards {
             for ((_, _, total), s) in port_stats.iter_mut().zip(&g.port_stats) {
-                metrics::add_stats(total, s);
+                total.merge(s);
             }
-            metrics::add_stats(&mut overlay, &g.overlay_stats);
+            overlay.merge(&g.overlay_stats);
             unroutable += g.unroutable;
             render_errors += g.render_errors;
         }
@@ -787,11 +787,9 @@ impl Agent {
                 .and_then(|()| std::fs::rename(&tmp, &path))
                 .map_err(io_err(format!("saving {}", path.display())))?;
         }
-        if let Some(t) = &mut self.audit {
-            t.maybe_flush()?;
-        }
         let unix_now = self.clock.unix(self.now());
         if let Some(t) = &mut self.audit {
+            // Appends and syncs what is queued, then checkpoints.
             t.close(unix_now)?;
         }
         Ok(saved)

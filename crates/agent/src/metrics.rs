@@ -337,25 +337,3 @@ pub fn render(s: &Snapshot<'_>) -> String {
     }
     o
 }
-
-/// Add `more` to `total` (one port's sockets in several workers).
-pub fn add_stats(total: &mut PortStats, more: &PortStats) {
-    let PortStats {
-        rx_frames,
-        rx_bytes,
-        tx_frames,
-        tx_bytes,
-        kernel_drops,
-        truncated,
-        csum_completed,
-        tx_errors,
-    } = more;
-    total.rx_frames += rx_frames;
-    total.rx_bytes += rx_bytes;
-    total.tx_frames += tx_frames;
-    total.tx_bytes += tx_bytes;
-    total.kernel_drops += kernel_drops;
-    total.truncated += truncated;
-    total.csum_completed += csum_completed;
-    total.tx_errors += tx_errors;
-}

@@ -47,6 +47,30 @@ pub struct PortStats {
     pub tx_errors: u64,
 }
 
+impl PortStats {
+    /// Add `other`'s counts to these (one interface's sockets in several workers).
+    pub fn merge(&mut self, other: &PortStats) {
+        let PortStats {
+            rx_frames,
+            rx_bytes,
+            tx_frames,
+            tx_bytes,
+            kernel_drops,
+            truncated,
+            csum_completed,
+            tx_errors,
+        } = other;
+        self.rx_frames += rx_frames;
+        self.rx_bytes += rx_bytes;
+        self.tx_frames += tx_frames;
+        self.tx_bytes += tx_bytes;
+        self.kernel_drops += kernel_drops;
+        self.truncated += truncated;
+        self.csum_completed += csum_completed;
+        self.tx_errors += tx_errors;
+    }
+}
+
 /// Block until one of `fds` is readable or `timeout` passes; returns the indices that are readable.
 ///
 /// An error or hang-up condition on a descriptor counts as readable, so the

@@ -184,27 +184,13 @@ fn fanout_delivers_each_frame_to_the_reference_worker() {
     vm.flush().unwrap();
     let got = receive_marked(&mut ports, sent.len(), Duration::from_secs(3));
 
-    let mut arrivals: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+    let mut arrivals: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (port, f) in &got {
         let seq = seq_of(f).unwrap();
         assert_eq!(f, &sent[usize::from(seq)].1, "frame {seq} changed on the way");
-        arrivals.entry(seq).or_default().push(*port);
+        arrivals.entry(usize::from(seq)).or_default().push(*port);
     }
-    let mut used = BTreeSet::new();
-    for (seq, (what, f)) in sent.iter().enumerate() {
-        let want = frame_worker(f, WORKERS) as usize;
-        used.insert(want);
-        let on = arrivals.get(&(seq as u16)).cloned().unwrap_or_default();
-        assert_eq!(
-            on,
-            vec![want],
-            "{what} (frame {seq}) arrived on ports {on:?}, expected [{want}]"
-        );
-    }
-    assert!(
-        used.len() >= 2,
-        "all frames on one worker {used:?}: the test cannot fail"
-    );
+    assert_steered(&sent, &arrivals, |f| frame_worker(f, WORKERS));
     for what in ["ARP", "QinQ IPv4", "ICMP error, quoted header cut short"] {
         let (_, f) = sent.iter().find(|(w, _)| w == what).unwrap();
         assert_eq!(frame_worker(f, WORKERS), 0, "{what}");
@@ -382,20 +368,31 @@ fn reuseport_delivers_each_payload_to_the_reference_worker() {
             deadline = Instant::now() + Duration::from_millis(100);
         }
     }
+    assert_steered(&payloads, &arrivals, |p| vxlan_worker(p, WORKERS));
+}
+
+/// Item `i` of `sent` arrived exactly once, on the worker `worker_of` says
+/// (`arrivals`: item index → the workers it arrived on), and the items used at
+/// least two workers (else the test could not fail).
+fn assert_steered(
+    sent: &[(String, Vec<u8>)],
+    arrivals: &BTreeMap<usize, Vec<usize>>,
+    worker_of: impl Fn(&[u8]) -> u32,
+) {
     let mut used = BTreeSet::new();
-    for (seq, (what, p)) in payloads.iter().enumerate() {
-        let want = vxlan_worker(p, WORKERS) as usize;
+    for (i, (what, bytes)) in sent.iter().enumerate() {
+        let want = worker_of(bytes) as usize;
         used.insert(want);
-        let on = arrivals.get(&seq).cloned().unwrap_or_default();
+        let on = arrivals.get(&i).cloned().unwrap_or_default();
         assert_eq!(
             on,
             vec![want],
-            "{what} (payload {seq}) arrived on sockets {on:?}, expected [{want}]"
+            "{what} (item {i}) arrived on workers {on:?}, expected [{want}]"
         );
     }
     assert!(
         used.len() >= 2,
-        "all payloads on one worker {used:?}: the test cannot fail"
+        "everything on one worker {used:?}: the test cannot fail"
     );
 }
 
