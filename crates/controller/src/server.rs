@@ -688,6 +688,7 @@ pub struct RunningServer {
     tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    revision: Arc<watch::Sender<Arc<CurrentRecord>>>,
 }
 
 impl RunningServer {
@@ -699,6 +700,12 @@ impl RunningServer {
     /// `http://addr` or `https://addr`.
     pub fn url(&self) -> String {
         format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+    }
+
+    /// How many agent policy requests are open now: parked in a long-poll,
+    /// or about to be (each subscribes to changes before it reads the store).
+    pub fn open_policy_requests(&self) -> usize {
+        self.revision.receiver_count()
     }
 
     /// Stop serving and drop every open connection.
@@ -744,10 +751,12 @@ pub fn spawn(ctl: Controller, opts: ServeOptions) -> Result<RunningServer, Serve
     std_listener.set_nonblocking(true).map_err(ServerError::Runtime)?;
     let tls = opts.tls.is_some();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let revision = Arc::new(watch::channel(Arc::new(CurrentRecord::default())).0);
+    let serve_revision = revision.clone();
     let thread = std::thread::Builder::new()
         .name(format!("palisade-controller-{addr}"))
         .spawn(move || {
-            rt.block_on(serve(ctl, opts, std_listener, stop_rx));
+            rt.block_on(serve(ctl, opts, std_listener, serve_revision, stop_rx));
             // Dropping the runtime here cancels every connection task, closing their sockets.
             rt.shutdown_timeout(Duration::from_secs(1));
         })
@@ -757,6 +766,7 @@ pub fn spawn(ctl: Controller, opts: ServeOptions) -> Result<RunningServer, Serve
         tls,
         stop: Some(stop_tx),
         thread: Some(thread),
+        revision,
     })
 }
 
@@ -764,6 +774,7 @@ async fn serve(
     ctl: Controller,
     opts: ServeOptions,
     std_listener: std::net::TcpListener,
+    revision: Arc<watch::Sender<Arc<CurrentRecord>>>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(std_listener) {
@@ -773,11 +784,10 @@ async fn serve(
             return;
         }
     };
-    let (tx, _) = watch::channel(Arc::new(CurrentRecord::default()));
     let state = AppState {
         ctl: ctl.clone(),
         tls: opts.tls.is_some(),
-        revision: Arc::new(tx),
+        revision,
         bundle_cache: Arc::default(),
         bundle_build: Arc::default(),
     };

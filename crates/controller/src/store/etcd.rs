@@ -11,6 +11,21 @@
 //! `create_revision == 0`, "key holds v" is `value == v`; etcd evaluates the
 //! comparisons and applies the puts atomically, which is what makes two
 //! controllers racing on the current-policy pointer safe.
+//!
+//! Large values are stored in chunks, so the store works with etcd's default
+//! request limit (`--max-request-bytes`, 1.5 MiB) and its advice to keep
+//! values small: a policy version of 50,000 VMs is about 10 MB. A value over
+//! [`INLINE_MAX`] is cut into chunks of at most [`CHUNK_BYTES`], each written
+//! first under `<prefix>.blobs/<sha-256>` (content-addressed, so a rewrite
+//! or a retried transaction writes the same keys), and the key itself holds a
+//! small manifest naming them, which is what the transaction writes and
+//! compares. The manifest is a function of the value, so a compare against a
+//! large value compares manifests, and the transaction stays atomic: until it
+//! commits no key names the new chunks. A transaction that loses its compare
+//! leaves its chunks unreferenced; they are small in number (one version's
+//! worth per lost race) and are not collected. A read checks every chunk
+//! against its hash, and a missing or altered chunk is
+//! [`StoreError::Corrupt`] naming the key.
 
 use std::time::Duration;
 
@@ -19,6 +34,20 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 
 use super::{Compare, Store, StoreError};
+
+/// Values up to this size are stored inline under their key: small enough
+/// that a transaction of several such puts stays under etcd's request limit.
+pub const INLINE_MAX: usize = 128 * 1024;
+/// The most bytes in one chunk of a larger value: with its key and the
+/// request's framing it stays under etcd's default 1.5 MiB request limit.
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+/// The most bytes read from one gateway answer. Chunked values keep answers
+/// small; a range over many keys is what could approach it.
+const MAX_ANSWER_BYTES: u64 = 256 * 1024 * 1024;
+/// The first bytes of a chunk manifest. Stored values are JSON and never
+/// start with NUL; a value that does is stored chunked, so a stored value
+/// starting with this is always a manifest.
+const MANIFEST_MAGIC: &[u8] = b"\0palisade-chunks/1\n";
 
 /// A [`Store`] on an etcd cluster.
 #[derive(Debug, Clone)]
@@ -54,6 +83,68 @@ impl EtcdStore {
         B64.encode(format!("{}{k}", self.prefix))
     }
 
+    /// Where the chunk with this hash lives: beside the prefix, not under it,
+    /// so listing the store's keys never lists chunks.
+    fn chunk_key(&self, hash: &str) -> String {
+        B64.encode(format!("{}.blobs/{hash}", self.prefix.trim_end_matches('/')))
+    }
+
+    /// What is stored under a key for `value`: the value itself, or for a
+    /// large one its manifest, after writing the chunks it names.
+    fn stored_form(&self, value: &[u8], write_chunks: bool) -> Result<Vec<u8>, StoreError> {
+        if value.len() <= INLINE_MAX && !value.starts_with(b"\0") {
+            return Ok(value.to_vec());
+        }
+        let mut manifest = MANIFEST_MAGIC.to_vec();
+        manifest.extend_from_slice(format!("{}\n", value.len()).as_bytes());
+        for chunk in value.chunks(CHUNK_BYTES) {
+            let hash = sha256_hex(chunk);
+            if write_chunks {
+                let put = json!({ "key": self.chunk_key(&hash), "value": B64.encode(chunk) });
+                self.call("/v3/kv/put", &put)?;
+            }
+            manifest.extend_from_slice(hash.as_bytes());
+            manifest.push(b'\n');
+        }
+        Ok(manifest)
+    }
+
+    /// The value a stored form stands for: itself, or the chunks its manifest names.
+    fn resolve(&self, key: &str, stored: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let Some(manifest) = stored.strip_prefix(MANIFEST_MAGIC) else {
+            return Ok(stored);
+        };
+        let corrupt = |message: String| StoreError::Corrupt {
+            key: key.to_string(),
+            message,
+        };
+        let text = std::str::from_utf8(manifest).map_err(|_| corrupt("chunk manifest is not text".into()))?;
+        let mut lines = text.lines();
+        let len: usize = lines
+            .next()
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| corrupt("chunk manifest has no length".into()))?;
+        let mut value = Vec::with_capacity(len.min(MAX_ANSWER_BYTES as usize));
+        for (i, hash) in lines.enumerate() {
+            let v = self.call("/v3/kv/range", &json!({ "key": self.chunk_key(hash) }))?;
+            let chunk = match v["kvs"].as_array().and_then(|a| a.first()) {
+                Some(kv) => b64(&kv["value"], key)?,
+                None => return Err(corrupt(format!("chunk {i} ({hash}) is missing"))),
+            };
+            if sha256_hex(&chunk) != hash {
+                return Err(corrupt(format!("chunk {i} ({hash}) does not match its hash")));
+            }
+            value.extend_from_slice(&chunk);
+        }
+        if value.len() != len {
+            return Err(corrupt(format!(
+                "chunks add up to {} bytes, the manifest says {len}",
+                value.len()
+            )));
+        }
+        Ok(value)
+    }
+
     /// POST `body` to `path` on the first endpoint that answers.
     fn call(&self, path: &str, body: &Value) -> Result<Value, StoreError> {
         let mut last = StoreError::Etcd {
@@ -65,10 +156,20 @@ impl EtcdStore {
             let url = format!("{ep}{path}");
             match self.agent.post(&url).send_string(&body) {
                 Ok(resp) => {
-                    return resp
-                        .into_string()
-                        .map_err(|e| etcd_err(ep, e))
-                        .and_then(|s| serde_json::from_str(&s).map_err(|e| etcd_err(ep, e)));
+                    // ureq's `into_string` stops at 10 MB; the limit here is ours.
+                    use std::io::Read as _;
+                    let mut text = Vec::new();
+                    resp.into_reader()
+                        .take(MAX_ANSWER_BYTES + 1)
+                        .read_to_end(&mut text)
+                        .map_err(|e| etcd_err(ep, e))?;
+                    if text.len() as u64 > MAX_ANSWER_BYTES {
+                        return Err(etcd_err(
+                            ep,
+                            format!("answer to {path} is over {MAX_ANSWER_BYTES} bytes"),
+                        ));
+                    }
+                    return serde_json::from_slice(&text).map_err(|e| etcd_err(ep, e));
                 }
                 // An answer with an error status is the cluster's word: another endpoint would say the same.
                 Err(ureq::Error::Status(code, resp)) => {
@@ -99,6 +200,11 @@ fn etcd_err(endpoint: &str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn b64(v: &Value, what: &str) -> Result<Vec<u8>, StoreError> {
     // The gateway omits empty fields: an empty value is absent, not an error.
     let s = v.as_str().unwrap_or("");
@@ -117,7 +223,7 @@ impl Store for EtcdStore {
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let v = self.call("/v3/kv/range", &json!({ "key": self.key(key) }))?;
         match v["kvs"].as_array().and_then(|a| a.first()) {
-            Some(kv) => Ok(Some(b64(&kv["value"], key)?)),
+            Some(kv) => Ok(Some(self.resolve(key, b64(&kv["value"], key)?)?)),
             None => Ok(None),
         }
     }
@@ -132,7 +238,8 @@ impl Store for EtcdStore {
             let Some(k) = k.strip_prefix(&self.prefix) else {
                 continue;
             };
-            out.push((k.to_string(), b64(&kv["value"], k)?));
+            let value = self.resolve(k, b64(&kv["value"], k)?)?;
+            out.push((k.to_string(), value));
         }
         // etcd returns a range in key order already; sorting keeps the contract explicit.
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -140,21 +247,26 @@ impl Store for EtcdStore {
     }
 
     fn txn(&self, compares: &[Compare], puts: &[(String, Vec<u8>)]) -> Result<bool, StoreError> {
-        let compare: Vec<Value> = compares
+        let compare = compares
             .iter()
             .map(|c| match &c.value {
-                None => {
-                    json!({ "key": self.key(&c.key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" })
-                }
+                None => Ok(
+                    json!({ "key": self.key(&c.key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" }),
+                ),
                 Some(v) => {
-                    json!({ "key": self.key(&c.key), "target": "VALUE", "result": "EQUAL", "value": B64.encode(v) })
+                    let stored = self.stored_form(v, false)?;
+                    Ok(json!({ "key": self.key(&c.key), "target": "VALUE", "result": "EQUAL", "value": B64.encode(stored) }))
                 }
             })
-            .collect();
-        let success: Vec<Value> = puts
+            .collect::<Result<Vec<Value>, StoreError>>()?;
+        // Chunks are written before the transaction that names them.
+        let success = puts
             .iter()
-            .map(|(k, v)| json!({ "request_put": { "key": self.key(k), "value": B64.encode(v) } }))
-            .collect();
+            .map(|(k, v)| {
+                let stored = self.stored_form(v, true)?;
+                Ok(json!({ "request_put": { "key": self.key(k), "value": B64.encode(stored) } }))
+            })
+            .collect::<Result<Vec<Value>, StoreError>>()?;
         let v = self.call("/v3/kv/txn", &json!({ "compare": compare, "success": success }))?;
         // The gateway leaves out false booleans.
         Ok(v["succeeded"].as_bool().unwrap_or(false))
@@ -254,5 +366,74 @@ mod tests {
         // The prefix isolates: another prefix sees nothing.
         let other = EtcdStore::new(vec![etcd.url.clone()], "/other/");
         assert_eq!(other.list_prefix("a/").unwrap(), vec![]);
+    }
+
+    /// A value of `len` bytes that no two chunks share.
+    fn big(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn large_values_are_chunked_under_etcds_default_request_limit() {
+        // The test etcd runs with the default --max-request-bytes (1.5 MiB):
+        // a 3.5 MiB value in one request would be refused.
+        let Some(etcd) = testing::etcd_or_skip("chunks", 23_795) else {
+            return;
+        };
+        let s = EtcdStore::new(vec![etcd.url.clone()], "/pc/");
+        let large = big(3 * CHUNK_BYTES + 12_345, 1);
+        let edge = big(INLINE_MAX + 1, 2);
+        let nul = b"\0not a manifest".to_vec();
+        let magic = [MANIFEST_MAGIC, b"12\n"].concat();
+        let puts = [
+            ("v/large".to_string(), large.clone()),
+            ("v/edge".to_string(), edge.clone()),
+            ("v/nul".to_string(), nul.clone()),
+            ("v/magic".to_string(), magic.clone()),
+            ("v/small".to_string(), b"{}".to_vec()),
+        ];
+        assert!(s.txn(&[], &puts).unwrap());
+        for (k, v) in &puts {
+            assert_eq!(s.get(k).unwrap().as_ref(), Some(v), "{k}");
+        }
+        // Listing resolves chunked values and never lists the chunks themselves.
+        let mut listed = s.list_prefix("").unwrap();
+        let mut expected = puts.to_vec();
+        listed.sort();
+        expected.sort();
+        assert_eq!(listed, expected);
+        // A compare against a large value holds for that value and fails for another.
+        let holds = [Compare {
+            key: "v/large".into(),
+            value: Some(large.clone()),
+        }];
+        assert!(s.txn(&holds, &[("v/after".into(), b"1".to_vec())]).unwrap());
+        let mut altered = large.clone();
+        altered[CHUNK_BYTES + 7] ^= 0xff;
+        let fails = [Compare {
+            key: "v/large".into(),
+            value: Some(altered.clone()),
+        }];
+        assert!(!s.txn(&fails, &[("v/after".into(), b"2".to_vec())]).unwrap());
+        assert_eq!(s.get("v/after").unwrap().as_deref(), Some(&b"1"[..]));
+
+        // A chunk altered behind the store's back is reported against the key that names it.
+        let second = sha256_hex(&large[CHUNK_BYTES..2 * CHUNK_BYTES]);
+        let put = json!({ "key": s.chunk_key(&second), "value": B64.encode(&altered[CHUNK_BYTES..2 * CHUNK_BYTES]) });
+        s.call("/v3/kv/put", &put).unwrap();
+        let err = s.get("v/large").unwrap_err().to_string();
+        assert!(
+            err.contains("v/large") && err.contains("chunk 1") && err.contains("does not match"),
+            "{err}"
+        );
+        // And a missing one too.
+        s.call("/v3/kv/deleterange", &json!({ "key": s.chunk_key(&second) }))
+            .unwrap();
+        let err = s.get("v/large").unwrap_err().to_string();
+        assert!(err.contains("chunk 1") && err.contains("missing"), "{err}");
+        // The other values are untouched.
+        assert_eq!(s.get("v/edge").unwrap(), Some(edge));
     }
 }
