@@ -214,7 +214,7 @@ fn state_file(state_dir: &Path, worker: usize) -> PathBuf {
 fn build_engine(
     config: &AgentConfig,
     model: &Model,
-    lookup: PolicyLookup,
+    lookup: Arc<PolicyLookup>,
     workers: usize,
 ) -> Result<(Engine, Vec<PortBinding>), AgentError> {
     let uplink = UplinkConfig {
@@ -386,7 +386,8 @@ impl Agent {
             n = 1;
         }
         let identities = Arc::new(Identities::new(&model));
-        let lookup = PolicyLookup::new(compiler);
+        // One compiled policy for all workers: it is read-only.
+        let lookup = Arc::new(PolicyLookup::new(compiler));
         let mut workers = Vec::new();
         let mut io = Vec::new();
         let mut ports = Vec::new();
@@ -658,7 +659,8 @@ impl Agent {
     /// their next packet.
     fn install(&mut self, compiler: Compiler) {
         let identities = Arc::new(Identities::new(compiler.model()));
-        let lookup = PolicyLookup::new(compiler);
+        // One compiled policy for all workers: it is read-only.
+        let lookup = Arc::new(PolicyLookup::new(compiler));
         for core in &self.workers {
             let mut core = lock(core);
             core.engine.update_policy(Box::new(lookup.clone()));

@@ -175,7 +175,8 @@ fn run(
                 let b = match b.resolve(&held) {
                     Ok(b) => b,
                     Err(e) => {
-                        // Cannot happen with a sane controller; ask again for the whole bundle.
+                        // The held files are not the version they claim (edited on disk)
+                        // or the controller is confused: ask again for the whole bundle.
                         eprintln!("palisade agent: policy revision {revision}: {e}");
                         held.version = 0;
                         continue;

@@ -1,23 +1,26 @@
 //! How long a change takes to reach every agent: simulated agents long-poll
-//! their host's policy from an in-process controller (plain
-//! HTTP on loopback); one VM is tagged; the time until each agent has received
-//! and decoded the new bundle is recorded. Prints one JSON line with p50, p99
-//! and the maximum of that time (`tag_to_all_agents_ms`), and of how long
-//! each agent then took to resolve the bundle against the files it holds
-//! (`resolve_ms`: a 10 MB copy at 50,000 VMs, done by all agents at once on
-//! this machine's cores after every agent has the change, since real agents
-//! do it on their own hosts).
+//! their host's policy from an in-process controller (plain HTTP on
+//! loopback); one VM is tagged (or, with `PROP_CHANGE=version`, a new
+//! version adds one VM); the time until each agent has received and decoded
+//! the new bundle is recorded. Prints one JSON line with p50, p99 and the
+//! maximum of that time (`to_all_agents_ms`), and of how long each agent
+//! then took to resolve the bundle against the files it holds (`resolve_ms`:
+//! a 10 MB copy, and for a new version the edits applied and the result's
+//! digest checked, at 50,000 VMs; done by all agents at once on this
+//! machine's cores after every agent has the change, since real agents do it
+//! on their own hosts).
 //!
 //! `PROP_AGENTS` (default 100) agents, one per host, `PROP_ETCD=URL` to run
 //! on etcd instead of the embedded store (`PROP_CONTROLLERS=N` to run N
-//! controllers on it), and `PROP_VMS` (default
-//! 5,000) VMs spread over them. #7's goal is 1,000 agents and 50,000 VMs with
-//! p99 under 1 s. Agents name the version whose files they hold, so a tag
-//! change reaches them as the revision and the overlay alone: both sizes are
-//! printed (`bundle_bytes`, what a new version costs each agent, and
-//! `tag_delta_bytes`). Agents here stop at receiving and resolving the
-//! bundle; a real agent then compiles its chains (`cargo bench -p
-//! palisade-policy --bench compile`).
+//! controllers on it), and `PROP_VMS` (default 5,000) VMs spread over them.
+//! #7's goal is 1,000 agents and 50,000 VMs with p99 under 1 s. Agents name
+//! the version whose files they hold, so a tag change reaches them as the
+//! revision and the overlay alone, and a new version as edits of the held
+//! files: both sizes are printed (`bundle_bytes`, the whole bundle an agent
+//! fetches when it starts, and `change_bytes`, what the change cost each
+//! agent). Agents here stop at receiving and resolving the bundle; a real
+//! agent then compiles its chains (`cargo bench -p palisade-policy --bench
+//! compile`).
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Barrier};
@@ -70,6 +73,13 @@ fn main() {
     // them; the change is made through the first, so the others learn of it
     // by polling etcd, as `palisade controller --etcd` does (every 250 ms).
     let controllers = env("PROP_CONTROLLERS", 1).max(1);
+    // `PROP_CHANGE=version`: the change is a new version (one VM added)
+    // instead of a tag.
+    let new_version = match std::env::var("PROP_CHANGE").as_deref() {
+        Ok("version") => true,
+        Ok("tag") | Err(_) => false,
+        Ok(other) => panic!("PROP_CHANGE is tag or version, not {other:?}"),
+    };
     let etcd = std::env::var("PROP_ETCD").ok();
     assert!(
         controllers == 1 || etcd.is_some(),
@@ -190,12 +200,21 @@ fn main() {
     // Each request subscribes before its one store read: let those finish.
     std::thread::sleep(Duration::from_millis(500));
     let t0 = Instant::now();
-    let req = TagRequest {
-        set: [("quarantine".to_string(), "true".to_string())].into(),
-        remove: Vec::new(),
-    };
-    admin.tag("vm0", &req).expect("tag");
-    let tag_ms = t0.elapsed().as_secs_f64() * 1e3;
+    if new_version {
+        // One VM more, on the first host: a new inventory line.
+        let mut grown = files.clone();
+        let vm = "  - { name: extra, uuid: 00000000-0000-4000-8000-ffffffffffff, cluster: c, host: hv0, tags: { tier: web }, \
+                  vnics: [{ name: extra.0, mac: \"02:ff:00:00:00:01\", ips: [10.255.0.1], zone: z }] }\n";
+        grown.get_mut("inventory.yaml").expect("inventory").push_str(vm);
+        admin.apply(&grown, "bench: one VM more", false).expect("apply");
+    } else {
+        let req = TagRequest {
+            set: [("quarantine".to_string(), "true".to_string())].into(),
+            remove: Vec::new(),
+        };
+        admin.tag("vm0", &req).expect("tag");
+    }
+    let change_ms = t0.elapsed().as_secs_f64() * 1e3;
     let delta_bytes = admin
         .watch_policy_having("hv0", full.revision, Some(full.version), Duration::from_secs(30))
         .ok()
@@ -220,8 +239,9 @@ fn main() {
     let arrived = summary(stamps.iter().map(|s| since(s.0)).collect());
     let resolve = summary(stamps.iter().map(|s| s.1.as_secs_f64() * 1e3).collect());
     println!(
-        "{{\"store\":\"{store_name}\",\"controllers\":{controllers},\"agents\":{agents},\"vms\":{vms},\"bundle_bytes\":{bundle_bytes},\"tag_delta_bytes\":{delta_bytes},\"apply_ms\":{apply_ms:.1},\"tag_ms\":{tag_ms:.1},\
-         \"tag_to_all_agents_ms\":{arrived},\"resolve_ms\":{resolve}}}"
+        "{{\"store\":\"{store_name}\",\"controllers\":{controllers},\"agents\":{agents},\"vms\":{vms},\"bundle_bytes\":{bundle_bytes},\"change\":\"{}\",\"change_bytes\":{delta_bytes},\"apply_ms\":{apply_ms:.1},\"change_ms\":{change_ms:.1},\
+         \"to_all_agents_ms\":{arrived},\"resolve_ms\":{resolve}}}",
+        if new_version { "version" } else { "tag" }
     );
     for srv in servers {
         srv.stop();

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::delta::{DeltaError, Edit, FilesDelta};
+
 /// Policy files by name (`name.yaml` → YAML text), in name order.
 pub type Files = BTreeMap<String, String>;
 
@@ -94,6 +96,12 @@ pub struct PolicyBundle {
     /// datacenter. Fill them in with [`PolicyBundle::resolve`].
     #[serde(default, skip_serializing_if = "core::ops::Not::not")]
     pub same_files: bool,
+    /// The files were sent as edits of another version's, the one the agent
+    /// said it holds (`have=VERSION`): a new version then costs about the
+    /// size of what changed. `files` is empty; [`PolicyBundle::resolve`]
+    /// applies the edits and checks the result's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<FilesDelta>,
 }
 
 /// Building a [`PolicyBundle`]'s model failed.
@@ -108,10 +116,13 @@ pub enum BundleError {
     /// The bundle was sent without its files and has not been resolved.
     #[error("bundle of version {0} was sent without its files; resolve it against the bundle held")]
     FilesOmitted(u64),
+    /// A bundle sent as edits does not apply to the files held.
+    #[error(transparent)]
+    Delta(#[from] DeltaError),
     /// A bundle without files names another version than the one held.
-    #[error("bundle of version {sent} was sent without its files, but the bundle held is version {have}")]
+    #[error("bundle was sent without its files for a holder of version {sent}, but the bundle held is version {have}")]
     WrongBase {
-        /// The version the bundle is of.
+        /// The version the bundle's files are to come from.
         sent: u64,
         /// The version held.
         have: u64,
@@ -121,26 +132,31 @@ pub enum BundleError {
 impl PolicyBundle {
     /// Load the files and apply the tag overlay: the model the agent compiles.
     pub fn model(&self) -> Result<palisade_policy::Model, BundleError> {
-        if self.same_files {
+        if self.same_files || self.delta.is_some() {
             return Err(BundleError::FilesOmitted(self.version));
         }
         effective_model(&self.files, &self.tags)
     }
 
-    /// A bundle sent without its files, completed with those of `have`, the
-    /// bundle the agent holds (which must be of the same version); a bundle
-    /// with its files is returned as it is.
+    /// A bundle sent without its files or as edits, completed from `have`,
+    /// the bundle the agent holds (which must be of the version it names);
+    /// a bundle with its files is returned as it is.
     pub fn resolve(mut self, have: &PolicyBundle) -> Result<PolicyBundle, BundleError> {
-        if !self.same_files {
-            return Ok(self);
-        }
-        if have.same_files || have.version != self.version {
+        let base = match (&self.delta, self.same_files) {
+            (Some(d), _) => d.base,
+            (None, true) => self.version,
+            (None, false) => return Ok(self),
+        };
+        if have.same_files || have.delta.is_some() || have.version != base {
             return Err(BundleError::WrongBase {
-                sent: self.version,
+                sent: base,
                 have: have.version,
             });
         }
-        self.files = have.files.clone();
+        self.files = match self.delta.take() {
+            Some(d) => d.apply(&have.files)?,
+            None => have.files.clone(),
+        };
         self.same_files = false;
         Ok(self)
     }

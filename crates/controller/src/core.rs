@@ -430,7 +430,47 @@ impl Controller {
             files,
             tags: cur.tags,
             same_files,
+            delta: None,
         })
+    }
+
+    /// The current effective policy for a reader that holds the files of
+    /// version `have`, another than the current one: the current files as
+    /// edits of those ([`FilesDelta`]). `None` when that is no better than
+    /// the whole bundle: `have` is unknown (never applied, or not a version
+    /// here), or the edits come to half the files' size or more.
+    pub fn delta_bundle(&self, have: u64) -> Result<Option<PolicyBundle>, CoreError> {
+        let cur = self.current()?;
+        if cur.version == 0 || have == 0 || have == cur.version {
+            return Ok(None);
+        }
+        let held = match store::get_json::<VersionRecord>(&*self.store, &version_key(have))? {
+            Some(v) => v.files,
+            None => return Ok(None),
+        };
+        let files = self.version(cur.version)?.files;
+        let delta = FilesDelta::between(have, &held, &files);
+        let whole: usize = files.iter().map(|(n, t)| n.len() + t.len()).sum();
+        let edits: usize = delta
+            .changed
+            .values()
+            .flatten()
+            .map(|e| match e {
+                Edit::Insert(t) => t.len() + 16,
+                Edit::Copy(_) | Edit::Skip(_) => 16,
+            })
+            .sum();
+        if edits * 2 >= whole {
+            return Ok(None);
+        }
+        Ok(Some(PolicyBundle {
+            revision: cur.revision,
+            version: cur.version,
+            files: Files::new(),
+            tags: cur.tags,
+            same_files: false,
+            delta: Some(delta),
+        }))
     }
 
     /// The current effective model (files + overlay); `None` before the first apply.

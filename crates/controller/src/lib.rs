@@ -9,6 +9,7 @@
 //!   over several controllers.
 //! - [`tls`]: the private CA and the rustls settings of both ends.
 //! - [`api`]: the JSON documents both ends exchange; [`auth`]: tokens and roles.
+//! - [`delta`]: a new policy version sent as edits of the one an agent holds.
 //! - [`trail`]: the controller's audit log of its changes and its agents' flows.
 //!
 //! High availability needs no leader: every controller serves the whole API
@@ -21,6 +22,7 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod core;
+pub mod delta;
 mod openapi;
 pub mod server;
 pub mod store;

@@ -109,7 +109,7 @@ const ENDPOINTS: &[Endpoint] = &[
     (
         "get",
         "/v1/agents/{host}/policy",
-        "Long-poll: the effective policy once its revision exceeds `after`, else 304 after `wait` seconds; with `have=VERSION`, a bundle of that same version comes without its files (`same_files: true`)",
+        "Long-poll: the effective policy once its revision exceeds `after`, else 304 after `wait` seconds; with `have=VERSION`, a bundle of that same version comes without its files (`same_files: true`), and one of another version as edits of that version's files (`delta`), when they are smaller",
         "client certificate with CN = host (plain HTTP: admin token)",
         None,
         "PolicyBundle",
@@ -199,7 +199,8 @@ fn schemas() -> Value {
     json!({
         "ApplyRequest": obj(&[("files", files.clone()), ("message", s.clone())], &["files"]),
         "ApplyResponse": obj(&[("version", n.clone()), ("revision", n.clone()), ("dry_run", json!({"type": "boolean"})), ("warnings", s.clone())], &["version", "revision", "dry_run"]),
-        "PolicyBundle": obj(&[("revision", n.clone()), ("version", n.clone()), ("files", files.clone()), ("tags", overlay), ("same_files", json!({"type": "boolean"}))], &["revision", "version", "files", "tags"]),
+        "PolicyBundle": obj(&[("revision", n.clone()), ("version", n.clone()), ("files", files.clone()), ("tags", overlay), ("same_files", json!({"type": "boolean"})), ("delta", json!({"$ref": "#/components/schemas/FilesDelta"}))], &["revision", "version", "files", "tags"]),
+        "FilesDelta": obj(&[("base", n.clone()), ("changed", json!({"type": "object", "description": "file name → edits of the held file: [{\"copy\": N} | {\"skip\": N} | {\"insert\": TEXT}]", "additionalProperties": {"type": "array", "items": {"type": "object"}}})), ("removed", json!({"type": "array", "items": {"type": "string"}})), ("digest", json!({"type": "string", "description": "SHA-256 (hex) of the resulting files, each name and text length-prefixed, in name order"}))], &["base", "changed", "digest"]),
         "VersionSummary": obj(&summary, &["version", "author", "time_ns", "message"]),
         "VersionSummaryList": list("VersionSummary"),
         "VersionRecord": obj(&version, &["version", "author", "time_ns", "message", "files"]),

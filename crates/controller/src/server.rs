@@ -105,10 +105,11 @@ struct AppState {
     /// The newest effective-policy record seen (from this controller's
     /// changes, or the store poll that brings other controllers' changes).
     revision: Arc<watch::Sender<Arc<CurrentRecord>>>,
-    /// The newest whole bundle, encoded once: when every agent asks at once
-    /// (a new version, a fleet restart), each gets the same bytes instead of
-    /// a store read and a multi-megabyte encode of its own.
-    bundle_cache: Arc<std::sync::Mutex<Option<(u64, axum::body::Bytes)>>>,
+    /// The newest bundles, encoded once: when every agent asks at once (a
+    /// new version, a fleet restart), each gets the same bytes instead of a
+    /// store read and a multi-megabyte encode of its own. Keyed by revision
+    /// and by the version a delta is from (`None`: the whole bundle).
+    bundle_cache: Arc<std::sync::Mutex<Vec<CachedBundle>>>,
     /// Held while a whole bundle is read and encoded.
     bundle_build: Arc<tokio::sync::Mutex<()>>,
 }
@@ -461,30 +462,48 @@ async fn agent_policy(
                     files: Files::new(),
                     tags: cur.tags.clone(),
                     same_files: true,
+                    delta: None,
                 });
             }
-            if let Some(bytes) = cached_bundle(&s, cur.revision) {
+            // An agent holding another version gets the edits from it, when
+            // they are worth it; the cache remembers the answer for that
+            // version either way (`None` keys the whole bundle).
+            let base = have.filter(|&h| h != 0);
+            if let Some(bytes) = cached_bundle(&s, cur.revision, base) {
                 return Ok(json_bytes(bytes));
             }
             // One build at a time: the agents that asked meanwhile wait and
             // then find it cached, instead of each reading the store.
             let _building = s.bundle_build.lock().await;
-            if let Some(bytes) = cached_bundle(&s, cur.revision) {
+            if let Some(bytes) = cached_bundle(&s, cur.revision, base) {
                 return Ok(json_bytes(bytes));
             }
-            let ctl = s.ctl.clone();
-            let bundle = blocking(move || ctl.bundle_for(have)).await?;
-            if bundle.same_files {
-                return ok(bundle);
-            }
+            let delta = match base {
+                Some(h) => {
+                    let ctl = s.ctl.clone();
+                    blocking(move || ctl.delta_bundle(h)).await?
+                }
+                None => None,
+            };
+            let (bundle, whole) = match (delta, cached_bundle(&s, cur.revision, None)) {
+                (Some(d), _) => (d, false),
+                (None, Some(bytes)) => {
+                    cache_bundle(&s, cur.revision, base, &bytes);
+                    return Ok(json_bytes(bytes));
+                }
+                (None, None) => {
+                    let ctl = s.ctl.clone();
+                    (blocking(move || ctl.bundle_for(None)).await?, true)
+                }
+            };
             let bytes =
                 axum::body::Bytes::from(serde_json::to_vec(&bundle).map_err(|e| {
                     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the bundle: {e}"))
                 })?);
-            if let Ok(mut c) = s.bundle_cache.lock()
-                && c.as_ref().is_none_or(|(r, _)| *r < bundle.revision)
-            {
-                *c = Some((bundle.revision, bytes.clone()));
+            // Keyed by the bundle's own revision: the store may have moved past `cur`.
+            cache_bundle(&s, bundle.revision, base, &bytes);
+            if whole {
+                cache_bundle(&s, bundle.revision, None, &bytes);
             }
             return Ok(json_bytes(bytes));
         }
@@ -502,10 +521,30 @@ async fn agent_policy(
     }
 }
 
-/// The cached whole bundle of `revision`, if that is the one cached.
-fn cached_bundle(s: &AppState, revision: u64) -> Option<axum::body::Bytes> {
+/// An encoded bundle: its revision, the held version it is a delta from
+/// (`None`: whole), the bytes.
+type CachedBundle = (u64, Option<u64>, axum::body::Bytes);
+
+/// How many encoded bundles are kept: the whole one and deltas from the
+/// few versions agents still hold, for the newest revision.
+const BUNDLE_CACHE_ENTRIES: usize = 4;
+
+/// The cached bundle of `revision` for holders of version `base` (`None`: the whole bundle).
+fn cached_bundle(s: &AppState, revision: u64, base: Option<u64>) -> Option<axum::body::Bytes> {
     let c = s.bundle_cache.lock().ok()?;
-    c.as_ref().filter(|(r, _)| *r == revision).map(|(_, b)| b.clone())
+    c.iter().find(|e| e.0 == revision && e.1 == base).map(|e| e.2.clone())
+}
+
+/// Keep an encoded bundle; entries of older revisions go first.
+fn cache_bundle(s: &AppState, revision: u64, base: Option<u64>, bytes: &axum::body::Bytes) {
+    let Ok(mut c) = s.bundle_cache.lock() else {
+        return;
+    };
+    c.retain(|e| e.0 >= revision && !(e.0 == revision && e.1 == base));
+    if c.len() >= BUNDLE_CACHE_ENTRIES {
+        c.remove(0);
+    }
+    c.push((revision, base, bytes.clone()));
 }
 
 fn json_bytes(bytes: axum::body::Bytes) -> Response {

@@ -202,12 +202,13 @@ fn tags_reach_a_watching_agent() {
     assert!(vms.iter().find(|v| v.name == "web-1").unwrap().tags.is_empty());
     // The overlay survives a new version.
     op.apply(&files(POLICY_V1), "", false).unwrap();
-    // A new version comes whole, even to an agent that names the old one.
+    // A new version comes as edits to an agent that names the old one.
     let full = agent
         .watch_policy_having("hv2", 2, Some(1), Duration::from_secs(1))
         .unwrap()
         .unwrap();
-    assert!(!full.same_files);
+    assert!(!full.same_files && full.delta.is_some(), "{full:?}");
+    let full = full.resolve(&first).unwrap();
     assert_eq!(full.files, files(POLICY_V1));
     assert!(
         op.vms()
@@ -238,6 +239,88 @@ fn tags_reach_a_watching_agent() {
             .iter()
             .any(|c| c.action == "vm.tag" && c.actor == "olga" && c.resource == "vm/web-1")
     );
+}
+
+#[test]
+fn new_versions_reach_a_holder_as_edits() {
+    let env = Env::start("api-delta");
+    let op = client(&env, &env.operator);
+    op.apply(&files(POLICY_V1), "", false).unwrap();
+    let agent = client(&env, &env.admin);
+    let v1 = agent.watch_policy("hv2", 0, Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!((v1.version, v1.delta.is_none()), (1, true));
+    op.apply(&files(POLICY_V2), "", false).unwrap();
+    let whole = agent.watch_policy("hv2", 0, Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(whole.version, 2);
+
+    // A holder of version 1 gets version 2 as edits of its files, and every
+    // such holder the same ones.
+    let sent = agent
+        .watch_policy_having("hv2", v1.revision, Some(1), Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    let again = agent
+        .watch_policy_having("hv1", v1.revision, Some(1), Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    assert_eq!(sent, again);
+    let delta = sent.delta.clone().expect("version 2 as edits of version 1");
+    assert_eq!(delta.base, 1);
+    assert!(sent.files.is_empty() && !sent.same_files, "{sent:?}");
+    assert_eq!(
+        delta.changed.keys().collect::<Vec<_>>(),
+        ["policy.yaml"],
+        "only the changed file travels"
+    );
+    let sent_bytes = serde_json::to_vec(&sent).unwrap().len();
+    let whole_bytes = serde_json::to_vec(&whole).unwrap().len();
+    assert!(
+        sent_bytes * 2 < whole_bytes,
+        "{sent_bytes} bytes of edits vs {whole_bytes} whole"
+    );
+    assert!(sent.model().is_err(), "an unresolved bundle has no model");
+    assert_eq!(sent.clone().resolve(&v1).unwrap(), whole);
+
+    // Held files that are not version 1's do not pass for it: an unchanged
+    // file altered on the host fails the digest, a changed one its edits.
+    let mut altered = v1.clone();
+    altered
+        .files
+        .get_mut("inventory.yaml")
+        .unwrap()
+        .push_str("# edited on the host\n");
+    let err = sent.clone().resolve(&altered).unwrap_err().to_string();
+    assert!(err.contains("version 1") && err.contains("digest"), "{err}");
+    let mut altered = v1.clone();
+    altered
+        .files
+        .get_mut("policy.yaml")
+        .unwrap()
+        .push_str("# edited on the host\n");
+    let err = sent.clone().resolve(&altered).unwrap_err().to_string();
+    assert!(err.contains("policy.yaml") && err.contains("left over"), "{err}");
+    let other = PolicyBundle {
+        version: 2,
+        ..v1.clone()
+    };
+    assert!(sent.resolve(&other).is_err());
+
+    // An unknown held version gets the whole bundle.
+    let unknown = agent
+        .watch_policy_having("hv2", v1.revision, Some(99), Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    assert_eq!(unknown, whole);
+
+    // A rollback is a new version with old files: edits again.
+    op.rollback(1).unwrap();
+    let back = agent
+        .watch_policy_having("hv2", whole.revision, Some(2), Duration::from_secs(5))
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.delta.as_ref().map(|d| d.base), Some(2));
+    let back = back.resolve(&whole).unwrap();
+    assert_eq!((back.version, &back.files), (3, &v1.files));
 }
 
 #[test]

@@ -38,6 +38,23 @@ pub trait ChainLookup {
     fn version(&self) -> u64;
 }
 
+/// One lookup shared by several engines (one per datapath worker): the
+/// compiled policy is read-only once built, so the workers need one copy of
+/// it, not one each.
+impl<T: ChainLookup + ?Sized> ChainLookup for Arc<T> {
+    fn vnic_of(&self, ip: IpAddr) -> Option<&str> {
+        (**self).vnic_of(ip)
+    }
+
+    fn decide(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict> {
+        (**self).decide(vnic, direction, flow)
+    }
+
+    fn version(&self) -> u64 {
+        (**self).version()
+    }
+}
+
 /// [`ChainLookup`] over the policy compiler's chains.
 #[derive(Debug, Clone)]
 pub struct PolicyLookup {
