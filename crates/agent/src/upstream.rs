@@ -157,6 +157,8 @@ fn run(
     tx: SyncSender<Installed>,
 ) {
     let mut after = held.revision;
+    // The compiled policy of `held`, once this watcher has compiled one.
+    let mut held_compiled: Option<Compiler> = None;
     if let Err(e) = client.register(&host, env!("CARGO_PKG_VERSION")) {
         eprintln!("palisade agent: registering with the controller: {e}");
     }
@@ -182,8 +184,16 @@ fn run(
                         continue;
                     }
                 };
-                match compile(&b) {
+                // A tag change recompiles only what it affects, from the
+                // policy compiled for the bundle held; the first one after
+                // start compiles whole.
+                let compiled = match held_compiled.take() {
+                    Some(c) => b.compile_from(&held, c).map_err(|e| e.to_string()),
+                    None => compile(&b),
+                };
+                match compiled {
                     Ok(compiler) => {
+                        held_compiled = Some(compiler.clone());
                         if let Err(e) = save(&state_dir, &b) {
                             eprintln!("palisade agent: saving policy revision {}: {e}", b.revision);
                         }

@@ -19,8 +19,9 @@
 //! files: both sizes are printed (`bundle_bytes`, the whole bundle an agent
 //! fetches when it starts, and `change_bytes`, what the change cost each
 //! agent). Agents here stop at receiving and resolving the bundle; a real
-//! agent then compiles its chains (`cargo bench -p palisade-policy --bench
-//! compile`).
+//! agent then compiles its chains: that is timed once, for one agent, after
+//! the others are done (`agent_install_ms`, from the policy compiled for the
+//! held bundle, as the agent does; `agent_whole_compile_ms`, from scratch).
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Barrier};
@@ -176,7 +177,8 @@ fn main() {
                 arrived.wait();
                 let next = next.resolve(&first).expect("resolves against the held bundle");
                 assert!(next.revision > first.revision, "hv{h} got no new revision");
-                (got, got.elapsed())
+                let resolved = got.elapsed();
+                (got, resolved, (h == 0).then_some(next))
             })
         })
         .collect();
@@ -185,6 +187,8 @@ fn main() {
         "{agents} agents hold the first policy ({:.1} s after the apply)",
         t.elapsed().as_secs_f64()
     );
+    // What agent 0 holds compiled, for timing its install at the end.
+    let held_compiled = full.compile().expect("the policy compiles");
     // Every agent's long-poll is parked before the change: the time measured
     // is the change's, not a thousand requests arriving with it.
     let parked = Instant::now();
@@ -220,7 +224,24 @@ fn main() {
         .ok()
         .flatten()
         .map_or(0, |b| serde_json::to_vec(&b).map_or(0, |v| v.len()));
-    let stamps: Vec<(Instant, Duration)> = threads.into_iter().map(|t| t.join().expect("agent thread")).collect();
+    let mut stamps = Vec::new();
+    let mut sample = None;
+    for t in threads {
+        let (got, resolved, next) = t.join().expect("agent thread");
+        stamps.push((got, resolved));
+        sample = sample.or(next);
+    }
+    // One agent's install, uncontended: compiling the new revision from the
+    // policy compiled for the bundle held, as the agent does (only what a
+    // retagged VM affects), and for comparison from scratch.
+    let sample = sample.expect("agent 0's bundle");
+    let t = Instant::now();
+    let installed = sample.compile_from(&full, held_compiled).expect("compiles");
+    let install_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    let whole = sample.compile().expect("compiles");
+    let whole_compile_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert!(installed.chains().eq(whole.chains()), "the incremental install differs");
     let since = |at: Instant| at.duration_since(t0).as_secs_f64() * 1e3;
     let summary = |mut ms: Vec<f64>| {
         ms.sort_by(f64::total_cmp);
@@ -240,7 +261,8 @@ fn main() {
     let resolve = summary(stamps.iter().map(|s| s.1.as_secs_f64() * 1e3).collect());
     println!(
         "{{\"store\":\"{store_name}\",\"controllers\":{controllers},\"agents\":{agents},\"vms\":{vms},\"bundle_bytes\":{bundle_bytes},\"change\":\"{}\",\"change_bytes\":{delta_bytes},\"apply_ms\":{apply_ms:.1},\"change_ms\":{change_ms:.1},\
-         \"to_all_agents_ms\":{arrived},\"resolve_ms\":{resolve}}}",
+         \"to_all_agents_ms\":{arrived},\"resolve_ms\":{resolve},\
+         \"agent_install_ms\":{install_ms:.1},\"agent_whole_compile_ms\":{whole_compile_ms:.1}}}",
         if new_version { "version" } else { "tag" }
     );
     for srv in servers {

@@ -604,6 +604,11 @@ fn incremental_tags_match_full_recompiles() {
         ("web-1", tag(&[("tier", "web")], &["pci"])),
         ("db-1", tag(&[], &["tier"])),
     ];
+    // An agent's side of it: it holds a bundle and its compiled policy, and
+    // compiles each new revision from those (`compile_from`).
+    let chains = |c: &palisade_policy::compile::Compiler| c.chains().cloned().collect::<Vec<_>>();
+    let mut held = kept.bundle().unwrap();
+    let mut held_compiled = held.compile().unwrap();
     let mut changed = 0;
     for (i, (vm, req)) in steps.iter().enumerate() {
         if i == 3 {
@@ -615,6 +620,15 @@ fn incremental_tags_match_full_recompiles() {
         assert_eq!(got, want, "step {i}");
         assert_eq!(kept.bundle().unwrap(), fresh().bundle().unwrap(), "step {i}");
         changed += usize::from(!got.chains.is_empty());
+
+        let next = kept.bundle_for(Some(held.version)).unwrap().resolve(&held).unwrap();
+        let incremental = next.compile_from(&held, held_compiled).unwrap();
+        assert_eq!(
+            chains(&incremental),
+            chains(&next.compile().unwrap()),
+            "step {i}: agent side"
+        );
+        (held, held_compiled) = (next, incremental);
     }
     assert!(changed >= 3, "the steps move VMs between groups");
 }
