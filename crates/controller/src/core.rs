@@ -191,17 +191,31 @@ pub fn diff_files(old: &Files, new: &Files) -> String {
     out
 }
 
+/// Wait until the current-policy pointer in `store` may have changed after
+/// store revision `after` (from [`Controller::current_since`]), for at most
+/// about `timeout`; `Ok(false)` when it did not. Only on a store that can
+/// watch: see [`Store::wait_for_write`]. A function of the store alone, so a
+/// wait left running when its controller stops holds nothing else of it.
+pub fn wait_for_policy_change(store: &dyn Store, after: u64, timeout: std::time::Duration) -> Result<bool, CoreError> {
+    Ok(store.wait_for_write(CURRENT, after, timeout)?)
+}
+
 /// The controller on a store.
 #[derive(Clone)]
 pub struct Controller {
     store: Arc<dyn Store>,
     trail: Option<Arc<Trail>>,
-    /// The effective policy of one revision, compiled: a tag change then
-    /// recompiles only what the retagged VM affects (`Compiler::retag`)
-    /// instead of reading, validating and compiling the whole datacenter.
-    /// Keyed by revision, which names one content in the store (with etcd,
-    /// for every controller), so a stale entry is never used: it is a miss.
-    compiled: Arc<std::sync::Mutex<Option<(u64, Compiler)>>>,
+    /// The effective policy of one revision, compiled, with that revision's
+    /// pointer: a tag change then recompiles only what the retagged VM
+    /// affects (`Compiler::retag`) instead of reading, validating and
+    /// compiling the whole datacenter. A revision names one content in the
+    /// store (with etcd, for every controller): an entry for the current
+    /// revision is used as it is, one for an earlier revision of the same
+    /// version is caught up by retagging what changed since, anything else
+    /// is a miss.
+    compiled: Arc<std::sync::Mutex<Option<(CurrentRecord, Compiler)>>>,
+    /// How tag changes came by their compiled policy.
+    compiles: Arc<std::sync::Mutex<CompileCounts>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -217,6 +231,7 @@ impl Controller {
             store,
             trail: None,
             compiled: Arc::default(),
+            compiles: Arc::default(),
         }
     }
 
@@ -392,6 +407,14 @@ impl Controller {
     /// The current-policy pointer.
     pub fn current(&self) -> Result<CurrentRecord, CoreError> {
         Ok(self.current_raw()?.0)
+    }
+
+    /// The current-policy pointer and a store revision at or before the
+    /// read: a change of the pointer after that revision is one
+    /// [`wait_for_policy_change`] reports.
+    pub fn current_since(&self) -> Result<(CurrentRecord, u64), CoreError> {
+        let at = self.store.revision()?;
+        Ok((self.current()?, at))
     }
 
     /// One version.
@@ -631,7 +654,7 @@ impl Controller {
                 policy_version: Some(next.version),
             };
             if self.commit(raw, &next, vec![(version_key(next.version), json(&rec))], &change)? {
-                self.keep_compiled(next.revision, compiled);
+                self.keep_compiled(next.clone(), compiled);
                 return Ok(resp);
             }
         }
@@ -689,7 +712,7 @@ impl Controller {
                 policy_version: Some(next.version),
             };
             if self.commit(raw, &next, vec![(version_key(next.version), json(&rec))], &change)? {
-                self.keep_compiled(next.revision, compiled);
+                self.keep_compiled(next.clone(), compiled);
                 return Ok(ApplyResponse {
                     version: next.version,
                     revision: next.revision,
@@ -714,20 +737,12 @@ impl Controller {
         }
         for _ in 0..CAS_RETRIES {
             let (cur, raw) = self.current_raw()?;
-            let cached = self
-                .compiled
-                .lock()
-                .ok()
-                .and_then(|mut c| c.take_if(|(r, _)| *r == cur.revision))
-                .map(|(_, c)| c);
-            let mut compiler = match cached {
+            let mut compiler = match self.compiled_at(&cur)? {
                 Some(c) => c,
-                None => match self.effective(&cur)? {
-                    Some((model, _)) => compile(model)?,
-                    None => return Err(CoreError::NotFound("no policy applied yet, so no VM to tag".into())),
-                },
+                None => return Err(CoreError::NotFound("no policy applied yet, so no VM to tag".into())),
             };
             let Some(before) = compiler.model().inventory.vm(vm).map(|v| v.tags.clone()) else {
+                self.keep_compiled(cur, compiler);
                 return Err(CoreError::NotFound(format!("VM \"{vm}\" is not in the current policy")));
             };
             let mut next = cur.clone();
@@ -752,24 +767,60 @@ impl Controller {
                 diff: format!("tags {before:?} -> {after:?}"),
                 policy_version: None,
             };
+            let chains = changes.changed.to_vec();
             if self.commit(raw, &next, Vec::new(), &change)? {
                 // The compiler now holds the new revision's effective policy.
-                self.keep_compiled(next.revision, compiler);
+                let revision = next.revision;
+                self.keep_compiled(next, compiler);
                 return Ok(TagResponse {
                     vm: vm.to_string(),
                     tags: after,
-                    revision: next.revision,
-                    chains: changes.changed.to_vec(),
+                    revision,
+                    chains,
                 });
+            }
+            // Another change won the race: undo this one, so the next try
+            // catches up from `cur` by retagging what that change did.
+            if compiler.retag(vm, before).is_ok() {
+                self.keep_compiled(cur, compiler);
             }
         }
         Err(CoreError::Conflict)
     }
 
-    /// Keep `compiler`, the effective policy of `revision`, for the next tag change.
-    fn keep_compiled(&self, revision: u64, compiler: Compiler) {
+    /// The effective policy of `cur`, compiled, from what is kept when it
+    /// can be (see `compiled`); `None` before any policy.
+    fn compiled_at(&self, cur: &CurrentRecord) -> Result<Option<Compiler>, CoreError> {
+        let kept = self.compiled.lock().ok().and_then(|mut c| c.take());
+        let count = |f: fn(&mut CompileCounts)| {
+            if let Ok(mut c) = self.compiles.lock() {
+                f(&mut c);
+            }
+        };
+        if let Some((at, mut c)) = kept {
+            if at.revision == cur.revision {
+                count(|c| c.kept += 1);
+                return Ok(Some(c));
+            }
+            let earlier_same_version =
+                at.version == cur.version && at.revision < cur.revision && overlay_grew(&at.tags, &cur.tags);
+            // Part-way on an error: compiled whole below.
+            if earlier_same_version && retag_changed(&mut c, &at.tags, &cur.tags).is_ok() {
+                count(|c| c.caught_up += 1);
+                return Ok(Some(c));
+            }
+        }
+        let Some((model, _)) = self.effective(cur)? else {
+            return Ok(None);
+        };
+        count(|c| c.whole += 1);
+        compile(model).map(Some)
+    }
+
+    /// Keep `compiler`, the effective policy of `at`, for the next tag change.
+    fn keep_compiled(&self, at: CurrentRecord, compiler: Compiler) {
         if let Ok(mut c) = self.compiled.lock() {
-            *c = Some((revision, compiler));
+            *c = Some((at, compiler));
         }
     }
 
@@ -869,6 +920,7 @@ impl Controller {
     pub fn status(&self) -> ControllerStatus {
         ControllerStatus {
             audit: self.trail.as_ref().map(|t| t.status()),
+            compiles: self.compiles.lock().map(|c| *c).unwrap_or_default(),
         }
     }
 }

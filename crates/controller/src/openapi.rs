@@ -141,7 +141,7 @@ const ENDPOINTS: &[Endpoint] = &[
     (
         "get",
         "/v1/status",
-        "This controller's status: its audit log and how many change records it failed to append",
+        "This controller's status: its audit log, how many change records it failed to append, and how it compiled for tag changes",
         "any role",
         None,
         "ControllerStatus",
@@ -230,7 +230,8 @@ fn schemas() -> Value {
         "SeqRecord": obj(&[("seq", n.clone()), ("record", json!({"type": "object", "description": "a FlowRecord or a Change, with `kind`: flow or change"}))], &["seq", "record"]),
         "FlowList": obj(&[("records", list("SeqRecord"))], &["records"]),
         "TrailStatus": obj(&[("dir", s.clone()), ("last_seq", n.clone()), ("append_failures", n.clone()), ("last_error", s.clone())], &["dir", "last_seq", "append_failures"]),
-        "ControllerStatus": obj(&[("audit", r("TrailStatus"))], &[]),
+        "CompileCounts": obj(&[("kept", n.clone()), ("caught_up", n.clone()), ("whole", n.clone())], &["kept", "caught_up", "whole"]),
+        "ControllerStatus": obj(&[("audit", r("TrailStatus")), ("compiles", r("CompileCounts"))], &["compiles"]),
         "Object": json!({ "type": "object" }),
     })
 }

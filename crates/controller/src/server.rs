@@ -10,10 +10,11 @@
 //! before calling the controller, which writes in one transaction: nothing
 //! stored changes on any 4xx.
 //!
-//! Long-polling: a background task re-reads the store's current-policy
-//! revision every `poll_interval` (so a change made through another
-//! controller on the same etcd is seen) and publishes it on a
-//! [`tokio::sync::watch`] channel; changes made here publish at once. A
+//! Long-polling: a background task follows the store's current-policy
+//! pointer (an etcd watch, so a change made through another controller on
+//! the same etcd is seen at once; the embedded store, which only this
+//! controller writes, is re-read every `poll_interval`) and publishes it on
+//! a [`tokio::sync::watch`] channel; changes made here publish at once. A
 //! waiting agent request sleeps on that channel until the revision passes
 //! the one it has, or its wait runs out (304).
 //!
@@ -74,7 +75,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// TLS settings; `None` serves plain HTTP (agents then authenticate with an admin token).
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// How often the store's current revision is re-read for long-polls.
+    /// How often the store's current revision is re-read for long-polls
+    /// when the store cannot watch, or its watch fails.
     pub poll_interval: Duration,
 }
 
@@ -302,6 +304,46 @@ fn publish(s: &AppState, cur: CurrentRecord) {
         }
         newer
     });
+}
+
+/// Publish every change of the current policy, including those other
+/// controllers make: on a store that can watch (etcd), each wait ends as
+/// soon as the pointer is written; otherwise, and while the watch fails, the
+/// pointer is re-read every `interval`.
+async fn follow_store(s: AppState, interval: Duration) {
+    // A wait still running when the server stops runs out on its own; it
+    // holds only the store.
+    const WATCH_FOR: Duration = Duration::from_secs(5);
+    let watch = s.ctl.store().can_watch();
+    let mut complained = false;
+    loop {
+        let c = s.ctl.clone();
+        let after = match blocking(move || c.current_since()).await {
+            Ok((cur, after)) => {
+                publish(&s, cur);
+                Some(after)
+            }
+            Err(_) => None,
+        };
+        let (true, Some(after)) = (watch, after) else {
+            tokio::time::sleep(interval).await;
+            continue;
+        };
+        let store = s.ctl.store().clone();
+        match blocking(move || crate::core::wait_for_policy_change(&*store, after, WATCH_FOR)).await {
+            Ok(_) => complained = false,
+            Err(e) => {
+                if !complained {
+                    eprintln!(
+                        "palisade controller: watching the store: {}; re-reading every {interval:?}",
+                        e.body.error
+                    );
+                    complained = true;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        }
+    }
 }
 
 /// Publish the current record after a change made here (the change's own
@@ -830,17 +872,7 @@ async fn serve(
         bundle_cache: Arc::default(),
         bundle_build: Arc::default(),
     };
-    let poll_state = state.clone();
-    let interval = opts.poll_interval;
-    tokio::spawn(async move {
-        loop {
-            let c = poll_state.ctl.clone();
-            if let Ok(Ok(cur)) = tokio::task::spawn_blocking(move || c.current()).await {
-                publish(&poll_state, cur);
-            }
-            tokio::time::sleep(interval).await;
-        }
-    });
+    tokio::spawn(follow_store(state.clone(), opts.poll_interval));
     let app = router(state);
     let acceptor = opts.tls.map(tokio_rustls::TlsAcceptor::from);
     loop {

@@ -633,6 +633,130 @@ fn incremental_tags_match_full_recompiles() {
     assert!(changed >= 3, "the steps move VMs between groups");
 }
 
+/// Controllers sharing a store (etcd, in production) take turns at tag
+/// changes: each brings the compiled policy it kept up to the current
+/// revision by retagging what the others changed, and answers exactly as a
+/// controller compiling from scratch does. A lost compare-and-swap race is
+/// undone and caught up the same way.
+#[test]
+fn controllers_taking_turns_catch_up_instead_of_recompiling() {
+    use palisade_controller::api::{ApplyRequest, CompileCounts};
+    use palisade_controller::core::Controller;
+    use palisade_controller::store::{Compare, EmbeddedStore, Store, StoreError};
+    use std::sync::{Arc, Mutex};
+
+    /// A store that runs a hook (another controller's change) just before
+    /// its next transaction, so that transaction loses its race.
+    struct Racing {
+        inner: Arc<EmbeddedStore>,
+        hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+    impl Store for Racing {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(key)
+        }
+        fn list_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            self.inner.list_prefix(prefix)
+        }
+        fn txn(&self, compares: &[Compare], puts: &[(String, Vec<u8>)]) -> Result<bool, StoreError> {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(h) = hook {
+                h();
+            }
+            self.inner.txn(compares, puts)
+        }
+        fn revision(&self) -> Result<u64, StoreError> {
+            self.inner.revision()
+        }
+    }
+
+    let dir = TempDir::new("api-turns");
+    let open = |name: &str| Arc::new(EmbeddedStore::open(&dir.0.join(name)).unwrap());
+    let (shared, solo) = (open("shared.redb"), open("solo.redb"));
+    let racing = Arc::new(Racing {
+        inner: shared.clone(),
+        hook: Mutex::new(None),
+    });
+    let a = Controller::new(racing.clone());
+    let b = Controller::new(shared.clone());
+    let fresh = || Controller::new(solo.clone());
+    let apply = |policy| ApplyRequest {
+        files: files(policy),
+        message: String::new(),
+    };
+    let tag = |set: &[(&str, &str)], remove: &[&str]| TagRequest {
+        set: set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        remove: remove.iter().map(|k| k.to_string()).collect(),
+    };
+    a.apply("t", &apply(POLICY_V2), false).unwrap();
+    fresh().apply("t", &apply(POLICY_V2), false).unwrap();
+    let steps = [
+        ("web-1", tag(&[("tier", "db")], &[])),
+        ("db-1", tag(&[("tier", "web")], &[])),
+        ("web-1", tag(&[("pci", "yes")], &[])),
+        ("web-1", tag(&[], &["tier"])),
+        ("db-1", tag(&[], &["tier"])),
+        ("web-1", tag(&[("tier", "web")], &["pci"])),
+    ];
+    for (i, (vm, req)) in steps.iter().enumerate() {
+        if i == 3 {
+            a.apply("t", &apply(POLICY_V1), false).unwrap();
+            fresh().apply("t", &apply(POLICY_V1), false).unwrap();
+        }
+        let by = if i % 2 == 0 { &a } else { &b };
+        let got = by.tag("t", vm, req).unwrap();
+        let want = fresh().tag("t", vm, req).unwrap();
+        assert_eq!(got, want, "step {i}");
+        assert_eq!(a.bundle().unwrap(), fresh().bundle().unwrap(), "step {i}");
+    }
+    let counts = |c: &Controller| c.status().compiles;
+    // a: kept its apply's policy (step 0), caught up with b's steps 1 and
+    // 3 (steps 2 and 4); b: compiled whole at its first tag and after the
+    // new version, caught up with a's step 4 (step 5).
+    assert_eq!(
+        counts(&a),
+        CompileCounts {
+            kept: 1,
+            caught_up: 2,
+            whole: 0
+        }
+    );
+    assert_eq!(
+        counts(&b),
+        CompileCounts {
+            kept: 0,
+            caught_up: 1,
+            whole: 2
+        }
+    );
+
+    // b's change lands while a compiles its own: a's transaction fails, a
+    // undoes its retag and catches up with b's before trying again.
+    let (b2, solo2) = (b.clone(), fresh());
+    *racing.hook.lock().unwrap() = Some(Box::new(move || {
+        let req = TagRequest {
+            set: [("race".to_string(), "b".to_string())].into(),
+            remove: vec![],
+        };
+        let won = b2.tag("t", "db-1", &req).unwrap();
+        assert_eq!(won, solo2.tag("t", "db-1", &req).unwrap());
+    }));
+    let req = tag(&[("tier", "db")], &[]);
+    let got = a.tag("t", "web-1", &req).unwrap();
+    assert!(racing.hook.lock().unwrap().is_none(), "the race ran");
+    assert_eq!(got, fresh().tag("t", "web-1", &req).unwrap());
+    assert_eq!(a.bundle().unwrap(), fresh().bundle().unwrap());
+    // The lost try started from a's kept policy, the retry caught up.
+    assert_eq!(
+        counts(&a),
+        CompileCounts {
+            kept: 1,
+            caught_up: 4,
+            whole: 0
+        }
+    );
+}
+
 /// An admin lists tokens (never their secrets) and revokes one: the revoked
 /// token authenticates nothing from then on, with a message that says so;
 /// its record stays, naming who revoked it; the revocation is a change

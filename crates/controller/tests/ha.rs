@@ -14,10 +14,62 @@ use palisade_controller::server::{self, RunningServer, ServeOptions};
 use palisade_controller::store::{EtcdStore, Store};
 
 fn controller(etcd: &TestEtcd) -> (Controller, RunningServer) {
+    controller_polling(etcd, ServeOptions::plain("127.0.0.1:0".parse().unwrap()).poll_interval)
+}
+
+fn controller_polling(etcd: &TestEtcd, poll_interval: Duration) -> (Controller, RunningServer) {
     let store: Arc<dyn Store> = Arc::new(EtcdStore::new(vec![etcd.url.clone()], "/palisade/"));
     let ctl = Controller::new(store);
-    let srv = server::spawn(ctl.clone(), ServeOptions::plain("127.0.0.1:0".parse().unwrap())).unwrap();
+    let mut opts = ServeOptions::plain("127.0.0.1:0".parse().unwrap());
+    opts.poll_interval = poll_interval;
+    let srv = server::spawn(ctl.clone(), opts).unwrap();
     (ctl, srv)
+}
+
+#[test]
+fn a_change_through_one_controller_wakes_the_agents_of_another() {
+    // Polling once an hour: only etcd's watch can bring controller 1 the
+    // change made through controller 0 within the agent's one wait.
+    let Some(etcd) = TestEtcd::or_skip("watch", 23_803) else {
+        return;
+    };
+    let hour = Duration::from_secs(3600);
+    let (ctl0, srv0) = controller_polling(&etcd, hour);
+    let (_ctl1, srv1) = controller_polling(&etcd, hour);
+    let token = ctl0.create_token("local", "ops", Role::Admin).unwrap();
+    let api = |s: &RunningServer| Client::new(&s.url(), ClientAuth::Token(token.clone())).unwrap();
+    api(&srv0).apply(&files(POLICY_V1), "v1", false).unwrap();
+    let agent = api(&srv1);
+    agent.register("hv1", "t").unwrap();
+    // Controller 1 had read the pointer before the apply: what it serves now
+    // came through the watch.
+    let held = agent
+        .watch_policy("hv1", 0, Duration::from_secs(20))
+        .unwrap()
+        .expect("the first version reaches controller 1's agent");
+    for change in 0..3 {
+        let waiter = {
+            let (url, token) = (srv1.url(), token.clone());
+            let after = held.revision + change;
+            std::thread::spawn(move || {
+                let c = Client::new(&url, ClientAuth::Token(token)).unwrap();
+                c.watch_policy("hv1", after, Duration::from_secs(20)).unwrap()
+            })
+        };
+        // Let the long-poll park on controller 1 before the change.
+        std::thread::sleep(Duration::from_millis(300));
+        let req = palisade_controller::api::TagRequest {
+            set: [("round".to_string(), change.to_string())].into(),
+            remove: vec![],
+        };
+        let rev = api(&srv0).tag("db-1", &req).unwrap().revision;
+        let got = waiter
+            .join()
+            .unwrap()
+            .expect("the tag reaches the agent within its wait");
+        assert_eq!(got.revision, rev, "change {change}");
+    }
+    drop((srv0, srv1));
 }
 
 #[test]

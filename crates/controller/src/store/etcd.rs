@@ -26,6 +26,11 @@
 //! worth per lost race) and are not collected. A read checks every chunk
 //! against its hash, and a missing or altered chunk is
 //! [`StoreError::Corrupt`] naming the key.
+//!
+//! [`Store::wait_for_write`] is an etcd watch (`/v3/watch`, a stream of JSON
+//! messages, one per line) on the key from the revision after the one given,
+//! so a write between the caller's read and the watch is not missed: etcd
+//! replays it at once.
 
 use std::time::Duration;
 
@@ -272,6 +277,63 @@ impl Store for EtcdStore {
         Ok(v["succeeded"].as_bool().unwrap_or(false))
     }
 
+    fn can_watch(&self) -> bool {
+        true
+    }
+
+    fn wait_for_write(&self, key: &str, after: u64, timeout: Duration) -> Result<bool, StoreError> {
+        use std::io::BufRead as _;
+        let body = json!({ "create_request": { "key": self.key(key), "start_revision": (after + 1).to_string() } })
+            .to_string();
+        let mut last = etcd_err("", "no endpoint configured");
+        for ep in &self.endpoints {
+            let url = format!("{ep}/v3/watch");
+            let resp = match self.agent.post(&url).timeout(timeout).send_string(&body) {
+                Ok(r) => r,
+                Err(ureq::Error::Status(code, resp)) => {
+                    return Err(etcd_err(
+                        ep,
+                        format!("HTTP {code}: {}", resp.into_string().unwrap_or_default()),
+                    ));
+                }
+                Err(e) => {
+                    last = etcd_err(ep, e);
+                    continue;
+                }
+            };
+            use std::io::Read as _;
+            // One message per line; a line is small (the events of one key),
+            // but a peer that never ends one is not read without bound.
+            let mut lines = std::io::BufReader::new(resp.into_reader().take(MAX_ANSWER_BYTES));
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match lines.read_line(&mut line) {
+                    // The stream ended (etcd stopping): the caller re-reads.
+                    Ok(0) => return Ok(true),
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => {
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(etcd_err(ep, e)),
+                }
+                let msg: Value = serde_json::from_str(&line).map_err(|e| etcd_err(ep, format!("watch stream: {e}")))?;
+                if msg.get("error").is_some() {
+                    return Err(etcd_err(ep, format!("watch: {}", msg["error"])));
+                }
+                let r = &msg["result"];
+                let written = r["events"].as_array().is_some_and(|e| !e.is_empty());
+                // A compacted start revision or a cancelled watch: the writes
+                // since `after` cannot be listed, so they may have happened.
+                let unknown = r["canceled"].as_bool().unwrap_or(false) || r.get("compact_revision").is_some();
+                if written || unknown {
+                    return Ok(true);
+                }
+            }
+        }
+        Err(last)
+    }
+
     fn revision(&self) -> Result<u64, StoreError> {
         // A range over one key returns the cluster's header revision; `count_only` keeps it small.
         let v = self.call(
@@ -366,6 +428,41 @@ mod tests {
         // The prefix isolates: another prefix sees nothing.
         let other = EtcdStore::new(vec![etcd.url.clone()], "/other/");
         assert_eq!(other.list_prefix("a/").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn wait_for_write_wakes_on_the_key_and_replays_missed_writes() {
+        let Some(etcd) = testing::etcd_or_skip("watch", 23_797) else {
+            return;
+        };
+        let s = EtcdStore::new(vec![etcd.url.clone()], "/pw/");
+        let quiet = Duration::from_millis(400);
+        // Nothing written: the wait ends with the timeout, saying so.
+        let r = s.revision().unwrap();
+        let t = std::time::Instant::now();
+        assert!(!s.wait_for_write("k", r, quiet).unwrap());
+        assert!(t.elapsed() >= Duration::from_millis(300), "{:?}", t.elapsed());
+        // A write to another key does not wake it, one under the watched key's prefix neither.
+        s.put("other", b"1").unwrap();
+        s.put("k2", b"1").unwrap();
+        assert!(!s.wait_for_write("k", r, quiet).unwrap());
+        // A write made after `after` but before the wait began is replayed.
+        s.put("k", b"1").unwrap();
+        assert!(s.wait_for_write("k", r, Duration::from_secs(5)).unwrap());
+        // A write made during the wait ends it at once.
+        let r = s.revision().unwrap();
+        let writer = s.clone();
+        let put = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            writer.put("k", b"2").unwrap();
+        });
+        let t = std::time::Instant::now();
+        assert!(s.wait_for_write("k", r, Duration::from_secs(20)).unwrap());
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        put.join().unwrap();
+        // And from the revision of that write on, all is quiet again.
+        let r = s.revision().unwrap();
+        assert!(!s.wait_for_write("k", r, quiet).unwrap());
     }
 
     /// A value of `len` bytes that no two chunks share.

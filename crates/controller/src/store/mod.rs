@@ -9,8 +9,12 @@
 //! controller is one such transaction (the new version, the current pointer,
 //! the change record together), so a failed check or a crash never leaves a
 //! half-applied change, and two controllers racing on one etcd cannot both
-//! win. Watching is by revision: [`Store::revision`] is cheap, and the server
-//! long-polls by re-reading the small current-policy pointer when it moves.
+//! win. Watching is by revision: [`Store::wait_for_write`] returns when a key
+//! was written after a store revision (an etcd watch), and the server then
+//! re-reads the small current-policy pointer; a store that cannot watch (the
+//! embedded one, which only its own controller writes) is polled.
+
+use std::time::Duration;
 
 mod embedded;
 mod etcd;
@@ -63,6 +67,22 @@ pub trait Store: Send + Sync + 'static {
     fn txn(&self, compares: &[Compare], puts: &[(String, Vec<u8>)]) -> Result<bool, StoreError>;
     /// The store-wide revision: it grows with every successful write.
     fn revision(&self) -> Result<u64, StoreError>;
+
+    /// Wait until `key` may have been written at a store revision after
+    /// `after`, for at most about `timeout`: `Ok(true)` when it may have been
+    /// (a write, or the store could not tell, as after a compaction),
+    /// `Ok(false)` when the time passed without one. Only stores that
+    /// [`can_watch`](Store::can_watch) implement it; the others answer
+    /// `Ok(true)` at once and their callers poll.
+    fn wait_for_write(&self, key: &str, after: u64, timeout: Duration) -> Result<bool, StoreError> {
+        let _ = (key, after, timeout);
+        Ok(true)
+    }
+
+    /// Whether [`wait_for_write`](Store::wait_for_write) waits for writes.
+    fn can_watch(&self) -> bool {
+        false
+    }
 
     /// Write one key unconditionally.
     fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
