@@ -72,7 +72,7 @@ fn main() {
     // `PROP_ETCD=URL`: on etcd (a fresh key prefix) instead of the embedded
     // store, and `PROP_CONTROLLERS=N` controllers on it, agents spread over
     // them; the change is made through the first, so the others learn of it
-    // by polling etcd, as `palisade controller --etcd` does (every 250 ms).
+    // from etcd's watch, as `palisade controller --etcd` does.
     let controllers = env("PROP_CONTROLLERS", 1).max(1);
     // `PROP_CHANGE=version`: the change is a new version (one VM added)
     // instead of a tag.
