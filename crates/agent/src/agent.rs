@@ -657,7 +657,8 @@ impl Agent {
     /// Swap `compiler` in on every worker. Each worker switches between two
     /// of its rounds; flows cached under the old policy are re-validated on
     /// their next packet.
-    fn install(&mut self, compiler: Compiler) {
+    fn install(&mut self, compiler: impl Into<Arc<Compiler>>) {
+        let compiler = compiler.into();
         let identities = Arc::new(Identities::new(compiler.model()));
         // One compiled policy for all workers: it is read-only.
         let lookup = Arc::new(PolicyLookup::new(compiler));

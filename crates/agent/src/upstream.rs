@@ -27,8 +27,8 @@ use crate::config::ControllerConfig;
 
 /// A policy ready to install.
 pub struct Installed {
-    /// The compiled policy.
-    pub compiler: Compiler,
+    /// The compiled policy (the watcher keeps its own copy to recompile from).
+    pub compiler: Arc<Compiler>,
     /// The controller's effective-policy revision it came from.
     pub revision: u64,
 }
@@ -193,19 +193,24 @@ fn run(
                 };
                 match compiled {
                     Ok(compiler) => {
-                        held_compiled = Some(compiler.clone());
+                        let compiler = Arc::new(compiler);
                         if let Err(e) = save(&state_dir, &b) {
                             eprintln!("palisade agent: saving policy revision {}: {e}", b.revision);
                         }
                         after = b.revision;
                         let installed = Installed {
-                            compiler,
+                            compiler: compiler.clone(),
                             revision: b.revision,
                         };
                         held = b;
                         if tx.send(installed).is_err() {
                             return;
                         }
+                        // The copy to recompile the next revision from is
+                        // made once the policy is on its way, while this
+                        // thread would otherwise wait (80-130 ms at 50,000
+                        // VMs: longer than installing a tag change).
+                        held_compiled = Some(Compiler::clone(&compiler));
                         let report = ReportRequest {
                             installed_revision: after,
                             counters: Default::default(),

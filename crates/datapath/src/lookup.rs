@@ -58,13 +58,16 @@ impl<T: ChainLookup + ?Sized> ChainLookup for Arc<T> {
 /// [`ChainLookup`] over the policy compiler's chains.
 #[derive(Debug, Clone)]
 pub struct PolicyLookup {
-    compiler: Compiler,
+    // Shared, so a holder that keeps the compiled policy to recompile from
+    // (the agent's controller watcher) need not copy it first.
+    compiler: Arc<Compiler>,
     owners: HashMap<IpAddr, String>,
 }
 
 impl PolicyLookup {
-    /// Wrap a compiler.
-    pub fn new(compiler: Compiler) -> Self {
+    /// Wrap a compiler (owned, or shared as an `Arc`).
+    pub fn new(compiler: impl Into<Arc<Compiler>>) -> Self {
+        let compiler = compiler.into();
         let owners = compiler
             .model()
             .inventory
