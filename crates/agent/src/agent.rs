@@ -32,6 +32,7 @@ use palisade_io::overlay::UdpOverlay;
 use palisade_io::port::PortStats;
 use palisade_io::steer;
 use palisade_policy::compile::Compiler;
+use palisade_policy::load::Loader;
 use palisade_policy::{DirSource, Model, load};
 use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::flow::FlowKey;
@@ -339,8 +340,11 @@ impl Agent {
             (Some(dir), _) => (load_policy(dir)?, policy_stamp(dir), None, None),
             (None, Some(cc)) => {
                 let client = crate::upstream::client(cc)?;
+                // Kept by the watcher: each new version then parses only the
+                // VMs it changed.
+                let mut loader = Loader::new();
                 // The last good policy first: the controller may be down.
-                let (bundle, compiler) = match crate::upstream::load_saved(&config.state_dir) {
+                let (bundle, compiler) = match crate::upstream::load_saved(&config.state_dir, &mut loader) {
                     Some(saved) => {
                         eprintln!(
                             "palisade agent: enforcing saved controller policy revision {} until the controller answers",
@@ -348,13 +352,15 @@ impl Agent {
                         );
                         saved
                     }
-                    None => crate::upstream::first_policy(&client, &config.host, &config.state_dir, &stop)?,
+                    None => {
+                        crate::upstream::first_policy(&client, &config.host, &config.state_dir, &stop, &mut loader)?
+                    }
                 };
                 let rx = crate::upstream::watch(
                     client,
                     config.host.clone(),
                     config.state_dir.clone(),
-                    bundle.clone(),
+                    (bundle.clone(), loader),
                     stop.clone(),
                 )?;
                 (compiler, None, Some(rx), Some(bundle.revision))

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::delta::{DeltaError, Edit, FilesDelta};
 use palisade_policy::compile::Compiler;
+use palisade_policy::load::{Loaded, Loader};
+use palisade_policy::source::SourceError;
 
 /// Policy files by name (`name.yaml` → YAML text), in name order.
 pub type Files = BTreeMap<String, String>;
@@ -133,10 +135,18 @@ pub enum BundleError {
 impl PolicyBundle {
     /// Load the files and apply the tag overlay: the model the agent compiles.
     pub fn model(&self) -> Result<palisade_policy::Model, BundleError> {
+        self.model_with(&mut Loader::new())
+    }
+
+    /// [`PolicyBundle::model`] with `loader`, which reuses what it built
+    /// from the VMs of the bundle it loaded before (an agent keeps one
+    /// from version to version: a new version that changes a few VMs then
+    /// parses only those).
+    pub fn model_with(&self, loader: &mut Loader) -> Result<palisade_policy::Model, BundleError> {
         if self.same_files || self.delta.is_some() {
             return Err(BundleError::FilesOmitted(self.version));
         }
-        effective_model(&self.files, &self.tags)
+        effective_model_with(loader, &self.files, &self.tags)
     }
 
     /// A bundle sent without its files or as edits, completed from `have`,
@@ -166,16 +176,30 @@ impl PolicyBundle {
 impl PolicyBundle {
     /// Compile this bundle's effective policy.
     pub fn compile(&self) -> Result<Compiler, BundleError> {
-        Compiler::new(self.model()?).map_err(|e| BundleError::Invalid(e.to_string()))
+        self.compile_with(&mut Loader::new())
+    }
+
+    /// [`PolicyBundle::compile`], loading with `loader` ([`PolicyBundle::model_with`]).
+    pub fn compile_with(&self, loader: &mut Loader) -> Result<Compiler, BundleError> {
+        Compiler::new(self.model_with(loader)?).map_err(|e| BundleError::Invalid(e.to_string()))
     }
 
     /// Compile this bundle's effective policy from `compiled`, the compiled
-    /// policy of `held`, the bundle it replaces. When only the tag overlay
-    /// changed (same version, same files) and it only grew
-    /// ([`overlay_grew`]), only what the retagged VMs affect is recompiled
-    /// ([`retag_changed`]), as the controller does: at 50,000 VMs a whole
-    /// compile takes a second or more. Otherwise it is compiled whole.
-    pub fn compile_from(&self, held: &PolicyBundle, mut compiled: Compiler) -> Result<Compiler, BundleError> {
+    /// policy of `held`, the bundle it replaces (`None` when there is none).
+    /// When only the tag overlay changed (same version, same files) and it
+    /// only grew ([`overlay_grew`]), `compiled` is taken and only what the
+    /// retagged VMs affect is recompiled ([`retag_changed`]), as the
+    /// controller does: at 50,000 VMs a whole compile takes a second or
+    /// more. Otherwise the bundle is compiled whole, loading with `loader`
+    /// ([`PolicyBundle::model_with`]), and `compiled` is left for the caller
+    /// to drop when it has time: freeing a compiled policy takes about as
+    /// long as compiling one.
+    pub fn compile_from(
+        &self,
+        held: &PolicyBundle,
+        compiled: &mut Option<Compiler>,
+        loader: &mut Loader,
+    ) -> Result<Compiler, BundleError> {
         if self.same_files || self.delta.is_some() {
             return Err(BundleError::FilesOmitted(self.version));
         }
@@ -185,11 +209,13 @@ impl PolicyBundle {
             && held.delta.is_none()
             && self.files == held.files
             && overlay_grew(&held.tags, &self.tags);
-        if !only_tags {
-            return self.compile();
+        match compiled.take_if(|_| only_tags) {
+            Some(mut c) => {
+                retag_changed(&mut c, &held.tags, &self.tags)?;
+                Ok(c)
+            }
+            None => self.compile_with(loader),
         }
-        retag_changed(&mut compiled, &held.tags, &self.tags)?;
-        Ok(compiled)
     }
 }
 
@@ -226,11 +252,28 @@ pub fn retag_changed(compiled: &mut Compiler, held: &TagOverlay, next: &TagOverl
 
 /// Load `files` and apply `tags` over the VMs' tags.
 pub fn effective_model(files: &Files, tags: &TagOverlay) -> Result<palisade_policy::Model, BundleError> {
+    effective(|src| palisade_policy::load(src), files, tags)
+}
+
+/// [`effective_model`], loading with `loader` (see [`Loader`]).
+pub fn effective_model_with(
+    loader: &mut Loader,
+    files: &Files,
+    tags: &TagOverlay,
+) -> Result<palisade_policy::Model, BundleError> {
+    effective(|src| loader.load(src), files, tags)
+}
+
+fn effective(
+    load: impl FnOnce(&palisade_policy::MemorySource) -> Result<Loaded, SourceError>,
+    files: &Files,
+    tags: &TagOverlay,
+) -> Result<palisade_policy::Model, BundleError> {
     let src = files
         .iter()
         .fold(palisade_policy::MemorySource::new(), |s, (n, t)| s.with(n, t.clone()));
     // A memory source cannot fail to read.
-    let loaded = palisade_policy::load(&src).map_err(|e| BundleError::Invalid(e.to_string()))?;
+    let loaded = load(&src).map_err(|e| BundleError::Invalid(e.to_string()))?;
     if loaded.has_errors() {
         return Err(BundleError::Invalid(loaded.render()));
     }

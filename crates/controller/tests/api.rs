@@ -608,7 +608,8 @@ fn incremental_tags_match_full_recompiles() {
     // compiles each new revision from those (`compile_from`).
     let chains = |c: &palisade_policy::compile::Compiler| c.chains().cloned().collect::<Vec<_>>();
     let mut held = kept.bundle().unwrap();
-    let mut held_compiled = held.compile().unwrap();
+    let mut loader = palisade_policy::load::Loader::new();
+    let mut held_compiled = Some(held.compile_with(&mut loader).unwrap());
     let mut changed = 0;
     for (i, (vm, req)) in steps.iter().enumerate() {
         if i == 3 {
@@ -622,13 +623,13 @@ fn incremental_tags_match_full_recompiles() {
         changed += usize::from(!got.chains.is_empty());
 
         let next = kept.bundle_for(Some(held.version)).unwrap().resolve(&held).unwrap();
-        let incremental = next.compile_from(&held, held_compiled).unwrap();
+        let incremental = next.compile_from(&held, &mut held_compiled, &mut loader).unwrap();
         assert_eq!(
             chains(&incremental),
             chains(&next.compile().unwrap()),
             "step {i}: agent side"
         );
-        (held, held_compiled) = (next, incremental);
+        (held, held_compiled) = (next, Some(incremental));
     }
     assert!(changed >= 3, "the steps move VMs between groups");
 }

@@ -460,15 +460,17 @@ impl Compiler {
         managed.sort();
         managed.dedup();
         let vm_by_name = inv.vms.iter().enumerate().map(|(i, v)| (v.name.clone(), i)).collect();
-        let group_idx: HashMap<&str, usize> = model
+        let group_idx: HashMap<String, usize> = model
             .policy
             .groups
             .iter()
             .enumerate()
-            .map(|(i, g)| (g.name.as_str(), i))
+            .map(|(i, g)| (g.name.clone(), i))
             .collect();
         let groups: Vec<GroupDef> = model.policy.groups.iter().map(|g| g.def.clone()).collect();
 
+        // The model moves in (at 50,000 VMs a copy took longer than many a
+        // recompile); the rules are read from it by index below.
         let mut c = Compiler {
             vnics,
             vnic_by_ip,
@@ -488,7 +490,7 @@ impl Compiler {
             vnic_scopes: Vec::new(),
             defaults: Vec::new(),
             chains: Vec::new(),
-            model: model.clone(),
+            model,
         };
         for gi in 0..c.groups.len() {
             let m = c.compute_members(gi);
@@ -498,7 +500,9 @@ impl Compiler {
             let a = Arc::new(c.compute_group_addrs(gi));
             c.group_addrs.push(a);
         }
-        for (ri, rule) in model.policy.rules.iter().enumerate() {
+        for ri in 0..c.model.policy.rules.len() {
+            let policy = &c.model.policy;
+            let rule = &policy.rules[ri];
             let mut refs = BTreeSet::new();
             let mut peers = |list: &[Peer]| -> Result<Vec<CPeer>, CompileError> {
                 list.iter()
@@ -527,7 +531,7 @@ impl Compiler {
                     ServiceRef::Any => services.push(ServiceEntry::ANY),
                     ServiceRef::Inline(e) => services.push(*e),
                     ServiceRef::Named(n) => {
-                        let svc = model.policy.service(n).ok_or_else(|| CompileError::UnknownService {
+                        let svc = policy.service(n).ok_or_else(|| CompileError::UnknownService {
                             rule: rule.id.clone(),
                             service: n.clone(),
                         })?;
@@ -542,6 +546,12 @@ impl Compiler {
                 seen.push(*s);
                 new
             });
+            let (action, log, inspect) = (rule.action, rule.log, rule.inspect.as_deref().map(Into::into));
+            let provenance = rule_provenance(rule, policy.version);
+            let scope = match (rule.level, &rule.scope) {
+                (Level::Datacenter, _) | (_, None) => None,
+                (level, Some(s)) => Some((level.index() - 1, s.clone())),
+            };
             for gi in refs {
                 c.by_group[gi].push(ri);
             }
@@ -554,14 +564,14 @@ impl Compiler {
                 src,
                 dst,
                 services,
-                action: rule.action,
-                log: rule.log,
-                inspect: rule.inspect.as_deref().map(Into::into),
-                provenance: rule_provenance(rule, model.policy.version),
+                action,
+                log,
+                inspect,
+                provenance,
             });
-            match (rule.level, &rule.scope) {
-                (Level::Datacenter, _) | (_, None) => c.dc_rules.push(ri),
-                (level, Some(s)) => c.scoped[level.index() - 1].entry(s.clone()).or_default().push(ri),
+            match scope {
+                None => c.dc_rules.push(ri),
+                Some((level, s)) => c.scoped[level].entry(s).or_default().push(ri),
             }
         }
         let shared = |m: &HashMap<String, Vec<usize>>| -> HashMap<String, Arc<[usize]>> {

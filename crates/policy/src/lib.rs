@@ -46,6 +46,7 @@ pub mod eval;
 pub mod load;
 pub mod model;
 pub mod source;
+mod split;
 pub mod validate;
 pub mod yaml;
 

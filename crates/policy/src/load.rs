@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use foldhash::HashMap as FastMap;
 use ipnet::IpNet;
 
 use crate::diag::{Diagnostic, DiagnosticKind as K, did_you_mean};
@@ -49,32 +50,238 @@ impl Loaded {
 /// Load, merge and validate every file of `src`.
 pub fn load(src: &dyn PolicySource) -> Result<Loaded, SourceError> {
     let files = src.files()?;
+    Ok(load_files(&files, |b, file, text| b.whole_file(file, text)))
+}
+
+/// A loader that remembers what it built from each entry of the `vms:`
+/// lists it read, by the entry's text, and reuses it when a later load
+/// finds the same text again (at any line: positions are moved with it).
+///
+/// At 50,000 VMs, parsing and building the inventory takes most of a
+/// second, and a new policy version usually changes a few VMs; with a
+/// loader kept from one version to the next, only the entries that
+/// changed are parsed. The result is the same as [`load`]'s, diagnostics
+/// included: a list is cut into entries only where that is plain from its
+/// lines (see the `split` module), and a file whose list cannot be cut,
+/// whose pieces do not parse, or whose entries build with a diagnostic, is
+/// parsed whole. Only entries that built a VM without any diagnostic are
+/// remembered, and only those of the last load.
+#[derive(Debug, Default)]
+pub struct Loader {
+    vms: FastMap<Box<str>, BuiltVm>,
+    last: Reuse,
+}
+
+/// How the last [`Loader::load`] came by its VMs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reuse {
+    /// VMs reused from the load before.
+    pub reused: usize,
+    /// `vms:` entries parsed on their own.
+    pub parsed: usize,
+    /// Files parsed whole.
+    pub whole_files: usize,
+}
+
+/// What one `vms:` entry built, where.
+#[derive(Debug, Clone)]
+struct BuiltVm {
+    file: Arc<str>,
+    line: u32,
+    vm: Vm,
+    refs: Vec<Reference>,
+}
+
+impl BuiltVm {
+    /// Move every position by the lines the entry moved. (Every position
+    /// is on or after the entry's first line, so none goes below `line`.)
+    fn move_to(&mut self, line: u32) {
+        let shift =
+            |span: &mut Span| span.line = (i64::from(span.line) + i64::from(line) - i64::from(self.line)) as u32;
+        shift(&mut self.vm.span);
+        for nic in &mut self.vm.vnics {
+            shift(&mut nic.span);
+        }
+        for r in &mut self.refs {
+            shift(&mut r.span);
+        }
+        self.line = line;
+    }
+}
+
+/// A `vms:` entry ready for the builder.
+enum Entry {
+    Reused(BuiltVm),
+    Parsed { line: u32, node: Node },
+}
+
+/// A file's `vms:` entries, for the builder to take at the key's line.
+struct CutVms {
+    /// The file with the entries' lines emptied.
+    skeleton: String,
+    key_line: u32,
+    entries: Vec<(Box<str>, Entry)>,
+}
+
+impl Loader {
+    /// A loader that remembers nothing yet.
+    pub fn new() -> Loader {
+        Loader::default()
+    }
+
+    /// Load, merge and validate every file of `src`, as [`load`] does,
+    /// reusing the VMs that the last load built from the same text.
+    pub fn load(&mut self, src: &dyn PolicySource) -> Result<Loaded, SourceError> {
+        let files = src.files()?;
+        let mut earlier = std::mem::take(&mut self.vms);
+        // Files to parse whole: those whose cut entries did not all build
+        // cleanly. An empty value takes its position from the token after
+        // it, which for an entry's last value is in the next entry: such a
+        // value is always a diagnostic (a VM's fields are never empty when
+        // valid), and its position must be the whole parse's.
+        let mut whole: Vec<Arc<str>> = Vec::new();
+        loop {
+            let mut reuse = Reuse::default();
+            let mut kept = FastMap::default();
+            let mut diagnosed = Vec::new();
+            let loaded = load_files(&files, |b, file, text| {
+                let cut = if whole.contains(file) {
+                    None
+                } else {
+                    cut_vms(&mut earlier, file, text)
+                };
+                match cut {
+                    Some(mut cut) => {
+                        let skeleton = std::mem::take(&mut cut.skeleton);
+                        for (_, e) in &cut.entries {
+                            match e {
+                                Entry::Reused(_) => reuse.reused += 1,
+                                Entry::Parsed { .. } => reuse.parsed += 1,
+                            }
+                        }
+                        b.cut_vms = Some(cut);
+                        b.cut_diagnosed = false;
+                        b.whole_file(file, &skeleton);
+                        b.cut_vms = None;
+                        if b.cut_diagnosed {
+                            diagnosed.push(file.clone());
+                        }
+                        kept.extend(b.built_vms.drain(..));
+                    }
+                    None => {
+                        reuse.whole_files += 1;
+                        b.whole_file(file, text);
+                    }
+                }
+            });
+            if diagnosed.is_empty() {
+                self.vms = kept;
+                self.last = reuse;
+                return Ok(loaded);
+            }
+            // Once more, those files whole (the entries built stay
+            // available for the others); a file parsed whole is never
+            // diagnosed here, so this ends.
+            earlier.extend(kept);
+            whole.extend(diagnosed);
+        }
+    }
+
+    /// How the last load came by its VMs.
+    pub fn reuse(&self) -> Reuse {
+        self.last
+    }
+}
+
+/// Cut `text`'s `vms:` list into entries, taking those seen before out of
+/// `earlier` and parsing the others; `None` (with `earlier` as it was) when
+/// the file is to be parsed whole.
+fn cut_vms(earlier: &mut FastMap<Box<str>, BuiltVm>, file: &Arc<str>, text: &str) -> Option<CutVms> {
+    let split = crate::split::split_vms(text)?;
+    let docs = yaml::parse(file, &split.skeleton).ok()?;
+    let [doc] = docs.as_slice() else { return None };
+    let NodeKind::Map(top) = &doc.kind else { return None };
+    let at_key = top
+        .iter()
+        .any(|(k, v)| k.as_str() == Some("vms") && k.span.line == split.key_line && k.span.column == 1 && v.is_null());
+    if !at_key {
+        return None;
+    }
+    let mut entries: Vec<(Box<str>, Entry)> = Vec::with_capacity(split.items.len());
+    let mut failed = false;
+    for item in &split.items {
+        let seen = earlier.remove_entry(item.text);
+        let entry = match seen {
+            Some((key, mut built)) if built.file == *file => {
+                built.move_to(item.line);
+                (key, Entry::Reused(built))
+            }
+            seen => {
+                if let Some((key, built)) = seen {
+                    earlier.insert(key, built);
+                }
+                match one_entry(file, item) {
+                    Some(node) => (item.text.into(), Entry::Parsed { line: item.line, node }),
+                    None => {
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+        };
+        entries.push(entry);
+    }
+    if failed {
+        // Put back what was taken: the whole parse builds fresh, and the
+        // next load may still find them.
+        for (key, e) in entries {
+            if let Entry::Reused(built) = e {
+                earlier.insert(key, built);
+            }
+        }
+        return None;
+    }
+    Some(CutVms {
+        skeleton: split.skeleton,
+        key_line: split.key_line,
+        entries,
+    })
+}
+
+/// The one entry an item's text parses to, or `None`.
+fn one_entry(file: &Arc<str>, item: &crate::split::Item<'_>) -> Option<Node> {
+    let mut docs = yaml::parse_at(file, item.text, item.line).ok()?;
+    let doc = docs.pop().filter(|_| docs.is_empty())?;
+    match doc.kind {
+        NodeKind::Seq(mut entries) if entries.len() == 1 => entries.pop(),
+        _ => None,
+    }
+}
+
+/// Build and validate the model of `files`, each read into the builder by `read`.
+fn load_files(
+    files: &[(std::path::PathBuf, String)],
+    mut read: impl FnMut(&mut ModelBuilder, &Arc<str>, &str),
+) -> Loaded {
     let mut b = ModelBuilder::default();
     let mut sources = SourceMap::default();
-    for (path, text) in &files {
+    for (path, text) in files {
         let name = display(path);
         sources.add(name.clone(), text.clone());
         let file: Arc<str> = name.into();
         b.first_file.get_or_insert_with(|| file.clone());
-        match yaml::parse(&file, text) {
-            Err(e) => b.diags.push(Diagnostic::error(K::YamlSyntax, &e.span, e.message)),
-            Ok(docs) => {
-                for doc in &docs {
-                    b.file(doc);
-                }
-            }
-        }
+        read(&mut b, &file, text);
     }
     let (model, mut diags, refs) = b.finish();
     validate::validate(&model, &refs, &mut diags);
     // Report in reading order: file, then position (stable, so ties keep check order).
     let order: Vec<String> = files.iter().map(|(p, _)| display(p)).collect();
     diags.sort_by_key(|d| (order.iter().position(|f| *f == d.file), d.line, d.column));
-    Ok(Loaded {
+    Loaded {
         model,
         diagnostics: diags,
         sources,
-    })
+    }
 }
 
 fn display(p: &Path) -> String {
@@ -109,6 +316,13 @@ struct ModelBuilder {
     profiles: Vec<Profile>,
     inspection_defaults: Option<(InspectionDefaults, Span)>,
     rules: Vec<Rule>,
+    /// The current file's `vms:` entries, when the [`Loader`] cut them out
+    /// (the file's text being read then has nothing under the key).
+    cut_vms: Option<CutVms>,
+    /// What those entries built cleanly, for the loader to remember.
+    built_vms: Vec<(Box<str>, BuiltVm)>,
+    /// Whether one of them built with a diagnostic.
+    cut_diagnosed: bool,
 }
 
 /// A mapping's entries, looked up by key.
@@ -281,6 +495,47 @@ impl ModelBuilder {
         }
     }
 
+    /// Parse one file's text and read its documents.
+    fn whole_file(&mut self, file: &Arc<str>, text: &str) {
+        match yaml::parse(file, text) {
+            Err(e) => self.diags.push(Diagnostic::error(K::YamlSyntax, &e.span, e.message)),
+            Ok(docs) => {
+                for doc in &docs {
+                    self.file(doc);
+                }
+            }
+        }
+    }
+
+    /// The `vms:` entries the loader cut out: reused ones as they are, the
+    /// others built, and remembered when they built cleanly.
+    fn cut_vms(&mut self, cut: CutVms) {
+        for (key, entry) in cut.entries {
+            match entry {
+                Entry::Reused(built) => {
+                    self.vms.push(built.vm.clone());
+                    self.refs.extend(built.refs.iter().cloned());
+                    self.built_vms.push((key, built));
+                }
+                Entry::Parsed { line, node } => {
+                    let (diags, refs, vms) = (self.diags.len(), self.refs.len(), self.vms.len());
+                    self.vm(&node);
+                    if self.diags.len() != diags {
+                        self.cut_diagnosed = true;
+                    } else if self.vms.len() == vms + 1 {
+                        let built = BuiltVm {
+                            file: node.span.file.clone(),
+                            line,
+                            vm: self.vms[vms].clone(),
+                            refs: self.refs[refs..].to_vec(),
+                        };
+                        self.built_vms.push((key, built));
+                    }
+                }
+            }
+        }
+    }
+
     fn file(&mut self, doc: &Node) {
         if doc.is_null() {
             return;
@@ -301,11 +556,14 @@ impl ModelBuilder {
                         self.zone(z);
                     }
                 }
-                "vms" => {
-                    for vm in self.seq(v, "vms") {
-                        self.vm(vm);
+                "vms" => match self.cut_vms.take_if(|c| c.key_line == k.span.line) {
+                    Some(cut) => self.cut_vms(cut),
+                    None => {
+                        for vm in self.seq(v, "vms") {
+                            self.vm(vm);
+                        }
                     }
-                }
+                },
                 "version" => {
                     if let Some((_, first)) = &self.version {
                         let msg = format!("version is already set at {first}");

@@ -5,13 +5,15 @@
 //! unique. Selector groups that match nothing are warned about: they are
 //! legal (a tag may simply not be used yet) but often a typo.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use crate::diag::{Diagnostic, DiagnosticKind as K, did_you_mean};
 use crate::model::{GroupDef, Model, Segment, Span};
 
 /// What a name reference points at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RefKind {
     /// A group (`from`, `to`, `applied_to`).
     Group,
@@ -45,7 +47,8 @@ fn duplicates<'a>(
     what: &str,
     items: impl IntoIterator<Item = (&'a str, &'a Span)>,
 ) {
-    let mut seen: HashMap<&str, &Span> = HashMap::new();
+    let items = items.into_iter();
+    let mut seen: FastMap<&str, &Span> = FastMap::with_capacity_and_hasher(items.size_hint().0, Default::default());
     for (name, span) in items {
         if let Some(first) = seen.get(name) {
             diags.push(
@@ -111,8 +114,9 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
         pol.rules.iter().map(|r| (r.id.as_str(), &r.span)),
     );
 
-    let mut ips = BTreeMap::new();
-    let mut macs = BTreeMap::new();
+    let nics = inv.vms.iter().map(|v| v.vnics.len()).sum();
+    let mut ips = FastMap::with_capacity_and_hasher(nics, Default::default());
+    let mut macs = FastMap::with_capacity_and_hasher(nics, Default::default());
     for (vm, nic) in inv.vnics() {
         for ip in &nic.ips {
             if let Some(first) = ips.insert(*ip, (&vm.name, &nic.name)) {
@@ -126,7 +130,7 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
                 );
             }
         }
-        if let Some(first) = macs.insert(nic.mac.clone(), &nic.name) {
+        if let Some(first) = macs.insert(nic.mac.as_str(), &nic.name) {
             diags.push(
                 Diagnostic::error(
                     K::DuplicateMac,
@@ -150,57 +154,60 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
             );
         }
     }
+    // Sets, not lists: at 50,000 VMs on 1,000 hosts, scanning a cluster's
+    // host list per VM and the names per reference took longer than the rest.
+    let clusters: FastMap<&str, FastSet<&str>> = inv
+        .clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c.hosts.iter().map(String::as_str).collect()))
+        .collect();
     for vm in &inv.vms {
-        let cluster = vm
-            .cluster
-            .as_deref()
-            .and_then(|c| inv.clusters.iter().find(|k| k.name == c));
-        if let (Some(c), Some(h)) = (cluster, &vm.host)
-            && !c.hosts.is_empty()
-            && !c.hosts.contains(h)
+        let cluster = vm.cluster.as_deref().and_then(|c| clusters.get_key_value(c));
+        if let (Some((name, hosts)), Some(h)) = (cluster, &vm.host)
+            && !hosts.is_empty()
+            && !hosts.contains(h.as_str())
         {
+            let c = inv.clusters.iter().find(|k| k.name == *name);
             diags.push(
                 Diagnostic::error(
                     K::InvalidValue,
                     &vm.span,
-                    format!("host \"{h}\" of VM \"{}\" is not in cluster \"{}\"", vm.name, c.name),
+                    format!("host \"{h}\" of VM \"{}\" is not in cluster \"{name}\"", vm.name),
                 )
-                .with_hint(did_you_mean(h, "host", c.hosts.iter().map(String::as_str))),
+                .with_hint(did_you_mean(
+                    h,
+                    "host",
+                    c.into_iter().flat_map(|c| c.hosts.iter().map(String::as_str)),
+                )),
             );
         }
     }
 
+    let names = |kind: RefKind| -> Vec<&str> {
+        match kind {
+            RefKind::Group => pol.groups.iter().map(|g| g.name.as_str()).collect(),
+            RefKind::Service => pol.services.iter().map(|s| s.name.as_str()).collect(),
+            RefKind::Zone => inv.zones.iter().map(|z| z.name.as_str()).collect(),
+            RefKind::Cluster => inv.clusters.iter().map(|c| c.name.as_str()).collect(),
+            RefKind::Vm => inv.vms.iter().map(|v| v.name.as_str()).collect(),
+            RefKind::Profile => pol.profiles.iter().map(|p| p.name.as_str()).collect(),
+        }
+    };
+    let mut defined: HashMap<RefKind, FastSet<&str>> = HashMap::new();
     for r in refs {
-        let (kind, what, names): (K, &str, Vec<&str>) = match r.kind {
-            RefKind::Group => (
-                K::UnknownGroup,
-                "group",
-                pol.groups.iter().map(|g| g.name.as_str()).collect(),
-            ),
-            RefKind::Service => (
-                K::UnknownService,
-                "service",
-                pol.services.iter().map(|s| s.name.as_str()).collect(),
-            ),
-            RefKind::Zone => (
-                K::UnknownZone,
-                "zone",
-                inv.zones.iter().map(|z| z.name.as_str()).collect(),
-            ),
-            RefKind::Cluster => (
-                K::UnknownCluster,
-                "cluster",
-                inv.clusters.iter().map(|c| c.name.as_str()).collect(),
-            ),
-            RefKind::Vm => (K::UnknownVm, "VM", inv.vms.iter().map(|v| v.name.as_str()).collect()),
-            RefKind::Profile => (
-                K::UnknownProfile,
-                "profile",
-                pol.profiles.iter().map(|p| p.name.as_str()).collect(),
-            ),
-        };
-        if !names.contains(&r.name.as_str()) {
-            let hint = did_you_mean(&r.name, what, names.iter().copied());
+        let known = defined
+            .entry(r.kind)
+            .or_insert_with(|| names(r.kind).into_iter().collect());
+        if !known.contains(r.name.as_str()) {
+            let (kind, what) = match r.kind {
+                RefKind::Group => (K::UnknownGroup, "group"),
+                RefKind::Service => (K::UnknownService, "service"),
+                RefKind::Zone => (K::UnknownZone, "zone"),
+                RefKind::Cluster => (K::UnknownCluster, "cluster"),
+                RefKind::Vm => (K::UnknownVm, "VM"),
+                RefKind::Profile => (K::UnknownProfile, "profile"),
+            };
+            let hint = did_you_mean(&r.name, what, names(r.kind));
             diags.push(
                 Diagnostic::error(kind, &r.span, format!("{what} \"{}\" is not defined", r.name)).with_hint(hint),
             );

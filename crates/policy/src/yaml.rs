@@ -73,6 +73,8 @@ pub struct SyntaxError {
 
 struct Builder {
     file: Arc<str>,
+    /// Lines before the text's first (it is cut from a longer file).
+    line_offset: u32,
     stack: Vec<(Node, Option<usize>)>,
     /// A mapping's pending key, per open mapping (parallel to `stack`).
     keys: Vec<Option<Node>>,
@@ -86,7 +88,7 @@ impl Builder {
         // yaml-rust2 lines are 1-based, columns 0-based.
         Span {
             file: self.file.clone(),
-            line: m.line() as u32,
+            line: (m.line() as u32).saturating_add(self.line_offset),
             column: m.col() as u32 + 1,
         }
     }
@@ -177,8 +179,15 @@ impl MarkedEventReceiver for Builder {
 
 /// Parse `text` (named `file`) into one node per document.
 pub fn parse(file: &Arc<str>, text: &str) -> Result<Vec<Node>, SyntaxError> {
+    parse_at(file, text, 1)
+}
+
+/// Parse `text`, cut from `file` where it starts on line `first_line`
+/// (1-based), so that positions are the file's.
+pub fn parse_at(file: &Arc<str>, text: &str, first_line: u32) -> Result<Vec<Node>, SyntaxError> {
     let mut b = Builder {
         file: file.clone(),
+        line_offset: first_line.saturating_sub(1),
         stack: Vec::new(),
         keys: Vec::new(),
         anchors: Vec::new(),
@@ -237,6 +246,18 @@ mod tests {
         let _ = parse(&f, &text);
         let text = format!("{}{}", "[".repeat(50_000), "]".repeat(50_000));
         let _ = parse(&f, &text);
+    }
+
+    #[test]
+    fn positions_of_a_cut_text_are_the_files() {
+        let f: Arc<str> = "t.yaml".into();
+        let docs = parse_at(&f, "  - { a: 1 }\n", 40).unwrap();
+        let NodeKind::Seq(s) = &docs[0].kind else {
+            panic!("not a seq")
+        };
+        assert_eq!((s[0].span.line, s[0].span.column), (40, 5));
+        let e = parse_at(&f, "a: [1, 2\nb: 3\n", 40).unwrap_err();
+        assert!(e.span.line >= 40, "{e:?}");
     }
 
     #[test]

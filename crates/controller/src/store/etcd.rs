@@ -17,11 +17,17 @@
 //! values small: a policy version of 50,000 VMs is about 10 MB. A value over
 //! [`INLINE_MAX`] is cut into chunks of at most [`CHUNK_BYTES`], each written
 //! first under `<prefix>.blobs/<sha-256>` (content-addressed, so a rewrite
-//! or a retried transaction writes the same keys), and the key itself holds a
+//! or a retried transaction writes the same keys; one already there is not
+//! written again), and the key itself holds a
 //! small manifest naming them, which is what the transaction writes and
 //! compares. The manifest is a function of the value, so a compare against a
 //! large value compares manifests, and the transaction stays atomic: until it
-//! commits no key names the new chunks. A transaction that loses its compare
+//! commits no key names the new chunks. Chunks are cut where the content
+//! says (a rolling hash of the last 64 bytes, as rsync and backup tools
+//! do), not at fixed offsets: a new policy version that adds one VM then
+//! differs from the last in a chunk or two, and only those are sent,
+//! instead of every chunk after the first changed byte.
+//! A transaction that loses its compare
 //! leaves its chunks unreferenced; they are small in number (one version's
 //! worth per lost race) and are not collected. A read checks every chunk
 //! against its hash, and a missing or altered chunk is
@@ -49,10 +55,70 @@ pub const CHUNK_BYTES: usize = 1024 * 1024;
 /// The most bytes read from one gateway answer. Chunked values keep answers
 /// small; a range over many keys is what could approach it.
 const MAX_ANSWER_BYTES: u64 = 256 * 1024 * 1024;
+/// The fewest bytes in a chunk other than a value's last.
+const MIN_CHUNK: usize = 256 * 1024;
+/// A chunk ends past [`MIN_CHUNK`] where the rolling hash has these 19 bits
+/// clear: on average 512 KiB further on (or at [`CHUNK_BYTES`]).
+const CUT_MASK: u64 = ((1 << 19) - 1) << 45;
+/// The rolling ("gear") hash's byte values: fixed pseudo-random numbers
+/// (SplitMix64), the same in every controller, so equal contents are cut
+/// alike wherever they are.
+const GEAR: [u64; 256] = gear_table();
+
+const fn gear_table() -> [u64; 256] {
+    let mut table = [0u64; 256];
+    let mut x: u64 = 0;
+    let mut i = 0;
+    while i < 256 {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        table[i] = z ^ (z >> 31);
+        i += 1;
+    }
+    table
+}
+
+/// `value` cut into chunks where its content says (see the module's documentation).
+fn chunks(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = value;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (chunk, after) = rest.split_at(chunk_len(rest));
+        rest = after;
+        Some(chunk)
+    })
+}
+
+/// The length of the chunk at the start of `data`.
+fn chunk_len(data: &[u8]) -> usize {
+    if data.len() <= MIN_CHUNK {
+        return data.len();
+    }
+    let end = data.len().min(CHUNK_BYTES);
+    // The hash depends on the last 64 bytes only (each shifts one bit
+    // further out): start 64 bytes early so the first cut point sees a
+    // full window.
+    let mut h: u64 = 0;
+    for (i, &b) in data.iter().enumerate().take(end).skip(MIN_CHUNK - 64) {
+        h = (h << 1).wrapping_add(GEAR[usize::from(b)]);
+        if i >= MIN_CHUNK && h & CUT_MASK == 0 {
+            return i + 1;
+        }
+    }
+    end
+}
+
 /// The first bytes of a chunk manifest. Stored values are JSON and never
 /// start with NUL; a value that does is stored chunked, so a stored value
 /// starting with this is always a manifest.
 const MANIFEST_MAGIC: &[u8] = b"\0palisade-chunks/1\n";
+
+/// How many bytes of chunks a store keeps in memory (see [`ChunkCache`]).
+const CHUNK_CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// A [`Store`] on an etcd cluster.
 #[derive(Debug, Clone)]
@@ -60,6 +126,43 @@ pub struct EtcdStore {
     endpoints: Vec<String>,
     prefix: String,
     agent: ureq::Agent,
+    /// Shared by clones, which are the same store.
+    chunks: std::sync::Arc<std::sync::Mutex<ChunkCache>>,
+}
+
+/// The chunks read or written lately, by hash, oldest dropped first. A
+/// chunk's key is its content's hash, so a copy never goes stale: a new
+/// policy version shares most chunks with the last one, and a controller
+/// that learns of it from the watch reads only the chunk or two it has not
+/// seen. (A chunk altered in etcd behind Palisade's back is still found by
+/// any store that reads it afresh; this one keeps returning the content the
+/// hash names.)
+#[derive(Debug, Default)]
+struct ChunkCache {
+    by_hash: std::collections::HashMap<String, std::sync::Arc<[u8]>>,
+    order: std::collections::VecDeque<String>,
+    bytes: usize,
+}
+
+impl ChunkCache {
+    fn get(&self, hash: &str) -> Option<std::sync::Arc<[u8]>> {
+        self.by_hash.get(hash).cloned()
+    }
+
+    fn put(&mut self, hash: &str, chunk: &[u8]) {
+        if self.by_hash.contains_key(hash) || chunk.len() > CHUNK_CACHE_BYTES {
+            return;
+        }
+        while self.bytes + chunk.len() > CHUNK_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(c) = self.by_hash.remove(&old) {
+                self.bytes -= c.len();
+            }
+        }
+        self.bytes += chunk.len();
+        self.order.push_back(hash.to_string());
+        self.by_hash.insert(hash.to_string(), chunk.into());
+    }
 }
 
 impl EtcdStore {
@@ -76,7 +179,14 @@ impl EtcdStore {
                 .collect(),
             prefix: prefix.to_string(),
             agent,
+            chunks: Default::default(),
         }
+    }
+
+    fn chunk_cache(&self) -> std::sync::MutexGuard<'_, ChunkCache> {
+        // Each change to the cache completes before the lock is let go, and
+        // nothing in it can panic half-way: a poisoned lock holds a whole cache.
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Check that some endpoint answers.
@@ -102,16 +212,30 @@ impl EtcdStore {
         }
         let mut manifest = MANIFEST_MAGIC.to_vec();
         manifest.extend_from_slice(format!("{}\n", value.len()).as_bytes());
-        for chunk in value.chunks(CHUNK_BYTES) {
+        for chunk in chunks(value) {
             let hash = sha256_hex(chunk);
             if write_chunks {
-                let put = json!({ "key": self.chunk_key(&hash), "value": B64.encode(chunk) });
-                self.call("/v3/kv/put", &put)?;
+                if !self.has_chunk(&hash)? {
+                    let put = json!({ "key": self.chunk_key(&hash), "value": B64.encode(chunk) });
+                    self.call("/v3/kv/put", &put)?;
+                }
+                self.chunk_cache().put(&hash, chunk);
             }
             manifest.extend_from_slice(hash.as_bytes());
             manifest.push(b'\n');
         }
         Ok(manifest)
+    }
+
+    /// Whether the chunk with this hash is stored (a count, not the chunk:
+    /// most of a new version's chunks are the last version's).
+    fn has_chunk(&self, hash: &str) -> Result<bool, StoreError> {
+        let v = self.call(
+            "/v3/kv/range",
+            &json!({ "key": self.chunk_key(hash), "count_only": true }),
+        )?;
+        // 64-bit numbers come as strings, and the gateway leaves out zeros.
+        Ok(v["count"].as_str().is_some_and(|c| c != "0"))
     }
 
     /// The value a stored form stands for: itself, or the chunks its manifest names.
@@ -131,6 +255,10 @@ impl EtcdStore {
             .ok_or_else(|| corrupt("chunk manifest has no length".into()))?;
         let mut value = Vec::with_capacity(len.min(MAX_ANSWER_BYTES as usize));
         for (i, hash) in lines.enumerate() {
+            if let Some(chunk) = self.chunk_cache().get(hash) {
+                value.extend_from_slice(&chunk);
+                continue;
+            }
             let v = self.call("/v3/kv/range", &json!({ "key": self.chunk_key(hash) }))?;
             let chunk = match v["kvs"].as_array().and_then(|a| a.first()) {
                 Some(kv) => b64(&kv["value"], key)?,
@@ -139,6 +267,7 @@ impl EtcdStore {
             if sha256_hex(&chunk) != hash {
                 return Err(corrupt(format!("chunk {i} ({hash}) does not match its hash")));
             }
+            self.chunk_cache().put(hash, &chunk);
             value.extend_from_slice(&chunk);
         }
         if value.len() != len {
@@ -473,6 +602,41 @@ mod tests {
     }
 
     #[test]
+    fn chunks_are_cut_by_content_so_an_edit_changes_one_or_two() {
+        // Varied bytes, as text is (a counter's bytes repeat too regularly
+        // for the rolling hash to find a cut before the most).
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let value: Vec<u8> = (0..10 * CHUNK_BYTES)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let cut: Vec<&[u8]> = chunks(&value).collect();
+        assert_eq!(cut.concat(), value);
+        let (last, inner) = cut.split_last().expect("chunks");
+        assert!(inner.iter().all(|c| (MIN_CHUNK..=CHUNK_BYTES).contains(&c.len())));
+        assert!(last.len() <= CHUNK_BYTES);
+        assert!(cut.len() > 10, "cuts fall between the bounds, not only at the most");
+        // A few bytes inserted near the start, and a few changed in the middle.
+        let mut edited = value.clone();
+        edited.splice(100..100, *b"inserted");
+        edited[5 * CHUNK_BYTES] ^= 0xff;
+        let before: std::collections::HashSet<&[u8]> = cut.iter().copied().collect();
+        let after: Vec<&[u8]> = chunks(&edited).collect();
+        let new = after.iter().filter(|c| !before.contains(*c)).count();
+        assert!(new <= 4, "{new} of {} chunks changed", after.len());
+        // Fixed offsets would have changed every chunk after the insertion.
+        let fixed_new = edited
+            .chunks(CHUNK_BYTES)
+            .filter(|c| !value.chunks(CHUNK_BYTES).any(|o| o == *c))
+            .count();
+        assert_eq!(fixed_new, edited.len().div_ceil(CHUNK_BYTES));
+    }
+
+    #[test]
     fn large_values_are_chunked_under_etcds_default_request_limit() {
         // The test etcd runs with the default --max-request-bytes (1.5 MiB):
         // a 3.5 MiB value in one request would be refused.
@@ -492,8 +656,11 @@ mod tests {
             ("v/small".to_string(), b"{}".to_vec()),
         ];
         assert!(s.txn(&[], &puts).unwrap());
+        // Read back through this store (its chunk cache) and a fresh one (etcd).
+        let fresh = || EtcdStore::new(vec![etcd.url.clone()], "/pc/");
         for (k, v) in &puts {
             assert_eq!(s.get(k).unwrap().as_ref(), Some(v), "{k}");
+            assert_eq!(fresh().get(k).unwrap().as_ref(), Some(v), "{k}");
         }
         // Listing resolves chunked values and never lists the chunks themselves.
         let mut listed = s.list_prefix("").unwrap();
@@ -507,8 +674,11 @@ mod tests {
             value: Some(large.clone()),
         }];
         assert!(s.txn(&holds, &[("v/after".into(), b"1".to_vec())]).unwrap());
+        let cut: Vec<&[u8]> = chunks(&large).collect();
+        assert!(cut.len() >= 4, "3 MiB in chunks of at most 1 MiB");
+        let (first, second) = (cut[0].len(), cut[1].len());
         let mut altered = large.clone();
-        altered[CHUNK_BYTES + 7] ^= 0xff;
+        altered[first + 7] ^= 0xff;
         let fails = [Compare {
             key: "v/large".into(),
             value: Some(altered.clone()),
@@ -517,18 +687,21 @@ mod tests {
         assert_eq!(s.get("v/after").unwrap().as_deref(), Some(&b"1"[..]));
 
         // A chunk altered behind the store's back is reported against the key that names it.
-        let second = sha256_hex(&large[CHUNK_BYTES..2 * CHUNK_BYTES]);
-        let put = json!({ "key": s.chunk_key(&second), "value": B64.encode(&altered[CHUNK_BYTES..2 * CHUNK_BYTES]) });
+        let hash = sha256_hex(cut[1]);
+        let put = json!({ "key": s.chunk_key(&hash), "value": B64.encode(&altered[first..first + second]) });
         s.call("/v3/kv/put", &put).unwrap();
-        let err = s.get("v/large").unwrap_err().to_string();
+        // `s` keeps the chunks it wrote and read, by their hashes, so it
+        // still returns the value; a store reading afresh finds the fault.
+        assert_eq!(s.get("v/large").unwrap().as_ref(), Some(&large));
+        let err = fresh().get("v/large").unwrap_err().to_string();
         assert!(
             err.contains("v/large") && err.contains("chunk 1") && err.contains("does not match"),
             "{err}"
         );
         // And a missing one too.
-        s.call("/v3/kv/deleterange", &json!({ "key": s.chunk_key(&second) }))
+        s.call("/v3/kv/deleterange", &json!({ "key": s.chunk_key(&hash) }))
             .unwrap();
-        let err = s.get("v/large").unwrap_err().to_string();
+        let err = fresh().get("v/large").unwrap_err().to_string();
         assert!(err.contains("chunk 1") && err.contains("missing"), "{err}");
         // The other values are untouched.
         assert_eq!(s.get("v/edge").unwrap(), Some(edge));
