@@ -46,6 +46,32 @@ const CHANGES: &str = "changes/";
 const TOKENS: &str = "tokens/";
 /// How often a change is retried after losing the compare-and-swap race.
 const CAS_RETRIES: usize = 16;
+/// The store-wide lock a change holds from reading the current policy to
+/// committing the next: controllers sharing an etcd then compile one change
+/// at a time instead of racing and compiling again after a lost race.
+pub const COMPILE_LOCK: &str = "compile";
+/// How long a crashed controller's compile lock outlives it.
+const COMPILE_LOCK_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long a change waits for the compile lock before going ahead
+/// without it (a holder stalled); the compare-and-swap still decides.
+const COMPILE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The compile lock, held until dropped.
+struct CompileLock<'a> {
+    store: &'a dyn Store,
+    lease: Option<u64>,
+}
+
+impl Drop for CompileLock<'_> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease
+            && let Err(e) = self.store.unlock(COMPILE_LOCK, lease)
+        {
+            // The lease runs out on its own: others wait at most the TTL.
+            eprintln!("palisade controller: letting go of the compile lock: {e}");
+        }
+    }
+}
 
 /// A controller operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +276,23 @@ impl std::fmt::Debug for Controller {
 }
 
 impl Controller {
+    /// Take the compile lock ([`COMPILE_LOCK`]). Past [`COMPILE_LOCK_WAIT`]
+    /// the change goes ahead without it: a stalled holder must not stop
+    /// every change, and the store's compare-and-swap keeps changes
+    /// consistent either way.
+    fn compile_lock(&self) -> Result<CompileLock<'_>, CoreError> {
+        let lease = self.store.lock(COMPILE_LOCK, COMPILE_LOCK_TTL, COMPILE_LOCK_WAIT)?;
+        if lease.is_none() {
+            eprintln!(
+                "palisade controller: the compile lock is still held after {COMPILE_LOCK_WAIT:?}; going ahead without it"
+            );
+        }
+        Ok(CompileLock {
+            store: &*self.store,
+            lease,
+        })
+    }
+
     /// Load and validate `files` with the controller's [`Loader`].
     fn load(&self, files: &Files) -> Result<(Model, String), CoreError> {
         // A panic while loading leaves at worst a loader that remembers
@@ -682,6 +725,7 @@ impl Controller {
     /// Validate `req` and, unless `dry_run`, make it the current policy as a new version.
     pub fn apply(&self, actor: &str, req: &ApplyRequest, dry_run: bool) -> Result<ApplyResponse, CoreError> {
         let (model, warnings) = self.load(&req.files)?;
+        let _lock = if dry_run { None } else { Some(self.compile_lock()?) };
         // The first attempt takes the model; one after a lost race loads
         // it again (cheap with the loader) rather than every attempt
         // copying 50,000 VMs.
@@ -764,6 +808,7 @@ impl Controller {
     pub fn rollback(&self, actor: &str, v: u64) -> Result<ApplyResponse, CoreError> {
         let target = self.version(v)?;
         let (model, warnings) = self.load(&target.files)?;
+        let _lock = self.compile_lock()?;
         // The first attempt takes the model; one after a lost race loads
         // it again (cheap with the loader) rather than every attempt
         // copying 50,000 VMs.
@@ -824,6 +869,7 @@ impl Controller {
         if let Some(k) = req.set.keys().chain(&req.remove).find(|k| k.is_empty()) {
             return Err(CoreError::BadRequest(format!("empty tag key \"{k}\"")));
         }
+        let _lock = self.compile_lock()?;
         for _ in 0..CAS_RETRIES {
             let (cur, raw) = self.current_raw()?;
             let mut compiler = match self.compiled_at(&cur)? {

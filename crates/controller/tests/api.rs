@@ -669,6 +669,15 @@ fn controllers_taking_turns_catch_up_instead_of_recompiling() {
         fn revision(&self) -> Result<u64, StoreError> {
             self.inner.revision()
         }
+        // Granted at once, whoever holds it, as when a holder stalled past
+        // its lease: the race reaches the transaction, which is what this
+        // test is about.
+        fn lock(&self, _: &str, _: Duration, _: Duration) -> Result<Option<u64>, StoreError> {
+            Ok(Some(0))
+        }
+        fn unlock(&self, _: &str, _: u64) -> Result<(), StoreError> {
+            Ok(())
+        }
     }
 
     let dir = TempDir::new("api-turns");
@@ -825,4 +834,43 @@ fn tokens_are_listed_and_revoked() {
         (revokes[0].actor.as_str(), revokes[0].resource.as_str()),
         ("alice", "token/ci")
     );
+}
+
+/// Changes take the store's compile lock: while another controller holds it
+/// (here, the test), an apply waits, and goes on as soon as it is let go.
+#[test]
+fn a_change_waits_for_the_compile_lock() {
+    use palisade_controller::api::ApplyRequest;
+    use palisade_controller::core::{COMPILE_LOCK, Controller};
+    use palisade_controller::store::{EmbeddedStore, Store};
+    use std::sync::Arc;
+
+    let dir = TempDir::new("api-lock");
+    let store = Arc::new(EmbeddedStore::open(&dir.0.join("s.redb")).unwrap());
+    let ctl = Controller::new(store.clone());
+    let held = store
+        .lock(COMPILE_LOCK, Duration::from_secs(15), Duration::ZERO)
+        .unwrap()
+        .expect("a free lock");
+    let req = ApplyRequest {
+        files: files(POLICY_V1),
+        message: String::new(),
+    };
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let apply = s.spawn(|| ctl.apply("t", &req, false));
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(!apply.is_finished(), "the apply went ahead while the lock was held");
+        assert_eq!(ctl.current().unwrap().version, 0);
+        store.unlock(COMPILE_LOCK, held).unwrap();
+        let resp = apply.join().unwrap().unwrap();
+        assert_eq!(resp.version, 1);
+    });
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // A dry run compiles without it.
+    let held = store
+        .lock(COMPILE_LOCK, Duration::from_secs(15), Duration::ZERO)
+        .unwrap();
+    assert!(held.is_some());
+    assert_eq!(ctl.apply("t", &req, true).unwrap().version, 2);
 }

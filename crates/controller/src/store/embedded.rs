@@ -3,9 +3,14 @@
 //! redb gives serializable write transactions, so [`Store::txn`] is a write
 //! transaction that reads the compared keys and aborts (by not committing)
 //! when one differs. The revision is a counter in its own table, bumped in
-//! the same transaction as the writes it counts.
+//! the same transaction as the writes it counts. A redb file has one
+//! process, so [`Store::lock`] is a lock in memory: what `ttl` guards
+//! against, a holder gone without unlocking, cannot outlive the process.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, TableDefinition};
 
@@ -18,6 +23,9 @@ const REVISION: &str = "revision";
 /// A [`Store`] in a redb file.
 pub struct EmbeddedStore {
     db: Database,
+    /// Held locks by name, with their lease numbers.
+    locks: Mutex<(HashMap<String, u64>, u64)>,
+    unlocked: Condvar,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -39,7 +47,11 @@ impl EmbeddedStore {
         tx.open_table(KV).map_err(err)?;
         tx.open_table(META).map_err(err)?;
         tx.commit().map_err(err)?;
-        Ok(EmbeddedStore { db })
+        Ok(EmbeddedStore {
+            db,
+            locks: Mutex::default(),
+            unlocked: Condvar::new(),
+        })
     }
 }
 
@@ -90,6 +102,44 @@ impl Store for EmbeddedStore {
         let tx = self.db.begin_read().map_err(err)?;
         let m = tx.open_table(META).map_err(err)?;
         Ok(m.get(REVISION).map_err(err)?.map_or(0, |v| v.value()))
+    }
+
+    fn lock(&self, name: &str, _ttl: Duration, wait: Duration) -> Result<Option<u64>, StoreError> {
+        let deadline = Instant::now() + wait;
+        let mut locks = self.locks();
+        loop {
+            if !locks.0.contains_key(name) {
+                locks.1 += 1;
+                let lease = locks.1;
+                locks.0.insert(name.to_string(), lease);
+                return Ok(Some(lease));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            locks = self
+                .unlocked
+                .wait_timeout(locks, left)
+                .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+        }
+    }
+
+    fn unlock(&self, name: &str, lease: u64) -> Result<(), StoreError> {
+        let mut locks = self.locks();
+        if locks.0.get(name) == Some(&lease) {
+            locks.0.remove(name);
+            self.unlocked.notify_all();
+        }
+        Ok(())
+    }
+}
+
+impl EmbeddedStore {
+    fn locks(&self) -> MutexGuard<'_, (HashMap<String, u64>, u64)> {
+        // Each change to the table is one insert or remove: a panic cannot
+        // leave it half-done, so a poisoned lock still holds a whole table.
+        self.locks.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -411,9 +411,78 @@ impl Store for EtcdStore {
     }
 
     fn wait_for_write(&self, key: &str, after: u64, timeout: Duration) -> Result<bool, StoreError> {
+        self.watch(&self.key(key), after, timeout)
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        // A range over one key returns the cluster's header revision; `count_only` keeps it small.
+        let v = self.call(
+            "/v3/kv/range",
+            &json!({ "key": self.key("revision"), "count_only": true }),
+        )?;
+        header_revision(&v)
+    }
+
+    fn lock(&self, name: &str, ttl: Duration, wait: Duration) -> Result<Option<u64>, StoreError> {
+        let deadline = std::time::Instant::now() + wait;
+        let key = self.lock_key(name);
+        loop {
+            // A lease per attempt: one granted before a long wait would
+            // run out while waiting.
+            let granted = self.call("/v3/lease/grant", &json!({ "TTL": ttl.as_secs().max(1).to_string() }))?;
+            let lease: u64 = granted["ID"]
+                .as_str()
+                .and_then(|id| id.parse().ok())
+                .ok_or_else(|| etcd_err("", format!("lease grant answered without an ID: {granted}")))?;
+            // The key is created bound to the lease: revoking the lease (or
+            // its expiry, when the holder is gone) deletes it.
+            let txn = json!({
+                "compare": [{ "key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0" }],
+                "success": [{ "request_put": { "key": key, "value": B64.encode(lease.to_string()), "lease": lease.to_string() } }],
+            });
+            let v = self.call("/v3/kv/txn", &txn)?;
+            if v["succeeded"].as_bool().unwrap_or(false) {
+                return Ok(Some(lease));
+            }
+            self.unlock(name, lease)?;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // Until the holder's key goes: a watch from the revision of the
+            // failed attempt, so a release in between is not missed.
+            self.watch(&key, header_revision(&v)?, left)?;
+        }
+    }
+
+    fn unlock(&self, _name: &str, lease: u64) -> Result<(), StoreError> {
+        match self.call("/v3/lease/revoke", &json!({ "ID": lease.to_string() })) {
+            Ok(_) => Ok(()),
+            // Already gone (expired, or let go before): nothing is held.
+            // The gateway says so with a 404 whose body ureq may not read
+            // (it ends in an HTTP trailer), hence the status alone.
+            Err(StoreError::Etcd { message, .. })
+                if message.contains("lease not found") || message.starts_with("HTTP 404") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl EtcdStore {
+    /// Where the lock `name` lives: beside the prefix, like the chunks.
+    fn lock_key(&self, name: &str) -> String {
+        B64.encode(format!("{}.locks/{name}", self.prefix.trim_end_matches('/')))
+    }
+
+    /// Wait until the key `encoded` (already prefixed and encoded) is
+    /// written or deleted after revision `after` (see [`Store::wait_for_write`]).
+    fn watch(&self, encoded: &str, after: u64, timeout: Duration) -> Result<bool, StoreError> {
         use std::io::BufRead as _;
-        let body = json!({ "create_request": { "key": self.key(key), "start_revision": (after + 1).to_string() } })
-            .to_string();
+        let body =
+            json!({ "create_request": { "key": encoded, "start_revision": (after + 1).to_string() } }).to_string();
         let mut last = etcd_err("", "no endpoint configured");
         for ep in &self.endpoints {
             let url = format!("{ep}/v3/watch");
@@ -461,15 +530,6 @@ impl Store for EtcdStore {
             }
         }
         Err(last)
-    }
-
-    fn revision(&self) -> Result<u64, StoreError> {
-        // A range over one key returns the cluster's header revision; `count_only` keeps it small.
-        let v = self.call(
-            "/v3/kv/range",
-            &json!({ "key": self.key("revision"), "count_only": true }),
-        )?;
-        header_revision(&v)
     }
 }
 
@@ -599,6 +659,33 @@ mod tests {
         (0..len)
             .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3] ^ seed)
             .collect()
+    }
+
+    #[test]
+    fn a_lock_whose_holder_is_gone_expires_with_its_lease() {
+        let Some(etcd) = testing::etcd_or_skip("locks", 23_805) else {
+            return;
+        };
+        let (a, b) = (
+            EtcdStore::new(vec![etcd.url.clone()], "/pl/"),
+            EtcdStore::new(vec![etcd.url.clone()], "/pl/"),
+        );
+        let ttl = Duration::from_secs(2);
+        // `a` takes the lock and is never heard of again (a crashed controller).
+        a.lock("compile", ttl, Duration::ZERO).unwrap().expect("a free lock");
+        assert_eq!(b.lock("compile", ttl, Duration::from_millis(300)).unwrap(), None);
+        let t = std::time::Instant::now();
+        let lease = b.lock("compile", ttl, Duration::from_secs(15)).unwrap();
+        let waited = t.elapsed();
+        assert!(lease.is_some(), "the lease expired and the lock with it");
+        assert!(
+            waited >= Duration::from_millis(500) && waited < Duration::from_secs(10),
+            "{waited:?}"
+        );
+        // The lock lives beside the prefix: listing the store never shows it.
+        assert_eq!(b.list_prefix("").unwrap(), Vec::new());
+        b.unlock("compile", lease.unwrap_or_default()).unwrap();
+        assert!(a.lock("compile", ttl, Duration::ZERO).unwrap().is_some());
     }
 
     #[test]

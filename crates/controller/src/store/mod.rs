@@ -13,6 +13,10 @@
 //! was written after a store revision (an etcd watch), and the server then
 //! re-reads the small current-policy pointer; a store that cannot watch (the
 //! embedded one, which only its own controller writes) is polled.
+//! [`Store::lock`] is a lock across every controller on the store (on etcd,
+//! a key bound to a lease, so a crashed holder's lock expires); controllers
+//! take it to compile one change at a time, and the transactions' checks
+//! still decide, so a lock lost to a stall cannot corrupt anything.
 
 use std::time::Duration;
 
@@ -84,6 +88,16 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Take the store-wide lock `name`, waiting at most `wait` for it:
+    /// `Some(lease)` once held (pass it to [`unlock`](Store::unlock)),
+    /// `None` when another holder still has it. Across every controller on
+    /// the store there is one holder at a time; a holder that stops without
+    /// unlocking (a controller that crashed) loses it after `ttl`.
+    fn lock(&self, name: &str, ttl: Duration, wait: Duration) -> Result<Option<u64>, StoreError>;
+
+    /// Let go of a lock taken with [`lock`](Store::lock).
+    fn unlock(&self, name: &str, lease: u64) -> Result<(), StoreError>;
+
     /// Write one key unconditionally.
     fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.txn(&[], &[(key.to_string(), value.to_vec())]).map(|_| ())
@@ -121,7 +135,35 @@ pub(crate) mod conformance {
     //! The behaviour every [`Store`] must have, run against each implementation.
     use super::*;
 
+    /// One holder per name; a waiter gets the lock when it is let go.
+    fn check_locks(store: &dyn Store) {
+        let (ttl, none) = (Duration::from_secs(10), Duration::ZERO);
+        let first = store.lock("c", ttl, none).unwrap().expect("a free lock");
+        assert_eq!(store.lock("c", ttl, Duration::from_millis(200)).unwrap(), None);
+        let other = store.lock("d", ttl, none).unwrap().expect("another name is free");
+        store.unlock("c", first).unwrap();
+        let second = store.lock("c", ttl, none).unwrap().expect("let go");
+        // A stale lease (the first) does not let go of the second holder's lock.
+        store.unlock("c", first).unwrap();
+        assert_eq!(store.lock("c", ttl, none).unwrap(), None);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                store.unlock("c", second).unwrap();
+            });
+            let t = std::time::Instant::now();
+            let third = store
+                .lock("c", ttl, Duration::from_secs(10))
+                .unwrap()
+                .expect("waited for it");
+            assert!(t.elapsed() >= Duration::from_millis(200), "{:?}", t.elapsed());
+            store.unlock("c", third).unwrap();
+        });
+        store.unlock("d", other).unwrap();
+    }
+
     pub(crate) fn check(store: &dyn Store) {
+        check_locks(store);
         let r0 = store.revision().unwrap();
         assert_eq!(store.get("a/1").unwrap(), None);
         store.put("a/1", b"one").unwrap();
