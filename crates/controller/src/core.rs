@@ -952,6 +952,19 @@ impl Controller {
         compile(model).map(Some)
     }
 
+    /// Load and compile the current policy ahead of the first change: a
+    /// controller just started (or just failed over to) then answers its
+    /// first tag change from the kept compiled policy, and parses only the
+    /// VMs a new version changes, instead of spending a second or more at
+    /// 50,000 VMs on the change itself. Nothing to do before the first apply.
+    pub fn warm(&self) -> Result<(), CoreError> {
+        let cur = self.current()?;
+        if let Some(c) = self.compiled_at(&cur)? {
+            self.keep_compiled(cur, c);
+        }
+        Ok(())
+    }
+
     /// Keep `compiler`, the effective policy of `at`, for the next tag change.
     fn keep_compiled(&self, at: CurrentRecord, compiler: Compiler) {
         let replaced = match self.compiled.lock() {

@@ -831,6 +831,17 @@ pub fn spawn(ctl: Controller, opts: ServeOptions) -> Result<RunningServer, Serve
     let addr = std_listener.local_addr().map_err(ServerError::Runtime)?;
     std_listener.set_nonblocking(true).map_err(ServerError::Runtime)?;
     let tls = opts.tls.is_some();
+    // Off the serving threads: requests are answered meanwhile (a change
+    // that comes first compiles for itself, as before).
+    let warming = ctl.clone();
+    let warm = std::thread::Builder::new().name("palisade-warm".into()).spawn(move || {
+        if let Err(e) = warming.warm() {
+            eprintln!("palisade controller: compiling the current policy at start: {e}");
+        }
+    });
+    if let Err(e) = warm {
+        eprintln!("palisade controller: not compiling the current policy ahead of changes: {e}");
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let revision = Arc::new(watch::channel(Arc::new(CurrentRecord::default())).0);
     let serve_revision = revision.clone();

@@ -874,3 +874,44 @@ fn a_change_waits_for_the_compile_lock() {
     assert!(held.is_some());
     assert_eq!(ctl.apply("t", &req, true).unwrap().version, 2);
 }
+
+/// A controller started on a store that has a policy compiles it ahead of
+/// the first change (`Controller::warm`, which the server runs at start):
+/// the first tag change then starts from the kept policy.
+#[test]
+fn a_started_controller_compiles_the_current_policy_ahead() {
+    use palisade_controller::api::{ApplyRequest, CompileCounts};
+    use palisade_controller::core::Controller;
+    use palisade_controller::store::EmbeddedStore;
+    use std::sync::Arc;
+
+    let dir = TempDir::new("api-warm");
+    let store = Arc::new(EmbeddedStore::open(&dir.0.join("s.redb")).unwrap());
+    // Nothing applied yet: nothing to do.
+    Controller::new(store.clone()).warm().unwrap();
+    let req = ApplyRequest {
+        files: files(POLICY_V2),
+        message: String::new(),
+    };
+    Controller::new(store.clone()).apply("t", &req, false).unwrap();
+    let started = Controller::new(store.clone());
+    started.warm().unwrap();
+    let tag = TagRequest {
+        set: [("quarantine".to_string(), "true".to_string())].into(),
+        remove: Vec::new(),
+    };
+    started.tag("t", "web-1", &tag).unwrap();
+    assert_eq!(
+        started.status().compiles,
+        CompileCounts {
+            kept: 1,
+            caught_up: 0,
+            whole: 1
+        }
+    );
+    // Without the warm-up the tag change compiles whole.
+    let cold = Controller::new(store);
+    cold.tag("t", "db-1", &tag).unwrap();
+    assert_eq!(cold.status().compiles.whole, 1);
+    assert_eq!(cold.status().compiles.kept, 0);
+}
