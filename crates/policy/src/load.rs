@@ -115,10 +115,16 @@ enum Entry {
     Parsed { line: u32, node: Node },
 }
 
-/// A file's `vms:` entries, for the builder to take at the key's line.
+/// A file cut at its `vms:` list.
 struct CutVms {
-    /// The file with the entries' lines emptied.
-    skeleton: String,
+    /// The file with the entries' lines emptied, parsed (one document).
+    skeleton: Node,
+    /// The entries, for the builder to take at the key.
+    vms: CutEntries,
+}
+
+/// A file's `vms:` entries, for the builder to take at the key's line.
+struct CutEntries {
     key_line: u32,
     entries: Vec<(Box<str>, Entry)>,
 }
@@ -151,17 +157,16 @@ impl Loader {
                     cut_vms(&mut earlier, file, text)
                 };
                 match cut {
-                    Some(mut cut) => {
-                        let skeleton = std::mem::take(&mut cut.skeleton);
-                        for (_, e) in &cut.entries {
+                    Some(cut) => {
+                        for (_, e) in &cut.vms.entries {
                             match e {
                                 Entry::Reused(_) => reuse.reused += 1,
                                 Entry::Parsed { .. } => reuse.parsed += 1,
                             }
                         }
-                        b.cut_vms = Some(cut);
+                        b.cut_vms = Some(cut.vms);
                         b.cut_diagnosed = false;
-                        b.whole_file(file, &skeleton);
+                        b.file(&cut.skeleton);
                         b.cut_vms = None;
                         if b.cut_diagnosed {
                             diagnosed.push(file.clone());
@@ -198,8 +203,8 @@ impl Loader {
 /// the file is to be parsed whole.
 fn cut_vms(earlier: &mut FastMap<Box<str>, BuiltVm>, file: &Arc<str>, text: &str) -> Option<CutVms> {
     let split = crate::split::split_vms(text)?;
-    let docs = yaml::parse(file, &split.skeleton).ok()?;
-    let [doc] = docs.as_slice() else { return None };
+    let mut docs = yaml::parse(file, &split.skeleton).ok()?;
+    let doc = docs.pop().filter(|_| docs.is_empty())?;
     let NodeKind::Map(top) = &doc.kind else { return None };
     let at_key = top
         .iter()
@@ -242,9 +247,11 @@ fn cut_vms(earlier: &mut FastMap<Box<str>, BuiltVm>, file: &Arc<str>, text: &str
         return None;
     }
     Some(CutVms {
-        skeleton: split.skeleton,
-        key_line: split.key_line,
-        entries,
+        skeleton: doc,
+        vms: CutEntries {
+            key_line: split.key_line,
+            entries,
+        },
     })
 }
 
@@ -318,7 +325,7 @@ struct ModelBuilder {
     rules: Vec<Rule>,
     /// The current file's `vms:` entries, when the [`Loader`] cut them out
     /// (the file's text being read then has nothing under the key).
-    cut_vms: Option<CutVms>,
+    cut_vms: Option<CutEntries>,
     /// What those entries built cleanly, for the loader to remember.
     built_vms: Vec<(Box<str>, BuiltVm)>,
     /// Whether one of them built with a diagnostic.
@@ -509,7 +516,7 @@ impl ModelBuilder {
 
     /// The `vms:` entries the loader cut out: reused ones as they are, the
     /// others built, and remembered when they built cleanly.
-    fn cut_vms(&mut self, cut: CutVms) {
+    fn cut_vms(&mut self, cut: CutEntries) {
         for (key, entry) in cut.entries {
             match entry {
                 Entry::Reused(built) => {
