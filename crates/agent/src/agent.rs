@@ -337,7 +337,7 @@ impl Agent {
         std::fs::create_dir_all(config.state_dir.join("conntrack"))
             .map_err(io_err(format!("state directory {}", config.state_dir.display())))?;
         let (compiler, policy_stamp, upstream, revision) = match (&config.policy, &config.controller) {
-            (Some(dir), _) => (load_policy(dir)?, policy_stamp(dir), None, None),
+            (Some(dir), _) => (Arc::new(load_policy(dir)?), policy_stamp(dir), None, None),
             (None, Some(cc)) => {
                 let client = crate::upstream::client(cc)?;
                 // Kept by the watcher: each new version then parses only the
@@ -356,11 +356,12 @@ impl Agent {
                         crate::upstream::first_policy(&client, &config.host, &config.state_dir, &stop, &mut loader)?
                     }
                 };
+                let compiler = Arc::new(compiler);
                 let rx = crate::upstream::watch(
                     client,
                     config.host.clone(),
                     config.state_dir.clone(),
-                    (bundle.clone(), loader),
+                    (bundle.clone(), compiler.clone(), loader),
                     stop.clone(),
                 )?;
                 (compiler, None, Some(rx), Some(bundle.revision))
@@ -372,7 +373,8 @@ impl Agent {
                 });
             }
         };
-        let model = compiler.model().clone();
+        // Shared with the workers' lookup, not copied (50,000 VMs at scale).
+        let model = compiler.model();
         for v in &config.vnics {
             if let Some((vm, _)) = model.inventory.vnic(&v.name)
                 && vm.host.as_deref().is_some_and(|h| h != config.host)
@@ -391,14 +393,14 @@ impl Agent {
             );
             n = 1;
         }
-        let identities = Arc::new(Identities::new(&model));
+        let identities = Arc::new(Identities::new(model));
         // One compiled policy for all workers: it is read-only.
-        let lookup = Arc::new(PolicyLookup::new(compiler));
+        let lookup = Arc::new(PolicyLookup::new(compiler.clone()));
         let mut workers = Vec::new();
         let mut io = Vec::new();
         let mut ports = Vec::new();
         for i in 0..n {
-            let (engine, p) = build_engine(&config, &model, lookup.clone(), n)?;
+            let (engine, p) = build_engine(&config, model, lookup.clone(), n)?;
             io.push(open_sockets(&config, &p, i, n)?);
             ports = p;
             workers.push(Arc::new(Mutex::new(WorkerCore {

@@ -132,20 +132,20 @@ pub fn first_policy(
     Err(AgentError::Controller("stopped before a policy arrived".into()))
 }
 
-/// Start the watcher from `held`, the bundle in force, and the loader that
-/// loaded it. The receiver gets every newer policy.
+/// Start the watcher from `held`, the bundle in force, its compiled policy
+/// and the loader that loaded it. The receiver gets every newer policy.
 pub fn watch(
     client: Client,
     host: String,
     state_dir: PathBuf,
-    (held, loader): (PolicyBundle, Loader),
+    held: (PolicyBundle, Arc<Compiler>, Loader),
     stop: Arc<AtomicBool>,
 ) -> Result<Receiver<Installed>, AgentError> {
     // Depth 1: if the datapath has not taken the last one yet, the watcher waits (it is superseded anyway).
     let (tx, rx) = sync_channel(1);
     std::thread::Builder::new()
         .name("palisade-upstream".into())
-        .spawn(move || run(client, host, state_dir, (held, loader), stop, tx))
+        .spawn(move || run(client, host, state_dir, held, stop, tx))
         .map_err(|e| AgentError::Controller(format!("starting the watcher: {e}")))?;
     Ok(rx)
 }
@@ -154,13 +154,15 @@ fn run(
     client: Client,
     host: String,
     state_dir: PathBuf,
-    (mut held, mut loader): (PolicyBundle, Loader),
+    (mut held, compiled, mut loader): (PolicyBundle, Arc<Compiler>, Loader),
     stop: Arc<AtomicBool>,
     tx: SyncSender<Installed>,
 ) {
     let mut after = held.revision;
-    // The compiled policy of `held`, once this watcher has compiled one.
-    let mut held_compiled: Option<Compiler> = None;
+    // The compiled policy of `held`, to recompile a tag change from: a copy
+    // of the one in force, made here rather than on the start's path.
+    let mut held_compiled = Some(Compiler::clone(&compiled));
+    drop(compiled);
     if let Err(e) = client.register(&host, env!("CARGO_PKG_VERSION")) {
         eprintln!("palisade agent: registering with the controller: {e}");
     }
@@ -187,8 +189,7 @@ fn run(
                     }
                 };
                 // A tag change recompiles only what it affects, from the
-                // policy compiled for the bundle held; the first one after
-                // start compiles whole.
+                // policy compiled for the bundle held.
                 let compiled = b
                     .compile_from(&held, &mut held_compiled, &mut loader)
                     .map_err(|e| e.to_string());

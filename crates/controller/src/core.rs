@@ -293,6 +293,16 @@ impl Controller {
         })
     }
 
+    /// The model for one attempt at a change of `files`: the first attempt
+    /// takes the one loaded already; one after a lost race loads it again
+    /// (cheap with the loader) rather than every attempt copying 50,000 VMs.
+    fn attempt_model(&self, first: &mut Option<Model>, files: &Files) -> Result<Model, CoreError> {
+        match first.take() {
+            Some(m) => Ok(m),
+            None => Ok(self.load(files)?.0),
+        }
+    }
+
     /// Load and validate `files` with the controller's [`Loader`].
     fn load(&self, files: &Files) -> Result<(Model, String), CoreError> {
         // A panic while loading leaves at worst a loader that remembers
@@ -726,16 +736,10 @@ impl Controller {
     pub fn apply(&self, actor: &str, req: &ApplyRequest, dry_run: bool) -> Result<ApplyResponse, CoreError> {
         let (model, warnings) = self.load(&req.files)?;
         let _lock = if dry_run { None } else { Some(self.compile_lock()?) };
-        // The first attempt takes the model; one after a lost race loads
-        // it again (cheap with the loader) rather than every attempt
-        // copying 50,000 VMs.
         let mut first = Some(model);
         for _ in 0..CAS_RETRIES {
             let (cur, raw) = self.current_raw()?;
-            let mut model = match first.take() {
-                Some(m) => m,
-                None => self.load(&req.files)?.0,
-            };
+            let mut model = self.attempt_model(&mut first, &req.files)?;
             let tags = overlay_onto(&mut model, &cur.tags);
             let compiled = compile(model)?;
             let next = CurrentRecord {
@@ -752,14 +756,12 @@ impl Controller {
             if dry_run {
                 return Ok(resp);
             }
-            let (none, old) = (
-                Files::new(),
-                match cur.version {
-                    0 => None,
-                    v => Some(self.version_shared(v)?),
-                },
-            );
-            let old = old.as_ref().map_or(&none, |v| &v.files);
+            let old = match cur.version {
+                0 => None,
+                v => Some(self.version_shared(v)?),
+            };
+            let no_files = Files::new();
+            let old = old.as_ref().map_or(&no_files, |v| &v.files);
             let t = now_ns();
             let rec = VersionRecord {
                 version: next.version,
@@ -809,16 +811,10 @@ impl Controller {
         let target = self.version(v)?;
         let (model, warnings) = self.load(&target.files)?;
         let _lock = self.compile_lock()?;
-        // The first attempt takes the model; one after a lost race loads
-        // it again (cheap with the loader) rather than every attempt
-        // copying 50,000 VMs.
         let mut first = Some(model);
         for _ in 0..CAS_RETRIES {
             let (cur, raw) = self.current_raw()?;
-            let mut model = match first.take() {
-                Some(m) => m,
-                None => self.load(&target.files)?.0,
-            };
+            let mut model = self.attempt_model(&mut first, &target.files)?;
             let tags = overlay_onto(&mut model, &cur.tags);
             let compiled = compile(model)?;
             let next = CurrentRecord {
