@@ -61,7 +61,9 @@ pub struct PolicyLookup {
     // Shared, so a holder that keeps the compiled policy to recompile from
     // (the agent's controller watcher) need not copy it first.
     compiler: Arc<Compiler>,
-    owners: HashMap<IpAddr, String>,
+    /// Read twice for every new flow: the fast hasher (the keys come from
+    /// the policy, so traffic cannot make them collide).
+    owners: HashMap<IpAddr, String, foldhash::fast::RandomState>,
 }
 
 impl PolicyLookup {

@@ -692,6 +692,10 @@ fn cross_host_flow_is_classified_once_in_total() {
     assert!(vx.policy_applied() && vx.has_gbp());
     assert_eq!(vx.vni(), 100);
     assert_eq!(&wire[50..], &syn[..], "the inner frame is the VM's frame");
+    // The outer UDP source port: from the ephemeral range, by flow (RFC 7348).
+    let outer_sport = |w: &[u8]| u16::from_be_bytes([w[34], w[35]]);
+    let syn_sport = outer_sport(&wire);
+    assert!(syn_sport >= 49152, "{syn_sport}");
     fwd(&mut h2, 3, UPLINK, &wire, cc, &mut ev);
     assert_eq!(render0(&h2, &wire), syn);
 
@@ -700,6 +704,11 @@ fn cross_host_flow_is_classified_once_in_total() {
     assert_eq!(h2.process(4, cc, &synack, &mut ev), Disposition::Forward);
     assert!(h2.outputs()[0].encap.unwrap().policy_applied);
     let wire = render0(&h2, &synack);
+    assert_eq!(
+        outer_sport(&wire),
+        syn_sport,
+        "both directions of a flow take one underlay path"
+    );
     fwd(&mut h1, 5, UPLINK, &wire, a, &mut ev);
     let ack = tcp(10, 12, 40030, 443, 2, 101, TcpFlags::ACK, b"");
     assert_eq!(h1.process(6, a, &ack, &mut ev), Disposition::Forward);
@@ -715,6 +724,7 @@ fn cross_host_flow_is_classified_once_in_total() {
     let syn2 = tcp(10, 12, 40031, 22, 1, 0, TcpFlags::SYN, b"");
     assert_eq!(h1.process(8, a, &syn2, &mut ev), Disposition::Forward);
     let mut wire = render0(&h1, &syn2);
+    assert_ne!(outer_sport(&wire), syn_sport, "another flow, another port");
     vxlan::Packet::new_unchecked(&mut wire[42..50]).set_policy_applied(false);
     let before = h2.counters().classifications;
     fwd(&mut h2, 9, UPLINK, &wire, cc, &mut ev);
@@ -1503,7 +1513,8 @@ fn batch_processing_matches_frame_by_frame() {
                 .collect();
             seen.push((d, outs));
         };
-        // Enough cached (denied) flows that process_batch looks ahead.
+        // A warm cache (denied flows), so that looking ahead finds entries
+        // (the default flow-cache capacity is past the look-ahead threshold).
         for p in 0..8300u16 {
             let syn = tcp(a, b, 10_000 + p, 25, 1, 0, TcpFlags::SYN, b"");
             assert_eq!(

@@ -404,8 +404,11 @@ pub struct Compiler {
     model: Model,
     /// vNIC index → (VM index, vNIC index in the VM).
     vnics: Vec<(usize, usize)>,
-    vnic_by_ip: HashMap<IpAddr, usize>,
-    vnic_by_name: HashMap<String, usize>,
+    // Read for every new flow the datapath classifies (twice each): the
+    // fast hasher, not SipHash. The keys come from the policy, not from
+    // traffic, so no packet can make them collide.
+    vnic_by_ip: foldhash::HashMap<IpAddr, usize>,
+    vnic_by_name: foldhash::HashMap<String, usize>,
     vm_by_name: HashMap<String, usize>,
     vm_vnics: Vec<Vec<usize>>,
     cluster_vnics: HashMap<String, Vec<usize>>,
@@ -434,8 +437,8 @@ impl Compiler {
         let inv = &model.inventory;
         let mut vnics = Vec::new();
         let mut vm_vnics = Vec::new();
-        let mut vnic_by_ip = HashMap::new();
-        let mut vnic_by_name = HashMap::new();
+        let mut vnic_by_ip = foldhash::HashMap::default();
+        let mut vnic_by_name = foldhash::HashMap::default();
         let mut cluster_vnics: HashMap<String, Vec<usize>> = HashMap::new();
         let mut zone_vnics: HashMap<String, Vec<usize>> = HashMap::new();
         let mut managed = Vec::new();

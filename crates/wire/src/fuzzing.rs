@@ -19,6 +19,11 @@ pub fn check_frame(data: &[u8]) -> Result<(), String> {
     let _ = Dissection::ip(data);
     let _ = flow::extract_ip(data, flow::Segment::UNTAGGED);
     let fast = flow::extract(data);
+    if let Some(quick) = flow::extract_quick(data)
+        && fast != Ok(Some(quick))
+    {
+        return Err(format!("quick flow extraction {quick:?} disagrees with {fast:?}"));
+    }
     let d = Dissection::ethernet(data);
     let Some(len) = d.buffer_len() else { return Ok(()) };
     let mut out = vec![0u8; len];
