@@ -1,6 +1,7 @@
 //! Engine throughput on one core: cache-hit ns/packet (one frame at a time, and in
 //! batches of 256 through `process_batch`; Mpps of the latter) with 1k, 100k and
-//! 1M concurrent flows, new flows per second, and a mixed run (10% new flows).
+//! 1M concurrent flows, new flows per second (one at a time and batched), and a
+//! mixed run (10% new flows).
 //!
 //! Prints one JSON object. Run with `cargo bench -p palisade-datapath --bench engine`
 //! (`ENGINE_BENCH_ONLY=<flows>` runs only the cache-hit case at that many flows,
@@ -174,6 +175,7 @@ fn main() {
     let (new_1k, hit_1k, batch_1k) = run(1_000, 200, true);
     let (new_100k, hit_100k, batch_100k) = run(100_000, 5, true);
     let (new_1m, hit_1m, batch_1m) = run(1_000_000, 2, true);
+    let new_batched = [1_000, 100_000, 1_000_000].map(run_new_batched);
     let mixed = run_mixed(100_000, 10, 3);
     let mpps = |ns: f64| 1e3 / ns;
     println!(
@@ -181,9 +183,13 @@ fn main() {
          \"cache_hit_batched_ns_per_packet\":{{\"flows_1k\":{batch_1k:.1},\"flows_100k\":{batch_100k:.1},\"flows_1m\":{batch_1m:.1}}},\
          \"cache_hit_batched_mpps_per_core\":{{\"flows_1k\":{:.2},\"flows_100k\":{:.2},\"flows_1m\":{:.2}}},\
          \"new_flows_per_s\":{{\"flows_1k\":{new_1k:.0},\"flows_100k\":{new_100k:.0},\"flows_1m\":{new_1m:.0}}},\
+         \"new_flows_per_s_batched\":{{\"flows_1k\":{:.0},\"flows_100k\":{:.0},\"flows_1m\":{:.0}}},\
          \"mixed_100k_established_10pct_new_ns_per_packet\":{mixed:.1}}}",
         mpps(batch_1k),
         mpps(batch_100k),
-        mpps(batch_1m)
+        mpps(batch_1m),
+        new_batched[0],
+        new_batched[1],
+        new_batched[2]
     );
 }
