@@ -134,7 +134,7 @@ const LOOKAHEAD: usize = 16;
 /// Flow-cache capacity from which [`Engine::process_batch`] looks ahead:
 /// about where the cache (64 bytes a bucket, twice as many buckets as
 /// flows) outgrows a core's L2 cache.
-const LOOKAHEAD_MIN_FLOWS: usize = 8192;
+const LOOKAHEAD_MIN_CAPACITY: usize = 8192;
 
 /// A frame's flow key and its flow-cache hash, computed ahead of processing.
 #[derive(Debug, Clone, Copy)]
@@ -413,18 +413,13 @@ impl Engine {
         // new flow lands on any bucket of it (new flows per second through
         // a table of 100k: 1.49-1.67 M with look-ahead from 8,192 flows
         // held, 1.61-1.88 M from that capacity).
-        let lookahead = port != UPLINK && self.vnic(port).is_some() && self.flows.capacity() >= LOOKAHEAD_MIN_FLOWS;
-        if !lookahead {
-            for (i, f) in frames.iter().enumerate() {
-                let d = self.process_from(now, port, None, f.as_ref(), None, sink);
-                done(self, i, d);
-            }
-            return;
-        }
+        let lookahead = port != UPLINK && self.vnic(port).is_some() && self.flows.capacity() >= LOOKAHEAD_MIN_CAPACITY;
         for (c, group) in frames.chunks(LOOKAHEAD).enumerate() {
             let mut hints = [None; LOOKAHEAD];
-            self.look_ahead(group, &mut hints);
-            self.prefetch_conns(&hints);
+            if lookahead {
+                self.look_ahead(group, &mut hints);
+                self.prefetch_conns(&hints);
+            }
             for (i, (f, h)) in group.iter().zip(hints).enumerate() {
                 let d = self.process_from(now, port, None, f.as_ref(), h, sink);
                 done(self, c * LOOKAHEAD + i, d);

@@ -156,7 +156,7 @@ impl FlowTable {
         let size = (capacity * 2).next_power_of_two();
         let random = foldhash::fast::RandomState::default();
         FlowTable {
-            buckets: crate::table::table_vec(size, Bucket::EMPTY).into_boxed_slice(),
+            buckets: crate::table::table_vec(size, || Bucket::EMPTY).into_boxed_slice(),
             mask: size - 1,
             len: 0,
             capacity,

@@ -27,11 +27,11 @@ pub struct BoundedMap<V> {
     hand: usize,
 }
 
-impl<V: Clone> BoundedMap<V> {
+impl<V> BoundedMap<V> {
     /// A map holding at most `capacity` entries (at least 1).
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.clamp(1, Slot::MAX as usize);
-        let slots = table_vec(capacity, None);
+        let slots = table_vec(capacity, || None);
         BoundedMap {
             index: HashMap::with_capacity_and_hasher(capacity, RandomState::default()),
             slots,
@@ -141,7 +141,7 @@ impl<V: Clone> BoundedMap<V> {
     }
 }
 
-/// `n` copies of `value` in a vector whose memory the kernel is first asked
+/// `n` values made by `make` in a vector whose memory the kernel is first asked
 /// to back with huge pages (Linux transparent huge pages, in `madvise` mode
 /// on most distributions).
 ///
@@ -154,10 +154,10 @@ impl<V: Clone> BoundedMap<V> {
 /// faulted in stay small until the kernel collapses them in the background.
 /// It is a hint: where huge pages are off or none are free, ordinary pages
 /// back the table, and nothing else changes.
-pub(crate) fn table_vec<T: Clone>(n: usize, value: T) -> Vec<T> {
+pub(crate) fn table_vec<T>(n: usize, make: impl FnMut() -> T) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
     advise_huge_pages(v.spare_capacity_mut());
-    v.resize(n, value);
+    v.resize_with(n, make);
     v
 }
 

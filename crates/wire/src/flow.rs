@@ -231,18 +231,23 @@ pub struct FlowInfo {
 pub fn extract_quick(frame: &[u8]) -> Option<FlowInfo> {
     const L3: usize = ethernet::HEADER_LEN;
     const L4: usize = L3 + ipv4::HEADER_LEN;
-    let ip = frame.get(L3..L4)?;
-    // Version 4 with a 20-byte header, and neither a later fragment nor
-    // one followed by more (the reserved flag bit is left to `extract`,
-    // which ignores it too, so it is not tested here).
-    if frame[12..14] != [0x08, 0x00] || ip[0] != 0x45 || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+    // The views are made unchecked over a frame that holds both headers
+    // (the `get` below), so every accessor used here is within bounds.
+    let ip = ipv4::Packet::new_unchecked(frame.get(L3..L4)?);
+    // A 20-byte IPv4 header, and neither a later fragment nor one followed
+    // by more (the reserved and DF flags are ignored, as `extract` does).
+    if ethernet::Frame::new_unchecked(frame).ethertype() != EtherType::IPV4
+        || ip.version() != 4
+        || ip.header_len() != ipv4::HEADER_LEN
+        || ip.more_frags()
+        || ip.frag_offset() != 0
+    {
         return None;
     }
-    let ip_end = L3 + usize::from(u16::from_be_bytes([ip[2], ip[3]]));
     // The transport slice ends where the IP layer says the payload ends, as
     // in `extract`; a total length shorter than the header is malformed.
-    let upper = frame.get(L4..ip_end)?;
-    let protocol = IpProtocol(ip[9]);
+    let upper = frame.get(L4..L3 + usize::from(ip.total_len()))?;
+    let protocol = ip.protocol();
     let (src_port, dst_port, tcp_flags) = match protocol {
         IpProtocol::TCP => {
             let t = tcp::Packet::new_checked(upper).ok()?;
@@ -254,16 +259,11 @@ pub fn extract_quick(frame: &[u8]) -> Option<FlowInfo> {
         }
         _ => return None,
     };
-    let addr = |at: usize| {
-        let mut a = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0];
-        a[12..].copy_from_slice(&ip[at..at + 4]);
-        a
-    };
     Some(FlowInfo {
         key: FlowKey {
             segment: Segment::UNTAGGED,
-            src: addr(12),
-            dst: addr(16),
+            src: mapped(ip.src_addr()),
+            dst: mapped(ip.dst_addr()),
             src_port,
             dst_port,
             protocol,
