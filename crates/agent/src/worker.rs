@@ -112,19 +112,43 @@ impl Staging {
     }
 }
 
-/// Run one frame through the engine and stage its outputs.
-fn handle_frame(
+/// Run one frame that arrived on the underlay through the engine and stage its outputs.
+fn handle_overlay(
     engine: &mut Engine,
     staging: &mut Staging,
     events: &mut Vec<FlowEvent>,
     now: u64,
+    remote: Ipv4Addr,
+    payload: &[u8],
+) {
+    let disposition = engine.process_overlay(now, remote, payload, events);
+    stage(engine, staging, disposition, Err(remote), payload);
+}
+
+/// Run a batch of frames that arrived on `port` through the engine (which
+/// looks their flows up ahead, [`Engine::process_batch`]) and stage their outputs.
+fn handle_batch(
+    engine: &mut Engine,
+    staging: &mut Staging,
+    events: &mut Vec<FlowEvent>,
+    now: u64,
+    port: PortId,
+    frames: &[&[u8]],
+) {
+    engine.process_batch(now, port, frames, events, |engine, i, disposition| {
+        stage(engine, staging, disposition, Ok(port), frames[i]);
+    });
+}
+
+/// Stage the outputs of the frame the engine has just processed (they are in
+/// [`Engine::outputs`] until its next frame).
+fn stage(
+    engine: &Engine,
+    staging: &mut Staging,
+    disposition: Disposition,
     from: Result<PortId, Ipv4Addr>,
     frame: &[u8],
 ) {
-    let disposition = match from {
-        Ok(port) => engine.process(now, port, frame, events),
-        Err(remote) => engine.process_overlay(now, remote, frame, events),
-    };
     match disposition {
         Disposition::Forward => {
             for i in 0..engine.outputs().len() {
@@ -204,7 +228,7 @@ impl Worker {
                     let engine = &mut core.engine;
                     if i == overlay_index {
                         let r = self.io.overlay.recv(BATCH, &mut |remote, payload| {
-                            handle_frame(engine, &mut staging, &mut events, now, Err(remote), payload);
+                            handle_overlay(engine, &mut staging, &mut events, now, remote, payload);
                         });
                         if let Err(e) = r {
                             eprintln!(
@@ -215,8 +239,8 @@ impl Worker {
                     } else {
                         let p = &mut self.io.ports[i];
                         let port = p.port;
-                        let r = p.io.recv(BATCH, &mut |frame| {
-                            handle_frame(engine, &mut staging, &mut events, now, Ok(port), frame);
+                        let r = p.io.recv_batch(BATCH, &mut |frames| {
+                            handle_batch(engine, &mut staging, &mut events, now, port, frames);
                         });
                         if let Err(e) = r {
                             eprintln!("palisade agent: worker {}: receive on {}: {e}", self.index, p.interface);

@@ -62,6 +62,8 @@ const BPF_RET_K: u16 = 0x06;
 const ETH_P_8021Q: u16 = 0x8100;
 /// Bytes of the Ethernet destination and source addresses, before which nothing is inserted.
 const MAC_PAIR_LEN: usize = 12;
+/// Most frames in one batch of [`FramePort::recv_batch`] (and in one walk step of `recv`).
+const RX_BATCH: usize = 64;
 
 /// Offsets in `struct tpacket_block_desc` (version, offset_to_priv, then `tpacket_hdr_v1`).
 mod block {
@@ -433,9 +435,12 @@ impl AfPacket {
         self.off = 0;
     }
 
-    /// Handle the packet at `self.off` of the current block: `Some(true)` when delivered,
-    /// `Some(false)` when counted and skipped, `None` when the block's layout is corrupt.
-    fn deliver_one(&mut self, f: &mut dyn FnMut(&[u8])) -> Option<bool> {
+    /// Prepare the packet at `self.off` of the current block for delivery:
+    /// `Some(Some(span))` when it is to be delivered, `Some(None)` when it
+    /// was counted and skipped, `None` when the block's layout is corrupt. A
+    /// frame whose VLAN tag must be put back is rebuilt at the end of
+    /// `scratch`, which the caller clears before a batch.
+    fn take_one(&mut self) -> Option<Option<Span>> {
         let off = self.off;
         if off.checked_add(hdr::FIXED)? > self.block_size {
             return None;
@@ -453,7 +458,7 @@ impl AfPacket {
         let wire_len = if vlan { len + 4 } else { len };
         if snaplen < len || wire_len > self.frame_size {
             self.stats.truncated += 1;
-            return Some(false);
+            return Some(None);
         }
         let tci = self.read_u32(off + hdr::VLAN_TCI) as u16;
         let tpid = if status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
@@ -463,33 +468,44 @@ impl AfPacket {
         };
         // SAFETY: `start + snaplen <= block_size` was checked above, so the slice lies inside
         // the mapping; the block is owned by user space until `release_block`, and nothing
-        // else references these bytes while the slice lives.
+        // else references these bytes while the slice lives (spans of a batch never overlap).
         let frame = unsafe { std::slice::from_raw_parts_mut(self.block_ptr(self.block).add(start), snaplen) };
-        let out: &mut [u8] = if vlan {
+        let (span, out): (Span, &mut [u8]) = if vlan {
             // The kernel moved the tag into metadata (VLAN acceleration); a switch must forward
             // the frame as the sender wrote it.
-            self.scratch.clear();
+            let at = self.scratch.len();
             self.scratch.extend_from_slice(&frame[..MAC_PAIR_LEN]);
             self.scratch.extend_from_slice(&tpid.to_be_bytes());
             self.scratch.extend_from_slice(&tci.to_be_bytes());
             self.scratch.extend_from_slice(&frame[MAC_PAIR_LEN..]);
-            &mut self.scratch
+            (Span::Scratch(at, wire_len), &mut self.scratch[at..])
         } else {
-            frame
+            (Span::Ring(start, snaplen), frame)
         };
         if status & libc::TP_STATUS_CSUMNOTREADY != 0 && complete_checksum(out).is_ok() {
             self.stats.csum_completed += 1;
         }
         self.stats.rx_frames += 1;
         self.stats.rx_bytes += out.len() as u64;
-        f(out);
-        Some(true)
+        Some(Some(span))
     }
-}
 
-impl FramePort for AfPacket {
-    fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+    /// The frame `span` names (in the current block or in `scratch`).
+    fn frame(&self, span: Span) -> &[u8] {
+        match span {
+            // SAFETY: `take_one` made this span from a range it checked lies inside the
+            // current block, which user space owns until `release_block` (which takes
+            // `&mut self`, so not while this borrow lives).
+            Span::Ring(at, len) => unsafe { std::slice::from_raw_parts(self.block_ptr(self.block).add(at), len) },
+            Span::Scratch(at, len) => &self.scratch[at..at + len],
+        }
+    }
+
+    /// Walk the ring, taking up to `max` frames in batches of at most
+    /// `RX_BATCH`, each from one block, and call `f` with each batch.
+    fn walk(&mut self, max: usize, f: &mut dyn FnMut(&AfPacket, &[Span])) -> usize {
         let mut delivered = 0;
+        let mut spans = [Span::Ring(0, 0); RX_BATCH];
         while delivered < max {
             if self.block_status(self.block).load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
                 break;
@@ -498,10 +514,16 @@ impl FramePort for AfPacket {
             if self.pkt == 0 {
                 self.off = self.read_u32(block::FIRST_PKT) as usize;
             }
-            while self.pkt < num_pkts && delivered < max {
-                match self.deliver_one(f) {
-                    Some(true) => delivered += 1,
-                    Some(false) => {}
+            let room = (max - delivered).min(RX_BATCH);
+            let mut n = 0;
+            self.scratch.clear();
+            while self.pkt < num_pkts && n < room {
+                match self.take_one() {
+                    Some(Some(span)) => {
+                        spans[n] = span;
+                        n += 1;
+                    }
+                    Some(None) => {}
                     // A header pointing outside its block: the rest of the block cannot be trusted.
                     None => {
                         self.pkt = num_pkts;
@@ -512,19 +534,62 @@ impl FramePort for AfPacket {
                 let next = self.read_u32(self.off + hdr::NEXT_OFFSET) as usize;
                 self.off = self.off.saturating_add(next);
             }
+            if n > 0 {
+                f(self, &spans[..n]);
+                delivered += n;
+            }
             if self.pkt >= num_pkts {
                 self.release_block();
             }
         }
-        // The ring never reports errors; the socket does (ENETDOWN when the interface goes
-        // down, after which nothing arrives until it is up again). Reporting it once keeps a
-        // poll loop that sees POLLERR from spinning on empty receives.
-        if delivered == 0 {
-            if let Some(e) = sys::take_socket_error(self.fd.as_fd()) {
-                return Err(e);
-            }
+        delivered
+    }
+
+    /// After an empty receive, the socket's pending error, if any.
+    ///
+    /// The ring never reports errors; the socket does (ENETDOWN when the
+    /// interface goes down, after which nothing arrives until it is up
+    /// again). Reporting it once keeps a poll loop that sees POLLERR from
+    /// spinning on empty receives.
+    fn empty_receive(&self, delivered: usize) -> io::Result<usize> {
+        if delivered == 0
+            && let Some(e) = sys::take_socket_error(self.fd.as_fd())
+        {
+            return Err(e);
         }
         Ok(delivered)
+    }
+}
+
+/// Where a frame taken from the ring lies: (offset, length) in the current
+/// block, or in the port's scratch buffer (a frame rebuilt with its VLAN tag).
+#[derive(Clone, Copy)]
+enum Span {
+    Ring(usize, usize),
+    Scratch(usize, usize),
+}
+
+impl FramePort for AfPacket {
+    fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        let delivered = self.walk(max, &mut |port, spans| {
+            for &s in spans {
+                f(port.frame(s));
+            }
+        });
+        self.empty_receive(delivered)
+    }
+
+    /// Frames straight from the ring: a batch is the frames of one block (at most
+    /// 64), valid until the block goes back to the kernel after `f` returns.
+    fn recv_batch(&mut self, max: usize, f: &mut dyn FnMut(&[&[u8]])) -> io::Result<usize> {
+        let delivered = self.walk(max, &mut |port, spans| {
+            let mut frames: [&[u8]; RX_BATCH] = [&[]; RX_BATCH];
+            for (slot, &s) in frames.iter_mut().zip(spans) {
+                *slot = port.frame(s);
+            }
+            f(&frames[..spans.len()]);
+        });
+        self.empty_receive(delivered)
     }
 
     /// Queue `frame`; when the queue is full, flush it first (on an error from that flush,

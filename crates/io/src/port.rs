@@ -2,7 +2,7 @@
 //!
 //! The agent owns a handful of ports (one per vNIC, AF_PACKET or TAP) and
 //! drives them from one loop: wait until some are readable
-//! ([`wait_readable`]), drain each with [`FramePort::recv`] in batches, queue
+//! ([`wait_readable`]), drain each with [`FramePort::recv_batch`], queue
 //! the forwarded frames with [`FramePort::send`] and push them out with one
 //! [`FramePort::flush`] per port per batch. Ports never block: `recv` returns 0
 //! when nothing is ready. The trait is object-safe so ports of different kinds
@@ -16,6 +16,37 @@ use std::time::Duration;
 pub trait FramePort: Send {
     /// Receive up to `max` frames without blocking; call `f` with each. Returns how many were delivered (0 when none ready).
     fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> io::Result<usize>;
+    /// Receive up to `max` frames without blocking, as `recv` does, but hand
+    /// them to `f` several at a time: each call gets a non-empty batch of
+    /// frames in arrival order, valid for that call. Returns how many were
+    /// delivered.
+    ///
+    /// A batch lets the caller work on several frames together (the
+    /// datapath engine's `process_batch` prefetches the memory of their
+    /// flows ahead). A port that reads frames straight from shared memory
+    /// (AF_PACKET's ring) hands them over without copying; this default
+    /// copies what `recv` delivers into one buffer and hands it over once.
+    fn recv_batch(&mut self, max: usize, f: &mut dyn FnMut(&[&[u8]])) -> io::Result<usize> {
+        let mut bytes = Vec::new();
+        let mut ends = Vec::new();
+        let n = self.recv(max, &mut |frame| {
+            bytes.extend_from_slice(frame);
+            ends.push(bytes.len());
+        })?;
+        if n > 0 {
+            let mut start = 0;
+            let frames: Vec<&[u8]> = ends
+                .iter()
+                .map(|&end| {
+                    let frame = &bytes[start..end];
+                    start = end;
+                    frame
+                })
+                .collect();
+            f(&frames);
+        }
+        Ok(n)
+    }
     /// Queue one frame (copied) for transmission; may transmit at once.
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
     /// Transmit everything queued (one syscall per batch where the kernel allows).

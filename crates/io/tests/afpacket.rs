@@ -251,6 +251,66 @@ fn vlan_tags_survive_the_ring() {
 }
 
 #[test]
+fn batches_hold_exactly_the_frames_one_at_a_time_would() {
+    if !common::can_run("batches_hold_exactly_the_frames_one_at_a_time_would", &[]) {
+        return;
+    }
+    let pair = VethPair::new("b1", None);
+    // Blocks of a few frames each, so batches end at block boundaries as well as at `max`.
+    let small = AfPacketConfig {
+        block_size: 8192,
+        block_count: 8,
+        frame_size: 2048,
+        block_timeout_ms: 1,
+        tx_frames: 16,
+        fanout: None,
+    };
+    let mut sw = open(&pair.sw, "va", &small);
+    let mut vm = open(&pair.vm, "vb", &AfPacketConfig::default());
+    // Plain frames, which a batch hands over from the ring, mixed with tagged
+    // ones, which the port rebuilds in its scratch buffer.
+    let frame = |seq: u32| {
+        let mut f = marked_frame(seq, 100 + (seq as usize % 7) * 40);
+        if seq % 3 == 0 {
+            f.splice(12..12, [0x81, 0x00, 0x00, (seq % 100) as u8 + 1]);
+        }
+        f
+    };
+    let seq_of = |f: &[u8]| mark_seq(if ethertype(f) == 0x8100 { &f[4..] } else { f });
+    let sent: Vec<Vec<u8>> = (0..120).map(frame).collect();
+    let mut got: Vec<Vec<u8>> = Vec::new();
+    let mut batches = 0;
+    for chunk in sent.chunks(30) {
+        for f in chunk {
+            vm.send(f).unwrap();
+        }
+        vm.flush().unwrap();
+        let want = got.len() + chunk.len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while got.len() < want && std::time::Instant::now() < deadline {
+            palisade_io::wait_readable(&[sw.fd()], Duration::from_millis(20)).unwrap();
+            let mut in_call = 0;
+            let n = sw
+                .recv_batch(7, &mut |frames| {
+                    assert!(!frames.is_empty(), "an empty batch");
+                    batches += 1;
+                    in_call += frames.len();
+                    got.extend(frames.iter().filter(|f| seq_of(f).is_some()).map(|f| f.to_vec()));
+                })
+                .unwrap();
+            assert_eq!(n, in_call, "the count returned is the frames handed over");
+            assert!(n <= 7, "{n} frames for a maximum of 7");
+        }
+    }
+    assert_eq!(got.len(), sent.len(), "frames received");
+    for (g, s) in got.iter().zip(&sent) {
+        assert_eq!(g, s, "frame {:?}", seq_of(s));
+    }
+    assert!(batches >= 120 / 7, "{batches} batches");
+    assert_eq!(sw.stats().kernel_drops, 0);
+}
+
+#[test]
 fn ports_are_send_and_fit_one_trait_object_list() {
     fn assert_send<T: Send>() {}
     assert_send::<AfPacket>();

@@ -190,6 +190,33 @@ pub fn collect(port: &mut dyn FramePort, want: usize, timeout: Duration, pred: i
     got
 }
 
+/// As [`collect`], through [`FramePort::recv_batch`]; also returns the sizes of the batches.
+pub fn collect_batched(
+    port: &mut dyn FramePort,
+    want: usize,
+    timeout: Duration,
+    pred: impl Fn(&[u8]) -> bool,
+) -> (Vec<Vec<u8>>, Vec<usize>) {
+    let deadline = Instant::now() + timeout;
+    let (mut got, mut sizes) = (Vec::new(), Vec::new());
+    while got.len() < want {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let ready = wait_readable(&[port.fd()], (deadline - now).min(Duration::from_millis(20))).unwrap();
+        if ready.is_empty() {
+            continue;
+        }
+        port.recv_batch(64, &mut |frames| {
+            sizes.push(frames.len());
+            got.extend(frames.iter().filter(|f| pred(f)).map(|f| f.to_vec()));
+        })
+        .unwrap();
+    }
+    (got, sizes)
+}
+
 /// The EtherType of an untagged frame.
 pub fn ethertype(f: &[u8]) -> u16 {
     f.get(12..14).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]))
