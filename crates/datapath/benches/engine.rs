@@ -13,44 +13,9 @@ mod common;
 use std::hint::black_box;
 use std::time::Instant;
 
-use common::{engine, udp_frame};
+use common::{BATCH, Ring, engine};
 use palisade_datapath::engine::{Disposition, Engine};
 use palisade_datapath::port::PortId;
-
-/// Flow `i`: distinct source ports, then distinct destination ports (up to 3.9 G flows).
-fn frame(i: u32) -> Vec<u8> {
-    udp_frame(1024 + (i % 60_000) as u16, 1 + (i / 60_000) as u16)
-}
-
-/// Bytes between the starts of two frames in [`Ring`]: a small frame's slot
-/// in a TPACKET_V3 block (its `tpacket3_hdr` and link-layer address, then
-/// the frame, aligned to 16 bytes).
-const SLOT: usize = 144;
-
-/// The frames of flows `range`, laid end to end in one buffer as the kernel
-/// lays them in a receive ring (so reading them is as cheap or as dear as
-/// reading a ring: sequential, not a heap allocation per frame).
-struct Ring(Vec<u8>);
-
-impl Ring {
-    fn new(range: core::ops::Range<u32>) -> Ring {
-        let mut buf = vec![0u8; range.len() * SLOT];
-        for (slot, i) in buf.chunks_mut(SLOT).zip(range) {
-            let f = frame(i);
-            slot[..f.len()].copy_from_slice(&f);
-        }
-        Ring(buf)
-    }
-
-    fn frames(&self) -> Vec<&[u8]> {
-        let len = frame(0).len();
-        self.0.chunks(SLOT).map(|s| &s[..len]).collect()
-    }
-}
-
-/// Frames per `process_batch` call: what one TPACKET_V3 block holds of
-/// small frames.
-const BATCH: usize = 256;
 
 /// Returns (new flows per second, cache-hit ns per packet one frame at a
 /// time, cache-hit ns per packet in batches).
