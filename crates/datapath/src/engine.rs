@@ -43,7 +43,7 @@ use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::flow_table::{CachedVerdict, FlowEntry, FlowHash, FlowTable};
 use crate::lookup::ChainLookup;
 use crate::port::{self, PortError, PortId, UPLINK, UplinkConfig, VnicPort};
-use crate::switch::{self, Location, MacTable};
+use crate::switch::{self, LastDestination, Location, MacTable};
 use crate::table::Slot;
 use crate::verdict::{Counters, DropReason, Tally};
 
@@ -210,6 +210,8 @@ pub struct Engine {
     conns: Conntrack,
     counters: Counters,
     port_tallies: Vec<Tally>,
+    /// Each port's last destination MAC and where it lived ([`MacTable::lookup_via`]).
+    last_dst: Vec<LastDestination>,
     /// Drops by reason of the frames each port sent.
     port_drops: Vec<[u64; DropReason::COUNT]>,
     rule_index: HashMap<(Arc<str>, Level), u32, foldhash::fast::RandomState>,
@@ -259,6 +261,7 @@ impl Engine {
             ports: vec![None],
             counters: Counters::default(),
             port_tallies: vec![Tally::default()],
+            last_dst: vec![LastDestination::default()],
             port_drops: vec![[0; DropReason::COUNT]],
             rule_index: HashMap::default(),
             rules_by_address: HashMap::default(),
@@ -282,6 +285,7 @@ impl Engine {
         }
         self.ports.push(Some(vnic));
         self.port_tallies.push(Tally::default());
+        self.last_dst.push(LastDestination::default());
         self.port_drops.push([0; DropReason::COUNT]);
         self.conns.ensure_ports(self.ports.len());
         Ok(id)
@@ -673,7 +677,10 @@ impl Engine {
             group_id,
             policy_applied: applied,
         };
-        match self.macs.lookup(l2.segment, l2.dst) {
+        // Every port has one (pipeline checked `in_port`); the spare keeps this panic-free.
+        let mut spare = LastDestination::default();
+        let last = self.last_dst.get_mut(usize::from(in_port.0)).unwrap_or(&mut spare);
+        match self.macs.lookup_via(last, l2.segment, l2.dst) {
             Some(Location::Port(p)) if p == in_port => return Err(DropReason::NoRoute),
             Some(Location::Port(p)) => self.outputs.push(Output { port: p, encap: None }),
             Some(Location::Remote(_)) if in_port == UPLINK => return Err(DropReason::NoRoute),

@@ -45,8 +45,26 @@ fn mac_key(segment: Segment, mac: EthernetAddress) -> u128 {
 pub struct MacTable {
     table: HashMap<u128, Location, RandomState>,
     capacity: usize,
+    /// Bumped by every change to `table`, so a remembered lookup
+    /// ([`LastDestination`]) knows whether it still holds. Starts at 1: a
+    /// fresh `LastDestination` (generation 0) never matches.
+    generation: u64,
     /// Learning attempts refused because the table was full.
     pub learn_refused: u64,
+}
+
+/// One port's last unicast destination and where it lived, valid while the
+/// table has not changed since ([`MacTable::lookup_via`]).
+///
+/// Most frames a port sends go where its previous frame went (a VM's
+/// routed traffic all goes to its gateway's MAC; a bulk transfer to one
+/// peer), and remembering that skips the table's hash and probe, the biggest
+/// single cost of switching a cached flow's packet.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LastDestination {
+    key: u128,
+    generation: u64,
+    location: Option<Location>,
 }
 
 impl MacTable {
@@ -55,6 +73,7 @@ impl MacTable {
         MacTable {
             table: HashMap::with_capacity_and_hasher(capacity, RandomState::default()),
             capacity,
+            generation: 1,
             learn_refused: 0,
         }
     }
@@ -62,6 +81,7 @@ impl MacTable {
     /// Bind a vNIC's MAC to its port (static).
     pub fn bind(&mut self, segment: Segment, mac: EthernetAddress, port: PortId) {
         self.table.insert(mac_key(segment, mac), Location::Port(port));
+        self.generation += 1;
     }
 
     /// Learn where `mac` lives from a frame received from outside; a MAC bound
@@ -73,9 +93,15 @@ impl MacTable {
         let room = self.table.len() < self.capacity;
         match self.table.get_mut(&mac_key(segment, mac)) {
             Some(Location::Port(p)) if *p != crate::port::UPLINK => {}
-            Some(loc) => *loc = at,
+            // Every frame from outside is learned from: only a move is a change.
+            Some(loc) if *loc == at => {}
+            Some(loc) => {
+                *loc = at;
+                self.generation += 1;
+            }
             None if room => {
                 self.table.insert(mac_key(segment, mac), at);
+                self.generation += 1;
             }
             None => self.learn_refused += 1,
         }
@@ -89,9 +115,30 @@ impl MacTable {
         self.table.get(&mac_key(segment, mac)).copied()
     }
 
+    /// Where `mac` lives in `segment`, answered from `last` when it names the
+    /// same destination and the table has not changed since; `last` then
+    /// remembers this lookup.
+    pub fn lookup_via(&self, last: &mut LastDestination, segment: Segment, mac: EthernetAddress) -> Option<Location> {
+        if !mac.is_unicast() {
+            return None;
+        }
+        let key = mac_key(segment, mac);
+        if last.key == key && last.generation == self.generation {
+            return last.location;
+        }
+        let location = self.table.get(&key).copied();
+        *last = LastDestination {
+            key,
+            generation: self.generation,
+            location,
+        };
+        location
+    }
+
     /// Forget a vNIC's binding.
     pub fn unbind(&mut self, segment: Segment, mac: EthernetAddress) {
         self.table.remove(&mac_key(segment, mac));
+        self.generation += 1;
     }
 }
 
@@ -167,6 +214,40 @@ mod tests {
             max_conns: 10,
             any_source: false,
         }
+    }
+
+    /// A remembered lookup answers only for the same destination in the
+    /// same segment, and only until the table changes.
+    #[test]
+    fn a_remembered_destination_holds_until_the_table_changes() {
+        let mut t = MacTable::new(8);
+        let seg = Segment::vlan(10);
+        let (mac, other) = (EthernetAddress([2, 0, 0, 0, 0, 9]), EthernetAddress([2, 0, 0, 0, 0, 8]));
+        let vtep = |d| Location::Remote(Ipv4Addr::new(192, 168, 0, d));
+        let mut last = LastDestination::default();
+        assert_eq!(t.lookup_via(&mut last, seg, mac), None, "unknown yet");
+        t.learn(seg, mac, vtep(2));
+        assert_eq!(t.lookup_via(&mut last, seg, mac), Some(vtep(2)), "learned since");
+        t.learn(seg, mac, vtep(2));
+        assert_eq!(t.lookup_via(&mut last, seg, mac), Some(vtep(2)), "relearned in place");
+        t.learn(seg, mac, vtep(3));
+        assert_eq!(
+            t.lookup_via(&mut last, seg, mac),
+            Some(vtep(3)),
+            "moved to another host"
+        );
+        assert_eq!(t.lookup_via(&mut last, Segment::vlan(11), mac), None, "another segment");
+        assert_eq!(t.lookup_via(&mut last, seg, other), None, "another MAC");
+        t.bind(seg, other, PortId(4));
+        assert_eq!(
+            t.lookup_via(&mut last, seg, other),
+            Some(Location::Port(PortId(4))),
+            "bound since"
+        );
+        t.unbind(seg, other);
+        assert_eq!(t.lookup_via(&mut last, seg, other), None, "unbound since");
+        let broadcast = EthernetAddress([0xff; 6]);
+        assert_eq!(t.lookup_via(&mut last, seg, broadcast), None, "never remembered");
     }
 
     #[test]

@@ -1576,3 +1576,44 @@ fn render_at(e: &Engine, frame: &[u8], i: usize) -> Vec<u8> {
     buf.truncate(n);
     buf
 }
+
+#[test]
+fn a_flow_follows_its_peer_mac_to_another_host() {
+    // A cached flow's packets skip the MAC table while their port's last
+    // destination still holds; a MAC that moves (VM c migrated from h2 to a
+    // third host) must take the flow's next packet with it.
+    let c = compile_mem(policy(true));
+    let mut h1 = host(c.clone(), "h1", 1, &[], |_| {});
+    let mut h2 = host(c, "h2", 2, &[], |_| {});
+    let mut ev = Vec::new();
+    let a = port(&h1, "a.0");
+    let cc = port(&h2, "c.0");
+    let arp = arp_frame(mac(12), ip(12), ip(10));
+    assert_eq!(h2.process(0, cc, &arp, &mut ev), Disposition::Forward);
+    let (_, announce) = overlay0(&h2, &arp);
+    let (h2_ip, h3_ip) = (Ipv4Addr::new(192, 168, 0, 2), Ipv4Addr::new(192, 168, 0, 3));
+    assert_eq!(h1.process_overlay(1, h2_ip, &announce, &mut ev), Disposition::Forward);
+    let remote_of = |e: &Engine| e.outputs().first().and_then(|o| o.encap).map(|enc| enc.remote);
+    let send = |e: &mut Engine, t: u64, seq: u32| {
+        let frame = tcp(10, 12, 40030, 443, seq, 0, TcpFlags::ACK, b"x");
+        e.process(t, a, &frame, &mut Vec::new())
+    };
+    let syn = tcp(10, 12, 40030, 443, 1, 0, TcpFlags::SYN, b"");
+    assert_eq!(h1.process(2, a, &syn, &mut ev), Disposition::Forward);
+    assert_eq!(remote_of(&h1), Some(h2_ip));
+    assert_eq!(send(&mut h1, 3, 2), Disposition::Forward);
+    assert_eq!(remote_of(&h1), Some(h2_ip), "still on h2");
+    // c's MAC now arrives from h3: the next packet of the cached flow goes there.
+    assert_eq!(h1.process_overlay(4, h3_ip, &announce, &mut ev), Disposition::Forward);
+    let hits = h1.counters().cache_hits;
+    assert_eq!(send(&mut h1, 5, 3), Disposition::Forward);
+    assert_eq!(h1.counters().cache_hits, hits + 1, "a cached flow");
+    assert_eq!(remote_of(&h1), Some(h3_ip), "followed the move");
+    // And a frame to a MAC nobody has announced is flooded, not sent to c's host.
+    let mut stranger = tcp(10, 12, 40030, 443, 4, 0, TcpFlags::ACK, b"x");
+    stranger[..6].copy_from_slice(&mac(99));
+    let (flooded, encapsulated) = (h1.counters().flooded, h1.counters().encapsulated);
+    assert_eq!(h1.process(6, a, &stranger, &mut ev), Disposition::Forward);
+    assert_eq!(h1.counters().flooded, flooded + 1);
+    assert_eq!(h1.counters().encapsulated, encapsulated, "not sent to one host");
+}
