@@ -123,6 +123,13 @@ pub struct TcpPeer {
     pub fin: bool,
 }
 
+/// The ports a connection with these ends is charged to: each end's, once
+/// (a connection from a vNIC to itself is one of its connections, not two).
+fn charged(owners: [Option<PortId>; 2]) -> impl Iterator<Item = Option<PortId>> {
+    let [initiator, responder] = owners;
+    [initiator, responder.filter(|_| responder != initiator)].into_iter()
+}
+
 /// A tracked connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conn {
@@ -339,6 +346,12 @@ impl Conntrack {
         self.map.get(slot)
     }
 
+    /// The slot of the connection `key` belongs to, in either direction,
+    /// expired or not (a read-only [`Conntrack::lookup`]).
+    pub fn find(&self, key: &FlowKey) -> Option<Slot> {
+        self.map.find(&key.canonical().0)
+    }
+
     /// Hint that connection `slot` will be used soon: start loading it.
     #[inline]
     pub fn prefetch(&self, slot: Slot) {
@@ -388,9 +401,9 @@ impl Conntrack {
         if let Some(old) = self.map.find(&conn.key.canonical().0) {
             self.remove(old, EndReason::Evicted, now, sink, c);
         }
-        for (owner, limit) in conn.owners.iter().zip(limits) {
+        for (owner, limit) in charged(conn.owners).zip(limits) {
             if let Some(p) = owner
-                && self.port_conns(*p) >= limit
+                && self.port_conns(p) >= limit
             {
                 return Err(DropReason::VnicConnLimit);
             }
@@ -417,7 +430,7 @@ impl Conntrack {
             .map
             .insert(conn.key.canonical().0, conn)
             .map_err(|_| DropReason::ConntrackFull)?;
-        for p in owners.into_iter().flatten() {
+        for p in charged(owners).flatten() {
             if let Some(n) = self.per_port.get_mut(usize::from(p.0)) {
                 *n += 1;
             }
@@ -437,7 +450,7 @@ impl Conntrack {
         c: &mut Counters,
     ) -> Option<Conn> {
         let (_, conn) = self.map.remove(slot)?;
-        for p in conn.owners.into_iter().flatten() {
+        for p in charged(conn.owners).flatten() {
             if let Some(n) = self.per_port.get_mut(usize::from(p.0)) {
                 *n = n.saturating_sub(1);
             }
@@ -668,6 +681,29 @@ mod tests {
         assert_eq!(ct.track_tcp(slot, false, &ack, 60, true, 2, &mut ev, &mut c), Ok(()));
         assert_eq!(ct.get(slot).unwrap().state, ConnState::Established);
         (ct, slot, ev, c)
+    }
+
+    /// A connection whose two ends are one vNIC (it addresses itself, through
+    /// another MAC) is one of that vNIC's connections, not two: it is charged,
+    /// checked against the limit and released once.
+    #[test]
+    fn a_connection_to_oneself_is_charged_once() {
+        let mut ct = Conntrack::new(4, 4, Timeouts::default(), FullPolicy::Refuse);
+        let (mut ev, mut c) = (Vec::new(), Counters::default());
+        let p = PortId(1);
+        let mut conn = Conn::new(key(), 0);
+        conn.owners = [Some(p), Some(p)];
+        let slot = ct.create(conn.clone(), [1, 1], 0, &mut ev, &mut c).unwrap();
+        assert_eq!(ct.port_conns(p), 1);
+        let mut other = Conn::new(key().reversed(), 0);
+        other.key.src_port += 1;
+        other.owners = [Some(p), None];
+        assert_eq!(
+            ct.create(other, [1, u32::MAX], 0, &mut ev, &mut c),
+            Err(DropReason::VnicConnLimit)
+        );
+        ct.remove(slot, EndReason::Closed, 1, &mut ev, &mut c);
+        assert_eq!(ct.port_conns(p), 0);
     }
 
     #[test]

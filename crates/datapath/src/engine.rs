@@ -612,8 +612,14 @@ impl Engine {
         if trusted {
             self.counters.trusted += 1;
         }
+        // Where it goes is settled first: a frame with nowhere to go (back
+        // out of its own port) must not open a connection or take a vNIC's
+        // share of the table, as a connection is only confirmed by a packet
+        // that leaves (netfilter confirms at the last hook, too).
+        let to = self.l2_destination(in_port)?;
         self.decide(now, src_vnic, &info, hash, inner, frame.len(), trusted, sink)?;
-        self.l2_outputs(in_port, src_vnic, true, Some(&key))
+        self.push_outputs(to, in_port, src_vnic, true, Some(&key));
+        Ok(())
     }
 
     /// Parse what arrived on the uplink: a VXLAN packet for this tunnel
@@ -668,6 +674,35 @@ impl Engine {
         applied: bool,
         flow: Option<&FlowKey>,
     ) -> Result<(), DropReason> {
+        let to = self.l2_destination(in_port)?;
+        self.push_outputs(to, in_port, src_vnic, applied, flow);
+        Ok(())
+    }
+
+    /// Where the current frame's destination MAC lives (`None`: unknown or
+    /// not unicast, to be flooded), or why it cannot go there: back out of
+    /// the port it came in on, or from the uplink to another host.
+    fn l2_destination(&mut self, in_port: PortId) -> Result<Option<Location>, DropReason> {
+        let l2 = self.l2;
+        // Every port has one (pipeline checked `in_port`); the spare keeps this panic-free.
+        let mut spare = LastDestination::default();
+        let last = self.last_dst.get_mut(usize::from(in_port.0)).unwrap_or(&mut spare);
+        match self.macs.lookup_via(last, l2.segment, l2.dst) {
+            Some(Location::Port(p)) if p == in_port => Err(DropReason::NoRoute),
+            Some(Location::Remote(_)) if in_port == UPLINK => Err(DropReason::NoRoute),
+            to => Ok(to),
+        }
+    }
+
+    /// Stage the current frame's outputs towards `to` ([`Engine::l2_destination`]).
+    fn push_outputs(
+        &mut self,
+        to: Option<Location>,
+        in_port: PortId,
+        src_vnic: Option<PortId>,
+        applied: bool,
+        flow: Option<&FlowKey>,
+    ) {
         let l2 = self.l2;
         let group_id = src_vnic.and_then(|p| self.vnic(p)).map_or(0, |v| v.group_id);
         let vni = port::segment_vni(l2.segment).unwrap_or(0);
@@ -677,13 +712,8 @@ impl Engine {
             group_id,
             policy_applied: applied,
         };
-        // Every port has one (pipeline checked `in_port`); the spare keeps this panic-free.
-        let mut spare = LastDestination::default();
-        let last = self.last_dst.get_mut(usize::from(in_port.0)).unwrap_or(&mut spare);
-        match self.macs.lookup_via(last, l2.segment, l2.dst) {
-            Some(Location::Port(p)) if p == in_port => return Err(DropReason::NoRoute),
+        match to {
             Some(Location::Port(p)) => self.outputs.push(Output { port: p, encap: None }),
-            Some(Location::Remote(_)) if in_port == UPLINK => return Err(DropReason::NoRoute),
             Some(Location::Remote(ip)) => {
                 self.counters.encapsulated += 1;
                 self.l2.entropy = entropy(flow);
@@ -716,7 +746,6 @@ impl Engine {
                 }
             }
         }
-        Ok(())
     }
 
     fn local_port_of(&self, ip: IpAddr) -> Option<PortId> {

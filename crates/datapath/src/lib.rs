@@ -12,7 +12,7 @@
 //! - [`switch`]: L2 forwarding per segment with MAC learning and anti-spoofing.
 //! - [`conntrack`]: connection tracking (TCP windows, UDP/ICMP pseudo-connections, related ICMP errors).
 //! - [`flow_table`]: the epoch-stamped exact-match flow cache.
-//! - [`table`]: the bounded, preallocated key → slot map both tables are built on.
+//! - [`table`]: the bounded, preallocated key → slot map the connection table is built on.
 //! - [`verdict`]: drop reasons and counters.
 //! - [`events`]: flow start/update/end events.
 //! - [`lookup`]: the rule-lookup trait the classifier plugs into.
@@ -26,6 +26,8 @@ pub mod conntrack;
 pub mod engine;
 pub mod events;
 pub mod flow_table;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lookup;
 pub mod port;
 pub mod shard;

@@ -1617,3 +1617,21 @@ fn a_flow_follows_its_peer_mac_to_another_host() {
     assert_eq!(h1.counters().flooded, flooded + 1);
     assert_eq!(h1.counters().encapsulated, encapsulated, "not sent to one host");
 }
+
+#[test]
+fn a_frame_with_nowhere_to_go_opens_no_connection() {
+    // Found by the engine fuzz target: a VM addressing itself through the
+    // switch (its own MAC and IP) had a connection opened, charged twice
+    // against its limit, for frames that were then dropped as going back
+    // out of their own port.
+    let mut e = h1();
+    let a = port(&e, "a.0");
+    let mut ev = Vec::new();
+    for sport in 0..3 {
+        let own = tcp(10, 10, 40_000 + sport, 443, 1, 0, TcpFlags::SYN, b"");
+        assert_eq!(e.process(0, a, &own, &mut ev), Disposition::Drop(DropReason::NoRoute));
+    }
+    assert_eq!(e.conntrack().len(), 0, "no connection for frames that never left");
+    assert_eq!(e.counters().classifications, 0);
+    assert!(ev.is_empty(), "{ev:?}");
+}
