@@ -3,7 +3,8 @@
 //!
 //! The input is read as a program, not as one frame: a sequence of
 //! operations (a TCP, UDP or ICMP frame between the VMs of a small policy,
-//! a byte of the last frame changed, time passing with expiry, a policy
+//! a byte of the last frame changed, the last frame VLAN-tagged or arriving
+//! from another host in VXLAN-GBP, time passing with expiry, a policy
 //! change, a batch boundary), so that the fuzzer spends its time in the
 //! connection tracker, the flow cache and the tables' churn instead of in
 //! the first length check.
@@ -21,6 +22,7 @@ use palisade_wire::ip::IpProtocol;
 use palisade_wire::ipv4::{self, Ipv4Repr};
 use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
 use palisade_wire::udp::{self, UdpRepr};
+use palisade_wire::vxlan;
 
 use crate::engine::{Disposition, Engine, EngineConfig, Output};
 use crate::events::FlowEvent;
@@ -293,7 +295,7 @@ pub fn check_engine(data: &[u8]) -> Result<Counters, String> {
     let mut next = move || bytes.next();
     while let Some(op) = next() {
         let mut arg = || next().unwrap_or(0);
-        match op % 8 {
+        match op % 10 {
             0 | 1 => {
                 let (from, to, choice) = (vm(arg()), vm(arg()), arg());
                 let segment = Segment {
@@ -348,7 +350,38 @@ pub fn check_engine(data: &[u8]) -> Result<Counters, String> {
                 let c = compilers()[pair.policy].clone();
                 pair.both(|e, _, _| e.update_policy(Box::new(PolicyLookup::new(c.clone()))))?;
             }
-            _ => pair.flush()?,
+            7 => pair.flush()?,
+            8 => {
+                // The last frame from another host's tunnel endpoint, in
+                // VXLAN-GBP, with or without the policy-applied bit.
+                let (remote, flags, vni) = (arg(), arg(), [100, 101, 0][usize::from(arg() % 3)]);
+                let header = vxlan::VxlanRepr {
+                    vni,
+                    gbp: (flags & 4 != 0).then_some(vxlan::GbpRepr {
+                        policy_applied: flags & 1 != 0,
+                        dont_learn: flags & 2 != 0,
+                        group_id: u16::from(flags >> 3),
+                    }),
+                };
+                let mut payload = vec![0; header.buffer_len()];
+                header.emit(&mut vxlan::Packet::new_unchecked(&mut payload[..]));
+                payload.extend_from_slice(&last);
+                let remote = Ipv4Addr::new(192, 168, 0, 2 + remote % 2);
+                pair.both(|e, now, ev| {
+                    e.process_overlay(now, remote, &payload, ev);
+                })?;
+            }
+            _ => {
+                // The last frame again, with an 802.1Q tag (its own VLAN or another).
+                let vid = [100u16, 101][usize::from(arg() % 2)];
+                let mut f = last.clone();
+                if f.len() >= 14 {
+                    f.splice(12..12, [0x81, 0x00, (vid >> 8) as u8, vid as u8]);
+                }
+                let from = last.get(11).copied().unwrap_or(10);
+                let port = arrival(&pair.single, from, 0);
+                pair.frame(port, f)?;
+            }
         }
     }
     pair.flush()?;
