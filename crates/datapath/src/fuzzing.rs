@@ -9,6 +9,9 @@
 //! connection tracker, the flow cache and the tables' churn instead of in
 //! the first length check.
 //!
+//! [`vm_frame`] is also how the datapath's tests and benches build their
+//! frames between VMs.
+//!
 //! Not part of the stable API: hidden from the documentation.
 
 use core::net::Ipv4Addr;
@@ -97,7 +100,10 @@ fn vm(b: u8) -> u8 {
     [10, 11, 12, 99][usize::from(b % 4)]
 }
 
-fn frame(from: u8, to: u8, protocol: IpProtocol, l4: &[u8]) -> Vec<u8> {
+/// An untagged IPv4 frame from VM `from` to VM `to` carrying `l4`: each VM
+/// named by the last octet of its address 10.0.0.x, which is also the last
+/// byte of its MAC 02:00:00:00:00:x.
+pub fn vm_frame(from: u8, to: u8, protocol: IpProtocol, l4: &[u8]) -> Vec<u8> {
     let (src, dst) = (Ipv4Addr::new(10, 0, 0, from), Ipv4Addr::new(10, 0, 0, to));
     let ip = Ipv4Repr {
         src_addr: src,
@@ -151,7 +157,7 @@ fn tcp_frame(from: u8, to: u8, s: &Segment) -> Vec<u8> {
     let mut t = vec![0; repr.buffer_len()];
     let (src, dst) = (Ipv4Addr::new(10, 0, 0, from), Ipv4Addr::new(10, 0, 0, to));
     repr.emit(&mut tcp::Packet::new_unchecked(&mut t[..]), src.into(), dst.into());
-    frame(from, to, IpProtocol::TCP, &t)
+    vm_frame(from, to, IpProtocol::TCP, &t)
 }
 
 fn udp_frame(from: u8, to: u8, sport: u16, dport: u16) -> Vec<u8> {
@@ -163,7 +169,7 @@ fn udp_frame(from: u8, to: u8, sport: u16, dport: u16) -> Vec<u8> {
     let mut u = vec![0; repr.buffer_len()];
     let (src, dst) = (Ipv4Addr::new(10, 0, 0, from), Ipv4Addr::new(10, 0, 0, to));
     repr.emit(&mut udp::Packet::new_unchecked(&mut u[..]), src.into(), dst.into());
-    frame(from, to, IpProtocol::UDP, &u)
+    vm_frame(from, to, IpProtocol::UDP, &u)
 }
 
 /// An ICMP message; an error quotes the IP header and 8 bytes of `quoted`
@@ -174,7 +180,7 @@ fn icmp_frame(from: u8, to: u8, ty: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
         m.extend_from_slice(quoted.get(14..14 + 28).unwrap_or(&[]));
     }
     icmpv4::Packet::new_unchecked(&mut m[..]).fill_checksum();
-    frame(from, to, IpProtocol::ICMP, &m)
+    vm_frame(from, to, IpProtocol::ICMP, &m)
 }
 
 /// The port a frame from VM `from` arrives on: its own vNIC for a and b;

@@ -247,9 +247,8 @@ mod tests {
 
     use palisade_policy::compile::Compiler;
     use palisade_policy::{MemorySource, load};
-    use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
+    use palisade_wire::ethernet::EthernetAddress;
     use palisade_wire::ip::IpProtocol;
-    use palisade_wire::ipv4::{self, Ipv4Repr};
     use palisade_wire::udp::{self, UdpRepr};
 
     use super::*;
@@ -313,30 +312,7 @@ rules:
         };
         let mut l4 = vec![0; u.buffer_len()];
         u.emit(&mut udp::Packet::new_unchecked(&mut l4[..]), src.into(), dst.into());
-        let ip = Ipv4Repr {
-            src_addr: src,
-            dst_addr: dst,
-            protocol: IpProtocol::UDP,
-            payload_len: l4.len(),
-            ttl: 64,
-            dscp: 0,
-            ecn: 0,
-            ident: 1,
-            dont_frag: true,
-            more_frags: false,
-            frag_offset: 0,
-            options: &[],
-        };
-        let mut f = vec![0; 14 + 20 + l4.len()];
-        EthernetRepr {
-            src_addr: EthernetAddress([2, 0, 0, 0, 0, smac]),
-            dst_addr: EthernetAddress([2, 0, 0, 0, 0, dmac]),
-            ethertype: EtherType::IPV4,
-        }
-        .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
-        ip.emit(&mut ipv4::Packet::new_unchecked(&mut f[14..34]));
-        f[34..].copy_from_slice(&l4);
-        f
+        crate::fuzzing::vm_frame(smac, dmac, IpProtocol::UDP, &l4)
     }
 
     #[test]

@@ -7,15 +7,15 @@ use std::collections::BTreeMap;
 use palisade_datapath::classified::ClassifiedLookup;
 use palisade_datapath::engine::{Disposition, Engine, EngineConfig};
 use palisade_datapath::events::FlowEvent;
+use palisade_datapath::fuzzing::vm_frame;
 use palisade_datapath::lookup::{ChainLookup, PolicyLookup};
 use palisade_datapath::port::{self, PortId, UplinkConfig};
 use palisade_datapath::verdict::DropReason;
 use palisade_policy::compile::{Compiler, EntryAction};
 use palisade_policy::eval::{Direction, Flow};
 use palisade_policy::{DirSource, MemorySource, load};
-use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
+use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
 use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
 
 const THREE_TIER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/three-tier");
@@ -268,30 +268,7 @@ fn tcp_frame(from: u8, to: u8, sport: u16, dport: u16, seq: u32, ack: u32, flags
     };
     let mut l4 = vec![0; t.buffer_len()];
     t.emit(&mut tcp::Packet::new_unchecked(&mut l4[..]), src.into(), dst.into());
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        protocol: IpProtocol::TCP,
-        payload_len: l4.len(),
-        ttl: 64,
-        dscp: 0,
-        ecn: 0,
-        ident: 1,
-        dont_frag: true,
-        more_frags: false,
-        frag_offset: 0,
-        options: &[],
-    };
-    let mut f = vec![0; 14 + 20 + l4.len()];
-    EthernetRepr {
-        src_addr: EthernetAddress([2, 0, 0, 0, 0, from]),
-        dst_addr: EthernetAddress([2, 0, 0, 0, 0, to]),
-        ethertype: EtherType::IPV4,
-    }
-    .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
-    ip.emit(&mut ipv4::Packet::new_unchecked(&mut f[14..]));
-    f[34..].copy_from_slice(&l4);
-    f
+    vm_frame(from, to, IpProtocol::TCP, &l4)
 }
 
 fn forwards_to(e: &mut Engine, now: u64, from: PortId, frame: &[u8], ev: &mut Vec<FlowEvent>) -> Vec<PortId> {

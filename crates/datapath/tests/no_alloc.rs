@@ -7,13 +7,13 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use palisade_datapath::engine::{Disposition, Engine, EngineConfig};
+use palisade_datapath::fuzzing::vm_frame;
 use palisade_datapath::lookup::PolicyLookup;
 use palisade_datapath::port::{self, UplinkConfig};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
-use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
+use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
 use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
 
 struct Counting;
@@ -66,30 +66,9 @@ fn frame(from: u8, to: u8, sport: u16, dport: u16, seq: u32, ack: u32, flags: Tc
         options: &[],
         payload: &[],
     };
-    let mut f = vec![0; 14 + 20 + t.buffer_len()];
-    EthernetRepr {
-        src_addr: EthernetAddress([2, 0, 0, 0, 0, from]),
-        dst_addr: EthernetAddress([2, 0, 0, 0, 0, to]),
-        ethertype: EtherType::IPV4,
-    }
-    .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
-    Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        protocol: IpProtocol::TCP,
-        payload_len: t.buffer_len(),
-        ttl: 64,
-        dscp: 0,
-        ecn: 0,
-        ident: 0,
-        dont_frag: true,
-        more_frags: false,
-        frag_offset: 0,
-        options: &[],
-    }
-    .emit(&mut ipv4::Packet::new_unchecked(&mut f[14..34]));
-    t.emit(&mut tcp::Packet::new_unchecked(&mut f[34..]), src.into(), dst.into());
-    f
+    let mut l4 = vec![0; t.buffer_len()];
+    t.emit(&mut tcp::Packet::new_unchecked(&mut l4[..]), src.into(), dst.into());
+    vm_frame(from, to, IpProtocol::TCP, &l4)
 }
 
 #[test]

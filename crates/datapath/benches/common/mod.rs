@@ -6,13 +6,13 @@
 use std::net::Ipv4Addr;
 
 use palisade_datapath::engine::{Engine, EngineConfig};
+use palisade_datapath::fuzzing::vm_frame;
 use palisade_datapath::lookup::PolicyLookup;
 use palisade_datapath::port::{self, PortId, UplinkConfig};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
-use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
+use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
 use palisade_wire::udp::{self, UdpRepr};
 
 const POLICY: &str = r#"
@@ -59,30 +59,9 @@ pub fn udp_frame(src_port: u16, dst_port: u16) -> Vec<u8> {
         dst_port,
         payload: &payload,
     };
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        protocol: IpProtocol::UDP,
-        payload_len: u.buffer_len(),
-        ttl: 64,
-        dscp: 0,
-        ecn: 0,
-        ident: 0,
-        dont_frag: true,
-        more_frags: false,
-        frag_offset: 0,
-        options: &[],
-    };
-    let mut f = vec![0; 14 + 20 + u.buffer_len()];
-    EthernetRepr {
-        src_addr: EthernetAddress([2, 0, 0, 0, 0, 0x0a]),
-        dst_addr: EthernetAddress([2, 0, 0, 0, 0, 0x0b]),
-        ethertype: EtherType::IPV4,
-    }
-    .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
-    ip.emit(&mut ipv4::Packet::new_unchecked(&mut f[14..34]));
-    u.emit(&mut udp::Packet::new_unchecked(&mut f[34..]), src.into(), dst.into());
-    f
+    let mut l4 = vec![0; u.buffer_len()];
+    u.emit(&mut udp::Packet::new_unchecked(&mut l4[..]), src.into(), dst.into());
+    vm_frame(10, 11, IpProtocol::UDP, &l4)
 }
 
 /// Flow `i`: distinct source ports, then distinct destination ports (up to 3.9 G flows).
