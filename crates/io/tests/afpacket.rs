@@ -44,6 +44,19 @@ fn send_udp_from_vm(pair: &VethPair, port: u16, payloads: &[Vec<u8>]) {
     });
 }
 
+/// A ring of `count` blocks of `size` bytes, handed over after 1 ms, so that
+/// a test's frames span blocks and its receives end inside them.
+fn small_blocks(size: usize, count: usize) -> AfPacketConfig {
+    AfPacketConfig {
+        block_size: size,
+        block_count: count,
+        frame_size: 2048,
+        block_timeout_ms: 1,
+        tx_frames: 16,
+        fanout: None,
+    }
+}
+
 #[test]
 fn kernel_frames_arrive_and_own_frames_do_not_return() {
     if !common::can_run("kernel_frames_arrive_and_own_frames_do_not_return", &[]) {
@@ -179,14 +192,7 @@ fn ring_walk_spans_blocks_in_small_batches() {
     let pair = VethPair::new("r1", None);
     // Tiny blocks: every few frames the walk crosses into the next block, and `recv(3)` stops
     // in the middle of blocks.
-    let small = AfPacketConfig {
-        block_size: 4096,
-        block_count: 4,
-        frame_size: 2048,
-        block_timeout_ms: 1,
-        tx_frames: 16,
-        fanout: None,
-    };
+    let small = small_blocks(4096, 4);
     let mut sw = open(&pair.sw, "va", &small);
     let mut vm = open(&pair.vm, "vb", &AfPacketConfig::default());
     let mut got: Vec<u32> = Vec::new();
@@ -257,14 +263,7 @@ fn batches_hold_exactly_the_frames_one_at_a_time_would() {
     }
     let pair = VethPair::new("b1", None);
     // Blocks of a few frames each, so batches end at block boundaries as well as at `max`.
-    let small = AfPacketConfig {
-        block_size: 8192,
-        block_count: 8,
-        frame_size: 2048,
-        block_timeout_ms: 1,
-        tx_frames: 16,
-        fanout: None,
-    };
+    let small = small_blocks(8192, 8);
     let mut sw = open(&pair.sw, "va", &small);
     let mut vm = open(&pair.vm, "vb", &AfPacketConfig::default());
     // Plain frames, which a batch hands over from the ring, mixed with tagged

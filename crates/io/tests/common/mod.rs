@@ -169,24 +169,14 @@ impl VethPair {
 
 /// Receive from `port` until `want` frames matching `pred` arrived or `timeout` passed.
 pub fn collect(port: &mut dyn FramePort, want: usize, timeout: Duration, pred: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
-    let deadline = Instant::now() + timeout;
     let mut got = Vec::new();
-    while got.len() < want {
-        let now = Instant::now();
-        if now >= deadline {
-            break;
-        }
-        let ready = wait_readable(&[port.fd()], (deadline - now).min(Duration::from_millis(20))).unwrap();
-        if ready.is_empty() {
-            continue;
-        }
+    drain(port, want, timeout, &mut got, |port, got| {
         port.recv(64, &mut |f| {
             if pred(f) {
                 got.push(f.to_vec());
             }
         })
-        .unwrap();
-    }
+    });
     got
 }
 
@@ -197,8 +187,26 @@ pub fn collect_batched(
     timeout: Duration,
     pred: impl Fn(&[u8]) -> bool,
 ) -> (Vec<Vec<u8>>, Vec<usize>) {
-    let deadline = Instant::now() + timeout;
     let (mut got, mut sizes) = (Vec::new(), Vec::new());
+    drain(port, want, timeout, &mut got, |port, got| {
+        port.recv_batch(64, &mut |frames| {
+            sizes.push(frames.len());
+            got.extend(frames.iter().filter(|f| pred(f)).map(|f| f.to_vec()));
+        })
+    });
+    (got, sizes)
+}
+
+/// Whenever `port` is readable, `receive` from it into `got`, until `got`
+/// holds `want` frames or `timeout` passed.
+fn drain(
+    port: &mut dyn FramePort,
+    want: usize,
+    timeout: Duration,
+    got: &mut Vec<Vec<u8>>,
+    mut receive: impl FnMut(&mut dyn FramePort, &mut Vec<Vec<u8>>) -> std::io::Result<usize>,
+) {
+    let deadline = Instant::now() + timeout;
     while got.len() < want {
         let now = Instant::now();
         if now >= deadline {
@@ -208,13 +216,8 @@ pub fn collect_batched(
         if ready.is_empty() {
             continue;
         }
-        port.recv_batch(64, &mut |frames| {
-            sizes.push(frames.len());
-            got.extend(frames.iter().filter(|f| pred(f)).map(|f| f.to_vec()));
-        })
-        .unwrap();
+        receive(&mut *port, got).unwrap();
     }
-    (got, sizes)
 }
 
 /// The EtherType of an untagged frame.
