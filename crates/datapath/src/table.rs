@@ -119,9 +119,9 @@ impl<V> BoundedMap<V> {
         };
         self.slots[slot as usize] = Some((key, value));
         let (slots, hasher) = (&self.slots, &self.hasher);
-        // The index was reserved for every slot, so this never grows it; the
-        // rehash function is there for the type's sake (every slot the index
-        // names holds an entry).
+        // The index was reserved for every slot, so this never grows it, but
+        // it may rehash in place to clear the marks removals leave; the slots
+        // it then rehashes all hold their entries (this one's is written above).
         self.index.insert_unique(hash, slot, |&s| {
             slots[s as usize].as_ref().map_or(0, |(k, _)| hasher.hash_one(k))
         });
