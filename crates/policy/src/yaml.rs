@@ -166,6 +166,8 @@ struct Builder<'t> {
     /// Nodes in the documents' trees: those written and those aliases copied.
     tree: u64,
     cursor: Cursor<'t>,
+    /// The line and column just past the text's last character.
+    end: (u32, u32),
 }
 
 /// `!!str`, `!!seq`, `!!map`, as yaml-rust2 resolves them (a `%TAG`
@@ -182,12 +184,19 @@ fn tag_name(t: &Tag) -> String {
 impl Builder<'_> {
     fn span(&self, m: Marker) -> Span {
         // yaml-rust2 lines are 1-based, columns 0-based.
+        let mut at = (
+            u32::try_from(m.line()).unwrap_or(u32::MAX),
+            u32::try_from(m.col()).unwrap_or(u32::MAX).saturating_add(1),
+        );
+        // At the end of a text without a final newline, the scanner marks
+        // an empty value on a line after the last: it is at the end.
+        if at > self.end {
+            at = self.end;
+        }
         Span {
             file: self.file.clone(),
-            line: u32::try_from(m.line())
-                .unwrap_or(u32::MAX)
-                .saturating_add(self.line_offset),
-            column: u32::try_from(m.col()).unwrap_or(u32::MAX).saturating_add(1),
+            line: at.0.saturating_add(self.line_offset),
+            column: at.1,
         }
     }
 
@@ -417,6 +426,7 @@ pub(crate) fn parse_in(file: &Arc<str>, text: &str, first_line: u32, depth: usiz
         written: 0,
         copied: 0,
         tree: 0,
+        end: crate::chars::position(text, text.len()),
         cursor: Cursor {
             text,
             chars: 0,
