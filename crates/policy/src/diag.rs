@@ -199,7 +199,7 @@ impl fmt::Display for Diagnostic {
 /// The source line is shown escaped (see [`chars::escape_line`]) and, when
 /// long, as a window of [`MAX_CONTEXT_CHARS`] characters around the column,
 /// so a diagnostic is a few lines however long its line is. Diagnostics in
-/// file order (as [`crate::load`] returns them) render in one pass over
+/// file order (as [`crate::load()`] returns them) render in one pass over
 /// each file.
 pub fn render(diags: &[Diagnostic], sources: &SourceMap) -> String {
     let mut out = String::new();

@@ -423,7 +423,7 @@ impl ModelBuilder {
                 self.err_hint(
                     K::UnknownKey,
                     &k.span,
-                    format!("unknown key {} in {what}", quote(&key)),
+                    format!("unknown key {} in {what}", quote(key)),
                     hint,
                 );
                 continue;
@@ -937,7 +937,7 @@ impl ModelBuilder {
                     Err(_) => self.err_hint(
                         K::BadCidr,
                         &n.span,
-                        format!("{} is not an IP address", quote(&s)),
+                        format!("{} is not an IP address", quote(s)),
                         "a vNIC address is a single IPv4 or IPv6 address, without prefix length",
                     ),
                 }
@@ -1064,7 +1064,7 @@ impl ModelBuilder {
                 self.err_hint(
                     K::BadCidr,
                     &n.span,
-                    format!("{} is not a CIDR block", quote(&s)),
+                    format!("{} is not a CIDR block", quote(s)),
                     "e.g. 10.9.0.0/24 or fd00::/64",
                 );
                 None
@@ -1089,7 +1089,7 @@ impl ModelBuilder {
                     Some(None) => self.err_hint(
                         K::InvalidValue,
                         &n.span,
-                        format!("{} is not a protocol/port spec", quote(&s)),
+                        format!("{} is not a protocol/port spec", quote(s)),
                         "e.g. tcp/443, udp/53, tcp/8000-8080, icmp/echo-request, any",
                     ),
                     None => {}
@@ -1127,7 +1127,7 @@ impl ModelBuilder {
                     self.err_hint(
                         K::InvalidValue,
                         &n.span,
-                        format!("{} needs a protocol number", quote(&s)),
+                        format!("{} needs a protocol number", quote(s)),
                         "e.g. ip/47",
                     );
                     return None;
@@ -1154,7 +1154,7 @@ impl ModelBuilder {
                     let (lo, hi) = match (lo.parse::<u64>(), hi.parse::<u64>()) {
                         (Ok(lo), Ok(hi)) => (lo, hi),
                         _ => {
-                            let msg = format!("{} is not a port or port range", quote(&ports));
+                            let msg = format!("{} is not a port or port range", quote(ports));
                             self.err_hint(K::PortOutOfRange, &n.span, msg, "ports are 0 to 65535, ranges lo-hi");
                             return None;
                         }
@@ -1179,7 +1179,7 @@ impl ModelBuilder {
             }
             if let Some(t) = rest.first() {
                 let Some(ty) = icmp_type(proto, t) else {
-                    let msg = format!("{} is not an ICMP type", quote(&t));
+                    let msg = format!("{} is not an ICMP type", quote(t));
                     self.err_hint(
                         K::InvalidValue,
                         &n.span,
@@ -1195,7 +1195,7 @@ impl ModelBuilder {
                     self.err_hint(
                         K::InvalidValue,
                         &n.span,
-                        format!("{} is not an ICMP code", quote(&c)),
+                        format!("{} is not an ICMP code", quote(c)),
                         "0-255",
                     );
                     return None;
@@ -1304,7 +1304,7 @@ impl ModelBuilder {
         self.err_hint(
             K::UnknownKey,
             &k.span,
-            format!("{} is not a rule level", quote(&key)),
+            format!("{} is not a rule level", quote(key)),
             hint,
         );
     }

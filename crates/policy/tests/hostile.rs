@@ -143,10 +143,10 @@ fn nesting_up_to_the_limit_is_accepted() {
 
 /// `a0: &a0 [x × 10]`, then `aN: &aN [*aN-1 × 10]`: level N holds 10^(N+1) leaves.
 fn laughs(levels: usize) -> String {
-    let mut t = format!("a0: &a0 [{}]\n", vec!["x"; 10].join(", "));
+    let mut t = format!("a0: &a0 [{}]\n", ["x"; 10].join(", "));
     for n in 1..levels {
         let prev = format!("*a{}", n - 1);
-        t.push_str(&format!("a{n}: &a{n} [{}]\n", vec![prev.as_str(); 10].join(", ")));
+        t.push_str(&format!("a{n}: &a{n} [{}]\n", [prev.as_str(); 10].join(", ")));
     }
     t
 }
@@ -615,9 +615,9 @@ fn unknown_tags_are_refused() {
         expect_error(&loaded, "unsupported-tag", *line, *column, text);
     }
     // The core schema's !!str, !!seq and !!map say what the text already is.
-    let loaded = load_text(&format!(
-        "datacenter: !!map {{ name: !!str dc1, default: deny }}\nzones: !!seq [{{ name: web, vlan: 100 }}]\nversion: 1\n"
-    ));
+    let loaded = load_text(
+        "datacenter: !!map { name: !!str dc1, default: deny }\nzones: !!seq [{ name: web, vlan: 100 }]\nversion: 1\n",
+    );
     assert!(!loaded.has_errors(), "{}", loaded.render());
 }
 

@@ -158,32 +158,28 @@ impl Build {
 
     /// Where the next node goes, written: a new entry of the open collection.
     fn entry(&mut self) {
-        match self.open.last_mut() {
-            None => {}
+        if let Some(Open::FlowSeq { first } | Open::FlowMap { first }) = self.open.last_mut()
+            && !std::mem::replace(first, false)
+        {
+            self.out.push_str(", ");
+        }
+        match self.open.last().copied() {
+            None | Some(Open::FlowSeq { .. }) => {}
             Some(Open::BlockSeq { indent }) => {
-                let indent = *indent;
                 self.newline(indent);
                 self.out.push_str("- ");
             }
             Some(Open::BlockMap { indent }) => {
-                let indent = *indent;
                 self.newline(indent);
-                let _ = write!(self.out, "k{}: ", self.keys);
-                self.keys += 1;
+                self.key();
             }
-            Some(Open::FlowSeq { first }) => {
-                if !std::mem::replace(first, false) {
-                    self.out.push_str(", ");
-                }
-            }
-            Some(Open::FlowMap { first }) => {
-                if !std::mem::replace(first, false) {
-                    self.out.push_str(", ");
-                }
-                let _ = write!(self.out, "k{}: ", self.keys);
-                self.keys += 1;
-            }
+            Some(Open::FlowMap { .. }) => self.key(),
         }
+    }
+
+    fn key(&mut self) {
+        let _ = write!(self.out, "k{}: ", self.keys);
+        self.keys += 1;
     }
 
     fn newline(&mut self, indent: usize) {
