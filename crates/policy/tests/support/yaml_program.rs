@@ -55,7 +55,14 @@ const TAGS: &[&str] = &["!!str ", "!!binary ", "!!int ", "!x ", "!!seq ", "!!map
 
 /// The most instructions a program runs (repeats included), so a short
 /// input cannot ask for a text of gigabytes.
-const MAX_STEPS: usize = 200_000;
+const MAX_STEPS: usize = 20_000;
+
+/// The longest text a program writes: it stops there.
+const MAX_TEXT: usize = 1 << 20;
+
+/// Block collections deeper than this are written as flow ones, so the
+/// indentation (and the text) does not grow with the square of the depth.
+const MAX_INDENT: usize = 2 * (MAX_DEPTH + 16);
 
 /// Build the text `program` describes.
 pub fn build(program: &[u8]) -> String {
@@ -68,7 +75,7 @@ pub fn build(program: &[u8]) -> String {
     };
     let mut steps = 0;
     let mut i = 0;
-    while i < program.len() && steps < MAX_STEPS {
+    while i < program.len() && steps < MAX_STEPS && b.out.len() < MAX_TEXT {
         let op = program[i];
         let arg = program.get(i + 1).copied().unwrap_or(0);
         i += 1;
@@ -81,7 +88,7 @@ pub fn build(program: &[u8]) -> String {
             };
             i += 2;
             for _ in 0..times {
-                if steps >= MAX_STEPS {
+                if steps >= MAX_STEPS || b.out.len() >= MAX_TEXT {
                     break;
                 }
                 b.step(next, next_arg);
@@ -196,8 +203,14 @@ impl Build {
         write(self);
     }
 
+    /// Whether a collection opened now is a flow one: inside a flow
+    /// collection, or past [`MAX_INDENT`].
     fn in_flow(&self) -> bool {
-        matches!(self.open.last(), Some(Open::FlowSeq { .. } | Open::FlowMap { .. }))
+        match self.open.last() {
+            Some(Open::FlowSeq { .. } | Open::FlowMap { .. }) => true,
+            Some(Open::BlockSeq { indent } | Open::BlockMap { indent }) => *indent >= MAX_INDENT,
+            None => false,
+        }
     }
 
     /// A block collection's entries go on lines of their own, deeper than
