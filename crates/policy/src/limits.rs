@@ -38,6 +38,11 @@ pub const ALIAS_ALLOWANCE: u64 = 10_000;
 /// See [`ALIAS_ALLOWANCE`].
 pub const ALIAS_RATIO: u64 = 10;
 
+/// The most nodes aliases may copy in one file, however large it is (about
+/// 60 MB of tree): the ratio alone would let a 32 MiB file copy a hundred
+/// million. 50,000 VMs sharing a tag map copy 150,000.
+pub const MAX_ALIAS_NODES: u64 = 1_000_000;
+
 /// The diagnostics one load reports; past it, one more says how many
 /// errors and warnings were left out (an error if any of them was).
 pub const MAX_DIAGNOSTICS: usize = 1_000;

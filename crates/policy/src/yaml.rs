@@ -22,7 +22,7 @@ use yaml_rust2::parser::{Event, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 use crate::diag::DiagnosticKind;
-use crate::limits::{ALIAS_ALLOWANCE, ALIAS_RATIO, MAX_DEPTH};
+use crate::limits::{ALIAS_ALLOWANCE, ALIAS_RATIO, MAX_ALIAS_NODES, MAX_DEPTH};
 use crate::model::Span;
 
 /// What a node holds.
@@ -226,7 +226,9 @@ impl Builder<'_> {
     /// Count `n` more copied nodes against the allowance.
     fn copy(&mut self, n: u64, m: Marker, what: &str) -> Result<(), SyntaxError> {
         self.copied = self.copied.saturating_add(n);
-        let allowed = ALIAS_ALLOWANCE.saturating_add(ALIAS_RATIO.saturating_mul(self.written));
+        let allowed = ALIAS_ALLOWANCE
+            .saturating_add(ALIAS_RATIO.saturating_mul(self.written))
+            .min(MAX_ALIAS_NODES);
         if self.copied <= allowed {
             return Ok(());
         }
@@ -238,7 +240,7 @@ impl Builder<'_> {
                 self.copied
             ),
             Some(format!(
-                "aliases may copy {ALIAS_ALLOWANCE} nodes plus {ALIAS_RATIO} for each node written out before them; write the values out, or share less"
+                "aliases may copy {ALIAS_ALLOWANCE} nodes plus {ALIAS_RATIO} for each node written out before them, {MAX_ALIAS_NODES} at most; write the values out, or share less"
             )),
         ))
     }

@@ -167,6 +167,24 @@ fn an_alias_bomb_is_refused_where_it_goes_off() {
 }
 
 #[test]
+fn a_large_file_cannot_copy_without_bound() {
+    // 300,000 nodes written out would let aliases copy 3 million by the
+    // ratio; the absolute bound stops them at a million.
+    let pad = vec!["y"; 300_000].join(",");
+    let a = vec!["x"; 999].join(",");
+    let aliases = vec!["*a"; 1_100].join(",");
+    let text = format!("pad: [{pad}]\na: &a [{a}]\nb: [{aliases}]\n");
+    let loaded = load_text(&text);
+    // Copied before `b`: the anchor, 1,000 nodes; each alias 1,000 more.
+    expect_error(&loaded, "limit-exceeded", 3, 5 + 3 * 999, "copies past a million");
+    assert!(
+        first_error(&loaded).message.contains("1000000"),
+        "{}",
+        first_error(&loaded)
+    );
+}
+
+#[test]
 fn an_alias_cannot_nest_past_the_depth_limit() {
     let deep = |n: usize| format!("{}x{}", "[".repeat(n), "]".repeat(n));
     let text = format!("a: &d {}\nb: {}*d{}\n", deep(60), "[".repeat(10), "]".repeat(10));
