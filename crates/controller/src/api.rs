@@ -367,8 +367,15 @@ pub struct TagRequest {
 /// A [`TagRequest`] as it comes, telling a field left out from one given empty.
 #[derive(Deserialize)]
 struct TagRequestWire {
+    #[serde(default, deserialize_with = "given")]
     set: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "given")]
     remove: Option<Vec<String>>,
+}
+
+/// A field that, when present, holds a `T` (not `null`): `None` only when left out.
+fn given<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 impl TryFrom<TagRequestWire> for TagRequest {

@@ -359,14 +359,14 @@ fn schemas() -> Value {
         &[
             (
                 "set",
-                json!({ "type": "object", "minProperties": 1, "maxProperties": MAX_TAGS_PER_REQUEST,
+                json!({ "type": "object", "maxProperties": MAX_TAGS_PER_REQUEST,
                 "additionalProperties": printable(MAX_TAG_VALUE_CHARS),
                 "description": format!("tag → value; each key 1 to {MAX_TAG_KEY_CHARS} printable characters \
                     (else 422: OpenAPI 3.0 cannot constrain a map's keys)") }),
             ),
             (
                 "remove",
-                json!({ "type": "array", "minItems": 1, "maxItems": MAX_TAGS_PER_REQUEST,
+                json!({ "type": "array", "maxItems": MAX_TAGS_PER_REQUEST,
                 "uniqueItems": true, "items": tag_key }),
             ),
         ],
@@ -374,8 +374,9 @@ fn schemas() -> Value {
     );
     tag_request["minProperties"] = json!(1);
     tag_request["description"] = json!(format!(
-        "a key both set and removed is refused (422), as is a VM with more than \
-         {MAX_OVERLAY_TAGS_PER_VM} tag keys set or removed through the API"
+        "refused with 422: nothing to set or remove (both fields empty), a key both set and \
+         removed, and a VM with more than {MAX_OVERLAY_TAGS_PER_VM} tag keys set or removed \
+         through the API"
     ));
     json!({
         "ApplyRequest": closed(&[("files", request_files), ("message", printable(MAX_MESSAGE_CHARS))], &["files"]),

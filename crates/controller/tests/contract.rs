@@ -607,3 +607,26 @@ fn sample_flow() -> palisade_audit::record::FlowRecord {
         last_ns: 1,
     }
 }
+
+/// `null` is not a field left out: `{"set": null}` breaks the document's
+/// schema (found by Schemathesis: it was taken as "no tags to set").
+#[test]
+fn null_fields_are_refused() {
+    let env = Env::start("contract-null");
+    apply_v2(&env);
+    let before = snapshot(&env);
+    for (method, path, body) in [
+        ("PUT", "/v1/vms/web-1/tags", &br#"{"remove":["tier"],"set":null}"#[..]),
+        ("PUT", "/v1/vms/web-1/tags", br#"{"remove":null,"set":{"a":"b"}}"#),
+        (
+            "POST",
+            "/v1/policy?dry_run=true",
+            br#"{"files":{"a.yaml":"x"},"message":null}"#,
+        ),
+        ("POST", "/v1/agents/hv1/register", br#"{"agent_version":null}"#),
+    ] {
+        let (s, j) = raw(&env, method, path, Some(&env.admin), Some(body));
+        assert_eq!(s, 400, "{method} {path} {}: {j}", String::from_utf8_lossy(body));
+    }
+    assert_eq!(snapshot(&env), before);
+}
