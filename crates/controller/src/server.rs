@@ -890,7 +890,26 @@ where
 {
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
-        app.clone().oneshot(req)
+        let (tx, mut leftover) = tokio::sync::oneshot::channel();
+        let req = req.map(|inner| {
+            Body::new(Unread {
+                inner: Some(inner),
+                leftover: Some(tx),
+            })
+        });
+        let app = app.clone();
+        async move {
+            let resp = app.oneshot(req).await;
+            // The handler answered without reading the whole body (a
+            // refusal before it, an endpoint that takes none): read the
+            // rest and throw it away while the answer goes out, as a
+            // "lingering close" does, so the client gets the answer instead
+            // of a reset while it is still sending.
+            if let Ok(rest) = leftover.try_recv() {
+                tokio::spawn(discard(rest));
+            }
+            resp
+        }
     });
     // A client that goes away mid-request is not the server's problem.
     // A client that never finishes its headers must not hold a connection forever.
@@ -899,6 +918,64 @@ where
         .header_read_timeout(Duration::from_secs(30))
         .serve_connection(TokioIo::new(io), svc)
         .await;
+}
+
+/// A request body that, dropped before its end, hands what is left of it
+/// back to the connection (see [`serve_conn`]).
+struct Unread {
+    inner: Option<hyper::body::Incoming>,
+    leftover: Option<tokio::sync::oneshot::Sender<hyper::body::Incoming>>,
+}
+
+impl hyper::body::Body for Unread {
+    type Data = axum::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        match self.inner.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| hyper::body::SizeHint::with_exact(0), hyper::body::Body::size_hint)
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        if let (Some(b), Some(tx)) = (self.inner.take(), self.leftover.take())
+            && !hyper::body::Body::is_end_stream(&b)
+        {
+            let _ = tx.send(b);
+        }
+    }
+}
+
+/// Read and drop the rest of a request body: at most [`DRAIN_LIMIT`] bytes
+/// within 10 seconds, after which the connection is simply cut.
+async fn discard(mut body: hyper::body::Incoming) {
+    use http_body_util::BodyExt as _;
+    let read = async {
+        let mut total = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            total += frame.data_ref().map_or(0, |d| d.len());
+            if total > DRAIN_LIMIT {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
 }
 
 /// A server running on its own threads; stopped (connections dropped) on [`RunningServer::stop`] or drop.
