@@ -163,7 +163,7 @@ pub fn validate(files: &Files) -> Result<(Model, String), CoreError> {
     validate_by(|src| palisade_policy::load(src), files)
 }
 
-/// [`validate`] with `loader`, which reuses what it built from the VMs of
+/// [`validate()`] with `loader`, which reuses what it built from the VMs of
 /// the files it loaded before.
 pub fn validate_with(loader: &mut Loader, files: &Files) -> Result<(Model, String), CoreError> {
     validate_by(|src| loader.load(src), files)

@@ -56,8 +56,7 @@ use crate::tls::common_name;
 /// after the caller is authorized; the size is set by the largest policy an
 /// apply carries: a 50,000-VM inventory is about 9 MiB of JSON.
 pub const BODY_LIMIT: usize = 32 << 20;
-/// The longest long-poll wait granted, in seconds.
-pub const MAX_WAIT_S: u64 = 300;
+pub use crate::api::MAX_WAIT_S;
 
 /// Starting the server failed.
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// The longest long-poll wait an agent may ask for, in seconds (more is refused).
+pub const MAX_WAIT_S: u64 = 300;
 /// The most policy files in one apply.
 pub const MAX_FILES: usize = 1024;
 /// The most bytes in one policy file.
