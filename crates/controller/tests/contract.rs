@@ -630,3 +630,116 @@ fn null_fields_are_refused() {
     }
     assert_eq!(snapshot(&env), before);
 }
+
+/// Item 3's other half: a trail that cannot be written (its disk full) does
+/// not leave a committed change out for good. The change whose append
+/// failed is committed (its record is in the store) and counted; no other
+/// change is accepted until the trail has it (503, nothing stored); once
+/// space is back the server appends it by itself, and changes go on. Needs
+/// root (a small tmpfs); skipped with a message otherwise.
+#[test]
+fn a_full_trail_disk_holds_changes_back_until_the_record_is_appended() {
+    use palisade_controller::server::{self, ServeOptions};
+    use palisade_controller::trail::Trail;
+    let dir = TempDir::new("contract-full");
+    let audit = dir.0.join("audit");
+    std::fs::create_dir_all(&audit).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&audit)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root: mounting a tmpfs must work"
+        );
+        eprintln!("skipping: cannot mount a tmpfs (not root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(audit.clone());
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.0.join("s.redb")).unwrap());
+    let trail = Arc::new(Trail::open(&audit).unwrap());
+    let ctl = Controller::new(store.clone()).with_trail(trail);
+    let op = ctl.create_token("local", "olga", Role::Operator).unwrap();
+    let mut opts = ServeOptions::plain("127.0.0.1:0".parse().unwrap());
+    opts.poll_interval = std::time::Duration::from_millis(100);
+    let srv = server::spawn(ctl.clone(), opts).unwrap();
+    let call = |method: &str, path: &str, body: &[u8]| -> (u16, serde_json::Value) {
+        let req = ureq::request(method, &format!("{}{path}", srv.url())).set("Authorization", &format!("Bearer {op}"));
+        let resp = match req.send_bytes(body) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let status = resp.status();
+        (
+            status,
+            serde_json::from_str(&resp.into_string().unwrap_or_default()).unwrap_or_default(),
+        )
+    };
+    let apply = serde_json::to_vec(&serde_json::json!({ "files": files(POLICY_V2) })).unwrap();
+    assert_eq!(call("POST", "/v1/policy", &apply).0, 200);
+
+    // Fill the disk.
+    let filler = audit.join("filler");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 64 << 10]).and_then(|()| f.sync_all()).is_ok() {}
+    }
+    // A record larger than what is left of the files' last pages.
+    let set: serde_json::Map<String, serde_json::Value> = (0..60)
+        .map(|i| (format!("disk-{i}"), serde_json::json!("f".repeat(250))))
+        .collect();
+    let big = serde_json::to_vec(&serde_json::json!({ "set": set })).unwrap();
+    let (s, j) = call("PUT", "/v1/vms/web-1/tags", &big);
+    assert_eq!(s, 200, "the change is committed: its record is in the store: {j}");
+    let st = ctl.status().audit.unwrap();
+    assert_eq!((st.append_failures, st.unaudited), (1, 1), "{st:?}");
+    let before = store.list_prefix("").unwrap();
+    let (s, j) = call("PUT", "/v1/vms/web-1/tags", br#"{"set":{"next":"change"}}"#);
+    assert_eq!(s, 503, "{j}");
+    assert!(j["error"].as_str().unwrap_or_default().contains("audit log"), "{j}");
+    assert_eq!(
+        store.list_prefix("").unwrap(),
+        before,
+        "nothing stored while the trail lacks a change"
+    );
+
+    // Space comes back: the server appends the missing record by itself.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ctl.status().audit.unwrap().unaudited != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the missing record was never appended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        call("PUT", "/v1/vms/web-1/tags", br#"{"set":{"next":"change"}}"#).0,
+        200
+    );
+    srv.stop();
+    let stored = ctl.changes().unwrap();
+    let logged: Vec<_> = palisade_audit::LogReader::open(&audit)
+        .unwrap()
+        .query(&palisade_audit::Query::default())
+        .unwrap()
+        .into_iter()
+        .filter_map(|(_, r)| match r {
+            palisade_audit::record::Record::Change(c) => Some(c),
+            palisade_audit::record::Record::Flow(_) => None,
+        })
+        .collect();
+    assert_eq!(stored, logged, "every committed change in the trail, once, in order");
+    let report = palisade_audit::verify(&audit, None).unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
