@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use crate::delta::{DeltaError, Edit, FilesDelta};
+pub use validate::*;
+
+pub mod validate;
 use palisade_policy::compile::Compiler;
 use palisade_policy::load::{Loaded, Loader};
 use palisade_policy::source::SourceError;
@@ -347,7 +350,11 @@ pub struct DiffResponse {
 pub type CurrentPolicy = PolicyBundle;
 
 /// `PUT /v1/vms/{name}/tags`.
+///
+/// Decoding refuses what the document's schema refuses: neither field
+/// given, a key removed twice.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "TagRequestWire")]
 pub struct TagRequest {
     /// Tags to set.
     #[serde(default)]
@@ -355,6 +362,38 @@ pub struct TagRequest {
     /// Tag keys to remove.
     #[serde(default)]
     pub remove: Vec<String>,
+}
+
+/// A [`TagRequest`] as it comes, telling a field left out from one given empty.
+#[derive(Deserialize)]
+struct TagRequestWire {
+    #[serde(default, deserialize_with = "given")]
+    set: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "given")]
+    remove: Option<Vec<String>>,
+}
+
+/// A field that, when present, holds a `T` (not `null`): `None` only when left out.
+fn given<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+impl TryFrom<TagRequestWire> for TagRequest {
+    type Error = String;
+    fn try_from(w: TagRequestWire) -> Result<TagRequest, String> {
+        if w.set.is_none() && w.remove.is_none() {
+            return Err("nothing to set or remove: give `set`, `remove` or both".into());
+        }
+        let remove = w.remove.unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(k) = remove.iter().find(|k| !seen.insert(k.as_str())) {
+            return Err(format!("`remove` names tag {} twice", Quoted(k)));
+        }
+        Ok(TagRequest {
+            set: w.set.unwrap_or_default(),
+            remove,
+        })
+    }
 }
 
 /// The answer to a tag change.

@@ -44,8 +44,10 @@ pub enum ClientError {
         /// What failed.
         message: String,
     },
-    /// The controller refused the request.
-    #[error("controller answered {status}: {error}{}", diagnostics.as_deref().map(|d| format!("\n{d}")).unwrap_or_default())]
+    /// The controller refused the request. Shown with control and invisible
+    /// characters escaped (line breaks of the diagnostics kept): the message
+    /// may quote what a request held.
+    #[error("controller answered {status}: {}{}", Escaped(error), diagnostics.as_deref().map(escape_lines).unwrap_or_default())]
     Api {
         /// HTTP status.
         status: u16,
@@ -389,6 +391,8 @@ impl Client {
         wait: Duration,
     ) -> Result<Option<PolicyBundle>, ClientError> {
         let have = have.map(|v| format!("&have={v}")).unwrap_or_default();
+        // The server refuses waits over its maximum.
+        let wait = wait.min(Duration::from_secs(MAX_WAIT_S));
         let path = format!(
             "/v1/agents/{}/policy?after={after_rev}{have}&wait={}",
             segment(host),
@@ -400,6 +404,11 @@ impl Client {
         }
         decode(self.current_url(), &text).map(Some)
     }
+}
+
+/// Each line of `text` escaped ([`Escaped`]), after a line break.
+fn escape_lines(text: &str) -> String {
+    text.lines().map(|l| format!("\n{}", Escaped(l))).collect()
 }
 
 fn decode<T: DeserializeOwned>(url: &str, text: &str) -> Result<T, ClientError> {

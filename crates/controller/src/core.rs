@@ -15,9 +15,22 @@
 //! - `agents/<host>` → [`AgentRecord`]
 //! - `changes/<time ns, 20 digits>-<random>` → [`ChangeRecord`]
 //! - `tokens/<sha256 of the secret>` → [`TokenRecord`]
+//! - `token-names/<name>` → the name, claimed in the transaction that
+//!   creates the token, so two tokens can never share a name
+//! - `trail/<trail id>/last` → the key of the last change record committed
+//!   by the controller that keeps that audit trail (see below)
 //!
-//! With a [`Trail`], every change record is also appended to the
-//! controller's audit log once its transaction has committed.
+//! With a [`Trail`], no change takes effect unless its record reaches the
+//! trail. A change's record is checked against the trail's record limit
+//! before anything is written ([`MAX_CHANGE_RECORD_BYTES`]); it is committed
+//! with the change and with the `trail/<id>/last` pointer; then it is
+//! appended to the trail. The two writes cannot be one, so the store is the
+//! truth and the trail is brought up to it: a crash or a failed append
+//! between them leaves that one change missing, and it is appended from the
+//! store (once: the trail is searched for it first) at the next start, by
+//! the next change (which waits for it, and is refused while the trail
+//! cannot be written), or by the server's periodic retry. A controller's
+//! changes go through one gate, so at most that one change is ever pending.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -44,6 +57,8 @@ const RECENT_VERSIONS: usize = 4;
 const AGENTS: &str = "agents/";
 const CHANGES: &str = "changes/";
 const TOKENS: &str = "tokens/";
+const TOKEN_NAMES: &str = "token-names/";
+const TRAILS: &str = "trail/";
 /// How often a change is retried after losing the compare-and-swap race.
 const CAS_RETRIES: usize = 16;
 /// The store-wide lock a change holds from reading the current policy to
@@ -91,6 +106,12 @@ pub enum CoreError {
     /// The request is over a size limit.
     #[error("{0}")]
     TooLarge(String),
+    /// The request is well formed but cannot be done (422).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The name is taken (409).
+    #[error("{0}")]
+    NameTaken(String),
     /// This controller cannot serve the request (it keeps no audit log).
     #[error("{0}")]
     Unavailable(String),
@@ -100,6 +121,16 @@ pub enum CoreError {
     /// The audit log failed.
     #[error("audit log: {0}")]
     Audit(#[from] palisade_audit::AuditError),
+}
+
+impl From<RequestError> for CoreError {
+    fn from(e: RequestError) -> CoreError {
+        match e.kind {
+            RequestErrorKind::Malformed => CoreError::BadRequest(e.message),
+            RequestErrorKind::TooLarge => CoreError::TooLarge(e.message),
+            RequestErrorKind::Unprocessable => CoreError::Unprocessable(e.message),
+        }
+    }
 }
 
 /// Now, as Unix nanoseconds.
@@ -118,6 +149,10 @@ fn change_key(t: u64) -> String {
     format!("{CHANGES}{t:020}-{}", auth::hex(&r))
 }
 
+fn trail_last_key(trail: &Trail) -> String {
+    format!("{TRAILS}{}/last", trail.id())
+}
+
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
     // Serializing these plain structs (string keys, no floats) cannot fail.
     serde_json::to_vec(v).unwrap_or_default()
@@ -128,7 +163,7 @@ pub fn validate(files: &Files) -> Result<(Model, String), CoreError> {
     validate_by(|src| palisade_policy::load(src), files)
 }
 
-/// [`validate`] with `loader`, which reuses what it built from the VMs of
+/// [`validate()`] with `loader`, which reuses what it built from the VMs of
 /// the files it loaded before.
 pub fn validate_with(loader: &mut Loader, files: &Files) -> Result<(Model, String), CoreError> {
     validate_by(|src| loader.load(src), files)
@@ -138,17 +173,7 @@ fn validate_by(
     load: impl FnOnce(&palisade_policy::MemorySource) -> Result<Loaded, SourceError>,
     files: &Files,
 ) -> Result<(Model, String), CoreError> {
-    if files.is_empty() {
-        return Err(CoreError::BadRequest("no policy files given".into()));
-    }
-    for name in files.keys() {
-        let ok = (name.ends_with(".yaml") || name.ends_with(".yml")) && !name.contains('/') && !name.contains('\\');
-        if !ok {
-            return Err(CoreError::BadRequest(format!(
-                "file name \"{name}\" must be a plain *.yaml or *.yml name"
-            )));
-        }
-    }
+    check_files(files)?;
     let src = files
         .iter()
         .fold(palisade_policy::MemorySource::new(), |s, (n, t)| s.with(n, t.clone()));
@@ -216,6 +241,11 @@ fn chain_changes(old: Option<&Compiler>, new: &Compiler) -> Vec<ChainChange> {
     out
 }
 
+/// How long a diff of two file sets may take: past it, the diff is coarser
+/// (whole runs of lines replaced) but still correct. A policy of every line
+/// changed would otherwise take quadratic time, and any reader may ask.
+const DIFF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A unified diff of two file sets.
 pub fn diff_files(old: &Files, new: &Files) -> String {
     let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
@@ -226,7 +256,7 @@ pub fn diff_files(old: &Files, new: &Files) -> String {
         if a == b {
             continue;
         }
-        let d = similar::TextDiff::from_lines(a, b);
+        let d = similar::TextDiff::configure().timeout(DIFF_TIMEOUT).diff_lines(a, b);
         let text = d
             .unified_diff()
             .header(&format!("a/{n}"), &format!("b/{n}"))
@@ -234,6 +264,53 @@ pub fn diff_files(old: &Files, new: &Files) -> String {
         out.push_str(&text);
     }
     out
+}
+
+/// The diff a change record keeps of a new version: the unified diff, or
+/// when that is over [`MAX_CHANGE_DIFF`] its first part, then a line per
+/// file that changed with its lines added and removed and the SHA-256 of
+/// its new text (the files themselves are in the store, under the version).
+pub fn change_diff(old: &Files, new: &Files) -> String {
+    let full = diff_files(old, new);
+    if full.len() <= MAX_CHANGE_DIFF {
+        return full;
+    }
+    let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let mut summary = String::new();
+    for n in names {
+        let (a, b) = (old.get(n), new.get(n));
+        if a == b {
+            continue;
+        }
+        let lines = |t: Option<&String>| t.map_or(0, |t| t.lines().count());
+        let digest = b.map_or_else(
+            || "removed".to_string(),
+            |t| {
+                format!(
+                    "sha256 {}",
+                    auth::hex(&<sha2::Sha256 as sha2::Digest>::digest(t.as_bytes()))
+                )
+            },
+        );
+        summary.push_str(&format!(
+            "# {}: {} lines before, {} after, {digest}\n",
+            Quoted(n),
+            lines(a),
+            lines(b)
+        ));
+    }
+    let head = format!(
+        "# diff of {} bytes cut to its first part; every changed file:\n",
+        full.len()
+    );
+    let room = MAX_CHANGE_DIFF.saturating_sub(head.len() + summary.len());
+    let mut cut = room.min(full.len());
+    while !full.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    // End on a whole line.
+    let cut = full[..cut].rfind('\n').map_or(0, |i| i + 1);
+    format!("{head}{summary}{}", &full[..cut])
 }
 
 /// Wait until the current-policy pointer in `store` may have changed after
@@ -267,6 +344,40 @@ pub struct Controller {
     /// files it loaded: a new version that changes a few of 50,000 VMs
     /// parses only those.
     loader: Arc<std::sync::Mutex<Loader>>,
+    /// Every change of this controller passes here, from the check that
+    /// the trail holds the last one to the append of its own record.
+    gate: Arc<std::sync::Mutex<TrailGate>>,
+}
+
+/// Where the trail stands against the store, as a controller's changes see it.
+#[derive(Debug, Default)]
+struct TrailGate {
+    /// The trail is known to hold this controller's last committed change
+    /// (unknown at start: checked against the store first).
+    synced: bool,
+}
+
+/// The fault-injection hook of the crash tests: with
+/// `PALISADE_FAULT_KILL_AFTER_COMMIT=N` in its environment, the process
+/// kills itself (SIGKILL) right after its Nth change commits, before the
+/// change's record reaches the trail. Otherwise nothing happens: the
+/// variable is read once.
+fn fault_after_commit() {
+    static KILL_AFTER: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let Some(n) = *KILL_AFTER.get_or_init(|| {
+        std::env::var("PALISADE_FAULT_KILL_AFTER_COMMIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }) else {
+        return;
+    };
+    if COMMITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+        // SAFETY: getpid and kill take no pointers; this ends the process.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
 }
 
 impl std::fmt::Debug for Controller {
@@ -320,6 +431,7 @@ impl Controller {
             compiles: Arc::default(),
             loader: Arc::default(),
             versions: Arc::default(),
+            gate: Arc::default(),
         }
     }
 
@@ -335,11 +447,115 @@ impl Controller {
         self.trail.as_ref()
     }
 
-    /// Copy a committed change's record to the trail.
-    fn recorded(&self, change: &ChangeRecord) {
-        if let Some(t) = &self.trail {
-            t.record_change(change);
+    fn gate(&self) -> std::sync::MutexGuard<'_, TrailGate> {
+        // One flag, set whole: a panic elsewhere cannot leave it half-written.
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commit `change` with `puts` if every compare holds, and copy its
+    /// record to the trail (see the module's documentation): refused with
+    /// [`CoreError::TooLarge`] when the record is over
+    /// [`MAX_CHANGE_RECORD_BYTES`], with [`CoreError::Audit`] while the
+    /// trail lacks an earlier change and cannot be given it. `Ok(false)`:
+    /// a compare failed, nothing was written.
+    fn commit_change(
+        &self,
+        compares: &[Compare],
+        mut puts: Vec<(String, Vec<u8>)>,
+        change: &ChangeRecord,
+    ) -> Result<bool, CoreError> {
+        let encoded = json(&Record::Change(change.clone()));
+        if encoded.len() > MAX_CHANGE_RECORD_BYTES {
+            return Err(CoreError::TooLarge(format!(
+                "the record of this change ({} {}) would be {} bytes; the limit is {MAX_CHANGE_RECORD_BYTES}",
+                change.action,
+                Quoted(&change.resource),
+                encoded.len()
+            )));
         }
+        let key = change_key(change.time_ns);
+        puts.push((key.clone(), json(change)));
+        let Some(trail) = &self.trail else {
+            return Ok(self.store.txn(compares, &puts)?);
+        };
+        let mut gate = self.gate();
+        self.sync_trail_locked(trail, &mut gate)?;
+        puts.push((trail_last_key(trail), key.into_bytes()));
+        if !self.store.txn(compares, &puts)? {
+            return Ok(false);
+        }
+        fault_after_commit();
+        gate.synced = trail.record_change(change);
+        Ok(true)
+    }
+
+    /// Bring the trail up to the store: append this controller's last
+    /// committed change if the trail does not hold it. Returns how many
+    /// records were appended (0 or 1). The server runs it at start and
+    /// while [`Controller::trail_pending`].
+    pub fn sync_trail(&self) -> Result<usize, CoreError> {
+        let Some(trail) = &self.trail else {
+            return Ok(0);
+        };
+        let mut gate = self.gate();
+        self.sync_trail_locked(trail, &mut gate)
+    }
+
+    /// Whether this controller's last change may be missing from its trail.
+    pub fn trail_pending(&self) -> bool {
+        self.trail.is_some() && !self.gate().synced
+    }
+
+    /// Whether the trail lacks this controller's last committed change
+    /// (a look only: nothing is appended).
+    fn last_change_missing(&self, trail: &Trail) -> bool {
+        let Ok(Some(key)) = self.store.get(&trail_last_key(trail)) else {
+            return false;
+        };
+        let Ok(Some(change)) = String::from_utf8(key)
+            .ok()
+            .map_or(Ok(None), |k| store::get_json::<ChangeRecord>(&*self.store, &k))
+        else {
+            return true;
+        };
+        !trail.holds_change(&change).unwrap_or(false)
+    }
+
+    fn sync_trail_locked(&self, trail: &Trail, gate: &mut TrailGate) -> Result<usize, CoreError> {
+        if gate.synced {
+            return Ok(0);
+        }
+        let Some(key) = self.store.get(&trail_last_key(trail))? else {
+            gate.synced = true;
+            return Ok(0);
+        };
+        let key = String::from_utf8(key).map_err(|e| StoreError::Corrupt {
+            key: trail_last_key(trail),
+            message: e.to_string(),
+        })?;
+        let change: ChangeRecord = store::get_json(&*self.store, &key)?.ok_or_else(|| StoreError::Corrupt {
+            key: trail_last_key(trail),
+            message: format!("names change record {key}, which is not stored"),
+        })?;
+        let appended = trail.ensure_change(&change).map_err(|e| {
+            CoreError::Unavailable(format!(
+                "the audit log is failing ({e}): {} {} by {} is committed but not yet in it, \
+                 and no change is accepted until it is",
+                change.action,
+                Quoted(&change.resource),
+                Quoted(&change.actor)
+            ))
+        })?;
+        if appended {
+            eprintln!(
+                "palisade controller: audit log: appended {} {} by {} (committed, missing from the log)",
+                change.action,
+                Quoted(&change.resource),
+                Quoted(&change.actor)
+            );
+        }
+        gate.synced = true;
+        Ok(usize::from(appended))
     }
 
     /// The store.
@@ -351,12 +567,21 @@ impl Controller {
 
     /// Create a token on behalf of `actor` (`local` from the command line);
     /// returns the secret (shown once, stored only hashed). Recorded as a change.
+    /// Names are unique, revoked tokens' included: a change record names
+    /// its actor by token name ([`CoreError::NameTaken`] otherwise).
     pub fn create_token(&self, actor: &str, name: &str, role: Role) -> Result<String, CoreError> {
-        let ok = !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_graphic());
-        if !ok {
-            return Err(CoreError::BadRequest(format!(
-                "token name \"{name}\" must be 1 to 64 printable characters without spaces"
-            )));
+        check_token_name(name)?;
+        // Tokens made before names were claimed have no claim: look at them all too.
+        let taken = self
+            .store
+            .list_prefix(TOKENS)?
+            .iter()
+            .map(|(k, b)| store::decode::<TokenRecord>(k, b))
+            .collect::<Result<Vec<_>, _>>()?
+            .iter()
+            .any(|r| r.name == name);
+        if taken {
+            return Err(CoreError::NameTaken(format!("a token named \"{name}\" exists already")));
         }
         let secret = auth::new_secret();
         let t = now_ns();
@@ -374,9 +599,19 @@ impl Controller {
             diff: format!("role {}", role.name()),
             policy_version: None,
         };
-        let puts = [(auth::token_key(&secret), json(&rec)), (change_key(t), json(&change))];
-        self.store.txn(&[], &puts)?;
-        self.recorded(&change);
+        let name_key = format!("{TOKEN_NAMES}{name}");
+        // The claim decides between two creations of one name at once.
+        let unclaimed = [Compare {
+            key: name_key.clone(),
+            value: None,
+        }];
+        let puts = vec![
+            (auth::token_key(&secret), json(&rec)),
+            (name_key, name.as_bytes().to_vec()),
+        ];
+        if !self.commit_change(&unclaimed, puts, &change)? {
+            return Err(CoreError::NameTaken(format!("a token named \"{name}\" exists already")));
+        }
         Ok(secret)
     }
 
@@ -440,7 +675,18 @@ impl Controller {
                 by: actor.to_string(),
             };
             let mut puts = Vec::new();
-            let mut compares = Vec::new();
+            // Every live admin token the guard counted is compared: if
+            // another revocation takes one meanwhile, this one retries
+            // and counts again, so two admins revoking each other at once
+            // cannot both succeed.
+            let mut compares: Vec<Compare> = records
+                .iter()
+                .filter(|(k, _, r)| r.revoked.is_none() && r.role == Role::Admin && !is_target(k, r))
+                .map(|(k, b, _)| Compare {
+                    key: k.to_string(),
+                    value: Some(b.to_vec()),
+                })
+                .collect();
             let mut out = Vec::new();
             for (k, b, r) in &targets {
                 let mut r = r.clone();
@@ -466,9 +712,7 @@ impl Controller {
                 diff: format!("{} token(s) revoked", out.len()),
                 policy_version: None,
             };
-            puts.push((change_key(t), json(&change)));
-            if self.store.txn(&compares, &puts)? {
-                self.recorded(&change);
+            if self.commit_change(&compares, puts, &change)? {
                 return Ok(out);
             }
         }
@@ -724,16 +968,12 @@ impl Controller {
             });
         }
         puts.push((CURRENT.into(), json(next)));
-        puts.push((change_key(change.time_ns), json(change)));
-        let committed = self.store.txn(&compares, &puts)?;
-        if committed {
-            self.recorded(change);
-        }
-        Ok(committed)
+        self.commit_change(&compares, puts, change)
     }
 
     /// Validate `req` and, unless `dry_run`, make it the current policy as a new version.
     pub fn apply(&self, actor: &str, req: &ApplyRequest, dry_run: bool) -> Result<ApplyResponse, CoreError> {
+        req.check()?;
         let (model, warnings) = self.load(&req.files)?;
         let _lock = if dry_run { None } else { Some(self.compile_lock()?) };
         let mut first = Some(model);
@@ -776,7 +1016,7 @@ impl Controller {
                 actor: actor.to_string(),
                 action: "policy.apply".into(),
                 resource: "policy".into(),
-                diff: diff_files(old, &req.files),
+                diff: change_diff(old, &req.files),
                 policy_version: Some(next.version),
             };
             if self.commit(raw, &next, vec![(version_key(next.version), json(&rec))], &change)? {
@@ -837,7 +1077,7 @@ impl Controller {
                 actor: actor.to_string(),
                 action: "policy.rollback".into(),
                 resource: "policy".into(),
-                diff: diff_files(&old.files, &target.files),
+                diff: change_diff(&old.files, &target.files),
                 policy_version: Some(next.version),
             };
             if self.commit(raw, &next, vec![(version_key(next.version), json(&rec))], &change)? {
@@ -856,15 +1096,7 @@ impl Controller {
 
     /// Set and remove tags of VM `vm` in the overlay: a new effective revision.
     pub fn tag(&self, actor: &str, vm: &str, req: &TagRequest) -> Result<TagResponse, CoreError> {
-        if req.set.is_empty() && req.remove.is_empty() {
-            return Err(CoreError::BadRequest("nothing to set or remove".into()));
-        }
-        if let Some(k) = req.remove.iter().find(|k| req.set.contains_key(*k)) {
-            return Err(CoreError::BadRequest(format!("tag \"{k}\" is both set and removed")));
-        }
-        if let Some(k) = req.set.keys().chain(&req.remove).find(|k| k.is_empty()) {
-            return Err(CoreError::BadRequest(format!("empty tag key \"{k}\"")));
-        }
+        req.check()?;
         let _lock = self.compile_lock()?;
         for _ in 0..CAS_RETRIES {
             let (cur, raw) = self.current_raw()?;
@@ -884,18 +1116,41 @@ impl Controller {
             for k in &req.remove {
                 o.insert(k.clone(), None);
             }
+            if o.len() > MAX_OVERLAY_TAGS_PER_VM {
+                return Err(CoreError::Unprocessable(format!(
+                    "VM {} would have {} tags set or removed through the API; the limit is \
+                     {MAX_OVERLAY_TAGS_PER_VM} (change its tags in the policy files instead)",
+                    Quoted(vm),
+                    o.len()
+                )));
+            }
             let mut after = before.clone();
             apply_overlay(&mut after, o);
+            let overlay_bytes = json(&next.tags).len();
+            if overlay_bytes > MAX_OVERLAY_BYTES {
+                return Err(CoreError::TooLarge(format!(
+                    "the tag overlay would come to {overlay_bytes} bytes; the limit is {MAX_OVERLAY_BYTES}"
+                )));
+            }
             let changes = compiler
                 .retag(vm, after.clone())
                 .map_err(|e| CoreError::InvalidPolicy(e.to_string()))?;
             next.revision = cur.revision + 1;
+            // Only the keys this request touches: the record of one tag
+            // change stays small whatever else the VM carries.
+            let touched = |tags: &BTreeMap<String, String>| -> BTreeMap<String, String> {
+                req.set
+                    .keys()
+                    .chain(&req.remove)
+                    .filter_map(|k| tags.get(k).map(|v| (k.clone(), v.clone())))
+                    .collect()
+            };
             let change = ChangeRecord {
                 time_ns: now_ns(),
                 actor: actor.to_string(),
                 action: "vm.tag".into(),
                 resource: format!("vm/{vm}"),
-                diff: format!("tags {before:?} -> {after:?}"),
+                diff: format!("tags {:?} -> {:?}", touched(&before), touched(&after)),
                 policy_version: None,
             };
             let chains = changes.changed.to_vec();
@@ -982,6 +1237,8 @@ impl Controller {
 
     /// Record an agent's registration.
     pub fn register(&self, host: &str, req: &RegisterRequest) -> Result<AgentRecord, CoreError> {
+        check_host(host)?;
+        req.check()?;
         let key = format!("{AGENTS}{host}");
         let t = now_ns();
         let mut rec: AgentRecord = store::get_json(&*self.store, &key)?.unwrap_or_else(|| AgentRecord {
@@ -997,6 +1254,8 @@ impl Controller {
 
     /// Record an agent's report.
     pub fn report(&self, host: &str, req: &ReportRequest) -> Result<AgentRecord, CoreError> {
+        check_host(host)?;
+        req.check()?;
         let key = format!("{AGENTS}{host}");
         let t = now_ns();
         let mut rec: AgentRecord = store::get_json(&*self.store, &key)?
@@ -1019,6 +1278,7 @@ impl Controller {
     /// Append agent `host`'s flow records to the trail in one durable batch:
     /// all of them, or (when one is refused) none.
     pub fn push_flows(&self, host: &str, batch: FlowBatch) -> Result<FlowPushResponse, CoreError> {
+        check_host(host)?;
         let n = batch.records.len();
         if n > MAX_FLOW_BATCH {
             return Err(CoreError::TooLarge(format!(
@@ -1075,7 +1335,11 @@ impl Controller {
     /// How this controller is doing.
     pub fn status(&self) -> ControllerStatus {
         ControllerStatus {
-            audit: self.trail.as_ref().map(|t| t.status()),
+            audit: self.trail.as_ref().map(|t| {
+                let mut st = t.status();
+                st.unaudited = u64::from(self.trail_pending() && self.last_change_missing(t));
+                st
+            }),
             compiles: self.compiles.lock().map(|c| *c).unwrap_or_default(),
         }
     }

@@ -6,6 +6,8 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::api::*;
+
 /// (method, path, summary, who may call, request schema, response schema).
 type Endpoint = (
     &'static str,
@@ -173,20 +175,66 @@ const ENDPOINTS: &[Endpoint] = &[
     ("get", "/openapi.json", "This document", "anyone", None, "Object"),
 ];
 
+/// An object with these properties, the `required` ones listed (OpenAPI 3.0
+/// refuses an empty `required`, so none is left out).
 fn obj(props: &[(&str, Value)], required: &[&str]) -> Value {
     let p: Map<String, Value> = props.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-    json!({ "type": "object", "properties": p, "required": required })
+    let mut o = json!({ "type": "object", "properties": p });
+    if !required.is_empty() {
+        o["required"] = json!(required);
+    }
+    o
+}
+
+/// A request body object: as [`obj`], refusing any other property (400).
+fn closed(props: &[(&str, Value)], required: &[&str]) -> Value {
+    let mut o = obj(props, required);
+    o["additionalProperties"] = json!(false);
+    o
+}
+
+/// A string anchored at both ends: Python's `$` (Schemathesis generates with
+/// Python's `re`) also matches before a final newline, so the end is "no
+/// character follows".
+fn anchored(body: &str) -> String {
+    format!("^{body}(?![\\s\\S])")
+}
+
+/// Text people read back: no control or invisible characters (400), at
+/// most `max` characters (413).
+fn printable(max: usize) -> Value {
+    json!({ "type": "string", "maxLength": max, "pattern": anchored(&format!("[^{HIDDEN_CLASS}]*")) })
+}
+
+/// A 64-bit unsigned integer.
+fn u64_schema() -> Value {
+    json!({ "type": "integer", "minimum": 0, "maximum": u64::MAX })
 }
 
 fn schemas() -> Value {
     let s = json!({ "type": "string" });
-    let n = json!({ "type": "integer", "minimum": 0 });
-    let files = json!({ "type": "object", "additionalProperties": { "type": "string" }, "description": "file name → YAML text" });
+    let n = u64_schema();
+    let boolean = json!({ "type": "boolean" });
     let strmap = json!({ "type": "object", "additionalProperties": { "type": "string" } });
+    let files = json!({ "type": "object", "additionalProperties": { "type": "string" },
+        "description": "file name → YAML text" });
+    let request_files = json!({
+        "type": "object",
+        "minProperties": 1,
+        "maxProperties": MAX_FILES,
+        "additionalProperties": { "type": "string" },
+        "description": format!(
+            "file name → YAML text. Each name is a plain *.yaml or *.yml name of at most \
+             {MAX_FILE_NAME_CHARS} printable characters, not starting with a dot and without a \
+             directory (else 422: OpenAPI 3.0 cannot constrain a map's keys); each file at most \
+             {MAX_FILE_BYTES} bytes, all names and files together at most {MAX_BUNDLE_BYTES} (else 413)"),
+    });
     let overlay = json!({ "type": "object", "description": "VM → tag → value, or null for a removed tag",
-        "additionalProperties": { "type": "object", "additionalProperties": { "type": ["string", "null"] } } });
+        "additionalProperties": { "type": "object", "additionalProperties": { "type": "string", "nullable": true } } });
+    let counters = json!({ "type": "object", "additionalProperties": n.clone() });
     let r = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
     let list = |name: &str| json!({ "type": "array", "items": r(name) });
+    let strings = json!({ "type": "array", "items": s.clone() });
     let summary = [
         ("version", n.clone()),
         ("author", s.clone()),
@@ -196,40 +244,178 @@ fn schemas() -> Value {
     ];
     let mut version = summary.to_vec();
     version.push(("files", files.clone()));
+    let tag_key = {
+        let mut k = printable(MAX_TAG_KEY_CHARS);
+        k["minLength"] = json!(1);
+        k
+    };
+    let token_name = json!({ "type": "string", "minLength": 1, "maxLength": MAX_TOKEN_NAME_CHARS,
+        "pattern": TOKEN_NAME_PATTERN });
+    let role = json!({ "type": "string", "enum": ["admin", "operator", "auditor", "read-only"] });
+    let endpoint = obj(
+        &[
+            (
+                "addr",
+                json!({ "type": "string", "description": "an IPv4 or IPv6 address" }),
+            ),
+            ("port", json!({ "type": "integer", "minimum": 0, "maximum": u16::MAX })),
+            ("vm", r("VmIdentity")),
+        ],
+        &["addr", "port"],
+    );
+    let vm_identity = obj(
+        &[
+            ("name", s.clone()),
+            ("uuid", s.clone()),
+            ("vnic", s.clone()),
+            ("zone", s.clone()),
+            ("cluster", s.clone()),
+            ("host", s.clone()),
+            ("tags", strmap.clone()),
+        ],
+        &["name", "uuid", "vnic", "zone"],
+    );
+    let decision = obj(
+        &[
+            ("rule", s.clone()),
+            (
+                "level",
+                json!({ "type": "string", "enum": ["datacenter", "cluster", "zone", "vm"] }),
+            ),
+            ("policy_version", n.clone()),
+            ("chain", json!({ "type": "string", "enum": ["egress", "ingress"] })),
+        ],
+        &["rule", "level", "policy_version", "chain"],
+    );
+    let verdict = json!({ "type": "string", "enum": ["allow", "deny", "reject"] });
+    let mut flow_record = obj(
+        &[
+            ("time_ns", n.clone()),
+            ("flow_id", n.clone()),
+            ("host", s.clone()),
+            ("phase", json!({ "type": "string", "enum": ["start", "update", "end"] })),
+            (
+                "reason",
+                json!({ "type": "string", "description": "why the flow ended (phase end only)",
+                "enum": ["fin", "rst", "timeout", "policy_revoked", "evicted", "migrated", "shutdown"] }),
+            ),
+            ("src", r("Endpoint")),
+            ("dst", r("Endpoint")),
+            (
+                "protocol",
+                json!({ "type": "integer", "minimum": 0, "maximum": u8::MAX }),
+            ),
+            ("verdict", verdict.clone()),
+            ("decided_by", list("Decision")),
+            ("packets_out", n.clone()),
+            ("bytes_out", n.clone()),
+            ("packets_in", n.clone()),
+            ("bytes_in", n.clone()),
+            ("start_ns", n.clone()),
+            ("last_ns", n.clone()),
+        ],
+        &[
+            "time_ns",
+            "flow_id",
+            "host",
+            "phase",
+            "src",
+            "dst",
+            "protocol",
+            "verdict",
+            "decided_by",
+            "packets_out",
+            "bytes_out",
+            "packets_in",
+            "bytes_in",
+            "start_ns",
+            "last_ns",
+        ],
+    );
+    flow_record["additionalProperties"] = json!(false);
+    flow_record["description"] = json!("one flow record of an agent's audit trail");
+    let change = obj(
+        &[
+            ("time_ns", n.clone()),
+            ("actor", s.clone()),
+            ("action", s.clone()),
+            ("resource", s.clone()),
+            ("diff", s.clone()),
+            ("policy_version", n.clone()),
+        ],
+        &["time_ns", "actor", "action", "resource", "diff"],
+    );
+    let mut change_record = change.clone();
+    change_record["properties"]["kind"] = json!({ "type": "string", "enum": ["change"] });
+    if let Some(a) = change_record["required"].as_array_mut() {
+        a.push(json!("kind"));
+    }
+    let mut flow_entry = flow_record.clone();
+    flow_entry["properties"]["kind"] = json!({ "type": "string", "enum": ["flow"] });
+    if let Some(a) = flow_entry["required"].as_array_mut() {
+        a.push(json!("kind"));
+    }
+    let mut tag_request = closed(
+        &[
+            (
+                "set",
+                json!({ "type": "object", "maxProperties": MAX_TAGS_PER_REQUEST,
+                "additionalProperties": printable(MAX_TAG_VALUE_CHARS),
+                "description": format!("tag → value; each key 1 to {MAX_TAG_KEY_CHARS} printable characters \
+                    (else 422: OpenAPI 3.0 cannot constrain a map's keys)") }),
+            ),
+            (
+                "remove",
+                json!({ "type": "array", "maxItems": MAX_TAGS_PER_REQUEST,
+                "uniqueItems": true, "items": tag_key }),
+            ),
+        ],
+        &[],
+    );
+    tag_request["minProperties"] = json!(1);
+    tag_request["description"] = json!(format!(
+        "refused with 422: nothing to set or remove (both fields empty), a key both set and \
+         removed, and a VM with more than {MAX_OVERLAY_TAGS_PER_VM} tag keys set or removed \
+         through the API"
+    ));
     json!({
-        "ApplyRequest": obj(&[("files", files.clone()), ("message", s.clone())], &["files"]),
-        "ApplyResponse": obj(&[("version", n.clone()), ("revision", n.clone()), ("dry_run", json!({"type": "boolean"})), ("warnings", s.clone())], &["version", "revision", "dry_run"]),
-        "PolicyBundle": obj(&[("revision", n.clone()), ("version", n.clone()), ("files", files.clone()), ("tags", overlay), ("same_files", json!({"type": "boolean"})), ("delta", json!({"$ref": "#/components/schemas/FilesDelta"}))], &["revision", "version", "files", "tags"]),
-        "FilesDelta": obj(&[("base", n.clone()), ("changed", json!({"type": "object", "description": "file name → edits of the held file: [{\"copy\": N} | {\"skip\": N} | {\"insert\": TEXT}]", "additionalProperties": {"type": "array", "items": {"type": "object"}}})), ("removed", json!({"type": "array", "items": {"type": "string"}})), ("digest", json!({"type": "string", "description": "SHA-256 (hex) of the resulting files, each name and text length-prefixed, in name order"}))], &["base", "changed", "digest"]),
+        "ApplyRequest": closed(&[("files", request_files), ("message", printable(MAX_MESSAGE_CHARS))], &["files"]),
+        "ApplyResponse": obj(&[("version", n.clone()), ("revision", n.clone()), ("dry_run", boolean.clone()), ("warnings", s.clone())], &["version", "revision", "dry_run"]),
+        "PolicyBundle": obj(&[("revision", n.clone()), ("version", n.clone()), ("files", files.clone()), ("tags", overlay), ("same_files", boolean.clone()), ("delta", r("FilesDelta"))], &["revision", "version", "files", "tags"]),
+        "FilesDelta": obj(&[("base", n.clone()), ("changed", json!({"type": "object", "description": "file name → edits of the held file: [{\"copy\": N} | {\"skip\": N} | {\"insert\": TEXT}]", "additionalProperties": {"type": "array", "items": {"type": "object"}}})), ("removed", strings.clone()), ("digest", json!({"type": "string", "description": "SHA-256 (hex) of the resulting files, each name and text length-prefixed, in name order"}))], &["base", "changed", "digest"]),
         "VersionSummary": obj(&summary, &["version", "author", "time_ns", "message"]),
         "VersionSummaryList": list("VersionSummary"),
         "VersionRecord": obj(&version, &["version", "author", "time_ns", "message", "files"]),
-        "ChainChange": obj(&[("vnic", s.clone()), ("direction", json!({"enum": ["egress", "ingress"]})), ("change", json!({"enum": ["added", "removed", "changed"]}))], &["vnic", "direction", "change"]),
+        "ChainChange": obj(&[("vnic", s.clone()), ("direction", json!({"type": "string", "enum": ["egress", "ingress"]})), ("change", json!({"type": "string", "enum": ["added", "removed", "changed"]}))], &["vnic", "direction", "change"]),
         "DiffResponse": obj(&[("base_version", n.clone()), ("diff", s.clone()), ("chains", list("ChainChange"))], &["base_version", "diff", "chains"]),
-        "TagRequest": obj(&[("set", strmap.clone()), ("remove", json!({"type": "array", "items": s.clone()}))], &[]),
-        "TagResponse": obj(&[("vm", s.clone()), ("tags", strmap.clone()), ("revision", n.clone()), ("chains", json!({"type": "array", "items": s.clone()}))], &["vm", "tags", "revision", "chains"]),
-        "Vm": obj(&[("name", s.clone()), ("uuid", s.clone()), ("cluster", s.clone()), ("host", s.clone()), ("tags", strmap.clone()), ("vnics", json!({"type": "array", "items": s.clone()}))], &["name", "uuid", "tags", "vnics"]),
+        "TagRequest": tag_request,
+        "TagResponse": obj(&[("vm", s.clone()), ("tags", strmap.clone()), ("revision", n.clone()), ("chains", strings.clone())], &["vm", "tags", "revision", "chains"]),
+        "Vm": obj(&[("name", s.clone()), ("uuid", s.clone()), ("cluster", s.clone()), ("host", s.clone()), ("tags", strmap.clone()), ("vnics", strings.clone())], &["name", "uuid", "tags", "vnics"]),
         "VmList": list("Vm"),
-        "AgentRecord": obj(&[("host", s.clone()), ("registered_ns", n.clone()), ("last_seen_ns", n.clone()), ("installed_revision", n.clone()), ("agent_version", s.clone()), ("counters", json!({"type": "object", "additionalProperties": n.clone()}))], &["host", "registered_ns", "last_seen_ns", "installed_revision"]),
+        "AgentRecord": obj(&[("host", s.clone()), ("registered_ns", n.clone()), ("last_seen_ns", n.clone()), ("installed_revision", n.clone()), ("agent_version", s.clone()), ("counters", counters.clone())], &["host", "registered_ns", "last_seen_ns", "installed_revision"]),
         "AgentList": list("AgentRecord"),
-        "Host": obj(&[("name", s.clone()), ("cluster", s.clone()), ("vms", json!({"type": "array", "items": s.clone()})), ("agent", r("AgentRecord"))], &["name", "vms"]),
+        "Host": obj(&[("name", s.clone()), ("cluster", s.clone()), ("vms", strings.clone()), ("agent", r("AgentRecord"))], &["name", "vms"]),
         "HostList": list("Host"),
-        "Change": obj(&[("time_ns", n.clone()), ("actor", s.clone()), ("action", s.clone()), ("resource", s.clone()), ("diff", s.clone()), ("policy_version", n.clone())], &["time_ns", "actor", "action", "resource", "diff"]),
+        "Change": change,
         "ChangeList": list("Change"),
-        "RegisterRequest": obj(&[("agent_version", s.clone())], &[]),
-        "ReportRequest": obj(&[("installed_revision", n.clone()), ("counters", json!({"type": "object", "additionalProperties": n.clone()}))], &["installed_revision"]),
-        "TokenRequest": obj(&[("name", s.clone()), ("role", json!({"enum": ["admin", "operator", "auditor", "read-only"]}))], &["name", "role"]),
+        "RegisterRequest": closed(&[("agent_version", printable(MAX_AGENT_VERSION_CHARS))], &[]),
+        "ReportRequest": closed(&[("installed_revision", n.clone()), ("counters", json!({ "type": "object", "maxProperties": MAX_COUNTERS, "additionalProperties": n.clone(),
+            "description": format!("counter name → value; each name 1 to {MAX_COUNTER_NAME_CHARS} printable characters (else 422)") }))], &["installed_revision"]),
+        "TokenRequest": closed(&[("name", token_name), ("role", role.clone())], &["name", "role"]),
         "TokenList": list("TokenInfo"),
-        "TokenInfo": obj(&[("id", s.clone()), ("name", s.clone()), ("role", s.clone()), ("created_ns", n.clone()),
+        "TokenInfo": obj(&[("id", s.clone()), ("name", s.clone()), ("role", role.clone()), ("created_ns", n.clone()),
             ("revoked", obj(&[("time_ns", n.clone()), ("by", s.clone())], &["time_ns", "by"]))], &["id", "name", "role", "created_ns"]),
-        "TokenResponse": obj(&[("name", s.clone()), ("role", s.clone()), ("token", s.clone())], &["name", "role", "token"]),
+        "TokenResponse": obj(&[("name", s.clone()), ("role", role), ("token", s.clone())], &["name", "role", "token"]),
         "Error": obj(&[("error", s.clone()), ("diagnostics", s.clone())], &["error"]),
-        "FlowRecord": json!({ "type": "object", "description": "a palisade_audit FlowRecord (time_ns, flow_id, host, phase, src, dst, protocol, verdict, decided_by, counters)", "required": ["time_ns", "flow_id", "host", "phase", "src", "dst", "protocol", "verdict", "decided_by"] }),
-        "FlowBatch": obj(&[("records", json!({"type": "array", "maxItems": crate::api::MAX_FLOW_BATCH, "items": r("FlowRecord")}))], &["records"]),
+        "Endpoint": endpoint,
+        "VmIdentity": vm_identity,
+        "Decision": decision,
+        "FlowRecord": flow_record,
+        "FlowBatch": closed(&[("records", json!({"type": "array", "maxItems": MAX_FLOW_BATCH, "items": r("FlowRecord")}))], &["records"]),
         "FlowPushResponse": obj(&[("appended", n.clone()), ("last_seq", n.clone())], &["appended", "last_seq"]),
-        "SeqRecord": obj(&[("seq", n.clone()), ("record", json!({"type": "object", "description": "a FlowRecord or a Change, with `kind`: flow or change"}))], &["seq", "record"]),
+        "SeqRecord": obj(&[("seq", n.clone()), ("record", json!({ "oneOf": [flow_entry, change_record], "description": "a flow record (kind: flow) or a change record (kind: change)" }))], &["seq", "record"]),
         "FlowList": obj(&[("records", list("SeqRecord"))], &["records"]),
-        "TrailStatus": obj(&[("dir", s.clone()), ("last_seq", n.clone()), ("append_failures", n.clone()), ("last_error", s.clone())], &["dir", "last_seq", "append_failures"]),
+        "TrailStatus": obj(&[("dir", s.clone()), ("last_seq", n.clone()), ("append_failures", n.clone()), ("unaudited", n.clone()), ("last_error", s.clone())], &["dir", "last_seq", "append_failures"]),
         "CompileCounts": obj(&[("kept", n.clone()), ("caught_up", n.clone()), ("whole", n.clone())], &["kept", "caught_up", "whole"]),
         "ControllerStatus": obj(&[("audit", r("TrailStatus")), ("compiles", r("CompileCounts"))], &["compiles"]),
         "Object": json!({ "type": "object" }),
@@ -243,25 +429,45 @@ pub fn document() -> Value {
     for (method, path, summary, who, req, resp) in ENDPOINTS {
         let mut params = Vec::new();
         for name in ["v", "name", "host"] {
-            if path.contains(&format!("{{{name}}}")) {
-                let schema = if name == "v" {
-                    json!({"type": "integer"})
-                } else {
-                    json!({"type": "string"})
-                };
-                params.push(json!({ "name": name, "in": "path", "required": true, "schema": schema }));
+            if !path.contains(&format!("{{{name}}}")) {
+                continue;
             }
+            let (schema, d) = match name {
+                "v" => (u64_schema(), "a policy version".to_string()),
+                "host" => (
+                    json!({ "type": "string", "minLength": 1, "maxLength": MAX_HOST_NAME_CHARS, "pattern": HOST_PATTERN }),
+                    "the agent's host name: labels of letters, digits, _ and - joined by single dots".to_string(),
+                ),
+                _ if path.starts_with("/v1/tokens") => (
+                    json!({ "type": "string", "minLength": 1, "maxLength": MAX_TOKEN_NAME_CHARS, "pattern": TOKEN_NAME_PATTERN }),
+                    "a token's name, or the start (12 characters or more) of its id".to_string(),
+                ),
+                _ => (
+                    json!({ "type": "string", "minLength": 1, "pattern": anchored(&format!("[^{HIDDEN_CLASS}]+")) }),
+                    "a VM of the current policy".to_string(),
+                ),
+            };
+            params.push(json!({ "name": name, "in": "path", "required": true, "schema": schema, "description": d }));
         }
+        let q = |name: &str, schema: Value, d: &str| json!({ "name": name, "in": "query", "schema": schema, "description": d });
+        let int = |max: u64| json!({ "type": "integer", "minimum": 0, "maximum": max });
         if *path == "/v1/policy" && *method == "post" {
-            params.push(json!({ "name": "dry_run", "in": "query", "schema": { "type": "boolean" } }));
+            params.push(q(
+                "dry_run",
+                json!({ "type": "boolean" }),
+                "only validate: `true` or `false`",
+            ));
         }
         if path.ends_with("/policy") && path.contains("{host}") {
-            params.push(json!({ "name": "after", "in": "query", "schema": { "type": "integer" }, "description": "the revision the agent has" }));
-            params.push(json!({ "name": "have", "in": "query", "schema": { "type": "integer" }, "description": "the policy version whose files the agent holds" }));
-            params.push(json!({ "name": "wait", "in": "query", "schema": { "type": "integer", "maximum": crate::server::MAX_WAIT_S }, "description": "seconds to wait" }));
+            params.push(q("after", int(u64::MAX), "the revision the agent has"));
+            params.push(q(
+                "have",
+                int(u64::MAX),
+                "the policy version whose files the agent holds",
+            ));
+            params.push(q("wait", int(crate::server::MAX_WAIT_S), "seconds to wait"));
         }
         if *path == "/v1/flows" {
-            let q = |name: &str, schema: Value, d: &str| json!({ "name": name, "in": "query", "schema": schema, "description": d });
             params.push(q(
                 "vm",
                 json!({"type": "string"}),
@@ -270,31 +476,44 @@ pub fn document() -> Value {
             params.push(q("zone", json!({"type": "string"}), "a zone at either end"));
             params.push(q(
                 "verdict",
-                json!({"enum": ["allow", "deny", "reject"]}),
+                json!({"type": "string", "enum": ["allow", "deny", "reject"]}),
                 "the verdict",
             ));
             params.push(q("rule", json!({"type": "string"}), "a deciding rule id"));
-            params.push(q("since", json!({"type": "integer"}), "records at or after (Unix ns)"));
-            params.push(q("until", json!({"type": "integer"}), "records before (Unix ns)"));
-            params.push(q("limit", json!({"type": "integer", "default": crate::api::DEFAULT_FLOW_LIMIT, "maximum": crate::api::MAX_FLOW_LIMIT}), "at most this many"));
-            params.push(q("changes", json!({"type": "boolean"}), "include change records"));
+            params.push(q("since", int(u64::MAX), "records at or after (Unix ns)"));
+            params.push(q("until", int(u64::MAX), "records before (Unix ns)"));
+            let mut limit = int(MAX_FLOW_LIMIT as u64);
+            limit["default"] = json!(DEFAULT_FLOW_LIMIT);
+            params.push(q("limit", limit, "at most this many"));
+            params.push(q(
+                "changes",
+                json!({"type": "boolean"}),
+                "include change records: `true` or `false`",
+            ));
         }
+        let mut unauthorized = err("no or unknown credentials");
+        unauthorized["headers"] = json!({ "WWW-Authenticate": { "description": "the challenge (RFC 6750): Bearer",
+            "required": true, "schema": { "type": "string" } } });
         let mut responses = json!({
             "200": { "description": "OK", "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{resp}") } } } },
-            "400": err("malformed request or JSON"),
-            "401": err("no or unknown credentials"),
+            "400": err("malformed request: the body, a parameter or a path segment breaks this document's schema"),
+            "401": unauthorized,
             "403": err("the role or certificate does not allow this"),
-            "404": err("no such version, VM or endpoint"),
-            "413": err("body over 32 MiB (flows: over 10000 records)"),
+            "404": err("no such version, VM, token or endpoint"),
+            "405": err("the path does not take this method (`Allow` lists those it takes)"),
+            "413": err(&format!("over a size or count limit (the body: {} bytes)", crate::server::BODY_LIMIT)),
         });
-        if matches!(*path, "/v1/flows" | "/v1/agents/{host}/flows" | "/v1/status") {
-            responses["503"] = err("the audit log failed, or this controller keeps none");
+        if matches!(*path, "/v1/flows" | "/v1/agents/{host}/flows" | "/v1/status") || req.is_some() || *method != "get"
+        {
+            responses["503"] = err("the store or the audit log failed, or this controller keeps no audit log");
         }
-        if matches!(
-            *path,
-            "/v1/policy" | "/v1/policy/diff" | "/v1/policy/rollback/{v}" | "/v1/vms/{name}/tags"
-        ) {
-            responses["422"] = err("the policy does not validate; `diagnostics` holds file:line:col messages");
+        if req.is_some() || path.contains("rollback") {
+            responses["422"] = err(
+                "well formed, but cannot be done: an invalid policy (`diagnostics` holds file:line:col messages), a file name or map key the server refuses, a conflicting request",
+            );
+        }
+        if *path == "/v1/tokens" && *method == "post" {
+            responses["409"] = err("a token of that name exists (names are unique, revoked tokens' too)");
         }
         if path.contains("{host}/policy") {
             responses["304"] = json!({ "description": "no newer revision within `wait`" });
@@ -302,6 +521,13 @@ pub fn document() -> Value {
         let mut op = json!({ "summary": summary, "description": format!("Allowed: {who}."), "parameters": params, "responses": responses });
         if let Some(req) = req {
             op["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": format!("#/components/schemas/{req}") } } } });
+        }
+        if *path == "/openapi.json" {
+            // Served to anyone: no credentials, so no 401 or 403.
+            op["security"] = json!([]);
+            for code in ["401", "403", "404"] {
+                op["responses"].as_object_mut().map(|r| r.remove(code));
+            }
         }
         let entry = paths.entry(path.to_string()).or_insert_with(|| json!({}));
         entry[*method] = op;

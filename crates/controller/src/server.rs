@@ -21,6 +21,14 @@
 //! Agents push flow records to `POST /v1/agents/{host}/flows` (authorized
 //! like the other agent endpoints); they and the controller's own change
 //! records go to its [`crate::trail::Trail`], which `GET /v1/flows` queries.
+//! At start, and while a change's record is missing from it, the trail is
+//! brought up to the store ([`Controller::sync_trail`]).
+//!
+//! Requests are held to the OpenAPI document ([`crate::openapi_document`]):
+//! bodies are JSON objects without unknown fields, query parameters are
+//! those the endpoint takes, once each, and every refusal is a JSON
+//! `{"error": …}` with the status [`crate::api::validate`] describes (a 401
+//! with a `WWW-Authenticate: Bearer` challenge, a 405 with `Allow`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -48,8 +56,7 @@ use crate::tls::common_name;
 /// after the caller is authorized; the size is set by the largest policy an
 /// apply carries: a 50,000-VM inventory is about 9 MiB of JSON.
 pub const BODY_LIMIT: usize = 32 << 20;
-/// The longest long-poll wait granted, in seconds.
-pub const MAX_WAIT_S: u64 = 300;
+pub use crate::api::MAX_WAIT_S;
 
 /// Starting the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +128,14 @@ struct AppState {
 pub struct ApiError {
     status: StatusCode,
     body: ErrorBody,
+    /// The `WWW-Authenticate` challenge of a 401 (RFC 6750).
+    challenge: Option<&'static str>,
 }
+
+/// The challenge of a 401 without usable credentials.
+const CHALLENGE: &str = "Bearer realm=\"palisade\"";
+/// The challenge of a 401 whose token is unknown or revoked.
+const CHALLENGE_INVALID: &str = "Bearer realm=\"palisade\", error=\"invalid_token\"";
 
 impl ApiError {
     fn new(status: StatusCode, msg: impl Into<String>) -> ApiError {
@@ -131,7 +145,25 @@ impl ApiError {
                 error: msg.into(),
                 diagnostics: None,
             },
+            challenge: (status == StatusCode::UNAUTHORIZED).then_some(CHALLENGE),
         }
+    }
+
+    fn bad_request(msg: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, msg)
+    }
+
+    fn unauthorized(msg: impl Into<String>, challenge: &'static str) -> ApiError {
+        ApiError {
+            challenge: Some(challenge),
+            ..ApiError::new(StatusCode::UNAUTHORIZED, msg)
+        }
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> ApiError {
+        ApiError::from(CoreError::from(e))
     }
 }
 
@@ -144,7 +176,10 @@ impl From<CoreError> for ApiError {
                     error: "policy is invalid".into(),
                     diagnostics: Some(d),
                 },
+                challenge: None,
             },
+            CoreError::Unprocessable(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m),
+            CoreError::NameTaken(m) => ApiError::new(StatusCode::CONFLICT, m),
             CoreError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
             CoreError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m),
             CoreError::Conflict => ApiError::new(StatusCode::CONFLICT, e.to_string()),
@@ -158,7 +193,12 @@ impl From<CoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body)).into_response()
+        let mut r = (self.status, axum::Json(self.body)).into_response();
+        if let Some(c) = self.challenge {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static(c));
+        }
+        r
     }
 }
 
@@ -179,26 +219,30 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, CoreError> + 
 /// The bearer token's record, if it grants `perm`.
 async fn authorize(s: &AppState, headers: &HeaderMap, perm: Permission) -> Result<TokenRecord, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing Authorization: Bearer token",
-        ));
+        return Err(ApiError::unauthorized("missing Authorization: Bearer token", CHALLENGE));
     };
+    // The scheme is case-insensitive (RFC 7235).
     let secret = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "Authorization must be \"Bearer <token>\""))?
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .ok_or_else(|| ApiError::unauthorized("Authorization must be \"Bearer <token>\"", CHALLENGE))?
         .to_string();
     let ctl = s.ctl.clone();
     let rec = blocking(move || ctl.authenticate(&secret))
         .await?
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown token"))?;
+        .ok_or_else(|| ApiError::unauthorized("unknown token", CHALLENGE_INVALID))?;
     if let Some(r) = &rec.revoked {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            format!("token \"{}\" was revoked by {} at {} ns", rec.name, r.by, r.time_ns),
+        return Err(ApiError::unauthorized(
+            format!(
+                "token \"{}\" was revoked by {} at {} ns",
+                Escaped(&rec.name),
+                Escaped(&r.by),
+                r.time_ns
+            ),
+            CHALLENGE_INVALID,
         ));
     }
     if !rec.role.allows(perm) {
@@ -215,22 +259,30 @@ async fn authorize(s: &AppState, headers: &HeaderMap, perm: Permission) -> Resul
 }
 
 /// Who may act for agent `host`: over TLS, only a client certificate for that
-/// host; over plain HTTP (development), an admin token.
+/// host; over plain HTTP (development), an admin token. Then the host name
+/// itself is checked as a certificate's would be ([`check_host`]), in both
+/// modes: it becomes a store key.
 async fn authorize_agent(s: &AppState, peer: &Peer, headers: &HeaderMap, host: &str) -> Result<(), ApiError> {
     if !s.tls {
-        return authorize(s, headers, Permission::Agent).await.map(|_| ());
+        authorize(s, headers, Permission::Agent).await?;
+    } else {
+        match &peer.cert_cn {
+            None => {
+                return Err(ApiError::unauthorized(
+                    "agent endpoints need a client certificate signed by the controller's CA",
+                    CHALLENGE,
+                ));
+            }
+            Some(cn) if cn != host => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("client certificate is for {}, not {}", Quoted(cn), Quoted(host)),
+                ));
+            }
+            Some(_) => {}
+        }
     }
-    match &peer.cert_cn {
-        None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "agent endpoints need a client certificate signed by the controller's CA",
-        )),
-        Some(cn) if cn != host => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!("client certificate is for \"{cn}\", not \"{host}\""),
-        )),
-        Some(_) => Ok(()),
-    }
+    check_host(host).map_err(ApiError::from)
 }
 
 /// Bodies up to this size are read to the end even when over [`BODY_LIMIT`],
@@ -262,38 +314,134 @@ async fn json_body<T: DeserializeOwned>(mut body: Body) -> Result<T, ApiError> {
     if total > BODY_LIMIT {
         return Err(too_large());
     }
-    serde_json::from_slice(&buf)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+    decode_body(&buf)
 }
 
-fn query(raw: &Option<String>) -> BTreeMap<String, String> {
-    raw.as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (kv.to_string(), String::new()),
-        })
-        .collect()
+/// Decode a request body as the document says: a JSON object (not an array
+/// decoded by position, nor a bare value) with no field the document does
+/// not name, at any depth.
+fn decode_body<T: DeserializeOwned>(buf: &[u8]) -> Result<T, ApiError> {
+    let first = buf.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(ApiError::bad_request(
+            "malformed JSON body: the request body must be a JSON object",
+        ));
+    }
+    let mut unknown = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(buf);
+    let v: T = serde_ignored::deserialize(&mut de, |path| unknown.push(path.to_string()))
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    if !unknown.is_empty() {
+        let names: Vec<String> = unknown.iter().map(|p| Quoted(p).to_string()).collect();
+        return Err(ApiError::bad_request(format!(
+            "unknown field{} in the request body: {}",
+            if names.len() == 1 { "" } else { "s" },
+            names.join(", ")
+        )));
+    }
+    Ok(v)
 }
 
-fn num_param(q: &BTreeMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
-    q.get(name)
-        .map(|v| {
-            v.parse().map_err(|_| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("query parameter {name}={v} is not a number"),
-                )
-            })
-        })
-        .transpose()
+/// The query parameters the endpoint at (matched) `path` takes.
+fn known_params(path: &str) -> &'static [&'static str] {
+    match path {
+        "/v1/policy" => &["dry_run"],
+        "/v1/agents/{host}/policy" => &["after", "have", "wait"],
+        "/v1/flows" => &FLOW_PARAMS,
+        _ => &[],
+    }
+}
+
+const FLOW_PARAMS: [&str; 8] = ["vm", "zone", "verdict", "rule", "since", "until", "limit", "changes"];
+
+/// Refuse, for every endpoint, a query parameter it does not take or one
+/// given twice, before anything else.
+async fn check_query(
+    matched: axum::extract::MatchedPath,
+    RawQuery(q): RawQuery,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match query(&q, known_params(matched.as_str())) {
+        Ok(_) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The query parameters, by name, percent-decoded, refusing a name not in
+/// `known` and a name given twice.
+fn query(raw: &Option<String>, known: &[&str]) -> Result<BTreeMap<String, String>, ApiError> {
+    let mut out = BTreeMap::new();
+    for kv in raw.as_deref().unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let k = percent_decode("name", k)?;
+        let v = percent_decode(&k, v)?;
+        let k = k.as_str();
+        if !known.contains(&k) {
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {} (known: {known})",
+                Quoted(k)
+            )));
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(ApiError::bad_request(format!("query parameter {k} is given twice")));
+        }
+    }
+    Ok(out)
+}
+
+/// An integer parameter: 0 to `max`.
+fn num_param(q: &BTreeMap<String, String>, name: &str, max: u64) -> Result<Option<u64>, ApiError> {
+    let Some(v) = q.get(name) else { return Ok(None) };
+    let n: u64 = v.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "query parameter {name}={} is not a number from 0 to {max}",
+            Quoted(v)
+        ))
+    })?;
+    if n > max {
+        return Err(ApiError::bad_request(format!(
+            "query parameter {name}={n} is over the maximum of {max}"
+        )));
+    }
+    Ok(Some(n))
+}
+
+/// A boolean parameter: `true` or `false`, nothing else.
+fn bool_param(q: &BTreeMap<String, String>, name: &str) -> Result<bool, ApiError> {
+    match q.get(name).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(v) => Err(ApiError::bad_request(format!(
+            "query parameter {name}={}: expected true or false",
+            Quoted(v)
+        ))),
+    }
 }
 
 fn version_param(v: &str) -> Result<u64, ApiError> {
     v.parse()
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("version \"{v}\" is not a number")))
+        .map_err(|_| ApiError::bad_request(format!("version {} is not a number", Quoted(v))))
+}
+
+/// A path segment, decoded; a bad escape or non-UTF-8 is a 400 with the usual body.
+struct Seg(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Seg {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Seg, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(Seg(v)),
+            Err(e) => Err(ApiError::bad_request(format!("bad path: {}", e.body_text()))),
+        }
+    }
 }
 
 fn publish(s: &AppState, cur: CurrentRecord) {
@@ -317,6 +465,12 @@ async fn follow_store(s: AppState, interval: Duration) {
     let watch = s.ctl.store().can_watch();
     let mut complained = false;
     loop {
+        // A change whose record did not reach the trail is appended as soon
+        // as the trail takes it, not only when the next change comes.
+        if s.ctl.trail_pending() {
+            let c = s.ctl.clone();
+            let _ = blocking(move || c.sync_trail()).await;
+        }
         let c = s.ctl.clone();
         let after = match blocking(move || c.current_since()).await {
             Ok((cur, after)) => {
@@ -356,17 +510,7 @@ async fn publish_current(s: &AppState) {
 }
 
 async fn apply(State(s): State<AppState>, RawQuery(q): RawQuery, headers: HeaderMap, body: Body) -> ApiResult {
-    let q = query(&q);
-    let dry_run = match q.get("dry_run").map(String::as_str) {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") | Some("") => true,
-        Some(v) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("dry_run={v}: expected true or false"),
-            ));
-        }
-    };
+    let dry_run = bool_param(&query(&q, known_params("/v1/policy"))?, "dry_run")?;
     let tok = authorize(
         &s,
         &headers,
@@ -394,7 +538,7 @@ async fn versions(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
     ok(blocking(move || ctl.versions()).await?)
 }
 
-async fn version(State(s): State<AppState>, Path(v): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn version(State(s): State<AppState>, Seg(v): Seg, headers: HeaderMap) -> ApiResult {
     authorize(&s, &headers, Permission::Read).await?;
     let v = version_param(&v)?;
     let ctl = s.ctl.clone();
@@ -408,7 +552,7 @@ async fn diff(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiR
     ok(blocking(move || ctl.diff(&req.files)).await?)
 }
 
-async fn rollback(State(s): State<AppState>, Path(v): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn rollback(State(s): State<AppState>, Seg(v): Seg, headers: HeaderMap) -> ApiResult {
     let tok = authorize(&s, &headers, Permission::Change).await?;
     let v = version_param(&v)?;
     let ctl = s.ctl.clone();
@@ -429,8 +573,9 @@ async fn hosts(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
     ok(blocking(move || ctl.hosts()).await?)
 }
 
-async fn tag(State(s): State<AppState>, Path(vm): Path<String>, headers: HeaderMap, body: Body) -> ApiResult {
+async fn tag(State(s): State<AppState>, Seg(vm): Seg, headers: HeaderMap, body: Body) -> ApiResult {
     let tok = authorize(&s, &headers, Permission::Change).await?;
+    check_text("VM name", &vm, 1, usize::MAX)?;
     let req: TagRequest = json_body(body).await?;
     let ctl = s.ctl.clone();
     let resp = blocking(move || ctl.tag(&tok.name, &vm, &req)).await?;
@@ -452,7 +597,7 @@ async fn changes(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
 
 async fn register(
     State(s): State<AppState>,
-    Path(host): Path<String>,
+    Seg(host): Seg,
     axum::Extension(peer): axum::Extension<Peer>,
     headers: HeaderMap,
     body: Body,
@@ -465,7 +610,7 @@ async fn register(
 
 async fn report(
     State(s): State<AppState>,
-    Path(host): Path<String>,
+    Seg(host): Seg,
     axum::Extension(peer): axum::Extension<Peer>,
     headers: HeaderMap,
     body: Body,
@@ -478,16 +623,16 @@ async fn report(
 
 async fn agent_policy(
     State(s): State<AppState>,
-    Path(host): Path<String>,
+    Seg(host): Seg,
     RawQuery(q): RawQuery,
     axum::Extension(peer): axum::Extension<Peer>,
     headers: HeaderMap,
 ) -> ApiResult {
     authorize_agent(&s, &peer, &headers, &host).await?;
-    let q = query(&q);
-    let after = num_param(&q, "after")?.unwrap_or(0);
-    let have = num_param(&q, "have")?;
-    let wait = Duration::from_secs(num_param(&q, "wait")?.unwrap_or(0).min(MAX_WAIT_S));
+    let q = query(&q, known_params("/v1/agents/{host}/policy"))?;
+    let after = num_param(&q, "after", u64::MAX)?.unwrap_or(0);
+    let have = num_param(&q, "have", u64::MAX)?;
+    let wait = Duration::from_secs(num_param(&q, "wait", MAX_WAIT_S)?.unwrap_or(0));
     let deadline = tokio::time::Instant::now() + wait;
     let mut rx = s.revision.subscribe();
     // The store is the truth on entry; after that, a wake-up carries the
@@ -599,8 +744,9 @@ async fn list_tokens(State(s): State<AppState>, headers: HeaderMap) -> ApiResult
     ok(blocking(move || ctl.tokens()).await?)
 }
 
-async fn revoke_token(State(s): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> ApiResult {
+async fn revoke_token(State(s): State<AppState>, Seg(name): Seg, headers: HeaderMap) -> ApiResult {
     let tok = authorize(&s, &headers, Permission::ManageTokens).await?;
+    check_token_name(&name)?;
     let ctl = s.ctl.clone();
     ok(blocking(move || ctl.revoke_token(&tok.name, &name)).await?)
 }
@@ -616,25 +762,23 @@ async fn create_token(State(s): State<AppState>, headers: HeaderMap, body: Body)
 
 async fn push_flows(
     State(s): State<AppState>,
-    Path(host): Path<String>,
+    Seg(host): Seg,
     axum::Extension(peer): axum::Extension<Peer>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
     authorize_agent(&s, &peer, &headers, &host).await?;
-    let batch: FlowBatch = json_body(body).await?;
+    let batch: serde_json::Value = json_body(body).await?;
+    check_flow_batch_fields(&batch)?;
+    let batch: FlowBatch =
+        serde_json::from_value(batch).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
     let ctl = s.ctl.clone();
     ok(blocking(move || ctl.push_flows(&host, batch)).await?)
 }
 
 /// Decode `%XX` escapes (the client escapes everything but unreserved characters).
 fn percent_decode(name: &str, v: &str) -> Result<String, ApiError> {
-    let bad = || {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("query parameter {name}: bad percent-encoding"),
-        )
-    };
+    let bad = || ApiError::bad_request(format!("query parameter {}: bad percent-encoding", Quoted(name)));
     let b = v.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -656,44 +800,28 @@ fn percent_decode(name: &str, v: &str) -> Result<String, ApiError> {
 }
 
 fn flow_query(q: &BTreeMap<String, String>) -> Result<FlowQuery, ApiError> {
-    const KNOWN: [&str; 8] = ["vm", "zone", "verdict", "rule", "since", "until", "limit", "changes"];
-    if let Some(k) = q.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("unknown query parameter {k} (known: {})", KNOWN.join(", ")),
-        ));
-    }
-    let text = |name: &str| q.get(name).map(|v| percent_decode(name, v)).transpose();
+    let text = |name: &str| -> Result<Option<String>, ApiError> { Ok(q.get(name).cloned()) };
     let verdict = match text("verdict")?.as_deref() {
         None => None,
         Some("allow") => Some(palisade_audit::record::Verdict::Allow),
         Some("deny") => Some(palisade_audit::record::Verdict::Deny),
         Some("reject") => Some(palisade_audit::record::Verdict::Reject),
         Some(v) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("verdict={v}: expected allow, deny or reject"),
-            ));
+            return Err(ApiError::bad_request(format!(
+                "verdict={}: expected allow, deny or reject",
+                Quoted(v)
+            )));
         }
     };
-    let changes = match q.get("changes").map(String::as_str) {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") | Some("") => true,
-        Some(v) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("changes={v}: expected true or false"),
-            ));
-        }
-    };
-    let limit = num_param(q, "limit")?.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+    let changes = bool_param(q, "changes")?;
+    let limit = num_param(q, "limit", MAX_FLOW_LIMIT as u64)?.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
     Ok(FlowQuery {
         vm: text("vm")?,
         zone: text("zone")?,
         verdict,
         rule: text("rule")?,
-        since_ns: num_param(q, "since")?,
-        until_ns: num_param(q, "until")?,
+        since_ns: num_param(q, "since", u64::MAX)?,
+        until_ns: num_param(q, "until", u64::MAX)?,
         limit,
         changes,
     })
@@ -701,7 +829,7 @@ fn flow_query(q: &BTreeMap<String, String>) -> Result<FlowQuery, ApiError> {
 
 async fn flows(State(s): State<AppState>, RawQuery(q): RawQuery, headers: HeaderMap) -> ApiResult {
     authorize(&s, &headers, Permission::Read).await?;
-    let fq = flow_query(&query(&q))?;
+    let fq = flow_query(&query(&q, &FLOW_PARAMS)?)?;
     let ctl = s.ctl.clone();
     ok(blocking(move || ctl.flows(&fq)).await?)
 }
@@ -718,6 +846,14 @@ async fn openapi() -> ApiResult {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// A known path with a method it does not take (axum adds `Allow`).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", Quoted(uri.path())),
+    )
 }
 
 fn router(state: AppState) -> Router {
@@ -741,6 +877,8 @@ fn router(state: AppState) -> Router {
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/openapi.json", get(openapi))
+        .route_layer(axum::middleware::from_fn(check_query))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(state)
 }
@@ -751,7 +889,26 @@ where
 {
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(peer.clone());
-        app.clone().oneshot(req)
+        let (tx, mut leftover) = tokio::sync::oneshot::channel();
+        let req = req.map(|inner| {
+            Body::new(Unread {
+                inner: Some(inner),
+                leftover: Some(tx),
+            })
+        });
+        let app = app.clone();
+        async move {
+            let resp = app.oneshot(req).await;
+            // The handler answered without reading the whole body (a
+            // refusal before it, an endpoint that takes none): read the
+            // rest and throw it away while the answer goes out, as a
+            // "lingering close" does, so the client gets the answer instead
+            // of a reset while it is still sending.
+            if let Ok(rest) = leftover.try_recv() {
+                tokio::spawn(discard(rest));
+            }
+            resp
+        }
     });
     // A client that goes away mid-request is not the server's problem.
     // A client that never finishes its headers must not hold a connection forever.
@@ -760,6 +917,64 @@ where
         .header_read_timeout(Duration::from_secs(30))
         .serve_connection(TokioIo::new(io), svc)
         .await;
+}
+
+/// A request body that, dropped before its end, hands what is left of it
+/// back to the connection (see [`serve_conn`]).
+struct Unread {
+    inner: Option<hyper::body::Incoming>,
+    leftover: Option<tokio::sync::oneshot::Sender<hyper::body::Incoming>>,
+}
+
+impl hyper::body::Body for Unread {
+    type Data = axum::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        match self.inner.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(hyper::body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| hyper::body::SizeHint::with_exact(0), hyper::body::Body::size_hint)
+    }
+}
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        if let (Some(b), Some(tx)) = (self.inner.take(), self.leftover.take())
+            && !hyper::body::Body::is_end_stream(&b)
+        {
+            let _ = tx.send(b);
+        }
+    }
+}
+
+/// Read and drop the rest of a request body: at most [`DRAIN_LIMIT`] bytes
+/// within 10 seconds, after which the connection is simply cut.
+async fn discard(mut body: hyper::body::Incoming) {
+    use http_body_util::BodyExt as _;
+    let read = async {
+        let mut total = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            total += frame.data_ref().map_or(0, |d| d.len());
+            if total > DRAIN_LIMIT {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
 }
 
 /// A server running on its own threads; stopped (connections dropped) on [`RunningServer::stop`] or drop.
@@ -831,6 +1046,13 @@ pub fn spawn(ctl: Controller, opts: ServeOptions) -> Result<RunningServer, Serve
     let addr = std_listener.local_addr().map_err(ServerError::Runtime)?;
     std_listener.set_nonblocking(true).map_err(ServerError::Runtime)?;
     let tls = opts.tls.is_some();
+    // The trail first holds every change the store says this controller
+    // committed (one may be missing after a crash between the two writes).
+    match ctl.sync_trail() {
+        Ok(0) => {}
+        Ok(n) => eprintln!("palisade controller: audit log: brought up to the store ({n} change record appended)"),
+        Err(e) => eprintln!("palisade controller: audit log: {e}"),
+    }
     // Off the serving threads: requests are answered meanwhile (a change
     // that comes first compiles for itself, as before).
     let warming = ctl.clone();

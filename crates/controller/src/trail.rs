@@ -5,7 +5,15 @@
 //! commit in one transaction); the trail gets a copy after the commit, so a
 //! failing disk can never undo a committed change. Such a failure is printed
 //! on stderr and counted ([`TrailStatus::append_failures`], served by
-//! `GET /v1/status`), because a trail with holes has to be noticed.
+//! `GET /v1/status`), and the record is appended again from the store
+//! ([`Trail::ensure_change`], which first looks whether the trail has it)
+//! before the controller accepts another change: see [`crate::core`].
+//!
+//! A trail has an identity, a random id kept in `<dir>/controller.id` and
+//! made at its first open: the store remembers under it the last change
+//! committed by the controller that keeps this trail, which is how a
+//! restarted controller (on etcd, one of several) finds what its own trail
+//! may lack.
 //!
 //! One process owns a trail directory: [`Trail::open`] takes an exclusive
 //! lock on `<dir>/controller.lock`, since two writers appending to one hash
@@ -49,8 +57,13 @@ pub struct TrailStatus {
     pub dir: PathBuf,
     /// The last record's sequence number.
     pub last_seq: u64,
-    /// Change records that could not be appended since the start.
+    /// Change records that could not be appended since the start (each
+    /// counted once, however often it is tried again).
     pub append_failures: u64,
+    /// Committed changes not in the trail yet (0 or 1: a controller accepts
+    /// no change while its last one is missing from its trail).
+    #[serde(default)]
+    pub unaudited: u64,
     /// The last such failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -59,6 +72,7 @@ pub struct TrailStatus {
 /// A controller's audit log.
 #[derive(Debug)]
 pub struct Trail {
+    id: String,
     log: Mutex<AuditLog>,
     failures: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -94,21 +108,20 @@ impl Trail {
                 source,
             });
         }
-        let log = AuditLog::open(dir, AuditConfig::default())?;
-        for t in &log.recovery().torn {
-            eprintln!(
-                "palisade controller: audit log: set aside {} torn bytes of {} (after seq {})",
-                t.bytes,
-                t.file.display(),
-                t.last_intact_seq
-            );
-        }
+        let id = trail_id(dir)?;
+        let log = open_log(dir)?;
         Ok(Trail {
+            id,
             log: Mutex::new(log),
             failures: AtomicU64::new(0),
             last_error: Mutex::new(None),
             _lock: lock,
         })
+    }
+
+    /// This trail's identity (see the module's documentation).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     fn log(&self) -> MutexGuard<'_, AuditLog> {
@@ -125,17 +138,90 @@ impl Trail {
         Ok(seq)
     }
 
-    /// Append a committed change's record; a failure is reported and counted, not returned.
-    pub fn record_change(&self, change: &ChangeRecord) {
-        if let Err(e) = self.append(&[Record::Change(change.clone())], change.time_ns) {
-            let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-            let msg = format!(
-                "{} {} by {} is committed but NOT in the audit log: {e}",
-                change.action, change.resource, change.actor
-            );
-            eprintln!("palisade controller: AUDIT LOG FAILURE #{n}: {msg}");
-            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+    /// Append a committed change's record; a failure is reported and
+    /// counted, not returned: `false` then, and the record is to be
+    /// appended again ([`Trail::ensure_change`]).
+    pub fn record_change(&self, change: &ChangeRecord) -> bool {
+        match self.append(&[Record::Change(change.clone())], change.time_ns) {
+            Ok(_) => true,
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                self.failed(change, &e);
+                false
+            }
         }
+    }
+
+    /// Report a failed append of `change` (counted by the caller: once per record, not per try).
+    fn failed(&self, change: &ChangeRecord, e: &AuditError) {
+        let n = self.failures.load(Ordering::Relaxed);
+        let msg = format!(
+            "{} {} by {} is committed but NOT in the audit log yet: {e}",
+            change.action,
+            crate::api::Quoted(&change.resource),
+            crate::api::Quoted(&change.actor)
+        );
+        eprintln!("palisade controller: AUDIT LOG FAILURE #{n}: {msg}");
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+    }
+
+    /// Whether the trail holds `change` (a record of the same time and content).
+    pub fn holds_change(&self, change: &ChangeRecord) -> Result<bool, AuditError> {
+        Self::held(&self.log(), change)
+    }
+
+    fn held(log: &AuditLog, change: &ChangeRecord) -> Result<bool, AuditError> {
+        let q = Query {
+            since_ns: Some(change.time_ns),
+            until_ns: Some(change.time_ns.saturating_add(1)),
+            kind: Some(palisade_audit::RecordKind::Change),
+            ..Query::default()
+        };
+        Ok(log
+            .query(&q)?
+            .iter()
+            .any(|(_, r)| matches!(r, Record::Change(c) if c == change)))
+    }
+
+    /// Make sure the trail holds `change`, a committed change's record:
+    /// `Ok(false)` when it does already (a record of the same time and
+    /// content), `Ok(true)` when it was appended now. A log that failed a
+    /// write before refuses every append; it is opened again first (its
+    /// recovery sets a torn tail aside), provided its directory is still
+    /// there: a trail that vanished is not silently begun anew.
+    pub fn ensure_change(&self, change: &ChangeRecord) -> Result<bool, AuditError> {
+        let mut log = self.log();
+        let held = |log: &AuditLog| Self::held(log, change);
+        let first = match held(&log) {
+            Ok(true) => return Ok(false),
+            Ok(false) => Self::append_to(&mut log, change),
+            Err(e) => Err(e),
+        };
+        let Err(e) = first else { return Ok(true) };
+        let dir = log.dir().to_path_buf();
+        if !dir.is_dir() {
+            self.failed(change, &e);
+            return Err(e);
+        }
+        match open_log(&dir) {
+            Ok(fresh) => *log = fresh,
+            Err(e) => {
+                self.failed(change, &e);
+                return Err(e);
+            }
+        }
+        let r = match held(&log) {
+            Ok(true) => return Ok(false),
+            Ok(false) => Self::append_to(&mut log, change),
+            Err(e) => Err(e),
+        };
+        r.map(|()| true).inspect_err(|e| self.failed(change, e))
+    }
+
+    fn append_to(log: &mut AuditLog, change: &ChangeRecord) -> Result<(), AuditError> {
+        log.append(&[Record::Change(change.clone())])?;
+        log.checkpoint(change.time_ns)?;
+        Ok(())
     }
 
     /// The records matching `q`, in sequence order.
@@ -150,7 +236,58 @@ impl Trail {
             dir: log.dir().to_path_buf(),
             last_seq: log.last_seq(),
             append_failures: self.failures.load(Ordering::Relaxed),
+            unaudited: 0,
             last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
+}
+
+/// Open the audit log in `dir`, reporting a torn tail that recovery set aside.
+fn open_log(dir: &Path) -> Result<AuditLog, AuditError> {
+    let log = AuditLog::open(dir, AuditConfig::default())?;
+    for t in &log.recovery().torn {
+        eprintln!(
+            "palisade controller: audit log: set aside {} torn bytes of {} (after seq {})",
+            t.bytes,
+            t.file.display(),
+            t.last_intact_seq
+        );
+    }
+    Ok(log)
+}
+
+/// The trail's id in `<dir>/controller.id`, made (random, written
+/// atomically) when there is none.
+fn trail_id(dir: &Path) -> Result<String, TrailError> {
+    let path = dir.join("controller.id");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TrailError::Io { path, source }
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(id.to_string());
+            }
+            return Err(TrailError::Io {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a trail id (32 hex digits)"),
+            });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(&path)(e)),
+    }
+    let bytes: [u8; 16] = rand::random();
+    let id = crate::auth::hex(&bytes);
+    let tmp = dir.join("controller.id.tmp");
+    {
+        use std::io::Write as _;
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(format!("{id}\n").as_bytes()).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    Ok(id)
 }

@@ -112,16 +112,24 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let ctl = Controller::new(store);
     let audit = audit_dir(&args);
     if let Some(ControllerCmd::Token(TokenCmd::Create { name, role })) = &args.command {
-        // The change lands in the store regardless; the audit log gets a copy
-        // unless a running controller (etcd) owns it.
+        // No change without its record in the audit log: while a running
+        // controller owns the log, it has to make the token (a change made
+        // here would be in the store only).
         let ctl = match Trail::open(&audit) {
             Ok(t) => ctl.with_trail(Arc::new(t)),
             Err(e @ TrailError::Locked(_)) => {
-                eprintln!("palisade controller: warning: {e}: the token creation is recorded in the store only");
-                ctl
+                return Err(e).with_context(|| {
+                    format!(
+                        "the controller using the audit log {} is running: create the token through it \
+                         (POST /v1/tokens with an admin token), or stop it first",
+                        audit.display()
+                    )
+                });
             }
             Err(e) => return Err(e).with_context(|| format!("opening the audit log {}", audit.display())),
         };
+        // Bring the log up to the store first (a crash may have left the last change out).
+        ctl.sync_trail().context("bringing the audit log up to the store")?;
         let secret = ctl.create_token("local", name, *role).context("creating the token")?;
         println!("{secret}");
         return Ok(ExitCode::SUCCESS);

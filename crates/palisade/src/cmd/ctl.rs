@@ -168,6 +168,22 @@ fn read_files(dir: &std::path::Path) -> anyhow::Result<Files> {
         .collect()
 }
 
+/// A value from the controller as one line of a table: control and invisible
+/// characters escaped, so nothing it holds can move the cursor, clear the
+/// screen or reorder what an operator reads.
+fn esc(s: &str) -> String {
+    palisade_controller::api::Escaped(s).to_string()
+}
+
+/// Text from the controller of several lines (policy files, diffs): every
+/// line [`esc`]aped, tabs kept.
+fn esc_text(s: &str) -> String {
+    s.split('\n')
+        .map(|line| line.split('\t').map(esc).collect::<Vec<_>>().join("\t"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -178,7 +194,7 @@ pub fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
     let files = read_files(&a.dir)?;
     let r = a.conn.client()?.apply(&files, &a.message, a.dry_run).context("apply")?;
     if !r.warnings.is_empty() {
-        eprint!("{}", r.warnings);
+        eprint!("{}", esc_text(&r.warnings));
     }
     if r.dry_run {
         println!("valid: would become version {} (revision {})", r.version, r.revision);
@@ -199,14 +215,14 @@ pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
             }
             println!("{:<20} {:<10} {:<8} {:<30} TAGS", "NAME", "CLUSTER", "HOST", "VNICS");
             for v in vms {
-                let tags: Vec<String> = v.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let tags: Vec<String> = v.tags.iter().map(|(k, v)| format!("{}={}", esc(k), esc(v))).collect();
                 let dash = || "-".to_string();
                 println!(
                     "{:<20} {:<10} {:<8} {:<30} {}",
-                    v.name,
-                    v.cluster.unwrap_or_else(dash),
-                    v.host.unwrap_or_else(dash),
-                    v.vnics.join(","),
+                    esc(&v.name),
+                    esc(&v.cluster.unwrap_or_else(dash)),
+                    esc(&v.host.unwrap_or_else(dash)),
+                    esc(&v.vnics.join(",")),
                     tags.join(",")
                 );
             }
@@ -223,10 +239,10 @@ pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
                     .map_or("-".to_string(), |a| format!("rev {}", a.installed_revision));
                 println!(
                     "{:<16} {:<10} {:<10} {}",
-                    h.name,
-                    h.cluster.unwrap_or_default(),
+                    esc(&h.name),
+                    esc(&h.cluster.unwrap_or_default()),
                     rev,
-                    h.vms.join(",")
+                    esc(&h.vms.join(","))
                 );
             }
         }
@@ -237,10 +253,10 @@ pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
             }
             println!("# version {} (revision {})", p.version, p.revision);
             for (name, text) in &p.files {
-                println!("# --- {name}\n{text}");
+                println!("# --- {}\n{}", esc(name), esc_text(text));
             }
             if !p.tags.is_empty() {
-                println!("# tag overlay: {}", serde_json::to_string(&p.tags)?);
+                println!("# tag overlay: {}", esc(&serde_json::to_string(&p.tags)?));
             }
         }
         GetWhat::Versions => {
@@ -250,7 +266,13 @@ pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
             }
             println!("{:<8} {:<12} {:<20} MESSAGE", "VERSION", "AUTHOR", "TIME_NS");
             for v in vs {
-                println!("{:<8} {:<12} {:<20} {}", v.version, v.author, v.time_ns, v.message);
+                println!(
+                    "{:<8} {:<12} {:<20} {}",
+                    v.version,
+                    esc(&v.author),
+                    v.time_ns,
+                    esc(&v.message)
+                );
             }
         }
         GetWhat::Agents => {
@@ -262,7 +284,10 @@ pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
             for g in ags {
                 println!(
                     "{:<16} {:<10} {:<22} {}",
-                    g.host, g.installed_revision, g.last_seen_ns, g.agent_version
+                    esc(&g.host),
+                    g.installed_revision,
+                    g.last_seen_ns,
+                    esc(&g.agent_version)
                 );
             }
         }
@@ -273,7 +298,13 @@ pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
             }
             for r in ch {
                 let v = r.policy_version.map(|v| format!(" -> v{v}")).unwrap_or_default();
-                println!("{} {} {} {}{v}", r.time_ns, r.actor, r.action, r.resource);
+                println!(
+                    "{} {} {} {}{v}",
+                    r.time_ns,
+                    esc(&r.actor),
+                    esc(&r.action),
+                    esc(&r.resource)
+                );
             }
         }
         GetWhat::Tokens => {
@@ -288,11 +319,11 @@ pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
             for t in ts {
                 let revoked = t
                     .revoked
-                    .map_or("-".to_string(), |r| format!("{} by {}", r.time_ns, r.by));
+                    .map_or("-".to_string(), |r| format!("{} by {}", r.time_ns, esc(&r.by)));
                 println!(
                     "{:<12} {:<16} {:<10} {:<20} {revoked}",
-                    t.id,
-                    t.name,
+                    esc(&t.id),
+                    esc(&t.name),
                     t.role.name(),
                     t.created_ns
                 );
@@ -326,7 +357,7 @@ pub fn revoke(a: RevokeArgs) -> anyhow::Result<ExitCode> {
     let RevokeKind::Token = a.kind;
     let gone = a.conn.client()?.revoke_token(&a.name).context("revoke")?;
     for t in gone {
-        println!("revoked: token {} ({}, {})", t.name, t.id, t.role.name());
+        println!("revoked: token {} ({}, {})", esc(&t.name), esc(&t.id), t.role.name());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -338,13 +369,13 @@ pub fn diff(a: DiffArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         return print_json(&d).map(|_| ExitCode::SUCCESS);
     }
-    print!("{}", d.diff);
+    print!("{}", esc_text(&d.diff));
     if d.chains.is_empty() {
         println!("# no compiled chain changes (against version {})", d.base_version);
     } else {
         println!("# chains that change (against version {}):", d.base_version);
         for ch in &d.chains {
-            println!("#   {} {} {}", ch.vnic, ch.direction, ch.change);
+            println!("#   {} {} {}", esc(&ch.vnic), esc(&ch.direction), esc(&ch.change));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -374,10 +405,10 @@ pub fn tag(a: TagArgs) -> anyhow::Result<ExitCode> {
         req.set.insert(k.to_string(), v.to_string());
     }
     let r = a.conn.client()?.tag(&a.name, &req).context("tag")?;
-    let tags: Vec<String> = r.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("{}: {} (revision {})", r.vm, tags.join(","), r.revision);
+    let tags: Vec<String> = r.tags.iter().map(|(k, v)| format!("{}={}", esc(k), esc(v))).collect();
+    println!("{}: {} (revision {})", esc(&r.vm), tags.join(","), r.revision);
     if !r.chains.is_empty() {
-        println!("chains changed: {}", r.chains.join(", "));
+        println!("chains changed: {}", esc(&r.chains.join(", ")));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -385,6 +416,18 @@ pub fn tag(a: TagArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use clap::{CommandFactory as _, Parser};
+
+    /// What the controller sends is printed with control and invisible
+    /// characters escaped: a tag cannot clear an operator's screen.
+    #[test]
+    fn printed_values_cannot_drive_the_terminal() {
+        for hostile in ["\u{1b}[2J", "a\u{0}b", "\u{202e}evil", "zero\u{200b}w", "\u{7}", "\r"] {
+            let shown = super::esc(hostile);
+            assert!(!shown.chars().any(palisade_controller::api::hidden), "{shown:?}");
+        }
+        assert_eq!(super::esc("tier=web é"), "tier=web é");
+        assert_eq!(super::esc_text("a:\n\t- \u{1b}x\n"), "a:\n\t- \\u{1b}x\n");
+    }
 
     /// The controller-facing commands as main.rs mounts them (with a propagated `--version`).
     #[derive(Parser, Debug)]
