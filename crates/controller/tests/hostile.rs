@@ -436,12 +436,10 @@ fn client_apply(env: &Env) {
 }
 
 /// Structure bombs in policy YAML, sent by the least privileged role to the
-/// endpoints that parse policy (a dry run and a diff). Today the parser
-/// recurses without bound (a stack overflow aborts the process) and expands
-/// aliases without bound: the policy loader's fix (items 1 and 2 of issue
-/// 22, another change) makes these pass.
+/// endpoints that parse policy (a dry run and a diff): nesting past the
+/// loader's depth limit and a billion-laughs alias chain get a positioned
+/// refusal, not a stack overflow or gigabytes (items 1 and 2 of issue 22).
 #[test]
-#[ignore = "needs policy-hostile (YAML nesting and alias limits in crates/policy)"]
 fn yaml_structure_bombs_are_refused() {
     let env = Env::start("hostile-yaml");
     client_apply(&env);
