@@ -4,7 +4,8 @@
 //! error, never a panic.
 #![no_main]
 
-use palisade_controller::api::{Edit, Files, FilesDelta};
+use palisade_api::delta::{Edit, FilesDelta};
+use palisade_api::Files;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

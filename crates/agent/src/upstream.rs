@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Duration;
 
+use palisade_api::client::{Client, ClientAuth};
+use palisade_api::{PolicyBundle, ReportRequest};
 use palisade_audit::record::FlowRecord;
-use palisade_controller::api::{PolicyBundle, ReportRequest};
-use palisade_controller::client::{Client, ClientAuth};
 use palisade_policy::compile::Compiler;
 use palisade_policy::load::Loader;
 

@@ -32,9 +32,9 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use palisade_controller::api::{Files, TagRequest};
-use palisade_controller::auth::Role;
-use palisade_controller::client::{Client, ClientAuth};
+use palisade_api::client::{Client, ClientAuth};
+use palisade_api::roles::Role;
+use palisade_api::{Files, TagRequest};
 use palisade_controller::core::Controller;
 use palisade_controller::server::{self, ServeOptions};
 use palisade_controller::store::{EmbeddedStore, EtcdStore, Store};

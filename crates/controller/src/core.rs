@@ -43,10 +43,14 @@ use palisade_policy::load::{Loaded, Loader};
 use palisade_policy::source::SourceError;
 use palisade_policy::{Model, Severity};
 
-use crate::api::*;
-use crate::auth::{self, Role, TokenRecord};
+use crate::auth::{self, TokenRecord};
 use crate::store::{self, Compare, Store, StoreError};
 use crate::trail::Trail;
+use palisade_api::bundle::{apply_overlay, overlay_grew, retag_changed};
+use palisade_api::delta::{Edit, FilesDelta};
+use palisade_api::roles::{Revocation, Role};
+use palisade_api::validate::*;
+use palisade_api::*;
 
 const CURRENT: &str = "policy/current";
 const VERSIONS: &str = "policy/versions/";
@@ -670,7 +674,7 @@ impl Controller {
                 )));
             }
             let t = now_ns();
-            let revocation = crate::auth::Revocation {
+            let revocation = Revocation {
                 time_ns: t,
                 by: actor.to_string(),
             };

@@ -5,12 +5,13 @@
 //! - [`core`]: the logic (apply, diff, rollback, tags, agents, tokens, change
 //!   records), synchronous and independent of HTTP.
 //! - [`server`]: the HTTP API on axum, plain or TLS with client certificates.
-//! - [`client`]: the blocking client the CLI and the agent use, with failover
-//!   over several controllers.
-//! - [`tls`]: the private CA and the rustls settings of both ends.
-//! - [`api`]: the JSON documents both ends exchange; [`auth`]: tokens and roles.
-//! - [`delta`]: a new policy version sent as edits of the one an agent holds.
+//! - [`tls`]: the private CA and the server's rustls settings.
+//! - [`auth`]: tokens (the roles are `palisade_api::roles`).
 //! - [`trail`]: the controller's audit log of its changes and its agents' flows.
+//!
+//! The documents both ends exchange, the client the CLI and the agents use,
+//! and the compilation of a policy bundle are in `palisade-api`, which the
+//! agent depends on instead of this crate.
 //!
 //! High availability needs no leader: every controller serves the whole API
 //! from the shared etcd, every change is one conditional transaction on the
@@ -18,11 +19,8 @@
 //! controller notices changes made through another by polling that pointer.
 #![deny(missing_docs)]
 
-pub mod api;
 pub mod auth;
-pub mod client;
 pub mod core;
-pub mod delta;
 mod openapi;
 pub mod server;
 pub mod store;

@@ -6,7 +6,8 @@
 
 use serde_json::{Map, Value, json};
 
-use crate::api::*;
+use palisade_api::validate::*;
+use palisade_api::*;
 
 /// (method, path, summary, who may call, request schema, response schema).
 type Endpoint = (

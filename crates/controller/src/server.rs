@@ -27,7 +27,7 @@
 //! Requests are held to the OpenAPI document ([`crate::openapi_document`]):
 //! bodies are JSON objects without unknown fields, query parameters are
 //! those the endpoint takes, once each, and every refusal is a JSON
-//! `{"error": …}` with the status [`crate::api::validate`] describes (a 401
+//! `{"error": …}` with the status [`palisade_api::validate`] describes (a 401
 //! with a `WWW-Authenticate: Bearer` challenge, a 405 with `Allow`).
 
 use std::collections::BTreeMap;
@@ -47,16 +47,18 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tower::ServiceExt as _;
 
-use crate::api::*;
-use crate::auth::{Permission, TokenRecord};
+use crate::auth::TokenRecord;
 use crate::core::{Controller, CoreError};
 use crate::tls::common_name;
+use palisade_api::roles::Permission;
+use palisade_api::validate::*;
+use palisade_api::*;
 
 /// The largest request body accepted (413 above). Bodies are read only
 /// after the caller is authorized; the size is set by the largest policy an
 /// apply carries: a 50,000-VM inventory is about 9 MiB of JSON.
 pub const BODY_LIMIT: usize = 32 << 20;
-pub use crate::api::MAX_WAIT_S;
+pub use palisade_api::validate::MAX_WAIT_S;
 
 /// Starting the server failed.
 #[derive(Debug, thiserror::Error)]

@@ -14,14 +14,13 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use palisade_api::tls::{load_certs, load_key, provider, roots};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// Making or loading certificates failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,14 +37,9 @@ pub enum TlsError {
     /// A CA already exists where `init` was asked to make one.
     #[error("{0} already exists; refusing to overwrite a CA")]
     Exists(PathBuf),
-    /// A PEM file holds no usable certificate or key.
-    #[error("{path}: {message}")]
-    Pem {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
+    /// A certificate or key could not be loaded.
+    #[error(transparent)]
+    Load(#[from] palisade_api::tls::TlsError),
     /// Certificate generation failed.
     #[error("certificate generation: {0}")]
     Generate(#[from] rcgen::Error),
@@ -134,45 +128,6 @@ pub fn issue(dir: &Path, name: &str, server: bool, ips: &[IpAddr]) -> Result<(Pa
     Ok((cp, kp))
 }
 
-/// Read every certificate of a PEM file.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Pem {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem {
-            path: path.to_owned(),
-            message: "no certificate".into(),
-        });
-    }
-    Ok(certs)
-}
-
-/// Read a private key from a PEM file.
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| TlsError::Pem {
-        path: path.to_owned(),
-        message: e.to_string(),
-    })
-}
-
-fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in load_certs(ca)? {
-        roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
-    }
-    Ok(roots)
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// The server side: `cert`/`key` as identity, client certificates optional but verified against `ca`.
 pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
@@ -185,21 +140,6 @@ pub fn server_config(ca: &Path, cert: &Path, key: &Path) -> Result<Arc<ServerCon
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(Arc::new(cfg))
-}
-
-/// The client side: trust `ca`, and present `identity` (cert, key) when given.
-pub fn client_config(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, TlsError> {
-    let b = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots(ca)?);
-    let cfg = match identity {
-        Some((c, k)) => b
-            .with_client_auth_cert(load_certs(c)?, load_key(k)?)
-            .map_err(|e| TlsError::Config(e.to_string()))?,
-        None => b.with_no_client_auth(),
-    };
     Ok(Arc::new(cfg))
 }
 
@@ -284,7 +224,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
         issue(&dir, "ctl", true, &["127.0.0.1".parse().unwrap()]).unwrap();
         server_config(&dir.join("ca.pem"), &dir.join("ctl.pem"), &dir.join("ctl.key")).unwrap();
-        client_config(&dir.join("ca.pem"), Some((&cert, &key))).unwrap();
+        palisade_api::tls::client_config(&dir.join("ca.pem"), Some((&cert, &key))).unwrap();
         assert!(issue(&dir, "../evil", false, &[]).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -26,9 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use palisade_api::documents::TrailStatus;
 use palisade_audit::record::{ChangeRecord, Record};
 use palisade_audit::{AuditConfig, AuditError, AuditLog, Query};
-use serde::{Deserialize, Serialize};
 
 /// Opening a trail failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,25 +48,6 @@ pub enum TrailError {
     /// The audit log did not open.
     #[error(transparent)]
     Audit(#[from] AuditError),
-}
-
-/// What a trail reports about itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TrailStatus {
-    /// The log directory.
-    pub dir: PathBuf,
-    /// The last record's sequence number.
-    pub last_seq: u64,
-    /// Change records that could not be appended since the start (each
-    /// counted once, however often it is tried again).
-    pub append_failures: u64,
-    /// Committed changes not in the trail yet (0 or 1: a controller accepts
-    /// no change while its last one is missing from its trail).
-    #[serde(default)]
-    pub unaudited: u64,
-    /// The last such failure.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
 }
 
 /// A controller's audit log.
@@ -158,8 +139,8 @@ impl Trail {
         let msg = format!(
             "{} {} by {} is committed but NOT in the audit log yet: {e}",
             change.action,
-            crate::api::Quoted(&change.resource),
-            crate::api::Quoted(&change.actor)
+            palisade_api::validate::Quoted(&change.resource),
+            palisade_api::validate::Quoted(&change.actor)
         );
         eprintln!("palisade controller: AUDIT LOG FAILURE #{n}: {msg}");
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);

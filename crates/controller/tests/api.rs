@@ -5,9 +5,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use palisade_controller::api::{PolicyBundle, TagRequest};
-use palisade_controller::auth::Role;
-use palisade_controller::client::{Client, ClientAuth, ClientError};
+use palisade_api::client::{Client, ClientAuth, ClientError};
+use palisade_api::roles::Role;
+use palisade_api::{PolicyBundle, TagRequest};
 
 fn client(env: &Env, token: &str) -> Client {
     Client::new(&env.url(), ClientAuth::Token(token.to_string())).unwrap()
@@ -224,7 +224,7 @@ fn tags_reach_a_watching_agent() {
     agent
         .report(
             "hv2",
-            &palisade_controller::api::ReportRequest {
+            &palisade_api::ReportRequest {
                 installed_revision: 2,
                 counters: [("drops".to_string(), 7)].into(),
             },
@@ -532,22 +532,20 @@ fn admins_create_tokens_that_work_and_are_recorded() {
     let env = Env::start("api-tokens");
     let admin = client(&env, &env.admin);
     let before = snapshot(&env);
-    match client(&env, &env.operator).create_token("eve", palisade_controller::auth::Role::Admin) {
+    match client(&env, &env.operator).create_token("eve", palisade_api::roles::Role::Admin) {
         Err(ClientError::Api { status: 403, .. }) => {}
         other => panic!("expected 403, got {other:?}"),
     }
     assert_eq!(
         status(
             admin
-                .create_token("has space", palisade_controller::auth::Role::ReadOnly)
+                .create_token("has space", palisade_api::roles::Role::ReadOnly)
                 .unwrap_err()
         ),
         400
     );
     assert_eq!(snapshot(&env), before);
-    let secret = admin
-        .create_token("ci", palisade_controller::auth::Role::Operator)
-        .unwrap();
+    let secret = admin.create_token("ci", palisade_api::roles::Role::Operator).unwrap();
     let ci = client(&env, &secret);
     assert_eq!(ci.apply(&files(POLICY_V1), "from ci", false).unwrap().version, 1);
     assert_eq!(ci.versions().unwrap()[0].author, "ci");
@@ -578,7 +576,7 @@ fn admins_create_tokens_that_work_and_are_recorded() {
 /// time (a fresh one per step), through tags, removals and a new version.
 #[test]
 fn incremental_tags_match_full_recompiles() {
-    use palisade_controller::api::ApplyRequest;
+    use palisade_api::ApplyRequest;
     use palisade_controller::core::Controller;
     use palisade_controller::store::EmbeddedStore;
     let dir = TempDir::new("api-incremental");
@@ -641,7 +639,7 @@ fn incremental_tags_match_full_recompiles() {
 /// undone and caught up the same way.
 #[test]
 fn controllers_taking_turns_catch_up_instead_of_recompiling() {
-    use palisade_controller::api::{ApplyRequest, CompileCounts};
+    use palisade_api::{ApplyRequest, CompileCounts};
     use palisade_controller::core::Controller;
     use palisade_controller::store::{Compare, EmbeddedStore, Store, StoreError};
     use std::sync::{Arc, Mutex};
@@ -840,7 +838,7 @@ fn tokens_are_listed_and_revoked() {
 /// (here, the test), an apply waits, and goes on as soon as it is let go.
 #[test]
 fn a_change_waits_for_the_compile_lock() {
-    use palisade_controller::api::ApplyRequest;
+    use palisade_api::ApplyRequest;
     use palisade_controller::core::{COMPILE_LOCK, Controller};
     use palisade_controller::store::{EmbeddedStore, Store};
     use std::sync::Arc;
@@ -880,7 +878,7 @@ fn a_change_waits_for_the_compile_lock() {
 /// the first tag change then starts from the kept policy.
 #[test]
 fn a_started_controller_compiles_the_current_policy_ahead() {
-    use palisade_controller::api::{ApplyRequest, CompileCounts};
+    use palisade_api::{ApplyRequest, CompileCounts};
     use palisade_controller::core::Controller;
     use palisade_controller::store::EmbeddedStore;
     use std::sync::Arc;

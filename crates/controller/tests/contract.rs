@@ -8,7 +8,7 @@ mod common;
 use std::sync::{Arc, Barrier};
 
 use common::*;
-use palisade_controller::auth::Role;
+use palisade_api::roles::Role;
 use palisade_controller::core::Controller;
 use palisade_controller::store::{EmbeddedStore, EtcdStore, Store};
 

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use palisade_api::roles::Role;
+use palisade_api::{ApplyRequest, TagRequest};
 use palisade_audit::record::{ChangeRecord, Record};
-use palisade_controller::api::{ApplyRequest, TagRequest};
-use palisade_controller::auth::Role;
 use palisade_controller::core::Controller;
 use palisade_controller::server::{self, ServeOptions};
 use palisade_controller::store::{EmbeddedStore, EtcdStore, Store};

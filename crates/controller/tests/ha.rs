@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use palisade_controller::auth::Role;
-use palisade_controller::client::{Client, ClientAuth};
+use palisade_api::client::{Client, ClientAuth};
+use palisade_api::roles::Role;
 use palisade_controller::core::Controller;
 use palisade_controller::server::{self, RunningServer, ServeOptions};
 use palisade_controller::store::{EtcdStore, Store};
@@ -58,7 +58,7 @@ fn a_change_through_one_controller_wakes_the_agents_of_another() {
         };
         // Let the long-poll park on controller 1 before the change.
         std::thread::sleep(Duration::from_millis(300));
-        let req = palisade_controller::api::TagRequest {
+        let req = palisade_api::TagRequest {
             set: [("round".to_string(), change.to_string())].into(),
             remove: vec![],
         };
@@ -143,7 +143,7 @@ fn three_controllers_one_etcd_failover() {
     servers[0].take().unwrap().stop();
     std::thread::sleep(Duration::from_millis(300));
     // The next change, made through controller 2, reaches every agent.
-    let req = palisade_controller::api::TagRequest {
+    let req = palisade_api::TagRequest {
         set: [("env".to_string(), "prod".to_string())].into(),
         remove: vec![],
     };

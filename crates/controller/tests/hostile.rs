@@ -17,7 +17,7 @@ mod common;
 use std::io::Write as _;
 
 use common::*;
-use palisade_controller::auth::Role;
+use palisade_api::roles::Role;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Need {
@@ -107,7 +107,7 @@ fn endpoints() -> Vec<Endpoint> {
 }
 
 fn allows(role: Role, need: Need) -> bool {
-    use palisade_controller::auth::Permission as P;
+    use palisade_api::roles::Permission as P;
     match need {
         Need::Read => role.allows(P::Read),
         Need::Change => role.allows(P::Change),
@@ -427,9 +427,9 @@ fn every_endpoint_every_role_every_hostile_body() {
 }
 
 fn client_apply(env: &Env) {
-    let c = palisade_controller::client::Client::new(
+    let c = palisade_api::client::Client::new(
         &env.url(),
-        palisade_controller::client::ClientAuth::Token(env.operator.clone()),
+        palisade_api::client::ClientAuth::Token(env.operator.clone()),
     )
     .unwrap();
     c.apply(&files(POLICY_V2), "base", false).unwrap();

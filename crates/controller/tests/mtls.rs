@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use palisade_controller::auth::Role;
-use palisade_controller::client::{Client, ClientAuth, ClientError};
+use palisade_api::client::{Client, ClientAuth, ClientError};
+use palisade_api::roles::Role;
 use palisade_controller::core::Controller;
 use palisade_controller::server::{self, ServeOptions};
 use palisade_controller::store::{EmbeddedStore, Store};

@@ -6,11 +6,11 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use palisade_api::client::{Client, ClientAuth, ClientError};
+use palisade_api::roles::Role;
+use palisade_api::{FlowQuery, MAX_FLOW_BATCH, TagRequest};
 use palisade_audit::record::{Decision, Endpoint, FlowRecord, Phase, Record, Verdict, VmIdentity};
 use palisade_audit::{LogReader, Query};
-use palisade_controller::api::{FlowQuery, MAX_FLOW_BATCH, TagRequest};
-use palisade_controller::auth::Role;
-use palisade_controller::client::{Client, ClientAuth, ClientError};
 use palisade_controller::core::Controller;
 use palisade_controller::server::{self, ServeOptions};
 use palisade_controller::store::{EmbeddedStore, Store};

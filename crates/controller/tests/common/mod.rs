@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use palisade_controller::api::Files;
-use palisade_controller::auth::Role;
+use palisade_api::Files;
+use palisade_api::roles::Role;
 use palisade_controller::core::Controller;
 use palisade_controller::server::{self, RunningServer, ServeOptions};
 use palisade_controller::store::{EmbeddedStore, Store};

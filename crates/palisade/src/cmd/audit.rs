@@ -372,7 +372,7 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
                 .conn
                 .client()
                 .context("palisade flows reads a log directory (--dir DIR) or asks a controller")?;
-            let fq = palisade_controller::api::FlowQuery {
+            let fq = palisade_api::FlowQuery {
                 vm: q.vm.clone(),
                 zone: q.zone.clone(),
                 verdict: q.verdict,

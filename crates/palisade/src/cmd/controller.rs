@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use palisade_controller::auth::Role;
+use palisade_api::roles::Role;
 use palisade_controller::core::Controller;
 use palisade_controller::server::{self, ServeOptions};
 use palisade_controller::store::{EmbeddedStore, EtcdStore, Store};

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, anyhow, bail};
-use palisade_controller::api::{Files, TagRequest};
-use palisade_controller::client::{Client, ClientAuth};
+use palisade_api::client::{Client, ClientAuth};
+use palisade_api::{Files, TagRequest};
 use palisade_policy::PolicySource as _;
 
 /// How to reach the controller.
@@ -172,7 +172,7 @@ fn read_files(dir: &std::path::Path) -> anyhow::Result<Files> {
 /// characters escaped, so nothing it holds can move the cursor, clear the
 /// screen or reorder what an operator reads.
 fn esc(s: &str) -> String {
-    palisade_controller::api::Escaped(s).to_string()
+    palisade_api::validate::Escaped(s).to_string()
 }
 
 /// Text from the controller of several lines (policy files, diffs): every
@@ -423,7 +423,7 @@ mod tests {
     fn printed_values_cannot_drive_the_terminal() {
         for hostile in ["\u{1b}[2J", "a\u{0}b", "\u{202e}evil", "zero\u{200b}w", "\u{7}", "\r"] {
             let shown = super::esc(hostile);
-            assert!(!shown.chars().any(palisade_controller::api::hidden), "{shown:?}");
+            assert!(!shown.chars().any(palisade_api::validate::hidden), "{shown:?}");
         }
         assert_eq!(super::esc("tier=web é"), "tier=web é");
         assert_eq!(super::esc_text("a:\n\t- \u{1b}x\n"), "a:\n\t- \\u{1b}x\n");

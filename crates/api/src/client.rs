@@ -14,8 +14,10 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::*;
+use crate::bundle::PolicyBundle;
+use crate::documents::*;
 use crate::tls::{self, TlsError};
+use crate::validate::{Escaped, MAX_WAIT_S};
 
 /// How the client authenticates.
 #[derive(Debug, Clone)]
@@ -279,7 +281,7 @@ impl Client {
     }
 
     /// Create an API token (admin only); returns its secret.
-    pub fn create_token(&self, name: &str, role: crate::auth::Role) -> Result<String, ClientError> {
+    pub fn create_token(&self, name: &str, role: crate::roles::Role) -> Result<String, ClientError> {
         let req = TokenRequest {
             name: name.to_string(),
             role,
@@ -289,12 +291,12 @@ impl Client {
     }
 
     /// Every token, revoked ones included (admin only; never the secrets).
-    pub fn tokens(&self) -> Result<Vec<crate::api::TokenInfo>, ClientError> {
+    pub fn tokens(&self) -> Result<Vec<crate::documents::TokenInfo>, ClientError> {
         self.get("/v1/tokens")
     }
 
     /// Revoke the live tokens named `name` (or with that id); returns them (admin only).
-    pub fn revoke_token(&self, name: &str) -> Result<Vec<crate::api::TokenInfo>, ClientError> {
+    pub fn revoke_token(&self, name: &str) -> Result<Vec<crate::documents::TokenInfo>, ClientError> {
         self.call("DELETE", &format!("/v1/tokens/{}", segment(name)), None::<&()>)
     }
 

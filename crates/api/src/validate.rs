@@ -314,7 +314,7 @@ pub fn check_tag_value(key: &str, value: &str) -> Result<(), RequestError> {
     check_text(&format!("value of tag {}", Quoted(key)), value, 0, MAX_TAG_VALUE_CHARS)
 }
 
-impl super::ApplyRequest {
+impl crate::documents::ApplyRequest {
     /// Check the files ([`check_files`]) and the message.
     pub fn check(&self) -> Result<(), RequestError> {
         check_files(&self.files)?;
@@ -322,7 +322,7 @@ impl super::ApplyRequest {
     }
 }
 
-impl super::TagRequest {
+impl crate::documents::TagRequest {
     /// Check the keys and values: at most [`MAX_TAGS_PER_REQUEST`] set and
     /// as many removed, each key ([`check_tag_key`]) and value
     /// ([`check_tag_value`]) printable and within its length, no key both
@@ -355,21 +355,21 @@ impl super::TagRequest {
     }
 }
 
-impl super::TokenRequest {
+impl crate::documents::TokenRequest {
     /// Check the name ([`check_token_name`]).
     pub fn check(&self) -> Result<(), RequestError> {
         check_token_name(&self.name)
     }
 }
 
-impl super::RegisterRequest {
+impl crate::documents::RegisterRequest {
     /// Check the agent version string: printable, at most [`MAX_AGENT_VERSION_CHARS`].
     pub fn check(&self) -> Result<(), RequestError> {
         check_text("agent_version", &self.agent_version, 0, MAX_AGENT_VERSION_CHARS)
     }
 }
 
-impl super::ReportRequest {
+impl crate::documents::ReportRequest {
     /// Check the counters: at most [`MAX_COUNTERS`], each name printable,
     /// 1 to [`MAX_COUNTER_NAME_CHARS`] characters.
     pub fn check(&self) -> Result<(), RequestError> {
@@ -529,7 +529,7 @@ mod tests {
     #[test]
     fn refusals_are_of_the_documented_kind() {
         use RequestErrorKind::*;
-        let tag = |set: &[(&str, &str)], remove: &[&str]| super::super::TagRequest {
+        let tag = |set: &[(&str, &str)], remove: &[&str]| crate::documents::TagRequest {
             set: set.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             remove: remove.iter().map(|k| k.to_string()).collect(),
         };

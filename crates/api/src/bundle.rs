@@ -1,0 +1,231 @@
+//! What an agent fetches and compiles: a [`PolicyBundle`] (the effective
+//! policy's files and tag overlay, whole or as edits of the version held),
+//! and the compilation of it, incremental when only tags changed.
+//!
+//! The controller compiles the same bundles to validate and to diff, so the
+//! code lives here, where both ends find it without the other's.
+
+use std::collections::BTreeMap;
+
+use palisade_policy::compile::Compiler;
+use palisade_policy::load::{Loaded, Loader};
+use palisade_policy::source::SourceError;
+use serde::{Deserialize, Serialize};
+
+use crate::delta::{DeltaError, FilesDelta};
+use crate::documents::{Files, TagOverlay};
+
+/// What an agent fetches: everything needed to build its chains.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyBundle {
+    /// Effective-policy revision.
+    pub revision: u64,
+    /// Policy version.
+    pub version: u64,
+    /// The version's files (empty when [`PolicyBundle::same_files`] is set).
+    pub files: Files,
+    /// The tag overlay to apply over the files' VM tags.
+    pub tags: TagOverlay,
+    /// The files were left out: the agent said it already has this version's
+    /// files (`have=VERSION`), so only the revision and the overlay travel.
+    /// A tag change thus costs the size of the overlay, not of the
+    /// datacenter. Fill them in with [`PolicyBundle::resolve`].
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub same_files: bool,
+    /// The files were sent as edits of another version's, the one the agent
+    /// said it holds (`have=VERSION`): a new version then costs about the
+    /// size of what changed. `files` is empty; [`PolicyBundle::resolve`]
+    /// applies the edits and checks the result's digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<FilesDelta>,
+}
+
+/// Building a [`PolicyBundle`]'s model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The files do not load (a stored version always does; this means a corrupt bundle).
+    #[error("policy does not load:\n{0}")]
+    Invalid(String),
+    /// The overlay names a VM the files do not have.
+    #[error("tag overlay names VM \"{0}\", which the policy does not have")]
+    UnknownVm(String),
+    /// The bundle was sent without its files and has not been resolved.
+    #[error("bundle of version {0} was sent without its files; resolve it against the bundle held")]
+    FilesOmitted(u64),
+    /// A bundle sent as edits does not apply to the files held.
+    #[error(transparent)]
+    Delta(#[from] DeltaError),
+    /// A bundle without files names another version than the one held.
+    #[error("bundle was sent without its files for a holder of version {sent}, but the bundle held is version {have}")]
+    WrongBase {
+        /// The version the bundle's files are to come from.
+        sent: u64,
+        /// The version held.
+        have: u64,
+    },
+}
+
+impl PolicyBundle {
+    /// Load the files and apply the tag overlay: the model the agent compiles.
+    pub fn model(&self) -> Result<palisade_policy::Model, BundleError> {
+        self.model_with(&mut Loader::new())
+    }
+
+    /// [`PolicyBundle::model`] with `loader`, which reuses what it built
+    /// from the VMs of the bundle it loaded before (an agent keeps one
+    /// from version to version: a new version that changes a few VMs then
+    /// parses only those).
+    pub fn model_with(&self, loader: &mut Loader) -> Result<palisade_policy::Model, BundleError> {
+        if self.same_files || self.delta.is_some() {
+            return Err(BundleError::FilesOmitted(self.version));
+        }
+        effective_model_with(loader, &self.files, &self.tags)
+    }
+
+    /// A bundle sent without its files or as edits, completed from `have`,
+    /// the bundle the agent holds (which must be of the version it names);
+    /// a bundle with its files is returned as it is.
+    pub fn resolve(mut self, have: &PolicyBundle) -> Result<PolicyBundle, BundleError> {
+        let base = match (&self.delta, self.same_files) {
+            (Some(d), _) => d.base,
+            (None, true) => self.version,
+            (None, false) => return Ok(self),
+        };
+        if have.same_files || have.delta.is_some() || have.version != base {
+            return Err(BundleError::WrongBase {
+                sent: base,
+                have: have.version,
+            });
+        }
+        self.files = match self.delta.take() {
+            Some(d) => d.apply(&have.files)?,
+            None => have.files.clone(),
+        };
+        self.same_files = false;
+        Ok(self)
+    }
+}
+
+impl PolicyBundle {
+    /// Compile this bundle's effective policy.
+    pub fn compile(&self) -> Result<Compiler, BundleError> {
+        self.compile_with(&mut Loader::new())
+    }
+
+    /// [`PolicyBundle::compile`], loading with `loader` ([`PolicyBundle::model_with`]).
+    pub fn compile_with(&self, loader: &mut Loader) -> Result<Compiler, BundleError> {
+        Compiler::new(self.model_with(loader)?).map_err(|e| BundleError::Invalid(e.to_string()))
+    }
+
+    /// Compile this bundle's effective policy from `compiled`, the compiled
+    /// policy of `held`, the bundle it replaces (`None` when there is none).
+    /// When only the tag overlay changed (same version, same files) and it
+    /// only grew ([`overlay_grew`]), `compiled` is taken and only what the
+    /// retagged VMs affect is recompiled ([`retag_changed`]), as the
+    /// controller does: at 50,000 VMs a whole compile takes a second or
+    /// more. Otherwise the bundle is compiled whole, loading with `loader`
+    /// ([`PolicyBundle::model_with`]), and `compiled` is left for the caller
+    /// to drop when it has time: freeing a compiled policy takes about as
+    /// long as compiling one.
+    pub fn compile_from(
+        &self,
+        held: &PolicyBundle,
+        compiled: &mut Option<Compiler>,
+        loader: &mut Loader,
+    ) -> Result<Compiler, BundleError> {
+        if self.same_files || self.delta.is_some() {
+            return Err(BundleError::FilesOmitted(self.version));
+        }
+        let only_tags = self.version != 0
+            && self.version == held.version
+            && !held.same_files
+            && held.delta.is_none()
+            && self.files == held.files
+            && overlay_grew(&held.tags, &self.tags);
+        match compiled.take_if(|_| only_tags) {
+            Some(mut c) => {
+                retag_changed(&mut c, &held.tags, &self.tags)?;
+                Ok(c)
+            }
+            None => self.compile_with(loader),
+        }
+    }
+}
+
+/// Whether the effective tags under overlay `next` follow from those under
+/// `held` by re-applying each VM's changed entry over its current effective
+/// tags. That gives the same tags as applying the entry over the files' tags
+/// exactly when every key of the old entry is still in the new one, and an
+/// entry only grows as tags are set and removed (a removal is a `None`), so
+/// this holds between two revisions of one version.
+pub fn overlay_grew(held: &TagOverlay, next: &TagOverlay) -> bool {
+    held.iter()
+        .all(|(vm, old)| next.get(vm).is_some_and(|new| old.keys().all(|k| new.contains_key(k))))
+}
+
+/// Bring `compiled`, the compiled effective policy under overlay `held`, to
+/// the one under `next` (the same files; [`overlay_grew`] holds) by
+/// retagging each VM whose entry differs (`Compiler::retag`). On an error
+/// `compiled` may be part-way: compile whole instead.
+pub fn retag_changed(compiled: &mut Compiler, held: &TagOverlay, next: &TagOverlay) -> Result<(), BundleError> {
+    for (vm, entry) in next {
+        if held.get(vm) == Some(entry) {
+            continue;
+        }
+        let Some(mut tags) = compiled.model().inventory.vm(vm).map(|v| v.tags.clone()) else {
+            return Err(BundleError::UnknownVm(vm.clone()));
+        };
+        apply_overlay(&mut tags, entry);
+        compiled
+            .retag(vm, tags)
+            .map_err(|e| BundleError::Invalid(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Load `files` and apply `tags` over the VMs' tags.
+pub fn effective_model(files: &Files, tags: &TagOverlay) -> Result<palisade_policy::Model, BundleError> {
+    effective(|src| palisade_policy::load(src), files, tags)
+}
+
+/// [`effective_model`], loading with `loader` (see [`Loader`]).
+pub fn effective_model_with(
+    loader: &mut Loader,
+    files: &Files,
+    tags: &TagOverlay,
+) -> Result<palisade_policy::Model, BundleError> {
+    effective(|src| loader.load(src), files, tags)
+}
+
+fn effective(
+    load: impl FnOnce(&palisade_policy::MemorySource) -> Result<Loaded, SourceError>,
+    files: &Files,
+    tags: &TagOverlay,
+) -> Result<palisade_policy::Model, BundleError> {
+    let src = files
+        .iter()
+        .fold(palisade_policy::MemorySource::new(), |s, (n, t)| s.with(n, t.clone()));
+    // A memory source cannot fail to read.
+    let loaded = load(&src).map_err(|e| BundleError::Invalid(e.to_string()))?;
+    if loaded.has_errors() {
+        return Err(BundleError::Invalid(loaded.render()));
+    }
+    let mut model = loaded.model;
+    for (vm, overlay) in tags {
+        let Some(v) = model.inventory.vms.iter_mut().find(|v| &v.name == vm) else {
+            return Err(BundleError::UnknownVm(vm.clone()));
+        };
+        apply_overlay(&mut v.tags, overlay);
+    }
+    Ok(model)
+}
+
+/// Apply one VM's overlay to its tags.
+pub fn apply_overlay(tags: &mut BTreeMap<String, String>, overlay: &BTreeMap<String, Option<String>>) {
+    for (k, v) in overlay {
+        match v {
+            Some(v) => tags.insert(k.clone(), v.clone()),
+            None => tags.remove(k),
+        };
+    }
+}

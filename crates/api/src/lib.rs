@@ -1,0 +1,29 @@
+//! The contract between Palisade's controller and its clients (agents, the
+//! CLI): the JSON documents of the HTTP API, what each may hold, the roles,
+//! the policy bundle an agent fetches and how it is compiled, and the
+//! blocking client with its TLS settings.
+//!
+//! Both daemons depend on this crate and neither on the other: the agent's
+//! dependency tree holds no HTTP server, store or certificate authority.
+//!
+//! - [`documents`]: the request and response documents (also the stored
+//!   form of versions and the current-policy pointer).
+//! - [`validate`]: the limits and checks every request document passes.
+//! - [`roles`]: roles and the permissions they grant.
+//! - [`bundle`]: the policy bundle an agent compiles, incrementally when
+//!   only tags changed.
+//! - [`delta`]: a new policy version sent as edits of the one held.
+//! - [`client`]: the blocking client with failover over several controllers.
+//! - [`tls`]: the client half of the mutual-TLS channel.
+#![deny(missing_docs)]
+
+pub mod bundle;
+pub mod client;
+pub mod delta;
+pub mod documents;
+pub mod roles;
+pub mod tls;
+pub mod validate;
+
+pub use bundle::{BundleError, PolicyBundle};
+pub use documents::*;
