@@ -1,0 +1,10 @@
+//! Palisade's signature-inspection engine: a subset of Suricata's rule
+//! language over packets, reassembled TCP streams and application-layer
+//! buffers, sans-IO.
+#![deny(missing_docs)]
+
+pub mod classification;
+mod error;
+pub mod rules;
+
+pub use error::{LoadError, RuleError};
