@@ -5,6 +5,10 @@
 
 pub mod classification;
 mod error;
+pub mod decode;
+pub mod matcher;
+pub mod packet;
+pub mod stream;
 pub mod rules;
 
 pub use error::{LoadError, RuleError};
