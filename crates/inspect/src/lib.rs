@@ -3,6 +3,7 @@
 //! buffers, sans-IO.
 #![deny(missing_docs)]
 
+pub mod app;
 pub mod classification;
 mod error;
 pub mod decode;
