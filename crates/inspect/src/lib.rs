@@ -9,7 +9,10 @@ mod error;
 pub mod decode;
 pub mod matcher;
 pub mod packet;
+pub mod prefilter;
 pub mod stream;
 pub mod rules;
+pub mod ruleset;
+pub mod signature;
 
 pub use error::{LoadError, RuleError};
