@@ -7,12 +7,24 @@ pub mod app;
 pub mod classification;
 mod error;
 pub mod decode;
+mod engine;
+pub mod eve;
+pub mod flow;
 pub mod matcher;
+pub mod offline;
 pub mod packet;
 pub mod prefilter;
 pub mod stream;
+mod tcp;
+mod threshold;
 pub mod rules;
 pub mod ruleset;
 pub mod signature;
 
 pub use error::{LoadError, RuleError};
+
+pub use engine::{Alert, AlertAction, Config, Counters, DropReason, Inspector, Mode, Outcome};
+pub use flow::{Direction, FlowState, FlowVerdict, ProfileId};
+pub use rules::{Action, AppProto};
+pub use ruleset::{Detector, LoadOptions, ProfileSpec, RuleSet};
+pub use tcp::TcpState;
