@@ -15,7 +15,7 @@ use core::net::IpAddr;
 
 use palisade_wire::frame::{Dissection, Network, Transport as WireTransport};
 use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4;
+use palisade_wire::{ipv4, tcp};
 use palisade_wire::tcp::TcpOption;
 
 use crate::packet::{Packet, TcpHeader, Transport};
@@ -57,8 +57,6 @@ pub enum Skip {
     NotIp,
     /// Truncated or malformed headers.
     Malformed,
-    /// Checksum validation is on and a checksum is wrong.
-    BadChecksum,
 }
 
 /// What one frame decoded to.
@@ -68,6 +66,8 @@ pub struct Decoded<'a> {
     pub packets: Vec<Packet<'a>>,
     /// Why decoding stopped short, if it did (packets before that are sound).
     pub skipped: Option<Skip>,
+    /// Packets whose TCP checksum was checked and is wrong.
+    pub bad_checksums: u32,
 }
 
 const ETH_IPV4: u16 = 0x0800;
@@ -76,9 +76,9 @@ const ETH_VLAN: [u16; 3] = [0x8100, 0x88a8, 0x9100];
 const ETH_NSH: u16 = 0x894f;
 const ETH_TEB: u16 = 0x6558;
 
-/// Decodes a frame of link type `link`. With `validate_checksums`, a packet
-/// whose IPv4 header or transport checksum is wrong ends decoding
-/// ([`Skip::BadChecksum`]), as a host stack would discard it.
+/// Decodes a frame of link type `link`. With `validate_checksums`, TCP
+/// checksums are verified and a wrong one marks the packet
+/// ([`Packet::checksum_ok`]); other checksums are not checked, as in Suricata.
 pub fn decode(link: LinkType, frame: &[u8], validate_checksums: bool) -> Decoded<'_> {
     let mut out = Decoded::default();
     let l3 = match link {
@@ -259,9 +259,11 @@ fn ip<'a>(data: &'a [u8], validate: bool, depth: usize, out: &mut Decoded<'a>) {
         out.skipped = Some(Skip::Malformed);
         return;
     }
-    if validate && !d.checksums_valid() {
-        out.skipped = Some(Skip::BadChecksum);
-        return;
+    let checksum_ok = !validate
+        || !matches!(d.transport, WireTransport::Tcp(_))
+        || tcp::Packet::new_checked(raw_l4).is_ok_and(|p| p.verify_checksum(src, dst));
+    if !checksum_ok {
+        out.bad_checksums += 1;
     }
     let base = |protocol: u8, transport, payload, fragment| Packet {
         src,
@@ -272,6 +274,7 @@ fn ip<'a>(data: &'a [u8], validate: bool, depth: usize, out: &mut Decoded<'a>) {
         payload,
         fragment,
         ip_len,
+        checksum_ok,
     };
     match d.transport {
         WireTransport::Tcp(t) => {

@@ -327,11 +327,15 @@ impl Inspector {
         let lookbehind = self.rules.lookbehind();
 
         // Reassembly and the application layer.
-        let mut established = flow.seen == [true, true];
+        // Without tracking this packet (a wrong TCP checksum), the session's state decides.
+        let mut established = match flow.tcp.as_ref() {
+            Some(t) => t.state >= TcpState::Established,
+            None => flow.seen == [true, true],
+        };
         let mut packet_unit = !pkt.payload.is_empty();
         let mut window: Option<(u64, u64)> = None;
         let mut reverse = false;
-        if let (Some(tcp), Transport::Tcp(h)) = (flow.tcp.as_mut(), &pkt.transport) {
+        if let (Some(tcp), Transport::Tcp(h), true) = (flow.tcp.as_mut(), &pkt.transport, pkt.checksum_ok) {
             let cfg = TcpConfig {
                 midstream: self.config.midstream,
                 limits: self.config.stream,

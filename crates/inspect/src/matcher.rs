@@ -2,7 +2,7 @@
 //!
 //! The keywords of a buffer form a [`Program`]: contents, pcres, isdataat
 //! and bsize in rule order. Placement follows the rule language: `offset`
-//! and `depth` count from the start of the data, `distance` and `within`
+//! counts from the start of the data and `depth` from the offset, `distance` and `within`
 //! from the end of the previous match in the same buffer (`within` from
 //! there plus `distance`), a negated content must be absent from its
 //! window, `endswith` ties the match to the end of the data. When a later
@@ -233,7 +233,8 @@ impl Program {
             // Unanchored: may start in the already-inspected bytes.
             (0, len)
         } else {
-            (origin + c.offset, c.depth.map_or(len, |d| origin + d))
+            // depth counts from offset.
+            (origin + c.offset, c.depth.map_or(len, |d| origin + c.offset + d))
         };
         end = end.min(len);
         let mut from = start;
@@ -375,6 +376,10 @@ mod tests {
             (r#"content:"abc"; depth:5;"#, b"xxabc", true),
             (r#"content:"abc"; depth:4;"#, b"xxabc", false),
             (r#"content:"abc"; offset:1; depth:4;"#, b"xabcx", true),
+            // depth counts from offset
+            (r#"content:"abc"; offset:2; depth:3;"#, b"xxabc", true),
+            (r#"content:"|01 00 00 01|"; offset:2; depth:4;"#, b"\x8f\xcf\x01\x00\x00\x01\x00", true),
+            (r#"content:"abc"; offset:2; depth:3;"#, b"xxxabc", false),
             // startswith / endswith
             (r#"content:"GET"; startswith;"#, b"GET /", true),
             (r#"content:"GET"; startswith;"#, b" GET /", false),

@@ -45,7 +45,7 @@ pub struct ReplayStats {
     pub not_ip: u64,
     /// Frames with malformed headers.
     pub malformed: u64,
-    /// Frames skipped for a wrong checksum.
+    /// TCP segments with a wrong checksum (inspected as packets, not reassembled).
     pub bad_checksum: u64,
     /// Frames of an unsupported link type.
     pub bad_link: u64,
@@ -145,10 +145,10 @@ impl Replay {
         match decoded.skipped {
             Some(Skip::NotIp) if decoded.packets.is_empty() => self.stats.not_ip += 1,
             Some(Skip::Malformed) if decoded.packets.is_empty() => self.stats.malformed += 1,
-            Some(Skip::BadChecksum) => self.stats.bad_checksum += 1,
             Some(Skip::LinkType(_)) => self.stats.bad_link += 1,
             _ => {}
         }
+        self.stats.bad_checksum += u64::from(decoded.bad_checksums);
         for pkt in &decoded.packets {
             self.stats.packets += 1;
             self.packet(pkt, ts, pcap_cnt, out);

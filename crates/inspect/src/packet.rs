@@ -84,6 +84,10 @@ pub struct Packet<'a> {
     pub fragment: bool,
     /// Length of the IP packet, for byte counters.
     pub ip_len: usize,
+    /// False when the caller checked a TCP segment's checksum and found it
+    /// wrong: the receiver will discard the segment, so it is not taken into
+    /// the stream (it is still inspected as a packet, as Suricata does).
+    pub checksum_ok: bool,
 }
 
 /// IP protocol numbers the engine treats specially.
