@@ -44,23 +44,43 @@ const DEFAULT: &[(&str, &str, u8)] = &[
     ("shellcode-detect", "Executable code was detected", 1),
     ("string-detect", "A suspicious string was detected", 3),
     ("suspicious-filename-detect", "A suspicious filename was detected", 2),
-    ("suspicious-login", "An attempted login using a suspicious username was detected", 2),
+    (
+        "suspicious-login",
+        "An attempted login using a suspicious username was detected",
+        2,
+    ),
     ("system-call-detect", "A system call was detected", 2),
     ("tcp-connection", "A TCP connection was detected", 4),
     ("trojan-activity", "A Network Trojan was detected", 1),
-    ("unusual-client-port-connection", "A client was using an unusual port", 2),
+    (
+        "unusual-client-port-connection",
+        "A client was using an unusual port",
+        2,
+    ),
     ("network-scan", "Detection of a Network Scan", 3),
     ("denial-of-service", "Detection of a Denial of Service Attack", 2),
-    ("non-standard-protocol", "Detection of a non-standard protocol or event", 2),
+    (
+        "non-standard-protocol",
+        "Detection of a non-standard protocol or event",
+        2,
+    ),
     ("protocol-command-decode", "Generic Protocol Command Decode", 3),
-    ("web-application-activity", "access to a potentially vulnerable web application", 2),
+    (
+        "web-application-activity",
+        "access to a potentially vulnerable web application",
+        2,
+    ),
     ("web-application-attack", "Web Application Attack", 1),
     ("misc-activity", "Misc activity", 3),
     ("misc-attack", "Misc Attack", 2),
     ("icmp-event", "Generic ICMP event", 3),
     ("inappropriate-content", "Inappropriate Content was Detected", 1),
     ("policy-violation", "Potential Corporate Privacy Violation", 1),
-    ("default-login-attempt", "Attempt to login by a default username and password", 2),
+    (
+        "default-login-attempt",
+        "Attempt to login by a default username and password",
+        2,
+    ),
     ("targeted-activity", "Targeted Malicious Activity was Detected", 1),
     ("exploit-kit", "Exploit Kit Activity Detected", 1),
     ("external-ip-check", "Device Retrieving External IP Address Detected", 2),
@@ -69,7 +89,11 @@ const DEFAULT: &[(&str, &str, u8)] = &[
     ("credential-theft", "Successful Credential Theft Detected", 1),
     ("social-engineering", "Possible Social Engineering Attempted", 2),
     ("coin-mining", "Crypto Currency Mining Activity Detected", 2),
-    ("command-and-control", "Malware Command and Control Activity Detected", 1),
+    (
+        "command-and-control",
+        "Malware Command and Control Activity Detected",
+        1,
+    ),
 ];
 
 impl Default for Classifications {
@@ -155,7 +179,10 @@ mod tests {
     fn default_table_and_parsing() {
         let d = Classifications::default();
         assert_eq!(d.get("bad-unknown").unwrap().priority, 2);
-        assert_eq!(d.get("trojan-activity").unwrap().description, "A Network Trojan was detected");
+        assert_eq!(
+            d.get("trojan-activity").unwrap().description,
+            "A Network Trojan was detected"
+        );
         let c = Classifications::parse("# x\nconfig classification: foo,Foo Things,4\n").unwrap();
         assert_eq!(c.get("foo").unwrap().priority, 4);
         assert!(Classifications::parse("config classification: foo,Foo\n").is_err());

@@ -15,8 +15,8 @@ use core::net::IpAddr;
 
 use palisade_wire::frame::{Dissection, Network, Transport as WireTransport};
 use palisade_wire::ip::IpProtocol;
-use palisade_wire::{ipv4, tcp};
 use palisade_wire::tcp::TcpOption;
+use palisade_wire::{ipv4, tcp};
 
 use crate::packet::{Packet, TcpHeader, Transport};
 
@@ -114,9 +114,7 @@ pub fn decode(link: LinkType, frame: &[u8], validate_checksums: bool) -> Decoded
             .get(0..2)
             .filter(|_| frame.len() >= 20)
             .map(|p| (u16::from_be_bytes([p[0], p[1]]), &frame[20..])),
-        LinkType::C_HDLC => frame
-            .get(2..4)
-            .map(|p| (u16::from_be_bytes([p[0], p[1]]), &frame[4..])),
+        LinkType::C_HDLC => frame.get(2..4).map(|p| (u16::from_be_bytes([p[0], p[1]]), &frame[4..])),
         LinkType(other) => {
             out.skipped = Some(Skip::LinkType(other));
             return out;
@@ -162,7 +160,13 @@ fn by_ethertype<'a>(ethertype: u16, data: &'a [u8], validate: bool, depth: usize
                 out.skipped = Some(Skip::Malformed);
                 return;
             }
-            by_ethertype(u16::from_be_bytes([data[2], data[3]]), &data[4..], validate, depth + 1, out)
+            by_ethertype(
+                u16::from_be_bytes([data[2], data[3]]),
+                &data[4..],
+                validate,
+                depth + 1,
+                out,
+            )
         }
         _ => out.skipped = Some(Skip::NotIp),
     }
@@ -308,7 +312,11 @@ fn ip<'a>(data: &'a [u8], validate: bool, depth: usize, out: &mut Decoded<'a>) {
             false,
         )),
         WireTransport::Icmpv4(_) | WireTransport::Icmpv6(_) => {
-            let protocol = if matches!(d.transport, WireTransport::Icmpv4(_)) { 1 } else { 58 };
+            let protocol = if matches!(d.transport, WireTransport::Icmpv4(_)) {
+                1
+            } else {
+                58
+            };
             if raw_l4.len() < 8 {
                 out.skipped = Some(Skip::Malformed);
                 return;
@@ -372,10 +380,7 @@ pub fn quoted_flow(payload: &[u8]) -> Option<(IpAddr, IpAddr, u8, u16, u16)> {
         _ => return None,
     };
     let (sp, dp) = match proto {
-        6 | 17 if l4.len() >= 4 => (
-            u16::from_be_bytes([l4[0], l4[1]]),
-            u16::from_be_bytes([l4[2], l4[3]]),
-        ),
+        6 | 17 if l4.len() >= 4 => (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]])),
         6 | 17 => return None,
         _ => (0, 0),
     };
@@ -439,7 +444,9 @@ mod tests {
         // GRE in GRE in GRE ... deeper than MAX_DEPTH.
         let mut pkt = ipv4_udp([1, 1, 1, 1], [2, 2, 2, 2], b"x");
         for _ in 0..10 {
-            let mut outer = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 47, 0, 0, 1, 1, 1, 2, 1, 1, 1, 1, 0, 0, 0x08, 0];
+            let mut outer = vec![
+                0x45, 0, 0, 0, 0, 0, 0, 0, 64, 47, 0, 0, 1, 1, 1, 2, 1, 1, 1, 1, 0, 0, 0x08, 0,
+            ];
             outer.extend_from_slice(&pkt);
             let total = outer.len();
             outer[2] = (total >> 8) as u8;

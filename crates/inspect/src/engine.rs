@@ -31,6 +31,7 @@ use core::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::LoadError;
 use crate::app::{BufState, Detected, TxView};
 use crate::flow::{DetectState, Direction, FlowState, FlowVerdict, ProfileId};
 use crate::matcher::{DEFAULT_BUDGET, Program};
@@ -42,7 +43,6 @@ use crate::signature::{FlowbitOp, FlowbitTest, SigKind, Signature};
 use crate::stream::{MemoryBudget, StreamCounters, StreamLimits};
 use crate::tcp::{TcpConfig, TcpState};
 use crate::threshold::{HostThresholds, judge};
-use crate::LoadError;
 
 /// IDS or IPS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -219,7 +219,10 @@ impl core::fmt::Debug for Inspector {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Inspector")
             .field("signatures", &self.rules.len())
-            .field("profiles", &self.detectors.iter().map(|d| d.spec.name.as_str()).collect::<Vec<_>>())
+            .field(
+                "profiles",
+                &self.detectors.iter().map(|d| d.spec.name.as_str()).collect::<Vec<_>>(),
+            )
             .field("counters", &self.counters)
             .finish()
     }
@@ -340,7 +343,14 @@ impl Inspector {
                 midstream: self.config.midstream,
                 limits: self.config.stream,
             };
-            let up = tcp.track(dir.index(), h, pkt.payload, &cfg, &self.budget, &mut self.counters.stream);
+            let up = tcp.track(
+                dir.index(),
+                h,
+                pkt.payload,
+                &cfg,
+                &self.budget,
+                &mut self.counters.stream,
+            );
             established = up.established;
             if up.in_stream && !(inline && up.held) {
                 packet_unit = false;
@@ -562,7 +572,11 @@ impl Inspector {
             }
             let established = tcp.state >= TcpState::Established;
             for d in 0..2 {
-                let dir = if d == 0 { Direction::ToServer } else { Direction::ToClient };
+                let dir = if d == 0 {
+                    Direction::ToServer
+                } else {
+                    Direction::ToClient
+                };
                 let Some(s) = tcp.streams[d].as_ref() else { continue };
                 if s.raw_progress >= s.next() {
                     continue;
@@ -598,7 +612,9 @@ impl Inspector {
                 if let Some(pf) = &det.payload_prefilter {
                     pf.scan(data, cands);
                 }
-                det.payload_always[ProtoClass::Tcp as usize].iter().for_each(|&id| cands.add(id));
+                det.payload_always[ProtoClass::Tcp as usize]
+                    .iter()
+                    .for_each(|&id| cands.add(id));
                 cands.sort();
                 for &id in &cands.list {
                     let sig = rules.get(id);
@@ -626,7 +642,8 @@ impl Inspector {
         if flow.app.has_updates() {
             let client = flow.client;
             let server = flow.server;
-            let established = flow.seen == [true, true] || flow.tcp.as_ref().is_some_and(|t| t.state >= TcpState::Established);
+            let established =
+                flow.seen == [true, true] || flow.tcp.as_ref().is_some_and(|t| t.state >= TcpState::Established);
             let detect = &mut flow.detect;
             let matches = &mut self.matches;
             let cands = &mut self.candidates;
@@ -677,7 +694,11 @@ impl Inspector {
             FlowVerdict::Inspect => {}
         }
         let (sp, dp) = pkt.ports();
-        let dir = if pkt.src == flow.client.0 { Direction::ToServer } else { Direction::ToClient };
+        let dir = if pkt.src == flow.client.0 {
+            Direction::ToServer
+        } else {
+            Direction::ToClient
+        };
         let ctx = Ctx {
             proto: pkt.protocol,
             src: pkt.src,
@@ -719,7 +740,15 @@ impl Inspector {
                 continue;
             }
             let mut stream_hit = false;
-            if eval_packet_sig(sig, &ctx, &scratch, &units, self.config.inspection_budget, &mut exhausted, &mut stream_hit) {
+            if eval_packet_sig(
+                sig,
+                &ctx,
+                &scratch,
+                &units,
+                self.config.inspection_budget,
+                &mut exhausted,
+                &mut stream_hit,
+            ) {
                 self.matches.push(Match {
                     sig: id,
                     direction: dir,
@@ -858,7 +887,9 @@ fn packet_checks_hold(sig: &Signature, pkt: Option<&Packet<'_>>) -> bool {
     sig.rule.packet.iter().all(|c| match *c {
         PacketCheck::Dsize(m) => m.matches(p.payload.len() as u64),
         PacketCheck::Flags(f) => p.tcp().is_some_and(|t| f.matches(t.flags)),
-        PacketCheck::Itype(m) => matches!(p.transport, Transport::Icmp { icmp_type, .. } if m.matches(u64::from(icmp_type))),
+        PacketCheck::Itype(m) => {
+            matches!(p.transport, Transport::Icmp { icmp_type, .. } if m.matches(u64::from(icmp_type)))
+        }
         PacketCheck::Icode(m) => matches!(p.transport, Transport::Icmp { code, .. } if m.matches(u64::from(code))),
         PacketCheck::Ttl(m) => m.matches(u64::from(p.ttl)),
         PacketCheck::IpProto(m) => m.matches(u64::from(p.protocol)),
@@ -946,7 +977,9 @@ fn eval_tx(
         if b.app_proto() != Some(proto) {
             continue;
         }
-        let Some(pf) = &det.tx_prefilter[b.index()] else { continue };
+        let Some(pf) = &det.tx_prefilter[b.index()] else {
+            continue;
+        };
         for to_client in [false, true] {
             if to_client && b != Buffer::HttpHeader {
                 continue;
@@ -966,8 +999,16 @@ fn eval_tx(
         }
         let sig = rules.get(id);
         let to_server = sig.tx_to_server;
-        let ((src, sp), (dst, dp)) = if to_server { (ctx.client, ctx.server) } else { (ctx.server, ctx.client) };
-        let direction = if to_server { Direction::ToServer } else { Direction::ToClient };
+        let ((src, sp), (dst, dp)) = if to_server {
+            (ctx.client, ctx.server)
+        } else {
+            (ctx.server, ctx.client)
+        };
+        let direction = if to_server {
+            Direction::ToServer
+        } else {
+            Direction::ToClient
+        };
         let result = if !sig.header_matches(ctx.proto, src, sp, dst, dp, true)
             || !flow_options_direction_hold(sig, direction)
             || ctx.app != Some(proto)

@@ -17,7 +17,6 @@ use serde_json::{Map, Value, json};
 
 use crate::engine::{Alert, AlertAction};
 use crate::flow::{Direction, FlowState, FlowVerdict};
-use crate::rules::AppProto;
 use crate::ruleset::RuleSet;
 use crate::tcp::TcpState;
 
@@ -70,7 +69,12 @@ pub struct Identity {
 impl Identity {
     fn to_value(&self) -> Option<Value> {
         let mut m = Map::new();
-        for (k, v) in [("vm", &self.vm), ("zone", &self.zone), ("rule", &self.rule), ("profile", &self.profile)] {
+        for (k, v) in [
+            ("vm", &self.vm),
+            ("zone", &self.zone),
+            ("rule", &self.rule),
+            ("profile", &self.profile),
+        ] {
             if let Some(v) = v {
                 m.insert(k.into(), Value::String(v.clone()));
             }
@@ -140,7 +144,14 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-fn header(event: &str, ts: Duration, flow_id: u64, pcap_cnt: Option<u64>, t: &Tuple, app: Option<AppProto>) -> Map<String, Value> {
+fn header(
+    event: &str,
+    ts: Duration,
+    flow_id: u64,
+    pcap_cnt: Option<u64>,
+    t: &Tuple,
+    app: Option<&str>,
+) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("timestamp".into(), Value::String(timestamp(ts)));
     m.insert("flow_id".into(), json!(flow_id));
@@ -167,7 +178,7 @@ fn header(event: &str, ts: Duration, flow_id: u64, pcap_cnt: Option<u64>, t: &Tu
         m.insert("icmp_code".into(), json!(code));
     }
     if let Some(a) = app {
-        m.insert("app_proto".into(), Value::String(a.as_str().into()));
+        m.insert("app_proto".into(), Value::String(a.into()));
     }
     m
 }
@@ -191,13 +202,18 @@ pub fn alert_object(rules: &RuleSet, alert: &Alert) -> Value {
     a.insert("signature_id".into(), json!(r.sid));
     a.insert("rev".into(), json!(r.rev));
     a.insert("signature".into(), Value::String(r.msg.clone()));
-    a.insert("category".into(), Value::String(rules.category(alert.sig).unwrap_or("").into()));
+    a.insert(
+        "category".into(),
+        Value::String(rules.category(alert.sig).unwrap_or("").into()),
+    );
     a.insert("severity".into(), json!(sig.priority));
     if !r.metadata.is_empty() {
         let mut md: Map<String, Value> = Map::new();
         for entry in &r.metadata {
             let (k, v) = entry.split_once(' ').unwrap_or((entry.as_str(), ""));
-            let list = md.entry(k.trim().to_string()).or_insert_with(|| Value::Array(Vec::new()));
+            let list = md
+                .entry(k.trim().to_string())
+                .or_insert_with(|| Value::Array(Vec::new()));
             if let Value::Array(l) = list {
                 l.push(Value::String(v.trim().to_string()));
             }
@@ -216,7 +232,7 @@ pub fn alert_record(
     flow_id: u64,
     pcap_cnt: Option<u64>,
     tuple: &Tuple,
-    app: Option<AppProto>,
+    app: Option<&str>,
     identity: Option<&Identity>,
 ) -> Value {
     let mut m = header("alert", ts, flow_id, pcap_cnt, tuple, app);
@@ -249,7 +265,7 @@ pub fn drop_record(
     tuple: &Tuple,
     ip_len: usize,
     ttl: u8,
-    app: Option<AppProto>,
+    app: Option<&str>,
     identity: Option<&Identity>,
 ) -> Value {
     let mut m = header("drop", ts, flow_id, pcap_cnt, tuple, app);
@@ -282,7 +298,7 @@ pub fn flow_record(
         dp: s.1,
         icmp,
     };
-    let mut m = header("flow", start, flow_id, None, &tuple, flow.app_proto());
+    let mut m = header("flow", start, flow_id, None, &tuple, flow.app_name());
     let counts = flow.counts();
     let state = match flow.tcp_state() {
         Some(TcpState::Closed) => "closed",
@@ -329,6 +345,9 @@ mod tests {
             timestamp(Duration::new(1_468_449_727, 199_844_000)),
             "2016-07-13T22:42:07.199844+0000"
         );
-        assert_eq!(timestamp(Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000000+0000");
+        assert_eq!(
+            timestamp(Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000000+0000"
+        );
     }
 }

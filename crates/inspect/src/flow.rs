@@ -226,6 +226,11 @@ impl FlowState {
         self.app.proto()
     }
 
+    /// The application protocol's name as EVE gives it (`http`, `http2`, `tls`, `dns`).
+    pub fn app_name(&self) -> Option<&'static str> {
+        self.app.name()
+    }
+
     /// Whether any alert was raised on the flow.
     pub fn alerted(&self) -> bool {
         self.detect.alerted

@@ -5,21 +5,21 @@
 
 pub mod app;
 pub mod classification;
-mod error;
 pub mod decode;
 mod engine;
+mod error;
 pub mod eve;
 pub mod flow;
 pub mod matcher;
 pub mod offline;
 pub mod packet;
 pub mod prefilter;
-pub mod stream;
-mod tcp;
-mod threshold;
 pub mod rules;
 pub mod ruleset;
 pub mod signature;
+pub mod stream;
+mod tcp;
+mod threshold;
 
 pub use error::{LoadError, RuleError};
 

@@ -91,7 +91,11 @@ struct ContentOp {
 enum Op {
     Content(ContentOp),
     Pcre(Box<Pcre>),
-    IsDataAt { negated: bool, offset: usize, relative: bool },
+    IsDataAt {
+        negated: bool,
+        offset: usize,
+        relative: bool,
+    },
     Bsize(UintMatch),
 }
 
@@ -171,7 +175,11 @@ impl Program {
         budget: &mut u32,
     ) -> Res {
         let Some(op) = self.ops.get(i) else {
-            return if !need_new || max_end > origin { Res::Match } else { Res::NoMatch };
+            return if !need_new || max_end > origin {
+                Res::Match
+            } else {
+                Res::NoMatch
+            };
         };
         if *budget == 0 {
             return Res::Discontinue;
@@ -378,7 +386,11 @@ mod tests {
             (r#"content:"abc"; offset:1; depth:4;"#, b"xabcx", true),
             // depth counts from offset
             (r#"content:"abc"; offset:2; depth:3;"#, b"xxabc", true),
-            (r#"content:"|01 00 00 01|"; offset:2; depth:4;"#, b"\x8f\xcf\x01\x00\x00\x01\x00", true),
+            (
+                r#"content:"|01 00 00 01|"; offset:2; depth:4;"#,
+                b"\x8f\xcf\x01\x00\x00\x01\x00",
+                true,
+            ),
             (r#"content:"abc"; offset:2; depth:3;"#, b"xxxabc", false),
             // startswith / endswith
             (r#"content:"GET"; startswith;"#, b"GET /", true),
@@ -399,7 +411,11 @@ mod tests {
             (r#"content:"b"; content:"a"; distance:-3;"#, b"axxb", false),
             // backtracking: the first "a" fails, the second works
             (r#"content:"a"; content:"b"; within:1;"#, b"axab", true),
-            (r#"content:"this"; content:"is"; within:6; content:"big"; within:8; content:"string"; within:8;"#, b"/now_this_is_is_big_big_string_now", true),
+            (
+                r#"content:"this"; content:"is"; within:6; content:"big"; within:8; content:"string"; within:8;"#,
+                b"/now_this_is_is_big_big_string_now",
+                true,
+            ),
             // negation
             (r#"content:!"foo";"#, b"bar", true),
             (r#"content:!"foo";"#, b"afoo", false),
@@ -411,7 +427,11 @@ mod tests {
             // isdataat
             (r#"content:"fix_this"; isdataat:4,relative;"#, b"fix_this1234", true),
             (r#"content:"fix_this"; isdataat:5,relative;"#, b"fix_this1234", false),
-            (r#"content:"fix_this"; isdataat:!10,relative;"#, b"fix_this_and_yes_fix_this_now", true),
+            (
+                r#"content:"fix_this"; isdataat:!10,relative;"#,
+                b"fix_this_and_yes_fix_this_now",
+                true,
+            ),
             (r#"isdataat:3;"#, b"abcd", true),
             (r#"isdataat:4;"#, b"abcd", false),
             (r#"isdataat:!4;"#, b"abcd", true),
@@ -423,7 +443,12 @@ mod tests {
             (r#"content:"a"; pcre:"/^b/R";"#, b"acab", true),
         ];
         for (opts, data, want) in cases {
-            assert_eq!(check(opts, data), *want, "{opts} on {:?}", String::from_utf8_lossy(data));
+            assert_eq!(
+                check(opts, data),
+                *want,
+                "{opts} on {:?}",
+                String::from_utf8_lossy(data)
+            );
         }
     }
 
@@ -458,7 +483,10 @@ mod tests {
     #[test]
     fn the_budget_bounds_backtracking() {
         // Every "a" is a candidate and the last keyword never matches.
-        let p = program(r#"content:"a"; content:"a"; distance:0; content:"a"; distance:0; content:"b"; distance:0;"#, Buffer::Payload);
+        let p = program(
+            r#"content:"a"; content:"a"; distance:0; content:"a"; distance:0; content:"b"; distance:0;"#,
+            Buffer::Payload,
+        );
         let data = vec![b'a'; 2000];
         let mut b = 500;
         assert!(!p.matches(&data, 0, &mut b));

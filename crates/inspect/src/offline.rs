@@ -165,6 +165,10 @@ impl Replay {
     }
 
     fn packet(&mut self, pkt: &Packet<'_>, ts: Duration, pcap_cnt: u64, out: &mut Vec<String>) {
+        if !wants_flow(pkt) {
+            self.flowless(pkt, ts, pcap_cnt, out);
+            return;
+        }
         // An ICMP error joins the flow it quotes, when that flow exists.
         if pkt.is_icmp_error()
             && let Some((src, dst, proto, sp, dp)) = decode::quoted_flow(pkt.payload)
@@ -228,7 +232,7 @@ impl Replay {
         let outcome = self.inspector.inspect(&mut e.state, pkt, ts, &mut self.alerts);
         let rules = self.inspector.rules().clone();
         let identity = self.options.identity.as_ref();
-        let app = e.state.app_proto();
+        let app = e.state.app_name();
         let icmp = match pkt.transport {
             Transport::Icmp { icmp_type, code, .. } => Some((icmp_type, code)),
             _ => None,
@@ -296,6 +300,40 @@ impl Replay {
         }
     }
 
+    /// A packet of a protocol without flows (IGMP, PIM, …) or a fragment:
+    /// inspected on its own, every time as a flow's first packet, and not
+    /// recorded as a flow (Suricata keeps no flow for these either).
+    fn flowless(&mut self, pkt: &Packet<'_>, ts: Duration, pcap_cnt: u64, out: &mut Vec<String>) {
+        let mut state = FlowState::new(self.profile, pkt);
+        self.alerts.clear();
+        let _ = self.inspector.inspect(&mut state, pkt, ts, &mut self.alerts);
+        if self.options.eve.alert {
+            let rules = self.inspector.rules().clone();
+            let (sp, dp) = pkt.ports();
+            let tuple = Tuple {
+                proto: pkt.protocol,
+                src: pkt.src,
+                sp,
+                dst: pkt.dst,
+                dp,
+                icmp: None,
+            };
+            for a in &self.alerts {
+                let v = eve::alert_record(
+                    &rules,
+                    a,
+                    ts,
+                    0,
+                    Some(pcap_cnt),
+                    &tuple,
+                    None,
+                    self.options.identity.as_ref(),
+                );
+                out.push(v.to_string());
+            }
+        }
+    }
+
     fn end(&mut self, mut e: Entry, reason: &str, out: &mut Vec<String>) {
         self.alerts.clear();
         let _ = self.inspector.flush(&mut e.state, e.last, &mut self.alerts);
@@ -304,7 +342,7 @@ impl Replay {
         if self.options.eve.alert {
             for a in &self.alerts {
                 let tuple = flow_tuple(&e.state, a.direction, e.icmp);
-                let v = eve::alert_record(&rules, a, e.last, e.id, None, &tuple, e.state.app_proto(), identity);
+                let v = eve::alert_record(&rules, a, e.last, e.id, None, &tuple, e.state.app_name(), identity);
                 out.push(v.to_string());
             }
         }
@@ -337,6 +375,12 @@ impl Replay {
             self.end(e, "shutdown", out);
         }
     }
+}
+
+/// Protocols that get a flow: those with ports or echo identifiers, and the
+/// tunnels (GRE, ESP) Suricata keys flows for; not fragments.
+fn wants_flow(pkt: &Packet<'_>) -> bool {
+    !pkt.fragment && matches!(pkt.protocol, 1 | 6 | 17 | 47 | 50 | 58 | 132)
 }
 
 fn flow_tuple(flow: &FlowState, dir: Direction, icmp: Option<(u8, u8)>) -> Tuple {

@@ -61,7 +61,11 @@ impl RuleSet {
     }
 
     /// Compiles parsed rules. A repeated gid:sid is refused (the later rule).
-    pub fn from_rules(rules: Vec<Rule>, classifications: Classifications, options: LoadOptions) -> Result<RuleSet, LoadError> {
+    pub fn from_rules(
+        rules: Vec<Rule>,
+        classifications: Classifications,
+        options: LoadOptions,
+    ) -> Result<RuleSet, LoadError> {
         let mut seen: HashMap<(u32, u32), usize> = HashMap::new();
         let mut refused = Vec::new();
         let mut accepted = Vec::with_capacity(rules.len());
@@ -88,7 +92,12 @@ impl RuleSet {
             .map(|rule| {
                 let priority = rule
                     .priority
-                    .or_else(|| rule.classtype.as_deref().and_then(|c| classifications.get(c)).map(|c| c.priority))
+                    .or_else(|| {
+                        rule.classtype
+                            .as_deref()
+                            .and_then(|c| classifications.get(c))
+                            .map(|c| c.priority)
+                    })
                     .unwrap_or(3);
                 Signature::compile(rule, priority, &mut |n: &str| {
                     *names.entry(n.to_string()).or_insert_with(|| {
@@ -424,7 +433,12 @@ impl Detector {
     /// Heap bytes of the prefilters.
     pub fn memory_usage(&self) -> usize {
         self.payload_prefilter.as_ref().map_or(0, Prefilter::memory_usage)
-            + self.tx_prefilter.iter().flatten().map(Prefilter::memory_usage).sum::<usize>()
+            + self
+                .tx_prefilter
+                .iter()
+                .flatten()
+                .map(Prefilter::memory_usage)
+                .sum::<usize>()
     }
 
     pub(crate) fn tx_always_for(&self, p: AppProto) -> &[SigId] {
@@ -456,7 +470,10 @@ drop tcp any any -> any any (msg:"d"; content:"x"; sid:7;)
         let sids: Vec<u32> = s.signatures().iter().map(|s| s.rule.sid).collect();
         assert_eq!(sids, vec![6, 7, 4, 5, 1, 2, 3]);
         assert_eq!(s.lookbehind(), 4);
-        assert_eq!(s.category(s.signatures().iter().position(|x| x.rule.sid == 2).unwrap() as u32), Some("A Network Trojan was detected"));
+        assert_eq!(
+            s.category(s.signatures().iter().position(|x| x.rule.sid == 2).unwrap() as u32),
+            Some("A Network Trojan was detected")
+        );
     }
 
     #[test]

@@ -132,7 +132,9 @@ impl Signature {
                 Flowbit::Set(n) => flowbit_ops.push(FlowbitOp::Set(flowbit_id(n))),
                 Flowbit::Unset(n) => flowbit_ops.push(FlowbitOp::Unset(flowbit_id(n))),
                 Flowbit::Toggle(n) => flowbit_ops.push(FlowbitOp::Toggle(flowbit_id(n))),
-                Flowbit::IsSet(ns) => flowbit_tests.push(FlowbitTest::IsSet(ns.iter().map(|n| flowbit_id(n)).collect())),
+                Flowbit::IsSet(ns) => {
+                    flowbit_tests.push(FlowbitTest::IsSet(ns.iter().map(|n| flowbit_id(n)).collect()))
+                }
                 Flowbit::IsNotSet(ns) => {
                     flowbit_tests.push(FlowbitTest::IsNotSet(ns.iter().map(|n| flowbit_id(n)).collect()))
                 }
@@ -150,7 +152,10 @@ impl Signature {
         };
         let packet_only = rule.flow.no_stream
             || matches!(rule.protocol, Protocol::TcpPkt)
-            || rule.packet.iter().any(|c| matches!(c, crate::rules::PacketCheck::Dsize(_)));
+            || rule
+                .packet
+                .iter()
+                .any(|c| matches!(c, crate::rules::PacketCheck::Dsize(_)));
         let stream_only = rule.flow.only_stream || matches!(rule.protocol, Protocol::TcpStream);
         let fast_pattern = choose_fast_pattern(&rule);
         let app_buffers = || rule.buffers.iter().map(|b| b.buffer).filter(|b| *b != Buffer::Payload);
@@ -277,8 +282,16 @@ mod tests {
             ("alert tls any any -> any any", "", SigKind::Packet),
             ("alert icmp any any -> any any", "itype:8;", SigKind::Packet),
             ("alert tcp any any -> any any", "content:\"x\";", SigKind::Payload),
-            ("alert tcp any any -> any any", "uricontent:\"x\";", SigKind::Tx(AppProto::Http)),
-            ("alert dns any any -> any any", "dns.query; content:\"x\";", SigKind::Tx(AppProto::Dns)),
+            (
+                "alert tcp any any -> any any",
+                "uricontent:\"x\";",
+                SigKind::Tx(AppProto::Http),
+            ),
+            (
+                "alert dns any any -> any any",
+                "dns.query; content:\"x\";",
+                SigKind::Tx(AppProto::Dns),
+            ),
         ];
         for (header, opts, kind) in cases {
             assert_eq!(sig_with(header, opts).kind, *kind, "{header} ({opts})");
@@ -288,8 +301,17 @@ mod tests {
     #[test]
     fn fast_patterns() {
         assert_eq!(sig(r#"content:"ab"; content:"abcd";"#).fast_pattern.unwrap().1, b"abcd");
-        assert_eq!(sig(r#"content:"ab"; fast_pattern; content:"abcd";"#).fast_pattern.unwrap().1, b"ab");
-        assert_eq!(sig(r#"content:"abcdef"; fast_pattern:1,3;"#).fast_pattern.unwrap().1, b"bcd");
+        assert_eq!(
+            sig(r#"content:"ab"; fast_pattern; content:"abcd";"#)
+                .fast_pattern
+                .unwrap()
+                .1,
+            b"ab"
+        );
+        assert_eq!(
+            sig(r#"content:"abcdef"; fast_pattern:1,3;"#).fast_pattern.unwrap().1,
+            b"bcd"
+        );
         assert!(sig(r#"content:!"abc";"#).fast_pattern.is_none());
         let s = sig(r#"content:"abc"; http_uri; content:"xyz";"#);
         assert_eq!(s.fast_pattern.unwrap().0, Buffer::HttpUri);

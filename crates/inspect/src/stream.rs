@@ -50,7 +50,10 @@ impl MemoryBudget {
             let Some(next) = cur.checked_add(n).filter(|&x| x <= self.limit) else {
                 return false;
             };
-            match self.used.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            match self
+                .used
+                .compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
                 Ok(_) => return true,
                 Err(actual) => cur = actual,
             }
@@ -351,7 +354,8 @@ impl Stream {
             return Insert::Duplicate;
         }
         let new_bytes: usize = pieces.iter().map(|p| p.1.len()).sum();
-        if self.ooo.len() + pieces.len() > limits.max_ooo_segments || self.ooo_bytes + new_bytes > limits.max_ooo_bytes {
+        if self.ooo.len() + pieces.len() > limits.max_ooo_segments || self.ooo_bytes + new_bytes > limits.max_ooo_bytes
+        {
             counters.ooo_refused += 1;
             return Insert::Refused;
         }
@@ -398,7 +402,11 @@ impl Stream {
     /// Only once both consumers are done with the bytes before the hole.
     /// Returns the size of the hole skipped.
     pub fn skip_acked_gap(&mut self, counters: &mut StreamCounters) -> u64 {
-        if !self.acked_known || self.acked <= self.next || self.raw_progress < self.next || self.app_progress < self.next {
+        if !self.acked_known
+            || self.acked <= self.next
+            || self.raw_progress < self.next
+            || self.app_progress < self.next
+        {
             return 0;
         }
         let target = self.ooo.first().map_or(self.acked, |s| s.offset.min(self.acked));
@@ -497,7 +505,12 @@ mod tests {
     use super::*;
 
     fn stream() -> (Stream, Arc<MemoryBudget>, StreamLimits, StreamCounters) {
-        (Stream::new(1000), MemoryBudget::new(1 << 20), StreamLimits::default(), StreamCounters::default())
+        (
+            Stream::new(1000),
+            MemoryBudget::new(1 << 20),
+            StreamLimits::default(),
+            StreamCounters::default(),
+        )
     }
 
     fn contiguous(s: &Stream) -> Vec<u8> {
@@ -507,9 +520,15 @@ mod tests {
     #[test]
     fn in_order_and_out_of_order_segments_reassemble() {
         let (mut s, b, l, mut c) = stream();
-        assert_eq!(s.insert(1000, b"abc", &l, &b, &mut c), Insert::Advanced { from: 0, to: 3 });
+        assert_eq!(
+            s.insert(1000, b"abc", &l, &b, &mut c),
+            Insert::Advanced { from: 0, to: 3 }
+        );
         assert_eq!(s.insert(1006, b"ghi", &l, &b, &mut c), Insert::Held);
-        assert_eq!(s.insert(1003, b"def", &l, &b, &mut c), Insert::Advanced { from: 3, to: 9 });
+        assert_eq!(
+            s.insert(1003, b"def", &l, &b, &mut c),
+            Insert::Advanced { from: 3, to: 9 }
+        );
         assert_eq!(contiguous(&s), b"abcdefghi");
         assert_eq!(s.held(), 9);
         assert_eq!(b.used(), 9);
@@ -556,16 +575,26 @@ mod tests {
         let mut c = StreamCounters::default();
         let mut s = Stream::new(0);
         assert_eq!(s.insert(2, b"cd", &l, &b, &mut c), Insert::Held);
-        assert_eq!(s.insert(5, b"f", &l, &b, &mut c), Insert::Refused, "one out-of-order segment at most");
+        assert_eq!(
+            s.insert(5, b"f", &l, &b, &mut c),
+            Insert::Refused,
+            "one out-of-order segment at most"
+        );
         assert_eq!(c.ooo_refused, 1);
         assert_eq!(s.insert(0, b"ab", &l, &b, &mut c), Insert::Advanced { from: 0, to: 4 });
         // Depth 8: only "efgh" of "efghij" is taken.
-        assert_eq!(s.insert(4, b"efghij", &l, &b, &mut c), Insert::Advanced { from: 4, to: 8 });
+        assert_eq!(
+            s.insert(4, b"efghij", &l, &b, &mut c),
+            Insert::Advanced { from: 4, to: 8 }
+        );
         assert!(s.depth_reached);
         assert_eq!(s.insert(8, b"k", &l, &b, &mut c), Insert::BeyondDepth);
         // Budget of 10 bytes: 8 held.
         let mut t = Stream::new(0);
-        assert_eq!(t.insert(0, b"abc", &StreamLimits::default(), &b, &mut c), Insert::Refused);
+        assert_eq!(
+            t.insert(0, b"abc", &StreamLimits::default(), &b, &mut c),
+            Insert::Refused
+        );
         assert_eq!(c.memcap_refused, 1);
         s.release_all(&b);
         assert_eq!(b.used(), 0);
@@ -604,7 +633,10 @@ mod tests {
         let l = StreamLimits::default();
         let mut c = StreamCounters::default();
         let mut s = Stream::new(u32::MAX - 1);
-        assert_eq!(s.insert(u32::MAX - 1, b"ab", &l, &b, &mut c), Insert::Advanced { from: 0, to: 2 });
+        assert_eq!(
+            s.insert(u32::MAX - 1, b"ab", &l, &b, &mut c),
+            Insert::Advanced { from: 0, to: 2 }
+        );
         assert_eq!(s.insert(0, b"cd", &l, &b, &mut c), Insert::Advanced { from: 2, to: 4 });
         assert_eq!(contiguous(&s), b"abcd");
     }

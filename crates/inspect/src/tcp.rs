@@ -172,7 +172,11 @@ impl TcpSession {
                 let end = s.offset_of(tcp.seq.wrapping_add(payload.len() as u32));
                 s.fin = Some(end);
             }
-            self.state = if self.fin[other] { TcpState::Closed } else { TcpState::Closing };
+            self.state = if self.fin[other] {
+                TcpState::Closed
+            } else {
+                TcpState::Closing
+            };
         }
         if rst && self.state > TcpState::None {
             self.rst = true;

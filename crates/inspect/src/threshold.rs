@@ -126,7 +126,10 @@ mod tests {
 
     fn alerts(th: Threshold, times: &[u64]) -> Vec<bool> {
         let mut w = None;
-        times.iter().map(|&s| judge(&th, &mut w, Duration::from_secs(s))).collect()
+        times
+            .iter()
+            .map(|&s| judge(&th, &mut w, Duration::from_secs(s)))
+            .collect()
     }
 
     #[test]
@@ -151,8 +154,14 @@ mod tests {
 
     #[test]
     fn windows_restart_after_their_seconds() {
-        assert_eq!(alerts(t(ThresholdKind::Limit, 1), &[0, 10, 61, 62, 200]), vec![true, false, true, false, true]);
-        assert_eq!(alerts(t(ThresholdKind::Both, 2), &[0, 1, 2, 100, 101]), vec![false, true, false, false, true]);
+        assert_eq!(
+            alerts(t(ThresholdKind::Limit, 1), &[0, 10, 61, 62, 200]),
+            vec![true, false, true, false, true]
+        );
+        assert_eq!(
+            alerts(t(ThresholdKind::Both, 2), &[0, 1, 2, 100, 101]),
+            vec![false, true, false, false, true]
+        );
     }
 
     #[test]

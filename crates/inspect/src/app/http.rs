@@ -27,10 +27,42 @@ pub const MAX_HEADERS: usize = 64 * 1024;
 pub const MAX_TXS: usize = 32;
 
 const METHODS: &[&[u8]] = &[
-    b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"CONNECT", b"TRACE", b"PATCH", b"PROPFIND",
-    b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"SEARCH", b"REPORT", b"CHECKOUT", b"MERGE",
-    b"NOTIFY", b"SUBSCRIBE", b"UNSUBSCRIBE", b"ACL", b"MKACTIVITY", b"VERSION-CONTROL", b"BASELINE-CONTROL",
-    b"UPDATE", b"LABEL", b"MKWORKSPACE", b"ORDERPATCH", b"POLL", b"BMOVE", b"BCOPY", b"BDELETE", b"BPROPPATCH",
+    b"GET",
+    b"POST",
+    b"HEAD",
+    b"PUT",
+    b"DELETE",
+    b"OPTIONS",
+    b"CONNECT",
+    b"TRACE",
+    b"PATCH",
+    b"PROPFIND",
+    b"PROPPATCH",
+    b"MKCOL",
+    b"COPY",
+    b"MOVE",
+    b"LOCK",
+    b"UNLOCK",
+    b"SEARCH",
+    b"REPORT",
+    b"CHECKOUT",
+    b"MERGE",
+    b"NOTIFY",
+    b"SUBSCRIBE",
+    b"UNSUBSCRIBE",
+    b"ACL",
+    b"MKACTIVITY",
+    b"VERSION-CONTROL",
+    b"BASELINE-CONTROL",
+    b"UPDATE",
+    b"LABEL",
+    b"MKWORKSPACE",
+    b"ORDERPATCH",
+    b"POLL",
+    b"BMOVE",
+    b"BCOPY",
+    b"BDELETE",
+    b"BPROPPATCH",
     b"BPROPFIND",
 ];
 
@@ -289,7 +321,10 @@ impl HttpParser {
             self.request.state = State::Stopped;
             return;
         };
-        if !method.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_') {
+        if !method
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+        {
             self.counters.malformed += 1;
             self.request.state = State::Stopped;
             return;
@@ -527,7 +562,10 @@ fn push_header(headers: &mut Vec<(Vec<u8>, Vec<u8>)>, line: &[u8]) {
 
 fn trim(b: &[u8]) -> &[u8] {
     let start = b.iter().position(|c| !matches!(c, b' ' | b'\t')).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !matches!(c, b' ' | b'\t')).map_or(start, |e| e + 1);
+    let end = b
+        .iter()
+        .rposition(|c| !matches!(c, b' ' | b'\t'))
+        .map_or(start, |e| e + 1);
     &b[start..end.max(start)]
 }
 
@@ -637,7 +675,9 @@ pub fn normalize_uri(uri: &[u8], connect: bool) -> (Vec<u8>, Option<Vec<u8>>) {
             host = Some(normalize_host(uri));
         }
     } else if let Some(i) = find(uri, b"://")
-        && uri[..i].iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+        && uri[..i]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
     {
         let after = &uri[i + 3..];
         let end = after
@@ -745,7 +785,10 @@ pub fn remove_dot_segments(path: &[u8]) -> Vec<u8> {
             input = b"";
         } else {
             let start = usize::from(input[0] == b'/');
-            let end = input[start..].iter().position(|&b| b == b'/').map_or(input.len(), |p| p + start);
+            let end = input[start..]
+                .iter()
+                .position(|&b| b == b'/')
+                .map_or(input.len(), |p| p + start);
             out.extend_from_slice(&input[..end]);
             input = &input[end..];
         }
@@ -764,7 +807,11 @@ mod tests {
             (b"/normalized%20uri", b"/normalized uri", None),
             (b"/%2e%2e/images.gif", b"/images.gif", None),
             (b"/a/b/../c/./d", b"/a/c/d", None),
-            (b"//index.php?page=../../../etc/passwd", b"//index.php?page=../../../etc/passwd", None),
+            (
+                b"//index.php?page=../../../etc/passwd",
+                b"//index.php?page=../../../etc/passwd",
+                None,
+            ),
             (b"/search?q=1%202", b"/search?q=1 2", None),
             (b"http://Ex.COM:8080/x?y", b"/x?y", Some(b"ex.com")),
             (b"/bad%zzescape", b"/bad%zzescape", None),
@@ -776,7 +823,10 @@ mod tests {
             assert_eq!(h.as_deref(), *host, "{}", String::from_utf8_lossy(raw));
         }
         assert_eq!(normalize_uri(b"/", true).1, None);
-        assert_eq!(normalize_uri(b"Host.example:443", true).1.as_deref(), Some(&b"host.example"[..]));
+        assert_eq!(
+            normalize_uri(b"Host.example:443", true).1.as_deref(),
+            Some(&b"host.example"[..])
+        );
         assert_eq!(normalize_host(b" www.ExAmPlE.cOM "), b"www.example.com");
         assert_eq!(normalize_host(b"[::1]:80"), b"[::1]");
     }
@@ -805,7 +855,10 @@ mod tests {
             assert_eq!(txs[1].status.as_deref(), Some(&b"404"[..]));
             assert_eq!(txs[2].uri, b"/c");
             assert_eq!(txs[2].status.as_deref(), Some(&b"500"[..]));
-            assert!(txs.iter().all(|t| t.request == Progress::Complete && t.response == Progress::Complete));
+            assert!(
+                txs.iter()
+                    .all(|t| t.request == Progress::Complete && t.response == Progress::Complete)
+            );
         }
     }
 

@@ -10,7 +10,9 @@
 //! flow swaps its idea of client and server, as Suricata does.
 
 pub mod dns;
+pub mod hpack;
 pub mod http;
+pub mod http2;
 pub mod tls;
 
 use crate::rules::{AppProto, Buffer};
@@ -44,6 +46,8 @@ pub(crate) enum AppState {
     Probing([Probe; 2]),
     /// HTTP/1.x.
     Http(Box<http::HttpParser>),
+    /// HTTP/2 with prior knowledge.
+    Http2(Box<http2::Http2Parser>),
     /// TLS.
     Tls(Box<tls::TlsParser>),
     /// DNS.
@@ -62,10 +66,18 @@ impl AppState {
     /// The protocol, once detected.
     pub fn proto(&self) -> Option<AppProto> {
         match self {
-            AppState::Http(_) => Some(AppProto::Http),
+            AppState::Http(_) | AppState::Http2(_) => Some(AppProto::Http),
             AppState::Tls(_) => Some(AppProto::Tls),
             AppState::Dns(_) => Some(AppProto::Dns),
             _ => None,
+        }
+    }
+
+    /// The protocol's name as EVE's `app_proto` gives it.
+    pub fn name(&self) -> Option<&'static str> {
+        match self {
+            AppState::Http2(_) => Some("http2"),
+            _ => self.proto().map(AppProto::as_str),
         }
     }
 
@@ -103,11 +115,18 @@ impl AppState {
                 Detected::Proto(p) | Detected::Reversed(p) => {
                     let earlier = held.len().saturating_sub(data.len().min(PROBE_MAX));
                     *self = match p {
+                        AppProto::Http if http2::looks_like_preface(&held) == Some(true) => {
+                            AppState::Http2(Box::default())
+                        }
                         AppProto::Http => AppState::Http(Box::default()),
                         AppProto::Tls => AppState::Tls(Box::default()),
                         AppProto::Dns => AppState::Dns(Box::default()),
                     };
-                    let to_server = if matches!(verdict, Detected::Reversed(_)) { !to_server } else { to_server };
+                    let to_server = if matches!(verdict, Detected::Reversed(_)) {
+                        !to_server
+                    } else {
+                        to_server
+                    };
                     // Bytes held from earlier chunks, then this chunk.
                     self.parse_tcp(to_server, &held[..earlier]);
                     self.parse_tcp(to_server, data);
@@ -131,6 +150,7 @@ impl AppState {
                     h.parse_response(data)
                 }
             }
+            AppState::Http2(h) => h.parse(to_server, data),
             AppState::Tls(t) => {
                 if to_server {
                     t.parse_client(data)
@@ -175,6 +195,7 @@ impl AppState {
     pub fn has_updates(&self) -> bool {
         match self {
             AppState::Http(h) => h.txs().iter().any(|t| t.updated),
+            AppState::Http2(h) => h.txs().any(|t| t.updated),
             AppState::Tls(t) => t.updated,
             AppState::Dns(d) => d.txs().iter().any(|t| t.updated),
             _ => false,
@@ -187,6 +208,13 @@ impl AppState {
         match self {
             AppState::Http(h) => {
                 for tx in h.txs_mut().iter_mut().filter(|t| t.updated) {
+                    f(&TxView::Http(tx));
+                    tx.updated = false;
+                }
+                h.prune();
+            }
+            AppState::Http2(h) => {
+                for tx in h.txs_mut().filter(|t| t.updated) {
                     f(&TxView::Http(tx));
                     tx.updated = false;
                 }
@@ -213,6 +241,7 @@ impl AppState {
     pub fn for_each_tx(&self, mut f: impl FnMut(&TxView<'_>)) {
         match self {
             AppState::Http(h) => h.txs().iter().for_each(|t| f(&TxView::Http(t))),
+            AppState::Http2(h) => h.txs().for_each(|t| f(&TxView::Http(t))),
             AppState::Tls(t) if t.client_hello => f(&TxView::Tls(t)),
             AppState::Dns(d) => d.txs().iter().for_each(|t| f(&TxView::Dns(t))),
             _ => {}
@@ -223,6 +252,11 @@ impl AppState {
 fn probe_tcp(to_server: bool, data: &[u8], dns_port: bool, midstream: bool) -> Detected {
     let mut undecided = false;
     if to_server {
+        match http2::looks_like_preface(data) {
+            Some(true) => return Detected::Proto(AppProto::Http),
+            None => undecided = true,
+            Some(false) => {}
+        }
         match http::looks_like_request(data) {
             Some(true) => return Detected::Proto(AppProto::Http),
             None => undecided = true,
@@ -327,7 +361,11 @@ impl<'a> TxView<'a> {
                 P::None => BufState::Absent,
                 P::Line => BufState::Pending,
                 _ => {
-                    let v = if buffer == Buffer::HttpHost { &t.host } else { &t.user_agent };
+                    let v = if buffer == Buffer::HttpHost {
+                        &t.host
+                    } else {
+                        &t.user_agent
+                    };
                     v.as_deref().map_or(BufState::Absent, BufState::One)
                 }
             },

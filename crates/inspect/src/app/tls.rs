@@ -99,7 +99,9 @@ impl TlsParser {
         if self.handshake.len() < 4 {
             return;
         }
-        let len = (usize::from(self.handshake[1]) << 16) | (usize::from(self.handshake[2]) << 8) | usize::from(self.handshake[3]);
+        let len = (usize::from(self.handshake[1]) << 16)
+            | (usize::from(self.handshake[2]) << 8)
+            | usize::from(self.handshake[3]);
         if len > MAX_HANDSHAKE {
             self.fail();
             return;
@@ -210,7 +212,11 @@ mod tests {
                 for c in records(&hs, record_max).chunks(seg) {
                     p.parse_client(c);
                 }
-                assert_eq!(p.sni.as_deref(), Some(&b"www.google.com"[..]), "records {record_max} segments {seg}");
+                assert_eq!(
+                    p.sni.as_deref(),
+                    Some(&b"www.google.com"[..]),
+                    "records {record_max} segments {seg}"
+                );
             }
         }
     }

@@ -238,12 +238,14 @@ impl Vars {
     /// Defines (or redefines) an address variable; `value` is a group such as
     /// `[10.0.0.0/8,!10.1.0.0/16]`. Checked when a rule uses it.
     pub fn set_address(&mut self, name: &str, value: &str) {
-        self.addresses.insert(name.trim_start_matches('$').to_string(), value.to_string());
+        self.addresses
+            .insert(name.trim_start_matches('$').to_string(), value.to_string());
     }
 
     /// Defines (or redefines) a port variable.
     pub fn set_port(&mut self, name: &str, value: &str) {
-        self.ports.insert(name.trim_start_matches('$').to_string(), value.to_string());
+        self.ports
+            .insert(name.trim_start_matches('$').to_string(), value.to_string());
     }
 
     /// The text of an address variable.
@@ -304,7 +306,9 @@ pub(crate) fn parse_addresses(text: &str, vars: &Vars) -> Result<AddressSet, Gro
 
 fn addresses(text: &str, vars: &Vars, depth: usize) -> Result<AddressSet, GroupError> {
     if depth > MAX_NESTING {
-        return Err(GroupError(format!("variables or brackets nest more than {MAX_NESTING} deep")));
+        return Err(GroupError(format!(
+            "variables or brackets nest more than {MAX_NESTING} deep"
+        )));
     }
     let item = address_item(text, vars, depth)?;
     Ok(if item.negated { item.set.complement() } else { item.set })
@@ -312,7 +316,9 @@ fn addresses(text: &str, vars: &Vars, depth: usize) -> Result<AddressSet, GroupE
 
 fn address_item(text: &str, vars: &Vars, depth: usize) -> Result<Item<AddressSet>, GroupError> {
     if depth > MAX_NESTING {
-        return Err(GroupError(format!("variables or brackets nest more than {MAX_NESTING} deep")));
+        return Err(GroupError(format!(
+            "variables or brackets nest more than {MAX_NESTING} deep"
+        )));
     }
     let text = text.trim();
     if let Some(rest) = text.strip_prefix('!') {
@@ -411,18 +417,28 @@ fn prefix_len(prefix: Option<&str>, max: u32, text: &str) -> Result<u32, GroupEr
     }
     match p.parse::<u32>() {
         Ok(n) if n <= max => Ok(n),
-        _ => Err(GroupError(format!("prefix length {p:?} in {text:?} is not in 0..={max}"))),
+        _ => Err(GroupError(format!(
+            "prefix length {p:?} in {text:?} is not in 0..={max}"
+        ))),
     }
 }
 
 fn cidr_v4(a: Ipv4Addr, len: u32) -> (u32, u32) {
-    let host = if len == 0 { u32::MAX } else { (1u32 << (32 - len)).wrapping_sub(1) };
+    let host = if len == 0 {
+        u32::MAX
+    } else {
+        (1u32 << (32 - len)).wrapping_sub(1)
+    };
     let base = u32::from(a) & !host;
     (base, base | host)
 }
 
 fn cidr_v6(a: Ipv6Addr, len: u32) -> (u128, u128) {
-    let host = if len == 0 { u128::MAX } else { (1u128 << (128 - len)).wrapping_sub(1) };
+    let host = if len == 0 {
+        u128::MAX
+    } else {
+        (1u128 << (128 - len)).wrapping_sub(1)
+    };
     let base = u128::from(a) & !host;
     (base, base | host)
 }
@@ -445,7 +461,9 @@ fn ports(text: &str, vars: &Vars, depth: usize) -> Result<PortSet, GroupError> {
 
 fn port_item(text: &str, vars: &Vars, depth: usize) -> Result<Item<PortSet>, GroupError> {
     if depth > MAX_NESTING {
-        return Err(GroupError(format!("variables or brackets nest more than {MAX_NESTING} deep")));
+        return Err(GroupError(format!(
+            "variables or brackets nest more than {MAX_NESTING} deep"
+        )));
     }
     let text = text.trim();
     if let Some(rest) = text.strip_prefix('!') {
@@ -530,16 +548,31 @@ mod tests {
         let vars = Vars::default();
         let cases: &[(&str, &[(&str, bool)])] = &[
             ("any", &[("1.2.3.4", true), ("::1", true)]),
-            ("10.0.0.0/8", &[("10.255.0.1", true), ("11.0.0.1", false), ("::1", false)]),
+            (
+                "10.0.0.0/8",
+                &[("10.255.0.1", true), ("11.0.0.1", false), ("::1", false)],
+            ),
             ("[10.0.0.0/8,!10.1.0.0/16]", &[("10.2.0.1", true), ("10.1.2.3", false)]),
-            ("![10.0.0.0/8,192.168.1.1]", &[("10.0.0.1", false), ("192.168.1.1", false), ("8.8.8.8", true)]),
+            (
+                "![10.0.0.0/8,192.168.1.1]",
+                &[("10.0.0.1", false), ("192.168.1.1", false), ("8.8.8.8", true)],
+            ),
             ("[!1.2.3.4]", &[("1.2.3.4", false), ("1.2.3.5", true)]),
-            ("$HOME_NET", &[("172.16.5.5", true), ("172.32.0.1", false), ("8.8.8.8", false)]),
-            ("$EXTERNAL_NET", &[("8.8.8.8", true), ("192.168.1.1", false), ("2001:db8::1", true)]),
+            (
+                "$HOME_NET",
+                &[("172.16.5.5", true), ("172.32.0.1", false), ("8.8.8.8", false)],
+            ),
+            (
+                "$EXTERNAL_NET",
+                &[("8.8.8.8", true), ("192.168.1.1", false), ("2001:db8::1", true)],
+            ),
             ("10.0.0.1-10.0.0.3", &[("10.0.0.2", true), ("10.0.0.4", false)]),
             ("2001:db8::/32", &[("2001:db8:1::1", true), ("2001:db9::1", false)]),
             ("10.0.0.0/255.255.0.0", &[("10.0.9.9", true), ("10.1.0.0", false)]),
-            ("[[1.1.1.1,2.2.2.2],![2.2.2.2]]", &[("1.1.1.1", true), ("2.2.2.2", false)]),
+            (
+                "[[1.1.1.1,2.2.2.2],![2.2.2.2]]",
+                &[("1.1.1.1", true), ("2.2.2.2", false)],
+            ),
         ];
         for (group, probes) in cases {
             let set = parse_addresses(group, &vars).unwrap_or_else(|e| panic!("{group}: {e:?}"));
@@ -553,7 +586,16 @@ mod tests {
     fn bad_address_groups_are_refused() {
         let mut vars = Vars::default();
         vars.set_address("LOOP", "[$LOOP]");
-        for bad in ["10.0.0.0/33", "[10.0.0.1", "10.0.0.1]", "$NOPE", "foo", "[1.1.1.1,]", "$LOOP", "10.0.0.5-10.0.0.1"] {
+        for bad in [
+            "10.0.0.0/33",
+            "[10.0.0.1",
+            "10.0.0.1]",
+            "$NOPE",
+            "foo",
+            "[1.1.1.1,]",
+            "$LOOP",
+            "10.0.0.5-10.0.0.1",
+        ] {
             assert!(parse_addresses(bad, &vars).is_err(), "{bad} should be refused");
         }
     }
@@ -566,7 +608,10 @@ mod tests {
             ("80", &[(80, true), (81, false)]),
             ("1024:", &[(1023, false), (1024, true), (65535, true)]),
             (":1024", &[(0, true), (1024, true), (1025, false)]),
-            ("[80,443,8000:8080,!8008]", &[(443, true), (8008, false), (8079, true), (22, false)]),
+            (
+                "[80,443,8000:8080,!8008]",
+                &[(443, true), (8008, false), (8079, true), (22, false)],
+            ),
             ("!80", &[(80, false), (81, true)]),
             ("[!80,!443]", &[(80, false), (443, false), (22, true)]),
             ("$HTTP_PORTS", &[(80, true), (8080, false)]),

@@ -651,7 +651,8 @@ pub fn parse_rules(text: &str, ctx: &RuleContext) -> ParsedRules {
     }
     if let Some(joined) = current {
         let (line, col) = joined.position(joined.text.len());
-        out.errors.push(RuleError::new(line, col, None, RuleErrorKind::Unterminated));
+        out.errors
+            .push(RuleError::new(line, col, None, RuleErrorKind::Unterminated));
     }
     out
 }
@@ -663,7 +664,9 @@ fn parse_joined(joined: &Joined, ctx: &RuleContext) -> Result<Rule, RuleError> {
         let (line, col) = joined.position(offset);
         RuleError::new(line, col, keyword.map(str::to_string), kind)
     };
-    let open = text.find('(').ok_or_else(|| err(text.len(), None, RuleErrorKind::MissingOptions))?;
+    let open = text
+        .find('(')
+        .ok_or_else(|| err(text.len(), None, RuleErrorKind::MissingOptions))?;
     let header = &text[..open];
     let fields: Vec<(usize, &str)> = split_whitespace_with_offsets(header);
     if fields.len() != 7 {
@@ -742,9 +745,13 @@ fn parse_joined(joined: &Joined, ctx: &RuleContext) -> Result<Rule, RuleError> {
         detection_filter: None,
         line: joined.position(0).0,
     };
-    options::parse_options(&mut rule, body, body_at, &ctx.classifications, &|offset, keyword, kind| {
-        err(offset, keyword, kind)
-    })?;
+    options::parse_options(
+        &mut rule,
+        body,
+        body_at,
+        &ctx.classifications,
+        &|offset, keyword, kind| err(offset, keyword, kind),
+    )?;
     Ok(rule)
 }
 

@@ -12,8 +12,8 @@
 
 use super::content::{ValueError, decode_content, decode_text, unquote};
 use super::{
-    Buffer, BufferMatch, Content, FlagsMatch, FlagsMode, Flowbit, PacketCheck, Protocol, Rule, Step,
-    Threshold, ThresholdKind, Track, UintMatch, pcre,
+    Buffer, BufferMatch, Content, FlagsMatch, FlagsMode, Flowbit, PacketCheck, Protocol, Rule, Step, Threshold,
+    ThresholdKind, Track, UintMatch, pcre,
 };
 use crate::classification::Classifications;
 use crate::error::{RuleError, RuleErrorKind};
@@ -191,7 +191,12 @@ fn push_step(rule: &mut Rule, buffer: Buffer, step: Step) -> (usize, usize) {
     (bi, rule.buffers[bi].steps.len() - 1)
 }
 
-fn last_content<'r>(rule: &'r mut Rule, st: &State, opt: &Opt<'_>, err: ErrFn<'_>) -> Result<&'r mut Content, RuleError> {
+fn last_content<'r>(
+    rule: &'r mut Rule,
+    st: &State,
+    opt: &Opt<'_>,
+    err: ErrFn<'_>,
+) -> Result<&'r mut Content, RuleError> {
     let Some((bi, si)) = st.last_content else {
         return Err(bad(opt, err, "modifies a content, but no content precedes it"));
     };
@@ -220,7 +225,11 @@ fn parse_option(
     if let Some(buffer) = legacy_modifier(name) {
         no_value(opt, err)?;
         if st.sticky.is_some() {
-            return Err(bad(opt, err, "a content modifier cannot follow a sticky buffer (use one style)"));
+            return Err(bad(
+                opt,
+                err,
+                "a content modifier cannot follow a sticky buffer (use one style)",
+            ));
         }
         check_app_proto(rule, buffer.app_proto().expect("http buffer"), opt, err)?;
         let Some((bi, si)) = st.last_content else {
@@ -276,9 +285,12 @@ fn parse_option(
             rule.priority = Some(p);
         }
         "reference" => rule.references.push(need_value(opt, err)?.to_string()),
-        "metadata" => rule
-            .metadata
-            .extend(need_value(opt, err)?.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty())),
+        "metadata" => rule.metadata.extend(
+            need_value(opt, err)?
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+        ),
         "content" | "uricontent" => {
             let v = opt.value.ok_or_else(|| bad(opt, err, "needs a value"))?;
             let trimmed = v.trim_start();
@@ -380,7 +392,11 @@ fn parse_option(
             no_value(opt, err)?;
             let c = last_content(rule, st, opt, err)?;
             if c.depth.is_some() || c.offset != 0 || c.is_relative() {
-                return Err(bad(opt, err, "cannot be combined with depth, offset, distance or within"));
+                return Err(bad(
+                    opt,
+                    err,
+                    "cannot be combined with depth, offset, distance or within",
+                ));
             }
             c.startswith = true;
             c.depth = Some(c.pattern.len() as u32);
@@ -393,9 +409,13 @@ fn parse_option(
             let chop = match opt.value.map(str::trim) {
                 None | Some("only") => None,
                 Some(v) => {
-                    let (o, l) = v
-                        .split_once(',')
-                        .ok_or_else(|| bad(opt, err, "expected fast_pattern, fast_pattern:only or fast_pattern:offset,length"))?;
+                    let (o, l) = v.split_once(',').ok_or_else(|| {
+                        bad(
+                            opt,
+                            err,
+                            "expected fast_pattern, fast_pattern:only or fast_pattern:offset,length",
+                        )
+                    })?;
                     Some((
                         number::<u16>(opt, err, o, "an offset")?,
                         number::<u16>(opt, err, l, "a length")?,
@@ -510,7 +530,9 @@ fn parse_option(
                 }
                 for name in &list {
                     if name.is_empty()
-                        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+                        || !name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
                     {
                         return Err(bad(opt, err, format!("{name:?} is not a flowbit name")));
                     }

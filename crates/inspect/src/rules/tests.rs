@@ -30,7 +30,10 @@ fn headers() {
         ("tls", Protocol::App(AppProto::Tls)),
         ("dns", Protocol::App(AppProto::Dns)),
     ] {
-        assert_eq!(parse(&format!("pass {proto} any any -> any any (sid:1;)")).protocol, want);
+        assert_eq!(
+            parse(&format!("pass {proto} any any -> any any (sid:1;)")).protocol,
+            want
+        );
     }
 }
 
@@ -43,9 +46,13 @@ fn payload_keywords_group_by_buffer_in_order() {
     let uri = r.buffer(Buffer::HttpUri).unwrap();
     assert_eq!(uri.steps.len(), 1);
     let payload = r.buffer(Buffer::Payload).unwrap();
-    let Step::Content(bar) = &payload.steps[0] else { panic!() };
+    let Step::Content(bar) = &payload.steps[0] else {
+        panic!()
+    };
     assert!(bar.nocase && bar.depth == Some(10) && bar.offset == 2 && !bar.is_relative());
-    let Step::Content(baz) = &payload.steps[1] else { panic!() };
+    let Step::Content(baz) = &payload.steps[1] else {
+        panic!()
+    };
     assert_eq!((baz.distance, baz.within), (Some(1), Some(8)));
     let host = r.buffer(Buffer::HttpHost).unwrap();
     let Step::Content(h) = &host.steps[0] else { panic!() };
@@ -72,7 +79,11 @@ fn packet_keywords() {
     assert_eq!(
         r.packet,
         vec![
-            PacketCheck::Flags(FlagsMatch { mode: FlagsMode::Exact, flags: 0x12, ignore: 0xc0 }),
+            PacketCheck::Flags(FlagsMatch {
+                mode: FlagsMode::Exact,
+                flags: 0x12,
+                ignore: 0xc0
+            }),
             PacketCheck::Dsize(UintMatch::Gt(10)),
             PacketCheck::Ttl(UintMatch::Lt(64)),
         ]
@@ -80,11 +91,23 @@ fn packet_keywords() {
     let r = parse("alert icmp any any -> any any (itype:7<>20; icode:0; ip_proto:!tcp; sid:1;)");
     assert_eq!(r.packet[0], PacketCheck::Itype(UintMatch::Between(7, 20)));
     assert_eq!(r.packet[2], PacketCheck::IpProto(UintMatch::Ne(6)));
-    let f = FlagsMatch { mode: FlagsMode::Exact, flags: 0x12, ignore: 0xc0 };
+    let f = FlagsMatch {
+        mode: FlagsMode::Exact,
+        flags: 0x12,
+        ignore: 0xc0,
+    };
     assert!(f.matches(0x12) && f.matches(0x12 | 0x40) && !f.matches(0x13));
-    let plus = FlagsMatch { mode: FlagsMode::All, flags: 0x02, ignore: 0 };
+    let plus = FlagsMatch {
+        mode: FlagsMode::All,
+        flags: 0x02,
+        ignore: 0,
+    };
     assert!(plus.matches(0x12) && !plus.matches(0x10));
-    let not = FlagsMatch { mode: FlagsMode::Not, flags: 0x04, ignore: 0 };
+    let not = FlagsMatch {
+        mode: FlagsMode::Not,
+        flags: 0x04,
+        ignore: 0,
+    };
     assert!(not.matches(0x10) && !not.matches(0x14));
 }
 
@@ -94,11 +117,19 @@ fn flow_flowbits_thresholds() {
         "alert tcp any any -> any 25 (flow:to_server,established; flowbits:isset,a|b; flowbits:set,c; flowbits:noalert; threshold:type limit, track by_src, count 5, seconds 60; sid:1;)",
     );
     assert!(r.flow.to_server && r.flow.established);
-    assert_eq!(r.flowbits, vec![Flowbit::IsSet(vec!["a".into(), "b".into()]), Flowbit::Set("c".into())]);
+    assert_eq!(
+        r.flowbits,
+        vec![Flowbit::IsSet(vec!["a".into(), "b".into()]), Flowbit::Set("c".into())]
+    );
     assert!(r.noalert);
     assert_eq!(
         r.threshold,
-        Some(Threshold { kind: ThresholdKind::Limit, track: Track::BySrc, count: 5, seconds: 60 })
+        Some(Threshold {
+            kind: ThresholdKind::Limit,
+            track: Track::BySrc,
+            count: 5,
+            seconds: 60
+        })
     );
     let r = parse("alert icmp any any -> any any (detection_filter:track by_flow, count 2, seconds 10; sid:1;)");
     assert_eq!(r.detection_filter.unwrap().kind, ThresholdKind::DetectionFilter);
@@ -117,24 +148,60 @@ fn continued_lines_and_comments() {
 fn refusals_name_keyword_and_column() {
     // (rule, keyword, column)
     let cases: &[(&str, Option<&str>, usize)] = &[
-        ("alert tcp any any -> any any (sid:1; byte_test:1,=,1,0;)", Some("byte_test"), 38),
-        ("alert tcp any any -> any any (content:\"a\"; depth:0; sid:1;)", Some("depth"), 44),
+        (
+            "alert tcp any any -> any any (sid:1; byte_test:1,=,1,0;)",
+            Some("byte_test"),
+            38,
+        ),
+        (
+            "alert tcp any any -> any any (content:\"a\"; depth:0; sid:1;)",
+            Some("depth"),
+            44,
+        ),
         ("alert tcp any any -> any any (nocase; sid:1;)", Some("nocase"), 31),
-        ("alert tcp any any -> any any (content:\"ab|4\"; sid:1;)", Some("content"), 42),
+        (
+            "alert tcp any any -> any any (content:\"ab|4\"; sid:1;)",
+            Some("content"),
+            42,
+        ),
         ("alert tcp any any -> any any (content:\"a\"; sid:1)", Some("sid"), 44),
         ("alert tcp any any -> any any (msg:\"no sid\";)", None, 31),
         ("alert foo any any -> any any (sid:1;)", None, 7),
         ("bark tcp any any -> any any (sid:1;)", None, 1),
         ("alert tcp any any <- any any (sid:1;)", None, 19),
         ("alert tcp 10.0.0.300 any -> any any (sid:1;)", None, 11),
-        ("alert tcp any any -> any any (pcre:\"/(a)\\1/\"; sid:1;)", Some("pcre"), 41),
-        ("alert tcp any any -> any any (content:\"a\"; distance:1; depth:4; sid:1;)", None, 31),
+        (
+            "alert tcp any any -> any any (pcre:\"/(a)\\1/\"; sid:1;)",
+            Some("pcre"),
+            41,
+        ),
+        (
+            "alert tcp any any -> any any (content:\"a\"; distance:1; depth:4; sid:1;)",
+            None,
+            31,
+        ),
         ("alert tcp any any -> any any (flow:sideways; sid:1;)", Some("flow"), 31),
-        ("alert tcp any any -> any any (classtype:nope; sid:1;)", Some("classtype"), 31),
-        ("alert udp any any -> any any (http.uri; content:\"a\"; sid:1;)", Some("http.uri"), 31),
-        ("alert tls any any -> any any (http.uri; content:\"a\"; sid:1;)", Some("http.uri"), 31),
+        (
+            "alert tcp any any -> any any (classtype:nope; sid:1;)",
+            Some("classtype"),
+            31,
+        ),
+        (
+            "alert udp any any -> any any (http.uri; content:\"a\"; sid:1;)",
+            Some("http.uri"),
+            31,
+        ),
+        (
+            "alert tls any any -> any any (http.uri; content:\"a\"; sid:1;)",
+            Some("http.uri"),
+            31,
+        ),
         ("alert tcp any any -> any any (bsize:1; sid:1;)", Some("bsize"), 31),
-        ("alert tcp any any -> any any (content:\"abc\"; within:2; sid:1;)", Some("within"), 46),
+        (
+            "alert tcp any any -> any any (content:\"abc\"; within:2; sid:1;)",
+            Some("within"),
+            46,
+        ),
         ("alert tcp any any -> any any (sid:1; sid:2;)", Some("sid"), 38),
         ("alert tcp any any -> any any (sid:1;; rev:1;)", None, 37),
         ("alert tcp any any -> any any (sid:1;", None, 37),

@@ -118,14 +118,22 @@ fn load_rules(path: &Path, skip_invalid: bool) -> anyhow::Result<RuleSet> {
 
 fn check(path: &Path) -> anyhow::Result<ExitCode> {
     let set = load_rules(path, true)?;
-    println!("{}: {} rule(s) loaded, {} refused", path.display(), set.len(), set.refused().len());
-    Ok(if set.refused().is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    println!(
+        "{}: {} rule(s) loaded, {} refused",
+        path.display(),
+        set.len(),
+        set.refused().len()
+    );
+    Ok(if set.refused().is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn run_capture(args: RunArgs) -> anyhow::Result<ExitCode> {
     let rules = Arc::new(load_rules(&args.rules, args.skip_invalid)?);
-    let profile =
-        ProfileSpec::builtin(&args.profile).with_context(|| format!("unknown profile {:?}", args.profile))?;
+    let profile = ProfileSpec::builtin(&args.profile).with_context(|| format!("unknown profile {:?}", args.profile))?;
     let config = Config {
         mode: if args.ips { Mode::Ips } else { Mode::Ids },
         inline_stream: args.inline_stream,
@@ -236,7 +244,9 @@ fn eve_options(path: &Path) -> anyhow::Result<EveOptions> {
         for t in types {
             let (name, settings) = match &t.kind {
                 NodeKind::Scalar { value, .. } => (value.as_str(), None),
-                NodeKind::Map(entries) if !entries.is_empty() => (entries[0].0.as_str().unwrap_or(""), Some(&entries[0].1)),
+                NodeKind::Map(entries) if !entries.is_empty() => {
+                    (entries[0].0.as_str().unwrap_or(""), Some(&entries[0].1))
+                }
                 _ => continue,
             };
             match name {
