@@ -36,7 +36,7 @@ use crate::app::{BufState, Detected, TxView};
 use crate::flow::{DetectState, Direction, FlowState, FlowVerdict, ProfileId};
 use crate::matcher::{DEFAULT_BUDGET, Program};
 use crate::packet::{Packet, Transport, proto};
-use crate::prefilter::{Candidates, SigId};
+use crate::prefilter::{Candidates, ScanScratch, SigId};
 use crate::rules::{Action, AppProto, Buffer, PacketCheck, Protocol};
 use crate::ruleset::{Detector, ProfileSpec, ProtoClass, RuleSet};
 use crate::signature::{FlowbitOp, FlowbitTest, SigKind, Signature};
@@ -167,6 +167,8 @@ pub struct Counters {
     pub stream_fallback: u64,
     /// Application-layer protocol detections.
     pub app_detected: u64,
+    /// Prefilter scans that failed (all of that prefilter's signatures were evaluated instead).
+    pub prefilter_failures: u64,
 }
 
 /// One piece of data to run payload signatures on.
@@ -206,12 +208,13 @@ struct Match {
 /// The signature engine for one worker (or one offline run).
 pub struct Inspector {
     rules: Arc<RuleSet>,
-    detectors: Vec<Detector>,
+    detectors: Arc<[Detector]>,
     config: Config,
     budget: Arc<MemoryBudget>,
     hosts: HostThresholds,
     counters: Counters,
     candidates: Candidates,
+    scan: ScanScratch,
     matches: Vec<Match>,
 }
 
@@ -244,20 +247,47 @@ impl Inspector {
         config: Config,
         budget: Arc<MemoryBudget>,
     ) -> Result<Inspector, LoadError> {
-        let detectors = profiles
+        let detectors = Self::compile(&rules, profiles)?;
+        Ok(Self::shared(rules, detectors, config, budget))
+    }
+
+    /// Compiles profiles once, for several inspectors (one per worker) to share.
+    pub fn compile(rules: &RuleSet, profiles: Vec<ProfileSpec>) -> Result<Arc<[Detector]>, LoadError> {
+        Ok(profiles
             .into_iter()
-            .map(|p| Detector::build(&rules, p))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Inspector {
+            .map(|p| Detector::build(rules, p))
+            .collect::<Result<Vec<_>, _>>()?
+            .into())
+    }
+
+    /// An inspector using compiled profiles shared with others; it gets its
+    /// own scan scratch, candidates and host-threshold table.
+    pub fn shared(
+        rules: Arc<RuleSet>,
+        detectors: Arc<[Detector]>,
+        config: Config,
+        budget: Arc<MemoryBudget>,
+    ) -> Inspector {
+        let mut scan = ScanScratch::default();
+        for d in detectors.iter() {
+            d.prefilters().for_each(|p| scan.fit(p));
+        }
+        Inspector {
             hosts: HostThresholds::new(config.threshold_capacity),
             candidates: Candidates::default(),
+            scan,
             matches: Vec::new(),
             rules,
             detectors,
             config,
             budget,
             counters: Counters::default(),
-        })
+        }
+    }
+
+    /// The compiled profiles (to share with another inspector).
+    pub fn detectors(&self) -> &Arc<[Detector]> {
+        &self.detectors
     }
 
     /// The profile of that name.
@@ -287,6 +317,7 @@ impl Inspector {
     pub fn counters(&self) -> Counters {
         let mut c = self.counters;
         c.threshold_table_full = self.hosts.full_misses;
+        c.prefilter_failures = self.scan.failures;
         c
     }
 
@@ -465,13 +496,14 @@ impl Inspector {
         }
         // Packet and payload signatures, merged in evaluation order.
         let cands = &mut self.candidates;
+        let scan = &mut self.scan;
         cands.reset(rules.len());
         det.packet[class].iter().for_each(|&id| cands.add(id));
         let units_present = units.iter().flatten().count() > 0;
         if units_present {
             if let Some(pf) = &det.payload_prefilter {
                 for u in units.iter().flatten() {
-                    pf.scan(u.data, cands);
+                    pf.scan(u.data, scan, cands);
                 }
             }
             det.payload_always[class].iter().for_each(|&id| cands.add(id));
@@ -501,6 +533,7 @@ impl Inspector {
             let detect = &mut flow.detect;
             let matches = &mut self.matches;
             let cands = &mut self.candidates;
+            let scan = &mut self.scan;
             let app = flow.app.proto();
             flow.app.drain_updates(|tx| {
                 eval_tx(
@@ -517,6 +550,7 @@ impl Inspector {
                     detect,
                     &units,
                     cands,
+                    scan,
                     matches,
                     budget,
                     &mut exhausted,
@@ -608,9 +642,10 @@ impl Inspector {
                     packet: None,
                 };
                 let cands = &mut self.candidates;
+                let scan = &mut self.scan;
                 cands.reset(rules.len());
                 if let Some(pf) = &det.payload_prefilter {
-                    pf.scan(data, cands);
+                    pf.scan(data, scan, cands);
                 }
                 det.payload_always[ProtoClass::Tcp as usize]
                     .iter()
@@ -647,6 +682,7 @@ impl Inspector {
             let detect = &mut flow.detect;
             let matches = &mut self.matches;
             let cands = &mut self.candidates;
+            let scan = &mut self.scan;
             let app = flow.app.proto();
             let proto = flow.protocol;
             flow.app.drain_updates(|tx| {
@@ -664,6 +700,7 @@ impl Inspector {
                     detect,
                     &[None, None],
                     cands,
+                    scan,
                     matches,
                     budget,
                     &mut exhausted,
@@ -725,10 +762,11 @@ impl Inspector {
         let class = ProtoClass::of(pkt.protocol) as usize;
         let mut exhausted = 0;
         let cands = &mut self.candidates;
+        let scan = &mut self.scan;
         cands.reset(rules.len());
         det.packet[class].iter().for_each(|&id| cands.add(id));
         if let (Some(pf), Some(u)) = (&det.payload_prefilter, units[1]) {
-            pf.scan(u.data, cands);
+            pf.scan(u.data, scan, cands);
             det.payload_always[class].iter().for_each(|&id| cands.add(id));
         }
         cands.sort();
@@ -967,6 +1005,7 @@ fn eval_tx(
     detect: &mut DetectState,
     units: &[Option<Unit<'_>>; 2],
     cands: &mut Candidates,
+    scan: &mut ScanScratch,
     matches: &mut Vec<Match>,
     budget: u32,
     exhausted: &mut u64,
@@ -985,8 +1024,8 @@ fn eval_tx(
                 continue;
             }
             match tx.buffer(b, to_client) {
-                BufState::One(d) => pf.scan(d, cands),
-                BufState::Many(v) => v.iter().for_each(|d| pf.scan(d, cands)),
+                BufState::One(d) => pf.scan(d, scan, cands),
+                BufState::Many(v) => v.iter().for_each(|d| pf.scan(d, scan, cands)),
                 _ => {}
             }
         }

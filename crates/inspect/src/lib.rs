@@ -20,6 +20,8 @@ pub mod signature;
 pub mod stream;
 mod tcp;
 mod threshold;
+#[cfg(not(miri))]
+mod vectorscan;
 
 pub use error::{LoadError, RuleError};
 

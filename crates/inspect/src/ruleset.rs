@@ -441,6 +441,16 @@ impl Detector {
                 .sum::<usize>()
     }
 
+    /// Every prefilter of the profile.
+    pub fn prefilters(&self) -> impl Iterator<Item = &Prefilter> {
+        self.payload_prefilter.iter().chain(self.tx_prefilter.iter().flatten())
+    }
+
+    /// Why any prefilter of the profile fell back from Vectorscan, if one did.
+    pub fn prefilter_fallback(&self) -> Option<&str> {
+        self.prefilters().find_map(Prefilter::fallback_reason)
+    }
+
     pub(crate) fn tx_always_for(&self, p: AppProto) -> &[SigId] {
         &self.tx_always[app_index(p)]
     }

@@ -95,7 +95,11 @@ fn overlapping_retransmissions_cannot_change_what_is_inspected() {
             pkts.push(t.c(b"tail"));
             let mut insp = inspector(EVIL, config.clone());
             let (run, _) = run_flow(&mut insp, &pkts);
-            assert_eq!(!run.alerts.is_empty(), want_alert, "{first:?} then {second:?} {config:?}");
+            assert_eq!(
+                !run.alerts.is_empty(),
+                want_alert,
+                "{first:?} then {second:?} {config:?}"
+            );
             assert_eq!(insp.counters().stream.overlap_mismatch, 1);
         }
     }
@@ -197,7 +201,8 @@ alert tcp any any -> any any (msg:"anon ok"; flow:to_client; content:"230"; flow
 
 #[test]
 fn host_thresholds_count_across_flows() {
-    let rules = r#"alert udp any any -> any 53 (content:"x"; threshold:type limit, track by_src, count 2, seconds 60; sid:1;)"#;
+    let rules =
+        r#"alert udp any any -> any 53 (content:"x"; threshold:type limit, track by_src, count 2, seconds 60; sid:1;)"#;
     let mut insp = inspector(rules, ids());
     let mut total = 0;
     for port in 1000..1005 {
@@ -218,7 +223,12 @@ fn profiles_choose_signatures_per_flow() {
 alert tcp any any -> any any (msg:"minor"; content:"EVIL"; priority:3; sid:2;)
 alert tcp any any -> any any (msg:"setter"; content:"LOGIN"; flowbits:set,in; priority:3; sid:3;)
 alert tcp any any -> any any (msg:"needs setter"; content:"DROP TABLE"; flowbits:isset,in; priority:1; sid:4;)"#;
-    let mut insp = Inspector::new(support::rules(rules), vec![ProfileSpec::full(), ProfileSpec::critical()], inline()).unwrap();
+    let mut insp = Inspector::new(
+        support::rules(rules),
+        vec![ProfileSpec::full(), ProfileSpec::critical()],
+        inline(),
+    )
+    .unwrap();
     assert_eq!(insp.profile("critical"), Some(ProfileId(1)));
     let mut t = Tcp::new("10.0.0.1", 40000, "10.0.0.2", 80);
     let mut pkts = t.handshake();
@@ -269,7 +279,8 @@ alert http any any -> any any (msg:"ua"; http.user_agent; content:"sqlmap"; noca
 alert http any any -> any any (msg:"status"; http.stat_code; content:"500"; sid:3;)
 alert http any any -> any any (msg:"host"; http.host; content:"example.org"; endswith; sid:4;)"#;
     let request: &[u8] = b"GET /admin/x HTTP/1.1\r\nHost: WWW.Example.ORG:8080\r\nUser-Agent: SQLMap/1.0\r\n\r\nGET /other HTTP/1.1\r\nHost: a\r\n\r\n";
-    let response: &[u8] = b"HTTP/1.1 500 Err\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let response: &[u8] =
+        b"HTTP/1.1 500 Err\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     for seg in [1, 3, 10, 1000] {
         for config in [ids(), inline()] {
             let mut t = Tcp::new("10.0.0.1", 40000, "10.0.0.2", 80);
@@ -405,7 +416,10 @@ fn midstream_pickup_and_reversal() {
 alert tcp any any -> any any (content:"needle"; sid:2;)"#;
     // The first packet seen is the server's response.
     let mut t = Tcp::new("10.0.0.2", 80, "10.0.0.1", 40000);
-    let pkts = vec![t.c(b"HTTP/1.1 404 NF\r\nContent-Length: 6\r\n\r\nneedle"), t.ack_from_server()];
+    let pkts = vec![
+        t.c(b"HTTP/1.1 404 NF\r\nContent-Length: 6\r\n\r\nneedle"),
+        t.ack_from_server(),
+    ];
     for midstream in [false, true] {
         let mut insp = inspector(
             rules,

@@ -213,7 +213,11 @@ pub fn run_flow(insp: &mut Inspector, packets: &[Pkt]) -> (Run, FlowState) {
     run_flow_profile(insp, packets, palisade_inspect::ProfileId(0))
 }
 
-pub fn run_flow_profile(insp: &mut Inspector, packets: &[Pkt], profile: palisade_inspect::ProfileId) -> (Run, FlowState) {
+pub fn run_flow_profile(
+    insp: &mut Inspector,
+    packets: &[Pkt],
+    profile: palisade_inspect::ProfileId,
+) -> (Run, FlowState) {
     let mut flow = FlowState::new(profile, &packets[0].packet());
     let mut run = Run {
         outcomes: Vec::new(),
