@@ -11,7 +11,8 @@
 //! Prints one JSON object: per traffic, ruleset and profile, Gbit/s and Mpps
 //! of IP packets, alerts; per ruleset, build time and resident memory.
 //! Run with `cargo bench -p palisade-inspect --bench inspect`
-//! (`INSPECT_BENCH_QUICK=1`: 10k rules and one pass only;
+//! (`INSPECT_BENCH_QUICK=1`: 10k rules and one pass only; `INSPECT_BENCH_PASSES=N`;
+//! `INSPECT_BENCH_PROFILES=off,critical`: only those;
 //! `PCAPS=DIR` to read captures elsewhere).
 
 #[path = "common/synth.rs"]
@@ -201,7 +202,7 @@ fn measure(packets: &[Owned], mut insp: Option<&mut Inspector>, profile: u16, pa
     let mut total_alerts = 0u64;
     let t = Instant::now();
     for _ in 0..passes {
-        let mut flows: HashMap<_, FlowState> = HashMap::new();
+        let mut flows: HashMap<_, FlowState, foldhash::fast::RandomState> = HashMap::default();
         for p in packets {
             let view = p.view();
             let flow = flows
@@ -253,7 +254,10 @@ fn main() {
     let traffic: [(&str, &[Owned]); 2] = [("pcaps", &corpus), ("web_mix", &web)];
     let mut results = Vec::new();
     let sizes: &[usize] = if quick { &[10_000] } else { &[10_000, 40_000] };
-    let passes = if quick { 1 } else { 3 };
+    let passes = std::env::var("INSPECT_BENCH_PASSES")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(if quick { 1 } else { 3 });
     let mut sets = Vec::new();
     for &n in sizes {
         let text = synth::ruleset(n, 0x5eed);
@@ -284,7 +288,11 @@ fn main() {
         }));
         let mut insp = insp;
         for (name, pkts) in traffic {
+            let only = std::env::var("INSPECT_BENCH_PROFILES").ok();
             for (profile, id) in [("off", None), ("critical", Some(1u16)), ("full", Some(0u16))] {
+                if only.as_deref().is_some_and(|o| !o.split(',').any(|p| p == profile)) {
+                    continue;
+                }
                 let (gbps, mpps, alerts) = match id {
                     None => measure(pkts, None, 0, passes),
                     Some(p) => measure(pkts, Some(&mut insp), p, passes),

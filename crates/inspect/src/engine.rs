@@ -4,7 +4,7 @@
 //! and the current time, and returns an [`Outcome`] (pass, alert, drop or
 //! reject), appending the alerts it raised to a vector the caller owns and
 //! reuses. It does no I/O, reads no clock and takes no lock (the stream
-//! memory budget is an atomic counter), so the datapath can call it from
+//! memory budget is an atomic counter, touched once per 64 KiB), so the datapath can call it from
 //! its workers and the offline replay can call it from a capture, with the
 //! same results.
 //!
@@ -40,7 +40,7 @@ use crate::prefilter::{Candidates, ScanScratch, SigId};
 use crate::rules::{Action, AppProto, Buffer, PacketCheck, Protocol};
 use crate::ruleset::{Detector, ProfileSpec, ProtoClass, RuleSet};
 use crate::signature::{FlowbitOp, FlowbitTest, SigKind, Signature};
-use crate::stream::{MemoryBudget, StreamCounters, StreamLimits};
+use crate::stream::{LocalBudget, MemoryBudget, StreamCounters, StreamLimits};
 use crate::tcp::{TcpConfig, TcpState};
 use crate::threshold::{HostThresholds, judge};
 
@@ -210,7 +210,7 @@ pub struct Inspector {
     rules: Arc<RuleSet>,
     detectors: Arc<[Detector]>,
     config: Config,
-    budget: Arc<MemoryBudget>,
+    budget: LocalBudget,
     hosts: HostThresholds,
     counters: Counters,
     candidates: Candidates,
@@ -280,7 +280,7 @@ impl Inspector {
             rules,
             detectors,
             config,
-            budget,
+            budget: LocalBudget::new(budget),
             counters: Counters::default(),
         }
     }
@@ -321,9 +321,14 @@ impl Inspector {
         c
     }
 
-    /// The stream memory budget.
+    /// The stream memory budget (shared with the inspectors given the same one).
     pub fn memory_budget(&self) -> &Arc<MemoryBudget> {
-        &self.budget
+        self.budget.shared()
+    }
+
+    /// Stream bytes the flows of this inspector hold.
+    pub fn stream_memory_in_use(&self) -> usize {
+        self.budget.in_use()
     }
 
     fn inline(&self) -> bool {
@@ -379,7 +384,7 @@ impl Inspector {
                 h,
                 pkt.payload,
                 &cfg,
-                &self.budget,
+                &mut self.budget,
                 &mut self.counters.stream,
             );
             established = up.established;
@@ -566,7 +571,7 @@ impl Inspector {
             }
             for s in tcp.streams.iter_mut().flatten() {
                 let keep = s.raw_progress.min(s.app_progress).saturating_sub(lookbehind as u64);
-                s.release_before(keep, &self.budget);
+                s.release_before(keep, &mut self.budget);
                 if s.skip_acked_gap(&mut self.counters.stream) > 0 {
                     flow.app = crate::app::AppState::Unknown;
                 }
@@ -582,7 +587,7 @@ impl Inspector {
     pub fn flush(&mut self, flow: &mut FlowState, now: Duration, alerts: &mut Vec<Alert>) -> Outcome {
         if flow.verdict != FlowVerdict::Inspect {
             if let Some(t) = flow.tcp.as_mut() {
-                t.release(&self.budget);
+                t.release(&mut self.budget);
             }
             return Outcome::Pass;
         }
@@ -710,7 +715,7 @@ impl Inspector {
         self.counters.budget_exhausted += exhausted;
         let outcome = self.finalize(flow, now, alerts);
         if let Some(t) = flow.tcp.as_mut() {
-            t.release(&self.budget);
+            t.release(&mut self.budget);
         }
         outcome
     }

@@ -76,6 +76,79 @@ impl MemoryBudget {
     }
 }
 
+/// A worker's share of a [`MemoryBudget`]. Bytes are taken from the shared
+/// budget in chunks of `CHUNK` and given back once more than `KEEP` are
+/// spare, so charging a segment is usually a subtraction rather than an
+/// atomic operation on a cache line all workers write; the shared budget
+/// overstates what is held by at most `KEEP` bytes per worker.
+#[derive(Debug)]
+pub struct LocalBudget {
+    shared: Arc<MemoryBudget>,
+    spare: usize,
+    in_use: usize,
+}
+
+impl LocalBudget {
+    /// Bytes taken from the shared budget at a time.
+    pub const CHUNK: usize = 64 * 1024;
+    /// Spare bytes kept at most before giving some back.
+    pub const KEEP: usize = 4 * Self::CHUNK;
+
+    /// A share of `shared`.
+    pub fn new(shared: Arc<MemoryBudget>) -> Self {
+        LocalBudget {
+            shared,
+            spare: 0,
+            in_use: 0,
+        }
+    }
+
+    /// Takes `n` bytes if they fit.
+    pub fn charge(&mut self, n: usize) -> bool {
+        if self.spare < n {
+            let want = n - self.spare;
+            if self.shared.try_charge(want.max(Self::CHUNK)) {
+                self.spare += want.max(Self::CHUNK);
+            } else if self.shared.try_charge(want) {
+                self.spare += want;
+            } else {
+                return false;
+            }
+        }
+        self.spare -= n;
+        self.in_use += n;
+        true
+    }
+
+    /// Gives `n` bytes back.
+    pub fn release(&mut self, n: usize) {
+        let n = n.min(self.in_use);
+        self.in_use -= n;
+        self.spare += n;
+        if self.spare > Self::KEEP {
+            let give = self.spare - Self::CHUNK;
+            self.shared.release(give);
+            self.spare -= give;
+        }
+    }
+
+    /// Bytes held by this worker's streams.
+    pub fn in_use(&self) -> usize {
+        self.in_use
+    }
+
+    /// The shared budget.
+    pub fn shared(&self) -> &Arc<MemoryBudget> {
+        &self.shared
+    }
+}
+
+impl Drop for LocalBudget {
+    fn drop(&mut self) {
+        self.shared.release(self.spare + self.in_use);
+    }
+}
+
 /// Per-direction limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamLimits {
@@ -225,7 +298,7 @@ impl Stream {
         seq: u32,
         payload: &[u8],
         limits: &StreamLimits,
-        budget: &MemoryBudget,
+        budget: &mut LocalBudget,
         counters: &mut StreamCounters,
     ) -> Insert {
         if payload.is_empty() {
@@ -267,7 +340,7 @@ impl Stream {
 
     /// Appends in-order bytes at `next`, letting held out-of-order bytes win
     /// where they overlap. Returns false when the budget refused.
-    fn append_in_order(&mut self, bytes: &[u8], budget: &MemoryBudget, counters: &mut StreamCounters) -> bool {
+    fn append_in_order(&mut self, bytes: &[u8], budget: &mut LocalBudget, counters: &mut StreamCounters) -> bool {
         let start = self.next;
         let end = start + bytes.len() as u64;
         // Only up to the first held segment: from there on the held bytes come first.
@@ -322,7 +395,7 @@ impl Stream {
         offset: u64,
         bytes: &[u8],
         limits: &StreamLimits,
-        budget: &MemoryBudget,
+        budget: &mut LocalBudget,
         counters: &mut StreamCounters,
     ) -> Insert {
         // Cut the segment into the parts that fall in holes between held segments.
@@ -438,7 +511,7 @@ impl Stream {
 
     /// Frees the bytes before `keep_from` (both consumers are past them, less
     /// the lookbehind the caller keeps).
-    pub fn release_before(&mut self, keep_from: u64, budget: &MemoryBudget) {
+    pub fn release_before(&mut self, keep_from: u64, budget: &mut LocalBudget) {
         let keep_from = keep_from.min(self.next);
         if keep_from <= self.data_start {
             return;
@@ -460,8 +533,8 @@ impl Stream {
         }
     }
 
-    fn charge(&mut self, n: usize, budget: &MemoryBudget) -> bool {
-        if budget.try_charge(n) {
+    fn charge(&mut self, n: usize, budget: &mut LocalBudget) -> bool {
+        if budget.charge(n) {
             self.charged += n;
             true
         } else {
@@ -470,7 +543,7 @@ impl Stream {
     }
 
     /// Gives back the budget for bytes no longer held.
-    fn uncharge_to(&mut self, budget: &MemoryBudget) {
+    fn uncharge_to(&mut self, budget: &mut LocalBudget) {
         let held = self.held();
         if self.charged > held {
             budget.release(self.charged - held);
@@ -479,7 +552,7 @@ impl Stream {
     }
 
     /// Returns every charged byte (the flow is going away).
-    pub fn release_all(&mut self, budget: &MemoryBudget) {
+    pub fn release_all(&mut self, budget: &mut LocalBudget) {
         budget.release(self.charged);
         self.charged = 0;
         self.data = Vec::new();
@@ -504,10 +577,10 @@ impl Stream {
 mod tests {
     use super::*;
 
-    fn stream() -> (Stream, Arc<MemoryBudget>, StreamLimits, StreamCounters) {
+    fn stream() -> (Stream, LocalBudget, StreamLimits, StreamCounters) {
         (
             Stream::new(1000),
-            MemoryBudget::new(1 << 20),
+            LocalBudget::new(MemoryBudget::new(1 << 20)),
             StreamLimits::default(),
             StreamCounters::default(),
         )
@@ -519,19 +592,19 @@ mod tests {
 
     #[test]
     fn in_order_and_out_of_order_segments_reassemble() {
-        let (mut s, b, l, mut c) = stream();
+        let (mut s, mut b, l, mut c) = stream();
         assert_eq!(
-            s.insert(1000, b"abc", &l, &b, &mut c),
+            s.insert(1000, b"abc", &l, &mut b, &mut c),
             Insert::Advanced { from: 0, to: 3 }
         );
-        assert_eq!(s.insert(1006, b"ghi", &l, &b, &mut c), Insert::Held);
+        assert_eq!(s.insert(1006, b"ghi", &l, &mut b, &mut c), Insert::Held);
         assert_eq!(
-            s.insert(1003, b"def", &l, &b, &mut c),
+            s.insert(1003, b"def", &l, &mut b, &mut c),
             Insert::Advanced { from: 3, to: 9 }
         );
         assert_eq!(contiguous(&s), b"abcdefghi");
         assert_eq!(s.held(), 9);
-        assert_eq!(b.used(), 9);
+        assert_eq!(b.in_use(), 9);
     }
 
     /// The overlap policy, case by case: the bytes first received win.
@@ -555,9 +628,9 @@ mod tests {
             (&[(4, b"1234"), (6, b"XX56"), (0, b"abcd")], b"abcd123456", 1),
         ];
         for (segments, want, mismatches) in cases {
-            let (mut s, b, l, mut c) = stream();
+            let (mut s, mut b, l, mut c) = stream();
             for (off, bytes) in *segments {
-                s.insert(1000 + off, bytes, &l, &b, &mut c);
+                s.insert(1000 + off, bytes, &l, &mut b, &mut c);
             }
             assert_eq!(contiguous(&s), *want, "{segments:?}");
             assert_eq!(c.overlap_mismatch, *mismatches, "{segments:?}");
@@ -566,7 +639,8 @@ mod tests {
 
     #[test]
     fn limits_are_enforced_and_counted() {
-        let b = MemoryBudget::new(10);
+        let shared = MemoryBudget::new(10);
+        let mut b = LocalBudget::new(shared.clone());
         let l = StreamLimits {
             depth: 8,
             max_ooo_bytes: 4,
@@ -574,50 +648,55 @@ mod tests {
         };
         let mut c = StreamCounters::default();
         let mut s = Stream::new(0);
-        assert_eq!(s.insert(2, b"cd", &l, &b, &mut c), Insert::Held);
+        assert_eq!(s.insert(2, b"cd", &l, &mut b, &mut c), Insert::Held);
         assert_eq!(
-            s.insert(5, b"f", &l, &b, &mut c),
+            s.insert(5, b"f", &l, &mut b, &mut c),
             Insert::Refused,
             "one out-of-order segment at most"
         );
         assert_eq!(c.ooo_refused, 1);
-        assert_eq!(s.insert(0, b"ab", &l, &b, &mut c), Insert::Advanced { from: 0, to: 4 });
+        assert_eq!(
+            s.insert(0, b"ab", &l, &mut b, &mut c),
+            Insert::Advanced { from: 0, to: 4 }
+        );
         // Depth 8: only "efgh" of "efghij" is taken.
         assert_eq!(
-            s.insert(4, b"efghij", &l, &b, &mut c),
+            s.insert(4, b"efghij", &l, &mut b, &mut c),
             Insert::Advanced { from: 4, to: 8 }
         );
         assert!(s.depth_reached);
-        assert_eq!(s.insert(8, b"k", &l, &b, &mut c), Insert::BeyondDepth);
+        assert_eq!(s.insert(8, b"k", &l, &mut b, &mut c), Insert::BeyondDepth);
         // Budget of 10 bytes: 8 held.
         let mut t = Stream::new(0);
         assert_eq!(
-            t.insert(0, b"abc", &StreamLimits::default(), &b, &mut c),
+            t.insert(0, b"abc", &StreamLimits::default(), &mut b, &mut c),
             Insert::Refused
         );
         assert_eq!(c.memcap_refused, 1);
-        s.release_all(&b);
-        assert_eq!(b.used(), 0);
+        s.release_all(&mut b);
+        assert_eq!(b.in_use(), 0);
+        drop(b);
+        assert_eq!(shared.used(), 0);
     }
 
     #[test]
     fn consumed_bytes_are_released() {
-        let (mut s, b, l, mut c) = stream();
+        let (mut s, mut b, l, mut c) = stream();
         let big = vec![b'x'; 10_000];
-        s.insert(1000, &big, &l, &b, &mut c);
+        s.insert(1000, &big, &l, &mut b, &mut c);
         s.raw_progress = 9_000;
-        s.release_before(9_000, &b);
+        s.release_before(9_000, &mut b);
         assert_eq!(s.held(), 1_000);
-        assert_eq!(b.used(), 1_000);
+        assert_eq!(b.in_use(), 1_000);
         let (w, origin) = s.window(9_500, 10_000, 100);
         assert_eq!((w.len(), origin), (600, 100));
     }
 
     #[test]
     fn acknowledged_holes_are_skipped() {
-        let (mut s, b, l, mut c) = stream();
-        s.insert(1000, b"ab", &l, &b, &mut c);
-        s.insert(1010, b"zz", &l, &b, &mut c);
+        let (mut s, mut b, l, mut c) = stream();
+        s.insert(1000, b"ab", &l, &mut b, &mut c);
+        s.insert(1010, b"zz", &l, &mut b, &mut c);
         s.ack(1012);
         assert_eq!(s.skip_acked_gap(&mut c), 0, "\"ab\" is not consumed yet");
         s.raw_progress = 2;
@@ -629,15 +708,44 @@ mod tests {
 
     #[test]
     fn sequence_numbers_wrap() {
-        let b = MemoryBudget::new(1 << 20);
+        let mut b = LocalBudget::new(MemoryBudget::new(1 << 20));
         let l = StreamLimits::default();
         let mut c = StreamCounters::default();
         let mut s = Stream::new(u32::MAX - 1);
         assert_eq!(
-            s.insert(u32::MAX - 1, b"ab", &l, &b, &mut c),
+            s.insert(u32::MAX - 1, b"ab", &l, &mut b, &mut c),
             Insert::Advanced { from: 0, to: 2 }
         );
-        assert_eq!(s.insert(0, b"cd", &l, &b, &mut c), Insert::Advanced { from: 2, to: 4 });
+        assert_eq!(
+            s.insert(0, b"cd", &l, &mut b, &mut c),
+            Insert::Advanced { from: 2, to: 4 }
+        );
         assert_eq!(contiguous(&s), b"abcd");
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn local_budgets_take_chunks_and_give_back_surplus() {
+        let shared = MemoryBudget::new(1 << 20);
+        let mut a = LocalBudget::new(shared.clone());
+        assert!(a.charge(100));
+        assert_eq!(shared.used(), LocalBudget::CHUNK, "one chunk taken");
+        for _ in 0..100 {
+            assert!(a.charge(100));
+        }
+        assert_eq!(shared.used(), LocalBudget::CHUNK, "no atomic operation per charge");
+        a.release(10_100);
+        assert_eq!(a.in_use(), 0);
+        // A second worker cannot take more than what is left.
+        let mut b = LocalBudget::new(shared.clone());
+        assert!(!b.charge((1 << 20) - LocalBudget::CHUNK + 1));
+        assert!(b.charge((1 << 20) - LocalBudget::CHUNK));
+        drop(a);
+        drop(b);
+        assert_eq!(shared.used(), 0);
     }
 }

@@ -15,7 +15,7 @@
 //! is taken up midstream) carrying data: Suricata's meaning.
 
 use crate::packet::{TcpHeader, tcp_flags};
-use crate::stream::{Insert, MemoryBudget, Stream, StreamCounters, StreamLimits};
+use crate::stream::{Insert, LocalBudget, Stream, StreamCounters, StreamLimits};
 
 /// Connection state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -81,7 +81,7 @@ impl TcpSession {
         tcp: &TcpHeader,
         payload: &[u8],
         cfg: &TcpConfig,
-        budget: &MemoryBudget,
+        budget: &mut LocalBudget,
         counters: &mut StreamCounters,
     ) -> TcpUpdate {
         let f = tcp.flags;
@@ -201,7 +201,7 @@ impl TcpSession {
     }
 
     /// Returns the streams' budget (the flow is ending).
-    pub fn release(&mut self, budget: &MemoryBudget) {
+    pub fn release(&mut self, budget: &mut LocalBudget) {
         for s in self.streams.iter_mut().flatten() {
             s.release_all(budget);
         }
@@ -234,12 +234,12 @@ mod tests {
             midstream,
             limits: StreamLimits::default(),
         };
-        let budget = MemoryBudget::new(1 << 20);
+        let mut budget = LocalBudget::new(crate::stream::MemoryBudget::new(1 << 20));
         let mut c = StreamCounters::default();
         let mut s = TcpSession::new();
         let ups = packets
             .iter()
-            .map(|&(dir, flags, seq, ack, data)| s.track(dir, &hdr(flags, seq, ack), data, &cfg, &budget, &mut c))
+            .map(|&(dir, flags, seq, ack, data)| s.track(dir, &hdr(flags, seq, ack), data, &cfg, &mut budget, &mut c))
             .collect();
         (s, ups)
     }
@@ -288,12 +288,12 @@ mod tests {
             midstream: false,
             limits: StreamLimits::default(),
         };
-        let budget = MemoryBudget::new(1 << 20);
+        let mut budget = LocalBudget::new(crate::stream::MemoryBudget::new(1 << 20));
         let mut c = StreamCounters::default();
         let mut s = TcpSession::new();
         let mut h = hdr(S, 10, 0);
         h.fast_open = true;
-        assert!(s.track(0, &h, b"hello", &cfg, &budget, &mut c).in_stream);
+        assert!(s.track(0, &h, b"hello", &cfg, &mut budget, &mut c).in_stream);
         assert_eq!(s.streams[0].as_ref().unwrap().next(), 5);
     }
 }
