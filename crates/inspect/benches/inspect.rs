@@ -210,7 +210,7 @@ fn measure(packets: &[Owned], mut insp: Option<&mut Inspector>, profile: u16, pa
                 .or_insert_with(|| FlowState::new(palisade_inspect::ProfileId(profile), &view));
             if let Some(i) = insp.as_deref_mut() {
                 alerts.clear();
-                black_box(i.inspect(flow, &view, p.ts, &mut alerts));
+                let _ = black_box(i.inspect(flow, &view, p.ts, &mut alerts));
                 total_alerts += alerts.len() as u64;
             } else {
                 black_box(flow.direction(&view));
@@ -219,7 +219,7 @@ fn measure(packets: &[Owned], mut insp: Option<&mut Inspector>, profile: u16, pa
         if let Some(i) = insp.as_deref_mut() {
             for f in flows.values_mut() {
                 alerts.clear();
-                black_box(i.flush(f, Duration::ZERO, &mut alerts));
+                let _ = black_box(i.flush(f, Duration::ZERO, &mut alerts));
                 total_alerts += alerts.len() as u64;
             }
         }

@@ -28,7 +28,7 @@ pub const DEFAULT_BUDGET: u32 = 3000;
 /// A content search.
 #[derive(Debug, Clone)]
 enum Searcher {
-    Exact(memmem::Finder<'static>),
+    Exact(Box<memmem::Finder<'static>>),
     /// Lowercased needle; compared ASCII case-insensitively.
     NoCase(Vec<u8>),
 }
@@ -38,7 +38,7 @@ impl Searcher {
         if nocase {
             Searcher::NoCase(pattern.to_ascii_lowercase())
         } else {
-            Searcher::Exact(memmem::Finder::new(pattern).into_owned())
+            Searcher::Exact(Box::new(memmem::Finder::new(pattern).into_owned()))
         }
     }
 

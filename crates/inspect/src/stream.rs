@@ -172,9 +172,14 @@ impl Default for StreamLimits {
 
 /// What happened to a segment's payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Insert {
+pub enum Insert {
     /// Contiguous data now reaches further: offsets `from..to` are new.
-    Advanced { from: u64, to: u64 },
+    Advanced {
+        /// First new offset.
+        from: u64,
+        /// End of contiguous data now.
+        to: u64,
+    },
     /// Held until the hole before it is filled.
     Held,
     /// Nothing new: every byte was already there (a retransmission).
@@ -212,7 +217,7 @@ impl Segment {
 
 /// One direction's reassembly state.
 #[derive(Debug)]
-pub(crate) struct Stream {
+pub struct Stream {
     /// Sequence number of offset 0.
     base_seq: u32,
     /// Contiguous bytes from `data_start` to `next`.
@@ -232,6 +237,7 @@ pub(crate) struct Stream {
     pub fin: Option<u64>,
     /// Bytes charged to the budget.
     charged: usize,
+    /// Data reached `depth`; later data is not reassembled.
     pub depth_reached: bool,
 }
 
@@ -266,11 +272,6 @@ impl Stream {
     /// End of contiguous data.
     pub fn next(&self) -> u64 {
         self.next
-    }
-
-    /// The acknowledged offset, if an acknowledgment was seen.
-    pub fn acked(&self) -> Option<u64> {
-        self.acked_known.then_some(self.acked)
     }
 
     /// Contiguous bytes the receiver acknowledged.
@@ -611,7 +612,9 @@ mod tests {
     #[test]
     fn first_data_wins_on_every_kind_of_overlap() {
         // (segments in arrival order as (seq offset, bytes), expected stream, mismatches)
-        let cases: &[(&[(u32, &[u8])], &[u8], u64)] = &[
+        // (segments as (offset, bytes) in arrival order, expected stream, mismatches)
+        type Case<'a> = (&'a [(u32, &'a [u8])], &'a [u8], u64);
+        let cases: &[Case<'_>] = &[
             // exact retransmission with other bytes
             (&[(0, b"GOOD"), (0, b"EVIL")], b"GOOD", 1),
             // retransmission with the same bytes: no mismatch

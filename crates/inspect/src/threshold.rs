@@ -106,6 +106,7 @@ impl HostThresholds {
     }
 
     /// Live entries.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.table.len()
     }

@@ -232,6 +232,7 @@ unsafe impl Send for Scratch {}
 
 impl Scratch {
     /// An empty scratch (fit it to databases before scanning).
+    #[cfg(test)]
     pub fn new() -> Self {
         Scratch { ptr: None }
     }

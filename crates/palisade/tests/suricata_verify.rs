@@ -90,7 +90,12 @@ fn suricata_verify_tests_pass() {
     let tally = report
         .lines()
         .find_map(|l| l.strip_prefix("suricata-verify: "))
-        .unwrap_or_else(|| panic!("no tally from check.py:\n{report}\n{}", String::from_utf8_lossy(&check.stderr)));
+        .unwrap_or_else(|| {
+            panic!(
+                "no tally from check.py:\n{report}\n{}",
+                String::from_utf8_lossy(&check.stderr)
+            )
+        });
     let passed: usize = tally.split(' ').next().and_then(|n| n.parse().ok()).expect("N passed");
     let failures: Vec<&str> = report.lines().filter(|l| l.starts_with("FAIL")).collect();
     assert!(run > 0);

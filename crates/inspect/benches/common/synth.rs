@@ -143,7 +143,7 @@ pub fn patterns(n: usize, seed: u64) -> Vec<Vec<u8>> {
             // The fast pattern: the first content, or the one marked fast_pattern.
             let start = l.find("content:\"")? + 9;
             let end = start + l[start..].find('"')?;
-            Some(l[start..end].as_bytes().to_vec())
+            Some(l.as_bytes()[start..end].to_vec())
         })
         .collect()
 }

@@ -169,7 +169,7 @@ impl DnsParser {
 
     /// Drops answered transactions detection has seen, and any over the limit.
     pub fn prune(&mut self) {
-        self.txs.retain(|t| !(t.answered && !t.updated));
+        self.txs.retain(|t| !t.answered || t.updated);
     }
 
     /// Feeds one UDP datagram.

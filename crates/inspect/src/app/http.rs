@@ -769,9 +769,7 @@ pub fn remove_dot_segments(path: &[u8]) -> Vec<u8> {
     while !input.is_empty() {
         if input.starts_with(b"../") {
             input = &input[3..];
-        } else if input.starts_with(b"./") {
-            input = &input[2..];
-        } else if input.starts_with(b"/./") {
+        } else if input.starts_with(b"./") || input.starts_with(b"/./") {
             input = &input[2..];
         } else if input == b"/." {
             input = b"/";
@@ -800,9 +798,12 @@ pub fn remove_dot_segments(path: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// (raw URI, normalized, host it names).
+    type UriCase<'a> = (&'a [u8], &'a [u8], Option<&'a [u8]>);
+
     #[test]
     fn uri_normalization() {
-        let cases: &[(&[u8], &[u8], Option<&[u8]>)] = &[
+        let cases: &[UriCase<'_>] = &[
             (b"/one", b"/one", None),
             (b"/normalized%20uri", b"/normalized uri", None),
             (b"/%2e%2e/images.gif", b"/images.gif", None),

@@ -34,7 +34,7 @@ pub(crate) enum Detected {
 }
 
 #[derive(Debug, Default)]
-struct Probe {
+pub(crate) struct Probe {
     held: Vec<u8>,
     failed: bool,
 }
@@ -151,11 +151,7 @@ impl AppState {
                 }
             }
             AppState::Http2(h) => h.parse(to_server, data),
-            AppState::Tls(t) => {
-                if to_server {
-                    t.parse_client(data)
-                }
-            }
+            AppState::Tls(t) if to_server => t.parse_client(data),
             AppState::Dns(d) => d.parse_stream(to_server, data),
             _ => {}
         }
@@ -220,11 +216,9 @@ impl AppState {
                 }
                 h.prune();
             }
-            AppState::Tls(t) => {
-                if t.updated {
-                    f(&TxView::Tls(t));
-                    t.updated = false;
-                }
+            AppState::Tls(t) if t.updated => {
+                f(&TxView::Tls(t));
+                t.updated = false;
             }
             AppState::Dns(d) => {
                 for tx in d.txs_mut().iter_mut().filter(|t| t.updated) {
@@ -233,17 +227,6 @@ impl AppState {
                 }
                 d.prune();
             }
-            _ => {}
-        }
-    }
-
-    /// Every live transaction (for the end of a flow).
-    pub fn for_each_tx(&self, mut f: impl FnMut(&TxView<'_>)) {
-        match self {
-            AppState::Http(h) => h.txs().iter().for_each(|t| f(&TxView::Http(t))),
-            AppState::Http2(h) => h.txs().for_each(|t| f(&TxView::Http(t))),
-            AppState::Tls(t) if t.client_hello => f(&TxView::Tls(t)),
-            AppState::Dns(d) => d.txs().iter().for_each(|t| f(&TxView::Dns(t))),
             _ => {}
         }
     }
@@ -325,23 +308,6 @@ impl<'a> TxView<'a> {
             TxView::Http(t) => t.id,
             TxView::Tls(_) => 0,
             TxView::Dns(t) => t.id,
-        }
-    }
-
-    /// Whether the request side is complete (no buffer of it will change).
-    pub fn request_done(&self) -> bool {
-        match self {
-            TxView::Http(t) => t.request >= http::Progress::Headers,
-            TxView::Tls(_) | TxView::Dns(_) => true,
-        }
-    }
-
-    /// Whether the response side has started.
-    pub fn has_response(&self) -> bool {
-        match self {
-            TxView::Http(t) => t.response >= http::Progress::Line,
-            TxView::Tls(_) => false,
-            TxView::Dns(t) => t.answered,
         }
     }
 
