@@ -147,7 +147,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 fn header(
     event: &str,
     ts: Duration,
-    flow_id: u64,
+    flow_id: Option<u64>,
     pcap_cnt: Option<u64>,
     t: &Tuple,
     app: Option<&str>,
@@ -223,13 +223,13 @@ pub fn alert_object(rules: &RuleSet, alert: &Alert) -> Value {
     Value::Object(a)
 }
 
-/// An `alert` record.
+/// An `alert` record (`flow_id` is `None` for a packet that has no flow).
 #[allow(clippy::too_many_arguments)]
 pub fn alert_record(
     rules: &RuleSet,
     alert: &Alert,
     ts: Duration,
-    flow_id: u64,
+    flow_id: Option<u64>,
     pcap_cnt: Option<u64>,
     tuple: &Tuple,
     app: Option<&str>,
@@ -260,7 +260,7 @@ pub fn drop_record(
     cause: Option<&Alert>,
     reason: &str,
     ts: Duration,
-    flow_id: u64,
+    flow_id: Option<u64>,
     pcap_cnt: Option<u64>,
     tuple: &Tuple,
     ip_len: usize,
@@ -298,7 +298,7 @@ pub fn flow_record(
         dp: s.1,
         icmp,
     };
-    let mut m = header("flow", start, flow_id, None, &tuple, flow.app_name());
+    let mut m = header("flow", start, Some(flow_id), None, &tuple, flow.app_name());
     let counts = flow.counts();
     let state = match flow.tcp_state() {
         Some(TcpState::Closed) => "closed",

@@ -256,7 +256,7 @@ impl Replay {
                 } else {
                     flow_tuple(&e.state, a.direction, icmp)
                 };
-                let v = eve::alert_record(&rules, a, ts, e.id, Some(pcap_cnt), &tuple, app, identity);
+                let v = eve::alert_record(&rules, a, ts, Some(e.id), Some(pcap_cnt), &tuple, app, identity);
                 out.push(v.to_string());
             }
         }
@@ -287,7 +287,7 @@ impl Replay {
                     cause,
                     text,
                     ts,
-                    e.id,
+                    Some(e.id),
                     Some(pcap_cnt),
                     &packet_tuple,
                     pkt.ip_len,
@@ -323,7 +323,7 @@ impl Replay {
                     &rules,
                     a,
                     ts,
-                    0,
+                    None,
                     Some(pcap_cnt),
                     &tuple,
                     None,
@@ -342,7 +342,7 @@ impl Replay {
         if self.options.eve.alert {
             for a in &self.alerts {
                 let tuple = flow_tuple(&e.state, a.direction, e.icmp);
-                let v = eve::alert_record(&rules, a, e.last, e.id, None, &tuple, e.state.app_name(), identity);
+                let v = eve::alert_record(&rules, a, e.last, Some(e.id), None, &tuple, e.state.app_name(), identity);
                 out.push(v.to_string());
             }
         }

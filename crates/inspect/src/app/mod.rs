@@ -6,7 +6,7 @@
 //! by a space, `HTTP/` in a response, a TLS handshake record header, a
 //! well-formed DNS message on port 53. A flow picked up in the middle
 //! (midstream) whose first client bytes look like an HTTP response was seen
-//! from the wrong end: detection says so ([`Detected::Reversed`]) and the
+//! from the wrong end: detection says so and the
 //! flow swaps its idea of client and server, as Suricata does.
 
 pub mod dns;
