@@ -169,6 +169,10 @@ pub struct Counters {
     pub app_detected: u64,
     /// Prefilter scans that failed (all of that prefilter's signatures were evaluated instead).
     pub prefilter_failures: u64,
+    /// Flows whose detection state was reset because the ruleset changed.
+    pub ruleset_changes: u64,
+    /// Flows that named a profile this inspector does not have (given its first).
+    pub unknown_profile: u64,
 }
 
 /// One piece of data to run payload signatures on.
@@ -358,6 +362,7 @@ impl Inspector {
             }
             FlowVerdict::Inspect => {}
         }
+        self.adopt(flow);
         let first_in_dir = !flow.seen[dir.index()];
         flow.seen[dir.index()] = true;
         flow.counts.packets[dir.index()] += 1;
@@ -581,10 +586,34 @@ impl Inspector {
         self.finalize(flow, now, alerts)
     }
 
+    /// Makes `flow` fit this inspector: a flow whose detection state was
+    /// built under another ruleset starts its detection state afresh
+    /// (flowbits, thresholds and per-transaction progress refer to the old
+    /// signatures); a profile this inspector does not have becomes its first
+    /// one. Both are counted.
+    fn adopt(&mut self, flow: &mut FlowState) {
+        let generation = self.rules.generation();
+        if flow.detect.generation != generation {
+            if flow.detect.generation != 0 {
+                self.counters.ruleset_changes += 1;
+            }
+            flow.detect = DetectState {
+                generation,
+                alerted: flow.detect.alerted,
+                ..DetectState::default()
+            };
+        }
+        if usize::from(flow.profile.0) >= self.detectors.len() {
+            self.counters.unknown_profile += 1;
+            flow.profile = ProfileId(0);
+        }
+    }
+
     /// Inspects what the flow still holds when it ends: stream data not yet
     /// inspected (acknowledged or not), and transactions the end of data
     /// completes. Call it once when the flow is removed.
     pub fn flush(&mut self, flow: &mut FlowState, now: Duration, alerts: &mut Vec<Alert>) -> Outcome {
+        self.adopt(flow);
         if flow.verdict != FlowVerdict::Inspect {
             if let Some(t) = flow.tcp.as_mut() {
                 t.release(&mut self.budget);
@@ -735,6 +764,7 @@ impl Inspector {
             }
             FlowVerdict::Inspect => {}
         }
+        self.adopt(flow);
         let (sp, dp) = pkt.ports();
         let dir = if pkt.src == flow.client.0 {
             Direction::ToServer

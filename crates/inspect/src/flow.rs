@@ -70,6 +70,8 @@ pub(crate) struct TxDone {
 /// Detection state proper: what rules remember.
 #[derive(Debug, Default)]
 pub(crate) struct DetectState {
+    /// The ruleset the state was built under (0: none yet).
+    pub generation: u64,
     pub flowbits: Vec<u64>,
     pub thresholds: Vec<(SigId, Option<Window>)>,
     pub txs: Vec<TxDone>,

@@ -342,7 +342,16 @@ impl Replay {
         if self.options.eve.alert {
             for a in &self.alerts {
                 let tuple = flow_tuple(&e.state, a.direction, e.icmp);
-                let v = eve::alert_record(&rules, a, e.last, Some(e.id), None, &tuple, e.state.app_name(), identity);
+                let v = eve::alert_record(
+                    &rules,
+                    a,
+                    e.last,
+                    Some(e.id),
+                    None,
+                    &tuple,
+                    e.state.app_name(),
+                    identity,
+                );
                 out.push(v.to_string());
             }
         }

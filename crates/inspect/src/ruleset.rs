@@ -43,7 +43,11 @@ pub struct RuleSet {
     classifications: Classifications,
     refused: Vec<RuleError>,
     lookbehind: usize,
+    generation: u64,
 }
+
+/// Numbers rulesets, so a flow can tell that the rules changed under it.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl RuleSet {
     /// Parses a rules file and compiles it.
@@ -126,6 +130,7 @@ impl RuleSet {
             classifications,
             refused,
             lookbehind,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -163,6 +168,13 @@ impl RuleSet {
     pub fn category(&self, id: SigId) -> Option<&str> {
         let c = self.get(id).rule.classtype.as_deref()?;
         self.classifications.get(c).map(|c| c.description.as_str())
+    }
+
+    /// A number no other ruleset of this process has: a flow whose state
+    /// was built under another ruleset has its detection state reset (its
+    /// flowbits and signature numbers mean nothing under the new rules).
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Stream bytes kept before new data so patterns cut across segments are found.

@@ -460,3 +460,31 @@ alert tcp any any -> any any (flags:R; sid:2;)"#;
     assert_eq!(flow.tcp_state(), Some(palisade_inspect::TcpState::Closed));
     let _ = tcp_flags::FIN;
 }
+
+#[test]
+fn a_new_ruleset_resets_the_flows_detection_state() {
+    let old = r#"alert tcp any any -> any any (content:"LOGIN"; flowbits:set,in; flowbits:noalert; sid:1;)
+alert tcp any any -> any any (content:"x"; flowbits:isset,in; sid:2;)"#;
+    // In the new rules, flowbit number 0 is another name: the old bit must not carry over.
+    let new = r#"alert tcp any any -> any any (content:"zzz"; flowbits:set,other; sid:3;)
+alert tcp any any -> any any (content:"x"; flowbits:isset,other; sid:4;)"#;
+    let mut t = Tcp::new("10.0.0.1", 40000, "10.0.0.2", 80);
+    let mut pkts = t.handshake();
+    pkts.push(t.c(b"LOGIN"));
+    let mut a = inspector(old, inline());
+    let mut flow = FlowState::new(ProfileId(0), &pkts[0].packet());
+    let mut alerts = Vec::new();
+    for p in &pkts {
+        let _ = a.inspect(&mut flow, &p.packet(), Duration::ZERO, &mut alerts);
+    }
+    let mut b = inspector(new, inline());
+    let x = t.c(b"x");
+    let _ = b.inspect(&mut flow, &x.packet(), Duration::ZERO, &mut alerts);
+    assert!(alerts.is_empty(), "{alerts:?}");
+    assert_eq!(b.counters().ruleset_changes, 1);
+    // A profile the inspector does not have is its first one, counted.
+    let mut flow = FlowState::new(ProfileId(7), &x.packet());
+    let _ = b.inspect(&mut flow, &x.packet(), Duration::ZERO, &mut alerts);
+    assert_eq!(b.counters().unknown_profile, 1);
+    assert_eq!(flow.profile(), ProfileId(0));
+}
