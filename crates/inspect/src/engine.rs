@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::LoadError;
-use crate::app::{BufState, Detected, TxView};
+use crate::app::{AppRecord, BufState, Detected, TxView};
 use crate::flow::{DetectState, Direction, FlowState, FlowVerdict, ProfileId};
 use crate::matcher::{DEFAULT_BUDGET, Program};
 use crate::packet::{Packet, Transport, proto};
@@ -73,6 +73,8 @@ pub struct Config {
     pub threshold_capacity: usize,
     /// Evaluation steps one buffer may cost (see [`crate::matcher`]).
     pub inspection_budget: u32,
+    /// Produce a record of each application-layer transaction ([`Inspector::app_logs`]).
+    pub app_logs: bool,
 }
 
 impl Default for Config {
@@ -86,6 +88,7 @@ impl Default for Config {
             max_alerts_per_packet: 15,
             threshold_capacity: 65536,
             inspection_budget: DEFAULT_BUDGET,
+            app_logs: false,
         }
     }
 }
@@ -220,6 +223,7 @@ pub struct Inspector {
     candidates: Candidates,
     scan: ScanScratch,
     matches: Vec<Match>,
+    app_logs: Vec<AppRecord>,
 }
 
 impl core::fmt::Debug for Inspector {
@@ -281,6 +285,7 @@ impl Inspector {
             candidates: Candidates::default(),
             scan,
             matches: Vec::new(),
+            app_logs: Vec::new(),
             rules,
             detectors,
             config,
@@ -328,6 +333,12 @@ impl Inspector {
     /// The stream memory budget (shared with the inspectors given the same one).
     pub fn memory_budget(&self) -> &Arc<MemoryBudget> {
         self.budget.shared()
+    }
+
+    /// Records of the application-layer transactions finished since the
+    /// caller last emptied this vector (with `Config::app_logs`).
+    pub fn app_logs(&mut self) -> &mut Vec<AppRecord> {
+        &mut self.app_logs
     }
 
     /// Stream bytes the flows of this inspector hold.
@@ -545,7 +556,12 @@ impl Inspector {
             let cands = &mut self.candidates;
             let scan = &mut self.scan;
             let app = flow.app.proto();
-            flow.app.drain_updates(|tx| {
+            let http2 = flow.app.name() == Some("http2");
+            let mut logs = self.config.app_logs.then_some(&mut self.app_logs);
+            flow.app.drain_updates(false, |tx, log| {
+                if log && let Some(l) = logs.as_deref_mut() {
+                    l.push(AppRecord::of(tx, http2));
+                }
                 eval_tx(
                     rules,
                     det,
@@ -708,7 +724,7 @@ impl Inspector {
                 s.raw_progress = s.next();
             }
         }
-        if flow.app.has_updates() {
+        if flow.app.has_updates() || flow.app.has_unlogged() {
             let client = flow.client;
             let server = flow.server;
             let established =
@@ -719,7 +735,12 @@ impl Inspector {
             let scan = &mut self.scan;
             let app = flow.app.proto();
             let proto = flow.protocol;
-            flow.app.drain_updates(|tx| {
+            let http2 = flow.app.name() == Some("http2");
+            let mut logs = self.config.app_logs.then_some(&mut self.app_logs);
+            flow.app.drain_updates(true, |tx, log| {
+                if log && let Some(l) = logs.as_deref_mut() {
+                    l.push(AppRecord::of(tx, http2));
+                }
                 eval_tx(
                     rules,
                     det,

@@ -6,7 +6,8 @@
 //! `src_port`, `dest_ip`, `dest_port` (or `icmp_type` and `icmp_code`),
 //! `proto`, `app_proto`. Alerts add `direction` and the `alert` object
 //! (`action`, `gid`, `signature_id`, `rev`, `signature`, `category`,
-//! `severity`, `metadata`). Palisade's identity of the traffic (the VM, its
+//! `severity`, `metadata`). Application records (`http`, `tls`, `dns`) carry
+//! the fields Suricata's do for what the parsers see. Palisade's identity of the traffic (the VM, its
 //! zone, the policy rule that chose inspection) goes in an optional
 //! `palisade` object, which Suricata tooling ignores.
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
+use crate::app::AppRecord;
 use crate::engine::{Alert, AlertAction};
 use crate::flow::{Direction, FlowState, FlowVerdict};
 use crate::ruleset::RuleSet;
@@ -29,6 +31,12 @@ pub struct EveOptions {
     pub flow: bool,
     /// `drop` records (IPS mode only), if enabled.
     pub drop: Option<DropLog>,
+    /// `http` records, one per transaction.
+    pub http: bool,
+    /// `dns` records, one per query.
+    pub dns: bool,
+    /// `tls` records, one per handshake.
+    pub tls: bool,
 }
 
 /// The `drop` output's settings.
@@ -43,12 +51,16 @@ pub struct DropLog {
 }
 
 impl Default for EveOptions {
-    /// Suricata's default configuration: alerts and flows, no drops.
+    /// Suricata's default configuration: alerts, flows and the application
+    /// protocols; no drops.
     fn default() -> Self {
         EveOptions {
             alert: true,
             flow: true,
             drop: None,
+            http: true,
+            dns: true,
+            tls: true,
         }
     }
 }
@@ -273,6 +285,174 @@ pub fn drop_record(
     if let Some(a) = cause {
         m.insert("alert".into(), alert_object(rules, a));
     }
+    if let Some(v) = identity.and_then(Identity::to_value) {
+        m.insert("palisade".into(), v);
+    }
+    Value::Object(m)
+}
+
+fn text(b: &[u8]) -> Value {
+    Value::String(String::from_utf8_lossy(b).into_owned())
+}
+
+fn rrtype(t: u16) -> String {
+    match t {
+        1 => "A".into(),
+        2 => "NS".into(),
+        5 => "CNAME".into(),
+        6 => "SOA".into(),
+        12 => "PTR".into(),
+        15 => "MX".into(),
+        16 => "TXT".into(),
+        28 => "AAAA".into(),
+        33 => "SRV".into(),
+        65 => "HTTPS".into(),
+        255 => "ANY".into(),
+        n => n.to_string(),
+    }
+}
+
+fn rcode(c: u8) -> String {
+    match c {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Whether `options` asks for records of this kind.
+pub fn wants(options: &EveOptions, record: &AppRecord) -> bool {
+    match record {
+        AppRecord::Http { .. } => options.http,
+        AppRecord::Tls { .. } => options.tls,
+        AppRecord::Dns { .. } => options.dns,
+    }
+}
+
+/// The `http`, `tls` or `dns` records of a transaction (a DNS query and its
+/// answer are two records, as in Suricata); `tuple` goes from client to server.
+pub fn app_records(
+    record: &AppRecord,
+    ts: Duration,
+    flow_id: u64,
+    pcap_cnt: Option<u64>,
+    tuple: &Tuple,
+    identity: Option<&Identity>,
+) -> Vec<Value> {
+    if let AppRecord::Dns {
+        id,
+        queries,
+        rcode: Some(rc),
+        query_seen: true,
+    } = record
+    {
+        let query = AppRecord::Dns {
+            id: *id,
+            queries: queries.clone(),
+            rcode: None,
+            query_seen: true,
+        };
+        let answer = AppRecord::Dns {
+            id: *id,
+            queries: queries.clone(),
+            rcode: Some(*rc),
+            query_seen: false,
+        };
+        return [query, answer]
+            .iter()
+            .map(|r| app_record(r, ts, flow_id, pcap_cnt, tuple, identity))
+            .collect();
+    }
+    vec![app_record(record, ts, flow_id, pcap_cnt, tuple, identity)]
+}
+
+fn app_record(
+    record: &AppRecord,
+    ts: Duration,
+    flow_id: u64,
+    pcap_cnt: Option<u64>,
+    tuple: &Tuple,
+    identity: Option<&Identity>,
+) -> Value {
+    let (event, app, body) = match record {
+        AppRecord::Http {
+            method,
+            url,
+            hostname,
+            user_agent,
+            protocol,
+            status,
+            length,
+            http2,
+        } => {
+            let mut h = Map::new();
+            if let Some(v) = hostname {
+                h.insert("hostname".into(), text(v));
+            }
+            h.insert("url".into(), text(url));
+            if let Some(v) = user_agent {
+                h.insert("http_user_agent".into(), text(v));
+            }
+            h.insert("http_method".into(), text(method));
+            if !protocol.is_empty() {
+                h.insert("protocol".into(), text(protocol));
+            }
+            if let Some(code) = status
+                .as_deref()
+                .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u16>().ok())
+            {
+                h.insert("status".into(), json!(code));
+            }
+            h.insert("length".into(), json!(length));
+            ("http", if *http2 { "http2" } else { "http" }, Value::Object(h))
+        }
+        AppRecord::Tls { sni, version } => {
+            let mut t = Map::new();
+            if let Some(v) = sni {
+                t.insert("sni".into(), text(v));
+            }
+            let v = match version {
+                0x0300 => "SSLv3".to_string(),
+                0x0301 => "TLSv1".to_string(),
+                0x0302 => "TLS 1.1".to_string(),
+                0x0303 => "TLS 1.2".to_string(),
+                0x0304 => "TLS 1.3".to_string(),
+                n => format!("{n:#06x}"),
+            };
+            t.insert("version".into(), Value::String(v));
+            ("tls", "tls", Value::Object(t))
+        }
+        AppRecord::Dns {
+            id, queries, rcode: rc, ..
+        } => {
+            let mut d = Map::new();
+            d.insert("version".into(), json!(3));
+            d.insert(
+                "type".into(),
+                Value::String(if rc.is_some() { "response" } else { "request" }.into()),
+            );
+            d.insert("id".into(), json!(id));
+            if let Some(c) = rc {
+                d.insert("rcode".into(), Value::String(rcode(*c)));
+            }
+            d.insert(
+                "queries".into(),
+                Value::Array(
+                    queries
+                        .iter()
+                        .map(|(name, t)| json!({ "rrname": String::from_utf8_lossy(name), "rrtype": rrtype(*t) }))
+                        .collect(),
+                ),
+            );
+            ("dns", "dns", Value::Object(d))
+        }
+    };
+    let mut m = header(event, ts, Some(flow_id), pcap_cnt, tuple, Some(app));
+    m.insert(event.into(), body);
     if let Some(v) = identity.and_then(Identity::to_value) {
         m.insert("palisade".into(), v);
     }

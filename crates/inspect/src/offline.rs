@@ -249,6 +249,14 @@ impl Replay {
             }
         };
         let pkt_dir = e.state.direction(pkt);
+        for rec in self.inspector.app_logs().drain(..) {
+            if eve::wants(&self.options.eve, &rec) {
+                let t = flow_tuple(&e.state, Direction::ToServer, None);
+                for v in eve::app_records(&rec, ts, e.id, Some(pcap_cnt), &t, identity) {
+                    out.push(v.to_string());
+                }
+            }
+        }
         if self.options.eve.alert {
             for a in &self.alerts {
                 let tuple = if pkt_dir.is_none_or(|d| d == a.direction) {
@@ -307,6 +315,7 @@ impl Replay {
         let mut state = FlowState::new(self.profile, pkt);
         self.alerts.clear();
         let _ = self.inspector.inspect(&mut state, pkt, ts, &mut self.alerts);
+        self.inspector.app_logs().clear();
         if self.options.eve.alert {
             let rules = self.inspector.rules().clone();
             let (sp, dp) = pkt.ports();
@@ -339,6 +348,14 @@ impl Replay {
         let _ = self.inspector.flush(&mut e.state, e.last, &mut self.alerts);
         let rules = self.inspector.rules().clone();
         let identity = self.options.identity.as_ref();
+        for rec in self.inspector.app_logs().drain(..) {
+            if eve::wants(&self.options.eve, &rec) {
+                let t = flow_tuple(&e.state, Direction::ToServer, None);
+                for v in eve::app_records(&rec, e.last, e.id, None, &t, identity) {
+                    out.push(v.to_string());
+                }
+            }
+        }
         if self.options.eve.alert {
             for a in &self.alerts {
                 let tuple = flow_tuple(&e.state, a.direction, e.icmp);

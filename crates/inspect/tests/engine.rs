@@ -488,3 +488,32 @@ alert tcp any any -> any any (content:"x"; flowbits:isset,other; sid:4;)"#;
     assert_eq!(b.counters().unknown_profile, 1);
     assert_eq!(flow.profile(), ProfileId(0));
 }
+
+#[test]
+fn application_records_once_per_transaction() {
+    use palisade_inspect::app::AppRecord;
+    let config = Config {
+        app_logs: true,
+        ..ids()
+    };
+    let mut insp = inspector(r#"alert tcp any any -> any any (content:"zzz"; sid:1;)"#, config);
+    let mut t = Tcp::new("10.0.0.1", 40000, "10.0.0.2", 80);
+    let mut pkts = t.handshake();
+    pkts.push(t.c(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n"));
+    pkts.push(t.s(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+    pkts.push(t.ack_from_client());
+    let (_, _) = run_flow(&mut insp, &pkts);
+    let logs: Vec<AppRecord> = insp.app_logs().drain(..).collect();
+    let urls: Vec<(Vec<u8>, Option<Vec<u8>>)> = logs
+        .iter()
+        .map(|r| match r {
+            AppRecord::Http { url, status, .. } => (url.clone(), status.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    // The answered one when its response completed, the other when the flow ended.
+    assert_eq!(
+        urls,
+        vec![(b"/a".to_vec(), Some(b"200".to_vec())), (b"/b".to_vec(), None)]
+    );
+}

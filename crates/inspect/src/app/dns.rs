@@ -129,6 +129,8 @@ pub struct DnsTx {
     pub updated: bool,
     /// This tx was made from a response with no query seen.
     pub response_only: bool,
+    /// Its EVE record was produced.
+    pub logged: bool,
 }
 
 /// Counters.
@@ -169,7 +171,7 @@ impl DnsParser {
 
     /// Drops answered transactions detection has seen, and any over the limit.
     pub fn prune(&mut self) {
-        self.txs.retain(|t| !t.answered || t.updated);
+        self.txs.retain(|t| !t.answered || t.updated || !t.logged);
     }
 
     /// Feeds one UDP datagram.
@@ -229,6 +231,7 @@ impl DnsParser {
             rcode: m.response.then_some(m.rcode),
             updated: true,
             response_only: m.response,
+            logged: false,
         });
     }
 }

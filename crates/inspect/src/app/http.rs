@@ -137,6 +137,8 @@ pub struct HttpTx {
     pub response: Progress,
     /// Progress changed since detection last looked.
     pub updated: bool,
+    /// Its EVE record was produced.
+    pub logged: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,7 +242,8 @@ impl HttpParser {
     /// Drops finished transactions detection has seen.
     pub fn prune(&mut self) {
         while let Some(tx) = self.txs.front() {
-            let done = tx.request == Progress::Complete && tx.response == Progress::Complete && !tx.updated;
+            let done =
+                tx.request == Progress::Complete && tx.response == Progress::Complete && !tx.updated && tx.logged;
             if !done {
                 break;
             }

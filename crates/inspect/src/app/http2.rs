@@ -111,8 +111,9 @@ impl Http2Parser {
 
     /// Drops finished transactions detection has seen.
     pub fn prune(&mut self) {
-        self.txs
-            .retain(|(_, t)| !(t.request == Progress::Complete && t.response == Progress::Complete && !t.updated));
+        self.txs.retain(|(_, t)| {
+            !(t.request == Progress::Complete && t.response == Progress::Complete && !t.updated && t.logged)
+        });
     }
 
     /// Feeds one direction's bytes.

@@ -198,36 +198,127 @@ impl AppState {
         }
     }
 
-    /// Calls `f` for every transaction that changed, then marks it seen and
-    /// drops finished ones.
-    pub fn drain_updates(&mut self, mut f: impl FnMut(&TxView<'_>)) {
+    /// Calls `f` for every transaction that changed (every live one when
+    /// `last`, the flow ending), then marks it seen and drops finished ones.
+    /// `f`'s flag says the transaction is ready for its log record, once: an
+    /// HTTP exchange when its response completed (or the flow ended), a DNS
+    /// query when answered (or the flow ended), the TLS ClientHello.
+    pub fn drain_updates(&mut self, last: bool, mut f: impl FnMut(&TxView<'_>, bool)) {
         match self {
             AppState::Http(h) => {
-                for tx in h.txs_mut().iter_mut().filter(|t| t.updated) {
-                    f(&TxView::Http(tx));
+                for tx in h.txs_mut().iter_mut().filter(|t| t.updated || (last && !t.logged)) {
+                    let log = !tx.logged && (tx.response == http::Progress::Complete || last);
+                    tx.logged |= log;
+                    f(&TxView::Http(tx), log);
                     tx.updated = false;
                 }
                 h.prune();
             }
             AppState::Http2(h) => {
-                for tx in h.txs_mut().filter(|t| t.updated) {
-                    f(&TxView::Http(tx));
+                for tx in h.txs_mut().filter(|t| t.updated || (last && !t.logged)) {
+                    let log = !tx.logged && (tx.response == http::Progress::Complete || last);
+                    tx.logged |= log;
+                    f(&TxView::Http(tx), log);
                     tx.updated = false;
                 }
                 h.prune();
             }
-            AppState::Tls(t) if t.updated => {
-                f(&TxView::Tls(t));
+            AppState::Tls(t) if t.updated || (last && t.client_hello && !t.logged) => {
+                let log = !t.logged && t.client_hello;
+                t.logged |= log;
+                f(&TxView::Tls(t), log);
                 t.updated = false;
             }
             AppState::Dns(d) => {
-                for tx in d.txs_mut().iter_mut().filter(|t| t.updated) {
-                    f(&TxView::Dns(tx));
+                for tx in d.txs_mut().iter_mut().filter(|t| t.updated || (last && !t.logged)) {
+                    let log = !tx.logged && (tx.answered || last);
+                    tx.logged |= log;
+                    f(&TxView::Dns(tx), log);
                     tx.updated = false;
                 }
                 d.prune();
             }
             _ => {}
+        }
+    }
+
+    /// Whether any transaction awaits its log record (for the end of a flow).
+    pub fn has_unlogged(&self) -> bool {
+        match self {
+            AppState::Http(h) => h.txs().iter().any(|t| !t.logged),
+            AppState::Http2(h) => h.txs().any(|t| !t.logged),
+            AppState::Tls(t) => t.client_hello && !t.logged,
+            AppState::Dns(d) => d.txs().iter().any(|t| !t.logged),
+            _ => false,
+        }
+    }
+}
+
+/// An application-layer transaction's record, for EVE's `http`, `tls` and `dns` events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppRecord {
+    /// An HTTP exchange.
+    Http {
+        /// Request method.
+        method: Vec<u8>,
+        /// Request URI as sent.
+        url: Vec<u8>,
+        /// Normalized host.
+        hostname: Option<Vec<u8>>,
+        /// User-Agent.
+        user_agent: Option<Vec<u8>>,
+        /// Request protocol.
+        protocol: Vec<u8>,
+        /// Status code.
+        status: Option<Vec<u8>>,
+        /// Response body length.
+        length: u64,
+        /// HTTP/2.
+        http2: bool,
+    },
+    /// A TLS ClientHello.
+    Tls {
+        /// Server name.
+        sni: Option<Vec<u8>>,
+        /// Legacy version field.
+        version: u16,
+    },
+    /// A DNS query (and its answer's code, if seen).
+    Dns {
+        /// Message id.
+        id: u16,
+        /// Question names and types.
+        queries: Vec<(Vec<u8>, u16)>,
+        /// Response code of the answer.
+        rcode: Option<u8>,
+        /// The query itself was seen (not only its answer).
+        query_seen: bool,
+    },
+}
+
+impl AppRecord {
+    pub(crate) fn of(tx: &TxView<'_>, http2: bool) -> AppRecord {
+        match tx {
+            TxView::Http(t) => AppRecord::Http {
+                method: t.method.clone(),
+                url: t.uri_raw.clone(),
+                hostname: t.host.clone(),
+                user_agent: t.user_agent.clone(),
+                protocol: t.protocol.clone(),
+                status: t.status.clone(),
+                length: t.response_length,
+                http2,
+            },
+            TxView::Tls(t) => AppRecord::Tls {
+                sni: t.sni.clone(),
+                version: t.version.unwrap_or(0),
+            },
+            TxView::Dns(t) => AppRecord::Dns {
+                id: t.dns_id,
+                queries: t.queries.iter().cloned().zip(t.types.iter().copied()).collect(),
+                rcode: t.rcode,
+                query_seen: !t.response_only,
+            },
         }
     }
 }

@@ -47,6 +47,8 @@ pub struct TlsParser {
     pub updated: bool,
     /// Malformed input stopped the parser.
     pub malformed: bool,
+    /// Its EVE record was produced.
+    pub logged: bool,
 }
 
 impl TlsParser {

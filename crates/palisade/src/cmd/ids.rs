@@ -5,8 +5,8 @@
 //! writes EVE JSON lines. `check` loads a rules file and lists what it
 //! refuses. The options are Suricata's settings of the same meaning: IPS
 //! mode, checksum validation off, midstream pickup, inline stream
-//! inspection, and a suricata.yaml read for its `eve-log` types and drop
-//! logging.
+//! inspection, and a suricata.yaml read for its `eve-log` types (alert,
+//! flow, drop, http, dns, tls) and drop logging.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -134,15 +134,16 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
 fn run_capture(args: RunArgs) -> anyhow::Result<ExitCode> {
     let rules = Arc::new(load_rules(&args.rules, args.skip_invalid)?);
     let profile = ProfileSpec::builtin(&args.profile).with_context(|| format!("unknown profile {:?}", args.profile))?;
+    let eve = match &args.suricata_yaml {
+        Some(p) => eve_options(p)?,
+        None => EveOptions::default(),
+    };
     let config = Config {
         mode: if args.ips { Mode::Ips } else { Mode::Ids },
         inline_stream: args.inline_stream,
         midstream: args.midstream,
+        app_logs: eve.http || eve.dns || eve.tls,
         ..Config::default()
-    };
-    let eve = match &args.suricata_yaml {
-        Some(p) => eve_options(p)?,
-        None => EveOptions::default(),
     };
     let inspector = Inspector::new(rules.clone(), vec![profile], config).context("compiling the profile")?;
     let profile_id = inspector.profile(&args.profile).context("profile compiled")?;
@@ -234,6 +235,9 @@ fn eve_options(path: &Path) -> anyhow::Result<EveOptions> {
             alert: false,
             flow: false,
             drop: None,
+            http: false,
+            dns: false,
+            tls: false,
         };
         let Some(types) = get(eve, "types") else {
             return Ok(EveOptions::default());
@@ -252,6 +256,9 @@ fn eve_options(path: &Path) -> anyhow::Result<EveOptions> {
             match name {
                 "alert" => opts.alert = true,
                 "flow" => opts.flow = true,
+                "http" => opts.http = true,
+                "dns" => opts.dns = true,
+                "tls" => opts.tls = true,
                 "drop" => {
                     let setting = |k: &str| settings.and_then(|s| get(s, k)).and_then(Node::as_str);
                     opts.drop = Some(DropLog {
