@@ -517,3 +517,35 @@ fn application_records_once_per_transaction() {
         vec![(b"/a".to_vec(), Some(b"200".to_vec())), (b"/b".to_vec(), None)]
     );
 }
+
+/// What the datapath's workers need: an inspector per worker (Send), flow
+/// state moving with connections (Send), compiled rules shared (Sync).
+#[test]
+fn thread_bounds_for_workers() {
+    fn send<T: Send>() {}
+    fn sync<T: Sync + Send>() {}
+    send::<Inspector>();
+    send::<FlowState>();
+    sync::<palisade_inspect::RuleSet>();
+    sync::<palisade_inspect::Detector>();
+    sync::<palisade_inspect::stream::MemoryBudget>();
+    // Two workers sharing compiled profiles and one memory budget.
+    let rules = support::rules(EVIL);
+    let detectors = Inspector::compile(&rules, vec![ProfileSpec::full()]).unwrap();
+    let budget = palisade_inspect::stream::MemoryBudget::new(1 << 20);
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut insp = Inspector::shared(rules.clone(), detectors.clone(), inline(), budget.clone());
+            std::thread::spawn(move || {
+                let mut t = Tcp::new("10.0.0.1", 40000, "10.0.0.2", 80);
+                let mut pkts = t.handshake();
+                pkts.push(t.c(b"EVIL"));
+                let (run, _) = run_flow(&mut insp, &pkts);
+                run.alerts.len()
+            })
+        })
+        .collect();
+    for w in workers {
+        assert_eq!(w.join().unwrap(), 1);
+    }
+}
