@@ -432,6 +432,22 @@ mod tests {
     }
 
     #[test]
+    fn only_tcp_checksums_are_checked_and_a_bad_one_marks_the_packet() {
+        let mut p = vec![0x45, 0, 0, 44, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        // TCP: ports, seq, ack, data offset 5, flags PA, window, checksum 0x1234 (wrong), urgent.
+        p.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0x12, 0x34, 0, 0]);
+        p.extend_from_slice(b"EHLO");
+        let d = decode(LinkType::RAW, &p, true);
+        assert!(!d.packets[0].checksum_ok);
+        assert_eq!(d.bad_checksums, 1);
+        assert!(decode(LinkType::RAW, &p, false).packets[0].checksum_ok);
+        // A UDP packet with a wrong checksum is not marked.
+        let mut u = ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"x");
+        u[26] = 0x12;
+        assert!(decode(LinkType::RAW, &u, true).packets[0].checksum_ok);
+    }
+
+    #[test]
     fn quoted_flows() {
         let inner = ipv4_udp([192, 168, 10, 10], [192, 168, 10, 31], b"x");
         let q = quoted_flow(&inner).unwrap();

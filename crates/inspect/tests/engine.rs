@@ -549,3 +549,23 @@ fn thread_bounds_for_workers() {
         assert_eq!(w.join().unwrap(), 1);
     }
 }
+
+/// A segment with a wrong TCP checksum (found by suricata-verify bug-1045):
+/// the receiver discards it, so it stays out of the stream, and it is still
+/// inspected as a packet, as Suricata does. Before the fix every such packet
+/// was dropped from inspection altogether.
+#[test]
+fn bad_checksum_segments_are_inspected_as_packets_not_reassembled() {
+    let rules = r#"alert tcp any any -> any any (flow:to_server,established; content:"EHLO"; sid:1;)"#;
+    let mut t = Tcp::new("10.0.0.1", 40000, "10.0.0.2", 25);
+    let mut pkts = t.handshake();
+    let mut bad = t.c(b"EHLO x\r\n");
+    bad.bad_checksum = true;
+    pkts.push(bad);
+    pkts.push(t.ack_from_server());
+    let mut insp = inspector(rules, ids());
+    let (run, flow) = run_flow(&mut insp, &pkts);
+    assert_eq!(run.at(1), vec![3], "inspected on its own packet");
+    assert_eq!(flow.stream_bytes(), 0);
+    assert_eq!(insp.counters().stream_fallback, 0, "not a fallback: never offered to the stream");
+}

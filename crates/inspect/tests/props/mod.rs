@@ -276,18 +276,25 @@ pub fn app(data: &[u8]) {
 /// A TCP conversation made of the input through the whole engine (IDS and
 /// IPS): no panic, and every stream byte is given back at the end.
 pub fn engine(data: &[u8]) {
-    let rules = Arc::new(
-        RuleSet::parse(
-            r#"alert tcp any any -> any any (content:"EVIL"; sid:1;)
+    // Compiled once: each input gets fresh inspectors sharing them.
+    static COMPILED: std::sync::OnceLock<(Arc<RuleSet>, Arc<[palisade_inspect::Detector]>)> =
+        std::sync::OnceLock::new();
+    let (rules, detectors) = COMPILED.get_or_init(|| {
+        let rules = Arc::new(
+            RuleSet::parse(
+                r#"alert tcp any any -> any any (content:"EVIL"; sid:1;)
 alert http any any -> any any (http.uri; content:"/x"; sid:2;)
 drop tcp any any -> any any (content:"DROP"; flowbits:set,d; sid:3;)
 alert tcp any any -> any any (flowbits:isset,d; pcre:"/a+b/"; sid:4;)
 alert dns any any -> any any (dns.query; content:"evil"; sid:5;)"#,
-            &RuleContext::default(),
-            LoadOptions::default(),
-        )
-        .unwrap(),
-    );
+                &RuleContext::default(),
+                LoadOptions::default(),
+            )
+            .unwrap(),
+        );
+        let detectors = Inspector::compile(&rules, vec![ProfileSpec::full()]).unwrap();
+        (rules, detectors)
+    });
     for mode in [Mode::Ids, Mode::Ips] {
         let config = Config {
             mode,
@@ -300,7 +307,8 @@ alert dns any any -> any any (dns.query; content:"evil"; sid:5;)"#,
             stream_memory: 4096,
             ..Config::default()
         };
-        let mut insp = Inspector::new(rules.clone(), vec![ProfileSpec::full()], config).unwrap();
+        let budget = MemoryBudget::new(config.stream_memory);
+        let mut insp = Inspector::shared(rules.clone(), detectors.clone(), config, budget);
         let mut input = Input(data);
         let mut flow: Option<FlowState> = None;
         let mut alerts = Vec::new();

@@ -31,6 +31,7 @@ pub struct Pkt {
     pub ttl: u8,
     pub transport: Transport,
     pub payload: Vec<u8>,
+    pub bad_checksum: bool,
 }
 
 impl Pkt {
@@ -44,7 +45,7 @@ impl Pkt {
             payload: &self.payload,
             fragment: false,
             ip_len: 40 + self.payload.len(),
-            checksum_ok: true,
+            checksum_ok: !self.bad_checksum,
         }
     }
 
@@ -59,6 +60,7 @@ impl Pkt {
                 dst_port: dp,
             },
             payload: payload.to_vec(),
+            bad_checksum: false,
         }
     }
 
@@ -74,6 +76,7 @@ impl Pkt {
                 echo_id: matches!(icmp_type, 0 | 8).then_some(7),
             },
             payload: payload.to_vec(),
+            bad_checksum: false,
         }
     }
 }
@@ -117,6 +120,7 @@ impl Tcp {
                 fast_open: false,
             }),
             payload: payload.to_vec(),
+            bad_checksum: false,
         }
     }
 
