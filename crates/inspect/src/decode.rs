@@ -435,7 +435,9 @@ mod tests {
     fn only_tcp_checksums_are_checked_and_a_bad_one_marks_the_packet() {
         let mut p = vec![0x45, 0, 0, 44, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
         // TCP: ports, seq, ack, data offset 5, flags PA, window, checksum 0x1234 (wrong), urgent.
-        p.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0x12, 0x34, 0, 0]);
+        p.extend_from_slice(&[
+            0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0x12, 0x34, 0, 0,
+        ]);
         p.extend_from_slice(b"EHLO");
         let d = decode(LinkType::RAW, &p, true);
         assert!(!d.packets[0].checksum_ok);

@@ -375,7 +375,7 @@ impl Detector {
             dependencies: 0,
         };
         let mut payload_patterns = Vec::new();
-        let mut tx_patterns: Vec<Vec<(Vec<u8>, SigId)>> = vec![Vec::new(); BUFFER_KINDS];
+        let mut tx_patterns: Vec<Vec<(SigId, Vec<Vec<u8>>)>> = vec![Vec::new(); BUFFER_KINDS];
         for (i, s) in rules.sigs.iter().enumerate() {
             if !member[i] {
                 continue;
@@ -394,11 +394,11 @@ impl Detector {
                 SigKind::IpOnly => classes.for_each(|c| d.ip_only[c].push(id)),
                 SigKind::Packet => classes.for_each(|c| d.packet[c].push(id)),
                 SigKind::Payload => match &s.fast_pattern {
-                    Some((Buffer::Payload, p)) => payload_patterns.push((p.clone(), id)),
+                    Some((Buffer::Payload, _)) => payload_patterns.push((id, literals(s, Buffer::Payload))),
                     _ => classes.for_each(|c| d.payload_always[c].push(id)),
                 },
                 SigKind::Tx(proto) => match &s.fast_pattern {
-                    Some((b, p)) if *b != Buffer::Payload => tx_patterns[b.index()].push((p.clone(), id)),
+                    Some((b, _)) if *b != Buffer::Payload => tx_patterns[b.index()].push((id, literals(s, *b))),
                     _ => d.tx_always[app_index(proto)].push(id),
                 },
             }
@@ -466,6 +466,22 @@ impl Detector {
     pub(crate) fn tx_always_for(&self, p: AppProto) -> &[SigId] {
         &self.tx_always[app_index(p)]
     }
+}
+
+/// Every positive content a signature has in `buffer`: all must occur for it to match.
+fn literals(sig: &Signature, buffer: Buffer) -> Vec<Vec<u8>> {
+    sig.rule
+        .buffer(buffer)
+        .map(|b| {
+            b.steps
+                .iter()
+                .filter_map(|st| match st {
+                    Step::Content(c) if !c.negated => Some(c.pattern.clone()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

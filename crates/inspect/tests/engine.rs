@@ -567,5 +567,9 @@ fn bad_checksum_segments_are_inspected_as_packets_not_reassembled() {
     let (run, flow) = run_flow(&mut insp, &pkts);
     assert_eq!(run.at(1), vec![3], "inspected on its own packet");
     assert_eq!(flow.stream_bytes(), 0);
-    assert_eq!(insp.counters().stream_fallback, 0, "not a fallback: never offered to the stream");
+    assert_eq!(
+        insp.counters().stream_fallback,
+        0,
+        "not a fallback: never offered to the stream"
+    );
 }
