@@ -57,6 +57,9 @@ enum Command {
     Tag(cmd::ctl::TagArgs),
     /// Revoke an API token on the controller.
     Revoke(cmd::ctl::RevokeArgs),
+    /// Run the signature engine offline over a capture (Suricata rule language subset).
+    #[command(subcommand)]
+    Ids(cmd::ids::IdsCmd),
 }
 
 fn main() -> std::process::ExitCode {
@@ -85,6 +88,7 @@ fn main() -> std::process::ExitCode {
         Command::Rollback(a) => cmd::ctl::rollback(a),
         Command::Tag(a) => cmd::ctl::tag(a),
         Command::Revoke(a) => cmd::ctl::revoke(a),
+        Command::Ids(c) => cmd::ids::run(c),
     };
     match result {
         Ok(code) => code,

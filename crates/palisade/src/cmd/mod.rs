@@ -8,6 +8,7 @@ pub mod ca;
 pub mod controller;
 pub mod ctl;
 pub mod demo;
+pub mod ids;
 pub mod lab;
 pub mod pcap;
 pub mod policy;

@@ -1,0 +1,350 @@
+//! Properties the fuzz targets check (`fuzz/fuzz_targets/inspect_*.rs`
+//! include this file), and that the normal tests run on committed crash
+//! inputs and on generated ones.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use palisade_inspect::app::dns::DnsParser;
+use palisade_inspect::app::hpack::Decoder;
+use palisade_inspect::app::http::{HttpParser, HttpTx, MAX_TXS};
+use palisade_inspect::app::http2::Http2Parser;
+use palisade_inspect::app::tls::TlsParser;
+use palisade_inspect::packet::{Packet, TcpHeader, Transport};
+use palisade_inspect::rules::{RuleContext, parse_rules};
+use palisade_inspect::stream::{LocalBudget, MemoryBudget, StreamLimits};
+use palisade_inspect::{Config, FlowState, Inspector, LoadOptions, Mode, ProfileSpec, RuleSet};
+
+/// Rule text: parsing never panics, errors point inside the text, and the
+/// accepted rules compile into a profile.
+pub fn rules(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if text.len() > 64 * 1024 {
+        return;
+    }
+    let ctx = RuleContext::default();
+    let parsed = parse_rules(text, &ctx);
+    let lines = text.split('\n').count();
+    for e in &parsed.errors {
+        assert!(e.line >= 1 && e.line <= lines, "{e} (text has {lines} lines)");
+        assert!(e.column >= 1, "{e}");
+        let _ = e.to_string();
+    }
+    let set = RuleSet::parse(text, &ctx, LoadOptions { skip_invalid: true }).expect("skip_invalid always loads");
+    assert_eq!(
+        set.len() + set.refused().len(),
+        parsed.rules.len() + parsed.errors.len()
+    );
+    let insp = Inspector::new(
+        Arc::new(set),
+        vec![ProfileSpec::full(), ProfileSpec::critical()],
+        Config::default(),
+    )
+    .expect("built-in profiles compile");
+    // Every accepted signature runs on a few buffers without panicking.
+    let mut i = insp;
+    let mut flow = FlowState::new(palisade_inspect::ProfileId(0), &udp(b"x").packet());
+    let mut alerts = Vec::new();
+    for payload in [&b""[..], b"GET / HTTP/1.1\r\n\r\n", data] {
+        let p = udp(payload);
+        let _ = i.inspect(&mut flow, &p.packet(), Duration::ZERO, &mut alerts);
+    }
+}
+
+pub struct Owned {
+    transport: Transport,
+    payload: Vec<u8>,
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+impl Owned {
+    pub fn packet(&self) -> Packet<'_> {
+        Packet {
+            src: self.src.into(),
+            dst: self.dst.into(),
+            protocol: if matches!(self.transport, Transport::Tcp(_)) {
+                6
+            } else {
+                17
+            },
+            ttl: 64,
+            transport: self.transport,
+            payload: &self.payload,
+            fragment: false,
+            ip_len: 40 + self.payload.len(),
+            checksum_ok: true,
+        }
+    }
+}
+
+fn udp(payload: &[u8]) -> Owned {
+    Owned {
+        transport: Transport::Udp {
+            src_port: 5353,
+            dst_port: 53,
+        },
+        payload: payload.to_vec(),
+        src: [10, 0, 0, 1],
+        dst: [10, 0, 0, 2],
+    }
+}
+
+/// A little-endian reader over fuzz input.
+struct Input<'a>(&'a [u8]);
+
+impl Input<'_> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from(self.byte()?) | u16::from(self.byte()?) << 8)
+    }
+}
+
+/// Reassembly against a model: segments (offset, length, fill) land in a
+/// stream with small limits; the stream's contiguous bytes always equal the
+/// model's (first data wins; refused segments leave no trace), whatever the
+/// order, overlaps, releases and limits.
+pub fn stream(data: &[u8]) {
+    use palisade_inspect::stream::Stream;
+    let mut input = Input(data);
+    let limits = StreamLimits {
+        depth: 4096,
+        max_ooo_bytes: 1024,
+        max_ooo_segments: 8,
+    };
+    let mut budget = LocalBudget::new(MemoryBudget::new(1 << 20));
+    let mut counters = Default::default();
+    let base: u32 = u32::MAX - 600; // sequence numbers wrap inside the run
+    let mut s = Stream::new(base);
+    let mut model: Vec<Option<u8>> = vec![None; 4096 + 512];
+    let mut released = 0u64;
+    while let (Some(op), Some(off), Some(len)) = (input.byte(), input.u16(), input.byte()) {
+        let off = u64::from(off % 4300);
+        if op % 8 == 7 {
+            // Consumers moved on: release what is before `off` (bounded by what exists).
+            let keep = off.min(s.next());
+            s.raw_progress = keep;
+            s.app_progress = keep;
+            s.release_before(keep, &mut budget);
+            released = released.max(keep);
+            continue;
+        }
+        let fill = op;
+        let bytes: Vec<u8> = (0..u64::from(len)).map(|i| fill.wrapping_add(i as u8)).collect();
+        let seq = base.wrapping_add(off as u32);
+        let result = s.insert(seq, &bytes, &limits, &mut budget, &mut counters);
+        use palisade_inspect::stream::Insert;
+        match result {
+            Insert::Refused | Insert::BeyondDepth => {}
+            Insert::Advanced { .. } | Insert::Held | Insert::Duplicate => {
+                for (i, &b) in bytes.iter().enumerate() {
+                    let o = off as usize + i;
+                    if (o as u64) < limits.depth && model[o].is_none() {
+                        model[o] = Some(b);
+                    }
+                }
+            }
+        }
+        let next = s.next();
+        let expected_next = model.iter().position(Option::is_none).unwrap_or(model.len()) as u64;
+        // Held segments beyond a hole do not count; contiguous data ends at the first hole.
+        assert_eq!(next, expected_next.min(limits.depth), "contiguous end");
+        let from = released.min(next);
+        let (window, origin) = s.window(from, next, 0);
+        assert_eq!(origin, 0);
+        let want: Vec<u8> = model[from as usize..next as usize]
+            .iter()
+            .map(|b| b.expect("contiguous"))
+            .collect();
+        assert_eq!(window, &want[..], "bytes {from}..{next}");
+        assert!(s.held() <= (next - from) as usize + limits.max_ooo_bytes + 4096);
+    }
+    s.release_all(&mut budget);
+    assert_eq!(budget.in_use(), 0);
+}
+
+/// Splits `data` at up to 8 points taken from its first bytes.
+fn chunks(data: &[u8]) -> (Vec<&[u8]>, &[u8]) {
+    let Some((&n, rest)) = data.split_first() else {
+        return (vec![], data);
+    };
+    let n = usize::from(n % 8);
+    let (cuts, body) = rest.split_at(n.min(rest.len()));
+    let mut points: Vec<usize> = cuts.iter().map(|&c| usize::from(c) % (body.len() + 1)).collect();
+    points.sort_unstable();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for p in points {
+        out.push(&body[at..p]);
+        at = p;
+    }
+    out.push(&body[at..]);
+    (out, body)
+}
+
+fn http_txs(p: &HttpParser) -> Vec<HttpTx> {
+    p.txs()
+        .iter()
+        .cloned()
+        .map(|mut t| {
+            t.updated = false;
+            t
+        })
+        .collect()
+}
+
+fn same_txs(a: &[HttpTx], b: &[HttpTx]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(
+            (
+                &x.method,
+                &x.uri,
+                &x.host,
+                &x.user_agent,
+                &x.status,
+                &x.request_header_block,
+                x.request,
+                x.response
+            ),
+            (
+                &y.method,
+                &y.uri,
+                &y.host,
+                &y.user_agent,
+                &y.status,
+                &y.request_header_block,
+                y.request,
+                y.response
+            )
+        );
+    }
+}
+
+/// The application-layer parsers: no panic, bounded state, and the same
+/// result whether the bytes arrive at once or cut anywhere.
+pub fn app(data: &[u8]) {
+    let (parts, body) = chunks(data);
+    // HTTP/1.x, as requests and as responses.
+    let (mut whole, mut split) = (HttpParser::new(), HttpParser::new());
+    whole.parse_request(body);
+    whole.parse_response(body);
+    for p in &parts {
+        split.parse_request(p);
+    }
+    for p in &parts {
+        split.parse_response(p);
+    }
+    assert!(whole.txs().len() <= MAX_TXS);
+    same_txs(&http_txs(&whole), &http_txs(&split));
+    // TLS.
+    let (mut whole, mut split) = (TlsParser::new(), TlsParser::new());
+    whole.parse_client(body);
+    parts.iter().for_each(|p| split.parse_client(p));
+    assert_eq!((&whole.sni, whole.client_hello), (&split.sni, split.client_hello));
+    // DNS over TCP, and each part as a datagram.
+    let (mut whole, mut split) = (DnsParser::new(), DnsParser::new());
+    whole.parse_stream(true, body);
+    parts.iter().for_each(|p| split.parse_stream(true, p));
+    let names = |d: &DnsParser| d.txs().iter().map(|t| t.queries.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&whole), names(&split));
+    let mut dgrams = DnsParser::new();
+    parts.iter().for_each(|p| dgrams.parse_datagram(p));
+    // HTTP/2 after a preface, and HPACK alone.
+    let mut h2 = palisade_inspect::app::http2::PREFACE.to_vec();
+    h2.extend_from_slice(body);
+    let (mut whole, mut split) = (Http2Parser::new(), Http2Parser::new());
+    whole.parse(true, &h2);
+    whole.parse(false, body);
+    split.parse(true, palisade_inspect::app::http2::PREFACE);
+    parts.iter().for_each(|p| split.parse(true, p));
+    parts.iter().for_each(|p| split.parse(false, p));
+    let uris = |h: &Http2Parser| h.txs().map(|t| (t.uri.clone(), t.status.clone())).collect::<Vec<_>>();
+    assert_eq!(uris(&whole), uris(&split));
+    let mut d = Decoder::default();
+    for p in &parts {
+        let _ = d.decode(p);
+    }
+}
+
+/// A TCP conversation made of the input through the whole engine (IDS and
+/// IPS): no panic, and every stream byte is given back at the end.
+pub fn engine(data: &[u8]) {
+    // Compiled once: each input gets fresh inspectors sharing them.
+    static COMPILED: std::sync::OnceLock<(Arc<RuleSet>, Arc<[palisade_inspect::Detector]>)> =
+        std::sync::OnceLock::new();
+    let (rules, detectors) = COMPILED.get_or_init(|| {
+        let rules = Arc::new(
+            RuleSet::parse(
+                r#"alert tcp any any -> any any (content:"EVIL"; sid:1;)
+alert http any any -> any any (http.uri; content:"/x"; sid:2;)
+drop tcp any any -> any any (content:"DROP"; flowbits:set,d; sid:3;)
+alert tcp any any -> any any (flowbits:isset,d; pcre:"/a+b/"; sid:4;)
+alert dns any any -> any any (dns.query; content:"evil"; sid:5;)"#,
+                &RuleContext::default(),
+                LoadOptions::default(),
+            )
+            .unwrap(),
+        );
+        let detectors = Inspector::compile(&rules, vec![ProfileSpec::full()]).unwrap();
+        (rules, detectors)
+    });
+    for mode in [Mode::Ids, Mode::Ips] {
+        let config = Config {
+            mode,
+            midstream: true,
+            stream: StreamLimits {
+                depth: 2048,
+                max_ooo_bytes: 512,
+                max_ooo_segments: 4,
+            },
+            stream_memory: 4096,
+            ..Config::default()
+        };
+        let budget = MemoryBudget::new(config.stream_memory);
+        let mut insp = Inspector::shared(rules.clone(), detectors.clone(), config, budget);
+        let mut input = Input(data);
+        let mut flow: Option<FlowState> = None;
+        let mut alerts = Vec::new();
+        let mut t = 0u64;
+        while let (Some(flags), Some(seq), Some(len)) = (input.byte(), input.u16(), input.byte()) {
+            let from_client = flags & 0x80 == 0;
+            let n = usize::from(len % 64).min(input.0.len());
+            let (payload, rest) = input.0.split_at(n);
+            input.0 = rest;
+            let (src, dst, sp, dp) = if from_client {
+                ([10, 0, 0, 1], [10, 0, 0, 2], 40000, 80)
+            } else {
+                ([10, 0, 0, 2], [10, 0, 0, 1], 80, 40000)
+            };
+            let p = Owned {
+                transport: Transport::Tcp(TcpHeader {
+                    src_port: sp,
+                    dst_port: dp,
+                    seq: u32::from(seq).wrapping_mul(7),
+                    ack: u32::from(seq).wrapping_mul(11),
+                    flags: flags & 0x3f,
+                    window: 1000,
+                    fast_open: flags & 0x40 != 0,
+                }),
+                payload: payload.to_vec(),
+                src,
+                dst,
+            };
+            let f = flow.get_or_insert_with(|| FlowState::new(palisade_inspect::ProfileId(0), &p.packet()));
+            t += 1;
+            let _ = insp.inspect(f, &p.packet(), Duration::from_secs(t), &mut alerts);
+        }
+        if let Some(mut f) = flow {
+            let _ = insp.flush(&mut f, Duration::from_secs(t), &mut alerts);
+            assert_eq!(f.stream_bytes(), 0);
+        }
+        assert_eq!(insp.stream_memory_in_use(), 0);
+    }
+}
