@@ -456,6 +456,100 @@ fn a_guest_reset_renegotiates_and_moves_the_rings() {
     );
 }
 
+/// Send SET_VRING_ENABLE(`index`, 1) with NEED_REPLY on `raw` and read the acknowledgement.
+fn raw_enable(raw: &mut std::os::unix::net::UnixStream, index: u32) -> u64 {
+    use std::io::{Read, Write};
+    let mut msg = Vec::new();
+    for v in [18u32, 0x1 | 0x8, 8, index, 1] {
+        msg.extend_from_slice(&v.to_le_bytes());
+    }
+    raw.write_all(&msg).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut reply = [0u8; 20];
+    raw.read_exact(&mut reply).expect("an acknowledgement of the early SET_VRING_ENABLE");
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 18);
+    assert_eq!(u32::from_le_bytes(reply[4..8].try_into().unwrap()) & 0x4, 0x4, "a reply");
+    u64::from_le_bytes(reply[12..20].try_into().unwrap())
+}
+
+#[test]
+fn rings_enabled_before_the_features_are_negotiated_stay_enabled() {
+    // QEMU 7.2 does this on a reconnect (and at multiqueue start-up): the
+    // vhost crate alone would drop these enables without a reply, leaving
+    // the rings disabled for good (seen with the QEMU guest test).
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir);
+    let (device, mut pairs) = open(&socket, 1);
+    let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let mut raw = stream.try_clone().unwrap();
+    let mut fe = Frontend::from_stream(stream, 2);
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf).unwrap();
+    assert_eq!(raw_enable(&mut raw, 0), 0);
+    assert_eq!(raw_enable(&mut raw, 1), 0);
+    assert_eq!(raw_enable(&mut raw, 7), 1, "a ring that does not exist is refused");
+    fe.set_features(offered).unwrap();
+    let file = memory_file();
+    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files(&[(
+        GuestAddress(MEM_BASE),
+        MEM_LEN as usize,
+        Some(FileOffset::new(file.try_clone().unwrap(), 0)),
+    )])
+    .unwrap();
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: MEM_BASE,
+        memory_size: MEM_LEN,
+        userspace_addr: USER_BASE,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    }])
+    .unwrap();
+    // Rings set up and started, but never enabled again after SET_FEATURES.
+    let mut rings = Vec::new();
+    let mut kicks = Vec::new();
+    let mut at = MEM_BASE;
+    for q in 0..2 {
+        let ring = DriverRing::new(at, RING_SIZE);
+        ring.init(&mem);
+        at = align(ring.end(), 4096);
+        let user = |gpa: u64| USER_BASE + (gpa - MEM_BASE);
+        fe.set_vring_num(q, RING_SIZE).unwrap();
+        fe.set_vring_addr(
+            q,
+            &VringConfigData {
+                queue_max_size: RING_SIZE,
+                queue_size: RING_SIZE,
+                flags: 0,
+                desc_table_addr: user(ring.layout.desc_table),
+                used_ring_addr: user(ring.layout.used_ring),
+                avail_ring_addr: user(ring.layout.avail_ring),
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_base(q, 0).unwrap();
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        fe.set_vring_call(q, &EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        fe.set_vring_kick(q, &kick).unwrap();
+        rings.push(ring);
+        kicks.push(kick);
+    }
+    eventually("both rings to run", || pairs[0].running() == (true, true));
+    assert_eq!(device.status().early_ring_enables, 3);
+    // And frames flow.
+    let frame = tcp4_frame(10, 1);
+    let mut bytes = VirtioNetRepr::PLAIN.to_bytes().to_vec();
+    bytes.extend_from_slice(&frame);
+    let buf = align(at, 4096);
+    mem.write_slice(&bytes, GuestAddress(buf)).unwrap();
+    rings[1].add(&mem, &[(buf, bytes.len() as u32, false)]).unwrap();
+    rings[1].publish(&mem);
+    kicks[1].write(1).unwrap();
+    assert_eq!(receive(&mut pairs[0], 1)[0].1, frame);
+}
+
 #[test]
 fn socket_paths_are_checked_before_binding() {
     let dir = tempfile::tempdir().unwrap();

@@ -89,6 +89,11 @@ impl Device {
         self.acked_protocol
     }
 
+    /// Whether replies to requests that want one are on (`REPLY_ACK` negotiated).
+    pub fn reply_ack(&self) -> bool {
+        self.acked_protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
     /// The reason the last request was refused, if it was (then the session goes on).
     pub fn take_refusal(&mut self) -> Option<String> {
         self.refusal.take()

@@ -15,7 +15,8 @@
 //! same path is what an agent restart looks like to QEMU: it reconnects and
 //! the guest's link comes back.
 
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -25,7 +26,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vhost::vhost_user::BackendReqHandler;
-use vhost::vhost_user::Error as VhostError;
+use vhost::vhost_user::VhostUserVirtioFeatures;
+use vhost::vhost_user::{Error as VhostError, VhostUserBackendReqHandlerMut};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::device::Device;
@@ -86,6 +88,9 @@ pub struct DeviceStatus {
     pub running: Vec<(bool, bool)>,
     /// Requests refused (bad index, size, address…) while the session went on.
     pub requests_refused: u64,
+    /// Ring enables QEMU sent before the features were negotiated (at
+    /// multiqueue start-up and on reconnect), handled outside the protocol layer.
+    pub early_ring_enables: u64,
     /// The last refusal or session error, for the operator.
     pub last_error: Option<String>,
 }
@@ -280,9 +285,25 @@ fn serve(listener: &UnixListener, control: &Control) {
     }
 }
 
+/// vhost-user request codes this module looks at before the protocol layer does.
+const SET_FEATURES: u32 = 2;
+const SET_VRING_ENABLE: u32 = 18;
+/// Header flags: version 1, a reply, a reply wanted.
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+/// Header (request, flags, size) and a `u64` or (index, num) body.
+const HEADER_LEN: usize = 12;
+const SMALL_MESSAGE_LEN: usize = HEADER_LEN + 8;
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
 /// Serve one connection until the frontend leaves, a request fails, or the device stops.
 fn session(stream: UnixStream, control: &Control) {
     let fd = stream.as_raw_fd();
+    let Ok(mut raw) = stream.try_clone() else { return };
     *lock(&control.conn) = stream.try_clone().ok();
     {
         let mut status = lock(&control.status);
@@ -291,6 +312,8 @@ fn session(stream: UnixStream, control: &Control) {
     }
     let mut handler = BackendReqHandler::from_stream(stream, control.device.clone());
     let stop_fd = control.stop_fd.as_raw_fd();
+    // Whether the protocol layer has seen a SET_FEATURES with the protocol-features bit.
+    let mut protocol_acked = false;
     loop {
         if control.stop.load(Ordering::SeqCst) {
             return;
@@ -302,6 +325,33 @@ fn session(stream: UnixStream, control: &Control) {
         }
         if control.stop.load(Ordering::SeqCst) {
             return;
+        }
+        // QEMU enables and disables rings (SET_VRING_ENABLE) before it sends
+        // SET_FEATURES: when it creates a multiqueue device, and on a
+        // reconnect. The vhost crate checks the protocol-features bit against
+        // features not negotiated yet and drops such a request without
+        // calling the handler (or replying), which would leave a ring
+        // disabled for good. Those few requests are taken off the socket and
+        // handled here; everything else goes to the protocol layer.
+        let mut head = [0u8; SMALL_MESSAGE_LEN];
+        match crate::sys::peek_exact(raw.as_fd(), &mut head[..HEADER_LEN]) {
+            Ok(HEADER_LEN) => {}
+            _ => return,
+        }
+        let (request, flags, size) = (le32(&head[0..4]), le32(&head[4..8]), le32(&head[8..12]));
+        if size == 8 && (request == SET_FEATURES || (request == SET_VRING_ENABLE && !protocol_acked)) {
+            if crate::sys::peek_exact(raw.as_fd(), &mut head).ok() != Some(SMALL_MESSAGE_LEN) {
+                return;
+            }
+            if request == SET_FEATURES {
+                let value = u64::from_le_bytes(head[12..20].try_into().unwrap_or_default());
+                protocol_acked = value & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+            } else {
+                if early_ring_enable(&mut raw, control, flags).is_err() {
+                    return;
+                }
+                continue;
+            }
         }
         if let Err(e) = handler.handle_request() {
             let refusal = lock(&control.device).take_refusal();
@@ -320,4 +370,37 @@ fn session(stream: UnixStream, control: &Control) {
             }
         }
     }
+}
+
+/// Take a SET_VRING_ENABLE that came before SET_FEATURES off the socket,
+/// apply it, and acknowledge it if the frontend asked.
+fn early_ring_enable(stream: &mut UnixStream, control: &Control, flags: u32) -> std::io::Result<()> {
+    let mut msg = [0u8; SMALL_MESSAGE_LEN];
+    stream.read_exact(&mut msg)?;
+    let (index, num) = (le32(&msg[12..16]), le32(&msg[16..20]));
+    let (ok, reply_ack) = {
+        let mut device = lock(&control.device);
+        let ok = num <= 1 && device.set_vring_enable(index, num == 1).is_ok();
+        if !ok {
+            device.take_refusal();
+        }
+        (ok, device.reply_ack())
+    };
+    {
+        let mut status = lock(&control.status);
+        status.early_ring_enables += 1;
+        if !ok {
+            status.requests_refused += 1;
+            status.last_error = Some(format!("ring {index}: enable {num} refused"));
+        }
+    }
+    if flags & FLAG_NEED_REPLY != 0 && reply_ack {
+        let mut reply = [0u8; SMALL_MESSAGE_LEN];
+        reply[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+        reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(!ok).to_le_bytes());
+        stream.write_all(&reply)?;
+    }
+    Ok(())
 }
