@@ -124,9 +124,14 @@ impl Snapshot {
     fn changed(&self, other: &Snapshot) -> Vec<u64> {
         let mut out = Vec::new();
         for ((&(base, _), a), b) in REGIONS.iter().zip(&self.0).zip(&other.0) {
-            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            // Compare 64 bytes at a time; look at single bytes only where a block differs.
+            for (k, (x, y)) in a.chunks(64).zip(b.chunks(64)).enumerate() {
                 if x != y {
-                    out.push(base + i as u64);
+                    for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                        if p != q {
+                            out.push(base + (k * 64 + i) as u64);
+                        }
+                    }
                 }
             }
         }
@@ -229,13 +234,17 @@ impl Ring {
 
     fn push(&mut self, mem: &GuestMemoryMmap, head: u16) {
         let slot = u64::from(self.avail_idx % self.layout.size);
-        let _ = mem.write_obj(head.to_le(), GuestAddress(self.layout.avail_ring + 4 + 2 * slot));
+        if let Some(at) = self.layout.avail_ring.checked_add(4 + 2 * slot) {
+            let _ = mem.write_obj(head.to_le(), GuestAddress(at));
+        }
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.publish(mem);
     }
 
     fn publish(&self, mem: &GuestMemoryMmap) {
-        let _ = mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.layout.avail_ring + 2));
+        if let Some(at) = self.layout.avail_ring.checked_add(2) {
+            let _ = mem.write_obj(self.avail_idx.to_le(), GuestAddress(at));
+        }
     }
 
     fn write_desc(&self, mem: &GuestMemoryMmap, i: u16, d: Desc) {
@@ -244,16 +253,18 @@ impl Ring {
         b[8..12].copy_from_slice(&d.len.to_le_bytes());
         b[12..14].copy_from_slice(&d.flags.to_le_bytes());
         b[14..16].copy_from_slice(&d.next.to_le_bytes());
-        let _ = mem.write_slice(&b, GuestAddress(self.layout.desc_table + 16 * u64::from(i % self.layout.size)));
+        if let Some(at) = self.layout.desc_table.checked_add(16 * u64::from(i % self.layout.size)) {
+            let _ = mem.write_slice(&b, GuestAddress(at));
+        }
     }
 
     /// Used elements published since the last call, as (head, length).
     fn new_used(&mut self, s: &Snapshot) -> Vec<(u32, u32)> {
-        let Some(idx) = s.u16(self.layout.used_ring + 2) else { return Vec::new() };
+        let Some(idx) = self.layout.used_ring.checked_add(2).and_then(|a| s.u16(a)) else { return Vec::new() };
         let mut out = Vec::new();
         while self.used_seen != idx && out.len() <= usize::from(self.layout.size) * 2 {
-            let at = self.layout.used_ring + 4 + 8 * u64::from(self.used_seen % self.layout.size);
-            out.push((s.u32(at).unwrap_or(u32::MAX), s.u32(at + 4).unwrap_or(u32::MAX)));
+            let at = self.layout.used_ring.saturating_add(4 + 8 * u64::from(self.used_seen % self.layout.size));
+            out.push((s.u32(at).unwrap_or(u32::MAX), s.u32(at.saturating_add(4)).unwrap_or(u32::MAX)));
             self.used_seen = self.used_seen.wrapping_add(1);
         }
         out
@@ -278,6 +289,20 @@ struct World {
     /// the device wrote may have been overwritten, and the chains it used
     /// can no longer be walked as they were.
     dirty: bool,
+    /// The used rings can be read back: they overlap no other ring area, and
+    /// the guest has not written over them. (A guest may do both to itself;
+    /// then only what does not depend on reading them back is checked.)
+    used_readable: bool,
+    /// Receive buffers that were valid at some device step since the receive
+    /// queue started: the device keeps chains it popped for a frame in progress
+    /// and writes them later, even if the guest has rewritten their
+    /// descriptors since (the guest may not, but a hostile one does).
+    rx_history: std::collections::HashSet<(u64, u64)>,
+    /// Receive heads made available and not yet seen used (a head may be there twice).
+    rx_inflight: Vec<u16>,
+    /// The guest rewrote a chain that was in flight: what the device wrote
+    /// for it can no longer be found by walking it.
+    rx_rewritten: bool,
     /// Frames the device published for the guest that matched.
     matched: usize,
 }
@@ -353,33 +378,76 @@ impl World {
         self.features.header_len()
     }
 
-    /// Guest ranges the device may write: both used rings, every buffer a receive descriptor marks writable.
+    /// The buffers of every receive chain in flight, as a walk finds them now.
+    fn inflight_walks(&self) -> Vec<Option<Vec<(u64, u32)>>> {
+        let l = self.rx.layout;
+        let s = Snapshot::of(&self.mem);
+        self.rx_inflight
+            .iter()
+            .map(|&h| walk(&s, l.desc_table, l.size, h, true, self.features.indirect_descriptors(), self.limits.max_descriptors, None).map(|w| w.segs))
+            .collect()
+    }
+
+    /// The bytes of both used rings.
+    fn used_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (at, len) in [self.rx.used_area(), self.tx.used_area()] {
+            let mut b = vec![0u8; len as usize];
+            let _ = self.mem.read_slice(&mut b, GuestAddress(at));
+            out.extend_from_slice(&b);
+        }
+        out
+    }
+
+    /// Guest ranges the device may write: both used rings, and the buffers of
+    /// every receive chain a valid walk finds from any head (the device
+    /// writes only into chains it has validated whole).
     fn writable(&self, s: &Snapshot) -> Vec<(u64, u64)> {
         let mut out = vec![self.rx.used_area(), self.tx.used_area()];
-        let scan = |table: u64, n: u64, out: &mut Vec<(u64, u64)>, nested: bool| {
-            let mut tables = Vec::new();
-            for i in 0..n {
-                let Some(d) = desc_at(s, table + 16 * i) else { continue };
-                if d.flags & F_INDIRECT != 0 && !nested {
-                    tables.push((d.addr, u64::from(d.len / 16).min(4096)));
-                } else if d.flags & F_WRITE != 0 {
-                    out.push((d.addr, u64::from(d.len)));
-                }
+        let l = self.rx.layout;
+        for head in 0..l.size {
+            if let Some(w) = walk(s, l.desc_table, l.size, head, true, self.features.indirect_descriptors(), self.limits.max_descriptors, None) {
+                out.extend(w.segs.iter().map(|&(a, n)| (a, u64::from(n))));
             }
-            tables
-        };
-        let tables = scan(self.rx.layout.desc_table, u64::from(self.rx.layout.size), &mut out, false);
-        for (t, n) in tables {
-            scan(t, n, &mut out, true);
         }
         out
     }
 
     /// Check that every byte that changed between `before` and `after` was one the device may write.
-    fn check_writes(&self, before: &Snapshot, after: &Snapshot, what: &str) -> Result<(), String> {
-        let allowed = self.writable(before);
+    fn check_writes(&mut self, before: &Snapshot, after: &Snapshot, what: &str) -> Result<(), String> {
+        // The device may rewrite descriptors it walks later in the same call (a
+        // buffer over the table): chains valid before or after count.
+        self.rx_history.extend(self.writable(before));
+        self.rx_history.extend(self.writable(after));
+        // A receive buffer over a used ring: the device's frame writes move the
+        // used indices, which can then no longer be read back.
+        let used = [self.rx.used_area(), self.tx.used_area()];
+        if self
+            .rx_history
+            .iter()
+            .filter(|a| !used.contains(a))
+            .any(|&a| used.iter().any(|&u| overlaps(a, u)))
+        {
+            self.used_readable = false;
+        }
+        // The allowed ranges as sorted disjoint intervals [start, end).
+        let mut ranges: Vec<(u64, u64)> = self
+            .rx_history
+            .iter()
+            .filter(|r| r.1 > 0)
+            .map(|&(a, n)| (a, a.saturating_add(n)))
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (a, b) in ranges {
+            match merged.last_mut() {
+                Some(last) if a <= last.1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
         for a in before.changed(after) {
-            if !allowed.iter().any(|&r| overlaps((a, 1), r)) {
+            let i = merged.partition_point(|r| r.1 <= a);
+            if merged.get(i).is_none_or(|r| a < r.0) {
                 return fail(format!("{what} wrote guest address {a:#x}, outside the used rings and the receive buffers"));
             }
         }
@@ -389,8 +457,27 @@ impl World {
     /// Check newly published receive elements against the frames sent, in order.
     fn check_rx_published(&mut self, after: &Snapshot) -> Result<(), String> {
         let used = self.rx.new_used(after);
-        if self.dirty || !self.clean_rx_layout(after) {
-            // Not verifiable: buffers shared with other buffers or rings, or rewritten since.
+        for &(head, _) in &used {
+            if let Some(k) = self.rx_inflight.iter().position(|&h| u32::from(h) == head) {
+                self.rx_inflight.swap_remove(k);
+            }
+        }
+        let rewritten = self.rx_rewritten;
+        if self.rx_inflight.is_empty() {
+            self.rx_rewritten = false;
+        }
+        // Chains handed back empty (refused, or held and returned at a stop) carry no frame.
+        // Frames are published all at once (flush, stop): until then, nothing to compare.
+        if used.iter().all(|&(_, l)| l == 0) {
+            return Ok(());
+        }
+        if !self.used_readable {
+            self.expected.clear();
+            return Ok(());
+        }
+        if rewritten || self.dirty || !self.clean_rx_layout(after) || self.aliased(after, &used) {
+            // Not verifiable: buffers shared with other buffers or rings (a
+            // guest may post one chain many times), or rewritten since.
             if self.expected.is_empty() && used.iter().any(|&(_, l)| l != 0) {
                 return fail("a frame published into the receive queue that nobody sent".into());
             }
@@ -467,6 +554,27 @@ impl World {
         Ok(())
     }
 
+    /// Whether two published elements' chains share memory (the same chain
+    /// posted twice, chains sharing descriptors or an indirect table): then
+    /// a later frame may have overwritten an earlier one.
+    fn aliased(&self, s: &Snapshot, used: &[(u32, u32)]) -> bool {
+        let l = self.rx.layout;
+        let mut seen: Vec<(u64, u64)> = Vec::new();
+        for &(head, len) in used {
+            if len == 0 {
+                continue;
+            }
+            let Some(w) = walk(s, l.desc_table, l.size, head as u16, true, self.features.indirect_descriptors(), self.limits.max_descriptors, None) else {
+                return true;
+            };
+            if w.touched.iter().any(|&t| seen.iter().any(|&u| overlaps(t, u))) {
+                return true;
+            }
+            seen.extend(w.touched);
+        }
+        false
+    }
+
     /// Whether no receive buffer overlaps another, a descriptor table, or a used ring (then the
     /// content of what the device wrote can be compared exactly).
     fn clean_rx_layout(&self, s: &Snapshot) -> bool {
@@ -507,6 +615,9 @@ impl World {
         }
         self.check_rx_published(&after)?;
         let used = self.tx.new_used(&after);
+        if !self.used_readable {
+            return Ok(());
+        }
         if used.len() > self.limits.chains_per_call {
             return fail(format!("{} chains consumed in one call, budget {}", used.len(), self.limits.chains_per_call));
         }
@@ -638,12 +749,16 @@ impl World {
         self.check_writes(&before, &after, "stop")?;
         if rx {
             self.check_rx_published(&after)?;
-            // Anything sent and not yet published is gone with the stop.
+            // Anything sent and not yet published is gone with the stop, and so
+            // are the chains the device held.
             self.expected.clear();
+            self.rx_history.clear();
+            self.rx_history.insert(self.rx.used_area());
+            self.rx_history.insert(self.tx.used_area());
         }
         let base = raw_base.unwrap_or(base);
         let ring = if rx { &mut self.rx } else { &mut self.tx };
-        ring.used_seen = after.u16(ring.layout.used_ring + 2).unwrap_or(0);
+        ring.used_seen = ring.layout.used_ring.checked_add(2).and_then(|a| after.u16(a)).unwrap_or(0);
         let layout = ring.layout;
         let _ = if rx {
             self.rings.start_rx(&self.mem, layout, base)
@@ -755,8 +870,22 @@ pub fn check(data: &[u8]) -> Result<(), String> {
         tx: Ring { layout: tx_layout, avail_idx: 0, used_seen: 0, next_desc: 0 },
         expected: VecDeque::new(),
         dirty: false,
+        used_readable: true,
+        rx_history: std::collections::HashSet::new(),
+        rx_inflight: Vec::new(),
+        rx_rewritten: false,
         matched: 0,
     };
+    let areas = |l: &RingLayout| {
+        let n = u64::from(l.size);
+        [(l.desc_table, 16 * n), (l.avail_ring, 6 + 2 * n), (l.used_ring, 6 + 8 * n)]
+    };
+    let all: Vec<(u64, u64)> = areas(&rx_layout).into_iter().chain(areas(&tx_layout)).collect();
+    for used in [all[2], all[5]] {
+        if all.iter().filter(|&&a| a != used).any(|&a| overlaps(a, used)) || all[2] == all[5] {
+            w.used_readable = false;
+        }
+    }
     // Buffers for well-formed chains come from after the rings.
     let mut bump = at.max(REGIONS[0].0 + 0x4000);
     for _ in 0..MAX_STEPS {
@@ -766,9 +895,12 @@ pub fn check(data: &[u8]) -> Result<(), String> {
         let op = input.u8();
         let rx = op & 0x80 != 0;
         // Guest steps write memory: frames sent and not yet published are then unverifiable.
-        if matches!(op & 0x0f, 0..=4 | 8 | 10) && !w.expected.is_empty() {
+        let guest_step = matches!(op & 0x0f, 0..=4 | 8 | 10);
+        if guest_step && !w.expected.is_empty() {
             w.dirty = true;
         }
+        let used_before = guest_step.then(|| w.used_bytes());
+        let inflight_before = (guest_step && !w.rx_inflight.is_empty()).then(|| w.inflight_walks());
         match op & 0x0f {
             0 => {
                 let (i, a, l, fl, nx) = (input.u8(), input.u16(), input.u16(), input.u8(), input.u8());
@@ -833,6 +965,9 @@ pub fn check(data: &[u8]) -> Result<(), String> {
                 let head = u16::from(input.u8());
                 let ring = if rx { &mut w.rx } else { &mut w.tx };
                 ring.push(&w.mem, head);
+                if rx {
+                    w.rx_inflight.push(head);
+                }
             }
             4 => {
                 let d = input.u8();
@@ -869,11 +1004,15 @@ pub fn check(data: &[u8]) -> Result<(), String> {
                         break;
                     }
                     bump = (base + u64::from(len) + 15) & !15;
+                    // A well-behaved driver reuses only descriptors the device has returned.
                     let size = w.rx.layout.size;
-                    let i = w.rx.next_desc % size;
+                    let Some(i) = (0..size).map(|k| w.rx.next_desc.wrapping_add(k) % size).find(|i| !w.rx_inflight.contains(i)) else {
+                        break;
+                    };
                     w.rx.write_desc(&w.mem, i, Desc { addr: base, len, flags: F_WRITE, next: 0 });
-                    w.rx.next_desc = w.rx.next_desc.wrapping_add(1);
+                    w.rx.next_desc = i.wrapping_add(1);
                     w.rx.push(&w.mem, i);
+                    w.rx_inflight.push(i);
                 }
             }
             9 => {
@@ -886,12 +1025,22 @@ pub fn check(data: &[u8]) -> Result<(), String> {
                 let ring = if rx { &w.rx } else { &w.tx };
                 let l = ring.layout;
                 if op & 0x40 != 0 {
-                    let _ = w.mem.write_obj(v.to_le(), GuestAddress(l.avail_ring + 4 + 2 * u64::from(l.size)));
+                    if let Some(at) = l.avail_ring.checked_add(4 + 2 * u64::from(l.size)) {
+                        let _ = w.mem.write_obj(v.to_le(), GuestAddress(at));
+                    }
                 } else {
                     let _ = w.mem.write_obj((v & 1).to_le(), GuestAddress(l.avail_ring));
                 }
             }
             _ => {}
+        }
+        if used_before.is_some_and(|b| b != w.used_bytes()) {
+            w.used_readable = false;
+        }
+        if let Some(b) = inflight_before
+            && b != w.inflight_walks()
+        {
+            w.rx_rewritten = true;
         }
     }
     // Whatever is left goes out: every frame sent must come out right.
