@@ -49,7 +49,7 @@ const BATCH: usize = 64;
 
 /// The data path under test: the bare rings, or a queue pair of a live device.
 enum Path {
-    Rings(NetRings),
+    Rings(Box<NetRings>),
     Pair(QueuePair),
 }
 
@@ -82,7 +82,7 @@ fn rings_setup() -> Setup {
     tx.set_avail_flags(&mem, 1);
     Setup {
         mem,
-        path: Path::Rings(rings),
+        path: Path::Rings(Box::new(rings)),
         rx,
         tx,
         bump,
@@ -173,7 +173,14 @@ fn frame_and_header(len: usize) -> (Vec<u8>, VirtioNetRepr) {
         size: 1448,
         header_len: 54,
     });
-    (f, VirtioNetRepr { csum, gso, ..VirtioNetRepr::PLAIN })
+    (
+        f,
+        VirtioNetRepr {
+            csum,
+            gso,
+            ..VirtioNetRepr::PLAIN
+        },
+    )
 }
 
 /// Guest → device: `seconds` of rounds; returns (frames, device seconds).
@@ -236,7 +243,10 @@ fn bench_tx(s: &mut Setup, len: usize, seconds: f64) -> (u64, f64) {
                     let n = p.recv_batch(BATCH, &mut |b| {
                         std::hint::black_box(b.frames());
                     });
-                    palisade_io::vhost_user::RecvOutcome { frames: n, ..Default::default() }
+                    palisade_io::vhost_user::RecvOutcome {
+                        frames: n,
+                        ..Default::default()
+                    }
                 }
             }
             .frames;
@@ -255,7 +265,9 @@ fn bench_rx(s: &mut Setup, len: usize, seconds: f64) -> (u64, f64) {
     let (frame, header) = frame_and_header(len);
     let buf_len: u32 = if len > 1514 { 4096 } else { 1536 };
     let per_frame = (12 + len).div_ceil(buf_len as usize);
-    let slots: Vec<u64> = (0..usize::from(RING)).map(|_| s.bump.alloc(u64::from(buf_len))).collect();
+    let slots: Vec<u64> = (0..usize::from(RING))
+        .map(|_| s.bump.alloc(u64::from(buf_len)))
+        .collect();
     let frames_per_round = (usize::from(RING) / per_frame).min(ROUND);
     let mut frames = 0u64;
     let mut busy = Duration::ZERO;
@@ -292,9 +304,20 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let seconds = if std::env::args().any(|a| a == "--bench") { 2.0 } else { 0.05 };
+    let seconds = if std::env::args().any(|a| a == "--bench") {
+        2.0
+    } else {
+        0.05
+    };
     for layer in ["rings", "pair"] {
-        for (path, len) in [("tx", 64), ("tx", 1514), ("tx", 65_000), ("rx", 64), ("rx", 1514), ("rx", 65_000)] {
+        for (path, len) in [
+            ("tx", 64),
+            ("tx", 1514),
+            ("tx", 65_000),
+            ("rx", 64),
+            ("rx", 1514),
+            ("rx", 65_000),
+        ] {
             let mut s = if layer == "rings" { rings_setup() } else { pair_setup() };
             let (frames, secs) = if path == "tx" {
                 bench_tx(&mut s, len, seconds)

@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use palisade_io::vhost_user::features::mask;
-use palisade_io::vhost_user::{
-    FromGuest, Offloads, QueuePair, SendError, VhostUserNet, VhostUserNetConfig,
-};
+use palisade_io::vhost_user::{FromGuest, Offloads, QueuePair, SendError, VhostUserNet, VhostUserNetConfig};
 use palisade_io::{FramePort, wait_readable};
 use palisade_wire::virtio_net::{PartialChecksum, VirtioNetRepr};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -210,10 +208,15 @@ fn receive_within(pair: &mut QueuePair, want: usize, wait: Duration) -> Vec<(Vir
     let deadline = Instant::now() + wait;
     let mut got = Vec::new();
     while got.len() < want && Instant::now() < deadline {
-        if wait_readable(&[pair.fd()], Duration::from_millis(50)).unwrap().is_empty() {
+        if wait_readable(&[pair.fd()], Duration::from_millis(50))
+            .unwrap()
+            .is_empty()
+        {
             continue;
         }
-        pair.recv_batch(64, &mut |b: &FromGuest<'_>| got.extend(b.iter().map(|(h, f)| (*h, f.to_vec()))));
+        pair.recv_batch(64, &mut |b: &FromGuest<'_>| {
+            got.extend(b.iter().map(|(h, f)| (*h, f.to_vec())))
+        });
     }
     got
 }
@@ -332,7 +335,10 @@ fn get_vring_base_stops_the_ring_where_it_stopped() {
         "a stopped ring is not read"
     );
     assert_eq!(g.frontend.get_vring_base(0).unwrap(), 0);
-    assert_eq!(pairs[0].send(&VirtioNetRepr::PLAIN, &tcp4_frame(10, 1)), Err(SendError::NotRunning));
+    assert_eq!(
+        pairs[0].send(&VirtioNetRepr::PLAIN, &tcp4_frame(10, 1)),
+        Err(SendError::NotRunning)
+    );
 }
 
 #[test]
@@ -358,7 +364,10 @@ fn refused_requests_are_answered_and_the_session_goes_on() {
         avail_ring_addr: USER_BASE + 0x1000,
         log_addr: None,
     };
-    assert!(fe.set_vring_addr(0, &config).is_err(), "addresses before a memory table");
+    assert!(
+        fe.set_vring_addr(0, &config).is_err(),
+        "addresses before a memory table"
+    );
     // A region larger than its file would SIGBUS when touched.
     let small = tempfile::tempfile().unwrap();
     small.set_len(0x1000).unwrap();
@@ -374,7 +383,10 @@ fn refused_requests_are_answered_and_the_session_goes_on() {
     let status = device.status();
     assert!(status.connected);
     assert_eq!(status.requests_refused, 4);
-    assert_eq!(status.features.map(|f| f.bits()), Some(offered & !mask::PROTOCOL_FEATURES));
+    assert_eq!(
+        status.features.map(|f| f.bits()),
+        Some(offered & !mask::PROTOCOL_FEATURES)
+    );
     assert!(status.last_error.unwrap().contains("do not fit"));
     drop(fe);
     // The device still takes a well-behaved guest afterwards.
@@ -412,8 +424,14 @@ fn a_restarted_device_on_the_same_socket_serves_the_guest_again() {
     drop(device);
     assert!(!socket.exists(), "the socket is removed with the device");
     assert_eq!(pairs[0].running(), (false, false));
-    assert_eq!(pairs[0].send(&VirtioNetRepr::PLAIN, &tcp4_frame(10, 1)), Err(SendError::NotRunning));
-    assert_eq!(pairs[0].recv_batch(8, &mut |_| panic!("no frames from a stopped device")), 0);
+    assert_eq!(
+        pairs[0].send(&VirtioNetRepr::PLAIN, &tcp4_frame(10, 1)),
+        Err(SendError::NotRunning)
+    );
+    assert_eq!(
+        pairs[0].recv_batch(8, &mut |_| panic!("no frames from a stopped device")),
+        0
+    );
     // The frontend notices on its next request.
     assert!(g.frontend.get_features().is_err());
     let Guest { file, .. } = g;
@@ -451,7 +469,10 @@ fn a_guest_reset_renegotiates_and_moves_the_rings() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].1, tcp4_frame(10, 2));
     assert_eq!(
-        pairs[0].stats().refused.get(palisade_io::vhost_user::Refusal::OffloadNotNegotiated),
+        pairs[0]
+            .stats()
+            .refused
+            .get(palisade_io::vhost_user::Refusal::OffloadNotNegotiated),
         1
     );
 }
@@ -466,9 +487,14 @@ fn raw_enable(raw: &mut std::os::unix::net::UnixStream, index: u32) -> u64 {
     raw.write_all(&msg).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut reply = [0u8; 20];
-    raw.read_exact(&mut reply).expect("an acknowledgement of the early SET_VRING_ENABLE");
+    raw.read_exact(&mut reply)
+        .expect("an acknowledgement of the early SET_VRING_ENABLE");
     assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 18);
-    assert_eq!(u32::from_le_bytes(reply[4..8].try_into().unwrap()) & 0x4, 0x4, "a reply");
+    assert_eq!(
+        u32::from_le_bytes(reply[4..8].try_into().unwrap()) & 0x4,
+        0x4,
+        "a reply"
+    );
     u64::from_le_bytes(reply[12..20].try_into().unwrap())
 }
 

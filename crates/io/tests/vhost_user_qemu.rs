@@ -55,7 +55,12 @@ struct VnetTap {
 impl VnetTap {
     fn open(name: &str) -> VnetTap {
         // SAFETY: the path is a valid NUL-terminated string.
-        let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        let raw = unsafe {
+            libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
         assert!(raw >= 0, "open /dev/net/tun: {}", std::io::Error::last_os_error());
         // SAFETY: a fresh descriptor nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -125,7 +130,9 @@ fn forward(mut pair: QueuePair, tap: VnetTap, stop: Arc<AtomicBool>) -> (QueuePa
             }
         });
         for _ in 0..64 {
-            let Some((header, frame)) = tap.read(&mut buf) else { break };
+            let Some((header, frame)) = tap.read(&mut buf) else {
+                break;
+            };
             match pair.send(&header, frame) {
                 Ok(()) => seen.to_guest += 1,
                 Err(SendError::NeedsSegmentation) => seen.needs_segmentation += 1,
@@ -204,8 +211,13 @@ impl Guest {
 
     fn wait_ready(&mut self) {
         self.conn = None;
-        qemu::wait_ready("vu-guest", &self.console, self.child.id() as i32, Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("{e}\n--- QEMU log ---\n{}", self.log_tail()));
+        qemu::wait_ready(
+            "vu-guest",
+            &self.console,
+            self.child.id() as i32,
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n--- QEMU log ---\n{}", self.log_tail()));
     }
 
     fn log_tail(&self) -> String {
@@ -343,7 +355,9 @@ fn a_qemu_guest_on_vhost_user_carries_ping_and_tcp_with_offloads_on() {
 
     let (device, pairs) = open_device(&socket);
     let forwarders = Forwarders::start(pairs, taps);
-    let Some(mut guest) = start_qemu(dir.path(), &socket) else { return };
+    let Some(mut guest) = start_qemu(dir.path(), &socket) else {
+        return;
+    };
     guest.wait_ready();
     let booted = started.elapsed();
 
@@ -374,14 +388,21 @@ fn a_qemu_guest_on_vhost_user_carries_ping_and_tcp_with_offloads_on() {
     // for STATUS, whose field QEMU implements itself.
     let device_bits = device.status().features.expect("negotiated").bits();
     for (name, m) in wanted.into_iter().filter(|(n, _)| *n != "STATUS") {
-        assert_eq!(device_bits & m != 0, has(m), "{name}: the device and the guest disagree");
+        assert_eq!(
+            device_bits & m != 0,
+            has(m),
+            "{name}: the device and the guest disagree"
+        );
     }
     wait_for("both queue pairs to run", Duration::from_secs(10), || {
         device.status().running == vec![(true, true); PAIRS as usize]
     });
 
     // Ping.
-    let out = guest.exec(&["ping", "-c", "5", "-i", "0.2", "-W", "2", HOST_IP], Duration::from_secs(20));
+    let out = guest.exec(
+        &["ping", "-c", "5", "-i", "0.2", "-W", "2", HOST_IP],
+        Duration::from_secs(20),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "ping: {text}");
     eprintln!("guest ping: {}", text.lines().last().unwrap_or_default());
@@ -401,7 +422,10 @@ fn a_qemu_guest_on_vhost_user_carries_ping_and_tcp_with_offloads_on() {
     let up = gbit(got, secs);
 
     // TCP to the guest: 32 MiB into busybox nc -l.
-    guest.sh("(sleep 120 | nc -l -p 5002 > /dev/null) > /dev/null 2>&1 &", Duration::from_secs(10));
+    guest.sh(
+        "(sleep 120 | nc -l -p 5002 > /dev/null) > /dev/null 2>&1 &",
+        Duration::from_secs(10),
+    );
     let mut s = None;
     for _ in 0..50 {
         if let Ok(c) = ns.enter(|| TcpStream::connect((GUEST_IP, 5002))) {
@@ -445,7 +469,10 @@ fn a_qemu_guest_on_vhost_user_carries_ping_and_tcp_with_offloads_on() {
         });
     let stats = sum(&device.stats());
     if let Some(s) = lo_secs {
-        eprintln!("the guest's own loopback, same transfer: {:.2} Gbit/s", gbit(TRANSFER, s));
+        eprintln!(
+            "the guest's own loopback, same transfer: {:.2} Gbit/s",
+            gbit(TRANSFER, s)
+        );
     } else {
         eprintln!("guest loopback timing not parsed: {lo_text:?}");
     }
@@ -456,22 +483,42 @@ fn a_qemu_guest_on_vhost_user_carries_ping_and_tcp_with_offloads_on() {
         TRANSFER >> 20
     );
     eprintln!("device stats (both pairs): {stats:?}");
-    assert!(stats.from_guest_gso_frames > 0, "the guest sent no TSO super-frames: {stats:?}");
-    assert!(stats.to_guest_gso_frames > 0, "no super-frames reached the guest: {stats:?}");
-    assert_eq!(stats.refused.total(), 0, "a real guest's chains are all valid: {stats:?}");
+    assert!(
+        stats.from_guest_gso_frames > 0,
+        "the guest sent no TSO super-frames: {stats:?}"
+    );
+    assert!(
+        stats.to_guest_gso_frames > 0,
+        "no super-frames reached the guest: {stats:?}"
+    );
+    assert_eq!(
+        stats.refused.total(),
+        0,
+        "a real guest's chains are all valid: {stats:?}"
+    );
     assert_eq!(stats.ring_faults, 0);
 
     // The device goes away and comes back on the same socket (an agent restart): QEMU reconnects.
     let (_, taps, seen) = forwarders.stop();
     eprintln!("forwarded: {seen:?}");
-    assert!(seen.iter().all(|f| f.needs_segmentation == 0), "the guest takes TSO: nothing to segment");
+    assert!(
+        seen.iter().all(|f| f.needs_segmentation == 0),
+        "the guest takes TSO: nothing to segment"
+    );
     drop(device);
     assert!(!socket.exists());
     let (device, pairs) = open_device(&socket);
     let forwarders = Forwarders::start(pairs, taps);
-    wait_for("QEMU to reconnect", Duration::from_secs(20), || device.status().connected);
+    wait_for("QEMU to reconnect", Duration::from_secs(20), || {
+        device.status().connected
+    });
     let ok = guest.ping_until_reply(20);
-    assert!(ok, "no ping after the device was recreated: {:?} {:?}", device.status(), device.stats());
+    assert!(
+        ok,
+        "no ping after the device was recreated: {:?} {:?}",
+        device.status(),
+        device.stats()
+    );
     assert_eq!(device.status().sessions, 1);
 
     // The guest reboots: the device is reset, renegotiated, given the memory table again.

@@ -175,7 +175,11 @@ fn transmitted_frames_arrive_with_their_headers_whatever_the_layout() {
     let at = r.bump.alloc(bytes.len() as u64);
     r.mem.write_slice(&bytes, GuestAddress(at)).unwrap();
     let table = r.bump.alloc(32);
-    r.tx.add_indirect(&r.mem, table, &[(at, 20, false), (at + 20, bytes.len() as u32 - 20, false)]);
+    r.tx.add_indirect(
+        &r.mem,
+        table,
+        &[(at, 20, false), (at + 20, bytes.len() as u32 - 20, false)],
+    );
     r.tx.publish(&r.mem);
 
     let (got, more, notify) = r.recv(64, Delivery::Offloaded);
@@ -193,7 +197,10 @@ fn transmitted_frames_arrive_with_their_headers_whatever_the_layout() {
     assert_eq!(used.len(), 4);
     assert!(used.iter().all(|&(_, len)| len == 0));
     let s = r.rings.stats();
-    assert_eq!((s.from_guest_frames, s.from_guest_gso_frames, s.from_guest_partial_csum), (4, 1, 4));
+    assert_eq!(
+        (s.from_guest_frames, s.from_guest_gso_frames, s.from_guest_partial_csum),
+        (4, 1, 4)
+    );
     assert_eq!(s.from_guest_bytes, 3 * small.len() as u64 + big.len() as u64);
     assert_eq!(s.refused.total(), 0);
 }
@@ -215,7 +222,11 @@ fn plain_delivery_completes_checksums_and_holds_back_super_frames() {
     assert_eq!(frame[..50], f[..50]);
     let s = r.rings.stats();
     assert_eq!((s.csum_completed, s.gso_undeliverable, s.from_guest_frames), (1, 1, 1));
-    assert_eq!(r.tx.used(&r.mem).len(), 2, "the held-back super-frame's chain is returned too");
+    assert_eq!(
+        r.tx.used(&r.mem).len(),
+        2,
+        "the held-back super-frame's chain is returned too"
+    );
 }
 
 #[test]
@@ -230,13 +241,23 @@ fn hostile_transmit_chains_are_refused_counted_and_returned() {
     hdr_frame.extend_from_slice(&good);
     r.mem.write_slice(&hdr_frame, GuestAddress(buf)).unwrap();
     let n = hdr_frame.len() as u32;
-    let cases: Vec<(Vec<(u16, u64, u32, u16, u16)>, u16, Refusal)> = vec![
+    // (descriptors to write as (index, address, length, flags, next), head, expected refusal)
+    type Case = (Vec<(u16, u64, u32, u16, u16)>, u16, Refusal);
+    let cases: Vec<Case> = vec![
         (vec![], size + 3, Refusal::HeadOutOfRange),
         (vec![(40, buf, 10, F_NEXT, size)], 40, Refusal::NextOutOfRange),
-        (vec![(41, buf, 10, F_NEXT, 42), (42, buf, 10, F_NEXT, 41)], 41, Refusal::ChainTooLong),
+        (
+            vec![(41, buf, 10, F_NEXT, 42), (42, buf, 10, F_NEXT, 41)],
+            41,
+            Refusal::ChainTooLong,
+        ),
         (vec![(43, 0x7000_0000, 100, 0, 0)], 43, Refusal::BufferOutsideMemory),
         (vec![(44, buf, n, F_WRITE, 0)], 44, Refusal::WrongDirection),
-        (vec![(45, table + 16 * 45, 16, F_INDIRECT | F_NEXT, 0)], 45, Refusal::IndirectWithNext),
+        (
+            vec![(45, table + 16 * 45, 16, F_INDIRECT | F_NEXT, 0)],
+            45,
+            Refusal::IndirectWithNext,
+        ),
         (vec![(46, buf, 13, 0, 0)], 46, Refusal::FrameTooShort),
         (vec![(47, buf, 70_000, 0, 0)], 47, Refusal::FrameTooLarge),
     ];
@@ -380,12 +401,21 @@ fn a_super_frame_spans_mergeable_buffers_and_appears_at_flush() {
     let got = r.take_rx();
     assert_eq!(got.len(), 2);
     let buffers = (12 + frame.len()).div_ceil(1536) as u16;
-    assert_eq!(got[0].0, VirtioNetRepr { num_buffers: buffers, ..hdr });
+    assert_eq!(
+        got[0].0,
+        VirtioNetRepr {
+            num_buffers: buffers,
+            ..hdr
+        }
+    );
     assert_eq!(got[0].1, frame);
     assert_eq!(got[1].0.num_buffers, 1);
     assert_eq!(got[1].1, small);
     let s = r.rings.stats();
-    assert_eq!((s.to_guest_frames, s.to_guest_gso_frames, s.to_guest_buffers), (2, 1, u64::from(buffers) + 1));
+    assert_eq!(
+        (s.to_guest_frames, s.to_guest_gso_frames, s.to_guest_buffers),
+        (2, 1, u64::from(buffers) + 1)
+    );
 }
 
 #[test]
@@ -397,9 +427,14 @@ fn without_enough_buffers_the_frame_is_dropped_and_the_buffers_kept_for_the_next
     assert_eq!(r.rings.send(&r.mem, &hdr, &big), Err(SendError::NoBuffers));
     // The three popped buffers serve the next frames.
     for i in 0..3 {
-        r.rings.send(&r.mem, &VirtioNetRepr::PLAIN, &tcp4_frame(100, i)).unwrap();
+        r.rings
+            .send(&r.mem, &VirtioNetRepr::PLAIN, &tcp4_frame(100, i))
+            .unwrap();
     }
-    assert_eq!(r.rings.send(&r.mem, &VirtioNetRepr::PLAIN, &tcp4_frame(100, 9)), Err(SendError::NoBuffers));
+    assert_eq!(
+        r.rings.send(&r.mem, &VirtioNetRepr::PLAIN, &tcp4_frame(100, 9)),
+        Err(SendError::NoBuffers)
+    );
     r.rings.flush(&r.mem);
     let got = r.take_rx();
     assert_eq!(got.len(), 3);
@@ -433,25 +468,39 @@ fn an_invalid_receive_chain_between_good_ones_is_returned_once() {
 #[test]
 fn offloads_the_guest_did_not_negotiate_are_not_sent_to_it() {
     // No GUEST_TSO, no GUEST_CSUM, no mergeable buffers (10-byte header with VERSION_1 off).
-    let features = all_features() & !(mask::GUEST_TSO4 | mask::GUEST_TSO6 | mask::GUEST_CSUM | mask::MRG_RXBUF | mask::VERSION_1);
+    let features =
+        all_features() & !(mask::GUEST_TSO4 | mask::GUEST_TSO6 | mask::GUEST_CSUM | mask::MRG_RXBUF | mask::VERSION_1);
     let mut r = Rig::new(features, Limits::default(), 16);
     assert_eq!(r.header_len(), 10);
     r.post_rx(4, 2048);
     let big = tcp4_frame(3000, 1);
-    assert_eq!(r.rings.send(&r.mem, &tso4(3000), &big), Err(SendError::NeedsSegmentation));
+    assert_eq!(
+        r.rings.send(&r.mem, &tso4(3000), &big),
+        Err(SendError::NeedsSegmentation)
+    );
     let f = tcp4_frame(300, 2);
     r.rings.send(&r.mem, &partial(), &f).unwrap();
     // Without mergeable buffers one chain must hold it all.
-    assert_eq!(r.rings.send(&r.mem, &VirtioNetRepr::PLAIN, &tcp4_frame(2100, 3)), Err(SendError::TooBig));
+    assert_eq!(
+        r.rings.send(&r.mem, &VirtioNetRepr::PLAIN, &tcp4_frame(2100, 3)),
+        Err(SendError::TooBig)
+    );
     r.rings.flush(&r.mem);
     let got = r.take_rx();
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].0, VirtioNetRepr::PLAIN, "checksum completed, header says nothing");
+    assert_eq!(
+        got[0].0,
+        VirtioNetRepr::PLAIN,
+        "checksum completed, header says nothing"
+    );
     let pseudo = palisade_wire::checksum::pseudo_header_v4([10, 0, 0, 1], [10, 0, 0, 2], 6, 320);
     let sum = palisade_wire::checksum::combine(&[pseudo, palisade_wire::checksum::sum(&got[0].1[34..])]);
     assert_eq!(palisade_wire::checksum::fold(sum), 0xffff);
     let s = r.rings.stats();
-    assert_eq!((s.to_guest_needs_segmentation, s.to_guest_too_big, s.csum_completed), (1, 1, 1));
+    assert_eq!(
+        (s.to_guest_needs_segmentation, s.to_guest_too_big, s.csum_completed),
+        (1, 1, 1)
+    );
 }
 
 #[test]
@@ -491,7 +540,11 @@ fn event_index_notifications_follow_the_guests_marks() {
     // Without EVENT_IDX the guest's NO_INTERRUPT flag decides, and the device
     // suppresses kicks on its receive queue.
     let mut r = Rig::new(all_features() & !mask::EVENT_IDX, Limits::default(), 32);
-    assert_eq!(r.rx.used_flags(&r.mem), 1, "VRING_USED_F_NO_NOTIFY on the receive queue");
+    assert_eq!(
+        r.rx.used_flags(&r.mem),
+        1,
+        "VRING_USED_F_NO_NOTIFY on the receive queue"
+    );
     r.tx.set_avail_flags(&r.mem, 1);
     r.put_tx(&VirtioNetRepr::PLAIN, &tcp4_frame(10, 0), &[]);
     assert!(!r.recv(32, Delivery::Offloaded).2);
@@ -554,4 +607,32 @@ fn a_receive_queue_of_tiny_buffers_cannot_hold_a_frame_and_is_not_drained_foreve
     assert_eq!(used[0].1, 0);
     assert_eq!(used[1].1, 12 + f.len() as u32);
     assert_eq!(r.rings.stats().refused.get(Refusal::BufferTooSmall), 1);
+}
+
+#[test]
+fn a_guest_that_reposts_chains_it_does_not_own_stops_its_ring() {
+    // Found by the fuzzer: chains made available again before they were
+    // returned let unpublished used elements outnumber the ring's slots.
+    let mut r = Rig::new(all_features(), Limits::default(), 8);
+    let at = r.bump.alloc(2048);
+    r.rx.write_raw(&r.mem, 0, at, 2048, F_WRITE, 0);
+    let f = tcp4_frame(100, 1);
+    for round in 0..2 {
+        for _ in 0..8 {
+            r.rx.push_head(&r.mem, 0);
+        }
+        r.rx.publish(&r.mem);
+        for i in 0..8 {
+            let sent = r.rings.send(&r.mem, &VirtioNetRepr::PLAIN, &f);
+            if round == 0 {
+                sent.unwrap();
+            } else if i == 0 {
+                // The ninth unpublished element would overwrite the first.
+                assert_eq!(sent, Err(SendError::NotRunning));
+            }
+        }
+    }
+    assert_eq!(r.rings.stats().ring_faults, 1);
+    assert!(!r.rings.rx_running());
+    assert_eq!(r.rx.used_idx(&r.mem), 0, "nothing was published past the ring's size");
 }

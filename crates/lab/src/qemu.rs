@@ -549,10 +549,19 @@ mod tests {
     fn vhost_user_nic_arguments() {
         let a = vhost_user_nic_args_for(Path::new("/run/a,b.sock"), "52:54:00:00:00:01", 2, 256, true);
         let joined = a.join(" ");
-        assert!(joined.contains("memory-backend-memfd,id=mem0,size=256M,share=on"), "{joined}");
-        assert!(joined.contains("socket,id=vu0,path=/run/a,,b.sock,reconnect=1"), "{joined}");
+        assert!(
+            joined.contains("memory-backend-memfd,id=mem0,size=256M,share=on"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("socket,id=vu0,path=/run/a,,b.sock,reconnect=1"),
+            "{joined}"
+        );
         assert!(joined.contains("vhost-user,id=n0,chardev=vu0,queues=2"), "{joined}");
-        assert!(joined.contains("mac=52:54:00:00:00:01,romfile=,mq=on,vectors=0"), "{joined}");
+        assert!(
+            joined.contains("mac=52:54:00:00:00:01,romfile=,mq=on,vectors=0"),
+            "{joined}"
+        );
         let kvm = vhost_user_nic_args_for(Path::new("/s"), "52:54:00:00:00:01", 1, 256, false).join(" ");
         assert!(!kvm.contains("vectors") && !kvm.contains("mq=on"), "{kvm}");
     }

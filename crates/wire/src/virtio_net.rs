@@ -491,7 +491,13 @@ mod tests {
         assert_eq!(b, [0, 0, 2, 1, 4, 3, 6, 5, 8, 7, 0x0a, 0x09]);
         let h = Header::new_checked(&b[..]).unwrap();
         assert_eq!(
-            (h.hdr_len(), h.gso_size(), h.csum_start(), h.csum_offset(), h.num_buffers()),
+            (
+                h.hdr_len(),
+                h.gso_size(),
+                h.csum_start(),
+                h.csum_offset(),
+                h.num_buffers()
+            ),
             (0x0102, 0x0304, 0x0506, 0x0708, Some(0x090a))
         );
         assert_eq!(Header::new_checked(&b[..10]).unwrap().num_buffers(), None);
@@ -569,8 +575,7 @@ mod tests {
             ),
         ];
         for (what, bytes, frame_len, kind) in cases {
-            let e = VirtioNetRepr::parse(&Header::new_checked(&bytes[..]).unwrap(), *frame_len)
-                .expect_err(what);
+            let e = VirtioNetRepr::parse(&Header::new_checked(&bytes[..]).unwrap(), *frame_len).expect_err(what);
             assert_eq!((e.layer(), e.kind()), (Layer::VirtioNet, *kind), "{what}");
         }
         let e = Header::new_checked(&[0u8; 9][..]).unwrap_err();
@@ -602,9 +607,7 @@ mod tests {
         // IPv4 UDP 10.0.0.1:1000 -> 10.0.0.2:2000, payload "hi!", checksum field = pseudo-header sum.
         let mut frame = vec![0u8; 14];
         frame[12..14].copy_from_slice(&[0x08, 0x00]);
-        let ip = [
-            0x45, 0, 0, 31, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
-        ];
+        let ip = [0x45, 0, 0, 31, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
         frame.extend_from_slice(&ip);
         let udp_len = 11u16;
         frame.extend_from_slice(&[0x03, 0xe8, 0x07, 0xd0, 0, udp_len as u8, 0, 0]);
@@ -617,7 +620,10 @@ mod tests {
         let total = checksum::combine(&[pseudo, checksum::sum(&frame[34..])]);
         assert_eq!(checksum::fold(total), 0xffff);
         assert_eq!(
-            PartialChecksum { start: 34, offset: 10 }.complete(&mut frame).unwrap_err().kind(),
+            PartialChecksum { start: 34, offset: 10 }
+                .complete(&mut frame)
+                .unwrap_err()
+                .kind(),
             ErrorKind::BadLength
         );
     }

@@ -106,10 +106,7 @@ pub(crate) fn walk<M: GuestMemory + ?Sized>(
                 return Err(Refusal::IndirectWithNext);
             }
             let len = u64::from(desc.len());
-            if len == 0
-                || len % DESCRIPTOR_LEN != 0
-                || !mem.check_range(desc.addr(), len as usize, Permissions::Read)
-            {
+            if len == 0 || len % DESCRIPTOR_LEN != 0 || !mem.check_range(desc.addr(), len as usize, Permissions::Read) {
                 return Err(Refusal::IndirectBadTable);
             }
             // The write flag of the descriptor naming the table is ignored (§2.7.5.3.2).
@@ -217,7 +214,8 @@ mod tests {
         let n = VRING_DESC_F_NEXT;
         let w = VRING_DESC_F_WRITE;
         let ind = VRING_DESC_F_INDIRECT;
-        let cases: Vec<(&str, Vec<Desc>, u16, fn(&mut ChainRules), Refusal)> = vec![
+        type Case = (&'static str, Vec<Desc>, u16, fn(&mut ChainRules), Refusal);
+        let cases: Vec<Case> = vec![
             ("head past the table", vec![], SIZE, |_| {}, Refusal::HeadOutOfRange),
             (
                 "next past the table",

@@ -134,7 +134,10 @@ impl Device {
     ) -> VhostResult<T> {
         let pair = (index / 2) as usize;
         let Some(shared) = self.pairs.get(pair).cloned() else {
-            return Err(self.refuse(format!("ring {index} does not exist ({} queue pairs)", self.pairs.len())));
+            return Err(self.refuse(format!(
+                "ring {index} does not exist ({} queue pairs)",
+                self.pairs.len()
+            )));
         };
         let mut slot = shared.lock();
         let r = f(&shared, &mut slot, index % 2 == 0);
@@ -197,10 +200,7 @@ impl VhostUserBackendReqHandlerMut for Device {
 
     fn set_features(&mut self, features: u64) -> VhostResult<()> {
         if features & !self.offered != 0 {
-            return Err(self.refuse(format!(
-                "features {:#x} were not offered",
-                features & !self.offered
-            )));
+            return Err(self.refuse(format!("features {:#x} were not offered", features & !self.offered)));
         }
         // QEMU sends SET_FEATURES once per queue pair, the same value each
         // time, while earlier pairs may already run: only a change resets rings.
@@ -375,10 +375,7 @@ impl VhostUserBackendReqHandlerMut for Device {
     fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
         let offered = protocol_features().bits();
         if features & !offered != 0 {
-            return Err(self.refuse(format!(
-                "protocol features {:#x} were not offered",
-                features & !offered
-            )));
+            return Err(self.refuse(format!("protocol features {:#x} were not offered", features & !offered)));
         }
         self.acked_protocol = features;
         Ok(())

@@ -11,8 +11,8 @@ use vhost::vhost_user::VhostUserVirtioFeatures;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -300,7 +300,10 @@ mod tests {
             tso_from_guest: true,
             ..Offloads::NONE
         };
-        assert_eq!(GuestFeatures::from_bits(offered(odd, 1)).tso_from_guest(), (false, false));
+        assert_eq!(
+            GuestFeatures::from_bits(offered(odd, 1)).tso_from_guest(),
+            (false, false)
+        );
     }
 
     #[test]
@@ -316,10 +319,22 @@ mod tests {
             bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_GUEST_CSUM),
         );
         assert_eq!(f.check_from_guest(&tso(GsoKind::TcpV4, false)), Ok(()));
-        assert_eq!(f.check_from_guest(&tso(GsoKind::TcpV6, false)), Err(Unsupported::Segmentation));
-        assert_eq!(f.check_from_guest(&tso(GsoKind::TcpV4, true)), Err(Unsupported::Segmentation));
-        assert_eq!(f.check_from_guest(&tso(GsoKind::UdpL4, false)), Err(Unsupported::Segmentation));
-        assert_eq!(f.check_to_guest(&tso(GsoKind::TcpV4, false)), Err(Unsupported::Segmentation));
+        assert_eq!(
+            f.check_from_guest(&tso(GsoKind::TcpV6, false)),
+            Err(Unsupported::Segmentation)
+        );
+        assert_eq!(
+            f.check_from_guest(&tso(GsoKind::TcpV4, true)),
+            Err(Unsupported::Segmentation)
+        );
+        assert_eq!(
+            f.check_from_guest(&tso(GsoKind::UdpL4, false)),
+            Err(Unsupported::Segmentation)
+        );
+        assert_eq!(
+            f.check_to_guest(&tso(GsoKind::TcpV4, false)),
+            Err(Unsupported::Segmentation)
+        );
         let partial = VirtioNetRepr {
             gso: None,
             ..tso(GsoKind::TcpV4, false)
@@ -333,6 +348,9 @@ mod tests {
             GuestFeatures::from_bits(0).check_from_guest(&partial),
             Err(Unsupported::Checksum)
         );
-        assert_eq!(GuestFeatures::from_bits(0).check_from_guest(&VirtioNetRepr::PLAIN), Ok(()));
+        assert_eq!(
+            GuestFeatures::from_bits(0).check_from_guest(&VirtioNetRepr::PLAIN),
+            Ok(())
+        );
     }
 }

@@ -94,7 +94,8 @@ impl NetRings {
                     break;
                 }
             };
-            if self.spans.len() >= max || chains >= self.limits.chains_per_call || filled >= self.limits.bytes_per_call {
+            if self.spans.len() >= max || chains >= self.limits.chains_per_call || filled >= self.limits.bytes_per_call
+            {
                 // Budget spent with work left: leave the chain for the next call.
                 self.tx.unpop();
                 outcome.more = true;
@@ -138,7 +139,14 @@ impl NetRings {
             stats.refused.count(r);
             Err(r)
         };
-        let total = match walk(mem, self.tx.desc_table(), self.tx.size(), head, rules, &mut self.segments) {
+        let total = match walk(
+            mem,
+            self.tx.desc_table(),
+            self.tx.size(),
+            head,
+            rules,
+            &mut self.segments,
+        ) {
             Ok(n) => n as usize,
             Err(r) => return refuse(&mut self.stats, r),
         };

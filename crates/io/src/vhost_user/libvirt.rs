@@ -90,10 +90,17 @@ mod tests {
 
     #[test]
     fn interface_xml_names_the_socket_as_client_with_reconnect() {
-        let x = libvirt_interface_xml(Path::new("/run/palisade/a'b&c.sock"), [0x52, 0x54, 0, 0x12, 0x34, 0x56], 2);
+        let x = libvirt_interface_xml(
+            Path::new("/run/palisade/a'b&c.sock"),
+            [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            2,
+        );
         assert!(x.contains("<interface type='vhostuser'>"));
         assert!(x.contains("<mac address='52:54:00:12:34:56'/>"));
-        assert!(x.contains("path='/run/palisade/a&apos;b&amp;c.sock' mode='client'"), "{x}");
+        assert!(
+            x.contains("path='/run/palisade/a&apos;b&amp;c.sock' mode='client'"),
+            "{x}"
+        );
         assert!(x.contains("<reconnect enabled='yes' timeout='1'/>"));
         assert!(x.contains("<driver queues='2'/>"));
         assert!(LIBVIRT_MEMORY_BACKING_XML.contains("<access mode='shared'/>"));

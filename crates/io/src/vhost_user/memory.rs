@@ -130,7 +130,10 @@ mod tests {
 
     #[test]
     fn maps_regions_and_translates_qemu_addresses() {
-        let regions = [region(0, 0x10000, 0x7f00_0000_0000, 0), region(0x10_0000, 0x1000, 0x7f00_1000_0000, 0x1000)];
+        let regions = [
+            region(0, 0x10000, 0x7f00_0000_0000, 0),
+            region(0x10_0000, 0x1000, 0x7f00_1000_0000, 0x1000),
+        ];
         let t = MemoryTable::map(&regions, vec![file(0x10000), file(0x2000)]).unwrap();
         assert_eq!(t.regions(), 2);
         assert_eq!(t.translate(0x7f00_0000_0010), Some(0x10));
@@ -144,13 +147,22 @@ mod tests {
     #[test]
     fn refuses_regions_that_do_not_fit_their_file_or_overlap() {
         let past_end = MemoryTable::map(&[region(0, 0x2000, 0x1000_0000, 0)], vec![file(0x1000)]);
-        assert!(matches!(past_end, Err(MemoryError::Region { index: 0, .. })), "{past_end:?}");
+        assert!(
+            matches!(past_end, Err(MemoryError::Region { index: 0, .. })),
+            "{past_end:?}"
+        );
         let offset_past = MemoryTable::map(&[region(0, 0x1000, 0x1000_0000, u64::MAX - 10)], vec![file(0x1000)]);
-        assert!(matches!(offset_past, Err(MemoryError::Region { .. })), "{offset_past:?}");
+        assert!(
+            matches!(offset_past, Err(MemoryError::Region { .. })),
+            "{offset_past:?}"
+        );
         let empty = MemoryTable::map(&[region(0, 0, 0x1000_0000, 0)], vec![file(0x1000)]);
         assert!(matches!(empty, Err(MemoryError::Region { .. })), "{empty:?}");
         let overlap = MemoryTable::map(
-            &[region(0, 0x2000, 0x1000_0000, 0), region(0x1000, 0x2000, 0x2000_0000, 0)],
+            &[
+                region(0, 0x2000, 0x1000_0000, 0),
+                region(0x1000, 0x2000, 0x2000_0000, 0),
+            ],
             vec![file(0x2000), file(0x2000)],
         );
         assert!(matches!(overlap, Err(MemoryError::Combine(_))), "{overlap:?}");

@@ -29,7 +29,7 @@
 //! batches; running the daemon would mean a second thread per queue and a
 //! hand-off between it and the worker for every batch. So this module uses
 //! the `vhost` crate's protocol layer (`BackendReqHandler`, which parses
-//! and checks the messages) with its own request handler ([`device`]), and
+//! and checks the messages) with its own request handler (`device`), and
 //! keeps each queue pair's state behind a lock the worker takes once per
 //! call and the control thread only to reconfigure ([`pair`]). The rings
 //! themselves use `virtio-queue` for configuration, the available side and
@@ -57,7 +57,7 @@
 //! # Hostile guests
 //!
 //! The guest writes the rings and descriptors; each chain is validated
-//! before use ([`chain`]: indices, loops, lengths, directions, indirect
+//! before use (`chain`: indices, loops, lengths, directions, indirect
 //! tables, buffers inside guest memory, a 64 KiB + header cap on
 //! transmitted frames), refused chains are handed back empty and counted by
 //! [`Refusal`], a ring whose indices go wrong stops ([`QueueStats::ring_faults`]),

@@ -378,18 +378,28 @@ impl Drop for Session<'_> {
 impl FramePort for QueuePair {
     fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
         let shared = &self.shared;
-        Ok(recv_in(shared, &mut shared.lock(), max, Delivery::Plain, &mut |batch| {
-            for frame in batch.frames() {
-                f(frame);
-            }
-        }))
+        Ok(recv_in(
+            shared,
+            &mut shared.lock(),
+            max,
+            Delivery::Plain,
+            &mut |batch| {
+                for frame in batch.frames() {
+                    f(frame);
+                }
+            },
+        ))
     }
 
     fn recv_batch(&mut self, max: usize, f: &mut dyn FnMut(&[&[u8]])) -> io::Result<usize> {
         let shared = &self.shared;
-        Ok(recv_in(shared, &mut shared.lock(), max, Delivery::Plain, &mut |batch| {
-            f(batch.frames())
-        }))
+        Ok(recv_in(
+            shared,
+            &mut shared.lock(),
+            max,
+            Delivery::Plain,
+            &mut |batch| f(batch.frames()),
+        ))
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {

@@ -139,7 +139,10 @@ impl VhostUserNet {
             source,
         };
         if config.queue_pairs == 0 || config.queue_pairs > MAX_QUEUE_PAIRS {
-            return Err(bad(format!("{} queue pairs (1 to {MAX_QUEUE_PAIRS})", config.queue_pairs)));
+            return Err(bad(format!(
+                "{} queue pairs (1 to {MAX_QUEUE_PAIRS})",
+                config.queue_pairs
+            )));
         }
         match std::fs::symlink_metadata(&config.socket) {
             Ok(m) if m.file_type().is_socket() => {
@@ -267,7 +270,9 @@ fn serve(listener: &UnixListener, control: &Control) {
             Err(e) => {
                 if !matches!(
                     e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted | std::io::ErrorKind::ConnectionAborted
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::ConnectionAborted
                 ) {
                     lock(&control.status).last_error = Some(format!("accept: {e}"));
                     std::thread::sleep(Duration::from_millis(100));

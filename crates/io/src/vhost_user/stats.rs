@@ -314,6 +314,9 @@ mod tests {
         assert_eq!(a.from_guest_frames, 2);
         assert_eq!(a.to_guest_dropped(), 4);
         assert_eq!(a.refused.get(Refusal::ChainTooLong), 2);
-        assert_eq!(a.refused.nonzero().collect::<Vec<_>>(), vec![(Refusal::ChainTooLong, 2)]);
+        assert_eq!(
+            a.refused.nonzero().collect::<Vec<_>>(),
+            vec![(Refusal::ChainTooLong, 2)]
+        );
     }
 }

@@ -156,7 +156,14 @@ impl NetRings {
                     return Err(SendError::NotRunning);
                 }
             };
-            let refusal = match walk(mem, self.rx.desc_table(), self.rx.size(), head, &rules, &mut self.segments) {
+            let refusal = match walk(
+                mem,
+                self.rx.desc_table(),
+                self.rx.size(),
+                head,
+                &rules,
+                &mut self.segments,
+            ) {
                 // With mergeable buffers every buffer must hold at least a header (§5.1.6.3.1).
                 Ok(capacity) if mergeable && capacity < header_len as u64 => Some(Refusal::BufferTooSmall),
                 Ok(capacity) => {

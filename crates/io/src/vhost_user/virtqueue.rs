@@ -10,7 +10,7 @@
 //! spread over several mergeable receive buffers must appear to the guest
 //! all at once (Linux's `receive_mergeable` drops a frame whose later
 //! buffers are not used yet), and transmit completions are cheaper
-//! published once per batch. [`Virtqueue::publish`] stores the index once
+//! published once per batch. `Virtqueue::publish` stores the index once
 //! and decides whether the guest wants an interrupt (`used_event` with
 //! `EVENT_IDX`, else `VRING_AVAIL_F_NO_INTERRUPT`), as Linux's
 //! `virtqueue_kick_prepare` does on the other side.
@@ -50,6 +50,12 @@ pub enum RingFault {
     /// The available index ran more than the ring's size ahead of what was consumed.
     #[error("available index ran ahead of the ring")]
     AvailIndex,
+    /// More chains in use at once than the ring holds: the guest made chains
+    /// available again before they were returned (a driver cannot, unless it
+    /// reuses descriptors it does not own). Returning them would overwrite
+    /// used elements the guest has not been shown yet.
+    #[error("more chains in use than the ring holds")]
+    Overcommitted,
 }
 
 fn fault_of(e: QueueError) -> RingFault {
@@ -174,6 +180,9 @@ impl Virtqueue {
 
     /// Return chain `head` to the guest with `len` bytes written; visible at the next [`Self::publish`].
     pub fn push_used<M: GuestMemory>(&mut self, mem: &M, head: u16, len: u32) -> Result<(), RingFault> {
+        if (self.next_used - self.published).0 >= self.queue.size() {
+            return Err(RingFault::Overcommitted);
+        }
         let slot = u64::from(self.next_used.0 % self.queue.size());
         let at = GuestAddress(self.queue.used_ring())
             .checked_add(USED_RING_AT + slot * USED_ELEM_LEN)
@@ -217,7 +226,9 @@ impl Virtqueue {
             // vring_need_event: notify if used_event lies in (old, new].
             Ok((new - used_event - Wrapping(1)).0 < (new - old).0)
         } else {
-            let flags: u16 = mem.load(avail, Ordering::Relaxed).map_err(|_| RingFault::OutsideMemory)?;
+            let flags: u16 = mem
+                .load(avail, Ordering::Relaxed)
+                .map_err(|_| RingFault::OutsideMemory)?;
             Ok(u32::from(u16::from_le(flags)) & VRING_AVAIL_F_NO_INTERRUPT == 0)
         }
     }

@@ -45,7 +45,8 @@ fn write_desc<M: GuestMemory>(mem: &M, table: u64, index: u16, addr: u64, len: u
     d[8..12].copy_from_slice(&len.to_le_bytes());
     d[12..14].copy_from_slice(&flags.to_le_bytes());
     d[14..].copy_from_slice(&next.to_le_bytes());
-    mem.write_slice(&d, GuestAddress(table + u64::from(index) * 16)).expect("descriptor in memory");
+    mem.write_slice(&d, GuestAddress(table + u64::from(index) * 16))
+        .expect("descriptor in memory");
 }
 
 impl DriverRing {
@@ -77,7 +78,8 @@ impl DriverRing {
     /// Zero the ring's memory.
     pub fn init<M: GuestMemory>(&self, mem: &M) {
         let len = (self.end() - self.layout.desc_table) as usize;
-        mem.write_slice(&vec![0u8; len], GuestAddress(self.layout.desc_table)).expect("ring in memory");
+        mem.write_slice(&vec![0u8; len], GuestAddress(self.layout.desc_table))
+            .expect("ring in memory");
     }
 
     /// Free descriptors.
@@ -146,8 +148,12 @@ impl DriverRing {
 
     /// Publish the available index (release: the chains are written before it).
     pub fn publish<M: GuestMemory>(&self, mem: &M) {
-        mem.store(self.avail_idx.to_le(), GuestAddress(self.layout.avail_ring + 2), Ordering::Release)
-            .expect("available ring in memory");
+        mem.store(
+            self.avail_idx.to_le(),
+            GuestAddress(self.layout.avail_ring + 2),
+            Ordering::Release,
+        )
+        .expect("available ring in memory");
     }
 
     /// Publish any available index (hostile).
@@ -158,7 +164,10 @@ impl DriverRing {
 
     /// The used index the device published.
     pub fn used_idx<M: GuestMemory>(&self, mem: &M) -> u16 {
-        u16::from_le(mem.load(GuestAddress(self.layout.used_ring + 2), Ordering::Acquire).expect("used ring"))
+        u16::from_le(
+            mem.load(GuestAddress(self.layout.used_ring + 2), Ordering::Acquire)
+                .expect("used ring"),
+        )
     }
 
     /// The used elements published since the last call, as (head, length);
@@ -172,7 +181,7 @@ impl DriverRing {
             let id: u32 = u32::from_le(mem.read_obj(at).expect("used ring"));
             let len: u32 = u32::from_le(mem.read_obj(GuestAddress(at.0 + 4)).expect("used ring"));
             if let Some(ids) = self.chains.get_mut(id as usize) {
-                self.free.extend(ids.drain(..));
+                self.free.append(ids);
             }
             out.push((id, len));
             self.used_seen = self.used_seen.wrapping_add(1);
@@ -188,7 +197,8 @@ impl DriverRing {
 
     /// The available ring's flags (`VRING_AVAIL_F_NO_INTERRUPT` = 1).
     pub fn set_avail_flags<M: GuestMemory>(&self, mem: &M, v: u16) {
-        mem.write_obj(v.to_le(), GuestAddress(self.layout.avail_ring)).expect("available ring");
+        mem.write_obj(v.to_le(), GuestAddress(self.layout.avail_ring))
+            .expect("available ring");
     }
 
     /// The used ring's flags (`VRING_USED_F_NO_NOTIFY` = 1).

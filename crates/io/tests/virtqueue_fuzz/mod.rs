@@ -166,7 +166,24 @@ struct Walk {
     touched: Vec<(u64, u64)>,
 }
 
-fn walk(s: &Snapshot, table: u64, size: u16, head: u16, write: bool, indirect: bool, max_descs: usize, cap: Option<u64>) -> Option<Walk> {
+/// What a chain may be: device-writable or readable buffers, indirect
+/// tables allowed, at most this many descriptors and (if capped) bytes.
+#[derive(Clone, Copy)]
+struct Rules {
+    write: bool,
+    indirect: bool,
+    max_descs: usize,
+    cap: Option<u64>,
+}
+
+/// The chain whose head is entry `head` of the `size`-entry table at `table`, if `rules` allow it.
+fn walk(s: &Snapshot, table: u64, size: u16, head: u16, rules: Rules) -> Option<Walk> {
+    let Rules {
+        write,
+        indirect,
+        max_descs,
+        cap,
+    } = rules;
     let mut w = Walk {
         segs: Vec::new(),
         touched: Vec::new(),
@@ -260,11 +277,19 @@ impl Ring {
 
     /// Used elements published since the last call, as (head, length).
     fn new_used(&mut self, s: &Snapshot) -> Vec<(u32, u32)> {
-        let Some(idx) = self.layout.used_ring.checked_add(2).and_then(|a| s.u16(a)) else { return Vec::new() };
+        let Some(idx) = self.layout.used_ring.checked_add(2).and_then(|a| s.u16(a)) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
-        while self.used_seen != idx && out.len() <= usize::from(self.layout.size) * 2 {
-            let at = self.layout.used_ring.saturating_add(4 + 8 * u64::from(self.used_seen % self.layout.size));
-            out.push((s.u32(at).unwrap_or(u32::MAX), s.u32(at.saturating_add(4)).unwrap_or(u32::MAX)));
+        while self.used_seen != idx && out.len() <= usize::from(self.layout.size) {
+            let at = self
+                .layout
+                .used_ring
+                .saturating_add(4 + 8 * u64::from(self.used_seen % self.layout.size));
+            out.push((
+                s.u32(at).unwrap_or(u32::MAX),
+                s.u32(at.saturating_add(4)).unwrap_or(u32::MAX),
+            ));
             self.used_seen = self.used_seen.wrapping_add(1);
         }
         out
@@ -338,7 +363,10 @@ fn header(choice: u8, frame_len: usize) -> VirtioNetRepr {
     };
     match choice % 8 {
         0 => VirtioNetRepr::PLAIN,
-        1 => VirtioNetRepr { csum, ..VirtioNetRepr::PLAIN },
+        1 => VirtioNetRepr {
+            csum,
+            ..VirtioNetRepr::PLAIN
+        },
         2 => VirtioNetRepr {
             csum,
             gso: gso(GsoKind::TcpV4, false),
@@ -374,6 +402,16 @@ fn header(choice: u8, frame_len: usize) -> VirtioNetRepr {
 }
 
 impl World {
+    /// The device's rules for a chain of this guest: `write` for receive chains.
+    fn rules(&self, write: bool, cap: Option<u64>) -> Rules {
+        Rules {
+            write,
+            indirect: self.features.indirect_descriptors(),
+            max_descs: self.limits.max_descriptors,
+            cap,
+        }
+    }
+
     fn hdr_len(&self) -> usize {
         self.features.header_len()
     }
@@ -384,7 +422,7 @@ impl World {
         let s = Snapshot::of(&self.mem);
         self.rx_inflight
             .iter()
-            .map(|&h| walk(&s, l.desc_table, l.size, h, true, self.features.indirect_descriptors(), self.limits.max_descriptors, None).map(|w| w.segs))
+            .map(|&h| walk(&s, l.desc_table, l.size, h, self.rules(true, None)).map(|w| w.segs))
             .collect()
     }
 
@@ -406,7 +444,7 @@ impl World {
         let mut out = vec![self.rx.used_area(), self.tx.used_area()];
         let l = self.rx.layout;
         for head in 0..l.size {
-            if let Some(w) = walk(s, l.desc_table, l.size, head, true, self.features.indirect_descriptors(), self.limits.max_descriptors, None) {
+            if let Some(w) = walk(s, l.desc_table, l.size, head, self.rules(true, None)) {
                 out.extend(w.segs.iter().map(|&(a, n)| (a, u64::from(n))));
             }
         }
@@ -448,7 +486,9 @@ impl World {
         for a in before.changed(after) {
             let i = merged.partition_point(|r| r.1 <= a);
             if merged.get(i).is_none_or(|r| a < r.0) {
-                return fail(format!("{what} wrote guest address {a:#x}, outside the used rings and the receive buffers"));
+                return fail(format!(
+                    "{what} wrote guest address {a:#x}, outside the used rings and the receive buffers"
+                ));
             }
         }
         Ok(())
@@ -457,6 +497,13 @@ impl World {
     /// Check newly published receive elements against the frames sent, in order.
     fn check_rx_published(&mut self, after: &Snapshot) -> Result<(), String> {
         let used = self.rx.new_used(after);
+        if self.used_readable && used.len() > usize::from(self.rx.layout.size) {
+            return fail(format!(
+                "{} used elements published at once in a ring of {}",
+                used.len(),
+                self.rx.layout.size
+            ));
+        }
         for &(head, _) in &used {
             if let Some(k) = self.rx_inflight.iter().position(|&h| u32::from(h) == head) {
                 self.rx_inflight.swap_remove(k);
@@ -495,13 +542,21 @@ impl World {
                 continue;
             }
             let Some(exp) = self.expected.pop_front() else {
-                return fail(format!("a frame published into the receive queue (head {head}, {len} bytes) that nobody sent"));
+                return fail(format!(
+                    "a frame published into the receive queue (head {head}, {len} bytes) that nobody sent"
+                ));
             };
             let want_len = hl + exp.frame.len();
             // The frame spans `n` elements: one without mergeable buffers.
             let layout = self.rx.layout;
             let chain_bytes = |head: u32, len: u32| -> Option<Vec<u8>> {
-                let w = walk(after, layout.desc_table, layout.size, head as u16, true, self.features.indirect_descriptors(), self.limits.max_descriptors, None)?;
+                let w = walk(
+                    after,
+                    layout.desc_table,
+                    layout.size,
+                    head as u16,
+                    self.rules(true, None),
+                )?;
                 let mut out = Vec::new();
                 let mut left = len as usize;
                 for (a, l) in w.segs {
@@ -513,18 +568,27 @@ impl World {
             };
             let first = chain_bytes(head, len);
             let n = match &first {
-                Some(b) if b.len() >= hl => Header::new_checked(&b[..hl]).ok().and_then(|h| h.num_buffers()).unwrap_or(1).max(1) as usize,
+                Some(b) if b.len() >= hl => Header::new_checked(&b[..hl])
+                    .ok()
+                    .and_then(|h| h.num_buffers())
+                    .unwrap_or(1)
+                    .max(1) as usize,
                 _ => 1,
             };
             if !mergeable && n != 1 && hl == 12 {
                 return fail(format!("num_buffers {n} without mergeable buffers"));
             }
             if i + n > used.len() {
-                return fail(format!("a frame of {n} buffers published with only {} elements", used.len() - i));
+                return fail(format!(
+                    "a frame of {n} buffers published with only {} elements",
+                    used.len() - i
+                ));
             }
             let total: u64 = used[i..i + n].iter().map(|&(_, l)| u64::from(l)).sum();
             if total != want_len as u64 {
-                return fail(format!("{total} bytes published for a {want_len}-byte frame and header"));
+                return fail(format!(
+                    "{total} bytes published for a {want_len}-byte frame and header"
+                ));
             }
             // Content, when the buffers were not overwritten by something else since (the device
             // writes only these buffers and the used ring; the guest's steps do not run in between).
@@ -542,7 +606,10 @@ impl World {
                 let mut hdr = want.to_bytes().to_vec();
                 hdr.truncate(hl);
                 if bytes[..hl] != hdr[..] || bytes[hl..] != exp.frame[..] {
-                    return fail(format!("frame {} published into the receive queue differs from the one sent", self.matched));
+                    return fail(format!(
+                        "frame {} published into the receive queue differs from the one sent",
+                        self.matched
+                    ));
                 }
             }
             self.matched += 1;
@@ -564,7 +631,7 @@ impl World {
             if len == 0 {
                 continue;
             }
-            let Some(w) = walk(s, l.desc_table, l.size, head as u16, true, self.features.indirect_descriptors(), self.limits.max_descriptors, None) else {
+            let Some(w) = walk(s, l.desc_table, l.size, head as u16, self.rules(true, None)) else {
                 return true;
             };
             if w.touched.iter().any(|&t| seen.iter().any(|&u| overlaps(t, u))) {
@@ -619,7 +686,11 @@ impl World {
             return Ok(());
         }
         if used.len() > self.limits.chains_per_call {
-            return fail(format!("{} chains consumed in one call, budget {}", used.len(), self.limits.chains_per_call));
+            return fail(format!(
+                "{} chains consumed in one call, budget {}",
+                used.len(),
+                self.limits.chains_per_call
+            ));
         }
         if stats.ring_faults != stats0.ring_faults {
             return Ok(());
@@ -643,8 +714,16 @@ impl World {
                 return fail(format!("transmit chain {head} returned with length {len}"));
             }
             let layout = self.tx.layout;
-            let w = walk(&before, layout.desc_table, layout.size, head as u16, false, self.features.indirect_descriptors(), self.limits.max_descriptors, Some(cap));
-            if w.as_ref().is_some_and(|w| w.touched.iter().any(|&t| areas.iter().any(|&a| overlaps(t, a)))) {
+            let w = walk(
+                &before,
+                layout.desc_table,
+                layout.size,
+                head as u16,
+                self.rules(false, Some(cap)),
+            );
+            if w.as_ref()
+                .is_some_and(|w| w.touched.iter().any(|&t| areas.iter().any(|&a| overlaps(t, a))))
+            {
                 // The chain shares memory with a used ring the device wrote during the call: its
                 // content at the time it was read is not known here.
                 return Ok(());
@@ -678,7 +757,15 @@ impl World {
                 None | Some(None) => {}
                 Some(Some(want)) => match delivered.next() {
                     Some(g) if *g == want => {}
-                    Some(g) => return fail(format!("chain {head} delivered as {:?} ({} bytes), its bytes say {:?} ({} bytes)", g.0, g.1.len(), want.0, want.1.len())),
+                    Some(g) => {
+                        return fail(format!(
+                            "chain {head} delivered as {:?} ({} bytes), its bytes say {:?} ({} bytes)",
+                            g.0,
+                            g.1.len(),
+                            want.0,
+                            want.1.len()
+                        ));
+                    }
                     None => return fail(format!("valid chain {head} was not delivered")),
                 },
             }
@@ -700,7 +787,10 @@ impl World {
         let stats = *self.rings.stats();
         let refused = stats.refused.total() - stats0.refused.total();
         if refused > self.limits.refusals_per_send as u64 {
-            return fail(format!("{refused} receive chains refused in one send, limit {}", self.limits.refusals_per_send));
+            return fail(format!(
+                "{refused} receive chains refused in one send, limit {}",
+                self.limits.refusals_per_send
+            ));
         }
         if stats.ring_faults != stats0.ring_faults {
             self.expected.clear();
@@ -711,7 +801,8 @@ impl World {
                 let mut frame = f;
                 if !self.features.checksum_to_guest() {
                     if let Some(c) = header.csum.take() {
-                        c.complete(&mut frame).map_err(|e| format!("sent a frame whose checksum cannot complete: {e}"))?;
+                        c.complete(&mut frame)
+                            .map_err(|e| format!("sent a frame whose checksum cannot complete: {e}"))?;
                     }
                     header.data_valid = false;
                 }
@@ -758,7 +849,12 @@ impl World {
         }
         let base = raw_base.unwrap_or(base);
         let ring = if rx { &mut self.rx } else { &mut self.tx };
-        ring.used_seen = ring.layout.used_ring.checked_add(2).and_then(|a| after.u16(a)).unwrap_or(0);
+        ring.used_seen = ring
+            .layout
+            .used_ring
+            .checked_add(2)
+            .and_then(|a| after.u16(a))
+            .unwrap_or(0);
         let layout = ring.layout;
         let _ = if rx {
             self.rings.start_rx(&self.mem, layout, base)
@@ -843,20 +939,36 @@ pub fn check(data: &[u8]) -> Result<(), String> {
         if placement & 0x80 != 0 {
             let (d, a, u) = (addr(input.u16()), addr(input.u16()), addr(input.u16()));
             if placement & 0x40 != 0 {
-                return RingLayout { size, desc_table: d, avail_ring: a, used_ring: u };
+                return RingLayout {
+                    size,
+                    desc_table: d,
+                    avail_ring: a,
+                    used_ring: u,
+                };
             }
-            return RingLayout { size, desc_table: d & !15, avail_ring: a & !1, used_ring: u & !3 };
+            return RingLayout {
+                size,
+                desc_table: d & !15,
+                avail_ring: a & !1,
+                used_ring: u & !3,
+            };
         }
         let desc_table = *at;
         let avail_ring = desc_table + 16 * u64::from(size);
         let used_ring = (avail_ring + 6 + 2 * u64::from(size) + 3) & !3;
         *at = (used_ring + 6 + 8 * u64::from(size) + 4095) & !4095;
-        RingLayout { size, desc_table, avail_ring, used_ring }
+        RingLayout {
+            size,
+            desc_table,
+            avail_ring,
+            used_ring,
+        }
     };
     let mut at = REGIONS[0].0;
     let rx_layout = layout(&mut input, rx_size, &mut at);
     let tx_layout = layout(&mut input, tx_size, &mut at);
-    let mem = GuestMemoryMmap::from_ranges(&REGIONS.map(|(b, l)| (GuestAddress(b), l as usize))).map_err(|e| e.to_string())?;
+    let mem = GuestMemoryMmap::from_ranges(&REGIONS.map(|(b, l)| (GuestAddress(b), l as usize)))
+        .map_err(|e| e.to_string())?;
     let mut rings = NetRings::new(features, limits);
     let limits = limits.sanitized();
     let _ = rings.start_rx(&mem, rx_layout, 0);
@@ -866,8 +978,18 @@ pub fn check(data: &[u8]) -> Result<(), String> {
         rings,
         features,
         limits,
-        rx: Ring { layout: rx_layout, avail_idx: 0, used_seen: 0, next_desc: 0 },
-        tx: Ring { layout: tx_layout, avail_idx: 0, used_seen: 0, next_desc: 0 },
+        rx: Ring {
+            layout: rx_layout,
+            avail_idx: 0,
+            used_seen: 0,
+            next_desc: 0,
+        },
+        tx: Ring {
+            layout: tx_layout,
+            avail_idx: 0,
+            used_seen: 0,
+            next_desc: 0,
+        },
         expected: VecDeque::new(),
         dirty: false,
         used_readable: true,
@@ -878,7 +1000,11 @@ pub fn check(data: &[u8]) -> Result<(), String> {
     };
     let areas = |l: &RingLayout| {
         let n = u64::from(l.size);
-        [(l.desc_table, 16 * n), (l.avail_ring, 6 + 2 * n), (l.used_ring, 6 + 8 * n)]
+        [
+            (l.desc_table, 16 * n),
+            (l.avail_ring, 6 + 2 * n),
+            (l.used_ring, 6 + 8 * n),
+        ]
     };
     let all: Vec<(u64, u64)> = areas(&rx_layout).into_iter().chain(areas(&tx_layout)).collect();
     for used in [all[2], all[5]] {
@@ -904,9 +1030,22 @@ pub fn check(data: &[u8]) -> Result<(), String> {
         match op & 0x0f {
             0 => {
                 let (i, a, l, fl, nx) = (input.u8(), input.u16(), input.u16(), input.u8(), input.u8());
-                let len = if fl & 0x80 != 0 { u32::from(l) << 4 } else { u32::from(l) };
+                let len = if fl & 0x80 != 0 {
+                    u32::from(l) << 4
+                } else {
+                    u32::from(l)
+                };
                 let ring = if rx { &w.rx } else { &w.tx };
-                ring.write_desc(&w.mem, u16::from(i), Desc { addr: addr(a), len, flags: u16::from(fl & 7), next: u16::from(nx) });
+                ring.write_desc(
+                    &w.mem,
+                    u16::from(i),
+                    Desc {
+                        addr: addr(a),
+                        len,
+                        flags: u16::from(fl & 7),
+                        next: u16::from(nx),
+                    },
+                );
             }
             1 => {
                 let a = addr(input.u16());
@@ -949,13 +1088,31 @@ pub fn check(data: &[u8]) -> Result<(), String> {
                         b[14..16].copy_from_slice(&(k as u16 + 1).to_le_bytes());
                         let _ = w.mem.write_slice(&b, GuestAddress(table + 16 * k as u64));
                     }
-                    w.tx.write_desc(&w.mem, head, Desc { addr: table, len: 16 * parts.len() as u32, flags: F_INDIRECT, next: 0 });
+                    w.tx.write_desc(
+                        &w.mem,
+                        head,
+                        Desc {
+                            addr: table,
+                            len: 16 * parts.len() as u32,
+                            flags: F_INDIRECT,
+                            next: 0,
+                        },
+                    );
                     w.tx.next_desc = w.tx.next_desc.wrapping_add(1);
                 } else {
                     for (k, &(a, l)) in parts.iter().enumerate() {
                         let i = (head + k as u16) % size;
                         let last = k + 1 == parts.len();
-                        w.tx.write_desc(&w.mem, i, Desc { addr: a, len: l, flags: if last { 0 } else { F_NEXT }, next: (i + 1) % size });
+                        w.tx.write_desc(
+                            &w.mem,
+                            i,
+                            Desc {
+                                addr: a,
+                                len: l,
+                                flags: if last { 0 } else { F_NEXT },
+                                next: (i + 1) % size,
+                            },
+                        );
                     }
                     w.tx.next_desc = w.tx.next_desc.wrapping_add(parts.len() as u16);
                 }
@@ -972,23 +1129,31 @@ pub fn check(data: &[u8]) -> Result<(), String> {
             4 => {
                 let d = input.u8();
                 let ring = if rx { &mut w.rx } else { &mut w.tx };
-                ring.avail_idx = ring.avail_idx.wrapping_add(u16::from(d)).wrapping_sub(if d & 0x80 != 0 { 256 } else { 0 });
+                ring.avail_idx = ring
+                    .avail_idx
+                    .wrapping_add(u16::from(d))
+                    .wrapping_sub(if d & 0x80 != 0 { 256 } else { 0 });
                 ring.publish(&w.mem);
             }
             5 => {
                 let max = 1 + usize::from(input.u8() % 64);
-                let delivery = if op & 0x40 != 0 { Delivery::Plain } else { Delivery::Offloaded };
+                let delivery = if op & 0x40 != 0 {
+                    Delivery::Plain
+                } else {
+                    Delivery::Offloaded
+                };
                 w.recv(max, delivery)?;
             }
             6 => {
                 let choice = input.u8();
                 let x = usize::from(input.u16());
-                let len = 54 + match choice >> 5 & 3 {
-                    0 => 0,
-                    1 => x % 1500,
-                    2 => x % 9000,
-                    _ => x,
-                };
+                let len = 54
+                    + match choice >> 5 & 3 {
+                        0 => 0,
+                        1 => x % 1500,
+                        2 => x % 9000,
+                        _ => x,
+                    };
                 let seed = input.u8();
                 w.send(choice, len, seed)?;
             }
@@ -1006,10 +1171,22 @@ pub fn check(data: &[u8]) -> Result<(), String> {
                     bump = (base + u64::from(len) + 15) & !15;
                     // A well-behaved driver reuses only descriptors the device has returned.
                     let size = w.rx.layout.size;
-                    let Some(i) = (0..size).map(|k| w.rx.next_desc.wrapping_add(k) % size).find(|i| !w.rx_inflight.contains(i)) else {
+                    let Some(i) = (0..size)
+                        .map(|k| w.rx.next_desc.wrapping_add(k) % size)
+                        .find(|i| !w.rx_inflight.contains(i))
+                    else {
                         break;
                     };
-                    w.rx.write_desc(&w.mem, i, Desc { addr: base, len, flags: F_WRITE, next: 0 });
+                    w.rx.write_desc(
+                        &w.mem,
+                        i,
+                        Desc {
+                            addr: base,
+                            len,
+                            flags: F_WRITE,
+                            next: 0,
+                        },
+                    );
                     w.rx.next_desc = i.wrapping_add(1);
                     w.rx.push(&w.mem, i);
                     w.rx_inflight.push(i);
