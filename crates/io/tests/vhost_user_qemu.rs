@@ -478,7 +478,8 @@ fn a_qemu_guest_on_vhost_user_carries_ping_and_tcp_with_offloads_on() {
     }
     eprintln!(
         "TCP through the vhost-user device under {}: guest→host {up:.2} Gbit/s, host→guest {down:.2} Gbit/s \
-         ({} MiB each; QEMU's emulation is the limit under TCG, not the device)",
+         ({} MiB each; under TCG this measures QEMU's emulation of the guest and of every kick and \
+         interrupt, on a shared host, not the device: `cargo bench -p palisade-io --bench vhost_user` has its own cost)",
         accel().join(" "),
         TRANSFER >> 20
     );
