@@ -10,7 +10,10 @@
 //! are completed on receipt ([`csum`]), so forwarded frames are always valid
 //! on the wire. Errors opening a port name the interface and the failed step
 //! ([`IoError`]). With several workers, each opening its own ports, the kernel
-//! steers every connection to one worker ([`steer`]).
+//! steers every connection to one worker ([`steer`]). QEMU/libvirt guests
+//! attach through vhost-user ([`vhost_user`]): the guest's virtio-net
+//! queues are served from its own memory by the workers, frames arriving
+//! with their virtio-net offload header (partial checksums, super-frames).
 #![deny(missing_docs)]
 
 pub mod afpacket;
@@ -24,6 +27,7 @@ pub mod port;
 pub mod steer;
 mod sys;
 pub mod tap;
+pub mod vhost_user;
 
 pub use afpacket::{AfPacket, AfPacketConfig, Fanout};
 pub use error::IoError;

@@ -274,6 +274,42 @@ fn probe_kvm() -> bool {
     true
 }
 
+/// QEMU arguments for a guest NIC served by a vhost-user backend listening
+/// on `socket`: guest RAM in a shared memfd of `mem_mib` MiB, which the
+/// backend maps (pass the same size to `-m`); QEMU as the socket's client,
+/// reconnecting every second when the backend restarts; `queue_pairs` queue
+/// pairs. `accel` is the accelerator the guest runs with (as [`accel`]
+/// returns it): under TCG, MSI-X is turned off (`vectors=0`), because QEMU
+/// 7.2 crashes starting a vhost-user NIC with it there (ENVIRONMENT.md).
+pub fn vhost_user_nic_args(socket: &Path, mac: &str, queue_pairs: u16, mem_mib: u32, accel: &[&str]) -> Vec<String> {
+    let tcg = !accel.contains(&"kvm");
+    vhost_user_nic_args_for(socket, mac, queue_pairs, mem_mib, tcg)
+}
+
+fn vhost_user_nic_args_for(socket: &Path, mac: &str, queue_pairs: u16, mem_mib: u32, tcg: bool) -> Vec<String> {
+    // QEMU's option syntax doubles a comma inside a value.
+    let path = socket.display().to_string().replace(',', ",,");
+    let mut device = format!("virtio-net-pci,netdev=n0,mac={mac},romfile=");
+    if queue_pairs > 1 {
+        device.push_str(",mq=on");
+    }
+    if tcg {
+        device.push_str(",vectors=0");
+    }
+    vec![
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem0,size={mem_mib}M,share=on"),
+        "-numa".into(),
+        "node,memdev=mem0".into(),
+        "-chardev".into(),
+        format!("socket,id=vu0,path={path},reconnect=1"),
+        "-netdev".into(),
+        format!("vhost-user,id=n0,chardev=vu0,queues={queue_pairs}"),
+        "-device".into(),
+        device,
+    ]
+}
+
 static NONCE: AtomicU64 = AtomicU64::new(0);
 
 fn marker() -> String {
@@ -507,6 +543,27 @@ mod tests {
         assert!(b.windows(10).any(|w| w == b"TRAILER!!!"));
         // File size field (7th) is 3.
         assert_eq!(&b[6 + 6 * 8..6 + 7 * 8], b"00000003");
+    }
+
+    #[test]
+    fn vhost_user_nic_arguments() {
+        let a = vhost_user_nic_args_for(Path::new("/run/a,b.sock"), "52:54:00:00:00:01", 2, 256, true);
+        let joined = a.join(" ");
+        assert!(
+            joined.contains("memory-backend-memfd,id=mem0,size=256M,share=on"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("socket,id=vu0,path=/run/a,,b.sock,reconnect=1"),
+            "{joined}"
+        );
+        assert!(joined.contains("vhost-user,id=n0,chardev=vu0,queues=2"), "{joined}");
+        assert!(
+            joined.contains("mac=52:54:00:00:00:01,romfile=,mq=on,vectors=0"),
+            "{joined}"
+        );
+        let kvm = vhost_user_nic_args_for(Path::new("/s"), "52:54:00:00:00:01", 1, 256, false).join(" ");
+        assert!(!kvm.contains("vectors") && !kvm.contains("mq=on"), "{kvm}");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub enum Layer {
     Icmpv6,
     /// VXLAN header (with or without the Group Based Policy extension).
     Vxlan,
+    /// virtio-net header (offload metadata in front of a frame).
+    VirtioNet,
 }
 
 impl Layer {
@@ -49,6 +51,7 @@ impl Layer {
             Layer::Icmpv4 => "icmpv4",
             Layer::Icmpv6 => "icmpv6",
             Layer::Vxlan => "vxlan",
+            Layer::VirtioNet => "virtio-net",
         }
     }
 }

@@ -13,7 +13,9 @@
 //!
 //! The [`frame`] module dissects a whole Ethernet frame (tags, network and
 //! transport headers) and [`flow`] extracts the exact-match key the datapath's
-//! flow cache is indexed by.
+//! flow cache is indexed by. [`virtio_net`] is the offload header (partial
+//! checksums, segmentation super-frames) in front of frames from virtio-net
+//! devices, TAPs and AF_PACKET sockets.
 #![deny(missing_docs)]
 
 pub mod arp;
@@ -32,6 +34,7 @@ pub mod ipv6;
 pub mod ipv6ext;
 pub mod tcp;
 pub mod udp;
+pub mod virtio_net;
 pub mod vlan;
 pub mod vxlan;
 
