@@ -217,8 +217,14 @@ pub fn build_initramfs(dir: &Path, kver: &str) -> Result<PathBuf, LabError> {
 }
 
 /// The accelerator: `PALISADE_LAB_ACCEL=kvm|tcg` forces one; otherwise KVM
-/// with `-cpu host` when a paused probe VM survives, else TCG (nested KVM
-/// aborts on MSR writes on some hosts, see ENVIRONMENT.md).
+/// with `-cpu host` when a probe guest really runs under it, else TCG.
+///
+/// Nested KVM is unreliable on some hosts (ENVIRONMENT.md): `-cpu host` may
+/// abort on an MSR write, or a guest may start and then hang after the
+/// firmware. A paused VM shows neither, so the probe boots the guest kernel
+/// itself with no root file system and `panic=-1`: it panics at once and
+/// reboots, which `-no-reboot` turns into QEMU's exit. Only a guest that
+/// gets that far, printing its panic, proves KVM works.
 pub fn accel() -> &'static [&'static str] {
     static ACCEL: OnceLock<bool> = OnceLock::new();
     let kvm = *ACCEL.get_or_init(|| match std::env::var("PALISADE_LAB_ACCEL").as_deref() {
@@ -233,6 +239,10 @@ pub fn accel() -> &'static [&'static str] {
     }
 }
 
+/// How long the KVM probe guest may take to boot to its panic: under KVM a
+/// few hundred milliseconds, under TCG about two seconds.
+const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn probe_kvm() -> bool {
     if std::fs::OpenOptions::new()
         .read(true)
@@ -242,36 +252,34 @@ fn probe_kvm() -> bool {
     {
         return false;
     }
+    let Some((kernel, _)) = find_kernel() else { return false };
+    let serial = std::env::temp_dir().join(format!("palisade-kvm-probe-{}.log", std::process::id()));
     let child = std::process::Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-M",
-            "pc",
-            "-m",
-            "32",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-        ])
+        .args(["-accel", "kvm", "-cpu", "host", "-M", "pc", "-m", "128", "-nodefaults", "-display", "none"])
+        .args(["-no-reboot", "-kernel"])
+        .arg(&kernel)
+        .args(["-append", "console=ttyS0 panic=-1 quiet", "-serial"])
+        .arg(format!("file:{}", serial.display()))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn();
     let Ok(mut child) = child else { return false };
     let start = Instant::now();
-    while start.elapsed() < Duration::from_millis(1500) {
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
+    let exited = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status.success();
+        }
+        if start.elapsed() >= KVM_PROBE_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    true
+    };
+    let log = std::fs::read(&serial).unwrap_or_default();
+    let _ = std::fs::remove_file(&serial);
+    exited && String::from_utf8_lossy(&log).contains("Kernel panic")
 }
 
 /// QEMU arguments for a guest NIC served by a vhost-user backend listening
