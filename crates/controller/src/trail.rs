@@ -67,8 +67,15 @@ pub struct Trail {
 }
 
 impl Trail {
-    /// Open (creating) the log in `dir` for this process alone.
+    /// Open (creating) the log in `dir` for this process alone, its signing
+    /// key beside it (`<dir>.key`, see [`AuditConfig::key_file`]).
     pub fn open(dir: &Path) -> Result<Trail, TrailError> {
+        Trail::open_with(dir, AuditConfig::default())
+    }
+
+    /// Open as [`Trail::open`] with `config` (the key file and the head file,
+    /// both outside `dir`).
+    pub fn open_with(dir: &Path, config: AuditConfig) -> Result<Trail, TrailError> {
         std::fs::create_dir_all(dir).map_err(|source| TrailError::Io {
             path: dir.into(),
             source,
@@ -94,7 +101,7 @@ impl Trail {
                 source,
             });
         }
-        let log = AuditLog::open(dir, AuditConfig::default())?;
+        let log = AuditLog::open(dir, config)?;
         for t in &log.recovery().torn {
             eprintln!(
                 "palisade controller: audit log: set aside {} torn bytes of {} (after seq {})",
@@ -141,6 +148,11 @@ impl Trail {
     /// The records matching `q`, in sequence order.
     pub fn query(&self, q: &Query) -> Result<Vec<(u64, Record)>, AuditError> {
         self.log().query(q)
+    }
+
+    /// The store's own status: signed and published heads, the unsigned window.
+    pub fn audit_status(&self) -> palisade_audit::AuditStatus {
+        self.log().status()
     }
 
     /// Where the trail stands.
