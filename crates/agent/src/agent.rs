@@ -418,7 +418,12 @@ impl Agent {
             unix_at_zero: unix_now.as_nanos() as u64,
         };
         let audit = match &config.audit {
-            Some(dir) => Some(crate::trail::Trail::open(dir, config.audit_retention())?),
+            Some(dir) => Some(crate::trail::Trail::open(
+                dir,
+                config.audit_retention(),
+                &config.audit_key_file(),
+                &config.audit_head_file(),
+            )?),
             None => None,
         };
         let ipfix = match config.ipfix {
@@ -629,6 +634,12 @@ impl Agent {
     fn housekeeping(&mut self) {
         let now = self.now();
         let unix_s = (self.clock.unix(now) / 1_000_000_000) as u32;
+        if let Some(t) = &mut self.audit
+            && let Err(e) = t.tick(self.clock.unix(now))
+        {
+            // The next append fails the same way and stops the agent; say it now.
+            eprintln!("palisade agent: audit checkpoint: {e}");
+        }
         if let Some(x) = &mut self.ipfix {
             let _ = x.flush(unix_s);
         }
@@ -768,6 +779,7 @@ impl Agent {
             "workers": self.workers.len(),
             "connections": connections,
             "uptime_s": self.origin.elapsed().as_secs(),
+            "audit": self.audit.as_ref().map(|t| t.status()),
         })
         .to_string();
         if let Ok(mut g) = self.shared.lock() {

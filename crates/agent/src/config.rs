@@ -6,6 +6,8 @@
 //! state_dir = "/var/lib/palisade"    # connection state across restarts, last good policy
 //! metrics = "127.0.0.1:9101"         # Prometheus metrics and /flows (optional)
 //! audit = "/var/lib/palisade/audit"  # flow records (optional)
+//! audit_key = "/var/lib/palisade/audit.key"    # its signing key, outside the trail (this default)
+//! audit_head = "/var/lib/palisade/audit.head"  # its last signed head, outside the trail (this default)
 //! workers = 4                        # datapath threads (default: one per core)
 //! [underlay]
 //! local = "192.168.100.1"            # this host's tunnel endpoint
@@ -53,6 +55,16 @@ pub struct AgentConfig {
     /// Directory of the audit trail (flow records).
     #[serde(default)]
     pub audit: Option<PathBuf>,
+    /// The trail's signing key (created 0600 if missing), outside the trail
+    /// directory (default `<state_dir>/audit.key`).
+    #[serde(default)]
+    pub audit_key: Option<PathBuf>,
+    /// Where the trail's last signed head is published, outside the trail
+    /// directory (default `<state_dir>/audit.head`): `palisade audit verify
+    /// --expect-head` checks the trail against it, and the agent refuses to
+    /// extend a trail that was cut or rolled back behind it.
+    #[serde(default)]
+    pub audit_head: Option<PathBuf>,
     /// Delete audit segments older than this (`90d`, `12h`, `30m`, `45s`; default 90 days).
     #[serde(default)]
     pub audit_max_age: Option<String>,
@@ -207,6 +219,20 @@ impl AgentConfig {
         }
     }
 
+    /// The audit trail's signing key file: as configured, else `<state_dir>/audit.key`.
+    pub fn audit_key_file(&self) -> PathBuf {
+        self.audit_key
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit.key"))
+    }
+
+    /// The audit trail's head file: as configured, else `<state_dir>/audit.head`.
+    pub fn audit_head_file(&self) -> PathBuf {
+        self.audit_head
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit.head"))
+    }
+
     /// Datapath workers: as configured, else one per core.
     pub fn workers(&self) -> usize {
         self.workers.unwrap_or_else(|| {
@@ -296,6 +322,28 @@ impl AgentConfig {
             }
             _ => {}
         }
+        if let Some(audit) = &config.audit {
+            // Whoever can write the trail must not find its key, or the head that anchors it, there.
+            let inside = |p: &Path| {
+                let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+                abs(p).starts_with(abs(audit))
+            };
+            for (field, path) in [
+                ("audit_key", config.audit_key_file()),
+                ("audit_head", config.audit_head_file()),
+            ] {
+                if inside(&path) {
+                    return Err(invalid(
+                        field.into(),
+                        format!(
+                            "{} is inside the audit directory {}: keep it outside, where whoever can write the trail cannot reach it",
+                            path.display(),
+                            audit.display()
+                        ),
+                    ));
+                }
+            }
+        }
         if let Some(w) = config.workers
             && !(1..=MAX_WORKERS).contains(&w)
         {
@@ -350,6 +398,28 @@ mac = "02:00:00:00:fe:01"
         assert_eq!(c.underlay.peers["hv2"], Ipv4Addr::new(192, 168, 100, 2));
         assert_eq!(c.vnics[0].interface, "vn-web-1");
         assert_eq!(c.appliances[0].zone, "web");
+    }
+
+    #[test]
+    fn the_audit_key_and_head_default_outside_the_trail() {
+        let text = GOOD.replace("metrics =", "audit = \"/s/audit\"\nmetrics =");
+        let c = AgentConfig::parse(&text, Path::new("hv1.toml")).unwrap();
+        assert_eq!(c.audit_key_file(), Path::new("/s/audit.key"));
+        assert_eq!(c.audit_head_file(), Path::new("/s/audit.head"));
+        // A trail in the state directory itself would hold the default key: refused, naming the field.
+        let text = GOOD.replace("metrics =", "audit = \"/s\"\nmetrics =");
+        let e = AgentConfig::parse(&text, Path::new("hv1.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("audit_key") && e.contains("/s/audit.key"), "{e}");
+        let text = GOOD.replace(
+            "metrics =",
+            "audit = \"/s\"\naudit_key = \"/etc/palisade/audit.key\"\naudit_head = \"/s/h/x.head\"\nmetrics =",
+        );
+        let e = AgentConfig::parse(&text, Path::new("hv1.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("audit_head"), "{e}");
     }
 
     #[test]

@@ -334,6 +334,18 @@ pub fn render(s: &Snapshot<'_>) -> String {
             "Flow records waiting for the next batch.",
             &one(a.pending),
         );
+        metric(
+            "palisade_audit_unsigned_records",
+            "gauge",
+            "Durable audit records not yet covered by a signed checkpoint (the window a tail cut could hide in).",
+            &one(a.last_seq.saturating_sub(a.signed_seq)),
+        );
+        metric(
+            "palisade_audit_head_publish_failures_total",
+            "counter",
+            "Signed heads that could not be published outside the trail.",
+            &one(a.publish_failures),
+        );
     }
     o
 }

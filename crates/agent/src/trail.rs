@@ -6,12 +6,19 @@
 //! records of the current batch, which were never acknowledged. If the store
 //! fails, the agent stops with an error rather than forwarding traffic it can
 //! no longer account for.
+//!
+//! The signing key and the published head live outside the trail directory
+//! (`audit_key`, `audit_head` in the configuration). The store signs a
+//! checkpoint at least every [`palisade_audit::store::DEFAULT_CHECKPOINT_EVERY`]
+//! records, and [`Trail::tick`] (called every second) signs one once the
+//! oldest unsigned record is a second old: the window in which a tail cut
+//! would go unnoticed, reported in [`TrailStats`] and `/health`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use palisade_audit::record::Record;
-use palisade_audit::store::{AuditConfig, AuditLog};
+use palisade_audit::store::{AuditConfig, AuditLog, AuditStatus};
 
 use crate::agent::AgentError;
 
@@ -29,6 +36,12 @@ pub struct TrailStats {
     pub pending: u64,
     /// Last acknowledged sequence number.
     pub last_seq: u64,
+    /// The last record covered by a signed checkpoint.
+    pub signed_seq: u64,
+    /// The last head published outside the trail.
+    pub published_seq: Option<u64>,
+    /// Head publications that failed since the start.
+    pub publish_failures: u64,
 }
 
 /// A batching writer over the audit store.
@@ -50,10 +63,18 @@ impl core::fmt::Debug for Trail {
 }
 
 impl Trail {
-    /// Open (or create) the store in `dir`.
-    pub fn open(dir: &Path, retention: palisade_audit::Retention) -> Result<Trail, AgentError> {
+    /// Open (or create) the store in `dir`, signing with `key_file` and
+    /// publishing heads to `head_file` (both outside `dir`).
+    pub fn open(
+        dir: &Path,
+        retention: palisade_audit::Retention,
+        key_file: &Path,
+        head_file: &Path,
+    ) -> Result<Trail, AgentError> {
         let config = AuditConfig {
             retention,
+            key_file: Some(key_file.to_path_buf()),
+            head_file: Some(head_file.to_path_buf()),
             ..AuditConfig::default()
         };
         let log = AuditLog::open(dir, config).map_err(|e| AgentError::Audit {
@@ -75,12 +96,18 @@ impl Trail {
         for n in &log.recovery().notes {
             eprintln!("palisade agent: audit trail: {n}");
         }
+        let status = log.status();
         Ok(Trail {
             dir: dir.to_path_buf(),
             log,
             pending: Vec::new(),
             oldest: None,
-            stats: TrailStats::default(),
+            stats: TrailStats {
+                last_seq: status.last_seq,
+                signed_seq: status.signed_seq,
+                published_seq: status.published_seq,
+                ..TrailStats::default()
+            },
         })
     }
 
@@ -115,6 +142,21 @@ impl Trail {
         Ok(())
     }
 
+    /// Sign a checkpoint if records have waited unsigned for the configured
+    /// interval, at `now_ns` (Unix time): call it every second or so.
+    pub fn tick(&mut self, now_ns: u64) -> Result<(), AgentError> {
+        self.log.tick(now_ns).map_err(|e| AgentError::Audit {
+            dir: self.dir.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// The store's own status: signed, published, the unsigned window.
+    pub fn status(&self) -> AuditStatus {
+        self.log.status()
+    }
+
     /// Append what is queued and sign a checkpoint over it (at shutdown), at `now_ns` (Unix time).
     pub fn close(&mut self, now_ns: u64) -> Result<(), AgentError> {
         self.flush()?;
@@ -136,8 +178,12 @@ impl Trail {
 
     /// Counts.
     pub fn stats(&self) -> TrailStats {
+        let status = self.log.status();
         TrailStats {
             pending: self.pending.len() as u64,
+            signed_seq: status.signed_seq,
+            published_seq: status.published_seq,
+            publish_failures: status.publish_failures,
             ..self.stats
         }
     }

@@ -11,10 +11,16 @@
 //! log that starts late is either explained by a signed retention entry or
 //! reported.
 //!
-//! The key lives at `<dir>/audit.key` (hex seed, mode 0600), created on first
-//! open, with the public key at `<dir>/audit.pub`. A verifier should be given
-//! the public key from elsewhere: one read from the log directory only shows
-//! the log is consistent with itself.
+//! The private key (a hex ed25519 seed) lives in a file OUTSIDE the trail
+//! directory (by default `<parent>/<trail>.key`, beside the directory), so
+//! that whoever can write the trail cannot re-sign a rewritten history with
+//! it. [`load_or_create_key`] refuses a key inside the trail (through
+//! symlinks too), a key that group or others may access, and a legacy
+//! `audit.key` left in the trail directory (it says how to move it: the
+//! daemon does not adopt a key from a directory an attacker may write). The
+//! public key is kept at `<dir>/audit.pub` for convenience; a verifier should
+//! be given it from elsewhere (`--key`, or a published head): one read from
+//! the trail directory only shows the trail is consistent with itself.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -45,6 +51,8 @@ pub enum Purpose {
     Checkpoint,
     /// The records up to `seq` were deleted by retention.
     Retention,
+    /// A sealed segment's query index (the hash is the index body's).
+    Index,
 }
 
 impl Purpose {
@@ -52,6 +60,7 @@ impl Purpose {
         match self {
             Purpose::Checkpoint => b"palisade-audit checkpoint v1\0",
             Purpose::Retention => b"palisade-audit retention v1\0",
+            Purpose::Index => b"palisade-audit index v1\0",
         }
     }
 }
@@ -122,13 +131,37 @@ impl Checkpoint {
     }
 }
 
+/// Call `f` with each whole entry of a checkpoint file and its byte offset,
+/// reading it as a stream (a file of any size takes one small buffer); the
+/// length of a torn tail (a trailing partial entry), if any. A missing file
+/// has no entries.
+pub fn for_each_checkpoint(path: &Path, mut f: impl FnMut(u64, Checkpoint)) -> Result<usize, AuditError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(AuditError::io(path, e)),
+    };
+    let mut r = std::io::BufReader::with_capacity(64 * CHECKPOINT_LEN, file);
+    let mut b = [0u8; CHECKPOINT_LEN];
+    let mut offset = 0u64;
+    loop {
+        let n = crate::segment::read_full(&mut r, &mut b).at(path)?;
+        if n < CHECKPOINT_LEN {
+            return Ok(n);
+        }
+        if let Some(c) = Checkpoint::parse(&b) {
+            f(offset, c);
+        }
+        offset += CHECKPOINT_LEN as u64;
+    }
+}
+
 /// The entries of a checkpoint file and the length of a torn tail (a
 /// trailing partial entry), if any.
 pub fn read_checkpoints(path: &Path) -> Result<(Vec<Checkpoint>, usize), AuditError> {
-    let data = std::fs::read(path).at(path)?;
-    let chunks = data.chunks_exact(CHECKPOINT_LEN);
-    let torn = chunks.remainder().len();
-    Ok((chunks.filter_map(Checkpoint::parse).collect(), torn))
+    let mut out = Vec::new();
+    let torn = for_each_checkpoint(path, |_, c| out.push(c))?;
+    Ok((out, torn))
 }
 
 /// Append an entry to a checkpoint file and make it durable.
@@ -149,14 +182,19 @@ pub fn to_hex(b: &[u8]) -> String {
 }
 
 /// Parse exactly 32 bytes of hex (surrounding whitespace ignored).
-fn from_hex32(s: &str) -> Option<[u8; 32]> {
+pub(crate) fn from_hex32(s: &str) -> Option<[u8; 32]> {
+    from_hex(s)
+}
+
+/// Parse exactly `N` bytes of hex (surrounding whitespace ignored).
+pub(crate) fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     let s = s.trim();
-    if s.len() != 64 || !s.is_ascii() {
+    if s.len() != 2 * N || !s.is_ascii() {
         return None;
     }
-    let mut out = [0u8; 32];
+    let mut out = [0u8; N];
     for (i, o) in out.iter_mut().enumerate() {
-        // `s` is ASCII of length 64, so every 2-byte slice is in bounds and on a char boundary.
+        // `s` is ASCII of length 2N, so every 2-byte slice is in bounds and on a char boundary.
         *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
     }
     Some(out)
@@ -198,27 +236,137 @@ fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), AuditError> {
     f.sync_all().at(path)
 }
 
-/// The log's signing key: `external` if given, else `<dir>/audit.key`,
-/// created (with `audit.pub`) when neither exists. `audit.pub` is written if
-/// missing and must match the key if present.
-pub fn load_or_create_key(dir: &Path, external: Option<&Path>) -> Result<(SigningKey, bool), AuditError> {
-    let pub_path = dir.join("audit.pub");
-    let (key, created) = match external {
-        Some(p) => (read_signing_key(p)?, false),
-        None => {
-            let key_path = dir.join("audit.key");
-            if key_path.exists() {
-                (read_signing_key(&key_path)?, false)
-            } else {
-                let mut seed = [0u8; 32];
-                getrandom::fill(&mut seed).map_err(|e| AuditError::Key {
-                    path: key_path.clone(),
-                    reason: format!("no randomness for a new key: {e}"),
-                })?;
-                write_new(&key_path, &format!("{}\n", to_hex(&seed)), 0o600)?;
-                (SigningKey::from_bytes(&seed), true)
-            }
+/// The default key file of the trail in `dir`: `<dir>.key` beside the
+/// directory (`/var/lib/palisade/audit` → `/var/lib/palisade/audit.key`).
+pub fn default_key_file(dir: &Path) -> Result<PathBuf, AuditError> {
+    let dir = std::path::absolute(dir).at(dir)?;
+    match (dir.parent(), dir.file_name()) {
+        (Some(parent), Some(name)) => {
+            let mut name = name.to_os_string();
+            name.push(".key");
+            Ok(parent.join(name))
         }
+        _ => Err(AuditError::Key {
+            path: dir.clone(),
+            reason: "the trail directory has no parent to keep its key beside it: configure a key file".into(),
+        }),
+    }
+}
+
+/// `path` with symlinks resolved as far as it exists (the rest cannot hold
+/// symlinks yet), absolute.
+fn resolve(path: &Path) -> std::io::Result<PathBuf> {
+    let path = std::path::absolute(path)?;
+    let mut existing = path.as_path();
+    let mut rest = Vec::new();
+    loop {
+        match std::fs::canonicalize(existing) {
+            Ok(mut p) => {
+                for c in rest.iter().rev() {
+                    p.push(c);
+                }
+                return Ok(p);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                    return Err(e);
+                };
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether `path` is `dir` or inside it, symlinks resolved.
+pub fn is_inside(path: &Path, dir: &Path) -> Result<bool, AuditError> {
+    let dir = resolve(dir).at(dir)?;
+    Ok(resolve(path).at(path)?.starts_with(dir))
+}
+
+/// Refuse a key file group or others may access, or one that is not a regular file.
+fn check_private(path: &Path) -> Result<(), AuditError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).at(path)?;
+    if !meta.is_file() {
+        return Err(AuditError::Key {
+            path: path.into(),
+            reason: "not a regular file".into(),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(AuditError::Key {
+            path: path.into(),
+            reason: format!(
+                "mode {mode:o} lets group or others access the signing key: chmod 600 {}",
+                path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The trail's signing key from `key_file`, created (mode 0600, its
+/// directory 0700 if missing) when it does not exist. Refused: a key file in
+/// the trail directory `dir` (symlinks followed), one group or others may
+/// access, and a legacy `<dir>/audit.key`. `<dir>/audit.pub` is written if
+/// missing and must match the key if present. `true` when the key was created.
+pub fn load_or_create_key(dir: &Path, key_file: &Path) -> Result<(SigningKey, bool), AuditError> {
+    if is_inside(key_file, dir)? {
+        return Err(AuditError::Key {
+            path: key_file.into(),
+            reason: format!(
+                "is inside the trail directory {}: whoever can write the trail could re-sign it; keep the key outside",
+                dir.display()
+            ),
+        });
+    }
+    let legacy = dir.join("audit.key");
+    if legacy.exists() {
+        let reason = if key_file.exists() {
+            format!(
+                "a signing key must not live in the trail directory, and {} exists too: keep one \
+                 (`rm {}` if they hold the same key, else decide which signed this trail)",
+                key_file.display(),
+                legacy.display()
+            )
+        } else {
+            format!(
+                "a signing key must not live in the trail directory, where whoever can write the trail can re-sign it: \
+                 move it out with `mv {} {}` (if others could read {}, start a new trail with a new key instead)",
+                legacy.display(),
+                key_file.display(),
+                dir.display()
+            )
+        };
+        return Err(AuditError::Key { path: legacy, reason });
+    }
+    let pub_path = dir.join("audit.pub");
+    let (key, created) = if key_file.exists() {
+        check_private(key_file)?;
+        (read_signing_key(key_file)?, false)
+    } else {
+        let parent = key_file.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent
+            && !parent.exists()
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .at(parent)?;
+        }
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| AuditError::Key {
+            path: key_file.into(),
+            reason: format!("no randomness for a new key: {e}"),
+        })?;
+        write_new(key_file, &format!("{}\n", to_hex(&seed)), 0o600)?;
+        sync_dir(parent.unwrap_or(Path::new(".")))?;
+        (SigningKey::from_bytes(&seed), true)
     };
     let public = key.verifying_key();
     if pub_path.exists() {
@@ -226,13 +374,11 @@ pub fn load_or_create_key(dir: &Path, external: Option<&Path>) -> Result<(Signin
         if stored != public {
             return Err(AuditError::Key {
                 path: pub_path,
-                reason: "does not match the signing key".into(),
+                reason: format!("does not match the signing key {}", key_file.display()),
             });
         }
     } else {
         write_new(&pub_path, &format!("{}\n", to_hex(public.as_bytes())), 0o644)?;
-    }
-    if created {
         sync_dir(dir)?;
     }
     Ok((key, created))

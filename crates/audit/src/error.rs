@@ -60,6 +60,24 @@ pub enum AuditError {
     /// A record is larger than a frame may hold.
     #[error("record of {0} bytes exceeds the frame limit")]
     TooLarge(usize),
+    /// The trail fails a check a query or open relies on: the answer could
+    /// be incomplete or wrong, so none is given. `palisade audit verify`
+    /// gives the full picture.
+    #[error("the audit trail fails verification: {}{}; run `palisade audit verify`", problems.first().map_or_else(String::new, ToString::to_string), if problems.len() > 1 { format!(" (and {} more)", problems.len() - 1) } else { String::new() })]
+    Integrity {
+        /// What is wrong.
+        problems: Vec<crate::verify::Problem>,
+    },
+    /// The trail does not contain the head last published outside it: it
+    /// was cut, rolled back or rewritten, and extending it would overwrite
+    /// the evidence with new heads.
+    #[error("{publisher}: {reason}")]
+    BehindHead {
+        /// Where the head was published.
+        publisher: String,
+        /// What disagrees.
+        reason: String,
+    },
     /// An earlier append failed part-way; the in-memory state may be ahead of
     /// the files, so the log must be reopened (which recovers the tail).
     #[error("an earlier write failed; reopen the log")]

@@ -2,29 +2,90 @@
 //! which records name a VM, zone, rule, verdict or kind; per log, each
 //! segment's time range.
 //!
-//! Indexes are derived data. A segment's `.idx` is written when the segment
-//! is sealed and rebuilt from the segment whenever it is missing or fails its
-//! checksum; the active segment's index lives in memory. Queries re-check
-//! every filter on the record itself, so a stale index can only make a query
-//! slower, never wrong about what matches.
+//! Indexes are derived data, but a query trusts them to say which records
+//! can match, so a stale or forged index could hide a record. A sealed
+//! segment's `.idx` therefore records the segment's length and the BLAKE3
+//! digest of its bytes and is signed by the writer (with the trail's key,
+//! purpose [`Purpose::Index`]); the log index `index.json` is signed the
+//! same way. A reader trusts an index only when its signature verifies and
+//! the segment still has exactly the bytes it covers; otherwise it rebuilds
+//! the index from the segment while verifying the segment's chain against
+//! its signed checkpoints, and reports what it found (see [`crate::query`]).
+//! The active segment's index lives in memory. Queries re-check every
+//! filter on the record itself.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
+use ed25519_dalek::{SigningKey, VerifyingKey};
+
+use crate::checkpoint::{Checkpoint, Purpose};
 use crate::error::{AuditError, IoContext};
 use crate::record::{Record, Verdict};
-use crate::segment::{FrameScanner, Scan};
+use crate::segment::{FrameScanner, Hash, Scan};
 
-/// Magic of a segment index file.
-const IDX_MAGIC: &[u8; 8] = b"PALAUDI1";
+/// Magic of a segment index file (version 2: sealed and signed).
+const IDX_MAGIC: &[u8; 8] = b"PALAUDI2";
+
+/// Length of the signature after an index body.
+const SIG_LEN: usize = 64;
+
+/// What a sealed index says about its segment, and the writer's signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seal {
+    /// The segment's length when it was sealed.
+    pub segment_bytes: u64,
+    /// BLAKE3 of the segment's bytes.
+    pub digest: Hash,
+    /// The writer's signature over the index body (zero when unsigned).
+    pub signature: [u8; 64],
+}
+
+impl Seal {
+    /// Whether `vk` signed the index whose body hashes to `body_hash`.
+    fn verify(&self, vk: &VerifyingKey, first_seq: u64, body_hash: &Hash) -> bool {
+        Checkpoint {
+            seq: first_seq,
+            hash: *body_hash,
+            time_ns: self.segment_bytes,
+            signature: self.signature,
+        }
+        .verify(vk, Purpose::Index)
+    }
+}
+
+/// The BLAKE3 digest of the first `len` bytes of the file at `path`,
+/// streamed; `None` when the file is shorter.
+pub fn digest_file(path: &Path, len: u64) -> Result<Option<Hash>, AuditError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).at(path)?;
+    let mut r = f.take(len);
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = crate::segment::read_full(&mut r, &mut buf).at(path)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((n == len).then(|| *h.finalize().as_bytes()))
+}
+
+/// The offset of a position whose record could not be read (an index
+/// rebuilt from a damaged segment): no posting list names it.
+pub const HOLE: u64 = u64::MAX;
 
 /// The index of one segment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SegmentIndex {
     /// Sequence number of the segment's first record.
     pub first_seq: u64,
-    /// Byte offset of each record's frame (position `i` is seq `first_seq + i`).
+    /// Byte offset of each record's frame (position `i` is seq `first_seq + i`;
+    /// [`HOLE`] where the record could not be read).
     pub offsets: Vec<u64>,
     /// Each record's time.
     pub times: Vec<u64>,
@@ -86,9 +147,30 @@ impl SegmentIndex {
 
     /// Earliest and latest record time, if any record.
     pub fn time_range(&self) -> Option<(u64, u64)> {
-        let min = self.times.iter().min()?;
-        let max = self.times.iter().max()?;
-        Some((*min, *max))
+        let times = || {
+            self.offsets
+                .iter()
+                .zip(&self.times)
+                .filter(|(o, _)| **o != HOLE)
+                .map(|(_, t)| *t)
+        };
+        Some((times().min()?, times().max()?))
+    }
+
+    /// Add record `seq`, whose frame is at `offset`, after the records so
+    /// far; positions skipped (records that could not be read) become holes.
+    pub fn push_at(&mut self, seq: u64, offset: u64, r: &Record) {
+        if self.is_empty() && self.first_seq > seq {
+            return;
+        }
+        let pos = seq.saturating_sub(self.first_seq);
+        while (self.offsets.len() as u64) < pos {
+            self.offsets.push(HOLE);
+            self.times.push(0);
+        }
+        if self.offsets.len() as u64 == pos {
+            self.push(offset, r);
+        }
     }
 
     /// Add the next record, whose frame is at `offset`.
@@ -129,10 +211,10 @@ impl SegmentIndex {
         Ok(idx)
     }
 
-    /// Encode: magic, then the body, then the BLAKE3 of the body.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(32 + self.len() * 24);
-        b.extend_from_slice(IDX_MAGIC);
+    /// The body: first seq, positions (offset and time), postings, then
+    /// the seal's segment length and digest.
+    fn body(&self, segment_bytes: u64, digest: &Hash) -> Vec<u8> {
+        let mut b = Vec::with_capacity(64 + self.len() * 24);
         b.extend_from_slice(&self.first_seq.to_le_bytes());
         b.extend_from_slice(&(self.offsets.len() as u64).to_le_bytes());
         for (o, t) in self.offsets.iter().zip(&self.times) {
@@ -148,18 +230,52 @@ impl SegmentIndex {
                 b.extend_from_slice(&p.to_le_bytes());
             }
         }
+        b.extend_from_slice(&segment_bytes.to_le_bytes());
+        b.extend_from_slice(digest);
+        b
+    }
+
+    /// Encode: magic, the body, the signature, then the BLAKE3 of body and
+    /// signature (the checksum catches damage; the signature, forgery).
+    fn encode_with(&self, segment_bytes: u64, digest: &Hash, key: Option<&SigningKey>) -> Vec<u8> {
+        let body = self.body(segment_bytes, digest);
+        let signature = key.map_or([0; SIG_LEN], |k| {
+            let h = *blake3::hash(&body).as_bytes();
+            Checkpoint::sign(k, Purpose::Index, self.first_seq, h, segment_bytes).signature
+        });
+        let mut b = Vec::with_capacity(IDX_MAGIC.len() + body.len() + SIG_LEN + 32);
+        b.extend_from_slice(IDX_MAGIC);
+        b.extend_from_slice(&body);
+        b.extend_from_slice(&signature);
         let sum = blake3::hash(&b[IDX_MAGIC.len()..]);
         b.extend_from_slice(sum.as_bytes());
         b
     }
 
+    /// Encode without a seal or signature (a reader trusts it no more than no index).
+    pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(0, &[0; 32], None)
+    }
+
+    /// Encode sealed to a segment of `segment_bytes` bytes with `digest`, signed by `key`.
+    pub fn encode_sealed(&self, segment_bytes: u64, digest: &Hash, key: &SigningKey) -> Vec<u8> {
+        self.encode_with(segment_bytes, digest, Some(key))
+    }
+
     /// Decode; `None` on any damage (bad magic, checksum, lengths, positions).
     pub fn decode(b: &[u8]) -> Option<SegmentIndex> {
-        let body = b.strip_prefix(IDX_MAGIC)?;
-        let (body, sum) = body.split_at_checked(body.len().checked_sub(32)?)?;
-        if blake3::hash(body).as_bytes() != sum {
+        SegmentIndex::decode_sealed(b).map(|(i, _, _)| i)
+    }
+
+    /// Decode with the seal and the BLAKE3 of the body (what the signature covers).
+    pub fn decode_sealed(b: &[u8]) -> Option<(SegmentIndex, Seal, Hash)> {
+        let rest = b.strip_prefix(IDX_MAGIC)?;
+        let (signed, sum) = rest.split_at_checked(rest.len().checked_sub(32)?)?;
+        if blake3::hash(signed).as_bytes() != sum {
             return None;
         }
+        let (body, sig) = signed.split_at_checked(signed.len().checked_sub(SIG_LEN)?)?;
+        let body_hash = *blake3::hash(body).as_bytes();
         let mut r = Reader(body);
         let first_seq = r.u64()?;
         let n = usize::try_from(r.u64()?).ok()?;
@@ -189,34 +305,79 @@ impl SegmentIndex {
             }
             postings.insert(k, list);
         }
+        let segment_bytes = r.u64()?;
+        let digest: Hash = r.take(32)?.try_into().ok()?;
         if !r.0.is_empty() {
             return None;
         }
-        Some(SegmentIndex {
-            first_seq,
-            offsets,
-            times,
-            postings,
-        })
+        let signature: [u8; SIG_LEN] = sig.try_into().ok()?;
+        Some((
+            SegmentIndex {
+                first_seq,
+                offsets,
+                times,
+                postings,
+            },
+            Seal {
+                segment_bytes,
+                digest,
+                signature,
+            },
+            body_hash,
+        ))
     }
 
-    /// Write the index next to its segment, atomically (temp file + rename).
+    /// Write the index next to its segment, atomically (temp file + rename), unsealed.
     pub fn store(&self, path: &Path) -> Result<(), AuditError> {
-        let tmp = path.with_extension("idx.tmp");
-        let mut f = std::fs::File::create(&tmp).at(&tmp)?;
-        f.write_all(&self.encode()).at(&tmp)?;
-        f.sync_data().at(&tmp)?;
-        std::fs::rename(&tmp, path).at(path)
+        write_atomic(path, &self.encode())
+    }
+
+    /// Write the index sealed to its segment and signed, atomically.
+    pub fn store_sealed(
+        &self,
+        path: &Path,
+        segment_bytes: u64,
+        digest: &Hash,
+        key: &SigningKey,
+    ) -> Result<(), AuditError> {
+        write_atomic(path, &self.encode_sealed(segment_bytes, digest, key))
     }
 
     /// Read an index file; `Ok(None)` when it is missing or damaged.
     pub fn load(path: &Path, first_seq: u64) -> Result<Option<SegmentIndex>, AuditError> {
+        Ok(SegmentIndex::load_sealed(path, first_seq, None)?.map(|(i, _)| i))
+    }
+
+    /// Read an index file and its seal when `vk` signed it (`None` for the
+    /// seal when unsigned or signed by another key, or `vk` is `None`);
+    /// `Ok(None)` when it is missing or damaged.
+    pub fn load_sealed(
+        path: &Path,
+        first_seq: u64,
+        vk: Option<&VerifyingKey>,
+    ) -> Result<Option<(SegmentIndex, Option<Seal>)>, AuditError> {
         match std::fs::read(path) {
-            Ok(b) => Ok(SegmentIndex::decode(&b).filter(|i| i.first_seq == first_seq)),
+            Ok(b) => Ok(SegmentIndex::decode_sealed(&b)
+                .filter(|(i, _, _)| i.first_seq == first_seq)
+                .map(|(i, seal, body_hash)| {
+                    let signed = vk.is_some_and(|k| seal.verify(k, first_seq, &body_hash));
+                    (i, signed.then_some(seal))
+                })),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(AuditError::io(path, e)),
         }
     }
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AuditError> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let mut f = std::fs::File::create(&tmp).at(&tmp)?;
+    f.write_all(bytes).at(&tmp)?;
+    f.sync_data().at(&tmp)?;
+    std::fs::rename(&tmp, path).at(path)
 }
 
 /// A little-endian cursor.
@@ -271,22 +432,25 @@ impl SegmentSummary {
     }
 }
 
-/// The log index file `<dir>/index.json`: summaries of sealed segments and a
-/// checksum over them.
+/// The log index file `<dir>/index.json`: summaries of sealed segments, a
+/// checksum over them, and the writer's signature over that checksum.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct IndexFile {
     segments: Vec<SegmentSummary>,
     check: String,
+    #[serde(default)]
+    signature: Option<String>,
 }
 
-fn summaries_check(s: &[SegmentSummary]) -> String {
+fn summaries_hash(s: &[SegmentSummary]) -> Hash {
     // Serializing plain structs of strings and integers cannot fail.
     let text = serde_json::to_vec(s).unwrap_or_default();
-    crate::checkpoint::to_hex(blake3::hash(&text).as_bytes())
+    *blake3::hash(&text).as_bytes()
 }
 
-/// Read `<dir>/index.json`; `Ok(None)` when missing or damaged.
-pub fn load_summaries(dir: &Path) -> Result<Option<Vec<SegmentSummary>>, AuditError> {
+/// Read `<dir>/index.json`; `Ok(None)` when missing or damaged. With `vk`,
+/// also `None` unless `vk` signed it.
+pub fn load_summaries(dir: &Path, vk: Option<&VerifyingKey>) -> Result<Option<Vec<SegmentSummary>>, AuditError> {
     let path = dir.join("index.json");
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -296,22 +460,41 @@ pub fn load_summaries(dir: &Path) -> Result<Option<Vec<SegmentSummary>>, AuditEr
     let Ok(file) = serde_json::from_slice::<IndexFile>(&bytes) else {
         return Ok(None);
     };
-    Ok((summaries_check(&file.segments) == file.check).then_some(file.segments))
+    let hash = summaries_hash(&file.segments);
+    if crate::checkpoint::to_hex(&hash) != file.check {
+        return Ok(None);
+    }
+    if let Some(vk) = vk {
+        let signature = file.signature.as_deref().and_then(crate::checkpoint::from_hex::<64>);
+        let signed = signature.is_some_and(|signature| {
+            Checkpoint {
+                seq: file.segments.len() as u64,
+                hash,
+                time_ns: 0,
+                signature,
+            }
+            .verify(vk, Purpose::Index)
+        });
+        if !signed {
+            return Ok(None);
+        }
+    }
+    Ok(Some(file.segments))
 }
 
-/// Write `<dir>/index.json` atomically.
-pub fn store_summaries(dir: &Path, segments: &[SegmentSummary]) -> Result<(), AuditError> {
+/// Write `<dir>/index.json` atomically, signed by `key` if given.
+pub fn store_summaries(dir: &Path, segments: &[SegmentSummary], key: Option<&SigningKey>) -> Result<(), AuditError> {
     let path = dir.join("index.json");
-    let tmp = dir.join("index.json.tmp");
+    let hash = summaries_hash(segments);
     let file = IndexFile {
         segments: segments.to_vec(),
-        check: summaries_check(segments),
+        check: crate::checkpoint::to_hex(&hash),
+        signature: key.map(|k| {
+            crate::checkpoint::to_hex(&Checkpoint::sign(k, Purpose::Index, segments.len() as u64, hash, 0).signature)
+        }),
     };
     let text = serde_json::to_vec_pretty(&file).map_err(|source| AuditError::Json { seq: 0, source })?;
-    let mut f = std::fs::File::create(&tmp).at(&tmp)?;
-    f.write_all(&text).at(&tmp)?;
-    f.sync_data().at(&tmp)?;
-    std::fs::rename(&tmp, &path).at(&path)
+    write_atomic(&path, &text)
 }
 
 /// Intersect ascending lists.

@@ -5,7 +5,11 @@
 //! controller writes a [`record::ChangeRecord`] for every change. Records go
 //! to a tamper-evident store ([`AuditLog`]: hash-chained segments with signed
 //! checkpoints), are queried ([`Query`], [`LogReader`]), verified offline
-//! ([`verify()`]), and are exported as IPFIX or JSON lines.
+//! ([`verify()`]), and are exported as IPFIX or JSON lines. The signing key
+//! lives outside the trail, and each signed checkpoint is published outside
+//! it as a [`SignedHead`] ([`HeadPublisher`]), so whoever can write the
+//! trail cannot rewrite, cut or roll it back unnoticed; the crate's README
+//! has the table of attacks and what detects each.
 #![deny(missing_docs)]
 
 pub mod ipfix;
@@ -15,6 +19,7 @@ pub mod record;
 pub mod checkpoint;
 pub mod error;
 pub mod export;
+pub mod head;
 pub mod index;
 pub mod query;
 pub mod segment;
@@ -22,6 +27,7 @@ pub mod store;
 pub mod verify;
 
 pub use error::AuditError;
-pub use query::{LogReader, Query, RecordKind};
-pub use store::{AuditConfig, AuditLog, Recovery, Retention, RetentionReport, TornTail};
-pub use verify::{Problem, ProblemKind, VerifyReport, verify};
+pub use head::{FileHeadPublisher, HeadPublisher, SignedHead};
+pub use query::{LogReader, Query, QueryReport, RecordKind};
+pub use store::{AuditConfig, AuditLog, AuditStatus, Recovery, Retention, RetentionReport, TornTail};
+pub use verify::{Problem, ProblemKind, VerifyOptions, VerifyReport, verify, verify_with};

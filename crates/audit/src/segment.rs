@@ -13,9 +13,15 @@
 //! Sidecars share the segment's stem: `.ckpt` (signed checkpoints, see
 //! [`crate::checkpoint`]), `.idx` (the query index, see [`crate::index`]) and
 //! `.torn` (bytes of a torn tail set aside by recovery).
+//!
+//! Readers stream a segment ([`FrameScanner`]): memory is one read buffer
+//! and the frames being looked at, never the segment. After damage the
+//! chain itself says where reading can resume ([`resync`]): each frame's
+//! stored hash is the chain hash of its payload after the stored hash of the
+//! frame before it, which are the 32 bytes just before it.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use crate::error::{AuditError, IoContext};
@@ -160,10 +166,45 @@ pub enum Scan {
     End,
 }
 
+/// A whole frame read into buffers of its own (reused between reads).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Frame {
+    /// Byte offset of the frame in the segment.
+    pub offset: u64,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// The stored hash.
+    pub hash: Hash,
+}
+
+impl Frame {
+    /// Whether the stored hash is the chain hash of the payload at `seq` after `prev`.
+    pub fn chains(&self, prev: &Hash, seq: u64) -> bool {
+        chain_hash(prev, seq, &self.payload) == self.hash
+    }
+
+    /// The frame's length in the segment.
+    pub fn len(&self) -> u64 {
+        (FRAME_OVERHEAD + self.payload.len()) as u64
+    }
+
+    /// Whether the payload is empty (never for a frame read from a segment).
+    pub fn is_empty(&self) -> bool {
+        self.payload.is_empty()
+    }
+}
+
+/// Size of the read buffer of [`FrameScanner::open`]: what streaming a
+/// segment holds besides the frame being looked at, whatever the segment's size.
+pub const READ_BUFFER: usize = 1 << 20;
+
 /// Reads the frames of a segment in order, reusing one buffer.
 pub struct FrameScanner<R: Read> {
     r: BufReader<R>,
     pos: u64,
+    /// The file's length when known: a frame that would run past it is
+    /// reported as incomplete without reading (or allocating) its payload.
+    limit: Option<u64>,
     /// Payload of the last frame returned.
     pub payload: Vec<u8>,
     /// Stored hash of the last frame returned.
@@ -174,7 +215,8 @@ impl FrameScanner<File> {
     /// Open a segment and read its header.
     pub fn open(path: &Path) -> Result<(SegmentHeader, FrameScanner<File>), AuditError> {
         let f = File::open(path).at(path)?;
-        let mut r = BufReader::with_capacity(1 << 20, f);
+        let limit = f.metadata().at(path)?.len();
+        let mut r = BufReader::with_capacity(READ_BUFFER, f);
         let mut hb = [0u8; HEADER_LEN];
         let n = read_full(&mut r, &mut hb).at(path)?;
         let header = SegmentHeader::parse(&hb[..n])
@@ -184,10 +226,28 @@ impl FrameScanner<File> {
             FrameScanner {
                 r,
                 pos: HEADER_LEN as u64,
+                limit: Some(limit),
                 payload: Vec::new(),
                 hash: GENESIS,
             },
         ))
+    }
+
+    /// The segment file, for positioned reads beside the stream.
+    pub fn file(&self) -> &File {
+        self.r.get_ref()
+    }
+
+    /// Continue reading at `offset` (after damage, where the chain resumes).
+    pub fn seek(&mut self, offset: u64) -> io::Result<()> {
+        self.r.seek(SeekFrom::Start(offset))?;
+        self.pos = offset;
+        Ok(())
+    }
+
+    /// Bytes of buffer the scanner holds: its read buffer and the payload buffer.
+    pub fn buffer_bytes(&self) -> usize {
+        self.r.capacity() + self.payload.capacity()
     }
 }
 
@@ -211,6 +271,15 @@ impl<R: Read> FrameScanner<R> {
         if len == 0 || len > MAX_PAYLOAD {
             return Ok(Scan::BadLength { offset, len });
         }
+        if let Some(limit) = self.limit
+            && offset + (FRAME_OVERHEAD as u64) + u64::from(len) > limit
+        {
+            self.pos = limit;
+            return Ok(Scan::Torn {
+                offset,
+                bytes: limit.saturating_sub(offset),
+            });
+        }
         self.payload.resize(len as usize, 0);
         let got = read_full(&mut self.r, &mut self.payload)?;
         let mut got_hash = 0;
@@ -225,10 +294,117 @@ impl<R: Read> FrameScanner<R> {
         Ok(Scan::Frame { offset })
     }
 
+    /// The next frame, read into `frame` (whose buffers the scanner takes
+    /// in exchange for its own, so neither allocates once warm).
+    pub fn next_into(&mut self, frame: &mut Frame) -> io::Result<Scan> {
+        std::mem::swap(&mut self.payload, &mut frame.payload);
+        let r = self.next_frame();
+        std::mem::swap(&mut self.payload, &mut frame.payload);
+        if let Ok(Scan::Frame { offset }) = r {
+            frame.offset = offset;
+            frame.hash = self.hash;
+        }
+        r
+    }
+
     /// The offset just past what has been read.
     pub fn position(&self) -> u64 {
         self.pos
     }
+}
+
+/// Where the chain picks up again after damage (see [`resync`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resync {
+    /// The offset of the first frame that chains again.
+    pub offset: u64,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The 32 bytes before it: the stored hash of the record it follows.
+    pub prev: Hash,
+}
+
+/// How far [`resync`] looks ahead in sequence numbers: records lost in a
+/// damaged stretch, at most.
+pub const MAX_RESYNC_SKIP: u64 = 4096;
+
+/// The first offset at or after `from` where a whole frame's stored hash is
+/// the chain hash of its payload after the 32 bytes that precede it (the
+/// stored hash of the frame before it) at one of the sequence numbers
+/// `first_seq..=first_seq + MAX_RESYNC_SKIP`: where reading picks up after a
+/// damaged stretch. Records are JSON objects, so a candidate must also start
+/// with `{` and end with `}` before any hashing. `budget` bounds the bytes
+/// hashed (a hostile file full of candidates cannot make this slow); when
+/// it runs out the search stops and answers `None` with `budget` at 0.
+pub fn resync(file: &File, file_len: u64, from: u64, first_seq: u64, budget: &mut u64) -> io::Result<Option<Resync>> {
+    use std::os::unix::fs::FileExt;
+    const WINDOW: usize = 64 << 10;
+    // The frame before a candidate is whole: at least a header and a 1-byte frame precede it.
+    let min_start = (HEADER_LEN + FRAME_OVERHEAD + 1) as u64;
+    let mut window = vec![0u8; WINDOW + LEN_LEN + 1];
+    let mut payload = Vec::new();
+    let mut base = from.max(min_start);
+    while base + (FRAME_OVERHEAD + 1) as u64 <= file_len {
+        let want = (file_len - base).min(window.len() as u64) as usize;
+        file.read_exact_at(&mut window[..want], base)?;
+        // Candidates in this window: positions with a length and one payload byte readable.
+        let last = want.saturating_sub(LEN_LEN + 1).min(WINDOW - 1);
+        for i in 0..=last {
+            let p = base + i as u64;
+            let len = u32::from_le_bytes([window[i], window[i + 1], window[i + 2], window[i + 3]]);
+            if len == 0 || len > MAX_PAYLOAD || window[i + LEN_LEN] != b'{' {
+                continue;
+            }
+            let end = p + (FRAME_OVERHEAD as u64) + u64::from(len);
+            if end > file_len {
+                continue;
+            }
+            payload.resize(len as usize, 0);
+            file.read_exact_at(&mut payload, p + LEN_LEN as u64)?;
+            if payload.last() != Some(&b'}') {
+                continue;
+            }
+            let mut hash = [0u8; HASH_LEN];
+            file.read_exact_at(&mut hash, end - HASH_LEN as u64)?;
+            let mut prev = [0u8; HASH_LEN];
+            file.read_exact_at(&mut prev, p - HASH_LEN as u64)?;
+            for seq in first_seq..=first_seq.saturating_add(MAX_RESYNC_SKIP) {
+                let cost = payload.len() as u64 + 40;
+                if *budget < cost {
+                    *budget = 0;
+                    return Ok(None);
+                }
+                *budget -= cost;
+                if chain_hash(&prev, seq, &payload) == hash {
+                    return Ok(Some(Resync { offset: p, seq, prev }));
+                }
+            }
+        }
+        base += last as u64 + 1;
+    }
+    Ok(None)
+}
+
+/// The frame `[start, end)` would be if its length field were wrong: the
+/// payload between the length field and the last 32 bytes, and those bytes
+/// as its hash; `None` when that cannot be a frame.
+pub fn implied_frame(file: &File, start: u64, end: u64) -> io::Result<Option<Frame>> {
+    use std::os::unix::fs::FileExt;
+    let Some(len) = end.checked_sub(start + FRAME_OVERHEAD as u64) else {
+        return Ok(None);
+    };
+    if len == 0 || len > u64::from(MAX_PAYLOAD) {
+        return Ok(None);
+    }
+    let mut payload = vec![0u8; len as usize];
+    file.read_exact_at(&mut payload, start + LEN_LEN as u64)?;
+    let mut hash = [0u8; HASH_LEN];
+    file.read_exact_at(&mut hash, end - HASH_LEN as u64)?;
+    Ok(Some(Frame {
+        offset: start,
+        payload,
+        hash,
+    }))
 }
 
 /// Read until `buf` is full or the reader ends; the number of bytes read.
@@ -295,6 +471,7 @@ mod tests {
         let mut s = FrameScanner {
             r: BufReader::new(&data[..]),
             pos: 0,
+            limit: None,
             payload: Vec::new(),
             hash: GENESIS,
         };
@@ -305,6 +482,7 @@ mod tests {
         let mut s = FrameScanner {
             r: BufReader::new(&huge[..]),
             pos: 0,
+            limit: None,
             payload: Vec::new(),
             hash: GENESIS,
         };

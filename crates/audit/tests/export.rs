@@ -13,7 +13,7 @@ use palisade_audit::{AuditConfig, AuditLog, LogReader, Query, RecordKind};
 
 #[test]
 fn json_lines_and_ipfix_carry_the_stored_records() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TrailDir::new();
     let mut log = AuditLog::open(
         tmp.path(),
         AuditConfig {

@@ -20,7 +20,7 @@ fn cfg(retention: Retention) -> AuditConfig {
 
 #[test]
 fn queries_match_a_brute_force_scan() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TrailDir::new();
     let mut log = AuditLog::open(tmp.path(), cfg(Retention::default())).unwrap();
     let all = recs(0, 700);
     for chunk in all.chunks(64) {
@@ -90,7 +90,7 @@ fn queries_match_a_brute_force_scan() {
 
 #[test]
 fn retention_by_age_keeps_the_log_verifiable() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TrailDir::new();
     let retention = Retention {
         max_age: Some(Duration::from_secs(300)),
         max_bytes: None,
@@ -130,7 +130,7 @@ fn retention_by_age_keeps_the_log_verifiable() {
 
 #[test]
 fn retention_by_size_keeps_the_log_verifiable() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TrailDir::new();
     let retention = Retention {
         max_age: None,
         max_bytes: Some(64 << 10),

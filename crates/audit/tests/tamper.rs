@@ -212,7 +212,7 @@ fn tampering_is_detected_at_the_right_place() {
         }),
     ];
     for (name, tamper) in cases {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = TrailDir::new();
         let segs = build(tmp.path());
         let clean = verify(tmp.path(), None).unwrap();
         assert!(clean.is_ok(), "{name}: clean log fails: {:#?}", clean.problems);
@@ -241,7 +241,7 @@ fn tampering_is_detected_at_the_right_place() {
 
 #[test]
 fn a_clean_log_verifies_and_reopens() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TrailDir::new();
     build(tmp.path());
     let mut log = AuditLog::open(tmp.path(), small()).unwrap();
     assert!(log.recovery().is_clean(), "{:?}", log.recovery());
@@ -257,9 +257,9 @@ fn a_clean_log_verifies_and_reopens() {
 
 #[test]
 fn wrong_public_key_is_reported() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TrailDir::new();
     build(tmp.path());
-    let other = tempfile::tempdir().unwrap();
+    let other = TrailDir::new();
     AuditLog::open(other.path(), AuditConfig::default()).unwrap();
     let r = verify(tmp.path(), Some(&other.path().join("audit.pub"))).unwrap();
     assert_eq!(r.problems[0].kind, ProblemKind::BadSignature);
@@ -272,7 +272,7 @@ fn wrong_public_key_is_reported() {
 
 #[test]
 fn open_sets_a_torn_tail_aside_and_reports_it() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TrailDir::new();
     let segs = build(tmp.path());
     let last = segs.last().unwrap();
     let before = fs::read(last).unwrap();
@@ -298,24 +298,44 @@ fn open_sets_a_torn_tail_aside_and_reports_it() {
     assert!(after.notes.iter().any(|n| n.contains(".torn")), "{:?}", after.notes);
 }
 
+/// A whole last frame whose hash does not match is not a torn write (a
+/// crash leaves an incomplete frame, never a whole one with a wrong hash):
+/// like damage before it, it is refused with its location and kept. This
+/// test used to assert that such a frame was set aside as torn, which is how
+/// a restart erased a signed record (issue 22, item 7).
 #[test]
-fn a_whole_last_frame_with_a_bad_hash_is_torn_but_damage_before_it_is_refused() {
-    let tmp = tempfile::tempdir().unwrap();
-    let segs = build(tmp.path());
-    let last = segs.last().unwrap().clone();
-    let fr = frame_offsets(&last).unwrap();
-    assert!(fr.len() >= 2);
-    let original = fs::read(&last).unwrap();
-    let mut d = original.clone();
-    let n = d.len();
-    d[n - 1] ^= 1;
-    fs::write(&last, &d).unwrap();
-    let log = AuditLog::open(tmp.path(), small()).unwrap();
-    assert_eq!(log.recovery().torn[0].offset, fr.last().unwrap().0);
-    assert_eq!(log.last_seq(), 59);
-    drop(log);
+fn a_whole_last_frame_with_a_bad_hash_is_refused_like_damage_before_it() {
+    for signed in [true, false] {
+        let tmp = TrailDir::new();
+        let segs = build(tmp.path());
+        if !signed {
+            // One more record after the last checkpoint: unsigned.
+            let cfg = AuditConfig {
+                checkpoint_every: 1000,
+                checkpoint_interval: std::time::Duration::from_secs(3600),
+                ..small()
+            };
+            let mut log = AuditLog::open(tmp.path(), cfg).unwrap();
+            log.append(&recs(60, 61)).unwrap();
+        }
+        let last = list_segments(tmp.path()).unwrap().pop().unwrap().1;
+        let fr = frame_offsets(&last).unwrap();
+        let original = fs::read(&last).unwrap();
+        let mut d = original.clone();
+        let n = d.len();
+        d[n - 1] ^= 1;
+        fs::write(&last, &d).unwrap();
+        match AuditLog::open(tmp.path(), small()) {
+            Err(AuditError::Corrupt { path, offset, .. }) => {
+                assert_eq!((&path, offset), (&last, fr.last().unwrap().0), "signed: {signed}");
+            }
+            other => panic!("signed: {signed}: want Corrupt, got {other:?}"),
+        }
+        assert_eq!(fs::read(&last).unwrap(), d, "signed: {signed}: the segment was changed");
+        let _ = segs;
+    }
 
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TrailDir::new();
     let segs = build(tmp.path());
     let last = segs.last().unwrap().clone();
     let fr = frame_offsets(&last).unwrap();
@@ -332,7 +352,7 @@ fn a_whole_last_frame_with_a_bad_hash_is_torn_but_damage_before_it_is_refused() 
 
 #[test]
 fn garbage_files_and_damaged_indexes_do_not_panic() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TrailDir::new();
     build(tmp.path());
     let all = Query::default();
     let want = AuditLog::open(tmp.path(), small()).unwrap().query(&all).unwrap();
@@ -371,7 +391,7 @@ fn garbage_files_and_damaged_indexes_do_not_panic() {
         r.problems
     );
     assert!(AuditLog::open(tmp.path(), small()).is_err());
-    // A key that does not match audit.pub is refused.
+    // A key that does not match audit.pub is refused (inside the trail, or outside it).
     let keyfile = tmp.path().join("other.key");
     fs::write(&keyfile, format!("{}\n", "11".repeat(32))).unwrap();
     let cfg = AuditConfig {
@@ -379,16 +399,35 @@ fn garbage_files_and_damaged_indexes_do_not_panic() {
         ..small()
     };
     assert!(matches!(AuditLog::open(tmp.path(), cfg), Err(AuditError::Key { .. })));
+    let outside = tmp.path().with_file_name("other.key");
+    fs::write(&outside, format!("{}\n", "11".repeat(32))).unwrap();
+    fs::set_permissions(&outside, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cfg = AuditConfig {
+        key_file: Some(outside),
+        ..small()
+    };
+    match AuditLog::open(tmp.path(), cfg) {
+        Err(AuditError::Key { path, reason }) => {
+            assert!(
+                path.ends_with("audit.pub") && reason.contains("does not match"),
+                "{path:?}: {reason}"
+            );
+        }
+        other => panic!("want a key mismatch, got {other:?}"),
+    }
     // An empty directory is no log.
-    let empty = tempfile::tempdir().unwrap();
+    let empty = TrailDir::new();
     assert!(palisade_audit::LogReader::open(empty.path()).is_err());
 }
 
 #[test]
 fn key_file_is_private() {
     use std::os::unix::fs::PermissionsExt;
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TrailDir::new();
     AuditLog::open(tmp.path(), AuditConfig::default()).unwrap();
-    let mode = fs::metadata(tmp.path().join("audit.key")).unwrap().permissions().mode();
+    // The key is created beside the trail directory, not in it.
+    assert!(!tmp.path().join("audit.key").exists());
+    let key = tmp.path().with_extension("key");
+    let mode = fs::metadata(&key).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }

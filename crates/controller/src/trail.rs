@@ -54,6 +54,8 @@ pub enum TrailError {
 #[derive(Debug)]
 pub struct Trail {
     id: String,
+    /// How the log is opened (again, after a failed write).
+    config: AuditConfig,
     log: Mutex<AuditLog>,
     failures: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -62,8 +64,15 @@ pub struct Trail {
 }
 
 impl Trail {
-    /// Open (creating) the log in `dir` for this process alone.
+    /// Open (creating) the log in `dir` for this process alone, its signing
+    /// key beside it (`<dir>.key`, see [`AuditConfig::key_file`]).
     pub fn open(dir: &Path) -> Result<Trail, TrailError> {
+        Trail::open_with(dir, AuditConfig::default())
+    }
+
+    /// Open as [`Trail::open`] with `config` (the key file and the head file,
+    /// both outside `dir`).
+    pub fn open_with(dir: &Path, config: AuditConfig) -> Result<Trail, TrailError> {
         std::fs::create_dir_all(dir).map_err(|source| TrailError::Io {
             path: dir.into(),
             source,
@@ -90,9 +99,10 @@ impl Trail {
             });
         }
         let id = trail_id(dir)?;
-        let log = open_log(dir)?;
+        let log = open_log(dir, &config)?;
         Ok(Trail {
             id,
+            config,
             log: Mutex::new(log),
             failures: AtomicU64::new(0),
             last_error: Mutex::new(None),
@@ -184,7 +194,7 @@ impl Trail {
             self.failed(change, &e);
             return Err(e);
         }
-        match open_log(&dir) {
+        match open_log(&dir, &self.config) {
             Ok(fresh) => *log = fresh,
             Err(e) => {
                 self.failed(change, &e);
@@ -210,6 +220,11 @@ impl Trail {
         self.log().query(q)
     }
 
+    /// The store's own status: signed and published heads, the unsigned window.
+    pub fn audit_status(&self) -> palisade_audit::AuditStatus {
+        self.log().status()
+    }
+
     /// Where the trail stands.
     pub fn status(&self) -> TrailStatus {
         let log = self.log();
@@ -224,8 +239,8 @@ impl Trail {
 }
 
 /// Open the audit log in `dir`, reporting a torn tail that recovery set aside.
-fn open_log(dir: &Path) -> Result<AuditLog, AuditError> {
-    let log = AuditLog::open(dir, AuditConfig::default())?;
+fn open_log(dir: &Path, config: &AuditConfig) -> Result<AuditLog, AuditError> {
+    let log = AuditLog::open(dir, config.clone())?;
     for t in &log.recovery().torn {
         eprintln!(
             "palisade controller: audit log: set aside {} torn bytes of {} (after seq {})",

@@ -165,10 +165,12 @@ fn a_failing_audit_log_is_counted_and_never_undoes_a_change() {
 #[test]
 fn one_process_per_audit_log() {
     let tmp = TempDir::new("trail-lock");
-    let first = Trail::open(&tmp.0).unwrap();
-    assert!(matches!(Trail::open(&tmp.0), Err(TrailError::Locked(_))));
+    // The trail in a subdirectory: its signing key is kept beside it.
+    let dir = tmp.0.join("audit");
+    let first = Trail::open(&dir).unwrap();
+    assert!(matches!(Trail::open(&dir), Err(TrailError::Locked(_))));
     drop(first);
-    Trail::open(&tmp.0).unwrap();
+    Trail::open(&dir).unwrap();
 }
 
 fn agent(ca: &std::path::Path, url: &str, name: &str) -> Client {

@@ -82,6 +82,17 @@ pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path
         "audit = {}",
         tq(&state_dir.join(&h.name).join("audit").to_string_lossy())
     );
+    // The trail's key and its published head live beside it, never in it.
+    let _ = writeln!(
+        o,
+        "audit_key = {}",
+        tq(&state_dir.join(&h.name).join("audit.key").to_string_lossy())
+    );
+    let _ = writeln!(
+        o,
+        "audit_head = {}",
+        tq(&state_dir.join(&h.name).join("audit.head").to_string_lossy())
+    );
     // Two datapath workers whatever the machine: the kernel's flow steering
     // between workers is exercised everywhere, and a lab on a many-core
     // machine does not start a worker per core on every host.

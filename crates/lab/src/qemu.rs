@@ -255,7 +255,19 @@ fn probe_kvm() -> bool {
     let Some((kernel, _)) = find_kernel() else { return false };
     let serial = std::env::temp_dir().join(format!("palisade-kvm-probe-{}.log", std::process::id()));
     let child = std::process::Command::new("qemu-system-x86_64")
-        .args(["-accel", "kvm", "-cpu", "host", "-M", "pc", "-m", "128", "-nodefaults", "-display", "none"])
+        .args([
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-M",
+            "pc",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
         .args(["-no-reboot", "-kernel"])
         .arg(&kernel)
         .args(["-append", "console=ttyS0 panic=-1 quiet", "-serial"])

@@ -143,6 +143,8 @@ fn three_tier_up_exec_down() {
         format!("state_dir = \"{}\"", g.state_dir.join("hv1").display()),
         "metrics = \"127.0.0.1:9101\"".to_string(),
         format!("audit = \"{}\"", g.state_dir.join("hv1/audit").display()),
+        format!("audit_key = \"{}\"", g.state_dir.join("hv1/audit.key").display()),
+        format!("audit_head = \"{}\"", g.state_dir.join("hv1/audit.head").display()),
         "workers = 2".to_string(),
         "[underlay]".to_string(),
         "local = \"192.168.100.1\"".to_string(),

@@ -1,6 +1,7 @@
 //! The audit store survives `kill -9` mid-append: every acknowledged record
 //! is there after reopening, and the only damage is a torn tail after the
-//! last acknowledged one, set aside and reported. Also the `audit verify`,
+//! last acknowledged one, set aside and reported; the head published outside
+//! the trail is always one the trail contains. Also the `audit verify`,
 //! `flows` and `policy what-if` commands end to end.
 
 use std::io::{BufRead, BufReader};
@@ -8,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use palisade_audit::record::*;
-use palisade_audit::{AuditConfig, AuditLog, Query, verify};
+use palisade_audit::{AuditConfig, AuditLog, Query, SignedHead, VerifyOptions, verify_with};
 
 /// A temporary directory removed on drop (the binary crate has no tempfile).
 struct TempDir(std::path::PathBuf);
@@ -42,7 +43,16 @@ impl Rng {
 
 #[test]
 fn kill_9_loses_no_acknowledged_record() {
-    let dir = TempDir::new("crash");
+    let root = TempDir::new("crash");
+    // The trail in its own directory, its key and published head beside it.
+    let dir = TempDir(root.0.join("trail"));
+    let key = root.0.join("audit.key");
+    let head = root.0.join("audit.head");
+    let config = || AuditConfig {
+        key_file: Some(key.clone()),
+        head_file: Some(head.clone()),
+        ..AuditConfig::default()
+    };
     let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     println!("seed {seed}");
     let mut rng = Rng(seed);
@@ -60,6 +70,10 @@ fn kill_9_loses_no_acknowledged_record() {
                 "--segment-bytes",
                 "65536",
             ])
+            .arg("--key-file")
+            .arg(&key)
+            .arg("--head-file")
+            .arg(&head)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -81,8 +95,14 @@ fn kill_9_loses_no_acknowledged_record() {
         assert!(acked >= acked_total, "acknowledged seqs went backwards");
         acked_total = acked;
 
-        // Before recovery: intact, or only a torn tail after the last acknowledged record.
-        let report = verify(&dir.0, None).unwrap();
+        // Before recovery: intact, or only a torn tail after the last
+        // acknowledged record; and the trail contains the published head.
+        let published = SignedHead::read(&head).unwrap();
+        let opts = VerifyOptions {
+            key: None,
+            expect_head: published.map(|h| (h, head.display().to_string())),
+        };
+        let report = verify_with(&dir.0, &opts).unwrap();
         assert!(report.only_torn_tail(), "round {round}: {:#?}", report.problems);
         for p in &report.problems {
             assert!(
@@ -91,7 +111,7 @@ fn kill_9_loses_no_acknowledged_record() {
             );
         }
         // Recovery sets it aside, reports it, and keeps every acknowledged record.
-        let log = AuditLog::open(&dir.0, AuditConfig::default()).unwrap();
+        let log = AuditLog::open(&dir.0, config()).unwrap();
         assert_eq!(log.recovery().torn.len(), report.problems.len(), "{:?}", log.recovery());
         println!("round {round}: recovery {:?}", log.recovery());
         for t in &log.recovery().torn {
@@ -102,8 +122,15 @@ fn kill_9_loses_no_acknowledged_record() {
         let seqs: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
         assert_eq!(seqs, (1..=log.last_seq()).collect::<Vec<_>>());
         drop(log);
-        let after = verify(&dir.0, None).unwrap();
+        let opts = VerifyOptions {
+            key: None,
+            expect_head: SignedHead::read(&head)
+                .unwrap()
+                .map(|h| (h, head.display().to_string())),
+        };
+        let after = verify_with(&dir.0, &opts).unwrap();
         assert!(after.is_ok(), "round {round} after recovery: {:#?}", after.problems);
+        assert!(after.head_seq.is_some(), "round {round}: no head published: {after:?}");
     }
     assert!(acked_total > 0, "the appender never acknowledged anything");
 }
@@ -162,6 +189,8 @@ fn flow(
 #[test]
 fn verify_flows_and_what_if_from_the_command_line() {
     let dir = TempDir::new("cli");
+    let root = TempDir::new("cli-key");
+    let key = root.0.join("audit.key");
     let log_dir = dir.0.join("log");
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
     let min = 60_000_000_000;
@@ -184,7 +213,11 @@ fn verify_flows_and_what_if_from_the_command_line() {
         // Outside the window.
         flow(now - 48 * 60 * min, internet, web1, Verdict::Deny, "old-deny"),
     ];
-    let mut log = AuditLog::open(&log_dir, AuditConfig::default()).unwrap();
+    let config = AuditConfig {
+        key_file: Some(key.clone()),
+        ..AuditConfig::default()
+    };
+    let mut log = AuditLog::open(&log_dir, config).unwrap();
     log.append(&records).unwrap();
     drop(log);
     let d = log_dir.to_str().unwrap();

@@ -1,7 +1,31 @@
 //! Shared helpers of the audit store tests: synthetic records.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+
 use palisade_audit::record::*;
+
+/// A temporary trail directory `<tmp>/trail`: the default key file, kept
+/// beside the trail (`<tmp>/trail.key`), goes away with it.
+pub struct TrailDir {
+    _tmp: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl TrailDir {
+    /// A new, empty trail directory.
+    pub fn new() -> TrailDir {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("trail");
+        std::fs::create_dir(&path).unwrap();
+        TrailDir { _tmp: tmp, path }
+    }
+
+    /// The trail directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
 
 /// Base time of synthetic records (2023-11-14T22:13:20Z).
 pub const T0: u64 = 1_700_000_000_000_000_000;

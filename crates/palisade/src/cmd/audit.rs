@@ -1,8 +1,11 @@
 //! `palisade audit …` and `palisade flows`: the tamper-evident trail.
 //!
 //! `audit verify` checks a log offline and exits 1 with every problem (file,
-//! byte offset, sequence number) when anything is wrong; `flows` queries it;
-//! the hidden `audit append-test` appends synthetic records and prints each
+//! byte offset, sequence number) when anything is wrong; given the last head
+//! published outside the trail (`--expect-head FILE`) it also fails when the
+//! trail ends before it or differs from it. `flows` queries a log and says
+//! (on stderr, exit 1) when what the answer relies on fails its check; the
+//! hidden `audit append-test` appends synthetic records and prints each
 //! acknowledged sequence number, for crash tests that kill it mid-write.
 
 use std::io::Write;
@@ -12,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use palisade_audit::record::{Endpoint, FlowRecord, Phase, Record, Verdict};
-use palisade_audit::{AuditConfig, AuditLog, LogReader, Query, RecordKind};
+use palisade_audit::{AuditConfig, AuditLog, LogReader, Query, RecordKind, SignedHead, VerifyOptions};
 
 /// Subcommands of `palisade audit`.
 #[derive(clap::Subcommand, Debug)]
@@ -31,9 +34,12 @@ pub enum AuditCmd {
 pub struct VerifyArgs {
     /// The log directory.
     pub dir: PathBuf,
-    /// Public key to verify signatures with (default: DIR/audit.pub, which only shows self-consistency).
+    /// Public key to verify signatures with (default: the expected head's, else DIR/audit.pub, which only shows self-consistency).
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// The last head published outside the trail (the file its writer's head_file names): fail if the trail ends before it or differs from it.
+    #[arg(long, value_name = "FILE")]
+    pub expect_head: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -53,6 +59,12 @@ pub struct AppendTestArgs {
     /// Segment size, to exercise rotation.
     #[arg(long, default_value_t = 64 << 20)]
     pub segment_bytes: u64,
+    /// The signing key file (default: DIR.key beside the directory).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Publish each signed head to this file.
+    #[arg(long)]
+    pub head_file: Option<PathBuf>,
 }
 
 /// Arguments of `palisade flows`: a log directory (`--dir`) or a controller
@@ -62,6 +74,9 @@ pub struct FlowsArgs {
     /// The log directory.
     #[arg(long, conflicts_with_all = ["server", "token", "ca"])]
     pub dir: Option<PathBuf>,
+    /// With --dir: the public key to check the log with (default: DIR/audit.pub).
+    #[arg(long, requires = "dir")]
+    pub key: Option<PathBuf>,
     /// Or query a controller's audit log.
     #[command(flatten)]
     pub conn: super::ctl::Conn,
@@ -113,20 +128,39 @@ pub fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
 }
 
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let report = palisade_audit::verify(&a.dir, a.key.as_deref())
+    let key = match &a.key {
+        Some(p) => Some((
+            palisade_audit::checkpoint::read_verifying_key(p)?,
+            p.display().to_string(),
+        )),
+        None => None,
+    };
+    let expect_head = match &a.expect_head {
+        Some(p) => {
+            let head = SignedHead::read(p)?.with_context(|| format!("{}: no head there", p.display()))?;
+            Some((head, p.display().to_string()))
+        }
+        None => None,
+    };
+    let report = palisade_audit::verify_with(&a.dir, &VerifyOptions { key, expect_head })
         .with_context(|| format!("verifying the audit log in {}", a.dir.display()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if report.is_ok() {
+        let head = report
+            .head_seq
+            .map(|h| format!("; contains the expected head (seq {h})"))
+            .unwrap_or_default();
         println!(
-            "{}: intact: {} records (seq {}..={}) in {} segments; {} valid checkpoints, signed through seq {}",
+            "{}: intact: {} records (seq {}..={}) in {} segments; {} valid checkpoints, signed through seq {} ({} unsigned after it){head}",
             a.dir.display(),
             report.records,
             report.first_seq,
             report.last_seq,
             report.segments,
             report.checkpoints,
-            report.signed_through
+            report.signed_through,
+            report.unsigned_records,
         );
     } else {
         println!("{}: {} problem(s):", a.dir.display(), report.problems.len());
@@ -140,6 +174,11 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     if !a.json {
         for n in &report.notes {
             println!("note: {n}");
+        }
+        if a.expect_head.is_none() {
+            println!(
+                "note: without --expect-head, a tail cut to a signed checkpoint, a deleted last segment or an older copy of the trail is not detectable"
+            );
         }
     }
     Ok(if report.is_ok() {
@@ -159,6 +198,8 @@ pub(crate) fn now_ns() -> u64 {
 fn append_test(a: AppendTestArgs) -> anyhow::Result<ExitCode> {
     let config = AuditConfig {
         segment_bytes: a.segment_bytes,
+        key_file: a.key_file.clone(),
+        head_file: a.head_file.clone(),
         ..AuditConfig::default()
     };
     let mut log = AuditLog::open(&a.dir, config).with_context(|| format!("opening {}", a.dir.display()))?;
@@ -345,7 +386,7 @@ pub(crate) fn endpoint(e: &Endpoint) -> String {
 
 /// Where `palisade flows` reads: a log directory, or a controller's answer.
 enum Source {
-    Log(LogReader),
+    Log(Box<LogReader>),
     Fetched(Vec<(u64, Record)>),
 }
 
@@ -365,7 +406,13 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
     // Open or fetch before printing anything, so a failure prints only the error.
     let source = match &a.dir {
         Some(dir) => {
-            Source::Log(LogReader::open(dir).with_context(|| format!("opening the audit log in {}", dir.display()))?)
+            let reader = match &a.key {
+                Some(k) => LogReader::open_with_key(dir, palisade_audit::checkpoint::read_verifying_key(k)?),
+                None => LogReader::open(dir),
+            };
+            Source::Log(Box::new(
+                reader.with_context(|| format!("opening the audit log in {}", dir.display()))?,
+            ))
         }
         None => {
             let client = a
@@ -414,8 +461,13 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
+    let mut problems = Vec::new();
     let n = match source {
-        Source::Log(reader) => reader.query_each(&q, each)?,
+        Source::Log(reader) => {
+            let report = reader.query_report(&q, each)?;
+            problems = report.problems;
+            report.matches
+        }
         Source::Fetched(records) => {
             let n = records.len();
             for (seq, rec) in records {
@@ -432,7 +484,20 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
     if !a.json {
         writeln!(out, "{n} record(s)")?;
     }
-    Ok(ExitCode::SUCCESS)
+    if problems.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The answer relied on something that fails its check: say so, and fail.
+    drop(out);
+    eprintln!(
+        "palisade flows: WARNING: the audit trail fails verification where this answer relies on it; it may be incomplete or wrong ({} problem(s)):",
+        problems.len()
+    );
+    for p in &problems {
+        eprintln!("  {p}");
+    }
+    eprintln!("run `palisade audit verify` for the whole trail");
+    Ok(ExitCode::FAILURE)
 }
 
 fn row(seq: u64, rec: &Record) -> String {

@@ -10,6 +10,8 @@
 //! Every change record the controller makes is also appended to its audit
 //! log (`--audit`, default `DATA/audit`), which also holds the flow records
 //! its agents push; `palisade audit verify` and `palisade flows` read it.
+//! Its signing key (`--audit-key`, default `DATA/audit.key`) and its last
+//! signed head (`--audit-head`, default `DATA/audit.head`) live outside it.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -42,6 +44,12 @@ pub struct ControllerArgs {
     /// Audit log directory: this controller's change records and its agents' flows [default: DATA/audit].
     #[arg(long, global = true)]
     pub audit: Option<PathBuf>,
+    /// The audit log's signing key, outside the log directory (created 0600) [default: DATA/audit.key].
+    #[arg(long, global = true)]
+    pub audit_key: Option<PathBuf>,
+    /// Where the audit log's last signed head is published, outside the log directory [default: DATA/audit.head].
+    #[arg(long, global = true)]
+    pub audit_head: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:7443")]
     pub listen: SocketAddr,
@@ -106,6 +114,16 @@ fn audit_dir(args: &ControllerArgs) -> PathBuf {
     args.audit.clone().unwrap_or_else(|| args.data.join("audit"))
 }
 
+/// Open the audit trail with its key and head outside it.
+fn open_trail(args: &ControllerArgs) -> Result<Trail, TrailError> {
+    let config = palisade_audit::AuditConfig {
+        key_file: Some(args.audit_key.clone().unwrap_or_else(|| args.data.join("audit.key"))),
+        head_file: Some(args.audit_head.clone().unwrap_or_else(|| args.data.join("audit.head"))),
+        ..palisade_audit::AuditConfig::default()
+    };
+    Trail::open_with(&audit_dir(args), config)
+}
+
 /// Run the controller.
 pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&args)?;
@@ -115,7 +133,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         // No change without its record in the audit log: while a running
         // controller owns the log, it has to make the token (a change made
         // here would be in the store only).
-        let ctl = match Trail::open(&audit) {
+        let ctl = match open_trail(&args) {
             Ok(t) => ctl.with_trail(Arc::new(t)),
             Err(e @ TrailError::Locked(_)) => {
                 return Err(e).with_context(|| {
@@ -145,7 +163,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             bail!("give --tls-dir DIR (see `palisade ca`) or, for development on loopback, --insecure-http")
         }
     };
-    let trail = Trail::open(&audit).with_context(|| format!("opening the audit log {}", audit.display()))?;
+    let trail = open_trail(&args).with_context(|| format!("opening the audit log {}", audit.display()))?;
     let ctl = ctl.with_trail(Arc::new(trail));
     if !ctl.has_tokens().context("reading tokens")? {
         std::fs::create_dir_all(&args.data).with_context(|| format!("creating {}", args.data.display()))?;

@@ -250,10 +250,24 @@ fn stop_agents_and_verify(lab: &Lab) -> anyhow::Result<usize> {
     let mut bad = 0;
     for h in &lab.plan().hosts {
         let dir = lab.state().state_dir.join(&h.name).join("audit");
-        match palisade_audit::verify(&dir, None) {
+        // Checked against the head the agent published beside the trail (its key too).
+        let head_file = lab.state().state_dir.join(&h.name).join("audit.head");
+        let verified = palisade_audit::SignedHead::read(&head_file).and_then(|head| {
+            let opts = palisade_audit::VerifyOptions {
+                key: None,
+                expect_head: head.map(|h| (h, head_file.display().to_string())),
+            };
+            palisade_audit::verify_with(&dir, &opts)
+        });
+        match verified {
             Ok(r) if r.is_ok() => println!(
-                "audit trail of {}: {} records, hash chain intact, signed through record {}",
-                h.name, r.records, r.signed_through
+                "audit trail of {}: {} records, hash chain intact, signed through record {}{}",
+                h.name,
+                r.records,
+                r.signed_through,
+                r.head_seq
+                    .map(|s| format!(", contains its published head (record {s})"))
+                    .unwrap_or_default()
             ),
             Ok(r) => {
                 bad += 1;
