@@ -36,7 +36,11 @@ pub enum DropReason {
     TcpNoConnection,
     /// A TCP segment with an impossible flag combination.
     TcpBadFlags,
-    /// An ICMP error that quotes no tracked connection.
+    /// A TCP segment its connection's state does not allow (data before the
+    /// SYN-ACK, a SYN-ACK from the initiator, …), as Linux conntrack marks invalid.
+    TcpInvalidState,
+    /// An ICMP error that quotes no tracked connection and that the policy
+    /// does not allow (errors are never rejected: nothing answers an error).
     IcmpErrorUnrelated,
     /// A non-first fragment: reassembly is not supported yet.
     Fragment,
@@ -52,7 +56,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Malformed,
         DropReason::UnknownPort,
         DropReason::SpoofedMac,
@@ -67,6 +71,7 @@ impl DropReason {
         DropReason::TcpOutOfWindow,
         DropReason::TcpNoConnection,
         DropReason::TcpBadFlags,
+        DropReason::TcpInvalidState,
         DropReason::IcmpErrorUnrelated,
         DropReason::Fragment,
         DropReason::ConntrackFull,
@@ -95,6 +100,7 @@ impl DropReason {
             DropReason::TcpOutOfWindow => "tcp-out-of-window",
             DropReason::TcpNoConnection => "tcp-no-connection",
             DropReason::TcpBadFlags => "tcp-bad-flags",
+            DropReason::TcpInvalidState => "tcp-invalid-state",
             DropReason::IcmpErrorUnrelated => "icmp-error-unrelated",
             DropReason::Fragment => "fragment",
             DropReason::ConntrackFull => "conntrack-full",
