@@ -891,9 +891,13 @@ impl Engine {
                         && !conn.expired(now, &self.conns.timeouts)
                     {
                         self.counters.cache_hits += 1;
-                        self.tally_rules(e.rules, len);
-                        if self.track(now, slot, reply, tcp.as_ref(), len, sink)? {
-                            return Ok(());
+                        match self.track(now, slot, reply, tcp.as_ref(), len, sink) {
+                            // Reopened: counted with the new connection below.
+                            Ok(false) => {}
+                            done => {
+                                self.tally_rules(e.rules, len);
+                                return done.map(drop);
+                            }
                         }
                     }
                 }
@@ -928,9 +932,13 @@ impl Engine {
                 }
             }
             self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
-            self.tally_rules(rules, len);
-            if self.track(now, slot, reply, tcp.as_ref(), len, sink)? {
-                return Ok(());
+            match self.track(now, slot, reply, tcp.as_ref(), len, sink) {
+                // Reopened: counted with the new connection below.
+                Ok(false) => {}
+                done => {
+                    self.tally_rules(rules, len);
+                    return done.map(drop);
+                }
             }
         }
         // A new flow.

@@ -387,8 +387,9 @@ mod tests {
         body.extend_from_slice(&2u32.to_be_bytes());
         for (proto, ports, state) in [(6u8, [1u16, 2], 2u8), (1, [0x1234, 0x1234], 6)] {
             body.extend_from_slice(&Segment::UNTAGGED.raw().to_be_bytes());
-            body.extend_from_slice(&[1; 16]);
-            body.extend_from_slice(&[2; 16]);
+            for last in [1, 2] {
+                body.extend_from_slice(&core::net::Ipv4Addr::new(10, 0, 0, last).to_ipv6_mapped().octets());
+            }
             body.extend_from_slice(&ports[0].to_be_bytes());
             body.extend_from_slice(&ports[1].to_be_bytes());
             body.extend_from_slice(&[proto, state, 1]);

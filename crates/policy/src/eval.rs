@@ -168,11 +168,18 @@ impl IcmpRole {
         }
     }
 
-    /// The role of `flow` (ICMP types above 255 cannot occur and are `Plain`).
+    /// The role of `flow`: ICMP over IPv4 and ICMPv6 over IPv6 only (the
+    /// datapath reads neither over the other version, where they are just
+    /// another protocol number); ICMP types above 255 cannot occur.
     pub fn of_flow(flow: &Flow) -> IcmpRole {
+        let own_version = match flow.proto {
+            proto::ICMP => flow.src.is_ipv4(),
+            proto::ICMPV6 => flow.src.is_ipv6(),
+            _ => true,
+        };
         match u8::try_from(flow.src_port) {
-            Ok(ty) => IcmpRole::of(flow.proto, ty),
-            Err(_) => IcmpRole::Plain,
+            Ok(ty) if own_version => IcmpRole::of(flow.proto, ty),
+            _ => IcmpRole::Plain,
         }
     }
 }

@@ -191,14 +191,28 @@ impl FlowKey {
         }
     }
 
-    /// Whether this is the key of an ICMP or ICMPv6 echo request.
-    pub const fn is_echo_request(&self) -> bool {
-        matches!((self.protocol.0, self.icmp_type), (1, 8) | (58, 128))
+    /// Whether the key's addresses are IPv4 (stored IPv4-mapped).
+    pub fn is_ipv4(&self) -> bool {
+        Ipv6Addr::from(self.src).to_ipv4_mapped().is_some()
     }
 
-    /// Whether this is the key of an ICMP or ICMPv6 echo reply.
-    pub const fn is_echo_reply(&self) -> bool {
-        matches!((self.protocol.0, self.icmp_type), (1, 0) | (58, 129))
+    /// Whether this is the key of an ICMP or ICMPv6 echo request (each over
+    /// its own IP version: protocol 1 over IPv6 is no ICMP to the extractor).
+    pub fn is_echo_request(&self) -> bool {
+        match (self.protocol.0, self.icmp_type) {
+            (1, 8) => self.is_ipv4(),
+            (58, 128) => !self.is_ipv4(),
+            _ => false,
+        }
+    }
+
+    /// Whether this is the key of an ICMP or ICMPv6 echo reply (see [`FlowKey::is_echo_request`]).
+    pub fn is_echo_reply(&self) -> bool {
+        match (self.protocol.0, self.icmp_type) {
+            (1, 0) => self.is_ipv4(),
+            (58, 129) => !self.is_ipv4(),
+            _ => false,
+        }
     }
 
     /// The source address.
