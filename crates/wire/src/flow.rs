@@ -140,15 +140,28 @@ impl core::hash::Hash for FlowKey {
 }
 
 /// The type of the reply to an ICMP echo request of type `ty` and the
-/// request of a reply (ICMP 8 ⇄ 0, ICMPv6 128 ⇄ 129); any other type is its own.
-const fn echo_counterpart(protocol: IpProtocol, ty: u8) -> u8 {
-    match (protocol.0, ty) {
-        (1, 8) => 0,
-        (1, 0) => 8,
-        (58, 128) => 129,
-        (58, 129) => 128,
+/// request of a reply (ICMP 8 ⇄ 0, ICMPv6 128 ⇄ 129, each over its own IP
+/// version: `v4` tells which the key's addresses are); any other type is its own.
+const fn echo_counterpart(protocol: IpProtocol, v4: bool, ty: u8) -> u8 {
+    match (protocol.0, v4, ty) {
+        (1, true, 8) => 0,
+        (1, true, 0) => 8,
+        (58, false, 128) => 129,
+        (58, false, 129) => 128,
         _ => ty,
     }
+}
+
+/// Whether a key's address is IPv4 (stored IPv4-mapped, `::ffff:a.b.c.d`).
+const fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 10 {
+        if a[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    a[10] == 0xff && a[11] == 0xff
 }
 
 /// Whether an ICMP (`v6` false) or ICMPv6 message type is an error, which
@@ -186,19 +199,19 @@ impl FlowKey {
             src_port: self.dst_port,
             dst_port: self.src_port,
             protocol: self.protocol,
-            icmp_type: echo_counterpart(self.protocol, self.icmp_type),
+            icmp_type: echo_counterpart(self.protocol, is_v4_mapped(&self.src), self.icmp_type),
             icmp_code: self.icmp_code,
         }
     }
 
     /// Whether the key's addresses are IPv4 (stored IPv4-mapped).
-    pub fn is_ipv4(&self) -> bool {
-        Ipv6Addr::from(self.src).to_ipv4_mapped().is_some()
+    pub const fn is_ipv4(&self) -> bool {
+        is_v4_mapped(&self.src)
     }
 
     /// Whether this is the key of an ICMP or ICMPv6 echo request (each over
     /// its own IP version: protocol 1 over IPv6 is no ICMP to the extractor).
-    pub fn is_echo_request(&self) -> bool {
+    pub const fn is_echo_request(&self) -> bool {
         match (self.protocol.0, self.icmp_type) {
             (1, 8) => self.is_ipv4(),
             (58, 128) => !self.is_ipv4(),
@@ -207,7 +220,7 @@ impl FlowKey {
     }
 
     /// Whether this is the key of an ICMP or ICMPv6 echo reply (see [`FlowKey::is_echo_request`]).
-    pub fn is_echo_reply(&self) -> bool {
+    pub const fn is_echo_reply(&self) -> bool {
         match (self.protocol.0, self.icmp_type) {
             (1, 0) => self.is_ipv4(),
             (58, 129) => !self.is_ipv4(),
@@ -913,6 +926,13 @@ mod tests {
             (0, 0x0304, 3, 4)
         );
         assert_eq!(unreachable.reversed().icmp_type, 3);
+        // Protocol 1 over IPv6 is no ICMP: nothing to swap, no echo.
+        let mut bogus = request;
+        (bogus.src, bogus.dst) = ([0xfd; 16], [0xfe; 16]);
+        bogus.icmp_type = 0;
+        assert!(!bogus.is_echo_reply() && !bogus.is_ipv4());
+        assert_eq!(bogus.reversed().reversed(), bogus);
+        assert_eq!(bogus.reversed().icmp_type, 0);
         assert!(is_icmp_error(false, 3) && !is_icmp_error(false, 8) && is_icmp_error(true, 2));
     }
 
