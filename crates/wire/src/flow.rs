@@ -199,7 +199,12 @@ impl FlowKey {
             src_port: self.dst_port,
             dst_port: self.src_port,
             protocol: self.protocol,
-            icmp_type: echo_counterpart(self.protocol, is_v4_mapped(&self.src), self.icmp_type),
+            // Only ICMP keys look at their addresses' version (TCP and UDP
+            // keys are reversed on the engine's hot paths).
+            icmp_type: match self.protocol.0 {
+                1 | 58 => echo_counterpart(self.protocol, is_v4_mapped(&self.src), self.icmp_type),
+                _ => self.icmp_type,
+            },
             icmp_code: self.icmp_code,
         }
     }
