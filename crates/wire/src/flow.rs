@@ -588,10 +588,24 @@ pub fn extract_quoted(quoted: &[u8], segment: Segment) -> Option<FlowKey> {
             }
             let rest = quoted.get(ipv6::HEADER_LEN..)?;
             let mut last_header = None;
+            // The header the walk reads next, and where.
+            let mut pending = (ip.next_header(), 0);
             let mut walk = ipv6ext::walk(ip.next_header(), rest);
             let (protocol, offset) = loop {
                 match walk.next()? {
-                    Ok(ipv6ext::WalkItem::Header { header, offset }) => last_header = Some((header.kind(), offset)),
+                    Ok(ipv6ext::WalkItem::Header { header, offset }) => {
+                        last_header = Some((header.kind(), offset));
+                        pending = (header.next_header(), offset + header.header_len());
+                    }
+                    // A Mobility or HIP message ending the chain is the
+                    // quote's upper layer, as it is the packet's; its first 8
+                    // bytes (No Next Header first) may be all that is quoted.
+                    Err(_)
+                        if matches!(pending.0, IpProtocol::MOBILITY | IpProtocol::HIP)
+                            && rest.get(pending.1) == Some(&IpProtocol::IPV6_NONXT.0) =>
+                    {
+                        break pending;
+                    }
                     Ok(ipv6ext::WalkItem::End(WalkEnd::Upper { protocol, offset })) => break (protocol, offset),
                     Ok(ipv6ext::WalkItem::End(WalkEnd::NoNextHeader { offset })) => {
                         break match last_header {
