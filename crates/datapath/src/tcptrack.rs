@@ -15,14 +15,14 @@
 //!
 //! Each segment is classified by its flags ([`TcpIndex`]: RST, then SYN or
 //! SYN-ACK, then FIN, then ACK) and moves the connection through the
-//! transition table ([`next_state`]). A transition is either a new state, an
+//! transition table (Linux's `tcp_conntracks`). A transition is either a new state, an
 //! *invalid* segment (dropped: [`DropReason::TcpInvalidState`]), or an
 //! *ignored* one: a segment that may be right while the tracker is out of
 //! sync (a SYN on a connection it believes open, a retransmitted SYN-ACK), let
 //! through without changing anything but remembered, so that the answer it
 //! draws (a SYN-ACK acknowledging it) can bring the tracker back in sync.
 //!
-//! The window check ([`in_window`]) keeps per side the highest sequence sent
+//! The window check (Linux's `tcp_in_window`) keeps per side the highest sequence sent
 //! (`end`), the highest the other side allowed (`limit`: acknowledgment plus
 //! window, where the acknowledgment is the highest SACK edge when the
 //! receiver permitted SACK), the largest window seen (`max_win`) and the

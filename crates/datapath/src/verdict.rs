@@ -30,9 +30,13 @@ pub enum DropReason {
     PolicyReject,
     /// An established connection the new policy denies was cut.
     PolicyRevoked,
-    /// A TCP segment outside the receiver's window (strict zones only).
+    /// A TCP segment outside its connection's windows (strict zones only;
+    /// also a reset whose sequence number lies before what the other side
+    /// acknowledged, in both).
     TcpOutOfWindow,
-    /// A TCP segment that is not a SYN for a connection the tracker does not know (strict zones only).
+    /// A TCP segment that cannot start a connection, for a connection the
+    /// tracker does not know: anything but a SYN in a strict zone, anything
+    /// but a SYN or a plain ACK (a pick-up) in a liberal one.
     TcpNoConnection,
     /// A TCP segment with an impossible flag combination.
     TcpBadFlags,

@@ -49,8 +49,20 @@ fn roles_by_type() {
         ("udp/8", IcmpRole::Plain),
     ];
     for (service, role) in cases {
-        assert_eq!(IcmpRole::of_flow(&flow(service)), role, "{service}");
+        let f = if service.starts_with("icmpv6") {
+            flow6(service)
+        } else {
+            flow(service)
+        };
+        assert_eq!(IcmpRole::of_flow(&f), role, "{service}");
     }
+    // Each over its own IP version only: elsewhere it is just a protocol number.
+    assert_eq!(IcmpRole::of_flow(&flow6("icmp/echo-reply")), IcmpRole::Plain);
+    assert_eq!(IcmpRole::of_flow(&flow("icmpv6/2")), IcmpRole::Plain);
+}
+
+fn flow6(service: &str) -> Flow {
+    Flow::to_service("fd00::b".parse().unwrap(), "fd00::a".parse().unwrap(), service).unwrap()
 }
 
 /// Related errors: only rules naming the type decide, `pass` included;
