@@ -12,7 +12,7 @@
 //!         | state u8 | flags u8 (strict, trusted)
 //!         | age u64 | idle u64 | packets u64 | bytes u64
 //!         | 2 × (end u32 | limit u32 | max_win u32 | max_ack u32 | wscale u8 | flags u8)
-//!         | last: index_dir u8 | seq u32 | ack u32 | end u32 | win u16 | wscale u8 | flags u8
+//!         | last: index_dir u8 | ack u32 | end u32 | win u16 | wscale u8 | flags u8
 //! ```
 //!
 //! Version 1 (written before keys held the ICMP type and TCP tracking
@@ -35,7 +35,7 @@ use crate::tcptrack::{last_flags, peer_flags};
 const MAGIC: &[u8; 6] = b"PLSDCT";
 /// The blob format version this build writes (it also reads version 1).
 pub const VERSION: u16 = 2;
-const RECORD_LEN: usize = 4 + 16 + 16 + 2 + 2 + 3 + 1 + 1 + 8 * 4 + 2 * (4 * 4 + 2) + (1 + 4 * 3 + 2 + 1 + 1);
+const RECORD_LEN: usize = 4 + 16 + 16 + 2 + 2 + 3 + 1 + 1 + 8 * 4 + 2 * (4 * 4 + 2) + (1 + 4 * 2 + 2 + 1 + 1);
 const RECORD_LEN_V1: usize = 4 + 16 + 16 + 2 + 2 + 1 + 1 + 1 + 8 * 4 + 2 * (4 * 3 + 3);
 /// Most records a blob may claim (bounds the allocation an untrusted count can cause).
 pub const MAX_RECORDS: u32 = 1 << 20;
@@ -167,7 +167,7 @@ pub fn encode(vnic: &str, policy_version: u64, conns: &[Conn], now: u64) -> Vec<
         }
         let last = &c.tcp.last;
         b.push(last.index_code());
-        for v in [last.seq, last.ack, last.end] {
+        for v in [last.ack, last.end] {
             b.extend_from_slice(&v.to_be_bytes());
         }
         b.extend_from_slice(&last.win.to_be_bytes());
@@ -291,7 +291,6 @@ pub fn decode(blob: &[u8]) -> Result<Snapshot, StateError> {
             }
             let last = &mut tcp.last;
             last.set_index_code(r.u8()?);
-            last.seq = r.u32()?;
             last.ack = r.u32()?;
             last.end = r.u32()?;
             last.win = r.u16()?;

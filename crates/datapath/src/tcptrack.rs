@@ -282,8 +282,6 @@ pub struct TcpLast {
     pub index: TcpIndex,
     /// Its direction: 0 initiator, 1 responder.
     pub dir: u8,
-    /// Its sequence number.
-    pub seq: u32,
     /// Its acknowledgment (kept for an ACK answering a SYN, RFC 5961).
     pub ack: u32,
     /// The sequence number after it.
@@ -301,7 +299,6 @@ impl Default for TcpLast {
         TcpLast {
             index: TcpIndex::None,
             dir: 0,
-            seq: 0,
             ack: 0,
             end: 0,
             win: 0,
@@ -621,7 +618,6 @@ fn transition(
             let last = &mut track.last;
             last.index = index;
             last.dir = dir as u8;
-            last.seq = seg.seq;
             last.end = seg.seq_end();
             last.win = seg.win;
             if index == TcpIndex::Syn && !reply {
