@@ -143,6 +143,12 @@ impl ChainLookup for ClassifiedLookup {
         }
     }
 
+    /// Related ICMP errors are rare and decided by the few entries naming
+    /// an ICMP type: the compiled chain's own walk over them.
+    fn decide_related(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict> {
+        self.linear.decide_related(vnic, direction, flow)
+    }
+
     fn version(&self) -> u64 {
         self.linear.version()
     }

@@ -2,29 +2,29 @@
 //!
 //! A connection is keyed by the direction-independent form of its flow key
 //! ([`FlowKey::canonical`]) and remembers its initiator's direction. TCP
-//! follows a state machine with sequence-window tracking after Guido van
-//! Rooij's "Real Stateful TCP Packet Filtering" (as in netfilter): each side's
-//! highest sequence sent, largest window and highest acknowledged limit bound
-//! what the other side may send and acknowledge. Zones are *liberal* by default
-//! (out-of-window segments pass and are counted, so asymmetric routing and
-//! mid-stream pickup after a restart work) or *strict* (they are dropped, and a
-//! connection must start with a SYN). UDP, ICMP echo and other protocols are
-//! pseudo-connections (new → replied). Every state has a timeout; entries
-//! expire lazily on lookup and in [`Conntrack::expire`] sweeps.
+//! follows Linux netfilter's state machine and sequence-window tracking
+//! ([`crate::tcptrack`]): zones are *liberal* by default (as Linux with
+//! `nf_conntrack_tcp_loose=1` and `be_liberal=1`: out-of-window segments
+//! pass and are counted, a plain ACK picks up a connection mid-stream after a
+//! restart) or *strict* (as Linux with both 0: they are dropped, and a
+//! connection must start with a SYN). UDP, SCTP, ICMP echo and other
+//! protocols are pseudo-connections (new → replied). Every state has a
+//! timeout; entries expire lazily on lookup and in [`Conntrack::expire`] sweeps.
 //!
 //! The table is bounded ([`crate::table::BoundedMap`]); when it is full a new
 //! connection either evicts one (preferring closing or idle ones) or is refused,
 //! per [`FullPolicy`]. Each vNIC may hold at most its port's `max_conns`.
 
 use palisade_wire::flow::FlowKey;
-use palisade_wire::tcp::TcpFlags;
 
 use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::port::PortId;
 use crate::table::{BoundedMap, Slot};
+use crate::tcptrack;
+pub use crate::tcptrack::{TcpPeer, TcpSeg, TcpTrack, Tracked, bad_tcp_flags};
 use crate::verdict::{Counters, DropReason};
 
-/// A connection's state.
+/// A connection's state (TCP's are Linux netfilter's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ConnState {
     /// TCP: the initiator's SYN was seen.
@@ -35,12 +35,20 @@ pub enum ConnState {
     Established,
     /// TCP: one side sent FIN.
     FinWait,
-    /// TCP: both sides sent FIN; lingering for late segments.
+    /// TCP: the last ACK after both FINs was seen; lingering for late segments.
     TimeWait,
     /// Other protocols: only the initiator has sent.
     New,
     /// Other protocols: the responder has answered.
     Replied,
+    /// TCP: a SYN came from both sides (simultaneous open).
+    SynSent2,
+    /// TCP: the FIN of one side was acknowledged.
+    CloseWait,
+    /// TCP: both sides sent FIN; waiting for the last ACK.
+    LastAck,
+    /// TCP: a reset was seen; lingering briefly for late segments.
+    Close,
 }
 
 impl ConnState {
@@ -59,6 +67,10 @@ impl ConnState {
             4 => ConnState::TimeWait,
             5 => ConnState::New,
             6 => ConnState::Replied,
+            7 => ConnState::SynSent2,
+            8 => ConnState::CloseWait,
+            9 => ConnState::LastAck,
+            10 => ConnState::Close,
             _ => return None,
         })
     }
@@ -73,6 +85,8 @@ pub struct Timeouts {
     pub tcp_established: u64,
     /// TCP closing (FIN seen) and time-wait.
     pub tcp_closing: u64,
+    /// TCP after a reset.
+    pub tcp_close: u64,
     /// UDP/other before a reply.
     pub unreplied: u64,
     /// UDP/other after a reply.
@@ -89,6 +103,7 @@ impl Default for Timeouts {
             tcp_handshake: 30 * SEC,
             tcp_established: 24 * 3600 * SEC,
             tcp_closing: 120 * SEC,
+            tcp_close: 10 * SEC,
             unreplied: 30 * SEC,
             replied: 180 * SEC,
             icmp: 30 * SEC,
@@ -104,23 +119,6 @@ pub enum FullPolicy {
     EvictIdle,
     /// Refuse the new connection ([`DropReason::ConntrackFull`]).
     Refuse,
-}
-
-/// One side's TCP sequence tracking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TcpPeer {
-    /// Highest sequence number sent plus one (SYN and FIN count one).
-    pub end: u32,
-    /// Highest `ack + window` this side advertised: the limit of the other side's data.
-    pub limit: u32,
-    /// Largest (scaled) window this side advertised.
-    pub max_win: u32,
-    /// Window scale shift this side announced.
-    pub wscale: u8,
-    /// Whether this side has sent anything.
-    pub seen: bool,
-    /// Whether this side has sent FIN.
-    pub fin: bool,
 }
 
 /// The ports a connection with these ends is charged to: each end's, once
@@ -162,8 +160,8 @@ pub struct Conn {
     pub strict: bool,
     /// Allowed on another host's verdict (VXLAN-GBP policy-applied).
     pub trusted: bool,
-    /// TCP tracking for the initiator (0) and the responder (1).
-    pub tcp: [TcpPeer; 2],
+    /// TCP tracking: the initiator (0) and the responder (1), the last segment.
+    pub tcp: TcpTrack,
     /// The end event has been emitted (time-wait lingers after it).
     pub ended: bool,
 }
@@ -186,16 +184,17 @@ impl Conn {
             owners: [None, None],
             strict: false,
             trusted: false,
-            tcp: [TcpPeer::default(); 2],
+            tcp: TcpTrack::default(),
             ended: false,
         }
     }
 
     fn timeout(&self, t: &Timeouts) -> u64 {
         match self.state {
-            ConnState::SynSent | ConnState::SynReceived => t.tcp_handshake,
+            ConnState::SynSent | ConnState::SynSent2 | ConnState::SynReceived => t.tcp_handshake,
             ConnState::Established => t.tcp_established,
-            ConnState::FinWait | ConnState::TimeWait => t.tcp_closing,
+            ConnState::FinWait | ConnState::CloseWait | ConnState::LastAck | ConnState::TimeWait => t.tcp_closing,
+            ConnState::Close => t.tcp_close,
             ConnState::New if is_icmp(&self.key) => t.icmp,
             ConnState::Replied if is_icmp(&self.key) => t.icmp,
             ConnState::New => t.unreplied,
@@ -241,53 +240,6 @@ impl Conn {
 fn is_icmp(key: &FlowKey) -> bool {
     key.protocol.0 == 1 || key.protocol.0 == 58
 }
-
-/// The TCP facts of one segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TcpSeg {
-    /// Sequence number.
-    pub seq: u32,
-    /// Acknowledgment number.
-    pub ack: u32,
-    /// Window (unscaled, as on the wire).
-    pub win: u16,
-    /// Flags.
-    pub flags: TcpFlags,
-    /// Payload length.
-    pub len: u32,
-    /// Window scale option (SYN segments).
-    pub wscale: Option<u8>,
-}
-
-impl TcpSeg {
-    fn seq_end(&self) -> u32 {
-        let extra = u32::from(self.flags.contains(TcpFlags::SYN)) + u32::from(self.flags.contains(TcpFlags::FIN));
-        self.seq.wrapping_add(self.len).wrapping_add(extra)
-    }
-}
-
-/// Whether a TCP flag combination is impossible (NULL, SYN+FIN, SYN+RST).
-pub fn bad_tcp_flags(flags: TcpFlags) -> bool {
-    let syn = flags.contains(TcpFlags::SYN);
-    (flags & (TcpFlags::SYN | TcpFlags::FIN | TcpFlags::RST | TcpFlags::ACK)).is_empty()
-        || (syn && flags.intersects(TcpFlags::FIN | TcpFlags::RST))
-}
-
-/// `a < b` in sequence space.
-fn before(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) < 0
-}
-
-fn after(a: u32, b: u32) -> bool {
-    before(b, a)
-}
-
-fn seq_max(a: u32, b: u32) -> u32 {
-    if after(a, b) { a } else { b }
-}
-
-/// Most an acknowledgment may lag behind what the other side sent (netfilter's MAXACKWINDOW).
-const MAX_ACK_WINDOW: u32 = 66_000;
 
 /// The connection table.
 #[derive(Debug, Clone)]
@@ -414,7 +366,9 @@ impl Conntrack {
             }
             let t = self.timeouts;
             let victim = self.map.victim(EVICT_SCAN, |v| {
-                v.ended || matches!(v.state, ConnState::New | ConnState::SynSent) || v.expired(now, &t)
+                v.ended
+                    || matches!(v.state, ConnState::New | ConnState::SynSent | ConnState::SynSent2)
+                    || v.expired(now, &t)
             });
             match victim {
                 Some(slot) => {
@@ -501,7 +455,11 @@ impl Conntrack {
         }
     }
 
-    /// Track a TCP segment of an existing connection (`count`: as for [`Conntrack::track_other`]).
+    /// Track a TCP segment of an existing connection (`count`: as for
+    /// [`Conntrack::track_other`]; `liberal`: the zone's window failures pass).
+    /// A segment that cannot belong to it is an error and changes nothing;
+    /// [`Tracked::Reopen`] and [`Tracked::Kill`] tell the caller to end the
+    /// connection (then, for a reopen, to start a new one).
     #[allow(clippy::too_many_arguments)]
     pub fn track_tcp(
         &mut self,
@@ -513,134 +471,68 @@ impl Conntrack {
         now: u64,
         sink: &mut dyn EventSink,
         c: &mut Counters,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Tracked, DropReason> {
         let Some(conn) = self.map.get_mut(slot) else {
             return Err(DropReason::TcpNoConnection);
         };
-        let (s, r) = if reply { (1, 0) } else { (0, 1) };
-        let flags = seg.flags;
-        if !window_ok(&conn.tcp[s], &conn.tcp[r], seg) {
-            if conn.strict {
-                return Err(DropReason::TcpOutOfWindow);
-            }
-            c.tcp_window_liberal += 1;
+        let liberal = !conn.strict;
+        let (tracked, state) = tcptrack::segment(&mut conn.tcp, Some(conn.state), reply, seg, liberal, c)?;
+        if tracked == Tracked::Reopen {
+            return Ok(tracked);
         }
-        update_peers(&mut conn.tcp, s, seg);
         if count {
             conn.count(reply, len);
         }
+        if tracked == Tracked::Ignored {
+            // Let through, but nothing about the connection changed: its
+            // timeout is not renewed either (as in Linux).
+            return Ok(tracked);
+        }
         conn.last_seen = now;
-        if flags.contains(TcpFlags::RST) {
-            // Like netfilter's CLOSE state: the connection is over, but it
-            // lingers (time-wait) so that segments still in flight from
-            // either side are recognised as its late packets instead of
-            // being classified as new flows (and denied, and logged as such).
-            if !conn.ended {
-                conn.state = ConnState::TimeWait;
-                conn.ended = true;
-                c.conns_ended += 1;
-                sink.event(&conn.event(EventKind::End(EndReason::Reset), now));
-            }
-            return Ok(());
-        }
         let old = conn.state;
-        let syn = flags.contains(TcpFlags::SYN);
-        let ack = flags.contains(TcpFlags::ACK);
-        conn.state = match conn.state {
-            ConnState::SynSent if reply && syn && ack => ConnState::SynReceived,
-            ConnState::SynReceived if !reply && ack && !syn => ConnState::Established,
-            st => st,
-        };
-        if flags.contains(TcpFlags::FIN) {
-            conn.tcp[s].fin = true;
-            conn.state = if conn.tcp[r].fin {
-                ConnState::TimeWait
-            } else {
-                ConnState::FinWait
-            };
+        conn.state = state.unwrap_or(old);
+        if conn.state == old {
+            return Ok(tracked);
         }
-        if conn.state != old {
-            if conn.state == ConnState::TimeWait {
-                c.conns_ended += 1;
-                sink.event(&conn.event(EventKind::End(EndReason::Closed), now));
+        let end = match conn.state {
+            ConnState::TimeWait => Some(EndReason::Closed),
+            ConnState::Close => Some(EndReason::Reset),
+            _ => None,
+        };
+        match end {
+            Some(reason) if !conn.ended => {
+                // Over, but it lingers so that segments still in flight from
+                // either side are recognised as its late packets instead of
+                // being classified as new flows (and denied, and logged).
                 conn.ended = true;
-            } else {
+                c.conns_ended += 1;
+                sink.event(&conn.event(EventKind::End(reason), now));
+            }
+            Some(_) => {}
+            None => {
+                // Out of sync after a close and back (a SYN reusing the ports,
+                // answered): a later close ends it again.
+                conn.ended = false;
                 sink.event(&conn.event(EventKind::Update, now));
             }
         }
-        Ok(())
+        Ok(tracked)
     }
 }
 
-/// Initialise the initiator's side from its first segment; a SYN starts the
-/// handshake, anything else (liberal pickup) starts established.
-pub fn tcp_open(conn: &mut Conn, seg: &TcpSeg) {
-    let syn = seg.flags.contains(TcpFlags::SYN) && !seg.flags.contains(TcpFlags::ACK);
-    conn.state = if syn {
-        ConnState::SynSent
-    } else {
-        ConnState::Established
-    };
-    update_peers(&mut conn.tcp, 0, seg);
-}
-
-/// Van Rooij's four bounds, for a segment from side `s` to side `r`.
-fn window_ok(s: &TcpPeer, r: &TcpPeer, seg: &TcpSeg) -> bool {
-    if !s.seen || !r.seen {
-        // A side's first segment (SYN, SYN-ACK or a mid-stream pickup) sets its baseline.
-        return true;
-    }
-    let end = seg.seq_end();
-    let max_win = r.max_win.max(1);
-    // I: the data fits within what the receiver advertised.
-    let upper = !after(end, r.limit.wrapping_add(1));
-    // II: it is not older than one window behind what the sender already sent.
-    let lower = !before(end, s.end.wrapping_sub(max_win).wrapping_sub(1));
-    if !seg.flags.contains(TcpFlags::ACK) {
-        return upper && lower;
-    }
-    // III: it acknowledges nothing the receiver has not sent; IV: nor lags too far.
-    let ack_upper = !after(seg.ack, r.end.wrapping_add(1));
-    let lag = (MAX_ACK_WINDOW << r.wscale.min(14)).max(s.max_win);
-    let ack_lower = !before(seg.ack, r.end.wrapping_sub(lag));
-    upper && lower && ack_upper && ack_lower
-}
-
-fn update_peers(peers: &mut [TcpPeer; 2], s: usize, seg: &TcpSeg) {
-    let syn = seg.flags.contains(TcpFlags::SYN);
-    let sender = &mut peers[s];
-    if syn {
-        // RFC 7323: scaling applies only if both SYNs carry the option.
-        sender.wscale = seg.wscale.unwrap_or(0).min(14);
-    }
-    let win = if syn {
-        u32::from(seg.win)
-    } else {
-        u32::from(seg.win) << sender.wscale
-    };
-    let end = seg.seq_end();
-    sender.end = if sender.seen { seq_max(sender.end, end) } else { end };
-    sender.max_win = sender.max_win.max(win).max(1);
-    if seg.flags.contains(TcpFlags::ACK) {
-        let limit = seg.ack.wrapping_add(win.max(1));
-        sender.limit = if sender.seen {
-            seq_max(sender.limit, limit)
-        } else {
-            limit
-        };
-    } else if !sender.seen {
-        sender.limit = seg.seq;
-    }
-    sender.seen = true;
-    if syn && s == 1 && seg.wscale.is_none() {
-        peers[0].wscale = 0;
-    }
+/// Start tracking a TCP connection from its first segment (the initiator's):
+/// see [`tcptrack::open`]. A segment that cannot start a connection is
+/// [`DropReason::TcpNoConnection`].
+pub fn tcp_open(conn: &mut Conn, seg: &TcpSeg, c: &mut Counters) -> Result<(), DropReason> {
+    let liberal = !conn.strict;
+    tcptrack::open(&mut conn.tcp, &mut conn.state, seg, liberal, c)
 }
 
 #[cfg(test)]
 mod tests {
     use palisade_wire::flow::Segment;
     use palisade_wire::ip::IpProtocol;
+    use palisade_wire::tcp::TcpFlags;
 
     use super::*;
 
@@ -652,6 +544,8 @@ mod tests {
             src_port: 40000,
             dst_port: 443,
             protocol: IpProtocol::TCP,
+            icmp_type: 0,
+            icmp_code: 0,
         }
     }
 
@@ -662,7 +556,7 @@ mod tests {
             win: 1000,
             flags,
             len,
-            wscale: None,
+            ..TcpSeg::default()
         }
     }
 
@@ -672,13 +566,19 @@ mod tests {
         let mut c = Counters::default();
         let mut conn = Conn::new(key(), 0);
         conn.strict = strict;
-        tcp_open(&mut conn, &seg(100, 0, TcpFlags::SYN, 0));
+        tcp_open(&mut conn, &seg(100, 0, TcpFlags::SYN, 0), &mut c).unwrap();
         let slot = ct.create(conn, [u32::MAX; 2], 0, &mut ev, &mut c).unwrap();
         let synack = seg(5000, 101, TcpFlags::SYN | TcpFlags::ACK, 0);
-        assert_eq!(ct.track_tcp(slot, true, &synack, 60, true, 1, &mut ev, &mut c), Ok(()));
+        assert_eq!(
+            ct.track_tcp(slot, true, &synack, 60, true, 1, &mut ev, &mut c),
+            Ok(Tracked::Accepted)
+        );
         assert_eq!(ct.get(slot).unwrap().state, ConnState::SynReceived);
         let ack = seg(101, 5001, TcpFlags::ACK, 0);
-        assert_eq!(ct.track_tcp(slot, false, &ack, 60, true, 2, &mut ev, &mut c), Ok(()));
+        assert_eq!(
+            ct.track_tcp(slot, false, &ack, 60, true, 2, &mut ev, &mut c),
+            Ok(Tracked::Accepted)
+        );
         assert_eq!(ct.get(slot).unwrap().state, ConnState::Established);
         (ct, slot, ev, c)
     }
@@ -720,10 +620,16 @@ mod tests {
             Err(DropReason::TcpOutOfWindow)
         );
         let ok = seg(101, 5001, TcpFlags::ACK | TcpFlags::PSH, 500);
-        assert_eq!(ct.track_tcp(slot, false, &ok, 60, true, 3, &mut ev, &mut c), Ok(()));
+        assert_eq!(
+            ct.track_tcp(slot, false, &ok, 60, true, 3, &mut ev, &mut c),
+            Ok(Tracked::Accepted)
+        );
 
         let (mut ct, slot, mut ev, mut c) = handshake(false);
-        assert_eq!(ct.track_tcp(slot, false, &far, 60, true, 3, &mut ev, &mut c), Ok(()));
+        assert_eq!(
+            ct.track_tcp(slot, false, &far, 60, true, 3, &mut ev, &mut c),
+            Ok(Tracked::Accepted)
+        );
         assert_eq!(c.tcp_window_liberal, 1);
     }
 
@@ -735,6 +641,9 @@ mod tests {
         assert_eq!(ct.get(slot).unwrap().state, ConnState::FinWait);
         let fin2 = seg(5001, 102, TcpFlags::FIN | TcpFlags::ACK, 0);
         ct.track_tcp(slot, true, &fin2, 60, true, 4, &mut ev, &mut c).unwrap();
+        assert_eq!(ct.get(slot).unwrap().state, ConnState::LastAck);
+        let last = seg(102, 5002, TcpFlags::ACK, 0);
+        ct.track_tcp(slot, false, &last, 60, true, 4, &mut ev, &mut c).unwrap();
         assert_eq!(ct.get(slot).unwrap().state, ConnState::TimeWait);
         assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::Closed));
         let ends = ev.len();

@@ -35,13 +35,13 @@ use palisade_wire::ethernet::{self, EtherType, EthernetAddress};
 use palisade_wire::flow::{self, FlowInfo, FlowKey, Fragment, Segment};
 use palisade_wire::ip::IpProtocol;
 use palisade_wire::ipv4::{self, Ipv4Repr};
-use palisade_wire::tcp::{self, TcpFlags, TcpOption};
+use palisade_wire::tcp::{self, TcpFlags};
 use palisade_wire::{icmpv4, icmpv6, ipv6, udp, vlan, vxlan};
 
-use crate::conntrack::{self, Conn, ConnState, Conntrack, FullPolicy, TcpSeg, Timeouts};
+use crate::conntrack::{self, Conn, ConnState, Conntrack, FullPolicy, TcpSeg, Timeouts, Tracked};
 use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::flow_table::{CachedVerdict, FlowEntry, FlowHash, FlowTable};
-use crate::lookup::ChainLookup;
+use crate::lookup::{ChainLookup, ChainVerdict};
 use crate::port::{self, PortError, PortId, UPLINK, UplinkConfig, VnicPort};
 use crate::switch::{self, LastDestination, Location, MacTable};
 use crate::table::Slot;
@@ -595,22 +595,22 @@ impl Engine {
                 switch::check_icmpv6(v, l4)?;
             }
         }
+        if trusted {
+            self.counters.trusted += 1;
+        }
         if let Some((ty, _)) = info.icmp {
             // Neighbour discovery and MLD are switch infrastructure, like ARP.
             if is_v6_icmp && (130..=143).contains(&ty) {
                 return self.l2_outputs(in_port, src_vnic, false, Some(&key));
             }
-            let error = if is_v6_icmp {
-                (1..=4).contains(&ty)
-            } else {
-                matches!(ty, 3 | 4 | 5 | 11 | 12)
-            };
-            if error {
-                return self.related_error(now, in_port, src_vnic, &info, l4, frame.len(), sink);
+            if flow::is_icmp_error(is_v6_icmp, ty) {
+                let to = self.l2_destination(in_port)?;
+                if !trusted {
+                    self.icmp_error(now, src_vnic, &info, hash, l4, frame.len(), sink)?;
+                }
+                self.push_outputs(to, in_port, src_vnic, true, Some(&key));
+                return Ok(());
             }
-        }
-        if trusted {
-            self.counters.trusted += 1;
         }
         // Where it goes is settled first: a frame with nowhere to go (back
         // out of its own port) must not open a connection or take a vNIC's
@@ -766,9 +766,29 @@ impl Engine {
             // Neither end is managed: nothing here may forward it.
             return Err(([None; 2], DropReason::PolicyDeny));
         }
+        self.rule_verdicts([eg, ig])
+    }
+
+    /// Decide an ICMP error related to a tracked connection: each managed
+    /// end's chain by its rules naming the error's type only; no such rule,
+    /// no objection (defaults do not apply to related errors). A deny or a
+    /// reject drops it as [`DropReason::PolicyDeny`]: nothing answers an error.
+    fn classify_related(&mut self, key: &FlowKey) -> Result<RuleRefs, (RuleRefs, DropReason)> {
+        let flow = policy_flow(key);
+        let src = self.lookup.vnic_of(flow.src);
+        let dst = self.lookup.vnic_of(flow.dst);
+        let eg = src.and_then(|v| self.lookup.decide_related(v, Direction::Egress, &flow));
+        let ig = dst.and_then(|v| self.lookup.decide_related(v, Direction::Ingress, &flow));
+        self.rule_verdicts([eg, ig])
+            .map_err(|(rules, _)| (rules, DropReason::PolicyDeny))
+    }
+
+    /// Count the chains' deciding rules and combine their verdicts: allowed
+    /// iff no chain denies or rejects.
+    fn rule_verdicts(&mut self, verdicts: [Option<ChainVerdict>; 2]) -> Result<RuleRefs, (RuleRefs, DropReason)> {
         let mut rules = [None; 2];
         let mut denied = None;
-        for (slot, v) in rules.iter_mut().zip([eg, ig]) {
+        for (slot, v) in rules.iter_mut().zip(verdicts) {
             let Some(v) = v else { continue };
             let idx = self.rule_counter(&v.rule, v.level);
             if let Some(r) = self.rules.get_mut(idx as usize) {
@@ -869,49 +889,56 @@ impl Engine {
                         && let reply = conn.key != key
                         && (!reply || conn.key == key.reversed())
                         && !conn.expired(now, &self.conns.timeouts)
-                        && !(conn.state == ConnState::TimeWait && tcp.is_some_and(is_pure_syn))
                     {
                         self.counters.cache_hits += 1;
-                        self.tally_rules(e.rules, len);
-                        return self.track(now, slot, reply, tcp.as_ref(), len, sink);
+                        match self.track(now, slot, reply, tcp.as_ref(), len, sink) {
+                            // Reopened: counted with the new connection below.
+                            Ok(false) => {}
+                            done => {
+                                self.tally_rules(e.rules, len);
+                                return done.map(drop);
+                            }
+                        }
                     }
                 }
             }
         }
         self.counters.cache_misses += 1;
         // An existing connection: the reply direction, an evicted or imported entry, or a policy change.
-        if let Some((slot, reply)) = self.conns.lookup(&key, now, sink, &mut self.counters) {
-            let conn = self.conns.get(slot).ok_or(DropReason::TcpNoConnection)?;
-            if conn.state == ConnState::TimeWait && !reply && tcp.is_some_and(is_pure_syn) {
-                // Port reuse after a close: start over as a new connection.
-                self.cut(slot, EndReason::Closed, now, sink);
-            } else {
-                // The reply direction shares the initiator's rule counters.
-                let mut rules = self
-                    .flows
-                    .get(&conn.key)
-                    .filter(|e| e.conn == Some(slot))
-                    .map_or([None; 2], |e| e.rules);
-                if conn.epoch != self.epoch {
-                    let orig = conn.key;
-                    self.counters.revalidations += 1;
-                    match self.classify(&orig) {
-                        Ok(r) => rules = r,
-                        Err(_) => {
-                            self.cut(slot, EndReason::PolicyRevoked, now, sink);
-                            return Err(DropReason::PolicyRevoked);
-                        }
-                    }
-                    let version = self.lookup.version();
-                    if let Some(c) = self.conns.get_mut(slot) {
-                        c.epoch = self.epoch;
-                        c.policy_version = version;
-                        c.rules = rules;
+        if let Some((slot, reply)) = self.conns.lookup(&key, now, sink, &mut self.counters)
+            && let Some(conn) = self.conns.get(slot)
+        {
+            // The reply direction shares the initiator's rule counters.
+            let mut rules = self
+                .flows
+                .get(&conn.key)
+                .filter(|e| e.conn == Some(slot))
+                .map_or([None; 2], |e| e.rules);
+            if conn.epoch != self.epoch {
+                let orig = conn.key;
+                self.counters.revalidations += 1;
+                match self.classify(&orig) {
+                    Ok(r) => rules = r,
+                    Err(_) => {
+                        self.cut(slot, EndReason::PolicyRevoked, now, sink);
+                        return Err(DropReason::PolicyRevoked);
                     }
                 }
-                self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
-                self.tally_rules(rules, len);
-                return self.track(now, slot, reply, tcp.as_ref(), len, sink);
+                let version = self.lookup.version();
+                if let Some(c) = self.conns.get_mut(slot) {
+                    c.epoch = self.epoch;
+                    c.policy_version = version;
+                    c.rules = rules;
+                }
+            }
+            self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
+            match self.track(now, slot, reply, tcp.as_ref(), len, sink) {
+                // Reopened: counted with the new connection below.
+                Ok(false) => {}
+                done => {
+                    self.tally_rules(rules, len);
+                    return done.map(drop);
+                }
             }
         }
         // A new flow.
@@ -944,6 +971,14 @@ impl Engine {
                 }
             }
         };
+        if key.is_echo_reply() {
+            // An echo reply passes only as part of the connection its request
+            // opened (found above); one without is decided by the policy like
+            // any flow (a rule on echo-reply) and opens nothing, so that it
+            // cannot let the other side's requests through as its "replies".
+            self.tally_rules(rules, len);
+            return Ok(());
+        }
         let dst_port = self.local_port_of(key.dst_addr());
         let ends = [src_vnic, dst_port];
         let strict = ends.iter().flatten().any(|p| self.vnic(*p).is_some_and(|v| v.strict));
@@ -958,14 +993,14 @@ impl Engine {
         conn.bytes = len as u64;
         conn.rules = rules;
         if let Some(seg) = &tcp {
-            if strict && !is_pure_syn(*seg) {
-                return Err(DropReason::TcpNoConnection);
-            }
-            if seg.flags.contains(TcpFlags::RST) {
-                // Nothing to track: a reset for a connection we never saw.
+            if !strict && seg.flags.contains(TcpFlags::RST) {
+                // A reset for a connection never seen, in a liberal zone where
+                // the policy allows its direction: forwarded, nothing tracked
+                // (a deliberate difference from Linux, which calls it invalid:
+                // it tells an end whose connection was lost with our state).
                 return Ok(());
             }
-            conntrack::tcp_open(&mut conn, seg);
+            conntrack::tcp_open(&mut conn, seg, &mut self.counters)?;
         }
         let slot = self.conns.create(conn, limits, now, sink, &mut self.counters)?;
         if let Some(p) = src_vnic
@@ -974,6 +1009,9 @@ impl Engine {
             t.hits += 1;
         }
         self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
+        // A verdict cached for the other direction (a denied attempt from
+        // the other end) must not shadow this connection's replies.
+        self.flows.remove(&key.reversed());
         self.tally_rules(rules, len);
         Ok(())
     }
@@ -1005,6 +1043,9 @@ impl Engine {
         }
     }
 
+    /// Account a packet to its connection; `Ok(false)` when the connection
+    /// ended for it to start a new one (a SYN reusing the ports of a closed
+    /// connection): the caller goes on as for a new flow.
     fn track(
         &mut self,
         now: u64,
@@ -1013,46 +1054,107 @@ impl Engine {
         tcp: Option<&TcpSeg>,
         len: usize,
         sink: &mut dyn EventSink,
-    ) -> Result<(), DropReason> {
-        match tcp {
-            Some(seg) => {
-                self.conns
-                    .track_tcp(slot, reply, seg, len, !self.second_leg, now, sink, &mut self.counters)?
+    ) -> Result<bool, DropReason> {
+        let Some(seg) = tcp else {
+            self.conns.track_other(slot, reply, len, !self.second_leg, now, sink);
+            return Ok(true);
+        };
+        let tracked = self
+            .conns
+            .track_tcp(slot, reply, seg, len, !self.second_leg, now, sink, &mut self.counters)?;
+        match tracked {
+            Tracked::Accepted | Tracked::Ignored => Ok(true),
+            Tracked::Kill => {
+                self.cut(slot, EndReason::Reset, now, sink);
+                Ok(true)
             }
-            None => self.conns.track_other(slot, reply, len, !self.second_leg, now, sink),
+            Tracked::Reopen => {
+                self.cut(slot, EndReason::Closed, now, sink);
+                Ok(false)
+            }
         }
-        Ok(())
     }
 
-    /// An ICMP error is forwarded only if the packet it quotes belongs to a tracked connection.
+    /// An ICMP error. Related to a tracked connection (it quotes a packet of
+    /// one, and travels back towards that packet's sender), it passes unless
+    /// a rule naming its type denies it; unrelated, the policy decides it
+    /// like any flow. Either way it opens nothing. The caller forwards it
+    /// when this returns `Ok`.
     #[allow(clippy::too_many_arguments)]
-    fn related_error(
+    fn icmp_error(
         &mut self,
         now: u64,
-        in_port: PortId,
         src_vnic: Option<PortId>,
         info: &FlowInfo,
+        hash: Option<FlowHash>,
         l4: &[u8],
         len: usize,
         sink: &mut dyn EventSink,
     ) -> Result<(), DropReason> {
+        let key = info.key;
         let quoted = l4.get(8..).unwrap_or(&[]);
-        let key = quoted_key(quoted, info.key.segment).ok_or(DropReason::IcmpErrorUnrelated)?;
-        let (slot, _) = self
-            .conns
-            .lookup(&key, now, sink, &mut self.counters)
-            .ok_or(DropReason::IcmpErrorUnrelated)?;
-        // The error must travel between the connection's endpoints' side: towards the quoted packet's source.
-        if canonical(info.key.dst_addr()) != canonical(key.src_addr()) {
-            return Err(DropReason::IcmpErrorUnrelated);
+        let related = flow::extract_quoted(quoted, key.segment)
+            .filter(|q| canonical(key.dst_addr()) == canonical(q.src_addr()))
+            .and_then(|q| Some((self.conns.lookup(&q, now, sink, &mut self.counters)?.0, q)));
+        if let Some((slot, q)) = related {
+            match self.classify_related(&key) {
+                Ok(rules) => {
+                    self.counters.icmp_related += 1;
+                    if let Some(c) = self.conns.get_mut(slot) {
+                        // The error travels back towards the quoted packet's sender.
+                        let reply = c.key == q;
+                        c.count(reply, len);
+                    }
+                    self.tally_rules(rules, len);
+                    return Ok(());
+                }
+                Err((rules, reason)) => {
+                    self.tally_rules(rules, len);
+                    return Err(reason);
+                }
+            }
         }
-        self.counters.icmp_related += 1;
-        if let Some(c) = self.conns.get_mut(slot) {
-            // The error travels back towards the quoted packet's sender.
-            let reply = c.key == key;
-            c.count(reply, len);
+        // Unrelated: the policy decides; the verdict is cached under the
+        // error's own key (errors never share a key with a connection).
+        let hash = hash.unwrap_or_else(|| self.flows.hash(&key));
+        if let Some(e) = self.flows.get_current(&key, hash, self.epoch) {
+            self.counters.cache_hits += 1;
+            self.tally_rules(e.rules, len);
+            return match e.verdict {
+                CachedVerdict::Allow => Ok(()),
+                CachedVerdict::Drop(r) => Err(r),
+            };
         }
-        self.l2_outputs(in_port, src_vnic, true, Some(&info.key))
+        self.counters.cache_misses += 1;
+        match self.classify(&key) {
+            Ok(rules) => {
+                self.cache(key, hash, CachedVerdict::Allow, None, rules);
+                self.tally_rules(rules, len);
+                Ok(())
+            }
+            Err((rules, _)) => {
+                let reason = DropReason::IcmpErrorUnrelated;
+                self.cache(key, hash, CachedVerdict::Drop(reason), None, rules);
+                self.tally_rules(rules, len);
+                sink.event(&FlowEvent {
+                    kind: EventKind::Denied(reason),
+                    key,
+                    state: ConnState::New,
+                    packets: 1,
+                    bytes: len as u64,
+                    reply_packets: 0,
+                    reply_bytes: 0,
+                    rules,
+                    policy_version: self.lookup.version(),
+                    trusted: false,
+                    owners: [src_vnic, self.local_port_of(key.dst_addr())],
+                    created: now,
+                    last_seen: now,
+                    now,
+                });
+                Err(reason)
+            }
+        }
     }
 
     /// Build the reply that tells the sender of a rejected frame (the last
@@ -1185,6 +1287,26 @@ impl Engine {
     /// it under, or for an ICMP error the key of the packet it quotes. `None`
     /// for frames that are not IP or do not parse (any worker may take them).
     pub fn dispatch_key(&self, port: PortId, frame: &[u8]) -> Option<FlowKey> {
+        let (inner, _) = self.inner_frame(port, frame)?;
+        let info = flow::extract(inner).ok()??;
+        if let Some((ty, _)) = info.icmp
+            && flow::is_icmp_error(info.key.protocol == IpProtocol::ICMPV6, ty)
+        {
+            let quoted = inner.get(usize::from(info.l4_offset) + 8..)?;
+            return flow::extract_quoted(quoted, ROUTING_DOMAIN);
+        }
+        let mut key = info.key;
+        key.segment = ROUTING_DOMAIN;
+        Some(key)
+    }
+
+    /// The Ethernet frame the engine switches for a frame received on `port`
+    /// (for a VXLAN packet arriving on the uplink, the frame inside the
+    /// tunnel), and the segment it is switched in. `None` when the frame does
+    /// not parse that far (or `port` is no port). Tools that report on what
+    /// the engine decided (`palisade replay`) look at this frame, not the
+    /// tunnel around it.
+    pub fn inner_frame<'a>(&self, port: PortId, frame: &'a [u8]) -> Option<(&'a [u8], Segment)> {
         let l2 = if port == UPLINK {
             self.uplink_l2(frame).ok()?.0
         } else {
@@ -1192,18 +1314,7 @@ impl Engine {
             l2.segment = self.vnic(port)?.segment;
             l2
         };
-        let inner = frame.get(l2.eth..)?;
-        let info = flow::extract(inner).ok()??;
-        if let Some((ty, _)) = info.icmp {
-            let v6 = info.key.protocol == IpProtocol::ICMPV6;
-            if (v6 && (1..=4).contains(&ty)) || (!v6 && matches!(ty, 3 | 4 | 5 | 11 | 12)) {
-                let quoted = inner.get(usize::from(info.l4_offset) + 8..)?;
-                return quoted_key(quoted, ROUTING_DOMAIN);
-            }
-        }
-        let mut key = info.key;
-        key.segment = ROUTING_DOMAIN;
-        Some(key)
+        Some((frame.get(l2.eth..)?, l2.segment))
     }
 
     /// The L2 segment a frame received on `port` is switched in (the vNIC's
@@ -1443,10 +1554,6 @@ impl Engine {
     }
 }
 
-fn is_pure_syn(seg: TcpSeg) -> bool {
-    seg.flags.contains(TcpFlags::SYN) && !seg.flags.contains(TcpFlags::ACK)
-}
-
 /// The outer UDP source port of an encapsulated copy of a packet of `flow`
 /// (see `L2::entropy`).
 fn entropy(flow: Option<&FlowKey>) -> u16 {
@@ -1514,72 +1621,26 @@ fn tcp_seg(frame: &[u8], info: &FlowInfo) -> Option<TcpSeg> {
     };
     let t = tcp::Packet::new_checked(frame.get(l4..ip_end)?).ok()?;
     let len = (ip_end - l4).checked_sub(t.header_len())? as u32;
-    let wscale = if t.flags().contains(TcpFlags::SYN) {
-        tcp::TcpOptions::new(t.options()).find_map(|o| match o {
-            Ok(TcpOption::WindowScale(s)) => Some(s),
-            _ => None,
-        })
-    } else {
-        None
-    };
-    Some(TcpSeg {
+    let mut seg = TcpSeg {
         seq: t.seq_number(),
         ack: t.ack_number(),
         win: t.window_len(),
         flags: t.flags(),
         len,
-        wscale,
-    })
+        ..TcpSeg::default()
+    };
+    seg.read_options(t.options());
+    Some(seg)
 }
 
-/// The key of the packet an ICMP error quotes (IP header and at least the
-/// first 8 bytes of its transport header, possibly truncated after that).
-fn quoted_key(q: &[u8], segment: Segment) -> Option<FlowKey> {
-    let (src, dst, proto, l4): ([u8; 16], [u8; 16], u8, &[u8]) = match q.first()? >> 4 {
-        4 => {
-            let ihl = usize::from(q.first()? & 0xf) * 4;
-            let s: [u8; 4] = q.get(12..16)?.try_into().ok()?;
-            let d: [u8; 4] = q.get(16..20)?.try_into().ok()?;
-            let m = |a: [u8; 4]| Ipv4Addr::from(a).to_ipv6_mapped().octets();
-            (m(s), m(d), *q.get(9)?, q.get(ihl..)?)
-        }
-        6 => (
-            q.get(8..24)?.try_into().ok()?,
-            q.get(24..40)?.try_into().ok()?,
-            *q.get(6)?,
-            q.get(40..)?,
-        ),
-        _ => return None,
-    };
-    let w = |i: usize| Some(u16::from_be_bytes([*l4.get(i)?, *l4.get(i + 1)?]));
-    let (src_port, dst_port) = match proto {
-        6 | 17 | 132 => (w(0)?, w(2)?),
-        // A quoted echo request or reply: the identifier, as in the key.
-        1 | 58 if matches!(*l4.first()?, 0 | 8 | 128 | 129) => (w(4)?, w(4)?),
-        _ => return None,
-    };
-    Some(FlowKey {
-        segment,
-        src,
-        dst,
-        src_port,
-        dst_port,
-        protocol: IpProtocol(proto),
-    })
-}
-
-/// The policy's view of a flow key (ICMP: type and code in the ports).
+/// The policy's view of a flow key (ICMP: type and code in the ports, as
+/// the policy's flows carry them).
 pub fn policy_flow(key: &FlowKey) -> Flow {
-    let (mut src_port, mut dst_port) = (key.src_port, key.dst_port);
-    if key.protocol == IpProtocol::ICMP || key.protocol == IpProtocol::ICMPV6 {
-        let echo = if key.protocol == IpProtocol::ICMP { 8 } else { 128 };
-        (src_port, dst_port) = if key.src_port == 0 && key.dst_port != 0 {
-            (key.dst_port >> 8, key.dst_port & 0xff)
-        } else {
-            // Echo keys hold the identifier in both ports; only a request starts a flow.
-            (echo, 0)
-        };
-    }
+    let (src_port, dst_port) = if key.protocol == IpProtocol::ICMP || key.protocol == IpProtocol::ICMPV6 {
+        (u16::from(key.icmp_type), u16::from(key.icmp_code))
+    } else {
+        (key.src_port, key.dst_port)
+    };
     Flow {
         src: canonical(key.src_addr()),
         dst: canonical(key.dst_addr()),
@@ -1608,17 +1669,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quoted_udp_and_echo_keys() {
-        let mut q = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
-        q.extend_from_slice(&[0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
-        let k = quoted_key(&q, Segment::vlan(1)).unwrap();
-        assert_eq!((k.src_port, k.dst_port, k.protocol), (40000, 53, IpProtocol::UDP));
-        q[9] = 1;
-        q[20..28].copy_from_slice(&[8, 0, 0, 0, 0x12, 0x34, 0, 1]);
-        let k = quoted_key(&q, Segment::vlan(1)).unwrap();
-        assert_eq!((k.src_port, k.dst_port), (0x1234, 0x1234));
-        assert!(quoted_key(&q[..22], Segment::vlan(1)).is_none());
-        let f = policy_flow(&k);
-        assert_eq!((f.src_port, f.dst_port), (8, 0));
+    fn policy_flows_of_icmp_keys_carry_type_and_code() {
+        let mut q = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        q.extend_from_slice(&[0, 0, 0, 0, 0x12, 0x34, 0, 1]);
+        let reply = flow::extract_quoted(&q, Segment::vlan(1)).unwrap();
+        assert_eq!((reply.src_port, reply.dst_port), (0x1234, 0x1234));
+        let f = policy_flow(&reply);
+        assert_eq!((f.src_port, f.dst_port), (0, 0), "an echo reply is type 0");
+        let f = policy_flow(&reply.reversed());
+        assert_eq!((f.src_port, f.dst_port), (8, 0), "its request is type 8");
+        q[20..22].copy_from_slice(&[13, 1]);
+        let f = policy_flow(&flow::extract_quoted(&q, Segment::vlan(1)).unwrap());
+        assert_eq!((f.src_port, f.dst_port), (13, 1));
     }
 }

@@ -90,6 +90,8 @@ impl Bucket {
             src_port: 0,
             dst_port: 0,
             protocol: palisade_wire::ip::IpProtocol(0),
+            icmp_type: 0,
+            icmp_code: 0,
         },
         epoch: 0,
         conn: NONE,
@@ -352,6 +354,8 @@ mod tests {
             src_port: p,
             dst_port: 1,
             protocol: IpProtocol::UDP,
+            icmp_type: 0,
+            icmp_code: 0,
         }
     }
 

@@ -10,7 +10,8 @@
 //! Modules, one per concept (after Oxide OPTE's `engine/`):
 //! - [`port`]: vNIC ports bound to a VM's identity, MAC, addresses and zone, and the uplink.
 //! - [`switch`]: L2 forwarding per segment with MAC learning and anti-spoofing.
-//! - [`conntrack`]: connection tracking (TCP windows, UDP/ICMP pseudo-connections, related ICMP errors).
+//! - [`conntrack`]: the connection table (TCP, UDP/SCTP/ICMP echo pseudo-connections).
+//! - [`tcptrack`]: TCP's state machine and window checks, as Linux netfilter's.
 //! - [`flow_table`]: the epoch-stamped exact-match flow cache.
 //! - [`table`]: the bounded, preallocated key → slot map the connection table is built on.
 //! - [`verdict`]: drop reasons and counters.
@@ -34,6 +35,7 @@ pub mod shard;
 pub mod state;
 pub mod switch;
 pub mod table;
+pub mod tcptrack;
 pub mod verdict;
 pub mod workers;
 

@@ -34,6 +34,13 @@ pub trait ChainLookup {
     fn vnic_of(&self, ip: IpAddr) -> Option<&str>;
     /// The verdict of `vnic`'s `direction` chain on `flow`; `None` when the vNIC has no chains.
     fn decide(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict>;
+    /// The verdict of `vnic`'s `direction` chain on an ICMP error related to
+    /// a tracked connection (`flow`: the error's own addresses, type and
+    /// code): the first matching rule that names its ICMP type decides
+    /// ([`palisade_policy::compile::CompiledChain::decide_related`]); `None`
+    /// when none does (the error passes: defaults do not apply) or the vNIC
+    /// has no chains.
+    fn decide_related(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict>;
     /// The policy version this lookup implements.
     fn version(&self) -> u64;
 }
@@ -48,6 +55,10 @@ impl<T: ChainLookup + ?Sized> ChainLookup for Arc<T> {
 
     fn decide(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict> {
         (**self).decide(vnic, direction, flow)
+    }
+
+    fn decide_related(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict> {
+        (**self).decide_related(vnic, direction, flow)
     }
 
     fn version(&self) -> u64 {
@@ -92,6 +103,16 @@ impl ChainLookup for PolicyLookup {
 
     fn decide(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict> {
         let d = self.compiler.chain(vnic, direction)?.decide(flow);
+        Some(ChainVerdict {
+            action: d.action,
+            rule: d.provenance.rule_id.clone(),
+            level: d.provenance.level,
+            policy_version: d.provenance.policy_version,
+        })
+    }
+
+    fn decide_related(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict> {
+        let d = self.compiler.chain(vnic, direction)?.decide_related(flow)?;
         Some(ChainVerdict {
             action: d.action,
             rule: d.provenance.rule_id.clone(),

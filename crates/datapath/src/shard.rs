@@ -35,6 +35,8 @@ mod tests {
                 src_port: 40000 + p,
                 dst_port: 443,
                 protocol: IpProtocol::TCP,
+                icmp_type: 0,
+                icmp_code: 0,
             };
             assert_eq!(shard_of(&k, 8), shard_of(&k.reversed(), 8));
             used[shard_of(&k, 8)] = true;
@@ -47,6 +49,8 @@ mod tests {
             src_port: 0,
             dst_port: 0,
             protocol: IpProtocol::UDP,
+            icmp_type: 0,
+            icmp_code: 0,
         };
         assert_eq!(shard_of(&k, 0), 0, "no shards: everything on the one engine");
     }

@@ -2,16 +2,26 @@
 //!
 //! The blob is versioned and checksummed so that a truncated, corrupted or
 //! foreign blob is refused with an error naming the problem, never half
-//! imported. Layout (big-endian):
+//! imported. Layout (big-endian), version 2:
 //!
 //! ```text
 //! magic "PLSDCT" | version u16 | policy_version u64 | name_len u16 | name
 //! | count u32 | count × record | crc32 u32 (over everything before it)
 //! record: segment u32 | src [16] | dst [16] | src_port u16 | dst_port u16
-//!         | protocol u8 | state u8 | flags u8 (strict, trusted)
+//!         | protocol u8 | icmp_type u8 | icmp_code u8
+//!         | state u8 | flags u8 (strict, trusted)
 //!         | age u64 | idle u64 | packets u64 | bytes u64
-//!         | 2 × (end u32 | limit u32 | max_win u32 | wscale u8 | seen u8 | fin u8)
+//!         | 2 × (end u32 | limit u32 | max_win u32 | max_ack u32 | wscale u8 | flags u8)
+//!         | last: index_dir u8 | ack u32 | end u32 | win u16 | wscale u8 | flags u8
 //! ```
+//!
+//! Version 1 (written before keys held the ICMP type and TCP tracking
+//! followed Linux's) is still read: its records have no ICMP fields (an
+//! ICMP key with equal ports is an echo request's, any other keeps its type
+//! and code in the destination port), per side `end | limit | max_win |
+//! wscale u8 | seen u8 | fin u8`, and no last segment. Its TCP connections
+//! come back with window failures passing (as a connection picked up
+//! mid-stream), since what version 2 tracks beyond them is unknown.
 //!
 //! Times travel as ages relative to the exporter's clock, so the two hosts'
 //! clocks need not agree.
@@ -19,12 +29,14 @@
 use palisade_wire::flow::{FlowKey, Segment};
 use palisade_wire::ip::IpProtocol;
 
-use crate::conntrack::{Conn, ConnState, TcpPeer};
+use crate::conntrack::{Conn, ConnState, TcpTrack};
+use crate::tcptrack::{last_flags, peer_flags};
 
 const MAGIC: &[u8; 6] = b"PLSDCT";
-/// The blob format version this build writes and reads.
-pub const VERSION: u16 = 1;
-const RECORD_LEN: usize = 4 + 16 + 16 + 2 + 2 + 1 + 1 + 1 + 8 * 4 + 2 * (4 * 3 + 3);
+/// The blob format version this build writes (it also reads version 1).
+pub const VERSION: u16 = 2;
+const RECORD_LEN: usize = 4 + 16 + 16 + 2 + 2 + 3 + 1 + 1 + 8 * 4 + 2 * (4 * 4 + 2) + (1 + 4 * 2 + 2 + 1 + 1);
+const RECORD_LEN_V1: usize = 4 + 16 + 16 + 2 + 2 + 1 + 1 + 1 + 8 * 4 + 2 * (4 * 3 + 3);
 /// Most records a blob may claim (bounds the allocation an untrusted count can cause).
 pub const MAX_RECORDS: u32 = 1 << 20;
 
@@ -92,7 +104,7 @@ pub struct ConnRecord {
     /// Bytes.
     pub bytes: u64,
     /// TCP tracking.
-    pub tcp: [TcpPeer; 2],
+    pub tcp: TcpTrack,
 }
 
 /// A decoded blob.
@@ -135,6 +147,8 @@ pub fn encode(vnic: &str, policy_version: u64, conns: &[Conn], now: u64) -> Vec<
         b.extend_from_slice(&c.key.src_port.to_be_bytes());
         b.extend_from_slice(&c.key.dst_port.to_be_bytes());
         b.push(c.key.protocol.0);
+        b.push(c.key.icmp_type);
+        b.push(c.key.icmp_code);
         b.push(c.state.code());
         b.push(u8::from(c.strict) | u8::from(c.trusted) << 1);
         for v in [
@@ -145,12 +159,19 @@ pub fn encode(vnic: &str, policy_version: u64, conns: &[Conn], now: u64) -> Vec<
         ] {
             b.extend_from_slice(&v.to_be_bytes());
         }
-        for p in &c.tcp {
-            b.extend_from_slice(&p.end.to_be_bytes());
-            b.extend_from_slice(&p.limit.to_be_bytes());
-            b.extend_from_slice(&p.max_win.to_be_bytes());
-            b.extend_from_slice(&[p.wscale, u8::from(p.seen), u8::from(p.fin)]);
+        for p in &c.tcp.peers {
+            for v in [p.end, p.limit, p.max_win, p.max_ack] {
+                b.extend_from_slice(&v.to_be_bytes());
+            }
+            b.extend_from_slice(&[p.wscale, p.flags]);
         }
+        let last = &c.tcp.last;
+        b.push(last.index_code());
+        for v in [last.ack, last.end] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        b.extend_from_slice(&last.win.to_be_bytes());
+        b.extend_from_slice(&[last.wscale, last.flags]);
     }
     let crc = crc32(&b);
     b.extend_from_slice(&crc.to_be_bytes());
@@ -195,9 +216,10 @@ pub fn decode(blob: &[u8]) -> Result<Snapshot, StateError> {
         return Err(StateError::BadMagic);
     }
     let version = u16::from_be_bytes([blob[6], blob[7]]);
-    if version != VERSION {
+    if version != VERSION && version != 1 {
         return Err(StateError::UnsupportedVersion(version));
     }
+    let record_len = if version == 1 { RECORD_LEN_V1 } else { RECORD_LEN };
     if blob.len() < MAGIC.len() + 2 + 8 + 2 + 4 + 4 {
         return Err(StateError::Truncated);
     }
@@ -214,31 +236,66 @@ pub fn decode(blob: &[u8]) -> Result<Snapshot, StateError> {
         .map_err(|_| StateError::Malformed("vNIC name is not UTF-8"))?
         .to_string();
     let count = r.u32()?;
-    if count > MAX_RECORDS || r.0.len() != count as usize * RECORD_LEN {
+    if count > MAX_RECORDS || r.0.len() != count as usize * record_len {
         return Err(StateError::Malformed("record count disagrees with the blob length"));
     }
     let mut conns = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let segment = r.u32()?;
-        let key = FlowKey {
+        let mut key = FlowKey {
             segment: segment_from_raw(segment).ok_or(StateError::Malformed("bad segment"))?,
             src: r.arr()?,
             dst: r.arr()?,
             src_port: r.u16()?,
             dst_port: r.u16()?,
             protocol: IpProtocol(r.u8()?),
+            icmp_type: 0,
+            icmp_code: 0,
         };
+        if version == 1 {
+            v1_icmp_fields(&mut key);
+        } else {
+            (key.icmp_type, key.icmp_code) = (r.u8()?, r.u8()?);
+        }
         let state = ConnState::from_code(r.u8()?).ok_or(StateError::Malformed("bad connection state"))?;
         let flags = r.u8()?;
         let (age, idle, packets, bytes) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
-        let mut tcp = [TcpPeer::default(); 2];
-        for p in &mut tcp {
-            p.end = r.u32()?;
-            p.limit = r.u32()?;
-            p.max_win = r.u32()?;
-            p.wscale = r.u8()?.min(14);
-            p.seen = r.u8()? != 0;
-            p.fin = r.u8()? != 0;
+        let mut tcp = TcpTrack::default();
+        if version == 1 {
+            for p in &mut tcp.peers {
+                p.end = r.u32()?;
+                p.limit = r.u32()?;
+                p.max_win = r.u32()?;
+                p.wscale = r.u8()?.min(14);
+                let seen = r.u8()? != 0;
+                let _fin = r.u8()?;
+                if !seen {
+                    p.max_win = 0;
+                }
+                p.flags = peer_flags::BE_LIBERAL | peer_flags::SACK_PERM;
+            }
+            if !matches!(state, ConnState::SynSent | ConnState::New) {
+                tcp.last.flags |= last_flags::SEEN_REPLY;
+            }
+            if matches!(state, ConnState::Established) {
+                tcp.last.flags |= last_flags::ASSURED;
+            }
+        } else {
+            for p in &mut tcp.peers {
+                p.end = r.u32()?;
+                p.limit = r.u32()?;
+                p.max_win = r.u32()?;
+                p.max_ack = r.u32()?;
+                p.wscale = r.u8()?.min(14);
+                p.flags = r.u8()?;
+            }
+            let last = &mut tcp.last;
+            last.set_index_code(r.u8()?);
+            last.ack = r.u32()?;
+            last.end = r.u32()?;
+            last.win = r.u16()?;
+            last.wscale = r.u8()?.min(14);
+            last.flags = r.u8()?;
         }
         conns.push(ConnRecord {
             key,
@@ -257,6 +314,23 @@ pub fn decode(blob: &[u8]) -> Result<Snapshot, StateError> {
         policy_version,
         conns,
     })
+}
+
+/// The ICMP fields of a version-1 key, which had none: an echo request's
+/// (the only echo that opened connections) when the ports are equal (both
+/// the identifier), else the type and code its destination port held.
+fn v1_icmp_fields(key: &mut FlowKey) {
+    let request = match key.protocol {
+        IpProtocol::ICMP => 8,
+        IpProtocol::ICMPV6 => 128,
+        _ => return,
+    };
+    (key.icmp_type, key.icmp_code) = if key.src_port == key.dst_port {
+        (request, 0)
+    } else {
+        let [ty, code] = key.dst_port.to_be_bytes();
+        (ty, code)
+    };
 }
 
 /// Rebuild a segment from its packed value, refusing unknown kinds.
@@ -284,13 +358,63 @@ mod tests {
             src_port: 1,
             dst_port: 2,
             protocol: IpProtocol::TCP,
+            icmp_type: 0,
+            icmp_code: 0,
         };
         let mut c = Conn::new(key, 10);
         c.state = ConnState::Established;
-        c.tcp[0].end = 77;
-        c.tcp[1].seen = true;
+        c.tcp.peers[0].end = 77;
+        c.tcp.peers[1].max_win = 9;
+        c.tcp.peers[1].flags = peer_flags::SACK_PERM | peer_flags::MAXACK_SET;
+        c.tcp.last.set_index_code(0x13);
+        c.tcp.last.end = 1234;
+        c.tcp.last.flags = last_flags::SEEN_REPLY | last_flags::ASSURED;
         c.packets = 3;
         c
+    }
+
+    /// A version-1 blob as this engine's previous release wrote it: one
+    /// TCP connection and one ICMP echo connection.
+    #[test]
+    fn version_1_blobs_are_still_read() {
+        let mut body = Vec::new();
+        body.extend_from_slice(b"PLSDCT");
+        body.extend_from_slice(&1u16.to_be_bytes());
+        body.extend_from_slice(&7u64.to_be_bytes());
+        body.extend_from_slice(&3u16.to_be_bytes());
+        body.extend_from_slice(b"a.0");
+        body.extend_from_slice(&2u32.to_be_bytes());
+        for (proto, ports, state) in [(6u8, [1u16, 2], 2u8), (1, [0x1234, 0x1234], 6)] {
+            body.extend_from_slice(&Segment::UNTAGGED.raw().to_be_bytes());
+            for last in [1, 2] {
+                body.extend_from_slice(&core::net::Ipv4Addr::new(10, 0, 0, last).to_ipv6_mapped().octets());
+            }
+            body.extend_from_slice(&ports[0].to_be_bytes());
+            body.extend_from_slice(&ports[1].to_be_bytes());
+            body.extend_from_slice(&[proto, state, 1]);
+            for v in [5u64, 1, 3, 300] {
+                body.extend_from_slice(&v.to_be_bytes());
+            }
+            for seen in [1u8, 1] {
+                for v in [100u32, 200, 300] {
+                    body.extend_from_slice(&v.to_be_bytes());
+                }
+                body.extend_from_slice(&[2, seen, 0]);
+            }
+        }
+        let crc = crc32(&body);
+        body.extend_from_slice(&crc.to_be_bytes());
+        let s = decode(&body).unwrap();
+        let (tcp, echo) = (&s.conns[0], &s.conns[1]);
+        assert_eq!(
+            (tcp.key.protocol, tcp.state, tcp.strict),
+            (IpProtocol::TCP, ConnState::Established, true)
+        );
+        assert_eq!((tcp.tcp.peers[0].end, tcp.tcp.peers[1].limit), (100, 200));
+        assert!(tcp.tcp.peers.iter().all(|p| p.flags & peer_flags::BE_LIBERAL != 0));
+        assert!(tcp.tcp.seen_reply());
+        assert_eq!((echo.key.icmp_type, echo.key.icmp_code), (8, 0), "an echo request's");
+        assert!(echo.key.is_echo_request());
     }
 
     #[test]

@@ -249,6 +249,8 @@ mod tests {
             src_port: port,
             dst_port: 80,
             protocol: IpProtocol::TCP,
+            icmp_type: 0,
+            icmp_code: 0,
         }
     }
 

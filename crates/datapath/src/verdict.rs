@@ -30,13 +30,21 @@ pub enum DropReason {
     PolicyReject,
     /// An established connection the new policy denies was cut.
     PolicyRevoked,
-    /// A TCP segment outside the receiver's window (strict zones only).
+    /// A TCP segment outside its connection's windows (strict zones only;
+    /// also a reset whose sequence number lies before what the other side
+    /// acknowledged, in both).
     TcpOutOfWindow,
-    /// A TCP segment that is not a SYN for a connection the tracker does not know (strict zones only).
+    /// A TCP segment that cannot start a connection, for a connection the
+    /// tracker does not know: anything but a SYN in a strict zone, anything
+    /// but a SYN or a plain ACK (a pick-up) in a liberal one.
     TcpNoConnection,
     /// A TCP segment with an impossible flag combination.
     TcpBadFlags,
-    /// An ICMP error that quotes no tracked connection.
+    /// A TCP segment its connection's state does not allow (data before the
+    /// SYN-ACK, a SYN-ACK from the initiator, …), as Linux conntrack marks invalid.
+    TcpInvalidState,
+    /// An ICMP error that quotes no tracked connection and that the policy
+    /// does not allow (errors are never rejected: nothing answers an error).
     IcmpErrorUnrelated,
     /// A non-first fragment: reassembly is not supported yet.
     Fragment,
@@ -52,7 +60,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Malformed,
         DropReason::UnknownPort,
         DropReason::SpoofedMac,
@@ -67,6 +75,7 @@ impl DropReason {
         DropReason::TcpOutOfWindow,
         DropReason::TcpNoConnection,
         DropReason::TcpBadFlags,
+        DropReason::TcpInvalidState,
         DropReason::IcmpErrorUnrelated,
         DropReason::Fragment,
         DropReason::ConntrackFull,
@@ -95,6 +104,7 @@ impl DropReason {
             DropReason::TcpOutOfWindow => "tcp-out-of-window",
             DropReason::TcpNoConnection => "tcp-no-connection",
             DropReason::TcpBadFlags => "tcp-bad-flags",
+            DropReason::TcpInvalidState => "tcp-invalid-state",
             DropReason::IcmpErrorUnrelated => "icmp-error-unrelated",
             DropReason::Fragment => "fragment",
             DropReason::ConntrackFull => "conntrack-full",

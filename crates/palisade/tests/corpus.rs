@@ -132,7 +132,7 @@ fn all_captures_through_pcap_stats() {
 // ---------------------------------------------------------------------------
 
 /// The tshark fields read, in order.
-const FIELDS: [&str; 19] = [
+const FIELDS: [&str; 21] = [
     "frame.number",
     "frame.protocols",
     "ip.src",
@@ -145,6 +145,8 @@ const FIELDS: [&str; 19] = [
     "tcp.dstport",
     "udp.srcport",
     "udp.dstport",
+    "sctp.srcport",
+    "sctp.dstport",
     "icmp.type",
     "icmp.code",
     "icmpv6.type",
@@ -338,6 +340,7 @@ fn compare(s: &Sampled, row: &Row<'_>) -> Result<(), Diff> {
     let tshark_transport = match upper {
         "tcp" => Some(IpProtocol::TCP),
         "udp" => Some(IpProtocol::UDP),
+        "sctp" => Some(IpProtocol::SCTP),
         "icmp" => Some(IpProtocol::ICMP),
         "icmpv6" => Some(IpProtocol::ICMPV6),
         _ => None,
@@ -349,9 +352,15 @@ fn compare(s: &Sampled, row: &Row<'_>) -> Result<(), Diff> {
             Some(_) => Err(diff("non-first fragment decoded by tshark", false, protocols.join(":"))),
         };
     }
-    let wire_transport = [IpProtocol::TCP, IpProtocol::UDP, IpProtocol::ICMP, IpProtocol::ICMPV6]
-        .into_iter()
-        .find(|p| *p == key.protocol);
+    let wire_transport = [
+        IpProtocol::TCP,
+        IpProtocol::UDP,
+        IpProtocol::SCTP,
+        IpProtocol::ICMP,
+        IpProtocol::ICMPV6,
+    ]
+    .into_iter()
+    .find(|p| *p == key.protocol);
     if wire_transport != tshark_transport {
         return Err(diff(
             "transport protocol",
@@ -367,6 +376,10 @@ fn compare(s: &Sampled, row: &Row<'_>) -> Result<(), Diff> {
         Some(IpProtocol::UDP) => (
             (key.src_port, key.dst_port),
             (row.num("udp.srcport"), row.num("udp.dstport")),
+        ),
+        Some(IpProtocol::SCTP) => (
+            (key.src_port, key.dst_port),
+            (row.num("sctp.srcport"), row.num("sctp.dstport")),
         ),
         Some(IpProtocol::ICMP) => {
             let got = info
@@ -626,6 +639,7 @@ fn layer_at(d: &Dissection<'_>, offset: usize) -> String {
     let transport = match d.transport {
         Transport::Tcp(_) => "tcp",
         Transport::Udp(_) => "udp",
+        Transport::Sctp(_) => "sctp",
         Transport::Icmpv4(_) => "icmpv4",
         Transport::Icmpv6(_) => "icmpv6",
         Transport::Fragment { .. } => "fragment",

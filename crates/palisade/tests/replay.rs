@@ -100,6 +100,72 @@ fn the_table_shows_flows_drop_reasons_and_counters() {
     assert!(text.contains("classifications"), "{text}");
 }
 
+/// Frames that arrive over VXLAN are reported by their inner flow (the
+/// one the engine decided), never by the outer tunnel packet.
+#[test]
+fn overlay_arrivals_are_reported_by_their_inner_flow() {
+    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join("replay-overlay");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let pcap = tmp.join("overlay.pcap");
+    replay_gen::write_pcap(&pcap, &replay_gen::overlay_scenario());
+    let out = replay(&pcap, &["--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let flows = report["flows"].as_array().unwrap();
+    let row = |src: &str, dst: &str, proto: &str| {
+        flows
+            .iter()
+            .find(|f| f["src"] == src && f["dst"] == dst && f["proto"] == proto)
+            .unwrap_or_else(|| panic!("no {proto} row {src} -> {dst} in {flows:#?}"))
+    };
+    assert!(
+        flows.iter().all(|f| f["src"] != "192.168.0.2"),
+        "a row shows the tunnel: {flows:#?}"
+    );
+    let answer = row("10.0.9.53", "10.0.9.10", "udp");
+    assert_eq!(
+        (answer["src_port"].as_u64(), answer["dst_port"].as_u64()),
+        (Some(53), Some(44000))
+    );
+    assert_eq!(answer["segment"], "vlan 900", "{answer:#}");
+    let error = row("10.0.9.53", "10.0.9.10", "icmp");
+    assert_eq!(error["quotes"], "udp 10.0.9.10:44001 -> 10.0.9.53:53", "{error:#}");
+    assert_eq!(error["verdict"], "forward");
+}
+
+/// `--packets` reports every packet's verdict in capture order, with the
+/// row it belongs to.
+#[test]
+fn packets_lists_every_verdict_in_order() {
+    let out = replay(&golden().join("tcp.pcap"), &["--json", "--packets"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let packets = report["per_packet"].as_array().unwrap();
+    assert_eq!(packets.len() as u64, report["packets"].as_u64().unwrap());
+    for (i, p) in packets.iter().enumerate() {
+        assert_eq!(p["n"].as_u64(), Some(i as u64 + 1));
+        let row = &report["flows"][p["flow"].as_u64().unwrap() as usize];
+        assert!(row.is_object(), "packet {i} names no row");
+        assert!(matches!(p["verdict"].as_str(), Some("forward" | "drop")));
+        assert_eq!(p["reason"].is_string(), p["verdict"] == "drop", "{p}");
+    }
+    assert_eq!(packets[0]["port"], "bastion-1.0");
+    assert_eq!(packets[1]["port"], "uplink");
+    let reasons: Vec<&str> = packets.iter().filter_map(|p| p["reason"].as_str()).collect();
+    assert_eq!(reasons, ["tcp-out-of-window", "policy-deny"]);
+    // Without the flag, no per-packet list; as a table, one line per packet.
+    let out = replay(&golden().join("tcp.pcap"), &["--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report.get("per_packet").is_none());
+    let out = replay(&golden().join("tcp.pcap"), &["--packets"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("PACKET  PORT"), "{text}");
+    assert!(
+        text.contains("     16  bastion-1.0    drop: tcp-out-of-window"),
+        "{text}"
+    );
+}
+
 fn fails_with(args: &[&str], needle: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_palisade"))
         .arg("replay")

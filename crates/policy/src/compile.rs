@@ -34,7 +34,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::eval::{ChainVerdict, Decision, Direction, Flow, Provenance, combine, default_verdict, rule_provenance};
+use crate::eval::{
+    ChainVerdict, Decision, Direction, Flow, Provenance, RelatedErrorDecision, RelatedTrace, combine, combine_related,
+    default_verdict, rule_provenance,
+};
 use crate::model::*;
 
 /// Compiling failed: the model has a dangling reference (validation would have said so).
@@ -256,6 +259,13 @@ impl ChainEntry {
             && self.src.contains(flow.src)
             && self.dst.contains(flow.dst)
     }
+
+    /// Whether the entry names `flow`'s ICMP type (and code, when it gives
+    /// one) and matches it: the entries that decide an ICMP error related to
+    /// a tracked connection (see [`crate::eval::evaluate_related_error`]).
+    pub fn names_icmp_type_of(&self, flow: &Flow) -> bool {
+        self.icmp_type.is_some() && proto::is_icmp(flow.proto) && self.proto == Some(flow.proto) && self.matches(flow)
+    }
 }
 
 /// The outcome of walking a chain.
@@ -306,6 +316,32 @@ impl CompiledChain {
             provenance: &self.default.1,
             entry: None,
         }
+    }
+
+    /// The walk for an ICMP error related to a tracked connection: only
+    /// entries naming its ICMP type ([`ChainEntry::names_icmp_type_of`]),
+    /// first match honouring `pass` jumps; `None` when none decides (the
+    /// error passes: the default does not apply to related errors).
+    pub fn decide_related(&self, flow: &Flow) -> Option<ChainDecision<'_>> {
+        let mut skip_below = 0u32;
+        for e in &self.entries {
+            // Only entries with an ICMP type can name one: the rest are skipped
+            // before the full match.
+            if e.icmp_type.is_none() || e.priority < skip_below || !e.names_icmp_type_of(flow) {
+                continue;
+            }
+            match e.action {
+                EntryAction::Pass { next } => skip_below = next,
+                a => {
+                    return Some(ChainDecision {
+                        action: a.action(),
+                        provenance: &e.provenance,
+                        entry: Some(e),
+                    });
+                }
+            }
+        }
+        None
     }
 
     /// A human-readable table.
@@ -644,6 +680,31 @@ impl Compiler {
         let i = verdict(flow.dst, Direction::Ingress);
         let (sz, dz) = (e.as_ref().map(|x| x.1), i.as_ref().map(|x| x.1));
         combine(&self.model, e.map(|x| x.0), i.map(|x| x.0), sz, dz)
+    }
+
+    /// Decide an ICMP error related to a tracked connection through the
+    /// compiled chains ([`CompiledChain::decide_related`] on each managed
+    /// end); what [`crate::eval::evaluate_related_error`] decides.
+    pub fn decide_related(&self, flow: &Flow) -> Option<RelatedErrorDecision> {
+        let trace = |ip: IpAddr, dir: Direction| {
+            let v = *self.vnic_by_ip.get(&ip)?;
+            let chain = &self.chains.get(v)?[dir as usize];
+            let verdict = chain.decide_related(flow).map(|d| ChainVerdict {
+                vnic: chain.vnic.clone(),
+                direction: dir,
+                action: d.action,
+                provenance: d.provenance.clone(),
+                log: d.entry.is_some_and(|e| e.log),
+                inspect: d.entry.and_then(|e| e.inspect.as_deref().map(str::to_string)),
+            });
+            Some(RelatedTrace {
+                vnic: chain.vnic.clone(),
+                direction: dir,
+                verdict,
+                steps: Vec::new(),
+            })
+        };
+        combine_related(trace(flow.src, Direction::Egress), trace(flow.dst, Direction::Ingress))
     }
 
     /// Change a VM's tags and recompile what that affects.

@@ -21,6 +21,17 @@
 //! iff every evaluated chain allows it. Two vNICs of one VM (or a vNIC talking
 //! to itself) are treated like any two managed vNICs: both chains apply, since
 //! the traffic crosses the virtual switch like any other.
+//!
+//! ICMP has roles beyond its flow ([`IcmpRole`], `DESIGN.md` "ICMP"): an echo
+//! request is decided as above and opens a connection, whose echo replies
+//! pass as part of it; an unsolicited echo reply is decided as above (a rule
+//! on `icmp/echo-reply`) and opens nothing. An error *unrelated* to any
+//! tracked connection is decided as above; an error *related* to one
+//! ([`evaluate_related_error`]) is decided by the rules that name its ICMP
+//! type only, the defaults do not apply, and with no such rule it passes.
+//! ICMPv6 neighbour discovery and multicast listener messages are link
+//! infrastructure, switched with anti-spoofing checks and not decided by
+//! rules.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -119,6 +130,57 @@ impl fmt::Display for Flow {
             "{} -> {} proto {} {}->{}",
             self.src, self.dst, self.proto, self.src_port, self.dst_port
         )
+    }
+}
+
+/// What an ICMP or ICMPv6 message is to the datapath, by its type (a flow's
+/// `src_port` for ICMP): see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IcmpRole {
+    /// Not ICMP, or an ICMP message with no role of its own (timestamp,
+    /// router advertisement, unassigned types…): decided like any flow.
+    Plain,
+    /// An echo request: decided like any flow; it opens a connection.
+    EchoRequest,
+    /// An echo reply: passes as part of the connection its request opened;
+    /// an unsolicited one is decided like any flow and opens nothing.
+    EchoReply,
+    /// An error (ICMP destination unreachable, source quench, redirect, time
+    /// exceeded, parameter problem; ICMPv6 types 1 to 4): related to a
+    /// tracked connection, only rules naming its type decide
+    /// ([`evaluate_related_error`]); unrelated, like any flow.
+    Error,
+    /// ICMPv6 neighbour discovery and multicast listener messages (types 130
+    /// to 143): link infrastructure, not decided by rules.
+    Link,
+}
+
+impl IcmpRole {
+    /// The role of an ICMP message of type `ty` over protocol `proto` (`Plain` unless ICMP or ICMPv6).
+    pub const fn of(proto: u8, ty: u8) -> IcmpRole {
+        match (proto, ty) {
+            (proto::ICMP, 8) | (proto::ICMPV6, 128) => IcmpRole::EchoRequest,
+            (proto::ICMP, 0) | (proto::ICMPV6, 129) => IcmpRole::EchoReply,
+            (proto::ICMP, 3 | 4 | 5 | 11 | 12) | (proto::ICMPV6, 1..=4) => IcmpRole::Error,
+            (proto::ICMPV6, 130..=143) => IcmpRole::Link,
+            _ => IcmpRole::Plain,
+        }
+    }
+
+    /// The role of `flow`: ICMP over IPv4 and ICMPv6 over IPv6 only (the
+    /// datapath reads neither over the other version, where they are just
+    /// another protocol number); ICMP types above 255 cannot occur.
+    pub fn of_flow(flow: &Flow) -> IcmpRole {
+        let own_version = match flow.proto {
+            proto::ICMP => flow.src.is_ipv4(),
+            proto::ICMPV6 => flow.src.is_ipv6(),
+            _ => true,
+        };
+        match u8::try_from(flow.src_port) {
+            Ok(ty) if own_version => IcmpRole::of(flow.proto, ty),
+            _ => IcmpRole::Plain,
+        }
     }
 }
 
@@ -237,6 +299,10 @@ pub enum RuleOutcome {
     DestinationMismatch,
     /// The protocol or port is not in `service`.
     ServiceMismatch,
+    /// For an ICMP error related to a tracked connection: no element of
+    /// `service` names the error's ICMP type (and code, when it gives one),
+    /// so the rule does not apply.
+    NotForThisIcmpType,
     /// The rule matched with this action.
     Matched(Action),
 }
@@ -300,14 +366,42 @@ pub fn entry_matches(e: &ServiceEntry, flow: &Flow) -> bool {
         && e.icmp_code.is_none_or(|c| u16::from(c) == flow.dst_port)
 }
 
-fn service_matches(pol: &Policy, refs: &[ServiceRef], flow: &Flow) -> bool {
-    refs.iter().any(|r| match r {
-        ServiceRef::Any => true,
-        ServiceRef::Inline(e) => entry_matches(e, flow),
-        ServiceRef::Named(n) => pol
-            .service(n)
-            .is_some_and(|s| s.entries.iter().any(|e| entry_matches(e, flow))),
+/// Whether a service element names `flow`'s ICMP type (and code, when it
+/// gives one): the rules that decide an ICMP error related to a tracked
+/// connection ([`evaluate_related_error`]). `any`, a protocol without a type
+/// (`icmp`) and other protocols do not.
+pub fn entry_names_icmp_type(e: &ServiceEntry, flow: &Flow) -> bool {
+    e.proto == Some(flow.proto) && proto::is_icmp(flow.proto) && e.icmp_type.is_some() && entry_matches(e, flow)
+}
+
+/// The service elements a rule's `service` lists (named services resolved).
+fn service_entries<'a>(pol: &'a Policy, refs: &'a [ServiceRef]) -> impl Iterator<Item = Option<&'a ServiceEntry>> {
+    refs.iter().flat_map(move |r| -> Vec<Option<&'a ServiceEntry>> {
+        match r {
+            ServiceRef::Any => vec![None],
+            ServiceRef::Inline(e) => vec![Some(e)],
+            ServiceRef::Named(n) => pol
+                .service(n)
+                .map_or(Vec::new(), |s| s.entries.iter().map(Some).collect()),
+        }
     })
+}
+
+fn service_matches(pol: &Policy, refs: &[ServiceRef], flow: &Flow) -> bool {
+    service_entries(pol, refs).any(|e| e.is_none_or(|e| entry_matches(e, flow)))
+}
+
+fn service_names_icmp_type(pol: &Policy, refs: &[ServiceRef], flow: &Flow) -> bool {
+    service_entries(pol, refs).any(|e| e.is_some_and(|e| entry_names_icmp_type(e, flow)))
+}
+
+/// Which rules a chain walk considers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Every rule: a flow that starts (or an unrelated ICMP error).
+    All,
+    /// Only rules naming the ICMP type: an ICMP error related to a tracked connection.
+    RelatedError,
 }
 
 /// Whether a rule's scope covers vNIC `nic` of `vm`.
@@ -323,6 +417,31 @@ pub fn in_scope(rule: &Rule, vm: &Vm, nic: &Vnic) -> bool {
 
 /// Evaluate one chain of one vNIC, recording every rule consulted.
 pub fn trace_chain(model: &Model, vm: &Vm, nic: &Vnic, dir: Direction, flow: &Flow) -> ChainTrace {
+    let (steps, decided) = walk_chain(model, vm, nic, dir, flow, Walk::All);
+    let verdict = decided.unwrap_or_else(|| {
+        let (action, provenance) = default_verdict(&model.inventory, &nic.zone, model.policy.version);
+        ChainVerdict {
+            vnic: nic.name.clone(),
+            direction: dir,
+            action,
+            provenance,
+            log: false,
+            inspect: None,
+        }
+    });
+    ChainTrace { verdict, steps }
+}
+
+/// Walk one chain: every rule consulted, and the deciding rule's verdict
+/// (`None` when no rule decided: the default applies to a [`Walk::All`]).
+fn walk_chain(
+    model: &Model,
+    vm: &Vm,
+    nic: &Vnic,
+    dir: Direction,
+    flow: &Flow,
+    walk: Walk,
+) -> (Vec<RuleStep>, Option<ChainVerdict>) {
     let (inv, pol) = (&model.inventory, &model.policy);
     let mut steps = Vec::new();
     for level in Level::ALL {
@@ -341,6 +460,8 @@ pub fn trace_chain(model: &Model, vm: &Vm, nic: &Vnic, dir: Direction, flow: &Fl
                 RuleOutcome::SourceMismatch
             } else if !rule.to.iter().any(|p| addr_in_peer(inv, pol, flow.dst, p)) {
                 RuleOutcome::DestinationMismatch
+            } else if walk == Walk::RelatedError && !service_names_icmp_type(pol, &rule.service, flow) {
+                RuleOutcome::NotForThisIcmpType
             } else if !service_matches(pol, &rule.service, flow) {
                 RuleOutcome::ServiceMismatch
             } else {
@@ -365,20 +486,86 @@ pub fn trace_chain(model: &Model, vm: &Vm, nic: &Vnic, dir: Direction, flow: &Fl
                     log: rule.log,
                     inspect: rule.inspect.clone(),
                 };
-                return ChainTrace { verdict, steps };
+                return (steps, Some(verdict));
             }
         }
     }
-    let (action, provenance) = default_verdict(inv, &nic.zone, pol.version);
-    let verdict = ChainVerdict {
-        vnic: nic.name.clone(),
-        direction: dir,
+    (steps, None)
+}
+
+/// One chain's walk for an ICMP error related to a tracked connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RelatedTrace {
+    /// The vNIC.
+    pub vnic: String,
+    /// Which of its chains.
+    pub direction: Direction,
+    /// The rule naming the error's type that decided; `None`: no such rule
+    /// matched (the error passes this chain; no default applies).
+    pub verdict: Option<ChainVerdict>,
+    /// Every rule consulted, in order.
+    pub steps: Vec<RuleStep>,
+}
+
+/// The decision for an ICMP error related to a tracked connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RelatedErrorDecision {
+    /// The error's sender's egress walk, when the sender is a managed vNIC.
+    pub egress: Option<RelatedTrace>,
+    /// The error's receiver's ingress walk, when the receiver is a managed vNIC.
+    pub ingress: Option<RelatedTrace>,
+    /// `allow` unless a chain's deciding rule denies or rejects it (then that action).
+    pub action: Action,
+    /// The deciding rules' provenance: the denying one, or every allowing one
+    /// (empty when no rule names the type).
+    pub provenance: Vec<Provenance>,
+}
+
+/// Decide an ICMP error (`flow`: the error's own addresses, type and code)
+/// that quotes a packet of a tracked connection: each managed end's chain is
+/// walked with only the rules whose service names the error's ICMP type; the
+/// first such rule to match decides (`pass` skips the rest of its level, as
+/// always); with none, the chain lets it pass: defaults do not apply to
+/// related errors. It passes iff no chain denies or rejects it. `None` when
+/// neither end is managed.
+pub fn evaluate_related_error(model: &Model, flow: &Flow) -> Option<RelatedErrorDecision> {
+    let inv = &model.inventory;
+    let trace = |ip: IpAddr, dir: Direction| {
+        inv.owner(ip).map(|(vm, nic)| {
+            let (steps, verdict) = walk_chain(model, vm, nic, dir, flow, Walk::RelatedError);
+            RelatedTrace {
+                vnic: nic.name.clone(),
+                direction: dir,
+                verdict,
+                steps,
+            }
+        })
+    };
+    combine_related(trace(flow.src, Direction::Egress), trace(flow.dst, Direction::Ingress))
+}
+
+/// Combine the two chains' walks for a related ICMP error (shared with the
+/// compiled path, like [`combine`]): `None` when neither end is managed.
+pub fn combine_related(egress: Option<RelatedTrace>, ingress: Option<RelatedTrace>) -> Option<RelatedErrorDecision> {
+    if egress.is_none() && ingress.is_none() {
+        return None;
+    }
+    let verdicts = || {
+        [&egress, &ingress]
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.verdict.as_ref())
+    };
+    let (action, provenance) = match verdicts().find(|v| v.action != Action::Allow) {
+        Some(v) => (v.action, vec![v.provenance.clone()]),
+        None => (Action::Allow, verdicts().map(|v| v.provenance.clone()).collect()),
+    };
+    Some(RelatedErrorDecision {
+        egress,
+        ingress,
         action,
         provenance,
-        log: false,
-        inspect: None,
-    };
-    ChainTrace { verdict, steps }
+    })
 }
 
 /// The full explanation of a flow: both chains' traces and the decision.
@@ -395,7 +582,14 @@ pub struct Explanation {
     /// Ingress trace, when the destination is managed.
     pub ingress: Option<ChainTrace>,
     /// The decision; `None` when neither end is managed (Palisade does not see the flow).
+    /// For an ICMP error, this is the decision when it is unrelated to any
+    /// tracked connection (see `related_error`).
     pub decision: Option<Decision>,
+    /// The flow's ICMP role (`plain` for other protocols).
+    pub icmp: IcmpRole,
+    /// For an ICMP error: the decision when it is related to a tracked connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub related_error: Option<RelatedErrorDecision>,
 }
 
 /// Evaluate a flow with a trace of every rule consulted.
@@ -412,6 +606,12 @@ pub fn explain(model: &Model, flow: &Flow) -> Explanation {
         src.map(|(_, n)| n.zone.as_str()),
         dst.map(|(_, n)| n.zone.as_str()),
     );
+    let icmp = IcmpRole::of_flow(flow);
+    let related_error = if icmp == IcmpRole::Error {
+        evaluate_related_error(model, flow)
+    } else {
+        None
+    };
     Explanation {
         flow: *flow,
         src_vnic: src.map(|(_, n)| n.name.clone()),
@@ -419,6 +619,8 @@ pub fn explain(model: &Model, flow: &Flow) -> Explanation {
         egress,
         ingress,
         decision,
+        icmp,
+        related_error,
     }
 }
 
@@ -491,52 +693,114 @@ pub fn render_explanation(e: &Explanation) -> String {
         e.flow.src_port,
         e.flow.dst_port
     );
+    if e.icmp == IcmpRole::Error {
+        let _ = writeln!(
+            out,
+            "\nICMP error: unrelated to any tracked connection, it is decided like any flow (below);"
+        );
+        let _ = writeln!(
+            out,
+            "related to one, only rules naming its type decide and defaults do not apply (after that)."
+        );
+    }
     for (name, t) in [("egress", &e.egress), ("ingress", &e.ingress)] {
         let Some(t) = t else {
             let _ = writeln!(out, "\n{name}: not evaluated (that end is external)");
             continue;
         };
         let _ = writeln!(out, "\n{name} chain of {}:", t.verdict.vnic);
-        let mut last: Option<(Level, Option<String>)> = None;
-        for s in &t.steps {
-            let head = (s.level, s.scope.clone());
-            if last.as_ref() != Some(&head) {
-                match &s.scope {
-                    Some(sc) => {
-                        let _ = writeln!(out, "  level {} ({sc}):", s.level);
-                    }
-                    None => {
-                        let _ = writeln!(out, "  level {}:", s.level);
-                    }
-                }
-                last = Some(head);
-            }
-            let why = match &s.outcome {
-                RuleOutcome::NotInstalled(r) => format!("not installed: {r}"),
-                RuleOutcome::NotAppliedHere => "not installed: vNIC not in applied_to".to_string(),
-                RuleOutcome::SourceMismatch => "no match: source not in from".to_string(),
-                RuleOutcome::DestinationMismatch => "no match: destination not in to".to_string(),
-                RuleOutcome::ServiceMismatch => "no match: service".to_string(),
-                RuleOutcome::Matched(Action::Pass) => "MATCH pass: skip to next level".to_string(),
-                RuleOutcome::Matched(a) => format!("MATCH {a}"),
-            };
-            let _ = writeln!(out, "    {:<28} {why}", s.rule_id);
-        }
+        render_steps(&mut out, &t.steps);
         let v = &t.verdict;
         let _ = writeln!(out, "  => {} by {}", v.action, v.provenance);
     }
+    let head = if e.icmp == IcmpRole::Error {
+        "verdict if unrelated"
+    } else {
+        "verdict"
+    };
     match &e.decision {
         Some(d) => {
             let provs: Vec<String> = d.provenance.iter().map(ToString::to_string).collect();
-            let _ = write!(out, "\nverdict: {} ({})", d.action, provs.join(", "));
+            let _ = write!(out, "\n{head}: {} ({})", d.action, provs.join(", "));
             if let Some(p) = &d.inspect {
                 let _ = write!(out, " inspect: {p}");
             }
             out.push('\n');
         }
-        None => out.push_str("\nverdict: none (neither end is a managed vNIC)\n"),
+        None => {
+            let _ = writeln!(out, "\n{head}: none (neither end is a managed vNIC)");
+        }
+    }
+    if let Some(r) = &e.related_error {
+        for t in [&r.egress, &r.ingress].into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "\nrelated to a tracked connection, {} chain of {} (rules naming ICMP type {}):",
+                t.direction, t.vnic, e.flow.src_port
+            );
+            render_steps(&mut out, &t.steps);
+            match &t.verdict {
+                Some(v) => {
+                    let _ = writeln!(out, "  => {} by {}", v.action, v.provenance);
+                }
+                None => out.push_str("  => allow: no rule names its type (defaults do not apply)\n"),
+            }
+        }
+        let provs: Vec<String> = r.provenance.iter().map(ToString::to_string).collect();
+        let by = if provs.is_empty() {
+            "no rule names its type".to_string()
+        } else {
+            provs.join(", ")
+        };
+        let _ = writeln!(out, "\nverdict if related: {} ({by})", r.action);
+    }
+    let note = match e.icmp {
+        IcmpRole::EchoRequest => Some("an echo request opens a connection; its echo replies pass as part of it"),
+        IcmpRole::EchoReply => Some(
+            "an echo reply passes as part of the connection its request opened; the verdict above is for an \
+             unsolicited reply, which opens no connection",
+        ),
+        IcmpRole::Link => Some(
+            "neighbour discovery and multicast listener messages are link infrastructure: the datapath \
+             switches them with its anti-spoofing checks, rules do not apply to them",
+        ),
+        IcmpRole::Plain | IcmpRole::Error => None,
+    };
+    if let Some(note) = note {
+        let _ = writeln!(out, "ICMP: {note}");
     }
     out
+}
+
+/// The rules consulted in one chain, by level.
+fn render_steps(out: &mut String, steps: &[RuleStep]) {
+    use std::fmt::Write as _;
+    let mut last: Option<(Level, Option<String>)> = None;
+    for s in steps {
+        let head = (s.level, s.scope.clone());
+        if last.as_ref() != Some(&head) {
+            match &s.scope {
+                Some(sc) => {
+                    let _ = writeln!(out, "  level {} ({sc}):", s.level);
+                }
+                None => {
+                    let _ = writeln!(out, "  level {}:", s.level);
+                }
+            }
+            last = Some(head);
+        }
+        let why = match &s.outcome {
+            RuleOutcome::NotInstalled(r) => format!("not installed: {r}"),
+            RuleOutcome::NotAppliedHere => "not installed: vNIC not in applied_to".to_string(),
+            RuleOutcome::SourceMismatch => "no match: source not in from".to_string(),
+            RuleOutcome::DestinationMismatch => "no match: destination not in to".to_string(),
+            RuleOutcome::NotForThisIcmpType => "does not apply: its service names not this ICMP type".to_string(),
+            RuleOutcome::ServiceMismatch => "no match: service".to_string(),
+            RuleOutcome::Matched(Action::Pass) => "MATCH pass: skip to next level".to_string(),
+            RuleOutcome::Matched(a) => format!("MATCH {a}"),
+        };
+        let _ = writeln!(out, "    {:<28} {why}", s.rule_id);
+    }
 }
 
 /// An endpoint written by a person: a VM name (its first vNIC's first

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use palisade_policy::compile::Compiler;
-use palisade_policy::eval::{Direction, Flow, evaluate};
+use palisade_policy::eval::{Direction, Flow, evaluate, evaluate_related_error};
 use palisade_policy::model::*;
 use proptest::prelude::*;
 
@@ -168,6 +168,23 @@ fn random_model(seed: u64) -> Model {
             span: Span::default(),
         },
         Service {
+            name: "unreach".into(),
+            entries: vec![ServiceEntry {
+                proto: Some(proto::ICMP),
+                icmp_type: Some(3),
+                ..ServiceEntry::ANY
+            }],
+            span: Span::default(),
+        },
+        Service {
+            name: "all-icmp".into(),
+            entries: vec![ServiceEntry {
+                proto: Some(proto::ICMP),
+                ..ServiceEntry::ANY
+            }],
+            span: Span::default(),
+        },
+        Service {
             name: "unreach-port".into(),
             entries: vec![ServiceEntry {
                 proto: Some(proto::ICMP),
@@ -268,6 +285,9 @@ fn random_flows(model: &Model, seed: u64, n: usize) -> Vec<Flow> {
                 (proto::ICMP, 8, 0),
                 (proto::ICMP, 3, 3),
                 (proto::ICMP, 3, 1),
+                (proto::ICMP, 3, 4),
+                (proto::ICMP, 11, 0),
+                (proto::ICMP, 0, 0),
                 (47, 0, 0),
             ]);
             Flow {
@@ -329,6 +349,22 @@ proptest! {
             let reference = evaluate(&model, &flow);
             let compiled = compiler.decide(&flow);
             prop_assert_eq!(reference, compiled, "flow {}", flow);
+        }
+    }
+
+    /// ICMP errors related to a tracked connection: the compiled chains'
+    /// walk over the entries naming the type decides as the reference does.
+    #[test]
+    fn compiled_chains_decide_related_errors_like_the_reference(seed in any::<u64>()) {
+        let model = random_model(seed);
+        let compiler = Compiler::new(model.clone()).unwrap();
+        for flow in random_flows(&model, seed, 40) {
+            let mut reference = evaluate_related_error(&model, &flow);
+            // The compiled walk records no steps.
+            for t in reference.iter_mut().flat_map(|d| [&mut d.egress, &mut d.ingress]).flatten() {
+                t.steps.clear();
+            }
+            prop_assert_eq!(reference, compiler.decide_related(&flow), "flow {}", flow);
         }
     }
 

@@ -26,6 +26,8 @@ pub enum Layer {
     Tcp,
     /// UDP header.
     Udp,
+    /// SCTP common header or chunk.
+    Sctp,
     /// ICMPv4 message.
     Icmpv4,
     /// ICMPv6 message (including neighbour discovery).
@@ -48,6 +50,7 @@ impl Layer {
             Layer::Ipv6Ext => "ipv6-ext",
             Layer::Tcp => "tcp",
             Layer::Udp => "udp",
+            Layer::Sctp => "sctp",
             Layer::Icmpv4 => "icmpv4",
             Layer::Icmpv6 => "icmpv6",
             Layer::Vxlan => "vxlan",

@@ -2,17 +2,22 @@
 //!
 //! [`extract`] reads just enough of a frame to build the exact-match key the
 //! datapath's flow cache is indexed by: segment (VLAN / QinQ / VNI), addresses,
-//! protocol and ports (ICMP: identifier or type/code), plus the few facts the
+//! protocol and ports (ICMP: identifier, type and code), plus the few facts the
 //! connection tracker needs (TCP flags, fragment position). It allocates
 //! nothing, copies only the key, and uses the same checked views as the rest of
 //! the crate, so a malformed frame is an [`Error`] naming its layer.
 //!
 //! Key conventions, chosen so that reversing a key ([`FlowKey::reversed`])
 //! gives the key of the reply packet:
-//! - TCP, UDP: the ports.
-//! - ICMP and ICMPv6 echo request/reply: both ports hold the echo identifier.
-//! - Other ICMP messages: source port 0, destination port `type << 8 | code`;
-//!   errors are related to their flow through the quoted packet, not the key.
+//! - TCP, UDP, SCTP: the ports.
+//! - ICMP and ICMPv6: the message's type and code in their own fields, so
+//!   that an echo reply is never taken for a request (the policy names them
+//!   apart, and a reply may only pass as part of the connection its request
+//!   opened). Echo request/reply: both ports hold the echo identifier, and
+//!   reversing a request's key gives its reply's (type 8 ⇄ 0, 128 ⇄ 129).
+//!   Other messages: source port 0, destination port `type << 8 | code` (as
+//!   flow records show them); errors are related to their flow through the
+//!   packet they quote ([`extract_quoted`]), not through their key.
 //! - Fragments: the first fragment carries the ports; non-first fragments have
 //!   ports 0 and [`Fragment::NonFirst`], so the datapath can reassemble or
 //!   apply its fragment policy.
@@ -27,7 +32,7 @@ use crate::ip::IpProtocol;
 use crate::ipv6ext::{self, WalkEnd};
 use crate::tcp::TcpFlags;
 use crate::vlan::{self, MAX_TAGS};
-use crate::{Error, ErrorKind, Layer, Result, icmpv4, icmpv6, ipv4, ipv6, tcp, udp};
+use crate::{Error, ErrorKind, Layer, Result, icmpv4, icmpv6, ipv4, ipv6, sctp, tcp, udp};
 
 /// The L2 segment a frame travels on: untagged, a VLAN, a QinQ pair, or a VXLAN VNI.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Default)]
@@ -109,6 +114,10 @@ pub struct FlowKey {
     /// The upper-layer protocol (after IPv6 extension headers; a Mobility or
     /// HIP header that ends the chain is the upper layer).
     pub protocol: IpProtocol,
+    /// ICMP and ICMPv6 (over their own IP version): the message type; 0 otherwise.
+    pub icmp_type: u8,
+    /// ICMP and ICMPv6: the message code; 0 otherwise.
+    pub icmp_code: u8,
 }
 
 /// Hashed as four words rather than field by field (the derived form feeds
@@ -120,7 +129,51 @@ impl core::hash::Hash for FlowKey {
         state.write_u128(u128::from_ne_bytes(self.src));
         state.write_u128(u128::from_ne_bytes(self.dst));
         state.write_u32(self.segment.raw());
-        state.write_u64(u64::from(self.src_port) << 24 | u64::from(self.dst_port) << 8 | u64::from(self.protocol.0));
+        state.write_u64(
+            u64::from(self.icmp_code) << 48
+                | u64::from(self.icmp_type) << 40
+                | u64::from(self.src_port) << 24
+                | u64::from(self.dst_port) << 8
+                | u64::from(self.protocol.0),
+        );
+    }
+}
+
+/// The type of the reply to an ICMP echo request of type `ty` and the
+/// request of a reply (ICMP 8 ⇄ 0, ICMPv6 128 ⇄ 129, each over its own IP
+/// version: `v4` tells which the key's addresses are); any other type is its own.
+const fn echo_counterpart(protocol: IpProtocol, v4: bool, ty: u8) -> u8 {
+    match (protocol.0, v4, ty) {
+        (1, true, 8) => 0,
+        (1, true, 0) => 8,
+        (58, false, 128) => 129,
+        (58, false, 129) => 128,
+        _ => ty,
+    }
+}
+
+/// Whether a key's address is IPv4 (stored IPv4-mapped, `::ffff:a.b.c.d`).
+const fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 10 {
+        if a[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    a[10] == 0xff && a[11] == 0xff
+}
+
+/// Whether an ICMP (`v6` false) or ICMPv6 message type is an error, which
+/// quotes the packet that caused it (RFC 792 and 1122: destination
+/// unreachable, source quench, redirect, time exceeded, parameter problem;
+/// RFC 4443: types 1 to 4). Errors are never answered and never open a
+/// connection.
+pub const fn is_icmp_error(v6: bool, ty: u8) -> bool {
+    if v6 {
+        matches!(ty, 1..=4)
+    } else {
+        matches!(ty, 3 | 4 | 5 | 11 | 12)
     }
 }
 
@@ -146,6 +199,37 @@ impl FlowKey {
             src_port: self.dst_port,
             dst_port: self.src_port,
             protocol: self.protocol,
+            // Only ICMP keys look at their addresses' version (TCP and UDP
+            // keys are reversed on the engine's hot paths).
+            icmp_type: match self.protocol.0 {
+                1 | 58 => echo_counterpart(self.protocol, is_v4_mapped(&self.src), self.icmp_type),
+                _ => self.icmp_type,
+            },
+            icmp_code: self.icmp_code,
+        }
+    }
+
+    /// Whether the key's addresses are IPv4 (stored IPv4-mapped).
+    pub const fn is_ipv4(&self) -> bool {
+        is_v4_mapped(&self.src)
+    }
+
+    /// Whether this is the key of an ICMP or ICMPv6 echo request (each over
+    /// its own IP version: protocol 1 over IPv6 is no ICMP to the extractor).
+    pub const fn is_echo_request(&self) -> bool {
+        match (self.protocol.0, self.icmp_type) {
+            (1, 8) => self.is_ipv4(),
+            (58, 128) => !self.is_ipv4(),
+            _ => false,
+        }
+    }
+
+    /// Whether this is the key of an ICMP or ICMPv6 echo reply (see [`FlowKey::is_echo_request`]).
+    pub const fn is_echo_reply(&self) -> bool {
+        match (self.protocol.0, self.icmp_type) {
+            (1, 0) => self.is_ipv4(),
+            (58, 129) => !self.is_ipv4(),
+            _ => false,
         }
     }
 
@@ -164,7 +248,9 @@ impl FlowKey {
     /// map to the same canonical key, which is what a symmetric shard hash needs.
     pub fn canonical(&self) -> (FlowKey, bool) {
         let reversed = self.reversed();
-        if (reversed.src, reversed.src_port) < (self.src, self.src_port) {
+        // The ICMP type breaks the tie of an echo between one address and
+        // itself, whose request and reply differ only there.
+        if (reversed.src, reversed.src_port, reversed.icmp_type) < (self.src, self.src_port, self.icmp_type) {
             (reversed, true)
         } else {
             (*self, false)
@@ -267,6 +353,8 @@ pub fn extract_quick(frame: &[u8]) -> Option<FlowInfo> {
             src_port,
             dst_port,
             protocol,
+            icmp_type: 0,
+            icmp_code: 0,
         },
         tcp_flags,
         icmp: None,
@@ -388,6 +476,8 @@ fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -
             src_port: 0,
             dst_port: 0,
             protocol,
+            icmp_type: 0,
+            icmp_code: 0,
         },
         tcp_flags: TcpFlags(0),
         icmp: None,
@@ -425,27 +515,140 @@ fn extract_l3(ethertype: EtherType, frame: &[u8], l3: usize, segment: Segment) -
             };
             (info.key.src_port, info.key.dst_port) = (sport, dport);
         }
+        IpProtocol::SCTP => {
+            // The common header is whole in a first fragment too (checked above).
+            let p = sctp::Packet::new_checked(upper)?;
+            (info.key.src_port, info.key.dst_port) = (p.src_port(), p.dst_port());
+        }
         IpProtocol::ICMP if ethertype == EtherType::IPV4 => {
             let m = icmpv4::Packet::new_checked(upper)?;
-            let (ty, code) = (m.msg_type().0, m.msg_code());
-            info.icmp = Some((ty, code));
-            (info.key.src_port, info.key.dst_port) = match ty {
-                0 | 8 => (m.echo_ident(), m.echo_ident()),
-                _ => (0, u16::from_be_bytes([ty, code])),
-            };
+            set_icmp(&mut info, m.msg_type().0, m.msg_code(), m.echo_ident());
         }
         IpProtocol::ICMPV6 if ethertype == EtherType::IPV6 => {
             let m = icmpv6::Packet::new_checked(upper)?;
-            let (ty, code) = (m.msg_type().0, m.msg_code());
-            info.icmp = Some((ty, code));
-            (info.key.src_port, info.key.dst_port) = match ty {
-                128 | 129 => (m.echo_ident(), m.echo_ident()),
-                _ => (0, u16::from_be_bytes([ty, code])),
-            };
+            set_icmp(&mut info, m.msg_type().0, m.msg_code(), m.echo_ident());
         }
         _ => {}
     }
     Ok(Some(info))
+}
+
+/// Fill the ICMP fields of `info`'s key (see the module documentation);
+/// `ident` is the echo identifier field, used only by echo messages.
+fn set_icmp(info: &mut FlowInfo, ty: u8, code: u8, ident: u16) {
+    info.icmp = Some((ty, code));
+    (info.key.icmp_type, info.key.icmp_code) = (ty, code);
+    (info.key.src_port, info.key.dst_port) = icmp_ports(info.key.protocol, ty, code, ident);
+}
+
+/// The ports of an ICMP key: both the identifier for echo, else 0 and `type << 8 | code`.
+fn icmp_ports(protocol: IpProtocol, ty: u8, code: u8, ident: u16) -> (u16, u16) {
+    match (protocol, ty) {
+        (IpProtocol::ICMP, 0 | 8) | (IpProtocol::ICMPV6, 128 | 129) => (ident, ident),
+        _ => (0, u16::from_be_bytes([ty, code])),
+    }
+}
+
+/// The key of the packet an ICMP or ICMPv6 error quotes: `quoted` starts at
+/// its IP header (IPv4, or IPv6 with any extension headers) and holds at
+/// least the first 8 bytes of its transport header, possibly not more (RFC
+/// 792 quotes no more; its length fields are not believed). `segment` is
+/// the segment to key it in.
+///
+/// `None` when the quote is too short, malformed, a non-first fragment (no
+/// ports), or itself an ICMP error (errors are never sent about errors, RFC
+/// 1122 section 3.2.2, so none can be related to one). Keys follow
+/// [`extract`]'s conventions, so the key of a quoted packet is the key its
+/// flow is tracked under.
+pub fn extract_quoted(quoted: &[u8], segment: Segment) -> Option<FlowKey> {
+    let version = quoted.first()? >> 4;
+    let (src, dst, protocol, l4) = match version {
+        4 => {
+            let ihl = usize::from(quoted.first()? & 0x0f) * 4;
+            if ihl < ipv4::HEADER_LEN {
+                return None;
+            }
+            let header = quoted.get(..ihl)?;
+            let ip = ipv4::Packet::new_unchecked(header);
+            if ip.frag_offset() != 0 {
+                return None;
+            }
+            (
+                mapped(ip.src_addr()),
+                mapped(ip.dst_addr()),
+                ip.protocol(),
+                quoted.get(ihl..)?,
+            )
+        }
+        6 => {
+            let header = quoted.get(..ipv6::HEADER_LEN)?;
+            let ip = ipv6::Packet::new_unchecked(header);
+            if has_v4_mapped_address(&ip) {
+                return None;
+            }
+            let rest = quoted.get(ipv6::HEADER_LEN..)?;
+            let mut last_header = None;
+            // The header the walk reads next, and where.
+            let mut pending = (ip.next_header(), 0);
+            let mut walk = ipv6ext::walk(ip.next_header(), rest);
+            let (protocol, offset) = loop {
+                match walk.next()? {
+                    Ok(ipv6ext::WalkItem::Header { header, offset }) => {
+                        last_header = Some((header.kind(), offset));
+                        pending = (header.next_header(), offset + header.header_len());
+                    }
+                    // A Mobility or HIP message ending the chain is the
+                    // quote's upper layer, as it is the packet's; its first 8
+                    // bytes (No Next Header first) may be all that is quoted.
+                    Err(_)
+                        if matches!(pending.0, IpProtocol::MOBILITY | IpProtocol::HIP)
+                            && rest.get(pending.1) == Some(&IpProtocol::IPV6_NONXT.0) =>
+                    {
+                        break pending;
+                    }
+                    Ok(ipv6ext::WalkItem::End(WalkEnd::Upper { protocol, offset })) => break (protocol, offset),
+                    Ok(ipv6ext::WalkItem::End(WalkEnd::NoNextHeader { offset })) => {
+                        break match last_header {
+                            Some((kind @ (IpProtocol::MOBILITY | IpProtocol::HIP), at)) => (kind, at),
+                            _ => (IpProtocol::IPV6_NONXT, offset),
+                        };
+                    }
+                    Ok(ipv6ext::WalkItem::End(WalkEnd::NonFirstFragment { .. })) | Err(_) => return None,
+                }
+            };
+            (
+                ip.src_addr().octets(),
+                ip.dst_addr().octets(),
+                protocol,
+                rest.get(offset..)?,
+            )
+        }
+        _ => return None,
+    };
+    let word = |i: usize| Some(u16::from_be_bytes([*l4.get(i)?, *l4.get(i + 1)?]));
+    let icmp = matches!((version, protocol), (4, IpProtocol::ICMP) | (6, IpProtocol::ICMPV6));
+    let (src_port, dst_port, icmp_type, icmp_code) = match protocol {
+        IpProtocol::TCP | IpProtocol::UDP | IpProtocol::SCTP => (word(0)?, word(2)?, 0, 0),
+        _ if icmp => {
+            let (ty, code) = (*l4.first()?, *l4.get(1)?);
+            if is_icmp_error(version == 6, ty) {
+                return None;
+            }
+            let (s, d) = icmp_ports(protocol, ty, code, word(4)?);
+            (s, d, ty, code)
+        }
+        _ => (0, 0, 0, 0),
+    };
+    Some(FlowKey {
+        segment,
+        src,
+        dst,
+        src_port,
+        dst_port,
+        protocol,
+        icmp_type,
+        icmp_code,
+    })
 }
 
 /// Whether an IPv6 header carries an IPv4-mapped address (`::ffff:a.b.c.d`).
@@ -470,12 +673,14 @@ fn ip_len(ethertype: EtherType, data: &[u8]) -> usize {
 
 /// Refuse a first fragment too short to hold what the firewall decides on: the
 /// whole TCP header (flags included: the tiny-fragment attack of RFC 1858 hides
-/// them in the second fragment), or the first 8 bytes of UDP and ICMP (ports,
-/// or type, code and identifier). Both the extractor and the dissector apply it.
+/// them in the second fragment), the first 8 bytes of UDP and ICMP (ports,
+/// or type, code and identifier), SCTP's 12-byte common header (ports and
+/// verification tag). Both the extractor and the dissector apply it.
 pub fn check_first_fragment(protocol: IpProtocol, is_ipv6: bool, upper: &[u8]) -> Result<()> {
     let (layer, min) = match protocol {
         IpProtocol::TCP => (Layer::Tcp, tcp::HEADER_LEN),
         IpProtocol::UDP => (Layer::Udp, udp::HEADER_LEN),
+        IpProtocol::SCTP => (Layer::Sctp, sctp::HEADER_LEN),
         // ICMP is parsed only over its own IP version, here as everywhere else.
         IpProtocol::ICMP if !is_ipv6 => (Layer::Icmpv4, icmpv4::HEADER_LEN),
         IpProtocol::ICMPV6 if is_ipv6 => (Layer::Icmpv6, icmpv6::HEADER_LEN),
@@ -673,6 +878,137 @@ mod tests {
         let info = extract_ip(&p, Segment::UNTAGGED).unwrap().unwrap();
         assert_eq!(info.key.protocol, IpProtocol::IPV6_NONXT);
         assert_eq!(info.l4_offset, 48);
+    }
+
+    /// Ethernet + IPv4 10.0.0.1 -> 10.0.0.2 around `l4` with protocol `proto`.
+    fn ipv4_frame(proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = tcp_syn();
+        f.truncate(34);
+        f[23] = proto;
+        f[16..18].copy_from_slice(&(20 + l4.len() as u16).to_be_bytes());
+        f.extend_from_slice(l4);
+        f
+    }
+
+    #[test]
+    fn sctp_ports_are_read() {
+        // Common header 40000 -> 5000, tag 0, then an INIT chunk header.
+        let l4 = [0x9c, 0x40, 0x13, 0x88, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 4];
+        let info = extract(&ipv4_frame(132, &l4)).unwrap().unwrap();
+        assert_eq!(info.key.protocol, IpProtocol::SCTP);
+        assert_eq!((info.key.src_port, info.key.dst_port), (40000, 5000));
+        // Shorter than the common header: malformed, also as a first fragment.
+        let short = ipv4_frame(132, &l4[..11]);
+        assert_eq!(extract(&short), Err(Error::new(Layer::Sctp, ErrorKind::Truncated)));
+        let mut first = short.clone();
+        first[20] |= 0x20;
+        assert_eq!(extract(&first), Err(Error::new(Layer::Sctp, ErrorKind::Truncated)));
+    }
+
+    #[test]
+    fn icmp_keys_keep_type_and_code_and_echo_reverses() {
+        let echo = |ty: u8, code: u8| {
+            let mut m = vec![ty, code, 0, 0, 0x12, 0x34, 0, 1];
+            crate::icmpv4::Packet::new_unchecked(&mut m[..]).fill_checksum();
+            extract(&ipv4_frame(1, &m)).unwrap().unwrap().key
+        };
+        let request = echo(8, 0);
+        let reply = echo(0, 0);
+        assert_eq!(
+            (request.src_port, request.dst_port, request.icmp_type),
+            (0x1234, 0x1234, 8)
+        );
+        assert_eq!((reply.icmp_type, reply.icmp_code), (0, 0));
+        assert!(request.is_echo_request() && reply.is_echo_reply());
+        // A request and a reply with the same identifier between the same
+        // hosts are different flows; the reverse of one is the other.
+        assert_ne!(request, reply);
+        let mut answer = reply;
+        (answer.src, answer.dst) = (reply.dst, reply.src);
+        assert_eq!(request.reversed(), answer);
+        assert_eq!(request.canonical().0, answer.canonical().0);
+        assert_ne!(request.canonical().0, reply.canonical().0);
+        // An echo between one address and itself: request and reply still meet.
+        let mut own = request;
+        own.dst = own.src;
+        assert_eq!(own.canonical().0, own.reversed().canonical().0);
+        assert_ne!(own.canonical().1, own.reversed().canonical().1);
+        // Other messages: type and code in the key and in the destination port.
+        let unreachable = echo(3, 4);
+        assert_eq!(
+            (
+                unreachable.src_port,
+                unreachable.dst_port,
+                unreachable.icmp_type,
+                unreachable.icmp_code
+            ),
+            (0, 0x0304, 3, 4)
+        );
+        assert_eq!(unreachable.reversed().icmp_type, 3);
+        // Protocol 1 over IPv6 is no ICMP: nothing to swap, no echo.
+        let mut bogus = request;
+        (bogus.src, bogus.dst) = ([0xfd; 16], [0xfe; 16]);
+        bogus.icmp_type = 0;
+        assert!(!bogus.is_echo_reply() && !bogus.is_ipv4());
+        assert_eq!(bogus.reversed().reversed(), bogus);
+        assert_eq!(bogus.reversed().icmp_type, 0);
+        assert!(is_icmp_error(false, 3) && !is_icmp_error(false, 8) && is_icmp_error(true, 2));
+    }
+
+    #[test]
+    fn quoted_packets_are_keyed_as_their_flow() {
+        // UDP, SCTP and TCP quotes: 20 bytes of IPv4 header and 8 of transport.
+        for proto in [17u8, 132, 6] {
+            let frame = ipv4_frame(
+                proto,
+                &[0x9c, 0x40, 0, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0x50, 2, 0, 0, 0, 0, 0, 0],
+            );
+            let mut own = match proto {
+                17 => None,
+                _ => extract(&frame).ok().flatten().map(|i| i.key),
+            };
+            let quoted = &frame[14..14 + 28];
+            let key = extract_quoted(quoted, Segment::UNTAGGED).unwrap();
+            assert_eq!((key.src_port, key.dst_port, key.protocol.0), (40000, 53, proto));
+            if let Some(own) = own.take() {
+                assert_eq!(own, key, "protocol {proto}");
+            }
+        }
+        // A quoted echo request is keyed with its identifier and type.
+        let mut m = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+        crate::icmpv4::Packet::new_unchecked(&mut m[..]).fill_checksum();
+        let ping = ipv4_frame(1, &m);
+        let key = extract_quoted(&ping[14..], Segment::UNTAGGED).unwrap();
+        assert_eq!(key, extract(&ping).unwrap().unwrap().key);
+        // An error quoting an error, a later fragment, short quotes: no key.
+        let mut err = ping.clone();
+        err[34] = 3;
+        assert_eq!(extract_quoted(&err[14..], Segment::UNTAGGED), None);
+        let mut later = ping.clone();
+        later[21] = 1;
+        assert_eq!(extract_quoted(&later[14..], Segment::UNTAGGED), None);
+        for n in 0..26 {
+            assert_eq!(extract_quoted(&ping[14..14 + n], Segment::UNTAGGED), None, "{n} bytes");
+        }
+        // GRE (no ports): keyed by addresses and protocol.
+        let gre = ipv4_frame(47, &[0; 8]);
+        let key = extract_quoted(&gre[14..], Segment::UNTAGGED).unwrap();
+        assert_eq!(key, extract(&gre).unwrap().unwrap().key);
+        // IPv6 with a destination options header before UDP; the quote's
+        // payload length claims more than was quoted.
+        let mut p = vec![0x60, 0, 0, 0, 0x05, 0xdc, 60, 64];
+        p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        p.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        p.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+        p.extend_from_slice(&[0x9c, 0x40, 0, 53, 0, 0, 0, 0]);
+        let key = extract_quoted(&p, Segment::vlan(5)).unwrap();
+        assert_eq!((key.protocol, key.src_port, key.dst_port), (IpProtocol::UDP, 40000, 53));
+        assert_eq!(key.segment, Segment::vlan(5));
+        assert_eq!(
+            extract_quoted(&p[..47], Segment::UNTAGGED),
+            None,
+            "cut in the options header"
+        );
     }
 
     #[test]

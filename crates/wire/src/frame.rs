@@ -3,7 +3,7 @@
 //! [`Dissection`] is the slow-path, look-at-everything view of a packet that
 //! `palisade pcap stats`, the tshark cross-check and the round-trip tests use:
 //! Ethernet, up to [`MAX_TAGS`] VLAN tags, the network layer (ARP, IPv4, IPv6
-//! with its extension headers), the transport layer (TCP, UDP, ICMPv4,
+//! with its extension headers), the transport layer (TCP, UDP, SCTP, ICMPv4,
 //! ICMPv6) and, over UDP, a VXLAN header. It never fails: it keeps every layer
 //! it could parse and records the first error in [`Dissection::error`], so a
 //! malformed packet is still counted at the layers that were sound.
@@ -29,6 +29,7 @@ use crate::ip::IpProtocol;
 use crate::ipv4::{self, Ipv4Repr};
 use crate::ipv6::{self, Ipv6Repr};
 use crate::ipv6ext::{self, ExtHeaderRepr, MAX_EXT_HEADERS, WalkEnd, WalkItem};
+use crate::sctp::{self, SctpRepr};
 use crate::tcp::{self, TcpRepr};
 use crate::udp::{self, UdpRepr};
 use crate::vlan::{self, MAX_TAGS, VlanRepr};
@@ -42,7 +43,8 @@ pub const VXLAN_PORTS: [u16; 2] = [vxlan::VXLAN_PORT, 8472];
 /// Offset of the IPv4 header checksum.
 const IPV4_CHECKSUM_AT: usize = 10;
 
-/// Offset of the checksum field in a parsed transport header.
+/// Offset of the 16-bit Internet checksum field in a parsed transport header
+/// (SCTP's CRC32c has one encoding per value and is simply recomputed).
 fn transport_checksum_offset(t: &Transport<'_>) -> Option<usize> {
     match t {
         Transport::Tcp(_) => Some(16),
@@ -112,6 +114,8 @@ pub enum Transport<'a> {
     Tcp(TcpRepr<'a>),
     /// UDP (the payload includes any VXLAN header and inner frame).
     Udp(UdpRepr<'a>),
+    /// SCTP: the common header, the chunks kept as bytes.
+    Sctp(SctpRepr<'a>),
     /// ICMP for IPv4.
     Icmpv4(Icmpv4Repr<'a>),
     /// ICMP for IPv6.
@@ -125,7 +129,7 @@ pub enum Transport<'a> {
         /// The fragment's bytes.
         data: &'a [u8],
     },
-    /// A protocol this dissector does not decode (ESP, GRE, SCTP, No Next Header…).
+    /// A protocol this dissector does not decode (ESP, GRE, No Next Header…).
     Other(IpProtocol, &'a [u8]),
 }
 
@@ -412,6 +416,9 @@ impl<'a> Dissection<'a> {
                 self.udp_slack = &data[usize::from(p.len())..];
                 UdpRepr::parse(&p).map(Transport::Udp)
             }),
+            IpProtocol::SCTP => sctp::Packet::new_checked(data)
+                .and_then(|p| SctpRepr::parse(&p))
+                .map(Transport::Sctp),
             IpProtocol::ICMP if !is_ipv6 => icmpv4::Packet::new_checked(data)
                 .and_then(|p| Icmpv4Repr::parse(&p))
                 .map(Transport::Icmpv4),
@@ -437,8 +444,8 @@ impl<'a> Dissection<'a> {
         }
     }
 
-    /// Whether the IPv4 header checksum and the TCP, UDP, ICMPv4 and ICMPv6
-    /// checksums present in the frame verify. Layers that were not parsed
+    /// Whether the IPv4 header checksum and the TCP, UDP, SCTP, ICMPv4 and
+    /// ICMPv6 checksums present in the frame verify. Layers that were not parsed
     /// count as valid; a frame with an [`Dissection::error`] is not checked
     /// beyond its sound layers.
     pub fn checksums_valid(&self) -> bool {
@@ -471,6 +478,7 @@ impl<'a> Dissection<'a> {
         match (self.transport, src, dst) {
             (Transport::Tcp(_), _, _) => tcp::Packet::new_checked(data).is_ok_and(|p| p.verify_checksum(src, dst)),
             (Transport::Udp(_), _, _) => udp::Packet::new_checked(data).is_ok_and(|p| p.verify_checksum(src, dst)),
+            (Transport::Sctp(_), _, _) => sctp::Packet::new_checked(data).is_ok_and(|p| p.verify_checksum()),
             (Transport::Icmpv4(_), _, _) => icmpv4::Packet::new_checked(data).is_ok_and(|p| p.verify_checksum()),
             (Transport::Icmpv6(_), IpAddr::V6(s), IpAddr::V6(d)) => {
                 icmpv6::Packet::new_checked(data).is_ok_and(|p| p.verify_checksum(s, d))
@@ -561,6 +569,7 @@ impl<'a> Dissection<'a> {
                 slack.copy_from_slice(self.udp_slack);
                 u.emit(&mut udp::Packet::new_unchecked(datagram), src, dst);
             }
+            Transport::Sctp(s) => s.emit(&mut sctp::Packet::new_unchecked(&mut *buf)),
             Transport::Icmpv4(i) => i.emit(&mut icmpv4::Packet::new_unchecked(&mut *buf)),
             Transport::Icmpv6(i) => {
                 if let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) {

@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use crate::flow;
-use crate::frame::Dissection;
+use crate::frame::{Dissection, Transport};
+use crate::ip::IpProtocol;
 
 /// Run every parser on `data` as an Ethernet frame and as a raw IP packet, and
 /// check the structural properties that must hold for any input:
@@ -14,7 +15,12 @@ use crate::frame::Dissection;
 /// - a frame the dissector accepts emits to bytes that dissect to the same headers;
 /// - for a frame with valid checksums, the emitted bytes equal the input;
 /// - the fast-path extractor accepts every frame the dissector accepts whole,
-///   and they agree on addresses and protocol.
+///   and they agree on addresses, and on the ports of TCP, UDP and SCTP and
+///   the type and code of ICMP;
+/// - the packet's first bytes, read as an ICMP error would quote them (the
+///   IP header and 8 bytes of transport), give the packet's own flow key
+///   ([`flow::extract_quoted`]), unless no key can be quoted (a non-first
+///   fragment, an ICMP error).
 ///
 /// Returns a description of the first property that fails.
 pub fn check_frame(data: &[u8]) -> Result<(), String> {
@@ -53,6 +59,21 @@ pub fn check_frame(data: &[u8]) -> Result<(), String> {
             {
                 return Err(format!("flow key addresses {:?} disagree with dissection", info.key));
             }
+            let k = &info.key;
+            let dissected = match d.transport {
+                Transport::Tcp(t) => Some((t.src_port, t.dst_port)),
+                Transport::Udp(u) => Some((u.src_port, u.dst_port)),
+                Transport::Sctp(s) => Some((s.src_port, s.dst_port)),
+                Transport::Icmpv4(_) | Transport::Icmpv6(_) => info.icmp.map(|_| (k.src_port, k.dst_port)),
+                _ => None,
+            };
+            if dissected.is_some_and(|p| p != (k.src_port, k.dst_port)) {
+                return Err(format!(
+                    "flow key ports {k:?} disagree with dissection {:?}",
+                    d.transport
+                ));
+            }
+            check_quoted(data, &info)?;
         }
         Ok(None) => {
             if d.addresses().is_some() {
@@ -62,6 +83,33 @@ pub fn check_frame(data: &[u8]) -> Result<(), String> {
         Err(e) => return Err(format!("flow extractor rejected ({e}) a frame the dissector accepted")),
     }
     Ok(())
+}
+
+/// The packet of `frame` that `info` describes, quoted as an ICMP error
+/// quotes it, gives `info`'s key back.
+fn check_quoted(frame: &[u8], info: &flow::FlowInfo) -> Result<(), String> {
+    let k = &info.key;
+    let v6 = k.protocol == IpProtocol::ICMPV6;
+    if info.fragment == flow::Fragment::NonFirst || info.icmp.is_some_and(|(ty, _)| flow::is_icmp_error(v6, ty)) {
+        return Ok(());
+    }
+    let (l3, l4) = (usize::from(info.l3_offset), usize::from(info.l4_offset));
+    // The IP layer's own end (the extractor accepted its length fields).
+    let end = match frame.get(l3).map(|b| b >> 4) {
+        Some(4) => frame
+            .get(l3 + 2..l3 + 4)
+            .map(|b| l3 + usize::from(u16::from_be_bytes([b[0], b[1]]))),
+        _ => frame
+            .get(l3 + 4..l3 + 6)
+            .map(|b| l3 + 40 + usize::from(u16::from_be_bytes([b[0], b[1]]))),
+    };
+    let Some(quote) = end.and_then(|end| frame.get(l3..(l4 + 8).min(end))) else {
+        return Err(format!("the packet of key {k:?} is not within its frame"));
+    };
+    match flow::extract_quoted(quote, k.segment) {
+        Some(q) if q == *k => Ok(()),
+        other => Err(format!("the quoted packet's key {other:?} differs from its own {k:?}")),
+    }
 }
 
 /// Run `check` over every input committed in `fuzz/regressions/<target>/`

@@ -32,6 +32,7 @@ pub mod ip;
 pub mod ipv4;
 pub mod ipv6;
 pub mod ipv6ext;
+pub mod sctp;
 pub mod tcp;
 pub mod udp;
 pub mod virtio_net;

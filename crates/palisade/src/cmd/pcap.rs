@@ -227,6 +227,7 @@ impl Stats {
             Transport::None => {}
             Transport::Tcp(_) => self.bump("tcp"),
             Transport::Udp(_) => self.bump("udp"),
+            Transport::Sctp(_) => self.bump("sctp"),
             Transport::Icmpv4(_) => self.bump("icmpv4"),
             Transport::Icmpv6(_) => self.bump("icmpv6"),
             Transport::Fragment { .. } => self.bump("ip-fragment"),

@@ -159,7 +159,7 @@ pub fn run(cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
                 resolve_endpoint(inv, &to).with_context(|| format!("--to {to}: not a VM, a vNIC or an IP address"))?;
             let flow = flow_for(&loaded.model.policy, src, dst, &service).with_context(|| {
                 format!(
-                    "--service {service}: expected tcp/PORT, udp/PORT, icmp/TYPE[/CODE], ip/PROTO or a service name"
+                    "--service {service}: expected tcp/PORT, udp/PORT, sctp/PORT, icmp/TYPE[/CODE], icmpv6/TYPE[/CODE], ip/PROTO or a service name"
                 )
             })?;
             let e = explain(&loaded.model, &flow);

@@ -8,7 +8,11 @@
 //!
 //! The verdict of each packet is the engine's; the provenance printed next to
 //! it (level, rule, policy version) is the compiled policy's decision for the
-//! connection's initiating direction, which is what the engine evaluated.
+//! connection's initiating direction, which is what the engine evaluated (for
+//! an ICMP error related to a connection, the rules naming its type). Rows
+//! are the flows the engine decided: a VXLAN packet from another host is
+//! reported by the frame inside the tunnel. `--packets` adds every packet's
+//! verdict in capture order, for comparisons packet by packet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -23,7 +27,7 @@ use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
 use palisade_datapath::verdict::{Counters, DropReason};
 use palisade_io::capture::{CaptureReader, LinkType};
 use palisade_policy::compile::Compiler;
-use palisade_policy::eval::Direction;
+use palisade_policy::eval::{ChainVerdict, Direction};
 use palisade_policy::{DirSource, load};
 use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::flow::{self, FlowKey, Segment};
@@ -48,6 +52,10 @@ pub struct ReplayArgs {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Also report every packet's verdict, in capture order (a table, or
+    /// `per_packet` in the JSON).
+    #[arg(long)]
+    pub packets: bool,
 }
 
 /// The topology file.
@@ -229,6 +237,22 @@ struct FlowOut {
     decided_by: Vec<DecisionOut>,
 }
 
+/// One packet's verdict (`--packets`).
+#[derive(Serialize)]
+struct PacketOut {
+    /// Its number in the capture, from 1.
+    n: u64,
+    /// The port it arrived on (a vNIC name, or `uplink`).
+    port: String,
+    /// Its row in `flows` (index from 0).
+    flow: usize,
+    /// `forward` or `drop`.
+    verdict: &'static str,
+    /// Why it was dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+}
+
 #[derive(Serialize)]
 struct ChangeOut {
     after_packet: u64,
@@ -242,6 +266,8 @@ struct Report {
     packets: u64,
     policy_changes: Vec<ChangeOut>,
     flows: Vec<FlowOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_packet: Option<Vec<PacketOut>>,
     drops: BTreeMap<&'static str, u64>,
     counters: BTreeMap<&'static str, u64>,
 }
@@ -262,6 +288,7 @@ fn proto_name(p: IpProtocol) -> String {
     match p {
         IpProtocol::TCP => "tcp".into(),
         IpProtocol::UDP => "udp".into(),
+        IpProtocol::SCTP => "sctp".into(),
         IpProtocol::ICMP => "icmp".into(),
         IpProtocol::ICMPV6 => "icmpv6".into(),
         other => format!("ip/{}", other.0),
@@ -282,7 +309,7 @@ fn key_text(k: &FlowKey) -> String {
 fn new_row(id: &FlowId) -> FlowOut {
     let (src, dst, segment, proto, src_port, dst_port) = match id {
         FlowId::Ip(k, _) => {
-            let ports = matches!(k.protocol, IpProtocol::TCP | IpProtocol::UDP);
+            let ports = matches!(k.protocol, IpProtocol::TCP | IpProtocol::UDP | IpProtocol::SCTP);
             (
                 k.src_addr().to_string(),
                 k.dst_addr().to_string(),
@@ -326,6 +353,20 @@ fn new_row(id: &FlowId) -> FlowOut {
     }
 }
 
+fn chain_out(c: ChainVerdict) -> ChainOut {
+    ChainOut {
+        vnic: c.vnic,
+        direction: match c.direction {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        },
+        action: c.action.to_string(),
+        level: c.provenance.level.to_string(),
+        rule: c.provenance.rule_id.to_string(),
+        scope: c.provenance.scope.map(|s| s.to_string()),
+    }
+}
+
 /// The policy's decision for `key` (the connection's initiating direction).
 fn decision(compiler: &Compiler, key: &FlowKey, via: Option<String>) -> DecisionOut {
     let flow = policy_flow(key);
@@ -338,26 +379,46 @@ fn decision(compiler: &Compiler, key: &FlowKey, via: Option<String>) -> Decision
             chains: Vec::new(),
         };
     };
-    let chains = [d.egress, d.ingress]
-        .into_iter()
-        .flatten()
-        .map(|c| ChainOut {
-            vnic: c.vnic,
-            direction: match c.direction {
-                Direction::Egress => "egress",
-                Direction::Ingress => "ingress",
-            },
-            action: c.action.to_string(),
-            level: c.provenance.level.to_string(),
-            rule: c.provenance.rule_id.to_string(),
-            scope: c.provenance.scope.map(|s| s.to_string()),
-        })
-        .collect();
     DecisionOut {
         policy_version: version,
         action: d.action.to_string(),
         via,
-        chains,
+        chains: [d.egress, d.ingress].into_iter().flatten().map(chain_out).collect(),
+    }
+}
+
+/// The policy's decision for the ICMP error `key`, related to the
+/// connection `via` names: only rules naming its type decide; with none, no
+/// chain is listed.
+fn related_decision(compiler: &Compiler, key: &FlowKey, via: String) -> DecisionOut {
+    let flow = policy_flow(key);
+    let version = compiler.model().policy.version;
+    match compiler.decide_related(&flow) {
+        Some(d) => DecisionOut {
+            policy_version: version,
+            action: d.action.to_string(),
+            via: Some(via),
+            chains: [d.egress, d.ingress]
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.verdict)
+                .map(chain_out)
+                .collect(),
+        },
+        None => DecisionOut {
+            policy_version: version,
+            action: "unmanaged".into(),
+            via: Some(via),
+            chains: Vec::new(),
+        },
+    }
+}
+
+/// The name `--packets` gives a port: its vNIC's, or `uplink`.
+fn port_name(engine: &Engine, port: PortId) -> String {
+    match engine.vnic(port) {
+        Some(v) => v.name.clone(),
+        None => "uplink".into(),
     }
 }
 
@@ -406,10 +467,12 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         packets: 0,
         policy_changes: Vec::new(),
         flows: Vec::new(),
+        per_packet: None,
         drops: BTreeMap::new(),
         counters: BTreeMap::new(),
     };
     let mut rows: HashMap<FlowId, usize> = HashMap::new();
+    let mut per_packet = args.packets.then(Vec::new);
     // The first direction seen of each connection (canonical key → key): its initiator.
     let mut initiators: HashMap<FlowKey, FlowKey> = HashMap::new();
     let mut pending = pending.into_iter().peekable();
@@ -435,37 +498,29 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         engine.expire(now, 64, &mut ());
         let disposition = engine.process(now, in_port, frame, &mut ());
 
-        // The row: the packet's own flow (inside the tunnel for uplink VXLAN frames).
-        // Rows are per L2 segment (the engine keys connections without it).
-        let segment = engine.frame_segment(in_port, frame);
-        let own = engine.dispatch_key(in_port, frame).map(|k| FlowKey {
-            segment: segment.unwrap_or(k.segment),
-            ..k
-        });
-        let id = match flow::extract(frame) {
-            Ok(Some(info)) => match own {
-                Some(k) if (k.src, k.dst, k.protocol) == (info.key.src, info.key.dst, info.key.protocol) => {
-                    FlowId::Ip(k, None)
-                }
-                // An ICMP error: dispatch_key quotes the offending packet; the row is the error's own.
-                Some(k) => FlowId::Ip(
-                    FlowKey {
-                        segment: k.segment,
-                        ..info.key
-                    },
-                    Some(k),
-                ),
-                None => FlowId::Ip(info.key, None),
-            },
+        // The row: the flow the engine decided, inside the tunnel for a
+        // VXLAN arrival, per L2 segment (the engine keys connections without it).
+        let own = engine.dispatch_key(in_port, frame);
+        let (inner, segment) = engine.inner_frame(in_port, frame).unwrap_or((frame, Segment::UNTAGGED));
+        let in_segment = |k: FlowKey| FlowKey { segment, ..k };
+        let id = match flow::extract(inner) {
+            Ok(Some(info)) => {
+                let error = info
+                    .icmp
+                    .is_some_and(|(ty, _)| flow::is_icmp_error(info.key.protocol == IpProtocol::ICMPV6, ty));
+                // An ICMP error's row is its own, with the packet it quotes.
+                let quoted = if error { own.map(in_segment) } else { None };
+                FlowId::Ip(in_segment(info.key), quoted)
+            }
             Ok(None) => {
                 let eth = |r: core::ops::Range<usize>| {
-                    frame
+                    inner
                         .get(r)
                         .and_then(|m| <[u8; 6]>::try_from(m).ok())
                         .map_or(EthernetAddress([0; 6]), EthernetAddress)
                 };
                 // `get(12..14)` yields exactly two bytes when it yields anything.
-                let ethertype = frame.get(12..14).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                let ethertype = inner.get(12..14).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
                 FlowId::L2 {
                     src: eth(6..12),
                     dst: eth(0..6),
@@ -478,36 +533,83 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             report.flows.push(new_row(&id));
             report.flows.len() - 1
         });
+        if let Some(list) = per_packet.as_mut() {
+            list.push(PacketOut {
+                n,
+                port: port_name(&engine, in_port),
+                flow: idx,
+                verdict: match disposition {
+                    Disposition::Forward => "forward",
+                    Disposition::Drop(_) => "drop",
+                },
+                reason: match disposition {
+                    Disposition::Forward => None,
+                    Disposition::Drop(r) => Some(r.name()),
+                },
+            });
+        }
         // `idx` was just inserted or found in `rows`, which only holds indices of `report.flows`.
         let row = &mut report.flows[idx];
         row.packets += 1;
         row.bytes += frame.len() as u64;
-        // Which flow the policy decided: a forwarded or revoked packet belongs to
-        // a connection, decided for its initiator's direction; a denied one was
-        // classified on its own key as a new flow.
-        let decided = match disposition {
+        // Which decision the row shows. A forwarded or revoked packet belongs
+        // to a connection, decided for its initiator's direction; a denied one
+        // was classified on its own key as a new flow. An ICMP error related
+        // to a connection was decided by the rules naming its type.
+        let error_of = match id {
+            FlowId::Ip(k, Some(q)) => Some((k, q)),
+            _ => None,
+        };
+        // An error is related when it quotes a packet of a tracked connection
+        // and travels back to that packet's sender (as the engine checks).
+        let related = error_of.is_some_and(|(k, q)| {
+            k.dst_addr() == q.src_addr() && own.is_some_and(|q| engine.conntrack().find(&q).is_some())
+        });
+        let decided = match (disposition, error_of) {
+            (Disposition::Forward, Some((k, q))) if related => Some(related_decision(&compiler, &k, key_text(&q))),
+            (Disposition::Drop(DropReason::PolicyDeny), Some((k, q))) => {
+                Some(related_decision(&compiler, &k, key_text(&q)))
+            }
+            (Disposition::Forward | Disposition::Drop(DropReason::IcmpErrorUnrelated), Some((k, _))) => {
+                Some(decision(&compiler, &k, None))
+            }
+            (Disposition::Forward, None) => own
+                .map(|k| *initiators.entry(k.canonical().0).or_insert(k))
+                .map(|init| {
+                    decision(
+                        &compiler,
+                        &init,
+                        (FlowId::Ip(in_segment(init), None) != id).then(|| key_text(&init)),
+                    )
+                }),
+            (Disposition::Drop(r), None) => match r {
+                DropReason::PolicyDeny | DropReason::PolicyReject => own.map(|k| decision(&compiler, &k, None)),
+                // The connection is gone: a later packet starts a new one.
+                DropReason::PolicyRevoked => own.and_then(|k| initiators.remove(&k.canonical().0)).map(|init| {
+                    decision(
+                        &compiler,
+                        &init,
+                        (FlowId::Ip(in_segment(init), None) != id).then(|| key_text(&init)),
+                    )
+                }),
+                _ => None,
+            },
+            (Disposition::Drop(_), Some(_)) => None,
+        };
+        match disposition {
             Disposition::Forward => {
                 row.forwarded += 1;
                 row.verdict = "forward".into();
-                own.map(|k| *initiators.entry(k.canonical().0).or_insert(k))
             }
             Disposition::Drop(r) => {
                 *row.drops.entry(r.name()).or_default() += 1;
                 row.verdict = format!("drop: {r}");
-                match r {
-                    DropReason::PolicyDeny | DropReason::PolicyReject => own,
-                    // The connection is gone: a later packet starts a new one.
-                    DropReason::PolicyRevoked => own.and_then(|k| initiators.remove(&k.canonical().0)),
-                    _ => None,
-                }
             }
-        };
-        if let Some(init) = decided {
-            let via = (FlowId::Ip(init, None) != id).then(|| key_text(&init));
-            let d = decision(&compiler, &init, via);
-            if row.decided_by.last() != Some(&d) {
-                row.decided_by.push(d);
-            }
+        }
+        if let Some(d) = decided
+            && row.decided_by.last() != Some(&d)
+        {
+            row.decided_by.push(d);
         }
 
         while let Some((_, next)) = pending.next_if(|(after, _)| *after <= n) {
@@ -523,6 +625,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         bail!("--policy-change after packet {after}, but the capture has only {n} packets");
     }
     report.packets = n;
+    report.per_packet = per_packet;
     let c = engine.counters();
     report.drops = DropReason::ALL
         .iter()
@@ -541,6 +644,18 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A row's endpoints as the tables show them.
+fn flow_ends(f: &FlowOut) -> String {
+    let ends = match (f.src_port, f.dst_port) {
+        (Some(s), Some(d)) => format!("{}:{s} -> {}:{d}", f.src, f.dst),
+        _ => format!("{} -> {}", f.src, f.dst),
+    };
+    match &f.quotes {
+        Some(q) => format!("{ends} (error re {q})"),
+        None => ends,
+    }
+}
+
 fn render(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
@@ -555,20 +670,33 @@ fn render(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
         )?;
     }
     writeln!(out)?;
+    let ends: Vec<String> = r.flows.iter().map(flow_ends).collect();
+    if let Some(packets) = &r.per_packet {
+        writeln!(
+            out,
+            "{:>7}  {:<14} {:<26} {:<6} FLOW",
+            "PACKET", "PORT", "VERDICT", "PROTO"
+        )?;
+        for p in packets {
+            let verdict = match p.reason {
+                Some(reason) => format!("drop: {reason}"),
+                None => p.verdict.to_string(),
+            };
+            let flow = &r.flows[p.flow];
+            writeln!(
+                out,
+                "{:>7}  {:<14} {:<26} {:<6} {}",
+                p.n, p.port, verdict, flow.proto, ends[p.flow]
+            )?;
+        }
+        writeln!(out)?;
+    }
     writeln!(
         out,
         "{:<46} {:<10} {:<6} {:<26} {:>5} {:>7}  DECIDED BY",
         "FLOW", "SEGMENT", "PROTO", "VERDICT", "PKTS", "BYTES"
     )?;
-    for f in &r.flows {
-        let ends = match (f.src_port, f.dst_port) {
-            (Some(s), Some(d)) => format!("{}:{s} -> {}:{d}", f.src, f.dst),
-            _ => format!("{} -> {}", f.src, f.dst),
-        };
-        let ends = match &f.quotes {
-            Some(q) => format!("{ends} (error re {q})"),
-            None => ends,
-        };
+    for (f, ends) in r.flows.iter().zip(&ends) {
         let verdict = if f.drops.is_empty() || f.forwarded == 0 {
             f.verdict.clone()
         } else {
@@ -584,7 +712,13 @@ fn render(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
                     .map(|c| format!("{} {} {}/{}", c.vnic, c.direction, c.level, c.rule))
                     .collect();
                 let via = d.via.as_deref().map(|v| format!(" via {v}")).unwrap_or_default();
-                format!("v{} {}: {}{via}", d.policy_version, d.action, chains.join(", "))
+                let chains = if chains.is_empty() && d.action != "unmanaged" {
+                    // Only a related ICMP error is decided without a rule.
+                    "related error, no rule names its type".to_string()
+                } else {
+                    chains.join(", ")
+                };
+                format!("v{} {}: {chains}{via}", d.policy_version, d.action)
             })
             .collect();
         writeln!(

@@ -18,7 +18,7 @@ use palisade_wire::ip::IpProtocol;
 use palisade_wire::ipv4::{self, Ipv4Repr};
 use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
 use palisade_wire::udp::{self, UdpRepr};
-use palisade_wire::{icmpv4, vlan};
+use palisade_wire::{icmpv4, vlan, vxlan};
 
 /// bastion-1.0 (local to hv1).
 pub const BASTION: ([u8; 6], Ipv4Addr) = ([2, 0, 0x0a, 0, 9, 0x0a], Ipv4Addr::new(10, 0, 9, 10));
@@ -271,6 +271,54 @@ pub fn policy_change_scenario() -> Vec<Vec<u8>> {
     v
 }
 
+/// hv1's uplink MAC and tunnel endpoint, the underlay gateway's MAC, and
+/// hv2's tunnel endpoint (from the topology `hv1.json`).
+const HV1_UPLINK: ([u8; 6], Ipv4Addr) = ([0x0e, 0, 0, 0, 0, 1], Ipv4Addr::new(192, 168, 0, 1));
+const GATEWAY_MAC: [u8; 6] = [0x0e, 0, 0, 0, 0, 0xfe];
+const HV2_VTEP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
+
+/// `inner` (an untagged Ethernet frame) as hv2 sends it to hv1 over the
+/// underlay: VXLAN-GBP in zone mgmt's VNI (its VLAN id), with the
+/// policy-applied bit as given.
+fn from_hv2(inner: &[u8], policy_applied: bool) -> Vec<u8> {
+    let vx = vxlan::VxlanRepr {
+        vni: u32::from(MGMT_VLAN),
+        gbp: Some(vxlan::GbpRepr {
+            dont_learn: false,
+            policy_applied,
+            group_id: 0,
+        }),
+    };
+    let mut payload = vec![0; vx.buffer_len()];
+    vx.emit(&mut vxlan::Packet::new_unchecked(&mut payload[..]));
+    payload.extend_from_slice(inner);
+    let ip = ipv4(
+        HV2_VTEP,
+        HV1_UPLINK.1,
+        IpProtocol::UDP,
+        &udp_dgram(HV2_VTEP, HV1_UPLINK.1, (50003, vxlan::VXLAN_PORT), &payload),
+        None,
+    );
+    eth(GATEWAY_MAC, HV1_UPLINK.0, None, EtherType::IPV4, &ip)
+}
+
+/// dns-1 on hv2 over the overlay: bastion-1's query goes out, the answer
+/// comes back in VXLAN-GBP with the policy-applied bit, then an ICMP error
+/// from dns-1 about a later query, and a query from dns-1 that hv2 did not
+/// mark as decided (hv1 evaluates it: denied).
+pub fn overlay_scenario() -> Vec<Vec<u8>> {
+    let d = End { tag: None, ..D };
+    let mut v = Vec::new();
+    let query = udp(B, D, (44000, 53), b"query");
+    v.push(query.clone());
+    v.push(from_hv2(&udp(d, B, (53, 44000), b"answer"), true));
+    let again = udp(B, D, (44001, 53), b"again");
+    v.push(again.clone());
+    v.push(from_hv2(&icmp(d, B, 3, 3, [0; 4], &ip_of(&again, false)[..28]), true));
+    v.push(from_hv2(&udp(d, B, (44002, 53), b"unasked"), false));
+    v
+}
+
 /// The scenarios: name and frames.
 pub fn scenarios() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     vec![
@@ -278,6 +326,7 @@ pub fn scenarios() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("icmp-frag", icmp_frag_scenario()),
         ("spoof", spoof_scenario()),
         ("policy-change", policy_change_scenario()),
+        ("overlay", overlay_scenario()),
     ]
 }
 
