@@ -9,6 +9,8 @@ use std::fmt::{self, Write as _};
 
 use serde::Serialize;
 
+use crate::chars;
+use crate::limits::MAX_CONTEXT_CHARS;
 use crate::model::Span;
 use crate::source::SourceMap;
 
@@ -71,6 +73,16 @@ pub enum DiagnosticKind {
     EmptySelector,
     /// An action keyword that is not `allow | deny | reject | pass` (or not allowed here).
     InvalidAction,
+    /// A bound of [`crate::limits`] crossed: file size, nesting depth, nodes
+    /// copied by aliases, number of diagnostics.
+    LimitExceeded,
+    /// A character the file or a name may not hold (see [`crate::chars`]).
+    BadCharacter,
+    /// A YAML tag other than `!!str`, `!!seq` or `!!map`.
+    UnsupportedTag,
+    /// An address block written with host bits set (`10.9.0.77/16`), read
+    /// as its network (warning).
+    HostBitsSet,
 }
 
 impl DiagnosticKind {
@@ -99,6 +111,10 @@ impl DiagnosticKind {
             DiagnosticKind::VniOutOfRange => "vni-out-of-range",
             DiagnosticKind::EmptySelector => "empty-selector",
             DiagnosticKind::InvalidAction => "invalid-action",
+            DiagnosticKind::LimitExceeded => "limit-exceeded",
+            DiagnosticKind::BadCharacter => "bad-character",
+            DiagnosticKind::UnsupportedTag => "unsupported-tag",
+            DiagnosticKind::HostBitsSet => "host-bits-set",
         }
     }
 }
@@ -168,29 +184,40 @@ impl fmt::Display for Diagnostic {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
+        // The file name is input too (an API upload names it).
+        let (file, _) = chars::escape_line(&self.file);
         write!(
             f,
-            "{}:{}:{}: {sev}[{}]: {}",
-            self.file, self.line, self.column, self.kind, self.message
+            "{file}:{}:{}: {sev}[{}]: {}",
+            self.line, self.column, self.kind, self.message
         )
     }
 }
 
 /// Render diagnostics rustc-style: header, source line with a caret, hint.
+///
+/// The source line is shown escaped (see [`chars::escape_line`]) and, when
+/// long, as a window of [`MAX_CONTEXT_CHARS`] characters around the column,
+/// so a diagnostic is a few lines however long its line is. Diagnostics in
+/// file order (as [`crate::load()`] returns them) render in one pass over
+/// each file.
 pub fn render(diags: &[Diagnostic], sources: &SourceMap) -> String {
     let mut out = String::new();
+    let mut cursors: Vec<(&str, LineCursor<'_>)> = Vec::new();
     for d in diags {
         let _ = writeln!(out, "{d}");
-        if let Some(text) = sources.line(&d.file, d.line) {
+        let cursor = match cursors.iter_mut().position(|(f, _)| *f == d.file) {
+            Some(i) => Some(&mut cursors[i].1),
+            None => sources.text(&d.file).map(|text| {
+                cursors.push((d.file.as_str(), LineCursor::new(text)));
+                &mut cursors.last_mut().expect("just pushed").1
+            }),
+        };
+        if let Some((shown, caret_pad)) = cursor.and_then(|c| c.context(d.line, d.column)) {
             let num = d.line.to_string();
             let pad = " ".repeat(num.len());
-            let caret_pad: String = text
-                .chars()
-                .take(d.column.saturating_sub(1) as usize)
-                .map(|c| if c == '\t' { '\t' } else { ' ' })
-                .collect();
             let _ = writeln!(out, "{pad} |");
-            let _ = writeln!(out, "{num} | {text}");
+            let _ = writeln!(out, "{num} | {shown}");
             let _ = writeln!(out, "{pad} | {caret_pad}^");
         }
         if let Some(h) = &d.hint {
@@ -198,6 +225,116 @@ pub fn render(diags: &[Diagnostic], sources: &SourceMap) -> String {
         }
     }
     out
+}
+
+/// A position in a file's text that moves forward to each diagnostic's
+/// line and column (and starts over for one before it).
+struct LineCursor<'t> {
+    text: &'t str,
+    /// The line it is on (1-based) and the byte it starts at.
+    line: u32,
+    line_start: usize,
+    /// The column it is at (1-based) and its byte.
+    column: u32,
+    byte: usize,
+}
+
+impl<'t> LineCursor<'t> {
+    fn new(text: &'t str) -> LineCursor<'t> {
+        LineCursor {
+            text,
+            line: 1,
+            line_start: 0,
+            column: 1,
+            byte: 0,
+        }
+    }
+
+    /// Move to `line`, `column` (or the line's end, if it is shorter);
+    /// `false` if the text has no such line.
+    fn seek(&mut self, line: u32, column: u32) -> bool {
+        if line < self.line || (line == self.line && column < self.column) {
+            *self = LineCursor::new(self.text);
+        }
+        let bytes = self.text.as_bytes();
+        while self.line < line {
+            match memchr::memchr(b'\n', &bytes[self.line_start..]) {
+                Some(n) => {
+                    self.line += 1;
+                    self.line_start += n + 1;
+                    self.column = 1;
+                    self.byte = self.line_start;
+                }
+                None => return false,
+            }
+        }
+        while self.column < column {
+            match self.text[self.byte..].chars().next() {
+                Some('\n') | None => break,
+                Some(c) => {
+                    self.byte += c.len_utf8();
+                    self.column += 1;
+                }
+            }
+        }
+        true
+    }
+
+    /// The window of `line` shown for `column`, escaped, and the padding
+    /// that puts a caret under the column.
+    fn context(&mut self, line: u32, column: u32) -> Option<(String, String)> {
+        if !self.seek(line, column) {
+            return None;
+        }
+        let half = MAX_CONTEXT_CHARS / 2;
+        let before_text = &self.text[self.line_start..self.byte];
+        let mut start = self.byte;
+        for (taken, c) in before_text.chars().rev().enumerate() {
+            if taken == half {
+                break;
+            }
+            start -= c.len_utf8();
+        }
+        let mut end = self.byte;
+        let mut cut_end = false;
+        for (taken, c) in self.text[self.byte..].chars().enumerate() {
+            if c == '\n' {
+                break;
+            }
+            if taken == MAX_CONTEXT_CHARS - half {
+                cut_end = true;
+                break;
+            }
+            end += c.len_utf8();
+        }
+        let window = &self.text[start..end];
+        let window = if cut_end {
+            window
+        } else {
+            window.strip_suffix('\r').unwrap_or(window)
+        };
+        let (escaped, widths) = chars::escape_line(window);
+        let cut_start = start > self.line_start;
+        let mut shown = String::new();
+        let mut caret_pad = String::new();
+        if cut_start {
+            shown.push('…');
+            caret_pad.push(' ');
+        }
+        shown.push_str(&escaped);
+        if cut_end {
+            shown.push('…');
+        }
+        let before = self.text[start..self.byte].chars().count();
+        for (c, w) in window.chars().zip(&widths).take(before) {
+            if c == '\t' {
+                caret_pad.push('\t');
+            } else {
+                caret_pad.extend(std::iter::repeat_n(' ', *w));
+            }
+        }
+        Some((shown, caret_pad))
+    }
 }
 
 /// Levenshtein distance, for "did you mean" hints.
@@ -215,13 +352,25 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// Names longer than this get no suggestion (the distance is quadratic).
+const SUGGEST_MAX_CHARS: usize = 256;
+
 /// The closest candidate to `name`, if it is close enough to be a likely typo.
 pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let len = name.chars().count();
     candidates
         .into_iter()
-        .map(|c| (edit_distance(name, c), c))
-        // Half the longer name: "web-srv" still finds "web-servers", "zzz" finds nothing.
-        .filter(|(d, c)| *d <= (name.chars().count().max(c.chars().count()) / 2).max(1))
+        .filter_map(|c| {
+            // Half the longer name: "web-srv" still finds "web-servers", "zzz"
+            // finds nothing. The lengths alone rule most out (and a huge name
+            // costs no quadratic distance).
+            let clen = c.chars().count();
+            let most = (len.max(clen) / 2).max(1);
+            let worth = len.abs_diff(clen) <= most && len.max(clen) <= SUGGEST_MAX_CHARS;
+            worth.then(|| (edit_distance(name, c), c, most))
+        })
+        .filter(|(d, _, most)| d <= most)
+        .map(|(d, c, _)| (d, c))
         .min_by_key(|(d, c)| (*d, *c))
         .map(|(_, c)| c)
 }
@@ -229,12 +378,13 @@ pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 /// A "did you mean" hint for an unknown name, or a list of what exists.
 pub fn did_you_mean<'a>(name: &str, what: &str, candidates: impl IntoIterator<Item = &'a str> + Clone) -> String {
     match suggest(name, candidates.clone()) {
-        Some(s) => format!("did you mean \"{s}\"?"),
+        Some(s) => format!("did you mean {}?", chars::quote(s)),
         None => {
             let all: Vec<&str> = candidates.into_iter().take(8).collect();
             if all.is_empty() {
                 format!("no {what} is defined")
             } else {
+                let all: Vec<String> = all.into_iter().map(|c| chars::escape_line(c).0).collect();
                 format!("defined {what}s include: {}", all.join(", "))
             }
         }

@@ -10,6 +10,9 @@
 //! - [`compile`]: per-vNIC egress/ingress chains with provenance, incremental
 //!   on retagging.
 //! - [`analyze`]: shadowed, redundant, conflicting and unused rules.
+//! - [`limits`] and [`chars`]: what a policy file may be: its size, how
+//!   deep it nests, what its aliases copy, which characters it and its
+//!   names hold; and how input is escaped when it is shown.
 //!
 //! The crate is pure: its only I/O is reading policy files in
 //! [`source::DirSource`]. The file format is documented in the crate README
@@ -40,9 +43,11 @@
 //! ```
 
 pub mod analyze;
+pub mod chars;
 pub mod compile;
 pub mod diag;
 pub mod eval;
+pub mod limits;
 pub mod load;
 pub mod model;
 pub mod source;

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use foldhash::HashMap as FastMap;
 use ipnet::IpNet;
 
-use crate::diag::{Diagnostic, DiagnosticKind as K, did_you_mean};
+use crate::chars::{self, quote};
+use crate::diag::{Diagnostic, DiagnosticKind as K, Severity, did_you_mean};
+use crate::limits::{MAX_DIAGNOSTICS, MAX_FILE_BYTES};
 use crate::model::*;
 use crate::source::{PolicySource, SourceError, SourceMap};
 use crate::validate::{self, RefKind, Reference};
@@ -257,7 +259,14 @@ fn cut_vms(earlier: &mut FastMap<Box<str>, BuiltVm>, file: &Arc<str>, text: &str
 
 /// The one entry an item's text parses to, or `None`.
 fn one_entry(file: &Arc<str>, item: &crate::split::Item<'_>) -> Option<Node> {
-    let mut docs = yaml::parse_at(file, item.text, item.line).ok()?;
+    // Inside the file's mapping, as in the whole parse. An entry with an
+    // anchor or an alias is parsed whole: what aliases may copy depends on
+    // everything before them in the file.
+    let parsed = yaml::parse_in(file, item.text, item.line, 1).ok()?;
+    if parsed.aliases {
+        return None;
+    }
+    let mut docs = parsed.docs;
     let doc = docs.pop().filter(|_| docs.is_empty())?;
     match doc.kind {
         NodeKind::Seq(mut entries) if entries.len() == 1 => entries.pop(),
@@ -274,21 +283,49 @@ fn load_files(
     let mut sources = SourceMap::default();
     for (path, text) in files {
         let name = display(path);
-        sources.add(name.clone(), text.clone());
-        let file: Arc<str> = name.into();
+        let file: Arc<str> = name.as_str().into();
         b.first_file.get_or_insert_with(|| file.clone());
-        read(&mut b, &file, text);
+        let text = chars::strip_bom(text);
+        if b.check_text(&file, text) {
+            read(&mut b, &file, text);
+        }
+        sources.add(name, text.to_string());
     }
     let (model, mut diags, refs) = b.finish();
     validate::validate(&model, &refs, &mut diags);
     // Report in reading order: file, then position (stable, so ties keep check order).
     let order: Vec<String> = files.iter().map(|(p, _)| display(p)).collect();
     diags.sort_by_key(|d| (order.iter().position(|f| *f == d.file), d.line, d.column));
+    cap(&mut diags);
     Loaded {
         model,
         diagnostics: diags,
         sources,
     }
+}
+
+/// Keep the first [`MAX_DIAGNOSTICS`], and say what was left out (as an
+/// error if any of it was one, so the policy stays refused).
+fn cap(diags: &mut Vec<Diagnostic>) {
+    if diags.len() <= MAX_DIAGNOSTICS {
+        return;
+    }
+    let rest = diags.split_off(MAX_DIAGNOSTICS);
+    let errors = rest.iter().filter(|d| d.is_error()).count();
+    let first = &rest[0];
+    diags.push(Diagnostic {
+        severity: if errors > 0 { Severity::Error } else { Severity::Warning },
+        kind: K::LimitExceeded,
+        file: first.file.clone(),
+        line: first.line,
+        column: first.column,
+        message: format!(
+            "{} more diagnostics from here on are not shown ({errors} errors, {} warnings)",
+            rest.len(),
+            rest.len() - errors
+        ),
+        hint: Some(format!("only the first {MAX_DIAGNOSTICS} are listed; fix those first")),
+    });
 }
 
 fn display(p: &Path) -> String {
@@ -330,6 +367,9 @@ struct ModelBuilder {
     built_vms: Vec<(Box<str>, BuiltVm)>,
     /// Whether one of them built with a diagnostic.
     cut_diagnosed: bool,
+    /// Whether a file was refused or did not parse (what it declares is
+    /// missing, and the error says why).
+    unread: bool,
 }
 
 /// A mapping's entries, looked up by key.
@@ -380,7 +420,12 @@ impl ModelBuilder {
             };
             if !allowed.contains(&key) {
                 let hint = did_you_mean(key, "key", allowed.iter().copied());
-                self.err_hint(K::UnknownKey, &k.span, format!("unknown key \"{key}\" in {what}"), hint);
+                self.err_hint(
+                    K::UnknownKey,
+                    &k.span,
+                    format!("unknown key {} in {what}", quote(key)),
+                    hint,
+                );
                 continue;
             }
             if entries.iter().any(|(e, _, _)| *e == key) {
@@ -399,6 +444,54 @@ impl ModelBuilder {
         })
     }
 
+    /// Whether a file's text may be parsed: not over the size limit, and
+    /// holding only characters a policy file may (see [`crate::chars`]).
+    /// Otherwise the one diagnostic saying why.
+    fn check_text(&mut self, file: &Arc<str>, text: &str) -> bool {
+        let at = |line, column| Span {
+            file: file.clone(),
+            line,
+            column,
+        };
+        if text.len() as u64 > MAX_FILE_BYTES {
+            let msg = format!(
+                "the file is {} bytes, over the limit of {} MiB for a policy file",
+                text.len(),
+                MAX_FILE_BYTES >> 20
+            );
+            self.err_hint(K::LimitExceeded, &at(1, 1), msg, "split it into several files");
+            self.unread = true;
+            return false;
+        }
+        match chars::check_file(text) {
+            Ok(()) => true,
+            Err(bad) => {
+                let msg = format!(
+                    "{} ({}) is not allowed in a policy file",
+                    bad.what,
+                    chars::code_point(bad.ch)
+                );
+                let hint = "a policy file holds printable characters, tabs and line breaks (LF or CRLF); \
+                            the file was not read";
+                self.err_hint(K::BadCharacter, &at(bad.line, bad.column), msg, hint);
+                self.unread = true;
+                false
+            }
+        }
+    }
+
+    /// Whether a string read as a name (or any identifier) is one: no
+    /// control, format, invisible or unusual space character in it.
+    fn clean_name(&mut self, node: &Node, s: &str) -> bool {
+        let Some((c, what)) = chars::check_name(s) else {
+            return true;
+        };
+        let msg = format!("{} holds {what} ({})", quote(s), chars::code_point(c));
+        let hint = "names, tags and values are visible text: two that look alike must be alike";
+        self.err_hint(K::BadCharacter, &node.span, msg, hint);
+        false
+    }
+
     fn required<'a>(&mut self, f: &Fields<'a>, key: &str, what: &str) -> Option<&'a Node> {
         let v = f.get(key);
         if v.is_none() {
@@ -409,7 +502,9 @@ impl ModelBuilder {
 
     fn string(&mut self, node: &Node) -> Option<String> {
         match &node.kind {
-            NodeKind::Scalar { value, .. } if !node.is_null() => Some(value.clone()),
+            NodeKind::Scalar { value, .. } if !node.is_null() => {
+                self.clean_name(node, value).then(|| value.to_string())
+            }
             _ => {
                 self.wrong(node, "a string");
                 None
@@ -424,14 +519,22 @@ impl ModelBuilder {
                 let mut out = Vec::new();
                 for it in items {
                     if matches!(it.kind, NodeKind::Scalar { .. }) && !it.is_null() {
-                        out.push(it);
+                        if self.clean_name(it, it.as_str().unwrap_or_default()) {
+                            out.push(it);
+                        }
                     } else {
                         self.wrong(it, "a string");
                     }
                 }
                 out
             }
-            NodeKind::Scalar { .. } if !node.is_null() => vec![node],
+            NodeKind::Scalar { value, .. } if !node.is_null() => {
+                if self.clean_name(node, value) {
+                    vec![node]
+                } else {
+                    Vec::new()
+                }
+            }
             _ => {
                 self.wrong(node, "a string or a list of strings");
                 Vec::new()
@@ -454,8 +557,14 @@ impl ModelBuilder {
         match &node.kind {
             NodeKind::Scalar { value, quoted: false } => match value.parse::<u64>() {
                 Ok(n) => Some(n),
+                Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => {
+                    let msg = format!("{} is out of range", quote(value));
+                    self.err_hint(K::InvalidValue, &node.span, msg, format!("at most {}", u64::MAX));
+                    None
+                }
                 Err(_) => {
-                    self.wrong(node, "a non-negative integer");
+                    let msg = format!("expected a non-negative integer, found {}", quote(value));
+                    self.err(K::WrongType, &node.span, msg);
                     None
                 }
             },
@@ -496,7 +605,12 @@ impl ModelBuilder {
                 } else {
                     did_you_mean(&s, "action", ["allow", "deny", "reject", "pass"])
                 };
-                self.err_hint(K::InvalidAction, &node.span, format!("\"{s}\" is not an action"), hint);
+                self.err_hint(
+                    K::InvalidAction,
+                    &node.span,
+                    format!("{} is not an action", quote(&s)),
+                    hint,
+                );
                 None
             }
         }
@@ -505,7 +619,14 @@ impl ModelBuilder {
     /// Parse one file's text and read its documents.
     fn whole_file(&mut self, file: &Arc<str>, text: &str) {
         match yaml::parse(file, text) {
-            Err(e) => self.diags.push(Diagnostic::error(K::YamlSyntax, &e.span, e.message)),
+            Err(e) => {
+                self.unread = true;
+                let d = Diagnostic::error(e.kind, &e.span, e.message);
+                self.diags.push(match e.hint {
+                    Some(h) => d.with_hint(h),
+                    None => d,
+                });
+            }
             Ok(docs) => {
                 for doc in &docs {
                     self.file(doc);
@@ -735,7 +856,7 @@ impl ModelBuilder {
                 self.err_hint(
                     K::InvalidValue,
                     &n.span,
-                    format!("\"{s}\" is not a UUID"),
+                    format!("{} is not a UUID", quote(&s)),
                     "8-4-4-4-12 hex digits",
                 );
                 None
@@ -800,7 +921,7 @@ impl ModelBuilder {
                     self.err_hint(
                         K::InvalidValue,
                         &n.span,
-                        format!("\"{s}\" is not a MAC address"),
+                        format!("{} is not a MAC address", quote(&s)),
                         "e.g. 02:00:00:00:01:01",
                     );
                     None
@@ -816,7 +937,7 @@ impl ModelBuilder {
                     Err(_) => self.err_hint(
                         K::BadCidr,
                         &n.span,
-                        format!("\"{s}\" is not an IP address"),
+                        format!("{} is not an IP address", quote(s)),
                         "a vNIC address is a single IPv4 or IPv6 address, without prefix length",
                     ),
                 }
@@ -861,8 +982,8 @@ impl ModelBuilder {
         }
         if matches!(node.kind, NodeKind::Scalar { .. }) {
             let msg = format!(
-                "a group is `external` or a mapping, found \"{}\"",
-                node.as_str().unwrap_or_default()
+                "a group is `external` or a mapping, found {}",
+                quote(node.as_str().unwrap_or_default())
             );
             self.err_hint(
                 K::WrongType,
@@ -930,12 +1051,20 @@ impl ModelBuilder {
     fn net(&mut self, n: &Node) -> Option<IpNet> {
         let s = n.as_str().unwrap_or_default();
         match parse_net(s) {
-            Some(net) => Some(net),
+            Some(net) => {
+                if s.parse::<IpNet>().is_ok_and(|written| written != net) {
+                    let msg = format!("{} has host bits set; it is read as {net}", quote(s));
+                    let hint = format!("write {net}, or the address alone for just that host");
+                    self.diags
+                        .push(Diagnostic::warning(K::HostBitsSet, &n.span, msg).with_hint(hint));
+                }
+                Some(net)
+            }
             None => {
                 self.err_hint(
                     K::BadCidr,
                     &n.span,
-                    format!("\"{s}\" is not a CIDR block"),
+                    format!("{} is not a CIDR block", quote(s)),
                     "e.g. 10.9.0.0/24 or fd00::/64",
                 );
                 None
@@ -960,7 +1089,7 @@ impl ModelBuilder {
                     Some(None) => self.err_hint(
                         K::InvalidValue,
                         &n.span,
-                        format!("\"{s}\" is not a protocol/port spec"),
+                        format!("{} is not a protocol/port spec", quote(s)),
                         "e.g. tcp/443, udp/53, tcp/8000-8080, icmp/echo-request, any",
                     ),
                     None => {}
@@ -998,7 +1127,7 @@ impl ModelBuilder {
                     self.err_hint(
                         K::InvalidValue,
                         &n.span,
-                        format!("\"{s}\" needs a protocol number"),
+                        format!("{} needs a protocol number", quote(s)),
                         "e.g. ip/47",
                     );
                     return None;
@@ -1025,7 +1154,7 @@ impl ModelBuilder {
                     let (lo, hi) = match (lo.parse::<u64>(), hi.parse::<u64>()) {
                         (Ok(lo), Ok(hi)) => (lo, hi),
                         _ => {
-                            let msg = format!("\"{ports}\" is not a port or port range");
+                            let msg = format!("{} is not a port or port range", quote(ports));
                             self.err_hint(K::PortOutOfRange, &n.span, msg, "ports are 0 to 65535, ranges lo-hi");
                             return None;
                         }
@@ -1050,7 +1179,7 @@ impl ModelBuilder {
             }
             if let Some(t) = rest.first() {
                 let Some(ty) = icmp_type(proto, t) else {
-                    let msg = format!("\"{t}\" is not an ICMP type");
+                    let msg = format!("{} is not an ICMP type", quote(t));
                     self.err_hint(
                         K::InvalidValue,
                         &n.span,
@@ -1066,7 +1195,7 @@ impl ModelBuilder {
                     self.err_hint(
                         K::InvalidValue,
                         &n.span,
-                        format!("\"{c}\" is not an ICMP code"),
+                        format!("{} is not an ICMP code", quote(c)),
                         "0-255",
                     );
                     return None;
@@ -1172,7 +1301,12 @@ impl ModelBuilder {
 
     fn bad_level(&mut self, k: &Node, key: &str) {
         let hint = "levels are datacenter, cluster:NAME, zone:NAME and vm:NAME";
-        self.err_hint(K::UnknownKey, &k.span, format!("\"{key}\" is not a rule level"), hint);
+        self.err_hint(
+            K::UnknownKey,
+            &k.span,
+            format!("{} is not a rule level", quote(key)),
+            hint,
+        );
     }
 
     fn peers(&mut self, node: &Node) -> Vec<Peer> {
@@ -1260,6 +1394,11 @@ impl ModelBuilder {
     fn finish(mut self) -> (Model, Vec<Diagnostic>, Vec<Reference>) {
         let datacenter = match self.datacenter.take() {
             Some((d, _)) => d,
+            // A file that could not be read may be the one declaring it.
+            None if self.unread => Datacenter {
+                name: String::new(),
+                default: Action::Deny,
+            },
             None => {
                 let span = Span {
                     file: self.first_file.clone().unwrap_or_else(|| "<none>".into()),

@@ -6,12 +6,17 @@
 //! files contribute to the same level.
 
 use std::fs;
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
+
+use crate::limits::MAX_FILE_BYTES;
 
 /// Reading a policy source failed (the only I/O this crate does).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SourceError {
-    /// A file or directory could not be read.
+    /// A file or directory could not be read (a broken symlink or a
+    /// symlink loop among them).
     #[error("cannot read {path}")]
     Io {
         /// The path.
@@ -23,6 +28,36 @@ pub enum SourceError {
     /// The source holds no YAML file.
     #[error("no .yaml or .yml file in {0}")]
     Empty(PathBuf),
+    /// A policy file that is not a regular file (after following symlinks).
+    #[error("{path} is {what}, not a regular file")]
+    NotRegularFile {
+        /// The entry.
+        path: PathBuf,
+        /// What it is: "a directory", "a FIFO", …
+        what: &'static str,
+    },
+    /// A policy file over [`MAX_FILE_BYTES`].
+    #[error("{path} is {size} bytes, over the limit of {limit} bytes ({} MiB) for a policy file", limit >> 20)]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size (at least; when it grew while read, what was read).
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A policy file that is not UTF-8.
+    #[error("{}:{line}:{column}: not valid UTF-8 (byte 0x{byte:02x})", path.display())]
+    NotUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the first byte that is not.
+        line: u32,
+        /// 1-based column (in characters) of that byte.
+        column: u32,
+        /// The byte.
+        byte: u8,
+    },
 }
 
 /// A provider of policy files.
@@ -31,8 +66,17 @@ pub trait PolicySource {
     fn files(&self) -> Result<Vec<(PathBuf, String)>, SourceError>;
 }
 
-/// Every `*.yaml` / `*.yml` file in a directory (not recursive), sorted by name;
-/// or a single file if the path is a file.
+/// Every `*.yaml` / `*.yml` entry of a directory (not recursive), sorted by
+/// name; or a single file if the path is one.
+///
+/// Every such entry must be a regular file, or a symlink to one (followed):
+/// a broken symlink, a loop, a directory, a FIFO or a device named
+/// `*.yaml` is an error naming it, never skipped, since its rules would
+/// silently be missing. Emacs lock files (`.#NAME`, dangling symlinks that
+/// exist while a file is being edited) are not policy files. A file is
+/// opened without blocking (a FIFO swapped in after the type check cannot
+/// hang the reader), refused by its size before it is read when over
+/// [`MAX_FILE_BYTES`], and must be UTF-8 (the error says where it is not).
 #[derive(Debug, Clone)]
 pub struct DirSource {
     path: PathBuf,
@@ -45,10 +89,76 @@ impl DirSource {
     }
 }
 
+/// What a file type is, for errors.
+fn describe(t: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Read the policy file at `path`, which must be (or link to) a regular file.
 fn read(path: &Path) -> Result<String, SourceError> {
-    fs::read_to_string(path).map_err(|source| SourceError::Io {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| SourceError::Io {
         path: path.to_owned(),
         source,
+    };
+    let not_regular = |t: fs::FileType| SourceError::NotRegularFile {
+        path: path.to_owned(),
+        what: describe(t),
+    };
+    let too_large = |size| SourceError::TooLarge {
+        path: path.to_owned(),
+        size,
+        limit: MAX_FILE_BYTES,
+    };
+    // The type first (following symlinks): a FIFO or a device is never opened.
+    let meta = fs::metadata(path).map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    // Non-blocking, and the type checked again on what was opened: the
+    // entry may have been replaced in between.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(not_regular(meta.file_type()));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let bytes = e.as_bytes();
+        // Everything before `at` is UTF-8.
+        let valid = std::str::from_utf8(&bytes[..at]).unwrap_or_default();
+        let (line, column) = crate::chars::position(valid, at);
+        SourceError::NotUtf8 {
+            path: path.to_owned(),
+            line,
+            column,
+            byte: bytes[at],
+        }
     })
 }
 
@@ -58,14 +168,17 @@ impl PolicySource for DirSource {
             path: self.path.clone(),
             source,
         };
-        if fs::metadata(&self.path).map_err(io)?.is_file() {
+        let meta = fs::metadata(&self.path).map_err(io)?;
+        if !meta.is_dir() {
             return Ok(vec![(self.path.clone(), read(&self.path)?)]);
         }
         let mut paths = Vec::new();
         for entry in fs::read_dir(&self.path).map_err(io)? {
-            let p = entry.map_err(io)?.path();
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name();
+            let p = entry.path();
             let yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
-            if yaml && p.is_file() {
+            if yaml && !name.as_encoded_bytes().starts_with(b".#") {
                 paths.push(p);
             }
         }
@@ -114,10 +227,14 @@ impl SourceMap {
         self.files.push((name, text));
     }
 
+    /// The text of `file`.
+    pub fn text(&self, file: &str) -> Option<&str> {
+        self.files.iter().find(|(n, _)| n == file).map(|(_, t)| t.as_str())
+    }
+
     /// Line `line` (1-based) of `file`, without its newline.
     pub fn line(&self, file: &str, line: u32) -> Option<&str> {
-        let (_, text) = self.files.iter().find(|(n, _)| n == file)?;
-        text.lines().nth((line as usize).checked_sub(1)?)
+        self.text(file)?.lines().nth((line as usize).checked_sub(1)?)
     }
 }
 

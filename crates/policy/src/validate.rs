@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
+use crate::chars::quote;
 use crate::diag::{Diagnostic, DiagnosticKind as K, did_you_mean};
 use crate::model::{GroupDef, Model, Segment, Span};
 
@@ -52,7 +53,7 @@ fn duplicates<'a>(
     for (name, span) in items {
         if let Some(first) = seen.get(name) {
             diags.push(
-                Diagnostic::error(kind, span, format!("{what} \"{name}\" is defined twice"))
+                Diagnostic::error(kind, span, format!("{what} {} is defined twice", quote(name)))
                     .with_hint(format!("the first definition is at {first}; names must be unique")),
             );
         } else {
@@ -124,9 +125,13 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
                     Diagnostic::error(
                         K::DuplicateIp,
                         &nic.span,
-                        format!("address {ip} of vNIC \"{}\" is taken", nic.name),
+                        format!("address {ip} of vNIC {} is taken", quote(&nic.name)),
                     )
-                    .with_hint(format!("vNIC \"{}\" of VM \"{}\" already has it", first.1, first.0)),
+                    .with_hint(format!(
+                        "vNIC {} of VM {} already has it",
+                        quote(first.1),
+                        quote(first.0)
+                    )),
                 );
             }
         }
@@ -135,9 +140,9 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
                 Diagnostic::error(
                     K::DuplicateMac,
                     &nic.span,
-                    format!("MAC {} of vNIC \"{}\" is taken", nic.mac, nic.name),
+                    format!("MAC {} of vNIC {} is taken", nic.mac, quote(&nic.name)),
                 )
-                .with_hint(format!("vNIC \"{first}\" already has it")),
+                .with_hint(format!("vNIC {} already has it", quote(first))),
             );
         }
     }
@@ -148,7 +153,7 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
                 Diagnostic::error(
                     K::InvalidValue,
                     &z.span,
-                    format!("zone \"{}\" reuses the segment of zone \"{first}\"", z.name),
+                    format!("zone {} reuses the segment of zone {}", quote(&z.name), quote(first)),
                 )
                 .with_hint("each zone is its own L2 segment: give it another VLAN id or VNI"),
             );
@@ -172,7 +177,12 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
                 Diagnostic::error(
                     K::InvalidValue,
                     &vm.span,
-                    format!("host \"{h}\" of VM \"{}\" is not in cluster \"{name}\"", vm.name),
+                    format!(
+                        "host {} of VM {} is not in cluster {}",
+                        quote(h),
+                        quote(&vm.name),
+                        quote(name)
+                    ),
                 )
                 .with_hint(did_you_mean(
                     h,
@@ -209,7 +219,7 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
             };
             let hint = did_you_mean(&r.name, what, names(r.kind));
             diags.push(
-                Diagnostic::error(kind, &r.span, format!("{what} \"{}\" is not defined", r.name)).with_hint(hint),
+                Diagnostic::error(kind, &r.span, format!("{what} {} is not defined", quote(&r.name))).with_hint(hint),
             );
         }
     }
@@ -222,7 +232,7 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
                 Diagnostic::warning(
                     K::EmptySelector,
                     &g.span,
-                    format!("group \"{}\" selects no vNIC", g.name),
+                    format!("group {} selects no vNIC", quote(&g.name)),
                 )
                 .with_hint("check the tag values, name glob, zone and cluster it requires (they all must hold)"),
             );

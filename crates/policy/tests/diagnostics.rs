@@ -30,11 +30,33 @@ fn base_is_clean() {
     assert_eq!(diags(""), vec![]);
 }
 
+/// 65 block sequences, one inside the other: one level past the limit.
+const DEEP: &str = "- - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - x\n";
+
 /// (kind, x.yaml, line, column, severity)
 const CASES: &[(K, &str, u32, u32, Severity)] = {
     use Severity::*;
     &[
-        (K::YamlSyntax, "groups:\n  a: [1, 2\nb: 3\n", 3, 2, Error),
+        // At the `[` left open (the parser stops at 3:2).
+        (K::YamlSyntax, "groups:\n  a: [1, 2\nb: 3\n", 2, 6, Error),
+        // The 65th nested collection (the parser marks a nested block
+        // sequence at its first entry).
+        (K::LimitExceeded, DEEP, 1, 129, Error),
+        (
+            K::BadCharacter,
+            "groups: { \"a\\u200Bb\": { ips: [10.0.0.0/8] } }\n",
+            1,
+            11,
+            Error,
+        ),
+        (K::UnsupportedTag, "version: !!int 7\n", 1, 16, Error),
+        (
+            K::HostBitsSet,
+            "groups: { g: { ips: [10.9.0.77/16] } }\n",
+            1,
+            22,
+            Warning,
+        ),
         (
             K::UnknownKey,
             "groups:\n  g: { tags: { tier: web }, zones: web }\n",
@@ -204,6 +226,10 @@ fn every_kind_is_covered() {
         K::VniOutOfRange,
         K::EmptySelector,
         K::InvalidAction,
+        K::LimitExceeded,
+        K::BadCharacter,
+        K::UnsupportedTag,
+        K::HostBitsSet,
     ];
     for k in all {
         assert!(covered.contains(&k), "no case for {k}");

@@ -134,6 +134,43 @@ fn unchanged_entries_are_reused_and_the_result_is_a_fresh_loads() {
             with(&|v| v[1] = format!(" {}", v[1].trim_start())),
             reuse(0, 0, 1),
         ),
+        // What the loader bounds, inside one entry: the result is still the
+        // whole parse's, and the limit is crossed at the same position.
+        (
+            "an anchor and its alias in one entry",
+            with(&|v| v[1] = v[1].replace("tags: { tier: web }", "tags: &t { tier: web }, host: *t")),
+            reuse(0, 0, 1),
+        ),
+        (
+            "an entry nested as deep as the limit allows",
+            with(&|v| {
+                v[1] = v[1].replace(
+                    "ips: [10.0.0.2]",
+                    &format!("ips: {}1{}", "[".repeat(59), "]".repeat(59)),
+                )
+            }),
+            reuse(0, 0, 1),
+        ),
+        (
+            "an entry nested one level past the depth limit",
+            with(&|v| {
+                v[1] = v[1].replace(
+                    "ips: [10.0.0.2]",
+                    &format!("ips: {}1{}", "[".repeat(60), "]".repeat(60)),
+                )
+            }),
+            reuse(0, 0, 1),
+        ),
+        (
+            "a NUL in an entry",
+            with(&|v| v[1] = v[1].replace("tier: web", "tier: w\0eb")),
+            reuse(0, 0, 0),
+        ),
+        (
+            "an invisible character in an entry's name",
+            with(&|v| v[1] = v[1].replace("name: vm2,", "name: \"vm\\u200B2\",")),
+            reuse(0, 0, 1),
+        ),
     ];
     for (what, after, expect) in rows {
         let got = reload(&[("inv.yaml", &text)], &[("inv.yaml", &after)], what);

@@ -76,6 +76,11 @@ fn load_valid(dir: &PathBuf) -> anyhow::Result<Result<Loaded, ExitCode>> {
         eprintln!("policy has errors; run `palisade policy check` for details");
         return Ok(Err(ExitCode::FAILURE));
     }
+    // Warnings do not stop the command, but are worth seeing (a CIDR read
+    // as its network, an empty group).
+    if !loaded.diagnostics.is_empty() {
+        eprint!("{}", loaded.render());
+    }
     Ok(Ok(loaded))
 }
 
