@@ -57,6 +57,9 @@ pub mod flags {
     /// `csum_start`/`csum_offset` carry receive-segment-coalescing counts
     /// (`VIRTIO_NET_F_RSC_EXT`); not accepted by [`super::VirtioNetRepr::parse`].
     pub const RSC_INFO: u8 = 4;
+    /// The outer UDP checksum of a UDP-tunnel super-frame is to be computed
+    /// too (Linux 6.17+); not accepted by [`super::VirtioNetRepr::parse`].
+    pub const UDP_TUNNEL_CSUM: u8 = 8;
 }
 
 /// Values of the `gso_type` field.
@@ -73,6 +76,13 @@ pub mod gso_type {
     pub const UDP_L4: u8 = 5;
     /// Flag bit: the TCP segments carry ECN (CWR is set on the first segment only).
     pub const ECN: u8 = 0x80;
+    /// Flag bit (Linux 6.17+, `VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO`): the frame is
+    /// encapsulated in a UDP tunnel over IPv4 and the type above applies to the
+    /// inner packet; the header is then the 24-byte `virtio_net_hdr_v1_hash_tunnel`.
+    /// Not accepted by [`super::VirtioNetRepr::parse`].
+    pub const UDP_TUNNEL_IPV4: u8 = 0x20;
+    /// As [`UDP_TUNNEL_IPV4`], with an IPv6 outer header.
+    pub const UDP_TUNNEL_IPV6: u8 = 0x40;
 }
 
 /// Byte ranges of the header fields.
@@ -405,6 +415,90 @@ impl VirtioNetRepr {
     }
 }
 
+/// What a frame's offload state asks of whoever handles it next: the
+/// transport-independent part of a virtio-net header.
+///
+/// Ports hand it over with every received frame and take it with every frame
+/// to send (`palisade_io::FramePort`); the engine reads it to treat a
+/// super-frame as the segments it stands for. [`VirtioNetRepr`] adds what
+/// only the device transport needs (`num_buffers`); converting either way
+/// keeps every other field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Offload {
+    /// The TCP/UDP checksum is partial (`NEEDS_CSUM`): the field holds the
+    /// pseudo-header sum and the rest is to be summed from `start`.
+    pub csum: Option<PartialChecksum>,
+    /// The checksum was verified by the device the frame came from (`DATA_VALID`).
+    pub csum_valid: bool,
+    /// The frame is a segmentation-offload super-frame.
+    pub gso: Option<Gso>,
+}
+
+impl Offload {
+    /// A plain frame: complete checksum, one packet.
+    pub const NONE: Offload = Offload {
+        csum: None,
+        csum_valid: false,
+        gso: None,
+    };
+
+    /// Whether the frame is a super-frame standing for several packets.
+    pub const fn is_gso(&self) -> bool {
+        self.gso.is_some()
+    }
+
+    /// Whether the frame is a plain one whose bytes are final on the wire
+    /// (no partial checksum, no segmentation pending).
+    pub const fn is_plain(&self) -> bool {
+        self.csum.is_none() && self.gso.is_none()
+    }
+
+    /// This offload state as a header with `num_buffers` 0.
+    pub const fn to_repr(&self) -> VirtioNetRepr {
+        VirtioNetRepr {
+            csum: self.csum,
+            data_valid: self.csum_valid,
+            gso: self.gso,
+            num_buffers: 0,
+        }
+    }
+
+    /// The same offload state for the frame with `n` bytes inserted before
+    /// offset `at` (a VLAN tag put back after the addresses): the checksum
+    /// start and the repeated header length move when they lie past `at`.
+    /// `None` if a field would pass 65,535.
+    pub fn shifted(&self, at: u16, n: u16) -> Option<Offload> {
+        let mut o = *self;
+        if let Some(c) = &mut o.csum
+            && c.start >= at
+        {
+            c.start = c.start.checked_add(n)?;
+        }
+        if let Some(g) = &mut o.gso
+            && g.header_len > at
+        {
+            g.header_len = g.header_len.checked_add(n)?;
+        }
+        Some(o)
+    }
+}
+
+impl From<VirtioNetRepr> for Offload {
+    fn from(r: VirtioNetRepr) -> Offload {
+        Offload {
+            csum: r.csum,
+            csum_valid: r.data_valid,
+            gso: r.gso,
+        }
+    }
+}
+
+impl From<Offload> for VirtioNetRepr {
+    fn from(o: Offload) -> VirtioNetRepr {
+        o.to_repr()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,7 +585,13 @@ mod tests {
         assert_eq!(b, [0, 0, 2, 1, 4, 3, 6, 5, 8, 7, 0x0a, 0x09]);
         let h = Header::new_checked(&b[..]).unwrap();
         assert_eq!(
-            (h.hdr_len(), h.gso_size(), h.csum_start(), h.csum_offset(), h.num_buffers()),
+            (
+                h.hdr_len(),
+                h.gso_size(),
+                h.csum_start(),
+                h.csum_offset(),
+                h.num_buffers()
+            ),
             (0x0102, 0x0304, 0x0506, 0x0708, Some(0x090a))
         );
         assert_eq!(Header::new_checked(&b[..10]).unwrap().num_buffers(), None);
@@ -569,8 +669,7 @@ mod tests {
             ),
         ];
         for (what, bytes, frame_len, kind) in cases {
-            let e = VirtioNetRepr::parse(&Header::new_checked(&bytes[..]).unwrap(), *frame_len)
-                .expect_err(what);
+            let e = VirtioNetRepr::parse(&Header::new_checked(&bytes[..]).unwrap(), *frame_len).expect_err(what);
             assert_eq!((e.layer(), e.kind()), (Layer::VirtioNet, *kind), "{what}");
         }
         let e = Header::new_checked(&[0u8; 9][..]).unwrap_err();
@@ -592,6 +691,28 @@ mod tests {
     }
 
     #[test]
+    fn offload_keeps_every_field_but_num_buffers() {
+        let r = VirtioNetRepr::parse(&Header::new_checked(&TSO4[..]).unwrap(), 65_000).unwrap();
+        let o = Offload::from(r);
+        assert!(o.is_gso() && !o.is_plain());
+        assert_eq!(VirtioNetRepr::from(o), VirtioNetRepr { num_buffers: 0, ..r });
+        assert!(Offload::NONE.is_plain());
+        assert_eq!(Offload::default(), Offload::NONE);
+        // A VLAN tag put back after the addresses moves both offsets by 4.
+        let s = o.shifted(12, 4).unwrap();
+        assert_eq!(s.csum, Some(PartialChecksum { start: 38, offset: 16 }));
+        assert_eq!(s.gso.unwrap().header_len, 70);
+        let near_limit = Offload {
+            csum: Some(PartialChecksum {
+                start: 65_533,
+                offset: 0,
+            }),
+            ..Offload::NONE
+        };
+        assert_eq!(near_limit.shifted(12, 4), None);
+    }
+
+    #[test]
     fn checksum_field_ending_exactly_at_the_frame_end_is_accepted() {
         let b = [1, 0, 0, 0, 0, 0, 34, 0, 16, 0, 0, 0];
         assert!(VirtioNetRepr::parse(&Header::new_checked(&b[..]).unwrap(), 52).is_ok());
@@ -602,9 +723,7 @@ mod tests {
         // IPv4 UDP 10.0.0.1:1000 -> 10.0.0.2:2000, payload "hi!", checksum field = pseudo-header sum.
         let mut frame = vec![0u8; 14];
         frame[12..14].copy_from_slice(&[0x08, 0x00]);
-        let ip = [
-            0x45, 0, 0, 31, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
-        ];
+        let ip = [0x45, 0, 0, 31, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
         frame.extend_from_slice(&ip);
         let udp_len = 11u16;
         frame.extend_from_slice(&[0x03, 0xe8, 0x07, 0xd0, 0, udp_len as u8, 0, 0]);
@@ -617,7 +736,10 @@ mod tests {
         let total = checksum::combine(&[pseudo, checksum::sum(&frame[34..])]);
         assert_eq!(checksum::fold(total), 0xffff);
         assert_eq!(
-            PartialChecksum { start: 34, offset: 10 }.complete(&mut frame).unwrap_err().kind(),
+            PartialChecksum { start: 34, offset: 10 }
+                .complete(&mut frame)
+                .unwrap_err()
+                .kind(),
             ErrorKind::BadLength
         );
     }
