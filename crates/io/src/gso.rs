@@ -461,7 +461,11 @@ enum Parsed {
     Candidate(Candidate),
     /// A packet of TCP flow `key` that may not be merged.
     Flow(u64),
-    /// Anything else.
+    /// A packet that may belong to a TCP flow whose ports cannot be read
+    /// here (IP fragments, IPv6 extension headers, a cut TCP header): every
+    /// run is closed before it, so that it overtakes none of its flow.
+    Unknown,
+    /// Anything else (not TCP).
     Other,
 }
 
@@ -530,6 +534,11 @@ impl Coalescer {
                 self.stats.passed += 1;
                 emit(packet, &Offload::NONE);
             }
+            Parsed::Unknown => {
+                self.flush(emit);
+                self.stats.passed += 1;
+                emit(packet, &Offload::NONE);
+            }
             Parsed::Candidate(c) => {
                 if let Some(i) = self.runs.iter().position(|r| r.key == c.key) {
                     if self.appendable(i, &c, packet) {
@@ -540,8 +549,7 @@ impl Coalescer {
                         r.next_seq = r.next_seq.wrapping_add(payload.len() as u32);
                         r.next_id = r.next_id.wrapping_add(1);
                         r.psh = c.flags & tcp_flag::PSH != 0;
-                        let full = r.buf.len() - r.l3 + r.seg_size > MAX_IP_LEN;
-                        if r.psh || payload.len() < r.seg_size || r.count >= MAX_SEGMENTS || full {
+                        if r.psh || payload.len() < r.seg_size || r.count >= MAX_SEGMENTS {
                             self.close(i, emit);
                         }
                         return;
@@ -607,7 +615,9 @@ impl Coalescer {
         if c.l3 != r.l3 || c.l4 != r.l4 || c.hdr_end != r.hdr_end || c.v6 != r.v6 {
             return false;
         }
-        if payload > r.seg_size || c.seq != r.next_seq || r.buf.len() + payload - r.l3 > MAX_IP_LEN {
+        // The IP length field must hold the whole: IPv4's counts its header, IPv6's does not.
+        let ip_len = r.buf.len() + payload - r.l3 - if r.v6 { IPV6_HEADER } else { 0 };
+        if payload > r.seg_size || c.seq != r.next_seq || ip_len > MAX_IP_LEN {
             return false;
         }
         // CWR only on a run's first segment; everything else but PSH as the first.
@@ -734,20 +744,29 @@ impl Coalescer {
         let (v6, l4, mergeable_ip, id) = match ethertype {
             0x0800 => {
                 if p.len() < l3 + IPV4_MIN_HEADER || p[l3] >> 4 != 4 {
-                    return Parsed::Other;
+                    return Parsed::Unknown;
                 }
                 let ihl = usize::from(p[l3] & 0x0f) * 4;
                 let frag = be16(p, l3 + 6);
-                if ihl < IPV4_MIN_HEADER || p.len() < l3 + ihl || p[l3 + 9] != IpProtocol::TCP.0 || frag & 0x3fff != 0 {
+                if p[l3 + 9] != IpProtocol::TCP.0 {
                     return Parsed::Other;
+                }
+                if ihl < IPV4_MIN_HEADER || p.len() < l3 + ihl || frag & 0x3fff != 0 {
+                    return Parsed::Unknown;
                 }
                 let exact = usize::from(be16(p, l3 + at::IPV4_TOTAL_LEN)) == p.len() - l3;
                 let ok = ihl == IPV4_MIN_HEADER && exact && frag & 0x8000 == 0;
                 (false, l3 + ihl, ok, be16(p, l3 + at::IPV4_IDENT))
             }
             0x86dd => {
-                if p.len() < l3 + IPV6_HEADER || p[l3] >> 4 != 6 || p[l3 + 6] != IpProtocol::TCP.0 {
-                    return Parsed::Other;
+                if p.len() < l3 + IPV6_HEADER || p[l3] >> 4 != 6 {
+                    return Parsed::Unknown;
+                }
+                match IpProtocol(p[l3 + 6]) {
+                    IpProtocol::TCP => {}
+                    IpProtocol::UDP | IpProtocol::ICMPV6 | IpProtocol::IPV6_NONXT => return Parsed::Other,
+                    // An extension header: TCP may follow it.
+                    _ => return Parsed::Unknown,
                 }
                 let exact = usize::from(be16(p, l3 + at::IPV6_PAYLOAD_LEN)) == p.len() - l3 - IPV6_HEADER;
                 (true, l3 + IPV6_HEADER, exact, 0)
@@ -755,7 +774,11 @@ impl Coalescer {
             _ => return Parsed::Other,
         };
         if p.len() < l4 + TCP_MIN_HEADER {
-            return Parsed::Other;
+            return if p.len() >= l4 + 4 {
+                Parsed::Flow(flow_key(p, l3, l4, v6))
+            } else {
+                Parsed::Unknown
+            };
         }
         let key = flow_key(p, l3, l4, v6);
         let doff = usize::from(p[l4 + 12] >> 4) * 4;

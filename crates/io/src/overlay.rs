@@ -17,9 +17,12 @@
 //! message of about 45 datagrams instead of 45. A message holds at most
 //! [`MAX_GSO_SEGMENTS`] datagrams and 65,507 bytes (one IPv4 datagram's
 //! payload); longer runs are split. When the kernel refuses a segmented send
-//! (`EIO`: the route's device cannot checksum; `EINVAL`, `EOPNOTSUPP`,
-//! `ENOPROTOOPT`: no UDP GSO) the socket falls back, for good, to one
-//! message per datagram (the same bytes, no copy) and counts the refusal in
+//! (`EINVAL`: e.g. a socket sending without UDP checksums, `SO_NO_CHECK`;
+//! `EIO`: IPsec or UDP-Lite on the route; `EOPNOTSUPP`, `ENOPROTOOPT`: a
+//! kernel without UDP GSO; Linux 6.18 checksums in software for a device
+//! without TX checksum offload rather than refuse) the socket falls back, for
+//! good, to one message per datagram (the same bytes, no copy) and counts the
+//! refusal in
 //! [`PortStats::offload_errors`]; [`UdpOverlay::gso_enabled`] tells which.
 //!
 //! **UDP receive offload** ([`UdpOverlay::enable_gro`], off by default):
@@ -672,19 +675,7 @@ impl UdpOverlay {
                 h.msg_iovlen = 1;
                 h.msg_flags = 0;
                 if segmented {
-                    let ctrl = &mut self.tx_ctrl[i];
-                    h.msg_control = ctrl.0.as_mut_ptr().cast();
-                    // SAFETY: CMSG_SPACE only computes a size.
-                    h.msg_controllen = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as _;
-                    // SAFETY: the control buffer is 8-byte aligned and CONTROL_LEN (32) bytes, more
-                    // than CMSG_SPACE(2) (24), so the first header and its data fit in it.
-                    unsafe {
-                        let c = libc::CMSG_FIRSTHDR(h);
-                        (*c).cmsg_level = libc::SOL_UDP;
-                        (*c).cmsg_type = UDP_SEGMENT;
-                        (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
-                        ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), e.segment as u16);
-                    }
+                    set_segment_size(h, &mut self.tx_ctrl[i], e.segment as u16);
                 } else {
                     h.msg_control = ptr::null_mut();
                     h.msg_controllen = 0;
@@ -713,6 +704,22 @@ impl UdpOverlay {
     }
 }
 
+/// Point `h` at `ctrl`, holding one `UDP_SEGMENT` control message for datagrams of `size` bytes.
+fn set_segment_size(h: &mut libc::msghdr, ctrl: &mut Control, size: u16) {
+    h.msg_control = ctrl.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    h.msg_controllen = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as _;
+    // SAFETY: the control buffer is 8-byte aligned and CONTROL_LEN (32) bytes, more than
+    // CMSG_SPACE(2) (24), so CMSG_FIRSTHDR returns its start and the header and data fit.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(h);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
+        ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+    }
+}
+
 /// The datagram size of a coalesced receive (`UDP_GRO` control message), if any.
 fn gro_size(h: &libc::msghdr) -> Option<usize> {
     if h.msg_control.is_null() || (h.msg_controllen as usize) < mem::size_of::<libc::cmsghdr>() {
@@ -735,4 +742,77 @@ fn gro_size(h: &libc::msghdr) -> Option<usize> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first control message of `h`: (level, type, first two data bytes).
+    fn first_cmsg(h: &libc::msghdr) -> (libc::c_int, libc::c_int, u16) {
+        // SAFETY: `h` points at a control buffer the test filled with one well-formed message.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(h);
+            assert!(!c.is_null());
+            (
+                (*c).cmsg_level,
+                (*c).cmsg_type,
+                ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u16>()),
+            )
+        }
+    }
+
+    #[test]
+    fn segment_size_control_message_round_trips() {
+        let mut ctrl = Control([0xee; CONTROL_LEN]);
+        // SAFETY: msghdr is plain data; all-zero is valid.
+        let mut h: libc::msghdr = unsafe { mem::zeroed() };
+        set_segment_size(&mut h, &mut ctrl, 1522);
+        assert_eq!(first_cmsg(&h), (libc::SOL_UDP, UDP_SEGMENT, 1522));
+        assert!(h.msg_controllen as usize <= CONTROL_LEN);
+    }
+
+    /// A control buffer as the kernel writes it for a coalesced receive.
+    fn gro_control(level: libc::c_int, kind: libc::c_int, size: libc::c_int) -> Control {
+        let mut ctrl = Control([0; CONTROL_LEN]);
+        // SAFETY: msghdr is plain data; all-zero is valid.
+        let mut h: libc::msghdr = unsafe { mem::zeroed() };
+        h.msg_control = ctrl.0.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        h.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as _;
+        // SAFETY: the buffer is aligned and large enough for one message with an int.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&h);
+            (*c).cmsg_level = level;
+            (*c).cmsg_type = kind;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+            ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), size);
+        }
+        ctrl
+    }
+
+    #[test]
+    fn gro_size_is_read_from_its_control_message_only() {
+        let cases = [
+            ("UDP_GRO", libc::SOL_UDP, UDP_GRO, 1448, Some(1448)),
+            ("another type", libc::SOL_UDP, UDP_SEGMENT, 1448, None),
+            ("another level", libc::SOL_SOCKET, UDP_GRO, 1448, None),
+            ("negative size", libc::SOL_UDP, UDP_GRO, -1, None),
+        ];
+        for (what, level, kind, size, want) in cases {
+            let mut ctrl = gro_control(level, kind, size);
+            // SAFETY: msghdr is plain data; all-zero is valid.
+            let mut h: libc::msghdr = unsafe { mem::zeroed() };
+            h.msg_control = ctrl.0.as_mut_ptr().cast();
+            // SAFETY: CMSG_SPACE only computes a size.
+            h.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as _;
+            assert_eq!(gro_size(&h), want, "{what}");
+            // Fewer bytes than a header: nothing is read.
+            h.msg_controllen = 4;
+            assert_eq!(gro_size(&h), None, "{what}, cut");
+        }
+        // SAFETY: msghdr is plain data; all-zero is valid.
+        let h: libc::msghdr = unsafe { mem::zeroed() };
+        assert_eq!(gro_size(&h), None, "no control buffer");
+    }
 }
