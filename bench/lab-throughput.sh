@@ -24,12 +24,14 @@
 # TCP with 1 stream and with 8 streams (-P 8) for --seconds each, then iperf3
 # UDP with 64-byte payloads at unlimited rate (`-u -l 64 -b 0`), reporting
 # packets/s the server received and the loss. For each TCP test, CPU:
-# `cpu_s_per_gbit` is the CPU time the whole machine spent per Gbit moved
-# (/proc/stat busy time during the test, less the busy time of the 2 s
-# before it, when no test traffic flows: the machine is shared), and
-# `datapath_cores` the CPU of the datapath's own processes (agents,
-# ovs-vswitchd; 0 for the bridge, which runs in the kernel), with iperf3's
-# own client and server CPU. One JSON line per datapath, then a summary line
+# `cpu_s_per_gbit` is the CPU time of the test's processes (the datapath's
+# own: agents or ovs-vswitchd, none for the bridge, which runs in the
+# kernel; iperf3's client and server, as iperf3 reports them, which holds
+# the kernel work done in their context; the ksoftirqd threads) per Gbit
+# moved, `datapath_cpu_s_per_gbit` the datapath's processes alone. (The
+# machine is shared: /proc/stat's busy time, reported as
+# `machine_busy_cores`, counts other work too.) One JSON line per datapath,
+# then a summary line
 # with the ratios.
 #
 # usage: bench/lab-throughput.sh [--palisade BIN] [--seconds N] [--only LIST] [--workers N]
@@ -92,7 +94,10 @@ palisade=$(cd "$(dirname "$palisade")" && pwd)/$(basename "$palisade")
 "$palisade" lab up --help >/dev/null 2>&1 || die "$palisade has no \`lab\` subcommand"
 lab_offloads=()
 if [ "$offloads" = on ]; then
-    "$palisade" lab up --help 2>&1 | grep -q -- --vm-offloads || die "$palisade's lab has no --vm-offloads (use --offloads off)"
+    case "$("$palisade" lab up --help 2>&1)" in
+        *--vm-offloads*) ;;
+        *) die "$palisade's lab has no --vm-offloads (use --offloads off)" ;;
+    esac
     lab_offloads=(--vm-offloads)
 fi
 
@@ -238,9 +243,20 @@ for v in ns1 ns2 ul1 ul2 ulport1 ulport2 uns cns sns cif sif cip sip; do
 done
 
 # What the VMs' NICs really do (checked, not assumed).
-vm_tso=$(ip netns exec "$cns" ethtool -k eth0 2>/dev/null | awk -F': ' '/^tcp-segmentation-offload/{print $2}')
-vm_txcsum=$(ip netns exec "$cns" ethtool -k eth0 2>/dev/null | awk -F': ' '/^tx-checksumming/{print $2}')
-log "client eth0: tx-checksumming $vm_txcsum, tcp-segmentation-offload $vm_tso (--offloads $offloads)"
+vm_offloads_now=$offloads
+set_vm_offloads() { # on|off: both VMs' eth0
+    local ns
+    for ns in "$cns" "$sns"; do
+        if [ "$1" = on ]; then
+            ip netns exec "$ns" ethtool -K eth0 tx on tso on gso on >/dev/null 2>&1 || true
+        else
+            ip netns exec "$ns" ethtool -K eth0 tx off >/dev/null 2>&1 || true
+        fi
+    done
+    vm_offloads_now=$1
+}
+log "client eth0: $(ip netns exec "$cns" ethtool -k eth0 2>/dev/null |
+    grep -E '^(tx-checksumming|.tx-tcp-segmentation):' | tr -s '\n\t' '  ')(--offloads $offloads)"
 
 # Underlay MTU 1600 everywhere a VXLAN packet travels.
 ip -n "$ns1" link set ul0 mtu 1600
@@ -267,9 +283,9 @@ cpu_jiffies() { # "busy total" over all CPUs (busy: user nice system irq softirq
     awk '/^cpu /{b=$2+$3+$4+$7+$8; print b, b+$5+$6+$9}' /proc/stat
 }
 
-proc_ticks() { # CPU ticks (user + system) of the datapath processes
+proc_ticks() { # PID...: CPU ticks (user + system) of these processes
     local t=0 p v
-    for p in $dp_pids; do
+    for p in "$@"; do
         v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0)
         t=$((t + v))
     done
@@ -281,42 +297,55 @@ busy_cores() { # busy0 total0 busy1 total1: CPUs busy on average between the sam
         'BEGIN { d = t1 - t0; printf "%.4f", (d > 0 ? (b1 - b0) / d * n : 0) }'
 }
 
+ksoftirqd=$(pgrep -x 'ksoftirqd/[0-9]+' | tr '\n' ' ' || true)
+
 # One iperf3 TCP test with $2 streams; prints a JSON object with its rate and CPU.
+#
+# CPU: the test's processes (the datapath's, iperf3's client and server as
+# iperf3 reports them, and the kernel's ksoftirqd threads, which run the
+# network receive work that is not done in a process's own context) over the
+# test, per Gbit moved. The machine is shared, so /proc/stat alone cannot
+# tell this run's CPU from other work; its busy cores are reported beside.
 tcp_test() { # datapath streams
-    local dp=$1 p=$2 out="$tmp/tcp$2-$1.json" j0 j1 j2 w1 w2 d1 d2 base during
-    j0=$(cpu_jiffies)
-    sleep 2
+    local dp=$1 p=$2 out="$tmp/tcp$2-$1.json" j1 j2 w1 w2 d1 d2 k1 k2 during
     j1=$(cpu_jiffies)
-    d1=$(proc_ticks)
+    d1=$(proc_ticks $dp_pids)
+    k1=$(proc_ticks $ksoftirqd)
     w1=$(date +%s.%N)
     ip netns exec "$cns" timeout $((seconds + 30)) iperf3 -c "$sip" -p 5201 -P "$p" -t "$seconds" -J >"$out" ||
         { cat "$out" >&2; die "$dp: iperf3 TCP -P $p failed"; }
     w2=$(date +%s.%N)
     j2=$(cpu_jiffies)
-    d2=$(proc_ticks)
-    # shellcheck disable=SC2086
-    base=$(busy_cores $j0 $j1)
+    d2=$(proc_ticks $dp_pids)
+    k2=$(proc_ticks $ksoftirqd)
     # shellcheck disable=SC2086
     during=$(busy_cores $j1 $j2)
-    jq -c --argjson base "$base" --argjson during "$during" --argjson dpt "$((d2 - d1))" --argjson clk "$clk" \
-        --argjson w1 "$w1" --argjson w2 "$w2" '
+    jq -c --argjson during "$during" --argjson dpt "$((d2 - d1))" --argjson kst "$((k2 - k1))" \
+        --argjson clk "$clk" --argjson w1 "$w1" --argjson w2 "$w2" '
         (.end.sum_received.bits_per_second / 1e9) as $g
-        | (($during - $base) | if . < 0 then 0 else . end) as $att
-        | (($dpt / $clk) / ($w2 - $w1)) as $dpc
+        | ($w2 - $w1) as $wall
+        | (.end.sum_received.seconds) as $secs
+        | ($dpt / $clk) as $dps
+        | ($kst / $clk) as $kss
+        | ((.end.cpu_utilization_percent.host_total + .end.cpu_utilization_percent.remote_total) / 100 * $secs) as $ips
+        | ($dps + $kss + $ips) as $all
         | { gbps: ($g * 1000 | round / 1000),
             retransmits: .end.sum_sent.retransmits,
-            cpu_s_per_gbit: (if $g > 0 then ($att / $g * 1000 | round / 1000) else null end),
-            machine_busy_cores: ($during * 100 | round / 100),
-            baseline_busy_cores: ($base * 100 | round / 100),
-            datapath_cores: ($dpc * 100 | round / 100),
-            datapath_cpu_s_per_gbit: (if $g > 0 then ($dpc / $g * 1000 | round / 1000) else null end),
+            cpu_s_per_gbit: (if $g > 0 then ($all / ($g * $secs) * 1000 | round / 1000) else null end),
+            datapath_cpu_s_per_gbit: (if $g > 0 then ($dps / ($g * $secs) * 1000 | round / 1000) else null end),
+            datapath_cores: ($dps / $wall * 100 | round / 100),
+            ksoftirqd_cores: ($kss / $wall * 100 | round / 100),
             iperf_client_cpu_pct: (.end.cpu_utilization_percent.host_total * 10 | round / 10),
-            iperf_server_cpu_pct: (.end.cpu_utilization_percent.remote_total * 10 | round / 10) }' "$out"
+            iperf_server_cpu_pct: (.end.cpu_utilization_percent.remote_total * 10 | round / 10),
+            machine_busy_cores: ($during * 100 | round / 100) }' "$out"
 }
 
 # Measure the current datapath; write $tmp/result-$dp.json.
 measure() { # datapath expect-reverse-blocked(true|false)
-    local dp=$1 expect_blocked=$2 srv i ok=0 rsrv blocked tcp1 tcp8 udp
+    local dp=$1 expect_blocked=$2 srv i ok=0 rsrv blocked tcp1 tcp8 udp vm_tso
+    # (tx-tcp-segmentation itself: the "tcp-segmentation-offload" summary line says "on"
+    # while TSO is off for want of checksum offload.)
+    vm_tso=$(ip netns exec "$cns" ethtool -k eth0 2>/dev/null | awk '$1 == "tx-tcp-segmentation:" {print $2}')
     srv=$(start_bg "$tmp/iperf-server-$dp.log" ip netns exec "$sns" iperf3 -s -p 5201)
     sleep 0.5
     # Warm-up and connectivity: up to 15 tries (ARP, MAC learning, OVS's tunnel ARP).
@@ -356,7 +385,7 @@ measure() { # datapath expect-reverse-blocked(true|false)
         rx_kpps: (($e.sum_received.packets - $e.sum_received.lost_packets) / $e.sum_received.seconds / 1e3),
         loss_pct: $e.sum_received.lost_percent } | with_entries(.value |= (. * 100 | round / 100))' "$tmp/udp-$dp.json")
     jq -cn --arg dp "$dp" --argjson tcp1 "$tcp1" --argjson tcp8 "$tcp8" --argjson udp "$udp" --argjson blocked "$blocked" \
-        --argjson s "$seconds" --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" --arg off "$offloads" \
+        --argjson s "$seconds" --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" --arg off "$vm_offloads_now" \
         --arg tso "$vm_tso" --arg ovstso "$ovs_tso" \
         '{datapath: $dp, shape: "2 hosts, 1 VM each, one zone, VXLAN underlay (MTU 1600)", seconds: $s,
           vm_offloads: $off, vm_tso: $tso}
@@ -485,10 +514,37 @@ for dp in palisade ovs bridge; do
     (set -e; "phase_$dp")
     rc=$?
     set -e
+    if [ "$rc" != 0 ] && [ "$dp" = ovs ] && [ "$offloads" = on ]; then
+        # Open vSwitch 3.1's userspace datapath drops every offloaded packet it
+        # would tunnel ("Tunneling packets with HW offload flags is not
+        # supported"), with or without its userspace TSO: measure it as it
+        # can run, with the VMs' offloads off, and say so.
+        for h in hv1 hv2; do
+            log "ovs-vswitchd.log of $h (warnings, tail):"
+            grep -v "|INFO|" "$tmp/ovs-$h/ovs-vswitchd.log" 2>/dev/null | tail -3 >&2 || true
+        done
+        stop_recorded
+        ovs_down "$ns1" "$tmp/ovs-hv1" "$ul1"
+        ovs_down "$ns2" "$tmp/ovs-hv2" "$ul2"
+        rm -rf "$tmp/ovs-hv1" "$tmp/ovs-hv2"
+        log "ovs: no connectivity with the VMs' offloads on; measuring it again with them off"
+        set_vm_offloads off
+        set +e
+        (set -e; phase_ovs)
+        rc=$?
+        set -e
+        set_vm_offloads on
+    fi
     if [ "$rc" != 0 ]; then
         failed=1
         jq -cn --arg dp "$dp" --argjson rc "$rc" '{datapath: $dp, error: "phase failed", rc: $rc}' |
             tee "$tmp/result-$dp.json"
+        if [ "$dp" = ovs ]; then
+            for h in hv1 hv2; do
+                log "ovs-vswitchd.log of $h (tail):"
+                grep -v "^.*|INFO|" "$tmp/ovs-$h/ovs-vswitchd.log" 2>/dev/null | tail -8 >&2 || true
+            done
+        fi
         stop_recorded
         ovs_down "$ns1" "$tmp/ovs-hv1" "$ul1"
         ovs_down "$ns2" "$tmp/ovs-hv2" "$ul2"
@@ -509,11 +565,13 @@ jq -cn \
     --arg bc "$(get bridge .tcp1.cpu_s_per_gbit)" \
     --arg pc8 "$(get palisade .tcp8.cpu_s_per_gbit)" --arg oc8 "$(get ovs .tcp8.cpu_s_per_gbit)" \
     --arg bc8 "$(get bridge .tcp8.cpu_s_per_gbit)" \
-    --arg bin "$palisade" --arg when "$(date -u +%FT%TZ)" --argjson s "$seconds" --arg off "$offloads" '
+    --arg bin "$palisade" --arg when "$(date -u +%FT%TZ)" --argjson s "$seconds" --arg off "$offloads" \
+    --arg povm "$(get palisade .vm_offloads)" --arg oovm "$(get ovs .vm_offloads)" --arg bovm "$(get bridge .vm_offloads)" '
     def num: if . == "" then null else tonumber end;
     def ratio(a; b): if (a|num) == null or (b|num) == null or (b|num) == 0 then null
                      else ((a|num) / (b|num) * 1000 | round / 1000) end;
     {summary: true, at: $when, seconds: $s, vm_offloads: $off, palisade_binary: $bin,
+     vm_offloads_measured: {palisade: $povm, ovs: $oovm, bridge: $bovm},
      tcp1_gbps: {palisade: ($p1|num), ovs: ($o1|num), bridge: ($b1|num)},
      tcp8_gbps: {palisade: ($p8|num), ovs: ($o8|num), bridge: ($b8|num)},
      udp64_rx_kpps: {palisade: ($pu|num), ovs: ($ou|num), bridge: ($bu|num)},

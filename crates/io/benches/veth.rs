@@ -6,6 +6,12 @@
 //!   concurrently, for a few seconds; `kernel_drops` is what the ring lost.
 //! - `tx_only_batch256_fps` / `tx_only_batch1_fps`: the sender alone, with 256
 //!   frames per `sendmmsg` and with one call per frame, to show what batching buys.
+//! - `port_rss_kib` / `plain_port_rss_kib`: how much the process's resident
+//!   memory grows when one port opens, with the default configuration
+//!   (virtio-net headers, 64 KiB frames: the same 8 MiB ring, a 1 MiB transmit
+//!   queue) and with `AfPacketConfig::plain()` (2 KiB frames, 512 KiB queue).
+//!
+//! The ports run with the default configuration (virtio-net headers on).
 //!
 //! Run any other way (`cargo test --all-targets`), it does a one-tenth-length smoke run.
 
@@ -78,6 +84,20 @@ fn main() {
     ns.ip(&["link", "set", "va", "up"]);
     ns.ip(&["link", "set", "vb", "up"]);
 
+    let rss = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().parse::<i64>().unwrap()
+    };
+    let before = rss();
+    let port = ns.enter(|| AfPacket::open("va", &AfPacketConfig::default())).unwrap();
+    let port_rss = rss() - before;
+    drop(port);
+    let before = rss();
+    let port = ns.enter(|| AfPacket::open("va", &AfPacketConfig::plain())).unwrap();
+    let plain_rss = rss() - before;
+    drop(port);
+
     let batch256 = tx_only(&ns, 256, 1.5 * scale);
     let batch1 = tx_only(&ns, 1, 1.5 * scale);
 
@@ -121,7 +141,8 @@ fn main() {
     println!(
         "{{\"bench\":\"veth\",\"frame_len\":{FRAME_LEN},\"seconds\":{seconds:.1},\"tx_fps\":{:.0},\"rx_fps\":{:.0},\
          \"tx_frames\":{tx_frames},\"rx_frames\":{received},\"kernel_drops\":{drops},\"tx_errors\":{tx_errors},\
-         \"tx_only_batch256_fps\":{batch256:.0},\"tx_only_batch1_fps\":{batch1:.0}}}",
+         \"tx_only_batch256_fps\":{batch256:.0},\"tx_only_batch1_fps\":{batch1:.0},\
+         \"port_rss_kib\":{port_rss},\"plain_port_rss_kib\":{plain_rss}}}",
         tx_frames as f64 / tx_secs,
         received as f64 / rx_secs,
     );
