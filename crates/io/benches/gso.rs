@@ -12,12 +12,12 @@
 //!   frames (what a plain receiver of a vnet-header port pays);
 //! - `copy_ns`: one `memcpy` of the super-frame, for scale;
 //! - the same per segment and in Gbit/s of payload for one core.
+//!
 //! IPv6 figures follow with `_v6`.
 //!
 //! Run any other way (`cargo test --all-targets`), it does a short smoke run.
 
 #[path = "../tests/support/gso_props.rs"]
-#[allow(dead_code, unused_imports)]
 mod props;
 
 use std::hint::black_box;

@@ -24,7 +24,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "../tests/support/gso_props.rs"]
-#[allow(dead_code, unused_imports)]
 mod props;
 
 use std::net::{Ipv4Addr, SocketAddrV4};

@@ -91,7 +91,7 @@ const RX_BATCH: usize = 64;
 const VNET_LEN: usize = virtio_net::HEADER_LEN_NO_NUM_BUFFERS;
 /// The ring frame size that holds any super-frame: a 65,535-byte IP datagram
 /// behind an Ethernet header and two VLAN tags, rounded up to 16.
-pub const SUPER_FRAME_SIZE: usize = (65_535 + 14 + 8 + 15) / 16 * 16;
+pub const SUPER_FRAME_SIZE: usize = (65_535 + 14 + 8usize).div_ceil(16) * 16;
 /// The frame size of a port without virtio-net headers: a 1500-byte MTU and tags, with room.
 pub const PLAIN_FRAME_SIZE: usize = 2048;
 

@@ -721,6 +721,8 @@ fn set_segment_size(h: &mut libc::msghdr, ctrl: &mut Control, size: u16) {
 }
 
 /// The datagram size of a coalesced receive (`UDP_GRO` control message), if any.
+// `msg_controllen` is a `size_t` in glibc and a `socklen_t` in musl: the cast is not always a no-op.
+#[allow(clippy::unnecessary_cast)]
 fn gro_size(h: &libc::msghdr) -> Option<usize> {
     if h.msg_control.is_null() || (h.msg_controllen as usize) < mem::size_of::<libc::cmsghdr>() {
         return None;

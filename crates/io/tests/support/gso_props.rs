@@ -709,20 +709,20 @@ pub fn run_program(data: &[u8]) -> Result<(), String> {
                 let p = packets[i].clone();
                 packets.insert(i, p);
             }
-            3 => {
+            // (A packet cut to nothing by an earlier operation has no byte to change.)
+            3 if !packets[i].is_empty() => {
                 // A flipped byte, checksums left as they were: a corrupt packet.
                 let at = usize::from(b.u16()) % packets[i].len();
                 packets[i][at] ^= b.u8() | 1;
             }
             4 => {
-                // Other flags, checksums fixed: a different but valid packet.
-                let at = packets[i].len().min(8 + 14 + 40 + 13);
-                if let Some(x) = packets[i].get_mut(at.saturating_sub(0)) {
-                    *x ^= b.u8();
+                // Other TCP flags, checksums fixed: a different but valid packet.
+                if let Some((_, l4, _)) = packets[i].get(8..).and_then(offsets) {
+                    packets[i][8 + l4 + 13] ^= b.u8();
+                    fix_checksums(&mut packets[i], 8);
                 }
-                fix_checksums(&mut packets[i], 8);
             }
-            5 => {
+            5 if !packets[i].is_empty() => {
                 // A byte of the headers changed, checksums fixed.
                 let at = usize::from(b.u8()) % packets[i].len().min(80);
                 packets[i][at] ^= b.u8() | 1;
@@ -735,10 +735,11 @@ pub fn run_program(data: &[u8]) -> Result<(), String> {
                     1,
                 ],
             ),
-            _ => {
+            7 => {
                 let at = usize::from(b.u16()) % packets[i].len().max(1);
                 packets[i].truncate(at);
             }
+            _ => {}
         }
     }
     check_coalesce(&packets, 8).map(drop)
