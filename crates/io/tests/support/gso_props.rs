@@ -717,8 +717,11 @@ pub fn run_program(data: &[u8]) -> Result<(), String> {
             }
             4 => {
                 // Other TCP flags, checksums fixed: a different but valid packet.
-                if let Some((_, l4, _)) = packets[i].get(8..).and_then(offsets) {
-                    packets[i][8 + l4 + 13] ^= b.u8();
+                // (At the flags' offset for TCP; a UDP datagram may be shorter.)
+                if let Some((_, l4, _)) = packets[i].get(8..).and_then(offsets)
+                    && let Some(flags) = packets[i].get_mut(8 + l4 + 13)
+                {
+                    *flags ^= b.u8();
                     fix_checksums(&mut packets[i], 8);
                 }
             }
