@@ -1,11 +1,19 @@
 //! Frames per second through AF_PACKET ports on a veth pair (run as root).
 //!
 //! `cargo bench -p palisade-io --bench veth` prints one JSON line:
-//! - `rx_fps`/`tx_fps`: one port blasts 64-byte frames (batches of 256, one
-//!   `sendmmsg` each) into `vb` while another drains `va`'s TPACKET_V3 ring,
-//!   concurrently, for a few seconds; `kernel_drops` is what the ring lost.
+//! - `blast`: one port blasts 64-byte frames (batches of 256, one `sendmmsg`
+//!   each) into `vb` while another drains `va`'s TPACKET_V3 ring
+//!   (`recv_batch`, the agent's call), concurrently, for a few seconds:
+//!   `rx_fps`/`tx_fps`, and `kernel_drops`, what the ring lost; with
+//!   virtio-net headers (`vnet`, the default) and without (`plain`),
+//!   alternated twice, to show what the header costs small frames.
 //! - `tx_only_batch256_fps` / `tx_only_batch1_fps`: the sender alone, with 256
 //!   frames per `sendmmsg` and with one call per frame, to show what batching buys.
+//! - `port_rss_kib` / `plain_port_rss_kib`: how much the process's resident
+//!   memory grows when one port opens, with the default configuration
+//!   (virtio-net headers, 64 KiB frames: the same 8 MiB ring, a 1 MiB transmit
+//!   queue) and with `AfPacketConfig::plain()` (2 KiB frames, 512 KiB queue).
+
 //!
 //! Run any other way (`cargo test --all-targets`), it does a one-tenth-length smoke run.
 
@@ -78,15 +86,50 @@ fn main() {
     ns.ip(&["link", "set", "va", "up"]);
     ns.ip(&["link", "set", "vb", "up"]);
 
+    let rss = || {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_owned();
+        line.split_whitespace().nth(1).unwrap().parse::<i64>().unwrap()
+    };
+    let before = rss();
+    let port = ns.enter(|| AfPacket::open("va", &AfPacketConfig::default())).unwrap();
+    let port_rss = rss() - before;
+    drop(port);
+    let before = rss();
+    let port = ns.enter(|| AfPacket::open("va", &AfPacketConfig::plain())).unwrap();
+    let plain_rss = rss() - before;
+    drop(port);
+
     let batch256 = tx_only(&ns, 256, 1.5 * scale);
     let batch1 = tx_only(&ns, 1, 1.5 * scale);
 
-    let config = AfPacketConfig::default();
-    let mut rx = ns.enter(|| AfPacket::open("va", &config)).unwrap();
-    let mut tx = ns.enter(|| AfPacket::open("vb", &config)).unwrap();
-    let seconds = 3.0 * scale;
+    // The blast with virtio-net headers (the default) and without, alternated twice.
+    let mut runs = Vec::new();
+    for round in 0..2 {
+        for (name, config) in [("vnet", AfPacketConfig::default()), ("plain", AfPacketConfig::plain())] {
+            let r = pair(&ns, &config, 1.5 * scale);
+            runs.push(format!(
+                "{{\"config\":\"{name}\",\"round\":{round},\"tx_fps\":{:.0},\"rx_fps\":{:.0},\"kernel_drops\":{},\"tx_errors\":{}}}",
+                r.0, r.1, r.2, r.3
+            ));
+        }
+    }
+    println!(
+        "{{\"bench\":\"veth\",\"frame_len\":{FRAME_LEN},\"seconds\":{:.1},\"blast\":[{}],\
+         \"tx_only_batch256_fps\":{batch256:.0},\"tx_only_batch1_fps\":{batch1:.0},\
+         \"port_rss_kib\":{port_rss},\"plain_port_rss_kib\":{plain_rss}}}",
+        1.5 * scale,
+        runs.join(",")
+    );
+}
+
+/// One port blasts 64-byte frames into `vb` while another drains `va`, both
+/// opened with `config`, for `seconds`: (tx fps, rx fps, kernel drops, tx errors).
+fn pair(ns: &Netns, config: &AfPacketConfig, seconds: f64) -> (f64, f64, u64, u64) {
+    let mut rx = ns.enter(|| AfPacket::open("va", config)).unwrap();
+    let mut tx = ns.enter(|| AfPacket::open("vb", config)).unwrap();
     let stop = AtomicBool::new(false);
-    let (tx_frames, tx_errors, tx_secs, received, rx_secs, drops) = thread::scope(|s| {
+    thread::scope(|s| {
         let receiver = s.spawn(|| {
             let start = Instant::now();
             let mut received = 0u64;
@@ -94,9 +137,11 @@ fn main() {
             loop {
                 wait_readable(&[rx.fd()], Duration::from_millis(5)).unwrap();
                 let n = rx
-                    .recv(1024, &mut |f| {
-                        if f.len() == FRAME_LEN && f[12..14] == MARK.to_be_bytes() {
-                            received += 1;
+                    .recv_batch(1024, &mut |frames| {
+                        for f in frames {
+                            if f.len() == FRAME_LEN && f[12..14] == MARK.to_be_bytes() {
+                                received += 1;
+                            }
                         }
                     })
                     .unwrap();
@@ -116,13 +161,6 @@ fn main() {
         stop.store(true, Ordering::Relaxed);
         let (tx_frames, tx_errors, tx_secs) = sender.join().unwrap();
         let (received, rx_secs, drops) = receiver.join().unwrap();
-        (tx_frames, tx_errors, tx_secs, received, rx_secs, drops)
-    });
-    println!(
-        "{{\"bench\":\"veth\",\"frame_len\":{FRAME_LEN},\"seconds\":{seconds:.1},\"tx_fps\":{:.0},\"rx_fps\":{:.0},\
-         \"tx_frames\":{tx_frames},\"rx_frames\":{received},\"kernel_drops\":{drops},\"tx_errors\":{tx_errors},\
-         \"tx_only_batch256_fps\":{batch256:.0},\"tx_only_batch1_fps\":{batch1:.0}}}",
-        tx_frames as f64 / tx_secs,
-        received as f64 / rx_secs,
-    );
+        (tx_frames as f64 / tx_secs, received as f64 / rx_secs, drops, tx_errors)
+    })
 }

@@ -10,16 +10,36 @@
 //! it, or the host stack, transmits on the interface, or a switch would
 //! re-forward its own output.
 //!
-//! Frames that do not fit the configured frame size (GSO super-packets, jumbo
-//! frames) are snapped by a one-instruction socket filter, counted as
-//! `truncated` and not delivered: a partial frame must never be forwarded.
-//! Frames whose sender left the TCP/UDP checksum to offload hardware
-//! (`TP_STATUS_CSUMNOTREADY`) are completed in place ([`crate::csum`]); a
-//! VLAN tag the kernel moved into the ring's metadata is put back into the
-//! frame. Transmission queues frames in a preallocated buffer and sends each
-//! batch with one `sendmmsg`, which needs no second ring and keeps the socket
-//! in one TPACKET version; `benches/veth.rs` measures it against one call per
-//! frame.
+//! **Offloads** ([`AfPacketConfig::vnet_hdr`], on by default). The socket
+//! sets `PACKET_VNET_HDR`: in each ring slot the kernel writes a 10-byte
+//! virtio-net header (`struct virtio_net_hdr`) right before the frame
+//! (`tpacket_rcv`: `netoff` grows by the header, which sits at `mac - 10`),
+//! so a TSO/GSO super-frame from a guest with offloads on (up to 64 KiB) is
+//! delivered whole, with its segment size, and a partial checksum stays
+//! partial; both come with the frame as its [`Offload`]
+//! ([`FramePort::recv_frames`]). On send, the header precedes the frame in
+//! the `sendmmsg` iovec and the kernel takes the frame as it says: a
+//! super-frame stays one skb up to the device that needs it cut (a veth into
+//! a namespace takes it whole), a partial checksum is finished where needed.
+//! The ring's frame size then defaults to [`SUPER_FRAME_SIZE`]; TPACKET_V3
+//! packs frames by their real length, so small frames cost no more ring
+//! space than before. For plain receivers ([`FramePort::recv_batch`]) the
+//! port completes partial checksums in place in the ring and cuts
+//! super-frames into packets ([`PlainFrames`]). With `vnet_hdr` off
+//! ([`AfPacketConfig::plain`], the earlier behaviour), frames that do not fit
+//! the frame size (GSO super-packets, jumbo frames) are snapped by a
+//! one-instruction socket filter, counted as `truncated` and not delivered
+//! (a partial frame must never be forwarded), frames whose sender left the
+//! TCP/UDP checksum to offload hardware (`TP_STATUS_CSUMNOTREADY`) are
+//! completed in place ([`crate::csum`]), and super-frames given to
+//! [`FramePort::send_frame`] are cut in user space.
+//!
+//! A VLAN tag the kernel moved into the ring's metadata is put back into the
+//! frame (the offload state's checksum start and header length move with
+//! it). Transmission queues frames (with their headers) in a preallocated
+//! buffer and sends each batch with one `sendmmsg`, which needs no second
+//! ring and keeps the socket in one TPACKET version; `benches/veth.rs`
+//! measures it against one call per frame.
 //!
 //! With [`AfPacketConfig::fanout`] set, the port joins the interface's packet
 //! fanout group (`PACKET_FANOUT_CBPF`): the N ports of the N workers share
@@ -42,11 +62,14 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use palisade_wire::virtio_net::{self, Header, VirtioNetRepr};
+
 use crate::csum::complete_checksum;
 use crate::error::IoError;
-use crate::port::{FramePort, PortStats};
+use crate::gso;
+use crate::port::{FramePort, Offload, PlainFrames, PortOffloads, PortStats, RxFrame};
 use crate::steer;
-use crate::sys;
+use crate::sys::{self, TxMsg};
 
 const KIND: &str = "AF_PACKET";
 
@@ -62,8 +85,15 @@ const BPF_RET_K: u16 = 0x06;
 const ETH_P_8021Q: u16 = 0x8100;
 /// Bytes of the Ethernet destination and source addresses, before which nothing is inserted.
 const MAC_PAIR_LEN: usize = 12;
-/// Most frames in one batch of [`FramePort::recv_batch`] (and in one walk step of `recv`).
+/// Most frames in one batch of [`FramePort::recv_frames`] (and in one walk step of `recv`).
 const RX_BATCH: usize = 64;
+/// Bytes of the virtio-net header with `PACKET_VNET_HDR` (`struct virtio_net_hdr`, no `num_buffers`).
+const VNET_LEN: usize = virtio_net::HEADER_LEN_NO_NUM_BUFFERS;
+/// The ring frame size that holds any super-frame: a 65,535-byte IP datagram
+/// behind an Ethernet header and two VLAN tags, rounded up to 16.
+pub const SUPER_FRAME_SIZE: usize = (65_535 + 14 + 8usize).div_ceil(16) * 16;
+/// The frame size of a port without virtio-net headers: a 1500-byte MTU and tags, with room.
+pub const PLAIN_FRAME_SIZE: usize = 2048;
 
 /// Offsets in `struct tpacket_block_desc` (version, offset_to_priv, then `tpacket_hdr_v1`).
 mod block {
@@ -118,26 +148,49 @@ pub struct AfPacketConfig {
     pub block_timeout_ms: u32,
     /// Frames queued by `send` before a `flush` is forced.
     pub tx_frames: usize,
+    /// Bytes of the transmit queue (frames, and their virtio-net headers); a
+    /// `flush` is forced when the next frame does not fit. At least
+    /// `frame_size` plus a header.
+    pub tx_buffer: usize,
+    /// Read and write virtio-net headers (`PACKET_VNET_HDR`): super-frames and
+    /// partial checksums come and go as they are (see the module documentation).
+    pub vnet_hdr: bool,
     /// Join the interface's fanout group as one of several per-worker ports; `None`: the
     /// port receives every frame of the interface.
     pub fanout: Option<Fanout>,
 }
 
 impl Default for AfPacketConfig {
-    /// 8 blocks of 1 MiB, 2048-byte frames, 1 ms retire timeout, 256-frame TX batches, no fanout.
+    /// Virtio-net headers on; 8 blocks of 1 MiB, frames up to
+    /// [`SUPER_FRAME_SIZE`], 1 ms retire timeout, TX batches of up to 256
+    /// frames in 1 MiB, no fanout.
     fn default() -> Self {
         AfPacketConfig {
             block_size: 1 << 20,
             block_count: 8,
-            frame_size: 2048,
+            frame_size: SUPER_FRAME_SIZE,
             block_timeout_ms: 1,
             tx_frames: 256,
+            tx_buffer: 1 << 20,
+            vnet_hdr: true,
             fanout: None,
         }
     }
 }
 
 impl AfPacketConfig {
+    /// The configuration without virtio-net headers (the behaviour before
+    /// them): [`PLAIN_FRAME_SIZE`] frames, larger ones counted as truncated,
+    /// partial checksums completed on receipt, TX batches of 256 frames in 512 KiB.
+    pub fn plain() -> AfPacketConfig {
+        AfPacketConfig {
+            frame_size: PLAIN_FRAME_SIZE,
+            tx_buffer: 256 * PLAIN_FRAME_SIZE,
+            vnet_hdr: false,
+            ..AfPacketConfig::default()
+        }
+    }
+
     fn validate(&self, name: &str) -> Result<(), IoError> {
         let bad = |reason: String| {
             Err(IoError::Config {
@@ -173,8 +226,14 @@ impl AfPacketConfig {
         if self.block_size.checked_mul(self.block_count).is_none() {
             return bad("ring size overflows".to_owned());
         }
-        if self.tx_frames == 0 || self.tx_frames.checked_mul(self.frame_size).is_none() {
+        if self.tx_frames == 0 || self.tx_frames > 1 << 16 {
             return bad(format!("tx frames {} is out of range", self.tx_frames));
+        }
+        if self.tx_buffer < self.frame_size + VNET_LEN || self.tx_buffer > 1 << 30 {
+            return bad(format!(
+                "tx buffer of {} bytes cannot hold a {}-byte frame and its header",
+                self.tx_buffer, self.frame_size
+            ));
         }
         if let Some(f) = self.fanout {
             if f.workers == 0 || f.workers > FANOUT_MAX {
@@ -206,11 +265,19 @@ pub struct AfPacket {
     pkt: u32,
     /// Offset in the current block of the next packet.
     off: usize,
+    /// Frames carry virtio-net headers.
+    vnet: bool,
     /// Where a frame is rebuilt when a VLAN tag must be reinserted.
     scratch: Vec<u8>,
-    /// `tx_frames` slots of `frame_size` bytes.
+    /// Turns frames into plain ones for `recv_batch` (taken out while in use).
+    plain: PlainFrames,
+    /// The transmit queue: each frame (after its header, with `vnet`) in turn.
     tx_buf: Vec<u8>,
-    tx_lens: Vec<usize>,
+    /// Capacity of `tx_buf`, which never grows past it.
+    tx_cap: usize,
+    /// Where each queued message starts in `tx_buf`, and its length there.
+    tx_at: Vec<(usize, usize)>,
+    tx_lens: Vec<TxMsg>,
     tx_iov: Vec<libc::iovec>,
     tx_msgs: Vec<libc::mmsghdr>,
     stats: PortStats,
@@ -277,6 +344,11 @@ impl AfPacket {
         let one: libc::c_int = 1;
         sys::setsockopt(sfd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &one)
             .map_err(os("setsockopt(PACKET_IGNORE_OUTGOING)"))?;
+        if config.vnet_hdr {
+            // Before the ring: the kernel refuses to change it once a ring exists (EBUSY).
+            sys::setsockopt(sfd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, &one)
+                .map_err(os("setsockopt(PACKET_VNET_HDR)"))?;
+        }
         // Accept nothing until the socket is bound and in its fanout group (a bound socket
         // outside the group would get a copy of every frame besides the group's).
         attach_snap_filter(sfd, 0).map_err(os("setsockopt(SO_ATTACH_FILTER)"))?;
@@ -330,8 +402,12 @@ impl AfPacket {
             block: 0,
             pkt: 0,
             off: 0,
-            scratch: Vec::with_capacity(config.frame_size + 4),
-            tx_buf: vec![0; tx * config.frame_size],
+            vnet: config.vnet_hdr,
+            scratch: Vec::with_capacity(PLAIN_FRAME_SIZE * RX_BATCH),
+            plain: PlainFrames::default(),
+            tx_buf: Vec::with_capacity(config.tx_buffer),
+            tx_cap: config.tx_buffer,
+            tx_at: Vec::with_capacity(tx),
             tx_lens: Vec::with_capacity(tx),
             tx_iov: vec![iov; tx],
             tx_msgs: vec![msg; tx],
@@ -436,11 +512,12 @@ impl AfPacket {
     }
 
     /// Prepare the packet at `self.off` of the current block for delivery:
-    /// `Some(Some(span))` when it is to be delivered, `Some(None)` when it
-    /// was counted and skipped, `None` when the block's layout is corrupt. A
-    /// frame whose VLAN tag must be put back is rebuilt at the end of
-    /// `scratch`, which the caller clears before a batch.
-    fn take_one(&mut self) -> Option<Option<Span>> {
+    /// `Some(Some((span, offload)))` when it is to be delivered, `Some(None)`
+    /// when it was counted and skipped, `None` when the block's layout is
+    /// corrupt. A frame whose VLAN tag must be put back is rebuilt at the end
+    /// of `scratch`, which the caller clears before a batch. With `plain`, a
+    /// partial checksum is completed in place (in the ring, or in `scratch`).
+    fn take_one(&mut self, plain: bool) -> Option<Option<(Span, Offload)>> {
         let off = self.off;
         if off.checked_add(hdr::FIXED)? > self.block_size {
             return None;
@@ -459,6 +536,44 @@ impl AfPacket {
         if snaplen < len || wire_len > self.frame_size {
             self.stats.truncated += 1;
             return Some(None);
+        }
+        let mut offload = if self.vnet {
+            // The header sits right before the frame, after the fixed tpacket3 header.
+            if mac < hdr::FIXED + VNET_LEN {
+                return None;
+            }
+            let mut bytes = [0u8; VNET_LEN];
+            // SAFETY: `off + mac - VNET_LEN .. off + mac` lies inside the block (checked
+            // above: `off + FIXED <= block_size` and `mac >= FIXED + VNET_LEN`, and
+            // `start <= block_size`); the block is owned by user space until released.
+            unsafe {
+                ptr::copy_nonoverlapping(
+                    self.block_ptr(self.block).add(start - VNET_LEN),
+                    bytes.as_mut_ptr(),
+                    VNET_LEN,
+                )
+            };
+            match VirtioNetRepr::parse(&Header::new_unchecked(&bytes[..]), snaplen) {
+                Ok(r) => Offload::from(r),
+                Err(_) => {
+                    self.stats.offload_errors += 1;
+                    return Some(None);
+                }
+            }
+        } else {
+            Offload {
+                csum_valid: status & libc::TP_STATUS_CSUM_VALID != 0,
+                ..Offload::NONE
+            }
+        };
+        if vlan {
+            match offload.shifted(MAC_PAIR_LEN as u16, 4) {
+                Some(o) => offload = o,
+                None => {
+                    self.stats.offload_errors += 1;
+                    return Some(None);
+                }
+            }
         }
         let tci = self.read_u32(off + hdr::VLAN_TCI) as u16;
         let tpid = if status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
@@ -482,12 +597,21 @@ impl AfPacket {
         } else {
             (Span::Ring(start, snaplen), frame)
         };
-        if status & libc::TP_STATUS_CSUMNOTREADY != 0 && complete_checksum(out).is_ok() {
+        // Without headers the partial checksum cannot be handed on (its start is not
+        // known): complete it as before. With them, only for a plain receiver.
+        let partial = if self.vnet {
+            plain && offload.csum.is_some() && offload.gso.is_none()
+        } else {
+            status & libc::TP_STATUS_CSUMNOTREADY != 0
+        };
+        if partial && complete_checksum(out).is_ok() {
             self.stats.csum_completed += 1;
+            offload.csum = None;
         }
         self.stats.rx_frames += 1;
         self.stats.rx_bytes += out.len() as u64;
-        Some(Some(span))
+        self.stats.rx_super_frames += u64::from(offload.gso.is_some());
+        Some(Some((span, offload)))
     }
 
     /// The frame `span` names (in the current block or in `scratch`).
@@ -503,9 +627,9 @@ impl AfPacket {
 
     /// Walk the ring, taking up to `max` frames in batches of at most
     /// `RX_BATCH`, each from one block, and call `f` with each batch.
-    fn walk(&mut self, max: usize, f: &mut dyn FnMut(&AfPacket, &[Span])) -> usize {
+    fn walk(&mut self, max: usize, plain: bool, f: &mut dyn FnMut(&AfPacket, &[RxFrame<'_>])) -> usize {
         let mut delivered = 0;
-        let mut spans = [Span::Ring(0, 0); RX_BATCH];
+        let mut spans = [(Span::Ring(0, 0), Offload::NONE); RX_BATCH];
         while delivered < max {
             if self.block_status(self.block).load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
                 break;
@@ -518,9 +642,9 @@ impl AfPacket {
             let mut n = 0;
             self.scratch.clear();
             while self.pkt < num_pkts && n < room {
-                match self.take_one() {
-                    Some(Some(span)) => {
-                        spans[n] = span;
+                match self.take_one(plain) {
+                    Some(Some(taken)) => {
+                        spans[n] = taken;
                         n += 1;
                     }
                     Some(None) => {}
@@ -535,7 +659,17 @@ impl AfPacket {
                 self.off = self.off.saturating_add(next);
             }
             if n > 0 {
-                f(self, &spans[..n]);
+                let mut frames = [RxFrame {
+                    bytes: &[],
+                    offload: Offload::NONE,
+                }; RX_BATCH];
+                for (slot, &(span, offload)) in frames.iter_mut().zip(&spans[..n]) {
+                    *slot = RxFrame {
+                        bytes: self.frame(span),
+                        offload,
+                    };
+                }
+                f(self, &frames[..n]);
                 delivered += n;
             }
             if self.pkt >= num_pkts {
@@ -559,6 +693,108 @@ impl AfPacket {
         }
         Ok(delivered)
     }
+
+    /// Make room in the transmit queue for a message of `len` bytes (flushing
+    /// what is queued if needed); an error if it can never fit.
+    fn tx_room(&mut self, len: usize) -> io::Result<()> {
+        if len > self.tx_cap {
+            self.stats.tx_errors += 1;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{KIND} on {}: {len} bytes exceed the transmit buffer of {}",
+                    self.name, self.tx_cap
+                ),
+            ));
+        }
+        if self.tx_lens.len() == self.tx_msgs.len() || self.tx_buf.len() + len > self.tx_cap {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn too_long(&mut self, len: usize) -> io::Error {
+        self.stats.tx_errors += 1;
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{KIND} on {}: frame of {len} bytes exceeds the frame size {}",
+                self.name, self.frame_size
+            ),
+        )
+    }
+
+    fn bad_offload(&mut self, what: String) -> io::Error {
+        self.stats.offload_errors += 1;
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{KIND} on {}: {what}", self.name))
+    }
+
+    /// Queue `frame` behind its virtio-net header, as one message.
+    fn queue_with_header(&mut self, frame: &[u8], offload: &Offload) -> io::Result<()> {
+        if frame.len() > self.frame_size {
+            return Err(self.too_long(frame.len()));
+        }
+        let mut header = [0u8; VNET_LEN];
+        offload.to_repr().emit(&mut Header::new_unchecked(&mut header[..]));
+        // What the kernel would refuse (EINVAL) is refused here, with the reason,
+        // before it can cost the rest of a batch.
+        if let Err(e) = VirtioNetRepr::parse(&Header::new_unchecked(&header[..]), frame.len()) {
+            return Err(self.bad_offload(format!("offload state does not fit a {}-byte frame: {e}", frame.len())));
+        }
+        self.tx_room(VNET_LEN + frame.len())?;
+        let at = self.tx_buf.len();
+        self.tx_buf.extend_from_slice(&header);
+        self.tx_buf.extend_from_slice(frame);
+        self.tx_at.push((at, VNET_LEN + frame.len()));
+        self.tx_lens.push(TxMsg {
+            bytes: frame.len(),
+            frames: 1,
+            super_frame: offload.gso.is_some(),
+        });
+        Ok(())
+    }
+
+    /// Without headers: cut a super-frame into packets in the transmit queue.
+    fn queue_segmented(&mut self, frame: &[u8], offload: &Offload) -> io::Result<()> {
+        let layout = gso::layout(frame, offload).map_err(|e| self.bad_offload(format!("cannot segment: {e}")))?;
+        let packet = layout.header_len + layout.segment_size;
+        if packet.min(frame.len()) > self.frame_size {
+            return Err(self.too_long(packet));
+        }
+        let needed = layout.segments() * layout.header_len + layout.payload_len;
+        self.tx_room(needed)?;
+        if self.tx_lens.len() + layout.segments() > self.tx_msgs.len() {
+            // More packets than message slots: grow them once (a small segment size).
+            let iov = libc::iovec {
+                iov_base: ptr::null_mut(),
+                iov_len: 0,
+            };
+            let n = self.tx_lens.len() + layout.segments();
+            self.tx_iov.resize(n, iov);
+            // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid value.
+            self.tx_msgs.resize(n, unsafe { mem::zeroed() });
+        }
+        let room = self.tx_cap - self.tx_buf.len();
+        let segs = gso::segment(frame, offload, &[], &mut self.tx_buf, room)
+            .map_err(|e| self.bad_offload(format!("cannot segment: {e}")))?;
+        let mut at = segs.start;
+        for k in 0..segs.count {
+            let len = if k + 1 == segs.count {
+                segs.last_len
+            } else {
+                segs.stride
+            };
+            self.tx_at.push((at, len));
+            self.tx_lens.push(TxMsg {
+                bytes: len,
+                frames: 1,
+                super_frame: false,
+            });
+            at += len;
+        }
+        self.stats.sw_segmented += 1;
+        Ok(())
+    }
 }
 
 /// Where a frame taken from the ring lies: (offset, length) in the current
@@ -570,49 +806,58 @@ enum Span {
 }
 
 impl FramePort for AfPacket {
-    fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
-        let delivered = self.walk(max, &mut |port, spans| {
-            for &s in spans {
-                f(port.frame(s));
-            }
-        });
-        self.empty_receive(delivered)
-    }
-
     /// Frames straight from the ring: a batch is the frames of one block (at most
     /// 64), valid until the block goes back to the kernel after `f` returns.
-    fn recv_batch(&mut self, max: usize, f: &mut dyn FnMut(&[&[u8]])) -> io::Result<usize> {
-        let delivered = self.walk(max, &mut |port, spans| {
-            let mut frames: [&[u8]; RX_BATCH] = [&[]; RX_BATCH];
-            for (slot, &s) in frames.iter_mut().zip(spans) {
-                *slot = port.frame(s);
-            }
-            f(&frames[..spans.len()]);
-        });
+    fn recv_frames(&mut self, max: usize, f: &mut dyn FnMut(&[RxFrame<'_>])) -> io::Result<usize> {
+        let delivered = self.walk(max, false, &mut |_, frames| f(frames));
         self.empty_receive(delivered)
     }
 
-    /// Queue `frame`; when the queue is full, flush it first (on an error from that flush,
-    /// `frame` is not queued). A frame longer than the frame size is an error.
-    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+    /// Plain frames: those that need no work straight from the ring, the others
+    /// completed in place or cut up in a scratch buffer ([`PlainFrames`]).
+    fn recv_batch(&mut self, max: usize, f: &mut dyn FnMut(&[&[u8]])) -> io::Result<usize> {
+        let mut plain = mem::take(&mut self.plain);
+        let mut stats = PortStats::default();
+        let mut handed = 0;
+        let taken = self.walk(max, true, &mut |_, frames| {
+            handed += plain.deliver(frames, &mut stats, f);
+        });
+        self.plain = plain;
+        self.stats.sw_segmented += stats.sw_segmented;
+        self.stats.offload_errors += stats.offload_errors;
+        self.stats.csum_completed += stats.csum_completed;
+        self.empty_receive(taken).map(|_| handed)
+    }
+
+    /// Queue `frame`; when the queue is full, flush it first (on an error from that
+    /// flush, `frame` is not queued). A frame longer than the frame size is an error.
+    fn send_frame(&mut self, frame: &[u8], offload: &Offload) -> io::Result<()> {
+        if self.vnet {
+            return self.queue_with_header(frame, offload);
+        }
+        if offload.gso.is_some() {
+            return self.queue_segmented(frame, offload);
+        }
         if frame.len() > self.frame_size {
-            self.stats.tx_errors += 1;
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{KIND} on {}: frame of {} bytes exceeds the frame size {}",
-                    self.name,
-                    frame.len(),
-                    self.frame_size
-                ),
-            ));
+            return Err(self.too_long(frame.len()));
         }
-        if self.tx_lens.len() == self.tx_msgs.len() {
-            self.flush()?;
+        self.tx_room(frame.len())?;
+        let at = self.tx_buf.len();
+        self.tx_buf.extend_from_slice(frame);
+        if offload.csum.is_some() {
+            if complete_checksum(&mut self.tx_buf[at..]).is_ok() {
+                self.stats.csum_completed += 1;
+            } else {
+                // Sent as it is: the receiver drops what it cannot verify, as it would have.
+                self.stats.offload_errors += 1;
+            }
         }
-        let at = self.tx_lens.len() * self.frame_size;
-        self.tx_buf[at..at + frame.len()].copy_from_slice(frame);
-        self.tx_lens.push(frame.len());
+        self.tx_at.push((at, frame.len()));
+        self.tx_lens.push(TxMsg {
+            bytes: frame.len(),
+            frames: 1,
+            super_frame: false,
+        });
         Ok(())
     }
 
@@ -623,10 +868,11 @@ impl FramePort for AfPacket {
         }
         let base = self.tx_buf.as_mut_ptr();
         for i in 0..n {
+            let (at, len) = self.tx_at[i];
             self.tx_iov[i] = libc::iovec {
-                // SAFETY: slot `i < tx_frames` starts inside `tx_buf` (tx_frames * frame_size bytes).
-                iov_base: unsafe { base.add(i * self.frame_size) }.cast(),
-                iov_len: self.tx_lens[i],
+                // SAFETY: every queued message lies inside `tx_buf`'s initialised bytes.
+                iov_base: unsafe { base.add(at) }.cast(),
+                iov_len: len,
             };
             let h = &mut self.tx_msgs[i].msg_hdr;
             // The socket is bound to the interface, so no destination address is needed.
@@ -637,11 +883,20 @@ impl FramePort for AfPacket {
         }
         let r = sys::send_batch(self.fd.as_fd(), &mut self.tx_msgs, &self.tx_lens, &mut self.stats);
         self.tx_lens.clear();
+        self.tx_at.clear();
+        self.tx_buf.clear();
         r
     }
 
     fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    fn offloads(&self) -> PortOffloads {
+        PortOffloads {
+            rx: self.vnet,
+            tx: self.vnet,
+        }
     }
 
     fn stats(&self) -> PortStats {

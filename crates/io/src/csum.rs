@@ -62,14 +62,22 @@ impl From<Error> for CsumSkip {
     }
 }
 
-/// Where the transport segment of a frame lies and what its pseudo-header sums to.
-struct Segment {
-    protocol: IpProtocol,
-    start: usize,
-    len: usize,
-    src: [u8; 16],
-    dst: [u8; 16],
-    v6: bool,
+/// Where the network and transport headers of a frame lie, and the addresses of its pseudo-header.
+pub(crate) struct Segment {
+    /// The transport protocol.
+    pub protocol: IpProtocol,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the transport header.
+    pub start: usize,
+    /// Bytes from `start` to the end of the IP datagram.
+    pub len: usize,
+    /// Source address (IPv4 in the first four bytes).
+    pub src: [u8; 16],
+    /// Destination address (IPv4 in the first four bytes).
+    pub dst: [u8; 16],
+    /// IPv6 (else IPv4).
+    pub v6: bool,
 }
 
 /// Recompute the TCP or UDP checksum of Ethernet `frame` in place.
@@ -127,7 +135,7 @@ pub fn complete_checksum(frame: &mut [u8]) -> Result<Completed, CsumSkip> {
 }
 
 /// Find the transport segment: skip the Ethernet header, VLAN tags, the IP header and IPv6 extension headers.
-fn locate(frame: &[u8]) -> Result<Segment, CsumSkip> {
+pub(crate) fn locate(frame: &[u8]) -> Result<Segment, CsumSkip> {
     let eth = ethernet::Frame::new_checked(frame)?;
     let mut ethertype = eth.ethertype();
     let mut offset = ethernet::HEADER_LEN;
@@ -156,6 +164,7 @@ fn locate(frame: &[u8]) -> Result<Segment, CsumSkip> {
             dst[..4].copy_from_slice(&p.dst_addr().octets());
             Ok(Segment {
                 protocol: p.protocol(),
+                l3: offset,
                 start: offset + p.header_len(),
                 len: p.payload().len(),
                 src,
@@ -179,6 +188,7 @@ fn locate(frame: &[u8]) -> Result<Segment, CsumSkip> {
                     WalkItem::End(WalkEnd::Upper { protocol, offset: at }) => {
                         return Ok(Segment {
                             protocol,
+                            l3: offset,
                             start: offset + ipv6::HEADER_LEN + at,
                             len: payload.len() - at,
                             src: p.src_addr().octets(),

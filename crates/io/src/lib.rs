@@ -6,9 +6,14 @@
 //! trait, [`FramePort`] ([`port`]), implemented by AF_PACKET sockets with a
 //! TPACKET_V3 receive ring and batched transmission ([`afpacket`]) and by TAP
 //! devices ([`tap`]); and the VXLAN underlay UDP socket ([`overlay`]). Frames
-//! a sender left with a partial TCP/UDP checksum (TX offload on veth and TAP)
-//! are completed on receipt ([`csum`]), so forwarded frames are always valid
-//! on the wire. Errors opening a port name the interface and the failed step
+//! keep their offload state ([`Offload`], from the virtio-net header that
+//! AF_PACKET and TAP ports read and write): a guest's TSO super-frame
+//! arrives whole and a partial checksum stays partial, until a destination
+//! that cannot take them needs them cut ([`gso::segment`]) or completed
+//! ([`csum`]); the underlay sends super-frames with UDP segmentation offload
+//! and merges what it receives back ([`gso::Coalescer`]). Callers that want
+//! only plain frames get them ([`FramePort::recv_batch`]).
+//! Errors opening a port name the interface and the failed step
 //! ([`IoError`]). With several workers, each opening its own ports, the kernel
 //! steers every connection to one worker ([`steer`]). QEMU/libvirt guests
 //! attach through vhost-user ([`vhost_user`]): the guest's virtio-net
@@ -20,6 +25,7 @@ pub mod afpacket;
 pub mod capture;
 pub mod csum;
 mod error;
+pub mod gso;
 pub mod overlay;
 #[doc(hidden)]
 pub mod packets;
@@ -31,6 +37,7 @@ pub mod vhost_user;
 
 pub use afpacket::{AfPacket, AfPacketConfig, Fanout};
 pub use error::IoError;
+pub use gso::Coalescer;
 pub use overlay::UdpOverlay;
-pub use port::{FramePort, PortStats, wait_readable};
-pub use tap::Tap;
+pub use port::{FramePort, Offload, PlainFrames, PortOffloads, PortStats, RxFrame, wait_readable};
+pub use tap::{Tap, TapConfig};

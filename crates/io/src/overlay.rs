@@ -1,17 +1,49 @@
-//! The VXLAN underlay socket: UDP between hosts, in batches.
+//! The VXLAN underlay socket: UDP between hosts, in batches, with UDP
+//! segmentation and receive offloads.
 //!
 //! Hosts exchange VXLAN(-GBP) packets over plain UDP; the datapath builds and
-//! parses the VXLAN header and inner frame, this module only moves payloads.
+//! parses the VXLAN header and inner frame, this module moves payloads.
 //! Every host listens on the same port, so a payload for host `remote` goes to
 //! `remote:<local port>`. Receiving uses `recvmmsg` and sending `sendmmsg`,
-//! one system call per batch of up to [`RX_BATCH`] / [`TX_BATCH`] datagrams,
-//! into and out of buffers allocated once. A datagram larger than
-//! [`MAX_PAYLOAD`] is counted as truncated and not delivered.
+//! one system call per batch of up to [`RX_BATCH`] / [`TX_BATCH`] messages,
+//! into and out of buffers allocated once. A single datagram larger than
+//! [`MAX_PAYLOAD`] is refused on send, and counted as truncated and not
+//! delivered on receive.
+//!
+//! **UDP segmentation offload on send** ([`UdpOverlay::send_segments`],
+//! [`UdpOverlay::send_super_frame`]): one message carries many equal-sized
+//! datagrams and a `UDP_SEGMENT` control message with their size; the kernel
+//! (or the NIC) cuts them apart, so a 64 KiB inner super-frame costs one
+//! message of about 45 datagrams instead of 45. A message holds at most
+//! [`MAX_GSO_SEGMENTS`] datagrams and 65,507 bytes (one IPv4 datagram's
+//! payload); longer runs are split. When the kernel refuses a segmented send
+//! (`EINVAL`: e.g. a socket sending without UDP checksums, `SO_NO_CHECK`;
+//! `EIO`: IPsec or UDP-Lite on the route; `EOPNOTSUPP`, `ENOPROTOOPT`: a
+//! kernel without UDP GSO; Linux 6.18 checksums in software for a device
+//! without TX checksum offload rather than refuse) the socket falls back, for
+//! good, to one message per datagram (the same bytes, no copy) and counts the
+//! refusal in
+//! [`PortStats::offload_errors`]; [`UdpOverlay::gso_enabled`] tells which.
+//!
+//! **UDP receive offload** ([`UdpOverlay::enable_gro`], off by default):
+//! with `UDP_GRO` set the kernel may hand over many datagrams of one sender
+//! in one receive, with their size in a control message: a `UDP_SEGMENT`
+//! send from another host crossing veths and bridges arrives that way, and a
+//! NIC with GRO merges consecutive datagrams. [`UdpOverlay::recv`] still
+//! hands datagrams over one by one; [`UdpOverlay::recv_segments`] hands over
+//! each receive whole; [`UdpOverlay::recv_coalesced`] merges consecutive
+//! in-order TCP segments of one inner flow back into super-frames
+//! ([`crate::gso::Coalescer`]). A kernel without `UDP_GRO` refuses the option
+//! and the socket stays as it was.
 //!
 //! With several workers, each binds its own socket to the same address
 //! ([`UdpOverlay::bind_steered`]): the sockets form an `SO_REUSEPORT` group
 //! whose classic BPF program ([`crate::steer`]) hands every datagram to the
-//! worker its inner packet's connection belongs to.
+//! worker its inner packet's connection belongs to. The program sees one
+//! receive at a time: a GRO batch goes to the worker of its first datagram,
+//! so with steered workers GRO is right only when every batch holds one
+//! inner flow (true for batches made of one `UDP_SEGMENT` send; not
+//! guaranteed for a NIC's GRO, which merges by outer addresses and ports).
 
 use std::fmt;
 use std::io;
@@ -20,32 +52,70 @@ use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 
+use crate::csum::complete_checksum;
 use crate::error::IoError;
-use crate::port::PortStats;
+use crate::gso::{self, Coalescer};
+use crate::port::{Offload, PortStats};
 use crate::steer;
-use crate::sys;
+use crate::sys::{self, TxMsg};
 
 const KIND: &str = "UDP overlay";
 
-/// Largest payload sent or received: a 9000-byte inner jumbo frame with its VXLAN header fits.
+/// Largest single datagram sent or received without offloads: a 9000-byte inner jumbo frame with its VXLAN header fits.
 pub const MAX_PAYLOAD: usize = 16 * 1024;
-/// Datagrams received per `recvmmsg`.
+/// Largest receive with `UDP_GRO` (several datagrams), and largest UDP payload.
+pub const MAX_GRO_PAYLOAD: usize = 65_535;
+/// Messages received per `recvmmsg`.
 pub const RX_BATCH: usize = 32;
-/// Datagrams queued before `send_to` forces a flush.
+/// Messages queued before a send forces a flush.
 pub const TX_BATCH: usize = 64;
+/// Bytes of queued payloads before a send forces a flush.
+const TX_BUFFER: usize = 1 << 20;
+/// Most datagrams in one `UDP_SEGMENT` send (the kernel's `UDP_MAX_SEGMENTS`
+/// was 64 until it became 128; the lower one works everywhere).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+/// Most bytes in one `UDP_SEGMENT` send: the payload of one IPv4 UDP datagram.
+const MAX_GSO_BYTES: usize = 65_535 - 20 - 8;
+/// `UDP_SEGMENT` and `UDP_GRO` (`include/uapi/linux/udp.h`), at level `SOL_UDP`.
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+/// Control-message room per message: one `cmsghdr` and an int, aligned (CMSG_SPACE(4) is 24).
+const CONTROL_LEN: usize = 32;
+
+/// A control-message buffer aligned for `cmsghdr`.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; CONTROL_LEN]);
+
+/// One queued message: where its payload lies in the queue, where it goes,
+/// and its datagram size when it is a `UDP_SEGMENT` send (0: one datagram).
+#[derive(Clone, Copy)]
+struct TxEntry {
+    at: usize,
+    len: usize,
+    to: libc::sockaddr_in,
+    segment: usize,
+}
 
 /// The underlay UDP socket of one host.
 pub struct UdpOverlay {
     sock: UdpSocket,
     local: SocketAddrV4,
+    /// `UDP_GRO` is on: receive slots hold a whole coalesced receive.
+    gro: bool,
+    /// The kernel refused a `UDP_SEGMENT` send: segments go one message each from then on.
+    gso_refused: bool,
+    rx_slot: usize,
     rx_buf: Vec<u8>,
     rx_addrs: Vec<libc::sockaddr_in>,
     rx_iov: Vec<libc::iovec>,
+    rx_ctrl: Vec<Control>,
     rx_msgs: Vec<libc::mmsghdr>,
     tx_buf: Vec<u8>,
-    tx_lens: Vec<usize>,
-    tx_addrs: Vec<libc::sockaddr_in>,
+    tx_entries: Vec<TxEntry>,
+    tx_lens: Vec<TxMsg>,
     tx_iov: Vec<libc::iovec>,
+    tx_ctrl: Vec<Control>,
     tx_msgs: Vec<libc::mmsghdr>,
     stats: PortStats,
 }
@@ -59,6 +129,8 @@ impl fmt::Debug for UdpOverlay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UdpOverlay")
             .field("local", &self.local)
+            .field("gro", &self.gro)
+            .field("gso_refused", &self.gso_refused)
             .finish_non_exhaustive()
     }
 }
@@ -83,6 +155,14 @@ fn os_error(local: SocketAddrV4, step: &'static str) -> impl FnOnce(io::Error) -
         step,
         source,
     }
+}
+
+/// Whether `e`, from a `UDP_SEGMENT` send, means the kernel does not do it here.
+fn gso_refusal(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
+    )
 }
 
 impl UdpOverlay {
@@ -182,17 +262,23 @@ impl UdpOverlay {
         // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid (empty) value.
         let msg: libc::mmsghdr = unsafe { mem::zeroed() };
         let any = sockaddr(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        let ctrl = Control([0; CONTROL_LEN]);
         Ok(UdpOverlay {
             sock,
             local,
+            gro: false,
+            gso_refused: false,
+            rx_slot: MAX_PAYLOAD,
             rx_buf: vec![0; RX_BATCH * MAX_PAYLOAD],
             rx_addrs: vec![any; RX_BATCH],
             rx_iov: vec![iov; RX_BATCH],
+            rx_ctrl: vec![ctrl; RX_BATCH],
             rx_msgs: vec![msg; RX_BATCH],
-            tx_buf: vec![0; TX_BATCH * MAX_PAYLOAD],
+            tx_buf: Vec::with_capacity(TX_BUFFER),
+            tx_entries: Vec::with_capacity(TX_BATCH),
             tx_lens: Vec::with_capacity(TX_BATCH),
-            tx_addrs: vec![any; TX_BATCH],
             tx_iov: vec![iov; TX_BATCH],
+            tx_ctrl: vec![ctrl; TX_BATCH],
             tx_msgs: vec![msg; TX_BATCH],
             stats: PortStats::default(),
         })
@@ -203,30 +289,67 @@ impl UdpOverlay {
         self.local
     }
 
-    /// Receive up to `max` datagrams without blocking; call `f` with each sender and payload.
-    pub fn recv(&mut self, max: usize, f: &mut dyn FnMut(Ipv4Addr, &[u8])) -> io::Result<usize> {
+    /// Ask the kernel for `UDP_GRO`: receives may then hold many datagrams of
+    /// one sender (see the module documentation). Returns whether it is on;
+    /// a kernel that refuses leaves the socket as it was. The receive
+    /// buffers grow to [`RX_BATCH`] × 64 KiB.
+    pub fn enable_gro(&mut self) -> bool {
+        if self.gro {
+            return true;
+        }
+        let one: libc::c_int = 1;
+        if sys::setsockopt(self.sock.as_fd(), libc::SOL_UDP, UDP_GRO, &one).is_err() {
+            return false;
+        }
+        self.gro = true;
+        self.rx_slot = MAX_GRO_PAYLOAD;
+        self.rx_buf = vec![0; RX_BATCH * MAX_GRO_PAYLOAD];
+        true
+    }
+
+    /// Whether `UDP_GRO` is on.
+    pub fn gro_enabled(&self) -> bool {
+        self.gro
+    }
+
+    /// Whether sends still use `UDP_SEGMENT` (false once the kernel refused one).
+    pub fn gso_enabled(&self) -> bool {
+        !self.gso_refused
+    }
+
+    /// Receive up to `max` messages without blocking; call `f` with each
+    /// sender, the bytes received, and the size of the datagrams they hold
+    /// (the last may be shorter; equal to the length when the kernel did not
+    /// coalesce). Returns how many datagrams were received.
+    pub fn recv_segments(&mut self, max: usize, f: &mut dyn FnMut(Ipv4Addr, &[u8], usize)) -> io::Result<usize> {
         let mut delivered = 0;
         let mut seen = 0;
+        let slot = self.rx_slot;
         while seen < max {
             let want = RX_BATCH.min(max - seen);
             let base = self.rx_buf.as_mut_ptr();
             for i in 0..want {
                 self.rx_iov[i] = libc::iovec {
-                    // SAFETY: slot `i < RX_BATCH` starts inside `rx_buf` (RX_BATCH * MAX_PAYLOAD bytes).
-                    iov_base: unsafe { base.add(i * MAX_PAYLOAD) }.cast(),
-                    iov_len: MAX_PAYLOAD,
+                    // SAFETY: slot `i < RX_BATCH` starts inside `rx_buf` (RX_BATCH * slot bytes).
+                    iov_base: unsafe { base.add(i * slot) }.cast(),
+                    iov_len: slot,
                 };
                 let h = &mut self.rx_msgs[i].msg_hdr;
                 h.msg_name = (&mut self.rx_addrs[i] as *mut libc::sockaddr_in).cast();
                 h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
                 h.msg_iov = &mut self.rx_iov[i];
                 h.msg_iovlen = 1;
-                h.msg_control = ptr::null_mut();
-                h.msg_controllen = 0;
+                if self.gro {
+                    h.msg_control = self.rx_ctrl[i].0.as_mut_ptr().cast();
+                    h.msg_controllen = CONTROL_LEN as _;
+                } else {
+                    h.msg_control = ptr::null_mut();
+                    h.msg_controllen = 0;
+                }
                 h.msg_flags = 0;
             }
-            // SAFETY: the first `want` headers point at live buffers and addresses owned by
-            // `self`; the timeout may be null.
+            // SAFETY: the first `want` headers point at live buffers, addresses and control
+            // buffers owned by `self`; the timeout may be null.
             let r = unsafe {
                 libc::recvmmsg(
                     self.sock.as_raw_fd(),
@@ -253,13 +376,17 @@ impl UdpOverlay {
                     self.stats.truncated += 1;
                     continue;
                 }
-                let len = (m.msg_len as usize).min(MAX_PAYLOAD);
+                let len = (m.msg_len as usize).min(slot);
+                let segment = if self.gro { gro_size(&m.msg_hdr) } else { None };
+                let segment = segment.filter(|&s| s > 0 && s < len).unwrap_or(len);
                 let from = Ipv4Addr::from(u32::from_be(self.rx_addrs[i].sin_addr.s_addr));
-                let payload = &self.rx_buf[i * MAX_PAYLOAD..i * MAX_PAYLOAD + len];
-                self.stats.rx_frames += 1;
+                let payload = &self.rx_buf[i * slot..i * slot + len];
+                let count = len.div_ceil(segment.max(1)).max(1);
+                self.stats.rx_frames += count as u64;
                 self.stats.rx_bytes += len as u64;
-                f(from, payload);
-                delivered += 1;
+                self.stats.rx_super_frames += u64::from(count > 1);
+                f(from, payload, segment);
+                delivered += count;
             }
             if got < want {
                 break;
@@ -268,52 +395,299 @@ impl UdpOverlay {
         Ok(delivered)
     }
 
+    /// Receive up to `max` messages without blocking; call `f` with each sender
+    /// and datagram (a coalesced receive is handed over datagram by datagram).
+    /// Returns how many datagrams were delivered.
+    pub fn recv(&mut self, max: usize, f: &mut dyn FnMut(Ipv4Addr, &[u8])) -> io::Result<usize> {
+        self.recv_segments(max, &mut |from, payload, segment| {
+            for datagram in payload.chunks(segment.max(1)) {
+                f(from, datagram);
+            }
+        })
+    }
+
+    /// Receive as [`UdpOverlay::recv`] does, but pass the datagrams through
+    /// `coalescer` (made for 8-byte VXLAN prefixes): consecutive TCP segments
+    /// of one inner flow come out as one payload whose inner frame is a
+    /// super-frame, with its [`Offload`]; everything else comes out as it
+    /// came, with [`Offload::NONE`]. The offload state describes the inner
+    /// frame, after the VXLAN header. Datagrams of different senders are
+    /// never merged; the coalescer is flushed before returning. Returns how
+    /// many datagrams were received.
+    pub fn recv_coalesced(
+        &mut self,
+        max: usize,
+        coalescer: &mut Coalescer,
+        f: &mut dyn FnMut(Ipv4Addr, &[u8], &Offload),
+    ) -> io::Result<usize> {
+        let mut current: Option<Ipv4Addr> = None;
+        let r = self.recv_segments(max, &mut |from, payload, segment| {
+            if let Some(prev) = current
+                && prev != from
+            {
+                coalescer.flush(&mut |p, o| f(prev, p, o));
+            }
+            current = Some(from);
+            for datagram in payload.chunks(segment.max(1)) {
+                coalescer.push(datagram, &mut |p, o| f(from, p, o));
+            }
+        });
+        if let Some(prev) = current {
+            coalescer.flush(&mut |p, o| f(prev, p, o));
+        }
+        r
+    }
+
+    /// Make room for `len` more bytes and one more message, flushing first if
+    /// needed; an error if they can never fit.
+    fn tx_room(&mut self, len: usize) -> io::Result<()> {
+        if len > TX_BUFFER {
+            self.stats.tx_errors += 1;
+            return Err(self.invalid(format!("{len} bytes exceed the transmit buffer of {TX_BUFFER}")));
+        }
+        if self.tx_entries.len() >= TX_BATCH || self.tx_buf.len() + len > TX_BUFFER {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn invalid(&self, what: String) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{KIND} on {}: {what}", self.local))
+    }
+
+    fn to(&self, remote: Ipv4Addr) -> libc::sockaddr_in {
+        sockaddr(SocketAddrV4::new(remote, self.local.port()))
+    }
+
     /// Queue `payload` for `remote` at this socket's port; flushes first when the queue is full
     /// (on an error from that flush, `payload` is not queued).
     pub fn send_to(&mut self, remote: Ipv4Addr, payload: &[u8]) -> io::Result<()> {
         if payload.len() > MAX_PAYLOAD {
             self.stats.tx_errors += 1;
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{KIND} on {}: payload of {} bytes exceeds {MAX_PAYLOAD}",
-                    self.local,
-                    payload.len()
-                ),
-            ));
+            return Err(self.invalid(format!("payload of {} bytes exceeds {MAX_PAYLOAD}", payload.len())));
         }
-        if self.tx_lens.len() == TX_BATCH {
-            self.flush()?;
-        }
-        let i = self.tx_lens.len();
-        self.tx_buf[i * MAX_PAYLOAD..i * MAX_PAYLOAD + payload.len()].copy_from_slice(payload);
-        self.tx_addrs[i] = sockaddr(SocketAddrV4::new(remote, self.local.port()));
-        self.tx_lens.push(payload.len());
+        self.tx_room(payload.len())?;
+        let at = self.tx_buf.len();
+        self.tx_buf.extend_from_slice(payload);
+        let to = self.to(remote);
+        self.tx_entries.push(TxEntry {
+            at,
+            len: payload.len(),
+            to,
+            segment: 0,
+        });
         Ok(())
+    }
+
+    /// Queue `datagrams` for `remote`: back-to-back datagrams of `segment`
+    /// bytes each, the last possibly shorter, sent with `UDP_SEGMENT` (in
+    /// messages of at most [`MAX_GSO_SEGMENTS`] datagrams and 65,507 bytes),
+    /// or one by one once the kernel has refused that. Returns how many
+    /// datagrams were queued.
+    pub fn send_segments(&mut self, remote: Ipv4Addr, datagrams: &[u8], segment: usize) -> io::Result<usize> {
+        if segment == 0 || segment > MAX_PAYLOAD {
+            self.stats.tx_errors += 1;
+            return Err(self.invalid(format!("datagram size {segment}: 1 to {MAX_PAYLOAD} are possible")));
+        }
+        let per = MAX_GSO_SEGMENTS.min(MAX_GSO_BYTES / segment).max(1);
+        let mut queued = 0;
+        for part in datagrams.chunks(per * segment) {
+            self.tx_room(part.len())?;
+            let at = self.tx_buf.len();
+            self.tx_buf.extend_from_slice(part);
+            self.queue_segmented(at, part.len(), remote, segment);
+            queued += part.len().div_ceil(segment);
+        }
+        Ok(queued)
+    }
+
+    /// Queue the message at `at..at + len` of the queue buffer, datagrams of `segment` bytes.
+    fn queue_segmented(&mut self, at: usize, len: usize, remote: Ipv4Addr, segment: usize) {
+        let to = self.to(remote);
+        let segment = if len <= segment { 0 } else { segment };
+        self.tx_entries.push(TxEntry { at, len, to, segment });
+    }
+
+    /// Put inner frame `frame`, with its offload state, on the underlay to
+    /// `remote` behind `prefix` (its VXLAN header): a super-frame is cut into
+    /// packets ([`gso::segment`]) straight into the transmit queue and sent
+    /// with `UDP_SEGMENT`; a partial checksum is completed; a plain frame is
+    /// one datagram. Returns how many datagrams were queued.
+    pub fn send_super_frame(
+        &mut self,
+        remote: Ipv4Addr,
+        prefix: &[u8],
+        frame: &[u8],
+        offload: &Offload,
+    ) -> io::Result<usize> {
+        if offload.gso.is_none() {
+            let len = prefix.len() + frame.len();
+            if len > MAX_PAYLOAD {
+                self.stats.tx_errors += 1;
+                return Err(self.invalid(format!("payload of {len} bytes exceeds {MAX_PAYLOAD}")));
+            }
+            self.tx_room(len)?;
+            let at = self.tx_buf.len();
+            self.tx_buf.extend_from_slice(prefix);
+            self.tx_buf.extend_from_slice(frame);
+            if offload.csum.is_some() {
+                if complete_checksum(&mut self.tx_buf[at + prefix.len()..]).is_ok() {
+                    self.stats.csum_completed += 1;
+                } else {
+                    self.stats.offload_errors += 1;
+                }
+            }
+            let to = self.to(remote);
+            self.tx_entries.push(TxEntry {
+                at,
+                len,
+                to,
+                segment: 0,
+            });
+            return Ok(1);
+        }
+        let layout = gso::layout(frame, offload).map_err(|e| {
+            self.stats.offload_errors += 1;
+            self.invalid(format!("cannot segment: {e}"))
+        })?;
+        let stride = prefix.len() + layout.header_len + layout.segment_size;
+        if stride > MAX_PAYLOAD {
+            self.stats.tx_errors += 1;
+            return Err(self.invalid(format!("segments of {stride} bytes exceed {MAX_PAYLOAD}")));
+        }
+        let needed = layout.segments() * (prefix.len() + layout.header_len) + layout.payload_len;
+        self.tx_room(needed)?;
+        let room = TX_BUFFER - self.tx_buf.len();
+        let segs = gso::segment(frame, offload, prefix, &mut self.tx_buf, room).map_err(|e| {
+            self.stats.offload_errors += 1;
+            self.invalid(format!("cannot segment: {e}"))
+        })?;
+        self.stats.sw_segmented += 1;
+        // Whole messages of at most MAX_GSO_SEGMENTS datagrams and MAX_GSO_BYTES bytes.
+        let per = MAX_GSO_SEGMENTS.min(MAX_GSO_BYTES / stride).max(1);
+        let mut at = segs.start;
+        let end = segs.start + segs.total_len();
+        while at < end {
+            let len = (per * stride).min(end - at);
+            if self.tx_entries.len() >= TX_BATCH {
+                // The bytes are queued already: send what is before them, then carry on.
+                self.flush_entries()?;
+            }
+            self.queue_segmented(at, len, remote, stride);
+            at += len;
+        }
+        Ok(segs.count)
     }
 
     /// Send everything queued, with as few `sendmmsg` calls as the kernel allows.
     pub fn flush(&mut self) -> io::Result<()> {
-        let n = self.tx_lens.len();
-        if n == 0 {
-            return Ok(());
+        let r = self.flush_entries();
+        self.tx_buf.clear();
+        r
+    }
+
+    /// Send the queued messages (the queue buffer is kept: entries may still point into it).
+    fn flush_entries(&mut self) -> io::Result<()> {
+        let mut first_err = None;
+        let mut from = 0;
+        while from < self.tx_entries.len() {
+            self.build_messages(from);
+            let n = self.tx_lens.len();
+            let gso = !self.gso_refused;
+            let r = sys::send_batch_from(
+                self.sock.as_fd(),
+                &mut self.tx_msgs[..n],
+                &self.tx_lens,
+                &mut self.stats,
+                0,
+                &|m, e| gso && m.super_frame && gso_refusal(e),
+            );
+            match r {
+                Ok(_) => break,
+                Err((k, e)) if gso && self.tx_lens[k].super_frame && gso_refusal(&e) => {
+                    // The kernel does not segment here: from this message on, one datagram each.
+                    self.gso_refused = true;
+                    self.stats.offload_errors += 1;
+                    // With UDP_SEGMENT on, messages and entries correspond one to one.
+                    from += k;
+                }
+                Err((_, e)) => {
+                    first_err = Some(e);
+                    break;
+                }
+            }
+        }
+        self.tx_entries.clear();
+        self.tx_lens.clear();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Fill the message arrays for entries `from..`: one message per entry,
+    /// with a `UDP_SEGMENT` control message for a segmented one, or, once the
+    /// kernel refused those, one message per datagram.
+    fn build_messages(&mut self, from: usize) {
+        self.tx_lens.clear();
+        let gso = !self.gso_refused;
+        let mut n = 0;
+        for e in &self.tx_entries[from..] {
+            n += if e.segment == 0 || gso {
+                1
+            } else {
+                e.len.div_ceil(e.segment)
+            };
+        }
+        if n > self.tx_msgs.len() {
+            let iov = libc::iovec {
+                iov_base: ptr::null_mut(),
+                iov_len: 0,
+            };
+            self.tx_iov.resize(n, iov);
+            self.tx_ctrl.resize(n, Control([0; CONTROL_LEN]));
+            // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid value.
+            self.tx_msgs.resize(n, unsafe { mem::zeroed() });
         }
         let base = self.tx_buf.as_mut_ptr();
-        for i in 0..n {
-            self.tx_iov[i] = libc::iovec {
-                // SAFETY: slot `i < TX_BATCH` starts inside `tx_buf` (TX_BATCH * MAX_PAYLOAD bytes).
-                iov_base: unsafe { base.add(i * MAX_PAYLOAD) }.cast(),
-                iov_len: self.tx_lens[i],
+        let mut i = 0;
+        for k in from..self.tx_entries.len() {
+            let e = self.tx_entries[k];
+            let pieces = if e.segment == 0 || gso {
+                1
+            } else {
+                e.len.div_ceil(e.segment)
             };
-            let h = &mut self.tx_msgs[i].msg_hdr;
-            h.msg_name = (&mut self.tx_addrs[i] as *mut libc::sockaddr_in).cast();
-            h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_iov = &mut self.tx_iov[i];
-            h.msg_iovlen = 1;
+            for p in 0..pieces {
+                let (at, len) = if pieces == 1 {
+                    (e.at, e.len)
+                } else {
+                    let at = e.at + p * e.segment;
+                    (at, e.segment.min(e.at + e.len - at))
+                };
+                self.tx_iov[i] = libc::iovec {
+                    // SAFETY: every queued entry lies inside `tx_buf`'s initialised bytes.
+                    iov_base: unsafe { base.add(at) }.cast(),
+                    iov_len: len,
+                };
+                let segmented = gso && e.segment > 0;
+                let h = &mut self.tx_msgs[i].msg_hdr;
+                h.msg_name = (&mut self.tx_entries[k].to as *mut libc::sockaddr_in).cast();
+                h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                h.msg_iov = &mut self.tx_iov[i];
+                h.msg_iovlen = 1;
+                h.msg_flags = 0;
+                if segmented {
+                    set_segment_size(h, &mut self.tx_ctrl[i], e.segment as u16);
+                } else {
+                    h.msg_control = ptr::null_mut();
+                    h.msg_controllen = 0;
+                }
+                self.tx_lens.push(TxMsg {
+                    bytes: len,
+                    frames: if segmented { len.div_ceil(e.segment) as u32 } else { 1 },
+                    super_frame: segmented,
+                });
+                i += 1;
+            }
         }
-        let r = sys::send_batch(self.sock.as_fd(), &mut self.tx_msgs, &self.tx_lens, &mut self.stats);
-        self.tx_lens.clear();
-        r
     }
 
     /// The file descriptor to poll for readability.
@@ -321,8 +695,126 @@ impl UdpOverlay {
         self.sock.as_raw_fd()
     }
 
-    /// Counters since the socket was bound (`kernel_drops` and `csum_completed` stay 0).
+    /// Counters since the socket was bound: datagrams (`rx_frames`,
+    /// `tx_frames`), coalesced receives (`rx_super_frames`), `UDP_SEGMENT`
+    /// sends (`tx_super_frames`), super-frames cut (`sw_segmented`), refused
+    /// offloads (`offload_errors`); `kernel_drops` stays 0.
     pub fn stats(&self) -> PortStats {
         self.stats
+    }
+}
+
+/// Point `h` at `ctrl`, holding one `UDP_SEGMENT` control message for datagrams of `size` bytes.
+fn set_segment_size(h: &mut libc::msghdr, ctrl: &mut Control, size: u16) {
+    h.msg_control = ctrl.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    h.msg_controllen = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as _;
+    // SAFETY: the control buffer is 8-byte aligned and CONTROL_LEN (32) bytes, more than
+    // CMSG_SPACE(2) (24), so CMSG_FIRSTHDR returns its start and the header and data fit.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(h);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
+        ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), size);
+    }
+}
+
+/// The datagram size of a coalesced receive (`UDP_GRO` control message), if any.
+// `msg_controllen` is a `size_t` in glibc and a `socklen_t` in musl: the cast is not always a no-op.
+#[allow(clippy::unnecessary_cast)]
+fn gro_size(h: &libc::msghdr) -> Option<usize> {
+    if h.msg_control.is_null() || (h.msg_controllen as usize) < mem::size_of::<libc::cmsghdr>() {
+        return None;
+    }
+    // SAFETY: the kernel filled `msg_controllen` bytes of the control buffer this header
+    // points at with well-formed control messages; CMSG_FIRSTHDR/CMSG_NXTHDR stay inside it
+    // and return null at its end.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP
+                && (*c).cmsg_type == UDP_GRO
+                && (*c).cmsg_len as usize >= libc::CMSG_LEN(mem::size_of::<libc::c_int>() as u32) as usize
+            {
+                let v = ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(v).ok();
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first control message of `h`: (level, type, first two data bytes).
+    fn first_cmsg(h: &libc::msghdr) -> (libc::c_int, libc::c_int, u16) {
+        // SAFETY: `h` points at a control buffer the test filled with one well-formed message.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(h);
+            assert!(!c.is_null());
+            (
+                (*c).cmsg_level,
+                (*c).cmsg_type,
+                ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u16>()),
+            )
+        }
+    }
+
+    #[test]
+    fn segment_size_control_message_round_trips() {
+        let mut ctrl = Control([0xee; CONTROL_LEN]);
+        // SAFETY: msghdr is plain data; all-zero is valid.
+        let mut h: libc::msghdr = unsafe { mem::zeroed() };
+        set_segment_size(&mut h, &mut ctrl, 1522);
+        assert_eq!(first_cmsg(&h), (libc::SOL_UDP, UDP_SEGMENT, 1522));
+        assert!(h.msg_controllen as usize <= CONTROL_LEN);
+    }
+
+    /// A control buffer as the kernel writes it for a coalesced receive.
+    fn gro_control(level: libc::c_int, kind: libc::c_int, size: libc::c_int) -> Control {
+        let mut ctrl = Control([0; CONTROL_LEN]);
+        // SAFETY: msghdr is plain data; all-zero is valid.
+        let mut h: libc::msghdr = unsafe { mem::zeroed() };
+        h.msg_control = ctrl.0.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        h.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as _;
+        // SAFETY: the buffer is aligned and large enough for one message with an int.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&h);
+            (*c).cmsg_level = level;
+            (*c).cmsg_type = kind;
+            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
+            ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), size);
+        }
+        ctrl
+    }
+
+    #[test]
+    fn gro_size_is_read_from_its_control_message_only() {
+        let cases = [
+            ("UDP_GRO", libc::SOL_UDP, UDP_GRO, 1448, Some(1448)),
+            ("another type", libc::SOL_UDP, UDP_SEGMENT, 1448, None),
+            ("another level", libc::SOL_SOCKET, UDP_GRO, 1448, None),
+            ("negative size", libc::SOL_UDP, UDP_GRO, -1, None),
+        ];
+        for (what, level, kind, size, want) in cases {
+            let mut ctrl = gro_control(level, kind, size);
+            // SAFETY: msghdr is plain data; all-zero is valid.
+            let mut h: libc::msghdr = unsafe { mem::zeroed() };
+            h.msg_control = ctrl.0.as_mut_ptr().cast();
+            // SAFETY: CMSG_SPACE only computes a size.
+            h.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as _;
+            assert_eq!(gro_size(&h), want, "{what}");
+            // Fewer bytes than a header: nothing is read.
+            h.msg_controllen = 4;
+            assert_eq!(gro_size(&h), None, "{what}, cut");
+        }
+        // SAFETY: msghdr is plain data; all-zero is valid.
+        let h: libc::msghdr = unsafe { mem::zeroed() };
+        assert_eq!(gro_size(&h), None, "no control buffer");
     }
 }

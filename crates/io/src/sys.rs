@@ -50,6 +50,17 @@ pub(crate) fn setsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// What one message of a batch carries, for the counters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TxMsg {
+    /// Bytes of frames or datagrams (headers the kernel consumes not counted).
+    pub bytes: usize,
+    /// Frames or datagrams the message stands for (a `UDP_SEGMENT` send: several).
+    pub frames: u32,
+    /// A super-frame, or a `UDP_SEGMENT` send, handed to the kernel whole.
+    pub super_frame: bool,
+}
+
 /// Transmit the first `lens.len()` messages of `msgs` with as few `sendmmsg` calls as the kernel allows.
 ///
 /// Every message is attempted. One the kernel refuses (too large for the
@@ -59,12 +70,29 @@ pub(crate) fn setsockopt<T>(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::
 pub(crate) fn send_batch(
     fd: BorrowedFd<'_>,
     msgs: &mut [libc::mmsghdr],
-    lens: &[usize],
+    lens: &[TxMsg],
     stats: &mut PortStats,
 ) -> io::Result<()> {
+    send_batch_from(fd, msgs, lens, stats, 0, &|_, _| false)
+        .map(drop)
+        .map_err(|(_, e)| e)
+}
+
+/// As [`send_batch`], from message `first` on, with the index of the message
+/// the returned error was for. When `retry(message, error)` says so, the
+/// batch stops at that message without counting it, so that the caller can
+/// send it (and the rest) differently. Returns the number of messages sent.
+pub(crate) fn send_batch_from(
+    fd: BorrowedFd<'_>,
+    msgs: &mut [libc::mmsghdr],
+    lens: &[TxMsg],
+    stats: &mut PortStats,
+    first: usize,
+    retry: &dyn Fn(&TxMsg, &io::Error) -> bool,
+) -> Result<usize, (usize, io::Error)> {
     let n = lens.len().min(msgs.len());
-    let mut sent = 0;
-    let mut first_err: Option<io::Error> = None;
+    let mut sent = first;
+    let mut first_err: Option<(usize, io::Error)> = None;
     let mut waited = false;
     while sent < n {
         let rest = &mut msgs[sent..n];
@@ -73,9 +101,10 @@ pub(crate) fn send_batch(
         let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), rest.as_mut_ptr(), rest.len() as libc::c_uint, 0) };
         if r > 0 {
             let r = r as usize;
-            for &len in &lens[sent..sent + r] {
-                stats.tx_frames += 1;
-                stats.tx_bytes += len as u64;
+            for m in &lens[sent..sent + r] {
+                stats.tx_frames += u64::from(m.frames);
+                stats.tx_bytes += m.bytes as u64;
+                stats.tx_super_frames += u64::from(m.super_frame);
             }
             sent += r;
             waited = false;
@@ -89,19 +118,20 @@ pub(crate) fn send_batch(
                 wait_writable(fd, TX_STALL);
             }
             io::ErrorKind::WouldBlock => {
-                stats.tx_errors += (n - sent) as u64;
-                first_err.get_or_insert(e);
+                stats.tx_errors += lens[sent..n].iter().map(|m| u64::from(m.frames)).sum::<u64>();
+                first_err.get_or_insert((sent, e));
                 break;
             }
+            _ if retry(&lens[sent], &e) => return Err((sent, e)),
             _ => {
                 // sendmmsg reports the error of the first message it could not send: drop that one.
-                stats.tx_errors += 1;
+                stats.tx_errors += u64::from(lens[sent].frames);
+                first_err.get_or_insert((sent, e));
                 sent += 1;
-                first_err.get_or_insert(e);
             }
         }
     }
-    first_err.map_or(Ok(()), Err)
+    first_err.map_or(Ok(sent), Err)
 }
 
 /// Wait up to `timeout` for `fd` to accept more data; errors only shorten the wait.

@@ -53,6 +53,8 @@ fn small_blocks(size: usize, count: usize) -> AfPacketConfig {
         frame_size: 2048,
         block_timeout_ms: 1,
         tx_frames: 16,
+        tx_buffer: 16 * 2048,
+        vnet_hdr: true,
         fanout: None,
     }
 }

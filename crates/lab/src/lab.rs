@@ -48,6 +48,12 @@ pub struct LabSpec {
     pub controller: bool,
     /// Memory of each QEMU guest.
     pub vm_mem_mib: u32,
+    /// Leave the namespace VMs' NIC offloads as the kernel sets them (TX
+    /// checksum offload and TSO on, as real virtio-net guests run) instead of
+    /// turning TX checksum offload (and with it TSO) off. Off by default:
+    /// the agent's engine handles offloaded traffic only through its ports'
+    /// software segmentation so far.
+    pub vm_offloads: bool,
 }
 
 /// The default state directory of lab `name`.
@@ -74,6 +80,7 @@ impl LabSpec {
             agent_exe: None,
             controller: false,
             vm_mem_mib: 256,
+            vm_offloads: false,
         }
     }
 
@@ -554,7 +561,9 @@ impl Lab {
                     }
                     sys::ip_n(vns, &args)?;
                 }
-                tx_off(vns, &nic.guest_if)?;
+                if !spec.vm_offloads {
+                    tx_off(vns, &nic.guest_if)?;
+                }
                 sys::ip_n(vns, &["link", "set", &nic.guest_if, "up"])?;
                 host_sysctl.entry(hns.clone()).or_default().push(no_ipv6(&nic.host_if));
             }

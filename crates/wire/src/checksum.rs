@@ -7,30 +7,36 @@ use core::net::IpAddr;
 
 /// Sum `data` as big-endian 16-bit words (an odd trailing byte is padded with zero).
 ///
-/// Returns the unfolded 32-bit accumulator. Adding the result of several calls is
+/// Returns a 32-bit accumulator (folded to 16 bits: a value equal, in ones'
+/// complement arithmetic, to the sum). Adding the result of several calls is
 /// valid as long as every part but the last has even length.
+///
+/// The words are summed as little-endian 32-bit words into a 64-bit
+/// accumulator (a loop the compiler vectorizes), folded, and byte-swapped:
+/// the ones' complement sum does not depend on byte order (RFC 1071 §2(B)).
 pub fn sum(data: &[u8]) -> u32 {
-    let mut acc: u64 = 0;
-    let mut chunks = data.chunks_exact(8);
-    for c in &mut chunks {
-        // Eight bytes at a time: four 16-bit words summed into a u64 cannot overflow
-        // for any packet length that fits in memory.
-        let w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        acc += (w >> 48) + ((w >> 32) & 0xffff) + ((w >> 16) & 0xffff) + (w & 0xffff);
+    // Four accumulators of 32-bit words in 64 bits: no carry is lost below 2^32 words.
+    let mut acc = [0u64; 4];
+    let mut quads = data.chunks_exact(16);
+    for q in &mut quads {
+        for (a, w) in acc.iter_mut().zip(q.chunks_exact(4)) {
+            *a += u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+        }
     }
-    let rest = chunks.remainder();
-    let mut pairs = rest.chunks_exact(2);
-    for p in &mut pairs {
-        acc += u64::from(u16::from_be_bytes([p[0], p[1]]));
+    let mut total: u64 = acc.iter().map(|&a| (a & 0xffff_ffff) + (a >> 32)).sum();
+    let mut words = quads.remainder().chunks_exact(4);
+    for w in &mut words {
+        total += u64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
     }
-    if let [last] = pairs.remainder() {
-        acc += u64::from(*last) << 8;
+    let rest = words.remainder();
+    let mut tail = [0u8; 4];
+    tail[..rest.len()].copy_from_slice(rest);
+    total += u64::from(u32::from_le_bytes(tail));
+    // Fold 64 → 16 bits with end-around carries, then back to big-endian words.
+    while total > 0xffff {
+        total = (total & 0xffff) + (total >> 16);
     }
-    // Fold the u64 into a u32 accumulator without losing carries.
-    while acc > 0xffff_ffff {
-        acc = (acc & 0xffff_ffff) + (acc >> 32);
-    }
-    acc as u32
+    u32::from((total as u16).swap_bytes())
 }
 
 /// Add unfolded partial sums.
@@ -138,6 +144,51 @@ mod tests {
             slow = (slow & 0xffff) + (slow >> 16);
         }
         assert_eq!(u64::from(fold(sum(&data))), slow);
+    }
+
+    /// The sum by the definition: big-endian 16-bit words, odd byte padded, folded.
+    fn reference(data: &[u8]) -> u16 {
+        let mut acc = 0u64;
+        for p in data.chunks(2) {
+            acc += u64::from(u16::from_be_bytes([p[0], *p.get(1).unwrap_or(&0)]));
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc as u16
+    }
+
+    proptest::proptest! {
+        /// Any bytes, any length and alignment: the fast sum folds to the reference, and
+        /// sums of even-length parts add up to the sum of the whole.
+        #[test]
+        fn sum_matches_the_definition(data in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+                                      skip in 0usize..8, cut in 0usize..3000) {
+            let data = &data[skip.min(data.len())..];
+            proptest::prop_assert_eq!(fold(sum(data)), reference(data));
+            let cut = (cut.min(data.len())) & !1;
+            proptest::prop_assert_eq!(fold(combine(&[sum(&data[..cut]), sum(&data[cut..])])), reference(data));
+        }
+    }
+
+    #[test]
+    fn sums_at_the_carry_edges() {
+        for data in [
+            vec![0xff; 65_536],
+            vec![0xff; 7],
+            vec![0; 64],
+            vec![0xff, 0xff],
+            vec![],
+            vec![0x80; 131_071],
+        ] {
+            assert_eq!(
+                fold(sum(&data)),
+                reference(&data),
+                "{} bytes of {:?}",
+                data.len(),
+                data.first()
+            );
+        }
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub mod flags {
     /// `csum_start`/`csum_offset` carry receive-segment-coalescing counts
     /// (`VIRTIO_NET_F_RSC_EXT`); not accepted by [`super::VirtioNetRepr::parse`].
     pub const RSC_INFO: u8 = 4;
+    /// The outer UDP checksum of a UDP-tunnel super-frame is to be computed
+    /// too (Linux 6.17+); not accepted by [`super::VirtioNetRepr::parse`].
+    pub const UDP_TUNNEL_CSUM: u8 = 8;
 }
 
 /// Values of the `gso_type` field.
@@ -73,6 +76,13 @@ pub mod gso_type {
     pub const UDP_L4: u8 = 5;
     /// Flag bit: the TCP segments carry ECN (CWR is set on the first segment only).
     pub const ECN: u8 = 0x80;
+    /// Flag bit (Linux 6.17+, `VIRTIO_NET_F_HOST_UDP_TUNNEL_GSO`): the frame is
+    /// encapsulated in a UDP tunnel over IPv4 and the type above applies to the
+    /// inner packet; the header is then the 24-byte `virtio_net_hdr_v1_hash_tunnel`.
+    /// Not accepted by [`super::VirtioNetRepr::parse`].
+    pub const UDP_TUNNEL_IPV4: u8 = 0x20;
+    /// As [`UDP_TUNNEL_IPV4`], with an IPv6 outer header.
+    pub const UDP_TUNNEL_IPV6: u8 = 0x40;
 }
 
 /// Byte ranges of the header fields.
@@ -405,6 +415,90 @@ impl VirtioNetRepr {
     }
 }
 
+/// What a frame's offload state asks of whoever handles it next: the
+/// transport-independent part of a virtio-net header.
+///
+/// Ports hand it over with every received frame and take it with every frame
+/// to send (`palisade_io::FramePort`); the engine reads it to treat a
+/// super-frame as the segments it stands for. [`VirtioNetRepr`] adds what
+/// only the device transport needs (`num_buffers`); converting either way
+/// keeps every other field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Offload {
+    /// The TCP/UDP checksum is partial (`NEEDS_CSUM`): the field holds the
+    /// pseudo-header sum and the rest is to be summed from `start`.
+    pub csum: Option<PartialChecksum>,
+    /// The checksum was verified by the device the frame came from (`DATA_VALID`).
+    pub csum_valid: bool,
+    /// The frame is a segmentation-offload super-frame.
+    pub gso: Option<Gso>,
+}
+
+impl Offload {
+    /// A plain frame: complete checksum, one packet.
+    pub const NONE: Offload = Offload {
+        csum: None,
+        csum_valid: false,
+        gso: None,
+    };
+
+    /// Whether the frame is a super-frame standing for several packets.
+    pub const fn is_gso(&self) -> bool {
+        self.gso.is_some()
+    }
+
+    /// Whether the frame is a plain one whose bytes are final on the wire
+    /// (no partial checksum, no segmentation pending).
+    pub const fn is_plain(&self) -> bool {
+        self.csum.is_none() && self.gso.is_none()
+    }
+
+    /// This offload state as a header with `num_buffers` 0.
+    pub const fn to_repr(&self) -> VirtioNetRepr {
+        VirtioNetRepr {
+            csum: self.csum,
+            data_valid: self.csum_valid,
+            gso: self.gso,
+            num_buffers: 0,
+        }
+    }
+
+    /// The same offload state for the frame with `n` bytes inserted before
+    /// offset `at` (a VLAN tag put back after the addresses): the checksum
+    /// start and the repeated header length move when they lie past `at`.
+    /// `None` if a field would pass 65,535.
+    pub fn shifted(&self, at: u16, n: u16) -> Option<Offload> {
+        let mut o = *self;
+        if let Some(c) = &mut o.csum
+            && c.start >= at
+        {
+            c.start = c.start.checked_add(n)?;
+        }
+        if let Some(g) = &mut o.gso
+            && g.header_len > at
+        {
+            g.header_len = g.header_len.checked_add(n)?;
+        }
+        Some(o)
+    }
+}
+
+impl From<VirtioNetRepr> for Offload {
+    fn from(r: VirtioNetRepr) -> Offload {
+        Offload {
+            csum: r.csum,
+            csum_valid: r.data_valid,
+            gso: r.gso,
+        }
+    }
+}
+
+impl From<Offload> for VirtioNetRepr {
+    fn from(o: Offload) -> VirtioNetRepr {
+        o.to_repr()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,6 +688,28 @@ mod tests {
                 proptest::prop_assert_eq!(again, r);
             }
         }
+    }
+
+    #[test]
+    fn offload_keeps_every_field_but_num_buffers() {
+        let r = VirtioNetRepr::parse(&Header::new_checked(&TSO4[..]).unwrap(), 65_000).unwrap();
+        let o = Offload::from(r);
+        assert!(o.is_gso() && !o.is_plain());
+        assert_eq!(VirtioNetRepr::from(o), VirtioNetRepr { num_buffers: 0, ..r });
+        assert!(Offload::NONE.is_plain());
+        assert_eq!(Offload::default(), Offload::NONE);
+        // A VLAN tag put back after the addresses moves both offsets by 4.
+        let s = o.shifted(12, 4).unwrap();
+        assert_eq!(s.csum, Some(PartialChecksum { start: 38, offset: 16 }));
+        assert_eq!(s.gso.unwrap().header_len, 70);
+        let near_limit = Offload {
+            csum: Some(PartialChecksum {
+                start: 65_533,
+                offset: 0,
+            }),
+            ..Offload::NONE
+        };
+        assert_eq!(near_limit.shifted(12, 4), None);
     }
 
     #[test]

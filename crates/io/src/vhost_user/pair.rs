@@ -35,7 +35,8 @@ use super::memory::GuestMem;
 use super::rings::{Delivery, FromGuest, Limits, NetRings};
 use super::stats::{QueueStats, SendError};
 use super::virtqueue::RingLayout;
-use crate::port::{FramePort, PortStats};
+use crate::gso;
+use crate::port::{FramePort, Offload, PortOffloads, PortStats, RxFrame};
 
 /// epoll data of the wake eventfd.
 const WAKE: u64 = 0;
@@ -366,16 +367,71 @@ impl Drop for Session<'_> {
     }
 }
 
-/// A queue pair as a plain Ethernet port, for a caller that handles only
-/// complete, MTU-sized frames: partial checksums from the guest are
-/// completed, super-frames from the guest are dropped and counted (offer
-/// [`super::Offloads::CHECKSUM_ONLY`] so a guest never sends them), frames
-/// are delivered to the guest without offload metadata.
+/// A queue pair as a [`FramePort`]. With offloads
+/// ([`FramePort::recv_frames`], [`FramePort::send_frame`]) frames keep their
+/// virtio-net headers both ways; a super-frame of a kind the guest did not
+/// negotiate is cut in software before delivery. Plain
+/// ([`FramePort::recv_batch`], [`FramePort::send`]): partial checksums from
+/// the guest are completed, super-frames from the guest are dropped and
+/// counted (offer [`super::Offloads::CHECKSUM_ONLY`] so a guest never sends
+/// them), frames are delivered to the guest without offload metadata.
 ///
 /// `PortStats` mapping: rx = from the guest, tx = to the guest;
 /// `kernel_drops` = chains refused; `truncated` = super-frames not
-/// delivered; `tx_errors` = frames not delivered to the guest.
+/// delivered on the plain path; `tx_errors` = frames not delivered to the
+/// guest; `sw_segmented` = super-frames cut for a guest that cannot take them.
 impl FramePort for QueuePair {
+    fn recv_frames(&mut self, max: usize, f: &mut dyn FnMut(&[RxFrame<'_>])) -> io::Result<usize> {
+        const CHUNK: usize = 64;
+        let shared = &self.shared;
+        Ok(recv_in(
+            shared,
+            &mut shared.lock(),
+            max,
+            Delivery::Offloaded,
+            &mut |batch| {
+                // The batch's frames with their headers, on the stack, a
+                // chunk at a time (no allocation per batch).
+                let mut rx = [RxFrame {
+                    bytes: &[],
+                    offload: Offload::NONE,
+                }; CHUNK];
+                for (frames, headers) in batch.frames().chunks(CHUNK).zip(batch.headers().chunks(CHUNK)) {
+                    for (slot, (bytes, header)) in rx.iter_mut().zip(frames.iter().zip(headers)) {
+                        *slot = RxFrame {
+                            bytes,
+                            offload: Offload::from(*header),
+                        };
+                    }
+                    f(&rx[..frames.len()]);
+                }
+            },
+        ))
+    }
+
+    fn send_frame(&mut self, frame: &[u8], offload: &Offload) -> io::Result<()> {
+        match QueuePair::send(self, &offload.to_repr(), frame) {
+            // A super-frame of a kind the guest did not negotiate: cut it
+            // here (every checksum completed) and deliver the packets.
+            Err(SendError::NeedsSegmentation) => {
+                let mut out = Vec::new();
+                let segments = gso::segment(frame, offload, &[], &mut out, 1 << 20)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("cannot segment: {e}")))?;
+                for packet in segments.iter(&out) {
+                    QueuePair::send(self, &VirtioNetRepr::PLAIN, packet).map_err(send_error)?;
+                }
+                Ok(())
+            }
+            r => r.map_err(send_error),
+        }
+    }
+
+    fn offloads(&self) -> PortOffloads {
+        // Guest frames come with their headers; frames to the guest go with
+        // theirs (cut here when the guest did not negotiate their kind).
+        PortOffloads { rx: true, tx: true }
+    }
+
     fn recv(&mut self, max: usize, f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
         let shared = &self.shared;
         Ok(recv_in(
@@ -403,14 +459,7 @@ impl FramePort for QueuePair {
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        QueuePair::send(self, &VirtioNetRepr::PLAIN, frame).map_err(|e| {
-            let kind = match e {
-                SendError::NoBuffers => io::ErrorKind::WouldBlock,
-                SendError::NotRunning => io::ErrorKind::NotConnected,
-                _ => io::ErrorKind::InvalidInput,
-            };
-            io::Error::new(kind, e)
-        })
+        QueuePair::send(self, &VirtioNetRepr::PLAIN, frame).map_err(send_error)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -432,7 +481,23 @@ impl FramePort for QueuePair {
             kernel_drops: s.refused.total(),
             truncated: s.gso_undeliverable,
             csum_completed: s.csum_completed,
-            tx_errors: s.to_guest_dropped(),
+            // Through this trait a super-frame the guest cannot take is cut
+            // in software, not dropped: counted there, not as an error.
+            tx_errors: s.to_guest_dropped() - s.to_guest_needs_segmentation,
+            sw_segmented: s.to_guest_needs_segmentation,
+            rx_super_frames: s.from_guest_gso_frames,
+            tx_super_frames: s.to_guest_gso_frames,
+            offload_errors: s.to_guest_bad_header,
         }
     }
+}
+
+/// A refused delivery to the guest as an I/O error of the kind a port reports.
+fn send_error(e: SendError) -> io::Error {
+    let kind = match e {
+        SendError::NoBuffers => io::ErrorKind::WouldBlock,
+        SendError::NotRunning => io::ErrorKind::NotConnected,
+        _ => io::ErrorKind::InvalidInput,
+    };
+    io::Error::new(kind, e)
 }

@@ -41,6 +41,10 @@ pub enum LabCmd {
         /// Memory of each QEMU guest, MiB.
         #[arg(long, default_value_t = 256)]
         vm_mem: u32,
+        /// Leave the namespace VMs' NIC offloads on (TX checksum, TSO), as
+        /// real virtio-net guests run; by default the lab turns them off.
+        #[arg(long)]
+        vm_offloads: bool,
     },
     /// Remove everything the lab made, also after a crash.
     Down {
@@ -126,6 +130,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             name,
             state_dir,
             vm_mem,
+            vm_offloads,
         } => {
             let state_dir = state(&name, state_dir);
             let mut spec = match (hosts, vms) {
@@ -135,6 +140,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             spec.name = name.clone();
             spec.state_dir = state_dir;
             spec.vm_mem_mib = vm_mem;
+            spec.vm_offloads = vm_offloads;
             spec.qemu = match qemu {
                 None => QemuMode::None,
                 Some(v) if v.is_empty() => QemuMode::All,
