@@ -341,7 +341,9 @@ fn ip<'a>(data: &'a [u8], validate: bool, depth: usize, out: &mut Decoded<'a>) {
         }
         // SCTP is not inspected by port (no rule keyword here reads its
         // ports): its chunks are the payload of a protocol-132 packet.
-        WireTransport::Sctp(_) => out.packets.push(base(132, Transport::Other, raw_l4.get(12..).unwrap_or(&[]), false)),
+        WireTransport::Sctp(_) => out
+            .packets
+            .push(base(132, Transport::Other, raw_l4.get(12..).unwrap_or(&[]), false)),
         WireTransport::Fragment { protocol, data, .. } => {
             out.packets.push(base(protocol.0, Transport::Other, data, true));
         }
