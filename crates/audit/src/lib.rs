@@ -9,7 +9,8 @@
 //! lives outside the trail, and each signed checkpoint is published outside
 //! it as a [`SignedHead`] ([`HeadPublisher`]), so whoever can write the
 //! trail cannot rewrite, cut or roll it back unnoticed; the crate's README
-//! has the table of attacks and what detects each.
+//! has the table of attacks and what detects each. Times are Unix
+//! nanoseconds, read and written as RFC 3339 by [`time`].
 #![deny(missing_docs)]
 
 pub mod ipfix;
@@ -24,6 +25,7 @@ pub mod index;
 pub mod query;
 pub mod segment;
 pub mod store;
+pub mod time;
 pub mod verify;
 
 pub use error::AuditError;

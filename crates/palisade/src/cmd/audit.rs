@@ -11,9 +11,8 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use palisade_audit::record::{Endpoint, FlowRecord, Phase, Record, Verdict};
 use palisade_audit::{AuditConfig, AuditLog, LogReader, Query, RecordKind, SignedHead, VerifyOptions};
 
@@ -188,12 +187,7 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Now, Unix nanoseconds.
-pub(crate) fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
+pub(crate) use super::unix_now_ns as now_ns;
 
 fn append_test(a: AppendTestArgs) -> anyhow::Result<ExitCode> {
     let config = AuditConfig {
@@ -269,108 +263,13 @@ fn synthetic(n: u64) -> Record {
     })
 }
 
-/// Parse a time: a duration back from `now` (`90s`, `15m`, `1h`, `7d`), RFC
-/// 3339 (`2026-11-23T06:00:00Z`, `…+01:00`, fractions allowed), or Unix ns.
+/// Parse a time given on the command line (`palisade_audit::time::parse_time`).
 pub(crate) fn parse_time(s: &str, now: u64) -> anyhow::Result<u64> {
-    let s = s.trim();
-    if let Ok(ns) = s.parse::<u64>() {
-        return Ok(ns);
-    }
-    for (suffix, unit) in [
-        ("ms", 1_000_000u64),
-        ("s", 1_000_000_000),
-        ("m", 60_000_000_000),
-        ("h", 3_600_000_000_000),
-        ("d", 86_400_000_000_000),
-    ] {
-        if let Some(n) = s.strip_suffix(suffix).and_then(|n| n.parse::<u64>().ok()) {
-            return Ok(now.saturating_sub(n.saturating_mul(unit)));
-        }
-    }
-    parse_rfc3339(s)
-        .with_context(|| format!("`{s}`: expected a duration like 1h or 30m, RFC 3339, or Unix nanoseconds"))
-}
-
-fn parse_rfc3339(s: &str) -> anyhow::Result<u64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || !s.is_ascii()
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        bail!("not RFC 3339");
-    }
-    // `s` is ASCII and at least 20 bytes long, so these slices are in bounds.
-    let num = |r: std::ops::Range<usize>| s[r].parse::<i64>().context("not RFC 3339");
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        bail!("date or time out of range");
-    }
-    let mut rest = &s[19..];
-    let mut frac_ns = 0i64;
-    if let Some(r) = rest.strip_prefix('.') {
-        let digits = r.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            bail!("empty fraction");
-        }
-        let f = &r[..digits.min(9)];
-        frac_ns = f.parse::<i64>()? * 10i64.pow(9 - f.len() as u32);
-        rest = &r[digits..];
-    }
-    let offset_s = match rest {
-        "Z" | "z" => 0,
-        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
-            let v = o[1..3].parse::<i64>()? * 3600 + o[4..6].parse::<i64>()? * 60;
-            if o.starts_with('-') { -v } else { v }
-        }
-        _ => bail!("missing or bad UTC offset"),
-    };
-    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se - offset_s;
-    let ns = i128::from(secs) * 1_000_000_000 + i128::from(frac_ns);
-    u64::try_from(ns).context("before 1970")
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    Ok(palisade_audit::time::parse_time(s, now)?)
 }
 
 /// RFC 3339 (UTC, milliseconds) of Unix nanoseconds.
-pub(crate) fn format_time(ns: u64) -> String {
-    let secs = (ns / 1_000_000_000) as i64;
-    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60,
-        ns % 1_000_000_000 / 1_000_000
-    )
-}
+pub(crate) use palisade_audit::time::format_rfc3339 as format_time;
 
 /// `vm (addr:port)` or `addr:port`.
 pub(crate) fn endpoint(e: &Endpoint) -> String {

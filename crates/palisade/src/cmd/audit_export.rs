@@ -17,7 +17,9 @@ use palisade_audit::export;
 use palisade_audit::ipfix::IpfixExporter;
 use palisade_audit::{LogReader, Query, RecordKind};
 
-use super::audit::{now_ns as unix_now_ns, parse_time};
+use palisade_audit::time::parse_time;
+
+use super::unix_now_ns;
 
 /// Arguments of `palisade audit export`.
 #[derive(clap::Args, Debug)]

@@ -14,3 +14,11 @@ pub mod pcap;
 pub mod policy;
 pub mod replay;
 pub mod whatif;
+
+/// Now, Unix nanoseconds: the one clock read the commands share (the
+/// libraries are handed time).
+pub(crate) fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
