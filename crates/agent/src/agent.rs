@@ -38,63 +38,11 @@ use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::flow::FlowKey;
 
 use crate::config::AgentConfig;
+use crate::error::{AgentError, io_err};
 use crate::http::{self, Published, Shared};
 use crate::metrics;
 use crate::records::{Clock, Identities};
 use crate::worker::{Attached, Worker, WorkerCore, WorkerIo, lock};
-
-/// Errors that stop the agent.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    /// The policy cannot be loaded at start.
-    #[error("policy {dir}: {message}")]
-    Policy {
-        /// The policy directory.
-        dir: PathBuf,
-        /// What is wrong (diagnostics rendered).
-        message: String,
-    },
-    /// A port from the configuration cannot be attached.
-    #[error("{what}: {message}")]
-    Port {
-        /// The port (vNIC or appliance name and interface).
-        what: String,
-        /// Why.
-        message: String,
-    },
-    /// An I/O error on a named resource.
-    #[error("{what}: {source}")]
-    Io {
-        /// The resource.
-        what: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// The controller connection.
-    #[error("{0}")]
-    Controller(String),
-    /// A datapath worker stopped (its share of the traffic would stop with it).
-    #[error("datapath worker {index}: {message}")]
-    Worker {
-        /// The worker.
-        index: usize,
-        /// Why it stopped.
-        message: String,
-    },
-    /// The audit trail failed (records could not be made durable).
-    #[error("audit trail {dir}: {message}")]
-    Audit {
-        /// The audit directory.
-        dir: PathBuf,
-        /// Why.
-        message: String,
-    },
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
-    let what = what.into();
-    move |source| AgentError::Io { what, source }
-}
 
 /// A vNIC or appliance port: its name, its interface, its engine port (the same in every worker).
 #[derive(Debug, Clone)]

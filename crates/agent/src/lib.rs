@@ -1,6 +1,7 @@
 //! Palisade's host agent: the datapath engine on a host's real interfaces.
 //!
 //! - [`config`]: the agent's TOML configuration.
+//! - [`AgentError`]: the errors that stop the agent (`error`).
 //! - [`agent`]: the runtime's control side: ports attached, policy installed
 //!   and reloaded, records taken to the trail, state saved across restarts.
 //! - `worker`: one datapath thread per core, each with its own engine and
@@ -14,6 +15,7 @@
 
 pub mod agent;
 pub mod config;
+mod error;
 pub mod http;
 pub mod metrics;
 pub mod records;
@@ -21,5 +23,6 @@ pub mod trail;
 pub mod upstream;
 mod worker;
 
-pub use agent::{Agent, AgentError};
+pub use agent::Agent;
 pub use config::AgentConfig;
+pub use error::AgentError;

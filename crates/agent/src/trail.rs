@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use palisade_audit::record::Record;
 use palisade_audit::store::{AuditConfig, AuditLog, AuditStatus};
 
-use crate::agent::AgentError;
+use crate::error::AgentError;
 
 const MAX_BATCH: usize = 1000;
 const MAX_DELAY: Duration = Duration::from_millis(200);

@@ -17,14 +17,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Duration;
 
+use palisade_api::bundle::BundleError;
 use palisade_api::client::{Client, ClientAuth};
 use palisade_api::{PolicyBundle, ReportRequest};
 use palisade_audit::record::FlowRecord;
 use palisade_policy::compile::Compiler;
 use palisade_policy::load::Loader;
 
-use crate::agent::AgentError;
 use crate::config::ControllerConfig;
+use crate::error::AgentError;
 
 /// A policy ready to install.
 pub struct Installed {
@@ -48,8 +49,9 @@ pub fn saved_path(state_dir: &Path) -> PathBuf {
 }
 
 /// Compile a bundle, loading with `loader` (which remembers its VMs for the next).
-pub fn compile(bundle: &PolicyBundle, loader: &mut Loader) -> Result<Compiler, String> {
-    bundle.compile_with(loader).map_err(|e| e.to_string())
+/// Callers say which revision it was.
+pub fn compile(bundle: &PolicyBundle, loader: &mut Loader) -> Result<Compiler, BundleError> {
+    bundle.compile_with(loader)
 }
 
 /// The bundle saved by an earlier run, if it is there and still compiles.
@@ -117,7 +119,12 @@ pub fn first_policy(
                     let _ = save(state_dir, &b);
                     return Ok((b, c));
                 }
-                Err(e) => return Err(AgentError::Controller(format!("policy revision {}: {e}", b.revision))),
+                Err(source) => {
+                    return Err(AgentError::PolicyRefused {
+                        revision: b.revision,
+                        source,
+                    });
+                }
             },
             Ok(None) => {}
             Err(e) => {
@@ -190,10 +197,7 @@ fn run(
                 };
                 // A tag change recompiles only what it affects, from the
                 // policy compiled for the bundle held.
-                let compiled = b
-                    .compile_from(&held, &mut held_compiled, &mut loader)
-                    .map_err(|e| e.to_string());
-                match compiled {
+                match b.compile_from(&held, &mut held_compiled, &mut loader) {
                     Ok(compiler) => {
                         let compiler = Arc::new(compiler);
                         if let Err(e) = save(&state_dir, &b) {
