@@ -9,6 +9,12 @@ use serde_json::{Map, Value, json};
 use palisade_api::validate::*;
 use palisade_api::*;
 
+/// The largest request body accepted (413 above). Bodies are read only
+/// after the caller is authorized; the size is set by the largest policy an
+/// apply carries: a 50,000-VM inventory is about 9 MiB of JSON. Defined here,
+/// with the document that states it, and enforced by the server.
+pub const BODY_LIMIT: usize = 32 << 20;
+
 /// (method, path, summary, who may call, request schema, response schema).
 type Endpoint = (
     &'static str,
@@ -466,7 +472,7 @@ pub fn document() -> Value {
                 int(u64::MAX),
                 "the policy version whose files the agent holds",
             ));
-            params.push(q("wait", int(crate::server::MAX_WAIT_S), "seconds to wait"));
+            params.push(q("wait", int(MAX_WAIT_S), "seconds to wait"));
         }
         if *path == "/v1/flows" {
             params.push(q(
@@ -502,7 +508,7 @@ pub fn document() -> Value {
             "403": err("the role or certificate does not allow this"),
             "404": err("no such version, VM, token or endpoint"),
             "405": err("the path does not take this method (`Allow` lists those it takes)"),
-            "413": err(&format!("over a size or count limit (the body: {} bytes)", crate::server::BODY_LIMIT)),
+            "413": err(&format!("over a size or count limit (the body: {} bytes)", BODY_LIMIT)),
         });
         if matches!(*path, "/v1/flows" | "/v1/agents/{host}/flows" | "/v1/status") || req.is_some() || *method != "get"
         {

@@ -54,10 +54,9 @@ use palisade_api::roles::Permission;
 use palisade_api::validate::*;
 use palisade_api::*;
 
-/// The largest request body accepted (413 above). Bodies are read only
-/// after the caller is authorized; the size is set by the largest policy an
-/// apply carries: a 50,000-VM inventory is about 9 MiB of JSON.
-pub const BODY_LIMIT: usize = 32 << 20;
+/// The largest request body accepted (413 above): the API's contract,
+/// stated with the document that publishes it.
+pub use crate::openapi::BODY_LIMIT;
 pub use palisade_api::validate::MAX_WAIT_S;
 
 /// Starting the server failed.
