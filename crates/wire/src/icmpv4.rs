@@ -9,6 +9,7 @@
 use core::net::Ipv4Addr;
 
 use crate::checksum;
+use crate::field::read_u16;
 use crate::{Error, ErrorKind, Layer, Result};
 
 /// IP protocol number of ICMP.
@@ -101,11 +102,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.buffer
     }
 
-    fn read_u16(&self, f: crate::field::Field) -> u16 {
-        let d = &self.buffer.as_ref()[f];
-        u16::from_be_bytes([d[0], d[1]])
-    }
-
     /// The message type.
     pub fn msg_type(&self) -> Icmpv4Message {
         Icmpv4Message(self.buffer.as_ref()[field::TYPE])
@@ -118,7 +114,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     /// The checksum field.
     pub fn checksum(&self) -> u16 {
-        self.read_u16(field::CHECKSUM)
+        read_u16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
     /// The four type-specific bytes after the checksum.
@@ -129,12 +125,12 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     /// The identifier of an echo request/reply.
     pub fn echo_ident(&self) -> u16 {
-        self.read_u16(field::ECHO_IDENT)
+        read_u16(self.buffer.as_ref(), field::ECHO_IDENT)
     }
 
     /// The sequence number of an echo request/reply.
     pub fn echo_seq_no(&self) -> u16 {
-        self.read_u16(field::ECHO_SEQNO)
+        read_u16(self.buffer.as_ref(), field::ECHO_SEQNO)
     }
 
     /// Verify the checksum over the whole buffer.

@@ -8,6 +8,13 @@
 //! - an owned `…Repr` with `parse(&Packet<&T>) -> Result<Repr>`,
 //!   `buffer_len()` and `emit(&mut Packet<T>)`.
 //!
+//! **Byte order:** every header field is in network byte order (big-endian)
+//! on the wire; accessors take and return host values and convert, through
+//! one set of functions (the private `field` module). The two exceptions are
+//! the fields their specifications store least significant byte first: SCTP's
+//! CRC32c and the virtio-net offload header. Addresses are byte arrays, in
+//! the order they are sent.
+//!
 //! **Contract:** once `new_checked` (or `Repr::parse`) has accepted a buffer,
 //! no accessor panics on it, whatever its contents. Parsing allocates nothing.
 //!
@@ -22,6 +29,7 @@ pub mod arp;
 pub mod checksum;
 mod error;
 pub mod ethernet;
+mod field;
 pub mod flow;
 pub mod frame;
 #[doc(hidden)]
@@ -40,12 +48,3 @@ pub mod vlan;
 pub mod vxlan;
 
 pub use error::{Error, ErrorKind, Layer, Result};
-
-/// Byte-range type of the `field` modules.
-pub(crate) mod field {
-    /// A range of bytes within a header.
-    pub type Field = core::ops::Range<usize>;
-    /// The bytes from an offset to the end of the header.
-    #[allow(dead_code)]
-    pub type Rest = core::ops::RangeFrom<usize>;
-}

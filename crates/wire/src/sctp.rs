@@ -8,6 +8,7 @@
 //! CRC32c checksum, which RFC 9260 appendix A stores least significant byte
 //! first (the byte order of the reflected CRC's register).
 
+use crate::field::{read_u16, read_u32, read_u32_le, write_u16, write_u32, write_u32_le};
 use crate::{Error, ErrorKind, Layer, Result};
 
 /// IP protocol number of SCTP.
@@ -111,34 +112,24 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.buffer
     }
 
-    fn read_u16(&self, f: crate::field::Field) -> u16 {
-        let d = &self.buffer.as_ref()[f];
-        u16::from_be_bytes([d[0], d[1]])
-    }
-
-    fn read_4(&self, f: crate::field::Field) -> [u8; 4] {
-        let d = &self.buffer.as_ref()[f];
-        [d[0], d[1], d[2], d[3]]
-    }
-
     /// The source port.
     pub fn src_port(&self) -> u16 {
-        self.read_u16(field::SRC_PORT)
+        read_u16(self.buffer.as_ref(), field::SRC_PORT)
     }
 
     /// The destination port.
     pub fn dst_port(&self) -> u16 {
-        self.read_u16(field::DST_PORT)
+        read_u16(self.buffer.as_ref(), field::DST_PORT)
     }
 
     /// The verification tag (0 in a packet carrying INIT).
     pub fn verification_tag(&self) -> u32 {
-        u32::from_be_bytes(self.read_4(field::VERIFICATION_TAG))
+        read_u32(self.buffer.as_ref(), field::VERIFICATION_TAG)
     }
 
     /// The checksum field, as the CRC32c value it holds (stored least significant byte first).
     pub fn checksum(&self) -> u32 {
-        u32::from_le_bytes(self.read_4(field::CHECKSUM))
+        read_u32_le(self.buffer.as_ref(), field::CHECKSUM)
     }
 
     /// The CRC32c of the packet with its checksum field taken as zero.
@@ -168,28 +159,24 @@ impl<'a, T: AsRef<[u8]> + ?Sized> Packet<&'a T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    fn write(&mut self, f: crate::field::Field, bytes: &[u8]) {
-        self.buffer.as_mut()[f].copy_from_slice(bytes)
-    }
-
     /// Set the source port.
     pub fn set_src_port(&mut self, value: u16) {
-        self.write(field::SRC_PORT, &value.to_be_bytes())
+        write_u16(self.buffer.as_mut(), field::SRC_PORT, value)
     }
 
     /// Set the destination port.
     pub fn set_dst_port(&mut self, value: u16) {
-        self.write(field::DST_PORT, &value.to_be_bytes())
+        write_u16(self.buffer.as_mut(), field::DST_PORT, value)
     }
 
     /// Set the verification tag.
     pub fn set_verification_tag(&mut self, value: u32) {
-        self.write(field::VERIFICATION_TAG, &value.to_be_bytes())
+        write_u32(self.buffer.as_mut(), field::VERIFICATION_TAG, value)
     }
 
     /// Set the checksum field to a CRC32c value.
     pub fn set_checksum(&mut self, value: u32) {
-        self.write(field::CHECKSUM, &value.to_le_bytes())
+        write_u32_le(self.buffer.as_mut(), field::CHECKSUM, value)
     }
 
     /// Compute and store the CRC32c checksum over the whole packet.

@@ -10,6 +10,7 @@ use core::net::IpAddr;
 use core::ops::{BitAnd, BitOr, BitOrAssign};
 
 use crate::checksum;
+use crate::field::{read_u16, read_u32, write_u16, write_u32};
 use crate::{Error, ErrorKind, Layer, Result};
 
 /// IP protocol number of TCP.
@@ -346,34 +347,24 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.buffer
     }
 
-    fn read_u16(&self, f: crate::field::Field) -> u16 {
-        let d = &self.buffer.as_ref()[f];
-        u16::from_be_bytes([d[0], d[1]])
-    }
-
-    fn read_u32(&self, f: crate::field::Field) -> u32 {
-        let d = &self.buffer.as_ref()[f];
-        u32::from_be_bytes([d[0], d[1], d[2], d[3]])
-    }
-
     /// The source port.
     pub fn src_port(&self) -> u16 {
-        self.read_u16(field::SRC_PORT)
+        read_u16(self.buffer.as_ref(), field::SRC_PORT)
     }
 
     /// The destination port.
     pub fn dst_port(&self) -> u16 {
-        self.read_u16(field::DST_PORT)
+        read_u16(self.buffer.as_ref(), field::DST_PORT)
     }
 
     /// The sequence number.
     pub fn seq_number(&self) -> u32 {
-        self.read_u32(field::SEQ_NUM)
+        read_u32(self.buffer.as_ref(), field::SEQ_NUM)
     }
 
     /// The acknowledgment number.
     pub fn ack_number(&self) -> u32 {
-        self.read_u32(field::ACK_NUM)
+        read_u32(self.buffer.as_ref(), field::ACK_NUM)
     }
 
     /// The data offset field, in 32-bit words.
@@ -388,22 +379,22 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     /// The flags, reserved bits included.
     pub fn flags(&self) -> TcpFlags {
-        TcpFlags(self.read_u16(field::FLAGS) & 0x0fff)
+        TcpFlags(read_u16(self.buffer.as_ref(), field::FLAGS) & 0x0fff)
     }
 
     /// The receive window (unscaled).
     pub fn window_len(&self) -> u16 {
-        self.read_u16(field::WINDOW)
+        read_u16(self.buffer.as_ref(), field::WINDOW)
     }
 
     /// The checksum field.
     pub fn checksum(&self) -> u16 {
-        self.read_u16(field::CHECKSUM)
+        read_u16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
     /// The urgent pointer.
     pub fn urgent_pointer(&self) -> u16 {
-        self.read_u16(field::URGENT)
+        read_u16(self.buffer.as_ref(), field::URGENT)
     }
 
     /// Verify the checksum over the pseudo-header of `src`/`dst` and the whole buffer.
@@ -441,32 +432,24 @@ impl<'a, T: AsRef<[u8]> + ?Sized> Packet<&'a T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    fn write_u16(&mut self, f: crate::field::Field, value: u16) {
-        self.buffer.as_mut()[f].copy_from_slice(&value.to_be_bytes())
-    }
-
-    fn write_u32(&mut self, f: crate::field::Field, value: u32) {
-        self.buffer.as_mut()[f].copy_from_slice(&value.to_be_bytes())
-    }
-
     /// Set the source port.
     pub fn set_src_port(&mut self, value: u16) {
-        self.write_u16(field::SRC_PORT, value)
+        write_u16(self.buffer.as_mut(), field::SRC_PORT, value)
     }
 
     /// Set the destination port.
     pub fn set_dst_port(&mut self, value: u16) {
-        self.write_u16(field::DST_PORT, value)
+        write_u16(self.buffer.as_mut(), field::DST_PORT, value)
     }
 
     /// Set the sequence number.
     pub fn set_seq_number(&mut self, value: u32) {
-        self.write_u32(field::SEQ_NUM, value)
+        write_u32(self.buffer.as_mut(), field::SEQ_NUM, value)
     }
 
     /// Set the acknowledgment number.
     pub fn set_ack_number(&mut self, value: u32) {
-        self.write_u32(field::ACK_NUM, value)
+        write_u32(self.buffer.as_mut(), field::ACK_NUM, value)
     }
 
     /// Set the header length in bytes; it must be a multiple of 4 between 20 and 60.
@@ -478,23 +461,23 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 
     /// Set the flags (the low twelve bits), keeping the data offset.
     pub fn set_flags(&mut self, value: TcpFlags) {
-        let raw = self.read_u16(field::FLAGS);
-        self.write_u16(field::FLAGS, (raw & 0xf000) | (value.0 & 0x0fff))
+        let raw = read_u16(self.buffer.as_ref(), field::FLAGS);
+        write_u16(self.buffer.as_mut(), field::FLAGS, (raw & 0xf000) | (value.0 & 0x0fff))
     }
 
     /// Set the receive window.
     pub fn set_window_len(&mut self, value: u16) {
-        self.write_u16(field::WINDOW, value)
+        write_u16(self.buffer.as_mut(), field::WINDOW, value)
     }
 
     /// Set the checksum field.
     pub fn set_checksum(&mut self, value: u16) {
-        self.write_u16(field::CHECKSUM, value)
+        write_u16(self.buffer.as_mut(), field::CHECKSUM, value)
     }
 
     /// Set the urgent pointer.
     pub fn set_urgent_pointer(&mut self, value: u16) {
-        self.write_u16(field::URGENT, value)
+        write_u16(self.buffer.as_mut(), field::URGENT, value)
     }
 
     /// Compute and store the checksum over the pseudo-header of `src`/`dst` and the whole buffer.
@@ -603,7 +586,7 @@ impl<'a> TcpRepr<'a> {
         packet.set_dst_port(self.dst_port);
         packet.set_seq_number(self.seq_number);
         packet.set_ack_number(self.ack_number);
-        packet.write_u16(field::FLAGS, 0);
+        write_u16(packet.buffer.as_mut(), field::FLAGS, 0);
         packet.set_header_len(self.header_len());
         packet.set_flags(self.flags);
         packet.set_window_len(self.window_len);

@@ -10,15 +10,12 @@
 use core::net::IpAddr;
 
 use crate::checksum;
+use crate::field::{read_u16, write_u16};
 use crate::{Error, ErrorKind, Layer, Result};
 
 /// IP protocol number of UDP.
 pub const PROTOCOL: u8 = 17;
 
-/// Sum of the pseudo-header for an upper-layer protocol over `src`/`dst`.
-///
-/// `None` when the families differ (a caller bug: one IP header cannot carry
-/// both) or when `length` does not fit the pseudo-header's length field.
 /// Byte ranges of the header fields.
 mod field {
     use crate::field::Field;
@@ -72,24 +69,19 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.buffer
     }
 
-    fn read_u16(&self, f: crate::field::Field) -> u16 {
-        let d = &self.buffer.as_ref()[f];
-        u16::from_be_bytes([d[0], d[1]])
-    }
-
     /// The source port.
     pub fn src_port(&self) -> u16 {
-        self.read_u16(field::SRC_PORT)
+        read_u16(self.buffer.as_ref(), field::SRC_PORT)
     }
 
     /// The destination port.
     pub fn dst_port(&self) -> u16 {
-        self.read_u16(field::DST_PORT)
+        read_u16(self.buffer.as_ref(), field::DST_PORT)
     }
 
     /// The length field: header plus payload, in bytes.
     pub fn len(&self) -> u16 {
-        self.read_u16(field::LENGTH)
+        read_u16(self.buffer.as_ref(), field::LENGTH)
     }
 
     /// Whether the length field is zero (always malformed; present for API symmetry with `len`).
@@ -99,7 +91,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     /// The checksum field.
     pub fn checksum(&self) -> u16 {
-        self.read_u16(field::CHECKSUM)
+        read_u16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
     /// Whether the sender computed a checksum (the field is not zero).
@@ -142,28 +134,24 @@ impl<'a, T: AsRef<[u8]> + ?Sized> Packet<&'a T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    fn write_u16(&mut self, f: crate::field::Field, value: u16) {
-        self.buffer.as_mut()[f].copy_from_slice(&value.to_be_bytes())
-    }
-
     /// Set the source port.
     pub fn set_src_port(&mut self, value: u16) {
-        self.write_u16(field::SRC_PORT, value)
+        write_u16(self.buffer.as_mut(), field::SRC_PORT, value)
     }
 
     /// Set the destination port.
     pub fn set_dst_port(&mut self, value: u16) {
-        self.write_u16(field::DST_PORT, value)
+        write_u16(self.buffer.as_mut(), field::DST_PORT, value)
     }
 
     /// Set the length field.
     pub fn set_len(&mut self, value: u16) {
-        self.write_u16(field::LENGTH, value)
+        write_u16(self.buffer.as_mut(), field::LENGTH, value)
     }
 
     /// Set the checksum field.
     pub fn set_checksum(&mut self, value: u16) {
-        self.write_u16(field::CHECKSUM, value)
+        write_u16(self.buffer.as_mut(), field::CHECKSUM, value)
     }
 
     /// Compute and store the checksum over the pseudo-header of `src`/`dst`.

@@ -37,6 +37,7 @@
 //! [`Error`] with [`Layer::VirtioNet`], never a panic and never silently
 //! reinterpreted.
 
+use crate::field::{read_u16_le, write_u16_le};
 use crate::{Error, ErrorKind, Layer, Result, checksum};
 
 /// Length of the header with `num_buffers` (virtio 1.0, or mergeable receive buffers).
@@ -132,11 +133,6 @@ impl<T: AsRef<[u8]>> Header<T> {
         self.buffer
     }
 
-    fn u16_at(&self, at: core::ops::Range<usize>) -> u16 {
-        let d = &self.buffer.as_ref()[at];
-        u16::from_le_bytes([d[0], d[1]])
-    }
-
     /// The `flags` field (see [`flags`]).
     pub fn flags(&self) -> u8 {
         self.buffer.as_ref()[field::FLAGS]
@@ -149,35 +145,31 @@ impl<T: AsRef<[u8]>> Header<T> {
 
     /// The `hdr_len` field: how many leading bytes of the frame every segment repeats (a hint).
     pub fn hdr_len(&self) -> u16 {
-        self.u16_at(field::HDR_LEN)
+        read_u16_le(self.buffer.as_ref(), field::HDR_LEN)
     }
 
     /// The `gso_size` field: the payload bytes per segment.
     pub fn gso_size(&self) -> u16 {
-        self.u16_at(field::GSO_SIZE)
+        read_u16_le(self.buffer.as_ref(), field::GSO_SIZE)
     }
 
     /// The `csum_start` field: where the checksummed bytes start, from the start of the frame.
     pub fn csum_start(&self) -> u16 {
-        self.u16_at(field::CSUM_START)
+        read_u16_le(self.buffer.as_ref(), field::CSUM_START)
     }
 
     /// The `csum_offset` field: where the checksum is stored, from `csum_start`.
     pub fn csum_offset(&self) -> u16 {
-        self.u16_at(field::CSUM_OFFSET)
+        read_u16_le(self.buffer.as_ref(), field::CSUM_OFFSET)
     }
 
     /// The `num_buffers` field (how many receive buffers the frame spans), when the header has it.
     pub fn num_buffers(&self) -> Option<u16> {
-        (self.buffer.as_ref().len() >= HEADER_LEN).then(|| self.u16_at(field::NUM_BUFFERS))
+        (self.buffer.as_ref().len() >= HEADER_LEN).then(|| read_u16_le(self.buffer.as_ref(), field::NUM_BUFFERS))
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Header<T> {
-    fn set_u16_at(&mut self, at: core::ops::Range<usize>, value: u16) {
-        self.buffer.as_mut()[at].copy_from_slice(&value.to_le_bytes())
-    }
-
     /// Set the `flags` field.
     pub fn set_flags(&mut self, value: u8) {
         self.buffer.as_mut()[field::FLAGS] = value
@@ -190,28 +182,28 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Header<T> {
 
     /// Set the `hdr_len` field.
     pub fn set_hdr_len(&mut self, value: u16) {
-        self.set_u16_at(field::HDR_LEN, value)
+        write_u16_le(self.buffer.as_mut(), field::HDR_LEN, value)
     }
 
     /// Set the `gso_size` field.
     pub fn set_gso_size(&mut self, value: u16) {
-        self.set_u16_at(field::GSO_SIZE, value)
+        write_u16_le(self.buffer.as_mut(), field::GSO_SIZE, value)
     }
 
     /// Set the `csum_start` field.
     pub fn set_csum_start(&mut self, value: u16) {
-        self.set_u16_at(field::CSUM_START, value)
+        write_u16_le(self.buffer.as_mut(), field::CSUM_START, value)
     }
 
     /// Set the `csum_offset` field.
     pub fn set_csum_offset(&mut self, value: u16) {
-        self.set_u16_at(field::CSUM_OFFSET, value)
+        write_u16_le(self.buffer.as_mut(), field::CSUM_OFFSET, value)
     }
 
     /// Set the `num_buffers` field; a 10-byte header has none, and this does nothing.
     pub fn set_num_buffers(&mut self, value: u16) {
         if self.buffer.as_ref().len() >= HEADER_LEN {
-            self.set_u16_at(field::NUM_BUFFERS, value)
+            write_u16_le(self.buffer.as_mut(), field::NUM_BUFFERS, value)
         }
     }
 }

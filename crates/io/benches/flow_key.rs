@@ -5,7 +5,10 @@
 //! the way the engine calls it (common case first), and the full dissector
 //! as a comparison.
 //!
-//! Run: `cargo bench -p palisade-wire --bench flow_key`.
+//! It lives in the io crate, which reads the captures, so that the wire
+//! crate depends on nothing.
+//!
+//! Run: `cargo bench -p palisade-io --bench flow_key`.
 
 use std::hint::black_box;
 use std::path::Path;
