@@ -24,8 +24,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use palisade_audit::record::{FlowRecord, Record};
+use palisade_datapath::host::{self, Appliance, HostError, HostPorts};
 use palisade_datapath::lookup::PolicyLookup;
-use palisade_datapath::port::{self, PortId, UplinkConfig, VnicPort};
+use palisade_datapath::port::{PortError, PortId, UplinkConfig};
 use palisade_datapath::{Engine, EngineConfig};
 use palisade_io::afpacket::{AfPacket, AfPacketConfig, Fanout};
 use palisade_io::overlay::UdpOverlay;
@@ -158,6 +159,70 @@ fn state_file(state_dir: &Path, worker: usize) -> PathBuf {
     state_dir.join("conntrack").join(format!("host-{worker}.state"))
 }
 
+/// This host's ports as the datapath describes them: the configuration's
+/// vNICs, then its appliances; each vNIC's connection limit is shared out
+/// between the workers.
+fn host_ports(config: &AgentConfig, workers: usize) -> Result<HostPorts, AgentError> {
+    let appliances = config
+        .appliances
+        .iter()
+        .map(|a| {
+            // Checked when the configuration was read; refused here too rather than assumed.
+            let mac = a.mac.parse().map_err(|_| AgentError::Port {
+                what: format!("appliance {} on {}", a.name, a.interface),
+                message: format!("bad MAC {}", a.mac),
+            })?;
+            Ok(Appliance {
+                name: a.name.clone(),
+                zone: a.zone.clone(),
+                mac,
+            })
+        })
+        .collect::<Result<_, AgentError>>()?;
+    Ok(HostPorts {
+        host: config.host.clone(),
+        vnics: Some(config.vnics.iter().map(|v| v.name.clone()).collect()),
+        appliances,
+        extra_macs: Vec::new(),
+        strict_zones: Vec::new(),
+        max_conns: VNIC_MAX_CONNS.div_ceil(workers as u32),
+    })
+}
+
+/// A port the datapath refused, named as the configuration names it.
+fn port_error(config: &AgentConfig, e: HostError) -> AgentError {
+    let vnic = |name: &str| {
+        let interface = config
+            .vnics
+            .iter()
+            .find(|v| v.name == name)
+            .map_or("?", |v| &v.interface);
+        format!("vnic {name} on {interface}")
+    };
+    let appliance = |name: &str| {
+        let interface = config
+            .appliances
+            .iter()
+            .find(|a| a.name == name)
+            .map_or("?", |a| &a.interface);
+        format!("appliance {name} on {interface}")
+    };
+    let (what, message) = match e {
+        HostError::Vnic {
+            name,
+            source: PortError::UnknownVnic(_),
+        } => (vnic(&name), "not in the policy's inventory".to_string()),
+        HostError::Vnic { name, source } => (vnic(&name), source.to_string()),
+        HostError::Appliance { name, source } => (appliance(&name), source.to_string()),
+        HostError::ApplianceZone { name, zone } => (
+            appliance(&name),
+            format!("zone {zone} is not in the policy's inventory"),
+        ),
+        other => (format!("host {}", config.host), other.to_string()),
+    };
+    AgentError::Port { what, message }
+}
+
 /// One worker's engine with every port of the configuration added, in the
 /// configuration's order (so port ids agree across workers).
 fn build_engine(
@@ -177,55 +242,22 @@ fn build_engine(
     let mut ec = EngineConfig::new(uplink);
     ec.flow_capacity = config.flow_capacity.unwrap_or(ec.flow_capacity).div_ceil(workers);
     ec.conn_capacity = config.conn_capacity.unwrap_or(ec.conn_capacity).div_ceil(workers);
-    let max_conns = VNIC_MAX_CONNS.div_ceil(workers as u32);
-    let mut engine = Engine::new(ec, Box::new(lookup));
-    let mut ports = Vec::new();
-    for v in &config.vnics {
-        let fail = |message: String| AgentError::Port {
-            what: format!("vnic {} on {}", v.name, v.interface),
-            message,
-        };
-        if model.inventory.vnic(&v.name).is_none() {
-            return Err(fail("not in the policy's inventory".into()));
-        }
-        let vnic = port::vnic_from_model(model, &v.name, &[], max_conns).map_err(|e| fail(e.to_string()))?;
-        let id = engine.add_vnic(vnic).map_err(|e| fail(e.to_string()))?;
-        ports.push(PortBinding {
-            name: v.name.clone(),
-            interface: v.interface.clone(),
-            port: id,
-        });
-    }
-    for a in &config.appliances {
-        let fail = |message: String| AgentError::Port {
-            what: format!("appliance {} on {}", a.name, a.interface),
-            message,
-        };
-        let zone = model
-            .inventory
-            .zone(&a.zone)
-            .ok_or_else(|| fail(format!("zone {} is not in the policy's inventory", a.zone)))?;
-        let mac = a.mac.parse().map_err(|_| fail(format!("bad MAC {}", a.mac)))?;
-        let vnic = VnicPort {
-            name: a.name.clone(),
-            vm: format!("appliance:{}", a.name),
-            mac,
-            ips: Vec::new(),
-            zone: a.zone.clone(),
-            segment: port::zone_segment(zone.segment),
-            group_id: 0,
-            strict: false,
-            max_conns: u32::MAX,
-            any_source: true,
-        };
-        let id = engine.add_vnic(vnic).map_err(|e| fail(e.to_string()))?;
-        ports.push(PortBinding {
-            name: a.name.clone(),
-            interface: a.interface.clone(),
-            port: id,
-        });
-    }
-    Ok((engine, ports))
+    let built =
+        host::build(&host_ports(config, workers)?, ec, model, Box::new(lookup)).map_err(|e| port_error(config, e))?;
+    let bound = config
+        .vnics
+        .iter()
+        .map(|v| (&v.name, &v.interface))
+        .chain(config.appliances.iter().map(|a| (&a.name, &a.interface)));
+    let ports = bound
+        .zip(built.ports)
+        .map(|((name, interface), port)| PortBinding {
+            name: name.clone(),
+            interface: interface.clone(),
+            port,
+        })
+        .collect();
+    Ok((built.engine, ports))
 }
 
 /// Open worker `index`'s sockets: one on every port's interface (in the

@@ -9,6 +9,7 @@
 //!
 //! Modules, one per concept (after Oxide OPTE's `engine/`):
 //! - [`port`]: vNIC ports bound to a VM's identity, MAC, addresses and zone, and the uplink.
+//! - [`host`]: a host's ports named against the inventory, and the engine built from them.
 //! - [`switch`]: L2 forwarding per segment with MAC learning and anti-spoofing.
 //! - [`conntrack`]: the connection table (TCP, UDP/SCTP/ICMP echo pseudo-connections).
 //! - [`tcptrack`]: TCP's state machine and window checks, as Linux netfilter's.
@@ -29,6 +30,7 @@ pub mod events;
 pub mod flow_table;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod host;
 pub mod lookup;
 pub mod port;
 pub mod shard;

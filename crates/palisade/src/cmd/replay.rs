@@ -1,8 +1,9 @@
 //! `palisade replay`: run a capture through the datapath engine, offline.
 //!
 //! A topology file says which host the capture was taken on and which of the
-//! policy's vNICs are local to it; a frame enters on the vNIC whose MAC is its
-//! source MAC, else on the uplink. Time comes from the capture's timestamps, so
+//! policy's vNICs are local to it (its format, and the engine built from it,
+//! are `palisade_datapath::host`'s); a frame enters on the vNIC whose MAC is
+//! its source MAC, else on the uplink. Time comes from the capture's timestamps, so
 //! a replay is deterministic: the same capture and policy always give the same
 //! verdicts, which is what the golden tests rely on.
 //!
@@ -16,14 +17,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use palisade_datapath::engine::{Disposition, Engine, EngineConfig, policy_flow};
+use palisade_datapath::engine::{Disposition, Engine, policy_flow};
+use palisade_datapath::host::{HostEngine, Topology};
 use palisade_datapath::lookup::PolicyLookup;
-use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
+use palisade_datapath::port::{PortId, UPLINK};
 use palisade_datapath::verdict::{Counters, DropReason};
 use palisade_io::capture::{CaptureReader, LinkType};
 use palisade_policy::compile::Compiler;
@@ -32,7 +33,7 @@ use palisade_policy::{DirSource, load};
 use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::flow::{self, FlowKey, Segment};
 use palisade_wire::ip::IpProtocol;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// Arguments of `palisade replay`.
 #[derive(clap::Args, Debug)]
@@ -58,46 +59,6 @@ pub struct ReplayArgs {
     pub packets: bool,
 }
 
-/// The topology file.
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct Topology {
-    /// The host the capture was taken on (the inventory's host name).
-    host: String,
-    /// vNICs local to the host; default: every vNIC of a VM placed on `host`.
-    #[serde(default)]
-    vnics: Option<Vec<String>>,
-    /// Extra MAC → vNIC bindings (a VM observed sending from another MAC).
-    #[serde(default)]
-    macs: BTreeMap<String, String>,
-    /// Zones whose TCP windows are checked strictly.
-    #[serde(default)]
-    strict_zones: Vec<String>,
-    /// Most connections per vNIC.
-    #[serde(default = "default_max_conns")]
-    max_conns: u32,
-    /// The uplink.
-    uplink: UplinkTopology,
-}
-
-fn default_max_conns() -> u32 {
-    1000
-}
-
-#[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct UplinkTopology {
-    /// This host's tunnel endpoint (underlay) address.
-    underlay_ip: Ipv4Addr,
-    /// This host's underlay MAC.
-    mac: String,
-    /// The underlay next hop's MAC.
-    gateway_mac: String,
-    /// Tunnel endpoints that receive flooded frames.
-    #[serde(default)]
-    flood: Vec<Ipv4Addr>,
-}
-
 /// One policy swap requested with `--policy-change`.
 struct Change {
     after: u64,
@@ -117,10 +78,6 @@ fn parse_change(s: &str) -> anyhow::Result<Change> {
     })
 }
 
-fn parse_mac(s: &str, what: &str) -> anyhow::Result<EthernetAddress> {
-    s.parse().map_err(|_| anyhow::anyhow!("{what}: invalid MAC {s:?}"))
-}
-
 /// Load and compile the policy in `dir`, printing its diagnostics when invalid.
 fn compile(dir: &Path) -> anyhow::Result<Compiler> {
     let loaded = load(&DirSource::new(dir)).with_context(|| format!("loading policy from {}", dir.display()))?;
@@ -134,48 +91,6 @@ fn compile(dir: &Path) -> anyhow::Result<Compiler> {
 fn read_topology(path: &Path) -> anyhow::Result<Topology> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading topology {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing topology {}", path.display()))
-}
-
-/// Build the engine for the topology's host; returns it with the MAC → port map.
-fn build_engine(topo: &Topology, compiler: &Compiler) -> anyhow::Result<(Engine, HashMap<EthernetAddress, PortId>)> {
-    let uplink = UplinkConfig {
-        local_mac: parse_mac(&topo.uplink.mac, "uplink.mac")?,
-        local_ip: topo.uplink.underlay_ip,
-        gateway_mac: parse_mac(&topo.uplink.gateway_mac, "uplink.gateway_mac")?,
-        flood: topo.uplink.flood.clone(),
-    };
-    let model = compiler.model();
-    let names: Vec<String> = match &topo.vnics {
-        Some(v) => v.clone(),
-        None => model
-            .inventory
-            .vms
-            .iter()
-            .filter(|vm| vm.host.as_deref() == Some(topo.host.as_str()))
-            .flat_map(|vm| vm.vnics.iter().map(|n| n.name.clone()))
-            .collect(),
-    };
-    if names.is_empty() {
-        bail!("topology: host {:?} has no vNICs in the inventory", topo.host);
-    }
-    let mut engine = Engine::new(EngineConfig::new(uplink), Box::new(PolicyLookup::new(compiler.clone())));
-    let mut macs = HashMap::new();
-    for name in &names {
-        let vnic = port::vnic_from_model(model, name, &topo.strict_zones, topo.max_conns)
-            .with_context(|| format!("topology: vNIC {name:?}"))?;
-        let mac = vnic.mac;
-        let id = engine
-            .add_vnic(vnic)
-            .with_context(|| format!("topology: vNIC {name:?}"))?;
-        macs.insert(mac, id);
-    }
-    for (mac, name) in &topo.macs {
-        let id = engine
-            .port_of(name)
-            .with_context(|| format!("topology: MAC {mac} names vNIC {name:?}, which is not local to this host"))?;
-        macs.insert(parse_mac(mac, "topology macs")?, id);
-    }
-    Ok((engine, macs))
 }
 
 /// What a flow row is about.
@@ -458,7 +373,9 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     for c in changes {
         pending.push((c.after, compile(&c.dir)?));
     }
-    let (mut engine, macs) = build_engine(&topo, &compiler)?;
+    let HostEngine { mut engine, macs, .. } = topo
+        .build(compiler.model(), Box::new(PolicyLookup::new(compiler.clone())))
+        .with_context(|| format!("topology {}", args.topology.display()))?;
     let mut reader = CaptureReader::open(&args.pcap).with_context(|| format!("opening {}", args.pcap.display()))?;
 
     let mut report = Report {
