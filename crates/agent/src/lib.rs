@@ -10,6 +10,8 @@
 //! - [`metrics`]: Prometheus text.
 //! - [`http`]: the metrics/flows/health endpoint (TCP and a Unix socket).
 //! - [`upstream`]: policy from the controller, the last good one saved.
+//! - [`snapshot`]: connection state on disk, saved at a clean stop and
+//!   snapshotted on a timer so a crash loses at most one interval of it.
 #![deny(missing_docs)]
 
 pub mod agent;
@@ -17,6 +19,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod records;
+pub mod snapshot;
 pub mod trail;
 pub mod upstream;
 mod worker;
