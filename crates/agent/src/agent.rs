@@ -43,6 +43,7 @@ use crate::error::{AgentError, io_err};
 use crate::http::{self, Published, Shared};
 use crate::metrics;
 use crate::records::{Clock, Identities};
+use crate::snapshot::{SnapshotTimer, StateKind, state_files, state_path, write_state};
 use crate::worker::{Attached, Worker, WorkerCore, WorkerIo, lock};
 
 /// A vNIC or appliance port: its name, its interface, its engine port (the same in every worker).
@@ -87,6 +88,24 @@ pub struct Agent {
     shared: Shared,
     policy_errors: u64,
     last_policy_error: Option<String>,
+    /// Connection-table snapshots for a start after a crash.
+    snapshots: SnapshotTimer,
+    /// What the start resumed from (for `/health`).
+    resumed: Option<Resumed>,
+    /// State files refused at start (corrupt, truncated, foreign, no room).
+    state_refused: u64,
+}
+
+/// What a start resumed its connections from.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Resumed {
+    /// `saved` (a clean stop's exact state) or `snapshot` (what a crash left).
+    from: &'static str,
+    /// Connections resumed.
+    connections: usize,
+    /// How old the newest file was, milliseconds (for a snapshot: the
+    /// window of connections a crash could have lost).
+    age_ms: u64,
 }
 
 impl core::fmt::Debug for Agent {
@@ -131,32 +150,6 @@ fn policy_stamp(dir: &Path) -> Option<SystemTime> {
     let mut newest = None;
     walk(dir, &mut newest);
     newest
-}
-
-/// Where worker connection tables are saved across a restart: one file per
-/// worker (`host-N.state`); `host.state` is what a single-threaded agent
-/// wrote, still read.
-fn state_files(state_dir: &Path) -> Vec<PathBuf> {
-    let dir = state_dir.join("conntrack");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n == "host.state" || (n.starts_with("host-") && n.ends_with(".state")))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
-}
-
-fn state_file(state_dir: &Path, worker: usize) -> PathBuf {
-    state_dir.join("conntrack").join(format!("host-{worker}.state"))
 }
 
 /// This host's ports as the datapath describes them: the configuration's
@@ -453,6 +446,9 @@ impl Agent {
             shared,
             policy_errors: 0,
             last_policy_error: None,
+            snapshots: SnapshotTimer::new(None, origin),
+            resumed: None,
+            state_refused: 0,
         };
         agent.import_state();
         agent.publish();
@@ -464,12 +460,38 @@ impl Agent {
     }
 
     /// Import connection state saved by a previous run, each connection into
-    /// the worker its flows are steered to (then remove it: it is stale once used).
+    /// the worker its flows are steered to: a clean stop's saved state if
+    /// there is one (then removed: it is stale once used), else the
+    /// snapshots a crash left, their TCP windows relaxed (see
+    /// [`crate::snapshot`]). A file that fails its checks is refused with a
+    /// message and counted; the agent then starts without it.
     fn import_state(&mut self) {
+        let dir = self.config.state_dir.clone();
+        let saved = state_files(&dir, StateKind::Saved);
+        let (files, kind) = if saved.is_empty() {
+            (state_files(&dir, StateKind::Snapshot), StateKind::Snapshot)
+        } else {
+            (saved, StateKind::Saved)
+        };
         let now = self.now();
         let n = self.workers.len() as u32;
-        for path in state_files(&self.config.state_dir) {
-            let Ok(blob) = std::fs::read(&path) else { continue };
+        let mut resumed_total = 0;
+        let mut newest_age: Option<Duration> = None;
+        for path in &files {
+            let Ok(mut blob) = std::fs::read(path) else { continue };
+            let age = std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            newest_age = Some(newest_age.map_or(age, |a| a.min(age)));
+            if kind == StateKind::Snapshot
+                && let Err(e) = palisade_datapath::state::relax_tcp_windows(&mut blob)
+            {
+                self.state_refused += 1;
+                eprintln!("palisade agent: state snapshot {} refused: {e}", path.display());
+                continue;
+            }
             let mut resumed = 0;
             for (i, core) in self.workers.iter().enumerate() {
                 let mut core = lock(core);
@@ -479,17 +501,65 @@ impl Agent {
                 match core.engine.import_all_where(&blob, now, &mut events, mine) {
                     Ok(k) => resumed += k,
                     Err(e) => {
+                        self.state_refused += 1;
                         eprintln!("palisade agent: saved state {} refused: {e}", path.display());
                         break;
                     }
                 }
             }
             eprintln!(
-                "palisade agent: resumed {resumed} connection(s) from {}",
-                path.display()
+                "palisade agent: resumed {resumed} connection(s) from {} ({} ms old)",
+                path.display(),
+                age.as_millis()
             );
-            let _ = std::fs::remove_file(&path);
+            resumed_total += resumed;
+            if kind == StateKind::Saved {
+                let _ = std::fs::remove_file(path);
+            }
         }
+        if kind == StateKind::Saved {
+            // A clean stop's state supersedes any snapshot the run before it left.
+            for old in state_files(&dir, StateKind::Snapshot) {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        if let Some(age) = newest_age {
+            self.resumed = Some(Resumed {
+                from: match kind {
+                    StateKind::Saved => "saved",
+                    StateKind::Snapshot => "snapshot",
+                },
+                connections: resumed_total,
+                age_ms: age.as_millis() as u64,
+            });
+        }
+        // The first snapshot one interval from now (the files just read stay
+        // until then, in case this run crashes first).
+        self.snapshots = SnapshotTimer::new(self.config.state_snapshot_interval(), Instant::now());
+    }
+
+    /// Write every worker's connections to its snapshot file (each worker is
+    /// locked only while its table is encoded).
+    fn snapshot(&mut self) {
+        let started = Instant::now();
+        let now = self.now();
+        let (mut connections, mut bytes, mut ok) = (0u64, 0u64, true);
+        for (i, core) in self.workers.iter().enumerate() {
+            let blob = {
+                let core = lock(core);
+                connections += core.engine.conntrack().len() as u64;
+                core.engine.export_all(now)
+            };
+            bytes += blob.len() as u64;
+            let path = state_path(&self.config.state_dir, i, StateKind::Snapshot);
+            if let Err(e) = write_state(&path, &blob) {
+                if self.snapshots.stats.failures == 0 || ok {
+                    eprintln!("palisade agent: state snapshot {}: {e}", path.display());
+                }
+                ok = false;
+            }
+        }
+        self.snapshots.done(started, Instant::now(), connections, bytes, ok);
     }
 
     /// Serve until `stop` is set: start one thread per worker, then take
@@ -586,6 +656,9 @@ impl Agent {
             if last_housekeeping.elapsed() >= Duration::from_secs(1) {
                 last_housekeeping = Instant::now();
                 self.housekeeping();
+            }
+            if self.snapshots.due(Instant::now()) {
+                self.snapshot();
             }
             if last_publish.elapsed() >= Duration::from_millis(500) {
                 last_publish = Instant::now();
@@ -743,6 +816,8 @@ impl Agent {
             audit: self.audit.as_ref().map(|t| t.stats()),
             ipfix: self.ipfix.as_ref().map(|x| x.stats()),
             controller_dropped: self.to_controller.as_ref().map(|_| self.controller_dropped),
+            snapshots: self.snapshots.stats,
+            state_refused: self.state_refused,
         });
         let connections: usize = engines.iter().map(|e| e.conntrack().len()).sum();
         let policy_version = engines.first().map_or(0, |e| e.policy_version());
@@ -760,6 +835,11 @@ impl Agent {
             "connections": connections,
             "uptime_s": self.origin.elapsed().as_secs(),
             "audit": self.audit.as_ref().map(|t| t.status()),
+            "state": {
+                "snapshots": self.snapshots.stats,
+                "resumed": self.resumed,
+                "refused": self.state_refused,
+            },
         })
         .to_string();
         if let Ok(mut g) = self.shared.lock() {
@@ -775,7 +855,7 @@ impl Agent {
     /// trail durable. Returns how many connections were saved.
     pub fn shutdown(mut self) -> Result<usize, AgentError> {
         let now = self.now();
-        for old in state_files(&self.config.state_dir) {
+        for old in state_files(&self.config.state_dir, StateKind::Saved) {
             // Left by a run that stopped before importing them; superseded now.
             let _ = std::fs::remove_file(old);
         }
@@ -784,11 +864,12 @@ impl Agent {
             let core = lock(core);
             saved += core.engine.conntrack().len();
             let blob = core.engine.export_all(now);
-            let path = state_file(&self.config.state_dir, i);
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, &blob)
-                .and_then(|()| std::fs::rename(&tmp, &path))
-                .map_err(io_err(format!("saving {}", path.display())))?;
+            let path = state_path(&self.config.state_dir, i, StateKind::Saved);
+            write_state(&path, &blob).map_err(io_err(format!("saving {}", path.display())))?;
+        }
+        // The exact state supersedes the snapshots (older by up to an interval).
+        for old in state_files(&self.config.state_dir, StateKind::Snapshot) {
+            let _ = std::fs::remove_file(old);
         }
         let unix_now = self.clock.unix(self.now());
         if let Some(t) = &mut self.audit {

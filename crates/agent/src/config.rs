@@ -9,6 +9,7 @@
 //! audit_key = "/var/lib/palisade/audit.key"    # its signing key, outside the trail (this default)
 //! audit_head = "/var/lib/palisade/audit.head"  # its last signed head, outside the trail (this default)
 //! workers = 4                        # datapath threads (default: one per core)
+//! state_snapshot_ms = 200            # connection-table snapshots for crash recovery (0: off)
 //! [underlay]
 //! local = "192.168.100.1"            # this host's tunnel endpoint
 //! port = 4789
@@ -95,6 +96,11 @@ pub struct AgentConfig {
     /// tables, and each vNIC's connection limit, are shared out between them.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Milliseconds between snapshots of the connection tables to the state
+    /// directory, which a start after a crash resumes from (default 200;
+    /// 0 turns them off; otherwise 10 to 60,000).
+    #[serde(default)]
+    pub state_snapshot_ms: Option<u64>,
 }
 
 /// Where the controller is and how to prove who we are.
@@ -242,6 +248,15 @@ impl AgentConfig {
         })
     }
 
+    /// The interval between connection-table snapshots (`None`: off).
+    pub fn state_snapshot_interval(&self) -> Option<std::time::Duration> {
+        match self.state_snapshot_ms {
+            None => Some(crate::snapshot::DEFAULT_INTERVAL),
+            Some(0) => None,
+            Some(ms) => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+
     /// Read and check a configuration file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -296,6 +311,15 @@ impl AgentConfig {
             return Err(invalid(
                 "audit_max_age".into(),
                 format!("`{a}` is not a duration like 90d, 12h, 30m or 45s"),
+            ));
+        }
+        if let Some(ms) = config.state_snapshot_ms
+            && ms != 0
+            && !(10..=60_000).contains(&ms)
+        {
+            return Err(invalid(
+                "state_snapshot_ms".into(),
+                format!("{ms} is out of range: 0 (off) or 10 to 60000 milliseconds"),
             ));
         }
         match (&config.policy, &config.controller) {
@@ -398,6 +422,23 @@ mac = "02:00:00:00:fe:01"
         assert_eq!(c.underlay.peers["hv2"], Ipv4Addr::new(192, 168, 100, 2));
         assert_eq!(c.vnics[0].interface, "vn-web-1");
         assert_eq!(c.appliances[0].zone, "web");
+    }
+
+    #[test]
+    fn state_snapshots_default_on_and_their_interval_is_checked() {
+        let c = AgentConfig::parse(GOOD, Path::new("hv1.toml")).unwrap();
+        assert_eq!(c.state_snapshot_interval(), Some(crate::snapshot::DEFAULT_INTERVAL));
+        let with = |v: &str| AgentConfig::parse(&GOOD.replace("metrics =", &format!("state_snapshot_ms = {v}\nmetrics =")), Path::new("hv1.toml"));
+        assert_eq!(with("0").unwrap().state_snapshot_interval(), None);
+        assert_eq!(
+            with("50").unwrap().state_snapshot_interval(),
+            Some(std::time::Duration::from_millis(50))
+        );
+        for bad in ["5", "60001"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("state_snapshot_ms") && e.contains(bad), "{e}");
+        }
+        assert!(with("-1").is_err());
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //! - [`metrics`]: Prometheus text.
 //! - [`http`]: the metrics/flows/health endpoint (TCP and a Unix socket).
 //! - [`upstream`]: policy from the controller, the last good one saved.
+//! - [`snapshot`]: connection state on disk, saved at a clean stop and
+//!   snapshotted on a timer so a crash loses at most one interval of it.
 #![deny(missing_docs)]
 
 pub mod agent;
@@ -19,6 +21,7 @@ mod error;
 pub mod http;
 pub mod metrics;
 pub mod records;
+pub mod snapshot;
 pub mod trail;
 pub mod upstream;
 mod worker;

@@ -34,6 +34,10 @@ pub struct Snapshot<'a> {
     pub ipfix: Option<palisade_audit::ipfix::ExportStats>,
     /// Flow records the controller channel had no room for (controller mode).
     pub controller_dropped: Option<u64>,
+    /// The connection-table snapshots (crash recovery).
+    pub snapshots: crate::snapshot::SnapshotStats,
+    /// State files refused at start.
+    pub state_refused: u64,
 }
 
 fn esc(s: &str) -> String {
@@ -321,6 +325,37 @@ pub fn render(s: &Snapshot<'_>) -> String {
             &one(d),
         );
     }
+    let snap = &s.snapshots;
+    metric(
+        "palisade_state_snapshots_total",
+        "counter",
+        "Rounds of connection-table snapshots written (what a start after a crash resumes from).",
+        &one(snap.written),
+    );
+    metric(
+        "palisade_state_snapshot_failures_total",
+        "counter",
+        "Rounds of connection-table snapshots in which a file could not be written.",
+        &one(snap.failures),
+    );
+    metric(
+        "palisade_state_snapshot_connections",
+        "gauge",
+        "Connections in the last snapshot round.",
+        &one(snap.last_connections),
+    );
+    metric(
+        "palisade_state_snapshot_microseconds",
+        "gauge",
+        "How long the last snapshot round took (encoding and writing).",
+        &one(snap.last_duration_ns / 1_000),
+    );
+    metric(
+        "palisade_state_files_refused_total",
+        "counter",
+        "Saved or snapshotted state files refused at start (corrupt, truncated, foreign or without room).",
+        &one(s.state_refused),
+    );
     if let Some(a) = s.audit {
         metric(
             "palisade_audit_records_total",

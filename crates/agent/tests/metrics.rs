@@ -117,6 +117,12 @@ fn snapshot<'a>(
         audit: None,
         ipfix: None,
         controller_dropped: None,
+        snapshots: palisade_agent::snapshot::SnapshotStats {
+            written: 5,
+            last_connections: 48,
+            ..Default::default()
+        },
+        state_refused: 1,
     }
 }
 
@@ -188,6 +194,9 @@ fn the_page_is_prometheus_text_summed_over_workers() {
         ),
         Some(11)
     );
+    assert_eq!(v("palisade_state_snapshots_total", &[]), Some(5));
+    assert_eq!(v("palisade_state_snapshot_connections", &[]), Some(48));
+    assert_eq!(v("palisade_state_files_refused_total", &[]), Some(1));
     // A rule's counts are summed over the workers' registries.
     let hits: u64 = engines
         .iter()

@@ -178,6 +178,49 @@ pub fn encode(vnic: &str, policy_version: u64, conns: &[Conn], now: u64) -> Vec<
     b
 }
 
+/// Offsets of a version-2 record's two per-side flag bytes (see the layout
+/// above: the key, state, flags and counters take 77 bytes, then each side's
+/// `end | limit | max_win | max_ack | wscale` precede its flags).
+const PEER_FLAGS_AT: [usize; 2] = [77 + 16 + 1, 77 + 18 + 16 + 1];
+/// Offset of a record's protocol byte.
+const PROTOCOL_AT: usize = 4 + 16 + 16 + 2 + 2;
+
+/// Let window failures of every TCP connection in `blob` pass, as for a
+/// connection picked up mid-stream, and re-seal the blob. Returns how many
+/// connections were relaxed.
+///
+/// For state that kept moving after it was written: a periodic snapshot
+/// taken before a crash holds windows up to one interval old, and a stream
+/// that went on meanwhile would fail a strict window check on its next
+/// segment. Linux's `be_liberal` flag does the same for a connection
+/// whose start it did not see; the windows are learned again from the
+/// traffic. The blob is verified first (a corrupt one is refused, never
+/// patched); a version-1 blob's connections are relaxed already, so it is
+/// left as it is.
+pub fn relax_tcp_windows(blob: &mut [u8]) -> Result<usize, StateError> {
+    let snapshot = decode(blob)?;
+    let version = u16::from_be_bytes([blob[6], blob[7]]);
+    if version != VERSION {
+        return Ok(0);
+    }
+    let name_len = usize::from(u16::from_be_bytes([blob[16], blob[17]]));
+    let records = 16 + 2 + name_len + 4;
+    let mut relaxed = 0;
+    for i in 0..snapshot.conns.len() {
+        let at = records + i * RECORD_LEN;
+        if blob[at + PROTOCOL_AT] == IpProtocol::TCP.0 {
+            for flags in PEER_FLAGS_AT {
+                blob[at + flags] |= peer_flags::BE_LIBERAL;
+            }
+            relaxed += 1;
+        }
+    }
+    let body = blob.len() - 4;
+    let crc = crc32(&blob[..body]);
+    blob[body..].copy_from_slice(&crc.to_be_bytes());
+    Ok(relaxed)
+}
+
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -415,6 +458,31 @@ mod tests {
         assert!(tcp.tcp.seen_reply());
         assert_eq!((echo.key.icmp_type, echo.key.icmp_code), (8, 0), "an echo request's");
         assert!(echo.key.is_echo_request());
+    }
+
+    #[test]
+    fn relaxing_windows_marks_every_tcp_side_and_nothing_else() {
+        let mut udp = conn();
+        udp.key.protocol = IpProtocol::UDP;
+        udp.tcp = TcpTrack::default();
+        let mut blob = encode("host", 7, &[conn(), udp.clone()], 110);
+        let before = decode(&blob).unwrap();
+        assert!(before.conns[0].tcp.peers.iter().all(|p| p.flags & peer_flags::BE_LIBERAL == 0));
+        assert_eq!(relax_tcp_windows(&mut blob), Ok(1));
+        let after = decode(&blob).expect("still sealed");
+        let (tcp, other) = (&after.conns[0], &after.conns[1]);
+        for (p, q) in tcp.tcp.peers.iter().zip(&before.conns[0].tcp.peers) {
+            assert_eq!(p.flags, q.flags | peer_flags::BE_LIBERAL);
+            assert_eq!((p.end, p.limit, p.max_win, p.max_ack, p.wscale), (q.end, q.limit, q.max_win, q.max_ack, q.wscale));
+        }
+        assert_eq!(tcp.tcp.last, before.conns[0].tcp.last);
+        assert_eq!(other, &before.conns[1], "a UDP record is untouched");
+        // A damaged blob is refused, not patched.
+        let mut bad = blob.clone();
+        bad[30] ^= 1;
+        let copy = bad.clone();
+        assert!(relax_tcp_windows(&mut bad).is_err());
+        assert_eq!(bad, copy);
     }
 
     #[test]

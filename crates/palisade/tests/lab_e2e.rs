@@ -261,6 +261,135 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
     assert_eq!(leftovers("pe2r").unwrap(), Vec::<String>::new());
 }
 
+/// A crash (SIGKILL: no chance to save anything) of both agents under a
+/// live stream, three times: each restart resumes the stream's connection
+/// from the snapshots the agents took while running (not as a new flow:
+/// the zone's default would deny db → app), and nothing is forwarded while
+/// they are down. The stall of each restart is printed.
+#[test]
+fn agents_killed_with_sigkill_resume_established_connections_from_their_snapshots() {
+    if !lab_possible() {
+        return;
+    }
+    let _one = one_lab();
+    let spec = LabSpec::from_inventory(three_tier()).with_name("pe2k");
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        ..spec
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let db = lab.vm_ip("db-1").unwrap().to_string();
+    let web2 = lab.vm_ip("web-2").unwrap().to_string();
+    let mut server = lab.spawn("db-1", &[EXE, "lab", "serve", "stream", "5432"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut session = lab.spawn("app-2", &["busybox", "nc", &db, "5432"]).unwrap();
+    let Spawned::Process(child) = &mut session else {
+        panic!("namespace VM")
+    };
+    let lines = lines_of(child.stdout.take().unwrap());
+    assert!(lines.recv_timeout(Duration::from_secs(5)).is_ok(), "stream flows");
+    let ping = |lab: &Lab| {
+        lab.exec(
+            "bastion-1",
+            &["busybox", "ping", "-c", "1", "-W", "1", &web2],
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .status
+        .success()
+    };
+    let gone = |pid: u32| {
+        let t = Instant::now();
+        // Our children stay zombies until reaped; a zombie forwards nothing.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+        }) {
+            assert!(t.elapsed() < Duration::from_secs(10), "agent {pid} dies on SIGKILL");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut running: Vec<Option<std::process::Child>> = vec![None, None];
+    for round in 0..3 {
+        // Let a snapshot round pass since the stream (or the restart) began.
+        std::thread::sleep(Duration::from_millis(700));
+        for (i, h) in ["hv1", "hv2"].iter().enumerate() {
+            match running[i].take() {
+                Some(mut c) => {
+                    let pid = c.id();
+                    c.kill().unwrap();
+                    let _ = c.wait();
+                    gone(pid);
+                }
+                None => {
+                    let pid = lab.state().agents[*h].pid;
+                    assert!(
+                        Command::new("kill")
+                            .args(["-KILL", &pid.to_string()])
+                            .status()
+                            .unwrap()
+                            .success()
+                    );
+                    gone(pid as u32);
+                }
+            }
+            let dir = lab.state().state_dir.join(h).join("conntrack");
+            assert!(
+                !dir.join("host-0.state").exists(),
+                "round {round}: a killed agent saved nothing on its way out"
+            );
+            assert!(dir.join("host-0.snapshot").exists(), "round {round}: {h} left snapshots");
+        }
+        assert!(!ping(lab), "round {round}: with the agents killed nothing is forwarded");
+        while lines.try_recv().is_ok() {}
+        let restarted_at = Instant::now();
+        for (i, h) in ["hv1", "hv2"].iter().enumerate() {
+            running[i] = Some(start_agent(lab, h));
+        }
+        let mut got = 0;
+        let mut first = None;
+        while got < 5 && lines.recv_timeout(Duration::from_secs(5)).is_ok() {
+            first.get_or_insert_with(|| restarted_at.elapsed());
+            got += 1;
+        }
+        assert_eq!(got, 5, "round {round}: the stream continued after the crash");
+        println!(
+            "round {round}: first stream line {:?} after the agents were restarted",
+            first.unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(1200));
+        for h in ["hv1", "hv2"] {
+            let sock = lab.state().state_dir.join(h).join("agent.sock");
+            let health = palisade_agent::http::get_unix(&sock, "/health").unwrap();
+            let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+            assert_eq!(health["state"]["resumed"]["from"], "snapshot", "{health}");
+            assert!(
+                health["state"]["resumed"]["connections"].as_u64() >= Some(1),
+                "{health}"
+            );
+            let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
+            let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
+            assert!(
+                !recs.iter().any(|r| r.dst.port == 5432 || r.src.port == 5432),
+                "round {round}: {h} treated the resumed stream as new: {flows}"
+            );
+        }
+        assert!(ping(lab), "round {round}: forwarding is back");
+    }
+    let _ = lab.kill(&mut session);
+    let _ = lab.kill(&mut server);
+    for c in running.iter_mut().flatten() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let report = guard.0.take().unwrap().shutdown().unwrap();
+    assert!(!report.namespaces.is_empty());
+    assert_eq!(leftovers("pe2k").unwrap(), Vec::<String>::new());
+}
+
 #[test]
 fn qemu_guests_on_two_hosts_are_filtered_by_policy() {
     if !lab_possible() {

@@ -1,0 +1,230 @@
+//! Connection state on disk: what a clean stop saves and what a crash leaves.
+//!
+//! On SIGTERM the agent saves every worker's connections exactly
+//! (`conntrack/host-N.state`). A crash (kill -9, the OOM killer, a panic)
+//! saves nothing, so the control thread also snapshots every worker's table
+//! on a timer (`conntrack/host-N.snapshot`, every 200 ms by default). Each
+//! file is written beside its name and renamed over it, so a crash in the
+//! middle of a write leaves the previous snapshot whole; the blob is
+//! checksummed, so a torn or foreign file is refused with a message and a
+//! counter, never half imported.
+//!
+//! A start prefers a clean save. Without one it resumes from the snapshots,
+//! with TCP window checks relaxed for the connections they hold (their
+//! windows moved on after the snapshot was taken; they are learned again
+//! from the traffic, as Linux does for a connection it picks up), and says
+//! how old the snapshots were. What a crash can still lose is bounded by
+//! the interval: a connection opened after the last snapshot. A liberal zone
+//! picks it up again from its next segment; a strict zone drops it, as it
+//! drops any segment of a connection it never saw open.
+//!
+//! The cost is bounded too: each worker is locked only while its table is
+//! encoded, and the next snapshot waits at least [`COST_FACTOR`] times as
+//! long as the last one took, so a huge table is snapshotted less often
+//! rather than stalling its worker for a larger share of the time.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A snapshot waits at least this many times its own duration after the
+/// previous one: the workers' lost time stays under 1/`COST_FACTOR`.
+pub const COST_FACTOR: u32 = 20;
+
+/// Default interval between snapshots.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Which of the two kinds of state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateKind {
+    /// Saved at a clean stop: exact, used once.
+    Saved,
+    /// Taken on a timer while running: what a crash leaves.
+    Snapshot,
+}
+
+impl StateKind {
+    fn extension(self) -> &'static str {
+        match self {
+            StateKind::Saved => "state",
+            StateKind::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// The directory holding the state files.
+fn state_dir(dir: &Path) -> PathBuf {
+    dir.join("conntrack")
+}
+
+/// Worker `worker`'s file of `kind` under the agent's state directory.
+pub fn state_path(dir: &Path, worker: usize, kind: StateKind) -> PathBuf {
+    state_dir(dir).join(format!("host-{worker}.{}", kind.extension()))
+}
+
+/// Every file of `kind` under the agent's state directory, sorted by name.
+/// For [`StateKind::Saved`], `host.state` (what a single-threaded agent
+/// wrote) too.
+pub fn state_files(dir: &Path, kind: StateKind) -> Vec<PathBuf> {
+    let ext = kind.extension();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(state_dir(dir))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        (kind == StateKind::Saved && n == "host.state")
+                            || n.strip_prefix("host-")
+                                .and_then(|rest| rest.strip_suffix(ext))
+                                .and_then(|rest| rest.strip_suffix('.'))
+                                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Write `blob` to `path` so that a reader (or a crash) sees either the
+/// old file or the new one whole: written to a temporary name beside it,
+/// then renamed over it.
+pub fn write_state(path: &Path, blob: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, blob)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// What the snapshots did, for metrics and `/health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct SnapshotStats {
+    /// The configured interval in milliseconds (0: snapshots are off).
+    pub interval_ms: u64,
+    /// Rounds written (every worker's file).
+    pub written: u64,
+    /// Rounds in which some worker's file could not be written.
+    pub failures: u64,
+    /// Connections in the last round.
+    pub last_connections: u64,
+    /// Bytes written in the last round.
+    pub last_bytes: u64,
+    /// How long the last round took, nanoseconds (encoding and writing).
+    pub last_duration_ns: u64,
+}
+
+/// When to take the next snapshot.
+#[derive(Debug)]
+pub struct SnapshotTimer {
+    interval: Option<Duration>,
+    next: Instant,
+    /// What the rounds did so far.
+    pub stats: SnapshotStats,
+}
+
+impl SnapshotTimer {
+    /// A timer for snapshots every `interval` (`None`: never).
+    pub fn new(interval: Option<Duration>, now: Instant) -> SnapshotTimer {
+        SnapshotTimer {
+            interval,
+            next: now + interval.unwrap_or_default(),
+            stats: SnapshotStats {
+                interval_ms: interval.map_or(0, |i| i.as_millis() as u64),
+                ..SnapshotStats::default()
+            },
+        }
+    }
+
+    /// Whether a snapshot is due at `now`.
+    pub fn due(&self, now: Instant) -> bool {
+        self.interval.is_some() && now >= self.next
+    }
+
+    /// A round that started at `started` ended at `now`, holding
+    /// `connections` in `bytes`, every file written (`ok`) or not.
+    pub fn done(&mut self, started: Instant, now: Instant, connections: u64, bytes: u64, ok: bool) {
+        let took = now.saturating_duration_since(started);
+        let interval = self.interval.unwrap_or_default();
+        // Measured from the round's start: a round every interval, or every
+        // COST_FACTOR times its duration when that is longer.
+        self.next = started + interval.max(took * COST_FACTOR);
+        let s = &mut self.stats;
+        if ok {
+            s.written += 1;
+        } else {
+            s.failures += 1;
+        }
+        s.last_connections = connections;
+        s.last_bytes = bytes;
+        s.last_duration_ns = took.as_nanos() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_found_by_kind_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("conntrack")).unwrap();
+        for name in [
+            "host-0.state",
+            "host-1.state",
+            "host.state",
+            "host-0.snapshot",
+            "host-0.tmp",
+            "host-.state",
+            "host-x.snapshot",
+            "host-1.snapshot.tmp",
+            "other-0.state",
+        ] {
+            std::fs::write(dir.path().join("conntrack").join(name), b"").unwrap();
+        }
+        let names = |kind| -> Vec<String> {
+            state_files(dir.path(), kind)
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(StateKind::Saved), ["host-0.state", "host-1.state", "host.state"]);
+        assert_eq!(names(StateKind::Snapshot), ["host-0.snapshot"]);
+        assert_eq!(
+            state_path(dir.path(), 3, StateKind::Snapshot),
+            dir.path().join("conntrack/host-3.snapshot")
+        );
+    }
+
+    #[test]
+    fn a_write_replaces_the_file_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host-0.snapshot");
+        write_state(&path, b"first").unwrap();
+        write_state(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        assert!(!path.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn the_timer_keeps_its_interval_and_backs_off_from_slow_rounds() {
+        let t0 = Instant::now();
+        let mut t = SnapshotTimer::new(Some(Duration::from_millis(200)), t0);
+        assert!(!t.due(t0));
+        assert!(t.due(t0 + Duration::from_millis(200)));
+        // A fast round: the next is one interval after it started.
+        let start = t0 + Duration::from_millis(200);
+        t.done(start, start + Duration::from_millis(1), 10, 100, true);
+        assert!(!t.due(start + Duration::from_millis(199)));
+        assert!(t.due(start + Duration::from_millis(200)));
+        // A 50 ms round: the next waits until 20 × 50 ms after its start.
+        let start = start + Duration::from_millis(201);
+        t.done(start, start + Duration::from_millis(50), 10, 100, false);
+        assert!(!t.due(start + Duration::from_millis(999)));
+        assert!(t.due(start + Duration::from_millis(1000)));
+        assert_eq!((t.stats.written, t.stats.failures, t.stats.interval_ms), (1, 1, 200));
+        assert_eq!(t.stats.last_duration_ns, 50_000_000);
+        let off = SnapshotTimer::new(None, t0);
+        assert!(!off.due(t0 + Duration::from_secs(3600)));
+    }
+}
