@@ -409,6 +409,10 @@ fn push_heads(client: &Client, host: &str, public_key: &[u8; 32], queue: &HeadQu
                     said = false;
                 }
                 Err(e) => {
+                    // A head waiting is a head not published.
+                    if queue.slot.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                        queue.failed();
+                    }
                     if !said {
                         eprintln!("palisade agent: audit key not registered with the controller ({e}); retrying");
                         said = true;
