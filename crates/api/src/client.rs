@@ -371,7 +371,13 @@ impl Client {
         let conflicts = info
             .conflicts
             .iter()
-            .map(|c| Ok((c.head.to_head()?, c.reason.clone())))
+            .map(|c| {
+                Ok(palisade_audit::head::RefusedHead {
+                    head: c.head.to_head()?,
+                    fork: c.kind == HeadConflictKind::Fork,
+                    reason: c.reason.clone(),
+                })
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(bad)?;
         Ok(palisade_audit::head::PublishedHeads {

@@ -443,9 +443,21 @@ pub struct HeadConflict {
     pub head: HeadDocument,
     /// When it came (Unix time, nanoseconds).
     pub received_ns: u64,
+    /// A rollback or a fork.
+    pub kind: HeadConflictKind,
     /// Why: a lower seq than the head held (a rollback), or the same seq
     /// with another hash (a fork).
     pub reason: String,
+}
+
+/// Why a head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadConflictKind {
+    /// Its seq is behind the head held: the trail was rolled back.
+    Rollback,
+    /// Its seq is the head held's, its hash another: two histories were signed.
+    Fork,
 }
 
 /// A public key a controller refused for a host (another than the one pinned).

@@ -636,4 +636,31 @@ mod tests {
         assert_eq!(kind(tag(&[("a", "1")], &["a"]).check()), Unprocessable);
         assert!(tag(&[("a", "")], &["b"]).check().is_ok());
     }
+
+    #[test]
+    fn hex_fields_are_refused_as_documented() {
+        use RequestErrorKind::*;
+        let kind = |r: Result<[u8; 32], RequestError>| r.map(|_| ()).unwrap_err().kind;
+        let key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+        assert!(check_hex::<32>("k", key).is_ok());
+        assert_eq!(
+            check_hex::<32>("k", &key.to_uppercase()).unwrap(),
+            check_hex::<32>("k", key).unwrap()
+        );
+        assert_eq!(kind(check_hex::<32>("k", &format!("{key}00"))), TooLarge);
+        assert_eq!(kind(check_hex::<32>("k", &key[..62])), Malformed);
+        assert_eq!(kind(check_hex::<32>("k", &format!(" {}", &key[1..]))), Malformed);
+        assert_eq!(kind(check_hex::<32>("k", &key.replace('3', "g"))), Malformed);
+        // A multi-byte character is not a hex digit (and is no slicing hazard).
+        assert_eq!(kind(check_hex::<32>("k", &format!("é{}", &key[2..]))), Malformed);
+        assert!(public_key("k", key).is_ok());
+        // Some 32-byte strings are no point of the curve: 422, not 400.
+        let not_a_point = (0u8..=255)
+            .map(|b| hex(&[b; 32]))
+            .find(|h| public_key("k", h).is_err())
+            .expect("a value that does not decompress");
+        assert_eq!(kind(public_key("k", &not_a_point)), Unprocessable);
+        // The document's pattern says the same as the check.
+        assert_eq!(hex_pattern(32), "^[0-9a-fA-F]{64}(?![\\s\\S])");
+    }
 }

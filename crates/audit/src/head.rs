@@ -234,8 +234,20 @@ pub struct PublishedHeads {
     pub public_key: [u8; 32],
     /// The newest head accepted, if any.
     pub head: Option<SignedHead>,
-    /// Heads refused as a rollback or fork, with the reason given.
-    pub conflicts: Vec<(SignedHead, String)>,
+    /// Heads refused as a rollback or fork.
+    pub conflicts: Vec<RefusedHead>,
+}
+
+/// A head the publisher refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedHead {
+    /// The head.
+    pub head: SignedHead,
+    /// A fork (the same seq as a head held, another hash), else a rollback
+    /// (behind the head held).
+    pub fork: bool,
+    /// The reason the publisher gave.
+    pub reason: String,
 }
 
 /// Verify the trail in `dir` against heads published elsewhere: with the
@@ -262,12 +274,13 @@ pub fn verify_published(dir: &Path, published: &PublishedHeads) -> Result<crate:
             published.source
         ));
     }
-    for (c, reason) in &published.conflicts {
+    for r in &published.conflicts {
+        let (c, reason) = (&r.head, &r.reason);
         let signed = c.public_key == published.public_key && c.verify();
-        let newer = published.head.filter(|h| h.seq >= c.seq);
-        let kind = match newer {
-            Some(h) if h.seq == c.seq => ProblemKind::ConflictingCheckpoints,
-            _ => ProblemKind::BehindHead,
+        let kind = if r.fork {
+            ProblemKind::ConflictingCheckpoints
+        } else {
+            ProblemKind::BehindHead
         };
         report.problems.push(Problem {
             kind,

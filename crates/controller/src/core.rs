@@ -1404,18 +1404,21 @@ impl Controller {
                 None => None,
                 Some(h) if head.seq > h.seq => None,
                 Some(h) if head.seq == h.seq && head.hash == h.hash => return Ok(info),
-                Some(h) if head.seq == h.seq => Some(format!(
-                    "a fork: seq {} was published before with hash {}, now with {}",
-                    h.seq,
-                    info.head.as_ref().map_or("", |d| d.hash.as_str()),
-                    doc.hash
+                Some(h) if head.seq == h.seq => Some((
+                    HeadConflictKind::Fork,
+                    format!(
+                        "a fork: seq {} was published before with hash {}, now with {}",
+                        h.seq,
+                        info.head.as_ref().map_or("", |d| d.hash.as_str()),
+                        doc.hash
+                    ),
                 )),
-                Some(h) => Some(format!(
-                    "a rollback: seq {} is behind the head held, seq {}",
-                    head.seq, h.seq
+                Some(h) => Some((
+                    HeadConflictKind::Rollback,
+                    format!("a rollback: seq {} is behind the head held, seq {}", head.seq, h.seq),
                 )),
             };
-            let Some(reason) = conflict else {
+            let Some((kind, reason)) = conflict else {
                 info.head = Some(HeadDocument::of(&head));
                 if self.put_audit_info(host, raw, &info)? {
                     return Ok(info);
@@ -1427,6 +1430,7 @@ impl Controller {
                 info.conflicts.push(HeadConflict {
                     head: HeadDocument::of(&head),
                     received_ns: now_ns(),
+                    kind,
                     reason: reason.clone(),
                 });
             }

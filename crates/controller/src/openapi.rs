@@ -290,6 +290,9 @@ fn schemas() -> Value {
     let mut key_hex = hex(32);
     key_hex["description"] =
         json!("an ed25519 public key, 64 hex digits (a value that is not a point of the curve: 422)");
+    // null is as if absent.
+    let mut optional_key = key_hex.clone();
+    optional_key["nullable"] = json!(true);
     let endpoint = obj(
         &[
             (
@@ -436,9 +439,10 @@ fn schemas() -> Value {
                 &[
                     ("head", r("HeadDocument")),
                     ("received_ns", n.clone()),
+                    ("kind", json!({ "type": "string", "enum": ["rollback", "fork"] })),
                     ("reason", s.clone()),
                 ],
-                &["head", "received_ns", "reason"],
+                &["head", "received_ns", "kind", "reason"],
             ),
         ),
         (
@@ -487,7 +491,7 @@ fn schemas() -> Value {
         "HostList": list("Host"),
         "Change": change,
         "ChangeList": list("Change"),
-        "RegisterRequest": closed(&[("agent_version", printable(MAX_AGENT_VERSION_CHARS)), ("audit_public_key", key_hex.clone())], &[]),
+        "RegisterRequest": closed(&[("agent_version", printable(MAX_AGENT_VERSION_CHARS)), ("audit_public_key", optional_key)], &[]),
         "ReportRequest": closed(&[("installed_revision", n.clone()), ("counters", json!({ "type": "object", "maxProperties": MAX_COUNTERS, "additionalProperties": n.clone(),
             "description": format!("counter name → value; each name 1 to {MAX_COUNTER_NAME_CHARS} printable characters (else 422)") }))], &["installed_revision"]),
         "TokenRequest": closed(&[("name", token_name), ("role", role.clone())], &["name", "role"]),

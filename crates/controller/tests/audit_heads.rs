@@ -144,6 +144,16 @@ fn keys_are_pinned_on_first_use_and_heads_only_move_forward() {
     assert_eq!(info.conflicts_seen, 2);
     assert_eq!(info.conflicts[0].head, HeadDocument::of(&hs[0]));
     assert_eq!(info.conflicts[1].head, HeadDocument::of(&fork[2]));
+    use palisade_api::HeadConflictKind::*;
+    assert_eq!((info.conflicts[0].kind, info.conflicts[1].kind), (Rollback, Fork));
+    // What `audit verify --server` does with it: the trail matches the head
+    // held, and fails for each refused head, as what it was.
+    let published = admin.published_heads(Some("hv1")).unwrap();
+    let report = palisade_audit::head::verify_published(&root.join("a"), &published).unwrap();
+    assert_eq!(report.head_seq, Some(3));
+    let kinds: Vec<_> = report.problems.iter().map(|p| (p.kind, p.seq)).collect();
+    use palisade_audit::ProblemKind as K;
+    assert_eq!(kinds, [(K::BehindHead, Some(1)), (K::ConflictingCheckpoints, Some(3))]);
     // Readable by any role.
     let reader = client(&env, &env.reader);
     assert_eq!(reader.audit_head(Some("hv1")).unwrap(), info);
