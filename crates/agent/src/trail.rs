@@ -47,6 +47,8 @@ pub struct TrailStats {
     /// Head publications that failed since the start (the head file's, and
     /// the controller's: refused or not delivered).
     pub publish_failures: u64,
+    /// The last head the controller accepted.
+    pub controller_seq: Option<u64>,
 }
 
 /// A batching writer over the audit store.
@@ -217,6 +219,7 @@ impl Trail {
             signed_seq: status.signed_seq,
             published_seq: status.published_seq,
             publish_failures: status.publish_failures + self.heads.as_ref().map_or(0, |q| q.failures()),
+            controller_seq: self.heads.as_ref().and_then(|q| q.accepted_seq()),
             ..self.stats
         }
     }

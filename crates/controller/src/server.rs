@@ -24,6 +24,11 @@
 //! At start, and while a change's record is missing from it, the trail is
 //! brought up to the store ([`Controller::sync_trail`]).
 //!
+//! Agents register their audit trail's public key and send its signed
+//! heads (`PUT /v1/agents/{host}/audit-head`); the controller keeps the
+//! newest and refuses (409, kept) a rollback or fork: see
+//! [`Controller::put_audit_head`].
+//!
 //! Requests are held to the OpenAPI document ([`crate::openapi_document`]):
 //! bodies are JSON objects without unknown fields, query parameters are
 //! those the endpoint takes, once each, and every refusal is a JSON

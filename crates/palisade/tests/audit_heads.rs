@@ -190,6 +190,7 @@ fn the_agent_registers_its_key_and_pushes_its_heads() {
     assert_eq!(info.public_key, palisade_api::validate::hex(&agent.trail.public_key()));
     assert!(info.conflicts.is_empty());
     assert_eq!(agent.queue.accepted_seq(), Some(seq));
+    assert_eq!(agent.trail.stats().controller_seq, Some(seq));
     let seq = agent.write(5);
     until("the next head", || held_seq(&admin) == Some(seq));
     assert_eq!(agent.trail.stats().publish_failures, 0);
