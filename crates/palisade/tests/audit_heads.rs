@@ -243,6 +243,7 @@ fn verify_against_the_controller_catches_a_restored_older_copy() {
     std::fs::remove_dir_all(&dir).unwrap();
     copy_dir(&old.join("trail"), &dir);
     let (code, out) = verify(&dir, &url, &ctl.admin, Some("hv1"));
+    eprintln!("restored older copy:\n{out}");
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("BehindHead"), "{out}");
     assert!(out.contains(&format!("records {}..={last}", first + 1)), "{out}");
@@ -264,6 +265,7 @@ fn verify_against_the_controller_catches_a_restored_older_copy() {
     drop(agent.stop());
     let (code, out) = verify(&dir, &url, &ctl.admin, Some("hv1"));
     assert_eq!(code, Some(1), "{out}");
+    eprintln!("rolled back with its head file:\n{out}");
     assert!(out.contains("refused a head of this trail"), "{out}");
     assert!(out.contains("rollback"), "{out}");
 }
