@@ -279,3 +279,72 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Heads of two histories signed with one key, sent in a scrambled order:
+/// the controller's answers and what it keeps are exactly those of a model
+/// (forward only; the same head again is a no-op; behind is a rollback,
+/// beside a fork, each kept up to the bound and all counted).
+#[test]
+fn heads_in_any_order_are_kept_or_refused_as_the_model_says() {
+    use palisade_api::HeadConflictKind;
+    use palisade_controller::core::CoreError;
+    let env = Env::start("heads-model");
+    let root = env.dir.0.join("trails");
+    let key = env.dir.0.join("agent.key");
+    let (a, pk) = heads(&root, "a", &key, 24, "a");
+    let (b, _) = heads(&root, "b", &key, 24, "b");
+    let all: Vec<SignedHead> = a.iter().chain(&b).copied().collect();
+    env.ctl
+        .register(
+            "hv9",
+            &palisade_api::RegisterRequest {
+                agent_version: "t".into(),
+                audit_public_key: Some(palisade_api::validate::hex(&pk)),
+            },
+        )
+        .unwrap();
+    // A small xorshift: the order is reproducible.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut held: Option<SignedHead> = None;
+    let mut kept: Vec<(SignedHead, HeadConflictKind)> = Vec::new();
+    let mut seen = 0u64;
+    for _ in 0..400 {
+        let h = all[(next() % all.len() as u64) as usize];
+        let got = env.ctl.put_audit_head("hv9", &HeadDocument::of(&h));
+        let expect = match held {
+            None => None,
+            Some(p) if h.seq > p.seq => None,
+            Some(p) if h.seq == p.seq && h.hash == p.hash => None,
+            Some(p) if h.seq == p.seq => Some(HeadConflictKind::Fork),
+            Some(_) => Some(HeadConflictKind::Rollback),
+        };
+        match (expect, got) {
+            (None, Ok(info)) => {
+                if held.is_none_or(|p| h.seq > p.seq) {
+                    held = Some(h);
+                }
+                assert_eq!(info.head, held.as_ref().map(HeadDocument::of));
+            }
+            (Some(kind), Err(CoreError::AuditConflict(_))) => {
+                seen += 1;
+                if kept.len() < palisade_api::validate::MAX_HEAD_CONFLICTS {
+                    kept.push((h, kind));
+                }
+            }
+            (e, g) => panic!("head seq {}: expected {e:?}, got {g:?}", h.seq),
+        }
+    }
+    let info = env.ctl.audit_head("hv9").unwrap();
+    assert_eq!(info.head, held.as_ref().map(HeadDocument::of));
+    assert_eq!(info.conflicts_seen, seen);
+    let got: Vec<_> = info.conflicts.iter().map(|c| (c.head.clone(), c.kind)).collect();
+    let want: Vec<_> = kept.iter().map(|(h, k)| (HeadDocument::of(h), *k)).collect();
+    assert_eq!(got, want);
+    assert!(seen > kept.len() as u64, "the bound was reached ({seen} seen)");
+}
