@@ -390,15 +390,27 @@ impl Agent {
         let clock = Clock {
             unix_at_zero: unix_now.as_nanos() as u64,
         };
+        // With a controller, the trail's heads also go to it (registering its key first).
+        let heads = (config.audit.is_some() && config.controller.is_some()).then(crate::upstream::HeadQueue::new);
         let audit = match &config.audit {
-            Some(dir) => Some(crate::trail::Trail::open(
+            Some(dir) => Some(crate::trail::Trail::open_with(
                 dir,
                 config.audit_retention(),
                 &config.audit_key_file(),
                 &config.audit_head_file(),
+                heads.clone(),
             )?),
             None => None,
         };
+        if let (Some(q), Some(cc), Some(t)) = (heads, &config.controller, &audit) {
+            crate::upstream::head_pusher(
+                crate::upstream::client(cc)?,
+                config.host.clone(),
+                t.public_key(),
+                q,
+                stop.clone(),
+            )?;
+        }
         let ipfix = match config.ipfix {
             Some(collector) => {
                 let e = palisade_audit::ipfix::IpfixExporter::connect(collector, 1)

@@ -381,6 +381,14 @@ pub fn render(s: &Snapshot<'_>) -> String {
             "Signed heads that could not be published outside the trail.",
             &one(a.publish_failures),
         );
+        if let Some(seq) = a.controller_seq {
+            metric(
+                "palisade_audit_head_controller_seq",
+                "gauge",
+                "The sequence number of the last signed head the controller accepted.",
+                &one(seq),
+            );
+        }
     }
     o
 }

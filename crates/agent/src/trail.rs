@@ -12,15 +12,19 @@
 //! checkpoint at least every [`palisade_audit::store::DEFAULT_CHECKPOINT_EVERY`]
 //! records, and [`Trail::tick`] (called every second) signs one once the
 //! oldest unsigned record is a second old: the window in which a tail cut
-//! would go unnoticed, reported in [`TrailStats`] and `/health`.
+//! would go unnoticed, reported in [`TrailStats`] and `/health`. With a
+//! controller, each head is also handed to a [`crate::upstream::HeadQueue`]
+//! (a one-slot queue the control side drains), never blocking the appends.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use palisade_audit::record::Record;
 use palisade_audit::store::{AuditConfig, AuditLog, AuditStatus};
 
 use crate::error::AgentError;
+use crate::upstream::HeadQueue;
 
 const MAX_BATCH: usize = 1000;
 const MAX_DELAY: Duration = Duration::from_millis(200);
@@ -40,14 +44,18 @@ pub struct TrailStats {
     pub signed_seq: u64,
     /// The last head published outside the trail.
     pub published_seq: Option<u64>,
-    /// Head publications that failed since the start.
+    /// Head publications that failed since the start (the head file's, and
+    /// the controller's: refused or not delivered).
     pub publish_failures: u64,
+    /// The last head the controller accepted.
+    pub controller_seq: Option<u64>,
 }
 
 /// A batching writer over the audit store.
 pub struct Trail {
     dir: PathBuf,
     log: AuditLog,
+    heads: Option<Arc<HeadQueue>>,
     pending: Vec<Record>,
     oldest: Option<Instant>,
     stats: TrailStats,
@@ -71,13 +79,26 @@ impl Trail {
         key_file: &Path,
         head_file: &Path,
     ) -> Result<Trail, AgentError> {
+        Trail::open_with(dir, retention, key_file, head_file, None)
+    }
+
+    /// Open as [`Trail::open`], also handing each signed head to `heads`
+    /// (the controller's queue), whose failures the stats count.
+    pub fn open_with(
+        dir: &Path,
+        retention: palisade_audit::Retention,
+        key_file: &Path,
+        head_file: &Path,
+        heads: Option<Arc<HeadQueue>>,
+    ) -> Result<Trail, AgentError> {
         let config = AuditConfig {
             retention,
             key_file: Some(key_file.to_path_buf()),
             head_file: Some(head_file.to_path_buf()),
             ..AuditConfig::default()
         };
-        let log = AuditLog::open(dir, config).map_err(|e| AgentError::Audit {
+        let publishers = heads.iter().map(|q| q.publisher()).collect();
+        let log = AuditLog::open_with(dir, config, publishers).map_err(|e| AgentError::Audit {
             dir: dir.to_path_buf(),
             message: e.to_string(),
         })?;
@@ -96,10 +117,19 @@ impl Trail {
         for n in &log.recovery().notes {
             eprintln!("palisade agent: audit trail: {n}");
         }
+        // The head published last goes to the controller too (it may have
+        // missed it: a restart, an agent newly given a controller).
+        if let Some(q) = &heads
+            && let Ok(Some(h)) = palisade_audit::SignedHead::read(head_file)
+            && h.public_key == log.public_key()
+        {
+            q.offer(h);
+        }
         let status = log.status();
         Ok(Trail {
             dir: dir.to_path_buf(),
             log,
+            heads,
             pending: Vec::new(),
             oldest: None,
             stats: TrailStats {
@@ -152,6 +182,11 @@ impl Trail {
         Ok(())
     }
 
+    /// The public key its checkpoints and heads verify with.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.log.public_key()
+    }
+
     /// The store's own status: signed, published, the unsigned window.
     pub fn status(&self) -> AuditStatus {
         self.log.status()
@@ -183,7 +218,8 @@ impl Trail {
             pending: self.pending.len() as u64,
             signed_seq: status.signed_seq,
             published_seq: status.published_seq,
-            publish_failures: status.publish_failures,
+            publish_failures: status.publish_failures + self.heads.as_ref().map_or(0, |q| q.failures()),
+            controller_seq: self.heads.as_ref().and_then(|q| q.accepted_seq()),
             ..self.stats
         }
     }

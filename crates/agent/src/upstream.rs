@@ -10,17 +10,24 @@
 //! enforcing it and reconciles when the controller returns (the next poll
 //! asks for anything newer than what it has). An agent that has never had a
 //! policy does not forward anything until one arrives.
+//!
+//! The audit trail's signed heads go the same way: the trail hands each to
+//! a [`HeadQueue`] (one slot, the newest wins, so the appending thread
+//! never waits on the network), and [`head_pusher`] registers the trail's
+//! public key with the controller and sends it the newest head, counting
+//! failures and trying again with the next head.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use palisade_api::bundle::BundleError;
 use palisade_api::client::{Client, ClientAuth};
 use palisade_api::{PolicyBundle, ReportRequest};
 use palisade_audit::record::FlowRecord;
+use palisade_audit::{AuditError, HeadPublisher, SignedHead};
 use palisade_policy::compile::Compiler;
 use palisade_policy::load::Loader;
 
@@ -283,4 +290,171 @@ pub fn flow_pusher(
         })
         .map_err(|e| AgentError::Controller(format!("starting the flow sender: {e}")))?;
     Ok(tx)
+}
+
+/// The newest signed head waiting to go to the controller: one slot, a
+/// newer head replaces one not sent yet (only the latest matters: it
+/// commits to everything before it).
+#[derive(Debug, Default)]
+pub struct HeadQueue {
+    slot: Mutex<Option<SignedHead>>,
+    ready: Condvar,
+    failures: AtomicU64,
+    /// The last seq the controller accepted, plus one (0: none yet).
+    accepted: AtomicU64,
+}
+
+impl HeadQueue {
+    /// An empty queue.
+    pub fn new() -> Arc<HeadQueue> {
+        Arc::default()
+    }
+
+    /// The publisher the trail hands its heads to.
+    pub fn publisher(self: &Arc<Self>) -> Box<dyn HeadPublisher> {
+        Box::new(QueuePublisher(self.clone()))
+    }
+
+    /// Put `head` in the slot unless a newer one is there.
+    pub fn offer(&self, head: SignedHead) {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none_or(|h| h.seq <= head.seq) {
+            *slot = Some(head);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Take the head waiting, waiting at most `wait` for one.
+    fn take(&self, wait: Duration) -> Option<SignedHead> {
+        let slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut slot, _) = self
+            .ready
+            .wait_timeout_while(slot, wait, |s| s.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        slot.take()
+    }
+
+    /// Put back a head that could not be sent, unless a newer one came meanwhile.
+    fn put_back(&self, head: SignedHead) {
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(head);
+        }
+    }
+
+    /// Heads the controller refused or that could not be delivered.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+
+    /// The last head's seq the controller accepted.
+    pub fn accepted_seq(&self) -> Option<u64> {
+        self.accepted.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    fn failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Hands heads to a [`HeadQueue`]: never blocks, never fails.
+struct QueuePublisher(Arc<HeadQueue>);
+
+impl HeadPublisher for QueuePublisher {
+    fn publish(&mut self, head: &SignedHead) -> Result<(), String> {
+        self.0.offer(*head);
+        Ok(())
+    }
+
+    fn last_published(&mut self) -> Result<Option<SignedHead>, AuditError> {
+        // Not read back at open (that would wait on the network): the
+        // controller refuses a head behind the one it holds, and keeps it.
+        Ok(None)
+    }
+
+    fn describe(&self) -> String {
+        "the controller (queued)".into()
+    }
+}
+
+/// Start the thread that registers the trail's `public_key` for `host` with
+/// the controller and sends it each head `queue` receives. A head not
+/// delivered is counted and tried again (unless a newer one replaced it);
+/// one the controller refuses (a rollback or fork it keeps as evidence, or
+/// another key than the one pinned) is counted and not sent again.
+pub fn head_pusher(
+    client: Client,
+    host: String,
+    public_key: [u8; 32],
+    queue: Arc<HeadQueue>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, AgentError> {
+    std::thread::Builder::new()
+        .name("palisade-head-push".into())
+        .spawn(move || push_heads(&client, &host, &public_key, &queue, &stop))
+        .map_err(|e| AgentError::Controller(format!("starting the head sender: {e}")))
+}
+
+fn push_heads(client: &Client, host: &str, public_key: &[u8; 32], queue: &HeadQueue, stop: &AtomicBool) {
+    use palisade_api::client::ClientError;
+    let pause = |d: Duration| {
+        let t = std::time::Instant::now();
+        while t.elapsed() < d && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut registered = false;
+    let mut said = false;
+    while !stop.load(Ordering::Relaxed) {
+        if !registered {
+            match client.register_audit_key(host, env!("CARGO_PKG_VERSION"), public_key) {
+                Ok(_) => {
+                    registered = true;
+                    said = false;
+                }
+                Err(e) => {
+                    // A head waiting is a head not published.
+                    if queue.slot.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+                        queue.failed();
+                    }
+                    if !said {
+                        eprintln!("palisade agent: audit key not registered with the controller ({e}); retrying");
+                        said = true;
+                    }
+                    pause(Duration::from_secs(1));
+                    continue;
+                }
+            }
+        }
+        let Some(head) = queue.take(Duration::from_millis(500)) else {
+            continue;
+        };
+        match client.put_audit_head(host, &head) {
+            Ok(_) => {
+                queue.accepted.fetch_max(head.seq + 1, Ordering::Relaxed);
+                said = false;
+            }
+            Err(ClientError::Api { status: 404, .. }) => {
+                // The controller lost the key (a new store): register again.
+                queue.put_back(head);
+                registered = false;
+            }
+            Err(e @ ClientError::Api { status: 409 | 422, .. }) => {
+                queue.failed();
+                eprintln!(
+                    "palisade agent: the controller refused audit head seq {}: {e}",
+                    head.seq
+                );
+            }
+            Err(e) => {
+                queue.failed();
+                if !said {
+                    eprintln!("palisade agent: audit head not sent to the controller ({e}); retrying");
+                    said = true;
+                }
+                queue.put_back(head);
+                pause(Duration::from_secs(1));
+            }
+        }
+    }
 }

@@ -304,8 +304,88 @@ impl Client {
     pub fn register(&self, host: &str, agent_version: &str) -> Result<AgentRecord, ClientError> {
         let req = RegisterRequest {
             agent_version: agent_version.to_string(),
+            audit_public_key: None,
         };
         self.call("POST", &format!("/v1/agents/{}/register", segment(host)), Some(&req))
+    }
+
+    /// Register agent `host` with its audit trail's public key: the
+    /// controller pins the first key a host gives and refuses another
+    /// ([`ClientError::Api`] 409) until an admin replaces it.
+    pub fn register_audit_key(
+        &self,
+        host: &str,
+        agent_version: &str,
+        public_key: &[u8; 32],
+    ) -> Result<AgentRecord, ClientError> {
+        let req = RegisterRequest {
+            agent_version: agent_version.to_string(),
+            audit_public_key: Some(crate::validate::hex(public_key)),
+        };
+        self.call("POST", &format!("/v1/agents/{}/register", segment(host)), Some(&req))
+    }
+
+    /// Publish agent `host`'s newest signed audit head. Refused (409) when
+    /// it is behind or beside the head the controller holds (a rollback or
+    /// a fork, which the controller keeps as evidence).
+    pub fn put_audit_head(&self, host: &str, head: &palisade_audit::SignedHead) -> Result<AuditHeadInfo, ClientError> {
+        self.call(
+            "PUT",
+            &format!("/v1/agents/{}/audit-head", segment(host)),
+            Some(&HeadDocument::of(head)),
+        )
+    }
+
+    /// The pinned key, newest head and refused heads of agent `host`'s
+    /// audit trail, or (`None`) of this controller's own.
+    pub fn audit_head(&self, host: Option<&str>) -> Result<AuditHeadInfo, ClientError> {
+        match host {
+            Some(h) => self.get(&format!("/v1/agents/{}/audit-head", segment(h))),
+            None => self.get("/v1/audit/head"),
+        }
+    }
+
+    /// Replace the pinned audit key of agent `host` (admin only; recorded
+    /// as a change). Its head and refused heads are dropped with it.
+    pub fn replace_audit_key(&self, host: &str, public_key: &[u8; 32]) -> Result<AuditHeadInfo, ClientError> {
+        let req = AuditKeyRequest {
+            public_key: crate::validate::hex(public_key),
+        };
+        self.call("PUT", &format!("/v1/agents/{}/audit-key", segment(host)), Some(&req))
+    }
+
+    /// [`Client::audit_head`] as what `palisade_audit::head::verify_published`
+    /// checks a trail against, each head's fields checked.
+    pub fn published_heads(&self, host: Option<&str>) -> Result<palisade_audit::head::PublishedHeads, ClientError> {
+        let info = self.audit_head(host)?;
+        let source = match host {
+            Some(h) => format!("{} (host {h})", self.current_url()),
+            None => format!("{} (its own trail)", self.current_url()),
+        };
+        let bad = |e: crate::validate::RequestError| ClientError::Decode {
+            url: self.current_url().to_string(),
+            message: e.to_string(),
+        };
+        let public_key = crate::validate::public_key("public_key", &info.public_key).map_err(bad)?;
+        let head = info.head.as_ref().map(HeadDocument::to_head).transpose().map_err(bad)?;
+        let conflicts = info
+            .conflicts
+            .iter()
+            .map(|c| {
+                Ok(palisade_audit::head::RefusedHead {
+                    head: c.head.to_head()?,
+                    fork: c.kind == HeadConflictKind::Fork,
+                    reason: c.reason.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        Ok(palisade_audit::head::PublishedHeads {
+            source,
+            public_key,
+            head,
+            conflicts,
+        })
     }
 
     /// Report what agent `host` runs.

@@ -250,6 +250,11 @@ pub struct RegisterRequest {
     /// The agent's software version.
     #[serde(default)]
     pub agent_version: String,
+    /// The public key of the agent's audit trail (64 hex digits). The
+    /// controller pins the first key a host registers (trust on first use)
+    /// and refuses another one (409) until an admin replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_public_key: Option<String>,
 }
 
 /// `POST /v1/agents/{host}/report`.
@@ -400,6 +405,104 @@ pub struct CompileCounts {
     pub whole: u64,
 }
 
+/// A signed head of an audit trail: its latest signed checkpoint and the
+/// key that signed it, binary fields in hex. The same document as the head
+/// file a trail's writer keeps (`palisade audit verify --expect-head`), and
+/// the body of `PUT /v1/agents/{host}/audit-head`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadDocument {
+    /// The last record it covers.
+    pub seq: u64,
+    /// That record's chain hash (64 hex digits).
+    pub hash: String,
+    /// When it was signed (Unix time, nanoseconds).
+    pub time_ns: u64,
+    /// The checkpoint's ed25519 signature (128 hex digits).
+    pub signature: String,
+    /// The trail's public key (64 hex digits).
+    pub public_key: String,
+}
+
+impl HeadDocument {
+    /// The document of `head`.
+    pub fn of(head: &palisade_audit::SignedHead) -> HeadDocument {
+        HeadDocument {
+            seq: head.seq,
+            hash: crate::validate::hex(&head.hash),
+            time_ns: head.time_ns,
+            signature: crate::validate::hex(&head.signature),
+            public_key: crate::validate::hex(&head.public_key),
+        }
+    }
+}
+
+/// A head a controller refused for a host: kept as evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadConflict {
+    /// The head refused.
+    pub head: HeadDocument,
+    /// When it came (Unix time, nanoseconds).
+    pub received_ns: u64,
+    /// A rollback or a fork.
+    pub kind: HeadConflictKind,
+    /// Why: a lower seq than the head held (a rollback), or the same seq
+    /// with another hash (a fork).
+    pub reason: String,
+}
+
+/// Why a head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadConflictKind {
+    /// Its seq is behind the head held: the trail was rolled back.
+    Rollback,
+    /// Its seq is the head held's, its hash another: two histories were signed.
+    Fork,
+}
+
+/// A public key a controller refused for a host (another than the one pinned).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedKey {
+    /// The key offered (64 hex digits).
+    pub public_key: String,
+    /// When (Unix time, nanoseconds).
+    pub time_ns: u64,
+}
+
+/// What a controller holds for one audit trail: `GET
+/// /v1/agents/{host}/audit-head` (an agent's) and `GET /v1/audit/head`
+/// (its own). Also the stored form of an agent's, under
+/// `audit-heads/<host>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHeadInfo {
+    /// The pinned public key (64 hex digits).
+    pub public_key: String,
+    /// When it was pinned (Unix time, nanoseconds).
+    #[serde(default)]
+    pub pinned_ns: u64,
+    /// The newest head accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadDocument>,
+    /// Heads refused as a rollback or a fork, the first
+    /// [`crate::validate::MAX_HEAD_CONFLICTS`] kept.
+    #[serde(default)]
+    pub conflicts: Vec<HeadConflict>,
+    /// Conflicts seen in all, the ones not kept included.
+    #[serde(default)]
+    pub conflicts_seen: u64,
+    /// Other keys offered for the host, the first
+    /// [`crate::validate::MAX_HEAD_CONFLICTS`] kept.
+    #[serde(default)]
+    pub refused_keys: Vec<RefusedKey>,
+}
+
+/// `PUT /v1/agents/{host}/audit-key` (admin): replace the host's pinned key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditKeyRequest {
+    /// The new public key (64 hex digits).
+    pub public_key: String,
+}
+
 /// What a trail reports about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrailStatus {
@@ -417,4 +520,16 @@ pub struct TrailStatus {
     /// The last such failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The last record covered by a signed checkpoint.
+    #[serde(default)]
+    pub signed_seq: u64,
+    /// The last head published (to the head file and the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_seq: Option<u64>,
+    /// Records after the last checkpoint (the unsigned window now).
+    #[serde(default)]
+    pub unsigned_records: u64,
+    /// Head publications that failed since the start.
+    #[serde(default)]
+    pub publish_failures: u64,
 }

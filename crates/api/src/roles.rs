@@ -30,6 +30,8 @@ pub enum Permission {
     Agent,
     /// Create tokens.
     ManageTokens,
+    /// Replace a host's pinned audit key.
+    ReplaceKeys,
 }
 
 impl Role {
@@ -39,7 +41,7 @@ impl Role {
             Permission::Read => true,
             Permission::Change => matches!(self, Role::Admin | Role::Operator),
             Permission::Audit => matches!(self, Role::Admin | Role::Auditor),
-            Permission::Agent | Permission::ManageTokens => self == Role::Admin,
+            Permission::Agent | Permission::ManageTokens | Permission::ReplaceKeys => self == Role::Admin,
         }
     }
 

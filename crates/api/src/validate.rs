@@ -363,9 +363,103 @@ impl crate::documents::TokenRequest {
 }
 
 impl crate::documents::RegisterRequest {
-    /// Check the agent version string: printable, at most [`MAX_AGENT_VERSION_CHARS`].
+    /// Check the agent version string (printable, at most
+    /// [`MAX_AGENT_VERSION_CHARS`]) and the audit public key, if given
+    /// ([`public_key`]).
     pub fn check(&self) -> Result<(), RequestError> {
-        check_text("agent_version", &self.agent_version, 0, MAX_AGENT_VERSION_CHARS)
+        check_text("agent_version", &self.agent_version, 0, MAX_AGENT_VERSION_CHARS)?;
+        if let Some(k) = &self.audit_public_key {
+            public_key("audit_public_key", k)?;
+        }
+        Ok(())
+    }
+}
+
+/// The most refused heads (and refused keys) a controller keeps per host;
+/// later ones are counted ([`crate::documents::AuditHeadInfo::conflicts_seen`]).
+pub const MAX_HEAD_CONFLICTS: usize = 16;
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The pattern of `N` bytes of hex, for the document.
+pub fn hex_pattern(n: usize) -> String {
+    format!("^[0-9a-fA-F]{{{}}}(?![\\s\\S])", 2 * n)
+}
+
+/// Field `what` as exactly `N` bytes of hex: a character that is not a
+/// hex digit (400), more than `2N` digits (413), fewer (400).
+pub fn check_hex<const N: usize>(what: &str, value: &str) -> Result<[u8; N], RequestError> {
+    if let Some(c) = value.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(RequestError::malformed(format!(
+            "{what} must be hex digits; it holds {}",
+            Quoted(&c.to_string())
+        )));
+    }
+    if value.len() > 2 * N {
+        return Err(RequestError::too_large(format!(
+            "{what} has {} hex digits; it must have {}",
+            value.len(),
+            2 * N
+        )));
+    }
+    if value.len() < 2 * N {
+        return Err(RequestError::malformed(format!(
+            "{what} has {} hex digits; it must have {}",
+            value.len(),
+            2 * N
+        )));
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        // ASCII hex digits, length 2N: each slice is in bounds and parses.
+        *o = u8::from_str_radix(&value[2 * i..2 * i + 2], 16)
+            .map_err(|e| RequestError::malformed(format!("{what}: {e}")))?;
+    }
+    Ok(out)
+}
+
+/// An ed25519 public key as 64 hex digits ([`check_hex`]); one that is not
+/// a point of the curve is refused with 422.
+pub fn public_key(what: &str, value: &str) -> Result<[u8; 32], RequestError> {
+    let k = check_hex::<32>(what, value)?;
+    let probe = palisade_audit::SignedHead {
+        seq: 0,
+        hash: [0; 32],
+        time_ns: 0,
+        signature: [0; 64],
+        public_key: k,
+    };
+    if probe.verifying_key().is_none() {
+        return Err(RequestError::unprocessable(format!(
+            "{what} {} is not an ed25519 public key",
+            Quoted(value)
+        )));
+    }
+    Ok(k)
+}
+
+impl crate::documents::HeadDocument {
+    /// The head it describes, each field checked ([`check_hex`],
+    /// [`public_key`]); whether its signature verifies is the caller's
+    /// question.
+    pub fn to_head(&self) -> Result<palisade_audit::SignedHead, RequestError> {
+        Ok(palisade_audit::SignedHead {
+            seq: self.seq,
+            hash: check_hex::<32>("hash", &self.hash)?,
+            time_ns: self.time_ns,
+            signature: check_hex::<64>("signature", &self.signature)?,
+            public_key: public_key("public_key", &self.public_key)?,
+        })
+    }
+}
+
+impl crate::documents::AuditKeyRequest {
+    /// Check the key ([`public_key`]).
+    pub fn check(&self) -> Result<[u8; 32], RequestError> {
+        public_key("public_key", &self.public_key)
     }
 }
 
@@ -541,5 +635,32 @@ mod tests {
         assert_eq!(kind(tag(&[], &[""]).check()), Malformed);
         assert_eq!(kind(tag(&[("a", "1")], &["a"]).check()), Unprocessable);
         assert!(tag(&[("a", "")], &["b"]).check().is_ok());
+    }
+
+    #[test]
+    fn hex_fields_are_refused_as_documented() {
+        use RequestErrorKind::*;
+        let kind = |r: Result<[u8; 32], RequestError>| r.map(|_| ()).unwrap_err().kind;
+        let key = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+        assert!(check_hex::<32>("k", key).is_ok());
+        assert_eq!(
+            check_hex::<32>("k", &key.to_uppercase()).unwrap(),
+            check_hex::<32>("k", key).unwrap()
+        );
+        assert_eq!(kind(check_hex::<32>("k", &format!("{key}00"))), TooLarge);
+        assert_eq!(kind(check_hex::<32>("k", &key[..62])), Malformed);
+        assert_eq!(kind(check_hex::<32>("k", &format!(" {}", &key[1..]))), Malformed);
+        assert_eq!(kind(check_hex::<32>("k", &key.replace('3', "g"))), Malformed);
+        // A multi-byte character is not a hex digit (and is no slicing hazard).
+        assert_eq!(kind(check_hex::<32>("k", &format!("é{}", &key[2..]))), Malformed);
+        assert!(public_key("k", key).is_ok());
+        // Some 32-byte strings are no point of the curve: 422, not 400.
+        let not_a_point = (0u8..=255)
+            .map(|b| hex(&[b; 32]))
+            .find(|h| public_key("k", h).is_err())
+            .expect("a value that does not decompress");
+        assert_eq!(kind(public_key("k", &not_a_point)), Unprocessable);
+        // The document's pattern says the same as the check.
+        assert_eq!(hex_pattern(32), "^[0-9a-fA-F]{64}(?![\\s\\S])");
     }
 }

@@ -222,6 +222,84 @@ impl HeadPublisher for FileHeadPublisher {
     }
 }
 
+/// What a place that collects heads (a controller) holds for one trail:
+/// the public key it pinned for it, the newest head it accepted, and the
+/// heads it refused as a rollback (a lower seq than one it had) or a fork
+/// (the same seq, another hash), kept as evidence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishedHeads {
+    /// Where they come from, for messages (`http://ctl:8443 host hv1`).
+    pub source: String,
+    /// The pinned public key.
+    pub public_key: [u8; 32],
+    /// The newest head accepted, if any.
+    pub head: Option<SignedHead>,
+    /// Heads refused as a rollback or fork.
+    pub conflicts: Vec<RefusedHead>,
+}
+
+/// A head the publisher refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedHead {
+    /// The head.
+    pub head: SignedHead,
+    /// A fork (the same seq as a head held, another hash), else a rollback
+    /// (behind the head held).
+    pub fork: bool,
+    /// The reason the publisher gave.
+    pub reason: String,
+}
+
+/// Verify the trail in `dir` against heads published elsewhere: with the
+/// pinned key (any signature by another key is `BadSignature`), against the
+/// newest head (`BehindHead` names the records missing, `HeadMismatch` a
+/// rewrite), and failing for each conflict the publisher kept: a refused
+/// head with a lower seq than one published before is `BehindHead` (the
+/// trail was rolled back at some point), one with the same seq and another
+/// hash `ConflictingCheckpoints` (two histories were signed).
+pub fn verify_published(dir: &Path, published: &PublishedHeads) -> Result<crate::verify::VerifyReport, AuditError> {
+    use crate::verify::{Problem, ProblemKind, VerifyOptions};
+    let key = VerifyingKey::from_bytes(&published.public_key).map_err(|_| AuditError::Key {
+        path: published.source.clone().into(),
+        reason: "the published public key is not a valid ed25519 key".into(),
+    })?;
+    let opts = VerifyOptions {
+        key: Some((key, format!("the key pinned at {}", published.source))),
+        expect_head: published.head.map(|h| (h, published.source.clone())),
+    };
+    let mut report = crate::verify::verify_with(dir, &opts)?;
+    if published.head.is_none() {
+        report.notes.push(format!(
+            "{} holds no head for this trail yet: only the key is pinned",
+            published.source
+        ));
+    }
+    for r in &published.conflicts {
+        let (c, reason) = (&r.head, &r.reason);
+        let signed = c.public_key == published.public_key && c.verify();
+        let kind = if r.fork {
+            ProblemKind::ConflictingCheckpoints
+        } else {
+            ProblemKind::BehindHead
+        };
+        report.problems.push(Problem {
+            kind,
+            file: published.source.clone().into(),
+            offset: None,
+            seq: Some(c.seq),
+            detail: format!(
+                "{} refused a head of this trail (seq {}, hash {}{}): {}; the trail was rolled back or forked after publishing",
+                published.source,
+                c.seq,
+                to_hex(&c.hash),
+                if signed { "" } else { ", not signed by the pinned key" },
+                reason
+            ),
+        });
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

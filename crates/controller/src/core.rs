@@ -19,6 +19,11 @@
 //!   creates the token, so two tokens can never share a name
 //! - `trail/<trail id>/last` → the key of the last change record committed
 //!   by the controller that keeps that audit trail (see below)
+//! - `trail/<trail id>/head` → that trail's last signed head
+//!   ([`HeadDocument`]), published by the trail itself
+//! - `audit-heads/<host>` → [`AuditHeadInfo`]: the audit key an agent
+//!   pinned at registration (trust on first use), its newest signed head,
+//!   and the heads refused as a rollback or a fork (evidence, bounded)
 //!
 //! With a [`Trail`], no change takes effect unless its record reaches the
 //! trail. A change's record is checked against the trail's record limit
@@ -63,6 +68,7 @@ const CHANGES: &str = "changes/";
 const TOKENS: &str = "tokens/";
 const TOKEN_NAMES: &str = "token-names/";
 const TRAILS: &str = "trail/";
+const AUDIT_HEADS: &str = "audit-heads/";
 /// How often a change is retried after losing the compare-and-swap race.
 const CAS_RETRIES: usize = 16;
 /// The store-wide lock a change holds from reading the current policy to
@@ -116,6 +122,10 @@ pub enum CoreError {
     /// The name is taken (409).
     #[error("{0}")]
     NameTaken(String),
+    /// An audit key or head disagrees with what is held for the host (409):
+    /// another key than the pinned one, a rollback or a fork. Recorded.
+    #[error("{0}")]
+    AuditConflict(String),
     /// This controller cannot serve the request (it keeps no audit log).
     #[error("{0}")]
     Unavailable(String),
@@ -155,6 +165,15 @@ fn change_key(t: u64) -> String {
 
 fn trail_last_key(trail: &Trail) -> String {
     format!("{TRAILS}{}/last", trail.id())
+}
+
+/// Where the trail with id `trail_id` publishes its signed heads.
+pub fn trail_head_key(trail_id: &str) -> String {
+    format!("{TRAILS}{trail_id}/head")
+}
+
+fn audit_head_key(host: &str) -> String {
+    format!("{AUDIT_HEADS}{host}")
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -1239,10 +1258,16 @@ impl Controller {
         }
     }
 
-    /// Record an agent's registration.
+    /// Record an agent's registration. An audit public key is pinned the
+    /// first time a host gives one (trust on first use); another key later
+    /// is refused ([`CoreError::AuditConflict`]) and kept in the host's
+    /// refused keys, and nothing else of the registration is stored.
     pub fn register(&self, host: &str, req: &RegisterRequest) -> Result<AgentRecord, CoreError> {
         check_host(host)?;
         req.check()?;
+        if let Some(k) = &req.audit_public_key {
+            self.pin_audit_key(host, k)?;
+        }
         let key = format!("{AGENTS}{host}");
         let t = now_ns();
         let mut rec: AgentRecord = store::get_json(&*self.store, &key)?.unwrap_or_else(|| AgentRecord {
@@ -1269,6 +1294,228 @@ impl Controller {
         rec.counters = req.counters.clone();
         self.store.put(&key, &json(&rec))?;
         Ok(rec)
+    }
+
+    // ---- audit heads ----
+
+    /// The audit key, head and refused heads held for agent `host`.
+    pub fn audit_head(&self, host: &str) -> Result<AuditHeadInfo, CoreError> {
+        check_host(host)?;
+        store::get_json(&*self.store, &audit_head_key(host))?
+            .ok_or_else(|| CoreError::NotFound(format!("agent {} has no pinned audit key", Quoted(host))))
+    }
+
+    /// Write `next` for `host` if the stored bytes are still `raw`.
+    fn put_audit_info(&self, host: &str, raw: Option<Vec<u8>>, next: &AuditHeadInfo) -> Result<bool, CoreError> {
+        let key = audit_head_key(host);
+        Ok(self.store.txn(
+            &[Compare {
+                key: key.clone(),
+                value: raw,
+            }],
+            &[(key, json(next))],
+        )?)
+    }
+
+    /// Pin `key_hex` for `host` unless a key is pinned; refuse another.
+    fn pin_audit_key(&self, host: &str, key_hex: &str) -> Result<(), CoreError> {
+        for _ in 0..CAS_RETRIES {
+            let key = audit_head_key(host);
+            let raw = self.store.get(&key)?;
+            let mut info = match &raw {
+                Some(b) => store::decode::<AuditHeadInfo>(&key, b)?,
+                None => {
+                    let info = AuditHeadInfo {
+                        public_key: key_hex.to_ascii_lowercase(),
+                        pinned_ns: now_ns(),
+                        ..AuditHeadInfo::default()
+                    };
+                    if self.put_audit_info(host, raw, &info)? {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            if info.public_key.eq_ignore_ascii_case(key_hex) {
+                return Ok(());
+            }
+            let offered = key_hex.to_ascii_lowercase();
+            if info.refused_keys.len() < MAX_HEAD_CONFLICTS
+                && !info.refused_keys.iter().any(|r| r.public_key == offered)
+            {
+                info.refused_keys.push(RefusedKey {
+                    public_key: offered.clone(),
+                    time_ns: now_ns(),
+                });
+            }
+            if !self.put_audit_info(host, raw, &info)? {
+                continue;
+            }
+            eprintln!(
+                "palisade controller: agent {} offered audit key {offered}, not its pinned {}: refused",
+                Quoted(host),
+                info.public_key
+            );
+            return Err(CoreError::AuditConflict(format!(
+                "agent {} has the audit key {} pinned, not {offered}: refused (an admin replaces a host's key with PUT /v1/agents/{{host}}/audit-key)",
+                Quoted(host),
+                info.public_key
+            )));
+        }
+        Err(CoreError::Conflict)
+    }
+
+    /// Accept agent `host`'s newest signed head: signed by its pinned key
+    /// (422 otherwise), and ahead of the head held. A head with a lower seq
+    /// (a rollback) or the same seq and another hash (a fork) is refused
+    /// with [`CoreError::AuditConflict`] and kept as evidence (the first
+    /// [`MAX_HEAD_CONFLICTS`]; all are counted). The same head again is
+    /// accepted and changes nothing.
+    pub fn put_audit_head(&self, host: &str, doc: &HeadDocument) -> Result<AuditHeadInfo, CoreError> {
+        check_host(host)?;
+        let head = doc.to_head()?;
+        for _ in 0..CAS_RETRIES {
+            let key = audit_head_key(host);
+            let raw = self.store.get(&key)?;
+            let Some(bytes) = &raw else {
+                return Err(CoreError::NotFound(format!(
+                    "agent {} has no pinned audit key: register with audit_public_key first",
+                    Quoted(host)
+                )));
+            };
+            let mut info: AuditHeadInfo = store::decode(&key, bytes)?;
+            if !info.public_key.eq_ignore_ascii_case(&doc.public_key) {
+                return Err(CoreError::AuditConflict(format!(
+                    "the head is signed by {}, not by agent {}'s pinned audit key {}: refused",
+                    Quoted(&doc.public_key),
+                    Quoted(host),
+                    info.public_key
+                )));
+            }
+            if !head.verify() {
+                return Err(CoreError::Unprocessable(format!(
+                    "the head's signature (seq {}) does not verify with agent {}'s pinned audit key",
+                    head.seq,
+                    Quoted(host)
+                )));
+            }
+            let held = info.head.as_ref().map(HeadDocument::to_head).transpose()?;
+            let conflict = match held {
+                None => None,
+                Some(h) if head.seq > h.seq => None,
+                Some(h) if head.seq == h.seq && head.hash == h.hash => return Ok(info),
+                Some(h) if head.seq == h.seq => Some((
+                    HeadConflictKind::Fork,
+                    format!(
+                        "a fork: seq {} was published before with hash {}, now with {}",
+                        h.seq,
+                        info.head.as_ref().map_or("", |d| d.hash.as_str()),
+                        doc.hash
+                    ),
+                )),
+                Some(h) => Some((
+                    HeadConflictKind::Rollback,
+                    format!("a rollback: seq {} is behind the head held, seq {}", head.seq, h.seq),
+                )),
+            };
+            let Some((kind, reason)) = conflict else {
+                info.head = Some(HeadDocument::of(&head));
+                if self.put_audit_info(host, raw, &info)? {
+                    return Ok(info);
+                }
+                continue;
+            };
+            info.conflicts_seen = info.conflicts_seen.saturating_add(1);
+            if info.conflicts.len() < MAX_HEAD_CONFLICTS {
+                info.conflicts.push(HeadConflict {
+                    head: HeadDocument::of(&head),
+                    received_ns: now_ns(),
+                    kind,
+                    reason: reason.clone(),
+                });
+            }
+            if !self.put_audit_info(host, raw, &info)? {
+                continue;
+            }
+            eprintln!(
+                "palisade controller: agent {}: audit head refused: {reason}",
+                Quoted(host)
+            );
+            return Err(CoreError::AuditConflict(format!(
+                "agent {}: audit head refused and kept as evidence: {reason}",
+                Quoted(host)
+            )));
+        }
+        Err(CoreError::Conflict)
+    }
+
+    /// Replace agent `host`'s pinned audit key on behalf of `actor` (an
+    /// admin: a reinstalled host, a new trail). The head and refused heads
+    /// held for the old key go with it; the change record names them.
+    pub fn replace_audit_key(
+        &self,
+        actor: &str,
+        host: &str,
+        req: &AuditKeyRequest,
+    ) -> Result<AuditHeadInfo, CoreError> {
+        check_host(host)?;
+        req.check()?;
+        for _ in 0..CAS_RETRIES {
+            let key = audit_head_key(host);
+            let raw = self.store.get(&key)?;
+            let old: Option<AuditHeadInfo> = raw.as_deref().map(|b| store::decode(&key, b)).transpose()?;
+            let next = AuditHeadInfo {
+                public_key: req.public_key.to_ascii_lowercase(),
+                pinned_ns: now_ns(),
+                ..AuditHeadInfo::default()
+            };
+            let diff = match &old {
+                None => format!("pinned {} (no key before)", next.public_key),
+                Some(o) => {
+                    let mut d = format!("{} -> {}", o.public_key, next.public_key);
+                    if let Some(h) = &o.head {
+                        d.push_str(&format!("; dropped head seq {} hash {}", h.seq, h.hash));
+                    }
+                    for c in &o.conflicts {
+                        d.push_str(&format!(
+                            "; dropped refused head seq {} hash {} ({})",
+                            c.head.seq, c.head.hash, c.reason
+                        ));
+                    }
+                    if o.conflicts_seen > o.conflicts.len() as u64 {
+                        d.push_str(&format!("; {} refused heads in all", o.conflicts_seen));
+                    }
+                    d
+                }
+            };
+            let change = ChangeRecord {
+                time_ns: next.pinned_ns,
+                actor: actor.to_string(),
+                action: "agent.audit-key".into(),
+                resource: format!("agent/{host}"),
+                diff,
+                policy_version: None,
+            };
+            let compares = [Compare {
+                key: key.clone(),
+                value: raw,
+            }];
+            if self.commit_change(&compares, vec![(key, json(&next))], &change)? {
+                return Ok(next);
+            }
+        }
+        Err(CoreError::Conflict)
+    }
+
+    /// This controller's own trail: its key and last published head.
+    pub fn own_audit_head(&self) -> Result<AuditHeadInfo, CoreError> {
+        let trail = self.need_trail()?;
+        let head: Option<HeadDocument> = store::get_json(&*self.store, &trail_head_key(trail.id()))?;
+        Ok(AuditHeadInfo {
+            public_key: palisade_api::validate::hex(&trail.public_key()),
+            head,
+            ..AuditHeadInfo::default()
+        })
     }
 
     // ---- the trail ----

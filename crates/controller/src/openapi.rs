@@ -179,6 +179,38 @@ const ENDPOINTS: &[Endpoint] = &[
         None,
         "TokenList",
     ),
+    (
+        "put",
+        "/v1/agents/{host}/audit-head",
+        "Publish the host's newest signed audit head: signed by the host's pinned key (else 409 for another key, 422 for a bad signature), ahead of the head held; a lower seq (rollback) or the same seq with another hash (fork) is refused with 409 and kept as evidence; the same head again changes nothing",
+        "client certificate with CN = host (plain HTTP: admin token)",
+        Some("HeadDocument"),
+        "AuditHeadInfo",
+    ),
+    (
+        "get",
+        "/v1/agents/{host}/audit-head",
+        "The host's pinned audit key, newest signed head and refused heads (what `palisade audit verify --server` checks a trail against)",
+        "any role",
+        None,
+        "AuditHeadInfo",
+    ),
+    (
+        "put",
+        "/v1/agents/{host}/audit-key",
+        "Replace the host's pinned audit key (a reinstalled host, a new trail); its head and refused heads are dropped, and named in the change record",
+        "admin",
+        Some("AuditKeyRequest"),
+        "AuditHeadInfo",
+    ),
+    (
+        "get",
+        "/v1/audit/head",
+        "This controller's own audit trail: its public key and last published head",
+        "any role",
+        None,
+        "AuditHeadInfo",
+    ),
     ("get", "/openapi.json", "This document", "anyone", None, "Object"),
 ];
 
@@ -259,6 +291,14 @@ fn schemas() -> Value {
     let token_name = json!({ "type": "string", "minLength": 1, "maxLength": MAX_TOKEN_NAME_CHARS,
         "pattern": TOKEN_NAME_PATTERN });
     let role = json!({ "type": "string", "enum": ["admin", "operator", "auditor", "read-only"] });
+    // Exactly `n` bytes of hex: another character 400, more digits 413, fewer 400.
+    let hex = |n: usize| json!({ "type": "string", "minLength": 2 * n, "maxLength": 2 * n, "pattern": hex_pattern(n) });
+    let mut key_hex = hex(32);
+    key_hex["description"] =
+        json!("an ed25519 public key, 64 hex digits (a value that is not a point of the curve: 422)");
+    // null is as if absent.
+    let mut optional_key = key_hex.clone();
+    optional_key["nullable"] = json!(true);
     let endpoint = obj(
         &[
             (
@@ -385,7 +425,59 @@ fn schemas() -> Value {
          removed, and a VM with more than {MAX_OVERLAY_TAGS_PER_VM} tag keys set or removed \
          through the API"
     ));
-    json!({
+    let audit = [
+        (
+            "HeadDocument",
+            closed(
+                &[
+                    ("seq", n.clone()),
+                    ("hash", hex(32)),
+                    ("time_ns", n.clone()),
+                    ("signature", hex(64)),
+                    ("public_key", key_hex.clone()),
+                ],
+                &["seq", "hash", "time_ns", "signature", "public_key"],
+            ),
+        ),
+        (
+            "HeadConflict",
+            obj(
+                &[
+                    ("head", r("HeadDocument")),
+                    ("received_ns", n.clone()),
+                    ("kind", json!({ "type": "string", "enum": ["rollback", "fork"] })),
+                    ("reason", s.clone()),
+                ],
+                &["head", "received_ns", "kind", "reason"],
+            ),
+        ),
+        (
+            "RefusedKey",
+            obj(
+                &[("public_key", s.clone()), ("time_ns", n.clone())],
+                &["public_key", "time_ns"],
+            ),
+        ),
+        (
+            "AuditHeadInfo",
+            obj(
+                &[
+                    ("public_key", s.clone()),
+                    ("pinned_ns", n.clone()),
+                    ("head", r("HeadDocument")),
+                    ("conflicts", list("HeadConflict")),
+                    ("conflicts_seen", n.clone()),
+                    ("refused_keys", list("RefusedKey")),
+                ],
+                &["public_key", "pinned_ns", "conflicts", "conflicts_seen", "refused_keys"],
+            ),
+        ),
+        (
+            "AuditKeyRequest",
+            closed(&[("public_key", key_hex.clone())], &["public_key"]),
+        ),
+    ];
+    let mut all = json!({
         "ApplyRequest": closed(&[("files", request_files), ("message", printable(MAX_MESSAGE_CHARS))], &["files"]),
         "ApplyResponse": obj(&[("version", n.clone()), ("revision", n.clone()), ("dry_run", boolean.clone()), ("warnings", s.clone())], &["version", "revision", "dry_run"]),
         "PolicyBundle": obj(&[("revision", n.clone()), ("version", n.clone()), ("files", files.clone()), ("tags", overlay), ("same_files", boolean.clone()), ("delta", r("FilesDelta"))], &["revision", "version", "files", "tags"]),
@@ -405,7 +497,7 @@ fn schemas() -> Value {
         "HostList": list("Host"),
         "Change": change,
         "ChangeList": list("Change"),
-        "RegisterRequest": closed(&[("agent_version", printable(MAX_AGENT_VERSION_CHARS))], &[]),
+        "RegisterRequest": closed(&[("agent_version", printable(MAX_AGENT_VERSION_CHARS)), ("audit_public_key", optional_key)], &[]),
         "ReportRequest": closed(&[("installed_revision", n.clone()), ("counters", json!({ "type": "object", "maxProperties": MAX_COUNTERS, "additionalProperties": n.clone(),
             "description": format!("counter name → value; each name 1 to {MAX_COUNTER_NAME_CHARS} printable characters (else 422)") }))], &["installed_revision"]),
         "TokenRequest": closed(&[("name", token_name), ("role", role.clone())], &["name", "role"]),
@@ -422,11 +514,16 @@ fn schemas() -> Value {
         "FlowPushResponse": obj(&[("appended", n.clone()), ("last_seq", n.clone())], &["appended", "last_seq"]),
         "SeqRecord": obj(&[("seq", n.clone()), ("record", json!({ "oneOf": [flow_entry, change_record], "description": "a flow record (kind: flow) or a change record (kind: change)" }))], &["seq", "record"]),
         "FlowList": obj(&[("records", list("SeqRecord"))], &["records"]),
-        "TrailStatus": obj(&[("dir", s.clone()), ("last_seq", n.clone()), ("append_failures", n.clone()), ("unaudited", n.clone()), ("last_error", s.clone())], &["dir", "last_seq", "append_failures"]),
+        "TrailStatus": obj(&[("dir", s.clone()), ("last_seq", n.clone()), ("append_failures", n.clone()), ("unaudited", n.clone()), ("last_error", s.clone()),
+            ("signed_seq", n.clone()), ("published_seq", n.clone()), ("unsigned_records", n.clone()), ("publish_failures", n.clone())], &["dir", "last_seq", "append_failures"]),
         "CompileCounts": obj(&[("kept", n.clone()), ("caught_up", n.clone()), ("whole", n.clone())], &["kept", "caught_up", "whole"]),
         "ControllerStatus": obj(&[("audit", r("TrailStatus")), ("compiles", r("CompileCounts"))], &["compiles"]),
         "Object": json!({ "type": "object" }),
-    })
+    });
+    for (name, schema) in audit {
+        all[name] = schema;
+    }
+    all
 }
 
 /// The OpenAPI document.
@@ -506,11 +603,15 @@ pub fn document() -> Value {
             "400": err("malformed request: the body, a parameter or a path segment breaks this document's schema"),
             "401": unauthorized,
             "403": err("the role or certificate does not allow this"),
-            "404": err("no such version, VM, token or endpoint"),
+            "404": err("no such version, VM, token, endpoint, or audit key for the host"),
             "405": err("the path does not take this method (`Allow` lists those it takes)"),
             "413": err(&format!("over a size or count limit (the body: {} bytes)", BODY_LIMIT)),
         });
-        if matches!(*path, "/v1/flows" | "/v1/agents/{host}/flows" | "/v1/status") || req.is_some() || *method != "get"
+        if matches!(
+            *path,
+            "/v1/flows" | "/v1/agents/{host}/flows" | "/v1/status" | "/v1/audit/head" | "/v1/agents/{host}/audit-head"
+        ) || req.is_some()
+            || *method != "get"
         {
             responses["503"] = err("the store or the audit log failed, or this controller keeps no audit log");
         }
@@ -521,6 +622,11 @@ pub fn document() -> Value {
         }
         if *path == "/v1/tokens" && *method == "post" {
             responses["409"] = err("a token of that name exists (names are unique, revoked tokens' too)");
+        }
+        if *path == "/v1/agents/{host}/register" || (*path == "/v1/agents/{host}/audit-head" && *method == "put") {
+            responses["409"] = err(
+                "another audit key than the host's pinned one (recorded), or a head behind or beside the one held: a rollback or fork (kept as evidence)",
+            );
         }
         if path.contains("{host}/policy") {
             responses["304"] = json!({ "description": "no newer revision within `wait`" });

@@ -24,6 +24,11 @@
 //! At start, and while a change's record is missing from it, the trail is
 //! brought up to the store ([`Controller::sync_trail`]).
 //!
+//! Agents register their audit trail's public key and send its signed
+//! heads (`PUT /v1/agents/{host}/audit-head`); the controller keeps the
+//! newest and refuses (409, kept) a rollback or fork: see
+//! [`Controller::put_audit_head`].
+//!
 //! Requests are held to the OpenAPI document ([`crate::openapi_document`]):
 //! bodies are JSON objects without unknown fields, query parameters are
 //! those the endpoint takes, once each, and every refusal is a JSON
@@ -180,7 +185,7 @@ impl From<CoreError> for ApiError {
                 challenge: None,
             },
             CoreError::Unprocessable(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m),
-            CoreError::NameTaken(m) => ApiError::new(StatusCode::CONFLICT, m),
+            CoreError::NameTaken(m) | CoreError::AuditConflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             CoreError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
             CoreError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m),
             CoreError::Conflict => ApiError::new(StatusCode::CONFLICT, e.to_string()),
@@ -777,6 +782,40 @@ async fn push_flows(
     ok(blocking(move || ctl.push_flows(&host, batch)).await?)
 }
 
+async fn put_audit_head(
+    State(s): State<AppState>,
+    Seg(host): Seg,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    let doc: HeadDocument = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.put_audit_head(&host, &doc)).await?)
+}
+
+async fn get_audit_head(State(s): State<AppState>, Seg(host): Seg, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    check_host(&host)?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.audit_head(&host)).await?)
+}
+
+async fn replace_audit_key(State(s): State<AppState>, Seg(host): Seg, headers: HeaderMap, body: Body) -> ApiResult {
+    let tok = authorize(&s, &headers, Permission::ReplaceKeys).await?;
+    check_host(&host)?;
+    let req: AuditKeyRequest = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.replace_audit_key(&tok.name, &host, &req)).await?)
+}
+
+async fn own_audit_head(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.own_audit_head()).await?)
+}
+
 /// Decode `%XX` escapes (the client escapes everything but unreserved characters).
 fn percent_decode(name: &str, v: &str) -> Result<String, ApiError> {
     let bad = || ApiError::bad_request(format!("query parameter {}: bad percent-encoding", Quoted(name)));
@@ -873,6 +912,9 @@ fn router(state: AppState) -> Router {
         .route("/v1/agents/{host}/policy", get(agent_policy))
         .route("/v1/agents/{host}/report", post(report))
         .route("/v1/agents/{host}/flows", post(push_flows))
+        .route("/v1/agents/{host}/audit-head", put(put_audit_head).get(get_audit_head))
+        .route("/v1/agents/{host}/audit-key", put(replace_audit_key))
+        .route("/v1/audit/head", get(own_audit_head))
         .route("/v1/flows", get(flows))
         .route("/v1/status", get(status))
         .route("/v1/tokens", post(create_token).get(list_tokens))

@@ -15,6 +15,15 @@
 //! restarted controller (on etcd, one of several) finds what its own trail
 //! may lack.
 //!
+//! Each signed head goes to the head file outside the trail
+//! ([`AuditConfig::head_file`]) and, opened with [`Trail::open_publishing`],
+//! to the store under `trail/<id>/head` (so on etcd it is replicated, and
+//! `GET /v1/audit/head` serves it). The store publisher is called with the
+//! log's lock held; it only writes one store key, and nothing holds a store
+//! transaction while waiting for the log, so the order is always log, then
+//! store. At open the log refuses a trail that does not contain the head
+//! the store holds (a rolled-back directory).
+//!
 //! One process owns a trail directory: [`Trail::open`] takes an exclusive
 //! lock on `<dir>/controller.lock`, since two writers appending to one hash
 //! chain would break it. With etcd, each controller keeps its own trail of
@@ -24,11 +33,13 @@ use std::fs::File;
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use palisade_api::documents::TrailStatus;
 use palisade_audit::record::{ChangeRecord, Record};
-use palisade_audit::{AuditConfig, AuditError, AuditLog, Query};
+use palisade_audit::{AuditConfig, AuditError, AuditLog, HeadPublisher, Query, SignedHead};
+
+use crate::store::Store;
 
 /// Opening a trail failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +61,72 @@ pub enum TrailError {
     Audit(#[from] AuditError),
 }
 
+/// Publishes a trail's signed heads to the controller's store, under
+/// `trail/<id>/head`.
+struct StoreHeadPublisher {
+    store: Arc<dyn Store>,
+    key: String,
+}
+
+impl HeadPublisher for StoreHeadPublisher {
+    fn publish(&mut self, head: &SignedHead) -> Result<(), String> {
+        let doc = serde_json::to_vec(&palisade_api::HeadDocument::of(head)).map_err(|e| e.to_string())?;
+        self.store.put(&self.key, &doc).map_err(|e| e.to_string())
+    }
+
+    fn last_published(&mut self) -> Result<Option<SignedHead>, AuditError> {
+        let bad = |m: String| AuditError::format(std::path::Path::new(&self.key), m);
+        let Some(bytes) = self.store.get(&self.key).map_err(|e| bad(e.to_string()))? else {
+            return Ok(None);
+        };
+        let doc: palisade_api::HeadDocument =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a signed head: {e}")))?;
+        doc.to_head()
+            .map(Some)
+            .map_err(|e| bad(format!("not a signed head: {e}")))
+    }
+
+    fn describe(&self) -> String {
+        format!("the controller store's {}", self.key)
+    }
+}
+
+/// The store a trail publishes its heads to, if any.
+#[derive(Clone, Default)]
+struct HeadStore(Option<Arc<dyn Store>>);
+
+impl std::fmt::Debug for HeadStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "HeadStore(store)"
+        } else {
+            "HeadStore(none)"
+        })
+    }
+}
+
+impl HeadStore {
+    fn publishers(&self, id: &str) -> Vec<Box<dyn HeadPublisher>> {
+        match &self.0 {
+            Some(store) => vec![Box::new(StoreHeadPublisher {
+                store: store.clone(),
+                key: crate::core::trail_head_key(id),
+            })],
+            None => Vec::new(),
+        }
+    }
+}
+
 /// A controller's audit log.
 #[derive(Debug)]
 pub struct Trail {
     id: String,
     /// How the log is opened (again, after a failed write).
     config: AuditConfig,
+    /// Where its heads go besides the head file.
+    heads: HeadStore,
+    /// The public key its checkpoints verify with.
+    public_key: [u8; 32],
     log: Mutex<AuditLog>,
     failures: AtomicU64,
     last_error: Mutex<Option<String>>,
@@ -73,6 +144,17 @@ impl Trail {
     /// Open as [`Trail::open`] with `config` (the key file and the head file,
     /// both outside `dir`).
     pub fn open_with(dir: &Path, config: AuditConfig) -> Result<Trail, TrailError> {
+        Trail::open_inner(dir, config, HeadStore(None))
+    }
+
+    /// Open as [`Trail::open_with`], also publishing each signed head to
+    /// `store` (under `trail/<id>/head`); refused when the trail does not
+    /// contain the head the store holds.
+    pub fn open_publishing(dir: &Path, config: AuditConfig, store: Arc<dyn Store>) -> Result<Trail, TrailError> {
+        Trail::open_inner(dir, config, HeadStore(Some(store)))
+    }
+
+    fn open_inner(dir: &Path, config: AuditConfig, heads: HeadStore) -> Result<Trail, TrailError> {
         std::fs::create_dir_all(dir).map_err(|source| TrailError::Io {
             path: dir.into(),
             source,
@@ -99,15 +181,22 @@ impl Trail {
             });
         }
         let id = trail_id(dir)?;
-        let log = open_log(dir, &config)?;
+        let log = open_log(dir, &config, heads.publishers(&id))?;
         Ok(Trail {
+            public_key: log.public_key(),
             id,
             config,
+            heads,
             log: Mutex::new(log),
             failures: AtomicU64::new(0),
             last_error: Mutex::new(None),
             _lock: lock,
         })
+    }
+
+    /// The public key its checkpoints (and heads) verify with.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public_key
     }
 
     /// This trail's identity (see the module's documentation).
@@ -194,7 +283,7 @@ impl Trail {
             self.failed(change, &e);
             return Err(e);
         }
-        match open_log(&dir, &self.config) {
+        match open_log(&dir, &self.config, self.heads.publishers(&self.id)) {
             Ok(fresh) => *log = fresh,
             Err(e) => {
                 self.failed(change, &e);
@@ -228,19 +317,24 @@ impl Trail {
     /// Where the trail stands.
     pub fn status(&self) -> TrailStatus {
         let log = self.log();
+        let a = log.status();
         TrailStatus {
             dir: log.dir().to_path_buf(),
             last_seq: log.last_seq(),
             append_failures: self.failures.load(Ordering::Relaxed),
             unaudited: 0,
             last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            signed_seq: a.signed_seq,
+            published_seq: a.published_seq,
+            unsigned_records: a.unsigned_records,
+            publish_failures: a.publish_failures,
         }
     }
 }
 
 /// Open the audit log in `dir`, reporting a torn tail that recovery set aside.
-fn open_log(dir: &Path, config: &AuditConfig) -> Result<AuditLog, AuditError> {
-    let log = AuditLog::open(dir, config.clone())?;
+fn open_log(dir: &Path, config: &AuditConfig, publishers: Vec<Box<dyn HeadPublisher>>) -> Result<AuditLog, AuditError> {
+    let log = AuditLog::open_with(dir, config.clone(), publishers)?;
     for t in &log.recovery().torn {
         eprintln!(
             "palisade controller: audit log: set aside {} torn bytes of {} (after seq {})",

@@ -26,6 +26,7 @@ enum Need {
     Audit,
     Tokens,
     Agent,
+    Keys,
     Nothing,
 }
 
@@ -37,7 +38,36 @@ struct Endpoint {
     body: Option<String>,
 }
 
-fn endpoints() -> Vec<Endpoint> {
+/// A signed head of a small trail (its key in `dir`) and the key, as hex:
+/// the valid bodies of the audit-head and audit-key endpoints.
+fn agent_head(dir: &std::path::Path) -> (String, String) {
+    use palisade_audit::record::{ChangeRecord, Record};
+    let config = palisade_audit::AuditConfig {
+        key_file: Some(dir.join("agent.key")),
+        head_file: Some(dir.join("agent.head")),
+        ..palisade_audit::AuditConfig::default()
+    };
+    let mut log = palisade_audit::AuditLog::open(&dir.join("agent-trail"), config).unwrap();
+    log.append(&[Record::Change(ChangeRecord {
+        time_ns: 1,
+        actor: "t".into(),
+        action: "t".into(),
+        resource: "t".into(),
+        diff: String::new(),
+        policy_version: None,
+    })])
+    .unwrap();
+    log.checkpoint(2).unwrap();
+    let head = palisade_audit::SignedHead::read(&dir.join("agent.head"))
+        .unwrap()
+        .unwrap();
+    (
+        serde_json::to_string(&palisade_api::HeadDocument::of(&head)).unwrap(),
+        palisade_api::validate::hex(&log.public_key()),
+    )
+}
+
+fn endpoints(head: &str, key: &str) -> Vec<Endpoint> {
     let apply = serde_json::json!({ "files": files(POLICY_V2), "message": "hostile" }).to_string();
     let e = |method, path, need, body: Option<&str>| Endpoint {
         method,
@@ -92,6 +122,26 @@ fn endpoints() -> Vec<Endpoint> {
             Some(r#"{"installed_revision":1,"counters":{"drops":3}}"#),
         ),
         e("POST", "/v1/agents/hv1/flows", Need::Agent, Some(r#"{"records":[]}"#)),
+        Endpoint {
+            method: "POST",
+            path: "/v1/agents/hv2/register",
+            need: Need::Agent,
+            body: Some(format!(r#"{{"agent_version":"t","audit_public_key":"{key}"}}"#)),
+        },
+        Endpoint {
+            method: "PUT",
+            path: "/v1/agents/hv2/audit-head",
+            need: Need::Agent,
+            body: Some(head.to_string()),
+        },
+        e("GET", "/v1/agents/hv2/audit-head", Need::Read, None),
+        Endpoint {
+            method: "PUT",
+            path: "/v1/agents/hv2/audit-key",
+            need: Need::Keys,
+            body: Some(format!(r#"{{"public_key":"{key}"}}"#)),
+        },
+        e("GET", "/v1/audit/head", Need::Read, None),
         e("GET", "/v1/flows?changes=true", Need::Read, None),
         e("GET", "/v1/status", Need::Read, None),
         e(
@@ -114,6 +164,7 @@ fn allows(role: Role, need: Need) -> bool {
         Need::Audit => role.allows(P::Audit),
         Need::Tokens => role.allows(P::ManageTokens),
         Need::Agent => role.allows(P::Agent),
+        Need::Keys => role.allows(P::ReplaceKeys),
         Need::Nothing => true,
     }
 }
@@ -148,7 +199,21 @@ fn bodies() -> Vec<(&'static str, Vec<u8>)> {
         ("duplicate field", br#"{"name":"a","name":"b","role":"admin"}"#.to_vec()),
         (
             "wrong types",
-            br#"{"files":1,"set":1,"name":1,"role":7,"records":1,"installed_revision":"x","agent_version":1}"#.to_vec(),
+            br#"{"files":1,"set":1,"name":1,"role":7,"records":1,"installed_revision":"x","agent_version":1,"seq":"x","hash":1,"public_key":[],"audit_public_key":{}}"#.to_vec(),
+        ),
+        (
+            "a head of bad hex",
+            serde_json::json!({ "seq": 1, "hash": "zz".repeat(32), "time_ns": 1, "signature": "0".repeat(127),
+                "public_key": "0".repeat(65), "audit_public_key": "g".repeat(64) })
+            .to_string()
+            .into_bytes(),
+        ),
+        (
+            "a forged head",
+            serde_json::json!({ "seq": u64::MAX, "hash": "00".repeat(32), "time_ns": 1, "signature": "00".repeat(64),
+                "public_key": "00".repeat(32) })
+            .to_string()
+            .into_bytes(),
         ),
         (
             "control characters",
@@ -166,7 +231,7 @@ fn bodies() -> Vec<(&'static str, Vec<u8>)> {
         (
             "long strings",
             serde_json::json!({ "set": { "k": long }, "name": long, "role": "admin", "agent_version": long,
-                "files": { "a.yaml": long }, "message": long })
+                "files": { "a.yaml": long }, "message": long, "public_key": long, "audit_public_key": long })
             .to_string()
             .into_bytes(),
         ),
@@ -400,7 +465,8 @@ fn every_endpoint_every_role_every_hostile_body() {
     let bodies = bodies();
     let huge = vec![b' '; 33 << 20];
     let mut t = Tally::default();
-    for ep in endpoints() {
+    let (head, key) = agent_head(&env.dir.0);
+    for ep in endpoints(&head, &key) {
         for caller in &callers {
             // The endpoint's own valid request first (or none), then every hostile body.
             check(

@@ -3,7 +3,9 @@
 //! `audit verify` checks a log offline and exits 1 with every problem (file,
 //! byte offset, sequence number) when anything is wrong; given the last head
 //! published outside the trail (`--expect-head FILE`) it also fails when the
-//! trail ends before it or differs from it. `flows` queries a log and says
+//! trail ends before it or differs from it; `--server URL [--host H]` takes
+//! the key and head a controller holds for the trail (and fails on the heads
+//! it refused as a rollback or fork). `flows` queries a log and says
 //! (on stderr, exit 1) when what the answer relies on fails its check; the
 //! hidden `audit append-test` appends synthetic records and prints each
 //! acknowledged sequence number, for crash tests that kill it mid-write.
@@ -12,7 +14,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use palisade_audit::record::{Endpoint, FlowRecord, Phase, Record, Verdict};
 use palisade_audit::{AuditConfig, AuditLog, LogReader, Query, RecordKind, SignedHead, VerifyOptions};
 
@@ -37,8 +39,20 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub key: Option<PathBuf>,
     /// The last head published outside the trail (the file its writer's head_file names): fail if the trail ends before it or differs from it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "server")]
     pub expect_head: Option<PathBuf>,
+    /// Check against the key and head a controller holds for the trail (pinned both): fail if the trail ends before the head, differs from it, or the controller refused a head of it (a rollback or fork). With --token, --ca [env: PALISADE_TOKEN, PALISADE_CA].
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// With --server: the agent host whose trail this is (default: the controller's own trail).
+    #[arg(long, requires = "server")]
+    pub host: Option<String>,
+    /// With --server: API token [env: PALISADE_TOKEN].
+    #[arg(long, requires = "server")]
+    pub token: Option<String>,
+    /// With --server: CA certificate to trust for HTTPS [env: PALISADE_CA].
+    #[arg(long, requires = "server")]
+    pub ca: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -134,6 +148,29 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         )),
         None => None,
     };
+    if let Some(server) = &a.server {
+        let conn = super::ctl::Conn {
+            server: Some(server.clone()),
+            token: a.token.clone(),
+            ca: a.ca.clone(),
+        };
+        let published = conn
+            .client()?
+            .published_heads(a.host.as_deref())
+            .with_context(|| format!("fetching the audit key and head from {server}"))?;
+        if let Some((k, src)) = &key
+            && k.to_bytes() != published.public_key
+        {
+            bail!(
+                "the key {src} is not the one {} pinned for this trail ({})",
+                published.source,
+                palisade_api::validate::hex(&published.public_key)
+            );
+        }
+        let report = palisade_audit::head::verify_published(&a.dir, &published)
+            .with_context(|| format!("verifying the audit log in {}", a.dir.display()))?;
+        return print_report(&a, &report, true);
+    }
     let expect_head = match &a.expect_head {
         Some(p) => {
             let head = SignedHead::read(p)?.with_context(|| format!("{}: no head there", p.display()))?;
@@ -143,6 +180,11 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     };
     let report = palisade_audit::verify_with(&a.dir, &VerifyOptions { key, expect_head })
         .with_context(|| format!("verifying the audit log in {}", a.dir.display()))?;
+    print_report(&a, &report, a.expect_head.is_some())
+}
+
+/// Print a verification report; exit 1 unless intact.
+fn print_report(a: &VerifyArgs, report: &palisade_audit::VerifyReport, had_head: bool) -> anyhow::Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if report.is_ok() {
@@ -174,9 +216,9 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         for n in &report.notes {
             println!("note: {n}");
         }
-        if a.expect_head.is_none() {
+        if !had_head {
             println!(
-                "note: without --expect-head, a tail cut to a signed checkpoint, a deleted last segment or an older copy of the trail is not detectable"
+                "note: without --expect-head or --server, a tail cut to a signed checkpoint, a deleted last segment or an older copy of the trail is not detectable"
             );
         }
     }

@@ -114,26 +114,27 @@ fn audit_dir(args: &ControllerArgs) -> PathBuf {
     args.audit.clone().unwrap_or_else(|| args.data.join("audit"))
 }
 
-/// Open the audit trail with its key and head outside it.
-fn open_trail(args: &ControllerArgs) -> Result<Trail, TrailError> {
+/// Open the audit trail with its key and head outside it, publishing its
+/// heads to the head file and to `store`.
+fn open_trail(args: &ControllerArgs, store: &Arc<dyn Store>) -> Result<Trail, TrailError> {
     let config = palisade_audit::AuditConfig {
         key_file: Some(args.audit_key.clone().unwrap_or_else(|| args.data.join("audit.key"))),
         head_file: Some(args.audit_head.clone().unwrap_or_else(|| args.data.join("audit.head"))),
         ..palisade_audit::AuditConfig::default()
     };
-    Trail::open_with(&audit_dir(args), config)
+    Trail::open_publishing(&audit_dir(args), config, store.clone())
 }
 
 /// Run the controller.
 pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&args)?;
-    let ctl = Controller::new(store);
+    let ctl = Controller::new(store.clone());
     let audit = audit_dir(&args);
     if let Some(ControllerCmd::Token(TokenCmd::Create { name, role })) = &args.command {
         // No change without its record in the audit log: while a running
         // controller owns the log, it has to make the token (a change made
         // here would be in the store only).
-        let ctl = match open_trail(&args) {
+        let ctl = match open_trail(&args, &store) {
             Ok(t) => ctl.with_trail(Arc::new(t)),
             Err(e @ TrailError::Locked(_)) => {
                 return Err(e).with_context(|| {
@@ -163,7 +164,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             bail!("give --tls-dir DIR (see `palisade ca`) or, for development on loopback, --insecure-http")
         }
     };
-    let trail = open_trail(&args).with_context(|| format!("opening the audit log {}", audit.display()))?;
+    let trail = open_trail(&args, &store).with_context(|| format!("opening the audit log {}", audit.display()))?;
     let ctl = ctl.with_trail(Arc::new(trail));
     if !ctl.has_tokens().context("reading tokens")? {
         std::fs::create_dir_all(&args.data).with_context(|| format!("creating {}", args.data.display()))?;
