@@ -31,14 +31,15 @@ use std::sync::Arc;
 
 use palisade_policy::eval::{Direction, Flow};
 use palisade_policy::model::{Action, Level};
-use palisade_wire::ethernet::{self, EtherType, EthernetAddress};
+use palisade_wire::ethernet::{self, EtherType};
 use palisade_wire::flow::{self, FlowInfo, FlowKey, Fragment, Segment};
 use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
+use palisade_wire::ipv4;
 use palisade_wire::tcp::{self, TcpFlags};
-use palisade_wire::{icmpv4, icmpv6, ipv6, udp, vlan, vxlan};
+use palisade_wire::{udp, vlan, vxlan};
 
 use crate::conntrack::{self, Conn, ConnState, Conntrack, FullPolicy, TcpSeg, Timeouts, Tracked};
+use crate::decision::{Disposition, Encap, L2, Output, Processed, ReplySpec, Results, Underlay};
 use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::flow_table::{CachedVerdict, FlowEntry, FlowHash, FlowTable};
 use crate::lookup::{ChainLookup, ChainVerdict};
@@ -78,54 +79,6 @@ impl EngineConfig {
     }
 }
 
-/// What to do with a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    /// Send it to [`Engine::outputs`].
-    Forward,
-    /// Drop it.
-    Drop(DropReason),
-}
-
-/// VXLAN-GBP encapsulation towards another host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Encap {
-    /// The remote tunnel endpoint.
-    pub remote: Ipv4Addr,
-    /// The VNI.
-    pub vni: u32,
-    /// The source's group id.
-    pub group_id: u16,
-    /// Whether policy was applied here (the receiver must not evaluate again).
-    pub policy_applied: bool,
-}
-
-/// One copy of a frame to send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Output {
-    /// The port.
-    pub port: PortId,
-    /// Encapsulation (uplink outputs to another host).
-    pub encap: Option<Encap>,
-}
-
-/// Errors rendering an output frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum RenderError {
-    /// The buffer cannot hold the frame.
-    #[error("output buffer too small: need {0} bytes")]
-    BufferTooSmall(usize),
-    /// No such output for the last frame.
-    #[error("no output {0} for the last frame")]
-    NoSuchOutput(usize),
-    /// The frame is too large to encapsulate in one IPv4 packet.
-    #[error("frame of {0} bytes too large to encapsulate")]
-    TooLarge(usize),
-    /// The frame passed is shorter than the one last processed.
-    #[error("frame does not match the last processed frame")]
-    FrameMismatch,
-}
-
 /// Frames looked up ahead of processing in [`Engine::process_batch`]: enough
 /// to cover a memory access with the work of the frames before it, few
 /// enough that the prefetched lines are still in L1 when they are used.
@@ -143,36 +96,54 @@ struct Hint {
     hash: FlowHash,
 }
 
-/// Where the (inner) Ethernet frame of the last packet lies.
+/// How a frame arrived: when, on which port, and for the underlay socket from which tunnel endpoint.
 #[derive(Debug, Clone, Copy)]
-struct L2 {
-    /// Offset of the destination MAC.
-    eth: usize,
-    /// Offset of the payload after any tags.
-    payload: usize,
-    ethertype: EtherType,
-    src: EthernetAddress,
-    dst: EthernetAddress,
-    segment: Segment,
-    /// The outer UDP source port of an encapsulated copy (RFC 7348: from
-    /// the ephemeral range, the same for both directions of a flow: entropy
-    /// for the underlay's ECMP). Set by `l2_outputs` only when the frame is
-    /// encapsulated, so that local traffic does not pay for the hash.
-    entropy: u16,
+struct Arrival {
+    now: u64,
+    port: PortId,
+    overlay: Option<Ipv4Addr>,
 }
 
-impl Default for L2 {
-    fn default() -> Self {
-        L2 {
-            eth: 0,
-            payload: 0,
-            ethertype: EtherType(0),
-            src: EthernetAddress([0; 6]),
-            dst: EthernetAddress([0; 6]),
-            segment: Segment::UNTAGGED,
-            entropy: 0,
-        }
+/// One packet on its way through the pipeline: what its stages share.
+#[derive(Debug, Clone, Copy)]
+struct Packet {
+    /// When it arrived (the caller's clock).
+    now: u64,
+    /// The port it arrived on.
+    in_port: PortId,
+    /// Its length as received.
+    len: usize,
+    /// Where its (inner) Ethernet frame lies, and its segment (set once parsed).
+    l2: L2,
+    /// The vNIC that sent it (`None` from the uplink).
+    src_vnic: Option<PortId>,
+    /// It came from another host with the VXLAN-GBP policy-applied bit.
+    trusted: bool,
+    /// It is the second leg of a routed flow (it comes back from a router
+    /// appliance with a managed VM's source address): it was counted on its
+    /// first leg.
+    second_leg: bool,
+}
+
+/// What a rejected packet's reply is built from ([`crate::render::render_reply`]):
+/// `None` when the frame is not IP with addresses of one family.
+fn reply_spec(frame: &[u8], l2: &L2) -> Option<ReplySpec> {
+    let inner = frame.get(l2.eth..)?;
+    let info = flow::extract(inner).ok().flatten()?;
+    if info.key.src_addr().is_ipv4() != info.key.dst_addr().is_ipv4() {
+        return None;
     }
+    let tcp = if info.key.protocol == IpProtocol::TCP {
+        tcp_seg(inner, &info)
+    } else {
+        None
+    };
+    Some(ReplySpec {
+        key: info.key,
+        l3_offset: usize::from(info.l3_offset),
+        l4_offset: usize::from(info.l4_offset),
+        tcp,
+    })
 }
 
 /// The segment every connection is keyed in. Addresses are unique across the
@@ -222,12 +193,6 @@ pub struct Engine {
     /// rule while it names this one; bounded by [`RULES_BY_ADDRESS`].
     rules_by_address: HashMap<(usize, Level), (Arc<str>, u32), foldhash::fast::RandomState>,
     rules: Vec<RuleInfo>,
-    outputs: Vec<Output>,
-    l2: L2,
-    /// The current packet is the second leg of a routed flow (it comes back
-    /// from a router appliance with a managed VM's source address): it was
-    /// counted on its first leg.
-    second_leg: bool,
     /// The addresses of the local vNICs.
     local_ips: HashMap<IpAddr, PortId, foldhash::fast::RandomState>,
 }
@@ -266,9 +231,6 @@ impl Engine {
             rule_index: HashMap::default(),
             rules_by_address: HashMap::default(),
             rules: Vec::new(),
-            outputs: Vec::with_capacity(64),
-            l2: L2::default(),
-            second_leg: false,
             local_ips: HashMap::default(),
         }
     }
@@ -364,11 +326,6 @@ impl Engine {
         &self.flows
     }
 
-    /// The outputs of the last forwarded frame.
-    pub fn outputs(&self) -> &[Output] {
-        &self.outputs
-    }
-
     /// Swap in a new policy. Cached flows are re-validated on their next
     /// packet; nothing else changes now.
     pub fn update_policy(&mut self, lookup: Box<dyn ChainLookup + Send>) {
@@ -383,15 +340,36 @@ impl Engine {
         self.conns.expire(now, budget, sink, &mut self.counters)
     }
 
-    /// Process one frame received on `port` at `now` (nanoseconds, caller's clock).
-    pub fn process(&mut self, now: u64, port: PortId, frame: &[u8], sink: &mut dyn EventSink) -> Disposition {
-        self.process_from(now, port, None, frame, None, sink)
+    /// Process one frame received on `port` at `now` (nanoseconds, caller's
+    /// clock). `results` is cleared and then holds this frame's decision,
+    /// which is returned paired with the frame (see [`crate::render`]).
+    pub fn process<'a>(
+        &mut self,
+        now: u64,
+        port: PortId,
+        frame: &'a [u8],
+        sink: &mut dyn EventSink,
+        results: &'a mut Results,
+    ) -> Processed<'a> {
+        results.begin(Underlay::of(&self.config.uplink));
+        self.process_frame(
+            Arrival {
+                now,
+                port,
+                overlay: None,
+            },
+            frame,
+            None,
+            sink,
+            results,
+        );
+        results.last(frame)
     }
 
-    /// Process a batch of frames received on `port` at `now`, calling `done`
-    /// after each with its index in `frames` and its disposition (the
-    /// engine's [`Engine::outputs`] then hold that frame's outputs, for
-    /// [`Engine::render`]).
+    /// Process a batch of frames received on `port` at `now`. `results` is
+    /// cleared and then holds one decision per frame, in order
+    /// ([`Results::iter`] pairs them with `frames`); the caller keeps it
+    /// across batches, so its memory is reused.
     ///
     /// The result is exactly that of calling [`Engine::process`] on each
     /// frame in turn; the difference is speed. With many flows the flow cache
@@ -408,8 +386,9 @@ impl Engine {
         port: PortId,
         frames: &[F],
         sink: &mut dyn EventSink,
-        mut done: impl FnMut(&Engine, usize, Disposition),
+        results: &mut Results,
     ) {
+        results.begin(Underlay::of(&self.config.uplink));
         // A small flow cache sits in the CPU caches and looking ahead only
         // costs a second probe per frame (measured: 74 vs 82 ns at 1k
         // flows), so it starts where memory latency does: at a table whose
@@ -418,15 +397,19 @@ impl Engine {
         // a table of 100k: 1.49-1.67 M with look-ahead from 8,192 flows
         // held, 1.61-1.88 M from that capacity).
         let lookahead = port != UPLINK && self.vnic(port).is_some() && self.flows.capacity() >= LOOKAHEAD_MIN_CAPACITY;
-        for (c, group) in frames.chunks(LOOKAHEAD).enumerate() {
+        for group in frames.chunks(LOOKAHEAD) {
             let mut hints = [None; LOOKAHEAD];
             if lookahead {
                 self.look_ahead(group, &mut hints);
                 self.prefetch_conns(&hints);
             }
-            for (i, (f, h)) in group.iter().zip(hints).enumerate() {
-                let d = self.process_from(now, port, None, f.as_ref(), h, sink);
-                done(self, c * LOOKAHEAD + i, d);
+            for (f, h) in group.iter().zip(hints) {
+                let at = Arrival {
+                    now,
+                    port,
+                    overlay: None,
+                };
+                self.process_frame(at, f.as_ref(), h, sink, results);
             }
         }
     }
@@ -467,33 +450,52 @@ impl Engine {
     /// tunnel endpoint `remote`: `payload` is the UDP payload (the VXLAN
     /// header, then the inner Ethernet frame). It is the uplink's traffic
     /// without the outer headers the kernel already removed; outputs towards
-    /// other hosts are rendered for the same socket by [`Engine::render_overlay`].
-    pub fn process_overlay(
+    /// other hosts are rendered for the same socket by
+    /// [`crate::render::render_overlay`]. `results` as for [`Engine::process`].
+    pub fn process_overlay<'a>(
         &mut self,
         now: u64,
         remote: Ipv4Addr,
-        payload: &[u8],
+        payload: &'a [u8],
         sink: &mut dyn EventSink,
-    ) -> Disposition {
-        self.process_from(now, UPLINK, Some(remote), payload, None, sink)
+        results: &'a mut Results,
+    ) -> Processed<'a> {
+        results.begin(Underlay::of(&self.config.uplink));
+        let at = Arrival {
+            now,
+            port: UPLINK,
+            overlay: Some(remote),
+        };
+        self.process_frame(at, payload, None, sink, results);
+        results.last(payload)
     }
 
-    fn process_from(
+    /// Run one frame through the pipeline and record its decision in `results`.
+    fn process_frame(
         &mut self,
-        now: u64,
-        port: PortId,
-        overlay: Option<Ipv4Addr>,
+        at: Arrival,
         frame: &[u8],
         hint: Option<Hint>,
         sink: &mut dyn EventSink,
-    ) -> Disposition {
-        self.outputs.clear();
+        results: &mut Results,
+    ) {
         self.counters.packets += 1;
-        if let Some(t) = self.port_tallies.get_mut(usize::from(port.0)) {
+        if let Some(t) = self.port_tallies.get_mut(usize::from(at.port.0)) {
             t.add(frame.len());
         }
-        match self.pipeline(now, port, overlay, frame, hint, sink) {
-            Ok(()) if !self.outputs.is_empty() => {
+        let start = results.outputs_start();
+        let mut pkt = Packet {
+            now: at.now,
+            in_port: at.port,
+            len: frame.len(),
+            l2: L2::default(),
+            src_vnic: None,
+            trusted: false,
+            second_leg: false,
+        };
+        let mut reply = None;
+        let disposition = match self.pipeline(&mut pkt, at.overlay, frame, hint, sink, results) {
+            Ok(()) if results.outputs_since(start) > 0 => {
                 self.counters.forwarded += 1;
                 Disposition::Forward
             }
@@ -502,27 +504,31 @@ impl Engine {
                 Disposition::Drop(DropReason::NoRoute)
             }
             Err(r) => {
-                self.outputs.clear();
+                results.discard_outputs(start);
                 self.counters.drops[r.index()] += 1;
-                if let Some(d) = self.port_drops.get_mut(usize::from(port.0)) {
+                if let Some(d) = self.port_drops.get_mut(usize::from(at.port.0)) {
                     d[r.index()] += 1;
+                }
+                if r == DropReason::PolicyReject {
+                    reply = reply_spec(frame, &pkt.l2);
                 }
                 Disposition::Drop(r)
             }
-        }
+        };
+        results.record(disposition, pkt.l2, frame.len(), start, reply);
     }
 
     fn pipeline(
         &mut self,
-        now: u64,
-        in_port: PortId,
+        pkt: &mut Packet,
         overlay: Option<Ipv4Addr>,
         frame: &[u8],
         hint: Option<Hint>,
         sink: &mut dyn EventSink,
+        out: &mut Results,
     ) -> Result<(), DropReason> {
-        let mut trusted = false;
-        let src_vnic = if in_port == UPLINK {
+        let in_port = pkt.in_port;
+        if in_port == UPLINK {
             let (l2, gbp, from) = match overlay {
                 Some(remote) => self.vxlan_l2(frame, 0, remote)?,
                 None => self.uplink_l2(frame)?,
@@ -533,11 +539,10 @@ impl Engine {
             {
                 return Err(DropReason::SpoofedMac);
             }
-            self.l2 = l2;
-            trusted = gbp;
+            pkt.l2 = l2;
+            pkt.trusted = gbp;
             let at = from.map_or(Location::Port(UPLINK), Location::Remote);
             self.macs.learn(l2.segment, l2.src, at);
-            None
         } else {
             let vnic = self.vnic(in_port).ok_or(DropReason::UnknownPort)?;
             let mut l2 = parse_l2(frame, 0)?;
@@ -548,17 +553,21 @@ impl Engine {
                 return Err(DropReason::VlanMismatch);
             }
             l2.segment = vnic.segment;
-            self.l2 = l2;
-            Some(in_port)
-        };
-        let l2 = self.l2;
+            pkt.l2 = l2;
+            pkt.src_vnic = Some(in_port);
+        }
+        let l2 = pkt.l2;
+        let src_vnic = pkt.src_vnic;
+        let trusted = pkt.trusted;
         let payload = frame.get(l2.payload..).unwrap_or(&[]);
         match l2.ethertype {
             EtherType::ARP => {
                 if let Some(v) = src_vnic.and_then(|p| self.vnic(p)) {
                     switch::check_arp(v, payload)?;
                 }
-                return self.l2_outputs(in_port, src_vnic, false, None);
+                let to = self.l2_destination(pkt)?;
+                self.push_outputs(to, pkt, false, None, out);
+                return Ok(());
             }
             EtherType::IPV4 | EtherType::IPV6 => {}
             _ => return Err(DropReason::UnsupportedEthertype),
@@ -580,7 +589,7 @@ impl Engine {
         // from a router) was counted the first time: through an appliance
         // port with a managed VM's source address, or from the uplink with a
         // local VM's source address (the router is on another host).
-        self.second_leg = match src_vnic.and_then(|p| self.vnic(p)) {
+        pkt.second_leg = match src_vnic.and_then(|p| self.vnic(p)) {
             Some(v) => v.any_source && self.lookup.vnic_of(key.src_addr()).is_some(),
             None => self.local_port_of(key.src_addr()).is_some(),
         };
@@ -601,14 +610,16 @@ impl Engine {
         if let Some((ty, _)) = info.icmp {
             // Neighbour discovery and MLD are switch infrastructure, like ARP.
             if is_v6_icmp && (130..=143).contains(&ty) {
-                return self.l2_outputs(in_port, src_vnic, false, Some(&key));
+                let to = self.l2_destination(pkt)?;
+                self.push_outputs(to, pkt, false, Some(&key), out);
+                return Ok(());
             }
             if flow::is_icmp_error(is_v6_icmp, ty) {
-                let to = self.l2_destination(in_port)?;
+                let to = self.l2_destination(pkt)?;
                 if !trusted {
-                    self.icmp_error(now, src_vnic, &info, hash, l4, frame.len(), sink)?;
+                    self.icmp_error(pkt, &info, hash, l4, sink)?;
                 }
-                self.push_outputs(to, in_port, src_vnic, true, Some(&key));
+                self.push_outputs(to, pkt, true, Some(&key), out);
                 return Ok(());
             }
         }
@@ -616,9 +627,9 @@ impl Engine {
         // out of its own port) must not open a connection or take a vNIC's
         // share of the table, as a connection is only confirmed by a packet
         // that leaves (netfilter confirms at the last hook, too).
-        let to = self.l2_destination(in_port)?;
-        self.decide(now, src_vnic, &info, hash, inner, frame.len(), trusted, sink)?;
-        self.push_outputs(to, in_port, src_vnic, true, Some(&key));
+        let to = self.l2_destination(pkt)?;
+        self.decide(pkt, &info, hash, inner, sink)?;
+        self.push_outputs(to, pkt, true, Some(&key), out);
         Ok(())
     }
 
@@ -666,58 +677,48 @@ impl Engine {
             .or_else(|| segs().find(|s| port::segment_vni(*s) == Some(vni)))
     }
 
-    /// Work out where the current frame goes in its segment.
-    fn l2_outputs(
-        &mut self,
-        in_port: PortId,
-        src_vnic: Option<PortId>,
-        applied: bool,
-        flow: Option<&FlowKey>,
-    ) -> Result<(), DropReason> {
-        let to = self.l2_destination(in_port)?;
-        self.push_outputs(to, in_port, src_vnic, applied, flow);
-        Ok(())
-    }
-
-    /// Where the current frame's destination MAC lives (`None`: unknown or
-    /// not unicast, to be flooded), or why it cannot go there: back out of
-    /// the port it came in on, or from the uplink to another host.
-    fn l2_destination(&mut self, in_port: PortId) -> Result<Option<Location>, DropReason> {
-        let l2 = self.l2;
+    /// Where the packet's destination MAC lives (`None`: unknown or not
+    /// unicast, to be flooded), or why it cannot go there: back out of the
+    /// port it came in on, or from the uplink to another host.
+    fn l2_destination(&mut self, pkt: &Packet) -> Result<Option<Location>, DropReason> {
+        let in_port = pkt.in_port;
         // Every port has one (pipeline checked `in_port`); the spare keeps this panic-free.
         let mut spare = LastDestination::default();
         let last = self.last_dst.get_mut(usize::from(in_port.0)).unwrap_or(&mut spare);
-        match self.macs.lookup_via(last, l2.segment, l2.dst) {
+        match self.macs.lookup_via(last, pkt.l2.segment, pkt.l2.dst) {
             Some(Location::Port(p)) if p == in_port => Err(DropReason::NoRoute),
             Some(Location::Remote(_)) if in_port == UPLINK => Err(DropReason::NoRoute),
             to => Ok(to),
         }
     }
 
-    /// Stage the current frame's outputs towards `to` ([`Engine::l2_destination`]).
+    /// Stage the packet's outputs towards `to` ([`Engine::l2_destination`]).
     fn push_outputs(
         &mut self,
         to: Option<Location>,
-        in_port: PortId,
-        src_vnic: Option<PortId>,
+        pkt: &Packet,
         applied: bool,
         flow: Option<&FlowKey>,
+        out: &mut Results,
     ) {
-        let l2 = self.l2;
-        let group_id = src_vnic.and_then(|p| self.vnic(p)).map_or(0, |v| v.group_id);
+        let l2 = pkt.l2;
+        let in_port = pkt.in_port;
+        let group_id = pkt.src_vnic.and_then(|p| self.vnic(p)).map_or(0, |v| v.group_id);
         let vni = port::segment_vni(l2.segment).unwrap_or(0);
+        // The outer source port is hashed only when the frame is
+        // encapsulated, so that local traffic does not pay for it.
         let encap = |remote| Encap {
             remote,
             vni,
             group_id,
             policy_applied: applied,
+            source_port: entropy(flow),
         };
         match to {
-            Some(Location::Port(p)) => self.outputs.push(Output { port: p, encap: None }),
+            Some(Location::Port(p)) => out.push_output(Output { port: p, encap: None }),
             Some(Location::Remote(ip)) => {
                 self.counters.encapsulated += 1;
-                self.l2.entropy = entropy(flow);
-                self.outputs.push(Output {
+                out.push_output(Output {
                     port: UPLINK,
                     encap: Some(encap(ip)),
                 });
@@ -729,16 +730,15 @@ impl Engine {
                         && p.segment == l2.segment
                         && i != usize::from(in_port.0)
                     {
-                        self.outputs.push(Output {
+                        out.push_output(Output {
                             port: PortId(i as u16),
                             encap: None,
                         });
                     }
                 }
                 if in_port != UPLINK {
-                    self.l2.entropy = entropy(flow);
                     for &ip in &self.config.uplink.flood {
-                        self.outputs.push(Output {
+                        out.push_output(Output {
                             port: UPLINK,
                             encap: Some(encap(ip)),
                         });
@@ -836,10 +836,12 @@ impl Engine {
         i
     }
 
-    fn tally_rules(&mut self, rules: RuleRefs, len: usize) {
-        if self.second_leg {
+    /// Count the packet for the rules that decided its flow (once: not again on a routed flow's second leg).
+    fn tally_rules(&mut self, pkt: &Packet, rules: RuleRefs) {
+        if pkt.second_leg {
             return;
         }
+        let len = pkt.len;
         // One rule deciding both chains carries the packet once.
         let second = if rules[1] == rules[0] { None } else { rules[1] };
         for i in [rules[0], second].into_iter().flatten() {
@@ -849,18 +851,17 @@ impl Engine {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Decide a packet of a flow (not an ICMP error): the flow cache, an
+    /// existing connection, or a new flow classified and tracked.
     fn decide(
         &mut self,
-        now: u64,
-        src_vnic: Option<PortId>,
+        pkt: &Packet,
         info: &FlowInfo,
         hash: Option<FlowHash>,
         inner: &[u8],
-        len: usize,
-        trusted: bool,
         sink: &mut dyn EventSink,
     ) -> Result<(), DropReason> {
+        let (now, src_vnic, len, trusted) = (pkt.now, pkt.src_vnic, pkt.len, pkt.trusted);
         let key = info.key;
         let tcp = if key.protocol == IpProtocol::TCP {
             let seg = tcp_seg(inner, info).ok_or(DropReason::Malformed)?;
@@ -877,7 +878,7 @@ impl Engine {
             match e.verdict {
                 CachedVerdict::Drop(r) => {
                     self.counters.cache_hits += 1;
-                    self.tally_rules(e.rules, len);
+                    self.tally_rules(pkt, e.rules);
                     return Err(r);
                 }
                 CachedVerdict::Allow => {
@@ -891,11 +892,11 @@ impl Engine {
                         && !conn.expired(now, &self.conns.timeouts)
                     {
                         self.counters.cache_hits += 1;
-                        match self.track(now, slot, reply, tcp.as_ref(), len, sink) {
+                        match self.track(pkt, slot, reply, tcp.as_ref(), sink) {
                             // Reopened: counted with the new connection below.
                             Ok(false) => {}
                             done => {
-                                self.tally_rules(e.rules, len);
+                                self.tally_rules(pkt, e.rules);
                                 return done.map(drop);
                             }
                         }
@@ -932,11 +933,11 @@ impl Engine {
                 }
             }
             self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
-            match self.track(now, slot, reply, tcp.as_ref(), len, sink) {
+            match self.track(pkt, slot, reply, tcp.as_ref(), sink) {
                 // Reopened: counted with the new connection below.
                 Ok(false) => {}
                 done => {
-                    self.tally_rules(rules, len);
+                    self.tally_rules(pkt, rules);
                     return done.map(drop);
                 }
             }
@@ -949,7 +950,7 @@ impl Engine {
                 Ok(r) => r,
                 Err((rules, reason)) => {
                     self.cache(key, hash, CachedVerdict::Drop(reason), None, rules);
-                    self.tally_rules(rules, len);
+                    self.tally_rules(pkt, rules);
                     let dst_port = self.local_port_of(key.dst_addr());
                     sink.event(&FlowEvent {
                         kind: EventKind::Denied(reason),
@@ -976,7 +977,7 @@ impl Engine {
             // opened (found above); one without is decided by the policy like
             // any flow (a rule on echo-reply) and opens nothing, so that it
             // cannot let the other side's requests through as its "replies".
-            self.tally_rules(rules, len);
+            self.tally_rules(pkt, rules);
             return Ok(());
         }
         let dst_port = self.local_port_of(key.dst_addr());
@@ -1012,7 +1013,7 @@ impl Engine {
         // A verdict cached for the other direction (a denied attempt from
         // the other end) must not shadow this connection's replies.
         self.flows.remove(&key.reversed());
-        self.tally_rules(rules, len);
+        self.tally_rules(pkt, rules);
         Ok(())
     }
 
@@ -1048,20 +1049,20 @@ impl Engine {
     /// connection): the caller goes on as for a new flow.
     fn track(
         &mut self,
-        now: u64,
+        pkt: &Packet,
         slot: Slot,
         reply: bool,
         tcp: Option<&TcpSeg>,
-        len: usize,
         sink: &mut dyn EventSink,
     ) -> Result<bool, DropReason> {
+        let (now, len, count) = (pkt.now, pkt.len, !pkt.second_leg);
         let Some(seg) = tcp else {
-            self.conns.track_other(slot, reply, len, !self.second_leg, now, sink);
+            self.conns.track_other(slot, reply, len, count, now, sink);
             return Ok(true);
         };
         let tracked = self
             .conns
-            .track_tcp(slot, reply, seg, len, !self.second_leg, now, sink, &mut self.counters)?;
+            .track_tcp(slot, reply, seg, len, count, now, sink, &mut self.counters)?;
         match tracked {
             Tracked::Accepted | Tracked::Ignored => Ok(true),
             Tracked::Kill => {
@@ -1080,17 +1081,15 @@ impl Engine {
     /// a rule naming its type denies it; unrelated, the policy decides it
     /// like any flow. Either way it opens nothing. The caller forwards it
     /// when this returns `Ok`.
-    #[allow(clippy::too_many_arguments)]
     fn icmp_error(
         &mut self,
-        now: u64,
-        src_vnic: Option<PortId>,
+        pkt: &Packet,
         info: &FlowInfo,
         hash: Option<FlowHash>,
         l4: &[u8],
-        len: usize,
         sink: &mut dyn EventSink,
     ) -> Result<(), DropReason> {
+        let (now, src_vnic, len) = (pkt.now, pkt.src_vnic, pkt.len);
         let key = info.key;
         let quoted = l4.get(8..).unwrap_or(&[]);
         let related = flow::extract_quoted(quoted, key.segment)
@@ -1105,11 +1104,11 @@ impl Engine {
                         let reply = c.key == q;
                         c.count(reply, len);
                     }
-                    self.tally_rules(rules, len);
+                    self.tally_rules(pkt, rules);
                     return Ok(());
                 }
                 Err((rules, reason)) => {
-                    self.tally_rules(rules, len);
+                    self.tally_rules(pkt, rules);
                     return Err(reason);
                 }
             }
@@ -1119,7 +1118,7 @@ impl Engine {
         let hash = hash.unwrap_or_else(|| self.flows.hash(&key));
         if let Some(e) = self.flows.get_current(&key, hash, self.epoch) {
             self.counters.cache_hits += 1;
-            self.tally_rules(e.rules, len);
+            self.tally_rules(pkt, e.rules);
             return match e.verdict {
                 CachedVerdict::Allow => Ok(()),
                 CachedVerdict::Drop(r) => Err(r),
@@ -1129,13 +1128,13 @@ impl Engine {
         match self.classify(&key) {
             Ok(rules) => {
                 self.cache(key, hash, CachedVerdict::Allow, None, rules);
-                self.tally_rules(rules, len);
+                self.tally_rules(pkt, rules);
                 Ok(())
             }
             Err((rules, _)) => {
                 let reason = DropReason::IcmpErrorUnrelated;
                 self.cache(key, hash, CachedVerdict::Drop(reason), None, rules);
-                self.tally_rules(rules, len);
+                self.tally_rules(pkt, rules);
                 sink.event(&FlowEvent {
                     kind: EventKind::Denied(reason),
                     key,
@@ -1155,131 +1154,6 @@ impl Engine {
                 Err(reason)
             }
         }
-    }
-
-    /// Build the reply that tells the sender of a rejected frame (the last
-    /// frame processed, which returned [`DropReason::PolicyReject`]): a TCP
-    /// reset for TCP, otherwise ICMP "administratively prohibited"
-    /// (destination unreachable code 13, ICMPv6 code 1) quoting the start of
-    /// the packet. It is written into `buf` as an Ethernet frame addressed
-    /// back to the sender, tagged as the frame arrived; the caller sends it
-    /// out the port the frame came in on (re-encapsulating it when it came
-    /// over VXLAN). Returns its length.
-    pub fn reject_reply(&self, frame: &[u8], buf: &mut [u8]) -> Result<usize, RenderError> {
-        let l2 = self.l2;
-        let inner = frame.get(l2.eth..).ok_or(RenderError::FrameMismatch)?;
-        let info = flow::extract(inner).ok().flatten().ok_or(RenderError::FrameMismatch)?;
-        let l3 = inner
-            .get(usize::from(info.l3_offset)..)
-            .ok_or(RenderError::FrameMismatch)?;
-        let (src, dst) = (info.key.src_addr(), info.key.dst_addr());
-        let v4 = matches!(src, IpAddr::V4(_));
-        // Ethernet (+ tag when the frame came tagged), then the IP reply.
-        let tagged = l2.payload - l2.eth > ethernet::HEADER_LEN;
-        let eth_len = ethernet::HEADER_LEN + if tagged { vlan::HEADER_LEN } else { 0 };
-        let ip_hdr = if v4 { ipv4::HEADER_LEN } else { ipv6::HEADER_LEN };
-        let mut l4 = [0u8; 8 + 40 + 8];
-        let l4_len = match tcp_seg(inner, &info) {
-            Some(seg) if info.key.protocol == IpProtocol::TCP => {
-                let (seq, ack, flags) = if seg.flags.contains(TcpFlags::ACK) {
-                    (seg.ack, 0, TcpFlags::RST)
-                } else {
-                    let extra =
-                        u32::from(seg.flags.contains(TcpFlags::SYN)) + u32::from(seg.flags.contains(TcpFlags::FIN));
-                    (
-                        0,
-                        seg.seq.wrapping_add(seg.len).wrapping_add(extra),
-                        TcpFlags::RST | TcpFlags::ACK,
-                    )
-                };
-                let repr = tcp::TcpRepr {
-                    src_port: info.key.dst_port,
-                    dst_port: info.key.src_port,
-                    seq_number: seq,
-                    ack_number: ack,
-                    flags,
-                    window_len: 0,
-                    urgent_pointer: 0,
-                    options: &[],
-                    payload: &[],
-                };
-                repr.emit(&mut tcp::Packet::new_unchecked(&mut l4[..tcp::HEADER_LEN]), dst, src);
-                tcp::HEADER_LEN
-            }
-            _ => {
-                // Quote the IP header and the first 8 bytes of its payload.
-                let quote_len = (usize::from(info.l4_offset - info.l3_offset) + 8).min(l3.len()).min(48);
-                l4[0] = if v4 { 3 } else { 1 };
-                l4[1] = if v4 { 13 } else { 1 };
-                l4[8..8 + quote_len].copy_from_slice(&l3[..quote_len]);
-                8 + quote_len
-            }
-        };
-        let total = eth_len + ip_hdr + l4_len;
-        if buf.len() < total {
-            return Err(RenderError::BufferTooSmall(total));
-        }
-        let buf = &mut buf[..total];
-        let mut eth = ethernet::Frame::new_unchecked(&mut buf[..]);
-        eth.set_dst_addr(l2.src);
-        eth.set_src_addr(l2.dst);
-        if tagged {
-            eth.set_ethertype(EtherType::VLAN);
-            let vid = l2.segment.vlan_id().unwrap_or(0);
-            buf[14..16].copy_from_slice(&(vid & 0xfff).to_be_bytes());
-            buf[16..18].copy_from_slice(&l2.ethertype.0.to_be_bytes());
-        } else {
-            eth.set_ethertype(l2.ethertype);
-        }
-        let (ip_buf, l4_buf) = buf[eth_len..].split_at_mut(ip_hdr);
-        l4_buf.copy_from_slice(&l4[..l4_len]);
-        let proto = if info.key.protocol == IpProtocol::TCP {
-            IpProtocol::TCP
-        } else if v4 {
-            IpProtocol::ICMP
-        } else {
-            IpProtocol::ICMPV6
-        };
-        match (dst, src) {
-            (IpAddr::V4(from), IpAddr::V4(to)) => {
-                if proto == IpProtocol::ICMP {
-                    icmpv4::Packet::new_unchecked(&mut *l4_buf).fill_checksum();
-                }
-                let repr = Ipv4Repr {
-                    src_addr: from,
-                    dst_addr: to,
-                    protocol: proto,
-                    payload_len: l4_len,
-                    ttl: 64,
-                    dscp: 0,
-                    ecn: 0,
-                    ident: 0,
-                    dont_frag: true,
-                    more_frags: false,
-                    frag_offset: 0,
-                    options: &[],
-                };
-                repr.emit(&mut ipv4::Packet::new_unchecked(ip_buf));
-            }
-            (IpAddr::V6(from), IpAddr::V6(to)) => {
-                if proto == IpProtocol::ICMPV6 {
-                    icmpv6::Packet::new_unchecked(&mut *l4_buf).fill_checksum(from, to);
-                }
-                let repr = ipv6::Ipv6Repr {
-                    src_addr: from,
-                    dst_addr: to,
-                    next_header: proto,
-                    payload_len: l4_len,
-                    hop_limit: 64,
-                    traffic_class: 0,
-                    flow_label: 0,
-                };
-                repr.emit(&mut ipv6::Packet::new_unchecked(ip_buf));
-            }
-            // A key's two addresses are of one family.
-            _ => return Err(RenderError::FrameMismatch),
-        }
-        Ok(total)
     }
 
     /// The flow key a frame received on `port` belongs to, for choosing the
@@ -1327,95 +1201,6 @@ impl Engine {
         } else {
             Some(self.vnic(port)?.segment)
         }
-    }
-
-    /// Write output `index` of the last forwarded frame (`frame` is that frame) into `buf`; returns its length.
-    pub fn render(&self, frame: &[u8], index: usize, buf: &mut [u8]) -> Result<usize, RenderError> {
-        let out = *self.outputs.get(index).ok_or(RenderError::NoSuchOutput(index))?;
-        let l2 = self.l2;
-        let payload = frame.get(l2.payload..).ok_or(RenderError::FrameMismatch)?;
-        let macs = frame.get(l2.eth..l2.eth + 12).ok_or(RenderError::FrameMismatch)?;
-        let tag = match (out.port, out.encap) {
-            (UPLINK, None) => l2.segment.vlan_id(),
-            _ => None,
-        };
-        let inner_len = 14 + tag.map_or(0, |_| vlan::HEADER_LEN) + payload.len();
-        let outer_len = if out.encap.is_some() { 14 + 20 + 8 + 8 } else { 0 };
-        let total = outer_len + inner_len;
-        if buf.len() < total {
-            return Err(RenderError::BufferTooSmall(total));
-        }
-        let buf = &mut buf[..total];
-        if let Some(e) = out.encap {
-            let up = &self.config.uplink;
-            let mut eth = ethernet::Frame::new_unchecked(&mut buf[..14]);
-            eth.set_dst_addr(up.gateway_mac);
-            eth.set_src_addr(up.local_mac);
-            eth.set_ethertype(EtherType::IPV4);
-            let udp_len = 8 + 8 + inner_len;
-            if 20 + udp_len > usize::from(u16::MAX) {
-                return Err(RenderError::TooLarge(inner_len));
-            }
-            let ip = Ipv4Repr {
-                src_addr: up.local_ip,
-                dst_addr: e.remote,
-                protocol: IpProtocol::UDP,
-                payload_len: udp_len,
-                ttl: 64,
-                dscp: 0,
-                ecn: 0,
-                ident: 0,
-                dont_frag: true,
-                more_frags: false,
-                frag_offset: 0,
-                options: &[],
-            };
-            ip.emit(&mut ipv4::Packet::new_unchecked(&mut buf[14..34]));
-            let mut u = udp::Packet::new_unchecked(&mut buf[34..42]);
-            u.set_src_port(l2.entropy);
-            u.set_dst_port(vxlan::VXLAN_PORT);
-            u.set_len(udp_len as u16);
-            // RFC 7348: a zero UDP checksum over IPv4 (the inner frame carries its own).
-            u.set_checksum(0);
-            let vx = vxlan::VxlanRepr {
-                vni: e.vni,
-                gbp: Some(vxlan::GbpRepr {
-                    dont_learn: false,
-                    policy_applied: e.policy_applied,
-                    group_id: e.group_id,
-                }),
-            };
-            vx.emit(&mut vxlan::Packet::new_unchecked(&mut buf[42..50]));
-        }
-        write_inner(&mut buf[outer_len..], macs, tag, l2.ethertype, payload);
-        Ok(total)
-    }
-
-    /// Write output `index` of the last forwarded frame, which must go to
-    /// another host, as the payload of a UDP datagram for the underlay socket
-    /// (the VXLAN-GBP header, then the frame): returns the tunnel endpoint to
-    /// send it to and its length. Outputs to local ports use [`Engine::render`].
-    pub fn render_overlay(&self, frame: &[u8], index: usize, buf: &mut [u8]) -> Result<(Ipv4Addr, usize), RenderError> {
-        let out = *self.outputs.get(index).ok_or(RenderError::NoSuchOutput(index))?;
-        let e = out.encap.ok_or(RenderError::NoSuchOutput(index))?;
-        let l2 = self.l2;
-        let payload = frame.get(l2.payload..).ok_or(RenderError::FrameMismatch)?;
-        let macs = frame.get(l2.eth..l2.eth + 12).ok_or(RenderError::FrameMismatch)?;
-        let total = vxlan::HEADER_LEN + 14 + payload.len();
-        if buf.len() < total {
-            return Err(RenderError::BufferTooSmall(total));
-        }
-        let vx = vxlan::VxlanRepr {
-            vni: e.vni,
-            gbp: Some(vxlan::GbpRepr {
-                dont_learn: false,
-                policy_applied: e.policy_applied,
-                group_id: e.group_id,
-            }),
-        };
-        vx.emit(&mut vxlan::Packet::new_unchecked(&mut buf[..vxlan::HEADER_LEN]));
-        write_inner(&mut buf[vxlan::HEADER_LEN..total], macs, None, l2.ethertype, payload);
-        Ok((e.remote, total))
     }
 
     /// Export (and remove, when `remove`) every connection of `port`'s vNIC as a state blob.
@@ -1555,7 +1340,7 @@ impl Engine {
 }
 
 /// The outer UDP source port of an encapsulated copy of a packet of `flow`
-/// (see `L2::entropy`).
+/// (see [`Encap::source_port`]).
 fn entropy(flow: Option<&FlowKey>) -> u16 {
     flow.map_or(0, |k| 49152 | (k.symmetric_hash() as u16 & 0x3fff))
 }
@@ -1606,7 +1391,6 @@ fn parse_l2(frame: &[u8], start: usize) -> Result<L2, DropReason> {
         src: eth.src_addr(),
         dst: eth.dst_addr(),
         segment,
-        entropy: 0,
     })
 }
 
@@ -1648,20 +1432,6 @@ pub fn policy_flow(key: &FlowKey) -> Flow {
         src_port,
         dst_port,
     }
-}
-
-/// Write an Ethernet frame (addresses `macs`, an optional VLAN tag, the
-/// ethertype and payload) into `buf`, which is exactly its length.
-fn write_inner(buf: &mut [u8], macs: &[u8], tag: Option<u16>, ethertype: EtherType, payload: &[u8]) {
-    buf[..12].copy_from_slice(macs);
-    let mut at = 12;
-    if let Some(vid) = tag {
-        buf[at..at + 2].copy_from_slice(&EtherType::VLAN.0.to_be_bytes());
-        buf[at + 2..at + 4].copy_from_slice(&(vid & 0xfff).to_be_bytes());
-        at += 4;
-    }
-    buf[at..at + 2].copy_from_slice(&ethertype.0.to_be_bytes());
-    buf[at + 2..].copy_from_slice(payload);
 }
 
 #[cfg(test)]

@@ -19,11 +19,10 @@
 //! - [`lookup`]: the rule-lookup trait the classifier plugs into.
 //! - [`classified`]: that trait answered by the classify layer's decision trees.
 //! - [`state`]: export/import of a vNIC's connection state (live migration).
-//! - [`shard`]: which worker owns a flow (symmetric hash), for one engine per core.
-//! - [`workers`]: worker threads, one engine each, fed over bounded queues.
 
 pub mod classified;
 pub mod conntrack;
+pub mod decision;
 pub mod engine;
 pub mod events;
 pub mod flow_table;
@@ -31,16 +30,17 @@ pub mod flow_table;
 pub mod fuzzing;
 pub mod lookup;
 pub mod port;
-pub mod shard;
+pub mod render;
 pub mod state;
 pub mod switch;
 pub mod table;
 pub mod tcptrack;
 pub mod verdict;
-pub mod workers;
 
-pub use engine::{Disposition, Engine, EngineConfig, Output, RuleInfo};
+pub use decision::{Disposition, Encap, Output, Processed, Reply, Results};
+pub use engine::{Engine, EngineConfig, RuleInfo};
 pub use events::{EventSink, FlowEvent};
 pub use lookup::{ChainLookup, ChainVerdict, PolicyLookup};
 pub use port::PortId;
+pub use render::{RenderError, render, render_overlay, render_reply};
 pub use verdict::{Counters, DropReason};

@@ -5,11 +5,11 @@
 
 use core::net::Ipv4Addr;
 
-use palisade_datapath::engine::{Disposition, Engine, EngineConfig};
 use palisade_datapath::events::FlowEvent;
 use palisade_datapath::fuzzing::vm_frame;
 use palisade_datapath::lookup::PolicyLookup;
 use palisade_datapath::port::{self, PortId, UplinkConfig};
+use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
 use palisade_wire::ethernet::EthernetAddress;
@@ -66,7 +66,8 @@ fn port_of(e: &Engine, vm: u8) -> PortId {
 /// Process a frame sent by VM `from` (on its own vNIC).
 fn send(e: &mut Engine, now: u64, from: u8, frame: &[u8]) -> Disposition {
     let mut events: Vec<FlowEvent> = Vec::new();
-    e.process(now, port_of(e, from), frame, &mut events)
+    e.process(now, port_of(e, from), frame, &mut events, &mut Results::new())
+        .disposition
 }
 
 fn forwarded(d: Disposition) -> bool {
