@@ -1,15 +1,20 @@
 //! Palisade's per-host datapath engine, sans-IO.
 //!
-//! The [`engine::Engine`] is handed a frame, the port it arrived on and the
-//! current time (nanoseconds from any fixed origin, supplied by the caller) and
-//! says what to do with it: forward to one or more ports (with the frame edits
-//! to apply, see [`engine::Engine::render`]) or drop it with a typed
-//! [`verdict::DropReason`]. It owns no clock, socket or thread, so every
+//! The [`Engine`] is handed a frame, the port it arrived on and the current
+//! time (nanoseconds from any fixed origin, supplied by the caller) and
+//! returns what to do with it (a [`Processed`], recorded in the caller's
+//! [`Results`]): forward to one or more ports, each with its encapsulation,
+//! or drop it with a typed [`DropReason`], and for a rejected packet the
+//! reply to its sender. [`render()`] and its siblings write those frames from
+//! that value alone. The engine owns no clock, socket or thread, so every
 //! behaviour is testable deterministically.
 //!
 //! Modules, one per concept (after Oxide OPTE's `engine/`):
 //! - [`port`]: vNIC ports bound to a VM's identity, MAC, addresses and zone, and the uplink.
 //! - [`switch`]: L2 forwarding per segment with MAC learning and anti-spoofing.
+//! - [`engine`]: the engine and its pipeline, one module per stage.
+//! - [`decision`]: what processing returns: disposition, outputs, reply.
+//! - [`render`](mod@render): the frames a decision sends, as free functions over it.
 //! - [`conntrack`]: the connection table (TCP, UDP/SCTP/ICMP echo pseudo-connections).
 //! - [`tcptrack`]: TCP's state machine and window checks, as Linux netfilter's.
 //! - [`flow_table`]: the epoch-stamped exact-match flow cache.
