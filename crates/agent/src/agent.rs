@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use palisade_audit::record::{FlowRecord, Record};
-use palisade_datapath::lookup::PolicyLookup;
+use palisade_datapath::PolicyLookup;
 use palisade_datapath::port::{self, PortId, UplinkConfig, VnicPort};
 use palisade_datapath::{Engine, EngineConfig};
 use palisade_io::afpacket::{AfPacket, AfPacketConfig, Fanout};

@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use palisade_audit::record::FlowRecord;
-use palisade_datapath::events::{EventKind, FlowEvent};
 use palisade_datapath::port::{self, PortId};
 use palisade_datapath::{Engine, Processed, Results};
+use palisade_datapath::{EventKind, FlowEvent};
 use palisade_io::overlay::UdpOverlay;
 use palisade_io::port::{FramePort, PortStats, wait_readable};
 

@@ -17,64 +17,13 @@
 
 use palisade_wire::flow::FlowKey;
 
+pub use crate::conn_state::ConnState;
 use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::port::PortId;
 use crate::table::{BoundedMap, Slot};
 use crate::tcptrack;
-pub use crate::tcptrack::{TcpPeer, TcpSeg, TcpTrack, Tracked, bad_tcp_flags};
+pub(crate) use crate::tcptrack::{TcpSeg, TcpTrack, Tracked, bad_tcp_flags};
 use crate::verdict::{Counters, DropReason};
-
-/// A connection's state (TCP's are Linux netfilter's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ConnState {
-    /// TCP: the initiator's SYN was seen.
-    SynSent,
-    /// TCP: the responder's SYN-ACK was seen.
-    SynReceived,
-    /// TCP: the handshake completed (or was picked up mid-stream).
-    Established,
-    /// TCP: one side sent FIN.
-    FinWait,
-    /// TCP: the last ACK after both FINs was seen; lingering for late segments.
-    TimeWait,
-    /// Other protocols: only the initiator has sent.
-    New,
-    /// Other protocols: the responder has answered.
-    Replied,
-    /// TCP: a SYN came from both sides (simultaneous open).
-    SynSent2,
-    /// TCP: the FIN of one side was acknowledged.
-    CloseWait,
-    /// TCP: both sides sent FIN; waiting for the last ACK.
-    LastAck,
-    /// TCP: a reset was seen; lingering briefly for late segments.
-    Close,
-}
-
-impl ConnState {
-    /// Stable wire code (state blobs).
-    pub const fn code(self) -> u8 {
-        self as u8
-    }
-
-    /// The state of a wire code.
-    pub const fn from_code(code: u8) -> Option<ConnState> {
-        Some(match code {
-            0 => ConnState::SynSent,
-            1 => ConnState::SynReceived,
-            2 => ConnState::Established,
-            3 => ConnState::FinWait,
-            4 => ConnState::TimeWait,
-            5 => ConnState::New,
-            6 => ConnState::Replied,
-            7 => ConnState::SynSent2,
-            8 => ConnState::CloseWait,
-            9 => ConnState::LastAck,
-            10 => ConnState::Close,
-            _ => return None,
-        })
-    }
-}
 
 /// Timeouts per state, in nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +236,7 @@ impl Conntrack {
     }
 
     /// Make room for `ports` ports.
-    pub fn ensure_ports(&mut self, ports: usize) {
+    pub(crate) fn ensure_ports(&mut self, ports: usize) {
         if self.per_port.len() < ports {
             self.per_port.resize(ports, 0);
         }
@@ -299,19 +248,19 @@ impl Conntrack {
     }
 
     /// The slot of the connection `key` belongs to, in either direction,
-    /// expired or not (a read-only [`Conntrack::lookup`]).
+    /// expired or not (a read-only lookup).
     pub fn find(&self, key: &FlowKey) -> Option<Slot> {
         self.map.find(&key.canonical().0)
     }
 
     /// Hint that connection `slot` will be used soon: start loading it.
     #[inline]
-    pub fn prefetch(&self, slot: Slot) {
+    pub(crate) fn prefetch(&self, slot: Slot) {
         self.map.prefetch(slot);
     }
 
     /// The connection in `slot`, mutably.
-    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn> {
+    pub(crate) fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn> {
         self.map.get_mut(slot)
     }
 
@@ -323,7 +272,7 @@ impl Conntrack {
     /// Find the connection of a packet with `key` (either direction); an
     /// expired one is removed (with its end event) and not returned. The
     /// boolean is true for the reply direction.
-    pub fn lookup(
+    pub(crate) fn lookup(
         &mut self,
         key: &FlowKey,
         now: u64,
@@ -341,7 +290,7 @@ impl Conntrack {
 
     /// Insert a new connection, enforcing per-port limits (`limits`: the
     /// owners' `max_conns`) and the full-table policy.
-    pub fn create(
+    pub(crate) fn create(
         &mut self,
         conn: Conn,
         limits: [u32; 2],
@@ -395,7 +344,7 @@ impl Conntrack {
     }
 
     /// Remove a connection, emitting its end event unless already emitted.
-    pub fn remove(
+    pub(crate) fn remove(
         &mut self,
         slot: Slot,
         reason: EndReason,
@@ -417,7 +366,7 @@ impl Conntrack {
     }
 
     /// Remove up to `budget` expired connections; returns how many.
-    pub fn expire(&mut self, now: u64, budget: usize, sink: &mut dyn EventSink, c: &mut Counters) -> usize {
+    pub(crate) fn expire(&mut self, now: u64, budget: usize, sink: &mut dyn EventSink, c: &mut Counters) -> usize {
         let t = self.timeouts;
         let expired: Vec<Slot> = self
             .map
@@ -435,7 +384,7 @@ impl Conntrack {
     /// Account a non-TCP packet to its connection.
     ///
     /// A packet already counted on another leg of a routed flow (`count` false) updates state only.
-    pub fn track_other(
+    pub(crate) fn track_other(
         &mut self,
         slot: Slot,
         reply: bool,
@@ -461,7 +410,7 @@ impl Conntrack {
     /// [`Tracked::Reopen`] and [`Tracked::Kill`] tell the caller to end the
     /// connection (then, for a reopen, to start a new one).
     #[allow(clippy::too_many_arguments)]
-    pub fn track_tcp(
+    pub(crate) fn track_tcp(
         &mut self,
         slot: Slot,
         reply: bool,
@@ -523,7 +472,7 @@ impl Conntrack {
 /// Start tracking a TCP connection from its first segment (the initiator's):
 /// see [`tcptrack::open`]. A segment that cannot start a connection is
 /// [`DropReason::TcpNoConnection`].
-pub fn tcp_open(conn: &mut Conn, seg: &TcpSeg, c: &mut Counters) -> Result<(), DropReason> {
+pub(crate) fn tcp_open(conn: &mut Conn, seg: &TcpSeg, c: &mut Counters) -> Result<(), DropReason> {
     let liberal = !conn.strict;
     tcptrack::open(&mut conn.tcp, &mut conn.state, seg, liberal, c)
 }

@@ -5,7 +5,7 @@
 //! [`Disposition`] (forward, or drop with a typed [`DropReason`]), the
 //! [`Output`]s (each a port and, towards another host, its VXLAN-GBP
 //! [`Encap`]), and for a frame the policy rejects the [`Reply`] that tells
-//! its sender. Turning those into bytes is [`crate::render`](mod@crate::render)'s, over this
+//! its sender. Turning those into bytes is for [`crate::render()`] and its siblings, over this
 //! value and the frame alone: nothing refers back to the engine, so the
 //! caller may process the next batch while it still sends this one's
 //! outputs, and a [`Processed`] always carries the frame it describes.
@@ -292,7 +292,7 @@ impl Results {
 }
 
 /// The engine's decision for one frame, with the frame: what
-/// [`crate::render`](mod@crate::render) turns into the frames to send.
+/// [`crate::render()`] and its siblings turn into the frames to send.
 #[derive(Debug, Clone, Copy)]
 pub struct Processed<'a> {
     /// Forward or drop.
@@ -329,7 +329,7 @@ impl PartialEq<Disposition> for Processed<'_> {
 
 /// The answer to a rejected frame: a TCP reset for TCP, otherwise ICMP
 /// "administratively prohibited". It goes back out the port the frame came
-/// in on; [`crate::render::render_reply`] writes it.
+/// in on; [`crate::render_reply`] writes it.
 #[derive(Debug, Clone, Copy)]
 pub struct Reply<'a> {
     pub(crate) frame: &'a [u8],

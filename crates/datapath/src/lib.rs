@@ -9,43 +9,53 @@
 //! that value alone. The engine owns no clock, socket or thread, so every
 //! behaviour is testable deterministically.
 //!
-//! Modules, one per concept (after Oxide OPTE's `engine/`):
+//! The API is re-exported here at the crate root; the modules behind it,
+//! one per concept (after Oxide OPTE's `engine/`), are private except
+//! [`port`], whose constructors build the vNICs an engine serves:
 //! - [`port`]: vNIC ports bound to a VM's identity, MAC, addresses and zone, and the uplink.
-//! - [`switch`]: L2 forwarding per segment with MAC learning and anti-spoofing.
-//! - [`engine`]: the engine and its pipeline, one module per stage.
-//! - [`decision`]: what processing returns: disposition, outputs, reply.
-//! - [`render`](mod@render): the frames a decision sends, as free functions over it.
-//! - [`conntrack`]: the connection table (TCP, UDP/SCTP/ICMP echo pseudo-connections).
-//! - [`tcptrack`]: TCP's state machine and window checks, as Linux netfilter's.
-//! - [`flow_table`]: the epoch-stamped exact-match flow cache.
-//! - [`table`]: the bounded, preallocated key → slot map the connection table is built on.
-//! - [`verdict`]: drop reasons and counters.
-//! - [`events`]: flow start/update/end events.
-//! - [`lookup`]: the rule-lookup trait the classifier plugs into.
-//! - [`classified`]: that trait answered by the classify layer's decision trees.
-//! - [`state`]: export/import of a vNIC's connection state (live migration).
+//! - `switch`: L2 forwarding per segment with MAC learning and anti-spoofing.
+//! - `engine`: the [`Engine`] and its pipeline, one module per stage.
+//! - `decision`: what processing returns: [`Disposition`], [`Output`]s, [`Reply`].
+//! - `render`: the frames a decision sends, as free functions over it.
+//! - `conntrack`, `conn_state`: the connection table (TCP, UDP/SCTP/ICMP echo
+//!   pseudo-connections) and its states.
+//! - `tcptrack`: TCP's state machine and window checks, as Linux netfilter's.
+//! - `flow_table`: the epoch-stamped exact-match flow cache.
+//! - `table`: the bounded, preallocated key → slot map the connection table is built on.
+//! - `verdict`: drop reasons and counters.
+//! - `events`: flow start/update/end events.
+//! - `lookup`: the rule-lookup trait ([`ChainLookup`]) and the compiled chains behind it.
+//! - `classified`: that trait answered by the classify layer's decision trees.
+//! - `state`: the blob format of exported connection state (live migration, restarts).
 
-pub mod classified;
-pub mod conntrack;
-pub mod decision;
-pub mod engine;
-pub mod events;
-pub mod flow_table;
+mod classified;
+mod conn_state;
+mod conntrack;
+mod decision;
+mod engine;
+mod events;
+mod flow_table;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod lookup;
+mod lookup;
 pub mod port;
-pub mod render;
-pub mod state;
-pub mod switch;
-pub mod table;
-pub mod tcptrack;
-pub mod verdict;
+mod render;
+mod state;
+mod switch;
+mod table;
+mod tcptrack;
+mod verdict;
 
+pub use classified::{ClassifiedLookup, MAX_RULES_PER_CHAIN};
+pub use conn_state::ConnState;
+pub use conntrack::{Conn, Conntrack, FullPolicy, Timeouts};
 pub use decision::{Disposition, Encap, Output, Processed, Reply, Results};
-pub use engine::{Engine, EngineConfig, RuleInfo};
-pub use events::{EventSink, FlowEvent};
+pub use engine::{Engine, EngineConfig, ROUTING_DOMAIN, RuleInfo, policy_flow};
+pub use events::{EndReason, EventKind, EventSink, FlowEvent};
+pub use flow_table::{CachedVerdict, FlowEntry, FlowHash, FlowTable};
 pub use lookup::{ChainLookup, ChainVerdict, PolicyLookup};
-pub use port::PortId;
+pub use port::{PortError, PortId, UPLINK, UplinkConfig, VnicPort};
 pub use render::{RenderError, render, render_overlay, render_reply};
-pub use verdict::{Counters, DropReason};
+pub use state::StateError;
+pub use tcptrack::{TcpIndex, TcpLast, TcpPeer, TcpTrack, last_flags, peer_flags};
+pub use verdict::{Counters, DropReason, Tally};

@@ -4,12 +4,12 @@
 use core::net::{IpAddr, Ipv4Addr};
 use std::collections::BTreeMap;
 
-use palisade_datapath::classified::ClassifiedLookup;
-use palisade_datapath::events::FlowEvent;
+use palisade_datapath::ClassifiedLookup;
+use palisade_datapath::DropReason;
+use palisade_datapath::FlowEvent;
 use palisade_datapath::fuzzing::vm_frame;
-use palisade_datapath::lookup::{ChainLookup, PolicyLookup};
 use palisade_datapath::port::{self, PortId, UplinkConfig};
-use palisade_datapath::verdict::DropReason;
+use palisade_datapath::{ChainLookup, PolicyLookup};
 use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::{Compiler, EntryAction};
 use palisade_policy::eval::{Direction, Flow};

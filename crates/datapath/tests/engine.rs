@@ -2,15 +2,15 @@
 
 use core::net::{IpAddr, Ipv4Addr};
 
-use palisade_datapath::conntrack::{ConnState, FullPolicy};
-use palisade_datapath::events::{EndReason, EventKind, FlowEvent};
-use palisade_datapath::lookup::PolicyLookup;
+use palisade_datapath::PolicyLookup;
+use palisade_datapath::StateError;
 use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
-use palisade_datapath::state::StateError;
-use palisade_datapath::verdict::{Counters, DropReason};
+use palisade_datapath::{ConnState, FullPolicy};
+use palisade_datapath::{Counters, DropReason};
 use palisade_datapath::{
     Disposition, Engine, EngineConfig, Output, Processed, Results, render, render_overlay, render_reply,
 };
+use palisade_datapath::{EndReason, EventKind, FlowEvent};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{DirSource, MemorySource, load};
 use palisade_wire::arp::{self, ArpRepr, Operation};

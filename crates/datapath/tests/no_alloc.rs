@@ -6,8 +6,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use palisade_datapath::PolicyLookup;
 use palisade_datapath::fuzzing::vm_frame;
-use palisade_datapath::lookup::PolicyLookup;
 use palisade_datapath::port::{self, UplinkConfig};
 use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::Compiler;

@@ -5,9 +5,9 @@
 
 use core::net::Ipv4Addr;
 
-use palisade_datapath::events::FlowEvent;
+use palisade_datapath::FlowEvent;
+use palisade_datapath::PolicyLookup;
 use palisade_datapath::fuzzing::vm_frame;
-use palisade_datapath::lookup::PolicyLookup;
 use palisade_datapath::port::{self, PortId, UplinkConfig};
 use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::Compiler;

@@ -14,13 +14,13 @@
 //!
 //! Each frame's decision is recorded in the caller's [`Results`]: a
 //! [`crate::Disposition`] and the [`crate::Output`]s (ports, with the
-//! encapsulation to apply), which [`crate::render`](mod@crate::render) turns into frames.
+//! encapsulation to apply), which [`crate::render()`] and its siblings turn into frames.
 //!
 //! This module owns the engine's state and the order of the stages; each
 //! stage has its own module: `switching` (L2), `connection` (the flow
 //! cache and connection step), `policy` (the decision and the one flow
 //! key → policy flow conversion), `counters`, `export` (connection
-//! state out and in). Rendering is [`crate::render`](mod@crate::render)'s.
+//! state out and in). Rendering is the `render` module's.
 //!
 //! Across hosts, a segment travels in its VNI (a VLAN zone's VNI is its VLAN
 //! id). The policy-applied bit is believed from any sender on the underlay, so
@@ -139,7 +139,7 @@ struct Packet {
     second_leg: bool,
 }
 
-/// What a rejected packet's reply is built from ([`crate::render::render_reply`]):
+/// What a rejected packet's reply is built from ([`crate::render_reply`]):
 /// `None` when the frame is not IP with addresses of one family.
 fn reply_spec(frame: &[u8], l2: &L2) -> Option<ReplySpec> {
     let inner = frame.get(l2.eth..)?;
@@ -299,7 +299,7 @@ impl Engine {
 
     /// Process one frame received on `port` at `now` (nanoseconds, caller's
     /// clock). `results` is cleared and then holds this frame's decision,
-    /// which is returned paired with the frame (see [`crate::render`](mod@crate::render)).
+    /// which is returned paired with the frame (see [`crate::render()`]).
     pub fn process<'a>(
         &mut self,
         now: u64,
@@ -408,7 +408,7 @@ impl Engine {
     /// header, then the inner Ethernet frame). It is the uplink's traffic
     /// without the outer headers the kernel already removed; outputs towards
     /// other hosts are rendered for the same socket by
-    /// [`crate::render::render_overlay`]. `results` as for [`Engine::process`].
+    /// [`crate::render_overlay`]. `results` as for [`Engine::process`].
     pub fn process_overlay<'a>(
         &mut self,
         now: u64,

@@ -35,11 +35,11 @@ use std::collections::BTreeSet;
 
 use std::sync::Arc;
 
-use palisade_datapath::classified::ClassifiedLookup;
-use palisade_datapath::events::FlowEvent;
-use palisade_datapath::lookup::{ChainLookup, PolicyLookup};
+use palisade_datapath::ClassifiedLookup;
+use palisade_datapath::DropReason;
+use palisade_datapath::FlowEvent;
 use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
-use palisade_datapath::verdict::DropReason;
+use palisade_datapath::{ChainLookup, PolicyLookup};
 use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::Compiler;
 use palisade_policy::eval::{Flow, IcmpRole, evaluate, evaluate_related_error};

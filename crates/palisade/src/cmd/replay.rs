@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use palisade_datapath::engine::{Engine, EngineConfig, policy_flow};
-use palisade_datapath::lookup::PolicyLookup;
+use palisade_datapath::PolicyLookup;
 use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
-use palisade_datapath::verdict::{Counters, DropReason};
+use palisade_datapath::{Counters, DropReason};
 use palisade_datapath::{Disposition, Results};
+use palisade_datapath::{Engine, EngineConfig, policy_flow};
 use palisade_io::capture::{CaptureReader, LinkType};
 use palisade_policy::compile::Compiler;
 use palisade_policy::eval::{ChainVerdict, Direction};
