@@ -550,7 +550,7 @@ impl Agent {
                 .into_iter()
                 .map(|h| match h.join() {
                     Ok(Ok(())) => None,
-                    Ok(Err(why)) => Some(why),
+                    Ok(Err(why)) => Some(why.to_string()),
                     Err(_) => Some("it panicked".to_string()),
                 })
                 .collect();
@@ -579,7 +579,7 @@ impl Agent {
         &mut self,
         rx: &Receiver<Vec<FlowRecord>>,
         stop: &AtomicBool,
-        workers: &[std::thread::ScopedJoinHandle<'_, Result<(), String>>],
+        workers: &[std::thread::ScopedJoinHandle<'_, Result<(), crate::worker::WorkerFailure>>],
     ) -> Result<(), AgentError> {
         let mut last_housekeeping = Instant::now();
         let mut last_publish = Instant::now();

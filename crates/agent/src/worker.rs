@@ -187,7 +187,15 @@ pub(crate) struct Worker {
 }
 
 /// Why a worker stopped early.
-pub(crate) type WorkerFailure = String;
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WorkerFailure {
+    /// Its sockets could not be waited on.
+    #[error("waiting for packets: {0}")]
+    Wait(#[source] std::io::Error),
+    /// The control thread, which takes its flow records, has gone.
+    #[error("the control thread has stopped")]
+    ControlGone,
+}
 
 impl Worker {
     /// Serve until `halt` is set. Returns early only when the sockets cannot
@@ -207,7 +215,7 @@ impl Worker {
             let ready = match wait_readable(&fds, Duration::from_millis(100)) {
                 Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("waiting for packets: {e}")),
+                Err(e) => return Err(WorkerFailure::Wait(e)),
             };
             let now = self.origin.elapsed().as_nanos() as u64;
             {
@@ -270,7 +278,7 @@ impl Worker {
             }
             self.send_staged(&mut staging, &mut sockets);
             if !records.is_empty() && self.records.send(std::mem::take(&mut records)).is_err() {
-                return Err("the control thread has stopped".into());
+                return Err(WorkerFailure::ControlGone);
             }
         }
         Ok(())
@@ -338,21 +346,6 @@ fn live_since(engine: &Engine, since: u64, now: u64) -> Vec<FlowEvent> {
         .conntrack()
         .iter()
         .filter(|(_, c)| c.last_seen >= since && !c.ended)
-        .map(|(_, c)| FlowEvent {
-            kind: EventKind::Update,
-            key: c.key,
-            state: c.state,
-            packets: c.packets,
-            bytes: c.bytes,
-            reply_packets: c.reply_packets,
-            reply_bytes: c.reply_bytes,
-            rules: c.rules,
-            policy_version: c.policy_version,
-            trusted: c.trusted,
-            owners: c.owners,
-            created: c.created,
-            last_seen: c.last_seen,
-            now,
-        })
+        .map(|(_, c)| c.event(EventKind::Update, now))
         .collect()
 }

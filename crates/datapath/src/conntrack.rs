@@ -166,7 +166,8 @@ impl Conn {
         }
     }
 
-    fn event(&self, kind: EventKind, now: u64) -> FlowEvent {
+    /// The connection as a flow event of `kind` at `now`.
+    pub fn event(&self, kind: EventKind, now: u64) -> FlowEvent {
         FlowEvent {
             kind,
             key: self.key,
