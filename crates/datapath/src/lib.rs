@@ -35,8 +35,6 @@ mod decision;
 mod engine;
 mod events;
 mod flow_table;
-#[doc(hidden)]
-pub mod fuzzing;
 mod lookup;
 pub mod port;
 mod render;

@@ -7,11 +7,11 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use palisade_datapath::PolicyLookup;
-use palisade_datapath::fuzzing::vm_frame;
 use palisade_datapath::port::{self, UplinkConfig};
 use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
+use palisade_testkit::vm_frame;
 use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::ip::IpProtocol;
 use palisade_wire::tcp::{self, TcpFlags, TcpRepr};

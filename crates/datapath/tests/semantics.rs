@@ -7,11 +7,11 @@ use core::net::Ipv4Addr;
 
 use palisade_datapath::FlowEvent;
 use palisade_datapath::PolicyLookup;
-use palisade_datapath::fuzzing::vm_frame;
 use palisade_datapath::port::{self, PortId, UplinkConfig};
 use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
+use palisade_testkit::vm_frame;
 use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::icmpv4;
 use palisade_wire::ip::IpProtocol;

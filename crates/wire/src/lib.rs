@@ -24,8 +24,6 @@ mod error;
 pub mod ethernet;
 pub mod flow;
 pub mod frame;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod icmpv4;
 pub mod icmpv6;
 pub mod ip;

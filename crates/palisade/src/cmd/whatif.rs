@@ -204,11 +204,11 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use palisade_audit::record::Endpoint;
-    use palisade_datapath::fuzzing::vm_frame;
     use palisade_datapath::{Engine, EngineConfig};
     use palisade_datapath::{EventKind, FlowEvent, PolicyLookup, Results, UplinkConfig, port};
     use palisade_policy::compile::Compiler;
     use palisade_policy::{MemorySource, load};
+    use palisade_testkit::vm_frame;
     use palisade_wire::ethernet::EthernetAddress;
     use palisade_wire::icmpv4;
 

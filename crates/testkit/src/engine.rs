@@ -11,8 +11,6 @@
 //!
 //! [`vm_frame`] is also how the datapath's tests and benches build their
 //! frames between VMs.
-//!
-//! Not part of the stable API: hidden from the documentation.
 
 use core::net::Ipv4Addr;
 use std::sync::OnceLock;
@@ -27,13 +25,11 @@ use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
 use palisade_wire::udp::{self, UdpRepr};
 use palisade_wire::vxlan;
 
-use crate::decision::{Disposition, Output, Processed, Results};
-use crate::engine::{Engine, EngineConfig};
-use crate::events::FlowEvent;
-use crate::lookup::PolicyLookup;
-use crate::port::{self, PortId, UPLINK, UplinkConfig};
-use crate::render::{render, render_reply};
-use crate::verdict::Counters;
+use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
+use palisade_datapath::{
+    Counters, Disposition, Engine, EngineConfig, FlowEvent, Output, PolicyLookup, Processed, Results, render,
+    render_reply,
+};
 
 /// Two VMs on this host (a, b), one on another (c); `ssh` toggles one rule.
 fn policy(ssh: bool) -> String {
@@ -459,7 +455,7 @@ pub fn check_engine(data: &[u8]) -> Result<Counters, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::verdict::DropReason;
+    use palisade_datapath::DropReason;
 
     /// Programs from a fixed generator: every property holds, and together
     /// they reach what the target is for (hits, new, revalidated, related,
