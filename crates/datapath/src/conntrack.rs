@@ -191,6 +191,21 @@ fn is_icmp(key: &FlowKey) -> bool {
     key.protocol.0 == 1 || key.protocol.0 == 58
 }
 
+/// A packet seen on a tracked connection: what tracking it needs besides the
+/// connection (and, for TCP, the segment).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sighting {
+    /// It travels responder → initiator.
+    pub reply: bool,
+    /// Its length.
+    pub len: usize,
+    /// It counts in the connection's packets and bytes (false when it was
+    /// counted on another leg of a routed flow: it updates state only).
+    pub count: bool,
+    /// When it was seen.
+    pub now: u64,
+}
+
 /// The connection table.
 #[derive(Debug, Clone)]
 pub struct Conntrack {
@@ -383,17 +398,8 @@ impl Conntrack {
     }
 
     /// Account a non-TCP packet to its connection.
-    ///
-    /// A packet already counted on another leg of a routed flow (`count` false) updates state only.
-    pub(crate) fn track_other(
-        &mut self,
-        slot: Slot,
-        reply: bool,
-        len: usize,
-        count: bool,
-        now: u64,
-        sink: &mut dyn EventSink,
-    ) {
+    pub(crate) fn track_other(&mut self, slot: Slot, seen: Sighting, sink: &mut dyn EventSink) {
+        let Sighting { reply, len, count, now } = seen;
         let Some(conn) = self.map.get_mut(slot) else { return };
         if count {
             conn.count(reply, len);
@@ -405,23 +411,19 @@ impl Conntrack {
         }
     }
 
-    /// Track a TCP segment of an existing connection (`count`: as for
-    /// [`Conntrack::track_other`]; `liberal`: the zone's window failures pass).
-    /// A segment that cannot belong to it is an error and changes nothing;
-    /// [`Tracked::Reopen`] and [`Tracked::Kill`] tell the caller to end the
-    /// connection (then, for a reopen, to start a new one).
-    #[allow(clippy::too_many_arguments)]
+    /// Track a TCP segment of an existing connection (in a liberal zone,
+    /// window failures pass). A segment that cannot belong to it is an error
+    /// and changes nothing; [`Tracked::Reopen`] and [`Tracked::Kill`] tell
+    /// the caller to end the connection (then, for a reopen, to start a new one).
     pub(crate) fn track_tcp(
         &mut self,
         slot: Slot,
-        reply: bool,
+        seen: Sighting,
         seg: &TcpSeg,
-        len: usize,
-        count: bool,
-        now: u64,
         sink: &mut dyn EventSink,
         c: &mut Counters,
     ) -> Result<Tracked, DropReason> {
+        let Sighting { reply, len, count, now } = seen;
         let Some(conn) = self.map.get_mut(slot) else {
             return Err(DropReason::TcpNoConnection);
         };
@@ -486,6 +488,16 @@ mod tests {
 
     use super::*;
 
+    /// A counted packet of `len` bytes at `now`, in the reply direction or not.
+    fn seen(reply: bool, len: usize, now: u64) -> Sighting {
+        Sighting {
+            reply,
+            len,
+            count: true,
+            now,
+        }
+    }
+
     fn key() -> FlowKey {
         FlowKey {
             segment: Segment::vlan(100),
@@ -520,13 +532,13 @@ mod tests {
         let slot = ct.create(conn, [u32::MAX; 2], 0, &mut ev, &mut c).unwrap();
         let synack = seg(5000, 101, TcpFlags::SYN | TcpFlags::ACK, 0);
         assert_eq!(
-            ct.track_tcp(slot, true, &synack, 60, true, 1, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(true, 60, 1), &synack, &mut ev, &mut c),
             Ok(Tracked::Accepted)
         );
         assert_eq!(ct.get(slot).unwrap().state, ConnState::SynReceived);
         let ack = seg(101, 5001, TcpFlags::ACK, 0);
         assert_eq!(
-            ct.track_tcp(slot, false, &ack, 60, true, 2, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(false, 60, 2), &ack, &mut ev, &mut c),
             Ok(Tracked::Accepted)
         );
         assert_eq!(ct.get(slot).unwrap().state, ConnState::Established);
@@ -561,23 +573,23 @@ mod tests {
         let (mut ct, slot, mut ev, mut c) = handshake(true);
         let far = seg(101 + 50_000, 5001, TcpFlags::ACK, 10);
         assert_eq!(
-            ct.track_tcp(slot, false, &far, 60, true, 3, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(false, 60, 3), &far, &mut ev, &mut c),
             Err(DropReason::TcpOutOfWindow)
         );
         let bad_ack = seg(101, 5001 + 10_000, TcpFlags::ACK, 0);
         assert_eq!(
-            ct.track_tcp(slot, false, &bad_ack, 60, true, 3, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(false, 60, 3), &bad_ack, &mut ev, &mut c),
             Err(DropReason::TcpOutOfWindow)
         );
         let ok = seg(101, 5001, TcpFlags::ACK | TcpFlags::PSH, 500);
         assert_eq!(
-            ct.track_tcp(slot, false, &ok, 60, true, 3, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(false, 60, 3), &ok, &mut ev, &mut c),
             Ok(Tracked::Accepted)
         );
 
         let (mut ct, slot, mut ev, mut c) = handshake(false);
         assert_eq!(
-            ct.track_tcp(slot, false, &far, 60, true, 3, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(false, 60, 3), &far, &mut ev, &mut c),
             Ok(Tracked::Accepted)
         );
         assert_eq!(c.tcp_window_liberal, 1);
@@ -587,13 +599,13 @@ mod tests {
     fn fin_teardown_and_timeouts() {
         let (mut ct, slot, mut ev, mut c) = handshake(false);
         let fin = seg(101, 5001, TcpFlags::FIN | TcpFlags::ACK, 0);
-        ct.track_tcp(slot, false, &fin, 60, true, 3, &mut ev, &mut c).unwrap();
+        ct.track_tcp(slot, seen(false, 60, 3), &fin, &mut ev, &mut c).unwrap();
         assert_eq!(ct.get(slot).unwrap().state, ConnState::FinWait);
         let fin2 = seg(5001, 102, TcpFlags::FIN | TcpFlags::ACK, 0);
-        ct.track_tcp(slot, true, &fin2, 60, true, 4, &mut ev, &mut c).unwrap();
+        ct.track_tcp(slot, seen(true, 60, 4), &fin2, &mut ev, &mut c).unwrap();
         assert_eq!(ct.get(slot).unwrap().state, ConnState::LastAck);
         let last = seg(102, 5002, TcpFlags::ACK, 0);
-        ct.track_tcp(slot, false, &last, 60, true, 4, &mut ev, &mut c).unwrap();
+        ct.track_tcp(slot, seen(false, 60, 4), &last, &mut ev, &mut c).unwrap();
         assert_eq!(ct.get(slot).unwrap().state, ConnState::TimeWait);
         assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::Closed));
         let ends = ev.len();

@@ -140,14 +140,13 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, l4: &[u8]) -> Vec<u8> {
     p
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A TCP segment in an IPv4 packet; `(seq, ack)` its sequence and acknowledgement numbers.
 fn tcp_ip(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     sport: u16,
     dport: u16,
-    seq: u32,
-    ack: u32,
+    (seq, ack): (u32, u32),
     flags: TcpFlags,
     data: &[u8],
 ) -> Vec<u8> {
@@ -168,14 +167,13 @@ fn tcp_ip(
 }
 
 /// A TCP frame between two VMs of the in-memory policy (by last octet/MAC byte).
-#[allow(clippy::too_many_arguments)]
-fn tcp(from: u8, to: u8, sport: u16, dport: u16, seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
+fn tcp(from: u8, to: u8, sport: u16, dport: u16, (seq, ack): (u32, u32), flags: TcpFlags, data: &[u8]) -> Vec<u8> {
     eth(
         mac(from),
         mac(to),
         None,
         EtherType::IPV4,
-        &tcp_ip(ip(from), ip(to), sport, dport, seq, ack, flags, data),
+        &tcp_ip(ip(from), ip(to), sport, dport, (seq, ack), flags, data),
     )
 }
 
@@ -312,12 +310,19 @@ fn fwd(e: &mut Engine, now: u64, from: PortId, frame: &[u8], to: PortId, ev: &mu
 
 fn handshake(e: &mut Engine, ev: &mut Vec<FlowEvent>, sport: u16, dport: u16, t: u64) {
     let (a, b) = (port(e, "a.0"), port(e, "b.0"));
-    fwd(e, t, a, &tcp(10, 11, sport, dport, 1000, 0, TcpFlags::SYN, b""), b, ev);
+    fwd(
+        e,
+        t,
+        a,
+        &tcp(10, 11, sport, dport, (1000, 0), TcpFlags::SYN, b""),
+        b,
+        ev,
+    );
     fwd(
         e,
         t + 1,
         b,
-        &tcp(11, 10, dport, sport, 9000, 1001, TcpFlags::SYN | TcpFlags::ACK, b""),
+        &tcp(11, 10, dport, sport, (9000, 1001), TcpFlags::SYN | TcpFlags::ACK, b""),
         a,
         ev,
     );
@@ -325,7 +330,7 @@ fn handshake(e: &mut Engine, ev: &mut Vec<FlowEvent>, sport: u16, dport: u16, t:
         e,
         t + 2,
         a,
-        &tcp(10, 11, sport, dport, 1001, 9001, TcpFlags::ACK, b""),
+        &tcp(10, 11, sport, dport, (1001, 9001), TcpFlags::ACK, b""),
         b,
         ev,
     );
@@ -342,7 +347,15 @@ fn tcp_handshake_data_and_fin_teardown_classified_once() {
         &mut e,
         10 * MS,
         a,
-        &tcp(10, 11, 40000, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"GET /"),
+        &tcp(
+            10,
+            11,
+            40000,
+            443,
+            (1001, 9001),
+            TcpFlags::ACK | TcpFlags::PSH,
+            b"GET /",
+        ),
         b,
         &mut ev,
     );
@@ -350,7 +363,15 @@ fn tcp_handshake_data_and_fin_teardown_classified_once() {
         &mut e,
         11 * MS,
         b,
-        &tcp(11, 10, 443, 40000, 9001, 1006, TcpFlags::ACK | TcpFlags::PSH, b"200 OK"),
+        &tcp(
+            11,
+            10,
+            443,
+            40000,
+            (9001, 1006),
+            TcpFlags::ACK | TcpFlags::PSH,
+            b"200 OK",
+        ),
         a,
         &mut ev,
     );
@@ -358,7 +379,7 @@ fn tcp_handshake_data_and_fin_teardown_classified_once() {
         &mut e,
         12 * MS,
         a,
-        &tcp(10, 11, 40000, 443, 1006, 9007, TcpFlags::FIN | TcpFlags::ACK, b""),
+        &tcp(10, 11, 40000, 443, (1006, 9007), TcpFlags::FIN | TcpFlags::ACK, b""),
         b,
         &mut ev,
     );
@@ -366,7 +387,7 @@ fn tcp_handshake_data_and_fin_teardown_classified_once() {
         &mut e,
         13 * MS,
         b,
-        &tcp(11, 10, 443, 40000, 9007, 1007, TcpFlags::FIN | TcpFlags::ACK, b""),
+        &tcp(11, 10, 443, 40000, (9007, 1007), TcpFlags::FIN | TcpFlags::ACK, b""),
         a,
         &mut ev,
     );
@@ -374,7 +395,7 @@ fn tcp_handshake_data_and_fin_teardown_classified_once() {
         &mut e,
         14 * MS,
         a,
-        &tcp(10, 11, 40000, 443, 1007, 9008, TcpFlags::ACK, b""),
+        &tcp(10, 11, 40000, 443, (1007, 9008), TcpFlags::ACK, b""),
         b,
         &mut ev,
     );
@@ -423,7 +444,7 @@ fn rst_ends_the_connection() {
         &mut e,
         5,
         b,
-        &tcp(11, 10, 443, 40001, 9001, 1001, TcpFlags::RST | TcpFlags::ACK, b""),
+        &tcp(11, 10, 443, 40001, (9001, 1001), TcpFlags::RST | TcpFlags::ACK, b""),
         a,
         &mut ev,
     );
@@ -432,9 +453,9 @@ fn rst_ends_the_connection() {
     // Segments still in flight from either side are the dead connection's
     // late packets: forwarded, not classified as new flows, no new events.
     let before = e.counters().classifications;
-    let late_data = tcp(10, 11, 40001, 443, 1001, 9001, TcpFlags::ACK, b"late");
+    let late_data = tcp(10, 11, 40001, 443, (1001, 9001), TcpFlags::ACK, b"late");
     fwd(&mut e, 6, a, &late_data, b, &mut ev);
-    let late_rst = tcp(11, 10, 443, 40001, 9001, 1005, TcpFlags::RST, b"");
+    let late_rst = tcp(11, 10, 443, 40001, (9001, 1005), TcpFlags::RST, b"");
     fwd(&mut e, 7, b, &late_rst, a, &mut ev);
     assert_eq!(e.counters().classifications, before);
     assert_eq!(ev.len(), n, "one end event only");
@@ -442,13 +463,13 @@ fn rst_ends_the_connection() {
     // a reset from the *other* side passes as the old connection's, as in
     // Linux: the reset may have been out of sync, and the answer will tell.
     assert_eq!(e.conntrack().len(), 1);
-    let syn = tcp(10, 11, 40001, 443, 5000, 0, TcpFlags::SYN, b"");
+    let syn = tcp(10, 11, 40001, 443, (5000, 0), TcpFlags::SYN, b"");
     fwd(&mut e, 8, a, &syn, b, &mut ev);
     assert_eq!(ev.len(), n);
     // After a reset from its own side, a new SYN opens a new connection.
-    let own_rst = tcp(10, 11, 40001, 443, 1005, 9001, TcpFlags::RST | TcpFlags::ACK, b"");
+    let own_rst = tcp(10, 11, 40001, 443, (1005, 9001), TcpFlags::RST | TcpFlags::ACK, b"");
     fwd(&mut e, 9, a, &own_rst, b, &mut ev);
-    let syn = tcp(10, 11, 40001, 443, 7000, 0, TcpFlags::SYN, b"");
+    let syn = tcp(10, 11, 40001, 443, (7000, 0), TcpFlags::SYN, b"");
     fwd(&mut e, 10, a, &syn, b, &mut ev);
     assert_eq!(ev.last().unwrap().kind, EventKind::Start);
     assert_eq!(ev.last().unwrap().state, ConnState::SynSent);
@@ -464,14 +485,14 @@ fn strict_zone_drops_out_of_window_and_liberal_counts_it() {
         let a = port(e, "a.0");
         handshake(e, &mut ev, 40002, 443, 0);
         let before = e.counters().clone();
-        let far = tcp(10, 11, 40002, 443, 1001 + 3_000_000, 9001, TcpFlags::ACK, b"x");
+        let far = tcp(10, 11, 40002, 443, (1001 + 3_000_000, 9001), TcpFlags::ACK, b"x");
         let d = e.process(10, a, &far, &mut ev, &mut Results::new()).disposition;
         let after = e.counters().clone();
         if strict {
             assert_eq!(d, Disposition::Drop(DropReason::TcpOutOfWindow));
             assert_eq!(delta(&before, &after, |c| c.dropped(DropReason::TcpOutOfWindow)), 1);
             // Strict zones also refuse mid-stream pickup.
-            let stray = tcp(10, 11, 40003, 443, 5, 5, TcpFlags::ACK, b"");
+            let stray = tcp(10, 11, 40003, 443, (5, 5), TcpFlags::ACK, b"");
             assert_eq!(
                 e.process(11, a, &stray, &mut ev, &mut Results::new()),
                 Disposition::Drop(DropReason::TcpNoConnection)
@@ -551,7 +572,7 @@ fn spoofing_is_dropped_with_reasons() {
     let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
     let before = e.counters().clone();
     // Source MAC of b.
-    let mut f = tcp(10, 11, 1, 443, 1, 0, TcpFlags::SYN, b"");
+    let mut f = tcp(10, 11, 1, 443, (1, 0), TcpFlags::SYN, b"");
     f[6..12].copy_from_slice(&mac(11));
     assert_eq!(
         e.process(0, a, &f, &mut ev, &mut Results::new()),
@@ -563,7 +584,7 @@ fn spoofing_is_dropped_with_reasons() {
         mac(11),
         None,
         EtherType::IPV4,
-        &tcp_ip(ip(11), ip(10), 1, 443, 1, 0, TcpFlags::SYN, b""),
+        &tcp_ip(ip(11), ip(10), 1, 443, (1, 0), TcpFlags::SYN, b""),
     );
     assert_eq!(
         e.process(0, a, &f, &mut ev, &mut Results::new()),
@@ -611,19 +632,19 @@ fn policy_change_cuts_one_flow_and_keeps_another() {
     assert_eq!(e.conntrack().len(), 2);
     let before = e.counters().clone();
     e.update_policy(Box::new(PolicyLookup::new(compile_mem(policy(false)))));
-    let ssh = tcp(10, 11, 40010, 22, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"ls");
+    let ssh = tcp(10, 11, 40010, 22, (1001, 9001), TcpFlags::ACK | TcpFlags::PSH, b"ls");
     assert_eq!(
         e.process(10, a, &ssh, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::PolicyRevoked)
     );
     assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::PolicyRevoked));
-    let https = tcp(10, 11, 40011, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"GET");
+    let https = tcp(10, 11, 40011, 443, (1001, 9001), TcpFlags::ACK | TcpFlags::PSH, b"GET");
     fwd(&mut e, 11, a, &https, b, &mut ev);
     fwd(
         &mut e,
         12,
         b,
-        &tcp(11, 10, 443, 40011, 9001, 1004, TcpFlags::ACK, b""),
+        &tcp(11, 10, 443, 40011, (9001, 1004), TcpFlags::ACK, b""),
         a,
         &mut ev,
     );
@@ -722,13 +743,13 @@ fn state_export_import_continues_without_classification() {
     assert_eq!(dst.import_vnic(a2, &blob, 5_000, &mut ev), Ok(1));
     let before = dst.counters().clone();
     // Strict zone: a mid-stream segment would be refused without the imported state.
-    let data = tcp(10, 11, 40020, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"more");
+    let data = tcp(10, 11, 40020, 443, (1001, 9001), TcpFlags::ACK | TcpFlags::PSH, b"more");
     fwd(&mut dst, 5_001, a2, &data, b2, &mut ev);
     fwd(
         &mut dst,
         5_002,
         b2,
-        &tcp(11, 10, 443, 40020, 9001, 1005, TcpFlags::ACK, b""),
+        &tcp(11, 10, 443, 40020, (9001, 1005), TcpFlags::ACK, b""),
         a2,
         &mut ev,
     );
@@ -736,7 +757,7 @@ fn state_export_import_continues_without_classification() {
     assert_eq!(delta(&before, &after, |c| c.classifications), 0);
     assert_eq!(delta(&before, &after, |c| c.forwarded), 2);
     // The window state came along: a segment far outside it is still refused.
-    let far = tcp(10, 11, 40020, 443, 1005 + 3_000_000, 9001, TcpFlags::ACK, b"x");
+    let far = tcp(10, 11, 40020, 443, (1005 + 3_000_000, 9001), TcpFlags::ACK, b"x");
     assert_eq!(
         dst.process(5_003, a2, &far, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::TcpOutOfWindow)
@@ -787,7 +808,7 @@ fn cross_host_flow_is_classified_once_in_total() {
     let (b1, b2) = (h1.counters().clone(), h2.counters().clone());
 
     // a → c: classified on h1, encapsulated with the policy-applied bit and a's group.
-    let syn = tcp(10, 12, 40030, 443, 1, 0, TcpFlags::SYN, b"");
+    let syn = tcp(10, 12, 40030, 443, (1, 0), TcpFlags::SYN, b"");
     let seen = run(&mut h1, 2, a, &syn, &mut ev);
     assert_eq!(seen, Disposition::Forward);
     let enc = seen.outputs[0].encap.unwrap();
@@ -807,7 +828,7 @@ fn cross_host_flow_is_classified_once_in_total() {
     assert_eq!(seen.out0(), syn);
 
     // The reply goes back the same way, trusted on h1 too.
-    let synack = tcp(12, 10, 443, 40030, 100, 2, TcpFlags::SYN | TcpFlags::ACK, b"");
+    let synack = tcp(12, 10, 443, 40030, (100, 2), TcpFlags::SYN | TcpFlags::ACK, b"");
     let seen = run(&mut h2, 4, cc, &synack, &mut ev);
     assert_eq!(seen, Disposition::Forward);
     assert!(seen.outputs[0].encap.unwrap().policy_applied);
@@ -818,7 +839,7 @@ fn cross_host_flow_is_classified_once_in_total() {
         "both directions of a flow take one underlay path"
     );
     fwd(&mut h1, 5, UPLINK, &wire, a, &mut ev);
-    let ack = tcp(10, 12, 40030, 443, 2, 101, TcpFlags::ACK, b"");
+    let ack = tcp(10, 12, 40030, 443, (2, 101), TcpFlags::ACK, b"");
     let seen = run(&mut h1, 6, a, &ack, &mut ev);
     assert_eq!(seen, Disposition::Forward);
     fwd(&mut h2, 7, UPLINK, &seen.out0(), cc, &mut ev);
@@ -830,7 +851,7 @@ fn cross_host_flow_is_classified_once_in_total() {
     assert_eq!(delta(&b1, &a1, |c| c.trusted), 1);
 
     // Without the policy-applied bit, the receiving host evaluates the flow itself.
-    let syn2 = tcp(10, 12, 40031, 22, 1, 0, TcpFlags::SYN, b"");
+    let syn2 = tcp(10, 12, 40031, 22, (1, 0), TcpFlags::SYN, b"");
     let seen = run(&mut h1, 8, a, &syn2, &mut ev);
     assert_eq!(seen, Disposition::Forward);
     let mut wire = seen.out0();
@@ -859,7 +880,7 @@ fn three_tier_vlan_tagged_north_south() {
         web_mac,
         Some(100),
         EtherType::IPV4,
-        &tcp_ip(client, web_ip, 50000, 443, 7, 0, TcpFlags::SYN, b""),
+        &tcp_ip(client, web_ip, 50000, 443, (7, 0), TcpFlags::SYN, b""),
     );
     let out = fwd(&mut e, 0, UPLINK, &syn, web, &mut ev).out0();
     assert_eq!(out.len(), syn.len() - 4);
@@ -871,7 +892,7 @@ fn three_tier_vlan_tagged_north_south() {
         router,
         None,
         EtherType::IPV4,
-        &tcp_ip(web_ip, client, 443, 50000, 70, 8, TcpFlags::SYN | TcpFlags::ACK, b""),
+        &tcp_ip(web_ip, client, 443, 50000, (70, 8), TcpFlags::SYN | TcpFlags::ACK, b""),
     );
     let out = fwd(&mut e, 1, web, &synack, UPLINK, &mut ev).out0();
     assert_eq!(out, eth(web_mac, router, Some(100), EtherType::IPV4, &synack[14..]));
@@ -881,7 +902,7 @@ fn three_tier_vlan_tagged_north_south() {
         web_mac,
         Some(100),
         EtherType::IPV4,
-        &tcp_ip(client, web_ip, 50001, 22, 7, 0, TcpFlags::SYN, b""),
+        &tcp_ip(client, web_ip, 50001, 22, (7, 0), TcpFlags::SYN, b""),
     );
     assert_eq!(
         e.process(2, UPLINK, &ssh, &mut ev, &mut Results::new()),
@@ -980,16 +1001,16 @@ fn mutated_frames_never_panic() {
     let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
     handshake(&mut e, &mut ev, 40100, 443, 0);
     let mut seeds = vec![
-        tcp(10, 11, 40100, 443, 1001, 9001, TcpFlags::ACK, b"data"),
+        tcp(10, 11, 40100, 443, (1001, 9001), TcpFlags::ACK, b"data"),
         udp(10, 11, 5000, 53),
         icmp(11, 10, 3, 3, [0; 4], &udp(10, 11, 5000, 53)[14..42]),
         arp_frame(mac(10), ip(10), ip(11)),
         neighbor_advert("fd00::a", mac(10)),
-        tcp(10, 11, 40101, 23, 1, 0, TcpFlags::SYN, b""),
+        tcp(10, 11, 40101, 23, (1, 0), TcpFlags::SYN, b""),
         udp(10, 11, 6001, 69),
     ];
     // A VXLAN packet for the uplink, too.
-    let syn = tcp(12, 10, 1, 443, 1, 0, TcpFlags::SYN, b"");
+    let syn = tcp(12, 10, 1, 443, (1, 0), TcpFlags::SYN, b"");
     let mut h2 = host(compile_mem(policy(true)), "h2", 2, &[], |_| {});
     let c = port(&h2, "c.0");
     seeds.push(run(&mut h2, 0, c, &syn, &mut ev).out0());
@@ -1017,8 +1038,8 @@ fn mutated_frames_never_panic() {
     assert_eq!(e.counters().packets, 20_000 + 3);
 }
 
-#[allow(clippy::too_many_arguments)]
-fn tcp6(from: u8, to: u8, sport: u16, dport: u16, seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
+/// A TCP frame between two VMs over IPv6 (`fd00::<from>` → `fd00::<to>`).
+fn tcp6(from: u8, to: u8, sport: u16, dport: u16, (seq, ack): (u32, u32), flags: TcpFlags, data: &[u8]) -> Vec<u8> {
     let src: core::net::Ipv6Addr = format!("fd00::{from:x}").parse().unwrap();
     let dst: core::net::Ipv6Addr = format!("fd00::{to:x}").parse().unwrap();
     let repr = TcpRepr {
@@ -1059,7 +1080,7 @@ fn ipv6_tcp_with_window_scaling_in_a_strict_zone() {
         &mut e,
         0,
         a,
-        &tcp6(10, 11, 40200, 443, 1000, 0, TcpFlags::SYN, b""),
+        &tcp6(10, 11, 40200, 443, (1000, 0), TcpFlags::SYN, b""),
         b,
         &mut ev,
     );
@@ -1067,7 +1088,7 @@ fn ipv6_tcp_with_window_scaling_in_a_strict_zone() {
         &mut e,
         1,
         b,
-        &tcp6(11, 10, 443, 40200, 9000, 1001, TcpFlags::SYN | TcpFlags::ACK, b""),
+        &tcp6(11, 10, 443, 40200, (9000, 1001), TcpFlags::SYN | TcpFlags::ACK, b""),
         a,
         &mut ev,
     );
@@ -1075,12 +1096,12 @@ fn ipv6_tcp_with_window_scaling_in_a_strict_zone() {
         &mut e,
         2,
         a,
-        &tcp6(10, 11, 40200, 443, 1001, 9001, TcpFlags::ACK, b""),
+        &tcp6(10, 11, 40200, 443, (1001, 9001), TcpFlags::ACK, b""),
         b,
         &mut ev,
     );
     // The SYN-ACK's window is never scaled, so 5 MB ahead is out of window until b advertises a scaled one.
-    let ahead = tcp6(10, 11, 40200, 443, 1001 + 5_000_000, 9001, TcpFlags::ACK, b"x");
+    let ahead = tcp6(10, 11, 40200, 443, (1001 + 5_000_000, 9001), TcpFlags::ACK, b"x");
     assert_eq!(
         e.process(3, a, &ahead, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::TcpOutOfWindow)
@@ -1089,16 +1110,16 @@ fn ipv6_tcp_with_window_scaling_in_a_strict_zone() {
         &mut e,
         3,
         b,
-        &tcp6(11, 10, 443, 40200, 9001, 1001, TcpFlags::ACK, b""),
+        &tcp6(11, 10, 443, 40200, (9001, 1001), TcpFlags::ACK, b""),
         a,
         &mut ev,
     );
     // With a window scale of 7 on both sides, 64000 << 7 bytes may be in flight: 5 MB ahead is fine.
-    let ahead = tcp6(10, 11, 40200, 443, 1001 + 5_000_000, 9001, TcpFlags::ACK, b"x");
+    let ahead = tcp6(10, 11, 40200, 443, (1001 + 5_000_000, 9001), TcpFlags::ACK, b"x");
     fwd(&mut e, 3, a, &ahead, b, &mut ev);
     // Beyond b's window by more than a window (Linux lets a segment overshoot
     // by up to one: some stacks send a little too much).
-    let beyond = tcp6(10, 11, 40200, 443, 1001 + 20_000_000, 9001, TcpFlags::ACK, b"x");
+    let beyond = tcp6(10, 11, 40200, 443, (1001 + 20_000_000, 9001), TcpFlags::ACK, b"x");
     assert_eq!(
         e.process(4, a, &beyond, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::TcpOutOfWindow)
@@ -1145,7 +1166,7 @@ fn rejected_flows_get_a_reset_or_an_icmp_error() {
     let mut e = h1();
     let mut ev = Vec::new();
     let a = port(&e, "a.0");
-    let syn = tcp(10, 11, 40400, 23, 5000, 0, TcpFlags::SYN, b"");
+    let syn = tcp(10, 11, 40400, 23, (5000, 0), TcpFlags::SYN, b"");
     let seen = run(&mut e, 0, a, &syn, &mut ev);
     assert_eq!(seen, Disposition::Drop(DropReason::PolicyReject));
     let buf = seen.reply.unwrap();
@@ -1228,7 +1249,7 @@ fn overlay_socket_path_matches_the_uplink_path() {
     );
 
     let before = (h1.counters().classifications, h2.counters().classifications);
-    let syn = tcp(10, 12, 40030, 443, 1, 0, TcpFlags::SYN, b"");
+    let syn = tcp(10, 12, 40030, 443, (1, 0), TcpFlags::SYN, b"");
     let seen = run(&mut h1, 2, a, &syn, &mut ev);
     assert_eq!(seen, Disposition::Forward);
     let (remote, payload) = seen.overlay0();
@@ -1277,13 +1298,21 @@ fn events_carry_direction_counts_and_the_deciding_rules() {
     let mut ev = Vec::new();
     let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
     handshake(&mut e, &mut ev, 40100, 443, 0);
-    let data = tcp(10, 11, 40100, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"hello");
+    let data = tcp(
+        10,
+        11,
+        40100,
+        443,
+        (1001, 9001),
+        TcpFlags::ACK | TcpFlags::PSH,
+        b"hello",
+    );
     fwd(&mut e, 10, a, &data, b, &mut ev);
-    let fin = tcp(10, 11, 40100, 443, 1006, 9001, TcpFlags::FIN | TcpFlags::ACK, b"");
+    let fin = tcp(10, 11, 40100, 443, (1006, 9001), TcpFlags::FIN | TcpFlags::ACK, b"");
     fwd(&mut e, 11, a, &fin, b, &mut ev);
-    let finack = tcp(11, 10, 443, 40100, 9001, 1007, TcpFlags::FIN | TcpFlags::ACK, b"");
+    let finack = tcp(11, 10, 443, 40100, (9001, 1007), TcpFlags::FIN | TcpFlags::ACK, b"");
     fwd(&mut e, 12, b, &finack, a, &mut ev);
-    let last = tcp(10, 11, 40100, 443, 1007, 9002, TcpFlags::ACK, b"");
+    let last = tcp(10, 11, 40100, 443, (1007, 9002), TcpFlags::ACK, b"");
     fwd(&mut e, 13, a, &last, b, &mut ev);
     let end = ev.iter().rfind(|x| matches!(x.kind, EventKind::End(_))).unwrap();
     // Initiator: SYN, ACK, data, FIN, last ACK; responder: SYN-ACK, FIN-ACK.
@@ -1304,7 +1333,7 @@ fn events_carry_direction_counts_and_the_deciding_rules() {
 
     // A denied flow makes exactly one Denied event, with the rule that denied it.
     let n = ev.len();
-    let smtp = tcp(10, 11, 40101, 25, 1, 0, TcpFlags::SYN, b"");
+    let smtp = tcp(10, 11, 40101, 25, (1, 0), TcpFlags::SYN, b"");
     for t in 20..23 {
         assert_eq!(
             e.process(t, a, &smtp, &mut ev, &mut Results::new()),
@@ -1320,7 +1349,7 @@ fn events_carry_direction_counts_and_the_deciding_rules() {
 }
 
 fn syn_ack_len() -> usize {
-    tcp(11, 10, 443, 40100, 100, 2, TcpFlags::SYN | TcpFlags::ACK, b"").len()
+    tcp(11, 10, 443, 40100, (100, 2), TcpFlags::SYN | TcpFlags::ACK, b"").len()
 }
 
 #[test]
@@ -1335,8 +1364,7 @@ fn appliance_ports_may_send_from_any_address_but_not_any_mac() {
             ip(10),
             50000,
             dport,
-            1,
-            0,
+            (1, 0),
             TcpFlags::SYN,
             b"",
         );
@@ -1360,8 +1388,7 @@ fn appliance_ports_may_send_from_any_address_but_not_any_mac() {
         Ipv4Addr::new(203, 0, 113, 10),
         40200,
         443,
-        1,
-        0,
+        (1, 0),
         TcpFlags::SYN,
         b"",
     );
@@ -1426,7 +1453,7 @@ fn two_connections_saved() -> (Engine, Vec<u8>) {
     let (mut e, gw) = with_gateway(h1());
     let mut ev = Vec::new();
     let a = port(&e, "a.0");
-    let out = tcp_ip(ip(10), INTERNET_HOST, 40300, 443, 1, 0, TcpFlags::SYN, b"");
+    let out = tcp_ip(ip(10), INTERNET_HOST, 40300, 443, (1, 0), TcpFlags::SYN, b"");
     fwd(
         &mut e,
         1,
@@ -1461,7 +1488,7 @@ fn a_restart_keeps_every_connection_including_transit_ones() {
     );
     // The internet's reply comes back through the router: part of the saved connection, not classified.
     let before = fresh.counters().classifications;
-    let reply = tcp_ip(inet, ip(10), 443, 40300, 500, 2, TcpFlags::SYN | TcpFlags::ACK, b"");
+    let reply = tcp_ip(inet, ip(10), 443, 40300, (500, 2), TcpFlags::SYN | TcpFlags::ACK, b"");
     fwd(
         &mut fresh,
         21,
@@ -1471,7 +1498,7 @@ fn a_restart_keeps_every_connection_including_transit_ones() {
         &mut ev,
     );
     let b = port(&fresh, "b.0");
-    let data = tcp(11, 10, 443, 40301, 9001, 1001, TcpFlags::ACK, b"x");
+    let data = tcp(11, 10, 443, 40301, (9001, 1001), TcpFlags::ACK, b"x");
     fwd(&mut fresh, 22, b, &data, a, &mut ev);
     assert_eq!(fresh.counters().classifications, before);
 }
@@ -1514,8 +1541,8 @@ rules:
     };
     let (gw_web, gw_app) = (leg(&mut e, "web", 0xfe), leg(&mut e, "app", 0xfd));
     let (wip, pip) = (Ipv4Addr::new(10, 0, 1, 10), Ipv4Addr::new(10, 0, 2, 11));
-    let syn = tcp_ip(wip, pip, 40000, 8080, 1, 0, TcpFlags::SYN, b"");
-    let synack = tcp_ip(pip, wip, 8080, 40000, 100, 2, TcpFlags::SYN | TcpFlags::ACK, b"");
+    let syn = tcp_ip(wip, pip, 40000, 8080, (1, 0), TcpFlags::SYN, b"");
+    let synack = tcp_ip(pip, wip, 8080, 40000, (100, 2), TcpFlags::SYN | TcpFlags::ACK, b"");
     // SYN: w → router (web leg), router → p (app leg).
     fwd(
         &mut e,
@@ -1563,8 +1590,7 @@ rules:
         pip,
         50000,
         8080,
-        1,
-        0,
+        (1, 0),
         TcpFlags::SYN,
         b"",
     );
@@ -1597,12 +1623,11 @@ fn batch_processing_matches_frame_by_frame() {
             b,
             40000 + i % 5,
             443,
-            1000 + u32::from(i),
-            0,
+            (1000 + u32::from(i), 0),
             TcpFlags::SYN,
             b"",
         ));
-        from_a.push(tcp(a, b, 41000 + i % 3, 22 + i % 2, 7, 0, TcpFlags::SYN, b""));
+        from_a.push(tcp(a, b, 41000 + i % 3, 22 + i % 2, (7, 0), TcpFlags::SYN, b""));
         if i % 9 == 0 {
             from_a.push(udp(b, a, 5000, 53)); // spoofed: b's MAC from a's port
             from_a.push(arp_frame(mac(a), ip(a), ip(b)));
@@ -1624,7 +1649,7 @@ fn batch_processing_matches_frame_by_frame() {
         // A warm cache (denied flows), so that looking ahead finds entries
         // (the default flow-cache capacity is past the look-ahead threshold).
         for p in 0..8300u16 {
-            let syn = tcp(a, b, 10_000 + p, 25, 1, 0, TcpFlags::SYN, b"");
+            let syn = tcp(a, b, 10_000 + p, 25, (1, 0), TcpFlags::SYN, b"");
             assert_eq!(
                 e.process(0, pa, &syn, &mut ev, &mut Results::new()),
                 Disposition::Drop(DropReason::PolicyDeny)
@@ -1746,7 +1771,7 @@ fn a_frame_with_nowhere_to_go_opens_no_connection() {
     let a = port(&e, "a.0");
     let mut ev = Vec::new();
     for sport in 0..3 {
-        let own = tcp(10, 10, 40_000 + sport, 443, 1, 0, TcpFlags::SYN, b"");
+        let own = tcp(10, 10, 40_000 + sport, 443, (1, 0), TcpFlags::SYN, b"");
         assert_eq!(
             e.process(0, a, &own, &mut ev, &mut Results::new()),
             Disposition::Drop(DropReason::NoRoute)

@@ -10,7 +10,7 @@ use palisade_wire::flow::{self, FlowInfo, FlowKey};
 use palisade_wire::ip::IpProtocol;
 use palisade_wire::tcp::TcpFlags;
 
-use crate::conntrack::{self, Conn, ConnState, TcpSeg, Tracked};
+use crate::conntrack::{self, Conn, ConnState, Sighting, TcpSeg, Tracked};
 use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::flow_table::{CachedVerdict, FlowEntry, FlowHash};
 use crate::table::Slot;
@@ -223,14 +223,18 @@ impl Engine {
         tcp: Option<&TcpSeg>,
         sink: &mut dyn EventSink,
     ) -> Result<bool, DropReason> {
-        let (now, len, count) = (pkt.now, pkt.len, !pkt.second_leg);
+        let now = pkt.now;
+        let seen = Sighting {
+            reply,
+            len: pkt.len,
+            count: !pkt.second_leg,
+            now,
+        };
         let Some(seg) = tcp else {
-            self.conns.track_other(slot, reply, len, count, now, sink);
+            self.conns.track_other(slot, seen, sink);
             return Ok(true);
         };
-        let tracked = self
-            .conns
-            .track_tcp(slot, reply, seg, len, count, now, sink, &mut self.counters)?;
+        let tracked = self.conns.track_tcp(slot, seen, seg, sink, &mut self.counters)?;
         match tracked {
             Tracked::Accepted | Tracked::Ignored => Ok(true),
             Tracked::Kill => {
