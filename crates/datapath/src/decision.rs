@@ -85,6 +85,43 @@ impl Default for L2 {
     }
 }
 
+/// Where a decided frame's (inner) Ethernet frame lies and how it was
+/// switched: what rendering needs of [`L2`], in a few bytes, as every
+/// frame's entry in [`Results`] carries it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Layout {
+    /// Offset of the destination MAC (the source MAC follows it).
+    pub eth: u16,
+    /// Offset of the payload after any tags.
+    pub payload: u16,
+    pub ethertype: EtherType,
+    pub segment: Segment,
+}
+
+impl Layout {
+    /// Header offsets are within the first few hundred bytes of a frame
+    /// (outer headers, a VXLAN header, two tags); one that is not cannot
+    /// have been parsed, and saturates, so rendering finds no such bytes.
+    pub fn of(l2: &L2) -> Layout {
+        Layout {
+            eth: u16::try_from(l2.eth).unwrap_or(u16::MAX),
+            payload: u16::try_from(l2.payload).unwrap_or(u16::MAX),
+            ethertype: l2.ethertype,
+            segment: l2.segment,
+        }
+    }
+
+    /// Offset of the destination MAC.
+    pub fn eth(&self) -> usize {
+        usize::from(self.eth)
+    }
+
+    /// Offset of the payload after any tags.
+    pub fn payload(&self) -> usize {
+        usize::from(self.payload)
+    }
+}
+
 /// The host's side of the underlay, which an encapsulated copy is sent from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Underlay {
@@ -124,16 +161,27 @@ pub(crate) struct ReplySpec {
     pub tcp: Option<TcpSeg>,
 }
 
-/// One frame's entry in [`Results`].
+/// One frame's entry in [`Results`]: half a cache line, written for every
+/// frame of a batch while its flows' cache lines are being prefetched.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     disposition: Disposition,
-    l2: L2,
-    frame_len: usize,
+    layout: Layout,
+    /// The frame's length: a frame handed back with the entry must be as long.
+    frame_len: u32,
     /// `Results::outputs[outputs.0..outputs.1]`.
     outputs: (u32, u32),
-    /// An index into `Results::replies`.
-    reply: Option<u32>,
+    /// An index into `Results::replies`, or [`NO_REPLY`].
+    reply: u32,
+}
+
+/// `Entry::reply` of a frame without a reply.
+const NO_REPLY: u32 = u32::MAX;
+
+/// A frame's length as an entry holds it (frames are at most 64 KiB and a
+/// bit; a longer one saturates and is then never matched by a frame).
+fn entry_len(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 /// The engine's decisions for the frames of one call, in a caller-owned
@@ -193,7 +241,7 @@ impl Results {
     /// was processed (it cannot be that frame).
     pub fn get<'a>(&'a self, index: usize, frame: &'a [u8]) -> Option<Processed<'a>> {
         let e = self.entries.get(index)?;
-        if e.frame_len != frame.len() {
+        if e.frame_len != entry_len(frame.len()) {
             return None;
         }
         Some(self.view(e, frame))
@@ -206,7 +254,7 @@ impl Results {
         self.entries
             .iter()
             .zip(frames)
-            .filter(|(e, f)| e.frame_len == f.as_ref().len())
+            .filter(|(e, f)| e.frame_len == entry_len(f.as_ref().len()))
             .map(|(e, f)| self.view(e, f.as_ref()))
     }
 
@@ -219,9 +267,9 @@ impl Results {
             disposition: e.disposition,
             outputs,
             frame,
-            l2: e.l2,
+            layout: e.layout,
             underlay: self.underlay,
-            reply: e.reply.and_then(|i| self.replies.get(i as usize)),
+            reply: self.replies.get(e.reply as usize),
         }
     }
 
@@ -234,7 +282,7 @@ impl Results {
                 disposition: Disposition::Drop(DropReason::Malformed),
                 outputs: &[],
                 frame,
-                l2: L2::default(),
+                layout: Layout::of(&L2::default()),
                 underlay: self.underlay,
                 reply: None,
             },
@@ -277,14 +325,17 @@ impl Results {
         start: u32,
         reply: Option<ReplySpec>,
     ) {
-        let reply = reply.map(|r| {
-            self.replies.push(r);
-            (self.replies.len() - 1) as u32
-        });
+        let reply = match reply {
+            Some(r) => {
+                self.replies.push(r);
+                (self.replies.len() - 1) as u32
+            }
+            None => NO_REPLY,
+        };
         self.entries.push(Entry {
             disposition,
-            l2,
-            frame_len,
+            layout: Layout::of(&l2),
+            frame_len: entry_len(frame_len),
             outputs: (start, self.outputs.len() as u32),
             reply,
         });
@@ -300,7 +351,7 @@ pub struct Processed<'a> {
     /// Where copies go (empty unless forwarded).
     pub outputs: &'a [Output],
     pub(crate) frame: &'a [u8],
-    pub(crate) l2: L2,
+    pub(crate) layout: Layout,
     pub(crate) underlay: Underlay,
     pub(crate) reply: Option<&'a ReplySpec>,
 }
@@ -315,7 +366,7 @@ impl<'a> Processed<'a> {
     pub fn reply(&self) -> Option<Reply<'a>> {
         Some(Reply {
             frame: self.frame,
-            l2: self.l2,
+            layout: self.layout,
             spec: self.reply?,
         })
     }
@@ -333,6 +384,16 @@ impl PartialEq<Disposition> for Processed<'_> {
 #[derive(Debug, Clone, Copy)]
 pub struct Reply<'a> {
     pub(crate) frame: &'a [u8],
-    pub(crate) l2: L2,
+    pub(crate) layout: Layout,
     pub(crate) spec: &'a ReplySpec,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_half_a_cache_line() {
+        assert!(core::mem::size_of::<Entry>() <= 32, "{}", core::mem::size_of::<Entry>());
+    }
 }

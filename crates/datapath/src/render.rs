@@ -10,7 +10,7 @@
 
 use core::net::IpAddr;
 
-use palisade_wire::ethernet::{self, EtherType};
+use palisade_wire::ethernet::{self, EtherType, EthernetAddress};
 use palisade_wire::ip::IpProtocol;
 use palisade_wire::ipv4::{self, Ipv4Repr};
 use palisade_wire::tcp::{self, TcpFlags};
@@ -37,10 +37,10 @@ const OUTER_LEN: usize = ethernet::HEADER_LEN + ipv4::HEADER_LEN + udp::HEADER_L
 /// frame (tagged with its segment's VLAN on a plain uplink), or for a copy
 /// to another host the whole VXLAN-GBP packet. Returns its length.
 pub fn render(p: &Processed<'_>, out: &Output, buf: &mut [u8]) -> Result<usize, RenderError> {
-    let l2 = p.l2;
+    let l2 = p.layout;
     // A `Processed` carries the frame its offsets were taken from.
-    let payload = p.frame.get(l2.payload..).unwrap_or(&[]);
-    let macs = p.frame.get(l2.eth..l2.eth + 12).unwrap_or(&[0; 12]);
+    let payload = p.frame.get(l2.payload()..).unwrap_or(&[]);
+    let macs = p.frame.get(l2.eth()..l2.eth() + 12).unwrap_or(&[0; 12]);
     let tag = match (out.port, out.encap) {
         (UPLINK, None) => l2.segment.vlan_id(),
         _ => None,
@@ -94,9 +94,9 @@ pub fn render(p: &Processed<'_>, out: &Output, buf: &mut [u8]) -> Result<usize, 
 /// it goes to `encap.remote`. Returns its length. Copies to local ports use
 /// [`render`].
 pub fn render_overlay(p: &Processed<'_>, encap: &Encap, buf: &mut [u8]) -> Result<usize, RenderError> {
-    let l2 = p.l2;
-    let payload = p.frame.get(l2.payload..).unwrap_or(&[]);
-    let macs = p.frame.get(l2.eth..l2.eth + 12).unwrap_or(&[0; 12]);
+    let l2 = p.layout;
+    let payload = p.frame.get(l2.payload()..).unwrap_or(&[]);
+    let macs = p.frame.get(l2.eth()..l2.eth() + 12).unwrap_or(&[0; 12]);
     let total = vxlan::HEADER_LEN + ethernet::HEADER_LEN + payload.len();
     if buf.len() < total {
         return Err(RenderError::BufferTooSmall(total));
@@ -124,14 +124,19 @@ fn emit_vxlan(e: &Encap, buf: &mut [u8]) {
 /// back to the sender, tagged as the frame arrived. The caller sends it out
 /// the port the frame came in on. Returns its length.
 pub fn render_reply(reply: &Reply<'_>, buf: &mut [u8]) -> Result<usize, RenderError> {
-    let l2 = reply.l2;
+    let l2 = reply.layout;
     let spec = reply.spec;
-    let inner = reply.frame.get(l2.eth..).unwrap_or(&[]);
+    let inner = reply.frame.get(l2.eth()..).unwrap_or(&[]);
+    // Back to the sender: its destination becomes the source.
+    let (to, from) = match (inner.get(6..12), inner.get(..6)) {
+        (Some(src), Some(dst)) => (EthernetAddress::from_bytes(src), EthernetAddress::from_bytes(dst)),
+        _ => (EthernetAddress([0; 6]), EthernetAddress([0; 6])),
+    };
     let l3 = inner.get(spec.l3_offset..).unwrap_or(&[]);
     let (src, dst) = (spec.key.src_addr(), spec.key.dst_addr());
     let v4 = matches!(src, IpAddr::V4(_));
     // Ethernet (+ tag when the frame came tagged), then the IP reply.
-    let tagged = l2.payload - l2.eth > ethernet::HEADER_LEN;
+    let tagged = l2.payload().saturating_sub(l2.eth()) > ethernet::HEADER_LEN;
     let eth_len = ethernet::HEADER_LEN + if tagged { vlan::HEADER_LEN } else { 0 };
     let ip_hdr = if v4 { ipv4::HEADER_LEN } else { ipv6::HEADER_LEN };
     let mut l4 = [0u8; 8 + 40 + 8];
@@ -178,8 +183,8 @@ pub fn render_reply(reply: &Reply<'_>, buf: &mut [u8]) -> Result<usize, RenderEr
     }
     let buf = &mut buf[..total];
     let mut eth = ethernet::Frame::new_unchecked(&mut buf[..]);
-    eth.set_dst_addr(l2.src);
-    eth.set_src_addr(l2.dst);
+    eth.set_dst_addr(to);
+    eth.set_src_addr(from);
     if tagged {
         eth.set_ethertype(EtherType::VLAN);
         let vid = l2.segment.vlan_id().unwrap_or(0);
