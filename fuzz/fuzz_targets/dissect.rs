@@ -2,7 +2,7 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Err(e) = palisade_wire::fuzzing::check_frame(data) {
+    if let Err(e) = palisade_testkit::check_frame(data) {
         panic!("{e}");
     }
 });

@@ -3,7 +3,7 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Err(e) = palisade_datapath::fuzzing::check_engine(data) {
+    if let Err(e) = palisade_testkit::check_engine(data) {
         panic!("{e}");
     }
 });

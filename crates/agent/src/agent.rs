@@ -24,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use palisade_audit::record::{FlowRecord, Record};
+use palisade_datapath::PolicyLookup;
 use palisade_datapath::host::{self, Appliance, HostError, HostPorts};
-use palisade_datapath::lookup::PolicyLookup;
 use palisade_datapath::port::{PortError, PortId, UplinkConfig};
 use palisade_datapath::{Engine, EngineConfig};
 use palisade_io::afpacket::{AfPacket, AfPacketConfig, Fanout};
@@ -498,7 +498,7 @@ impl Agent {
                 .unwrap_or_default();
             newest_age = Some(newest_age.map_or(age, |a| a.min(age)));
             if kind == StateKind::Snapshot
-                && let Err(e) = palisade_datapath::state::relax_tcp_windows(&mut blob)
+                && let Err(e) = palisade_datapath::relax_tcp_windows(&mut blob)
             {
                 self.state_refused += 1;
                 eprintln!("palisade agent: state snapshot {} refused: {e}", path.display());
@@ -612,7 +612,7 @@ impl Agent {
                 .into_iter()
                 .map(|h| match h.join() {
                     Ok(Ok(())) => None,
-                    Ok(Err(why)) => Some(why),
+                    Ok(Err(why)) => Some(why.to_string()),
                     Err(_) => Some("it panicked".to_string()),
                 })
                 .collect();
@@ -641,7 +641,7 @@ impl Agent {
         &mut self,
         rx: &Receiver<Vec<FlowRecord>>,
         stop: &AtomicBool,
-        workers: &[std::thread::ScopedJoinHandle<'_, Result<(), String>>],
+        workers: &[std::thread::ScopedJoinHandle<'_, Result<(), crate::worker::WorkerFailure>>],
     ) -> Result<(), AgentError> {
         let mut last_housekeeping = Instant::now();
         let mut last_publish = Instant::now();

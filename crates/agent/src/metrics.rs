@@ -2,8 +2,8 @@
 
 use std::fmt::Write;
 
+use palisade_datapath::Tally;
 use palisade_datapath::port::PortId;
-use palisade_datapath::verdict::Tally;
 use palisade_datapath::{Counters, DropReason, Engine};
 use palisade_io::port::PortStats;
 

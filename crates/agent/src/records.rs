@@ -10,9 +10,9 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use palisade_audit::record::{self, Decision, Endpoint, FlowRecord, Phase, Verdict, VmIdentity};
-use palisade_datapath::events::{EndReason, EventKind, FlowEvent};
 use palisade_datapath::port::canonical_ip;
 use palisade_datapath::{DropReason, Engine};
+use palisade_datapath::{EndReason, EventKind, FlowEvent};
 use palisade_policy::model::Model;
 
 /// Who is behind each managed address.

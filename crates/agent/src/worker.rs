@@ -24,9 +24,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use palisade_audit::record::FlowRecord;
-use palisade_datapath::events::{EventKind, FlowEvent};
 use palisade_datapath::port::{self, PortId};
-use palisade_datapath::{Disposition, DropReason, Engine};
+use palisade_datapath::{Engine, Processed, Results};
+use palisade_datapath::{EventKind, FlowEvent};
 use palisade_io::overlay::UdpOverlay;
 use palisade_io::port::{FramePort, PortStats, wait_readable};
 
@@ -117,12 +117,13 @@ fn handle_overlay(
     engine: &mut Engine,
     staging: &mut Staging,
     events: &mut Vec<FlowEvent>,
+    results: &mut Results,
     now: u64,
     remote: Ipv4Addr,
     payload: &[u8],
 ) {
-    let disposition = engine.process_overlay(now, remote, payload, events);
-    stage(engine, staging, disposition, Err(remote), payload);
+    let processed = engine.process_overlay(now, remote, payload, events, results);
+    stage(staging, &processed, None);
 }
 
 /// Run a batch of frames that arrived on `port` through the engine (which
@@ -131,52 +132,39 @@ fn handle_batch(
     engine: &mut Engine,
     staging: &mut Staging,
     events: &mut Vec<FlowEvent>,
+    results: &mut Results,
     now: u64,
     port: PortId,
     frames: &[&[u8]],
 ) {
-    engine.process_batch(now, port, frames, events, |engine, i, disposition| {
-        stage(engine, staging, disposition, Ok(port), frames[i]);
-    });
+    engine.process_batch(now, port, frames, events, results);
+    for processed in results.iter(frames) {
+        stage(staging, &processed, Some(port));
+    }
 }
 
-/// Stage the outputs of the frame the engine has just processed (they are in
-/// [`Engine::outputs`] until its next frame).
-fn stage(
-    engine: &Engine,
-    staging: &mut Staging,
-    disposition: Disposition,
-    from: Result<PortId, Ipv4Addr>,
-    frame: &[u8],
-) {
-    match disposition {
-        Disposition::Forward => {
-            for i in 0..engine.outputs().len() {
-                let out = engine.outputs()[i];
-                if out.encap.is_some() {
-                    let mut remote = None;
-                    staging.push(Dest::Overlay(Ipv4Addr::UNSPECIFIED), |buf| {
-                        let (r, n) = engine.render_overlay(frame, i, buf).ok()?;
-                        remote = Some(r);
-                        Some(n)
-                    });
-                    if let (Some(r), Some(last)) = (remote, staging.items.last_mut()) {
-                        last.0 = Dest::Overlay(r);
-                    }
-                } else if out.port == port::UPLINK {
-                    staging.unroutable += 1;
-                } else {
-                    staging.push(Dest::Port(out.port), |buf| engine.render(frame, i, buf).ok());
-                }
+/// Stage what the engine decided for one frame: its outputs, or the reply
+/// to a rejected frame that came in on a port (`from`).
+fn stage(staging: &mut Staging, processed: &Processed<'_>, from: Option<PortId>) {
+    for out in processed.outputs {
+        match out.encap {
+            Some(encap) => {
+                staging.push(Dest::Overlay(encap.remote), |buf| {
+                    palisade_datapath::render_overlay(processed, &encap, buf).ok()
+                });
             }
+            None if out.port == port::UPLINK => staging.unroutable += 1,
+            None => staging.push(Dest::Port(out.port), |buf| {
+                palisade_datapath::render(processed, out, buf).ok()
+            }),
         }
-        Disposition::Drop(DropReason::PolicyReject) => {
-            // Tell the sender: a TCP reset or ICMP prohibited, back out the port it came in on.
-            if let Ok(port) = from {
-                staging.push(Dest::Port(port), |buf| engine.reject_reply(frame, buf).ok());
-            }
-        }
-        Disposition::Drop(_) => {}
+    }
+    // Tell the sender of a rejected frame: a TCP reset or ICMP prohibited,
+    // back out the port it came in on.
+    if let (Some(port), Some(reply)) = (from, processed.reply()) {
+        staging.push(Dest::Port(port), |buf| {
+            palisade_datapath::render_reply(&reply, buf).ok()
+        });
     }
 }
 
@@ -199,7 +187,15 @@ pub(crate) struct Worker {
 }
 
 /// Why a worker stopped early.
-pub(crate) type WorkerFailure = String;
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WorkerFailure {
+    /// Its sockets could not be waited on.
+    #[error("waiting for packets: {0}")]
+    Wait(#[source] std::io::Error),
+    /// The control thread, which takes its flow records, has gone.
+    #[error("the control thread has stopped")]
+    ControlGone,
+}
 
 impl Worker {
     /// Serve until `halt` is set. Returns early only when the sockets cannot
@@ -211,6 +207,7 @@ impl Worker {
         let mut staging = Staging::default();
         let mut sockets = Sockets::new(&self.io.ports);
         let mut events = Vec::new();
+        let mut results = Results::with_capacity(BATCH);
         let mut records = Vec::new();
         let mut last_housekeeping = Instant::now();
         let mut last_update_round = 0;
@@ -218,7 +215,7 @@ impl Worker {
             let ready = match wait_readable(&fds, Duration::from_millis(100)) {
                 Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(format!("waiting for packets: {e}")),
+                Err(e) => return Err(WorkerFailure::Wait(e)),
             };
             let now = self.origin.elapsed().as_nanos() as u64;
             {
@@ -228,7 +225,7 @@ impl Worker {
                     let engine = &mut core.engine;
                     if i == overlay_index {
                         let r = self.io.overlay.recv(BATCH, &mut |remote, payload| {
-                            handle_overlay(engine, &mut staging, &mut events, now, remote, payload);
+                            handle_overlay(engine, &mut staging, &mut events, &mut results, now, remote, payload);
                         });
                         if let Err(e) = r {
                             eprintln!(
@@ -240,7 +237,7 @@ impl Worker {
                         let p = &mut self.io.ports[i];
                         let port = p.port;
                         let r = p.io.recv_batch(BATCH, &mut |frames| {
-                            handle_batch(engine, &mut staging, &mut events, now, port, frames);
+                            handle_batch(engine, &mut staging, &mut events, &mut results, now, port, frames);
                         });
                         if let Err(e) = r {
                             eprintln!("palisade agent: worker {}: receive on {}: {e}", self.index, p.interface);
@@ -281,7 +278,7 @@ impl Worker {
             }
             self.send_staged(&mut staging, &mut sockets);
             if !records.is_empty() && self.records.send(std::mem::take(&mut records)).is_err() {
-                return Err("the control thread has stopped".into());
+                return Err(WorkerFailure::ControlGone);
             }
         }
         Ok(())
@@ -349,21 +346,6 @@ fn live_since(engine: &Engine, since: u64, now: u64) -> Vec<FlowEvent> {
         .conntrack()
         .iter()
         .filter(|(_, c)| c.last_seen >= since && !c.ended)
-        .map(|(_, c)| FlowEvent {
-            kind: EventKind::Update,
-            key: c.key,
-            state: c.state,
-            packets: c.packets,
-            bytes: c.bytes,
-            reply_packets: c.reply_packets,
-            reply_bytes: c.reply_bytes,
-            rules: c.rules,
-            policy_version: c.policy_version,
-            trusted: c.trusted,
-            owners: c.owners,
-            created: c.created,
-            last_seen: c.last_seen,
-            now,
-        })
+        .map(|(_, c)| c.event(EventKind::Update, now))
         .collect()
 }

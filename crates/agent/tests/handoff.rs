@@ -62,7 +62,7 @@ fn saved_connections_go_to_the_worker_their_flows_are_steered_to() {
                 let w = &mut before[(n % 2) as usize];
                 let _ = w
                     .engine
-                    .process(n, w.ports[from], &support::syn(from, to, sport, 5432), &mut events);
+                    .process(n, w.ports[from], &support::syn(from, to, sport, 5432), &mut events, &mut palisade_datapath::Results::with_capacity(1));
                 n += 1;
             }
         }
@@ -131,8 +131,7 @@ fn a_restart_with_fewer_workers_keeps_every_connection() {
             i as u64,
             w.ports[from],
             &support::syn(from, to, 40000, 5432),
-            &mut events,
-        );
+            &mut events, &mut palisade_datapath::Results::with_capacity(1));
     }
     let conntrack = tmp.path().join("state/conntrack");
     std::fs::create_dir_all(&conntrack).unwrap();

@@ -8,7 +8,7 @@ mod recovery;
 
 #[test]
 fn every_committed_audit_recovery_fuzz_input_passes() {
-    palisade_wire::fuzzing::assert_regressions_pass("audit_recovery", recovery::check);
+    palisade_testkit::assert_regressions_pass("audit_recovery", recovery::check);
 }
 
 #[test]

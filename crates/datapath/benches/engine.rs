@@ -14,8 +14,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use common::{BATCH, Ring, engine};
-use palisade_datapath::engine::{Disposition, Engine};
 use palisade_datapath::port::PortId;
+use palisade_datapath::{Disposition, Engine, Results};
 
 /// Returns (new flows per second, cache-hit ns per packet one frame at a
 /// time, cache-hit ns per packet in batches).
@@ -24,11 +24,15 @@ fn run(flows: u32, passes: u32, single: bool) -> (f64, f64, f64) {
     let ring = Ring::new(0..flows);
     let frames = ring.frames();
     let new_per_s = open_one_at_a_time(&mut e, a, &frames);
+    let mut results = Results::with_capacity(BATCH);
     let hits_before = e.counters().cache_hits;
     let t = Instant::now();
     for p in 0..if single { passes } else { 0 } {
         for f in &frames {
-            black_box(e.process(u64::from(flows + p), a, black_box(f), &mut ()));
+            black_box(
+                e.process(u64::from(flows + p), a, black_box(f), &mut (), &mut results)
+                    .disposition,
+            );
         }
     }
     let ns = t.elapsed().as_nanos() as f64 / f64::from(flows * passes);
@@ -44,10 +48,11 @@ fn run(flows: u32, passes: u32, single: bool) -> (f64, f64, f64) {
                 a,
                 black_box(batch),
                 &mut (),
-                |_, _, d| {
-                    forwarded += u64::from(d == Disposition::Forward);
-                },
+                &mut results,
             );
+            for i in 0..results.len() {
+                forwarded += u64::from(results.disposition(i) == Some(Disposition::Forward));
+            }
         }
     }
     let batched_ns = t.elapsed().as_nanos() as f64 / f64::from(flows * passes);
@@ -59,9 +64,10 @@ fn run(flows: u32, passes: u32, single: bool) -> (f64, f64, f64) {
 /// New flows per second through `process`, one frame at a time, each frame
 /// opening a flow.
 fn open_one_at_a_time(e: &mut Engine, a: PortId, frames: &[&[u8]]) -> f64 {
+    let mut results = Results::new();
     let t = Instant::now();
     for (i, f) in frames.iter().enumerate() {
-        assert_eq!(e.process(i as u64, a, f, &mut ()), Disposition::Forward);
+        assert_eq!(e.process(i as u64, a, f, &mut (), &mut results), Disposition::Forward);
     }
     frames.len() as f64 / t.elapsed().as_secs_f64()
 }
@@ -80,11 +86,13 @@ fn run_new_batched(flows: u32) -> f64 {
     let ring = Ring::new(0..flows);
     let frames = ring.frames();
     let mut forwarded = 0u64;
+    let mut results = Results::with_capacity(BATCH);
     let t = Instant::now();
     for (b, batch) in frames.chunks(BATCH).enumerate() {
-        e.process_batch(b as u64, a, batch, &mut (), |_, _, d| {
-            forwarded += u64::from(d == Disposition::Forward);
-        });
+        e.process_batch(b as u64, a, batch, &mut (), &mut results);
+        for i in 0..results.len() {
+            forwarded += u64::from(results.disposition(i) == Some(Disposition::Forward));
+        }
     }
     let rate = f64::from(flows) / t.elapsed().as_secs_f64();
     assert_eq!(e.counters().cache_misses, u64::from(flows), "every frame opened a flow");
@@ -100,8 +108,9 @@ fn run_mixed(established: u32, new_every: u32, passes: u32) -> f64 {
     let ring = Ring::new(0..established + fresh);
     let frames = ring.frames();
     let (old, new) = frames.split_at(established as usize);
+    let mut results = Results::new();
     for (i, f) in old.iter().enumerate() {
-        e.process(i as u64, a, f, &mut ());
+        e.process(i as u64, a, f, &mut (), &mut results);
     }
     let mut new_iter = new.iter();
     let (misses_before, t) = (e.counters().cache_misses, Instant::now());
@@ -113,7 +122,10 @@ fn run_mixed(established: u32, new_every: u32, passes: u32) -> f64 {
             } else {
                 f
             };
-            black_box(e.process(u64::from(established + p), a, black_box(f), &mut ()));
+            black_box(
+                e.process(u64::from(established + p), a, black_box(f), &mut (), &mut results)
+                    .disposition,
+            );
             n += 1;
         }
     }

@@ -9,8 +9,8 @@ use std::hint::black_box;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use palisade_datapath::classified::ClassifiedLookup;
-use palisade_datapath::lookup::{ChainLookup, PolicyLookup};
+use palisade_datapath::ClassifiedLookup;
+use palisade_datapath::{ChainLookup, PolicyLookup};
 use palisade_policy::compile::Compiler;
 use palisade_policy::eval::{Direction, Flow};
 use palisade_policy::{DirSource, MemorySource, load};

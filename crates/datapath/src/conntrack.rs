@@ -17,64 +17,13 @@
 
 use palisade_wire::flow::FlowKey;
 
+pub use crate::conn_state::ConnState;
 use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::port::PortId;
 use crate::table::{BoundedMap, Slot};
 use crate::tcptrack;
-pub use crate::tcptrack::{TcpPeer, TcpSeg, TcpTrack, Tracked, bad_tcp_flags};
+pub(crate) use crate::tcptrack::{TcpSeg, TcpTrack, Tracked, bad_tcp_flags};
 use crate::verdict::{Counters, DropReason};
-
-/// A connection's state (TCP's are Linux netfilter's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ConnState {
-    /// TCP: the initiator's SYN was seen.
-    SynSent,
-    /// TCP: the responder's SYN-ACK was seen.
-    SynReceived,
-    /// TCP: the handshake completed (or was picked up mid-stream).
-    Established,
-    /// TCP: one side sent FIN.
-    FinWait,
-    /// TCP: the last ACK after both FINs was seen; lingering for late segments.
-    TimeWait,
-    /// Other protocols: only the initiator has sent.
-    New,
-    /// Other protocols: the responder has answered.
-    Replied,
-    /// TCP: a SYN came from both sides (simultaneous open).
-    SynSent2,
-    /// TCP: the FIN of one side was acknowledged.
-    CloseWait,
-    /// TCP: both sides sent FIN; waiting for the last ACK.
-    LastAck,
-    /// TCP: a reset was seen; lingering briefly for late segments.
-    Close,
-}
-
-impl ConnState {
-    /// Stable wire code (state blobs).
-    pub const fn code(self) -> u8 {
-        self as u8
-    }
-
-    /// The state of a wire code.
-    pub const fn from_code(code: u8) -> Option<ConnState> {
-        Some(match code {
-            0 => ConnState::SynSent,
-            1 => ConnState::SynReceived,
-            2 => ConnState::Established,
-            3 => ConnState::FinWait,
-            4 => ConnState::TimeWait,
-            5 => ConnState::New,
-            6 => ConnState::Replied,
-            7 => ConnState::SynSent2,
-            8 => ConnState::CloseWait,
-            9 => ConnState::LastAck,
-            10 => ConnState::Close,
-            _ => return None,
-        })
-    }
-}
 
 /// Timeouts per state, in nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,7 +166,8 @@ impl Conn {
         }
     }
 
-    fn event(&self, kind: EventKind, now: u64) -> FlowEvent {
+    /// The connection as a flow event of `kind` at `now`.
+    pub fn event(&self, kind: EventKind, now: u64) -> FlowEvent {
         FlowEvent {
             kind,
             key: self.key,
@@ -239,6 +189,21 @@ impl Conn {
 
 fn is_icmp(key: &FlowKey) -> bool {
     key.protocol.0 == 1 || key.protocol.0 == 58
+}
+
+/// A packet seen on a tracked connection: what tracking it needs besides the
+/// connection (and, for TCP, the segment).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sighting {
+    /// It travels responder → initiator.
+    pub reply: bool,
+    /// Its length.
+    pub len: usize,
+    /// It counts in the connection's packets and bytes (false when it was
+    /// counted on another leg of a routed flow: it updates state only).
+    pub count: bool,
+    /// When it was seen.
+    pub now: u64,
 }
 
 /// The connection table.
@@ -287,7 +252,7 @@ impl Conntrack {
     }
 
     /// Make room for `ports` ports.
-    pub fn ensure_ports(&mut self, ports: usize) {
+    pub(crate) fn ensure_ports(&mut self, ports: usize) {
         if self.per_port.len() < ports {
             self.per_port.resize(ports, 0);
         }
@@ -299,19 +264,19 @@ impl Conntrack {
     }
 
     /// The slot of the connection `key` belongs to, in either direction,
-    /// expired or not (a read-only [`Conntrack::lookup`]).
+    /// expired or not (a read-only lookup).
     pub fn find(&self, key: &FlowKey) -> Option<Slot> {
         self.map.find(&key.canonical().0)
     }
 
     /// Hint that connection `slot` will be used soon: start loading it.
     #[inline]
-    pub fn prefetch(&self, slot: Slot) {
+    pub(crate) fn prefetch(&self, slot: Slot) {
         self.map.prefetch(slot);
     }
 
     /// The connection in `slot`, mutably.
-    pub fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn> {
+    pub(crate) fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn> {
         self.map.get_mut(slot)
     }
 
@@ -323,7 +288,7 @@ impl Conntrack {
     /// Find the connection of a packet with `key` (either direction); an
     /// expired one is removed (with its end event) and not returned. The
     /// boolean is true for the reply direction.
-    pub fn lookup(
+    pub(crate) fn lookup(
         &mut self,
         key: &FlowKey,
         now: u64,
@@ -341,7 +306,7 @@ impl Conntrack {
 
     /// Insert a new connection, enforcing per-port limits (`limits`: the
     /// owners' `max_conns`) and the full-table policy.
-    pub fn create(
+    pub(crate) fn create(
         &mut self,
         conn: Conn,
         limits: [u32; 2],
@@ -395,7 +360,7 @@ impl Conntrack {
     }
 
     /// Remove a connection, emitting its end event unless already emitted.
-    pub fn remove(
+    pub(crate) fn remove(
         &mut self,
         slot: Slot,
         reason: EndReason,
@@ -417,7 +382,7 @@ impl Conntrack {
     }
 
     /// Remove up to `budget` expired connections; returns how many.
-    pub fn expire(&mut self, now: u64, budget: usize, sink: &mut dyn EventSink, c: &mut Counters) -> usize {
+    pub(crate) fn expire(&mut self, now: u64, budget: usize, sink: &mut dyn EventSink, c: &mut Counters) -> usize {
         let t = self.timeouts;
         let expired: Vec<Slot> = self
             .map
@@ -433,17 +398,8 @@ impl Conntrack {
     }
 
     /// Account a non-TCP packet to its connection.
-    ///
-    /// A packet already counted on another leg of a routed flow (`count` false) updates state only.
-    pub fn track_other(
-        &mut self,
-        slot: Slot,
-        reply: bool,
-        len: usize,
-        count: bool,
-        now: u64,
-        sink: &mut dyn EventSink,
-    ) {
+    pub(crate) fn track_other(&mut self, slot: Slot, seen: Sighting, sink: &mut dyn EventSink) {
+        let Sighting { reply, len, count, now } = seen;
         let Some(conn) = self.map.get_mut(slot) else { return };
         if count {
             conn.count(reply, len);
@@ -455,23 +411,19 @@ impl Conntrack {
         }
     }
 
-    /// Track a TCP segment of an existing connection (`count`: as for
-    /// [`Conntrack::track_other`]; `liberal`: the zone's window failures pass).
-    /// A segment that cannot belong to it is an error and changes nothing;
-    /// [`Tracked::Reopen`] and [`Tracked::Kill`] tell the caller to end the
-    /// connection (then, for a reopen, to start a new one).
-    #[allow(clippy::too_many_arguments)]
-    pub fn track_tcp(
+    /// Track a TCP segment of an existing connection (in a liberal zone,
+    /// window failures pass). A segment that cannot belong to it is an error
+    /// and changes nothing; [`Tracked::Reopen`] and [`Tracked::Kill`] tell
+    /// the caller to end the connection (then, for a reopen, to start a new one).
+    pub(crate) fn track_tcp(
         &mut self,
         slot: Slot,
-        reply: bool,
+        seen: Sighting,
         seg: &TcpSeg,
-        len: usize,
-        count: bool,
-        now: u64,
         sink: &mut dyn EventSink,
         c: &mut Counters,
     ) -> Result<Tracked, DropReason> {
+        let Sighting { reply, len, count, now } = seen;
         let Some(conn) = self.map.get_mut(slot) else {
             return Err(DropReason::TcpNoConnection);
         };
@@ -523,7 +475,7 @@ impl Conntrack {
 /// Start tracking a TCP connection from its first segment (the initiator's):
 /// see [`tcptrack::open`]. A segment that cannot start a connection is
 /// [`DropReason::TcpNoConnection`].
-pub fn tcp_open(conn: &mut Conn, seg: &TcpSeg, c: &mut Counters) -> Result<(), DropReason> {
+pub(crate) fn tcp_open(conn: &mut Conn, seg: &TcpSeg, c: &mut Counters) -> Result<(), DropReason> {
     let liberal = !conn.strict;
     tcptrack::open(&mut conn.tcp, &mut conn.state, seg, liberal, c)
 }
@@ -535,6 +487,16 @@ mod tests {
     use palisade_wire::tcp::TcpFlags;
 
     use super::*;
+
+    /// A counted packet of `len` bytes at `now`, in the reply direction or not.
+    fn seen(reply: bool, len: usize, now: u64) -> Sighting {
+        Sighting {
+            reply,
+            len,
+            count: true,
+            now,
+        }
+    }
 
     fn key() -> FlowKey {
         FlowKey {
@@ -570,13 +532,13 @@ mod tests {
         let slot = ct.create(conn, [u32::MAX; 2], 0, &mut ev, &mut c).unwrap();
         let synack = seg(5000, 101, TcpFlags::SYN | TcpFlags::ACK, 0);
         assert_eq!(
-            ct.track_tcp(slot, true, &synack, 60, true, 1, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(true, 60, 1), &synack, &mut ev, &mut c),
             Ok(Tracked::Accepted)
         );
         assert_eq!(ct.get(slot).unwrap().state, ConnState::SynReceived);
         let ack = seg(101, 5001, TcpFlags::ACK, 0);
         assert_eq!(
-            ct.track_tcp(slot, false, &ack, 60, true, 2, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(false, 60, 2), &ack, &mut ev, &mut c),
             Ok(Tracked::Accepted)
         );
         assert_eq!(ct.get(slot).unwrap().state, ConnState::Established);
@@ -611,23 +573,23 @@ mod tests {
         let (mut ct, slot, mut ev, mut c) = handshake(true);
         let far = seg(101 + 50_000, 5001, TcpFlags::ACK, 10);
         assert_eq!(
-            ct.track_tcp(slot, false, &far, 60, true, 3, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(false, 60, 3), &far, &mut ev, &mut c),
             Err(DropReason::TcpOutOfWindow)
         );
         let bad_ack = seg(101, 5001 + 10_000, TcpFlags::ACK, 0);
         assert_eq!(
-            ct.track_tcp(slot, false, &bad_ack, 60, true, 3, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(false, 60, 3), &bad_ack, &mut ev, &mut c),
             Err(DropReason::TcpOutOfWindow)
         );
         let ok = seg(101, 5001, TcpFlags::ACK | TcpFlags::PSH, 500);
         assert_eq!(
-            ct.track_tcp(slot, false, &ok, 60, true, 3, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(false, 60, 3), &ok, &mut ev, &mut c),
             Ok(Tracked::Accepted)
         );
 
         let (mut ct, slot, mut ev, mut c) = handshake(false);
         assert_eq!(
-            ct.track_tcp(slot, false, &far, 60, true, 3, &mut ev, &mut c),
+            ct.track_tcp(slot, seen(false, 60, 3), &far, &mut ev, &mut c),
             Ok(Tracked::Accepted)
         );
         assert_eq!(c.tcp_window_liberal, 1);
@@ -637,13 +599,13 @@ mod tests {
     fn fin_teardown_and_timeouts() {
         let (mut ct, slot, mut ev, mut c) = handshake(false);
         let fin = seg(101, 5001, TcpFlags::FIN | TcpFlags::ACK, 0);
-        ct.track_tcp(slot, false, &fin, 60, true, 3, &mut ev, &mut c).unwrap();
+        ct.track_tcp(slot, seen(false, 60, 3), &fin, &mut ev, &mut c).unwrap();
         assert_eq!(ct.get(slot).unwrap().state, ConnState::FinWait);
         let fin2 = seg(5001, 102, TcpFlags::FIN | TcpFlags::ACK, 0);
-        ct.track_tcp(slot, true, &fin2, 60, true, 4, &mut ev, &mut c).unwrap();
+        ct.track_tcp(slot, seen(true, 60, 4), &fin2, &mut ev, &mut c).unwrap();
         assert_eq!(ct.get(slot).unwrap().state, ConnState::LastAck);
         let last = seg(102, 5002, TcpFlags::ACK, 0);
-        ct.track_tcp(slot, false, &last, 60, true, 4, &mut ev, &mut c).unwrap();
+        ct.track_tcp(slot, seen(false, 60, 4), &last, &mut ev, &mut c).unwrap();
         assert_eq!(ct.get(slot).unwrap().state, ConnState::TimeWait);
         assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::Closed));
         let ends = ev.len();

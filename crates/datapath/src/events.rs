@@ -6,7 +6,7 @@
 
 use palisade_wire::flow::FlowKey;
 
-use crate::conntrack::ConnState;
+use crate::conn_state::ConnState;
 use crate::port::PortId;
 use crate::verdict::DropReason;
 

@@ -2,8 +2,9 @@
 //!
 //! The engine asks one question per chain: what does this vNIC's egress (or
 //! ingress) chain say about this flow? [`PolicyLookup`] answers it with the
-//! policy compiler's chains (a linear walk); a fast multi-field classifier can
-//! implement [`ChainLookup`] later without the engine changing.
+//! policy compiler's chains (a linear walk); [`crate::ClassifiedLookup`]
+//! answers the same trait with one multi-field classifier per policy level,
+//! and the engine does not know which it has.
 
 use core::net::IpAddr;
 use std::collections::HashMap;

@@ -102,11 +102,6 @@ impl<V> BoundedMap<V> {
         self.slots.get_mut(slot as usize)?.as_mut().map(|(_, v)| v)
     }
 
-    /// The key of the entry in `slot`.
-    pub fn key(&self, slot: Slot) -> Option<&FlowKey> {
-        self.slots.get(slot as usize)?.as_ref().map(|(k, _)| k)
-    }
-
     /// Insert `key` (replacing its value if present); `Err(value)` when full.
     pub fn insert(&mut self, key: FlowKey, value: V) -> Result<Slot, V> {
         let hash = self.hasher.hash_one(key);

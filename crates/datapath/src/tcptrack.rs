@@ -40,7 +40,7 @@
 
 use palisade_wire::tcp::TcpFlags;
 
-use crate::conntrack::ConnState;
+use crate::conn_state::ConnState;
 use crate::verdict::{Counters, DropReason};
 
 /// The TCP facts of one segment.

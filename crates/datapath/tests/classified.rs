@@ -4,16 +4,16 @@
 use core::net::{IpAddr, Ipv4Addr};
 use std::collections::BTreeMap;
 
-use palisade_datapath::classified::ClassifiedLookup;
-use palisade_datapath::engine::{Disposition, Engine, EngineConfig};
-use palisade_datapath::events::FlowEvent;
-use palisade_datapath::fuzzing::vm_frame;
-use palisade_datapath::lookup::{ChainLookup, PolicyLookup};
+use palisade_datapath::ClassifiedLookup;
+use palisade_datapath::DropReason;
+use palisade_datapath::FlowEvent;
 use palisade_datapath::port::{self, PortId, UplinkConfig};
-use palisade_datapath::verdict::DropReason;
+use palisade_datapath::{ChainLookup, PolicyLookup};
+use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::{Compiler, EntryAction};
 use palisade_policy::eval::{Direction, Flow};
 use palisade_policy::{DirSource, MemorySource, load};
+use palisade_testkit::vm_frame;
 use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::ip::IpProtocol;
 use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
@@ -272,8 +272,10 @@ fn tcp_frame(from: u8, to: u8, sport: u16, dport: u16, seq: u32, ack: u32, flags
 }
 
 fn forwards_to(e: &mut Engine, now: u64, from: PortId, frame: &[u8], ev: &mut Vec<FlowEvent>) -> Vec<PortId> {
-    assert_eq!(e.process(now, from, frame, ev), Disposition::Forward);
-    e.outputs().iter().map(|o| o.port).collect()
+    let mut results = Results::new();
+    let p = e.process(now, from, frame, ev, &mut results);
+    assert_eq!(p, Disposition::Forward);
+    p.outputs.iter().map(|o| o.port).collect()
 }
 
 #[test]
@@ -292,7 +294,7 @@ fn engine_runs_a_tcp_exchange_on_the_classified_lookup() {
     // Anything else falls to the datacenter default.
     let other = tcp_frame(10, 11, 40001, 25, 5000, 0, TcpFlags::SYN);
     assert_eq!(
-        e.process(3, a, &other, &mut ev),
+        e.process(3, a, &other, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::PolicyDeny)
     );
 }

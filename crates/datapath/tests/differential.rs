@@ -71,5 +71,5 @@ fn the_engine_decides_every_flow_as_the_policy_says() {
 
 #[test]
 fn every_committed_fuzz_input_agrees() {
-    palisade_wire::fuzzing::assert_regressions_pass("differential", |data| agree::check(data).map(|_| ()));
+    palisade_testkit::assert_regressions_pass("differential", |data| agree::check(data).map(|_| ()));
 }

@@ -2,13 +2,15 @@
 
 use core::net::{IpAddr, Ipv4Addr};
 
-use palisade_datapath::conntrack::{ConnState, FullPolicy};
-use palisade_datapath::engine::{Disposition, Engine, EngineConfig};
-use palisade_datapath::events::{EndReason, EventKind, FlowEvent};
-use palisade_datapath::lookup::PolicyLookup;
+use palisade_datapath::PolicyLookup;
+use palisade_datapath::StateError;
 use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
-use palisade_datapath::state::StateError;
-use palisade_datapath::verdict::{Counters, DropReason};
+use palisade_datapath::{ConnState, FullPolicy};
+use palisade_datapath::{Counters, DropReason};
+use palisade_datapath::{
+    Disposition, Engine, EngineConfig, Output, Processed, Results, render, render_overlay, render_reply,
+};
+use palisade_datapath::{EndReason, EventKind, FlowEvent};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{DirSource, MemorySource, load};
 use palisade_wire::arp::{self, ArpRepr, Operation};
@@ -138,14 +140,13 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: IpProtocol, l4: &[u8]) -> Vec<u8> {
     p
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A TCP segment in an IPv4 packet; `(seq, ack)` its sequence and acknowledgement numbers.
 fn tcp_ip(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     sport: u16,
     dport: u16,
-    seq: u32,
-    ack: u32,
+    (seq, ack): (u32, u32),
     flags: TcpFlags,
     data: &[u8],
 ) -> Vec<u8> {
@@ -166,14 +167,13 @@ fn tcp_ip(
 }
 
 /// A TCP frame between two VMs of the in-memory policy (by last octet/MAC byte).
-#[allow(clippy::too_many_arguments)]
-fn tcp(from: u8, to: u8, sport: u16, dport: u16, seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
+fn tcp(from: u8, to: u8, sport: u16, dport: u16, (seq, ack): (u32, u32), flags: TcpFlags, data: &[u8]) -> Vec<u8> {
     eth(
         mac(from),
         mac(to),
         None,
         EtherType::IPV4,
-        &tcp_ip(ip(from), ip(to), sport, dport, seq, ack, flags, data),
+        &tcp_ip(ip(from), ip(to), sport, dport, (seq, ack), flags, data),
     )
 }
 
@@ -233,21 +233,96 @@ fn port(e: &Engine, name: &str) -> PortId {
     e.port_of(name).unwrap()
 }
 
-/// Run a frame and assert it is forwarded to exactly `to`.
-fn fwd(e: &mut Engine, now: u64, from: PortId, frame: &[u8], to: PortId, ev: &mut Vec<FlowEvent>) {
-    assert_eq!(e.process(now, from, frame, ev), Disposition::Forward);
-    let outs: Vec<PortId> = e.outputs().iter().map(|o| o.port).collect();
+/// What processing a frame gave: its disposition, its outputs, each output
+/// rendered (for its port, and for the underlay socket when it goes to
+/// another host), and the reply to a rejected frame rendered.
+#[derive(Debug)]
+struct Seen {
+    disposition: Disposition,
+    outputs: Vec<Output>,
+    rendered: Vec<Vec<u8>>,
+    overlay: Vec<Option<Vec<u8>>>,
+    reply: Option<Vec<u8>>,
+}
+
+impl PartialEq<Disposition> for Seen {
+    fn eq(&self, other: &Disposition) -> bool {
+        self.disposition == *other
+    }
+}
+
+impl Seen {
+    fn of(p: &Processed<'_>) -> Seen {
+        let mut buf = vec![0; 2048];
+        let mut rendered = Vec::new();
+        let mut overlay = Vec::new();
+        for o in p.outputs {
+            let n = render(p, o, &mut buf).unwrap();
+            rendered.push(buf[..n].to_vec());
+            overlay.push(o.encap.map(|enc| {
+                let n = render_overlay(p, &enc, &mut buf).unwrap();
+                buf[..n].to_vec()
+            }));
+        }
+        let reply = p.reply().map(|r| {
+            let n = render_reply(&r, &mut buf).unwrap();
+            buf[..n].to_vec()
+        });
+        Seen {
+            disposition: p.disposition,
+            outputs: p.outputs.to_vec(),
+            rendered,
+            overlay,
+            reply,
+        }
+    }
+
+    /// Output 0 as it leaves its port.
+    fn out0(&self) -> Vec<u8> {
+        self.rendered[0].clone()
+    }
+
+    /// Output 0 for the underlay socket: its tunnel endpoint and the UDP payload.
+    fn overlay0(&self) -> (Ipv4Addr, Vec<u8>) {
+        let remote = self.outputs[0].encap.unwrap().remote;
+        (remote, self.overlay[0].clone().unwrap())
+    }
+}
+
+/// Process a frame and render what it gave.
+fn run(e: &mut Engine, now: u64, from: PortId, frame: &[u8], ev: &mut Vec<FlowEvent>) -> Seen {
+    Seen::of(&e.process(now, from, frame, ev, &mut Results::new()))
+}
+
+/// Process a frame from the underlay socket and render what it gave.
+fn run_overlay(e: &mut Engine, now: u64, remote: Ipv4Addr, payload: &[u8], ev: &mut Vec<FlowEvent>) -> Seen {
+    Seen::of(&e.process_overlay(now, remote, payload, ev, &mut Results::new()))
+}
+
+/// Run a frame and assert it is forwarded to exactly `to`; returns what it gave.
+fn fwd(e: &mut Engine, now: u64, from: PortId, frame: &[u8], to: PortId, ev: &mut Vec<FlowEvent>) -> Seen {
+    let seen = run(e, now, from, frame, ev);
+    assert_eq!(seen, Disposition::Forward);
+    let outs: Vec<PortId> = seen.outputs.iter().map(|o| o.port).collect();
     assert_eq!(outs, vec![to]);
+    seen
 }
 
 fn handshake(e: &mut Engine, ev: &mut Vec<FlowEvent>, sport: u16, dport: u16, t: u64) {
     let (a, b) = (port(e, "a.0"), port(e, "b.0"));
-    fwd(e, t, a, &tcp(10, 11, sport, dport, 1000, 0, TcpFlags::SYN, b""), b, ev);
+    fwd(
+        e,
+        t,
+        a,
+        &tcp(10, 11, sport, dport, (1000, 0), TcpFlags::SYN, b""),
+        b,
+        ev,
+    );
     fwd(
         e,
         t + 1,
         b,
-        &tcp(11, 10, dport, sport, 9000, 1001, TcpFlags::SYN | TcpFlags::ACK, b""),
+        &tcp(11, 10, dport, sport, (9000, 1001), TcpFlags::SYN | TcpFlags::ACK, b""),
         a,
         ev,
     );
@@ -255,7 +330,7 @@ fn handshake(e: &mut Engine, ev: &mut Vec<FlowEvent>, sport: u16, dport: u16, t:
         e,
         t + 2,
         a,
-        &tcp(10, 11, sport, dport, 1001, 9001, TcpFlags::ACK, b""),
+        &tcp(10, 11, sport, dport, (1001, 9001), TcpFlags::ACK, b""),
         b,
         ev,
     );
@@ -272,7 +347,15 @@ fn tcp_handshake_data_and_fin_teardown_classified_once() {
         &mut e,
         10 * MS,
         a,
-        &tcp(10, 11, 40000, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"GET /"),
+        &tcp(
+            10,
+            11,
+            40000,
+            443,
+            (1001, 9001),
+            TcpFlags::ACK | TcpFlags::PSH,
+            b"GET /",
+        ),
         b,
         &mut ev,
     );
@@ -280,7 +363,15 @@ fn tcp_handshake_data_and_fin_teardown_classified_once() {
         &mut e,
         11 * MS,
         b,
-        &tcp(11, 10, 443, 40000, 9001, 1006, TcpFlags::ACK | TcpFlags::PSH, b"200 OK"),
+        &tcp(
+            11,
+            10,
+            443,
+            40000,
+            (9001, 1006),
+            TcpFlags::ACK | TcpFlags::PSH,
+            b"200 OK",
+        ),
         a,
         &mut ev,
     );
@@ -288,7 +379,7 @@ fn tcp_handshake_data_and_fin_teardown_classified_once() {
         &mut e,
         12 * MS,
         a,
-        &tcp(10, 11, 40000, 443, 1006, 9007, TcpFlags::FIN | TcpFlags::ACK, b""),
+        &tcp(10, 11, 40000, 443, (1006, 9007), TcpFlags::FIN | TcpFlags::ACK, b""),
         b,
         &mut ev,
     );
@@ -296,7 +387,7 @@ fn tcp_handshake_data_and_fin_teardown_classified_once() {
         &mut e,
         13 * MS,
         b,
-        &tcp(11, 10, 443, 40000, 9007, 1007, TcpFlags::FIN | TcpFlags::ACK, b""),
+        &tcp(11, 10, 443, 40000, (9007, 1007), TcpFlags::FIN | TcpFlags::ACK, b""),
         a,
         &mut ev,
     );
@@ -304,7 +395,7 @@ fn tcp_handshake_data_and_fin_teardown_classified_once() {
         &mut e,
         14 * MS,
         a,
-        &tcp(10, 11, 40000, 443, 1007, 9008, TcpFlags::ACK, b""),
+        &tcp(10, 11, 40000, 443, (1007, 9008), TcpFlags::ACK, b""),
         b,
         &mut ev,
     );
@@ -353,7 +444,7 @@ fn rst_ends_the_connection() {
         &mut e,
         5,
         b,
-        &tcp(11, 10, 443, 40001, 9001, 1001, TcpFlags::RST | TcpFlags::ACK, b""),
+        &tcp(11, 10, 443, 40001, (9001, 1001), TcpFlags::RST | TcpFlags::ACK, b""),
         a,
         &mut ev,
     );
@@ -362,9 +453,9 @@ fn rst_ends_the_connection() {
     // Segments still in flight from either side are the dead connection's
     // late packets: forwarded, not classified as new flows, no new events.
     let before = e.counters().classifications;
-    let late_data = tcp(10, 11, 40001, 443, 1001, 9001, TcpFlags::ACK, b"late");
+    let late_data = tcp(10, 11, 40001, 443, (1001, 9001), TcpFlags::ACK, b"late");
     fwd(&mut e, 6, a, &late_data, b, &mut ev);
-    let late_rst = tcp(11, 10, 443, 40001, 9001, 1005, TcpFlags::RST, b"");
+    let late_rst = tcp(11, 10, 443, 40001, (9001, 1005), TcpFlags::RST, b"");
     fwd(&mut e, 7, b, &late_rst, a, &mut ev);
     assert_eq!(e.counters().classifications, before);
     assert_eq!(ev.len(), n, "one end event only");
@@ -372,13 +463,13 @@ fn rst_ends_the_connection() {
     // a reset from the *other* side passes as the old connection's, as in
     // Linux: the reset may have been out of sync, and the answer will tell.
     assert_eq!(e.conntrack().len(), 1);
-    let syn = tcp(10, 11, 40001, 443, 5000, 0, TcpFlags::SYN, b"");
+    let syn = tcp(10, 11, 40001, 443, (5000, 0), TcpFlags::SYN, b"");
     fwd(&mut e, 8, a, &syn, b, &mut ev);
     assert_eq!(ev.len(), n);
     // After a reset from its own side, a new SYN opens a new connection.
-    let own_rst = tcp(10, 11, 40001, 443, 1005, 9001, TcpFlags::RST | TcpFlags::ACK, b"");
+    let own_rst = tcp(10, 11, 40001, 443, (1005, 9001), TcpFlags::RST | TcpFlags::ACK, b"");
     fwd(&mut e, 9, a, &own_rst, b, &mut ev);
-    let syn = tcp(10, 11, 40001, 443, 7000, 0, TcpFlags::SYN, b"");
+    let syn = tcp(10, 11, 40001, 443, (7000, 0), TcpFlags::SYN, b"");
     fwd(&mut e, 10, a, &syn, b, &mut ev);
     assert_eq!(ev.last().unwrap().kind, EventKind::Start);
     assert_eq!(ev.last().unwrap().state, ConnState::SynSent);
@@ -394,16 +485,16 @@ fn strict_zone_drops_out_of_window_and_liberal_counts_it() {
         let a = port(e, "a.0");
         handshake(e, &mut ev, 40002, 443, 0);
         let before = e.counters().clone();
-        let far = tcp(10, 11, 40002, 443, 1001 + 3_000_000, 9001, TcpFlags::ACK, b"x");
-        let d = e.process(10, a, &far, &mut ev);
+        let far = tcp(10, 11, 40002, 443, (1001 + 3_000_000, 9001), TcpFlags::ACK, b"x");
+        let d = e.process(10, a, &far, &mut ev, &mut Results::new()).disposition;
         let after = e.counters().clone();
         if strict {
             assert_eq!(d, Disposition::Drop(DropReason::TcpOutOfWindow));
             assert_eq!(delta(&before, &after, |c| c.dropped(DropReason::TcpOutOfWindow)), 1);
             // Strict zones also refuse mid-stream pickup.
-            let stray = tcp(10, 11, 40003, 443, 5, 5, TcpFlags::ACK, b"");
+            let stray = tcp(10, 11, 40003, 443, (5, 5), TcpFlags::ACK, b"");
             assert_eq!(
-                e.process(11, a, &stray, &mut ev),
+                e.process(11, a, &stray, &mut ev, &mut Results::new()),
                 Disposition::Drop(DropReason::TcpNoConnection)
             );
         } else {
@@ -443,7 +534,15 @@ fn icmp_echo_and_related_errors() {
     fwd(&mut e, 3, b, &icmp(11, 10, 3, 3, [0; 4], quoted), a, &mut ev);
     // An error quoting a datagram nobody sent is not forwarded.
     let other = udp(10, 11, 6000, 53);
-    let d = e.process(4, b, &icmp(11, 10, 3, 3, [0; 4], &other[14..42]), &mut ev);
+    let d = e
+        .process(
+            4,
+            b,
+            &icmp(11, 10, 3, 3, [0; 4], &other[14..42]),
+            &mut ev,
+            &mut Results::new(),
+        )
+        .disposition;
     assert_eq!(d, Disposition::Drop(DropReason::IcmpErrorUnrelated));
     let after = e.counters().clone();
     assert_eq!(
@@ -454,7 +553,15 @@ fn icmp_echo_and_related_errors() {
     assert_eq!(delta(&before, &after, |c| c.icmp_related), 1);
     assert_eq!(delta(&before, &after, |c| c.dropped(DropReason::IcmpErrorUnrelated)), 1);
     // An ICMP query no service names (timestamp) is denied.
-    let d = e.process(5, a, &icmp(10, 11, 13, 0, [0; 4], &[0; 12]), &mut ev);
+    let d = e
+        .process(
+            5,
+            a,
+            &icmp(10, 11, 13, 0, [0; 4], &[0; 12]),
+            &mut ev,
+            &mut Results::new(),
+        )
+        .disposition;
     assert_eq!(d, Disposition::Drop(DropReason::PolicyDeny));
 }
 
@@ -465,24 +572,34 @@ fn spoofing_is_dropped_with_reasons() {
     let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
     let before = e.counters().clone();
     // Source MAC of b.
-    let mut f = tcp(10, 11, 1, 443, 1, 0, TcpFlags::SYN, b"");
+    let mut f = tcp(10, 11, 1, 443, (1, 0), TcpFlags::SYN, b"");
     f[6..12].copy_from_slice(&mac(11));
-    assert_eq!(e.process(0, a, &f, &mut ev), Disposition::Drop(DropReason::SpoofedMac));
+    assert_eq!(
+        e.process(0, a, &f, &mut ev, &mut Results::new()),
+        Disposition::Drop(DropReason::SpoofedMac)
+    );
     // Own MAC, b's address.
     let f = eth(
         mac(10),
         mac(11),
         None,
         EtherType::IPV4,
-        &tcp_ip(ip(11), ip(10), 1, 443, 1, 0, TcpFlags::SYN, b""),
+        &tcp_ip(ip(11), ip(10), 1, 443, (1, 0), TcpFlags::SYN, b""),
     );
-    assert_eq!(e.process(0, a, &f, &mut ev), Disposition::Drop(DropReason::SpoofedIp));
+    assert_eq!(
+        e.process(0, a, &f, &mut ev, &mut Results::new()),
+        Disposition::Drop(DropReason::SpoofedIp)
+    );
     // ARP claiming b's address; then an honest ARP, flooded in the segment.
     let f = arp_frame(mac(10), ip(11), ip(12));
-    assert_eq!(e.process(0, a, &f, &mut ev), Disposition::Drop(DropReason::SpoofedArp));
+    assert_eq!(
+        e.process(0, a, &f, &mut ev, &mut Results::new()),
+        Disposition::Drop(DropReason::SpoofedArp)
+    );
     let f = arp_frame(mac(10), ip(10), ip(11));
-    assert_eq!(e.process(0, a, &f, &mut ev), Disposition::Forward);
-    let outs: Vec<PortId> = e.outputs().iter().map(|o| o.port).collect();
+    let seen = run(&mut e, 0, a, &f, &mut ev);
+    assert_eq!(seen, Disposition::Forward);
+    let outs: Vec<PortId> = seen.outputs.iter().map(|o| o.port).collect();
     assert_eq!(
         outs,
         vec![b, UPLINK],
@@ -515,25 +632,25 @@ fn policy_change_cuts_one_flow_and_keeps_another() {
     assert_eq!(e.conntrack().len(), 2);
     let before = e.counters().clone();
     e.update_policy(Box::new(PolicyLookup::new(compile_mem(policy(false)))));
-    let ssh = tcp(10, 11, 40010, 22, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"ls");
+    let ssh = tcp(10, 11, 40010, 22, (1001, 9001), TcpFlags::ACK | TcpFlags::PSH, b"ls");
     assert_eq!(
-        e.process(10, a, &ssh, &mut ev),
+        e.process(10, a, &ssh, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::PolicyRevoked)
     );
     assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::PolicyRevoked));
-    let https = tcp(10, 11, 40011, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"GET");
+    let https = tcp(10, 11, 40011, 443, (1001, 9001), TcpFlags::ACK | TcpFlags::PSH, b"GET");
     fwd(&mut e, 11, a, &https, b, &mut ev);
     fwd(
         &mut e,
         12,
         b,
-        &tcp(11, 10, 443, 40011, 9001, 1004, TcpFlags::ACK, b""),
+        &tcp(11, 10, 443, 40011, (9001, 1004), TcpFlags::ACK, b""),
         a,
         &mut ev,
     );
     // The cut flow stays cut: a retransmission is now a new, denied flow.
     assert_eq!(
-        e.process(13, a, &ssh, &mut ev),
+        e.process(13, a, &ssh, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::PolicyDeny)
     );
     let after = e.counters().clone();
@@ -563,7 +680,7 @@ fn full_tables_and_vnic_limits() {
     fwd(&mut refuse, 0, a, &udp(10, 11, 1001, 53), b, &mut ev);
     let before = refuse.counters().clone();
     assert_eq!(
-        refuse.process(0, a, &udp(10, 11, 1002, 53), &mut ev),
+        refuse.process(0, a, &udp(10, 11, 1002, 53), &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::ConntrackFull)
     );
     // Existing flows are unaffected; the cache (3 entries) evicts to admit the replies.
@@ -597,7 +714,7 @@ fn full_tables_and_vnic_limits() {
         .unwrap();
     fwd(&mut limited, 0, a, &udp(10, 11, 1000, 53), b, &mut ev);
     assert_eq!(
-        limited.process(0, a, &udp(10, 11, 1001, 53), &mut ev),
+        limited.process(0, a, &udp(10, 11, 1001, 53), &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::VnicConnLimit)
     );
     assert_eq!(limited.conntrack().port_conns(a), 1);
@@ -626,13 +743,13 @@ fn state_export_import_continues_without_classification() {
     assert_eq!(dst.import_vnic(a2, &blob, 5_000, &mut ev), Ok(1));
     let before = dst.counters().clone();
     // Strict zone: a mid-stream segment would be refused without the imported state.
-    let data = tcp(10, 11, 40020, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"more");
+    let data = tcp(10, 11, 40020, 443, (1001, 9001), TcpFlags::ACK | TcpFlags::PSH, b"more");
     fwd(&mut dst, 5_001, a2, &data, b2, &mut ev);
     fwd(
         &mut dst,
         5_002,
         b2,
-        &tcp(11, 10, 443, 40020, 9001, 1005, TcpFlags::ACK, b""),
+        &tcp(11, 10, 443, 40020, (9001, 1005), TcpFlags::ACK, b""),
         a2,
         &mut ev,
     );
@@ -640,9 +757,9 @@ fn state_export_import_continues_without_classification() {
     assert_eq!(delta(&before, &after, |c| c.classifications), 0);
     assert_eq!(delta(&before, &after, |c| c.forwarded), 2);
     // The window state came along: a segment far outside it is still refused.
-    let far = tcp(10, 11, 40020, 443, 1005 + 3_000_000, 9001, TcpFlags::ACK, b"x");
+    let far = tcp(10, 11, 40020, 443, (1005 + 3_000_000, 9001), TcpFlags::ACK, b"x");
     assert_eq!(
-        dst.process(5_003, a2, &far, &mut ev),
+        dst.process(5_003, a2, &far, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::TcpOutOfWindow)
     );
 
@@ -661,14 +778,6 @@ fn state_export_import_continues_without_classification() {
     assert_eq!(dst.conntrack().len(), 1);
 }
 
-/// Decapsulated-frame helper: run `frame` out of `from`, render output 0, return it.
-fn render0(e: &Engine, frame: &[u8]) -> Vec<u8> {
-    let mut buf = vec![0; 2048];
-    let n = e.render(frame, 0, &mut buf).unwrap();
-    buf.truncate(n);
-    buf
-}
-
 #[test]
 fn cross_host_flow_is_classified_once_in_total() {
     let c = compile_mem(policy(true));
@@ -679,29 +788,34 @@ fn cross_host_flow_is_classified_once_in_total() {
     let cc = port(&h2, "c.0");
     // c announces itself (ARP, flooded to h1 over VXLAN); h1 learns where c's MAC lives.
     let arp = arp_frame(mac(12), ip(12), ip(10));
-    assert_eq!(h2.process(0, cc, &arp, &mut ev), Disposition::Forward);
-    let out = h2.outputs()[0];
+    let seen = run(&mut h2, 0, cc, &arp, &mut ev);
+    assert_eq!(seen, Disposition::Forward);
+    let out = seen.outputs[0];
     assert_eq!(out.port, UPLINK);
     assert!(!out.encap.unwrap().policy_applied, "ARP carries no verdict");
-    let wire = render0(&h2, &arp);
-    assert_eq!(h1.process(1, UPLINK, &wire, &mut ev), Disposition::Forward);
+    let wire = seen.out0();
+    assert_eq!(
+        h1.process(1, UPLINK, &wire, &mut ev, &mut Results::new()),
+        Disposition::Forward
+    );
     // A frame from outside claiming a local vNIC's MAC is an impersonation.
     let mut fake = wire.clone();
     fake[50 + 6..50 + 12].copy_from_slice(&mac(10));
     assert_eq!(
-        h1.process(1, UPLINK, &fake, &mut ev),
+        h1.process(1, UPLINK, &fake, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::SpoofedMac)
     );
     let (b1, b2) = (h1.counters().clone(), h2.counters().clone());
 
     // a → c: classified on h1, encapsulated with the policy-applied bit and a's group.
-    let syn = tcp(10, 12, 40030, 443, 1, 0, TcpFlags::SYN, b"");
-    assert_eq!(h1.process(2, a, &syn, &mut ev), Disposition::Forward);
-    let enc = h1.outputs()[0].encap.unwrap();
+    let syn = tcp(10, 12, 40030, 443, (1, 0), TcpFlags::SYN, b"");
+    let seen = run(&mut h1, 2, a, &syn, &mut ev);
+    assert_eq!(seen, Disposition::Forward);
+    let enc = seen.outputs[0].encap.unwrap();
     assert!(enc.policy_applied);
     assert_eq!(enc.remote, Ipv4Addr::new(192, 168, 0, 2));
     assert_eq!(enc.group_id, h1.vnic(a).unwrap().group_id);
-    let wire = render0(&h1, &syn);
+    let wire = seen.out0();
     let vx = vxlan::Packet::new_checked(&wire[42..]).unwrap();
     assert!(vx.policy_applied() && vx.has_gbp());
     assert_eq!(vx.vni(), 100);
@@ -710,23 +824,25 @@ fn cross_host_flow_is_classified_once_in_total() {
     let outer_sport = |w: &[u8]| u16::from_be_bytes([w[34], w[35]]);
     let syn_sport = outer_sport(&wire);
     assert!(syn_sport >= 49152, "{syn_sport}");
-    fwd(&mut h2, 3, UPLINK, &wire, cc, &mut ev);
-    assert_eq!(render0(&h2, &wire), syn);
+    let seen = fwd(&mut h2, 3, UPLINK, &wire, cc, &mut ev);
+    assert_eq!(seen.out0(), syn);
 
     // The reply goes back the same way, trusted on h1 too.
-    let synack = tcp(12, 10, 443, 40030, 100, 2, TcpFlags::SYN | TcpFlags::ACK, b"");
-    assert_eq!(h2.process(4, cc, &synack, &mut ev), Disposition::Forward);
-    assert!(h2.outputs()[0].encap.unwrap().policy_applied);
-    let wire = render0(&h2, &synack);
+    let synack = tcp(12, 10, 443, 40030, (100, 2), TcpFlags::SYN | TcpFlags::ACK, b"");
+    let seen = run(&mut h2, 4, cc, &synack, &mut ev);
+    assert_eq!(seen, Disposition::Forward);
+    assert!(seen.outputs[0].encap.unwrap().policy_applied);
+    let wire = seen.out0();
     assert_eq!(
         outer_sport(&wire),
         syn_sport,
         "both directions of a flow take one underlay path"
     );
     fwd(&mut h1, 5, UPLINK, &wire, a, &mut ev);
-    let ack = tcp(10, 12, 40030, 443, 2, 101, TcpFlags::ACK, b"");
-    assert_eq!(h1.process(6, a, &ack, &mut ev), Disposition::Forward);
-    fwd(&mut h2, 7, UPLINK, &render0(&h1, &ack), cc, &mut ev);
+    let ack = tcp(10, 12, 40030, 443, (2, 101), TcpFlags::ACK, b"");
+    let seen = run(&mut h1, 6, a, &ack, &mut ev);
+    assert_eq!(seen, Disposition::Forward);
+    fwd(&mut h2, 7, UPLINK, &seen.out0(), cc, &mut ev);
 
     let (a1, a2) = (h1.counters().clone(), h2.counters().clone());
     let total = delta(&b1, &a1, |c| c.classifications) + delta(&b2, &a2, |c| c.classifications);
@@ -735,9 +851,10 @@ fn cross_host_flow_is_classified_once_in_total() {
     assert_eq!(delta(&b1, &a1, |c| c.trusted), 1);
 
     // Without the policy-applied bit, the receiving host evaluates the flow itself.
-    let syn2 = tcp(10, 12, 40031, 22, 1, 0, TcpFlags::SYN, b"");
-    assert_eq!(h1.process(8, a, &syn2, &mut ev), Disposition::Forward);
-    let mut wire = render0(&h1, &syn2);
+    let syn2 = tcp(10, 12, 40031, 22, (1, 0), TcpFlags::SYN, b"");
+    let seen = run(&mut h1, 8, a, &syn2, &mut ev);
+    assert_eq!(seen, Disposition::Forward);
+    let mut wire = seen.out0();
     assert_ne!(outer_sport(&wire), syn_sport, "another flow, another port");
     vxlan::Packet::new_unchecked(&mut wire[42..50]).set_policy_applied(false);
     let before = h2.counters().classifications;
@@ -763,10 +880,9 @@ fn three_tier_vlan_tagged_north_south() {
         web_mac,
         Some(100),
         EtherType::IPV4,
-        &tcp_ip(client, web_ip, 50000, 443, 7, 0, TcpFlags::SYN, b""),
+        &tcp_ip(client, web_ip, 50000, 443, (7, 0), TcpFlags::SYN, b""),
     );
-    fwd(&mut e, 0, UPLINK, &syn, web, &mut ev);
-    let out = render0(&e, &syn);
+    let out = fwd(&mut e, 0, UPLINK, &syn, web, &mut ev).out0();
     assert_eq!(out.len(), syn.len() - 4);
     assert_eq!(&out[12..14], &[0x08, 0x00]);
     assert_eq!(e.rule_tally("web-from-internet").hits, 1);
@@ -776,10 +892,9 @@ fn three_tier_vlan_tagged_north_south() {
         router,
         None,
         EtherType::IPV4,
-        &tcp_ip(web_ip, client, 443, 50000, 70, 8, TcpFlags::SYN | TcpFlags::ACK, b""),
+        &tcp_ip(web_ip, client, 443, 50000, (70, 8), TcpFlags::SYN | TcpFlags::ACK, b""),
     );
-    fwd(&mut e, 1, web, &synack, UPLINK, &mut ev);
-    let out = render0(&e, &synack);
+    let out = fwd(&mut e, 1, web, &synack, UPLINK, &mut ev).out0();
     assert_eq!(out, eth(web_mac, router, Some(100), EtherType::IPV4, &synack[14..]));
     // SSH from the internet is denied by the datacenter guard rail, and counted against it.
     let ssh = eth(
@@ -787,14 +902,14 @@ fn three_tier_vlan_tagged_north_south() {
         web_mac,
         Some(100),
         EtherType::IPV4,
-        &tcp_ip(client, web_ip, 50001, 22, 7, 0, TcpFlags::SYN, b""),
+        &tcp_ip(client, web_ip, 50001, 22, (7, 0), TcpFlags::SYN, b""),
     );
     assert_eq!(
-        e.process(2, UPLINK, &ssh, &mut ev),
+        e.process(2, UPLINK, &ssh, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::PolicyDeny)
     );
     assert_eq!(
-        e.process(3, UPLINK, &ssh, &mut ev),
+        e.process(3, UPLINK, &ssh, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::PolicyDeny)
     );
     let t = e.rule_tally("dc-deny-internet-ssh");
@@ -802,12 +917,14 @@ fn three_tier_vlan_tagged_north_south() {
     // A VM may not tag its frames into another VLAN.
     let tagged = eth(web_mac, router, Some(200), EtherType::IPV4, &synack[14..]);
     assert_eq!(
-        e.process(4, web, &tagged, &mut ev),
+        e.process(4, web, &tagged, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::VlanMismatch)
     );
     // Garbage is a typed drop, never a panic.
     for n in 0..syn.len() {
-        let d = e.process(5, UPLINK, &syn[..n], &mut ev);
+        let d = e
+            .process(5, UPLINK, &syn[..n], &mut ev, &mut Results::new())
+            .disposition;
         assert!(matches!(d, Disposition::Drop(_)), "{n}: {d:?}");
     }
     let _: IpAddr = web_ip.into();
@@ -824,7 +941,7 @@ fn timeouts_expire_connections() {
     assert_eq!(ev.last().unwrap().kind, EventKind::End(EndReason::Timeout));
     // A late reply is now a new flow from b (source port 53 to 7000), which no rule allows.
     assert_eq!(
-        e.process(32 * 1_000 * MS, b, &udp(11, 10, 53, 7000), &mut ev),
+        e.process(32 * 1_000 * MS, b, &udp(11, 10, 53, 7000), &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::PolicyDeny)
     );
 }
@@ -860,16 +977,16 @@ fn neighbour_discovery_spoofing_is_dropped() {
     let mut ev = Vec::new();
     let a = port(&e, "a.0");
     assert_eq!(
-        e.process(0, a, &neighbor_advert("fd00::a", mac(10)), &mut ev),
+        e.process(0, a, &neighbor_advert("fd00::a", mac(10)), &mut ev, &mut Results::new()),
         Disposition::Forward
     );
     assert_eq!(
-        e.process(0, a, &neighbor_advert("fd00::b", mac(10)), &mut ev),
+        e.process(0, a, &neighbor_advert("fd00::b", mac(10)), &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::SpoofedNd),
         "advertising another address"
     );
     assert_eq!(
-        e.process(0, a, &neighbor_advert("fd00::a", mac(11)), &mut ev),
+        e.process(0, a, &neighbor_advert("fd00::a", mac(11)), &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::SpoofedNd),
         "advertising another link-layer address"
     );
@@ -884,22 +1001,19 @@ fn mutated_frames_never_panic() {
     let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
     handshake(&mut e, &mut ev, 40100, 443, 0);
     let mut seeds = vec![
-        tcp(10, 11, 40100, 443, 1001, 9001, TcpFlags::ACK, b"data"),
+        tcp(10, 11, 40100, 443, (1001, 9001), TcpFlags::ACK, b"data"),
         udp(10, 11, 5000, 53),
         icmp(11, 10, 3, 3, [0; 4], &udp(10, 11, 5000, 53)[14..42]),
         arp_frame(mac(10), ip(10), ip(11)),
         neighbor_advert("fd00::a", mac(10)),
-        tcp(10, 11, 40101, 23, 1, 0, TcpFlags::SYN, b""),
+        tcp(10, 11, 40101, 23, (1, 0), TcpFlags::SYN, b""),
         udp(10, 11, 6001, 69),
     ];
     // A VXLAN packet for the uplink, too.
-    let syn = tcp(12, 10, 1, 443, 1, 0, TcpFlags::SYN, b"");
+    let syn = tcp(12, 10, 1, 443, (1, 0), TcpFlags::SYN, b"");
     let mut h2 = host(compile_mem(policy(true)), "h2", 2, &[], |_| {});
     let c = port(&h2, "c.0");
-    h2.process(0, c, &syn, &mut ev);
-    let mut buf = vec![0; 2048];
-    let n = h2.render(&syn, 0, &mut buf).unwrap();
-    seeds.push(buf[..n].to_vec());
+    seeds.push(run(&mut h2, 0, c, &syn, &mut ev).out0());
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
         x ^= x << 13;
@@ -915,23 +1029,17 @@ fn mutated_frames_never_panic() {
         }
         f.truncate((next() % (f.len() as u64 + 1)) as usize);
         let from = [a, b, UPLINK][(next() % 3) as usize];
-        match e.process(i, from, &f, &mut ev) {
-            Disposition::Forward => {
-                for o in 0..e.outputs().len() {
-                    e.render(&f, o, &mut buf).unwrap();
-                }
-            }
-            Disposition::Drop(DropReason::PolicyReject) => {
-                e.reject_reply(&f, &mut buf).unwrap();
-            }
-            Disposition::Drop(_) => {}
+        // Every output and every reply renders (`Seen::of` unwraps each).
+        let seen = run(&mut e, i, from, &f, &mut ev);
+        if seen == Disposition::Drop(DropReason::PolicyReject) {
+            assert!(seen.reply.is_some(), "a rejected IP frame is answered");
         }
     }
     assert_eq!(e.counters().packets, 20_000 + 3);
 }
 
-#[allow(clippy::too_many_arguments)]
-fn tcp6(from: u8, to: u8, sport: u16, dport: u16, seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
+/// A TCP frame between two VMs over IPv6 (`fd00::<from>` → `fd00::<to>`).
+fn tcp6(from: u8, to: u8, sport: u16, dport: u16, (seq, ack): (u32, u32), flags: TcpFlags, data: &[u8]) -> Vec<u8> {
     let src: core::net::Ipv6Addr = format!("fd00::{from:x}").parse().unwrap();
     let dst: core::net::Ipv6Addr = format!("fd00::{to:x}").parse().unwrap();
     let repr = TcpRepr {
@@ -972,7 +1080,7 @@ fn ipv6_tcp_with_window_scaling_in_a_strict_zone() {
         &mut e,
         0,
         a,
-        &tcp6(10, 11, 40200, 443, 1000, 0, TcpFlags::SYN, b""),
+        &tcp6(10, 11, 40200, 443, (1000, 0), TcpFlags::SYN, b""),
         b,
         &mut ev,
     );
@@ -980,7 +1088,7 @@ fn ipv6_tcp_with_window_scaling_in_a_strict_zone() {
         &mut e,
         1,
         b,
-        &tcp6(11, 10, 443, 40200, 9000, 1001, TcpFlags::SYN | TcpFlags::ACK, b""),
+        &tcp6(11, 10, 443, 40200, (9000, 1001), TcpFlags::SYN | TcpFlags::ACK, b""),
         a,
         &mut ev,
     );
@@ -988,32 +1096,32 @@ fn ipv6_tcp_with_window_scaling_in_a_strict_zone() {
         &mut e,
         2,
         a,
-        &tcp6(10, 11, 40200, 443, 1001, 9001, TcpFlags::ACK, b""),
+        &tcp6(10, 11, 40200, 443, (1001, 9001), TcpFlags::ACK, b""),
         b,
         &mut ev,
     );
     // The SYN-ACK's window is never scaled, so 5 MB ahead is out of window until b advertises a scaled one.
-    let ahead = tcp6(10, 11, 40200, 443, 1001 + 5_000_000, 9001, TcpFlags::ACK, b"x");
+    let ahead = tcp6(10, 11, 40200, 443, (1001 + 5_000_000, 9001), TcpFlags::ACK, b"x");
     assert_eq!(
-        e.process(3, a, &ahead, &mut ev),
+        e.process(3, a, &ahead, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::TcpOutOfWindow)
     );
     fwd(
         &mut e,
         3,
         b,
-        &tcp6(11, 10, 443, 40200, 9001, 1001, TcpFlags::ACK, b""),
+        &tcp6(11, 10, 443, 40200, (9001, 1001), TcpFlags::ACK, b""),
         a,
         &mut ev,
     );
     // With a window scale of 7 on both sides, 64000 << 7 bytes may be in flight: 5 MB ahead is fine.
-    let ahead = tcp6(10, 11, 40200, 443, 1001 + 5_000_000, 9001, TcpFlags::ACK, b"x");
+    let ahead = tcp6(10, 11, 40200, 443, (1001 + 5_000_000, 9001), TcpFlags::ACK, b"x");
     fwd(&mut e, 3, a, &ahead, b, &mut ev);
     // Beyond b's window by more than a window (Linux lets a segment overshoot
     // by up to one: some stacks send a little too much).
-    let beyond = tcp6(10, 11, 40200, 443, 1001 + 20_000_000, 9001, TcpFlags::ACK, b"x");
+    let beyond = tcp6(10, 11, 40200, 443, (1001 + 20_000_000, 9001), TcpFlags::ACK, b"x");
     assert_eq!(
-        e.process(4, a, &beyond, &mut ev),
+        e.process(4, a, &beyond, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::TcpOutOfWindow)
     );
     assert_eq!(e.counters().classifications, 1);
@@ -1022,7 +1130,8 @@ fn ipv6_tcp_with_window_scaling_in_a_strict_zone() {
 
 #[test]
 fn dispatch_keys_put_a_connection_and_its_errors_on_one_shard() {
-    use palisade_datapath::shard::shard_of;
+    // The symmetric hash a host steers flows by, modulo its workers.
+    let shard_of = |k: &FlowKey, n: u64| k.symmetric_hash() % n;
     let e = h1();
     let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
     for sport in 1000..1100 {
@@ -1057,13 +1166,11 @@ fn rejected_flows_get_a_reset_or_an_icmp_error() {
     let mut e = h1();
     let mut ev = Vec::new();
     let a = port(&e, "a.0");
-    let mut buf = [0u8; 256];
-    let syn = tcp(10, 11, 40400, 23, 5000, 0, TcpFlags::SYN, b"");
-    assert_eq!(
-        e.process(0, a, &syn, &mut ev),
-        Disposition::Drop(DropReason::PolicyReject)
-    );
-    let n = e.reject_reply(&syn, &mut buf).unwrap();
+    let syn = tcp(10, 11, 40400, 23, (5000, 0), TcpFlags::SYN, b"");
+    let seen = run(&mut e, 0, a, &syn, &mut ev);
+    assert_eq!(seen, Disposition::Drop(DropReason::PolicyReject));
+    let buf = seen.reply.unwrap();
+    let n = buf.len();
     let f = ethernet::Frame::new_checked(&buf[..n]).unwrap();
     assert_eq!(
         (f.dst_addr(), f.src_addr()),
@@ -1079,11 +1186,10 @@ fn rejected_flows_get_a_reset_or_an_icmp_error() {
     assert_eq!(e.rule_tally("web-reject").hits, 2);
 
     let tftp = udp(10, 11, 6000, 69);
-    assert_eq!(
-        e.process(1, a, &tftp, &mut ev),
-        Disposition::Drop(DropReason::PolicyReject)
-    );
-    let n = e.reject_reply(&tftp, &mut buf).unwrap();
+    let seen = run(&mut e, 1, a, &tftp, &mut ev);
+    assert_eq!(seen, Disposition::Drop(DropReason::PolicyReject));
+    let buf = seen.reply.unwrap();
+    let n = buf.len();
     let m = icmpv4::Packet::new_checked(&buf[34..n]).unwrap();
     assert!(m.verify_checksum());
     assert_eq!((m.msg_type().0, m.msg_code()), (3, 13));
@@ -1116,13 +1222,6 @@ fn import_is_all_or_nothing_and_replaces_duplicates() {
     assert_eq!(src.conntrack().port_conns(a), 2);
 }
 
-fn overlay0(e: &Engine, frame: &[u8]) -> (Ipv4Addr, Vec<u8>) {
-    let mut buf = vec![0; 2048];
-    let (remote, n) = e.render_overlay(frame, 0, &mut buf).unwrap();
-    buf.truncate(n);
-    (remote, buf)
-}
-
 #[test]
 fn overlay_socket_path_matches_the_uplink_path() {
     // The agent's UDP socket sees only the VXLAN payload: rendering for it and
@@ -1134,31 +1233,31 @@ fn overlay_socket_path_matches_the_uplink_path() {
     let a = port(&h1, "a.0");
     let cc = port(&h2, "c.0");
     let arp = arp_frame(mac(12), ip(12), ip(10));
-    assert_eq!(h2.process(0, cc, &arp, &mut ev), Disposition::Forward);
-    let (remote, payload) = overlay0(&h2, &arp);
+    let seen = run(&mut h2, 0, cc, &arp, &mut ev);
+    assert_eq!(seen, Disposition::Forward);
+    let (remote, payload) = seen.overlay0();
     assert_eq!(remote, Ipv4Addr::new(192, 168, 0, 1));
     assert_eq!(
         &payload[8..],
-        &render0(&h2, &arp)[50..],
+        &seen.out0()[50..],
         "same inner frame as the uplink rendering"
     );
-    assert_eq!(&payload[..8], &render0(&h2, &arp)[42..50], "same VXLAN-GBP header");
+    assert_eq!(&payload[..8], &seen.out0()[42..50], "same VXLAN-GBP header");
     assert_eq!(
-        h1.process_overlay(1, Ipv4Addr::new(192, 168, 0, 2), &payload, &mut ev),
+        h1.process_overlay(1, Ipv4Addr::new(192, 168, 0, 2), &payload, &mut ev, &mut Results::new()),
         Disposition::Forward
     );
 
     let before = (h1.counters().classifications, h2.counters().classifications);
-    let syn = tcp(10, 12, 40030, 443, 1, 0, TcpFlags::SYN, b"");
-    assert_eq!(h1.process(2, a, &syn, &mut ev), Disposition::Forward);
-    let (remote, payload) = overlay0(&h1, &syn);
+    let syn = tcp(10, 12, 40030, 443, (1, 0), TcpFlags::SYN, b"");
+    let seen = run(&mut h1, 2, a, &syn, &mut ev);
+    assert_eq!(seen, Disposition::Forward);
+    let (remote, payload) = seen.overlay0();
     assert_eq!(remote, Ipv4Addr::new(192, 168, 0, 2), "learned from the ARP's sender");
-    assert_eq!(
-        h2.process_overlay(3, Ipv4Addr::new(192, 168, 0, 1), &payload, &mut ev),
-        Disposition::Forward
-    );
-    assert_eq!(h2.outputs()[0].port, cc);
-    assert_eq!(render0(&h2, &payload), syn, "delivered unchanged");
+    let seen = run_overlay(&mut h2, 3, Ipv4Addr::new(192, 168, 0, 1), &payload, &mut ev);
+    assert_eq!(seen, Disposition::Forward);
+    assert_eq!(seen.outputs[0].port, cc);
+    assert_eq!(seen.out0(), syn, "delivered unchanged");
     let after = (h1.counters().classifications, h2.counters().classifications);
     assert_eq!(
         (after.0 - before.0) + (after.1 - before.1),
@@ -1168,15 +1267,27 @@ fn overlay_socket_path_matches_the_uplink_path() {
     assert_eq!(h2.counters().trusted, 1);
 
     // A local output has no overlay rendering; garbage from the socket is a typed drop.
-    assert!(h2.render_overlay(&payload, 0, &mut [0; 2048]).is_err());
+    assert!(seen.outputs[0].encap.is_none() && seen.overlay[0].is_none());
     assert_eq!(
-        h2.process_overlay(4, Ipv4Addr::new(192, 168, 0, 1), &payload[..6], &mut ev),
+        h2.process_overlay(
+            4,
+            Ipv4Addr::new(192, 168, 0, 1),
+            &payload[..6],
+            &mut ev,
+            &mut Results::new()
+        ),
         Disposition::Drop(DropReason::Malformed)
     );
     let mut other_vni = payload.clone();
     other_vni[4..7].copy_from_slice(&[0, 0x0f, 0xff]);
     assert_eq!(
-        h2.process_overlay(5, Ipv4Addr::new(192, 168, 0, 1), &other_vni, &mut ev),
+        h2.process_overlay(
+            5,
+            Ipv4Addr::new(192, 168, 0, 1),
+            &other_vni,
+            &mut ev,
+            &mut Results::new()
+        ),
         Disposition::Drop(DropReason::UnknownVni)
     );
 }
@@ -1187,13 +1298,21 @@ fn events_carry_direction_counts_and_the_deciding_rules() {
     let mut ev = Vec::new();
     let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
     handshake(&mut e, &mut ev, 40100, 443, 0);
-    let data = tcp(10, 11, 40100, 443, 1001, 9001, TcpFlags::ACK | TcpFlags::PSH, b"hello");
+    let data = tcp(
+        10,
+        11,
+        40100,
+        443,
+        (1001, 9001),
+        TcpFlags::ACK | TcpFlags::PSH,
+        b"hello",
+    );
     fwd(&mut e, 10, a, &data, b, &mut ev);
-    let fin = tcp(10, 11, 40100, 443, 1006, 9001, TcpFlags::FIN | TcpFlags::ACK, b"");
+    let fin = tcp(10, 11, 40100, 443, (1006, 9001), TcpFlags::FIN | TcpFlags::ACK, b"");
     fwd(&mut e, 11, a, &fin, b, &mut ev);
-    let finack = tcp(11, 10, 443, 40100, 9001, 1007, TcpFlags::FIN | TcpFlags::ACK, b"");
+    let finack = tcp(11, 10, 443, 40100, (9001, 1007), TcpFlags::FIN | TcpFlags::ACK, b"");
     fwd(&mut e, 12, b, &finack, a, &mut ev);
-    let last = tcp(10, 11, 40100, 443, 1007, 9002, TcpFlags::ACK, b"");
+    let last = tcp(10, 11, 40100, 443, (1007, 9002), TcpFlags::ACK, b"");
     fwd(&mut e, 13, a, &last, b, &mut ev);
     let end = ev.iter().rfind(|x| matches!(x.kind, EventKind::End(_))).unwrap();
     // Initiator: SYN, ACK, data, FIN, last ACK; responder: SYN-ACK, FIN-ACK.
@@ -1214,10 +1333,10 @@ fn events_carry_direction_counts_and_the_deciding_rules() {
 
     // A denied flow makes exactly one Denied event, with the rule that denied it.
     let n = ev.len();
-    let smtp = tcp(10, 11, 40101, 25, 1, 0, TcpFlags::SYN, b"");
+    let smtp = tcp(10, 11, 40101, 25, (1, 0), TcpFlags::SYN, b"");
     for t in 20..23 {
         assert_eq!(
-            e.process(t, a, &smtp, &mut ev),
+            e.process(t, a, &smtp, &mut ev, &mut Results::new()),
             Disposition::Drop(DropReason::PolicyDeny)
         );
     }
@@ -1230,7 +1349,7 @@ fn events_carry_direction_counts_and_the_deciding_rules() {
 }
 
 fn syn_ack_len() -> usize {
-    tcp(11, 10, 443, 40100, 100, 2, TcpFlags::SYN | TcpFlags::ACK, b"").len()
+    tcp(11, 10, 443, 40100, (100, 2), TcpFlags::SYN | TcpFlags::ACK, b"").len()
 }
 
 #[test]
@@ -1245,15 +1364,14 @@ fn appliance_ports_may_send_from_any_address_but_not_any_mac() {
             ip(10),
             50000,
             dport,
-            1,
-            0,
+            (1, 0),
             TcpFlags::SYN,
             b"",
         );
         eth(mac(0xfe), mac(10), None, EtherType::IPV4, &ip)
     };
     assert_eq!(
-        e.process(1, gw, &inbound(443), &mut ev),
+        e.process(1, gw, &inbound(443), &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::PolicyDeny)
     );
     // The same from a VM port is spoofing.
@@ -1261,7 +1379,7 @@ fn appliance_ports_may_send_from_any_address_but_not_any_mac() {
     spoof[6..12].copy_from_slice(&mac(11));
     let b = port(&e, "b.0");
     assert_eq!(
-        e.process(2, b, &spoof, &mut ev),
+        e.process(2, b, &spoof, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::SpoofedIp)
     );
     // A's traffic to the internet through the router is allowed by web-out (a's egress chain).
@@ -1270,8 +1388,7 @@ fn appliance_ports_may_send_from_any_address_but_not_any_mac() {
         Ipv4Addr::new(203, 0, 113, 10),
         40200,
         443,
-        1,
-        0,
+        (1, 0),
         TcpFlags::SYN,
         b"",
     );
@@ -1287,7 +1404,7 @@ fn appliance_ports_may_send_from_any_address_but_not_any_mac() {
     let mut wrong_mac = inbound(443);
     wrong_mac[6..12].copy_from_slice(&mac(0xfd));
     assert_eq!(
-        e.process(4, gw, &wrong_mac, &mut ev),
+        e.process(4, gw, &wrong_mac, &mut ev, &mut Results::new()),
         Disposition::Drop(DropReason::SpoofedMac)
     );
 }
@@ -1336,7 +1453,7 @@ fn two_connections_saved() -> (Engine, Vec<u8>) {
     let (mut e, gw) = with_gateway(h1());
     let mut ev = Vec::new();
     let a = port(&e, "a.0");
-    let out = tcp_ip(ip(10), INTERNET_HOST, 40300, 443, 1, 0, TcpFlags::SYN, b"");
+    let out = tcp_ip(ip(10), INTERNET_HOST, 40300, 443, (1, 0), TcpFlags::SYN, b"");
     fwd(
         &mut e,
         1,
@@ -1371,7 +1488,7 @@ fn a_restart_keeps_every_connection_including_transit_ones() {
     );
     // The internet's reply comes back through the router: part of the saved connection, not classified.
     let before = fresh.counters().classifications;
-    let reply = tcp_ip(inet, ip(10), 443, 40300, 500, 2, TcpFlags::SYN | TcpFlags::ACK, b"");
+    let reply = tcp_ip(inet, ip(10), 443, 40300, (500, 2), TcpFlags::SYN | TcpFlags::ACK, b"");
     fwd(
         &mut fresh,
         21,
@@ -1381,7 +1498,7 @@ fn a_restart_keeps_every_connection_including_transit_ones() {
         &mut ev,
     );
     let b = port(&fresh, "b.0");
-    let data = tcp(11, 10, 443, 40301, 9001, 1001, TcpFlags::ACK, b"x");
+    let data = tcp(11, 10, 443, 40301, (9001, 1001), TcpFlags::ACK, b"x");
     fwd(&mut fresh, 22, b, &data, a, &mut ev);
     assert_eq!(fresh.counters().classifications, before);
 }
@@ -1424,8 +1541,8 @@ rules:
     };
     let (gw_web, gw_app) = (leg(&mut e, "web", 0xfe), leg(&mut e, "app", 0xfd));
     let (wip, pip) = (Ipv4Addr::new(10, 0, 1, 10), Ipv4Addr::new(10, 0, 2, 11));
-    let syn = tcp_ip(wip, pip, 40000, 8080, 1, 0, TcpFlags::SYN, b"");
-    let synack = tcp_ip(pip, wip, 8080, 40000, 100, 2, TcpFlags::SYN | TcpFlags::ACK, b"");
+    let syn = tcp_ip(wip, pip, 40000, 8080, (1, 0), TcpFlags::SYN, b"");
+    let synack = tcp_ip(pip, wip, 8080, 40000, (100, 2), TcpFlags::SYN | TcpFlags::ACK, b"");
     // SYN: w → router (web leg), router → p (app leg).
     fwd(
         &mut e,
@@ -1473,8 +1590,7 @@ rules:
         pip,
         50000,
         8080,
-        1,
-        0,
+        (1, 0),
         TcpFlags::SYN,
         b"",
     );
@@ -1483,7 +1599,8 @@ rules:
             5,
             gw_app,
             &eth(mac(0xfd), mac(11), None, EtherType::IPV4, &inet),
-            &mut ev
+            &mut ev,
+            &mut Results::new()
         ),
         Disposition::Drop(DropReason::PolicyDeny)
     );
@@ -1506,12 +1623,11 @@ fn batch_processing_matches_frame_by_frame() {
             b,
             40000 + i % 5,
             443,
-            1000 + u32::from(i),
-            0,
+            (1000 + u32::from(i), 0),
             TcpFlags::SYN,
             b"",
         ));
-        from_a.push(tcp(a, b, 41000 + i % 3, 22 + i % 2, 7, 0, TcpFlags::SYN, b""));
+        from_a.push(tcp(a, b, 41000 + i % 3, 22 + i % 2, (7, 0), TcpFlags::SYN, b""));
         if i % 9 == 0 {
             from_a.push(udp(b, a, 5000, 53)); // spoofed: b's MAC from a's port
             from_a.push(arp_frame(mac(a), ip(a), ip(b)));
@@ -1525,18 +1641,17 @@ fn batch_processing_matches_frame_by_frame() {
         let (pa, pb) = (port(&e, "a.0"), port(&e, "b.0"));
         let mut ev = Vec::new();
         let mut seen = Vec::new();
-        let mut record = |e: &Engine, d: Disposition, frame: &[u8]| {
-            let outs: Vec<_> = (0..e.outputs().len())
-                .map(|i| (e.outputs()[i], render_at(e, frame, i)))
-                .collect();
-            seen.push((d, outs));
+        let mut results = Results::new();
+        let mut record = |p: &Processed<'_>| {
+            let outs: Vec<_> = p.outputs.iter().map(|o| (*o, render_one(p, o))).collect();
+            seen.push((p.disposition, outs));
         };
         // A warm cache (denied flows), so that looking ahead finds entries
         // (the default flow-cache capacity is past the look-ahead threshold).
         for p in 0..8300u16 {
-            let syn = tcp(a, b, 10_000 + p, 25, 1, 0, TcpFlags::SYN, b"");
+            let syn = tcp(a, b, 10_000 + p, 25, (1, 0), TcpFlags::SYN, b"");
             assert_eq!(
-                e.process(0, pa, &syn, &mut ev),
+                e.process(0, pa, &syn, &mut ev, &mut Results::new()),
                 Disposition::Drop(DropReason::PolicyDeny)
             );
         }
@@ -1554,11 +1669,12 @@ fn batch_processing_matches_frame_by_frame() {
                 (pb, &from_b.iter().map(|f| &f[..]).collect::<Vec<_>>()[..]),
             ] {
                 if batched {
-                    e.process_batch(t, p, frames, &mut ev, |e, i, d| record(e, d, frames[i]));
+                    e.process_batch(t, p, frames, &mut ev, &mut results);
+                    assert_eq!(results.len(), frames.len());
+                    results.iter(frames).for_each(|p| record(&p));
                 } else {
                     for f in frames {
-                        let d = e.process(t, p, f, &mut ev);
-                        record(&e, d, f);
+                        record(&e.process(t, p, f, &mut ev, &mut results));
                     }
                 }
             }
@@ -1588,9 +1704,9 @@ fn batch_processing_matches_frame_by_frame() {
     assert_eq!((one.3, one.4), (many.3, many.4), "tallies");
 }
 
-fn render_at(e: &Engine, frame: &[u8], i: usize) -> Vec<u8> {
+fn render_one(p: &Processed<'_>, o: &Output) -> Vec<u8> {
     let mut buf = vec![0; 2048];
-    let n = e.render(frame, i, &mut buf).unwrap();
+    let n = render(p, o, &mut buf).unwrap();
     buf.truncate(n);
     buf
 }
@@ -1607,27 +1723,40 @@ fn a_flow_follows_its_peer_mac_to_another_host() {
     let a = port(&h1, "a.0");
     let cc = port(&h2, "c.0");
     let arp = arp_frame(mac(12), ip(12), ip(10));
-    assert_eq!(h2.process(0, cc, &arp, &mut ev), Disposition::Forward);
-    let (_, announce) = overlay0(&h2, &arp);
+    let seen = run(&mut h2, 0, cc, &arp, &mut ev);
+    assert_eq!(seen, Disposition::Forward);
+    let (_, announce) = seen.overlay0();
     let (h2_ip, h3_ip) = (Ipv4Addr::new(192, 168, 0, 2), Ipv4Addr::new(192, 168, 0, 3));
-    assert_eq!(h1.process_overlay(1, h2_ip, &announce, &mut ev), Disposition::Forward);
-    let remote_of = |e: &Engine| e.outputs().first().and_then(|o| o.encap).map(|enc| enc.remote);
-    let send = |e: &mut Engine, t: u64, _: u32| e.process(t, a, &udp(10, 12, 40030, 53), &mut Vec::new());
-    assert_eq!(send(&mut h1, 2, 1), Disposition::Forward);
-    assert_eq!(remote_of(&h1), Some(h2_ip));
-    assert_eq!(send(&mut h1, 3, 2), Disposition::Forward);
-    assert_eq!(remote_of(&h1), Some(h2_ip), "still on h2");
+    assert_eq!(
+        h1.process_overlay(1, h2_ip, &announce, &mut ev, &mut Results::new()),
+        Disposition::Forward
+    );
+    let remote_of = |s: &Seen| s.outputs.first().and_then(|o| o.encap).map(|enc| enc.remote);
+    let send = |e: &mut Engine, t: u64, _: u32| run(e, t, a, &udp(10, 12, 40030, 53), &mut Vec::new());
+    let sent = send(&mut h1, 2, 1);
+    assert_eq!(sent, Disposition::Forward);
+    assert_eq!(remote_of(&sent), Some(h2_ip));
+    let sent = send(&mut h1, 3, 2);
+    assert_eq!(sent, Disposition::Forward);
+    assert_eq!(remote_of(&sent), Some(h2_ip), "still on h2");
     // c's MAC now arrives from h3: the next packet of the cached flow goes there.
-    assert_eq!(h1.process_overlay(4, h3_ip, &announce, &mut ev), Disposition::Forward);
+    assert_eq!(
+        h1.process_overlay(4, h3_ip, &announce, &mut ev, &mut Results::new()),
+        Disposition::Forward
+    );
     let hits = h1.counters().cache_hits;
-    assert_eq!(send(&mut h1, 5, 3), Disposition::Forward);
+    let sent = send(&mut h1, 5, 3);
+    assert_eq!(sent, Disposition::Forward);
     assert_eq!(h1.counters().cache_hits, hits + 1, "a cached flow");
-    assert_eq!(remote_of(&h1), Some(h3_ip), "followed the move");
+    assert_eq!(remote_of(&sent), Some(h3_ip), "followed the move");
     // And a frame to a MAC nobody has announced is flooded, not sent to c's host.
     let mut stranger = udp(10, 12, 40030, 53);
     stranger[..6].copy_from_slice(&mac(99));
     let (flooded, encapsulated) = (h1.counters().flooded, h1.counters().encapsulated);
-    assert_eq!(h1.process(6, a, &stranger, &mut ev), Disposition::Forward);
+    assert_eq!(
+        h1.process(6, a, &stranger, &mut ev, &mut Results::new()),
+        Disposition::Forward
+    );
     assert_eq!(h1.counters().flooded, flooded + 1);
     assert_eq!(h1.counters().encapsulated, encapsulated, "not sent to one host");
 }
@@ -1642,8 +1771,11 @@ fn a_frame_with_nowhere_to_go_opens_no_connection() {
     let a = port(&e, "a.0");
     let mut ev = Vec::new();
     for sport in 0..3 {
-        let own = tcp(10, 10, 40_000 + sport, 443, 1, 0, TcpFlags::SYN, b"");
-        assert_eq!(e.process(0, a, &own, &mut ev), Disposition::Drop(DropReason::NoRoute));
+        let own = tcp(10, 10, 40_000 + sport, 443, (1, 0), TcpFlags::SYN, b"");
+        assert_eq!(
+            e.process(0, a, &own, &mut ev, &mut Results::new()),
+            Disposition::Drop(DropReason::NoRoute)
+        );
     }
     assert_eq!(e.conntrack().len(), 0, "no connection for frames that never left");
     assert_eq!(e.counters().classifications, 0);

@@ -6,12 +6,12 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use palisade_datapath::engine::{Disposition, Engine, EngineConfig};
-use palisade_datapath::fuzzing::vm_frame;
-use palisade_datapath::lookup::PolicyLookup;
+use palisade_datapath::PolicyLookup;
 use palisade_datapath::port::{self, UplinkConfig};
+use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
+use palisade_testkit::vm_frame;
 use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::ip::IpProtocol;
 use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
@@ -91,25 +91,29 @@ fn cache_hits_allocate_nothing() {
         .add_vnic(port::vnic_from_model(&model, "b.0", &[], 10).unwrap())
         .unwrap();
     let mut buf = vec![0u8; 2048];
+    // Room for a batch's decisions, kept across batches.
+    let mut results = Results::with_capacity(64);
     let syn = frame(10, 11, 40000, 443, 1000, 0, TcpFlags::SYN);
     let synack = frame(11, 10, 443, 40000, 9000, 1001, TcpFlags::SYN | TcpFlags::ACK);
     let ack = frame(10, 11, 40000, 443, 1001, 9001, TcpFlags::ACK);
     let back = frame(11, 10, 443, 40000, 9001, 1001, TcpFlags::ACK);
-    assert_eq!(e.process(0, a, &syn, &mut ()), Disposition::Forward);
-    assert_eq!(e.process(1, b, &synack, &mut ()), Disposition::Forward);
+    assert_eq!(e.process(0, a, &syn, &mut (), &mut results), Disposition::Forward);
+    assert_eq!(e.process(1, b, &synack, &mut (), &mut results), Disposition::Forward);
     let hits = e.counters().cache_hits;
     let before = ALLOCS.load(Ordering::Relaxed);
     for i in 0..1000 {
-        assert_eq!(e.process(2 + i, a, &ack, &mut ()), Disposition::Forward);
-        e.render(&ack, 0, &mut buf).unwrap();
-        assert_eq!(e.process(2 + i, b, &back, &mut ()), Disposition::Forward);
+        let p = e.process(2 + i, a, &ack, &mut (), &mut results);
+        assert_eq!(p, Disposition::Forward);
+        palisade_datapath::render(&p, &p.outputs[0], &mut buf).unwrap();
+        assert_eq!(e.process(2 + i, b, &back, &mut (), &mut results), Disposition::Forward);
     }
     let batch = [&ack[..]; 40];
     let mut forwarded = 0;
     for i in 0..25 {
-        e.process_batch(3000 + i, a, &batch, &mut (), |_, _, d| {
-            forwarded += usize::from(d == Disposition::Forward)
-        });
+        e.process_batch(3000 + i, a, &batch, &mut (), &mut results);
+        for p in results.iter(&batch) {
+            forwarded += usize::from(p == Disposition::Forward);
+        }
     }
     let allocs = ALLOCS.load(Ordering::Relaxed) - before;
     assert_eq!(forwarded, 1000);
@@ -118,6 +122,6 @@ fn cache_hits_allocate_nothing() {
     // The counter does count: a new flow (slow path) allocates at least a provenance clone.
     let before = ALLOCS.load(Ordering::Relaxed);
     let other = frame(10, 11, 40001, 443, 5, 0, TcpFlags::SYN);
-    assert_eq!(e.process(4000, a, &other, &mut ()), Disposition::Forward);
+    assert_eq!(e.process(4000, a, &other, &mut (), &mut results), Disposition::Forward);
     assert!(ALLOCS.load(Ordering::Relaxed) > before);
 }

@@ -5,13 +5,13 @@
 
 use core::net::Ipv4Addr;
 
-use palisade_datapath::engine::{Disposition, Engine, EngineConfig};
-use palisade_datapath::events::FlowEvent;
-use palisade_datapath::fuzzing::vm_frame;
-use palisade_datapath::lookup::PolicyLookup;
+use palisade_datapath::FlowEvent;
+use palisade_datapath::PolicyLookup;
 use palisade_datapath::port::{self, PortId, UplinkConfig};
+use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
+use palisade_testkit::vm_frame;
 use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::icmpv4;
 use palisade_wire::ip::IpProtocol;
@@ -66,7 +66,8 @@ fn port_of(e: &Engine, vm: u8) -> PortId {
 /// Process a frame sent by VM `from` (on its own vNIC).
 fn send(e: &mut Engine, now: u64, from: u8, frame: &[u8]) -> Disposition {
     let mut events: Vec<FlowEvent> = Vec::new();
-    e.process(now, port_of(e, from), frame, &mut events)
+    e.process(now, port_of(e, from), frame, &mut events, &mut Results::new())
+        .disposition
 }
 
 fn forwarded(d: Disposition) -> bool {
@@ -101,17 +102,14 @@ fn sctp(from: u8, to: u8, sport: u16, dport: u16, vtag: u32, chunk: u8) -> Vec<u
     vm_frame(from, to, IpProtocol(132), &s)
 }
 
-/// A TCP segment; `options` are raw option bytes (padded to 4).
-#[allow(clippy::too_many_arguments)]
+/// A TCP segment of `len` payload bytes; `(win, options)` its window and raw option bytes (padded to 4).
 fn tcp_opts(
     from: u8,
     to: u8,
     ports: (u16, u16),
-    seq: u32,
-    ack: u32,
+    (seq, ack): (u32, u32),
     flags: TcpFlags,
-    win: u16,
-    options: &[u8],
+    (win, options): (u16, &[u8]),
     len: usize,
 ) -> Vec<u8> {
     let payload = vec![0x61; len];
@@ -133,7 +131,7 @@ fn tcp_opts(
 }
 
 fn tcp(from: u8, to: u8, ports: (u16, u16), seq: u32, ack: u32, flags: TcpFlags, len: usize) -> Vec<u8> {
-    tcp_opts(from, to, ports, seq, ack, flags, 64000, &[], len)
+    tcp_opts(from, to, ports, (seq, ack), flags, (64000, &[]), len)
 }
 
 const SYN: TcpFlags = TcpFlags::SYN;
@@ -265,9 +263,9 @@ fn sack_during_loss_recovery_passes_in_a_strict_zone() {
     let (c, s) = ((40001, 80), (80, 40001));
     let sack_permitted = [4, 2, 1, 1];
     let (cisn, sisn) = (1000u32, 5000u32);
-    let syn = tcp_opts(A, B, c, cisn, 0, SYN, 65535, &sack_permitted, 0);
+    let syn = tcp_opts(A, B, c, (cisn, 0), SYN, (65535, &sack_permitted), 0);
     assert!(forwarded(send(&mut e, 0, A, &syn)));
-    let synack = tcp_opts(B, A, s, sisn, cisn + 1, SYN | ACK, 65535, &sack_permitted, 0);
+    let synack = tcp_opts(B, A, s, (sisn, cisn + 1), SYN | ACK, (65535, &sack_permitted), 0);
     assert!(forwarded(send(&mut e, 1, B, &synack)));
     assert!(forwarded(send(&mut e, 2, A, &tcp(A, B, c, cisn + 1, sisn + 1, ACK, 0))));
     // The server sends 1400-byte segments; the first one never reaches the
@@ -290,7 +288,7 @@ fn sack_during_loss_recovery_passes_in_a_strict_zone() {
             let mut sack = vec![1, 1, 5, 10];
             sack.extend_from_slice(&(hole + 1400).to_be_bytes());
             sack.extend_from_slice(&sent.to_be_bytes());
-            let dup = tcp_opts(A, B, c, cisn + 1, hole, ACK, 65535, &sack, 0);
+            let dup = tcp_opts(A, B, c, (cisn + 1, hole), ACK, (65535, &sack), 0);
             assert!(
                 forwarded(send(&mut e, now, A, &dup)),
                 "duplicate ACK {i} with a SACK block up to +{}",

@@ -6,5 +6,5 @@ mod virtqueue_fuzz;
 
 #[test]
 fn every_committed_virtqueue_input_passes() {
-    palisade_wire::fuzzing::assert_regressions_pass("virtqueue", virtqueue_fuzz::check);
+    palisade_testkit::assert_regressions_pass("virtqueue", virtqueue_fuzz::check);
 }

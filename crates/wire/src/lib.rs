@@ -32,8 +32,6 @@ pub mod ethernet;
 mod field;
 pub mod flow;
 pub mod frame;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod icmpv4;
 pub mod icmpv6;
 pub mod ip;

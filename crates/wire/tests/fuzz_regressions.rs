@@ -6,5 +6,5 @@
 
 #[test]
 fn every_committed_fuzz_input_passes() {
-    palisade_wire::fuzzing::assert_regressions_pass("dissect", palisade_wire::fuzzing::check_frame);
+    palisade_testkit::assert_regressions_pass("dissect", palisade_testkit::check_frame);
 }

@@ -5,12 +5,12 @@
 
 use std::net::Ipv4Addr;
 
-use palisade_datapath::engine::{Engine, EngineConfig};
-use palisade_datapath::fuzzing::vm_frame;
-use palisade_datapath::lookup::PolicyLookup;
+use palisade_datapath::PolicyLookup;
 use palisade_datapath::port::{self, PortId, UplinkConfig};
+use palisade_datapath::{Engine, EngineConfig};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
+use palisade_testkit::vm_frame;
 use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::ip::IpProtocol;
 use palisade_wire::udp::{self, UdpRepr};

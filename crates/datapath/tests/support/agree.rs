@@ -35,12 +35,12 @@ use std::collections::BTreeSet;
 
 use std::sync::Arc;
 
-use palisade_datapath::classified::ClassifiedLookup;
-use palisade_datapath::engine::{Disposition, Engine, EngineConfig};
-use palisade_datapath::events::FlowEvent;
-use palisade_datapath::lookup::{ChainLookup, PolicyLookup};
+use palisade_datapath::ClassifiedLookup;
+use palisade_datapath::DropReason;
+use palisade_datapath::FlowEvent;
 use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
-use palisade_datapath::verdict::DropReason;
+use palisade_datapath::{ChainLookup, PolicyLookup};
+use palisade_datapath::{Disposition, Engine, EngineConfig, Results};
 use palisade_policy::compile::Compiler;
 use palisade_policy::eval::{Flow, IcmpRole, evaluate, evaluate_related_error};
 use palisade_policy::model::{Action, Model};
@@ -689,7 +689,8 @@ fn send(e: &mut Engine, now: u64, from: &End, frame: &[u8]) -> Disposition {
         None => UPLINK,
     };
     let mut events: Vec<FlowEvent> = Vec::new();
-    e.process(now, port, frame, &mut events)
+    e.process(now, port, frame, &mut events, &mut Results::new())
+        .disposition
 }
 
 /// What a packet's verdict must be.

@@ -21,11 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use palisade_datapath::engine::{Disposition, Engine, policy_flow};
 use palisade_datapath::host::{HostEngine, Topology};
-use palisade_datapath::lookup::PolicyLookup;
 use palisade_datapath::port::{PortId, UPLINK};
-use palisade_datapath::verdict::{Counters, DropReason};
+use palisade_datapath::{Counters, Disposition, DropReason, Engine, PolicyLookup, Results, policy_flow};
 use palisade_io::capture::{CaptureReader, LinkType};
 use palisade_policy::compile::Compiler;
 use palisade_policy::eval::{ChainVerdict, Direction};
@@ -394,6 +392,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let mut initiators: HashMap<FlowKey, FlowKey> = HashMap::new();
     let mut pending = pending.into_iter().peekable();
     let mut buf = Vec::new();
+    let mut results = Results::new();
     let mut n = 0u64;
     while let Some(meta) = reader.next_into(&mut buf) {
         let meta = meta.with_context(|| format!("reading {} after packet {n}", args.pcap.display()))?;
@@ -413,7 +412,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             .and_then(|m| macs.get(&EthernetAddress(m)).copied())
             .unwrap_or(UPLINK);
         engine.expire(now, 64, &mut ());
-        let disposition = engine.process(now, in_port, frame, &mut ());
+        let disposition = engine.process(now, in_port, frame, &mut (), &mut results).disposition;
 
         // The row: the flow the engine decided, inside the tunnel for a
         // VXLAN arrival, per L2 segment (the engine keys connections without it).

@@ -4,10 +4,15 @@
 //! candidate policy's reference evaluator — the source vNIC's egress chain and
 //! the destination vNIC's ingress chain, combined as the engine combines them
 //! — and the flows whose verdict would change are listed with the rule that
-//! would decide now. Addresses are taken as recorded (IPv4-mapped IPv6 as
-//! IPv4, as the engine keys them); ICMP records carry the echo identifier, not
-//! the type, so ICMP flows are evaluated as echo requests, which is what
-//! starts an ICMP flow in the engine.
+//! would decide now. A record is turned back into the flow key the engine
+//! tracked (addresses as recorded, IPv4-mapped IPv6 as IPv4), and that key
+//! into the policy's flow by the engine's own conversion
+//! ([`palisade_datapath::policy_flow`]), so what-if evaluates what the engine
+//! evaluated: an ICMP error or other non-echo message by its type and code
+//! (recorded in the destination port as `type << 8 | code`). Echo records
+//! carry the identifier in both ports and not the type, so they are taken as
+//! echo requests, which is what starts an echo flow in the engine (a denied
+//! echo reply's record cannot be told from a request's).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -19,6 +24,8 @@ use palisade_audit::{LogReader, Query, RecordKind};
 use palisade_policy::eval::{Flow, evaluate};
 use palisade_policy::model::{Action, Model};
 use palisade_policy::{DirSource, load};
+use palisade_wire::flow::FlowKey;
+use palisade_wire::ip::IpProtocol;
 
 use super::audit::{endpoint, format_time, now_ns, parse_time};
 
@@ -64,27 +71,41 @@ fn verdict_name(v: Verdict) -> &'static str {
     }
 }
 
-fn canonical(ip: IpAddr) -> IpAddr {
+/// An address as a flow key holds it (IPv4-mapped in 16 bytes).
+fn key_address(ip: IpAddr) -> [u8; 16] {
     match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
     }
 }
 
-/// The policy flow of a recorded flow start.
-fn policy_flow(f: &FlowRecord) -> Flow {
-    let (src_port, dst_port) = match f.protocol {
-        1 => (8, 0),
-        58 => (128, 0),
-        _ => (f.src.port, f.dst.port),
+/// The flow key the engine tracked a recorded flow under (the agent records
+/// a key's addresses and ports; for ICMP see the module documentation).
+fn recorded_key(f: &FlowRecord) -> FlowKey {
+    let protocol = IpProtocol(f.protocol);
+    let icmp = f.protocol == IpProtocol::ICMP.0 || f.protocol == IpProtocol::ICMPV6.0;
+    let (icmp_type, icmp_code) = match icmp {
+        false => (0, 0),
+        // Both ports the echo identifier: an echo (request, see above).
+        true if f.src.port == f.dst.port => (if f.protocol == IpProtocol::ICMP.0 { 8 } else { 128 }, 0),
+        true => ((f.dst.port >> 8) as u8, f.dst.port as u8),
     };
-    Flow {
-        src: canonical(f.src.addr),
-        dst: canonical(f.dst.addr),
-        proto: f.protocol,
-        src_port,
-        dst_port,
+    FlowKey {
+        segment: palisade_datapath::ROUTING_DOMAIN,
+        src: key_address(f.src.addr),
+        dst: key_address(f.dst.addr),
+        src_port: f.src.port,
+        dst_port: f.dst.port,
+        protocol,
+        icmp_type,
+        icmp_code,
     }
+}
+
+/// The policy flow of a recorded flow start: the engine's conversion of the
+/// key it tracked.
+fn policy_flow(f: &FlowRecord) -> Flow {
+    palisade_datapath::policy_flow(&recorded_key(f))
 }
 
 /// The candidate verdict of a recorded flow, with the deciding rules; `None`
@@ -176,4 +197,115 @@ pub fn run(args: WhatIfArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use palisade_audit::record::Endpoint;
+    use palisade_datapath::{Engine, EngineConfig};
+    use palisade_datapath::{EventKind, FlowEvent, PolicyLookup, Results, UplinkConfig, port};
+    use palisade_policy::compile::Compiler;
+    use palisade_policy::{MemorySource, load};
+    use palisade_testkit::vm_frame;
+    use palisade_wire::ethernet::EthernetAddress;
+    use palisade_wire::icmpv4;
+
+    use super::*;
+
+    /// a (10.0.0.10) and b (10.0.0.11); b may ping a; everything else is denied.
+    const POLICY: &str = r#"
+version: 1
+datacenter: { name: dc1, default: deny }
+zones: [{ name: web, vlan: 100 }]
+vms:
+  - { name: a, uuid: 00000000-0000-4000-8000-00000000000a, host: h1, vnics: [{ name: a.0, mac: "02:00:00:00:00:0a", ips: [10.0.0.10], zone: web }] }
+  - { name: b, uuid: 00000000-0000-4000-8000-00000000000b, host: h1, vnics: [{ name: b.0, mac: "02:00:00:00:00:0b", ips: [10.0.0.11], zone: web }] }
+rules:
+  datacenter:
+    - { id: b-pings-a, from: 10.0.0.11, to: 10.0.0.10, service: icmp/echo-request, action: allow }
+"#;
+
+    fn icmp(from: u8, to: u8, ty: u8, code: u8, rest: [u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut m = vec![ty, code, 0, 0];
+        m.extend_from_slice(&rest);
+        m.extend_from_slice(data);
+        icmpv4::Packet::new_unchecked(&mut m[..]).fill_checksum();
+        vm_frame(from, to, IpProtocol::ICMP, &m)
+    }
+
+    /// The record the agent makes of a denied flow's event (its key's addresses and ports).
+    fn record(ev: &FlowEvent) -> FlowRecord {
+        let end = |addr, port| Endpoint { addr, port, vm: None };
+        FlowRecord {
+            time_ns: ev.now,
+            flow_id: 1,
+            host: "h1".into(),
+            phase: Phase::Start,
+            src: end(ev.key.src_addr(), ev.key.src_port),
+            dst: end(ev.key.dst_addr(), ev.key.dst_port),
+            protocol: ev.key.protocol.0,
+            verdict: Verdict::Deny,
+            decided_by: Vec::new(),
+            packets_out: 1,
+            bytes_out: 0,
+            packets_in: 0,
+            bytes_in: 0,
+            start_ns: ev.created,
+            last_ns: ev.last_seen,
+        }
+    }
+
+    /// What-if, given the engine's records of an ICMP error and an echo
+    /// request it denied, evaluates the flows the engine evaluated and
+    /// reaches its verdicts under the same policy. (It used to evaluate
+    /// every ICMP record as an echo request: the error, which b may not
+    /// send, came out allowed as a ping.)
+    #[test]
+    fn what_if_and_the_engine_agree_on_icmp() {
+        let loaded = load(&MemorySource::new().with("p.yaml", POLICY)).unwrap();
+        assert!(!loaded.has_errors(), "{}", loaded.render());
+        let model = loaded.model.clone();
+        let mut e = Engine::new(
+            EngineConfig::new(UplinkConfig {
+                local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 1]),
+                local_ip: Ipv4Addr::new(192, 168, 0, 1),
+                gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
+                flood: vec![],
+            }),
+            Box::new(PolicyLookup::new(Compiler::new(loaded.model).unwrap())),
+        );
+        let a = e
+            .add_vnic(port::vnic_from_model(&model, "a.0", &[], 10).unwrap())
+            .unwrap();
+        let b = e
+            .add_vnic(port::vnic_from_model(&model, "b.0", &[], 10).unwrap())
+            .unwrap();
+        let mut events = Vec::new();
+        let mut results = Results::new();
+        // b → a: host unreachable, quoting a UDP packet a never sent (unrelated).
+        let quoted = vm_frame(10, 11, IpProtocol::UDP, &[0x13, 0x88, 0, 53, 0, 8, 0, 0]);
+        let error = icmp(11, 10, 3, 1, [0; 4], &quoted[14..42]);
+        assert!(e.process(0, b, &error, &mut events, &mut results) != palisade_datapath::Disposition::Forward);
+        // a → b: an echo request, which no rule allows.
+        let ping = icmp(10, 11, 8, 0, [0x12, 0x34, 0, 1], b"ping");
+        assert!(e.process(1, a, &ping, &mut events, &mut results) != palisade_datapath::Disposition::Forward);
+        let denied: Vec<&FlowEvent> = events
+            .iter()
+            .filter(|ev| matches!(ev.kind, EventKind::Denied(_)))
+            .collect();
+        assert_eq!(denied.len(), 2, "{events:?}");
+        for ev in denied {
+            let rec = record(ev);
+            assert_eq!(
+                policy_flow(&rec),
+                palisade_datapath::policy_flow(&ev.key),
+                "the flow the engine evaluated, for {:?}",
+                ev.key
+            );
+            let (verdict, _) = reevaluate(&model, &rec).expect("both ends are managed");
+            assert_eq!(verdict, "deny", "the engine denied {:?}", ev.key);
+        }
+    }
 }

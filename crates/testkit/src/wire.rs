@@ -1,13 +1,10 @@
-//! Properties the fuzz targets check, shared with the test that replays every
-//! committed crash input (`crates/wire/tests/fuzz_regressions.rs`).
-//!
-//! Not part of the stable API: hidden from the documentation.
+//! The wire layer's properties, which the `dissect` fuzz target checks and
+//! `crates/wire/tests/fuzz_regressions.rs` replays over every committed crash
+//! input.
 
-use std::path::Path;
-
-use crate::flow;
-use crate::frame::{Dissection, Transport};
-use crate::ip::IpProtocol;
+use palisade_wire::flow;
+use palisade_wire::frame::{Dissection, Transport};
+use palisade_wire::ip::IpProtocol;
 
 /// Run every parser on `data` as an Ethernet frame and as a raw IP packet, and
 /// check the structural properties that must hold for any input:
@@ -110,50 +107,4 @@ fn check_quoted(frame: &[u8], info: &flow::FlowInfo) -> Result<(), String> {
         Some(q) if q == *k => Ok(()),
         other => Err(format!("the quoted packet's key {other:?} differs from its own {k:?}")),
     }
-}
-
-/// Run `check` over every input committed in `fuzz/regressions/<target>/`
-/// (the inputs a fuzz target ever failed on, each `NAME` with a one-line
-/// description in `NAME.txt` of what it broke and how it was fixed), for the
-/// tests that replay them.
-///
-/// # Panics
-///
-/// When an input has no description, when there are no inputs, or when
-/// `check` fails on any (all failures are listed): it is an assertion.
-pub fn assert_regressions_pass(target: &str, check: impl Fn(&[u8]) -> Result<(), String>) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/regressions")
-        .join(target);
-    let mut checked = 0;
-    let mut failures = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap_or_else(|e| panic!("{}: {e}", dir.display())).path();
-        if path.extension().is_some_and(|e| e == "txt") {
-            continue;
-        }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let described = path.with_file_name(format!("{name}.txt"));
-        assert!(
-            described.is_file(),
-            "{} has no one-line description ({})",
-            path.display(),
-            described.display()
-        );
-        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        if let Err(e) = check(&data) {
-            failures.push(format!("{}: {e}", path.display()));
-        }
-        checked += 1;
-    }
-    assert!(checked > 0, "no regression inputs found in {}", dir.display());
-    assert!(
-        failures.is_empty(),
-        "{} of {checked} inputs fail:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
 }

@@ -11,8 +11,6 @@
 //!
 //! [`vm_frame`] is also how the datapath's tests and benches build their
 //! frames between VMs.
-//!
-//! Not part of the stable API: hidden from the documentation.
 
 use core::net::Ipv4Addr;
 use std::sync::OnceLock;
@@ -27,11 +25,11 @@ use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
 use palisade_wire::udp::{self, UdpRepr};
 use palisade_wire::vxlan;
 
-use crate::engine::{Disposition, Engine, EngineConfig, Output};
-use crate::events::FlowEvent;
-use crate::lookup::PolicyLookup;
-use crate::port::{self, PortId, UPLINK, UplinkConfig};
-use crate::verdict::Counters;
+use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
+use palisade_datapath::{
+    Counters, Disposition, Engine, EngineConfig, FlowEvent, Output, PolicyLookup, Processed, Results, render,
+    render_reply,
+};
 
 /// Two VMs on this host (a, b), one on another (c); `ssh` toggles one rule.
 fn policy(ssh: bool) -> String {
@@ -198,18 +196,26 @@ fn arrival(e: &Engine, from: u8, choice: u8) -> PortId {
     }
 }
 
-/// What processing one frame gave: its disposition and its outputs rendered.
-type Seen = (Disposition, Vec<(Output, Option<Vec<u8>>)>);
+/// What processing one frame gave: its disposition, its outputs rendered
+/// and its reply (for a rejected frame) rendered.
+type Seen = (Disposition, Vec<(Output, Option<Vec<u8>>)>, Option<Vec<u8>>);
 
-fn seen(e: &Engine, d: Disposition, frame: &[u8]) -> Seen {
-    let outs = (0..e.outputs().len())
-        .map(|i| {
+fn seen(p: &Processed<'_>) -> Seen {
+    let frame = p.frame();
+    let outs = p
+        .outputs
+        .iter()
+        .map(|o| {
             let mut buf = vec![0; frame.len() + 128];
-            let rendered = e.render(frame, i, &mut buf).ok().map(|n| buf[..n].to_vec());
-            (e.outputs()[i], rendered)
+            let rendered = render(p, o, &mut buf).ok().map(|n| buf[..n].to_vec());
+            (*o, rendered)
         })
         .collect();
-    (d, outs)
+    let reply = p.reply().and_then(|r| {
+        let mut buf = vec![0; 256];
+        render_reply(&r, &mut buf).ok().map(|n| buf[..n].to_vec())
+    });
+    (p.disposition, outs, reply)
 }
 
 /// Two engines fed the same program: one frame by frame, one in batches.
@@ -218,6 +224,8 @@ struct Pair {
     batched: Engine,
     single_events: Vec<FlowEvent>,
     batched_events: Vec<FlowEvent>,
+    single_results: Results,
+    batched_results: Results,
     /// Frames not yet given to `batched`: one port's, in order.
     pending: Vec<Vec<u8>>,
     pending_port: PortId,
@@ -233,8 +241,10 @@ impl Pair {
             self.flush()?;
             self.pending_port = port;
         }
-        let d = self.single.process(self.now, port, &f, &mut self.single_events);
-        self.expected.push(seen(&self.single, d, &f));
+        let p = self
+            .single
+            .process(self.now, port, &f, &mut self.single_events, &mut self.single_results);
+        self.expected.push(seen(&p));
         self.pending.push(f);
         Ok(())
     }
@@ -242,14 +252,14 @@ impl Pair {
     /// Give the pending frames to the batched engine and compare.
     fn flush(&mut self) -> Result<(), String> {
         let frames = std::mem::take(&mut self.pending);
-        let mut got = Vec::with_capacity(frames.len());
         self.batched.process_batch(
             self.now,
             self.pending_port,
             &frames,
             &mut self.batched_events,
-            |e, i, d| got.push(seen(e, d, &frames[i])),
+            &mut self.batched_results,
         );
+        let got: Vec<Seen> = self.batched_results.iter(&frames).map(|p| seen(&p)).collect();
         let expected = std::mem::take(&mut self.expected);
         if let Some(i) = (0..frames.len()).find(|&i| got.get(i) != expected.get(i)) {
             return Err(format!(
@@ -288,6 +298,8 @@ pub fn check_engine(data: &[u8]) -> Result<Counters, String> {
     let mut pair = Pair {
         single: engine(),
         batched: engine(),
+        single_results: Results::new(),
+        batched_results: Results::new(),
         single_events: Vec::new(),
         batched_events: Vec::new(),
         pending: Vec::new(),
@@ -374,7 +386,7 @@ pub fn check_engine(data: &[u8]) -> Result<Counters, String> {
                 payload.extend_from_slice(&last);
                 let remote = Ipv4Addr::new(192, 168, 0, 2 + remote % 2);
                 pair.both(|e, now, ev| {
-                    e.process_overlay(now, remote, &payload, ev);
+                    e.process_overlay(now, remote, &payload, ev, &mut Results::new());
                 })?;
             }
             _ => {
@@ -443,7 +455,7 @@ pub fn check_engine(data: &[u8]) -> Result<Counters, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::verdict::DropReason;
+    use palisade_datapath::DropReason;
 
     /// Programs from a fixed generator: every property holds, and together
     /// they reach what the target is for (hits, new, revalidated, related,

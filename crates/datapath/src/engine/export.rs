@@ -1,0 +1,152 @@
+//! The engine's state export and import: a vNIC's connections for live
+//! migration, or all of them across an agent restart (handed back to the
+//! worker their flows are steered to); the blob format is [`crate::state`]'s.
+
+use palisade_wire::flow::FlowKey;
+
+use crate::conntrack::Conn;
+use crate::events::{EndReason, EventSink};
+use crate::port::PortId;
+use crate::table::Slot;
+
+use super::Engine;
+
+/// The name a whole-engine state blob carries where a vNIC blob names its vNIC.
+const HOST_STATE: &str = "*host*";
+
+impl Engine {
+    /// Export (and remove, when `remove`) every connection of `port`'s vNIC as a state blob.
+    pub fn export_vnic(&mut self, port: PortId, now: u64, remove: bool, sink: &mut dyn EventSink) -> Option<Vec<u8>> {
+        let vnic = self.vnic(port)?.name.clone();
+        let slots: Vec<Slot> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.owners.contains(&Some(port)))
+            .map(|(s, _)| s)
+            .collect();
+        let conns: Vec<Conn> = slots.iter().filter_map(|&s| self.conns.get(s).cloned()).collect();
+        let blob = crate::state::encode(&vnic, self.lookup.version(), &conns, now);
+        if remove {
+            for s in slots {
+                self.cut(s, EndReason::Exported, now, sink);
+            }
+        }
+        Some(blob)
+    }
+
+    /// Import a state blob into `port`'s vNIC. Connections continue without
+    /// classification when the blob's policy version is this engine's;
+    /// otherwise they are re-validated on their next packet. The import is
+    /// all or nothing: a blob that does not verify, or does not fit in the
+    /// table, changes nothing. Migrated connections are not refused by the
+    /// vNIC's connection limit (they exist already); one with the same key as
+    /// a local connection replaces it. Returns how many were imported.
+    pub fn import_vnic(
+        &mut self,
+        port: PortId,
+        blob: &[u8],
+        now: u64,
+        sink: &mut dyn EventSink,
+    ) -> Result<usize, crate::state::StateError> {
+        let vnic = self.vnic(port).ok_or(crate::state::StateError::UnknownPort)?;
+        let snap = crate::state::decode(blob)?;
+        if snap.vnic != vnic.name {
+            return Err(crate::state::StateError::ForeignVnic {
+                expected: vnic.name.clone(),
+                found: snap.vnic,
+            });
+        }
+        let free = self.conns.capacity() - self.conns.len();
+        if snap.conns.len() > free {
+            return Err(crate::state::StateError::NoRoom {
+                needed: snap.conns.len(),
+                free,
+            });
+        }
+        let strict = vnic.strict;
+        Ok(self.import_snapshot(snap, strict, now, sink))
+    }
+
+    /// Export every connection of this engine (a restart of the agent on
+    /// the same host: the next engine takes them all back with
+    /// [`Engine::import_all`]). Unlike [`Engine::export_vnic`] this includes
+    /// connections no local vNIC owns: flows in transit through an appliance
+    /// port or trusted from another host, whose later packets would otherwise
+    /// look like new flows.
+    pub fn export_all(&self, now: u64) -> Vec<u8> {
+        let conns: Vec<Conn> = self.conns.iter().map(|(_, c)| c.clone()).collect();
+        crate::state::encode(HOST_STATE, self.lookup.version(), &conns, now)
+    }
+
+    /// Import what [`Engine::export_all`] saved. A blob of one vNIC's state is refused.
+    pub fn import_all(
+        &mut self,
+        blob: &[u8],
+        now: u64,
+        sink: &mut dyn EventSink,
+    ) -> Result<usize, crate::state::StateError> {
+        self.import_all_where(blob, now, sink, |_| true)
+    }
+
+    /// Import the connections of what [`Engine::export_all`] saved whose key
+    /// `keep` accepts: a host with several workers hands each saved
+    /// connection to the worker its flows are steered to.
+    pub fn import_all_where(
+        &mut self,
+        blob: &[u8],
+        now: u64,
+        sink: &mut dyn EventSink,
+        keep: impl Fn(&FlowKey) -> bool,
+    ) -> Result<usize, crate::state::StateError> {
+        let mut snap = crate::state::decode(blob)?;
+        snap.conns.retain(|c| keep(&c.key));
+        if snap.vnic != HOST_STATE {
+            return Err(crate::state::StateError::ForeignVnic {
+                expected: HOST_STATE.to_string(),
+                found: snap.vnic,
+            });
+        }
+        let free = self.conns.capacity() - self.conns.len();
+        if snap.conns.len() > free {
+            return Err(crate::state::StateError::NoRoom {
+                needed: snap.conns.len(),
+                free,
+            });
+        }
+        Ok(self.import_snapshot(snap, false, now, sink))
+    }
+
+    pub(super) fn import_snapshot(
+        &mut self,
+        snap: crate::state::Snapshot,
+        strict: bool,
+        now: u64,
+        sink: &mut dyn EventSink,
+    ) -> usize {
+        let current = snap.policy_version == self.lookup.version();
+        let mut n = 0;
+        for s in snap.conns {
+            let mut conn = Conn::new(s.key, now);
+            let ends = [s.key.src_addr(), s.key.dst_addr()].map(|ip| self.local_port_of(ip));
+            conn.owners = ends;
+            conn.state = s.state;
+            conn.last_seen = now.saturating_sub(s.idle);
+            conn.created = now.saturating_sub(s.age);
+            conn.packets = s.packets;
+            conn.bytes = s.bytes;
+            conn.tcp = s.tcp;
+            conn.strict = strict || s.strict;
+            conn.trusted = s.trusted;
+            conn.policy_version = snap.policy_version;
+            conn.epoch = if current { self.epoch } else { 0 };
+            if self
+                .conns
+                .create(conn, [u32::MAX; 2], now, sink, &mut self.counters)
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+}

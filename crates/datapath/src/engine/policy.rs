@@ -1,0 +1,121 @@
+//! The engine's policy decision.
+//!
+//! A flow is classified once against the source vNIC's egress chain and the
+//! destination vNIC's ingress chain (through [`ChainLookup`]); an ICMP error
+//! related to a connection by the rules naming its type only. Also the one
+//! conversion of a flow key into the policy's [`Flow`] ([`policy_flow`]),
+//! which `palisade policy what-if` uses too.
+
+use palisade_policy::eval::{Direction, Flow};
+use palisade_policy::model::Action;
+use palisade_wire::flow::FlowKey;
+use palisade_wire::ip::IpProtocol;
+
+use crate::lookup::ChainVerdict;
+use crate::verdict::DropReason;
+
+use super::{Engine, canonical};
+
+/// Rule-registry indices of the egress and ingress verdicts of a flow.
+pub(super) type RuleRefs = [Option<u32>; 2];
+
+impl Engine {
+    /// Classify a flow once: the source's egress chain and the destination's
+    /// ingress chain. Returns the deciding rules' counter indices (with the
+    /// drop reason when denied).
+    pub(super) fn classify(&mut self, key: &FlowKey) -> Result<RuleRefs, (RuleRefs, DropReason)> {
+        self.counters.classifications += 1;
+        let flow = policy_flow(key);
+        let src = self.lookup.vnic_of(flow.src);
+        let dst = self.lookup.vnic_of(flow.dst);
+        let eg = src.and_then(|v| self.lookup.decide(v, Direction::Egress, &flow));
+        let ig = dst.and_then(|v| self.lookup.decide(v, Direction::Ingress, &flow));
+        if eg.is_none() && ig.is_none() {
+            // Neither end is managed: nothing here may forward it.
+            return Err(([None; 2], DropReason::PolicyDeny));
+        }
+        self.rule_verdicts([eg, ig])
+    }
+
+    /// Decide an ICMP error related to a tracked connection: each managed
+    /// end's chain by its rules naming the error's type only; no such rule,
+    /// no objection (defaults do not apply to related errors). A deny or a
+    /// reject drops it as [`DropReason::PolicyDeny`]: nothing answers an error.
+    pub(super) fn classify_related(&mut self, key: &FlowKey) -> Result<RuleRefs, (RuleRefs, DropReason)> {
+        let flow = policy_flow(key);
+        let src = self.lookup.vnic_of(flow.src);
+        let dst = self.lookup.vnic_of(flow.dst);
+        let eg = src.and_then(|v| self.lookup.decide_related(v, Direction::Egress, &flow));
+        let ig = dst.and_then(|v| self.lookup.decide_related(v, Direction::Ingress, &flow));
+        self.rule_verdicts([eg, ig])
+            .map_err(|(rules, _)| (rules, DropReason::PolicyDeny))
+    }
+
+    /// Count the chains' deciding rules and combine their verdicts: allowed
+    /// iff no chain denies or rejects.
+    pub(super) fn rule_verdicts(
+        &mut self,
+        verdicts: [Option<ChainVerdict>; 2],
+    ) -> Result<RuleRefs, (RuleRefs, DropReason)> {
+        let mut rules = [None; 2];
+        let mut denied = None;
+        for (slot, v) in rules.iter_mut().zip(verdicts) {
+            let Some(v) = v else { continue };
+            let idx = self.rule_counter(&v.rule, v.level);
+            if let Some(r) = self.rules.get_mut(idx as usize) {
+                r.tally.hits += 1;
+            }
+            *slot = Some(idx);
+            if denied.is_none() && v.action != Action::Allow {
+                denied = Some(if v.action == Action::Reject {
+                    DropReason::PolicyReject
+                } else {
+                    DropReason::PolicyDeny
+                });
+            }
+        }
+        match denied {
+            Some(r) => Err((rules, r)),
+            None => Ok(rules),
+        }
+    }
+}
+
+/// The policy's view of a flow key (ICMP: type and code in the ports, as
+/// the policy's flows carry them).
+pub fn policy_flow(key: &FlowKey) -> Flow {
+    let (src_port, dst_port) = if key.protocol == IpProtocol::ICMP || key.protocol == IpProtocol::ICMPV6 {
+        (u16::from(key.icmp_type), u16::from(key.icmp_code))
+    } else {
+        (key.src_port, key.dst_port)
+    };
+    Flow {
+        src: canonical(key.src_addr()),
+        dst: canonical(key.dst_addr()),
+        proto: key.protocol.0,
+        src_port,
+        dst_port,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use palisade_wire::flow::{self, Segment};
+
+    use super::*;
+
+    #[test]
+    fn policy_flows_of_icmp_keys_carry_type_and_code() {
+        let mut q = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        q.extend_from_slice(&[0, 0, 0, 0, 0x12, 0x34, 0, 1]);
+        let reply = flow::extract_quoted(&q, Segment::vlan(1)).unwrap();
+        assert_eq!((reply.src_port, reply.dst_port), (0x1234, 0x1234));
+        let f = policy_flow(&reply);
+        assert_eq!((f.src_port, f.dst_port), (0, 0), "an echo reply is type 0");
+        let f = policy_flow(&reply.reversed());
+        assert_eq!((f.src_port, f.dst_port), (8, 0), "its request is type 8");
+        q[20..22].copy_from_slice(&[13, 1]);
+        let f = policy_flow(&flow::extract_quoted(&q, Segment::vlan(1)).unwrap());
+        assert_eq!((f.src_port, f.dst_port), (13, 1));
+    }
+}
