@@ -215,6 +215,7 @@ impl Results {
     }
 
     /// Forget every entry (keeping the memory).
+    #[inline]
     pub fn clear(&mut self) {
         self.entries.clear();
         self.outputs.clear();
@@ -258,6 +259,7 @@ impl Results {
             .map(|(e, f)| self.view(e, f.as_ref()))
     }
 
+    #[inline]
     fn view<'a>(&'a self, e: &Entry, frame: &'a [u8]) -> Processed<'a> {
         let outputs = self
             .outputs
@@ -274,6 +276,7 @@ impl Results {
     }
 
     /// The last entry, paired with its frame (`process` and `process_overlay` record one).
+    #[inline]
     pub(crate) fn last<'a>(&'a self, frame: &'a [u8]) -> Processed<'a> {
         match self.entries.last() {
             Some(e) => self.view(e, frame),
@@ -290,12 +293,14 @@ impl Results {
     }
 
     /// Start a call: clear, and note the underlay encapsulated copies are sent from.
+    #[inline]
     pub(crate) fn begin(&mut self, underlay: Underlay) {
         self.clear();
         self.underlay = underlay;
     }
 
     /// Where the next frame's outputs start.
+    #[inline]
     pub(crate) fn outputs_start(&self) -> u32 {
         self.outputs.len() as u32
     }
@@ -307,16 +312,19 @@ impl Results {
     }
 
     /// Take back the outputs staged since `start` (the frame was dropped after all).
+    #[inline]
     pub(crate) fn discard_outputs(&mut self, start: u32) {
         self.outputs.truncate(start as usize);
     }
 
     /// Outputs staged since `start`.
+    #[inline]
     pub(crate) fn outputs_since(&self, start: u32) -> usize {
         self.outputs.len() - start as usize
     }
 
     /// Record a frame's decision (its outputs are those staged since `start`).
+    #[inline]
     pub(crate) fn record(
         &mut self,
         disposition: Disposition,

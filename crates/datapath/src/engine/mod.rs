@@ -300,6 +300,7 @@ impl Engine {
     /// Process one frame received on `port` at `now` (nanoseconds, caller's
     /// clock). `results` is cleared and then holds this frame's decision,
     /// which is returned paired with the frame (see [`crate::render()`]).
+    #[inline]
     pub fn process<'a>(
         &mut self,
         now: u64,
@@ -409,6 +410,7 @@ impl Engine {
     /// without the outer headers the kernel already removed; outputs towards
     /// other hosts are rendered for the same socket by
     /// [`crate::render_overlay`]. `results` as for [`Engine::process`].
+    #[inline]
     pub fn process_overlay<'a>(
         &mut self,
         now: u64,

@@ -70,6 +70,7 @@ impl Engine {
     /// Where the packet's destination MAC lives (`None`: unknown or not
     /// unicast, to be flooded), or why it cannot go there: back out of the
     /// port it came in on, or from the uplink to another host.
+    #[inline]
     pub(super) fn l2_destination(&mut self, pkt: &Packet) -> Result<Option<Location>, DropReason> {
         let in_port = pkt.in_port;
         // Every port has one (pipeline checked `in_port`); the spare keeps this panic-free.
