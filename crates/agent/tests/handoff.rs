@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use palisade_agent::{Agent, AgentConfig, http};
-use palisade_datapath::state;
+use palisade_datapath::{Results, state};
 use palisade_io::steer;
 use palisade_wire::flow::FlowKey;
 
@@ -60,9 +60,13 @@ fn saved_connections_go_to_the_worker_their_flows_are_steered_to() {
         for to in (1..vms).step_by(2) {
             for sport in [40000, 40001, 40002] {
                 let w = &mut before[(n % 2) as usize];
-                let _ = w
-                    .engine
-                    .process(n, w.ports[from], &support::syn(from, to, sport, 5432), &mut events, &mut palisade_datapath::Results::with_capacity(1));
+                let _ = w.engine.process(
+                    n,
+                    w.ports[from],
+                    &support::syn(from, to, sport, 5432),
+                    &mut events,
+                    &mut Results::new(),
+                );
                 n += 1;
             }
         }
@@ -131,7 +135,9 @@ fn a_restart_with_fewer_workers_keeps_every_connection() {
             i as u64,
             w.ports[from],
             &support::syn(from, to, 40000, 5432),
-            &mut events, &mut palisade_datapath::Results::with_capacity(1));
+            &mut events,
+            &mut Results::new(),
+        );
     }
     let conntrack = tmp.path().join("state/conntrack");
     std::fs::create_dir_all(&conntrack).unwrap();

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use palisade_agent::metrics::{Snapshot, render};
 use palisade_agent::trail::TrailStats;
-use palisade_datapath::{DropReason, Engine};
+use palisade_datapath::{DropReason, Engine, Results};
 use palisade_io::port::PortStats;
 
 /// One sample: family name, labels, value.
@@ -132,15 +132,27 @@ fn the_page_is_prometheus_text_summed_over_workers() {
     let (mut w0, mut w1) = (support::engine(&c), support::engine(&c));
     let mut events = Vec::new();
     // Worker 0: an allowed connection and a denied telnet; worker 1: another allowed connection.
-    let _ = w0
-        .engine
-        .process(1, w0.ports[0], &support::syn(0, 1, 40000, 5432), &mut events, &mut palisade_datapath::Results::with_capacity(1));
-    let _ = w0
-        .engine
-        .process(2, w0.ports[0], &support::syn(0, 1, 40001, 23), &mut events, &mut palisade_datapath::Results::with_capacity(1));
-    let _ = w1
-        .engine
-        .process(3, w1.ports[2], &support::syn(2, 3, 40002, 5432), &mut events, &mut palisade_datapath::Results::with_capacity(1));
+    let _ = w0.engine.process(
+        1,
+        w0.ports[0],
+        &support::syn(0, 1, 40000, 5432),
+        &mut events,
+        &mut Results::new(),
+    );
+    let _ = w0.engine.process(
+        2,
+        w0.ports[0],
+        &support::syn(0, 1, 40001, 23),
+        &mut events,
+        &mut Results::new(),
+    );
+    let _ = w1.engine.process(
+        3,
+        w1.ports[2],
+        &support::syn(2, 3, 40002, 5432),
+        &mut events,
+        &mut Results::new(),
+    );
     let engines = [&w0.engine, &w1.engine];
     let ports: Vec<(String, String, PortStats)> = (0..4)
         .map(|i| {

@@ -9,8 +9,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use palisade_agent::records::{Clock, Identities, flow_record, update_record};
 use palisade_audit::record::{Decision, EndReason, FlowRecord, Phase, Verdict};
-use palisade_datapath::FlowEvent;
 use palisade_datapath::EventKind;
+use palisade_datapath::{FlowEvent, Results};
 use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::tcp::TcpFlags;
 use support::{VERSION, ip, syn, tcp_between, tcp_frame};
@@ -57,8 +57,12 @@ fn a_connection_is_recorded_at_its_start_and_its_end_with_both_ends_identity() {
         5000,
         1001,
     );
-    let _ = h.engine.process(2 * S, h.ports[0], &syn, &mut events, &mut palisade_datapath::Results::with_capacity(1));
-    let _ = h.engine.process(3 * S, h.ports[1], &syn_ack, &mut events, &mut palisade_datapath::Results::with_capacity(1));
+    let _ = h
+        .engine
+        .process(2 * S, h.ports[0], &syn, &mut events, &mut Results::new());
+    let _ = h
+        .engine
+        .process(3 * S, h.ports[1], &syn_ack, &mut events, &mut Results::new());
     let start = records(&events, &h, &ids);
     assert_eq!(start.len(), 1, "{events:?}");
     let r = &start[0];
@@ -112,7 +116,9 @@ fn updates_are_recorded_only_when_asked_for() {
     let mut h = support::engine(&c);
     let ids = Identities::new(c.model());
     let mut events = Vec::new();
-    let _ = h.engine.process(S, h.ports[0], &syn(0, 1, 40001, 5432), &mut events, &mut palisade_datapath::Results::with_capacity(1));
+    let _ = h
+        .engine
+        .process(S, h.ports[0], &syn(0, 1, 40001, 5432), &mut events, &mut Results::new());
     let start = events.iter().find(|e| e.kind == EventKind::Start).unwrap();
     // A state change inside a connection's life is not a record of its own…
     let update = FlowEvent {
@@ -139,11 +145,17 @@ fn denied_flows_name_the_rule_or_the_default_that_denied_them() {
     let ids = Identities::new(c.model());
     let mut events = Vec::new();
     // Telnet: the datacenter rule.
-    let _ = h.engine.process(S, h.ports[0], &syn(0, 1, 40002, 23), &mut events, &mut palisade_datapath::Results::with_capacity(1));
-    // db → web: no rule allows it; the zone's default (the datacenter's: deny) does.
     let _ = h
         .engine
-        .process(2 * S, h.ports[1], &syn(1, 0, 40003, 5432), &mut events, &mut palisade_datapath::Results::with_capacity(1));
+        .process(S, h.ports[0], &syn(0, 1, 40002, 23), &mut events, &mut Results::new());
+    // db → web: no rule allows it; the zone's default (the datacenter's: deny) does.
+    let _ = h.engine.process(
+        2 * S,
+        h.ports[1],
+        &syn(1, 0, 40003, 5432),
+        &mut events,
+        &mut Results::new(),
+    );
     let r = records(&events, &h, &ids);
     assert_eq!(r.len(), 2, "{events:?}");
     assert_eq!((r[0].phase, r[0].verdict), (Phase::Start, Verdict::Deny));
@@ -176,7 +188,9 @@ fn remote_and_unmanaged_ends() {
         S,
         h.ports[0],
         &tcp_between((support::mac(0), ip(0), 40004), far, TcpFlags::SYN, 1, 0),
-        &mut events, &mut palisade_datapath::Results::with_capacity(1));
+        &mut events,
+        &mut Results::new(),
+    );
     // To an address no VM has: the rules deny it, and its end has no identity.
     let outside = (
         EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
@@ -187,7 +201,9 @@ fn remote_and_unmanaged_ends() {
         2 * S,
         h.ports[0],
         &tcp_between((support::mac(0), ip(0), 40005), outside, TcpFlags::SYN, 1, 0),
-        &mut events, &mut palisade_datapath::Results::with_capacity(1));
+        &mut events,
+        &mut Results::new(),
+    );
     let r = records(&events, &h, &ids);
     assert_eq!(r.len(), 2, "{events:?}");
     let remote = r[0].dst.vm.as_ref().unwrap();

@@ -467,13 +467,22 @@ mod tests {
         udp.tcp = TcpTrack::default();
         let mut blob = encode("host", 7, &[conn(), udp.clone()], 110);
         let before = decode(&blob).unwrap();
-        assert!(before.conns[0].tcp.peers.iter().all(|p| p.flags & peer_flags::BE_LIBERAL == 0));
+        assert!(
+            before.conns[0]
+                .tcp
+                .peers
+                .iter()
+                .all(|p| p.flags & peer_flags::BE_LIBERAL == 0)
+        );
         assert_eq!(relax_tcp_windows(&mut blob), Ok(1));
         let after = decode(&blob).expect("still sealed");
         let (tcp, other) = (&after.conns[0], &after.conns[1]);
         for (p, q) in tcp.tcp.peers.iter().zip(&before.conns[0].tcp.peers) {
             assert_eq!(p.flags, q.flags | peer_flags::BE_LIBERAL);
-            assert_eq!((p.end, p.limit, p.max_win, p.max_ack, p.wscale), (q.end, q.limit, q.max_win, q.max_ack, q.wscale));
+            assert_eq!(
+                (p.end, p.limit, p.max_win, p.max_ack, p.wscale),
+                (q.end, q.limit, q.max_win, q.max_ack, q.wscale)
+            );
         }
         assert_eq!(tcp.tcp.last, before.conns[0].tcp.last);
         assert_eq!(other, &before.conns[1], "a UDP record is untouched");

@@ -341,7 +341,10 @@ fn agents_killed_with_sigkill_resume_established_connections_from_their_snapshot
                 !dir.join("host-0.state").exists(),
                 "round {round}: a killed agent saved nothing on its way out"
             );
-            assert!(dir.join("host-0.snapshot").exists(), "round {round}: {h} left snapshots");
+            assert!(
+                dir.join("host-0.snapshot").exists(),
+                "round {round}: {h} left snapshots"
+            );
         }
         assert!(!ping(lab), "round {round}: with the agents killed nothing is forwarded");
         while lines.try_recv().is_ok() {}
