@@ -423,9 +423,9 @@ impl Pair {
                     EventKind::Denied(_) | EventKind::Start => FlowEvent {
                         packets: 0,
                         bytes: 0,
-                        ..e.clone()
+                        ..*e
                     },
-                    _ => e.clone(),
+                    _ => *e,
                 })
                 .map(|e| format!("{e:?}"))
                 .collect::<Vec<_>>()
