@@ -98,7 +98,11 @@ pub(crate) fn lock(core: &Mutex<WorkerCore>) -> MutexGuard<'_, WorkerCore> {
 /// Outputs of one round, rendered and waiting to be sent.
 #[derive(Default)]
 struct Staging {
+    /// The rendered frames, `buf[..used]`; the rest is room kept (and
+    /// zeroed) from earlier rounds, so that making room for a frame, up to
+    /// 64 KiB for a super-frame, does not write it again each time.
     buf: Vec<u8>,
+    used: usize,
     /// (destination, end offset in `buf`, the frame's offload state).
     items: Vec<(Dest, usize, Offload)>,
     unroutable: u64,
@@ -122,18 +126,24 @@ impl Staging {
         offload: Option<Offload>,
         fill: impl FnOnce(&mut [u8]) -> Option<usize>,
     ) {
-        let start = self.buf.len();
-        self.buf.resize(start + (len + RENDER_ROOM).max(MIN_FRAME), 0);
-        match offload.and_then(|o| Some((o, fill(&mut self.buf[start..])?))) {
+        let start = self.used;
+        let end = start + (len + RENDER_ROOM).max(MIN_FRAME);
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        match offload.and_then(|o| Some((o, fill(&mut self.buf[start..end])?))) {
             Some((offload, n)) => {
-                self.buf.truncate(start + n);
+                self.used = start + n;
                 self.items.push((dest, start + n, offload));
             }
-            None => {
-                self.buf.truncate(start);
-                self.render_errors += 1;
-            }
+            None => self.render_errors += 1,
         }
+    }
+
+    /// Forget the round's frames, keeping the room.
+    fn clear(&mut self) {
+        self.items.clear();
+        self.used = 0;
     }
 }
 
@@ -428,8 +438,7 @@ impl Worker {
         if !staging.items.is_empty() {
             let _ = self.io.overlay.flush();
         }
-        staging.items.clear();
-        staging.buf.clear();
+        staging.clear();
     }
 }
 
