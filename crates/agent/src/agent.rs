@@ -296,9 +296,15 @@ fn open_sockets(
         what: format!("underlay socket {local} (worker {index})"),
         message: e.to_string(),
     })?;
+    let mut overlay = overlay;
+    if config.offloads {
+        // Merged back into super-frames by the worker; a kernel without UDP_GRO leaves it off.
+        overlay.enable_gro();
+    }
     Ok(WorkerIo {
         ports: attached,
         overlay,
+        offloads: config.offloads,
     })
 }
 

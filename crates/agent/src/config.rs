@@ -10,6 +10,7 @@
 //! audit_head = "/var/lib/palisade/audit.head"  # its last signed head, outside the trail (this default)
 //! workers = 4                        # datapath threads (default: one per core)
 //! state_snapshot_ms = 200            # connection-table snapshots for crash recovery (0: off)
+//! offloads = true                    # TSO/GSO super-frames and partial checksums through the engine whole (default)
 //! [underlay]
 //! local = "192.168.100.1"            # this host's tunnel endpoint
 //! port = 4789
@@ -101,6 +102,20 @@ pub struct AgentConfig {
     /// 0 turns them off; otherwise 10 to 60,000).
     #[serde(default)]
     pub state_snapshot_ms: Option<u64>,
+    /// Carry offloads end to end (default `true`): frames keep their
+    /// virtio-net offload state from port to port, so a guest's TSO
+    /// super-frames (up to 64 KiB) cross the engine as one unit with their
+    /// checksums partial, the kernel (or the underlay's `UDP_SEGMENT`)
+    /// segmenting them on the way out, and the underlay's GRO batches are
+    /// merged back into super-frames. `false`: every frame is cut into
+    /// packets and its checksum completed before the engine (the plain
+    /// path, kept to compare).
+    #[serde(default = "default_offloads")]
+    pub offloads: bool,
+}
+
+fn default_offloads() -> bool {
+    true
 }
 
 /// Where the controller is and how to prove who we are.
@@ -422,6 +437,13 @@ mac = "02:00:00:00:fe:01"
         assert_eq!(c.underlay.peers["hv2"], Ipv4Addr::new(192, 168, 100, 2));
         assert_eq!(c.vnics[0].interface, "vn-web-1");
         assert_eq!(c.appliances[0].zone, "web");
+        assert!(c.offloads, "offloads are on unless turned off");
+        let off = AgentConfig::parse(
+            &GOOD.replace("[underlay]", "offloads = false\n[underlay]"),
+            Path::new("hv1.toml"),
+        )
+        .unwrap();
+        assert!(!off.offloads);
     }
 
     #[test]

@@ -9,6 +9,15 @@
 //! therefore reach the same worker, on any port, and workers share no flow
 //! state and take no lock per packet.
 //!
+//! With offloads on (`AgentConfig::offloads`, the default) frames keep
+//! their virtio-net offload state end to end: a vNIC's TSO super-frame is
+//! received whole (`recv_frames`), decided whole
+//! (`Engine::process_batch_offloaded`), and sent whole with its checksum
+//! still partial (`send_frame`: the kernel segments it for the guest, or
+//! `send_super_frame` with `UDP_SEGMENT` on the underlay); the underlay's
+//! GRO batches are merged back into super-frames (`recv_coalesced`). Off,
+//! each frame is cut into plain packets before the engine.
+//!
 //! A worker thread waits for any of its sockets, runs each ready one's batch
 //! through its engine, sends the staged outputs, expires connections once a
 //! second, and turns its flow events into audit records itself (rule ids are
@@ -27,15 +36,19 @@ use palisade_audit::record::FlowRecord;
 use palisade_datapath::port::{self, PortId};
 use palisade_datapath::{Engine, Processed, Results};
 use palisade_datapath::{EventKind, FlowEvent};
+use palisade_io::gso::Coalescer;
 use palisade_io::overlay::UdpOverlay;
-use palisade_io::port::{FramePort, PortStats, wait_readable};
+use palisade_io::port::{FramePort, Offload, PortStats, RxFrame, wait_readable};
+use palisade_wire::vxlan;
 
 use crate::records::{self, Clock, Identities};
 
 /// Frames taken from one port per round.
 const BATCH: usize = 64;
-/// Longest frame a worker renders (a VXLAN header plus a 9000-byte jumbo frame, with room).
-const MAX_FRAME: usize = 9216 + 64;
+/// Room for a rendered frame beyond the frame it is made from (a VXLAN
+/// header, a VLAN tag, outer headers), and at least a 9000-byte jumbo frame's.
+const RENDER_ROOM: usize = 128;
+const MIN_FRAME: usize = 9216 + 64;
 
 /// A port of the engine and the worker's socket behind it.
 pub(crate) struct Attached {
@@ -53,6 +66,10 @@ pub(crate) struct WorkerIo {
     pub ports: Vec<Attached>,
     /// The underlay socket.
     pub overlay: UdpOverlay,
+    /// Offloads end to end (`AgentConfig::offloads`): frames are received
+    /// with their offload state, processed whole and sent with it; else
+    /// each is cut into plain packets first.
+    pub offloads: bool,
 }
 
 /// What a worker shares with the control thread.
@@ -81,9 +98,13 @@ pub(crate) fn lock(core: &Mutex<WorkerCore>) -> MutexGuard<'_, WorkerCore> {
 /// Outputs of one round, rendered and waiting to be sent.
 #[derive(Default)]
 struct Staging {
+    /// The rendered frames, `buf[..used]`; the rest is room kept (and
+    /// zeroed) from earlier rounds, so that making room for a frame, up to
+    /// 64 KiB for a super-frame, does not write it again each time.
     buf: Vec<u8>,
-    /// (destination, end offset in `buf`).
-    items: Vec<(Dest, usize)>,
+    used: usize,
+    /// (destination, end offset in `buf`, the frame's offload state).
+    items: Vec<(Dest, usize, Offload)>,
     unroutable: u64,
     render_errors: u64,
 }
@@ -95,20 +116,34 @@ enum Dest {
 }
 
 impl Staging {
-    /// Append room for one frame; `fill` writes it and returns its length.
-    fn push(&mut self, dest: Dest, fill: impl FnOnce(&mut [u8]) -> Option<usize>) {
-        let start = self.buf.len();
-        self.buf.resize(start + MAX_FRAME, 0);
-        match fill(&mut self.buf[start..]) {
-            Some(n) => {
-                self.buf.truncate(start + n);
-                self.items.push((dest, start + n));
-            }
-            None => {
-                self.buf.truncate(start);
-                self.render_errors += 1;
-            }
+    /// Append room for one frame made from one of `len` bytes; `fill`
+    /// writes it and returns its length. It leaves with `offload` (`None`:
+    /// it cannot carry its frame's offload state, and is not sent).
+    fn push(
+        &mut self,
+        dest: Dest,
+        len: usize,
+        offload: Option<Offload>,
+        fill: impl FnOnce(&mut [u8]) -> Option<usize>,
+    ) {
+        let start = self.used;
+        let end = start + (len + RENDER_ROOM).max(MIN_FRAME);
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
         }
+        match offload.and_then(|o| Some((o, fill(&mut self.buf[start..end])?))) {
+            Some((offload, n)) => {
+                self.used = start + n;
+                self.items.push((dest, start + n, offload));
+            }
+            None => self.render_errors += 1,
+        }
+    }
+
+    /// Forget the round's frames, keeping the room.
+    fn clear(&mut self) {
+        self.items.clear();
+        self.used = 0;
     }
 }
 
@@ -124,6 +159,45 @@ fn handle_overlay(
 ) {
     let processed = engine.process_overlay(now, remote, payload, events, results);
     stage(staging, &processed, None);
+}
+
+/// Run a super-frame (or a plain frame) that arrived on the underlay
+/// through the engine whole: `offload` describes `payload` from its start.
+#[allow(clippy::too_many_arguments)]
+fn handle_overlay_offloaded(
+    engine: &mut Engine,
+    staging: &mut Staging,
+    events: &mut Vec<FlowEvent>,
+    results: &mut Results,
+    now: u64,
+    remote: Ipv4Addr,
+    payload: &[u8],
+    offload: Offload,
+) {
+    let processed = engine.process_overlay_offloaded(now, remote, payload, offload, events, results);
+    stage(staging, &processed, None);
+}
+
+/// Run a batch of frames with their offload state that arrived on `port`
+/// through the engine whole ([`Engine::process_batch_offloaded`]) and stage
+/// their outputs; `offloads` is scratch kept between batches.
+#[allow(clippy::too_many_arguments)]
+fn handle_frames(
+    engine: &mut Engine,
+    staging: &mut Staging,
+    events: &mut Vec<FlowEvent>,
+    results: &mut Results,
+    offloads: &mut Vec<Offload>,
+    now: u64,
+    port: PortId,
+    frames: &[RxFrame<'_>],
+) {
+    offloads.clear();
+    offloads.extend(frames.iter().map(|f| f.offload));
+    engine.process_batch_offloaded(now, port, frames, offloads, events, results);
+    for processed in results.iter(frames) {
+        stage(staging, &processed, Some(port));
+    }
 }
 
 /// Run a batch of frames that arrived on `port` through the engine (which
@@ -145,24 +219,31 @@ fn handle_batch(
 
 /// Stage what the engine decided for one frame: its outputs, or the reply
 /// to a rejected frame that came in on a port (`from`).
+/// Each copy leaves with the frame's offload state moved to where
+/// rendering put its headers (for the underlay, counted after the VXLAN header).
 fn stage(staging: &mut Staging, processed: &Processed<'_>, from: Option<PortId>) {
+    let len = processed.frame().len();
     for out in processed.outputs {
         match out.encap {
             Some(encap) => {
-                staging.push(Dest::Overlay(encap.remote), |buf| {
+                let offload = palisade_datapath::render_overlay_offload(processed);
+                staging.push(Dest::Overlay(encap.remote), len, offload, |buf| {
                     palisade_datapath::render_overlay(processed, &encap, buf).ok()
                 });
             }
             None if out.port == port::UPLINK => staging.unroutable += 1,
-            None => staging.push(Dest::Port(out.port), |buf| {
-                palisade_datapath::render(processed, out, buf).ok()
-            }),
+            None => {
+                let offload = palisade_datapath::render_offload(processed, out);
+                staging.push(Dest::Port(out.port), len, offload, |buf| {
+                    palisade_datapath::render(processed, out, buf).ok()
+                })
+            }
         }
     }
     // Tell the sender of a rejected frame: a TCP reset or ICMP prohibited,
     // back out the port it came in on.
     if let (Some(port), Some(reply)) = (from, processed.reply()) {
-        staging.push(Dest::Port(port), |buf| {
+        staging.push(Dest::Port(port), 0, Some(Offload::NONE), |buf| {
             palisade_datapath::render_reply(&reply, buf).ok()
         });
     }
@@ -208,6 +289,9 @@ impl Worker {
         let mut sockets = Sockets::new(&self.io.ports);
         let mut events = Vec::new();
         let mut results = Results::with_capacity(BATCH);
+        let mut offloads = Vec::with_capacity(BATCH);
+        let mut coalescer = Coalescer::new(vxlan::HEADER_LEN);
+        let offloaded = self.io.offloads;
         let mut records = Vec::new();
         let mut last_housekeeping = Instant::now();
         let mut last_update_round = 0;
@@ -224,9 +308,30 @@ impl Worker {
                 for i in ready {
                     let engine = &mut core.engine;
                     if i == overlay_index {
-                        let r = self.io.overlay.recv(BATCH, &mut |remote, payload| {
-                            handle_overlay(engine, &mut staging, &mut events, &mut results, now, remote, payload);
-                        });
+                        let r = if offloaded {
+                            self.io
+                                .overlay
+                                .recv_coalesced(BATCH, &mut coalescer, &mut |remote, payload, offload| {
+                                    // The coalescer's offsets count from the inner frame; the engine's from the VXLAN header.
+                                    match offload.shifted(0, vxlan::HEADER_LEN as u16) {
+                                        Some(o) => handle_overlay_offloaded(
+                                            engine,
+                                            &mut staging,
+                                            &mut events,
+                                            &mut results,
+                                            now,
+                                            remote,
+                                            payload,
+                                            o,
+                                        ),
+                                        None => staging.render_errors += 1,
+                                    }
+                                })
+                        } else {
+                            self.io.overlay.recv(BATCH, &mut |remote, payload| {
+                                handle_overlay(engine, &mut staging, &mut events, &mut results, now, remote, payload);
+                            })
+                        };
                         if let Err(e) = r {
                             eprintln!(
                                 "palisade agent: worker {}: receive on the underlay socket: {e}",
@@ -236,9 +341,24 @@ impl Worker {
                     } else {
                         let p = &mut self.io.ports[i];
                         let port = p.port;
-                        let r = p.io.recv_batch(BATCH, &mut |frames| {
-                            handle_batch(engine, &mut staging, &mut events, &mut results, now, port, frames);
-                        });
+                        let r = if offloaded {
+                            p.io.recv_frames(BATCH, &mut |frames| {
+                                handle_frames(
+                                    engine,
+                                    &mut staging,
+                                    &mut events,
+                                    &mut results,
+                                    &mut offloads,
+                                    now,
+                                    port,
+                                    frames,
+                                );
+                            })
+                        } else {
+                            p.io.recv_batch(BATCH, &mut |frames| {
+                                handle_batch(engine, &mut staging, &mut events, &mut results, now, port, frames);
+                            })
+                        };
                         if let Err(e) = r {
                             eprintln!("palisade agent: worker {}: receive on {}: {e}", self.index, p.interface);
                         }
@@ -286,19 +406,27 @@ impl Worker {
 
     fn send_staged(&mut self, staging: &mut Staging, sockets: &mut Sockets) {
         let mut start = 0;
-        for &(dest, end) in &staging.items {
+        for &(dest, end, offload) in &staging.items {
             let frame = &staging.buf[start..end];
             start = end;
             match dest {
                 Dest::Port(p) => {
                     if let Some(i) = sockets.of(p) {
                         sockets.touched[i] = true;
-                        // Send errors are counted by the port (tx_errors) and show in metrics.
-                        let _ = self.io.ports[i].io.send(frame);
+                        // Send errors are counted by the port (tx_errors,
+                        // offload_errors) and show in metrics. A port with
+                        // virtio-net headers hands a super-frame to the
+                        // kernel whole; one without segments it.
+                        let _ = self.io.ports[i].io.send_frame(frame, &offload);
                     }
                 }
-                Dest::Overlay(remote) => {
+                Dest::Overlay(remote) if offload == Offload::NONE => {
                     let _ = self.io.overlay.send_to(remote, frame);
+                }
+                Dest::Overlay(remote) => {
+                    // Cut by the kernel (UDP_SEGMENT), each packet behind a copy of the VXLAN header.
+                    let (prefix, inner) = frame.split_at(vxlan::HEADER_LEN.min(frame.len()));
+                    let _ = self.io.overlay.send_super_frame(remote, prefix, inner, &offload);
                 }
             }
         }
@@ -310,8 +438,7 @@ impl Worker {
         if !staging.items.is_empty() {
             let _ = self.io.overlay.flush();
         }
-        staging.items.clear();
-        staging.buf.clear();
+        staging.clear();
     }
 }
 

@@ -156,13 +156,15 @@ impl Conn {
         now.saturating_sub(self.last_seen) > self.timeout(t)
     }
 
-    /// Count one packet of `len` bytes in the initiator's or the responder's (`reply`) direction.
-    pub fn count(&mut self, reply: bool, len: usize) {
-        self.packets += 1;
-        self.bytes += len as u64;
+    /// Count `packets` packets of `bytes` bytes together (one, or a
+    /// super-frame's segments) in the initiator's or the responder's
+    /// (`reply`) direction.
+    pub fn count(&mut self, reply: bool, packets: u64, bytes: u64) {
+        self.packets += packets;
+        self.bytes += bytes;
         if reply {
-            self.reply_packets += 1;
-            self.reply_bytes += len as u64;
+            self.reply_packets += packets;
+            self.reply_bytes += bytes;
         }
     }
 
@@ -197,7 +199,9 @@ fn is_icmp(key: &FlowKey) -> bool {
 pub(crate) struct Sighting {
     /// It travels responder → initiator.
     pub reply: bool,
-    /// Its length.
+    /// The packets it stands for (a super-frame's segments; else 1).
+    pub packets: u64,
+    /// Its length: for a super-frame, that of its segments together.
     pub len: usize,
     /// It counts in the connection's packets and bytes (false when it was
     /// counted on another leg of a routed flow: it updates state only).
@@ -399,10 +403,16 @@ impl Conntrack {
 
     /// Account a non-TCP packet to its connection.
     pub(crate) fn track_other(&mut self, slot: Slot, seen: Sighting, sink: &mut dyn EventSink) {
-        let Sighting { reply, len, count, now } = seen;
+        let Sighting {
+            reply,
+            packets,
+            len,
+            count,
+            now,
+        } = seen;
         let Some(conn) = self.map.get_mut(slot) else { return };
         if count {
-            conn.count(reply, len);
+            conn.count(reply, packets, len as u64);
         }
         conn.last_seen = now;
         if reply && conn.state == ConnState::New {
@@ -423,7 +433,13 @@ impl Conntrack {
         sink: &mut dyn EventSink,
         c: &mut Counters,
     ) -> Result<Tracked, DropReason> {
-        let Sighting { reply, len, count, now } = seen;
+        let Sighting {
+            reply,
+            packets,
+            len,
+            count,
+            now,
+        } = seen;
         let Some(conn) = self.map.get_mut(slot) else {
             return Err(DropReason::TcpNoConnection);
         };
@@ -433,7 +449,7 @@ impl Conntrack {
             return Ok(tracked);
         }
         if count {
-            conn.count(reply, len);
+            conn.count(reply, packets, len as u64);
         }
         if tracked == Tracked::Ignored {
             // Let through, but nothing about the connection changed: its
@@ -492,6 +508,7 @@ mod tests {
     fn seen(reply: bool, len: usize, now: u64) -> Sighting {
         Sighting {
             reply,
+            packets: 1,
             len,
             count: true,
             now,

@@ -19,6 +19,7 @@ use core::net::Ipv4Addr;
 
 use palisade_wire::ethernet::{EtherType, EthernetAddress};
 use palisade_wire::flow::{FlowKey, Segment};
+use palisade_wire::virtio_net::Offload;
 
 use crate::port::{PortId, UplinkConfig};
 use crate::tcptrack::TcpSeg;
@@ -193,6 +194,10 @@ pub struct Results {
     entries: Vec<Entry>,
     outputs: Vec<Output>,
     replies: Vec<ReplySpec>,
+    /// Each entry's offload state, by index, filled only as far as the
+    /// last frame that had one: the entry stays half a cache line and a
+    /// call with plain frames only writes nothing here.
+    offloads: Vec<Offload>,
     underlay: Underlay,
 }
 
@@ -210,6 +215,7 @@ impl Results {
             entries: Vec::with_capacity(frames),
             outputs: Vec::with_capacity(frames),
             replies: Vec::new(),
+            offloads: Vec::with_capacity(frames),
             underlay: Underlay::default(),
         }
     }
@@ -220,6 +226,7 @@ impl Results {
         self.entries.clear();
         self.outputs.clear();
         self.replies.clear();
+        self.offloads.clear();
     }
 
     /// Frames recorded.
@@ -245,7 +252,7 @@ impl Results {
         if e.frame_len != entry_len(frame.len()) {
             return None;
         }
-        Some(self.view(e, frame))
+        Some(self.view(index, e, frame))
     }
 
     /// The decisions of a batch, each paired with its frame (`frames` are the
@@ -254,13 +261,15 @@ impl Results {
     pub fn iter<'a, F: AsRef<[u8]>>(&'a self, frames: &'a [F]) -> impl Iterator<Item = Processed<'a>> + 'a {
         self.entries
             .iter()
+            .enumerate()
             .zip(frames)
-            .filter(|(e, f)| e.frame_len == entry_len(f.as_ref().len()))
-            .map(|(e, f)| self.view(e, f.as_ref()))
+            .filter(|((_, e), f)| e.frame_len == entry_len(f.as_ref().len()))
+            .map(|((i, e), f)| self.view(i, e, f.as_ref()))
     }
 
+    /// Entry `index` (`e`), paired with `frame`.
     #[inline]
-    fn view<'a>(&'a self, e: &Entry, frame: &'a [u8]) -> Processed<'a> {
+    fn view<'a>(&'a self, index: usize, e: &Entry, frame: &'a [u8]) -> Processed<'a> {
         let outputs = self
             .outputs
             .get(e.outputs.0 as usize..e.outputs.1 as usize)
@@ -272,6 +281,7 @@ impl Results {
             layout: e.layout,
             underlay: self.underlay,
             reply: self.replies.get(e.reply as usize),
+            offload: self.offloads.get(index).copied().unwrap_or(Offload::NONE),
         }
     }
 
@@ -279,7 +289,7 @@ impl Results {
     #[inline]
     pub(crate) fn last<'a>(&'a self, frame: &'a [u8]) -> Processed<'a> {
         match self.entries.last() {
-            Some(e) => self.view(e, frame),
+            Some(e) => self.view(self.entries.len() - 1, e, frame),
             // Every processing call records its frame before returning.
             None => Processed {
                 disposition: Disposition::Drop(DropReason::Malformed),
@@ -288,6 +298,7 @@ impl Results {
                 layout: Layout::of(&L2::default()),
                 underlay: self.underlay,
                 reply: None,
+                offload: Offload::NONE,
             },
         }
     }
@@ -330,6 +341,7 @@ impl Results {
         disposition: Disposition,
         l2: L2,
         frame_len: usize,
+        offload: Offload,
         start: u32,
         reply: Option<ReplySpec>,
     ) {
@@ -340,6 +352,10 @@ impl Results {
             }
             None => NO_REPLY,
         };
+        if offload != Offload::NONE {
+            self.offloads.resize(self.entries.len(), Offload::NONE);
+            self.offloads.push(offload);
+        }
         self.entries.push(Entry {
             disposition,
             layout: Layout::of(&l2),
@@ -362,12 +378,20 @@ pub struct Processed<'a> {
     pub(crate) layout: Layout,
     pub(crate) underlay: Underlay,
     pub(crate) reply: Option<&'a ReplySpec>,
+    pub(crate) offload: Offload,
 }
 
 impl<'a> Processed<'a> {
     /// The frame this decision is about.
     pub fn frame(&self) -> &'a [u8] {
         self.frame
+    }
+
+    /// The frame's offload state as it arrived ([`Offload::NONE`] for a
+    /// plain frame). A copy as rendered has its own:
+    /// [`crate::render_offload`], [`crate::render_overlay_offload`].
+    pub fn offload(&self) -> Offload {
+        self.offload
     }
 
     /// What to tell the sender of a rejected frame ([`DropReason::PolicyReject`]).

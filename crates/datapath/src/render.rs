@@ -14,6 +14,7 @@ use palisade_wire::ethernet::{self, EtherType, EthernetAddress};
 use palisade_wire::ip::IpProtocol;
 use palisade_wire::ipv4::{self, Ipv4Repr};
 use palisade_wire::tcp::{self, TcpFlags};
+use palisade_wire::virtio_net::Offload;
 use palisade_wire::{icmpv4, icmpv6, ipv6, udp, vlan, vxlan};
 
 use crate::decision::{Encap, Output, Processed, Reply};
@@ -87,6 +88,60 @@ pub fn render(p: &Processed<'_>, out: &Output, buf: &mut [u8]) -> Result<usize, 
     }
     write_inner(&mut buf[outer_len..], macs, tag, l2.ethertype, payload);
     Ok(total)
+}
+
+/// The offload state of the frame [`render`] writes for `out`: the
+/// frame's own ([`Processed::offload`]) with its checksum start and
+/// repeated header length moved as rendering moved the payload (a VLAN
+/// tag put in or taken out, a VXLAN header taken off or put on). `None`
+/// when the copy cannot carry it: a super-frame inside a whole VXLAN
+/// packet for a plain uplink (tunnel segmentation is not described by a
+/// virtio-net header here); such a frame must be segmented before it is
+/// processed. A plain frame gives [`Offload::NONE`].
+pub fn render_offload(p: &Processed<'_>, out: &Output) -> Option<Offload> {
+    if p.offload == Offload::NONE {
+        return Some(Offload::NONE);
+    }
+    let l2 = p.layout;
+    let tag = match (out.port, out.encap) {
+        (UPLINK, None) => l2.segment.vlan_id(),
+        _ => None,
+    };
+    if out.encap.is_some() && p.offload.is_gso() {
+        return None;
+    }
+    let outer = if out.encap.is_some() { OUTER_LEN } else { 0 };
+    let to = outer + ethernet::HEADER_LEN + tag.map_or(0, |_| vlan::HEADER_LEN);
+    moved(&p.offload, l2.payload(), to)
+}
+
+/// The offload state of the frame in what [`render_overlay`] writes,
+/// counted from the frame (after the VXLAN header), as the underlay
+/// socket takes it with its prefix (`palisade_io`'s `send_super_frame`);
+/// see [`render_offload`].
+pub fn render_overlay_offload(p: &Processed<'_>) -> Option<Offload> {
+    if p.offload == Offload::NONE {
+        return Some(Offload::NONE);
+    }
+    moved(&p.offload, p.layout.payload(), ethernet::HEADER_LEN)
+}
+
+/// `offload` for the frame whose payload (the IP packet), at `from` in the
+/// frame it came with, is rendered at `to`: the offsets past the L2
+/// headers move with it. The engine refuses a partial checksum that starts
+/// before `from`. `None` if an offset would not fit 16 bits.
+fn moved(offload: &Offload, from: usize, to: usize) -> Option<Offload> {
+    let shift = |v: u16| -> Option<u16> { u16::try_from(usize::from(v).checked_sub(from)? + to).ok() };
+    let mut o = *offload;
+    if let Some(c) = &mut o.csum {
+        c.start = shift(c.start)?;
+    }
+    if let Some(g) = &mut o.gso {
+        // A hint only (segmentation parses the headers); one inside the L2
+        // headers says nothing useful and is left to the parse.
+        g.header_len = shift(g.header_len).unwrap_or(0);
+    }
+    Some(o)
 }
 
 /// Write a copy of `p`'s frame for another host as the payload of a UDP

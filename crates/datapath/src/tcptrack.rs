@@ -65,6 +65,12 @@ pub struct TcpSeg {
     pub syn_options: bool,
     /// The highest right edge of the segment's SACK blocks.
     pub sack: Option<u32>,
+    /// For a TSO/GSO super-frame, where its last segment starts, from
+    /// `seq` (0 for one packet). The window check that a segment starts
+    /// within what the receiver allowed is made on that last segment, the
+    /// one that reaches furthest: the whole super-frame passes only if
+    /// each of the packets it stands for would.
+    pub last_offset: u32,
 }
 
 impl TcpSeg {
@@ -833,7 +839,7 @@ fn in_window(
             result
         }
     };
-    if !before(seq, sender.limit.wrapping_add(1)) {
+    if !before(seq.wrapping_add(seg.last_offset), sender.limit.wrapping_add(1)) {
         // I: beyond what the receiver allowed.
         let overshot = end.wrapping_sub(sender.limit).wrapping_add(1);
         let ack_ok = after(sack, receiver.end.wrapping_sub(max_ack_window(sender)).wrapping_sub(1));

@@ -56,11 +56,17 @@ pub enum DropReason {
     NoRoute,
     /// A VXLAN packet for a VNI that maps to no local segment.
     UnknownVni,
+    /// A frame whose offload request does not fit its packet: a
+    /// segmentation request on anything but a TCP or UDP packet of the
+    /// requested kind, with no payload, with SYN, RST or URG, with bytes
+    /// after the IP datagram, or a partial checksum starting inside the L2
+    /// headers. It cannot be the packets it claims to stand for.
+    BadOffload,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::Malformed,
         DropReason::UnknownPort,
         DropReason::SpoofedMac,
@@ -82,6 +88,7 @@ impl DropReason {
         DropReason::VnicConnLimit,
         DropReason::NoRoute,
         DropReason::UnknownVni,
+        DropReason::BadOffload,
     ];
 
     /// Number of reasons.
@@ -111,6 +118,7 @@ impl DropReason {
             DropReason::VnicConnLimit => "vnic-conn-limit",
             DropReason::NoRoute => "no-route",
             DropReason::UnknownVni => "unknown-vni",
+            DropReason::BadOffload => "bad-offload",
         }
     }
 
@@ -142,6 +150,12 @@ impl Tally {
     pub fn add(&mut self, len: usize) {
         self.packets += 1;
         self.bytes += len as u64;
+    }
+
+    /// Count `packets` packets of `bytes` bytes together (a super-frame's segments).
+    pub fn add_n(&mut self, packets: u64, bytes: u64) {
+        self.packets += packets;
+        self.bytes += bytes;
     }
 }
 

@@ -44,6 +44,14 @@ pub struct RxFrame<'a> {
     pub offload: Offload,
 }
 
+/// The frame's bytes: a batch of received frames is a batch of frames for
+/// whatever takes `AsRef<[u8]>` (the engine's batch processing).
+impl AsRef<[u8]> for RxFrame<'_> {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
 /// What a port carries as it is, without work in user space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PortOffloads {

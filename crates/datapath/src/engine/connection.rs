@@ -32,7 +32,8 @@ impl Engine {
         let (now, src_vnic, len, trusted) = (pkt.now, pkt.src_vnic, pkt.len, pkt.trusted);
         let key = info.key;
         let tcp = if key.protocol == IpProtocol::TCP {
-            let seg = tcp_seg(inner, info).ok_or(DropReason::Malformed)?;
+            let mut seg = tcp_seg(inner, info).ok_or(DropReason::Malformed)?;
+            seg.last_offset = pkt.last_offset;
             if conntrack::bad_tcp_flags(seg.flags) {
                 return Err(DropReason::TcpBadFlags);
             }
@@ -124,7 +125,7 @@ impl Engine {
                         kind: EventKind::Denied(reason),
                         key,
                         state: ConnState::New,
-                        packets: 1,
+                        packets: pkt.packets,
                         bytes: len as u64,
                         reply_packets: 0,
                         reply_bytes: 0,
@@ -158,7 +159,7 @@ impl Engine {
         conn.trusted = trusted;
         conn.epoch = self.epoch;
         conn.policy_version = self.lookup.version();
-        conn.packets = 1;
+        conn.packets = pkt.packets;
         conn.bytes = len as u64;
         conn.rules = rules;
         if let Some(seg) = &tcp {
@@ -226,6 +227,7 @@ impl Engine {
         let now = pkt.now;
         let seen = Sighting {
             reply,
+            packets: pkt.packets,
             len: pkt.len,
             count: !pkt.second_leg,
             now,
@@ -274,7 +276,7 @@ impl Engine {
                     if let Some(c) = self.conns.get_mut(slot) {
                         // The error travels back towards the quoted packet's sender.
                         let reply = c.key == q;
-                        c.count(reply, len);
+                        c.count(reply, pkt.packets, len as u64);
                     }
                     self.tally_rules(pkt, rules);
                     return Ok(());
@@ -311,7 +313,7 @@ impl Engine {
                     kind: EventKind::Denied(reason),
                     key,
                     state: ConnState::New,
-                    packets: 1,
+                    packets: pkt.packets,
                     bytes: len as u64,
                     reply_packets: 0,
                     reply_bytes: 0,

@@ -96,12 +96,12 @@ impl Engine {
         if pkt.second_leg {
             return;
         }
-        let len = pkt.len;
+        let (packets, bytes) = (pkt.packets, pkt.len as u64);
         // One rule deciding both chains carries the packet once.
         let second = if rules[1] == rules[0] { None } else { rules[1] };
         for i in [rules[0], second].into_iter().flatten() {
             if let Some(r) = self.rules.get_mut(i as usize) {
-                r.tally.add(len);
+                r.tally.add_n(packets, bytes);
             }
         }
     }

@@ -108,14 +108,14 @@ impl Engine {
         match to {
             Some(Location::Port(p)) => out.push_output(Output { port: p, encap: None }),
             Some(Location::Remote(ip)) => {
-                self.counters.encapsulated += 1;
+                self.counters.encapsulated += pkt.packets;
                 out.push_output(Output {
                     port: UPLINK,
                     encap: Some(encap(ip)),
                 });
             }
             None => {
-                self.counters.flooded += 1;
+                self.counters.flooded += pkt.packets;
                 for (i, p) in self.ports.iter().enumerate() {
                     if let Some(p) = p
                         && p.segment == l2.segment
