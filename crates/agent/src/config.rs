@@ -428,7 +428,12 @@ mac = "02:00:00:00:fe:01"
     fn state_snapshots_default_on_and_their_interval_is_checked() {
         let c = AgentConfig::parse(GOOD, Path::new("hv1.toml")).unwrap();
         assert_eq!(c.state_snapshot_interval(), Some(crate::snapshot::DEFAULT_INTERVAL));
-        let with = |v: &str| AgentConfig::parse(&GOOD.replace("metrics =", &format!("state_snapshot_ms = {v}\nmetrics =")), Path::new("hv1.toml"));
+        let with = |v: &str| {
+            AgentConfig::parse(
+                &GOOD.replace("metrics =", &format!("state_snapshot_ms = {v}\nmetrics =")),
+                Path::new("hv1.toml"),
+            )
+        };
         assert_eq!(with("0").unwrap().state_snapshot_interval(), None);
         assert_eq!(
             with("50").unwrap().state_snapshot_interval(),
