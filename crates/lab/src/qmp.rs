@@ -66,7 +66,9 @@ pub struct Qmp {
 
 impl core::fmt::Debug for Qmp {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Qmp").field("events", &self.events.len()).finish_non_exhaustive()
+        f.debug_struct("Qmp")
+            .field("events", &self.events.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -255,7 +257,8 @@ mod tests {
         let h = std::thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
             let mut w = s.try_clone().unwrap();
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n").unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
             for line in BufReader::new(s).lines() {
                 let Ok(line) = line else { return };
                 let v: Value = serde_json::from_str(&line).unwrap();
@@ -337,7 +340,10 @@ mod tests {
         let r: Result<((), _), _> = migrate(&mut q, "tcp:x:1", Duration::from_secs(5), || {
             Err("destination refused the blob".into())
         });
-        assert!(matches!(r, Err(QmpError::Switchover(ref w)) if w.contains("refused")), "{r:?}");
+        assert!(
+            matches!(r, Err(QmpError::Switchover(ref w)) if w.contains("refused")),
+            "{r:?}"
+        );
         drop(q);
         h.join().unwrap();
         assert_eq!(log.lock().unwrap().last().map(String::as_str), Some("migrate_cancel"));
