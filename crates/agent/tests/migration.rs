@@ -91,6 +91,11 @@ fn a_vnic_moves_with_its_connections_between_hosts_of_any_worker_counts() {
         establish(&mut src, 2, 1, 40000, 1);
         let blob = migrate::export(&mut engines(&mut src), "vm-0.0", 10).unwrap();
         let exported = keys(&blob);
+        eprintln!(
+            "{src_workers} → {dst_workers} workers: {} connections in {} bytes",
+            exported.len(),
+            blob.len()
+        );
         assert_eq!(exported.len(), moving.len(), "{src_workers} → {dst_workers}");
         assert!(
             exported
