@@ -389,6 +389,8 @@ impl Agent {
                 overlay_stats: PortStats::default(),
                 unroutable: 0,
                 render_errors: 0,
+                quiesced: Vec::new(),
+                quiesced_drops: 0,
             })));
         }
         let origin = Instant::now();
@@ -437,11 +439,16 @@ impl Agent {
             None => None,
         };
         let shared: Shared = Arc::new(Mutex::new(Arc::new(Published::default())));
-        http::serve(
+        let control = Arc::new(VnicControl {
+            workers: workers.clone(),
+            origin,
+        });
+        http::serve_with_control(
             shared.clone(),
             config.metrics,
             &config.state_dir.join("agent.sock"),
             stop,
+            Some(control),
         )
         .map_err(io_err("agent HTTP endpoint"))?;
         let mut agent = Agent {
@@ -822,7 +829,8 @@ impl Agent {
             unroutable += g.unroutable;
             render_errors += g.render_errors;
         }
-        let text = metrics::render(&metrics::Snapshot {
+        let quiesced_drops: u64 = guards.iter().map(|g| g.quiesced_drops).sum();
+        let mut text = metrics::render(&metrics::Snapshot {
             host: &self.config.host,
             engines: &engines,
             ports: &port_stats,
@@ -837,6 +845,13 @@ impl Agent {
             snapshots: self.snapshots.stats,
             state_refused: self.state_refused,
         });
+        text.push_str(&format!(
+            "# HELP palisade_vnic_migrating_drops_total Frames dropped because their vNIC's VM is migrating away \
+             (its state exported, forwarding stopped).\n\
+             # TYPE palisade_vnic_migrating_drops_total counter\n\
+             palisade_vnic_migrating_drops_total{{host=\"{}\"}} {quiesced_drops}\n",
+            self.config.host
+        ));
         let connections: usize = engines.iter().map(|e| e.conntrack().len()).sum();
         let policy_version = engines.first().map_or(0, |e| e.policy_version());
         drop(engines);
@@ -910,5 +925,81 @@ impl Agent {
     /// The policy version in force.
     pub fn policy_version(&self) -> u64 {
         self.workers.first().map_or(0, |c| lock(c).engine.policy_version())
+    }
+}
+
+/// The agent's side of live migration, served on the Unix socket: every
+/// worker's share of a vNIC's connections exported as one blob, a blob's
+/// connections imported each into the worker its flows are steered to
+/// ([`crate::migrate`]). Every worker is locked together for either, so no
+/// frame of the vNIC is forwarded between one worker's part and another's.
+struct VnicControl {
+    workers: Vec<Arc<Mutex<WorkerCore>>>,
+    origin: Instant,
+}
+
+impl VnicControl {
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// Quiesce (`true`) or resume `vnic`'s port in every worker (locked).
+    fn quiesce(
+        guards: &mut [std::sync::MutexGuard<'_, WorkerCore>],
+        vnic: &str,
+        on: bool,
+    ) -> Result<(), http::ControlError> {
+        for core in guards.iter_mut() {
+            let port = core
+                .engine
+                .port_of(vnic)
+                .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
+            core.quiesced.retain(|&p| p != port);
+            if on {
+                core.quiesced.push(port);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn control_error(e: crate::migrate::MigrateError) -> http::ControlError {
+    match e {
+        crate::migrate::MigrateError::UnknownVnic(v) => http::ControlError::UnknownVnic(v),
+        other => http::ControlError::Refused(other.to_string()),
+    }
+}
+
+impl http::Control for VnicControl {
+    /// From the export on, the vNIC's frames are dropped (counted in
+    /// `palisade_vnic_migrating_drops_total`) until an import or a resume.
+    /// The connections stay in the tables: a migration that fails resumes
+    /// with them intact.
+    fn export_vnic(&self, vnic: &str) -> Result<Vec<u8>, http::ControlError> {
+        let now = self.now();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let blob = {
+            let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
+            crate::migrate::export(&mut engines, vnic, now).map_err(control_error)?
+        };
+        Self::quiesce(&mut guards, vnic, true)?;
+        Ok(blob)
+    }
+
+    fn import_vnic(&self, vnic: &str, blob: &[u8]) -> Result<usize, http::ControlError> {
+        let now = self.now();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let n = {
+            let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
+            crate::migrate::import(&mut engines, vnic, blob, now).map_err(control_error)?
+        };
+        // The VM is here now (or back): forward for it.
+        Self::quiesce(&mut guards, vnic, false)?;
+        Ok(n)
+    }
+
+    fn resume_vnic(&self, vnic: &str) -> Result<(), http::ControlError> {
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        Self::quiesce(&mut guards, vnic, false)
     }
 }

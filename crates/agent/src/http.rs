@@ -7,6 +7,13 @@
 //! only read that snapshot, so a slow or hostile client never touches the
 //! packet path. Requests are bounded (size and time) and anything but
 //! `GET /metrics`, `GET /flows` and `GET /health` is answered 404 or 405.
+//!
+//! The Unix socket (root-only by its file mode) also takes the live
+//! migration requests when the agent gives a [`Control`]: `POST
+//! /vnics/{name}/export` (the vNIC's connection state, forwarding for it
+//! stopped), `POST /vnics/{name}/import` (a state blob as the body) and
+//! `POST /vnics/{name}/resume` (forwarding back on: a migration that
+//! failed). These are never served on the TCP address.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -32,6 +39,25 @@ pub type Shared = Arc<Mutex<Arc<Published>>>;
 
 const MAX_REQUEST: usize = 8192;
 
+/// Why a migration request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlError {
+    /// No vNIC of that name on this host (404).
+    UnknownVnic(String),
+    /// The request or its blob was refused (400), with the reason.
+    Refused(String),
+}
+
+/// What the agent does for the Unix socket's migration requests.
+pub trait Control: Send + Sync {
+    /// Stop forwarding for `vnic` and return its connections as one state blob.
+    fn export_vnic(&self, vnic: &str) -> Result<Vec<u8>, ControlError>;
+    /// Import a state blob into `vnic` (and forward for it); returns the connections imported.
+    fn import_vnic(&self, vnic: &str, blob: &[u8]) -> Result<usize, ControlError>;
+    /// Forward for `vnic` again after an export (a migration that did not complete).
+    fn resume_vnic(&self, vnic: &str) -> Result<(), ControlError>;
+}
+
 /// Start serving `shared` on `tcp` (if any) and on the Unix socket `unix`
 /// (replacing a stale socket file). Threads stop when `stop` is set.
 pub fn serve(
@@ -39,6 +65,17 @@ pub fn serve(
     tcp: Option<SocketAddr>,
     unix: &Path,
     stop: Arc<AtomicBool>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    serve_with_control(shared, tcp, unix, stop, None)
+}
+
+/// [`serve`], with the migration requests of `control` on the Unix socket.
+pub fn serve_with_control(
+    shared: Shared,
+    tcp: Option<SocketAddr>,
+    unix: &Path,
+    stop: Arc<AtomicBool>,
+    control: Option<Arc<dyn Control>>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let mut handles = Vec::new();
     if let Some(addr) = tcp {
@@ -78,7 +115,10 @@ pub fn serve(
                             let _ = s.set_nonblocking(false);
                             let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                             let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
-                            handle(s, &shared);
+                            match &control {
+                                Some(c) => handle_control(s, &shared, c.as_ref()),
+                                None => handle(s, &shared),
+                            }
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(50)),
                     }
@@ -107,6 +147,169 @@ fn handle<S: Read + Write>(stream: S, shared: &Shared) {
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+}
+
+/// Read a request's line and headers, at most [`MAX_REQUEST`] bytes in all.
+/// Returns the request line and the body length it declares (`None`: none
+/// declared; `Some(Err)`: a length that does not parse).
+fn read_head<R: BufRead>(r: &mut R) -> Option<(String, Option<Result<usize, ()>>)> {
+    let mut budget = MAX_REQUEST as u64;
+    let mut line = String::new();
+    let n = r.by_ref().take(budget).read_line(&mut line).ok()?;
+    budget = budget.saturating_sub(n as u64);
+    let mut length = None;
+    loop {
+        let mut h = String::new();
+        let n = r.by_ref().take(budget).read_line(&mut h).ok()?;
+        budget = budget.saturating_sub(n as u64);
+        if n == 0 || budget == 0 {
+            // The connection ended, or the head is larger than allowed, before the blank line.
+            return None;
+        }
+        if h.trim_end().is_empty() {
+            return Some((line, length));
+        }
+        if let Some((name, value)) = h.split_once(':')
+            && name.trim().eq_ignore_ascii_case("content-length")
+        {
+            length = Some(value.trim().parse::<usize>().map_err(|_| ()));
+        }
+    }
+}
+
+fn respond<W: Write>(mut w: W, status: &str, ctype: &str, body: &[u8]) {
+    let _ = write!(
+        w,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = w.write_all(body);
+}
+
+/// The Unix socket's handler when the agent takes migration requests.
+fn handle_control<S: Read + Write>(stream: S, shared: &Shared, control: &dyn Control) {
+    let mut reader = BufReader::new(stream);
+    let Some((line, length)) = read_head(&mut reader) else {
+        let stream = reader.into_inner();
+        return respond(
+            stream,
+            "400 Bad Request",
+            "text/plain",
+            b"request head malformed or too large\n",
+        );
+    };
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let Some(rest) = target.strip_prefix("/vnics/") else {
+        let snapshot = shared.lock().map(|g| g.clone()).unwrap_or_default();
+        let (status, ctype, body) = route(&line, &snapshot);
+        return respond(reader.into_inner(), status, ctype, body.as_bytes());
+    };
+    let (status, ctype, body) = vnic_request(method, rest, length, &mut reader, control);
+    respond(reader.into_inner(), status, ctype, &body);
+}
+
+/// Longest vNIC name a request may name.
+const MAX_VNIC_NAME: usize = 255;
+
+/// Answer `POST /vnics/{name}/{action}` (`rest` is what follows `/vnics/`).
+fn vnic_request<R: Read>(
+    method: &str,
+    rest: &str,
+    length: Option<Result<usize, ()>>,
+    body: &mut R,
+    control: &dyn Control,
+) -> (&'static str, &'static str, Vec<u8>) {
+    let text = |s: &'static str, m: String| (s, "text/plain", format!("{m}\n").into_bytes());
+    let Some((vnic, action)) = rest.split_once('/') else {
+        return text(
+            "404 Not Found",
+            "not found: try /vnics/NAME/export, import or resume".into(),
+        );
+    };
+    if vnic.is_empty() || vnic.len() > MAX_VNIC_NAME || !vnic.bytes().all(|b| b.is_ascii_graphic()) {
+        return text("400 Bad Request", "bad vNIC name".into());
+    }
+    if !matches!(action, "export" | "import" | "resume") {
+        return text(
+            "404 Not Found",
+            format!("not found: no action {action:?} (export, import, resume)"),
+        );
+    }
+    if method != "POST" {
+        return text("405 Method Not Allowed", "only POST".into());
+    }
+    let refused = |e: ControlError| match e {
+        ControlError::UnknownVnic(v) => text("404 Not Found", format!("no vNIC {v:?} on this host")),
+        ControlError::Refused(why) => text("400 Bad Request", why),
+    };
+    match action {
+        "export" => match control.export_vnic(vnic) {
+            Ok(blob) => ("200 OK", "application/octet-stream", blob),
+            Err(e) => refused(e),
+        },
+        "resume" => match control.resume_vnic(vnic) {
+            Ok(()) => ("200 OK", "application/json", b"{\"resumed\":true}".to_vec()),
+            Err(e) => refused(e),
+        },
+        _ => {
+            let n = match length {
+                None => return text("411 Length Required", "a state blob needs a Content-Length".into()),
+                Some(Err(())) => return text("400 Bad Request", "Content-Length does not parse".into()),
+                Some(Ok(n)) if n > crate::migrate::MAX_BLOB => {
+                    return text(
+                        "413 Content Too Large",
+                        format!("state blob of {n} bytes exceeds {} bytes", crate::migrate::MAX_BLOB),
+                    );
+                }
+                Some(Ok(n)) => n,
+            };
+            let mut blob = vec![0; n];
+            if let Err(e) = body.read_exact(&mut blob) {
+                return text(
+                    "400 Bad Request",
+                    format!("state blob shorter than its Content-Length ({e})"),
+                );
+            }
+            match control.import_vnic(vnic, &blob) {
+                Ok(n) => (
+                    "200 OK",
+                    "application/json",
+                    format!("{{\"imported\":{n}}}").into_bytes(),
+                ),
+                Err(e) => refused(e),
+            }
+        }
+    }
+}
+
+/// POST `body` to `path` on an agent's Unix socket; returns the response body
+/// of a 200, else an error carrying the status line and the agent's message.
+pub fn post_unix(socket: &Path, path: &str, body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let Some(split) = out.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Err(std::io::Error::other("truncated response"));
+    };
+    let head = String::from_utf8_lossy(&out[..split]).to_string();
+    let body = out[split + 4..].to_vec();
+    if head.starts_with("HTTP/1.1 200") {
+        Ok(body)
+    } else {
+        let status = head.lines().next().unwrap_or("").to_string();
+        Err(std::io::Error::other(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&body).trim_end()
+        )))
+    }
 }
 
 /// The response to a request line: status, content type, body.

@@ -10,6 +10,8 @@
 //! - [`trail`]: batched, durable appends to the audit store.
 //! - [`metrics`]: Prometheus text.
 //! - [`http`]: the metrics/flows/health endpoint (TCP and a Unix socket).
+//! - [`migrate`]: one vNIC's connection state merged from the workers and
+//!   split between them again (live migration, served by [`http`]).
 //! - [`upstream`]: policy from the controller, the last good one saved.
 //! - [`snapshot`]: connection state on disk, saved at a clean stop and
 //!   snapshotted on a timer so a crash loses at most one interval of it.
@@ -20,6 +22,7 @@ pub mod config;
 mod error;
 pub mod http;
 pub mod metrics;
+pub mod migrate;
 pub mod records;
 pub mod snapshot;
 pub mod trail;

@@ -86,6 +86,10 @@ pub(crate) struct WorkerCore {
     pub unroutable: u64,
     /// Outputs that could not be rendered.
     pub render_errors: u64,
+    /// vNIC ports whose VM is migrating away: nothing is forwarded to or from them.
+    pub quiesced: Vec<PortId>,
+    /// Frames dropped because their port was quiesced (reason `vnic_migrating`).
+    pub quiesced_drops: u64,
 }
 
 /// Lock a worker's core. A worker that panicked while holding it has
@@ -295,6 +299,7 @@ impl Worker {
         let mut records = Vec::new();
         let mut last_housekeeping = Instant::now();
         let mut last_update_round = 0;
+        let (mut quiesced, mut quiesced_drops) = (Vec::new(), 0u64);
         while !halt.load(Ordering::Relaxed) {
             let ready = match wait_readable(&fds, Duration::from_millis(100)) {
                 Ok(r) => r,
@@ -341,7 +346,9 @@ impl Worker {
                     } else {
                         let p = &mut self.io.ports[i];
                         let port = p.port;
-                        let r = if offloaded {
+                        let r = if core.quiesced.contains(&port) {
+                            p.io.recv_batch(BATCH, &mut |frames| quiesced_drops += frames.len() as u64)
+                        } else if offloaded {
                             p.io.recv_frames(BATCH, &mut |frames| {
                                 handle_frames(
                                     engine,
@@ -395,8 +402,10 @@ impl Worker {
                 core.overlay_stats = self.io.overlay.stats();
                 core.unroutable = staging.unroutable;
                 core.render_errors = staging.render_errors;
+                core.quiesced_drops = quiesced_drops;
+                quiesced.clone_from(&core.quiesced);
             }
-            self.send_staged(&mut staging, &mut sockets);
+            quiesced_drops += self.send_staged(&mut staging, &mut sockets, &quiesced);
             if !records.is_empty() && self.records.send(std::mem::take(&mut records)).is_err() {
                 return Err(WorkerFailure::ControlGone);
             }
@@ -404,12 +413,15 @@ impl Worker {
         Ok(())
     }
 
-    fn send_staged(&mut self, staging: &mut Staging, sockets: &mut Sockets) {
+    /// Send the staged frames; returns how many were dropped for a quiesced port.
+    fn send_staged(&mut self, staging: &mut Staging, sockets: &mut Sockets, quiesced: &[PortId]) -> u64 {
+        let mut dropped = 0;
         let mut start = 0;
         for &(dest, end, offload) in &staging.items {
             let frame = &staging.buf[start..end];
             start = end;
             match dest {
+                Dest::Port(p) if quiesced.contains(&p) => dropped += 1,
                 Dest::Port(p) => {
                     if let Some(i) = sockets.of(p) {
                         sockets.touched[i] = true;
@@ -439,6 +451,7 @@ impl Worker {
             let _ = self.io.overlay.flush();
         }
         staging.clear();
+        dropped
     }
 }
 

@@ -147,6 +147,10 @@ pub struct QemuProc {
     pub console: PathBuf,
     /// Unix socket of the QEMU monitor.
     pub monitor: PathBuf,
+    /// Unix socket of QEMU's machine protocol ([`crate::qmp`]; live migration).
+    /// Empty in a state file written before guests had one.
+    #[serde(default)]
+    pub qmp: PathBuf,
     /// QEMU's log.
     pub log: PathBuf,
     /// The accelerator arguments used.
@@ -643,6 +647,7 @@ impl Lab {
             let qdir = self.state.state_dir.join("qemu");
             let console = qdir.join(format!("{}.console", vm.name));
             let monitor = qdir.join(format!("{}.monitor", vm.name));
+            let qmp = qdir.join(format!("{}.qmp", vm.name));
             let log = self.state.state_dir.join("logs").join(format!("qemu-{}.log", vm.name));
             let mut append = format!("console=ttyS0 quiet palisade.name={}", vm.name);
             if let Some(a) = ipv4s(&nic.ips).next() {
@@ -675,6 +680,8 @@ impl Lab {
                 .arg(format!("unix:{},server=on,wait=off", console.display()))
                 .arg("-monitor")
                 .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+                .arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", qmp.display()))
                 .stdin(Stdio::null())
                 .stdout(logf)
                 .stderr(logf2);
@@ -687,6 +694,7 @@ impl Lab {
                     pid,
                     console,
                     monitor,
+                    qmp,
                     log,
                     accel: accel.clone(),
                 },

@@ -13,6 +13,7 @@
 //! - [`config`]: agent configuration files and generated lab policies.
 //! - [`mod@lab`]: up, down, status, exec.
 //! - [`qemu`]: the guest initramfs, QEMU command line and serial-console exec.
+//! - [`qmp`]: a QMP client and live migration with a switchover step.
 //! - [`dns`], [`stream`]: traffic helpers (a `.lab` DNS responder, a TCP line stream).
 
 pub mod config;
@@ -21,6 +22,7 @@ mod error;
 pub mod lab;
 pub mod plan;
 pub mod qemu;
+pub mod qmp;
 pub mod stream;
 mod sys;
 

@@ -34,6 +34,11 @@ fn qemu_guest_boots_execs_and_answers_ping() {
     );
     let st = lab.status();
     assert!(st.vms.iter().any(|v| v.name == "vm1" && v.kind == "qemu" && v.alive));
+    // The guest's QMP socket answers (live migration drives it).
+    let mut qmp = palisade_lab::qmp::Qmp::connect(&lab.state().guests["vm1"].qmp, Duration::from_secs(5)).unwrap();
+    let status = qmp.execute("query-status", None).unwrap();
+    assert_eq!(status["status"], "running", "{status}");
+    drop(qmp);
 
     let o = lab
         .exec("vm1", &["ip", "addr", "show", "eth0"], Duration::from_secs(20))

@@ -559,3 +559,99 @@ fn agents_keep_enforcing_while_the_controller_is_down_and_follow_it_when_it_retu
     guard.0.take().unwrap().shutdown().unwrap();
     assert_eq!(leftovers("pe2c").unwrap(), Vec::<String>::new());
 }
+
+/// The agent's live-migration endpoints on a running lab, without QEMU: a
+/// stream app-2 → db-1 flows; exporting db-1's vNIC state on hv2 returns
+/// the stream's connection and stops forwarding for the vNIC (the stream
+/// stalls, the drops are counted); importing the blob back (what the
+/// destination of a migration does) restores forwarding and the stream
+/// continues on the connection it had, with no new flow recorded.
+#[test]
+fn migration_endpoints_quiesce_a_vnic_and_its_imported_state_resumes_it() {
+    if !lab_possible() {
+        return;
+    }
+    let _one = one_lab();
+    let spec = LabSpec::from_inventory(three_tier()).with_name("pe2m");
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        ..spec
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let db = lab.vm_ip("db-1").unwrap().to_string();
+    let mut server = lab.spawn("db-1", &[EXE, "lab", "serve", "stream", "5432"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut session = lab.spawn("app-2", &["busybox", "nc", &db, "5432"]).unwrap();
+    let Spawned::Process(child) = &mut session else {
+        panic!("namespace VM")
+    };
+    let lines = lines_of(child.stdout.take().unwrap());
+    assert!(lines.recv_timeout(Duration::from_secs(5)).is_ok(), "stream flows");
+    let sock = lab.state().state_dir.join("hv2/agent.sock");
+    let post = |path: &str, body: &[u8]| palisade_agent::http::post_unix(&sock, path, body);
+
+    let t = Instant::now();
+    let blob = post("/vnics/db-1.0/export", b"").unwrap();
+    let exported = t.elapsed();
+    let snap = palisade_datapath::state::decode(&blob).unwrap();
+    assert_eq!(snap.vnic, "db-1.0");
+    assert!(
+        snap.conns
+            .iter()
+            .any(|c| c.key.dst_port == 5432 || c.key.src_port == 5432),
+        "the stream's connection is in the blob: {:?}",
+        snap.conns
+    );
+    eprintln!(
+        "export: {} connection(s), {} bytes, {:?}",
+        snap.conns.len(),
+        blob.len(),
+        exported
+    );
+    // Quiesced: nothing more arrives, and the drops are counted.
+    std::thread::sleep(Duration::from_millis(300));
+    while lines.try_recv().is_ok() {}
+    assert!(
+        lines.recv_timeout(Duration::from_secs(2)).is_err(),
+        "nothing is forwarded for an exported vNIC"
+    );
+    let drops = |lab: &Lab| -> u64 {
+        let m = palisade_agent::http::get_unix(&lab.state().state_dir.join("hv2/agent.sock"), "/metrics").unwrap();
+        m.lines()
+            .find(|l| l.starts_with("palisade_vnic_migrating_drops_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no drop counter: {m}"))
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(drops(lab) > 0, "the dropped frames are counted");
+
+    // A hostile blob changes nothing; the real one resumes the vNIC.
+    let mut bad = blob.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let e = post("/vnics/db-1.0/import", &bad).unwrap_err().to_string();
+    assert!(e.contains("400") && e.contains("checksum"), "{e}");
+    let answer = post("/vnics/db-1.0/import", &blob).unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["imported"], snap.conns.len(), "{answer}");
+    let mut got = 0;
+    while got < 5 && lines.recv_timeout(Duration::from_secs(5)).is_ok() {
+        got += 1;
+    }
+    assert_eq!(got, 5, "the stream continued after the import");
+    std::thread::sleep(Duration::from_millis(1200));
+    let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
+    let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
+    let starts = recs
+        .iter()
+        .filter(|r| r.dst.port == 5432 && r.phase == palisade_audit::record::Phase::Start)
+        .count();
+    assert!(starts <= 1, "only the stream's original start is recorded: {flows}");
+    let _ = lab.kill(&mut session);
+    let _ = lab.kill(&mut server);
+    let report = guard.0.take().unwrap().shutdown().unwrap();
+    assert!(!report.namespaces.is_empty());
+    assert_eq!(leftovers("pe2m").unwrap(), Vec::<String>::new());
+}
