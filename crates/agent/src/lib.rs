@@ -8,14 +8,18 @@
 //! - [`records`]: flow events → audit flow records with both ends' identity.
 //! - [`trail`]: batched, durable appends to the audit store.
 //! - [`metrics`]: Prometheus text.
+//! - [`health`]: the datapath health report (`/health`, pushed to the controller).
+//! - [`notify`]: systemd's readiness and watchdog notifications (sd_notify).
 //! - [`http`]: the metrics/flows/health endpoint (TCP and a Unix socket).
 //! - [`upstream`]: policy from the controller, the last good one saved.
 #![deny(missing_docs)]
 
 pub mod agent;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod metrics;
+pub mod notify;
 pub mod records;
 pub mod trail;
 pub mod upstream;
