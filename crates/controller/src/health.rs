@@ -103,12 +103,27 @@ fn secs(ns: u64) -> f64 {
 }
 
 /// The state of `h` at `now_ns`, with its reason, and the new
-/// `behind_since_ns`. `current` is the controller's current revision.
-pub fn derive(h: &HostHealth, now_ns: u64, current: u64, cfg: &HealthConfig) -> (HealthState, String, u64) {
+/// `behind_since_ns`. `current` is the controller's current revision;
+/// `watching_since_ns` is when this controller's monitor started: silence
+/// counts from then at the earliest, so a controller that was down (or
+/// restarted) gives every agent the whole bound to reach it again before
+/// it calls a host failed, instead of evacuating the fleet at its start.
+pub fn derive(
+    h: &HostHealth,
+    now_ns: u64,
+    current: u64,
+    cfg: &HealthConfig,
+    watching_since_ns: u64,
+) -> (HealthState, String, u64) {
     let Some(r) = &h.report else {
         return (HealthState::Unknown, "no report yet".into(), 0);
     };
-    let silent = now_ns.saturating_sub(h.last_report_ns);
+    // The grace keeps healthy hosts healthy; it does not revive a failed one.
+    let heard = match h.state {
+        HealthState::Failed => h.last_report_ns,
+        _ => h.last_report_ns.max(watching_since_ns),
+    };
+    let silent = now_ns.saturating_sub(heard);
     if silent > cfg.failed_after.as_nanos() as u64 {
         let why = format!(
             "no report for {:.1} s (bound {} s)",
@@ -308,11 +323,17 @@ impl Controller {
     /// the changes with their records, and return the evacuations this
     /// controller claimed (host, the health as committed), which the caller
     /// runs ([`Controller::evacuate`]).
-    pub fn health_tick(&self, cfg: &HealthConfig, now: u64) -> Result<Vec<(String, HostHealth)>, CoreError> {
+    /// `watching_since` is when the monitor started (see [`derive`]).
+    pub fn health_tick(
+        &self,
+        cfg: &HealthConfig,
+        now: u64,
+        watching_since: u64,
+    ) -> Result<Vec<(String, HostHealth)>, CoreError> {
         let current = self.current()?.revision;
         let mut claimed = Vec::new();
         for (host, _) in self.host_health()? {
-            match self.health_step(&host, cfg, now, current) {
+            match self.health_step(&host, cfg, (now, watching_since), current) {
                 Ok(Some(h)) => claimed.push((host, h)),
                 Ok(None) => {}
                 Err(e) => eprintln!("palisade controller: health of host {host}: {e}"),
@@ -325,7 +346,7 @@ impl Controller {
         &self,
         host: &str,
         cfg: &HealthConfig,
-        now: u64,
+        (now, watching_since): (u64, u64),
         current: u64,
     ) -> Result<Option<HostHealth>, CoreError> {
         let key = health_key(host);
@@ -333,13 +354,17 @@ impl Controller {
         for _ in 0..CAS_RETRIES {
             let Some(raw) = store.get(&key)? else { return Ok(None) };
             let old: HostHealth = store::decode(&key, &raw)?;
-            let (state, reason, behind_since_ns) = derive(&old, now, current, cfg);
+            let (state, reason, behind_since_ns) = derive(&old, now, current, cfg, watching_since);
             let compare = [Compare {
                 key: key.clone(),
                 value: Some(raw),
             }];
             let mut next = old.clone();
-            next.reason = reason;
+            // A failed host keeps the reason it failed for ("no report for
+            // 15.2 s"), rather than a store write every second to count on.
+            if !(state == HealthState::Failed && old.state == HealthState::Failed) {
+                next.reason = reason;
+            }
             next.behind_since_ns = behind_since_ns;
             if state != old.state {
                 next.state = state;
@@ -473,8 +498,9 @@ impl Controller {
 /// [`Controller::health_tick`], each claimed evacuation run on its own thread.
 pub fn monitor(ctl: Controller, cfg: HealthConfig, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     use std::sync::atomic::Ordering;
+    let started = now_ns();
     while !stop.load(Ordering::Relaxed) {
-        match ctl.health_tick(&cfg, now_ns()) {
+        match ctl.health_tick(&cfg, now_ns(), started) {
             Ok(claimed) => {
                 for (host, h) in claimed {
                     let (ctl, cfg) = (ctl.clone(), cfg.clone());
@@ -541,7 +567,7 @@ mod tests {
     fn states_from_reports() {
         let cfg = HealthConfig::default();
         let now = 100 * S;
-        let state = |r: HealthReport, last: u64| derive(&with(r, last), now, 5, &cfg).0;
+        let state = |r: HealthReport, last: u64| derive(&with(r, last), now, 5, &cfg, 0).0;
         assert_eq!(state(good(), now - S), HealthState::Healthy);
         // The bound: 15 s of silence is still alive, past it failed.
         assert_eq!(state(good(), now - 15 * S), HealthState::Healthy);
@@ -569,7 +595,8 @@ mod tests {
                 },
                 now,
                 5,
-                &cfg
+                &cfg,
+                0
             )
             .0,
             HealthState::Unknown
@@ -581,16 +608,38 @@ mod tests {
         let cfg = HealthConfig::default();
         let mut h = with(good(), 100 * S);
         // The controller moved on to revision 6.
-        let (s, _, since) = derive(&h, 100 * S, 6, &cfg);
+        let (s, _, since) = derive(&h, 100 * S, 6, &cfg, 0);
         assert_eq!((s, since), (HealthState::Healthy, 100 * S));
         h.behind_since_ns = since;
         h.last_report_ns = 131 * S;
-        let (s, why, _) = derive(&h, 131 * S, 6, &cfg);
+        let (s, why, _) = derive(&h, 131 * S, 6, &cfg, 0);
         assert_eq!(s, HealthState::Degraded, "{why}");
         assert!(why.contains("revision 5"), "{why}");
         // Caught up: the clock resets.
         h.report.as_mut().unwrap().controller_revision = Some(6);
-        assert_eq!(derive(&h, 131 * S, 6, &cfg), (HealthState::Healthy, String::new(), 0));
+        assert_eq!(
+            derive(&h, 131 * S, 6, &cfg, 0),
+            (HealthState::Healthy, String::new(), 0)
+        );
+    }
+
+    #[test]
+    fn a_controller_that_just_started_gives_agents_the_whole_bound() {
+        let cfg = HealthConfig::default();
+        // The last report is an hour old: the controller was down meanwhile.
+        let h = with(good(), 100 * S);
+        let started = 3700 * S;
+        assert_eq!(derive(&h, started + S, 5, &cfg, started).0, HealthState::Healthy);
+        assert_eq!(derive(&h, started + 15 * S, 5, &cfg, started).0, HealthState::Healthy);
+        assert_eq!(derive(&h, started + 16 * S, 5, &cfg, started).0, HealthState::Failed);
+        // Without the grace it would have failed at once.
+        assert_eq!(derive(&h, started + S, 5, &cfg, 0).0, HealthState::Failed);
+        // A host that was failed stays failed until it reports.
+        let failed = HostHealth {
+            state: HealthState::Failed,
+            ..h.clone()
+        };
+        assert_eq!(derive(&failed, started + S, 5, &cfg, started).0, HealthState::Failed);
     }
 
     #[test]
