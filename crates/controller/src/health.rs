@@ -5,7 +5,7 @@
 //! The controller keeps the last one per host with the time it arrived, in
 //! the store under `health/<host>` as a [`HostHealth`], and a monitor
 //! ([`Controller::health_tick`], once a second on a thread of the server)
-//! derives the host's state from it ([`derive`]):
+//! derives the host's state from it ([`derive()`]):
 //!
 //! - **failed**: no report for longer than [`HealthConfig::failed_after`]
 //!   (15 s by default: five missed reports), or the agent says its datapath
@@ -58,7 +58,7 @@ pub const HEALTH: &str = "health/";
 /// How often a state change is retried after losing a compare-and-swap.
 const CAS_RETRIES: usize = 8;
 
-/// The thresholds of [`derive`] and the evacuation hooks.
+/// The thresholds of [`derive()`] and the evacuation hooks.
 #[derive(Debug, Clone)]
 pub struct HealthConfig {
     /// No report for this long: failed.
@@ -323,7 +323,7 @@ impl Controller {
     /// the changes with their records, and return the evacuations this
     /// controller claimed (host, the health as committed), which the caller
     /// runs ([`Controller::evacuate`]).
-    /// `watching_since` is when the monitor started (see [`derive`]).
+    /// `watching_since` is when the monitor started (see [`derive()`]).
     pub fn health_tick(
         &self,
         cfg: &HealthConfig,
@@ -572,7 +572,8 @@ mod tests {
         // The bound: 15 s of silence is still alive, past it failed.
         assert_eq!(state(good(), now - 15 * S), HealthState::Healthy);
         assert_eq!(state(good(), now - 15 * S - 1), HealthState::Failed);
-        let cases: Vec<(&str, fn(&mut HealthReport), HealthState)> = vec![
+        type Case = (&'static str, fn(&mut HealthReport), HealthState);
+        let cases: Vec<Case> = vec![
             ("a worker dead", |r| r.workers_alive = 1, HealthState::Degraded),
             ("no worker", |r| r.workers_alive = 0, HealthState::Failed),
             ("not enforcing", |r| r.enforcing = false, HealthState::Failed),
