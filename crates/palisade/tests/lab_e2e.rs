@@ -459,6 +459,8 @@ fn a_killed_agent_is_marked_failed_within_the_bound_and_its_vms_evacuated_once()
     let lab = guard.0.as_ref().unwrap();
     let state_dir = lab.state().state_dir.clone();
     let (hook, calls) = (state_dir.join("evacuate.sh"), state_dir.join("evacuate.calls"));
+    // The lab's state directory outlives a run: start from no calls.
+    let _ = std::fs::remove_file(&calls);
     std::fs::write(
         &hook,
         format!(
