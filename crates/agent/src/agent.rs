@@ -88,6 +88,20 @@ pub struct Agent {
     shared: Shared,
     policy_errors: u64,
     last_policy_error: Option<String>,
+    /// Datapath workers running (counted by the control loop).
+    workers_alive: u32,
+    /// When the policy in force was installed.
+    policy_installed: Instant,
+    /// The zones of this host's ports, with their `on_failure`.
+    zones: std::collections::BTreeMap<String, palisade_api::health::FailureMode>,
+    /// Cumulative drops at the last health report.
+    drop_baseline: crate::health::DropBaseline,
+    /// The health report last published.
+    last_report: Option<palisade_api::health::HealthReport>,
+    /// Health reports for the controller (controller mode), one per interval.
+    to_controller_health: Option<std::sync::mpsc::SyncSender<palisade_api::health::HealthReport>>,
+    /// systemd's notification socket (`READY=1`, `WATCHDOG=1`), if any.
+    notifier: crate::notify::Notifier,
     /// Connection-table snapshots for a start after a crash.
     snapshots: SnapshotTimer,
     /// What the start resumed from (for `/health`).
@@ -214,6 +228,19 @@ fn port_error(config: &AgentConfig, e: HostError) -> AgentError {
         other => (format!("host {}", config.host), other.to_string()),
     };
     AgentError::Port { what, message }
+}
+
+/// The zones of the configuration's ports, with their `on_failure` in `model`.
+fn zones_of(
+    config: &AgentConfig,
+    model: &Model,
+) -> std::collections::BTreeMap<String, palisade_api::health::FailureMode> {
+    let vnic_zones = config
+        .vnics
+        .iter()
+        .filter_map(|v| model.inventory.vnic(&v.name).map(|(_, n)| n.zone.as_str()));
+    let appliance_zones = config.appliances.iter().map(|a| a.zone.as_str());
+    crate::health::zone_modes(model, vnic_zones.chain(appliance_zones))
 }
 
 /// One worker's engine with every port of the configuration added, in the
@@ -438,6 +465,15 @@ impl Agent {
             )?),
             None => None,
         };
+        let to_controller_health = match &config.controller {
+            Some(cc) => Some(crate::upstream::health_pusher(
+                crate::upstream::client(cc)?,
+                config.host.clone(),
+                stop.clone(),
+            )?),
+            None => None,
+        };
+        let zones = zones_of(&config, model);
         let shared: Shared = Arc::new(Mutex::new(Arc::new(Published::default())));
         let control = Arc::new(VnicControl {
             workers: workers.clone(),
@@ -474,6 +510,13 @@ impl Agent {
             snapshots: SnapshotTimer::new(None, origin),
             resumed: None,
             state_refused: 0,
+            workers_alive: 0,
+            policy_installed: Instant::now(),
+            zones,
+            drop_baseline: Default::default(),
+            last_report: None,
+            to_controller_health,
+            notifier: crate::notify::Notifier::from_env(),
         };
         agent.import_state();
         agent.publish();
@@ -658,7 +701,17 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let mut last_housekeeping = Instant::now();
         let mut last_publish = Instant::now();
+        let mut last_health = Instant::now();
+        let health_interval = self.health_interval();
+        self.workers_alive = workers.iter().filter(|h| !h.is_finished()).count() as u32;
+        self.notifier.ready(&format!(
+            "{} datapath worker(s) on {} port(s)",
+            self.workers_alive,
+            self.ports.len()
+        ));
         while !stop.load(Ordering::Relaxed) {
+            // Fed from this loop: a loop that stops turning gets the agent restarted.
+            self.notifier.watchdog();
             // Records wake the loop; otherwise it ticks to take policies and publish.
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(batch) => self.keep_all(batch),
@@ -670,6 +723,7 @@ impl Agent {
             if let Some(t) = &mut self.audit {
                 t.maybe_flush()?;
             }
+            self.workers_alive = workers.iter().filter(|h| !h.is_finished()).count() as u32;
             if let Some(index) = workers.iter().position(|h| h.is_finished()) {
                 // Its join (in `run`) says why; fail now so the others stop and the error shows.
                 return Err(AgentError::Worker {
@@ -685,7 +739,14 @@ impl Agent {
             if self.snapshots.due(Instant::now()) {
                 self.snapshot();
             }
-            if last_publish.elapsed() >= Duration::from_millis(500) {
+            if last_health.elapsed() >= health_interval {
+                // A report boundary: publish fresh figures, send them, and
+                // count the next report's drops from here.
+                last_health = Instant::now();
+                last_publish = last_health;
+                self.publish();
+                self.report_health();
+            } else if last_publish.elapsed() >= Duration::from_millis(500) {
                 last_publish = Instant::now();
                 self.publish();
             }
@@ -756,6 +817,8 @@ impl Agent {
     /// their next packet.
     fn install(&mut self, compiler: impl Into<Arc<Compiler>>) {
         let compiler = compiler.into();
+        self.zones = zones_of(&self.config, compiler.model());
+        self.policy_installed = Instant::now();
         let identities = Arc::new(Identities::new(compiler.model()));
         // One compiled policy for all workers: it is read-only.
         let lookup = Arc::new(PolicyLookup::new(compiler));
@@ -854,27 +917,45 @@ impl Agent {
         ));
         let connections: usize = engines.iter().map(|e| e.conntrack().len()).sum();
         let policy_version = engines.first().map_or(0, |e| e.policy_version());
+        let ring_drops_total = port_stats.iter().map(|(_, _, s)| s.kernel_drops).sum::<u64>() + overlay.kernel_drops;
+        let (report, _) = crate::health::report(crate::health::Inputs {
+            host: &self.config.host,
+            time_ns: self.clock.unix(self.now()),
+            interval_ms: self.health_interval().as_millis() as u64,
+            uptime_s: self.origin.elapsed().as_secs(),
+            workers: (self.workers.len() as u32, self.workers_alive),
+            engines: &engines,
+            policy: (policy_version, self.revision, self.policy_installed.elapsed().as_secs()),
+            policy_error: self.last_policy_error.as_deref(),
+            ring_drops_total,
+            baseline: self.drop_baseline,
+            zones: self.zones.clone(),
+        });
         drop(engines);
         drop(guards);
         let flows = serde_json::to_string(&self.recent).unwrap_or_else(|_| "[]".into());
-        let health = serde_json::json!({
-            "host": self.config.host,
-            "status": if self.last_policy_error.is_some() { "degraded" } else { "ok" },
-            "policy_version": policy_version,
-            "controller_revision": self.revision,
-            "policy_error": self.last_policy_error,
-            "ports": self.ports.len(),
-            "workers": self.workers.len(),
-            "connections": connections,
-            "uptime_s": self.origin.elapsed().as_secs(),
-            "audit": self.audit.as_ref().map(|t| t.status()),
-            "state": {
-                "snapshots": self.snapshots.stats,
-                "resumed": self.resumed,
-                "refused": self.state_refused,
-            },
-        })
-        .to_string();
+        // The report the controller gets, and what only the host needs.
+        let mut health = serde_json::to_value(&report).unwrap_or_default();
+        if let Some(h) = health.as_object_mut() {
+            h.insert("ports".into(), self.ports.len().into());
+            h.insert("connections".into(), connections.into());
+            h.insert(
+                "audit".into(),
+                serde_json::to_value(self.audit.as_ref().map(|t| t.status())).unwrap_or_default(),
+            );
+        }
+        if let Some(h) = health.as_object_mut() {
+            h.insert(
+                "state".into(),
+                serde_json::json!({
+                    "snapshots": self.snapshots.stats,
+                    "resumed": self.resumed,
+                    "refused": self.state_refused,
+                }),
+            );
+        }
+        let health = health.to_string();
+        self.last_report = Some(report);
         if let Ok(mut g) = self.shared.lock() {
             *g = Arc::new(Published {
                 metrics: text,
@@ -884,9 +965,38 @@ impl Agent {
         }
     }
 
+    /// The time between health reports.
+    fn health_interval(&self) -> Duration {
+        self.config
+            .controller
+            .as_ref()
+            .map_or(Duration::from_secs(crate::config::DEFAULT_HEALTH_INTERVAL_S), |c| {
+                c.health_interval()
+            })
+    }
+
+    /// A report boundary: send the report just published to the controller
+    /// (if the sender is busy, this one is skipped: the next is as fresh) and
+    /// count the next report's drops from its figures.
+    fn report_health(&mut self) {
+        let Some(report) = self.last_report.take() else { return };
+        self.drop_baseline.ring += report.ring_drops;
+        self.drop_baseline.table += report.table_drops;
+        if let Some(tx) = &self.to_controller_health {
+            let _ = tx.try_send(report.clone());
+        }
+        self.last_report = Some(report);
+    }
+
+    /// The last health report published (what `/health` serves, less the host-only fields).
+    pub fn health(&self) -> Option<&palisade_api::health::HealthReport> {
+        self.last_report.as_ref()
+    }
+
     /// Stop: save every worker's connections for the next start, make the
     /// trail durable. Returns how many connections were saved.
     pub fn shutdown(mut self) -> Result<usize, AgentError> {
+        self.notifier.stopping();
         let now = self.now();
         for old in state_files(&self.config.state_dir, StateKind::Saved) {
             // Left by a run that stopped before importing them; superseded now.

@@ -11,6 +11,9 @@
 //! workers = 4                        # datapath threads (default: one per core)
 //! state_snapshot_ms = 200            # connection-table snapshots for crash recovery (0: off)
 //! offloads = true                    # TSO/GSO super-frames and partial checksums through the engine whole (default)
+//! # [controller]                     # controller mode instead of `policy`:
+//! # servers = ["https://ctl:7443"]   #   ca, cert, key (mutual TLS) or token
+//! # health_interval_s = 3            #   datapath health reports (1-60 s)
 //! [underlay]
 //! local = "192.168.100.1"            # this host's tunnel endpoint
 //! port = 4789
@@ -136,6 +139,19 @@ pub struct ControllerConfig {
     /// A token instead of a certificate (a controller on loopback with `--insecure-http`).
     #[serde(default)]
     pub token: Option<String>,
+    /// Seconds between health reports to the controller (1 to 60; default 3).
+    #[serde(default)]
+    pub health_interval_s: Option<u64>,
+}
+
+/// Seconds between health reports when the configuration does not say.
+pub const DEFAULT_HEALTH_INTERVAL_S: u64 = 3;
+
+impl ControllerConfig {
+    /// The time between health reports.
+    pub fn health_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.health_interval_s.unwrap_or(DEFAULT_HEALTH_INTERVAL_S))
+    }
 }
 
 /// The VXLAN underlay.
@@ -350,6 +366,12 @@ impl AgentConfig {
                     "no policy: give a policy directory or a [controller] section".into(),
                 ));
             }
+            (None, Some(c)) if c.health_interval_s.is_some_and(|s| !(1..=60).contains(&s)) => {
+                return Err(invalid(
+                    "controller.health_interval_s".into(),
+                    "must be 1 to 60 seconds".into(),
+                ));
+            }
             (None, Some(c)) if c.servers.is_empty() => {
                 return Err(invalid("controller.servers".into(), "is empty".into()));
             }
@@ -555,6 +577,13 @@ mac = "02:00:00:00:fe:01"
                 GOOD.replace("policy = \"/p\"\n", "")
                     .replace("[underlay]", &format!("{CONTROLLER}[underlay]")),
                 "give ca, cert and key",
+            ),
+            (
+                GOOD.replace("policy = \"/p\"\n", "").replace(
+                    "[underlay]",
+                    &format!("{CONTROLLER}token = \"t\"\nhealth_interval_s = 0\n[underlay]"),
+                ),
+                "controller.health_interval_s: must be 1 to 60 seconds",
             ),
         ];
         for (text, want) in cases {

@@ -9,6 +9,8 @@
 //! - [`records`]: flow events → audit flow records with both ends' identity.
 //! - [`trail`]: batched, durable appends to the audit store.
 //! - [`metrics`]: Prometheus text.
+//! - [`health`]: the datapath health report (`/health`, pushed to the controller).
+//! - [`notify`]: systemd's readiness and watchdog notifications (sd_notify).
 //! - [`http`]: the metrics/flows/health endpoint (TCP and a Unix socket).
 //! - [`migrate`]: one vNIC's connection state merged from the workers and
 //!   split between them again (live migration, served by [`http`]).
@@ -20,9 +22,11 @@
 pub mod agent;
 pub mod config;
 mod error;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod migrate;
+pub mod notify;
 pub mod records;
 pub mod snapshot;
 pub mod trail;

@@ -458,3 +458,39 @@ fn push_heads(client: &Client, host: &str, public_key: &[u8; 32], queue: &HeadQu
         }
     }
 }
+
+/// Start the thread that pushes health reports to the controller. The
+/// queue holds one: a report the controller is too slow for is replaced by
+/// the next, which is fresher anyway.
+pub fn health_pusher(
+    client: Client,
+    host: String,
+    stop: Arc<AtomicBool>,
+) -> Result<SyncSender<palisade_api::health::HealthReport>, AgentError> {
+    let (tx, rx) = sync_channel::<palisade_api::health::HealthReport>(1);
+    std::thread::Builder::new()
+        .name("palisade-health-push".into())
+        .spawn(move || {
+            let mut failing = false;
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(report) = rx.recv_timeout(Duration::from_millis(500)) else {
+                    continue;
+                };
+                match client.push_health(&host, &report) {
+                    Ok(_) if failing => {
+                        eprintln!("palisade agent: health reports reach the controller again");
+                        failing = false;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if !failing {
+                            eprintln!("palisade agent: health report not sent to the controller: {e}");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        })
+        .map_err(|e| AgentError::Controller(format!("starting the health sender: {e}")))?;
+    Ok(tx)
+}

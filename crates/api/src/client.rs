@@ -409,6 +409,17 @@ impl Client {
         Ok(r.last_seq)
     }
 
+    /// Push agent `host`'s datapath health report; the controller's view of
+    /// the host as it stands (its state is derived once a second, so it may
+    /// not reflect this report yet).
+    pub fn push_health(
+        &self,
+        host: &str,
+        report: &crate::health::HealthReport,
+    ) -> Result<crate::health::HostHealth, ClientError> {
+        self.call("POST", &format!("/v1/agents/{}/health", segment(host)), Some(report))
+    }
+
     /// Records of the controller's audit trail matching `q`, with their sequence numbers.
     pub fn flows(&self, q: &FlowQuery) -> Result<Vec<(u64, palisade_audit::record::Record)>, ClientError> {
         let mut params = Vec::new();

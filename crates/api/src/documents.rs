@@ -223,6 +223,9 @@ pub struct HostInfo {
     /// Its agent, when one registered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentRecord>,
+    /// Its datapath's health (state, reason, last report), once its agent reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::health::HostHealth>,
 }
 
 /// An agent as the controller knows it.

@@ -9,6 +9,8 @@
 //! - [`documents`]: the request and response documents (also the stored
 //!   form of versions and the current-policy pointer).
 //! - [`validate`]: the limits and checks every request document passes.
+//! - [`health`]: an agent's datapath health report and the controller's
+//!   view of a host (healthy, degraded, failed).
 //! - [`roles`]: roles and the permissions they grant.
 //! - [`bundle`]: the policy bundle an agent compiles, incrementally when
 //!   only tags changed.
@@ -21,6 +23,7 @@ pub mod bundle;
 pub mod client;
 pub mod delta;
 pub mod documents;
+pub mod health;
 pub mod roles;
 pub mod tls;
 pub mod validate;

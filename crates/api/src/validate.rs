@@ -155,21 +155,21 @@ pub struct RequestError {
 }
 
 impl RequestError {
-    fn malformed(message: String) -> RequestError {
+    pub(crate) fn malformed(message: String) -> RequestError {
         RequestError {
             kind: RequestErrorKind::Malformed,
             message,
         }
     }
 
-    fn too_large(message: String) -> RequestError {
+    pub(crate) fn too_large(message: String) -> RequestError {
         RequestError {
             kind: RequestErrorKind::TooLarge,
             message,
         }
     }
 
-    fn unprocessable(message: String) -> RequestError {
+    pub(crate) fn unprocessable(message: String) -> RequestError {
         RequestError {
             kind: RequestErrorKind::Unprocessable,
             message,
@@ -178,7 +178,7 @@ impl RequestError {
 
     /// The same refusal as a 422: for a rule the document states about a
     /// map key, which the schema cannot check.
-    fn on_key(self) -> RequestError {
+    pub(crate) fn on_key(self) -> RequestError {
         RequestError::unprocessable(self.message)
     }
 }

@@ -13,6 +13,7 @@
 //! - `policy/current` → [`CurrentRecord`] (version, tag overlay, revision)
 //! - `policy/versions/<version, 20 digits>` → [`VersionRecord`]
 //! - `agents/<host>` → [`AgentRecord`]
+//! - `health/<host>` → [`palisade_api::health::HostHealth`] (see [`crate::health`])
 //! - `changes/<time ns, 20 digits>-<random>` → [`ChangeRecord`]
 //! - `tokens/<sha256 of the secret>` → [`TokenRecord`]
 //! - `token-names/<name>` → the name, claimed in the transaction that
@@ -481,7 +482,7 @@ impl Controller {
     /// [`MAX_CHANGE_RECORD_BYTES`], with [`CoreError::Audit`] while the
     /// trail lacks an earlier change and cannot be given it. `Ok(false)`:
     /// a compare failed, nothing was written.
-    fn commit_change(
+    pub(crate) fn commit_change(
         &self,
         compares: &[Compare],
         mut puts: Vec<(String, Vec<u8>)>,
@@ -925,6 +926,7 @@ impl Controller {
             cluster: None,
             vms: Vec::new(),
             agent: None,
+            health: None,
         };
         let cur = self.current()?;
         if let Some((model, _)) = self.effective(&cur)? {
@@ -946,6 +948,9 @@ impl Controller {
         for a in self.agents()? {
             let h = a.host.clone();
             hosts.entry(h.clone()).or_insert_with(|| blank(&h)).agent = Some(a);
+        }
+        for (h, health) in self.host_health()? {
+            hosts.entry(h.clone()).or_insert_with(|| blank(&h)).health = Some(health);
         }
         Ok(hosts.into_values().collect())
     }

@@ -5,6 +5,7 @@
 //! - [`core`]: the logic (apply, diff, rollback, tags, agents, tokens, change
 //!   records), synchronous and independent of HTTP.
 //! - [`server`]: the HTTP API on axum, plain or TLS with client certificates.
+//! - [`health`]: agents' datapath health, host states, the evacuation hook.
 //! - [`tls`]: the private CA and the server's rustls settings.
 //! - [`auth`]: tokens (the roles are `palisade_api::roles`).
 //! - [`trail`]: the controller's audit log of its changes and its agents' flows.
@@ -21,6 +22,7 @@
 
 pub mod auth;
 pub mod core;
+pub mod health;
 mod openapi;
 pub mod server;
 pub mod store;

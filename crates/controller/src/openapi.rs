@@ -133,6 +133,14 @@ const ENDPOINTS: &[Endpoint] = &[
     ),
     (
         "post",
+        "/v1/agents/{host}/health",
+        "Report the host's datapath health (the report's host must be the path's, else 422); the controller's view of the host as it stands (its state is derived once a second)",
+        "client certificate with CN = host (plain HTTP: admin token)",
+        Some("HealthReport"),
+        "HostHealth",
+    ),
+    (
+        "post",
         "/v1/agents/{host}/flows",
         "Append the host's flow records (at most 10000, each with this host) to the controller's audit log, in one durable batch",
         "client certificate with CN = host (plain HTTP: admin token)",
@@ -402,6 +410,74 @@ fn schemas() -> Value {
     if let Some(a) = flow_entry["required"].as_array_mut() {
         a.push(json!("kind"));
     }
+    let u32_schema = json!({ "type": "integer", "minimum": 0, "maximum": u32::MAX });
+    let table_fill = closed(
+        &[
+            ("worker", u32_schema.clone()),
+            ("connections", n.clone()),
+            ("capacity", n.clone()),
+        ],
+        &["worker", "connections", "capacity"],
+    );
+    let mut status = printable(16);
+    status["minLength"] = json!(1);
+    let health_state = json!({ "type": "string", "enum": ["unknown", "healthy", "degraded", "failed"] });
+    let mut health_report = closed(
+        &[
+            (
+                "host",
+                json!({ "type": "string", "minLength": 1, "maxLength": MAX_HOST_NAME_CHARS, "pattern": HOST_PATTERN }),
+            ),
+            ("time_ns", n.clone()),
+            ("interval_ms", n.clone()),
+            ("uptime_s", n.clone()),
+            ("status", status),
+            ("enforcing", boolean.clone()),
+            ("fail_open_active", boolean.clone()),
+            ("workers", u32_schema.clone()),
+            ("workers_alive", u32_schema),
+            ("policy_version", n.clone()),
+            (
+                "controller_revision",
+                json!({ "type": "integer", "minimum": 0, "maximum": u64::MAX, "nullable": true }),
+            ),
+            ("policy_age_s", n.clone()),
+            (
+                "policy_error",
+                json!({ "type": "string", "maxLength": palisade_api::health::MAX_POLICY_ERROR_CHARS, "nullable": true }),
+            ),
+            ("ring_drops", n.clone()),
+            ("table_drops", n.clone()),
+            (
+                "tables",
+                json!({ "type": "array", "maxItems": palisade_api::health::MAX_WORKERS, "items": r("TableFill") }),
+            ),
+            (
+                "zones",
+                json!({ "type": "object", "maxProperties": palisade_api::health::MAX_ZONES,
+                "additionalProperties": { "type": "string", "enum": ["open", "closed"] },
+                "description": format!("zone → on_failure; each zone name 1 to {} printable characters (else 422)", palisade_api::health::MAX_ZONE_NAME_CHARS) }),
+            ),
+        ],
+        &[
+            "host",
+            "time_ns",
+            "interval_ms",
+            "uptime_s",
+            "status",
+            "enforcing",
+            "fail_open_active",
+            "workers",
+            "workers_alive",
+            "policy_version",
+            "policy_age_s",
+            "ring_drops",
+            "table_drops",
+            "tables",
+            "zones",
+        ],
+    );
+    health_report["description"] = json!("refused with 422: a host other than the path's, workers_alive above workers");
     let mut tag_request = closed(
         &[
             (
@@ -477,6 +553,32 @@ fn schemas() -> Value {
             closed(&[("public_key", key_hex.clone())], &["public_key"]),
         ),
     ];
+    let host_health = obj(
+        &[
+            ("state", health_state),
+            ("reason", s.clone()),
+            ("since_ns", n.clone()),
+            ("last_report_ns", n.clone()),
+            ("behind_since_ns", n.clone()),
+            (
+                "evacuation",
+                obj(
+                    &[
+                        (
+                            "status",
+                            json!({ "type": "string", "enum": ["pending", "running", "done"] }),
+                        ),
+                        ("vms", strings.clone()),
+                        ("started_ns", n.clone()),
+                        ("outcome", s.clone()),
+                    ],
+                    &["status", "vms"],
+                ),
+            ),
+            ("report", r("HealthReport")),
+        ],
+        &["state", "since_ns"],
+    );
     let mut all = json!({
         "ApplyRequest": closed(&[("files", request_files), ("message", printable(MAX_MESSAGE_CHARS))], &["files"]),
         "ApplyResponse": obj(&[("version", n.clone()), ("revision", n.clone()), ("dry_run", boolean.clone()), ("warnings", s.clone())], &["version", "revision", "dry_run"]),
@@ -493,7 +595,8 @@ fn schemas() -> Value {
         "VmList": list("Vm"),
         "AgentRecord": obj(&[("host", s.clone()), ("registered_ns", n.clone()), ("last_seen_ns", n.clone()), ("installed_revision", n.clone()), ("agent_version", s.clone()), ("counters", counters.clone())], &["host", "registered_ns", "last_seen_ns", "installed_revision"]),
         "AgentList": list("AgentRecord"),
-        "Host": obj(&[("name", s.clone()), ("cluster", s.clone()), ("vms", strings.clone()), ("agent", r("AgentRecord"))], &["name", "vms"]),
+        "Host": obj(&[("name", s.clone()), ("cluster", s.clone()), ("vms", strings.clone()), ("agent", r("AgentRecord")), ("health", r("HostHealth"))], &["name", "vms"]),
+
         "HostList": list("Host"),
         "Change": change,
         "ChangeList": list("Change"),
@@ -523,6 +626,9 @@ fn schemas() -> Value {
     for (name, schema) in audit {
         all[name] = schema;
     }
+    all["HealthReport"] = health_report;
+    all["TableFill"] = table_fill;
+    all["HostHealth"] = host_health;
     all
 }
 

@@ -91,6 +91,8 @@ pub struct ServeOptions {
     /// How often the store's current revision is re-read for long-polls
     /// when the store cannot watch, or its watch fails.
     pub poll_interval: Duration,
+    /// Host health: thresholds and the evacuation hooks ([`crate::health`]).
+    pub health: crate::health::HealthConfig,
 }
 
 impl ServeOptions {
@@ -100,6 +102,7 @@ impl ServeOptions {
             listen,
             tls: None,
             poll_interval: Duration::from_millis(200),
+            health: crate::health::HealthConfig::default(),
         }
     }
 }
@@ -627,6 +630,19 @@ async fn report(
     ok(blocking(move || ctl.report(&host, &req)).await?)
 }
 
+async fn health(
+    State(s): State<AppState>,
+    Seg(host): Seg,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    let req: palisade_api::health::HealthReport = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.health_report(&host, req)).await?)
+}
+
 async fn agent_policy(
     State(s): State<AppState>,
     Seg(host): Seg,
@@ -911,6 +927,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/agents/{host}/register", post(register))
         .route("/v1/agents/{host}/policy", get(agent_policy))
         .route("/v1/agents/{host}/report", post(report))
+        .route("/v1/agents/{host}/health", post(health))
         .route("/v1/agents/{host}/flows", post(push_flows))
         .route("/v1/agents/{host}/audit-head", put(put_audit_head).get(get_audit_head))
         .route("/v1/agents/{host}/audit-key", put(replace_audit_key))
@@ -1028,6 +1045,8 @@ pub struct RunningServer {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     revision: Arc<watch::Sender<Arc<CurrentRecord>>>,
+    /// The health monitor's stop flag and thread.
+    monitor: Option<(Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl RunningServer {
@@ -1060,6 +1079,10 @@ impl RunningServer {
     }
 
     fn shutdown(&mut self) {
+        if let Some((stop, t)) = self.monitor.take() {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = t.join();
+        }
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -1107,6 +1130,14 @@ pub fn spawn(ctl: Controller, opts: ServeOptions) -> Result<RunningServer, Serve
     if let Err(e) = warm {
         eprintln!("palisade controller: not compiling the current policy ahead of changes: {e}");
     }
+    let monitor_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let monitor = {
+        let (ctl, cfg, stop) = (ctl.clone(), opts.health.clone(), monitor_stop.clone());
+        std::thread::Builder::new()
+            .name("palisade-health".into())
+            .spawn(move || crate::health::monitor(ctl, cfg, stop))
+            .map_err(ServerError::Runtime)?
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let revision = Arc::new(watch::channel(Arc::new(CurrentRecord::default())).0);
     let serve_revision = revision.clone();
@@ -1124,6 +1155,7 @@ pub fn spawn(ctl: Controller, opts: ServeOptions) -> Result<RunningServer, Serve
         stop: Some(stop_tx),
         thread: Some(thread),
         revision,
+        monitor: Some((monitor_stop, monitor)),
     })
 }
 

@@ -655,3 +655,155 @@ fn migration_endpoints_quiesce_a_vnic_and_its_imported_state_resumes_it() {
     assert!(!report.namespaces.is_empty());
     assert_eq!(leftovers("pe2m").unwrap(), Vec::<String>::new());
 }
+
+/// The controller's view of a host's datapath, from `palisade get hosts --json`.
+fn host_state(lab: &Lab, host: &str) -> Option<String> {
+    let out = lab.ctl(&["get", "hosts", "--json"]).ok()?;
+    let hosts: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    hosts
+        .as_array()?
+        .iter()
+        .find(|h| h["name"] == host)?
+        .get("health")?
+        .get("state")?
+        .as_str()
+        .map(str::to_string)
+}
+
+#[test]
+fn a_killed_agent_is_marked_failed_within_the_bound_and_its_vms_evacuated_once() {
+    if !lab_possible() {
+        return;
+    }
+    let _one = one_lab();
+    let spec = LabSpec::from_inventory(three_tier()).with_name("pe2h");
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        controller: true,
+        ..spec
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let state_dir = lab.state().state_dir.clone();
+    let (hook, calls) = (state_dir.join("evacuate.sh"), state_dir.join("evacuate.calls"));
+    // The lab's state directory outlives a run: start from no calls.
+    let _ = std::fs::remove_file(&calls);
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nprintf '%s|%s\\n' \"$*\" \"$(cat)\" >> {}\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let calls_made = || {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+
+    // The lab's controller, again on its store, with a shorter bound and the hook.
+    const BOUND: Duration = Duration::from_secs(6);
+    let c = lab.state().controller.clone().unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &c.pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let listen = c.url.trim_start_matches("https://").to_string();
+    let log = std::fs::File::create(state_dir.join("logs/controller-health.log")).unwrap();
+    let mut ctl = Command::new("ip")
+        .args(["netns", "exec", &lab.plan().underlay_ns])
+        .arg(&c.exe)
+        .args(["controller", "--listen", &listen, "--data"])
+        .arg(state_dir.join("controller"))
+        .arg("--tls-dir")
+        .arg(state_dir.join("ca"))
+        .args([
+            "--health-failed-after",
+            &BOUND.as_secs().to_string(),
+            "--evacuate-command",
+        ])
+        .arg(&hook)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while ["hv1", "hv2"]
+        .iter()
+        .any(|h| host_state(lab, h).as_deref() != Some("healthy"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "agents report healthy: {:?}",
+            host_state(lab, "hv1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // hv1's agent dies without a word.
+    let agent = lab.state().agents["hv1"].pid;
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &agent.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let killed = Instant::now();
+    while host_state(lab, "hv1").as_deref() != Some("failed") {
+        assert!(killed.elapsed() < BOUND + Duration::from_secs(10), "hv1 failed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = killed.elapsed();
+    eprintln!("hv1 failed {took:?} after its agent was killed (bound {BOUND:?}, reports every 3 s)");
+    // Its last report came at most one interval (3 s) before the kill; the monitor looks every second.
+    assert!(took + Duration::from_secs(3) >= BOUND, "{took:?}");
+    assert!(took <= BOUND + Duration::from_secs(2), "{took:?}");
+    assert_eq!(host_state(lab, "hv2").as_deref(), Some("healthy"));
+
+    // The hook ran once, with hv1's VMs.
+    let t = Instant::now();
+    while calls_made().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the hook ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let made = calls_made();
+    let (args, stdin) = made[0].split_once('|').unwrap();
+    let mut args: Vec<&str> = args.split(' ').collect();
+    assert_eq!(args.remove(0), "hv1");
+    args.sort();
+    assert_eq!(args, ["app-1", "bastion-1", "web-1"]);
+    let payload: serde_json::Value = serde_json::from_str(stdin).unwrap();
+    assert_eq!(payload["host"], "hv1");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(calls_made().len(), 1, "called once while hv1 stays failed");
+
+    // The agent comes back: healthy again, and the transitions are change records.
+    let mut again = start_agent(lab, "hv1");
+    let t = Instant::now();
+    while host_state(lab, "hv1").as_deref() != Some("healthy") {
+        assert!(t.elapsed() < Duration::from_secs(20), "hv1 recovers");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let changes = lab.ctl(&["get", "changes", "--json"]).unwrap();
+    let changes = String::from_utf8_lossy(&changes.stdout);
+    assert!(changes.contains("healthy -> failed"), "{changes}");
+    assert!(changes.contains("host.evacuate"), "{changes}");
+    assert_eq!(calls_made().len(), 1);
+
+    let _ = again.kill();
+    let _ = again.wait();
+    let _ = ctl.kill();
+    let _ = ctl.wait();
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2h").unwrap(), Vec::<String>::new());
+}

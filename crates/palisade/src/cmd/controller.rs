@@ -12,6 +12,11 @@
 //! its agents push; `palisade audit verify` and `palisade flows` read it.
 //! Its signing key (`--audit-key`, default `DATA/audit.key`) and its last
 //! signed head (`--audit-head`, default `DATA/audit.head`) live outside it.
+//!
+//! Agents report their datapath's health every 3 s; a host silent for
+//! `--health-failed-after` seconds (15) is failed, and the evacuation hooks
+//! (`--evacuate-command`, `--evacuate-webhook`) run once per failure (see
+//! `palisade_controller::health`).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -24,6 +29,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use palisade_api::roles::Role;
 use palisade_controller::core::Controller;
+use palisade_controller::health::HealthConfig;
 use palisade_controller::server::{self, ServeOptions};
 use palisade_controller::store::{EmbeddedStore, EtcdStore, Store};
 use palisade_controller::tls;
@@ -59,6 +65,18 @@ pub struct ControllerArgs {
     /// Serve plain HTTP (development; loopback addresses only).
     #[arg(long)]
     pub insecure_http: bool,
+    /// Seconds without a health report after which a host is failed (agents report every 3 s).
+    #[arg(long, default_value_t = 15)]
+    pub health_failed_after: u64,
+    /// Run when a host fails: PATH HOST VM… with the same as JSON on stdin (once per failure).
+    #[arg(long)]
+    pub evacuate_command: Option<PathBuf>,
+    /// POST JSON (host, reason, VMs) to this URL when a host fails (once per failure).
+    #[arg(long)]
+    pub evacuate_webhook: Option<String>,
+    /// Seconds an evacuation hook may run (a command is killed after).
+    #[arg(long, default_value_t = 60)]
+    pub evacuate_timeout: u64,
     /// Token management instead of serving.
     #[command(subcommand)]
     pub command: Option<ControllerCmd>,
@@ -153,6 +171,19 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         println!("{secret}");
         return Ok(ExitCode::SUCCESS);
     }
+    if args.health_failed_after == 0 {
+        bail!("--health-failed-after must be at least 1 second");
+    }
+    if let Some(cmd) = &args.evacuate_command
+        && !cmd.is_file()
+    {
+        bail!("--evacuate-command {}: no such file", cmd.display());
+    }
+    if let Some(url) = &args.evacuate_webhook
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        bail!("--evacuate-webhook {url}: give an http:// or https:// URL");
+    }
     let tls = match (&args.tls_dir, args.insecure_http) {
         (Some(d), _) => Some(
             tls::server_config(&d.join("ca.pem"), &d.join("controller.pem"), &d.join("controller.key"))
@@ -182,6 +213,13 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         tls,
         poll_interval: Duration::from_millis(if args.etcd.is_empty() { 1000 } else { 250 }),
+        health: HealthConfig {
+            failed_after: Duration::from_secs(args.health_failed_after),
+            evacuate_command: args.evacuate_command.clone(),
+            evacuate_webhook: args.evacuate_webhook.clone(),
+            hook_timeout: Duration::from_secs(args.evacuate_timeout),
+            ..HealthConfig::default()
+        },
     };
     let srv = server::spawn(ctl, opts).context("starting the server")?;
     eprintln!(

@@ -76,7 +76,7 @@ pub struct ApplyArgs {
 pub enum GetWhat {
     /// VMs with effective tags.
     Vms,
-    /// Hosts and their agents.
+    /// Hosts, their agents and their datapath health (state, last report, why).
     Hosts,
     /// The current policy files.
     Policy,
@@ -232,17 +232,50 @@ pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
             if a.json {
                 return print_json(&hosts).map(|_| ExitCode::SUCCESS);
             }
-            println!("{:<16} {:<10} {:<10} VMS", "HOST", "CLUSTER", "INSTALLED");
+            println!(
+                "{:<16} {:<10} {:<10} {:<9} {:<12} {:<20} REASON",
+                "HOST", "CLUSTER", "INSTALLED", "STATE", "LAST REPORT", "VMS"
+            );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
             for h in hosts {
                 let rev = h
                     .agent
                     .map_or("-".to_string(), |a| format!("rev {}", a.installed_revision));
+                let (state, last, reason) = match &h.health {
+                    None => ("-".to_string(), "-".to_string(), String::new()),
+                    Some(hh) => {
+                        let mut reason = hh.reason.clone();
+                        if let Some(ev) = &hh.evacuation {
+                            let what = format!(
+                                "evacuation {}{}{}",
+                                serde_json::to_value(ev.status)?.as_str().unwrap_or("?"),
+                                if ev.outcome.is_empty() { "" } else { ": " },
+                                ev.outcome
+                            );
+                            reason = if reason.is_empty() {
+                                what
+                            } else {
+                                format!("{reason}; {what}")
+                            };
+                        }
+                        let last = match hh.last_report_ns {
+                            0 => "never".to_string(),
+                            t => format!("{:.0}s ago", now.saturating_sub(t) as f64 / 1e9),
+                        };
+                        (hh.state.as_str().to_string(), last, reason)
+                    }
+                };
                 println!(
-                    "{:<16} {:<10} {:<10} {}",
+                    "{:<16} {:<10} {:<10} {:<9} {:<12} {:<20} {}",
                     esc(&h.name),
                     esc(&h.cluster.unwrap_or_default()),
                     rev,
-                    esc(&h.vms.join(","))
+                    state,
+                    last,
+                    esc(&h.vms.join(",")),
+                    esc(&reason)
                 );
             }
         }
