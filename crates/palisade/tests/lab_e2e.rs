@@ -62,6 +62,71 @@ impl Drop for Teardown {
     }
 }
 
+/// A lab of the three-tier example named `name`, its agents this build's
+/// (and a controller when `controller`), removed on drop. A lab of the same
+/// name left by an earlier run is removed first.
+fn three_tier_lab(name: &str, controller: bool) -> Teardown {
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        controller,
+        ..LabSpec::from_inventory(three_tier()).with_name(name)
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    Teardown(Some(Lab::up(&spec).unwrap()))
+}
+
+/// The long-lived stream app-2 (hv2) → db-1 (hv2) on port 5432, through the
+/// edge router on hv1 so both agents carry it, once it flows: its server,
+/// its client and the client's lines.
+fn db_stream(lab: &Lab) -> (Spawned, Spawned, std::sync::mpsc::Receiver<String>) {
+    let db = lab.vm_ip("db-1").unwrap().to_string();
+    let server = lab.spawn("db-1", &[EXE, "lab", "serve", "stream", "5432"]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut session = lab.spawn("app-2", &["busybox", "nc", &db, "5432"]).unwrap();
+    let Spawned::Process(child) = &mut session else {
+        panic!("namespace VM")
+    };
+    let lines = lines_of(child.stdout.take().unwrap());
+    assert!(lines.recv_timeout(Duration::from_secs(5)).is_ok(), "stream flows");
+    (server, session, lines)
+}
+
+/// Whether bastion-1 can ping web-2 (the policy allows it).
+fn bastion_pings_web2(lab: &Lab) -> bool {
+    let web2 = lab.vm_ip("web-2").unwrap().to_string();
+    lab.exec(
+        "bastion-1",
+        &["busybox", "ping", "-c", "1", "-W", "1", &web2],
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .status
+    .success()
+}
+
+/// Whether process `pid` runs: the lab starts agents as our children, so
+/// one that exited is a zombie until reaped (and a zombie forwards nothing).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Fails unless `host`'s agent resumed the db stream (port 5432) on the
+/// connection it had: a worker without it would have picked the stream up
+/// as a new flow (liberal tracking) and recorded its start.
+fn assert_stream_not_new(lab: &Lab, host: &str, context: &str) {
+    let sock = lab.state().state_dir.join(host).join("agent.sock");
+    let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
+    let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
+    assert!(
+        !recs.iter().any(|r| r.dst.port == 5432 || r.src.port == 5432),
+        "{context}: {host} treated the resumed stream as new: {flows}"
+    );
+}
+
 #[test]
 fn demo_once_enforces_the_three_tier_policy_and_leaves_nothing_behind() {
     if !lab_possible() {
@@ -157,36 +222,10 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
         return;
     }
     let _one = one_lab();
-    let spec = LabSpec::from_inventory(three_tier()).with_name("pe2r");
-    let spec = LabSpec {
-        agent_exe: Some(EXE.into()),
-        ..spec
-    };
-    let _ = Lab::down(&spec.name, &spec.state_dir);
-    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let mut guard = three_tier_lab("pe2r", false);
     let lab = guard.0.as_ref().unwrap();
-    let db = lab.vm_ip("db-1").unwrap().to_string();
-    let web2 = lab.vm_ip("web-2").unwrap().to_string();
-    let mut server = lab.spawn("db-1", &[EXE, "lab", "serve", "stream", "5432"]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    // app-2 (hv2) → db-1 (hv2) through the edge router on hv1: both agents carry it.
-    let mut session = lab.spawn("app-2", &["busybox", "nc", &db, "5432"]).unwrap();
-    let Spawned::Process(child) = &mut session else {
-        panic!("namespace VM")
-    };
-    let lines = lines_of(child.stdout.take().unwrap());
-    assert!(lines.recv_timeout(Duration::from_secs(5)).is_ok(), "stream flows");
-    let ping = |lab: &Lab| {
-        lab.exec(
-            "bastion-1",
-            &["busybox", "ping", "-c", "1", "-W", "1", &web2],
-            Duration::from_secs(5),
-        )
-        .unwrap()
-        .status
-        .success()
-    };
-    assert!(ping(lab), "the bastion may ping web-2");
+    let (mut server, mut session, lines) = db_stream(lab);
+    assert!(bastion_pings_web2(lab), "the bastion may ping web-2");
 
     // Stop both agents: protection does not lapse, traffic stops.
     for h in ["hv1", "hv2"] {
@@ -199,20 +238,12 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
                 .success()
         );
     }
-    // The lab started them as our children: once they exit they are zombies until reaped.
-    let running = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-        })
-    };
     let t = Instant::now();
-    while lab.state().agents.values().any(|a| running(a.pid)) {
+    while lab.state().agents.values().any(|a| running(a.pid as u32)) {
         assert!(t.elapsed() < Duration::from_secs(10), "agents exit on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!ping(lab), "with the agents stopped nothing is forwarded");
+    assert!(!bastion_pings_web2(lab), "with the agents stopped nothing is forwarded");
     for h in ["hv1", "hv2"] {
         for worker in 0..lab_workers() {
             let saved = lab
@@ -234,22 +265,16 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
     }
     assert_eq!(got, 5, "the stream continued after the restart");
     // ... on the connection each agent saved, handed to the worker the kernel
-    // steers it to: a worker without it would have picked the stream up as a
-    // new flow (liberal tracking) and recorded its start.
+    // steers it to.
     std::thread::sleep(Duration::from_millis(1200));
     for h in ["hv1", "hv2"] {
         let sock = lab.state().state_dir.join(h).join("agent.sock");
         let health = palisade_agent::http::get_unix(&sock, "/health").unwrap();
         let health: serde_json::Value = serde_json::from_str(&health).unwrap();
         assert_eq!(health["workers"], lab_workers(), "{health}");
-        let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
-        let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
-        assert!(
-            !recs.iter().any(|r| r.dst.port == 5432 || r.src.port == 5432),
-            "{h} treated the resumed stream as new: {flows}"
-        );
+        assert_stream_not_new(lab, h, "after the restart");
     }
-    assert!(ping(lab), "forwarding is back");
+    assert!(bastion_pings_web2(lab), "forwarding is back");
     let _ = lab.kill(&mut session);
     let _ = lab.kill(&mut server);
     for c in &mut restarted {
@@ -272,42 +297,12 @@ fn agents_killed_with_sigkill_resume_established_connections_from_their_snapshot
         return;
     }
     let _one = one_lab();
-    let spec = LabSpec::from_inventory(three_tier()).with_name("pe2k");
-    let spec = LabSpec {
-        agent_exe: Some(EXE.into()),
-        ..spec
-    };
-    let _ = Lab::down(&spec.name, &spec.state_dir);
-    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let mut guard = three_tier_lab("pe2k", false);
     let lab = guard.0.as_ref().unwrap();
-    let db = lab.vm_ip("db-1").unwrap().to_string();
-    let web2 = lab.vm_ip("web-2").unwrap().to_string();
-    let mut server = lab.spawn("db-1", &[EXE, "lab", "serve", "stream", "5432"]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let mut session = lab.spawn("app-2", &["busybox", "nc", &db, "5432"]).unwrap();
-    let Spawned::Process(child) = &mut session else {
-        panic!("namespace VM")
-    };
-    let lines = lines_of(child.stdout.take().unwrap());
-    assert!(lines.recv_timeout(Duration::from_secs(5)).is_ok(), "stream flows");
-    let ping = |lab: &Lab| {
-        lab.exec(
-            "bastion-1",
-            &["busybox", "ping", "-c", "1", "-W", "1", &web2],
-            Duration::from_secs(5),
-        )
-        .unwrap()
-        .status
-        .success()
-    };
+    let (mut server, mut session, lines) = db_stream(lab);
     let gone = |pid: u32| {
         let t = Instant::now();
-        // Our children stay zombies until reaped; a zombie forwards nothing.
-        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-        }) {
+        while running(pid) {
             assert!(t.elapsed() < Duration::from_secs(10), "agent {pid} dies on SIGKILL");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -346,7 +341,10 @@ fn agents_killed_with_sigkill_resume_established_connections_from_their_snapshot
                 "round {round}: {h} left snapshots"
             );
         }
-        assert!(!ping(lab), "round {round}: with the agents killed nothing is forwarded");
+        assert!(
+            !bastion_pings_web2(lab),
+            "round {round}: with the agents killed nothing is forwarded"
+        );
         while lines.try_recv().is_ok() {}
         let restarted_at = Instant::now();
         for (i, h) in ["hv1", "hv2"].iter().enumerate() {
@@ -373,14 +371,9 @@ fn agents_killed_with_sigkill_resume_established_connections_from_their_snapshot
                 health["state"]["resumed"]["connections"].as_u64() >= Some(1),
                 "{health}"
             );
-            let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
-            let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
-            assert!(
-                !recs.iter().any(|r| r.dst.port == 5432 || r.src.port == 5432),
-                "round {round}: {h} treated the resumed stream as new: {flows}"
-            );
+            assert_stream_not_new(lab, h, &format!("round {round}"));
         }
-        assert!(ping(lab), "round {round}: forwarding is back");
+        assert!(bastion_pings_web2(lab), "round {round}: forwarding is back");
     }
     let _ = lab.kill(&mut session);
     let _ = lab.kill(&mut server);
@@ -572,23 +565,9 @@ fn migration_endpoints_quiesce_a_vnic_and_its_imported_state_resumes_it() {
         return;
     }
     let _one = one_lab();
-    let spec = LabSpec::from_inventory(three_tier()).with_name("pe2m");
-    let spec = LabSpec {
-        agent_exe: Some(EXE.into()),
-        ..spec
-    };
-    let _ = Lab::down(&spec.name, &spec.state_dir);
-    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let mut guard = three_tier_lab("pe2m", false);
     let lab = guard.0.as_ref().unwrap();
-    let db = lab.vm_ip("db-1").unwrap().to_string();
-    let mut server = lab.spawn("db-1", &[EXE, "lab", "serve", "stream", "5432"]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let mut session = lab.spawn("app-2", &["busybox", "nc", &db, "5432"]).unwrap();
-    let Spawned::Process(child) = &mut session else {
-        panic!("namespace VM")
-    };
-    let lines = lines_of(child.stdout.take().unwrap());
-    assert!(lines.recv_timeout(Duration::from_secs(5)).is_ok(), "stream flows");
+    let (mut server, mut session, lines) = db_stream(lab);
     let sock = lab.state().state_dir.join("hv2/agent.sock");
     let post = |path: &str, body: &[u8]| palisade_agent::http::post_unix(&sock, path, body);
 
@@ -676,14 +655,7 @@ fn a_killed_agent_is_marked_failed_within_the_bound_and_its_vms_evacuated_once()
         return;
     }
     let _one = one_lab();
-    let spec = LabSpec::from_inventory(three_tier()).with_name("pe2h");
-    let spec = LabSpec {
-        agent_exe: Some(EXE.into()),
-        controller: true,
-        ..spec
-    };
-    let _ = Lab::down(&spec.name, &spec.state_dir);
-    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let mut guard = three_tier_lab("pe2h", true);
     let lab = guard.0.as_ref().unwrap();
     let state_dir = lab.state().state_dir.clone();
     let (hook, calls) = (state_dir.join("evacuate.sh"), state_dir.join("evacuate.calls"));
