@@ -329,6 +329,7 @@ impl Engine {
     /// engine reads no L4 checksum. The decision carries the offload state
     /// on to rendering ([`crate::render_offload`]). A frame whose offload
     /// request does not fit its packet is dropped as [`DropReason::BadOffload`].
+    #[inline]
     pub fn process_offloaded<'a>(
         &mut self,
         now: u64,
@@ -473,6 +474,7 @@ impl Engine {
     /// super-frame merged from the underlay's GRO batches): its offsets
     /// count from the start of `payload` (the VXLAN header). Decided as
     /// [`Engine::process_offloaded`] decides a frame.
+    #[inline]
     pub fn process_overlay_offloaded<'a>(
         &mut self,
         now: u64,
