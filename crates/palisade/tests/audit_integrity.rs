@@ -46,28 +46,7 @@ fn record(i: u64) -> Record {
 /// A trail of `n` records in segments of 2 KiB, signed every 5, the key in
 /// `root/keys`, with a head file made from its last checkpoint.
 fn build(root: &Path, n: u64) -> (PathBuf, PathBuf) {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = root.join("trail");
-    let keys = root.join("keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    let key = keys.join("audit.key");
-    std::fs::write(&key, format!("{}\n", "4b".repeat(32))).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let config = AuditConfig {
-        segment_bytes: 2048,
-        checkpoint_every: 5,
-        key_file: Some(key),
-        ..AuditConfig::default()
-    };
-    let mut log = AuditLog::open(&dir, config).unwrap();
-    for i in 0..n {
-        log.append(&[record(i)]).unwrap();
-    }
-    log.checkpoint(1_800_000_000_000_000_000).unwrap();
-    drop(log);
-    let head = root.join("audit.head");
-    std::fs::write(&head, head_json(&dir)).unwrap();
-    (dir, head)
+    build_with_seed(root, n, "4b")
 }
 
 /// The JSON head document of the trail's last signed checkpoint.
@@ -218,11 +197,13 @@ fn a_head_of_another_trail_or_key_is_refused() {
     assert!(text.contains("audit.head"), "{text}");
 }
 
+/// [`build`] with the signing key made of the hex byte `seed`, repeated.
 fn build_with_seed(root: &Path, n: u64, seed: &str) -> (PathBuf, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
-    let (dir, _) = build(root, 0);
-    std::fs::remove_dir_all(&dir).unwrap();
-    let key = root.join("keys/audit.key");
+    let dir = root.join("trail");
+    let keys = root.join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = keys.join("audit.key");
     std::fs::write(&key, format!("{}\n", seed.repeat(32))).unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     let config = AuditConfig {
