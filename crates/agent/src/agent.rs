@@ -621,7 +621,8 @@ impl Agent {
             bytes += blob.len() as u64;
             let path = state_path(&self.config.state_dir, i, StateKind::Snapshot);
             if let Err(e) = write_state(&path, &blob) {
-                if self.snapshots.stats.failures == 0 || ok {
+                // Said once when snapshots start failing, not every round.
+                if ok && !self.snapshots.failing() {
                     eprintln!("palisade agent: state snapshot {}: {e}", path.display());
                 }
                 ok = false;

@@ -119,6 +119,8 @@ pub struct SnapshotStats {
 pub struct SnapshotTimer {
     interval: Option<Duration>,
     next: Instant,
+    /// The last round failed.
+    failing: bool,
     /// What the rounds did so far.
     pub stats: SnapshotStats,
 }
@@ -129,6 +131,7 @@ impl SnapshotTimer {
         SnapshotTimer {
             interval,
             next: now + interval.unwrap_or_default(),
+            failing: false,
             stats: SnapshotStats {
                 interval_ms: interval.map_or(0, |i| i.as_millis() as u64),
                 ..SnapshotStats::default()
@@ -141,6 +144,11 @@ impl SnapshotTimer {
         self.interval.is_some() && now >= self.next
     }
 
+    /// Whether the last round failed to write some file.
+    pub fn failing(&self) -> bool {
+        self.failing
+    }
+
     /// A round that started at `started` ended at `now`, holding
     /// `connections` in `bytes`, every file written (`ok`) or not.
     pub fn done(&mut self, started: Instant, now: Instant, connections: u64, bytes: u64, ok: bool) {
@@ -149,6 +157,7 @@ impl SnapshotTimer {
         // Measured from the round's start: a round every interval, or every
         // COST_FACTOR times its duration when that is longer.
         self.next = started + interval.max(took * COST_FACTOR);
+        self.failing = !ok;
         let s = &mut self.stats;
         if ok {
             s.written += 1;
@@ -223,6 +232,7 @@ mod tests {
         assert!(!t.due(start + Duration::from_millis(999)));
         assert!(t.due(start + Duration::from_millis(1000)));
         assert_eq!((t.stats.written, t.stats.failures, t.stats.interval_ms), (1, 1, 200));
+        assert!(t.failing(), "the last round failed");
         assert_eq!(t.stats.last_duration_ns, 50_000_000);
         let off = SnapshotTimer::new(None, t0);
         assert!(!off.due(t0 + Duration::from_secs(3600)));
