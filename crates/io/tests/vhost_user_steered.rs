@@ -1,0 +1,143 @@
+//! A vhost-user device shared out between workers ([`SteeredVhostUser`]):
+//! whichever queue the guest transmits a frame on, it reaches the worker
+//! the steering hash names, exactly once; each worker delivers to the guest
+//! on its own pair (or a shared one when there are fewer pairs than
+//! workers); a worker's counters cover only its own pairs. No root, no QEMU.
+
+mod vhost_frontend;
+mod virtio_driver;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use palisade_io::steer::frame_worker;
+use palisade_io::vhost_user::{SteeredVhostUser, VhostUserNetConfig, WorkerPort};
+use palisade_io::{FramePort, Offload, wait_readable};
+use palisade_wire::virtio_net::VirtioNetRepr;
+use vhost_frontend::Guest;
+use virtio_driver::tcp4_frame;
+
+/// A TCP frame between 10.0.0.1 and 10.0.`b`.`c` (so the steering hash varies), marked by `seq`.
+fn frame_to(b: u8, c: u8, seq: u32) -> Vec<u8> {
+    let mut f = tcp4_frame(10, seq);
+    f[30..34].copy_from_slice(&[10, 0, b, c]);
+    let ip = &mut f[14..34];
+    ip[10..12].fill(0);
+    let sum = !palisade_wire::checksum::fold(palisade_wire::checksum::sum(ip));
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f
+}
+
+fn seq_of(frame: &[u8]) -> u32 {
+    u32::from_be_bytes(frame[38..42].try_into().unwrap())
+}
+
+/// Poll every worker's port until `want` frames arrived in all (within `wait`):
+/// worker index → the frames' sequence numbers.
+fn collect(ports: &mut [WorkerPort], want: usize) -> BTreeMap<usize, Vec<u32>> {
+    collect_within(ports, want, Duration::from_secs(5))
+}
+
+fn collect_within(ports: &mut [WorkerPort], want: usize, wait: Duration) -> BTreeMap<usize, Vec<u32>> {
+    let deadline = Instant::now() + wait;
+    let mut got: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+    let mut total = 0;
+    while total < want && Instant::now() < deadline {
+        let fds: Vec<_> = ports.iter().map(|p| p.fd()).collect();
+        for i in wait_readable(&fds, Duration::from_millis(50)).unwrap() {
+            ports[i]
+                .recv_frames(64, &mut |frames| {
+                    for f in frames {
+                        assert_eq!(f.offload, Offload::NONE);
+                        got.entry(i).or_default().push(seq_of(f.bytes));
+                        total += 1;
+                    }
+                })
+                .unwrap();
+        }
+    }
+    got
+}
+
+fn open(socket: &std::path::Path, pairs: u16, workers: usize) -> (SteeredVhostUser, Vec<WorkerPort>) {
+    let mut config = VhostUserNetConfig::new(socket);
+    config.queue_pairs = pairs;
+    SteeredVhostUser::open(&config, workers).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn each_frame_reaches_the_worker_its_addresses_hash_to_whatever_queue_it_came_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vu.sock");
+    let (device, mut ports) = open(&socket, 2, 2);
+    assert_eq!(ports[0].pairs(), [0]);
+    assert_eq!(ports[1].pairs(), [1]);
+    let mut g = Guest::connect(&socket, 2, u64::MAX);
+    let mut want: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+    let mut seq = 0;
+    // Both queues carry frames of both workers (as a guest's CPUs do).
+    for pair in [0, 1] {
+        for c in 1..=12u8 {
+            let frame = frame_to(1, c, seq);
+            want.entry(frame_worker(&frame, 2) as usize).or_default().push(seq);
+            g.transmit(pair, &VirtioNetRepr::PLAIN, &frame);
+            seq += 1;
+        }
+    }
+    assert_eq!(want.len(), 2, "the addresses chosen hash to both workers");
+    let mut got = collect(&mut ports, seq as usize);
+    for v in got.values_mut() {
+        v.sort_unstable();
+    }
+    assert_eq!(got, want);
+    let passed = device.handoff_stats();
+    assert!(passed.passed > 0 && passed.dropped == 0, "{passed:?}");
+    // Nothing more: each frame was handed over once.
+    assert!(collect_within(&mut ports, 1, Duration::from_millis(300)).is_empty());
+    // A worker's counters are its own pairs': summed, every frame once.
+    let rx: u64 = ports.iter().map(|p| p.stats().rx_frames).sum();
+    assert_eq!(rx, u64::from(seq));
+}
+
+#[test]
+fn each_worker_delivers_on_its_own_pair_or_shares_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vu.sock");
+    // One pair, three workers: all three deliver on pair 0; only worker 0 receives from it.
+    let (_device, mut ports) = open(&socket, 1, 3);
+    assert_eq!(ports.iter().map(WorkerPort::send_pair).collect::<Vec<_>>(), [0, 0, 0]);
+    assert_eq!(ports[0].pairs(), [0]);
+    assert!(ports[1].pairs().is_empty() && ports[2].pairs().is_empty());
+    let mut g = Guest::connect(&socket, 1, u64::MAX);
+    g.post_rx(0, 8, 2048);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // Wait for the device to run the guest's receive queue.
+    while ports[2].send_frame(&frame_to(1, 1, 100), &Offload::NONE).is_err() {
+        assert!(Instant::now() < deadline, "the receive queue never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ports[1].send_frame(&frame_to(1, 1, 101), &Offload::NONE).unwrap();
+    for p in &mut ports {
+        p.flush().unwrap();
+    }
+    let got: Vec<u32> = g.received(0).iter().map(|f| seq_of(f)).collect();
+    assert_eq!(got, [100, 101]);
+    // Counted once, by the pair's receiving worker.
+    let tx: Vec<u64> = ports.iter().map(|p| p.stats().tx_frames).collect();
+    assert_eq!(tx, [2, 0, 0]);
+}
+
+#[test]
+fn with_more_pairs_than_workers_a_worker_serves_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vu.sock");
+    let (_device, mut ports) = open(&socket, 3, 2);
+    assert_eq!(ports[0].pairs(), [0, 2]);
+    assert_eq!(ports[1].pairs(), [1]);
+    let mut g = Guest::connect(&socket, 3, u64::MAX);
+    let frame = frame_to(1, 7, 7);
+    let owner = frame_worker(&frame, 2) as usize;
+    g.transmit(2, &VirtioNetRepr::PLAIN, &frame);
+    let got = collect(&mut ports, 1);
+    assert_eq!(got, BTreeMap::from([(owner, vec![7])]));
+}
