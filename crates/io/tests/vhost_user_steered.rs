@@ -141,3 +141,26 @@ fn with_more_pairs_than_workers_a_worker_serves_several() {
     let got = collect(&mut ports, 1);
     assert_eq!(got, BTreeMap::from([(owner, vec![7])]));
 }
+
+#[test]
+fn a_guest_running_fewer_pairs_than_offered_gets_every_worker_s_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vu.sock");
+    // Two pairs offered, the guest (QEMU `queues=1`) runs one: worker 1's pair never runs.
+    let (_device, mut ports) = open(&socket, 2, 2);
+    let mut g = Guest::connect(&socket, 1, u64::MAX);
+    g.post_rx(0, 8, 2048);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ports[0].send_frame(&frame_to(1, 1, 200), &Offload::NONE).is_err() {
+        assert!(Instant::now() < deadline, "the receive queue never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ports[1].send_frame(&frame_to(1, 2, 201), &Offload::NONE).unwrap();
+    for p in &mut ports {
+        p.flush().unwrap();
+    }
+    let got: Vec<u32> = g.received(0).iter().map(|f| seq_of(f)).collect();
+    assert_eq!(got, [200, 201]);
+    let errors: u64 = ports.iter().map(|p| p.stats().tx_errors).sum();
+    assert_eq!(errors, 0);
+}

@@ -18,7 +18,10 @@
 //! guest takes them from all), so worker `w` sends on pair `w % pairs`:
 //! with as many pairs as workers each worker has its own and nothing is
 //! shared; with fewer, a pair takes sends from several workers (each call
-//! under the pair's lock, as the control thread's).
+//! under the pair's lock, as the control thread's). A guest that runs
+//! fewer pairs than the device offers (QEMU's `queues=` smaller, or a
+//! driver that enabled only some) leaves the others stopped: a worker whose
+//! pair is stopped sends on the first running one, chosen once per round.
 //!
 //! Every pair's counters are reported by the worker that receives from it,
 //! so summing the workers' [`PortStats`] counts each pair once.
@@ -110,7 +113,10 @@ impl SteeredVhostUser {
             .collect::<io::Result<Vec<_>>>()
             .map_err(|e| os("eventfd", e))?
             .into();
-        let tx: Vec<QueuePair> = (0..workers).map(|w| pairs[w % pairs.len()].handle()).collect();
+        let q = pairs.len();
+        let tx: Vec<Vec<QueuePair>> = (0..workers)
+            .map(|w| (0..q).map(|k| pairs[(w + k) % q].handle()).collect())
+            .collect();
         let mut rx: Vec<Vec<QueuePair>> = (0..workers).map(|_| Vec::new()).collect();
         for (i, pair) in pairs.into_iter().enumerate() {
             rx[i % workers].push(pair);
@@ -162,8 +168,12 @@ pub struct WorkerPort {
     worker: usize,
     handoffs: Arc<[Handoff]>,
     rx: Vec<QueuePair>,
-    tx: QueuePair,
-    tx_pending: bool,
+    /// Every pair, starting with the one this worker sends on (`w % pairs`).
+    tx: Vec<QueuePair>,
+    /// The pair sends go to this round (the first running one), once chosen.
+    tx_now: Option<usize>,
+    /// Pairs sent on since the last flush.
+    tx_pending: Vec<bool>,
     epoll: Epoll,
     /// Frames taken from the hand-off queue this call (kept for their buffers).
     taken: Vec<(Offload, Vec<u8>)>,
@@ -172,7 +182,7 @@ pub struct WorkerPort {
 }
 
 impl WorkerPort {
-    fn new(worker: usize, handoffs: Arc<[Handoff]>, rx: Vec<QueuePair>, tx: QueuePair) -> io::Result<WorkerPort> {
+    fn new(worker: usize, handoffs: Arc<[Handoff]>, rx: Vec<QueuePair>, tx: Vec<QueuePair>) -> io::Result<WorkerPort> {
         let epoll = Epoll::new()?;
         let add = |fd: RawFd| epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64));
         add(handoffs[worker].wake.as_raw_fd())?;
@@ -184,8 +194,9 @@ impl WorkerPort {
             worker,
             handoffs,
             rx,
+            tx_pending: vec![false; tx.len()],
             tx,
-            tx_pending: false,
+            tx_now: None,
             epoll,
             taken: Vec::new(),
             woken: vec![false; workers],
@@ -197,9 +208,9 @@ impl WorkerPort {
         self.rx.iter().map(QueuePair::index).collect()
     }
 
-    /// The queue pair this worker delivers to the guest on.
+    /// The queue pair this worker delivers to the guest on while it runs.
     pub fn send_pair(&self) -> u16 {
-        self.tx.index()
+        self.tx[0].index()
     }
 
     /// Hand over up to `max` frames other workers passed to this one.
@@ -306,13 +317,19 @@ impl FramePort for WorkerPort {
     }
 
     fn send_frame(&mut self, frame: &[u8], offload: &Offload) -> io::Result<()> {
-        self.tx_pending = true;
-        self.tx.send_frame(frame, offload)
+        let i = *self
+            .tx_now
+            .get_or_insert_with(|| self.tx.iter().position(|p| p.running().0).unwrap_or(0));
+        self.tx_pending[i] = true;
+        self.tx[i].send_frame(frame, offload)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        if std::mem::take(&mut self.tx_pending) {
-            FramePort::flush(&mut self.tx)?;
+        self.tx_now = None;
+        for (pair, pending) in self.tx.iter_mut().zip(&mut self.tx_pending) {
+            if std::mem::take(pending) {
+                FramePort::flush(pair)?;
+            }
         }
         Ok(())
     }
@@ -330,7 +347,7 @@ impl FramePort for WorkerPort {
     }
 
     fn offloads(&self) -> PortOffloads {
-        self.tx.offloads()
+        self.tx[0].offloads()
     }
 }
 
