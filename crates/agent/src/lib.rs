@@ -14,6 +14,8 @@
 //! - [`http`]: the metrics/flows/health endpoint (TCP and a Unix socket).
 //! - [`migrate`]: one vNIC's connection state merged from the workers and
 //!   split between them again (live migration, served by [`http`]).
+//! - `vhost`: vNICs attached through vhost-user (QEMU/libvirt guests), one
+//!   device per vNIC, its queue pairs served by the workers.
 //! - [`upstream`]: policy from the controller, the last good one saved.
 //! - [`snapshot`]: connection state on disk, saved at a clean stop and
 //!   snapshotted on a timer so a crash loses at most one interval of it.
@@ -31,6 +33,7 @@ pub mod records;
 pub mod snapshot;
 pub mod trail;
 pub mod upstream;
+mod vhost;
 mod worker;
 
 pub use agent::Agent;
