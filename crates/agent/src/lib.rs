@@ -1,6 +1,7 @@
 //! Palisade's host agent: the datapath engine on a host's real interfaces.
 //!
 //! - [`config`]: the agent's TOML configuration.
+//! - [`attach`]: a VM's vNICs as libvirt `<interface>` XML (vhost-user or tap).
 //! - [`AgentError`]: the errors that stop the agent (`error`).
 //! - [`agent`]: the runtime's control side: ports attached, policy installed
 //!   and reloaded, records taken to the trail, state saved across restarts.
@@ -22,6 +23,7 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod attach;
 pub mod config;
 mod error;
 pub mod health;
