@@ -25,7 +25,8 @@
 //! name = "db-1.0"
 //! vhost_user = "/run/palisade/vhost/db-1.sock"  # the agent listens; QEMU connects (reconnect=1)
 //! queue_pairs = 4                    # default: one per worker (QEMU's queues= may be fewer)
-//! socket_mode = 0o660                # optional, so libvirt's QEMU user can connect
+//! socket_mode = 0o660                # optional: with socket_group, so libvirt's QEMU can connect
+//! socket_group = "libvirt-qemu"      # optional: the socket's group (a name in /etc/group, or a number)
 //! [[appliance]]                      # a router or gateway leg: may send from any address
 //! name = "edge-web"
 //! interface = "ge-web"
@@ -199,6 +200,11 @@ pub struct VnicBinding {
     /// Permission bits of the vhost-user socket (e.g. `0o660`); the umask's when absent.
     #[serde(default)]
     pub socket_mode: Option<u32>,
+    /// Group of the vhost-user socket (a group name or number), so that QEMU
+    /// running as another user (libvirt's `libvirt-qemu`) can connect while
+    /// other local users cannot; the agent's own group when absent.
+    #[serde(default)]
+    pub socket_group: Option<String>,
 }
 
 /// How a vNIC reaches the agent.
@@ -226,6 +232,7 @@ impl VnicBinding {
             vhost_user: None,
             queue_pairs: None,
             socket_mode: None,
+            socket_group: None,
         }
     }
 
@@ -519,6 +526,7 @@ fn check_vnic_attachment(
         for (field, set) in [
             ("queue_pairs", v.queue_pairs.is_some()),
             ("socket_mode", v.socket_mode.is_some()),
+            ("socket_group", v.socket_group.is_some()),
         ] {
             if set {
                 return Err((field, "applies only to a vhost_user vNIC".into()));
@@ -561,6 +569,14 @@ fn check_vnic_attachment(
         return Err((
             "queue_pairs",
             format!("{q} is not between 1 and {}", palisade_io::vhost_user::MAX_QUEUE_PAIRS),
+        ));
+    }
+    if let Some(g) = &v.socket_group
+        && (g.is_empty() || g.len() > 64 || g.contains([':', '\n', '\0', ' ']))
+    {
+        return Err((
+            "socket_group",
+            format!("`{}` is not a group name or number", g.escape_debug()),
         ));
     }
     if let Some(m) = v.socket_mode
@@ -764,6 +780,18 @@ mac = "02:00:00:00:fe:01"
             (
                 format!("{GOOD}{VHOST}socket_mode = 0o1777\n"),
                 "socket_mode: 0o1777 is not a set of permission bits",
+            ),
+            (
+                format!("{GOOD}{VHOST}socket_group = \"a:b\"\n"),
+                "socket_group: `a:b` is not a group name or number",
+            ),
+            (format!("{GOOD}{VHOST}socket_group = \"\"\n"), "socket_group"),
+            (
+                GOOD.replace(
+                    "interface = \"vn-web-1\"",
+                    "interface = \"vn-web-1\"\nsocket_group = \"kvm\"",
+                ),
+                "socket_group: applies only",
             ),
         ];
         for (text, want) in cases {

@@ -100,6 +100,18 @@ pub(crate) fn open(config: &AgentConfig, workers: usize) -> Result<(VhostVnics, 
             what: what(),
             message: e.to_string(),
         })?;
+        if let Some(group) = &v.socket_group {
+            let gid = group_id(group, &std::fs::read_to_string("/etc/group").unwrap_or_default()).ok_or_else(|| {
+                AgentError::Port {
+                    what: what(),
+                    message: format!("socket_group {group:?} is not a group of this host"),
+                }
+            })?;
+            std::os::unix::fs::chown(&dc.socket, None, Some(gid)).map_err(|e| AgentError::Port {
+                what: what(),
+                message: format!("giving the socket to group {group}: {e}"),
+            })?;
+        }
         eprintln!(
             "palisade agent: vnic {} listening on vhost-user {} ({} queue pairs over {workers} worker(s))",
             v.name,
@@ -115,6 +127,18 @@ pub(crate) fn open(config: &AgentConfig, workers: usize) -> Result<(VhostVnics, 
         });
     }
     Ok((vnics, ports))
+}
+
+/// The id of group `group` (a number, or a name in `etc_group`, `/etc/group`'s text).
+fn group_id(group: &str, etc_group: &str) -> Option<u32> {
+    if let Ok(gid) = group.parse() {
+        return Some(gid);
+    }
+    etc_group.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == group).then_some(())?;
+        fields.nth(1)?.parse().ok()
+    })
 }
 
 /// One device's state for `/health`.
@@ -316,6 +340,16 @@ mod tests {
         );
         assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), METRICS.len());
         assert_eq!(vnics.health()[0]["connected"], false);
+    }
+
+    #[test]
+    fn socket_groups_are_numbers_or_names_in_etc_group() {
+        let etc = "root:x:0:\nkvm:x:993:\nlibvirt-qemu:x:64055:libvirt-qemu\n";
+        assert_eq!(group_id("libvirt-qemu", etc), Some(64055));
+        assert_eq!(group_id("kvm", etc), Some(993));
+        assert_eq!(group_id("123", etc), Some(123));
+        assert_eq!(group_id("nobody-here", etc), None);
+        assert_eq!(group_id("libvirt", etc), None, "a prefix is not a match");
     }
 
     #[test]

@@ -32,6 +32,16 @@ fn free_udp_port() -> u16 {
         .port()
 }
 
+/// A group the test may give a socket to: its own (the group of a
+/// directory it made), or group 1 when it runs as root.
+fn socket_gid(dir: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(dir).unwrap().gid() {
+        0 => 1,
+        gid => gid,
+    }
+}
+
 fn config(dir: &Path, port: u16) -> AgentConfig {
     let mut text = format!(
         "host = \"hv1\"\npolicy = \"{}\"\nstate_dir = \"{}\"\nworkers = 2\nstate_snapshot_ms = 0\n\
@@ -41,10 +51,12 @@ fn config(dir: &Path, port: u16) -> AgentConfig {
     );
     for vm in 0..2 {
         text += &format!(
-            "[[vnic]]\nname = \"vm-{vm}.0\"\nvhost_user = \"{}\"\nqueue_pairs = 2\n",
+            "[[vnic]]\nname = \"vm-{vm}.0\"\nvhost_user = \"{}\"\nqueue_pairs = 2\nsocket_mode = 0o660\n",
             dir.join(format!("vhost/vm-{vm}.sock")).display()
         );
     }
+    // The socket goes to another group, as for libvirt's QEMU user.
+    text += &format!("socket_group = \"{}\"\n", socket_gid(dir));
     AgentConfig::parse(&text, Path::new("hv1.toml")).unwrap()
 }
 
@@ -116,6 +128,10 @@ fn guests_on_vhost_user_are_filtered_and_reconnect_after_an_agent_restart() {
     let agent = start(dir, port);
     let mut web = connect(dir, 0, None);
     let mut db = connect(dir, 1, None);
+    let meta = std::fs::metadata(dir.join("vhost/vm-1.sock")).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), socket_gid(dir), "the socket's group is socket_group");
 
     // vm-0 (web tier) opens tcp/5432 to vm-1 (db tier), one SYN on each of
     // its queues: whichever worker takes it from the ring, the one its
