@@ -159,10 +159,10 @@ impl SteeredVhostUser {
 /// One worker's side of a [`SteeredVhostUser`] device: a [`FramePort`].
 ///
 /// Readable ([`FramePort::fd`]) when one of its queue pairs has work or
-/// another worker passed it frames. [`FramePort::recv_frames`] hands over
-/// the passed frames first, then those of its pairs that are its own
-/// (passing the others on), at most `max` of each per pair and per call,
-/// so one guest cannot keep a worker from its other ports.
+/// another worker passed it frames. [`FramePort::recv_frames`] takes at
+/// most `max` frames per call, up to half of them passed by other workers
+/// and the rest from its pairs (handing over its own, passing the others
+/// on), so one guest cannot keep a worker from its other ports.
 #[derive(Debug)]
 pub struct WorkerPort {
     worker: usize,
@@ -274,17 +274,27 @@ fn pass(handoff: &Handoff, frame: &RxFrame<'_>) {
 
 impl FramePort for WorkerPort {
     fn recv_frames(&mut self, max: usize, f: &mut dyn FnMut(&[RxFrame<'_>])) -> io::Result<usize> {
-        let mut handed = self.recv_passed(max, f);
+        // At most `max` frames taken per call, half of them (or all, for a
+        // worker without pairs) from the hand-off queue, so neither source
+        // starves the other; what is left keeps the port readable.
+        let passed_budget = if self.rx.is_empty() { max } else { max.div_ceil(2) };
+        let mut handed = self.recv_passed(passed_budget, f);
+        let mut budget = max - handed;
         let (me, workers) = (self.worker, self.handoffs.len());
         let WorkerPort {
             rx, handoffs, woken, ..
         } = self;
         for pair in rx.iter_mut() {
+            if budget == 0 {
+                break;
+            }
             if workers == 1 {
-                handed += pair.recv_frames(max, f)?;
+                let n = pair.recv_frames(budget, f)?;
+                handed += n;
+                budget -= n.min(budget);
                 continue;
             }
-            pair.recv_frames(max, &mut |frames| {
+            let taken = pair.recv_frames(budget, &mut |frames| {
                 let mut mine = [RxFrame {
                     bytes: &[],
                     offload: Offload::NONE,
@@ -307,6 +317,7 @@ impl FramePort for WorkerPort {
                     }
                 }
             })?;
+            budget -= taken.min(budget);
         }
         for (to, w) in woken.iter_mut().enumerate() {
             if std::mem::take(w) {
