@@ -8,6 +8,15 @@
 #             ports, userspace VXLAN via br-phy), equivalent ct() rules, with
 #             its userspace TSO (other_config:userspace-tso-enable=true)
 #   bridge    Linux bridge + kernel vxlan device, no filtering (upper reference)
+#   qemu-vhost-user, qemu-tap
+#             the same two VMs as QEMU guests (a second lab, `lab up --qemu`)
+#             behind the Palisade agents, attached through vhost-user (guest
+#             memory shared with the agent, the guests' offloads on) or a tap
+#             (AF_PACKET, the guests' offloads off): four TCP downloads, one
+#             after the other, of --qemu-mib MiB from the server's busybox
+#             httpd, timed together in the client guest. QEMU runs under TCG unless KVM works (reported as
+#             `accel`): under TCG the guests' CPU emulation, not the datapath,
+#             limits the figure.
 #
 # Shape: `palisade lab up` with two hosts (hv1, hv2), one namespace VM on each
 # (client on hv1, server on hv2), both in ONE zone, so frames cross the VXLAN
@@ -35,14 +44,16 @@
 # with the ratios.
 #
 # usage: bench/lab-throughput.sh [--palisade BIN] [--seconds N] [--only LIST] [--workers N]
-#                                [--offloads on|off] [--ovs-tso on|off]
+#                                [--offloads on|off] [--ovs-tso on|off] [--qemu-mib N]
 #   --palisade BIN  the palisade binary (lab + agent); default: build
 #                   `cargo build --release -p palisade` here and use that
 #   --seconds N     iperf3 duration of each test (default 5)
-#   --only LIST     comma-separated subset of palisade,ovs,bridge
+#   --only LIST     comma-separated subset of palisade,ovs,bridge,qemu-vhost-user,qemu-tap
+#                   (default: all but qemu-tap)
 #   --workers N     Palisade's datapath workers per agent (default: the lab's, 2)
 #   --offloads X    the VMs' NIC offloads (default on; off: the lab's default)
 #   --ovs-tso X     OVS's userspace TSO (default on)
+#   --qemu-mib N    size of the QEMU guests' download (default 64)
 # Run as root. A benchmark, not a test: CI does not run it. Needs iperf3, jq,
 # ethtool, Open vSwitch (Debian openvswitch-switch; its kernel module is not
 # used). Everything it starts is stopped on exit (trap), the lab removed.
@@ -51,7 +62,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 palisade=""
 seconds=5
-only="palisade,ovs,bridge"
+only="palisade,ovs,bridge,qemu-vhost-user"
+qemu_mib=64
 workers=""
 offloads=on
 ovs_tso=on
@@ -65,7 +77,8 @@ while [ $# -gt 0 ]; do
         --workers) workers="$2"; shift 2 ;;
         --offloads) offloads="$2"; shift 2 ;;
         --ovs-tso) ovs_tso="$2"; shift 2 ;;
-        -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
+        --qemu-mib) qemu_mib="$2"; shift 2 ;;
+        -h|--help) sed -n '2,59p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -78,6 +91,7 @@ case "$seconds" in ''|*[!0-9]*|0) die "--seconds wants a positive integer" ;; es
 case "$workers" in ''|[1-9]|[1-9][0-9]) ;; *) die "--workers wants 1 to 64" ;; esac
 case "$offloads" in on|off) ;; *) die "--offloads wants on or off" ;; esac
 case "$ovs_tso" in on|off) ;; *) die "--ovs-tso wants on or off" ;; esac
+case "$qemu_mib" in ''|*[!0-9]*|0) die "--qemu-mib wants a positive integer" ;; esac
 for t in ip ethtool iperf3 jq ovsdb-tool ovsdb-server ovs-vswitchd ovs-vsctl ovs-ofctl ovs-appctl; do
     command -v "$t" >/dev/null 2>&1 || die "\`$t\` is not installed (iperf3, jq, ethtool, openvswitch-switch)"
 done
@@ -161,6 +175,10 @@ cleanup() {
         bridge_down "$ns1"
         bridge_down "$ns2"
     fi
+    if [ -f "$tmp/qlab/lab.json" ] || ip netns list | grep -q "^${name}q-"; then
+        "$palisade" lab down --name "${name}q" --state-dir "$tmp/qlab" >/dev/null 2>&1 ||
+            log "WARNING: \`palisade lab down --name ${name}q --state-dir $tmp/qlab\` failed"
+    fi
     if [ -f "$state/lab.json" ] || ip netns list | grep -q "^$name-"; then
         "$palisade" lab down --name "$name" --state-dir "$state" >/dev/null 2>&1 ||
             log "WARNING: \`palisade lab down --name $name --state-dir $state\` failed"
@@ -212,6 +230,7 @@ rules:
   datacenter:
     - { id: bench-icmp, from: clients, to: servers, service: ping, action: allow }
     - { id: bench-iperf, from: clients, to: servers, service: iperf, action: allow }
+    - { id: bench-http, from: clients, to: servers, service: tcp/80, action: allow }
 EOF
 
 if ip netns list | grep -q "^$name-"; then
@@ -553,6 +572,48 @@ for dp in palisade ovs bridge; do
     fi
 done
 
+# QEMU guests behind the agents (a lab of their own): one timed download.
+phase_qemu() { # nic (vhost-user|tap)
+    local nic=$1 q="${name}q" qs="$tmp/qlab" dp="qemu-$1"
+    log "$dp: building lab $q with QEMU guests on $nic"
+    "$palisade" lab up --policy "$tmp/policy" --name "$q" --state-dir "$qs" --qemu --qemu-nic "$nic" \
+        >"$tmp/qlab-up.log" 2>&1 || { cat "$tmp/qlab-up.log" >&2; return 1; }
+    local ip accel
+    ip=$(jq -r '.plan.vms[] | select(.name=="server") | .vnics[0].ips[0]' "$qs/lab.json")
+    accel=$(jq -r '.guests.client.accel | join(" ")' "$qs/lab.json")
+    qexec() { "$palisade" lab exec --name "$q" --state-dir "$qs" --timeout 900 "$@"; }
+    qexec server -- dd if=/dev/zero of=/www/big bs=1048576 count="$qemu_mib" >/dev/null 2>&1
+    qexec client -- wget -q -O /dev/null "http://$ip/" # warm-up, and the connectivity check
+    # Timed in the guest (its uptime, 10 ms resolution), console round trips excluded.
+    local out
+    out=$(qexec client -- sh -c "a=\$(cut -d' ' -f1 /proc/uptime); for i in 1 2 3 4; do \
+        wget -q -O /dev/null http://$ip/big || exit 1; done; b=\$(cut -d' ' -f1 /proc/uptime); echo \$a \$b")
+    local t0 t1
+    read -r t0 t1 <<<"$out"
+    local features
+    features=$(qexec client -- cat /sys/class/net/eth0/device/features)
+    jq -cn --arg dp "$dp" --arg accel "$accel" --argjson mib "$qemu_mib" --arg t0 "$t0" --arg t1 "$t1" \
+        --arg f "$features" '
+        (($t1|tonumber) - ($t0|tonumber)) as $s |
+        {datapath: $dp, accel: $accel, downloaded_mib: (4 * $mib), seconds: $s,
+         tcp1: {gbps: (if $s > 0 then (4 * $mib * 8388608 / $s / 1e9 * 1000 | round / 1000) else null end)},
+         guest_offloads: {csum: ($f[0:1] == "1"), tso4: ($f[11:12] == "1")}}' | tee "$tmp/result-$dp.json"
+    "$palisade" lab down --name "$q" --state-dir "$qs" >/dev/null
+}
+for dp in qemu-vhost-user qemu-tap; do
+    case ",$only," in *",$dp,"*) ;; *) continue ;; esac
+    set +e
+    (set -e; phase_qemu "${dp#qemu-}")
+    rc=$?
+    set -e
+    if [ "$rc" != 0 ]; then
+        failed=1
+        jq -cn --arg dp "$dp" --argjson rc "$rc" '{datapath: $dp, error: "phase failed", rc: $rc}' |
+            tee "$tmp/result-$dp.json"
+        "$palisade" lab down --name "${name}q" --state-dir "$tmp/qlab" >/dev/null 2>&1 || true
+    fi
+done
+
 # Summary: the ratios issue 23 names (single-stream TCP Palisade/bridge and
 # Palisade/OVS, 64-byte UDP received packets Palisade/OVS), the 8-stream ones,
 # and each datapath's CPU per Gbit/s.
@@ -565,6 +626,8 @@ jq -cn \
     --arg bc "$(get bridge .tcp1.cpu_s_per_gbit)" \
     --arg pc8 "$(get palisade .tcp8.cpu_s_per_gbit)" --arg oc8 "$(get ovs .tcp8.cpu_s_per_gbit)" \
     --arg bc8 "$(get bridge .tcp8.cpu_s_per_gbit)" \
+    --arg qv "$(get qemu-vhost-user .tcp1.gbps)" --arg qt "$(get qemu-tap .tcp1.gbps)" \
+    --arg qa "$( (get qemu-vhost-user .accel; get qemu-tap .accel) | head -n1)" \
     --arg bin "$palisade" --arg when "$(date -u +%FT%TZ)" --argjson s "$seconds" --arg off "$offloads" \
     --arg povm "$(get palisade .vm_offloads)" --arg oovm "$(get ovs .vm_offloads)" --arg bovm "$(get bridge .vm_offloads)" '
     def num: if . == "" then null else tonumber end;
@@ -575,6 +638,7 @@ jq -cn \
      tcp1_gbps: {palisade: ($p1|num), ovs: ($o1|num), bridge: ($b1|num)},
      tcp8_gbps: {palisade: ($p8|num), ovs: ($o8|num), bridge: ($b8|num)},
      udp64_rx_kpps: {palisade: ($pu|num), ovs: ($ou|num), bridge: ($bu|num)},
+     qemu_guest_tcp1_gbps: {vhost_user: ($qv|num), tap: ($qt|num), accel: (if $qa == "" then null else $qa end)},
      tcp1_cpu_s_per_gbit: {palisade: ($pc|num), ovs: ($oc|num), bridge: ($bc|num)},
      tcp8_cpu_s_per_gbit: {palisade: ($pc8|num), ovs: ($oc8|num), bridge: ($bc8|num)},
      ratios: {tcp1_palisade_over_bridge: ratio($p1; $b1), tcp1_palisade_over_ovs: ratio($p1; $o1),

@@ -50,6 +50,7 @@ use crate::worker::{Attached, Worker, WorkerCore, WorkerIo, lock};
 #[derive(Debug, Clone)]
 struct PortBinding {
     name: String,
+    /// The interface, or a vhost-user vNIC's socket path.
     interface: String,
     port: PortId,
 }
@@ -68,6 +69,8 @@ pub struct Agent {
     io: Vec<WorkerIo>,
     /// Each attached port, the same in every worker.
     ports: Vec<PortBinding>,
+    /// The vhost-user devices of vNICs attached that way (their sockets live as long as the agent).
+    vhost: crate::vhost::VhostVnics,
     policy_stamp: Option<SystemTime>,
     /// Policies from the controller (controller mode).
     upstream: Option<std::sync::mpsc::Receiver<crate::upstream::Installed>>,
@@ -203,7 +206,7 @@ fn port_error(config: &AgentConfig, e: HostError) -> AgentError {
             .vnics
             .iter()
             .find(|v| v.name == name)
-            .map_or("?", |v| &v.interface);
+            .map_or("?".into(), |v| v.port_label());
         format!("vnic {name} on {interface}")
     };
     let appliance = |name: &str| {
@@ -267,13 +270,13 @@ fn build_engine(
     let bound = config
         .vnics
         .iter()
-        .map(|v| (&v.name, &v.interface))
-        .chain(config.appliances.iter().map(|a| (&a.name, &a.interface)));
+        .map(|v| (&v.name, v.port_label()))
+        .chain(config.appliances.iter().map(|a| (&a.name, a.interface.clone())));
     let ports = bound
         .zip(built.ports)
         .map(|((name, interface), port)| PortBinding {
             name: name.clone(),
-            interface: interface.clone(),
+            interface,
             port,
         })
         .collect();
@@ -281,12 +284,14 @@ fn build_engine(
 }
 
 /// Open worker `index`'s sockets: one on every port's interface (in the
-/// fanout group of that interface when there are several workers) and one on
-/// the underlay. Workers must open theirs in index order: the kernel numbers
-/// group members in the order they join.
+/// fanout group of that interface when there are several workers), its
+/// port on every vhost-user vNIC (from `vhost`), and one on the underlay.
+/// Workers must open theirs in index order: the kernel numbers group
+/// members in the order they join.
 fn open_sockets(
     config: &AgentConfig,
     ports: &[PortBinding],
+    vhost: &mut crate::vhost::VhostPorts,
     index: usize,
     workers: usize,
 ) -> Result<WorkerIo, AgentError> {
@@ -303,6 +308,14 @@ fn open_sockets(
     };
     let mut attached = Vec::new();
     for p in ports {
+        if let Some(io) = vhost.take(&p.interface, index) {
+            attached.push(Attached {
+                interface: p.interface.clone(),
+                port: p.port,
+                io: Box::new(io),
+            });
+            continue;
+        }
         let io = AfPacket::open(&p.interface, &afp).map_err(|e| AgentError::Port {
             what: format!("{} on {} (worker {index})", p.name, p.interface),
             message: e.to_string(),
@@ -405,9 +418,10 @@ impl Agent {
         let mut workers = Vec::new();
         let mut io = Vec::new();
         let mut ports = Vec::new();
+        let (vhost, mut vhost_ports) = crate::vhost::open(&config, n)?;
         for i in 0..n {
             let (engine, p) = build_engine(&config, model, lookup.clone(), n)?;
-            io.push(open_sockets(&config, &p, i, n)?);
+            io.push(open_sockets(&config, &p, &mut vhost_ports, i, n)?);
             ports = p;
             workers.push(Arc::new(Mutex::new(WorkerCore {
                 engine,
@@ -492,6 +506,7 @@ impl Agent {
             workers,
             io,
             ports,
+            vhost,
             policy_stamp,
             upstream,
             revision,
@@ -916,6 +931,9 @@ impl Agent {
              palisade_vnic_migrating_drops_total{{host=\"{}\"}} {quiesced_drops}\n",
             self.config.host
         ));
+        if !self.vhost.is_empty() {
+            text.push_str(&self.vhost.metrics(&self.config.host));
+        }
         let connections: usize = engines.iter().map(|e| e.conntrack().len()).sum();
         let policy_version = engines.first().map_or(0, |e| e.policy_version());
         let ring_drops_total = port_stats.iter().map(|(_, _, s)| s.kernel_drops).sum::<u64>() + overlay.kernel_drops;
@@ -939,6 +957,9 @@ impl Agent {
         let mut health = serde_json::to_value(&report).unwrap_or_default();
         if let Some(h) = health.as_object_mut() {
             h.insert("ports".into(), self.ports.len().into());
+            if !self.vhost.is_empty() {
+                h.insert("vhost_user".into(), self.vhost.health());
+            }
             h.insert("connections".into(), connections.into());
             h.insert(
                 "audit".into(),

@@ -21,6 +21,12 @@
 //! [[vnic]]
 //! name = "web-1.0"                   # the vNIC in the inventory
 //! interface = "vn-web-1"             # its host-side veth or tap
+//! [[vnic]]                           # a QEMU/libvirt guest attached through vhost-user:
+//! name = "db-1.0"
+//! vhost_user = "/run/palisade/vhost/db-1.sock"  # the agent listens; QEMU connects (reconnect=1)
+//! queue_pairs = 4                    # default: one per worker (QEMU's queues= may be fewer)
+//! socket_mode = 0o660                # optional: with socket_group, so libvirt's QEMU can connect
+//! socket_group = "libvirt-qemu"      # optional: the socket's group (a name in /etc/group, or a number)
 //! [[appliance]]                      # a router or gateway leg: may send from any address
 //! name = "edge-web"
 //! interface = "ge-web"
@@ -172,15 +178,88 @@ fn default_vxlan_port() -> u16 {
     4789
 }
 
-/// A vNIC of the inventory bound to a host interface.
+/// A vNIC of the inventory bound to a host interface or a vhost-user socket.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VnicBinding {
     /// The vNIC's name in the inventory.
     pub name: String,
-    /// The host-side interface (veth end or tap).
-    pub interface: String,
+    /// The host-side interface (veth end or tap), read through AF_PACKET.
+    /// Exactly one of this and `vhost_user`.
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// A vhost-user socket the agent listens on: the VM's QEMU connects to
+    /// it (`-chardev socket,path=…,reconnect=1`, libvirt's
+    /// `<interface type='vhostuser'>` with `mode='client'`) and its
+    /// virtio-net queues are served by the workers straight from guest memory.
+    #[serde(default)]
+    pub vhost_user: Option<PathBuf>,
+    /// Queue pairs the vhost-user device offers (1 to 128; default: one per worker).
+    #[serde(default)]
+    pub queue_pairs: Option<u16>,
+    /// Permission bits of the vhost-user socket (e.g. `0o660`); the umask's when absent.
+    #[serde(default)]
+    pub socket_mode: Option<u32>,
+    /// Group of the vhost-user socket (a group name or number), so that QEMU
+    /// running as another user (libvirt's `libvirt-qemu`) can connect while
+    /// other local users cannot; the agent's own group when absent.
+    #[serde(default)]
+    pub socket_group: Option<String>,
 }
+
+/// How a vNIC reaches the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VnicAttachment<'a> {
+    /// A host interface (veth end or tap).
+    Interface(&'a str),
+    /// A vhost-user socket the agent serves.
+    VhostUser {
+        /// The socket.
+        socket: &'a Path,
+        /// Queue pairs offered (`None`: one per worker).
+        queue_pairs: Option<u16>,
+        /// The socket's permission bits.
+        socket_mode: Option<u32>,
+    },
+}
+
+impl VnicBinding {
+    /// A vNIC on a host interface.
+    pub fn on_interface(name: &str, interface: &str) -> VnicBinding {
+        VnicBinding {
+            name: name.into(),
+            interface: Some(interface.into()),
+            vhost_user: None,
+            queue_pairs: None,
+            socket_mode: None,
+            socket_group: None,
+        }
+    }
+
+    /// How the vNIC is attached (a checked configuration has exactly one).
+    pub fn attachment(&self) -> VnicAttachment<'_> {
+        match (&self.vhost_user, &self.interface) {
+            (Some(socket), _) => VnicAttachment::VhostUser {
+                socket,
+                queue_pairs: self.queue_pairs,
+                socket_mode: self.socket_mode,
+            },
+            (None, Some(i)) => VnicAttachment::Interface(i),
+            (None, None) => VnicAttachment::Interface(""),
+        }
+    }
+
+    /// What counters and logs call its port: the interface, or the socket's path.
+    pub fn port_label(&self) -> String {
+        match self.attachment() {
+            VnicAttachment::Interface(i) => i.to_string(),
+            VnicAttachment::VhostUser { socket, .. } => socket.display().to_string(),
+        }
+    }
+}
+
+/// Longest socket path a Unix socket address holds (`sun_path` less its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// A router or gateway leg attached to a zone.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -308,11 +387,16 @@ impl AgentConfig {
             field,
             message,
         };
+        let mut sockets = std::collections::HashSet::new();
+        for v in &config.vnics {
+            check_vnic_attachment(v, &mut sockets)
+                .map_err(|(field, message)| invalid(format!("vnic {}: {field}", v.name), message))?;
+        }
         let mut interfaces = std::collections::HashSet::new();
         let all = config
             .vnics
             .iter()
-            .map(|v| ("vnic", &v.name, &v.interface))
+            .filter_map(|v| Some(("vnic", &v.name, v.interface.as_ref()?)))
             .chain(config.appliances.iter().map(|a| ("appliance", &a.name, &a.interface)));
         for (kind, name, interface) in all {
             if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
@@ -429,6 +513,83 @@ impl AgentConfig {
     }
 }
 
+/// Check that `v` is attached one way, and a vhost-user socket's settings;
+/// `sockets` collects the paths seen so far. Errors are (field, message).
+fn check_vnic_attachment(
+    v: &VnicBinding,
+    sockets: &mut std::collections::HashSet<PathBuf>,
+) -> Result<(), (&'static str, String)> {
+    let Some(socket) = &v.vhost_user else {
+        if v.interface.is_none() {
+            return Err(("interface", "give an interface or a vhost_user socket".into()));
+        }
+        for (field, set) in [
+            ("queue_pairs", v.queue_pairs.is_some()),
+            ("socket_mode", v.socket_mode.is_some()),
+            ("socket_group", v.socket_group.is_some()),
+        ] {
+            if set {
+                return Err((field, "applies only to a vhost_user vNIC".into()));
+            }
+        }
+        return Ok(());
+    };
+    if v.interface.is_some() {
+        return Err((
+            "vhost_user",
+            "give an interface or a vhost_user socket, not both".into(),
+        ));
+    }
+    let shown = socket.display();
+    let bytes = socket.as_os_str().as_encoded_bytes();
+    if !socket.is_absolute() {
+        return Err(("vhost_user", format!("`{shown}` is not an absolute path")));
+    }
+    if bytes.len() > MAX_SOCKET_PATH {
+        return Err((
+            "vhost_user",
+            format!(
+                "`{shown}` is {} bytes long: a Unix socket path holds at most {MAX_SOCKET_PATH}",
+                bytes.len()
+            ),
+        ));
+    }
+    if bytes.iter().any(|b| b.is_ascii_control()) || socket.file_name().is_none() || bytes.ends_with(b"/") {
+        return Err((
+            "vhost_user",
+            format!("`{}` is not a usable socket path", shown.to_string().escape_debug()),
+        ));
+    }
+    if !sockets.insert(socket.clone()) {
+        return Err(("vhost_user", format!("`{shown}` is bound twice")));
+    }
+    if let Some(q) = v.queue_pairs
+        && !(1..=palisade_io::vhost_user::MAX_QUEUE_PAIRS).contains(&q)
+    {
+        return Err((
+            "queue_pairs",
+            format!("{q} is not between 1 and {}", palisade_io::vhost_user::MAX_QUEUE_PAIRS),
+        ));
+    }
+    if let Some(g) = &v.socket_group
+        && (g.is_empty() || g.len() > 64 || g.contains([':', '\n', '\0', ' ']))
+    {
+        return Err((
+            "socket_group",
+            format!("`{}` is not a group name or number", g.escape_debug()),
+        ));
+    }
+    if let Some(m) = v.socket_mode
+        && m > 0o777
+    {
+        return Err((
+            "socket_mode",
+            format!("{m:#o} is not a set of permission bits (0o000 to 0o777)"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,7 +618,8 @@ mac = "02:00:00:00:fe:01"
         assert_eq!(c.host, "hv1");
         assert_eq!(c.underlay.port, 4789);
         assert_eq!(c.underlay.peers["hv2"], Ipv4Addr::new(192, 168, 100, 2));
-        assert_eq!(c.vnics[0].interface, "vn-web-1");
+        assert_eq!(c.vnics[0].interface.as_deref(), Some("vn-web-1"));
+        assert_eq!(c.vnics[0].attachment(), VnicAttachment::Interface("vn-web-1"));
         assert_eq!(c.appliances[0].zone, "web");
         assert!(c.offloads, "offloads are on unless turned off");
         let off = AgentConfig::parse(
@@ -535,6 +697,110 @@ mac = "02:00:00:00:fe:01"
         let c = AgentConfig::parse(&text, Path::new("hv1.toml")).unwrap();
         assert_eq!(c.policy, None);
         assert_eq!(c.controller.unwrap().servers, ["https://c:7443"]);
+    }
+
+    const VHOST: &str = "[[vnic]]\nname = \"db-1.0\"\nvhost_user = \"/run/palisade/vhost/db-1.sock\"\n";
+
+    #[test]
+    fn a_vhost_user_vnic_parses() {
+        let text = format!("{GOOD}{VHOST}queue_pairs = 4\nsocket_mode = 0o660\n");
+        let c = AgentConfig::parse(&text, Path::new("hv1.toml")).unwrap();
+        assert_eq!(
+            c.vnics[1].attachment(),
+            VnicAttachment::VhostUser {
+                socket: Path::new("/run/palisade/vhost/db-1.sock"),
+                queue_pairs: Some(4),
+                socket_mode: Some(0o660),
+            }
+        );
+        assert_eq!(c.vnics[1].port_label(), "/run/palisade/vhost/db-1.sock");
+        let plain = AgentConfig::parse(&format!("{GOOD}{VHOST}"), Path::new("hv1.toml")).unwrap();
+        assert!(matches!(
+            plain.vnics[1].attachment(),
+            VnicAttachment::VhostUser {
+                queue_pairs: None,
+                socket_mode: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn bad_vhost_user_vnics_name_the_field() {
+        let long = format!("/run/{}.sock", "x".repeat(MAX_SOCKET_PATH));
+        let cases = [
+            (
+                format!("{GOOD}{VHOST}interface = \"vn-db\"\n"),
+                "vnic db-1.0: vhost_user: give an interface or a vhost_user socket, not both",
+            ),
+            (
+                format!("{GOOD}[[vnic]]\nname = \"db-1.0\"\n"),
+                "vnic db-1.0: interface: give an interface or a vhost_user socket",
+            ),
+            (
+                GOOD.replace("interface = \"vn-web-1\"", "interface = \"vn-web-1\"\nqueue_pairs = 2"),
+                "vnic web-1.0: queue_pairs: applies only to a vhost_user vNIC",
+            ),
+            (
+                GOOD.replace(
+                    "interface = \"vn-web-1\"",
+                    "interface = \"vn-web-1\"\nsocket_mode = 0o600",
+                ),
+                "vnic web-1.0: socket_mode: applies only",
+            ),
+            (
+                format!("{GOOD}{VHOST}").replace("/run/palisade/vhost/db-1.sock", "db-1.sock"),
+                "vhost_user: `db-1.sock` is not an absolute path",
+            ),
+            (
+                format!("{GOOD}{VHOST}").replace("/run/palisade/vhost/db-1.sock", &long),
+                "a Unix socket path holds at most 107",
+            ),
+            (
+                format!("{GOOD}{VHOST}").replace("/run/palisade/vhost/db-1.sock", "/run/a\\nb.sock"),
+                "is not a usable socket path",
+            ),
+            (
+                format!("{GOOD}{VHOST}").replace("/run/palisade/vhost/db-1.sock", "/run/palisade/"),
+                "is not a usable socket path",
+            ),
+            (
+                format!("{GOOD}{VHOST}{}", VHOST.replace("db-1.0", "db-2.0")),
+                "vnic db-2.0: vhost_user: `/run/palisade/vhost/db-1.sock` is bound twice",
+            ),
+            (
+                format!("{GOOD}{VHOST}queue_pairs = 0\n"),
+                "vnic db-1.0: queue_pairs: 0 is not between 1 and 128",
+            ),
+            (
+                format!("{GOOD}{VHOST}queue_pairs = 129\n"),
+                "queue_pairs: 129 is not between",
+            ),
+            (format!("{GOOD}{VHOST}queue_pairs = 70000\n"), "queue_pairs"),
+            (
+                format!("{GOOD}{VHOST}socket_mode = 0o1777\n"),
+                "socket_mode: 0o1777 is not a set of permission bits",
+            ),
+            (
+                format!("{GOOD}{VHOST}socket_group = \"a:b\"\n"),
+                "socket_group: `a:b` is not a group name or number",
+            ),
+            (format!("{GOOD}{VHOST}socket_group = \"\"\n"), "socket_group"),
+            (
+                GOOD.replace(
+                    "interface = \"vn-web-1\"",
+                    "interface = \"vn-web-1\"\nsocket_group = \"kvm\"",
+                ),
+                "socket_group: applies only",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = AgentConfig::parse(&text, Path::new("hv1.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{err} should contain {want}");
+            assert!(err.starts_with("hv1.toml"), "{err}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Palisade's host agent: the datapath engine on a host's real interfaces.
 //!
 //! - [`config`]: the agent's TOML configuration.
+//! - [`attach`]: a VM's vNICs as libvirt `<interface>` XML (vhost-user or tap).
 //! - [`AgentError`]: the errors that stop the agent (`error`).
 //! - [`agent`]: the runtime's control side: ports attached, policy installed
 //!   and reloaded, records taken to the trail, state saved across restarts.
@@ -14,12 +15,15 @@
 //! - [`http`]: the metrics/flows/health endpoint (TCP and a Unix socket).
 //! - [`migrate`]: one vNIC's connection state merged from the workers and
 //!   split between them again (live migration, served by [`http`]).
+//! - `vhost`: vNICs attached through vhost-user (QEMU/libvirt guests), one
+//!   device per vNIC, its queue pairs served by the workers.
 //! - [`upstream`]: policy from the controller, the last good one saved.
 //! - [`snapshot`]: connection state on disk, saved at a clean stop and
 //!   snapshotted on a timer so a crash loses at most one interval of it.
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod attach;
 pub mod config;
 mod error;
 pub mod health;
@@ -31,6 +35,7 @@ pub mod records;
 pub mod snapshot;
 pub mod trail;
 pub mod upstream;
+mod vhost;
 mod worker;
 
 pub use agent::Agent;

@@ -15,7 +15,13 @@
 //! - `rings`: `NetRings` over an in-process guest memory (no system call);
 //! - `pair`: a `QueuePair` of a real device set up over its socket by the
 //!   vhost crate's frontend, guest memory in a shared file: adds the pair's
-//!   lock and the kick-eventfd read per receive call.
+//!   lock and the kick-eventfd read per receive call;
+//! - `steered-own`, `steered-passed` (`tx` only): the same device shared out
+//!   between two workers (`SteeredVhostUser`, one pair, received by worker
+//!   0) as the agent runs it, the frames' addresses hashing to worker 0
+//!   (handed over where they were taken) or to worker 1 (copied into its
+//!   hand-off queue, woken, taken there): the second minus the first is
+//!   what a frame the guest queued on another worker's pair costs.
 //!
 //! Only the device's calls are timed; the driver model's work (making chains
 //! available, reaping used ones) is not. Any other run (`cargo test
@@ -27,9 +33,11 @@ mod virtio_driver;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use palisade_io::FramePort;
 use palisade_io::vhost_user::features::{mask, offered};
 use palisade_io::vhost_user::{
-    Delivery, GuestFeatures, Limits, NetRings, Offloads, QueuePair, VhostUserNet, VhostUserNetConfig,
+    Delivery, GuestFeatures, Limits, NetRings, Offloads, QueuePair, SteeredVhostUser, VhostUserNet, VhostUserNetConfig,
+    WorkerPort,
 };
 use palisade_wire::virtio_net::{Gso, GsoKind, PartialChecksum, VirtioNetRepr};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -51,6 +59,8 @@ const BATCH: usize = 64;
 enum Path {
     Rings(Box<NetRings>),
     Pair(QueuePair),
+    /// Two workers' ports on one device with one pair (worker 0 receives it).
+    Steered(Vec<WorkerPort>),
 }
 
 struct Setup {
@@ -59,8 +69,8 @@ struct Setup {
     rx: DriverRing,
     tx: DriverRing,
     bump: Bump,
-    /// Kept alive for the `Pair` path.
-    _device: Option<(VhostUserNet, Frontend, Vec<EventFd>, tempfile::TempDir)>,
+    /// Kept alive for the `Pair` and `Steered` paths.
+    _device: Option<Box<dyn std::any::Any>>,
 }
 
 fn features() -> u64 {
@@ -90,10 +100,23 @@ fn rings_setup() -> Setup {
     }
 }
 
-fn pair_setup() -> Setup {
+fn pair_setup(steered: bool) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("bench.sock");
-    let (device, mut pairs) = VhostUserNet::open(&VhostUserNetConfig::new(&socket)).unwrap();
+    let config = VhostUserNetConfig::new(&socket);
+    let (device, path, running): (Box<dyn std::any::Any>, Path, Box<dyn Fn() -> bool>) = if steered {
+        let (device, ports) = SteeredVhostUser::open(&config, 2).unwrap();
+        let device = std::sync::Arc::new(device);
+        let d = device.clone();
+        let running = Box::new(move || d.status().running == [(true, true)]);
+        (Box::new(device), Path::Steered(ports), running)
+    } else {
+        let (device, mut pairs) = VhostUserNet::open(&config).unwrap();
+        let device = std::sync::Arc::new(device);
+        let d = device.clone();
+        let running = Box::new(move || d.status().running == [(true, true)]);
+        (Box::new(device), Path::Pair(pairs.remove(0)), running)
+    };
     let file = tempfile::tempfile().unwrap();
     file.set_len(MEM_LEN).unwrap();
     let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges_with_files(&[(
@@ -146,26 +169,30 @@ fn pair_setup() -> Setup {
         fds.push(kick);
         fds.push(call);
     }
-    let pair = pairs.remove(0);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pair.running() != (true, true) {
+    while !running() {
         assert!(Instant::now() < deadline, "the device did not start its rings");
         std::thread::sleep(Duration::from_millis(1));
     }
     let bump = Bump::new(align(tx.end(), 4096), MEM_BASE + MEM_LEN);
     Setup {
         mem,
-        path: Path::Pair(pair),
+        path,
         rx,
         tx,
         bump,
-        _device: Some((device, fe, fds, dir)),
+        _device: Some(Box::new((device, fe, fds, dir))),
     }
 }
 
-/// A frame of `len` bytes and its header (a TSO super-frame above 1514 bytes).
-fn frame_and_header(len: usize) -> (Vec<u8>, VirtioNetRepr) {
-    let f = tcp4_frame(len - 54, 1);
+/// A frame of `len` bytes and its header (a TSO super-frame above 1514
+/// bytes), between 10.0.0.1 and 10.0.0.2 (steered to worker 1 of 2), or
+/// 10.0.0.3 when `worker0` (steered to worker 0).
+fn frame_and_header(len: usize, worker0: bool) -> (Vec<u8>, VirtioNetRepr) {
+    let mut f = tcp4_frame(len - 54, 1);
+    if worker0 {
+        f[33] = 3;
+    }
     let csum = Some(PartialChecksum { start: 34, offset: 16 });
     let gso = (len > 1514).then_some(Gso {
         kind: GsoKind::TcpV4,
@@ -184,8 +211,8 @@ fn frame_and_header(len: usize) -> (Vec<u8>, VirtioNetRepr) {
 }
 
 /// Guest → device: `seconds` of rounds; returns (frames, device seconds).
-fn bench_tx(s: &mut Setup, len: usize, seconds: f64) -> (u64, f64) {
-    let (frame, header) = frame_and_header(len);
+fn bench_tx(s: &mut Setup, len: usize, seconds: f64, worker0: bool) -> (u64, f64) {
+    let (frame, header) = frame_and_header(len, worker0);
     let mut bytes = header.to_bytes().to_vec();
     bytes.extend_from_slice(&frame);
     // One copy of the frame per ring slot, written once: rounds only post descriptors.
@@ -248,6 +275,21 @@ fn bench_tx(s: &mut Setup, len: usize, seconds: f64) -> (u64, f64) {
                         ..Default::default()
                     }
                 }
+                Path::Steered(ports) => {
+                    // Worker 0 takes the pair's frames; worker 1 those passed to it.
+                    let mut n = 0;
+                    for port in ports.iter_mut() {
+                        port.recv_frames(BATCH, &mut |frames| {
+                            n += frames.len();
+                            std::hint::black_box(frames);
+                        })
+                        .unwrap();
+                    }
+                    palisade_io::vhost_user::RecvOutcome {
+                        frames: n,
+                        ..Default::default()
+                    }
+                }
             }
             .frames;
             assert!(n > 0, "the device took no frame");
@@ -262,7 +304,7 @@ fn bench_tx(s: &mut Setup, len: usize, seconds: f64) -> (u64, f64) {
 
 /// Device → guest: `seconds` of rounds; returns (frames, device seconds).
 fn bench_rx(s: &mut Setup, len: usize, seconds: f64) -> (u64, f64) {
-    let (frame, header) = frame_and_header(len);
+    let (frame, header) = frame_and_header(len, false);
     let buf_len: u32 = if len > 1514 { 4096 } else { 1536 };
     let per_frame = (12 + len).div_ceil(buf_len as usize);
     let slots: Vec<u64> = (0..usize::from(RING))
@@ -284,6 +326,7 @@ fn bench_rx(s: &mut Setup, len: usize, seconds: f64) -> (u64, f64) {
             let r = match &mut s.path {
                 Path::Rings(r) => r.send(&s.mem, &header, &frame),
                 Path::Pair(p) => p.send(&header, &frame),
+                Path::Steered(_) => unreachable!("the steered layers measure tx only"),
             };
             r.expect("room for every frame of the round");
         }
@@ -292,6 +335,7 @@ fn bench_rx(s: &mut Setup, len: usize, seconds: f64) -> (u64, f64) {
                 r.flush(&s.mem);
             }
             Path::Pair(p) => p.flush(),
+            Path::Steered(_) => unreachable!("the steered layers measure tx only"),
         }
         busy += t.elapsed();
         frames += frames_per_round as u64;
@@ -309,7 +353,7 @@ fn main() {
     } else {
         0.05
     };
-    for layer in ["rings", "pair"] {
+    for layer in ["rings", "pair", "steered-own", "steered-passed"] {
         for (path, len) in [
             ("tx", 64),
             ("tx", 1514),
@@ -318,9 +362,17 @@ fn main() {
             ("rx", 1514),
             ("rx", 65_000),
         ] {
-            let mut s = if layer == "rings" { rings_setup() } else { pair_setup() };
+            let steered = layer.starts_with("steered");
+            if steered && path == "rx" {
+                continue;
+            }
+            let mut s = match layer {
+                "rings" => rings_setup(),
+                "pair" => pair_setup(false),
+                _ => pair_setup(true),
+            };
             let (frames, secs) = if path == "tx" {
-                bench_tx(&mut s, len, seconds)
+                bench_tx(&mut s, len, seconds, layer != "steered-passed")
             } else {
                 bench_rx(&mut s, len, seconds)
             };

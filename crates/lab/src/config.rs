@@ -5,9 +5,9 @@
 //! library: the output is small, and its exact shape is part of the contract.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::plan::{Plan, VXLAN_PORT};
+use crate::plan::{Plan, VXLAN_PORT, VnicPlan};
 
 /// Quote a TOML basic string.
 fn tq(s: &str) -> String {
@@ -68,6 +68,15 @@ pub fn with_controller(config: &str, url: &str, ca: &Path, ca_dir: &Path, host: 
 /// Datapath workers of each lab agent.
 pub const LAB_WORKERS: usize = 2;
 
+/// Queue pairs of a QEMU guest's vhost-user NIC in the lab (its one CPU drives one).
+pub const QEMU_QUEUE_PAIRS: u16 = 1;
+
+/// The vhost-user socket of a QEMU guest's vNIC: `<state_dir>/vhost/<host_if>.sock`
+/// (the host-side name is unique per host, and short).
+pub fn vhost_user_socket(state_dir: &Path, nic: &VnicPlan) -> PathBuf {
+    state_dir.join("vhost").join(format!("{}.sock", nic.host_if))
+}
+
 /// The configuration of `host`'s agent, or `None` if the plan has no such host.
 pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path) -> Option<String> {
     let h = plan.host(host)?;
@@ -115,7 +124,15 @@ pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path
         for nic in &vm.vnics {
             let _ = writeln!(o, "\n[[vnic]]");
             let _ = writeln!(o, "name = {}", tq(&nic.name));
-            let _ = writeln!(o, "interface = {}", tq(&nic.host_if));
+            if plan.on_vhost_user(vm) {
+                let socket = vhost_user_socket(state_dir, nic);
+                let _ = writeln!(o, "vhost_user = {}", tq(&socket.to_string_lossy()));
+                // One pair, as the guest has one CPU; the agent's other
+                // worker takes its frames through the agent's hand-off.
+                let _ = writeln!(o, "queue_pairs = {QEMU_QUEUE_PAIRS}");
+            } else {
+                let _ = writeln!(o, "interface = {}", tq(&nic.host_if));
+            }
         }
     }
     for z in plan.zones.iter().filter(|z| z.host == h.name) {
@@ -232,5 +249,36 @@ mod tests {
         assert_eq!(verdict("tcp/22"), palisade_policy::model::Action::Deny);
         assert!(generated_yaml(0, 1).is_err());
         assert!(generated_yaml(1, 500).is_err());
+    }
+
+    #[test]
+    fn qemu_guests_on_vhost_user_get_a_socket_and_others_keep_their_interface() {
+        let (inv, pol) = generated_yaml(1, 2).unwrap();
+        let src = palisade_policy::MemorySource::new()
+            .with("inventory.yaml", &inv)
+            .with("policy.yaml", &pol);
+        let inv = palisade_policy::load(&src).unwrap().model.inventory;
+        let qemu = crate::plan::QemuMode::Vms(vec!["vm1".into()]);
+        let mut plan = Plan::new("pl", &inv, &qemu).unwrap();
+        let text = |plan: &Plan| agent_config(plan, "hv1", Path::new("/p"), Path::new("/s")).unwrap();
+        // Tap (a state file from before vhost-user reads as this): interfaces only.
+        let tap = text(&plan);
+        assert_eq!(tap.matches("interface = ").count(), 2 + plan.zones.len(), "{tap}");
+        assert!(!tap.contains("vhost_user"), "{tap}");
+        plan.qemu_nic = crate::plan::QemuNic::VhostUser;
+        let vhost = text(&plan);
+        let nic = &plan.vms[0].vnics[0];
+        let socket = vhost_user_socket(Path::new("/s"), nic);
+        assert_eq!(socket, Path::new("/s/vhost").join(format!("{}.sock", nic.host_if)));
+        assert!(
+            vhost.contains(&format!("vhost_user = \"{}\"\nqueue_pairs = 1\n", socket.display())),
+            "{vhost}"
+        );
+        assert!(!vhost.contains(&format!("interface = \"{}\"", nic.host_if)), "{vhost}");
+        // vm2, a namespace VM, keeps its veth.
+        assert!(
+            vhost.contains(&format!("interface = \"{}\"", plan.vms[1].vnics[0].host_if)),
+            "{vhost}"
+        );
     }
 }

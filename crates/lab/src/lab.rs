@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{EDGE_INTERNET_IP, INTERNET_IP, Plan, QemuMode, VmPlan};
+use crate::plan::{EDGE_INTERNET_IP, INTERNET_IP, Plan, QemuMode, QemuNic, VmPlan};
 use crate::{LabError, config, dns, qemu, sys};
 
 /// How long `up` waits for each agent's `agent ready`.
@@ -38,6 +38,8 @@ pub struct LabSpec {
     pub policy_dir: PathBuf,
     /// Which VMs are QEMU guests.
     pub qemu: QemuMode,
+    /// How the QEMU guests' NICs reach the agent (vhost-user unless asked otherwise).
+    pub qemu_nic: QemuNic,
     /// Where the state file, agent configurations and logs go.
     pub state_dir: PathBuf,
     /// The `palisade` binary to start agents with (`None`: no agents).
@@ -76,6 +78,7 @@ impl LabSpec {
             name: "pal".into(),
             policy_dir: policy_dir.into(),
             qemu: QemuMode::None,
+            qemu_nic: QemuNic::VhostUser,
             state_dir: default_state_dir("pal"),
             agent_exe: None,
             controller: false,
@@ -389,7 +392,16 @@ impl Lab {
     /// Build the lab `spec` describes. On error, everything made so far is removed.
     pub fn up(spec: &LabSpec) -> Result<Lab, LabError> {
         let inv = load_inventory(&spec.policy_dir)?;
-        let plan = Plan::new(&spec.name, &inv, &spec.qemu)?;
+        let mut plan = Plan::new(&spec.name, &inv, &spec.qemu)?;
+        plan.qemu_nic = spec.qemu_nic;
+        if spec.agent_exe.is_none() && plan.vms.iter().any(|v| plan.on_vhost_user(v)) {
+            // QEMU does not start a vhost-user guest until a backend answers on its socket.
+            return Err(LabError::Invalid(
+                "QEMU guests on vhost-user need the agents (their backend): start agents, or attach the guests \
+                 through taps"
+                    .into(),
+            ));
+        }
         for tool in ["ip", "ethtool", "sysctl"] {
             if !sys::have(tool) {
                 return Err(LabError::Invalid(format!("`{tool}` is not installed")));
@@ -414,6 +426,7 @@ impl Lab {
             "agents",
             "logs",
             "qemu",
+            "vhost",
             "ca",
             "controller",
             "www",
@@ -432,7 +445,7 @@ impl Lab {
             };
             r.map_err(LabError::io(format!("removing {}", p.display())))?;
         }
-        for d in ["", "agents", "logs", "qemu", "cache"] {
+        for d in ["", "agents", "logs", "qemu", "vhost", "cache"] {
             mkdir(&state_dir.join(d))?;
         }
         let mut lab = Lab {
@@ -575,8 +588,9 @@ impl Lab {
                 sys::ip_n(vns, &["route", "add", "default", "via", &gw.to_string()])?;
             }
         }
-        // QEMU guests: a tap per guest in the host namespace.
-        for vm in plan.vms.iter().filter(|v| v.qemu) {
+        // QEMU guests on taps: a tap per guest in the host namespace (a
+        // guest on vhost-user needs none: the agent makes its socket).
+        for vm in plan.vms.iter().filter(|v| v.qemu && !plan.on_vhost_user(v)) {
             let hns = self.host_netns(&vm.host);
             for nic in &vm.vnics {
                 sys::ip_n(&hns, &["tuntap", "add", "mode", "tap", "name", &nic.host_if])?;
@@ -590,7 +604,7 @@ impl Lab {
         for z in &plan.zones {
             sys::ip_n(&self.host_netns(&z.host), &["link", "set", &z.host_if, "up"])?;
         }
-        for vm in &plan.vms {
+        for vm in plan.vms.iter().filter(|v| !plan.on_vhost_user(v)) {
             for nic in &vm.vnics {
                 sys::ip_n(&self.host_netns(&vm.host), &["link", "set", &nic.host_if, "up"])?;
             }
@@ -619,13 +633,18 @@ impl Lab {
             let p = self.agent_config(&h.name);
             std::fs::write(&p, text).map_err(LabError::io(format!("writing {}", p.display())))?;
         }
-        // Guests boot in parallel; then agents start.
+        // Guests boot in parallel; then agents start. Guests on vhost-user
+        // come after the agents: QEMU waits for its backend's socket.
         let guests: Vec<VmPlan> = plan.vms.iter().filter(|v| v.qemu).cloned().collect();
-        if !guests.is_empty() {
+        let vhost_user = plan.qemu_nic == QemuNic::VhostUser;
+        if !guests.is_empty() && !vhost_user {
             self.start_guests(&guests, spec.vm_mem_mib)?;
         }
         if let Some(exe) = &spec.agent_exe {
             self.start_agents(exe)?;
+        }
+        if !guests.is_empty() && vhost_user {
+            self.start_guests(&guests, spec.vm_mem_mib)?;
         }
         Ok(())
     }
@@ -661,6 +680,20 @@ impl Lab {
             }
             let logf = File::create(&log).map_err(LabError::io(format!("creating {}", log.display())))?;
             let logf2 = logf.try_clone().map_err(LabError::io("duplicating log handle"))?;
+            let nic_args = if self.state.plan.on_vhost_user(vm) {
+                // Guest memory shared with the agent; offloads as the guest's
+                // virtio-net driver negotiates them (all on).
+                let socket = config::vhost_user_socket(&self.state.state_dir, nic);
+                let accel: Vec<&str> = accel.iter().map(String::as_str).collect();
+                qemu::vhost_user_nic_args(&socket, &nic.mac, config::QEMU_QUEUE_PAIRS, mem, &accel)
+            } else {
+                vec![
+                    "-netdev".into(),
+                    format!("tap,id=n0,ifname={},script=no,downscript=no,vnet_hdr=off", nic.host_if),
+                    "-device".into(),
+                    format!("virtio-net-pci,netdev=n0,mac={}", nic.mac),
+                ]
+            };
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", &self.host_netns(&vm.host), "qemu-system-x86_64"])
                 .args(["-name", &vm.name, "-nodefaults", "-nographic", "-no-reboot"])
@@ -671,11 +704,7 @@ impl Lab {
                 .arg("-initrd")
                 .arg(&initrd)
                 .args(["-append", &append])
-                .args([
-                    "-netdev",
-                    &format!("tap,id=n0,ifname={},script=no,downscript=no,vnet_hdr=off", nic.host_if),
-                ])
-                .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={}", nic.mac)])
+                .args(&nic_args)
                 .arg("-serial")
                 .arg(format!("unix:{},server=on,wait=off", console.display()))
                 .arg("-monitor")

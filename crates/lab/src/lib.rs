@@ -31,5 +31,5 @@ pub use lab::{
     CONTROLLER_IP, CONTROLLER_PORT, ControllerProc, DownReport, Lab, LabSpec, LabState, LabStatus, Spawned,
     default_state_dir, leftovers,
 };
-pub use plan::{Plan, QemuMode};
+pub use plan::{Plan, QemuMode, QemuNic};
 pub use sys::{NetnsThread, spawn_in_netns};

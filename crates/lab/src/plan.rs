@@ -48,6 +48,20 @@ impl QemuMode {
     }
 }
 
+/// How QEMU guests' NICs reach their host's agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum QemuNic {
+    /// A tap in the host namespace, which the agent reads through AF_PACKET
+    /// (QEMU's `vnet_hdr=off`: the guest runs without offloads). What a
+    /// state file written before vhost-user guests means.
+    #[default]
+    Tap,
+    /// vhost-user: the agent listens on a socket per vNIC, QEMU connects
+    /// (reconnecting when the agent restarts), and the agent serves the
+    /// guest's virtio-net queues from its shared memory, offloads on.
+    VhostUser,
+}
+
 /// A hypervisor host: a namespace running one agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostPlan {
@@ -135,6 +149,9 @@ pub struct Plan {
     pub vms: Vec<VmPlan>,
     /// Zones that have a gateway on the edge router.
     pub zones: Vec<ZonePlan>,
+    /// How the QEMU guests' NICs are attached.
+    #[serde(default)]
+    pub qemu_nic: QemuNic,
 }
 
 /// Check a lab name: it prefixes every namespace, and `down` finds a lab's
@@ -350,7 +367,13 @@ impl Plan {
             hosts,
             vms,
             zones,
+            qemu_nic: QemuNic::Tap,
         })
+    }
+
+    /// Whether `vm`'s vNICs are vhost-user sockets (a QEMU guest on vhost-user) rather than host interfaces.
+    pub fn on_vhost_user(&self, vm: &VmPlan) -> bool {
+        vm.qemu && self.qemu_nic == QemuNic::VhostUser
     }
 
     /// The host named `name`.

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use palisade_lab::{Lab, QemuMode};
+use palisade_lab::{Lab, QemuMode, QemuNic};
 
 #[test]
 fn qemu_guest_boots_execs_and_answers_ping() {
@@ -25,6 +25,8 @@ fn qemu_guest_boots_execs_and_answers_ping() {
     let g = Guard::new();
     let mut spec = g.generated(1, 3);
     spec.qemu = QemuMode::Vms(vec!["vm1".into()]);
+    // A tap, bridged below: this lab has no agents (a guest on vhost-user needs its agent).
+    spec.qemu_nic = QemuNic::Tap;
     let t0 = Instant::now();
     let lab = Lab::up(&spec).expect("lab up with a QEMU guest");
     eprintln!(

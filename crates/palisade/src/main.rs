@@ -30,6 +30,9 @@ enum Command {
     Bench(cmd::bench::BenchCmd),
     /// Run the host agent: the datapath on this host's vNIC interfaces.
     Agent(cmd::agent::AgentArgs),
+    /// Attach VMs' vNICs to this host's agent (libvirt XML, virsh).
+    #[command(subcommand)]
+    Vnic(cmd::vnic::VnicCmd),
     /// Build, inspect and remove a small virtual datacenter on this machine.
     #[command(subcommand)]
     Lab(cmd::lab::LabCmd),
@@ -77,6 +80,7 @@ fn main() -> std::process::ExitCode {
         Command::Replay(a) => cmd::replay::run(a),
         Command::Agent(a) => cmd::agent::run(a),
         Command::Lab(c) => cmd::lab::run(c),
+        Command::Vnic(c) => cmd::vnic::run(c),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Audit(c) => cmd::audit::run(c),
         Command::Flows(a) => cmd::audit::flows(a),

@@ -405,6 +405,7 @@ fn qemu_guests_on_two_hosts_are_filtered_by_policy() {
     let spec = LabSpec {
         name: "pe2q".into(),
         qemu: palisade_lab::QemuMode::All,
+        qemu_nic: palisade_lab::QemuNic::Tap,
         agent_exe: Some(EXE.into()),
         ..spec
     };
@@ -449,6 +450,167 @@ fn qemu_guests_on_two_hosts_are_filtered_by_policy() {
     let _ = lab.kill(&mut listener);
     guard.0.take().unwrap().shutdown().unwrap();
     assert_eq!(leftovers("pe2q").unwrap(), Vec::<String>::new());
+}
+
+/// `palisade_port_{rx_frames,rx_bytes}_total` of the port `interface` in Prometheus text.
+fn port_rx(metrics: &str, interface: &str) -> (u64, u64) {
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(&format!("interface=\"{interface}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        value("palisade_port_rx_frames_total"),
+        value("palisade_port_rx_bytes_total"),
+    )
+}
+
+#[test]
+fn qemu_guests_on_vhost_user_are_filtered_with_offloads_on_and_reconnect_after_an_agent_restart() {
+    if !lab_possible() {
+        return;
+    }
+    let _one = one_lab();
+    if !have("qemu-system-x86_64") || palisade_lab::qemu::find_kernel().is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the QEMU test");
+        eprintln!("skipping: no qemu-system-x86_64 or no /boot/vmlinuz-*-cloud-amd64");
+        return;
+    }
+    // As the tap test: vm1 (hv1) and vm2 (hv2) in different zones, ICMP and
+    // HTTP allowed, the rest denied; here each guest's NIC is a vhost-user
+    // socket of its host's agent, guest memory shared with it.
+    let _ = Lab::down("pe2v", &palisade_lab::default_state_dir("pe2v"));
+    let spec = LabSpec::generated(2, 1, palisade_lab::default_state_dir("pe2v")).unwrap();
+    let spec = LabSpec {
+        name: "pe2v".into(),
+        qemu: palisade_lab::QemuMode::All,
+        qemu_nic: palisade_lab::QemuNic::VhostUser,
+        agent_exe: Some(EXE.into()),
+        ..spec
+    };
+    let started = Instant::now();
+    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    eprintln!("lab up with two vhost-user guests in {:?}", started.elapsed());
+    let vm2 = lab.vm_ip("vm2").unwrap().to_string();
+    let t = Duration::from_secs(30);
+    // The guests' drivers negotiated checksum offload and TSO (virtio feature bits 0 and 11).
+    for vm in ["vm1", "vm2"] {
+        let f = lab
+            .exec(vm, &["cat", "/sys/class/net/eth0/device/features"], t)
+            .unwrap();
+        let bits = String::from_utf8_lossy(&f.stdout).trim().to_string();
+        assert!(
+            bits.len() > 11 && &bits[0..1] == "1" && &bits[11..12] == "1",
+            "{vm}: features {bits}"
+        );
+    }
+    let hv1_sock = lab.state().state_dir.join("hv1/agent.sock");
+    let health = palisade_agent::http::get_unix(&hv1_sock, "/health").unwrap();
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    let device = &health["vhost_user"][0];
+    assert_eq!(device["connected"], true, "{health}");
+    assert_eq!(device["features"]["tso4_from_guest"], true, "{health}");
+
+    let allowed = |lab: &Lab| {
+        lab.exec("vm1", &["ping", "-c", "1", "-W", "2", &vm2], t)
+            .is_ok_and(|o| o.status.success())
+    };
+    let http = |lab: &Lab, path: &str| {
+        lab.exec(
+            "vm1",
+            &[
+                "timeout",
+                "20",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                &format!("http://{vm2}/{path}"),
+            ],
+            t,
+        )
+        .unwrap()
+    };
+    let denied = |lab: &Lab| {
+        let ssh = lab
+            .exec("vm1", &["sh", "-c", &format!("echo hello | timeout 5 nc {vm2} 22")], t)
+            .unwrap();
+        ssh.stdout.is_empty()
+    };
+    assert!(allowed(lab), "ICMP allowed");
+    let page = http(lab, "");
+    assert!(
+        page.status.success() && String::from_utf8_lossy(&page.stdout).contains("vm2"),
+        "HTTP allowed: {page:?}"
+    );
+    let mut listener = lab.spawn("vm2", &["nc", "-ll", "-p", "22", "-e", "/bin/cat"]).unwrap();
+    assert!(denied(lab), "tcp/22 must be blocked");
+    // A 1 MiB download: vm2's TCP sends TSO super-frames, which cross
+    // hv2's engine whole (more bytes per frame than an MTU allows).
+    let big = lab
+        .exec(
+            "vm2",
+            &["dd", "if=/dev/zero", "of=/www/big", "bs=1024", "count=1024"],
+            t,
+        )
+        .unwrap();
+    assert!(big.status.success(), "{big:?}");
+    let got = http(lab, "big");
+    assert_eq!(
+        got.stdout.len(),
+        1 << 20,
+        "the whole file: {:?}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let metrics = palisade_agent::http::get_unix(&lab.state().state_dir.join("hv2/agent.sock"), "/metrics").unwrap();
+    let vm2_socket = palisade_lab::config::vhost_user_socket(&lab.state().state_dir, &lab.plan().vms[1].vnics[0]);
+    let (frames, bytes) = port_rx(&metrics, &vm2_socket.to_string_lossy());
+    assert!(
+        frames > 0 && bytes / frames > 1514,
+        "super-frames from vm2: {bytes} bytes in {frames} frames"
+    );
+    eprintln!("vm2's vhost-user port on hv2: {bytes} bytes in {frames} frames");
+
+    // hv1's agent stops (SIGTERM) and starts again: QEMU reconnects to the
+    // new socket by itself and traffic flows again, policy still enforced.
+    let pid = lab.state().agents["hv1"].pid;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t0 = Instant::now();
+    while running(pid as u32) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the agent exits on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!allowed(lab), "nothing flows while the agent is down");
+    let mut restarted = start_agent(lab, "hv1");
+    let t1 = Instant::now();
+    while !allowed(lab) {
+        assert!(
+            t1.elapsed() < Duration::from_secs(30),
+            "vm1 reaches vm2 again after the restart"
+        );
+    }
+    eprintln!("traffic again {:?} after the agent restarted", t1.elapsed());
+    let page = http(lab, "");
+    assert!(page.status.success(), "HTTP after the restart: {page:?}");
+    assert!(denied(lab), "tcp/22 still blocked after the restart");
+    let health = palisade_agent::http::get_unix(&hv1_sock, "/health").unwrap();
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["vhost_user"][0]["connected"], true, "{health}");
+    let _ = lab.kill(&mut listener);
+    let _ = restarted.kill();
+    let _ = restarted.wait();
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2v").unwrap(), Vec::<String>::new());
+    eprintln!("whole test {:?}", started.elapsed());
 }
 
 #[test]

@@ -80,6 +80,19 @@ pub fn libvirt_interface_xml(socket: &Path, mac: [u8; 6], queue_pairs: u16) -> S
     x
 }
 
+/// The `<interface type='ethernet'>` element attaching a guest NIC with
+/// `mac` to a tap named `tap` that already exists (the agent reads it;
+/// `managed='no'`: libvirt neither creates nor deletes it).
+pub fn libvirt_tap_interface_xml(tap: &str, mac: [u8; 6]) -> String {
+    let mut x = String::new();
+    x.push_str("<interface type='ethernet'>\n");
+    let _ = writeln!(x, "  <mac address='{}'/>", mac_text(mac));
+    let _ = writeln!(x, "  <target dev='{}' managed='no'/>", escape(tap));
+    x.push_str("  <model type='virtio'/>\n");
+    x.push_str("</interface>\n");
+    x
+}
+
 /// The `<memoryBacking>` element vhost-user needs in the domain (shared memfd RAM).
 pub const LIBVIRT_MEMORY_BACKING_XML: &str =
     "<memoryBacking>\n  <source type='memfd'/>\n  <access mode='shared'/>\n</memoryBacking>\n";
@@ -104,5 +117,14 @@ mod tests {
         assert!(x.contains("<reconnect enabled='yes' timeout='1'/>"));
         assert!(x.contains("<driver queues='2'/>"));
         assert!(LIBVIRT_MEMORY_BACKING_XML.contains("<access mode='shared'/>"));
+    }
+
+    #[test]
+    fn tap_xml_names_an_unmanaged_tap() {
+        assert_eq!(
+            libvirt_tap_interface_xml("vn-<web>'1", [2, 0, 0, 0, 0, 1]),
+            "<interface type='ethernet'>\n  <mac address='02:00:00:00:00:01'/>\n  \
+             <target dev='vn-&lt;web&gt;&apos;1' managed='no'/>\n  <model type='virtio'/>\n</interface>\n"
+        );
     }
 }

@@ -18,7 +18,9 @@
 //! its poll set and, when it is readable, takes the guest's frames with
 //! [`QueuePair::recv_batch`], delivers frames with [`QueuePair::send`] and
 //! publishes them with one [`QueuePair::flush`] per round (or does all of
-//! it under one lock with a [`Session`]).
+//! it under one lock with a [`Session`]). [`SteeredVhostUser`] shares a
+//! device out between workers that must each see whole connections: it
+//! passes every frame from the guest to the worker the steering hash names.
 //!
 //! **Why not the `vhost-user-backend` crate's daemon.** Its
 //! `VhostUserDaemon` owns the data path too: it spawns its own epoll
@@ -99,6 +101,7 @@ pub mod pair;
 pub mod rings;
 mod server;
 pub mod stats;
+pub mod steered;
 mod to_guest;
 pub mod virtqueue;
 
@@ -108,4 +111,5 @@ pub use pair::{QueuePair, Session};
 pub use rings::{Delivery, FromGuest, Limits, MAX_BATCH, NetRings, RecvOutcome};
 pub use server::{DeviceStatus, MAX_QUEUE_PAIRS, VhostUserNet, VhostUserNetConfig};
 pub use stats::{QueueStats, Refusal, RefusalCounts, SendError};
+pub use steered::{HandoffStats, SteeredVhostUser, WorkerPort};
 pub use virtqueue::{MAX_QUEUE_SIZE, RingFault, RingLayout};

@@ -279,6 +279,11 @@ impl QueuePair {
         QueuePair { shared, index }
     }
 
+    /// Another handle on the same pair (for a second worker that sends on it).
+    pub(crate) fn handle(&self) -> QueuePair {
+        QueuePair::new(self.shared.clone(), self.index)
+    }
+
     /// The pair's index (its virtqueues are `2 * index` and `2 * index + 1`).
     pub fn index(&self) -> u16 {
         self.index

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use palisade_lab::{Lab, LabSpec, QemuMode, default_state_dir, dns, lab::load_inventory, leftovers, stream};
+use palisade_lab::{Lab, LabSpec, QemuMode, QemuNic, default_state_dir, dns, lab::load_inventory, leftovers, stream};
 
 /// Subcommands of `palisade lab`.
 #[derive(clap::Subcommand, Debug)]
@@ -29,6 +29,11 @@ pub enum LabCmd {
         /// Run VMs as QEMU guests: all of them, or the comma-separated list given.
         #[arg(long, num_args = 0..=1, value_delimiter = ',', value_name = "VMS")]
         qemu: Option<Vec<String>>,
+        /// How QEMU guests attach: `vhost-user` (the agent serves the
+        /// guest's virtio-net queues from its shared memory, offloads on) or
+        /// `tap` (a tap the agent reads, guest offloads off).
+        #[arg(long, value_enum, default_value = "vhost-user", value_name = "KIND")]
+        qemu_nic: QemuNicArg,
         /// Do not start agents (nothing forwards until one runs).
         #[arg(long)]
         no_agents: bool,
@@ -89,6 +94,15 @@ pub enum LabCmd {
     Serve(ServeCmd),
 }
 
+/// `--qemu-nic`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum QemuNicArg {
+    /// vhost-user sockets served by the agent.
+    VhostUser,
+    /// Taps in the host namespace.
+    Tap,
+}
+
 /// `palisade lab serve …`.
 #[derive(clap::Subcommand, Debug)]
 pub enum ServeCmd {
@@ -126,6 +140,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             hosts,
             vms,
             qemu,
+            qemu_nic,
             no_agents,
             name,
             state_dir,
@@ -141,6 +156,10 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             spec.state_dir = state_dir;
             spec.vm_mem_mib = vm_mem;
             spec.vm_offloads = vm_offloads;
+            spec.qemu_nic = match qemu_nic {
+                QemuNicArg::VhostUser => QemuNic::VhostUser,
+                QemuNicArg::Tap => QemuNic::Tap,
+            };
             spec.qemu = match qemu {
                 None => QemuMode::None,
                 Some(v) if v.is_empty() => QemuMode::All,

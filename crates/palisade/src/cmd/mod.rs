@@ -13,6 +13,7 @@ pub mod lab;
 pub mod pcap;
 pub mod policy;
 pub mod replay;
+pub mod vnic;
 pub mod whatif;
 
 /// Now, Unix nanoseconds: the one clock read the commands share (the
