@@ -106,12 +106,22 @@ fn bastion_pings_web2(lab: &Lab) -> bool {
 
 /// Whether process `pid` runs: the lab starts agents as our children, so
 /// one that exited is a zombie until reaped (and a zombie forwards nothing).
+/// Every thread counts: after a SIGKILL the main thread can be a zombie
+/// while the workers are still exiting, their sockets still open (a new
+/// agent started then would join their fanout groups behind them, and its
+/// workers' steering would not be the kernel's).
 fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
+    let alive = |stat: &str| {
+        stat.rsplit(')')
             .next()
             .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-    })
+    };
+    match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks
+            .flatten()
+            .any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| alive(&s))),
+        Err(_) => false,
+    }
 }
 
 /// Fails unless `host`'s agent resumed the db stream (port 5432) on the
@@ -658,6 +668,100 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
     assert!(!report.namespaces.is_empty());
     assert_eq!(leftovers("pe2k").unwrap(), Vec::<String>::new());
 }
+/// The crash journal closes the snapshots' window: with snapshots a minute
+/// apart (so none is taken after the agents' start), connections opened
+/// after the start survive a kill -9 of both agents, replayed from the
+/// journals their workers wrote. Without the journal they are lost: the
+/// server's next segment is a new db → app or app → web flow, which the
+/// zone default denies, and the held connections' check fails.
+#[test]
+fn connections_opened_after_the_last_snapshot_survive_a_kill_from_the_journal() {
+    if !lab_possible() {
+        return;
+    }
+    if !have("python3") {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the journal test");
+        eprintln!("skipping: no python3");
+        return;
+    }
+    let _one = one_lab();
+    let mut guard = three_tier_lab("pe2j", false);
+    let lab = guard.0.as_ref().unwrap();
+    let hosts = ["hv1", "hv2"];
+    let mut agents = Vec::new();
+    for h in hosts {
+        // Snapshots a minute apart: only the one each agent takes at its start.
+        let path = lab.agent_config(h);
+        let config = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("state_snapshot_ms = 60000\n{config}")).unwrap();
+        let pid = lab.state().agents[h].pid;
+        assert!(
+            Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        while running(pid as u32) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        agents.push(start_agent(lab, h));
+    }
+    // Opened after every snapshot the agents will take before the kill.
+    let (mut server, mut session, lines) = db_stream(lab);
+    let mut held = HeldFlows::open(lab, "web-1", "app-2", 8080, 300);
+    std::thread::sleep(Duration::from_millis(300));
+    for (c, h) in agents.iter_mut().zip(hosts) {
+        let health =
+            palisade_agent::http::get_unix(&lab.state().state_dir.join(h).join("agent.sock"), "/health").unwrap();
+        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        assert_eq!(
+            health["state"]["snapshots"]["written"], 1,
+            "{h}: only the start's snapshot: {health}"
+        );
+        assert!(
+            health["state"]["journal"]["records"].as_u64() > Some(300),
+            "{h}: the connections are journaled: {health}"
+        );
+        c.kill().unwrap();
+        let _ = c.wait();
+    }
+    while lines.try_recv().is_ok() {}
+    let mut agents: Vec<_> = hosts.iter().map(|h| start_agent(lab, h)).collect();
+    for h in hosts {
+        let health =
+            palisade_agent::http::get_unix(&lab.state().state_dir.join(h).join("agent.sock"), "/health").unwrap();
+        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        let resumed = &health["state"]["resumed"];
+        println!("{h} resumed: {resumed}");
+        assert!(resumed["connections"].as_u64() > Some(300), "{h}: {resumed}");
+        assert!(resumed["journal"]["records"].as_u64() > Some(300), "{h}: {resumed}");
+        assert_eq!(resumed["journal"]["corrupt"], 0, "{h}: {resumed}");
+    }
+    let mut got = 0;
+    while got < 5 && lines.recv_timeout(Duration::from_secs(10)).is_ok() {
+        got += 1;
+    }
+    assert_eq!(
+        got, 5,
+        "the stream opened after the last snapshot continued after the kill"
+    );
+    assert_eq!(held.check(), (300, 0), "every held connection is still usable");
+    std::thread::sleep(Duration::from_millis(1200));
+    for h in hosts {
+        assert_stream_not_new(lab, h, "after the kill");
+    }
+    drop(held);
+    let _ = lab.kill(&mut session);
+    let _ = lab.kill(&mut server);
+    for c in &mut agents {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2j").unwrap(), Vec::<String>::new());
+}
+
 #[test]
 fn qemu_guests_on_two_hosts_are_filtered_by_policy() {
     if !lab_possible() {
