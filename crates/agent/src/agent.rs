@@ -111,6 +111,8 @@ pub struct Agent {
     resumed: Option<Resumed>,
     /// State files refused at start, by reason (corrupt, truncated, foreign, no room...).
     state_refused: std::collections::BTreeMap<&'static str, u64>,
+    /// The first refusals' file, reason and message (for `/health`).
+    refusals: Vec<Refusal>,
     /// The host and vNIC set its state files must belong to.
     identity: Identity,
 }
@@ -127,6 +129,20 @@ struct Resumed {
     /// What the crash journals added.
     journal: JournalReplayed,
 }
+
+/// A state file refused at start.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Refusal {
+    /// The file.
+    file: PathBuf,
+    /// The reason's label (as in `palisade_state_refused_total{reason}`).
+    reason: &'static str,
+    /// What was wrong with it.
+    message: String,
+}
+
+/// Refusals kept for `/health` (the counters keep counting past them).
+const REFUSALS_KEPT: usize = 16;
 
 /// What a start read from the crash journals.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -529,6 +545,7 @@ impl Agent {
             snapshots: SnapshotTimer::new(None, origin),
             resumed: None,
             state_refused: Default::default(),
+            refusals: Vec::new(),
             identity,
             workers_alive: 0,
             policy_installed: Instant::now(),
@@ -733,6 +750,13 @@ impl Agent {
             path.display()
         );
         *self.state_refused.entry(reason).or_default() += 1;
+        if self.refusals.len() < REFUSALS_KEPT {
+            self.refusals.push(Refusal {
+                file: path.to_path_buf(),
+                reason,
+                message: why.to_string(),
+            });
+        }
     }
 
     /// Open each worker's crash journal, empty, once the state it would add
@@ -1124,6 +1148,7 @@ impl Agent {
                     "resumed": self.resumed,
                     "refused": self.state_refused,
                     "refused_total": self.state_refused.values().sum::<u64>(),
+                    "refusals": self.refusals,
                     "journal": journal,
                 }),
             );

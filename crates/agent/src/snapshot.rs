@@ -127,7 +127,7 @@ pub fn check_blob_name(found: &str, identity: &crate::journal::Identity) -> Resu
 pub fn refusal_reason(e: &palisade_datapath::StateError) -> &'static str {
     use palisade_datapath::StateError as E;
     match e {
-        E::Truncated => "truncated",
+        E::Truncated | E::Cut { .. } => "truncated",
         E::BadMagic => "bad_magic",
         E::UnsupportedVersion(_) => "wrong_version",
         E::BadChecksum { .. } => "checksum",

@@ -47,6 +47,14 @@ pub enum StateError {
     /// Shorter than its header or its declared contents.
     #[error("state blob truncated")]
     Truncated,
+    /// Shorter than the records its header declares.
+    #[error("state blob truncated: {len} bytes, its header declares {declared}")]
+    Cut {
+        /// Its length.
+        len: usize,
+        /// The length its header declares.
+        declared: usize,
+    },
     /// Not a Palisade connection-state blob.
     #[error("not a Palisade connection-state blob (bad magic)")]
     BadMagic,
@@ -273,6 +281,19 @@ pub fn decode(blob: &[u8]) -> Result<Snapshot, StateError> {
     let record_len = if version == 1 { RECORD_LEN_V1 } else { RECORD_LEN };
     if blob.len() < MAGIC.len() + 2 + 8 + 2 + 4 + 4 {
         return Err(StateError::Truncated);
+    }
+    // A blob shorter than its header declares was cut (a file truncated, a
+    // transfer cut short): said as such, before the checksum it also fails.
+    let name_len = usize::from(u16::from_be_bytes([blob[16], blob[17]]));
+    if let Some(c) = blob.get(18 + name_len..22 + name_len) {
+        let count = u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize;
+        let declared = 22 + name_len + count.min(MAX_RECORDS as usize) * record_len + 4;
+        if blob.len() < declared && count <= MAX_RECORDS as usize {
+            return Err(StateError::Cut {
+                len: blob.len(),
+                declared,
+            });
+        }
     }
     let (body, tail) = blob.split_at(blob.len() - 4);
     let expected = u32::from_be_bytes([tail[0], tail[1], tail[2], tail[3]]);
