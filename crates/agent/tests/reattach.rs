@@ -206,7 +206,9 @@ fn bad_state_files_are_refused_named_and_counted_and_the_agent_starts_without_th
     }
 
     // Another host's or another vNIC set's state, in either file, and files that are not files.
-    let foreign: Vec<(&str, Box<dyn Fn(&Path, &Path)>, &str, &str, u64)> = vec![
+    /// Writes the snapshot and journal files of a case.
+    type Make<'a> = Box<dyn Fn(&Path, &Path) + 'a>;
+    let foreign: Vec<(&str, Make<'_>, &str, &str, u64)> = vec![
         (
             "snapshot of another host",
             Box::new(|s, j| std::fs::write(s, state(&blob_name(&other_host), &me(), j)).unwrap()),
