@@ -589,6 +589,7 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         for &i in &victims {
             agents[i] = Some(start_agent(lab, hosts[i]));
         }
+        let ready = restart_at.elapsed();
         let mut got = 0;
         let mut first = None;
         while got < 5 && lines.recv_timeout(Duration::from_secs(10)).is_ok() {
@@ -604,7 +605,7 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         let names: Vec<&str> = victims.iter().map(|&i| hosts[i]).collect();
         println!(
             "round {round}: killed {names:?}, down {down:?}, stream stall {stall:?} (a line every 100 ms), \
-             new connections refused for {new_flow} ms ({after_restart} ms after the restart), \
+             restarted and ready in {ready:?}, new connections refused for {new_flow} ms ({after_restart} ms after the restart), \
              closed zone received {passed} packet(s) while down"
         );
         assert_eq!(
