@@ -902,13 +902,36 @@ fn agents_keep_enforcing_while_the_controller_is_down_and_follow_it_when_it_retu
         .spawn()
         .unwrap();
     let t = Instant::now();
-    loop {
+    let tagged = loop {
         let out = lab.ctl(&["tag", "vm", "web-1", "quarantine=true"]).unwrap();
         if out.status.success() {
-            break;
+            break String::from_utf8_lossy(&out.stdout).into_owned();
         }
         assert!(t.elapsed() < Duration::from_secs(20), "controller back: {out:?}");
         std::thread::sleep(Duration::from_millis(200));
+    };
+    // The revision the change made: every agent converges on it (drift 0).
+    let revision: u64 = tagged
+        .split("(revision ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {tagged:?}"));
+    let t = Instant::now();
+    for h in ["hv1", "hv2"] {
+        let sock = lab.state().state_dir.join(h).join("agent.sock");
+        loop {
+            let health = palisade_agent::http::get_unix(&sock, "/health").unwrap();
+            let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+            if health["controller_revision"] == revision {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{h} converges on revision {revision}: {health}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     let t = Instant::now();
     while http(lab) {
