@@ -41,9 +41,12 @@ use palisade_wire::flow::FlowKey;
 use crate::config::AgentConfig;
 use crate::error::{AgentError, io_err};
 use crate::http::{self, Published, Shared};
+use crate::journal::{Identity, Journal};
 use crate::metrics;
 use crate::records::{Clock, Identities};
-use crate::snapshot::{SnapshotTimer, StateKind, state_files, state_path, write_state};
+use crate::snapshot::{
+    SnapshotTimer, StateKind, check_blob_name, refusal_reason, state_files, state_path, worker_of, write_state,
+};
 use crate::worker::{Attached, Worker, WorkerCore, WorkerIo, lock};
 
 /// A vNIC or appliance port: its name, its interface, its engine port (the same in every worker).
@@ -109,8 +112,12 @@ pub struct Agent {
     snapshots: SnapshotTimer,
     /// What the start resumed from (for `/health`).
     resumed: Option<Resumed>,
-    /// State files refused at start (corrupt, truncated, foreign, no room).
-    state_refused: u64,
+    /// State files refused at start, by reason (corrupt, truncated, foreign, no room...).
+    state_refused: std::collections::BTreeMap<&'static str, u64>,
+    /// The first refusals' file, reason and message (for `/health`).
+    refusals: Vec<Refusal>,
+    /// The host and vNIC set its state files must belong to.
+    identity: Identity,
 }
 
 /// What a start resumed its connections from.
@@ -120,9 +127,35 @@ struct Resumed {
     from: &'static str,
     /// Connections resumed.
     connections: usize,
-    /// How old the newest file was, milliseconds (for a snapshot: the
-    /// window of connections a crash could have lost).
+    /// How old the newest file was, milliseconds.
     age_ms: u64,
+    /// What the crash journals added.
+    journal: JournalReplayed,
+}
+
+/// A state file refused at start.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Refusal {
+    /// The file.
+    file: PathBuf,
+    /// The reason's label (as in `palisade_state_refused_total{reason}`).
+    reason: &'static str,
+    /// What was wrong with it.
+    message: String,
+}
+
+/// Refusals kept for `/health` (the counters keep counting past them).
+const REFUSALS_KEPT: usize = 16;
+
+/// What a start read from the crash journals.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+struct JournalReplayed {
+    /// Records replayed.
+    records: u64,
+    /// Last records a kill interrupted, dropped.
+    torn: u64,
+    /// Damaged records, dropped with the rest of their half.
+    corrupt: u64,
 }
 
 impl core::fmt::Debug for Agent {
@@ -432,6 +465,7 @@ impl Agent {
                 render_errors: 0,
                 quiesced: Vec::new(),
                 quiesced_drops: 0,
+                journal: None,
             })));
         }
         let origin = Instant::now();
@@ -501,6 +535,7 @@ impl Agent {
             Some(control),
         )
         .map_err(io_err("agent HTTP endpoint"))?;
+        let identity = Identity::new(&config.host, config.vnics.iter().map(|v| v.name.as_str()));
         let mut agent = Agent {
             config,
             workers,
@@ -524,7 +559,9 @@ impl Agent {
             last_policy_error: None,
             snapshots: SnapshotTimer::new(None, origin),
             resumed: None,
-            state_refused: 0,
+            state_refused: Default::default(),
+            refusals: Vec::new(),
+            identity,
             workers_alive: 0,
             policy_installed: Instant::now(),
             zones,
@@ -534,6 +571,7 @@ impl Agent {
             notifier: crate::notify::Notifier::from_env(),
         };
         agent.import_state();
+        agent.start_journals();
         agent.publish();
         Ok(agent)
     }
@@ -546,74 +584,117 @@ impl Agent {
     /// the worker its flows are steered to: a clean stop's saved state if
     /// there is one (then removed: it is stale once used), else the
     /// snapshots a crash left, their TCP windows relaxed (see
-    /// [`crate::snapshot`]). A file that fails its checks is refused with a
-    /// message and counted; the agent then starts without it.
+    /// [`crate::snapshot`]), each with the crash journal its worker wrote
+    /// after it replayed over it (see [`crate::journal`]). A file that
+    /// fails its checks (damaged, truncated, of another version, another
+    /// host's or another vNIC set's) is refused with a message naming it
+    /// and the problem, and counted by reason; the agent then starts
+    /// without it, never stops for it.
     fn import_state(&mut self) {
         let dir = self.config.state_dir.clone();
         let saved = state_files(&dir, StateKind::Saved);
-        let (files, kind) = if saved.is_empty() {
-            (state_files(&dir, StateKind::Snapshot), StateKind::Snapshot)
+        let kind = if saved.is_empty() {
+            StateKind::Snapshot
         } else {
-            (saved, StateKind::Saved)
+            StateKind::Saved
         };
-        let now = self.now();
-        let n = self.workers.len() as u32;
-        let mut resumed_total = 0;
-        let mut newest_age: Option<Duration> = None;
-        for path in &files {
-            let Ok(mut blob) = std::fs::read(path) else { continue };
-            let age = std::fs::metadata(path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .unwrap_or_default();
-            newest_age = Some(newest_age.map_or(age, |a| a.min(age)));
-            if kind == StateKind::Snapshot
-                && let Err(e) = palisade_datapath::relax_tcp_windows(&mut blob)
-            {
-                self.state_refused += 1;
-                eprintln!("palisade agent: state snapshot {} refused: {e}", path.display());
-                continue;
-            }
-            let mut resumed = 0;
-            for (i, core) in self.workers.iter().enumerate() {
-                let mut core = lock(core);
-                // Imported connections are not new flows: their start was recorded before the restart.
-                let mut events = Vec::new();
-                let mine = |k: &FlowKey| steer::addresses_worker(k.src_addr(), k.dst_addr(), n) == i as u32;
-                match core.engine.import_all_where(&blob, now, &mut events, mine) {
-                    Ok(k) => resumed += k,
-                    Err(e) => {
-                        self.state_refused += 1;
-                        eprintln!("palisade agent: saved state {} refused: {e}", path.display());
-                        break;
-                    }
+        // Per worker index of the run before: its blob and its journal.
+        let mut sources: std::collections::BTreeMap<usize, (Option<PathBuf>, Option<PathBuf>)> = Default::default();
+        let blobs = if kind == StateKind::Saved {
+            saved
+        } else {
+            state_files(&dir, StateKind::Snapshot)
+        };
+        for (i, path) in blobs.into_iter().enumerate() {
+            // `host.state` (a single-threaded agent's) has no index: after the others.
+            let index = worker_of(&path).unwrap_or(usize::MAX - i);
+            sources.entry(index).or_default().0 = Some(path);
+        }
+        if kind == StateKind::Snapshot {
+            for path in state_files(&dir, StateKind::Journal) {
+                if let Some(index) = worker_of(&path) {
+                    sources.entry(index).or_default().1 = Some(path);
                 }
             }
+        }
+        let now = self.now();
+        let mut resumed_total = 0;
+        let mut newest_age: Option<Duration> = None;
+        let mut journal = JournalReplayed::default();
+        for (blob_path, journal_path) in sources.into_values() {
+            let mut from_blob = None;
+            if let Some(path) = &blob_path {
+                let age = std::fs::metadata(path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .unwrap_or_default();
+                newest_age = Some(newest_age.map_or(age, |a| a.min(age)));
+                match self.read_blob(path, kind) {
+                    Ok(snap) => from_blob = Some(snap),
+                    Err((reason, why)) => self.refuse(path, reason, &why),
+                }
+            }
+            let mut replay = None;
+            if let Some(path) = &journal_path {
+                match crate::journal::read(path, &self.identity) {
+                    Ok(r) => {
+                        journal.records += r.ops.len() as u64;
+                        journal.torn += r.torn;
+                        journal.corrupt += r.corrupt;
+                        if r.torn + r.corrupt > 0 {
+                            eprintln!(
+                                "palisade agent: journal {}: dropped {} torn and {} damaged record(s)",
+                                path.display(),
+                                r.torn,
+                                r.corrupt
+                            );
+                        }
+                        replay = Some(r);
+                    }
+                    Err(e) => self.refuse(path, e.reason(), &e.to_string()),
+                }
+            }
+            let snap = match replay {
+                Some(r) => crate::journal::apply(from_blob, r),
+                None => match from_blob {
+                    Some(s) => s,
+                    None => continue,
+                },
+            };
+            let resumed = self.import_decoded(&snap, now, blob_path.as_ref().or(journal_path.as_ref()));
             eprintln!(
-                "palisade agent: resumed {resumed} connection(s) from {} ({} ms old)",
-                path.display(),
-                age.as_millis()
+                "palisade agent: resumed {resumed} connection(s) from {}{}",
+                blob_path
+                    .as_ref()
+                    .map_or("no snapshot".into(), |p| p.display().to_string()),
+                journal_path
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(" and {}", p.display()))
             );
             resumed_total += resumed;
-            if kind == StateKind::Saved {
-                let _ = std::fs::remove_file(path);
-            }
         }
         if kind == StateKind::Saved {
-            // A clean stop's state supersedes any snapshot the run before it left.
-            for old in state_files(&dir, StateKind::Snapshot) {
+            for old in state_files(&dir, StateKind::Saved) {
+                let _ = std::fs::remove_file(old);
+            }
+            // A clean stop's state supersedes any snapshot or journal the run before it left.
+            for old in state_files(&dir, StateKind::Snapshot)
+                .into_iter()
+                .chain(state_files(&dir, StateKind::Journal))
+            {
                 let _ = std::fs::remove_file(old);
             }
         }
-        if let Some(age) = newest_age {
+        if newest_age.is_some() || journal.records > 0 {
             self.resumed = Some(Resumed {
                 from: match kind {
                     StateKind::Saved => "saved",
-                    StateKind::Snapshot => "snapshot",
+                    _ => "snapshot",
                 },
                 connections: resumed_total,
-                age_ms: age.as_millis() as u64,
+                age_ms: newest_age.unwrap_or_default().as_millis() as u64,
+                journal,
             });
         }
         // The first snapshot one interval from now (the files just read stay
@@ -621,17 +702,121 @@ impl Agent {
         self.snapshots = SnapshotTimer::new(self.config.state_snapshot_interval(), Instant::now());
     }
 
+    /// Read, check and decode a saved state or snapshot file (a snapshot's
+    /// TCP windows relaxed); `Err` holds the refusal's reason and message.
+    fn read_blob(
+        &self,
+        path: &Path,
+        kind: StateKind,
+    ) -> Result<palisade_datapath::state::Snapshot, (&'static str, String)> {
+        let meta = std::fs::symlink_metadata(path).map_err(|e| ("unreadable", e.to_string()))?;
+        if !meta.file_type().is_file() {
+            return Err(("not_regular", "not a regular file".into()));
+        }
+        // The largest blob a table could need (and a bound on what a bad file makes us read).
+        let limit = 64 + u64::from(palisade_datapath::state::MAX_RECORDS) * palisade_datapath::state::RECORD_LEN as u64;
+        if meta.len() > limit {
+            return Err((
+                "truncated",
+                format!("{} bytes, more than any state file ({limit})", meta.len()),
+            ));
+        }
+        let mut blob = std::fs::read(path).map_err(|e| ("unreadable", e.to_string()))?;
+        if kind == StateKind::Snapshot {
+            palisade_datapath::relax_tcp_windows(&mut blob).map_err(|e| (refusal_reason(&e), e.to_string()))?;
+        }
+        let snap = palisade_datapath::state::decode(&blob).map_err(|e| (refusal_reason(&e), e.to_string()))?;
+        check_blob_name(&snap.vnic, &self.identity).map_err(|why| ("foreign", why))?;
+        Ok(snap)
+    }
+
+    /// Hand each connection of `snap` to the worker its flows are steered
+    /// to; returns how many were imported (`source` names it in a refusal).
+    fn import_decoded(
+        &mut self,
+        snap: &palisade_datapath::state::Snapshot,
+        now: u64,
+        source: Option<&PathBuf>,
+    ) -> usize {
+        let n = self.workers.len() as u32;
+        let mut resumed = 0;
+        for (i, core) in self.workers.iter().enumerate() {
+            let mut core = lock(core);
+            // Imported connections are not new flows: their start was recorded before the restart.
+            let mut events = Vec::new();
+            let mine = |k: &FlowKey| steer::addresses_worker(k.src_addr(), k.dst_addr(), n) == i as u32;
+            match core.engine.import_decoded_where(snap.clone(), now, &mut events, mine) {
+                Ok(k) => resumed += k,
+                Err(e) => {
+                    drop(core);
+                    let path = source.cloned().unwrap_or_default();
+                    self.refuse(&path, refusal_reason(&e), &e.to_string());
+                    break;
+                }
+            }
+        }
+        resumed
+    }
+
+    /// Say that the state file `path` was refused and why, and count it.
+    fn refuse(&mut self, path: &Path, reason: &'static str, why: &str) {
+        eprintln!(
+            "palisade agent: state file {} refused ({reason}): {why}; starting without it",
+            path.display()
+        );
+        *self.state_refused.entry(reason).or_default() += 1;
+        if self.refusals.len() < REFUSALS_KEPT {
+            self.refusals.push(Refusal {
+                file: path.to_path_buf(),
+                reason,
+                message: why.to_string(),
+            });
+        }
+    }
+
+    /// Open each worker's crash journal, empty, once the state it would add
+    /// to is on disk: a snapshot round first (the connections just
+    /// imported included), so nothing the previous run journaled is lost
+    /// if this one crashes before its first round. Without snapshots there
+    /// is no journal. A journal that cannot be made is said once; that
+    /// worker runs on snapshots alone.
+    fn start_journals(&mut self) {
+        if self.config.state_snapshot_interval().is_none() {
+            return;
+        }
+        self.snapshot();
+        if self.snapshots.failing() {
+            return;
+        }
+        for (i, core) in self.workers.iter().enumerate() {
+            let path = state_path(&self.config.state_dir, i, StateKind::Journal);
+            match Journal::create(&path, self.identity.clone(), i as u32, crate::journal::DEFAULT_CAPACITY) {
+                Ok(j) => lock(core).journal = Some(j),
+                Err(e) => eprintln!(
+                    "palisade agent: crash journal {}: {e}; worker {i} runs on snapshots alone",
+                    path.display()
+                ),
+            }
+        }
+    }
+
     /// Write every worker's connections to its snapshot file (each worker is
-    /// locked only while its table is encoded).
+    /// locked only while its table is encoded, and its journal switched to
+    /// the other half at that moment).
     fn snapshot(&mut self) {
         let started = Instant::now();
         let now = self.now();
+        let name = crate::snapshot::blob_name(&self.identity);
         let (mut connections, mut bytes, mut ok) = (0u64, 0u64, true);
         for (i, core) in self.workers.iter().enumerate() {
             let blob = {
-                let core = lock(core);
+                let mut core = lock(core);
                 connections += core.engine.conntrack().len() as u64;
-                core.engine.export_all(now)
+                let blob = core.engine.export_all_named(&name, now);
+                if let Some(j) = &mut core.journal {
+                    j.rotate();
+                }
+                blob
             };
             bytes += blob.len() as u64;
             let path = state_path(&self.config.state_dir, i, StateKind::Snapshot);
@@ -909,6 +1094,15 @@ impl Agent {
             render_errors += g.render_errors;
         }
         let quiesced_drops: u64 = guards.iter().map(|g| g.quiesced_drops).sum();
+        let journal = guards.iter().filter_map(|g| g.journal.as_ref()).fold(
+            crate::journal::JournalStats::default(),
+            |mut all, j| {
+                all.records += j.stats.records;
+                all.overflows += j.stats.overflows;
+                all.rotations += j.stats.rotations;
+                all
+            },
+        );
         let mut text = metrics::render(&metrics::Snapshot {
             host: &self.config.host,
             engines: &engines,
@@ -922,7 +1116,8 @@ impl Agent {
             ipfix: self.ipfix.as_ref().map(|x| x.stats()),
             controller_dropped: self.to_controller.as_ref().map(|_| self.controller_dropped),
             snapshots: self.snapshots.stats,
-            state_refused: self.state_refused,
+            state_refused: &self.state_refused,
+            journal,
         });
         text.push_str(&format!(
             "# HELP palisade_vnic_migrating_drops_total Frames dropped because their vNIC's VM is migrating away \
@@ -973,6 +1168,9 @@ impl Agent {
                     "snapshots": self.snapshots.stats,
                     "resumed": self.resumed,
                     "refused": self.state_refused,
+                    "refused_total": self.state_refused.values().sum::<u64>(),
+                    "refusals": self.refusals,
+                    "journal": journal,
                 }),
             );
         }
@@ -1028,12 +1226,18 @@ impl Agent {
         for (i, core) in self.workers.iter().enumerate() {
             let core = lock(core);
             saved += core.engine.conntrack().len();
-            let blob = core.engine.export_all(now);
+            let blob = core
+                .engine
+                .export_all_named(&crate::snapshot::blob_name(&self.identity), now);
             let path = state_path(&self.config.state_dir, i, StateKind::Saved);
             write_state(&path, &blob).map_err(io_err(format!("saving {}", path.display())))?;
         }
-        // The exact state supersedes the snapshots (older by up to an interval).
-        for old in state_files(&self.config.state_dir, StateKind::Snapshot) {
+        // The exact state supersedes the snapshots (older by up to an
+        // interval) and the journals written after them.
+        for old in state_files(&self.config.state_dir, StateKind::Snapshot)
+            .into_iter()
+            .chain(state_files(&self.config.state_dir, StateKind::Journal))
+        {
             let _ = std::fs::remove_file(old);
         }
         let unix_now = self.clock.unix(self.now());

@@ -28,6 +28,7 @@ pub mod config;
 mod error;
 pub mod health;
 pub mod http;
+pub mod journal;
 pub mod metrics;
 pub mod migrate;
 pub mod notify;

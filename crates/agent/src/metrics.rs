@@ -36,8 +36,10 @@ pub struct Snapshot<'a> {
     pub controller_dropped: Option<u64>,
     /// The connection-table snapshots (crash recovery).
     pub snapshots: crate::snapshot::SnapshotStats,
-    /// State files refused at start.
-    pub state_refused: u64,
+    /// State files refused at start, by reason.
+    pub state_refused: &'a std::collections::BTreeMap<&'static str, u64>,
+    /// The workers' crash journals, summed.
+    pub journal: crate::journal::JournalStats,
 }
 
 fn esc(s: &str) -> String {
@@ -353,8 +355,32 @@ pub fn render(s: &Snapshot<'_>) -> String {
     metric(
         "palisade_state_files_refused_total",
         "counter",
-        "Saved or snapshotted state files refused at start (corrupt, truncated, foreign or without room).",
-        &one(s.state_refused),
+        "Saved, snapshotted or journaled state files refused at start (corrupt, truncated, foreign or without room).",
+        &one(s.state_refused.values().sum()),
+    );
+    let by_reason: Vec<(String, u64)> = s
+        .state_refused
+        .iter()
+        .map(|(reason, n)| (format!("reason=\"{reason}\""), *n))
+        .collect();
+    metric(
+        "palisade_state_refused_total",
+        "counter",
+        "State files refused at start, by reason (truncated, checksum, bad_magic, wrong_version, malformed, \
+         foreign, no_room, not_regular, unreadable).",
+        &by_reason,
+    );
+    metric(
+        "palisade_state_journal_records_total",
+        "counter",
+        "Connection events written to the crash journals (what a crash since the last snapshot keeps).",
+        &one(s.journal.records),
+    );
+    metric(
+        "palisade_state_journal_overflows_total",
+        "counter",
+        "Connection events the crash journals had no room for before the next snapshot.",
+        &one(s.journal.overflows),
     );
     if let Some(a) = s.audit {
         metric(

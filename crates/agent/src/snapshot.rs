@@ -41,6 +41,8 @@ pub enum StateKind {
     Saved,
     /// Taken on a timer while running: what a crash leaves.
     Snapshot,
+    /// The crash journal written since the last snapshot ([`crate::journal`]).
+    Journal,
 }
 
 impl StateKind {
@@ -48,6 +50,7 @@ impl StateKind {
         match self {
             StateKind::Saved => "state",
             StateKind::Snapshot => "snapshot",
+            StateKind::Journal => "journal",
         }
     }
 }
@@ -86,6 +89,52 @@ pub fn state_files(dir: &Path, kind: StateKind) -> Vec<PathBuf> {
         .unwrap_or_default();
     files.sort();
     files
+}
+
+/// The worker index a state file's name carries (`host-N.kind`).
+pub fn worker_of(path: &Path) -> Option<usize> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_prefix("host-")?.split('.').next()?.parse().ok()
+}
+
+/// The name an agent's state blobs carry: its host and vNIC set, so that a
+/// start refuses state another host (or another configuration) left.
+pub fn blob_name(identity: &crate::journal::Identity) -> String {
+    format!("{HOST_BLOB}:{}:{:016x}", identity.host, identity.hash)
+}
+
+/// The name of a whole-engine blob written before blobs named their host
+/// (read as this host's: an upgrade keeps its connections).
+const HOST_BLOB: &str = "*host*";
+
+/// Check that a decoded state blob is this agent's (see [`blob_name`]):
+/// `Err` names whose it is.
+pub fn check_blob_name(found: &str, identity: &crate::journal::Identity) -> Result<(), String> {
+    if found == HOST_BLOB || found == blob_name(identity) {
+        return Ok(());
+    }
+    Err(match found.strip_prefix("*host*:").and_then(|r| r.rsplit_once(':')) {
+        Some((host, hash)) if host == identity.host => format!(
+            "written by host {host:?} with another vNIC set (identity {hash}, this agent's {:016x})",
+            identity.hash
+        ),
+        Some((host, _)) => format!("written by another host, {host:?}"),
+        None => format!("not a host's state (it names {found:?}: a vNIC's migration blob?)"),
+    })
+}
+
+/// A short label for why a state blob was refused (metrics, `/health`).
+pub fn refusal_reason(e: &palisade_datapath::StateError) -> &'static str {
+    use palisade_datapath::StateError as E;
+    match e {
+        E::Truncated | E::Cut { .. } => "truncated",
+        E::BadMagic => "bad_magic",
+        E::UnsupportedVersion(_) => "wrong_version",
+        E::BadChecksum { .. } => "checksum",
+        E::Malformed(_) => "malformed",
+        E::ForeignVnic { .. } | E::UnknownPort => "foreign",
+        E::NoRoom { .. } => "no_room",
+    }
 }
 
 /// Write `blob` to `path` so that a reader (or a crash) sees either the

@@ -90,6 +90,9 @@ pub(crate) struct WorkerCore {
     pub quiesced: Vec<PortId>,
     /// Frames dropped because their port was quiesced (reason `vnic_migrating`).
     pub quiesced_drops: u64,
+    /// The crash journal of the connections made, changed or ended since
+    /// the last snapshot (`None`: snapshots are off, or it could not be made).
+    pub journal: Option<crate::journal::Journal>,
 }
 
 /// Lock a worker's core. A worker that panicked while holding it has
@@ -388,6 +391,13 @@ impl Worker {
                                 self.clock,
                             ));
                         }
+                    }
+                }
+                if let Some(j) = &mut core.journal {
+                    // Connection events only (a few per connection), never per packet.
+                    let table = core.engine.conntrack();
+                    for ev in &events {
+                        j.note(ev, table.find(&ev.key).and_then(|s| table.get(s)), now);
                     }
                 }
                 for ev in events.drain(..) {

@@ -122,9 +122,18 @@ fn snapshot<'a>(
             last_connections: 48,
             ..Default::default()
         },
-        state_refused: 1,
+        state_refused: &REFUSED,
+        journal: palisade_agent::journal::JournalStats {
+            records: 9,
+            overflows: 3,
+            rotations: 2,
+        },
     }
 }
+
+/// One state file refused for its checksum, two as another host's.
+static REFUSED: std::sync::LazyLock<std::collections::BTreeMap<&'static str, u64>> =
+    std::sync::LazyLock::new(|| [("checksum", 1), ("foreign", 2)].into());
 
 #[test]
 fn the_page_is_prometheus_text_summed_over_workers() {
@@ -208,7 +217,11 @@ fn the_page_is_prometheus_text_summed_over_workers() {
     );
     assert_eq!(v("palisade_state_snapshots_total", &[]), Some(5));
     assert_eq!(v("palisade_state_snapshot_connections", &[]), Some(48));
-    assert_eq!(v("palisade_state_files_refused_total", &[]), Some(1));
+    assert_eq!(v("palisade_state_files_refused_total", &[]), Some(3));
+    assert_eq!(v("palisade_state_refused_total", &[("reason", "checksum")]), Some(1));
+    assert_eq!(v("palisade_state_refused_total", &[("reason", "foreign")]), Some(2));
+    assert_eq!(v("palisade_state_journal_records_total", &[]), Some(9));
+    assert_eq!(v("palisade_state_journal_overflows_total", &[]), Some(3));
     // A rule's counts are summed over the workers' registries.
     let hits: u64 = engines
         .iter()

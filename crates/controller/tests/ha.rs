@@ -158,3 +158,75 @@ fn three_controllers_one_etcd_failover() {
     }
     drop(servers);
 }
+
+/// The controller on a three-member etcd cluster survives the loss of one
+/// member: the leader is killed (SIGKILL), the two left elect another, and
+/// writes (a tag, an apply) and reads (the policy, an agent's watch)
+/// through the controller succeed again within a bound: the time etcd
+/// takes to elect a new leader (about a second with its defaults) and the
+/// controller to move past the dead member. Every later request succeeds.
+#[test]
+fn the_controller_survives_the_loss_of_one_of_three_etcd_members() {
+    let Some(mut etcd) = TestEtcdCluster::or_skip("quorum", 23_840) else {
+        return;
+    };
+    // The leader is also the first endpoint: the controller's first try goes to the dead member.
+    let leader = etcd.leader().expect("a leader");
+    let mut endpoints = etcd.urls.clone();
+    endpoints.rotate_left(leader);
+    let store: Arc<dyn Store> = Arc::new(EtcdStore::new(endpoints, "/palisade/"));
+    let ctl = Controller::new(store);
+    let srv = server::spawn(ctl.clone(), ServeOptions::plain("127.0.0.1:0".parse().unwrap())).unwrap();
+    let token = ctl.create_token("local", "ops", Role::Admin).unwrap();
+    let api = Client::new(&srv.url(), ClientAuth::Token(token.clone())).unwrap();
+    assert_eq!(api.apply(&files(POLICY_V1), "v1", false).unwrap().version, 1);
+    api.register("hv1", "t").unwrap();
+    let tag = |round: usize| palisade_api::TagRequest {
+        set: [("round".to_string(), round.to_string())].into(),
+        remove: vec![],
+    };
+    let before = api.tag("db-1", &tag(0)).unwrap().revision;
+
+    etcd.kill(leader);
+    let killed = Instant::now();
+    // The first write that succeeds after the kill, retried as a client would.
+    const BOUND: Duration = Duration::from_secs(10);
+    let mut failures = Vec::new();
+    let rev = loop {
+        match api.tag("db-1", &tag(1)) {
+            Ok(r) => break r.revision,
+            Err(e) => failures.push(e.to_string()),
+        }
+        assert!(
+            killed.elapsed() < BOUND,
+            "no write succeeded within {BOUND:?} of losing the leader: {failures:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = killed.elapsed();
+    eprintln!(
+        "first write {took:?} after the leader (member {leader}) was killed; {} failed before it: {failures:?}",
+        failures.len()
+    );
+    assert!(rev > before);
+    // From then on, every request succeeds: writes, reads, an agent's watch.
+    for round in 2..12 {
+        let r = api.tag("db-1", &tag(round)).unwrap().revision;
+        let seen = api
+            .watch_policy("hv1", r - 1, Duration::from_secs(5))
+            .unwrap()
+            .expect("the agent sees the change");
+        assert_eq!(seen.revision, r);
+    }
+    assert_eq!(
+        api.apply(&files(POLICY_V2), "v2 with a member down", false)
+            .unwrap()
+            .version,
+        2
+    );
+    assert_eq!(api.policy().unwrap().version, 2);
+    assert_eq!(api.versions().unwrap().len(), 2);
+    let new_leader = etcd.leader().expect("the two left elected a leader");
+    assert_ne!(new_leader, leader);
+    drop(srv);
+}

@@ -35,7 +35,8 @@ use crate::tcptrack::{last_flags, peer_flags};
 const MAGIC: &[u8; 6] = b"PLSDCT";
 /// The blob format version this build writes (it also reads version 1).
 pub const VERSION: u16 = 2;
-const RECORD_LEN: usize = 4 + 16 + 16 + 2 + 2 + 3 + 1 + 1 + 8 * 4 + 2 * (4 * 4 + 2) + (1 + 4 * 2 + 2 + 1 + 1);
+/// The length of one connection's record in a version-2 blob.
+pub const RECORD_LEN: usize = 4 + 16 + 16 + 2 + 2 + 3 + 1 + 1 + 8 * 4 + 2 * (4 * 4 + 2) + (1 + 4 * 2 + 2 + 1 + 1);
 const RECORD_LEN_V1: usize = 4 + 16 + 16 + 2 + 2 + 1 + 1 + 1 + 8 * 4 + 2 * (4 * 3 + 3);
 /// Most records a blob may claim (bounds the allocation an untrusted count can cause).
 pub const MAX_RECORDS: u32 = 1 << 20;
@@ -46,6 +47,14 @@ pub enum StateError {
     /// Shorter than its header or its declared contents.
     #[error("state blob truncated")]
     Truncated,
+    /// Shorter than the records its header declares.
+    #[error("state blob truncated: {len} bytes, its header declares {declared}")]
+    Cut {
+        /// Its length.
+        len: usize,
+        /// The length its header declares.
+        declared: usize,
+    },
     /// Not a Palisade connection-state blob.
     #[error("not a Palisade connection-state blob (bad magic)")]
     BadMagic,
@@ -141,41 +150,48 @@ pub fn encode(vnic: &str, policy_version: u64, conns: &[Conn], now: u64) -> Vec<
     b.extend_from_slice(name);
     b.extend_from_slice(&(conns.len() as u32).to_be_bytes());
     for c in conns {
-        b.extend_from_slice(&c.key.segment.raw().to_be_bytes());
-        b.extend_from_slice(&c.key.src);
-        b.extend_from_slice(&c.key.dst);
-        b.extend_from_slice(&c.key.src_port.to_be_bytes());
-        b.extend_from_slice(&c.key.dst_port.to_be_bytes());
-        b.push(c.key.protocol.0);
-        b.push(c.key.icmp_type);
-        b.push(c.key.icmp_code);
-        b.push(c.state.code());
-        b.push(u8::from(c.strict) | u8::from(c.trusted) << 1);
-        for v in [
-            now.saturating_sub(c.created),
-            now.saturating_sub(c.last_seen),
-            c.packets,
-            c.bytes,
-        ] {
-            b.extend_from_slice(&v.to_be_bytes());
-        }
-        for p in &c.tcp.peers {
-            for v in [p.end, p.limit, p.max_win, p.max_ack] {
-                b.extend_from_slice(&v.to_be_bytes());
-            }
-            b.extend_from_slice(&[p.wscale, p.flags]);
-        }
-        let last = &c.tcp.last;
-        b.push(last.index_code());
-        for v in [last.ack, last.end] {
-            b.extend_from_slice(&v.to_be_bytes());
-        }
-        b.extend_from_slice(&last.win.to_be_bytes());
-        b.extend_from_slice(&[last.wscale, last.flags]);
+        push_record(&mut b, c, now);
     }
     let crc = crc32(&b);
     b.extend_from_slice(&crc.to_be_bytes());
     b
+}
+
+/// Append one connection's record (version 2 layout, [`RECORD_LEN`] bytes)
+/// to `b`, its times relative to `now`: the unit of a blob, and of the
+/// agent's crash journal.
+pub fn push_record(b: &mut Vec<u8>, c: &Conn, now: u64) {
+    b.extend_from_slice(&c.key.segment.raw().to_be_bytes());
+    b.extend_from_slice(&c.key.src);
+    b.extend_from_slice(&c.key.dst);
+    b.extend_from_slice(&c.key.src_port.to_be_bytes());
+    b.extend_from_slice(&c.key.dst_port.to_be_bytes());
+    b.push(c.key.protocol.0);
+    b.push(c.key.icmp_type);
+    b.push(c.key.icmp_code);
+    b.push(c.state.code());
+    b.push(u8::from(c.strict) | u8::from(c.trusted) << 1);
+    for v in [
+        now.saturating_sub(c.created),
+        now.saturating_sub(c.last_seen),
+        c.packets,
+        c.bytes,
+    ] {
+        b.extend_from_slice(&v.to_be_bytes());
+    }
+    for p in &c.tcp.peers {
+        for v in [p.end, p.limit, p.max_win, p.max_ack] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        b.extend_from_slice(&[p.wscale, p.flags]);
+    }
+    let last = &c.tcp.last;
+    b.push(last.index_code());
+    for v in [last.ack, last.end] {
+        b.extend_from_slice(&v.to_be_bytes());
+    }
+    b.extend_from_slice(&last.win.to_be_bytes());
+    b.extend_from_slice(&[last.wscale, last.flags]);
 }
 
 /// Offsets of a version-2 record's two per-side flag bytes (see the layout
@@ -266,6 +282,19 @@ pub fn decode(blob: &[u8]) -> Result<Snapshot, StateError> {
     if blob.len() < MAGIC.len() + 2 + 8 + 2 + 4 + 4 {
         return Err(StateError::Truncated);
     }
+    // A blob shorter than its header declares was cut (a file truncated, a
+    // transfer cut short): said as such, before the checksum it also fails.
+    let name_len = usize::from(u16::from_be_bytes([blob[16], blob[17]]));
+    if let Some(c) = blob.get(18 + name_len..22 + name_len) {
+        let count = u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize;
+        let declared = 22 + name_len + count.min(MAX_RECORDS as usize) * record_len + 4;
+        if blob.len() < declared && count <= MAX_RECORDS as usize {
+            return Err(StateError::Cut {
+                len: blob.len(),
+                declared,
+            });
+        }
+    }
     let (body, tail) = blob.split_at(blob.len() - 4);
     let expected = u32::from_be_bytes([tail[0], tail[1], tail[2], tail[3]]);
     let computed = crc32(body);
@@ -284,79 +313,94 @@ pub fn decode(blob: &[u8]) -> Result<Snapshot, StateError> {
     }
     let mut conns = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let segment = r.u32()?;
-        let mut key = FlowKey {
-            segment: segment_from_raw(segment).ok_or(StateError::Malformed("bad segment"))?,
-            src: r.arr()?,
-            dst: r.arr()?,
-            src_port: r.u16()?,
-            dst_port: r.u16()?,
-            protocol: IpProtocol(r.u8()?),
-            icmp_type: 0,
-            icmp_code: 0,
-        };
-        if version == 1 {
-            v1_icmp_fields(&mut key);
-        } else {
-            (key.icmp_type, key.icmp_code) = (r.u8()?, r.u8()?);
-        }
-        let state = ConnState::from_code(r.u8()?).ok_or(StateError::Malformed("bad connection state"))?;
-        let flags = r.u8()?;
-        let (age, idle, packets, bytes) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
-        let mut tcp = TcpTrack::default();
-        if version == 1 {
-            for p in &mut tcp.peers {
-                p.end = r.u32()?;
-                p.limit = r.u32()?;
-                p.max_win = r.u32()?;
-                p.wscale = r.u8()?.min(14);
-                let seen = r.u8()? != 0;
-                let _fin = r.u8()?;
-                if !seen {
-                    p.max_win = 0;
-                }
-                p.flags = peer_flags::BE_LIBERAL | peer_flags::SACK_PERM;
-            }
-            if !matches!(state, ConnState::SynSent | ConnState::New) {
-                tcp.last.flags |= last_flags::SEEN_REPLY;
-            }
-            if matches!(state, ConnState::Established) {
-                tcp.last.flags |= last_flags::ASSURED;
-            }
-        } else {
-            for p in &mut tcp.peers {
-                p.end = r.u32()?;
-                p.limit = r.u32()?;
-                p.max_win = r.u32()?;
-                p.max_ack = r.u32()?;
-                p.wscale = r.u8()?.min(14);
-                p.flags = r.u8()?;
-            }
-            let last = &mut tcp.last;
-            last.set_index_code(r.u8()?);
-            last.ack = r.u32()?;
-            last.end = r.u32()?;
-            last.win = r.u16()?;
-            last.wscale = r.u8()?.min(14);
-            last.flags = r.u8()?;
-        }
-        conns.push(ConnRecord {
-            key,
-            state,
-            strict: flags & 1 != 0,
-            trusted: flags & 2 != 0,
-            age,
-            idle,
-            packets,
-            bytes,
-            tcp,
-        });
+        conns.push(read_record(&mut r, version)?);
     }
     Ok(Snapshot {
         vnic,
         policy_version,
         conns,
     })
+}
+
+/// Read one record of a blob of `version`.
+fn read_record(r: &mut Reader<'_>, version: u16) -> Result<ConnRecord, StateError> {
+    let segment = r.u32()?;
+    let mut key = FlowKey {
+        segment: segment_from_raw(segment).ok_or(StateError::Malformed("bad segment"))?,
+        src: r.arr()?,
+        dst: r.arr()?,
+        src_port: r.u16()?,
+        dst_port: r.u16()?,
+        protocol: IpProtocol(r.u8()?),
+        icmp_type: 0,
+        icmp_code: 0,
+    };
+    if version == 1 {
+        v1_icmp_fields(&mut key);
+    } else {
+        (key.icmp_type, key.icmp_code) = (r.u8()?, r.u8()?);
+    }
+    let state = ConnState::from_code(r.u8()?).ok_or(StateError::Malformed("bad connection state"))?;
+    let flags = r.u8()?;
+    let (age, idle, packets, bytes) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+    let mut tcp = TcpTrack::default();
+    if version == 1 {
+        for p in &mut tcp.peers {
+            p.end = r.u32()?;
+            p.limit = r.u32()?;
+            p.max_win = r.u32()?;
+            p.wscale = r.u8()?.min(14);
+            let seen = r.u8()? != 0;
+            let _fin = r.u8()?;
+            if !seen {
+                p.max_win = 0;
+            }
+            p.flags = peer_flags::BE_LIBERAL | peer_flags::SACK_PERM;
+        }
+        if !matches!(state, ConnState::SynSent | ConnState::New) {
+            tcp.last.flags |= last_flags::SEEN_REPLY;
+        }
+        if matches!(state, ConnState::Established) {
+            tcp.last.flags |= last_flags::ASSURED;
+        }
+    } else {
+        for p in &mut tcp.peers {
+            p.end = r.u32()?;
+            p.limit = r.u32()?;
+            p.max_win = r.u32()?;
+            p.max_ack = r.u32()?;
+            p.wscale = r.u8()?.min(14);
+            p.flags = r.u8()?;
+        }
+        let last = &mut tcp.last;
+        last.set_index_code(r.u8()?);
+        last.ack = r.u32()?;
+        last.end = r.u32()?;
+        last.win = r.u16()?;
+        last.wscale = r.u8()?.min(14);
+        last.flags = r.u8()?;
+    }
+    Ok(ConnRecord {
+        key,
+        state,
+        strict: flags & 1 != 0,
+        trusted: flags & 2 != 0,
+        age,
+        idle,
+        packets,
+        bytes,
+        tcp,
+    })
+}
+
+/// Decode one version-2 record ([`RECORD_LEN`] bytes, as [`push_record`]
+/// writes it). Its fields are checked as in a blob; the caller checks its
+/// integrity (a blob's checksum, a journal record's own).
+pub fn decode_record(bytes: &[u8]) -> Result<ConnRecord, StateError> {
+    if bytes.len() != RECORD_LEN {
+        return Err(StateError::Truncated);
+    }
+    read_record(&mut Reader(bytes), VERSION)
 }
 
 /// The ICMP fields of a version-1 key, which had none: an echo request's

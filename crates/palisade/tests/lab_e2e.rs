@@ -106,12 +106,22 @@ fn bastion_pings_web2(lab: &Lab) -> bool {
 
 /// Whether process `pid` runs: the lab starts agents as our children, so
 /// one that exited is a zombie until reaped (and a zombie forwards nothing).
+/// Every thread counts: after a SIGKILL the main thread can be a zombie
+/// while the workers are still exiting, their sockets still open (a new
+/// agent started then would join their fanout groups behind them, and its
+/// workers' steering would not be the kernel's).
 fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
+    let alive = |stat: &str| {
+        stat.rsplit(')')
             .next()
             .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
-    })
+    };
+    match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks
+            .flatten()
+            .any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| alive(&s))),
+        Err(_) => false,
+    }
 }
 
 /// Fails unless `host`'s agent resumed the db stream (port 5432) on the
@@ -286,33 +296,254 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
     assert_eq!(leftovers("pe2r").unwrap(), Vec::<String>::new());
 }
 
-/// A crash (SIGKILL: no chance to save anything) of both agents under a
-/// live stream, three times: each restart resumes the stream's connection
-/// from the snapshots the agents took while running (not as a new flow:
-/// the zone's default would deny db → app), and nothing is forwarded while
-/// they are down. The stall of each restart is printed.
+/// The helper that holds many idle TCP connections open between lab VMs.
+const HELD_FLOWS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/held_flows.py");
+
+/// A process of `tests/held_flows.py` in a VM's namespace, its stdin ours,
+/// its stdout read line by line; killed on drop.
+struct FlowTool {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    out: std::sync::mpsc::Receiver<String>,
+    what: String,
+}
+
+impl FlowTool {
+    fn start(lab: &Lab, vm: &str, args: &[&str]) -> FlowTool {
+        let ns = lab.vm_netns(vm).expect("a namespace VM");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", HELD_FLOWS])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let out = lines_of(child.stdout.take().unwrap());
+        FlowTool {
+            child,
+            stdin,
+            out,
+            what: format!("{vm}: {}", args.join(" ")),
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// The next line, or a panic naming the tool after `within`.
+    fn next(&self, within: Duration) -> String {
+        self.out
+            .recv_timeout(within)
+            .unwrap_or_else(|_| panic!("{}: no answer within {within:?}", self.what))
+    }
+
+    /// Lines already printed, without waiting.
+    fn pending(&self) -> Vec<String> {
+        self.out.try_iter().collect()
+    }
+}
+
+impl Drop for FlowTool {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `count` idle TCP connections from `client` to `server` on `port`, open.
+struct HeldFlows {
+    server: FlowTool,
+    client: FlowTool,
+    count: usize,
+}
+
+impl HeldFlows {
+    fn open(lab: &Lab, client: &str, server: &str, port: u16, count: usize) -> HeldFlows {
+        let (port_s, count_s) = (port.to_string(), count.to_string());
+        let server_tool = FlowTool::start(lab, server, &["server", &port_s, &count_s]);
+        assert!(server_tool.next(Duration::from_secs(10)).starts_with("listening"));
+        let ip = lab.vm_ip(server).unwrap().to_string();
+        let client_tool = FlowTool::start(lab, client, &["client", &ip, &port_s, &count_s]);
+        let within = Duration::from_secs(20 + count as u64 / 100);
+        assert_eq!(client_tool.next(within), format!("connected {count}"));
+        assert_eq!(server_tool.next(within), format!("accepted {count}"));
+        HeldFlows {
+            server: server_tool,
+            client: client_tool,
+            count,
+        }
+    }
+
+    /// Every connection still open and usable: the server writes a line on
+    /// each and the client echoes it. Returns (answered, closed on either end).
+    fn check(&mut self) -> (usize, usize) {
+        let closed_before = self.client.pending().iter().filter(|l| l.starts_with("closed")).count();
+        self.server.say("check");
+        let mut closed = closed_before;
+        let report: serde_json::Value = loop {
+            let line = self.server.next(Duration::from_secs(30));
+            if line.starts_with("closed") {
+                eprintln!("{}: {line}", self.server.what);
+                continue;
+            }
+            break serde_json::from_str(&line).unwrap();
+        };
+        let closed_client = self.client.pending().iter().filter(|l| l.starts_with("closed")).count();
+        closed += closed_client + report["closed"].as_u64().unwrap() as usize;
+        (report["answered"].as_u64().unwrap() as usize, closed)
+    }
+}
+
+/// How a chaos run goes: kills, flows held open, the seed of its moments.
+/// The test's own figures; `bench/chaos.sh` sets larger ones through
+/// `PALISADE_CHAOS_KILLS`, `PALISADE_CHAOS_FLOWS` and `PALISADE_CHAOS_SEED`.
+struct Chaos {
+    kills: usize,
+    flows: usize,
+    seed: u64,
+}
+
+impl Chaos {
+    fn from_env(kills: usize, flows: usize) -> Chaos {
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+        let seed = var("PALISADE_CHAOS_SEED").unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+        Chaos {
+            kills: var("PALISADE_CHAOS_KILLS").map_or(kills, |k| k as usize),
+            flows: var("PALISADE_CHAOS_FLOWS").map_or(flows, |f| f as usize),
+            seed,
+        }
+    }
+}
+
+/// xorshift64*: the chaos run's moments, reproducible from the printed seed.
+struct Moments(u64);
+
+impl Moments {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+    }
+}
+
+/// The cross-host pairs the held flows use, all allowed by the three-tier
+/// policy, each crossing both hosts (the edge router is on hv1): at most
+/// 2,000 connections per pair keeps every vNIC under its connection limit
+/// (10,000, split between the lab's two workers).
+const FLOW_PAIRS: [(&str, &str, u16); 5] = [
+    ("web-1", "app-2", 8080),
+    ("web-2", "app-1", 8080),
+    ("bastion-1", "db-1", 22),
+    ("app-1", "dns-1", 53),
+    ("bastion-1", "web-2", 22),
+];
+
+/// Packets db-1's interface received so far (db-1 is in the `db` zone,
+/// `on_failure: closed`).
+fn db1_received(lab: &Lab) -> u64 {
+    let ns = lab.vm_netns("db-1").unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, "sh", "-c"])
+        .arg("cat /sys/class/net/*/statistics/rx_packets")
+        .output()
+        .unwrap();
+    // Loopback counts too; nothing in db-1 talks to itself during the run.
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum()
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Chaos: a long-lived stream (app-2 → db-1 through the edge router on hv1,
+/// so both agents carry it) and thousands of idle TCP connections held open
+/// between VMs on the two hosts; hv1's agent, hv2's or both are killed with
+/// SIGKILL at random moments (seeded; the seed is printed), held down a
+/// random while, and restarted. Each restart resumes every connection from
+/// the snapshots the agents took while running (not as a new flow: the
+/// zone's default would deny db → app). At the end every held connection is
+/// still open and usable (0 resets); while an agent is down db-1 (a closed
+/// zone) receives nothing although the bastion pings it all along. Printed
+/// per restart: the stream's stall, how long new connections could not be
+/// opened, and what the closed zone received while down.
 #[test]
-fn agents_killed_with_sigkill_resume_established_connections_from_their_snapshots() {
+fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connection() {
     if !lab_possible() {
         return;
     }
+    if !have("python3") {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the chaos test");
+        eprintln!("skipping: no python3");
+        return;
+    }
     let _one = one_lab();
+    let chaos = Chaos::from_env(10, 2000);
+    println!(
+        "chaos: seed {} ({} kills, {} held connections; PALISADE_CHAOS_SEED={} replays it)",
+        chaos.seed, chaos.kills, chaos.flows, chaos.seed
+    );
+    let mut moments = Moments(chaos.seed | 1);
+    let started = Instant::now();
     let mut guard = three_tier_lab("pe2k", false);
     let lab = guard.0.as_ref().unwrap();
     let (mut server, mut session, lines) = db_stream(lab);
+    let mut held = Vec::new();
+    let mut left = chaos.flows;
+    for (client, srv, port) in FLOW_PAIRS.iter().cycle().take(chaos.flows.div_ceil(2000)) {
+        let n = left.min(2000);
+        left -= n;
+        held.push(HeldFlows::open(lab, client, srv, *port, n));
+    }
+    let opened = started.elapsed();
+    let mut prober = FlowTool::start(
+        lab,
+        "web-1",
+        &["probe", &lab.vm_ip("app-2").unwrap().to_string(), "8080"],
+    );
+    let db1 = lab.vm_ip("db-1").unwrap().to_string();
+    let mut pinger = lab
+        .spawn("bastion-1", &["busybox", "ping", "-q", "-i", "0.02", &db1])
+        .unwrap();
     let gone = |pid: u32| {
         let t = Instant::now();
         while running(pid) {
             assert!(t.elapsed() < Duration::from_secs(10), "agent {pid} dies on SIGKILL");
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
     };
-    let mut running: Vec<Option<std::process::Child>> = vec![None, None];
-    for round in 0..3 {
-        // Let a snapshot round pass since the stream (or the restart) began.
-        std::thread::sleep(Duration::from_millis(700));
-        for (i, h) in ["hv1", "hv2"].iter().enumerate() {
-            match running[i].take() {
+    // A snapshot round passes once the connections are open.
+    std::thread::sleep(Duration::from_millis(400));
+    let hosts = ["hv1", "hv2"];
+    let mut agents: Vec<Option<std::process::Child>> = vec![None, None];
+    let (mut stalls, mut new_flow_stalls, mut passed_closed) = (Vec::new(), Vec::new(), 0u64);
+    for round in 0..chaos.kills {
+        // A random moment: anywhere in or across the 200 ms snapshot interval.
+        std::thread::sleep(Duration::from_millis(moments.below(1000)));
+        let victims: Vec<usize> = match moments.below(3) {
+            0 => vec![0],
+            1 => vec![1],
+            _ => vec![0, 1],
+        };
+        let killed_at = Instant::now();
+        for &i in &victims {
+            match agents[i].take() {
                 Some(mut c) => {
                     let pid = c.id();
                     c.kill().unwrap();
@@ -320,7 +551,7 @@ fn agents_killed_with_sigkill_resume_established_connections_from_their_snapshot
                     gone(pid);
                 }
                 None => {
-                    let pid = lab.state().agents[*h].pid;
+                    let pid = lab.state().agents[hosts[i]].pid;
                     assert!(
                         Command::new("kill")
                             .args(["-KILL", &pid.to_string()])
@@ -331,59 +562,205 @@ fn agents_killed_with_sigkill_resume_established_connections_from_their_snapshot
                     gone(pid as u32);
                 }
             }
-            let dir = lab.state().state_dir.join(h).join("conntrack");
+        }
+        prober.say("go");
+        let go_at = Instant::now();
+        let received_down = db1_received(lab);
+        for &i in &victims {
+            let dir = lab.state().state_dir.join(hosts[i]).join("conntrack");
             assert!(
                 !dir.join("host-0.state").exists(),
                 "round {round}: a killed agent saved nothing on its way out"
             );
             assert!(
                 dir.join("host-0.snapshot").exists(),
-                "round {round}: {h} left snapshots"
+                "round {round}: {} left snapshots",
+                hosts[i]
             );
         }
-        assert!(
-            !bastion_pings_web2(lab),
-            "round {round}: with the agents killed nothing is forwarded"
-        );
+        // Held down a while, as a supervisor's restart delay would.
+        std::thread::sleep(Duration::from_millis(50 + moments.below(250)));
+        let passed = db1_received(lab) - received_down;
+        passed_closed += passed;
+        let down = killed_at.elapsed();
+        // Lines that arrived meanwhile left before the kill.
         while lines.try_recv().is_ok() {}
-        let restarted_at = Instant::now();
-        for (i, h) in ["hv1", "hv2"].iter().enumerate() {
-            running[i] = Some(start_agent(lab, h));
+        let restart_at = Instant::now();
+        for &i in &victims {
+            agents[i] = Some(start_agent(lab, hosts[i]));
         }
+        let ready = restart_at.elapsed();
         let mut got = 0;
         let mut first = None;
-        while got < 5 && lines.recv_timeout(Duration::from_secs(5)).is_ok() {
-            first.get_or_insert_with(|| restarted_at.elapsed());
+        while got < 5 && lines.recv_timeout(Duration::from_secs(10)).is_ok() {
+            first.get_or_insert_with(|| killed_at.elapsed());
             got += 1;
         }
         assert_eq!(got, 5, "round {round}: the stream continued after the crash");
+        let new_flow: i64 = prober.next(Duration::from_secs(40)).parse().unwrap();
+        assert!(new_flow >= 0, "round {round}: new connections open again");
+        // What the restart itself cost new flows: from the restart to the first new connection.
+        let after_restart = (new_flow as u64).saturating_sub((restart_at - go_at).as_millis() as u64);
+        let stall = first.unwrap();
+        let names: Vec<&str> = victims.iter().map(|&i| hosts[i]).collect();
         println!(
-            "round {round}: first stream line {:?} after the agents were restarted",
-            first.unwrap()
+            "round {round}: killed {names:?}, down {down:?}, stream stall {stall:?} (a line every 100 ms), \
+             restarted and ready in {ready:?}, new connections refused for {new_flow} ms ({after_restart} ms after the restart), \
+             closed zone received {passed} packet(s) while down"
         );
-        std::thread::sleep(Duration::from_millis(1200));
-        for h in ["hv1", "hv2"] {
-            let sock = lab.state().state_dir.join(h).join("agent.sock");
+        assert_eq!(
+            passed, 0,
+            "round {round}: a closed zone received traffic while its agent was down"
+        );
+        stalls.push(stall.as_millis() as u64);
+        new_flow_stalls.push(after_restart);
+        for &i in &victims {
+            let sock = lab.state().state_dir.join(hosts[i]).join("agent.sock");
             let health = palisade_agent::http::get_unix(&sock, "/health").unwrap();
             let health: serde_json::Value = serde_json::from_str(&health).unwrap();
             assert_eq!(health["state"]["resumed"]["from"], "snapshot", "{health}");
             assert!(
-                health["state"]["resumed"]["connections"].as_u64() >= Some(1),
-                "{health}"
+                health["state"]["resumed"]["connections"].as_u64() > Some(chaos.flows as u64),
+                "round {round}: {} resumed every held connection and the stream: {}",
+                hosts[i],
+                health["state"]["resumed"]
             );
-            assert_stream_not_new(lab, h, &format!("round {round}"));
         }
-        assert!(bastion_pings_web2(lab), "round {round}: forwarding is back");
     }
+    // Every held connection is still there, and usable in both directions.
+    let (mut answered, mut closed) = (0, 0);
+    for h in &mut held {
+        let (a, c) = h.check();
+        answered += a;
+        closed += c;
+        assert_eq!((a, c), (h.count, 0), "{} / {}", h.client.what, h.server.what);
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    for h in hosts {
+        assert_stream_not_new(lab, h, "after the kills");
+    }
+    stalls.sort_unstable();
+    new_flow_stalls.sort_unstable();
+    println!(
+        "chaos: seed {}, {} kills, {answered}/{} held connections usable, {closed} lost, \
+         stream stall p50 {} ms p99 {} ms max {} ms, new-flow stall after a restart p50 {} ms p99 {} ms, \
+         closed-zone packets while down {passed_closed}; flows opened in {opened:?}, run {:?}",
+        chaos.seed,
+        chaos.kills,
+        chaos.flows,
+        percentile(&stalls, 0.5),
+        percentile(&stalls, 0.99),
+        stalls.last().copied().unwrap_or(0),
+        percentile(&new_flow_stalls, 0.5),
+        percentile(&new_flow_stalls, 0.99),
+        started.elapsed()
+    );
+    assert!(bastion_pings_web2(lab), "forwarding is back");
+    drop(held);
+    drop(prober);
+    let _ = lab.kill(&mut pinger);
     let _ = lab.kill(&mut session);
     let _ = lab.kill(&mut server);
-    for c in running.iter_mut().flatten() {
+    for c in agents.iter_mut().flatten() {
         let _ = c.kill();
         let _ = c.wait();
     }
     let report = guard.0.take().unwrap().shutdown().unwrap();
     assert!(!report.namespaces.is_empty());
     assert_eq!(leftovers("pe2k").unwrap(), Vec::<String>::new());
+}
+/// The crash journal closes the snapshots' window: with snapshots a minute
+/// apart (so none is taken after the agents' start), connections opened
+/// after the start survive a kill -9 of both agents, replayed from the
+/// journals their workers wrote. Without the journal they are lost: the
+/// server's next segment is a new db → app or app → web flow, which the
+/// zone default denies, and the held connections' check fails.
+#[test]
+fn connections_opened_after_the_last_snapshot_survive_a_kill_from_the_journal() {
+    if !lab_possible() {
+        return;
+    }
+    if !have("python3") {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the journal test");
+        eprintln!("skipping: no python3");
+        return;
+    }
+    let _one = one_lab();
+    let mut guard = three_tier_lab("pe2j", false);
+    let lab = guard.0.as_ref().unwrap();
+    let hosts = ["hv1", "hv2"];
+    let mut agents = Vec::new();
+    for h in hosts {
+        // Snapshots a minute apart: only the one each agent takes at its start.
+        let path = lab.agent_config(h);
+        let config = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("state_snapshot_ms = 60000\n{config}")).unwrap();
+        let pid = lab.state().agents[h].pid;
+        assert!(
+            Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        while running(pid as u32) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        agents.push(start_agent(lab, h));
+    }
+    // Opened after every snapshot the agents will take before the kill.
+    let (mut server, mut session, lines) = db_stream(lab);
+    let mut held = HeldFlows::open(lab, "web-1", "app-2", 8080, 300);
+    std::thread::sleep(Duration::from_millis(300));
+    for (c, h) in agents.iter_mut().zip(hosts) {
+        let health =
+            palisade_agent::http::get_unix(&lab.state().state_dir.join(h).join("agent.sock"), "/health").unwrap();
+        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        assert_eq!(
+            health["state"]["snapshots"]["written"], 1,
+            "{h}: only the start's snapshot: {health}"
+        );
+        assert!(
+            health["state"]["journal"]["records"].as_u64() > Some(300),
+            "{h}: the connections are journaled: {health}"
+        );
+        c.kill().unwrap();
+        let _ = c.wait();
+    }
+    while lines.try_recv().is_ok() {}
+    let mut agents: Vec<_> = hosts.iter().map(|h| start_agent(lab, h)).collect();
+    for h in hosts {
+        let health =
+            palisade_agent::http::get_unix(&lab.state().state_dir.join(h).join("agent.sock"), "/health").unwrap();
+        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        let resumed = &health["state"]["resumed"];
+        println!("{h} resumed: {resumed}");
+        assert!(resumed["connections"].as_u64() > Some(300), "{h}: {resumed}");
+        assert!(resumed["journal"]["records"].as_u64() > Some(300), "{h}: {resumed}");
+        assert_eq!(resumed["journal"]["corrupt"], 0, "{h}: {resumed}");
+    }
+    let mut got = 0;
+    while got < 5 && lines.recv_timeout(Duration::from_secs(10)).is_ok() {
+        got += 1;
+    }
+    assert_eq!(
+        got, 5,
+        "the stream opened after the last snapshot continued after the kill"
+    );
+    assert_eq!(held.check(), (300, 0), "every held connection is still usable");
+    std::thread::sleep(Duration::from_millis(1200));
+    for h in hosts {
+        assert_stream_not_new(lab, h, "after the kill");
+    }
+    drop(held);
+    let _ = lab.kill(&mut session);
+    let _ = lab.kill(&mut server);
+    for c in &mut agents {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2j").unwrap(), Vec::<String>::new());
 }
 
 #[test]
@@ -687,13 +1064,36 @@ fn agents_keep_enforcing_while_the_controller_is_down_and_follow_it_when_it_retu
         .spawn()
         .unwrap();
     let t = Instant::now();
-    loop {
+    let tagged = loop {
         let out = lab.ctl(&["tag", "vm", "web-1", "quarantine=true"]).unwrap();
         if out.status.success() {
-            break;
+            break String::from_utf8_lossy(&out.stdout).into_owned();
         }
         assert!(t.elapsed() < Duration::from_secs(20), "controller back: {out:?}");
         std::thread::sleep(Duration::from_millis(200));
+    };
+    // The revision the change made: every agent converges on it (drift 0).
+    let revision: u64 = tagged
+        .split("(revision ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or_else(|| panic!("no revision in {tagged:?}"));
+    let t = Instant::now();
+    for h in ["hv1", "hv2"] {
+        let sock = lab.state().state_dir.join(h).join("agent.sock");
+        loop {
+            let health = palisade_agent::http::get_unix(&sock, "/health").unwrap();
+            let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+            if health["controller_revision"] == revision {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "{h} converges on revision {revision}: {health}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     let t = Instant::now();
     while http(lab) {

@@ -305,16 +305,33 @@ impl EtcdStore {
                     }
                     return serde_json::from_slice(&text).map_err(|e| etcd_err(ep, e));
                 }
-                // An answer with an error status is the cluster's word: another endpoint would say the same.
+                // A member without a leader (an election under way, or cut
+                // off from the quorum) answers 503: another member may have one.
+                Err(ureq::Error::Status(503, resp)) => {
+                    let text = resp.into_string().unwrap_or_default();
+                    last = etcd_err(
+                        ep,
+                        if text.trim().is_empty() {
+                            "HTTP 503: this member is unavailable (no leader: an election under way, or it \
+                             lost the cluster's quorum)"
+                                .to_string()
+                        } else {
+                            format!("HTTP 503: {text}")
+                        },
+                    );
+                }
+                // Any other error status is the cluster's word: another endpoint would say the same.
                 Err(ureq::Error::Status(code, resp)) => {
                     let text = resp.into_string().unwrap_or_default();
-                    let message = if text.trim().is_empty() {
+                    let message = if text.trim().is_empty() && code == 400 {
                         // The gateway answers a request over etcd's size limit with an empty 400.
                         format!(
                             "HTTP {code} with no explanation for a request of {} bytes (etcd refuses \
                              requests over its --max-request-bytes, 1.5 MiB unless raised)",
                             body.len()
                         )
+                    } else if text.trim().is_empty() {
+                        format!("HTTP {code} with no explanation")
                     } else {
                         format!("HTTP {code}: {text}")
                     };
@@ -606,6 +623,38 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endpoint that answers every request with an empty 503, as an etcd
+    /// member without a leader does; returns its URL.
+    fn leaderless_member() -> String {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf);
+                let _ =
+                    c.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            }
+        });
+        url
+    }
+
+    /// A member that lost its leader (or the quorum) is passed over for the
+    /// next endpoint, and said as what it is, not as an oversized request.
+    #[test]
+    fn a_leaderless_member_is_passed_over_and_named_as_such() {
+        let alone = EtcdStore::new(vec![leaderless_member()], "/p/");
+        let e = alone.put("k", b"v").unwrap_err().to_string();
+        assert!(e.contains("no leader") && !e.contains("max-request-bytes"), "{e}");
+        let Some(etcd) = testing::etcd_or_skip("leaderless", 23_887) else {
+            return;
+        };
+        let s = EtcdStore::new(vec![leaderless_member(), etcd.url.clone()], "/p/");
+        s.put("k", b"v").unwrap();
+        assert_eq!(s.get("k").unwrap(), Some(b"v".to_vec()));
+    }
 
     #[test]
     fn conformance_on_real_etcd() {

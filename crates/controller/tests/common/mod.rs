@@ -172,3 +172,110 @@ impl Drop for TestEtcd {
         let _ = self.child.wait();
     }
 }
+
+/// A three-member etcd cluster on 127.0.0.1 (client port `base + 2i`, peer
+/// port `base + 2i + 1` for member `i`), each member killable on its own.
+pub struct TestEtcdCluster {
+    members: Vec<Option<std::process::Child>>,
+    _dir: TempDir,
+    /// Each member's client URL.
+    pub urls: Vec<String>,
+}
+
+impl TestEtcdCluster {
+    pub fn start(tag: &str, base: u16) -> Result<TestEtcdCluster, String> {
+        let dir = TempDir::new(&format!("etcd3-{tag}"));
+        let peer = |i: u16| format!("http://127.0.0.1:{}", base + 2 * i + 1);
+        let urls: Vec<String> = (0..3).map(|i| format!("http://127.0.0.1:{}", base + 2 * i)).collect();
+        let cluster = (0..3)
+            .map(|i| format!("m{i}={}", peer(i)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for i in 0..3u16 {
+            let child = std::process::Command::new("etcd")
+                .arg("--data-dir")
+                .arg(dir.0.join(format!("m{i}")))
+                .args(["--name", &format!("m{i}")])
+                .args(["--listen-client-urls", &urls[usize::from(i)]])
+                .args(["--advertise-client-urls", &urls[usize::from(i)]])
+                .args([
+                    "--listen-peer-urls",
+                    &peer(i),
+                    "--initial-advertise-peer-urls",
+                    &peer(i),
+                ])
+                .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", tag])
+                // Elections in about a second here (the defaults: 100 ms heartbeats, 1 s election).
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot run etcd: {e}"))?;
+            members.push(Some(child));
+        }
+        let me = TestEtcdCluster {
+            members,
+            _dir: dir,
+            urls,
+        };
+        for _ in 0..200 {
+            if (0..3).all(|i| {
+                me.status(i)
+                    .is_some_and(|s| s["leader"].as_str().is_some_and(|l| l != "0"))
+            }) {
+                return Ok(me);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Err("the etcd cluster did not elect a leader in 20 s".into())
+    }
+
+    /// Member `i`'s `/v3/maintenance/status` answer, if it gives one.
+    pub fn status(&self, i: usize) -> Option<serde_json::Value> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout(std::time::Duration::from_secs(2))
+            .build();
+        let resp = agent
+            .post(&format!("{}/v3/maintenance/status", self.urls[i]))
+            .send_string("{}")
+            .ok()?;
+        serde_json::from_str(&resp.into_string().ok()?).ok()
+    }
+
+    /// The member that leads now (the one whose status names itself leader).
+    pub fn leader(&self) -> Option<usize> {
+        (0..3).find(|&i| {
+            self.status(i)
+                .is_some_and(|s| s["leader"].is_string() && s["leader"] == s["header"]["member_id"])
+        })
+    }
+
+    /// Kill member `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start the cluster, or skip (`None`) with a printed reason when `CI` is not set.
+    pub fn or_skip(tag: &str, base: u16) -> Option<TestEtcdCluster> {
+        match TestEtcdCluster::start(tag, base) {
+            Ok(e) => Some(e),
+            Err(why) if std::env::var_os("CI").is_none() => {
+                eprintln!("skipping: {why}");
+                None
+            }
+            Err(why) => panic!("CI is set and etcd is required: {why}"),
+        }
+    }
+}
+
+impl Drop for TestEtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

@@ -74,8 +74,15 @@ impl Engine {
     /// port or trusted from another host, whose later packets would otherwise
     /// look like new flows.
     pub fn export_all(&self, now: u64) -> Vec<u8> {
+        self.export_all_named(HOST_STATE, now)
+    }
+
+    /// [`Engine::export_all`] under a name of the caller's (an agent names
+    /// its host and vNIC set, so that a start refuses another's state);
+    /// such a blob is imported with [`Engine::import_decoded_where`].
+    pub fn export_all_named(&self, name: &str, now: u64) -> Vec<u8> {
         let conns: Vec<Conn> = self.conns.iter().map(|(_, c)| c.clone()).collect();
-        crate::state::encode(HOST_STATE, self.lookup.version(), &conns, now)
+        crate::state::encode(name, self.lookup.version(), &conns, now)
     }
 
     /// Import what [`Engine::export_all`] saved. A blob of one vNIC's state is refused.
@@ -98,14 +105,30 @@ impl Engine {
         sink: &mut dyn EventSink,
         keep: impl Fn(&FlowKey) -> bool,
     ) -> Result<usize, crate::state::StateError> {
-        let mut snap = crate::state::decode(blob)?;
-        snap.conns.retain(|c| keep(&c.key));
+        let snap = crate::state::decode(blob)?;
         if snap.vnic != HOST_STATE {
             return Err(crate::state::StateError::ForeignVnic {
                 expected: HOST_STATE.to_string(),
                 found: snap.vnic,
             });
         }
+        self.import_decoded_where(snap, now, sink, keep)
+    }
+
+    /// Import decoded connections whose key `keep` accepts, all or nothing
+    /// (none when the table has no room for them): what
+    /// [`Engine::import_all_where`] does after decoding, for state put
+    /// together from more than one source (the agent's last snapshot and
+    /// the crash journal written after it). The name `snap` carries is not
+    /// checked.
+    pub fn import_decoded_where(
+        &mut self,
+        mut snap: crate::state::Snapshot,
+        now: u64,
+        sink: &mut dyn EventSink,
+        keep: impl Fn(&FlowKey) -> bool,
+    ) -> Result<usize, crate::state::StateError> {
+        snap.conns.retain(|c| keep(&c.key));
         let free = self.conns.capacity() - self.conns.len();
         if snap.conns.len() > free {
             return Err(crate::state::StateError::NoRoom {

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Chaos benchmark: the lab's agents killed with SIGKILL 50 times at random
+# (seeded) moments under 10,000 idle TCP connections held open across the
+# two hosts and a long-lived stream, each time restarted after a random
+# 50-300 ms. Prints per kill the stream's stall, how long new connections
+# could not be opened, and what a closed zone received while its agent was
+# down; then the totals against their goals.
+#
+#   sudo bash bench/chaos.sh [--kills N] [--flows N] [--seed N]
+#
+# It runs the lab_e2e chaos test (crates/palisade/tests/lab_e2e.rs,
+# `agents_killed_with_sigkill_at_random_moments_keep_every_established_connection`)
+# with larger figures; needs root, iproute2, busybox, python3. The same
+# seed replays the same moments (the machine's timing still varies).
+set -euo pipefail
+kills=50 flows=10000 seed=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --kills) kills="$2"; shift 2 ;;
+        --flows) flows="$2"; shift 2 ;;
+        --seed) seed="$2"; shift 2 ;;
+        *) echo "usage: $0 [--kills N] [--flows N] [--seed N]" >&2; exit 2 ;;
+    esac
+done
+cd "$(dirname "$0")/.."
+export PALISADE_CHAOS_KILLS="$kills" PALISADE_CHAOS_FLOWS="$flows"
+[ -n "$seed" ] && export PALISADE_CHAOS_SEED="$seed"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+status=0
+cargo test -q -p palisade --test lab_e2e \
+    agents_killed_with_sigkill_at_random_moments_keep_every_established_connection \
+    -- --exact --nocapture >"$out" 2>&1 || status=$?
+grep -E '^(chaos|round)' "$out" || true
+summary=$(grep -E '^chaos: seed .* kills, ' "$out" | tail -1 || true)
+if [ -z "$summary" ]; then
+    echo "the run did not finish (exit $status):" >&2
+    grep -E 'panicked|assert' -A2 "$out" >&2 || tail -20 "$out" >&2
+    exit 1
+fi
+lost=$(sed -E 's/.* ([0-9]+) lost,.*/\1/' <<<"$summary")
+p50=$(sed -E 's/.*new-flow stall after a restart p50 ([0-9]+) ms p99 ([0-9]+) ms.*/\1/' <<<"$summary")
+p99=$(sed -E 's/.*new-flow stall after a restart p50 ([0-9]+) ms p99 ([0-9]+) ms.*/\2/' <<<"$summary")
+closed=$(sed -E 's/.*closed-zone packets while down ([0-9]+).*/\1/' <<<"$summary")
+echo
+printf '%-52s %8s  %s\n' "figure" "value" "goal"
+printf '%-52s %8s  %s\n' "established connections lost (of $flows held + stream)" "$lost" "0"
+printf '%-52s %8s  %s\n' "new-flow stall after a restart, p50 (ms)" "$p50" "<= 100"
+printf '%-52s %8s  %s\n' "new-flow stall after a restart, p99 (ms)" "$p99" "<= 100"
+printf '%-52s %8s  %s\n' "packets a closed zone received while down" "$closed" "0"
+exit "$status"
