@@ -63,7 +63,7 @@ pub enum AgentError {
         message: String,
     },
     /// The state directory's lock or the fail-open fallback (disarming at start).
-    #[error("fail-open fallback: {0}")]
+    #[error(transparent)]
     Fallback(#[from] crate::fallback::FallbackError),
 }
 

@@ -147,8 +147,9 @@ pub enum FallbackError {
     /// The plan cannot be made from this configuration and inventory.
     #[error("fallback plan: {0}")]
     Plan(String),
-    /// The agent runs (it holds the lock): arming now would bypass it.
-    #[error("the agent is running (it holds {0}): the fallback is armed only while it is gone")]
+    /// The lock is held: the agent runs (arming now would bypass it), or
+    /// another agent uses this state directory.
+    #[error("{0} is held: an agent runs on this state directory (the fail-open fallback is armed only while none does)")]
     AgentRunning(PathBuf),
     /// `ip` or `bridge` failed.
     #[error("{tool} -batch: {message}")]

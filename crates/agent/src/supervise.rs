@@ -43,14 +43,17 @@ pub struct Supervised {
     pub state_dir: PathBuf,
     /// Stop after this many restarts (`None`: never).
     pub max_restarts: Option<u32>,
+    /// The first restart's delay (systemd's `RestartSec=`; default [`FIRST_BACKOFF`]).
+    pub restart_delay: Duration,
 }
 
 /// The delay before the next start, after a child that ran for `ran`;
-/// `last` is the delay before that child's start (`None`: the first start).
-pub fn next_backoff(last: Option<Duration>, ran: Duration) -> Duration {
+/// `last` is the delay before that child's start (`None`: the first
+/// start), `first` the first restart's delay.
+pub fn next_backoff(first: Duration, last: Option<Duration>, ran: Duration) -> Duration {
     match last {
-        Some(last) if ran < STABLE_RUN => (last * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF),
-        _ => FIRST_BACKOFF,
+        Some(last) if ran < STABLE_RUN => (last * 2).clamp(first, MAX_BACKOFF.max(first)),
+        _ => first,
     }
 }
 
@@ -126,7 +129,7 @@ pub fn run(s: &Supervised, stop: &AtomicBool) -> std::io::Result<Option<ExitStat
             break;
         }
         restarts += 1;
-        let delay = next_backoff(backoff, died - began);
+        let delay = next_backoff(s.restart_delay, backoff, died - began);
         backoff = Some(delay);
         let until = Instant::now() + delay;
         while Instant::now() < until && !stop.load(Ordering::Relaxed) {
@@ -146,11 +149,13 @@ mod tests {
         let mut b = None;
         let mut seen = Vec::new();
         for _ in 0..8 {
-            let d = next_backoff(b, quick);
+            let d = next_backoff(FIRST_BACKOFF, b, quick);
             b = Some(d);
             seen.push(d.as_millis());
         }
         assert_eq!(seen, [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]);
-        assert_eq!(next_backoff(Some(MAX_BACKOFF), STABLE_RUN), FIRST_BACKOFF);
+        assert_eq!(next_backoff(FIRST_BACKOFF, Some(MAX_BACKOFF), STABLE_RUN), FIRST_BACKOFF);
+        let slow = Duration::from_secs(20);
+        assert_eq!(next_backoff(slow, Some(slow), quick), slow, "a first delay above the cap is kept");
     }
 }

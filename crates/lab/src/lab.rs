@@ -97,8 +97,19 @@ impl LabSpec {
     /// and policy to `state_dir/policy`, checks that they load, and points
     /// `policy_dir` there.
     pub fn generated(hosts: usize, vms_per_host: usize, state_dir: impl Into<PathBuf>) -> Result<LabSpec, LabError> {
+        LabSpec::generated_with(hosts, vms_per_host, state_dir, &[])
+    }
+
+    /// [`LabSpec::generated`], the zones in `open_zones` failing open
+    /// ([`config::generated_yaml_with`]).
+    pub fn generated_with(
+        hosts: usize,
+        vms_per_host: usize,
+        state_dir: impl Into<PathBuf>,
+        open_zones: &[&str],
+    ) -> Result<LabSpec, LabError> {
         let state_dir = state_dir.into();
-        let (inv, pol) = config::generated_yaml(hosts, vms_per_host).map_err(LabError::Invalid)?;
+        let (inv, pol) = config::generated_yaml_with(hosts, vms_per_host, open_zones).map_err(LabError::Invalid)?;
         let dir = state_dir.join("policy");
         std::fs::create_dir_all(&dir).map_err(LabError::io(format!("creating {}", dir.display())))?;
         for (f, text) in [("inventory.yaml", &inv), ("policy.yaml", &pol)] {

@@ -54,6 +54,10 @@ pub enum AgentCommand {
         /// Stop after this many restarts (default: never).
         #[arg(long)]
         max_restarts: Option<u32>,
+        /// Milliseconds before the first restart (doubling on each quick
+        /// death, up to 10 s; reset after 30 s of running).
+        #[arg(long, default_value_t = 200)]
+        restart_delay_ms: u64,
     },
 }
 
@@ -76,7 +80,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             state_dir,
             json,
         }) => return fallback(action, &state_dir, json),
-        Some(AgentCommand::Supervise { config, max_restarts }) => return supervise(config, max_restarts),
+        Some(AgentCommand::Supervise {
+            config,
+            max_restarts,
+            restart_delay_ms,
+        }) => return supervise(config, max_restarts, restart_delay_ms),
         None => {}
     }
     let Some(config) = args.config else {
@@ -179,7 +187,7 @@ fn print<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn supervise(config: PathBuf, max_restarts: Option<u32>) -> anyhow::Result<ExitCode> {
+fn supervise(config: PathBuf, max_restarts: Option<u32>, restart_delay_ms: u64) -> anyhow::Result<ExitCode> {
     // Read here so that a broken file fails now, not once per restart.
     let parsed = AgentConfig::load(&config)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -193,6 +201,7 @@ fn supervise(config: PathBuf, max_restarts: Option<u32>) -> anyhow::Result<ExitC
         config,
         state_dir: parsed.state_dir,
         max_restarts,
+        restart_delay: std::time::Duration::from_millis(restart_delay_ms),
     };
     let last = palisade_agent::supervise::run(&s, &stop).context("supervising the agent")?;
     Ok(match last {
