@@ -920,6 +920,7 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
         assert!(killed.elapsed() < Duration::from_secs(10), "the agent dies on SIGKILL");
         std::thread::sleep(Duration::from_millis(5));
     }
+    println!("the killed agent's exit completed {:?} after SIGKILL", killed.elapsed());
     let Spawned::Process(p) = &mut fast else { panic!() };
     let mut out = String::new();
     std::io::Read::read_to_string(&mut p.stdout.take().unwrap(), &mut out).unwrap();
