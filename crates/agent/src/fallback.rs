@@ -149,7 +149,9 @@ pub enum FallbackError {
     Plan(String),
     /// The lock is held: the agent runs (arming now would bypass it), or
     /// another agent uses this state directory.
-    #[error("{0} is held: an agent runs on this state directory (the fail-open fallback is armed only while none does)")]
+    #[error(
+        "{0} is held: an agent runs on this state directory (the fail-open fallback is armed only while none does)"
+    )]
     AgentRunning(PathBuf),
     /// `ip` or `bridge` failed.
     #[error("{tool} -batch: {message}")]
@@ -205,7 +207,14 @@ impl FallbackPlan {
         for a in &config.appliances {
             local.entry(a.zone.as_str()).or_default().push(a.interface.clone());
         }
-        let flood: Vec<Ipv4Addr> = config.underlay.peers.values().copied().collect::<BTreeSet<_>>().into_iter().collect();
+        let flood: Vec<Ipv4Addr> = config
+            .underlay
+            .peers
+            .values()
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let mut open = Vec::new();
         let mut closed = Vec::new();
         for (zone, interfaces) in local {
@@ -227,7 +236,9 @@ impl FallbackPlan {
                         if h == config.host {
                             continue;
                         }
-                        let Some(vtep) = config.underlay.peers.get(h) else { continue };
+                        let Some(vtep) = config.underlay.peers.get(h) else {
+                            continue;
+                        };
                         for nic in vm.vnics.iter().filter(|n| n.zone == zone) {
                             remote.insert(nic.mac.to_ascii_lowercase(), *vtep);
                         }
@@ -291,7 +302,10 @@ impl FallbackPlan {
         }
         for z in &self.open {
             if !(1..=MAX_VNI).contains(&z.vni) {
-                return Err(format!("zone {}: VNI {} is out of range (1 to {MAX_VNI})", z.zone, z.vni));
+                return Err(format!(
+                    "zone {}: VNI {} is out of range (1 to {MAX_VNI})",
+                    z.zone, z.vni
+                ));
             }
             if !vnis.insert(z.vni) {
                 return Err(format!("zone {}: VNI {} belongs to another open zone", z.zone, z.vni));
@@ -463,9 +477,17 @@ pub fn arm_commands(plan: &FallbackPlan, devices: &Devices) -> ArmCommands {
     }
     for z in &plan.open {
         let (br, vx) = (bridge_name(z.vni), vxlan_name(z.vni));
-        let present: Vec<&String> = z.interfaces.iter().filter(|i| devices.masters.contains_key(*i)).collect();
-        c.missing
-            .extend(z.interfaces.iter().filter(|i| !devices.masters.contains_key(*i)).cloned());
+        let present: Vec<&String> = z
+            .interfaces
+            .iter()
+            .filter(|i| devices.masters.contains_key(*i))
+            .collect();
+        c.missing.extend(
+            z.interfaces
+                .iter()
+                .filter(|i| !devices.masters.contains_key(*i))
+                .cloned(),
+        );
         // The frames the vNICs send must fit the tunnel device: as large as the largest of them.
         let mtu = present
             .iter()
@@ -490,10 +512,13 @@ pub fn arm_commands(plan: &FallbackPlan, devices: &Devices) -> ArmCommands {
         c.setup.push(format!("link set dev {vx} up"));
         c.setup.push(format!("link set dev {br} up"));
         for peer in &z.flood {
-            c.fdb.push(format!("fdb append 00:00:00:00:00:00 dev {vx} dst {peer} self permanent"));
+            c.fdb.push(format!(
+                "fdb append 00:00:00:00:00:00 dev {vx} dst {peer} self permanent"
+            ));
         }
         for (mac, vtep) in &z.remote {
-            c.fdb.push(format!("fdb replace {mac} dev {vx} dst {vtep} self permanent"));
+            c.fdb
+                .push(format!("fdb replace {mac} dev {vx} dst {vtep} self permanent"));
         }
         for i in present {
             match devices.masters.get(i) {
@@ -574,11 +599,16 @@ fn lock_file(state_dir: &Path) -> Result<File, FallbackError> {
 impl StateLock {
     /// Take the lock now, or `None` if someone holds it.
     pub fn try_take(state_dir: &Path) -> Result<Option<StateLock>, FallbackError> {
+        use std::os::fd::AsRawFd as _;
         let file = lock_file(state_dir)?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(StateLock { _file: file })),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(io_error(&state_dir.join(LOCK_FILE))(e)),
+        // (`File::try_lock` is newer than the workspace's MSRV.)
+        // SAFETY: flock only reads the descriptor, which `file` keeps open for the call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Some(StateLock { _file: file }));
+        }
+        match std::io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            e => Err(io_error(&state_dir.join(LOCK_FILE))(e)),
         }
     }
 
@@ -634,7 +664,8 @@ fn unix_ns() -> u64 {
 /// (or without an open zone) nothing is built and every zone stays closed.
 pub fn arm(state_dir: &Path) -> Result<ArmReport, FallbackError> {
     let started = Instant::now();
-    let _lock = StateLock::try_take(state_dir)?.ok_or_else(|| FallbackError::AgentRunning(state_dir.join(LOCK_FILE)))?;
+    let _lock =
+        StateLock::try_take(state_dir)?.ok_or_else(|| FallbackError::AgentRunning(state_dir.join(LOCK_FILE)))?;
     let Some(plan) = FallbackPlan::load(state_dir)? else {
         return Ok(ArmReport {
             armed: None,
@@ -656,7 +687,10 @@ pub fn arm(state_dir: &Path) -> Result<ArmReport, FallbackError> {
         .collect();
     let armed = (!plan.open.is_empty()).then(|| ArmedRecord {
         // Kept from an earlier arm of the same episode: fail-open began then.
-        armed_at_ns: read_armed(state_dir).ok().flatten().map_or_else(unix_ns, |r| r.armed_at_ns),
+        armed_at_ns: read_armed(state_dir)
+            .ok()
+            .flatten()
+            .map_or_else(unix_ns, |r| r.armed_at_ns),
         zones: plan.open_zones(),
         interfaces,
         took_us: started.elapsed().as_micros() as u64,
@@ -682,10 +716,12 @@ pub fn read_armed(state_dir: &Path) -> Result<Option<ArmedRecord>, FallbackError
     let Some(bytes) = read_regular(&path, 1 << 20)? else {
         return Ok(None);
     };
-    serde_json::from_slice(&bytes).map(Some).map_err(|e| FallbackError::Invalid {
-        path,
-        message: e.to_string(),
-    })
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| FallbackError::Invalid {
+            path,
+            message: e.to_string(),
+        })
 }
 
 /// A fail-open episode that ended: what was open, and for how long.
@@ -854,7 +890,13 @@ mod tests {
             ]
         );
         // The closed zone's vNIC is named nowhere.
-        assert!(!c.setup.iter().chain(&c.fdb).chain(&c.attach).any(|l| l.contains("vn-db-1")));
+        assert!(
+            !c.setup
+                .iter()
+                .chain(&c.fdb)
+                .chain(&c.attach)
+                .any(|l| l.contains("vn-db-1"))
+        );
         assert!(c.missing.is_empty() && c.foreign.is_empty());
     }
 
@@ -873,7 +915,11 @@ mod tests {
         assert_eq!(c.setup[0], "link del dev palfb7", "a device of an older plan goes");
         assert!(c.attach.contains(&"link set dev vn-db-1 nomaster".to_string()));
         assert!(c.attach.contains(&"link set dev vn-web-1 master palfb100".to_string()));
-        assert_eq!(c.foreign, ["vn-web-2 (in br-user)"], "another bridge's port is left alone");
+        assert_eq!(
+            c.foreign,
+            ["vn-web-2 (in br-user)"],
+            "another bridge's port is left alone"
+        );
         assert!(!c.attach.iter().any(|l| l.contains("vn-web-2")));
     }
 
@@ -886,7 +932,11 @@ mod tests {
 
     #[test]
     fn disarm_removes_only_prefixed_devices_of_the_right_kind() {
-        let mut d = devices(&[("palfb100", None), ("palfx100", Some("palfb100")), ("vn-web-1", Some("palfb100"))]);
+        let mut d = devices(&[
+            ("palfb100", None),
+            ("palfx100", Some("palfb100")),
+            ("vn-web-1", Some("palfb100")),
+        ]);
         // A device with our prefix but not a bridge (say, a user's veth) is not ours.
         d.masters.insert("palfb9".into(), None);
         assert_eq!(disarm_commands(&d), ["link del dev palfx100", "link del dev palfb100"]);
@@ -895,8 +945,12 @@ mod tests {
 
     #[test]
     fn plans_with_unsafe_names_or_values_are_refused() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut FallbackPlan)>)> = vec![
-            ("newline", Box::new(|p| p.open[0].interfaces[0] = "a\nlink del dev eth0".into())),
+        type Change = Box<dyn Fn(&mut FallbackPlan)>;
+        let cases: Vec<(&str, Change)> = vec![
+            (
+                "newline",
+                Box::new(|p| p.open[0].interfaces[0] = "a\nlink del dev eth0".into()),
+            ),
             ("space", Box::new(|p| p.open[0].interfaces[0] = "a b".into())),
             ("dash", Box::new(|p| p.open[0].interfaces[0] = "-force".into())),
             ("long", Box::new(|p| p.open[0].interfaces[0] = "x".repeat(16))),
@@ -904,12 +958,20 @@ mod tests {
             ("twice", Box::new(|p| p.closed[0].interfaces[0] = "vn-web-1".into())),
             ("vni 0", Box::new(|p| p.open[0].vni = 0)),
             ("vni big", Box::new(|p| p.open[0].vni = 1 << 24)),
-            ("mac", Box::new(|p| {
-                p.open[0].remote.insert("01:00:5e:00:00:01".into(), Ipv4Addr::LOCALHOST);
-            })),
-            ("mac text", Box::new(|p| {
-                p.open[0].remote.insert("02:00:00:00:00:01 dev eth0".into(), Ipv4Addr::LOCALHOST);
-            })),
+            (
+                "mac",
+                Box::new(|p| {
+                    p.open[0].remote.insert("01:00:5e:00:00:01".into(), Ipv4Addr::LOCALHOST);
+                }),
+            ),
+            (
+                "mac text",
+                Box::new(|p| {
+                    p.open[0]
+                        .remote
+                        .insert("02:00:00:00:00:01 dev eth0".into(), Ipv4Addr::LOCALHOST);
+                }),
+            ),
             ("version", Box::new(|p| p.version = 2)),
             ("port", Box::new(|p| p.port = 0)),
         ];
@@ -939,7 +1001,12 @@ mod tests {
         assert!(FallbackPlan::load(dir.path()).is_err());
         std::fs::remove_file(&path).unwrap();
         std::fs::create_dir(&path).unwrap();
-        assert!(FallbackPlan::load(dir.path()).unwrap_err().to_string().contains("regular"));
+        assert!(
+            FallbackPlan::load(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("regular")
+        );
     }
 
     #[test]

@@ -181,7 +181,10 @@ mod tests {
         let (r, _) = report(i);
         assert!(r.fallback_planned);
         let got = r.last_fail_open.unwrap();
-        assert_eq!((got.zones.as_slice(), got.active_ms()), (&["web".to_string()][..], 3500));
+        assert_eq!(
+            (got.zones.as_slice(), got.active_ms()),
+            (&["web".to_string()][..], 3500)
+        );
     }
 
     #[test]

@@ -416,7 +416,11 @@ pub fn fallback(
     for z in zones.keys() {
         let open = planned_open.is_some_and(|p| p.iter().any(|o| o == z));
         let mode = if open { "open" } else { "closed" };
-        let _ = writeln!(o, "palisade_fallback_planned{{host=\"{h}\",zone=\"{}\",mode=\"{mode}\"}} 1", esc(z));
+        let _ = writeln!(
+            o,
+            "palisade_fallback_planned{{host=\"{h}\",zone=\"{}\",mode=\"{mode}\"}} 1",
+            esc(z)
+        );
     }
     let _ = writeln!(
         o,

@@ -58,7 +58,11 @@ pub fn next_backoff(first: Duration, last: Option<Duration>, ran: Duration) -> D
 }
 
 fn start(s: &Supervised) -> std::io::Result<Child> {
-    let child = Command::new(&s.exe).arg("agent").arg("--config").arg(&s.config).spawn()?;
+    let child = Command::new(&s.exe)
+        .arg("agent")
+        .arg("--config")
+        .arg(&s.config)
+        .spawn()?;
     let _ = std::fs::write(s.state_dir.join(PID_FILE), format!("{}\n", child.id()));
     Ok(child)
 }
@@ -94,7 +98,10 @@ fn arm_after_death(state_dir: &Path, died: Instant) {
                 None => eprintln!("palisade supervise: no open zone in the fallback plan: every zone stays closed"),
             }
             if !r.missing.is_empty() {
-                eprintln!("palisade supervise: fallback: interfaces missing: {}", r.missing.join(","));
+                eprintln!(
+                    "palisade supervise: fallback: interfaces missing: {}",
+                    r.missing.join(",")
+                );
             }
             if !r.foreign.is_empty() {
                 eprintln!(
@@ -154,8 +161,15 @@ mod tests {
             seen.push(d.as_millis());
         }
         assert_eq!(seen, [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]);
-        assert_eq!(next_backoff(FIRST_BACKOFF, Some(MAX_BACKOFF), STABLE_RUN), FIRST_BACKOFF);
+        assert_eq!(
+            next_backoff(FIRST_BACKOFF, Some(MAX_BACKOFF), STABLE_RUN),
+            FIRST_BACKOFF
+        );
         let slow = Duration::from_secs(20);
-        assert_eq!(next_backoff(slow, Some(slow), quick), slow, "a first delay above the cap is kept");
+        assert_eq!(
+            next_backoff(slow, Some(slow), quick),
+            slow,
+            "a first delay above the cap is kept"
+        );
     }
 }

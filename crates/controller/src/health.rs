@@ -113,7 +113,10 @@ fn failure_modes(r: &HealthReport) -> String {
         .map(|(z, _)| z.as_str())
         .collect();
     if r.fallback_planned && !open.is_empty() {
-        format!("zone(s) {} fail open if its fallback armed, the others closed", open.join(","))
+        format!(
+            "zone(s) {} fail open if its fallback armed, the others closed",
+            open.join(",")
+        )
     } else {
         "every zone fails closed".into()
     }
@@ -591,7 +594,10 @@ mod tests {
         r.fallback_planned = true;
         let (state, why, _) = derive(&with(r.clone(), 0), 100 * S, 5, &cfg, 0);
         assert_eq!(state, HealthState::Failed);
-        assert!(why.contains("zone(s) web fail open if its fallback armed, the others closed"), "{why}");
+        assert!(
+            why.contains("zone(s) web fail open if its fallback armed, the others closed"),
+            "{why}"
+        );
         // Without a plan nothing can arm: every zone is closed.
         r.fallback_planned = false;
         let (_, why, _) = derive(&with(r, 0), 100 * S, 5, &cfg, 0);

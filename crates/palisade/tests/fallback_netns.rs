@@ -15,7 +15,10 @@ fn possible() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let ip = Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
-    let bridge = Command::new("bridge").arg("-V").output().is_ok_and(|o| o.status.success());
+    let bridge = Command::new("bridge")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if root && ip && bridge {
         return true;
     }
@@ -75,7 +78,11 @@ fn links(ns: &str) -> Vec<(String, String, String)> {
         .iter()
         .map(|l| {
             let s = |k: &str| l[k].as_str().unwrap_or("").to_string();
-            (s("ifname"), l["linkinfo"]["info_kind"].as_str().unwrap_or("").to_string(), s("master"))
+            (
+                s("ifname"),
+                l["linkinfo"]["info_kind"].as_str().unwrap_or("").to_string(),
+                s("master"),
+            )
         })
         .collect();
     v.sort();
@@ -88,7 +95,13 @@ fn arm_builds_exactly_the_plan_again_and_again_and_disarm_removes_exactly_it() {
         return;
     }
     let ns = Netns(format!("pfb-{}", std::process::id()));
-    assert!(Command::new("ip").args(["netns", "add", &ns.0]).status().unwrap().success());
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &ns.0])
+            .status()
+            .unwrap()
+            .success()
+    );
     sh(
         &ns.0,
         "ip link add vn-open1 type veth peer name g-open1 && ip link add vn-open2 type veth peer name g-open2 \
@@ -108,8 +121,9 @@ fn arm_builds_exactly_the_plan_again_and_again_and_disarm_removes_exactly_it() {
     let before = links(&ns.0);
 
     // Refused while the lock is held (the agent runs): nothing is made.
-    let lock = std::fs::File::create(state.path().join("agent.lock")).unwrap();
-    lock.try_lock().unwrap();
+    let lock = palisade_agent::fallback::StateLock::try_take(state.path())
+        .unwrap()
+        .unwrap();
     let out = fallback(&ns.0, "arm", state.path());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("agent.lock is held"));
@@ -119,23 +133,40 @@ fn arm_builds_exactly_the_plan_again_and_again_and_disarm_removes_exactly_it() {
     let out = fallback(&ns.0, "arm", state.path());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("zone(s) web") && said.contains("missing: vn-gone"), "{said}");
+    assert!(
+        said.contains("zone(s) web") && said.contains("missing: vn-gone"),
+        "{said}"
+    );
     let armed = links(&ns.0);
     let find = |name: &str| armed.iter().find(|l| l.0 == name).cloned();
     assert_eq!(find("palfb100").unwrap().1, "bridge");
-    assert_eq!(find("palfx100").unwrap(), ("palfx100".into(), "vxlan".into(), "palfb100".into()));
+    assert_eq!(
+        find("palfx100").unwrap(),
+        ("palfx100".into(), "vxlan".into(), "palfb100".into())
+    );
     assert_eq!(find("vn-open1").unwrap().2, "palfb100");
     assert_eq!(find("vn-open2").unwrap().2, "palfb100");
-    assert_eq!(find("vn-closed").unwrap().2, "", "a closed zone's interface is never attached");
+    assert_eq!(
+        find("vn-closed").unwrap().2,
+        "",
+        "a closed zone's interface is never attached"
+    );
     let vx: serde_json::Value = serde_json::from_str(&sh(&ns.0, "ip -d -j link show palfx100")).unwrap();
     let data = &vx[0]["linkinfo"]["info_data"];
-    assert_eq!((data["id"].as_u64(), data["port"].as_u64()), (Some(100), Some(4789)), "{vx}");
+    assert_eq!(
+        (data["id"].as_u64(), data["port"].as_u64()),
+        (Some(100), Some(4789)),
+        "{vx}"
+    );
     assert_eq!(data["learning"], false, "{vx}");
     assert_eq!(data["gbp"], true, "{vx}");
     assert_eq!(data["local"], "192.0.2.1", "{vx}");
     let fdb = sh(&ns.0, "bridge fdb show dev palfx100");
     assert!(fdb.contains("02:00:00:00:00:0c dst 192.0.2.2"), "{fdb}");
-    assert!(fdb.contains("00:00:00:00:00:00 dst 192.0.2.2") && fdb.contains("00:00:00:00:00:00 dst 192.0.2.3"), "{fdb}");
+    assert!(
+        fdb.contains("00:00:00:00:00:00 dst 192.0.2.2") && fdb.contains("00:00:00:00:00:00 dst 192.0.2.3"),
+        "{fdb}"
+    );
     let record = std::fs::read_to_string(state.path().join("fallback.armed")).unwrap();
     let record: serde_json::Value = serde_json::from_str(&record).unwrap();
     let first_armed_at = record["armed_at_ns"].as_u64().unwrap();
@@ -151,7 +182,10 @@ fn arm_builds_exactly_the_plan_again_and_again_and_disarm_removes_exactly_it() {
 
     let status = fallback(&ns.0, "status", state.path());
     let said = String::from_utf8_lossy(&status.stdout);
-    assert!(said.contains("agent: not running") && said.contains("armed: zone(s) web"), "{said}");
+    assert!(
+        said.contains("agent: not running") && said.contains("armed: zone(s) web"),
+        "{said}"
+    );
     assert!(said.contains("device palfb100: palfx100,vn-open1,vn-open2"), "{said}");
 
     // Disarm: back to what was there, the look-alike veth `palfb9` included; twice is fine.

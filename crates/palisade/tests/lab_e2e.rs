@@ -783,7 +783,12 @@ fn a_killed_agent_is_marked_failed_within_the_bound_and_its_vms_evacuated_once()
 /// A server `lab serve stream PORT` on `server`, then `busybox nc IP PORT`
 /// from `client`: both processes and the client's lines (nothing is
 /// required to flow yet).
-fn stream_between(lab: &Lab, server: &str, client: &str, port: u16) -> (Spawned, Spawned, std::sync::mpsc::Receiver<String>) {
+fn stream_between(
+    lab: &Lab,
+    server: &str,
+    client: &str,
+    port: u16,
+) -> (Spawned, Spawned, std::sync::mpsc::Receiver<String>) {
     let ip = lab.vm_ip(server).unwrap().to_string();
     let s = lab
         .spawn(server, &[EXE, "lab", "serve", "stream", &port.to_string()])
@@ -817,10 +822,14 @@ fn fresh_lines(rx: &std::sync::mpsc::Receiver<String>, within: Duration) -> usiz
 
 /// Whether `vm` gets an answer to one ping of `ip` within a second.
 fn pings(lab: &Lab, vm: &str, ip: &str) -> bool {
-    lab.exec(vm, &["busybox", "ping", "-c", "1", "-W", "1", ip], Duration::from_secs(5))
-        .unwrap()
-        .status
-        .success()
+    lab.exec(
+        vm,
+        &["busybox", "ping", "-c", "1", "-W", "1", ip],
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .status
+    .success()
 }
 
 /// Issue 25, per-zone failure modes: a generated lab whose zone `blue`
@@ -845,20 +854,34 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
     let _ = Lab::down(name, &state_dir);
     let spec = LabSpec {
         agent_exe: Some(EXE.into()),
-        ..LabSpec::generated_with(2, 4, &state_dir, &["blue"]).unwrap().with_name(name)
+        ..LabSpec::generated_with(2, 4, &state_dir, &["blue"])
+            .unwrap()
+            .with_name(name)
     };
     let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
     let lab = guard.0.as_ref().unwrap();
     let hv1_state = state_dir.join("hv1");
     // hv1: vm1 blue .10, vm2 green .10, vm3 blue .11; hv2: vm5 blue .12, vm6 green .12, vm7 blue .13.
-    let (vm5, vm6) = (lab.vm_ip("vm5").unwrap().to_string(), lab.vm_ip("vm6").unwrap().to_string());
+    let (vm5, vm6) = (
+        lab.vm_ip("vm5").unwrap().to_string(),
+        lab.vm_ip("vm6").unwrap().to_string(),
+    );
 
     // hv1's agent, run again under the supervisor.
     let pid = lab.state().agents["hv1"].pid;
-    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
     let t = Instant::now();
     while running(pid as u32) {
-        assert!(t.elapsed() < Duration::from_secs(10), "the lab's agent exits on SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the lab's agent exits on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let log = state_dir.join("supervise-hv1.log");
@@ -875,9 +898,12 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
         let end = Instant::now() + Duration::from_secs(30);
         loop {
             let left = end.checked_duration_since(Instant::now()).unwrap_or_default();
-            let line = agent_out
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("{what}: no `agent ready`; {}", std::fs::read_to_string(&log).unwrap_or_default()));
+            let line = agent_out.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "{what}: no `agent ready`; {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
             if line.contains("agent ready") {
                 return;
             }
@@ -893,8 +919,14 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
     let (mut s1, mut c1, open_stream) = stream_between(lab, "vm5", "vm1", 80);
     let (mut s2, mut c2, closed_stream) = stream_between(lab, "vm6", "vm2", 80);
     let (mut s4, mut c4, _) = stream_between(lab, "vm1", "vm3", 2222);
-    assert!(fresh_lines(&open_stream, Duration::from_secs(1)) >= 3, "blue stream flows");
-    assert!(fresh_lines(&closed_stream, Duration::from_secs(1)) >= 3, "green stream flows");
+    assert!(
+        fresh_lines(&open_stream, Duration::from_secs(1)) >= 3,
+        "blue stream flows"
+    );
+    assert!(
+        fresh_lines(&closed_stream, Duration::from_secs(1)) >= 3,
+        "green stream flows"
+    );
     assert!(pings(lab, "vm1", &vm5) && pings(lab, "vm2", &vm6));
     let vm1 = lab.vm_ip("vm1").unwrap().to_string();
     let probe_denied = |within| {
@@ -914,7 +946,13 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
         .spawn("vm1", &["busybox", "ping", "-i", "0.02", "-c", "100", "-W", "1", &vm5])
         .unwrap();
     std::thread::sleep(Duration::from_millis(400));
-    assert!(Command::new("kill").args(["-KILL", &agent_pid.to_string()]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &agent_pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
     let killed = Instant::now();
     while running(agent_pid) {
         assert!(killed.elapsed() < Duration::from_secs(10), "the agent dies on SIGKILL");
@@ -926,33 +964,67 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
     std::io::Read::read_to_string(&mut p.stdout.take().unwrap(), &mut out).unwrap();
     let _ = p.wait();
     let replies = out.lines().filter(|l| l.contains("bytes from")).count();
-    println!("fail-open gap: {} of 100 pings at 20 ms lost across the kill", 100 - replies);
-    assert!(replies >= 70, "blue forwarded through the kill: {replies} of 100 answered\n{out}");
+    println!(
+        "fail-open gap: {} of 100 pings at 20 ms lost across the kill",
+        100 - replies
+    );
+    assert!(
+        replies >= 70,
+        "blue forwarded through the kill: {replies} of 100 answered\n{out}"
+    );
 
     // While down: blue forwards, green does not (several probes).
-    assert!(hv1_state.join("fallback.armed").exists(), "the supervisor armed the fallback");
-    assert!(fresh_lines(&open_stream, Duration::from_secs(1)) >= 3, "blue's established stream flows while down");
+    assert!(
+        hv1_state.join("fallback.armed").exists(),
+        "the supervisor armed the fallback"
+    );
+    assert!(
+        fresh_lines(&open_stream, Duration::from_secs(1)) >= 3,
+        "blue's established stream flows while down"
+    );
     for _ in 0..3 {
         assert!(pings(lab, "vm1", &vm5), "blue forwards while the agent is down");
-        assert!(!pings(lab, "vm2", &vm6), "green forwards nothing while the agent is down");
+        assert!(
+            !pings(lab, "vm2", &vm6),
+            "green forwards nothing while the agent is down"
+        );
     }
-    assert_eq!(fresh_lines(&closed_stream, Duration::from_secs(1)), 0, "green's stream stalls while down");
+    assert_eq!(
+        fresh_lines(&closed_stream, Duration::from_secs(1)),
+        0,
+        "green's stream stalls while down"
+    );
     // Opened during fail-open: an allowed stream and, unfiltered on the host, a denied one.
     let (mut s3, mut c3, new_stream) = stream_between(lab, "vm7", "vm3", 80);
-    assert!(fresh_lines(&new_stream, Duration::from_secs(1)) >= 3, "a new blue stream opens while down");
+    assert!(
+        fresh_lines(&new_stream, Duration::from_secs(1)) >= 3,
+        "a new blue stream opens while down"
+    );
     let (mut denied, denied_rx, n) = probe_denied(Duration::from_secs(1));
     assert!(
         hv1_state.join("fallback.armed").exists() && pid_file(&hv1_state) == Some(agent_pid),
         "the probes ran while the agent was down (restart delay too short for this machine?)"
     );
-    assert!(n >= 3, "fail-open is unfiltered on the host: vm3 → vm1:2222 flows while down");
+    assert!(
+        n >= 3,
+        "fail-open is unfiltered on the host: vm3 → vm1:2222 flows while down"
+    );
 
     // The supervisor restarts the agent: it takes over.
     ready("restart");
     let took_over = Instant::now();
-    assert!(!hv1_state.join("fallback.armed").exists(), "the agent disarmed at start");
-    assert!(fresh_lines(&open_stream, Duration::from_secs(2)) >= 5, "blue's established stream continues");
-    assert!(fresh_lines(&new_stream, Duration::from_secs(2)) >= 5, "the stream opened during fail-open continues");
+    assert!(
+        !hv1_state.join("fallback.armed").exists(),
+        "the agent disarmed at start"
+    );
+    assert!(
+        fresh_lines(&open_stream, Duration::from_secs(2)) >= 5,
+        "blue's established stream continues"
+    );
+    assert!(
+        fresh_lines(&new_stream, Duration::from_secs(2)) >= 5,
+        "the stream opened during fail-open continues"
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         fresh_lines(&denied_rx, Duration::from_secs(2)),
@@ -969,7 +1041,10 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
         }
     }
     assert_eq!(resumed, 5, "green's stream resumes after the restart");
-    println!("green's stream resumed {:?} after the agent was ready", took_over.elapsed());
+    println!(
+        "green's stream resumed {:?} after the agent was ready",
+        took_over.elapsed()
+    );
 
     // The episode shows.
     std::thread::sleep(Duration::from_millis(700));
@@ -977,22 +1052,44 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
     let health: serde_json::Value =
         serde_json::from_str(&palisade_agent::http::get_unix(&sock, "/health").unwrap()).unwrap();
     assert_eq!(health["fallback_planned"], true, "{health}");
-    assert_eq!(health["last_fail_open"]["zones"], serde_json::json!(["blue"]), "{health}");
+    assert_eq!(
+        health["last_fail_open"]["zones"],
+        serde_json::json!(["blue"]),
+        "{health}"
+    );
     let active_ns = health["last_fail_open"]["ended_at_ns"].as_u64().unwrap()
         - health["last_fail_open"]["armed_at_ns"].as_u64().unwrap();
-    assert!(active_ns >= 13_000_000_000, "fail-open lasted about the restart delay: {health}");
+    assert!(
+        active_ns >= 13_000_000_000,
+        "fail-open lasted about the restart delay: {health}"
+    );
     assert_eq!(health["zones"]["green"], "closed", "{health}");
     let metrics = palisade_agent::http::get_unix(&sock, "/metrics").unwrap();
-    assert!(metrics.contains("palisade_fallback_last_active_seconds{host=\"hv1\",zone=\"blue\"}"), "{metrics}");
+    assert!(
+        metrics.contains("palisade_fallback_last_active_seconds{host=\"hv1\",zone=\"blue\"}"),
+        "{metrics}"
+    );
     assert!(metrics.contains("palisade_fallback_planned{host=\"hv1\",zone=\"green\",mode=\"closed\"} 1"));
     // The stream opened during fail-open is a connection of the agent now.
     let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
     assert!(flows.contains(&lab.vm_ip("vm7").unwrap().to_string()), "{flows}");
 
-    for s in [&mut s1, &mut c1, &mut s2, &mut c2, &mut s3, &mut c3, &mut s4, &mut c4, &mut denied] {
+    for s in [
+        &mut s1,
+        &mut c1,
+        &mut s2,
+        &mut c2,
+        &mut s3,
+        &mut c3,
+        &mut s4,
+        &mut c4,
+        &mut denied,
+    ] {
         let _ = lab.kill(s);
     }
-    let _ = Command::new("kill").args(["-TERM", &supervisor.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &supervisor.id().to_string()])
+        .status();
     let _ = supervisor.wait();
     let report = guard.0.take().unwrap().shutdown().unwrap();
     assert!(!report.namespaces.is_empty());
@@ -1001,5 +1098,9 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
 
 /// The pid in the agent's pid file (the supervisor rewrites it at each start).
 fn pid_file(state: &std::path::Path) -> Option<u32> {
-    std::fs::read_to_string(state.join("agent.pid")).ok()?.trim().parse().ok()
+    std::fs::read_to_string(state.join("agent.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }

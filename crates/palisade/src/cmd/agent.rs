@@ -114,7 +114,8 @@ fn fallback(action: FallbackAction, state_dir: &Path, json: bool) -> anyhow::Res
     match action {
         FallbackAction::Arm => {
             let started = std::time::Instant::now();
-            let r = fallback::arm(state_dir).with_context(|| format!("arming the fallback of {}", state_dir.display()))?;
+            let r =
+                fallback::arm(state_dir).with_context(|| format!("arming the fallback of {}", state_dir.display()))?;
             if json {
                 print(&r)?;
             } else {
