@@ -664,8 +664,9 @@ fn unix_ns() -> u64 {
 /// (or without an open zone) nothing is built and every zone stays closed.
 pub fn arm(state_dir: &Path) -> Result<ArmReport, FallbackError> {
     let started = Instant::now();
-    let _lock =
-        StateLock::try_take(state_dir)?.ok_or_else(|| FallbackError::AgentRunning(state_dir.join(LOCK_FILE)))?;
+    // A moment's wait: `status` takes the lock briefly to see whether an
+    // agent runs; an agent holds it for good.
+    let _lock = StateLock::take(state_dir, Duration::from_millis(300))?;
     let Some(plan) = FallbackPlan::load(state_dir)? else {
         return Ok(ArmReport {
             armed: None,

@@ -919,6 +919,7 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
     let (mut s1, mut c1, open_stream) = stream_between(lab, "vm5", "vm1", 80);
     let (mut s2, mut c2, closed_stream) = stream_between(lab, "vm6", "vm2", 80);
     let (mut s4, mut c4, _) = stream_between(lab, "vm1", "vm3", 2222);
+    let (mut s5, mut c5, _) = stream_between(lab, "vm5", "vm1", 2222);
     assert!(
         fresh_lines(&open_stream, Duration::from_secs(1)) >= 3,
         "blue stream flows"
@@ -1009,6 +1010,15 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
         n >= 3,
         "fail-open is unfiltered on the host: vm3 → vm1:2222 flows while down"
     );
+    // ... but not beyond it: hv2's agent judges what hv1's fallback sends (no policy-applied bit).
+    let mut across = lab.spawn("vm1", &["busybox", "nc", &vm5, "2222"]).unwrap();
+    let Spawned::Process(child) = &mut across else { panic!() };
+    let across_rx = lines_of(child.stdout.take().unwrap());
+    assert_eq!(
+        fresh_lines(&across_rx, Duration::from_secs(1)),
+        0,
+        "hv2's agent still denies vm1 → vm5:2222 while hv1 fails open"
+    );
 
     // The supervisor restarts the agent: it takes over.
     ready("restart");
@@ -1083,7 +1093,10 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
         &mut c3,
         &mut s4,
         &mut c4,
+        &mut s5,
+        &mut c5,
         &mut denied,
+        &mut across,
     ] {
         let _ = lab.kill(s);
     }
