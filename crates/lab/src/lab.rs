@@ -54,6 +54,11 @@ pub struct LabSpec {
     /// the agent's engine handles offloaded traffic only through its ports'
     /// software segmentation so far.
     pub vm_offloads: bool,
+    /// Run each agent under `palisade agent supervise`, which arms the
+    /// fail-open fallback of the `open` zones when the agent dies and
+    /// restarts it. The state's agent pid is then the supervisor's (the
+    /// agent's own is in `<state_dir>/<host>/agent.pid`).
+    pub supervise: bool,
 }
 
 /// The default state directory of lab `name`.
@@ -81,6 +86,7 @@ impl LabSpec {
             controller: false,
             vm_mem_mib: 256,
             vm_offloads: false,
+            supervise: false,
         }
     }
 
@@ -636,7 +642,7 @@ impl Lab {
             self.start_guests(&guests, spec.vm_mem_mib)?;
         }
         if let Some(exe) = &spec.agent_exe {
-            self.start_agents(exe)?;
+            self.start_agents(exe, spec.supervise)?;
         }
         Ok(())
     }
@@ -843,7 +849,7 @@ impl Lab {
         self.exec_ns(&self.state.plan.underlay_ns, &refs, Duration::from_secs(30))
     }
 
-    fn start_agents(&mut self, exe: &Path) -> Result<(), LabError> {
+    fn start_agents(&mut self, exe: &Path, supervise: bool) -> Result<(), LabError> {
         let exe = absolute(exe)?;
         let hosts = self.state.plan.hosts.clone();
         for h in &hosts {
@@ -853,7 +859,11 @@ impl Lab {
             let child = Command::new("ip")
                 .args(["netns", "exec", &h.ns])
                 .arg(&exe)
-                .args(["agent", "--config"])
+                .args(if supervise {
+                    &["agent", "supervise", "--config"][..]
+                } else {
+                    &["agent", "--config"][..]
+                })
                 .arg(self.agent_config(&h.name))
                 .stdin(Stdio::null())
                 .stdout(logf)

@@ -49,6 +49,10 @@ pub enum LabCmd {
         /// real virtio-net guests run; by default the lab turns them off.
         #[arg(long)]
         vm_offloads: bool,
+        /// Run each agent under `palisade agent supervise` (arms the
+        /// fail-open fallback of `open` zones when an agent dies, restarts it).
+        #[arg(long)]
+        supervise: bool,
     },
     /// Remove everything the lab made, also after a crash.
     Down {
@@ -136,6 +140,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             state_dir,
             vm_mem,
             vm_offloads,
+            supervise,
         } => {
             let state_dir = state(&name, state_dir);
             let mut spec = match (hosts, vms) {
@@ -149,6 +154,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             spec.state_dir = state_dir;
             spec.vm_mem_mib = vm_mem;
             spec.vm_offloads = vm_offloads;
+            spec.supervise = supervise;
             spec.qemu = match qemu {
                 None => QemuMode::None,
                 Some(v) if v.is_empty() => QemuMode::All,
