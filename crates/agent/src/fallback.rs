@@ -34,6 +34,16 @@
 //! untrusted tunnel frame; the group id itself is never read by an agent.
 //! Fail-open is therefore "unfiltered on this host": the peers still filter.
 //!
+//! Take-over: when the agent is back, a connection that ran through the
+//! fallback meets it mid-stream. One it had before it died is resumed from
+//! its snapshots; one opened meanwhile is picked up by its next segment the
+//! way the zone's TCP tracking allows: liberal zones (the agent's; as Linux
+//! with `nf_conntrack_tcp_loose`) pick up a plain ACK as established if the
+//! policy allows the direction (or if it comes from a peer with the
+//! policy-applied bit), and a flow the policy denies is dropped from its next
+//! segment on; a strict zone would refuse the pickup (it needs a SYN), so its
+//! connections opened during fail-open end at the take-over.
+//!
 //! What was armed is recorded (`fallback.armed`: when, which zones) so the
 //! restarted agent reports how long fail-open lasted (`/health`, metrics,
 //! the controller).
