@@ -13,21 +13,29 @@ fn plain(line: &str) {
     for token in line.split(' ') {
         assert!(!token.is_empty() && !token.starts_with('-'), "{line:?}");
         assert!(
-            token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')),
+            token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-')),
             "{line:?}"
         );
     }
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let Ok(plan) = serde_json::from_slice::<FallbackPlan>(data) else { return };
+    let Ok(plan) = serde_json::from_slice::<FallbackPlan>(data) else {
+        return;
+    };
     if plan.check().is_err() {
         return;
     }
     // The host's devices, from the plan's own names: present, some in a
     // fallback bridge, some in another, one MTU each (from the input's length).
     let mut devices = Devices::default();
-    let names = plan.open.iter().flat_map(|z| &z.interfaces).chain(plan.closed.iter().flat_map(|z| &z.interfaces));
+    let names = plan
+        .open
+        .iter()
+        .flat_map(|z| &z.interfaces)
+        .chain(plan.closed.iter().flat_map(|z| &z.interfaces));
     for (i, n) in names.enumerate() {
         let master = match (i + data.len()) % 3 {
             0 => None,
