@@ -118,6 +118,13 @@ pub struct Agent {
     refusals: Vec<Refusal>,
     /// The host and vNIC set its state files must belong to.
     identity: Identity,
+    /// The state directory's lock, held for the agent's life: while it is
+    /// held the fail-open fallback cannot be armed.
+    _lock: crate::fallback::StateLock,
+    /// The fail-open episode this start ended (the fallback was armed while the agent was gone).
+    fail_open: Option<crate::fallback::Episode>,
+    /// The open zones of the fallback plan in force (`None`: no plan could be made: all closed).
+    fallback_open: Option<Vec<String>>,
 }
 
 /// What a start resumed its connections from.
@@ -388,6 +395,24 @@ impl Agent {
     pub fn start(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<Agent, AgentError> {
         std::fs::create_dir_all(config.state_dir.join("conntrack"))
             .map_err(io_err(format!("state directory {}", config.state_dir.display())))?;
+        // First of all: the lock (an arm in progress finishes first; another
+        // agent on this state directory stops this one), then the fallback
+        // goes, before any socket is bound (its VXLAN device holds the
+        // underlay port) and so that the kernel never forwards beside us.
+        let lock = crate::fallback::StateLock::take(&config.state_dir, Duration::from_secs(10))?;
+        let disarmed = crate::fallback::disarm(&config.state_dir)?;
+        if let Some(e) = &disarmed.episode {
+            eprintln!(
+                "palisade agent: fail-open fallback removed: zone(s) {} forwarded unfiltered for {} ms",
+                e.zones.join(","),
+                e.active_ms()
+            );
+        } else if !disarmed.removed.is_empty() {
+            eprintln!(
+                "palisade agent: fallback devices removed: {}",
+                disarmed.removed.join(",")
+            );
+        }
         let (compiler, policy_stamp, upstream, revision) = match (&config.policy, &config.controller) {
             (Some(dir), _) => (Arc::new(load_policy(dir)?), policy_stamp(dir), None, None),
             (None, Some(cc)) => {
@@ -562,6 +587,9 @@ impl Agent {
             state_refused: Default::default(),
             refusals: Vec::new(),
             identity,
+            _lock: lock,
+            fail_open: disarmed.episode,
+            fallback_open: None,
             workers_alive: 0,
             policy_installed: Instant::now(),
             zones,
@@ -570,6 +598,7 @@ impl Agent {
             to_controller_health,
             notifier: crate::notify::Notifier::from_env(),
         };
+        agent.save_fallback_plan(model);
         agent.import_state();
         agent.start_journals();
         agent.publish();
@@ -578,6 +607,32 @@ impl Agent {
 
     fn now(&self) -> u64 {
         self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// Write the fail-open plan of `model` for whoever arms the fallback
+    /// while we are gone. A plan that cannot be made is removed, and said:
+    /// then nothing arms and every zone fails closed.
+    fn save_fallback_plan(&mut self, model: &Model) {
+        let dir = &self.config.state_dir;
+        let made = crate::fallback::FallbackPlan::build(&self.config, model);
+        let result = made.and_then(|p| p.save(dir).map(|()| p));
+        match result {
+            Ok(p) => {
+                let open = p.open_zones();
+                if self.fallback_open.as_ref() != Some(&open) {
+                    eprintln!(
+                        "palisade agent: fail-open fallback planned for zone(s) [{}]; the others fail closed",
+                        open.join(",")
+                    );
+                }
+                self.fallback_open = Some(open);
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(dir.join(crate::fallback::PLAN_FILE));
+                eprintln!("palisade agent: no fail-open fallback (every zone fails closed): {e}");
+                self.fallback_open = None;
+            }
+        }
     }
 
     /// Import connection state saved by a previous run, each connection into
@@ -1019,6 +1074,7 @@ impl Agent {
     fn install(&mut self, compiler: impl Into<Arc<Compiler>>) {
         let compiler = compiler.into();
         self.zones = zones_of(&self.config, compiler.model());
+        self.save_fallback_plan(compiler.model());
         self.policy_installed = Instant::now();
         let identities = Arc::new(Identities::new(compiler.model()));
         // One compiled policy for all workers: it is read-only.
@@ -1129,6 +1185,12 @@ impl Agent {
         if !self.vhost.is_empty() {
             text.push_str(&self.vhost.metrics(&self.config.host));
         }
+        text.push_str(&metrics::fallback(
+            &self.config.host,
+            &self.zones,
+            self.fallback_open.as_deref(),
+            self.fail_open.as_ref(),
+        ));
         let connections: usize = engines.iter().map(|e| e.conntrack().len()).sum();
         let policy_version = engines.first().map_or(0, |e| e.policy_version());
         let ring_drops_total = port_stats.iter().map(|(_, _, s)| s.kernel_drops).sum::<u64>() + overlay.kernel_drops;
@@ -1144,6 +1206,8 @@ impl Agent {
             ring_drops_total,
             baseline: self.drop_baseline,
             zones: self.zones.clone(),
+            fallback_planned: self.fallback_open.is_some(),
+            last_fail_open: self.fail_open.as_ref(),
         });
         drop(engines);
         drop(guards);
@@ -1171,6 +1235,19 @@ impl Agent {
                     "refused_total": self.state_refused.values().sum::<u64>(),
                     "refusals": self.refusals,
                     "journal": journal,
+                }),
+            );
+            h.insert(
+                "fallback".into(),
+                serde_json::json!({
+                    "open_zones": self.fallback_open,
+                    "active": false,
+                    "last": self.fail_open.as_ref().map(|e| serde_json::json!({
+                        "zones": e.zones,
+                        "armed_at_ns": e.armed_at_ns,
+                        "ended_at_ns": e.ended_at_ns,
+                        "active_ms": e.active_ms(),
+                    })),
                 }),
             );
         }

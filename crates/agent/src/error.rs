@@ -62,6 +62,9 @@ pub enum AgentError {
         /// Why.
         message: String,
     },
+    /// The state directory's lock or the fail-open fallback (disarming at start).
+    #[error(transparent)]
+    Fallback(#[from] crate::fallback::FallbackError),
 }
 
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use palisade_api::health::{FailureMode, HealthReport, TableFill};
+use palisade_api::health::{FailOpenEpisode, FailureMode, HealthReport, TableFill};
 use palisade_datapath::{DropReason, Engine};
 use palisade_policy::Model;
 use palisade_policy::model::OnFailure;
@@ -69,6 +69,10 @@ pub struct Inputs<'a> {
     pub baseline: DropBaseline,
     /// The zones of this host's ports.
     pub zones: BTreeMap<String, FailureMode>,
+    /// Whether a fail-open plan is written ([`crate::fallback`]).
+    pub fallback_planned: bool,
+    /// The fail-open episode this start ended.
+    pub last_fail_open: Option<&'a crate::fallback::Episode>,
 }
 
 /// The report, and the cumulative counts it was computed from (the next baseline).
@@ -106,6 +110,12 @@ pub fn report(i: Inputs<'_>) -> (HealthReport, DropBaseline) {
         table_drops: table_total.saturating_sub(i.baseline.table),
         tables,
         zones: i.zones,
+        fallback_planned: i.fallback_planned,
+        last_fail_open: i.last_fail_open.map(|e| FailOpenEpisode {
+            zones: e.zones.clone(),
+            armed_at_ns: e.armed_at_ns,
+            ended_at_ns: e.ended_at_ns,
+        }),
     };
     let totals = DropBaseline {
         ring: i.ring_drops_total,
@@ -131,6 +141,8 @@ mod tests {
             ring_drops_total: ring,
             baseline,
             zones: BTreeMap::new(),
+            fallback_planned: false,
+            last_fail_open: None,
         }
     }
 
@@ -154,6 +166,25 @@ mod tests {
         assert!(!r.enforcing);
         assert_eq!(r.status, "degraded");
         assert_eq!(r.workers_alive, 1);
+    }
+
+    #[test]
+    fn a_fail_open_episode_the_start_ended_is_reported() {
+        let e = crate::fallback::Episode {
+            zones: vec!["web".into()],
+            armed_at_ns: 2_000_000_000,
+            ended_at_ns: 5_500_000_000,
+        };
+        let mut i = inputs(&[], DropBaseline::default(), 0);
+        i.fallback_planned = true;
+        i.last_fail_open = Some(&e);
+        let (r, _) = report(i);
+        assert!(r.fallback_planned);
+        let got = r.last_fail_open.unwrap();
+        assert_eq!(
+            (got.zones.as_slice(), got.active_ms()),
+            (&["web".to_string()][..], 3500)
+        );
     }
 
     #[test]

@@ -20,12 +20,18 @@
 //! - [`upstream`]: policy from the controller, the last good one saved.
 //! - [`snapshot`]: connection state on disk, saved at a clean stop and
 //!   snapshotted on a timer so a crash loses at most one interval of it.
+//! - [`fallback`]: the fail-open fallback for `on_failure: open` zones (a
+//!   kernel bridge and VXLAN device per zone), planned by the agent, armed
+//!   only while it is gone, disarmed when it starts.
+//! - [`supervise`]: a tiny supervisor for hosts without systemd: restarts
+//!   the agent and arms the fallback when it dies.
 #![deny(missing_docs)]
 
 pub mod agent;
 pub mod attach;
 pub mod config;
 mod error;
+pub mod fallback;
 pub mod health;
 pub mod http;
 pub mod journal;
@@ -34,6 +40,7 @@ pub mod migrate;
 pub mod notify;
 pub mod records;
 pub mod snapshot;
+pub mod supervise;
 pub mod trail;
 pub mod upstream;
 mod vhost;

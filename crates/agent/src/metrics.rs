@@ -418,3 +418,58 @@ pub fn render(s: &Snapshot<'_>) -> String {
     }
     o
 }
+
+/// The fail-open metrics: each zone's `on_failure` as the fallback plan has
+/// it (`palisade_fallback_planned{zone,mode}`: 1 for the mode the zone gets
+/// if the agent dies; an open zone without a plan gets `closed`), whether
+/// the fallback forwards now (`palisade_fallback_active{zone}`: always 0 from
+/// a running agent, which removed it at start; kept so a dashboard has one
+/// series per zone to alert on), and the length of the fail-open episode the
+/// start ended (`palisade_fallback_last_active_seconds{zone}`).
+pub fn fallback(
+    host: &str,
+    zones: &std::collections::BTreeMap<String, palisade_api::health::FailureMode>,
+    planned_open: Option<&[String]>,
+    last: Option<&crate::fallback::Episode>,
+) -> String {
+    let h = esc(host);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP palisade_fallback_planned The mode each zone fails in if the agent dies (fail-open plan written).\n\
+         # TYPE palisade_fallback_planned gauge"
+    );
+    for z in zones.keys() {
+        let open = planned_open.is_some_and(|p| p.iter().any(|o| o == z));
+        let mode = if open { "open" } else { "closed" };
+        let _ = writeln!(
+            o,
+            "palisade_fallback_planned{{host=\"{h}\",zone=\"{}\",mode=\"{mode}\"}} 1",
+            esc(z)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "# HELP palisade_fallback_active Whether the zone forwards through the kernel fallback now.\n\
+         # TYPE palisade_fallback_active gauge"
+    );
+    for z in zones.keys() {
+        let _ = writeln!(o, "palisade_fallback_active{{host=\"{h}\",zone=\"{}\"}} 0", esc(z));
+    }
+    let _ = writeln!(
+        o,
+        "# HELP palisade_fallback_last_active_seconds How long the zone forwarded unfiltered while the agent was gone, before this start.\n\
+         # TYPE palisade_fallback_last_active_seconds gauge"
+    );
+    if let Some(e) = last {
+        for z in &e.zones {
+            let _ = writeln!(
+                o,
+                "palisade_fallback_last_active_seconds{{host=\"{h}\",zone=\"{}\"}} {:.3}",
+                esc(z),
+                e.active_ms() as f64 / 1000.0
+            );
+        }
+    }
+    o
+}

@@ -100,6 +100,34 @@ pub struct HealthReport {
     pub tables: Vec<TableFill>,
     /// The `on_failure` of each zone with a port on this host.
     pub zones: BTreeMap<String, FailureMode>,
+    /// Whether the agent wrote a fail-open plan: if it dies, whoever arms
+    /// the fallback (systemd's `ExecStopPost=`, `palisade agent supervise`)
+    /// lets the `open` zones forward unfiltered. `false`: every zone fails closed.
+    #[serde(default)]
+    pub fallback_planned: bool,
+    /// The fail-open episode the agent's start ended, if the fallback was
+    /// armed while it was gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_fail_open: Option<FailOpenEpisode>,
+}
+
+/// A time the agent was gone and its `open` zones forwarded unfiltered
+/// through the kernel fallback.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailOpenEpisode {
+    /// The zones that forwarded.
+    pub zones: Vec<String>,
+    /// When the fallback was armed (the host's clock, Unix nanoseconds).
+    pub armed_at_ns: u64,
+    /// When the restarted agent removed it (the host's clock, Unix nanoseconds).
+    pub ended_at_ns: u64,
+}
+
+impl FailOpenEpisode {
+    /// How long it lasted, in milliseconds.
+    pub fn active_ms(&self) -> u64 {
+        self.ended_at_ns.saturating_sub(self.armed_at_ns) / 1_000_000
+    }
 }
 
 impl HealthReport {
@@ -127,6 +155,17 @@ impl HealthReport {
         }
         for z in self.zones.keys() {
             check_text("zone name", z, 1, MAX_ZONE_NAME_CHARS).map_err(RequestError::on_key)?;
+        }
+        if let Some(e) = &self.last_fail_open {
+            if e.zones.len() > MAX_ZONES {
+                return Err(RequestError::too_large(format!(
+                    "last_fail_open names {} zones; the limit is {MAX_ZONES}",
+                    e.zones.len()
+                )));
+            }
+            for z in &e.zones {
+                check_text("last_fail_open zone name", z, 1, MAX_ZONE_NAME_CHARS)?;
+            }
         }
         if let Some(e) = &self.policy_error {
             // Rendered diagnostics hold newlines: only the length is bounded.
@@ -257,6 +296,22 @@ mod tests {
         );
         let mut r = report();
         r.policy_error = Some("x".repeat(MAX_POLICY_ERROR_CHARS + 1));
+        assert!(r.check("hv1").is_err());
+        let mut r = report();
+        r.last_fail_open = Some(FailOpenEpisode {
+            zones: vec!["web".into()],
+            armed_at_ns: 1_000_000,
+            ended_at_ns: 5_000_000,
+        });
+        assert!(r.check("hv1").is_ok());
+        assert_eq!(r.last_fail_open.as_ref().unwrap().active_ms(), 4);
+        r.last_fail_open.as_mut().unwrap().zones.push("\n".into());
+        assert!(r.check("hv1").is_err());
+        let mut r = report();
+        r.last_fail_open = Some(FailOpenEpisode {
+            zones: vec!["z".into(); MAX_ZONES + 1],
+            ..Default::default()
+        });
         assert!(r.check("hv1").is_err());
     }
 

@@ -102,6 +102,26 @@ fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
+/// What a silent host's zones do, as its last report said: the open zones
+/// forward unfiltered once the host's fallback is armed (the controller
+/// cannot see whether it was), the others pass nothing.
+fn failure_modes(r: &HealthReport) -> String {
+    let open: Vec<&str> = r
+        .zones
+        .iter()
+        .filter(|(_, m)| **m == palisade_api::health::FailureMode::Open)
+        .map(|(z, _)| z.as_str())
+        .collect();
+    if r.fallback_planned && !open.is_empty() {
+        format!(
+            "zone(s) {} fail open if its fallback armed, the others closed",
+            open.join(",")
+        )
+    } else {
+        "every zone fails closed".into()
+    }
+}
+
 /// The state of `h` at `now_ns`, with its reason, and the new
 /// `behind_since_ns`. `current` is the controller's current revision;
 /// `watching_since_ns` is when this controller's monitor started: silence
@@ -126,9 +146,10 @@ pub fn derive(
     let silent = now_ns.saturating_sub(heard);
     if silent > cfg.failed_after.as_nanos() as u64 {
         let why = format!(
-            "no report for {:.1} s (bound {} s)",
+            "no report for {:.1} s (bound {} s); {}",
             secs(silent),
-            cfg.failed_after.as_secs_f64()
+            cfg.failed_after.as_secs_f64(),
+            failure_modes(r)
         );
         return (HealthState::Failed, why, h.behind_since_ns);
     }
@@ -562,6 +583,26 @@ mod tests {
     }
 
     const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn a_silent_host_says_which_zones_fail_open() {
+        use palisade_api::health::FailureMode;
+        let cfg = HealthConfig::default();
+        let mut r = good();
+        r.zones.insert("web".into(), FailureMode::Open);
+        r.zones.insert("db".into(), FailureMode::Closed);
+        r.fallback_planned = true;
+        let (state, why, _) = derive(&with(r.clone(), 0), 100 * S, 5, &cfg, 0);
+        assert_eq!(state, HealthState::Failed);
+        assert!(
+            why.contains("zone(s) web fail open if its fallback armed, the others closed"),
+            "{why}"
+        );
+        // Without a plan nothing can arm: every zone is closed.
+        r.fallback_planned = false;
+        let (_, why, _) = derive(&with(r, 0), 100 * S, 5, &cfg, 0);
+        assert!(why.ends_with("every zone fails closed"), "{why}");
+    }
 
     #[test]
     fn states_from_reports() {

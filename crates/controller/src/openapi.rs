@@ -419,6 +419,18 @@ fn schemas() -> Value {
         ],
         &["worker", "connections", "capacity"],
     );
+    let fail_open_episode = closed(
+        &[
+            (
+                "zones",
+                json!({ "type": "array", "maxItems": palisade_api::health::MAX_ZONES,
+                        "items": { "type": "string", "minLength": 1, "maxLength": palisade_api::health::MAX_ZONE_NAME_CHARS } }),
+            ),
+            ("armed_at_ns", n.clone()),
+            ("ended_at_ns", n.clone()),
+        ],
+        &["zones", "armed_at_ns", "ended_at_ns"],
+    );
     let mut status = printable(16);
     status["minLength"] = json!(1);
     let health_state = json!({ "type": "string", "enum": ["unknown", "healthy", "degraded", "failed"] });
@@ -458,6 +470,11 @@ fn schemas() -> Value {
                 "additionalProperties": { "type": "string", "enum": ["open", "closed"] },
                 "description": format!("zone → on_failure; each zone name 1 to {} printable characters (else 422)", palisade_api::health::MAX_ZONE_NAME_CHARS) }),
             ),
+            (
+                "fallback_planned",
+                json!({ "type": "boolean", "description": "a fail-open plan is written: the open zones forward unfiltered if the agent dies and its fallback is armed" }),
+            ),
+            ("last_fail_open", r("FailOpenEpisode")),
         ],
         &[
             "host",
@@ -628,6 +645,7 @@ fn schemas() -> Value {
     }
     all["HealthReport"] = health_report;
     all["TableFill"] = table_fill;
+    all["FailOpenEpisode"] = fail_open_episode;
     all["HostHealth"] = host_health;
     all
 }

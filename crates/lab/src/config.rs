@@ -152,8 +152,18 @@ const GEN_ZONES: [(&str, u16, u8); 2] = [("blue", 10, 10), ("green", 20, 20)];
 /// `vms_per_host` VMs on each (`vm1…`, host by host), alternating between
 /// zones `blue` (VLAN 10, 10.10.0.0/24) and `green` (VLAN 20, 10.20.0.0/24).
 /// The policy allows ICMP and tcp/80 between all lab VMs, within and across
-/// zones; the datacenter default denies everything else.
+/// zones; the datacenter default denies everything else. Both zones fail
+/// closed (`on_failure: closed`).
 pub fn generated_yaml(hosts: usize, vms_per_host: usize) -> Result<(String, String), String> {
+    generated_yaml_with(hosts, vms_per_host, &[])
+}
+
+/// [`generated_yaml`], the zones named in `open_zones` (`blue`, `green`)
+/// failing open (`on_failure: open`) instead.
+pub fn generated_yaml_with(hosts: usize, vms_per_host: usize, open_zones: &[&str]) -> Result<(String, String), String> {
+    if let Some(z) = open_zones.iter().find(|z| !GEN_ZONES.iter().any(|(n, _, _)| n == *z)) {
+        return Err(format!("zone {z:?}: a generated lab has zones blue and green"));
+    }
     if hosts == 0 || hosts > 250 {
         return Err(format!("{hosts} hosts: use 1 to 250"));
     }
@@ -172,9 +182,10 @@ pub fn generated_yaml(hosts: usize, vms_per_host: usize) -> Result<(String, Stri
     let _ = writeln!(inv, "clusters:\n  - {{ name: lab, hosts: [{}] }}", host_list.join(", "));
     let _ = writeln!(inv, "zones:");
     for (name, vlan, _) in GEN_ZONES {
+        let mode = if open_zones.contains(&name) { "open" } else { "closed" };
         let _ = writeln!(
             inv,
-            "  - {{ name: {name}, vlan: {vlan}, default: deny, on_failure: closed }}"
+            "  - {{ name: {name}, vlan: {vlan}, default: deny, on_failure: {mode} }}"
         );
     }
     let _ = writeln!(inv, "vms:");
@@ -249,6 +260,21 @@ mod tests {
         assert_eq!(verdict("tcp/22"), palisade_policy::model::Action::Deny);
         assert!(generated_yaml(0, 1).is_err());
         assert!(generated_yaml(1, 500).is_err());
+        use palisade_policy::model::OnFailure;
+        assert!(m.inventory.zones.iter().all(|z| z.on_failure == OnFailure::Closed));
+    }
+
+    #[test]
+    fn generated_zones_fail_open_when_asked() {
+        use palisade_policy::model::OnFailure;
+        let (inv, pol) = generated_yaml_with(2, 2, &["blue"]).unwrap();
+        let src = palisade_policy::MemorySource::new()
+            .with("inventory.yaml", &inv)
+            .with("policy.yaml", &pol);
+        let m = palisade_policy::load(&src).unwrap().model;
+        let mode = |z| m.inventory.zone(z).unwrap().on_failure;
+        assert_eq!((mode("blue"), mode("green")), (OnFailure::Open, OnFailure::Closed));
+        assert!(generated_yaml_with(2, 2, &["red"]).unwrap_err().contains("red"));
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub struct LabSpec {
     /// the agent's engine handles offloaded traffic only through its ports'
     /// software segmentation so far.
     pub vm_offloads: bool,
+    /// Run each agent under `palisade agent supervise`, which arms the
+    /// fail-open fallback of the `open` zones when the agent dies and
+    /// restarts it. The state's agent pid is then the supervisor's (the
+    /// agent's own is in `<state_dir>/<host>/agent.pid`).
+    pub supervise: bool,
 }
 
 /// The default state directory of lab `name`.
@@ -84,6 +89,7 @@ impl LabSpec {
             controller: false,
             vm_mem_mib: 256,
             vm_offloads: false,
+            supervise: false,
         }
     }
 
@@ -100,8 +106,19 @@ impl LabSpec {
     /// and policy to `state_dir/policy`, checks that they load, and points
     /// `policy_dir` there.
     pub fn generated(hosts: usize, vms_per_host: usize, state_dir: impl Into<PathBuf>) -> Result<LabSpec, LabError> {
+        LabSpec::generated_with(hosts, vms_per_host, state_dir, &[])
+    }
+
+    /// [`LabSpec::generated`], the zones in `open_zones` failing open
+    /// ([`config::generated_yaml_with`]).
+    pub fn generated_with(
+        hosts: usize,
+        vms_per_host: usize,
+        state_dir: impl Into<PathBuf>,
+        open_zones: &[&str],
+    ) -> Result<LabSpec, LabError> {
         let state_dir = state_dir.into();
-        let (inv, pol) = config::generated_yaml(hosts, vms_per_host).map_err(LabError::Invalid)?;
+        let (inv, pol) = config::generated_yaml_with(hosts, vms_per_host, open_zones).map_err(LabError::Invalid)?;
         let dir = state_dir.join("policy");
         std::fs::create_dir_all(&dir).map_err(LabError::io(format!("creating {}", dir.display())))?;
         for (f, text) in [("inventory.yaml", &inv), ("policy.yaml", &pol)] {
@@ -641,7 +658,7 @@ impl Lab {
             self.start_guests(&guests, spec.vm_mem_mib)?;
         }
         if let Some(exe) = &spec.agent_exe {
-            self.start_agents(exe)?;
+            self.start_agents(exe, spec.supervise)?;
         }
         if !guests.is_empty() && vhost_user {
             self.start_guests(&guests, spec.vm_mem_mib)?;
@@ -861,7 +878,7 @@ impl Lab {
         self.exec_ns(&self.state.plan.underlay_ns, &refs, Duration::from_secs(30))
     }
 
-    fn start_agents(&mut self, exe: &Path) -> Result<(), LabError> {
+    fn start_agents(&mut self, exe: &Path, supervise: bool) -> Result<(), LabError> {
         let exe = absolute(exe)?;
         let hosts = self.state.plan.hosts.clone();
         for h in &hosts {
@@ -871,7 +888,11 @@ impl Lab {
             let child = Command::new("ip")
                 .args(["netns", "exec", &h.ns])
                 .arg(&exe)
-                .args(["agent", "--config"])
+                .args(if supervise {
+                    &["agent", "supervise", "--config"][..]
+                } else {
+                    &["agent", "--config"][..]
+                })
                 .arg(self.agent_config(&h.name))
                 .stdin(Stdio::null())
                 .stdout(logf)

@@ -1341,3 +1341,341 @@ fn a_killed_agent_is_marked_failed_within_the_bound_and_its_vms_evacuated_once()
     guard.0.take().unwrap().shutdown().unwrap();
     assert_eq!(leftovers("pe2h").unwrap(), Vec::<String>::new());
 }
+
+/// A server `lab serve stream PORT` on `server`, then `busybox nc IP PORT`
+/// from `client`: both processes and the client's lines (nothing is
+/// required to flow yet).
+fn stream_between(
+    lab: &Lab,
+    server: &str,
+    client: &str,
+    port: u16,
+) -> (Spawned, Spawned, std::sync::mpsc::Receiver<String>) {
+    let ip = lab.vm_ip(server).unwrap().to_string();
+    let s = lab
+        .spawn(server, &[EXE, "lab", "serve", "stream", &port.to_string()])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = lab.spawn(client, &["busybox", "nc", &ip, &port.to_string()]).unwrap();
+    let Spawned::Process(child) = &mut c else {
+        panic!("namespace VM")
+    };
+    let lines = lines_of(child.stdout.take().unwrap());
+    (s, c, lines)
+}
+
+/// How many lines `rx` yields within `within` (after dropping what it had buffered).
+fn fresh_lines(rx: &std::sync::mpsc::Receiver<String>, within: Duration) -> usize {
+    while rx.try_recv().is_ok() {}
+    let end = Instant::now() + within;
+    let mut n = 0;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(_) => n += 1,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break,
+            Err(_) => {
+                std::thread::sleep(left);
+                break;
+            }
+        }
+    }
+    n
+}
+
+/// Whether `vm` gets an answer to one ping of `ip` within a second.
+fn pings(lab: &Lab, vm: &str, ip: &str) -> bool {
+    lab.exec(
+        vm,
+        &["busybox", "ping", "-c", "1", "-W", "1", ip],
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .status
+    .success()
+}
+
+/// Issue 25, per-zone failure modes: a generated lab whose zone `blue`
+/// fails open and `green` closed; hv1's agent runs under `palisade agent
+/// supervise` and is killed with SIGKILL. While it is down (the supervisor
+/// waits 14 s before restarting it): blue keeps forwarding through the
+/// kernel fallback (a ping and an established stream across hosts, a new
+/// stream opened meanwhile, and, unfiltered on the host, a flow the policy
+/// denies), green passes nothing (probed several times, and its stream
+/// stalls). After the restart: blue's streams continue under the agent
+/// (the one opened during fail-open picked up as an allowed connection), the
+/// denied flow is cut, green's stream resumes, and the episode shows in
+/// `/health` and the metrics.
+#[test]
+fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_takes_over() {
+    if !lab_possible() {
+        return;
+    }
+    let _one = one_lab();
+    let name = "pfo";
+    let state_dir = palisade_lab::lab::default_state_dir(name);
+    let _ = Lab::down(name, &state_dir);
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        ..LabSpec::generated_with(2, 4, &state_dir, &["blue"])
+            .unwrap()
+            .with_name(name)
+    };
+    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let hv1_state = state_dir.join("hv1");
+    // hv1: vm1 blue .10, vm2 green .10, vm3 blue .11; hv2: vm5 blue .12, vm6 green .12, vm7 blue .13.
+    let (vm5, vm6) = (
+        lab.vm_ip("vm5").unwrap().to_string(),
+        lab.vm_ip("vm6").unwrap().to_string(),
+    );
+
+    // hv1's agent, run again under the supervisor.
+    let pid = lab.state().agents["hv1"].pid;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t = Instant::now();
+    while running(pid as u32) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the lab's agent exits on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = state_dir.join("supervise-hv1.log");
+    let mut supervisor = Command::new("ip")
+        .args(["netns", "exec", &lab.host_netns("hv1"), EXE, "agent", "supervise"])
+        .args(["--restart-delay-ms", "14000", "--config"])
+        .arg(lab.agent_config("hv1"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let agent_out = lines_of(supervisor.stdout.take().unwrap());
+    let ready = |what: &str| {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = end.checked_duration_since(Instant::now()).unwrap_or_default();
+            let line = agent_out.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "{what}: no `agent ready`; {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+            if line.contains("agent ready") {
+                return;
+            }
+        }
+    };
+    ready("first start");
+    let plan: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(hv1_state.join("fallback.json")).unwrap()).unwrap();
+    assert_eq!(plan["open"][0]["zone"], "blue", "{plan}");
+    assert_eq!(plan["closed"][0]["zone"], "green", "{plan}");
+
+    // Before: both zones forward; the denied port does not.
+    let (mut s1, mut c1, open_stream) = stream_between(lab, "vm5", "vm1", 80);
+    let (mut s2, mut c2, closed_stream) = stream_between(lab, "vm6", "vm2", 80);
+    let (mut s4, mut c4, _) = stream_between(lab, "vm1", "vm3", 2222);
+    let (mut s5, mut c5, _) = stream_between(lab, "vm5", "vm1", 2222);
+    assert!(
+        fresh_lines(&open_stream, Duration::from_secs(1)) >= 3,
+        "blue stream flows"
+    );
+    assert!(
+        fresh_lines(&closed_stream, Duration::from_secs(1)) >= 3,
+        "green stream flows"
+    );
+    assert!(pings(lab, "vm1", &vm5) && pings(lab, "vm2", &vm6));
+    let vm1 = lab.vm_ip("vm1").unwrap().to_string();
+    let probe_denied = |within| {
+        let mut c = lab.spawn("vm3", &["busybox", "nc", &vm1, "2222"]).unwrap();
+        let Spawned::Process(child) = &mut c else { panic!() };
+        let rx = lines_of(child.stdout.take().unwrap());
+        let n = fresh_lines(&rx, within);
+        (c, rx, n)
+    };
+    let (mut denied_before, _, n) = probe_denied(Duration::from_secs(1));
+    assert_eq!(n, 0, "the policy denies vm3 → vm1:2222 while the agent runs");
+    let _ = lab.kill(&mut denied_before);
+
+    // Kill -9 the agent (not the supervisor), with a fast ping running across the kill.
+    let agent_pid = pid_file(&hv1_state).unwrap();
+    let mut fast = lab
+        .spawn("vm1", &["busybox", "ping", "-i", "0.02", "-c", "100", "-W", "1", &vm5])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &agent_pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let killed = Instant::now();
+    while running(agent_pid) {
+        assert!(killed.elapsed() < Duration::from_secs(10), "the agent dies on SIGKILL");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("the killed agent's exit completed {:?} after SIGKILL", killed.elapsed());
+    let Spawned::Process(p) = &mut fast else { panic!() };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut p.stdout.take().unwrap(), &mut out).unwrap();
+    let _ = p.wait();
+    let replies = out.lines().filter(|l| l.contains("bytes from")).count();
+    println!(
+        "fail-open gap: {} of 100 pings at 20 ms lost across the kill",
+        100 - replies
+    );
+    assert!(
+        replies >= 70,
+        "blue forwarded through the kill: {replies} of 100 answered\n{out}"
+    );
+
+    // While down: blue forwards, green does not (several probes).
+    assert!(
+        hv1_state.join("fallback.armed").exists(),
+        "the supervisor armed the fallback"
+    );
+    assert!(
+        fresh_lines(&open_stream, Duration::from_secs(1)) >= 3,
+        "blue's established stream flows while down"
+    );
+    for _ in 0..3 {
+        assert!(pings(lab, "vm1", &vm5), "blue forwards while the agent is down");
+        assert!(
+            !pings(lab, "vm2", &vm6),
+            "green forwards nothing while the agent is down"
+        );
+    }
+    assert_eq!(
+        fresh_lines(&closed_stream, Duration::from_secs(1)),
+        0,
+        "green's stream stalls while down"
+    );
+    // Opened during fail-open: an allowed stream and, unfiltered on the host, a denied one.
+    let (mut s3, mut c3, new_stream) = stream_between(lab, "vm7", "vm3", 80);
+    assert!(
+        fresh_lines(&new_stream, Duration::from_secs(1)) >= 3,
+        "a new blue stream opens while down"
+    );
+    let (mut denied, denied_rx, n) = probe_denied(Duration::from_secs(1));
+    assert!(
+        hv1_state.join("fallback.armed").exists() && pid_file(&hv1_state) == Some(agent_pid),
+        "the probes ran while the agent was down (restart delay too short for this machine?)"
+    );
+    assert!(
+        n >= 3,
+        "fail-open is unfiltered on the host: vm3 → vm1:2222 flows while down"
+    );
+    // ... but not beyond it: hv2's agent judges what hv1's fallback sends (no policy-applied bit).
+    let mut across = lab.spawn("vm1", &["busybox", "nc", &vm5, "2222"]).unwrap();
+    let Spawned::Process(child) = &mut across else { panic!() };
+    let across_rx = lines_of(child.stdout.take().unwrap());
+    assert_eq!(
+        fresh_lines(&across_rx, Duration::from_secs(1)),
+        0,
+        "hv2's agent still denies vm1 → vm5:2222 while hv1 fails open"
+    );
+
+    // The supervisor restarts the agent: it takes over.
+    ready("restart");
+    let took_over = Instant::now();
+    assert!(
+        !hv1_state.join("fallback.armed").exists(),
+        "the agent disarmed at start"
+    );
+    assert!(
+        fresh_lines(&open_stream, Duration::from_secs(2)) >= 5,
+        "blue's established stream continues"
+    );
+    assert!(
+        fresh_lines(&new_stream, Duration::from_secs(2)) >= 5,
+        "the stream opened during fail-open continues"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        fresh_lines(&denied_rx, Duration::from_secs(2)),
+        0,
+        "the flow the policy denies, let through by the fallback, is cut by the agent"
+    );
+    assert!(pings(lab, "vm2", &vm6), "green forwards again");
+    // TCP's retransmission backoff after the stall: up to several seconds.
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut resumed = 0;
+    while resumed < 5 && Instant::now() < end {
+        if closed_stream.recv_timeout(Duration::from_millis(200)).is_ok() {
+            resumed += 1;
+        }
+    }
+    assert_eq!(resumed, 5, "green's stream resumes after the restart");
+    println!(
+        "green's stream resumed {:?} after the agent was ready",
+        took_over.elapsed()
+    );
+
+    // The episode shows.
+    std::thread::sleep(Duration::from_millis(700));
+    let sock = hv1_state.join("agent.sock");
+    let health: serde_json::Value =
+        serde_json::from_str(&palisade_agent::http::get_unix(&sock, "/health").unwrap()).unwrap();
+    assert_eq!(health["fallback_planned"], true, "{health}");
+    assert_eq!(
+        health["last_fail_open"]["zones"],
+        serde_json::json!(["blue"]),
+        "{health}"
+    );
+    let active_ns = health["last_fail_open"]["ended_at_ns"].as_u64().unwrap()
+        - health["last_fail_open"]["armed_at_ns"].as_u64().unwrap();
+    assert!(
+        active_ns >= 13_000_000_000,
+        "fail-open lasted about the restart delay: {health}"
+    );
+    assert_eq!(health["zones"]["green"], "closed", "{health}");
+    let metrics = palisade_agent::http::get_unix(&sock, "/metrics").unwrap();
+    assert!(
+        metrics.contains("palisade_fallback_last_active_seconds{host=\"hv1\",zone=\"blue\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("palisade_fallback_planned{host=\"hv1\",zone=\"green\",mode=\"closed\"} 1"));
+    // The stream opened during fail-open is a connection of the agent now.
+    let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
+    assert!(flows.contains(&lab.vm_ip("vm7").unwrap().to_string()), "{flows}");
+
+    for s in [
+        &mut s1,
+        &mut c1,
+        &mut s2,
+        &mut c2,
+        &mut s3,
+        &mut c3,
+        &mut s4,
+        &mut c4,
+        &mut s5,
+        &mut c5,
+        &mut denied,
+        &mut across,
+    ] {
+        let _ = lab.kill(s);
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &supervisor.id().to_string()])
+        .status();
+    let _ = supervisor.wait();
+    let report = guard.0.take().unwrap().shutdown().unwrap();
+    assert!(!report.namespaces.is_empty());
+    assert_eq!(leftovers(name).unwrap(), Vec::<String>::new());
+}
+
+/// The pid in the agent's pid file (the supervisor rewrites it at each start).
+fn pid_file(state: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(state.join("agent.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}

@@ -98,6 +98,19 @@ fn the_agent_unit_is_a_notify_service_with_a_watchdog() {
         .unwrap();
     assert!(families.contains("AF_PACKET"), "{families}");
     assert!(!text.lines().any(|l| l.starts_with("PrivateNetwork=yes")));
+    // The fail-open fallback is armed whenever the agent stops or dies, from
+    // the state directory the shipped configuration uses, a failure never
+    // blocking the restart.
+    let config = palisade_agent::AgentConfig::parse(
+        &std::fs::read_to_string(repo().join("packaging/etc/agent.toml")).unwrap(),
+        Path::new("agent.toml"),
+    )
+    .unwrap();
+    let arm = format!(
+        "ExecStopPost=-/usr/bin/palisade agent fallback arm --state-dir {}",
+        config.state_dir.display()
+    );
+    assert!(text.lines().any(|l| l == arm), "missing {arm}");
 }
 
 #[test]

@@ -260,6 +260,18 @@ pub fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
                                 format!("{reason}; {what}")
                             };
                         }
+                        if let Some(e) = hh.report.as_ref().and_then(|r| r.last_fail_open.as_ref()) {
+                            let what = format!(
+                                "last fail-open: {} for {:.1} s",
+                                e.zones.join(","),
+                                e.active_ms() as f64 / 1000.0
+                            );
+                            reason = if reason.is_empty() {
+                                what
+                            } else {
+                                format!("{reason}; {what}")
+                            };
+                        }
                         let last = match hh.last_report_ns {
                             0 => "never".to_string(),
                             t => format!("{:.0}s ago", now.saturating_sub(t) as f64 / 1e9),

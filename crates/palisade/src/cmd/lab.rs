@@ -26,6 +26,10 @@ pub enum LabCmd {
         /// VMs per host of a generated lab (with --hosts).
         #[arg(long, requires = "hosts")]
         vms: Option<usize>,
+        /// Zones of a generated lab that fail open (`blue`, `green`;
+        /// comma-separated); the others fail closed.
+        #[arg(long, requires = "hosts", value_delimiter = ',', value_name = "ZONES")]
+        open_zones: Vec<String>,
         /// Run VMs as QEMU guests: all of them, or the comma-separated list given.
         #[arg(long, num_args = 0..=1, value_delimiter = ',', value_name = "VMS")]
         qemu: Option<Vec<String>>,
@@ -50,6 +54,10 @@ pub enum LabCmd {
         /// real virtio-net guests run; by default the lab turns them off.
         #[arg(long)]
         vm_offloads: bool,
+        /// Run each agent under `palisade agent supervise` (arms the
+        /// fail-open fallback of `open` zones when an agent dies, restarts it).
+        #[arg(long)]
+        supervise: bool,
     },
     /// Remove everything the lab made, also after a crash.
     Down {
@@ -139,6 +147,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             policy,
             hosts,
             vms,
+            open_zones,
             qemu,
             qemu_nic,
             no_agents,
@@ -146,10 +155,14 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             state_dir,
             vm_mem,
             vm_offloads,
+            supervise,
         } => {
             let state_dir = state(&name, state_dir);
             let mut spec = match (hosts, vms) {
-                (Some(h), Some(v)) => LabSpec::generated(h, v, &state_dir).context("generating the lab inventory")?,
+                (Some(h), Some(v)) => {
+                    let open: Vec<&str> = open_zones.iter().map(String::as_str).collect();
+                    LabSpec::generated_with(h, v, &state_dir, &open).context("generating the lab inventory")?
+                }
                 _ => LabSpec::from_inventory(policy.unwrap_or_else(|| PathBuf::from("examples/three-tier"))),
             };
             spec.name = name.clone();
@@ -160,6 +173,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
                 QemuNicArg::VhostUser => QemuNic::VhostUser,
                 QemuNicArg::Tap => QemuNic::Tap,
             };
+            spec.supervise = supervise;
             spec.qemu = match qemu {
                 None => QemuMode::None,
                 Some(v) if v.is_empty() => QemuMode::All,
