@@ -10,6 +10,9 @@
 //! sends each remote MAC of the zone to its host's tunnel endpoint (and
 //! unknown or broadcast destinations to every peer, as the agent floods).
 //! Closed zones' vNICs stay unattached and forward nothing.
+//! A vhost-user vNIC has no kernel device: no bridge can carry its guest's
+//! rings, so it fails closed in any zone while the agent is gone (QEMU keeps
+//! the guest's link down until the agent is back and it reconnects).
 //!
 //! - The agent writes the [`FallbackPlan`] (`fallback.json` in its state
 //!   directory) at start and on every policy change: what to build, from the
@@ -212,7 +215,11 @@ impl FallbackPlan {
             let (_, nic) = inv
                 .vnic(&v.name)
                 .ok_or_else(|| FallbackError::Plan(format!("vnic {} is not in the inventory", v.name)))?;
-            local.entry(nic.zone.as_str()).or_default().push(v.interface.clone());
+            // A vhost-user vNIC has no kernel device to bridge: while the
+            // agent is gone its guest's rings go unserved, so it fails closed
+            // whatever its zone says (said in the module doc).
+            let Some(interface) = &v.interface else { continue };
+            local.entry(nic.zone.as_str()).or_default().push(interface.clone());
         }
         for a in &config.appliances {
             local.entry(a.zone.as_str()).or_default().push(a.interface.clone());
@@ -1073,5 +1080,18 @@ mod tests {
         assert_eq!(p.open[0].remote.keys().cloned().collect::<BTreeSet<_>>(), expected);
         assert!(!expected.is_empty());
         assert_eq!(p.open[0].flood.len(), others.len());
+
+        // The same web vNIC on vhost-user: no kernel device to bridge, so its
+        // open zone has nothing to arm (it fails closed), and the rest stays.
+        let vhost = toml.replace(
+            "interface = \"vn-web-1\"",
+            "vhost_user = \"/run/palisade/vhost/web-1.sock\"",
+        );
+        assert_ne!(vhost, toml);
+        let config = AgentConfig::parse(&vhost, Path::new("agent.toml")).unwrap();
+        let p = FallbackPlan::build(&config, model).unwrap();
+        assert!(p.open.is_empty(), "{p:?}");
+        assert_eq!(p.closed.len(), 1);
+        assert_eq!(p.closed[0].interfaces, ["vn-db-1"]);
     }
 }
