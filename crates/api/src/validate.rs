@@ -482,7 +482,7 @@ impl crate::documents::ReportRequest {
 
 /// The fields of a flow record in JSON (`phase` and `reason` are its
 /// [`palisade_audit::record::Phase`], flattened).
-pub const FLOW_RECORD_FIELDS: [&str; 16] = [
+pub const FLOW_RECORD_FIELDS: [&str; 17] = [
     "time_ns",
     "flow_id",
     "host",
@@ -491,6 +491,7 @@ pub const FLOW_RECORD_FIELDS: [&str; 16] = [
     "src",
     "dst",
     "protocol",
+    "icmp",
     "verdict",
     "decided_by",
     "packets_out",
@@ -504,6 +505,8 @@ pub const FLOW_RECORD_FIELDS: [&str; 16] = [
 pub const ENDPOINT_FIELDS: [&str; 3] = ["addr", "port", "vm"];
 /// The fields of an endpoint's `vm`.
 pub const VM_IDENTITY_FIELDS: [&str; 7] = ["name", "uuid", "vnic", "zone", "cluster", "host", "tags"];
+/// The fields of a flow record's `icmp`.
+pub const ICMP_FIELDS: [&str; 2] = ["type", "code"];
 /// The fields of each of a flow record's `decided_by`.
 pub const DECISION_FIELDS: [&str; 4] = ["rule", "level", "policy_version", "chain"];
 
@@ -538,6 +541,9 @@ pub fn check_flow_batch_fields(batch: &serde_json::Value) -> Result<(), RequestE
             if let Some(vm) = e.get("vm") {
                 fields(vm, &VM_IDENTITY_FIELDS, &format!("{at}.{end}.vm"))?;
             }
+        }
+        if let Some(icmp) = r.get("icmp") {
+            fields(icmp, &ICMP_FIELDS, &format!("{at}.icmp"))?;
         }
         for (j, d) in r
             .get("decided_by")
