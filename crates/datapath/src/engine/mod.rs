@@ -677,7 +677,7 @@ impl Engine {
             // Neighbour discovery and MLD are switch infrastructure, like ARP.
             if is_v6_icmp && (130..=143).contains(&ty) {
                 let to = self.l2_destination(pkt)?;
-                self.push_outputs(to, pkt, false, Some(&key), out);
+                self.push_outputs(to, pkt, false, Some(key), out);
                 return Ok(());
             }
             if flow::is_icmp_error(is_v6_icmp, ty) {
@@ -685,7 +685,7 @@ impl Engine {
                 if !trusted {
                     self.icmp_error(pkt, &info, hash, l4, sink)?;
                 }
-                self.push_outputs(to, pkt, true, Some(&key), out);
+                self.push_outputs(to, pkt, true, Some(key), out);
                 return Ok(());
             }
         }
@@ -695,7 +695,7 @@ impl Engine {
         // that leaves (netfilter confirms at the last hook, too).
         let to = self.l2_destination(pkt)?;
         self.decide(pkt, &info, hash, inner, sink)?;
-        self.push_outputs(to, pkt, true, Some(&key), out);
+        self.push_outputs(to, pkt, true, Some(key), out);
         Ok(())
     }
 }
