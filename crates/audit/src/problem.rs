@@ -1,6 +1,6 @@
 //! What verification finds wrong with a trail: [`Problem`], of a [`ProblemKind`].
 //!
-//! Its own module because both [`crate::verify`], which finds problems,
+//! Its own module because both [`mod@crate::verify`], which finds problems,
 //! and [`crate::AuditError::Integrity`], which refuses to answer from a
 //! trail that has them, carry them.
 
