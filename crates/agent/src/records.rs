@@ -9,11 +9,13 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use palisade_audit::record::{self, Decision, Endpoint, FlowRecord, Phase, Verdict, VmIdentity};
+use palisade_audit::record::{self, Decision, Endpoint, FlowRecord, IcmpMessage, Phase, Verdict, VmIdentity};
 use palisade_datapath::port::canonical_ip;
 use palisade_datapath::{DropReason, Engine};
 use palisade_datapath::{EndReason, EventKind, FlowEvent};
 use palisade_policy::model::Model;
+use palisade_wire::flow::FlowKey;
+use palisade_wire::ip::IpProtocol;
 
 /// Who is behind each managed address.
 #[derive(Debug, Clone, Default)]
@@ -129,6 +131,7 @@ fn build(
         src: endpoint(key.src_addr(), key.src_port),
         dst: endpoint(key.dst_addr(), key.dst_port),
         protocol: key.protocol.0,
+        icmp: icmp_message(key),
         verdict,
         decided_by,
         packets_out: event.packets - event.reply_packets.min(event.packets),
@@ -137,6 +140,18 @@ fn build(
         bytes_in: event.reply_bytes,
         start_ns: clock.unix(event.created),
         last_ns: clock.unix(event.last_seen),
+    }
+}
+
+/// The ICMP message a key was made from: ICMP over IPv4 and ICMPv6 over
+/// IPv6 (the only ones whose type the key holds).
+fn icmp_message(key: &FlowKey) -> Option<IcmpMessage> {
+    match (key.protocol, key.is_ipv4()) {
+        (IpProtocol::ICMP, true) | (IpProtocol::ICMPV6, false) => Some(IcmpMessage {
+            ty: key.icmp_type,
+            code: key.icmp_code,
+        }),
+        _ => None,
     }
 }
 

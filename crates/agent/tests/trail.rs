@@ -26,6 +26,7 @@ fn record(n: u64) -> Record {
         src: end(10, 40000 + (n % 1000) as u16),
         dst: end(11, 5432),
         protocol: 6,
+        icmp: None,
         verdict: Verdict::Allow,
         decided_by: Vec::new(),
         packets_out: 1,

@@ -13,7 +13,7 @@ use palisade_policy::source::SourceError;
 use serde::{Deserialize, Serialize};
 
 use crate::delta::{DeltaError, FilesDelta};
-use crate::documents::{Files, TagOverlay};
+use crate::sources::{Files, TagOverlay};
 
 /// What an agent fetches: everything needed to build its chains.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -354,9 +354,9 @@ impl Client {
         self.call("PUT", &format!("/v1/agents/{}/audit-key", segment(host)), Some(&req))
     }
 
-    /// [`Client::audit_head`] as what `palisade_audit::head::verify_published`
+    /// [`Client::audit_head`] as what `palisade_audit::verify::verify_published`
     /// checks a trail against, each head's fields checked.
-    pub fn published_heads(&self, host: Option<&str>) -> Result<palisade_audit::head::PublishedHeads, ClientError> {
+    pub fn published_heads(&self, host: Option<&str>) -> Result<palisade_audit::verify::PublishedHeads, ClientError> {
         let info = self.audit_head(host)?;
         let source = match host {
             Some(h) => format!("{} (host {h})", self.current_url()),
@@ -372,7 +372,7 @@ impl Client {
             .conflicts
             .iter()
             .map(|c| {
-                Ok(palisade_audit::head::RefusedHead {
+                Ok(palisade_audit::verify::RefusedHead {
                     head: c.head.to_head()?,
                     fork: c.kind == HeadConflictKind::Fork,
                     reason: c.reason.clone(),
@@ -380,7 +380,7 @@ impl Client {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(bad)?;
-        Ok(palisade_audit::head::PublishedHeads {
+        Ok(palisade_audit::verify::PublishedHeads {
             source,
             public_key,
             head,

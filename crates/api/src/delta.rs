@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::documents::Files;
+use crate::sources::Files;
 
 /// How long one file's diff may search for a short edit script before it
 /// settles for a longer one (still correct, only bigger).

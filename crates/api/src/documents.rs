@@ -12,16 +12,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::bundle::PolicyBundle;
 use crate::roles::{Revocation, Role};
-use crate::validate::Quoted;
-
-/// Policy files by name (`name.yaml` → YAML text), in name order.
-pub type Files = BTreeMap<String, String>;
-
-/// A tag overlay: VM name → tag key → `Some(value)` (set) or `None` (removed).
-///
-/// The overlay is applied over the tags the policy files give a VM, so tagging
-/// through the API needs no edit of the files, and survives new versions.
-pub type TagOverlay = BTreeMap<String, BTreeMap<String, Option<String>>>;
+pub use crate::sources::{Files, TagOverlay};
+use crate::validate::{
+    MAX_AGENT_VERSION_CHARS, MAX_COUNTER_NAME_CHARS, MAX_COUNTERS, MAX_MESSAGE_CHARS, MAX_TAGS_PER_REQUEST, Quoted,
+    RequestError, check_files, check_hex, check_tag_key, check_tag_value, check_text, check_token_name, public_key,
+};
 
 /// One stored policy version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -535,4 +530,107 @@ pub struct TrailStatus {
     /// Head publications that failed since the start.
     #[serde(default)]
     pub publish_failures: u64,
+}
+
+// The checks each request document passes (the limits and the checks of
+// single fields are `validate`'s).
+
+impl ApplyRequest {
+    /// Check the files ([`check_files`]) and the message.
+    pub fn check(&self) -> Result<(), RequestError> {
+        check_files(&self.files)?;
+        check_text("message", &self.message, 0, MAX_MESSAGE_CHARS)
+    }
+}
+
+impl TokenRequest {
+    /// Check the name ([`check_token_name`]).
+    pub fn check(&self) -> Result<(), RequestError> {
+        check_token_name(&self.name)
+    }
+}
+
+impl HeadDocument {
+    /// The head it describes, each field checked ([`check_hex`],
+    /// [`public_key`]); whether its signature verifies is the caller's
+    /// question.
+    pub fn to_head(&self) -> Result<palisade_audit::SignedHead, RequestError> {
+        Ok(palisade_audit::SignedHead {
+            seq: self.seq,
+            hash: check_hex::<32>("hash", &self.hash)?,
+            time_ns: self.time_ns,
+            signature: check_hex::<64>("signature", &self.signature)?,
+            public_key: public_key("public_key", &self.public_key)?,
+        })
+    }
+}
+
+impl ReportRequest {
+    /// Check the counters: at most [`MAX_COUNTERS`], each name printable,
+    /// 1 to [`MAX_COUNTER_NAME_CHARS`] characters.
+    pub fn check(&self) -> Result<(), RequestError> {
+        if self.counters.len() > MAX_COUNTERS {
+            return Err(RequestError::too_large(format!(
+                "{} counters; the limit is {MAX_COUNTERS}",
+                self.counters.len()
+            )));
+        }
+        for k in self.counters.keys() {
+            check_text("counter name", k, 1, MAX_COUNTER_NAME_CHARS).map_err(RequestError::on_key)?;
+        }
+        Ok(())
+    }
+}
+
+impl TagRequest {
+    /// Check the keys and values: at most [`MAX_TAGS_PER_REQUEST`] set and
+    /// as many removed, each key ([`check_tag_key`]) and value
+    /// ([`check_tag_value`]) printable and within its length, no key both
+    /// set and removed.
+    pub fn check(&self) -> Result<(), RequestError> {
+        if self.set.is_empty() && self.remove.is_empty() {
+            return Err(RequestError::unprocessable("nothing to set or remove".into()));
+        }
+        for (what, n) in [("set", self.set.len()), ("removed", self.remove.len())] {
+            if n > MAX_TAGS_PER_REQUEST {
+                return Err(RequestError::too_large(format!(
+                    "{n} tags {what} in one request; the limit is {MAX_TAGS_PER_REQUEST}"
+                )));
+            }
+        }
+        for k in &self.remove {
+            check_tag_key(k)?;
+        }
+        for (k, v) in &self.set {
+            check_tag_key(k).map_err(RequestError::on_key)?;
+            check_tag_value(k, v)?;
+        }
+        if let Some(k) = self.remove.iter().find(|k| self.set.contains_key(*k)) {
+            return Err(RequestError::unprocessable(format!(
+                "tag {} is both set and removed",
+                Quoted(k)
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl RegisterRequest {
+    /// Check the agent version string (printable, at most
+    /// [`MAX_AGENT_VERSION_CHARS`]) and the audit public key, if given
+    /// ([`public_key`]).
+    pub fn check(&self) -> Result<(), RequestError> {
+        check_text("agent_version", &self.agent_version, 0, MAX_AGENT_VERSION_CHARS)?;
+        if let Some(k) = &self.audit_public_key {
+            public_key("audit_public_key", k)?;
+        }
+        Ok(())
+    }
+}
+
+impl AuditKeyRequest {
+    /// Check the key ([`public_key`]).
+    pub fn check(&self) -> Result<[u8; 32], RequestError> {
+        public_key("public_key", &self.public_key)
+    }
 }

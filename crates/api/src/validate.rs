@@ -1,5 +1,6 @@
 //! What a request document may hold: the limits, the characters refused,
-//! and the checks each document passes before the controller acts on it.
+//! and the checks of single fields that each document's check (next to the
+//! document, in [`crate::documents`]) is made of, before the controller acts on it.
 //!
 //! One rule decides the answer to a refusal, so the OpenAPI document can say
 //! in advance which requests are refused and how:
@@ -314,67 +315,6 @@ pub fn check_tag_value(key: &str, value: &str) -> Result<(), RequestError> {
     check_text(&format!("value of tag {}", Quoted(key)), value, 0, MAX_TAG_VALUE_CHARS)
 }
 
-impl crate::documents::ApplyRequest {
-    /// Check the files ([`check_files`]) and the message.
-    pub fn check(&self) -> Result<(), RequestError> {
-        check_files(&self.files)?;
-        check_text("message", &self.message, 0, MAX_MESSAGE_CHARS)
-    }
-}
-
-impl crate::documents::TagRequest {
-    /// Check the keys and values: at most [`MAX_TAGS_PER_REQUEST`] set and
-    /// as many removed, each key ([`check_tag_key`]) and value
-    /// ([`check_tag_value`]) printable and within its length, no key both
-    /// set and removed.
-    pub fn check(&self) -> Result<(), RequestError> {
-        if self.set.is_empty() && self.remove.is_empty() {
-            return Err(RequestError::unprocessable("nothing to set or remove".into()));
-        }
-        for (what, n) in [("set", self.set.len()), ("removed", self.remove.len())] {
-            if n > MAX_TAGS_PER_REQUEST {
-                return Err(RequestError::too_large(format!(
-                    "{n} tags {what} in one request; the limit is {MAX_TAGS_PER_REQUEST}"
-                )));
-            }
-        }
-        for k in &self.remove {
-            check_tag_key(k)?;
-        }
-        for (k, v) in &self.set {
-            check_tag_key(k).map_err(RequestError::on_key)?;
-            check_tag_value(k, v)?;
-        }
-        if let Some(k) = self.remove.iter().find(|k| self.set.contains_key(*k)) {
-            return Err(RequestError::unprocessable(format!(
-                "tag {} is both set and removed",
-                Quoted(k)
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl crate::documents::TokenRequest {
-    /// Check the name ([`check_token_name`]).
-    pub fn check(&self) -> Result<(), RequestError> {
-        check_token_name(&self.name)
-    }
-}
-
-impl crate::documents::RegisterRequest {
-    /// Check the agent version string (printable, at most
-    /// [`MAX_AGENT_VERSION_CHARS`]) and the audit public key, if given
-    /// ([`public_key`]).
-    pub fn check(&self) -> Result<(), RequestError> {
-        check_text("agent_version", &self.agent_version, 0, MAX_AGENT_VERSION_CHARS)?;
-        if let Some(k) = &self.audit_public_key {
-            public_key("audit_public_key", k)?;
-        }
-        Ok(())
-    }
-}
-
 /// The most refused heads (and refused keys) a controller keeps per host;
 /// later ones are counted ([`crate::documents::AuditHeadInfo::conflicts_seen`]).
 pub const MAX_HEAD_CONFLICTS: usize = 16;
@@ -441,48 +381,9 @@ pub fn public_key(what: &str, value: &str) -> Result<[u8; 32], RequestError> {
     Ok(k)
 }
 
-impl crate::documents::HeadDocument {
-    /// The head it describes, each field checked ([`check_hex`],
-    /// [`public_key`]); whether its signature verifies is the caller's
-    /// question.
-    pub fn to_head(&self) -> Result<palisade_audit::SignedHead, RequestError> {
-        Ok(palisade_audit::SignedHead {
-            seq: self.seq,
-            hash: check_hex::<32>("hash", &self.hash)?,
-            time_ns: self.time_ns,
-            signature: check_hex::<64>("signature", &self.signature)?,
-            public_key: public_key("public_key", &self.public_key)?,
-        })
-    }
-}
-
-impl crate::documents::AuditKeyRequest {
-    /// Check the key ([`public_key`]).
-    pub fn check(&self) -> Result<[u8; 32], RequestError> {
-        public_key("public_key", &self.public_key)
-    }
-}
-
-impl crate::documents::ReportRequest {
-    /// Check the counters: at most [`MAX_COUNTERS`], each name printable,
-    /// 1 to [`MAX_COUNTER_NAME_CHARS`] characters.
-    pub fn check(&self) -> Result<(), RequestError> {
-        if self.counters.len() > MAX_COUNTERS {
-            return Err(RequestError::too_large(format!(
-                "{} counters; the limit is {MAX_COUNTERS}",
-                self.counters.len()
-            )));
-        }
-        for k in self.counters.keys() {
-            check_text("counter name", k, 1, MAX_COUNTER_NAME_CHARS).map_err(RequestError::on_key)?;
-        }
-        Ok(())
-    }
-}
-
 /// The fields of a flow record in JSON (`phase` and `reason` are its
 /// [`palisade_audit::record::Phase`], flattened).
-pub const FLOW_RECORD_FIELDS: [&str; 16] = [
+pub const FLOW_RECORD_FIELDS: [&str; 17] = [
     "time_ns",
     "flow_id",
     "host",
@@ -491,6 +392,7 @@ pub const FLOW_RECORD_FIELDS: [&str; 16] = [
     "src",
     "dst",
     "protocol",
+    "icmp",
     "verdict",
     "decided_by",
     "packets_out",
@@ -504,6 +406,8 @@ pub const FLOW_RECORD_FIELDS: [&str; 16] = [
 pub const ENDPOINT_FIELDS: [&str; 3] = ["addr", "port", "vm"];
 /// The fields of an endpoint's `vm`.
 pub const VM_IDENTITY_FIELDS: [&str; 7] = ["name", "uuid", "vnic", "zone", "cluster", "host", "tags"];
+/// The fields of a flow record's `icmp`.
+pub const ICMP_FIELDS: [&str; 2] = ["type", "code"];
 /// The fields of each of a flow record's `decided_by`.
 pub const DECISION_FIELDS: [&str; 4] = ["rule", "level", "policy_version", "chain"];
 
@@ -538,6 +442,9 @@ pub fn check_flow_batch_fields(batch: &serde_json::Value) -> Result<(), RequestE
             if let Some(vm) = e.get("vm") {
                 fields(vm, &VM_IDENTITY_FIELDS, &format!("{at}.{end}.vm"))?;
             }
+        }
+        if let Some(icmp) = r.get("icmp") {
+            fields(icmp, &ICMP_FIELDS, &format!("{at}.icmp"))?;
         }
         for (j, d) in r
             .get("decided_by")

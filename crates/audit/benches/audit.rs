@@ -56,6 +56,7 @@ fn record(i: u64, n: u64) -> Record {
             vm: (h % 8 != 0).then(|| vm(d)),
         },
         protocol: 6,
+        icmp: None,
         verdict: if h % 5 == 0 { Verdict::Deny } else { Verdict::Allow },
         decided_by: vec![Decision {
             rule: format!("rule-{}", h % 50),

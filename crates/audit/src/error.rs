@@ -66,7 +66,7 @@ pub enum AuditError {
     #[error("the audit trail fails verification: {}{}; run `palisade audit verify`", problems.first().map_or_else(String::new, ToString::to_string), if problems.len() > 1 { format!(" (and {} more)", problems.len() - 1) } else { String::new() })]
     Integrity {
         /// What is wrong.
-        problems: Vec<crate::verify::Problem>,
+        problems: Vec<crate::problem::Problem>,
     },
     /// The trail does not contain the head last published outside it: it
     /// was cut, rolled back or rewritten, and extending it would overwrite

@@ -16,8 +16,8 @@
 //!
 //! | id | for | fields |
 //! |----|-----|--------|
-//! | [`TEMPLATE_IPV4`] 256 | IPv4 flows | sourceIPv4Address(8), destinationIPv4Address(12), then the common fields |
-//! | [`TEMPLATE_IPV6`] 257 | IPv6 flows | sourceIPv6Address(27), destinationIPv6Address(28), then the common fields |
+//! | [`TEMPLATE_IPV4`] 256 | IPv4 flows | sourceIPv4Address(8), destinationIPv4Address(12), icmpTypeCodeIPv4(32), then the common fields |
+//! | [`TEMPLATE_IPV6`] 257 | IPv6 flows | sourceIPv6Address(27), destinationIPv6Address(28), icmpTypeCodeIPv6(139), then the common fields |
 //!
 //! Common fields, in order: sourceTransportPort(7), destinationTransportPort(11),
 //! protocolIdentifier(4), packetTotalCount(86, 8 bytes), octetTotalCount(85,
@@ -65,10 +65,13 @@
 //! collector (the interop test `tests/ipfix_nfcapd.rs` checks this with nfcapd).
 //!
 //! ICMP records carry the [`FlowRecord`]'s ports as they are (the echo
-//! identifier, or 0). A [`FlowRecord`] has no ICMP type or code, so no
-//! icmpTypeCode element is sent; nfdump shows ICMP flows with source port 0 and
-//! its own type/code reading of the destination port, which therefore does not
-//! match Palisade's ports (addresses, protocol and counts do).
+//! identifier, or 0), and its ICMP type and code ([`FlowRecord::icmp`]) in
+//! icmpTypeCodeIPv4 or icmpTypeCodeIPv6 as `type << 8 | code` (an echo's
+//! reverse record the reply's type: a request's replies, a reply's requests);
+//! the element is 0 for other protocols and for records written before the
+//! type was kept. nfdump shows ICMP flows with source port 0 and its own
+//! type/code reading of the destination port, which therefore does not match
+//! Palisade's ports (addresses, protocol and counts do).
 //!
 //! # Value mappings
 //!
@@ -135,6 +138,8 @@ mod ie {
     pub const PROTOCOL_IDENTIFIER: u16 = 4;
     pub const SOURCE_TRANSPORT_PORT: u16 = 7;
     pub const SOURCE_IPV4_ADDRESS: u16 = 8;
+    pub const ICMP_TYPE_CODE_IPV4: u16 = 32;
+    pub const ICMP_TYPE_CODE_IPV6: u16 = 139;
     pub const DESTINATION_TRANSPORT_PORT: u16 = 11;
     pub const DESTINATION_IPV4_ADDRESS: u16 = 12;
     pub const SOURCE_IPV6_ADDRESS: u16 = 27;
@@ -225,11 +230,16 @@ const STRING_FIELDS: usize = 7;
 
 fn template_fields(id: u16) -> impl Iterator<Item = FieldSpec> {
     let addrs = if id == TEMPLATE_IPV4 {
-        [iana(ie::SOURCE_IPV4_ADDRESS, 4), iana(ie::DESTINATION_IPV4_ADDRESS, 4)]
+        [
+            iana(ie::SOURCE_IPV4_ADDRESS, 4),
+            iana(ie::DESTINATION_IPV4_ADDRESS, 4),
+            iana(ie::ICMP_TYPE_CODE_IPV4, 2),
+        ]
     } else {
         [
             iana(ie::SOURCE_IPV6_ADDRESS, 16),
             iana(ie::DESTINATION_IPV6_ADDRESS, 16),
+            iana(ie::ICMP_TYPE_CODE_IPV6, 2),
         ]
     };
     addrs.into_iter().chain(COMMON_FIELDS)
@@ -307,6 +317,9 @@ fn put_string(buf: &mut Vec<u8>, s: &str) {
 struct DataRecord<'a> {
     src: IpAddr,
     dst: IpAddr,
+    /// icmpTypeCodeIPv4 or icmpTypeCodeIPv6 (with the addresses' family):
+    /// `type << 8 | code`, 0 for other protocols.
+    icmp_type_code: u16,
     src_port: u16,
     dst_port: u16,
     protocol: u8,
@@ -350,7 +363,12 @@ impl DataRecord<'_> {
     }
 
     fn encoded_len(&self) -> usize {
-        let addrs = if self.template() == TEMPLATE_IPV4 { 8 } else { 32 };
+        // The addresses and the ICMP type and code.
+        let addrs = if self.template() == TEMPLATE_IPV4 {
+            4 + 4 + 2
+        } else {
+            16 + 16 + 2
+        };
         addrs
             + COMMON_FIXED_LEN
             + [
@@ -378,6 +396,7 @@ impl DataRecord<'_> {
                 buf.extend_from_slice(&v6(d).octets());
             }
         }
+        put_u16(buf, self.icmp_type_code);
         put_u16(buf, self.src_port);
         put_u16(buf, self.dst_port);
         buf.push(self.protocol);
@@ -442,6 +461,22 @@ fn forwarding_status(verdict: Verdict) -> u8 {
     }
 }
 
+/// The icmpTypeCode value of a record's forward or `reverse` direction:
+/// `type << 8 | code` of its ICMP message, the reply's type for an echo's
+/// reverse direction (a request's replies, a reply's requests); 0 for other
+/// protocols and for records without an ICMP message.
+fn icmp_type_code(rec: &FlowRecord, reverse: bool) -> u16 {
+    let Some(m) = rec.icmp else { return 0 };
+    let ty = match (reverse, rec.protocol, m.ty) {
+        (true, 1, 8) => 0,
+        (true, 1, 0) => 8,
+        (true, 58, 128) => 129,
+        (true, 58, 129) => 128,
+        _ => m.ty,
+    };
+    u16::from(ty) << 8 | u16::from(m.code)
+}
+
 /// The IPFIX records of one flow record: initiator → responder, and the reverse
 /// direction when it carried traffic.
 fn data_records(rec: &FlowRecord) -> (DataRecord<'_>, Option<DataRecord<'_>>) {
@@ -456,6 +491,7 @@ fn data_records(rec: &FlowRecord) -> (DataRecord<'_>, Option<DataRecord<'_>>) {
     let forward = DataRecord {
         src: rec.src.addr,
         dst: rec.dst.addr,
+        icmp_type_code: icmp_type_code(rec, false),
         src_port: rec.src.port,
         dst_port: rec.dst.port,
         protocol: rec.protocol,
@@ -480,6 +516,7 @@ fn data_records(rec: &FlowRecord) -> (DataRecord<'_>, Option<DataRecord<'_>>) {
     let reverse = (rec.packets_in != 0 || rec.bytes_in != 0).then(|| DataRecord {
         src: rec.dst.addr,
         dst: rec.src.addr,
+        icmp_type_code: icmp_type_code(rec, true),
         src_port: rec.dst.port,
         dst_port: rec.src.port,
         packets: rec.packets_in,
@@ -693,6 +730,8 @@ pub struct DecodedRecord {
     pub src_addr: IpAddr,
     /// Destination address.
     pub dst_addr: IpAddr,
+    /// icmpTypeCodeIPv4 or icmpTypeCodeIPv6: `type << 8 | code` (0 when not ICMP).
+    pub icmp_type_code: u16,
     /// sourceTransportPort.
     pub src_port: u16,
     /// destinationTransportPort.
@@ -968,6 +1007,7 @@ fn data_record(template_id: u16, fields: &[FieldSpec], r: &mut Reader<'_>) -> Re
         template_id,
         src_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         dst_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        icmp_type_code: 0,
         src_port: 0,
         dst_port: 0,
         protocol: 0,
@@ -1006,6 +1046,7 @@ fn data_record(template_id: u16, fields: &[FieldSpec], r: &mut Reader<'_>) -> Re
             (0, ie::DESTINATION_IPV4_ADDRESS) => dst = Some(addr(f, b, 4)?),
             (0, ie::SOURCE_IPV6_ADDRESS) => src = Some(addr(f, b, 16)?),
             (0, ie::DESTINATION_IPV6_ADDRESS) => dst = Some(addr(f, b, 16)?),
+            (0, ie::ICMP_TYPE_CODE_IPV4 | ie::ICMP_TYPE_CODE_IPV6) => d.icmp_type_code = narrow(f, b)?,
             (0, ie::SOURCE_TRANSPORT_PORT) => d.src_port = narrow(f, b)?,
             (0, ie::DESTINATION_TRANSPORT_PORT) => d.dst_port = narrow(f, b)?,
             (0, ie::PROTOCOL_IDENTIFIER) => d.protocol = narrow(f, b)?,
@@ -1276,7 +1317,7 @@ impl IpfixExporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Decision, Endpoint, VmIdentity};
+    use crate::record::{Decision, Endpoint, IcmpMessage, VmIdentity};
     use std::time::Duration;
 
     fn vm(name: &str, zone: &str) -> Option<VmIdentity> {
@@ -1317,6 +1358,7 @@ mod tests {
                 vm: None,
             },
             protocol: 6,
+            icmp: None,
             verdict: Verdict::Allow,
             decided_by: vec![
                 decision("web-out", "zone", 3, "egress"),
@@ -1353,6 +1395,19 @@ mod tests {
         let zone = |e: &Endpoint| e.vm.as_ref().map(|v| cap(&v.zone).to_string()).unwrap_or_default();
         let join =
             |g: fn(&Decision) -> &str| cap(&f.decided_by.iter().map(g).collect::<Vec<_>>().join(",")).to_string();
+        // type << 8 | code; an echo's reverse direction carries the other echo type.
+        let type_code = |reverse: bool| {
+            f.icmp.map_or(0, |m| {
+                let ty = match (reverse, m.ty) {
+                    (true, 8) => 0,
+                    (true, 0) => 8,
+                    (true, 128) => 129,
+                    (true, 129) => 128,
+                    (_, t) => t,
+                };
+                u16::from(ty) * 256 + u16::from(m.code)
+            })
+        };
         let fwd = DecodedRecord {
             template_id: if f.src.addr.is_ipv4() && f.dst.addr.is_ipv4() {
                 TEMPLATE_IPV4
@@ -1361,6 +1416,7 @@ mod tests {
             },
             src_addr: f.src.addr,
             dst_addr: f.dst.addr,
+            icmp_type_code: type_code(false),
             src_port: f.src.port,
             dst_port: f.dst.port,
             protocol: f.protocol,
@@ -1387,6 +1443,7 @@ mod tests {
             out.push(DecodedRecord {
                 src_addr: f.dst.addr,
                 dst_addr: f.src.addr,
+                icmp_type_code: type_code(true),
                 src_port: f.dst.port,
                 dst_port: f.src.port,
                 packets: f.packets_in,
@@ -1435,6 +1492,21 @@ mod tests {
         icmp.src.port = 0x1234;
         icmp.bytes_out = u64::MAX;
         icmp.packets_out = u64::MAX - 1;
+        let mut echo = flow(9);
+        echo.protocol = 1;
+        (echo.src.port, echo.dst.port) = (0x4242, 0x4242);
+        echo.icmp = Some(IcmpMessage { ty: 8, code: 0 });
+        let mut unreachable = flow(10);
+        unreachable.protocol = 1;
+        (unreachable.src.port, unreachable.dst.port) = (0, 0x0301);
+        unreachable.icmp = Some(IcmpMessage { ty: 3, code: 1 });
+        unreachable.packets_in = 0;
+        unreachable.bytes_in = 0;
+        let mut echo6 = v6_flow();
+        echo6.protocol = 58;
+        (echo6.src.port, echo6.dst.port) = (7, 7);
+        echo6.icmp = Some(IcmpMessage { ty: 129, code: 0 });
+        echo6.packets_in = 1;
         let mut mixed = flow(6);
         mixed.dst.addr = "2001:db8::7".parse().unwrap();
         let cases: Vec<(&str, Vec<FlowRecord>)> = vec![
@@ -1444,6 +1516,9 @@ mod tests {
             ("names at the cap", vec![exact]),
             ("empty strings", vec![empty]),
             ("icmp, huge counts", vec![icmp]),
+            ("icmp echo request and its replies", vec![echo]),
+            ("icmp unreachable", vec![unreachable]),
+            ("icmpv6 echo reply and its requests", vec![echo6]),
             ("mixed families", vec![mixed]),
             ("interleaved", vec![flow(7), v6_flow(), flow(8), v6_flow(), long]),
             ("none", vec![]),
@@ -1458,6 +1533,38 @@ mod tests {
             let want: Vec<_> = records.iter().flat_map(expected).collect();
             assert_eq!(msg.records, want, "{name}");
         }
+    }
+
+    /// The ICMP element holds `type << 8 | code` (icmpTypeCodeIPv4 in the
+    /// IPv4 template, icmpTypeCodeIPv6 in the IPv6 one), the reply's type in
+    /// an echo request's reverse record, and 0 without an ICMP message.
+    #[test]
+    fn icmp_type_and_code_are_exported() {
+        let mut echo = flow(1);
+        echo.protocol = 1;
+        echo.icmp = Some(IcmpMessage { ty: 8, code: 0 });
+        let mut unreachable6 = v6_flow();
+        unreachable6.protocol = 58;
+        unreachable6.icmp = Some(IcmpMessage { ty: 1, code: 4 });
+        let recs = decode_message(&encode_message(&[echo, unreachable6, flow(2)], 0, 0, 0, true)).unwrap();
+        let got: Vec<(u16, u8, u16)> = recs
+            .iter()
+            .map(|r| (r.template_id, r.biflow_direction, r.icmp_type_code))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (TEMPLATE_IPV4, 1, 0x0800),
+                (TEMPLATE_IPV4, 2, 0x0000),
+                (TEMPLATE_IPV6, 1, 0x0104),
+                (TEMPLATE_IPV4, 1, 0),
+                (TEMPLATE_IPV4, 2, 0),
+            ]
+        );
+        let fields: Vec<u16> = template_fields(TEMPLATE_IPV4).map(|f| f.id).take(3).collect();
+        assert_eq!(fields, [8, 12, 32]);
+        let fields: Vec<u16> = template_fields(TEMPLATE_IPV6).map(|f| f.id).take(3).collect();
+        assert_eq!(fields, [27, 28, 139]);
     }
 
     #[test]
@@ -1491,7 +1598,7 @@ mod tests {
         let (fwd, _) = data_records(&f);
         assert_eq!(
             fwd.encoded_len(),
-            32 + COMMON_FIXED_LEN + STRING_FIELDS * (1 + MAX_STRING_LEN)
+            32 + 2 + COMMON_FIXED_LEN + STRING_FIELDS * (1 + MAX_STRING_LEN)
         );
         assert!(HEADER_LEN + template_set_len() + SET_HEADER_LEN + fwd.encoded_len() <= MAX_MESSAGE_LEN);
         let buf = encode_message(&[f], 0, 0, 0, true);

@@ -128,6 +128,7 @@ mod tests {
                 vm: None,
             },
             protocol: 17,
+            icmp: None,
             verdict: Verdict::Deny,
             decided_by: vec![],
             packets_out: 1,

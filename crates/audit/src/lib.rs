@@ -22,6 +22,7 @@ pub mod error;
 pub mod export;
 pub mod head;
 pub mod index;
+pub mod problem;
 pub mod query;
 pub mod segment;
 pub mod store;

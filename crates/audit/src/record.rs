@@ -101,6 +101,17 @@ pub struct Decision {
     pub chain: String,
 }
 
+/// The ICMP (or ICMPv6) message that started a flow: its type and code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IcmpMessage {
+    /// The message type (ICMP 8 echo request, 0 echo reply, 3 unreachable, …;
+    /// ICMPv6 128 echo request, 129 echo reply, 1 unreachable, …).
+    #[serde(rename = "type")]
+    pub ty: u8,
+    /// The message code.
+    pub code: u8,
+}
+
 /// One flow record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowRecord {
@@ -119,6 +130,12 @@ pub struct FlowRecord {
     pub dst: Endpoint,
     /// IP protocol number.
     pub protocol: u8,
+    /// For ICMP over IPv4 and ICMPv6 over IPv6: the type and code of the
+    /// message the flow was decided on (an echo request and its reply carry
+    /// the same identifier in both ports: only the type tells them apart).
+    /// `None` for other protocols, and in records written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<IcmpMessage>,
     /// The verdict.
     pub verdict: Verdict,
     /// The deciding rule(s): the chain that denied, or both chains that allowed.
@@ -207,6 +224,7 @@ mod tests {
                 vm: None,
             },
             protocol: 6,
+            icmp: None,
             verdict: Verdict::Allow,
             decided_by: vec![Decision {
                 rule: "web-out".into(),
@@ -240,6 +258,30 @@ mod tests {
             let back: Record = serde_json::from_str(&text).unwrap();
             assert_eq!(back, r, "{text}");
         }
+    }
+
+    /// An ICMP record keeps its message's type and code through JSON; a
+    /// record without them (another protocol, or one written before they
+    /// were kept) has no `icmp` key and reads back as `None`.
+    #[test]
+    fn icmp_type_and_code_round_trip_and_are_optional() {
+        let mut echo_reply = sample();
+        echo_reply.protocol = 1;
+        echo_reply.src.port = 0x1234;
+        echo_reply.dst.port = 0x1234;
+        echo_reply.icmp = Some(IcmpMessage { ty: 0, code: 0 });
+        let text = serde_json::to_string(&Record::Flow(echo_reply.clone())).unwrap();
+        assert!(text.contains(r#""icmp":{"type":0,"code":0}"#), "{text}");
+        let back: Record = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, Record::Flow(echo_reply), "{text}");
+
+        let tcp = serde_json::to_string(&Record::Flow(sample())).unwrap();
+        assert!(!tcp.contains("icmp"), "{tcp}");
+        let old = tcp.replace(r#""protocol":6"#, r#""protocol":1"#);
+        let Record::Flow(f) = serde_json::from_str::<Record>(&old).unwrap() else {
+            panic!("{old}")
+        };
+        assert_eq!((f.protocol, f.icmp), (1, None));
     }
 
     #[test]

@@ -25,7 +25,6 @@
 //! catches a cut tail, a deleted last segment or an older copy put back.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +33,7 @@ use ed25519_dalek::VerifyingKey;
 use crate::checkpoint::{CHECKPOINT_LEN, Checkpoint, Purpose, for_each_checkpoint, read_verifying_key, retention_path};
 use crate::error::{AuditError, IoContext};
 use crate::head::SignedHead;
+pub use crate::problem::{Problem, ProblemKind};
 use crate::segment::{
     self, FrameScanner, GENESIS, HEADER_LEN, Hash, MAX_RESYNC_SKIP, Scan, SegmentHeader, chain_hash, implied_frame,
     resync,
@@ -48,80 +48,6 @@ const RESYNC_BUDGET: u64 = 512 << 20;
 
 /// Problems listed per file; the rest are counted in one last line.
 const MAX_LISTED: usize = 64;
-
-/// What kind of problem.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProblemKind {
-    /// A record's payload was changed (its stored hash is the original).
-    Modified,
-    /// A record's stored hash was changed.
-    HashModified,
-    /// Records were removed from the middle of a segment.
-    Deleted,
-    /// A record (or bytes) that is not part of the chain was inserted.
-    Inserted,
-    /// Two records were swapped.
-    Reordered,
-    /// The chain breaks and no simple explanation fits.
-    ChainBroken,
-    /// A frame's length is impossible or altered, or a sealed segment ends mid-record.
-    BadFrame,
-    /// A segment header is unreadable or inconsistent.
-    BadHeader,
-    /// The log ends inside a record (a crash while appending; `open` sets it aside).
-    TornTail,
-    /// A whole segment is missing between two others.
-    MissingSegment,
-    /// Records are missing at the end of a segment.
-    MissingRecords,
-    /// A checkpoint, retention or head signature does not verify.
-    BadSignature,
-    /// A validly signed checkpoint disagrees with the records.
-    CheckpointMismatch,
-    /// Two validly signed checkpoints for one sequence number disagree: a forked history.
-    ConflictingCheckpoints,
-    /// A segment has no checkpoint file or no valid anchor.
-    MissingCheckpoints,
-    /// The log starts after seq 1 without a signed retention entry.
-    UnexplainedStart,
-    /// A segment overlaps the previous one.
-    Overlap,
-    /// The trail ends before the head published outside it.
-    BehindHead,
-    /// The trail's record at the published head's sequence number differs from it.
-    HeadMismatch,
-    /// A sealed segment's bytes differ from those its signed index covers.
-    SegmentChanged,
-}
-
-/// One problem found.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Problem {
-    /// What.
-    pub kind: ProblemKind,
-    /// The file (segment, checkpoint file, or the head's source).
-    pub file: PathBuf,
-    /// Byte offset in it.
-    pub offset: Option<u64>,
-    /// The sequence number concerned.
-    pub seq: Option<u64>,
-    /// Explanation.
-    pub detail: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(o) = self.offset {
-            write!(f, " byte {o}")?;
-        }
-        if let Some(s) = self.seq {
-            write!(f, " seq {s}")?;
-        }
-        write!(f, ": {:?}: {}", self.kind, self.detail)
-    }
-}
 
 /// The result of [`verify`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -1252,5 +1178,82 @@ pub fn verify_with(dir: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Aud
         }
     }
     report.problems = problems;
+    Ok(report)
+}
+
+/// What a place that collects heads (a controller) holds for one trail:
+/// the public key it pinned for it, the newest head it accepted, and the
+/// heads it refused as a rollback (a lower seq than one it had) or a fork
+/// (the same seq, another hash), kept as evidence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishedHeads {
+    /// Where they come from, for messages (`http://ctl:8443 host hv1`).
+    pub source: String,
+    /// The pinned public key.
+    pub public_key: [u8; 32],
+    /// The newest head accepted, if any.
+    pub head: Option<SignedHead>,
+    /// Heads refused as a rollback or fork.
+    pub conflicts: Vec<RefusedHead>,
+}
+
+/// A head the publisher refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedHead {
+    /// The head.
+    pub head: SignedHead,
+    /// A fork (the same seq as a head held, another hash), else a rollback
+    /// (behind the head held).
+    pub fork: bool,
+    /// The reason the publisher gave.
+    pub reason: String,
+}
+
+/// Verify the trail in `dir` against heads published elsewhere: with the
+/// pinned key (any signature by another key is `BadSignature`), against the
+/// newest head (`BehindHead` names the records missing, `HeadMismatch` a
+/// rewrite), and failing for each conflict the publisher kept: a refused
+/// head with a lower seq than one published before is `BehindHead` (the
+/// trail was rolled back at some point), one with the same seq and another
+/// hash `ConflictingCheckpoints` (two histories were signed).
+pub fn verify_published(dir: &Path, published: &PublishedHeads) -> Result<VerifyReport, AuditError> {
+    let key = VerifyingKey::from_bytes(&published.public_key).map_err(|_| AuditError::Key {
+        path: published.source.clone().into(),
+        reason: "the published public key is not a valid ed25519 key".into(),
+    })?;
+    let opts = VerifyOptions {
+        key: Some((key, format!("the key pinned at {}", published.source))),
+        expect_head: published.head.map(|h| (h, published.source.clone())),
+    };
+    let mut report = verify_with(dir, &opts)?;
+    if published.head.is_none() {
+        report.notes.push(format!(
+            "{} holds no head for this trail yet: only the key is pinned",
+            published.source
+        ));
+    }
+    for r in &published.conflicts {
+        let (c, reason) = (&r.head, &r.reason);
+        let signed = c.public_key == published.public_key && c.verify();
+        let kind = if r.fork {
+            ProblemKind::ConflictingCheckpoints
+        } else {
+            ProblemKind::BehindHead
+        };
+        report.problems.push(Problem {
+            kind,
+            file: published.source.clone().into(),
+            offset: None,
+            seq: Some(c.seq),
+            detail: format!(
+                "{} refused a head of this trail (seq {}, hash {}{}): {}; the trail was rolled back or forked after publishing",
+                published.source,
+                c.seq,
+                crate::checkpoint::to_hex(&c.hash),
+                if signed { "" } else { ", not signed by the pinned key" },
+                reason
+            ),
+        });
+    }
     Ok(report)
 }

@@ -190,6 +190,7 @@ fn records(now_ns: u64) -> Vec<FlowRecord> {
                 vm: if i % 2 == 0 { vm(&format!("db-{i}"), "db") } else { None },
             },
             protocol,
+            icmp: None,
             verdict: if denied { Verdict::Deny } else { Verdict::Allow },
             decided_by: vec![Decision {
                 rule: format!("rule-{i}"),

@@ -48,6 +48,7 @@ fn record(i: u64) -> FlowRecord {
             vm: Some(vm("db-1".into(), "db")),
         },
         protocol: 6,
+        icmp: None,
         verdict: Verdict::Allow,
         decided_by: vec![Decision {
             rule: "web-to-db".into(),

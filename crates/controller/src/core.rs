@@ -51,7 +51,7 @@ use palisade_policy::{Model, Severity};
 
 use crate::auth::{self, TokenRecord};
 use crate::store::{self, Compare, Store, StoreError};
-use crate::trail::Trail;
+use crate::trail::{Trail, trail_head_key, trail_last_key};
 use palisade_api::bundle::{apply_overlay, overlay_grew, retag_changed};
 use palisade_api::delta::{Edit, FilesDelta};
 use palisade_api::roles::{Revocation, Role};
@@ -68,7 +68,6 @@ const AGENTS: &str = "agents/";
 const CHANGES: &str = "changes/";
 const TOKENS: &str = "tokens/";
 const TOKEN_NAMES: &str = "token-names/";
-const TRAILS: &str = "trail/";
 const AUDIT_HEADS: &str = "audit-heads/";
 /// How often a change is retried after losing the compare-and-swap race.
 const CAS_RETRIES: usize = 16;
@@ -162,15 +161,6 @@ fn version_key(v: u64) -> String {
 fn change_key(t: u64) -> String {
     let r: [u8; 4] = rand::random();
     format!("{CHANGES}{t:020}-{}", auth::hex(&r))
-}
-
-fn trail_last_key(trail: &Trail) -> String {
-    format!("{TRAILS}{}/last", trail.id())
-}
-
-/// Where the trail with id `trail_id` publishes its signed heads.
-pub fn trail_head_key(trail_id: &str) -> String {
-    format!("{TRAILS}{trail_id}/head")
 }
 
 fn audit_head_key(host: &str) -> String {

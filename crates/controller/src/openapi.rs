@@ -342,6 +342,10 @@ fn schemas() -> Value {
         ],
         &["rule", "level", "policy_version", "chain"],
     );
+    let byte = json!({ "type": "integer", "minimum": 0, "maximum": u8::MAX });
+    let mut icmp_message = obj(&[("type", byte.clone()), ("code", byte)], &["type", "code"]);
+    icmp_message["additionalProperties"] = json!(false);
+    icmp_message["description"] = json!("the ICMP or ICMPv6 message a flow was decided on (ICMP flows only)");
     let verdict = json!({ "type": "string", "enum": ["allow", "deny", "reject"] });
     let mut flow_record = obj(
         &[
@@ -360,6 +364,7 @@ fn schemas() -> Value {
                 "protocol",
                 json!({ "type": "integer", "minimum": 0, "maximum": u8::MAX }),
             ),
+            ("icmp", r("IcmpMessage")),
             ("verdict", verdict.clone()),
             ("decided_by", list("Decision")),
             ("packets_out", n.clone()),
@@ -629,6 +634,7 @@ fn schemas() -> Value {
         "Endpoint": endpoint,
         "VmIdentity": vm_identity,
         "Decision": decision,
+        "IcmpMessage": icmp_message,
         "FlowRecord": flow_record,
         "FlowBatch": closed(&[("records", json!({"type": "array", "maxItems": MAX_FLOW_BATCH, "items": r("FlowRecord")}))], &["records"]),
         "FlowPushResponse": obj(&[("appended", n.clone()), ("last_seq", n.clone())], &["appended", "last_seq"]),

@@ -41,6 +41,19 @@ use palisade_audit::{AuditConfig, AuditError, AuditLog, HeadPublisher, Query, Si
 
 use crate::store::Store;
 
+/// Where the controller's store keeps what it knows of its trails.
+const TRAILS: &str = "trail/";
+
+/// Where the store keeps the last record `trail` is known to hold.
+pub(crate) fn trail_last_key(trail: &Trail) -> String {
+    format!("{TRAILS}{}/last", trail.id())
+}
+
+/// Where the trail with id `trail_id` publishes its signed heads.
+pub fn trail_head_key(trail_id: &str) -> String {
+    format!("{TRAILS}{trail_id}/head")
+}
+
 /// Opening a trail failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrailError {
@@ -110,7 +123,7 @@ impl HeadStore {
         match &self.0 {
             Some(store) => vec![Box::new(StoreHeadPublisher {
                 store: store.clone(),
-                key: crate::core::trail_head_key(id),
+                key: trail_head_key(id),
             })],
             None => Vec::new(),
         }

@@ -149,7 +149,7 @@ fn keys_are_pinned_on_first_use_and_heads_only_move_forward() {
     // What `audit verify --server` does with it: the trail matches the head
     // held, and fails for each refused head, as what it was.
     let published = admin.published_heads(Some("hv1")).unwrap();
-    let report = palisade_audit::head::verify_published(&root.join("a"), &published).unwrap();
+    let report = palisade_audit::verify::verify_published(&root.join("a"), &published).unwrap();
     assert_eq!(report.head_seq, Some(3));
     let kinds: Vec<_> = report.problems.iter().map(|p| (p.kind, p.seq)).collect();
     use palisade_audit::ProblemKind as K;
@@ -248,7 +248,7 @@ fn the_controllers_own_heads_go_to_its_store() {
     assert_eq!(trail.status().published_seq, Some(head.seq));
     // The CLI's view of it checks the trail (intact).
     let published = c.published_heads(None).unwrap();
-    let report = palisade_audit::head::verify_published(&audit, &published).unwrap();
+    let report = palisade_audit::verify::verify_published(&audit, &published).unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(report.head_seq, Some(head.seq));
     server.stop();

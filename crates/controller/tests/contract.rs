@@ -597,6 +597,7 @@ fn sample_flow() -> palisade_audit::record::FlowRecord {
             vm: None,
         },
         protocol: 6,
+        icmp: None,
         verdict: Verdict::Allow,
         decided_by: vec![],
         packets_out: 0,

@@ -51,6 +51,7 @@ fn flow(host: &str, id: u64, src_vm: Option<&str>, verdict: Verdict) -> FlowReco
             vm: None,
         },
         protocol: 6,
+        icmp: None,
         verdict,
         decided_by: vec![Decision {
             rule: "https-out".into(),

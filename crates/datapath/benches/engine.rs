@@ -6,7 +6,9 @@
 //! Prints one JSON object. Run with `cargo bench -p palisade-datapath --bench engine`
 //! (`ENGINE_BENCH_ONLY=<flows>` runs only the cache-hit case at that many flows,
 //! with `ENGINE_BENCH_BATCHED=1` only its batched passes, with
-//! `ENGINE_BENCH_NEW=1` only new flows).
+//! `ENGINE_BENCH_NEW=1` only new flows; `ENGINE_BENCH_PASSES=<n>` sets its
+//! passes over the flows, e.g. few for an instruction count under
+//! `valgrind --tool=callgrind`).
 
 mod common;
 
@@ -152,7 +154,10 @@ fn main() {
             println!("{{\"flows\":{flows},\"new_flows_per_s_best_of_10\":{single:.0},\"batched\":{batched:.0}}}");
             return;
         }
-        let passes = (20_000_000 / flows.max(1)).max(2);
+        let passes = std::env::var("ENGINE_BENCH_PASSES")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or((20_000_000 / flows.max(1)).max(2));
         // `ENGINE_BENCH_BATCHED=1`: the batched passes only.
         let single = std::env::var_os("ENGINE_BENCH_BATCHED").is_none();
         let (_, ns, batched) = run(flows, passes, single);

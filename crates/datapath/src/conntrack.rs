@@ -402,6 +402,7 @@ impl Conntrack {
     }
 
     /// Account a non-TCP packet to its connection.
+    #[inline(always)]
     pub(crate) fn track_other(&mut self, slot: Slot, seen: Sighting, sink: &mut dyn EventSink) {
         let Sighting {
             reply,

@@ -183,7 +183,7 @@ impl FlowTable {
     }
 
     /// The hash of `key` in this table.
-    #[inline]
+    #[inline(always)]
     pub fn hash(&self, key: &FlowKey) -> FlowHash {
         let s = &self.seeds;
         let src = u128::from_ne_bytes(key.src);
@@ -202,7 +202,7 @@ impl FlowTable {
     }
 
     /// Where `key` is, or the empty bucket its probe ended at.
-    #[inline]
+    #[inline(always)]
     fn probe(&self, key: &FlowKey, hash: FlowHash) -> Result<usize, usize> {
         let tag = hash.tag();
         let mut i = hash.0 as usize & self.mask;
@@ -234,7 +234,7 @@ impl FlowTable {
 
     /// The entry of `key` if it was cached under `epoch` (compared on the
     /// stored low 32 bits).
-    #[inline]
+    #[inline(always)]
     pub fn get_current(&self, key: &FlowKey, hash: FlowHash, epoch: u64) -> Option<FlowEntry> {
         let i = self.probe(key, hash).ok()?;
         let b = &self.buckets[i];

@@ -170,6 +170,7 @@ fn flow(
         src: ep(src),
         dst: ep(dst),
         protocol: 6,
+        icmp: None,
         verdict,
         decided_by: vec![Decision {
             rule: rule.into(),

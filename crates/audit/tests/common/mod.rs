@@ -78,6 +78,7 @@ pub fn rec(i: u64) -> Record {
             vm: (i % 5 != 0).then(|| vm(d)),
         },
         protocol: 6,
+        icmp: None,
         verdict,
         decided_by: vec![Decision {
             rule: format!("rule-{}", i % 5),

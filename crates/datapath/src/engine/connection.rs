@@ -21,6 +21,10 @@ use super::{Engine, Packet, canonical, tcp_seg};
 impl Engine {
     /// Decide a packet of a flow (not an ICMP error): the flow cache, an
     /// existing connection, or a new flow classified and tracked.
+    ///
+    /// The cache hit, nearly every packet, is settled here, inlined into
+    /// the pipeline; the rest is [`Engine::decide_miss`]'s.
+    #[inline(always)]
     pub(super) fn decide(
         &mut self,
         pkt: &Packet,
@@ -29,8 +33,7 @@ impl Engine {
         inner: &[u8],
         sink: &mut dyn EventSink,
     ) -> Result<(), DropReason> {
-        let (now, src_vnic, len, trusted) = (pkt.now, pkt.src_vnic, pkt.len, pkt.trusted);
-        let key = info.key;
+        let key = &info.key;
         let tcp = if key.protocol == IpProtocol::TCP {
             let mut seg = tcp_seg(inner, info).ok_or(DropReason::Malformed)?;
             seg.last_offset = pkt.last_offset;
@@ -42,8 +45,8 @@ impl Engine {
             None
         };
         // Fast path: a current cache entry whose connection is still there.
-        let hash = hash.unwrap_or_else(|| self.flows.hash(&key));
-        if let Some(e) = self.flows.get_current(&key, hash, self.epoch) {
+        let hash = hash.unwrap_or_else(|| self.flows.hash(key));
+        if let Some(e) = self.flows.get_current(key, hash, self.epoch) {
             match e.verdict {
                 CachedVerdict::Drop(r) => {
                     self.counters.cache_hits += 1;
@@ -56,9 +59,9 @@ impl Engine {
                     // that it is this flow's, in either direction.
                     if let Some(slot) = e.conn
                         && let Some(conn) = self.conns.get(slot)
-                        && let reply = conn.key != key
+                        && let reply = conn.key != *key
                         && (!reply || conn.key == key.reversed())
-                        && !conn.expired(now, &self.conns.timeouts)
+                        && !conn.expired(pkt.now, &self.conns.timeouts)
                     {
                         self.counters.cache_hits += 1;
                         match self.track(pkt, slot, reply, tcp.as_ref(), sink) {
@@ -73,6 +76,21 @@ impl Engine {
                 }
             }
         }
+        self.decide_miss(pkt, key, hash, tcp.as_ref(), sink)
+    }
+
+    /// [`Engine::decide`] past the flow cache: an existing connection, or a new flow.
+    #[inline(never)]
+    fn decide_miss(
+        &mut self,
+        pkt: &Packet,
+        key: &FlowKey,
+        hash: FlowHash,
+        tcp: Option<&TcpSeg>,
+        sink: &mut dyn EventSink,
+    ) -> Result<(), DropReason> {
+        let (now, src_vnic, len, trusted) = (pkt.now, pkt.src_vnic, pkt.len, pkt.trusted);
+        let key = *key;
         self.counters.cache_misses += 1;
         // An existing connection: the reply direction, an evicted or imported entry, or a policy change.
         if let Some((slot, reply)) = self.conns.lookup(&key, now, sink, &mut self.counters)
@@ -102,7 +120,7 @@ impl Engine {
                 }
             }
             self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
-            match self.track(pkt, slot, reply, tcp.as_ref(), sink) {
+            match self.track(pkt, slot, reply, tcp, sink) {
                 // Reopened: counted with the new connection below.
                 Ok(false) => {}
                 done => {
@@ -162,7 +180,7 @@ impl Engine {
         conn.packets = pkt.packets;
         conn.bytes = len as u64;
         conn.rules = rules;
-        if let Some(seg) = &tcp {
+        if let Some(seg) = tcp {
             if !strict && seg.flags.contains(TcpFlags::RST) {
                 // A reset for a connection never seen, in a liberal zone where
                 // the policy allows its direction: forwarded, nothing tracked
@@ -216,6 +234,7 @@ impl Engine {
     /// Account a packet to its connection; `Ok(false)` when the connection
     /// ended for it to start a new one (a SYN reusing the ports of a closed
     /// connection): the caller goes on as for a new flow.
+    #[inline(always)]
     pub(super) fn track(
         &mut self,
         pkt: &Packet,

@@ -92,6 +92,7 @@ impl Engine {
     }
 
     /// Count the packet for the rules that decided its flow (once: not again on a routed flow's second leg).
+    #[inline(always)]
     pub(super) fn tally_rules(&mut self, pkt: &Packet, rules: RuleRefs) {
         if pkt.second_leg {
             return;

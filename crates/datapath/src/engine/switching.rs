@@ -17,7 +17,7 @@ use palisade_wire::{udp, vlan, vxlan};
 
 use crate::decision::{Encap, L2, Output, Results};
 use crate::port::{self, PortId, UPLINK};
-use crate::switch::{LastDestination, Location};
+use crate::switch::Location;
 use crate::verdict::DropReason;
 
 use super::{Engine, Packet, ROUTING_DOMAIN};
@@ -70,13 +70,16 @@ impl Engine {
     /// Where the packet's destination MAC lives (`None`: unknown or not
     /// unicast, to be flooded), or why it cannot go there: back out of the
     /// port it came in on, or from the uplink to another host.
-    #[inline]
+    #[inline(always)]
     pub(super) fn l2_destination(&mut self, pkt: &Packet) -> Result<Option<Location>, DropReason> {
         let in_port = pkt.in_port;
-        // Every port has one (pipeline checked `in_port`); the spare keeps this panic-free.
-        let mut spare = LastDestination::default();
-        let last = self.last_dst.get_mut(usize::from(in_port.0)).unwrap_or(&mut spare);
-        match self.macs.lookup_via(last, pkt.l2.segment, pkt.l2.dst) {
+        // Every port has one (pipeline checked `in_port`); without one, the
+        // table alone answers (no spare to build for every packet).
+        let to = match self.last_dst.get_mut(usize::from(in_port.0)) {
+            Some(last) => self.macs.lookup_via(last, pkt.l2.segment, pkt.l2.dst),
+            None => self.macs.lookup(pkt.l2.segment, pkt.l2.dst),
+        };
+        match to {
             Some(Location::Port(p)) if p == in_port => Err(DropReason::NoRoute),
             Some(Location::Remote(_)) if in_port == UPLINK => Err(DropReason::NoRoute),
             to => Ok(to),

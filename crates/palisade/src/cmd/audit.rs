@@ -167,7 +167,7 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
                 palisade_api::validate::hex(&published.public_key)
             );
         }
-        let report = palisade_audit::head::verify_published(&a.dir, &published)
+        let report = palisade_audit::verify::verify_published(&a.dir, &published)
             .with_context(|| format!("verifying the audit log in {}", a.dir.display()))?;
         return print_report(&a, &report, true);
     }
@@ -289,6 +289,7 @@ fn synthetic(n: u64) -> Record {
             vm: Some(vm(n + 5)),
         },
         protocol: 6,
+        icmp: None,
         verdict: if n % 3 == 0 { Verdict::Deny } else { Verdict::Allow },
         decided_by: vec![palisade_audit::record::Decision {
             rule: format!("rule-{}", n % 10),

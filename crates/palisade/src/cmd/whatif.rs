@@ -8,18 +8,20 @@
 //! tracked (addresses as recorded, IPv4-mapped IPv6 as IPv4), and that key
 //! into the policy's flow by the engine's own conversion
 //! ([`palisade_datapath::policy_flow`]), so what-if evaluates what the engine
-//! evaluated: an ICMP error or other non-echo message by its type and code
-//! (recorded in the destination port as `type << 8 | code`). Echo records
-//! carry the identifier in both ports and not the type, so they are taken as
-//! echo requests, which is what starts an echo flow in the engine (a denied
-//! echo reply's record cannot be told from a request's).
+//! evaluated. An ICMP record carries its message's type and code
+//! ([`FlowRecord::icmp`]), so an echo reply is evaluated as a reply and an
+//! error as that error. Records written before the type was kept have only
+//! the ports: a non-echo message's are its type and code (the destination
+//! port is `type << 8 | code`), an echo's the identifier in both, and such
+//! an echo is taken as a request (what starts an echo flow in the engine;
+//! its reply cannot be told apart).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use palisade_audit::record::{FlowRecord, Phase, Record, Verdict};
+use palisade_audit::record::{FlowRecord, IcmpMessage, Phase, Record, Verdict};
 use palisade_audit::{LogReader, Query, RecordKind};
 use palisade_policy::eval::{Flow, evaluate};
 use palisade_policy::model::{Action, Model};
@@ -84,11 +86,12 @@ fn key_address(ip: IpAddr) -> [u8; 16] {
 fn recorded_key(f: &FlowRecord) -> FlowKey {
     let protocol = IpProtocol(f.protocol);
     let icmp = f.protocol == IpProtocol::ICMP.0 || f.protocol == IpProtocol::ICMPV6.0;
-    let (icmp_type, icmp_code) = match icmp {
-        false => (0, 0),
-        // Both ports the echo identifier: an echo (request, see above).
-        true if f.src.port == f.dst.port => (if f.protocol == IpProtocol::ICMP.0 { 8 } else { 128 }, 0),
-        true => ((f.dst.port >> 8) as u8, f.dst.port as u8),
+    let (icmp_type, icmp_code) = match (icmp, f.icmp) {
+        (false, _) => (0, 0),
+        (true, Some(IcmpMessage { ty, code })) => (ty, code),
+        // An older record. Both ports the echo identifier: an echo (request, see above).
+        (true, None) if f.src.port == f.dst.port => (if f.protocol == IpProtocol::ICMP.0 { 8 } else { 128 }, 0),
+        (true, None) => ((f.dst.port >> 8) as u8, f.dst.port as u8),
     };
     FlowKey {
         segment: palisade_datapath::ROUTING_DOMAIN,
@@ -203,7 +206,7 @@ pub fn run(args: WhatIfArgs) -> anyhow::Result<ExitCode> {
 mod tests {
     use std::net::Ipv4Addr;
 
-    use palisade_audit::record::Endpoint;
+    use palisade_agent::records::{Clock, Identities, flow_record};
     use palisade_datapath::{Engine, EngineConfig};
     use palisade_datapath::{EventKind, FlowEvent, PolicyLookup, Results, UplinkConfig, port};
     use palisade_policy::compile::Compiler;
@@ -235,33 +238,19 @@ rules:
         vm_frame(from, to, IpProtocol::ICMP, &m)
     }
 
-    /// The record the agent makes of a denied flow's event (its key's addresses and ports).
-    fn record(ev: &FlowEvent) -> FlowRecord {
-        let end = |addr, port| Endpoint { addr, port, vm: None };
-        FlowRecord {
-            time_ns: ev.now,
-            flow_id: 1,
-            host: "h1".into(),
-            phase: Phase::Start,
-            src: end(ev.key.src_addr(), ev.key.src_port),
-            dst: end(ev.key.dst_addr(), ev.key.dst_port),
-            protocol: ev.key.protocol.0,
-            verdict: Verdict::Deny,
-            decided_by: Vec::new(),
-            packets_out: 1,
-            bytes_out: 0,
-            packets_in: 0,
-            bytes_in: 0,
-            start_ns: ev.created,
-            last_ns: ev.last_seen,
-        }
+    /// The record the agent makes of a denied flow's event.
+    fn record(ev: &FlowEvent, e: &Engine, model: &palisade_policy::model::Model) -> FlowRecord {
+        let ids = Identities::new(model);
+        flow_record(ev, "h1", e, &ids, Clock { unix_at_zero: 0 }).expect("a denied flow is recorded")
     }
 
-    /// What-if, given the engine's records of an ICMP error and an echo
-    /// request it denied, evaluates the flows the engine evaluated and
-    /// reaches its verdicts under the same policy. (It used to evaluate
-    /// every ICMP record as an echo request: the error, which b may not
-    /// send, came out allowed as a ping.)
+    /// What-if, given the agent's records of an ICMP error, an echo request
+    /// and an echo reply the engine denied, evaluates the flows the engine
+    /// evaluated and reaches its verdicts under the same policy. (It used
+    /// to evaluate every ICMP record as an echo request: the error, which b
+    /// may not send, came out allowed as a ping; and a record held no ICMP
+    /// type, so b's unsolicited echo reply, denied by the engine, came out
+    /// allowed as the echo request b may send.)
     #[test]
     fn what_if_and_the_engine_agree_on_icmp() {
         let loaded = load(&MemorySource::new().with("p.yaml", POLICY)).unwrap();
@@ -291,13 +280,17 @@ rules:
         // a → b: an echo request, which no rule allows.
         let ping = icmp(10, 11, 8, 0, [0x12, 0x34, 0, 1], b"ping");
         assert!(e.process(1, a, &ping, &mut events, &mut results) != palisade_datapath::Disposition::Forward);
+        // b → a: an echo reply to a request a never sent, which no rule allows
+        // (b may send echo requests to a, not replies).
+        let pong = icmp(11, 10, 0, 0, [0x56, 0x78, 0, 1], b"pong");
+        assert!(e.process(2, b, &pong, &mut events, &mut results) != palisade_datapath::Disposition::Forward);
         let denied: Vec<&FlowEvent> = events
             .iter()
             .filter(|ev| matches!(ev.kind, EventKind::Denied(_)))
             .collect();
-        assert_eq!(denied.len(), 2, "{events:?}");
+        assert_eq!(denied.len(), 3, "{events:?}");
         for ev in denied {
-            let rec = record(ev);
+            let rec = record(ev, &e, &model);
             assert_eq!(
                 policy_flow(&rec),
                 palisade_datapath::policy_flow(&ev.key),
