@@ -328,26 +328,86 @@ fn build_engine(
 /// port on every vhost-user vNIC (from `vhost`), and one on the underlay.
 /// Workers must open theirs in index order: the kernel numbers group
 /// members in the order they join.
+/// The AF_PACKET settings of one worker's port when there are `workers`.
+fn af_packet_config(workers: usize) -> AfPacketConfig {
+    AfPacketConfig {
+        // The traffic is shared out too, so the rings are: about the same
+        // memory per interface whatever the number of workers.
+        block_count: (AfPacketConfig::default().block_count / workers).max(2),
+        fanout: (workers > 1).then_some(Fanout {
+            workers: workers as u32,
+            group: None,
+        }),
+        ..AfPacketConfig::default()
+    }
+}
+
+/// Every worker's AF_PACKET socket on every interface port, as
+/// `opened[port][worker]` (empty for a vhost-user port), opened in parallel:
+/// one thread per interface.
+///
+/// Why: setting a socket up waits for the kernel's RCU grace periods
+/// (`synchronize_net` when its ring is set up and when its fanout group's
+/// program is set), 15-25 ms a socket on the lab's machines; one socket after
+/// the other, seven ports and two workers kept a restarted agent from
+/// forwarding for a third of a second. Threads waiting side by side share
+/// grace periods. The workers of one interface still join its fanout group
+/// one after the other in worker order, on that interface's thread: the
+/// steering program's result is a member's place in the group, which is its
+/// join order (another order would hand flows to workers that do not hold
+/// their connections).
+fn open_af_packet_ports(
+    ports: &[PortBinding],
+    vhost: &crate::vhost::VhostPorts,
+    workers: usize,
+) -> Result<Vec<Vec<Option<AfPacket>>>, AgentError> {
+    let afp = af_packet_config(workers);
+    let afp = &afp;
+    let port_error = |p: &PortBinding, index: usize, message: String| AgentError::Port {
+        what: format!("{} on {} (worker {index})", p.name, p.interface),
+        message,
+    };
+    std::thread::scope(|s| {
+        let threads: Vec<_> = ports
+            .iter()
+            .map(|p| {
+                (!vhost.is_vhost(&p.interface)).then(|| {
+                    s.spawn(move || {
+                        (0..workers)
+                            .map(|index| {
+                                AfPacket::open(&p.interface, afp)
+                                    .map(Some)
+                                    .map_err(|e| port_error(p, index, e.to_string()))
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+            })
+            .collect();
+        ports
+            .iter()
+            .zip(threads)
+            .map(|(p, thread)| match thread {
+                None => Ok(Vec::new()),
+                Some(t) => t
+                    .join()
+                    .unwrap_or_else(|_| Err(port_error(p, 0, "the thread opening it panicked".into()))),
+            })
+            .collect()
+    })
+}
+
 fn open_sockets(
     config: &AgentConfig,
     ports: &[PortBinding],
+    opened: &mut [Vec<Option<AfPacket>>],
     vhost: &mut crate::vhost::VhostPorts,
     index: usize,
     workers: usize,
 ) -> Result<WorkerIo, AgentError> {
     let n = workers as u32;
-    let afp = AfPacketConfig {
-        // The traffic is shared out too, so the rings are: about the same
-        // memory per interface whatever the number of workers.
-        block_count: (AfPacketConfig::default().block_count / workers).max(2),
-        fanout: (workers > 1).then_some(Fanout {
-            workers: n,
-            group: None,
-        }),
-        ..AfPacketConfig::default()
-    };
     let mut attached = Vec::new();
-    for p in ports {
+    for (p, opened) in ports.iter().zip(opened.iter_mut()) {
         if let Some(io) = vhost.take(&p.interface, index) {
             attached.push(Attached {
                 interface: p.interface.clone(),
@@ -356,10 +416,13 @@ fn open_sockets(
             });
             continue;
         }
-        let io = AfPacket::open(&p.interface, &afp).map_err(|e| AgentError::Port {
-            what: format!("{} on {} (worker {index})", p.name, p.interface),
-            message: e.to_string(),
-        })?;
+        let io = opened
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or_else(|| AgentError::Port {
+                what: format!("{} on {} (worker {index})", p.name, p.interface),
+                message: "no socket was opened for it".into(),
+            })?;
         attached.push(Attached {
             interface: p.interface.clone(),
             port: p.port,
@@ -477,9 +540,16 @@ impl Agent {
         let mut io = Vec::new();
         let mut ports = Vec::new();
         let (vhost, mut vhost_ports) = crate::vhost::open(&config, n)?;
+        // Every worker's engine binds the same ports, so the first one's
+        // bindings say which sockets to open for all.
+        let mut opened = None;
         for i in 0..n {
             let (engine, p) = build_engine(&config, model, lookup.clone(), n)?;
-            io.push(open_sockets(&config, &p, &mut vhost_ports, i, n)?);
+            let opened = match &mut opened {
+                Some(o) => o,
+                None => opened.insert(open_af_packet_ports(&p, &vhost_ports, n)?),
+            };
+            io.push(open_sockets(&config, &p, opened, &mut vhost_ports, i, n)?);
             ports = p;
             workers.push(Arc::new(Mutex::new(WorkerCore {
                 engine,
