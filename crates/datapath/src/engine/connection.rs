@@ -135,28 +135,7 @@ impl Engine {
         } else {
             match self.classify(&key) {
                 Ok(r) => r,
-                Err((rules, reason)) => {
-                    self.cache(key, hash, CachedVerdict::Drop(reason), None, rules);
-                    self.tally_rules(pkt, rules);
-                    let dst_port = self.local_port_of(key.dst_addr());
-                    sink.event(&FlowEvent {
-                        kind: EventKind::Denied(reason),
-                        key,
-                        state: ConnState::New,
-                        packets: pkt.packets,
-                        bytes: len as u64,
-                        reply_packets: 0,
-                        reply_bytes: 0,
-                        rules,
-                        policy_version: self.lookup.version(),
-                        trusted: false,
-                        owners: [src_vnic, dst_port],
-                        created: now,
-                        last_seen: now,
-                        now,
-                    });
-                    return Err(reason);
-                }
+                Err((rules, reason)) => return Err(self.deny_new(pkt, key, hash, reason, rules, sink)),
             }
         };
         if key.is_echo_reply() {
@@ -202,6 +181,40 @@ impl Engine {
         self.flows.remove(&key.reversed());
         self.tally_rules(pkt, rules);
         Ok(())
+    }
+
+    /// A new flow the policy denies: its verdict cached (later packets meet
+    /// it on the cache), its rules counted, and one `Denied` event with both
+    /// ends; returns `reason` for the caller to drop with.
+    fn deny_new(
+        &mut self,
+        pkt: &Packet,
+        key: FlowKey,
+        hash: FlowHash,
+        reason: DropReason,
+        rules: [Option<u32>; 2],
+        sink: &mut dyn EventSink,
+    ) -> DropReason {
+        self.cache(key, hash, CachedVerdict::Drop(reason), None, rules);
+        self.tally_rules(pkt, rules);
+        let now = pkt.now;
+        sink.event(&FlowEvent {
+            kind: EventKind::Denied(reason),
+            key,
+            state: ConnState::New,
+            packets: pkt.packets,
+            bytes: pkt.len as u64,
+            reply_packets: 0,
+            reply_bytes: 0,
+            rules,
+            policy_version: self.lookup.version(),
+            trusted: false,
+            owners: [pkt.src_vnic, self.local_port_of(key.dst_addr())],
+            created: now,
+            last_seen: now,
+            now,
+        });
+        reason
     }
 
     pub(super) fn cache(
@@ -282,7 +295,7 @@ impl Engine {
         l4: &[u8],
         sink: &mut dyn EventSink,
     ) -> Result<(), DropReason> {
-        let (now, src_vnic, len) = (pkt.now, pkt.src_vnic, pkt.len);
+        let (now, len) = (pkt.now, pkt.len);
         let key = info.key;
         let quoted = l4.get(8..).unwrap_or(&[]);
         let related = flow::extract_quoted(quoted, key.segment)
@@ -324,28 +337,7 @@ impl Engine {
                 self.tally_rules(pkt, rules);
                 Ok(())
             }
-            Err((rules, _)) => {
-                let reason = DropReason::IcmpErrorUnrelated;
-                self.cache(key, hash, CachedVerdict::Drop(reason), None, rules);
-                self.tally_rules(pkt, rules);
-                sink.event(&FlowEvent {
-                    kind: EventKind::Denied(reason),
-                    key,
-                    state: ConnState::New,
-                    packets: pkt.packets,
-                    bytes: len as u64,
-                    reply_packets: 0,
-                    reply_bytes: 0,
-                    rules,
-                    policy_version: self.lookup.version(),
-                    trusted: false,
-                    owners: [src_vnic, self.local_port_of(key.dst_addr())],
-                    created: now,
-                    last_seen: now,
-                    now,
-                });
-                Err(reason)
-            }
+            Err((rules, _)) => Err(self.deny_new(pkt, key, hash, DropReason::IcmpErrorUnrelated, rules, sink)),
         }
     }
 }
