@@ -5,6 +5,7 @@
 //! with no ports needs no privileges (its underlay socket is plain UDP).
 
 mod support;
+use support::free_udp_port;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -17,14 +18,6 @@ use palisade_io::steer;
 use palisade_wire::flow::FlowKey;
 
 /// A port nothing listens on now.
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn config(dir: &Path, workers: usize) -> AgentConfig {
     let text = format!(
         "host = \"hv1\"\npolicy = \"{}\"\nstate_dir = \"{}\"\nworkers = {workers}\n\

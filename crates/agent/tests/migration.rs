@@ -6,6 +6,7 @@
 //! refused with nothing imported. An agent with no ports needs no privileges.
 
 mod support;
+use support::agent_config as config;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -14,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use palisade_agent::migrate::{self, MigrateError};
-use palisade_agent::{Agent, AgentConfig, http};
+use palisade_agent::{Agent, http};
 use palisade_datapath::state::{self, StateError};
 use palisade_datapath::{Disposition, DropReason, Engine};
 use palisade_datapath::{EventKind, FlowEvent, Results};
@@ -207,25 +208,6 @@ fn hostile_blobs_are_refused_and_import_nothing() {
     ));
     // And what was refused did not stop the good blob.
     assert_eq!(migrate::import(&mut engines(&mut dst), "vm-0.0", &blob, 20).unwrap(), 2);
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn config(dir: &Path) -> AgentConfig {
-    let text = format!(
-        "host = \"hv1\"\npolicy = \"{}\"\nstate_dir = \"{}\"\nworkers = 1\n\
-         [underlay]\nlocal = \"127.0.0.1\"\nport = {}\n",
-        dir.join("policy").display(),
-        dir.join("state").display(),
-        free_udp_port()
-    );
-    AgentConfig::parse(&text, Path::new("hv1.toml")).unwrap()
 }
 
 /// Send raw bytes to the socket, half-close, return the status line.

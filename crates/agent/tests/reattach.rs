@@ -7,6 +7,7 @@
 //! record before it. Through `Agent::start`, without privileges (no ports).
 
 mod support;
+use support::agent_config as config;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,27 +15,8 @@ use std::sync::atomic::AtomicBool;
 
 use palisade_agent::journal::{Identity, Journal};
 use palisade_agent::snapshot::blob_name;
-use palisade_agent::{Agent, AgentConfig, http};
+use palisade_agent::{Agent, http};
 use palisade_datapath::Results;
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn config(dir: &Path) -> AgentConfig {
-    let text = format!(
-        "host = \"hv1\"\npolicy = \"{}\"\nstate_dir = \"{}\"\nworkers = 1\n\
-         [underlay]\nlocal = \"127.0.0.1\"\nport = {}\n",
-        dir.join("policy").display(),
-        dir.join("state").display(),
-        free_udp_port()
-    );
-    AgentConfig::parse(&text, Path::new("hv1.toml")).unwrap()
-}
 
 /// This agent's identity: host hv1, no vNICs.
 fn me() -> Identity {

@@ -8,6 +8,7 @@
 //! no QEMU (the lab's `vhost_user` test runs real guests).
 
 mod support;
+use support::free_udp_port;
 #[path = "../../io/tests/vhost_frontend/mod.rs"]
 mod vhost_frontend;
 #[path = "../../io/tests/virtio_driver/mod.rs"]
@@ -23,14 +24,6 @@ use palisade_agent::{Agent, AgentConfig, http};
 use palisade_wire::tcp::TcpFlags;
 use palisade_wire::virtio_net::VirtioNetRepr;
 use vhost_frontend::Guest;
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A group the test may give a socket to: its own (the group of a
 /// directory it made), or group 1 when it runs as root.

@@ -144,3 +144,26 @@ pub fn tcp_between(
 pub fn syn(from: usize, to: usize, sport: u16, dport: u16) -> Vec<u8> {
     tcp_frame(from, to, sport, dport, TcpFlags::SYN, 1000, 0)
 }
+
+/// A free UDP port on 127.0.0.1 (the agent's underlay socket binds it).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An agent configuration for host `hv1` with one worker, its policy in
+/// `dir/policy`, its state in `dir/state`, no ports, and its underlay on a
+/// free local UDP port.
+pub fn agent_config(dir: &std::path::Path) -> palisade_agent::AgentConfig {
+    let text = format!(
+        "host = \"hv1\"\npolicy = \"{}\"\nstate_dir = \"{}\"\nworkers = 1\n\
+         [underlay]\nlocal = \"127.0.0.1\"\nport = {}\n",
+        dir.join("policy").display(),
+        dir.join("state").display(),
+        free_udp_port()
+    );
+    palisade_agent::AgentConfig::parse(&text, std::path::Path::new("hv1.toml")).unwrap()
+}
