@@ -533,6 +533,9 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
     let hosts = ["hv1", "hv2"];
     let mut agents: Vec<Option<std::process::Child>> = vec![None, None];
     let (mut stalls, mut new_flow_stalls, mut passed_closed) = (Vec::new(), Vec::new(), 0u64);
+    // Each agent's own start: from its launch to its ready line (a round
+    // that kills both restarts them one after the other).
+    let mut ready_each = Vec::new();
     for round in 0..chaos.kills {
         // A random moment: anywhere in or across the 200 ms snapshot interval.
         std::thread::sleep(Duration::from_millis(moments.below(1000)));
@@ -586,10 +589,24 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         // Lines that arrived meanwhile left before the kill.
         while lines.try_recv().is_ok() {}
         let restart_at = Instant::now();
+        let mut each = Vec::new();
         for &i in &victims {
+            let t = Instant::now();
             agents[i] = Some(start_agent(lab, hosts[i]));
+            each.push(t.elapsed());
         }
         let ready = restart_at.elapsed();
+        for &i in &victims {
+            let log = lab.state().state_dir.join(format!("restart-{}.log", hosts[i]));
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            for l in log
+                .lines()
+                .filter(|l| l.contains("start-up") || l.contains("state import:"))
+            {
+                println!("round {round}: {}: {l}", hosts[i]);
+            }
+        }
+        ready_each.extend(each.iter().map(|d| d.as_millis() as u64));
         let mut got = 0;
         let mut first = None;
         while got < 5 && lines.recv_timeout(Duration::from_secs(10)).is_ok() {
@@ -605,7 +622,7 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         let names: Vec<&str> = victims.iter().map(|&i| hosts[i]).collect();
         println!(
             "round {round}: killed {names:?}, down {down:?}, stream stall {stall:?} (a line every 100 ms), \
-             restarted and ready in {ready:?}, new connections refused for {new_flow} ms ({after_restart} ms after the restart), \
+             restarted and ready in {ready:?} (each agent {each:?}), new connections refused for {new_flow} ms ({after_restart} ms after the restart), \
              closed zone received {passed} packet(s) while down"
         );
         assert_eq!(
@@ -641,10 +658,11 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
     }
     stalls.sort_unstable();
     new_flow_stalls.sort_unstable();
+    ready_each.sort_unstable();
     println!(
         "chaos: seed {}, {} kills, {answered}/{} held connections usable, {closed} lost, \
-         stream stall p50 {} ms p99 {} ms max {} ms, new-flow stall after a restart p50 {} ms p99 {} ms, \
-         closed-zone packets while down {passed_closed}; flows opened in {opened:?}, run {:?}",
+         stream stall p50 {} ms p99 {} ms max {} ms, new-flow stall after a restart p50 {} ms p99 {} ms \
+         (one agent's start p50 {} ms p99 {} ms), closed-zone packets while down {passed_closed}; flows opened in {opened:?}, run {:?}",
         chaos.seed,
         chaos.kills,
         chaos.flows,
@@ -653,6 +671,8 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         stalls.last().copied().unwrap_or(0),
         percentile(&new_flow_stalls, 0.5),
         percentile(&new_flow_stalls, 0.99),
+        percentile(&ready_each, 0.5),
+        percentile(&ready_each, 0.99),
         started.elapsed()
     );
     assert!(bastion_pings_web2(lab), "forwarding is back");
