@@ -6,7 +6,7 @@
 //! `CI` set they must run.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -209,9 +209,16 @@ fn lab_workers() -> usize {
 }
 
 fn start_agent(lab: &Lab, host: &str) -> std::process::Child {
+    start_agent_from(lab, host, Path::new(EXE))
+}
+
+/// [`start_agent`] running the binary `exe`.
+fn start_agent_from(lab: &Lab, host: &str, exe: &Path) -> std::process::Child {
     let log = lab.state().state_dir.join(format!("restart-{host}.log"));
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.host_netns(host), EXE, "agent", "--config"])
+        .args(["netns", "exec", &lab.host_netns(host)])
+        .arg(exe)
+        .args(["agent", "--config"])
         .arg(lab.agent_config(host))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -294,6 +301,121 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
     let report = guard.0.take().unwrap().shutdown().unwrap();
     assert!(!report.namespaces.is_empty());
     assert_eq!(leftovers("pe2r").unwrap(), Vec::<String>::new());
+}
+
+/// Upgrade in place: each host's agent, one host after the other (a rolling
+/// upgrade), stopped with SIGTERM (what `systemctl restart` sends) under a
+/// live stream and a thousand idle connections, and started from another
+/// binary file: a copy of the one under test with a section of its own
+/// added (another file and another build id as far as the host can tell;
+/// the same state format version, as a package upgrade within one format
+/// is). Every connection continues, none is judged new, and the running
+/// agent is the new file. What an upgrade to an incompatible state format
+/// does (the file refused, named and counted under `wrong_version`, the
+/// agent starting empty) is `bad_state_files_are_refused_named_and_counted_and_the_agent_starts_without_them`
+/// in crates/agent/tests/reattach.rs.
+#[test]
+fn agents_upgraded_in_place_to_another_binary_keep_every_established_connection() {
+    if !lab_possible() {
+        return;
+    }
+    if !have("python3") || !have("objcopy") {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the upgrade test");
+        eprintln!("skipping: no python3 or objcopy");
+        return;
+    }
+    let _one = one_lab();
+    let mut guard = three_tier_lab("pe2u", false);
+    let lab = guard.0.as_ref().unwrap();
+    let (mut server, mut session, lines) = db_stream(lab);
+    let mut held = vec![
+        HeldFlows::open(lab, "web-1", "app-2", 8080, 500),
+        HeldFlows::open(lab, "bastion-1", "db-1", 22, 500),
+    ];
+    // The new binary.
+    let dir = lab.state().state_dir.clone();
+    let note = dir.join("upgrade-note");
+    std::fs::write(&note, b"palisade upgrade test build\n").unwrap();
+    let new = dir.join("palisade-upgraded");
+    let made = Command::new("objcopy")
+        .arg("--add-section")
+        .arg(format!(".palisade_upgrade={}", note.display()))
+        .arg(EXE)
+        .arg(&new)
+        .status()
+        .unwrap();
+    assert!(made.success(), "objcopy made the new binary");
+    assert_ne!(
+        std::fs::read(EXE).unwrap(),
+        std::fs::read(&new).unwrap(),
+        "the new binary is another file"
+    );
+    let mut upgraded = Vec::new();
+    for h in ["hv1", "hv2"] {
+        let pid = lab.state().agents[h].pid;
+        let stopped_at = Instant::now();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        while running(pid as u32) {
+            assert!(
+                stopped_at.elapsed() < Duration::from_secs(10),
+                "{h}'s agent exits on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let child = start_agent_from(lab, h, &new);
+        let down = stopped_at.elapsed();
+        // `ip netns exec` execs the agent: the child's pid is the agent's.
+        let exe = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
+        assert_eq!(exe, new, "{h} runs the new binary");
+        // The stream goes on (lines sent before the stop drained first).
+        while lines.try_recv().is_ok() {}
+        let mut got = 0;
+        while got < 5 && lines.recv_timeout(Duration::from_secs(5)).is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 5, "the stream continued after {h}'s upgrade");
+        let sock = dir.join(h).join("agent.sock");
+        let health = palisade_agent::http::get_unix(&sock, "/health").unwrap();
+        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        assert_eq!(health["state"]["resumed"]["from"], "saved", "{health}");
+        assert_eq!(health["state"]["refused_total"], 0, "{health}");
+        println!(
+            "upgrade: {h} stopped, restarted from {} and ready in {down:?}, resumed {} connection(s)",
+            new.display(),
+            health["state"]["resumed"]["connections"]
+        );
+        upgraded.push(child);
+    }
+    for h in &mut held {
+        let (answered, closed) = h.check();
+        assert_eq!(
+            (answered, closed),
+            (h.count, 0),
+            "{} / {}",
+            h.client.what,
+            h.server.what
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    for h in ["hv1", "hv2"] {
+        assert_stream_not_new(lab, h, "after the upgrade");
+    }
+    drop(held);
+    let _ = lab.kill(&mut session);
+    let _ = lab.kill(&mut server);
+    for c in &mut upgraded {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let report = guard.0.take().unwrap().shutdown().unwrap();
+    assert!(!report.namespaces.is_empty());
+    assert_eq!(leftovers("pe2u").unwrap(), Vec::<String>::new());
 }
 
 /// The helper that holds many idle TCP connections open between lab VMs.
