@@ -669,6 +669,26 @@ pub struct ArmReport {
     pub missing: Vec<String>,
     /// Interfaces left alone because another bridge holds them.
     pub foreign: Vec<String>,
+    /// Where the time went, microseconds from the call: the lock taken,
+    /// the plan loaded and the devices read, the devices made (`ip`), the
+    /// forwarding entries (`bridge`), the vNICs attached (`ip`): the last is
+    /// when the open zones forward again.
+    pub phases_us: ArmPhases,
+}
+
+/// [`ArmReport::phases_us`]: each phase's end, microseconds from the start of [`arm`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ArmPhases {
+    /// The state directory's lock held.
+    pub locked: u64,
+    /// The plan loaded and the host's devices read.
+    pub read: u64,
+    /// The bridges and VXLAN devices made (`ip -batch`).
+    pub devices: u64,
+    /// Their forwarding entries written (`bridge -batch`).
+    pub fdb: u64,
+    /// The vNICs attached to the bridges (`ip -batch`): forwarding from here.
+    pub attached: u64,
 }
 
 fn unix_ns() -> u64 {
@@ -684,18 +704,28 @@ pub fn arm(state_dir: &Path) -> Result<ArmReport, FallbackError> {
     // A moment's wait: `status` takes the lock briefly to see whether an
     // agent runs; an agent holds it for good.
     let _lock = StateLock::take(state_dir, Duration::from_millis(300))?;
+    let us = || started.elapsed().as_micros() as u64;
+    let mut phases = ArmPhases {
+        locked: us(),
+        ..ArmPhases::default()
+    };
     let Some(plan) = FallbackPlan::load(state_dir)? else {
         return Ok(ArmReport {
             armed: None,
             missing: Vec::new(),
             foreign: Vec::new(),
+            phases_us: phases,
         });
     };
     let devices = Devices::read();
     let cmds = arm_commands(&plan, &devices);
+    phases.read = us();
     batch("ip", &cmds.setup)?;
+    phases.devices = us();
     batch("bridge", &cmds.fdb)?;
+    phases.fdb = us();
     batch("ip", &cmds.attach)?;
+    phases.attached = us();
     let interfaces: Vec<String> = plan
         .open
         .iter()
@@ -725,6 +755,7 @@ pub fn arm(state_dir: &Path) -> Result<ArmReport, FallbackError> {
         armed,
         missing: cmds.missing,
         foreign: cmds.foreign,
+        phases_us: phases,
     })
 }
 

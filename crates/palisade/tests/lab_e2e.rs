@@ -1673,6 +1673,11 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
         "fail-open gap: {} of 100 pings at 20 ms lost across the kill",
         100 - replies
     );
+    for l in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+        if l.contains("fallback armed") {
+            println!("{l}");
+        }
+    }
     assert!(
         replies >= 70,
         "blue forwarded through the kill: {replies} of 100 answered\n{out}"
