@@ -57,6 +57,11 @@ struct PortBinding {
     port: PortId,
 }
 
+/// The audit trail being opened on a thread of its own.
+type TrailOpening = std::thread::JoinHandle<Result<crate::trail::Trail, AgentError>>;
+/// Every port's sockets (`[port][worker]`) being opened on a thread of their own.
+type SocketsOpening = std::thread::JoinHandle<Result<Vec<Vec<Option<AfPacket>>>, AgentError>>;
+
 /// Flow records kept in memory for `/flows`.
 const RECENT_FLOWS: usize = 500;
 /// Connections one vNIC may have open (shared out between the workers).
@@ -85,10 +90,7 @@ pub struct Agent {
     /// verifies the active segment's chain: a few hundred milliseconds
     /// with a large segment, which a restart does not wait for), and the
     /// records kept for it meanwhile.
-    audit_opening: Option<(
-        std::thread::JoinHandle<Result<crate::trail::Trail, AgentError>>,
-        Vec<Record>,
-    )>,
+    audit_opening: Option<(TrailOpening, Vec<Record>)>,
     /// Live IPFIX export of flow records.
     ipfix: Option<palisade_audit::ipfix::IpfixExporter>,
     /// Flow records for the controller (controller mode), sent once a second.
@@ -184,11 +186,7 @@ impl core::fmt::Debug for Agent {
 
 /// Open the audit trail of `config` on a thread of its own (with a
 /// controller, its heads also go there once its key is registered).
-#[allow(clippy::type_complexity)]
-fn open_trail(
-    config: &AgentConfig,
-    stop: &Arc<AtomicBool>,
-) -> Result<Option<std::thread::JoinHandle<Result<crate::trail::Trail, AgentError>>>, AgentError> {
+fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<TrailOpening>, AgentError> {
     let Some(dir) = config.audit.clone() else {
         return Ok(None);
     };
@@ -734,10 +732,9 @@ impl Agent {
 
     /// Give each worker its sockets once `opening` has opened them (and the
     /// vhost-user vNICs' queues).
-    #[allow(clippy::type_complexity)]
     fn attach_sockets(
         &mut self,
-        opening: Option<std::thread::JoinHandle<Result<Vec<Vec<Option<AfPacket>>>, AgentError>>>,
+        opening: Option<SocketsOpening>,
         mut vhost_ports: crate::vhost::VhostPorts,
     ) -> Result<(), AgentError> {
         let n = self.workers.len();
