@@ -10,23 +10,25 @@
 # connection through both hosts. A round that kills both agents restarts
 # them one after the other (as the test harness does), so it includes both
 # starts; each agent's own start (launch to ready) is printed beside it.
-# The lab runs the debug build (target/debug/palisade, workspace crates at
-# opt-level 1).
+# By default the lab runs the debug build (target/debug/palisade, workspace
+# crates at opt-level 1); --release builds the test and the binary with the
+# release profile (what users run) and runs that.
 #
-#   sudo bash bench/chaos.sh [--kills N] [--flows N] [--seed N]
+#   sudo bash bench/chaos.sh [--kills N] [--flows N] [--seed N] [--release]
 #
 # It runs the lab_e2e chaos test (crates/palisade/tests/lab_e2e.rs,
 # `agents_killed_with_sigkill_at_random_moments_keep_every_established_connection`)
 # with larger figures; needs root, iproute2, busybox, python3. The same
 # seed replays the same moments (the machine's timing still varies).
 set -euo pipefail
-kills=50 flows=10000 seed=""
+kills=50 flows=10000 seed="" profile=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --kills) kills="$2"; shift 2 ;;
         --flows) flows="$2"; shift 2 ;;
         --seed) seed="$2"; shift 2 ;;
-        *) echo "usage: $0 [--kills N] [--flows N] [--seed N]" >&2; exit 2 ;;
+        --release) profile=(--release); shift ;;
+        *) echo "usage: $0 [--kills N] [--flows N] [--seed N] [--release]" >&2; exit 2 ;;
     esac
 done
 cd "$(dirname "$0")/.."
@@ -35,7 +37,7 @@ export PALISADE_CHAOS_KILLS="$kills" PALISADE_CHAOS_FLOWS="$flows"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 status=0
-cargo test -q -p palisade --test lab_e2e \
+cargo test -q "${profile[@]}" -p palisade --test lab_e2e \
     agents_killed_with_sigkill_at_random_moments_keep_every_established_connection \
     -- --exact --nocapture >"$out" 2>&1 || status=$?
 grep -E '^(chaos|round)' "$out" || true
