@@ -19,7 +19,7 @@
 
 use std::path::PathBuf;
 
-use palisade_agent::journal::{Identity, Journal, Op, Replay, apply, parse};
+use palisade_agent::journal::{Identity, Journal, Op, Replay, apply, parse, read};
 use palisade_datapath::state::{self, Snapshot};
 use palisade_datapath::{Conn, ConnState, EndReason, EventKind, ROUTING_DOMAIN};
 use palisade_wire::flow::FlowKey;
@@ -217,6 +217,10 @@ pub fn check(data: &[u8]) -> Result<(), String> {
             _ => {
                 let bytes = std::fs::read(&scratch.0).map_err(|e| e.to_string())?;
                 whole(&bytes, &me, &model)?;
+                let r = read(&scratch.0, &me).map_err(|e| format!("the file is refused: {e}"))?;
+                if r != parse(&bytes, &me).map_err(|e| e.to_string())? {
+                    return Err("the file reads otherwise than its bytes".into());
+                }
             }
         }
     }
@@ -248,6 +252,7 @@ pub fn check(data: &[u8]) -> Result<(), String> {
             break;
         }
     }
+    same_from_file(&scratch, &bytes, &me)?;
     if let Ok(r) = parse(&bytes, &me) {
         bounded(&r, 2 * capacity)?;
         if let Some(op) = r.ops.iter().find(|op| !written.contains(op)) {
@@ -262,6 +267,20 @@ pub fn check(data: &[u8]) -> Result<(), String> {
         one_per_key(apply(Some(snapshot), r))?;
     }
     Ok(())
+}
+
+/// The agent's reader (which reads a file's used slots only) finds in
+/// `bytes`, written as a file, what `parse` finds in them.
+fn same_from_file(scratch: &Scratch, bytes: &[u8], me: &Identity) -> Result<(), String> {
+    let copy = scratch.0.with_extension("damaged");
+    std::fs::write(&copy, bytes).map_err(|e| e.to_string())?;
+    let from_file = read(&copy, me);
+    let _ = std::fs::remove_file(&copy);
+    match (from_file, parse(bytes, me)) {
+        (Ok(a), Ok(b)) if a == b => Ok(()),
+        (Err(a), Err(b)) if a.reason() == b.reason() => Ok(()),
+        (a, b) => Err(format!("the file reads {a:?}, its bytes parse to {b:?}")),
+    }
 }
 
 /// An undamaged journal reads back exactly as the model wrote it.
