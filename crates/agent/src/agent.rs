@@ -36,7 +36,6 @@ use palisade_policy::compile::Compiler;
 use palisade_policy::load::Loader;
 use palisade_policy::{DirSource, Model, load};
 use palisade_wire::ethernet::EthernetAddress;
-use palisade_wire::flow::FlowKey;
 
 use crate::config::AgentConfig;
 use crate::error::{AgentError, io_err};
@@ -57,6 +56,11 @@ struct PortBinding {
     interface: String,
     port: PortId,
 }
+
+/// The audit trail being opened on a thread of its own.
+type TrailOpening = std::thread::JoinHandle<Result<crate::trail::Trail, AgentError>>;
+/// Every port's sockets (`[port][worker]`) being opened on a thread of their own.
+type SocketsOpening = std::thread::JoinHandle<Result<Vec<Vec<Option<AfPacket>>>, AgentError>>;
 
 /// Flow records kept in memory for `/flows`.
 const RECENT_FLOWS: usize = 500;
@@ -82,6 +86,11 @@ pub struct Agent {
     origin: Instant,
     clock: Clock,
     audit: Option<crate::trail::Trail>,
+    /// The audit trail while it opens on a thread of its own (opening
+    /// verifies the active segment's chain: a few hundred milliseconds
+    /// with a large segment, which a restart does not wait for), and the
+    /// records kept for it meanwhile.
+    audit_opening: Option<(TrailOpening, Vec<Record>)>,
     /// Live IPFIX export of flow records.
     ipfix: Option<palisade_audit::ipfix::IpfixExporter>,
     /// Flow records for the controller (controller mode), sent once a second.
@@ -173,6 +182,50 @@ impl core::fmt::Debug for Agent {
             .field("workers", &self.workers.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Open the audit trail of `config` on a thread of its own (with a
+/// controller, its heads also go there once its key is registered).
+fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<TrailOpening>, AgentError> {
+    let Some(dir) = config.audit.clone() else {
+        return Ok(None);
+    };
+    let (retention, key, head) = (
+        config.audit_retention(),
+        config.audit_key_file(),
+        config.audit_head_file(),
+    );
+    let pusher = match &config.controller {
+        Some(cc) => Some((crate::upstream::client(cc)?, config.host.clone(), stop.clone())),
+        None => None,
+    };
+    let open = move || {
+        // With a controller, the trail's heads also go to it (registering its key first).
+        let heads = pusher.as_ref().map(|_| crate::upstream::HeadQueue::new());
+        let trail = crate::trail::Trail::open_with(&dir, retention, &key, &head, heads.clone())?;
+        if let (Some(q), Some((client, host, stop))) = (heads, pusher) {
+            crate::upstream::head_pusher(client, host, trail.public_key(), q, stop)?;
+        }
+        Ok(trail)
+    };
+    std::thread::Builder::new()
+        .name("palisade-audit-open".into())
+        .spawn(open)
+        .map(Some)
+        .map_err(io_err("starting the audit trail's opening"))
+}
+
+/// The CPU time this process used so far, user and system, all threads
+/// (a start-up's wall time on a busy machine is mostly waiting for a core).
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage writes the struct it is given, zeroed here.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage for the call's duration.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 /// Load and compile the policy directory.
@@ -358,7 +411,7 @@ fn af_packet_config(workers: usize) -> AfPacketConfig {
 /// their connections).
 fn open_af_packet_ports(
     ports: &[PortBinding],
-    vhost: &crate::vhost::VhostPorts,
+    vhost: &[bool],
     workers: usize,
 ) -> Result<Vec<Vec<Option<AfPacket>>>, AgentError> {
     let afp = af_packet_config(workers);
@@ -370,8 +423,9 @@ fn open_af_packet_ports(
     std::thread::scope(|s| {
         let threads: Vec<_> = ports
             .iter()
-            .map(|p| {
-                (!vhost.is_vhost(&p.interface)).then(|| {
+            .zip(vhost)
+            .map(|(p, &is_vhost)| {
+                (!is_vhost).then(|| {
                     s.spawn(move || {
                         (0..workers)
                             .map(|index| {
@@ -456,6 +510,7 @@ impl Agent {
     /// connection state and start the HTTP endpoint. `stop` ends the HTTP
     /// threads too. The worker threads start in [`Agent::run`].
     pub fn start(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<Agent, AgentError> {
+        let t0 = Instant::now();
         std::fs::create_dir_all(config.state_dir.join("conntrack"))
             .map_err(io_err(format!("state directory {}", config.state_dir.display())))?;
         // First of all: the lock (an arm in progress finishes first; another
@@ -476,6 +531,8 @@ impl Agent {
                 disarmed.removed.join(",")
             );
         }
+        let t_fallback = t0.elapsed();
+        let audit_opening = open_trail(&config, &stop)?;
         let (compiler, policy_stamp, upstream, revision) = match (&config.policy, &config.controller) {
             (Some(dir), _) => (Arc::new(load_policy(dir)?), policy_stamp(dir), None, None),
             (None, Some(cc)) => {
@@ -536,20 +593,26 @@ impl Agent {
         let identities = Arc::new(Identities::new(model));
         // One compiled policy for all workers: it is read-only.
         let lookup = Arc::new(PolicyLookup::new(compiler.clone()));
+        let t_policy = t0.elapsed();
         let mut workers = Vec::new();
-        let mut io = Vec::new();
         let mut ports = Vec::new();
-        let (vhost, mut vhost_ports) = crate::vhost::open(&config, n)?;
+        let (vhost, vhost_ports) = crate::vhost::open(&config, n)?;
         // Every worker's engine binds the same ports, so the first one's
-        // bindings say which sockets to open for all.
-        let mut opened = None;
-        for i in 0..n {
+        // bindings say which sockets to open for all: on a thread of their
+        // own, which mostly waits for the kernel's grace periods while this
+        // one imports the saved state (joined before `start` returns).
+        let mut opening = None;
+        for _ in 0..n {
             let (engine, p) = build_engine(&config, model, lookup.clone(), n)?;
-            let opened = match &mut opened {
-                Some(o) => o,
-                None => opened.insert(open_af_packet_ports(&p, &vhost_ports, n)?),
-            };
-            io.push(open_sockets(&config, &p, opened, &mut vhost_ports, i, n)?);
+            if opening.is_none() {
+                let is_vhost: Vec<bool> = p.iter().map(|b| vhost_ports.is_vhost(&b.interface)).collect();
+                let bindings = p.clone();
+                let t = std::thread::Builder::new()
+                    .name("palisade-open".into())
+                    .spawn(move || open_af_packet_ports(&bindings, &is_vhost, n))
+                    .map_err(io_err("starting the socket opening"))?;
+                opening = Some(t);
+            }
             ports = p;
             workers.push(Arc::new(Mutex::new(WorkerCore {
                 engine,
@@ -563,32 +626,12 @@ impl Agent {
                 journal: None,
             })));
         }
+        let t_sockets = t0.elapsed();
         let origin = Instant::now();
         let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let clock = Clock {
             unix_at_zero: unix_now.as_nanos() as u64,
         };
-        // With a controller, the trail's heads also go to it (registering its key first).
-        let heads = (config.audit.is_some() && config.controller.is_some()).then(crate::upstream::HeadQueue::new);
-        let audit = match &config.audit {
-            Some(dir) => Some(crate::trail::Trail::open_with(
-                dir,
-                config.audit_retention(),
-                &config.audit_key_file(),
-                &config.audit_head_file(),
-                heads.clone(),
-            )?),
-            None => None,
-        };
-        if let (Some(q), Some(cc), Some(t)) = (heads, &config.controller, &audit) {
-            crate::upstream::head_pusher(
-                crate::upstream::client(cc)?,
-                config.host.clone(),
-                t.public_key(),
-                q,
-                stop.clone(),
-            )?;
-        }
         let ipfix = match config.ipfix {
             Some(collector) => {
                 let e = palisade_audit::ipfix::IpfixExporter::connect(collector, 1)
@@ -634,7 +677,7 @@ impl Agent {
         let mut agent = Agent {
             config,
             workers,
-            io,
+            io: Vec::new(),
             ports,
             vhost,
             policy_stamp,
@@ -642,7 +685,8 @@ impl Agent {
             revision,
             origin,
             clock,
-            audit,
+            audit: None,
+            audit_opening: audit_opening.map(|h| (h, Vec::new())),
             ipfix,
             to_controller,
             controller_batch: Vec::new(),
@@ -668,15 +712,58 @@ impl Agent {
             to_controller_health,
             notifier: crate::notify::Notifier::from_env(),
         };
+        let t_rest = t0.elapsed();
         agent.save_fallback_plan(model);
+        let t_plan = t0.elapsed();
         agent.import_state();
+        let t_import = t0.elapsed();
         agent.start_journals();
+        let t_journal = t0.elapsed();
+        agent.attach_sockets(opening, vhost_ports)?;
+        let t_attach = t0.elapsed();
         agent.publish();
+        eprintln!(
+            "palisade agent: start-up {:.1?} ({:.1?} of CPU): fallback {:.1?}, policy {:.1?}, engines {:.1?}, audit/http {:.1?}, \
+             plan {:.1?}, state import {:.1?}, first snapshot and journals {:.1?}, sockets (rest) {:.1?}, publish {:.1?}",
+            t0.elapsed(),
+            process_cpu(),
+            t_fallback,
+            t_policy - t_fallback,
+            t_sockets - t_policy,
+            t_rest - t_sockets,
+            t_plan - t_rest,
+            t_import - t_plan,
+            t_journal - t_import,
+            t_attach - t_journal,
+            t0.elapsed() - t_attach
+        );
         Ok(agent)
     }
 
     fn now(&self) -> u64 {
         self.origin.elapsed().as_nanos() as u64
+    }
+
+    /// Give each worker its sockets once `opening` has opened them (and the
+    /// vhost-user vNICs' queues).
+    fn attach_sockets(
+        &mut self,
+        opening: Option<SocketsOpening>,
+        mut vhost_ports: crate::vhost::VhostPorts,
+    ) -> Result<(), AgentError> {
+        let n = self.workers.len();
+        let mut opened = match opening {
+            Some(t) => t.join().map_err(|_| AgentError::Port {
+                what: "the interfaces".into(),
+                message: "the thread opening their sockets panicked".into(),
+            })??,
+            None => Vec::new(),
+        };
+        for i in 0..n {
+            let io = open_sockets(&self.config, &self.ports, &mut opened, &mut vhost_ports, i, n)?;
+            self.io.push(io);
+        }
+        Ok(())
     }
 
     /// Write the fail-open plan of `model` for whoever arms the fallback
@@ -746,7 +833,9 @@ impl Agent {
         let mut resumed_total = 0;
         let mut newest_age: Option<Duration> = None;
         let mut journal = JournalReplayed::default();
+        let (mut t_blob, mut t_journal, mut t_apply, mut t_import) = Default::default();
         for (blob_path, journal_path) in sources.into_values() {
+            let t = Instant::now();
             let mut from_blob = None;
             if let Some(path) = &blob_path {
                 let age = std::fs::metadata(path)
@@ -760,6 +849,8 @@ impl Agent {
                     Err((reason, why)) => self.refuse(path, reason, &why),
                 }
             }
+            t_blob += t.elapsed();
+            let t = Instant::now();
             let mut replay = None;
             if let Some(path) = &journal_path {
                 match crate::journal::read(path, &self.identity) {
@@ -780,6 +871,8 @@ impl Agent {
                     Err(e) => self.refuse(path, e.reason(), &e.to_string()),
                 }
             }
+            t_journal += t.elapsed();
+            let t = Instant::now();
             let snap = match replay {
                 Some(r) => crate::journal::apply(from_blob, r),
                 None => match from_blob {
@@ -787,7 +880,10 @@ impl Agent {
                     None => continue,
                 },
             };
-            let resumed = self.import_decoded(&snap, now, blob_path.as_ref().or(journal_path.as_ref()));
+            t_apply += t.elapsed();
+            let t = Instant::now();
+            let resumed = self.import_decoded(snap, now, blob_path.as_ref().or(journal_path.as_ref()));
+            t_import += t.elapsed();
             eprintln!(
                 "palisade agent: resumed {resumed} connection(s) from {}{}",
                 blob_path
@@ -799,6 +895,11 @@ impl Agent {
             );
             resumed_total += resumed;
         }
+        let (t_blob, t_journal, t_apply, t_import): (Duration, Duration, Duration, Duration) =
+            (t_blob, t_journal, t_apply, t_import);
+        eprintln!(
+            "palisade agent: state import: files {t_blob:.1?}, journals {t_journal:.1?}, merge {t_apply:.1?}, into the tables {t_import:.1?}"
+        );
         if kind == StateKind::Saved {
             for old in state_files(&dir, StateKind::Saved) {
                 let _ = std::fs::remove_file(old);
@@ -846,12 +947,13 @@ impl Agent {
                 format!("{} bytes, more than any state file ({limit})", meta.len()),
             ));
         }
-        let mut blob = std::fs::read(path).map_err(|e| ("unreadable", e.to_string()))?;
-        if kind == StateKind::Snapshot {
-            palisade_datapath::relax_tcp_windows(&mut blob).map_err(|e| (refusal_reason(&e), e.to_string()))?;
-        }
-        let snap = palisade_datapath::state::decode(&blob).map_err(|e| (refusal_reason(&e), e.to_string()))?;
+        let blob = std::fs::read(path).map_err(|e| ("unreadable", e.to_string()))?;
+        // Checked and decoded once, relaxed decoded.
+        let mut snap = palisade_datapath::state::decode(&blob).map_err(|e| (refusal_reason(&e), e.to_string()))?;
         check_blob_name(&snap.vnic, &self.identity).map_err(|why| ("foreign", why))?;
+        if kind == StateKind::Snapshot {
+            snap.relax_tcp_windows();
+        }
         Ok(snap)
     }
 
@@ -859,26 +961,56 @@ impl Agent {
     /// to; returns how many were imported (`source` names it in a refusal).
     fn import_decoded(
         &mut self,
-        snap: &palisade_datapath::state::Snapshot,
+        snap: palisade_datapath::state::Snapshot,
         now: u64,
         source: Option<&PathBuf>,
     ) -> usize {
         let n = self.workers.len() as u32;
+        // Each connection to the worker its flows are steered to, in one pass.
+        let mut parts: Vec<palisade_datapath::state::Snapshot> = (0..n)
+            .map(|_| palisade_datapath::state::Snapshot {
+                vnic: snap.vnic.clone(),
+                policy_version: snap.policy_version,
+                conns: Vec::with_capacity(snap.conns.len() / n as usize + 1),
+            })
+            .collect();
+        for c in snap.conns {
+            let k = &c.key;
+            let w = steer::addresses_worker(k.src_addr(), k.dst_addr(), n) as usize;
+            parts[w.min(n as usize - 1)].conns.push(c);
+        }
         let mut resumed = 0;
-        for (i, core) in self.workers.iter().enumerate() {
-            let mut core = lock(core);
-            // Imported connections are not new flows: their start was recorded before the restart.
-            let mut events = Vec::new();
-            let mine = |k: &FlowKey| steer::addresses_worker(k.src_addr(), k.dst_addr(), n) == i as u32;
-            match core.engine.import_decoded_where(snap.clone(), now, &mut events, mine) {
+        // Every worker's share at once, each on a thread of its own.
+        let results: Vec<_> = std::thread::scope(|s| {
+            let imports: Vec<_> = self
+                .workers
+                .iter()
+                .zip(parts)
+                .map(|(core, part)| {
+                    s.spawn(move || {
+                        // Imported connections are not new flows: their start was recorded before the restart.
+                        let mut events = Vec::new();
+                        lock(core).engine.import_decoded_where(part, now, &mut events, |_| true)
+                    })
+                })
+                .collect();
+            imports
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        let mut refused = None;
+        for r in results {
+            match r {
                 Ok(k) => resumed += k,
                 Err(e) => {
-                    drop(core);
-                    let path = source.cloned().unwrap_or_default();
-                    self.refuse(&path, refusal_reason(&e), &e.to_string());
-                    break;
+                    refused.get_or_insert(e);
                 }
             }
+        }
+        if let Some(e) = refused {
+            let path = source.cloned().unwrap_or_default();
+            self.refuse(&path, refusal_reason(&e), &e.to_string());
         }
         resumed
     }
@@ -933,19 +1065,40 @@ impl Agent {
         let now = self.now();
         let name = crate::snapshot::blob_name(&self.identity);
         let (mut connections, mut bytes, mut ok) = (0u64, 0u64, true);
-        for (i, core) in self.workers.iter().enumerate() {
-            let blob = {
-                let mut core = lock(core);
-                connections += core.engine.conntrack().len() as u64;
-                let blob = core.engine.export_all_named(&name, now);
-                if let Some(j) = &mut core.journal {
-                    j.rotate();
-                }
-                blob
-            };
-            bytes += blob.len() as u64;
-            let path = state_path(&self.config.state_dir, i, StateKind::Snapshot);
-            if let Err(e) = write_state(&path, &blob) {
+        let dir = &self.config.state_dir;
+        let name = &name;
+        // Every worker's table encoded and written at once, each on a thread of its own.
+        let written: Vec<(u64, u64, PathBuf, std::io::Result<()>)> = std::thread::scope(|s| {
+            let rounds: Vec<_> = self
+                .workers
+                .iter()
+                .enumerate()
+                .map(|(i, core)| {
+                    s.spawn(move || {
+                        let (n, blob) = {
+                            let mut core = lock(core);
+                            let n = core.engine.conntrack().len() as u64;
+                            let blob = core.engine.export_all_named(name, now);
+                            if let Some(j) = &mut core.journal {
+                                j.rotate();
+                            }
+                            (n, blob)
+                        };
+                        let path = state_path(dir, i, StateKind::Snapshot);
+                        let result = write_state(&path, &blob);
+                        (n, blob.len() as u64, path, result)
+                    })
+                })
+                .collect();
+            rounds
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        for (n, len, path, result) in written {
+            connections += n;
+            bytes += len;
+            if let Err(e) = result {
                 // Said once when snapshots start failing, not every round.
                 if ok && !self.snapshots.failing() {
                     eprintln!("palisade agent: state snapshot {}: {e}", path.display());
@@ -1046,6 +1199,7 @@ impl Agent {
             for batch in rx.try_iter() {
                 self.keep_all(batch);
             }
+            self.poll_trail(false)?;
             if let Some(t) = &mut self.audit {
                 t.maybe_flush()?;
             }
@@ -1093,6 +1247,33 @@ impl Agent {
             self.revision = Some(i.revision);
             eprintln!("palisade agent: controller policy revision {} installed", i.revision);
         }
+    }
+
+    /// Take the audit trail once it has opened (`wait`: wait for it),
+    /// queueing the records kept meanwhile. A trail that fails to open
+    /// stops the agent, as a failing append does: the few records of the
+    /// start-up are then lost with the process, as a batch not yet
+    /// appended would be.
+    fn poll_trail(&mut self, wait: bool) -> Result<(), AgentError> {
+        let finished = self
+            .audit_opening
+            .as_ref()
+            .is_some_and(|(h, _)| wait || h.is_finished());
+        if !finished {
+            return Ok(());
+        }
+        let Some((handle, kept)) = self.audit_opening.take() else {
+            return Ok(());
+        };
+        let mut trail = handle.join().map_err(|_| AgentError::Audit {
+            dir: self.config.audit.clone().unwrap_or_default(),
+            message: "opening the trail panicked".into(),
+        })??;
+        for r in kept {
+            trail.push(r);
+        }
+        self.audit = Some(trail);
+        Ok(())
     }
 
     /// Export records, apply retention, reload a changed policy.
@@ -1197,6 +1378,8 @@ impl Agent {
         }
         if let Some(t) = &mut self.audit {
             t.push(Record::Flow(rec));
+        } else if let Some((_, kept)) = &mut self.audit_opening {
+            kept.push(Record::Flow(rec));
         }
     }
 
@@ -1388,6 +1571,7 @@ impl Agent {
             let _ = std::fs::remove_file(old);
         }
         let unix_now = self.clock.unix(self.now());
+        self.poll_trail(true)?;
         if let Some(t) = &mut self.audit {
             // Appends and syncs what is queued, then checkpoints.
             t.close(unix_now)?;

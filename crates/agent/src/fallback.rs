@@ -44,8 +44,21 @@
 //! with `nf_conntrack_tcp_loose`) pick up a plain ACK as established if the
 //! policy allows the direction (or if it comes from a peer with the
 //! policy-applied bit), and a flow the policy denies is dropped from its next
-//! segment on; a strict zone would refuse the pickup (it needs a SYN), so its
-//! connections opened during fail-open end at the take-over.
+//! segment on. The agent checks every zone's TCP windows liberally (it
+//! passes no strict zone to the datapath; the policy language has no such
+//! setting), so every allowed connection of a fail-open episode is picked
+//! up, with no grace period to bound. The datapath's strict window checking
+//! (a `HostConfig` option of the standalone datapath) would refuse such a
+//! pickup (it needs a SYN); a zone that is ever made strict and
+//! `on_failure: open` must first get what imported state gets: relaxed
+//! windows for the connections the policy allows, for a bounded time after
+//! the episode.
+//!
+//! One agent per network namespace: [`disarm`] removes every device named
+//! with the two prefixes in the namespace, whichever state directory armed
+//! it, and two fallbacks would want the same underlay port. A second agent
+//! with another state directory in the same namespace is not refused; it
+//! would tear down the first one's armed fallback as it starts.
 //!
 //! What was armed is recorded (`fallback.armed`: when, which zones) so the
 //! restarted agent reports how long fail-open lasted (`/health`, metrics,
@@ -669,6 +682,26 @@ pub struct ArmReport {
     pub missing: Vec<String>,
     /// Interfaces left alone because another bridge holds them.
     pub foreign: Vec<String>,
+    /// Where the time went, microseconds from the call: the lock taken,
+    /// the plan loaded and the devices read, the devices made (`ip`), the
+    /// forwarding entries (`bridge`), the vNICs attached (`ip`): the last is
+    /// when the open zones forward again.
+    pub phases_us: ArmPhases,
+}
+
+/// [`ArmReport::phases_us`]: each phase's end, microseconds from the start of [`arm`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ArmPhases {
+    /// The state directory's lock held.
+    pub locked: u64,
+    /// The plan loaded and the host's devices read.
+    pub read: u64,
+    /// The bridges and VXLAN devices made (`ip -batch`).
+    pub devices: u64,
+    /// Their forwarding entries written (`bridge -batch`).
+    pub fdb: u64,
+    /// The vNICs attached to the bridges (`ip -batch`): forwarding from here.
+    pub attached: u64,
 }
 
 fn unix_ns() -> u64 {
@@ -684,18 +717,28 @@ pub fn arm(state_dir: &Path) -> Result<ArmReport, FallbackError> {
     // A moment's wait: `status` takes the lock briefly to see whether an
     // agent runs; an agent holds it for good.
     let _lock = StateLock::take(state_dir, Duration::from_millis(300))?;
+    let us = || started.elapsed().as_micros() as u64;
+    let mut phases = ArmPhases {
+        locked: us(),
+        ..ArmPhases::default()
+    };
     let Some(plan) = FallbackPlan::load(state_dir)? else {
         return Ok(ArmReport {
             armed: None,
             missing: Vec::new(),
             foreign: Vec::new(),
+            phases_us: phases,
         });
     };
     let devices = Devices::read();
     let cmds = arm_commands(&plan, &devices);
+    phases.read = us();
     batch("ip", &cmds.setup)?;
+    phases.devices = us();
     batch("bridge", &cmds.fdb)?;
+    phases.fdb = us();
     batch("ip", &cmds.attach)?;
+    phases.attached = us();
     let interfaces: Vec<String> = plan
         .open
         .iter()
@@ -725,6 +768,7 @@ pub fn arm(state_dir: &Path) -> Result<ArmReport, FallbackError> {
         armed,
         missing: cmds.missing,
         foreign: cmds.foreign,
+        phases_us: phases,
     })
 }
 

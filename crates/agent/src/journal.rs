@@ -50,6 +50,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 use std::ptr::NonNull;
 
@@ -506,51 +507,127 @@ pub fn read(path: &Path, identity: &Identity) -> Result<Replay, JournalError> {
             meta.len()
         )));
     }
-    parse(&std::fs::read(path)?, identity)
+    let file = File::open(path)?;
+    let mut replay = Replay::default();
+    for (generation, at, capacity) in check_geometry(meta.len(), identity, |at, buf| file.read_exact_at(buf, at))? {
+        // Only the slots this generation wrote (a half is megabytes, mostly
+        // unused between two snapshots), read in chunks: up to the first slot
+        // of another generation, or the whole half when one of its own fails
+        // its checksum (telling a torn record from damage needs the rest).
+        let slots = capacity as usize * SLOT_LEN;
+        let mut buf = Vec::new();
+        let mut whole = false;
+        while buf.len() < slots {
+            let from = buf.len();
+            let n = if whole {
+                slots - from
+            } else {
+                (slots - from).min(CHUNK_SLOTS * SLOT_LEN)
+            };
+            buf.resize(from + n, 0);
+            file.read_exact_at(&mut buf[from..], at + (HEADER_LEN + from) as u64)?;
+            if whole {
+                break;
+            }
+            match buf[from..]
+                .chunks_exact(SLOT_LEN)
+                .position(|slot| !ours(slot, generation) || !sealed(slot))
+            {
+                Some(i) if ours(&buf[from + i * SLOT_LEN..], generation) => whole = true,
+                Some(i) => {
+                    buf.truncate(from + i * SLOT_LEN);
+                    break;
+                }
+                None => {}
+            }
+        }
+        read_slots(&buf, generation, &mut replay);
+    }
+    Ok(replay)
 }
 
-/// Check and decode a journal's bytes for `identity` (see [`read`]).
-pub fn parse(bytes: &[u8], identity: &Identity) -> Result<Replay, JournalError> {
-    let first = read_header(bytes, 0, identity)?;
+/// Slots [`read`] takes at a time.
+const CHUNK_SLOTS: usize = 256;
+
+/// Check a journal's two headers (read with `read_at(offset, buf)`) and its
+/// length for `identity`; the halves to replay, oldest first, as
+/// (generation, offset, capacity).
+fn check_geometry(
+    len: u64,
+    identity: &Identity,
+    mut read_at: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
+) -> Result<Vec<(u64, u64, u32)>, JournalError> {
+    let mut h = [0u8; HEADER_LEN];
+    if len < HEADER_LEN as u64 {
+        return Err(JournalError::Geometry(format!(
+            "truncated: {len} bytes, shorter than a header"
+        )));
+    }
+    read_at(0, &mut h)?;
+    let first = read_header(&h, 0, identity)?;
     if first.capacity == 0 || first.capacity > MAX_CAPACITY {
         return Err(JournalError::Geometry(format!(
             "capacity {} out of range",
             first.capacity
         )));
     }
-    let half = half_len(first.capacity);
-    if bytes.len() != 2 * half {
+    let half = half_len(first.capacity) as u64;
+    if len != 2 * half {
         return Err(JournalError::Geometry(format!(
-            "truncated or extended: {} bytes, its capacity of {} records makes {}",
-            bytes.len(),
+            "truncated or extended: {len} bytes, its capacity of {} records makes {}",
             first.capacity,
             2 * half
         )));
     }
-    let second = read_header(&bytes[half..], 1, identity)?;
+    read_at(half, &mut h)?;
+    let second = read_header(&h, 1, identity)?;
     if second.capacity != first.capacity {
         return Err(JournalError::Geometry(format!(
             "halves disagree on their capacity ({} and {})",
             first.capacity, second.capacity
         )));
     }
-    let mut halves = [(first.generation, &bytes[..half]), (second.generation, &bytes[half..])];
-    halves.sort_by_key(|(g, _)| *g);
+    let mut halves = vec![
+        (first.generation, 0, first.capacity),
+        (second.generation, half, first.capacity),
+    ];
+    halves.sort_by_key(|(g, _, _)| *g);
+    halves.retain(|(g, _, _)| *g != 0);
+    Ok(halves)
+}
+
+/// Check and decode a journal's bytes for `identity` (see [`read`], which
+/// reads only the slots it needs of a file; the checks are the same).
+pub fn parse(bytes: &[u8], identity: &Identity) -> Result<Replay, JournalError> {
+    let halves = check_geometry(bytes.len() as u64, identity, |at, buf| {
+        let at = at as usize;
+        let src = bytes
+            .get(at..at + buf.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    })?;
     let mut replay = Replay::default();
-    for (generation, h) in halves {
-        if generation != 0 {
-            read_slots(&h[HEADER_LEN..], generation, &mut replay);
-        }
+    for (generation, at, capacity) in halves {
+        let at = at as usize + HEADER_LEN;
+        read_slots(&bytes[at..at + capacity as usize * SLOT_LEN], generation, &mut replay);
     }
     Ok(replay)
 }
 
+/// Whether `slot` was written in `generation`.
+fn ours(slot: &[u8], generation: u64) -> bool {
+    slot[..8] == generation.to_be_bytes()
+}
+
+/// Whether `slot`'s checksum holds.
+fn sealed(slot: &[u8]) -> bool {
+    let (body, crc) = slot[..SLOT_LEN].split_at(SLOT_LEN - 4);
+    crc32(body).to_be_bytes() == crc
+}
+
 fn read_slots(slots: &[u8], generation: u64, replay: &mut Replay) {
-    let ours = |slot: &[u8]| slot[..8] == generation.to_be_bytes();
-    let sealed = |slot: &[u8]| {
-        let (body, crc) = slot.split_at(SLOT_LEN - 4);
-        crc32(body).to_be_bytes() == crc
-    };
+    let ours = |slot: &[u8]| ours(slot, generation);
     let mut chunks = slots.chunks_exact(SLOT_LEN);
     while let Some(slot) = chunks.next() {
         if !ours(slot) {

@@ -90,10 +90,16 @@ fn arm_after_death(state_dir: &Path, died: Instant) {
         Ok(r) => {
             match &r.armed {
                 Some(a) => eprintln!(
-                    "palisade supervise: fail-open fallback armed for zone(s) {} ({} interface(s)) {} us after the agent died",
+                    "palisade supervise: fail-open fallback armed for zone(s) {} ({} interface(s)) {} us after the agent died \
+                     (arm: lock {} us, plan and devices read {} us, devices made {} us, fdb {} us, vNICs attached {} us)",
                     a.zones.join(","),
                     a.interfaces.len(),
-                    died.elapsed().as_micros()
+                    died.elapsed().as_micros(),
+                    r.phases_us.locked,
+                    r.phases_us.read,
+                    r.phases_us.devices,
+                    r.phases_us.fdb,
+                    r.phases_us.attached
                 ),
                 None => eprintln!("palisade supervise: no open zone in the fallback plan: every zone stays closed"),
             }

@@ -6,7 +6,7 @@
 //! `CI` set they must run.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -209,9 +209,16 @@ fn lab_workers() -> usize {
 }
 
 fn start_agent(lab: &Lab, host: &str) -> std::process::Child {
+    start_agent_from(lab, host, Path::new(EXE))
+}
+
+/// [`start_agent`] running the binary `exe`.
+fn start_agent_from(lab: &Lab, host: &str, exe: &Path) -> std::process::Child {
     let log = lab.state().state_dir.join(format!("restart-{host}.log"));
     let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.host_netns(host), EXE, "agent", "--config"])
+        .args(["netns", "exec", &lab.host_netns(host)])
+        .arg(exe)
+        .args(["agent", "--config"])
         .arg(lab.agent_config(host))
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -294,6 +301,121 @@ fn agents_restart_without_cutting_established_connections_and_nothing_flows_whil
     let report = guard.0.take().unwrap().shutdown().unwrap();
     assert!(!report.namespaces.is_empty());
     assert_eq!(leftovers("pe2r").unwrap(), Vec::<String>::new());
+}
+
+/// Upgrade in place: each host's agent, one host after the other (a rolling
+/// upgrade), stopped with SIGTERM (what `systemctl restart` sends) under a
+/// live stream and a thousand idle connections, and started from another
+/// binary file: a copy of the one under test with a section of its own
+/// added (another file and another build id as far as the host can tell;
+/// the same state format version, as a package upgrade within one format
+/// is). Every connection continues, none is judged new, and the running
+/// agent is the new file. What an upgrade to an incompatible state format
+/// does (the file refused, named and counted under `wrong_version`, the
+/// agent starting empty) is `bad_state_files_are_refused_named_and_counted_and_the_agent_starts_without_them`
+/// in crates/agent/tests/reattach.rs.
+#[test]
+fn agents_upgraded_in_place_to_another_binary_keep_every_established_connection() {
+    if !lab_possible() {
+        return;
+    }
+    if !have("python3") || !have("objcopy") {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the upgrade test");
+        eprintln!("skipping: no python3 or objcopy");
+        return;
+    }
+    let _one = one_lab();
+    let mut guard = three_tier_lab("pe2u", false);
+    let lab = guard.0.as_ref().unwrap();
+    let (mut server, mut session, lines) = db_stream(lab);
+    let mut held = vec![
+        HeldFlows::open(lab, "web-1", "app-2", 8080, 500),
+        HeldFlows::open(lab, "bastion-1", "db-1", 22, 500),
+    ];
+    // The new binary.
+    let dir = lab.state().state_dir.clone();
+    let note = dir.join("upgrade-note");
+    std::fs::write(&note, b"palisade upgrade test build\n").unwrap();
+    let new = dir.join("palisade-upgraded");
+    let made = Command::new("objcopy")
+        .arg("--add-section")
+        .arg(format!(".palisade_upgrade={}", note.display()))
+        .arg(EXE)
+        .arg(&new)
+        .status()
+        .unwrap();
+    assert!(made.success(), "objcopy made the new binary");
+    assert_ne!(
+        std::fs::read(EXE).unwrap(),
+        std::fs::read(&new).unwrap(),
+        "the new binary is another file"
+    );
+    let mut upgraded = Vec::new();
+    for h in ["hv1", "hv2"] {
+        let pid = lab.state().agents[h].pid;
+        let stopped_at = Instant::now();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        while running(pid as u32) {
+            assert!(
+                stopped_at.elapsed() < Duration::from_secs(10),
+                "{h}'s agent exits on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let child = start_agent_from(lab, h, &new);
+        let down = stopped_at.elapsed();
+        // `ip netns exec` execs the agent: the child's pid is the agent's.
+        let exe = std::fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
+        assert_eq!(exe, new, "{h} runs the new binary");
+        // The stream goes on (lines sent before the stop drained first).
+        while lines.try_recv().is_ok() {}
+        let mut got = 0;
+        while got < 5 && lines.recv_timeout(Duration::from_secs(5)).is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 5, "the stream continued after {h}'s upgrade");
+        let sock = dir.join(h).join("agent.sock");
+        let health = palisade_agent::http::get_unix(&sock, "/health").unwrap();
+        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        assert_eq!(health["state"]["resumed"]["from"], "saved", "{health}");
+        assert_eq!(health["state"]["refused_total"], 0, "{health}");
+        println!(
+            "upgrade: {h} stopped, restarted from {} and ready in {down:?}, resumed {} connection(s)",
+            new.display(),
+            health["state"]["resumed"]["connections"]
+        );
+        upgraded.push(child);
+    }
+    for h in &mut held {
+        let (answered, closed) = h.check();
+        assert_eq!(
+            (answered, closed),
+            (h.count, 0),
+            "{} / {}",
+            h.client.what,
+            h.server.what
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    for h in ["hv1", "hv2"] {
+        assert_stream_not_new(lab, h, "after the upgrade");
+    }
+    drop(held);
+    let _ = lab.kill(&mut session);
+    let _ = lab.kill(&mut server);
+    for c in &mut upgraded {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let report = guard.0.take().unwrap().shutdown().unwrap();
+    assert!(!report.namespaces.is_empty());
+    assert_eq!(leftovers("pe2u").unwrap(), Vec::<String>::new());
 }
 
 /// The helper that holds many idle TCP connections open between lab VMs.
@@ -533,6 +655,9 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
     let hosts = ["hv1", "hv2"];
     let mut agents: Vec<Option<std::process::Child>> = vec![None, None];
     let (mut stalls, mut new_flow_stalls, mut passed_closed) = (Vec::new(), Vec::new(), 0u64);
+    // Each agent's own start: from its launch to its ready line (a round
+    // that kills both restarts them one after the other).
+    let mut ready_each = Vec::new();
     for round in 0..chaos.kills {
         // A random moment: anywhere in or across the 200 ms snapshot interval.
         std::thread::sleep(Duration::from_millis(moments.below(1000)));
@@ -586,10 +711,24 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         // Lines that arrived meanwhile left before the kill.
         while lines.try_recv().is_ok() {}
         let restart_at = Instant::now();
+        let mut each = Vec::new();
         for &i in &victims {
+            let t = Instant::now();
             agents[i] = Some(start_agent(lab, hosts[i]));
+            each.push(t.elapsed());
         }
         let ready = restart_at.elapsed();
+        for &i in &victims {
+            let log = lab.state().state_dir.join(format!("restart-{}.log", hosts[i]));
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            for l in log
+                .lines()
+                .filter(|l| l.contains("start-up") || l.contains("state import:"))
+            {
+                println!("round {round}: {}: {l}", hosts[i]);
+            }
+        }
+        ready_each.extend(each.iter().map(|d| d.as_millis() as u64));
         let mut got = 0;
         let mut first = None;
         while got < 5 && lines.recv_timeout(Duration::from_secs(10)).is_ok() {
@@ -605,7 +744,7 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         let names: Vec<&str> = victims.iter().map(|&i| hosts[i]).collect();
         println!(
             "round {round}: killed {names:?}, down {down:?}, stream stall {stall:?} (a line every 100 ms), \
-             restarted and ready in {ready:?}, new connections refused for {new_flow} ms ({after_restart} ms after the restart), \
+             restarted and ready in {ready:?} (each agent {each:?}), new connections refused for {new_flow} ms ({after_restart} ms after the restart), \
              closed zone received {passed} packet(s) while down"
         );
         assert_eq!(
@@ -641,10 +780,11 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
     }
     stalls.sort_unstable();
     new_flow_stalls.sort_unstable();
+    ready_each.sort_unstable();
     println!(
         "chaos: seed {}, {} kills, {answered}/{} held connections usable, {closed} lost, \
-         stream stall p50 {} ms p99 {} ms max {} ms, new-flow stall after a restart p50 {} ms p99 {} ms, \
-         closed-zone packets while down {passed_closed}; flows opened in {opened:?}, run {:?}",
+         stream stall p50 {} ms p99 {} ms max {} ms, new-flow stall after a restart p50 {} ms p99 {} ms \
+         (one agent's start p50 {} ms p99 {} ms), closed-zone packets while down {passed_closed}; flows opened in {opened:?}, run {:?}",
         chaos.seed,
         chaos.kills,
         chaos.flows,
@@ -653,6 +793,8 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         stalls.last().copied().unwrap_or(0),
         percentile(&new_flow_stalls, 0.5),
         percentile(&new_flow_stalls, 0.99),
+        percentile(&ready_each, 0.5),
+        percentile(&ready_each, 0.99),
         started.elapsed()
     );
     assert!(bastion_pings_web2(lab), "forwarding is back");
@@ -1531,6 +1673,11 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
         "fail-open gap: {} of 100 pings at 20 ms lost across the kill",
         100 - replies
     );
+    for l in std::fs::read_to_string(&log).unwrap_or_default().lines() {
+        if l.contains("fallback armed") {
+            println!("{l}");
+        }
+    }
     assert!(
         replies >= 70,
         "blue forwarded through the kill: {replies} of 100 answered\n{out}"

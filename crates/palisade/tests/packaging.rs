@@ -88,6 +88,10 @@ fn the_agent_unit_is_a_notify_service_with_a_watchdog() {
         "Restart=on-failure",
         "WatchdogSec=30s",
         "CapabilityBoundingSet=CAP_NET_RAW CAP_NET_ADMIN",
+        // The fallback's modules, loaded outside the sandbox that keeps
+        // the agent and ExecStopPost= from loading modules themselves.
+        "ProtectKernelModules=yes",
+        "ExecStartPre=-+/sbin/modprobe -a bridge vxlan",
     ] {
         assert!(text.lines().any(|l| l == line), "missing {line}");
     }
