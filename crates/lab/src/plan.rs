@@ -111,6 +111,11 @@ pub struct VmPlan {
     pub vnics: Vec<VnicPlan>,
     /// Default gateway (the first vNIC's zone gateway), if any.
     pub gateway: Option<Ipv4Addr>,
+    /// Other hosts whose agents have this VM's vNICs pre-staged (attached,
+    /// policy compiled, a vhost-user socket waiting), so it can migrate
+    /// there (a QEMU guest on vhost-user only; see [`Plan::add_standby`]).
+    #[serde(default)]
+    pub standby: Vec<String>,
 }
 
 /// A zone's leg on the edge router.
@@ -357,6 +362,7 @@ impl Plan {
                 qemu: is_qemu,
                 vnics,
                 gateway,
+                standby: Vec::new(),
             });
         }
         Ok(Plan {
@@ -374,6 +380,36 @@ impl Plan {
     /// Whether `vm`'s vNICs are vhost-user sockets (a QEMU guest on vhost-user) rather than host interfaces.
     pub fn on_vhost_user(&self, vm: &VmPlan) -> bool {
         vm.qemu && self.qemu_nic == QemuNic::VhostUser
+    }
+
+    /// Pre-stage `vm`'s vNICs on `host` as well as its own: that host's
+    /// agent attaches them (a second vhost-user socket, its own), so a live
+    /// migration can move the guest there. Only QEMU guests on vhost-user
+    /// migrate in the lab.
+    pub fn add_standby(&mut self, vm: &str, host: &str) -> Result<(), LabError> {
+        if self.host(host).is_none() {
+            return Err(LabError::Unknown {
+                kind: "host",
+                name: host.to_string(),
+            });
+        }
+        let vhost_user = self.qemu_nic == QemuNic::VhostUser;
+        let v = self.vms.iter_mut().find(|v| v.name == vm).ok_or_else(|| LabError::Unknown {
+            kind: "vm",
+            name: vm.to_string(),
+        })?;
+        if !(v.qemu && vhost_user) {
+            return Err(LabError::Invalid(format!(
+                "VM {vm}: only a QEMU guest on vhost-user can be pre-staged on another host (it migrates)"
+            )));
+        }
+        if v.host == host {
+            return Err(LabError::Invalid(format!("VM {vm} lives on {host} already")));
+        }
+        if !v.standby.iter().any(|h| h == host) {
+            v.standby.push(host.to_string());
+        }
+        Ok(())
     }
 
     /// The host named `name`.
