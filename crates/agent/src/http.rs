@@ -15,6 +15,7 @@
 //! `POST /vnics/{name}/resume` (forwarding back on: a migration that
 //! failed). These are never served on the TCP address.
 
+use std::os::fd::AsRawFd;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
@@ -139,12 +140,31 @@ pub fn serve_with_control(
                                 None => handle(s, &shared),
                             }
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                        // Nothing to accept: wait for a client (woken at
+                        // once by one, so a migration's export and import
+                        // are not each delayed by a polling interval inside
+                        // the guest's pause), looking at `stop` every 100 ms.
+                        Err(_) => wait_readable(listener.as_raw_fd(), Duration::from_millis(100)),
                     }
                 }
             })?,
     );
     Ok(handles)
+}
+
+/// Wait until `fd` is readable (a listener: a client waits) or `timeout` passes.
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, its count 1; poll only writes `revents`.
+    let rc = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
+    if rc < 0 {
+        // EINTR or worse: do not spin.
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn handle<S: Read + Write>(stream: S, shared: &Shared) {

@@ -324,7 +324,7 @@ mod tests {
     }
 
     #[test]
-    fn a_standby_vnic_is_attached_on_its_host_with_a_socket_of_its_own() {
+    fn a_standby_vnic_is_attached_on_its_host_through_a_tap_of_its_own() {
         let (inv, pol) = generated_yaml(2, 1).unwrap();
         let src = palisade_policy::MemorySource::new()
             .with("inventory.yaml", &inv)
@@ -332,9 +332,11 @@ mod tests {
         let inv = palisade_policy::load(&src).unwrap().model.inventory;
         let qemu = crate::plan::QemuMode::Vms(vec!["vm1".into()]);
         let mut plan = Plan::new("pl", &inv, &qemu).unwrap();
-        // A guest on a tap cannot be pre-staged (the lab migrates vhost-user guests only).
-        assert!(plan.add_standby("vm1", "hv2").is_err());
+        // A guest on vhost-user cannot migrate (QEMU needs dirty logging the backend lacks).
         plan.qemu_nic = crate::plan::QemuNic::VhostUser;
+        let e = plan.add_standby("vm1", "hv2").unwrap_err().to_string();
+        assert!(e.contains("LOG_SHMFD"), "{e}");
+        plan.qemu_nic = crate::plan::QemuNic::Tap;
         let refused = [("vm2", "hv1"), ("vm1", "hv1"), ("vm1", "hv9"), ("vm9", "hv2")];
         for (vm, host) in refused {
             assert!(plan.add_standby(vm, host).is_err(), "{vm}@{host}");
@@ -342,17 +344,17 @@ mod tests {
         plan.add_standby("vm1", "hv2").unwrap();
         plan.add_standby("vm1", "hv2").unwrap();
         assert_eq!(plan.vm("vm1").unwrap().standby, ["hv2"]);
-        let s = Path::new("/s");
-        let nic = plan.vm("vm1").unwrap().vnics[0].clone();
-        let home = vhost_user_socket_on(s, &nic, "hv1", "hv1");
-        let there = vhost_user_socket_on(s, &nic, "hv1", "hv2");
-        assert_eq!(home, vhost_user_socket(s, &nic));
-        assert_ne!(home, there);
-        let hv1 = agent_config(&plan, "hv1", Path::new("/p"), s).unwrap();
-        let hv2 = agent_config(&plan, "hv2", Path::new("/p"), s).unwrap();
-        assert!(hv1.contains(&format!("vhost_user = \"{}\"", home.display())), "{hv1}");
-        assert!(hv2.contains("name = \"vm1.0\""), "{hv2}");
-        assert!(hv2.contains(&format!("vhost_user = \"{}\"", there.display())), "{hv2}");
+        let tap = &plan.vm("vm1").unwrap().vnics[0].host_if;
+        let hv1 = agent_config(&plan, "hv1", Path::new("/p"), Path::new("/s")).unwrap();
+        let hv2 = agent_config(&plan, "hv2", Path::new("/p"), Path::new("/s")).unwrap();
+        let entry = format!("name = \"vm1.0\"\ninterface = \"{tap}\"");
+        assert!(hv1.contains(&entry), "{hv1}");
+        assert!(hv2.contains(&entry), "{hv2}");
         assert!(hv2.contains("name = \"vm2.0\""), "{hv2}");
+        // vhost-user sockets of a pre-staged vNIC would not collide either.
+        let nic = plan.vm("vm1").unwrap().vnics[0].clone();
+        let s = Path::new("/s");
+        assert_eq!(vhost_user_socket_on(s, &nic, "hv1", "hv1"), vhost_user_socket(s, &nic));
+        assert_ne!(vhost_user_socket_on(s, &nic, "hv1", "hv2"), vhost_user_socket(s, &nic));
     }
 }

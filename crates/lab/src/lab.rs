@@ -626,13 +626,17 @@ impl Lab {
                 sys::ip_n(vns, &["route", "add", "default", "via", &gw.to_string()])?;
             }
         }
-        // QEMU guests on taps: a tap per guest in the host namespace (a
-        // guest on vhost-user needs none: the agent makes its socket).
+        // QEMU guests on taps: a tap per guest in the host namespace, and
+        // in those of the hosts it is pre-staged on (a guest on vhost-user
+        // needs none: the agent makes its socket). The taps are persistent:
+        // a QEMU that migrates away leaves its tap to the next.
         for vm in plan.vms.iter().filter(|v| v.qemu && !plan.on_vhost_user(v)) {
-            let hns = self.host_netns(&vm.host);
-            for nic in &vm.vnics {
-                sys::ip_n(&hns, &["tuntap", "add", "mode", "tap", "name", &nic.host_if])?;
-                host_sysctl.entry(hns.clone()).or_default().push(no_ipv6(&nic.host_if));
+            for host in std::iter::once(&vm.host).chain(&vm.standby) {
+                let hns = self.host_netns(host);
+                for nic in &vm.vnics {
+                    sys::ip_n(&hns, &["tuntap", "add", "mode", "tap", "name", &nic.host_if])?;
+                    host_sysctl.entry(hns.clone()).or_default().push(no_ipv6(&nic.host_if));
+                }
             }
         }
         // Host ends: no IPv6 (no link-local chatter for the agent), then up.
@@ -643,8 +647,10 @@ impl Lab {
             sys::ip_n(&self.host_netns(&z.host), &["link", "set", &z.host_if, "up"])?;
         }
         for vm in plan.vms.iter().filter(|v| !plan.on_vhost_user(v)) {
-            for nic in &vm.vnics {
-                sys::ip_n(&self.host_netns(&vm.host), &["link", "set", &nic.host_if, "up"])?;
+            for host in std::iter::once(&vm.host).chain(&vm.standby) {
+                for nic in &vm.vnics {
+                    sys::ip_n(&self.host_netns(host), &["link", "set", &nic.host_if, "up"])?;
+                }
             }
         }
         // Files: DNS zone and agent configurations.
@@ -1216,7 +1222,7 @@ impl Lab {
                 let pid = self.state.guests.get(&v.name).map(|g| g.pid);
                 VmStatus {
                     name: v.name.clone(),
-                    host: v.host.clone(),
+                    host: self.vm_host(&v.name).unwrap_or(&v.host).to_string(),
                     kind: if v.qemu { "qemu" } else { "netns" },
                     alive: match &v.ns {
                         Some(ns) => present(ns),

@@ -112,8 +112,8 @@ pub struct VmPlan {
     /// Default gateway (the first vNIC's zone gateway), if any.
     pub gateway: Option<Ipv4Addr>,
     /// Other hosts whose agents have this VM's vNICs pre-staged (attached,
-    /// policy compiled, a vhost-user socket waiting), so it can migrate
-    /// there (a QEMU guest on vhost-user only; see [`Plan::add_standby`]).
+    /// policy compiled, a tap waiting), so it can migrate there (a QEMU
+    /// guest on a tap only; see [`Plan::add_standby`]).
     #[serde(default)]
     pub standby: Vec<String>,
 }
@@ -383,9 +383,11 @@ impl Plan {
     }
 
     /// Pre-stage `vm`'s vNICs on `host` as well as its own: that host's
-    /// agent attaches them (a second vhost-user socket, its own), so a live
-    /// migration can move the guest there. Only QEMU guests on vhost-user
-    /// migrate in the lab.
+    /// agent attaches them (a tap of the same name in its namespace), so a
+    /// live migration can move the guest there. Only a QEMU guest on a tap
+    /// migrates in the lab: QEMU refuses to migrate a vhost-user NIC whose
+    /// backend does not log its writes to guest memory
+    /// (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`), and the agent's does not yet.
     pub fn add_standby(&mut self, vm: &str, host: &str) -> Result<(), LabError> {
         if self.host(host).is_none() {
             return Err(LabError::Unknown {
@@ -393,14 +395,21 @@ impl Plan {
                 name: host.to_string(),
             });
         }
-        let vhost_user = self.qemu_nic == QemuNic::VhostUser;
+        let tap = self.qemu_nic == QemuNic::Tap;
         let v = self.vms.iter_mut().find(|v| v.name == vm).ok_or_else(|| LabError::Unknown {
             kind: "vm",
             name: vm.to_string(),
         })?;
-        if !(v.qemu && vhost_user) {
+        if !v.qemu {
             return Err(LabError::Invalid(format!(
-                "VM {vm}: only a QEMU guest on vhost-user can be pre-staged on another host (it migrates)"
+                "VM {vm}: only a QEMU guest can be pre-staged on another host (it migrates)"
+            )));
+        }
+        if !tap {
+            return Err(LabError::Invalid(format!(
+                "VM {vm}: a guest on vhost-user cannot migrate yet (the agent's vhost-user backend does not log \
+                 dirty guest memory, VHOST_USER_PROTOCOL_F_LOG_SHMFD, so QEMU refuses): attach the guests \
+                 through taps (--qemu-nic tap)"
             )));
         }
         if v.host == host {

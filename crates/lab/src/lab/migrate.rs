@@ -2,13 +2,17 @@
 //!
 //! The destination is pre-staged when the lab is built: its agent's
 //! configuration lists the guest's vNIC ([`crate::Plan::add_standby`]), so the
-//! vNIC's port, its vhost-user socket and the VM's compiled rules are there
-//! before anything moves. [`Lab::migrate`] then:
+//! vNIC's port, its tap and the VM's compiled rules are there before
+//! anything moves. Guests on taps only: QEMU refuses to migrate a vhost-user
+//! NIC whose backend does not log dirty guest memory
+//! (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`), and the agent's backend does not yet.
+//! [`Lab::migrate`] then:
 //!
 //! 1. starts the destination QEMU in the destination host's namespace with
 //!    `-incoming unix:SOCKET` (a path both host namespaces reach: they share
-//!    the file system), its vNIC on the destination agent's socket, and waits
-//!    until it is ready to receive (the pre-staging time reported);
+//!    the file system), its vNIC on the destination host's tap (which that
+//!    agent reads), and waits until it is ready to receive (the pre-staging
+//!    time reported);
 //! 2. migrates with QMP and `pause-before-switchover` ([`crate::qmp::migrate`]):
 //!    RAM is copied while the guest runs; when the source pauses the guest,
 //!    the switchover step asks the source agent to export the vNIC's
@@ -253,8 +257,12 @@ impl Lab {
             .get(vm)
             .cloned()
             .ok_or_else(|| fail("not a running QEMU guest".into()))?;
-        if !self.state.plan.on_vhost_user(&plan) {
-            return Err(fail("only a guest on vhost-user migrates in the lab".into()));
+        if self.state.plan.on_vhost_user(&plan) {
+            return Err(fail(
+                "a guest on vhost-user cannot migrate yet: the agent's backend does not log dirty guest memory \
+                 (VHOST_USER_PROTOCOL_F_LOG_SHMFD), which QEMU requires"
+                    .into(),
+            ));
         }
         if from == to {
             return Err(fail("it runs there already".into()));

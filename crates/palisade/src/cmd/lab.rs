@@ -73,7 +73,7 @@ pub enum LabCmd {
         /// State directory (default /run/palisade/lab-NAME).
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// The VM (a QEMU guest on vhost-user, pre-staged with `--standby`).
+        /// The VM (a QEMU guest on a tap: `--qemu-nic tap`, pre-staged with `--standby`).
         vm: String,
         /// The destination host.
         #[arg(long)]
