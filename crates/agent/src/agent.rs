@@ -1202,11 +1202,7 @@ impl Agent {
     fn keep(&mut self, rec: FlowRecord) {
         for d in rec.decided_by.iter().filter(|d| d.rule == "default") {
             let end = if d.chain == "egress" { &rec.src } else { &rec.dst };
-            if let Some(n) = end
-                .vm
-                .as_ref()
-                .and_then(|vm| self.default_decisions.get_mut(&vm.vnic))
-            {
+            if let Some(n) = end.vm.as_ref().and_then(|vm| self.default_decisions.get_mut(&vm.vnic)) {
                 *n += 1;
             }
         }
@@ -1491,14 +1487,17 @@ impl VnicControl {
             "state_bytes": blob.map(<[u8]>::len),
             "state_blake3": blob.map(|b| blake3::hash(b).to_hex().to_string()),
         });
-        self.records.lock().unwrap_or_else(|p| p.into_inner()).push(palisade_audit::record::ChangeRecord {
-            time_ns,
-            actor: "local".into(),
-            action: format!("vnic.migrate.{action}"),
-            resource: format!("vnic/{vnic}"),
-            diff: diff.to_string(),
-            policy_version: None,
-        });
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(palisade_audit::record::ChangeRecord {
+                time_ns,
+                actor: "local".into(),
+                action: format!("vnic.migrate.{action}"),
+                resource: format!("vnic/{vnic}"),
+                diff: diff.to_string(),
+                policy_version: None,
+            });
     }
 
     /// Quiesce (`true`) or resume `vnic`'s port in every worker (locked).
@@ -1542,7 +1541,7 @@ impl http::Control for VnicControl {
         };
         Self::quiesce(&mut guards, vnic, true)?;
         drop(guards);
-        let n = crate::migrate::describe(&blob).map_or(0, |(_, n)| n);
+        let n = crate::migrate::claimed_count(&blob).unwrap_or(0);
         self.record("export", vnic, peer, n, Some(&blob));
         Ok(blob)
     }

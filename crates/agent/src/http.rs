@@ -15,9 +15,9 @@
 //! `POST /vnics/{name}/resume` (forwarding back on: a migration that
 //! failed). These are never served on the TCP address.
 
-use std::os::fd::AsRawFd;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,7 +75,11 @@ fn peer_query(action: &str) -> Result<(&str, Option<&str>), String> {
     let ok = !peer.is_empty()
         && peer.len() <= MAX_PEER_NAME
         && peer.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok { Ok((action, Some(peer))) } else { Err("bad peer host name".into()) }
+    if ok {
+        Ok((action, Some(peer)))
+    } else {
+        Err("bad peer host name".into())
+    }
 }
 
 /// Start serving `shared` on `tcp` (if any) and on the Unix socket `unix`
@@ -405,7 +409,11 @@ mod tests {
         ];
         for (input, want) in cases {
             let got = peer_query(input);
-            assert_eq!(got.as_ref().map_err(String::as_str), want.as_ref().map_err(|e| *e), "{input}");
+            assert_eq!(
+                got.as_ref().map_err(String::as_str),
+                want.as_ref().map_err(|e| *e),
+                "{input}"
+            );
         }
         assert!(peer_query(&format!("export?peer={}", "h".repeat(254))).is_err());
     }

@@ -171,6 +171,16 @@ pub fn split(blob: &[u8], workers: u32) -> Result<Vec<Vec<u8>>, StateError> {
     shares.iter().map(|s| assemble(&blob[..l.header], s)).collect()
 }
 
+/// The connection count a blob's header claims, without decoding its
+/// records: for a blob this module made or verified (`export`'s), where a
+/// full decode would only repeat work inside a migration's pause.
+pub fn claimed_count(blob: &[u8]) -> Option<usize> {
+    let name_len = usize::from(u16::from_be_bytes([*blob.get(16)?, *blob.get(17)?]));
+    let at = 18 + name_len;
+    let c = blob.get(at..at + 4)?;
+    Some(u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
+}
+
 /// The vNIC name and connection count of a verified blob.
 pub fn describe(blob: &[u8]) -> Result<(String, usize), StateError> {
     let snap = state::decode(blob)?;

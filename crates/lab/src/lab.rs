@@ -67,6 +67,9 @@ pub struct LabSpec {
     /// `(vm, host)`: pre-stage the QEMU guest `vm`'s vNICs on `host` too, so
     /// it can live-migrate there ([`Plan::add_standby`], [`Lab::migrate`]).
     pub standby: Vec<(String, String)>,
+    /// Each agent's connection-table capacity (shared out between its
+    /// workers; `None`: the agent's default, 32,768).
+    pub conn_capacity: Option<usize>,
 }
 
 /// The default state directory of lab `name`.
@@ -97,6 +100,7 @@ impl LabSpec {
             vm_offloads: false,
             supervise: false,
             standby: Vec::new(),
+            conn_capacity: None,
         }
     }
 
@@ -673,6 +677,10 @@ impl Lab {
                 })?;
             if let Some(c) = &self.state.controller {
                 text = config::with_controller(&text, &c.url, &c.ca, &self.state.state_dir.join("ca"), &h.name);
+            }
+            if let Some(n) = spec.conn_capacity {
+                // A top-level key: before the first table.
+                text = text.replacen("\n[", &format!("conn_capacity = {n}\n\n["), 1);
             }
             let p = self.agent_config(&h.name);
             std::fs::write(&p, text).map_err(LabError::io(format!("writing {}", p.display())))?;

@@ -396,10 +396,14 @@ impl Plan {
             });
         }
         let tap = self.qemu_nic == QemuNic::Tap;
-        let v = self.vms.iter_mut().find(|v| v.name == vm).ok_or_else(|| LabError::Unknown {
-            kind: "vm",
-            name: vm.to_string(),
-        })?;
+        let v = self
+            .vms
+            .iter_mut()
+            .find(|v| v.name == vm)
+            .ok_or_else(|| LabError::Unknown {
+                kind: "vm",
+                name: vm.to_string(),
+            })?;
         if !v.qemu {
             return Err(LabError::Invalid(format!(
                 "VM {vm}: only a QEMU guest can be pre-staged on another host (it migrates)"

@@ -1699,10 +1699,10 @@ fn migration_lab(name: &str) -> Option<Teardown> {
     let _ = Lab::down(name, &dir);
     let spec = LabSpec::generated(3, 1, &dir).unwrap();
     let policy = spec.policy_dir.join("policy.yaml");
-    let text = std::fs::read_to_string(&policy).unwrap().replace(
-        "  http: tcp/80\n",
-        "  http: tcp/80\n  syslog: udp/5140\n",
-    ) + "    - { id: lab-syslog, from: lab-vms, to: lab-vms, service: syslog, action: allow }\n";
+    let text = std::fs::read_to_string(&policy)
+        .unwrap()
+        .replace("  http: tcp/80\n", "  http: tcp/80\n  syslog: udp/5140\n")
+        + "    - { id: lab-syslog, from: lab-vms, to: lab-vms, service: syslog, action: allow }\n";
     std::fs::write(&policy, text).unwrap();
     let spec = LabSpec {
         name: name.into(),
@@ -1750,7 +1750,9 @@ fn guest_flows(lab: &Lab) -> GuestFlows {
     )
     .unwrap();
     // vm3: a tcp/22 listener the policy keeps the guest from.
-    let listener = lab.spawn("vm3", &["busybox", "nc", "-ll", "-p", "22", "-e", "/bin/cat"]).unwrap();
+    let listener = lab
+        .spawn("vm3", &["busybox", "nc", "-ll", "-p", "22", "-e", "/bin/cat"])
+        .unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ns = lab.vm_netns("vm3").unwrap();
     let s = stop.clone();
@@ -1778,7 +1780,8 @@ fn guest_flows(lab: &Lab) -> GuestFlows {
                 Err(_) => std::thread::sleep(Duration::from_millis(200)),
             }
         };
-        c.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
         let mut w = c.try_clone().map_err(|e| e.to_string())?;
         let mut r = BufReader::new(c);
         let mut echoes = Vec::new();
@@ -1909,7 +1912,9 @@ impl GuestFlows {
 #[test]
 fn qemu_guest_live_migration_keeps_its_connections_and_policy() {
     let _one = one_lab();
-    let Some(mut guard) = migration_lab("pe2mig") else { return };
+    let Some(mut guard) = migration_lab("pe2mig") else {
+        return;
+    };
     let lab = guard.0.as_mut().unwrap();
     let flows = guest_flows(lab);
     assert!(!guest_reaches_ssh(lab), "tcp/22 denied before the migration");
@@ -1931,7 +1936,10 @@ fn qemu_guest_live_migration_keeps_its_connections_and_policy() {
     assert_eq!(report.state_blake3.len(), 64);
     assert_eq!(lab.vm_host("vm1").unwrap(), "hv2");
     assert!(
-        eventually(Duration::from_secs(5), || !std::path::Path::new(&format!("/proc/{src_pid}")).exists()
+        eventually(Duration::from_secs(5), || !std::path::Path::new(&format!(
+            "/proc/{src_pid}"
+        ))
+        .exists()
             || !running(src_pid as u32)),
         "the source QEMU is gone"
     );
@@ -1994,7 +2002,9 @@ fn qemu_guest_live_migration_keeps_its_connections_and_policy() {
 #[test]
 fn qemu_guest_live_migration_to_a_dead_agent_is_cancelled_and_the_source_keeps_it() {
     let _one = one_lab();
-    let Some(mut guard) = migration_lab("pe2migf") else { return };
+    let Some(mut guard) = migration_lab("pe2migf") else {
+        return;
+    };
     let lab = guard.0.as_mut().unwrap();
     let flows = guest_flows(lab);
     let src_pid = lab.state().guests["vm1"].pid;
@@ -2025,13 +2035,20 @@ fn qemu_guest_live_migration_to_a_dead_agent_is_cancelled_and_the_source_keeps_i
         "UDP answers keep reaching the guest on the source (queued bytes, drops)"
     );
     assert!(
-        eventually(Duration::from_secs(5), || trail(lab, "hv1").contains("vnic.migrate.resume")),
+        eventually(Duration::from_secs(5), || trail(lab, "hv1")
+            .contains("vnic.migrate.resume")),
         "the source's trail records the resume"
     );
     let (tcp, udp) = flows.finish(lab);
     let tcp = tcp.unwrap_or_else(|e| panic!("the TCP stream broke: {e}"));
-    assert!(tcp.iter().filter(|t| **t > failed_at).count() >= 20, "the stream continued");
-    assert!(udp.iter().filter(|t| **t > failed_at).count() >= 10, "the UDP flow continued");
+    assert!(
+        tcp.iter().filter(|t| **t > failed_at).count() >= 20,
+        "the stream continued"
+    );
+    assert!(
+        udp.iter().filter(|t| **t > failed_at).count() >= 10,
+        "the UDP flow continued"
+    );
     eprintln!(
         "longest gap: TCP echo {:?}, UDP arrival {:?}",
         longest_gap(&tcp),

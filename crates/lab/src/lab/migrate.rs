@@ -295,11 +295,17 @@ impl Lab {
         let dst = self.spawn_guest(&plan, to, generation, mem, Some(&uri), (&kernel, &initrd, &src.accel))?;
         let mut guard = Destination {
             pid: dst.pid,
-            paths: vec![dst.console.clone(), dst.monitor.clone(), dst.qmp.clone(), channel.clone()],
+            paths: vec![
+                dst.console.clone(),
+                dst.monitor.clone(),
+                dst.qmp.clone(),
+                channel.clone(),
+            ],
             armed: true,
         };
         let deadline = Instant::now() + PRESTAGE_TIMEOUT;
-        let mut dst_qmp = qmp_connect(&dst.qmp, dst.pid, deadline).map_err(|e| fail(format!("destination QEMU: {e}")))?;
+        let mut dst_qmp =
+            qmp_connect(&dst.qmp, dst.pid, deadline).map_err(|e| fail(format!("destination QEMU: {e}")))?;
         loop {
             let s = status(&mut dst_qmp).map_err(|e| fail(format!("destination QEMU: {e}")))?;
             if s == "inmigrate" && channel.exists() {
@@ -313,8 +319,8 @@ impl Lab {
         let prestage = t.elapsed();
 
         // 2. The migration, the state moved while the guest is paused.
-        let mut src_qmp =
-            qmp_connect(&src.qmp, src.pid, Instant::now() + Duration::from_secs(10)).map_err(|e| fail(format!("source QEMU: {e}")))?;
+        let mut src_qmp = qmp_connect(&src.qmp, src.pid, Instant::now() + Duration::from_secs(10))
+            .map_err(|e| fail(format!("source QEMU: {e}")))?;
         let (src_sock, dst_sock) = (self.agent_socket(&from), self.agent_socket(to));
         let vnics: Vec<String> = plan.vnics.iter().map(|n| n.name.clone()).collect();
         let exported = std::cell::Cell::new(false);
@@ -337,8 +343,13 @@ impl Lab {
             let mut moved = 0;
             let mut hasher = blake3::Hasher::new();
             for (n, blob) in vnics.iter().zip(&blobs) {
-                let answer = agent_post(&dst_sock, &format!("/vnics/{n}/import?peer={from}"), blob, AGENT_TIMEOUT)
-                    .map_err(|e| format!("destination agent import: {e}"))?;
+                let answer = agent_post(
+                    &dst_sock,
+                    &format!("/vnics/{n}/import?peer={from}"),
+                    blob,
+                    AGENT_TIMEOUT,
+                )
+                .map_err(|e| format!("destination agent import: {e}"))?;
                 let v: serde_json::Value =
                     serde_json::from_slice(&answer).map_err(|e| format!("destination agent import answer: {e}"))?;
                 moved += v
@@ -349,7 +360,13 @@ impl Lab {
                 hasher.update(blob);
             }
             let bytes = blobs.iter().map(Vec::len).sum();
-            Ok((moved, bytes, hasher.finalize().to_hex().to_string(), export, t.elapsed()))
+            Ok((
+                moved,
+                bytes,
+                hasher.finalize().to_hex().to_string(),
+                export,
+                t.elapsed(),
+            ))
         };
         let result = qmp::migrate(&mut src_qmp, &uri, opts.timeout, step);
         let ((connections, state_bytes, state_blake3, export, import), times) = match result {
@@ -361,7 +378,9 @@ impl Lab {
                 let mut left = Vec::new();
                 if exported.get() {
                     for n in &vnics {
-                        if let Err(r) = agent_post(&src_sock, &format!("/vnics/{n}/resume?peer={to}"), b"", AGENT_TIMEOUT) {
+                        if let Err(r) =
+                            agent_post(&src_sock, &format!("/vnics/{n}/resume?peer={to}"), b"", AGENT_TIMEOUT)
+                        {
                             left.push(format!("resume failed: {r}"));
                         }
                     }
@@ -403,10 +422,7 @@ impl Lab {
             let _ = c.try_wait();
         }
         self.state.guests.insert(vm.to_string(), dst);
-        self.consoles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(vm);
+        self.consoles.lock().unwrap_or_else(|p| p.into_inner()).remove(vm);
         self.save()?;
         let _ = std::fs::remove_file(&channel);
         let announced = opts.announce

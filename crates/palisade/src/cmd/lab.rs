@@ -62,6 +62,9 @@ pub enum LabCmd {
         /// repeatable), so it can live-migrate there (`palisade lab migrate`).
         #[arg(long, value_name = "VM@HOST")]
         standby: Vec<String>,
+        /// Each agent's connection-table capacity (default: the agent's, 32,768).
+        #[arg(long, value_name = "N")]
+        conn_capacity: Option<usize>,
     },
     /// Live-migrate a QEMU guest to another host with its firewall state
     /// (its connections move from the source agent to the destination's
@@ -135,8 +138,9 @@ pub enum LabCmd {
     Serve(ServeCmd),
     /// Write a state blob of COUNT synthetic connections made from the
     /// first connection of TEMPLATE (a blob a vNIC's export gave): the same
-    /// vNIC, addresses, state and TCP windows, each with its own source
-    /// port (and destination port from DST_PORT up), for benchmarks of a
+    /// vNIC, initiator, state and TCP windows, each with its own source
+    /// port, destination port (from DST_PORT up) and responder address
+    /// (its last byte), for benchmarks of a
     /// migration with a big connection table (`bench/migration.sh`).
     #[command(hide = true)]
     SynthState {
@@ -210,6 +214,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             vm_offloads,
             supervise,
             standby,
+            conn_capacity,
         } => {
             let state_dir = state(&name, state_dir);
             let mut spec = match (hosts, vms) {
@@ -228,6 +233,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
                 QemuNicArg::Tap => QemuNic::Tap,
             };
             spec.supervise = supervise;
+            spec.conn_capacity = conn_capacity;
             for s in &standby {
                 let (vm, host) = s
                     .split_once('@')
@@ -275,7 +281,11 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
                     r.to,
                     r.connections,
                     r.state_bytes,
-                    if r.state_blake3.is_empty() { "-" } else { &r.state_blake3[..16] },
+                    if r.state_blake3.is_empty() {
+                        "-"
+                    } else {
+                        &r.state_blake3[..16]
+                    },
                     r.prestage_ms,
                     r.paused_ms,
                     r.switchover_ms,
@@ -361,7 +371,8 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             out,
         } => {
             let blob = std::fs::read(&template).with_context(|| format!("reading {}", template.display()))?;
-            let synth = synth_state(&blob, count, dst_port).with_context(|| format!("template {}", template.display()))?;
+            let synth =
+                synth_state(&blob, count, dst_port).with_context(|| format!("template {}", template.display()))?;
             std::fs::write(&out, &synth).with_context(|| format!("writing {}", out.display()))?;
             println!("{count} connections, {} bytes", synth.len());
             Ok(ExitCode::SUCCESS)
@@ -376,8 +387,9 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
 }
 
 /// `count` copies of `template`'s first connection record, each with its
-/// own source port (1024 upwards) and destination port (`dst_port` upwards,
-/// one per 64,000), as one verified blob for the template's vNIC.
+/// own source port (1024 upwards), destination port (`dst_port` upwards,
+/// one per 64,000) and last byte of the responder's address (2..=252), as
+/// one verified blob for the template's vNIC.
 fn synth_state(template: &[u8], count: u32, dst_port: u16) -> anyhow::Result<Vec<u8>> {
     use palisade_datapath::state;
     let snap = state::decode(template)?;
@@ -396,6 +408,10 @@ fn synth_state(template: &[u8], count: u32, dst_port: u16) -> anyhow::Result<Vec
     for i in 0..count {
         let mut r = record.to_vec();
         // segment (4) | src (16) | dst (16) | src port (2) | dst port (2) | ...
+        // The responder's last address byte varies too, so the connections
+        // spread over the destination's workers as real peers' would (the
+        // steering hashes the addresses only).
+        r[35] = (i % 251) as u8 + 2;
         r[36..38].copy_from_slice(&(1024 + (i % 64_000) as u16).to_be_bytes());
         let dport = dst_port
             .checked_add((i / 64_000) as u16)
