@@ -399,7 +399,8 @@ mod tests {
 
     #[test]
     fn a_migration_request_names_its_peer_or_is_refused() {
-        let cases: [(&str, Result<(&str, Option<&str>), &str>); 6] = [
+        type Parsed<'a> = Result<(&'a str, Option<&'a str>), &'a str>;
+        let cases: [(&str, Parsed); 6] = [
             ("export", Ok(("export", None))),
             ("import?peer=hv2", Ok(("import", Some("hv2")))),
             ("resume?peer=rack-1.dc_a", Ok(("resume", Some("rack-1.dc_a")))),
