@@ -75,7 +75,9 @@ VM3=$(ip netns exec "$NAME-vm-vm3" ip -4 -o addr show eth0 | awk '{print $4}' | 
 ip netns exec "$NAME-vm-vm3" "$EXE" lab serve stream 80 >/dev/null 2>&1 &
 SERVER_PID=$!
 sleep 0.5
-"$EXE" lab exec --name "$NAME" vm1 -- sh -c "nc $VM3 80 >/dev/null 2>&1 </dev/null &"
+# (nc's stdin is a pipe that stays open: a closed stdin would half-close
+# the connection, and the template must be an established one.)
+"$EXE" lab exec --name "$NAME" vm1 -- sh -c "sleep 100000 | nc $VM3 80 >/dev/null 2>&1 &"
 sleep 1
 
 HOST=hv1

@@ -137,7 +137,7 @@ pub enum LabCmd {
     #[command(subcommand, hide = true)]
     Serve(ServeCmd),
     /// Write a state blob of COUNT synthetic connections made from the
-    /// first connection of TEMPLATE (a blob a vNIC's export gave): the same
+    /// first established connection of TEMPLATE (a blob a vNIC's export gave): the same
     /// vNIC, initiator, state and TCP windows, each with its own source
     /// port, destination port (from DST_PORT up) and responder address
     /// (its last byte), for benchmarks of a
@@ -386,7 +386,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `count` copies of `template`'s first connection record, each with its
+/// `count` copies of `template`'s first established connection's record, each with its
 /// own source port (1024 upwards), destination port (`dst_port` upwards,
 /// one per 64,000) and last byte of the responder's address (2..=252), as
 /// one verified blob for the template's vNIC.
@@ -396,12 +396,19 @@ fn synth_state(template: &[u8], count: u32, dst_port: u16) -> anyhow::Result<Vec
     if template[6..8] != state::VERSION.to_be_bytes() {
         bail!("not a version {} blob", state::VERSION);
     }
-    if snap.conns.is_empty() {
-        bail!("it holds no connection to copy");
-    }
+    // An established connection: one closing would expire (in 2 minutes)
+    // with all its copies in the middle of a benchmark.
+    let Some(first) = snap
+        .conns
+        .iter()
+        .position(|c| c.state == palisade_datapath::ConnState::Established)
+    else {
+        bail!("it holds no established connection to copy");
+    };
     // magic (6) | version (2) | policy version (8) | name length (2) | name | count (4) | records | crc (4)
     let header = 18 + usize::from(u16::from_be_bytes([template[16], template[17]]));
-    let record = &template[header + 4..header + 4 + state::RECORD_LEN];
+    let at = header + 4 + first * state::RECORD_LEN;
+    let record = &template[at..at + state::RECORD_LEN];
     let mut out = Vec::with_capacity(header + 8 + count as usize * state::RECORD_LEN);
     out.extend_from_slice(&template[..header]);
     out.extend_from_slice(&count.to_be_bytes());
