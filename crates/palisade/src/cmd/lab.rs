@@ -434,3 +434,61 @@ fn synth_state(template: &[u8], count: u32, dst_port: u16) -> anyhow::Result<Vec
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_datapath::{Conn, ConnState, state};
+    use palisade_wire::flow::{FlowKey, Segment};
+    use palisade_wire::ip::IpProtocol;
+
+    fn conn(sport: u16, s: ConnState) -> Conn {
+        let v4 = |last: u8| {
+            let mut a = [0u8; 16];
+            a[10] = 0xff;
+            a[11] = 0xff;
+            a[12..].copy_from_slice(&[10, 10, 0, last]);
+            a
+        };
+        let key = FlowKey {
+            segment: Segment::vlan(10),
+            src: v4(10),
+            dst: v4(11),
+            src_port: sport,
+            dst_port: 80,
+            protocol: IpProtocol(6),
+            icmp_type: 0,
+            icmp_code: 0,
+        };
+        let mut c = Conn::new(key, 1_000);
+        c.state = s;
+        c
+    }
+
+    #[test]
+    fn synthetic_state_copies_an_established_connection_with_keys_of_its_own() {
+        let template = state::encode(
+            "vm1.0",
+            3,
+            &[conn(40000, ConnState::CloseWait), conn(40001, ConnState::Established)],
+            2_000,
+        );
+        let blob = synth_state(&template, 1000, 9).unwrap();
+        let snap = state::decode(&blob).unwrap();
+        assert_eq!(
+            (snap.vnic.as_str(), snap.policy_version, snap.conns.len()),
+            ("vm1.0", 3, 1000)
+        );
+        assert!(snap.conns.iter().all(|c| c.state == ConnState::Established));
+        let keys: std::collections::BTreeSet<_> = snap.conns.iter().map(|c| c.key).collect();
+        assert_eq!(keys.len(), 1000, "every copy has a key of its own");
+        assert!(snap.conns.iter().all(|c| c.key.src == conn(0, ConnState::New).key.src));
+
+        // A template holding only a closing connection, none, or garbage is refused.
+        let closing = state::encode("vm1.0", 3, &[conn(40000, ConnState::CloseWait)], 2_000);
+        let empty = state::encode("vm1.0", 3, &[], 2_000);
+        for bad in [&closing[..], &empty[..], b"PLSDCT\0\x02junk"] {
+            assert!(synth_state(bad, 10, 9).is_err());
+        }
+    }
+}
