@@ -1560,6 +1560,29 @@ impl http::Control for VnicControl {
         Ok(n)
     }
 
+    /// After the VM runs on the destination: its connections leave this
+    /// host's tables (they live there now), the port stays quiesced, so a
+    /// straggler is dropped and counted, not forwarded on stale state.
+    fn release_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<usize, http::ControlError> {
+        let now = self.now();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let mut released = 0;
+        for core in guards.iter_mut() {
+            let port = core
+                .engine
+                .port_of(vnic)
+                .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
+            let before = core.engine.conntrack().len();
+            // Their end is in the destination's trail, not here.
+            core.engine.export_vnic(port, now, true, &mut ());
+            released += before - core.engine.conntrack().len();
+        }
+        Self::quiesce(&mut guards, vnic, true)?;
+        drop(guards);
+        self.record("release", vnic, peer, released, None);
+        Ok(released)
+    }
+
     fn resume_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<(), http::ControlError> {
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
         Self::quiesce(&mut guards, vnic, false)?;

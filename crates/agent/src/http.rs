@@ -59,6 +59,9 @@ pub trait Control: Send + Sync {
     fn import_vnic(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, ControlError>;
     /// Forward for `vnic` again after an export (a migration that did not complete).
     fn resume_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<(), ControlError>;
+    /// Drop `vnic`'s connections after its VM migrated away (the port stays
+    /// quiesced); returns how many were dropped.
+    fn release_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<usize, ControlError>;
 }
 
 /// Longest host name a `?peer=` query may give.
@@ -267,7 +270,7 @@ fn vnic_request<R: Read>(
     let Some((vnic, action)) = rest.split_once('/') else {
         return text(
             "404 Not Found",
-            "not found: try /vnics/NAME/export, import or resume".into(),
+            "not found: try /vnics/NAME/export, import, resume or release".into(),
         );
     };
     if vnic.is_empty() || vnic.len() > MAX_VNIC_NAME || !vnic.bytes().all(|b| b.is_ascii_graphic()) {
@@ -277,10 +280,10 @@ fn vnic_request<R: Read>(
         Ok(x) => x,
         Err(why) => return text("400 Bad Request", why),
     };
-    if !matches!(action, "export" | "import" | "resume") {
+    if !matches!(action, "export" | "import" | "resume" | "release") {
         return text(
             "404 Not Found",
-            format!("not found: no action {action:?} (export, import, resume)"),
+            format!("not found: no action {action:?} (export, import, resume, release)"),
         );
     }
     if method != "POST" {
@@ -297,6 +300,14 @@ fn vnic_request<R: Read>(
         },
         "resume" => match control.resume_vnic(vnic, peer) {
             Ok(()) => ("200 OK", "application/json", b"{\"resumed\":true}".to_vec()),
+            Err(e) => refused(e),
+        },
+        "release" => match control.release_vnic(vnic, peer) {
+            Ok(n) => (
+                "200 OK",
+                "application/json",
+                format!("{{\"released\":{n}}}").into_bytes(),
+            ),
             Err(e) => refused(e),
         },
         _ => {

@@ -1934,6 +1934,22 @@ fn qemu_guest_live_migration_keeps_its_connections_and_policy() {
     assert_eq!((report.from.as_str(), report.to.as_str()), ("hv1", "hv2"));
     assert!(report.connections >= 2, "the TCP and UDP connections moved: {report:?}");
     assert_eq!(report.state_blake3.len(), 64);
+    assert!(
+        report.released,
+        "the source dropped the connections it no longer carries"
+    );
+    let hv1_conns = || {
+        palisade_agent::http::get_unix(&lab.agent_socket("hv1"), "/metrics")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("palisade_connections{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || hv1_conns() == Some(0)),
+        "the source holds none of the guest's connections now: {:?}",
+        hv1_conns()
+    );
     assert_eq!(lab.vm_host("vm1").unwrap(), "hv2");
     assert!(
         eventually(Duration::from_secs(5), || !std::path::Path::new(&format!(

@@ -19,7 +19,8 @@
 //!    connections (which quiesces its port there) and hands the blob to the
 //!    destination agent's import (verified, all or nothing, port forwarding);
 //!    only then does QEMU move the device state and start the guest there;
-//! 3. quits the source QEMU; the source port stays quiesced: a straggler
+//! 3. quits the source QEMU and has the source agent drop the vNIC's
+//!    connections (`release`); the source port stays quiesced: a straggler
 //!    (a frame a remote host still sends to the old location) is dropped
 //!    and counted in `palisade_vnic_migrating_drops_total`, until the remote
 //!    host learns the new location from the guest's first frame from the
@@ -106,6 +107,9 @@ pub struct MigrationReport {
     pub total_ms: f64,
     /// Whether the guest's gratuitous ARP was sent.
     pub announced: bool,
+    /// Whether the source agent dropped the vNIC's connections after the
+    /// switchover (they live on the destination now).
+    pub released: bool,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -416,6 +420,16 @@ impl Lab {
         }
         guard.armed = false;
         let _ = src_qmp.execute("quit", None);
+        // The source drops the connections it no longer carries (its port stays quiesced).
+        let released = if opts.move_state {
+            vnics
+                .iter()
+                .map(|n| agent_post(&src_sock, &format!("/vnics/{n}/release?peer={to}"), b"", AGENT_TIMEOUT))
+                .collect::<Result<Vec<_>, _>>()
+                .is_ok()
+        } else {
+            true
+        };
         drop(src_qmp);
         sys::terminate(&[src.pid], Duration::from_secs(5));
         for c in &mut self.children {
@@ -456,6 +470,7 @@ impl Lab {
             qemu_downtime_ms: times.qemu_downtime_ms,
             total_ms: ms(times.total),
             announced,
+            released,
         })
     }
 }
