@@ -100,6 +100,13 @@ pub struct Agent {
     controller_dropped: u64,
     last_retention: Option<Instant>,
     recent: VecDeque<FlowRecord>,
+    /// Flows the `default` rule decided, by local vNIC (that vNIC's own
+    /// chain: egress when it sent, ingress when it received), every local
+    /// vNIC listed from 0. A migrated VM's must stay 0 on the destination:
+    /// its connections arrive with their verdicts, never reclassified.
+    default_decisions: std::collections::BTreeMap<String, u64>,
+    /// Migration change records the control socket made, for the trail.
+    migrations: Arc<Mutex<Vec<palisade_audit::record::ChangeRecord>>>,
     shared: Shared,
     policy_errors: u64,
     last_policy_error: Option<String>,
@@ -661,9 +668,12 @@ impl Agent {
         };
         let zones = zones_of(&config, model);
         let shared: Shared = Arc::new(Mutex::new(Arc::new(Published::default())));
+        let migrations = Arc::new(Mutex::new(Vec::new()));
         let control = Arc::new(VnicControl {
             workers: workers.clone(),
             origin,
+            host: config.host.clone(),
+            records: migrations.clone(),
         });
         http::serve_with_control(
             shared.clone(),
@@ -674,6 +684,7 @@ impl Agent {
         )
         .map_err(io_err("agent HTTP endpoint"))?;
         let identity = Identity::new(&config.host, config.vnics.iter().map(|v| v.name.as_str()));
+        let default_decisions = config.vnics.iter().map(|v| (v.name.clone(), 0)).collect();
         let mut agent = Agent {
             config,
             workers,
@@ -693,6 +704,8 @@ impl Agent {
             controller_dropped: 0,
             last_retention: None,
             recent: VecDeque::new(),
+            default_decisions,
+            migrations,
             shared,
             policy_errors: 0,
             last_policy_error: None,
@@ -1200,8 +1213,15 @@ impl Agent {
                 self.keep_all(batch);
             }
             self.poll_trail(false)?;
+            let moved = std::mem::take(&mut *self.migrations.lock().unwrap_or_else(|p| p.into_inner()));
             if let Some(t) = &mut self.audit {
+                for rec in moved {
+                    t.push(Record::Change(rec));
+                }
                 t.maybe_flush()?;
+            } else if let Some((_, kept)) = &mut self.audit_opening {
+                // Kept until the trail is open (it opens on a thread of its own at start).
+                kept.extend(moved.into_iter().map(Record::Change));
             }
             self.workers_alive = workers.iter().filter(|h| !h.is_finished()).count() as u32;
             if let Some(index) = workers.iter().position(|h| h.is_finished()) {
@@ -1364,6 +1384,12 @@ impl Agent {
     }
 
     fn keep(&mut self, rec: FlowRecord) {
+        for d in rec.decided_by.iter().filter(|d| d.rule == "default") {
+            let end = if d.chain == "egress" { &rec.src } else { &rec.dst };
+            if let Some(n) = end.vm.as_ref().and_then(|vm| self.default_decisions.get_mut(&vm.vnic)) {
+                *n += 1;
+            }
+        }
         if self.recent.len() == RECENT_FLOWS {
             self.recent.pop_front();
         }
@@ -1435,6 +1461,18 @@ impl Agent {
              palisade_vnic_migrating_drops_total{{host=\"{}\"}} {quiesced_drops}\n",
             self.config.host
         ));
+        text.push_str(
+            "# HELP palisade_vnic_default_rule_decisions_total Flows the default rule (zone or datacenter) decided, \
+             by local vNIC and that vNIC's chain.\n\
+             # TYPE palisade_vnic_default_rule_decisions_total counter\n",
+        );
+        for (vnic, n) in &self.default_decisions {
+            text.push_str(&format!(
+                "palisade_vnic_default_rule_decisions_total{{host=\"{}\",vnic=\"{}\"}} {n}\n",
+                self.config.host,
+                vnic.replace('\\', "\\\\").replace('"', "\\\"")
+            ));
+        }
         if !self.vhost.is_empty() {
             text.push_str(&self.vhost.metrics(&self.config.host));
         }
@@ -1603,11 +1641,50 @@ impl Agent {
 struct VnicControl {
     workers: Vec<Arc<Mutex<WorkerCore>>>,
     origin: Instant,
+    /// This host (for the records).
+    host: String,
+    /// A change record per export, import and resume, which the control
+    /// loop appends to the audit trail: `vnic.migrate.export|import|resume`
+    /// on `vnic/NAME`, its description JSON (this host, the peer the caller
+    /// named, connections, the blob's size and BLAKE3: the export's hash on
+    /// the source and the import's on the destination match).
+    records: Arc<Mutex<Vec<palisade_audit::record::ChangeRecord>>>,
 }
 
 impl VnicControl {
     fn now(&self) -> u64 {
         self.origin.elapsed().as_nanos() as u64
+    }
+
+    fn record(&self, action: &str, vnic: &str, peer: Option<&str>, connections: usize, blob: Option<&[u8]>) {
+        let time_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let (from, to) = match action {
+            "import" => (peer, Some(self.host.as_str())),
+            _ => (Some(self.host.as_str()), peer),
+        };
+        let diff = serde_json::json!({
+            "vnic": vnic,
+            "host": self.host,
+            "from": from,
+            "to": to,
+            "connections": connections,
+            "state_bytes": blob.map(<[u8]>::len),
+            "state_blake3": blob.map(|b| blake3::hash(b).to_hex().to_string()),
+        });
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(palisade_audit::record::ChangeRecord {
+                time_ns,
+                actor: "local".into(),
+                action: format!("vnic.migrate.{action}"),
+                resource: format!("vnic/{vnic}"),
+                diff: diff.to_string(),
+                policy_version: None,
+            });
     }
 
     /// Quiesce (`true`) or resume `vnic`'s port in every worker (locked).
@@ -1642,7 +1719,7 @@ impl http::Control for VnicControl {
     /// `palisade_vnic_migrating_drops_total`) until an import or a resume.
     /// The connections stay in the tables: a migration that fails resumes
     /// with them intact.
-    fn export_vnic(&self, vnic: &str) -> Result<Vec<u8>, http::ControlError> {
+    fn export_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
         let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
         let blob = {
@@ -1650,10 +1727,13 @@ impl http::Control for VnicControl {
             crate::migrate::export(&mut engines, vnic, now).map_err(control_error)?
         };
         Self::quiesce(&mut guards, vnic, true)?;
+        drop(guards);
+        let n = crate::migrate::claimed_count(&blob).unwrap_or(0);
+        self.record("export", vnic, peer, n, Some(&blob));
         Ok(blob)
     }
 
-    fn import_vnic(&self, vnic: &str, blob: &[u8]) -> Result<usize, http::ControlError> {
+    fn import_vnic(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, http::ControlError> {
         let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
         let n = {
@@ -1662,11 +1742,39 @@ impl http::Control for VnicControl {
         };
         // The VM is here now (or back): forward for it.
         Self::quiesce(&mut guards, vnic, false)?;
+        drop(guards);
+        self.record("import", vnic, peer, n, Some(blob));
         Ok(n)
     }
 
-    fn resume_vnic(&self, vnic: &str) -> Result<(), http::ControlError> {
+    /// After the VM runs on the destination: its connections leave this
+    /// host's tables (they live there now), the port stays quiesced, so a
+    /// straggler is dropped and counted, not forwarded on stale state.
+    fn release_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<usize, http::ControlError> {
+        let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
-        Self::quiesce(&mut guards, vnic, false)
+        let mut released = 0;
+        for core in guards.iter_mut() {
+            let port = core
+                .engine
+                .port_of(vnic)
+                .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
+            let before = core.engine.conntrack().len();
+            // Their end is in the destination's trail, not here.
+            core.engine.export_vnic(port, now, true, &mut ());
+            released += before - core.engine.conntrack().len();
+        }
+        Self::quiesce(&mut guards, vnic, true)?;
+        drop(guards);
+        self.record("release", vnic, peer, released, None);
+        Ok(released)
+    }
+
+    fn resume_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<(), http::ControlError> {
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        Self::quiesce(&mut guards, vnic, false)?;
+        drop(guards);
+        self.record("resume", vnic, peer, 0, None);
+        Ok(())
     }
 }

@@ -17,6 +17,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,14 +49,40 @@ pub enum ControlError {
     Refused(String),
 }
 
-/// What the agent does for the Unix socket's migration requests.
+/// What the agent does for the Unix socket's migration requests. `peer`
+/// is the other host of the migration when the caller names it
+/// (`?peer=HOST`), for the audit record.
 pub trait Control: Send + Sync {
     /// Stop forwarding for `vnic` and return its connections as one state blob.
-    fn export_vnic(&self, vnic: &str) -> Result<Vec<u8>, ControlError>;
+    fn export_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, ControlError>;
     /// Import a state blob into `vnic` (and forward for it); returns the connections imported.
-    fn import_vnic(&self, vnic: &str, blob: &[u8]) -> Result<usize, ControlError>;
+    fn import_vnic(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, ControlError>;
     /// Forward for `vnic` again after an export (a migration that did not complete).
-    fn resume_vnic(&self, vnic: &str) -> Result<(), ControlError>;
+    fn resume_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<(), ControlError>;
+    /// Drop `vnic`'s connections after its VM migrated away (the port stays
+    /// quiesced); returns how many were dropped.
+    fn release_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<usize, ControlError>;
+}
+
+/// Longest host name a `?peer=` query may give.
+const MAX_PEER_NAME: usize = 253;
+
+/// Split `action?peer=HOST` into the action and the peer; `Err` names what is wrong.
+fn peer_query(action: &str) -> Result<(&str, Option<&str>), String> {
+    let Some((action, query)) = action.split_once('?') else {
+        return Ok((action, None));
+    };
+    let Some(peer) = query.strip_prefix("peer=") else {
+        return Err(format!("unknown query {query:?} (only peer=HOST)"));
+    };
+    let ok = !peer.is_empty()
+        && peer.len() <= MAX_PEER_NAME
+        && peer.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok((action, Some(peer)))
+    } else {
+        Err("bad peer host name".into())
+    }
 }
 
 /// Start serving `shared` on `tcp` (if any) and on the Unix socket `unix`
@@ -120,12 +147,31 @@ pub fn serve_with_control(
                                 None => handle(s, &shared),
                             }
                         }
-                        Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                        // Nothing to accept: wait for a client (woken at
+                        // once by one, so a migration's export and import
+                        // are not each delayed by a polling interval inside
+                        // the guest's pause), looking at `stop` every 100 ms.
+                        Err(_) => wait_readable(listener.as_raw_fd(), Duration::from_millis(100)),
                     }
                 }
             })?,
     );
     Ok(handles)
+}
+
+/// Wait until `fd` is readable (a listener: a client waits) or `timeout` passes.
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, its count 1; poll only writes `revents`.
+    let rc = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as libc::c_int) };
+    if rc < 0 {
+        // EINTR or worse: do not spin.
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn handle<S: Read + Write>(stream: S, shared: &Shared) {
@@ -224,16 +270,20 @@ fn vnic_request<R: Read>(
     let Some((vnic, action)) = rest.split_once('/') else {
         return text(
             "404 Not Found",
-            "not found: try /vnics/NAME/export, import or resume".into(),
+            "not found: try /vnics/NAME/export, import, resume or release".into(),
         );
     };
     if vnic.is_empty() || vnic.len() > MAX_VNIC_NAME || !vnic.bytes().all(|b| b.is_ascii_graphic()) {
         return text("400 Bad Request", "bad vNIC name".into());
     }
-    if !matches!(action, "export" | "import" | "resume") {
+    let (action, peer) = match peer_query(action) {
+        Ok(x) => x,
+        Err(why) => return text("400 Bad Request", why),
+    };
+    if !matches!(action, "export" | "import" | "resume" | "release") {
         return text(
             "404 Not Found",
-            format!("not found: no action {action:?} (export, import, resume)"),
+            format!("not found: no action {action:?} (export, import, resume, release)"),
         );
     }
     if method != "POST" {
@@ -244,12 +294,20 @@ fn vnic_request<R: Read>(
         ControlError::Refused(why) => text("400 Bad Request", why),
     };
     match action {
-        "export" => match control.export_vnic(vnic) {
+        "export" => match control.export_vnic(vnic, peer) {
             Ok(blob) => ("200 OK", "application/octet-stream", blob),
             Err(e) => refused(e),
         },
-        "resume" => match control.resume_vnic(vnic) {
+        "resume" => match control.resume_vnic(vnic, peer) {
             Ok(()) => ("200 OK", "application/json", b"{\"resumed\":true}".to_vec()),
+            Err(e) => refused(e),
+        },
+        "release" => match control.release_vnic(vnic, peer) {
+            Ok(n) => (
+                "200 OK",
+                "application/json",
+                format!("{{\"released\":{n}}}").into_bytes(),
+            ),
             Err(e) => refused(e),
         },
         _ => {
@@ -271,7 +329,7 @@ fn vnic_request<R: Read>(
                     format!("state blob shorter than its Content-Length ({e})"),
                 );
             }
-            match control.import_vnic(vnic, &blob) {
+            match control.import_vnic(vnic, &blob, peer) {
                 Ok(n) => (
                     "200 OK",
                     "application/json",
@@ -349,6 +407,28 @@ pub fn get_unix(socket: &Path, path: &str) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_migration_request_names_its_peer_or_is_refused() {
+        type Parsed<'a> = Result<(&'a str, Option<&'a str>), &'a str>;
+        let cases: [(&str, Parsed); 6] = [
+            ("export", Ok(("export", None))),
+            ("import?peer=hv2", Ok(("import", Some("hv2")))),
+            ("resume?peer=rack-1.dc_a", Ok(("resume", Some("rack-1.dc_a")))),
+            ("export?peer=", Err("bad peer host name")),
+            ("export?peer=a/b", Err("bad peer host name")),
+            ("export?to=hv2", Err("unknown query \"to=hv2\" (only peer=HOST)")),
+        ];
+        for (input, want) in cases {
+            let got = peer_query(input);
+            assert_eq!(
+                got.as_ref().map_err(String::as_str),
+                want.as_ref().map_err(|e| *e),
+                "{input}"
+            );
+        }
+        assert!(peer_query(&format!("export?peer={}", "h".repeat(254))).is_err());
+    }
 
     #[test]
     fn routes() {

@@ -101,6 +101,8 @@ fn a_vnic_moves_with_its_connections_between_hosts_of_any_worker_counts() {
             blob.len()
         );
         assert_eq!(exported.len(), moving.len(), "{src_workers} → {dst_workers}");
+        assert_eq!(migrate::claimed_count(&blob), Some(exported.len()));
+        assert_eq!(migrate::claimed_count(&blob[..17]), None, "a cut header claims nothing");
         assert!(
             exported
                 .iter()
@@ -235,7 +237,7 @@ fn the_agent_socket_answers_migration_requests_and_refuses_bad_ones() {
     establish(&mut src, 0, 1, 40000, 1);
     let blob = migrate::export(&mut engines(&mut src), "vm-0.0", 10).unwrap();
 
-    let cases: [(&str, &[u8], &str); 5] = [
+    let cases: [(&str, &[u8], &str); 6] = [
         (
             "/vnics/vm-0.0/export",
             b"",
@@ -257,6 +259,11 @@ fn the_agent_socket_answers_migration_requests_and_refuses_bad_ones() {
             "400 Bad Request: state blob refused: state blob is for vNIC",
         ),
         ("/vnics/vm-0.0/explode", b"", "404 Not Found: not found: no action"),
+        (
+            "/vnics/vm-0.0/export?peer=../x",
+            b"",
+            "400 Bad Request: bad peer host name",
+        ),
     ];
     for (path, body, want) in cases {
         let e = http::post_unix(&sock, path, body).unwrap_err().to_string();

@@ -77,6 +77,18 @@ pub fn vhost_user_socket(state_dir: &Path, nic: &VnicPlan) -> PathBuf {
     state_dir.join("vhost").join(format!("{}.sock", nic.host_if))
 }
 
+/// The vhost-user socket of `nic` on `host`, for a VM whose inventory host
+/// is `home`: the usual one there ([`vhost_user_socket`]), and
+/// `<state_dir>/vhost/<host>-<host_if>.sock` on a host the vNIC is
+/// pre-staged on, so the two agents never share a path.
+pub fn vhost_user_socket_on(state_dir: &Path, nic: &VnicPlan, home: &str, host: &str) -> PathBuf {
+    if home == host {
+        vhost_user_socket(state_dir, nic)
+    } else {
+        state_dir.join("vhost").join(format!("{host}-{}.sock", nic.host_if))
+    }
+}
+
 /// The configuration of `host`'s agent, or `None` if the plan has no such host.
 pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path) -> Option<String> {
     let h = plan.host(host)?;
@@ -120,12 +132,15 @@ pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path
     } else {
         let _ = writeln!(o, "peers = {{ {} }}", peers.join(", "));
     }
-    for vm in plan.vms.iter().filter(|v| v.host == h.name) {
+    // The VMs of this host, then those pre-staged here (they may migrate in).
+    let here = plan.vms.iter().filter(|v| v.host == h.name);
+    let staged = plan.vms.iter().filter(|v| v.standby.contains(&h.name));
+    for vm in here.chain(staged) {
         for nic in &vm.vnics {
             let _ = writeln!(o, "\n[[vnic]]");
             let _ = writeln!(o, "name = {}", tq(&nic.name));
             if plan.on_vhost_user(vm) {
-                let socket = vhost_user_socket(state_dir, nic);
+                let socket = vhost_user_socket_on(state_dir, nic, &vm.host, &h.name);
                 let _ = writeln!(o, "vhost_user = {}", tq(&socket.to_string_lossy()));
                 // One pair, as the guest has one CPU; the agent's other
                 // worker takes its frames through the agent's hand-off.
@@ -306,5 +321,40 @@ mod tests {
             vhost.contains(&format!("interface = \"{}\"", plan.vms[1].vnics[0].host_if)),
             "{vhost}"
         );
+    }
+
+    #[test]
+    fn a_standby_vnic_is_attached_on_its_host_through_a_tap_of_its_own() {
+        let (inv, pol) = generated_yaml(2, 1).unwrap();
+        let src = palisade_policy::MemorySource::new()
+            .with("inventory.yaml", &inv)
+            .with("policy.yaml", &pol);
+        let inv = palisade_policy::load(&src).unwrap().model.inventory;
+        let qemu = crate::plan::QemuMode::Vms(vec!["vm1".into()]);
+        let mut plan = Plan::new("pl", &inv, &qemu).unwrap();
+        // A guest on vhost-user cannot migrate (QEMU needs dirty logging the backend lacks).
+        plan.qemu_nic = crate::plan::QemuNic::VhostUser;
+        let e = plan.add_standby("vm1", "hv2").unwrap_err().to_string();
+        assert!(e.contains("LOG_SHMFD"), "{e}");
+        plan.qemu_nic = crate::plan::QemuNic::Tap;
+        let refused = [("vm2", "hv1"), ("vm1", "hv1"), ("vm1", "hv9"), ("vm9", "hv2")];
+        for (vm, host) in refused {
+            assert!(plan.add_standby(vm, host).is_err(), "{vm}@{host}");
+        }
+        plan.add_standby("vm1", "hv2").unwrap();
+        plan.add_standby("vm1", "hv2").unwrap();
+        assert_eq!(plan.vm("vm1").unwrap().standby, ["hv2"]);
+        let tap = &plan.vm("vm1").unwrap().vnics[0].host_if;
+        let hv1 = agent_config(&plan, "hv1", Path::new("/p"), Path::new("/s")).unwrap();
+        let hv2 = agent_config(&plan, "hv2", Path::new("/p"), Path::new("/s")).unwrap();
+        let entry = format!("name = \"vm1.0\"\ninterface = \"{tap}\"");
+        assert!(hv1.contains(&entry), "{hv1}");
+        assert!(hv2.contains(&entry), "{hv2}");
+        assert!(hv2.contains("name = \"vm2.0\""), "{hv2}");
+        // vhost-user sockets of a pre-staged vNIC would not collide either.
+        let nic = plan.vm("vm1").unwrap().vnics[0].clone();
+        let s = Path::new("/s");
+        assert_eq!(vhost_user_socket_on(s, &nic, "hv1", "hv1"), vhost_user_socket(s, &nic));
+        assert_ne!(vhost_user_socket_on(s, &nic, "hv1", "hv2"), vhost_user_socket(s, &nic));
     }
 }

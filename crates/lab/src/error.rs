@@ -75,6 +75,19 @@ pub enum LabError {
         /// Why.
         reason: String,
     },
+    /// A live migration did not happen; `reason` says where it stopped and
+    /// what was done about it (the guest keeps running on the source).
+    #[error("migrating {vm} from {from} to {to}: {reason}")]
+    Migration {
+        /// The VM.
+        vm: String,
+        /// Its host.
+        from: String,
+        /// The destination.
+        to: String,
+        /// Why, and the state it was left in.
+        reason: String,
+    },
     /// The state file is missing or unreadable.
     #[error("lab state {}: {reason}", path.display())]
     State {

@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+mod migrate;
+pub use migrate::{MigrateOptions, MigrationReport, agent_post};
+
 use crate::plan::{EDGE_INTERNET_IP, INTERNET_IP, Plan, QemuMode, QemuNic, VmPlan};
 use crate::{LabError, config, dns, qemu, sys};
 
@@ -61,6 +64,12 @@ pub struct LabSpec {
     /// restarts it. The state's agent pid is then the supervisor's (the
     /// agent's own is in `<state_dir>/<host>/agent.pid`).
     pub supervise: bool,
+    /// `(vm, host)`: pre-stage the QEMU guest `vm`'s vNICs on `host` too, so
+    /// it can live-migrate there ([`Plan::add_standby`], [`Lab::migrate`]).
+    pub standby: Vec<(String, String)>,
+    /// Each agent's connection-table capacity (shared out between its
+    /// workers; `None`: the agent's default, 32,768).
+    pub conn_capacity: Option<usize>,
 }
 
 /// The default state directory of lab `name`.
@@ -90,6 +99,8 @@ impl LabSpec {
             vm_mem_mib: 256,
             vm_offloads: false,
             supervise: false,
+            standby: Vec::new(),
+            conn_capacity: None,
         }
     }
 
@@ -175,6 +186,17 @@ pub struct QemuProc {
     pub log: PathBuf,
     /// The accelerator arguments used.
     pub accel: Vec<String>,
+    /// The host it runs on (empty in a state file from before migration:
+    /// the plan's host).
+    #[serde(default)]
+    pub host: String,
+    /// Its memory, MiB (0 in a state file from before migration).
+    #[serde(default)]
+    pub mem_mib: u32,
+    /// How many times it migrated (names its sockets: a destination QEMU
+    /// runs beside the source until the switchover).
+    #[serde(default)]
+    pub generation: u32,
 }
 
 /// What the state file holds.
@@ -411,6 +433,9 @@ impl Lab {
         let inv = load_inventory(&spec.policy_dir)?;
         let mut plan = Plan::new(&spec.name, &inv, &spec.qemu)?;
         plan.qemu_nic = spec.qemu_nic;
+        for (vm, host) in &spec.standby {
+            plan.add_standby(vm, host)?;
+        }
         if spec.agent_exe.is_none() && plan.vms.iter().any(|v| plan.on_vhost_user(v)) {
             // QEMU does not start a vhost-user guest until a backend answers on its socket.
             return Err(LabError::Invalid(
@@ -605,13 +630,17 @@ impl Lab {
                 sys::ip_n(vns, &["route", "add", "default", "via", &gw.to_string()])?;
             }
         }
-        // QEMU guests on taps: a tap per guest in the host namespace (a
-        // guest on vhost-user needs none: the agent makes its socket).
+        // QEMU guests on taps: a tap per guest in the host namespace, and
+        // in those of the hosts it is pre-staged on (a guest on vhost-user
+        // needs none: the agent makes its socket). The taps are persistent:
+        // a QEMU that migrates away leaves its tap to the next.
         for vm in plan.vms.iter().filter(|v| v.qemu && !plan.on_vhost_user(v)) {
-            let hns = self.host_netns(&vm.host);
-            for nic in &vm.vnics {
-                sys::ip_n(&hns, &["tuntap", "add", "mode", "tap", "name", &nic.host_if])?;
-                host_sysctl.entry(hns.clone()).or_default().push(no_ipv6(&nic.host_if));
+            for host in std::iter::once(&vm.host).chain(&vm.standby) {
+                let hns = self.host_netns(host);
+                for nic in &vm.vnics {
+                    sys::ip_n(&hns, &["tuntap", "add", "mode", "tap", "name", &nic.host_if])?;
+                    host_sysctl.entry(hns.clone()).or_default().push(no_ipv6(&nic.host_if));
+                }
             }
         }
         // Host ends: no IPv6 (no link-local chatter for the agent), then up.
@@ -622,8 +651,10 @@ impl Lab {
             sys::ip_n(&self.host_netns(&z.host), &["link", "set", &z.host_if, "up"])?;
         }
         for vm in plan.vms.iter().filter(|v| !plan.on_vhost_user(v)) {
-            for nic in &vm.vnics {
-                sys::ip_n(&self.host_netns(&vm.host), &["link", "set", &nic.host_if, "up"])?;
+            for host in std::iter::once(&vm.host).chain(&vm.standby) {
+                for nic in &vm.vnics {
+                    sys::ip_n(&self.host_netns(host), &["link", "set", &nic.host_if, "up"])?;
+                }
             }
         }
         // Files: DNS zone and agent configurations.
@@ -646,6 +677,10 @@ impl Lab {
                 })?;
             if let Some(c) = &self.state.controller {
                 text = config::with_controller(&text, &c.url, &c.ca, &self.state.state_dir.join("ca"), &h.name);
+            }
+            if let Some(n) = spec.conn_capacity {
+                // A top-level key: before the first table.
+                text = text.replacen("\n[", &format!("conn_capacity = {n}\n\n["), 1);
             }
             let p = self.agent_config(&h.name);
             std::fs::write(&p, text).map_err(LabError::io(format!("writing {}", p.display())))?;
@@ -676,75 +711,8 @@ impl Lab {
         let initrd = qemu::build_initramfs(&self.state.state_dir.join("cache"), &kver)?;
         let accel: Vec<String> = qemu::accel().iter().map(|s| s.to_string()).collect();
         for vm in guests {
-            let nic = vm
-                .vnics
-                .first()
-                .ok_or_else(|| LabError::Invalid(format!("VM {} has no vNIC", vm.name)))?;
-            let qdir = self.state.state_dir.join("qemu");
-            let console = qdir.join(format!("{}.console", vm.name));
-            let monitor = qdir.join(format!("{}.monitor", vm.name));
-            let qmp = qdir.join(format!("{}.qmp", vm.name));
-            let log = self.state.state_dir.join("logs").join(format!("qemu-{}.log", vm.name));
-            let mut append = format!("console=ttyS0 quiet palisade.name={}", vm.name);
-            if let Some(a) = ipv4s(&nic.ips).next() {
-                append.push_str(&format!(" palisade.ip={a}/24"));
-            }
-            if let Some(a) = nic.ips.iter().find(|ip| ip.is_ipv6()) {
-                append.push_str(&format!(" palisade.ip6={a}/64"));
-            }
-            if let Some(gw) = vm.gateway {
-                append.push_str(&format!(" palisade.gw={gw}"));
-            }
-            let logf = File::create(&log).map_err(LabError::io(format!("creating {}", log.display())))?;
-            let logf2 = logf.try_clone().map_err(LabError::io("duplicating log handle"))?;
-            let nic_args = if self.state.plan.on_vhost_user(vm) {
-                // Guest memory shared with the agent; offloads as the guest's
-                // virtio-net driver negotiates them (all on).
-                let socket = config::vhost_user_socket(&self.state.state_dir, nic);
-                let accel: Vec<&str> = accel.iter().map(String::as_str).collect();
-                qemu::vhost_user_nic_args(&socket, &nic.mac, config::QEMU_QUEUE_PAIRS, mem, &accel)
-            } else {
-                vec![
-                    "-netdev".into(),
-                    format!("tap,id=n0,ifname={},script=no,downscript=no,vnet_hdr=off", nic.host_if),
-                    "-device".into(),
-                    format!("virtio-net-pci,netdev=n0,mac={}", nic.mac),
-                ]
-            };
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &self.host_netns(&vm.host), "qemu-system-x86_64"])
-                .args(["-name", &vm.name, "-nodefaults", "-nographic", "-no-reboot"])
-                .args(&accel)
-                .args(["-m", &mem.to_string(), "-smp", "1"])
-                .arg("-kernel")
-                .arg(&kernel)
-                .arg("-initrd")
-                .arg(&initrd)
-                .args(["-append", &append])
-                .args(&nic_args)
-                .arg("-serial")
-                .arg(format!("unix:{},server=on,wait=off", console.display()))
-                .arg("-monitor")
-                .arg(format!("unix:{},server=on,wait=off", monitor.display()))
-                .arg("-qmp")
-                .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-                .stdin(Stdio::null())
-                .stdout(logf)
-                .stderr(logf2);
-            let child = cmd.spawn().map_err(LabError::io("starting qemu-system-x86_64"))?;
-            let pid = child.id() as i32;
-            self.children.push(child);
-            self.state.guests.insert(
-                vm.name.clone(),
-                QemuProc {
-                    pid,
-                    console,
-                    monitor,
-                    qmp,
-                    log,
-                    accel: accel.clone(),
-                },
-            );
+            let g = self.spawn_guest(vm, &vm.host, 0, mem, None, (&kernel, &initrd, &accel))?;
+            self.state.guests.insert(vm.name.clone(), g);
             self.save()?;
         }
         for vm in guests {
@@ -755,6 +723,97 @@ impl Lab {
             })?;
         }
         Ok(())
+    }
+
+    /// Start QEMU for guest `vm` in `host`'s namespace, its sockets named
+    /// for `generation` (0: `VM.console`; n: `VM.n.console`), its vNIC on
+    /// `host`'s agent (vhost-user) or its tap. With `incoming` (a migration
+    /// URI) it waits for a migration instead of booting. `boot` is the
+    /// kernel, initramfs and accelerator arguments.
+    pub(crate) fn spawn_guest(
+        &mut self,
+        vm: &VmPlan,
+        host: &str,
+        generation: u32,
+        mem: u32,
+        incoming: Option<&str>,
+        boot: (&Path, &Path, &[String]),
+    ) -> Result<QemuProc, LabError> {
+        let (kernel, initrd, accel) = boot;
+        let nic = vm
+            .vnics
+            .first()
+            .ok_or_else(|| LabError::Invalid(format!("VM {} has no vNIC", vm.name)))?;
+        let qdir = self.state.state_dir.join("qemu");
+        let stem = match generation {
+            0 => vm.name.clone(),
+            g => format!("{}.{g}", vm.name),
+        };
+        let console = qdir.join(format!("{stem}.console"));
+        let monitor = qdir.join(format!("{stem}.monitor"));
+        let qmp = qdir.join(format!("{stem}.qmp"));
+        let log = self.state.state_dir.join("logs").join(format!("qemu-{stem}.log"));
+        let mut append = format!("console=ttyS0 quiet palisade.name={}", vm.name);
+        if let Some(a) = ipv4s(&nic.ips).next() {
+            append.push_str(&format!(" palisade.ip={a}/24"));
+        }
+        if let Some(a) = nic.ips.iter().find(|ip| ip.is_ipv6()) {
+            append.push_str(&format!(" palisade.ip6={a}/64"));
+        }
+        if let Some(gw) = vm.gateway {
+            append.push_str(&format!(" palisade.gw={gw}"));
+        }
+        let logf = File::create(&log).map_err(LabError::io(format!("creating {}", log.display())))?;
+        let logf2 = logf.try_clone().map_err(LabError::io("duplicating log handle"))?;
+        let nic_args = if self.state.plan.on_vhost_user(vm) {
+            // Guest memory shared with the agent; offloads as the guest's
+            // virtio-net driver negotiates them (all on).
+            let socket = config::vhost_user_socket_on(&self.state.state_dir, nic, &vm.host, host);
+            let accel: Vec<&str> = accel.iter().map(String::as_str).collect();
+            qemu::vhost_user_nic_args(&socket, &nic.mac, config::QEMU_QUEUE_PAIRS, mem, &accel)
+        } else {
+            vec![
+                "-netdev".into(),
+                format!("tap,id=n0,ifname={},script=no,downscript=no,vnet_hdr=off", nic.host_if),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=n0,mac={}", nic.mac),
+            ]
+        };
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.host_netns(host), "qemu-system-x86_64"])
+            .args(["-name", &vm.name, "-nodefaults", "-nographic", "-no-reboot"])
+            .args(accel)
+            .args(["-m", &mem.to_string(), "-smp", "1"])
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", &append])
+            .args(&nic_args)
+            .arg("-serial")
+            .arg(format!("unix:{},server=on,wait=off", console.display()))
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if let Some(uri) = incoming {
+            cmd.args(["-incoming", uri]);
+        }
+        cmd.stdin(Stdio::null()).stdout(logf).stderr(logf2);
+        let child = cmd.spawn().map_err(LabError::io("starting qemu-system-x86_64"))?;
+        let pid = child.id() as i32;
+        self.children.push(child);
+        Ok(QemuProc {
+            pid,
+            console,
+            monitor,
+            qmp,
+            log,
+            accel: accel.to_vec(),
+            host: host.to_string(),
+            mem_mib: mem,
+            generation,
+        })
     }
 
     /// A CA and certificates, the controller on the underlay (embedded
@@ -1030,9 +1089,13 @@ impl Lab {
             .ok_or_else(|| LabError::Invalid(format!("VM {vm} has no IPv4 address")))
     }
 
-    /// The host `vm` runs on.
+    /// The host `vm` runs on (for a migrated guest, where it runs now).
     pub fn vm_host(&self, vm: &str) -> Result<&str, LabError> {
-        Ok(&self.vm_plan(vm)?.host)
+        let plan = self.vm_plan(vm)?;
+        Ok(match self.state.guests.get(vm) {
+            Some(g) if !g.host.is_empty() => &g.host,
+            _ => &plan.host,
+        })
     }
 
     /// Run `argv` in namespace `ns` with a deadline.
@@ -1167,7 +1230,7 @@ impl Lab {
                 let pid = self.state.guests.get(&v.name).map(|g| g.pid);
                 VmStatus {
                     name: v.name.clone(),
-                    host: v.host.clone(),
+                    host: self.vm_host(&v.name).unwrap_or(&v.host).to_string(),
                     kind: if v.qemu { "qemu" } else { "netns" },
                     alive: match &v.ns {
                         Some(ns) => present(ns),

@@ -11,7 +11,8 @@
 //!
 //! - [`plan`]: the topology, computed and checked before anything is created.
 //! - [`config`]: agent configuration files and generated lab policies.
-//! - [`mod@lab`]: up, down, status, exec.
+//! - [`mod@lab`]: up, down, status, exec, and live migration of a QEMU guest
+//!   with its firewall state ([`Lab::migrate`]).
 //! - [`qemu`]: the guest initramfs, QEMU command line and serial-console exec.
 //! - [`qmp`]: a QMP client and live migration with a switchover step.
 //! - [`dns`], [`stream`]: traffic helpers (a `.lab` DNS responder, a TCP line stream).
@@ -28,8 +29,8 @@ mod sys;
 
 pub use error::LabError;
 pub use lab::{
-    CONTROLLER_IP, CONTROLLER_PORT, ControllerProc, DownReport, Lab, LabSpec, LabState, LabStatus, Spawned,
-    default_state_dir, leftovers,
+    CONTROLLER_IP, CONTROLLER_PORT, ControllerProc, DownReport, Lab, LabSpec, LabState, LabStatus, MigrateOptions,
+    MigrationReport, Spawned, default_state_dir, leftovers,
 };
 pub use plan::{Plan, QemuMode, QemuNic};
 pub use sys::{NetnsThread, spawn_in_netns};

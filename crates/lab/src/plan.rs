@@ -111,6 +111,11 @@ pub struct VmPlan {
     pub vnics: Vec<VnicPlan>,
     /// Default gateway (the first vNIC's zone gateway), if any.
     pub gateway: Option<Ipv4Addr>,
+    /// Other hosts whose agents have this VM's vNICs pre-staged (attached,
+    /// policy compiled, a tap waiting), so it can migrate there (a QEMU
+    /// guest on a tap only; see [`Plan::add_standby`]).
+    #[serde(default)]
+    pub standby: Vec<String>,
 }
 
 /// A zone's leg on the edge router.
@@ -357,6 +362,7 @@ impl Plan {
                 qemu: is_qemu,
                 vnics,
                 gateway,
+                standby: Vec::new(),
             });
         }
         Ok(Plan {
@@ -374,6 +380,49 @@ impl Plan {
     /// Whether `vm`'s vNICs are vhost-user sockets (a QEMU guest on vhost-user) rather than host interfaces.
     pub fn on_vhost_user(&self, vm: &VmPlan) -> bool {
         vm.qemu && self.qemu_nic == QemuNic::VhostUser
+    }
+
+    /// Pre-stage `vm`'s vNICs on `host` as well as its own: that host's
+    /// agent attaches them (a tap of the same name in its namespace), so a
+    /// live migration can move the guest there. Only a QEMU guest on a tap
+    /// migrates in the lab: QEMU refuses to migrate a vhost-user NIC whose
+    /// backend does not log its writes to guest memory
+    /// (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`), and the agent's does not yet.
+    pub fn add_standby(&mut self, vm: &str, host: &str) -> Result<(), LabError> {
+        if self.host(host).is_none() {
+            return Err(LabError::Unknown {
+                kind: "host",
+                name: host.to_string(),
+            });
+        }
+        let tap = self.qemu_nic == QemuNic::Tap;
+        let v = self
+            .vms
+            .iter_mut()
+            .find(|v| v.name == vm)
+            .ok_or_else(|| LabError::Unknown {
+                kind: "vm",
+                name: vm.to_string(),
+            })?;
+        if !v.qemu {
+            return Err(LabError::Invalid(format!(
+                "VM {vm}: only a QEMU guest can be pre-staged on another host (it migrates)"
+            )));
+        }
+        if !tap {
+            return Err(LabError::Invalid(format!(
+                "VM {vm}: a guest on vhost-user cannot migrate yet (the agent's vhost-user backend does not log \
+                 dirty guest memory, VHOST_USER_PROTOCOL_F_LOG_SHMFD, so QEMU refuses): attach the guests \
+                 through taps (--qemu-nic tap)"
+            )));
+        }
+        if v.host == host {
+            return Err(LabError::Invalid(format!("VM {vm} lives on {host} already")));
+        }
+        if !v.standby.iter().any(|h| h == host) {
+            v.standby.push(host.to_string());
+        }
+        Ok(())
     }
 
     /// The host named `name`.

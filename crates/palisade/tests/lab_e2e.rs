@@ -1826,3 +1826,411 @@ fn pid_file(state: &std::path::Path) -> Option<u32> {
         .parse()
         .ok()
 }
+
+/// A lab for live migration: three hosts, one VM each (generated: vm1 on
+/// hv1 and vm3 on hv3 in zone blue, vm2 on hv2 in green), vm1 a QEMU guest
+/// on a tap pre-staged on hv2 (QEMU does not migrate the agent's vhost-user
+/// NICs: their backend does not log dirty memory). The generated policy (ICMP and tcp/80
+/// between lab VMs, the rest denied by the datacenter default) also allows
+/// udp/5140 (syslog) for the UDP flow.
+fn migration_lab(name: &str) -> Option<Teardown> {
+    if !lab_possible() {
+        return None;
+    }
+    if !have("qemu-system-x86_64") || palisade_lab::qemu::find_kernel().is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the QEMU test");
+        eprintln!("skipping: no qemu-system-x86_64 or no /boot/vmlinuz-*-cloud-amd64");
+        return None;
+    }
+    let dir = palisade_lab::default_state_dir(name);
+    let _ = Lab::down(name, &dir);
+    let spec = LabSpec::generated(3, 1, &dir).unwrap();
+    let policy = spec.policy_dir.join("policy.yaml");
+    let text = std::fs::read_to_string(&policy)
+        .unwrap()
+        .replace("  http: tcp/80\n", "  http: tcp/80\n  syslog: udp/5140\n")
+        + "    - { id: lab-syslog, from: lab-vms, to: lab-vms, service: syslog, action: allow }\n";
+    std::fs::write(&policy, text).unwrap();
+    let spec = LabSpec {
+        name: name.into(),
+        qemu: palisade_lab::QemuMode::Vms(vec!["vm1".into()]),
+        qemu_nic: palisade_lab::QemuNic::Tap,
+        agent_exe: Some(EXE.into()),
+        standby: vec![("vm1".into(), "hv2".into())],
+        ..spec
+    };
+    Some(Teardown(Some(Lab::up(&spec).unwrap())))
+}
+
+/// Traffic between the guest vm1 and vm3 (hv3) that a migration must not break.
+struct GuestFlows {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// vm3 → vm1 tcp/80: a line every 50 ms echoed by the guest; the time
+    /// of each echo, or why the connection broke.
+    tcp: palisade_lab::NetnsThread<Result<Vec<Instant>, String>>,
+    /// vm1 → vm3 udp/5140 (the guest's syslogd forwarding a message every
+    /// 100 ms from one socket), each answered by vm3; arrival times.
+    udp: palisade_lab::NetnsThread<Vec<Instant>>,
+    listener: Spawned,
+}
+
+/// Start [`GuestFlows`] and wait until both flow.
+fn guest_flows(lab: &Lab) -> GuestFlows {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    let t = Duration::from_secs(20);
+    let vm1 = lab.vm_ip("vm1").unwrap();
+    let vm3 = lab.vm_ip("vm3").unwrap();
+    // The guest: an echo server on tcp/80 (its httpd moved aside), syslogd
+    // forwarding to vm3, and a message every 100 ms.
+    lab.exec("vm1", &["killall", "httpd"], t).unwrap();
+    lab.spawn("vm1", &["nc", "-ll", "-p", "80", "-e", "/bin/cat"]).unwrap();
+    lab.spawn("vm1", &["syslogd", "-n", "-R", &format!("{vm3}:5140")])
+        .unwrap();
+    lab.spawn(
+        "vm1",
+        &[
+            "sh",
+            "-c",
+            "i=0; while true; do logger -t mig n$i; i=$((i+1)); usleep 100000; done",
+        ],
+    )
+    .unwrap();
+    // vm3: a tcp/22 listener the policy keeps the guest from.
+    let listener = lab
+        .spawn("vm3", &["busybox", "nc", "-ll", "-p", "22", "-e", "/bin/cat"])
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ns = lab.vm_netns("vm3").unwrap();
+    let s = stop.clone();
+    let udp = palisade_lab::spawn_in_netns(&ns, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:5140").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 2048];
+        while !s.load(Ordering::Relaxed) {
+            if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                seen.push(Instant::now());
+                let _ = sock.send_to(b"ack\n", from);
+            }
+        }
+        seen
+    })
+    .unwrap();
+    let s = stop.clone();
+    let tcp = palisade_lab::spawn_in_netns(&ns, move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let c = loop {
+            match std::net::TcpStream::connect_timeout(&(vm1, 80).into(), Duration::from_secs(2)) {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => return Err(format!("connect: {e}")),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        c.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        let mut w = c.try_clone().map_err(|e| e.to_string())?;
+        let mut r = BufReader::new(c);
+        let mut echoes = Vec::new();
+        for n in 0u64.. {
+            if s.load(Ordering::Relaxed) {
+                break;
+            }
+            w.write_all(format!("line {n}\n").as_bytes())
+                .map_err(|e| format!("write {n}: {e}"))?;
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) => return Err(format!("closed at line {n}")),
+                Ok(_) if line.trim() == format!("line {n}") => echoes.push(Instant::now()),
+                Ok(_) => return Err(format!("line {n} echoed as {line:?}")),
+                Err(e) => return Err(format!("read {n}: {e}")),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(echoes)
+    })
+    .unwrap();
+    let flows = GuestFlows {
+        stop,
+        tcp,
+        udp,
+        listener,
+    };
+    // Both flow before anything moves.
+    let t0 = Instant::now();
+    while guest_udp_answers(lab) == (0, 0) && t0.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_ne!(guest_udp_answers(lab), (0, 0), "vm3's UDP answers reach the guest");
+    assert!(!flows.tcp.is_finished(), "the TCP stream runs");
+    flows
+}
+
+/// What vm3's UDP answers left in the guest: the bytes queued on its UDP
+/// socket (syslogd never reads them) and the datagrams dropped there once
+/// the queue is full, from its `/proc/net/udp`. Either grows while answers
+/// arrive.
+fn guest_udp_answers(lab: &Lab) -> (u64, u64) {
+    let out = lab
+        .exec("vm1", &["cat", "/proc/net/udp"], Duration::from_secs(20))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let queued = u64::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()?;
+            let drops = f.last()?.parse::<u64>().ok()?;
+            Some((queued, drops))
+        })
+        .fold((0, 0), |(q, d), (q1, d1)| (q + q1, d + d1))
+}
+
+/// Whether the guest reaches vm3's tcp/22 listener (the policy says no).
+fn guest_reaches_ssh(lab: &Lab) -> bool {
+    let vm3 = lab.vm_ip("vm3").unwrap().to_string();
+    let out = lab
+        .exec(
+            "vm1",
+            &["sh", "-c", &format!("echo hello | timeout 4 nc {vm3} 22")],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+    !out.stdout.is_empty()
+}
+
+/// `palisade_vnic_default_rule_decisions_total` of `vnic` on `host`'s agent.
+fn default_decisions(lab: &Lab, host: &str, vnic: &str) -> u64 {
+    let m = palisade_agent::http::get_unix(&lab.agent_socket(host), "/metrics").unwrap();
+    m.lines()
+        .find(|l| {
+            l.starts_with("palisade_vnic_default_rule_decisions_total") && l.contains(&format!("vnic=\"{vnic}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no default-rule counter for {vnic} on {host}"))
+}
+
+/// Poll `f` until it holds or `within` passes.
+fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if t0.elapsed() > within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The JSON lines of `host`'s audit trail (`palisade audit export`).
+fn trail(lab: &Lab, host: &str) -> String {
+    let dir = lab.state().state_dir.join(host).join("audit");
+    let out = Command::new(EXE)
+        .args(["audit", "export", "--dir"])
+        .arg(&dir)
+        .args(["--json", "-"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The longest gap between consecutive instants.
+fn longest_gap(times: &[Instant]) -> Duration {
+    times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+}
+
+impl GuestFlows {
+    fn finish(self, lab: &Lab) -> (Result<Vec<Instant>, String>, Vec<Instant>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut listener = self.listener;
+        let _ = lab.kill(&mut listener);
+        (self.tcp.join().unwrap(), self.udp.join().unwrap())
+    }
+}
+
+/// A QEMU guest with a TCP stream and a UDP flow to a VM on a third host
+/// live-migrates hv1 → hv2 with its connections: both continue (no reset,
+/// the stream's bytes keep coming, the UDP answers keep arriving), the
+/// destination never decides one of its flows by the default rule (they
+/// arrive with their verdicts), and a connection the policy denies stays
+/// denied. The counter proves it counts: the denied attempt moves it.
+#[test]
+fn qemu_guest_live_migration_keeps_its_connections_and_policy() {
+    let _one = one_lab();
+    let Some(mut guard) = migration_lab("pe2mig") else {
+        return;
+    };
+    let lab = guard.0.as_mut().unwrap();
+    let flows = guest_flows(lab);
+    assert!(!guest_reaches_ssh(lab), "tcp/22 denied before the migration");
+    assert!(
+        eventually(Duration::from_secs(4), || default_decisions(lab, "hv1", "vm1.0") >= 1),
+        "the source counted the denied attempt"
+    );
+    assert_eq!(default_decisions(lab, "hv2", "vm1.0"), 0);
+    let src_pid = lab.state().guests["vm1"].pid;
+    let udp_before = guest_udp_answers(lab);
+
+    let report = lab
+        .migrate("vm1", "hv2", &palisade_lab::MigrateOptions::default())
+        .unwrap();
+    let moved_at = Instant::now();
+    eprintln!("migration: {}", report.to_json());
+    assert_eq!((report.from.as_str(), report.to.as_str()), ("hv1", "hv2"));
+    assert!(report.connections >= 2, "the TCP and UDP connections moved: {report:?}");
+    assert_eq!(report.state_blake3.len(), 64);
+    assert!(
+        report.released,
+        "the source dropped the connections it no longer carries"
+    );
+    let hv1_conns = || {
+        palisade_agent::http::get_unix(&lab.agent_socket("hv1"), "/metrics")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("palisade_connections{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || hv1_conns() == Some(0)),
+        "the source holds none of the guest's connections now: {:?}",
+        hv1_conns()
+    );
+    assert_eq!(lab.vm_host("vm1").unwrap(), "hv2");
+    assert!(
+        eventually(Duration::from_secs(5), || !std::path::Path::new(&format!(
+            "/proc/{src_pid}"
+        ))
+        .exists()
+            || !running(src_pid as u32)),
+        "the source QEMU is gone"
+    );
+
+    // Both flows continue through hv2.
+    std::thread::sleep(Duration::from_secs(3));
+    let udp_after = guest_udp_answers(lab);
+    assert_ne!(
+        udp_after, udp_before,
+        "UDP answers keep reaching the guest after the migration (queued bytes, drops)"
+    );
+    assert!(!flows.tcp.is_finished(), "the TCP stream still runs");
+    assert_eq!(
+        default_decisions(lab, "hv2", "vm1.0"),
+        0,
+        "no flow of the guest met the default rule on the destination"
+    );
+    // A denied connection stays denied, decided on the destination now.
+    assert!(!guest_reaches_ssh(lab), "tcp/22 denied after the migration");
+    assert!(
+        eventually(Duration::from_secs(4), || default_decisions(lab, "hv2", "vm1.0") >= 1),
+        "the destination decided the denied attempt by the default rule"
+    );
+    let hv1 = palisade_agent::http::get_unix(&lab.agent_socket("hv1"), "/metrics").unwrap();
+    let stragglers = hv1
+        .lines()
+        .find(|l| l.starts_with("palisade_vnic_migrating_drops_total"))
+        .unwrap_or_default()
+        .to_string();
+    // Both trails hold the move, with the hash of the same blob.
+    for (host, action) in [("hv1", "vnic.migrate.export"), ("hv2", "vnic.migrate.import")] {
+        assert!(
+            eventually(Duration::from_secs(5), || trail(lab, host)
+                .lines()
+                .any(|l| l.contains(action) && l.contains(&report.state_blake3))),
+            "{host}'s trail records {action} with the blob's hash: {}",
+            trail(lab, host)
+        );
+    }
+    let (tcp, udp) = flows.finish(lab);
+    let tcp = tcp.unwrap_or_else(|e| panic!("the TCP stream broke: {e}"));
+    let tcp_after = tcp.iter().filter(|t| **t > moved_at).count();
+    let udp_after_n = udp.iter().filter(|t| **t > moved_at).count();
+    assert!(tcp_after >= 20, "echoes after the migration: {tcp_after}");
+    assert!(udp_after_n >= 10, "datagrams after the migration: {udp_after_n}");
+    eprintln!(
+        "longest gap: TCP echo {:?}, UDP arrival {:?}; source stragglers: {stragglers}",
+        longest_gap(&tcp),
+        longest_gap(&udp)
+    );
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2mig").unwrap(), Vec::<String>::new());
+}
+
+/// The destination agent dies in the middle of the state transfer (after
+/// the source's export, before the import): the migration is cancelled, the
+/// guest keeps running on the source, whose agent forwards for it again
+/// with every connection it had (the stream and the UDP flow continue), and
+/// the destination QEMU is stopped.
+#[test]
+fn qemu_guest_live_migration_to_a_dead_agent_is_cancelled_and_the_source_keeps_it() {
+    let _one = one_lab();
+    let Some(mut guard) = migration_lab("pe2migf") else {
+        return;
+    };
+    let lab = guard.0.as_mut().unwrap();
+    let flows = guest_flows(lab);
+    let src_pid = lab.state().guests["vm1"].pid;
+    let hv2_agent = lab.state().agents["hv2"].pid;
+    let udp_before = guest_udp_answers(lab);
+    let err = lab
+        .migrate_with("vm1", "hv2", &palisade_lab::MigrateOptions::default(), || {
+            let _ = Command::new("kill").args(["-KILL", &hv2_agent.to_string()]).status();
+            let t0 = Instant::now();
+            while running(hv2_agent as u32) && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .unwrap_err();
+    let failed_at = Instant::now();
+    eprintln!("refused: {err}");
+    assert!(
+        matches!(err, palisade_lab::LabError::Migration { .. }) && err.to_string().contains("import"),
+        "{err}"
+    );
+    assert_eq!(lab.vm_host("vm1").unwrap(), "hv1");
+    assert_eq!(lab.state().guests["vm1"].pid, src_pid);
+    assert!(running(src_pid as u32), "the source QEMU runs");
+    std::thread::sleep(Duration::from_secs(3));
+    let udp_after = guest_udp_answers(lab);
+    assert_ne!(
+        udp_after, udp_before,
+        "UDP answers keep reaching the guest on the source (queued bytes, drops)"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || trail(lab, "hv1")
+            .contains("vnic.migrate.resume")),
+        "the source's trail records the resume"
+    );
+    let (tcp, udp) = flows.finish(lab);
+    let tcp = tcp.unwrap_or_else(|e| panic!("the TCP stream broke: {e}"));
+    assert!(
+        tcp.iter().filter(|t| **t > failed_at).count() >= 20,
+        "the stream continued"
+    );
+    assert!(
+        udp.iter().filter(|t| **t > failed_at).count() >= 10,
+        "the UDP flow continued"
+    );
+    eprintln!(
+        "longest gap: TCP echo {:?}, UDP arrival {:?}",
+        longest_gap(&tcp),
+        longest_gap(&udp)
+    );
+    // No destination QEMU is left in hv2's namespace.
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &lab.host_netns("hv2")])
+        .output()
+        .unwrap();
+    let qemus: Vec<String> = String::from_utf8_lossy(&pids.stdout)
+        .split_whitespace()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu") && running(p.parse().unwrap_or(0)))
+        })
+        .map(str::to_string)
+        .collect();
+    assert!(qemus.is_empty(), "a destination QEMU was left running: {qemus:?}");
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2migf").unwrap(), Vec::<String>::new());
+}

@@ -1,4 +1,4 @@
-//! `palisade lab up|down|status|exec`: a small virtual datacenter on this machine.
+//! `palisade lab up|down|status|exec|migrate`: a small virtual datacenter on this machine.
 //!
 //! Presentation only; the lab itself is `palisade_lab`, which the demo and the
 //! end-to-end tests call directly. The hidden `serve` subcommands are traffic
@@ -58,6 +58,42 @@ pub enum LabCmd {
         /// fail-open fallback of `open` zones when an agent dies, restarts it).
         #[arg(long)]
         supervise: bool,
+        /// Pre-stage a QEMU guest's vNIC on another host too (`VM@HOST`,
+        /// repeatable), so it can live-migrate there (`palisade lab migrate`).
+        #[arg(long, value_name = "VM@HOST")]
+        standby: Vec<String>,
+        /// Each agent's connection-table capacity (default: the agent's, 32,768).
+        #[arg(long, value_name = "N")]
+        conn_capacity: Option<usize>,
+    },
+    /// Live-migrate a QEMU guest to another host with its firewall state
+    /// (its connections move from the source agent to the destination's
+    /// while QEMU pauses the guest for the switchover).
+    Migrate {
+        /// Lab name.
+        #[arg(long, default_value = "pal")]
+        name: String,
+        /// State directory (default /run/palisade/lab-NAME).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// The VM (a QEMU guest on a tap: `--qemu-nic tap`, pre-staged with `--standby`).
+        vm: String,
+        /// The destination host.
+        #[arg(long)]
+        to: String,
+        /// Seconds the whole migration may take.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Do not move the firewall state (a baseline for benchmarks: the
+        /// destination starts with no connections).
+        #[arg(long)]
+        no_state: bool,
+        /// Do not have the guest send a gratuitous ARP after the switchover.
+        #[arg(long)]
+        no_announce: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove everything the lab made, also after a crash.
     Down {
@@ -100,6 +136,27 @@ pub enum LabCmd {
     /// Traffic helpers run inside the lab.
     #[command(subcommand, hide = true)]
     Serve(ServeCmd),
+    /// Write a state blob of COUNT synthetic connections made from the
+    /// first established connection of TEMPLATE (a blob a vNIC's export gave): the same
+    /// vNIC, initiator, state and TCP windows, each with its own source
+    /// port, destination port (from DST_PORT up) and responder address
+    /// (its last byte), for benchmarks of a
+    /// migration with a big connection table (`bench/migration.sh`).
+    #[command(hide = true)]
+    SynthState {
+        /// The exported blob.
+        #[arg(long)]
+        template: PathBuf,
+        /// Connections to write.
+        #[arg(long)]
+        count: u32,
+        /// First destination port (not the template's, so no key collides with it).
+        #[arg(long, default_value_t = 9)]
+        dst_port: u16,
+        /// Where to write the blob.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// `--qemu-nic`.
@@ -156,6 +213,8 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             vm_mem,
             vm_offloads,
             supervise,
+            standby,
+            conn_capacity,
         } => {
             let state_dir = state(&name, state_dir);
             let mut spec = match (hosts, vms) {
@@ -174,6 +233,13 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
                 QemuNicArg::Tap => QemuNic::Tap,
             };
             spec.supervise = supervise;
+            spec.conn_capacity = conn_capacity;
+            for s in &standby {
+                let (vm, host) = s
+                    .split_once('@')
+                    .with_context(|| format!("--standby {s:?}: expected VM@HOST"))?;
+                spec.standby.push((vm.to_string(), host.to_string()));
+            }
             spec.qemu = match qemu {
                 None => QemuMode::None,
                 Some(v) if v.is_empty() => QemuMode::All,
@@ -185,6 +251,50 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             let lab = Lab::up(&spec).with_context(|| format!("building lab {name}"))?;
             print!("{}", lab.status());
             println!("state: {}", lab.state().state_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCmd::Migrate {
+            name,
+            state_dir,
+            vm,
+            to,
+            timeout,
+            no_state,
+            no_announce,
+            json,
+        } => {
+            let mut lab = Lab::load(&state(&name, state_dir)).with_context(|| format!("lab {name} is not up"))?;
+            let opts = palisade_lab::MigrateOptions {
+                timeout: Duration::from_secs(timeout),
+                move_state: !no_state,
+                announce: !no_announce,
+            };
+            let r = lab.migrate(&vm, &to, &opts)?;
+            if json {
+                println!("{}", r.to_json());
+            } else {
+                println!(
+                    "migrated {} {} -> {}: {} connection(s), {} state bytes (blake3 {}), pre-stage {:.1} ms, \
+                     paused {:.1} ms (state move {:.2} ms: export {:.2}, import {:.2}; QEMU downtime {} ms), total {:.0} ms",
+                    r.vm,
+                    r.from,
+                    r.to,
+                    r.connections,
+                    r.state_bytes,
+                    if r.state_blake3.is_empty() {
+                        "-"
+                    } else {
+                        &r.state_blake3[..16]
+                    },
+                    r.prestage_ms,
+                    r.paused_ms,
+                    r.switchover_ms,
+                    r.export_ms,
+                    r.import_ms,
+                    r.qemu_downtime_ms.map_or("?".to_string(), |d| d.to_string()),
+                    r.total_ms
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         LabCmd::Down { name, state_dir } => {
@@ -254,11 +364,131 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             dns::serve(&sock, &records, None).context("serving DNS")?;
             Ok(ExitCode::SUCCESS)
         }
+        LabCmd::SynthState {
+            template,
+            count,
+            dst_port,
+            out,
+        } => {
+            let blob = std::fs::read(&template).with_context(|| format!("reading {}", template.display()))?;
+            let synth =
+                synth_state(&blob, count, dst_port).with_context(|| format!("template {}", template.display()))?;
+            std::fs::write(&out, &synth).with_context(|| format!("writing {}", out.display()))?;
+            println!("{count} connections, {} bytes", synth.len());
+            Ok(ExitCode::SUCCESS)
+        }
         LabCmd::Serve(ServeCmd::Stream { port, bind }) => {
             let l = TcpListener::bind((bind, port)).with_context(|| format!("binding {bind}:{port}"))?;
             eprintln!("stream: listening on {bind}:{port}");
             stream::serve(&l, stream::INTERVAL).context("serving the stream")?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `count` copies of `template`'s first established connection's record, each with its
+/// own source port (1024 upwards), destination port (`dst_port` upwards,
+/// one per 64,000) and last byte of the responder's address (2..=252), as
+/// one verified blob for the template's vNIC.
+fn synth_state(template: &[u8], count: u32, dst_port: u16) -> anyhow::Result<Vec<u8>> {
+    use palisade_datapath::state;
+    let snap = state::decode(template)?;
+    if template[6..8] != state::VERSION.to_be_bytes() {
+        bail!("not a version {} blob", state::VERSION);
+    }
+    // An established connection: one closing would expire (in 2 minutes)
+    // with all its copies in the middle of a benchmark.
+    let Some(first) = snap
+        .conns
+        .iter()
+        .position(|c| c.state == palisade_datapath::ConnState::Established)
+    else {
+        bail!("it holds no established connection to copy");
+    };
+    // magic (6) | version (2) | policy version (8) | name length (2) | name | count (4) | records | crc (4)
+    let header = 18 + usize::from(u16::from_be_bytes([template[16], template[17]]));
+    let at = header + 4 + first * state::RECORD_LEN;
+    let record = &template[at..at + state::RECORD_LEN];
+    let mut out = Vec::with_capacity(header + 8 + count as usize * state::RECORD_LEN);
+    out.extend_from_slice(&template[..header]);
+    out.extend_from_slice(&count.to_be_bytes());
+    for i in 0..count {
+        let mut r = record.to_vec();
+        // segment (4) | src (16) | dst (16) | src port (2) | dst port (2) | ...
+        // The responder's last address byte varies too, so the connections
+        // spread over the destination's workers as real peers' would (the
+        // steering hashes the addresses only).
+        r[35] = (i % 251) as u8 + 2;
+        r[36..38].copy_from_slice(&(1024 + (i % 64_000) as u16).to_be_bytes());
+        let dport = dst_port
+            .checked_add((i / 64_000) as u16)
+            .context("too many connections for the port range")?;
+        r[38..40].copy_from_slice(&dport.to_be_bytes());
+        out.extend_from_slice(&r);
+    }
+    let crc = state::crc32(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    let check = state::decode(&out)?;
+    if check.conns.len() != count as usize {
+        bail!("wrote {} connections, not {count}", check.conns.len());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use palisade_datapath::{Conn, ConnState, state};
+    use palisade_wire::flow::{FlowKey, Segment};
+    use palisade_wire::ip::IpProtocol;
+
+    fn conn(sport: u16, s: ConnState) -> Conn {
+        let v4 = |last: u8| {
+            let mut a = [0u8; 16];
+            a[10] = 0xff;
+            a[11] = 0xff;
+            a[12..].copy_from_slice(&[10, 10, 0, last]);
+            a
+        };
+        let key = FlowKey {
+            segment: Segment::vlan(10),
+            src: v4(10),
+            dst: v4(11),
+            src_port: sport,
+            dst_port: 80,
+            protocol: IpProtocol(6),
+            icmp_type: 0,
+            icmp_code: 0,
+        };
+        let mut c = Conn::new(key, 1_000);
+        c.state = s;
+        c
+    }
+
+    #[test]
+    fn synthetic_state_copies_an_established_connection_with_keys_of_its_own() {
+        let template = state::encode(
+            "vm1.0",
+            3,
+            &[conn(40000, ConnState::CloseWait), conn(40001, ConnState::Established)],
+            2_000,
+        );
+        let blob = synth_state(&template, 1000, 9).unwrap();
+        let snap = state::decode(&blob).unwrap();
+        assert_eq!(
+            (snap.vnic.as_str(), snap.policy_version, snap.conns.len()),
+            ("vm1.0", 3, 1000)
+        );
+        assert!(snap.conns.iter().all(|c| c.state == ConnState::Established));
+        let keys: std::collections::BTreeSet<_> = snap.conns.iter().map(|c| c.key).collect();
+        assert_eq!(keys.len(), 1000, "every copy has a key of its own");
+        assert!(snap.conns.iter().all(|c| c.key.src == conn(0, ConnState::New).key.src));
+
+        // A template holding only a closing connection, none, or garbage is refused.
+        let closing = state::encode("vm1.0", 3, &[conn(40000, ConnState::CloseWait)], 2_000);
+        let empty = state::encode("vm1.0", 3, &[], 2_000);
+        for bad in [&closing[..], &empty[..], b"PLSDCT\0\x02junk"] {
+            assert!(synth_state(bad, 10, 9).is_err());
         }
     }
 }

@@ -1,0 +1,483 @@
+//! Live migration of a lab QEMU guest to another host, its firewall state with it.
+//!
+//! The destination is pre-staged when the lab is built: its agent's
+//! configuration lists the guest's vNIC ([`crate::Plan::add_standby`]), so the
+//! vNIC's port, its tap and the VM's compiled rules are there before
+//! anything moves. Guests on taps only: QEMU refuses to migrate a vhost-user
+//! NIC whose backend does not log dirty guest memory
+//! (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`), and the agent's backend does not yet.
+//! [`Lab::migrate`] then:
+//!
+//! 1. starts the destination QEMU in the destination host's namespace with
+//!    `-incoming unix:SOCKET` (a path both host namespaces reach: they share
+//!    the file system), its vNIC on the destination host's tap (which that
+//!    agent reads), and waits until it is ready to receive (the pre-staging
+//!    time reported);
+//! 2. migrates with QMP and `pause-before-switchover` ([`crate::qmp::migrate`]):
+//!    RAM is copied while the guest runs; when the source pauses the guest,
+//!    the switchover step asks the source agent to export the vNIC's
+//!    connections (which quiesces its port there) and hands the blob to the
+//!    destination agent's import (verified, all or nothing, port forwarding);
+//!    only then does QEMU move the device state and start the guest there;
+//! 3. quits the source QEMU and has the source agent drop the vNIC's
+//!    connections (`release`); the source port stays quiesced: a straggler
+//!    (a frame a remote host still sends to the old location) is dropped
+//!    and counted in `palisade_vnic_migrating_drops_total`, until the remote
+//!    host learns the new location from the guest's first frame from the
+//!    destination (its agents learn MACs from the underlay) or from the
+//!    guest's gratuitous ARP ([`MigrateOptions::announce`]).
+//!
+//! A failure at any step before the switchover completes (the destination
+//! QEMU not starting, the export or import refused, the destination agent
+//! gone) cancels the migration: the source agent resumes the vNIC with every
+//! connection it had, the source QEMU keeps running the guest, and the
+//! destination QEMU is stopped.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::Lab;
+use crate::qmp::{self, Qmp};
+use crate::{LabError, qemu, sys};
+
+/// How a migration runs.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Bounds the whole migration (RAM copy under TCG included).
+    pub timeout: Duration,
+    /// Move the firewall state (export, import). Off only to measure the
+    /// same migration without it (a benchmark's baseline): the destination
+    /// then has no connections and the source's port is not quiesced.
+    pub move_state: bool,
+    /// After the switchover, have the guest send a gratuitous ARP (what a
+    /// guest with virtio-net's `GUEST_ANNOUNCE` does when QEMU asks it to),
+    /// so remote hosts learn where it is before it sends anything else.
+    pub announce: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            timeout: Duration::from_secs(120),
+            move_state: true,
+            announce: true,
+        }
+    }
+}
+
+/// What a migration did and took.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// The VM.
+    pub vm: String,
+    /// Its host before.
+    pub from: String,
+    /// Its host now.
+    pub to: String,
+    /// Unix time (ms) the migration started and ended.
+    pub started_unix_ms: u64,
+    /// See `started_unix_ms`.
+    pub finished_unix_ms: u64,
+    /// Connections moved (imported on the destination).
+    pub connections: usize,
+    /// Size of the state blob(s), bytes.
+    pub state_bytes: usize,
+    /// BLAKE3 of the state blob(s) as moved (hex; of their concatenation
+    /// when the VM has several vNICs). Empty when no state moved.
+    pub state_blake3: String,
+    /// Destination QEMU started until it waits for the migration, ms.
+    pub prestage_ms: f64,
+    /// The source agent's export (quiesce included), ms.
+    pub export_ms: f64,
+    /// The destination agent's import, ms.
+    pub import_ms: f64,
+    /// The switchover step (export + import), ms: the blackout the state
+    /// move adds, the guest being paused throughout.
+    pub switchover_ms: f64,
+    /// Guest paused on the source until QEMU reported completion, ms.
+    pub paused_ms: f64,
+    /// QEMU's own downtime figure, ms (its vCPU pause).
+    pub qemu_downtime_ms: Option<u64>,
+    /// `migrate` to completion, ms.
+    pub total_ms: f64,
+    /// Whether the guest's gratuitous ARP was sent.
+    pub announced: bool,
+    /// Whether the source agent dropped the vNIC's connections after the
+    /// switchover (they live on the destination now).
+    pub released: bool,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Largest answer read from an agent's control socket (a state blob: the
+/// agent caps those at 16 MiB).
+const MAX_ANSWER: u64 = 32 << 20;
+
+/// `POST path` with `body` on the agent control socket `socket`; the body of
+/// a 200, else the status line and the agent's message.
+pub fn agent_post(socket: &Path, path: &str, body: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
+    let io = |e: std::io::Error| format!("{}: {e}", socket.display());
+    let mut s = UnixStream::connect(socket).map_err(io)?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    s.set_write_timeout(Some(timeout)).map_err(io)?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).map_err(io)?;
+    s.write_all(body).map_err(io)?;
+    let mut out = Vec::new();
+    s.take(MAX_ANSWER).read_to_end(&mut out).map_err(io)?;
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("{}: truncated answer to POST {path}", socket.display()))?;
+    let status = String::from_utf8_lossy(&out[..split])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let body = out[split + 4..].to_vec();
+    if status.starts_with("HTTP/1.1 200") {
+        Ok(body)
+    } else {
+        Err(format!(
+            "POST {path}: {status}: {}",
+            String::from_utf8_lossy(&body).trim_end()
+        ))
+    }
+}
+
+/// How long one agent request may take (a 50,000-connection blob is a few MB).
+const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination QEMU may take to be ready for the migration.
+const PRESTAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A destination QEMU stopped unless defused (a failed migration).
+struct Destination {
+    pid: i32,
+    paths: Vec<PathBuf>,
+    armed: bool,
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        if self.armed {
+            sys::terminate(&[self.pid], Duration::from_secs(2));
+            for p in &self.paths {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
+fn qmp_connect(socket: &Path, pid: i32, deadline: Instant) -> Result<Qmp, String> {
+    loop {
+        match Qmp::connect(socket, Duration::from_secs(10)) {
+            Ok(q) => return Ok(q),
+            Err(e) => {
+                if !sys::pid_alive(pid) {
+                    return Err("QEMU exited (see its log)".into());
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!("QMP {}: {e}", socket.display()));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status(q: &mut Qmp) -> Result<String, String> {
+    let v = q.execute("query-status", None).map_err(|e| e.to_string())?;
+    Ok(v.get("status").and_then(|s| s.as_str()).unwrap_or("?").to_string())
+}
+
+impl Lab {
+    /// The host a VM runs on now (a migrated guest's, else the plan's).
+    pub fn current_host(&self, vm: &str) -> Result<String, LabError> {
+        let plan = self.vm_plan(vm)?;
+        Ok(self
+            .state
+            .guests
+            .get(vm)
+            .map(|g| g.host.clone())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| plan.host.clone()))
+    }
+
+    /// The Unix control socket of `host`'s agent.
+    pub fn agent_socket(&self, host: &str) -> PathBuf {
+        self.state.state_dir.join(host).join("agent.sock")
+    }
+
+    /// Live-migrate QEMU guest `vm` to host `to` with its firewall state
+    /// (see the module documentation).
+    pub fn migrate(&mut self, vm: &str, to: &str, opts: &MigrateOptions) -> Result<MigrationReport, LabError> {
+        self.migrate_with(vm, to, opts, || {})
+    }
+
+    /// [`Lab::migrate`], running `between` in the switchover step after the
+    /// source's export and before the destination's import (a test makes
+    /// the destination fail there).
+    pub fn migrate_with(
+        &mut self,
+        vm: &str,
+        to: &str,
+        opts: &MigrateOptions,
+        between: impl FnOnce(),
+    ) -> Result<MigrationReport, LabError> {
+        let plan = self.vm_plan(vm)?.clone();
+        let from = self.current_host(vm)?;
+        let fail = |reason: String| LabError::Migration {
+            vm: vm.to_string(),
+            from: from.clone(),
+            to: to.to_string(),
+            reason,
+        };
+        if self.state.plan.host(to).is_none() {
+            return Err(LabError::Unknown {
+                kind: "host",
+                name: to.to_string(),
+            });
+        }
+        let src = self
+            .state
+            .guests
+            .get(vm)
+            .cloned()
+            .ok_or_else(|| fail("not a running QEMU guest".into()))?;
+        if self.state.plan.on_vhost_user(&plan) {
+            return Err(fail(
+                "a guest on vhost-user cannot migrate yet: the agent's backend does not log dirty guest memory \
+                 (VHOST_USER_PROTOCOL_F_LOG_SHMFD), which QEMU requires"
+                    .into(),
+            ));
+        }
+        if from == to {
+            return Err(fail("it runs there already".into()));
+        }
+        if plan.host != to && !plan.standby.iter().any(|h| h == to) {
+            return Err(fail(format!(
+                "its vNIC is not pre-staged on {to} (build the lab with `--standby {vm}@{to}`)"
+            )));
+        }
+        for h in [&from, &to.to_string()] {
+            if !self.state.agents.get(h).is_some_and(|a| sys::pid_alive(a.pid)) {
+                return Err(fail(format!("no agent runs on {h}")));
+            }
+        }
+        let (kernel, kver) = qemu::find_kernel().ok_or_else(|| fail("no guest kernel".into()))?;
+        let initrd = qemu::build_initramfs(&self.state.state_dir.join("cache"), &kver)?;
+        let mem = if src.mem_mib == 0 { 256 } else { src.mem_mib };
+        let started_unix_ms = unix_ms();
+
+        // 1. The destination QEMU, waiting for the migration.
+        let generation = src.generation + 1;
+        let channel = self
+            .state
+            .state_dir
+            .join("qemu")
+            .join(format!("{vm}.{generation}.migrate"));
+        let _ = std::fs::remove_file(&channel);
+        let uri = format!("unix:{}", channel.display());
+        let t = Instant::now();
+        let dst = self.spawn_guest(&plan, to, generation, mem, Some(&uri), (&kernel, &initrd, &src.accel))?;
+        let mut guard = Destination {
+            pid: dst.pid,
+            paths: vec![
+                dst.console.clone(),
+                dst.monitor.clone(),
+                dst.qmp.clone(),
+                channel.clone(),
+            ],
+            armed: true,
+        };
+        let deadline = Instant::now() + PRESTAGE_TIMEOUT;
+        let mut dst_qmp =
+            qmp_connect(&dst.qmp, dst.pid, deadline).map_err(|e| fail(format!("destination QEMU: {e}")))?;
+        loop {
+            let s = status(&mut dst_qmp).map_err(|e| fail(format!("destination QEMU: {e}")))?;
+            if s == "inmigrate" && channel.exists() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(fail(format!("destination QEMU not ready (status {s})")));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let prestage = t.elapsed();
+
+        // 2. The migration, the state moved while the guest is paused.
+        let mut src_qmp = qmp_connect(&src.qmp, src.pid, Instant::now() + Duration::from_secs(10))
+            .map_err(|e| fail(format!("source QEMU: {e}")))?;
+        let (src_sock, dst_sock) = (self.agent_socket(&from), self.agent_socket(to));
+        let vnics: Vec<String> = plan.vnics.iter().map(|n| n.name.clone()).collect();
+        let exported = std::cell::Cell::new(false);
+        let step = || -> Result<(usize, usize, String, Duration, Duration), String> {
+            if !opts.move_state {
+                between();
+                return Ok((0, 0, String::new(), Duration::ZERO, Duration::ZERO));
+            }
+            let t = Instant::now();
+            let mut blobs = Vec::new();
+            for n in &vnics {
+                exported.set(true);
+                let blob = agent_post(&src_sock, &format!("/vnics/{n}/export?peer={to}"), b"", AGENT_TIMEOUT)
+                    .map_err(|e| format!("source agent export: {e}"))?;
+                blobs.push(blob);
+            }
+            let export = t.elapsed();
+            between();
+            let t = Instant::now();
+            let mut moved = 0;
+            let mut hasher = blake3::Hasher::new();
+            for (n, blob) in vnics.iter().zip(&blobs) {
+                let answer = agent_post(
+                    &dst_sock,
+                    &format!("/vnics/{n}/import?peer={from}"),
+                    blob,
+                    AGENT_TIMEOUT,
+                )
+                .map_err(|e| format!("destination agent import: {e}"))?;
+                let v: serde_json::Value =
+                    serde_json::from_slice(&answer).map_err(|e| format!("destination agent import answer: {e}"))?;
+                moved += v
+                    .get("imported")
+                    .and_then(|i| i.as_u64())
+                    .ok_or_else(|| format!("destination agent import answer without a count: {v}"))?
+                    as usize;
+                hasher.update(blob);
+            }
+            let bytes = blobs.iter().map(Vec::len).sum();
+            Ok((
+                moved,
+                bytes,
+                hasher.finalize().to_hex().to_string(),
+                export,
+                t.elapsed(),
+            ))
+        };
+        let result = qmp::migrate(&mut src_qmp, &uri, opts.timeout, step);
+        let ((connections, state_bytes, state_blake3, export, import), times) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // The source keeps the guest: its agent forwards for the vNIC
+                // again with every connection it had, and a guest QEMU left
+                // paused runs again.
+                let mut left = Vec::new();
+                if exported.get() {
+                    for n in &vnics {
+                        if let Err(r) =
+                            agent_post(&src_sock, &format!("/vnics/{n}/resume?peer={to}"), b"", AGENT_TIMEOUT)
+                        {
+                            left.push(format!("resume failed: {r}"));
+                        }
+                    }
+                }
+                if let Ok(s) = status(&mut src_qmp)
+                    && s != "running"
+                {
+                    // migrate_cancel leaves it running; a failure after the
+                    // switchover may not.
+                    let _ = src_qmp.execute("cont", None);
+                }
+                drop(guard);
+                let note = if left.is_empty() {
+                    "cancelled; the guest runs on the source with its connections".to_string()
+                } else {
+                    left.join("; ")
+                };
+                return Err(fail(format!("{e} ({note})")));
+            }
+        };
+
+        // 3. The guest runs on the destination; the source QEMU goes.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = status(&mut dst_qmp).map_err(|e| fail(format!("destination QEMU after the switchover: {e}")))?;
+            if s == "running" {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(fail(format!("destination QEMU not running after the switchover ({s})")));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        guard.armed = false;
+        let _ = src_qmp.execute("quit", None);
+        // The source drops the connections it no longer carries (its port stays quiesced).
+        let released = if opts.move_state {
+            vnics
+                .iter()
+                .map(|n| agent_post(&src_sock, &format!("/vnics/{n}/release?peer={to}"), b"", AGENT_TIMEOUT))
+                .collect::<Result<Vec<_>, _>>()
+                .is_ok()
+        } else {
+            true
+        };
+        drop(src_qmp);
+        sys::terminate(&[src.pid], Duration::from_secs(5));
+        for c in &mut self.children {
+            let _ = c.try_wait();
+        }
+        self.state.guests.insert(vm.to_string(), dst);
+        self.consoles.lock().unwrap_or_else(|p| p.into_inner()).remove(vm);
+        self.save()?;
+        let _ = std::fs::remove_file(&channel);
+        let announced = opts.announce
+            && plan
+                .vnics
+                .first()
+                .and_then(|n| super::ipv4s(&n.ips).next().map(|ip| (n.guest_if.clone(), ip)))
+                .is_some_and(|(ifname, ip)| {
+                    let ip = ip.to_string();
+                    self.exec(
+                        vm,
+                        &["arping", "-U", "-c", "1", "-w", "1", "-I", &ifname, &ip],
+                        Duration::from_secs(10),
+                    )
+                    .is_ok()
+                });
+        Ok(MigrationReport {
+            vm: vm.to_string(),
+            from,
+            to: to.to_string(),
+            started_unix_ms,
+            finished_unix_ms: unix_ms(),
+            connections,
+            state_bytes,
+            state_blake3,
+            prestage_ms: ms(prestage),
+            export_ms: ms(export),
+            import_ms: ms(import),
+            switchover_ms: ms(times.switchover),
+            paused_ms: ms(times.paused),
+            qemu_downtime_ms: times.qemu_downtime_ms,
+            total_ms: ms(times.total),
+            announced,
+            released,
+        })
+    }
+}
+
+impl MigrationReport {
+    /// The report as one JSON line.
+    pub fn to_json(&self) -> String {
+        json!(self).to_string()
+    }
+}
