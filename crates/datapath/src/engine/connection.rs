@@ -27,7 +27,7 @@ impl Engine {
     #[inline(always)]
     pub(super) fn decide(
         &mut self,
-        pkt: &Packet,
+        pkt: &mut Packet,
         info: &FlowInfo,
         hash: Option<FlowHash>,
         inner: &[u8],
@@ -63,6 +63,8 @@ impl Engine {
                         && (!reply || conn.key == key.reversed())
                         && !conn.expired(pkt.now, &self.conns.timeouts)
                     {
+                        // One byte of the line just read: what inspection costs a flow without it.
+                        pkt.inspect = conn.inspect;
                         self.counters.cache_hits += 1;
                         match self.track(pkt, slot, reply, tcp.as_ref(), sink) {
                             // Reopened: counted with the new connection below.
@@ -83,7 +85,7 @@ impl Engine {
     #[inline(never)]
     fn decide_miss(
         &mut self,
-        pkt: &Packet,
+        pkt: &mut Packet,
         key: &FlowKey,
         hash: FlowHash,
         tcp: Option<&TcpSeg>,
@@ -102,11 +104,12 @@ impl Engine {
                 .get(&conn.key)
                 .filter(|e| e.conn == Some(slot))
                 .map_or([None; 2], |e| e.rules);
+            let mut inspect = conn.inspect;
             if conn.epoch != self.epoch {
                 let orig = conn.key;
                 self.counters.revalidations += 1;
                 match self.classify(&orig) {
-                    Ok(r) => rules = r,
+                    Ok(c) => (rules, inspect) = (c.rules, c.inspect),
                     Err(_) => {
                         self.cut(slot, EndReason::PolicyRevoked, now, sink);
                         return Err(DropReason::PolicyRevoked);
@@ -117,8 +120,10 @@ impl Engine {
                     c.epoch = self.epoch;
                     c.policy_version = version;
                     c.rules = rules;
+                    c.inspect = inspect;
                 }
             }
+            pkt.inspect = inspect;
             self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
             match self.track(pkt, slot, reply, tcp, sink) {
                 // Reopened: counted with the new connection below.
@@ -130,14 +135,16 @@ impl Engine {
             }
         }
         // A new flow.
-        let rules = if trusted {
-            [None; 2]
+        // A trusted flow was classified, and inspected, on the host that sent it.
+        let (rules, inspect) = if trusted {
+            ([None; 2], None)
         } else {
             match self.classify(&key) {
-                Ok(r) => r,
+                Ok(c) => (c.rules, c.inspect),
                 Err((rules, reason)) => return Err(self.deny_new(pkt, key, hash, reason, rules, sink)),
             }
         };
+        pkt.inspect = inspect;
         if key.is_echo_reply() {
             // An echo reply passes only as part of the connection its request
             // opened (found above); one without is decided by the policy like
@@ -159,6 +166,7 @@ impl Engine {
         conn.packets = pkt.packets;
         conn.bytes = len as u64;
         conn.rules = rules;
+        conn.inspect = inspect;
         if let Some(seg) = tcp {
             if !strict && seg.flags.contains(TcpFlags::RST) {
                 // A reset for a connection never seen, in a liberal zone where
@@ -332,7 +340,8 @@ impl Engine {
         }
         self.counters.cache_misses += 1;
         match self.classify(&key) {
-            Ok(rules) => {
+            Ok(c) => {
+                let rules = c.rules;
                 self.cache(key, hash, CachedVerdict::Allow, None, rules);
                 self.tally_rules(pkt, rules);
                 Ok(())
