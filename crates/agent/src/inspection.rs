@@ -400,7 +400,7 @@ struct Tracked {
 }
 
 /// A port's inspection budget: a token bucket of bytes, a second's worth deep.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: u64,
     at: u64,
@@ -571,7 +571,8 @@ impl Inline {
         if let Some(rate) = self.setup.budget_bytes_per_s {
             let i = usize::from(port.0);
             if self.buckets.len() <= i {
-                self.buckets.resize(i + 1, Bucket::default());
+                // A port starts with a full second's worth.
+                self.buckets.resize(i + 1, Bucket { tokens: rate, at: now });
             }
             if !self.buckets[i].take(rate, now, inner.len() as u64) {
                 return self.uninspected(engine, port, closed);
