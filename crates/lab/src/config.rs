@@ -77,6 +77,11 @@ pub fn vhost_user_socket(state_dir: &Path, nic: &VnicPlan) -> PathBuf {
     state_dir.join("vhost").join(format!("{}.sock", nic.host_if))
 }
 
+/// An agent configuration's `[inspect]` section naming `rules`.
+pub fn inspect_section(rules: &Path) -> String {
+    format!("\n[inspect]\nrules = {}\n", tq(&rules.to_string_lossy()))
+}
+
 /// The configuration of `host`'s agent, or `None` if the plan has no such host.
 pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path) -> Option<String> {
     let h = plan.host(host)?;

@@ -61,6 +61,9 @@ pub struct LabSpec {
     /// restarts it. The state's agent pid is then the supervisor's (the
     /// agent's own is in `<state_dir>/<host>/agent.pid`).
     pub supervise: bool,
+    /// A rules file for the agents' inline inspection (their `[inspect]`
+    /// section); `None`: the agents inspect nothing.
+    pub inspect_rules: Option<PathBuf>,
 }
 
 /// The default state directory of lab `name`.
@@ -90,6 +93,7 @@ impl LabSpec {
             vm_mem_mib: 256,
             vm_offloads: false,
             supervise: false,
+            inspect_rules: None,
         }
     }
 
@@ -646,6 +650,9 @@ impl Lab {
                 })?;
             if let Some(c) = &self.state.controller {
                 text = config::with_controller(&text, &c.url, &c.ca, &self.state.state_dir.join("ca"), &h.name);
+            }
+            if let Some(rules) = &spec.inspect_rules {
+                text.push_str(&config::inspect_section(rules));
             }
             let p = self.agent_config(&h.name);
             std::fs::write(&p, text).map_err(LabError::io(format!("writing {}", p.display())))?;

@@ -632,9 +632,11 @@ impl Engine {
             }
         };
         let offload = if OFFLOADED { *offload } else { Offload::NONE };
+        // A routed flow's second leg (back from a router appliance) was
+        // handed on for inspection on its first: once is enough.
         let inspect = match disposition {
-            Disposition::Forward => pkt.inspect,
-            Disposition::Drop(_) => None,
+            Disposition::Forward if !pkt.second_leg => pkt.inspect,
+            _ => None,
         };
         results.record(disposition, pkt.l2, frame.len(), offload, start, reply, inspect);
     }
