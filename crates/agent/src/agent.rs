@@ -1208,7 +1208,9 @@ impl Agent {
         self.policy_installed = Instant::now();
         let identities = Arc::new(Identities::new(compiler.model()));
         // The signatures are read again with each policy (its profiles select from them).
-        if let Some(ic) = &self.config.inspect {
+        if let Some(ic) = &self.config.inspect
+            && !self.signatures.as_ref().is_some_and(|s| s.unchanged(ic, compiler.model()))
+        {
             match Signatures::load(ic, compiler.model()) {
                 Ok(sigs) => {
                     self.signatures = Some(Arc::new(sigs));
@@ -1220,7 +1222,7 @@ impl Agent {
                     self.last_inspect_error = Some(e.to_string());
                 }
             }
-        } else {
+        } else if self.config.inspect.is_none() {
             warn_uninspected(compiler.model());
         }
         // One compiled policy for all workers: it is read-only.
@@ -1234,8 +1236,10 @@ impl Agent {
         self.last_policy_error = None;
     }
 
-    /// Give every worker a fresh inspector over the signatures in force
-    /// (detection state starts over: flows are taken up mid-stream).
+    /// Give every worker an inspector over the signatures in force: new
+    /// signatures, a fresh one (detection starts over, flows are taken up
+    /// mid-stream); the same, the one it has, with the ports' failure modes
+    /// of this policy.
     fn start_inspection(&mut self, model: &Model) {
         let (Some(ic), Some(sigs)) = (&self.config.inspect, &self.signatures) else {
             return;
@@ -1243,7 +1247,11 @@ impl Agent {
         let closed = fail_closed_ports(&self.config, model, &self.ports);
         let setup = InlineSetup::new(ic, sigs.clone(), closed, &self.config.host, self.clock);
         for core in &self.workers {
-            lock(core).inline = Some(Inline::new(setup.clone()));
+            let mut core = lock(core);
+            match &mut core.inline {
+                Some(i) if i.same_signatures(&setup) => i.update(&setup),
+                slot => *slot = Some(Inline::new(setup.clone())),
+            }
         }
     }
 

@@ -107,6 +107,47 @@ pub struct Signatures {
     profiles: HashMap<String, ProfileId>,
     /// Rules refused (with `skip_invalid`).
     pub refused: usize,
+    /// What they were compiled from, to tell whether a reload changes anything.
+    source: Source,
+}
+
+/// What compiled signatures were made from: the files' identity (length and
+/// modification time) and the policy's profiles.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Source {
+    files: Vec<(PathBuf, u64, Option<std::time::SystemTime>)>,
+    profiles: Vec<(String, Vec<String>)>,
+    skip_invalid: bool,
+}
+
+impl Source {
+    fn of(config: &InspectConfig, model: &Model) -> Source {
+        let files = std::iter::once(&config.rules)
+            .chain(config.classification.as_ref())
+            .map(|p| {
+                let m = std::fs::metadata(p).ok();
+                (
+                    p.clone(),
+                    m.as_ref().map_or(0, |m| m.len()),
+                    m.and_then(|m| m.modified().ok()),
+                )
+            })
+            .collect();
+        Source {
+            files,
+            profiles: profiles_of(model),
+            skip_invalid: config.skip_invalid,
+        }
+    }
+}
+
+fn profiles_of(model: &Model) -> Vec<(String, Vec<String>)> {
+    model
+        .policy
+        .profiles
+        .iter()
+        .map(|p| (p.name.clone(), p.signatures.clone()))
+        .collect()
 }
 
 impl core::fmt::Debug for Signatures {
@@ -137,6 +178,8 @@ fn read_bounded(path: &Path) -> Result<String, InspectLoadError> {
 impl Signatures {
     /// Read the `[inspect]` files and compile the profiles of `model`'s policy.
     pub fn load(config: &InspectConfig, model: &Model) -> Result<Signatures, InspectLoadError> {
+        // Taken before reading: a file changed while it is read is read again next time.
+        let source = Source::of(config, model);
         let rules = read_bounded(&config.rules)?;
         let classification = match &config.classification {
             Some(p) => Some((p.clone(), read_bounded(p)?)),
@@ -149,7 +192,15 @@ impl Signatures {
             })?,
             None => Classifications::default(),
         };
-        Self::compile(&rules, &config.rules, classes, config.skip_invalid, model)
+        let mut sigs = Self::compile(&rules, &config.rules, classes, config.skip_invalid, model)?;
+        sigs.source = source;
+        Ok(sigs)
+    }
+
+    /// Whether loading `config` for `model` would compile the same
+    /// signatures and profiles (the files unchanged, the profiles too).
+    pub fn unchanged(&self, config: &InspectConfig, model: &Model) -> bool {
+        !self.source.files.is_empty() && self.source == Source::of(config, model)
     }
 
     /// Compile rules text (`path` names it in errors) under `classes` for `model`'s profiles.
@@ -198,6 +249,10 @@ impl Signatures {
             detectors,
             profiles,
             refused,
+            source: Source {
+                profiles: profiles_of(model),
+                ..Source::default()
+            },
         })
     }
 
@@ -505,6 +560,18 @@ impl Inline {
             counters: InlineCounters::default(),
             records: Vec::new(),
         }
+    }
+
+    /// Whether `setup` is this inspector's but for the ports' failure modes
+    /// (same signatures): then [`Inline::update`] keeps the flows' detection state.
+    pub fn same_signatures(&self, setup: &InlineSetup) -> bool {
+        Arc::ptr_eq(&self.setup.signatures, &setup.signatures)
+    }
+
+    /// Take `setup`'s port failure modes and budget (same signatures).
+    pub fn update(&mut self, setup: &InlineSetup) {
+        self.setup.fail_closed = setup.fail_closed.clone();
+        self.setup.budget_bytes_per_s = setup.budget_bytes_per_s;
     }
 
     /// Counters so far.

@@ -399,3 +399,37 @@ fn a_broken_rules_file_is_refused_with_its_position() {
         Signatures::compile(&text, Path::new("bad.rules"), Classifications::default(), true, &w.model).unwrap();
     assert_eq!((sigs.len(), sigs.refused), (3, 1));
 }
+
+#[test]
+fn signatures_reload_only_when_their_files_or_the_profiles_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("x.rules");
+    std::fs::write(&rules, RULES).unwrap();
+    let config = palisade_agent::config::InspectConfig {
+        rules: rules.clone(),
+        classification: None,
+        skip_invalid: false,
+        budget_bytes_per_s: None,
+        stream_memory_mib: None,
+        max_flows: None,
+    };
+    let w = world(None, false);
+    let sigs = Signatures::load(&config, &w.model).unwrap();
+    assert!(sigs.unchanged(&config, &w.model));
+    // Another policy with other profiles.
+    let mut other = w.model.clone();
+    other.policy.profiles[1].signatures = vec!["standard".into()];
+    assert!(!sigs.unchanged(&config, &other));
+    // The rules file rewritten.
+    std::fs::write(&rules, format!("{RULES}\n# one more line\n")).unwrap();
+    assert!(!sigs.unchanged(&config, &w.model));
+    // Not a regular file, or missing: refused, naming it.
+    for bad in [dir.path().to_path_buf(), dir.path().join("missing.rules")] {
+        let c = palisade_agent::config::InspectConfig {
+            rules: bad.clone(),
+            ..config.clone()
+        };
+        let e = Signatures::load(&c, &w.model).unwrap_err().to_string();
+        assert!(e.contains(&*bad.to_string_lossy()), "{e}");
+    }
+}

@@ -113,9 +113,6 @@ pub struct Conn {
     pub tcp: TcpTrack,
     /// The end event has been emitted (time-wait lingers after it).
     pub ended: bool,
-    /// The inspection profile its packets are handed on with (resolved at
-    /// classification, again at re-validation).
-    pub inspect: Option<crate::verdict::InspectProfile>,
 }
 
 impl Conn {
@@ -138,7 +135,6 @@ impl Conn {
             trusted: false,
             tcp: TcpTrack::default(),
             ended: false,
-            inspect: None,
         }
     }
 

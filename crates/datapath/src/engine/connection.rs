@@ -53,7 +53,7 @@ impl Engine {
                     self.tally_rules(pkt, e.rules);
                     return Err(r);
                 }
-                CachedVerdict::Allow => {
+                CachedVerdict::Allow | CachedVerdict::AllowInspected(_) => {
                     // The slot may have been reused by another connection
                     // since (expiry does not reach into this cache): check
                     // that it is this flow's, in either direction.
@@ -63,8 +63,8 @@ impl Engine {
                         && (!reply || conn.key == key.reversed())
                         && !conn.expired(pkt.now, &self.conns.timeouts)
                     {
-                        // One byte of the line just read: what inspection costs a flow without it.
-                        pkt.inspect = conn.inspect;
+                        // The byte beside the verdict just read: what inspection costs a flow without it.
+                        pkt.inspect = e.verdict.inspection();
                         self.counters.cache_hits += 1;
                         match self.track(pkt, slot, reply, tcp.as_ref(), sink) {
                             // Reopened: counted with the new connection below.
@@ -98,15 +98,19 @@ impl Engine {
         if let Some((slot, reply)) = self.conns.lookup(&key, now, sink, &mut self.counters)
             && let Some(conn) = self.conns.get(slot)
         {
-            // The reply direction shares the initiator's rule counters.
-            let mut rules = self
-                .flows
-                .get(&conn.key)
-                .filter(|e| e.conn == Some(slot))
-                .map_or([None; 2], |e| e.rules);
-            let mut inspect = conn.inspect;
-            if conn.epoch != self.epoch {
-                let orig = conn.key;
+            // The reply direction shares the initiator's rule counters and
+            // inspection profile (resolved again if its entry is gone).
+            let initiator = self.flows.get(&conn.key).filter(|e| e.conn == Some(slot));
+            let mut rules = initiator.map_or([None; 2], |e| e.rules);
+            let cached = initiator.map(|e| e.verdict.inspection());
+            let (orig, trusted, current) = (conn.key, conn.trusted, conn.epoch == self.epoch);
+            let mut inspect = match cached {
+                Some(p) => p,
+                // A connection taken over (imported) or whose entry was evicted.
+                None if current && !trusted => self.inspection_of(&orig),
+                None => None,
+            };
+            if !current {
                 self.counters.revalidations += 1;
                 match self.classify(&orig) {
                     Ok(c) => (rules, inspect) = (c.rules, c.inspect),
@@ -120,11 +124,10 @@ impl Engine {
                     c.epoch = self.epoch;
                     c.policy_version = version;
                     c.rules = rules;
-                    c.inspect = inspect;
                 }
             }
             pkt.inspect = inspect;
-            self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
+            self.cache(key, hash, CachedVerdict::allowed(inspect), Some(slot), rules);
             match self.track(pkt, slot, reply, tcp, sink) {
                 // Reopened: counted with the new connection below.
                 Ok(false) => {}
@@ -166,7 +169,6 @@ impl Engine {
         conn.packets = pkt.packets;
         conn.bytes = len as u64;
         conn.rules = rules;
-        conn.inspect = inspect;
         if let Some(seg) = tcp {
             if !strict && seg.flags.contains(TcpFlags::RST) {
                 // A reset for a connection never seen, in a liberal zone where
@@ -183,7 +185,7 @@ impl Engine {
         {
             t.hits += 1;
         }
-        self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
+        self.cache(key, hash, CachedVerdict::allowed(inspect), Some(slot), rules);
         // A verdict cached for the other direction (a denied attempt from
         // the other end) must not shadow this connection's replies.
         self.flows.remove(&key.reversed());
@@ -334,7 +336,7 @@ impl Engine {
             self.counters.cache_hits += 1;
             self.tally_rules(pkt, e.rules);
             return match e.verdict {
-                CachedVerdict::Allow => Ok(()),
+                CachedVerdict::Allow | CachedVerdict::AllowInspected(_) => Ok(()),
                 CachedVerdict::Drop(r) => Err(r),
             };
         }

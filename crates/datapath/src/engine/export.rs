@@ -162,10 +162,6 @@ impl Engine {
             conn.trusted = s.trusted;
             conn.policy_version = snap.policy_version;
             conn.epoch = if current { self.epoch } else { 0 };
-            if current && !s.trusted {
-                // Not re-validated, so not classified: its profile resolved here.
-                conn.inspect = self.inspection_of(&s.key);
-            }
             if self
                 .conns
                 .create(conn, [u32::MAX; 2], now, sink, &mut self.counters)

@@ -57,9 +57,10 @@ impl Engine {
         Ok(Classified { rules, inspect })
     }
 
-    /// The inspection profile of a connection taken over from elsewhere
-    /// (imported with a current verdict, so not classified again): its
-    /// chains consulted as [`Engine::classify`] does, nothing counted.
+    /// The inspection profile of a connection whose initiator's cache entry
+    /// is gone (imported with a current verdict, or evicted), so that it is
+    /// not classified again: its chains consulted as [`Engine::classify`]
+    /// does, nothing counted.
     pub(super) fn inspection_of(&mut self, key: &FlowKey) -> Option<InspectProfile> {
         let flow = policy_flow(key);
         let src = self.lookup.vnic_of(flow.src);
