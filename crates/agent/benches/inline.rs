@@ -269,7 +269,14 @@ fn main() {
         // Every profile of the policy is compiled with the signatures (as the agent does).
         let m = model("full");
         let sigs = Arc::new(
-            Signatures::compile(&text, Path::new("synthetic.rules"), Classifications::default(), true, &m).unwrap(),
+            Signatures::compile(
+                &text,
+                Path::new("synthetic.rules"),
+                Classifications::default(),
+                true,
+                &m,
+            )
+            .unwrap(),
         );
         let build_s = t.elapsed().as_secs_f64();
         let added = rss().saturating_sub(before);

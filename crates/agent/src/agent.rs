@@ -298,11 +298,13 @@ fn fail_closed_ports(config: &AgentConfig, model: &Model, ports: &[PortBinding])
     let len = ports.iter().map(|p| usize::from(p.port.0) + 1).max().unwrap_or(0);
     let mut closed = vec![false; len];
     for p in ports {
-        let zone = model
-            .inventory
-            .vnic(&p.name)
-            .map(|(_, n)| n.zone.as_str())
-            .or_else(|| config.appliances.iter().find(|a| a.name == p.name).map(|a| a.zone.as_str()));
+        let zone = model.inventory.vnic(&p.name).map(|(_, n)| n.zone.as_str()).or_else(|| {
+            config
+                .appliances
+                .iter()
+                .find(|a| a.name == p.name)
+                .map(|a| a.zone.as_str())
+        });
         if let Some(z) = zone.and_then(|z| model.inventory.zone(z)) {
             closed[usize::from(p.port.0)] = z.on_failure == palisade_policy::model::OnFailure::Closed;
         }
@@ -1209,7 +1211,10 @@ impl Agent {
         let identities = Arc::new(Identities::new(compiler.model()));
         // The signatures are read again with each policy (its profiles select from them).
         if let Some(ic) = &self.config.inspect
-            && !self.signatures.as_ref().is_some_and(|s| s.unchanged(ic, compiler.model()))
+            && !self
+                .signatures
+                .as_ref()
+                .is_some_and(|s| s.unchanged(ic, compiler.model()))
         {
             match Signatures::load(ic, compiler.model()) {
                 Ok(sigs) => {

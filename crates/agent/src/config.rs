@@ -738,12 +738,21 @@ mac = "02:00:00:00:fe:01"
 
     #[test]
     fn an_inspect_section_parses_and_its_bounds_are_checked() {
-        let with = |section: &str| AgentConfig::parse(&format!("{GOOD}\n[inspect]\n{section}\n"), Path::new("hv1.toml"));
+        let with =
+            |section: &str| AgentConfig::parse(&format!("{GOOD}\n[inspect]\n{section}\n"), Path::new("hv1.toml"));
         let c = with("rules = \"/etc/palisade/rules/x.rules\"\nbudget_bytes_per_s = 1000000").unwrap();
         let i = c.inspect.unwrap();
         assert_eq!(i.rules, Path::new("/etc/palisade/rules/x.rules"));
-        assert_eq!((i.budget_bytes_per_s, i.classification, i.skip_invalid), (Some(1_000_000), None, false));
-        assert!(AgentConfig::parse(GOOD, Path::new("hv1.toml")).unwrap().inspect.is_none());
+        assert_eq!(
+            (i.budget_bytes_per_s, i.classification, i.skip_invalid),
+            (Some(1_000_000), None, false)
+        );
+        assert!(
+            AgentConfig::parse(GOOD, Path::new("hv1.toml"))
+                .unwrap()
+                .inspect
+                .is_none()
+        );
         for (bad, field) in [
             ("rules = \"r\"\nbudget_bytes_per_s = 0", "inspect.budget_bytes_per_s"),
             ("rules = \"r\"\nstream_memory_mib = 0", "inspect.stream_memory_mib"),

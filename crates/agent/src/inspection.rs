@@ -44,8 +44,8 @@ use palisade_inspect::packet::{Packet, Transport};
 use palisade_inspect::rules::RuleContext;
 use palisade_inspect::stream::MemoryBudget;
 use palisade_inspect::{
-    Alert, AlertAction, Config, Detector, Direction, FlowState, Inspector, LoadOptions, Mode, Outcome,
-    ProfileId, ProfileSpec, RuleSet,
+    Alert, AlertAction, Config, Detector, Direction, FlowState, Inspector, LoadOptions, Mode, Outcome, ProfileId,
+    ProfileSpec, RuleSet,
 };
 use palisade_policy::model::{Model, Profile};
 use serde::{Deserialize, Serialize};
@@ -170,7 +170,10 @@ fn read_bounded(path: &Path) -> Result<String, InspectLoadError> {
         return Err(err("not a regular file".into()));
     }
     if meta.len() > MAX_RULES_FILE {
-        return Err(err(format!("{} bytes, more than the {MAX_RULES_FILE} allowed", meta.len())));
+        return Err(err(format!(
+            "{} bytes, more than the {MAX_RULES_FILE} allowed",
+            meta.len()
+        )));
     }
     std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
 }
@@ -433,9 +436,7 @@ struct Key {
 impl Key {
     fn of(p: &Packet<'_>) -> Key {
         let (sp, dp) = match p.transport {
-            Transport::Icmp {
-                echo_id: Some(id), ..
-            } => (id, id),
+            Transport::Icmp { echo_id: Some(id), .. } => (id, id),
             _ => p.ports(),
         };
         let (a, b) = ((p.src, sp), (p.dst, dp));

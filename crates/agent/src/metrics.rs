@@ -505,8 +505,16 @@ pub fn inspection(
             "Frames of flows whose inspection profile the loaded signatures lack.",
             c.unknown_profile,
         ),
-        ("undecodable_total", "Frames the inspector could not decode (forwarded).", c.undecodable),
-        ("flows_evicted_total", "Inspected flows forgotten to make room.", c.flows_evicted),
+        (
+            "undecodable_total",
+            "Frames the inspector could not decode (forwarded).",
+            c.undecodable,
+        ),
+        (
+            "flows_evicted_total",
+            "Inspected flows forgotten to make room.",
+            c.flows_evicted,
+        ),
         (
             "alerts_discarded_total",
             "Alert records not kept (a worker raised more than the control thread took).",

@@ -66,7 +66,14 @@ fn world(budget: Option<u64>, closed: bool) -> World {
     let loaded = load(&MemorySource::new().with("p.yaml", POLICY.to_string())).unwrap();
     assert!(!loaded.has_errors(), "{}", loaded.render());
     let model = loaded.model.clone();
-    let sigs = Signatures::compile(RULES, Path::new("test.rules"), Classifications::default(), false, &model).unwrap();
+    let sigs = Signatures::compile(
+        RULES,
+        Path::new("test.rules"),
+        Classifications::default(),
+        false,
+        &model,
+    )
+    .unwrap();
     assert_eq!(sigs.len(), 3);
     let compiler = Compiler::new(loaded.model).unwrap();
     let mut engine = Engine::new(
@@ -203,11 +210,22 @@ fn a_drop_signature_drops_the_flow_inline_and_names_both_ends() {
     let (seq, ack) = w.open(8080);
     let (c, s) = ((A, 40000), (B, 8080));
     let clean = b"GET /index.html HTTP/1.1\r\nHost: b\r\n\r\n";
-    assert_eq!(w.send(A, &tcp_frame(c, s, seq, ack, TcpFlags::ACK | TcpFlags::PSH, clean), Offload::NONE), PASS);
+    assert_eq!(
+        w.send(
+            A,
+            &tcp_frame(c, s, seq, ack, TcpFlags::ACK | TcpFlags::PSH, clean),
+            Offload::NONE
+        ),
+        PASS
+    );
     let seq = seq + clean.len() as u32;
     let evil = b"GET /?q=evil-7f3a HTTP/1.1\r\n\r\n";
     assert_eq!(
-        w.send(A, &tcp_frame(c, s, seq, ack, TcpFlags::ACK | TcpFlags::PSH, evil), Offload::NONE),
+        w.send(
+            A,
+            &tcp_frame(c, s, seq, ack, TcpFlags::ACK | TcpFlags::PSH, evil),
+            Offload::NONE
+        ),
         Fate::Forwarded {
             inspected: true,
             verdict: InlineVerdict::Drop
@@ -228,11 +246,20 @@ fn a_drop_signature_drops_the_flow_inline_and_names_both_ends() {
     let a = &alerts[0];
     assert_eq!((a.alert.signature_id, a.alert.rev), (1, 2));
     assert_eq!(a.alert.signature, "marker seen");
-    assert_eq!((a.alert.action.as_str(), a.alert.rule_action.as_str()), ("blocked", "drop"));
+    assert_eq!(
+        (a.alert.action.as_str(), a.alert.rule_action.as_str()),
+        ("blocked", "drop")
+    );
     assert_eq!(a.profile, "full");
-    assert_eq!((a.src_ip, a.src_port, a.dest_ip, a.dest_port), (IpAddr::V4(A), 40000, IpAddr::V4(B), 8080));
+    assert_eq!(
+        (a.src_ip, a.src_port, a.dest_ip, a.dest_port),
+        (IpAddr::V4(A), 40000, IpAddr::V4(B), 8080)
+    );
     let (src, dest) = (a.src.as_ref().unwrap(), a.dest.as_ref().unwrap());
-    assert_eq!((src.name.as_str(), src.vnic.as_str(), src.zone.as_str()), ("a", "a.0", "web"));
+    assert_eq!(
+        (src.name.as_str(), src.vnic.as_str(), src.zone.as_str()),
+        ("a", "a.0", "web")
+    );
     assert_eq!(src.tags.get("tier").map(String::as_str), Some("web"));
     assert_eq!((dest.name.as_str(), dest.vnic.as_str()), ("b", "b.0"));
     assert_eq!(a.proto, "TCP");
@@ -247,12 +274,23 @@ fn the_same_payload_under_critical_passes_without_an_alert_and_critical_signatur
     let (seq, ack) = w.open(9000);
     let (c, s) = ((A, 40000), (B, 9000));
     let evil = b"GET /?q=evil-7f3a HTTP/1.1\r\n\r\n";
-    assert_eq!(w.send(A, &tcp_frame(c, s, seq, ack, TcpFlags::ACK | TcpFlags::PSH, evil), Offload::NONE), PASS);
+    assert_eq!(
+        w.send(
+            A,
+            &tcp_frame(c, s, seq, ack, TcpFlags::ACK | TcpFlags::PSH, evil),
+            Offload::NONE
+        ),
+        PASS
+    );
     assert!(w.inline.take_records().is_empty(), "sid 1 is not critical");
     let seq = seq + evil.len() as u32;
     let crit = b"crit-91b0";
     assert_eq!(
-        w.send(A, &tcp_frame(c, s, seq, ack, TcpFlags::ACK | TcpFlags::PSH, crit), Offload::NONE),
+        w.send(
+            A,
+            &tcp_frame(c, s, seq, ack, TcpFlags::ACK | TcpFlags::PSH, crit),
+            Offload::NONE
+        ),
         Fate::Forwarded {
             inspected: true,
             verdict: InlineVerdict::Forward
@@ -261,7 +299,10 @@ fn the_same_payload_under_critical_passes_without_an_alert_and_critical_signatur
     );
     let alerts = w.inline.take_records();
     assert_eq!(alerts.iter().map(|a| a.alert.signature_id).collect::<Vec<_>>(), [2]);
-    assert_eq!((alerts[0].alert.action.as_str(), alerts[0].profile.as_str()), ("allowed", "critical"));
+    assert_eq!(
+        (alerts[0].alert.action.as_str(), alerts[0].profile.as_str()),
+        ("allowed", "critical")
+    );
 }
 
 #[test]
@@ -270,7 +311,11 @@ fn a_flow_without_a_profile_is_not_inspected() {
     let (seq, ack) = w.open(80);
     let evil = b"evil-7f3a";
     assert_eq!(
-        w.send(A, &tcp_frame((A, 40000), (B, 80), seq, ack, TcpFlags::ACK, evil), Offload::NONE),
+        w.send(
+            A,
+            &tcp_frame((A, 40000), (B, 80), seq, ack, TcpFlags::ACK, evil),
+            Offload::NONE
+        ),
         Fate::Forwarded {
             inspected: false,
             verdict: InlineVerdict::Forward
@@ -283,7 +328,14 @@ fn a_flow_without_a_profile_is_not_inspected() {
 fn a_reject_signature_rejects() {
     let mut w = world(None, false);
     let (seq, ack) = w.open(8080);
-    let frame = tcp_frame((A, 40000), (B, 8080), seq, ack, TcpFlags::ACK | TcpFlags::PSH, b"nope-55c1");
+    let frame = tcp_frame(
+        (A, 40000),
+        (B, 8080),
+        seq,
+        ack,
+        TcpFlags::ACK | TcpFlags::PSH,
+        b"nope-55c1",
+    );
     assert_eq!(
         w.send(A, &frame, Offload::NONE),
         Fate::Forwarded {
@@ -395,8 +447,14 @@ fn a_broken_rules_file_is_refused_with_its_position() {
     assert!(err.contains("bad.rules") && err.contains("bogus_keyword"), "{err}");
     // With skip_invalid, the others load and the refusal is counted.
     let text = format!("{RULES}alert tcp any any -> any any (msg:\"x\"; bogus_keyword; sid:9;)\n");
-    let sigs =
-        Signatures::compile(&text, Path::new("bad.rules"), Classifications::default(), true, &w.model).unwrap();
+    let sigs = Signatures::compile(
+        &text,
+        Path::new("bad.rules"),
+        Classifications::default(),
+        true,
+        &w.model,
+    )
+    .unwrap();
     assert_eq!((sigs.len(), sigs.refused), (3, 1));
 }
 

@@ -26,8 +26,8 @@
 //! linear walk, which is what it means for the compiled chain.
 
 use core::net::IpAddr;
-use std::sync::Arc;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use palisade_classify::{Classifier, Key, Prefix, Rule, SplitClassifier};
 use palisade_policy::compile::{ChainEntry, CompiledChain, Compiler, EntryAction};
@@ -150,7 +150,12 @@ impl ChainLookup for ClassifiedLookup {
         self.linear.decide_related(vnic, direction, flow)
     }
 
-    fn inspection(&self, src: Option<&str>, dst: Option<&str>, verdicts: [Option<&ChainVerdict>; 2]) -> Option<Arc<str>> {
+    fn inspection(
+        &self,
+        src: Option<&str>,
+        dst: Option<&str>,
+        verdicts: [Option<&ChainVerdict>; 2],
+    ) -> Option<Arc<str>> {
         self.linear.inspection(src, dst, verdicts)
     }
 

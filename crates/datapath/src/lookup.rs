@@ -53,7 +53,12 @@ pub trait ChainLookup {
     /// ([`palisade_policy::eval::inspection_profile`]); `None` when the flow
     /// is not inspected (no profile, or one that runs no signatures). The
     /// default inspects nothing.
-    fn inspection(&self, src: Option<&str>, dst: Option<&str>, verdicts: [Option<&ChainVerdict>; 2]) -> Option<Arc<str>> {
+    fn inspection(
+        &self,
+        src: Option<&str>,
+        dst: Option<&str>,
+        verdicts: [Option<&ChainVerdict>; 2],
+    ) -> Option<Arc<str>> {
         let _ = (src, dst, verdicts);
         None
     }
@@ -79,7 +84,12 @@ impl<T: ChainLookup + ?Sized> ChainLookup for Arc<T> {
         (**self).version()
     }
 
-    fn inspection(&self, src: Option<&str>, dst: Option<&str>, verdicts: [Option<&ChainVerdict>; 2]) -> Option<Arc<str>> {
+    fn inspection(
+        &self,
+        src: Option<&str>,
+        dst: Option<&str>,
+        verdicts: [Option<&ChainVerdict>; 2],
+    ) -> Option<Arc<str>> {
         (**self).inspection(src, dst, verdicts)
     }
 }
@@ -169,7 +179,12 @@ impl ChainLookup for PolicyLookup {
         self.compiler.model().policy.version
     }
 
-    fn inspection(&self, src: Option<&str>, dst: Option<&str>, verdicts: [Option<&ChainVerdict>; 2]) -> Option<Arc<str>> {
+    fn inspection(
+        &self,
+        src: Option<&str>,
+        dst: Option<&str>,
+        verdicts: [Option<&ChainVerdict>; 2],
+    ) -> Option<Arc<str>> {
         let zone = |v: Option<&str>| v.and_then(|v| self.zones.get(v)).map(String::as_str);
         let explicit = verdicts.map(|v| v.and_then(|v| v.inspect.as_deref()));
         let name = palisade_policy::eval::inspection_profile(self.compiler.model(), explicit, zone(src), zone(dst))?;

@@ -5,8 +5,7 @@ use core::net::{IpAddr, Ipv4Addr};
 
 use palisade_datapath::port::{self, UplinkConfig};
 use palisade_datapath::{
-    Disposition, DropReason, EndReason, Engine, EngineConfig, EventKind, FlowEvent, PolicyLookup, Results,
-    render_reply,
+    Disposition, DropReason, EndReason, Engine, EngineConfig, EventKind, FlowEvent, PolicyLookup, Results, render_reply,
 };
 use palisade_policy::compile::Compiler;
 use palisade_policy::eval::{Flow, evaluate};
@@ -63,13 +62,22 @@ fn model_and_engine() -> (Model, Engine) {
     });
     let mut e = Engine::new(cfg, Box::new(PolicyLookup::new(compiler)));
     for nic in ["a.0", "b.0"] {
-        e.add_vnic(port::vnic_from_model(&model, nic, &[], 1000).unwrap()).unwrap();
+        e.add_vnic(port::vnic_from_model(&model, nic, &[], 1000).unwrap())
+            .unwrap();
     }
     (model, e)
 }
 
 /// An IPv4 TCP frame with a correct checksum.
-fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), mac: (u8, u8), seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
+fn tcp_frame(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    mac: (u8, u8),
+    seq: u32,
+    ack: u32,
+    flags: TcpFlags,
+    data: &[u8],
+) -> Vec<u8> {
     let repr = TcpRepr {
         src_port: src.1,
         dst_port: dst.1,
@@ -150,13 +158,23 @@ fn a_flow_carries_the_deciding_rules_profile_else_its_traffic_class_default() {
         ("intra-zone default: none", B, 0x0b, 80, None),
         ("a rule's inspect: full", B, 0x0b, 8080, Some("full")),
         ("a rule's inspect: none overrides the default", B, 0x0b, 8443, None),
-        ("the egress rule's before the ingress rule's", B, 0x0b, 9000, Some("critical")),
+        (
+            "the egress rule's before the ingress rule's",
+            B,
+            0x0b,
+            9000,
+            Some("critical"),
+        ),
         ("inter-zone default", C, 0x0c, 80, Some("critical")),
         ("north-south default", OUT, 0xfe, 80, Some("full")),
     ];
     for (what, to, mac, dport, want) in cases {
         let (model, mut e) = model_and_engine();
-        assert_eq!(reference(&model, A, to, dport).as_deref(), want, "{what}: the reference");
+        assert_eq!(
+            reference(&model, A, to, dport).as_deref(),
+            want,
+            "{what}: the reference"
+        );
         let syn = tcp_frame((A, 40000), (to, dport), (0x0a, mac), 1000, 0, TcpFlags::SYN, &[]);
         let (d, got) = send(&mut e, "a.0", MS, &syn);
         assert_eq!(d, Disposition::Forward, "{what}");
@@ -166,7 +184,15 @@ fn a_flow_carries_the_deciding_rules_profile_else_its_traffic_class_default() {
         assert_eq!(again.as_deref(), want, "{what}: from the cache");
         if to == B {
             // The reply carries its connection's profile.
-            let synack = tcp_frame((B, dport), (A, 40000), (0x0b, 0x0a), 5000, 1001, TcpFlags::SYN | TcpFlags::ACK, &[]);
+            let synack = tcp_frame(
+                (B, dport),
+                (A, 40000),
+                (0x0b, 0x0a),
+                5000,
+                1001,
+                TcpFlags::SYN | TcpFlags::ACK,
+                &[],
+            );
             let (d, back) = send(&mut e, "b.0", 3 * MS, &synack);
             assert_eq!(d, Disposition::Forward, "{what}: reply");
             assert_eq!(back.as_deref(), want, "{what}: reply");
@@ -181,9 +207,23 @@ fn open(e: &mut Engine) {
     let ba = ((B, 8080), (A, 40000), (0x0b, 0x0a));
     for (from, frame) in [
         ("a.0", f(ab.0, ab.1, ab.2, 1000, 0, TcpFlags::SYN, &[])),
-        ("b.0", f(ba.0, ba.1, ba.2, 5000, 1001, TcpFlags::SYN | TcpFlags::ACK, &[])),
+        (
+            "b.0",
+            f(ba.0, ba.1, ba.2, 5000, 1001, TcpFlags::SYN | TcpFlags::ACK, &[]),
+        ),
         ("a.0", f(ab.0, ab.1, ab.2, 1001, 5001, TcpFlags::ACK, &[])),
-        ("a.0", f(ab.0, ab.1, ab.2, 1001, 5001, TcpFlags::ACK | TcpFlags::PSH, b"GET / HTTP/1.0\r\n\r\n")),
+        (
+            "a.0",
+            f(
+                ab.0,
+                ab.1,
+                ab.2,
+                1001,
+                5001,
+                TcpFlags::ACK | TcpFlags::PSH,
+                b"GET / HTTP/1.0\r\n\r\n",
+            ),
+        ),
     ] {
         let (d, p) = send(e, from, MS, &frame);
         assert_eq!((d, p.as_deref()), (Disposition::Forward, Some("full")));
@@ -195,7 +235,15 @@ fn an_inspection_drop_drops_every_later_packet_of_the_flow_both_ways() {
     let (_, mut e) = model_and_engine();
     open(&mut e);
     let before = e.counters().clone();
-    let data = tcp_frame((A, 40000), (B, 8080), (0x0a, 0x0b), 1019, 5001, TcpFlags::ACK | TcpFlags::PSH, b"evil");
+    let data = tcp_frame(
+        (A, 40000),
+        (B, 8080),
+        (0x0a, 0x0b),
+        1019,
+        5001,
+        TcpFlags::ACK | TcpFlags::PSH,
+        b"evil",
+    );
     let port = e.port_of("a.0").unwrap();
     let key = flow::extract(&data[..]).unwrap().unwrap().key;
     let mut events: Vec<FlowEvent> = Vec::new();
@@ -203,20 +251,36 @@ fn an_inspection_drop_drops_every_later_packet_of_the_flow_both_ways() {
     assert_eq!(send(&mut e, "a.0", 2 * MS, &data).0, Disposition::Forward);
     assert!(e.inspection_drop(&key, 2 * MS, port, 1, &mut events));
     assert!(
-        events
-            .iter()
-            .any(|ev| ev.kind == EventKind::End(EndReason::Inspection)),
+        events.iter().any(|ev| ev.kind == EventKind::End(EndReason::Inspection)),
         "{events:?}"
     );
-    assert_eq!(e.counters().forwarded, before.forwarded, "the frame is not counted forwarded");
+    assert_eq!(
+        e.counters().forwarded,
+        before.forwarded,
+        "the frame is not counted forwarded"
+    );
     assert_eq!(e.counters().dropped(DropReason::Inspection), 1);
     assert_eq!(e.conntrack().len(), 0, "the connection ended");
     // Later packets, either way, are dropped from the cache.
     let again = tcp_frame((A, 40000), (B, 8080), (0x0a, 0x0b), 1023, 5001, TcpFlags::ACK, b"more");
-    let back = tcp_frame((B, 8080), (A, 40000), (0x0b, 0x0a), 5001, 1023, TcpFlags::ACK, b"answer");
+    let back = tcp_frame(
+        (B, 8080),
+        (A, 40000),
+        (0x0b, 0x0a),
+        5001,
+        1023,
+        TcpFlags::ACK,
+        b"answer",
+    );
     let hits = e.counters().cache_hits;
-    assert_eq!(send(&mut e, "a.0", 3 * MS, &again), (Disposition::Drop(DropReason::Inspection), None));
-    assert_eq!(send(&mut e, "b.0", 3 * MS, &back), (Disposition::Drop(DropReason::Inspection), None));
+    assert_eq!(
+        send(&mut e, "a.0", 3 * MS, &again),
+        (Disposition::Drop(DropReason::Inspection), None)
+    );
+    assert_eq!(
+        send(&mut e, "b.0", 3 * MS, &back),
+        (Disposition::Drop(DropReason::Inspection), None)
+    );
     assert_eq!(e.counters().cache_hits, hits + 2, "on the fast path");
     assert_eq!(e.counters().dropped(DropReason::Inspection), 3);
 }
@@ -225,7 +289,15 @@ fn an_inspection_drop_drops_every_later_packet_of_the_flow_both_ways() {
 fn a_frame_inspection_rejects_gets_a_reset_back() {
     let (_, mut e) = model_and_engine();
     open(&mut e);
-    let data = tcp_frame((A, 40000), (B, 8080), (0x0a, 0x0b), 1019, 5001, TcpFlags::ACK | TcpFlags::PSH, b"evil");
+    let data = tcp_frame(
+        (A, 40000),
+        (B, 8080),
+        (0x0a, 0x0b),
+        1019,
+        5001,
+        TcpFlags::ACK | TcpFlags::PSH,
+        b"evil",
+    );
     let port = e.port_of("a.0").unwrap();
     let mut events: Vec<FlowEvent> = Vec::new();
     let mut results = Results::new();
@@ -236,7 +308,11 @@ fn a_frame_inspection_rejects_gets_a_reset_back() {
     let mut buf = [0u8; 256];
     let n = render_reply(&reply, &mut buf).unwrap();
     let info = flow::extract(&buf[..n]).unwrap().unwrap();
-    assert_eq!(info.key.reversed(), flow::extract(&data[..]).unwrap().unwrap().key, "back to the sender");
+    assert_eq!(
+        info.key.reversed(),
+        flow::extract(&data[..]).unwrap().unwrap().key,
+        "back to the sender"
+    );
     let t = tcp::Packet::new_checked(&buf[34..n]).unwrap();
     assert!(t.flags().contains(TcpFlags::RST));
     assert_eq!(t.seq_number(), 5001, "in the sender's window: what it acknowledged");

@@ -1717,7 +1717,10 @@ fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_cr
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("index.html"), format!("hello from {vm}\n")).unwrap();
         let d = dir.to_string_lossy().to_string();
-        servers.push(lab.spawn(vm, &["busybox", "httpd", "-f", "-p", port, "-h", &d]).unwrap());
+        servers.push(
+            lab.spawn(vm, &["busybox", "httpd", "-f", "-p", port, "-h", &d])
+                .unwrap(),
+        );
     }
     let web1 = lab.vm_ip("web-1").unwrap().to_string();
     let app1 = lab.vm_ip("app-1").unwrap().to_string();
@@ -1738,11 +1741,18 @@ fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_cr
         std::thread::sleep(Duration::from_millis(200));
         answered = curl(None, &clean);
     }
-    assert_eq!(answered, "200", "a clean request from the internet to web-1 is answered");
+    assert_eq!(
+        answered, "200",
+        "a clean request from the internet to web-1 is answered"
+    );
 
     // North-south, profile full: the marked request gets no answer.
     let marked = format!("http://{web1}/?q=palisade-e2e-7f3a");
-    assert_eq!(curl(None, &marked), "000", "the marked request from the internet is dropped inline");
+    assert_eq!(
+        curl(None, &marked),
+        "000",
+        "the marked request from the internet is dropped inline"
+    );
     // East-west, web → app, profile critical: the same marker passes.
     assert_eq!(
         curl(Some("web-1"), &format!("http://{app1}:8080/?q=palisade-e2e-7f3a")),
@@ -1772,7 +1782,11 @@ fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_cr
             }
         }
     }
-    assert_eq!(found.len(), 1, "one alert for the one marked request that was inspected: {found:?}");
+    assert_eq!(
+        found.len(),
+        1,
+        "one alert for the one marked request that was inspected: {found:?}"
+    );
     let (host, a) = &found[0];
     assert_eq!(a["alert"]["action"], "blocked", "{a}");
     assert_eq!(a["alert"]["rule_action"], "drop", "{a}");
@@ -1783,12 +1797,17 @@ fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_cr
     assert!(a["src"].is_null(), "the source is external: {a}");
     let text = alerts_of(host, false);
     assert!(
-        text.contains("blocked drop [9100001:1]") && text.contains("(external)") && text.contains("web-1 web-1.0 zone web"),
+        text.contains("blocked drop [9100001:1]")
+            && text.contains("(external)")
+            && text.contains("web-1 web-1.0 zone web"),
         "{text}"
     );
-    let metrics = palisade_agent::http::get_unix(&lab.state().state_dir.join(host).join("agent.sock"), "/metrics").unwrap();
+    let metrics =
+        palisade_agent::http::get_unix(&lab.state().state_dir.join(host).join("agent.sock"), "/metrics").unwrap();
     assert!(
-        metrics.lines().any(|l| l.starts_with("palisade_inspect_drops_total") && !l.ends_with(" 0")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("palisade_inspect_drops_total") && !l.ends_with(" 0")),
         "{metrics}"
     );
 
@@ -1799,5 +1818,9 @@ fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_cr
     assert!(!report.namespaces.is_empty());
     assert_eq!(leftovers(name).unwrap(), Vec::<String>::new());
     let _ = std::fs::remove_file(&rules);
-    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
 }

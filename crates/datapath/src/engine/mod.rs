@@ -45,13 +45,13 @@ use palisade_wire::virtio_net::{GsoKind, Offload};
 
 use crate::conntrack::{Conntrack, FullPolicy, TcpSeg, Timeouts};
 use crate::decision::{Disposition, L2, Processed, ReplySpec, Results, Underlay};
+use crate::events::EndReason;
 use crate::events::EventSink;
+use crate::flow_table::CachedVerdict;
 use crate::flow_table::{FlowHash, FlowTable};
 use crate::lookup::ChainLookup;
 use crate::port::{self, PortError, PortId, UPLINK, UplinkConfig, VnicPort};
 use crate::switch::{self, LastDestination, Location, MacTable};
-use crate::events::EndReason;
-use crate::flow_table::CachedVerdict;
 use crate::verdict::{Counters, DropReason, InspectProfile, Tally};
 
 mod connection;

@@ -201,7 +201,8 @@ impl Aux {
 }
 
 /// The profiles every generated policy declares (`none` runs nothing).
-const PROFILES: &str = "profiles:\n  full: { signatures: [all] }\n  crit: { signatures: [critical] }\n  none: { signatures: [] }\n";
+const PROFILES: &str =
+    "profiles:\n  full: { signatures: [all] }\n  crit: { signatures: [critical] }\n  none: { signatures: [] }\n";
 
 fn policy(ch: &mut Choices<'_>, aux: &mut Aux) -> String {
     let default = |ch: &mut Choices<'_>| ch.pick(&["allow", "deny"]);
@@ -926,7 +927,9 @@ fn scenarios(world: &World, f: &FlowSpec, ch: &mut Choices<'_>, cov: &mut Covera
                     r.profile, world.text
                 ));
             }
-            r.cov.verdicts.insert(if want.is_some() { "inspected" } else { "uninspected" });
+            r.cov
+                .verdicts
+                .insert(if want.is_some() { "inspected" } else { "uninspected" });
         }
         // 2. The answer, after it.
         let back = echo_answer(f);

@@ -50,7 +50,11 @@ pub fn run(args: AlertsArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading /alerts from the agent at {}", socket.display()))?;
     let alerts: Vec<AlertRecord> =
         serde_json::from_str(&body).with_context(|| format!("the agent at {} sent no alert list", socket.display()))?;
-    let names_vm = |a: &AlertRecord, vm: &str| [&a.src, &a.dest].iter().any(|e| e.as_ref().is_some_and(|i| i.name == vm));
+    let names_vm = |a: &AlertRecord, vm: &str| {
+        [&a.src, &a.dest]
+            .iter()
+            .any(|e| e.as_ref().is_some_and(|i| i.name == vm))
+    };
     let kept: Vec<&AlertRecord> = alerts
         .iter()
         .filter(|a| args.sid.is_none_or(|s| a.alert.signature_id == s))
