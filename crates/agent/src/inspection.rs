@@ -595,7 +595,7 @@ impl Inline {
         std::mem::take(&mut self.records)
     }
 
-    /// Forget flows idle past their timeout (TCP [`FLOW_IDLE`], others a fifth of it).
+    /// Forget flows idle past their timeout (TCP ten minutes, others two).
     pub fn expire(&mut self, now: u64) {
         let now = Duration::from_nanos(now);
         self.flows.retain(|k, t| {

@@ -339,6 +339,8 @@ impl Results {
     }
 
     /// Record a frame's decision (its outputs are those staged since `start`).
+    // One call per frame, from one place: the fields of the entry it writes.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(crate) fn record(
         &mut self,
