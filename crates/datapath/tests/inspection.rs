@@ -333,3 +333,36 @@ fn an_imported_connection_keeps_its_profile() {
         "a connection taken over is inspected as before"
     );
 }
+
+/// A routed flow crosses the engine twice (VM → router leg, router leg →
+/// VM): handed on for inspection on its first leg only.
+#[test]
+fn a_routed_flow_is_handed_to_inspection_once() {
+    let (_, mut e) = model_and_engine();
+    let seg = e.vnic(e.port_of("a.0").unwrap()).unwrap().segment;
+    e.add_vnic(port::VnicPort {
+        name: "edge-web".into(),
+        vm: "edge".into(),
+        mac: EthernetAddress([2, 0, 0, 0, 0, 0xfe]),
+        ips: vec![],
+        zone: "web".into(),
+        segment: seg,
+        group_id: 0,
+        strict: false,
+        max_conns: u32::MAX,
+        any_source: true,
+    })
+    .unwrap();
+    let syn = |mac| tcp_frame((A, 40000), (B, 8080), mac, 1000, 0, TcpFlags::SYN, &[]);
+    // First leg: a → the router's MAC.
+    assert_eq!(
+        send(&mut e, "a.0", MS, &syn((0x0a, 0xfe))),
+        (Disposition::Forward, Some("full".to_string()))
+    );
+    // Second leg: the router → b, a's address as the source.
+    assert_eq!(
+        send(&mut e, "edge-web", 2 * MS, &syn((0xfe, 0x0b))),
+        (Disposition::Forward, None),
+        "inspected on its first leg"
+    );
+}
