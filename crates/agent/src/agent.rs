@@ -134,6 +134,8 @@ pub struct Agent {
     last_inspect_error: Option<String>,
     /// Recent alerts, for `/alerts`.
     alerts: AlertRing,
+    /// `alerts` as the JSON `/alerts` serves.
+    alerts_json: String,
 }
 
 /// What a start resumed its connections from.
@@ -728,6 +730,7 @@ impl Agent {
             inspect_errors: 0,
             last_inspect_error: None,
             alerts: AlertRing::default(),
+            alerts_json: String::new(),
         };
         agent.start_inspection(model);
         agent.save_fallback_plan(model);
@@ -1403,10 +1406,15 @@ impl Agent {
         drop(engines);
         drop(guards);
         let flows = serde_json::to_string(&self.recent).unwrap_or_else(|_| "[]".into());
-        for a in fresh_alerts {
-            self.alerts.push(a);
+        // Serialized again only when new alerts came (up to 4096 records).
+        if !fresh_alerts.is_empty() || self.alerts_json.is_empty() {
+            for a in fresh_alerts {
+                self.alerts.push(a);
+            }
+            self.alerts_json =
+                serde_json::to_string(&self.alerts.iter().collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into());
         }
-        let alerts = serde_json::to_string(&self.alerts.iter().collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into());
+        let alerts = self.alerts_json.clone();
         // The report the controller gets, and what only the host needs.
         let mut health = serde_json::to_value(&report).unwrap_or_default();
         if let Some(h) = health.as_object_mut() {
