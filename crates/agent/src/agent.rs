@@ -40,6 +40,7 @@ use palisade_wire::ethernet::EthernetAddress;
 use crate::config::AgentConfig;
 use crate::error::{AgentError, io_err};
 use crate::http::{self, Published, Shared};
+use crate::inspection::{AlertRing, Inline, InlineSetup, Signatures};
 use crate::journal::{Identity, Journal};
 use crate::metrics;
 use crate::records::{Clock, Identities};
@@ -141,6 +142,16 @@ pub struct Agent {
     fail_open: Option<crate::fallback::Episode>,
     /// The open zones of the fallback plan in force (`None`: no plan could be made: all closed).
     fallback_open: Option<Vec<String>>,
+    /// Inline inspection's signatures in force (`None`: no `[inspect]`).
+    signatures: Option<Arc<Signatures>>,
+    /// Signature loads that failed at a policy change (the previous ones stay in force).
+    inspect_errors: u64,
+    /// The last such failure.
+    last_inspect_error: Option<String>,
+    /// Recent alerts, for `/alerts`.
+    alerts: AlertRing,
+    /// `alerts` as the JSON `/alerts` serves.
+    alerts_json: String,
 }
 
 /// What a start resumed its connections from.
@@ -331,6 +342,36 @@ fn port_error(config: &AgentConfig, e: HostError) -> AgentError {
         other => (format!("host {}", config.host), other.to_string()),
     };
     AgentError::Port { what, message }
+}
+
+/// Say so when the policy selects inspection profiles but nothing inspects.
+fn warn_uninspected(model: &Model) {
+    if model.policy.profiles.iter().any(|p| !p.signatures.is_empty()) {
+        eprintln!(
+            "palisade agent: warning: the policy selects inspection profiles but there is no [inspect] \
+             section: flows pass uninspected"
+        );
+    }
+}
+
+/// By port id: whether inspection that cannot keep up drops the port's
+/// frames (its zone's `on_failure` is `closed`).
+fn fail_closed_ports(config: &AgentConfig, model: &Model, ports: &[PortBinding]) -> Arc<[bool]> {
+    let len = ports.iter().map(|p| usize::from(p.port.0) + 1).max().unwrap_or(0);
+    let mut closed = vec![false; len];
+    for p in ports {
+        let zone = model.inventory.vnic(&p.name).map(|(_, n)| n.zone.as_str()).or_else(|| {
+            config
+                .appliances
+                .iter()
+                .find(|a| a.name == p.name)
+                .map(|a| a.zone.as_str())
+        });
+        if let Some(z) = zone.and_then(|z| model.inventory.zone(z)) {
+            closed[usize::from(p.port.0)] = z.on_failure == palisade_policy::model::OnFailure::Closed;
+        }
+    }
+    closed.into()
 }
 
 /// The zones of the configuration's ports, with their `on_failure` in `model`.
@@ -631,6 +672,7 @@ impl Agent {
                 quiesced: Vec::new(),
                 quiesced_drops: 0,
                 journal: None,
+                inline: None,
             })));
         }
         let t_sockets = t0.elapsed();
@@ -683,6 +725,23 @@ impl Agent {
             Some(control),
         )
         .map_err(io_err("agent HTTP endpoint"))?;
+        let signatures = match &config.inspect {
+            Some(ic) => {
+                let sigs = Arc::new(Signatures::load(ic, model)?);
+                if sigs.refused > 0 {
+                    eprintln!(
+                        "palisade agent: inspection: {} rule(s) refused in {}",
+                        sigs.refused,
+                        ic.rules.display()
+                    );
+                }
+                Some(sigs)
+            }
+            None => {
+                warn_uninspected(model);
+                None
+            }
+        };
         let identity = Identity::new(&config.host, config.vnics.iter().map(|v| v.name.as_str()));
         let default_decisions = config.vnics.iter().map(|v| (v.name.clone(), 0)).collect();
         let mut agent = Agent {
@@ -724,7 +783,13 @@ impl Agent {
             last_report: None,
             to_controller_health,
             notifier: crate::notify::Notifier::from_env(),
+            signatures,
+            inspect_errors: 0,
+            last_inspect_error: None,
+            alerts: AlertRing::default(),
+            alerts_json: String::new(),
         };
+        agent.start_inspection(model);
         let t_rest = t0.elapsed();
         agent.save_fallback_plan(model);
         let t_plan = t0.elapsed();
@@ -1348,14 +1413,55 @@ impl Agent {
         self.save_fallback_plan(compiler.model());
         self.policy_installed = Instant::now();
         let identities = Arc::new(Identities::new(compiler.model()));
+        // The signatures are read again with each policy (its profiles select from them).
+        if let Some(ic) = &self.config.inspect
+            && !self
+                .signatures
+                .as_ref()
+                .is_some_and(|s| s.unchanged(ic, compiler.model()))
+        {
+            match Signatures::load(ic, compiler.model()) {
+                Ok(sigs) => {
+                    self.signatures = Some(Arc::new(sigs));
+                    self.last_inspect_error = None;
+                }
+                Err(e) => {
+                    self.inspect_errors += 1;
+                    eprintln!("palisade agent: inspection: signatures not reloaded, the previous ones stay: {e}");
+                    self.last_inspect_error = Some(e.to_string());
+                }
+            }
+        } else if self.config.inspect.is_none() {
+            warn_uninspected(compiler.model());
+        }
         // One compiled policy for all workers: it is read-only.
-        let lookup = Arc::new(PolicyLookup::new(compiler));
+        let lookup = Arc::new(PolicyLookup::new(compiler.clone()));
         for core in &self.workers {
             let mut core = lock(core);
             core.engine.update_policy(Box::new(lookup.clone()));
             core.identities = identities.clone();
         }
+        self.start_inspection(compiler.model());
         self.last_policy_error = None;
+    }
+
+    /// Give every worker an inspector over the signatures in force: new
+    /// signatures, a fresh one (detection starts over, flows are taken up
+    /// mid-stream); the same, the one it has, with the ports' failure modes
+    /// of this policy.
+    fn start_inspection(&mut self, model: &Model) {
+        let (Some(ic), Some(sigs)) = (&self.config.inspect, &self.signatures) else {
+            return;
+        };
+        let closed = fail_closed_ports(&self.config, model, &self.ports);
+        let setup = InlineSetup::new(ic, sigs.clone(), closed, &self.config.host, self.clock);
+        for core in &self.workers {
+            let mut core = lock(core);
+            match &mut core.inline {
+                Some(i) if i.same_signatures(&setup) => i.update(&setup),
+                slot => *slot = Some(Inline::new(setup.clone())),
+            }
+        }
     }
 
     /// Swap in the policy in `dir`, or keep enforcing the current one if it is broken.
@@ -1411,8 +1517,7 @@ impl Agent {
 
     /// Publish metrics, recent flows and health for the HTTP endpoint.
     pub fn publish(&mut self) {
-        let guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
-        let engines: Vec<&Engine> = guards.iter().map(|g| &g.engine).collect();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
         let mut port_stats: Vec<(String, String, PortStats)> = self
             .ports
             .iter()
@@ -1429,6 +1534,17 @@ impl Agent {
             render_errors += g.render_errors;
         }
         let quiesced_drops: u64 = guards.iter().map(|g| g.quiesced_drops).sum();
+        let mut inline = crate::inspection::InlineCounters::default();
+        let mut inline_flows = 0;
+        let mut fresh_alerts = Vec::new();
+        for g in &mut guards {
+            if let Some(i) = &mut g.inline {
+                inline.merge(&i.counters());
+                inline_flows += i.flows();
+                fresh_alerts.extend(i.take_records());
+            }
+        }
+        let engines: Vec<&Engine> = guards.iter().map(|g| &g.engine).collect();
         let journal = guards.iter().filter_map(|g| g.journal.as_ref()).fold(
             crate::journal::JournalStats::default(),
             |mut all, j| {
@@ -1476,6 +1592,14 @@ impl Agent {
         if !self.vhost.is_empty() {
             text.push_str(&self.vhost.metrics(&self.config.host));
         }
+        if self.config.inspect.is_some() {
+            text.push_str(&metrics::inspection(
+                &self.config.host,
+                &inline,
+                self.inspect_errors,
+                self.alerts.overwritten,
+            ));
+        }
         text.push_str(&metrics::fallback(
             &self.config.host,
             &self.zones,
@@ -1503,6 +1627,15 @@ impl Agent {
         drop(engines);
         drop(guards);
         let flows = serde_json::to_string(&self.recent).unwrap_or_else(|_| "[]".into());
+        // Serialized again only when new alerts came (up to 4096 records).
+        if !fresh_alerts.is_empty() || self.alerts_json.is_empty() {
+            for a in fresh_alerts {
+                self.alerts.push(a);
+            }
+            self.alerts_json =
+                serde_json::to_string(&self.alerts.iter().collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into());
+        }
+        let alerts = self.alerts_json.clone();
         // The report the controller gets, and what only the host needs.
         let mut health = serde_json::to_value(&report).unwrap_or_default();
         if let Some(h) = health.as_object_mut() {
@@ -1511,6 +1644,19 @@ impl Agent {
                 h.insert("vhost_user".into(), self.vhost.health());
             }
             h.insert("connections".into(), connections.into());
+            if let Some(sigs) = &self.signatures {
+                h.insert(
+                    "inspection".into(),
+                    serde_json::json!({
+                        "signatures": sigs.len(),
+                        "refused": sigs.refused,
+                        "flows": inline_flows,
+                        "counters": inline,
+                        "load_errors": self.inspect_errors,
+                        "last_error": self.last_inspect_error,
+                    }),
+                );
+            }
             h.insert(
                 "audit".into(),
                 serde_json::to_value(self.audit.as_ref().map(|t| t.status())).unwrap_or_default(),
@@ -1549,6 +1695,7 @@ impl Agent {
                 metrics: text,
                 flows,
                 health,
+                alerts,
             });
         }
     }

@@ -27,6 +27,10 @@
 //! queue_pairs = 4                    # default: one per worker (QEMU's queues= may be fewer)
 //! socket_mode = 0o660                # optional: with socket_group, so libvirt's QEMU can connect
 //! socket_group = "libvirt-qemu"      # optional: the socket's group (a name in /etc/group, or a number)
+//! # [inspect]                        # inline inspection (profiles and defaults come from the policy):
+//! # rules = "/etc/palisade/rules/suricata.rules"
+//! # classification = "/etc/palisade/rules/classification.config"  # optional
+//! # budget_bytes_per_s = 125000000   # per port; over it: bypass (zone open) or drop (zone closed)
 //! [[appliance]]                      # a router or gateway leg: may send from any address
 //! name = "edge-web"
 //! interface = "ge-web"
@@ -121,6 +125,40 @@ pub struct AgentConfig {
     /// path, kept to compare).
     #[serde(default = "default_offloads")]
     pub offloads: bool,
+    /// Inline inspection (`[inspect]`): off when absent.
+    #[serde(default)]
+    pub inspect: Option<InspectConfig>,
+}
+
+/// Inline inspection: the signatures the policy's profiles select from,
+/// and the budget that bounds what inspection may cost.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectConfig {
+    /// The rules file (Suricata's rule language, the subset of
+    /// `palisade ids check`). Read again with every policy.
+    pub rules: PathBuf,
+    /// A `classification.config` (classtypes and their priorities; default:
+    /// Suricata's own table).
+    #[serde(default)]
+    pub classification: Option<PathBuf>,
+    /// Load the rules that parse when others are refused (they are logged
+    /// and counted); otherwise one refused rule fails the load.
+    #[serde(default)]
+    pub skip_invalid: bool,
+    /// Bytes per second each port (a vNIC, or an appliance leg) may have
+    /// inspected; past it, a zone whose `on_failure` is `open` forwards
+    /// uninspected (counted), one that is `closed` drops (counted).
+    /// Default: no limit.
+    #[serde(default)]
+    pub budget_bytes_per_s: Option<u64>,
+    /// Reassembled stream bytes all flows of a worker may hold (MiB, default 64).
+    #[serde(default)]
+    pub stream_memory_mib: Option<u64>,
+    /// Inspected flows a worker tracks at most (default 65536): past it the
+    /// least recently seen is forgotten.
+    #[serde(default)]
+    pub max_flows: Option<usize>,
 }
 
 fn default_offloads() -> bool {
@@ -428,6 +466,30 @@ impl AgentConfig {
                 format!("`{a}` is not a duration like 90d, 12h, 30m or 45s"),
             ));
         }
+        if let Some(i) = &config.inspect {
+            if i.budget_bytes_per_s == Some(0) {
+                return Err(invalid(
+                    "inspect.budget_bytes_per_s".into(),
+                    "0 would inspect nothing: leave it out for no limit".into(),
+                ));
+            }
+            if let Some(m) = i.stream_memory_mib
+                && !(1..=65_536).contains(&m)
+            {
+                return Err(invalid(
+                    "inspect.stream_memory_mib".into(),
+                    format!("{m} is out of range: 1 to 65536"),
+                ));
+            }
+            if let Some(f) = i.max_flows
+                && !(1..=16 << 20).contains(&f)
+            {
+                return Err(invalid(
+                    "inspect.max_flows".into(),
+                    format!("{f} is out of range: 1 to 16777216"),
+                ));
+            }
+        }
         if let Some(ms) = config.state_snapshot_ms
             && ms != 0
             && !(10..=60_000).contains(&ms)
@@ -672,6 +734,35 @@ mac = "02:00:00:00:fe:01"
             .unwrap_err()
             .to_string();
         assert!(e.contains("audit_head"), "{e}");
+    }
+
+    #[test]
+    fn an_inspect_section_parses_and_its_bounds_are_checked() {
+        let with =
+            |section: &str| AgentConfig::parse(&format!("{GOOD}\n[inspect]\n{section}\n"), Path::new("hv1.toml"));
+        let c = with("rules = \"/etc/palisade/rules/x.rules\"\nbudget_bytes_per_s = 1000000").unwrap();
+        let i = c.inspect.unwrap();
+        assert_eq!(i.rules, Path::new("/etc/palisade/rules/x.rules"));
+        assert_eq!(
+            (i.budget_bytes_per_s, i.classification, i.skip_invalid),
+            (Some(1_000_000), None, false)
+        );
+        assert!(
+            AgentConfig::parse(GOOD, Path::new("hv1.toml"))
+                .unwrap()
+                .inspect
+                .is_none()
+        );
+        for (bad, field) in [
+            ("rules = \"r\"\nbudget_bytes_per_s = 0", "inspect.budget_bytes_per_s"),
+            ("rules = \"r\"\nstream_memory_mib = 0", "inspect.stream_memory_mib"),
+            ("rules = \"r\"\nmax_flows = 0", "inspect.max_flows"),
+            ("budget_bytes_per_s = 5", "rules"),
+            ("rules = \"r\"\nrule = \"typo\"", "rule"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub enum AgentError {
     /// The state directory's lock or the fail-open fallback (disarming at start).
     #[error(transparent)]
     Fallback(#[from] crate::fallback::FallbackError),
+    /// Inline inspection's signatures did not load.
+    #[error("inspection: {0}")]
+    Inspect(#[from] crate::inspection::InspectLoadError),
 }
 
 pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {

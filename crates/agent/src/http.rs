@@ -6,7 +6,8 @@
 //! datapath publishes a [`Published`] snapshot a few times a second; requests
 //! only read that snapshot, so a slow or hostile client never touches the
 //! packet path. Requests are bounded (size and time) and anything but
-//! `GET /metrics`, `GET /flows` and `GET /health` is answered 404 or 405.
+//! `GET /metrics`, `GET /flows`, `GET /alerts` (inline inspection's recent
+//! alerts) and `GET /health` is answered 404 or 405.
 //!
 //! The Unix socket (root-only by its file mode) also takes the live
 //! migration requests when the agent gives a [`Control`]: `POST
@@ -33,6 +34,8 @@ pub struct Published {
     pub flows: String,
     /// JSON health document.
     pub health: String,
+    /// JSON array of recent alerts (inline inspection), oldest first.
+    pub alerts: String,
 }
 
 /// A shared, swappable snapshot.
@@ -381,11 +384,16 @@ pub fn route<'a>(request_line: &str, p: &'a Published) -> (&'static str, &'stati
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", &p.metrics),
         ("GET", "/flows") => ("200 OK", "application/json", &p.flows),
         ("GET", "/health") => ("200 OK", "application/json", &p.health),
-        (_, "/metrics" | "/flows" | "/health") => ("405 Method Not Allowed", "text/plain", "only GET\n"),
+        ("GET", "/alerts") => (
+            "200 OK",
+            "application/json",
+            if p.alerts.is_empty() { "[]" } else { &p.alerts },
+        ),
+        (_, "/metrics" | "/flows" | "/health" | "/alerts") => ("405 Method Not Allowed", "text/plain", "only GET\n"),
         _ => (
             "404 Not Found",
             "text/plain",
-            "not found: try /metrics, /flows or /health\n",
+            "not found: try /metrics, /flows, /alerts or /health\n",
         ),
     }
 }
@@ -436,11 +444,14 @@ mod tests {
             metrics: "m".into(),
             flows: "[]".into(),
             health: "{}".into(),
+            alerts: "[{\"a\":1}]".into(),
         };
         let cases = [
             ("GET /metrics HTTP/1.1\r\n", "200 OK", "m"),
             ("GET /flows?x=1 HTTP/1.1\r\n", "200 OK", "[]"),
             ("GET /health HTTP/1.0\r\n", "200 OK", "{}"),
+            ("GET /alerts HTTP/1.1\r\n", "200 OK", "[{\"a\":1}]"),
+            ("DELETE /alerts HTTP/1.1\r\n", "405 Method Not Allowed", "only GET\n"),
             ("POST /metrics HTTP/1.1\r\n", "405 Method Not Allowed", "only GET\n"),
             ("GET /../../etc/passwd HTTP/1.1\r\n", "404 Not Found", ""),
             ("\r\n", "400 Bad Request", ""),

@@ -10,6 +10,8 @@
 //! - [`records`]: flow events → audit flow records with both ends' identity.
 //! - [`trail`]: batched, durable appends to the audit store.
 //! - [`metrics`]: Prometheus text.
+//! - [`inspection`]: inline inspection of the flows the policy selects
+//!   (one signature engine per worker), alert records with both ends' identity.
 //! - [`health`]: the datapath health report (`/health`, pushed to the controller).
 //! - [`notify`]: systemd's readiness and watchdog notifications (sd_notify).
 //! - [`http`]: the metrics/flows/health endpoint (TCP and a Unix socket).
@@ -34,6 +36,7 @@ mod error;
 pub mod fallback;
 pub mod health;
 pub mod http;
+pub mod inspection;
 pub mod journal;
 pub mod metrics;
 pub mod migrate;

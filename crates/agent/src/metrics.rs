@@ -473,3 +473,64 @@ pub fn fallback(
     }
     o
 }
+
+/// Inline inspection's counters (`palisade_inspect_*`), summed over the workers.
+pub fn inspection(
+    host: &str,
+    c: &crate::inspection::InlineCounters,
+    load_errors: u64,
+    alerts_overwritten: u64,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let host = esc(host);
+    let rows: [(&str, &str, u64); 12] = [
+        ("packets_total", "Frames inspected inline.", c.packets),
+        ("bytes_total", "Bytes of the frames inspected inline.", c.bytes),
+        ("alerts_total", "Alerts raised by inline inspection.", c.alerts),
+        ("drops_total", "Flows dropped by a drop signature.", c.drops),
+        ("rejects_total", "Flows rejected by a reject signature.", c.rejects),
+        (
+            "bypassed_total",
+            "Frames forwarded uninspected: the port's inspection budget was spent and its zone fails open.",
+            c.bypassed,
+        ),
+        (
+            "budget_drops_total",
+            "Frames dropped uninspected: the port's inspection budget was spent and its zone fails closed.",
+            c.budget_drops,
+        ),
+        (
+            "unknown_profile_total",
+            "Frames of flows whose inspection profile the loaded signatures lack.",
+            c.unknown_profile,
+        ),
+        (
+            "undecodable_total",
+            "Frames the inspector could not decode (forwarded).",
+            c.undecodable,
+        ),
+        (
+            "flows_evicted_total",
+            "Inspected flows forgotten to make room.",
+            c.flows_evicted,
+        ),
+        (
+            "alerts_discarded_total",
+            "Alert records not kept (a worker raised more than the control thread took).",
+            c.alerts_discarded + alerts_overwritten,
+        ),
+        (
+            "load_errors_total",
+            "Signature loads that failed at a policy change (the previous signatures stayed).",
+            load_errors,
+        ),
+    ];
+    for (name, help, v) in rows {
+        let _ = write!(
+            out,
+            "# HELP palisade_inspect_{name} {help}\n# TYPE palisade_inspect_{name} counter\npalisade_inspect_{name}{{host=\"{host}\"}} {v}\n"
+        );
+    }
+    out
+}

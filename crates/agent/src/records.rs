@@ -168,5 +168,6 @@ fn end_reason(r: EndReason) -> record::EndReason {
         EndReason::PolicyRevoked => record::EndReason::PolicyRevoked,
         EndReason::Evicted => record::EndReason::Evicted,
         EndReason::Exported => record::EndReason::Migrated,
+        EndReason::Inspection => record::EndReason::Inspection,
     }
 }

@@ -41,6 +41,7 @@ use palisade_io::overlay::UdpOverlay;
 use palisade_io::port::{FramePort, Offload, PortStats, RxFrame, wait_readable};
 use palisade_wire::vxlan;
 
+use crate::inspection::{Inline, InlineVerdict};
 use crate::records::{self, Clock, Identities};
 
 /// Frames taken from one port per round.
@@ -93,6 +94,8 @@ pub(crate) struct WorkerCore {
     /// The crash journal of the connections made, changed or ended since
     /// the last snapshot (`None`: snapshots are off, or it could not be made).
     pub journal: Option<crate::journal::Journal>,
+    /// Inline inspection (`None`: no `[inspect]`, or its signatures never loaded).
+    pub inline: Option<Inline>,
 }
 
 /// Lock a worker's core. A worker that panicked while holding it has
@@ -155,17 +158,21 @@ impl Staging {
 }
 
 /// Run one frame that arrived on the underlay through the engine and stage its outputs.
+#[allow(clippy::too_many_arguments)]
 fn handle_overlay(
     engine: &mut Engine,
     staging: &mut Staging,
     events: &mut Vec<FlowEvent>,
     results: &mut Results,
+    inline: &mut Inspection<'_>,
     now: u64,
     remote: Ipv4Addr,
     payload: &[u8],
 ) {
-    let processed = engine.process_overlay(now, remote, payload, events, results);
-    stage(staging, &processed, None);
+    engine.process_overlay(now, remote, payload, events, results);
+    if let Some(processed) = results.get(0, payload) {
+        inspect_and_stage(engine, staging, events, inline, &processed, port::UPLINK, now, None);
+    }
 }
 
 /// Run a super-frame (or a plain frame) that arrived on the underlay
@@ -180,9 +187,12 @@ fn handle_overlay_offloaded(
     remote: Ipv4Addr,
     payload: &[u8],
     offload: Offload,
+    inline: &mut Inspection<'_>,
 ) {
-    let processed = engine.process_overlay_offloaded(now, remote, payload, offload, events, results);
-    stage(staging, &processed, None);
+    engine.process_overlay_offloaded(now, remote, payload, offload, events, results);
+    if let Some(processed) = results.get(0, payload) {
+        inspect_and_stage(engine, staging, events, inline, &processed, port::UPLINK, now, None);
+    }
 }
 
 /// Run a batch of frames with their offload state that arrived on `port`
@@ -195,6 +205,7 @@ fn handle_frames(
     events: &mut Vec<FlowEvent>,
     results: &mut Results,
     offloads: &mut Vec<Offload>,
+    inline: &mut Inspection<'_>,
     now: u64,
     port: PortId,
     frames: &[RxFrame<'_>],
@@ -203,25 +214,67 @@ fn handle_frames(
     offloads.extend(frames.iter().map(|f| f.offload));
     engine.process_batch_offloaded(now, port, frames, offloads, events, results);
     for processed in results.iter(frames) {
-        stage(staging, &processed, Some(port));
+        inspect_and_stage(engine, staging, events, inline, &processed, port, now, Some(port));
     }
 }
 
 /// Run a batch of frames that arrived on `port` through the engine (which
 /// looks their flows up ahead, [`Engine::process_batch`]) and stage their outputs.
+#[allow(clippy::too_many_arguments)]
 fn handle_batch(
     engine: &mut Engine,
     staging: &mut Staging,
     events: &mut Vec<FlowEvent>,
     results: &mut Results,
+    inline: &mut Inspection<'_>,
     now: u64,
     port: PortId,
     frames: &[&[u8]],
 ) {
     engine.process_batch(now, port, frames, events, results);
     for processed in results.iter(frames) {
-        stage(staging, &processed, Some(port));
+        inspect_and_stage(engine, staging, events, inline, &processed, port, now, Some(port));
     }
+}
+
+/// A worker's inline inspection and what its alert records name.
+struct Inspection<'a> {
+    inline: Option<&'a mut Inline>,
+    identities: &'a Identities,
+}
+
+/// Stage a processed frame, first inspecting it when its flow has a
+/// profile (a flow without one costs one test of a byte here): dropped
+/// frames are not staged, a rejected one's sender gets the reply.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn inspect_and_stage(
+    engine: &mut Engine,
+    staging: &mut Staging,
+    events: &mut Vec<FlowEvent>,
+    inline: &mut Inspection<'_>,
+    processed: &Processed<'_>,
+    in_port: PortId,
+    now: u64,
+    from: Option<PortId>,
+) {
+    if processed.inspection().is_some()
+        && let Some(ins) = inline.inline.as_deref_mut()
+    {
+        match ins.frame(engine, processed, in_port, now, inline.identities, events) {
+            InlineVerdict::Forward => {}
+            InlineVerdict::Drop => return,
+            InlineVerdict::Reject => {
+                if let (Some(port), Some(reply)) = (from, processed.reject_reply()) {
+                    staging.push(Dest::Port(port), 0, Some(Offload::NONE), |buf| {
+                        palisade_datapath::render_reply(&reply, buf).ok()
+                    });
+                }
+                return;
+            }
+        }
+    }
+    stage(staging, processed, from);
 }
 
 /// Stage what the engine decided for one frame: its outputs, or the reply
@@ -313,6 +366,10 @@ impl Worker {
             {
                 let mut guard = lock(&self.core);
                 let core = &mut *guard;
+                let mut inspection = Inspection {
+                    inline: core.inline.as_mut(),
+                    identities: &core.identities,
+                };
                 for i in ready {
                     let engine = &mut core.engine;
                     if i == overlay_index {
@@ -331,13 +388,23 @@ impl Worker {
                                             remote,
                                             payload,
                                             o,
+                                            &mut inspection,
                                         ),
                                         None => staging.render_errors += 1,
                                     }
                                 })
                         } else {
                             self.io.overlay.recv(BATCH, &mut |remote, payload| {
-                                handle_overlay(engine, &mut staging, &mut events, &mut results, now, remote, payload);
+                                handle_overlay(
+                                    engine,
+                                    &mut staging,
+                                    &mut events,
+                                    &mut results,
+                                    &mut inspection,
+                                    now,
+                                    remote,
+                                    payload,
+                                );
                             })
                         };
                         if let Err(e) = r {
@@ -359,6 +426,7 @@ impl Worker {
                                     &mut events,
                                     &mut results,
                                     &mut offloads,
+                                    &mut inspection,
                                     now,
                                     port,
                                     frames,
@@ -366,7 +434,16 @@ impl Worker {
                             })
                         } else {
                             p.io.recv_batch(BATCH, &mut |frames| {
-                                handle_batch(engine, &mut staging, &mut events, &mut results, now, port, frames);
+                                handle_batch(
+                                    engine,
+                                    &mut staging,
+                                    &mut events,
+                                    &mut results,
+                                    &mut inspection,
+                                    now,
+                                    port,
+                                    frames,
+                                );
                             })
                         };
                         if let Err(e) = r {
@@ -377,6 +454,9 @@ impl Worker {
                 if last_housekeeping.elapsed() >= Duration::from_secs(1) {
                     last_housekeeping = Instant::now();
                     core.engine.expire(now, 65_536, &mut events);
+                    if let Some(ins) = &mut core.inline {
+                        ins.expire(now);
+                    }
                     // Long-lived flows get an update record every minute.
                     let minute = now / 60_000_000_000;
                     if minute > last_update_round {

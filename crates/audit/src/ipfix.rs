@@ -439,7 +439,7 @@ fn end_reason(phase: Phase) -> u8 {
         Phase::Update => 2,
         Phase::End(EndReason::Timeout) => 1,
         Phase::End(EndReason::Fin | EndReason::Rst) => 3,
-        Phase::End(EndReason::PolicyRevoked | EndReason::Migrated | EndReason::Shutdown) => 4,
+        Phase::End(EndReason::PolicyRevoked | EndReason::Migrated | EndReason::Shutdown | EndReason::Inspection) => 4,
         Phase::End(EndReason::Evicted) => 5,
     }
 }

@@ -74,6 +74,8 @@ pub enum EndReason {
     Migrated,
     /// The agent stopped while it was open.
     Shutdown,
+    /// Inline inspection dropped it (a signature's `drop` or `reject`).
+    Inspection,
 }
 
 /// Which record of a flow's life this is.

@@ -27,6 +27,7 @@
 
 use core::net::IpAddr;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use palisade_classify::{Classifier, Key, Prefix, Rule, SplitClassifier};
 use palisade_policy::compile::{ChainEntry, CompiledChain, Compiler, EntryAction};
@@ -149,6 +150,15 @@ impl ChainLookup for ClassifiedLookup {
         self.linear.decide_related(vnic, direction, flow)
     }
 
+    fn inspection(
+        &self,
+        src: Option<&str>,
+        dst: Option<&str>,
+        verdicts: [Option<&ChainVerdict>; 2],
+    ) -> Option<Arc<str>> {
+        self.linear.inspection(src, dst, verdicts)
+    }
+
     fn version(&self) -> u64 {
         self.linear.version()
     }
@@ -221,23 +231,24 @@ impl FastChain {
                 classifier: SplitClassifier::from_rules(&rs).ok()?,
             });
         }
-        let verdict = |p: &palisade_policy::eval::Provenance, action| ChainVerdict {
+        let verdict = |p: &palisade_policy::eval::Provenance, action, inspect: Option<Arc<str>>| ChainVerdict {
             action,
             rule: p.rule_id.clone(),
             level: p.level,
             policy_version: p.policy_version,
+            inspect,
         };
         let steps = entries
             .iter()
             .map(|e| match e.action {
                 EntryAction::Pass { next } => Step::Jump(kept_starts.partition_point(|&s| s < next)),
-                a => Step::Decide(verdict(&e.provenance, a.action())),
+                a => Step::Decide(verdict(&e.provenance, a.action(), e.inspect.clone())),
             })
             .collect();
         Some(FastChain {
             levels,
             steps,
-            default: verdict(&chain.default.1, chain.default.0),
+            default: verdict(&chain.default.1, chain.default.0, None),
             rules,
         })
     }
@@ -419,6 +430,7 @@ mod tests {
                         rule: d.provenance.rule_id.clone(),
                         level: d.provenance.level,
                         policy_version: d.provenance.policy_version,
+                        inspect: d.entry.and_then(|e| e.inspect.clone()),
                     };
                     assert_eq!(fast.decide(&key_of(&flow).unwrap()), want, "{flow:?}");
                     checked += 1;

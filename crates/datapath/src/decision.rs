@@ -23,7 +23,7 @@ use palisade_wire::virtio_net::Offload;
 
 use crate::port::{PortId, UplinkConfig};
 use crate::tcptrack::TcpSeg;
-use crate::verdict::DropReason;
+use crate::verdict::{DropReason, InspectProfile};
 
 /// What to do with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +174,8 @@ struct Entry {
     outputs: (u32, u32),
     /// An index into `Results::replies`, or [`NO_REPLY`].
     reply: u32,
+    /// The flow's inspection profile (forwarded frames only).
+    inspect: Option<InspectProfile>,
 }
 
 /// `Entry::reply` of a frame without a reply.
@@ -280,8 +282,9 @@ impl Results {
             frame,
             layout: e.layout,
             underlay: self.underlay,
-            reply: self.replies.get(e.reply as usize),
+            reply: self.replies.get(e.reply as usize).copied(),
             offload: self.offloads.get(index).copied().unwrap_or(Offload::NONE),
+            inspect: e.inspect,
         }
     }
 
@@ -299,6 +302,7 @@ impl Results {
                 underlay: self.underlay,
                 reply: None,
                 offload: Offload::NONE,
+                inspect: None,
             },
         }
     }
@@ -335,6 +339,8 @@ impl Results {
     }
 
     /// Record a frame's decision (its outputs are those staged since `start`).
+    // One call per frame, from one place: the fields of the entry it writes.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(crate) fn record(
         &mut self,
@@ -344,6 +350,7 @@ impl Results {
         offload: Offload,
         start: u32,
         reply: Option<ReplySpec>,
+        inspect: Option<InspectProfile>,
     ) {
         let reply = match reply {
             Some(r) => {
@@ -362,6 +369,7 @@ impl Results {
             frame_len: entry_len(frame_len),
             outputs: (start, self.outputs.len() as u32),
             reply,
+            inspect,
         });
     }
 }
@@ -377,8 +385,9 @@ pub struct Processed<'a> {
     pub(crate) frame: &'a [u8],
     pub(crate) layout: Layout,
     pub(crate) underlay: Underlay,
-    pub(crate) reply: Option<&'a ReplySpec>,
+    pub(crate) reply: Option<ReplySpec>,
     pub(crate) offload: Offload,
+    pub(crate) inspect: Option<InspectProfile>,
 }
 
 impl<'a> Processed<'a> {
@@ -402,6 +411,46 @@ impl<'a> Processed<'a> {
             spec: self.reply?,
         })
     }
+
+    /// The inspection profile of a forwarded frame's flow (`None`: the flow
+    /// is not inspected, or the frame was dropped). Its name:
+    /// [`crate::Engine::inspection_profile_name`].
+    #[inline]
+    pub fn inspection(&self) -> Option<InspectProfile> {
+        self.inspect
+    }
+
+    /// The (inner) Ethernet frame: past the outer headers of a frame that
+    /// came encapsulated, what the VM sent.
+    pub fn inner_frame(&self) -> &'a [u8] {
+        self.frame.get(self.layout.eth()..).unwrap_or(&[])
+    }
+
+    /// The reply that rejects this frame, as [`Processed::reply`] gives one
+    /// for a frame the policy rejects: for inline inspection's `reject` of a
+    /// forwarded frame. `None` when the frame is not IP.
+    pub fn reject_reply(&self) -> Option<Reply<'a>> {
+        let inner = self.inner_frame();
+        let info = palisade_wire::flow::extract(inner).ok().flatten()?;
+        if info.key.src_addr().is_ipv4() != info.key.dst_addr().is_ipv4() {
+            return None;
+        }
+        let tcp = if info.key.protocol == palisade_wire::ip::IpProtocol::TCP {
+            crate::engine::tcp_seg(inner, &info)
+        } else {
+            None
+        };
+        Some(Reply {
+            frame: self.frame,
+            layout: self.layout,
+            spec: ReplySpec {
+                key: info.key,
+                l3_offset: usize::from(info.l3_offset),
+                l4_offset: usize::from(info.l4_offset),
+                tcp,
+            },
+        })
+    }
 }
 
 impl PartialEq<Disposition> for Processed<'_> {
@@ -417,7 +466,7 @@ impl PartialEq<Disposition> for Processed<'_> {
 pub struct Reply<'a> {
     pub(crate) frame: &'a [u8],
     pub(crate) layout: Layout,
-    pub(crate) spec: &'a ReplySpec,
+    pub(crate) spec: ReplySpec,
 }
 
 #[cfg(test)]

@@ -25,6 +25,8 @@ pub enum EndReason {
     Evicted,
     /// Exported to another host (live migration).
     Exported,
+    /// Inline inspection dropped it ([`crate::DropReason::Inspection`]).
+    Inspection,
 }
 
 /// What happened.

@@ -27,7 +27,7 @@ use core::hash::BuildHasher;
 use palisade_wire::flow::FlowKey;
 
 use crate::table::Slot;
-use crate::verdict::DropReason;
+use crate::verdict::{DropReason, InspectProfile};
 
 /// A cached verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +36,31 @@ pub enum CachedVerdict {
     Allow,
     /// Drop.
     Drop(DropReason),
+    /// Forward (and track), handing each packet on for inspection with this
+    /// profile. In the byte `Allow` leaves free, so a flow's profile costs
+    /// neither the cache nor the connection table a byte (a connection is
+    /// three cache lines exactly).
+    AllowInspected(InspectProfile),
+}
+
+impl CachedVerdict {
+    /// The verdict of an allowed flow with inspection profile `inspect`.
+    #[inline]
+    pub fn allowed(inspect: Option<InspectProfile>) -> Self {
+        match inspect {
+            Some(p) => CachedVerdict::AllowInspected(p),
+            None => CachedVerdict::Allow,
+        }
+    }
+
+    /// The inspection profile of an allowed flow's verdict.
+    #[inline]
+    pub fn inspection(self) -> Option<InspectProfile> {
+        match self {
+            CachedVerdict::AllowInspected(p) => Some(p),
+            _ => None,
+        }
+    }
 }
 
 /// A flow-cache entry.
@@ -326,7 +351,9 @@ impl FlowTable {
             let b = &self.buckets[i];
             match b.verdict {
                 Some(CachedVerdict::Drop(_)) => return self.remove_at(i),
-                Some(CachedVerdict::Allow) if fallback.is_none() => fallback = Some(i),
+                Some(CachedVerdict::Allow | CachedVerdict::AllowInspected(_)) if fallback.is_none() => {
+                    fallback = Some(i)
+                }
                 _ => {}
             }
             // Evict is only called on a full, hence non-empty, table.

@@ -58,4 +58,4 @@ pub use port::{PortError, PortId, UPLINK, UplinkConfig, VnicPort};
 pub use render::{RenderError, render, render_offload, render_overlay, render_overlay_offload, render_reply};
 pub use state::{StateError, relax_tcp_windows};
 pub use tcptrack::{TcpIndex, TcpLast, TcpPeer, TcpTrack, last_flags, peer_flags};
-pub use verdict::{Counters, DropReason, Tally};
+pub use verdict::{Counters, DropReason, InspectProfile, Tally};

@@ -27,6 +27,9 @@ pub struct ChainVerdict {
     pub level: Level,
     /// The policy version that decided.
     pub policy_version: u64,
+    /// The deciding rule's inspection profile (`None` for a default, or a
+    /// rule without `inspect`).
+    pub inspect: Option<Arc<str>>,
 }
 
 /// Rule lookup per vNIC chain.
@@ -44,6 +47,21 @@ pub trait ChainLookup {
     fn decide_related(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict>;
     /// The policy version this lookup implements.
     fn version(&self) -> u64;
+    /// The inspection profile of a flow both chains allowed (`src`/`dst`:
+    /// the managed vNICs of its ends, `verdicts`: their egress and ingress
+    /// verdicts), resolved as the reference evaluator resolves it
+    /// ([`palisade_policy::eval::inspection_profile`]); `None` when the flow
+    /// is not inspected (no profile, or one that runs no signatures). The
+    /// default inspects nothing.
+    fn inspection(
+        &self,
+        src: Option<&str>,
+        dst: Option<&str>,
+        verdicts: [Option<&ChainVerdict>; 2],
+    ) -> Option<Arc<str>> {
+        let _ = (src, dst, verdicts);
+        None
+    }
 }
 
 /// One lookup shared by several engines (one per datapath worker): the
@@ -65,6 +83,15 @@ impl<T: ChainLookup + ?Sized> ChainLookup for Arc<T> {
     fn version(&self) -> u64 {
         (**self).version()
     }
+
+    fn inspection(
+        &self,
+        src: Option<&str>,
+        dst: Option<&str>,
+        verdicts: [Option<&ChainVerdict>; 2],
+    ) -> Option<Arc<str>> {
+        (**self).inspection(src, dst, verdicts)
+    }
 }
 
 /// [`ChainLookup`] over the policy compiler's chains.
@@ -76,6 +103,12 @@ pub struct PolicyLookup {
     /// Read twice for every new flow: the fast hasher (the keys come from
     /// the policy, so traffic cannot make them collide).
     owners: HashMap<IpAddr, String, foldhash::fast::RandomState>,
+    /// Each managed vNIC's zone (read once per allowed new flow, for its
+    /// inspection profile's traffic class).
+    zones: HashMap<String, String, foldhash::fast::RandomState>,
+    /// The policy's profiles that run signatures, shared so that resolving
+    /// a flow's profile allocates nothing.
+    profiles: Vec<Arc<str>>,
 }
 
 impl PolicyLookup {
@@ -88,7 +121,25 @@ impl PolicyLookup {
             .vnics()
             .flat_map(|(_, n)| n.ips.iter().map(|ip| (canonical_ip(*ip), n.name.clone())))
             .collect();
-        PolicyLookup { compiler, owners }
+        let model = compiler.model();
+        let zones = model
+            .inventory
+            .vnics()
+            .map(|(_, n)| (n.name.clone(), n.zone.clone()))
+            .collect();
+        let profiles = model
+            .policy
+            .profiles
+            .iter()
+            .filter(|p| !p.signatures.is_empty())
+            .map(|p| Arc::from(p.name.as_str()))
+            .collect();
+        PolicyLookup {
+            compiler,
+            owners,
+            zones,
+            profiles,
+        }
     }
 
     /// The compiler.
@@ -109,6 +160,7 @@ impl ChainLookup for PolicyLookup {
             rule: d.provenance.rule_id.clone(),
             level: d.provenance.level,
             policy_version: d.provenance.policy_version,
+            inspect: d.entry.and_then(|e| e.inspect.clone()),
         })
     }
 
@@ -119,10 +171,24 @@ impl ChainLookup for PolicyLookup {
             rule: d.provenance.rule_id.clone(),
             level: d.provenance.level,
             policy_version: d.provenance.policy_version,
+            inspect: d.entry.and_then(|e| e.inspect.clone()),
         })
     }
 
     fn version(&self) -> u64 {
         self.compiler.model().policy.version
+    }
+
+    fn inspection(
+        &self,
+        src: Option<&str>,
+        dst: Option<&str>,
+        verdicts: [Option<&ChainVerdict>; 2],
+    ) -> Option<Arc<str>> {
+        let zone = |v: Option<&str>| v.and_then(|v| self.zones.get(v)).map(String::as_str);
+        let explicit = verdicts.map(|v| v.and_then(|v| v.inspect.as_deref()));
+        let name = palisade_policy::eval::inspection_profile(self.compiler.model(), explicit, zone(src), zone(dst))?;
+        // A profile that runs no signatures (or none the policy declares) inspects nothing.
+        self.profiles.iter().find(|p| &***p == name).cloned()
     }
 }

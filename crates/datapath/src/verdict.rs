@@ -62,11 +62,15 @@ pub enum DropReason {
     /// after the IP datagram, or a partial checksum starting inside the L2
     /// headers. It cannot be the packets it claims to stand for.
     BadOffload,
+    /// Inline inspection dropped (or rejected) the flow: a signature with a
+    /// `drop` or `reject` action matched it, or its vNIC's inspection budget
+    /// was spent in a zone that fails closed ([`crate::Engine::inspection_drop`]).
+    Inspection,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::Malformed,
         DropReason::UnknownPort,
         DropReason::SpoofedMac,
@@ -89,6 +93,7 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::UnknownVni,
         DropReason::BadOffload,
+        DropReason::Inspection,
     ];
 
     /// Number of reasons.
@@ -119,6 +124,7 @@ impl DropReason {
             DropReason::NoRoute => "no-route",
             DropReason::UnknownVni => "unknown-vni",
             DropReason::BadOffload => "bad-offload",
+            DropReason::Inspection => "inspection",
         }
     }
 
@@ -132,6 +138,26 @@ impl core::fmt::Display for DropReason {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// A flow's inspection profile as the engine numbers it: resolved once when
+/// the flow is classified, kept with its connection, and handed with every
+/// forwarded packet of the flow ([`crate::Processed::inspection`]). Its name
+/// is [`crate::Engine::inspection_profile_name`]. A flow without one (no
+/// profile, or one that runs no signatures) carries `None`, and nothing
+/// else is done for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct InspectProfile(pub(crate) core::num::NonZeroU8);
+
+impl InspectProfile {
+    /// The profile's number (1 up), stable for the engine's life unless
+    /// more than [`InspectProfile::MAX`] names were seen.
+    pub fn get(self) -> u8 {
+        self.0.get()
+    }
+
+    /// Distinct profile names an engine numbers before it starts over.
+    pub const MAX: usize = 255;
 }
 
 /// Packets, bytes and hits of one thing (a vNIC, a rule).

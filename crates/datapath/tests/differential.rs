@@ -64,6 +64,8 @@ fn the_engine_decides_every_flow_as_the_policy_says() {
         "icmp-error-unrelated",
         "fragment",
         "tcp-no-connection",
+        "inspected",
+        "uninspected",
     ] {
         assert!(total.verdicts.contains(v), "no {v} verdict: {:?}", total.verdicts);
     }

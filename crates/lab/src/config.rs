@@ -89,6 +89,11 @@ pub fn vhost_user_socket_on(state_dir: &Path, nic: &VnicPlan, home: &str, host: 
     }
 }
 
+/// An agent configuration's `[inspect]` section naming `rules`.
+pub fn inspect_section(rules: &Path) -> String {
+    format!("\n[inspect]\nrules = {}\n", tq(&rules.to_string_lossy()))
+}
+
 /// The configuration of `host`'s agent, or `None` if the plan has no such host.
 pub fn agent_config(plan: &Plan, host: &str, policy_dir: &Path, state_dir: &Path) -> Option<String> {
     let h = plan.host(host)?;

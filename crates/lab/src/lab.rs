@@ -70,6 +70,9 @@ pub struct LabSpec {
     /// Each agent's connection-table capacity (shared out between its
     /// workers; `None`: the agent's default, 32,768).
     pub conn_capacity: Option<usize>,
+    /// A rules file for the agents' inline inspection (their `[inspect]`
+    /// section); `None`: the agents inspect nothing.
+    pub inspect_rules: Option<PathBuf>,
 }
 
 /// The default state directory of lab `name`.
@@ -101,6 +104,7 @@ impl LabSpec {
             supervise: false,
             standby: Vec::new(),
             conn_capacity: None,
+            inspect_rules: None,
         }
     }
 
@@ -681,6 +685,9 @@ impl Lab {
             if let Some(n) = spec.conn_capacity {
                 // A top-level key: before the first table.
                 text = text.replacen("\n[", &format!("conn_capacity = {n}\n\n["), 1);
+            }
+            if let Some(rules) = &spec.inspect_rules {
+                text.push_str(&config::inspect_section(rules));
             }
             let p = self.agent_config(&h.name);
             std::fs::write(&p, text).map_err(LabError::io(format!("writing {}", p.display())))?;

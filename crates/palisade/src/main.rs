@@ -43,6 +43,8 @@ enum Command {
     Audit(cmd::audit::AuditCmd),
     /// Query recorded flows.
     Flows(cmd::audit::FlowsArgs),
+    /// Show inline inspection's recent alerts from an agent (both ends' identity).
+    Alerts(cmd::alerts::AlertsArgs),
     /// Run the controller: API, versioned policy, agents' channel.
     Controller(cmd::controller::ControllerArgs),
     /// Make the certificates of the agent↔controller channel.
@@ -84,6 +86,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Audit(c) => cmd::audit::run(c),
         Command::Flows(a) => cmd::audit::flows(a),
+        Command::Alerts(a) => cmd::alerts::run(a),
         Command::Controller(a) => cmd::controller::run(a),
         Command::Ca(c) => cmd::ca::run(c),
         Command::Apply(a) => cmd::ctl::apply(a),

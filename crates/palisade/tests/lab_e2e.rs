@@ -2233,4 +2233,148 @@ fn qemu_guest_live_migration_to_a_dead_agent_is_cancelled_and_the_source_keeps_i
     assert!(qemus.is_empty(), "a destination QEMU was left running: {qemus:?}");
     guard.0.take().unwrap().shutdown().unwrap();
     assert_eq!(leftovers("pe2migf").unwrap(), Vec::<String>::new());
+
+/// Inline inspection in the three-tier lab, whose policy inspects
+/// north-south traffic in `full` and traffic between zones in `critical`
+/// (`inspection_defaults`, and `inspect: full` on web-from-internet). A drop
+/// rule of priority 3 (so not `critical`) matches a marker in the request:
+/// from the internet to web-1 the request is dropped inline (no answer, an
+/// alert with action drop naming both ends), the same request from web-1 to
+/// app-1 (zone web → zone app, `critical`) is answered and raises nothing.
+#[test]
+fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_critical() {
+    if !lab_possible() {
+        return;
+    }
+    let _one = one_lab();
+    let started = Instant::now();
+    let name = "pinsp";
+    let rules = std::env::temp_dir().join(format!("palisade-{name}-{}.rules", std::process::id()));
+    std::fs::write(
+        &rules,
+        "drop tcp any any -> any any (msg:\"palisade e2e marker\"; flow:to_server,established; \
+         content:\"palisade-e2e-7f3a\"; priority:3; sid:9100001; rev:1;)\n",
+    )
+    .unwrap();
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        inspect_rules: Some(rules.clone()),
+        ..LabSpec::from_inventory(three_tier()).with_name(name)
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let www = lab.state().state_dir.join("www");
+    let mut servers = Vec::new();
+    for (vm, port) in [("web-1", "80"), ("app-1", "8080")] {
+        let dir = www.join(vm);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("index.html"), format!("hello from {vm}\n")).unwrap();
+        let d = dir.to_string_lossy().to_string();
+        servers.push(
+            lab.spawn(vm, &["busybox", "httpd", "-f", "-p", port, "-h", &d])
+                .unwrap(),
+        );
+    }
+    let web1 = lab.vm_ip("web-1").unwrap().to_string();
+    let app1 = lab.vm_ip("app-1").unwrap().to_string();
+    let internet = lab.plan().internet_ns.clone();
+    let t = Duration::from_secs(8);
+    let curl = |from: Option<&str>, url: &str| {
+        let argv = ["curl", "-s", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}", url];
+        let out = match from {
+            None => lab.exec_ns(&internet, &argv, t).unwrap(),
+            Some(vm) => lab.exec(vm, &argv, t).unwrap(),
+        };
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // The path works: a clean request from the internet is answered (the servers may take a moment).
+    let clean = format!("http://{web1}/");
+    let mut answered = curl(None, &clean);
+    while answered != "200" && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+        answered = curl(None, &clean);
+    }
+    assert_eq!(
+        answered, "200",
+        "a clean request from the internet to web-1 is answered"
+    );
+
+    // North-south, profile full: the marked request gets no answer.
+    let marked = format!("http://{web1}/?q=palisade-e2e-7f3a");
+    assert_eq!(
+        curl(None, &marked),
+        "000",
+        "the marked request from the internet is dropped inline"
+    );
+    // East-west, web → app, profile critical: the same marker passes.
+    assert_eq!(
+        curl(Some("web-1"), &format!("http://{app1}:8080/?q=palisade-e2e-7f3a")),
+        "200",
+        "the marked request from web-1 to app-1 is answered"
+    );
+
+    // `palisade alerts` shows the drop, with both ends; nothing about app-1.
+    let alerts_of = |host: &str, json: bool| {
+        let sock = lab.state().state_dir.join(host).join("agent.sock");
+        let mut cmd = Command::new(EXE);
+        cmd.args(["alerts", "--sid", "9100001", "--socket"]).arg(&sock);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "palisade alerts: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let mut found: Vec<(String, serde_json::Value)> = Vec::new();
+    let polling = Instant::now();
+    while found.is_empty() && polling.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(300));
+        for h in ["hv1", "hv2"] {
+            for line in alerts_of(h, true).lines() {
+                found.push((h.to_string(), serde_json::from_str(line).unwrap()));
+            }
+        }
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "one alert for the one marked request that was inspected: {found:?}"
+    );
+    let (host, a) = &found[0];
+    assert_eq!(a["alert"]["action"], "blocked", "{a}");
+    assert_eq!(a["alert"]["rule_action"], "drop", "{a}");
+    assert_eq!(a["profile"], "full", "{a}");
+    assert_eq!(a["dest_ip"], web1.as_str(), "{a}");
+    assert_eq!(a["dest"]["name"], "web-1", "{a}");
+    assert_eq!(a["dest"]["zone"], "web", "{a}");
+    assert!(a["src"].is_null(), "the source is external: {a}");
+    let text = alerts_of(host, false);
+    assert!(
+        text.contains("blocked drop [9100001:1]")
+            && text.contains("(external)")
+            && text.contains("web-1 web-1.0 zone web"),
+        "{text}"
+    );
+    let metrics =
+        palisade_agent::http::get_unix(&lab.state().state_dir.join(host).join("agent.sock"), "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("palisade_inspect_drops_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    for s in &mut servers {
+        let _ = lab.kill(s);
+    }
+    let report = guard.0.take().unwrap().shutdown().unwrap();
+    assert!(!report.namespaces.is_empty());
+    assert_eq!(leftovers(name).unwrap(), Vec::<String>::new());
+    let _ = std::fs::remove_file(&rules);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
 }

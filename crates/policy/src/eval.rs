@@ -654,17 +654,9 @@ pub fn combine(
                 .flatten()
                 .map(|v| v.provenance.clone())
                 .collect();
-            let explicit = [&egress, &ingress]
-                .into_iter()
-                .flatten()
-                .find_map(|v| v.inspect.clone());
-            let d = &model.policy.inspection_defaults;
-            let class = match (src_zone, dst_zone) {
-                (Some(a), Some(b)) if a == b => d.intra_zone.clone(),
-                (Some(_), Some(_)) => d.inter_zone.clone(),
-                _ => d.north_south.clone(),
-            };
-            (Action::Allow, prov, explicit.or(class))
+            let explicit = [&egress, &ingress].map(|v| v.as_ref().and_then(|v| v.inspect.as_deref()));
+            let inspect = inspection_profile(model, explicit, src_zone, dst_zone).map(str::to_string);
+            (Action::Allow, prov, inspect)
         }
     };
     Some(Decision {
@@ -674,6 +666,29 @@ pub fn combine(
         provenance,
         inspect,
     })
+}
+
+/// The inspection profile of an allowed flow: the first deciding rule's
+/// `inspect` (egress, then ingress), else the traffic class's default
+/// (`intra_zone` for two ends in one zone, `inter_zone` for two zones,
+/// `north_south` when an end is external). [`combine`] and the datapath's
+/// classification both resolve it here, so they agree by construction.
+pub fn inspection_profile<'m>(
+    model: &'m Model,
+    explicit: [Option<&'m str>; 2],
+    src_zone: Option<&str>,
+    dst_zone: Option<&str>,
+) -> Option<&'m str> {
+    if let Some(p) = explicit.into_iter().flatten().next() {
+        return Some(p);
+    }
+    let d = &model.policy.inspection_defaults;
+    let class = match (src_zone, dst_zone) {
+        (Some(a), Some(b)) if a == b => &d.intra_zone,
+        (Some(_), Some(_)) => &d.inter_zone,
+        _ => &d.north_south,
+    };
+    class.as_deref()
 }
 
 /// Render an explanation for people: every rule consulted at each level.

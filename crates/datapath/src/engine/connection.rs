@@ -27,7 +27,7 @@ impl Engine {
     #[inline(always)]
     pub(super) fn decide(
         &mut self,
-        pkt: &Packet,
+        pkt: &mut Packet,
         info: &FlowInfo,
         hash: Option<FlowHash>,
         inner: &[u8],
@@ -53,7 +53,7 @@ impl Engine {
                     self.tally_rules(pkt, e.rules);
                     return Err(r);
                 }
-                CachedVerdict::Allow => {
+                CachedVerdict::Allow | CachedVerdict::AllowInspected(_) => {
                     // The slot may have been reused by another connection
                     // since (expiry does not reach into this cache): check
                     // that it is this flow's, in either direction.
@@ -63,6 +63,8 @@ impl Engine {
                         && (!reply || conn.key == key.reversed())
                         && !conn.expired(pkt.now, &self.conns.timeouts)
                     {
+                        // The byte beside the verdict just read: what inspection costs a flow without it.
+                        pkt.inspect = e.verdict.inspection();
                         self.counters.cache_hits += 1;
                         match self.track(pkt, slot, reply, tcp.as_ref(), sink) {
                             // Reopened: counted with the new connection below.
@@ -83,7 +85,7 @@ impl Engine {
     #[inline(never)]
     fn decide_miss(
         &mut self,
-        pkt: &Packet,
+        pkt: &mut Packet,
         key: &FlowKey,
         hash: FlowHash,
         tcp: Option<&TcpSeg>,
@@ -96,17 +98,22 @@ impl Engine {
         if let Some((slot, reply)) = self.conns.lookup(&key, now, sink, &mut self.counters)
             && let Some(conn) = self.conns.get(slot)
         {
-            // The reply direction shares the initiator's rule counters.
-            let mut rules = self
-                .flows
-                .get(&conn.key)
-                .filter(|e| e.conn == Some(slot))
-                .map_or([None; 2], |e| e.rules);
-            if conn.epoch != self.epoch {
-                let orig = conn.key;
+            // The reply direction shares the initiator's rule counters and
+            // inspection profile (resolved again if its entry is gone).
+            let initiator = self.flows.get(&conn.key).filter(|e| e.conn == Some(slot));
+            let mut rules = initiator.map_or([None; 2], |e| e.rules);
+            let cached = initiator.map(|e| e.verdict.inspection());
+            let (orig, trusted, current) = (conn.key, conn.trusted, conn.epoch == self.epoch);
+            let mut inspect = match cached {
+                Some(p) => p,
+                // A connection taken over (imported) or whose entry was evicted.
+                None if current && !trusted => self.inspection_of(&orig),
+                None => None,
+            };
+            if !current {
                 self.counters.revalidations += 1;
                 match self.classify(&orig) {
-                    Ok(r) => rules = r,
+                    Ok(c) => (rules, inspect) = (c.rules, c.inspect),
                     Err(_) => {
                         self.cut(slot, EndReason::PolicyRevoked, now, sink);
                         return Err(DropReason::PolicyRevoked);
@@ -119,7 +126,8 @@ impl Engine {
                     c.rules = rules;
                 }
             }
-            self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
+            pkt.inspect = inspect;
+            self.cache(key, hash, CachedVerdict::allowed(inspect), Some(slot), rules);
             match self.track(pkt, slot, reply, tcp, sink) {
                 // Reopened: counted with the new connection below.
                 Ok(false) => {}
@@ -130,14 +138,16 @@ impl Engine {
             }
         }
         // A new flow.
-        let rules = if trusted {
-            [None; 2]
+        // A trusted flow was classified, and inspected, on the host that sent it.
+        let (rules, inspect) = if trusted {
+            ([None; 2], None)
         } else {
             match self.classify(&key) {
-                Ok(r) => r,
+                Ok(c) => (c.rules, c.inspect),
                 Err((rules, reason)) => return Err(self.deny_new(pkt, key, hash, reason, rules, sink)),
             }
         };
+        pkt.inspect = inspect;
         if key.is_echo_reply() {
             // An echo reply passes only as part of the connection its request
             // opened (found above); one without is decided by the policy like
@@ -175,7 +185,7 @@ impl Engine {
         {
             t.hits += 1;
         }
-        self.cache(key, hash, CachedVerdict::Allow, Some(slot), rules);
+        self.cache(key, hash, CachedVerdict::allowed(inspect), Some(slot), rules);
         // A verdict cached for the other direction (a denied attempt from
         // the other end) must not shadow this connection's replies.
         self.flows.remove(&key.reversed());
@@ -326,13 +336,14 @@ impl Engine {
             self.counters.cache_hits += 1;
             self.tally_rules(pkt, e.rules);
             return match e.verdict {
-                CachedVerdict::Allow => Ok(()),
+                CachedVerdict::Allow | CachedVerdict::AllowInspected(_) => Ok(()),
                 CachedVerdict::Drop(r) => Err(r),
             };
         }
         self.counters.cache_misses += 1;
         match self.classify(&key) {
-            Ok(rules) => {
+            Ok(c) => {
+                let rules = c.rules;
                 self.cache(key, hash, CachedVerdict::Allow, None, rules);
                 self.tally_rules(pkt, rules);
                 Ok(())

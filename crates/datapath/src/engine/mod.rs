@@ -45,12 +45,14 @@ use palisade_wire::virtio_net::{GsoKind, Offload};
 
 use crate::conntrack::{Conntrack, FullPolicy, TcpSeg, Timeouts};
 use crate::decision::{Disposition, L2, Processed, ReplySpec, Results, Underlay};
+use crate::events::EndReason;
 use crate::events::EventSink;
+use crate::flow_table::CachedVerdict;
 use crate::flow_table::{FlowHash, FlowTable};
 use crate::lookup::ChainLookup;
 use crate::port::{self, PortError, PortId, UPLINK, UplinkConfig, VnicPort};
 use crate::switch::{self, LastDestination, Location, MacTable};
-use crate::verdict::{Counters, DropReason, Tally};
+use crate::verdict::{Counters, DropReason, InspectProfile, Tally};
 
 mod connection;
 mod counters;
@@ -145,6 +147,8 @@ struct Packet {
     /// appliance with a managed VM's source address): it was counted on its
     /// first leg.
     second_leg: bool,
+    /// Its flow's inspection profile (set by the flow step).
+    inspect: Option<InspectProfile>,
 }
 
 /// What a rejected packet's reply is built from ([`crate::render_reply`]):
@@ -202,6 +206,8 @@ pub struct Engine {
     local_ips: HashMap<IpAddr, PortId, foldhash::fast::RandomState>,
     /// `config.uplink`'s side of the underlay, as every call hands it to its [`Results`].
     underlay: Underlay,
+    /// Inspection profile names by number less one ([`InspectProfile`]).
+    inspect_names: Vec<Arc<str>>,
 }
 
 impl core::fmt::Debug for Engine {
@@ -241,6 +247,7 @@ impl Engine {
             rules: Vec::new(),
             local_ips: HashMap::default(),
             underlay,
+            inspect_names: Vec::new(),
         }
     }
 
@@ -302,6 +309,67 @@ impl Engine {
         self.epoch += 1;
         // The old policy's ids go with it; its rules keep their counters by name.
         self.rules_by_address.clear();
+        // Every connection is re-validated (and its profile numbered again)
+        // before its next packet is handed on, so the numbering may start over.
+        if self.inspect_names.len() >= InspectProfile::MAX / 2 {
+            self.inspect_names.clear();
+        }
+    }
+
+    /// The name of inspection profile `id` (as the policy spells it).
+    pub fn inspection_profile_name(&self, id: InspectProfile) -> Option<&str> {
+        self.inspect_names.get(usize::from(id.get()) - 1).map(|n| &**n)
+    }
+
+    /// Inline inspection could not inspect a forwarded frame and its zone
+    /// fails closed: the frame (`packets` packets), which the caller does not
+    /// send, is counted as dropped for [`DropReason::Inspection`] instead of
+    /// forwarded. Its flow is left as it is.
+    pub fn inspection_discard(&mut self, port: PortId, packets: u64) {
+        let reason = DropReason::Inspection;
+        self.counters.forwarded = self.counters.forwarded.saturating_sub(packets);
+        self.counters.drops[reason.index()] += packets;
+        if let Some(d) = self.port_drops.get_mut(usize::from(port.0)) {
+            d[reason.index()] += packets;
+        }
+    }
+
+    /// Inline inspection's verdict on a forwarded frame's flow: drop it.
+    /// The frame (which the caller does not send) is taken from the
+    /// forwarded count to [`DropReason::Inspection`]'s, as `packets` packets
+    /// of `len` bytes (a super-frame's segments); the connection `key`
+    /// belongs to (either direction) ends with [`EndReason::Inspection`],
+    /// and both directions' cache entries become that drop, so every later
+    /// packet of the flow is dropped on the fast path, without inspection,
+    /// until the entry is re-validated by a policy change or evicted (a
+    /// connection it would then start again meets the inspector's verdict
+    /// on the flow once more). Returns whether a connection was found.
+    pub fn inspection_drop(
+        &mut self,
+        key: &flow::FlowKey,
+        now: u64,
+        port: PortId,
+        packets: u64,
+        sink: &mut dyn EventSink,
+    ) -> bool {
+        let reason = DropReason::Inspection;
+        self.inspection_discard(port, packets);
+        let mut key = *key;
+        key.segment = ROUTING_DOMAIN;
+        let found = self.conns.lookup(&key, now, sink, &mut self.counters);
+        let (orig, rules) = match found.and_then(|(slot, _)| Some((slot, self.conns.get(slot)?))) {
+            Some((slot, conn)) => {
+                let (orig, rules) = (conn.key, conn.rules);
+                self.cut(slot, EndReason::Inspection, now, sink);
+                (orig, rules)
+            }
+            None => (key, [None; 2]),
+        };
+        for k in [orig, orig.reversed()] {
+            let hash = self.flows.hash(&k);
+            self.cache(k, hash, CachedVerdict::Drop(reason), None, rules);
+        }
+        found.is_some()
     }
 
     /// Remove up to `budget` expired connections.
@@ -532,6 +600,7 @@ impl Engine {
             src_vnic: None,
             trusted: false,
             second_leg: false,
+            inspect: None,
         };
         let mut reply = None;
         let result = self.pipeline::<OFFLOADED>(&mut pkt, frame, offload, hint, sink, results);
@@ -563,7 +632,13 @@ impl Engine {
             }
         };
         let offload = if OFFLOADED { *offload } else { Offload::NONE };
-        results.record(disposition, pkt.l2, frame.len(), offload, start, reply);
+        // A routed flow's second leg (back from a router appliance) was
+        // handed on for inspection on its first: once is enough.
+        let inspect = match disposition {
+            Disposition::Forward if !pkt.second_leg => pkt.inspect,
+            _ => None,
+        };
+        results.record(disposition, pkt.l2, frame.len(), offload, start, reply, inspect);
     }
 
     /// The stages of [`Engine::process_frame`] (`OFFLOADED` and `offload` as there).
@@ -777,7 +852,7 @@ fn gso_shape(frame: &[u8], info: &FlowInfo, kind: GsoKind, size: u16) -> Option<
 }
 
 /// The TCP facts of the segment `info` describes (`frame` starts at its Ethernet header).
-fn tcp_seg(frame: &[u8], info: &FlowInfo) -> Option<TcpSeg> {
+pub(crate) fn tcp_seg(frame: &[u8], info: &FlowInfo) -> Option<TcpSeg> {
     let l3 = usize::from(info.l3_offset);
     let l4 = usize::from(info.l4_offset);
     let ip = frame.get(l3..)?;

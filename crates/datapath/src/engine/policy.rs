@@ -6,24 +6,34 @@
 //! conversion of a flow key into the policy's [`Flow`] ([`policy_flow`]),
 //! which `palisade policy what-if` uses too.
 
+use core::num::NonZeroU8;
+use std::sync::Arc;
+
 use palisade_policy::eval::{Direction, Flow};
 use palisade_policy::model::Action;
 use palisade_wire::flow::FlowKey;
 use palisade_wire::ip::IpProtocol;
 
 use crate::lookup::ChainVerdict;
-use crate::verdict::DropReason;
+use crate::verdict::{DropReason, InspectProfile};
 
 use super::{Engine, canonical};
 
 /// Rule-registry indices of the egress and ingress verdicts of a flow.
 pub(super) type RuleRefs = [Option<u32>; 2];
 
+/// An allowed flow's classification: its deciding rules and its inspection profile.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Classified {
+    pub rules: RuleRefs,
+    pub inspect: Option<InspectProfile>,
+}
+
 impl Engine {
     /// Classify a flow once: the source's egress chain and the destination's
     /// ingress chain. Returns the deciding rules' counter indices (with the
     /// drop reason when denied).
-    pub(super) fn classify(&mut self, key: &FlowKey) -> Result<RuleRefs, (RuleRefs, DropReason)> {
+    pub(super) fn classify(&mut self, key: &FlowKey) -> Result<Classified, (RuleRefs, DropReason)> {
         self.counters.classifications += 1;
         let flow = policy_flow(key);
         let src = self.lookup.vnic_of(flow.src);
@@ -34,7 +44,51 @@ impl Engine {
             // Neither end is managed: nothing here may forward it.
             return Err(([None; 2], DropReason::PolicyDeny));
         }
-        self.rule_verdicts([eg, ig])
+        // Resolved once, here, for the connection's life: the fast path
+        // only copies the number the connection keeps.
+        let allowed = [&eg, &ig].into_iter().flatten().all(|v| v.action == Action::Allow);
+        let inspect = if allowed {
+            self.lookup.inspection(src, dst, [eg.as_ref(), ig.as_ref()])
+        } else {
+            None
+        };
+        let rules = self.rule_verdicts([eg, ig])?;
+        let inspect = inspect.and_then(|name| self.inspect_profile_id(name));
+        Ok(Classified { rules, inspect })
+    }
+
+    /// The inspection profile of a connection whose initiator's cache entry
+    /// is gone (imported with a current verdict, or evicted), so that it is
+    /// not classified again: its chains consulted as [`Engine::classify`]
+    /// does, nothing counted.
+    pub(super) fn inspection_of(&mut self, key: &FlowKey) -> Option<InspectProfile> {
+        let flow = policy_flow(key);
+        let src = self.lookup.vnic_of(flow.src);
+        let dst = self.lookup.vnic_of(flow.dst);
+        let eg = src.and_then(|v| self.lookup.decide(v, Direction::Egress, &flow));
+        let ig = dst.and_then(|v| self.lookup.decide(v, Direction::Ingress, &flow));
+        let allowed = [&eg, &ig].into_iter().flatten().all(|v| v.action == Action::Allow);
+        if !allowed || (eg.is_none() && ig.is_none()) {
+            return None;
+        }
+        let name = self.lookup.inspection(src, dst, [eg.as_ref(), ig.as_ref()])?;
+        self.inspect_profile_id(name)
+    }
+
+    /// The number of inspection profile `name`, numbering it if new.
+    /// Names are few (a policy's profiles); past [`InspectProfile::MAX`]
+    /// the numbering starts over at the next policy change, and until then
+    /// an unnumbered profile is the first one's (inspected, never skipped).
+    fn inspect_profile_id(&mut self, name: Arc<str>) -> Option<InspectProfile> {
+        let at = match self.inspect_names.iter().position(|n| *n == name) {
+            Some(i) => i,
+            None if self.inspect_names.len() < InspectProfile::MAX => {
+                self.inspect_names.push(name);
+                self.inspect_names.len() - 1
+            }
+            None => 0,
+        };
+        NonZeroU8::new(u8::try_from(at + 1).ok()?).map(InspectProfile)
     }
 
     /// Decide an ICMP error related to a tracked connection: each managed

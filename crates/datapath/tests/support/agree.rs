@@ -178,9 +178,47 @@ const PAIRS: [(End, End); 9] = [(A, B), (B, A), (A, C), (C, A), (A, E), (E, A), 
 
 /// The policy: zones z1 (VLAN 101: a on h1, c on h2) and z2 (VLAN 102: b on
 /// h1), random defaults, random rules over every protocol.
-fn policy(ch: &mut Choices<'_>) -> String {
+/// A second generator for the inspection settings, seeded from the input
+/// without consuming its choices: the committed inputs keep their policies
+/// and flows, and gain profiles.
+struct Aux(u64);
+
+impl Aux {
+    fn of(data: &[u8]) -> Aux {
+        let mut h = 0xcbf2_9ce4_8422_2325_u64;
+        for b in data {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        Aux(h | 1)
+    }
+
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        xs[(self.0 % xs.len() as u64) as usize]
+    }
+}
+
+/// The profiles every generated policy declares (`none` runs nothing).
+const PROFILES: &str =
+    "profiles:\n  full: { signatures: [all] }\n  crit: { signatures: [critical] }\n  none: { signatures: [] }\n";
+
+fn policy(ch: &mut Choices<'_>, aux: &mut Aux) -> String {
     let default = |ch: &mut Choices<'_>| ch.pick(&["allow", "deny"]);
     let zone_default = |ch: &mut Choices<'_>| ch.pick(&["", ", default: allow", ", default: deny"]);
+    let profile = ["", "full", "crit", "none"];
+    let class = |aux: &mut Aux| aux.pick(&profile);
+    let defaults = [
+        ("north_south", class(aux)),
+        ("inter_zone", class(aux)),
+        ("intra_zone", class(aux)),
+    ]
+    .iter()
+    .filter(|(_, p)| !p.is_empty())
+    .map(|(c, p)| format!("{c}: {p}"))
+    .collect::<Vec<_>>()
+    .join(", ");
     let mut text = format!(
         r#"version: 1
 datacenter: {{ name: dc, default: {} }}
@@ -258,14 +296,24 @@ rules:
         } else {
             service
         };
+        let inspect = match aux.pick(&profile) {
+            "" => String::new(),
+            p => format!(", inspect: {p}"),
+        };
         let rule = format!(
-            "    - {{ id: r{i}, from: {}, to: {}, service: {services}, action: {} }}",
+            "    - {{ id: r{i}, from: {}, to: {}, service: {services}, action: {}{inspect} }}",
             ch.pick(&peers),
             ch.pick(&peers),
             ch.pick(&["allow", "allow", "deny", "reject", "pass"])
         );
         by_level[ch.below(levels.len())].push(rule);
     }
+    let rules_at = text.rfind("rules:\n").unwrap_or(text.len());
+    let mut head = PROFILES.to_string();
+    if !defaults.is_empty() {
+        head.push_str(&format!("inspection_defaults: {{ {defaults} }}\n"));
+    }
+    text.insert_str(rules_at, &head);
     for (level, rules) in levels.iter().zip(by_level) {
         if !rules.is_empty() {
             text.push_str(&format!("  {level}:\n"));
@@ -683,14 +731,18 @@ fn engine(world: &World) -> Engine {
     e
 }
 
-fn send(e: &mut Engine, now: u64, from: &End, frame: &[u8]) -> Disposition {
+/// Process one frame: its disposition and, forwarded, its flow's inspection profile.
+fn send(e: &mut Engine, now: u64, from: &End, frame: &[u8]) -> (Disposition, Option<String>) {
     let port: PortId = match from.vnic {
         Some(n) => e.port_of(n).unwrap_or(UPLINK),
         None => UPLINK,
     };
     let mut events: Vec<FlowEvent> = Vec::new();
-    e.process(now, port, frame, &mut events, &mut Results::new())
-        .disposition
+    let mut results = Results::new();
+    let p = e.process(now, port, frame, &mut events, &mut results);
+    let (disposition, id) = (p.disposition, p.inspection());
+    let profile = id.map(|id| e.inspection_profile_name(id).unwrap_or("<unnamed>").to_string());
+    (disposition, profile)
 }
 
 /// What a packet's verdict must be.
@@ -755,6 +807,15 @@ impl World {
         }
     }
 
+    /// The inspection profile the reference evaluator gives an allowed
+    /// flow `f`, as the datapath carries it: `None` for a profile that runs
+    /// no signatures.
+    fn inspection(&self, f: &FlowSpec) -> Option<String> {
+        let name = evaluate(&self.model, &f.policy_flow())?.inspect?;
+        let p = self.model.policy.profiles.iter().find(|p| p.name == name)?;
+        (!p.signatures.is_empty()).then_some(name)
+    }
+
     /// An ICMP error related to a tracked connection.
     fn related(&self, f: &FlowSpec) -> Expect {
         if f.shape == Shape::LaterFragment {
@@ -783,6 +844,8 @@ struct Run<'w> {
     now: u64,
     name: &'static str,
     cov: &'w mut Coverage,
+    /// The inspection profile of the last frame checked (forwarded).
+    profile: Option<String>,
 }
 
 impl<'w> Run<'w> {
@@ -795,12 +858,14 @@ impl<'w> Run<'w> {
             now: 0,
             name,
             cov,
+            profile: None,
         }
     }
 
     fn check(&mut self, what: &str, f: &FlowSpec, sent: &Sent, expect: Expect) -> Result<Disposition, String> {
         self.now += 1_000;
-        let got = send(&mut self.engine, self.now, &f.from, &sent.frame);
+        let (got, profile) = send(&mut self.engine, self.now, &f.from, &sent.frame);
+        self.profile = profile;
         self.cov.packets += 1;
         self.cov.verdicts.insert(match got {
             Disposition::Forward => "forward",
@@ -851,7 +916,21 @@ fn scenarios(world: &World, f: &FlowSpec, ch: &mut Choices<'_>, cov: &mut Covera
         let mut r = Run::start(world, "fresh", &mut *cov);
         let expect = world.fresh(f);
         let got = r.check("first packet", f, &first, expect)?;
+        let profile = r.profile.clone();
         r.check("the same again", f, &first, expect)?;
+        if got == Disposition::Forward && role != IcmpRole::Link {
+            // The inspection profile: the reference's, resolved once and kept.
+            let want = world.inspection(f);
+            if profile != want || r.profile != want {
+                return Err(format!(
+                    "inspection profile of {f:?}: engine {profile:?}, then {:?} from the cache; reference {want:?}\npolicy:\n{}",
+                    r.profile, world.text
+                ));
+            }
+            r.cov
+                .verdicts
+                .insert(if want.is_some() { "inspected" } else { "uninspected" });
+        }
         // 2. The answer, after it.
         let back = echo_answer(f);
         let opened = world.opens(f, got == Disposition::Forward);
@@ -976,7 +1055,7 @@ fn scenarios(world: &World, f: &FlowSpec, ch: &mut Choices<'_>, cov: &mut Covera
 /// disagreement between the engine and the semantics.
 pub fn check(data: &[u8]) -> Result<Coverage, String> {
     let mut ch = Choices::new(data);
-    let text = policy(&mut ch);
+    let text = policy(&mut ch, &mut Aux::of(data));
     let strict = ch.chance(50);
     let classified = ch.chance(30);
     let loaded = load(&MemorySource::new().with("policy.yaml", text.clone())).map_err(|e| format!("{e}"))?;

@@ -1,6 +1,7 @@
 //! Subcommands of the `palisade` binary, one module each.
 
 pub mod agent;
+pub mod alerts;
 pub mod audit;
 pub mod audit_export;
 pub mod bench;
