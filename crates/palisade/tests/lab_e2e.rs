@@ -2233,6 +2233,7 @@ fn qemu_guest_live_migration_to_a_dead_agent_is_cancelled_and_the_source_keeps_i
     assert!(qemus.is_empty(), "a destination QEMU was left running: {qemus:?}");
     guard.0.take().unwrap().shutdown().unwrap();
     assert_eq!(leftovers("pe2migf").unwrap(), Vec::<String>::new());
+}
 
 /// Inline inspection in the three-tier lab, whose policy inspects
 /// north-south traffic in `full` and traffic between zones in `critical`
