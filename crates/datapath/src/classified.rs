@@ -27,6 +27,7 @@
 
 use core::net::IpAddr;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use palisade_classify::{Classifier, Key, Prefix, Rule, SplitClassifier};
 use palisade_policy::compile::{ChainEntry, CompiledChain, Compiler, EntryAction};
@@ -152,6 +153,10 @@ impl ChainLookup for ClassifiedLookup {
     fn version(&self) -> u64 {
         self.linear.version()
     }
+
+    fn service_chains(&self) -> &[palisade_policy::model::ServiceChain] {
+        self.linear.service_chains()
+    }
 }
 
 /// The classifier key of `flow`; `None` when its addresses' families differ.
@@ -221,23 +226,24 @@ impl FastChain {
                 classifier: SplitClassifier::from_rules(&rs).ok()?,
             });
         }
-        let verdict = |p: &palisade_policy::eval::Provenance, action| ChainVerdict {
+        let verdict = |p: &palisade_policy::eval::Provenance, action, redirect: Option<&Arc<str>>| ChainVerdict {
             action,
             rule: p.rule_id.clone(),
             level: p.level,
             policy_version: p.policy_version,
+            redirect: redirect.cloned(),
         };
         let steps = entries
             .iter()
             .map(|e| match e.action {
                 EntryAction::Pass { next } => Step::Jump(kept_starts.partition_point(|&s| s < next)),
-                a => Step::Decide(verdict(&e.provenance, a.action())),
+                a => Step::Decide(verdict(&e.provenance, a.action(), e.redirect.as_ref())),
             })
             .collect();
         Some(FastChain {
             levels,
             steps,
-            default: verdict(&chain.default.1, chain.default.0),
+            default: verdict(&chain.default.1, chain.default.0, None),
             rules,
         })
     }
@@ -365,6 +371,8 @@ mod tests {
             },
             log: false,
             inspect: None,
+            // Every third entry steers, so the classifier must carry the chain too.
+            redirect: (priority % 3 == 0).then(|| Arc::from("chain")),
         }
     }
 
@@ -419,6 +427,7 @@ mod tests {
                         rule: d.provenance.rule_id.clone(),
                         level: d.provenance.level,
                         policy_version: d.provenance.policy_version,
+                        redirect: d.entry.and_then(|e| e.redirect.clone()),
                     };
                     assert_eq!(fast.decide(&key_of(&flow).unwrap()), want, "{flow:?}");
                     checked += 1;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use palisade_policy::compile::Compiler;
 use palisade_policy::eval::{Direction, Flow};
-use palisade_policy::model::{Action, Level};
+use palisade_policy::model::{Action, Level, ServiceChain};
 
 use crate::port::canonical_ip;
 
@@ -27,6 +27,8 @@ pub struct ChainVerdict {
     pub level: Level,
     /// The policy version that decided.
     pub policy_version: u64,
+    /// The service chain the deciding rule steers an allowed flow through.
+    pub redirect: Option<Arc<str>>,
 }
 
 /// Rule lookup per vNIC chain.
@@ -44,6 +46,10 @@ pub trait ChainLookup {
     fn decide_related(&self, vnic: &str, direction: Direction, flow: &Flow) -> Option<ChainVerdict>;
     /// The policy version this lookup implements.
     fn version(&self) -> u64;
+    /// The service chains the policy declares (rules `redirect` to them by name).
+    fn service_chains(&self) -> &[ServiceChain] {
+        &[]
+    }
 }
 
 /// One lookup shared by several engines (one per datapath worker): the
@@ -64,6 +70,10 @@ impl<T: ChainLookup + ?Sized> ChainLookup for Arc<T> {
 
     fn version(&self) -> u64 {
         (**self).version()
+    }
+
+    fn service_chains(&self) -> &[ServiceChain] {
+        (**self).service_chains()
     }
 }
 
@@ -109,6 +119,7 @@ impl ChainLookup for PolicyLookup {
             rule: d.provenance.rule_id.clone(),
             level: d.provenance.level,
             policy_version: d.provenance.policy_version,
+            redirect: d.entry.and_then(|e| e.redirect.clone()),
         })
     }
 
@@ -119,10 +130,15 @@ impl ChainLookup for PolicyLookup {
             rule: d.provenance.rule_id.clone(),
             level: d.provenance.level,
             policy_version: d.provenance.policy_version,
+            redirect: None,
         })
     }
 
     fn version(&self) -> u64 {
         self.compiler.model().policy.version
+    }
+
+    fn service_chains(&self) -> &[ServiceChain] {
+        &self.compiler.model().policy.service_chains
     }
 }

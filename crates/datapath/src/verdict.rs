@@ -62,11 +62,20 @@ pub enum DropReason {
     /// after the IP datagram, or a partial checksum starting inside the L2
     /// headers. It cannot be the packets it claims to stand for.
     BadOffload,
+    /// A frame came back from an appliance port that belongs to no flow
+    /// steered through that appliance instance in that direction (or is not
+    /// an IP packet of a flow at all): an appliance cannot inject traffic.
+    ApplianceNotSteered,
+    /// A packet of a flow steered through a `closed` service chain none of
+    /// whose instances is up.
+    ApplianceDown,
+    /// A packet of a flow an appliance offloaded with `drop`.
+    ApplianceOffloadDrop,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::Malformed,
         DropReason::UnknownPort,
         DropReason::SpoofedMac,
@@ -89,6 +98,9 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::UnknownVni,
         DropReason::BadOffload,
+        DropReason::ApplianceNotSteered,
+        DropReason::ApplianceDown,
+        DropReason::ApplianceOffloadDrop,
     ];
 
     /// Number of reasons.
@@ -119,6 +131,9 @@ impl DropReason {
             DropReason::NoRoute => "no-route",
             DropReason::UnknownVni => "unknown-vni",
             DropReason::BadOffload => "bad-offload",
+            DropReason::ApplianceNotSteered => "appliance-not-steered",
+            DropReason::ApplianceDown => "appliance-down",
+            DropReason::ApplianceOffloadDrop => "appliance-offload-drop",
         }
     }
 

@@ -21,9 +21,11 @@ pub(super) type RuleRefs = [Option<u32>; 2];
 
 impl Engine {
     /// Classify a flow once: the source's egress chain and the destination's
-    /// ingress chain. Returns the deciding rules' counter indices (with the
-    /// drop reason when denied).
-    pub(super) fn classify(&mut self, key: &FlowKey) -> Result<RuleRefs, (RuleRefs, DropReason)> {
+    /// ingress chain. Returns the deciding rules' counter indices and the
+    /// service chain an allowed flow is steered through (the egress rule's
+    /// `redirect`, else the ingress rule's), or the rules with the drop
+    /// reason when denied.
+    pub(super) fn classify(&mut self, key: &FlowKey) -> Result<(RuleRefs, Option<u16>), (RuleRefs, DropReason)> {
         self.counters.classifications += 1;
         let flow = policy_flow(key);
         let src = self.lookup.vnic_of(flow.src);
@@ -34,7 +36,11 @@ impl Engine {
             // Neither end is managed: nothing here may forward it.
             return Err(([None; 2], DropReason::PolicyDeny));
         }
-        self.rule_verdicts([eg, ig])
+        let redirect = [&eg, &ig].into_iter().flatten().find_map(|v| v.redirect.clone());
+        let rules = self.rule_verdicts([eg, ig])?;
+        // A chain this engine does not know (none declared under that name)
+        // steers nothing: validation refuses such a policy.
+        Ok((rules, redirect.and_then(|c| self.services.index_of(&c))))
     }
 
     /// Decide an ICMP error related to a tracked connection: each managed
