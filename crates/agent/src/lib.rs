@@ -35,6 +35,7 @@ pub mod fallback;
 pub mod health;
 pub mod http;
 pub mod journal;
+mod links;
 pub mod metrics;
 pub mod migrate;
 pub mod notify;

@@ -58,7 +58,7 @@ pub use flow_table::{CachedVerdict, FlowEntry, FlowHash, FlowTable};
 pub use lookup::{ChainLookup, ChainVerdict, PolicyLookup};
 pub use port::{PortError, PortId, UPLINK, UplinkConfig, VnicPort};
 pub use render::{RenderError, render, render_offload, render_overlay, render_overlay_offload, render_reply};
-pub use service::{ChainStats, InstanceStats, OffloadError, OffloadVerdict, Steer, symmetric_hash};
+pub use service::{ChainStats, InstanceStats, OffloadError, OffloadVerdict, Steer};
 pub use state::{StateError, relax_tcp_windows};
 pub use tcptrack::{TcpIndex, TcpLast, TcpPeer, TcpTrack, last_flags, peer_flags};
 pub use verdict::{Counters, DropReason, Tally};

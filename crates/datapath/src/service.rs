@@ -13,8 +13,9 @@
 //! connection again (TCP windows, states) without classifying it, and
 //! delivers it to its destination.
 //!
-//! The instance is chosen by rendezvous hashing of a symmetric hash of the
-//! flow's addresses and ports over the healthy instances: both directions
+//! The instance is chosen by rendezvous hashing of the flow's symmetric
+//! hash ([`palisade_wire::flow::FlowKey::symmetric_hash`], the one that
+//! steers flows to workers) over the healthy instances: both directions
 //! give the same hash, and an instance going down moves only its own flows.
 //! Health is the instances' link state as the caller reports it
 //! ([`crate::Engine::set_port_link`]): an instance is up when both of its
@@ -33,7 +34,7 @@
 use std::sync::Arc;
 
 use palisade_policy::model::{OnFailure, ServiceChain};
-use palisade_wire::flow::{FlowKey, Segment};
+use palisade_wire::flow::Segment;
 
 use crate::port::PortId;
 
@@ -287,24 +288,6 @@ impl ServiceChains {
     pub(crate) fn chain_mut(&mut self, chain: u16) -> Option<&mut ChainStats> {
         self.chains.get_mut(usize::from(chain))
     }
-}
-
-/// A hash of a flow key that both directions of a connection share: the
-/// two (address, port) ends are ordered before hashing. ICMP keys hash
-/// their addresses and protocol only (a query and its reply differ in type).
-pub fn symmetric_hash(key: &FlowKey) -> u64 {
-    let icmp = key.protocol.0 == 1 || key.protocol.0 == 58;
-    let (sp, dp) = if icmp { (0, 0) } else { (key.src_port, key.dst_port) };
-    let a = (key.src, sp);
-    let b = (key.dst, dp);
-    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ u64::from(key.protocol.0);
-    for chunk in lo.0.chunks_exact(8).chain(hi.0.chunks_exact(8)) {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(chunk);
-        h = mix(h ^ u64::from_le_bytes(w));
-    }
-    mix(h ^ (u64::from(lo.1) << 16 | u64::from(hi.1)))
 }
 
 /// A 64-bit finalizer (splitmix64's): every input bit affects every output bit.

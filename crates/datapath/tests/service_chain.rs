@@ -7,7 +7,7 @@ use core::net::Ipv4Addr;
 use palisade_datapath::port::{self, PortId, UplinkConfig, VnicPort};
 use palisade_datapath::{
     Disposition, DropReason, Engine, EngineConfig, EventSink, FlowEvent, OffloadError, OffloadVerdict, Output,
-    PolicyLookup, Results, symmetric_hash,
+    PolicyLookup, Results,
 };
 use palisade_policy::compile::Compiler;
 use palisade_policy::model::Segment as ZoneSegment;
@@ -465,7 +465,7 @@ fn the_flow_hash_is_symmetric_and_spreads_flows_over_instances() {
     for sport in 40000..40064u16 {
         let f = inbound(sport, (0, 0), TcpFlags::ACK);
         let k = flow::extract(&f[..]).unwrap().unwrap().key;
-        assert_eq!(symmetric_hash(&k), symmetric_hash(&k.reversed()));
+        assert_eq!(k.symmetric_hash(), k.reversed().symmetric_hash());
         let (_, to) = l.send(1, l.router, &inbound(sport, (100, 0), TcpFlags::SYN));
         seen[l.instance_of_in(&to)] += 1;
     }

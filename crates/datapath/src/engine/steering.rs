@@ -12,7 +12,7 @@ use crate::decision::Results;
 use crate::events::EventSink;
 use crate::flow_table::FlowHash;
 use crate::port::PortId;
-use crate::service::{ChainStats, OffloadError, OffloadVerdict, Side, Steer, symmetric_hash};
+use crate::service::{ChainStats, OffloadError, OffloadVerdict, Side, Steer};
 use crate::switch::Location;
 use crate::table::Slot;
 use crate::verdict::DropReason;
@@ -113,7 +113,7 @@ impl Engine {
         let key = conn.key;
         let packets = pkt.packets;
         if !self.services.instance(s.chain, s.instance).is_some_and(|i| i.up) {
-            match self.services.pick(s.chain, symmetric_hash(&key)) {
+            match self.services.pick(s.chain, key.symmetric_hash()) {
                 Some(i) => {
                     let moved = s.instance != Steer::UNASSIGNED;
                     s.instance = i;
