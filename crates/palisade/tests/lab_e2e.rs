@@ -1815,20 +1815,16 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
     let ew = lab
         .exec(
             "web-1",
-            &[
-                "busybox",
-                "wget",
-                "-q",
-                "-O",
-                "-",
-                "-T",
-                "2",
-                &format!("http://{app1}:8080/"),
-            ],
+            &["curl", "-s", "-m", "2", &format!("http://{app1}:8080/")],
             Duration::from_secs(10),
         )
         .unwrap();
-    assert!(ew.status.success(), "east-west HTTP works");
+    assert!(
+        ew.status.success(),
+        "east-west HTTP works: {}{}",
+        String::from_utf8_lossy(&ew.stdout),
+        String::from_utf8_lossy(&ew.stderr)
+    );
     assert_eq!(
         appliance_counts(lab).0,
         seen2,
@@ -1874,7 +1870,7 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
     servers.push(lab.spawn("web-1", &[EXE, "lab", "serve", "stream", "443"]).unwrap());
     std::thread::sleep(Duration::from_millis(300));
     let mut client = Command::new("ip")
-        .args(["netns", "exec", &inet, "busybox", "nc", "-p", "41234", &web1, "443"])
+        .args(["netns", "exec", &inet, "busybox", "nc", &web1, "443"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -1889,12 +1885,24 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
         during > before,
         "the stream crosses the appliance: {before} -> {during}"
     );
+    // The client's port, from hv1's flow records.
     let sock = lab.state().state_dir.join("hv1").join("agent.sock");
+    let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
+    let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
+    let sport = recs
+        .iter()
+        .find(|r| r.dst.port == 443)
+        .unwrap_or_else(|| panic!("no record of the stream: {flows}"))
+        .src
+        .port;
     let body = format!(
-        r#"{{"src":"{}","dst":"{web1}","protocol":"tcp","src_port":41234,"dst_port":443,"verdict":"allow"}}"#,
+        r#"{{"src":"{}","dst":"{web1}","protocol":"tcp","src_port":{sport},"dst_port":443,"verdict":"allow"}}"#,
         palisade_lab::plan::INTERNET_IP
     );
-    let answer = palisade_agent::http::post_unix(&sock, "/flows/offload", body.as_bytes()).unwrap();
+    let answer = palisade_agent::http::post_unix(&sock, "/flows/offload", body.as_bytes()).unwrap_or_else(|e| {
+        let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap_or_default();
+        panic!("offload {body}: {e}; hv1's flows: {flows}")
+    });
     assert!(String::from_utf8_lossy(&answer).contains("offloaded: allow"));
     let at = appliance_counts(lab).0;
     assert!(fresh_lines(&lines, Duration::from_secs(1)) > 0, "the stream goes on");

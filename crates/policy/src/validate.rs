@@ -264,7 +264,22 @@ fn service_chains(model: &Model, diags: &mut Vec<Diagnostic>) {
             let same = a.vnic_in == a.vnic_out;
             let sides = if same { 1 } else { 2 };
             for (nic, span) in [&a.vnic_in, &a.vnic_out].into_iter().zip(&a.vnic_spans).take(sides) {
-                if !vm.vnics.iter().any(|n| &n.name == nic) {
+                let found = vm.vnics.iter().find(|n| &n.name == nic);
+                if let Some(n) = found
+                    && !n.ips.is_empty()
+                {
+                    diags.push(
+                        Diagnostic::warning(
+                            K::InvalidValue,
+                            span,
+                            format!("appliance vNIC {} has addresses", quote(nic)),
+                        )
+                        .with_hint(
+                            "an appliance side only passes steered packets back: traffic of its own from it is dropped",
+                        ),
+                    );
+                }
+                if found.is_none() {
                     diags.push(
                         Diagnostic::error(
                             K::InvalidValue,

@@ -164,6 +164,15 @@ fn bad_chains_are_refused_where_they_are_written() {
             (5, "c:"),
         ),
     ];
+    // An appliance side with addresses: legal, but its own traffic cannot pass.
+    let l = load_with("service_chains:\n  c: { appliances: [{ vm: web-1, in: web-1.0, out: web-1.0 }] }\n");
+    assert!(
+        l.diagnostics
+            .iter()
+            .any(|d| !d.is_error() && d.message.contains("appliance vNIC \"web-1.0\" has addresses")),
+        "{}",
+        l.render()
+    );
     for (what, policy, kind, (line, token)) in cases {
         let text = policy.lines().nth(*line as usize - 1).unwrap();
         let column = text.find(token).unwrap() as u32 + 1;
