@@ -471,3 +471,22 @@ fn the_flow_hash_is_symmetric_and_spreads_flows_over_instances() {
     }
     assert!(seen[0] > 10 && seen[1] > 10, "64 flows over two instances: {seen:?}");
 }
+
+/// A restart (every connection exported, then imported into a new engine
+/// under the same policy) keeps a redirected flow on its appliance. (The
+/// state blob does not carry the steering: imported as current, the flow
+/// went straight to the VM.)
+#[test]
+fn an_imported_connection_is_still_steered() {
+    let mut old = lab("closed");
+    let i = old.handshake(1, 40000);
+    let blob = old.e.export_all(2 * MS);
+    let mut l = lab("closed");
+    assert_eq!(l.e.import_all(&blob, 3 * MS, &mut NoEvents).unwrap(), 1);
+    let data = inbound(40000, (101, 501), TcpFlags::ACK);
+    // The same instance: the appliance keeps seeing the whole connection.
+    assert_eq!(l.send(4, l.router, &data), (Disposition::Forward, vec![l.ips[i].0]));
+    assert_eq!(l.send(4, l.ips[i].1, &data), (Disposition::Forward, vec![l.web1]));
+    let back = outbound(40000, (501, 101), TcpFlags::ACK);
+    assert_eq!(l.send(4, l.web1, &back), (Disposition::Forward, vec![l.ips[i].1]));
+}
