@@ -1910,6 +1910,24 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
     let _ = client.kill();
     let _ = client.wait();
 
+    // The agent's metrics tell the same story (published every 500 ms).
+    std::thread::sleep(Duration::from_millis(700));
+    let metrics = palisade_agent::http::get_unix(&sock, "/metrics").unwrap();
+    let value = |name: &str, labels: &str| -> u64 {
+        let head = format!("{name}{{host=\"hv1\",{labels}}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&head)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {head} in\n{metrics}"))
+    };
+    let instance = "chain=\"ns-ips\",appliance=\"ips-1\"";
+    assert!(value("palisade_service_chain_sent_total", instance) > 0);
+    assert!(value("palisade_service_chain_returned_total", instance) > 0);
+    assert_eq!(value("palisade_service_chain_instance_up", instance), 1);
+    assert!(value("palisade_service_chain_down_drops_total", "chain=\"ns-ips\"") > 0, "closed while down");
+    assert!(value("palisade_service_chain_bypassed_total", "chain=\"ns-ips\"") > 0, "open while down");
+    assert_eq!(value("palisade_service_chain_offloads_total", "chain=\"ns-ips\""), 1);
+
     for s in &mut servers {
         let _ = lab.kill(s);
     }
