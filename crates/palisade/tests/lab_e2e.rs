@@ -1856,6 +1856,35 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(get("X-EVIL"), "open: not inspected while the appliance is down");
+    // What a request costs without the appliance and through it (curl's
+    // own time, connection to last byte; printed, not asserted).
+    let timed = || -> Vec<f64> {
+        let mut t: Vec<f64> = (0..15)
+            .filter_map(|_| {
+                let o = lab
+                    .exec_ns(
+                        &inet,
+                        &[
+                            "curl",
+                            "-s",
+                            "-o",
+                            "/dev/null",
+                            "-m",
+                            "2",
+                            "-w",
+                            "%{time_total}",
+                            &format!("http://{web1}/"),
+                        ],
+                        Duration::from_secs(10),
+                    )
+                    .ok()?;
+                String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t
+    };
+    let direct = timed();
     let (seen3, _) = appliance_counts(lab);
 
     // The appliance comes back: flows go through it again.
@@ -1863,6 +1892,16 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
     std::thread::sleep(Duration::from_millis(800));
     assert!(get(""), "through the appliance again");
     assert!(appliance_counts(lab).0 > seen3, "the appliance sees the flows again");
+    let through = timed();
+    let median = |t: &[f64]| t.get(t.len() / 2).map_or(f64::NAN, |m| m * 1e3);
+    eprintln!(
+        "HTTP GET from the internet to web-1, median of {}/{}: {:.2} ms around the appliance (open, down), \
+         {:.2} ms through it",
+        direct.len(),
+        through.len(),
+        median(&direct),
+        median(&through)
+    );
     assert!(!get("X-EVIL"), "and drops the marked request again");
 
     // Offload: a long-lived stream through the appliance, then the agent is
@@ -1924,8 +1963,14 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
     assert!(value("palisade_service_chain_sent_total", instance) > 0);
     assert!(value("palisade_service_chain_returned_total", instance) > 0);
     assert_eq!(value("palisade_service_chain_instance_up", instance), 1);
-    assert!(value("palisade_service_chain_down_drops_total", "chain=\"ns-ips\"") > 0, "closed while down");
-    assert!(value("palisade_service_chain_bypassed_total", "chain=\"ns-ips\"") > 0, "open while down");
+    assert!(
+        value("palisade_service_chain_down_drops_total", "chain=\"ns-ips\"") > 0,
+        "closed while down"
+    );
+    assert!(
+        value("palisade_service_chain_bypassed_total", "chain=\"ns-ips\"") > 0,
+        "open while down"
+    );
     assert_eq!(value("palisade_service_chain_offloads_total", "chain=\"ns-ips\""), 1);
 
     for s in &mut servers {
