@@ -189,6 +189,7 @@ impl Conn {
             created: self.created,
             last_seen: self.last_seen,
             now,
+            steer: self.steer,
         }
     }
 }

@@ -1928,12 +1928,16 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
     let sock = lab.state().state_dir.join("hv1").join("agent.sock");
     let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
     let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
-    let sport = recs
+    let stream = recs
         .iter()
         .find(|r| r.dst.port == 443)
-        .unwrap_or_else(|| panic!("no record of the stream: {flows}"))
-        .src
-        .port;
+        .unwrap_or_else(|| panic!("no record of the stream: {flows}"));
+    assert_eq!(
+        stream.appliance.as_deref(),
+        Some("ns-ips/ips-1"),
+        "the record names the appliance"
+    );
+    let sport = stream.src.port;
     let body = format!(
         r#"{{"src":"{}","dst":"{web1}","protocol":"tcp","src_port":{sport},"dst_port":443,"verdict":"allow"}}"#,
         palisade_lab::plan::INTERNET_IP

@@ -176,7 +176,9 @@ impl Engine {
         conn.packets = pkt.packets;
         conn.bytes = len as u64;
         conn.rules = rules;
-        conn.steer = chain.map(Steer::new);
+        // The instance is chosen now, so that the connection's start event
+        // (and record) names it; none up, its first packet follows `on_failure`.
+        conn.steer = chain.map(|c| self.first_instance(c, &key));
         if let Some(seg) = tcp {
             if !strict && seg.flags.contains(TcpFlags::RST) {
                 // A reset for a connection never seen, in a liberal zone where
@@ -231,6 +233,7 @@ impl Engine {
             created: now,
             last_seen: now,
             now,
+            steer: None,
         });
         reason
     }

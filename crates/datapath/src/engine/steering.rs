@@ -75,6 +75,19 @@ impl Engine {
         Ok(())
     }
 
+    /// A new connection's steering through `chain`: the instance its hash
+    /// picks among those up (counted), or none yet.
+    pub(super) fn first_instance(&mut self, chain: u16, key: &FlowKey) -> Steer {
+        let mut s = Steer::new(chain);
+        if let Some(i) = self.services.pick(chain, key.symmetric_hash()) {
+            s.instance = i;
+            if let Some(inst) = self.services.instance_mut(chain, i) {
+                inst.flows += 1;
+            }
+        }
+        s
+    }
+
     /// A frame's L2 destination may not be an appliance port: appliances
     /// receive steered packets only.
     #[inline]
