@@ -420,12 +420,15 @@ pub fn render(s: &Snapshot<'_>) -> String {
     o
 }
 
+/// Writes one metric: name, type, help and its rows (labels, value).
+type Emit<'a> = dyn FnMut(&str, &str, &str, &[(String, u64)]) + 'a;
+
 /// The service chains' counters, summed over the workers (every worker runs
 /// the same chains in the same order): per instance the packets sent into
 /// the appliance and returned from it, the connections steered to it and
 /// whether it is up; per chain the failovers, the packets bypassed (`open`)
 /// or dropped (`closed`) while no instance was up, and the offloads.
-fn service_chain_metrics(engines: &[&Engine], metric: &mut dyn FnMut(&str, &str, &str, &[(String, u64)])) {
+fn service_chain_metrics(engines: &[&Engine], metric: &mut Emit<'_>) {
     let Some(first) = engines.first() else { return };
     if first.service_chains().is_empty() {
         return;
