@@ -80,6 +80,9 @@ pub struct Agent {
     /// The vhost-user devices of vNICs attached that way (their sockets live as long as the agent).
     vhost: crate::vhost::VhostVnics,
     policy_stamp: Option<SystemTime>,
+    /// The link state last given to the engines of each service-chain
+    /// appliance vNIC (by name): the instances' health.
+    appliance_links: std::collections::HashMap<String, bool>,
     /// Policies from the controller (controller mode).
     upstream: Option<std::sync::mpsc::Receiver<crate::upstream::Installed>>,
     /// The controller revision in force (controller mode).
@@ -247,6 +250,9 @@ fn process_cpu() -> Duration {
 }
 
 /// Load and compile the policy directory.
+/// How often the link state of service-chain appliance vNICs is read.
+const APPLIANCE_LINK_POLL: Duration = Duration::from_millis(200);
+
 fn load_policy(dir: &Path) -> Result<Compiler, AgentError> {
     let fail = |message: String| AgentError::Policy {
         dir: dir.to_path_buf(),
@@ -768,6 +774,7 @@ impl Agent {
             shared,
             policy_errors: 0,
             last_policy_error: None,
+            appliance_links: std::collections::HashMap::new(),
             snapshots: SnapshotTimer::new(None, origin),
             resumed: None,
             state_refused: Default::default(),
@@ -1259,6 +1266,7 @@ impl Agent {
         let mut last_housekeeping = Instant::now();
         let mut last_publish = Instant::now();
         let mut last_health = Instant::now();
+        let mut last_links = Instant::now();
         let health_interval = self.health_interval();
         self.workers_alive = workers.iter().filter(|h| !h.is_finished()).count() as u32;
         self.notifier.ready(&format!(
@@ -1297,6 +1305,10 @@ impl Agent {
                 });
             }
             self.take_upstream();
+            if last_links.elapsed() >= APPLIANCE_LINK_POLL {
+                last_links = Instant::now();
+                self.poll_appliance_links();
+            }
             if last_housekeeping.elapsed() >= Duration::from_secs(1) {
                 last_housekeeping = Instant::now();
                 self.housekeeping();
@@ -1317,6 +1329,51 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Give the engines the link state of every vNIC that is one side of a
+    /// service-chain appliance (its host interface's carrier): an instance
+    /// with a side down gets no new packets, its flows move to another
+    /// instance or follow the chain's `on_failure`. Only changes are pushed.
+    fn poll_appliance_links(&mut self) {
+        let sides: Vec<String> = match self.workers.first() {
+            Some(core) => lock(core)
+                .engine
+                .service_chains()
+                .iter()
+                .flat_map(|c| c.instances.iter())
+                .flat_map(|i| [&i.vnic_in, &i.vnic_out])
+                .filter(|(_, port)| port.is_some())
+                .map(|(name, _)| name.to_string())
+                .collect(),
+            None => return,
+        };
+        for vnic in sides {
+            let Some(interface) = self
+                .config
+                .vnics
+                .iter()
+                .find(|v| v.name == vnic)
+                .and_then(|v| v.interface.as_deref())
+            else {
+                continue;
+            };
+            let up = crate::links::carrier(interface);
+            if self.appliance_links.get(&vnic) == Some(&up) {
+                continue;
+            }
+            eprintln!(
+                "palisade agent: appliance vNIC {vnic} ({interface}) link {}",
+                if up { "up" } else { "down" }
+            );
+            self.appliance_links.insert(vnic.clone(), up);
+            for core in &self.workers {
+                let mut core = lock(core);
+                if let Some(port) = core.engine.port_of(&vnic) {
+                    core.engine.set_port_link(port, up);
+                }
+            }
+        }
     }
 
     /// Install the newest policy the controller sent, if any (checked every
@@ -1923,5 +1980,29 @@ impl http::Control for VnicControl {
         drop(guards);
         self.record("resume", vnic, peer, 0, None);
         Ok(())
+    }
+
+    /// The connection lives in the worker its flows are steered to: every
+    /// worker is asked; one that has it steered takes the verdict.
+    fn offload_flow(
+        &self,
+        key: &palisade_wire::flow::FlowKey,
+        verdict: palisade_datapath::OffloadVerdict,
+    ) -> Result<(), http::ControlError> {
+        let mut not_steered = false;
+        for core in &self.workers {
+            match lock(core).engine.offload_flow(key, verdict) {
+                Ok(()) => return Ok(()),
+                Err(palisade_datapath::OffloadError::NotSteered) => not_steered = true,
+                Err(palisade_datapath::OffloadError::NoConnection) => {}
+            }
+        }
+        if not_steered {
+            Err(http::ControlError::Refused(
+                "the connection is not steered through a service chain".into(),
+            ))
+        } else {
+            Err(http::ControlError::UnknownFlow)
+        }
     }
 }

@@ -14,16 +14,23 @@
 //! /vnics/{name}/export` (the vNIC's connection state, forwarding for it
 //! stopped), `POST /vnics/{name}/import` (a state blob as the body) and
 //! `POST /vnics/{name}/resume` (forwarding back on: a migration that
-//! failed). These are never served on the TCP address.
+//! failed). These are never served on the TCP address. So is `POST
+//! /flows/offload` (a JSON [`OffloadRequest`]): a service-chain appliance's
+//! decision for the rest of a flow, vPath style (`allow`: its later packets
+//! bypass the appliance; `drop`: they are dropped).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use palisade_datapath::OffloadVerdict;
+use palisade_wire::flow::FlowKey;
+use palisade_wire::ip::IpProtocol;
 
 /// What the endpoint serves, replaced whole by the datapath.
 #[derive(Debug, Clone, Default)]
@@ -50,6 +57,8 @@ pub enum ControlError {
     UnknownVnic(String),
     /// The request or its blob was refused (400), with the reason.
     Refused(String),
+    /// No tracked connection has the 5-tuple a request names (404).
+    UnknownFlow,
 }
 
 /// What the agent does for the Unix socket's migration requests. `peer`
@@ -65,6 +74,11 @@ pub trait Control: Send + Sync {
     /// Drop `vnic`'s connections after its VM migrated away (the port stays
     /// quiesced); returns how many were dropped.
     fn release_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<usize, ControlError>;
+    /// An appliance's decision for the rest of the connection `key` belongs to.
+    fn offload_flow(&self, key: &FlowKey, verdict: OffloadVerdict) -> Result<(), ControlError> {
+        let _ = (key, verdict);
+        Err(ControlError::Refused("this agent takes no offload requests".into()))
+    }
 }
 
 /// Longest host name a `?peer=` query may give.
@@ -85,6 +99,61 @@ fn peer_query(action: &str) -> Result<(&str, Option<&str>), String> {
         Ok((action, Some(peer)))
     } else {
         Err("bad peer host name".into())
+    }
+}
+
+/// The body of `POST /flows/offload`: a connection's 5-tuple (either
+/// direction) and what to do with the rest of it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffloadRequest {
+    /// Source address.
+    pub src: IpAddr,
+    /// Destination address.
+    pub dst: IpAddr,
+    /// `tcp`, `udp` or `sctp`.
+    pub protocol: String,
+    /// Source port.
+    pub src_port: u16,
+    /// Destination port.
+    pub dst_port: u16,
+    /// `allow` (bypass the appliance) or `drop`.
+    pub verdict: String,
+}
+
+/// Largest offload request body.
+const MAX_OFFLOAD_BODY: usize = 1024;
+
+impl OffloadRequest {
+    /// The flow key and verdict it names, or why it names none.
+    pub fn parse(body: &[u8]) -> Result<(FlowKey, OffloadVerdict), String> {
+        let r: OffloadRequest = serde_json::from_slice(body).map_err(|e| format!("bad offload request: {e}"))?;
+        let protocol = match r.protocol.as_str() {
+            "tcp" => IpProtocol::TCP,
+            "udp" => IpProtocol::UDP,
+            "sctp" => IpProtocol(132),
+            p => return Err(format!("protocol {p:?}: tcp, udp or sctp")),
+        };
+        let verdict =
+            OffloadVerdict::parse(&r.verdict).ok_or_else(|| format!("verdict {:?}: allow or drop", r.verdict))?;
+        let octets = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        };
+        if r.src.is_ipv4() != r.dst.is_ipv4() {
+            return Err("src and dst are of different IP versions".into());
+        }
+        let key = FlowKey {
+            segment: palisade_datapath::ROUTING_DOMAIN,
+            src: octets(r.src),
+            dst: octets(r.dst),
+            src_port: r.src_port,
+            dst_port: r.dst_port,
+            protocol,
+            icmp_type: 0,
+            icmp_code: 0,
+        };
+        Ok((key, verdict))
     }
 }
 
@@ -249,6 +318,15 @@ fn handle_control<S: Read + Write>(stream: S, shared: &Shared, control: &dyn Con
     };
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if target == "/flows/offload" {
+        let (status, body) = offload_request(method, length, &mut reader, control);
+        return respond(
+            reader.into_inner(),
+            status,
+            "text/plain",
+            format!("{body}\n").as_bytes(),
+        );
+    }
     let Some(rest) = target.strip_prefix("/vnics/") else {
         let snapshot = shared.lock().map(|g| g.clone()).unwrap_or_default();
         let (status, ctype, body) = route(&line, &snapshot);
@@ -256,6 +334,48 @@ fn handle_control<S: Read + Write>(stream: S, shared: &Shared, control: &dyn Con
     };
     let (status, ctype, body) = vnic_request(method, rest, length, &mut reader, control);
     respond(reader.into_inner(), status, ctype, &body);
+}
+
+/// Answer `POST /flows/offload`.
+fn offload_request<R: Read>(
+    method: &str,
+    length: Option<Result<usize, ()>>,
+    body: &mut R,
+    control: &dyn Control,
+) -> (&'static str, String) {
+    if method != "POST" {
+        return ("405 Method Not Allowed", "only POST".into());
+    }
+    let n = match length {
+        None => {
+            return (
+                "411 Length Required",
+                "an offload request needs a Content-Length".into(),
+            );
+        }
+        Some(Err(())) => return ("400 Bad Request", "Content-Length does not parse".into()),
+        Some(Ok(n)) if n > MAX_OFFLOAD_BODY => {
+            return (
+                "413 Content Too Large",
+                format!("offload request of {n} bytes exceeds {MAX_OFFLOAD_BODY} bytes"),
+            );
+        }
+        Some(Ok(n)) => n,
+    };
+    let mut text = vec![0; n];
+    if let Err(e) = body.read_exact(&mut text) {
+        return ("400 Bad Request", format!("body shorter than its Content-Length ({e})"));
+    }
+    let (key, verdict) = match OffloadRequest::parse(&text) {
+        Ok(k) => k,
+        Err(why) => return ("400 Bad Request", why),
+    };
+    match control.offload_flow(&key, verdict) {
+        Ok(()) => ("200 OK", format!("offloaded: {}", verdict.name())),
+        Err(ControlError::UnknownFlow) => ("404 Not Found", "no steered connection has this 5-tuple".into()),
+        Err(ControlError::UnknownVnic(v)) => ("404 Not Found", format!("no vNIC {v:?} on this host")),
+        Err(ControlError::Refused(why)) => ("400 Bad Request", why),
+    }
 }
 
 /// Longest vNIC name a request may name.
@@ -295,6 +415,7 @@ fn vnic_request<R: Read>(
     let refused = |e: ControlError| match e {
         ControlError::UnknownVnic(v) => text("404 Not Found", format!("no vNIC {v:?} on this host")),
         ControlError::Refused(why) => text("400 Bad Request", why),
+        ControlError::UnknownFlow => text("404 Not Found", "no such connection".into()),
     };
     match action {
         "export" => match control.export_vnic(vnic, peer) {
@@ -414,6 +535,28 @@ pub fn get_unix(socket: &Path, path: &str) -> std::io::Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn offload_requests_name_a_flow_and_a_verdict_or_are_refused() {
+        let ok = br#"{"src":"203.0.113.9","dst":"10.0.1.11","protocol":"tcp","src_port":40000,"dst_port":80,"verdict":"allow"}"#;
+        let (key, verdict) = OffloadRequest::parse(ok).unwrap();
+        assert_eq!(verdict, OffloadVerdict::Allow);
+        assert_eq!((key.src_port, key.dst_port, key.protocol), (40000, 80, IpProtocol::TCP));
+        assert_eq!(key.src_addr(), "203.0.113.9".parse::<IpAddr>().unwrap());
+        let bad: &[(&[u8], &str)] = &[
+            (br#"{"src":"1.2.3.4","dst":"10.0.1.11","protocol":"icmp","src_port":0,"dst_port":0,"verdict":"allow"}"#, "protocol"),
+            (br#"{"src":"1.2.3.4","dst":"10.0.1.11","protocol":"tcp","src_port":1,"dst_port":2,"verdict":"maybe"}"#, "verdict"),
+            (br#"{"src":"1.2.3.4","dst":"fd00::1","protocol":"tcp","src_port":1,"dst_port":2,"verdict":"drop"}"#, "IP versions"),
+            (br#"{"src":"1.2.3.4","dst":"10.0.1.11","protocol":"tcp","src_port":70000,"dst_port":2,"verdict":"drop"}"#, "bad offload request"),
+            (br#"{"src":"1.2.3.4","dst":"10.0.1.11","protocol":"tcp","src_port":1,"dst_port":2,"verdict":"drop","x":1}"#, "unknown field"),
+            (b"[]", "bad offload request"),
+            (b"", "bad offload request"),
+        ];
+        for (body, why) in bad {
+            let e = OffloadRequest::parse(body).unwrap_err();
+            assert!(e.contains(why), "{}: {e}", String::from_utf8_lossy(body));
+        }
+    }
+
     use super::*;
 
     #[test]

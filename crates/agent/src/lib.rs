@@ -38,6 +38,7 @@ pub mod health;
 pub mod http;
 pub mod inspection;
 pub mod journal;
+mod links;
 pub mod metrics;
 pub mod migrate;
 pub mod notify;

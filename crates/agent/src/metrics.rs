@@ -382,6 +382,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Connection events the crash journals had no room for before the next snapshot.",
         &one(s.journal.overflows),
     );
+    service_chain_metrics(s.engines, &mut metric);
     if let Some(a) = s.audit {
         metric(
             "palisade_audit_records_total",
@@ -417,6 +418,104 @@ pub fn render(s: &Snapshot<'_>) -> String {
         }
     }
     o
+}
+
+/// Writes one metric: name, type, help and its rows (labels, value).
+type Emit<'a> = dyn FnMut(&str, &str, &str, &[(String, u64)]) + 'a;
+
+/// The service chains' counters, summed over the workers (every worker runs
+/// the same chains in the same order): per instance the packets sent into
+/// the appliance and returned from it, the connections steered to it and
+/// whether it is up; per chain the failovers, the packets bypassed (`open`)
+/// or dropped (`closed`) while no instance was up, and the offloads.
+fn service_chain_metrics(engines: &[&Engine], metric: &mut Emit<'_>) {
+    let Some(first) = engines.first() else { return };
+    if first.service_chains().is_empty() {
+        return;
+    }
+    let chains = first.service_chains();
+    let sum = |f: &dyn Fn(&palisade_datapath::ChainStats) -> u64, ci: usize| -> u64 {
+        engines.iter().filter_map(|e| e.service_chains().get(ci)).map(f).sum()
+    };
+    let per_instance = |f: &dyn Fn(&palisade_datapath::InstanceStats) -> u64| -> Vec<(String, u64)> {
+        let mut rows = Vec::new();
+        for (ci, c) in chains.iter().enumerate() {
+            for (ii, i) in c.instances.iter().enumerate() {
+                let v = engines
+                    .iter()
+                    .filter_map(|e| e.service_chains().get(ci)?.instances.get(ii))
+                    .map(f)
+                    .sum();
+                rows.push((format!("chain=\"{}\",appliance=\"{}\"", esc(&c.name), esc(&i.vm)), v));
+            }
+        }
+        rows
+    };
+    metric(
+        "palisade_service_chain_sent_total",
+        "counter",
+        "Packets sent into a service-chain appliance instance.",
+        &per_instance(&|i| i.sent),
+    );
+    metric(
+        "palisade_service_chain_returned_total",
+        "counter",
+        "Packets that came back from a service-chain appliance instance and went on.",
+        &per_instance(&|i| i.returned),
+    );
+    metric(
+        "palisade_service_chain_flows_total",
+        "counter",
+        "Connections steered to a service-chain appliance instance (first choice or failover).",
+        &per_instance(&|i| i.flows),
+    );
+    // Every worker is given the same link state: the first one's is the host's.
+    let up: Vec<(String, u64)> = chains
+        .iter()
+        .flat_map(|c| {
+            c.instances.iter().map(|i| {
+                let labels = format!("chain=\"{}\",appliance=\"{}\"", esc(&c.name), esc(&i.vm));
+                (labels, u64::from(i.up))
+            })
+        })
+        .collect();
+    metric(
+        "palisade_service_chain_instance_up",
+        "gauge",
+        "Whether a service-chain appliance instance is up (both vNICs attached and with carrier).",
+        &up,
+    );
+    let per_chain = |f: &dyn Fn(&palisade_datapath::ChainStats) -> u64| -> Vec<(String, u64)> {
+        chains
+            .iter()
+            .enumerate()
+            .map(|(ci, c)| (format!("chain=\"{}\"", esc(&c.name)), sum(f, ci)))
+            .collect()
+    };
+    metric(
+        "palisade_service_chain_failovers_total",
+        "counter",
+        "Connections moved from a service-chain instance that went down to another.",
+        &per_chain(&|c| c.failovers),
+    );
+    metric(
+        "palisade_service_chain_bypassed_total",
+        "counter",
+        "Packets delivered without the appliance because no instance was up (on_failure: open).",
+        &per_chain(&|c| c.bypassed),
+    );
+    metric(
+        "palisade_service_chain_down_drops_total",
+        "counter",
+        "Packets dropped because no instance was up (on_failure: closed).",
+        &per_chain(&|c| c.dropped),
+    );
+    metric(
+        "palisade_service_chain_offloads_total",
+        "counter",
+        "Connections an appliance offloaded (allow or drop).",
+        &per_chain(&|c| c.offloaded),
+    );
 }
 
 /// The fail-open metrics: each zone's `on_failure` as the fallback plan has

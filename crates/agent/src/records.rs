@@ -124,6 +124,11 @@ fn build(
         })
         .collect();
     FlowRecord {
+        appliance: event
+            .steer
+            .as_ref()
+            .and_then(|s| engine.appliance_of(s))
+            .map(|(c, vm)| format!("{c}/{vm}")),
         time_ns: clock.unix(event.now),
         flow_id: flow_id(event),
         host: host.to_string(),

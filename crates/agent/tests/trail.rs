@@ -19,6 +19,7 @@ fn record(n: u64) -> Record {
         vm: None,
     };
     Record::Flow(FlowRecord {
+        appliance: None,
         time_ns: T0 + n,
         flow_id: n,
         host: "hv1".into(),

@@ -41,6 +41,7 @@ fn record(i: u64, n: u64) -> Record {
     let (s, d) = (h % VMS, (h >> 20) % VMS);
     let t = T0 + i * (DAY_NS / n.max(1));
     Record::Flow(FlowRecord {
+        appliance: None,
         time_ns: t,
         flow_id: i,
         host: format!("hv{}", s % 20),

@@ -1343,6 +1343,7 @@ mod tests {
 
     fn flow(i: u64) -> FlowRecord {
         FlowRecord {
+            appliance: None,
             time_ns: 1_700_000_000_000_000_000 + i,
             flow_id: i,
             host: "hv1".into(),

@@ -113,6 +113,7 @@ mod tests {
 
     fn flow(i: u64) -> Record {
         Record::Flow(FlowRecord {
+            appliance: None,
             time_ns: i,
             flow_id: i,
             host: "hv1".into(),

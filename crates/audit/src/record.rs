@@ -154,6 +154,11 @@ pub struct FlowRecord {
     pub start_ns: u64,
     /// When its last packet was seen (Unix time, nanoseconds).
     pub last_ns: u64,
+    /// The service-chain appliance the flow was steered through, as
+    /// `CHAIN/VM`; `None` for a flow no rule redirects (and in records
+    /// written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appliance: Option<String>,
 }
 
 /// One change to inventory or policy.
@@ -203,6 +208,7 @@ mod tests {
 
     fn sample() -> FlowRecord {
         FlowRecord {
+            appliance: None,
             time_ns: 1_700_000_000_000_000_000,
             flow_id: 7,
             host: "hv1".into(),

@@ -171,6 +171,7 @@ fn records(now_ns: u64) -> Vec<FlowRecord> {
         let scale = if big { 1_000_000_000 } else { 1 };
         let start_ns = now_ns - 60_000_000_000 + i * 1_000_000;
         out.push(FlowRecord {
+            appliance: None,
             time_ns: now_ns,
             flow_id: 1000 + i,
             host: "hv1".into(),

@@ -33,6 +33,7 @@ fn record(i: u64) -> FlowRecord {
         tags: Default::default(),
     };
     FlowRecord {
+        appliance: None,
         time_ns: 1_700_000_000_000_000_000 + i,
         flow_id: i,
         host: "hv1".into(),

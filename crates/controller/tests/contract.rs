@@ -582,6 +582,7 @@ fn the_document_describes_what_the_server_enforces() {
 fn sample_flow() -> palisade_audit::record::FlowRecord {
     use palisade_audit::record::*;
     FlowRecord {
+        appliance: None,
         time_ns: 1,
         flow_id: 2,
         host: "hv1".into(),

@@ -28,6 +28,7 @@ fn status(r: Result<impl std::fmt::Debug, ClientError>) -> u16 {
 fn flow(host: &str, id: u64, src_vm: Option<&str>, verdict: Verdict) -> FlowRecord {
     let t = 1_700_000_000_000_000_000 + id * 1_000_000;
     FlowRecord {
+        appliance: None,
         time_ns: t,
         flow_id: id,
         host: host.into(),

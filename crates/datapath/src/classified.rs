@@ -162,6 +162,10 @@ impl ChainLookup for ClassifiedLookup {
     fn version(&self) -> u64 {
         self.linear.version()
     }
+
+    fn service_chains(&self) -> &[palisade_policy::model::ServiceChain] {
+        self.linear.service_chains()
+    }
 }
 
 /// The classifier key of `flow`; `None` when its addresses' families differ.
@@ -231,18 +235,19 @@ impl FastChain {
                 classifier: SplitClassifier::from_rules(&rs).ok()?,
             });
         }
-        let verdict = |p: &palisade_policy::eval::Provenance, action, inspect: Option<Arc<str>>| ChainVerdict {
+        let verdict = |p: &palisade_policy::eval::Provenance, action, inspect: Option<Arc<str>>, redirect: Option<&Arc<str>>| ChainVerdict {
             action,
             rule: p.rule_id.clone(),
             level: p.level,
             policy_version: p.policy_version,
             inspect,
+            redirect: redirect.cloned(),
         };
         let steps = entries
             .iter()
             .map(|e| match e.action {
                 EntryAction::Pass { next } => Step::Jump(kept_starts.partition_point(|&s| s < next)),
-                a => Step::Decide(verdict(&e.provenance, a.action(), e.inspect.clone())),
+                a => Step::Decide(verdict(&e.provenance, a.action(), e.inspect.clone(), e.redirect.as_ref())),
             })
             .collect();
         Some(FastChain {
@@ -376,6 +381,8 @@ mod tests {
             },
             log: false,
             inspect: None,
+            // Every third entry steers, so the classifier must carry the chain too.
+            redirect: (priority % 3 == 0).then(|| Arc::from("chain")),
         }
     }
 
@@ -431,6 +438,7 @@ mod tests {
                         level: d.provenance.level,
                         policy_version: d.provenance.policy_version,
                         inspect: d.entry.and_then(|e| e.inspect.clone()),
+                        redirect: d.entry.and_then(|e| e.redirect.clone()),
                     };
                     assert_eq!(fast.decide(&key_of(&flow).unwrap()), want, "{flow:?}");
                     checked += 1;

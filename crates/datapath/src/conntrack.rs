@@ -20,6 +20,7 @@ use palisade_wire::flow::FlowKey;
 pub use crate::conn_state::ConnState;
 use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::port::PortId;
+use crate::service::Steer;
 use crate::table::{BoundedMap, Slot};
 use crate::tcptrack;
 pub(crate) use crate::tcptrack::{TcpSeg, TcpTrack, Tracked, bad_tcp_flags};
@@ -113,6 +114,8 @@ pub struct Conn {
     pub tcp: TcpTrack,
     /// The end event has been emitted (time-wait lingers after it).
     pub ended: bool,
+    /// The service chain and instance its packets go through, if its rule redirects it.
+    pub steer: Option<Steer>,
 }
 
 impl Conn {
@@ -135,6 +138,7 @@ impl Conn {
             trusted: false,
             tcp: TcpTrack::default(),
             ended: false,
+            steer: None,
         }
     }
 
@@ -185,6 +189,7 @@ impl Conn {
             created: self.created,
             last_seen: self.last_seen,
             now,
+            steer: self.steer,
         }
     }
 }

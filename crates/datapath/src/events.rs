@@ -8,6 +8,7 @@ use palisade_wire::flow::FlowKey;
 
 use crate::conn_state::ConnState;
 use crate::port::PortId;
+use crate::service::Steer;
 use crate::verdict::DropReason;
 
 /// Why a connection ended.
@@ -76,6 +77,9 @@ pub struct FlowEvent {
     pub last_seen: u64,
     /// When (caller's clock, nanoseconds).
     pub now: u64,
+    /// The service chain and appliance instance the connection is steered
+    /// through ([`crate::Engine::appliance_of`] names them).
+    pub steer: Option<Steer>,
 }
 
 /// Where flow events go.

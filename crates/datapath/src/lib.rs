@@ -27,6 +27,7 @@
 //! - `events`: flow start/update/end events.
 //! - `lookup`: the rule-lookup trait ([`ChainLookup`]) and the compiled chains behind it.
 //! - `classified`: that trait answered by the classify layer's decision trees.
+//! - `service`: service chains: steering redirected flows through appliance VMs, their health and counters.
 //! - [`state`]: the blob format of exported connection state (live migration, restarts).
 
 mod classified;
@@ -40,6 +41,7 @@ pub mod host;
 mod lookup;
 pub mod port;
 mod render;
+mod service;
 pub mod state;
 mod switch;
 mod table;
@@ -56,6 +58,7 @@ pub use flow_table::{CachedVerdict, FlowEntry, FlowHash, FlowTable};
 pub use lookup::{ChainLookup, ChainVerdict, PolicyLookup};
 pub use port::{PortError, PortId, UPLINK, UplinkConfig, VnicPort};
 pub use render::{RenderError, render, render_offload, render_overlay, render_overlay_offload, render_reply};
+pub use service::{ChainStats, InstanceStats, OffloadError, OffloadVerdict, Steer};
 pub use state::{StateError, relax_tcp_windows};
 pub use tcptrack::{TcpIndex, TcpLast, TcpPeer, TcpTrack, last_flags, peer_flags};
 pub use verdict::{Counters, DropReason, InspectProfile, Tally};

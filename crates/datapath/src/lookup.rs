@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use palisade_policy::compile::Compiler;
 use palisade_policy::eval::{Direction, Flow};
-use palisade_policy::model::{Action, Level};
+use palisade_policy::model::{Action, Level, ServiceChain};
 
 use crate::port::canonical_ip;
 
@@ -30,6 +30,8 @@ pub struct ChainVerdict {
     /// The deciding rule's inspection profile (`None` for a default, or a
     /// rule without `inspect`).
     pub inspect: Option<Arc<str>>,
+    /// The service chain the deciding rule steers an allowed flow through.
+    pub redirect: Option<Arc<str>>,
 }
 
 /// Rule lookup per vNIC chain.
@@ -62,6 +64,11 @@ pub trait ChainLookup {
         let _ = (src, dst, verdicts);
         None
     }
+
+    /// The service chains the policy declares (rules `redirect` to them by name).
+    fn service_chains(&self) -> &[ServiceChain] {
+        &[]
+    }
 }
 
 /// One lookup shared by several engines (one per datapath worker): the
@@ -91,6 +98,10 @@ impl<T: ChainLookup + ?Sized> ChainLookup for Arc<T> {
         verdicts: [Option<&ChainVerdict>; 2],
     ) -> Option<Arc<str>> {
         (**self).inspection(src, dst, verdicts)
+    }
+
+    fn service_chains(&self) -> &[ServiceChain] {
+        (**self).service_chains()
     }
 }
 
@@ -161,6 +172,7 @@ impl ChainLookup for PolicyLookup {
             level: d.provenance.level,
             policy_version: d.provenance.policy_version,
             inspect: d.entry.and_then(|e| e.inspect.clone()),
+            redirect: d.entry.and_then(|e| e.redirect.clone()),
         })
     }
 
@@ -172,6 +184,7 @@ impl ChainLookup for PolicyLookup {
             level: d.provenance.level,
             policy_version: d.provenance.policy_version,
             inspect: d.entry.and_then(|e| e.inspect.clone()),
+            redirect: None,
         })
     }
 
@@ -190,5 +203,9 @@ impl ChainLookup for PolicyLookup {
         let name = palisade_policy::eval::inspection_profile(self.compiler.model(), explicit, zone(src), zone(dst))?;
         // A profile that runs no signatures (or none the policy declares) inspects nothing.
         self.profiles.iter().find(|p| &***p == name).cloned()
+    }
+
+    fn service_chains(&self) -> &[ServiceChain] {
+        &self.compiler.model().policy.service_chains
     }
 }

@@ -66,11 +66,20 @@ pub enum DropReason {
     /// `drop` or `reject` action matched it, or its vNIC's inspection budget
     /// was spent in a zone that fails closed ([`crate::Engine::inspection_drop`]).
     Inspection,
+    /// A frame came back from an appliance port that belongs to no flow
+    /// steered through that appliance instance in that direction (or is not
+    /// an IP packet of a flow at all): an appliance cannot inject traffic.
+    ApplianceNotSteered,
+    /// A packet of a flow steered through a `closed` service chain none of
+    /// whose instances is up.
+    ApplianceDown,
+    /// A packet of a flow an appliance offloaded with `drop`.
+    ApplianceOffloadDrop,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 26] = [
         DropReason::Malformed,
         DropReason::UnknownPort,
         DropReason::SpoofedMac,
@@ -94,6 +103,9 @@ impl DropReason {
         DropReason::UnknownVni,
         DropReason::BadOffload,
         DropReason::Inspection,
+        DropReason::ApplianceNotSteered,
+        DropReason::ApplianceDown,
+        DropReason::ApplianceOffloadDrop,
     ];
 
     /// Number of reasons.
@@ -125,6 +137,9 @@ impl DropReason {
             DropReason::UnknownVni => "unknown-vni",
             DropReason::BadOffload => "bad-offload",
             DropReason::Inspection => "inspection",
+            DropReason::ApplianceNotSteered => "appliance-not-steered",
+            DropReason::ApplianceDown => "appliance-down",
+            DropReason::ApplianceOffloadDrop => "appliance-offload-drop",
         }
     }
 

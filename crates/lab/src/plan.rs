@@ -352,8 +352,11 @@ impl Plan {
                     ),
                 })
                 .collect::<Vec<_>>();
+            // Only a vNIC with an IPv4 address can reach a gateway: an
+            // appliance VM's vNICs (a bridge, no address) get no route.
             let gateway = vnics
                 .iter()
+                .filter(|n| n.ips.iter().any(IpAddr::is_ipv4))
                 .find_map(|n| zones.iter().find(|z| z.name == n.zone).map(|z| z.gateway));
             vms.push(VmPlan {
                 name: vm.name.clone(),
@@ -536,6 +539,23 @@ vms:
             ("hv1", "vn-a-rather-lon")
         );
         assert_eq!(p.namespaces().len(), 3 + 2 + 2);
+    }
+
+    /// An appliance VM (two vNICs bridged inside it, no address) gets no
+    /// default route: none could reach the gateway.
+    #[test]
+    fn a_vm_without_ipv4_gets_no_gateway() {
+        let bridge = r#"  - name: ips
+    uuid: 00000000-0000-4000-8000-000000000009
+    vnics:
+      - { name: ips.0, mac: "02:00:00:00:00:09", ips: [], zone: web }
+      - { name: ips.1, mac: "02:00:00:00:00:0a", ips: [], zone: web }
+"#;
+        let p = Plan::new("t", &inventory(bridge), &QemuMode::None).unwrap();
+        let ips = p.vms.iter().find(|v| v.name == "ips").unwrap();
+        assert_eq!((ips.vnics.len(), ips.gateway), (2, None));
+        let b = p.vms.iter().find(|v| v.name == "a-rather-long-vm-name-2").unwrap();
+        assert!(b.gateway.is_some());
     }
 
     #[test]

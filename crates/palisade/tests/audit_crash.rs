@@ -163,6 +163,7 @@ fn flow(
         }),
     };
     Record::Flow(FlowRecord {
+        appliance: None,
         time_ns: t,
         flow_id: t,
         host: "hv1".into(),

@@ -2379,3 +2379,308 @@ fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_cr
         started.elapsed()
     );
 }
+
+/// The three-tier example with an appliance VM (`ips-1` on hv1, two vNICs
+/// in the web zone, no address) and the web tier's internet rule
+/// redirected through the service chain `ns-ips` with `on_failure`, in a
+/// directory of its own (the test rewrites it).
+fn service_chain_policy(dir: &std::path::Path, on_failure: &str, version: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    let inv = std::fs::read_to_string(three_tier().join("inventory.yaml")).unwrap();
+    let appliance = r#"
+  - name: ips-1
+    uuid: 6d1f3c2a-8b7e-4c59-9a1d-0f2e3b4c5d41
+    cluster: prod
+    host: hv1
+    tags: { role: ips }
+    vnics:
+      - { name: ips-1.in, mac: "02:00:0a:00:01:41", ips: [], zone: web }
+      - { name: ips-1.out, mac: "02:00:0a:00:01:42", ips: [], zone: web }
+"#;
+    std::fs::write(dir.join("inventory.yaml"), format!("{inv}{appliance}")).unwrap();
+    let pol = std::fs::read_to_string(three_tier().join("policy.yaml")).unwrap();
+    let rule = "      action: allow\n      inspect: full\n    - { id: web-to-app";
+    assert!(pol.contains(rule), "the example's web-from-internet rule changed");
+    let pol = pol
+        .replace(
+            rule,
+            &rule.replace("inspect: full\n", "inspect: full\n      redirect: ns-ips\n"),
+        )
+        .replace("version: 1\n", &format!("version: {version}\n"));
+    let chains = format!(
+        "\nservice_chains:\n  ns-ips:\n    on_failure: {on_failure}\n    appliances:\n      - {{ vm: ips-1, in: ips-1.in, out: ips-1.out }}\n"
+    );
+    std::fs::write(dir.join("policy.yaml"), format!("{pol}{chains}")).unwrap();
+}
+
+/// The packets the appliance's nftables ruleset counted (all of them, and
+/// those dropped for the marked pattern).
+fn appliance_counts(lab: &Lab) -> (u64, u64) {
+    let out = lab
+        .exec(
+            "ips-1",
+            &["nft", "list", "table", "bridge", "ips"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let packets: Vec<u64> = text
+        .split("packets ")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(packets.len(), 2, "two counters in\n{text}");
+    (packets[0], packets[1])
+}
+
+#[test]
+fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_decides_when_it_is_down() {
+    if !lab_possible() || !have("nft") {
+        return;
+    }
+    let _one = one_lab();
+    let policy = std::env::temp_dir().join("palisade-e2e-service-chain");
+    let _ = std::fs::remove_dir_all(&policy);
+    service_chain_policy(&policy, "closed", 1);
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        ..LabSpec::from_inventory(&policy).with_name("pe2s")
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    let guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let started = Instant::now();
+
+    // The appliance: its two vNICs bridged, a ruleset counting what crosses
+    // and dropping requests for the marked path "/X-EVIL".
+    let ips = lab.plan().vms.iter().find(|v| v.name == "ips-1").unwrap().clone();
+    let (a, b) = (&ips.vnics[0].guest_if, &ips.vnics[1].guest_if);
+    let setup = format!(
+        "ip link add br0 type bridge && ip link set {a} master br0 && ip link set {b} master br0 && \
+         ip link set br0 up && nft add table bridge ips && \
+         nft add chain bridge ips filt '{{ type filter hook forward priority 0; }}' && \
+         nft add rule bridge ips filt counter && \
+         nft add rule bridge ips filt '@ih,0,88 0x474554202f582d4556494c' counter drop"
+    );
+    let out = lab
+        .exec("ips-1", &["sh", "-c", &setup], Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "appliance setup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let www = lab.state().state_dir.join("www-sc");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "web\n").unwrap();
+    std::fs::write(www.join("X-EVIL"), "evil\n").unwrap();
+    let dir = www.to_str().unwrap();
+    let mut servers = vec![
+        lab.spawn("web-1", &["busybox", "httpd", "-f", "-p", "80", "-h", dir])
+            .unwrap(),
+        lab.spawn("app-1", &["busybox", "httpd", "-f", "-p", "8080", "-h", dir])
+            .unwrap(),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    let web1 = lab.vm_ip("web-1").unwrap().to_string();
+    let app1 = lab.vm_ip("app-1").unwrap().to_string();
+    let inet = lab.plan().internet_ns.clone();
+    let get = |path: &str| {
+        lab.exec_ns(
+            &inet,
+            &["curl", "-s", "-m", "2", &format!("http://{web1}/{path}")],
+            Duration::from_secs(10),
+        )
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+    };
+
+    // North-south through the appliance: it counts the packets, and the
+    // marked request dies there.
+    let (seen0, _) = appliance_counts(lab);
+    assert!(get(""), "the internet reaches web-1 through the appliance");
+    let (seen1, dropped1) = appliance_counts(lab);
+    assert!(
+        seen1 >= seen0 + 6,
+        "the connection crossed the appliance: {seen0} -> {seen1}"
+    );
+    assert!(!get("X-EVIL"), "the marked request never arrives");
+    let (seen2, dropped2) = appliance_counts(lab);
+    assert!(
+        dropped2 > dropped1 && seen2 > seen1,
+        "dropped by the appliance: {dropped1} -> {dropped2}"
+    );
+
+    // East-west (web-1 -> app-1, one host) does not go through it.
+    let ew = lab
+        .exec(
+            "web-1",
+            &["curl", "-s", "-m", "2", &format!("http://{app1}:8080/")],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(
+        ew.status.success(),
+        "east-west HTTP works: {}{}",
+        String::from_utf8_lossy(&ew.stdout),
+        String::from_utf8_lossy(&ew.stderr)
+    );
+    assert_eq!(
+        appliance_counts(lab).0,
+        seen2,
+        "east-west traffic never reaches the appliance"
+    );
+
+    // The appliance's link goes down: a closed chain blocks.
+    let set = |state: &str| {
+        let cmd = format!("ip link set {a} {state}");
+        assert!(
+            lab.exec("ips-1", &["sh", "-c", &cmd], Duration::from_secs(5))
+                .unwrap()
+                .status
+                .success()
+        );
+    };
+    set("down");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!get(""), "closed: nothing passes without the appliance");
+
+    // The chain turns open (a policy change the agent reloads): traffic passes, around the appliance.
+    service_chain_policy(&policy, "open", 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get("") {
+        assert!(
+            Instant::now() < deadline,
+            "open: traffic passes while the appliance is down"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(get("X-EVIL"), "open: not inspected while the appliance is down");
+    // What a request costs without the appliance and through it (curl's
+    // own time, connection to last byte; printed, not asserted).
+    let timed = || -> Vec<f64> {
+        let mut t: Vec<f64> = (0..15)
+            .filter_map(|_| {
+                let o = lab
+                    .exec_ns(
+                        &inet,
+                        &[
+                            "curl",
+                            "-s",
+                            "-o",
+                            "/dev/null",
+                            "-m",
+                            "2",
+                            "-w",
+                            "%{time_total}",
+                            &format!("http://{web1}/"),
+                        ],
+                        Duration::from_secs(10),
+                    )
+                    .ok()?;
+                String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t
+    };
+    let direct = timed();
+    let (seen3, _) = appliance_counts(lab);
+
+    // The appliance comes back: flows go through it again.
+    set("up");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(get(""), "through the appliance again");
+    assert!(appliance_counts(lab).0 > seen3, "the appliance sees the flows again");
+    let through = timed();
+    let median = |t: &[f64]| t.get(t.len() / 2).map_or(f64::NAN, |m| m * 1e3);
+    eprintln!(
+        "HTTP GET from the internet to web-1, median of {}/{}: {:.2} ms around the appliance (open, down), \
+         {:.2} ms through it",
+        direct.len(),
+        through.len(),
+        median(&direct),
+        median(&through)
+    );
+    assert!(!get("X-EVIL"), "and drops the marked request again");
+
+    // Offload: a long-lived stream through the appliance, then the agent is
+    // told to let the rest of it bypass the appliance.
+    servers.push(lab.spawn("web-1", &[EXE, "lab", "serve", "stream", "443"]).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &inet, "busybox", "nc", &web1, "443"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(client.stdout.take().unwrap());
+    assert!(lines.recv_timeout(Duration::from_secs(5)).is_ok(), "the stream flows");
+    let before = appliance_counts(lab).0;
+    assert!(fresh_lines(&lines, Duration::from_secs(1)) > 0);
+    let during = appliance_counts(lab).0;
+    assert!(
+        during > before,
+        "the stream crosses the appliance: {before} -> {during}"
+    );
+    // The client's port, from hv1's flow records.
+    let sock = lab.state().state_dir.join("hv1").join("agent.sock");
+    let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
+    let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
+    let stream = recs
+        .iter()
+        .find(|r| r.dst.port == 443)
+        .unwrap_or_else(|| panic!("no record of the stream: {flows}"));
+    assert_eq!(
+        stream.appliance.as_deref(),
+        Some("ns-ips/ips-1"),
+        "the record names the appliance"
+    );
+    let sport = stream.src.port;
+    let body = format!(
+        r#"{{"src":"{}","dst":"{web1}","protocol":"tcp","src_port":{sport},"dst_port":443,"verdict":"allow"}}"#,
+        palisade_lab::plan::INTERNET_IP
+    );
+    let answer = palisade_agent::http::post_unix(&sock, "/flows/offload", body.as_bytes()).unwrap_or_else(|e| {
+        let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap_or_default();
+        panic!("offload {body}: {e}; hv1's flows: {flows}")
+    });
+    assert!(String::from_utf8_lossy(&answer).contains("offloaded: allow"));
+    let at = appliance_counts(lab).0;
+    assert!(fresh_lines(&lines, Duration::from_secs(1)) > 0, "the stream goes on");
+    assert_eq!(appliance_counts(lab).0, at, "its packets no longer reach the appliance");
+    let _ = client.kill();
+    let _ = client.wait();
+
+    // The agent's metrics tell the same story (published every 500 ms).
+    std::thread::sleep(Duration::from_millis(700));
+    let metrics = palisade_agent::http::get_unix(&sock, "/metrics").unwrap();
+    let value = |name: &str, labels: &str| -> u64 {
+        let head = format!("{name}{{host=\"hv1\",{labels}}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&head)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {head} in\n{metrics}"))
+    };
+    let instance = "chain=\"ns-ips\",appliance=\"ips-1\"";
+    assert!(value("palisade_service_chain_sent_total", instance) > 0);
+    assert!(value("palisade_service_chain_returned_total", instance) > 0);
+    assert_eq!(value("palisade_service_chain_instance_up", instance), 1);
+    assert!(
+        value("palisade_service_chain_down_drops_total", "chain=\"ns-ips\"") > 0,
+        "closed while down"
+    );
+    assert!(
+        value("palisade_service_chain_bypassed_total", "chain=\"ns-ips\"") > 0,
+        "open while down"
+    );
+    assert_eq!(value("palisade_service_chain_offloads_total", "chain=\"ns-ips\""), 1);
+
+    for s in &mut servers {
+        let _ = lab.kill(s);
+    }
+    eprintln!("service chain lab test: {:?}", started.elapsed());
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&policy);
+}

@@ -193,6 +193,7 @@ fn datacenter() -> Model {
             inspect: None,
             applied_to: None,
             span: span(),
+            redirect: None,
         });
     };
     let app = |r: &mut Rng| format!("app{}", r.below(APPS));
@@ -242,6 +243,7 @@ fn datacenter() -> Model {
             profiles: vec![],
             inspection_defaults: Default::default(),
             rules,
+            service_chains: vec![],
         },
     }
 }

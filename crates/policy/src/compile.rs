@@ -245,6 +245,9 @@ pub struct ChainEntry {
     pub log: bool,
     /// Inspection profile.
     pub inspect: Option<Arc<str>>,
+    /// The service chain an allowed flow is steered through (`redirect`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Arc<str>>,
 }
 
 impl ChainEntry {
@@ -366,6 +369,9 @@ impl CompiledChain {
             if let Some(p) = &e.inspect {
                 let _ = write!(flags, " inspect={p}");
             }
+            if let Some(c) = &e.redirect {
+                let _ = write!(flags, " redirect={c}");
+            }
             let _ = writeln!(
                 out,
                 "  {:>4}  {:<10} src={} dst={} svc={}  [{}]{flags}",
@@ -431,6 +437,7 @@ struct CRule {
     action: Action,
     log: bool,
     inspect: Option<Arc<str>>,
+    redirect: Option<Arc<str>>,
     provenance: Provenance,
 }
 
@@ -586,6 +593,7 @@ impl Compiler {
                 new
             });
             let (action, log, inspect) = (rule.action, rule.log, rule.inspect.as_deref().map(Into::into));
+            let redirect = rule.redirect.as_deref().map(Into::into);
             let provenance = rule_provenance(rule, policy.version);
             let scope = match (rule.level, &rule.scope) {
                 (Level::Datacenter, _) | (_, None) => None,
@@ -606,6 +614,7 @@ impl Compiler {
                 action,
                 log,
                 inspect,
+                redirect,
                 provenance,
             });
             match scope {
@@ -673,6 +682,7 @@ impl Compiler {
                 provenance: d.provenance.clone(),
                 log: d.entry.is_some_and(|e| e.log),
                 inspect: d.entry.and_then(|e| e.inspect.as_deref().map(str::to_string)),
+                redirect: d.entry.and_then(|e| e.redirect.as_deref().map(str::to_string)),
             };
             Some((cv, zone))
         };
@@ -696,6 +706,7 @@ impl Compiler {
                 provenance: d.provenance.clone(),
                 log: d.entry.is_some_and(|e| e.log),
                 inspect: d.entry.and_then(|e| e.inspect.as_deref().map(str::to_string)),
+                redirect: d.entry.and_then(|e| e.redirect.as_deref().map(str::to_string)),
             });
             Some(RelatedTrace {
                 vnic: chain.vnic.clone(),
@@ -924,6 +935,7 @@ impl Compiler {
                         provenance: r.provenance.clone(),
                         log: r.log,
                         inspect: r.inspect.clone(),
+                        redirect: r.redirect.clone(),
                     });
                 }
             }

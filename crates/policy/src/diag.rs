@@ -83,6 +83,8 @@ pub enum DiagnosticKind {
     /// An address block written with host bits set (`10.9.0.77/16`), read
     /// as its network (warning).
     HostBitsSet,
+    /// A `redirect` naming an undefined service chain.
+    UnknownServiceChain,
 }
 
 impl DiagnosticKind {
@@ -115,6 +117,7 @@ impl DiagnosticKind {
             DiagnosticKind::BadCharacter => "bad-character",
             DiagnosticKind::UnsupportedTag => "unsupported-tag",
             DiagnosticKind::HostBitsSet => "host-bits-set",
+            DiagnosticKind::UnknownServiceChain => "unknown-service-chain",
         }
     }
 }

@@ -268,6 +268,9 @@ pub struct ChainVerdict {
     pub log: bool,
     /// The deciding rule's inspection profile.
     pub inspect: Option<String>,
+    /// The service chain the deciding rule redirects to (`allow` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<String>,
 }
 
 /// The decision for a flow.
@@ -283,6 +286,10 @@ pub struct Decision {
     pub provenance: Vec<Provenance>,
     /// Inspection profile for an allowed flow: the rule's, else the traffic-class default.
     pub inspect: Option<String>,
+    /// The service chain an allowed flow is steered through: the egress
+    /// rule's `redirect`, else the ingress rule's (one chain per flow).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<String>,
 }
 
 /// Why a rule did or did not decide, for `explain`.
@@ -427,6 +434,7 @@ pub fn trace_chain(model: &Model, vm: &Vm, nic: &Vnic, dir: Direction, flow: &Fl
             provenance,
             log: false,
             inspect: None,
+            redirect: None,
         }
     });
     ChainTrace { verdict, steps }
@@ -485,6 +493,7 @@ fn walk_chain(
                     provenance: rule_provenance(rule, pol.version),
                     log: rule.log,
                     inspect: rule.inspect.clone(),
+                    redirect: rule.redirect.clone(),
                 };
                 return (steps, Some(verdict));
             }
@@ -590,6 +599,9 @@ pub struct Explanation {
     /// For an ICMP error: the decision when it is related to a tracked connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub related_error: Option<RelatedErrorDecision>,
+    /// The service chain an allowed flow is redirected through, as declared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chain: Option<ServiceChain>,
 }
 
 /// Evaluate a flow with a trace of every rule consulted.
@@ -612,6 +624,11 @@ pub fn explain(model: &Model, flow: &Flow) -> Explanation {
     } else {
         None
     };
+    let chain = decision
+        .as_ref()
+        .and_then(|d| d.redirect.as_deref())
+        .and_then(|c| model.policy.service_chain(c))
+        .cloned();
     Explanation {
         flow: *flow,
         src_vnic: src.map(|(_, n)| n.name.clone()),
@@ -621,6 +638,7 @@ pub fn explain(model: &Model, flow: &Flow) -> Explanation {
         decision,
         icmp,
         related_error,
+        chain,
     }
 }
 
@@ -646,8 +664,8 @@ pub fn combine(
         .into_iter()
         .flatten()
         .find(|v| v.action != Action::Allow);
-    let (action, provenance, inspect) = match denier {
-        Some(v) => (v.action, vec![v.provenance.clone()], None),
+    let (action, provenance, inspect, redirect) = match denier {
+        Some(v) => (v.action, vec![v.provenance.clone()], None, None),
         None => {
             let prov = [&egress, &ingress]
                 .into_iter()
@@ -656,7 +674,11 @@ pub fn combine(
                 .collect();
             let explicit = [&egress, &ingress].map(|v| v.as_ref().and_then(|v| v.inspect.as_deref()));
             let inspect = inspection_profile(model, explicit, src_zone, dst_zone).map(str::to_string);
-            (Action::Allow, prov, inspect)
+            let redirect = [&egress, &ingress]
+                .into_iter()
+                .flatten()
+                .find_map(|v| v.redirect.clone());
+            (Action::Allow, prov, inspect, redirect)
         }
     };
     Some(Decision {
@@ -665,6 +687,7 @@ pub fn combine(
         action,
         provenance,
         inspect,
+        redirect,
     })
 }
 
@@ -741,6 +764,9 @@ pub fn render_explanation(e: &Explanation) -> String {
                 let _ = write!(out, " inspect: {p}");
             }
             out.push('\n');
+            if let Some(c) = &d.redirect {
+                let _ = writeln!(out, "{}", render_redirect(e.chain.as_ref(), c));
+            }
         }
         None => {
             let _ = writeln!(out, "\n{head}: none (neither end is a managed vNIC)");
@@ -785,6 +811,29 @@ pub fn render_explanation(e: &Explanation) -> String {
         let _ = writeln!(out, "ICMP: {note}");
     }
     out
+}
+
+/// The steering line of an allowed flow's verdict: the chain and its
+/// appliances, or a note that the chain is not declared (a model that did
+/// not pass validation).
+fn render_redirect(chain: Option<&ServiceChain>, name: &str) -> String {
+    let Some(c) = chain else {
+        return format!("redirect: through service chain {name} (not declared)");
+    };
+    let instances: Vec<String> = c
+        .appliances
+        .iter()
+        .map(|a| format!("{} ({} -> {})", a.vm, a.vnic_in, a.vnic_out))
+        .collect();
+    let on_failure = match c.on_failure {
+        OnFailure::Open => "open: delivered without it",
+        OnFailure::Closed => "closed: dropped",
+    };
+    format!(
+        "redirect: through service chain {name}, one of [{}] by a symmetric hash of the flow; both directions \
+         meet the same instance (no healthy instance: on_failure {on_failure})",
+        instances.join(", ")
+    )
 }
 
 /// The rules consulted in one chain, by level.

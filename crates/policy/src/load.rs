@@ -343,6 +343,7 @@ const TOP_KEYS: &[&str] = &[
     "profiles",
     "inspection_defaults",
     "rules",
+    "service_chains",
 ];
 
 #[derive(Default)]
@@ -360,6 +361,7 @@ struct ModelBuilder {
     profiles: Vec<Profile>,
     inspection_defaults: Option<(InspectionDefaults, Span)>,
     rules: Vec<Rule>,
+    service_chains: Vec<ServiceChain>,
     /// The current file's `vms:` entries, when the [`Loader`] cut them out
     /// (the file's text being read then has nothing under the key).
     cut_vms: Option<CutEntries>,
@@ -705,6 +707,7 @@ impl ModelBuilder {
                 "profiles" => self.profiles(v),
                 "inspection_defaults" => self.inspection_defaults(k, v),
                 "rules" => self.rules(v),
+                "service_chains" => self.service_chains(v),
                 _ => {}
             }
         }
@@ -808,19 +811,7 @@ impl ModelBuilder {
         let default = f.get("default").and_then(|d| self.action(d, true));
         let on_failure = match f.get("on_failure") {
             None => OnFailure::Closed,
-            Some(n) => match n.as_str() {
-                Some("open") => OnFailure::Open,
-                Some("closed") => OnFailure::Closed,
-                _ => {
-                    self.err_hint(
-                        K::InvalidValue,
-                        &n.span,
-                        "on_failure must be open or closed",
-                        "open | closed",
-                    );
-                    OnFailure::Closed
-                }
-            },
+            Some(n) => self.on_failure(n),
         };
         if let Some(name) = name {
             // A zone whose segment was wrong is kept (with the reserved VLAN 0,
@@ -1234,6 +1225,83 @@ impl ModelBuilder {
         }
     }
 
+    /// `service_chains:`, a mapping of chain names to `{ on_failure, appliances }`.
+    fn service_chains(&mut self, node: &Node) {
+        let NodeKind::Map(m) = &node.kind else {
+            if !node.is_null() {
+                self.wrong(node, "a mapping of service chain names");
+            }
+            return;
+        };
+        for (k, v) in m {
+            let Some(name) = self.string(k) else { continue };
+            let Some(f) = self.fields(v, &["on_failure", "appliances", "description"], "a service chain") else {
+                continue;
+            };
+            let on_failure = match f.get("on_failure") {
+                None => OnFailure::Closed,
+                Some(n) => self.on_failure(n),
+            };
+            let mut appliances = Vec::new();
+            if let Some(list) = self.required(&f, "appliances", "a service chain") {
+                let items = self.seq(list, "appliances");
+                if items.is_empty() {
+                    self.err_hint(
+                        K::MissingField,
+                        &list.span,
+                        format!("service chain {} has no appliance", quote(&name)),
+                        "e.g. appliances: [{ vm: ips-1, in: ips-1.0, out: ips-1.1 }]",
+                    );
+                }
+                for a in items {
+                    if let Some(a) = self.appliance(a) {
+                        appliances.push(a);
+                    }
+                }
+            }
+            self.service_chains.push(ServiceChain {
+                name,
+                on_failure,
+                appliances,
+                span: k.span.clone(),
+            });
+        }
+    }
+
+    /// One appliance of a service chain: `{ vm: VM, in: VNIC, out: VNIC }`.
+    fn appliance(&mut self, node: &Node) -> Option<Appliance> {
+        let f = self.fields(node, &["vm", "in", "out"], "an appliance")?;
+        let vm = self.required(&f, "vm", "an appliance");
+        let vnic_in = self.required(&f, "in", "an appliance");
+        let vnic_out = self.required(&f, "out", "an appliance");
+        let (vm, vnic_in, vnic_out) = (vm?, vnic_in?, vnic_out?);
+        let name = self.string(vm)?;
+        self.reference(RefKind::Vm, &name, &vm.span);
+        Some(Appliance {
+            vm: name,
+            vnic_in: self.string(vnic_in)?,
+            vnic_out: self.string(vnic_out)?,
+            span: vm.span.clone(),
+            vnic_spans: [vnic_in.span.clone(), vnic_out.span.clone()],
+        })
+    }
+
+    fn on_failure(&mut self, n: &Node) -> OnFailure {
+        match n.as_str() {
+            Some("open") => OnFailure::Open,
+            Some("closed") => OnFailure::Closed,
+            _ => {
+                self.err_hint(
+                    K::InvalidValue,
+                    &n.span,
+                    "on_failure must be open or closed",
+                    "open | closed",
+                );
+                OnFailure::Closed
+            }
+        }
+    }
+
     fn inspection_defaults(&mut self, k: &Node, v: &Node) {
         if let Some((_, first)) = &self.inspection_defaults {
             let msg = format!("inspection_defaults are already set at {first}");
@@ -1338,6 +1406,7 @@ impl ModelBuilder {
             "inspect",
             "applied_to",
             "description",
+            "redirect",
         ];
         let f = self.fields(node, &allowed, "a rule")?;
         let id = self.required(&f, "id", "a rule").and_then(|n| {
@@ -1375,6 +1444,21 @@ impl ModelBuilder {
             Some(s)
         });
         let applied_to = f.get("applied_to").map(|n| self.peers(n));
+        let redirect = f.get("redirect").and_then(|n| {
+            let s = self.string(n)?;
+            self.reference(RefKind::ServiceChain, &s, &n.span);
+            if let Some(a) = action
+                && a != Action::Allow
+            {
+                self.err_hint(
+                    K::InvalidValue,
+                    &n.span,
+                    format!("a rule whose action is {a} cannot redirect"),
+                    "redirect steers allowed flows through a service chain: use action: allow",
+                );
+            }
+            Some(s)
+        });
         let (id, id_span) = id?;
         Some(Rule {
             id,
@@ -1388,6 +1472,7 @@ impl ModelBuilder {
             inspect,
             applied_to,
             span: id_span,
+            redirect,
         })
     }
 
@@ -1433,6 +1518,7 @@ impl ModelBuilder {
                 profiles: self.profiles,
                 inspection_defaults: self.inspection_defaults.map(|(d, _)| d).unwrap_or_default(),
                 rules: self.rules,
+                service_chains: self.service_chains,
             },
         };
         (model, self.diags, self.refs)

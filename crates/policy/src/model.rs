@@ -475,6 +475,49 @@ pub struct Rule {
     /// Where it was declared.
     #[serde(skip)]
     pub span: Span,
+    /// The service chain an allowed flow is steered through before delivery
+    /// (`redirect: CHAIN`; only on `allow` rules).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<String>,
+}
+
+/// One instance of a service chain: an appliance VM in bump-in-the-wire
+/// mode. Steered packets enter it on one of its vNICs and leave it,
+/// unchanged in their addresses, on the other: the initiator's direction
+/// in on `vnic_in` and out on `vnic_out`, the responder's the other way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Appliance {
+    /// The appliance VM.
+    pub vm: String,
+    /// The vNIC the initiator's packets enter it on (and the responder's leave it on).
+    pub vnic_in: String,
+    /// The vNIC the initiator's packets leave it on (and the responder's enter it on).
+    pub vnic_out: String,
+    /// Where it was declared (its `vm`).
+    #[serde(skip)]
+    pub span: Span,
+    /// Where `in` and `out` were written.
+    #[serde(skip)]
+    pub vnic_spans: [Span; 2],
+}
+
+/// A named service chain (`service_chains:`): the appliances a redirected
+/// flow goes through. A flow meets one instance, chosen by a symmetric hash
+/// of its addresses and ports over the healthy instances, and both of its
+/// directions go through that instance, so a stateful appliance sees the
+/// whole connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceChain {
+    /// Name.
+    pub name: String,
+    /// What the chain's flows do when no instance is healthy: `open`
+    /// delivers them without the appliance, `closed` drops them.
+    pub on_failure: OnFailure,
+    /// Its instances (at least one).
+    pub appliances: Vec<Appliance>,
+    /// Where it was declared.
+    #[serde(skip)]
+    pub span: Span,
 }
 
 /// The policy proper: everything but the inventory.
@@ -492,6 +535,9 @@ pub struct Policy {
     pub inspection_defaults: InspectionDefaults,
     /// Rules, sorted by level (stable: file order within a level and scope).
     pub rules: Vec<Rule>,
+    /// Service chains that rules may `redirect` allowed flows through.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub service_chains: Vec<ServiceChain>,
 }
 
 impl Policy {
@@ -503,6 +549,11 @@ impl Policy {
     /// The service named `name`.
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The service chain named `name`.
+    pub fn service_chain(&self, name: &str) -> Option<&ServiceChain> {
+        self.service_chains.iter().find(|c| c.name == name)
     }
 }
 

@@ -28,6 +28,8 @@ pub enum RefKind {
     Vm,
     /// An inspection profile.
     Profile,
+    /// A service chain (`redirect`).
+    ServiceChain,
 }
 
 /// A name used somewhere, with its position.
@@ -108,6 +110,13 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
         "profile",
         pol.profiles.iter().map(|p| (p.name.as_str(), &p.span)),
     );
+    duplicates(
+        diags,
+        K::DuplicateName,
+        "service chain",
+        pol.service_chains.iter().map(|c| (c.name.as_str(), &c.span)),
+    );
+    service_chains(model, diags);
     duplicates(
         diags,
         K::DuplicateRuleId,
@@ -201,6 +210,7 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
             RefKind::Cluster => inv.clusters.iter().map(|c| c.name.as_str()).collect(),
             RefKind::Vm => inv.vms.iter().map(|v| v.name.as_str()).collect(),
             RefKind::Profile => pol.profiles.iter().map(|p| p.name.as_str()).collect(),
+            RefKind::ServiceChain => pol.service_chains.iter().map(|c| c.name.as_str()).collect(),
         }
     };
     let mut defined: HashMap<RefKind, FastSet<&str>> = HashMap::new();
@@ -216,6 +226,7 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
                 RefKind::Cluster => (K::UnknownCluster, "cluster"),
                 RefKind::Vm => (K::UnknownVm, "VM"),
                 RefKind::Profile => (K::UnknownProfile, "profile"),
+                RefKind::ServiceChain => (K::UnknownServiceChain, "service chain"),
             };
             let hint = did_you_mean(&r.name, what, names(r.kind));
             diags.push(
@@ -236,6 +247,78 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
                 )
                 .with_hint("check the tag values, name glob, zone and cluster it requires (they all must hold)"),
             );
+        }
+    }
+}
+
+/// The appliances of every service chain: each names a declared VM and two
+/// distinct vNICs of that VM, and no vNIC serves two instances (a steered
+/// packet coming back on it must name one instance).
+fn service_chains(model: &Model, diags: &mut Vec<Diagnostic>) {
+    let inv = &model.inventory;
+    let mut taken: FastMap<&str, (&str, &Span)> = FastMap::default();
+    for chain in &model.policy.service_chains {
+        for a in &chain.appliances {
+            // An undefined VM is reported by the references.
+            let Some(vm) = inv.vm(&a.vm) else { continue };
+            let same = a.vnic_in == a.vnic_out;
+            let sides = if same { 1 } else { 2 };
+            for (nic, span) in [&a.vnic_in, &a.vnic_out].into_iter().zip(&a.vnic_spans).take(sides) {
+                let found = vm.vnics.iter().find(|n| &n.name == nic);
+                if let Some(n) = found
+                    && !n.ips.is_empty()
+                {
+                    diags.push(
+                        Diagnostic::warning(
+                            K::InvalidValue,
+                            span,
+                            format!("appliance vNIC {} has addresses", quote(nic)),
+                        )
+                        .with_hint(
+                            "an appliance side only passes steered packets back: traffic of its own from it is dropped",
+                        ),
+                    );
+                }
+                if found.is_none() {
+                    diags.push(
+                        Diagnostic::error(
+                            K::InvalidValue,
+                            span,
+                            format!("VM {} has no vNIC {}", quote(&vm.name), quote(nic)),
+                        )
+                        .with_hint(did_you_mean(
+                            nic,
+                            "vNIC",
+                            vm.vnics.iter().map(|n| n.name.as_str()),
+                        )),
+                    );
+                } else if let Some((other, first)) = taken.insert(nic, (&chain.name, span)) {
+                    diags.push(
+                        Diagnostic::error(
+                            K::InvalidValue,
+                            span,
+                            format!(
+                                "vNIC {} already serves an appliance of chain {}",
+                                quote(nic),
+                                quote(other)
+                            ),
+                        )
+                        .with_hint(format!(
+                            "first used at {first}; a vNIC is one side of one appliance instance"
+                        )),
+                    );
+                }
+            }
+            if same {
+                diags.push(
+                    Diagnostic::error(
+                        K::InvalidValue,
+                        &a.vnic_spans[1],
+                        format!("an appliance's `in` and `out` are the same vNIC {}", quote(&a.vnic_in)),
+                    )
+                    .with_hint("a bump-in-the-wire appliance receives on one vNIC and sends on the other"),
+                );
+            }
         }
     }
 }

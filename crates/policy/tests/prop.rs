@@ -222,6 +222,10 @@ fn random_model(seed: u64) -> Model {
                 .map(|_| ServiceRef::Named(r.pick(&services).name.clone()))
                 .collect(),
         };
+        let action = action(&mut r);
+        // Allowed flows are steered now and then, through one of two chains,
+        // so that evaluator and compiler must agree on which.
+        let redirect = (action == Action::Allow && r.chance(25)).then(|| format!("chain{}", r.next() % 2));
         rules.push(Rule {
             id: format!("r{i}"),
             level,
@@ -229,11 +233,12 @@ fn random_model(seed: u64) -> Model {
             from: peers(&mut r),
             to: peers(&mut r),
             service,
-            action: action(&mut r),
+            action,
             log: r.chance(30),
             inspect: None,
             applied_to: r.chance(20).then(|| peers(&mut r)),
             span: Span::default(),
+            redirect,
         });
     }
     rules.sort_by_key(|r| r.level);
@@ -258,6 +263,7 @@ fn random_model(seed: u64) -> Model {
                 intra_zone: None,
             },
             rules,
+            service_chains: vec![],
         },
     }
 }

@@ -59,6 +59,7 @@ pub fn rec(i: u64) -> Record {
     let (s, d) = (i % 7, (i * 3 + 1) % 7);
     let verdict = [Verdict::Allow, Verdict::Allow, Verdict::Deny, Verdict::Reject][(i % 4) as usize];
     Record::Flow(FlowRecord {
+        appliance: None,
         time_ns,
         flow_id: i,
         host: "hv1".into(),

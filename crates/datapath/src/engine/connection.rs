@@ -13,6 +13,7 @@ use palisade_wire::tcp::TcpFlags;
 use crate::conntrack::{self, Conn, ConnState, Sighting, TcpSeg, Tracked};
 use crate::events::{EndReason, EventKind, EventSink, FlowEvent};
 use crate::flow_table::{CachedVerdict, FlowEntry, FlowHash};
+use crate::service::Steer;
 use crate::table::Slot;
 use crate::verdict::DropReason;
 
@@ -23,7 +24,9 @@ impl Engine {
     /// existing connection, or a new flow classified and tracked.
     ///
     /// The cache hit, nearly every packet, is settled here, inlined into
-    /// the pipeline; the rest is [`Engine::decide_miss`]'s.
+    /// the pipeline; the rest is [`Engine::decide_miss`]'s. Returns the
+    /// connection the packet was accounted to and whether it travels in
+    /// the reply direction (`None`: forwarded without one).
     #[inline(always)]
     pub(super) fn decide(
         &mut self,
@@ -32,7 +35,7 @@ impl Engine {
         hash: Option<FlowHash>,
         inner: &[u8],
         sink: &mut dyn EventSink,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<(Slot, bool)>, DropReason> {
         let key = &info.key;
         let tcp = if key.protocol == IpProtocol::TCP {
             let mut seg = tcp_seg(inner, info).ok_or(DropReason::Malformed)?;
@@ -71,7 +74,7 @@ impl Engine {
                             Ok(false) => {}
                             done => {
                                 self.tally_rules(pkt, e.rules);
-                                return done.map(drop);
+                                return done.map(|_| Some((slot, reply)));
                             }
                         }
                     }
@@ -90,7 +93,7 @@ impl Engine {
         hash: FlowHash,
         tcp: Option<&TcpSeg>,
         sink: &mut dyn EventSink,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<(Slot, bool)>, DropReason> {
         let (now, src_vnic, len, trusted) = (pkt.now, pkt.src_vnic, pkt.len, pkt.trusted);
         let key = *key;
         self.counters.cache_misses += 1;
@@ -112,18 +115,28 @@ impl Engine {
             };
             if !current {
                 self.counters.revalidations += 1;
-                match self.classify(&orig) {
-                    Ok(c) => (rules, inspect) = (c.rules, c.inspect),
+                let chain = match self.classify(&orig) {
+                    Ok(c) => {
+                        (rules, inspect) = (c.rules, c.inspect);
+                        c.chain
+                    }
                     Err(_) => {
                         self.cut(slot, EndReason::PolicyRevoked, now, sink);
                         return Err(DropReason::PolicyRevoked);
                     }
-                }
+                };
                 let version = self.lookup.version();
                 if let Some(c) = self.conns.get_mut(slot) {
                     c.epoch = self.epoch;
                     c.policy_version = version;
                     c.rules = rules;
+                    // Still steered through the same chain: same instance
+                    // and offload; else through the new chain (or none),
+                    // its instance chosen afresh.
+                    c.steer = match (c.steer, chain) {
+                        (Some(old), Some(new)) if old.chain == new => Some(old),
+                        (_, new) => new.map(Steer::new),
+                    };
                 }
             }
             pkt.inspect = inspect;
@@ -133,17 +146,21 @@ impl Engine {
                 Ok(false) => {}
                 done => {
                     self.tally_rules(pkt, rules);
-                    return done.map(drop);
+                    return done.map(|_| Some((slot, reply)));
                 }
             }
         }
+        // Nothing coming back from an appliance starts a connection.
+        if pkt.service.is_some() {
+            return Err(DropReason::ApplianceNotSteered);
+        }
         // A new flow.
         // A trusted flow was classified, and inspected, on the host that sent it.
-        let (rules, inspect) = if trusted {
-            ([None; 2], None)
+        let (rules, inspect, chain) = if trusted {
+            ([None; 2], None, None)
         } else {
             match self.classify(&key) {
-                Ok(c) => (c.rules, c.inspect),
+                Ok(c) => (c.rules, c.inspect, c.chain),
                 Err((rules, reason)) => return Err(self.deny_new(pkt, key, hash, reason, rules, sink)),
             }
         };
@@ -154,7 +171,7 @@ impl Engine {
             // any flow (a rule on echo-reply) and opens nothing, so that it
             // cannot let the other side's requests through as its "replies".
             self.tally_rules(pkt, rules);
-            return Ok(());
+            return Ok(None);
         }
         let dst_port = self.local_port_of(key.dst_addr());
         let ends = [src_vnic, dst_port];
@@ -169,13 +186,16 @@ impl Engine {
         conn.packets = pkt.packets;
         conn.bytes = len as u64;
         conn.rules = rules;
+        // The instance is chosen now, so that the connection's start event
+        // (and record) names it; none up, its first packet follows `on_failure`.
+        conn.steer = chain.map(|c| self.first_instance(c, &key));
         if let Some(seg) = tcp {
             if !strict && seg.flags.contains(TcpFlags::RST) {
                 // A reset for a connection never seen, in a liberal zone where
                 // the policy allows its direction: forwarded, nothing tracked
                 // (a deliberate difference from Linux, which calls it invalid:
                 // it tells an end whose connection was lost with our state).
-                return Ok(());
+                return Ok(None);
             }
             conntrack::tcp_open(&mut conn, seg, &mut self.counters)?;
         }
@@ -190,7 +210,7 @@ impl Engine {
         // the other end) must not shadow this connection's replies.
         self.flows.remove(&key.reversed());
         self.tally_rules(pkt, rules);
-        Ok(())
+        Ok(Some((slot, false)))
     }
 
     /// A new flow the policy denies: its verdict cached (later packets meet
@@ -223,6 +243,7 @@ impl Engine {
             created: now,
             last_seen: now,
             now,
+            steer: None,
         });
         reason
     }

@@ -161,7 +161,12 @@ impl Engine {
             conn.strict = strict || s.strict;
             conn.trusted = s.trusted;
             conn.policy_version = snap.policy_version;
-            conn.epoch = if current { self.epoch } else { 0 };
+            // The blob does not carry a connection's service-chain steering:
+            // with chains declared, its first packet re-decides it (a
+            // revalidation, which picks the instance by the same hash), so
+            // a restart or a migration cannot let a redirected flow skip its
+            // appliance.
+            conn.epoch = if current && !self.services.any() { self.epoch } else { 0 };
             if self
                 .conns
                 .create(conn, [u32::MAX; 2], now, sink, &mut self.counters)

@@ -51,6 +51,7 @@ use crate::flow_table::CachedVerdict;
 use crate::flow_table::{FlowHash, FlowTable};
 use crate::lookup::ChainLookup;
 use crate::port::{self, PortError, PortId, UPLINK, UplinkConfig, VnicPort};
+use crate::service::{ServiceChains, ServicePort};
 use crate::switch::{self, LastDestination, Location, MacTable};
 use crate::verdict::{Counters, DropReason, InspectProfile, Tally};
 
@@ -58,6 +59,7 @@ mod connection;
 mod counters;
 mod export;
 mod policy;
+mod steering;
 mod switching;
 
 pub use counters::RuleInfo;
@@ -149,6 +151,8 @@ struct Packet {
     second_leg: bool,
     /// Its flow's inspection profile (set by the flow step).
     inspect: Option<InspectProfile>,
+    /// It comes back from an appliance instance, on this side of it.
+    service: Option<ServicePort>,
 }
 
 /// What a rejected packet's reply is built from ([`crate::render_reply`]):
@@ -208,6 +212,8 @@ pub struct Engine {
     underlay: Underlay,
     /// Inspection profile names by number less one ([`InspectProfile`]).
     inspect_names: Vec<Arc<str>>,
+    /// The policy's service chains, resolved against the ports.
+    services: ServiceChains,
 }
 
 impl core::fmt::Debug for Engine {
@@ -230,7 +236,7 @@ impl Engine {
     /// An engine with only its uplink (port 0).
     pub fn new(config: EngineConfig, lookup: Box<dyn ChainLookup + Send>) -> Self {
         let underlay = Underlay::of(&config.uplink);
-        Engine {
+        let mut engine = Engine {
             flows: FlowTable::new(config.flow_capacity),
             conns: Conntrack::new(config.conn_capacity, 1, config.timeouts, config.full_policy),
             macs: MacTable::new(config.mac_capacity),
@@ -248,7 +254,10 @@ impl Engine {
             local_ips: HashMap::default(),
             underlay,
             inspect_names: Vec::new(),
-        }
+            services: ServiceChains::default(),
+        };
+        engine.resolve_services();
+        engine
     }
 
     /// Attach a vNIC; its MAC is bound in its segment.
@@ -266,6 +275,9 @@ impl Engine {
         self.last_dst.push(LastDestination::default());
         self.port_drops.push([0; DropReason::COUNT]);
         self.conns.ensure_ports(self.ports.len());
+        if !self.lookup.service_chains().is_empty() {
+            self.resolve_services();
+        }
         Ok(id)
     }
 
@@ -307,6 +319,7 @@ impl Engine {
     pub fn update_policy(&mut self, lookup: Box<dyn ChainLookup + Send>) {
         self.lookup = lookup;
         self.epoch += 1;
+        self.resolve_services();
         // The old policy's ids go with it; its rules keep their counters by name.
         self.rules_by_address.clear();
         // Every connection is re-validated (and its profile numbered again)
@@ -601,6 +614,7 @@ impl Engine {
             trusted: false,
             second_leg: false,
             inspect: None,
+            service: None,
         };
         let mut reply = None;
         let result = self.pipeline::<OFFLOADED>(&mut pkt, frame, offload, hint, sink, results);
@@ -671,15 +685,25 @@ impl Engine {
         } else {
             let vnic = self.vnic(in_port).ok_or(DropReason::UnknownPort)?;
             let mut l2 = parse_l2(frame, 0)?;
-            if l2.src != vnic.mac {
-                return Err(DropReason::SpoofedMac);
+            if let Some(role) = self.services.role(in_port) {
+                // Back from an appliance: the frame carries the flow's
+                // addresses, not the appliance VM's. It is checked against
+                // the steered flows instead ([`Engine::check_return`]), and
+                // switched in the segment it was steered from.
+                l2.segment = vnic.segment;
+                pkt.l2 = l2;
+                pkt.service = Some(role);
+            } else {
+                if l2.src != vnic.mac {
+                    return Err(DropReason::SpoofedMac);
+                }
+                if l2.segment != Segment::UNTAGGED && l2.segment != vnic.segment {
+                    return Err(DropReason::VlanMismatch);
+                }
+                l2.segment = vnic.segment;
+                pkt.l2 = l2;
+                pkt.src_vnic = Some(in_port);
             }
-            if l2.segment != Segment::UNTAGGED && l2.segment != vnic.segment {
-                return Err(DropReason::VlanMismatch);
-            }
-            l2.segment = vnic.segment;
-            pkt.l2 = l2;
-            pkt.src_vnic = Some(in_port);
         }
         let l2 = pkt.l2;
         let src_vnic = pkt.src_vnic;
@@ -694,6 +718,10 @@ impl Engine {
         }
         match l2.ethertype {
             EtherType::ARP if OFFLOADED && offload.is_gso() => return Err(DropReason::BadOffload),
+            // Only the steered flows' packets come back from an appliance.
+            _ if pkt.service.is_some() && !matches!(l2.ethertype, EtherType::IPV4 | EtherType::IPV6) => {
+                return Err(DropReason::ApplianceNotSteered);
+            }
             EtherType::ARP => {
                 if let Some(v) = src_vnic.and_then(|p| self.vnic(p)) {
                     switch::check_arp(v, payload)?;
@@ -732,6 +760,8 @@ impl Engine {
         // local VM's source address (the router is on another host).
         pkt.second_leg = match src_vnic.and_then(|p| self.vnic(p)) {
             Some(v) => v.any_source && self.lookup.vnic_of(key.src_addr()).is_some(),
+            // Back from an appliance: it was counted on its way in.
+            None if pkt.service.is_some() => true,
             None => self.local_port_of(key.src_addr()).is_some(),
         };
         if let Some(v) = src_vnic.and_then(|p| self.vnic(p)) {
@@ -747,6 +777,9 @@ impl Engine {
         }
         if trusted {
             self.counters.trusted += 1;
+        }
+        if pkt.service.is_some() {
+            return self.returning(pkt, &info, hash, inner, sink, out);
         }
         if let Some((ty, _)) = info.icmp {
             // Neighbour discovery and MLD are switch infrastructure, like ARP.
@@ -769,6 +802,16 @@ impl Engine {
         // share of the table, as a connection is only confirmed by a packet
         // that leaves (netfilter confirms at the last hook, too).
         let to = self.l2_destination(pkt)?;
+        if self.services.any() {
+            self.not_to_appliance(to)?;
+            let conn = self.decide(pkt, &info, hash, inner, sink)?;
+            let to = match conn {
+                Some((slot, reply)) => self.steer(pkt, slot, reply, to)?,
+                None => to,
+            };
+            self.push_outputs(to, pkt, true, Some(key), out);
+            return Ok(());
+        }
         self.decide(pkt, &info, hash, inner, sink)?;
         self.push_outputs(to, pkt, true, Some(key), out);
         Ok(())

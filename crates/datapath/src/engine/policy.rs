@@ -22,17 +22,21 @@ use super::{Engine, canonical};
 /// Rule-registry indices of the egress and ingress verdicts of a flow.
 pub(super) type RuleRefs = [Option<u32>; 2];
 
-/// An allowed flow's classification: its deciding rules and its inspection profile.
+/// An allowed flow's classification: its deciding rules, its inspection
+/// profile and the service chain it is steered through.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Classified {
     pub rules: RuleRefs,
     pub inspect: Option<InspectProfile>,
+    pub chain: Option<u16>,
 }
 
 impl Engine {
     /// Classify a flow once: the source's egress chain and the destination's
-    /// ingress chain. Returns the deciding rules' counter indices (with the
-    /// drop reason when denied).
+    /// ingress chain. Returns the deciding rules' counter indices, the
+    /// inspection profile and the service chain an allowed flow is steered
+    /// through (the egress rule's `redirect`, else the ingress rule's), or
+    /// the rules with the drop reason when denied.
     pub(super) fn classify(&mut self, key: &FlowKey) -> Result<Classified, (RuleRefs, DropReason)> {
         self.counters.classifications += 1;
         let flow = policy_flow(key);
@@ -52,9 +56,13 @@ impl Engine {
         } else {
             None
         };
+        let redirect = [&eg, &ig].into_iter().flatten().find_map(|v| v.redirect.clone());
         let rules = self.rule_verdicts([eg, ig])?;
         let inspect = inspect.and_then(|name| self.inspect_profile_id(name));
-        Ok(Classified { rules, inspect })
+        // A chain this engine does not know (none declared under that name)
+        // steers nothing: validation refuses such a policy.
+        let chain = redirect.and_then(|c| self.services.index_of(&c));
+        Ok(Classified { rules, inspect, chain })
     }
 
     /// The inspection profile of a connection whose initiator's cache entry

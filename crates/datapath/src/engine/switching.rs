@@ -120,9 +120,11 @@ impl Engine {
             None => {
                 self.counters.flooded += pkt.packets;
                 for (i, p) in self.ports.iter().enumerate() {
+                    // Appliance ports receive steered packets only.
                     if let Some(p) = p
                         && p.segment == l2.segment
                         && i != usize::from(in_port.0)
+                        && self.services.role(PortId(i as u16)).is_none()
                     {
                         out.push_output(Output {
                             port: PortId(i as u16),

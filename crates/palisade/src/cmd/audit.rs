@@ -274,6 +274,7 @@ fn synthetic(n: u64) -> Record {
     };
     let t = 1_700_000_000_000_000_000 + n * 1_000_000;
     Record::Flow(FlowRecord {
+        appliance: None,
         time_ns: t,
         flow_id: n,
         host: "test".into(),

@@ -111,9 +111,10 @@ fn policy_flow(f: &FlowRecord) -> Flow {
     palisade_datapath::policy_flow(&recorded_key(f))
 }
 
-/// The candidate verdict of a recorded flow, with the deciding rules; `None`
+/// The candidate verdict of a recorded flow, with the deciding rules and
+/// the service chain an allowed flow would be redirected through; `None`
 /// when the candidate policy manages neither end.
-fn reevaluate(model: &Model, f: &FlowRecord) -> Option<(&'static str, Vec<String>)> {
+fn reevaluate(model: &Model, f: &FlowRecord) -> Option<(&'static str, Vec<String>, Option<String>)> {
     let d = evaluate(model, &policy_flow(f))?;
     let verdict = match d.action {
         Action::Allow => "allow",
@@ -121,7 +122,11 @@ fn reevaluate(model: &Model, f: &FlowRecord) -> Option<(&'static str, Vec<String
         // `pass` never ends a chain; anything else drops.
         Action::Deny | Action::Pass => "deny",
     };
-    Some((verdict, d.provenance.iter().map(ToString::to_string).collect()))
+    Some((
+        verdict,
+        d.provenance.iter().map(ToString::to_string).collect(),
+        d.redirect,
+    ))
 }
 
 /// Run what-if.
@@ -144,15 +149,21 @@ pub fn run(args: WhatIfArgs) -> anyhow::Result<ExitCode> {
         LogReader::open(&args.audit).with_context(|| format!("opening the audit log in {}", args.audit.display()))?;
     let (mut evaluated, mut unmanaged) = (0u64, 0u64);
     let mut changed = Vec::new();
+    // Flows the candidate would steer, by service chain.
+    let mut redirected = std::collections::BTreeMap::<String, u64>::new();
     reader.query_each(&q, |seq, rec| {
         let Record::Flow(f) = rec else { return true };
         if f.phase != Phase::Start {
             return true;
         }
         evaluated += 1;
-        match reevaluate(&loaded.model, &f) {
+        let candidate = reevaluate(&loaded.model, &f);
+        if let Some((_, _, Some(chain))) = &candidate {
+            *redirected.entry(chain.clone()).or_default() += 1;
+        }
+        match candidate {
             None => unmanaged += 1,
-            Some((new, new_rules)) if new != verdict_name(f.verdict) => changed.push(Changed {
+            Some((new, new_rules, _)) if new != verdict_name(f.verdict) => changed.push(Changed {
                 seq,
                 time_ns: f.time_ns,
                 src: endpoint(&f.src),
@@ -172,6 +183,7 @@ pub fn run(args: WhatIfArgs) -> anyhow::Result<ExitCode> {
             "evaluated": evaluated,
             "unmanaged": unmanaged,
             "changed": changed,
+            "redirected": redirected,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -198,6 +210,9 @@ pub fn run(args: WhatIfArgs) -> anyhow::Result<ExitCode> {
                 String::new()
             }
         );
+        for (chain, n) in &redirected {
+            println!("{n} allowed flow(s) would go through service chain {chain}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -297,8 +312,30 @@ rules:
                 "the flow the engine evaluated, for {:?}",
                 ev.key
             );
-            let (verdict, _) = reevaluate(&model, &rec).expect("both ends are managed");
+            let (verdict, _, chain) = reevaluate(&model, &rec).expect("both ends are managed");
             assert_eq!(verdict, "deny", "the engine denied {:?}", ev.key);
+            assert_eq!(chain, None, "a denied flow goes through no chain");
         }
+        // A candidate that redirects b's pings through a chain says so.
+        let appliance = r#"  - { name: ips, uuid: 00000000-0000-4000-8000-00000000000c, vnics: [{ name: ips.0, mac: "02:00:00:00:00:0c", ips: [], zone: web }, { name: ips.1, mac: "02:00:00:00:00:0d", ips: [], zone: web }] }
+rules:"#;
+        let candidate = format!(
+            "{}\nservice_chains:\n  c: {{ appliances: [{{ vm: ips, in: ips.0, out: ips.1 }}] }}\n",
+            POLICY
+                .replace("action: allow }", "action: allow, redirect: c }")
+                .replace("rules:", appliance)
+        );
+        let loaded = load(&MemorySource::new().with("p.yaml", candidate)).unwrap();
+        assert!(!loaded.has_errors(), "{}", loaded.render());
+        let ping = icmp(11, 10, 8, 0, [0x12, 0x34, 0, 1], b"ping");
+        let mut events = Vec::new();
+        assert!(e.process(3, b, &ping, &mut events, &mut results) == palisade_datapath::Disposition::Forward);
+        let start = events
+            .iter()
+            .find(|ev| matches!(ev.kind, EventKind::Start))
+            .expect("b's ping starts a flow");
+        let rec = record(start, &e, &model);
+        let (verdict, _, chain) = reevaluate(&loaded.model, &rec).unwrap();
+        assert_eq!((verdict, chain.as_deref()), ("allow", Some("c")));
     }
 }

@@ -1,0 +1,300 @@
+//! Service chains: steering allowed flows through appliance VMs.
+//!
+//! A rule's `redirect: CHAIN` marks the flows it allows; the engine records
+//! the chain and the instance chosen for the connection ([`Steer`], held in
+//! the [`crate::Conn`]) when it classifies the flow's first packet. From
+//! then on every packet of the connection, in both directions, is sent to
+//! that instance before delivery: the initiator's packets into its `in`
+//! vNIC, the responder's into its `out` vNIC. The appliance bridges them
+//! (bump in the wire, addresses unchanged) and they come back on the other
+//! vNIC, where the engine checks that the packet belongs to a flow steered
+//! through this very instance in this direction (anything else is dropped as
+//! [`crate::DropReason::ApplianceNotSteered`]), tracks it through the
+//! connection again (TCP windows, states) without classifying it, and
+//! delivers it to its destination.
+//!
+//! The instance is chosen by rendezvous hashing of the flow's symmetric
+//! hash ([`palisade_wire::flow::FlowKey::symmetric_hash`], the one that
+//! steers flows to workers) over the healthy instances: both directions
+//! give the same hash, and an instance going down moves only its own flows.
+//! Health is the instances' link state as the caller reports it
+//! ([`crate::Engine::set_port_link`]): an instance is up when both of its
+//! vNICs are attached to this engine and up. A packet whose instance is down
+//! moves its connection to another healthy instance (counted as a
+//! failover); with none, the chain's `on_failure` decides: `open` delivers
+//! it without the appliance, `closed` drops it
+//! ([`crate::DropReason::ApplianceDown`]), packet by packet, so the flow
+//! goes through the appliance again as soon as one is back.
+//!
+//! An appliance may also offload a flow ([`crate::Engine::offload_flow`],
+//! vPath style): `allow` takes it off the chain (its packets stay on the
+//! flow cache and go straight to their destination), `drop` drops the rest
+//! of it ([`crate::DropReason::ApplianceOffloadDrop`]).
+
+use std::sync::Arc;
+
+use palisade_policy::model::{OnFailure, ServiceChain};
+use palisade_wire::flow::Segment;
+
+use crate::port::PortId;
+
+/// A connection's steering: the chain and the instance its packets go
+/// through (indices into the engine's current chains, see
+/// [`crate::Engine::service_chains`]), and what an appliance said of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Steer {
+    /// The chain.
+    pub chain: u16,
+    /// The instance chosen for it ([`Steer::UNASSIGNED`] until its first
+    /// packet finds one up).
+    pub instance: u16,
+    /// What an appliance decided for the rest of the flow, if it did.
+    pub offload: Option<OffloadVerdict>,
+    /// The segment each direction (initiator's, responder's) was switched in
+    /// when it was sent into the appliance: it is switched in it again when it
+    /// comes back (the appliance's vNICs may sit in another zone).
+    pub segments: [Segment; 2],
+}
+
+impl Steer {
+    /// No instance chosen yet.
+    pub const UNASSIGNED: u16 = u16::MAX;
+
+    /// A connection's steering through `chain`, no instance chosen yet.
+    pub fn new(chain: u16) -> Steer {
+        Steer {
+            chain,
+            instance: Steer::UNASSIGNED,
+            offload: None,
+            segments: [Segment::UNTAGGED; 2],
+        }
+    }
+}
+
+/// An appliance's decision for the rest of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OffloadVerdict {
+    /// Deliver the rest of the flow without the appliance.
+    Allow,
+    /// Drop the rest of the flow.
+    Drop,
+}
+
+impl OffloadVerdict {
+    /// `allow` or `drop`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            OffloadVerdict::Allow => "allow",
+            OffloadVerdict::Drop => "drop",
+        }
+    }
+
+    /// Parse `allow` or `drop`.
+    pub fn parse(s: &str) -> Option<OffloadVerdict> {
+        match s {
+            "allow" => Some(OffloadVerdict::Allow),
+            "drop" => Some(OffloadVerdict::Drop),
+            _ => None,
+        }
+    }
+}
+
+/// Why [`crate::Engine::offload_flow`] did nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OffloadError {
+    /// No connection has that 5-tuple (in either direction).
+    #[error("no tracked connection has this 5-tuple")]
+    NoConnection,
+    /// The connection is not steered through a service chain.
+    #[error("the connection is not steered through a service chain")]
+    NotSteered,
+}
+
+/// Which side of an appliance instance a port is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// The initiator's packets enter here (and the responder's leave).
+    In,
+    /// The initiator's packets leave here (and the responder's enter).
+    Out,
+}
+
+/// The role of a port that is one side of an appliance instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServicePort {
+    pub(crate) chain: u16,
+    pub(crate) instance: u16,
+    pub(crate) side: Side,
+}
+
+/// One instance of a chain and its counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceStats {
+    /// The appliance VM.
+    pub vm: Arc<str>,
+    /// Its `in` vNIC and that vNIC's port here, if attached.
+    pub vnic_in: (Arc<str>, Option<PortId>),
+    /// Its `out` vNIC and that vNIC's port here, if attached.
+    pub vnic_out: (Arc<str>, Option<PortId>),
+    /// Both ports attached and up.
+    pub up: bool,
+    /// Packets sent into it.
+    pub sent: u64,
+    /// Packets that came back from it and went on.
+    pub returned: u64,
+    /// Connections steered to it (first choice or failover).
+    pub flows: u64,
+}
+
+/// A service chain as the engine runs it, with its counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainStats {
+    /// The chain's name.
+    pub name: Arc<str>,
+    /// What its flows do when no instance is up.
+    pub on_failure: OnFailure,
+    /// Its instances, in declaration order.
+    pub instances: Vec<InstanceStats>,
+    /// Connections moved from an instance that went down to another.
+    pub failovers: u64,
+    /// Packets delivered without the appliance because none was up (`open`).
+    pub bypassed: u64,
+    /// Packets dropped because none was up (`closed`).
+    pub dropped: u64,
+    /// Connections an appliance offloaded (either verdict).
+    pub offloaded: u64,
+}
+
+/// The engine's chains: resolved against its ports, with every port's role.
+#[derive(Debug, Default)]
+pub(crate) struct ServiceChains {
+    pub(crate) chains: Vec<ChainStats>,
+    /// By port index: the appliance side it is, if any.
+    roles: Vec<Option<ServicePort>>,
+    /// By port index: link down (reported by the caller; survives policy changes).
+    down: Vec<bool>,
+}
+
+impl ServiceChains {
+    /// Whether any chain is declared (the hot path's one test when none is).
+    #[inline(always)]
+    pub(crate) fn any(&self) -> bool {
+        !self.chains.is_empty()
+    }
+
+    /// The chain named `name`.
+    pub(crate) fn index_of(&self, name: &str) -> Option<u16> {
+        self.chains.iter().position(|c| &*c.name == name).map(|i| i as u16)
+    }
+
+    /// The appliance role of `port`, if any.
+    #[inline(always)]
+    pub(crate) fn role(&self, port: PortId) -> Option<ServicePort> {
+        self.roles.get(usize::from(port.0)).copied().flatten()
+    }
+
+    /// Rebuild from a policy's chains, resolving vNIC names with `port_of`.
+    /// Counters carry over for chains and instances of the same names.
+    pub(crate) fn resolve(&mut self, decl: &[ServiceChain], ports: usize, port_of: impl Fn(&str) -> Option<PortId>) {
+        let old = std::mem::take(&mut self.chains);
+        self.roles = vec![None; ports];
+        self.down.resize(ports, false);
+        for (ci, c) in decl.iter().enumerate().take(usize::from(u16::MAX)) {
+            let before = old.iter().find(|o| *o.name == *c.name);
+            let mut stats = ChainStats {
+                name: c.name.as_str().into(),
+                on_failure: c.on_failure,
+                instances: Vec::with_capacity(c.appliances.len()),
+                failovers: before.map_or(0, |b| b.failovers),
+                bypassed: before.map_or(0, |b| b.bypassed),
+                dropped: before.map_or(0, |b| b.dropped),
+                offloaded: before.map_or(0, |b| b.offloaded),
+            };
+            for (ii, a) in c.appliances.iter().enumerate().take(usize::from(u16::MAX)) {
+                let (pin, pout) = (port_of(&a.vnic_in), port_of(&a.vnic_out));
+                for (p, side) in [(pin, Side::In), (pout, Side::Out)] {
+                    if let Some(slot) = p.and_then(|p| self.roles.get_mut(usize::from(p.0))) {
+                        *slot = Some(ServicePort {
+                            chain: ci as u16,
+                            instance: ii as u16,
+                            side,
+                        });
+                    }
+                }
+                let prev = before.and_then(|b| b.instances.iter().find(|i| *i.vnic_in.0 == *a.vnic_in));
+                stats.instances.push(InstanceStats {
+                    vm: a.vm.as_str().into(),
+                    vnic_in: (a.vnic_in.as_str().into(), pin),
+                    vnic_out: (a.vnic_out.as_str().into(), pout),
+                    up: false,
+                    sent: prev.map_or(0, |p| p.sent),
+                    returned: prev.map_or(0, |p| p.returned),
+                    flows: prev.map_or(0, |p| p.flows),
+                });
+            }
+            self.chains.push(stats);
+        }
+        self.refresh_health();
+    }
+
+    /// Record `port`'s link state; instances' health follows.
+    pub(crate) fn set_link(&mut self, port: PortId, up: bool) {
+        let i = usize::from(port.0);
+        if self.down.len() <= i {
+            self.down.resize(i + 1, false);
+        }
+        self.down[i] = !up;
+        self.refresh_health();
+    }
+
+    fn refresh_health(&mut self) {
+        let down = &self.down;
+        let up = |p: Option<PortId>| p.is_some_and(|p| !down.get(usize::from(p.0)).copied().unwrap_or(false));
+        for c in &mut self.chains {
+            for i in &mut c.instances {
+                i.up = up(i.vnic_in.1) && up(i.vnic_out.1);
+            }
+        }
+    }
+
+    /// The instance of `chain` for a flow whose symmetric hash is `hash`:
+    /// rendezvous hashing over the healthy instances (the highest score
+    /// wins), so an instance going down moves only its own flows.
+    pub(crate) fn pick(&self, chain: u16, hash: u64) -> Option<u16> {
+        let c = self.chains.get(usize::from(chain))?;
+        c.instances
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.up)
+            .max_by_key(|(n, _)| mix(hash ^ (*n as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+            .map(|(n, _)| n as u16)
+    }
+
+    /// Instance `instance` of `chain`.
+    pub(crate) fn instance(&self, chain: u16, instance: u16) -> Option<&InstanceStats> {
+        self.chains
+            .get(usize::from(chain))?
+            .instances
+            .get(usize::from(instance))
+    }
+
+    pub(crate) fn instance_mut(&mut self, chain: u16, instance: u16) -> Option<&mut InstanceStats> {
+        self.chains
+            .get_mut(usize::from(chain))?
+            .instances
+            .get_mut(usize::from(instance))
+    }
+
+    pub(crate) fn chain_mut(&mut self, chain: u16) -> Option<&mut ChainStats> {
+        self.chains.get_mut(usize::from(chain))
+    }
+}
+
+/// A 64-bit finalizer (splitmix64's): every input bit affects every output bit.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}

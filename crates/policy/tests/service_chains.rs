@@ -1,0 +1,189 @@
+//! Service chains: `service_chains:` and a rule's `redirect`, loaded with
+//! positioned diagnostics, compiled into the entries, and shown by `explain`.
+
+use palisade_policy::compile::Compiler;
+use palisade_policy::diag::DiagnosticKind;
+use palisade_policy::eval::{Flow, evaluate, explain, render_explanation};
+use palisade_policy::model::OnFailure;
+use palisade_policy::{Loaded, MemorySource, load};
+
+const INVENTORY: &str = r#"
+version: 4
+datacenter: { name: dc1, default: deny }
+zones: [{ name: web, vlan: 100 }, { name: svc, vlan: 900 }]
+vms:
+  - { name: web-1, uuid: 00000000-0000-4000-8000-000000000001, tags: { tier: web }, vnics: [{ name: web-1.0, mac: "02:00:00:00:00:01", ips: [10.0.0.1], zone: web }] }
+  - { name: web-2, uuid: 00000000-0000-4000-8000-000000000002, tags: { tier: web }, vnics: [{ name: web-2.0, mac: "02:00:00:00:00:02", ips: [10.0.0.2], zone: web }] }
+  - name: ips-1
+    uuid: 00000000-0000-4000-8000-000000000003
+    vnics:
+      - { name: ips-1.in, mac: "02:00:00:00:00:03", ips: [], zone: svc }
+      - { name: ips-1.out, mac: "02:00:00:00:00:04", ips: [], zone: svc }
+groups:
+  web: { tags: { tier: web } }
+  internet: external
+"#;
+
+fn load_with(policy: &str) -> Loaded {
+    load(&MemorySource::new().with("inv.yaml", INVENTORY).with("pol.yaml", policy)).unwrap()
+}
+
+const GOOD: &str = r#"
+service_chains:
+  ns-ips:
+    on_failure: open
+    appliances:
+      - { vm: ips-1, in: ips-1.in, out: ips-1.out }
+rules:
+  zone:web:
+    - { id: web-in, from: internet, to: web, service: tcp/80, action: allow, redirect: ns-ips }
+    - { id: web-east-west, from: web, to: web, service: tcp/80, action: allow }
+"#;
+
+fn flow(src: &str, dst: &str) -> Flow {
+    Flow::to_service(src.parse().unwrap(), dst.parse().unwrap(), "tcp/80").unwrap()
+}
+
+#[test]
+fn chains_load_and_redirect_compiles_into_the_entries() {
+    let l = load_with(GOOD);
+    assert!(!l.has_errors(), "{}", l.render());
+    let chain = l.model.policy.service_chain("ns-ips").unwrap();
+    assert_eq!(chain.on_failure, OnFailure::Open);
+    assert_eq!(chain.appliances.len(), 1);
+    assert_eq!(
+        (
+            chain.appliances[0].vnic_in.as_str(),
+            chain.appliances[0].vnic_out.as_str()
+        ),
+        ("ips-1.in", "ips-1.out")
+    );
+    let c = Compiler::new(l.model.clone()).unwrap();
+    let ingress = c.chain("web-1.0", palisade_policy::eval::Direction::Ingress).unwrap();
+    let steered: Vec<_> = ingress
+        .entries
+        .iter()
+        .filter_map(|e| e.redirect.as_deref().map(|r| (&*e.provenance.rule_id, r)))
+        .collect();
+    assert_eq!(steered, [("web-in", "ns-ips")]);
+    assert!(ingress.render().contains("redirect=ns-ips"), "{}", ingress.render());
+
+    // North-south is steered, east-west is not; evaluator and compiler agree.
+    let ns = flow("203.0.113.9", "10.0.0.1");
+    let ew = flow("10.0.0.2", "10.0.0.1");
+    for f in [ns, ew] {
+        assert_eq!(evaluate(&l.model, &f), c.decide(&f), "{f:?}");
+    }
+    assert_eq!(evaluate(&l.model, &ns).unwrap().redirect.as_deref(), Some("ns-ips"));
+    assert_eq!(evaluate(&l.model, &ew).unwrap().redirect, None);
+}
+
+#[test]
+fn explain_names_the_chain_and_its_instances() {
+    let l = load_with(GOOD);
+    let e = explain(&l.model, &flow("203.0.113.9", "10.0.0.1"));
+    assert_eq!(e.chain.as_ref().map(|c| c.name.as_str()), Some("ns-ips"));
+    let text = render_explanation(&e);
+    assert!(
+        text.contains("redirect: through service chain ns-ips, one of [ips-1 (ips-1.in -> ips-1.out)]"),
+        "{text}"
+    );
+    assert!(text.contains("on_failure open"), "{text}");
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(json["decision"]["redirect"], "ns-ips");
+    assert_eq!(json["chain"]["on_failure"], "open");
+    // A flow that is not steered says nothing of chains.
+    let e = explain(&l.model, &flow("10.0.0.2", "10.0.0.1"));
+    assert!(!render_explanation(&e).contains("redirect"));
+    assert!(serde_json::to_value(&e).unwrap().get("chain").is_none());
+}
+
+/// Each bad policy, the diagnostic kind it must produce, and where: the
+/// line of pol.yaml and the text the diagnostic's column must point at.
+#[test]
+fn bad_chains_are_refused_where_they_are_written() {
+    let cases: &[(&str, &str, DiagnosticKind, (u32, &str))] = &[
+        (
+            "unknown chain",
+            "rules:\n  zone:web:\n    - { id: r, from: internet, to: web, action: allow, redirect: nope }\n",
+            DiagnosticKind::UnknownServiceChain,
+            (3, "nope"),
+        ),
+        (
+            "a deny that redirects",
+            "service_chains:\n  c: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\nrules:\n  zone:web:\n    - { id: r, from: internet, to: web, action: deny, redirect: c }\n",
+            DiagnosticKind::InvalidValue,
+            (5, "c }"),
+        ),
+        (
+            "appliance VM missing",
+            "service_chains:\n  c: { appliances: [{ vm: ghost, in: g.0, out: g.1 }] }\n",
+            DiagnosticKind::UnknownVm,
+            (2, "ghost"),
+        ),
+        (
+            "vNIC of another VM",
+            "service_chains:\n  c: { appliances: [{ vm: ips-1, in: web-1.0, out: ips-1.out }] }\n",
+            DiagnosticKind::InvalidValue,
+            (2, "web-1.0"),
+        ),
+        (
+            "in and out the same",
+            "service_chains:\n  c: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.in }] }\n",
+            DiagnosticKind::InvalidValue,
+            (2, "ips-1.in }"),
+        ),
+        (
+            "a vNIC in two chains",
+            "service_chains:\n  a: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\n  b: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\n",
+            DiagnosticKind::InvalidValue,
+            (3, "ips-1.in"),
+        ),
+        (
+            "no appliance",
+            "service_chains:\n  c: { appliances: [] }\n",
+            DiagnosticKind::MissingField,
+            (2, "[]"),
+        ),
+        (
+            "bad on_failure",
+            "service_chains:\n  c: { on_failure: maybe, appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\n",
+            DiagnosticKind::InvalidValue,
+            (2, "maybe"),
+        ),
+        (
+            "unknown key in an appliance",
+            "service_chains:\n  c: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out, port: 3 }] }\n",
+            DiagnosticKind::UnknownKey,
+            (2, "port"),
+        ),
+        (
+            "chain declared twice",
+            "service_chains:\n  c: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\n---\nservice_chains:\n  c: { appliances: [{ vm: web-2, in: web-2.0, out: web-2.0 }] }\n",
+            DiagnosticKind::DuplicateName,
+            (5, "c:"),
+        ),
+    ];
+    // An appliance side with addresses: legal, but its own traffic cannot pass.
+    let l = load_with("service_chains:\n  c: { appliances: [{ vm: web-1, in: web-1.0, out: web-1.0 }] }\n");
+    assert!(
+        l.diagnostics
+            .iter()
+            .any(|d| !d.is_error() && d.message.contains("appliance vNIC \"web-1.0\" has addresses")),
+        "{}",
+        l.render()
+    );
+    for (what, policy, kind, (line, token)) in cases {
+        let text = policy.lines().nth(*line as usize - 1).unwrap();
+        let column = text.find(token).unwrap() as u32 + 1;
+        let l = load_with(policy);
+        let found = l
+            .diagnostics
+            .iter()
+            .find(|d| d.kind == *kind && d.file == "pol.yaml" && d.is_error());
+        let Some(d) = found else {
+            panic!("{what}: no {kind:?} error in\n{}", l.render());
+        };
+        assert_eq!((d.line, d.column), (*line, column), "{what}: {}", l.render());
+    }
+}
