@@ -235,7 +235,10 @@ impl FastChain {
                 classifier: SplitClassifier::from_rules(&rs).ok()?,
             });
         }
-        let verdict = |p: &palisade_policy::eval::Provenance, action, inspect: Option<Arc<str>>, redirect: Option<&Arc<str>>| ChainVerdict {
+        let verdict = |p: &palisade_policy::eval::Provenance,
+                       action,
+                       inspect: Option<Arc<str>>,
+                       redirect: Option<&Arc<str>>| ChainVerdict {
             action,
             rule: p.rule_id.clone(),
             level: p.level,
@@ -247,13 +250,18 @@ impl FastChain {
             .iter()
             .map(|e| match e.action {
                 EntryAction::Pass { next } => Step::Jump(kept_starts.partition_point(|&s| s < next)),
-                a => Step::Decide(verdict(&e.provenance, a.action(), e.inspect.clone(), e.redirect.as_ref())),
+                a => Step::Decide(verdict(
+                    &e.provenance,
+                    a.action(),
+                    e.inspect.clone(),
+                    e.redirect.as_ref(),
+                )),
             })
             .collect();
         Some(FastChain {
             levels,
             steps,
-            default: verdict(&chain.default.1, chain.default.0, None),
+            default: verdict(&chain.default.1, chain.default.0, None, None),
             rules,
         })
     }
