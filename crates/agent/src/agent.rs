@@ -1906,6 +1906,9 @@ impl VnicControl {
             if on {
                 core.quiesced.push(port);
             }
+            // Frames from the port are discarded by the worker; frames
+            // towards it by the engine, before they open a connection.
+            core.engine.set_port_quiesced(port, on);
         }
         Ok(())
     }

@@ -75,11 +75,15 @@ pub enum DropReason {
     ApplianceDown,
     /// A packet of a flow an appliance offloaded with `drop`.
     ApplianceOffloadDrop,
+    /// A packet towards a vNIC whose port is quiesced for live migration
+    /// ([`crate::Engine::set_port_quiesced`]): its VM is paused or has moved
+    /// away, so the packet is dropped before it can open a connection here.
+    VnicMigrating,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 26] = [
+    pub const ALL: [DropReason; 27] = [
         DropReason::Malformed,
         DropReason::UnknownPort,
         DropReason::SpoofedMac,
@@ -106,6 +110,7 @@ impl DropReason {
         DropReason::ApplianceNotSteered,
         DropReason::ApplianceDown,
         DropReason::ApplianceOffloadDrop,
+        DropReason::VnicMigrating,
     ];
 
     /// Number of reasons.
@@ -140,6 +145,7 @@ impl DropReason {
             DropReason::ApplianceNotSteered => "appliance-not-steered",
             DropReason::ApplianceDown => "appliance-down",
             DropReason::ApplianceOffloadDrop => "appliance-offload-drop",
+            DropReason::VnicMigrating => "vnic-migrating",
         }
     }
 

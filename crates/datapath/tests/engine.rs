@@ -1781,3 +1781,31 @@ fn a_frame_with_nowhere_to_go_opens_no_connection() {
     assert_eq!(e.counters().classifications, 0);
     assert!(ev.is_empty(), "{ev:?}");
 }
+
+#[test]
+fn a_frame_towards_a_quiesced_vnic_opens_no_connection_until_it_resumes() {
+    // Found by the live-migration lab test: after a VM moved away, a peer
+    // that had not yet learned its new host kept sending to the old one,
+    // whose engine opened a connection for frames the agent then discarded
+    // at the quiesced port: stale state left behind on the source.
+    let mut e = h1();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    let mut ev = Vec::new();
+    assert!(e.set_port_quiesced(b, true));
+    assert!(e.is_quiesced(b) && !e.is_quiesced(a));
+    let syn = tcp(10, 11, 40_000, 22, (1000, 0), TcpFlags::SYN, b"");
+    assert_eq!(
+        run(&mut e, 0, a, &syn, &mut ev),
+        Disposition::Drop(DropReason::VnicMigrating)
+    );
+    assert_eq!(e.conntrack().len(), 0, "nothing opened towards the quiesced port");
+    assert_eq!(e.counters().classifications, 0);
+    assert_eq!(e.counters().drops[DropReason::VnicMigrating.index()], 1);
+    assert!(ev.is_empty(), "{ev:?}");
+    // Resumed (a migration that failed): the same flow opens as usual.
+    assert!(e.set_port_quiesced(b, false));
+    handshake(&mut e, &mut ev, 40_000, 22, 10);
+    assert_eq!(e.conntrack().len(), 1);
+    // An unknown port is refused, not grown into.
+    assert!(!e.set_port_quiesced(PortId(999), true));
+}

@@ -212,6 +212,10 @@ pub struct Engine {
     underlay: Underlay,
     /// Inspection profile names by number less one ([`InspectProfile`]).
     inspect_names: Vec<Arc<str>>,
+    /// Ports quiesced for live migration, by port index
+    /// ([`Engine::set_port_quiesced`]), and whether any is.
+    quiesced: Vec<bool>,
+    any_quiesced: bool,
     /// The policy's service chains, resolved against the ports.
     services: ServiceChains,
 }
@@ -254,6 +258,8 @@ impl Engine {
             local_ips: HashMap::default(),
             underlay,
             inspect_names: Vec::new(),
+            quiesced: Vec::new(),
+            any_quiesced: false,
             services: ServiceChains::default(),
         };
         engine.resolve_services();
@@ -327,6 +333,30 @@ impl Engine {
         if self.inspect_names.len() >= InspectProfile::MAX / 2 {
             self.inspect_names.clear();
         }
+    }
+
+    /// Quiesce (`true`) or resume a port for live migration: while
+    /// quiesced, frames switched towards it are dropped with
+    /// [`DropReason::VnicMigrating`] before any connection step, so a peer
+    /// still sending to a VM that has moved away opens nothing on the old
+    /// host. (What the port itself receives is the caller's to discard: it
+    /// never hands such frames in.) Returns `false` for an unknown port.
+    pub fn set_port_quiesced(&mut self, port: PortId, quiesced: bool) -> bool {
+        let i = usize::from(port.0);
+        if i >= self.ports.len() {
+            return false;
+        }
+        if self.quiesced.len() < self.ports.len() {
+            self.quiesced.resize(self.ports.len(), false);
+        }
+        self.quiesced[i] = quiesced;
+        self.any_quiesced = self.quiesced.iter().any(|&q| q);
+        true
+    }
+
+    /// Whether `port` is quiesced ([`Engine::set_port_quiesced`]).
+    pub fn is_quiesced(&self, port: PortId) -> bool {
+        self.quiesced.get(usize::from(port.0)).copied().unwrap_or(false)
     }
 
     /// The name of inspection profile `id` (as the policy spells it).

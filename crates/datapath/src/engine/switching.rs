@@ -82,6 +82,9 @@ impl Engine {
         match to {
             Some(Location::Port(p)) if p == in_port => Err(DropReason::NoRoute),
             Some(Location::Remote(_)) if in_port == UPLINK => Err(DropReason::NoRoute),
+            // A frame reaching a migrating VM's old port (a peer that has not
+            // yet learned its new host) must not open a connection here.
+            Some(Location::Port(p)) if self.any_quiesced && self.is_quiesced(p) => Err(DropReason::VnicMigrating),
             to => Ok(to),
         }
     }
