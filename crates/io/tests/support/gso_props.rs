@@ -280,7 +280,11 @@ fn offsets(frame: &[u8]) -> Option<(usize, usize, usize)> {
 /// Cut `frame` with `prefix` and check every segment; returns the segments.
 pub fn check_segment(frame: &[u8], offload: &Offload, prefix: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     let mut out = vec![0xee; 3];
-    let segs = match gso::segment(frame, offload, prefix, &mut out, 4 << 20) {
+    // Room for any spec [`Spec::clamp`] allows: up to 65,535 one-byte
+    // segments, each with its prefix and headers of up to ~150 bytes (4 MiB
+    // was not: 62,602 one-byte segments with 67 bytes each were refused).
+    // The refusal over a limit has a test of its own.
+    let segs = match gso::segment(frame, offload, prefix, &mut out, 16 << 20) {
         Ok(s) => s,
         Err(e) => return Err(format!("segment refused: {e}")),
     };
