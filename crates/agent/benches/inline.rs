@@ -19,7 +19,7 @@
 mod synth;
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,10 +32,9 @@ use palisade_inspect::classification::Classifications;
 use palisade_policy::compile::Compiler;
 use palisade_policy::model::Model;
 use palisade_policy::{MemorySource, load};
-use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
-use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
-use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
+use palisade_testkit::engine::tcp_v4_frame;
+use palisade_wire::ethernet::EthernetAddress;
+use palisade_wire::tcp::TcpFlags;
 
 fn policy(profile: &str) -> String {
     format!(
@@ -69,48 +68,9 @@ struct Frame {
 }
 
 fn frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Frame {
-    let mac = |ip: Ipv4Addr| EthernetAddress([2, 0, 0, 0, 0, ip.octets()[3]]);
-    let l4 = tcp::HEADER_LEN + data.len();
-    let mut f = vec![0; 14 + 20 + l4];
-    EthernetRepr {
-        src_addr: mac(src.0),
-        dst_addr: mac(dst.0),
-        ethertype: EtherType::IPV4,
-    }
-    .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
-    Ipv4Repr {
-        src_addr: src.0,
-        dst_addr: dst.0,
-        protocol: IpProtocol::TCP,
-        payload_len: l4,
-        ttl: 64,
-        dscp: 0,
-        ecn: 0,
-        ident: 1,
-        dont_frag: true,
-        more_frags: false,
-        frag_offset: 0,
-        options: &[],
-    }
-    .emit(&mut ipv4::Packet::new_unchecked(&mut f[14..34]));
-    TcpRepr {
-        src_port: src.1,
-        dst_port: dst.1,
-        seq_number: seq,
-        ack_number: ack,
-        flags,
-        window_len: 64_000,
-        urgent_pointer: 0,
-        options: &[],
-        payload: data,
-    }
-    .emit(
-        &mut tcp::Packet::new_unchecked(&mut f[34..]),
-        IpAddr::V4(src.0),
-        IpAddr::V4(dst.0),
-    );
+    let end = |(ip, port): (Ipv4Addr, u16)| ([2, 0, 0, 0, 0, ip.octets()[3]], ip, port);
     Frame {
-        bytes: f,
+        bytes: tcp_v4_frame(end(src), end(dst), (seq, ack), flags, data),
         from_a: src.0 == A,
     }
 }

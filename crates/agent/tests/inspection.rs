@@ -15,10 +15,9 @@ use palisade_inspect::classification::Classifications;
 use palisade_policy::compile::Compiler;
 use palisade_policy::model::{Model, Profile};
 use palisade_policy::{MemorySource, load};
-use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
-use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
-use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
+use palisade_testkit::engine::tcp_v4_frame;
+use palisade_wire::ethernet::EthernetAddress;
+use palisade_wire::tcp::TcpFlags;
 use palisade_wire::virtio_net::{Gso, GsoKind, Offload, PartialChecksum};
 
 const POLICY: &str = r#"
@@ -110,47 +109,8 @@ fn world(budget: Option<u64>, closed: bool) -> World {
 }
 
 fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
-    let mac = |ip: Ipv4Addr| EthernetAddress([2, 0, 0, 0, 0, ip.octets()[3]]);
-    let l4_len = tcp::HEADER_LEN + data.len();
-    let mut f = vec![0; 14 + 20 + l4_len];
-    EthernetRepr {
-        src_addr: mac(src.0),
-        dst_addr: mac(dst.0),
-        ethertype: EtherType::IPV4,
-    }
-    .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
-    Ipv4Repr {
-        src_addr: src.0,
-        dst_addr: dst.0,
-        protocol: IpProtocol::TCP,
-        payload_len: l4_len,
-        ttl: 64,
-        dscp: 0,
-        ecn: 0,
-        ident: 1,
-        dont_frag: true,
-        more_frags: false,
-        frag_offset: 0,
-        options: &[],
-    }
-    .emit(&mut ipv4::Packet::new_unchecked(&mut f[14..34]));
-    TcpRepr {
-        src_port: src.1,
-        dst_port: dst.1,
-        seq_number: seq,
-        ack_number: ack,
-        flags,
-        window_len: 64_000,
-        urgent_pointer: 0,
-        options: &[],
-        payload: data,
-    }
-    .emit(
-        &mut tcp::Packet::new_unchecked(&mut f[34..]),
-        IpAddr::V4(src.0),
-        IpAddr::V4(dst.0),
-    );
-    f
+    let end = |(ip, port): (Ipv4Addr, u16)| ([2, 0, 0, 0, 0, ip.octets()[3]], ip, port);
+    tcp_v4_frame(end(src), end(dst), (seq, ack), flags, data)
 }
 
 /// What the worker does with a frame: the engine's disposition, then (for

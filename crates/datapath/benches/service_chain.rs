@@ -17,11 +17,10 @@ use palisade_datapath::{Disposition, Engine, EngineConfig, OffloadVerdict, Polic
 use palisade_policy::compile::Compiler;
 use palisade_policy::model::Segment as ZoneSegment;
 use palisade_policy::{MemorySource, load};
-use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
+use palisade_testkit::engine::tcp_v4_frame;
+use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::flow;
-use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
-use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
+use palisade_wire::tcp::TcpFlags;
 
 const FLOWS: u16 = 1000;
 const PASSES: u32 = 200;
@@ -91,49 +90,13 @@ fn engine(redirect: bool) -> (Engine, [PortId; 4]) {
     (e, [router, web, a_in, a_out])
 }
 
-fn frame(inbound: bool, sport: u16, flags: TcpFlags, (seq, ack): (u32, u32)) -> Vec<u8> {
-    let ((smac, src, sp), (dmac, dst, dp)) = if inbound {
+fn frame(inbound: bool, sport: u16, flags: TcpFlags, seq_ack: (u32, u32)) -> Vec<u8> {
+    let (src, dst) = if inbound {
         ((ROUTER_MAC, CLIENT, sport), (WEB_MAC, WEB, 80))
     } else {
         ((WEB_MAC, WEB, 80), (ROUTER_MAC, CLIENT, sport))
     };
-    let repr = TcpRepr {
-        src_port: sp,
-        dst_port: dp,
-        seq_number: seq,
-        ack_number: ack,
-        flags,
-        window_len: 64000,
-        urgent_pointer: 0,
-        options: &[],
-        payload: &[0; 64],
-    };
-    let mut t = vec![0; repr.buffer_len()];
-    repr.emit(&mut tcp::Packet::new_unchecked(&mut t[..]), src.into(), dst.into());
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        protocol: IpProtocol::TCP,
-        payload_len: t.len(),
-        ttl: 64,
-        dscp: 0,
-        ecn: 0,
-        ident: 1,
-        dont_frag: true,
-        more_frags: false,
-        frag_offset: 0,
-        options: &[],
-    };
-    let mut f = vec![0; 34 + t.len()];
-    EthernetRepr {
-        src_addr: EthernetAddress(smac),
-        dst_addr: EthernetAddress(dmac),
-        ethertype: EtherType::IPV4,
-    }
-    .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
-    ip.emit(&mut ipv4::Packet::new_unchecked(&mut f[14..]));
-    f[34..].copy_from_slice(&t);
-    f
+    tcp_v4_frame(src, dst, seq_ack, flags, &[0; 64])
 }
 
 /// Process `f` on `port`; when it goes to an appliance port, process it

@@ -11,11 +11,10 @@ use palisade_policy::compile::Compiler;
 use palisade_policy::eval::{Flow, evaluate};
 use palisade_policy::model::Model;
 use palisade_policy::{MemorySource, load};
-use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
+use palisade_testkit::engine::tcp_v4_frame;
+use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::flow;
-use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
-use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
+use palisade_wire::tcp::{self, TcpFlags};
 
 const POLICY: &str = r#"
 version: 1
@@ -78,46 +77,8 @@ fn tcp_frame(
     flags: TcpFlags,
     data: &[u8],
 ) -> Vec<u8> {
-    let repr = TcpRepr {
-        src_port: src.1,
-        dst_port: dst.1,
-        seq_number: seq,
-        ack_number: ack,
-        flags,
-        window_len: 64_000,
-        urgent_pointer: 0,
-        options: &[],
-        payload: data,
-    };
-    let l4_len = tcp::HEADER_LEN + data.len();
-    let mut f = vec![0; 14 + 20 + l4_len];
-    EthernetRepr {
-        src_addr: EthernetAddress([2, 0, 0, 0, 0, mac.0]),
-        dst_addr: EthernetAddress([2, 0, 0, 0, 0, mac.1]),
-        ethertype: EtherType::IPV4,
-    }
-    .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
-    Ipv4Repr {
-        src_addr: src.0,
-        dst_addr: dst.0,
-        protocol: IpProtocol::TCP,
-        payload_len: l4_len,
-        ttl: 64,
-        dscp: 0,
-        ecn: 0,
-        ident: 1,
-        dont_frag: true,
-        more_frags: false,
-        frag_offset: 0,
-        options: &[],
-    }
-    .emit(&mut ipv4::Packet::new_unchecked(&mut f[14..34]));
-    repr.emit(
-        &mut tcp::Packet::new_unchecked(&mut f[34..]),
-        IpAddr::V4(src.0),
-        IpAddr::V4(dst.0),
-    );
-    f
+    let end = |(ip, port): (Ipv4Addr, u16), last| ([2, 0, 0, 0, 0, last], ip, port);
+    tcp_v4_frame(end(src, mac.0), end(dst, mac.1), (seq, ack), flags, data)
 }
 
 const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);

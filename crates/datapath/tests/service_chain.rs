@@ -12,11 +12,10 @@ use palisade_datapath::{
 use palisade_policy::compile::Compiler;
 use palisade_policy::model::Segment as ZoneSegment;
 use palisade_policy::{MemorySource, load};
+use palisade_testkit::engine::tcp_v4_frame;
 use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
 use palisade_wire::flow::{self, FlowKey};
-use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
-use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
+use palisade_wire::tcp::TcpFlags;
 
 const MS: u64 = 1_000_000;
 
@@ -133,43 +132,8 @@ fn eth(src: [u8; 6], dst: [u8; 6], ethertype: EtherType, payload: &[u8]) -> Vec<
 }
 
 /// A TCP frame `src:sport -> dst:dport` between the two MACs.
-fn tcp(
-    (smac, src, sport): ([u8; 6], Ipv4Addr, u16),
-    (dmac, dst, dport): ([u8; 6], Ipv4Addr, u16),
-    (seq, ack): (u32, u32),
-    flags: TcpFlags,
-) -> Vec<u8> {
-    let repr = TcpRepr {
-        src_port: sport,
-        dst_port: dport,
-        seq_number: seq,
-        ack_number: ack,
-        flags,
-        window_len: 64000,
-        urgent_pointer: 0,
-        options: &[],
-        payload: &[],
-    };
-    let mut t = vec![0; repr.buffer_len()];
-    repr.emit(&mut tcp::Packet::new_unchecked(&mut t[..]), src.into(), dst.into());
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        protocol: IpProtocol::TCP,
-        payload_len: t.len(),
-        ttl: 64,
-        dscp: 0,
-        ecn: 0,
-        ident: 1,
-        dont_frag: true,
-        more_frags: false,
-        frag_offset: 0,
-        options: &[],
-    };
-    let mut p = vec![0; 20 + t.len()];
-    ip.emit(&mut ipv4::Packet::new_unchecked(&mut p[..]));
-    p[20..].copy_from_slice(&t);
-    eth(smac, dmac, EtherType::IPV4, &p)
+fn tcp(src: ([u8; 6], Ipv4Addr, u16), dst: ([u8; 6], Ipv4Addr, u16), seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
+    tcp_v4_frame(src, dst, seq_ack, flags, &[])
 }
 
 const WEB1_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];

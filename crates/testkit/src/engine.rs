@@ -103,6 +103,17 @@ fn vm(b: u8) -> u8 {
 /// byte of its MAC 02:00:00:00:00:x.
 pub fn vm_frame(from: u8, to: u8, protocol: IpProtocol, l4: &[u8]) -> Vec<u8> {
     let (src, dst) = (Ipv4Addr::new(10, 0, 0, from), Ipv4Addr::new(10, 0, 0, to));
+    ipv4_frame(([2, 0, 0, 0, 0, from], src), ([2, 0, 0, 0, 0, to], dst), protocol, l4)
+}
+
+/// An untagged IPv4 frame between two (MAC, address) ends carrying `l4`
+/// (TTL 64, DF, ident 1, no options).
+fn ipv4_frame(
+    (src_mac, src): ([u8; 6], Ipv4Addr),
+    (dst_mac, dst): ([u8; 6], Ipv4Addr),
+    protocol: IpProtocol,
+    l4: &[u8],
+) -> Vec<u8> {
     let ip = Ipv4Repr {
         src_addr: src,
         dst_addr: dst,
@@ -119,14 +130,41 @@ pub fn vm_frame(from: u8, to: u8, protocol: IpProtocol, l4: &[u8]) -> Vec<u8> {
     };
     let mut f = vec![0; 14 + 20 + l4.len()];
     EthernetRepr {
-        src_addr: EthernetAddress([2, 0, 0, 0, 0, from]),
-        dst_addr: EthernetAddress([2, 0, 0, 0, 0, to]),
+        src_addr: EthernetAddress(src_mac),
+        dst_addr: EthernetAddress(dst_mac),
         ethertype: EtherType::IPV4,
     }
     .emit(&mut ethernet::Frame::new_unchecked(&mut f[..]));
     ip.emit(&mut ipv4::Packet::new_unchecked(&mut f[14..34]));
     f[34..].copy_from_slice(l4);
     f
+}
+
+/// An untagged IPv4 TCP segment between two (MAC, address, port) ends,
+/// carrying `payload`, with correct checksums (window 64,000, no options,
+/// TTL 64, DF): the frame tests and benches send between VMs, routers and
+/// appliances when [`vm_frame`]'s addressing does not fit.
+pub fn tcp_v4_frame(
+    (src_mac, src, sport): ([u8; 6], Ipv4Addr, u16),
+    (dst_mac, dst, dport): ([u8; 6], Ipv4Addr, u16),
+    (seq, ack): (u32, u32),
+    flags: TcpFlags,
+    payload: &[u8],
+) -> Vec<u8> {
+    let repr = TcpRepr {
+        src_port: sport,
+        dst_port: dport,
+        seq_number: seq,
+        ack_number: ack,
+        flags,
+        window_len: 64_000,
+        urgent_pointer: 0,
+        options: &[],
+        payload,
+    };
+    let mut l4 = vec![0; repr.buffer_len()];
+    repr.emit(&mut tcp::Packet::new_unchecked(&mut l4[..]), src.into(), dst.into());
+    ipv4_frame((src_mac, src), (dst_mac, dst), IpProtocol::TCP, &l4)
 }
 
 /// The TCP header fields a program chooses.

@@ -9,10 +9,8 @@ use palisade_datapath::port::UplinkConfig;
 use palisade_datapath::{EngineConfig, PolicyLookup};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
-use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
-use palisade_wire::ip::IpProtocol;
-use palisade_wire::ipv4::{self, Ipv4Repr};
-use palisade_wire::tcp::{self, TcpFlags, TcpRepr};
+use palisade_wire::ethernet::EthernetAddress;
+use palisade_wire::tcp::TcpFlags;
 
 /// The policy's version.
 pub const VERSION: u64 = 3;
@@ -101,43 +99,7 @@ pub fn tcp_between(
     seq: u32,
     ack: u32,
 ) -> Vec<u8> {
-    let repr = TcpRepr {
-        src_port: sport,
-        dst_port: dport,
-        seq_number: seq,
-        ack_number: ack,
-        flags,
-        window_len: 64000,
-        urgent_pointer: 0,
-        options: &[],
-        payload: &[],
-    };
-    let mut l4 = vec![0; repr.buffer_len()];
-    repr.emit(&mut tcp::Packet::new_unchecked(&mut l4[..]), src.into(), dst.into());
-    let ip_repr = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        protocol: IpProtocol::TCP,
-        payload_len: l4.len(),
-        ttl: 64,
-        dscp: 0,
-        ecn: 0,
-        ident: 1,
-        dont_frag: true,
-        more_frags: false,
-        frag_offset: 0,
-        options: &[],
-    };
-    let mut frame = vec![0; 14 + 20 + l4.len()];
-    EthernetRepr {
-        src_addr: src_mac,
-        dst_addr: dst_mac,
-        ethertype: EtherType::IPV4,
-    }
-    .emit(&mut ethernet::Frame::new_unchecked(&mut frame[..]));
-    ip_repr.emit(&mut ipv4::Packet::new_unchecked(&mut frame[14..]));
-    frame[34..].copy_from_slice(&l4);
-    frame
+    palisade_testkit::engine::tcp_v4_frame((src_mac.0, src, sport), (dst_mac.0, dst, dport), (seq, ack), flags, &[])
 }
 
 /// A SYN from VM `from` to VM `to`.
