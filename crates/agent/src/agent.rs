@@ -706,7 +706,8 @@ fn read_state(dir: &Path, identity: &Identity) -> StateRead {
                 .iter()
                 .map(|p| format!(" and {}", p.display()))
                 .collect::<String>();
-        read.merged.push((snap, blob_path.or(journal_paths.last().cloned()), what));
+        read.merged
+            .push((snap, blob_path.or(journal_paths.last().cloned()), what));
     }
     read
 }
@@ -1264,7 +1265,7 @@ impl Agent {
         }
         if before_forwarding {
             self.first_snapshot = FirstSnapshot::BeforeForwarding;
-            self.older_journals = !older.is_empty();
+            self.older_journals |= !older.is_empty();
             self.snapshot();
             if self.snapshots.failing() {
                 return;

@@ -264,10 +264,7 @@ mod tests {
         assert_eq!(names(StateKind::Snapshot), ["host-0.snapshot"]);
         assert_eq!(names(StateKind::Journal), ["host-0.journal"]);
         assert_eq!(names(StateKind::PrevJournal), ["host-2.journal.prev"]);
-        assert_eq!(
-            worker_of(&state_path(dir.path(), 2, StateKind::PrevJournal)),
-            Some(2)
-        );
+        assert_eq!(worker_of(&state_path(dir.path(), 2, StateKind::PrevJournal)), Some(2));
         assert_eq!(
             state_path(dir.path(), 3, StateKind::Snapshot),
             dir.path().join("conntrack/host-3.snapshot")

@@ -141,7 +141,10 @@ fn a_kill_between_the_import_and_the_first_snapshot_resumes_every_connection() {
     assert_eq!(state["first_snapshot"], "before_forwarding", "{state}");
     assert_eq!(state["snapshots"]["written"], 1, "{state}");
     assert_eq!(state["older_journals_kept"], false, "{state}");
-    assert!(!prev.exists(), "the older generation is gone once the snapshot holds it");
+    assert!(
+        !prev.exists(),
+        "the older generation is gone once the snapshot holds it"
+    );
     assert_eq!(records(&cur), 0);
 
     // Run C (B killed at once) finds everything in B's snapshot.
@@ -163,7 +166,11 @@ fn a_kill_during_the_first_snapshot_resumes_every_connection() {
             old.clone(),
             Some(new[..new.len() / 2].to_vec()),
         ),
-        ("killed after the new snapshot was renamed, before the older generation went", new, None),
+        (
+            "killed after the new snapshot was renamed, before the older generation went",
+            new,
+            None,
+        ),
     ];
     for (what, blob, tmp_file) in cases {
         let (tmp, conntrack) = state_dir();
