@@ -139,6 +139,8 @@ pub struct Agent {
     older_journals: bool,
     /// When this run's first snapshot round was taken.
     first_snapshot: FirstSnapshot,
+    /// This run's journals, made while the state was read (taken at start).
+    fresh_journals: Option<FreshJournals>,
     /// State files refused at start, by reason (corrupt, truncated, foreign, no room...).
     state_refused: std::collections::BTreeMap<&'static str, u64>,
     /// The first refusals' file, reason and message (for `/health`).
@@ -598,6 +600,54 @@ struct StateRead {
     newest_age: Option<Duration>,
     /// Time spent on the blobs, the journals and merging them.
     timings: (Duration, Duration, Duration),
+    /// This run's journals, made while the state was read, when it may
+    /// forward before its first snapshot (see [`fresh_journals`]).
+    fresh: Option<FreshJournals>,
+}
+
+/// A run's fresh crash journals, one per worker (or why one could not be
+/// made), the previous run's moved aside as the older generation.
+struct FreshJournals {
+    journals: Vec<std::io::Result<Journal>>,
+    /// Some journal was moved aside (the first snapshot removes them).
+    moved_aside: bool,
+}
+
+/// Move the previous run's journals under `dir` aside as the older
+/// generation and make `workers` fresh ones, if this run may forward
+/// before its first snapshot (see [`Agent::start_journals`]): not after a
+/// clean stop's saved state (read once, then removed) nor when an older
+/// generation is already there (generations never chain). `None`: the
+/// first snapshot is taken before forwarding, and the journals made then.
+fn fresh_journals(dir: &Path, identity: &Identity, read: &StateRead, workers: usize) -> Option<FreshJournals> {
+    if read.kind == StateKind::Saved || !state_files(dir, StateKind::PrevJournal).is_empty() {
+        return None;
+    }
+    let mut moved_aside = false;
+    for path in state_files(dir, StateKind::Journal) {
+        let Some(i) = worker_of(&path) else { continue };
+        let to = state_path(dir, i, StateKind::PrevJournal);
+        if let Err(e) = std::fs::rename(&path, &to) {
+            eprintln!(
+                "palisade agent: crash journal {}: cannot keep it as {}: {e}; snapshot before forwarding",
+                path.display(),
+                to.display()
+            );
+            return None;
+        }
+        moved_aside = true;
+    }
+    let journals = (0..workers)
+        .map(|i| {
+            Journal::create(
+                &state_path(dir, i, StateKind::Journal),
+                identity.clone(),
+                i as u32,
+                crate::journal::DEFAULT_CAPACITY,
+            )
+        })
+        .collect();
+    Some(FreshJournals { journals, moved_aside })
 }
 
 /// Read the state files under `dir` for `identity`: a clean stop's saved
@@ -643,6 +693,7 @@ fn read_state(dir: &Path, identity: &Identity) -> StateRead {
         journal: JournalReplayed::default(),
         newest_age: None,
         timings: Default::default(),
+        fresh: None,
     };
     for (blob_path, journal_paths) in sources.into_values() {
         let t = Instant::now();
@@ -768,14 +819,30 @@ impl Agent {
             );
         }
         let t_fallback = t0.elapsed();
+        let mut n = config.workers();
+        if n > 1 && !steer::fanout_ignores_outgoing() {
+            eprintln!(
+                "palisade agent: warning: this kernel cannot keep a fanout group from seeing the host's own \
+                 frames (Linux 6.2 can): running 1 datapath worker, not {n}"
+            );
+            n = 1;
+        }
         // The state the runs before left, read and decoded while the policy
-        // and the engines are built (joined at the import).
+        // and the engines are built (joined at the import), and this run's
+        // journals made ready (see `Agent::start_journals`).
         let identity = Identity::new(&config.host, config.vnics.iter().map(|v| v.name.as_str()));
         let reading = {
             let (dir, identity) = (config.state_dir.clone(), identity.clone());
+            let journals = config.state_snapshot_interval().map(|_| n);
             std::thread::Builder::new()
                 .name("palisade-state".into())
-                .spawn(move || read_state(&dir, &identity))
+                .spawn(move || {
+                    let mut read = read_state(&dir, &identity);
+                    if let Some(n) = journals {
+                        read.fresh = fresh_journals(&dir, &identity, &read, n);
+                    }
+                    read
+                })
                 .map_err(io_err("starting the state reading"))?
         };
         let audit_opening = open_trail(&config, &stop)?;
@@ -827,14 +894,6 @@ impl Agent {
                     v.name, vm.host, config.host
                 );
             }
-        }
-        let mut n = config.workers();
-        if n > 1 && !steer::fanout_ignores_outgoing() {
-            eprintln!(
-                "palisade agent: warning: this kernel cannot keep a fanout group from seeing the host's own \
-                 frames (Linux 6.2 can): running 1 datapath worker, not {n}"
-            );
-            n = 1;
         }
         let identities = Arc::new(Identities::new(model));
         // One compiled policy for all workers: it is read-only.
@@ -985,6 +1044,7 @@ impl Agent {
             imported_saved: false,
             older_journals: false,
             first_snapshot: FirstSnapshot::None,
+            fresh_journals: None,
             state_refused: Default::default(),
             refusals: Vec::new(),
             identity,
@@ -1104,7 +1164,9 @@ impl Agent {
             journal,
             newest_age,
             timings: (t_blob, t_journal, t_apply),
+            fresh,
         } = read;
+        self.fresh_journals = fresh;
         for (path, reason, why) in refusals {
             self.refuse(&path, reason, &why);
         }
@@ -1231,7 +1293,8 @@ impl Agent {
     ///
     /// After a crash (the usual case) the previous run's journals become
     /// the older generation, `host-N.journal.prev`, and this run's fresh
-    /// journals the newer: the snapshots a crash left, the older and the
+    /// journals (both done by the thread that read the state, once it has:
+    /// [`fresh_journals`]) the newer: the snapshots a crash left, the older and the
     /// newer generation together hold everything, so the first snapshot
     /// round need not finish before forwarding starts. It is due at once,
     /// on the control thread, and removes the older generation once every
@@ -1245,34 +1308,27 @@ impl Agent {
             return;
         }
         let dir = self.config.state_dir.clone();
-        let older = state_files(&dir, StateKind::PrevJournal);
-        let mut before_forwarding = self.imported_saved || !older.is_empty();
-        if !before_forwarding {
-            for path in state_files(&dir, StateKind::Journal) {
-                let Some(i) = worker_of(&path) else { continue };
-                let to = state_path(&dir, i, StateKind::PrevJournal);
-                if let Err(e) = std::fs::rename(&path, &to) {
-                    eprintln!(
-                        "palisade agent: crash journal {}: cannot keep it as {}: {e}; snapshot before forwarding",
-                        path.display(),
-                        to.display()
-                    );
-                    before_forwarding = true;
-                    break;
-                }
-                self.older_journals = true;
-            }
-        }
-        if before_forwarding {
-            self.first_snapshot = FirstSnapshot::BeforeForwarding;
-            self.older_journals |= !older.is_empty();
-            self.snapshot();
-            if self.snapshots.failing() {
-                return;
-            }
-        } else {
+        if let Some(fresh) = self.fresh_journals.take() {
+            // Made while the state was read: forward first, snapshot soon after.
             self.first_snapshot = FirstSnapshot::AfterForwarding;
+            self.older_journals = fresh.moved_aside;
             self.snapshots.due_now(Instant::now());
+            for ((i, core), j) in self.workers.iter().enumerate().zip(fresh.journals) {
+                match j {
+                    Ok(j) => lock(core).journal = Some(j),
+                    Err(e) => eprintln!(
+                        "palisade agent: crash journal {}: {e}; worker {i} runs on snapshots alone",
+                        state_path(&dir, i, StateKind::Journal).display()
+                    ),
+                }
+            }
+            return;
+        }
+        self.first_snapshot = FirstSnapshot::BeforeForwarding;
+        self.older_journals = !state_files(&dir, StateKind::PrevJournal).is_empty();
+        self.snapshot();
+        if self.snapshots.failing() {
+            return;
         }
         for (i, core) in self.workers.iter().enumerate() {
             let path = state_path(&dir, i, StateKind::Journal);

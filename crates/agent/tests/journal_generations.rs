@@ -228,6 +228,19 @@ fn a_damaged_or_torn_older_generation_is_refused_or_cut_and_counted() {
             None => assert_eq!(state["refused_total"], 0, "{what}: {state}"),
         }
     }
+    // Not a file: refused as such; the start keeps the journal beside it
+    // and snapshots before forwarding rather than build on it.
+    let (tmp, conntrack) = state_dir();
+    std::fs::write(conntrack.join("host-0.snapshot"), snapshot(&[40000, 40001])).unwrap();
+    let prev = conntrack.join("host-0.journal.prev");
+    std::fs::create_dir(&prev).unwrap();
+    std::fs::write(prev.join("x"), b"").unwrap();
+    journal_of(&conntrack.join("host-0.journal"), &[40002, 40003], false);
+    let (state, conns) = start_and_kill(tmp.path());
+    assert_eq!(conns, 4, "{state}");
+    assert_eq!(state["refused"]["not_regular"], 1, "{state}");
+    assert_eq!(state["first_snapshot"], "before_forwarding", "{state}");
+    assert_eq!(state["snapshots"]["written"], 1, "{state}");
 }
 
 #[test]
