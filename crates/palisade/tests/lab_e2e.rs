@@ -604,7 +604,9 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 /// still open and usable (0 resets); while an agent is down db-1 (a closed
 /// zone) receives nothing although the bastion pings it all along. Printed
 /// per restart: the stream's stall, how long new connections could not be
-/// opened, and what the closed zone received while down.
+/// opened (from the restart command to the first new connection through
+/// both hosts; both agents, when both were killed, restarted at once as two
+/// hosts would), and what the closed zone received while down.
 #[test]
 fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connection() {
     if !lab_possible() {
