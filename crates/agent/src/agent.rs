@@ -244,9 +244,17 @@ fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<Tra
         None => None,
     };
     let open = move || {
+        // Below the start-up's own threads: the datapath waits for the
+        // policy, the engines, the state and the sockets, never for the
+        // trail (records are kept until it is open), and on a small host
+        // its recovery (reading and hashing the last segment) would take
+        // their cores. Back to the default once open.
+        set_thread_nice(AUDIT_OPEN_NICE);
         // With a controller, the trail's heads also go to it (registering its key first).
         let heads = pusher.as_ref().map(|_| crate::upstream::HeadQueue::new());
-        let trail = crate::trail::Trail::open_with(&dir, retention, &key, &head, heads.clone())?;
+        let trail = crate::trail::Trail::open_with(&dir, retention, &key, &head, heads.clone());
+        set_thread_nice(0);
+        let trail = trail?;
         if let (Some(q), Some((client, host, stop))) = (heads, pusher) {
             crate::upstream::head_pusher(client, host, trail.public_key(), q, stop)?;
         }
@@ -257,6 +265,17 @@ fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<Tra
         .spawn(open)
         .map(Some)
         .map_err(io_err("starting the audit trail's opening"))
+}
+
+/// The nice value the audit trail's opening runs at during start-up.
+const AUDIT_OPEN_NICE: i32 = 10;
+
+/// Set the calling thread's nice value (on Linux a thread's own, not the
+/// process's). A failure (raising it back needs `CAP_SYS_NICE`) leaves it
+/// as it was: only scheduling changes.
+fn set_thread_nice(nice: i32) {
+    // SAFETY: setpriority takes plain integers; `who` 0 is the caller.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
 }
 
 /// The CPU time this process used so far, user and system, all threads
