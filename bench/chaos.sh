@@ -6,10 +6,25 @@
 # could not be opened, and what a closed zone received while its agent was
 # down; then the totals against their goals.
 #
-# The new-flow stall is measured from the restart to the first new
-# connection through both hosts. A round that kills both agents restarts
-# them one after the other (as the test harness does), so it includes both
-# starts; each agent's own start (launch to ready) is printed beside it.
+# What "new-flow stall after a restart" measures, exactly: from the moment
+# the test runs the restart command (`ip netns exec HOST palisade agent
+# --config ...`, the first one when both agents were killed) to the moment a
+# new TCP connection from web-1 (hv1) to app-2 (hv2), port 8080, completes
+# its handshake through both agents. A prober in web-1 starts a fresh
+# connection every 10 ms from the kill on (a SYN lost while the path is down
+# is not waited for), and reports when the first one completes; the test
+# subtracts the time between the kill and the restart command (the random
+# 50-300 ms the agents are held down). So it counts the whole process
+# start (exec, configuration, policy, engines, state import, sockets), the
+# workers' first packets and up to 10 ms of probe granularity; not the time
+# the agents were held down. The figure is per round, p50/p99 over rounds.
+#
+# A round that kills both agents restarts them at the same time, each from
+# its own thread, as two hosts would (each host's supervisor restarts its
+# own agent; a real host runs one agent), so the stall is the slower of the
+# two starts plus the path. Each agent's own start (launch to its `agent
+# ready` line) is printed beside it. The stream stall (kill to the stream's
+# next line) includes the held-down time and is printed for reference.
 # By default the lab runs the debug build (target/debug/palisade, workspace
 # crates at opt-level 1); --release builds the test and the binary with the
 # release profile (what users run) and runs that.

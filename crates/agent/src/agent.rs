@@ -132,6 +132,15 @@ pub struct Agent {
     snapshots: SnapshotTimer,
     /// What the start resumed from (for `/health`).
     resumed: Option<Resumed>,
+    /// The start resumed a clean stop's saved state (removed once read).
+    imported_saved: bool,
+    /// The previous run's journals (`host-N.journal.prev`) wait for this
+    /// run's first complete snapshot round.
+    older_journals: bool,
+    /// When this run's first snapshot round was taken.
+    first_snapshot: FirstSnapshot,
+    /// This run's journals, made while the state was read (taken at start).
+    fresh_journals: Option<FreshJournals>,
     /// State files refused at start, by reason (corrupt, truncated, foreign, no room...).
     state_refused: std::collections::BTreeMap<&'static str, u64>,
     /// The first refusals' file, reason and message (for `/health`).
@@ -168,6 +177,20 @@ struct Resumed {
     age_ms: u64,
     /// What the crash journals added.
     journal: JournalReplayed,
+}
+
+/// When a run takes its first snapshot round (see [`Agent::start_journals`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum FirstSnapshot {
+    /// Snapshots are off.
+    #[default]
+    None,
+    /// At start, before the workers forward.
+    BeforeForwarding,
+    /// On the control thread once the workers forward, the previous run's
+    /// journals kept as the older generation until it is written.
+    AfterForwarding,
 }
 
 /// A state file refused at start.
@@ -221,9 +244,17 @@ fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<Tra
         None => None,
     };
     let open = move || {
+        // Below the start-up's own threads: the datapath waits for the
+        // policy, the engines, the state and the sockets, never for the
+        // trail (records are kept until it is open), and on a small host
+        // its recovery (reading and hashing the last segment) would take
+        // their cores. Back to the default once open.
+        set_thread_nice(AUDIT_OPEN_NICE);
         // With a controller, the trail's heads also go to it (registering its key first).
         let heads = pusher.as_ref().map(|_| crate::upstream::HeadQueue::new());
-        let trail = crate::trail::Trail::open_with(&dir, retention, &key, &head, heads.clone())?;
+        let trail = crate::trail::Trail::open_with(&dir, retention, &key, &head, heads.clone());
+        set_thread_nice(0);
+        let trail = trail?;
         if let (Some(q), Some((client, host, stop))) = (heads, pusher) {
             crate::upstream::head_pusher(client, host, trail.public_key(), q, stop)?;
         }
@@ -234,6 +265,17 @@ fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<Tra
         .spawn(open)
         .map(Some)
         .map_err(io_err("starting the audit trail's opening"))
+}
+
+/// The nice value the audit trail's opening runs at during start-up.
+const AUDIT_OPEN_NICE: i32 = 10;
+
+/// Set the calling thread's nice value (on Linux a thread's own, not the
+/// process's). A failure (raising it back needs `CAP_SYS_NICE`) leaves it
+/// as it was: only scheduling changes.
+fn set_thread_nice(nice: i32) {
+    // SAFETY: setpriority takes plain integers; `who` 0 is the caller.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
 }
 
 /// The CPU time this process used so far, user and system, all threads
@@ -559,6 +601,216 @@ fn open_sockets(
     })
 }
 
+/// What the state files the runs before left held: read, checked, decoded
+/// and merged with their journals, not yet imported (see
+/// [`Agent::import_state`]). Read on a thread of its own while the policy
+/// and the engines are built: it needs neither.
+struct StateRead {
+    /// A clean stop's saved state, or what a crash left.
+    kind: StateKind,
+    /// Per worker index of the run before: its connections, the file a
+    /// refusal at import names, and the files it came from (for messages).
+    merged: Vec<(palisade_datapath::state::Snapshot, Option<PathBuf>, String)>,
+    /// Files refused: path, reason, message.
+    refusals: Vec<(PathBuf, &'static str, String)>,
+    /// What the journals added.
+    journal: JournalReplayed,
+    /// How old the newest blob was.
+    newest_age: Option<Duration>,
+    /// Time spent on the blobs, the journals and merging them.
+    timings: (Duration, Duration, Duration),
+    /// This run's journals, made while the state was read, when it may
+    /// forward before its first snapshot (see [`fresh_journals`]).
+    fresh: Option<FreshJournals>,
+}
+
+/// A run's fresh crash journals, one per worker (or why one could not be
+/// made), the previous run's moved aside as the older generation.
+struct FreshJournals {
+    journals: Vec<std::io::Result<Journal>>,
+    /// Some journal was moved aside (the first snapshot removes them).
+    moved_aside: bool,
+}
+
+/// Move the previous run's journals under `dir` aside as the older
+/// generation and make `workers` fresh ones, if this run may forward
+/// before its first snapshot (see [`Agent::start_journals`]): not after a
+/// clean stop's saved state (read once, then removed) nor when an older
+/// generation is already there (generations never chain). `None`: the
+/// first snapshot is taken before forwarding, and the journals made then.
+fn fresh_journals(dir: &Path, identity: &Identity, read: &StateRead, workers: usize) -> Option<FreshJournals> {
+    if read.kind == StateKind::Saved || !state_files(dir, StateKind::PrevJournal).is_empty() {
+        return None;
+    }
+    let mut moved_aside = false;
+    for path in state_files(dir, StateKind::Journal) {
+        let Some(i) = worker_of(&path) else { continue };
+        let to = state_path(dir, i, StateKind::PrevJournal);
+        if let Err(e) = std::fs::rename(&path, &to) {
+            eprintln!(
+                "palisade agent: crash journal {}: cannot keep it as {}: {e}; snapshot before forwarding",
+                path.display(),
+                to.display()
+            );
+            return None;
+        }
+        moved_aside = true;
+    }
+    let journals = (0..workers)
+        .map(|i| {
+            Journal::create(
+                &state_path(dir, i, StateKind::Journal),
+                identity.clone(),
+                i as u32,
+                crate::journal::DEFAULT_CAPACITY,
+            )
+        })
+        .collect();
+    Some(FreshJournals { journals, moved_aside })
+}
+
+/// Read the state files under `dir` for `identity`: a clean stop's saved
+/// state if there is one, else the snapshots a crash left, each with the
+/// journals its worker wrote after it (the older generation first: see
+/// [`Agent::start_journals`]). A file that fails its checks is refused,
+/// never half used.
+fn read_state(dir: &Path, identity: &Identity) -> StateRead {
+    let saved = state_files(dir, StateKind::Saved);
+    let kind = if saved.is_empty() {
+        StateKind::Snapshot
+    } else {
+        StateKind::Saved
+    };
+    // Per worker index of the runs before: its blob, the journal of the
+    // run before the last if that one crashed before its first snapshot,
+    // and the last run's journal (replayed in that order).
+    let mut sources: std::collections::BTreeMap<usize, (Option<PathBuf>, Vec<PathBuf>)> = Default::default();
+    let blobs = if kind == StateKind::Saved {
+        saved
+    } else {
+        state_files(dir, StateKind::Snapshot)
+    };
+    for (i, path) in blobs.into_iter().enumerate() {
+        // `host.state` (a single-threaded agent's) has no index: after the others.
+        let index = worker_of(&path).unwrap_or(usize::MAX - i);
+        sources.entry(index).or_default().0 = Some(path);
+    }
+    if kind == StateKind::Snapshot {
+        for path in state_files(dir, StateKind::PrevJournal)
+            .into_iter()
+            .chain(state_files(dir, StateKind::Journal))
+        {
+            if let Some(index) = worker_of(&path) {
+                sources.entry(index).or_default().1.push(path);
+            }
+        }
+    }
+    let mut read = StateRead {
+        kind,
+        merged: Vec::new(),
+        refusals: Vec::new(),
+        journal: JournalReplayed::default(),
+        newest_age: None,
+        timings: Default::default(),
+        fresh: None,
+    };
+    for (blob_path, journal_paths) in sources.into_values() {
+        let t = Instant::now();
+        let mut from_blob = None;
+        if let Some(path) = &blob_path {
+            let age = std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            read.newest_age = Some(read.newest_age.map_or(age, |a| a.min(age)));
+            match read_blob(path, kind, identity) {
+                Ok(snap) => from_blob = Some(snap),
+                Err((reason, why)) => read.refusals.push((path.clone(), reason, why)),
+            }
+        }
+        read.timings.0 += t.elapsed();
+        let t = Instant::now();
+        let mut replay: Option<crate::journal::Replay> = None;
+        for path in &journal_paths {
+            match crate::journal::read(path, identity) {
+                Ok(r) => {
+                    read.journal.records += r.ops.len() as u64;
+                    read.journal.torn += r.torn;
+                    read.journal.corrupt += r.corrupt;
+                    if r.torn + r.corrupt > 0 {
+                        eprintln!(
+                            "palisade agent: journal {}: dropped {} torn and {} damaged record(s)",
+                            path.display(),
+                            r.torn,
+                            r.corrupt
+                        );
+                    }
+                    // The older generation first: the newer one's records come after it.
+                    match &mut replay {
+                        Some(all) => {
+                            all.ops.extend(r.ops);
+                            all.torn += r.torn;
+                            all.corrupt += r.corrupt;
+                        }
+                        None => replay = Some(r),
+                    }
+                }
+                Err(e) => read.refusals.push((path.clone(), e.reason(), e.to_string())),
+            }
+        }
+        read.timings.1 += t.elapsed();
+        let t = Instant::now();
+        let snap = match replay {
+            Some(r) => crate::journal::apply(from_blob, r),
+            None => match from_blob {
+                Some(s) => s,
+                None => continue,
+            },
+        };
+        read.timings.2 += t.elapsed();
+        let what = blob_path
+            .as_ref()
+            .map_or("no snapshot".into(), |p| p.display().to_string())
+            + &journal_paths
+                .iter()
+                .map(|p| format!(" and {}", p.display()))
+                .collect::<String>();
+        read.merged
+            .push((snap, blob_path.or(journal_paths.last().cloned()), what));
+    }
+    read
+}
+
+/// Read, check and decode a saved state or snapshot file (a snapshot's
+/// TCP windows relaxed); `Err` holds the refusal's reason and message.
+fn read_blob(
+    path: &Path,
+    kind: StateKind,
+    identity: &Identity,
+) -> Result<palisade_datapath::state::Snapshot, (&'static str, String)> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| ("unreadable", e.to_string()))?;
+    if !meta.file_type().is_file() {
+        return Err(("not_regular", "not a regular file".into()));
+    }
+    // The largest blob a table could need (and a bound on what a bad file makes us read).
+    let limit = 64 + u64::from(palisade_datapath::state::MAX_RECORDS) * palisade_datapath::state::RECORD_LEN as u64;
+    if meta.len() > limit {
+        return Err((
+            "truncated",
+            format!("{} bytes, more than any state file ({limit})", meta.len()),
+        ));
+    }
+    let blob = std::fs::read(path).map_err(|e| ("unreadable", e.to_string()))?;
+    // Checked and decoded once, relaxed decoded.
+    let mut snap = palisade_datapath::state::decode(&blob).map_err(|e| (refusal_reason(&e), e.to_string()))?;
+    check_blob_name(&snap.vnic, identity).map_err(|why| ("foreign", why))?;
+    if kind == StateKind::Snapshot {
+        snap.relax_tcp_windows();
+    }
+    Ok(snap)
+}
+
 impl Agent {
     /// Load the policy, attach every port in every worker, import saved
     /// connection state and start the HTTP endpoint. `stop` ends the HTTP
@@ -586,6 +838,32 @@ impl Agent {
             );
         }
         let t_fallback = t0.elapsed();
+        let mut n = config.workers();
+        if n > 1 && !steer::fanout_ignores_outgoing() {
+            eprintln!(
+                "palisade agent: warning: this kernel cannot keep a fanout group from seeing the host's own \
+                 frames (Linux 6.2 can): running 1 datapath worker, not {n}"
+            );
+            n = 1;
+        }
+        // The state the runs before left, read and decoded while the policy
+        // and the engines are built (joined at the import), and this run's
+        // journals made ready (see `Agent::start_journals`).
+        let identity = Identity::new(&config.host, config.vnics.iter().map(|v| v.name.as_str()));
+        let reading = {
+            let (dir, identity) = (config.state_dir.clone(), identity.clone());
+            let journals = config.state_snapshot_interval().map(|_| n);
+            std::thread::Builder::new()
+                .name("palisade-state".into())
+                .spawn(move || {
+                    let mut read = read_state(&dir, &identity);
+                    if let Some(n) = journals {
+                        read.fresh = fresh_journals(&dir, &identity, &read, n);
+                    }
+                    read
+                })
+                .map_err(io_err("starting the state reading"))?
+        };
         let audit_opening = open_trail(&config, &stop)?;
         let (compiler, policy_stamp, upstream, revision) = match (&config.policy, &config.controller) {
             (Some(dir), _) => (Arc::new(load_policy(dir)?), policy_stamp(dir), None, None),
@@ -636,14 +914,6 @@ impl Agent {
                 );
             }
         }
-        let mut n = config.workers();
-        if n > 1 && !steer::fanout_ignores_outgoing() {
-            eprintln!(
-                "palisade agent: warning: this kernel cannot keep a fanout group from seeing the host's own \
-                 frames (Linux 6.2 can): running 1 datapath worker, not {n}"
-            );
-            n = 1;
-        }
         let identities = Arc::new(Identities::new(model));
         // One compiled policy for all workers: it is read-only.
         let lookup = Arc::new(PolicyLookup::new(compiler.clone()));
@@ -656,17 +926,31 @@ impl Agent {
         // own, which mostly waits for the kernel's grace periods while this
         // one imports the saved state (joined before `start` returns).
         let mut opening = None;
-        for _ in 0..n {
-            let (engine, p) = build_engine(&config, model, lookup.clone(), n)?;
-            if opening.is_none() {
-                let is_vhost: Vec<bool> = p.iter().map(|b| vhost_ports.is_vhost(&b.interface)).collect();
-                let bindings = p.clone();
-                let t = std::thread::Builder::new()
-                    .name("palisade-open".into())
-                    .spawn(move || open_af_packet_ports(&bindings, &is_vhost, n))
-                    .map_err(io_err("starting the socket opening"))?;
-                opening = Some(t);
+        // The first engine here (its bindings start the socket opening), the
+        // others at the same time, each on a thread of its own: building one
+        // (the host's tables, each port's pipeline) is worker-local work.
+        let engines = std::thread::scope(|s| -> Result<Vec<(Engine, Vec<PortBinding>)>, AgentError> {
+            let others: Vec<_> = (1..n)
+                .map(|_| {
+                    let (config, lookup) = (&config, lookup.clone());
+                    s.spawn(move || build_engine(config, model, lookup, n))
+                })
+                .collect();
+            let first = build_engine(&config, model, lookup.clone(), n)?;
+            let is_vhost: Vec<bool> = first.1.iter().map(|b| vhost_ports.is_vhost(&b.interface)).collect();
+            let bindings = first.1.clone();
+            let t = std::thread::Builder::new()
+                .name("palisade-open".into())
+                .spawn(move || open_af_packet_ports(&bindings, &is_vhost, n))
+                .map_err(io_err("starting the socket opening"))?;
+            opening = Some(t);
+            let mut all = vec![first];
+            for h in others {
+                all.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
             }
+            Ok(all)
+        })?;
+        for (engine, p) in engines {
             ports = p;
             workers.push(Arc::new(Mutex::new(WorkerCore {
                 engine,
@@ -748,7 +1032,6 @@ impl Agent {
                 None
             }
         };
-        let identity = Identity::new(&config.host, config.vnics.iter().map(|v| v.name.as_str()));
         let default_decisions = config.vnics.iter().map(|v| (v.name.clone(), 0)).collect();
         let mut agent = Agent {
             config,
@@ -777,6 +1060,10 @@ impl Agent {
             appliance_links: std::collections::HashMap::new(),
             snapshots: SnapshotTimer::new(None, origin),
             resumed: None,
+            imported_saved: false,
+            older_journals: false,
+            first_snapshot: FirstSnapshot::None,
+            fresh_journals: None,
             state_refused: Default::default(),
             refusals: Vec::new(),
             identity,
@@ -800,7 +1087,7 @@ impl Agent {
         let t_rest = t0.elapsed();
         agent.save_fallback_plan(model);
         let t_plan = t0.elapsed();
-        agent.import_state();
+        agent.import_state(reading.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
         let t_import = t0.elapsed();
         agent.start_journals();
         let t_journal = t0.elapsed();
@@ -877,111 +1164,40 @@ impl Agent {
         }
     }
 
-    /// Import connection state saved by a previous run, each connection into
-    /// the worker its flows are steered to: a clean stop's saved state if
-    /// there is one (then removed: it is stale once used), else the
-    /// snapshots a crash left, their TCP windows relaxed (see
-    /// [`crate::snapshot`]), each with the crash journal its worker wrote
-    /// after it replayed over it (see [`crate::journal`]). A file that
-    /// fails its checks (damaged, truncated, of another version, another
-    /// host's or another vNIC set's) is refused with a message naming it
-    /// and the problem, and counted by reason; the agent then starts
-    /// without it, never stops for it.
-    fn import_state(&mut self) {
+    /// Import the connection state the runs before left, as [`read_state`]
+    /// read it, each connection into the worker its flows are steered to: a
+    /// clean stop's saved state if there is one (then removed: it is stale
+    /// once used), else the snapshots a crash left, their TCP windows
+    /// relaxed (see [`crate::snapshot`]), each with the crash journals its
+    /// worker wrote after it replayed over it (see [`crate::journal`]). A
+    /// file that fails its checks (damaged, truncated, of another version,
+    /// another host's or another vNIC set's) is refused with a message
+    /// naming it and the problem, and counted by reason; the agent then
+    /// starts without it, never stops for it.
+    fn import_state(&mut self, read: StateRead) {
         let dir = self.config.state_dir.clone();
-        let saved = state_files(&dir, StateKind::Saved);
-        let kind = if saved.is_empty() {
-            StateKind::Snapshot
-        } else {
-            StateKind::Saved
-        };
-        // Per worker index of the run before: its blob and its journal.
-        let mut sources: std::collections::BTreeMap<usize, (Option<PathBuf>, Option<PathBuf>)> = Default::default();
-        let blobs = if kind == StateKind::Saved {
-            saved
-        } else {
-            state_files(&dir, StateKind::Snapshot)
-        };
-        for (i, path) in blobs.into_iter().enumerate() {
-            // `host.state` (a single-threaded agent's) has no index: after the others.
-            let index = worker_of(&path).unwrap_or(usize::MAX - i);
-            sources.entry(index).or_default().0 = Some(path);
-        }
-        if kind == StateKind::Snapshot {
-            for path in state_files(&dir, StateKind::Journal) {
-                if let Some(index) = worker_of(&path) {
-                    sources.entry(index).or_default().1 = Some(path);
-                }
-            }
+        let StateRead {
+            kind,
+            merged,
+            refusals,
+            journal,
+            newest_age,
+            timings: (t_blob, t_journal, t_apply),
+            fresh,
+        } = read;
+        self.fresh_journals = fresh;
+        for (path, reason, why) in refusals {
+            self.refuse(&path, reason, &why);
         }
         let now = self.now();
         let mut resumed_total = 0;
-        let mut newest_age: Option<Duration> = None;
-        let mut journal = JournalReplayed::default();
-        let (mut t_blob, mut t_journal, mut t_apply, mut t_import) = Default::default();
-        for (blob_path, journal_path) in sources.into_values() {
-            let t = Instant::now();
-            let mut from_blob = None;
-            if let Some(path) = &blob_path {
-                let age = std::fs::metadata(path)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .unwrap_or_default();
-                newest_age = Some(newest_age.map_or(age, |a| a.min(age)));
-                match self.read_blob(path, kind) {
-                    Ok(snap) => from_blob = Some(snap),
-                    Err((reason, why)) => self.refuse(path, reason, &why),
-                }
-            }
-            t_blob += t.elapsed();
-            let t = Instant::now();
-            let mut replay = None;
-            if let Some(path) = &journal_path {
-                match crate::journal::read(path, &self.identity) {
-                    Ok(r) => {
-                        journal.records += r.ops.len() as u64;
-                        journal.torn += r.torn;
-                        journal.corrupt += r.corrupt;
-                        if r.torn + r.corrupt > 0 {
-                            eprintln!(
-                                "palisade agent: journal {}: dropped {} torn and {} damaged record(s)",
-                                path.display(),
-                                r.torn,
-                                r.corrupt
-                            );
-                        }
-                        replay = Some(r);
-                    }
-                    Err(e) => self.refuse(path, e.reason(), &e.to_string()),
-                }
-            }
-            t_journal += t.elapsed();
-            let t = Instant::now();
-            let snap = match replay {
-                Some(r) => crate::journal::apply(from_blob, r),
-                None => match from_blob {
-                    Some(s) => s,
-                    None => continue,
-                },
-            };
-            t_apply += t.elapsed();
-            let t = Instant::now();
-            let resumed = self.import_decoded(snap, now, blob_path.as_ref().or(journal_path.as_ref()));
-            t_import += t.elapsed();
-            eprintln!(
-                "palisade agent: resumed {resumed} connection(s) from {}{}",
-                blob_path
-                    .as_ref()
-                    .map_or("no snapshot".into(), |p| p.display().to_string()),
-                journal_path
-                    .as_ref()
-                    .map_or(String::new(), |p| format!(" and {}", p.display()))
-            );
+        let t = Instant::now();
+        for (snap, source, what) in merged {
+            let resumed = self.import_decoded(snap, now, source.as_ref());
+            eprintln!("palisade agent: resumed {resumed} connection(s) from {what}");
             resumed_total += resumed;
         }
-        let (t_blob, t_journal, t_apply, t_import): (Duration, Duration, Duration, Duration) =
-            (t_blob, t_journal, t_apply, t_import);
+        let t_import = t.elapsed();
         eprintln!(
             "palisade agent: state import: files {t_blob:.1?}, journals {t_journal:.1?}, merge {t_apply:.1?}, into the tables {t_import:.1?}"
         );
@@ -993,10 +1209,12 @@ impl Agent {
             for old in state_files(&dir, StateKind::Snapshot)
                 .into_iter()
                 .chain(state_files(&dir, StateKind::Journal))
+                .chain(state_files(&dir, StateKind::PrevJournal))
             {
                 let _ = std::fs::remove_file(old);
             }
         }
+        self.imported_saved = kind == StateKind::Saved;
         if newest_age.is_some() || journal.records > 0 {
             self.resumed = Some(Resumed {
                 from: match kind {
@@ -1011,35 +1229,6 @@ impl Agent {
         // The first snapshot one interval from now (the files just read stay
         // until then, in case this run crashes first).
         self.snapshots = SnapshotTimer::new(self.config.state_snapshot_interval(), Instant::now());
-    }
-
-    /// Read, check and decode a saved state or snapshot file (a snapshot's
-    /// TCP windows relaxed); `Err` holds the refusal's reason and message.
-    fn read_blob(
-        &self,
-        path: &Path,
-        kind: StateKind,
-    ) -> Result<palisade_datapath::state::Snapshot, (&'static str, String)> {
-        let meta = std::fs::symlink_metadata(path).map_err(|e| ("unreadable", e.to_string()))?;
-        if !meta.file_type().is_file() {
-            return Err(("not_regular", "not a regular file".into()));
-        }
-        // The largest blob a table could need (and a bound on what a bad file makes us read).
-        let limit = 64 + u64::from(palisade_datapath::state::MAX_RECORDS) * palisade_datapath::state::RECORD_LEN as u64;
-        if meta.len() > limit {
-            return Err((
-                "truncated",
-                format!("{} bytes, more than any state file ({limit})", meta.len()),
-            ));
-        }
-        let blob = std::fs::read(path).map_err(|e| ("unreadable", e.to_string()))?;
-        // Checked and decoded once, relaxed decoded.
-        let mut snap = palisade_datapath::state::decode(&blob).map_err(|e| (refusal_reason(&e), e.to_string()))?;
-        check_blob_name(&snap.vnic, &self.identity).map_err(|why| ("foreign", why))?;
-        if kind == StateKind::Snapshot {
-            snap.relax_tcp_windows();
-        }
-        Ok(snap)
     }
 
     /// Hand each connection of `snap` to the worker its flows are steered
@@ -1116,22 +1305,52 @@ impl Agent {
         }
     }
 
-    /// Open each worker's crash journal, empty, once the state it would add
-    /// to is on disk: a snapshot round first (the connections just
-    /// imported included), so nothing the previous run journaled is lost
-    /// if this one crashes before its first round. Without snapshots there
-    /// is no journal. A journal that cannot be made is said once; that
-    /// worker runs on snapshots alone.
+    /// Open each worker's crash journal, empty, with nothing the runs before
+    /// wrote lost if this one crashes before its first snapshot round.
+    /// Without snapshots there is no journal. A journal that cannot be made
+    /// is said once; that worker runs on snapshots alone.
+    ///
+    /// After a crash (the usual case) the previous run's journals become
+    /// the older generation, `host-N.journal.prev`, and this run's fresh
+    /// journals (both done by the thread that read the state, once it has:
+    /// [`fresh_journals`]) the newer: the snapshots a crash left, the older and the
+    /// newer generation together hold everything, so the first snapshot
+    /// round need not finish before forwarding starts. It is due at once,
+    /// on the control thread, and removes the older generation once every
+    /// worker's file is written. A start that finds an older generation
+    /// already there (the run before crashed before its first round), that
+    /// resumed a clean stop's saved state (removed once read), or that
+    /// cannot move a journal aside takes the round here, before forwarding,
+    /// as a chain of generations is never built.
     fn start_journals(&mut self) {
         if self.config.state_snapshot_interval().is_none() {
             return;
         }
+        let dir = self.config.state_dir.clone();
+        if let Some(fresh) = self.fresh_journals.take() {
+            // Made while the state was read: forward first, snapshot soon after.
+            self.first_snapshot = FirstSnapshot::AfterForwarding;
+            self.older_journals = fresh.moved_aside;
+            self.snapshots.due_now(Instant::now());
+            for ((i, core), j) in self.workers.iter().enumerate().zip(fresh.journals) {
+                match j {
+                    Ok(j) => lock(core).journal = Some(j),
+                    Err(e) => eprintln!(
+                        "palisade agent: crash journal {}: {e}; worker {i} runs on snapshots alone",
+                        state_path(&dir, i, StateKind::Journal).display()
+                    ),
+                }
+            }
+            return;
+        }
+        self.first_snapshot = FirstSnapshot::BeforeForwarding;
+        self.older_journals = !state_files(&dir, StateKind::PrevJournal).is_empty();
         self.snapshot();
         if self.snapshots.failing() {
             return;
         }
         for (i, core) in self.workers.iter().enumerate() {
-            let path = state_path(&self.config.state_dir, i, StateKind::Journal);
+            let path = state_path(&dir, i, StateKind::Journal);
             match Journal::create(&path, self.identity.clone(), i as u32, crate::journal::DEFAULT_CAPACITY) {
                 Ok(j) => lock(core).journal = Some(j),
                 Err(e) => eprintln!(
@@ -1192,6 +1411,15 @@ impl Agent {
             }
         }
         self.snapshots.done(started, Instant::now(), connections, bytes, ok);
+        if ok && self.older_journals {
+            // Every worker's file now holds what the older generation added.
+            for old in state_files(&self.config.state_dir, StateKind::PrevJournal) {
+                if let Err(e) = std::fs::remove_file(&old) {
+                    eprintln!("palisade agent: older crash journal {}: {e}", old.display());
+                }
+            }
+            self.older_journals = false;
+        }
     }
 
     /// Serve until `stop` is set: start one thread per worker, then take
@@ -1724,6 +1952,8 @@ impl Agent {
                 "state".into(),
                 serde_json::json!({
                     "snapshots": self.snapshots.stats,
+                    "first_snapshot": self.first_snapshot,
+                    "older_journals_kept": self.older_journals,
                     "resumed": self.resumed,
                     "refused": self.state_refused,
                     "refused_total": self.state_refused.values().sum::<u64>(),
@@ -1809,6 +2039,7 @@ impl Agent {
         for old in state_files(&self.config.state_dir, StateKind::Snapshot)
             .into_iter()
             .chain(state_files(&self.config.state_dir, StateKind::Journal))
+            .chain(state_files(&self.config.state_dir, StateKind::PrevJournal))
         {
             let _ = std::fs::remove_file(old);
         }

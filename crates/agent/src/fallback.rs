@@ -354,6 +354,9 @@ impl FallbackPlan {
     }
 
     /// Write the plan to `state_dir` (atomically: a reader sees the old or the new one whole).
+    /// A plan already there byte for byte is left as it is: every start
+    /// saves its plan, and the write's sync is a start's slowest step on a
+    /// busy disk, for a file that an unchanged policy leaves the same.
     pub fn save(&self, state_dir: &Path) -> Result<(), FallbackError> {
         let path = state_dir.join(PLAN_FILE);
         let tmp = state_dir.join(format!("{PLAN_FILE}.tmp"));
@@ -361,6 +364,11 @@ impl FallbackPlan {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        if let Ok(Some(there)) = read_regular(&path, MAX_PLAN_BYTES)
+            && there == text
+        {
+            return Ok(());
+        }
         let write = || -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(&text)?;
@@ -1069,6 +1077,27 @@ mod tests {
                 .to_string()
                 .contains("regular")
         );
+    }
+
+    #[test]
+    fn an_unchanged_plan_is_not_rewritten_and_a_changed_one_is() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PLAN_FILE);
+        plan().save(dir.path()).unwrap();
+        let inode = || std::fs::metadata(&path).unwrap().ino();
+        let first = inode();
+        plan().save(dir.path()).unwrap();
+        assert_eq!(inode(), first, "the same plan is left in place");
+        let mut p = plan();
+        p.open[0].interfaces.push("vn-web-3".into());
+        p.save(dir.path()).unwrap();
+        assert_ne!(inode(), first, "a changed plan replaces the file");
+        assert_eq!(FallbackPlan::load(dir.path()).unwrap(), Some(p));
+        // A damaged file is replaced, not taken for the plan.
+        std::fs::write(&path, b"{").unwrap();
+        plan().save(dir.path()).unwrap();
+        assert_eq!(FallbackPlan::load(dir.path()).unwrap(), Some(plan()));
     }
 
     #[test]

@@ -21,6 +21,20 @@
 //! state change makes one). A start replays the snapshot, then the older
 //! half, then the newer.
 //!
+//! Across runs the same holds one level up. A start after a crash forwards
+//! before its first snapshot round: it moves the previous run's journal
+//! aside as the older generation (`host-N.journal.prev`), opens a fresh
+//! one, and removes the older generation once its first round has written
+//! every worker's file. A crash anywhere in between leaves the snapshot the
+//! previous run wrote or the new one, the older generation and the new
+//! journal: replayed in that order they are one unbroken stretch of events
+//! that begins before the snapshot, so again nothing is lost and what the
+//! snapshot already holds replays to the same state. An older generation is
+//! checked like any journal (a bad header refuses it, a torn or damaged
+//! record ends it, each counted). A start that finds one already there (its
+//! predecessor crashed in that window) takes its first round before
+//! forwarding, so generations never chain (see `Agent::start_journals`).
+//!
 //! Layout (big-endian), version 1:
 //!
 //! ```text

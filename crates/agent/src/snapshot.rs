@@ -43,6 +43,10 @@ pub enum StateKind {
     Snapshot,
     /// The crash journal written since the last snapshot ([`crate::journal`]).
     Journal,
+    /// The journal of the run before, kept beside this run's until this
+    /// run's first snapshot holds what it adds (see
+    /// [`crate::journal`]'s generations across runs).
+    PrevJournal,
 }
 
 impl StateKind {
@@ -51,6 +55,7 @@ impl StateKind {
             StateKind::Saved => "state",
             StateKind::Snapshot => "snapshot",
             StateKind::Journal => "journal",
+            StateKind::PrevJournal => "journal.prev",
         }
     }
 }
@@ -193,6 +198,12 @@ impl SnapshotTimer {
         self.interval.is_some() && now >= self.next
     }
 
+    /// Make the next round due at `now` (a start's first round, taken
+    /// once the workers forward).
+    pub fn due_now(&mut self, now: Instant) {
+        self.next = now;
+    }
+
     /// Whether the last round failed to write some file.
     pub fn failing(&self) -> bool {
         self.failing
@@ -236,6 +247,9 @@ mod tests {
             "host-.state",
             "host-x.snapshot",
             "host-1.snapshot.tmp",
+            "host-0.journal",
+            "host-2.journal.prev",
+            "host-2.journal.prev.tmp",
             "other-0.state",
         ] {
             std::fs::write(dir.path().join("conntrack").join(name), b"").unwrap();
@@ -248,6 +262,9 @@ mod tests {
         };
         assert_eq!(names(StateKind::Saved), ["host-0.state", "host-1.state", "host.state"]);
         assert_eq!(names(StateKind::Snapshot), ["host-0.snapshot"]);
+        assert_eq!(names(StateKind::Journal), ["host-0.journal"]);
+        assert_eq!(names(StateKind::PrevJournal), ["host-2.journal.prev"]);
+        assert_eq!(worker_of(&state_path(dir.path(), 2, StateKind::PrevJournal)), Some(2));
         assert_eq!(
             state_path(dir.path(), 3, StateKind::Snapshot),
             dir.path().join("conntrack/host-3.snapshot")

@@ -298,8 +298,12 @@ fn whole_state_resumes_and_a_torn_last_journal_record_is_dropped_and_counted() {
             assert_eq!(conns, 4, "the snapshot's two and the journal's two: {state}");
             assert_eq!(resumed["journal"]["records"], 2, "{state}");
         }
-        // The start took a snapshot of what it resumed and opened a fresh journal.
-        assert_eq!(state["snapshots"]["written"], 1, "{state}");
+        // The start kept the journal as the older generation (its first
+        // snapshot comes once it forwards) and opened a fresh one.
+        assert_eq!(state["snapshots"]["written"], 0, "{state}");
+        assert_eq!(state["older_journals_kept"], true, "{state}");
+        let older = palisade_agent::journal::read(&journal.with_extension("journal.prev"), &me()).unwrap();
+        assert_eq!(older.ops.len(), if torn { 1 } else { 2 });
         let fresh = palisade_agent::journal::read(&journal, &me()).unwrap();
         assert_eq!(fresh.ops.len(), 0);
     }
