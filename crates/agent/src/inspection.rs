@@ -134,6 +134,7 @@ impl Source {
     fn of(config: &InspectConfig, model: &Model) -> Source {
         let files = std::iter::once(&config.rules)
             .chain(config.classification.as_ref())
+            .chain(config.threshold.as_ref())
             .map(|p| {
                 let m = std::fs::metadata(p).ok();
                 (
@@ -205,7 +206,18 @@ impl Signatures {
             })?,
             None => Classifications::default(),
         };
-        let mut sigs = Self::compile(&rules, &config.rules, classes, config.skip_invalid, model)?;
+        let thresholds = match &config.threshold {
+            Some(p) => Some((p.clone(), read_bounded(p)?)),
+            None => None,
+        };
+        let mut sigs = Self::compile_with(
+            &rules,
+            &config.rules,
+            classes,
+            config.skip_invalid,
+            model,
+            thresholds.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
+        )?;
         sigs.source = source;
         Ok(sigs)
     }
@@ -224,11 +236,24 @@ impl Signatures {
         skip_invalid: bool,
         model: &Model,
     ) -> Result<Signatures, InspectLoadError> {
+        Self::compile_with(rules, path, classes, skip_invalid, model, None)
+    }
+
+    /// As [`Signatures::compile`], applying a `threshold.config`'s text
+    /// (with the path that names it in errors).
+    pub fn compile_with(
+        rules: &str,
+        path: &Path,
+        classes: Classifications,
+        skip_invalid: bool,
+        model: &Model,
+        thresholds: Option<(&Path, &str)>,
+    ) -> Result<Signatures, InspectLoadError> {
         let ctx = RuleContext {
             classifications: classes.clone(),
             ..RuleContext::default()
         };
-        let set = RuleSet::parse(rules, &ctx, LoadOptions { skip_invalid }).map_err(|e| {
+        let mut set = RuleSet::parse(rules, &ctx, LoadOptions { skip_invalid }).map_err(|e| {
             let message = match &e {
                 palisade_inspect::LoadError::Refused(errors) => format!(
                     "{} rule(s) refused (set skip_invalid to load the others); first: {}",
@@ -242,6 +267,21 @@ impl Signatures {
                 message,
             }
         })?;
+        if let Some((tpath, text)) = thresholds {
+            let cfg =
+                palisade_inspect::rules::threshold_config::ThresholdConfig::parse(text, &ctx.vars).map_err(|e| {
+                    InspectLoadError::Rules {
+                        path: tpath.to_path_buf(),
+                        message: e.to_string(),
+                    }
+                })?;
+            for line in set.apply_threshold_config(&cfg) {
+                eprintln!(
+                    "palisade agent: {}: line {line}: names no loaded signature; it changes nothing",
+                    tpath.display()
+                );
+            }
+        }
         let refused = set.refused().len();
         let mut specs = Vec::new();
         let mut profiles = HashMap::new();

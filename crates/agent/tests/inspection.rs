@@ -459,6 +459,7 @@ fn signatures_reload_only_when_their_files_or_the_profiles_change() {
         rules: rules.clone(),
         classification: None,
         skip_invalid: false,
+        threshold: None,
         budget_bytes_per_s: None,
         stream_memory_mib: None,
         max_flows: None,
@@ -564,4 +565,81 @@ fn repeated_alerts_coalesce_and_alerts_past_the_bound_are_counted_not_lost() {
     let next = w.inline.take_records();
     assert_eq!(next.records.len(), 1);
     assert_eq!((next.records[0].count, next.shed, next.shed_since_ns), (1, 0, None));
+}
+
+/// A `threshold.config` applies to the agent's signatures: a suppression
+/// for the client's address keeps sid 1 from alerting while its `drop`
+/// still drops, a `limit` threshold keeps sid 2 to one alert however often
+/// it matches; a broken file is refused with its path, line and column, and
+/// a changed one is a reload.
+#[test]
+fn a_threshold_config_suppresses_and_limits_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("x.rules");
+    std::fs::write(&rules, RULES).unwrap();
+    let thresholds = dir.path().join("threshold.config");
+    std::fs::write(
+        &thresholds,
+        "suppress gen_id 1, sig_id 1, track by_src, ip 10.0.0.10\n\
+         threshold gen_id 1, sig_id 2, type limit, track by_rule, count 1, seconds 3600\n",
+    )
+    .unwrap();
+    let config = palisade_agent::config::InspectConfig {
+        rules,
+        classification: None,
+        skip_invalid: false,
+        threshold: Some(thresholds.clone()),
+        budget_bytes_per_s: None,
+        stream_memory_mib: None,
+        max_flows: None,
+    };
+    let mut w = world(None, false);
+    let sigs = Arc::new(Signatures::load(&config, &w.model).unwrap());
+    w.inline = Inline::new(InlineSetup {
+        signatures: sigs.clone(),
+        budget_bytes_per_s: None,
+        stream_memory: 16 << 20,
+        max_flows: 1024,
+        fail_closed: vec![false; 3].into(),
+        host: "h1".into(),
+        clock: Clock { unix_at_zero: 0 },
+    });
+    let (seq, ack) = w.open_from(42000, 8080);
+    let evil = b"GET /?q=evil-7f3a HTTP/1.1\r\n\r\n";
+    let f = tcp_frame((A, 42000), (B, 8080), seq, ack, TcpFlags::ACK | TcpFlags::PSH, evil);
+    assert_eq!(
+        w.send(A, &f, Offload::NONE),
+        Fate::Forwarded {
+            inspected: true,
+            verdict: InlineVerdict::Drop
+        },
+        "suppressed, the drop still drops"
+    );
+    assert!(w.inline.take_records().records.is_empty(), "but raises no alert");
+    let crit = b"crit-91b0";
+    for cport in [42001, 42002, 42003] {
+        let (seq, ack) = w.open_from(cport, 9000);
+        let f = tcp_frame((A, cport), (B, 9000), seq, ack, TcpFlags::ACK | TcpFlags::PSH, crit);
+        assert_eq!(w.send(A, &f, Offload::NONE), PASS);
+    }
+    let sids: Vec<u32> = w
+        .inline
+        .take_records()
+        .records
+        .iter()
+        .map(|r| r.alert.signature_id)
+        .collect();
+    assert_eq!(sids, [2], "limit 1 by rule: one alert of three matches");
+    assert_eq!(w.inline.engine_counters().alerts_suppressed, 3);
+    assert!(sigs.unchanged(&config, &w.model));
+    std::fs::write(&thresholds, "suppress gen_id 1, sig_id 2, track by_dst ip 10.0.0.11\n").unwrap();
+    assert!(
+        !sigs.unchanged(&config, &w.model),
+        "a changed threshold.config is a reload"
+    );
+    let e = Signatures::load(&config, &w.model).unwrap_err().to_string();
+    assert!(
+        e.contains(&*thresholds.to_string_lossy()) && e.contains("line 1, column 30"),
+        "{e}"
+    );
 }
