@@ -386,6 +386,11 @@ pub const ALERTS_PER_HOST: usize = 20_000;
 /// The hosts whose alerts the controller keeps (a push from a new host
 /// past it forgets the host pushed to least recently).
 pub const MAX_ALERT_HOSTS: usize = 4_096;
+/// The largest alert record accepted, encoded as JSON (413 above).
+pub const MAX_ALERT_RECORD_BYTES: usize = 16 << 10;
+/// The alerts the controller keeps, all hosts together, in encoded bytes:
+/// past it the host holding the most loses its oldest.
+pub const MAX_ALERT_BYTES: usize = 256 << 20;
 /// The default number of alerts `GET /v1/alerts` returns.
 pub const DEFAULT_ALERT_LIMIT: usize = 1000;
 /// The most alerts `GET /v1/alerts` returns.
@@ -456,6 +461,9 @@ pub struct AlertCounts {
     pub evicted: u64,
     /// Hosts with alerts kept.
     pub hosts: u64,
+    /// The encoded bytes of the alerts kept (at most [`MAX_ALERT_BYTES`]).
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// `GET /v1/status`: how this controller is doing.

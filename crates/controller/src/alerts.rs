@@ -8,8 +8,11 @@
 //! evidence. Kept per host with a fixed bound ([`ALERTS_PER_HOST`], oldest
 //! first out, over at most [`MAX_ALERT_HOSTS`] hosts), one noisy or
 //! compromised host can only push out its own alerts, never another
-//! host's, and cannot grow the controller's memory, its store (etcd is for
-//! configuration, not an event stream) or its trail. What this costs: the
+//! host's, and cannot grow the controller's store (etcd is for
+//! configuration, not an event stream) or its trail. Memory is bounded in
+//! bytes too: a record is at most [`MAX_ALERT_RECORD_BYTES`] encoded, and
+//! past [`MAX_ALERT_BYTES`] for all hosts together the host holding the
+//! most bytes loses its oldest (the noisy host, again, before the others). What this costs: the
 //! alerts of a controller that restarts are gone from its view (they stay
 //! in the hosts' trails), and with several controllers each holds the alerts
 //! pushed to it.
@@ -17,7 +20,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use palisade_api::{
-    ALERTS_PER_HOST, AlertCounts, AlertList, AlertPushResponse, AlertQuery, MAX_ALERT_BATCH, MAX_ALERT_HOSTS,
+    ALERTS_PER_HOST, AlertCounts, AlertList, AlertPushResponse, AlertQuery, MAX_ALERT_BATCH, MAX_ALERT_BYTES,
+    MAX_ALERT_HOSTS, MAX_ALERT_RECORD_BYTES,
 };
 use palisade_audit::record::AlertRecord;
 
@@ -34,25 +38,51 @@ pub enum AlertError {
 
 #[derive(Debug, Default)]
 struct HostAlerts {
-    ring: VecDeque<AlertRecord>,
+    /// Each alert with its encoded size.
+    ring: VecDeque<(AlertRecord, usize)>,
+    /// The encoded bytes of `ring`.
+    bytes: usize,
     evicted: u64,
     /// When it was last pushed to (a push counter), to forget the stalest host first.
     touched: u64,
 }
 
 /// The alerts of every host, bounded per host.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AlertStore {
     hosts: HashMap<String, HostAlerts>,
+    /// The encoded bytes of every host's alerts.
+    bytes: usize,
+    /// The bound on `bytes` ([`MAX_ALERT_BYTES`]; smaller in tests).
+    max_bytes: usize,
     pushes: u64,
     received: u64,
     evicted: u64,
 }
 
+impl Default for AlertStore {
+    /// An empty store bounded by [`MAX_ALERT_BYTES`].
+    fn default() -> AlertStore {
+        AlertStore::new()
+    }
+}
+
 impl AlertStore {
     /// An empty store.
     pub fn new() -> AlertStore {
-        AlertStore::default()
+        AlertStore::with_max_bytes(MAX_ALERT_BYTES)
+    }
+
+    /// An empty store holding at most `max_bytes` of encoded alerts.
+    pub fn with_max_bytes(max_bytes: usize) -> AlertStore {
+        AlertStore {
+            hosts: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+            pushes: 0,
+            received: 0,
+            evicted: 0,
+        }
     }
 
     /// Keep `records`, all of which must be `host`'s (else nothing is kept).
@@ -69,31 +99,70 @@ impl AlertStore {
                 r.host
             )));
         }
+        let mut sized = Vec::with_capacity(records.len());
+        for (i, r) in records.into_iter().enumerate() {
+            let len = serde_json::to_vec(&r).map_or(usize::MAX, |v| v.len());
+            if len > MAX_ALERT_RECORD_BYTES {
+                return Err(AlertError::TooLarge(format!(
+                    "alert {i} is {len} bytes encoded; the limit is {MAX_ALERT_RECORD_BYTES}; nothing was kept"
+                )));
+            }
+            sized.push((r, len));
+        }
         if !self.hosts.contains_key(host) && self.hosts.len() >= MAX_ALERT_HOSTS {
             // Forget the host pushed to least recently (a scan: only at the bound).
             if let Some(stale) = self.hosts.iter().min_by_key(|(_, h)| h.touched).map(|(k, _)| k.clone())
                 && let Some(gone) = self.hosts.remove(&stale)
             {
                 self.evicted += gone.ring.len() as u64;
+                self.bytes -= gone.bytes;
             }
         }
         self.pushes += 1;
-        self.received += records.len() as u64;
+        let accepted = sized.len() as u64;
+        self.received += accepted;
         let h = self.hosts.entry(host.to_string()).or_default();
         h.touched = self.pushes;
-        for r in records.iter().cloned() {
-            if h.ring.len() == ALERTS_PER_HOST {
-                h.ring.pop_front();
+        for (r, len) in sized {
+            if h.ring.len() == ALERTS_PER_HOST
+                && let Some((_, old)) = h.ring.pop_front()
+            {
+                h.bytes -= old;
+                self.bytes -= old;
                 h.evicted += 1;
                 self.evicted += 1;
             }
-            h.ring.push_back(r);
+            h.ring.push_back((r, len));
+            h.bytes += len;
+            self.bytes += len;
         }
+        self.shrink();
+        let h = &self.hosts[host];
         Ok(AlertPushResponse {
-            accepted: records.len() as u64,
+            accepted,
             kept: h.ring.len() as u64,
             evicted: h.evicted,
         })
+    }
+
+    /// Past the byte bound, take the oldest alerts of the host holding the most bytes.
+    fn shrink(&mut self) {
+        while self.bytes > self.max_bytes {
+            let Some(h) = self.hosts.values_mut().max_by_key(|h| h.bytes) else {
+                return;
+            };
+            while self.bytes > self.max_bytes
+                && let Some((_, len)) = h.ring.pop_front()
+            {
+                h.bytes -= len;
+                self.bytes -= len;
+                h.evicted += 1;
+                self.evicted += 1;
+                if h.ring.is_empty() {
+                    break;
+                }
+            }
+        }
     }
 
     /// The alerts matching `q`: the newest `limit` (default
@@ -126,13 +195,13 @@ impl AlertStore {
                 .hosts
                 .get(h)
                 .into_iter()
-                .flat_map(|h| h.ring.iter())
+                .flat_map(|h| h.ring.iter().map(|(r, _)| r))
                 .filter(matches)
                 .collect(),
             None => self
                 .hosts
                 .values()
-                .flat_map(|h| h.ring.iter())
+                .flat_map(|h| h.ring.iter().map(|(r, _)| r))
                 .filter(matches)
                 .collect(),
         };
@@ -153,6 +222,7 @@ impl AlertStore {
             kept: self.hosts.values().map(|h| h.ring.len() as u64).sum(),
             evicted: self.evicted,
             hosts: self.hosts.len() as u64,
+            bytes: self.bytes as u64,
         }
     }
 }
@@ -270,6 +340,55 @@ mod tests {
             })
             .unwrap();
         assert!(l.truncated);
+    }
+
+    /// Past the byte bound, the host holding the most bytes loses its
+    /// oldest alerts, not the others.
+    #[test]
+    fn past_the_byte_bound_the_biggest_host_loses_its_oldest() {
+        let one = serde_json::to_vec(&alert("quiet", 1, 7, true, Some("db-1")))
+            .unwrap()
+            .len();
+        let mut s = AlertStore::with_max_bytes(one * 50);
+        s.push(
+            "quiet",
+            (0..10).map(|t| alert("quiet", t, 7, true, Some("db-1"))).collect(),
+        )
+        .unwrap();
+        s.push(
+            "noisy",
+            (0..100)
+                .map(|t| alert("noisy", 100 + t, 9, false, Some("db-1")))
+                .collect(),
+        )
+        .unwrap();
+        let c = s.counts();
+        assert!(c.bytes <= (one * 50) as u64, "{c:?}");
+        let quiet = s
+            .query(&AlertQuery {
+                host: Some("quiet".into()),
+                ..AlertQuery::default()
+            })
+            .unwrap();
+        assert_eq!(quiet.alerts.len(), 10, "the quiet host keeps all of its alerts");
+        let noisy = s
+            .query(&AlertQuery {
+                host: Some("noisy".into()),
+                ..AlertQuery::default()
+            })
+            .unwrap();
+        assert!(
+            noisy.alerts.len() < 50 && noisy.alerts.len() > 30,
+            "{}",
+            noisy.alerts.len()
+        );
+        assert_eq!(noisy.alerts.last().unwrap().time_ns, 199, "the newest stay");
+        assert_eq!(c.evicted, 100 - noisy.alerts.len() as u64);
+        // A record over the size limit is refused whole.
+        let mut big = alert("quiet", 500, 7, true, None);
+        big.alert.signature = "x".repeat(MAX_ALERT_RECORD_BYTES);
+        assert!(matches!(s.push("quiet", vec![big]), Err(AlertError::TooLarge(_))));
+        assert_eq!(s.counts().received, c.received);
     }
 
     #[test]

@@ -755,6 +755,7 @@ fn schemas() -> Value {
             ("kept", n.clone()),
             ("evicted", n.clone()),
             ("hosts", n.clone()),
+            ("bytes", n.clone()),
         ],
         &["received", "kept", "evicted", "hosts"],
     );
