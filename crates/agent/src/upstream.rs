@@ -378,7 +378,7 @@ impl AlertQueue {
 }
 
 /// Start the thread that sends `queue`'s alerts to the controller, up to
-/// [`ALERT_PUSH_BATCH`] a request. A batch that fails is put back and
+/// 1,000 a request. A batch that fails is put back and
 /// tried again after a pause that doubles up to 30 s; one the controller
 /// refuses as malformed (a 4xx: it would be refused again) is dropped and
 /// counted as shed, so one bad record cannot stop the rest.
