@@ -253,6 +253,12 @@ fn malformed_alert_requests_are_refused_with_a_json_error() {
         let (code, text) = call("GET", bad, &env.reader, None);
         assert_eq!(code, 400, "{bad}: {text}");
     }
+    // A host filter no host has (empty, or not a host name) matches nothing.
+    for path in ["/v1/alerts?host=", "/v1/alerts?host=a%20b", "/v1/alerts?vm="] {
+        let (code, text) = call("GET", path, &env.reader, None);
+        assert_eq!(code, 200, "{path}: {text}");
+        assert_eq!(text, r#"{"alerts":[],"truncated":false}"#, "{path}");
+    }
     let (code, text) = call(
         "GET",
         "/v1/alerts?host=hv1&sid=1&action=blocked&vm=web-1",
