@@ -164,6 +164,21 @@ pub struct Agent {
     alerts: AlertRing,
     /// `alerts` as the JSON `/alerts` serves.
     alerts_json: String,
+    /// Alerts waiting for the controller (controller mode with `[inspect]`).
+    alert_queue: Option<Arc<crate::upstream::AlertQueue>>,
+    /// What became of the alerts the workers handed over.
+    alert_stats: AlertStats,
+}
+
+/// Where the alerts the workers raised went (for metrics).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AlertStats {
+    /// Alert records queued for the audit trail.
+    pub recorded: u64,
+    /// Alerts the workers shed, reported by "alerts not recorded" records.
+    pub not_recorded: u64,
+    /// "Alerts not recorded" records written.
+    pub gap_records: u64,
 }
 
 /// What a start resumed its connections from.
@@ -998,6 +1013,19 @@ impl Agent {
             )?),
             None => None,
         };
+        let alert_queue = match (&config.controller, &config.inspect) {
+            (Some(cc), Some(_)) => {
+                let q = crate::upstream::AlertQueue::new();
+                crate::upstream::alert_pusher(
+                    crate::upstream::client(cc)?,
+                    config.host.clone(),
+                    q.clone(),
+                    stop.clone(),
+                )?;
+                Some(q)
+            }
+            _ => None,
+        };
         let zones = zones_of(&config, model);
         let shared: Shared = Arc::new(Mutex::new(Arc::new(Published::default())));
         let migrations = Arc::new(Mutex::new(Vec::new()));
@@ -1082,6 +1110,8 @@ impl Agent {
             last_inspect_error: None,
             alerts: AlertRing::default(),
             alerts_json: String::new(),
+            alert_queue,
+            alert_stats: AlertStats::default(),
         };
         agent.start_inspection(model);
         let t_rest = t0.elapsed();
@@ -1800,8 +1830,46 @@ impl Agent {
         }
     }
 
+    /// Take the workers' alert records: each goes to `/alerts`, the audit
+    /// trail and the controller; alerts a worker shed are written to the
+    /// trail as one "alerts not recorded" record. Returns whether any came.
+    fn take_alerts(&mut self) -> bool {
+        let mut taken = crate::inspection::TakenAlerts::default();
+        for core in &self.workers {
+            if let Some(i) = &mut lock(core).inline {
+                taken.merge(i.take_records());
+            }
+        }
+        if taken.records.is_empty() && taken.shed == 0 {
+            return false;
+        }
+        let trail_records = taken.audit_records(&self.config.host, self.clock.unix(self.now()));
+        if taken.shed > 0 {
+            self.alert_stats.not_recorded += taken.shed;
+            self.alert_stats.gap_records += 1;
+        }
+        if let Some(q) = &self.alert_queue {
+            q.offer(taken.records.iter().cloned());
+        }
+        let n = taken.records.len() as u64;
+        for a in taken.records {
+            self.alerts.push(a);
+        }
+        if let Some(t) = &mut self.audit {
+            for r in trail_records {
+                t.push(r);
+            }
+            self.alert_stats.recorded += n;
+        } else if let Some((_, kept)) = &mut self.audit_opening {
+            kept.extend(trail_records);
+            self.alert_stats.recorded += n;
+        }
+        true
+    }
+
     /// Publish metrics, recent flows and health for the HTTP endpoint.
     pub fn publish(&mut self) {
+        let fresh_alerts = self.take_alerts();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
         let mut port_stats: Vec<(String, String, PortStats)> = self
             .ports
@@ -1821,12 +1889,10 @@ impl Agent {
         let quiesced_drops: u64 = guards.iter().map(|g| g.quiesced_drops).sum();
         let mut inline = crate::inspection::InlineCounters::default();
         let mut inline_flows = 0;
-        let mut fresh_alerts = Vec::new();
         for g in &mut guards {
             if let Some(i) = &mut g.inline {
                 inline.merge(&i.counters());
                 inline_flows += i.flows();
-                fresh_alerts.extend(i.take_records());
             }
         }
         let engines: Vec<&Engine> = guards.iter().map(|g| &g.engine).collect();
@@ -1883,6 +1949,8 @@ impl Agent {
                 &inline,
                 self.inspect_errors,
                 self.alerts.overwritten,
+                &self.alert_stats,
+                self.alert_queue.as_ref().map(|q| q.stats()),
             ));
         }
         text.push_str(&metrics::fallback(
@@ -1913,10 +1981,7 @@ impl Agent {
         drop(guards);
         let flows = serde_json::to_string(&self.recent).unwrap_or_else(|_| "[]".into());
         // Serialized again only when new alerts came (up to 4096 records).
-        if !fresh_alerts.is_empty() || self.alerts_json.is_empty() {
-            for a in fresh_alerts {
-                self.alerts.push(a);
-            }
+        if fresh_alerts || self.alerts_json.is_empty() {
             self.alerts_json =
                 serde_json::to_string(&self.alerts.iter().collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into());
         }

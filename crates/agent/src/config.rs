@@ -146,6 +146,11 @@ pub struct InspectConfig {
     /// and counted); otherwise one refused rule fails the load.
     #[serde(default)]
     pub skip_invalid: bool,
+    /// A `threshold.config` (Suricata's `threshold`, `event_filter` and
+    /// `suppress` lines) applied to the rules; read with them. An entry it
+    /// refuses fails the load, with its line and column.
+    #[serde(default)]
+    pub threshold: Option<PathBuf>,
     /// Bytes per second each port (a vNIC, or an appliance leg) may have
     /// inspected; past it, a zone whose `on_failure` is `open` forwards
     /// uninspected (counted), one that is `closed` drops (counted).

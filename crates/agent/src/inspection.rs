@@ -35,7 +35,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use palisade_audit::record::VmIdentity;
 use palisade_datapath::port::PortId;
 use palisade_datapath::{Engine, EventSink, Processed};
 use palisade_inspect::classification::Classifications;
@@ -48,7 +47,7 @@ use palisade_inspect::{
     ProfileSpec, RuleSet,
 };
 use palisade_policy::model::{Model, Profile};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::InspectConfig;
 use crate::records::{Clock, Identities};
@@ -59,9 +58,20 @@ pub const MAX_RULES_FILE: u64 = 256 << 20;
 /// Alerts the agent keeps for `/alerts` (the oldest go first).
 pub const ALERT_RING: usize = 4096;
 
-/// Alert records a worker holds for the control thread before it takes
-/// them (more are counted as `alerts_discarded`).
-const WORKER_ALERTS: usize = 4096;
+/// `alert`-only records a worker holds for the control thread before it
+/// takes them (twice a second): more are shed, counted
+/// (`alerts_discarded`) and reported by an "alerts not recorded" record.
+/// Repeated hits of one signature on one flow are coalesced into one record
+/// first, so only that many distinct (flow, signature) pairs per interval
+/// are kept: an attacker raising alerts at line rate costs the trail at
+/// most this many records per worker per interval.
+pub const WORKER_ALERTS: usize = 4096;
+
+/// `drop`/`reject` records a worker holds (a separate, larger bound: a
+/// blocked flow is dropped on the fast path from then on, so each needs a
+/// new flow; past it they are shed and counted like the others, so memory
+/// stays bounded whatever the traffic).
+pub const WORKER_BLOCKED_ALERTS: usize = 16_384;
 
 /// Inspected flows a worker tracks by default.
 const DEFAULT_MAX_FLOWS: usize = 65_536;
@@ -124,6 +134,7 @@ impl Source {
     fn of(config: &InspectConfig, model: &Model) -> Source {
         let files = std::iter::once(&config.rules)
             .chain(config.classification.as_ref())
+            .chain(config.threshold.as_ref())
             .map(|p| {
                 let m = std::fs::metadata(p).ok();
                 (
@@ -195,7 +206,18 @@ impl Signatures {
             })?,
             None => Classifications::default(),
         };
-        let mut sigs = Self::compile(&rules, &config.rules, classes, config.skip_invalid, model)?;
+        let thresholds = match &config.threshold {
+            Some(p) => Some((p.clone(), read_bounded(p)?)),
+            None => None,
+        };
+        let mut sigs = Self::compile_with(
+            &rules,
+            &config.rules,
+            classes,
+            config.skip_invalid,
+            model,
+            thresholds.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
+        )?;
         sigs.source = source;
         Ok(sigs)
     }
@@ -214,11 +236,24 @@ impl Signatures {
         skip_invalid: bool,
         model: &Model,
     ) -> Result<Signatures, InspectLoadError> {
+        Self::compile_with(rules, path, classes, skip_invalid, model, None)
+    }
+
+    /// As [`Signatures::compile`], applying a `threshold.config`'s text
+    /// (with the path that names it in errors).
+    pub fn compile_with(
+        rules: &str,
+        path: &Path,
+        classes: Classifications,
+        skip_invalid: bool,
+        model: &Model,
+        thresholds: Option<(&Path, &str)>,
+    ) -> Result<Signatures, InspectLoadError> {
         let ctx = RuleContext {
             classifications: classes.clone(),
             ..RuleContext::default()
         };
-        let set = RuleSet::parse(rules, &ctx, LoadOptions { skip_invalid }).map_err(|e| {
+        let mut set = RuleSet::parse(rules, &ctx, LoadOptions { skip_invalid }).map_err(|e| {
             let message = match &e {
                 palisade_inspect::LoadError::Refused(errors) => format!(
                     "{} rule(s) refused (set skip_invalid to load the others); first: {}",
@@ -232,6 +267,21 @@ impl Signatures {
                 message,
             }
         })?;
+        if let Some((tpath, text)) = thresholds {
+            let cfg =
+                palisade_inspect::rules::threshold_config::ThresholdConfig::parse(text, &ctx.vars).map_err(|e| {
+                    InspectLoadError::Rules {
+                        path: tpath.to_path_buf(),
+                        message: e.to_string(),
+                    }
+                })?;
+            for line in set.apply_threshold_config(&cfg) {
+                eprintln!(
+                    "palisade agent: {}: line {line}: names no loaded signature; it changes nothing",
+                    tpath.display()
+                );
+            }
+        }
         let refused = set.refused().len();
         let mut specs = Vec::new();
         let mut profiles = HashMap::new();
@@ -354,6 +404,10 @@ pub struct InlineCounters {
     pub flows_evicted: u64,
     /// Alert records over what the control thread had taken, not kept.
     pub alerts_discarded: u64,
+    /// Of them, `drop`/`reject` alerts.
+    pub blocked_discarded: u64,
+    /// Repeated `alert`-only hits folded into an earlier record's `count`.
+    pub alerts_coalesced: u64,
 }
 
 impl InlineCounters {
@@ -370,59 +424,60 @@ impl InlineCounters {
         self.undecodable += o.undecodable;
         self.flows_evicted += o.flows_evicted;
         self.alerts_discarded += o.alerts_discarded;
+        self.blocked_discarded += o.blocked_discarded;
+        self.alerts_coalesced += o.alerts_coalesced;
     }
 }
 
-/// One alert, with both ends' identity: what `/alerts` serves and
-/// `palisade alerts` prints. Field names follow Suricata's EVE `alert`
-/// records (`timestamp`, `src_ip`, `dest_ip`, `alert.signature_id`, …);
-/// `src`/`dest` are the managed VMs behind the addresses, as flow records
-/// name them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AlertRecord {
-    /// RFC 3339, UTC.
-    pub timestamp: String,
-    /// Unix time, nanoseconds.
-    pub time_ns: u64,
-    /// The host whose agent raised it.
-    pub host: String,
-    /// `TCP`, `UDP`, `ICMP`, `IPv6-ICMP` or the protocol number.
-    pub proto: String,
-    /// Source of the data that matched.
-    pub src_ip: IpAddr,
-    /// Its port (0 without ports).
-    pub src_port: u16,
-    /// Destination of the data that matched.
-    pub dest_ip: IpAddr,
-    /// Its port.
-    pub dest_port: u16,
-    /// The signature and what was done.
-    pub alert: AlertInfo,
-    /// The inspection profile the policy chose for the flow.
-    pub profile: String,
-    /// The managed VM behind `src_ip` (`None`: external).
-    pub src: Option<VmIdentity>,
-    /// The managed VM behind `dest_ip`.
-    pub dest: Option<VmIdentity>,
+/// One alert, with both ends' identity: what `/alerts` serves, the audit
+/// trail keeps and the controller gets (the audit crate's record, in EVE's
+/// field names).
+pub use palisade_audit::record::{AlertInfo, AlertRecord};
+
+/// The alert records a worker raised since the control thread last took
+/// them, and what it shed meanwhile.
+#[derive(Debug, Default)]
+pub struct TakenAlerts {
+    /// The records, in the order raised (a coalesced one at its first hit).
+    pub records: Vec<AlertRecord>,
+    /// Alerts shed by the bound ([`WORKER_ALERTS`], [`WORKER_BLOCKED_ALERTS`]).
+    pub shed: u64,
+    /// Of them, `drop`/`reject` alerts.
+    pub shed_blocked: u64,
+    /// When the first was shed (Unix ns).
+    pub shed_since_ns: Option<u64>,
 }
 
-/// The `alert` object of an [`AlertRecord`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AlertInfo {
-    /// `allowed` (the packet went on) or `blocked`.
-    pub action: String,
-    /// The signature's action: `alert`, `drop`, `reject` or `pass`.
-    pub rule_action: String,
-    /// sid.
-    pub signature_id: u32,
-    /// rev.
-    pub rev: u32,
-    /// msg.
-    pub signature: String,
-    /// The classtype's description, if any.
-    pub category: Option<String>,
-    /// Priority (1 most severe).
-    pub severity: u8,
+impl TakenAlerts {
+    /// What the audit trail keeps of them, made at `now_ns` (Unix) on
+    /// `host`: first, when any were shed, one "alerts not recorded" record
+    /// with their count; then each record.
+    pub fn audit_records(&self, host: &str, now_ns: u64) -> Vec<palisade_audit::record::Record> {
+        use palisade_audit::record::{AlertsNotRecorded, Record};
+        let gap = (self.shed > 0).then(|| {
+            Record::AlertsNotRecorded(AlertsNotRecorded {
+                time_ns: now_ns,
+                host: host.to_string(),
+                count: self.shed,
+                blocked: self.shed_blocked,
+                since_ns: self.shed_since_ns.unwrap_or(now_ns),
+            })
+        });
+        gap.into_iter()
+            .chain(self.records.iter().cloned().map(Record::Alert))
+            .collect()
+    }
+
+    /// Add `o`'s records and shed counts.
+    pub fn merge(&mut self, o: TakenAlerts) {
+        self.records.extend(o.records);
+        self.shed += o.shed;
+        self.shed_blocked += o.shed_blocked;
+        self.shed_since_ns = match (self.shed_since_ns, o.shed_since_ns) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 /// A flow's key in the inspector's table: both directions alike.
@@ -525,7 +580,13 @@ pub struct Inline {
     buckets: Vec<Bucket>,
     alerts: Vec<Alert>,
     counters: InlineCounters,
-    records: Vec<AlertRecord>,
+    pending: TakenAlerts,
+    /// Blocked records in `pending`.
+    pending_blocked: usize,
+    /// `alert`-only records in `pending` by (flow, sid, direction): where a repeat is coalesced.
+    coalesce: HashMap<(Key, u32, bool), usize>,
+    /// The bounds on `pending`: `alert`-only records, `drop`/`reject` records.
+    bounds: (usize, usize),
 }
 
 impl core::fmt::Debug for Inline {
@@ -559,8 +620,19 @@ impl Inline {
             buckets: Vec::new(),
             alerts: Vec::new(),
             counters: InlineCounters::default(),
-            records: Vec::new(),
+            pending: TakenAlerts::default(),
+            pending_blocked: 0,
+            coalesce: HashMap::new(),
+            bounds: (WORKER_ALERTS, WORKER_BLOCKED_ALERTS),
         }
+    }
+
+    /// The same, holding at most `alerts` `alert`-only and `blocked`
+    /// `drop`/`reject` records between takes (default [`WORKER_ALERTS`],
+    /// [`WORKER_BLOCKED_ALERTS`]).
+    pub fn with_alert_bounds(mut self, alerts: usize, blocked: usize) -> Inline {
+        self.bounds = (alerts, blocked);
+        self
     }
 
     /// Whether `setup` is this inspector's but for the ports' failure modes
@@ -590,9 +662,11 @@ impl Inline {
         self.flows.len()
     }
 
-    /// Take the alert records raised since the last call.
-    pub fn take_records(&mut self) -> Vec<AlertRecord> {
-        std::mem::take(&mut self.records)
+    /// Take the alert records raised since the last call, with what was shed meanwhile.
+    pub fn take_records(&mut self) -> TakenAlerts {
+        self.coalesce.clear();
+        self.pending_blocked = 0;
+        std::mem::take(&mut self.pending)
     }
 
     /// Forget flows idle past their timeout (TCP ten minutes, others two).
@@ -682,7 +756,15 @@ impl Inline {
         // Records need the flow's ends; the state is borrowed from the table.
         let (client, server) = (tracked.state.client(), tracked.state.server());
         let profile_name = tracked.profile.clone();
-        self.record_alerts(pkt, client, server, &profile_name, now, identities);
+        if !self.alerts.is_empty() {
+            let flow = FlowOf {
+                key,
+                client,
+                server,
+                profile: &profile_name,
+            };
+            self.record_alerts(engine, inner, pkt, flow, now, identities);
+        }
         if verdict != InlineVerdict::Forward {
             if verdict == InlineVerdict::Drop {
                 self.counters.drops += 1;
@@ -728,56 +810,114 @@ impl Inline {
 
     fn record_alerts(
         &mut self,
+        engine: &Engine,
+        inner: &[u8],
         pkt: &Packet<'_>,
-        client: (IpAddr, u16),
-        server: (IpAddr, u16),
-        profile: &str,
+        flow: FlowOf<'_>,
         now: u64,
         identities: &Identities,
     ) {
-        if self.alerts.is_empty() {
-            return;
-        }
         let time_ns = self.setup.clock.unix(now);
-        for a in &self.alerts {
+        // The connection's id and deciding rules, looked up once per frame with alerts.
+        let mut conn: Option<(u64, Vec<palisade_audit::record::Decision>)> = None;
+        for i in 0..self.alerts.len() {
+            let a = self.alerts[i];
             self.counters.alerts += 1;
-            if self.records.len() >= WORKER_ALERTS {
-                self.counters.alerts_discarded += 1;
+            let blocked = a.action == AlertAction::Blocked;
+            let sig = self.inspector.rules().get(a.sig);
+            let sid = sig.rule.sid;
+            let to_server = a.direction == Direction::ToServer;
+            if !blocked && let Some(&at) = self.coalesce.get(&(flow.key, sid, to_server)) {
+                let r = &mut self.pending.records[at];
+                r.count += 1;
+                r.last_ns = time_ns;
+                self.counters.alerts_coalesced += 1;
                 continue;
             }
-            let sig = self.inspector.rules().get(a.sig);
-            let ((src_ip, src_port), (dest_ip, dest_port)) = match a.direction {
-                Direction::ToServer => (client, server),
-                Direction::ToClient => (server, client),
+            let full = if blocked {
+                self.pending_blocked >= self.bounds.1
+            } else {
+                self.pending.records.len() - self.pending_blocked >= self.bounds.0
+            };
+            if full {
+                self.counters.alerts_discarded += 1;
+                self.pending.shed += 1;
+                self.pending.shed_since_ns.get_or_insert(time_ns);
+                if blocked {
+                    self.counters.blocked_discarded += 1;
+                    self.pending.shed_blocked += 1;
+                }
+                continue;
+            }
+            let (flow_id, decided_by) = conn.get_or_insert_with(|| connection_of(engine, inner)).clone();
+            let ((src_ip, src_port), (dest_ip, dest_port)) = if to_server {
+                (flow.client, flow.server)
+            } else {
+                (flow.server, flow.client)
             };
             let rule = &sig.rule;
-            self.records.push(AlertRecord {
+            let record = AlertRecord {
                 timestamp: palisade_audit::time::format_rfc3339(time_ns),
                 time_ns,
                 host: self.setup.host.to_string(),
+                flow_id,
                 proto: proto_name(pkt.protocol),
                 src_ip,
                 src_port,
                 dest_ip,
                 dest_port,
                 alert: AlertInfo {
-                    action: match a.action {
-                        AlertAction::Allowed => "allowed",
-                        AlertAction::Blocked => "blocked",
-                    }
-                    .into(),
+                    action: if blocked { "blocked" } else { "allowed" }.into(),
                     rule_action: rule.action.as_str().into(),
-                    signature_id: rule.sid,
+                    signature_id: sid,
                     rev: rule.rev,
                     signature: rule.msg.clone(),
                     category: self.inspector.rules().category(a.sig).map(str::to_string),
                     severity: sig.priority,
                 },
-                profile: profile.to_string(),
+                profile: flow.profile.to_string(),
+                decided_by,
                 src: identities.of(src_ip).cloned(),
                 dest: identities.of(dest_ip).cloned(),
-            });
+                count: 1,
+                last_ns: time_ns,
+            };
+            if blocked {
+                self.pending_blocked += 1;
+            } else {
+                self.coalesce
+                    .insert((flow.key, sid, to_server), self.pending.records.len());
+            }
+            self.pending.records.push(record);
         }
+    }
+}
+
+/// The inspected flow an alert is about.
+#[derive(Clone, Copy)]
+struct FlowOf<'a> {
+    key: Key,
+    client: (IpAddr, u16),
+    server: (IpAddr, u16),
+    profile: &'a str,
+}
+
+/// The engine's connection of frame `inner`: its flow id (as its flow
+/// records have it) and the rules that allowed it; `(0, [])` when the
+/// engine no longer tracks it.
+fn connection_of(engine: &Engine, inner: &[u8]) -> (u64, Vec<palisade_audit::record::Decision>) {
+    let Ok(Some(info)) = palisade_wire::flow::extract(inner) else {
+        return (0, Vec::new());
+    };
+    let mut key = info.key;
+    key.segment = palisade_datapath::ROUTING_DOMAIN;
+    let conns = engine.conntrack();
+    match conns.find(&key).and_then(|slot| conns.get(slot)) {
+        Some(c) => (
+            crate::records::flow_id_of(&c.key, c.created),
+            crate::records::decisions(engine, &c.rules, c.policy_version),
+        ),
+        None => (0, Vec::new()),
     }
 }
 

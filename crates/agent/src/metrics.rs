@@ -579,11 +579,13 @@ pub fn inspection(
     c: &crate::inspection::InlineCounters,
     load_errors: u64,
     alerts_overwritten: u64,
+    alerts: &crate::agent::AlertStats,
+    pushed: Option<crate::upstream::AlertPushStats>,
 ) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let host = esc(host);
-    let rows: [(&str, &str, u64); 12] = [
+    let mut rows: Vec<(&str, &str, u64)> = vec![
         ("packets_total", "Frames inspected inline.", c.packets),
         ("bytes_total", "Bytes of the frames inspected inline.", c.bytes),
         ("alerts_total", "Alerts raised by inline inspection.", c.alerts),
@@ -620,11 +622,51 @@ pub fn inspection(
             c.alerts_discarded + alerts_overwritten,
         ),
         (
+            "alerts_shed_total",
+            "Alerts a worker shed past its bound (not recorded one by one: an \"alerts not recorded\" audit record counts them).",
+            c.alerts_discarded,
+        ),
+        (
+            "blocked_alerts_shed_total",
+            "Of the alerts shed, drop or reject alerts (past their own, larger bound).",
+            c.blocked_discarded,
+        ),
+        (
+            "alerts_coalesced_total",
+            "Repeated alert-only hits of a signature on a flow folded into one record's count.",
+            c.alerts_coalesced,
+        ),
+        (
+            "alerts_recorded_total",
+            "Alert records queued for the audit trail.",
+            alerts.recorded,
+        ),
+        (
+            "alerts_not_recorded_records_total",
+            "\"Alerts not recorded\" records written to the audit trail.",
+            alerts.gap_records,
+        ),
+        (
             "load_errors_total",
             "Signature loads that failed at a policy change (the previous signatures stayed).",
             load_errors,
         ),
     ];
+    if let Some(p) = pushed {
+        rows.extend([
+            ("alerts_pushed_total", "Alerts the controller accepted.", p.pushed),
+            (
+                "alerts_push_shed_total",
+                "Alerts not sent to the controller: too many waiting, or refused as malformed (they are in the trail).",
+                p.shed,
+            ),
+            (
+                "alerts_push_failures_total",
+                "Alert pushes to the controller that failed (retried).",
+                p.failures,
+            ),
+        ]);
+    }
     for (name, help, v) in rows {
         let _ = write!(
             out,

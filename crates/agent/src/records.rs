@@ -109,20 +109,7 @@ fn build(
         port,
         vm: identities.of(addr).cloned(),
     };
-    let decided_by = event
-        .rules
-        .iter()
-        .zip(["egress", "ingress"])
-        .filter_map(|(r, chain)| {
-            let info = engine.rule_info((*r)?)?;
-            Some(Decision {
-                rule: info.rule.to_string(),
-                level: info.level.to_string(),
-                policy_version: event.policy_version,
-                chain: chain.to_string(),
-            })
-        })
-        .collect();
+    let decided_by = decisions(engine, &event.rules, event.policy_version);
     FlowRecord {
         appliance: event
             .steer
@@ -148,6 +135,23 @@ fn build(
     }
 }
 
+/// The rules (registry indices: egress, ingress) that decided a flow, by id and level.
+pub fn decisions(engine: &Engine, rules: &[Option<u32>; 2], policy_version: u64) -> Vec<Decision> {
+    rules
+        .iter()
+        .zip(["egress", "ingress"])
+        .filter_map(|(r, chain)| {
+            let info = engine.rule_info((*r)?)?;
+            Some(Decision {
+                rule: info.rule.to_string(),
+                level: info.level.to_string(),
+                policy_version,
+                chain: chain.to_string(),
+            })
+        })
+        .collect()
+}
+
 /// The ICMP message a key was made from: ICMP over IPv4 and ICMPv6 over
 /// IPv6 (the only ones whose type the key holds).
 fn icmp_message(key: &FlowKey) -> Option<IcmpMessage> {
@@ -162,7 +166,13 @@ fn icmp_message(key: &FlowKey) -> Option<IcmpMessage> {
 
 /// All records of one connection share an id: its key's hash and its start time.
 fn flow_id(event: &FlowEvent) -> u64 {
-    event.key.symmetric_hash() ^ event.created.rotate_left(32)
+    flow_id_of(&event.key, event.created)
+}
+
+/// The flow id of the connection keyed `key` (either direction) created at
+/// engine time `created`: what its flow records and alerts share.
+pub fn flow_id_of(key: &FlowKey, created: u64) -> u64 {
+    key.symmetric_hash() ^ created.rotate_left(32)
 }
 
 fn end_reason(r: EndReason) -> record::EndReason {

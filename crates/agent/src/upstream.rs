@@ -26,7 +26,7 @@ use std::time::Duration;
 use palisade_api::bundle::BundleError;
 use palisade_api::client::{Client, ClientAuth};
 use palisade_api::{PolicyBundle, ReportRequest};
-use palisade_audit::record::FlowRecord;
+use palisade_audit::record::{AlertRecord, FlowRecord};
 use palisade_audit::{AuditError, HeadPublisher, SignedHead};
 use palisade_policy::compile::Compiler;
 use palisade_policy::load::Loader;
@@ -290,6 +290,151 @@ pub fn flow_pusher(
         })
         .map_err(|e| AgentError::Controller(format!("starting the flow sender: {e}")))?;
     Ok(tx)
+}
+
+/// Alerts waiting to go to the controller, bounded: the control thread
+/// offers them (never blocking), [`alert_pusher`] sends them in batches and
+/// retries a batch that failed (they are in the local trail either way).
+/// Past [`ALERT_QUEUE`] waiting, the oldest are shed and counted.
+#[derive(Debug, Default)]
+pub struct AlertQueue {
+    waiting: Mutex<std::collections::VecDeque<AlertRecord>>,
+    ready: Condvar,
+    pushed: AtomicU64,
+    shed: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// Alerts waiting for the controller at most.
+pub const ALERT_QUEUE: usize = 20_000;
+
+/// Alerts per push (the controller takes up to [`palisade_api::MAX_ALERT_BATCH`]).
+const ALERT_PUSH_BATCH: usize = 1_000;
+
+/// What became of the alerts offered to the controller.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AlertPushStats {
+    /// Alerts the controller accepted.
+    pub pushed: u64,
+    /// Alerts shed because too many were waiting (the controller slow or away).
+    pub shed: u64,
+    /// Pushes that failed (retried).
+    pub failures: u64,
+    /// Alerts waiting now.
+    pub waiting: u64,
+}
+
+impl AlertQueue {
+    /// An empty queue.
+    pub fn new() -> Arc<AlertQueue> {
+        Arc::default()
+    }
+
+    /// Queue `records`, shedding the oldest waiting past [`ALERT_QUEUE`].
+    pub fn offer(&self, records: impl IntoIterator<Item = AlertRecord>) {
+        let mut q = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            if q.len() == ALERT_QUEUE {
+                q.pop_front();
+                self.shed.fetch_add(1, Ordering::Relaxed);
+            }
+            q.push_back(r);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Up to `n` of the oldest alerts, waiting at most `wait` for one.
+    fn take(&self, n: usize, wait: Duration) -> Vec<AlertRecord> {
+        let q = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut q, _) = self
+            .ready
+            .wait_timeout_while(q, wait, |q| q.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        let n = n.min(q.len());
+        q.drain(..n).collect()
+    }
+
+    /// Put a batch that failed back in front, as far as there is room (the
+    /// newer ones, offered meanwhile, keep their place).
+    fn put_back(&self, batch: Vec<AlertRecord>) {
+        let mut q = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let room = ALERT_QUEUE.saturating_sub(q.len());
+        let lost = batch.len().saturating_sub(room);
+        self.shed.fetch_add(lost as u64, Ordering::Relaxed);
+        for r in batch.into_iter().skip(lost).rev() {
+            q.push_front(r);
+        }
+    }
+
+    /// The counts so far.
+    pub fn stats(&self) -> AlertPushStats {
+        AlertPushStats {
+            pushed: self.pushed.load(Ordering::Relaxed),
+            shed: self.shed.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            waiting: self.waiting.lock().map_or(0, |q| q.len() as u64),
+        }
+    }
+}
+
+/// Start the thread that sends `queue`'s alerts to the controller, up to
+/// 1,000 a request. A batch that fails is put back and
+/// tried again after a pause that doubles up to 30 s; one the controller
+/// refuses as malformed (a 4xx: it would be refused again) is dropped and
+/// counted as shed, so one bad record cannot stop the rest.
+pub fn alert_pusher(
+    client: Client,
+    host: String,
+    queue: Arc<AlertQueue>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), AgentError> {
+    std::thread::Builder::new()
+        .name("palisade-alert-push".into())
+        .spawn(move || {
+            let mut backoff = Duration::from_secs(1);
+            let mut failing = false;
+            while !stop.load(Ordering::Relaxed) {
+                let batch = queue.take(ALERT_PUSH_BATCH, Duration::from_millis(500));
+                if batch.is_empty() {
+                    continue;
+                }
+                match client.push_alerts(&host, &batch) {
+                    Ok(_) => {
+                        queue.pushed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        if failing {
+                            eprintln!("palisade agent: sending alerts to the controller again");
+                            failing = false;
+                        }
+                        backoff = Duration::from_secs(1);
+                    }
+                    Err(e) => {
+                        queue.failures.fetch_add(1, Ordering::Relaxed);
+                        if !failing {
+                            eprintln!(
+                                "palisade agent: alerts not sent to the controller ({e}); retrying, they are in the local trail"
+                            );
+                            failing = true;
+                        }
+                        let refused = matches!(
+                            e,
+                            palisade_api::client::ClientError::Api { status: 400 | 413 | 422, .. }
+                        );
+                        if refused {
+                            queue.shed.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        } else {
+                            queue.put_back(batch);
+                        }
+                        let until = std::time::Instant::now() + backoff;
+                        while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        })
+        .map_err(|e| AgentError::Controller(format!("starting the alert sender: {e}")))?;
+    Ok(())
 }
 
 /// The newest signed head waiting to go to the controller: one slot, a

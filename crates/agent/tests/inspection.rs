@@ -62,6 +62,10 @@ struct World {
 }
 
 fn world(budget: Option<u64>, closed: bool) -> World {
+    world_bounded(budget, closed, None)
+}
+
+fn world_bounded(budget: Option<u64>, closed: bool, alert_bounds: Option<(usize, usize)>) -> World {
     let loaded = load(&MemorySource::new().with("p.yaml", POLICY.to_string())).unwrap();
     assert!(!loaded.has_errors(), "{}", loaded.render());
     let model = loaded.model.clone();
@@ -102,7 +106,10 @@ fn world(budget: Option<u64>, closed: bool) -> World {
         identities: Identities::new(&model),
         model,
         engine,
-        inline: Inline::new(setup),
+        inline: match alert_bounds {
+            Some((alerts, blocked)) => Inline::new(setup).with_alert_bounds(alerts, blocked),
+            None => Inline::new(setup),
+        },
         events: Vec::new(),
         now: 0,
     }
@@ -147,7 +154,12 @@ impl World {
 
     /// A connection a→b:`port` with its handshake; returns the next client and server sequence numbers.
     fn open(&mut self, port: u16) -> (u32, u32) {
-        let (c, s) = ((A, 40000), (B, port));
+        self.open_from(40000, port)
+    }
+
+    /// A connection a:`cport`→b:`port` with its handshake.
+    fn open_from(&mut self, cport: u16, port: u16) -> (u32, u32) {
+        let (c, s) = ((A, cport), (B, port));
         for (from, frame) in [
             (A, tcp_frame(c, s, 1000, 0, TcpFlags::SYN, &[])),
             (B, tcp_frame(s, c, 5000, 1001, TcpFlags::SYN | TcpFlags::ACK, &[])),
@@ -201,7 +213,7 @@ fn a_drop_signature_drops_the_flow_inline_and_names_both_ends() {
     assert_eq!(w.engine.counters().dropped(DropReason::Inspection), 3);
     assert_eq!(w.inline.counters().drops, 1);
 
-    let alerts = w.inline.take_records();
+    let alerts = w.inline.take_records().records;
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     let a = &alerts[0];
     assert_eq!((a.alert.signature_id, a.alert.rev), (1, 2));
@@ -226,6 +238,26 @@ fn a_drop_signature_drops_the_flow_inline_and_names_both_ends() {
     let json = serde_json::to_value(a).unwrap();
     assert_eq!(json["alert"]["signature_id"], 1, "EVE's field names: {json}");
     assert_eq!(json["dest_ip"], "10.0.0.11");
+    // The alert names its flow as the flow's records do, and the rule that chose its profile.
+    let end = w
+        .events
+        .iter()
+        .find(|e| {
+            matches!(
+                e.kind,
+                palisade_datapath::EventKind::End(palisade_datapath::EndReason::Inspection)
+            )
+        })
+        .expect("the flow ended by inspection");
+    assert_ne!(a.flow_id, 0);
+    assert_eq!(a.flow_id, palisade_agent::records::flow_id_of(&end.key, end.created));
+    let rules: Vec<(&str, &str)> = a
+        .decided_by
+        .iter()
+        .map(|d| (d.chain.as_str(), d.rule.as_str()))
+        .collect();
+    assert_eq!(rules, [("egress", "full-8080"), ("ingress", "full-8080")]);
+    assert_eq!(a.count, 1);
 }
 
 #[test]
@@ -242,7 +274,7 @@ fn the_same_payload_under_critical_passes_without_an_alert_and_critical_signatur
         ),
         PASS
     );
-    assert!(w.inline.take_records().is_empty(), "sid 1 is not critical");
+    assert!(w.inline.take_records().records.is_empty(), "sid 1 is not critical");
     let seq = seq + evil.len() as u32;
     let crit = b"crit-91b0";
     assert_eq!(
@@ -257,7 +289,7 @@ fn the_same_payload_under_critical_passes_without_an_alert_and_critical_signatur
         },
         "an alert passes"
     );
-    let alerts = w.inline.take_records();
+    let alerts = w.inline.take_records().records;
     assert_eq!(alerts.iter().map(|a| a.alert.signature_id).collect::<Vec<_>>(), [2]);
     assert_eq!(
         (alerts[0].alert.action.as_str(), alerts[0].profile.as_str()),
@@ -427,6 +459,7 @@ fn signatures_reload_only_when_their_files_or_the_profiles_change() {
         rules: rules.clone(),
         classification: None,
         skip_invalid: false,
+        threshold: None,
         budget_bytes_per_s: None,
         stream_memory_mib: None,
         max_flows: None,
@@ -450,4 +483,163 @@ fn signatures_reload_only_when_their_files_or_the_profiles_change() {
         let e = Signatures::load(&c, &w.model).unwrap_err().to_string();
         assert!(e.contains(&*bad.to_string_lossy()), "{e}");
     }
+}
+
+/// Repeated `alert`-only hits of one signature on one flow are one record
+/// with a count; past the bound, alerts are shed and counted (never
+/// silently), `drop`/`reject` ones against their own bound; a take starts
+/// a new window.
+#[test]
+fn repeated_alerts_coalesce_and_alerts_past_the_bound_are_counted_not_lost() {
+    let mut w = world_bounded(None, false, Some((2, 1)));
+    let crit = b"crit-91b0";
+    let evil = b"GET /?q=evil-7f3a HTTP/1.1\r\n\r\n";
+    // Flow 1 (critical): the signature three times.
+    let (mut seq, ack) = w.open_from(41000, 9000);
+    for _ in 0..3 {
+        let f = tcp_frame((A, 41000), (B, 9000), seq, ack, TcpFlags::ACK | TcpFlags::PSH, crit);
+        assert_eq!(w.send(A, &f, Offload::NONE), PASS);
+        seq += crit.len() as u32;
+    }
+    // Flows 2 and 3: once each; flow 3 is past the bound of 2.
+    for cport in [41001, 41002] {
+        let (seq, ack) = w.open_from(cport, 9000);
+        let f = tcp_frame((A, cport), (B, 9000), seq, ack, TcpFlags::ACK | TcpFlags::PSH, crit);
+        assert_eq!(w.send(A, &f, Offload::NONE), PASS);
+    }
+    // Two flows dropped: the second drop's alert is past the blocked bound of 1.
+    for cport in [41003, 41004] {
+        let (seq, ack) = w.open_from(cport, 8080);
+        let f = tcp_frame((A, cport), (B, 8080), seq, ack, TcpFlags::ACK | TcpFlags::PSH, evil);
+        assert_eq!(
+            w.send(A, &f, Offload::NONE),
+            Fate::Forwarded {
+                inspected: true,
+                verdict: InlineVerdict::Drop
+            },
+            "a shed alert still drops"
+        );
+    }
+    let c = w.inline.counters();
+    assert_eq!(
+        (c.alerts, c.alerts_coalesced, c.alerts_discarded, c.blocked_discarded),
+        (7, 2, 2, 1)
+    );
+    let taken = w.inline.take_records();
+    let got: Vec<(u16, u32, u64, &str)> = taken
+        .records
+        .iter()
+        .map(|r| (r.src_port, r.alert.signature_id, r.count, r.alert.action.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (41000, 2, 3, "allowed"),
+            (41001, 2, 1, "allowed"),
+            (41003, 1, 1, "blocked")
+        ]
+    );
+    let first = &taken.records[0];
+    assert!(first.last_ns > first.time_ns, "{first:?}");
+    assert_eq!((taken.shed, taken.shed_blocked), (2, 1));
+    assert!(taken.shed_since_ns.is_some());
+    // The trail gets the shed ones as one record saying how many, then each record.
+    let trail = taken.audit_records("h1", w.now);
+    assert_eq!(trail.len(), 4);
+    match &trail[0] {
+        palisade_audit::record::Record::AlertsNotRecorded(g) => {
+            assert_eq!((g.count, g.blocked, g.host.as_str(), g.time_ns), (2, 1, "h1", w.now));
+            assert!(g.since_ns > 0 && g.since_ns <= w.now, "{g:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        trail[1..]
+            .iter()
+            .zip(&taken.records)
+            .all(|(r, a)| *r == palisade_audit::record::Record::Alert(a.clone()))
+    );
+    // A new window: the next hit on flow 1 is a record of its own.
+    let f = tcp_frame((A, 41000), (B, 9000), seq, ack, TcpFlags::ACK | TcpFlags::PSH, crit);
+    assert_eq!(w.send(A, &f, Offload::NONE), PASS);
+    let next = w.inline.take_records();
+    assert_eq!(next.records.len(), 1);
+    assert_eq!((next.records[0].count, next.shed, next.shed_since_ns), (1, 0, None));
+}
+
+/// A `threshold.config` applies to the agent's signatures: a suppression
+/// for the client's address keeps sid 1 from alerting while its `drop`
+/// still drops, a `limit` threshold keeps sid 2 to one alert however often
+/// it matches; a broken file is refused with its path, line and column, and
+/// a changed one is a reload.
+#[test]
+fn a_threshold_config_suppresses_and_limits_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("x.rules");
+    std::fs::write(&rules, RULES).unwrap();
+    let thresholds = dir.path().join("threshold.config");
+    std::fs::write(
+        &thresholds,
+        "suppress gen_id 1, sig_id 1, track by_src, ip 10.0.0.10\n\
+         threshold gen_id 1, sig_id 2, type limit, track by_rule, count 1, seconds 3600\n",
+    )
+    .unwrap();
+    let config = palisade_agent::config::InspectConfig {
+        rules,
+        classification: None,
+        skip_invalid: false,
+        threshold: Some(thresholds.clone()),
+        budget_bytes_per_s: None,
+        stream_memory_mib: None,
+        max_flows: None,
+    };
+    let mut w = world(None, false);
+    let sigs = Arc::new(Signatures::load(&config, &w.model).unwrap());
+    w.inline = Inline::new(InlineSetup {
+        signatures: sigs.clone(),
+        budget_bytes_per_s: None,
+        stream_memory: 16 << 20,
+        max_flows: 1024,
+        fail_closed: vec![false; 3].into(),
+        host: "h1".into(),
+        clock: Clock { unix_at_zero: 0 },
+    });
+    let (seq, ack) = w.open_from(42000, 8080);
+    let evil = b"GET /?q=evil-7f3a HTTP/1.1\r\n\r\n";
+    let f = tcp_frame((A, 42000), (B, 8080), seq, ack, TcpFlags::ACK | TcpFlags::PSH, evil);
+    assert_eq!(
+        w.send(A, &f, Offload::NONE),
+        Fate::Forwarded {
+            inspected: true,
+            verdict: InlineVerdict::Drop
+        },
+        "suppressed, the drop still drops"
+    );
+    assert!(w.inline.take_records().records.is_empty(), "but raises no alert");
+    let crit = b"crit-91b0";
+    for cport in [42001, 42002, 42003] {
+        let (seq, ack) = w.open_from(cport, 9000);
+        let f = tcp_frame((A, cport), (B, 9000), seq, ack, TcpFlags::ACK | TcpFlags::PSH, crit);
+        assert_eq!(w.send(A, &f, Offload::NONE), PASS);
+    }
+    let sids: Vec<u32> = w
+        .inline
+        .take_records()
+        .records
+        .iter()
+        .map(|r| r.alert.signature_id)
+        .collect();
+    assert_eq!(sids, [2], "limit 1 by rule: one alert of three matches");
+    assert_eq!(w.inline.engine_counters().alerts_suppressed, 3);
+    assert!(sigs.unchanged(&config, &w.model));
+    std::fs::write(&thresholds, "suppress gen_id 1, sig_id 2, track by_dst ip 10.0.0.11\n").unwrap();
+    assert!(
+        !sigs.unchanged(&config, &w.model),
+        "a changed threshold.config is a reload"
+    );
+    let e = Signatures::load(&config, &w.model).unwrap_err().to_string();
+    assert!(
+        e.contains(&*thresholds.to_string_lossy()) && e.contains("line 1, column 30"),
+        "{e}"
+    );
 }

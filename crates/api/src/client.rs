@@ -409,6 +409,50 @@ impl Client {
         Ok(r.last_seq)
     }
 
+    /// Push agent `host`'s inline-inspection alerts (all with `host` =
+    /// `host`, at most [`MAX_ALERT_BATCH`]).
+    pub fn push_alerts(
+        &self,
+        host: &str,
+        records: &[palisade_audit::record::AlertRecord],
+    ) -> Result<AlertPushResponse, ClientError> {
+        #[derive(Serialize)]
+        struct Batch<'a> {
+            records: &'a [palisade_audit::record::AlertRecord],
+        }
+        self.call(
+            "POST",
+            &format!("/v1/agents/{}/alerts", segment(host)),
+            Some(&Batch { records }),
+        )
+    }
+
+    /// The alerts agents pushed to the controller, matching `q`.
+    pub fn alerts(&self, q: &AlertQuery) -> Result<AlertList, ClientError> {
+        let mut params = Vec::new();
+        for (k, v) in [("host", &q.host), ("vm", &q.vm), ("action", &q.action)] {
+            if let Some(v) = v {
+                params.push(format!("{k}={}", segment(v)));
+            }
+        }
+        for (k, v) in [
+            ("sid", q.sid.map(u64::from)),
+            ("since", q.since_ns),
+            ("until", q.until_ns),
+            ("limit", q.limit.map(|l| l as u64)),
+        ] {
+            if let Some(v) = v {
+                params.push(format!("{k}={v}"));
+            }
+        }
+        let path = if params.is_empty() {
+            "/v1/alerts".to_string()
+        } else {
+            format!("/v1/alerts?{}", params.join("&"))
+        };
+        self.get(&path)
+    }
+
     /// Push agent `host`'s datapath health report; the controller's view of
     /// the host as it stands (its state is derived once a second, so it may
     /// not reflect this report yet).

@@ -379,6 +379,93 @@ pub struct FlowList {
     pub records: Vec<SeqRecord>,
 }
 
+/// The most alerts one `POST /v1/agents/{host}/alerts` may carry.
+pub const MAX_ALERT_BATCH: usize = 2_000;
+/// The alerts the controller keeps per host (the oldest go first).
+pub const ALERTS_PER_HOST: usize = 20_000;
+/// The hosts whose alerts the controller keeps (a push from a new host
+/// past it forgets the host pushed to least recently).
+pub const MAX_ALERT_HOSTS: usize = 4_096;
+/// The largest alert record accepted, encoded as JSON (413 above).
+pub const MAX_ALERT_RECORD_BYTES: usize = 16 << 10;
+/// The alerts the controller keeps, all hosts together, in encoded bytes:
+/// past it the host holding the most loses its oldest.
+pub const MAX_ALERT_BYTES: usize = 256 << 20;
+/// The default number of alerts `GET /v1/alerts` returns.
+pub const DEFAULT_ALERT_LIMIT: usize = 1000;
+/// The most alerts `GET /v1/alerts` returns.
+pub const MAX_ALERT_LIMIT: usize = 20_000;
+
+/// `POST /v1/agents/{host}/alerts`: inline inspection's alerts of that host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertBatch {
+    /// The alerts, each with `host` equal to the path's host (at most [`MAX_ALERT_BATCH`]).
+    pub records: Vec<palisade_audit::record::AlertRecord>,
+}
+
+/// The answer to an alert push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertPushResponse {
+    /// Alerts taken.
+    pub accepted: u64,
+    /// Alerts the controller now keeps for the host.
+    pub kept: u64,
+    /// The host's alerts forgotten since the controller started to make
+    /// room (each host keeps its newest [`ALERTS_PER_HOST`]).
+    pub evicted: u64,
+}
+
+/// `GET /v1/alerts` filters; every filter given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertQuery {
+    /// The host that raised it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// A VM at either end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// The signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<u32>,
+    /// `allowed` or `blocked`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Alerts at or after this time (Unix ns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ns: Option<u64>,
+    /// Alerts before this time (Unix ns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ns: Option<u64>,
+    /// At most this many, the newest (default [`DEFAULT_ALERT_LIMIT`], at most [`MAX_ALERT_LIMIT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// The answer to `GET /v1/alerts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertList {
+    /// The matching alerts, oldest first (of the newest `limit`).
+    pub alerts: Vec<palisade_audit::record::AlertRecord>,
+    /// Whether more matched than `limit` (the oldest were left out).
+    pub truncated: bool,
+}
+
+/// What the controller did with the alerts agents pushed (in [`ControllerStatus`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertCounts {
+    /// Alerts received since the controller started.
+    pub received: u64,
+    /// Alerts kept now, all hosts.
+    pub kept: u64,
+    /// Alerts forgotten to make room (per-host bound, or a host forgotten).
+    pub evicted: u64,
+    /// Hosts with alerts kept.
+    pub hosts: u64,
+    /// The encoded bytes of the alerts kept (at most [`MAX_ALERT_BYTES`]).
+    #[serde(default)]
+    pub bytes: u64,
+}
+
 /// `GET /v1/status`: how this controller is doing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControllerStatus {
@@ -388,6 +475,9 @@ pub struct ControllerStatus {
     /// How it compiled the effective policy for tag changes since it started.
     #[serde(default)]
     pub compiles: CompileCounts,
+    /// The alerts agents pushed to it (kept in memory, per host).
+    #[serde(default)]
+    pub alerts: AlertCounts,
 }
 
 /// How a controller came by the compiled effective policy a tag change

@@ -57,7 +57,7 @@ pub struct IpfixExport {
     pub flows: u64,
     /// Flow records the exporter's rate limit dropped.
     pub rate_limited: u64,
-    /// Change records skipped (IPFIX carries flows only).
+    /// Records other than flows skipped (change and alert records: IPFIX carries flows only).
     pub changes_skipped: u64,
 }
 

@@ -114,6 +114,17 @@ pub fn record_keys(r: &Record, mut f: impl FnMut(String)) {
                 f(format!("v:{vm}"));
             }
         }
+        Record::Alert(a) => {
+            f("k:alert".into());
+            for vm in [&a.src, &a.dest].into_iter().flatten() {
+                f(format!("v:{}", vm.name));
+                f(format!("z:{}", vm.zone));
+            }
+            for d in &a.decided_by {
+                f(format!("r:{}", d.rule));
+            }
+        }
+        Record::AlertsNotRecorded(_) => f("k:alert".into()),
     }
 }
 

@@ -48,6 +48,8 @@ pub enum RecordKind {
     Flow,
     /// Change records.
     Change,
+    /// Inline inspection's alerts, and the records of alerts shed.
+    Alert,
 }
 
 /// A query; every filter given must hold (`None` = any).
@@ -67,7 +69,7 @@ pub struct Query {
     pub until_ns: Option<u64>,
     /// At most this many results (the first, in sequence order).
     pub limit: Option<usize>,
-    /// Flow or change records only.
+    /// Flow, change or alert records only.
     pub kind: Option<RecordKind>,
 }
 
@@ -100,6 +102,25 @@ impl Query {
                     && self.verdict.is_none()
                     && self.rule.is_none()
             }
+            Record::Alert(a) => {
+                let vms = || [&a.src, &a.dest].into_iter().flatten();
+                self.kind.is_none_or(|k| k == RecordKind::Alert)
+                    && self.vm.as_ref().is_none_or(|v| vms().any(|m| &m.name == v))
+                    && self.zone.as_ref().is_none_or(|z| vms().any(|m| &m.zone == z))
+                    && self.verdict.is_none()
+                    && self
+                        .rule
+                        .as_ref()
+                        .is_none_or(|id| a.decided_by.iter().any(|d| &d.rule == id))
+            }
+            // A gap in the alerts names no VM: it answers only a query for alerts or for everything.
+            Record::AlertsNotRecorded(_) => {
+                self.kind.is_none_or(|k| k == RecordKind::Alert)
+                    && self.vm.is_none()
+                    && self.zone.is_none()
+                    && self.verdict.is_none()
+                    && self.rule.is_none()
+            }
         }
     }
 
@@ -121,6 +142,7 @@ impl Query {
         match self.kind {
             Some(RecordKind::Flow) => k.push("k:flow".into()),
             Some(RecordKind::Change) => k.push("k:change".into()),
+            Some(RecordKind::Alert) => k.push("k:alert".into()),
             None => {}
         }
         k

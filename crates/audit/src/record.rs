@@ -1,5 +1,6 @@
-//! The records of the trail: flows (who talked to whom, what decided it) and
-//! changes (who changed what).
+//! The records of the trail: flows (who talked to whom, what decided it),
+//! changes (who changed what) and inline inspection's alerts (which signature
+//! matched which flow, and what was done).
 //!
 //! A record is self-contained: it names both ends by identity as known when
 //! the flow was decided (VM name, uuid, tags, zone, cluster, host), so a query
@@ -179,6 +180,108 @@ pub struct ChangeRecord {
     pub policy_version: Option<u64>,
 }
 
+/// One alert of inline inspection: a signature matched a flow's traffic.
+/// Field names follow Suricata's EVE `alert` records (`timestamp`,
+/// `flow_id`, `src_ip`, `dest_ip`, `proto`, `alert.signature_id`, …) so
+/// tools that read EVE read these; `src`/`dest` are the managed VMs behind
+/// the addresses, as flow records name them, as known when it was raised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertRecord {
+    /// RFC 3339, UTC.
+    pub timestamp: String,
+    /// Unix time, nanoseconds (of the first hit when `count` > 1).
+    pub time_ns: u64,
+    /// The host whose agent raised it.
+    pub host: String,
+    /// The flow's id on its host: the same as its flow records' `flow_id`
+    /// (0 when the connection was no longer tracked).
+    #[serde(default)]
+    pub flow_id: u64,
+    /// `TCP`, `UDP`, `ICMP`, `IPv6-ICMP` or the protocol number.
+    pub proto: String,
+    /// Source of the data that matched.
+    pub src_ip: IpAddr,
+    /// Its port (0 without ports).
+    pub src_port: u16,
+    /// Destination of the data that matched.
+    pub dest_ip: IpAddr,
+    /// Its port.
+    pub dest_port: u16,
+    /// The signature and what was done.
+    pub alert: AlertInfo,
+    /// The inspection profile the policy chose for the flow.
+    pub profile: String,
+    /// The policy rules that allowed the flow (egress, ingress): the
+    /// profile is the first of them that names one, else the traffic
+    /// class's default (`inspection_defaults`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub decided_by: Vec<Decision>,
+    /// The managed VM behind `src_ip` (`None`: external).
+    pub src: Option<VmIdentity>,
+    /// The managed VM behind `dest_ip`.
+    pub dest: Option<VmIdentity>,
+    /// How many hits of this signature on this flow the record stands for:
+    /// repeated `alert`-only hits are coalesced (1 for a single hit; a
+    /// `drop` or `reject` is never coalesced).
+    #[serde(default = "one")]
+    pub count: u64,
+    /// When the last hit coalesced into this record came (Unix ns; `time_ns` when `count` is 1).
+    #[serde(default)]
+    pub last_ns: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+/// The `alert` object of an [`AlertRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertInfo {
+    /// `allowed` (the packet went on) or `blocked`.
+    pub action: String,
+    /// The signature's action: `alert`, `drop`, `reject` or `pass`.
+    pub rule_action: String,
+    /// sid.
+    pub signature_id: u32,
+    /// rev.
+    pub rev: u32,
+    /// msg.
+    pub signature: String,
+    /// The classtype's description, if any.
+    pub category: Option<String>,
+    /// Priority (1 most severe).
+    pub severity: u8,
+}
+
+impl AlertRecord {
+    /// Whether the packet was blocked (a `drop` or `reject` signature).
+    pub fn blocked(&self) -> bool {
+        self.alert.action == "blocked"
+    }
+
+    /// Whether `vm` is the VM at either end.
+    pub fn names_vm(&self, vm: &str) -> bool {
+        [&self.src, &self.dest].into_iter().flatten().any(|i| i.name == vm)
+    }
+}
+
+/// Alerts a host raised but did not record one by one (an attacker can
+/// raise alerts at line rate; the bound on what is kept sheds the excess):
+/// never silent, this record says how many and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertsNotRecorded {
+    /// When the record was made (Unix time, nanoseconds).
+    pub time_ns: u64,
+    /// The host.
+    pub host: String,
+    /// Alerts not recorded since the last such record.
+    pub count: u64,
+    /// Of them, `drop`/`reject` alerts (past the hard bound kept for them).
+    pub blocked: u64,
+    /// The window they were shed in: from (Unix ns).
+    pub since_ns: u64,
+}
+
 /// Any record of the trail.
 // Flow records are the common case by far; boxing them would add an
 // allocation per record to make the rare change record smaller.
@@ -190,6 +293,10 @@ pub enum Record {
     Flow(FlowRecord),
     /// A change record.
     Change(ChangeRecord),
+    /// An alert of inline inspection.
+    Alert(AlertRecord),
+    /// How many alerts were shed, not recorded one by one.
+    AlertsNotRecorded(AlertsNotRecorded),
 }
 
 impl Record {
@@ -198,6 +305,8 @@ impl Record {
         match self {
             Record::Flow(f) => f.time_ns,
             Record::Change(c) => c.time_ns,
+            Record::Alert(a) => a.time_ns,
+            Record::AlertsNotRecorded(n) => n.time_ns,
         }
     }
 }
@@ -290,6 +399,74 @@ mod tests {
             panic!("{old}")
         };
         assert_eq!((f.protocol, f.icmp), (1, None));
+    }
+
+    fn sample_alert() -> AlertRecord {
+        AlertRecord {
+            timestamp: "2023-11-14T22:13:20.000Z".into(),
+            time_ns: 1_700_000_000_000_000_000,
+            host: "hv1".into(),
+            flow_id: 42,
+            proto: "TCP".into(),
+            src_ip: "203.0.113.10".parse().unwrap(),
+            src_port: 40000,
+            dest_ip: "10.0.1.11".parse().unwrap(),
+            dest_port: 80,
+            alert: AlertInfo {
+                action: "blocked".into(),
+                rule_action: "drop".into(),
+                signature_id: 9000001,
+                rev: 2,
+                signature: "marker".into(),
+                category: Some("Attempted Administrator Privilege Gain".into()),
+                severity: 1,
+            },
+            profile: "full".into(),
+            decided_by: sample().decided_by,
+            src: None,
+            dest: sample().src.vm,
+            count: 1,
+            last_ns: 1_700_000_000_000_000_000,
+        }
+    }
+
+    /// Alert records keep EVE's field names beside the trail's `kind`, read
+    /// back equal, and one written without the fields added later (flow id,
+    /// rules, count) reads with their defaults.
+    #[test]
+    fn alert_records_round_trip_in_eve_names() {
+        let a = sample_alert();
+        let text = serde_json::to_string(&Record::Alert(a.clone())).unwrap();
+        for key in [
+            r#""kind":"alert""#,
+            r#""src_ip":"203.0.113.10""#,
+            r#""dest_port":80"#,
+            r#""signature_id":9000001"#,
+            r#""flow_id":42"#,
+        ] {
+            assert!(text.contains(key), "{key} in {text}");
+        }
+        let back: Record = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, Record::Alert(a.clone()));
+        let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for k in ["flow_id", "decided_by", "count", "last_ns"] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        let Record::Alert(o) = serde_json::from_value(old).unwrap() else {
+            panic!("not an alert")
+        };
+        assert_eq!((o.flow_id, o.count, o.last_ns, o.decided_by.len()), (0, 1, 0, 0));
+        let gap = Record::AlertsNotRecorded(AlertsNotRecorded {
+            time_ns: 5,
+            host: "hv1".into(),
+            count: 1234,
+            blocked: 3,
+            since_ns: 1,
+        });
+        let text = serde_json::to_string(&gap).unwrap();
+        assert!(text.contains(r#""kind":"alerts_not_recorded""#), "{text}");
+        assert_eq!(serde_json::from_str::<Record>(&text).unwrap(), gap);
+        assert_eq!(gap.time_ns(), 5);
     }
 
     #[test]

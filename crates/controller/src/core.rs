@@ -361,6 +361,8 @@ pub struct Controller {
     /// Every change of this controller passes here, from the check that
     /// the trail holds the last one to the append of its own record.
     gate: Arc<std::sync::Mutex<TrailGate>>,
+    /// The alerts agents pushed, per host, in memory ([`crate::alerts`] says why).
+    alerts: Arc<std::sync::Mutex<crate::alerts::AlertStore>>,
 }
 
 /// Where the trail stands against the store, as a controller's changes see it.
@@ -446,6 +448,7 @@ impl Controller {
             loader: Arc::default(),
             versions: Arc::default(),
             gate: Arc::default(),
+            alerts: Arc::default(),
         }
     }
 
@@ -1578,6 +1581,23 @@ impl Controller {
         Ok(FlowList { records })
     }
 
+    // ---- alerts ----
+
+    /// Keep agent `host`'s inline-inspection alerts (all of them, or none
+    /// when one is not the host's).
+    pub fn push_alerts(&self, host: &str, batch: AlertBatch) -> Result<AlertPushResponse, CoreError> {
+        check_host(host)?;
+        let mut store = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        store.push(host, batch.records).map_err(alert_error)
+    }
+
+    /// The alerts kept that match `q` (the newest `limit`, oldest first).
+    /// A `host` filter is only compared (a name no host has matches nothing).
+    pub fn alerts(&self, q: &AlertQuery) -> Result<AlertList, CoreError> {
+        let store = self.alerts.lock().unwrap_or_else(|p| p.into_inner());
+        store.query(q).map_err(alert_error)
+    }
+
     /// How this controller is doing.
     pub fn status(&self) -> ControllerStatus {
         ControllerStatus {
@@ -1587,6 +1607,14 @@ impl Controller {
                 st
             }),
             compiles: self.compiles.lock().map(|c| *c).unwrap_or_default(),
+            alerts: self.alerts.lock().map(|a| a.counts()).unwrap_or_default(),
         }
+    }
+}
+
+fn alert_error(e: crate::alerts::AlertError) -> CoreError {
+    match e {
+        crate::alerts::AlertError::TooLarge(m) => CoreError::TooLarge(m),
+        crate::alerts::AlertError::BadRequest(m) => CoreError::BadRequest(m),
     }
 }

@@ -9,6 +9,7 @@
 //! - [`tls`]: the private CA and the server's rustls settings.
 //! - [`auth`]: tokens (the roles are `palisade_api::roles`).
 //! - [`trail`]: the controller's audit log of its changes and its agents' flows.
+//! - [`alerts`]: inline inspection's alerts the agents push, per host, in memory.
 //!
 //! The documents both ends exchange, the client the CLI and the agents use,
 //! and the compilation of a policy bundle are in `palisade-api`, which the
@@ -20,6 +21,7 @@
 //! controller notices changes made through another by polling that pointer.
 #![deny(missing_docs)]
 
+pub mod alerts;
 pub mod auth;
 pub mod core;
 pub mod health;

@@ -156,6 +156,22 @@ const ENDPOINTS: &[Endpoint] = &[
         "FlowList",
     ),
     (
+        "post",
+        "/v1/agents/{host}/alerts",
+        "Push the host's inline-inspection alerts (at most 2000, each with this host); the controller keeps the newest 20000 per host, in memory",
+        "client certificate with CN = host (plain HTTP: admin token)",
+        Some("AlertBatch"),
+        "AlertPushResponse",
+    ),
+    (
+        "get",
+        "/v1/alerts",
+        "Inline-inspection alerts the agents pushed, filtered; the newest `limit`, oldest first",
+        "any role",
+        None,
+        "AlertList",
+    ),
+    (
         "get",
         "/v1/status",
         "This controller's status: its audit log, how many change records it failed to append, and how it compiled for tag changes",
@@ -416,6 +432,73 @@ fn schemas() -> Value {
         a.push(json!("kind"));
     }
     let u32_schema = json!({ "type": "integer", "minimum": 0, "maximum": u32::MAX });
+    let mut alert_info = closed(
+        &[
+            (
+                "action",
+                json!({ "type": "string", "description": "allowed (the packet went on) or blocked" }),
+            ),
+            (
+                "rule_action",
+                json!({ "type": "string", "description": "the signature's action: alert, drop, reject or pass" }),
+            ),
+            ("signature_id", u32_schema.clone()),
+            ("rev", u32_schema.clone()),
+            ("signature", s.clone()),
+            ("category", json!({ "type": "string", "nullable": true })),
+            (
+                "severity",
+                json!({ "type": "integer", "minimum": 0, "maximum": u8::MAX }),
+            ),
+        ],
+        &["action", "rule_action", "signature_id", "rev", "signature", "severity"],
+    );
+    alert_info["description"] = json!("the signature and what was done (Suricata EVE's `alert` object)");
+    let mut nullable_vm = r("VmIdentity");
+    nullable_vm = json!({ "allOf": [nullable_vm], "nullable": true });
+    let port = json!({ "type": "integer", "minimum": 0, "maximum": u16::MAX });
+    let mut alert_record = closed(
+        &[
+            ("timestamp", s.clone()),
+            ("time_ns", n.clone()),
+            ("host", s.clone()),
+            ("flow_id", n.clone()),
+            ("proto", s.clone()),
+            (
+                "src_ip",
+                json!({ "type": "string", "description": "an IPv4 or IPv6 address" }),
+            ),
+            ("src_port", port.clone()),
+            (
+                "dest_ip",
+                json!({ "type": "string", "description": "an IPv4 or IPv6 address" }),
+            ),
+            ("dest_port", port),
+            ("alert", r("AlertInfo")),
+            ("profile", s.clone()),
+            ("decided_by", list("Decision")),
+            ("src", nullable_vm.clone()),
+            ("dest", nullable_vm),
+            ("count", n.clone()),
+            ("last_ns", n.clone()),
+        ],
+        &[
+            "timestamp",
+            "time_ns",
+            "host",
+            "proto",
+            "src_ip",
+            "src_port",
+            "dest_ip",
+            "dest_port",
+            "alert",
+            "profile",
+        ],
+    );
+    alert_record["description"] = json!(
+        "one alert of inline inspection, in Suricata EVE's field names, with both ends' VM identity (null: external); \
+         `count` repeated alert-only hits of the signature on the flow, from `time_ns` to `last_ns`"
+    );
     let table_fill = closed(
         &[
             ("worker", u32_schema.clone()),
@@ -643,12 +726,39 @@ fn schemas() -> Value {
         "TrailStatus": obj(&[("dir", s.clone()), ("last_seq", n.clone()), ("append_failures", n.clone()), ("unaudited", n.clone()), ("last_error", s.clone()),
             ("signed_seq", n.clone()), ("published_seq", n.clone()), ("unsigned_records", n.clone()), ("publish_failures", n.clone())], &["dir", "last_seq", "append_failures"]),
         "CompileCounts": obj(&[("kept", n.clone()), ("caught_up", n.clone()), ("whole", n.clone())], &["kept", "caught_up", "whole"]),
-        "ControllerStatus": obj(&[("audit", r("TrailStatus")), ("compiles", r("CompileCounts"))], &["compiles"]),
+        "ControllerStatus": obj(&[("audit", r("TrailStatus")), ("compiles", r("CompileCounts")), ("alerts", r("AlertCounts"))], &["compiles"]),
         "Object": json!({ "type": "object" }),
     });
     for (name, schema) in audit {
         all[name] = schema;
     }
+    all["AlertInfo"] = alert_info;
+    all["AlertRecord"] = alert_record;
+    all["AlertBatch"] = closed(
+        &[(
+            "records",
+            json!({"type": "array", "maxItems": MAX_ALERT_BATCH, "items": r("AlertRecord")}),
+        )],
+        &["records"],
+    );
+    all["AlertPushResponse"] = obj(
+        &[("accepted", n.clone()), ("kept", n.clone()), ("evicted", n.clone())],
+        &["accepted", "kept", "evicted"],
+    );
+    all["AlertList"] = obj(
+        &[("alerts", list("AlertRecord")), ("truncated", boolean.clone())],
+        &["alerts", "truncated"],
+    );
+    all["AlertCounts"] = obj(
+        &[
+            ("received", n.clone()),
+            ("kept", n.clone()),
+            ("evicted", n.clone()),
+            ("hosts", n.clone()),
+            ("bytes", n.clone()),
+        ],
+        &["received", "kept", "evicted", "hosts"],
+    );
     all["HealthReport"] = health_report;
     all["TableFill"] = table_fill;
     all["FailOpenEpisode"] = fail_open_episode;
@@ -724,6 +834,21 @@ pub fn document() -> Value {
                 json!({"type": "boolean"}),
                 "include change records: `true` or `false`",
             ));
+        }
+        if *path == "/v1/alerts" {
+            params.push(q("host", json!({"type": "string"}), "the host that raised it"));
+            params.push(q("vm", json!({"type": "string"}), "a VM at either end"));
+            params.push(q("sid", int(u64::from(u32::MAX)), "the signature id"));
+            params.push(q(
+                "action",
+                json!({"type": "string", "enum": ["allowed", "blocked"]}),
+                "what was done with the packet",
+            ));
+            params.push(q("since", int(u64::MAX), "alerts at or after (Unix ns)"));
+            params.push(q("until", int(u64::MAX), "alerts before (Unix ns)"));
+            let mut limit = int(MAX_ALERT_LIMIT as u64);
+            limit["default"] = json!(DEFAULT_ALERT_LIMIT);
+            params.push(q("limit", limit, "at most this many, the newest"));
         }
         let mut unauthorized = err("no or unknown credentials");
         unauthorized["headers"] = json!({ "WWW-Authenticate": { "description": "the challenge (RFC 6750): Bearer",

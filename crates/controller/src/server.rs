@@ -24,6 +24,10 @@
 //! At start, and while a change's record is missing from it, the trail is
 //! brought up to the store ([`Controller::sync_trail`]).
 //!
+//! Agents push inline inspection's alerts to `POST /v1/agents/{host}/alerts`
+//! (authorized the same way: a host pushes only its own); the controller
+//! keeps them in memory, per host ([`crate::alerts`]), for `GET /v1/alerts`.
+//!
 //! Agents register their audit trail's public key and send its signed
 //! heads (`PUT /v1/agents/{host}/audit-head`); the controller keeps the
 //! newest and refuses (409, kept) a rollback or fork: see
@@ -358,9 +362,12 @@ fn known_params(path: &str) -> &'static [&'static str] {
         "/v1/policy" => &["dry_run"],
         "/v1/agents/{host}/policy" => &["after", "have", "wait"],
         "/v1/flows" => &FLOW_PARAMS,
+        "/v1/alerts" => &ALERT_PARAMS,
         _ => &[],
     }
 }
+
+const ALERT_PARAMS: [&str; 7] = ["host", "vm", "sid", "action", "since", "until", "limit"];
 
 const FLOW_PARAMS: [&str; 8] = ["vm", "zone", "verdict", "rule", "since", "until", "limit", "changes"];
 
@@ -798,6 +805,49 @@ async fn push_flows(
     ok(blocking(move || ctl.push_flows(&host, batch)).await?)
 }
 
+async fn push_alerts(
+    State(s): State<AppState>,
+    Seg(host): Seg,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    let batch: AlertBatch = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.push_alerts(&host, batch)).await?)
+}
+
+fn alert_query(q: &BTreeMap<String, String>) -> Result<AlertQuery, ApiError> {
+    let limit = num_param(q, "limit", MAX_ALERT_LIMIT as u64)?.map(|l| usize::try_from(l).unwrap_or(usize::MAX));
+    let action = q.get("action").cloned();
+    if let Some(a) = &action
+        && a != "allowed"
+        && a != "blocked"
+    {
+        return Err(ApiError::bad_request(format!(
+            "action={}: expected allowed or blocked",
+            Quoted(a)
+        )));
+    }
+    Ok(AlertQuery {
+        host: q.get("host").cloned(),
+        vm: q.get("vm").cloned(),
+        sid: num_param(q, "sid", u64::from(u32::MAX))?.map(|n| n as u32),
+        action,
+        since_ns: num_param(q, "since", u64::MAX)?,
+        until_ns: num_param(q, "until", u64::MAX)?,
+        limit,
+    })
+}
+
+async fn alerts(State(s): State<AppState>, RawQuery(q): RawQuery, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let aq = alert_query(&query(&q, &ALERT_PARAMS)?)?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.alerts(&aq)).await?)
+}
+
 async fn put_audit_head(
     State(s): State<AppState>,
     Seg(host): Seg,
@@ -933,6 +983,8 @@ fn router(state: AppState) -> Router {
         .route("/v1/agents/{host}/audit-key", put(replace_audit_key))
         .route("/v1/audit/head", get(own_audit_head))
         .route("/v1/flows", get(flows))
+        .route("/v1/agents/{host}/alerts", post(push_alerts))
+        .route("/v1/alerts", get(alerts))
         .route("/v1/status", get(status))
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{name}", axum::routing::delete(revoke_token))

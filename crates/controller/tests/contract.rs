@@ -66,7 +66,7 @@ fn assert_trail_matches_store(env: &Env) {
         .into_iter()
         .filter_map(|(_, r)| match r {
             palisade_audit::record::Record::Change(c) => Some(c),
-            palisade_audit::record::Record::Flow(_) => None,
+            _ => None,
         })
         .collect();
     let mut a = stored.clone();
@@ -323,7 +323,7 @@ fn unknown_fields_are_refused_by_name() {
     let env = Env::start("contract-unknown");
     apply_v2(&env);
     let before = snapshot(&env);
-    let cases: [(&str, &str, &[u8], &str); 5] = [
+    let cases: [(&str, &str, &[u8], &str); 6] = [
         (
             "PUT",
             "/v1/vms/web-1/tags",
@@ -353,6 +353,12 @@ fn unknown_fields_are_refused_by_name() {
             "/v1/agents/hv1/flows",
             br#"{"records":[],"record":[]}"#,
             "record",
+        ),
+        (
+            "POST",
+            "/v1/agents/hv1/alerts",
+            br#"{"records":[],"alerts":[]}"#,
+            "alerts",
         ),
     ];
     for (method, path, body, field) in cases {
@@ -386,6 +392,7 @@ fn agent_host_names_are_validated_in_plain_http() {
             ("POST", "report", Some(&b"{\"installed_revision\":1}"[..])),
             ("GET", "policy", None),
             ("POST", "flows", Some(&b"{\"records\":[]}"[..])),
+            ("POST", "alerts", Some(&b"{\"records\":[]}"[..])),
         ] {
             let path = format!("/v1/agents/{host}/{what}");
             let (s, j) = raw(&env, method, &path, Some(&env.admin), body);
@@ -738,7 +745,7 @@ fn a_full_trail_disk_holds_changes_back_until_the_record_is_appended() {
         .into_iter()
         .filter_map(|(_, r)| match r {
             palisade_audit::record::Record::Change(c) => Some(c),
-            palisade_audit::record::Record::Flow(_) => None,
+            _ => None,
         })
         .collect();
     assert_eq!(stored, logged, "every committed change in the trail, once, in order");

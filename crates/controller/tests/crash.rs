@@ -123,7 +123,7 @@ fn trail_changes(dir: &Path) -> Vec<ChangeRecord> {
         .into_iter()
         .filter_map(|(_, r)| match r {
             Record::Change(c) => Some(c),
-            Record::Flow(_) => None,
+            _ => None,
         })
         .collect()
 }

@@ -122,6 +122,7 @@ fn endpoints(head: &str, key: &str) -> Vec<Endpoint> {
             Some(r#"{"installed_revision":1,"counters":{"drops":3}}"#),
         ),
         e("POST", "/v1/agents/hv1/flows", Need::Agent, Some(r#"{"records":[]}"#)),
+        e("POST", "/v1/agents/hv1/alerts", Need::Agent, Some(r#"{"records":[]}"#)),
         Endpoint {
             method: "POST",
             path: "/v1/agents/hv2/register",
@@ -151,6 +152,7 @@ fn endpoints(head: &str, key: &str) -> Vec<Endpoint> {
             ),
         ),
         e("GET", "/v1/flows?changes=true", Need::Read, None),
+        e("GET", "/v1/alerts?sid=1&action=blocked", Need::Read, None),
         e("GET", "/v1/status", Need::Read, None),
         e(
             "POST",
@@ -395,7 +397,7 @@ fn unaudited(env: &Env) -> u64 {
         .into_iter()
         .filter_map(|(_, r)| match r {
             palisade_audit::record::Record::Change(c) => Some(c),
-            palisade_audit::record::Record::Flow(_) => None,
+            _ => None,
         })
         .collect();
     let mut missing = 0;

@@ -77,7 +77,7 @@ fn changes_in(dir: &std::path::Path) -> Vec<(String, String, String)> {
         .into_iter()
         .filter_map(|(_, r)| match r {
             Record::Change(c) => Some((c.actor, c.action, c.resource)),
-            Record::Flow(_) => None,
+            _ => None,
         })
         .collect()
 }

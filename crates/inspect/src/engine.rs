@@ -154,7 +154,7 @@ pub struct Counters {
     pub alerts: u64,
     /// Alerts over the per-packet limit, not returned.
     pub alerts_discarded: u64,
-    /// Matches a threshold or detection filter kept from alerting.
+    /// Matches a threshold, detection filter or `threshold.config` suppression kept from alerting.
     pub alerts_suppressed: u64,
     /// Packets dropped by a rule.
     pub drops: u64,
@@ -916,6 +916,10 @@ impl Inspector {
                 _ => AlertAction::Allowed,
             };
             if rule.noalert {
+                continue;
+            }
+            if !sig.suppress.is_empty() && sig.suppressed(m.src, m.dst) {
+                self.counters.alerts_suppressed += 1;
                 continue;
             }
             if raised >= self.config.max_alerts_per_packet {

@@ -134,6 +134,43 @@ impl RuleSet {
         })
     }
 
+    /// Apply a `threshold.config` (see [`crate::rules::threshold_config`]
+    /// for what each entry does). Returns the lines of the entries that name
+    /// a signature the set does not have (they change nothing: a caller
+    /// should say so).
+    pub fn apply_threshold_config(&mut self, cfg: &crate::rules::threshold_config::ThresholdConfig) -> Vec<usize> {
+        use crate::rules::threshold_config::EntryKind;
+        let mut unmatched = Vec::new();
+        // Every-signature thresholds first: one for a signature, later in the file or not, replaces it.
+        let (global, specific): (Vec<_>, Vec<_>) = cfg.entries.iter().partition(|e| e.sid == 0);
+        for e in global.into_iter().chain(specific) {
+            let mut hit = false;
+            for sig in self
+                .sigs
+                .iter_mut()
+                .filter(|s| e.sid == 0 || (s.rule.sid == e.sid && s.rule.gid == e.gid))
+            {
+                hit = true;
+                match &e.kind {
+                    EntryKind::Threshold(t) if e.sid == 0 => {
+                        if sig.rule.threshold.is_none() && sig.rule.detection_filter.is_none() {
+                            sig.rule.threshold = Some(*t);
+                        }
+                    }
+                    EntryKind::Threshold(t) => {
+                        sig.rule.threshold = Some(*t);
+                        sig.rule.detection_filter = None;
+                    }
+                    EntryKind::Suppress(s) => sig.suppress.push(s.clone()),
+                }
+            }
+            if !hit {
+                unmatched.push(e.line);
+            }
+        }
+        unmatched
+    }
+
     /// The refused rules, in file order.
     pub fn refused(&self) -> &[RuleError] {
         &self.refused

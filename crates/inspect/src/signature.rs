@@ -81,6 +81,9 @@ pub struct Signature {
     /// The data direction a transaction signature inspects: true for the
     /// request (or both), false when only response buffers are used.
     pub tx_to_server: bool,
+    /// Suppressions from a `threshold.config`: when one covers a match, the
+    /// signature does not alert (its action and flowbits still apply).
+    pub suppress: Vec<crate::rules::threshold_config::Suppress>,
 }
 
 /// Action order rank (pass first).
@@ -174,7 +177,13 @@ impl Signature {
             packet_only,
             stream_only,
             tx_to_server,
+            suppress: Vec::new(),
         }
+    }
+
+    /// Whether a `threshold.config` suppression covers a match from `src` to `dst`.
+    pub fn suppressed(&self, src: core::net::IpAddr, dst: core::net::IpAddr) -> bool {
+        self.suppress.iter().any(|s| s.covers(src, dst))
     }
 
     /// The sort key of the evaluation order.

@@ -34,6 +34,7 @@ fn committed_crash_inputs_pass() {
         ("inspect_stream", props::stream),
         ("inspect_app", props::app),
         ("inspect_engine", props::engine),
+        ("inspect_threshold_config", props::threshold_config),
     ] {
         replay(target, prop);
     }
@@ -54,6 +55,7 @@ fn properties_hold_on_generated_inputs() {
         b"alert tcp any any -> any any (content:\"a\"; depth:4; pcre:\"/b+/R\"; sid:1;)\n",
         b"\x16\x03\x01\x00\x30\x01\x00\x00\x2c\x03\x03",
         b"\x00\x1d\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x04evil\x03com\x00\x00\x01\x00\x01",
+        b"suppress gen_id 1, sig_id 2, track by_either, ip [10.0.0.0/8,!10.1.0.0/16]\nthreshold gen_id 0, sig_id 0, type both, track by_dst, count 2, seconds 9\n",
     ];
     for round in 0..300 {
         let seed = seeds[round % seeds.len()];
@@ -71,6 +73,7 @@ fn properties_hold_on_generated_inputs() {
         }
         props::app(&data);
         props::rules(&data);
+        props::threshold_config(&data);
         let bytes: Vec<u8> = (0..(next() % 400)).map(|_| next() as u8).collect();
         props::stream(&bytes);
         props::engine(&bytes);

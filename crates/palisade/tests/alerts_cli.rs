@@ -96,3 +96,89 @@ fn alerts_are_printed_with_both_ends_and_filtered() {
         "{out:?}"
     );
 }
+
+/// `palisade alerts --server URL`: the controller's alerts, filtered there
+/// (host, sid, action, VM, time, last N), printed with their host.
+#[test]
+fn alerts_come_from_the_controller_with_server() {
+    use palisade_api::client::{Client, ClientAuth};
+    use palisade_controller::core::Controller;
+    use palisade_controller::server::{self, ServeOptions};
+    use palisade_controller::store::{EmbeddedStore, Store};
+    use std::sync::Arc;
+
+    let dir = std::env::temp_dir().join(format!("palisade-alerts-ctl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.join("s.redb")).unwrap());
+    let ctl = Controller::new(store);
+    let admin = ctl
+        .create_token("local", "alice", palisade_api::roles::Role::Admin)
+        .unwrap();
+    let reader = ctl
+        .create_token("local", "rita", palisade_api::roles::Role::ReadOnly)
+        .unwrap();
+    let srv = server::spawn(ctl, ServeOptions::plain("127.0.0.1:0".parse().unwrap())).unwrap();
+    let url = srv.url();
+    let records: Vec<palisade_audit::record::AlertRecord> = serde_json::from_str(ALERTS).unwrap();
+    let agent = Client::new(&url, ClientAuth::Token(admin)).unwrap();
+    agent.push_alerts("hv1", &records).unwrap();
+    let mut other = records[0].clone();
+    other.host = "hv2".into();
+    other.time_ns = 3;
+    other.count = 7;
+    agent.push_alerts("hv2", &[other]).unwrap();
+
+    let ask = |extra: &[&str]| {
+        let mut args = vec!["alerts", "--server", &url, "--token", &reader];
+        args.extend_from_slice(extra);
+        palisade(&args)
+    };
+    let out = ask(&[]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].contains(" hv1 blocked drop [9100001:1]")
+            && lines[0].contains("198.51.100.7:40000 (external) -> 10.0.1.11:80 (web-1 web-1.0 zone web)"),
+        "{text}"
+    );
+    assert!(
+        lines[2].contains(" hv2 blocked drop") && lines[2].contains("(x7)"),
+        "{text}"
+    );
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+    for (extra, want) in [
+        (&["--host", "hv2"][..], vec![3]),
+        (&["--sid", "9100001"][..], vec![1, 3]),
+        (&["--action", "allowed"][..], vec![2]),
+        (&["--vm", "web-1", "--host", "hv1"][..], vec![1]),
+        (&["--last", "2"][..], vec![2, 3]),
+        (&["--since", "2", "--until", "3"][..], vec![2]),
+    ] {
+        let out = ask(&[extra, &["--json"]].concat());
+        assert!(out.status.success(), "{extra:?}: {out:?}");
+        let got: Vec<u64> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["time_ns"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(got, want, "{extra:?}");
+    }
+    // --host only makes sense with --server; --server and --socket exclude each other.
+    let out = palisade(&["alerts", "--host", "hv1"]);
+    assert!(!out.status.success(), "{out:?}");
+    let out = ask(&["--socket", "/tmp/x.sock"]);
+    assert!(!out.status.success(), "{out:?}");
+    // A bad token is the controller's 401, said as such.
+    let out = palisade(&["alerts", "--server", &url, "--token", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"), "{out:?}");
+    srv.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

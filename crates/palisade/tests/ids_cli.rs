@@ -150,3 +150,77 @@ fn ips_mode_drops_and_the_suricata_yaml_chooses_the_records() {
     assert_eq!(records[2]["drop"]["reason"], "flow drop");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `ids run --threshold FILE`: a `limit` keeps an alert rule to its count,
+/// a suppression for the source silences another, and a broken file is
+/// refused with its path, line and column.
+#[test]
+fn a_threshold_config_limits_and_suppresses() {
+    let d = dir("threshold");
+    let rules = d.join("r.rules");
+    write(
+        &rules,
+        "alert udp any any -> any any (msg:\"a\"; content:\"evil\"; sid:7;)\n\
+         alert udp any any -> any any (msg:\"b\"; content:\"evil\"; sid:8;)\n",
+    );
+    let pcap = d.join("c.pcap");
+    let mut w = CaptureWriter::create(&pcap, LinkType::RAW).unwrap();
+    for i in 0..5 {
+        w.write(Duration::from_secs(1_700_000_000 + i), &udp(b"evil")).unwrap();
+    }
+    w.finish().unwrap();
+    let eve = d.join("eve.json");
+    let run = |threshold: &Path| {
+        palisade(&[
+            "ids",
+            "run",
+            "--rules",
+            rules.to_str().unwrap(),
+            "--pcap",
+            pcap.to_str().unwrap(),
+            "--eve",
+            eve.to_str().unwrap(),
+            "--threshold",
+            threshold.to_str().unwrap(),
+        ])
+    };
+    let sids = || -> Vec<u64> {
+        std::fs::read_to_string(&eve)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|r| r["event_type"] == "alert")
+            .map(|r| r["alert"]["signature_id"].as_u64().unwrap())
+            .collect()
+    };
+    let t = d.join("threshold.config");
+    // Without entries: both alert on every packet.
+    write(&t, "# nothing\n");
+    assert!(run(&t).status.success());
+    assert_eq!(sids().len(), 10);
+    write(
+        &t,
+        "threshold gen_id 1, sig_id 7, type limit, track by_src, count 2, seconds 60\n\
+         suppress gen_id 1, sig_id 8, track by_src, ip 10.0.0.0/24\n\
+         suppress gen_id 1, sig_id 99\n",
+    );
+    let out = run(&t);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(sids(), [7, 7]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 3: names no loaded signature"),
+        "{out:?}"
+    );
+    write(
+        &t,
+        "threshold gen_id 1, sig_id 7, type sometimes, track by_src, count 2, seconds 60\n",
+    );
+    let out = run(&t);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(t.to_str().unwrap()) && err.contains("line 1, column 36") && err.contains("sometimes"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -2258,6 +2258,9 @@ fn qemu_guest_live_migration_to_a_dead_agent_is_cancelled_and_the_source_keeps_i
 /// from the internet to web-1 the request is dropped inline (no answer, an
 /// alert with action drop naming both ends), the same request from web-1 to
 /// app-1 (zone web → zone app, `critical`) is answered and raises nothing.
+/// The agents take their policy from a controller: the alert also reaches
+/// it (`palisade alerts --server`, with both ends' identity) and the host's
+/// audit trail (`palisade flows --dir … --kind alert`).
 #[test]
 fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_critical() {
     if !lab_possible() {
@@ -2276,6 +2279,7 @@ fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_cr
     let spec = LabSpec {
         agent_exe: Some(EXE.into()),
         inspect_rules: Some(rules.clone()),
+        controller: true,
         ..LabSpec::from_inventory(three_tier()).with_name(name)
     };
     let _ = Lab::down(&spec.name, &spec.state_dir);
@@ -2373,14 +2377,78 @@ fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_cr
             && text.contains("web-1 web-1.0 zone web"),
         "{text}"
     );
+    // The controller has it, with both ends' identity, and only that one.
+    let mut pushed: Vec<serde_json::Value> = Vec::new();
+    let polling = Instant::now();
+    while pushed.is_empty() && polling.elapsed() < Duration::from_secs(10) {
+        let out = lab.ctl(&["alerts", "--sid", "9100001", "--json"]).unwrap();
+        assert!(out.status.success(), "palisade alerts --server: {out:?}");
+        pushed = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if pushed.is_empty() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    assert_eq!(pushed.len(), 1, "the controller's alerts: {pushed:?}");
+    let c = &pushed[0];
+    assert_eq!(c["host"], host.as_str(), "{c}");
+    assert_eq!(c["alert"]["action"], "blocked", "{c}");
+    assert_eq!(c["dest"]["name"], "web-1", "{c}");
+    assert_eq!(c["dest"]["zone"], "web", "{c}");
+    assert!(c["src"].is_null(), "the source is external: {c}");
+    assert_eq!(c["flow_id"], a["flow_id"], "{c}");
+    assert_ne!(c["flow_id"], 0, "{c}");
+    assert_eq!(c["decided_by"][0]["rule"], "web-from-internet", "{c}");
+    let none = lab
+        .ctl(&[
+            "alerts",
+            "--sid",
+            "9100001",
+            "--host",
+            if host == "hv1" { "hv2" } else { "hv1" },
+            "--json",
+        ])
+        .unwrap();
+    assert!(none.status.success() && none.stdout.is_empty(), "{none:?}");
+    // The host's audit trail has it too: an alert record sharing its flow's id.
+    let audit_dir = lab.state().state_dir.join(host).join("audit");
+    let mut recorded: Vec<serde_json::Value> = Vec::new();
+    let polling = Instant::now();
+    while recorded.is_empty() && polling.elapsed() < Duration::from_secs(5) {
+        let out = Command::new(EXE)
+            .args(["flows", "--kind", "alert", "--json", "--dir"])
+            .arg(&audit_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "palisade flows --kind alert: {out:?}");
+        recorded = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["record"].clone())
+            .collect();
+        if recorded.is_empty() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    assert_eq!(recorded.len(), 1, "the trail's alerts: {recorded:?}");
+    let r = &recorded[0];
+    assert_eq!(r["kind"], "alert", "{r}");
+    assert_eq!(r["alert"]["signature_id"], 9100001, "{r}");
+    assert_eq!(r["dest"]["name"], "web-1", "{r}");
+    assert_eq!(r["flow_id"], a["flow_id"], "{r}");
     let metrics =
         palisade_agent::http::get_unix(&lab.state().state_dir.join(host).join("agent.sock"), "/metrics").unwrap();
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("palisade_inspect_drops_total") && !l.ends_with(" 0")),
-        "{metrics}"
-    );
+    for counter in [
+        "palisade_inspect_drops_total",
+        "palisade_inspect_alerts_recorded_total",
+        "palisade_inspect_alerts_pushed_total",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(counter) && l.ends_with(" 1")),
+            "{counter}: {metrics}"
+        );
+    }
 
     for s in &mut servers {
         let _ = lab.kill(s);

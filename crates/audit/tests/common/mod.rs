@@ -100,3 +100,59 @@ pub fn rec(i: u64) -> Record {
 pub fn recs(from: u64, to: u64) -> Vec<Record> {
     (from..to).map(rec).collect()
 }
+
+/// The `i`th synthetic alert record (`drop` on every third), or, for `i`
+/// a multiple of 11, a record of alerts not recorded.
+pub fn alert(i: u64) -> Record {
+    let time_ns = T0 + i * SEC;
+    if i % 11 == 0 {
+        return Record::AlertsNotRecorded(AlertsNotRecorded {
+            time_ns,
+            host: "hv1".into(),
+            count: i,
+            blocked: i / 2,
+            since_ns: time_ns - SEC,
+        });
+    }
+    let v = i % 7;
+    let blocked = i % 3 == 0;
+    Record::Alert(AlertRecord {
+        timestamp: palisade_audit::time::format_rfc3339(time_ns),
+        time_ns,
+        host: "hv1".into(),
+        flow_id: i,
+        proto: "TCP".into(),
+        src_ip: "203.0.113.9".parse().unwrap(),
+        src_port: 40000,
+        dest_ip: format!("10.0.0.{}", v + 1).parse().unwrap(),
+        dest_port: 80,
+        alert: AlertInfo {
+            action: if blocked { "blocked" } else { "allowed" }.into(),
+            rule_action: if blocked { "drop" } else { "alert" }.into(),
+            signature_id: 1000 + (i % 4) as u32,
+            rev: 1,
+            signature: format!("sig {}", i % 4),
+            category: None,
+            severity: 1,
+        },
+        profile: "full".into(),
+        decided_by: vec![Decision {
+            rule: format!("rule-{}", i % 5),
+            level: "zone".into(),
+            policy_version: 1,
+            chain: "ingress".into(),
+        }],
+        src: None,
+        dest: Some(VmIdentity {
+            name: format!("vm-{v}"),
+            uuid: format!("u-{v}"),
+            vnic: format!("vm-{v}.0"),
+            zone: ["web", "app", "db"][(v % 3) as usize].to_string(),
+            cluster: None,
+            host: Some("hv1".into()),
+            tags: Default::default(),
+        }),
+        count: 1 + i % 2,
+        last_ns: time_ns,
+    })
+}

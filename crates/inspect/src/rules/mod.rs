@@ -21,6 +21,7 @@ mod address;
 mod content;
 mod options;
 pub mod pcre;
+pub mod threshold_config;
 
 use core::fmt;
 

@@ -53,6 +53,39 @@ pub fn rules(data: &[u8]) {
     }
 }
 
+/// `threshold.config` text: parsing never panics, a refusal points inside
+/// the text, and what parses applies to a rule set.
+pub fn threshold_config(data: &[u8]) {
+    use palisade_inspect::rules::threshold_config::ThresholdConfig;
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if text.len() > 64 * 1024 {
+        return;
+    }
+    let ctx = RuleContext::default();
+    match ThresholdConfig::parse(text, &ctx.vars) {
+        Ok(cfg) => {
+            let mut set = RuleSet::parse(
+                "alert udp any any -> any any (content:\"x\"; sid:1;)\n\
+                 drop udp any any -> any any (content:\"x\"; threshold:type limit, track by_src, count 1, seconds 1; sid:2;)\n",
+                &ctx,
+                LoadOptions::default(),
+            )
+            .expect("fixed rules load");
+            let unmatched = set.apply_threshold_config(&cfg);
+            assert!(unmatched.len() <= cfg.entries.len());
+            let lines = text.lines().count();
+            assert!(cfg.entries.iter().all(|e| e.line >= 1 && e.line <= lines));
+        }
+        Err(e) => {
+            let lines = text.lines().count().max(1);
+            assert!(e.line >= 1 && e.line <= lines, "{e} (text has {lines} lines)");
+            let width = text.lines().nth(e.line - 1).map_or(0, str::len);
+            assert!(e.column >= 1 && e.column <= width + 1, "{e} (line is {width} bytes)");
+            let _ = e.to_string();
+        }
+    }
+}
+
 pub struct Owned {
     transport: Transport,
     payload: Vec<u8>,

@@ -117,9 +117,22 @@ pub struct FlowsArgs {
     /// Include change records too (default: flows only).
     #[arg(long)]
     pub changes: bool,
+    /// Only records of this kind: flow, change, or alert (inline inspection's
+    /// alerts and the records of alerts shed); with --dir.
+    #[arg(long, value_parser = parse_kind, conflicts_with = "changes")]
+    pub kind: Option<RecordKind>,
     /// One JSON object per line: {"seq": N, "record": {...}}.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_kind(s: &str) -> Result<RecordKind, String> {
+    match s {
+        "flow" => Ok(RecordKind::Flow),
+        "change" => Ok(RecordKind::Change),
+        "alert" => Ok(RecordKind::Alert),
+        _ => Err(format!("`{s}`: expected flow, change or alert")),
+    }
 }
 
 fn parse_verdict(s: &str) -> Result<Verdict, String> {
@@ -344,8 +357,16 @@ pub fn flows(a: FlowsArgs) -> anyhow::Result<ExitCode> {
         since_ns: a.since.as_deref().map(|s| parse_time(s, now)).transpose()?,
         until_ns: a.until.as_deref().map(|s| parse_time(s, now)).transpose()?,
         limit: a.limit,
-        kind: (!a.changes).then_some(RecordKind::Flow),
+        kind: match a.kind {
+            Some(k) => Some(k),
+            None => (!a.changes).then_some(RecordKind::Flow),
+        },
     };
+    if a.dir.is_none() && a.kind.is_some_and(|k| k != RecordKind::Flow) {
+        bail!(
+            "--kind change or alert reads a log directory (--dir DIR); a controller's alerts: `palisade alerts --server URL`, its changes: --changes"
+        );
+    }
     // Open or fetch before printing anything, so a failure prints only the error.
     let source = match &a.dir {
         Some(dir) => {
@@ -474,6 +495,39 @@ fn row(seq: u64, rec: &Record) -> String {
             c.resource,
             c.diff.lines().next().unwrap_or(""),
             c.actor
+        ),
+        Record::Alert(al) => {
+            let end = |ip: std::net::IpAddr, port: u16, vm: &Option<palisade_audit::record::VmIdentity>| {
+                endpoint(&Endpoint {
+                    addr: ip,
+                    port,
+                    vm: vm.clone(),
+                })
+            };
+            let repeated = if al.count > 1 {
+                format!(" (x{})", al.count)
+            } else {
+                String::new()
+            };
+            format!(
+                "{seq:>8}  {:24}  {:7}  {:5}  {:32}  {:32}  sid {}:{} {:?}{repeated} profile {}",
+                format_time(al.time_ns),
+                if al.blocked() { "blocked" } else { "alert" },
+                al.proto,
+                end(al.src_ip, al.src_port, &al.src),
+                end(al.dest_ip, al.dest_port, &al.dest),
+                al.alert.signature_id,
+                al.alert.rev,
+                al.alert.signature,
+                al.profile,
+            )
+        }
+        Record::AlertsNotRecorded(n) => format!(
+            "{seq:>8}  {:24}  alerts   {} alert(s) not recorded ({} drop/reject) since {}",
+            format_time(n.time_ns),
+            n.count,
+            n.blocked,
+            format_time(n.since_ns),
         ),
     }
 }

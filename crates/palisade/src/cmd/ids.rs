@@ -69,6 +69,9 @@ pub struct RunArgs {
     /// Load the rules that parse even when others are refused (they are listed).
     #[arg(long)]
     skip_invalid: bool,
+    /// A threshold.config: threshold, event_filter and suppress entries.
+    #[arg(long, value_name = "FILE")]
+    threshold: Option<PathBuf>,
     /// VM name to add to every record.
     #[arg(long)]
     vm: Option<String>,
@@ -131,8 +134,27 @@ fn check(path: &Path) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Apply the threshold.config at `path` to `set`: refused with its line and
+/// column; entries naming no loaded signature are reported.
+fn apply_thresholds(set: &mut RuleSet, path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let cfg = palisade_inspect::rules::threshold_config::ThresholdConfig::parse(&text, &RuleContext::default().vars)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for line in set.apply_threshold_config(&cfg) {
+        eprintln!(
+            "{}: line {line}: names no loaded signature; it changes nothing",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 fn run_capture(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let rules = Arc::new(load_rules(&args.rules, args.skip_invalid)?);
+    let mut rules = load_rules(&args.rules, args.skip_invalid)?;
+    if let Some(t) = &args.threshold {
+        apply_thresholds(&mut rules, t)?;
+    }
+    let rules = Arc::new(rules);
     let profile = ProfileSpec::builtin(&args.profile).with_context(|| format!("unknown profile {:?}", args.profile))?;
     let eve = match &args.suricata_yaml {
         Some(p) => eve_options(p)?,
