@@ -65,6 +65,34 @@ pub fn with_controller(config: &str, url: &str, ca: &Path, ca_dir: &Path, host: 
     out
 }
 
+/// The link to a QEMU guest's QMP socket by which `host`'s agent finds it:
+/// `<state_dir>/qemu/<vm>@<host>.qmp`.
+pub fn qmp_link(state_dir: &Path, vm: &str, host: &str) -> PathBuf {
+    state_dir.join("qemu").join(format!("{vm}@{host}.qmp"))
+}
+
+/// Where a destination QEMU started for a migration to `to` listens:
+/// `<state_dir>/qemu/<vm>@<to>.incoming` (a Unix socket both hosts'
+/// namespaces reach: they share the file system).
+pub fn incoming_socket(state_dir: &Path, vm: &str, to: &str) -> PathBuf {
+    state_dir.join("qemu").join(format!("{vm}@{to}.incoming"))
+}
+
+/// The `[migration]` section of `host`'s agent in a lab with a controller:
+/// the agent drives its guests' QEMU over QMP ([`qmp_link`]), migrates to
+/// the destination's [`incoming_socket`] and hands the state to the
+/// destination agent's control socket.
+pub fn migration_section(state_dir: &Path, host: &str) -> String {
+    let qdir = state_dir.join("qemu");
+    let d = |p: PathBuf| p.to_string_lossy().into_owned();
+    format!(
+        "\n[migration]\nqmp = {}\nincoming = {}\npeer_control = {}\n",
+        tq(&d(qdir.join(format!("{{vm}}@{host}.qmp")))),
+        tq(&format!("unix:{}", d(qdir.join("{vm}@{to}.incoming")))),
+        tq(&d(state_dir.join("{to}").join("agent.sock"))),
+    )
+}
+
 /// Datapath workers of each lab agent.
 pub const LAB_WORKERS: usize = 2;
 
