@@ -127,9 +127,17 @@ fn failed(order: &MigrationOrder, reason: String) -> MigrationReport {
 
 /// Carry out `order` as host `host` (see the module's documentation); the
 /// report of its outcome, `completed` or `failed`.
-pub fn carry_out(order: &MigrationOrder, host: &str, config: &MigrationConfig, control: &dyn Control) -> MigrationReport {
+pub fn carry_out(
+    order: &MigrationOrder,
+    host: &str,
+    config: &MigrationConfig,
+    control: &dyn Control,
+) -> MigrationReport {
     if order.from != host {
-        return failed(order, format!("the order's source is {}, not this host {host}", order.from));
+        return failed(
+            order,
+            format!("the order's source is {}, not this host {host}", order.from),
+        );
     }
     if order.vnics.is_empty() {
         return failed(order, "the VM has no vNIC".into());

@@ -137,7 +137,10 @@ impl Controller {
         req.check()?;
         let vms = self.vms()?;
         let Some(info) = vms.iter().find(|v| v.name == vm) else {
-            return Err(CoreError::NotFound(format!("VM {} is not in the current policy", Quoted(vm))));
+            return Err(CoreError::NotFound(format!(
+                "VM {} is not in the current policy",
+                Quoted(vm)
+            )));
         };
         let agents = self.agents()?;
         let registered = |h: &str| agents.iter().any(|a| a.host == h);
@@ -229,7 +232,8 @@ impl Controller {
     pub fn migration(&self, vm: &str) -> Result<MigrationOrder, CoreError> {
         check_text("VM name", vm, 1, usize::MAX)?;
         let (order, raw) = self.stored_order(vm)?;
-        let order = order.ok_or_else(|| CoreError::NotFound(format!("VM {} was never ordered to migrate", Quoted(vm))))?;
+        let order =
+            order.ok_or_else(|| CoreError::NotFound(format!("VM {} was never ordered to migrate", Quoted(vm))))?;
         self.expire(order, raw, now_ns())
     }
 
@@ -251,7 +255,12 @@ impl Controller {
     /// the order (`running`) or finished it (the order's final state and its
     /// migration record). Refused: another host's order (422), another order
     /// (409), an order already over (409).
-    pub fn report_migration(&self, host: &str, vm: &str, report: &MigrationReport) -> Result<MigrationOrder, CoreError> {
+    pub fn report_migration(
+        &self,
+        host: &str,
+        vm: &str,
+        report: &MigrationReport,
+    ) -> Result<MigrationOrder, CoreError> {
         check_host(host)?;
         report.check()?;
         for _ in 0..RETRIES {

@@ -681,7 +681,13 @@ fn schemas() -> Value {
     for (name, schema) in audit {
         all[name] = schema;
     }
-    all["MigrateRequest"] = closed(&[("to", json!({ "type": "string", "minLength": 1, "maxLength": MAX_HOST_NAME_CHARS, "pattern": HOST_PATTERN }))], &["to"]);
+    all["MigrateRequest"] = closed(
+        &[(
+            "to",
+            json!({ "type": "string", "minLength": 1, "maxLength": MAX_HOST_NAME_CHARS, "pattern": HOST_PATTERN }),
+        )],
+        &["to"],
+    );
     all["MigrationOrder"] = obj(
         &[
             ("id", s.clone()),
@@ -692,7 +698,10 @@ fn schemas() -> Value {
             ("requested_by", s.clone()),
             ("requested_ns", n.clone()),
             ("deadline_ns", n.clone()),
-            ("state", json!({ "type": "string", "enum": ["pending", "running", "completed", "failed"] })),
+            (
+                "state",
+                json!({ "type": "string", "enum": ["pending", "running", "completed", "failed"] }),
+            ),
             ("started_ns", n.clone()),
             ("finished_ns", n.clone()),
             ("connections", n.clone()),
@@ -701,16 +710,32 @@ fn schemas() -> Value {
             ("switchover_us", n.clone()),
             ("reason", s.clone()),
         ],
-        &["id", "vm", "vnics", "from", "to", "requested_by", "requested_ns", "deadline_ns", "state"],
+        &[
+            "id",
+            "vm",
+            "vnics",
+            "from",
+            "to",
+            "requested_by",
+            "requested_ns",
+            "deadline_ns",
+            "state",
+        ],
     );
     all["MigrationOrderList"] = list("MigrationOrder");
     all["MigrationReport"] = closed(
         &[
             ("id", s.clone()),
-            ("state", json!({ "type": "string", "enum": ["running", "completed", "failed"] })),
+            (
+                "state",
+                json!({ "type": "string", "enum": ["running", "completed", "failed"] }),
+            ),
             ("connections", n.clone()),
             ("state_bytes", n.clone()),
-            ("state_blake3", json!({ "type": "string", "minLength": 64, "maxLength": 64, "pattern": anchored("[0-9a-f]{64}") })),
+            (
+                "state_blake3",
+                json!({ "type": "string", "minLength": 64, "maxLength": 64, "pattern": anchored("[0-9a-f]{64}") }),
+            ),
             ("switchover_us", n.clone()),
             ("reason", printable(palisade_api::migration::MAX_MIGRATION_REASON)),
         ],

@@ -75,7 +75,10 @@ fn orders_are_role_checked_validated_one_per_vm_and_their_outcome_recorded() {
     for token in [&env.reader, &env.auditor] {
         assert_eq!(status(client(&env, token).migrate("web-1", "hv2").unwrap_err()), 403);
     }
-    assert_eq!(status(client(&env, "not-a-token").migrate("web-1", "hv2").unwrap_err()), 401);
+    assert_eq!(
+        status(client(&env, "not-a-token").migrate("web-1", "hv2").unwrap_err()),
+        401
+    );
     // What is checked: the VM, the host's name, the hosts' agents, the VM's own host.
     assert_eq!(status(op.migrate("web-9", "hv2").unwrap_err()), 404);
     assert_eq!(status(op.migrate("web-1", "hv 2").unwrap_err()), 400);
@@ -100,7 +103,11 @@ fn orders_are_role_checked_validated_one_per_vm_and_their_outcome_recorded() {
     let ordered = trail_records(&env);
     assert_eq!(ordered.len(), 1);
     assert_eq!(
-        (ordered[0].action.as_str(), ordered[0].actor.as_str(), ordered[0].resource.as_str()),
+        (
+            ordered[0].action.as_str(),
+            ordered[0].actor.as_str(),
+            ordered[0].resource.as_str()
+        ),
         ("vm.migrate", "olga", "vm/web-1")
     );
 
@@ -117,25 +124,43 @@ fn orders_are_role_checked_validated_one_per_vm_and_their_outcome_recorded() {
     assert_eq!(taken, vec![order.clone()]);
     // A report from another host, for another order, or saying pending is refused.
     assert_eq!(
-        status(agent.report_migration("hv2", "web-1", &report(&order.id, MigrationState::Running)).unwrap_err()),
+        status(
+            agent
+                .report_migration("hv2", "web-1", &report(&order.id, MigrationState::Running))
+                .unwrap_err()
+        ),
         422
     );
     assert_eq!(
-        status(agent.report_migration("hv1", "web-1", &report("web-1@1", MigrationState::Running)).unwrap_err()),
+        status(
+            agent
+                .report_migration("hv1", "web-1", &report("web-1@1", MigrationState::Running))
+                .unwrap_err()
+        ),
         409
     );
     assert_eq!(
-        status(agent.report_migration("hv1", "web-1", &report(&order.id, MigrationState::Pending)).unwrap_err()),
+        status(
+            agent
+                .report_migration("hv1", "web-1", &report(&order.id, MigrationState::Pending))
+                .unwrap_err()
+        ),
         400
     );
     assert_eq!(
-        status(agent.report_migration("hv1", "db-1", &report(&order.id, MigrationState::Running)).unwrap_err()),
+        status(
+            agent
+                .report_migration("hv1", "db-1", &report(&order.id, MigrationState::Running))
+                .unwrap_err()
+        ),
         404
     );
     assert_eq!(migrations(&env), stored);
 
     // Taken: no longer handed out, still refusing a second order.
-    let running = agent.report_migration("hv1", "web-1", &report(&order.id, MigrationState::Running)).unwrap();
+    let running = agent
+        .report_migration("hv1", "web-1", &report(&order.id, MigrationState::Running))
+        .unwrap();
     assert_eq!(running.state, MigrationState::Running);
     assert!(running.started_ns.is_some());
     assert!(agent.migration_orders("hv1").unwrap().is_empty());
@@ -152,7 +177,10 @@ fn orders_are_role_checked_validated_one_per_vm_and_their_outcome_recorded() {
     assert_eq!(completed.state, MigrationState::Completed);
     assert_eq!(op.migration("web-1").unwrap(), completed);
     let recs = trail_records(&env);
-    let rec = recs.iter().find(|c| c.action == "vm.migrate.completed").expect("a migration record");
+    let rec = recs
+        .iter()
+        .find(|c| c.action == "vm.migrate.completed")
+        .expect("a migration record");
     assert_eq!((rec.actor.as_str(), rec.resource.as_str()), ("agent/hv1", "vm/web-1"));
     let d: serde_json::Value = serde_json::from_str(&rec.diff).unwrap();
     assert_eq!(d["from"], "hv1");
@@ -177,7 +205,10 @@ fn orders_are_role_checked_validated_one_per_vm_and_their_outcome_recorded() {
     let failed = agent.report_migration("hv2", "web-1", &fail).unwrap();
     assert_eq!(failed.state, MigrationState::Failed);
     let recs = trail_records(&env);
-    let rec = recs.iter().find(|c| c.action == "vm.migrate.failed").expect("a failure record");
+    let rec = recs
+        .iter()
+        .find(|c| c.action == "vm.migrate.failed")
+        .expect("a failure record");
     assert!(rec.diff.contains("import: refused"), "{}", rec.diff);
     // A failed migration leaves the VM where it was: hv2.
     assert_eq!(status(op.migrate("web-1", "hv2").unwrap_err()), 422);
@@ -205,13 +236,41 @@ fn hostile_reports_are_refused_with_the_field_named() {
     };
     let id = &order.id;
     for (body, want, names) in [
-        (format!(r#"{{"id":"{id}","state":"completed","state_blake3":"XYZ"}}"#), 400, "state_blake3"),
-        (format!(r#"{{"id":"{id}","state":"completed","switchover_us":1.5}}"#), 400, "expected u64"),
-        (format!(r#"{{"id":"{id}","state":"completed","connections":-1}}"#), 400, "expected u64"),
-        (format!(r#"{{"id":"{id}","state":"completed","extra":1}}"#), 400, "extra"),
-        (format!(r#"{{"id":"{id}","state":"moved"}}"#), 400, "unknown variant `moved`"),
-        (format!(r#"{{"id":"{id}","state":"failed","reason":"a\u001b[2Jb"}}"#), 400, "reason"),
-        (format!(r#"{{"id":"{id}","state":"failed","reason":"{}"}}"#, "x".repeat(5000)), 413, "reason"),
+        (
+            format!(r#"{{"id":"{id}","state":"completed","state_blake3":"XYZ"}}"#),
+            400,
+            "state_blake3",
+        ),
+        (
+            format!(r#"{{"id":"{id}","state":"completed","switchover_us":1.5}}"#),
+            400,
+            "expected u64",
+        ),
+        (
+            format!(r#"{{"id":"{id}","state":"completed","connections":-1}}"#),
+            400,
+            "expected u64",
+        ),
+        (
+            format!(r#"{{"id":"{id}","state":"completed","extra":1}}"#),
+            400,
+            "extra",
+        ),
+        (
+            format!(r#"{{"id":"{id}","state":"moved"}}"#),
+            400,
+            "unknown variant `moved`",
+        ),
+        (
+            format!(r#"{{"id":"{id}","state":"failed","reason":"a\u001b[2Jb"}}"#),
+            400,
+            "reason",
+        ),
+        (
+            format!(r#"{{"id":"{id}","state":"failed","reason":"{}"}}"#, "x".repeat(5000)),
+            413,
+            "reason",
+        ),
         (r#"["x"]"#.to_string(), 400, "JSON object"),
     ] {
         let (s, text) = post(&body);

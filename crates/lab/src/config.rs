@@ -365,11 +365,6 @@ mod tests {
         let inv = palisade_policy::load(&src).unwrap().model.inventory;
         let qemu = crate::plan::QemuMode::Vms(vec!["vm1".into()]);
         let mut plan = Plan::new("pl", &inv, &qemu).unwrap();
-        // A guest on vhost-user cannot migrate (QEMU needs dirty logging the backend lacks).
-        plan.qemu_nic = crate::plan::QemuNic::VhostUser;
-        let e = plan.add_standby("vm1", "hv2").unwrap_err().to_string();
-        assert!(e.contains("LOG_SHMFD"), "{e}");
-        plan.qemu_nic = crate::plan::QemuNic::Tap;
         let refused = [("vm2", "hv1"), ("vm1", "hv1"), ("vm1", "hv9"), ("vm9", "hv2")];
         for (vm, host) in refused {
             assert!(plan.add_standby(vm, host).is_err(), "{vm}@{host}");
@@ -389,5 +384,11 @@ mod tests {
         let s = Path::new("/s");
         assert_eq!(vhost_user_socket_on(s, &nic, "hv1", "hv1"), vhost_user_socket(s, &nic));
         assert_ne!(vhost_user_socket_on(s, &nic, "hv1", "hv2"), vhost_user_socket(s, &nic));
+        // On vhost-user, each host's agent listens on a socket of its own for the vNIC.
+        plan.qemu_nic = crate::plan::QemuNic::VhostUser;
+        let hv2 = agent_config(&plan, "hv2", Path::new("/p"), Path::new("/s")).unwrap();
+        let socket = vhost_user_socket_on(s, &nic, "hv1", "hv2");
+        let entry = format!("name = \"vm1.0\"\nvhost_user = \"{}\"", socket.display());
+        assert!(hv2.contains(&entry), "{hv2}");
     }
 }

@@ -815,8 +815,7 @@ impl Lab {
         // (`[migration] qmp`): one per host, whatever the generation.
         let by_host = config::qmp_link(&self.state.state_dir, &vm.name, host);
         let _ = std::fs::remove_file(&by_host);
-        std::os::unix::fs::symlink(&qmp, &by_host)
-            .map_err(LabError::io(format!("linking {}", by_host.display())))?;
+        std::os::unix::fs::symlink(&qmp, &by_host).map_err(LabError::io(format!("linking {}", by_host.display())))?;
         Ok(QemuProc {
             pid,
             console,

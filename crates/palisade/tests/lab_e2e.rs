@@ -1834,12 +1834,13 @@ fn pid_file(state: &std::path::Path) -> Option<u32> {
 /// between lab VMs, the rest denied by the datacenter default) also allows
 /// udp/5140 (syslog) for the UDP flow.
 fn migration_lab(name: &str) -> Option<Teardown> {
-    migration_lab_with(name, false)
+    migration_lab_with(name, false, palisade_lab::QemuNic::Tap)
 }
 
 /// [`migration_lab`], with a controller when `controller` (its agents then
-/// carry out the migrations it orders: `[migration]` in their configs).
-fn migration_lab_with(name: &str, controller: bool) -> Option<Teardown> {
+/// carry out the migrations it orders: `[migration]` in their configs), the
+/// guest on `nic`.
+fn migration_lab_with(name: &str, controller: bool, nic: palisade_lab::QemuNic) -> Option<Teardown> {
     if !lab_possible() {
         return None;
     }
@@ -1860,7 +1861,7 @@ fn migration_lab_with(name: &str, controller: bool) -> Option<Teardown> {
     let spec = LabSpec {
         name: name.into(),
         qemu: palisade_lab::QemuMode::Vms(vec!["vm1".into()]),
-        qemu_nic: palisade_lab::QemuNic::Tap,
+        qemu_nic: nic,
         agent_exe: Some(EXE.into()),
         standby: vec![("vm1".into(), "hv2".into())],
         controller,
@@ -2176,7 +2177,7 @@ fn qemu_guest_live_migration_keeps_its_connections_and_policy() {
 #[test]
 fn qemu_guest_live_migration_through_the_controller_keeps_its_connections() {
     let _one = one_lab();
-    let Some(mut guard) = migration_lab_with("pe2migc", true) else {
+    let Some(mut guard) = migration_lab_with("pe2migc", true, palisade_lab::QemuNic::Tap) else {
         return;
     };
     let lab = guard.0.as_mut().unwrap();
@@ -2200,8 +2201,14 @@ fn qemu_guest_live_migration_through_the_controller_keeps_its_connections() {
     let order: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
     eprintln!("order: {order}");
     assert_eq!(order["state"], "completed", "{order}");
-    assert_eq!((order["from"].as_str(), order["to"].as_str()), (Some("hv1"), Some("hv2")));
-    assert!(order["connections"].as_u64().unwrap() >= 2, "the TCP and UDP connections moved: {order}");
+    assert_eq!(
+        (order["from"].as_str(), order["to"].as_str()),
+        (Some("hv1"), Some("hv2"))
+    );
+    assert!(
+        order["connections"].as_u64().unwrap() >= 2,
+        "the TCP and UDP connections moved: {order}"
+    );
     let hash = order["state_blake3"].as_str().unwrap().to_string();
     assert_eq!(hash.len(), 64);
     lab.adopt_incoming(incoming).unwrap();
@@ -2242,12 +2249,12 @@ fn qemu_guest_live_migration_through_the_controller_keeps_its_connections() {
             "{host}'s trail records {action} with the blob's hash"
         );
     }
-    let recorded = lab
-        .ctl(&["flows", "--changes", "--vm", "vm1", "--json"])
-        .unwrap();
+    let recorded = lab.ctl(&["flows", "--changes", "--vm", "vm1", "--json"]).unwrap();
     let recorded = String::from_utf8_lossy(&recorded.stdout).into_owned();
     assert!(
-        recorded.lines().any(|l| l.contains("vm.migrate.completed") && l.contains(&hash)),
+        recorded
+            .lines()
+            .any(|l| l.contains("vm.migrate.completed") && l.contains(&hash)),
         "the controller's trail holds the migration record: {recorded}"
     );
     assert!(recorded.contains("\"vm.migrate\""), "and the order: {recorded}");
@@ -2264,6 +2271,55 @@ fn qemu_guest_live_migration_through_the_controller_keeps_its_connections() {
     );
     guard.0.take().unwrap().shutdown().unwrap();
     assert_eq!(leftovers("pe2migc").unwrap(), Vec::<String>::new());
+}
+
+/// A guest on vhost-user (guest memory shared with the agents, its NIC
+/// served by the agent's backend) live-migrates hv1 → hv2: QEMU accepts it
+/// (the backend logs the pages it writes, `LOG_SHMFD`), its TCP stream and
+/// UDP flow survive, and a denied connection stays denied on hv2.
+#[test]
+fn qemu_guest_on_vhost_user_live_migration_keeps_its_connections() {
+    let _one = one_lab();
+    let Some(mut guard) = migration_lab_with("pe2migv", false, palisade_lab::QemuNic::VhostUser) else {
+        return;
+    };
+    let lab = guard.0.as_mut().unwrap();
+    let flows = guest_flows(lab);
+    assert!(!guest_reaches_ssh(lab), "tcp/22 denied before the migration");
+    let udp_before = guest_udp_answers(lab);
+    let report = lab
+        .migrate("vm1", "hv2", &palisade_lab::MigrateOptions::default())
+        .unwrap();
+    let moved_at = Instant::now();
+    eprintln!("migration: {}", report.to_json());
+    assert!(report.connections >= 2, "the TCP and UDP connections moved: {report:?}");
+    assert_eq!(lab.vm_host("vm1").unwrap(), "hv2");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(
+        guest_udp_answers(lab),
+        udp_before,
+        "UDP answers keep reaching the guest after the migration"
+    );
+    assert!(!flows.tcp.is_finished(), "the TCP stream still runs");
+    assert_eq!(
+        default_decisions(lab, "hv2", "vm1.0"),
+        0,
+        "no flow of the guest met the default rule on the destination"
+    );
+    assert!(!guest_reaches_ssh(lab), "tcp/22 denied after the migration");
+    let (tcp, udp) = flows.finish(lab);
+    let tcp = tcp.unwrap_or_else(|e| panic!("the TCP stream broke: {e}"));
+    let tcp_after = tcp.iter().filter(|t| **t > moved_at).count();
+    let udp_after = udp.iter().filter(|t| **t > moved_at).count();
+    assert!(tcp_after >= 20, "echoes after the migration: {tcp_after}");
+    assert!(udp_after >= 10, "datagrams after the migration: {udp_after}");
+    eprintln!(
+        "longest gap: TCP echo {:?}, UDP arrival {:?}",
+        longest_gap(&tcp),
+        longest_gap(&udp)
+    );
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2migv").unwrap(), Vec::<String>::new());
 }
 
 /// The destination agent dies in the middle of the state transfer (after

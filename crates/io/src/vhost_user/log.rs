@@ -394,7 +394,13 @@ mod tests {
         log.mark(8 * LOG_PAGE, 1);
         // The offset below a page is honoured: byte 1 of the log is file byte 4100.
         assert_eq!(bytes(&f, 8192)[4096 + 3 + 1], 1);
-        for (size, offset) in [(0, 0), (8193, 0), (16, 8190), (16, u64::MAX - 3), (MAX_LOG_BYTES + 1, 0)] {
+        for (size, offset) in [
+            (0, 0),
+            (8193, 0),
+            (16, 8190),
+            (16, u64::MAX - 3),
+            (MAX_LOG_BYTES + 1, 0),
+        ] {
             assert!(
                 matches!(log.set_base(&f, size, offset), Err(LogError::Bounds { .. })),
                 "{size} at {offset}"

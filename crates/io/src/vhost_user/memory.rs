@@ -170,7 +170,11 @@ mod tests {
             matches!(past_end, Err(MemoryError::Region { index: 0, .. })),
             "{past_end:?}"
         );
-        let offset_past = MemoryTable::map(&[region(0, 0x1000, 0x1000_0000, u64::MAX - 10)], vec![file(0x1000)], &log());
+        let offset_past = MemoryTable::map(
+            &[region(0, 0x1000, 0x1000_0000, u64::MAX - 10)],
+            vec![file(0x1000)],
+            &log(),
+        );
         assert!(
             matches!(offset_past, Err(MemoryError::Region { .. })),
             "{offset_past:?}"

@@ -3,9 +3,9 @@
 //! The destination is pre-staged when the lab is built: its agent's
 //! configuration lists the guest's vNIC ([`crate::Plan::add_standby`]), so the
 //! vNIC's port, its tap and the VM's compiled rules are there before
-//! anything moves. Guests on taps only: QEMU refuses to migrate a vhost-user
-//! NIC whose backend does not log dirty guest memory
-//! (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`), and the agent's backend does not yet.
+//! anything moves. Guests on taps or on vhost-user (the destination agent
+//! listens on a socket of its own for the vNIC; the agent's backend logs the
+//! guest pages it writes while QEMU migrates, `VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
 //! [`Lab::migrate`] then:
 //!
 //! 1. starts the destination QEMU in the destination host's namespace with
@@ -223,13 +223,6 @@ impl Lab {
             .get(vm)
             .cloned()
             .ok_or_else(|| fail("not a running QEMU guest".into()))?;
-        if self.state.plan.on_vhost_user(&plan) {
-            return Err(fail(
-                "a guest on vhost-user cannot migrate yet: the agent's backend does not log dirty guest memory \
-                 (VHOST_USER_PROTOCOL_F_LOG_SHMFD), which QEMU requires"
-                    .into(),
-            ));
-        }
         if from == to {
             return Err(fail("it runs there already".into()));
         }
@@ -483,13 +476,6 @@ impl Lab {
             .get(vm)
             .cloned()
             .ok_or_else(|| fail("not a running QEMU guest".into()))?;
-        if self.state.plan.on_vhost_user(&plan) {
-            return Err(fail(
-                "a guest on vhost-user cannot migrate yet: the agent's backend does not log dirty guest memory \
-                 (VHOST_USER_PROTOCOL_F_LOG_SHMFD), which QEMU requires"
-                    .into(),
-            ));
-        }
         if from == to {
             return Err(fail("it runs there already".into()));
         }
@@ -560,8 +546,8 @@ impl Lab {
             reason,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut q = qmp_connect(&inc.guest.qmp, inc.guest.pid, deadline)
-            .map_err(|e| fail(format!("destination QEMU: {e}")))?;
+        let mut q =
+            qmp_connect(&inc.guest.qmp, inc.guest.pid, deadline).map_err(|e| fail(format!("destination QEMU: {e}")))?;
         loop {
             let s = status(&mut q).map_err(|e| fail(format!("destination QEMU: {e}")))?;
             if s == "running" {
