@@ -304,3 +304,211 @@ fn take(client: &Client, host: &str, config: &MigrationConfig, control: &dyn Con
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+    use std::sync::Mutex;
+
+    /// Records what the order asked of this host's engines.
+    #[derive(Default)]
+    struct FakeControl {
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl Control for FakeControl {
+        fn export_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, ControlError> {
+            self.calls.lock().unwrap().push(format!("export {vnic} {peer:?}"));
+            Ok(b"state of the vNIC".to_vec())
+        }
+        fn import_vnic(&self, _: &str, _: &[u8], _: Option<&str>) -> Result<usize, ControlError> {
+            unreachable!("the source never imports")
+        }
+        fn resume_vnic(&self, vnic: &str, _: Option<&str>) -> Result<(), ControlError> {
+            self.calls.lock().unwrap().push(format!("resume {vnic}"));
+            Ok(())
+        }
+        fn release_vnic(&self, vnic: &str, _: Option<&str>) -> Result<usize, ControlError> {
+            self.calls.lock().unwrap().push(format!("release {vnic}"));
+            Ok(3)
+        }
+    }
+
+    /// A QEMU monitor that migrates: `pre-switchover` until `migrate-continue`,
+    /// then `completed`; the commands it got.
+    fn fake_qemu(path: &Path) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
+        let listener = UnixListener::bind(path).unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let seen = log.clone();
+        let h = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .unwrap();
+            let mut continued = false;
+            for line in BufReader::new(s).lines() {
+                let Ok(line) = line else { return };
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                let cmd = v["execute"].as_str().unwrap().to_string();
+                let answer = match cmd.as_str() {
+                    "query-migrate" if continued => r#"{"return": {"status": "completed"}}"#,
+                    "query-migrate" => r#"{"return": {"status": "pre-switchover"}}"#,
+                    "query-status" => r#"{"return": {"status": "running"}}"#,
+                    "migrate-continue" => {
+                        continued = true;
+                        r#"{"return": {}}"#
+                    }
+                    _ => r#"{"return": {}}"#,
+                };
+                seen.lock().unwrap().push(cmd);
+                if w.write_all(format!("{answer}\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+        (log, h)
+    }
+
+    /// A destination agent's control socket answering one import with `answer`.
+    fn fake_peer(path: &Path, answer: &'static str) -> std::thread::JoinHandle<String> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut head = String::new();
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if let Some(v) = line.strip_prefix("Content-Length: ") {
+                    len = v.trim().parse().unwrap();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            s.write_all(answer.as_bytes()).unwrap();
+            head
+        })
+    }
+
+    fn setup(dir: &Path) -> (MigrationConfig, MigrationOrder) {
+        let config = MigrationConfig {
+            qmp: dir.join("{vm}.qmp").display().to_string(),
+            incoming: "unix:/nowhere/{vm}.incoming".into(),
+            peer_control: dir.join("{to}.sock").display().to_string(),
+            timeout_s: Some(10),
+            poll_ms: None,
+        };
+        let order = MigrationOrder {
+            id: "vm1@1".into(),
+            vm: "vm1".into(),
+            vnics: vec!["vm1.0".into()],
+            from: "hv1".into(),
+            to: "hv2".into(),
+            requested_by: "ops".into(),
+            requested_ns: 1,
+            deadline_ns: u64::MAX,
+            state: MigrationState::Running,
+            started_ns: None,
+            finished_ns: None,
+            connections: None,
+            state_bytes: None,
+            state_blake3: None,
+            switchover_us: None,
+            reason: None,
+        };
+        (config, order)
+    }
+
+    #[test]
+    fn an_order_migrates_with_the_state_moved_in_the_pause_and_the_source_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, order) = setup(dir.path());
+        let (qemu, q) = fake_qemu(&dir.path().join("vm1.qmp"));
+        let peer = fake_peer(
+            &dir.path().join("hv2.sock"),
+            "HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n{\"imported\":3}",
+        );
+        let control = FakeControl::default();
+        let r = carry_out(&order, "hv1", &config, &control);
+        assert_eq!(r.state, MigrationState::Completed, "{r:?}");
+        assert_eq!(r.connections, Some(3));
+        assert_eq!(r.state_bytes, Some(17));
+        let hash = blake3::hash(b"state of the vNIC").to_hex().to_string();
+        assert_eq!(r.state_blake3.as_deref(), Some(hash.as_str()));
+        assert!(r.check().is_ok(), "the controller takes the report");
+        assert!(peer.join().unwrap().starts_with("POST /vnics/vm1.0/import?peer=hv1 "));
+        assert_eq!(
+            *control.calls.lock().unwrap(),
+            ["export vm1.0 Some(\"hv2\")", "release vm1.0"]
+        );
+        q.join().unwrap();
+        let qemu = qemu.lock().unwrap().clone();
+        let at = |c: &str| {
+            qemu.iter()
+                .position(|x| x == c)
+                .unwrap_or_else(|| panic!("{c} in {qemu:?}"))
+        };
+        assert!(at("migrate") < at("migrate-continue") && at("migrate-continue") < at("quit"));
+    }
+
+    #[test]
+    fn a_refused_import_cancels_and_the_source_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, order) = setup(dir.path());
+        let (qemu, q) = fake_qemu(&dir.path().join("vm1.qmp"));
+        let peer = fake_peer(
+            &dir.path().join("hv2.sock"),
+            "HTTP/1.1 400 Bad Request\r\nContent-Length: 13\r\n\r\nblob refused\n",
+        );
+        let control = FakeControl::default();
+        let r = carry_out(&order, "hv1", &config, &control);
+        assert_eq!(r.state, MigrationState::Failed);
+        let reason = r.reason.clone().unwrap();
+        assert!(
+            reason.contains("blob refused") && reason.contains("cancelled"),
+            "{reason}"
+        );
+        assert!(r.check().is_ok(), "the controller takes the report");
+        peer.join().unwrap();
+        assert_eq!(
+            *control.calls.lock().unwrap(),
+            ["export vm1.0 Some(\"hv2\")", "resume vm1.0"]
+        );
+        drop(control);
+        // The monitor sees the cancel, and no quit.
+        let _ = q.join();
+        let qemu = qemu.lock().unwrap().clone();
+        assert!(qemu.contains(&"migrate_cancel".to_string()), "{qemu:?}");
+        assert!(!qemu.contains(&"quit".to_string()), "{qemu:?}");
+    }
+
+    #[test]
+    fn names_that_cannot_go_into_a_path_and_other_hosts_orders_are_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, order) = setup(dir.path());
+        let control = FakeControl::default();
+        for (vm, to, from) in [
+            ("../etc", "hv2", "hv1"),
+            ("vm1", "hv2/..", "hv1"),
+            (".x", "hv2", "hv1"),
+            ("vm1", "hv2", "hv3"),
+        ] {
+            let o = MigrationOrder {
+                vm: vm.into(),
+                to: to.into(),
+                from: from.into(),
+                ..order.clone()
+            };
+            let r = carry_out(&o, "hv1", &config, &control);
+            assert_eq!(r.state, MigrationState::Failed, "{vm} {to} {from}");
+        }
+        assert!(control.calls.lock().unwrap().is_empty());
+    }
+}

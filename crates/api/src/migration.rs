@@ -58,7 +58,7 @@ impl MigrationState {
 }
 
 /// A migration order and, once over, its outcome (the controller's stored
-/// form and the API's answer).
+/// form and the API's answer). Fields not known yet are left out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationOrder {
     /// Names this order (the VM and the time it was ordered).
@@ -80,25 +80,25 @@ pub struct MigrationOrder {
     /// Where it stands.
     pub state: MigrationState,
     /// When the source agent started it (Unix ns).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_ns: Option<u64>,
     /// When it ended (Unix ns).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_ns: Option<u64>,
     /// Connections moved (imported on the destination).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<u64>,
     /// Bytes of state moved.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_bytes: Option<u64>,
     /// BLAKE3 of the state moved (hex; of the vNICs' blobs in order).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_blake3: Option<String>,
     /// The added blackout: the state move while the guest was paused, µs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover_us: Option<u64>,
     /// Why it failed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
@@ -114,19 +114,19 @@ pub struct MigrationReport {
     /// `running`, `completed` or `failed`.
     pub state: MigrationState,
     /// Connections moved.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<u64>,
     /// Bytes of state moved.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_bytes: Option<u64>,
     /// BLAKE3 of the state moved (64 hex digits).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_blake3: Option<String>,
     /// The state move while the guest was paused, µs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub switchover_us: Option<u64>,
     /// Why it failed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
