@@ -1035,6 +1035,16 @@ impl Agent {
             host: config.host.clone(),
             records: migrations.clone(),
         });
+        if let (Some(cc), Some(mc)) = (&config.controller, &config.migration) {
+            // Detached like the other upstream threads: it ends with `stop`.
+            crate::orders::watch(
+                crate::upstream::client(cc)?,
+                config.host.clone(),
+                mc.clone(),
+                control.clone(),
+                stop.clone(),
+            )?;
+        }
         http::serve_with_control(
             shared.clone(),
             config.metrics,

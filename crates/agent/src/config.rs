@@ -31,6 +31,11 @@
 //! # rules = "/etc/palisade/rules/suricata.rules"
 //! # classification = "/etc/palisade/rules/classification.config"  # optional
 //! # budget_bytes_per_s = 125000000   # per port; over it: bypass (zone open) or drop (zone closed)
+//! # [migration]                      # controller mode: how to carry out ordered live migrations
+//! # qmp = "/run/palisade/qemu/{vm}.qmp"                 # the VM's QMP socket here
+//! # incoming = "unix:/run/palisade/qemu/{vm}.incoming"  # the destination QEMU's -incoming URI
+//! # peer_control = "/var/lib/palisade/{to}/agent.sock"  # the destination agent's control socket
+//! # timeout_s = 120                  # bounds one migration
 //! [[appliance]]                      # a router or gateway leg: may send from any address
 //! name = "edge-web"
 //! interface = "ge-web"
@@ -128,6 +133,87 @@ pub struct AgentConfig {
     /// Inline inspection (`[inspect]`): off when absent.
     #[serde(default)]
     pub inspect: Option<InspectConfig>,
+    /// How this agent carries out the live migrations the controller orders
+    /// (`[migration]`, controller mode only): none when absent.
+    #[serde(default)]
+    pub migration: Option<MigrationConfig>,
+}
+
+/// The hypervisor driver of controller-ordered migrations: QEMU's QMP.
+/// Each path is a template: `{vm}` is the VM's name, `{to}` the destination
+/// host's (names with other characters than letters, digits, `.`, `_` and
+/// `-`, or starting with a dot, are refused before they reach a path).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// The VM's QMP socket on this host, e.g. `/run/palisade/qemu/{vm}.qmp`.
+    pub qmp: String,
+    /// Where the destination's QEMU, started with `-incoming`, listens:
+    /// e.g. `tcp:{to}:4444` or `unix:/run/palisade/qemu/{vm}.incoming`.
+    pub incoming: String,
+    /// The destination agent's control socket, e.g.
+    /// `/var/lib/palisade/{to}/agent.sock` (the lab's hosts share a file
+    /// system; between real hosts this is a forwarded socket).
+    pub peer_control: String,
+    /// Bounds one migration, seconds (default 120; 1 to 3600).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// How often the controller is asked for orders, ms (default 500; 50 to 60000).
+    #[serde(default)]
+    pub poll_ms: Option<u64>,
+}
+
+impl MigrationConfig {
+    /// The bound on one migration.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout_s.unwrap_or(120))
+    }
+
+    /// The time between asking the controller for orders.
+    pub fn poll(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.poll_ms.unwrap_or(500))
+    }
+
+    /// `template` with `{vm}` and `{to}` put in, refusing names that could
+    /// leave the path's directory or break its syntax.
+    pub fn fill(template: &str, vm: &str, to: &str) -> Result<String, String> {
+        for (what, name) in [("VM", vm), ("host", to)] {
+            let ok = !name.is_empty()
+                && !name.starts_with('.')
+                && name.len() <= 255
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(format!(
+                    "{what} name {name:?} cannot go into a path (letters, digits, . _ -, not starting with a dot)"
+                ));
+            }
+        }
+        Ok(template.replace("{vm}", vm).replace("{to}", to))
+    }
+
+    /// Templates name only `{vm}` and `{to}`; the numbers are in range.
+    fn check(&self) -> Result<(), (String, String)> {
+        for (field, t) in [
+            ("qmp", &self.qmp),
+            ("incoming", &self.incoming),
+            ("peer_control", &self.peer_control),
+        ] {
+            let rest = t.replace("{vm}", "").replace("{to}", "");
+            if t.is_empty() || rest.contains(['{', '}']) {
+                return Err((
+                    format!("migration.{field}"),
+                    format!("`{t}` must be a path with only {{vm}} and {{to}} in braces"),
+                ));
+            }
+        }
+        if self.timeout_s.is_some_and(|t| !(1..=3600).contains(&t)) {
+            return Err(("migration.timeout_s".into(), "must be 1 to 3600 seconds".into()));
+        }
+        if self.poll_ms.is_some_and(|t| !(50..=60_000).contains(&t)) {
+            return Err(("migration.poll_ms".into(), "must be 50 to 60000 milliseconds".into()));
+        }
+        Ok(())
+    }
 }
 
 /// Inline inspection: the signatures the policy's profiles select from,
@@ -555,6 +641,15 @@ impl AgentConfig {
                     ));
                 }
             }
+        }
+        if let Some(m) = &config.migration {
+            if config.controller.is_none() {
+                return Err(invalid(
+                    "migration".into(),
+                    "migrations are ordered by the controller: give a [controller] section".into(),
+                ));
+            }
+            m.check().map_err(|(field, message)| invalid(field, message))?;
         }
         if let Some(w) = config.workers
             && !(1..=MAX_WORKERS).contains(&w)

@@ -17,6 +17,10 @@
 //! - [`http`]: the metrics/flows/health endpoint (TCP and a Unix socket).
 //! - [`migrate`]: one vNIC's connection state merged from the workers and
 //!   split between them again (live migration, served by [`http`]).
+//! - [`qmp`]: a QMP client and a QEMU live migration with a switchover step
+//!   (the hypervisor driver of migrations; the lab uses it too).
+//! - [`orders`]: migrations the controller orders: picked up from it,
+//!   carried out with the hypervisor driver and the state move, reported.
 //! - `vhost`: vNICs attached through vhost-user (QEMU/libvirt guests), one
 //!   device per vNIC, its queue pairs served by the workers.
 //! - [`upstream`]: policy from the controller, the last good one saved.
@@ -42,6 +46,8 @@ mod links;
 pub mod metrics;
 pub mod migrate;
 pub mod notify;
+pub mod orders;
+pub mod qmp;
 pub mod records;
 pub mod snapshot;
 pub mod supervise;

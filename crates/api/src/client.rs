@@ -260,6 +260,36 @@ impl Client {
         self.call("PUT", &format!("/v1/vms/{}/tags", segment(vm)), Some(req))
     }
 
+    /// Order VM `vm` migrated to host `to` (the order as stored, `pending`).
+    pub fn migrate(&self, vm: &str, to: &str) -> Result<crate::migration::MigrationOrder, ClientError> {
+        let req = crate::migration::MigrateRequest { to: to.to_string() };
+        self.call("POST", &format!("/v1/vms/{}/migrate", segment(vm)), Some(&req))
+    }
+
+    /// The last migration order of VM `vm`, as it stands.
+    pub fn migration(&self, vm: &str) -> Result<crate::migration::MigrationOrder, ClientError> {
+        self.get(&format!("/v1/vms/{}/migration", segment(vm)))
+    }
+
+    /// The migration orders agent `host` is to carry out (pending, from that host).
+    pub fn migration_orders(&self, host: &str) -> Result<Vec<crate::migration::MigrationOrder>, ClientError> {
+        self.get(&format!("/v1/agents/{}/migrations", segment(host)))
+    }
+
+    /// Agent `host` reports on the migration of `vm` it carries out.
+    pub fn report_migration(
+        &self,
+        host: &str,
+        vm: &str,
+        report: &crate::migration::MigrationReport,
+    ) -> Result<crate::migration::MigrationOrder, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/agents/{}/migrations/{}", segment(host), segment(vm)),
+            Some(report),
+        )
+    }
+
     /// VMs with their effective tags.
     pub fn vms(&self) -> Result<Vec<VmInfo>, ClientError> {
         self.get("/v1/vms")

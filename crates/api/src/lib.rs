@@ -13,6 +13,7 @@
 //!   checks are made of.
 //! - [`health`]: an agent's datapath health report and the controller's
 //!   view of a host (healthy, degraded, failed).
+//! - [`migration`]: live migration ordered through the controller.
 //! - [`roles`]: roles and the permissions they grant.
 //! - [`bundle`]: the policy bundle an agent compiles, incrementally when
 //!   only tags changed.
@@ -27,6 +28,7 @@ pub mod client;
 pub mod delta;
 pub mod documents;
 pub mod health;
+pub mod migration;
 pub mod roles;
 pub mod sources;
 pub mod tls;

@@ -129,6 +129,10 @@ pub enum CoreError {
     /// This controller cannot serve the request (it keeps no audit log).
     #[error("{0}")]
     Unavailable(String),
+    /// Another operation on the same thing is under way (409): a VM's
+    /// migration while one is pending or running.
+    #[error("{0}")]
+    InProgress(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

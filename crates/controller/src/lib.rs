@@ -6,6 +6,8 @@
 //!   records), synchronous and independent of HTTP.
 //! - [`server`]: the HTTP API on axum, plain or TLS with client certificates.
 //! - [`health`]: agents' datapath health, host states, the evacuation hook.
+//! - [`migration`]: live migrations ordered here, carried out by the
+//!   source host's agent.
 //! - [`tls`]: the private CA and the server's rustls settings.
 //! - [`auth`]: tokens (the roles are `palisade_api::roles`).
 //! - [`trail`]: the controller's audit log of its changes and its agents' flows.
@@ -25,6 +27,7 @@ pub mod alerts;
 pub mod auth;
 pub mod core;
 pub mod health;
+pub mod migration;
 mod openapi;
 pub mod server;
 pub mod store;

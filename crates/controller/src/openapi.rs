@@ -91,6 +91,22 @@ const ENDPOINTS: &[Endpoint] = &[
         "TagResponse",
     ),
     (
+        "post",
+        "/v1/vms/{name}/migrate",
+        "Order a live migration of the VM to another host (202: the order, pending; the source host's agent carries it out; 409 while another of the VM's migrations is pending or running; 422: an unknown host, the VM's own host, a host without a registered agent). Recorded as a change",
+        "operator, admin",
+        Some("MigrateRequest"),
+        "MigrationOrder",
+    ),
+    (
+        "get",
+        "/v1/vms/{name}/migration",
+        "The VM's last migration order and its outcome",
+        "any role",
+        None,
+        "MigrationOrder",
+    ),
+    (
         "get",
         "/v1/hosts",
         "Hosts of the inventory and of registered agents",
@@ -226,6 +242,22 @@ const ENDPOINTS: &[Endpoint] = &[
         "admin",
         Some("AuditKeyRequest"),
         "AuditHeadInfo",
+    ),
+    (
+        "get",
+        "/v1/agents/{host}/migrations",
+        "The migration orders the host's agent is to carry out (pending, from that host)",
+        "client certificate with CN = host (plain HTTP: admin token)",
+        None,
+        "MigrationOrderList",
+    ),
+    (
+        "post",
+        "/v1/agents/{host}/migrations/{name}",
+        "The source agent took the VM's migration order (running) or finished it (completed, failed: stored with a migration record in the controller's trail); 409 for another order or one over already, 422 from another host than the order's source",
+        "client certificate with CN = host (plain HTTP: admin token)",
+        Some("MigrationReport"),
+        "MigrationOrder",
     ),
     (
         "get",
@@ -759,6 +791,66 @@ fn schemas() -> Value {
         ],
         &["received", "kept", "evicted", "hosts"],
     );
+    all["MigrateRequest"] = closed(
+        &[(
+            "to",
+            json!({ "type": "string", "minLength": 1, "maxLength": MAX_HOST_NAME_CHARS, "pattern": HOST_PATTERN }),
+        )],
+        &["to"],
+    );
+    all["MigrationOrder"] = obj(
+        &[
+            ("id", s.clone()),
+            ("vm", s.clone()),
+            ("vnics", strings.clone()),
+            ("from", s.clone()),
+            ("to", s.clone()),
+            ("requested_by", s.clone()),
+            ("requested_ns", n.clone()),
+            ("deadline_ns", n.clone()),
+            (
+                "state",
+                json!({ "type": "string", "enum": ["pending", "running", "completed", "failed"] }),
+            ),
+            ("started_ns", n.clone()),
+            ("finished_ns", n.clone()),
+            ("connections", n.clone()),
+            ("state_bytes", n.clone()),
+            ("state_blake3", s.clone()),
+            ("switchover_us", n.clone()),
+            ("reason", s.clone()),
+        ],
+        &[
+            "id",
+            "vm",
+            "vnics",
+            "from",
+            "to",
+            "requested_by",
+            "requested_ns",
+            "deadline_ns",
+            "state",
+        ],
+    );
+    all["MigrationOrderList"] = list("MigrationOrder");
+    all["MigrationReport"] = closed(
+        &[
+            ("id", s.clone()),
+            (
+                "state",
+                json!({ "type": "string", "enum": ["running", "completed", "failed"] }),
+            ),
+            ("connections", n.clone()),
+            ("state_bytes", n.clone()),
+            (
+                "state_blake3",
+                json!({ "type": "string", "minLength": 64, "maxLength": 64, "pattern": anchored("[0-9a-f]{64}") }),
+            ),
+            ("switchover_us", n.clone()),
+            ("reason", printable(palisade_api::migration::MAX_MIGRATION_REASON)),
+        ],
+        &["id", "state"],
+    );
     all["HealthReport"] = health_report;
     all["TableFill"] = table_fill;
     all["FailOpenEpisode"] = fail_open_episode;
@@ -882,6 +974,17 @@ pub fn document() -> Value {
             responses["409"] = err(
                 "another audit key than the host's pinned one (recorded), or a head behind or beside the one held: a rollback or fork (kept as evidence)",
             );
+        }
+        if path.contains("/migrat") && *method == "post" {
+            responses["409"] = err(
+                "another migration of the VM is pending or running, or the report is for another order or one over already",
+            );
+        }
+        if *path == "/v1/vms/{name}/migrate" {
+            let ok = responses["200"].take();
+            responses.as_object_mut().map(|r| r.remove("200"));
+            responses["202"] = ok;
+            responses["202"]["description"] = json!("Accepted: the order, pending");
         }
         if path.contains("{host}/policy") {
             responses["304"] = json!({ "description": "no newer revision within `wait`" });

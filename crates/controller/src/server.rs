@@ -192,7 +192,9 @@ impl From<CoreError> for ApiError {
                 challenge: None,
             },
             CoreError::Unprocessable(m) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, m),
-            CoreError::NameTaken(m) | CoreError::AuditConflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+            CoreError::NameTaken(m) | CoreError::AuditConflict(m) | CoreError::InProgress(m) => {
+                ApiError::new(StatusCode::CONFLICT, m)
+            }
             CoreError::BadRequest(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
             CoreError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, m),
             CoreError::Conflict => ApiError::new(StatusCode::CONFLICT, e.to_string()),
@@ -460,6 +462,20 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Seg {
     }
 }
 
+/// Two path segments, decoded, refused as [`Seg`] refuses one.
+struct Seg2(String, String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Seg2 {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Seg2, ApiError> {
+        match Path::<(String, String)>::from_request_parts(parts, state).await {
+            Ok(Path((a, b))) => Ok(Seg2(a, b)),
+            Err(e) => Err(ApiError::bad_request(format!("bad path: {}", e.body_text()))),
+        }
+    }
+}
+
 fn publish(s: &AppState, cur: CurrentRecord) {
     s.revision.send_if_modified(|r| {
         let newer = cur.revision > r.revision;
@@ -597,6 +613,46 @@ async fn tag(State(s): State<AppState>, Seg(vm): Seg, headers: HeaderMap, body: 
     let resp = blocking(move || ctl.tag(&tok.name, &vm, &req)).await?;
     publish_current(&s).await;
     ok(resp)
+}
+
+async fn migrate(State(s): State<AppState>, Seg(vm): Seg, headers: HeaderMap, body: Body) -> ApiResult {
+    let tok = authorize(&s, &headers, Permission::Change).await?;
+    check_text("VM name", &vm, 1, usize::MAX)?;
+    let req: palisade_api::migration::MigrateRequest = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    let order = blocking(move || ctl.order_migration(&tok.name, &vm, &req)).await?;
+    Ok((StatusCode::ACCEPTED, axum::Json(order)).into_response())
+}
+
+async fn migration(State(s): State<AppState>, Seg(vm): Seg, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers, Permission::Read).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.migration(&vm)).await?)
+}
+
+async fn migration_orders(
+    State(s): State<AppState>,
+    Seg(host): Seg,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.migration_orders(&host)).await?)
+}
+
+async fn report_migration(
+    State(s): State<AppState>,
+    Seg2(host, vm): Seg2,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    check_text("VM name", &vm, 1, usize::MAX)?;
+    let req: palisade_api::migration::MigrationReport = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.report_migration(&host, &vm, &req)).await?)
 }
 
 async fn agents(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
@@ -971,6 +1027,8 @@ fn router(state: AppState) -> Router {
         .route("/v1/policy/rollback/{v}", post(rollback))
         .route("/v1/vms", get(vms))
         .route("/v1/vms/{name}/tags", put(tag))
+        .route("/v1/vms/{name}/migrate", post(migrate))
+        .route("/v1/vms/{name}/migration", get(migration))
         .route("/v1/hosts", get(hosts))
         .route("/v1/agents", get(agents))
         .route("/v1/changes", get(changes))
@@ -981,6 +1039,8 @@ fn router(state: AppState) -> Router {
         .route("/v1/agents/{host}/flows", post(push_flows))
         .route("/v1/agents/{host}/audit-head", put(put_audit_head).get(get_audit_head))
         .route("/v1/agents/{host}/audit-key", put(replace_audit_key))
+        .route("/v1/agents/{host}/migrations", get(migration_orders))
+        .route("/v1/agents/{host}/migrations/{name}", post(report_migration))
         .route("/v1/audit/head", get(own_audit_head))
         .route("/v1/flows", get(flows))
         .route("/v1/agents/{host}/alerts", post(push_alerts))

@@ -65,6 +65,34 @@ pub fn with_controller(config: &str, url: &str, ca: &Path, ca_dir: &Path, host: 
     out
 }
 
+/// The link to a QEMU guest's QMP socket by which `host`'s agent finds it:
+/// `<state_dir>/qemu/<vm>@<host>.qmp`.
+pub fn qmp_link(state_dir: &Path, vm: &str, host: &str) -> PathBuf {
+    state_dir.join("qemu").join(format!("{vm}@{host}.qmp"))
+}
+
+/// Where a destination QEMU started for a migration to `to` listens:
+/// `<state_dir>/qemu/<vm>@<to>.incoming` (a Unix socket both hosts'
+/// namespaces reach: they share the file system).
+pub fn incoming_socket(state_dir: &Path, vm: &str, to: &str) -> PathBuf {
+    state_dir.join("qemu").join(format!("{vm}@{to}.incoming"))
+}
+
+/// The `[migration]` section of `host`'s agent in a lab with a controller:
+/// the agent drives its guests' QEMU over QMP ([`qmp_link`]), migrates to
+/// the destination's [`incoming_socket`] and hands the state to the
+/// destination agent's control socket.
+pub fn migration_section(state_dir: &Path, host: &str) -> String {
+    let qdir = state_dir.join("qemu");
+    let d = |p: PathBuf| p.to_string_lossy().into_owned();
+    format!(
+        "\n[migration]\nqmp = {}\nincoming = {}\npeer_control = {}\n",
+        tq(&d(qdir.join(format!("{{vm}}@{host}.qmp")))),
+        tq(&format!("unix:{}", d(qdir.join("{vm}@{to}.incoming")))),
+        tq(&d(state_dir.join("{to}").join("agent.sock"))),
+    )
+}
+
 /// Datapath workers of each lab agent.
 pub const LAB_WORKERS: usize = 2;
 
@@ -337,11 +365,6 @@ mod tests {
         let inv = palisade_policy::load(&src).unwrap().model.inventory;
         let qemu = crate::plan::QemuMode::Vms(vec!["vm1".into()]);
         let mut plan = Plan::new("pl", &inv, &qemu).unwrap();
-        // A guest on vhost-user cannot migrate (QEMU needs dirty logging the backend lacks).
-        plan.qemu_nic = crate::plan::QemuNic::VhostUser;
-        let e = plan.add_standby("vm1", "hv2").unwrap_err().to_string();
-        assert!(e.contains("LOG_SHMFD"), "{e}");
-        plan.qemu_nic = crate::plan::QemuNic::Tap;
         let refused = [("vm2", "hv1"), ("vm1", "hv1"), ("vm1", "hv9"), ("vm9", "hv2")];
         for (vm, host) in refused {
             assert!(plan.add_standby(vm, host).is_err(), "{vm}@{host}");
@@ -361,5 +384,11 @@ mod tests {
         let s = Path::new("/s");
         assert_eq!(vhost_user_socket_on(s, &nic, "hv1", "hv1"), vhost_user_socket(s, &nic));
         assert_ne!(vhost_user_socket_on(s, &nic, "hv1", "hv2"), vhost_user_socket(s, &nic));
+        // On vhost-user, each host's agent listens on a socket of its own for the vNIC.
+        plan.qemu_nic = crate::plan::QemuNic::VhostUser;
+        let hv2 = agent_config(&plan, "hv2", Path::new("/p"), Path::new("/s")).unwrap();
+        let socket = vhost_user_socket_on(s, &nic, "hv1", "hv2");
+        let entry = format!("name = \"vm1.0\"\nvhost_user = \"{}\"", socket.display());
+        assert!(hv2.contains(&entry), "{hv2}");
     }
 }

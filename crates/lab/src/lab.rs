@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 mod migrate;
-pub use migrate::{MigrateOptions, MigrationReport, agent_post};
+pub use migrate::{Incoming, MigrateOptions, MigrationReport, agent_post};
 
 use crate::plan::{EDGE_INTERNET_IP, INTERNET_IP, Plan, QemuMode, QemuNic, VmPlan};
 use crate::{LabError, config, dns, qemu, sys};
@@ -681,6 +681,7 @@ impl Lab {
                 })?;
             if let Some(c) = &self.state.controller {
                 text = config::with_controller(&text, &c.url, &c.ca, &self.state.state_dir.join("ca"), &h.name);
+                text.push_str(&config::migration_section(&self.state.state_dir, &h.name));
             }
             if let Some(n) = spec.conn_capacity {
                 // A top-level key: before the first table.
@@ -810,6 +811,11 @@ impl Lab {
         let child = cmd.spawn().map_err(LabError::io("starting qemu-system-x86_64"))?;
         let pid = child.id() as i32;
         self.children.push(child);
+        // The name the host's agent finds the guest's monitor by
+        // (`[migration] qmp`): one per host, whatever the generation.
+        let by_host = config::qmp_link(&self.state.state_dir, &vm.name, host);
+        let _ = std::fs::remove_file(&by_host);
+        std::os::unix::fs::symlink(&qmp, &by_host).map_err(LabError::io(format!("linking {}", by_host.display())))?;
         Ok(QemuProc {
             pid,
             console,

@@ -14,7 +14,8 @@
 //! - [`mod@lab`]: up, down, status, exec, and live migration of a QEMU guest
 //!   with its firewall state ([`Lab::migrate`]).
 //! - [`qemu`]: the guest initramfs, QEMU command line and serial-console exec.
-//! - [`qmp`]: a QMP client and live migration with a switchover step.
+//! - [`qmp`]: a QMP client and live migration with a switchover step (the
+//!   agent's hypervisor driver, re-exported).
 //! - [`dns`], [`stream`]: traffic helpers (a `.lab` DNS responder, a TCP line stream).
 
 pub mod config;
@@ -23,7 +24,7 @@ mod error;
 pub mod lab;
 pub mod plan;
 pub mod qemu;
-pub mod qmp;
+pub use palisade_agent::qmp;
 pub mod stream;
 mod sys;
 

@@ -387,10 +387,9 @@ impl Plan {
 
     /// Pre-stage `vm`'s vNICs on `host` as well as its own: that host's
     /// agent attaches them (a tap of the same name in its namespace), so a
-    /// live migration can move the guest there. Only a QEMU guest on a tap
-    /// migrates in the lab: QEMU refuses to migrate a vhost-user NIC whose
-    /// backend does not log its writes to guest memory
-    /// (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`), and the agent's does not yet.
+    /// live migration can move the guest there. A QEMU guest on a tap or on
+    /// vhost-user (the agent's backend logs the guest pages it writes while
+    /// QEMU migrates, `VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
     pub fn add_standby(&mut self, vm: &str, host: &str) -> Result<(), LabError> {
         if self.host(host).is_none() {
             return Err(LabError::Unknown {
@@ -398,7 +397,6 @@ impl Plan {
                 name: host.to_string(),
             });
         }
-        let tap = self.qemu_nic == QemuNic::Tap;
         let v = self
             .vms
             .iter_mut()
@@ -410,13 +408,6 @@ impl Plan {
         if !v.qemu {
             return Err(LabError::Invalid(format!(
                 "VM {vm}: only a QEMU guest can be pre-staged on another host (it migrates)"
-            )));
-        }
-        if !tap {
-            return Err(LabError::Invalid(format!(
-                "VM {vm}: a guest on vhost-user cannot migrate yet (the agent's vhost-user backend does not log \
-                 dirty guest memory, VHOST_USER_PROTOCOL_F_LOG_SHMFD, so QEMU refuses): attach the guests \
-                 through taps (--qemu-nic tap)"
             )));
         }
         if v.host == host {

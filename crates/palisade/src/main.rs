@@ -60,6 +60,8 @@ enum Command {
     Rollback(cmd::ctl::RollbackArgs),
     /// Set or remove tags on a VM through the controller.
     Tag(cmd::ctl::TagArgs),
+    /// Live-migrate a VM to another host through the controller (its firewall state with it).
+    Migrate(cmd::migrate::MigrateArgs),
     /// Revoke an API token on the controller.
     Revoke(cmd::ctl::RevokeArgs),
     /// Run the signature engine offline over a capture (Suricata rule language subset).
@@ -94,6 +96,7 @@ fn main() -> std::process::ExitCode {
         Command::Diff(a) => cmd::ctl::diff(a),
         Command::Rollback(a) => cmd::ctl::rollback(a),
         Command::Tag(a) => cmd::ctl::tag(a),
+        Command::Migrate(a) => cmd::migrate::run(a),
         Command::Revoke(a) => cmd::ctl::revoke(a),
         Command::Ids(c) => cmd::ids::run(c),
     };

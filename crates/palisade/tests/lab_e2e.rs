@@ -1850,6 +1850,13 @@ fn pid_file(state: &std::path::Path) -> Option<u32> {
 /// between lab VMs, the rest denied by the datacenter default) also allows
 /// udp/5140 (syslog) for the UDP flow.
 fn migration_lab(name: &str) -> Option<Teardown> {
+    migration_lab_with(name, false, palisade_lab::QemuNic::Tap)
+}
+
+/// [`migration_lab`], with a controller when `controller` (its agents then
+/// carry out the migrations it orders: `[migration]` in their configs), the
+/// guest on `nic`.
+fn migration_lab_with(name: &str, controller: bool, nic: palisade_lab::QemuNic) -> Option<Teardown> {
     if !lab_possible() {
         return None;
     }
@@ -1870,9 +1877,10 @@ fn migration_lab(name: &str) -> Option<Teardown> {
     let spec = LabSpec {
         name: name.into(),
         qemu: palisade_lab::QemuMode::Vms(vec!["vm1".into()]),
-        qemu_nic: palisade_lab::QemuNic::Tap,
+        qemu_nic: nic,
         agent_exe: Some(EXE.into()),
         standby: vec![("vm1".into(), "hv2".into())],
+        controller,
         ..spec
     };
     Some(Teardown(Some(Lab::up(&spec).unwrap())))
@@ -2171,6 +2179,163 @@ fn qemu_guest_live_migration_keeps_its_connections_and_policy() {
     );
     guard.0.take().unwrap().shutdown().unwrap();
     assert_eq!(leftovers("pe2mig").unwrap(), Vec::<String>::new());
+}
+
+/// The same migration ordered through the controller: `palisade migrate
+/// vm1 --to hv2` (the lab's admin token) stores an order that hv1's agent
+/// picks up and carries out itself (QMP on the guest's monitor, the state
+/// exported in the guest's pause and handed to hv2's agent), reporting the
+/// outcome back. The guest's TCP stream and UDP flow survive, hv2 decides
+/// none of its flows by the default rule, a denied connection stays
+/// denied, a second order while the VM is on hv2 already is refused, and
+/// the controller's trail holds the migration record with the hash both
+/// agents' trails give for the state moved.
+#[test]
+fn qemu_guest_live_migration_through_the_controller_keeps_its_connections() {
+    let _one = one_lab();
+    let Some(mut guard) = migration_lab_with("pe2migc", true, palisade_lab::QemuNic::Tap) else {
+        return;
+    };
+    let lab = guard.0.as_mut().unwrap();
+    let flows = guest_flows(lab);
+    assert!(!guest_reaches_ssh(lab), "tcp/22 denied before the migration");
+    let udp_before = guest_udp_answers(lab);
+    let src_pid = lab.state().guests["vm1"].pid;
+
+    // What libvirt does on a destination: a QEMU waiting with -incoming.
+    let incoming = lab.prestage_incoming("vm1", "hv2").unwrap();
+    let out = lab
+        .ctl(&["migrate", "vm1", "--to", "hv2", "--json", "--timeout", "25"])
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "palisade migrate: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let moved_at = Instant::now();
+    let order: serde_json::Value = serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    eprintln!("order: {order}");
+    assert_eq!(order["state"], "completed", "{order}");
+    assert_eq!(
+        (order["from"].as_str(), order["to"].as_str()),
+        (Some("hv1"), Some("hv2"))
+    );
+    assert!(
+        order["connections"].as_u64().unwrap() >= 2,
+        "the TCP and UDP connections moved: {order}"
+    );
+    let hash = order["state_blake3"].as_str().unwrap().to_string();
+    assert_eq!(hash.len(), 64);
+    lab.adopt_incoming(incoming).unwrap();
+    assert_eq!(lab.vm_host("vm1").unwrap(), "hv2");
+    assert!(
+        eventually(Duration::from_secs(5), || !running(src_pid as u32)),
+        "the source QEMU is gone"
+    );
+    // The VM is on hv2 now, for the controller too.
+    let again = lab.ctl(&["migrate", "vm1", "--to", "hv2", "--no-wait"]).unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("runs on \"hv2\" already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(
+        guest_udp_answers(lab),
+        udp_before,
+        "UDP answers keep reaching the guest after the migration"
+    );
+    assert!(!flows.tcp.is_finished(), "the TCP stream still runs");
+    assert_eq!(
+        default_decisions(lab, "hv2", "vm1.0"),
+        0,
+        "no flow of the guest met the default rule on the destination"
+    );
+    assert!(!guest_reaches_ssh(lab), "tcp/22 denied after the migration");
+    // The trails: both agents' with the blob's hash, the controller's with
+    // the order and its outcome.
+    for (host, action) in [("hv1", "vnic.migrate.export"), ("hv2", "vnic.migrate.import")] {
+        assert!(
+            eventually(Duration::from_secs(5), || trail(lab, host)
+                .lines()
+                .any(|l| l.contains(action) && l.contains(&hash))),
+            "{host}'s trail records {action} with the blob's hash"
+        );
+    }
+    let recorded = lab.ctl(&["flows", "--changes", "--vm", "vm1", "--json"]).unwrap();
+    let recorded = String::from_utf8_lossy(&recorded.stdout).into_owned();
+    assert!(
+        recorded
+            .lines()
+            .any(|l| l.contains("vm.migrate.completed") && l.contains(&hash)),
+        "the controller's trail holds the migration record: {recorded}"
+    );
+    assert!(recorded.contains("\"vm.migrate\""), "and the order: {recorded}");
+    let (tcp, udp) = flows.finish(lab);
+    let tcp = tcp.unwrap_or_else(|e| panic!("the TCP stream broke: {e}"));
+    let tcp_after = tcp.iter().filter(|t| **t > moved_at).count();
+    let udp_after = udp.iter().filter(|t| **t > moved_at).count();
+    assert!(tcp_after >= 20, "echoes after the migration: {tcp_after}");
+    assert!(udp_after >= 10, "datagrams after the migration: {udp_after}");
+    eprintln!(
+        "longest gap: TCP echo {:?}, UDP arrival {:?}",
+        longest_gap(&tcp),
+        longest_gap(&udp)
+    );
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2migc").unwrap(), Vec::<String>::new());
+}
+
+/// A guest on vhost-user (guest memory shared with the agents, its NIC
+/// served by the agent's backend) live-migrates hv1 → hv2: QEMU accepts it
+/// (the backend logs the pages it writes, `LOG_SHMFD`), its TCP stream and
+/// UDP flow survive, and a denied connection stays denied on hv2.
+#[test]
+fn qemu_guest_on_vhost_user_live_migration_keeps_its_connections() {
+    let _one = one_lab();
+    let Some(mut guard) = migration_lab_with("pe2migv", false, palisade_lab::QemuNic::VhostUser) else {
+        return;
+    };
+    let lab = guard.0.as_mut().unwrap();
+    let flows = guest_flows(lab);
+    assert!(!guest_reaches_ssh(lab), "tcp/22 denied before the migration");
+    let udp_before = guest_udp_answers(lab);
+    let report = lab
+        .migrate("vm1", "hv2", &palisade_lab::MigrateOptions::default())
+        .unwrap();
+    let moved_at = Instant::now();
+    eprintln!("migration: {}", report.to_json());
+    assert!(report.connections >= 2, "the TCP and UDP connections moved: {report:?}");
+    assert_eq!(lab.vm_host("vm1").unwrap(), "hv2");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(
+        guest_udp_answers(lab),
+        udp_before,
+        "UDP answers keep reaching the guest after the migration"
+    );
+    assert!(!flows.tcp.is_finished(), "the TCP stream still runs");
+    assert_eq!(
+        default_decisions(lab, "hv2", "vm1.0"),
+        0,
+        "no flow of the guest met the default rule on the destination"
+    );
+    assert!(!guest_reaches_ssh(lab), "tcp/22 denied after the migration");
+    let (tcp, udp) = flows.finish(lab);
+    let tcp = tcp.unwrap_or_else(|e| panic!("the TCP stream broke: {e}"));
+    let tcp_after = tcp.iter().filter(|t| **t > moved_at).count();
+    let udp_after = udp.iter().filter(|t| **t > moved_at).count();
+    assert!(tcp_after >= 20, "echoes after the migration: {tcp_after}");
+    assert!(udp_after >= 10, "datagrams after the migration: {udp_after}");
+    eprintln!(
+        "longest gap: TCP echo {:?}, UDP arrival {:?}",
+        longest_gap(&tcp),
+        longest_gap(&udp)
+    );
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2migv").unwrap(), Vec::<String>::new());
 }
 
 /// The destination agent dies in the middle of the state transfer (after

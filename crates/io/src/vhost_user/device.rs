@@ -20,6 +20,12 @@
 //! (bad index, size or address) is answered with a failure (`REPLY_ACK`)
 //! and remembered in [`Device::take_refusal`], so the control thread keeps
 //! the session; a failed `GET_*` request ends it.
+//!
+//! Live migration: `SET_LOG_BASE` maps QEMU's dirty-page log into the
+//! device's [`DirtyLog`] (its size and offset checked against the file), and
+//! logging is on while the acked features hold `VHOST_F_LOG_ALL`; toggling
+//! that bit alone does not restart the rings (QEMU flips it on running rings
+//! when a migration starts and ends).
 
 use std::fs::File;
 use std::io;
@@ -35,13 +41,17 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Error as VhostError, GpuBackend, Result as VhostResult, VhostUserBackendReqHandlerMut};
 
 use super::features::GuestFeatures;
+use super::log::{DirtyLog, VHOST_F_LOG_ALL};
 use super::memory::MemoryTable;
 use super::pair::{PairShared, PairSlot, RingControl};
 use super::virtqueue::MAX_QUEUE_SIZE;
 
 /// The protocol features offered. `REPLY_ACK` is added by the vhost crate.
 pub(crate) fn protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::RESET_DEVICE
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// The device's side of one vhost-user session (and of the ones after it).
@@ -53,6 +63,8 @@ pub(crate) struct Device {
     acked: Option<u64>,
     acked_protocol: u64,
     memory: Option<MemoryTable>,
+    /// The dirty-page log every region's writes go to (live migration).
+    log: Arc<DirtyLog>,
     refusal: Option<String>,
 }
 
@@ -70,6 +82,7 @@ impl Device {
             acked: None,
             acked_protocol: 0,
             memory: None,
+            log: Arc::default(),
             refusal: None,
         }
     }
@@ -124,6 +137,7 @@ impl Device {
         self.acked = None;
         self.acked_protocol = 0;
         self.memory = None;
+        self.log.clear();
     }
 
     /// Run `f` on the ring with vhost-user index `index` (2i: receive of pair i, 2i+1: transmit).
@@ -147,8 +161,8 @@ impl Device {
 }
 
 fn guest_features(bits: u64) -> GuestFeatures {
-    // The vhost-user protocol bit is not a virtio feature.
-    GuestFeatures::from_bits(bits & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+    // The vhost-user protocol bit and the logging bit are not virtio features.
+    GuestFeatures::from_bits(bits & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() & !VHOST_F_LOG_ALL)
 }
 
 fn ring(slot: &mut PairSlot, rx: bool) -> &mut RingControl {
@@ -204,8 +218,10 @@ impl VhostUserBackendReqHandlerMut for Device {
         }
         // QEMU sends SET_FEATURES once per queue pair, the same value each
         // time, while earlier pairs may already run: only a change resets rings.
-        let changed = self.acked != Some(features);
+        // Nor does logging turned on or off (a migration's start and end).
+        let changed = self.acked.map(|a| a & !VHOST_F_LOG_ALL) != Some(features & !VHOST_F_LOG_ALL);
         self.acked = Some(features);
+        self.log.set_logging(features & VHOST_F_LOG_ALL != 0);
         let protocol = features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
         for pair in &self.pairs {
             let mut slot = pair.lock();
@@ -234,7 +250,7 @@ impl VhostUserBackendReqHandlerMut for Device {
         if postcopy_listening.is_some() {
             return unsupported("postcopy");
         }
-        let table = match MemoryTable::map(ctx, files) {
+        let table = match MemoryTable::map(ctx, files, &self.log) {
             Ok(t) => t,
             Err(e) => return Err(self.refuse(format!("memory table: {e}"))),
         };
@@ -451,7 +467,12 @@ impl VhostUserBackendReqHandlerMut for Device {
         unsupported("shared memory regions")
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
-        unsupported("dirty page logging")
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
+        // The message struct is packed: copy its fields out before use.
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        match self.log.set_base(&file, size, offset) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.refuse(format!("dirty-page log: {e}"))),
+        }
     }
 }

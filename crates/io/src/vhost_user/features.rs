@@ -110,15 +110,17 @@ impl Default for Offloads {
 
 /// The virtio feature bits offered for `offloads` and `queue_pairs`.
 ///
-/// Always: `VERSION_1`, `MRG_RXBUF`, `STATUS`, `EVENT_IDX`, `INDIRECT_DESC`
-/// and vhost-user's `PROTOCOL_FEATURES`; `MQ` with more than one queue pair.
+/// Always: `VERSION_1`, `MRG_RXBUF`, `STATUS`, `EVENT_IDX`, `INDIRECT_DESC`,
+/// vhost-user's `PROTOCOL_FEATURES` and `VHOST_F_LOG_ALL` (dirty-page
+/// logging for live migration); `MQ` with more than one queue pair.
 pub fn offered(offloads: Offloads, queue_pairs: u16) -> u64 {
     let mut f = bit(VIRTIO_F_VERSION_1)
         | bit(VIRTIO_NET_F_MRG_RXBUF)
         | bit(VIRTIO_NET_F_STATUS)
         | bit(VIRTIO_RING_F_EVENT_IDX)
         | bit(VIRTIO_RING_F_INDIRECT_DESC)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | super::log::VHOST_F_LOG_ALL;
     if queue_pairs > 1 {
         f |= bit(VIRTIO_NET_F_MQ);
     }

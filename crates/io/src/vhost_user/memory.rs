@@ -9,6 +9,10 @@
 //! virtual addresses (`SET_VRING_ADDR`) and are translated to
 //! guest-physical ones here.
 //!
+//! Each region's bitmap ([`super::log::LogBitmap`]) is attached to the
+//! device's dirty-page log, so every write through those accessors is
+//! logged while QEMU migrates the guest.
+//!
 //! A region that extends past the end of its file is refused: touching
 //! such a mapping would raise `SIGBUS` and kill the agent. (QEMU's
 //! `memory-backend-memfd` seals its file against shrinking; an unsealed
@@ -21,8 +25,11 @@ use std::sync::Arc;
 use vhost::vhost_user::message::VhostUserMemoryRegion;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-/// The guest memory type of the device: shared mappings, no dirty-page log.
-pub type GuestMem = GuestMemoryMmap<()>;
+use super::log::{DirtyLog, LogBitmap};
+
+/// The guest memory type of the device: shared mappings whose writes are
+/// logged while the guest migrates ([`super::log`]).
+pub type GuestMem = GuestMemoryMmap<LogBitmap>;
 
 /// Why a memory table was refused.
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +58,13 @@ pub(crate) struct MemoryTable {
 }
 
 impl MemoryTable {
-    /// Map `regions`, whose backing files are `files` in the same order.
-    pub fn map(regions: &[VhostUserMemoryRegion], files: Vec<File>) -> Result<MemoryTable, MemoryError> {
+    /// Map `regions`, whose backing files are `files` in the same order,
+    /// their writes logged in `log`.
+    pub fn map(
+        regions: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        log: &Arc<DirtyLog>,
+    ) -> Result<MemoryTable, MemoryError> {
         if regions.len() != files.len() {
             return Err(MemoryError::FdCount {
                 regions: regions.len(),
@@ -81,7 +93,10 @@ impl MemoryTable {
             if guest_addr.checked_add(size).is_none() || user_addr.checked_add(size).is_none() {
                 return Err(bad("address + size overflows".into()));
             }
-            let mapping = region.mmap_region::<()>(file).map_err(|e| bad(format!("mmap: {e}")))?;
+            let mapping = region
+                .mmap_region::<LogBitmap>(file)
+                .map_err(|e| bad(format!("mmap: {e}")))?;
+            mapping.bitmap().attach(guest_addr, log.clone());
             let guest = GuestRegionMmap::new(mapping, GuestAddress(guest_addr))
                 .ok_or_else(|| bad("guest address + size overflows".into()))?;
             mapped.push(guest);
@@ -122,6 +137,10 @@ mod tests {
         VhostUserMemoryRegion::new(gpa, size, user, offset)
     }
 
+    fn log() -> Arc<DirtyLog> {
+        Arc::new(DirtyLog::default())
+    }
+
     fn file(len: usize) -> File {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(&vec![0u8; len]).unwrap();
@@ -134,7 +153,7 @@ mod tests {
             region(0, 0x10000, 0x7f00_0000_0000, 0),
             region(0x10_0000, 0x1000, 0x7f00_1000_0000, 0x1000),
         ];
-        let t = MemoryTable::map(&regions, vec![file(0x10000), file(0x2000)]).unwrap();
+        let t = MemoryTable::map(&regions, vec![file(0x10000), file(0x2000)], &log()).unwrap();
         assert_eq!(t.regions(), 2);
         assert_eq!(t.translate(0x7f00_0000_0010), Some(0x10));
         assert_eq!(t.translate(0x7f00_1000_0fff), Some(0x10_0fff));
@@ -146,17 +165,21 @@ mod tests {
 
     #[test]
     fn refuses_regions_that_do_not_fit_their_file_or_overlap() {
-        let past_end = MemoryTable::map(&[region(0, 0x2000, 0x1000_0000, 0)], vec![file(0x1000)]);
+        let past_end = MemoryTable::map(&[region(0, 0x2000, 0x1000_0000, 0)], vec![file(0x1000)], &log());
         assert!(
             matches!(past_end, Err(MemoryError::Region { index: 0, .. })),
             "{past_end:?}"
         );
-        let offset_past = MemoryTable::map(&[region(0, 0x1000, 0x1000_0000, u64::MAX - 10)], vec![file(0x1000)]);
+        let offset_past = MemoryTable::map(
+            &[region(0, 0x1000, 0x1000_0000, u64::MAX - 10)],
+            vec![file(0x1000)],
+            &log(),
+        );
         assert!(
             matches!(offset_past, Err(MemoryError::Region { .. })),
             "{offset_past:?}"
         );
-        let empty = MemoryTable::map(&[region(0, 0, 0x1000_0000, 0)], vec![file(0x1000)]);
+        let empty = MemoryTable::map(&[region(0, 0, 0x1000_0000, 0)], vec![file(0x1000)], &log());
         assert!(matches!(empty, Err(MemoryError::Region { .. })), "{empty:?}");
         let overlap = MemoryTable::map(
             &[
@@ -164,9 +187,10 @@ mod tests {
                 region(0x1000, 0x2000, 0x2000_0000, 0),
             ],
             vec![file(0x2000), file(0x2000)],
+            &log(),
         );
         assert!(matches!(overlap, Err(MemoryError::Combine(_))), "{overlap:?}");
-        let fds = MemoryTable::map(&[region(0, 0x1000, 0, 0)], vec![]);
+        let fds = MemoryTable::map(&[region(0, 0x1000, 0, 0)], vec![], &log());
         assert!(matches!(fds, Err(MemoryError::FdCount { .. })), "{fds:?}");
     }
 }

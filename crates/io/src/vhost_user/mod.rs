@@ -45,9 +45,11 @@
 //! `GUEST_TSO4/6`, `GUEST_ECN`, `MRG_RXBUF`, `STATUS`, `MQ` (with more than
 //! one pair), `VIRTIO_RING_F_EVENT_IDX`, `VIRTIO_RING_F_INDIRECT_DESC`; the
 //! offloads can be narrowed ([`Offloads`]). Protocol features: `MQ`,
-//! `REPLY_ACK`, `RESET_DEVICE`. Not offered: UDP segmentation/fragmentation
-//! offloads, packed rings, dirty-page logging (so QEMU refuses to live
-//! migrate such a guest for now), in-flight tracking.
+//! `REPLY_ACK`, `RESET_DEVICE`, `LOG_SHMFD` with the feature `VHOST_F_LOG_ALL`:
+//! dirty-page logging, so QEMU can live-migrate the guest ([`log`]: every
+//! page this backend writes is marked in the log QEMU shares while it
+//! migrates). Not offered: UDP segmentation/fragmentation offloads, packed
+//! rings, in-flight tracking.
 //!
 //! A guest that negotiated less gets frames it can take: a partial
 //! checksum for a guest without `GUEST_CSUM` is completed by the port; a
@@ -96,6 +98,7 @@ pub(crate) mod device;
 pub mod features;
 mod from_guest;
 pub mod libvirt;
+pub mod log;
 pub(crate) mod memory;
 pub mod pair;
 pub mod rings;

@@ -3,9 +3,9 @@
 //! The destination is pre-staged when the lab is built: its agent's
 //! configuration lists the guest's vNIC ([`crate::Plan::add_standby`]), so the
 //! vNIC's port, its tap and the VM's compiled rules are there before
-//! anything moves. Guests on taps only: QEMU refuses to migrate a vhost-user
-//! NIC whose backend does not log dirty guest memory
-//! (`VHOST_USER_PROTOCOL_F_LOG_SHMFD`), and the agent's backend does not yet.
+//! anything moves. Guests on taps or on vhost-user (the destination agent
+//! listens on a socket of its own for the vNIC; the agent's backend logs the
+//! guest pages it writes while QEMU migrates, `VHOST_USER_PROTOCOL_F_LOG_SHMFD`).
 //! [`Lab::migrate`] then:
 //!
 //! 1. starts the destination QEMU in the destination host's namespace with
@@ -33,8 +33,6 @@
 //! connection it had, the source QEMU keeps running the guest, and the
 //! destination QEMU is stopped.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -123,44 +121,7 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Largest answer read from an agent's control socket (a state blob: the
-/// agent caps those at 16 MiB).
-const MAX_ANSWER: u64 = 32 << 20;
-
-/// `POST path` with `body` on the agent control socket `socket`; the body of
-/// a 200, else the status line and the agent's message.
-pub fn agent_post(socket: &Path, path: &str, body: &[u8], timeout: Duration) -> Result<Vec<u8>, String> {
-    let io = |e: std::io::Error| format!("{}: {e}", socket.display());
-    let mut s = UnixStream::connect(socket).map_err(io)?;
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: agent\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).map_err(io)?;
-    s.write_all(body).map_err(io)?;
-    let mut out = Vec::new();
-    s.take(MAX_ANSWER).read_to_end(&mut out).map_err(io)?;
-    let split = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("{}: truncated answer to POST {path}", socket.display()))?;
-    let status = String::from_utf8_lossy(&out[..split])
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let body = out[split + 4..].to_vec();
-    if status.starts_with("HTTP/1.1 200") {
-        Ok(body)
-    } else {
-        Err(format!(
-            "POST {path}: {status}: {}",
-            String::from_utf8_lossy(&body).trim_end()
-        ))
-    }
-}
+pub use palisade_agent::orders::control_post as agent_post;
 
 /// How long one agent request may take (a 50,000-connection blob is a few MB).
 const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -168,6 +129,7 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 const PRESTAGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A destination QEMU stopped unless defused (a failed migration).
+#[derive(Debug)]
 struct Destination {
     pid: i32,
     paths: Vec<PathBuf>,
@@ -261,13 +223,6 @@ impl Lab {
             .get(vm)
             .cloned()
             .ok_or_else(|| fail("not a running QEMU guest".into()))?;
-        if self.state.plan.on_vhost_user(&plan) {
-            return Err(fail(
-                "a guest on vhost-user cannot migrate yet: the agent's backend does not log dirty guest memory \
-                 (VHOST_USER_PROTOCOL_F_LOG_SHMFD), which QEMU requires"
-                    .into(),
-            ));
-        }
         if from == to {
             return Err(fail("it runs there already".into()));
         }
@@ -439,20 +394,7 @@ impl Lab {
         self.consoles.lock().unwrap_or_else(|p| p.into_inner()).remove(vm);
         self.save()?;
         let _ = std::fs::remove_file(&channel);
-        let announced = opts.announce
-            && plan
-                .vnics
-                .first()
-                .and_then(|n| super::ipv4s(&n.ips).next().map(|ip| (n.guest_if.clone(), ip)))
-                .is_some_and(|(ifname, ip)| {
-                    let ip = ip.to_string();
-                    self.exec(
-                        vm,
-                        &["arping", "-U", "-c", "1", "-w", "1", "-I", &ifname, &ip],
-                        Duration::from_secs(10),
-                    )
-                    .is_ok()
-                });
+        let announced = opts.announce && self.announce(&plan);
         Ok(MigrationReport {
             vm: vm.to_string(),
             from,
@@ -472,6 +414,163 @@ impl Lab {
             announced,
             released,
         })
+    }
+}
+
+/// A destination QEMU waiting with `-incoming` for a migration that the
+/// source host's agent drives (ordered through the controller):
+/// [`Lab::prestage_incoming`], then [`Lab::adopt_incoming`] once the order
+/// completed. Dropped without adoption (the order failed), it is stopped.
+#[derive(Debug)]
+pub struct Incoming {
+    vm: String,
+    guest: super::QemuProc,
+    channel: PathBuf,
+    guard: Destination,
+    /// Destination QEMU started until it waits for the migration, ms.
+    pub prestage_ms: f64,
+}
+
+impl Lab {
+    /// The guest's gratuitous ARP from its first IPv4 address (what a guest
+    /// with virtio-net's `GUEST_ANNOUNCE` does after a migration); whether
+    /// it was sent.
+    fn announce(&self, plan: &crate::plan::VmPlan) -> bool {
+        plan.vnics
+            .first()
+            .and_then(|n| super::ipv4s(&n.ips).next().map(|ip| (n.guest_if.clone(), ip)))
+            .is_some_and(|(ifname, ip)| {
+                let ip = ip.to_string();
+                self.exec(
+                    &plan.name,
+                    &["arping", "-U", "-c", "1", "-w", "1", "-I", &ifname, &ip],
+                    Duration::from_secs(10),
+                )
+                .is_ok()
+            })
+    }
+
+    /// Start `vm`'s destination QEMU on `to` with `-incoming` on
+    /// [`crate::config::incoming_socket`] (where `[migration] incoming` of
+    /// the lab's agents points), and wait until it is ready: what libvirt
+    /// does on the destination of `virsh migrate`. The source agent then
+    /// drives the migration when the controller orders it.
+    pub fn prestage_incoming(&mut self, vm: &str, to: &str) -> Result<Incoming, LabError> {
+        let plan = self.vm_plan(vm)?.clone();
+        let from = self.current_host(vm)?;
+        let fail = |reason: String| LabError::Migration {
+            vm: vm.to_string(),
+            from: from.clone(),
+            to: to.to_string(),
+            reason,
+        };
+        if self.state.plan.host(to).is_none() {
+            return Err(LabError::Unknown {
+                kind: "host",
+                name: to.to_string(),
+            });
+        }
+        let src = self
+            .state
+            .guests
+            .get(vm)
+            .cloned()
+            .ok_or_else(|| fail("not a running QEMU guest".into()))?;
+        if from == to {
+            return Err(fail("it runs there already".into()));
+        }
+        if plan.host != to && !plan.standby.iter().any(|h| h == to) {
+            return Err(fail(format!(
+                "its vNIC is not pre-staged on {to} (build the lab with `--standby {vm}@{to}`)"
+            )));
+        }
+        let (kernel, kver) = qemu::find_kernel().ok_or_else(|| fail("no guest kernel".into()))?;
+        let initrd = qemu::build_initramfs(&self.state.state_dir.join("cache"), &kver)?;
+        let mem = if src.mem_mib == 0 { 256 } else { src.mem_mib };
+        let channel = crate::config::incoming_socket(&self.state.state_dir, vm, to);
+        let _ = std::fs::remove_file(&channel);
+        let uri = format!("unix:{}", channel.display());
+        let t = Instant::now();
+        let guest = self.spawn_guest(
+            &plan,
+            to,
+            src.generation + 1,
+            mem,
+            Some(&uri),
+            (&kernel, &initrd, &src.accel),
+        )?;
+        let guard = Destination {
+            pid: guest.pid,
+            paths: vec![
+                guest.console.clone(),
+                guest.monitor.clone(),
+                guest.qmp.clone(),
+                channel.clone(),
+            ],
+            armed: true,
+        };
+        let deadline = Instant::now() + PRESTAGE_TIMEOUT;
+        let mut q = qmp_connect(&guest.qmp, guest.pid, deadline).map_err(|e| fail(format!("destination QEMU: {e}")))?;
+        loop {
+            let s = status(&mut q).map_err(|e| fail(format!("destination QEMU: {e}")))?;
+            if s == "inmigrate" && channel.exists() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(fail(format!("destination QEMU not ready (status {s})")));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Incoming {
+            vm: vm.to_string(),
+            guest,
+            channel,
+            guard,
+            prestage_ms: ms(t.elapsed()),
+        })
+    }
+
+    /// After the source agent reported the migration completed: the
+    /// destination QEMU runs the guest (checked), the source QEMU (which
+    /// the agent told to quit) is gone, and the lab's state says where the
+    /// guest is. The guest then announces itself (gratuitous ARP); whether
+    /// it did is returned.
+    pub fn adopt_incoming(&mut self, mut inc: Incoming) -> Result<bool, LabError> {
+        let vm = inc.vm.clone();
+        let plan = self.vm_plan(&vm)?.clone();
+        let from = self.current_host(&vm)?;
+        let fail = |reason: String| LabError::Migration {
+            vm: vm.clone(),
+            from: from.clone(),
+            to: inc.guest.host.clone(),
+            reason,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut q =
+            qmp_connect(&inc.guest.qmp, inc.guest.pid, deadline).map_err(|e| fail(format!("destination QEMU: {e}")))?;
+        loop {
+            let s = status(&mut q).map_err(|e| fail(format!("destination QEMU: {e}")))?;
+            if s == "running" {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(fail(format!("destination QEMU not running ({s})")));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(q);
+        inc.guard.armed = false;
+        if let Some(src) = self.state.guests.get(&vm) {
+            sys::terminate(&[src.pid], Duration::from_secs(5));
+        }
+        for c in &mut self.children {
+            let _ = c.try_wait();
+        }
+        self.state.guests.insert(vm.clone(), inc.guest.clone());
+        self.consoles.lock().unwrap_or_else(|p| p.into_inner()).remove(&vm);
+        self.save()?;
+        let _ = std::fs::remove_file(&inc.channel);
+        Ok(self.announce(&plan))
     }
 }
 

@@ -11,6 +11,7 @@ pub mod ctl;
 pub mod demo;
 pub mod ids;
 pub mod lab;
+pub mod migrate;
 pub mod pcap;
 pub mod policy;
 pub mod replay;

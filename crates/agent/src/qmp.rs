@@ -1,5 +1,6 @@
 //! A small QMP client (QEMU's JSON monitor protocol over a Unix socket) and
-//! the live migration the lab drives with it.
+//! a live migration driven with it: the hypervisor driver of the migrations
+//! the controller orders ([`crate::orders`]), and the lab's.
 //!
 //! [`Qmp::connect`] reads QEMU's greeting and leaves it in command mode;
 //! [`Qmp::execute`] sends one command and returns its `return` value (events
