@@ -92,6 +92,8 @@ struct Control([u8; CONTROL_LEN]);
 #[derive(Clone, Copy)]
 struct TxEntry {
     pieces: (usize, usize),
+    /// The receiver's steering hash of its first datagram ([`steer::vxlan_hash`]; 0 when gathered).
+    steer: u32,
     to: libc::sockaddr_in,
     segment: usize,
 }
@@ -545,18 +547,68 @@ impl UdpOverlay {
 
     /// Queue the message at `at..at + len` of the queue buffer, datagrams of
     /// `segment` bytes (0, or at least `len`: one datagram).
+    ///
+    /// A single datagram that directly follows, in the buffer and the queue,
+    /// datagrams of its size (or longer, when it is the last) to the same
+    /// address, and that the receiver steers as their first
+    /// ([`steer::vxlan_hash`]: a message reaches one socket of a steered
+    /// group whole), joins their message as one more `UDP_SEGMENT` datagram:
+    /// a burst of small packets of one size costs the kernel one pass
+    /// through its stack (and the receiver, with `UDP_GRO`, one receive)
+    /// instead of one per datagram; the datagrams on the wire are the same.
     fn queue_copied(&mut self, at: usize, len: usize, remote: Ipv4Addr, segment: usize) {
+        if segment == 0 && self.join_last(at, len, remote) {
+            return;
+        }
         let first = self.tx_pieces.len();
         self.tx_pieces.push(Piece::Queue { at, len });
-        self.queue_pieces(first, len, remote, segment);
+        let steer = steer::vxlan_hash(&self.tx_buf[at..at + len]);
+        self.queue_pieces(first, len, remote, segment, steer);
+    }
+
+    /// Add the datagram at `at..at + len` of the queue buffer to the last
+    /// queued message when it can carry it as one more `UDP_SEGMENT`
+    /// datagram (see [`UdpOverlay::queue_copied`]); whether it did.
+    fn join_last(&mut self, at: usize, len: usize, remote: Ipv4Addr) -> bool {
+        if self.gso_refused || len == 0 {
+            return false;
+        }
+        let to = self.to(remote);
+        let steer = steer::vxlan_hash(&self.tx_buf[at..at + len]);
+        let Some(e) = self.tx_entries.last_mut() else {
+            return false;
+        };
+        if e.pieces.1 != 1 || e.pieces.0 + 1 != self.tx_pieces.len() {
+            return false;
+        }
+        let Piece::Queue { at: p_at, len: p_len } = self.tx_pieces[e.pieces.0] else {
+            return false;
+        };
+        let size = if e.segment == 0 { p_len } else { e.segment };
+        let same_to = e.to.sin_addr.s_addr == to.sin_addr.s_addr && e.to.sin_port == to.sin_port && e.steer == steer;
+        let fits = p_at + p_len == at
+            && p_len % size == 0
+            && len <= size
+            && p_len / size < MAX_GSO_SEGMENTS
+            && p_len + len <= MAX_GSO_BYTES;
+        if !same_to || !fits {
+            return false;
+        }
+        self.tx_pieces[e.pieces.0] = Piece::Queue {
+            at: p_at,
+            len: p_len + len,
+        };
+        e.segment = size;
+        true
     }
 
     /// Queue a message of the pieces from `first` to the end of the piece list.
-    fn queue_pieces(&mut self, first: usize, len: usize, remote: Ipv4Addr, segment: usize) {
+    fn queue_pieces(&mut self, first: usize, len: usize, remote: Ipv4Addr, segment: usize, steer: u32) {
         let to = self.to(remote);
         let segment = if len <= segment { 0 } else { segment };
         self.tx_entries.push(TxEntry {
             pieces: (first, self.tx_pieces.len() - first),
+            steer,
             to,
             segment,
         });
@@ -705,7 +757,7 @@ impl UdpOverlay {
                 });
                 len += hdr.len() + payload.len();
             }
-            self.queue_pieces(first, len, f.remote, stride);
+            self.queue_pieces(first, len, f.remote, stride, 0);
             i += n;
         }
         Ok(count)

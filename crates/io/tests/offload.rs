@@ -669,3 +669,58 @@ fn afpacket_sends_borrowed_frames_with_their_headers() {
         "{sa:?} {sb:?}"
     );
 }
+
+/// Single datagrams queued back to back join one `UDP_SEGMENT` message while
+/// they are of one size (the last may be shorter), go to one address and are
+/// steered alike by the receiver; a longer one, another address, another
+/// inner flow's steering or a full message starts a new one. The
+/// receiver gets every datagram, unchanged and in order.
+#[test]
+fn same_size_datagrams_share_one_segmented_send() {
+    if !common::can_run("same_size_datagrams_share_one_segmented_send", &[]) {
+        return;
+    }
+    let (_n1, n2, mut a, mut b) = underlay("uj");
+    let c = Ipv4Addr::new(10, 9, 2, 3);
+    n2.ip(&["addr", "add", "10.9.2.3/24", "dev", "u2"]);
+    let mut other = n2.enter(|| UdpOverlay::bind(SocketAddrV4::new(c, 4789))).unwrap();
+    // A VXLAN payload: header, Ethernet, an IPv4 header from 10.0.0.1 to
+    // 10.0.0.`host` (what the receiver's steering hashes), numbered bytes.
+    let vxlan = |i: usize, len: usize, host: u8| -> Vec<u8> {
+        let mut d: Vec<u8> = (0..len).map(|k| (i * 31 + k) as u8).collect();
+        d[20..22].copy_from_slice(&[0x08, 0x00]);
+        d[22] = 0x45;
+        d[34..38].copy_from_slice(&[10, 0, 0, 1]);
+        d[38..42].copy_from_slice(&[10, 0, 0, host]);
+        d
+    };
+    let datagram = |i: usize, len: usize| vxlan(i, len, 2);
+    // (datagram, to B?) in sending order.
+    let mut plan: Vec<(Vec<u8>, bool)> = Vec::new();
+    for i in 0..70 {
+        plan.push((datagram(i, 114), true)); // 64 join one message, 6 start the next
+    }
+    plan.push((datagram(70, 60), true)); // shorter: the last of that message
+    plan.push((datagram(71, 60), true)); // after a shorter one: a new message
+    plan.push((datagram(72, 200), true)); // longer: a new message
+    plan.push((datagram(73, 200), false)); // another address: a new message
+    plan.push((datagram(74, 200), true)); // back: a new message
+    plan.push((vxlan(75, 200, 3), true)); // another inner flow, steered apart: a new message
+    plan.push((vxlan(76, 200, 3), true)); // joins the one before
+    for (d, to_b) in &plan {
+        a.send_to(if *to_b { B } else { c }, d).unwrap();
+    }
+    a.flush().unwrap();
+    let s = a.stats();
+    assert_eq!(s.tx_frames, 77, "{s:?}");
+    // Messages: 64 x 114; 6 x 114 + 60 (both segmented); 60; 200; 200 to C; 200; 2 x 200 (segmented).
+    assert_eq!(s.tx_super_frames, 3, "{s:?}");
+    assert_eq!((s.tx_errors, s.offload_errors), (0, 0), "{s:?}");
+    let got = datagrams(&mut b, 76);
+    let want: Vec<Vec<u8>> = plan.iter().filter(|(_, to_b)| *to_b).map(|(d, _)| d.clone()).collect();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g == w, "datagram {i} differs");
+    }
+    assert_eq!(datagrams(&mut other, 1), vec![datagram(73, 200)]);
+}
