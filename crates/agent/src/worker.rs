@@ -13,10 +13,13 @@
 //! their virtio-net offload state end to end: a vNIC's TSO super-frame is
 //! received whole (`recv_frames`), decided whole
 //! (`Engine::process_batch_offloaded`), and sent whole with its checksum
-//! still partial (`send_frame`: the kernel segments it for the guest, or
-//! `send_super_frame` with `UDP_SEGMENT` on the underlay); the underlay's
+//! still partial (`send_frames`: the kernel segments it for the guest, or
+//! `send_batch` with `UDP_SEGMENT` on the underlay); the underlay's
 //! GRO batches are merged back into super-frames (`recv_coalesced`). Off,
-//! each frame is cut into plain packets before the engine.
+//! each frame is cut into plain packets before the engine. A round's
+//! outputs are rendered once, into the staging buffer, and sent from there:
+//! each port's and the underlay's in one call, which gathers the frames (and,
+//! on the underlay, each segment's payload) from where they lie.
 //!
 //! A worker thread waits for any of its sockets, runs each ready one's batch
 //! through its engine, sends the staged outputs, expires connections once a

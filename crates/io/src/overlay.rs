@@ -24,6 +24,12 @@
 //! good, to one message per datagram (the same bytes, no copy) and counts the
 //! refusal in
 //! [`PortStats::offload_errors`]; [`UdpOverlay::gso_enabled`] tells which.
+//! [`UdpOverlay::send_batch`] sends frames the caller keeps for the call
+//! without copying them: a super-frame's segments are gathered from
+//! headers written here and payload slices of the caller's frame. Single
+//! datagrams of one size, back to back to one host and steered alike by the
+//! receiver, share one `UDP_SEGMENT` message (the kernel's stack then runs
+//! once for up to 64 small packets).
 //!
 //! **UDP receive offload** ([`UdpOverlay::enable_gro`], off by default):
 //! with `UDP_GRO` set the kernel may hand over many datagrams of one sender
