@@ -13,10 +13,13 @@
 //! their virtio-net offload state end to end: a vNIC's TSO super-frame is
 //! received whole (`recv_frames`), decided whole
 //! (`Engine::process_batch_offloaded`), and sent whole with its checksum
-//! still partial (`send_frame`: the kernel segments it for the guest, or
-//! `send_super_frame` with `UDP_SEGMENT` on the underlay); the underlay's
+//! still partial (`send_frames`: the kernel segments it for the guest, or
+//! `send_batch` with `UDP_SEGMENT` on the underlay); the underlay's
 //! GRO batches are merged back into super-frames (`recv_coalesced`). Off,
-//! each frame is cut into plain packets before the engine.
+//! each frame is cut into plain packets before the engine. A round's
+//! outputs are rendered once, into the staging buffer, and sent from there:
+//! each port's and the underlay's in one call, which gathers the frames (and,
+//! on the underlay, each segment's payload) from where they lie.
 //!
 //! A worker thread waits for any of its sockets, runs each ready one's batch
 //! through its engine, sends the staged outputs, expires connections once a
@@ -37,7 +40,7 @@ use palisade_datapath::port::{self, PortId};
 use palisade_datapath::{Engine, Processed, Results};
 use palisade_datapath::{EventKind, FlowEvent};
 use palisade_io::gso::Coalescer;
-use palisade_io::overlay::UdpOverlay;
+use palisade_io::overlay::{Outgoing, UdpOverlay};
 use palisade_io::port::{FramePort, Offload, PortStats, RxFrame, wait_readable};
 use palisade_wire::vxlan;
 
@@ -506,39 +509,68 @@ impl Worker {
     /// Send the staged frames; returns how many were dropped for a quiesced port.
     fn send_staged(&mut self, staging: &mut Staging, sockets: &mut Sockets, quiesced: &[PortId]) -> u64 {
         let mut dropped = 0;
-        let mut start = 0;
-        for &(dest, end, offload) in &staging.items {
-            let frame = &staging.buf[start..end];
-            start = end;
+        let mut to_underlay = false;
+        for &(dest, _, _) in &staging.items {
             match dest {
                 Dest::Port(p) if quiesced.contains(&p) => dropped += 1,
                 Dest::Port(p) => {
                     if let Some(i) = sockets.of(p) {
                         sockets.touched[i] = true;
-                        // Send errors are counted by the port (tx_errors,
-                        // offload_errors) and show in metrics. A port with
-                        // virtio-net headers hands a super-frame to the
-                        // kernel whole; one without segments it.
-                        let _ = self.io.ports[i].io.send_frame(frame, &offload);
                     }
                 }
-                Dest::Overlay(remote) if offload == Offload::NONE => {
-                    let _ = self.io.overlay.send_to(remote, frame);
-                }
-                Dest::Overlay(remote) => {
-                    // Cut by the kernel (UDP_SEGMENT), each packet behind a copy of the VXLAN header.
-                    let (prefix, inner) = frame.split_at(vxlan::HEADER_LEN.min(frame.len()));
-                    let _ = self.io.overlay.send_super_frame(remote, prefix, inner, &offload);
-                }
+                Dest::Overlay(_) => to_underlay = true,
             }
         }
-        for (i, t) in sockets.touched.iter_mut().enumerate() {
-            if std::mem::take(t) {
-                let _ = self.io.ports[i].io.flush();
+        for i in 0..sockets.touched.len() {
+            if !std::mem::take(&mut sockets.touched[i]) {
+                continue;
             }
+            // Each port's frames in one call, sent from the staging buffer
+            // where they lie. Send errors are counted by the port (tx_errors,
+            // offload_errors) and show in metrics. A port with virtio-net
+            // headers hands a super-frame to the kernel whole; one without
+            // segments it.
+            let port = self.io.ports[i].port;
+            let mut start = 0;
+            let mut frames = staging.items.iter().filter_map(|(dest, end, offload)| {
+                let frame = &staging.buf[start..*end];
+                start = *end;
+                matches!(dest, Dest::Port(p) if *p == port).then_some((frame, offload))
+            });
+            let _ = self.io.ports[i].io.send_frames(&mut frames);
         }
-        if !staging.items.is_empty() {
-            let _ = self.io.overlay.flush();
+        if to_underlay {
+            // One batch, in order: a super-frame is cut by the kernel
+            // (UDP_SEGMENT), each packet's headers written apart and its
+            // payload sent from the staging buffer where it lies.
+            let mut start = 0;
+            let mut frames = staging.items.iter().filter_map(|&(dest, end, offload)| {
+                let frame = &staging.buf[start..end];
+                start = end;
+                match dest {
+                    Dest::Overlay(remote) => {
+                        let (prefix, inner) = frame.split_at(vxlan::HEADER_LEN.min(frame.len()));
+                        Some(if offload == Offload::NONE {
+                            // A plain frame: one datagram, the VXLAN header included.
+                            Outgoing {
+                                remote,
+                                prefix: &[],
+                                frame,
+                                offload,
+                            }
+                        } else {
+                            Outgoing {
+                                remote,
+                                prefix,
+                                frame: inner,
+                                offload,
+                            }
+                        })
+                    }
+                    Dest::Port(_) => None,
+                }
+            });
+            let _ = self.io.overlay.send_batch(&mut frames);
         }
         staging.clear();
         dropped

@@ -1,8 +1,11 @@
-//! Putting a 64 KiB TCP super-frame on the VXLAN underlay, four ways
+//! Putting a 64 KiB TCP super-frame on the VXLAN underlay, five ways
 //! (run as root; two namespaces joined by a veth with MTU 1600):
 //!
 //! - `udp_gso`: `UdpOverlay::send_super_frame` (segmented in user space into
 //!   one buffer, two `UDP_SEGMENT` sends);
+//! - `udp_gso_gather`: `UdpOverlay::send_batch` (only the segments' headers
+//!   written in user space, each datagram gathered from its headers and its
+//!   slice of the super-frame, two `UDP_SEGMENT` sends);
 //! - `udp_plain`: the same segments, one datagram each (`sendmmsg`; the
 //!   socket's `UDP_SEGMENT` refused through `SO_NO_CHECK`);
 //! - `tap_tunnel_gso`: the whole VXLAN-encapsulated super-frame written to a
@@ -33,6 +36,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::Netns;
+use palisade_io::overlay::Outgoing;
 use palisade_io::{UdpOverlay, wait_readable};
 use palisade_wire::checksum;
 
@@ -233,6 +237,21 @@ fn main() {
     });
     assert!(tx.gso_enabled() && r.3.bytes > 0, "udp_gso: {r:?}");
     fields.push(json("udp_gso", &r));
+
+    let mut tx = a.enter(|| UdpOverlay::bind(SocketAddrV4::new(A_IP, PORT + 2))).unwrap();
+    let mut rx3 = b.enter(|| UdpOverlay::bind(SocketAddrV4::new(B_IP, PORT + 2))).unwrap();
+    assert!(rx3.enable_gro());
+    let r = run(&mut rx3, seconds, || {
+        let out = Outgoing {
+            remote: B_IP,
+            prefix: &spec.prefix,
+            frame: &frame,
+            offload,
+        };
+        tx.send_batch(&mut std::iter::once(out)).unwrap();
+    });
+    assert!(tx.gso_enabled() && r.3.bytes > 0, "udp_gso_gather: {r:?}");
+    fields.push(json("udp_gso_gather", &r));
 
     let mut tx = a.enter(|| UdpOverlay::bind(SocketAddrV4::new(A_IP, PORT + 1))).unwrap();
     let one: libc::c_int = 1;

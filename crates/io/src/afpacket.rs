@@ -277,6 +277,10 @@ pub struct AfPacket {
     tx_cap: usize,
     /// Where each queued message starts in `tx_buf`, and its length there.
     tx_at: Vec<(usize, usize)>,
+    /// Per queued message, the frame that follows its bytes in `tx_buf`
+    /// when it was borrowed rather than copied ([`FramePort::send_frames`]:
+    /// sent before that call returns; empty otherwise).
+    tx_borrowed: Vec<(*const u8, usize)>,
     tx_lens: Vec<TxMsg>,
     tx_iov: Vec<libc::iovec>,
     tx_msgs: Vec<libc::mmsghdr>,
@@ -287,7 +291,8 @@ pub struct AfPacket {
 
 // SAFETY: `ring` points to a mapping owned exclusively by this value (unmapped in Drop), and
 // the pointers in `tx_iov`/`tx_msgs` only ever point into `tx_buf`, owned by this value, and
-// are rewritten before each use. Nothing is shared with another thread, so moving the value
+// are rewritten before each use; those in `tx_borrowed` point into a caller's frames for the
+// duration of one `send_frames` call, which sends them before it returns. Nothing is shared with another thread, so moving the value
 // to another thread is sound.
 unsafe impl Send for AfPacket {}
 
@@ -408,8 +413,9 @@ impl AfPacket {
             tx_buf: Vec::with_capacity(config.tx_buffer),
             tx_cap: config.tx_buffer,
             tx_at: Vec::with_capacity(tx),
+            tx_borrowed: Vec::with_capacity(tx),
             tx_lens: Vec::with_capacity(tx),
-            tx_iov: vec![iov; tx],
+            tx_iov: vec![iov; 2 * tx],
             tx_msgs: vec![msg; tx],
             stats: PortStats::default(),
             kernel_drops: Cell::new(0),
@@ -729,8 +735,10 @@ impl AfPacket {
         io::Error::new(io::ErrorKind::InvalidInput, format!("{KIND} on {}: {what}", self.name))
     }
 
-    /// Queue `frame` behind its virtio-net header, as one message.
-    fn queue_with_header(&mut self, frame: &[u8], offload: &Offload) -> io::Result<()> {
+    /// Queue `frame` behind its virtio-net header, as one message; with
+    /// `borrow`, only the header is copied and the message points at `frame`
+    /// (the caller sends the queue before `frame` goes away).
+    fn queue_with_header(&mut self, frame: &[u8], offload: &Offload, borrow: bool) -> io::Result<()> {
         if frame.len() > self.frame_size {
             return Err(self.too_long(frame.len()));
         }
@@ -741,11 +749,19 @@ impl AfPacket {
         if let Err(e) = VirtioNetRepr::parse(&Header::new_unchecked(&header[..]), frame.len()) {
             return Err(self.bad_offload(format!("offload state does not fit a {}-byte frame: {e}", frame.len())));
         }
-        self.tx_room(VNET_LEN + frame.len())?;
+        // Room first: making it may flush the queue, and with it `tx_buf`.
+        self.tx_room(VNET_LEN + if borrow { 0 } else { frame.len() })?;
         let at = self.tx_buf.len();
-        self.tx_buf.extend_from_slice(&header);
-        self.tx_buf.extend_from_slice(frame);
-        self.tx_at.push((at, VNET_LEN + frame.len()));
+        if borrow {
+            self.tx_buf.extend_from_slice(&header);
+            self.tx_at.push((at, VNET_LEN));
+            self.tx_borrowed.push((frame.as_ptr(), frame.len()));
+        } else {
+            self.tx_buf.extend_from_slice(&header);
+            self.tx_buf.extend_from_slice(frame);
+            self.tx_at.push((at, VNET_LEN + frame.len()));
+            self.tx_borrowed.push((ptr::null(), 0));
+        }
         self.tx_lens.push(TxMsg {
             bytes: frame.len(),
             frames: 1,
@@ -770,7 +786,7 @@ impl AfPacket {
                 iov_len: 0,
             };
             let n = self.tx_lens.len() + layout.segments();
-            self.tx_iov.resize(n, iov);
+            self.tx_iov.resize(2 * n, iov);
             // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid value.
             self.tx_msgs.resize(n, unsafe { mem::zeroed() });
         }
@@ -785,6 +801,7 @@ impl AfPacket {
                 segs.stride
             };
             self.tx_at.push((at, len));
+            self.tx_borrowed.push((ptr::null(), 0));
             self.tx_lens.push(TxMsg {
                 bytes: len,
                 frames: 1,
@@ -833,7 +850,7 @@ impl FramePort for AfPacket {
     /// flush, `frame` is not queued). A frame longer than the frame size is an error.
     fn send_frame(&mut self, frame: &[u8], offload: &Offload) -> io::Result<()> {
         if self.vnet {
-            return self.queue_with_header(frame, offload);
+            return self.queue_with_header(frame, offload, false);
         }
         if offload.gso.is_some() {
             return self.queue_segmented(frame, offload);
@@ -853,12 +870,35 @@ impl FramePort for AfPacket {
             }
         }
         self.tx_at.push((at, frame.len()));
+        self.tx_borrowed.push((ptr::null(), 0));
         self.tx_lens.push(TxMsg {
             bytes: frame.len(),
             frames: 1,
             super_frame: false,
         });
         Ok(())
+    }
+
+    /// With virtio-net headers, each frame is sent from where it lies: only
+    /// its header is written here, and the message gathers header and frame
+    /// (the kernel copies the frame once, into its buffer). Without, as
+    /// [`FramePort::send_frame`] does. Everything is sent before this returns.
+    fn send_frames<'a>(&mut self, frames: &mut dyn Iterator<Item = (&'a [u8], &'a Offload)>) -> io::Result<()> {
+        let mut first_err = None;
+        for (frame, offload) in frames {
+            let r = if self.vnet {
+                self.queue_with_header(frame, offload, true)
+            } else {
+                self.send_frame(frame, offload)
+            };
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        // Always sent here: no borrowed frame may outlive this call.
+        let r = self.flush();
+        debug_assert!(self.tx_borrowed.is_empty());
+        first_err.map_or(r, Err)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -869,21 +909,28 @@ impl FramePort for AfPacket {
         let base = self.tx_buf.as_mut_ptr();
         for i in 0..n {
             let (at, len) = self.tx_at[i];
-            self.tx_iov[i] = libc::iovec {
+            let (borrowed, borrowed_len) = self.tx_borrowed[i];
+            self.tx_iov[2 * i] = libc::iovec {
                 // SAFETY: every queued message lies inside `tx_buf`'s initialised bytes.
                 iov_base: unsafe { base.add(at) }.cast(),
                 iov_len: len,
+            };
+            // The kernel only reads a sent message's bytes.
+            self.tx_iov[2 * i + 1] = libc::iovec {
+                iov_base: borrowed.cast_mut().cast(),
+                iov_len: borrowed_len,
             };
             let h = &mut self.tx_msgs[i].msg_hdr;
             // The socket is bound to the interface, so no destination address is needed.
             h.msg_name = ptr::null_mut();
             h.msg_namelen = 0;
-            h.msg_iov = &mut self.tx_iov[i];
-            h.msg_iovlen = 1;
+            h.msg_iov = &mut self.tx_iov[2 * i];
+            h.msg_iovlen = if borrowed_len > 0 { 2 } else { 1 };
         }
         let r = sys::send_batch(self.fd.as_fd(), &mut self.tx_msgs, &self.tx_lens, &mut self.stats);
         self.tx_lens.clear();
         self.tx_at.clear();
+        self.tx_borrowed.clear();
         self.tx_buf.clear();
         r
     }

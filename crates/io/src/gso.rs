@@ -300,7 +300,8 @@ pub fn segment(
     out: &mut Vec<u8>,
     limit: usize,
 ) -> Result<Segments, GsoError> {
-    let l = layout(frame, offload)?;
+    let cut = Cutter::new(frame, offload)?;
+    let l = cut.layout;
     let count = l.segments();
     let stride = prefix.len() + l.header_len + l.segment_size;
     let needed = count * (prefix.len() + l.header_len) + l.payload_len;
@@ -310,60 +311,14 @@ pub fn segment(
     let start = out.len();
     out.reserve(needed);
     let headers = &frame[..l.header_len];
-    let payload = &frame[l.header_len..];
-    let tcp = l.kind.is_tcp();
-    let proto = if tcp { IpProtocol::TCP.0 } else { IpProtocol::UDP.0 };
-    let (src, dst) = addresses(frame, &l);
-    let ident = if l.v6 { 0 } else { be16(frame, l.l3 + at::IPV4_IDENT) };
-    let seq = if tcp { be32(frame, l.l4 + at::TCP_SEQ) } else { 0 };
-    let flags = if tcp { frame[l.l4 + at::TCP_FLAGS] } else { 0 };
     let mut last_len = stride;
-    for (i, chunk) in payload.chunks(l.segment_size).enumerate() {
+    for (i, chunk) in cut.chunks(frame).enumerate() {
         let s = out.len();
         out.extend_from_slice(prefix);
         out.extend_from_slice(headers);
         out.extend_from_slice(chunk);
-        let pkt = &mut out[s + prefix.len()..];
-        let l4_len = l.header_len - l.l4 + chunk.len();
-        if l.v6 {
-            let plen = l.header_len - l.l3 - IPV6_HEADER + chunk.len();
-            put16(pkt, l.l3 + at::IPV6_PAYLOAD_LEN, plen as u16);
-        } else {
-            let ihl = l.l4 - l.l3;
-            put16(
-                pkt,
-                l.l3 + at::IPV4_TOTAL_LEN,
-                (l.header_len - l.l3 + chunk.len()) as u16,
-            );
-            put16(pkt, l.l3 + at::IPV4_IDENT, ident.wrapping_add(i as u16));
-            put16(pkt, l.l3 + at::IPV4_CHECKSUM, 0);
-            let c = checksum::checksum(&pkt[l.l3..l.l3 + ihl]);
-            put16(pkt, l.l3 + at::IPV4_CHECKSUM, c);
-        }
-        let csum_at = if tcp {
-            put32(pkt, l.l4 + at::TCP_SEQ, seq.wrapping_add((i * l.segment_size) as u32));
-            let first = i == 0;
-            let last = i + 1 == count;
-            let mut f = flags;
-            if !last {
-                f &= !(tcp_flag::FIN | tcp_flag::PSH);
-            }
-            if !first {
-                f &= !tcp_flag::CWR;
-            }
-            pkt[l.l4 + at::TCP_FLAGS] = f;
-            at::TCP_CHECKSUM
-        } else {
-            put16(pkt, l.l4 + at::UDP_LEN, l4_len as u16);
-            at::UDP_CHECKSUM
-        };
-        put16(pkt, l.l4 + csum_at, 0);
-        let pseudo = pseudo_sum(&src, &dst, l.v6, proto, l4_len);
-        let mut c = !checksum::fold(checksum::combine(&[pseudo, checksum::sum(&pkt[l.l4..])]));
-        if c == 0 && !tcp {
-            c = 0xffff;
-        }
-        put16(pkt, l.l4 + csum_at, c);
+        let h = s + prefix.len();
+        cut.rewrite(&mut out[h..h + l.header_len], i, chunk);
         last_len = out.len() - s;
     }
     Ok(Segments {
@@ -372,6 +327,161 @@ pub fn segment(
         stride,
         last_len,
     })
+}
+
+/// Where [`segment_headers`] put the segments' headers, and where their payloads lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeaders {
+    /// The super-frame's layout: segment `i`'s payload is
+    /// `frame[header_len + i * segment_size..]`, at most `segment_size` bytes.
+    pub layout: Layout,
+    /// Offset of the first segment's headers (prefix included) in the buffer.
+    pub start: usize,
+    /// Bytes of each segment's headers, prefix included.
+    pub header_stride: usize,
+}
+
+impl SegmentHeaders {
+    /// Number of segments.
+    pub fn count(&self) -> usize {
+        self.layout.segments()
+    }
+
+    /// Segment `i`'s headers (prefix included) in the buffer [`segment_headers`]
+    /// wrote, and its payload in the super-frame.
+    pub fn segment<'b, 'f>(&self, i: usize, buf: &'b [u8], frame: &'f [u8]) -> (&'b [u8], &'f [u8]) {
+        let h = self.start + i * self.header_stride;
+        let l = &self.layout;
+        let p = l.header_len + i * l.segment_size;
+        let end = (p + l.segment_size).min(frame.len());
+        (&buf[h..h + self.header_stride], &frame[p..end])
+    }
+}
+
+/// Cut super-frame `frame` as [`segment`] does, but append only each
+/// segment's prefix and headers to `out` (growing it by at most `limit`
+/// bytes): the payloads stay where they are in `frame`, and segment `i` is
+/// its headers followed by `frame`'s `i`-th payload slice
+/// ([`SegmentHeaders::segment`]), byte for byte what [`segment`] writes.
+/// For a gathering send (`sendmsg` with an iovec per piece): the payload is
+/// not copied, only read once for its checksum. On an error nothing is appended.
+pub fn segment_headers(
+    frame: &[u8],
+    offload: &Offload,
+    prefix: &[u8],
+    out: &mut Vec<u8>,
+    limit: usize,
+) -> Result<SegmentHeaders, GsoError> {
+    let cut = Cutter::new(frame, offload)?;
+    let l = cut.layout;
+    let header_stride = prefix.len() + l.header_len;
+    let needed = l.segments() * header_stride;
+    if needed > limit {
+        return Err(GsoError::TooLarge { needed, limit });
+    }
+    let start = out.len();
+    out.reserve(needed);
+    let headers = &frame[..l.header_len];
+    for (i, chunk) in cut.chunks(frame).enumerate() {
+        out.extend_from_slice(prefix);
+        let h = out.len();
+        out.extend_from_slice(headers);
+        cut.rewrite(&mut out[h..], i, chunk);
+    }
+    Ok(SegmentHeaders {
+        layout: l,
+        start,
+        header_stride,
+    })
+}
+
+/// What rewriting each segment's headers needs, read once from the super-frame.
+struct Cutter {
+    layout: Layout,
+    count: usize,
+    tcp: bool,
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    ident: u16,
+    seq: u32,
+    flags: u8,
+}
+
+impl Cutter {
+    fn new(frame: &[u8], offload: &Offload) -> Result<Cutter, GsoError> {
+        let l = layout(frame, offload)?;
+        let tcp = l.kind.is_tcp();
+        let (src, dst) = addresses(frame, &l);
+        Ok(Cutter {
+            layout: l,
+            count: l.segments(),
+            tcp,
+            proto: if tcp { IpProtocol::TCP.0 } else { IpProtocol::UDP.0 },
+            src,
+            dst,
+            ident: if l.v6 { 0 } else { be16(frame, l.l3 + at::IPV4_IDENT) },
+            seq: if tcp { be32(frame, l.l4 + at::TCP_SEQ) } else { 0 },
+            flags: if tcp { frame[l.l4 + at::TCP_FLAGS] } else { 0 },
+        })
+    }
+
+    /// The payload slices of the segments, in order.
+    fn chunks<'f>(&self, frame: &'f [u8]) -> std::slice::Chunks<'f, u8> {
+        frame[self.layout.header_len..].chunks(self.layout.segment_size)
+    }
+
+    /// Rewrite `hdr`, a copy of the super-frame's headers (`header_len`
+    /// bytes), for segment `i` carrying `chunk`: lengths, identification,
+    /// sequence number, flags, and complete checksums (the TCP or UDP one
+    /// summed over `hdr` and `chunk` apart: the L4 header's length is even,
+    /// so the two sums add up to the packet's).
+    fn rewrite(&self, hdr: &mut [u8], i: usize, chunk: &[u8]) {
+        let l = &self.layout;
+        let l4_len = l.header_len - l.l4 + chunk.len();
+        if l.v6 {
+            let plen = l.header_len - l.l3 - IPV6_HEADER + chunk.len();
+            put16(hdr, l.l3 + at::IPV6_PAYLOAD_LEN, plen as u16);
+        } else {
+            let ihl = l.l4 - l.l3;
+            put16(
+                hdr,
+                l.l3 + at::IPV4_TOTAL_LEN,
+                (l.header_len - l.l3 + chunk.len()) as u16,
+            );
+            put16(hdr, l.l3 + at::IPV4_IDENT, self.ident.wrapping_add(i as u16));
+            put16(hdr, l.l3 + at::IPV4_CHECKSUM, 0);
+            let c = checksum::checksum(&hdr[l.l3..l.l3 + ihl]);
+            put16(hdr, l.l3 + at::IPV4_CHECKSUM, c);
+        }
+        let csum_at = if self.tcp {
+            put32(
+                hdr,
+                l.l4 + at::TCP_SEQ,
+                self.seq.wrapping_add((i * l.segment_size) as u32),
+            );
+            let mut f = self.flags;
+            if i + 1 != self.count {
+                f &= !(tcp_flag::FIN | tcp_flag::PSH);
+            }
+            if i != 0 {
+                f &= !tcp_flag::CWR;
+            }
+            hdr[l.l4 + at::TCP_FLAGS] = f;
+            at::TCP_CHECKSUM
+        } else {
+            put16(hdr, l.l4 + at::UDP_LEN, l4_len as u16);
+            at::UDP_CHECKSUM
+        };
+        put16(hdr, l.l4 + csum_at, 0);
+        let pseudo = pseudo_sum(&self.src, &self.dst, l.v6, self.proto, l4_len);
+        let sums = [pseudo, checksum::sum(&hdr[l.l4..l.header_len]), checksum::sum(chunk)];
+        let mut c = !checksum::fold(checksum::combine(&sums));
+        if c == 0 && !self.tcp {
+            c = 0xffff;
+        }
+        put16(hdr, l.l4 + csum_at, c);
+    }
 }
 
 /// The pseudo-header addresses of a located frame.

@@ -24,6 +24,12 @@
 //! good, to one message per datagram (the same bytes, no copy) and counts the
 //! refusal in
 //! [`PortStats::offload_errors`]; [`UdpOverlay::gso_enabled`] tells which.
+//! [`UdpOverlay::send_batch`] sends frames the caller keeps for the call
+//! without copying them: a super-frame's segments are gathered from
+//! headers written here and payload slices of the caller's frame. Single
+//! datagrams of one size, back to back to one host and steered alike by the
+//! receiver, share one `UDP_SEGMENT` message (the kernel's stack then runs
+//! once for up to 64 small packets).
 //!
 //! **UDP receive offload** ([`UdpOverlay::enable_gro`], off by default):
 //! with `UDP_GRO` set the kernel may hand over many datagrams of one sender
@@ -87,14 +93,50 @@ const CONTROL_LEN: usize = 32;
 #[repr(C, align(8))]
 struct Control([u8; CONTROL_LEN]);
 
-/// One queued message: where its payload lies in the queue, where it goes,
-/// and its datagram size when it is a `UDP_SEGMENT` send (0: one datagram).
+/// One queued message: its pieces (`pieces` in the queue's piece list), where it goes, and its datagram size when it is a
+/// `UDP_SEGMENT` send (0: one datagram).
 #[derive(Clone, Copy)]
 struct TxEntry {
-    at: usize,
-    len: usize,
+    pieces: (usize, usize),
+    /// The receiver's steering hash of its first datagram ([`steer::vxlan_hash`]; 0 when gathered).
+    steer: u32,
     to: libc::sockaddr_in,
     segment: usize,
+}
+
+/// Where a piece of a queued message lies.
+#[derive(Clone, Copy)]
+enum Piece {
+    /// `len` bytes at `at` in the queue buffer (`tx_buf`).
+    Queue { at: usize, len: usize },
+    /// `len` bytes at `at` in the header buffer (`tx_hdrs`).
+    Header { at: usize, len: usize },
+    /// `len` bytes of a caller's buffer, borrowed for one
+    /// [`UdpOverlay::send_batch`] call: such a piece is sent before that call returns.
+    Borrowed { ptr: *const u8, len: usize },
+}
+
+/// One message of a flush: its iovecs (`tx_iov[iov.0..iov.0 + iov.1]`),
+/// the entry it comes from, and what it carries.
+#[derive(Clone, Copy)]
+struct TxSpan {
+    iov: (usize, usize),
+    entry: usize,
+    segment: usize,
+    msg: TxMsg,
+}
+
+/// A frame for the underlay, borrowed for one [`UdpOverlay::send_batch`] call.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// The host it goes to.
+    pub remote: Ipv4Addr,
+    /// Bytes before the inner frame (its VXLAN header), repeated before every segment.
+    pub prefix: &'a [u8],
+    /// The inner frame.
+    pub frame: &'a [u8],
+    /// The inner frame's offload state (offsets from its start).
+    pub offload: Offload,
 }
 
 /// The underlay UDP socket of one host.
@@ -112,7 +154,11 @@ pub struct UdpOverlay {
     rx_ctrl: Vec<Control>,
     rx_msgs: Vec<libc::mmsghdr>,
     tx_buf: Vec<u8>,
+    /// Segment headers of gathered super-frames ([`UdpOverlay::send_batch`]).
+    tx_hdrs: Vec<u8>,
+    tx_pieces: Vec<Piece>,
     tx_entries: Vec<TxEntry>,
+    tx_spans: Vec<TxSpan>,
     tx_lens: Vec<TxMsg>,
     tx_iov: Vec<libc::iovec>,
     tx_ctrl: Vec<Control>,
@@ -121,8 +167,10 @@ pub struct UdpOverlay {
 }
 
 // SAFETY: the raw pointers inside the iovec and mmsghdr arrays only ever point into buffers
-// owned by this value and are rewritten before each system call; nothing is shared with
-// another thread, so moving the value between threads is sound.
+// owned by this value and are rewritten before each system call; `Piece::Borrowed` pointers
+// into a caller's buffers live only during one `send_batch` call, which sends them before
+// returning (the queue holds none in between); nothing is shared with another thread, so
+// moving the value between threads is sound.
 unsafe impl Send for UdpOverlay {}
 
 impl fmt::Debug for UdpOverlay {
@@ -275,7 +323,10 @@ impl UdpOverlay {
             rx_ctrl: vec![ctrl; RX_BATCH],
             rx_msgs: vec![msg; RX_BATCH],
             tx_buf: Vec::with_capacity(TX_BUFFER),
+            tx_hdrs: Vec::new(),
+            tx_pieces: Vec::with_capacity(TX_BATCH),
             tx_entries: Vec::with_capacity(TX_BATCH),
+            tx_spans: Vec::with_capacity(TX_BATCH),
             tx_lens: Vec::with_capacity(TX_BATCH),
             tx_iov: vec![iov; TX_BATCH],
             tx_ctrl: vec![ctrl; TX_BATCH],
@@ -469,13 +520,7 @@ impl UdpOverlay {
         self.tx_room(payload.len())?;
         let at = self.tx_buf.len();
         self.tx_buf.extend_from_slice(payload);
-        let to = self.to(remote);
-        self.tx_entries.push(TxEntry {
-            at,
-            len: payload.len(),
-            to,
-            segment: 0,
-        });
+        self.queue_copied(at, payload.len(), remote, 0);
         Ok(())
     }
 
@@ -503,9 +548,76 @@ impl UdpOverlay {
 
     /// Queue the message at `at..at + len` of the queue buffer, datagrams of `segment` bytes.
     fn queue_segmented(&mut self, at: usize, len: usize, remote: Ipv4Addr, segment: usize) {
+        self.queue_copied(at, len, remote, segment);
+    }
+
+    /// Queue the message at `at..at + len` of the queue buffer, datagrams of
+    /// `segment` bytes (0, or at least `len`: one datagram).
+    ///
+    /// A single datagram that directly follows, in the buffer and the queue,
+    /// datagrams of its size (or longer, when it is the last) to the same
+    /// address, and that the receiver steers as their first
+    /// ([`steer::vxlan_hash`]: a message reaches one socket of a steered
+    /// group whole), joins their message as one more `UDP_SEGMENT` datagram:
+    /// a burst of small packets of one size costs the kernel one pass
+    /// through its stack (and the receiver, with `UDP_GRO`, one receive)
+    /// instead of one per datagram; the datagrams on the wire are the same.
+    fn queue_copied(&mut self, at: usize, len: usize, remote: Ipv4Addr, segment: usize) {
+        if segment == 0 && self.join_last(at, len, remote) {
+            return;
+        }
+        let first = self.tx_pieces.len();
+        self.tx_pieces.push(Piece::Queue { at, len });
+        let steer = steer::vxlan_hash(&self.tx_buf[at..at + len]);
+        self.queue_pieces(first, len, remote, segment, steer);
+    }
+
+    /// Add the datagram at `at..at + len` of the queue buffer to the last
+    /// queued message when it can carry it as one more `UDP_SEGMENT`
+    /// datagram (see [`UdpOverlay::queue_copied`]); whether it did.
+    fn join_last(&mut self, at: usize, len: usize, remote: Ipv4Addr) -> bool {
+        if self.gso_refused || len == 0 {
+            return false;
+        }
+        let to = self.to(remote);
+        let steer = steer::vxlan_hash(&self.tx_buf[at..at + len]);
+        let Some(e) = self.tx_entries.last_mut() else {
+            return false;
+        };
+        if e.pieces.1 != 1 || e.pieces.0 + 1 != self.tx_pieces.len() {
+            return false;
+        }
+        let Piece::Queue { at: p_at, len: p_len } = self.tx_pieces[e.pieces.0] else {
+            return false;
+        };
+        let size = if e.segment == 0 { p_len } else { e.segment };
+        let same_to = e.to.sin_addr.s_addr == to.sin_addr.s_addr && e.to.sin_port == to.sin_port && e.steer == steer;
+        let fits = p_at + p_len == at
+            && p_len % size == 0
+            && len <= size
+            && p_len / size < MAX_GSO_SEGMENTS
+            && p_len + len <= MAX_GSO_BYTES;
+        if !same_to || !fits {
+            return false;
+        }
+        self.tx_pieces[e.pieces.0] = Piece::Queue {
+            at: p_at,
+            len: p_len + len,
+        };
+        e.segment = size;
+        true
+    }
+
+    /// Queue a message of the pieces from `first` to the end of the piece list.
+    fn queue_pieces(&mut self, first: usize, len: usize, remote: Ipv4Addr, segment: usize, steer: u32) {
         let to = self.to(remote);
         let segment = if len <= segment { 0 } else { segment };
-        self.tx_entries.push(TxEntry { at, len, to, segment });
+        self.tx_entries.push(TxEntry {
+            pieces: (first, self.tx_pieces.len() - first),
+            steer,
+            to,
+            segment,
+        });
     }
 
     /// Put inner frame `frame`, with its offload state, on the underlay to
@@ -537,13 +649,7 @@ impl UdpOverlay {
                     self.stats.offload_errors += 1;
                 }
             }
-            let to = self.to(remote);
-            self.tx_entries.push(TxEntry {
-                at,
-                len,
-                to,
-                segment: 0,
-            });
+            self.queue_copied(at, len, remote, 0);
             return Ok(1);
         }
         let layout = gso::layout(frame, offload).map_err(|e| {
@@ -579,10 +685,96 @@ impl UdpOverlay {
         Ok(segs.count)
     }
 
+    /// Send `frames`, with everything queued before them, and return how
+    /// many datagrams were queued (the send's own errors are counted in
+    /// [`PortStats`] and the first one returned, after trying all).
+    ///
+    /// Super-frames are cut without copying their payload: only each
+    /// segment's prefix and headers are written ([`gso::segment_headers`]),
+    /// and each `UDP_SEGMENT` message gathers, per datagram, its headers and
+    /// its slice of the caller's frame (one iovec each; the kernel copies the
+    /// bytes once, into the socket buffer). Other frames are queued as by
+    /// [`UdpOverlay::send_super_frame`]. Frames keep their order. Everything
+    /// is sent before this returns: the borrowed bytes are not kept.
+    pub fn send_batch<'a>(&mut self, frames: &mut dyn Iterator<Item = Outgoing<'a>>) -> io::Result<usize> {
+        let mut queued = 0;
+        let mut first_err = None;
+        for f in frames {
+            let r = if f.offload.gso.is_none() {
+                self.send_super_frame(f.remote, f.prefix, f.frame, &f.offload)
+            } else {
+                self.queue_gathered(&f)
+            };
+            match r {
+                Ok(n) => queued += n,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        // Always sent here, error or not: no borrowed piece may outlive this call.
+        let r = self.flush();
+        debug_assert!(self.tx_entries.is_empty() && self.tx_pieces.is_empty());
+        match first_err {
+            Some(e) => Err(e),
+            None => r.map(|()| queued),
+        }
+    }
+
+    /// Queue super-frame `f` for a gathering send: its segments' headers in
+    /// the header buffer, its payload borrowed. Only [`UdpOverlay::send_batch`]
+    /// calls this, and sends the queue before it returns.
+    fn queue_gathered(&mut self, f: &Outgoing<'_>) -> io::Result<usize> {
+        let invalid = |this: &mut Self, e: gso::GsoError| {
+            this.stats.offload_errors += 1;
+            this.invalid(format!("cannot segment: {e}"))
+        };
+        let layout = gso::layout(f.frame, &f.offload).map_err(|e| invalid(self, e))?;
+        let stride = f.prefix.len() + layout.header_len + layout.segment_size;
+        if stride > MAX_PAYLOAD {
+            self.stats.tx_errors += 1;
+            return Err(self.invalid(format!("segments of {stride} bytes exceed {MAX_PAYLOAD}")));
+        }
+        let count = layout.segments();
+        let needed = count * (f.prefix.len() + layout.header_len);
+        if needed > TX_BUFFER {
+            self.stats.tx_errors += 1;
+            return Err(self.invalid(format!("{needed} bytes of headers exceed {TX_BUFFER}")));
+        }
+        let per = MAX_GSO_SEGMENTS.min(MAX_GSO_BYTES / stride).max(1);
+        if self.tx_entries.len() + count.div_ceil(per) > TX_BATCH || self.tx_hdrs.len() + needed > TX_BUFFER {
+            self.flush()?;
+        }
+        let segs = gso::segment_headers(f.frame, &f.offload, f.prefix, &mut self.tx_hdrs, TX_BUFFER)
+            .map_err(|e| invalid(self, e))?;
+        self.stats.sw_segmented += 1;
+        let mut i = 0;
+        while i < count {
+            let n = per.min(count - i);
+            let first = self.tx_pieces.len();
+            let mut len = 0;
+            for k in i..i + n {
+                let (hdr, payload) = segs.segment(k, &self.tx_hdrs, f.frame);
+                let at = segs.start + k * segs.header_stride;
+                self.tx_pieces.push(Piece::Header { at, len: hdr.len() });
+                self.tx_pieces.push(Piece::Borrowed {
+                    ptr: payload.as_ptr(),
+                    len: payload.len(),
+                });
+                len += hdr.len() + payload.len();
+            }
+            self.queue_pieces(first, len, f.remote, stride, 0);
+            i += n;
+        }
+        Ok(count)
+    }
+
     /// Send everything queued, with as few `sendmmsg` calls as the kernel allows.
     pub fn flush(&mut self) -> io::Result<()> {
         let r = self.flush_entries();
         self.tx_buf.clear();
+        self.tx_hdrs.clear();
+        self.tx_pieces.clear();
         r
     }
 
@@ -608,8 +800,7 @@ impl UdpOverlay {
                     // The kernel does not segment here: from this message on, one datagram each.
                     self.gso_refused = true;
                     self.stats.offload_errors += 1;
-                    // With UDP_SEGMENT on, messages and entries correspond one to one.
-                    from += k;
+                    from = self.tx_spans[k].entry;
                 }
                 Err((_, e)) => {
                     first_err = Some(e);
@@ -624,69 +815,90 @@ impl UdpOverlay {
 
     /// Fill the message arrays for entries `from..`: one message per entry,
     /// with a `UDP_SEGMENT` control message for a segmented one, or, once the
-    /// kernel refused those, one message per datagram.
+    /// kernel refused those, one message per datagram (its pieces cut at
+    /// the datagram boundaries).
     fn build_messages(&mut self, from: usize) {
         self.tx_lens.clear();
+        self.tx_spans.clear();
+        self.tx_iov.clear();
         let gso = !self.gso_refused;
-        let mut n = 0;
-        for e in &self.tx_entries[from..] {
-            n += if e.segment == 0 || gso {
-                1
-            } else {
-                e.len.div_ceil(e.segment)
-            };
+        let (queue, hdrs) = (self.tx_buf.as_ptr(), self.tx_hdrs.as_ptr());
+        for k in from..self.tx_entries.len() {
+            let e = self.tx_entries[k];
+            let whole = e.segment == 0 || gso;
+            // Room left in the datagram being built (one message per datagram when not whole).
+            let mut left = if whole { usize::MAX } else { e.segment };
+            let (mut iov_start, mut bytes) = (self.tx_iov.len(), 0);
+            for piece in &self.tx_pieces[e.pieces.0..e.pieces.0 + e.pieces.1] {
+                let (mut ptr, mut len) = match *piece {
+                    // SAFETY: queued pieces lie inside the initialised bytes of their buffer.
+                    Piece::Queue { at, len } => (unsafe { queue.add(at) }, len),
+                    // SAFETY: as above.
+                    Piece::Header { at, len } => (unsafe { hdrs.add(at) }, len),
+                    Piece::Borrowed { ptr, len } => (ptr, len),
+                };
+                while len > 0 {
+                    let take = len.min(left);
+                    self.tx_iov.push(libc::iovec {
+                        iov_base: ptr.cast_mut().cast(),
+                        iov_len: take,
+                    });
+                    // SAFETY: `take <= len`: at most one past the piece's end.
+                    ptr = unsafe { ptr.add(take) };
+                    len -= take;
+                    bytes += take;
+                    left -= take;
+                    if left == 0 {
+                        self.tx_spans.push(TxSpan {
+                            iov: (iov_start, self.tx_iov.len() - iov_start),
+                            entry: k,
+                            segment: 0,
+                            msg: TxMsg {
+                                bytes,
+                                frames: 1,
+                                super_frame: false,
+                            },
+                        });
+                        (iov_start, bytes, left) = (self.tx_iov.len(), 0, e.segment);
+                    }
+                }
+            }
+            if bytes > 0 {
+                let segmented = whole && e.segment > 0;
+                self.tx_spans.push(TxSpan {
+                    iov: (iov_start, self.tx_iov.len() - iov_start),
+                    entry: k,
+                    segment: if segmented { e.segment } else { 0 },
+                    msg: TxMsg {
+                        bytes,
+                        frames: if segmented { bytes.div_ceil(e.segment) as u32 } else { 1 },
+                        super_frame: segmented,
+                    },
+                });
+            }
         }
+        let n = self.tx_spans.len();
         if n > self.tx_msgs.len() {
-            let iov = libc::iovec {
-                iov_base: ptr::null_mut(),
-                iov_len: 0,
-            };
-            self.tx_iov.resize(n, iov);
             self.tx_ctrl.resize(n, Control([0; CONTROL_LEN]));
             // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid value.
             self.tx_msgs.resize(n, unsafe { mem::zeroed() });
         }
-        let base = self.tx_buf.as_mut_ptr();
-        let mut i = 0;
-        for k in from..self.tx_entries.len() {
-            let e = self.tx_entries[k];
-            let pieces = if e.segment == 0 || gso {
-                1
+        let iov = self.tx_iov.as_mut_ptr();
+        for (i, span) in self.tx_spans.iter().enumerate() {
+            let h = &mut self.tx_msgs[i].msg_hdr;
+            h.msg_name = (&mut self.tx_entries[span.entry].to as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            // SAFETY: the span's iovecs lie inside `tx_iov`, which is not changed until the send.
+            h.msg_iov = unsafe { iov.add(span.iov.0) };
+            h.msg_iovlen = span.iov.1 as _;
+            h.msg_flags = 0;
+            if span.segment > 0 {
+                set_segment_size(h, &mut self.tx_ctrl[i], span.segment as u16);
             } else {
-                e.len.div_ceil(e.segment)
-            };
-            for p in 0..pieces {
-                let (at, len) = if pieces == 1 {
-                    (e.at, e.len)
-                } else {
-                    let at = e.at + p * e.segment;
-                    (at, e.segment.min(e.at + e.len - at))
-                };
-                self.tx_iov[i] = libc::iovec {
-                    // SAFETY: every queued entry lies inside `tx_buf`'s initialised bytes.
-                    iov_base: unsafe { base.add(at) }.cast(),
-                    iov_len: len,
-                };
-                let segmented = gso && e.segment > 0;
-                let h = &mut self.tx_msgs[i].msg_hdr;
-                h.msg_name = (&mut self.tx_entries[k].to as *mut libc::sockaddr_in).cast();
-                h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                h.msg_iov = &mut self.tx_iov[i];
-                h.msg_iovlen = 1;
-                h.msg_flags = 0;
-                if segmented {
-                    set_segment_size(h, &mut self.tx_ctrl[i], e.segment as u16);
-                } else {
-                    h.msg_control = ptr::null_mut();
-                    h.msg_controllen = 0;
-                }
-                self.tx_lens.push(TxMsg {
-                    bytes: len,
-                    frames: if segmented { len.div_ceil(e.segment) as u32 } else { 1 },
-                    super_frame: segmented,
-                });
-                i += 1;
+                h.msg_control = ptr::null_mut();
+                h.msg_controllen = 0;
             }
+            self.tx_lens.push(span.msg);
         }
     }
 

@@ -86,6 +86,22 @@ pub trait FramePort: Send {
     /// Transmit everything queued (one syscall per batch where the kernel allows).
     fn flush(&mut self) -> io::Result<()>;
 
+    /// Queue `frames` as [`FramePort::send_frame`] does and transmit them with
+    /// everything queued before them, before returning; the first error is
+    /// returned after all were tried. A port may send the frames from where
+    /// they lie instead of copying them, as they are borrowed for this call
+    /// only (AF_PACKET with virtio-net headers does).
+    fn send_frames<'a>(&mut self, frames: &mut dyn Iterator<Item = (&'a [u8], &'a Offload)>) -> io::Result<()> {
+        let mut first_err = None;
+        for (frame, offload) in frames {
+            if let Err(e) = self.send_frame(frame, offload) {
+                first_err.get_or_insert(e);
+            }
+        }
+        let r = self.flush();
+        first_err.map_or(r, Err)
+    }
+
     /// The file descriptor to poll for readability.
     fn fd(&self) -> RawFd;
 

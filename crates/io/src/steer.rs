@@ -132,11 +132,17 @@ pub fn frame_worker(frame: &[u8], workers: u32) -> u32 {
 /// The payload is the 8-byte VXLAN header and the inner Ethernet frame; an
 /// inner VLAN tag is not skipped (worker 0). `workers` 0 counts as 1.
 pub fn vxlan_worker(payload: &[u8], workers: u32) -> u32 {
-    let hash = match be16(payload, VXLAN_INNER + 12) {
+    vxlan_hash(payload) % workers.max(1)
+}
+
+/// The steering hash of a VXLAN UDP payload, before it is reduced to a
+/// worker: two payloads with the same hash go to the same worker, however
+/// many workers the receiver runs.
+pub fn vxlan_hash(payload: &[u8]) -> u32 {
+    match be16(payload, VXLAN_INNER + 12) {
         Some(et) => ip_hash(et, payload.get(VXLAN_INNER + 14..).unwrap_or_default()),
         None => 0,
-    };
-    hash % workers.max(1)
+    }
 }
 
 /// Worker for a connection between two addresses (used to hand saved connections to workers on import).

@@ -14,7 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::Netns;
-use palisade_io::gso::Coalescer;
+use palisade_io::gso::{self, Coalescer};
+use palisade_io::overlay::Outgoing;
 use palisade_io::{AfPacket, AfPacketConfig, FramePort, Offload, Tap, UdpOverlay, wait_readable};
 use palisade_wire::virtio_net::GsoKind;
 
@@ -515,4 +516,211 @@ fn refused_udp_segmentation_falls_back_to_datagrams() {
     assert_eq!(got.len(), 11);
     assert_eq!(&all[..10_000], &buf[..]);
     assert_eq!(&all[10_000..], b"after");
+}
+
+/// Datagrams as they arrive at a socket without GRO.
+fn datagrams(sock: &mut UdpOverlay, want: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while got.len() < want && Instant::now() < deadline {
+        wait_readable(&[sock.fd()], Duration::from_millis(20)).unwrap();
+        sock.recv(64, &mut |_, p| got.push(p.to_vec())).unwrap();
+    }
+    got
+}
+
+/// `send_batch` gathers each segment from headers it wrote and the caller's
+/// payload: the datagrams on the wire are those `gso::segment` makes, in the
+/// batch's order with the plain frames around them, with `UDP_SEGMENT` and
+/// after the kernel refused it (one message per datagram, cut across pieces).
+#[test]
+fn gathered_super_frames_leave_as_the_copied_segments_in_order() {
+    if !common::can_run("gathered_super_frames_leave_as_the_copied_segments_in_order", &[]) {
+        return;
+    }
+    for refused in [false, true] {
+        let (_n1, _n2, mut a, mut b) = underlay(if refused { "gr" } else { "gg" });
+        if refused {
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt reads one int from `one`.
+            let r = unsafe {
+                libc::setsockopt(
+                    a.fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_NO_CHECK,
+                    (&one as *const libc::c_int).cast(),
+                    4,
+                )
+            };
+            assert_eq!(r, 0);
+        }
+        let spec = props::Spec::default();
+        let (frame, offload) = props::build(&spec);
+        let v6 = props::Spec {
+            v6: true,
+            ..props::Spec::default()
+        };
+        let (frame6, offload6) = props::build(&v6);
+        let mut want = vec![b"before".to_vec()];
+        let mut copied = Vec::new();
+        gso::segment(&frame, &offload, &spec.prefix, &mut copied, 1 << 20).unwrap();
+        gso::segment(&frame6, &offload6, &v6.prefix, &mut copied, 1 << 20).unwrap();
+        let segs4 = gso::segment(&frame, &offload, &spec.prefix, &mut Vec::new(), 1 << 20).unwrap();
+        let segs6 = gso::segment(&frame6, &offload6, &v6.prefix, &mut Vec::new(), 1 << 20).unwrap();
+        let (len4, len6) = (segs4.total_len(), segs6.total_len());
+        want.extend(copied[..len4].chunks(segs4.stride).map(<[u8]>::to_vec));
+        want.push(b"between".to_vec());
+        want.extend(copied[len4..len4 + len6].chunks(segs6.stride).map(<[u8]>::to_vec));
+        want.push(b"after".to_vec());
+        let plain = |bytes: &'static [u8]| Outgoing {
+            remote: B,
+            prefix: &[],
+            frame: bytes,
+            offload: Offload::NONE,
+        };
+        let batch = [
+            plain(b"before"),
+            Outgoing {
+                remote: B,
+                prefix: &spec.prefix,
+                frame: &frame,
+                offload,
+            },
+            plain(b"between"),
+            Outgoing {
+                remote: B,
+                prefix: &v6.prefix,
+                frame: &frame6,
+                offload: offload6,
+            },
+            plain(b"after"),
+        ];
+        let n = a.send_batch(&mut batch.into_iter()).unwrap();
+        assert_eq!(n, want.len(), "datagrams queued");
+        assert_eq!(a.gso_enabled(), !refused);
+        let s = a.stats();
+        assert_eq!((s.tx_frames, s.tx_errors), (want.len() as u64, 0), "{s:?}");
+        assert_eq!(s.offload_errors, u64::from(refused), "{s:?}");
+        let got = datagrams(&mut b, want.len());
+        assert_eq!(got.len(), want.len(), "refused: {refused}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(g == w, "datagram {i} differs (refused: {refused})");
+        }
+    }
+}
+
+/// Forward as [`forward`] does with offloads, each batch handed over with
+/// [`FramePort::send_frames`] (sent from the receive ring where it lies).
+fn forward_borrowed(a: &mut dyn FramePort, b: &mut dyn FramePort, stop: &AtomicBool) -> Seen {
+    let mut seen = Seen::default();
+    let fds = [a.fd(), b.fd()];
+    while !stop.load(Ordering::Relaxed) {
+        let ready = wait_readable(&fds, Duration::from_millis(20)).unwrap();
+        for i in ready {
+            let (from, to): (&mut dyn FramePort, &mut dyn FramePort) =
+                if i == 0 { (&mut *a, &mut *b) } else { (&mut *b, &mut *a) };
+            from.recv_frames(256, &mut |frames| {
+                for f in frames {
+                    seen.super_frames += u64::from(f.offload.gso.is_some());
+                    seen.largest = seen.largest.max(f.bytes.len());
+                }
+                let _ = to.send_frames(&mut frames.iter().map(|f| (f.bytes, &f.offload)));
+            })
+            .unwrap();
+        }
+    }
+    seen
+}
+
+/// AF_PACKET with virtio-net headers sends a batch of borrowed frames, super-frames
+/// included, each gathered from its header and the caller's bytes: a TCP transfer
+/// between two namespaces with their offloads on arrives whole.
+#[test]
+fn afpacket_sends_borrowed_frames_with_their_headers() {
+    if !common::can_run("afpacket_sends_borrowed_frames_with_their_headers", &["ethtool"]) {
+        return;
+    }
+    let t = TwoVms::new("ob");
+    let mut a =
+        t.sw.enter(|| AfPacket::open("va1", &AfPacketConfig::default()))
+            .unwrap();
+    let mut b =
+        t.sw.enter(|| AfPacket::open("va2", &AfPacketConfig::default()))
+            .unwrap();
+    let stop = AtomicBool::new(false);
+    let (got, seen) = thread::scope(|s| {
+        let fwd = s.spawn(|| forward_borrowed(&mut a, &mut b, &stop));
+        let got = tcp_transfer(&t.vm1, &t.vm2, "10.9.0.2");
+        stop.store(true, Ordering::Relaxed);
+        (got, fwd.join().unwrap())
+    });
+    assert_eq!(got, TRANSFER, "bytes received");
+    assert!(seen.super_frames > 0 && seen.largest > 1514, "{seen:?}");
+    let (sa, sb) = (a.stats(), b.stats());
+    assert!(sb.tx_super_frames > 0, "{sb:?}");
+    assert_eq!(
+        (sa.offload_errors, sb.tx_errors, sb.offload_errors),
+        (0, 0, 0),
+        "{sa:?} {sb:?}"
+    );
+    assert_eq!(
+        sa.tx_frames + sb.tx_frames,
+        sa.rx_frames + sb.rx_frames,
+        "{sa:?} {sb:?}"
+    );
+}
+
+/// Single datagrams queued back to back join one `UDP_SEGMENT` message while
+/// they are of one size (the last may be shorter), go to one address and are
+/// steered alike by the receiver; a longer one, another address, another
+/// inner flow's steering or a full message starts a new one. The
+/// receiver gets every datagram, unchanged and in order.
+#[test]
+fn same_size_datagrams_share_one_segmented_send() {
+    if !common::can_run("same_size_datagrams_share_one_segmented_send", &[]) {
+        return;
+    }
+    let (_n1, n2, mut a, mut b) = underlay("uj");
+    let c = Ipv4Addr::new(10, 9, 2, 3);
+    n2.ip(&["addr", "add", "10.9.2.3/24", "dev", "u2"]);
+    let mut other = n2.enter(|| UdpOverlay::bind(SocketAddrV4::new(c, 4789))).unwrap();
+    // A VXLAN payload: header, Ethernet, an IPv4 header from 10.0.0.1 to
+    // 10.0.0.`host` (what the receiver's steering hashes), numbered bytes.
+    let vxlan = |i: usize, len: usize, host: u8| -> Vec<u8> {
+        let mut d: Vec<u8> = (0..len).map(|k| (i * 31 + k) as u8).collect();
+        d[20..22].copy_from_slice(&[0x08, 0x00]);
+        d[22] = 0x45;
+        d[34..38].copy_from_slice(&[10, 0, 0, 1]);
+        d[38..42].copy_from_slice(&[10, 0, 0, host]);
+        d
+    };
+    let datagram = |i: usize, len: usize| vxlan(i, len, 2);
+    // (datagram, to B?) in sending order.
+    let mut plan: Vec<(Vec<u8>, bool)> = Vec::new();
+    for i in 0..70 {
+        plan.push((datagram(i, 114), true)); // 64 join one message, 6 start the next
+    }
+    plan.push((datagram(70, 60), true)); // shorter: the last of that message
+    plan.push((datagram(71, 60), true)); // after a shorter one: a new message
+    plan.push((datagram(72, 200), true)); // longer: a new message
+    plan.push((datagram(73, 200), false)); // another address: a new message
+    plan.push((datagram(74, 200), true)); // back: a new message
+    plan.push((vxlan(75, 200, 3), true)); // another inner flow, steered apart: a new message
+    plan.push((vxlan(76, 200, 3), true)); // joins the one before
+    for (d, to_b) in &plan {
+        a.send_to(if *to_b { B } else { c }, d).unwrap();
+    }
+    a.flush().unwrap();
+    let s = a.stats();
+    assert_eq!(s.tx_frames, 77, "{s:?}");
+    // Messages: 64 x 114; 6 x 114 + 60 (both segmented); 60; 200; 200 to C; 200; 2 x 200 (segmented).
+    assert_eq!(s.tx_super_frames, 3, "{s:?}");
+    assert_eq!((s.tx_errors, s.offload_errors), (0, 0), "{s:?}");
+    let got = datagrams(&mut b, 76);
+    let want: Vec<Vec<u8>> = plan.iter().filter(|(_, to_b)| *to_b).map(|(d, _)| d.clone()).collect();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(g == w, "datagram {i} differs");
+    }
+    assert_eq!(datagrams(&mut other, 1), vec![datagram(73, 200)]);
 }

@@ -71,8 +71,9 @@ fn batches_cross_both_ways_with_sender_addresses() {
 fn send_to_forces_a_flush_when_the_queue_is_full() {
     let (mut a, mut b) = pair();
     // 100 small datagrams without an explicit flush: the 64-slot queue flushes itself once.
+    // Each is longer than the one before, so none joins the one before's message.
     for i in 0..100 {
-        a.send_to(B, &payload(i % 8)).unwrap();
+        a.send_to(B, &vec![i as u8; 8 + i]).unwrap();
     }
     assert_eq!(a.stats().tx_frames, 64);
     assert_eq!(receive(&mut b, 64).len(), 64);

@@ -382,7 +382,38 @@ pub fn check_segment(frame: &[u8], offload: &Offload, prefix: &[u8]) -> Result<V
     if joined != payload {
         return Err("the payloads do not make the super-frame's".into());
     }
+    check_gathered(frame, offload, prefix, &all)?;
     Ok(all)
+}
+
+/// The headers [`gso::segment_headers`] writes, each followed by its payload
+/// slice of the super-frame, are byte for byte the segments [`gso::segment`]
+/// made (`segments`), with nothing written outside its own output.
+fn check_gathered(frame: &[u8], offload: &Offload, prefix: &[u8], segments: &[Vec<u8>]) -> Result<(), String> {
+    let mut hdrs = vec![0xdd; 5];
+    let h = gso::segment_headers(frame, offload, prefix, &mut hdrs, 16 << 20)
+        .map_err(|e| format!("segment_headers refused what segment took: {e}"))?;
+    if hdrs[..5] != [0xdd; 5] || h.start != 5 || hdrs.len() != 5 + h.count() * h.header_stride {
+        return Err(format!(
+            "segment_headers wrote {} bytes from {}",
+            hdrs.len() - 5,
+            h.start
+        ));
+    }
+    if h.count() != segments.len() {
+        return Err(format!(
+            "segment_headers: {} segments, {} expected",
+            h.count(),
+            segments.len()
+        ));
+    }
+    for (i, want) in segments.iter().enumerate() {
+        let (head, payload) = h.segment(i, &hdrs, frame);
+        if [head, payload].concat() != *want {
+            return Err(format!("gathered segment {i} differs from the copied one"));
+        }
+    }
+    Ok(())
 }
 
 /// A key grouping packets by flow the way the test sees it: TCP packets by
