@@ -1430,6 +1430,11 @@ impl Agent {
                         };
                         let path = state_path(dir, i, StateKind::Snapshot);
                         let result = write_state(&path, &blob);
+                        // A round not written holds the next rotation back
+                        // (the older half is then the only copy of its events).
+                        if let Some(j) = &mut lock(core).journal {
+                            j.snapshot_saved(result.is_ok());
+                        }
                         (n, blob.len() as u64, path, result)
                     })
                 })

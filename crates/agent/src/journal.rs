@@ -332,6 +332,10 @@ pub struct Journal {
     used: u32,
     /// A slot being built (no allocation per record once warm).
     scratch: Vec<u8>,
+    /// The last snapshot round's file was not written: the older half
+    /// holds events no snapshot on disk has, so the next round must not
+    /// reset it (see [`Journal::rotate`]).
+    older_unsaved: bool,
     /// What it did.
     pub stats: JournalStats,
 }
@@ -381,6 +385,7 @@ impl Journal {
             generation: 1,
             used: 0,
             scratch: Vec::with_capacity(SLOT_LEN),
+            older_unsaved: false,
             stats: JournalStats::default(),
         };
         // The other half: generation 0, no records.
@@ -438,12 +443,29 @@ impl Journal {
     /// Switch to the other half, empty under the next generation: called
     /// while the worker's table is encoded for a snapshot, so the new half
     /// holds exactly what happens after it.
+    ///
+    /// After a round whose snapshot file was not written
+    /// ([`Journal::snapshot_saved`] with `false`), it does not switch: the
+    /// older half still holds the only copy of the events before that round,
+    /// and resetting it would lose them. The active half keeps filling (a
+    /// full half counts what it could not keep) until a round is written;
+    /// its records that the written snapshot already holds replay to the
+    /// same state.
     pub fn rotate(&mut self) {
+        if self.older_unsaved {
+            return;
+        }
         self.active ^= 1;
         self.generation += 1;
         self.used = 0;
         self.write_header(self.active, self.generation);
         self.stats.rotations += 1;
+    }
+
+    /// Whether the snapshot file of the round that last called
+    /// [`Journal::rotate`] was written. Until one is, rotations are held.
+    pub fn snapshot_saved(&mut self, written: bool) {
+        self.older_unsaved = !written;
     }
 
     /// Slots used in the active half.
@@ -835,6 +857,48 @@ mod tests {
         j.rotate();
         let r = parse(&j.bytes(), &ident()).unwrap();
         assert_eq!(r.ops.len(), 2);
+    }
+
+    /// Two snapshot rounds in a row whose files were not written: the
+    /// events before the first must still be in the journal, since no
+    /// snapshot on disk holds them (the last written snapshot is older).
+    #[test]
+    fn rounds_whose_snapshot_was_not_written_do_not_reset_the_older_half() {
+        let mut j = written();
+        j.rotate();
+        j.snapshot_saved(false);
+        j.note(&event(EventKind::Start, 3), Some(&conn(3, ConnState::SynSent)), 50);
+        j.rotate();
+        j.snapshot_saved(false);
+        j.note(&event(EventKind::Start, 4), Some(&conn(4, ConnState::SynSent)), 60);
+        let r = parse(&j.bytes(), &ident()).unwrap();
+        assert_eq!(r.ops.len(), 6, "every record since the last written snapshot");
+        assert_eq!(
+            states(&apply(None, r)),
+            [
+                (1, ConnState::Established),
+                (3, ConnState::SynSent),
+                (4, ConnState::SynSent)
+            ]
+        );
+        // A round that is written (its rotation still held, as it began
+        // before the write) lets the next one switch: the half it resets
+        // held only events before the first failed round, which the
+        // written snapshot has; the other half (3, 4, 5) is kept.
+        j.rotate();
+        j.snapshot_saved(true);
+        j.note(&event(EventKind::Start, 5), Some(&conn(5, ConnState::SynSent)), 70);
+        j.rotate();
+        let r = parse(&j.bytes(), &ident()).unwrap();
+        assert_eq!(r.ops.len(), 3, "the kept half's records: 3, 4 and 5");
+        assert_eq!(
+            states(&apply(None, r)),
+            [
+                (3, ConnState::SynSent),
+                (4, ConnState::SynSent),
+                (5, ConnState::SynSent)
+            ]
+        );
     }
 
     #[test]
