@@ -164,6 +164,16 @@ fn qmp_connect(socket: &Path, pid: i32, deadline: Instant) -> Result<Qmp, String
     }
 }
 
+/// The error of `vm`'s migration from `from` to `to`, for a reason.
+fn migration_failed<'a>(vm: &'a str, from: &'a str, to: &'a str) -> impl Fn(String) -> LabError + 'a {
+    move |reason| LabError::Migration {
+        vm: vm.to_string(),
+        from: from.to_string(),
+        to: to.to_string(),
+        reason,
+    }
+}
+
 fn status(q: &mut Qmp) -> Result<String, String> {
     let v = q.execute("query-status", None).map_err(|e| e.to_string())?;
     Ok(v.get("status").and_then(|s| s.as_str()).unwrap_or("?").to_string())
@@ -203,34 +213,8 @@ impl Lab {
         opts: &MigrateOptions,
         between: impl FnOnce(),
     ) -> Result<MigrationReport, LabError> {
-        let plan = self.vm_plan(vm)?.clone();
-        let from = self.current_host(vm)?;
-        let fail = |reason: String| LabError::Migration {
-            vm: vm.to_string(),
-            from: from.clone(),
-            to: to.to_string(),
-            reason,
-        };
-        if self.state.plan.host(to).is_none() {
-            return Err(LabError::Unknown {
-                kind: "host",
-                name: to.to_string(),
-            });
-        }
-        let src = self
-            .state
-            .guests
-            .get(vm)
-            .cloned()
-            .ok_or_else(|| fail("not a running QEMU guest".into()))?;
-        if from == to {
-            return Err(fail("it runs there already".into()));
-        }
-        if plan.host != to && !plan.standby.iter().any(|h| h == to) {
-            return Err(fail(format!(
-                "its vNIC is not pre-staged on {to} (build the lab with `--standby {vm}@{to}`)"
-            )));
-        }
+        let (plan, from, src) = self.migration_source(vm, to)?;
+        let fail = migration_failed(vm, &from, to);
         for h in [&from, &to.to_string()] {
             if !self.state.agents.get(h).is_some_and(|a| sys::pid_alive(a.pid)) {
                 return Err(fail(format!("no agent runs on {h}")));
@@ -248,33 +232,17 @@ impl Lab {
             .state_dir
             .join("qemu")
             .join(format!("{vm}.{generation}.migrate"));
-        let _ = std::fs::remove_file(&channel);
         let uri = format!("unix:{}", channel.display());
         let t = Instant::now();
-        let dst = self.spawn_guest(&plan, to, generation, mem, Some(&uri), (&kernel, &initrd, &src.accel))?;
-        let mut guard = Destination {
-            pid: dst.pid,
-            paths: vec![
-                dst.console.clone(),
-                dst.monitor.clone(),
-                dst.qmp.clone(),
-                channel.clone(),
-            ],
-            armed: true,
-        };
-        let deadline = Instant::now() + PRESTAGE_TIMEOUT;
-        let mut dst_qmp =
-            qmp_connect(&dst.qmp, dst.pid, deadline).map_err(|e| fail(format!("destination QEMU: {e}")))?;
-        loop {
-            let s = status(&mut dst_qmp).map_err(|e| fail(format!("destination QEMU: {e}")))?;
-            if s == "inmigrate" && channel.exists() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(fail(format!("destination QEMU not ready (status {s})")));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let (dst, mut guard, mut dst_qmp) = self.spawn_incoming(
+            &plan,
+            to,
+            generation,
+            mem,
+            (&kernel, &initrd, &src.accel),
+            &channel,
+            &fail,
+        )?;
         let prestage = t.elapsed();
 
         // 2. The migration, the state moved while the guest is paused.
@@ -395,6 +363,7 @@ impl Lab {
         self.save()?;
         let _ = std::fs::remove_file(&channel);
         let announced = opts.announce && self.announce(&plan);
+        drop(fail);
         Ok(MigrationReport {
             vm: vm.to_string(),
             from,
@@ -450,20 +419,14 @@ impl Lab {
             })
     }
 
-    /// Start `vm`'s destination QEMU on `to` with `-incoming` on
-    /// [`crate::config::incoming_socket`] (where `[migration] incoming` of
-    /// the lab's agents points), and wait until it is ready: what libvirt
-    /// does on the destination of `virsh migrate`. The source agent then
-    /// drives the migration when the controller orders it.
-    pub fn prestage_incoming(&mut self, vm: &str, to: &str) -> Result<Incoming, LabError> {
+    /// What a migration of `vm` to `to` starts from, checked before
+    /// anything starts: the VM's plan, the host it runs on and its running
+    /// QEMU. `to` must be a host of the lab, another than the VM's, where
+    /// its vNIC is pre-staged.
+    fn migration_source(&self, vm: &str, to: &str) -> Result<(crate::plan::VmPlan, String, super::QemuProc), LabError> {
         let plan = self.vm_plan(vm)?.clone();
         let from = self.current_host(vm)?;
-        let fail = |reason: String| LabError::Migration {
-            vm: vm.to_string(),
-            from: from.clone(),
-            to: to.to_string(),
-            reason,
-        };
+        let fail = migration_failed(vm, &from, to);
         if self.state.plan.host(to).is_none() {
             return Err(LabError::Unknown {
                 kind: "host",
@@ -484,28 +447,35 @@ impl Lab {
                 "its vNIC is not pre-staged on {to} (build the lab with `--standby {vm}@{to}`)"
             )));
         }
-        let (kernel, kver) = qemu::find_kernel().ok_or_else(|| fail("no guest kernel".into()))?;
-        let initrd = qemu::build_initramfs(&self.state.state_dir.join("cache"), &kver)?;
-        let mem = if src.mem_mib == 0 { 256 } else { src.mem_mib };
-        let channel = crate::config::incoming_socket(&self.state.state_dir, vm, to);
-        let _ = std::fs::remove_file(&channel);
+        drop(fail);
+        Ok((plan, from, src))
+    }
+
+    /// Start the destination QEMU of `plan`'s VM on `to` with `-incoming`
+    /// on the Unix socket `channel`, and wait until it waits for the
+    /// migration there: the guest, a guard that stops it unless defused,
+    /// and its QMP connection.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_incoming(
+        &mut self,
+        plan: &crate::plan::VmPlan,
+        to: &str,
+        generation: u32,
+        mem: u32,
+        boot: (&Path, &Path, &[String]),
+        channel: &Path,
+        fail: &dyn Fn(String) -> LabError,
+    ) -> Result<(super::QemuProc, Destination, Qmp), LabError> {
+        let _ = std::fs::remove_file(channel);
         let uri = format!("unix:{}", channel.display());
-        let t = Instant::now();
-        let guest = self.spawn_guest(
-            &plan,
-            to,
-            src.generation + 1,
-            mem,
-            Some(&uri),
-            (&kernel, &initrd, &src.accel),
-        )?;
+        let guest = self.spawn_guest(plan, to, generation, mem, Some(&uri), boot)?;
         let guard = Destination {
             pid: guest.pid,
             paths: vec![
                 guest.console.clone(),
                 guest.monitor.clone(),
                 guest.qmp.clone(),
-                channel.clone(),
+                channel.to_path_buf(),
             ],
             armed: true,
         };
@@ -521,6 +491,31 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        Ok((guest, guard, q))
+    }
+
+    /// Start `vm`'s destination QEMU on `to` with `-incoming` on
+    /// [`crate::config::incoming_socket`] (where `[migration] incoming` of
+    /// the lab's agents points), and wait until it is ready: what libvirt
+    /// does on the destination of `virsh migrate`. The source agent then
+    /// drives the migration when the controller orders it.
+    pub fn prestage_incoming(&mut self, vm: &str, to: &str) -> Result<Incoming, LabError> {
+        let (plan, from, src) = self.migration_source(vm, to)?;
+        let fail = migration_failed(vm, &from, to);
+        let (kernel, kver) = qemu::find_kernel().ok_or_else(|| fail("no guest kernel".into()))?;
+        let initrd = qemu::build_initramfs(&self.state.state_dir.join("cache"), &kver)?;
+        let mem = if src.mem_mib == 0 { 256 } else { src.mem_mib };
+        let channel = crate::config::incoming_socket(&self.state.state_dir, vm, to);
+        let t = Instant::now();
+        let (guest, guard, _) = self.spawn_incoming(
+            &plan,
+            to,
+            src.generation + 1,
+            mem,
+            (&kernel, &initrd, &src.accel),
+            &channel,
+            &fail,
+        )?;
         Ok(Incoming {
             vm: vm.to_string(),
             guest,
@@ -539,12 +534,7 @@ impl Lab {
         let vm = inc.vm.clone();
         let plan = self.vm_plan(&vm)?.clone();
         let from = self.current_host(&vm)?;
-        let fail = |reason: String| LabError::Migration {
-            vm: vm.clone(),
-            from: from.clone(),
-            to: inc.guest.host.clone(),
-            reason,
-        };
+        let fail = migration_failed(&vm, &from, &inc.guest.host);
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut q =
             qmp_connect(&inc.guest.qmp, inc.guest.pid, deadline).map_err(|e| fail(format!("destination QEMU: {e}")))?;
