@@ -2411,19 +2411,41 @@ impl http::Control for VnicControl {
         Ok(blob)
     }
 
+    /// A pre-copy goes into the tables with the port left as it is (the
+    /// guest still runs on the source); a delta is applied to them and the
+    /// port forwards.
     fn import_arrival(&self, a: crate::peer::Arrival) -> Result<usize, http::ControlError> {
         let now = self.now();
         let vnic = a.vnic.clone();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
         let n = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
-            crate::migrate::import_conns(&mut engines, a.snapshot, now).map_err(control_error)?
+            crate::migrate::apply_arrival(&mut engines, &a.removed, a.revalidate, a.snapshot, now)
+                .map_err(control_error)?
         };
-        // The VM is here now: forward for it.
-        Self::quiesce(&mut guards, &vnic, false)?;
+        if !a.stage {
+            // The VM is here now: forward for it.
+            Self::quiesce(&mut guards, &vnic, false)?;
+        }
         drop(guards);
-        self.record_hashed("import", &vnic, Some(&a.peer), n, Some((a.bytes, a.blake3)));
+        let action = if a.stage { "stage" } else { "import" };
+        self.record_hashed(action, &vnic, Some(&a.peer), n, Some((a.bytes, a.blake3)));
         Ok(n)
+    }
+
+    fn discard_staged(&self, vnic: &str, keys: &[palisade_wire::flow::FlowKey]) -> Result<usize, http::ControlError> {
+        let now = self.now();
+        let mut removed = 0;
+        for core in &self.workers {
+            let mut core = lock(core);
+            let port = core
+                .engine
+                .port_of(vnic)
+                .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
+            removed += core.engine.remove_vnic_conns(port, keys, now, &mut ());
+        }
+        self.record("discard", vnic, None, removed, None);
+        Ok(removed)
     }
 
     fn peer_tls(&self) -> Option<Arc<crate::peer::PeerTls>> {

@@ -91,12 +91,19 @@ pub trait Control: Send + Sync {
         let _ = (vnic, peer);
         Err(ControlError::Refused("this agent does no pre-copy".into()))
     }
-    /// Import the connections a peer agent moved over the agent-to-agent
-    /// channel (its pre-copy with the delta applied), all or nothing, and
-    /// forward for the vNIC; returns the connections imported.
+    /// Apply what a peer agent sent over the agent-to-agent channel, all
+    /// or nothing: a pre-copy staged into the vNIC's tables, or a delta
+    /// applied to them, after which the vNIC forwards here
+    /// ([`crate::peer::Arrival`]); returns the connections imported.
     fn import_arrival(&self, arrival: crate::peer::Arrival) -> Result<usize, ControlError> {
         let _ = arrival;
         Err(ControlError::Refused("this agent takes no state from peers".into()))
+    }
+    /// Remove a staged pre-copy whose migration was cancelled (the keys of
+    /// its connections); returns how many went.
+    fn discard_staged(&self, vnic: &str, keys: &[FlowKey]) -> Result<usize, ControlError> {
+        let _ = (vnic, keys);
+        Ok(0)
     }
     /// The TLS settings of the agent-to-agent state channel, when this
     /// agent has them (a `[controller]` certificate and `[migration]`).

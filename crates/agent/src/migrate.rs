@@ -13,10 +13,12 @@
 //!
 //! Between agents with the agent-to-agent channel ([`crate::peer`]) the
 //! state moves in two steps instead ([`Handover`]): every connection while
-//! the guest runs ([`export_changes`] without `since`, staged by the
-//! destination), then in the guest's pause only what changed since
-//! (created, advanced or removed), which the destination applies to its
-//! staged copy and imports ([`import_conns`]).
+//! the guest runs ([`export_changes`] without `since`), which the
+//! destination imports into the vNIC's tables at once (staged: nothing
+//! reaches the vNIC there before the switchover), then in the guest's pause
+//! only what changed since (created, advanced or removed), which the
+//! destination applies on top ([`apply_arrival`]): the pause carries the
+//! delta's cost, not the table's.
 
 use std::time::{Duration, Instant};
 
@@ -253,11 +255,19 @@ pub fn export_changes(
     Ok((t, marks))
 }
 
-/// Import the connections `snap` holds into `vnic`, each into the engine of
-/// the worker its flows are steered to (`engines` in worker order). All or
-/// nothing: every engine is checked for the vNIC and for room before any
-/// connection goes in. Returns the connections imported.
-pub fn import_conns(engines: &mut [&mut Engine], snap: state::Snapshot, now: u64) -> Result<usize, MigrateError> {
+/// Apply what a peer agent sent (a [`crate::peer::Arrival`]) to `vnic` in
+/// every worker's engine (`engines` in worker order), all or nothing: the
+/// room for its connections is checked in every engine first; then the
+/// removed keys go, the vNIC's connections are marked for re-decision when
+/// `revalidate`, and the connections go each to the engine of the worker
+/// its flows are steered to. Returns the connections imported.
+pub fn apply_arrival(
+    engines: &mut [&mut Engine],
+    removed: &[palisade_wire::flow::FlowKey],
+    revalidate: bool,
+    snap: state::Snapshot,
+    now: u64,
+) -> Result<usize, MigrateError> {
     let workers = u32::try_from(engines.len()).unwrap_or(u32::MAX).max(1);
     let mut shares: Vec<Vec<state::ConnRecord>> = vec![Vec::new(); workers as usize];
     for c in snap.conns {
@@ -281,6 +291,12 @@ pub fn import_conns(engines: &mut [&mut Engine], snap: state::Snapshot, now: u64
     }
     let mut imported = 0;
     for ((engine, conns), port) in engines.iter_mut().zip(shares).zip(ports) {
+        if !removed.is_empty() {
+            engine.remove_vnic_conns(port, removed, now, &mut ());
+        }
+        if revalidate {
+            engine.revalidate_vnic(port);
+        }
         let share = state::Snapshot {
             vnic: snap.vnic.clone(),
             policy_version: snap.policy_version,

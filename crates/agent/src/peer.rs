@@ -35,7 +35,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use palisade_api::tls::{load_certs, load_key, provider, roots};
 use palisade_datapath::state::{ConnRecord, Snapshot};
@@ -160,17 +160,28 @@ impl PeerTls {
     }
 }
 
-/// What a destination imports at a commit: the staged pre-copy with the
-/// delta applied.
+/// What a destination does with one request of a session: a pre-copy
+/// imported into the vNIC's tables (staged: the guest still runs on the
+/// source, so nothing of it is forwarded yet; the port is left as it is),
+/// or a delta applied to them (removals, a re-decision of everything staged
+/// when the policy changed in between, the created and changed
+/// connections), after which the vNIC forwards here.
 #[derive(Debug)]
 pub struct Arrival {
     /// The vNIC.
     pub vnic: String,
     /// The source host (its certificate said so).
     pub peer: String,
-    /// The connections, times relative to now on this host.
+    /// A pre-copy to stage (else a delta to commit).
+    pub stage: bool,
+    /// Keys (initiator direction) of connections to remove first.
+    pub removed: Vec<FlowKey>,
+    /// Have every connection of the vNIC already here decided again on
+    /// its next packet (staged under another policy version than the delta's).
+    pub revalidate: bool,
+    /// The connections to import (times relative to now on this host).
     pub snapshot: Snapshot,
-    /// Transfer bytes received for the vNIC (pre-copy and delta).
+    /// Transfer bytes received for the vNIC so far (pre-copy and delta).
     pub bytes: u64,
     /// BLAKE3 of those bytes, pre-copy then delta (the source reports the same).
     pub blake3: String,
@@ -238,17 +249,17 @@ fn split_request(body: &[u8]) -> Result<(&str, &[u8]), String> {
     Ok((vnic, &rest[n..]))
 }
 
-/// A pre-copy held by the destination until its commit.
+/// A pre-copy staged on the destination until its commit.
 struct Staged {
     policy_version: u64,
-    received: Instant,
-    conns: HashMap<FlowKey, ConnRecord>,
+    keys: Vec<FlowKey>,
     bytes: u64,
     hash: blake3::Hasher,
 }
 
-/// The destination's side of one session: what is staged, per vNIC.
-/// Separate from the transport so its rules are tested on their own.
+/// The destination's side of one session: what it staged, per vNIC, and
+/// what each request asks of its tables. Separate from the transport so
+/// its rules are tested on their own.
 pub struct Staging {
     from: String,
     staged: HashMap<String, Staged>,
@@ -263,9 +274,11 @@ impl Staging {
         }
     }
 
-    /// Verify a pre-copy of `vnic` and hold it (replacing an earlier one);
-    /// returns its connections.
-    pub fn stage(&mut self, vnic: &str, blob: &[u8]) -> Result<usize, String> {
+    /// Verify a pre-copy of `vnic`: what to stage. One per vNIC and session.
+    pub fn stage(&mut self, vnic: &str, blob: &[u8]) -> Result<Arrival, String> {
+        if self.staged.contains_key(vnic) {
+            return Err(format!("vNIC {vnic:?} is staged already"));
+        }
         let t = transfer::decode(blob).map_err(|e| e.to_string())?;
         if t.vnic != vnic {
             return Err(format!("pre-copy is for vNIC {:?}, not {vnic:?}", t.vnic));
@@ -273,82 +286,96 @@ impl Staging {
         if !t.full || !t.removed.is_empty() {
             return Err("a pre-copy must hold every connection and no removals".into());
         }
-        let n = t.conns.len();
-        let mut conns = HashMap::with_capacity(n);
-        for c in t.conns {
-            if conns.insert(c.key.canonical().0, c).is_some() {
-                return Err("pre-copy holds a connection twice".into());
-            }
-        }
+        let keys = distinct_keys(&t.conns).ok_or("pre-copy holds a connection twice")?;
         let mut hash = blake3::Hasher::new();
         hash.update(blob);
+        let bytes = blob.len() as u64;
+        let arrival = Arrival {
+            vnic: vnic.to_string(),
+            peer: self.from.clone(),
+            stage: true,
+            removed: Vec::new(),
+            revalidate: false,
+            snapshot: Snapshot {
+                vnic: vnic.to_string(),
+                policy_version: t.policy_version,
+                conns: t.conns,
+            },
+            bytes,
+            blake3: hash.finalize().to_hex().to_string(),
+        };
         self.staged.insert(
             vnic.to_string(),
             Staged {
                 policy_version: t.policy_version,
-                received: Instant::now(),
-                conns,
-                bytes: blob.len() as u64,
+                keys,
+                bytes,
                 hash,
             },
         );
-        Ok(n)
+        Ok(arrival)
     }
 
-    /// Apply a delta (or a full transfer) of `vnic` to what is staged and
-    /// return what to import. The staged copy is used up either way.
-    ///
-    /// Staged connections age by the time they waited here; those whose
-    /// verdict was reached under another policy version than the delta's
-    /// are re-decided on their next packet (a policy change between the
-    /// pre-copy and the pause: what it revokes stays revoked); removed keys
-    /// go; created and changed connections replace what was staged.
+    /// Verify a delta (or a full transfer) of `vnic`: what to apply to
+    /// what was staged. Removed keys go; if the staged copy was taken under
+    /// another policy version than the delta's, every staged connection is
+    /// decided again (a policy change between the pre-copy and the pause:
+    /// what it revokes stays revoked); created and changed connections
+    /// replace what was staged. A full transfer replaces the staged copy
+    /// whole. Once applied, [`Staging::committed`].
     pub fn commit(&mut self, vnic: &str, blob: &[u8]) -> Result<Arrival, String> {
-        let staged = self.staged.remove(vnic);
         let t = transfer::decode(blob).map_err(|e| e.to_string())?;
         if t.vnic != vnic {
             return Err(format!("delta is for vNIC {:?}, not {vnic:?}", t.vnic));
         }
-        let (mut conns, mut hash, mut bytes) = match staged {
-            Some(s) if !t.full => {
-                let waited = u64::try_from(s.received.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                let stale = s.policy_version != t.policy_version;
-                let mut conns = s.conns;
-                for c in conns.values_mut() {
-                    c.age = c.age.saturating_add(waited);
-                    c.idle = c.idle.saturating_add(waited);
-                    c.revalidate |= stale;
-                }
-                (conns, s.hash, s.bytes)
-            }
+        distinct_keys(&t.conns).ok_or("delta holds a connection twice")?;
+        let staged = self.staged.get(vnic);
+        let (removed, revalidate, mut hash, bytes) = match staged {
+            Some(s) if !t.full => (t.removed, s.policy_version != t.policy_version, s.hash.clone(), s.bytes),
             None if !t.full => return Err(format!("a delta for vNIC {vnic:?} without a staged pre-copy")),
-            _ => (HashMap::with_capacity(t.conns.len()), blake3::Hasher::new(), 0),
+            Some(s) => (s.keys.clone(), false, s.hash.clone(), s.bytes),
+            None => (Vec::new(), false, blake3::Hasher::new(), 0),
         };
         hash.update(blob);
-        bytes += blob.len() as u64;
-        for k in &t.removed {
-            conns.remove(&k.canonical().0);
-        }
-        let mut seen = std::collections::HashSet::with_capacity(t.conns.len());
-        for c in t.conns {
-            let k = c.key.canonical().0;
-            if !seen.insert(k) {
-                return Err("delta holds a connection twice".into());
-            }
-            conns.insert(k, c);
-        }
         Ok(Arrival {
             vnic: vnic.to_string(),
             peer: self.from.clone(),
+            stage: false,
+            removed,
+            revalidate,
             snapshot: Snapshot {
                 vnic: vnic.to_string(),
                 policy_version: t.policy_version,
-                conns: conns.into_values().collect(),
+                conns: t.conns,
             },
-            bytes,
+            bytes: bytes + blob.len() as u64,
             blake3: hash.finalize().to_hex().to_string(),
         })
     }
+
+    /// `vnic`'s commit was applied: nothing of it is left to discard.
+    pub fn committed(&mut self, vnic: &str) {
+        self.staged.remove(vnic);
+    }
+
+    /// What the session staged and did not commit (it ended: the migration
+    /// was cancelled), per vNIC the keys to remove again.
+    pub fn leftovers(&mut self) -> Vec<(String, Vec<FlowKey>)> {
+        self.staged.drain().map(|(v, s)| (v, s.keys)).collect()
+    }
+}
+
+/// The records' keys, if no connection is there twice.
+fn distinct_keys(conns: &[ConnRecord]) -> Option<Vec<FlowKey>> {
+    let mut seen = std::collections::HashSet::with_capacity(conns.len());
+    let mut keys = Vec::with_capacity(conns.len());
+    for c in conns {
+        if !seen.insert(c.key.canonical().0) {
+            return None;
+        }
+        keys.push(c.key);
+    }
+    Some(keys)
 }
 
 fn describe(e: &ControlError) -> String {
@@ -409,23 +436,57 @@ fn serve_session(tcp: TcpStream, tls: &PeerTls, control: &dyn Control, idle: Dur
     }
     reply(&mut s, Ok(0)).map_err(io_error(&peer))?;
     let mut staging = Staging::new(&from);
+    let result = serve_requests(&mut s, &peer, &mut staging, control);
+    // A session that ends without its commits leaves nothing staged.
+    for (vnic, keys) in staging.leftovers() {
+        if let Err(e) = control.discard_staged(&vnic, &keys) {
+            eprintln!(
+                "palisade agent: migration from {from}: discarding {vnic}'s staged copy: {}",
+                describe(&e)
+            );
+        }
+    }
+    result
+}
+
+/// The requests of an authenticated session, until it ends.
+fn serve_requests(
+    s: &mut StreamOwned<ServerConnection, TcpStream>,
+    peer: &str,
+    staging: &mut Staging,
+    control: &dyn Control,
+) -> Result<(), PeerError> {
     loop {
-        let frame = match read_frame(&mut s, &peer) {
+        let frame = match read_frame(s, peer) {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(()),
             Err(e) => {
-                let _ = reply(&mut s, Err(e.to_string()));
+                let _ = write_frame(s, ERR, &[e.to_string().as_bytes()]);
                 return Err(e);
             }
         };
+        let apply = |a: Arrival| control.import_arrival(a).map(|n| n as u64).map_err(|e| describe(&e));
         let answer = match frame {
-            (STAGE, body) => split_request(&body).and_then(|(vnic, blob)| staging.stage(vnic, blob).map(|n| n as u64)),
-            (COMMIT, body) => split_request(&body)
-                .and_then(|(vnic, blob)| staging.commit(vnic, blob))
-                .and_then(|a| control.import_arrival(a).map(|n| n as u64).map_err(|e| describe(&e))),
+            (STAGE, body) => split_request(&body).and_then(|(vnic, blob)| {
+                let n = apply(staging.stage(vnic, blob)?);
+                if n.is_err() {
+                    // Nothing of it went in: nothing to discard.
+                    staging.committed(vnic);
+                }
+                n
+            }),
+            (COMMIT, body) => split_request(&body).and_then(|(vnic, blob)| {
+                let n = staging.commit(vnic, blob).and_then(apply)?;
+                staging.committed(vnic);
+                Ok(n)
+            }),
             (kind, _) => Err(format!("unexpected frame kind {kind:#04x}")),
         };
-        reply(&mut s, answer).map_err(io_error(&peer))?;
+        let written = match answer {
+            Ok(n) => write_frame(s, OK, &[&n.to_be_bytes()]),
+            Err(m) => write_frame(s, ERR, &[m.as_bytes()]),
+        };
+        written.map_err(io_error(peer))?;
     }
 }
 
@@ -753,7 +814,14 @@ mod tests {
             assert_eq!(s.commit("a.0", &delta).unwrap(), 0);
             let got = l.sink.arrivals.lock().unwrap().clone();
             let bytes = (pre.len() + delta.len()) as u64;
-            assert_eq!(got, [("a.0".to_string(), "hv1".to_string(), 0, bytes, s.blake3())]);
+            let staged = (pre.len() as u64, blake3::hash(&pre).to_hex().to_string());
+            assert_eq!(
+                got,
+                [
+                    ("a.0".to_string(), "hv1".to_string(), 0, staged.0, staged.1),
+                    ("a.0".to_string(), "hv1".to_string(), 0, bytes, s.blake3())
+                ]
+            );
             assert_eq!(s.bytes(), bytes);
             // The destination's refusal reaches the source with its reason.
             let e = s.commit("full.0", &blob("full.0", true)).unwrap_err();
@@ -842,7 +910,110 @@ mod tests {
             drop(cut);
             let mut next = Session::connect(&client, "hv2", &l.addr, T).unwrap();
             assert_eq!(next.commit("b.0", &blob("b.0", true)).unwrap(), 0);
-            assert_eq!(l.sink.arrivals.lock().unwrap().len(), 1);
+            let got = l.sink.arrivals.lock().unwrap().clone();
+            assert_eq!(got.iter().map(|a| a.0.as_str()).collect::<Vec<_>>(), ["b.0"]);
+        }
+
+        /// A source host's agent: hands out fixed pre-copy and delta blobs,
+        /// records what it is asked.
+        struct Source {
+            tls: Arc<PeerTls>,
+            calls: Mutex<Vec<String>>,
+        }
+
+        impl Control for Source {
+            fn export_vnic(&self, _: &str, _: Option<&str>) -> Result<Vec<u8>, ControlError> {
+                unreachable!("the handover exports pre-copy and delta")
+            }
+            fn import_vnic(&self, _: &str, _: &[u8], _: Option<&str>) -> Result<usize, ControlError> {
+                unreachable!()
+            }
+            fn resume_vnic(&self, vnic: &str, _: Option<&str>) -> Result<(), ControlError> {
+                self.calls.lock().unwrap().push(format!("resume {vnic}"));
+                Ok(())
+            }
+            fn release_vnic(&self, _: &str, _: Option<&str>) -> Result<usize, ControlError> {
+                unreachable!()
+            }
+            fn export_precopy(&self, vnic: &str, _: Option<&str>) -> Result<Vec<u8>, ControlError> {
+                self.calls.lock().unwrap().push(format!("precopy {vnic}"));
+                Ok(blob(vnic, true))
+            }
+            fn export_delta(&self, vnic: &str, _: Option<&str>) -> Result<Vec<u8>, ControlError> {
+                self.calls.lock().unwrap().push(format!("delta {vnic}"));
+                Ok(blob(vnic, false))
+            }
+            fn peer_tls(&self) -> Option<Arc<PeerTls>> {
+                Some(self.tls.clone())
+            }
+        }
+
+        /// A destination agent that stages the pre-copies and dies before the commit.
+        fn dying_destination(tls: Arc<PeerTls>) -> (String, std::thread::JoinHandle<()>) {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let h = std::thread::spawn(move || {
+                let (tcp, _) = listener.accept().unwrap();
+                let conn = ServerConnection::new(tls.server.clone()).unwrap();
+                let mut s = StreamOwned::new(conn, tcp);
+                for expect in [HELLO, STAGE] {
+                    let (kind, _) = read_frame(&mut s, "source").unwrap().unwrap();
+                    assert_eq!(kind, expect);
+                    write_frame(&mut s, OK, &[&0u64.to_be_bytes()]).unwrap();
+                }
+                // The commit arrives; the agent is gone before it answers.
+                let _ = read_frame(&mut s, "source");
+            });
+            (addr, h)
+        }
+
+        #[test]
+        fn a_destination_dying_mid_transfer_fails_the_switchover_and_the_source_resumes() {
+            let dir = tempfile::tempdir().unwrap();
+            pki(dir.path(), "good", &["hv1", "hv2"]);
+            let (addr, dest) = dying_destination(tls(dir.path(), "good", "hv2", "hv2"));
+            let source = Source {
+                tls: tls(dir.path(), "good", "hv1", "hv1"),
+                calls: Mutex::new(Vec::new()),
+            };
+            let config = crate::config::MigrationConfig {
+                qmp: "q".into(),
+                incoming: "i".into(),
+                peer_control: "p".into(),
+                timeout_s: Some(5),
+                poll_ms: None,
+                listen: None,
+                peers: [("hv2".to_string(), addr)].into_iter().collect(),
+            };
+            let exported = std::cell::RefCell::new(Vec::new());
+            {
+                let vnics = ["a.0".to_string()];
+                let mut h = crate::migrate::Handover::start("hv2", &vnics, &config, &source)
+                    .unwrap()
+                    .expect("the destination is a configured peer");
+                let e = h.switchover("hv2", &exported).unwrap_err();
+                assert!(e.starts_with("destination agent import: hv2 ("), "{e}");
+                // What orders::carry_out does on a failed switchover.
+                for n in exported.borrow().iter() {
+                    source.resume_vnic(n, Some("hv2")).unwrap();
+                }
+            }
+            dest.join().unwrap();
+            // Resumed once: the handover leaves the exported vNIC to its caller.
+            assert_eq!(
+                *source.calls.lock().unwrap(),
+                ["precopy a.0", "delta a.0", "resume a.0"]
+            );
+            // A pre-copy that never reached its switchover ends its change keeping.
+            let (addr, dest) = dying_destination(tls(dir.path(), "good", "hv2", "hv2"));
+            let config = crate::config::MigrationConfig {
+                peers: [("hv2".to_string(), addr)].into_iter().collect(),
+                ..config
+            };
+            source.calls.lock().unwrap().clear();
+            drop(crate::migrate::Handover::start("hv2", &["a.0".to_string()], &config, &source).unwrap());
+            dest.join().unwrap();
+            assert_eq!(*source.calls.lock().unwrap(), ["precopy a.0", "resume a.0"]);
         }
     }
 }

@@ -1,8 +1,8 @@
 //! A live migration's state move between two hosts' engines, pre-copy and
 //! delta, as the agents do it over their channel: exported from every
 //! worker ([`migrate::export_changes`]), encoded for the wire, staged and
-//! committed by the destination's session ([`Staging`]), imported into its
-//! workers ([`migrate::import_conns`]).
+//! committed by the destination's session ([`Staging`]), applied to its
+//! workers' tables ([`migrate::apply_arrival`]).
 
 use core::net::Ipv4Addr;
 
@@ -107,7 +107,14 @@ fn precopy_and_delta_arrive_as_the_source_left_them() {
 
     let (pre, marks) = migrate::export_changes(&mut [&mut src], "a.0", 10, None).unwrap();
     let mut staging = Staging::new("h1");
-    assert_eq!(staging.stage("a.0", &transfer::encode(&pre)), Ok(4));
+    let staged = staging.stage("a.0", &transfer::encode(&pre)).unwrap();
+    assert!(staged.stage && staged.removed.is_empty());
+    let (mut dst, a2, b2) = engine(2, true);
+    let apply = |dst: &mut Engine, a: palisade_agent::peer::Arrival, now| {
+        migrate::apply_arrival(&mut [dst], &a.removed, a.revalidate, a.snapshot, now)
+    };
+    assert_eq!(apply(&mut dst, staged, 15), Ok(4));
+    assert_eq!(dst.conntrack().len(), 4);
 
     // The guest runs on: a segment on 40030, a new connection, a policy
     // change on both hosts, the source cutting 40034 on its next packet.
@@ -133,8 +140,15 @@ fn precopy_and_delta_arrive_as_the_source_left_them() {
     let delta_blob = transfer::encode(&delta);
     let arrival = staging.commit("a.0", &delta_blob).unwrap();
     assert_eq!(arrival.peer, "h1");
-    let (mut dst, a2, b2) = engine(2, false);
-    assert_eq!(migrate::import_conns(&mut [&mut dst], arrival.snapshot, 1_000), Ok(4));
+    assert!(
+        !arrival.stage && arrival.revalidate,
+        "staged under version 1, delta under 2"
+    );
+    // The delta: 40030 advanced, 40035 new; 40034 removed.
+    assert_eq!(apply(&mut dst, arrival, 1_000), Ok(2));
+    staging.committed("a.0");
+    assert!(staging.leftovers().is_empty());
+    assert_eq!(dst.conntrack().len(), 4);
 
     // The closed connection did not come back.
     let removed = seg(false, 40034, 22, (1001, 9001), TcpFlags::ACK, b"");
@@ -177,8 +191,20 @@ fn a_delta_without_a_staged_precopy_is_refused_and_a_full_one_needs_none() {
     );
     let arrival = staging.commit("a.0", &transfer::encode(&pre)).unwrap();
     assert_eq!(arrival.snapshot.conns.len(), 1);
-    // A cut blob is refused whole.
+    assert!(arrival.removed.is_empty());
+    // A full transfer over a staged copy removes that copy first; a cut
+    // blob is refused whole; what a session staged and did not commit is
+    // left over to remove.
     let blob = transfer::encode(&pre);
     staging.stage("a.0", &blob).unwrap();
+    assert_eq!(
+        staging.stage("a.0", &blob).unwrap_err(),
+        "vNIC \"a.0\" is staged already"
+    );
     assert!(staging.commit("a.0", &blob[..blob.len() - 1]).is_err());
+    let full = staging.commit("a.0", &blob).unwrap();
+    assert_eq!(full.removed.len(), 1);
+    let left = staging.leftovers();
+    assert_eq!(left.len(), 1);
+    assert_eq!((left[0].0.as_str(), left[0].1.len()), ("a.0", 1));
 }

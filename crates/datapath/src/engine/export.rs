@@ -106,6 +106,45 @@ impl Engine {
         })
     }
 
+    /// Remove the connections of `port`'s vNIC with these keys (either
+    /// direction): a migration's delta removing what its pre-copy staged
+    /// here, or a cancelled migration's staged copy. Keys of no connection,
+    /// or of another vNIC's, are passed over. Returns how many went.
+    pub fn remove_vnic_conns(&mut self, port: PortId, keys: &[FlowKey], now: u64, sink: &mut dyn EventSink) -> usize {
+        let mut n = 0;
+        for k in keys {
+            if let Some(slot) = self.conns.find(k)
+                && self.conns.get(slot).is_some_and(|c| c.owners.contains(&Some(port)))
+            {
+                self.cut(slot, EndReason::Exported, now, sink);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Have every connection of `port`'s vNIC decided again on its next
+    /// packet (a migration's staged copy taken under an older policy than
+    /// its delta). Returns how many.
+    pub fn revalidate_vnic(&mut self, port: PortId) -> usize {
+        let slots: Vec<Slot> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.owners.contains(&Some(port)))
+            .map(|(s, _)| s)
+            .collect();
+        for &s in &slots {
+            if let Some(c) = self.conns.get_mut(s) {
+                c.epoch = 0;
+                let key = c.key;
+                // A cached verdict would let its packets skip the decision.
+                self.flows.remove(&key);
+                self.flows.remove(&key.reversed());
+            }
+        }
+        slots.len()
+    }
+
     /// A migration's transfer is over (moved or cancelled): stop keeping
     /// removed connections' keys.
     pub fn end_vnic_changes(&mut self) {
