@@ -600,6 +600,7 @@ impl Lab {
             return Err(fail(format!("the order ended {}: {}", order["state"], order["reason"])));
         }
         let prestage_ms = incoming.prestage_ms;
+        drop(fail);
         let announced = self.adopt_incoming(incoming)?;
         let n = |k: &str| order[k].as_u64().unwrap_or(0);
         Ok(MigrationReport {
