@@ -129,6 +129,7 @@ fn precopy_and_delta_arrive_as_the_source_left_them() {
     assert_eq!(send(&mut src, 20, a, &data), Disposition::Forward);
     handshake(&mut src, (a, b), 40035, 443, 21);
     src.update_policy(Box::new(PolicyLookup::new(policy(false))));
+    dst.update_policy(Box::new(PolicyLookup::new(policy(false))));
     let ssh = seg(false, 40034, 22, (1001, 9001), TcpFlags::ACK, b"");
     assert_eq!(
         send(&mut src, 22, a, &ssh),
@@ -151,6 +152,10 @@ fn precopy_and_delta_arrive_as_the_source_left_them() {
     assert_eq!(dst.conntrack().len(), 4);
 
     // The closed connection did not come back.
+    assert!(
+        dst.conntrack().iter().all(|(_, c)| c.key.src_port != 40034),
+        "the removed connection is not in the destination's table"
+    );
     let removed = seg(false, 40034, 22, (1001, 9001), TcpFlags::ACK, b"");
     assert_eq!(
         send(&mut dst, 1_001, a2, &removed),
