@@ -2413,7 +2413,8 @@ impl http::Control for VnicControl {
 
     /// A pre-copy goes into the tables with the port left as it is (the
     /// guest still runs on the source); a delta is applied to them and the
-    /// port forwards.
+    /// port forwards. Returns the connections staged, or after a delta
+    /// those the vNIC holds (what the migration moved).
     fn import_arrival(&self, a: crate::peer::Arrival) -> Result<usize, http::ControlError> {
         let now = self.now();
         let vnic = a.vnic.clone();
@@ -2423,10 +2424,17 @@ impl http::Control for VnicControl {
             crate::migrate::apply_arrival(&mut engines, &a.removed, a.revalidate, a.snapshot, now)
                 .map_err(control_error)?
         };
-        if !a.stage {
-            // The VM is here now: forward for it.
+        let n = if a.stage {
+            n
+        } else {
+            // The VM is here now: forward for it. What moved is what the
+            // vNIC holds now, staged and delta together.
             Self::quiesce(&mut guards, &vnic, false)?;
-        }
+            guards
+                .iter()
+                .filter_map(|g| g.engine.port_of(&vnic).map(|p| g.engine.conntrack().port_conns(p) as usize))
+                .sum()
+        };
         drop(guards);
         let action = if a.stage { "stage" } else { "import" };
         self.record_hashed(action, &vnic, Some(&a.peer), n, Some((a.bytes, a.blake3)));

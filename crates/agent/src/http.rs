@@ -94,7 +94,8 @@ pub trait Control: Send + Sync {
     /// Apply what a peer agent sent over the agent-to-agent channel, all
     /// or nothing: a pre-copy staged into the vNIC's tables, or a delta
     /// applied to them, after which the vNIC forwards here
-    /// ([`crate::peer::Arrival`]); returns the connections imported.
+    /// ([`crate::peer::Arrival`]); returns the connections staged, or
+    /// after a delta those the vNIC holds now.
     fn import_arrival(&self, arrival: crate::peer::Arrival) -> Result<usize, ControlError> {
         let _ = arrival;
         Err(ControlError::Refused("this agent takes no state from peers".into()))

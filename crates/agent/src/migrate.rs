@@ -363,10 +363,10 @@ impl<'a> Handover<'a> {
     }
 
     /// In the guest's pause: stop forwarding for each vNIC here, send its
-    /// delta, and have the destination import it (all or nothing per vNIC).
+    /// delta, and have the destination apply it (all or nothing per vNIC).
     /// `exported` gets each vNIC whose port was quiesced (to resume on a
-    /// failure). Returns the connections imported there, the transfer
-    /// bytes (pre-copy and deltas) and their BLAKE3.
+    /// failure). Returns the connections the vNICs hold there after it,
+    /// the transfer bytes (pre-copy and deltas) and their BLAKE3.
     pub fn switchover(
         &mut self,
         to: &str,

@@ -31,9 +31,9 @@
 //!          | (ICMP, ICMPv6) icmp_type u8 | icmp_code u8
 //! record:  key | sf u8 (state code bits 0-3; 4 strict, 5 trusted, 6 revalidate)
 //!          | age_ms varint | idle_ms varint | packets varint | bytes varint
-//!          | (TCP) 2 × (end u32 | max_win varint
-//!          |            | zigzag(limit − end − max_win) varint
-//!          |            | zigzag(max_ack − other side's end) varint)
+//!          | (TCP) 2 × (end u32 | max_win varint)
+//!          | 2 × (zigzag(limit − end − other side's max_win) varint
+//!          |      | zigzag(max_ack − other side's end) varint)
 //!          | wscale u8 (initiator << 4 | responder) | 2 × flags u8
 //!          | last: code u8 (index_code; bit 5: a wscale follows)
 //!          |       | zigzag(end − its side's end) varint
@@ -161,12 +161,17 @@ fn put_record(b: &mut Vec<u8>, t: &mut Tables, r: &ConnRecord) {
         return;
     }
     let p = &r.tcp.peers;
-    for (i, side) in p.iter().enumerate() {
+    for side in p {
         b.extend_from_slice(&side.end.to_be_bytes());
         put_varint(b, u64::from(side.max_win));
-        // The limit is usually the end plus the largest window: 0 then.
-        put_varint(b, zigzag(side.limit.wrapping_sub(side.end).wrapping_sub(side.max_win)));
-        put_varint(b, zigzag(side.max_ack.wrapping_sub(p[1 - i].end)));
+    }
+    for (i, side) in p.iter().enumerate() {
+        // A side may send up to what the other acknowledged plus the
+        // other's window: its limit is usually its end plus the other's
+        // largest window, 0 then; its acknowledgments reach the other's end.
+        let other = &p[1 - i];
+        put_varint(b, zigzag(side.limit.wrapping_sub(side.end).wrapping_sub(other.max_win)));
+        put_varint(b, zigzag(side.max_ack.wrapping_sub(other.end)));
     }
     b.push(p[0].wscale.min(15) << 4 | p[1].wscale.min(15));
     b.extend_from_slice(&[p[0].flags, p[1].flags]);
@@ -349,17 +354,16 @@ impl Decoded {
         let (packets, bytes) = (r.varint()?, r.varint()?);
         let mut tcp = TcpTrack::default();
         if key.protocol == IpProtocol::TCP {
-            let mut max_ack = [0u32; 2];
-            for (i, side) in tcp.peers.iter_mut().enumerate() {
+            for side in &mut tcp.peers {
                 side.end = r.u32()?;
                 side.max_win = r.varint32("TCP window out of range")?;
-                let limit = unzigzag(r.varint32("TCP window out of range")?);
-                side.limit = side.end.wrapping_add(side.max_win).wrapping_add(limit);
-                max_ack[i] = r.varint32("TCP acknowledgment out of range")?;
             }
             let ends = [tcp.peers[0].end, tcp.peers[1].end];
+            let wins = [tcp.peers[0].max_win, tcp.peers[1].max_win];
             for (i, side) in tcp.peers.iter_mut().enumerate() {
-                side.max_ack = ends[1 - i].wrapping_add(unzigzag(max_ack[i]));
+                let limit = unzigzag(r.varint32("TCP window out of range")?);
+                side.limit = side.end.wrapping_add(wins[1 - i]).wrapping_add(limit);
+                side.max_ack = ends[1 - i].wrapping_add(unzigzag(r.varint32("TCP acknowledgment out of range")?));
             }
             let ws = r.u8()?;
             tcp.peers[0].wscale = (ws >> 4).min(14);
