@@ -2432,7 +2432,11 @@ impl http::Control for VnicControl {
             Self::quiesce(&mut guards, &vnic, false)?;
             guards
                 .iter()
-                .filter_map(|g| g.engine.port_of(&vnic).map(|p| g.engine.conntrack().port_conns(p) as usize))
+                .filter_map(|g| {
+                    g.engine
+                        .port_of(&vnic)
+                        .map(|p| g.engine.conntrack().port_conns(p) as usize)
+                })
                 .sum()
         };
         drop(guards);

@@ -683,10 +683,13 @@ mod tests {
         };
         use std::sync::Mutex;
 
+        /// What a destination was handed: vNIC, source, connections, bytes, BLAKE3.
+        type Got = (String, String, usize, u64, String);
+
         /// A destination's engines, reduced to what arrives.
         #[derive(Default)]
         struct Sink {
-            arrivals: Mutex<Vec<(String, String, usize, u64, String)>>,
+            arrivals: Mutex<Vec<Got>>,
         }
 
         impl Control for Sink {

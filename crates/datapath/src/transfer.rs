@@ -35,9 +35,10 @@
 //!          | 2 × (zigzag(limit − end − other side's max_win) varint
 //!          |      | zigzag(max_ack − other side's end) varint)
 //!          | wscale u8 (initiator << 4 | responder) | 2 × flags u8
-//!          | last: code u8 (index_code; bit 5: a wscale follows)
-//!          |       | zigzag(end − its side's end) varint
-//!          |       | zigzag(ack − other side's end) varint | win varint
+//!          | last: code u8 (index_code; bit 5: a wscale follows;
+//!          |       bit 6: end and ack are zero, not written)
+//!          |       | (not bit 6) zigzag(end − its side's end) varint
+//!          |       | (not bit 6) zigzag(ack − other side's end) varint | win varint
 //!          |       | (bit 5) wscale u8 | flags u8
 //! ```
 //!
@@ -59,6 +60,9 @@ const FLAG_FULL: u8 = 1;
 const NS_PER_MS: u64 = 1_000_000;
 /// The bit of a record's last-segment code saying a window scale follows.
 const LAST_WSCALE_BIT: u8 = 5;
+/// The bit of a record's last-segment code saying its end and
+/// acknowledgment are zero (not written).
+const LAST_ZERO_BIT: u8 = 6;
 /// The fewest bytes a key takes (head, three indices, two ports).
 const MIN_KEY: usize = 1 + 3 + 4;
 /// The fewest bytes a record takes (a key, `sf`, four one-byte varints).
@@ -178,9 +182,15 @@ fn put_record(b: &mut Vec<u8>, t: &mut Tables, r: &ConnRecord) {
     let last = &r.tcp.last;
     let d = usize::from(last.dir & 1);
     let wscale = last.wscale.min(14);
-    b.push((last.index_code() & 0x1f) | u8::from(wscale != 0) << LAST_WSCALE_BIT);
-    put_varint(b, zigzag(last.end.wrapping_sub(p[d].end)));
-    put_varint(b, zigzag(last.ack.wrapping_sub(p[1 - d].end)));
+    // A last segment whose numbers were not kept (both zero) says so.
+    let unnumbered = last.end == 0 && last.ack == 0;
+    b.push(
+        (last.index_code() & 0x1f) | u8::from(wscale != 0) << LAST_WSCALE_BIT | u8::from(unnumbered) << LAST_ZERO_BIT,
+    );
+    if !unnumbered {
+        put_varint(b, zigzag(last.end.wrapping_sub(p[d].end)));
+        put_varint(b, zigzag(last.ack.wrapping_sub(p[1 - d].end)));
+    }
     put_varint(b, u64::from(last.win));
     if wscale != 0 {
         b.push(wscale);
@@ -372,13 +382,18 @@ impl Decoded {
             tcp.peers[1].flags = r.u8()?;
             let last = &mut tcp.last;
             let code = r.u8()?;
-            if code & !(0x1f | 1 << LAST_WSCALE_BIT) != 0 {
+            if code & !(0x1f | 1 << LAST_WSCALE_BIT | 1 << LAST_ZERO_BIT) != 0 {
                 return Err(StateError::Malformed("bad last-segment code"));
             }
             last.set_index_code(code & 0x1f);
             let d = usize::from(last.dir);
-            last.end = ends[d].wrapping_add(unzigzag(r.varint32("TCP sequence out of range")?));
-            last.ack = ends[1 - d].wrapping_add(unzigzag(r.varint32("TCP sequence out of range")?));
+            if code & 1 << LAST_ZERO_BIT == 0 {
+                last.end = ends[d].wrapping_add(unzigzag(r.varint32("TCP sequence out of range")?));
+                last.ack = ends[1 - d].wrapping_add(unzigzag(r.varint32("TCP sequence out of range")?));
+                if last.end == 0 && last.ack == 0 {
+                    return Err(StateError::Malformed("a zero last segment written in full"));
+                }
+            }
             last.win = u16::try_from(r.varint()?).map_err(|_| StateError::Malformed("TCP window out of range"))?;
             if code & 1 << LAST_WSCALE_BIT != 0 {
                 last.wscale = r.u8()?;
@@ -594,6 +609,50 @@ mod tests {
         // the fixed-size record's 126 bytes.
         let per_conn = b.len() / t.conns.len();
         assert!(per_conn <= 48, "{per_conn} bytes per connection");
+    }
+
+    /// The established stream the migration benchmark copies (its fields
+    /// as an agent exported them), with 251 peers: what a connection costs.
+    #[test]
+    fn the_benchmarks_connection_takes_at_most_48_bytes() {
+        let mut r = tcp_record(1);
+        (r.age, r.idle, r.packets, r.bytes) = (32_685 * NS_PER_MS, 80 * NS_PER_MS, 516, 52_951);
+        r.tcp.peers[0] = TcpPeer {
+            end: 3_113_559_183,
+            limit: 3_113_559_183u32.wrapping_add(65_536),
+            max_win: 64_296,
+            max_ack: 3_276_557_873,
+            wscale: 5,
+            flags: 0x23,
+        };
+        r.tcp.peers[1] = TcpPeer {
+            end: 3_276_558_273,
+            limit: 3_276_558_273u32.wrapping_add(63_696),
+            max_win: 65_536,
+            max_ack: 3_113_559_183,
+            wscale: 10,
+            flags: 0x33,
+        };
+        r.tcp.last = TcpLast::default();
+        r.tcp.last.set_index_code(0x13);
+        let conns: Vec<ConnRecord> = (0..1000u16)
+            .map(|i| {
+                let mut c = r.clone();
+                c.key.src_port = 1024 + i;
+                c.key.dst[15] = (i % 251) as u8 + 2;
+                c
+            })
+            .collect();
+        let t = Transfer {
+            vnic: "vm1.0".into(),
+            policy_version: 1,
+            full: true,
+            conns,
+            removed: Vec::new(),
+        };
+        let b = encode(&t);
+        assert_eq!(decode(&b).unwrap(), as_decoded(&t));
+        assert!(b.len() <= 48 * 1000, "{} bytes per connection", b.len() as f64 / 1000.0);
     }
 
     #[test]
