@@ -322,8 +322,8 @@ impl Conntrack {
     }
 
     /// The current change generation. A connection whose
-    /// [`Conn::changed`] is above a generation returned by
-    /// [`Conntrack::next_generation`] changed after that call.
+    /// [`Conn::changed`] is above the mark of a migration's export
+    /// ([`crate::VnicExport::mark`]) changed after that export.
     pub fn generation(&self) -> u64 {
         self.generation
     }
