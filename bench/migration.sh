@@ -2,34 +2,40 @@
 # Live migration of a QEMU guest with its firewall state, back and forth
 # between two lab hosts, timed.
 #
-# Shape: `palisade lab up --hosts 3 --vms 1 --qemu vm1 --qemu-nic tap --standby vm1@hv2`:
-# vm1 a QEMU guest (TCG unless KVM works) on a tap on hv1 (QEMU does not
-# migrate the agent's vhost-user NICs: no dirty logging yet), pre-staged
-# on hv2; vm3 a namespace VM on hv3. vm1 holds one real TCP connection (a
-# line stream from vm3's `palisade lab serve stream 80`).
+# Shape: `palisade lab up --controller --hosts 3 --vms 1 --qemu vm1 --qemu-nic tap --standby vm1@hv2`:
+# vm1 a QEMU guest (TCG unless KVM works) on a tap on hv1, pre-staged on
+# hv2; vm3 a namespace VM on hv3; a controller on the underlay. vm1 holds
+# one real TCP connection (a line stream from vm3's `palisade lab serve
+# stream 80`).
 #
 # Series, each --count migrations alternating hv1 -> hv2 -> hv1 ...:
-#   baseline   `palisade lab migrate --no-state`: the same migration without
-#              the firewall state's move (no export, no import, no quiesce)
-#   state-N    with the state move, the vNIC's table holding N extra
-#              connections (--conns, default "1000 50000"): SYNTHETIC ones,
-#              copies of the real stream's record with their own ports
+#   baseline   `palisade lab migrate --no-state`: the lab drives QEMU itself
+#              and moves no firewall state (no export, no import, no quiesce)
+#   state-N    `palisade lab migrate --ordered`: ordered through the
+#              controller and carried out by the source host's agent, the
+#              state moving over the agents' mutual-TLS channel: every
+#              connection while the guest runs (pre-copy, staged by the
+#              destination agent), then only what changed since, in the
+#              guest's pause (delta, applied to the staged copy and imported
+#              before QEMU moves the device state). The vNIC's table holds N
+#              extra connections (--conns, default "1000 50000"): SYNTHETIC
+#              ones, copies of the real stream's record with their own ports
 #              (`palisade lab synth-state`), imported into the agent the
-#              guest runs on before the series. They see no packets; TCP
-#              established connections do not expire during a run.
+#              guest runs on before the series. They see no packets (so a
+#              delta holds the real stream's connection and little else);
+#              TCP established connections do not expire during a run.
 #
-# Per migration `palisade lab migrate --json` reports (ms): paused (guest
-# paused on the source until QEMU completed), switchover (the state move
-# inside that pause: source export + destination import), prestage
-# (destination QEMU started until it waits for the migration; the vNIC's
-# port, socket and compiled policy are there from `lab up`), QEMU's own
-# downtime, the connections moved and the blob's bytes.
-#
-# Printed per series: paused p50/p99, switchover p50/p99 (= the blackout the
-# state move adds: it runs while the guest is paused, before QEMU moves the
-# device state), prestage p50/p99, connections moved (min/max) and
-# connections reset (the first migration's count minus the series' minimum:
-# connections lost along the way), state bytes per connection.
+# Printed per series: switchover p50/p99 (the state move inside the
+# guest's pause: the source's delta export with the quiesce, the transfer,
+# the destination's apply and import: the blackout the firewall adds, the
+# pause being otherwise QEMU's), pre-copy p50/p99 (the source agent's
+# connect, export, send and the destination's staging, while the guest
+# runs; from the source agent's log), prestage p50/p99 (destination QEMU
+# started until it waits; the vNIC's port and compiled policy are there
+# from `lab up`), connections moved (min/max), connections reset (the
+# first migration's count minus the series' minimum), state bytes per
+# connection (pre-copy + delta over the connections moved); the baseline's
+# line gives the guest's pause without the firewall (paused p50/p99).
 # Raw JSON lines are kept in the output directory.
 #
 # Usage: sudo bench/migration.sh [--count N] [--conns "1000 50000"]
@@ -57,7 +63,7 @@ fi
 EXE=$(realpath "$EXE")
 OUT=${OUT:-$(mktemp -d /tmp/palisade-migration-bench.XXXXXX)}
 mkdir -p "$OUT"
-NAME=pmigb
+NAME=pmigc
 STATE=/run/palisade/lab-$NAME
 SERVER_PID=""
 
@@ -67,7 +73,7 @@ cleanup() {
 }
 trap cleanup EXIT
 "$EXE" lab down --name "$NAME" >/dev/null 2>&1 || true
-"$EXE" lab up --name "$NAME" --hosts 3 --vms 1 --qemu vm1 --qemu-nic tap --standby vm1@hv2 \
+"$EXE" lab up --controller --name "$NAME" --hosts 3 --vms 1 --qemu vm1 --qemu-nic tap --standby vm1@hv2 \
     --conn-capacity 262144 >"$OUT/up.log"
 VM3=$(ip netns exec "$NAME-vm-vm3" ip -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1)
 
@@ -90,18 +96,29 @@ agent() { # agent HOST ACTION [BLOB-FILE] -> body on stdout
         curl -sS --fail-with-body --unix-socket "$sock" -X POST "http://agent/vnics/vm1.0/$2"
     fi
 }
+ORDERED=0
 series() { # series NAME [migrate options...]
     local name=$1; shift
     : >"$OUT/$name.jsonl"
+    : >"$OUT/$name.precopy"
     for _ in $(seq "$COUNT"); do
         local to
         to=$(other "$HOST")
-        "$EXE" lab migrate --name "$NAME" vm1 --to "$to" --no-announce --json "$@" >>"$OUT/$name.jsonl"
+        if [ "$ORDERED" = 1 ]; then
+            "$EXE" lab migrate --name "$NAME" vm1 --to "$to" --ordered --json "$@" >>"$OUT/$name.jsonl"
+            # The source agent logs its pre-copy: "... staged on HOST in N us".
+            grep -o 'pre-copy of [0-9]* connections staged on [a-z0-9]* in [0-9]* us' "$STATE/logs/$HOST.log" \
+                | tail -n 1 >>"$OUT/$name.precopy" || true
+        else
+            "$EXE" lab migrate --name "$NAME" vm1 --to "$to" --no-announce --json "$@" >>"$OUT/$name.jsonl"
+        fi
         HOST=$to
     done
 }
 
 series baseline --no-state
+# The state series: ordered, over the agents' channel.
+ORDERED=1
 # The template: the guest's connections as its agent holds them now (the
 # export quiesces the port; the resume right after forwards again).
 agent "$HOST" export >"$OUT/template.blob"
@@ -112,33 +129,37 @@ for n in $CONNS; do
     series "state-$n"
 done
 
+uptime
 python3 - "$OUT" "$COUNT" "$CONNS" <<'EOF'
-import json, sys
+import json, math, sys
 out, count, conns = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 
 def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    xs = sorted(x for x in xs if x is not None and not math.isnan(x))
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 def load(name):
     return [json.loads(l) for l in open(f"{out}/{name}.jsonl") if l.strip()]
 
-base = load("baseline")
-bp = [r["paused_ms"] for r in base]
+def precopy(name):
+    try:
+        return [int(l.split()[-2]) / 1e3 for l in open(f"{out}/{name}.precopy") if l.strip()]
+    except FileNotFoundError:
+        return []
+
 print(f"migrations per series: {count} (alternating hv1 <-> hv2), raw results in {out}")
-print(f"{'series':<12} {'paused p50/p99 ms':>18} {'switchover p50/p99':>19} {'added p50/p99':>14} "
-      f"{'prestage p50/p99':>17} {'moved min/max':>14} {'reset':>6} {'B/conn':>7} {'qemu dt p50':>11}")
+print(f"{'series':<12} {'paused p50/p99 ms':>18} {'switchover p50/p99':>19} {'pre-copy p50/p99':>17} "
+      f"{'prestage p50/p99':>17} {'moved min/max':>14} {'reset':>6} {'B/conn':>7}")
 for name in ["baseline"] + [f"state-{n}" for n in conns]:
     rs = load(name)
     paused = [r["paused_ms"] for r in rs]
     sw = [r["switchover_ms"] for r in rs]
     pre = [r["prestage_ms"] for r in rs]
+    pc = precopy(name)
     moved = [r["connections"] for r in rs]
-    dt = [r["qemu_downtime_ms"] for r in rs if r["qemu_downtime_ms"] is not None]
-    added = (pct(paused, 50) - pct(bp, 50), pct(paused, 99) - pct(bp, 99))
     bpc = (sum(r["state_bytes"] for r in rs) / sum(moved)) if sum(moved) else 0
     reset = (moved[0] - min(moved)) if name != "baseline" else "-"
     print(f"{name:<12} {pct(paused,50):8.1f}/{pct(paused,99):<9.1f} {pct(sw,50):9.2f}/{pct(sw,99):<9.2f} "
-          f"{added[0]:6.1f}/{added[1]:<7.1f} {pct(pre,50):8.1f}/{pct(pre,99):<8.1f} "
-          f"{min(moved):6}/{max(moved):<7} {reset!s:>6} {bpc:7.1f} {pct(dt,50) if dt else '-':>11}")
+          f"{pct(pc,50):8.2f}/{pct(pc,99):<8.2f} {pct(pre,50):8.1f}/{pct(pre,99):<8.1f} "
+          f"{min(moved):6}/{max(moved):<7} {reset!s:>6} {bpc:7.1f}")
 EOF

@@ -1029,12 +1029,31 @@ impl Agent {
         let zones = zones_of(&config, model);
         let shared: Shared = Arc::new(Mutex::new(Arc::new(Published::default())));
         let migrations = Arc::new(Mutex::new(Vec::new()));
+        let peer_tls = match (&config.controller, &config.migration) {
+            (Some(cc), Some(mc)) if mc.listen.is_some() || !mc.peers.is_empty() => match (&cc.ca, &cc.cert, &cc.key) {
+                (Some(ca), Some(cert), Some(key)) => Some(Arc::new(
+                    crate::peer::PeerTls::load(&config.host, ca, cert, key)
+                        .map_err(|e| AgentError::Controller(e.to_string()))?,
+                )),
+                _ => None,
+            },
+            _ => None,
+        };
         let control = Arc::new(VnicControl {
             workers: workers.clone(),
             origin,
             host: config.host.clone(),
             records: migrations.clone(),
+            peer_tls: peer_tls.clone(),
+            precopied: Mutex::new(std::collections::HashMap::new()),
         });
+        if let (Some(mc), Some(tls)) = (&config.migration, &peer_tls)
+            && let Some(listen) = &mc.listen
+        {
+            let (bound, _) = crate::peer::listen(listen, tls.clone(), control.clone(), stop.clone(), mc.timeout())
+                .map_err(|e| AgentError::Controller(format!("migration listener: {e}")))?;
+            eprintln!("palisade agent: taking migration state from peers on {bound} (mutual TLS)");
+        }
         if let (Some(cc), Some(mc)) = (&config.controller, &config.migration) {
             // Detached like the other upstream threads: it ends with `stop`.
             crate::orders::watch(
@@ -2148,6 +2167,16 @@ impl Agent {
     }
 }
 
+/// A vNIC's pre-copy handed out ([`http::Control::export_precopy`]).
+struct Precopied {
+    /// Each worker's change generation at the pre-copy.
+    marks: Vec<u64>,
+    /// The pre-copy's bytes.
+    bytes: u64,
+    /// BLAKE3 over the pre-copy (the delta is added at the export).
+    hash: blake3::Hasher,
+}
+
 /// The agent's side of live migration, served on the Unix socket: every
 /// worker's share of a vNIC's connections exported as one blob, a blob's
 /// connections imported each into the worker its flows are steered to
@@ -2164,6 +2193,12 @@ struct VnicControl {
     /// named, connections, the blob's size and BLAKE3: the export's hash on
     /// the source and the import's on the destination match).
     records: Arc<Mutex<Vec<palisade_audit::record::ChangeRecord>>>,
+    /// The agent-to-agent channel's TLS settings, when configured.
+    peer_tls: Option<Arc<crate::peer::PeerTls>>,
+    /// Per vNIC with a pre-copy out: each worker's change generation at
+    /// it, and the pre-copy's size and hash (the export's record covers
+    /// pre-copy and delta, as the destination's import record does).
+    precopied: Mutex<std::collections::HashMap<String, Precopied>>,
 }
 
 impl VnicControl {
@@ -2172,6 +2207,19 @@ impl VnicControl {
     }
 
     fn record(&self, action: &str, vnic: &str, peer: Option<&str>, connections: usize, blob: Option<&[u8]>) {
+        let hash = blob.map(|b| (b.len() as u64, blake3::hash(b).to_hex().to_string()));
+        self.record_hashed(action, vnic, peer, connections, hash);
+    }
+
+    /// [`VnicControl::record`] with the state's size and BLAKE3 given.
+    fn record_hashed(
+        &self,
+        action: &str,
+        vnic: &str,
+        peer: Option<&str>,
+        connections: usize,
+        state: Option<(u64, String)>,
+    ) {
         let time_ns = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -2186,8 +2234,8 @@ impl VnicControl {
             "from": from,
             "to": to,
             "connections": connections,
-            "state_bytes": blob.map(<[u8]>::len),
-            "state_blake3": blob.map(|b| blake3::hash(b).to_hex().to_string()),
+            "state_bytes": state.as_ref().map(|s| s.0),
+            "state_blake3": state.map(|s| s.1),
         });
         self.records
             .lock()
@@ -2200,6 +2248,18 @@ impl VnicControl {
                 diff: diff.to_string(),
                 policy_version: None,
             });
+    }
+
+    /// Forget `vnic`'s pre-copy; with none left, the engines stop keeping
+    /// removed connections' keys.
+    fn end_precopy(&self, guards: &mut [std::sync::MutexGuard<'_, WorkerCore>], vnic: &str) {
+        let mut pre = self.precopied.lock().unwrap_or_else(|p| p.into_inner());
+        pre.remove(vnic);
+        if pre.is_empty() {
+            for core in guards.iter_mut() {
+                core.engine.end_vnic_changes();
+            }
+        }
     }
 
     /// Quiesce (`true`) or resume `vnic`'s port in every worker (locked).
@@ -2283,6 +2343,7 @@ impl http::Control for VnicControl {
             released += before - core.engine.conntrack().len();
         }
         Self::quiesce(&mut guards, vnic, true)?;
+        self.end_precopy(&mut guards, vnic);
         drop(guards);
         self.record("release", vnic, peer, released, None);
         Ok(released)
@@ -2291,9 +2352,116 @@ impl http::Control for VnicControl {
     fn resume_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<(), http::ControlError> {
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
         Self::quiesce(&mut guards, vnic, false)?;
+        self.end_precopy(&mut guards, vnic);
         drop(guards);
         self.record("resume", vnic, peer, 0, None);
         Ok(())
+    }
+
+    /// Every connection of the vNIC, the port still forwarding; each
+    /// worker's change generation is kept for the delta.
+    fn export_precopy(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
+        let now = self.now();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let (t, marks) = {
+            let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
+            crate::migrate::export_changes(&mut engines, vnic, now, None).map_err(control_error)?
+        };
+        drop(guards);
+        let blob = palisade_datapath::transfer::encode(&t);
+        let mut hash = blake3::Hasher::new();
+        hash.update(&blob);
+        self.precopied.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            vnic.to_string(),
+            Precopied {
+                marks,
+                bytes: blob.len() as u64,
+                hash,
+            },
+        );
+        self.record("precopy", vnic, peer, t.conns.len(), Some(&blob));
+        Ok(blob)
+    }
+
+    /// The port stops forwarding (as for an export) and the changes since
+    /// the pre-copy go out; without a pre-copy, every connection.
+    fn export_delta(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
+        let now = self.now();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let pre = self
+            .precopied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnic)
+            .map(|p| (p.marks.clone(), p.bytes, p.hash.clone()));
+        let (t, _) = {
+            let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
+            let since = pre.as_ref().map(|p| p.0.as_slice());
+            crate::migrate::export_changes(&mut engines, vnic, now, since).map_err(control_error)?
+        };
+        Self::quiesce(&mut guards, vnic, true)?;
+        drop(guards);
+        let blob = palisade_datapath::transfer::encode(&t);
+        // A full delta replaces the pre-copy on the destination, whose hash
+        // still covers both (it received both).
+        let (bytes, mut hash) = pre.map_or((0, blake3::Hasher::new()), |p| (p.1, p.2));
+        hash.update(&blob);
+        let state = (bytes + blob.len() as u64, hash.finalize().to_hex().to_string());
+        self.record_hashed("export", vnic, peer, t.conns.len(), Some(state));
+        Ok(blob)
+    }
+
+    /// A pre-copy goes into the tables with the port left as it is (the
+    /// guest still runs on the source); a delta is applied to them and the
+    /// port forwards. Returns the connections staged, or after a delta
+    /// those the vNIC holds (what the migration moved).
+    fn import_arrival(&self, a: crate::peer::Arrival) -> Result<usize, http::ControlError> {
+        let now = self.now();
+        let vnic = a.vnic.clone();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let n = {
+            let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
+            crate::migrate::apply_arrival(&mut engines, &a.removed, a.revalidate, a.snapshot, now)
+                .map_err(control_error)?
+        };
+        let n = if a.stage {
+            n
+        } else {
+            // The VM is here now: forward for it. What moved is what the
+            // vNIC holds now, staged and delta together.
+            Self::quiesce(&mut guards, &vnic, false)?;
+            guards
+                .iter()
+                .filter_map(|g| {
+                    g.engine
+                        .port_of(&vnic)
+                        .map(|p| g.engine.conntrack().port_conns(p) as usize)
+                })
+                .sum()
+        };
+        drop(guards);
+        let action = if a.stage { "stage" } else { "import" };
+        self.record_hashed(action, &vnic, Some(&a.peer), n, Some((a.bytes, a.blake3)));
+        Ok(n)
+    }
+
+    fn discard_staged(&self, vnic: &str, keys: &[palisade_wire::flow::FlowKey]) -> Result<usize, http::ControlError> {
+        let now = self.now();
+        let mut removed = 0;
+        for core in &self.workers {
+            let mut core = lock(core);
+            let port = core
+                .engine
+                .port_of(vnic)
+                .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
+            removed += core.engine.remove_vnic_conns(port, keys, now, &mut ());
+        }
+        self.record("discard", vnic, None, removed, None);
+        Ok(removed)
+    }
+
+    fn peer_tls(&self) -> Option<Arc<crate::peer::PeerTls>> {
+        self.peer_tls.clone()
     }
 
     /// The connection lives in the worker its flows are steered to: every

@@ -36,6 +36,8 @@
 //! # incoming = "unix:/run/palisade/qemu/{vm}.incoming"  # the destination QEMU's -incoming URI
 //! # peer_control = "/var/lib/palisade/{to}/agent.sock"  # the destination agent's control socket
 //! # timeout_s = 120                  # bounds one migration
+//! # listen = "10.0.0.2:7430"         # take peers' migration state here (mutual TLS, [controller] certs)
+//! # peers = { hv1 = "10.0.0.1:7430" }  # other agents' listeners: pre-copy + delta over TLS
 //! [[appliance]]                      # a router or gateway leg: may send from any address
 //! name = "edge-web"
 //! interface = "ge-web"
@@ -161,6 +163,17 @@ pub struct MigrationConfig {
     /// How often the controller is asked for orders, ms (default 500; 50 to 60000).
     #[serde(default)]
     pub poll_ms: Option<u64>,
+    /// Where this agent takes migrating VMs' state from the source hosts'
+    /// agents (`IP:PORT` on the underlay; mutual TLS with the
+    /// `[controller]` certificates). None: only on the control socket.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Other hosts' agents' state listeners (`host = "IP:PORT"`): a
+    /// migration to a host named here moves the state over mutual TLS, a
+    /// pre-copy while the guest runs and the delta in its pause; to any
+    /// other host, whole in the pause through `peer_control`.
+    #[serde(default)]
+    pub peers: std::collections::BTreeMap<String, String>,
 }
 
 impl MigrationConfig {
@@ -211,6 +224,17 @@ impl MigrationConfig {
         }
         if self.poll_ms.is_some_and(|t| !(50..=60_000).contains(&t)) {
             return Err(("migration.poll_ms".into(), "must be 50 to 60000 milliseconds".into()));
+        }
+        if let Some(l) = &self.listen
+            && l.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(("migration.listen".into(), format!("`{l}` is not IP:PORT")));
+        }
+        for (host, addr) in &self.peers {
+            Self::fill("", "vm", host).map_err(|m| (format!("migration.peers.{host}"), m))?;
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err((format!("migration.peers.{host}"), format!("`{addr}` is not IP:PORT")));
+            }
         }
         Ok(())
     }
@@ -650,6 +674,16 @@ impl AgentConfig {
                 ));
             }
             m.check().map_err(|(field, message)| invalid(field, message))?;
+            let tls = config
+                .controller
+                .as_ref()
+                .is_some_and(|c| c.ca.is_some() && c.cert.is_some() && c.key.is_some());
+            if (m.listen.is_some() || !m.peers.is_empty()) && !tls {
+                return Err(invalid(
+                    "migration".into(),
+                    "listen and peers move state over mutual TLS: give [controller] ca, cert and key".into(),
+                ));
+            }
         }
         if let Some(w) = config.workers
             && !(1..=MAX_WORKERS).contains(&w)

@@ -74,6 +74,43 @@ pub trait Control: Send + Sync {
     /// Drop `vnic`'s connections after its VM migrated away (the port stays
     /// quiesced); returns how many were dropped.
     fn release_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<usize, ControlError>;
+    /// A live migration's pre-copy: every connection of `vnic` in the
+    /// agent-to-agent encoding ([`palisade_datapath::transfer`]), the port
+    /// still forwarding; changes from now on are kept for
+    /// [`Control::export_delta`].
+    fn export_precopy(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, ControlError> {
+        let _ = (vnic, peer);
+        Err(ControlError::Refused("this agent does no pre-copy".into()))
+    }
+    /// A live migration's delta, in the guest's pause: stop forwarding for
+    /// `vnic` (as [`Control::export_vnic`]) and return the connections
+    /// created or changed since its [`Control::export_precopy`], and the
+    /// keys of those removed (or all of them, marked full, when the changes
+    /// were not all kept).
+    fn export_delta(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, ControlError> {
+        let _ = (vnic, peer);
+        Err(ControlError::Refused("this agent does no pre-copy".into()))
+    }
+    /// Apply what a peer agent sent over the agent-to-agent channel, all
+    /// or nothing: a pre-copy staged into the vNIC's tables, or a delta
+    /// applied to them, after which the vNIC forwards here
+    /// ([`crate::peer::Arrival`]); returns the connections staged, or
+    /// after a delta those the vNIC holds now.
+    fn import_arrival(&self, arrival: crate::peer::Arrival) -> Result<usize, ControlError> {
+        let _ = arrival;
+        Err(ControlError::Refused("this agent takes no state from peers".into()))
+    }
+    /// Remove a staged pre-copy whose migration was cancelled (the keys of
+    /// its connections); returns how many went.
+    fn discard_staged(&self, vnic: &str, keys: &[FlowKey]) -> Result<usize, ControlError> {
+        let _ = (vnic, keys);
+        Ok(0)
+    }
+    /// The TLS settings of the agent-to-agent state channel, when this
+    /// agent has them (a `[controller]` certificate and `[migration]`).
+    fn peer_tls(&self) -> Option<std::sync::Arc<crate::peer::PeerTls>> {
+        None
+    }
     /// An appliance's decision for the rest of the connection `key` belongs to.
     fn offload_flow(&self, key: &FlowKey, verdict: OffloadVerdict) -> Result<(), ControlError> {
         let _ = (key, verdict);

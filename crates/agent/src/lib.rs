@@ -19,6 +19,8 @@
 //!   split between them again (live migration, served by [`http`]).
 //! - [`qmp`]: a QMP client and a QEMU live migration with a switchover step
 //!   (the hypervisor driver of migrations; the lab uses it too).
+//! - [`peer`]: the agent-to-agent state channel of live migration (mutual
+//!   TLS; pre-copy staged on the destination, delta applied in the pause).
 //! - [`orders`]: migrations the controller orders: picked up from it,
 //!   carried out with the hypervisor driver and the state move, reported.
 //! - `vhost`: vNICs attached through vhost-user (QEMU/libvirt guests), one
@@ -47,6 +49,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod notify;
 pub mod orders;
+pub mod peer;
 pub mod qmp;
 pub mod records;
 pub mod snapshot;

@@ -10,10 +10,25 @@
 //! blob they read (magic, version, lengths, checksum), and both check what
 //! they write by decoding it again: a blob from the network is hostile
 //! input, refused with a [`StateError`], never trusted half-read.
+//!
+//! Between agents with the agent-to-agent channel ([`crate::peer`]) the
+//! state moves in two steps instead ([`Handover`]): every connection while
+//! the guest runs ([`export_changes`] without `since`), which the
+//! destination imports into the vNIC's tables at once (staged: nothing
+//! reaches the vNIC there before the switchover), then in the guest's pause
+//! only what changed since (created, advanced or removed), which the
+//! destination applies on top ([`apply_arrival`]): the pause carries the
+//! delta's cost, not the table's.
+
+use std::time::{Duration, Instant};
 
 use palisade_datapath::Engine;
 use palisade_datapath::state::{self, StateError};
+use palisade_datapath::transfer::Transfer;
 use palisade_io::steer;
+
+use crate::config::MigrationConfig;
+use crate::http::{Control, ControlError};
 
 /// Why a vNIC's state could not be exported or imported.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -186,4 +201,210 @@ pub fn claimed_count(blob: &[u8]) -> Option<usize> {
 pub fn describe(blob: &[u8]) -> Result<(String, usize), StateError> {
     let snap = state::decode(blob)?;
     Ok((snap.vnic, snap.conns.len()))
+}
+
+/// The connections of `vnic` from every worker's engine (`engines`, in
+/// worker order) as one transfer of the agent-to-agent channel: all of them
+/// (`since` `None`: a pre-copy) or those changed since the generations a
+/// pre-copy returned (`since`, one per worker: a delta). A delta one
+/// worker could not tell apart is taken whole from every worker. Returns
+/// the transfer and the generations to pass as `since` next.
+pub fn export_changes(
+    engines: &mut [&mut Engine],
+    vnic: &str,
+    now: u64,
+    since: Option<&[u64]>,
+) -> Result<(Transfer, Vec<u64>), MigrateError> {
+    if since.is_some_and(|s| s.len() != engines.len()) {
+        return Err(StateError::Malformed("a delta's generations do not match the workers").into());
+    }
+    let unknown = || MigrateError::UnknownVnic(vnic.to_string());
+    let mut parts = Vec::with_capacity(engines.len());
+    for (i, engine) in engines.iter_mut().enumerate() {
+        let port = engine.port_of(vnic).ok_or_else(unknown)?;
+        let part = engine
+            .export_vnic_changes(port, now, since.map(|s| s[i]))
+            .ok_or_else(unknown)?;
+        parts.push((port, part));
+    }
+    if since.is_some() && parts.iter().any(|(_, p)| p.full) {
+        for ((port, part), engine) in parts.iter_mut().zip(engines.iter_mut()) {
+            *part = engine.export_vnic_changes(*port, now, None).ok_or_else(unknown)?;
+        }
+    }
+    let policy_version = parts.first().map_or(0, |(_, p)| p.policy_version);
+    let mut t = Transfer {
+        vnic: vnic.to_string(),
+        policy_version,
+        full: parts.iter().all(|(_, p)| p.full),
+        conns: Vec::new(),
+        removed: Vec::new(),
+    };
+    let mut marks = Vec::with_capacity(parts.len());
+    for (_, mut p) in parts {
+        if p.policy_version != policy_version {
+            // A worker between two policies: its verdicts are re-decided there.
+            for c in &mut p.conns {
+                c.revalidate = true;
+            }
+        }
+        t.conns.append(&mut p.conns);
+        t.removed.append(&mut p.removed);
+        marks.push(p.mark);
+    }
+    Ok((t, marks))
+}
+
+/// Apply what a peer agent sent (a [`crate::peer::Arrival`]) to `vnic` in
+/// every worker's engine (`engines` in worker order), all or nothing: the
+/// room for its connections is checked in every engine first; then the
+/// removed keys go, the vNIC's connections are marked for re-decision when
+/// `revalidate`, and the connections go each to the engine of the worker
+/// its flows are steered to. Returns the connections imported.
+pub fn apply_arrival(
+    engines: &mut [&mut Engine],
+    removed: &[palisade_wire::flow::FlowKey],
+    revalidate: bool,
+    snap: state::Snapshot,
+    now: u64,
+) -> Result<usize, MigrateError> {
+    let workers = u32::try_from(engines.len()).unwrap_or(u32::MAX).max(1);
+    let mut shares: Vec<Vec<state::ConnRecord>> = vec![Vec::new(); workers as usize];
+    for c in snap.conns {
+        let w = steer::addresses_worker(c.key.src_addr(), c.key.dst_addr(), workers);
+        shares[w as usize].push(c);
+    }
+    let mut ports = Vec::with_capacity(engines.len());
+    for (engine, share) in engines.iter().zip(&shares) {
+        let port = engine
+            .port_of(&snap.vnic)
+            .ok_or_else(|| MigrateError::UnknownVnic(snap.vnic.clone()))?;
+        let free = engine.conntrack().capacity() - engine.conntrack().len();
+        if share.len() > free {
+            return Err(StateError::NoRoom {
+                needed: share.len(),
+                free,
+            }
+            .into());
+        }
+        ports.push(port);
+    }
+    let mut imported = 0;
+    for ((engine, conns), port) in engines.iter_mut().zip(shares).zip(ports) {
+        if !removed.is_empty() {
+            engine.remove_vnic_conns(port, removed, now, &mut ());
+        }
+        if revalidate {
+            engine.revalidate_vnic(port);
+        }
+        let share = state::Snapshot {
+            vnic: snap.vnic.clone(),
+            policy_version: snap.policy_version,
+            conns,
+        };
+        // Migrated connections are not new flows: their start is in the source's trail.
+        imported += engine.import_vnic_conns(port, share, now, &mut ())?;
+    }
+    Ok(imported)
+}
+
+/// The source's state move of one migration over the agent-to-agent
+/// channel ([`crate::peer`]): a session with the destination agent, every
+/// vNIC's connections pre-copied while the guest runs, the deltas sent in
+/// its pause. A handover dropped before its switchover (a cancelled
+/// migration) stops the vNICs' change keeping here, resuming them.
+pub struct Handover<'a> {
+    control: &'a dyn Control,
+    session: crate::peer::Session,
+    vnics: Vec<String>,
+    /// vNICs whose delta was taken (quiesced: resumed by the caller on a failure).
+    quiesced: Vec<String>,
+    committed: bool,
+    /// Connections staged on the destination by the pre-copy.
+    pub staged: u64,
+    /// The pre-copy's time (connect, export, send, staging).
+    pub precopy: Duration,
+}
+
+impl<'a> Handover<'a> {
+    /// Start the handover of `vnics` to host `to` when the configuration
+    /// names `to`'s listener and this agent holds the channel's TLS
+    /// settings (`None` otherwise: the state goes whole, in the pause,
+    /// through the destination's control socket).
+    pub fn start(
+        to: &str,
+        vnics: &[String],
+        config: &MigrationConfig,
+        control: &'a dyn Control,
+    ) -> Result<Option<Handover<'a>>, String> {
+        let (Some(addr), Some(tls)) = (config.peers.get(to), control.peer_tls()) else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let session = crate::peer::Session::connect(&tls, to, addr, config.timeout()).map_err(|e| e.to_string())?;
+        let mut h = Handover {
+            control,
+            session,
+            vnics: Vec::with_capacity(vnics.len()),
+            quiesced: Vec::new(),
+            committed: false,
+            staged: 0,
+            precopy: Duration::ZERO,
+        };
+        for n in vnics {
+            let blob = control
+                .export_precopy(n, Some(to))
+                .map_err(|e| format!("pre-copy of {n}: {}", describe_control(&e)))?;
+            h.vnics.push(n.clone());
+            h.staged += h.session.stage(n, &blob).map_err(|e| e.to_string())?;
+        }
+        h.precopy = t.elapsed();
+        Ok(Some(h))
+    }
+
+    /// In the guest's pause: stop forwarding for each vNIC here, send its
+    /// delta, and have the destination apply it (all or nothing per vNIC).
+    /// `exported` gets each vNIC whose port was quiesced (to resume on a
+    /// failure). Returns the connections the vNICs hold there after it,
+    /// the transfer bytes (pre-copy and deltas) and their BLAKE3.
+    pub fn switchover(
+        &mut self,
+        to: &str,
+        exported: &std::cell::RefCell<Vec<String>>,
+    ) -> Result<(u64, u64, String), String> {
+        let mut moved = 0;
+        for n in self.vnics.clone() {
+            let delta = self
+                .control
+                .export_delta(&n, Some(to))
+                .map_err(|e| format!("delta of {n}: {}", describe_control(&e)))?;
+            exported.borrow_mut().push(n.clone());
+            self.quiesced.push(n.clone());
+            moved += self
+                .session
+                .commit(&n, &delta)
+                .map_err(|e| format!("destination agent import: {e}"))?;
+        }
+        self.committed = true;
+        Ok((moved, self.session.bytes(), self.session.blake3()))
+    }
+}
+
+impl Drop for Handover<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            for n in self.vnics.iter().filter(|n| !self.quiesced.contains(n)) {
+                // Not quiesced by a pre-copy: this only ends its change keeping.
+                let _ = self.control.resume_vnic(n, None);
+            }
+        }
+    }
+}
+
+fn describe_control(e: &ControlError) -> String {
+    match e {
+        ControlError::UnknownVnic(v) => format!("no vNIC {v:?} on this host"),
+        ControlError::Refused(why) => why.clone(),
+        ControlError::UnknownFlow => "no such connection".into(),
+    }
 }

@@ -163,9 +163,32 @@ pub fn carry_out(
         Ok(q) => q,
         Err(e) => return failed(order, format!("the VM's QMP socket {qmp_path}: {e}")),
     };
+    // With the agent-to-agent channel: the state's pre-copy, while the guest runs.
+    let mut handover = match crate::migrate::Handover::start(&order.to, &order.vnics, config, control) {
+        Ok(h) => h,
+        Err(e) => return failed(order, format!("state pre-copy to {}: {e}", order.to)),
+    };
+    if let Some(h) = &handover {
+        eprintln!(
+            "palisade agent: migration {}: pre-copy of {} connections staged on {} in {} us",
+            order.id,
+            h.staged,
+            order.to,
+            h.precopy.as_micros()
+        );
+    }
     let exported = std::cell::RefCell::new(Vec::new());
     let step = || -> Result<Moved, String> {
         let t = Instant::now();
+        if let Some(h) = handover.as_mut() {
+            let (connections, bytes, blake3) = h.switchover(&order.to, &exported)?;
+            return Ok(Moved {
+                connections,
+                bytes,
+                blake3,
+                took: t.elapsed(),
+            });
+        }
         let mut blobs = Vec::with_capacity(order.vnics.len());
         for n in &order.vnics {
             let blob = control
@@ -404,6 +427,8 @@ mod tests {
             peer_control: dir.join("{to}.sock").display().to_string(),
             timeout_s: Some(10),
             poll_ms: None,
+            listen: None,
+            peers: Default::default(),
         };
         let order = MigrationOrder {
             id: "vm1@1".into(),

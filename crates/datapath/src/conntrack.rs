@@ -116,6 +116,10 @@ pub struct Conn {
     pub ended: bool,
     /// The service chain and instance its packets go through, if its rule redirects it.
     pub steer: Option<Steer>,
+    /// The table's change generation when it last changed
+    /// ([`Conntrack::generation`]): a live migration's delta carries the
+    /// connections changed since its pre-copy.
+    pub changed: u64,
 }
 
 impl Conn {
@@ -139,6 +143,7 @@ impl Conn {
             tcp: TcpTrack::default(),
             ended: false,
             steer: None,
+            changed: 0,
         }
     }
 
@@ -215,11 +220,30 @@ pub(crate) struct Sighting {
     pub now: u64,
 }
 
+/// A connection removed while a migration's delta is being kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tombstone {
+    /// Its key (initiator direction).
+    pub key: FlowKey,
+    /// The vNIC ports at its ends.
+    pub owners: [Option<PortId>; 2],
+    /// The change generation it was removed in.
+    pub generation: u64,
+}
+
 /// The connection table.
 #[derive(Debug, Clone)]
 pub struct Conntrack {
     map: BoundedMap<Conn>,
     per_port: Vec<u32>,
+    /// The change generation: every connection handed out mutably or
+    /// created is stamped with it ([`Conn::changed`]).
+    generation: u64,
+    /// The keys and owners of connections removed since tombstones were
+    /// armed ([`Conntrack::arm_tombstones`]), `None` when not armed.
+    tombstones: Option<Vec<Tombstone>>,
+    /// More removals happened than the tombstone log keeps.
+    tombstones_overflowed: bool,
     /// Timeouts per state.
     pub timeouts: Timeouts,
     /// Full-table behaviour.
@@ -235,6 +259,9 @@ impl Conntrack {
         Conntrack {
             map: BoundedMap::new(capacity),
             per_port: vec![0; ports],
+            generation: 1,
+            tombstones: None,
+            tombstones_overflowed: false,
             timeouts,
             full,
         }
@@ -284,9 +311,55 @@ impl Conntrack {
         self.map.prefetch(slot);
     }
 
-    /// The connection in `slot`, mutably.
+    /// The connection in `slot`, mutably (stamped as changed: whoever asks
+    /// for it mutably may change it, and a stamp too many only lengthens a
+    /// migration's delta).
     pub(crate) fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn> {
-        self.map.get_mut(slot)
+        let generation = self.generation;
+        let conn = self.map.get_mut(slot)?;
+        conn.changed = generation;
+        Some(conn)
+    }
+
+    /// The current change generation. A connection whose
+    /// [`Conn::changed`] is above the mark of a migration's export
+    /// ([`crate::VnicExport::mark`]) changed after that export.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Start a new change generation; returns the one that ends (every
+    /// connection changed so far is stamped with it or less).
+    pub(crate) fn next_generation(&mut self) -> u64 {
+        let ended = self.generation;
+        self.generation += 1;
+        ended
+    }
+
+    /// Keep the keys of connections removed from now on, for a migration's
+    /// delta (kept as they are when already armed: a VM's other vNIC may be
+    /// mid-migration); at most the table's capacity of them, beyond which
+    /// [`Conntrack::tombstones`] says the log overflowed.
+    pub(crate) fn arm_tombstones(&mut self) {
+        if self.tombstones.is_none() {
+            self.tombstones = Some(Vec::new());
+            self.tombstones_overflowed = false;
+        }
+    }
+
+    /// Stop keeping removed keys (the migration is over either way).
+    pub(crate) fn disarm_tombstones(&mut self) {
+        self.tombstones = None;
+        self.tombstones_overflowed = false;
+    }
+
+    /// The removals logged since [`Conntrack::arm_tombstones`]: `None` when
+    /// not armed or when more were removed than the log keeps.
+    pub(crate) fn tombstones(&self) -> Option<&[Tombstone]> {
+        if self.tombstones_overflowed {
+            return None;
+        }
+        self.tombstones.as_deref()
     }
 
     /// Every connection.
@@ -354,6 +427,8 @@ impl Conntrack {
         }
         let owners = conn.owners;
         let event = conn.event(EventKind::Start, now);
+        let mut conn = conn;
+        conn.changed = self.generation;
         let slot = self
             .map
             .insert(conn.key.canonical().0, conn)
@@ -378,6 +453,17 @@ impl Conntrack {
         c: &mut Counters,
     ) -> Option<Conn> {
         let (_, conn) = self.map.remove(slot)?;
+        if let Some(log) = &mut self.tombstones {
+            if log.len() < self.map.capacity() {
+                log.push(Tombstone {
+                    key: conn.key,
+                    owners: conn.owners,
+                    generation: self.generation,
+                });
+            } else {
+                self.tombstones_overflowed = true;
+            }
+        }
         for p in charged(conn.owners).flatten() {
             if let Some(n) = self.per_port.get_mut(usize::from(p.0)) {
                 *n = n.saturating_sub(1);
@@ -416,7 +502,9 @@ impl Conntrack {
             count,
             now,
         } = seen;
+        let generation = self.generation;
         let Some(conn) = self.map.get_mut(slot) else { return };
+        conn.changed = generation;
         if count {
             conn.count(reply, packets, len as u64);
         }
@@ -446,9 +534,11 @@ impl Conntrack {
             count,
             now,
         } = seen;
+        let generation = self.generation;
         let Some(conn) = self.map.get_mut(slot) else {
             return Err(DropReason::TcpNoConnection);
         };
+        conn.changed = generation;
         let liberal = !conn.strict;
         let (tracked, state) = tcptrack::segment(&mut conn.tcp, Some(conn.state), reply, seg, liberal, c)?;
         if tracked == Tracked::Reopen {

@@ -29,6 +29,8 @@
 //! - `classified`: that trait answered by the classify layer's decision trees.
 //! - `service`: service chains: steering redirected flows through appliance VMs, their health and counters.
 //! - [`state`]: the blob format of exported connection state (live migration, restarts).
+//! - [`transfer`]: the compact encoding of a vNIC's connections (pre-copy or
+//!   delta) on a live migration's agent-to-agent channel.
 
 mod classified;
 mod conn_state;
@@ -46,13 +48,14 @@ pub mod state;
 mod switch;
 mod table;
 mod tcptrack;
+pub mod transfer;
 mod verdict;
 
 pub use classified::{ClassifiedLookup, MAX_RULES_PER_CHAIN};
 pub use conn_state::ConnState;
 pub use conntrack::{Conn, Conntrack, FullPolicy, Timeouts};
 pub use decision::{Disposition, Encap, Output, Processed, Reply, Results};
-pub use engine::{Engine, EngineConfig, ROUTING_DOMAIN, RuleInfo, policy_flow};
+pub use engine::{Engine, EngineConfig, ROUTING_DOMAIN, RuleInfo, VnicExport, policy_flow};
 pub use events::{EndReason, EventKind, EventSink, FlowEvent};
 pub use flow_table::{CachedVerdict, FlowEntry, FlowHash, FlowTable};
 pub use lookup::{ChainLookup, ChainVerdict, PolicyLookup};

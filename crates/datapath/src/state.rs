@@ -9,7 +9,7 @@
 //! | count u32 | count × record | crc32 u32 (over everything before it)
 //! record: segment u32 | src [16] | dst [16] | src_port u16 | dst_port u16
 //!         | protocol u8 | icmp_type u8 | icmp_code u8
-//!         | state u8 | flags u8 (strict, trusted)
+//!         | state u8 | flags u8 (strict, trusted, revalidate)
 //!         | age u64 | idle u64 | packets u64 | bytes u64
 //!         | 2 × (end u32 | limit u32 | max_win u32 | max_ack u32 | wscale u8 | flags u8)
 //!         | last: index_dir u8 | ack u32 | end u32 | win u16 | wscale u8 | flags u8
@@ -114,6 +114,28 @@ pub struct ConnRecord {
     pub bytes: u64,
     /// TCP tracking.
     pub tcp: TcpTrack,
+    /// The exporter had not confirmed its verdict under its current policy
+    /// (a policy change came after it): the importer re-decides it on its
+    /// next packet, whatever policy version the blob names.
+    pub revalidate: bool,
+}
+
+impl ConnRecord {
+    /// The record of `c` at `now` (the exporter's clock), `revalidate` as given.
+    pub fn of(c: &Conn, now: u64, revalidate: bool) -> ConnRecord {
+        ConnRecord {
+            key: c.key,
+            state: c.state,
+            strict: c.strict,
+            trusted: c.trusted,
+            age: now.saturating_sub(c.created),
+            idle: now.saturating_sub(c.last_seen),
+            packets: c.packets,
+            bytes: c.bytes,
+            tcp: c.tcp,
+            revalidate,
+        }
+    }
 }
 
 /// A decoded blob.
@@ -205,7 +227,9 @@ pub fn push_record(b: &mut Vec<u8>, c: &Conn, now: u64) {
     b.push(c.key.icmp_type);
     b.push(c.key.icmp_code);
     b.push(c.state.code());
-    b.push(u8::from(c.strict) | u8::from(c.trusted) << 1);
+    // Bit 2: the verdict was not current at the export (epoch 0 is never
+    // an engine's current one: it starts at 1).
+    b.push(u8::from(c.strict) | u8::from(c.trusted) << 1 | u8::from(c.epoch == 0) << 2);
     for v in [
         now.saturating_sub(c.created),
         now.saturating_sub(c.last_seen),
@@ -420,6 +444,7 @@ fn read_record(r: &mut Reader<'_>, version: u16) -> Result<ConnRecord, StateErro
         state,
         strict: flags & 1 != 0,
         trusted: flags & 2 != 0,
+        revalidate: flags & 4 != 0,
         age,
         idle,
         packets,

@@ -1809,3 +1809,96 @@ fn a_frame_towards_a_quiesced_vnic_opens_no_connection_until_it_resumes() {
     // An unknown port is refused, not grown into.
     assert!(!e.set_port_quiesced(PortId(999), true));
 }
+
+/// Host h2's engine under `c` with a.0 (strict zone) and b.0 attached:
+/// where a.0 arrives in a migration.
+fn destination(c: Compiler) -> (Engine, PortId, PortId) {
+    let model = c.model().clone();
+    let mut dst = Engine::new(EngineConfig::new(uplink(2)), Box::new(PolicyLookup::new(c)));
+    let a2 = dst
+        .add_vnic(port::vnic_from_model(&model, "a.0", &["web".into()], 100).unwrap())
+        .unwrap();
+    let b2 = dst
+        .add_vnic(port::vnic_from_model(&model, "b.0", &["web".into()], 100).unwrap())
+        .unwrap();
+    (dst, a2, b2)
+}
+
+#[test]
+fn a_connection_a_policy_change_revokes_before_the_export_stays_revoked_after_the_import() {
+    let mut src = h1();
+    let mut ev = Vec::new();
+    handshake(&mut src, &mut ev, 40010, 22, 0);
+    handshake(&mut src, &mut ev, 40011, 443, 0);
+    // The new policy drops ssh; neither connection has had a packet since.
+    src.update_policy(Box::new(PolicyLookup::new(compile_mem(policy(false)))));
+    let a = port(&src, "a.0");
+    let blob = src.export_vnic(a, 100, false, &mut ev).unwrap();
+    let changes = src.export_vnic_changes(a, 100, None).unwrap();
+    assert_eq!(changes.policy_version, 2);
+    assert!(changes.conns.iter().all(|c| c.revalidate), "{:?}", changes.conns);
+    // The destination runs the new policy too: the blob says version 2,
+    // but neither verdict was reached under it, so both are decided again.
+    let (mut dst, a2, b2) = destination(compile_mem(policy(false)));
+    assert_eq!(dst.import_vnic(a2, &blob, 5_000, &mut ev), Ok(2));
+    let ssh = tcp(10, 11, 40010, 22, (1001, 9001), TcpFlags::ACK | TcpFlags::PSH, b"ls");
+    assert_eq!(
+        dst.process(5_001, a2, &ssh, &mut ev, &mut Results::new()),
+        Disposition::Drop(DropReason::PolicyRevoked)
+    );
+    let https = tcp(10, 11, 40011, 443, (1001, 9001), TcpFlags::ACK | TcpFlags::PSH, b"GET");
+    fwd(&mut dst, 5_002, a2, &https, b2, &mut ev);
+}
+
+#[test]
+fn a_delta_holds_what_was_created_changed_or_removed_since_the_precopy() {
+    let mut src = h1();
+    let mut ev = Vec::new();
+    let (a, b) = (port(&src, "a.0"), port(&src, "b.0"));
+    handshake(&mut src, &mut ev, 40030, 443, 0); // advances after the pre-copy
+    handshake(&mut src, &mut ev, 40031, 443, 0); // untouched
+    handshake(&mut src, &mut ev, 40033, 22, 0); // revoked (removed) after the pre-copy
+    let pre = src.export_vnic_changes(a, 10, None).unwrap();
+    assert!(pre.full && pre.removed.is_empty());
+    assert_eq!(pre.conns.len(), 3);
+    assert!(pre.conns.iter().all(|c| !c.revalidate));
+    // Nothing happened: an empty delta.
+    let none = src.export_vnic_changes(a, 11, Some(pre.mark)).unwrap();
+    assert!(
+        !none.full && none.conns.is_empty() && none.removed.is_empty(),
+        "{none:?}"
+    );
+
+    let data = tcp(10, 11, 40030, 443, (1001, 9001), TcpFlags::ACK | TcpFlags::PSH, b"more");
+    fwd(&mut src, 20, a, &data, b, &mut ev);
+    handshake(&mut src, &mut ev, 40035, 443, 21);
+    src.update_policy(Box::new(PolicyLookup::new(compile_mem(policy(false)))));
+    let ssh = tcp(10, 11, 40033, 22, (1001, 9001), TcpFlags::ACK | TcpFlags::PSH, b"ls");
+    assert_eq!(
+        src.process(22, a, &ssh, &mut ev, &mut Results::new()),
+        Disposition::Drop(DropReason::PolicyRevoked)
+    );
+    // The delta is taken against the pre-copy's mark, not the empty one's.
+    let delta = src.export_vnic_changes(a, 30, Some(pre.mark)).unwrap();
+    assert!(!delta.full);
+    assert_eq!(delta.policy_version, 2);
+    let mut ports: Vec<u16> = delta.conns.iter().map(|c| c.key.src_port).collect();
+    ports.sort_unstable();
+    assert_eq!(ports, [40030, 40035]);
+    let advanced = delta.conns.iter().find(|c| c.key.src_port == 40030).unwrap();
+    assert_eq!(advanced.tcp.peers[0].end, 1005, "the window state moved on");
+    assert_eq!(delta.removed.iter().map(|k| k.src_port).collect::<Vec<_>>(), [40033]);
+    // Connections of another vNIC are in neither.
+    assert!(
+        src.export_vnic_changes(b, 31, Some(delta.mark))
+            .unwrap()
+            .conns
+            .is_empty()
+    );
+    // Once the migration is over the removals are no longer kept: a later
+    // delta cannot be told apart from a pre-copy and comes back whole.
+    src.end_vnic_changes();
+    let whole = src.export_vnic_changes(a, 40, Some(delta.mark)).unwrap();
+    assert!(whole.full);
+    assert_eq!(whole.conns.len(), 3);
+}

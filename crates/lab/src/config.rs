@@ -93,6 +93,35 @@ pub fn migration_section(state_dir: &Path, host: &str) -> String {
     )
 }
 
+/// The port each lab agent takes migration state from its peers on
+/// (mutual TLS, on its underlay address).
+pub const MIGRATION_PORT: u16 = 7430;
+
+/// The agent-to-agent state channel's lines of `host`'s `[migration]`
+/// section (after [`migration_section`]): it listens on its underlay
+/// address, and names every other host's listener, so migrations between
+/// lab hosts move the state over mutual TLS (pre-copy and delta).
+pub fn migration_channel(plan: &Plan, host: &str) -> String {
+    let mut o = String::new();
+    if let Some(h) = plan.host(host) {
+        let _ = writeln!(o, "listen = {}", tq(&format!("{}:{MIGRATION_PORT}", h.underlay_ip)));
+    }
+    let peers: Vec<String> = plan
+        .hosts
+        .iter()
+        .filter(|p| p.name != host)
+        .map(|p| {
+            format!(
+                "{} = {}",
+                tk(&p.name),
+                tq(&format!("{}:{MIGRATION_PORT}", p.underlay_ip))
+            )
+        })
+        .collect();
+    let _ = writeln!(o, "peers = {{ {} }}", peers.join(", "));
+    o
+}
+
 /// Datapath workers of each lab agent.
 pub const LAB_WORKERS: usize = 2;
 

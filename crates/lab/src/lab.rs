@@ -682,6 +682,7 @@ impl Lab {
             if let Some(c) = &self.state.controller {
                 text = config::with_controller(&text, &c.url, &c.ca, &self.state.state_dir.join("ca"), &h.name);
                 text.push_str(&config::migration_section(&self.state.state_dir, &h.name));
+                text.push_str(&config::migration_channel(&plan, &h.name));
             }
             if let Some(n) = spec.conn_capacity {
                 // A top-level key: before the first table.
@@ -868,7 +869,10 @@ impl Lab {
         .map(String::from)
         .to_vec())?;
         for h in self.state.plan.hosts.clone() {
-            run(["ca", "issue", "--dir", &d, "--name", &h.name]
+            // Also a server certificate: the agent's migration listener
+            // presents it to the source host's agent.
+            let ip = h.underlay_ip.to_string();
+            run(["ca", "issue", "--dir", &d, "--name", &h.name, "--server", "--ip", &ip]
                 .map(String::from)
                 .to_vec())?;
         }

@@ -70,13 +70,18 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    // Output piped into `head` and closed early ends the process quietly, as
-    // for any Unix tool, instead of panicking on a broken pipe.
-    // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    // Output piped into `head` and closed early ends a command quietly, as
+    // for any Unix tool, instead of panicking on a broken pipe. Not the
+    // daemons: a peer that closes its socket before the answer (a control
+    // client, a migration's source agent going away) must cost them an
+    // EPIPE on that socket, not the process.
+    if !matches!(cli.command, Command::Agent(_) | Command::Controller(_)) {
+        // SAFETY: called before any thread starts; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Pcap(c) => cmd::pcap::run(c),
         Command::Policy(c) => cmd::policy::run(c),

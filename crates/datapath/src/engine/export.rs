@@ -7,12 +7,31 @@ use palisade_wire::flow::FlowKey;
 use crate::conntrack::Conn;
 use crate::events::{EndReason, EventSink};
 use crate::port::PortId;
+use crate::state::{ConnRecord, Snapshot, StateError};
 use crate::table::Slot;
 
 use super::Engine;
 
 /// The name a whole-engine state blob carries where a vNIC blob names its vNIC.
 const HOST_STATE: &str = "*host*";
+
+/// What [`Engine::export_vnic_changes`] took of one vNIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VnicExport {
+    /// The vNIC.
+    pub vnic: String,
+    /// The policy version in force at the export.
+    pub policy_version: u64,
+    /// The connections (all, or those changed since the `since` generation).
+    pub conns: Vec<ConnRecord>,
+    /// Keys of the vNIC's connections removed since (a delta only).
+    pub removed: Vec<FlowKey>,
+    /// Every connection is here (a pre-copy, or a delta that could not be
+    /// told apart from one): the receiver replaces what it holds.
+    pub full: bool,
+    /// The change generation this export covers: the `since` of the next delta.
+    pub mark: u64,
+}
 
 impl Engine {
     /// Export (and remove, when `remove`) every connection of `port`'s vNIC as a state blob.
@@ -24,7 +43,20 @@ impl Engine {
             .filter(|(_, c)| c.owners.contains(&Some(port)))
             .map(|(s, _)| s)
             .collect();
-        let conns: Vec<Conn> = slots.iter().filter_map(|&s| self.conns.get(s).cloned()).collect();
+        let epoch = self.epoch;
+        let conns: Vec<Conn> = slots
+            .iter()
+            .filter_map(|&s| self.conns.get(s).cloned())
+            .map(|mut c| {
+                // A verdict the current policy has not confirmed yet (a
+                // policy change since): the importer re-decides it, or a
+                // connection the new policy revokes would live on there.
+                if c.epoch != epoch {
+                    c.epoch = 0;
+                }
+                c
+            })
+            .collect();
         let blob = crate::state::encode(&vnic, self.lookup.version(), &conns, now);
         if remove {
             for s in slots {
@@ -32,6 +64,122 @@ impl Engine {
             }
         }
         Some(blob)
+    }
+
+    /// The connections of `port`'s vNIC for a live migration's transfer,
+    /// the port left forwarding: with `since` `None` all of them (a
+    /// pre-copy, which also starts keeping the keys of removed connections);
+    /// with `since` the [`VnicExport::mark`] of an earlier export, only those
+    /// created or changed after it and the keys of those removed after it
+    /// (a delta). A delta whose removals were not all kept (the log is
+    /// bounded by the table's capacity) comes back whole, `full` set.
+    /// `None` for a port that is not a vNIC.
+    pub fn export_vnic_changes(&mut self, port: PortId, now: u64, since: Option<u64>) -> Option<VnicExport> {
+        let vnic = self.vnic(port)?.name.clone();
+        let tombstones = since.and(self.conns.tombstones());
+        let full = tombstones.is_none();
+        let removed = tombstones.unwrap_or_default();
+        let after = if full { 0 } else { since.unwrap_or(0) };
+        let removed: Vec<FlowKey> = removed
+            .iter()
+            .filter(|t| t.generation > after && t.owners.contains(&Some(port)))
+            .map(|t| t.key)
+            .collect();
+        let epoch = self.epoch;
+        let conns = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.changed > after && c.owners.contains(&Some(port)))
+            .map(|(_, c)| ConnRecord::of(c, now, c.epoch != epoch))
+            .collect();
+        if since.is_none() {
+            self.conns.arm_tombstones();
+        }
+        let mark = self.conns.next_generation();
+        Some(VnicExport {
+            vnic,
+            policy_version: self.lookup.version(),
+            conns,
+            removed,
+            full,
+            mark,
+        })
+    }
+
+    /// Remove the connections of `port`'s vNIC with these keys (either
+    /// direction): a migration's delta removing what its pre-copy staged
+    /// here, or a cancelled migration's staged copy. Keys of no connection,
+    /// or of another vNIC's, are passed over. Returns how many went.
+    pub fn remove_vnic_conns(&mut self, port: PortId, keys: &[FlowKey], now: u64, sink: &mut dyn EventSink) -> usize {
+        let mut n = 0;
+        for k in keys {
+            if let Some(slot) = self.conns.find(k)
+                && self.conns.get(slot).is_some_and(|c| c.owners.contains(&Some(port)))
+            {
+                self.cut(slot, EndReason::Exported, now, sink);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Have every connection of `port`'s vNIC decided again on its next
+    /// packet (a migration's staged copy taken under an older policy than
+    /// its delta). Returns how many.
+    pub fn revalidate_vnic(&mut self, port: PortId) -> usize {
+        let slots: Vec<Slot> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.owners.contains(&Some(port)))
+            .map(|(s, _)| s)
+            .collect();
+        for &s in &slots {
+            if let Some(c) = self.conns.get_mut(s) {
+                c.epoch = 0;
+                let key = c.key;
+                // A cached verdict would let its packets skip the decision.
+                self.flows.remove(&key);
+                self.flows.remove(&key.reversed());
+            }
+        }
+        slots.len()
+    }
+
+    /// A migration's transfer is over (moved or cancelled): stop keeping
+    /// removed connections' keys.
+    pub fn end_vnic_changes(&mut self) {
+        self.conns.disarm_tombstones();
+    }
+
+    /// Import decoded connections into `port`'s vNIC (a live migration's
+    /// staged copy with its delta applied), all or nothing: refused when
+    /// `snap` names another vNIC or the table has no room. A connection is
+    /// re-decided on its next packet unless `snap`'s policy version is this
+    /// engine's and the exporter held its verdict current
+    /// ([`ConnRecord::revalidate`] clear). Returns how many were imported.
+    pub fn import_vnic_conns(
+        &mut self,
+        port: PortId,
+        snap: Snapshot,
+        now: u64,
+        sink: &mut dyn EventSink,
+    ) -> Result<usize, StateError> {
+        let vnic = self.vnic(port).ok_or(StateError::UnknownPort)?;
+        if snap.vnic != vnic.name {
+            return Err(StateError::ForeignVnic {
+                expected: vnic.name.clone(),
+                found: snap.vnic,
+            });
+        }
+        let free = self.conns.capacity() - self.conns.len();
+        if snap.conns.len() > free {
+            return Err(StateError::NoRoom {
+                needed: snap.conns.len(),
+                free,
+            });
+        }
+        let strict = vnic.strict;
+        Ok(self.import_snapshot(snap, strict, now, sink))
     }
 
     /// Import a state blob into `port`'s vNIC. Connections continue without
@@ -166,7 +314,11 @@ impl Engine {
             // revalidation, which picks the instance by the same hash), so
             // a restart or a migration cannot let a redirected flow skip its
             // appliance.
-            conn.epoch = if current && !self.services.any() { self.epoch } else { 0 };
+            conn.epoch = if current && !s.revalidate && !self.services.any() {
+                self.epoch
+            } else {
+                0
+            };
             if self
                 .conns
                 .create(conn, [u32::MAX; 2], now, sink, &mut self.counters)

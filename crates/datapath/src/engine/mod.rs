@@ -63,6 +63,7 @@ mod steering;
 mod switching;
 
 pub use counters::RuleInfo;
+pub use export::VnicExport;
 use policy::RuleRefs;
 pub use policy::policy_flow;
 use switching::parse_l2;

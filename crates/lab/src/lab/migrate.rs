@@ -564,6 +564,67 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Migrate `vm` to `to` as a deployment does: the destination QEMU
+    /// pre-staged ([`Lab::prestage_incoming`]), the migration ordered
+    /// through the controller (`palisade migrate`, the lab built with a
+    /// controller), the source host's agent carrying it out (QMP, and the
+    /// state over the agents' mutual-TLS channel: a pre-copy while the guest
+    /// runs, the delta in its pause), then adopted here. The report's
+    /// `switchover_ms` is the agent's state move inside the guest's pause
+    /// (the blackout the firewall adds); the pause itself and QEMU's
+    /// downtime are not seen from here (`paused_ms` NaN, no downtime), nor
+    /// the export and import apart (NaN).
+    pub fn migrate_ordered(&mut self, vm: &str, to: &str, timeout: Duration) -> Result<MigrationReport, LabError> {
+        let from = self.current_host(vm)?;
+        let fail = migration_failed(vm, &from, to);
+        let started_unix_ms = unix_ms();
+        let t = Instant::now();
+        let incoming = self.prestage_incoming(vm, to)?;
+        let secs = timeout.as_secs().max(1).to_string();
+        let out = self.ctl(&["migrate", vm, "--to", to, "--json", "--timeout", &secs])?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let order: serde_json::Value = stdout
+            .trim()
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .ok_or_else(|| {
+                fail(format!(
+                    "palisade migrate: {}{}",
+                    stdout.trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            })?;
+        if order["state"] != "completed" {
+            return Err(fail(format!("the order ended {}: {}", order["state"], order["reason"])));
+        }
+        let prestage_ms = incoming.prestage_ms;
+        drop(fail);
+        let announced = self.adopt_incoming(incoming)?;
+        let n = |k: &str| order[k].as_u64().unwrap_or(0);
+        Ok(MigrationReport {
+            vm: vm.to_string(),
+            from,
+            to: to.to_string(),
+            started_unix_ms,
+            finished_unix_ms: unix_ms(),
+            connections: n("connections") as usize,
+            state_bytes: n("state_bytes") as usize,
+            state_blake3: order["state_blake3"].as_str().unwrap_or_default().to_string(),
+            prestage_ms,
+            export_ms: f64::NAN,
+            import_ms: f64::NAN,
+            switchover_ms: n("switchover_us") as f64 / 1e3,
+            paused_ms: f64::NAN,
+            qemu_downtime_ms: None,
+            total_ms: ms(t.elapsed()),
+            announced,
+            released: true,
+        })
+    }
+}
+
 impl MigrationReport {
     /// The report as one JSON line.
     pub fn to_json(&self) -> String {

@@ -65,6 +65,11 @@ pub enum LabCmd {
         /// Each agent's connection-table capacity (default: the agent's, 32,768).
         #[arg(long, value_name = "N")]
         conn_capacity: Option<usize>,
+        /// Run a controller on the underlay (a CA, each host's certificate,
+        /// the lab's policy applied): the agents take policy from it and
+        /// carry out the migrations it orders (`lab migrate --ordered`).
+        #[arg(long)]
+        controller: bool,
     },
     /// Live-migrate a QEMU guest to another host with its firewall state
     /// (its connections move from the source agent to the destination's
@@ -91,6 +96,11 @@ pub enum LabCmd {
         /// Do not have the guest send a gratuitous ARP after the switchover.
         #[arg(long)]
         no_announce: bool,
+        /// Order the migration through the lab's controller (`lab up
+        /// --controller`): the source host's agent carries it out, the state
+        /// moving over the agents' mutual-TLS channel (pre-copy and delta).
+        #[arg(long, conflicts_with = "no_state")]
+        ordered: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -215,6 +225,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             supervise,
             standby,
             conn_capacity,
+            controller,
         } => {
             let state_dir = state(&name, state_dir);
             let mut spec = match (hosts, vms) {
@@ -234,6 +245,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             };
             spec.supervise = supervise;
             spec.conn_capacity = conn_capacity;
+            spec.controller = controller;
             for s in &standby {
                 let (vm, host) = s
                     .split_once('@')
@@ -261,6 +273,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             timeout,
             no_state,
             no_announce,
+            ordered,
             json,
         } => {
             let mut lab = Lab::load(&state(&name, state_dir)).with_context(|| format!("lab {name} is not up"))?;
@@ -269,7 +282,11 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
                 move_state: !no_state,
                 announce: !no_announce,
             };
-            let r = lab.migrate(&vm, &to, &opts)?;
+            let r = if ordered {
+                lab.migrate_ordered(&vm, &to, opts.timeout)?
+            } else {
+                lab.migrate(&vm, &to, &opts)?
+            };
             if json {
                 println!("{}", r.to_json());
             } else {
