@@ -16,7 +16,7 @@
 //! worker that fails stops the agent: its share of the traffic would
 //! otherwise stop unnoticed.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -1034,13 +1034,34 @@ impl Agent {
             origin,
             host: config.host.clone(),
             records: migrations.clone(),
+            imported: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
         });
-        if let (Some(cc), Some(mc)) = (&config.controller, &config.migration) {
+        if let Some(cc) = &config.controller {
+            // A guest that arrives without the controller's order: detected,
+            // reported, held for its state (detached, ends with `stop`).
+            // Often: the report, and so the state's arrival, waits for it.
+            let poll = config
+                .migration
+                .as_ref()
+                .map_or(Duration::from_millis(200), |m| m.poll().min(Duration::from_millis(200)));
+            crate::arrivals::watch(
+                crate::upstream::client(cc)?,
+                config.host.clone(),
+                control.clone(),
+                Arc::new(crate::arrivals::ArrivalCounts::default()),
+                poll,
+                stop.clone(),
+            )?;
+        }
+        if let Some(cc) = &config.controller {
             // Detached like the other upstream threads: it ends with `stop`.
+            // Without `[migration]` it still pre-stages migrations to this
+            // host and fails, with the reason, those from it.
             crate::orders::watch(
                 crate::upstream::client(cc)?,
                 config.host.clone(),
-                mc.clone(),
+                config.migration.clone(),
                 control.clone(),
                 stop.clone(),
             )?;
@@ -2164,7 +2185,15 @@ struct VnicControl {
     /// named, connections, the blob's size and BLAKE3: the export's hash on
     /// the source and the import's on the destination match).
     records: Arc<Mutex<Vec<palisade_audit::record::ChangeRecord>>>,
+    /// When each vNIC's state was last imported: its guest's announcement
+    /// right after is that migration's, not one to hold for.
+    imported: Mutex<HashMap<String, Instant>>,
+    /// vNICs held for their state since when ([`http::Control::hold_vnic`]).
+    held: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long after an import a vNIC's announcement belongs to that migration.
+const IMPORT_ANNOUNCE_WINDOW: Duration = Duration::from_secs(10);
 
 impl VnicControl {
     fn now(&self) -> u64 {
@@ -2258,9 +2287,20 @@ impl http::Control for VnicControl {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             crate::migrate::import(&mut engines, vnic, blob, now).map_err(control_error)?
         };
-        // The VM is here now (or back): forward for it.
+        // The VM is here now (or back): forward for it; its announcement
+        // to come is this migration's, not an arrival without state.
+        for core in guards.iter_mut() {
+            if let Some(port) = core.engine.port_of(vnic) {
+                core.engine.set_port_standby(port, false);
+            }
+        }
         Self::quiesce(&mut guards, vnic, false)?;
         drop(guards);
+        self.imported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), Instant::now());
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(vnic);
         self.record("import", vnic, peer, n, Some(blob));
         Ok(n)
     }
@@ -2294,6 +2334,111 @@ impl http::Control for VnicControl {
         drop(guards);
         self.record("resume", vnic, peer, 0, None);
         Ok(())
+    }
+
+    fn mark_standby(&self) {
+        let recent: Vec<String> = self
+            .imported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, t)| t.elapsed() < IMPORT_ANNOUNCE_WINDOW)
+            .map(|(v, _)| v.clone())
+            .collect();
+        for core in &self.workers {
+            let mut core = lock(core);
+            let marks: Vec<(palisade_datapath::PortId, bool)> = core
+                .engine
+                .vnic_ports()
+                .map(|(port, v)| {
+                    let placed = v
+                        .ips
+                        .iter()
+                        .find_map(|ip| core.identities.of(*ip))
+                        .and_then(|i| i.host.as_deref());
+                    let elsewhere = placed.is_some_and(|h| h != self.host);
+                    (port, elsewhere && !recent.contains(&v.name))
+                })
+                .collect();
+            for (port, on) in marks {
+                core.engine.set_port_standby(port, on);
+            }
+        }
+    }
+
+    /// Every worker's engine binds the same ports: the first one's say.
+    fn has_vnic(&self, vnic: &str) -> bool {
+        self.workers
+            .first()
+            .is_some_and(|c| lock(c).engine.port_of(vnic).is_some())
+    }
+
+    /// Summed over the workers (a vNIC's frames spread over them); placed
+    /// by the identities of the policy the workers hold.
+    fn announcements(&self) -> Vec<http::VnicAnnouncements> {
+        let mut by_vnic: BTreeMap<String, http::VnicAnnouncements> = BTreeMap::new();
+        for core in &self.workers {
+            let core = lock(core);
+            for (port, v) in core.engine.vnic_ports() {
+                let (count, kind) = core.engine.announcements(port);
+                let placed_on = v
+                    .ips
+                    .iter()
+                    .find_map(|ip| core.identities.of(*ip))
+                    .and_then(|i| i.host.clone());
+                let held_by_engine = core.engine.is_quiesced(port) && !core.quiesced.contains(&port);
+                let e = by_vnic
+                    .entry(v.name.clone())
+                    .or_insert_with(|| http::VnicAnnouncements {
+                        vnic: v.name.clone(),
+                        mac: v.mac.to_string(),
+                        count: 0,
+                        kind: "rarp",
+                        placed_on,
+                        held_by_engine: false,
+                    });
+                e.count += count;
+                e.held_by_engine |= held_by_engine;
+                if let Some(k) = kind {
+                    e.kind = k.name();
+                }
+            }
+        }
+        by_vnic.into_values().collect()
+    }
+
+    fn hold_vnic(&self, vnic: &str) -> Result<bool, http::ControlError> {
+        let recent = self
+            .imported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnic)
+            .is_some_and(|t| t.elapsed() < IMPORT_ANNOUNCE_WINDOW);
+        if recent {
+            return Ok(false);
+        }
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        Self::quiesce(&mut guards, vnic, true)?;
+        drop(guards);
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), Instant::now());
+        self.record("hold", vnic, None, 0, None);
+        Ok(true)
+    }
+
+    fn end_hold(&self, vnic: &str) -> Result<bool, http::ControlError> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.remove(vnic).is_none() {
+            return Ok(false);
+        }
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        Self::quiesce(&mut guards, vnic, false)?;
+        drop(guards);
+        drop(held);
+        self.record("hold-expired", vnic, None, 0, None);
+        Ok(true)
     }
 
     /// The connection lives in the worker its flows are steered to: every

@@ -30,6 +30,7 @@
 //! - `service`: service chains: steering redirected flows through appliance VMs, their health and counters.
 //! - [`state`]: the blob format of exported connection state (live migration, restarts).
 
+pub mod announce;
 mod classified;
 mod conn_state;
 mod conntrack;
