@@ -1810,6 +1810,18 @@ fn a_frame_towards_a_quiesced_vnic_opens_no_connection_until_it_resumes() {
     assert!(!e.set_port_quiesced(PortId(999), true));
 }
 
+/// Process `frame` from `port` with `sink`: its disposition and output ports.
+fn go(
+    e: &mut Engine,
+    port: PortId,
+    frame: &[u8],
+    sink: &mut dyn palisade_datapath::EventSink,
+) -> (Disposition, Vec<PortId>) {
+    let mut results = Results::new();
+    let p = e.process(0, port, frame, sink, &mut results);
+    (p.disposition, p.outputs.iter().map(|o| o.port).collect())
+}
+
 /// Keeps the announcements (and drops flow events).
 #[derive(Default)]
 struct Announced(Vec<palisade_datapath::announce::Announcement>);
@@ -1844,28 +1856,15 @@ fn a_guests_announcement_is_reported_switched_and_never_for_another_mac() {
     let before = e.counters().clone();
 
     // QEMU's RARP from a's vNIC: reported, and flooded like ARP so switches learn.
-    let p = e.process(0, a, &rarp_frame(mac(10), mac(10)), &mut sink, &mut Results::new());
-    assert_eq!(p.disposition, Disposition::Forward);
-    let outs: Vec<PortId> = p.outputs.iter().map(|o| o.port).collect();
-    assert_eq!(outs, vec![b, UPLINK]);
+    let p = go(&mut e, a, &rarp_frame(mac(10), mac(10)), &mut sink);
+    assert_eq!(p.0, Disposition::Forward);
+    assert_eq!(p.1, vec![b, UPLINK]);
     // A gratuitous ARP for a's own address: reported too.
-    let p = e.process(
-        0,
-        a,
-        &arp_frame(mac(10), ip(10), ip(10)),
-        &mut sink,
-        &mut Results::new(),
-    );
-    assert_eq!(p.disposition, Disposition::Forward);
+    let p = go(&mut e, a, &arp_frame(mac(10), ip(10), ip(10)), &mut sink);
+    assert_eq!(p.0, Disposition::Forward);
     // An ordinary ARP request: switched, not an announcement.
-    let p = e.process(
-        0,
-        a,
-        &arp_frame(mac(10), ip(10), ip(11)),
-        &mut sink,
-        &mut Results::new(),
-    );
-    assert_eq!(p.disposition, Disposition::Forward);
+    let p = go(&mut e, a, &arp_frame(mac(10), ip(10), ip(11)), &mut sink);
+    assert_eq!(p.0, Disposition::Forward);
     assert_eq!(
         sink.0,
         [
@@ -1884,25 +1883,19 @@ fn a_guests_announcement_is_reported_switched_and_never_for_another_mac() {
 
     // a announcing b's MAC (inside the RARP, its own on the frame): spoofed, nothing reported.
     sink.0.clear();
-    let p = e.process(0, a, &rarp_frame(mac(10), mac(11)), &mut sink, &mut Results::new());
-    assert_eq!(p.disposition, Disposition::Drop(DropReason::SpoofedArp));
+    let p = go(&mut e, a, &rarp_frame(mac(10), mac(11)), &mut sink);
+    assert_eq!(p.0, Disposition::Drop(DropReason::SpoofedArp));
     // A gratuitous ARP for b's address from a: spoofed.
-    let p = e.process(
-        0,
-        a,
-        &arp_frame(mac(10), ip(11), ip(11)),
-        &mut sink,
-        &mut Results::new(),
-    );
-    assert_eq!(p.disposition, Disposition::Drop(DropReason::SpoofedArp));
+    let p = go(&mut e, a, &arp_frame(mac(10), ip(11), ip(11)), &mut sink);
+    assert_eq!(p.0, Disposition::Drop(DropReason::SpoofedArp));
     // A RARP that is no announcement (a reply) stays unsupported.
     let mut reply = rarp_frame(mac(10), mac(10));
     reply[21] = 4;
-    let p = e.process(0, a, &reply, &mut sink, &mut Results::new());
-    assert_eq!(p.disposition, Disposition::Drop(DropReason::UnsupportedEthertype));
+    let p = go(&mut e, a, &reply, &mut sink);
+    assert_eq!(p.0, Disposition::Drop(DropReason::UnsupportedEthertype));
     // From the uplink a RARP is not this host's guest announcing itself.
-    let p = e.process(0, UPLINK, &rarp_frame(mac(12), mac(12)), &mut sink, &mut Results::new());
-    assert!(matches!(p.disposition, Disposition::Drop(_)), "{:?}", p.disposition);
+    let p = go(&mut e, UPLINK, &rarp_frame(mac(12), mac(12)), &mut sink);
+    assert!(matches!(p.0, Disposition::Drop(_)), "{:?}", p.0);
     assert!(sink.0.is_empty(), "{:?}", sink.0);
     // Counted per port for callers that poll.
     assert_eq!(e.announcements(a), (2, Some(AnnounceKind::Garp)));
@@ -1924,27 +1917,27 @@ fn an_announcement_on_a_standby_port_quiesces_it_at_once() {
     assert!(!e.is_quiesced(a));
     // The guest's RARP: switched (the network learns where it is), reported,
     // and from then on nothing from or to the port is decided.
-    let p = e.process(0, a, &rarp_frame(mac(10), mac(10)), &mut sink, &mut Results::new());
-    assert_eq!(p.disposition, Disposition::Forward);
+    let p = go(&mut e, a, &rarp_frame(mac(10), mac(10)), &mut sink);
+    assert_eq!(p.0, Disposition::Forward);
     assert_eq!(sink.0.len(), 1);
     assert!(e.is_quiesced(a) && !e.is_standby(a));
     let from_guest = tcp(10, 11, 1000, 443, (1, 0), TcpFlags::SYN, b"");
     assert_eq!(
-        e.process(0, a, &from_guest, &mut Vec::new(), &mut Results::new()),
+        go(&mut e, a, &from_guest, &mut Vec::new()).0,
         Disposition::Drop(DropReason::VnicMigrating)
     );
     let to_guest = tcp(11, 10, 2000, 443, (1, 0), TcpFlags::SYN, b"");
     assert_eq!(
-        e.process(0, b, &to_guest, &mut Vec::new(), &mut Results::new()),
+        go(&mut e, b, &to_guest, &mut Vec::new()).0,
         Disposition::Drop(DropReason::VnicMigrating)
     );
     assert_eq!(e.conntrack().len(), 0, "nothing opened while held");
     // Resumed (the state arrived): it forwards, and a later announcement holds nothing.
     e.set_port_quiesced(a, false);
     assert_eq!(run(&mut e, 0, a, &from_guest, &mut Vec::new()), Disposition::Forward);
-    let _ = e.process(0, a, &rarp_frame(mac(10), mac(10)), &mut sink, &mut Results::new());
+    let _ = go(&mut e, a, &rarp_frame(mac(10), mac(10)), &mut sink);
     assert!(!e.is_quiesced(a));
     // A port not standby is never held by an announcement.
-    let _ = e.process(0, b, &rarp_frame(mac(11), mac(11)), &mut sink, &mut Results::new());
+    let _ = go(&mut e, b, &rarp_frame(mac(11), mac(11)), &mut sink);
     assert!(!e.is_quiesced(b));
 }
