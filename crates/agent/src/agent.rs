@@ -2366,6 +2366,16 @@ impl http::Control for VnicControl {
         }
     }
 
+    fn vnic_received(&self, vnic: &str) -> Option<u64> {
+        let mut total = None;
+        for core in &self.workers {
+            let core = lock(core);
+            let port = core.engine.port_of(vnic)?;
+            *total.get_or_insert(0) += core.engine.port_tally(port).packets;
+        }
+        total
+    }
+
     /// Every worker's engine binds the same ports: the first one's say.
     fn has_vnic(&self, vnic: &str) -> bool {
         self.workers

@@ -23,10 +23,12 @@
 //! gone, or slow) the vNIC forwards again and its frames are decided by
 //! the policy without the state (counted in [`ArrivalCounts::hold_expired`]).
 //!
-//! A vNIC is held only when the inventory this agent holds places its VM on
-//! another host and its state was not imported moments ago (a migration
-//! this agent took part in announces itself too); the controller's answer
-//! decides whether the hold stays (it moved the VM here) or ends at once.
+//! A vNIC is held, and its arrival reported, only when the inventory this
+//! agent holds places its VM on another host and its state was not imported
+//! moments ago (a migration this agent took part in announces itself too):
+//! a guest placed here that announces itself (a boot, a new address) costs
+//! the controller nothing. The controller's answer decides whether the hold
+//! stays (it moved the VM here) or ends at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -97,11 +99,16 @@ impl Watcher {
             {
                 continue;
             }
-            self.reported.insert(a.vnic.clone(), now);
             // The engine holds it already when it was standby.
             let elsewhere = a.held_by_engine || a.placed_on.as_deref().is_some_and(|h| h != host);
+            if !elsewhere {
+                // A guest placed here announcing itself (a boot, an address
+                // change): nothing moved, and the controller is not asked.
+                continue;
+            }
+            self.reported.insert(a.vnic.clone(), now);
             // Held before asking, so no frame is decided without its state meanwhile.
-            let mut held = elsewhere && control.hold_vnic(&a.vnic).unwrap_or(false);
+            let mut held = control.hold_vnic(&a.vnic).unwrap_or(false);
             let arrival = ArrivalReport {
                 vnic: a.vnic.clone(),
                 mac: a.mac.clone(),
@@ -330,12 +337,12 @@ mod tests {
                 order: None,
             })
         };
-        // Placed here: reported (the controller decides), never held.
+        // Placed here: neither held nor reported.
         let c = Fake::default();
         c.announce("web-1.0", "hv2");
-        Watcher::default().round("hv2", &c, &mut not_moved, &counts, t0);
+        Watcher::default().round("hv2", &c, &mut |_| panic!("not reported"), &counts, t0);
         assert!(c.calls().is_empty(), "{:?}", c.calls());
-        assert_eq!(counts.reported.load(Ordering::Relaxed), 1);
+        assert_eq!(counts.reported.load(Ordering::Relaxed), 0);
         // Placed elsewhere, but the controller has it here already: the hold ends at once.
         let c = Fake::default();
         c.announce("web-1.0", "hv1");

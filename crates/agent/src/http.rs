@@ -85,6 +85,12 @@ pub trait Control: Send + Sync {
         let _ = vnic;
         false
     }
+    /// Frames this host took from `vnic`'s guest so far (every worker's);
+    /// `None`: not known here.
+    fn vnic_received(&self, vnic: &str) -> Option<u64> {
+        let _ = vnic;
+        None
+    }
     /// Mark standby the vNICs whose VM the inventory places on another host
     /// (and whose state was not imported moments ago): a guest announcing
     /// itself on one is held by the engine from that frame on.

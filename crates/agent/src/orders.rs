@@ -26,7 +26,9 @@
 //!
 //! A `follow` order (a migration the hypervisor made without the
 //! controller, detected on the destination) skips the hypervisor: steps 3
-//! and 4 only, the guest already running on the destination.
+//! and 4 only, the guest already running on the destination. The claim is
+//! another agent's, so it is checked first: a guest still sending on its
+//! vNIC here has not left, and the order fails with its state kept here.
 //!
 //! A failure anywhere before the switchover completes (QEMU refusing, the
 //! destination agent refusing the blob or gone) cancels the migration: the
@@ -100,6 +102,10 @@ fn describe(e: &ControlError) -> String {
         ControlError::UnknownFlow => "no such connection".into(),
     }
 }
+
+/// How long a `follow` order watches the vNICs for frames from a guest
+/// that has not left before taking their state.
+pub const FOLLOW_LIVENESS_WINDOW: Duration = Duration::from_millis(200);
 
 /// What the state move in the guest's pause did.
 struct Moved {
@@ -210,6 +216,24 @@ pub fn carry_out(
 /// along the same path as in a migration's pause, and is released here.
 /// On a failure the exported vNICs resume here: the state is kept, not lost.
 fn follow(order: &MigrationOrder, host: &str, control: &dyn Control, peer: &str) -> MigrationReport {
+    // The claim comes from another host's agent: a guest still sending here
+    // has not left, and its state stays (a compromised or confused agent
+    // cannot pull a running VM's connections to itself).
+    let before: Vec<Option<u64>> = order.vnics.iter().map(|n| control.vnic_received(n)).collect();
+    std::thread::sleep(FOLLOW_LIVENESS_WINDOW);
+    for (n, b) in order.vnics.iter().zip(before) {
+        if let (Some(b), Some(a)) = (b, control.vnic_received(n))
+            && a > b
+        {
+            return failed(
+                order,
+                format!(
+                    "the guest still sends on {n} here ({} frames in {FOLLOW_LIVENESS_WINDOW:?}): its state stays on this host",
+                    a - b
+                ),
+            );
+        }
+    }
     let exported = std::cell::RefCell::new(Vec::new());
     match move_state(order, host, control, peer, &exported) {
         Ok(moved) => {
@@ -409,11 +433,18 @@ mod tests {
     struct FakeControl {
         calls: Mutex<Vec<String>>,
         attached: Vec<String>,
+        /// Frames from the guest: grows at each look when `live`.
+        received: std::sync::atomic::AtomicU64,
+        live: bool,
     }
 
     impl Control for FakeControl {
         fn has_vnic(&self, vnic: &str) -> bool {
             self.attached.iter().any(|v| v == vnic)
+        }
+        fn vnic_received(&self, _: &str) -> Option<u64> {
+            let step = u64::from(self.live);
+            Some(self.received.fetch_add(step, std::sync::atomic::Ordering::Relaxed) + step)
         }
         fn export_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, ControlError> {
             self.calls.lock().unwrap().push(format!("export {vnic} {peer:?}"));
@@ -603,6 +634,16 @@ mod tests {
             *control.calls.lock().unwrap(),
             ["export vm1.0 Some(\"hv2\")", "release vm1.0"]
         );
+
+        // A guest that still sends here has not left: nothing is exported.
+        let live = FakeControl {
+            live: true,
+            ..FakeControl::default()
+        };
+        let r = carry_out(&order, "hv1", &config, &live);
+        assert_eq!(r.state, MigrationState::Failed);
+        assert!(r.reason.as_deref().unwrap().contains("still sends"), "{r:?}");
+        assert!(live.calls.lock().unwrap().is_empty());
 
         // Refused by the destination: the state stays here, resumed.
         std::fs::remove_file(dir.path().join("hv2.sock")).unwrap();

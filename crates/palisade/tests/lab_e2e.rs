@@ -2299,7 +2299,7 @@ fn qemu_guest_live_migration_through_the_controller_keeps_its_connections() {
 /// both TCP and UDP connections). The guest's TCP stream survives and its
 /// UDP answers keep coming.
 #[test]
-fn qemu_guest_migrated_without_the_controller_is_detected_and_its_connections_follow() {
+fn qemu_guest_migration_without_the_controller_is_detected_and_its_connections_follow() {
     let _one = one_lab();
     let Some(mut guard) = migration_lab_with("pe2migd", true, palisade_lab::QemuNic::Tap) else {
         return;
