@@ -58,7 +58,7 @@ impl Hosts {
             ia = ADDR[0],
             ib = ADDR[1]
         ));
-        for i in 0..2 {
+        for (i, addr) in ADDR.iter().enumerate() {
             let d = h.dir.join(format!("h{i}"));
             for sub in ["etc", "lib", "log", "cache"] {
                 std::fs::create_dir_all(d.join(sub)).unwrap();
@@ -68,7 +68,6 @@ impl Hosts {
                 format!(
                     "listen_tls = 0\nlisten_tcp = 1\nlisten_addr = \"{addr}\"\nauth_tcp = \"none\"\n\
                      auth_unix_rw = \"none\"\nhost_uuid = \"00000000-0000-4000-8000-00000000000{n}\"\n",
-                    addr = ADDR[i],
                     n = i + 1
                 ),
             )
@@ -78,8 +77,7 @@ impl Hosts {
                 format!(
                     "user = \"root\"\ngroup = \"root\"\ndynamic_ownership = 0\nsecurity_driver = \"none\"\n\
                      cgroup_controllers = [ ]\nremember_owner = 0\nstdio_handler = \"file\"\n\
-                     migration_address = \"{a}\"\nmigration_host = \"{a}\"\n",
-                    a = ADDR[i]
+                     migration_address = \"{addr}\"\nmigration_host = \"{addr}\"\n"
                 ),
             )
             .unwrap();
