@@ -109,6 +109,9 @@ pub struct Agent {
     /// vNIC listed from 0. A migrated VM's must stay 0 on the destination:
     /// its connections arrive with their verdicts, never reclassified.
     default_decisions: std::collections::BTreeMap<String, u64>,
+    /// What the arrivals watcher did (controller mode): guests held for
+    /// their state, holds that expired, arrivals reported.
+    arrivals: Option<Arc<crate::arrivals::ArrivalCounts>>,
     /// Migration change records the control socket made, for the trail.
     migrations: Arc<Mutex<Vec<palisade_audit::record::ChangeRecord>>>,
     shared: Shared,
@@ -1037,7 +1040,11 @@ impl Agent {
             imported: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
         });
-        if let Some(cc) = &config.controller {
+        let arrival_counts = config
+            .controller
+            .as_ref()
+            .map(|_| Arc::new(crate::arrivals::ArrivalCounts::default()));
+        if let (Some(cc), Some(counts)) = (&config.controller, &arrival_counts) {
             // A guest that arrives without the controller's order: detected,
             // reported, held for its state (detached, ends with `stop`).
             // Often: the report, and so the state's arrival, waits for it.
@@ -1049,7 +1056,7 @@ impl Agent {
                 crate::upstream::client(cc)?,
                 config.host.clone(),
                 control.clone(),
-                Arc::new(crate::arrivals::ArrivalCounts::default()),
+                counts.clone(),
                 poll,
                 stop.clone(),
             )?;
@@ -1112,6 +1119,7 @@ impl Agent {
             last_retention: None,
             recent: VecDeque::new(),
             default_decisions,
+            arrivals: arrival_counts,
             migrations,
             shared,
             policy_errors: 0,
@@ -1964,6 +1972,41 @@ impl Agent {
              palisade_vnic_migrating_drops_total{{host=\"{}\"}} {quiesced_drops}\n",
             self.config.host
         ));
+        if let Some(a) = &self.arrivals {
+            use std::sync::atomic::Ordering::Relaxed;
+            for (name, help, v) in [
+                (
+                    "palisade_arrivals_reported_total",
+                    "Guests seen announcing themselves on a vNIC placed on another host, reported to the controller.",
+                    a.reported.load(Relaxed),
+                ),
+                (
+                    "palisade_arrivals_moved_total",
+                    "Of those, the ones the controller took as a migration here (a follow order for the old host).",
+                    a.moved.load(Relaxed),
+                ),
+                (
+                    "palisade_arrivals_held_total",
+                    "vNICs held (frames dropped as vnic_migrating) for the state of a guest that arrived without it.",
+                    a.held.load(Relaxed),
+                ),
+                (
+                    "palisade_arrivals_hold_expired_total",
+                    "Holds that reached their bound without the state: the vNIC forwarded without its connections.",
+                    a.hold_expired.load(Relaxed),
+                ),
+                (
+                    "palisade_arrivals_report_failures_total",
+                    "Arrival reports the controller did not take (away or refusing).",
+                    a.failed.load(Relaxed),
+                ),
+            ] {
+                text.push_str(&format!(
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{host=\"{}\"}} {v}\n",
+                    self.config.host
+                ));
+            }
+        }
         text.push_str(
             "# HELP palisade_vnic_default_rule_decisions_total Flows the default rule (zone or datacenter) decided, \
              by local vNIC and that vNIC's chain.\n\

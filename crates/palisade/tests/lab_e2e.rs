@@ -2358,6 +2358,20 @@ fn qemu_guest_migration_without_the_controller_is_detected_and_its_connections_f
             .any(|l| l.contains("vnic.migrate.hold"))),
         "hv2's trail records the hold"
     );
+    let hv2 = palisade_agent::http::get_unix(&lab.agent_socket("hv2"), "/metrics").unwrap();
+    let counter = |name: &str| {
+        hv2.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in hv2's metrics"))
+    };
+    assert!(counter("palisade_arrivals_held_total") >= 1);
+    assert!(counter("palisade_arrivals_moved_total") >= 1);
+    eprintln!(
+        "hv2: arrivals held {}, holds expired {}",
+        counter("palisade_arrivals_held_total"),
+        counter("palisade_arrivals_hold_expired_total")
+    );
 
     std::thread::sleep(Duration::from_secs(3));
     assert_ne!(
