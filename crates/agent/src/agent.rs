@@ -16,7 +16,7 @@
 //! worker that fails stops the agent: its share of the traffic would
 //! otherwise stop unnoticed.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -109,6 +109,9 @@ pub struct Agent {
     /// vNIC listed from 0. A migrated VM's must stay 0 on the destination:
     /// its connections arrive with their verdicts, never reclassified.
     default_decisions: std::collections::BTreeMap<String, u64>,
+    /// What the arrivals watcher did (controller mode): guests held for
+    /// their state, holds that expired, arrivals reported.
+    arrivals: Option<Arc<crate::arrivals::ArrivalCounts>>,
     /// Migration change records the control socket made, for the trail.
     migrations: Arc<Mutex<Vec<palisade_audit::record::ChangeRecord>>>,
     shared: Shared,
@@ -1046,6 +1049,8 @@ impl Agent {
             records: migrations.clone(),
             peer_tls: peer_tls.clone(),
             precopied: Mutex::new(std::collections::HashMap::new()),
+            imported: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
         });
         if let (Some(mc), Some(tls)) = (&config.migration, &peer_tls)
             && let Some(listen) = &mc.listen
@@ -1054,12 +1059,35 @@ impl Agent {
                 .map_err(|e| AgentError::Controller(format!("migration listener: {e}")))?;
             eprintln!("palisade agent: taking migration state from peers on {bound} (mutual TLS)");
         }
-        if let (Some(cc), Some(mc)) = (&config.controller, &config.migration) {
+        let arrival_counts = config
+            .controller
+            .as_ref()
+            .map(|_| Arc::new(crate::arrivals::ArrivalCounts::default()));
+        if let (Some(cc), Some(counts)) = (&config.controller, &arrival_counts) {
+            // A guest that arrives without the controller's order: detected,
+            // reported, held for its state (detached, ends with `stop`).
+            // Often: the report, and so the state's arrival, waits for it.
+            let poll = config
+                .migration
+                .as_ref()
+                .map_or(Duration::from_millis(200), |m| m.poll().min(Duration::from_millis(200)));
+            crate::arrivals::watch(
+                crate::upstream::client(cc)?,
+                config.host.clone(),
+                control.clone(),
+                counts.clone(),
+                poll,
+                stop.clone(),
+            )?;
+        }
+        if let Some(cc) = &config.controller {
             // Detached like the other upstream threads: it ends with `stop`.
+            // Without `[migration]` it still pre-stages migrations to this
+            // host and fails, with the reason, those from it.
             crate::orders::watch(
                 crate::upstream::client(cc)?,
                 config.host.clone(),
-                mc.clone(),
+                config.migration.clone(),
                 control.clone(),
                 stop.clone(),
             )?;
@@ -1110,6 +1138,7 @@ impl Agent {
             last_retention: None,
             recent: VecDeque::new(),
             default_decisions,
+            arrivals: arrival_counts,
             migrations,
             shared,
             policy_errors: 0,
@@ -1962,6 +1991,41 @@ impl Agent {
              palisade_vnic_migrating_drops_total{{host=\"{}\"}} {quiesced_drops}\n",
             self.config.host
         ));
+        if let Some(a) = &self.arrivals {
+            use std::sync::atomic::Ordering::Relaxed;
+            for (name, help, v) in [
+                (
+                    "palisade_arrivals_reported_total",
+                    "Guests seen announcing themselves on a vNIC placed on another host, reported to the controller.",
+                    a.reported.load(Relaxed),
+                ),
+                (
+                    "palisade_arrivals_moved_total",
+                    "Of those, the ones the controller took as a migration here (a follow order for the old host).",
+                    a.moved.load(Relaxed),
+                ),
+                (
+                    "palisade_arrivals_held_total",
+                    "vNICs held (frames dropped as vnic_migrating) for the state of a guest that arrived without it.",
+                    a.held.load(Relaxed),
+                ),
+                (
+                    "palisade_arrivals_hold_expired_total",
+                    "Holds that reached their bound without the state: the vNIC forwarded without its connections.",
+                    a.hold_expired.load(Relaxed),
+                ),
+                (
+                    "palisade_arrivals_report_failures_total",
+                    "Arrival reports the controller did not take (away or refusing).",
+                    a.failed.load(Relaxed),
+                ),
+            ] {
+                text.push_str(&format!(
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{host=\"{}\"}} {v}\n",
+                    self.config.host
+                ));
+            }
+        }
         text.push_str(
             "# HELP palisade_vnic_default_rule_decisions_total Flows the default rule (zone or datacenter) decided, \
              by local vNIC and that vNIC's chain.\n\
@@ -2199,7 +2263,15 @@ struct VnicControl {
     /// it, and the pre-copy's size and hash (the export's record covers
     /// pre-copy and delta, as the destination's import record does).
     precopied: Mutex<std::collections::HashMap<String, Precopied>>,
+    /// When each vNIC's state was last imported: its guest's announcement
+    /// right after is that migration's, not one to hold for.
+    imported: Mutex<HashMap<String, Instant>>,
+    /// vNICs held for their state since when ([`http::Control::hold_vnic`]).
+    held: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long after an import a vNIC's announcement belongs to that migration.
+const IMPORT_ANNOUNCE_WINDOW: Duration = Duration::from_secs(10);
 
 impl VnicControl {
     fn now(&self) -> u64 {
@@ -2318,9 +2390,20 @@ impl http::Control for VnicControl {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             crate::migrate::import(&mut engines, vnic, blob, now).map_err(control_error)?
         };
-        // The VM is here now (or back): forward for it.
+        // The VM is here now (or back): forward for it; its announcement
+        // to come is this migration's, not an arrival without state.
+        for core in guards.iter_mut() {
+            if let Some(port) = core.engine.port_of(vnic) {
+                core.engine.set_port_standby(port, false);
+            }
+        }
         Self::quiesce(&mut guards, vnic, false)?;
         drop(guards);
+        self.imported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), Instant::now());
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(vnic);
         self.record("import", vnic, peer, n, Some(blob));
         Ok(n)
     }
@@ -2428,7 +2511,13 @@ impl http::Control for VnicControl {
             n
         } else {
             // The VM is here now: forward for it. What moved is what the
-            // vNIC holds now, staged and delta together.
+            // vNIC holds now, staged and delta together. Its announcement
+            // to come is this migration's, not an arrival without state.
+            for core in guards.iter_mut() {
+                if let Some(port) = core.engine.port_of(&vnic) {
+                    core.engine.set_port_standby(port, false);
+                }
+            }
             Self::quiesce(&mut guards, &vnic, false)?;
             guards
                 .iter()
@@ -2440,6 +2529,13 @@ impl http::Control for VnicControl {
                 .sum()
         };
         drop(guards);
+        if !a.stage {
+            self.imported
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(vnic.clone(), Instant::now());
+            self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&vnic);
+        }
         let action = if a.stage { "stage" } else { "import" };
         self.record_hashed(action, &vnic, Some(&a.peer), n, Some((a.bytes, a.blake3)));
         Ok(n)
@@ -2462,6 +2558,121 @@ impl http::Control for VnicControl {
 
     fn peer_tls(&self) -> Option<Arc<crate::peer::PeerTls>> {
         self.peer_tls.clone()
+    }
+
+    fn mark_standby(&self) {
+        let recent: Vec<String> = self
+            .imported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, t)| t.elapsed() < IMPORT_ANNOUNCE_WINDOW)
+            .map(|(v, _)| v.clone())
+            .collect();
+        for core in &self.workers {
+            let mut core = lock(core);
+            let marks: Vec<(palisade_datapath::PortId, bool)> = core
+                .engine
+                .vnic_ports()
+                .map(|(port, v)| {
+                    let placed = v
+                        .ips
+                        .iter()
+                        .find_map(|ip| core.identities.of(*ip))
+                        .and_then(|i| i.host.as_deref());
+                    let elsewhere = placed.is_some_and(|h| h != self.host);
+                    (port, elsewhere && !recent.contains(&v.name))
+                })
+                .collect();
+            for (port, on) in marks {
+                core.engine.set_port_standby(port, on);
+            }
+        }
+    }
+
+    fn vnic_received(&self, vnic: &str) -> Option<u64> {
+        let mut total = None;
+        for core in &self.workers {
+            let core = lock(core);
+            let port = core.engine.port_of(vnic)?;
+            *total.get_or_insert(0) += core.engine.port_tally(port).packets;
+        }
+        total
+    }
+
+    /// Every worker's engine binds the same ports: the first one's say.
+    fn has_vnic(&self, vnic: &str) -> bool {
+        self.workers
+            .first()
+            .is_some_and(|c| lock(c).engine.port_of(vnic).is_some())
+    }
+
+    /// Summed over the workers (a vNIC's frames spread over them); placed
+    /// by the identities of the policy the workers hold.
+    fn announcements(&self) -> Vec<http::VnicAnnouncements> {
+        let mut by_vnic: BTreeMap<String, http::VnicAnnouncements> = BTreeMap::new();
+        for core in &self.workers {
+            let core = lock(core);
+            for (port, v) in core.engine.vnic_ports() {
+                let (count, kind) = core.engine.announcements(port);
+                let placed_on = v
+                    .ips
+                    .iter()
+                    .find_map(|ip| core.identities.of(*ip))
+                    .and_then(|i| i.host.clone());
+                let held_by_engine = core.engine.is_quiesced(port) && !core.quiesced.contains(&port);
+                let e = by_vnic
+                    .entry(v.name.clone())
+                    .or_insert_with(|| http::VnicAnnouncements {
+                        vnic: v.name.clone(),
+                        mac: v.mac.to_string(),
+                        count: 0,
+                        kind: "rarp",
+                        placed_on,
+                        held_by_engine: false,
+                    });
+                e.count += count;
+                e.held_by_engine |= held_by_engine;
+                if let Some(k) = kind {
+                    e.kind = k.name();
+                }
+            }
+        }
+        by_vnic.into_values().collect()
+    }
+
+    fn hold_vnic(&self, vnic: &str) -> Result<bool, http::ControlError> {
+        let recent = self
+            .imported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnic)
+            .is_some_and(|t| t.elapsed() < IMPORT_ANNOUNCE_WINDOW);
+        if recent {
+            return Ok(false);
+        }
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        Self::quiesce(&mut guards, vnic, true)?;
+        drop(guards);
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), Instant::now());
+        self.record("hold", vnic, None, 0, None);
+        Ok(true)
+    }
+
+    fn end_hold(&self, vnic: &str) -> Result<bool, http::ControlError> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.remove(vnic).is_none() {
+            return Ok(false);
+        }
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        Self::quiesce(&mut guards, vnic, false)?;
+        drop(guards);
+        drop(held);
+        self.record("hold-expired", vnic, None, 0, None);
+        Ok(true)
     }
 
     /// The connection lives in the worker its flows are steered to: every

@@ -38,6 +38,9 @@
 //! # timeout_s = 120                  # bounds one migration
 //! # listen = "10.0.0.2:7430"         # take peers' migration state here (mutual TLS, [controller] certs)
 //! # peers = { hv1 = "10.0.0.1:7430" }  # other agents' listeners: pre-copy + delta over TLS
+//! # driver = "libvirt"               # instead of qmp/incoming: libvirt runs the VMs
+//! # [migration.libvirt]
+//! # destination_uri = "qemu+tls://{to}/system"         # virsh migrate --p2p, and virsh resume there
 //! [[appliance]]                      # a router or gateway leg: may send from any address
 //! name = "edge-web"
 //! interface = "ge-web"
@@ -141,18 +144,65 @@ pub struct AgentConfig {
     pub migration: Option<MigrationConfig>,
 }
 
-/// The hypervisor driver of controller-ordered migrations: QEMU's QMP.
-/// Each path is a template: `{vm}` is the VM's name, `{to}` the destination
-/// host's (names with other characters than letters, digits, `.`, `_` and
-/// `-`, or starting with a dot, are refused before they reach a path).
+/// Which hypervisor driver carries out the migrations the controller orders.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorKind {
+    /// QEMU's monitor (QMP) on the VM's socket, to a destination QEMU
+    /// started with `-incoming` (the lab's; a host without libvirt).
+    #[default]
+    Qmp,
+    /// libvirt, through `virsh` ([`LibvirtConfig`]): a host whose VMs
+    /// libvirt runs.
+    Libvirt,
+}
+
+/// The libvirt driver: `virsh` run with these connection URIs (see
+/// [`crate::hypervisor::Libvirt`]). Templates take `{vm}` and `{to}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    /// The `virsh` program (default `virsh`, looked up in `PATH`).
+    #[serde(default)]
+    pub virsh: Option<String>,
+    /// This host's libvirtd (default `qemu:///system`).
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// The destination's libvirtd as this host's libvirtd reaches it
+    /// (peer-to-peer), and as this agent reaches it to resume the guest,
+    /// e.g. `qemu+tls://{to}/system`.
+    pub destination_uri: String,
+    /// Where the destination QEMU takes the migration stream, when not
+    /// where libvirt would choose (`--migrateuri`), e.g. `tcp://{to}`.
+    #[serde(default)]
+    pub migrate_uri: Option<String>,
+    /// Where this host's libvirtd is reached from the destination's, to
+    /// bring a guest back when the state cannot follow (default: `uri`).
+    #[serde(default)]
+    pub source_uri: Option<String>,
+}
+
+/// How this agent carries out the migrations the controller orders. Each
+/// path or URI is a template: `{vm}` is the VM's name, `{to}` the
+/// destination host's (names with other characters than letters, digits,
+/// `.`, `_` and `-`, or starting with a dot, are refused before they reach
+/// a path).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationConfig {
-    /// The VM's QMP socket on this host, e.g. `/run/palisade/qemu/{vm}.qmp`.
+    /// The hypervisor driver (default `qmp`).
+    #[serde(default)]
+    pub driver: HypervisorKind,
+    /// QMP driver: the VM's QMP socket on this host, e.g. `/run/palisade/qemu/{vm}.qmp`.
+    #[serde(default)]
     pub qmp: String,
-    /// Where the destination's QEMU, started with `-incoming`, listens:
-    /// e.g. `tcp:{to}:4444` or `unix:/run/palisade/qemu/{vm}.incoming`.
+    /// QMP driver: where the destination's QEMU, started with `-incoming`,
+    /// listens: e.g. `tcp:{to}:4444` or `unix:/run/palisade/qemu/{vm}.incoming`.
+    #[serde(default)]
     pub incoming: String,
+    /// libvirt driver: how to reach the libvirt daemons.
+    #[serde(default)]
+    pub libvirt: Option<LibvirtConfig>,
     /// The destination agent's control socket, e.g.
     /// `/var/lib/palisade/{to}/agent.sock` (the lab's hosts share a file
     /// system; between real hosts this is a forwarded socket).
@@ -206,11 +256,45 @@ impl MigrationConfig {
 
     /// Templates name only `{vm}` and `{to}`; the numbers are in range.
     fn check(&self) -> Result<(), (String, String)> {
-        for (field, t) in [
-            ("qmp", &self.qmp),
-            ("incoming", &self.incoming),
-            ("peer_control", &self.peer_control),
-        ] {
+        let mut templates = vec![("peer_control", &self.peer_control)];
+        match (self.driver, &self.libvirt) {
+            (HypervisorKind::Qmp, None) => {
+                templates.push(("qmp", &self.qmp));
+                templates.push(("incoming", &self.incoming));
+            }
+            (HypervisorKind::Qmp, Some(_)) => {
+                return Err((
+                    "migration.libvirt".into(),
+                    "is for driver = \"libvirt\" (the driver is qmp)".into(),
+                ));
+            }
+            (HypervisorKind::Libvirt, None) => {
+                return Err((
+                    "migration.libvirt".into(),
+                    "driver = \"libvirt\" needs a [migration.libvirt] section with destination_uri".into(),
+                ));
+            }
+            (HypervisorKind::Libvirt, Some(l)) => {
+                if !self.qmp.is_empty() || !self.incoming.is_empty() {
+                    return Err((
+                        "migration.qmp".into(),
+                        "qmp and incoming are for driver = \"qmp\" (the driver is libvirt)".into(),
+                    ));
+                }
+                templates.push(("libvirt.destination_uri", &l.destination_uri));
+                for (field, t) in [
+                    ("libvirt.uri", &l.uri),
+                    ("libvirt.migrate_uri", &l.migrate_uri),
+                    ("libvirt.source_uri", &l.source_uri),
+                    ("libvirt.virsh", &l.virsh),
+                ] {
+                    if let Some(t) = t {
+                        templates.push((field, t));
+                    }
+                }
+            }
+        }
+        for (field, t) in templates {
             let rest = t.replace("{vm}", "").replace("{to}", "");
             if t.is_empty() || rest.contains(['{', '}']) {
                 return Err((

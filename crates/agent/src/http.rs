@@ -116,6 +116,61 @@ pub trait Control: Send + Sync {
         let _ = (key, verdict);
         Err(ControlError::Refused("this agent takes no offload requests".into()))
     }
+    /// Whether `vnic` is attached here (its port, with the rules of the
+    /// policy this agent runs): what pre-staging a migration checks.
+    fn has_vnic(&self, vnic: &str) -> bool {
+        let _ = vnic;
+        false
+    }
+    /// Frames this host took from `vnic`'s guest so far (every worker's);
+    /// `None`: not known here.
+    fn vnic_received(&self, vnic: &str) -> Option<u64> {
+        let _ = vnic;
+        None
+    }
+    /// Mark standby the vNICs whose VM the inventory places on another host
+    /// (and whose state was not imported moments ago): a guest announcing
+    /// itself on one is held by the engine from that frame on.
+    fn mark_standby(&self) {}
+    /// The announcements (RARP, gratuitous ARP) each vNIC's guest made so
+    /// far, and where the inventory places the vNIC (see [`crate::arrivals`]).
+    fn announcements(&self) -> Vec<VnicAnnouncements> {
+        Vec::new()
+    }
+    /// Hold `vnic`'s frames (dropped and counted as `vnic_migrating`) until
+    /// its state is imported or [`Control::resume_vnic`]: a guest that
+    /// arrived without its state. `Ok(false)`: not held, its state arrived
+    /// moments ago (a migration this host took part in).
+    fn hold_vnic(&self, vnic: &str) -> Result<bool, ControlError> {
+        let _ = vnic;
+        Err(ControlError::Refused("this agent holds no vNIC".into()))
+    }
+    /// End a hold whose state did not come: forward for `vnic` again, its
+    /// frames decided without the state. `Ok(true)`: it was still held;
+    /// `Ok(false)`: its state was imported meanwhile (which ended the hold).
+    fn end_hold(&self, vnic: &str) -> Result<bool, ControlError> {
+        let _ = vnic;
+        Ok(false)
+    }
+}
+
+/// A vNIC's guest's announcements of itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VnicAnnouncements {
+    /// The vNIC.
+    pub vnic: String,
+    /// Its MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Announcements made (every worker's).
+    pub count: u64,
+    /// The last one's kind, `rarp` or `garp`.
+    pub kind: &'static str,
+    /// The host the inventory (with the controller's locations) places the
+    /// vNIC's VM on, when it names one.
+    pub placed_on: Option<String>,
+    /// The engine quiesced the vNIC itself: an announcement on a standby
+    /// port ([`Control::mark_standby`]), not yet taken over by a hold.
+    pub held_by_engine: bool,
 }
 
 /// Longest host name a `?peer=` query may give.

@@ -23,6 +23,10 @@
 //!   TLS; pre-copy staged on the destination, delta applied in the pause).
 //! - [`orders`]: migrations the controller orders: picked up from it,
 //!   carried out with the hypervisor driver and the state move, reported.
+//! - [`hypervisor`]: the drivers of those migrations behind one trait: QMP
+//!   (the lab's) and libvirt (`virsh migrate --live --p2p --suspend`).
+//! - [`arrivals`]: a guest migrated without the controller, seen by its
+//!   announcement on this host's vNIC: reported, held until its state follows.
 //! - `vhost`: vNICs attached through vhost-user (QEMU/libvirt guests), one
 //!   device per vNIC, its queue pairs served by the workers.
 //! - [`upstream`]: policy from the controller, the last good one saved.
@@ -36,12 +40,14 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod arrivals;
 pub mod attach;
 pub mod config;
 mod error;
 pub mod fallback;
 pub mod health;
 pub mod http;
+pub mod hypervisor;
 pub mod inspection;
 pub mod journal;
 mod links;

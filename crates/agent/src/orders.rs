@@ -1,13 +1,18 @@
 //! Live migrations the controller orders, carried out by the source host's agent.
 //!
 //! The controller reaches no agent; agents pull. A thread asks the
-//! controller every `poll` for the orders whose source is this host
-//! (`GET /v1/agents/{host}/migrations`), and for each:
+//! controller every `poll` for this host's orders
+//! (`GET /v1/agents/{host}/migrations`). For one whose destination is this
+//! host it pre-stages: it tells the controller whether every vNIC of the VM
+//! is attached here with its rules ([`stage`]); only then is the order
+//! handed to the source. For one whose source is this host:
 //!
 //! 1. reports it `running` (the controller then hands it to no one else);
-//! 2. drives the hypervisor with the configured driver: QMP on the VM's
-//!    monitor socket, `migrate` to the destination QEMU's `-incoming` URI
-//!    with `pause-before-switchover` ([`crate::qmp::migrate`]);
+//! 2. drives the hypervisor with the configured driver
+//!    ([`crate::hypervisor`]): QMP on the VM's monitor socket, `migrate` to
+//!    the destination QEMU's `-incoming` URI with `pause-before-switchover`;
+//!    or libvirt, `virsh migrate --live --p2p --suspend`, the guest left
+//!    paused on the destination until its state is there;
 //! 3. in the guest's pause, exports each vNIC's connections from this
 //!    host's engines (which quiesces the port: frames are dropped and
 //!    counted) and hands each blob to the destination agent's control
@@ -18,6 +23,12 @@
 //! 5. reports the outcome (connections moved, bytes, the blobs' BLAKE3, the
 //!    state move's time), which the controller keeps as the order's final
 //!    state and as a migration record in its trail.
+//!
+//! A `follow` order (a migration the hypervisor made without the
+//! controller, detected on the destination) skips the hypervisor: steps 3
+//! and 4 only, the guest already running on the destination. The claim is
+//! another agent's, so it is checked first: a guest still sending on its
+//! vNIC here has not left, and the order fails with its state kept here.
 //!
 //! A failure anywhere before the switchover completes (QEMU refusing, the
 //! destination agent refusing the blob or gone) cancels the migration: the
@@ -34,12 +45,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use palisade_api::client::Client;
-use palisade_api::migration::{MigrationOrder, MigrationReport, MigrationState};
+use palisade_api::migration::{MigrationKind, MigrationOrder, MigrationReport, MigrationState, StagedReport};
 
 use crate::config::MigrationConfig;
 use crate::error::AgentError;
 use crate::http::{Control, ControlError};
-use crate::qmp::{self, Qmp};
+use crate::hypervisor::{self, GuestAt};
 
 /// Largest answer read from an agent's control socket (a state blob: the
 /// agent caps those at 16 MiB).
@@ -92,6 +103,10 @@ fn describe(e: &ControlError) -> String {
     }
 }
 
+/// How long a `follow` order watches the vNICs for frames from a guest
+/// that has not left before taking their state.
+pub const FOLLOW_LIVENESS_WINDOW: Duration = Duration::from_millis(200);
+
 /// What the state move in the guest's pause did.
 struct Moved {
     connections: u64,
@@ -142,14 +157,7 @@ pub fn carry_out(
     if order.vnics.is_empty() {
         return failed(order, "the VM has no vNIC".into());
     }
-    let paths = (|| {
-        Ok::<_, String>((
-            MigrationConfig::fill(&config.qmp, &order.vm, &order.to)?,
-            MigrationConfig::fill(&config.incoming, &order.vm, &order.to)?,
-            MigrationConfig::fill(&config.peer_control, &order.vm, &order.to)?,
-        ))
-    })();
-    let (qmp_path, incoming, peer) = match paths {
+    let peer = match MigrationConfig::fill(&config.peer_control, &order.vm, &order.to) {
         Ok(p) => p,
         Err(e) => return failed(order, e),
     };
@@ -159,9 +167,12 @@ pub fn carry_out(
             return failed(order, format!("vNIC name {n:?} cannot go into a request"));
         }
     }
-    let mut q = match Qmp::connect(Path::new(&qmp_path), Duration::from_secs(10)) {
-        Ok(q) => q,
-        Err(e) => return failed(order, format!("the VM's QMP socket {qmp_path}: {e}")),
+    if order.kind == MigrationKind::Follow {
+        return follow(order, host, config, control, &peer);
+    }
+    let mut driver = match hypervisor::open(config, order) {
+        Ok(d) => d,
+        Err(e) => return failed(order, e),
     };
     // With the agent-to-agent channel: the state's pre-copy, while the guest runs.
     let mut handover = match crate::migrate::Handover::start(&order.to, &order.vnics, config, control) {
@@ -178,9 +189,9 @@ pub fn carry_out(
         );
     }
     let exported = std::cell::RefCell::new(Vec::new());
-    let step = || -> Result<Moved, String> {
-        let t = Instant::now();
+    let mut step = || -> Result<Moved, String> {
         if let Some(h) = handover.as_mut() {
+            let t = Instant::now();
             let (connections, bytes, blake3) = h.switchover(&order.to, &exported)?;
             return Ok(Moved {
                 connections,
@@ -189,61 +200,26 @@ pub fn carry_out(
                 took: t.elapsed(),
             });
         }
-        let mut blobs = Vec::with_capacity(order.vnics.len());
-        for n in &order.vnics {
-            let blob = control
-                .export_vnic(n, Some(&order.to))
-                .map_err(|e| format!("export of {n}: {}", describe(&e)))?;
-            exported.borrow_mut().push(n.clone());
-            blobs.push(blob);
-        }
-        let mut moved = 0u64;
-        let mut hasher = blake3::Hasher::new();
-        for (n, blob) in order.vnics.iter().zip(&blobs) {
-            let answer = control_post(
-                Path::new(&peer),
-                &format!("/vnics/{n}/import?peer={host}"),
-                blob,
-                CONTROL_TIMEOUT,
-            )
-            .map_err(|e| format!("destination agent import: {e}"))?;
-            let v: serde_json::Value =
-                serde_json::from_slice(&answer).map_err(|e| format!("destination agent import answer: {e}"))?;
-            moved += v
-                .get("imported")
-                .and_then(serde_json::Value::as_u64)
-                .ok_or_else(|| format!("destination agent import answer without a count: {v}"))?;
-            hasher.update(blob);
-        }
-        Ok(Moved {
-            connections: moved,
-            bytes: blobs.iter().map(|b| b.len() as u64).sum(),
-            blake3: hasher.finalize().to_hex().to_string(),
-            took: t.elapsed(),
-        })
+        move_state(order, host, control, &peer, &exported)
     };
-    match qmp::migrate(&mut q, &incoming, config.timeout(), step) {
-        Ok((moved, _times)) => {
-            // The guest runs on the destination: the source QEMU goes, and
-            // this host drops the connections it no longer carries.
-            let _ = q.execute("quit", None);
-            let mut notes = Vec::new();
-            for n in &order.vnics {
-                if let Err(e) = control.release_vnic(n, Some(&order.to)) {
-                    notes.push(format!("release of {n} here: {}", describe(&e)));
-                }
-            }
-            if !notes.is_empty() {
-                eprintln!("palisade agent: migration {}: {}", order.id, notes.join("; "));
-            }
-            let mut r = report(order, MigrationState::Completed);
-            r.connections = Some(moved.connections);
-            r.state_bytes = Some(moved.bytes);
-            r.state_blake3 = Some(moved.blake3);
-            r.switchover_us = Some(u64::try_from(moved.took.as_micros()).unwrap_or(u64::MAX));
-            r
+    let mut moved = None;
+    let outcome = driver.migrate(&mut || {
+        moved = Some(step()?);
+        Ok(())
+    });
+    match (outcome, moved) {
+        (Ok(()), Some(moved)) => {
+            // The guest runs on the destination: this host drops the
+            // connections it no longer carries.
+            release(order, control);
+            completed(order, moved)
         }
-        Err(e) => {
+        (Ok(()), None) => failed(order, "the driver finished without the state move".into()),
+        (Err(f), _) if f.guest == GuestAt::Destination => {
+            // Its state stays here (exported, quiesced) for an operator to act on.
+            failed(order, f.reason)
+        }
+        (Err(f), _) => {
             // The guest stays here with its connections.
             let mut notes = Vec::new();
             for n in exported.borrow().iter() {
@@ -251,27 +227,172 @@ pub fn carry_out(
                     notes.push(format!("resume of {n} failed: {}", describe(&r)));
                 }
             }
-            if let Ok(v) = q.execute("query-status", None)
-                && v.get("status").and_then(serde_json::Value::as_str) != Some("running")
-            {
-                let _ = q.execute("cont", None);
-            }
             let note = if notes.is_empty() {
                 "cancelled; the guest runs on the source with its connections".to_string()
             } else {
                 notes.join("; ")
             };
-            failed(order, format!("{e} ({note})"))
+            failed(order, format!("{} ({note})", f.reason))
         }
     }
 }
 
+/// A `follow` order: the hypervisor moved the guest already (the
+/// destination saw it announce itself), so only its vNICs' state moves,
+/// along the same path as in a migration's pause, and is released here.
+/// On a failure the exported vNICs resume here: the state is kept, not lost.
+fn follow(
+    order: &MigrationOrder,
+    host: &str,
+    config: &MigrationConfig,
+    control: &dyn Control,
+    peer: &str,
+) -> MigrationReport {
+    // The claim comes from another host's agent: a guest still sending here
+    // has not left, and its state stays (a compromised or confused agent
+    // cannot pull a running VM's connections to itself).
+    let before: Vec<Option<u64>> = order.vnics.iter().map(|n| control.vnic_received(n)).collect();
+    std::thread::sleep(FOLLOW_LIVENESS_WINDOW);
+    for (n, b) in order.vnics.iter().zip(before) {
+        if let (Some(b), Some(a)) = (b, control.vnic_received(n))
+            && a > b
+        {
+            return failed(
+                order,
+                format!(
+                    "the guest still sends on {n} here ({} frames in {FOLLOW_LIVENESS_WINDOW:?}): its state stays on this host",
+                    a - b
+                ),
+            );
+        }
+    }
+    let exported = std::cell::RefCell::new(Vec::new());
+    // Over the agents' channel when it is configured (a copy, then the
+    // delta at once: the guest already runs there), else whole.
+    let moved = match crate::migrate::Handover::start(&order.to, &order.vnics, config, control) {
+        Ok(Some(mut h)) => {
+            let t = Instant::now();
+            h.switchover(&order.to, &exported)
+                .map(|(connections, bytes, blake3)| Moved {
+                    connections,
+                    bytes,
+                    blake3,
+                    took: t.elapsed(),
+                })
+        }
+        Ok(None) => move_state(order, host, control, peer, &exported),
+        Err(e) => Err(format!("state pre-copy to {}: {e}", order.to)),
+    };
+    match moved {
+        Ok(moved) => {
+            release(order, control);
+            completed(order, moved)
+        }
+        Err(e) => {
+            for n in exported.borrow().iter() {
+                let _ = control.resume_vnic(n, Some(&order.to));
+            }
+            failed(order, format!("{e} (the state stays on this host)"))
+        }
+    }
+}
+
+/// Drop the connections of the order's vNICs here (the port stays quiesced
+/// for stragglers).
+fn release(order: &MigrationOrder, control: &dyn Control) {
+    let mut notes = Vec::new();
+    for n in &order.vnics {
+        if let Err(e) = control.release_vnic(n, Some(&order.to)) {
+            notes.push(format!("release of {n} here: {}", describe(&e)));
+        }
+    }
+    if !notes.is_empty() {
+        eprintln!("palisade agent: migration {}: {}", order.id, notes.join("; "));
+    }
+}
+
+fn completed(order: &MigrationOrder, moved: Moved) -> MigrationReport {
+    let mut r = report(order, MigrationState::Completed);
+    r.connections = Some(moved.connections);
+    r.state_bytes = Some(moved.bytes);
+    r.state_blake3 = Some(moved.blake3);
+    r.switchover_us = Some(u64::try_from(moved.took.as_micros()).unwrap_or(u64::MAX));
+    r
+}
+
+/// Move the state of the order's vNICs from this host's engines to the
+/// destination agent (`peer`, its control socket), recording each vNIC
+/// exported in `exported` (resumed by the caller on a failure).
+fn move_state(
+    order: &MigrationOrder,
+    host: &str,
+    control: &dyn Control,
+    peer: &str,
+    exported: &std::cell::RefCell<Vec<String>>,
+) -> Result<Moved, String> {
+    let t = Instant::now();
+    let mut blobs = Vec::with_capacity(order.vnics.len());
+    for n in &order.vnics {
+        let blob = control
+            .export_vnic(n, Some(&order.to))
+            .map_err(|e| format!("export of {n}: {}", describe(&e)))?;
+        exported.borrow_mut().push(n.clone());
+        blobs.push(blob);
+    }
+    let mut moved = 0u64;
+    let mut hasher = blake3::Hasher::new();
+    for (n, blob) in order.vnics.iter().zip(&blobs) {
+        let answer = control_post(
+            Path::new(peer),
+            &format!("/vnics/{n}/import?peer={host}"),
+            blob,
+            CONTROL_TIMEOUT,
+        )
+        .map_err(|e| format!("destination agent import: {e}"))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&answer).map_err(|e| format!("destination agent import answer: {e}"))?;
+        moved += v
+            .get("imported")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| format!("destination agent import answer without a count: {v}"))?;
+        hasher.update(blob);
+    }
+    Ok(Moved {
+        connections: moved,
+        bytes: blobs.iter().map(|b| b.len() as u64).sum(),
+        blake3: hasher.finalize().to_hex().to_string(),
+        took: t.elapsed(),
+    })
+}
+
+/// Whether this host, the destination of `order`, is ready for its VM:
+/// every vNIC of the VM attached here (its port open and its chains
+/// compiled with the policy this agent runs), so the guest's first packet
+/// here meets its rules, never the default.
+pub fn stage(order: &MigrationOrder, control: &dyn Control) -> StagedReport {
+    let missing: Vec<&str> = order
+        .vnics
+        .iter()
+        .filter(|n| !control.has_vnic(n))
+        .map(String::as_str)
+        .collect();
+    StagedReport {
+        id: order.id.clone(),
+        ready: missing.is_empty(),
+        reason: (!missing.is_empty()).then(|| {
+            let mut why = format!("vNIC(s) {} not attached on this host", missing.join(", "));
+            why.truncate(palisade_api::migration::MAX_MIGRATION_REASON);
+            why
+        }),
+    }
+}
+
 /// Start the thread that takes this host's orders from the controller and
-/// carries them out, one at a time.
+/// carries them out, one at a time (and pre-stages those to this host).
 pub fn watch(
     client: Client,
     host: String,
-    config: MigrationConfig,
+    config: Option<MigrationConfig>,
     control: Arc<dyn Control>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, AgentError> {
@@ -284,7 +405,15 @@ pub fn watch(
                     Ok(orders) => {
                         failing = false;
                         for order in orders {
-                            take(&client, &host, &config, &*control, &order);
+                            if order.to == host && order.from != host {
+                                // This host is the destination: pre-stage.
+                                let r = stage(&order, &*control);
+                                if let Err(e) = client.report_staged(&host, &order.vm, &r) {
+                                    eprintln!("palisade agent: migration {}: staging not reported: {e}", order.id);
+                                }
+                            } else {
+                                take(&client, &host, config.as_ref(), &*control, &order);
+                            }
                         }
                     }
                     Err(e) => {
@@ -294,7 +423,11 @@ pub fn watch(
                         failing = true;
                     }
                 }
-                std::thread::sleep(config.poll());
+                std::thread::sleep(
+                    config
+                        .as_ref()
+                        .map_or(Duration::from_millis(500), MigrationConfig::poll),
+                );
             }
         })
         .map_err(|e| AgentError::Controller(format!("starting the migration thread: {e}")))
@@ -302,13 +435,21 @@ pub fn watch(
 
 /// Take one order: claim it, carry it out, report the outcome (retried: the
 /// controller must learn where the VM is).
-fn take(client: &Client, host: &str, config: &MigrationConfig, control: &dyn Control, order: &MigrationOrder) {
+fn take(client: &Client, host: &str, config: Option<&MigrationConfig>, control: &dyn Control, order: &MigrationOrder) {
     if let Err(e) = client.report_migration(host, &order.vm, &report(order, MigrationState::Running)) {
         // Taken by another run, over, or the controller is away: next poll.
         eprintln!("palisade agent: migration {}: not taken: {e}", order.id);
         return;
     }
-    let outcome = carry_out(order, host, config, control);
+    let outcome = match config {
+        Some(c) => carry_out(order, host, c, control),
+        None => failed(
+            order,
+            format!(
+                "{host}'s agent has no [migration] section: it cannot drive its hypervisor or reach the destination agent"
+            ),
+        ),
+    };
     eprintln!(
         "palisade agent: migration {} of {} to {}: {}{}",
         order.id,
@@ -339,9 +480,20 @@ mod tests {
     #[derive(Default)]
     struct FakeControl {
         calls: Mutex<Vec<String>>,
+        attached: Vec<String>,
+        /// Frames from the guest: grows at each look when `live`.
+        received: std::sync::atomic::AtomicU64,
+        live: bool,
     }
 
     impl Control for FakeControl {
+        fn has_vnic(&self, vnic: &str) -> bool {
+            self.attached.iter().any(|v| v == vnic)
+        }
+        fn vnic_received(&self, _: &str) -> Option<u64> {
+            let step = u64::from(self.live);
+            Some(self.received.fetch_add(step, std::sync::atomic::Ordering::Relaxed) + step)
+        }
         fn export_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, ControlError> {
             self.calls.lock().unwrap().push(format!("export {vnic} {peer:?}"));
             Ok(b"state of the vNIC".to_vec())
@@ -422,6 +574,8 @@ mod tests {
 
     fn setup(dir: &Path) -> (MigrationConfig, MigrationOrder) {
         let config = MigrationConfig {
+            driver: Default::default(),
+            libvirt: None,
             qmp: dir.join("{vm}.qmp").display().to_string(),
             incoming: "unix:/nowhere/{vm}.incoming".into(),
             peer_control: dir.join("{to}.sock").display().to_string(),
@@ -434,11 +588,13 @@ mod tests {
             id: "vm1@1".into(),
             vm: "vm1".into(),
             vnics: vec!["vm1.0".into()],
+            kind: MigrationKind::Ordered,
             from: "hv1".into(),
             to: "hv2".into(),
             requested_by: "ops".into(),
             requested_ns: 1,
             deadline_ns: u64::MAX,
+            staged_ns: Some(1),
             state: MigrationState::Running,
             started_ns: None,
             finished_ns: None,
@@ -481,6 +637,79 @@ mod tests {
                 .unwrap_or_else(|| panic!("{c} in {qemu:?}"))
         };
         assert!(at("migrate") < at("migrate-continue") && at("migrate-continue") < at("quit"));
+    }
+
+    #[test]
+    fn a_destination_is_staged_only_with_every_vnic_attached() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, order) = setup(dir.path());
+        let order = MigrationOrder {
+            vnics: vec!["vm1.0".into(), "vm1.1".into()],
+            ..order
+        };
+        let r = stage(&order, &FakeControl::default());
+        assert!(!r.ready);
+        assert_eq!(
+            r.reason.as_deref(),
+            Some("vNIC(s) vm1.0, vm1.1 not attached on this host")
+        );
+        let attached = FakeControl {
+            attached: vec!["vm1.0".into(), "vm1.1".into()],
+            ..FakeControl::default()
+        };
+        let r = stage(&order, &attached);
+        assert!(r.ready && r.reason.is_none(), "{r:?}");
+        assert!(r.check().is_ok());
+    }
+
+    #[test]
+    fn a_follow_order_moves_the_state_without_the_hypervisor_and_releases_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, order) = setup(dir.path());
+        let order = MigrationOrder {
+            kind: MigrationKind::Follow,
+            ..order
+        };
+        // No QMP socket: a follow order never reaches the hypervisor.
+        let peer = fake_peer(
+            &dir.path().join("hv2.sock"),
+            "HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n{\"imported\":3}",
+        );
+        let control = FakeControl::default();
+        let r = carry_out(&order, "hv1", &config, &control);
+        assert_eq!(r.state, MigrationState::Completed, "{r:?}");
+        assert_eq!(r.connections, Some(3));
+        assert!(peer.join().unwrap().starts_with("POST /vnics/vm1.0/import?peer=hv1 "));
+        assert_eq!(
+            *control.calls.lock().unwrap(),
+            ["export vm1.0 Some(\"hv2\")", "release vm1.0"]
+        );
+
+        // A guest that still sends here has not left: nothing is exported.
+        let live = FakeControl {
+            live: true,
+            ..FakeControl::default()
+        };
+        let r = carry_out(&order, "hv1", &config, &live);
+        assert_eq!(r.state, MigrationState::Failed);
+        assert!(r.reason.as_deref().unwrap().contains("still sends"), "{r:?}");
+        assert!(live.calls.lock().unwrap().is_empty());
+
+        // Refused by the destination: the state stays here, resumed.
+        std::fs::remove_file(dir.path().join("hv2.sock")).unwrap();
+        let control = FakeControl::default();
+        let peer = fake_peer(
+            &dir.path().join("hv2.sock"),
+            "HTTP/1.1 400 Bad Request\r\nContent-Length: 13\r\n\r\nblob refused\n",
+        );
+        let r = carry_out(&order, "hv1", &config, &control);
+        assert_eq!(r.state, MigrationState::Failed);
+        assert!(r.reason.as_deref().unwrap().contains("stays on this host"), "{r:?}");
+        peer.join().unwrap();
+        assert_eq!(
+            *control.calls.lock().unwrap(),
+            ["export vm1.0 Some(\"hv2\")", "resume vm1.0"]
+        );
     }
 
     #[test]

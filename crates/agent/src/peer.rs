@@ -980,6 +980,8 @@ mod tests {
                 calls: Mutex::new(Vec::new()),
             };
             let config = crate::config::MigrationConfig {
+                driver: Default::default(),
+                libvirt: None,
                 qmp: "q".into(),
                 incoming: "i".into(),
                 peer_control: "p".into(),

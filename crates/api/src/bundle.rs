@@ -26,6 +26,10 @@ pub struct PolicyBundle {
     pub files: Files,
     /// The tag overlay to apply over the files' VM tags.
     pub tags: TagOverlay,
+    /// The location overlay: VM → the host it runs on now, over the files'
+    /// `host` (a VM moved by a live migration). Absent: none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub locations: BTreeMap<String, String>,
     /// The files were left out: the agent said it already has this version's
     /// files (`have=VERSION`), so only the revision and the overlay travel.
     /// A tag change thus costs the size of the overlay, not of the
@@ -49,6 +53,9 @@ pub enum BundleError {
     /// The overlay names a VM the files do not have.
     #[error("tag overlay names VM \"{0}\", which the policy does not have")]
     UnknownVm(String),
+    /// The location overlay names a VM the files do not have.
+    #[error("location overlay places VM \"{0}\", which the policy does not have")]
+    UnknownLocatedVm(String),
     /// The bundle was sent without its files and has not been resolved.
     #[error("bundle of version {0} was sent without its files; resolve it against the bundle held")]
     FilesOmitted(u64),
@@ -79,7 +86,9 @@ impl PolicyBundle {
         if self.same_files || self.delta.is_some() {
             return Err(BundleError::FilesOmitted(self.version));
         }
-        effective_model_with(loader, &self.files, &self.tags)
+        let mut model = effective_model_with(loader, &self.files, &self.tags)?;
+        apply_locations(&mut model, &self.locations)?;
+        Ok(model)
     }
 
     /// A bundle sent without its files or as edits, completed from `have`,
@@ -141,6 +150,7 @@ impl PolicyBundle {
             && !held.same_files
             && held.delta.is_none()
             && self.files == held.files
+            && self.locations == held.locations
             && overlay_grew(&held.tags, &self.tags);
         match compiled.take_if(|_| only_tags) {
             Some(mut c) => {
@@ -218,6 +228,21 @@ fn effective(
         apply_overlay(&mut v.tags, overlay);
     }
     Ok(model)
+}
+
+/// Place each VM of `locations` on its host there (the location overlay
+/// over the files' `host`); a VM the model does not have is refused.
+pub fn apply_locations(
+    model: &mut palisade_policy::Model,
+    locations: &BTreeMap<String, String>,
+) -> Result<(), BundleError> {
+    for (vm, host) in locations {
+        let Some(v) = model.inventory.vms.iter_mut().find(|v| &v.name == vm) else {
+            return Err(BundleError::UnknownLocatedVm(vm.clone()));
+        };
+        v.host = Some(host.clone());
+    }
+    Ok(())
 }
 
 /// Apply one VM's overlay to its tags.

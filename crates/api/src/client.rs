@@ -271,7 +271,8 @@ impl Client {
         self.get(&format!("/v1/vms/{}/migration", segment(vm)))
     }
 
-    /// The migration orders agent `host` is to carry out (pending, from that host).
+    /// The migration orders agent `host` is to act on: pre-staging those
+    /// to it, carrying out those from it once staged.
     pub fn migration_orders(&self, host: &str) -> Result<Vec<crate::migration::MigrationOrder>, ClientError> {
         self.get(&format!("/v1/agents/{}/migrations", segment(host)))
     }
@@ -288,6 +289,30 @@ impl Client {
             &format!("/v1/agents/{}/migrations/{}", segment(host), segment(vm)),
             Some(report),
         )
+    }
+
+    /// Destination agent `host` says whether it is ready for VM `vm`'s migration.
+    pub fn report_staged(
+        &self,
+        host: &str,
+        vm: &str,
+        report: &crate::migration::StagedReport,
+    ) -> Result<crate::migration::MigrationOrder, ClientError> {
+        self.call(
+            "POST",
+            &format!("/v1/agents/{}/migrations/{}/staged", segment(host), segment(vm)),
+            Some(report),
+        )
+    }
+
+    /// Agent `host` saw a guest announce itself on its vNIC (see
+    /// [`crate::migration::ArrivalReport`]).
+    pub fn report_arrival(
+        &self,
+        host: &str,
+        arrival: &crate::migration::ArrivalReport,
+    ) -> Result<crate::migration::ArrivalResponse, ClientError> {
+        self.call("POST", &format!("/v1/agents/{}/arrivals", segment(host)), Some(arrival))
     }
 
     /// VMs with their effective tags.

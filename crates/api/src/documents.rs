@@ -75,6 +75,12 @@ pub struct CurrentRecord {
     /// The tag overlay.
     #[serde(default)]
     pub tags: TagOverlay,
+    /// Where VMs run now when that is not the host the files give: VM name
+    /// → host, written by a completed or detected live migration (see
+    /// [`crate::migration`]). The location overlay, like the tag overlay,
+    /// survives new versions for the VMs they still have.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub locations: std::collections::BTreeMap<String, String>,
 }
 
 /// `POST /v1/policy` and `POST /v1/policy/diff`.

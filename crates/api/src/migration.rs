@@ -3,6 +3,15 @@
 //! up (`GET /v1/agents/{host}/migrations`) and of the outcome it reports
 //! (`POST /v1/agents/{host}/migrations/{vm}`).
 //!
+//! A migration the hypervisor made without the controller (libvirt, virsh,
+//! another tool) is detected by the destination host's agent, which sees the
+//! guest announce itself (RARP or gratuitous ARP) on a vNIC the inventory
+//! places elsewhere, and reports it (`POST /v1/agents/{host}/arrivals`,
+//! [`ArrivalReport`]): the controller then records where the VM is and
+//! stores a `follow` order ([`MigrationKind::Follow`]) for the old host's
+//! agent, which moves the vNICs' state to the new host without touching the
+//! hypervisor.
+//!
 //! An order goes `pending` (stored by the controller) → `running` (the
 //! source agent took it) → `completed` or `failed` (the source agent's
 //! report, or the controller when the order outlives its deadline). One
@@ -57,6 +66,82 @@ impl MigrationState {
     }
 }
 
+/// What the source agent does for an order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationKind {
+    /// Ordered through the controller: the source agent drives the
+    /// hypervisor and moves the state in the guest's pause.
+    #[default]
+    Ordered,
+    /// Detected after the fact (the guest already runs on `to`): the source
+    /// agent only moves the vNICs' state to `to` and releases it here.
+    Follow,
+}
+
+impl MigrationKind {
+    /// The name used in JSON and records.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationKind::Ordered => "ordered",
+            MigrationKind::Follow => "follow",
+        }
+    }
+}
+
+/// The body of `POST /v1/agents/{host}/arrivals`: a guest announced itself
+/// (RARP or gratuitous ARP) on a vNIC of this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrivalReport {
+    /// The vNIC the announcement came in on.
+    pub vnic: String,
+    /// The MAC it announced (`aa:bb:cc:dd:ee:ff`).
+    pub mac: String,
+    /// `rarp` or `garp`.
+    pub via: String,
+}
+
+impl ArrivalReport {
+    /// The checks the schema cannot make.
+    pub fn check(&self) -> Result<(), RequestError> {
+        check_text("vnic", &self.vnic, 1, 255)?;
+        let mac_ok = self.mac.len() == 17
+            && self.mac.split(':').count() == 6
+            && self
+                .mac
+                .split(':')
+                .all(|b| b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit()));
+        if !mac_ok {
+            return Err(RequestError::malformed(format!(
+                "mac {} is not six hex bytes separated by colons",
+                Quoted(&self.mac)
+            )));
+        }
+        if self.via != "rarp" && self.via != "garp" {
+            return Err(RequestError::malformed(format!(
+                "via {} is neither rarp nor garp",
+                Quoted(&self.via)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The answer to an [`ArrivalReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArrivalResponse {
+    /// The VM whose vNIC it is.
+    pub vm: String,
+    /// Whether this report moved the VM here (a `follow` order was stored
+    /// for the host it left); false when it was placed here already or its
+    /// move here is under way.
+    pub moved: bool,
+    /// The VM's order the report concerns: the new `follow` order, or the
+    /// migration to this host under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<MigrationOrder>,
+}
+
 /// A migration order and, once over, its outcome (the controller's stored
 /// form and the API's answer). Fields not known yet are left out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +152,9 @@ pub struct MigrationOrder {
     pub vm: String,
     /// Its vNICs, whose state moves.
     pub vnics: Vec<String>,
+    /// Ordered through the controller, or a detected move whose state follows.
+    #[serde(default)]
+    pub kind: MigrationKind,
     /// The host it runs on when ordered (whose agent drives the migration).
     pub from: String,
     /// The host it goes to.
@@ -77,6 +165,12 @@ pub struct MigrationOrder {
     pub requested_ns: u64,
     /// After this (Unix ns) an order not over is failed by the controller.
     pub deadline_ns: u64,
+    /// When the destination agent said it is ready (Unix ns): the VM's
+    /// vNICs attached there with the current policy's rules. The source
+    /// agent is handed the order only then. A `follow` order has it from
+    /// the start (its guest is there already).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged_ns: Option<u64>,
     /// Where it stands.
     pub state: MigrationState,
     /// When the source agent started it (Unix ns).
@@ -100,6 +194,30 @@ pub struct MigrationOrder {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// The body of `POST /v1/agents/{host}/migrations/{vm}/staged`: the
+/// destination agent is ready for the VM (its vNICs attached, its rules
+/// compiled), or says why not (the order then fails before anything moves).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedReport {
+    /// The order's id.
+    pub id: String,
+    /// Whether this host is ready for the VM.
+    pub ready: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl StagedReport {
+    /// The checks the schema cannot make.
+    pub fn check(&self) -> Result<(), RequestError> {
+        if let Some(r) = &self.reason {
+            check_text("reason", r, 0, MAX_MIGRATION_REASON)?;
+        }
+        Ok(())
+    }
 }
 
 /// Longest failure reason an agent may report.
@@ -167,6 +285,36 @@ mod tests {
             switchover_us: None,
             reason: None,
         }
+    }
+
+    #[test]
+    fn arrivals_are_checked() {
+        let ok = ArrivalReport {
+            vnic: "web-1.0".into(),
+            mac: "52:54:00:aa:bb:0c".into(),
+            via: "rarp".into(),
+        };
+        assert!(ok.check().is_ok());
+        for (mac, via) in [
+            ("52:54:00:aa:bb", "rarp"),
+            ("52:54:00:aa:bb:0g", "rarp"),
+            ("52-54-00-aa-bb-0c", "rarp"),
+            ("52:54:00:aa:bb:0c:", "rarp"),
+            ("52:54:00:aa:bb:0c", "arp"),
+        ] {
+            let r = ArrivalReport {
+                mac: mac.into(),
+                via: via.into(),
+                ..ok.clone()
+            };
+            assert!(r.check().is_err(), "{mac} {via}");
+        }
+        // Orders stored before `kind` existed are orders through the controller.
+        let old = r#"{"id":"a@1","vm":"a","vnics":["a.0"],"from":"h1","to":"h2","requested_by":"x",
+            "requested_ns":1,"deadline_ns":2,"state":"pending"}"#;
+        let o: MigrationOrder = serde_json::from_str(old).unwrap();
+        assert_eq!(o.kind, MigrationKind::Ordered);
+        assert_eq!(o.staged_ns, None);
     }
 
     #[test]

@@ -58,7 +58,7 @@ use palisade_api::roles::{Revocation, Role};
 use palisade_api::validate::*;
 use palisade_api::*;
 
-const CURRENT: &str = "policy/current";
+pub(crate) const CURRENT: &str = "policy/current";
 const VERSIONS: &str = "policy/versions/";
 /// How many version records a controller keeps in memory: the current one,
 /// those agents still hold (a new version is sent as edits of theirs), and
@@ -214,6 +214,22 @@ fn overlay_onto(model: &mut Model, tags: &TagOverlay) -> TagOverlay {
         if let Some(v) = model.inventory.vms.iter_mut().find(|v| &v.name == vm) {
             apply_overlay(&mut v.tags, o);
             kept.insert(vm.clone(), o.clone());
+        }
+    }
+    kept
+}
+
+/// Place the VMs of `locations` (the location overlay: where live
+/// migrations moved them) in `model`; the entries kept, those of VMs the
+/// model still has whose files do not already put them there.
+fn locations_onto(model: &mut Model, locations: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut kept = BTreeMap::new();
+    for (vm, host) in locations {
+        if let Some(v) = model.inventory.vms.iter_mut().find(|v| &v.name == vm)
+            && v.host.as_deref() != Some(host.as_str())
+        {
+            v.host = Some(host.clone());
+            kept.insert(vm.clone(), host.clone());
         }
     }
     kept
@@ -748,7 +764,7 @@ impl Controller {
     // ---- reading ----
 
     /// The current-policy pointer (default: nothing applied yet) and its raw bytes for a compare.
-    fn current_raw(&self) -> Result<(CurrentRecord, Option<Vec<u8>>), CoreError> {
+    pub(crate) fn current_raw(&self) -> Result<(CurrentRecord, Option<Vec<u8>>), CoreError> {
         let raw = self.store.get(CURRENT)?;
         let cur = match &raw {
             Some(b) => store::decode(CURRENT, b)?,
@@ -838,6 +854,7 @@ impl Controller {
             version: cur.version,
             files,
             tags: cur.tags,
+            locations: cur.locations,
             same_files,
             delta: None,
         })
@@ -878,19 +895,21 @@ impl Controller {
             version: cur.version,
             files: Files::new(),
             tags: cur.tags,
+            locations: cur.locations,
             same_files: false,
             delta: Some(delta),
         }))
     }
 
     /// The current effective model (files + overlay); `None` before the first apply.
-    fn effective(&self, cur: &CurrentRecord) -> Result<Option<(Model, Files)>, CoreError> {
+    pub(crate) fn effective(&self, cur: &CurrentRecord) -> Result<Option<(Model, Files)>, CoreError> {
         if cur.version == 0 {
             return Ok(None);
         }
         let files = self.version_shared(cur.version)?.files.clone();
         let (mut model, _) = self.load(&files)?;
         overlay_onto(&mut model, &cur.tags);
+        locations_onto(&mut model, &cur.locations);
         Ok(Some((model, files)))
     }
 
@@ -1006,11 +1025,13 @@ impl Controller {
             let (cur, raw) = self.current_raw()?;
             let mut model = self.attempt_model(&mut first, &req.files)?;
             let tags = overlay_onto(&mut model, &cur.tags);
+            let locations = locations_onto(&mut model, &cur.locations);
             let compiled = compile(model)?;
             let next = CurrentRecord {
                 revision: cur.revision + 1,
                 version: cur.version + 1,
                 tags,
+                locations,
             };
             let resp = ApplyResponse {
                 version: next.version,
@@ -1081,11 +1102,13 @@ impl Controller {
             let (cur, raw) = self.current_raw()?;
             let mut model = self.attempt_model(&mut first, &target.files)?;
             let tags = overlay_onto(&mut model, &cur.tags);
+            let locations = locations_onto(&mut model, &cur.locations);
             let compiled = compile(model)?;
             let next = CurrentRecord {
                 revision: cur.revision + 1,
                 version: cur.version + 1,
                 tags,
+                locations,
             };
             let old = self.version_shared(cur.version)?;
             let t = now_ns();

@@ -246,7 +246,7 @@ const ENDPOINTS: &[Endpoint] = &[
     (
         "get",
         "/v1/agents/{host}/migrations",
-        "The migration orders the host's agent is to carry out (pending, from that host)",
+        "The migration orders the host's agent is to act on: those to it not yet pre-staged, those from it once pre-staged (pending, not past their deadline)",
         "client certificate with CN = host (plain HTTP: admin token)",
         None,
         "MigrationOrderList",
@@ -258,6 +258,22 @@ const ENDPOINTS: &[Endpoint] = &[
         "client certificate with CN = host (plain HTTP: admin token)",
         Some("MigrationReport"),
         "MigrationOrder",
+    ),
+    (
+        "post",
+        "/v1/agents/{host}/migrations/{name}/staged",
+        "The destination agent is ready for the VM's migration (its vNICs attached with their rules; the order then goes to the source agent) or says why not (the order fails before anything moves, with its record); 409 for another order or one staged, taken or over already, 422 from another host than the order's destination",
+        "client certificate with CN = host (plain HTTP: admin token)",
+        Some("StagedReport"),
+        "MigrationOrder",
+    ),
+    (
+        "post",
+        "/v1/agents/{host}/arrivals",
+        "A guest announced itself (RARP or gratuitous ARP) on the host's vNIC: when the VM is placed on another host, it is placed on this one and a `follow` order is stored for the host it left (recorded as `vm.migrate.detected`); 404 for a vNIC the policy does not have, 409 while a migration of the VM to another host is under way, 422 for a MAC that is not the vNIC's",
+        "client certificate with CN = host (plain HTTP: admin token)",
+        Some("ArrivalReport"),
+        "ArrivalResponse",
     ),
     (
         "get",
@@ -719,7 +735,7 @@ fn schemas() -> Value {
     let mut all = json!({
         "ApplyRequest": closed(&[("files", request_files), ("message", printable(MAX_MESSAGE_CHARS))], &["files"]),
         "ApplyResponse": obj(&[("version", n.clone()), ("revision", n.clone()), ("dry_run", boolean.clone()), ("warnings", s.clone())], &["version", "revision", "dry_run"]),
-        "PolicyBundle": obj(&[("revision", n.clone()), ("version", n.clone()), ("files", files.clone()), ("tags", overlay), ("same_files", boolean.clone()), ("delta", r("FilesDelta"))], &["revision", "version", "files", "tags"]),
+        "PolicyBundle": obj(&[("revision", n.clone()), ("version", n.clone()), ("files", files.clone()), ("tags", overlay), ("locations", strmap.clone()), ("same_files", boolean.clone()), ("delta", r("FilesDelta"))], &["revision", "version", "files", "tags"]),
         "FilesDelta": obj(&[("base", n.clone()), ("changed", json!({"type": "object", "description": "file name → edits of the held file: [{\"copy\": N} | {\"skip\": N} | {\"insert\": TEXT}]", "additionalProperties": {"type": "array", "items": {"type": "object"}}})), ("removed", strings.clone()), ("digest", json!({"type": "string", "description": "SHA-256 (hex) of the resulting files, each name and text length-prefixed, in name order"}))], &["base", "changed", "digest"]),
         "VersionSummary": obj(&summary, &["version", "author", "time_ns", "message"]),
         "VersionSummaryList": list("VersionSummary"),
@@ -803,11 +819,13 @@ fn schemas() -> Value {
             ("id", s.clone()),
             ("vm", s.clone()),
             ("vnics", strings.clone()),
+            ("kind", json!({ "type": "string", "enum": ["ordered", "follow"] })),
             ("from", s.clone()),
             ("to", s.clone()),
             ("requested_by", s.clone()),
             ("requested_ns", n.clone()),
             ("deadline_ns", n.clone()),
+            ("staged_ns", n.clone()),
             (
                 "state",
                 json!({ "type": "string", "enum": ["pending", "running", "completed", "failed"] }),
@@ -833,6 +851,33 @@ fn schemas() -> Value {
         ],
     );
     all["MigrationOrderList"] = list("MigrationOrder");
+    all["StagedReport"] = closed(
+        &[
+            ("id", s.clone()),
+            ("ready", boolean.clone()),
+            ("reason", printable(palisade_api::migration::MAX_MIGRATION_REASON)),
+        ],
+        &["id", "ready"],
+    );
+    all["ArrivalReport"] = closed(
+        &[
+            ("vnic", json!({ "type": "string", "minLength": 1, "maxLength": 255 })),
+            (
+                "mac",
+                json!({ "type": "string", "minLength": 17, "maxLength": 17, "pattern": anchored("[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}") }),
+            ),
+            ("via", json!({ "type": "string", "enum": ["rarp", "garp"] })),
+        ],
+        &["vnic", "mac", "via"],
+    );
+    all["ArrivalResponse"] = obj(
+        &[
+            ("vm", s.clone()),
+            ("moved", boolean.clone()),
+            ("order", json!({ "$ref": "#/components/schemas/MigrationOrder" })),
+        ],
+        &["vm", "moved"],
+    );
     all["MigrationReport"] = closed(
         &[
             ("id", s.clone()),

@@ -652,7 +652,41 @@ async fn report_migration(
     check_text("VM name", &vm, 1, usize::MAX)?;
     let req: palisade_api::migration::MigrationReport = json_body(body).await?;
     let ctl = s.ctl.clone();
-    ok(blocking(move || ctl.report_migration(&host, &vm, &req)).await?)
+    let order = blocking(move || ctl.report_migration(&host, &vm, &req)).await?;
+    // A completed migration placed the VM on its destination: a new revision.
+    publish_current(&s).await;
+    ok(order)
+}
+
+async fn report_staged(
+    State(s): State<AppState>,
+    Seg2(host, vm): Seg2,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    check_text("VM name", &vm, 1, usize::MAX)?;
+    let req: palisade_api::migration::StagedReport = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    ok(blocking(move || ctl.report_staged(&host, &vm, &req)).await?)
+}
+
+async fn report_arrival(
+    State(s): State<AppState>,
+    Seg(host): Seg,
+    axum::Extension(peer): axum::Extension<Peer>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    authorize_agent(&s, &peer, &headers, &host).await?;
+    let req: palisade_api::migration::ArrivalReport = json_body(body).await?;
+    let ctl = s.ctl.clone();
+    let resp = blocking(move || ctl.report_arrival(&host, &req)).await?;
+    if resp.moved {
+        publish_current(&s).await;
+    }
+    ok(resp)
 }
 
 async fn agents(State(s): State<AppState>, headers: HeaderMap) -> ApiResult {
@@ -733,6 +767,7 @@ async fn agent_policy(
                     version: cur.version,
                     files: Files::new(),
                     tags: cur.tags.clone(),
+                    locations: cur.locations.clone(),
                     same_files: true,
                     delta: None,
                 });
@@ -1041,6 +1076,8 @@ fn router(state: AppState) -> Router {
         .route("/v1/agents/{host}/audit-key", put(replace_audit_key))
         .route("/v1/agents/{host}/migrations", get(migration_orders))
         .route("/v1/agents/{host}/migrations/{name}", post(report_migration))
+        .route("/v1/agents/{host}/arrivals", post(report_arrival))
+        .route("/v1/agents/{host}/migrations/{name}/staged", post(report_staged))
         .route("/v1/audit/head", get(own_audit_head))
         .route("/v1/flows", get(flows))
         .route("/v1/agents/{host}/alerts", post(push_alerts))

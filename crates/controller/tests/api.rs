@@ -511,7 +511,7 @@ fn every_documented_endpoint_is_routed() {
     let (status, doc) = raw(&env, "GET", "/openapi.json", None, None);
     assert_eq!(status, 200);
     let paths = doc["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 29);
+    assert_eq!(paths.len(), 31);
     for (path, ops) in paths {
         let concrete = path
             .replace("{v}", "1")

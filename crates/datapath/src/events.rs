@@ -86,6 +86,12 @@ pub struct FlowEvent {
 pub trait EventSink {
     /// Receive one event.
     fn event(&mut self, event: &FlowEvent);
+
+    /// A vNIC's guest announced itself (RARP or gratuitous ARP, see
+    /// [`crate::announce`]); ignored unless the sink wants it.
+    fn announced(&mut self, announcement: &crate::announce::Announcement) {
+        let _ = announcement;
+    }
 }
 
 /// Discard events.

@@ -32,6 +32,7 @@
 //! - [`transfer`]: the compact encoding of a vNIC's connections (pre-copy or
 //!   delta) on a live migration's agent-to-agent channel.
 
+pub mod announce;
 mod classified;
 mod conn_state;
 mod conntrack;

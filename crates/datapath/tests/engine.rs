@@ -1902,3 +1902,135 @@ fn a_delta_holds_what_was_created_changed_or_removed_since_the_precopy() {
     assert!(whole.full);
     assert_eq!(whole.conns.len(), 3);
 }
+
+/// Process `frame` from `port` with `sink`: its disposition and output ports.
+fn go(
+    e: &mut Engine,
+    port: PortId,
+    frame: &[u8],
+    sink: &mut dyn palisade_datapath::EventSink,
+) -> (Disposition, Vec<PortId>) {
+    let mut results = Results::new();
+    let p = e.process(0, port, frame, sink, &mut results);
+    (p.disposition, p.outputs.iter().map(|o| o.port).collect())
+}
+
+/// Keeps the announcements (and drops flow events).
+#[derive(Default)]
+struct Announced(Vec<palisade_datapath::announce::Announcement>);
+
+impl palisade_datapath::EventSink for Announced {
+    fn event(&mut self, _: &FlowEvent) {}
+    fn announced(&mut self, a: &palisade_datapath::announce::Announcement) {
+        self.0.push(*a);
+    }
+}
+
+/// QEMU's post-migration announce for `mac`: broadcast RARP request, 60 bytes.
+fn rarp_frame(src: [u8; 6], announced: [u8; 6]) -> Vec<u8> {
+    let repr = ArpRepr {
+        operation: Operation::REVERSE_REQUEST,
+        source_hardware_addr: EthernetAddress(announced),
+        source_protocol_addr: Ipv4Addr::UNSPECIFIED,
+        target_hardware_addr: EthernetAddress(announced),
+        target_protocol_addr: Ipv4Addr::UNSPECIFIED,
+    };
+    let mut a = vec![0; 46];
+    repr.emit(&mut arp::Packet::new_unchecked(&mut a[..]));
+    eth(src, [0xff; 6], None, EtherType::RARP, &a)
+}
+
+#[test]
+fn a_guests_announcement_is_reported_switched_and_never_for_another_mac() {
+    use palisade_datapath::announce::AnnounceKind;
+    let mut e = h1();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    let mut sink = Announced::default();
+    let before = e.counters().clone();
+
+    // QEMU's RARP from a's vNIC: reported, and flooded like ARP so switches learn.
+    let p = go(&mut e, a, &rarp_frame(mac(10), mac(10)), &mut sink);
+    assert_eq!(p.0, Disposition::Forward);
+    assert_eq!(p.1, vec![b, UPLINK]);
+    // A gratuitous ARP for a's own address: reported too.
+    let p = go(&mut e, a, &arp_frame(mac(10), ip(10), ip(10)), &mut sink);
+    assert_eq!(p.0, Disposition::Forward);
+    // An ordinary ARP request: switched, not an announcement.
+    let p = go(&mut e, a, &arp_frame(mac(10), ip(10), ip(11)), &mut sink);
+    assert_eq!(p.0, Disposition::Forward);
+    assert_eq!(
+        sink.0,
+        [
+            palisade_datapath::announce::Announcement {
+                port: a,
+                mac: EthernetAddress(mac(10)),
+                kind: AnnounceKind::Rarp
+            },
+            palisade_datapath::announce::Announcement {
+                port: a,
+                mac: EthernetAddress(mac(10)),
+                kind: AnnounceKind::Garp
+            },
+        ]
+    );
+
+    // a announcing b's MAC (inside the RARP, its own on the frame): spoofed, nothing reported.
+    sink.0.clear();
+    let p = go(&mut e, a, &rarp_frame(mac(10), mac(11)), &mut sink);
+    assert_eq!(p.0, Disposition::Drop(DropReason::SpoofedArp));
+    // A gratuitous ARP for b's address from a: spoofed.
+    let p = go(&mut e, a, &arp_frame(mac(10), ip(11), ip(11)), &mut sink);
+    assert_eq!(p.0, Disposition::Drop(DropReason::SpoofedArp));
+    // A RARP that is no announcement (a reply) stays unsupported.
+    let mut reply = rarp_frame(mac(10), mac(10));
+    reply[21] = 4;
+    let p = go(&mut e, a, &reply, &mut sink);
+    assert_eq!(p.0, Disposition::Drop(DropReason::UnsupportedEthertype));
+    // From the uplink a RARP is not this host's guest announcing itself.
+    let p = go(&mut e, UPLINK, &rarp_frame(mac(12), mac(12)), &mut sink);
+    assert!(matches!(p.0, Disposition::Drop(_)), "{:?}", p.0);
+    assert!(sink.0.is_empty(), "{:?}", sink.0);
+    // Counted per port for callers that poll.
+    assert_eq!(e.announcements(a), (2, Some(AnnounceKind::Garp)));
+    assert_eq!(e.announcements(b), (0, None));
+    let after = e.counters().clone();
+    assert_eq!(delta(&before, &after, |c| c.dropped(DropReason::SpoofedArp)), 2);
+}
+
+#[test]
+fn an_announcement_on_a_standby_port_quiesces_it_at_once() {
+    let mut e = h1();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    let mut sink = Announced::default();
+    assert!(e.set_port_standby(a, true));
+    assert!(!e.set_port_standby(UPLINK, true), "only vNIC ports");
+    // Before the announcement the port forwards as usual.
+    let f = arp_frame(mac(10), ip(10), ip(11));
+    assert_eq!(run(&mut e, 0, a, &f, &mut Vec::new()), Disposition::Forward);
+    assert!(!e.is_quiesced(a));
+    // The guest's RARP: switched (the network learns where it is), reported,
+    // and from then on nothing from or to the port is decided.
+    let p = go(&mut e, a, &rarp_frame(mac(10), mac(10)), &mut sink);
+    assert_eq!(p.0, Disposition::Forward);
+    assert_eq!(sink.0.len(), 1);
+    assert!(e.is_quiesced(a) && !e.is_standby(a));
+    let from_guest = tcp(10, 11, 1000, 443, (1, 0), TcpFlags::SYN, b"");
+    assert_eq!(
+        go(&mut e, a, &from_guest, &mut Vec::new()).0,
+        Disposition::Drop(DropReason::VnicMigrating)
+    );
+    let to_guest = tcp(11, 10, 2000, 443, (1, 0), TcpFlags::SYN, b"");
+    assert_eq!(
+        go(&mut e, b, &to_guest, &mut Vec::new()).0,
+        Disposition::Drop(DropReason::VnicMigrating)
+    );
+    assert_eq!(e.conntrack().len(), 0, "nothing opened while held");
+    // Resumed (the state arrived): it forwards, and a later announcement holds nothing.
+    e.set_port_quiesced(a, false);
+    assert_eq!(run(&mut e, 0, a, &from_guest, &mut Vec::new()), Disposition::Forward);
+    let _ = go(&mut e, a, &rarp_frame(mac(10), mac(10)), &mut sink);
+    assert!(!e.is_quiesced(a));
+    // A port not standby is never held by an announcement.
+    let _ = go(&mut e, b, &rarp_frame(mac(11), mac(11)), &mut sink);
+    assert!(!e.is_quiesced(b));
+}

@@ -2289,6 +2289,111 @@ fn qemu_guest_live_migration_through_the_controller_keeps_its_connections() {
     assert_eq!(leftovers("pe2migc").unwrap(), Vec::<String>::new());
 }
 
+/// The guest live-migrates hv1 → hv2 by QMP directly, as libvirt or
+/// another tool would: no order, no state moved in the pause. hv2's agent
+/// sees the guest announce itself on its vNIC (QEMU's RARP, the guest's
+/// gratuitous ARP), holds the vNIC's frames and reports the arrival; the
+/// controller places vm1 on hv2 (`palisade get vms`), records the move
+/// (`vm.migrate.detected`) and gives hv1's agent a `follow` order, which
+/// moves the connections to hv2 (`vm.migrate.completed`, kind follow, with
+/// both TCP and UDP connections). The guest's TCP stream survives and its
+/// UDP answers keep coming.
+#[test]
+fn qemu_guest_migration_without_the_controller_is_detected_and_its_connections_follow() {
+    let _one = one_lab();
+    let Some(mut guard) = migration_lab_with("pe2migd", true, palisade_lab::QemuNic::Tap) else {
+        return;
+    };
+    let lab = guard.0.as_mut().unwrap();
+    let flows = guest_flows(lab);
+    let udp_before = guest_udp_answers(lab);
+    let opts = palisade_lab::MigrateOptions {
+        move_state: false,
+        ..Default::default()
+    };
+    let report = lab.migrate("vm1", "hv2", &opts).unwrap();
+    let moved_at = Instant::now();
+    assert_eq!(report.connections, 0, "nothing moved in the pause: {report:?}");
+
+    // The controller learns it from hv2's agent and the state follows.
+    let changes = || {
+        let out = lab.ctl(&["flows", "--changes", "--vm", "vm1", "--json"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || changes()
+            .lines()
+            .any(|l| l.contains("vm.migrate.completed") && l.contains("follow"))),
+        "the follow order completed: {}",
+        changes()
+    );
+    let recorded = changes();
+    let detected = recorded
+        .lines()
+        .find(|l| l.contains("vm.migrate.detected"))
+        .unwrap_or_else(|| panic!("a detection record: {recorded}"));
+    assert!(detected.contains("agent/hv2"), "{detected}");
+    let completed = recorded.lines().find(|l| l.contains("vm.migrate.completed")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(completed).unwrap();
+    let diff: serde_json::Value = serde_json::from_str(
+        rec.pointer("/record/diff")
+            .or_else(|| rec.get("diff"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_else(|| panic!("a diff in {rec}")),
+    )
+    .unwrap();
+    assert_eq!((diff["from"].as_str(), diff["to"].as_str()), (Some("hv1"), Some("hv2")));
+    assert!(
+        diff["connections"].as_u64().unwrap_or(0) >= 2,
+        "the TCP and UDP connections followed: {diff}"
+    );
+    let vms = lab.ctl(&["get", "vms", "--json"]).unwrap();
+    let vms: serde_json::Value = serde_json::from_slice(&vms.stdout).unwrap();
+    let vm1 = vms.as_array().unwrap().iter().find(|v| v["name"] == "vm1").unwrap();
+    assert_eq!(vm1["host"], "hv2", "the controller places vm1 on hv2");
+    // hv2 held the vNIC for its state, and the import ended the hold.
+    assert!(
+        eventually(Duration::from_secs(5), || trail(lab, "hv2")
+            .lines()
+            .any(|l| l.contains("vnic.migrate.hold"))),
+        "hv2's trail records the hold"
+    );
+    let hv2 = palisade_agent::http::get_unix(&lab.agent_socket("hv2"), "/metrics").unwrap();
+    let counter = |name: &str| {
+        hv2.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in hv2's metrics"))
+    };
+    assert!(counter("palisade_arrivals_held_total") >= 1);
+    assert!(counter("palisade_arrivals_moved_total") >= 1);
+    eprintln!(
+        "hv2: arrivals held {}, holds expired {}",
+        counter("palisade_arrivals_held_total"),
+        counter("palisade_arrivals_hold_expired_total")
+    );
+
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(
+        guest_udp_answers(lab),
+        udp_before,
+        "UDP answers keep reaching the guest after the migration"
+    );
+    let (tcp, udp) = flows.finish(lab);
+    let tcp = tcp.unwrap_or_else(|e| panic!("the TCP stream broke: {e}"));
+    let tcp_after = tcp.iter().filter(|t| **t > moved_at).count();
+    let udp_after = udp.iter().filter(|t| **t > moved_at).count();
+    assert!(tcp_after >= 20, "echoes after the migration: {tcp_after}");
+    assert!(udp_after >= 10, "datagrams after the migration: {udp_after}");
+    eprintln!(
+        "detected migration: longest gap TCP echo {:?}, UDP arrival {:?}",
+        longest_gap(&tcp),
+        longest_gap(&udp)
+    );
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2migd").unwrap(), Vec::<String>::new());
+}
+
 /// A guest on vhost-user (guest memory shared with the agents, its NIC
 /// served by the agent's backend) live-migrates hv1 → hv2: QEMU accepts it
 /// (the backend logs the pages it writes, `LOG_SHMFD`), its TCP stream and

@@ -43,6 +43,7 @@ use palisade_wire::ip::IpProtocol;
 use palisade_wire::tcp;
 use palisade_wire::virtio_net::{GsoKind, Offload};
 
+use crate::announce::{self, Announcement};
 use crate::conntrack::{Conntrack, FullPolicy, TcpSeg, Timeouts};
 use crate::decision::{Disposition, L2, Processed, ReplySpec, Results, Underlay};
 use crate::events::EndReason;
@@ -199,6 +200,13 @@ pub struct Engine {
     last_dst: Vec<LastDestination>,
     /// Drops by reason of the frames each port sent.
     port_drops: Vec<[u64; DropReason::COUNT]>,
+    /// Announcements each vNIC's guest made (RARP, gratuitous ARP) and the
+    /// last one's kind, by port (grown when one is made).
+    announced: Vec<(u64, Option<announce::AnnounceKind>)>,
+    /// vNIC ports whose VM the inventory places on another host
+    /// ([`Engine::set_port_standby`]): a guest announcing itself on one
+    /// arrived without its state, and the port is quiesced at once.
+    standby: Vec<bool>,
     rule_index: HashMap<(Arc<str>, Level), u32, foldhash::fast::RandomState>,
     /// `rule_index` by the address of the rule id a verdict carries: the
     /// lookup hands out the same shared id for every flow a rule decides, so
@@ -253,6 +261,8 @@ impl Engine {
             port_tallies: vec![Tally::default()],
             last_dst: vec![LastDestination::default()],
             port_drops: vec![[0; DropReason::COUNT]],
+            announced: Vec::new(),
+            standby: Vec::new(),
             rule_index: HashMap::default(),
             rules_by_address: HashMap::default(),
             rules: Vec::new(),
@@ -299,6 +309,14 @@ impl Engine {
     /// A vNIC port.
     pub fn vnic(&self, port: PortId) -> Option<&VnicPort> {
         self.ports.get(usize::from(port.0))?.as_ref()
+    }
+
+    /// Every vNIC port, in port order.
+    pub fn vnic_ports(&self) -> impl Iterator<Item = (PortId, &VnicPort)> {
+        self.ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((PortId(i as u16), p.as_ref()?)))
     }
 
     /// The policy epoch.
@@ -419,6 +437,55 @@ impl Engine {
     /// Remove up to `budget` expired connections.
     pub fn expire(&mut self, now: u64, budget: usize, sink: &mut dyn EventSink) -> usize {
         self.conns.expire(now, budget, sink, &mut self.counters)
+    }
+
+    /// A vNIC's guest announced itself: counted, and told to `sink`; on a
+    /// standby port the port is quiesced from this frame on (it is still
+    /// switched, so the network learns where the guest is).
+    fn announce(&mut self, a: Announcement, sink: &mut dyn EventSink) {
+        let i = usize::from(a.port.0);
+        if self.announced.len() <= i {
+            self.announced.resize(i + 1, (0, None));
+        }
+        self.announced[i].0 += 1;
+        self.announced[i].1 = Some(a.kind);
+        if self.standby.get(i).copied().unwrap_or(false) {
+            self.standby[i] = false;
+            self.set_port_quiesced(a.port, true);
+        }
+        sink.announced(&a);
+    }
+
+    /// Mark a vNIC port standby (`true`): its VM runs on another host as
+    /// far as this host knows, so a guest announcing itself on it
+    /// ([`crate::announce`]) migrated here without its connections. The
+    /// port is then quiesced by that very frame: what the guest sends and
+    /// what is sent to it is dropped as [`DropReason::VnicMigrating`]
+    /// (nothing is decided without the state) until the caller resumes it,
+    /// when the state arrived or its wait ended. Returns `false` for an
+    /// unknown port.
+    pub fn set_port_standby(&mut self, port: PortId, standby: bool) -> bool {
+        let i = usize::from(port.0);
+        if self.vnic(port).is_none() {
+            return false;
+        }
+        if self.standby.len() <= i {
+            self.standby.resize(i + 1, false);
+        }
+        self.standby[i] = standby;
+        true
+    }
+
+    /// Whether `port` is standby ([`Engine::set_port_standby`]).
+    pub fn is_standby(&self, port: PortId) -> bool {
+        self.standby.get(usize::from(port.0)).copied().unwrap_or(false)
+    }
+
+    /// How many times `port`'s guest announced itself (RARP or gratuitous
+    /// ARP, see [`crate::announce`]), and the last one's kind: a caller
+    /// that cannot take [`EventSink::announced`] compares counts.
+    pub fn announcements(&self, port: PortId) -> (u64, Option<announce::AnnounceKind>) {
+        self.announced.get(usize::from(port.0)).copied().unwrap_or((0, None))
     }
 
     /// Process one frame received on `port` at `now` (nanoseconds, caller's
@@ -715,6 +782,11 @@ impl Engine {
             self.macs.learn(l2.segment, l2.src, at);
         } else {
             let vnic = self.vnic(in_port).ok_or(DropReason::UnknownPort)?;
+            // A port the engine quiesced itself (an arrival on a standby
+            // port): the worker does not know to discard its frames.
+            if self.any_quiesced && self.is_quiesced(in_port) {
+                return Err(DropReason::VnicMigrating);
+            }
             let mut l2 = parse_l2(frame, 0)?;
             if let Some(role) = self.services.role(in_port) {
                 // Back from an appliance: the frame carries the flow's
@@ -756,7 +828,41 @@ impl Engine {
             EtherType::ARP => {
                 if let Some(v) = src_vnic.and_then(|p| self.vnic(p)) {
                     switch::check_arp(v, payload)?;
+                    // Checked: the sender is the vNIC's own MAC and address.
+                    if let Some((mac, kind)) = announce::classify(l2.ethertype, payload) {
+                        self.announce(
+                            Announcement {
+                                port: in_port,
+                                mac,
+                                kind,
+                            },
+                            sink,
+                        );
+                    }
                 }
+                let to = self.l2_destination(pkt)?;
+                self.push_outputs(to, pkt, false, None, out);
+                return Ok(());
+            }
+            // QEMU's announce after a migration, from the guest's vNIC: switched
+            // like ARP (broadcast: switches learn the MAC's new port), and
+            // reported. Any other RARP stays unsupported.
+            EtherType::RARP if OFFLOADED && offload.is_gso() => return Err(DropReason::BadOffload),
+            EtherType::RARP if src_vnic.is_some() => {
+                let Some((mac, kind)) = announce::classify(l2.ethertype, payload) else {
+                    return Err(DropReason::UnsupportedEthertype);
+                };
+                if src_vnic.and_then(|p| self.vnic(p)).is_none_or(|v| v.mac != mac) {
+                    return Err(DropReason::SpoofedArp);
+                }
+                self.announce(
+                    Announcement {
+                        port: in_port,
+                        mac,
+                        kind,
+                    },
+                    sink,
+                );
                 let to = self.l2_destination(pkt)?;
                 self.push_outputs(to, pkt, false, None, out);
                 return Ok(());

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use palisade_api::migration::{MigrationOrder, MigrationState};
+use palisade_api::migration::{MigrationKind, MigrationOrder, MigrationState};
 use palisade_api::validate::Escaped;
 
 use super::ctl::Conn;
@@ -45,6 +45,9 @@ fn show(o: &MigrationOrder, json: bool) -> String {
         o.state.name(),
         Escaped(&o.id)
     );
+    if o.kind == MigrationKind::Follow {
+        line.push_str(", detected (moved without the controller; its state follows)");
+    }
     if let Some(c) = o.connections {
         line.push_str(&format!(", {c} connections"));
     }
