@@ -313,6 +313,11 @@ fn process_cpu() -> Duration {
 /// How often the link state of service-chain appliance vNICs is read.
 const APPLIANCE_LINK_POLL: Duration = Duration::from_millis(200);
 
+/// How often the service-chain probe monitor is run: the shortest probe
+/// interval a chain may ask for (each chain's rounds start when due).
+const APPLIANCE_PROBE_TICK: Duration =
+    Duration::from_millis(palisade_policy::model::ChainProbe::MIN_INTERVAL_MS as u64);
+
 fn load_policy(dir: &Path) -> Result<Compiler, AgentError> {
     let fail = |message: String| AgentError::Policy {
         dir: dir.to_path_buf(),
@@ -1548,6 +1553,7 @@ impl Agent {
         let mut last_publish = Instant::now();
         let mut last_health = Instant::now();
         let mut last_links = Instant::now();
+        let mut last_probes = Instant::now();
         let health_interval = self.health_interval();
         self.workers_alive = workers.iter().filter(|h| !h.is_finished()).count() as u32;
         self.notifier.ready(&format!(
@@ -1590,7 +1596,10 @@ impl Agent {
                 last_links = Instant::now();
                 self.poll_appliance_links();
             }
-            self.probe_appliances();
+            if last_probes.elapsed() >= APPLIANCE_PROBE_TICK {
+                last_probes = Instant::now();
+                self.probe_appliances();
+            }
             if last_housekeeping.elapsed() >= Duration::from_secs(1) {
                 last_housekeeping = Instant::now();
                 self.housekeeping();
@@ -1658,8 +1667,8 @@ impl Agent {
         }
     }
 
-    /// Run the service-chain probes (each loop turn; the monitor starts a
-    /// chain's round when its interval is due): take back what the engines
+    /// Run the service-chain probes (every [`APPLIANCE_PROBE_TICK`]; the
+    /// monitor starts a chain's round when its interval is due): take back what the engines
     /// received, hand health changes to every engine, and queue the new
     /// round's frames on the first worker, which sends them with its next
     /// round. Nothing to do (one lock) when no chain is declared.

@@ -70,6 +70,7 @@ mod field {
     pub const CHAIN: Range<usize> = 50..52;
     pub const INSTANCE: Range<usize> = 52..54;
     pub const DIRECTION: usize = 54;
+    pub const RESERVED: Range<usize> = 55..58;
     pub const ROUND: Range<usize> = 58..66;
     pub const TAG: Range<usize> = 66..74;
     pub const END: usize = 74;
@@ -176,6 +177,8 @@ pub(crate) fn parse(frame: &[u8]) -> Option<ProbeFields> {
         || frame[field::IP_PROTOCOL] != 17
         || be16(frame, field::UDP_DST) != PROBE_UDP_PORT
         || frame[field::MAGIC] != MAGIC
+        // Zero, so that every byte a probe carries is either fixed or tagged.
+        || frame[field::RESERVED] != [0; 3]
     {
         return None;
     }
@@ -288,8 +291,11 @@ pub struct ProbeMonitor {
     round: u64,
     /// By (chain name, appliance VM, `in` vNIC): survives policy changes
     /// that renumber chains.
-    instances: HashMap<(Arc<str>, Arc<str>, Arc<str>), InstanceProbe>,
+    instances: HashMap<InstanceName, InstanceProbe>,
 }
+
+/// An instance by name: its chain, its appliance VM and its `in` vNIC.
+type InstanceName = (Arc<str>, Arc<str>, Arc<str>);
 
 impl ProbeMonitor {
     /// A monitor making tags with `key` (the one the engines check with,
@@ -448,5 +454,28 @@ mod tests {
             assert_eq!(parse(&g), None, "byte {at} = {v}");
         }
         assert_eq!(parse(&f[..f.len() - 1]), None);
+    }
+
+    #[test]
+    fn any_prefix_or_byte_of_a_probe_changed_parses_or_not_without_panic_and_never_authenticates() {
+        let key = ProbeKey::random();
+        let f = probe_frame(&key, 1, 2, ProbeDirection::Forward, 9);
+        for n in 0..f.len() {
+            assert_eq!(parse(&f[..n]), None, "prefix {n}");
+        }
+        // Every value of every byte of the tagged fields: a changed probe is
+        // never taken for a genuine one (the tag covers what it names).
+        for at in field::CHAIN.start..field::END {
+            for v in 0..=255u8 {
+                let mut g = f.clone();
+                if g[at] == v {
+                    continue;
+                }
+                g[at] = v;
+                if let Some(p) = parse(&g) {
+                    assert!(!p.authentic(&key), "byte {at} = {v}");
+                }
+            }
+        }
     }
 }
