@@ -83,6 +83,9 @@ pub struct Agent {
     /// The link state last given to the engines of each service-chain
     /// appliance vNIC (by name): the instances' health.
     appliance_links: std::collections::HashMap<String, bool>,
+    /// The health probes through service-chain appliances: their rounds
+    /// and hysteresis (the engines check and consume what comes back).
+    probes: palisade_datapath::probe::ProbeMonitor,
     /// Policies from the controller (controller mode).
     upstream: Option<std::sync::mpsc::Receiver<crate::upstream::Installed>>,
     /// The controller revision in force (controller mode).
@@ -312,6 +315,11 @@ fn process_cpu() -> Duration {
 /// Load and compile the policy directory.
 /// How often the link state of service-chain appliance vNICs is read.
 const APPLIANCE_LINK_POLL: Duration = Duration::from_millis(200);
+
+/// How often the service-chain probe monitor is run: the shortest probe
+/// interval a chain may ask for (each chain's rounds start when due).
+const APPLIANCE_PROBE_TICK: Duration =
+    Duration::from_millis(palisade_policy::model::ChainProbe::MIN_INTERVAL_MS as u64);
 
 fn load_policy(dir: &Path) -> Result<Compiler, AgentError> {
     let fail = |message: String| AgentError::Policy {
@@ -968,7 +976,10 @@ impl Agent {
             }
             Ok(all)
         })?;
-        for (engine, p) in engines {
+        // One key for every engine: a probe may come back to any worker.
+        let probe_key = palisade_datapath::probe::ProbeKey::random();
+        for (mut engine, p) in engines {
+            engine.set_probe_key(probe_key.clone());
             ports = p;
             workers.push(Arc::new(Mutex::new(WorkerCore {
                 engine,
@@ -981,6 +992,7 @@ impl Agent {
                 quiesced_drops: 0,
                 journal: None,
                 inline: None,
+                probe_out: Vec::new(),
             })));
         }
         let t_sockets = t0.elapsed();
@@ -1144,6 +1156,7 @@ impl Agent {
             policy_errors: 0,
             last_policy_error: None,
             appliance_links: std::collections::HashMap::new(),
+            probes: palisade_datapath::probe::ProbeMonitor::new(probe_key),
             snapshots: SnapshotTimer::new(None, origin),
             resumed: None,
             imported_saved: false,
@@ -1588,6 +1601,7 @@ impl Agent {
         let mut last_publish = Instant::now();
         let mut last_health = Instant::now();
         let mut last_links = Instant::now();
+        let mut last_probes = Instant::now();
         let health_interval = self.health_interval();
         self.workers_alive = workers.iter().filter(|h| !h.is_finished()).count() as u32;
         self.notifier.ready(&format!(
@@ -1629,6 +1643,10 @@ impl Agent {
             if last_links.elapsed() >= APPLIANCE_LINK_POLL {
                 last_links = Instant::now();
                 self.poll_appliance_links();
+            }
+            if last_probes.elapsed() >= APPLIANCE_PROBE_TICK {
+                last_probes = Instant::now();
+                self.probe_appliances();
             }
             if last_housekeeping.elapsed() >= Duration::from_secs(1) {
                 last_housekeeping = Instant::now();
@@ -1694,6 +1712,54 @@ impl Agent {
                     core.engine.set_port_link(port, up);
                 }
             }
+        }
+    }
+
+    /// Run the service-chain probes (every [`APPLIANCE_PROBE_TICK`]; the
+    /// monitor starts a chain's round when its interval is due): take back what the engines
+    /// received, hand health changes to every engine, and queue the new
+    /// round's frames on the first worker, which sends them with its next
+    /// round. Nothing to do (one lock) when no chain is declared.
+    fn probe_appliances(&mut self) {
+        let Some(first) = self.workers.first() else { return };
+        let chains = {
+            let core = lock(first);
+            if core.engine.service_chains().is_empty() {
+                return;
+            }
+            core.engine.service_chains().to_vec()
+        };
+        let mut returns = Vec::new();
+        for core in &self.workers {
+            lock(core).engine.take_probe_returns(&mut returns);
+        }
+        let now = self.origin.elapsed().as_nanos() as u64;
+        let mut frames = Vec::new();
+        let changes = self.probes.tick(now, &chains, &returns, &mut frames);
+        for c in &changes {
+            if let Some((chain, inst)) = chains
+                .get(usize::from(c.chain))
+                .and_then(|ch| Some((&ch.name, ch.instances.get(usize::from(c.instance))?)))
+            {
+                eprintln!(
+                    "palisade agent: service chain {chain} appliance {} probes {}",
+                    inst.vm,
+                    if c.up {
+                        "answer again: in service"
+                    } else {
+                        "lost: out of service"
+                    }
+                );
+            }
+        }
+        for core in &self.workers {
+            let mut core = lock(core);
+            for c in &changes {
+                core.engine.set_probe_health(c.chain, c.instance, c.up);
+            }
+        }
+        if !frames.is_empty() {
+            lock(first).probe_out.extend(frames);
         }
     }
 
@@ -2038,6 +2104,7 @@ impl Agent {
                 vnic.replace('\\', "\\\\").replace('"', "\\\"")
             ));
         }
+        text.push_str(&metrics::probe_metrics(&self.config.host, &self.probes));
         if !self.vhost.is_empty() {
             text.push_str(&self.vhost.metrics(&self.config.host));
         }

@@ -3,9 +3,9 @@
 //!
 //! An appliance VM whose vNIC is down (its end of the veth set down, its
 //! namespace gone, its tap closed) leaves the host end without carrier.
-//! This is the first health signal for appliances; a probe through the
-//! chain (a frame that must come back) would also catch an appliance that
-//! is up but no longer forwards.
+//! This is the fast health signal for appliances; the probes through each
+//! instance (`palisade_datapath::probe`, run by the agent's control loop)
+//! catch an appliance that keeps link but no longer forwards.
 
 use std::path::Path;
 

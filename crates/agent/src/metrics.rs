@@ -516,6 +516,76 @@ fn service_chain_metrics(engines: &[&Engine], metric: &mut Emit<'_>) {
         "Connections an appliance offloaded (allow or drop).",
         &per_chain(&|c| c.offloaded),
     );
+    let probe_up: Vec<(String, u64)> = chains
+        .iter()
+        .filter(|c| c.probe.is_some())
+        .flat_map(|c| {
+            c.instances.iter().map(|i| {
+                let labels = format!("chain=\"{}\",appliance=\"{}\"", esc(&c.name), esc(&i.vm));
+                (labels, u64::from(i.probe_up))
+            })
+        })
+        .collect();
+    metric(
+        "palisade_service_chain_probe_up",
+        "gauge",
+        "Whether a probed service-chain instance's health probes answer (hysteresis applied).",
+        &probe_up,
+    );
+    metric(
+        "palisade_service_chain_probes_returned_total",
+        "counter",
+        "Health probes that came back through a service-chain instance and passed the checks.",
+        &per_instance(&|i| i.probes_returned),
+    );
+    metric(
+        "palisade_service_chain_probes_rejected_total",
+        "counter",
+        "Probe-shaped frames from a chain's appliance ports that failed the checks (tag, instance, side).",
+        &per_chain(&|c| c.probes_rejected),
+    );
+}
+
+/// The probe monitor's counters per probed instance: frames sent, rounds
+/// lost, times taken out of service.
+pub fn probe_metrics(host: &str, monitor: &palisade_datapath::probe::ProbeMonitor) -> String {
+    let mut rows: Vec<_> = monitor.instances().collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    rows.sort_by(|a, b| (&a.chain, &a.vm).cmp(&(&b.chain, &b.vm)));
+    let mut o = String::new();
+    let h = esc(host);
+    type Field = fn(&palisade_datapath::probe::InstanceProbe) -> u64;
+    let families: [(&str, &str, Field); 3] = [
+        (
+            "palisade_service_chain_probes_sent_total",
+            "Health probe frames sent into a service-chain instance (two a round).",
+            |i| i.sent,
+        ),
+        (
+            "palisade_service_chain_probe_rounds_missed_total",
+            "Probe rounds in which a probe did not come back through the instance in time.",
+            |i| i.missed,
+        ),
+        (
+            "palisade_service_chain_probe_downs_total",
+            "Times an instance's lost probes took it out of service.",
+            |i| i.downs,
+        ),
+    ];
+    for (name, help, f) in families {
+        o.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        for i in &rows {
+            o.push_str(&format!(
+                "{name}{{host=\"{h}\",chain=\"{}\",appliance=\"{}\"}} {}\n",
+                esc(&i.chain),
+                esc(&i.vm),
+                f(i)
+            ));
+        }
+    }
+    o
 }
 
 /// The fail-open metrics: each zone's `on_failure` as the fallback plan has

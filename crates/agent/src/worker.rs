@@ -99,6 +99,9 @@ pub(crate) struct WorkerCore {
     pub journal: Option<crate::journal::Journal>,
     /// Inline inspection (`None`: no `[inspect]`, or its signatures never loaded).
     pub inline: Option<Inline>,
+    /// Service-chain health probes to send into appliance ports (put here
+    /// by the control thread, sent with the worker's next round).
+    pub probe_out: Vec<palisade_datapath::probe::ProbeFrame>,
 }
 
 /// Lock a worker's core. A worker that panicked while holding it has
@@ -497,6 +500,13 @@ impl Worker {
                 core.render_errors = staging.render_errors;
                 core.quiesced_drops = quiesced_drops;
                 quiesced.clone_from(&core.quiesced);
+                for probe in core.probe_out.drain(..) {
+                    let n = probe.frame.len();
+                    staging.push(Dest::Port(probe.port), n, Some(Offload::NONE), |buf| {
+                        buf.get_mut(..n)?.copy_from_slice(&probe.frame);
+                        Some(n)
+                    });
+                }
             }
             quiesced_drops += self.send_staged(&mut staging, &mut sockets, &quiesced);
             if !records.is_empty() && self.records.send(std::mem::take(&mut records)).is_err() {

@@ -28,6 +28,7 @@
 //! - `lookup`: the rule-lookup trait ([`ChainLookup`]) and the compiled chains behind it.
 //! - `classified`: that trait answered by the classify layer's decision trees.
 //! - `service`: service chains: steering redirected flows through appliance VMs, their health and counters.
+//! - [`probe`]: health probes through service-chain appliances, and the monitor that runs their rounds.
 //! - [`state`]: the blob format of exported connection state (live migration, restarts).
 //! - [`transfer`]: the compact encoding of a vNIC's connections (pre-copy or
 //!   delta) on a live migration's agent-to-agent channel.
@@ -43,6 +44,7 @@ mod flow_table;
 pub mod host;
 mod lookup;
 pub mod port;
+pub mod probe;
 mod render;
 mod service;
 pub mod state;

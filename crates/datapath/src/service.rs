@@ -26,6 +26,11 @@
 //! ([`crate::DropReason::ApplianceDown`]), packet by packet, so the flow
 //! goes through the appliance again as soon as one is back.
 //!
+//! An instance whose chain is probed also needs its probes to answer
+//! (`probe` module: a frame through it each way, every round, with
+//! hysteresis), so that an appliance that keeps link but stops forwarding is
+//! taken out of service too.
+//!
 //! An appliance may also offload a flow ([`crate::Engine::offload_flow`],
 //! vPath style): `allow` takes it off the chain (its packets stay on the
 //! flow cache and go straight to their destination), `drop` drops the rest
@@ -33,7 +38,7 @@
 
 use std::sync::Arc;
 
-use palisade_policy::model::{OnFailure, ServiceChain};
+use palisade_policy::model::{ChainProbe, OnFailure, ServiceChain};
 use palisade_wire::flow::Segment;
 
 use crate::port::PortId;
@@ -136,8 +141,16 @@ pub struct InstanceStats {
     pub vnic_in: (Arc<str>, Option<PortId>),
     /// Its `out` vNIC and that vNIC's port here, if attached.
     pub vnic_out: (Arc<str>, Option<PortId>),
-    /// Both ports attached and up.
+    /// In service: both ports attached with link, and its probes answer
+    /// (or its chain is not probed).
     pub up: bool,
+    /// Both ports attached and with link.
+    pub link_up: bool,
+    /// Its probes answer, as the caller last reported
+    /// ([`crate::Engine::set_probe_health`]; up until reported otherwise).
+    pub probe_up: bool,
+    /// Probes this engine took back from it (checked, consumed).
+    pub probes_returned: u64,
     /// Packets sent into it.
     pub sent: u64,
     /// Packets that came back from it and went on.
@@ -163,6 +176,11 @@ pub struct ChainStats {
     pub dropped: u64,
     /// Connections an appliance offloaded (either verdict).
     pub offloaded: u64,
+    /// Its health probe (`None`: link state only).
+    pub probe: Option<ChainProbe>,
+    /// Probe-shaped frames from its instances' ports that failed the
+    /// checks (a wrong tag, instance or side): dropped, never credited.
+    pub probes_rejected: u64,
 }
 
 /// The engine's chains: resolved against its ports, with every port's role.
@@ -209,6 +227,8 @@ impl ServiceChains {
                 bypassed: before.map_or(0, |b| b.bypassed),
                 dropped: before.map_or(0, |b| b.dropped),
                 offloaded: before.map_or(0, |b| b.offloaded),
+                probe: c.probe,
+                probes_rejected: before.map_or(0, |b| b.probes_rejected),
             };
             for (ii, a) in c.appliances.iter().enumerate().take(usize::from(u16::MAX)) {
                 let (pin, pout) = (port_of(&a.vnic_in), port_of(&a.vnic_out));
@@ -227,6 +247,9 @@ impl ServiceChains {
                     vnic_in: (a.vnic_in.as_str().into(), pin),
                     vnic_out: (a.vnic_out.as_str().into(), pout),
                     up: false,
+                    link_up: false,
+                    probe_up: prev.is_none_or(|p| p.probe_up),
+                    probes_returned: prev.map_or(0, |p| p.probes_returned),
                     sent: prev.map_or(0, |p| p.sent),
                     returned: prev.map_or(0, |p| p.returned),
                     flows: prev.map_or(0, |p| p.flows),
@@ -251,10 +274,20 @@ impl ServiceChains {
         let down = &self.down;
         let up = |p: Option<PortId>| p.is_some_and(|p| !down.get(usize::from(p.0)).copied().unwrap_or(false));
         for c in &mut self.chains {
+            let probed = c.probe.is_some();
             for i in &mut c.instances {
-                i.up = up(i.vnic_in.1) && up(i.vnic_out.1);
+                i.link_up = up(i.vnic_in.1) && up(i.vnic_out.1);
+                i.up = i.link_up && (i.probe_up || !probed);
             }
         }
+    }
+
+    /// Record whether `instance` of `chain`'s probes answer; its health follows.
+    pub(crate) fn set_probe(&mut self, chain: u16, instance: u16, up: bool) {
+        if let Some(i) = self.instance_mut(chain, instance) {
+            i.probe_up = up;
+        }
+        self.refresh_health();
     }
 
     /// The instance of `chain` for a flow whose symmetric hash is `hash`:

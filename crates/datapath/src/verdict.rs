@@ -79,11 +79,15 @@ pub enum DropReason {
     /// ([`crate::Engine::set_port_quiesced`]): its VM is paused or has moved
     /// away, so the packet is dropped before it can open a connection here.
     VnicMigrating,
+    /// Not traffic: a health probe back from an appliance, consumed by the
+    /// engine (checked and handed to the caller with
+    /// [`crate::Engine::take_probe_returns`]); a probe is never delivered.
+    ApplianceProbe,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 27] = [
+    pub const ALL: [DropReason; 28] = [
         DropReason::Malformed,
         DropReason::UnknownPort,
         DropReason::SpoofedMac,
@@ -111,6 +115,7 @@ impl DropReason {
         DropReason::ApplianceDown,
         DropReason::ApplianceOffloadDrop,
         DropReason::VnicMigrating,
+        DropReason::ApplianceProbe,
     ];
 
     /// Number of reasons.
@@ -146,6 +151,7 @@ impl DropReason {
             DropReason::ApplianceDown => "appliance-down",
             DropReason::ApplianceOffloadDrop => "appliance-offload-drop",
             DropReason::VnicMigrating => "vnic-migrating",
+            DropReason::ApplianceProbe => "appliance-probe",
         }
     }
 

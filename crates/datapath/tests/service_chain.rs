@@ -454,3 +454,280 @@ fn an_imported_connection_is_still_steered() {
     let back = outbound(40000, (501, 101), TcpFlags::ACK);
     assert_eq!(l.send(4, l.web1, &back), (Disposition::Forward, vec![l.ips[i].1]));
 }
+
+#[test]
+fn a_refusing_reset_goes_through_the_appliance_and_ends_the_connection_on_return() {
+    let mut l = lab("closed");
+    let syn = inbound(40100, (100, 0), TcpFlags::SYN);
+    let (d, to) = l.send(1, l.router, &syn);
+    assert_eq!(d, Disposition::Forward);
+    let i = l.instance_of_in(&to);
+    let (inp, out) = l.ips[i];
+    assert_eq!(l.send(1, out, &syn), (Disposition::Forward, vec![l.web1]));
+    // web-1 refuses: its reset is the connection's last packet, steered like the others.
+    let rst = outbound(40100, (0, 101), TcpFlags::RST | TcpFlags::ACK);
+    assert_eq!(l.send(2, l.web1, &rst), (Disposition::Forward, vec![out]));
+    // Back from the appliance, it is delivered, and the connection is over.
+    assert_eq!(l.send(2, inp, &rst), (Disposition::Forward, vec![l.router]));
+    assert!(l.e.conntrack().find(&routing(flow_key_of(&syn))).is_none());
+    // Nothing of it comes back a second time.
+    assert_eq!(
+        l.send(3, inp, &rst),
+        (Disposition::Drop(DropReason::ApplianceNotSteered), vec![])
+    );
+}
+
+#[test]
+fn a_reset_dropped_by_the_appliance_never_arrives_and_the_connection_ends_soon() {
+    let mut l = lab("closed");
+    let syn = inbound(40101, (100, 0), TcpFlags::SYN);
+    let (_, to) = l.send(1, l.router, &syn);
+    let i = l.instance_of_in(&to);
+    let (_, out) = l.ips[i];
+    assert_eq!(l.send(1, out, &syn), (Disposition::Forward, vec![l.web1]));
+    let rst = outbound(40101, (0, 101), TcpFlags::RST | TcpFlags::ACK);
+    assert_eq!(l.send(2, l.web1, &rst), (Disposition::Forward, vec![out]));
+    // The appliance swallowed it: the connection lingers closed, and expires like one.
+    let key = routing(flow_key_of(&syn));
+    assert!(l.e.conntrack().find(&key).is_some());
+    let mut ev = Vec::new();
+    l.e.expire(120_000 * MS, 1 << 16, &mut ev);
+    assert!(l.e.conntrack().find(&key).is_none());
+}
+
+#[test]
+fn an_established_connections_reset_goes_through_the_appliance_both_ways() {
+    let mut l = lab("closed");
+    let i = l.handshake(1, 40102);
+    let (inp, out) = l.ips[i];
+    let rst = inbound(40102, (101, 501), TcpFlags::RST | TcpFlags::ACK);
+    assert_eq!(l.send(2, l.router, &rst), (Disposition::Forward, vec![inp]));
+    assert_eq!(l.send(2, out, &rst), (Disposition::Forward, vec![l.web1]));
+}
+
+#[test]
+fn an_open_chain_with_no_instance_up_delivers_a_refusing_reset_directly() {
+    let mut l = lab("open");
+    let syn = inbound(40103, (100, 0), TcpFlags::SYN);
+    let (_, to) = l.send(1, l.router, &syn);
+    let i = l.instance_of_in(&to);
+    let (_, out) = l.ips[i];
+    assert_eq!(l.send(1, out, &syn), (Disposition::Forward, vec![l.web1]));
+    for (a, b) in l.ips {
+        l.e.set_port_link(a, false);
+        l.e.set_port_link(b, false);
+    }
+    let rst = outbound(40103, (0, 101), TcpFlags::RST | TcpFlags::ACK);
+    assert_eq!(l.send(2, l.web1, &rst), (Disposition::Forward, vec![l.router]));
+    assert!(l.e.conntrack().find(&routing(flow_key_of(&syn))).is_none());
+}
+
+/// The flow key of a frame.
+fn flow_key_of(frame: &[u8]) -> FlowKey {
+    flow::extract(frame).unwrap().unwrap().key
+}
+
+/// The probe round driver of these tests: the monitor, the engine's returns,
+/// and an appliance that forwards (or not) the probe frames of each instance.
+struct Prober {
+    monitor: palisade_datapath::probe::ProbeMonitor,
+}
+
+impl Prober {
+    fn new(l: &mut Lab) -> Prober {
+        let key = palisade_datapath::probe::ProbeKey::random();
+        l.e.set_probe_key(key.clone());
+        Prober {
+            monitor: palisade_datapath::probe::ProbeMonitor::new(key),
+        }
+    }
+
+    /// One round at `now` ms: the frames the last round sent were handled by
+    /// the appliances as `forwards(instance)` says; returns the health
+    /// changes (already given to the engine) and the new round's frames.
+    fn round(
+        &mut self,
+        l: &mut Lab,
+        now: u64,
+        frames: &[palisade_datapath::probe::ProbeFrame],
+        forwards: impl Fn(usize) -> bool,
+    ) -> (
+        Vec<palisade_datapath::probe::ProbeChange>,
+        Vec<palisade_datapath::probe::ProbeFrame>,
+    ) {
+        for f in frames {
+            let (i, into_in) = l
+                .ips
+                .iter()
+                .enumerate()
+                .find_map(|(i, (a, b))| {
+                    (f.port == *a)
+                        .then_some((i, true))
+                        .or((f.port == *b).then_some((i, false)))
+                })
+                .expect("probes go to appliance ports only");
+            if !forwards(i) {
+                continue;
+            }
+            // A bridge: out of the other side, unchanged.
+            let other = if into_in { l.ips[i].1 } else { l.ips[i].0 };
+            assert_eq!(
+                l.send(now, other, &f.frame),
+                (Disposition::Drop(DropReason::ApplianceProbe), vec![]),
+                "a probe back is consumed, never delivered"
+            );
+        }
+        let mut returns = Vec::new();
+        l.e.take_probe_returns(&mut returns);
+        let chains = l.e.service_chains().to_vec();
+        let mut next = Vec::new();
+        let changes = self.monitor.tick(now * MS, &chains, &returns, &mut next);
+        for c in &changes {
+            l.e.set_probe_health(c.chain, c.instance, c.up);
+        }
+        (changes, next)
+    }
+}
+
+#[test]
+fn probes_cross_each_instance_both_ways_and_are_consumed() {
+    let mut l = lab("closed");
+    let mut p = Prober::new(&mut l);
+    let (changes, frames) = p.round(&mut l, 0, &[], |_| true);
+    assert!(changes.is_empty());
+    // Two instances, one frame into each side.
+    let mut ports: Vec<PortId> = frames.iter().map(|f| f.port).collect();
+    ports.sort();
+    let mut want: Vec<PortId> = l.ips.iter().flat_map(|(a, b)| [*a, *b]).collect();
+    want.sort();
+    assert_eq!(ports, want);
+    // Not due before the interval (500 ms by default): nothing new.
+    let (changes, early) = p.round(&mut l, 100, &frames, |_| true);
+    assert!(changes.is_empty() && early.is_empty());
+    let (changes, frames) = p.round(&mut l, 500, &[], |_| true);
+    assert!(changes.is_empty());
+    assert_eq!(frames.len(), 4);
+    let chain = &l.e.service_chains()[0];
+    assert!(
+        chain
+            .instances
+            .iter()
+            .all(|i| i.up && i.probe_up && i.probes_returned == 2)
+    );
+    assert_eq!(l.e.counters().drops[DropReason::ApplianceProbe.index()], 4);
+}
+
+#[test]
+fn an_instance_that_keeps_link_but_stops_forwarding_goes_down_and_comes_back() {
+    let mut l = lab("closed");
+    let mut p = Prober::new(&mut l);
+    let i = l.handshake(1, 40200);
+    let (_, mut frames) = p.round(&mut l, 0, &[], |_| true);
+    // Instance `i` stops forwarding: its link stays up.
+    let mut down_at = None;
+    for n in 1..=5u64 {
+        let (changes, next) = p.round(&mut l, n * 500, &frames, |x| x != i);
+        frames = next;
+        if !changes.is_empty() {
+            assert_eq!(changes.len(), 1);
+            assert_eq!((changes[0].instance as usize, changes[0].up), (i, false));
+            down_at = Some(n);
+            break;
+        }
+    }
+    // The round sent at 0 is closed lost at 500, 1000, 1500: down after 3 (the default).
+    assert_eq!(down_at, Some(3));
+    let inst = &l.e.service_chains()[0].instances[i];
+    assert!(inst.link_up && !inst.probe_up && !inst.up);
+    // Its connection moves to the other instance.
+    let (inp, _) = l.ips[1 - i];
+    let data = inbound(40200, (101, 501), TcpFlags::ACK | TcpFlags::PSH);
+    assert_eq!(l.send(2000, l.router, &data), (Disposition::Forward, vec![inp]));
+    assert_eq!(l.e.service_chains()[0].failovers, 1);
+    // One answered round is not enough; two are (the default up_after).
+    let (changes, next) = p.round(&mut l, 2000, &frames, |_| true);
+    assert!(changes.is_empty());
+    let (changes, _) = p.round(&mut l, 2500, &next, |_| true);
+    assert_eq!(changes.len(), 1);
+    assert!(changes[0].up);
+    assert!(l.e.service_chains()[0].instances[i].up);
+    let stats: Vec<_> = p.monitor.instances().filter(|s| s.missed > 0).collect();
+    assert_eq!(stats.len(), 1);
+    assert_eq!((stats[0].missed, stats[0].downs), (3, 1));
+}
+
+#[test]
+fn one_lost_round_does_not_take_an_instance_down() {
+    let mut l = lab("closed");
+    let mut p = Prober::new(&mut l);
+    let (_, mut frames) = p.round(&mut l, 0, &[], |_| true);
+    for n in 1..=8u64 {
+        // Every other round is lost: never three in a row.
+        let (changes, next) = p.round(&mut l, n * 500, &frames, |_| n % 2 == 0);
+        assert!(changes.is_empty(), "round {n}");
+        frames = next;
+    }
+}
+
+#[test]
+fn an_appliance_cannot_answer_for_another_instance_reflect_or_replay() {
+    let mut l = lab("closed");
+    let mut p = Prober::new(&mut l);
+    let (_, frames) = p.round(&mut l, 0, &[], |_| true);
+    let into = |l: &Lab, i: usize, side_in: bool| {
+        let port = if side_in { l.ips[i].0 } else { l.ips[i].1 };
+        frames.iter().find(|f| f.port == port).unwrap().frame.clone()
+    };
+    let notsteered = (Disposition::Drop(DropReason::ApplianceNotSteered), vec![]);
+    // Instance 1 sends out instance 0's forward probe: not its own.
+    let f0 = into(&l, 0, true);
+    assert_eq!(l.send(1, l.ips[1].1, &f0), notsteered);
+    // Instance 0 reflects it back out of the side it came in by.
+    assert_eq!(l.send(1, l.ips[0].0, &f0), notsteered);
+    // A probe with a tag it made up.
+    let mut forged = into(&l, 0, false);
+    let last = forged.len() - 1;
+    forged[last] ^= 0x5a;
+    assert_eq!(l.send(1, l.ips[0].0, &forged), notsteered);
+    assert_eq!(l.e.service_chains()[0].probes_rejected, 3);
+    let mut returns = Vec::new();
+    l.e.take_probe_returns(&mut returns);
+    assert!(returns.is_empty());
+    // Replaying the first round's answers forever does not keep an instance up.
+    let (b0, b0r) = (into(&l, 0, true), into(&l, 0, false));
+    let mut frames = frames.clone();
+    let mut went_down = false;
+    for n in 1..=4u64 {
+        assert_eq!(
+            l.send(n * 500, l.ips[0].1, &b0).0,
+            Disposition::Drop(DropReason::ApplianceProbe)
+        );
+        assert_eq!(
+            l.send(n * 500, l.ips[0].0, &b0r).0,
+            Disposition::Drop(DropReason::ApplianceProbe)
+        );
+        let (changes, next) = p.round(&mut l, n * 500, &frames, |x| x == 1);
+        went_down |= changes.iter().any(|c| c.instance == 0 && !c.up);
+        frames = next;
+    }
+    assert!(went_down);
+}
+
+#[test]
+fn a_chain_with_probes_off_is_healthy_on_link_alone_and_sends_none() {
+    let loaded = load(&MemorySource::new().with(
+        "p.yaml",
+        policy("closed").replace("    on_failure: closed\n", "    on_failure: closed\n    probe: off\n"),
+    ))
+    .unwrap();
+    assert!(!loaded.has_errors(), "{}", loaded.render());
+    assert_eq!(loaded.model.policy.service_chains[0].probe, None);
+    let mut l = lab("closed");
+    l.e.update_policy(Box::new(PolicyLookup::new(Compiler::new(loaded.model).unwrap())));
+    let mut p = Prober::new(&mut l);
+    let (_, frames) = p.round(&mut l, 0, &[], |_| true);
+    assert!(frames.is_empty());
+    // A stale "down" from before does not matter to an unprobed chain.
+    l.e.set_probe_health(0, 0, false);
+    assert!(l.e.service_chains()[0].instances[0].up);
+}

@@ -2806,13 +2806,15 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
     let started = Instant::now();
 
     // The appliance: its two vNICs bridged, a ruleset counting what crosses
-    // and dropping requests for the marked path "/X-EVIL".
+    // (the agent's health probes, UDP to 3785, pass uncounted) and dropping
+    // requests for the marked path "/X-EVIL".
     let ips = lab.plan().vms.iter().find(|v| v.name == "ips-1").unwrap().clone();
     let (a, b) = (&ips.vnics[0].guest_if, &ips.vnics[1].guest_if);
     let setup = format!(
         "ip link add br0 type bridge && ip link set {a} master br0 && ip link set {b} master br0 && \
          ip link set br0 up && nft add table bridge ips && \
          nft add chain bridge ips filt '{{ type filter hook forward priority 0; }}' && \
+         nft add rule bridge ips filt ether type ip udp dport 3785 accept && \
          nft add rule bridge ips filt counter && \
          nft add rule bridge ips filt '@ih,0,88 0x474554202f582d4556494c' counter drop"
     );
@@ -3001,6 +3003,10 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
         panic!("offload {body}: {e}; hv1's flows: {flows}")
     });
     assert!(String::from_utf8_lossy(&answer).contains("offloaded: allow"));
+    // A frame steered just before the offload may still be on its way into
+    // the appliance (a worker sends what it staged after releasing its
+    // engine, late on a loaded machine): counted from a second later.
+    assert!(fresh_lines(&lines, Duration::from_secs(1)) > 0, "the stream goes on");
     let at = appliance_counts(lab).0;
     assert!(fresh_lines(&lines, Duration::from_secs(1)) > 0, "the stream goes on");
     assert_eq!(appliance_counts(lab).0, at, "its packets no longer reach the appliance");
@@ -3035,6 +3041,151 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
         let _ = lab.kill(s);
     }
     eprintln!("service chain lab test: {:?}", started.elapsed());
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&policy);
+}
+
+/// Bridge `ips-1`'s two vNICs with the counting ruleset of the service-chain
+/// test (health probes pass uncounted).
+fn bridge_appliance(lab: &Lab) {
+    let ips = lab.plan().vms.iter().find(|v| v.name == "ips-1").unwrap().clone();
+    let (a, b) = (&ips.vnics[0].guest_if, &ips.vnics[1].guest_if);
+    let setup = format!(
+        "ip link add br0 type bridge && ip link set {a} master br0 && ip link set {b} master br0 && \
+         ip link set br0 up && nft add table bridge ips && \
+         nft add chain bridge ips filt '{{ type filter hook forward priority 0; }}' && \
+         nft add rule bridge ips filt ether type ip udp dport 3785 accept && \
+         nft add rule bridge ips filt counter && \
+         nft add rule bridge ips filt '@ih,0,88 0x474554202f582d4556494c' counter drop"
+    );
+    let out = lab
+        .exec("ips-1", &["sh", "-c", &setup], Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "appliance setup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An appliance that keeps its links up but stops forwarding (an nftables
+/// table dropping everything its bridge would forward, probes included) is
+/// found by the probes through it: out of service within the probe's
+/// bound, its `open` chain's flows pass around it, and when it forwards
+/// again it is back in service and inspecting.
+#[test]
+fn service_chain_probes_find_an_appliance_that_keeps_link_but_stops_forwarding() {
+    if !lab_possible() || !have("nft") {
+        return;
+    }
+    let _one = one_lab();
+    let policy = std::env::temp_dir().join("palisade-e2e-service-chain-probe");
+    let _ = std::fs::remove_dir_all(&policy);
+    service_chain_policy(&policy, "open", 1);
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        ..LabSpec::from_inventory(&policy).with_name("pe2p")
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    let guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let started = Instant::now();
+    bridge_appliance(lab);
+
+    let www = lab.state().state_dir.join("www-probe");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "web\n").unwrap();
+    std::fs::write(www.join("X-EVIL"), "evil\n").unwrap();
+    let dir = www.to_str().unwrap();
+    let mut server = lab
+        .spawn("web-1", &["busybox", "httpd", "-f", "-p", "80", "-h", dir])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let web1 = lab.vm_ip("web-1").unwrap().to_string();
+    let inet = lab.plan().internet_ns.clone();
+    let get = |path: &str| {
+        lab.exec_ns(
+            &inet,
+            &["curl", "-s", "-m", "2", &format!("http://{web1}/{path}")],
+            Duration::from_secs(10),
+        )
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+    };
+    let sock = lab.state().state_dir.join("hv1").join("agent.sock");
+    let value = |name: &str| -> u64 {
+        let metrics = palisade_agent::http::get_unix(&sock, "/metrics").unwrap();
+        let head = format!("{name}{{host=\"hv1\",chain=\"ns-ips\",appliance=\"ips-1\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&head)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {head} in\n{metrics}"))
+    };
+
+    // Healthy: probes come back, traffic goes through the appliance.
+    assert!(
+        eventually(Duration::from_secs(5), || value(
+            "palisade_service_chain_probes_returned_total"
+        ) >= 4),
+        "probes cross the appliance both ways"
+    );
+    assert_eq!(value("palisade_service_chain_probe_up"), 1);
+    assert!(get(""), "the internet reaches web-1 through the appliance");
+    assert!(!get("X-EVIL"), "the appliance drops the marked request");
+
+    // It stops forwarding; its links stay up.
+    let stop = "nft add table bridge halt && \
+                nft add chain bridge halt forwarding '{ type filter hook forward priority -10; }' && \
+                nft add rule bridge halt forwarding drop";
+    let out = lab.exec("ips-1", &["sh", "-c", stop], Duration::from_secs(5)).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stopped = Instant::now();
+    // Default probe: every 500 ms, down after 3 rounds lost: 1.5 s, plus a
+    // round in flight and the publication of the metrics (500 ms).
+    assert!(
+        eventually(Duration::from_secs(6), || value("palisade_service_chain_probe_up") == 0),
+        "the probes find it"
+    );
+    let found = stopped.elapsed();
+    assert_eq!(value("palisade_service_chain_instance_up"), 0);
+    let carrier = lab
+        .exec(
+            "ips-1",
+            &["cat", "/sys/class/net/eth0/carrier", "/sys/class/net/eth1/carrier"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&carrier.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["1", "1"],
+        "its links are still up"
+    );
+    // Open: the flows pass around it (the marked request too: not inspected).
+    assert!(get(""), "open: delivered without the appliance");
+    assert!(get("X-EVIL"), "open: around the appliance, not inspected");
+    assert!(value("palisade_service_chain_probe_rounds_missed_total") >= 3);
+    assert_eq!(value("palisade_service_chain_probe_downs_total"), 1);
+
+    // It forwards again: back in service after two answered rounds.
+    let out = lab
+        .exec(
+            "ips-1",
+            &["nft", "delete", "table", "bridge", "halt"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        eventually(Duration::from_secs(6), || value("palisade_service_chain_probe_up") == 1),
+        "the probes answer again"
+    );
+    assert!(get(""), "through the appliance again");
+    assert!(!get("X-EVIL"), "and inspected by it again");
+    eprintln!("service chain probes: an appliance that stopped forwarding was out of service after {found:?}");
+
+    let _ = lab.kill(&mut server);
+    eprintln!("service chain probe lab test: {:?}", started.elapsed());
     drop(guard);
     let _ = std::fs::remove_dir_all(&policy);
 }

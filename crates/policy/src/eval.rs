@@ -829,9 +829,16 @@ fn render_redirect(chain: Option<&ServiceChain>, name: &str) -> String {
         OnFailure::Open => "open: delivered without it",
         OnFailure::Closed => "closed: dropped",
     };
+    let health = match c.probe {
+        Some(p) => format!(
+            "probed every {} ms, down after {} lost, up after {} answered",
+            p.interval_ms, p.down_after, p.up_after
+        ),
+        None => "probe: off, link state only".to_string(),
+    };
     format!(
         "redirect: through service chain {name}, one of [{}] by a symmetric hash of the flow; both directions \
-         meet the same instance (no healthy instance: on_failure {on_failure})",
+         meet the same instance (no healthy instance: on_failure {on_failure}; {health})",
         instances.join(", ")
     )
 }

@@ -1235,7 +1235,11 @@ impl ModelBuilder {
         };
         for (k, v) in m {
             let Some(name) = self.string(k) else { continue };
-            let Some(f) = self.fields(v, &["on_failure", "appliances", "description"], "a service chain") else {
+            let Some(f) = self.fields(
+                v,
+                &["on_failure", "appliances", "probe", "description"],
+                "a service chain",
+            ) else {
                 continue;
             };
             let on_failure = match f.get("on_failure") {
@@ -1259,13 +1263,55 @@ impl ModelBuilder {
                     }
                 }
             }
+            let probe = match f.get("probe") {
+                None => Some(ChainProbe::default()),
+                Some(n) => self.chain_probe(n),
+            };
             self.service_chains.push(ServiceChain {
                 name,
                 on_failure,
                 appliances,
+                probe,
                 span: k.span.clone(),
             });
         }
+    }
+
+    /// A chain's `probe:`: `off`, or `{ interval_ms, down_after, up_after }`
+    /// (each defaulted when omitted, each bounded).
+    fn chain_probe(&mut self, node: &Node) -> Option<ChainProbe> {
+        if node.as_str() == Some("off") {
+            return None;
+        }
+        let mut probe = ChainProbe::default();
+        let Some(f) = self.fields(node, &["interval_ms", "down_after", "up_after"], "a probe") else {
+            return Some(probe);
+        };
+        let limits = [
+            ("interval_ms", ChainProbe::MIN_INTERVAL_MS, ChainProbe::MAX_INTERVAL_MS),
+            ("down_after", 1, ChainProbe::MAX_ROUNDS),
+            ("up_after", 1, ChainProbe::MAX_ROUNDS),
+        ];
+        for (key, min, max) in limits {
+            let Some(n) = f.get(key) else { continue };
+            let Some(v) = self.integer(n) else { continue };
+            if v < u64::from(min) || v > u64::from(max) {
+                self.err_hint(
+                    K::InvalidValue,
+                    &n.span,
+                    format!("probe {key} {v} is out of range"),
+                    format!("{min}..={max}"),
+                );
+                continue;
+            }
+            let v = v as u32;
+            match key {
+                "interval_ms" => probe.interval_ms = v,
+                "down_after" => probe.down_after = v,
+                _ => probe.up_after = v,
+            }
+        }
+        Some(probe)
     }
 
     /// One appliance of a service chain: `{ vm: VM, in: VNIC, out: VNIC }`.

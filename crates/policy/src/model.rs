@@ -515,9 +515,46 @@ pub struct ServiceChain {
     pub on_failure: OnFailure,
     /// Its instances (at least one).
     pub appliances: Vec<Appliance>,
+    /// The health probe sent through each instance (`None`: `probe: off`,
+    /// link state is the only health signal).
+    pub probe: Option<ChainProbe>,
     /// Where it was declared.
     #[serde(skip)]
     pub span: Span,
+}
+
+/// A service chain's health probe (`probe:`): every `interval_ms`, a
+/// probe frame enters each instance on each side and must come out of the
+/// other; `down_after` rounds in a row with a probe lost take the instance
+/// out of service, `up_after` rounds in a row with both back return it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ChainProbe {
+    /// Milliseconds between rounds (at least [`ChainProbe::MIN_INTERVAL_MS`]).
+    pub interval_ms: u32,
+    /// Rounds lost in a row that make an instance down (at least 1).
+    pub down_after: u32,
+    /// Rounds answered in a row that make a down instance up again (at least 1).
+    pub up_after: u32,
+}
+
+impl ChainProbe {
+    /// The shortest interval accepted: probes are housekeeping, not traffic.
+    pub const MIN_INTERVAL_MS: u32 = 50;
+    /// The longest interval accepted (a minute).
+    pub const MAX_INTERVAL_MS: u32 = 60_000;
+    /// The most rounds `down_after` and `up_after` may count.
+    pub const MAX_ROUNDS: u32 = 100;
+}
+
+impl Default for ChainProbe {
+    /// Every 500 ms; down after 3 lost rounds (1.5 s), up after 2 answered.
+    fn default() -> Self {
+        ChainProbe {
+            interval_ms: 500,
+            down_after: 3,
+            up_after: 2,
+        }
+    }
 }
 
 /// The policy proper: everything but the inventory.

@@ -152,6 +152,24 @@ fn bad_chains_are_refused_where_they_are_written() {
             (2, "maybe"),
         ),
         (
+            "probe interval too short",
+            "service_chains:\n  c: { probe: { interval_ms: 10 }, appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\n",
+            DiagnosticKind::InvalidValue,
+            (2, "10 }"),
+        ),
+        (
+            "probe down_after zero",
+            "service_chains:\n  c: { probe: { down_after: 0 }, appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\n",
+            DiagnosticKind::InvalidValue,
+            (2, "0 }"),
+        ),
+        (
+            "unknown key in a probe",
+            "service_chains:\n  c: { probe: { every: 3 }, appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\n",
+            DiagnosticKind::UnknownKey,
+            (2, "every"),
+        ),
+        (
             "unknown key in an appliance",
             "service_chains:\n  c: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out, port: 3 }] }\n",
             DiagnosticKind::UnknownKey,
@@ -186,4 +204,40 @@ fn bad_chains_are_refused_where_they_are_written() {
         };
         assert_eq!((d.line, d.column), (*line, column), "{what}: {}", l.render());
     }
+}
+
+#[test]
+fn a_chain_is_probed_by_default_and_its_probe_can_be_tuned_or_turned_off() {
+    use palisade_policy::model::ChainProbe;
+    let l = load_with(GOOD);
+    assert_eq!(
+        l.model.policy.service_chain("ns-ips").unwrap().probe,
+        Some(ChainProbe::default())
+    );
+    let tuned = GOOD.replace(
+        "    on_failure: open\n",
+        "    on_failure: open\n    probe: { interval_ms: 200, down_after: 5 }\n",
+    );
+    let l = load_with(&tuned);
+    assert!(!l.has_errors(), "{}", l.render());
+    assert_eq!(
+        l.model.policy.service_chain("ns-ips").unwrap().probe,
+        Some(ChainProbe {
+            interval_ms: 200,
+            down_after: 5,
+            up_after: 2
+        })
+    );
+    let off = GOOD.replace("    on_failure: open\n", "    on_failure: open\n    probe: off\n");
+    let l = load_with(&off);
+    assert!(!l.has_errors(), "{}", l.render());
+    assert_eq!(l.model.policy.service_chain("ns-ips").unwrap().probe, None);
+    assert!(explain_text(&off).contains("probe: off"));
+    assert!(explain_text(&tuned).contains("probed every 200 ms"));
+}
+
+fn explain_text(policy: &str) -> String {
+    let l = load_with(policy);
+    let e = explain(&l.model, &flow("203.0.113.9", "10.0.0.1"));
+    render_explanation(&e)
 }

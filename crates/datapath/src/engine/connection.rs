@@ -281,7 +281,7 @@ impl Engine {
     #[inline(always)]
     pub(super) fn track(
         &mut self,
-        pkt: &Packet,
+        pkt: &mut Packet,
         slot: Slot,
         reply: bool,
         tcp: Option<&TcpSeg>,
@@ -302,6 +302,15 @@ impl Engine {
         let tracked = self.conns.track_tcp(slot, seen, seg, sink, &mut self.counters)?;
         match tracked {
             Tracked::Accepted | Tracked::Ignored => Ok(true),
+            Tracked::Kill if self.reset_goes_through_appliance(pkt, slot) => {
+                // A steered connection's last packet goes through its
+                // appliance like the others: the connection (already marked
+                // ended) stays for it to be recognised when it comes back,
+                // and is cut then ([`Engine::returning`]), or now if the
+                // packet does not go to the appliance after all.
+                pkt.reset_pending = true;
+                Ok(true)
+            }
             Tracked::Kill => {
                 self.cut(slot, EndReason::Reset, now, sink);
                 Ok(true)

@@ -52,6 +52,7 @@ use crate::flow_table::CachedVerdict;
 use crate::flow_table::{FlowHash, FlowTable};
 use crate::lookup::ChainLookup;
 use crate::port::{self, PortError, PortId, UPLINK, UplinkConfig, VnicPort};
+use crate::probe::{ProbeKey, ProbeReturn};
 use crate::service::{ServiceChains, ServicePort};
 use crate::switch::{self, LastDestination, Location, MacTable};
 use crate::verdict::{Counters, DropReason, InspectProfile, Tally};
@@ -155,6 +156,10 @@ struct Packet {
     inspect: Option<InspectProfile>,
     /// It comes back from an appliance instance, on this side of it.
     service: Option<ServicePort>,
+    /// A reset that ends its (steered) connection, left standing until the
+    /// reset has been through the appliance
+    /// ([`Engine::reset_goes_through_appliance`]).
+    reset_pending: bool,
 }
 
 /// What a rejected packet's reply is built from ([`crate::render_reply`]):
@@ -227,6 +232,10 @@ pub struct Engine {
     any_quiesced: bool,
     /// The policy's service chains, resolved against the ports.
     services: ServiceChains,
+    /// The key appliance health probes are tagged with ([`Engine::set_probe_key`]).
+    probe_key: ProbeKey,
+    /// Probes taken back since the caller last took them ([`Engine::take_probe_returns`]).
+    probe_returns: Vec<ProbeReturn>,
 }
 
 impl core::fmt::Debug for Engine {
@@ -272,6 +281,8 @@ impl Engine {
             quiesced: Vec::new(),
             any_quiesced: false,
             services: ServiceChains::default(),
+            probe_key: ProbeKey::random(),
+            probe_returns: Vec::new(),
         };
         engine.resolve_services();
         engine
@@ -713,6 +724,7 @@ impl Engine {
             second_leg: false,
             inspect: None,
             service: None,
+            reset_pending: false,
         };
         let mut reply = None;
         let result = self.pipeline::<OFFLOADED>(&mut pkt, frame, offload, hint, sink, results);
@@ -787,8 +799,15 @@ impl Engine {
             if self.any_quiesced && self.is_quiesced(in_port) {
                 return Err(DropReason::VnicMigrating);
             }
+            let role = self.services.role(in_port);
+            if let Some(role) = role
+                && let Some(probe) = crate::probe::parse(frame)
+            {
+                // A health probe back through the appliance: consumed here.
+                return Err(self.probe_back(role, &probe));
+            }
             let mut l2 = parse_l2(frame, 0)?;
-            if let Some(role) = self.services.role(in_port) {
+            if let Some(role) = role {
                 // Back from an appliance: the frame carries the flow's
                 // addresses, not the appliance VM's. It is checked against
                 // the steered flows instead ([`Engine::check_return`]), and
@@ -943,7 +962,14 @@ impl Engine {
             self.not_to_appliance(to)?;
             let conn = self.decide(pkt, &info, hash, inner, sink)?;
             let to = match conn {
-                Some((slot, reply)) => self.steer(pkt, slot, reply, to)?,
+                Some((slot, reply)) => {
+                    let steered = self.steer(pkt, slot, reply, to);
+                    if pkt.reset_pending && !steered.is_ok_and(|to| self.is_appliance(to)) {
+                        // Its reset goes straight on (or nowhere): it ends here.
+                        self.cut(slot, EndReason::Reset, pkt.now, sink);
+                    }
+                    steered?
+                }
                 None => to,
             };
             self.push_outputs(to, pkt, true, Some(key), out);

@@ -12,7 +12,8 @@ use crate::decision::Results;
 use crate::events::EventSink;
 use crate::flow_table::FlowHash;
 use crate::port::PortId;
-use crate::service::{ChainStats, OffloadError, OffloadVerdict, Side, Steer};
+use crate::probe::{ProbeDirection, ProbeFields, ProbeKey, ProbeReturn};
+use crate::service::{ChainStats, OffloadError, OffloadVerdict, ServicePort, Side, Steer};
 use crate::switch::Location;
 use crate::table::Slot;
 use crate::verdict::DropReason;
@@ -56,6 +57,61 @@ impl Engine {
         self.services.set_link(port, up);
     }
 
+    /// Use `key` for the tags of appliance health probes: the key of the
+    /// [`crate::probe::ProbeMonitor`] that makes them (every engine of a
+    /// host the same, since a probe may come back to any of them).
+    pub fn set_probe_key(&mut self, key: ProbeKey) {
+        self.probe_key = key;
+    }
+
+    /// Report whether `instance` of `chain`'s health probes answer
+    /// ([`crate::probe::ProbeChange`]): an instance of a probed chain serves
+    /// while its link is up and its probes answer. Up until reported otherwise.
+    pub fn set_probe_health(&mut self, chain: u16, instance: u16, up: bool) {
+        self.services.set_probe(chain, instance, up);
+    }
+
+    /// Move the probes taken back since the last call (checked: tag,
+    /// instance, side) to `out`, for the monitor's next round.
+    pub fn take_probe_returns(&mut self, out: &mut Vec<ProbeReturn>) {
+        out.append(&mut self.probe_returns);
+    }
+
+    /// A probe-shaped frame that came in on appliance port `role`: credited
+    /// if its tag is right, it names this port's instance and it leaves the
+    /// instance on the side its direction leaves by; rejected (and counted)
+    /// otherwise. Either way it goes no further.
+    pub(super) fn probe_back(&mut self, role: ServicePort, probe: &ProbeFields) -> DropReason {
+        /// Returns kept between two takes: a few rounds of every instance.
+        const MAX_RETURNS: usize = 4096;
+        let leaves_by = match probe.direction {
+            ProbeDirection::Forward => Side::Out,
+            ProbeDirection::Reverse => Side::In,
+        };
+        let genuine = probe.chain == role.chain
+            && probe.instance == role.instance
+            && role.side == leaves_by
+            && probe.authentic(&self.probe_key);
+        if !genuine {
+            if let Some(c) = self.services.chain_mut(role.chain) {
+                c.probes_rejected += 1;
+            }
+            return DropReason::ApplianceNotSteered;
+        }
+        if let Some(i) = self.services.instance_mut(role.chain, role.instance) {
+            i.probes_returned += 1;
+        }
+        if self.probe_returns.len() < MAX_RETURNS {
+            self.probe_returns.push(ProbeReturn {
+                chain: probe.chain,
+                instance: probe.instance,
+                direction: probe.direction,
+                round: probe.round,
+            });
+        }
+        DropReason::ApplianceProbe
+    }
+
     /// An appliance's decision for the rest of the connection `key` belongs
     /// to (either direction): `allow` takes it off its chain, `drop` drops
     /// its later packets. It holds until the connection ends or a policy
@@ -86,6 +142,26 @@ impl Engine {
             }
         }
         s
+    }
+
+    /// Whether a packet whose TCP tracking ends its connection at once (a
+    /// reset before any reply) is on its
+    /// way into the connection's appliance: a packet of a steered
+    /// connection, not offloaded, that is not coming back from the
+    /// appliance (or from a router, on a routed flow's second leg).
+    pub(super) fn reset_goes_through_appliance(&self, pkt: &Packet, slot: Slot) -> bool {
+        pkt.service.is_none()
+            && !pkt.second_leg
+            && self
+                .conns
+                .get(slot)
+                .and_then(|c| c.steer)
+                .is_some_and(|s| s.offload.is_none())
+    }
+
+    /// Whether `to` is an appliance port (where [`Engine::steer`] sends a steered packet).
+    pub(super) fn is_appliance(&self, to: Option<Location>) -> bool {
+        matches!(to, Some(Location::Port(p)) if self.services.role(p).is_some())
     }
 
     /// A frame's L2 destination may not be an appliance port: appliances
@@ -214,6 +290,7 @@ impl Engine {
         }
         let (s, reply) = self.check_return(pkt, key)?;
         // Tracked, not classified: the connection exists (checked above).
+        // A reset that ends the connection (kept for it on its way in) ends it now.
         self.decide(pkt, info, hash, inner, sink)?;
         if let Some(inst) = self.services.instance_mut(s.chain, s.instance) {
             inst.returned += pkt.packets;
