@@ -1363,9 +1363,9 @@ impl Agent {
                 .zip(parts)
                 .map(|(core, part)| {
                     s.spawn(move || {
-                        // Imported connections are not new flows: their start was recorded before the restart.
-                        let mut events = Vec::new();
-                        lock(core).engine.import_decoded_where(part, now, &mut events, |_| true)
+                        // Imported connections are not new flows: their start was
+                        // recorded before the restart. Their events are not kept.
+                        lock(core).engine.import_decoded_where(part, now, &mut (), |_| true)
                     })
                 })
                 .collect();

@@ -26,7 +26,7 @@ use core::hash::BuildHasher;
 
 use palisade_wire::flow::FlowKey;
 
-use crate::table::Slot;
+use crate::table::{Slot, ZeroEmpty, ZeroedTable};
 use crate::verdict::{DropReason, InspectProfile};
 
 /// A cached verdict.
@@ -88,8 +88,50 @@ fn unpack(v: u32) -> Option<u32> {
     (v != NONE).then_some(v)
 }
 
+/// A bucket's verdict, or that it is empty: a [`CachedVerdict`] with an
+/// empty state whose byte is zero, so that zeroed memory is empty buckets
+/// (see [`ZeroEmpty`]). `repr(u8)` fixes the layout: the tag byte first,
+/// then the variant's field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum BucketVerdict {
+    /// An empty bucket.
+    Empty = 0,
+    Allow = 1,
+    Drop(DropReason) = 2,
+    AllowInspected(InspectProfile) = 3,
+}
+
+impl BucketVerdict {
+    #[inline(always)]
+    fn get(self) -> Option<CachedVerdict> {
+        match self {
+            BucketVerdict::Empty => None,
+            BucketVerdict::Allow => Some(CachedVerdict::Allow),
+            BucketVerdict::Drop(r) => Some(CachedVerdict::Drop(r)),
+            BucketVerdict::AllowInspected(p) => Some(CachedVerdict::AllowInspected(p)),
+        }
+    }
+
+    #[inline(always)]
+    fn is_empty(self) -> bool {
+        self == BucketVerdict::Empty
+    }
+}
+
+impl From<CachedVerdict> for BucketVerdict {
+    #[inline(always)]
+    fn from(v: CachedVerdict) -> Self {
+        match v {
+            CachedVerdict::Allow => BucketVerdict::Allow,
+            CachedVerdict::Drop(r) => BucketVerdict::Drop(r),
+            CachedVerdict::AllowInspected(p) => BucketVerdict::AllowInspected(p),
+        }
+    }
+}
+
 /// One bucket: a key and its entry, packed into one cache line.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C, align(64))]
 struct Bucket {
     key: FlowKey,
@@ -98,15 +140,20 @@ struct Bucket {
     epoch: u32,
     conn: u32,
     rules: [u32; 2],
-    /// `None` for an empty bucket.
-    verdict: Option<CachedVerdict>,
+    /// `Empty` for an empty bucket, whose other fields mean nothing.
+    verdict: BucketVerdict,
     /// High bits of the key's hash, compared before the key.
     tag: u16,
 }
 
 const _: () = assert!(core::mem::size_of::<Bucket>() == 64);
 
-impl Bucket {
+// SAFETY: every field of a bucket is an integer, an array of integers, a
+// struct of them (`FlowKey`, whose `Segment` and `IpProtocol` wrap integers),
+// or a `BucketVerdict`, whose zero tag is `Empty` (no field); so zero bytes
+// are a valid bucket, and it is `EMPTY`, all of whose fields are zero
+// (tested: `zeroed_buckets_are_empty`).
+unsafe impl ZeroEmpty for Bucket {
     const EMPTY: Bucket = Bucket {
         key: FlowKey {
             segment: palisade_wire::flow::Segment::UNTAGGED,
@@ -119,12 +166,15 @@ impl Bucket {
             icmp_code: 0,
         },
         epoch: 0,
-        conn: NONE,
-        rules: [NONE; 2],
-        verdict: None,
+        // Read only from occupied buckets, which set them.
+        conn: 0,
+        rules: [0; 2],
+        verdict: BucketVerdict::Empty,
         tag: 0,
     };
+}
 
+impl Bucket {
     fn entry(&self, verdict: CachedVerdict) -> FlowEntry {
         FlowEntry {
             // Widened back to the engine's epoch by the caller's comparison (see `get`).
@@ -149,7 +199,8 @@ impl FlowHash {
 /// The flow cache.
 #[derive(Clone)]
 pub struct FlowTable {
-    buckets: Box<[Bucket]>,
+    /// Allocated zeroed: untouched until used (see [`crate::table`]).
+    buckets: ZeroedTable<Bucket>,
     mask: usize,
     len: usize,
     capacity: usize,
@@ -183,7 +234,7 @@ impl FlowTable {
         let size = (capacity * 2).next_power_of_two();
         let random = foldhash::fast::RandomState::default();
         FlowTable {
-            buckets: crate::table::table_vec(size, || Bucket::EMPTY).into_boxed_slice(),
+            buckets: ZeroedTable::new(size),
             mask: size - 1,
             len: 0,
             capacity,
@@ -233,7 +284,7 @@ impl FlowTable {
         let mut i = hash.0 as usize & self.mask;
         loop {
             let b = &self.buckets[i];
-            if b.verdict.is_none() {
+            if b.verdict.is_empty() {
                 return Err(i);
             }
             if b.tag == tag && b.key == *key {
@@ -254,7 +305,7 @@ impl FlowTable {
     pub fn get_hashed(&self, key: &FlowKey, hash: FlowHash) -> Option<FlowEntry> {
         let i = self.probe(key, hash).ok()?;
         let b = &self.buckets[i];
-        b.verdict.map(|v| b.entry(v))
+        b.verdict.get().map(|v| b.entry(v))
     }
 
     /// The entry of `key` if it was cached under `epoch` (compared on the
@@ -266,7 +317,7 @@ impl FlowTable {
         if b.epoch != epoch as u32 {
             return None;
         }
-        b.verdict.map(|v| FlowEntry { epoch, ..b.entry(v) })
+        b.verdict.get().map(|v| FlowEntry { epoch, ..b.entry(v) })
     }
 
     /// Cache `entry` for `key`, evicting another flow when full; returns whether one was evicted.
@@ -281,7 +332,7 @@ impl FlowTable {
             epoch: entry.epoch as u32,
             conn: pack(entry.conn),
             rules: entry.rules.map(pack),
-            verdict: Some(entry.verdict),
+            verdict: entry.verdict.into(),
             tag: hash.tag(),
         };
         match self.probe(&key, hash) {
@@ -321,7 +372,7 @@ impl FlowTable {
         loop {
             j = (j + 1) & self.mask;
             let b = self.buckets[j];
-            if b.verdict.is_none() {
+            if b.verdict.is_empty() {
                 return;
             }
             let home = self.hash(&b.key).0 as usize & self.mask;
@@ -350,10 +401,8 @@ impl FlowTable {
             scanned += 1;
             let b = &self.buckets[i];
             match b.verdict {
-                Some(CachedVerdict::Drop(_)) => return self.remove_at(i),
-                Some(CachedVerdict::Allow | CachedVerdict::AllowInspected(_)) if fallback.is_none() => {
-                    fallback = Some(i)
-                }
+                BucketVerdict::Drop(_) => return self.remove_at(i),
+                BucketVerdict::Allow | BucketVerdict::AllowInspected(_) if fallback.is_none() => fallback = Some(i),
                 _ => {}
             }
             // Evict is only called on a full, hence non-empty, table.
@@ -393,6 +442,53 @@ mod tests {
             conn: Some(conn),
             rules: [Some(3), None],
         }
+    }
+
+    /// `ZeroEmpty` for buckets: a zeroed table, small (from the allocator)
+    /// or large (mapped), is empty buckets, and a zero verdict byte is `Empty`.
+    #[test]
+    fn zeroed_buckets_are_empty() {
+        let sizes: &[usize] = if cfg!(miri) { &[1, 64] } else { &[1, 64, 1 << 16] };
+        for &n in sizes {
+            let t = ZeroedTable::<Bucket>::new(n);
+            assert!(t.iter().all(|b| *b == Bucket::EMPTY && b.verdict.is_empty()), "{n}");
+            assert_eq!(t.as_ptr() as usize % 64, 0, "buckets are cache-line aligned");
+        }
+        assert_eq!(core::mem::size_of::<BucketVerdict>(), 2);
+        for v in [
+            CachedVerdict::Allow,
+            CachedVerdict::Drop(DropReason::PolicyDeny),
+            CachedVerdict::AllowInspected(InspectProfile(core::num::NonZeroU8::new(3).unwrap())),
+        ] {
+            assert_eq!(BucketVerdict::from(v).get(), Some(v));
+            assert!(!BucketVerdict::from(v).is_empty());
+        }
+        assert_eq!(BucketVerdict::Empty.get(), None);
+    }
+
+    /// A large cache (its buckets mapped, not written at creation) behaves as
+    /// a small one: every flow found, removed ones gone, through wrap-around.
+    #[test]
+    fn large_cache_finds_what_it_holds() {
+        let n = if cfg!(miri) { 200 } else { 40_000 };
+        let mut t = FlowTable::new(n);
+        for p in 0..n as u16 {
+            assert!(!t.insert(k(p), allow(u32::from(p))));
+        }
+        for p in (0..n as u16).step_by(3) {
+            t.remove(&k(p));
+        }
+        for p in 0..n as u16 {
+            let got = t.get(&k(p));
+            if p % 3 == 0 {
+                assert_eq!(got, None, "{p}");
+            } else {
+                assert_eq!(got, Some(allow(u32::from(p))), "{p}");
+            }
+        }
+        let copy = t.clone();
+        assert_eq!(copy.get(&k(1)), Some(allow(1)));
+        assert_eq!(copy.len(), t.len());
     }
 
     #[test]

@@ -168,33 +168,14 @@ impl Snapshot {
     }
 }
 
-/// CRC-32 (IEEE 802.3, reflected), a byte at a time from a table: an
-/// agent's restart checks and writes a megabyte of state per 10,000
-/// connections (the bitwise loop cost tens of milliseconds there).
+/// CRC-32 (IEEE 802.3, reflected; the zlib and Ethernet checksum). An
+/// agent's restart checks a megabyte of state per 10,000 connections before
+/// its first new flow, and a snapshot round writes as much: computed with the
+/// carry-less multiply instructions where the CPU has them (`crc32fast`),
+/// several times faster than a byte at a time from a table.
 pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc = CRC32_TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
+    crc32fast::hash(data)
 }
-
-/// The CRC of each byte value, reflected polynomial 0xedb88320.
-const CRC32_TABLE: [u32; 256] = {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = (c >> 1) ^ (0xedb8_8320 & (c & 1).wrapping_neg());
-            k += 1;
-        }
-        t[i] = c;
-        i += 1;
-    }
-    t
-};
 
 /// Encode `conns` of vNIC `vnic` at `now` (the exporter's clock).
 pub fn encode(vnic: &str, policy_version: u64, conns: &[Conn], now: u64) -> Vec<u8> {
@@ -496,6 +477,30 @@ fn segment_from_raw(raw: u32) -> Option<Segment> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The checksum is the standard CRC-32: its check value, and a byte at
+    /// a time from the reflected polynomial (as written before) on odd sizes.
+    #[test]
+    fn crc32_is_the_standard_one() {
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+        assert_eq!(crc32(b""), 0);
+        let bitwise = |data: &[u8]| {
+            let mut crc = !0u32;
+            for &b in data {
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = (crc >> 1) ^ (0xedb8_8320 & (crc & 1).wrapping_neg());
+                }
+            }
+            !crc
+        };
+        let data: Vec<u8> = (0..3000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for n in [1, 3, 15, 16, 17, 63, 64, 65, 1000, 3000] {
+            assert_eq!(crc32(&data[..n]), bitwise(&data[..n]), "{n} bytes");
+        }
+    }
 
     fn conn() -> Conn {
         let key = FlowKey {

@@ -29,6 +29,11 @@ rules:
 
 /// An engine with room for `flows` connections, vNICs a.0 and b.0 attached; returns a.0's port.
 pub fn engine(flows: usize) -> (Engine, PortId) {
+    engine_sized(flows, flows)
+}
+
+/// [`engine`] with a flow cache of `flows` and a connection table of `conns`.
+pub fn engine_sized(flows: usize, conns: usize) -> (Engine, PortId) {
     let loaded = load(&MemorySource::new().with("p.yaml", POLICY)).expect("policy loads");
     assert!(!loaded.has_errors(), "{}", loaded.render());
     let model = loaded.model.clone();
@@ -40,7 +45,7 @@ pub fn engine(flows: usize) -> (Engine, PortId) {
         flood: vec![],
     });
     cfg.flow_capacity = flows;
-    cfg.conn_capacity = flows;
+    cfg.conn_capacity = conns;
     let mut e = Engine::new(cfg, Box::new(PolicyLookup::new(compiler)));
     let a = e
         .add_vnic(port::vnic_from_model(&model, "a.0", &[], u32::MAX).expect("vNIC a.0"))
