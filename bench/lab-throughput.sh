@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Throughput of three datapaths on one lab shape, back to back, same traffic:
 #
-#   palisade  the Palisade agents (AF_PACKET TPACKET_V3 with virtio-net
-#             headers + VXLAN over UDP), stateful policy: client -> server
+#   palisade  the Palisade agents (AF_PACKET with virtio-net headers, read
+#             with recvmmsg + VXLAN over UDP), stateful policy: client -> server
 #             icmp, tcp/5201, udp/5201 only
 #   ovs       Open vSwitch userspace datapath (datapath_type=netdev, AF_PACKET
 #             ports, userspace VXLAN via br-phy), equivalent ct() rules, with
@@ -325,8 +325,100 @@ ksoftirqd=$(pgrep -x 'ksoftirqd/[0-9]+' | tr '\n' ' ' || true)
 # network receive work that is not done in a process's own context) over the
 # test, per Gbit moved. The machine is shared, so /proc/stat alone cannot
 # tell this run's CPU from other work; its busy cores are reported beside.
+# Where a test loses packets or time (the `losses` object of each TCP test, and
+# of the UDP test without the TCP and round-trip fields):
+# counters read before and after the test, their differences reported.
+#   client_retrans_segs, client_lost_retransmit, client_sack_recoveries: the
+#     sender's TCP (nstat in the client VM: TcpRetransSegs,
+#     TcpExtTCPLostRetransmit, TcpExtTCPSackRecovery)
+#   server_ofo_segs: segments the receiver queued out of order
+#     (TcpExtTCPOFOQueue: a loss or reordering on the way)
+#   server_udp_rcvbuf_errors: datagrams the server VM's sockets dropped for
+#     a full receive buffer (UdpRcvbufErrors; the UDP test's receiver)
+#   hosts_udp_rcvbuf_errors: datagrams the host namespaces' UDP sockets
+#     dropped for a full receive buffer (UdpRcvbufErrors: the underlay
+#     sockets of the agents; the kernel vxlan device counts elsewhere)
+#   agents_drops, agents_kernel_drops, agents_tx_errors: the Palisade
+#     agents' own counters (palisade_drops_total, the AF_PACKET rings'
+#     PACKET_STATISTICS drops, send errors), summed over both hosts; null
+#     for the other datapaths
+#   rtt_ms_median, rtt_ms_max: round trips of ICMP echoes the client sends
+#     to the server every 100 ms during the test (busybox ping), i.e. the
+#     queueing and batching delay a packet meets beside the stream.
+nstat_of() { # ns counter...: absolute values, one "name value" a line
+    local ns=$1
+    shift
+    ip netns exec "$ns" nstat -asz "$@" 2>/dev/null | awk 'NR > 1 {print $1, $2}'
+}
+
+counter() { # file name: the value of name in a "name value" file, 0 if absent
+    awk -v n="$2" '$1 == n {v = $2} END {print v + 0}' "$1"
+}
+
+agent_counters() { # file: "name value" lines summed over both agents' metrics (none: no agents)
+    local h ns port
+    : >"$1"
+    [ "${agents_up:-0}" = 1 ] || return 0
+    for h in hv1 hv2; do
+        ns=$([ $h = hv1 ] && echo "$ns1" || echo "$ns2")
+        port=$(awk -F'"' '/^metrics = /{print $2}' "$state/agents/$h.toml")
+        [ -n "$port" ] || continue
+        ip netns exec "$ns" curl -s --max-time 2 "http://$port/metrics" 2>/dev/null |
+            awk '/^palisade_drops_total/ {d += $NF}
+                 /^palisade_port_kernel_drops_total/ {k += $NF}
+                 /^palisade_port_tx_errors_total/ {t += $NF}
+                 END {print "drops", d + 0; print "kernel_drops", k + 0; print "tx_errors", t + 0}' |
+            sed "s/^/$h /" >>"$1"
+    done
+}
+
+loss_snapshot() { # prefix: write $prefix.{client,server,hosts,agents}
+    nstat_of "$cns" TcpRetransSegs TcpExtTCPLostRetransmit TcpExtTCPSackRecovery TcpExtTCPTimeouts >"$1.client"
+    # (Its second column, hexadecimal: frames the per-CPU backlog dropped, e.g. a full veth queue.)
+    echo "softnet_drops $(( $(cut -d' ' -f2 /proc/net/softnet_stat | sed 's/^/+0x/' | tr -d '\n') ))" >"$1.softnet"
+    nstat_of "$sns" TcpExtTCPOFOQueue UdpRcvbufErrors >"$1.server"
+    { nstat_of "$ns1" UdpRcvbufErrors; nstat_of "$ns2" UdpRcvbufErrors; } >"$1.hosts"
+    agent_counters "$1.agents"
+}
+
+sum_of() { # file name: the sum of name's values ("name value" or "host name value" lines)
+    awk -v n="$2" '$(NF - 1) == n {v += $NF} END {print v + 0}' "$1"
+}
+
+losses_json() { # before-prefix after-prefix ping-log
+    local b=$1 a=$2 rtts
+    rtts=$(sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' "$3" | sort -n)
+    jq -cn \
+        --argjson cr "$(($(counter "$a.client" TcpRetransSegs) - $(counter "$b.client" TcpRetransSegs)))" \
+        --argjson cl "$(($(counter "$a.client" TcpExtTCPLostRetransmit) - $(counter "$b.client" TcpExtTCPLostRetransmit)))" \
+        --argjson cs "$(($(counter "$a.client" TcpExtTCPSackRecovery) - $(counter "$b.client" TcpExtTCPSackRecovery)))" \
+        --argjson ct "$(($(counter "$a.client" TcpExtTCPTimeouts) - $(counter "$b.client" TcpExtTCPTimeouts)))" \
+        --argjson sn "$(($(counter "$a.softnet" softnet_drops) - $(counter "$b.softnet" softnet_drops)))" \
+        --argjson so "$(($(counter "$a.server" TcpExtTCPOFOQueue) - $(counter "$b.server" TcpExtTCPOFOQueue)))" \
+        --argjson ur "$(($(sum_of "$a.hosts" UdpRcvbufErrors) - $(sum_of "$b.hosts" UdpRcvbufErrors)))" \
+        --argjson sr "$(($(counter "$a.server" UdpRcvbufErrors) - $(counter "$b.server" UdpRcvbufErrors)))" \
+        --arg agents "$([ -s "$a.agents" ] && echo yes)" \
+        --argjson ad "$(($(sum_of "$a.agents" drops) - $(sum_of "$b.agents" drops)))" \
+        --argjson ak "$(($(sum_of "$a.agents" kernel_drops) - $(sum_of "$b.agents" kernel_drops)))" \
+        --argjson at "$(($(sum_of "$a.agents" tx_errors) - $(sum_of "$b.agents" tx_errors)))" \
+        --argjson ak1 "$(($(grep '^hv1 ' "$a.agents" | sum_of /dev/stdin kernel_drops) - $(grep '^hv1 ' "$b.agents" | sum_of /dev/stdin kernel_drops)))" \
+        --arg rtts "$rtts" '
+        ($rtts | split("\n") | map(select(length > 0) | tonumber)) as $r
+        | { client_retrans_segs: $cr, client_lost_retransmit: $cl, client_sack_recoveries: $cs,
+            client_timeouts: $ct, server_ofo_segs: $so, server_udp_rcvbuf_errors: $sr,
+            hosts_udp_rcvbuf_errors: $ur, softnet_drops: $sn,
+            agents_drops: (if $agents == "yes" then $ad else null end),
+            agents_kernel_drops: (if $agents == "yes" then $ak else null end),
+            agents_kernel_drops_hv1: (if $agents == "yes" then $ak1 else null end),
+            agents_tx_errors: (if $agents == "yes" then $at else null end),
+            rtt_ms_median: (if ($r | length) > 0 then $r[($r | length) / 2 | floor] else null end),
+            rtt_ms_max: (if ($r | length) > 0 then $r[-1] else null end) }'
+}
+
 tcp_test() { # datapath streams
-    local dp=$1 p=$2 out="$tmp/tcp$2-$1.json" j1 j2 w1 w2 d1 d2 k1 k2 during
+    local dp=$1 p=$2 out="$tmp/tcp$2-$1.json" j1 j2 w1 w2 d1 d2 k1 k2 during pinger losses
+    loss_snapshot "$tmp/loss-before"
+    pinger=$(start_bg "$tmp/ping-$dp-$p.log" ip netns exec "$cns" busybox ping -i 0.1 -w "$seconds" "$sip")
     j1=$(cpu_jiffies)
     d1=$(proc_ticks $dp_pids)
     k1=$(proc_ticks $ksoftirqd)
@@ -337,10 +429,13 @@ tcp_test() { # datapath streams
     j2=$(cpu_jiffies)
     d2=$(proc_ticks $dp_pids)
     k2=$(proc_ticks $ksoftirqd)
+    stop_pid "$pinger"
+    loss_snapshot "$tmp/loss-after"
+    losses=$(losses_json "$tmp/loss-before" "$tmp/loss-after" "$tmp/ping-$dp-$p.log")
     # shellcheck disable=SC2086
     during=$(busy_cores $j1 $j2)
     jq -c --argjson during "$during" --argjson dpt "$((d2 - d1))" --argjson kst "$((k2 - k1))" \
-        --argjson clk "$clk" --argjson w1 "$w1" --argjson w2 "$w2" '
+        --argjson clk "$clk" --argjson w1 "$w1" --argjson w2 "$w2" --argjson losses "$losses" '
         (.end.sum_received.bits_per_second / 1e9) as $g
         | ($w2 - $w1) as $wall
         | (.end.sum_received.seconds) as $secs
@@ -356,12 +451,13 @@ tcp_test() { # datapath streams
             ksoftirqd_cores: ($kss / $wall * 100 | round / 100),
             iperf_client_cpu_pct: (.end.cpu_utilization_percent.host_total * 10 | round / 10),
             iperf_server_cpu_pct: (.end.cpu_utilization_percent.remote_total * 10 | round / 10),
-            machine_busy_cores: ($during * 100 | round / 100) }' "$out"
+            machine_busy_cores: ($during * 100 | round / 100),
+            losses: $losses }' "$out"
 }
 
 # Measure the current datapath; write $tmp/result-$dp.json.
 measure() { # datapath expect-reverse-blocked(true|false)
-    local dp=$1 expect_blocked=$2 srv i ok=0 rsrv blocked tcp1 tcp8 udp vm_tso
+    local dp=$1 expect_blocked=$2 srv i ok=0 rsrv blocked tcp1 tcp8 udp vm_tso rtt_idle udp_losses
     # (tx-tcp-segmentation itself: the "tcp-segmentation-offload" summary line says "on"
     # while TSO is off for want of checksum offload.)
     vm_tso=$(ip netns exec "$cns" ethtool -k eth0 2>/dev/null | awk '$1 == "tx-tcp-segmentation:" {print $2}')
@@ -389,12 +485,22 @@ measure() { # datapath expect-reverse-blocked(true|false)
     [ "$blocked" = "$expect_blocked" ] ||
         log "WARNING: $dp: reverse TCP connection blocked=$blocked, expected $expect_blocked"
 
+    # Round trip with no other traffic: the datapath's own delay.
+    ip netns exec "$cns" busybox ping -i 0.05 -c 20 "$sip" >"$tmp/ping-idle-$dp.log" 2>&1 || true
+    rtt_idle=$(sed -n 's/.*time=\([0-9.]*\) ms.*/\1/p' "$tmp/ping-idle-$dp.log" | sort -n |
+        awk '{v[NR] = $1} END {if (NR) print v[int((NR + 1) / 2)]; else print "null"}')
     tcp1=$(tcp_test "$dp" 1)
     sleep 1
     tcp8=$(tcp_test "$dp" 8)
     sleep 1
+    loss_snapshot "$tmp/loss-before"
     ip netns exec "$cns" timeout $((seconds + 30)) iperf3 -c "$sip" -p 5201 -u -l 64 -b 0 -t "$seconds" -J \
         >"$tmp/udp-$dp.json" || { cat "$tmp/udp-$dp.json" >&2; die "$dp: iperf3 UDP failed"; }
+    loss_snapshot "$tmp/loss-after"
+    : >"$tmp/ping-none"
+    udp_losses=$(losses_json "$tmp/loss-before" "$tmp/loss-after" "$tmp/ping-none" |
+        jq -c '{server_udp_rcvbuf_errors, hosts_udp_rcvbuf_errors, softnet_drops, agents_drops, agents_kernel_drops, agents_kernel_drops_hv1,
+                agents_tx_errors}')
     stop_pid "$srv"
 
     # The server's counts: packets is the highest sequence number seen, so
@@ -402,14 +508,17 @@ measure() { # datapath expect-reverse-blocked(true|false)
     udp=$(jq -c '.end as $e | {
         sent_kpps: ($e.sum_sent.packets / $e.sum_sent.seconds / 1e3),
         rx_kpps: (($e.sum_received.packets - $e.sum_received.lost_packets) / $e.sum_received.seconds / 1e3),
-        loss_pct: $e.sum_received.lost_percent } | with_entries(.value |= (. * 100 | round / 100))' "$tmp/udp-$dp.json")
+        loss_pct: $e.sum_received.lost_percent } | with_entries(.value |= (. * 100 | round / 100))' "$tmp/udp-$dp.json" |
+        jq -c --argjson l "$udp_losses" '. + {losses: $l}')
     jq -cn --arg dp "$dp" --argjson tcp1 "$tcp1" --argjson tcp8 "$tcp8" --argjson udp "$udp" --argjson blocked "$blocked" \
         --argjson s "$seconds" --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" --arg off "$vm_offloads_now" \
+        --argjson rtt_idle "$rtt_idle" \
         --arg tso "$vm_tso" --arg ovstso "$ovs_tso" \
         '{datapath: $dp, shape: "2 hosts, 1 VM each, one zone, VXLAN underlay (MTU 1600)", seconds: $s,
           vm_offloads: $off, vm_tso: $tso}
          + (if $dp == "ovs" then {ovs_userspace_tso: $ovstso} else {} end)
-         + {tcp1: $tcp1, tcp8: $tcp8, udp64: $udp, reverse_tcp_blocked: $blocked, loadavg_after: $load}' |
+         + {rtt_idle_ms: $rtt_idle, tcp1: $tcp1, tcp8: $tcp8, udp64: $udp, reverse_tcp_blocked: $blocked,
+            loadavg_after: $load}' |
         tee "$tmp/result-$dp.json"
 }
 
@@ -433,7 +542,9 @@ phase_palisade() {
         done
     done
     dp_pids="${pid[hv1]} ${pid[hv2]}"
+    agents_up=1
     measure palisade true
+    agents_up=0
     dp_pids=""
     stop_recorded
     for h in hv1 hv2; do

@@ -498,17 +498,15 @@ fn build_engine(
     Ok((built.engine, ports))
 }
 
-/// Open worker `index`'s sockets: one on every port's interface (in the
-/// fanout group of that interface when there are several workers), its
-/// port on every vhost-user vNIC (from `vhost`), and one on the underlay.
-/// Workers must open theirs in index order: the kernel numbers group
-/// members in the order they join.
 /// The AF_PACKET settings of one worker's port when there are `workers`.
+///
+/// Every worker's ring keeps the default size: the kernel steers a
+/// connection to one worker, so one worker's ring alone must hold a single
+/// stream's bursts. (Sharing one ring's memory out between the workers
+/// left a 4 MiB ring per worker with two; a single TCP stream overflowed it
+/// and lost whole super-frames, see bench/README.md.)
 fn af_packet_config(workers: usize) -> AfPacketConfig {
     AfPacketConfig {
-        // The traffic is shared out too, so the rings are: about the same
-        // memory per interface whatever the number of workers.
-        block_count: (AfPacketConfig::default().block_count / workers).max(2),
         fanout: (workers > 1).then_some(Fanout {
             workers: workers as u32,
             group: None,

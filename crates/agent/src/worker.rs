@@ -22,7 +22,9 @@
 //! on the underlay, each segment's payload) from where they lie.
 //!
 //! A worker thread waits for any of its sockets, runs each ready one's batch
-//! through its engine, sends the staged outputs, expires connections once a
+//! through its engine and sends that batch's staged outputs before it reads
+//! the next socket (so one direction of a stream never waits behind a batch
+//! of the other), expires connections once a
 //! second, and turns its flow events into audit records itself (rule ids are
 //! its engine's), which it hands to the control thread over a channel. The
 //! engine sits behind a mutex that the worker holds for one round at a time;
@@ -361,7 +363,7 @@ impl Worker {
         let mut records = Vec::new();
         let mut last_housekeeping = Instant::now();
         let mut last_update_round = 0;
-        let (mut quiesced, mut quiesced_drops) = (Vec::new(), 0u64);
+        let mut quiesced_drops = 0u64;
         while !halt.load(Ordering::Relaxed) {
             let ready = match wait_readable(&fds, Duration::from_millis(100)) {
                 Ok(r) => r,
@@ -376,6 +378,8 @@ impl Worker {
                     inline: core.inline.as_mut(),
                     identities: &core.identities,
                 };
+                // Events before this one are in the journal.
+                let mut journaled = 0;
                 for i in ready {
                     let engine = &mut core.engine;
                     if i == overlay_index {
@@ -456,6 +460,13 @@ impl Worker {
                             eprintln!("palisade agent: worker {}: receive on {}: {e}", self.index, p.interface);
                         }
                     }
+                    // This socket's outputs leave before the next socket's batch is
+                    // read: a stream's ACKs (or its data) are not held behind up to
+                    // 64 super-frames of the other direction. Its connection events
+                    // are journaled first, as before any frame of theirs leaves.
+                    journal_events(&mut core.journal, &core.engine, &events[journaled..], now);
+                    journaled = events.len();
+                    quiesced_drops += send_staged(&mut self.io, &mut staging, &mut sockets, &core.quiesced);
                 }
                 if last_housekeeping.elapsed() >= Duration::from_secs(1) {
                     last_housekeeping = Instant::now();
@@ -479,112 +490,120 @@ impl Worker {
                         }
                     }
                 }
-                if let Some(j) = &mut core.journal {
-                    // Connection events only (a few per connection), never per packet.
-                    let table = core.engine.conntrack();
-                    for ev in &events {
-                        j.note(ev, table.find(&ev.key).and_then(|s| table.get(s)), now);
-                    }
-                }
+                journal_events(&mut core.journal, &core.engine, &events[journaled..], now);
                 for ev in events.drain(..) {
                     if let Some(rec) = records::flow_record(&ev, &self.host, &core.engine, &core.identities, self.clock)
                     {
                         records.push(rec);
                     }
                 }
-                // Stats as of the previous round's sends: one round late, never torn.
+                // Service chains' health probes the control thread queued
+                // here: into their appliance ports, with this round's sends.
+                if !core.probe_out.is_empty() {
+                    for probe in core.probe_out.drain(..) {
+                        let n = probe.frame.len();
+                        staging.push(Dest::Port(probe.port), n, Some(Offload::NONE), |buf| {
+                            buf.get_mut(..n)?.copy_from_slice(&probe.frame);
+                            Some(n)
+                        });
+                    }
+                    quiesced_drops += send_staged(&mut self.io, &mut staging, &mut sockets, &core.quiesced);
+                }
+                // Stats as of this round's sends (read under the lock: never torn).
                 core.port_stats.clear();
                 core.port_stats.extend(self.io.ports.iter().map(|p| p.io.stats()));
                 core.overlay_stats = self.io.overlay.stats();
                 core.unroutable = staging.unroutable;
                 core.render_errors = staging.render_errors;
                 core.quiesced_drops = quiesced_drops;
-                quiesced.clone_from(&core.quiesced);
-                for probe in core.probe_out.drain(..) {
-                    let n = probe.frame.len();
-                    staging.push(Dest::Port(probe.port), n, Some(Offload::NONE), |buf| {
-                        buf.get_mut(..n)?.copy_from_slice(&probe.frame);
-                        Some(n)
-                    });
-                }
             }
-            quiesced_drops += self.send_staged(&mut staging, &mut sockets, &quiesced);
             if !records.is_empty() && self.records.send(std::mem::take(&mut records)).is_err() {
                 return Err(WorkerFailure::ControlGone);
             }
         }
         Ok(())
     }
+}
 
-    /// Send the staged frames; returns how many were dropped for a quiesced port.
-    fn send_staged(&mut self, staging: &mut Staging, sockets: &mut Sockets, quiesced: &[PortId]) -> u64 {
-        let mut dropped = 0;
-        let mut to_underlay = false;
-        for &(dest, _, _) in &staging.items {
-            match dest {
-                Dest::Port(p) if quiesced.contains(&p) => dropped += 1,
-                Dest::Port(p) => {
-                    if let Some(i) = sockets.of(p) {
-                        sockets.touched[i] = true;
-                    }
-                }
-                Dest::Overlay(_) => to_underlay = true,
-            }
+/// Note connection events in the crash journal, if there is one: a few per
+/// connection, never per packet.
+fn journal_events(journal: &mut Option<crate::journal::Journal>, engine: &Engine, events: &[FlowEvent], now: u64) {
+    if let Some(j) = journal {
+        let table = engine.conntrack();
+        for ev in events {
+            j.note(ev, table.find(&ev.key).and_then(|s| table.get(s)), now);
         }
-        for i in 0..sockets.touched.len() {
-            if !std::mem::take(&mut sockets.touched[i]) {
-                continue;
-            }
-            // Each port's frames in one call, sent from the staging buffer
-            // where they lie. Send errors are counted by the port (tx_errors,
-            // offload_errors) and show in metrics. A port with virtio-net
-            // headers hands a super-frame to the kernel whole; one without
-            // segments it.
-            let port = self.io.ports[i].port;
-            let mut start = 0;
-            let mut frames = staging.items.iter().filter_map(|(dest, end, offload)| {
-                let frame = &staging.buf[start..*end];
-                start = *end;
-                matches!(dest, Dest::Port(p) if *p == port).then_some((frame, offload))
-            });
-            let _ = self.io.ports[i].io.send_frames(&mut frames);
-        }
-        if to_underlay {
-            // One batch, in order: a super-frame is cut by the kernel
-            // (UDP_SEGMENT), each packet's headers written apart and its
-            // payload sent from the staging buffer where it lies.
-            let mut start = 0;
-            let mut frames = staging.items.iter().filter_map(|&(dest, end, offload)| {
-                let frame = &staging.buf[start..end];
-                start = end;
-                match dest {
-                    Dest::Overlay(remote) => {
-                        let (prefix, inner) = frame.split_at(vxlan::HEADER_LEN.min(frame.len()));
-                        Some(if offload == Offload::NONE {
-                            // A plain frame: one datagram, the VXLAN header included.
-                            Outgoing {
-                                remote,
-                                prefix: &[],
-                                frame,
-                                offload,
-                            }
-                        } else {
-                            Outgoing {
-                                remote,
-                                prefix,
-                                frame: inner,
-                                offload,
-                            }
-                        })
-                    }
-                    Dest::Port(_) => None,
-                }
-            });
-            let _ = self.io.overlay.send_batch(&mut frames);
-        }
-        staging.clear();
-        dropped
     }
+}
+
+/// Send the staged frames; returns how many were dropped for a quiesced port.
+fn send_staged(io: &mut WorkerIo, staging: &mut Staging, sockets: &mut Sockets, quiesced: &[PortId]) -> u64 {
+    let mut dropped = 0;
+    let mut to_underlay = false;
+    for &(dest, _, _) in &staging.items {
+        match dest {
+            Dest::Port(p) if quiesced.contains(&p) => dropped += 1,
+            Dest::Port(p) => {
+                if let Some(i) = sockets.of(p) {
+                    sockets.touched[i] = true;
+                }
+            }
+            Dest::Overlay(_) => to_underlay = true,
+        }
+    }
+    for i in 0..sockets.touched.len() {
+        if !std::mem::take(&mut sockets.touched[i]) {
+            continue;
+        }
+        // Each port's frames in one call, sent from the staging buffer
+        // where they lie. Send errors are counted by the port (tx_errors,
+        // offload_errors) and show in metrics. A port with virtio-net
+        // headers hands a super-frame to the kernel whole; one without
+        // segments it.
+        let port = io.ports[i].port;
+        let mut start = 0;
+        let mut frames = staging.items.iter().filter_map(|(dest, end, offload)| {
+            let frame = &staging.buf[start..*end];
+            start = *end;
+            matches!(dest, Dest::Port(p) if *p == port).then_some((frame, offload))
+        });
+        let _ = io.ports[i].io.send_frames(&mut frames);
+    }
+    if to_underlay {
+        // One batch, in order: a super-frame is cut by the kernel
+        // (UDP_SEGMENT), each packet's headers written apart and its
+        // payload sent from the staging buffer where it lies.
+        let mut start = 0;
+        let mut frames = staging.items.iter().filter_map(|&(dest, end, offload)| {
+            let frame = &staging.buf[start..end];
+            start = end;
+            match dest {
+                Dest::Overlay(remote) => {
+                    let (prefix, inner) = frame.split_at(vxlan::HEADER_LEN.min(frame.len()));
+                    Some(if offload == Offload::NONE {
+                        // A plain frame: one datagram, the VXLAN header included.
+                        Outgoing {
+                            remote,
+                            prefix: &[],
+                            frame,
+                            offload,
+                        }
+                    } else {
+                        Outgoing {
+                            remote,
+                            prefix,
+                            frame: inner,
+                            offload,
+                        }
+                    })
+                }
+                Dest::Port(_) => None,
+            }
+        });
+        let _ = io.overlay.send_batch(&mut frames);
+    }
+    staging.clear();
+    dropped
 }
 
 /// Which of a worker's sockets serves each engine port, and which were sent on this round.

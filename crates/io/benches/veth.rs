@@ -2,17 +2,18 @@
 //!
 //! `cargo bench -p palisade-io --bench veth` prints one JSON line:
 //! - `blast`: one port blasts 64-byte frames (batches of 256, one `sendmmsg`
-//!   each) into `vb` while another drains `va`'s TPACKET_V3 ring
-//!   (`recv_batch`, the agent's call), concurrently, for a few seconds:
-//!   `rx_fps`/`tx_fps`, and `kernel_drops`, what the ring lost; with
-//!   virtio-net headers (`vnet`, the default) and without (`plain`),
-//!   alternated twice, to show what the header costs small frames.
+//!   each) into `vb` while another drains `va` (`recv_batch`, the agent's
+//!   call), concurrently, for a few seconds: `rx_fps`/`tx_fps`, and
+//!   `kernel_drops`, what the receiver lost; with virtio-net headers from
+//!   the socket queue (`vnet`, the default), the same from a TPACKET_V3 ring
+//!   (`vnet_ring`, `RxMode::Ring`) and without headers (`plain`), alternated
+//!   twice, to show what the header and the receive mode cost small frames.
 //! - `tx_only_batch256_fps` / `tx_only_batch1_fps`: the sender alone, with 256
 //!   frames per `sendmmsg` and with one call per frame, to show what batching buys.
 //! - `port_rss_kib` / `plain_port_rss_kib`: how much the process's resident
 //!   memory grows when one port opens, with the default configuration
-//!   (virtio-net headers, 64 KiB frames: the same 8 MiB ring, a 1 MiB transmit
-//!   queue) and with `AfPacketConfig::plain()` (2 KiB frames, 512 KiB queue).
+//!   (virtio-net headers, 64 KiB frames, the socket queue: 64 message slots of
+//!   64 KiB, mapped as frames fill them; a 1 MiB transmit queue) and with `AfPacketConfig::plain()` (2 KiB frames, 512 KiB queue).
 
 //!
 //! Run any other way (`cargo test --all-targets`), it does a one-tenth-length smoke run.
@@ -25,7 +26,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::Netns;
-use palisade_io::{AfPacket, AfPacketConfig, FramePort, wait_readable};
+use palisade_io::{AfPacket, AfPacketConfig, FramePort, RxMode, wait_readable};
 
 const FRAME_LEN: usize = 64;
 const MARK: u16 = 0x88b5;
@@ -106,7 +107,15 @@ fn main() {
     // The blast with virtio-net headers (the default) and without, alternated twice.
     let mut runs = Vec::new();
     for round in 0..2 {
-        for (name, config) in [("vnet", AfPacketConfig::default()), ("plain", AfPacketConfig::plain())] {
+        let ring = AfPacketConfig {
+            rx: RxMode::Ring,
+            ..AfPacketConfig::default()
+        };
+        for (name, config) in [
+            ("vnet", AfPacketConfig::default()),
+            ("vnet_ring", ring),
+            ("plain", AfPacketConfig::plain()),
+        ] {
             let r = pair(&ns, &config, 1.5 * scale);
             runs.push(format!(
                 "{{\"config\":\"{name}\",\"round\":{round},\"tx_fps\":{:.0},\"rx_fps\":{:.0},\"kernel_drops\":{},\"tx_errors\":{}}}",

@@ -1,11 +1,17 @@
-//! AF_PACKET ports: a TPACKET_V3 receive ring and batched `sendmmsg` transmission.
+//! AF_PACKET ports: batched `recvmmsg` (or a TPACKET_V3 receive ring) and batched `sendmmsg` transmission.
 //!
 //! An [`AfPacket`] owns one packet socket bound to one interface (the host
-//! end of a VM's veth pair, typically). Receiving uses the kernel's
-//! memory-mapped TPACKET_V3 ring: the kernel fills fixed-size blocks with
-//! variable-length frames and hands a block over when it is full or its retire
-//! timeout expires, so a busy port costs one `poll` per block instead of one
-//! `recvfrom` per frame (Documentation/networking/packet_mmap.rst). The socket
+//! end of a VM's veth pair, typically). By default ([`RxMode::Socket`]) it
+//! receives from the socket's queue, up to 64 frames per `recvmmsg`, each
+//! with the kernel's description of it (`PACKET_AUXDATA`: lengths, checksum
+//! state, a VLAN tag taken out). [`RxMode::Ring`] uses the kernel's
+//! memory-mapped TPACKET_V3 ring instead: the kernel fills fixed-size blocks
+//! with variable-length frames and hands a block over when it is full or its
+//! retire timeout expires, so a busy port costs one `poll` per block instead
+//! of one per batch (Documentation/networking/packet_mmap.rst), but a frame
+//! that does not fill its block waits for the timeout (see [`RxMode`] for
+//! why that made the queue the default). Both deliver frames the same way
+//! (`admit`: truncation, offload header, VLAN tag, checksums). The socket
 //! is promiscuous and sets `PACKET_IGNORE_OUTGOING`: it never sees frames that
 //! it, or the host stack, transmits on the interface, or a switch would
 //! re-forward its own output.
@@ -13,7 +19,8 @@
 //! **Offloads** ([`AfPacketConfig::vnet_hdr`], on by default). The socket
 //! sets `PACKET_VNET_HDR`: in each ring slot the kernel writes a 10-byte
 //! virtio-net header (`struct virtio_net_hdr`) right before the frame
-//! (`tpacket_rcv`: `netoff` grows by the header, which sits at `mac - 10`),
+//! (`tpacket_rcv`: `netoff` grows by the header, which sits at `mac - 10`;
+//! from the socket queue it starts each message),
 //! so a TSO/GSO super-frame from a guest with offloads on (up to 64 KiB) is
 //! delivered whole, with its segment size, and a partial checksum stays
 //! partial; both come with the frame as its [`Offload`]
@@ -158,22 +165,54 @@ pub struct AfPacketConfig {
     /// Join the interface's fanout group as one of several per-worker ports; `None`: the
     /// port receives every frame of the interface.
     pub fanout: Option<Fanout>,
+    /// How frames are received: the memory-mapped ring, or the socket's queue.
+    pub rx: RxMode,
+}
+
+/// How an [`AfPacket`] port receives.
+///
+/// The TPACKET_V3 ring costs one wake-up per block, but hands a block over
+/// only when it is full or its retire timeout (at least 1 ms; the kernel's
+/// timer may fire later) expires: a frame that does not fill its block waits.
+/// On a TCP stream that is every ACK, so the ring adds milliseconds to the
+/// round trip and the stream's rate is its window over that round trip. The
+/// socket queue wakes the reader per frame, which then takes up to 64
+/// frames per `recvmmsg`: no waiting, one copy as with the ring (the kernel
+/// copies a frame into either), one system call per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxMode {
+    /// TPACKET_V3 ring of `block_count` blocks of `block_size` bytes.
+    Ring,
+    /// `recvmmsg` from the socket's queue, whose receive buffer is
+    /// `block_size * block_count` bytes (`SO_RCVBUFFORCE`, else as much of it
+    /// as `net.core.rmem_max` allows); each message has room for a
+    /// `frame_size` frame and its virtio-net header.
+    Socket,
 }
 
 impl Default for AfPacketConfig {
-    /// Virtio-net headers on; 8 blocks of 1 MiB, frames up to
+    /// Virtio-net headers on; 32 blocks of 256 KiB (8 MiB), frames up to
     /// [`SUPER_FRAME_SIZE`], 1 ms retire timeout, TX batches of up to 256
     /// frames in 1 MiB, no fanout.
+    ///
+    /// Why these blocks: the kernel hands a block over when it is full or
+    /// its timeout expires, and takes it back only once every frame in it
+    /// has been read. A 256 KiB block holds three super-frames, so a stream
+    /// of them is handed over (and its room returned) every three frames
+    /// rather than every fifteen, and a full ring frees room in smaller
+    /// steps; 8 MiB hold about 120 super-frames, more than one TCP stream
+    /// keeps in flight with Linux's default 4 MiB send buffer.
     fn default() -> Self {
         AfPacketConfig {
-            block_size: 1 << 20,
-            block_count: 8,
+            block_size: 256 << 10,
+            block_count: 32,
             frame_size: SUPER_FRAME_SIZE,
             block_timeout_ms: 1,
             tx_frames: 256,
             tx_buffer: 1 << 20,
             vnet_hdr: true,
             fanout: None,
+            rx: RxMode::Socket,
         }
     }
 }
@@ -269,6 +308,8 @@ pub struct AfPacket {
     vnet: bool,
     /// Where a frame is rebuilt when a VLAN tag must be reinserted.
     scratch: Vec<u8>,
+    /// Receiving from the socket's queue ([`RxMode::Socket`]); `None`: from the ring.
+    queue: Option<Box<SocketRx>>,
     /// Turns frames into plain ones for `recv_batch` (taken out while in use).
     plain: PlainFrames,
     /// The transmit queue: each frame (after its header, with `vnet`) in turn.
@@ -366,25 +407,42 @@ impl AfPacket {
             tp_sizeof_priv: 0,
             tp_feature_req_word: 0,
         };
-        sys::setsockopt(sfd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req).map_err(os("setsockopt(PACKET_RX_RING)"))?;
-        let ring_len = config.block_size * config.block_count;
-        // SAFETY: mapping a fresh region backed by the socket's ring; the kernel validates the
-        // length against the ring it just allocated.
-        let ring = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                ring_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ring == libc::MAP_FAILED {
-            return Err(IoError::last_os(KIND, ifname, "mmap(rx ring)"));
-        }
-        let Some(ring) = NonNull::new(ring.cast::<u8>()) else {
-            return Err(IoError::last_os(KIND, ifname, "mmap(rx ring)"));
+        let (ring, ring_len, queue) = match config.rx {
+            RxMode::Ring => {
+                sys::setsockopt(sfd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)
+                    .map_err(os("setsockopt(PACKET_RX_RING)"))?;
+                let ring_len = config.block_size * config.block_count;
+                // SAFETY: mapping a fresh region backed by the socket's ring; the kernel validates the
+                // length against the ring it just allocated.
+                let ring = unsafe {
+                    libc::mmap(
+                        ptr::null_mut(),
+                        ring_len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED | libc::MAP_POPULATE,
+                        fd.as_raw_fd(),
+                        0,
+                    )
+                };
+                if ring == libc::MAP_FAILED {
+                    return Err(IoError::last_os(KIND, ifname, "mmap(rx ring)"));
+                }
+                let Some(ring) = NonNull::new(ring.cast::<u8>()) else {
+                    return Err(IoError::last_os(KIND, ifname, "mmap(rx ring)"));
+                };
+                (ring, ring_len, None)
+            }
+            RxMode::Socket => {
+                sys::setsockopt(sfd, libc::SOL_PACKET, libc::PACKET_AUXDATA, &one)
+                    .map_err(os("setsockopt(PACKET_AUXDATA)"))?;
+                let bytes = libc::c_int::try_from(config.block_size * config.block_count).unwrap_or(libc::c_int::MAX);
+                if sys::setsockopt(sfd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes).is_err() {
+                    sys::setsockopt(sfd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes)
+                        .map_err(os("setsockopt(SO_RCVBUF)"))?;
+                }
+                let slot = (VNET_LEN + config.frame_size).next_multiple_of(64);
+                (NonNull::dangling(), 0, Some(Box::new(SocketRx::new(slot))))
+            }
         };
         let tx = config.tx_frames;
         let iov = libc::iovec {
@@ -409,6 +467,7 @@ impl AfPacket {
             off: 0,
             vnet: config.vnet_hdr,
             scratch: Vec::with_capacity(PLAIN_FRAME_SIZE * RX_BATCH),
+            queue,
             plain: PlainFrames::default(),
             tx_buf: Vec::with_capacity(config.tx_buffer),
             tx_cap: config.tx_buffer,
@@ -520,104 +579,58 @@ impl AfPacket {
     /// Prepare the packet at `self.off` of the current block for delivery:
     /// `Some(Some((span, offload)))` when it is to be delivered, `Some(None)`
     /// when it was counted and skipped, `None` when the block's layout is
-    /// corrupt. A frame whose VLAN tag must be put back is rebuilt at the end
-    /// of `scratch`, which the caller clears before a batch. With `plain`, a
-    /// partial checksum is completed in place (in the ring, or in `scratch`).
+    /// corrupt. See [`admit`] for what is done to the frame.
     fn take_one(&mut self, plain: bool) -> Option<Option<(Span, Offload)>> {
         let off = self.off;
         if off.checked_add(hdr::FIXED)? > self.block_size {
             return None;
         }
-        let snaplen = self.read_u32(off + hdr::SNAPLEN) as usize;
-        let len = self.read_u32(off + hdr::LEN) as usize;
-        let status = self.read_u32(off + hdr::STATUS);
+        let meta = RxMeta {
+            snaplen: self.read_u32(off + hdr::SNAPLEN) as usize,
+            len: self.read_u32(off + hdr::LEN) as usize,
+            status: self.read_u32(off + hdr::STATUS),
+            tci: self.read_u32(off + hdr::VLAN_TCI) as u16,
+            tpid: self.read_u16(off + hdr::VLAN_TPID),
+        };
         let mac = usize::from(self.read_u16(off + hdr::MAC));
         let start = off.checked_add(mac)?;
-        if start.checked_add(snaplen)? > self.block_size {
+        if start.checked_add(meta.snaplen)? > self.block_size {
             return None;
         }
-        let vlan = status & libc::TP_STATUS_VLAN_VALID != 0 && snaplen >= MAC_PAIR_LEN;
-        // The reinserted tag counts: the frame must still fit a frame when forwarded.
-        let wire_len = if vlan { len + 4 } else { len };
-        if snaplen < len || wire_len > self.frame_size {
-            self.stats.truncated += 1;
-            return Some(None);
-        }
-        let mut offload = if self.vnet {
+        let mut vnet = [0u8; VNET_LEN];
+        if self.vnet {
             // The header sits right before the frame, after the fixed tpacket3 header.
             if mac < hdr::FIXED + VNET_LEN {
                 return None;
             }
-            let mut bytes = [0u8; VNET_LEN];
             // SAFETY: `off + mac - VNET_LEN .. off + mac` lies inside the block (checked
             // above: `off + FIXED <= block_size` and `mac >= FIXED + VNET_LEN`, and
             // `start <= block_size`); the block is owned by user space until released.
             unsafe {
                 ptr::copy_nonoverlapping(
                     self.block_ptr(self.block).add(start - VNET_LEN),
-                    bytes.as_mut_ptr(),
+                    vnet.as_mut_ptr(),
                     VNET_LEN,
                 )
             };
-            match VirtioNetRepr::parse(&Header::new_unchecked(&bytes[..]), snaplen) {
-                Ok(r) => Offload::from(r),
-                Err(_) => {
-                    self.stats.offload_errors += 1;
-                    return Some(None);
-                }
-            }
-        } else {
-            Offload {
-                csum_valid: status & libc::TP_STATUS_CSUM_VALID != 0,
-                ..Offload::NONE
-            }
-        };
-        if vlan {
-            match offload.shifted(MAC_PAIR_LEN as u16, 4) {
-                Some(o) => offload = o,
-                None => {
-                    self.stats.offload_errors += 1;
-                    return Some(None);
-                }
-            }
         }
-        let tci = self.read_u32(off + hdr::VLAN_TCI) as u16;
-        let tpid = if status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
-            self.read_u16(off + hdr::VLAN_TPID)
-        } else {
-            ETH_P_8021Q
-        };
         // SAFETY: `start + snaplen <= block_size` was checked above, so the slice lies inside
         // the mapping; the block is owned by user space until `release_block`, and nothing
         // else references these bytes while the slice lives (spans of a batch never overlap).
-        let frame = unsafe { std::slice::from_raw_parts_mut(self.block_ptr(self.block).add(start), snaplen) };
-        let (span, out): (Span, &mut [u8]) = if vlan {
-            // The kernel moved the tag into metadata (VLAN acceleration); a switch must forward
-            // the frame as the sender wrote it.
-            let at = self.scratch.len();
-            self.scratch.extend_from_slice(&frame[..MAC_PAIR_LEN]);
-            self.scratch.extend_from_slice(&tpid.to_be_bytes());
-            self.scratch.extend_from_slice(&tci.to_be_bytes());
-            self.scratch.extend_from_slice(&frame[MAC_PAIR_LEN..]);
-            (Span::Scratch(at, wire_len), &mut self.scratch[at..])
-        } else {
-            (Span::Ring(start, snaplen), frame)
+        let frame = unsafe { std::slice::from_raw_parts_mut(self.block_ptr(self.block).add(start), meta.snaplen) };
+        let rx = Admission {
+            frame_size: self.frame_size,
+            vnet: self.vnet.then_some(&vnet),
+            plain,
         };
-        // Without headers the partial checksum cannot be handed on (its start is not
-        // known): complete it as before. With them, only for a plain receiver.
-        let partial = if self.vnet {
-            plain && offload.csum.is_some() && offload.gso.is_none()
-        } else {
-            status & libc::TP_STATUS_CSUMNOTREADY != 0
-        };
-        if partial && complete_checksum(out).is_ok() {
-            self.stats.csum_completed += 1;
-            offload.csum = None;
-        }
-        self.stats.rx_frames += 1;
-        self.stats.rx_bytes += out.len() as u64;
-        self.stats.rx_super_frames += u64::from(offload.gso.is_some());
-        Some(Some((span, offload)))
+        Some(admit(
+            &rx,
+            &meta,
+            frame,
+            Span::Ring(start, meta.snaplen),
+            &mut self.scratch,
+            &mut self.stats,
+        ))
     }
 
     /// The frame `span` names (in the current block or in `scratch`).
@@ -628,12 +641,19 @@ impl AfPacket {
             // `&mut self`, so not while this borrow lives).
             Span::Ring(at, len) => unsafe { std::slice::from_raw_parts(self.block_ptr(self.block).add(at), len) },
             Span::Scratch(at, len) => &self.scratch[at..at + len],
+            Span::Queue(at, len) => match &self.queue {
+                Some(q) => &q.buf[at..at + len],
+                None => &[],
+            },
         }
     }
 
     /// Walk the ring, taking up to `max` frames in batches of at most
     /// `RX_BATCH`, each from one block, and call `f` with each batch.
     fn walk(&mut self, max: usize, plain: bool, f: &mut dyn FnMut(&AfPacket, &[RxFrame<'_>])) -> usize {
+        if self.queue.is_some() {
+            return self.walk_queue(max, plain, f);
+        }
         let mut delivered = 0;
         let mut spans = [(Span::Ring(0, 0), Offload::NONE); RX_BATCH];
         while delivered < max {
@@ -685,15 +705,101 @@ impl AfPacket {
         delivered
     }
 
+    /// Receive up to `max` frames from the socket's queue ([`RxMode::Socket`]),
+    /// up to `RX_BATCH` per `recvmmsg`, and call `f` with each batch.
+    fn walk_queue(&mut self, max: usize, plain: bool, f: &mut dyn FnMut(&AfPacket, &[RxFrame<'_>])) -> usize {
+        let mut delivered = 0;
+        let mut seen = 0;
+        let mut spans = [(Span::Queue(0, 0), Offload::NONE); RX_BATCH];
+        while seen < max {
+            let want = (max - seen).min(RX_BATCH);
+            let mut n = 0;
+            let got;
+            {
+                let AfPacket {
+                    fd,
+                    queue,
+                    scratch,
+                    stats,
+                    vnet,
+                    frame_size,
+                    ..
+                } = self;
+                let Some(q) = queue.as_deref_mut() else {
+                    return 0;
+                };
+                got = match q.receive(fd.as_fd(), want) {
+                    Ok(got) => got,
+                    Err(e) => {
+                        // Nothing more; an error other than that is reported by the
+                        // receive that got nothing (`empty_receive`).
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            q.error = Some(e);
+                        }
+                        break;
+                    }
+                };
+                seen += got;
+                scratch.clear();
+                let head = if *vnet { VNET_LEN } else { 0 };
+                for i in 0..got {
+                    let (len, flags, meta) = q.message(i);
+                    let at = i * q.slot;
+                    // A message cut short by its slot (MSG_TRUNC), or without the kernel's
+                    // description (PACKET_AUXDATA), is never delivered.
+                    let meta = match meta {
+                        Some(m) if flags & libc::MSG_TRUNC == 0 && len >= head && len - head == m.snaplen => m,
+                        _ => {
+                            stats.truncated += 1;
+                            continue;
+                        }
+                    };
+                    let mut header = [0u8; VNET_LEN];
+                    header[..head].copy_from_slice(&q.buf[at..at + head]);
+                    let rx = Admission {
+                        frame_size: *frame_size,
+                        vnet: vnet.then_some(&header),
+                        plain,
+                    };
+                    let frame = &mut q.buf[at + head..at + len];
+                    if let Some(taken) = admit(&rx, &meta, frame, Span::Queue(at + head, len - head), scratch, stats) {
+                        spans[n] = taken;
+                        n += 1;
+                    }
+                }
+            }
+            if n > 0 {
+                let mut frames = [RxFrame {
+                    bytes: &[],
+                    offload: Offload::NONE,
+                }; RX_BATCH];
+                for (slot, &(span, offload)) in frames.iter_mut().zip(&spans[..n]) {
+                    *slot = RxFrame {
+                        bytes: self.frame(span),
+                        offload,
+                    };
+                }
+                f(self, &frames[..n]);
+                delivered += n;
+            }
+            if got < want {
+                break;
+            }
+        }
+        delivered
+    }
+
     /// After an empty receive, the socket's pending error, if any.
     ///
     /// The ring never reports errors; the socket does (ENETDOWN when the
     /// interface goes down, after which nothing arrives until it is up
     /// again). Reporting it once keeps a poll loop that sees POLLERR from
     /// spinning on empty receives.
-    fn empty_receive(&self, delivered: usize) -> io::Result<usize> {
+    fn empty_receive(&mut self, delivered: usize) -> io::Result<usize> {
+        // With the socket queue, `recvmmsg` took the error off the socket already.
+        let taken = self.queue.as_deref_mut().and_then(|q| q.error.take());
         if delivered == 0
-            && let Some(e) = sys::take_socket_error(self.fd.as_fd())
+            && let Some(e) = taken.or_else(|| sys::take_socket_error(self.fd.as_fd()))
         {
             return Err(e);
         }
@@ -820,6 +926,229 @@ impl AfPacket {
 enum Span {
     Ring(usize, usize),
     Scratch(usize, usize),
+    /// In the socket receive buffer ([`SocketRx::buf`]).
+    Queue(usize, usize),
+}
+
+/// What the kernel says of one received frame: from its ring slot's header,
+/// or from `PACKET_AUXDATA` (`struct tpacket_auxdata`) with the socket queue.
+#[derive(Debug, Clone, Copy)]
+struct RxMeta {
+    /// `TP_STATUS_*` flags.
+    status: u32,
+    /// The frame's length on the wire.
+    len: usize,
+    /// The bytes delivered (less than `len`: snapped).
+    snaplen: usize,
+    /// The VLAN tag the kernel took out of the frame (with `TP_STATUS_VLAN_VALID`).
+    tci: u16,
+    /// Its TPID (with `TP_STATUS_VLAN_TPID_VALID`).
+    tpid: u16,
+}
+
+/// How a port takes frames in.
+struct Admission<'a> {
+    frame_size: usize,
+    /// The frame's virtio-net header, when the port has them.
+    vnet: Option<&'a [u8; VNET_LEN]>,
+    /// For a plain receiver: complete partial checksums.
+    plain: bool,
+}
+
+/// Take one received frame in: `Some((span, offload))` to deliver it (at
+/// `direct`, or rebuilt at the end of `scratch` when a VLAN tag the kernel
+/// took out must be put back), `None` when it was counted and skipped (cut
+/// short, or with an offload header that does not fit it). Without virtio-net
+/// headers, or for a plain receiver, a partial checksum is completed in place.
+fn admit(
+    rx: &Admission<'_>,
+    meta: &RxMeta,
+    frame: &mut [u8],
+    direct: Span,
+    scratch: &mut Vec<u8>,
+    stats: &mut PortStats,
+) -> Option<(Span, Offload)> {
+    let (status, len, snaplen) = (meta.status, meta.len, meta.snaplen);
+    let vlan = status & libc::TP_STATUS_VLAN_VALID != 0 && snaplen >= MAC_PAIR_LEN;
+    // The reinserted tag counts: the frame must still fit a frame when forwarded.
+    let wire_len = if vlan { len + 4 } else { len };
+    if snaplen < len || wire_len > rx.frame_size || frame.len() != snaplen {
+        stats.truncated += 1;
+        return None;
+    }
+    let mut offload = match rx.vnet {
+        Some(bytes) => match VirtioNetRepr::parse(&Header::new_unchecked(&bytes[..]), snaplen) {
+            Ok(r) => Offload::from(r),
+            Err(_) => {
+                stats.offload_errors += 1;
+                return None;
+            }
+        },
+        None => Offload {
+            csum_valid: status & libc::TP_STATUS_CSUM_VALID != 0,
+            ..Offload::NONE
+        },
+    };
+    if vlan {
+        match offload.shifted(MAC_PAIR_LEN as u16, 4) {
+            Some(o) => offload = o,
+            None => {
+                stats.offload_errors += 1;
+                return None;
+            }
+        }
+    }
+    let tpid = if status & libc::TP_STATUS_VLAN_TPID_VALID != 0 {
+        meta.tpid
+    } else {
+        ETH_P_8021Q
+    };
+    let (span, out): (Span, &mut [u8]) = if vlan {
+        // The kernel moved the tag into metadata (VLAN acceleration); a switch must forward
+        // the frame as the sender wrote it.
+        let at = scratch.len();
+        scratch.extend_from_slice(&frame[..MAC_PAIR_LEN]);
+        scratch.extend_from_slice(&tpid.to_be_bytes());
+        scratch.extend_from_slice(&meta.tci.to_be_bytes());
+        scratch.extend_from_slice(&frame[MAC_PAIR_LEN..]);
+        (Span::Scratch(at, wire_len), &mut scratch[at..])
+    } else {
+        (direct, frame)
+    };
+    // Without headers the partial checksum cannot be handed on (its start is not
+    // known): complete it as before. With them, only for a plain receiver.
+    let partial = if rx.vnet.is_some() {
+        rx.plain && offload.csum.is_some() && offload.gso.is_none()
+    } else {
+        status & libc::TP_STATUS_CSUMNOTREADY != 0
+    };
+    if partial && complete_checksum(out).is_ok() {
+        stats.csum_completed += 1;
+        offload.csum = None;
+    }
+    stats.rx_frames += 1;
+    stats.rx_bytes += out.len() as u64;
+    stats.rx_super_frames += u64::from(offload.gso.is_some());
+    Some((span, offload))
+}
+
+/// Control-message room per message for `PACKET_AUXDATA`: CMSG_SPACE(20) is 40; kept 8-aligned.
+const AUX_CONTROL_LEN: usize = 64;
+
+/// An 8-aligned control-message buffer.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct AuxControl([u8; AUX_CONTROL_LEN]);
+
+/// The buffers of [`RxMode::Socket`]: `RX_BATCH` message slots of `slot`
+/// bytes each (a virtio-net header and a frame), their control messages and
+/// `recvmmsg` headers.
+struct SocketRx {
+    buf: Vec<u8>,
+    /// An error `recvmmsg` took off the socket, for the caller of the receive.
+    error: Option<io::Error>,
+    slot: usize,
+    iov: Vec<libc::iovec>,
+    ctrl: Vec<AuxControl>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+impl SocketRx {
+    fn new(slot: usize) -> SocketRx {
+        let iov = libc::iovec {
+            iov_base: ptr::null_mut(),
+            iov_len: 0,
+        };
+        SocketRx {
+            // Zeroed pages are mapped lazily: a slot costs memory once a frame that long arrives.
+            buf: vec![0; slot * RX_BATCH],
+            error: None,
+            slot,
+            iov: vec![iov; RX_BATCH],
+            ctrl: vec![AuxControl([0; AUX_CONTROL_LEN]); RX_BATCH],
+            // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid (empty) value.
+            msgs: vec![unsafe { mem::zeroed() }; RX_BATCH],
+        }
+    }
+
+    /// Receive up to `want` (at most `RX_BATCH`) messages without blocking;
+    /// the number received, or the error (WouldBlock when there was none).
+    fn receive(&mut self, fd: BorrowedFd<'_>, want: usize) -> io::Result<usize> {
+        let want = want.min(RX_BATCH);
+        let base = self.buf.as_mut_ptr();
+        for i in 0..want {
+            self.iov[i] = libc::iovec {
+                // SAFETY: slot `i < RX_BATCH` starts inside `buf` (RX_BATCH * slot bytes).
+                iov_base: unsafe { base.add(i * self.slot) }.cast(),
+                iov_len: self.slot,
+            };
+            let h = &mut self.msgs[i].msg_hdr;
+            h.msg_name = ptr::null_mut();
+            h.msg_namelen = 0;
+            h.msg_iov = &mut self.iov[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.ctrl[i].0.as_mut_ptr().cast();
+            h.msg_controllen = AUX_CONTROL_LEN as _;
+            h.msg_flags = 0;
+        }
+        loop {
+            // SAFETY: the first `want` headers point at live slots, iovecs and control
+            // buffers owned by `self`, each of the length it states; the timeout may be null.
+            let r = unsafe {
+                libc::recvmmsg(
+                    fd.as_raw_fd(),
+                    self.msgs.as_mut_ptr(),
+                    want as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    ptr::null_mut(),
+                )
+            };
+            if r >= 0 {
+                return Ok(r as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Message `i` of the last receive: its length in its slot, its flags and
+    /// the kernel's description of the frame (`None`: no `PACKET_AUXDATA`).
+    fn message(&self, i: usize) -> (usize, libc::c_int, Option<RxMeta>) {
+        let m = &self.msgs[i];
+        let len = (m.msg_len as usize).min(self.slot);
+        (len, m.msg_hdr.msg_flags, auxdata(&m.msg_hdr))
+    }
+}
+
+/// The `PACKET_AUXDATA` control message of a received message, if any.
+fn auxdata(h: &libc::msghdr) -> Option<RxMeta> {
+    let need = mem::size_of::<libc::tpacket_auxdata>();
+    // SAFETY: `h` is a header the kernel filled by recvmmsg: msg_control/msg_controllen
+    // describe our control buffer holding well-formed control messages (at most
+    // `msg_controllen` bytes, which the kernel never raises past what was given);
+    // CMSG_FIRSTHDR/CMSG_NXTHDR stay inside it and the read is bounds-checked by cmsg_len.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_PACKET
+                && (*c).cmsg_type == libc::PACKET_AUXDATA
+                && (*c).cmsg_len as usize >= libc::CMSG_LEN(need as u32) as usize
+            {
+                let a = ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::tpacket_auxdata>());
+                return Some(RxMeta {
+                    status: a.tp_status,
+                    len: a.tp_len as usize,
+                    snaplen: a.tp_snaplen as usize,
+                    tci: a.tp_vlan_tci,
+                    tpid: a.tp_vlan_tpid,
+                });
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
 }
 
 impl FramePort for AfPacket {
@@ -984,15 +1313,194 @@ fn attach_snap_filter(fd: BorrowedFd<'_>, snap: u32) -> io::Result<()> {
 
 impl Drop for AfPacket {
     fn drop(&mut self) {
-        // SAFETY: `ring` and `ring_len` describe the mapping made in `open`, which nothing
-        // references any more; the descriptor is closed afterwards by OwnedFd.
-        unsafe { libc::munmap(self.ring.as_ptr().cast(), self.ring_len) };
+        if self.ring_len > 0 {
+            // SAFETY: `ring` and `ring_len` describe the mapping made in `open`, which nothing
+            // references any more; the descriptor is closed afterwards by OwnedFd.
+            unsafe { libc::munmap(self.ring.as_ptr().cast(), self.ring_len) };
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A control buffer holding one message of `level`/`kind` with `aux` as its data.
+    fn aux_control(level: libc::c_int, kind: libc::c_int, aux: &libc::tpacket_auxdata) -> (AuxControl, usize) {
+        let mut ctrl = AuxControl([0; AUX_CONTROL_LEN]);
+        let size = mem::size_of::<libc::tpacket_auxdata>() as u32;
+        // SAFETY: msghdr is plain data; all-zero is valid.
+        let mut h: libc::msghdr = unsafe { mem::zeroed() };
+        h.msg_control = ctrl.0.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(size) } as usize;
+        assert!(space <= AUX_CONTROL_LEN);
+        h.msg_controllen = space as _;
+        // SAFETY: the buffer is 8-aligned and holds one message with the auxdata.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&h);
+            (*c).cmsg_level = level;
+            (*c).cmsg_type = kind;
+            (*c).cmsg_len = libc::CMSG_LEN(size) as _;
+            ptr::write_unaligned(CMSG_DATA_MUT(c), *aux);
+        }
+        (ctrl, space)
+    }
+
+    #[allow(non_snake_case)]
+    unsafe fn CMSG_DATA_MUT(c: *mut libc::cmsghdr) -> *mut libc::tpacket_auxdata {
+        // SAFETY: the caller's `c` is a control message header inside its buffer.
+        unsafe { libc::CMSG_DATA(c).cast() }
+    }
+
+    #[test]
+    fn auxdata_is_read_from_its_control_message_only() {
+        let aux = libc::tpacket_auxdata {
+            tp_status: libc::TP_STATUS_VLAN_VALID | libc::TP_STATUS_CSUMNOTREADY,
+            tp_len: 1514,
+            tp_snaplen: 1500,
+            tp_mac: 0,
+            tp_net: 14,
+            tp_vlan_tci: 0x2064,
+            tp_vlan_tpid: 0x88a8,
+        };
+        let cases = [
+            ("PACKET_AUXDATA", libc::SOL_PACKET, libc::PACKET_AUXDATA, true),
+            ("another type", libc::SOL_PACKET, libc::PACKET_ORIGDEV, false),
+            ("another level", libc::SOL_SOCKET, libc::PACKET_AUXDATA, false),
+        ];
+        for (what, level, kind, found) in cases {
+            let (mut ctrl, space) = aux_control(level, kind, &aux);
+            // SAFETY: msghdr is plain data; all-zero is valid.
+            let mut h: libc::msghdr = unsafe { mem::zeroed() };
+            h.msg_control = ctrl.0.as_mut_ptr().cast();
+            h.msg_controllen = space as _;
+            let meta = auxdata(&h);
+            assert_eq!(meta.is_some(), found, "{what}");
+            if let Some(m) = meta {
+                assert_eq!(
+                    (m.status, m.len, m.snaplen, m.tci, m.tpid),
+                    (aux.tp_status, 1514, 1500, 0x2064, 0x88a8),
+                    "{what}"
+                );
+            }
+            // Fewer bytes than a header: nothing is read.
+            h.msg_controllen = 4;
+            assert!(auxdata(&h).is_none(), "{what}, cut");
+        }
+        // SAFETY: msghdr is plain data; all-zero is valid.
+        let h: libc::msghdr = unsafe { mem::zeroed() };
+        assert!(auxdata(&h).is_none(), "no control buffer");
+    }
+
+    /// A 60-byte frame: Ethernet (IPv4), then bytes.
+    fn frame60() -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[..12].copy_from_slice(&[2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2]);
+        f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn admission_is_the_same_for_ring_and_queue() {
+        let meta = |status: u32, len: usize, snaplen: usize| RxMeta {
+            status,
+            len,
+            snaplen,
+            tci: 0x0064,
+            tpid: 0,
+        };
+        let bad_vnet = {
+            // NEEDS_CSUM with a checksum start past the frame: refused.
+            let mut h = [0u8; VNET_LEN];
+            h[0] = 1;
+            h[6..8].copy_from_slice(&500u16.to_le_bytes());
+            h[8..10].copy_from_slice(&6u16.to_le_bytes());
+            h
+        };
+        let none = [0u8; VNET_LEN];
+        // (what, metadata, frame size, header, delivered length, truncated, offload errors)
+        type Case<'a> = (
+            &'a str,
+            RxMeta,
+            usize,
+            Option<&'a [u8; VNET_LEN]>,
+            Option<usize>,
+            u64,
+            u64,
+        );
+        let cases: [Case<'_>; 6] = [
+            ("plain", meta(0, 60, 60), 2048, None, Some(60), 0, 0),
+            (
+                "tag put back",
+                meta(libc::TP_STATUS_VLAN_VALID, 60, 60),
+                2048,
+                None,
+                Some(64),
+                0,
+                0,
+            ),
+            ("snapped", meta(0, 3000, 60), 2048, None, None, 1, 0),
+            (
+                "tag makes it too long",
+                meta(libc::TP_STATUS_VLAN_VALID, 60, 60),
+                62,
+                None,
+                None,
+                1,
+                0,
+            ),
+            (
+                "with a plain header",
+                meta(0, 60, 60),
+                2048,
+                Some(&none),
+                Some(60),
+                0,
+                0,
+            ),
+            (
+                "header that does not fit",
+                meta(0, 60, 60),
+                2048,
+                Some(&bad_vnet),
+                None,
+                0,
+                1,
+            ),
+        ];
+        for (what, m, frame_size, vnet, want, truncated, offload_errors) in cases {
+            let mut f = frame60();
+            let mut scratch = Vec::new();
+            let mut stats = PortStats::default();
+            let rx = Admission {
+                frame_size,
+                vnet,
+                plain: false,
+            };
+            let got = admit(&rx, &m, &mut f, Span::Queue(10, 60), &mut scratch, &mut stats);
+            let len = got.map(|(span, _)| match span {
+                Span::Queue(at, len) => {
+                    assert_eq!(at, 10, "{what}");
+                    len
+                }
+                Span::Scratch(at, len) => {
+                    let tagged = &scratch[at..at + len];
+                    assert_eq!(&tagged[12..16], &[0x81, 0x00, 0x00, 0x64], "{what}");
+                    assert_eq!(&tagged[16..], &frame60()[12..], "{what}");
+                    len
+                }
+                Span::Ring(..) => panic!("{what}: a span of the ring"),
+            });
+            assert_eq!(len, want, "{what}");
+            assert_eq!(
+                (stats.truncated, stats.offload_errors),
+                (truncated, offload_errors),
+                "{what}"
+            );
+            assert_eq!(stats.rx_frames, u64::from(want.is_some()), "{what}");
+        }
+    }
 
     #[test]
     fn config_errors_name_the_interface() {

@@ -35,7 +35,7 @@ mod sys;
 pub mod tap;
 pub mod vhost_user;
 
-pub use afpacket::{AfPacket, AfPacketConfig, Fanout};
+pub use afpacket::{AfPacket, AfPacketConfig, Fanout, RxMode};
 pub use error::IoError;
 pub use gso::Coalescer;
 pub use overlay::UdpOverlay;

@@ -6,7 +6,7 @@ use std::net::{TcpStream, UdpSocket};
 use std::time::Duration;
 
 use common::{SW_IP, SW_MAC, VM_IP, VethPair, collect, ethertype, udp_dst_port};
-use palisade_io::{AfPacket, AfPacketConfig, FramePort};
+use palisade_io::{AfPacket, AfPacketConfig, FramePort, RxMode};
 use palisade_wire::frame::Dissection;
 
 /// Local experimental EtherType used to mark the frames a test injects.
@@ -56,6 +56,15 @@ fn small_blocks(size: usize, count: usize) -> AfPacketConfig {
         tx_buffer: 16 * 2048,
         vnet_hdr: true,
         fanout: None,
+        rx: RxMode::Ring,
+    }
+}
+
+/// The default configuration, receiving as `rx` says.
+fn receiving(rx: RxMode) -> AfPacketConfig {
+    AfPacketConfig {
+        rx,
+        ..AfPacketConfig::default()
     }
 }
 
@@ -133,13 +142,23 @@ fn kernel_frames_arrive_and_own_frames_do_not_return() {
 
 #[test]
 fn partial_checksums_are_completed() {
-    if !common::can_run("partial_checksums_are_completed", &["ethtool"]) {
+    partial_checksums_are_completed_with("partial_checksums_are_completed", "c1", RxMode::Socket);
+}
+
+#[test]
+fn partial_checksums_are_completed_from_the_ring() {
+    partial_checksums_are_completed_with("partial_checksums_are_completed_from_the_ring", "c2", RxMode::Ring);
+}
+
+fn partial_checksums_are_completed_with(name: &str, tag: &str, rx: RxMode) {
+    if !common::can_run(name, &["ethtool"]) {
         return;
     }
-    let pair = VethPair::new("c1", None);
+    let pair = VethPair::new(tag, None);
     // TX checksum offload on the sender: its frames leave with only the pseudo-header sum.
     pair.vm.exec("ethtool", &["-K", "vb", "tx", "on"]);
-    let mut sw = open(&pair.sw, "va", &AfPacketConfig::default());
+    // Plain receives (`recv`): the port completes the checksums.
+    let mut sw = open(&pair.sw, "va", &receiving(rx));
 
     send_udp_from_vm(&pair, 7777, &[vec![0xab; 333]]);
     // A SYN to an address that never answers: the connect times out, the SYN is on the wire.
@@ -164,13 +183,26 @@ fn partial_checksums_are_completed() {
 
 #[test]
 fn oversize_frames_are_counted_not_delivered() {
-    if !common::can_run("oversize_frames_are_counted_not_delivered", &[]) {
+    oversize_frames_are_counted_not_delivered_with("oversize_frames_are_counted_not_delivered", "t1", RxMode::Socket);
+}
+
+#[test]
+fn oversize_frames_are_counted_not_delivered_from_the_ring() {
+    oversize_frames_are_counted_not_delivered_with(
+        "oversize_frames_are_counted_not_delivered_from_the_ring",
+        "t2",
+        RxMode::Ring,
+    );
+}
+
+fn oversize_frames_are_counted_not_delivered_with(name: &str, tag: &str, rx: RxMode) {
+    if !common::can_run(name, &[]) {
         return;
     }
-    let pair = VethPair::new("t1", Some(9000));
+    let pair = VethPair::new(tag, Some(9000));
     let config = AfPacketConfig {
         frame_size: 2048,
-        ..AfPacketConfig::default()
+        ..receiving(rx)
     };
     let mut sw = open(&pair.sw, "va", &config);
     // A 4000-byte datagram fits the 9000-byte MTU in one frame, which does not fit 2048.
@@ -227,11 +259,20 @@ fn ring_walk_spans_blocks_in_small_batches() {
 
 #[test]
 fn vlan_tags_survive_the_ring() {
-    if !common::can_run("vlan_tags_survive_the_ring", &[]) {
+    vlan_tags_survive("vlan_tags_survive_the_ring", "v1", RxMode::Ring);
+}
+
+#[test]
+fn vlan_tags_survive_the_socket_queue() {
+    vlan_tags_survive("vlan_tags_survive_the_socket_queue", "v2", RxMode::Socket);
+}
+
+fn vlan_tags_survive(name: &str, tag: &str, rx: RxMode) {
+    if !common::can_run(name, &[]) {
         return;
     }
-    let pair = VethPair::new("v1", None);
-    let mut sw = open(&pair.sw, "va", &AfPacketConfig::default());
+    let pair = VethPair::new(tag, None);
+    let mut sw = open(&pair.sw, "va", &receiving(rx));
     let mut vm = open(&pair.vm, "vb", &AfPacketConfig::default());
     // The receiving kernel moves the outer tag into metadata; the port must put it back.
     let tagged = |tags: &[(u16, u16)], seq: u8| {
@@ -260,13 +301,29 @@ fn vlan_tags_survive_the_ring() {
 
 #[test]
 fn batches_hold_exactly_the_frames_one_at_a_time_would() {
-    if !common::can_run("batches_hold_exactly_the_frames_one_at_a_time_would", &[]) {
+    // Blocks of a few frames each, so batches end at block boundaries as well as at `max`.
+    batches_hold_exactly(
+        "batches_hold_exactly_the_frames_one_at_a_time_would",
+        "b1",
+        &small_blocks(8192, 8),
+    );
+}
+
+#[test]
+fn socket_batches_hold_exactly_the_frames_one_at_a_time_would() {
+    batches_hold_exactly(
+        "socket_batches_hold_exactly_the_frames_one_at_a_time_would",
+        "b2",
+        &receiving(RxMode::Socket),
+    );
+}
+
+fn batches_hold_exactly(name: &str, tag: &str, config: &AfPacketConfig) {
+    if !common::can_run(name, &[]) {
         return;
     }
-    let pair = VethPair::new("b1", None);
-    // Blocks of a few frames each, so batches end at block boundaries as well as at `max`.
-    let small = small_blocks(8192, 8);
-    let mut sw = open(&pair.sw, "va", &small);
+    let pair = VethPair::new(tag, None);
+    let mut sw = open(&pair.sw, "va", config);
     let mut vm = open(&pair.vm, "vb", &AfPacketConfig::default());
     // Plain frames, which a batch hands over from the ring, mixed with tagged
     // ones, which the port rebuilds in its scratch buffer.
@@ -309,6 +366,40 @@ fn batches_hold_exactly_the_frames_one_at_a_time_would() {
     }
     assert!(batches >= 120 / 7, "{batches} batches");
     assert_eq!(sw.stats().kernel_drops, 0);
+}
+
+/// Why ports receive from the socket queue by default: the ring hands a
+/// block over only when it is full or its retire timeout expires, so a lone
+/// frame (a TCP ACK, a ping) waits for the timeout (here set to a second, to
+/// make the wait plain); from the socket queue it is readable at once.
+#[test]
+fn a_lone_frame_waits_for_the_ring_block_but_not_in_the_socket_queue() {
+    if !common::can_run("a_lone_frame_waits_for_the_ring_block_but_not_in_the_socket_queue", &[]) {
+        return;
+    }
+    let pair = VethPair::new("l1", None);
+    let slow = |rx| AfPacketConfig {
+        block_timeout_ms: 1000,
+        ..receiving(rx)
+    };
+    let mut ring = open(&pair.sw, "va", &slow(RxMode::Ring));
+    let mut queue = open(&pair.sw, "va", &slow(RxMode::Socket));
+    let mut vm = open(&pair.vm, "vb", &AfPacketConfig::default());
+    vm.send(&marked_frame(7, 80)).unwrap();
+    vm.flush().unwrap();
+    let from_queue = collect(&mut queue, 1, Duration::from_millis(300), |f| mark_seq(f) == Some(7));
+    assert_eq!(
+        from_queue.len(),
+        1,
+        "the socket queue did not hand the frame over at once"
+    );
+    let early = collect(&mut ring, 1, Duration::from_millis(300), |f| mark_seq(f) == Some(7));
+    assert!(
+        early.is_empty(),
+        "the ring handed a lone frame over before its block's timeout"
+    );
+    let late = collect(&mut ring, 1, Duration::from_secs(3), |f| mark_seq(f) == Some(7));
+    assert_eq!(late.len(), 1, "the ring never handed the frame over");
 }
 
 #[test]
