@@ -861,7 +861,11 @@ fn schemas() -> Value {
     );
     all["ArrivalReport"] = closed(
         &[
-            ("vnic", json!({ "type": "string", "minLength": 1, "maxLength": 255 })),
+            // As `check_text` takes it: no control or invisible characters.
+            (
+                "vnic",
+                json!({ "type": "string", "minLength": 1, "maxLength": 255, "pattern": anchored(&format!("[^{HIDDEN_CLASS}]*")) }),
+            ),
             (
                 "mac",
                 json!({ "type": "string", "minLength": 17, "maxLength": 17, "pattern": anchored("[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}") }),
