@@ -116,18 +116,23 @@ series() { # series NAME [migrate options...]
     done
 }
 
-series baseline --no-state
-# The state series: ordered, over the agents' channel.
-ORDERED=1
-# The template: the guest's connections as its agent holds them now (the
-# export quiesces the port; the resume right after forwards again).
+# The template: the guest's connection as its agent holds it now. The
+# export quiesces the port; the resume right after forwards again.
 agent "$HOST" export >"$OUT/template.blob"
 agent "$HOST" resume >/dev/null
+# The state series first: ordered, over the agents' channel. The baseline
+# runs last: its migrations bypass the controller, which learns of each from
+# the guest's announcement (a detected migration, a follow order), and an
+# ordered migration after them would start from where the controller last
+# placed the VM, not always where it runs.
+ORDERED=1
 for n in $CONNS; do
     "$EXE" lab synth-state --template "$OUT/template.blob" --count "$n" --out "$OUT/synth-$n.blob" >/dev/null
     agent "$HOST" import "$OUT/synth-$n.blob" >/dev/null
     series "state-$n"
 done
+ORDERED=0
+series baseline --no-state
 
 uptime
 python3 - "$OUT" "$COUNT" "$CONNS" <<'EOF'
