@@ -505,12 +505,16 @@ fn build_engine(
 /// stream's bursts. (Sharing one ring's memory out between the workers
 /// left a 4 MiB ring per worker with two; a single TCP stream overflowed it
 /// and lost whole super-frames, see bench/README.md.)
-fn af_packet_config(workers: usize) -> AfPacketConfig {
+fn af_packet_config(workers: usize, rx: crate::config::AfPacketRx) -> AfPacketConfig {
     AfPacketConfig {
         fanout: (workers > 1).then_some(Fanout {
             workers: workers as u32,
             group: None,
         }),
+        rx: match rx {
+            crate::config::AfPacketRx::Socket => palisade_io::RxMode::Socket,
+            crate::config::AfPacketRx::Ring => palisade_io::RxMode::Ring,
+        },
         ..AfPacketConfig::default()
     }
 }
@@ -533,8 +537,9 @@ fn open_af_packet_ports(
     ports: &[PortBinding],
     vhost: &[bool],
     workers: usize,
+    rx: crate::config::AfPacketRx,
 ) -> Result<Vec<Vec<Option<AfPacket>>>, AgentError> {
-    let afp = af_packet_config(workers);
+    let afp = af_packet_config(workers, rx);
     let afp = &afp;
     let port_error = |p: &PortBinding, index: usize, message: String| AgentError::Port {
         what: format!("{} on {} (worker {index})", p.name, p.interface),
@@ -963,9 +968,10 @@ impl Agent {
             let first = build_engine(&config, model, lookup.clone(), n)?;
             let is_vhost: Vec<bool> = first.1.iter().map(|b| vhost_ports.is_vhost(&b.interface)).collect();
             let bindings = first.1.clone();
+            let rx = config.af_packet_rx;
             let t = std::thread::Builder::new()
                 .name("palisade-open".into())
-                .spawn(move || open_af_packet_ports(&bindings, &is_vhost, n))
+                .spawn(move || open_af_packet_ports(&bindings, &is_vhost, n, rx))
                 .map_err(io_err("starting the socket opening"))?;
             opening = Some(t);
             let mut all = vec![first];

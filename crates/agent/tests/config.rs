@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use palisade_agent::config::{AgentConfig, ConfigError, MAX_WORKERS};
+use palisade_agent::config::{AfPacketRx, AgentConfig, ConfigError, MAX_WORKERS};
 
 const MINIMAL: &str = "host = \"hv1\"\npolicy = \"/etc/palisade/policy\"\nstate_dir = \"/var/lib/palisade\"\n\
                        [underlay]\nlocal = \"192.168.100.1\"\n";
@@ -23,11 +23,12 @@ fn a_file_is_read_and_defaults_filled_in() {
     let r = c.audit_retention();
     assert_eq!((r.max_age, r.max_bytes), (Some(Duration::from_secs(90 * 86_400)), None));
     assert!((1..=MAX_WORKERS).contains(&c.workers()));
+    assert_eq!(c.af_packet_rx, AfPacketRx::Socket);
 
     let c = AgentConfig::parse(
         &MINIMAL.replace(
             "[underlay]",
-            "audit_max_age = \"12h\"\naudit_max_bytes = 1000000\nworkers = 3\n[underlay]",
+            "audit_max_age = \"12h\"\naudit_max_bytes = 1000000\nworkers = 3\naf_packet_rx = \"ring\"\n[underlay]",
         ),
         &path,
     )
@@ -38,6 +39,7 @@ fn a_file_is_read_and_defaults_filled_in() {
         (Some(Duration::from_secs(43_200)), Some(1_000_000))
     );
     assert_eq!(c.workers(), 3);
+    assert_eq!(c.af_packet_rx, AfPacketRx::Ring);
 }
 
 #[test]
@@ -61,6 +63,10 @@ fn syntax_errors_say_where() {
         (MINIMAL.replace("host = \"hv1\"\n", ""), "missing field `host`"),
         (MINIMAL.replace("\"192.168.100.1\"", "42"), "line 5"),
         (MINIMAL.replace("[underlay]", "workers = \"4\"\n[underlay]"), "workers"),
+        (
+            MINIMAL.replace("[underlay]", "af_packet_rx = \"mmap\"\n[underlay]"),
+            "unknown variant `mmap`",
+        ),
     ] {
         let e = AgentConfig::parse(&bad, Path::new("a.toml")).unwrap_err().to_string();
         assert!(e.starts_with("a.toml: ") && e.contains(want), "{e} should say {want}");
