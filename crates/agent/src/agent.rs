@@ -2406,6 +2406,32 @@ impl VnicControl {
     }
 
     /// Quiesce (`true`) or resume `vnic`'s port in every worker (locked).
+    /// The VM is here now (or back) with its state: the vNIC forwards, and
+    /// is no longer standby, so its announcement to come is this
+    /// migration's, not an arrival without state. Call [`Self::arrived`]
+    /// once the workers' locks are released.
+    fn forward_arrived(
+        guards: &mut [std::sync::MutexGuard<'_, WorkerCore>],
+        vnic: &str,
+    ) -> Result<(), http::ControlError> {
+        for core in guards.iter_mut() {
+            if let Some(port) = core.engine.port_of(vnic) {
+                core.engine.set_port_standby(port, false);
+            }
+        }
+        Self::quiesce(guards, vnic, false)
+    }
+
+    /// After [`Self::forward_arrived`], without the workers' locks (a hold's
+    /// end takes `held` before them): the import noted, a hold over.
+    fn arrived(&self, vnic: &str) {
+        self.imported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), Instant::now());
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(vnic);
+    }
+
     fn quiesce(
         guards: &mut [std::sync::MutexGuard<'_, WorkerCore>],
         vnic: &str,
@@ -2461,20 +2487,9 @@ impl http::Control for VnicControl {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             crate::migrate::import(&mut engines, vnic, blob, now).map_err(control_error)?
         };
-        // The VM is here now (or back): forward for it; its announcement
-        // to come is this migration's, not an arrival without state.
-        for core in guards.iter_mut() {
-            if let Some(port) = core.engine.port_of(vnic) {
-                core.engine.set_port_standby(port, false);
-            }
-        }
-        Self::quiesce(&mut guards, vnic, false)?;
+        Self::forward_arrived(&mut guards, vnic)?;
         drop(guards);
-        self.imported
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(vnic.to_string(), Instant::now());
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(vnic);
+        self.arrived(vnic);
         self.record("import", vnic, peer, n, Some(blob));
         Ok(n)
     }
@@ -2581,15 +2596,8 @@ impl http::Control for VnicControl {
         let n = if a.stage {
             n
         } else {
-            // The VM is here now: forward for it. What moved is what the
-            // vNIC holds now, staged and delta together. Its announcement
-            // to come is this migration's, not an arrival without state.
-            for core in guards.iter_mut() {
-                if let Some(port) = core.engine.port_of(&vnic) {
-                    core.engine.set_port_standby(port, false);
-                }
-            }
-            Self::quiesce(&mut guards, &vnic, false)?;
+            // What moved is what the vNIC holds now, staged and delta together.
+            Self::forward_arrived(&mut guards, &vnic)?;
             guards
                 .iter()
                 .filter_map(|g| {
@@ -2601,11 +2609,7 @@ impl http::Control for VnicControl {
         };
         drop(guards);
         if !a.stage {
-            self.imported
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(vnic.clone(), Instant::now());
-            self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&vnic);
+            self.arrived(&vnic);
         }
         let action = if a.stage { "stage" } else { "import" };
         self.record_hashed(action, &vnic, Some(&a.peer), n, Some((a.bytes, a.blake3)));

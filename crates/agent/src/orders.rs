@@ -190,17 +190,10 @@ pub fn carry_out(
     }
     let exported = std::cell::RefCell::new(Vec::new());
     let mut step = || -> Result<Moved, String> {
-        if let Some(h) = handover.as_mut() {
-            let t = Instant::now();
-            let (connections, bytes, blake3) = h.switchover(&order.to, &exported)?;
-            return Ok(Moved {
-                connections,
-                bytes,
-                blake3,
-                took: t.elapsed(),
-            });
+        match handover.as_mut() {
+            Some(h) => switchover(h, order, &exported),
+            None => move_state(order, host, control, &peer, &exported),
         }
-        move_state(order, host, control, &peer, &exported)
     };
     let mut moved = None;
     let outcome = driver.migrate(&mut || {
@@ -270,16 +263,7 @@ fn follow(
     // Over the agents' channel when it is configured (a copy, then the
     // delta at once: the guest already runs there), else whole.
     let moved = match crate::migrate::Handover::start(&order.to, &order.vnics, config, control) {
-        Ok(Some(mut h)) => {
-            let t = Instant::now();
-            h.switchover(&order.to, &exported)
-                .map(|(connections, bytes, blake3)| Moved {
-                    connections,
-                    bytes,
-                    blake3,
-                    took: t.elapsed(),
-                })
-        }
+        Ok(Some(mut h)) => switchover(&mut h, order, &exported),
         Ok(None) => move_state(order, host, control, peer, &exported),
         Err(e) => Err(format!("state pre-copy to {}: {e}", order.to)),
     };
@@ -295,6 +279,23 @@ fn follow(
             failed(order, format!("{e} (the state stays on this host)"))
         }
     }
+}
+
+/// The pause's state move over the agents' channel: the deltas after the
+/// handover's pre-copy, timed as [`move_state`] is.
+fn switchover(
+    h: &mut crate::migrate::Handover<'_>,
+    order: &MigrationOrder,
+    exported: &std::cell::RefCell<Vec<String>>,
+) -> Result<Moved, String> {
+    let t = Instant::now();
+    let (connections, bytes, blake3) = h.switchover(&order.to, exported)?;
+    Ok(Moved {
+        connections,
+        bytes,
+        blake3,
+        took: t.elapsed(),
+    })
 }
 
 /// Drop the connections of the order's vNICs here (the port stays quiesced
