@@ -25,6 +25,14 @@
 # two starts plus the path. Each agent's own start (launch to its `agent
 # ready` line) is printed beside it. The stream stall (kill to the stream's
 # next line) includes the held-down time and is printed for reference.
+# Where a round's stall went is printed beside it: each restarted agent's
+# start-up phases, its `after ready` line (when its workers ran, when it
+# decided its first new connection, when its first snapshot round ran and
+# how long it held a worker) and when it first saw a probe's connection
+# (its flow records). PALISADE_CHAOS_SNIFF=1 adds every SYN and SYN-ACK of
+# the probes on every interface of both hosts and the edge router, timed.
+# The load average before and after the run is printed: on a shared
+# machine the tail is mostly the agents waiting for a core.
 # By default the lab runs the debug build (target/debug/palisade, workspace
 # crates at opt-level 1); --release builds the test and the binary with the
 # release profile (what users run) and runs that.
@@ -52,10 +60,15 @@ export PALISADE_CHAOS_KILLS="$kills" PALISADE_CHAOS_FLOWS="$flows"
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 status=0
+# Built first, so that the load averages below frame the run only.
+cargo test -q "${profile[@]}" -p palisade --test lab_e2e --no-run >/dev/null 2>&1 || true
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 cargo test -q "${profile[@]}" -p palisade --test lab_e2e \
     agents_killed_with_sigkill_at_random_moments_keep_every_established_connection \
     -- --exact --nocapture >"$out" 2>&1 || status=$?
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 grep -E '^(chaos|round)' "$out" || true
+echo "load average (1, 5, 15 min): $load_before before the run, $load_after after it ($(nproc) cores)"
 summary=$(grep -E '^chaos: seed .* kills, ' "$out" | tail -1 || true)
 if [ -z "$summary" ]; then
     echo "the run did not finish (exit $status):" >&2

@@ -145,6 +145,8 @@ pub struct Agent {
     older_journals: bool,
     /// When this run's first snapshot round was taken.
     first_snapshot: FirstSnapshot,
+    /// What followed `agent ready` (said once, see [`crate::after_ready`]).
+    after_ready: Option<crate::after_ready::AfterReady>,
     /// This run's journals, made while the state was read (taken at start).
     fresh_journals: Option<FreshJournals>,
     /// State files refused at start, by reason (corrupt, truncated, foreign, no room...).
@@ -1166,6 +1168,7 @@ impl Agent {
             imported_saved: false,
             older_journals: false,
             first_snapshot: FirstSnapshot::None,
+            after_ready: None,
             fresh_journals: None,
             state_refused: Default::default(),
             refusals: Vec::new(),
@@ -1436,7 +1439,7 @@ impl Agent {
             // Made while the state was read: forward first, snapshot soon after.
             self.first_snapshot = FirstSnapshot::AfterForwarding;
             self.older_journals = fresh.moved_aside;
-            self.snapshots.due_now(Instant::now());
+            self.snapshots.first_round_after_start(Instant::now());
             for ((i, core), j) in self.workers.iter().enumerate().zip(fresh.journals) {
                 match j {
                     Ok(j) => lock(core).journal = Some(j),
@@ -1477,21 +1480,22 @@ impl Agent {
         let dir = &self.config.state_dir;
         let name = &name;
         // Every worker's table encoded and written at once, each on a thread of its own.
-        let written: Vec<(u64, u64, PathBuf, std::io::Result<()>)> = std::thread::scope(|s| {
+        let written: Vec<(u64, u64, PathBuf, std::io::Result<()>, Duration)> = std::thread::scope(|s| {
             let rounds: Vec<_> = self
                 .workers
                 .iter()
                 .enumerate()
                 .map(|(i, core)| {
                     s.spawn(move || {
-                        let (n, blob) = {
+                        let (n, blob, held) = {
                             let mut core = lock(core);
+                            let locked = Instant::now();
                             let n = core.engine.conntrack().len() as u64;
                             let blob = core.engine.export_all_named(name, now);
                             if let Some(j) = &mut core.journal {
                                 j.rotate();
                             }
-                            (n, blob)
+                            (n, blob, locked.elapsed())
                         };
                         let path = state_path(dir, i, StateKind::Snapshot);
                         let result = write_state(&path, &blob);
@@ -1500,7 +1504,7 @@ impl Agent {
                         if let Some(j) = &mut lock(core).journal {
                             j.snapshot_saved(result.is_ok());
                         }
-                        (n, blob.len() as u64, path, result)
+                        (n, blob.len() as u64, path, result, held)
                     })
                 })
                 .collect();
@@ -1509,7 +1513,9 @@ impl Agent {
                 .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect()
         });
-        for (n, len, path, result) in written {
+        let mut held = Duration::ZERO;
+        for (n, len, path, result, h) in written {
+            held = held.max(h);
             connections += n;
             bytes += len;
             if let Err(e) = result {
@@ -1520,7 +1526,11 @@ impl Agent {
                 ok = false;
             }
         }
-        self.snapshots.done(started, Instant::now(), connections, bytes, ok);
+        let ended = Instant::now();
+        self.snapshots.done(started, ended, connections, bytes, ok);
+        if let Some(a) = &mut self.after_ready {
+            a.snapshot_round(started, ended, held);
+        }
         if ok && self.older_journals {
             // Every worker's file now holds what the older generation added.
             for old in state_files(&self.config.state_dir, StateKind::PrevJournal) {
@@ -1536,6 +1546,16 @@ impl Agent {
     /// their records, install policies and publish metrics here. Returns an
     /// error if a worker fails (the others are stopped first).
     pub fn run(&mut self, stop: &AtomicBool) -> Result<(), AgentError> {
+        let ready = Instant::now();
+        self.after_ready = Some(crate::after_ready::AfterReady::new(
+            ready,
+            self.clock.unix(self.now()),
+            self.first_snapshot == FirstSnapshot::AfterForwarding && self.snapshots.stats.written == 0,
+        ));
+        if self.first_snapshot == FirstSnapshot::AfterForwarding && self.snapshots.stats.written == 0 {
+            // Not with the first new flows: see `SnapshotTimer::first_round_after_start`.
+            self.snapshots.first_round_after_start(ready);
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         let halt = AtomicBool::new(false);
         let ios = std::mem::take(&mut self.io);
@@ -1564,6 +1584,9 @@ impl Agent {
                 }
             }
             drop(tx);
+            if let Some(a) = &mut self.after_ready {
+                a.workers_started(Instant::now());
+            }
             let served = self.control(&rx, stop, &handles);
             halt.store(true, Ordering::Relaxed);
             let failures: Vec<Option<String>> = handles
@@ -1658,6 +1681,9 @@ impl Agent {
             }
             if self.snapshots.due(Instant::now()) {
                 self.snapshot();
+            }
+            if let Some(line) = self.after_ready.as_mut().and_then(|a| a.line(Instant::now())) {
+                eprintln!("{line}");
             }
             if last_health.elapsed() >= health_interval {
                 // A report boundary: publish fresh figures, send them, and
@@ -1938,6 +1964,11 @@ impl Agent {
     }
 
     fn keep(&mut self, rec: FlowRecord) {
+        if let (Some(a), palisade_audit::record::Phase::Start, palisade_audit::record::Verdict::Allow) =
+            (&mut self.after_ready, &rec.phase, &rec.verdict)
+        {
+            a.flow_started(rec.start_ns);
+        }
         for d in rec.decided_by.iter().filter(|d| d.rule == "default") {
             let end = if d.chain == "egress" { &rec.src } else { &rec.dst };
             if let Some(n) = end.vm.as_ref().and_then(|vm| self.default_decisions.get_mut(&vm.vnic)) {

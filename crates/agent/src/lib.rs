@@ -39,6 +39,7 @@
 //!   the agent and arms the fallback when it dies.
 #![deny(missing_docs)]
 
+mod after_ready;
 pub mod agent;
 pub mod arrivals;
 pub mod attach;

@@ -3,6 +3,7 @@
     python3 held_flows.py server PORT EXPECTED
     python3 held_flows.py client HOST PORT COUNT
     python3 held_flows.py probe HOST PORT
+    python3 held_flows.py sniff PORT
 
 The server accepts connections and keeps them, saying `accepted N` once
 EXPECTED are open (each says `held` first; the server drops any other). The client opens COUNT connections to HOST:PORT, says
@@ -14,7 +15,13 @@ The prober measures how long new connections cannot be opened: on each
 every 10 ms (a SYN lost while the path is down is not waited for: the next
 attempt is a fresh connection) until one completes, then prints the
 milliseconds from `go` to that. Its connections say `probe` and close; the
-server forgets them without counting them.
+server forgets them without counting them. On standard error it says when
+the winning connection's SYN left, from which port, and the handshake's
+round trip as the kernel measured it.
+
+The sniffer prints `UNIX_NS INTERFACE DIR KIND SPORT DPORT` for every TCP
+SYN and SYN-ACK to or from PORT on any interface of its namespace, those
+inside VXLAN datagrams (UDP 4789) included: where a handshake waited.
 
 On a `check` line on its standard input the server writes one line on every
 connection and waits (up to 15 s) for each to come back; it then prints one
@@ -162,6 +169,7 @@ def probe(host, port):
         started = time.monotonic()
         sel = selectors.DefaultSelector()
         pending = []
+        created = {}
         done = None
         next_try = started
         while done is None:
@@ -172,11 +180,25 @@ def probe(host, port):
                 s.connect_ex((host, port))
                 sel.register(s, selectors.EVENT_WRITE)
                 pending.append(s)
+                created[s.fileno()] = now
                 next_try = now + 0.01
             for key, _ in sel.select(max(0.0, next_try - time.monotonic())):
                 s = key.fileobj
                 if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
                     done = time.monotonic()
+                    # Where the time went (standard error, for the record): when
+                    # the winning connection's SYN left, and the handshake's
+                    # round trip as the kernel measured it (tcpi_rtt).
+                    try:
+                        info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+                        rtt_us = int.from_bytes(info[68:72], "little")
+                    except OSError:
+                        rtt_us = -1
+                    sys.stderr.write(
+                        "probe: completed %.1f ms; its SYN left at %.1f ms from port %d, handshake rtt %.1f ms, %d attempts\n"
+                        % ((done - started) * 1e3, (created[s.fileno()] - started) * 1e3, s.getsockname()[1], rtt_us / 1e3, len(pending))
+                    )
+                    sys.stderr.flush()
                     try:
                         s.sendall(b"probe\n")
                     except OSError:
@@ -193,16 +215,46 @@ def probe(host, port):
         say(-1 if done is None else int((done - started) * 1000))
 
 
+def sniff(port):
+    """Print `UNIX_NS DIR FLAGS SPORT DPORT` for every TCP SYN or SYN-ACK
+    to or from `port` on any interface of this namespace (DIR: in or out)."""
+    ETH_P_ALL = 3
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    while True:
+        frame, addr = s.recvfrom(65535)
+        t = time.time_ns()
+        if len(frame) < 14 + 20 + 20 or frame[12:14] != b"\x08\x00":
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        # A VXLAN datagram (UDP 4789): the frame inside it.
+        if frame[14 + 9] == 17 and int.from_bytes(frame[14 + ihl + 2:14 + ihl + 4], "big") == 4789:
+            frame = frame[14 + ihl + 8 + 8:]
+            if len(frame) < 14 + 20 + 20 or frame[12:14] != b"\x08\x00":
+                continue
+            ihl = (frame[14] & 0x0F) * 4
+        if frame[14 + 9] != 6:
+            continue
+        tcp = frame[14 + ihl:]
+        sport, dport = int.from_bytes(tcp[0:2], "big"), int.from_bytes(tcp[2:4], "big")
+        flags = tcp[13]
+        if port not in (sport, dport) or not flags & 0x02:
+            continue
+        what = "synack" if flags & 0x10 else "syn"
+        say(t, addr[0], "out" if addr[2] == socket.PACKET_OUTGOING else "in", what, sport, dport)
+
+
 def main():
     raise_fd_limit()
     if sys.argv[1] == "server":
         server(int(sys.argv[2]), int(sys.argv[3]))
     elif sys.argv[1] == "client":
         client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "sniff":
+        sniff(int(sys.argv[2]))
     elif sys.argv[1] == "probe":
         probe(sys.argv[2], int(sys.argv[3]))
     else:
-        sys.exit("usage: held_flows.py server PORT EXPECTED | client HOST PORT COUNT | probe HOST PORT")
+        sys.exit("usage: held_flows.py server PORT EXPECTED | client HOST PORT COUNT | probe HOST PORT | sniff PORT")
 
 
 if __name__ == "__main__":

@@ -587,6 +587,36 @@ fn db1_received(lab: &Lab) -> u64 {
         .sum()
 }
 
+/// Now, Unix time in nanoseconds (the clock flow records use).
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// How long after `since` (Unix ns) `host`'s agent first saw a prober's
+/// connection (web-1 → app-2:8080): the earliest start among its flow
+/// records (published every 500 ms; waited for up to 2 s).
+fn first_probe_seen(lab: &Lab, host: &str, since: u64) -> Option<u64> {
+    let sock = lab.state().state_dir.join(host).join("agent.sock");
+    let (web1, app2) = (lab.vm_ip("web-1").unwrap(), lab.vm_ip("app-2").unwrap());
+    let t = Instant::now();
+    loop {
+        let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap_or_default();
+        let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap_or_default();
+        let first = recs
+            .iter()
+            .filter(|r| r.src.addr == web1 && r.dst.addr == app2 && r.dst.port == 8080 && r.start_ns >= since)
+            .map(|r| r.start_ns - since)
+            .min();
+        if first.is_some() || t.elapsed() > Duration::from_secs(2) {
+            return first;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -641,6 +671,35 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         "web-1",
         &["probe", &lab.vm_ip("app-2").unwrap().to_string(), "8080"],
     );
+    // With PALISADE_CHAOS_SNIFF set, where each probe's handshake spent its
+    // time: every SYN and SYN-ACK of port 8080 on every interface of both
+    // hosts and the edge router, timed, printed per round.
+    let sniff = std::env::var_os("PALISADE_CHAOS_SNIFF").is_some();
+    let sniffers: Vec<(String, FlowTool)> = ["hv1", "hv2", "edge"]
+        .into_iter()
+        .filter(|_| sniff)
+        .map(|h| {
+            let ns = lab.host_netns("hv1").replace("hv1", h);
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", &ns, "python3", HELD_FLOWS, "sniff", "8080"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            let stdin = child.stdin.take().unwrap();
+            let out = lines_of(child.stdout.take().unwrap());
+            (
+                h.to_string(),
+                FlowTool {
+                    child,
+                    stdin,
+                    out,
+                    what: h.into(),
+                },
+            )
+        })
+        .collect();
     let db1 = lab.vm_ip("db-1").unwrap().to_string();
     let mut pinger = lab
         .spawn("bastion-1", &["busybox", "ping", "-q", "-i", "0.02", &db1])
@@ -715,6 +774,7 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         // Both hosts' agents restart at once when both were killed: each host
         // restarts its own agent independently (a real host runs one).
         let restart_at = Instant::now();
+        let restart_unix = unix_ns();
         let started: Vec<(usize, std::process::Child, Duration)> = std::thread::scope(|s| {
             let starting: Vec<_> = victims
                 .iter()
@@ -758,6 +818,40 @@ fn agents_killed_with_sigkill_at_random_moments_keep_every_established_connectio
         let after_restart = (new_flow as u64).saturating_sub((restart_at - go_at).as_millis() as u64);
         let stall = first.unwrap();
         let names: Vec<&str> = victims.iter().map(|&i| hosts[i]).collect();
+        // Where the new-flow stall went: when each restarted agent first saw
+        // a probe's connection (its flow record's start), against its ready
+        // line and the probe's completion.
+        for (vm, sniffer) in &sniffers {
+            let seen: Vec<String> = sniffer
+                .pending()
+                .iter()
+                .filter_map(|l| {
+                    let (t, rest) = l.split_once(' ')?;
+                    let t: u64 = t.parse().ok()?;
+                    (t >= restart_unix).then(|| format!("{:.1} {rest}", (t - restart_unix) as f64 / 1e6))
+                })
+                .take(400)
+                .collect();
+            println!("round {round}: {vm} saw: {}", seen.join(", "));
+        }
+        for (&i, took) in victims.iter().zip(&each) {
+            let seen = first_probe_seen(lab, hosts[i], restart_unix);
+            let log = lab.state().state_dir.join(format!("restart-{}.log", hosts[i]));
+            for l in std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("after ready"))
+            {
+                println!("round {round}: {}: {l}", hosts[i]);
+            }
+            println!(
+                "round {round}: {}: ready {} ms, first probe connection seen {} ms after the restart \
+                 (completed {after_restart} ms)",
+                hosts[i],
+                took.as_millis(),
+                seen.map_or("-".into(), |ns| format!("{:.1}", ns as f64 / 1e6)),
+            );
+        }
         println!(
             "round {round}: killed {names:?}, down {down:?}, stream stall {stall:?} (a line every 100 ms), \
              restarted and ready in {ready:?} (each agent {each:?}), new connections refused for {new_flow} ms ({after_restart} ms after the restart), \
