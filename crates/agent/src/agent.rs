@@ -266,17 +266,19 @@ fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<Tra
         Some(cc) => Some((crate::upstream::client(cc)?, config.host.clone(), stop.clone())),
         None => None,
     };
+    let nice = config.nice();
     let open = move || {
         // Below the start-up's own threads: the datapath waits for the
         // policy, the engines, the state and the sockets, never for the
         // trail (records are kept until it is open), and on a small host
         // its recovery (reading and hashing the last segment) would take
         // their cores. Back to the default once open.
-        set_thread_nice(AUDIT_OPEN_NICE);
+        let _ = set_thread_nice(AUDIT_OPEN_NICE);
         // With a controller, the trail's heads also go to it (registering its key first).
         let heads = pusher.as_ref().map(|_| crate::upstream::HeadQueue::new());
         let trail = crate::trail::Trail::open_with(&dir, retention, &key, &head, heads.clone());
-        set_thread_nice(0);
+        // Back to the agent's priority (a failure, as at start, leaves the default).
+        let _ = set_thread_nice(nice).or_else(|_| set_thread_nice(0));
         let trail = trail?;
         if let (Some(q), Some((client, host, stop))) = (heads, pusher) {
             crate::upstream::head_pusher(client, host, trail.public_key(), q, stop)?;
@@ -294,11 +296,16 @@ fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<Tra
 const AUDIT_OPEN_NICE: i32 = 10;
 
 /// Set the calling thread's nice value (on Linux a thread's own, not the
-/// process's). A failure (raising it back needs `CAP_SYS_NICE`) leaves it
-/// as it was: only scheduling changes.
-fn set_thread_nice(nice: i32) {
+/// process's; the threads it starts afterwards inherit it). A failure
+/// (raising it needs `CAP_SYS_NICE`) leaves it as it was: only scheduling
+/// changes.
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
     // SAFETY: setpriority takes plain integers; `who` 0 is the caller.
-    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The CPU time this process used so far, user and system, all threads
@@ -848,6 +855,13 @@ impl Agent {
     /// threads too. The worker threads start in [`Agent::run`].
     pub fn start(config: AgentConfig, stop: Arc<AtomicBool>) -> Result<Agent, AgentError> {
         let t0 = Instant::now();
+        // First, so that every thread started from here has it (see `AgentConfig::nice`).
+        let nice = config.nice();
+        if nice != 0
+            && let Err(e) = set_thread_nice(nice)
+        {
+            eprintln!("palisade agent: cannot take scheduling priority nice {nice}: {e}; running at the default");
+        }
         std::fs::create_dir_all(config.state_dir.join("conntrack"))
             .map_err(io_err(format!("state directory {}", config.state_dir.display())))?;
         // First of all: the lock (an arm in progress finishes first; another

@@ -12,6 +12,7 @@
 //! state_snapshot_ms = 200            # connection-table snapshots for crash recovery (0: off)
 //! offloads = true                    # TSO/GSO super-frames and partial checksums through the engine whole (default)
 //! af_packet_rx = "socket"            # ports read their socket queue (default); "ring": a TPACKET_V3 ring
+//! nice = -10                         # the agent's scheduling priority (default -10; 0: the default priority)
 //! # [controller]                     # controller mode instead of `policy`:
 //! # servers = ["https://ctl:7443"]   #   ca, cert, key (mutual TLS) or token
 //! # health_interval_s = 3            #   datapath health reports (1-60 s)
@@ -144,6 +145,16 @@ pub struct AgentConfig {
     /// `ring` suits hosts that carry mostly small packets at high rates.
     #[serde(default)]
     pub af_packet_rx: AfPacketRx,
+    /// The agent's scheduling priority as a nice value, -20 to 19 (default
+    /// [`DEFAULT_NICE`], -10, the priority Open vSwitch's `ovs-ctl` gives
+    /// `ovs-vswitchd`; 0 leaves the default priority). Set when the agent
+    /// starts, so every thread it starts has it: on a busy host the
+    /// datapath, and a restart's start-up that every new flow waits for,
+    /// do not queue behind guests' vCPUs and other work for a core. A
+    /// priority above the default needs `CAP_SYS_NICE`; without it the
+    /// agent says so and runs at the default.
+    #[serde(default)]
+    pub nice: Option<i32>,
     /// Inline inspection (`[inspect]`): off when absent.
     #[serde(default)]
     pub inspect: Option<InspectConfig>,
@@ -152,6 +163,9 @@ pub struct AgentConfig {
     #[serde(default)]
     pub migration: Option<MigrationConfig>,
 }
+
+/// The agent's default scheduling priority ([`AgentConfig::nice`]).
+pub const DEFAULT_NICE: i32 = -10;
 
 /// How the AF_PACKET ports receive ([`AgentConfig::af_packet_rx`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -615,6 +629,11 @@ impl AgentConfig {
         })
     }
 
+    /// The agent's scheduling priority as a nice value ([`AgentConfig::nice`]).
+    pub fn nice(&self) -> i32 {
+        self.nice.unwrap_or(DEFAULT_NICE)
+    }
+
     /// The interval between connection-table snapshots (`None`: off).
     pub fn state_snapshot_interval(&self) -> Option<std::time::Duration> {
         match self.state_snapshot_ms {
@@ -708,6 +727,11 @@ impl AgentConfig {
                     format!("{f} is out of range: 1 to 16777216"),
                 ));
             }
+        }
+        if let Some(n) = config.nice
+            && !(-20..=19).contains(&n)
+        {
+            return Err(invalid("nice".into(), format!("{n} is out of range: -20 to 19")));
         }
         if let Some(ms) = config.state_snapshot_ms
             && ms != 0
@@ -950,6 +974,26 @@ mac = "02:00:00:00:fe:01"
             assert!(e.contains("state_snapshot_ms") && e.contains(bad), "{e}");
         }
         assert!(with("-1").is_err());
+    }
+
+    #[test]
+    fn the_priority_defaults_above_guests_and_is_checked() {
+        let c = AgentConfig::parse(GOOD, Path::new("hv1.toml")).unwrap();
+        assert_eq!(c.nice(), DEFAULT_NICE);
+        let with = |v: &str| {
+            AgentConfig::parse(
+                &GOOD.replace("metrics =", &format!("nice = {v}\nmetrics =")),
+                Path::new("hv1.toml"),
+            )
+        };
+        assert_eq!(with("0").unwrap().nice(), 0);
+        assert_eq!(with("-20").unwrap().nice(), -20);
+        assert_eq!(with("19").unwrap().nice(), 19);
+        for bad in ["-21", "20"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("nice") && e.contains(bad), "{e}");
+        }
+        assert!(with("\"high\"").is_err());
     }
 
     #[test]
