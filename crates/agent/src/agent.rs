@@ -1065,6 +1065,7 @@ impl Agent {
             records: migrations.clone(),
             peer_tls: peer_tls.clone(),
             precopied: Mutex::new(std::collections::HashMap::new()),
+            delta_phases: Mutex::new(HashMap::new()),
             imported: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
         });
@@ -2303,6 +2304,37 @@ impl Agent {
 }
 
 /// A vNIC's pre-copy handed out ([`http::Control::export_precopy`]).
+/// Where a delta's time on the source went, in the guest's pause.
+#[derive(Debug, Clone, Copy)]
+struct DeltaPhases {
+    /// Connections and bytes of the delta.
+    conns: usize,
+    bytes: usize,
+    /// Taking every worker's lock (waiting out the batch each is in).
+    lock: Duration,
+    /// The engines' change export.
+    export: Duration,
+    /// Quiescing the port in every worker.
+    quiesce: Duration,
+    /// Encoding, hashing and recording the transfer.
+    encode: Duration,
+}
+
+impl core::fmt::Display for DeltaPhases {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "delta of {} connections ({} B): lock {} us, export {} us, quiesce {} us, encode {} us",
+            self.conns,
+            self.bytes,
+            self.lock.as_micros(),
+            self.export.as_micros(),
+            self.quiesce.as_micros(),
+            self.encode.as_micros()
+        )
+    }
+}
+
 struct Precopied {
     /// Each worker's change generation at the pre-copy.
     marks: Vec<u64>,
@@ -2334,6 +2366,9 @@ struct VnicControl {
     /// it, and the pre-copy's size and hash (the export's record covers
     /// pre-copy and delta, as the destination's import record does).
     precopied: Mutex<std::collections::HashMap<String, Precopied>>,
+    /// Per vNIC, where its last delta's time in the guest's pause went:
+    /// logged once the pause is over (by the release or the resume), not in it.
+    delta_phases: Mutex<HashMap<String, DeltaPhases>>,
     /// When each vNIC's state was last imported: its guest's announcement
     /// right after is that migration's, not one to hold for.
     imported: Mutex<HashMap<String, Instant>>,
@@ -2391,6 +2426,15 @@ impl VnicControl {
                 diff: diff.to_string(),
                 policy_version: None,
             });
+    }
+
+    /// Log where `vnic`'s last delta spent the guest's pause, if it had one
+    /// (after the pause: the log's write is not the guest's to wait for).
+    fn log_delta_phases(&self, vnic: &str) {
+        let phases = self.delta_phases.lock().unwrap_or_else(|p| p.into_inner()).remove(vnic);
+        if let Some(p) = phases {
+            eprintln!("palisade agent: migration of {vnic}: {p}");
+        }
     }
 
     /// Forget `vnic`'s pre-copy; with none left, the engines stop keeping
@@ -2514,6 +2558,7 @@ impl http::Control for VnicControl {
         Self::quiesce(&mut guards, vnic, true)?;
         self.end_precopy(&mut guards, vnic);
         drop(guards);
+        self.log_delta_phases(vnic);
         self.record("release", vnic, peer, released, None);
         Ok(released)
     }
@@ -2523,6 +2568,7 @@ impl http::Control for VnicControl {
         Self::quiesce(&mut guards, vnic, false)?;
         self.end_precopy(&mut guards, vnic);
         drop(guards);
+        self.log_delta_phases(vnic);
         self.record("resume", vnic, peer, 0, None);
         Ok(())
     }
@@ -2555,8 +2601,10 @@ impl http::Control for VnicControl {
     /// The port stops forwarding (as for an export) and the changes since
     /// the pre-copy go out; without a pre-copy, every connection.
     fn export_delta(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
+        let started = Instant::now();
         let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let locked = Instant::now();
         let pre = self
             .precopied
             .lock()
@@ -2568,8 +2616,10 @@ impl http::Control for VnicControl {
             let since = pre.as_ref().map(|p| p.0.as_slice());
             crate::migrate::export_changes(&mut engines, vnic, now, since).map_err(control_error)?
         };
+        let exported = Instant::now();
         Self::quiesce(&mut guards, vnic, true)?;
         drop(guards);
+        let quiesced = Instant::now();
         let blob = palisade_datapath::transfer::encode(&t);
         // A full delta replaces the pre-copy on the destination, whose hash
         // still covers both (it received both).
@@ -2577,6 +2627,18 @@ impl http::Control for VnicControl {
         hash.update(&blob);
         let state = (bytes + blob.len() as u64, hash.finalize().to_hex().to_string());
         self.record_hashed("export", vnic, peer, t.conns.len(), Some(state));
+        let phases = DeltaPhases {
+            conns: t.conns.len(),
+            bytes: blob.len(),
+            lock: locked - started,
+            export: exported - locked,
+            quiesce: quiesced - exported,
+            encode: quiesced.elapsed(),
+        };
+        self.delta_phases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), phases);
         Ok(blob)
     }
 
@@ -2673,6 +2735,32 @@ impl http::Control for VnicControl {
             *total.get_or_insert(0) += core.engine.port_tally(port).packets;
         }
         total
+    }
+
+    /// Placed by the identities of the policy the first worker holds
+    /// (every worker's engine binds the same ports and policy); quiesced
+    /// in any worker.
+    fn check_source(&self, vnic: &str, from: &str) -> Result<(), http::ControlError> {
+        let mut placed = None;
+        let mut quiesced = false;
+        for (i, core) in self.workers.iter().enumerate() {
+            let core = lock(core);
+            let port = core
+                .engine
+                .port_of(vnic)
+                .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
+            if i == 0 {
+                placed = core.engine.vnic(port).and_then(|v| {
+                    v.ips
+                        .iter()
+                        .find_map(|ip| core.identities.of(*ip))
+                        .and_then(|id| id.host.clone())
+                });
+            }
+            quiesced |= core.quiesced.contains(&port);
+        }
+        crate::peer::check_source(vnic, from, &self.host, placed.as_deref(), quiesced)
+            .map_err(http::ControlError::Refused)
     }
 
     /// Every worker's engine binds the same ports: the first one's say.
