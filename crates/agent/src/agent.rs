@@ -1068,6 +1068,7 @@ impl Agent {
             delta_phases: Mutex::new(HashMap::new()),
             imported: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            holds_started: Mutex::new(HashMap::new()),
         });
         if let (Some(mc), Some(tls)) = (&config.migration, &peer_tls)
             && let Some(listen) = &mc.listen
@@ -2374,7 +2375,15 @@ struct VnicControl {
     imported: Mutex<HashMap<String, Instant>>,
     /// vNICs held for their state since when ([`http::Control::hold_vnic`]).
     held: Mutex<HashMap<String, Instant>>,
+    /// When each vNIC's last hold started, kept past its end: a follow
+    /// order's state arriving after the hold expired is still taken from
+    /// the VM's last host ([`http::Control::check_source`]).
+    holds_started: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long after a vNIC's hold started its state is still taken from the
+/// host it left once the hold expired (a follow order that ran late).
+const LATE_STATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// How long after an import a vNIC's announcement belongs to that migration.
 const IMPORT_ANNOUNCE_WINDOW: Duration = Duration::from_secs(10);
@@ -2738,8 +2747,9 @@ impl http::Control for VnicControl {
     }
 
     /// Placed by the identities of the policy the first worker holds
-    /// (every worker's engine binds the same ports and policy); quiesced
-    /// in any worker.
+    /// (every worker's engine binds the same ports and policy); waiting
+    /// for its state when quiesced in any worker, or held for it in the
+    /// last [`LATE_STATE_WINDOW`].
     fn check_source(&self, vnic: &str, from: &str) -> Result<(), http::ControlError> {
         let mut placed = None;
         let mut quiesced = false;
@@ -2759,7 +2769,13 @@ impl http::Control for VnicControl {
             }
             quiesced |= core.quiesced.contains(&port);
         }
-        crate::peer::check_source(vnic, from, &self.host, placed.as_deref(), quiesced)
+        let held_lately = self
+            .holds_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnic)
+            .is_some_and(|t| t.elapsed() < LATE_STATE_WINDOW);
+        crate::peer::check_source(vnic, from, &self.host, placed.as_deref(), quiesced || held_lately)
             .map_err(http::ControlError::Refused)
     }
 
@@ -2818,6 +2834,10 @@ impl http::Control for VnicControl {
         Self::quiesce(&mut guards, vnic, true)?;
         drop(guards);
         self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), Instant::now());
+        self.holds_started
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(vnic.to_string(), Instant::now());

@@ -263,6 +263,10 @@ struct Staged {
 pub struct Staging {
     from: String,
     staged: HashMap<String, Staged>,
+    /// What commits left behind, freed by [`Staging::free_committed`] once
+    /// the commit is answered: freeing a large pre-copy's keys (2 MB at
+    /// 50,000 connections) took 0.2 to 1.2 ms, inside the guest's pause.
+    spent: Vec<Staged>,
 }
 
 impl Staging {
@@ -271,6 +275,7 @@ impl Staging {
         Staging {
             from: from.to_string(),
             staged: HashMap::new(),
+            spent: Vec::new(),
         }
     }
 
@@ -358,9 +363,18 @@ impl Staging {
         self.staged.contains_key(vnic)
     }
 
-    /// `vnic`'s commit was applied: nothing of it is left to discard.
+    /// `vnic`'s commit was applied: nothing of it is left to discard
+    /// (what was staged is kept until [`Staging::free_committed`]).
     pub fn committed(&mut self, vnic: &str) {
-        self.staged.remove(vnic);
+        if let Some(s) = self.staged.remove(vnic) {
+            self.spent.push(s);
+        }
+    }
+
+    /// Free what commits left behind: called once their answers are out,
+    /// so the guest's pause does not wait for it.
+    pub fn free_committed(&mut self) {
+        self.spent = Vec::new();
     }
 
     /// What the session staged and did not commit (it ended: the migration
@@ -372,18 +386,19 @@ impl Staging {
 
 /// Whether host `host` takes a vNIC's state from host `from` (its
 /// certificate checked), given the host its inventory (with the
-/// controller's locations) places the vNIC's VM on, and whether the vNIC's
-/// port is quiesced here. Taken from the VM's current host only: another
-/// agent of the CA (compromised or confused) cannot push connections into
-/// a VM that does not run there, or into one that runs here. One lag is
-/// allowed: placed here with the port quiesced (a guest that arrived and is
-/// held for its state, whose location the controller moved first; or one
-/// that migrated away and comes back before this host heard of its first
-/// move): the guest runs nowhere here that the state could overwrite.
-pub fn check_source(vnic: &str, from: &str, host: &str, placed: Option<&str>, quiesced: bool) -> Result<(), String> {
+/// controller's locations) places the vNIC's VM on, and whether the vNIC
+/// waits for its state here (`awaiting`: its port quiesced, or its guest
+/// held for its state moments ago). Taken from the VM's current host only:
+/// another agent of the CA (compromised or confused) cannot push
+/// connections into a VM that does not run there, or into one that runs
+/// here. One lag is allowed: placed here and awaiting (a guest that
+/// arrived and was held for its state, whose location the controller moved
+/// first; or one that migrated away and comes back before this host heard
+/// of its first move).
+pub fn check_source(vnic: &str, from: &str, host: &str, placed: Option<&str>, awaiting: bool) -> Result<(), String> {
     match placed {
         Some(p) if p == from => Ok(()),
-        Some(p) if p == host && quiesced => Ok(()),
+        Some(p) if p == host && awaiting => Ok(()),
         Some(p) if p == host => Err(format!(
             "vNIC {vnic:?} runs on this host ({host}): its state is not taken from {from}"
         )),
@@ -532,6 +547,7 @@ fn serve_requests(
             Err(m) => write_frame(s, ERR, &[m.as_bytes()]),
         };
         written.map_err(io_error(peer))?;
+        staging.free_committed();
         if let Some((vnic, conns, decoded, applied)) = timed {
             eprintln!(
                 "palisade agent: migration from {}: commit of {vnic}: {conns} connections, decode {} us, apply {} us",
@@ -703,7 +719,7 @@ mod tests {
 
     #[test]
     fn a_vnics_state_comes_from_its_vms_host_or_to_a_quiesced_port_here() {
-        // (placed on, quiesced on hv2, taken from hv1 by hv2)
+        // (placed on, awaiting its state on hv2, taken from hv1 by hv2)
         let table: [(Option<&str>, bool, Result<(), &str>); 7] = [
             (Some("hv1"), false, Ok(())),
             (Some("hv1"), true, Ok(())),
@@ -739,6 +755,29 @@ mod tests {
                 "{placed:?} {quiesced}"
             );
         }
+    }
+
+    /// A commit's staged copy is not freed with the commit (in the
+    /// guest's pause) but once answered; a session's leftovers are only
+    /// the uncommitted.
+    #[test]
+    fn a_committed_copy_is_freed_after_its_answer() {
+        let pre = transfer::encode(&palisade_datapath::transfer::Transfer {
+            vnic: "a.0".into(),
+            policy_version: 1,
+            full: true,
+            conns: Vec::new(),
+            removed: Vec::new(),
+        });
+        let mut st = Staging::new("hv1");
+        st.stage("a.0", &pre).unwrap();
+        assert!(st.is_staged("a.0"));
+        st.committed("a.0");
+        assert!(!st.is_staged("a.0"));
+        assert_eq!(st.spent.len(), 1);
+        assert!(st.leftovers().is_empty());
+        st.free_committed();
+        assert!(st.spent.is_empty());
     }
 
     #[test]
