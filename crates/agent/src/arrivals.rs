@@ -28,7 +28,12 @@
 //! moments ago (a migration this agent took part in announces itself too):
 //! a guest placed here that announces itself (a boot, a new address) costs
 //! the controller nothing. The controller's answer decides whether the hold
-//! stays (it moved the VM here) or ends at once.
+//! stays (it moved the VM here) or ends at once. A report the controller
+//! does not take (it is away, or refuses while the VM's previous move is
+//! still being carried out) is made again every [`REPORT_INTERVAL`] for up
+//! to [`RETRY_BOUND`] while the inventory here still places the VM
+//! elsewhere: a dropped report would leave the controller placing the VM on
+//! the host it left, and the next migration ordered from the wrong host.
 
 use std::collections::HashMap;
 use std::sync::Arc;
