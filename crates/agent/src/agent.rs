@@ -2564,7 +2564,17 @@ impl http::Control for VnicControl {
             core.engine.export_vnic(port, now, true, &mut ());
             released += before - core.engine.conntrack().len();
         }
-        Self::quiesce(&mut guards, vnic, true)?;
+        // Quiesced in the engines only, not by the workers: frames from the
+        // port reach the engine, which drops them but still counts its
+        // guest announcing itself, so a guest back here through a
+        // migration made without the controller is reported, not dropped
+        // unseen (frames towards the port are dropped by the engine alike).
+        for core in guards.iter_mut() {
+            if let Some(port) = core.engine.port_of(vnic) {
+                core.quiesced.retain(|&p| p != port);
+                core.engine.set_port_quiesced(port, true);
+            }
+        }
         self.end_precopy(&mut guards, vnic);
         drop(guards);
         self.log_delta_phases(vnic);
@@ -2767,7 +2777,7 @@ impl http::Control for VnicControl {
                         .and_then(|id| id.host.clone())
                 });
             }
-            quiesced |= core.quiesced.contains(&port);
+            quiesced |= core.quiesced.contains(&port) || core.engine.is_quiesced(port);
         }
         let held_lately = self
             .holds_started

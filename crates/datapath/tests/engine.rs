@@ -2153,3 +2153,36 @@ fn a_delta_holds_exactly_the_connections_changed_since_its_mark() {
         e.end_vnic_changes();
     }
 }
+
+/// A guest that left with its state leaves its port quiesced here (for
+/// stragglers); if it comes back through a migration made without the
+/// controller, its announcement is still counted (and the frame dropped),
+/// so the agent reports the arrival; nothing else on the port is, nor an
+/// announcement for another MAC.
+#[test]
+fn a_quiesced_ports_guest_announcing_itself_is_counted_and_dropped() {
+    let mut e = h1();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    let mut sink = Announced::default();
+    assert!(e.set_port_quiesced(a, true));
+    let p = go(&mut e, a, &rarp_frame(mac(10), mac(10)), &mut sink);
+    assert_eq!(p.0, Disposition::Drop(DropReason::VnicMigrating));
+    assert_eq!(e.announcements(a).0, 1);
+    let p = go(&mut e, a, &arp_frame(mac(10), ip(10), ip(10)), &mut sink);
+    assert_eq!(p.0, Disposition::Drop(DropReason::VnicMigrating));
+    assert_eq!(e.announcements(a).0, 2);
+    // Another MAC's RARP, an ordinary ARP request, a TCP segment: not announcements.
+    go(&mut e, a, &rarp_frame(mac(10), mac(11)), &mut sink);
+    go(&mut e, a, &rarp_frame(mac(11), mac(11)), &mut sink);
+    go(&mut e, a, &arp_frame(mac(10), ip(10), ip(11)), &mut sink);
+    go(
+        &mut e,
+        a,
+        &tcp(10, 11, 40000, 443, (1000, 0), TcpFlags::SYN, b""),
+        &mut sink,
+    );
+    assert_eq!(e.announcements(a).0, 2);
+    assert_eq!(sink.0.len(), 2);
+    assert_eq!(e.announcements(b).0, 0);
+    assert_eq!(e.conntrack().len(), 0, "nothing opened from the quiesced port");
+}
