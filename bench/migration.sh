@@ -36,6 +36,11 @@
 # first migration's count minus the series' minimum), state bytes per
 # connection (pre-copy + delta over the connections moved); the baseline's
 # line gives the guest's pause without the firewall (paused p50/p99).
+# Then, per state series, where the switchover's time went (p50/p99 us,
+# from the agents' logs): the source's worker locks, change export,
+# quiesce and encode, its whole delta export, the send with the
+# destination's answer, the destination's decode and apply; and the
+# delta's connections. Each series' run time is printed first.
 # Raw JSON lines are kept in the output directory.
 #
 # Usage: sudo bench/migration.sh [--count N] [--conns "1000 50000"]
