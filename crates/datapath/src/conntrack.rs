@@ -370,7 +370,10 @@ impl Conntrack {
         }
         if self.changes.is_none() {
             self.changes = Some(ChangeLog {
-                slots: Vec::new(),
+                // Reserved whole (4 bytes a slot of capacity), here at the
+                // pre-copy: the packets that log their connections' changes
+                // never reallocate it.
+                slots: Vec::with_capacity(self.map.capacity()),
                 from: self.generation + 1,
                 overflowed: false,
             });
