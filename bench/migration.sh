@@ -36,6 +36,11 @@
 # first migration's count minus the series' minimum), state bytes per
 # connection (pre-copy + delta over the connections moved); the baseline's
 # line gives the guest's pause without the firewall (paused p50/p99).
+# Then, per state series, where the switchover's time went (p50/p99 us,
+# from the agents' logs): the source's worker locks, change export,
+# quiesce and encode, its whole delta export, the send with the
+# destination's answer, the destination's decode and apply; and the
+# delta's connections. Each series' run time is printed first.
 # Raw JSON lines are kept in the output directory.
 #
 # Usage: sudo bench/migration.sh [--count N] [--conns "1000 50000"]
@@ -97,10 +102,15 @@ agent() { # agent HOST ACTION [BLOB-FILE] -> body on stdout
     fi
 }
 ORDERED=0
+lines() { wc -l <"$STATE/logs/$1.log" 2>/dev/null || echo 0; }
 series() { # series NAME [migrate options...]
     local name=$1; shift
     : >"$OUT/$name.jsonl"
     : >"$OUT/$name.precopy"
+    local from1 from2 started
+    from1=$(lines hv1)
+    from2=$(lines hv2)
+    started=$(date +%s)
     for _ in $(seq "$COUNT"); do
         local to
         to=$(other "$HOST")
@@ -114,6 +124,12 @@ series() { # series NAME [migrate options...]
         fi
         HOST=$to
     done
+    echo "$name: $COUNT migrations in $(( $(date +%s) - started )) s" >>"$OUT/runtime.txt"
+    # Where each pause went (the agents log it once the pause is over):
+    # the source's delta (locks, export, quiesce, encode), its send and the
+    # destination's answer, the destination's decode and apply.
+    { tail -n +"$((from1 + 1))" "$STATE/logs/hv1.log"; tail -n +"$((from2 + 1))" "$STATE/logs/hv2.log"; } \
+        | grep -E 'switchover of |: delta of [0-9]+ connections|: commit of ' >"$OUT/$name.phases" || true
 }
 
 # The template: the guest's connection as its agent holds it now. The
@@ -153,6 +169,7 @@ def precopy(name):
         return []
 
 print(f"migrations per series: {count} (alternating hv1 <-> hv2), raw results in {out}")
+print(open(f"{out}/runtime.txt").read().rstrip())
 print(f"{'series':<12} {'paused p50/p99 ms':>18} {'switchover p50/p99':>19} {'pre-copy p50/p99':>17} "
       f"{'prestage p50/p99':>17} {'moved min/max':>14} {'reset':>6} {'B/conn':>7}")
 for name in ["baseline"] + [f"state-{n}" for n in conns]:
@@ -167,4 +184,30 @@ for name in ["baseline"] + [f"state-{n}" for n in conns]:
     print(f"{name:<12} {pct(paused,50):8.1f}/{pct(paused,99):<9.1f} {pct(sw,50):9.2f}/{pct(sw,99):<9.2f} "
           f"{pct(pc,50):8.2f}/{pct(pc,99):<8.2f} {pct(pre,50):8.1f}/{pct(pre,99):<8.1f} "
           f"{min(moved):6}/{max(moved):<7} {reset!s:>6} {bpc:7.1f}")
+
+# The pause's phases, p50/p99 us, from the agents' logs.
+import re
+phases = [
+    ("lock", r"delta of .*: lock (\d+) us"),
+    ("export", r"delta of .* export (\d+) us"),
+    ("quiesce", r"quiesce (\d+) us"),
+    ("encode", r"encode (\d+) us"),
+    ("delta(src)", r"delta export (\d+) us"),
+    ("send+apply", r"send and destination apply (\d+) us"),
+    ("decode(dst)", r"commit of .* decode (\d+) us"),
+    ("apply(dst)", r"commit of .* apply (\d+) us"),
+    ("delta conns", r"delta of (\d+) connections"),
+]
+print()
+print("pause phases p50/p99 (us; delta conns: count) " + " ".join(f"{n:>13}" for n, _ in phases))
+for n in conns:
+    try:
+        text = open(f"{out}/state-{n}.phases").read()
+    except FileNotFoundError:
+        continue
+    cells = []
+    for _, rx in phases:
+        xs = [float(m) for m in re.findall(rx, text)]
+        cells.append(f"{pct(xs,50):6.0f}/{pct(xs,99):<6.0f}")
+    print(f"{'state-' + n:<46} " + " ".join(f"{c:>13}" for c in cells))
 EOF

@@ -1081,8 +1081,10 @@ impl Agent {
             records: migrations.clone(),
             peer_tls: peer_tls.clone(),
             precopied: Mutex::new(std::collections::HashMap::new()),
+            delta_phases: Mutex::new(HashMap::new()),
             imported: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            holds_started: Mutex::new(HashMap::new()),
         });
         if let (Some(mc), Some(tls)) = (&config.migration, &peer_tls)
             && let Some(listen) = &mc.listen
@@ -2348,6 +2350,37 @@ impl Agent {
 }
 
 /// A vNIC's pre-copy handed out ([`http::Control::export_precopy`]).
+/// Where a delta's time on the source went, in the guest's pause.
+#[derive(Debug, Clone, Copy)]
+struct DeltaPhases {
+    /// Connections and bytes of the delta.
+    conns: usize,
+    bytes: usize,
+    /// Taking every worker's lock (waiting out the batch each is in).
+    lock: Duration,
+    /// The engines' change export.
+    export: Duration,
+    /// Quiescing the port in every worker.
+    quiesce: Duration,
+    /// Encoding, hashing and recording the transfer.
+    encode: Duration,
+}
+
+impl core::fmt::Display for DeltaPhases {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "delta of {} connections ({} B): lock {} us, export {} us, quiesce {} us, encode {} us",
+            self.conns,
+            self.bytes,
+            self.lock.as_micros(),
+            self.export.as_micros(),
+            self.quiesce.as_micros(),
+            self.encode.as_micros()
+        )
+    }
+}
+
 struct Precopied {
     /// Each worker's change generation at the pre-copy.
     marks: Vec<u64>,
@@ -2379,12 +2412,23 @@ struct VnicControl {
     /// it, and the pre-copy's size and hash (the export's record covers
     /// pre-copy and delta, as the destination's import record does).
     precopied: Mutex<std::collections::HashMap<String, Precopied>>,
+    /// Per vNIC, where its last delta's time in the guest's pause went:
+    /// logged once the pause is over (by the release or the resume), not in it.
+    delta_phases: Mutex<HashMap<String, DeltaPhases>>,
     /// When each vNIC's state was last imported: its guest's announcement
     /// right after is that migration's, not one to hold for.
     imported: Mutex<HashMap<String, Instant>>,
     /// vNICs held for their state since when ([`http::Control::hold_vnic`]).
     held: Mutex<HashMap<String, Instant>>,
+    /// When each vNIC's last hold started, kept past its end: a follow
+    /// order's state arriving after the hold expired is still taken from
+    /// the VM's last host ([`http::Control::check_source`]).
+    holds_started: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long after a vNIC's hold started its state is still taken from the
+/// host it left once the hold expired (a follow order that ran late).
+const LATE_STATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// How long after an import a vNIC's announcement belongs to that migration.
 const IMPORT_ANNOUNCE_WINDOW: Duration = Duration::from_secs(10);
@@ -2436,6 +2480,15 @@ impl VnicControl {
                 diff: diff.to_string(),
                 policy_version: None,
             });
+    }
+
+    /// Log where `vnic`'s last delta spent the guest's pause, if it had one
+    /// (after the pause: the log's write is not the guest's to wait for).
+    fn log_delta_phases(&self, vnic: &str) {
+        let phases = self.delta_phases.lock().unwrap_or_else(|p| p.into_inner()).remove(vnic);
+        if let Some(p) = phases {
+            eprintln!("palisade agent: migration of {vnic}: {p}");
+        }
     }
 
     /// Forget `vnic`'s pre-copy; with none left, the engines stop keeping
@@ -2556,9 +2609,20 @@ impl http::Control for VnicControl {
             core.engine.export_vnic(port, now, true, &mut ());
             released += before - core.engine.conntrack().len();
         }
-        Self::quiesce(&mut guards, vnic, true)?;
+        // Quiesced in the engines only, not by the workers: frames from the
+        // port reach the engine, which drops them but still counts its
+        // guest announcing itself, so a guest back here through a
+        // migration made without the controller is reported, not dropped
+        // unseen (frames towards the port are dropped by the engine alike).
+        for core in guards.iter_mut() {
+            if let Some(port) = core.engine.port_of(vnic) {
+                core.quiesced.retain(|&p| p != port);
+                core.engine.set_port_quiesced(port, true);
+            }
+        }
         self.end_precopy(&mut guards, vnic);
         drop(guards);
+        self.log_delta_phases(vnic);
         self.record("release", vnic, peer, released, None);
         Ok(released)
     }
@@ -2568,6 +2632,7 @@ impl http::Control for VnicControl {
         Self::quiesce(&mut guards, vnic, false)?;
         self.end_precopy(&mut guards, vnic);
         drop(guards);
+        self.log_delta_phases(vnic);
         self.record("resume", vnic, peer, 0, None);
         Ok(())
     }
@@ -2600,8 +2665,10 @@ impl http::Control for VnicControl {
     /// The port stops forwarding (as for an export) and the changes since
     /// the pre-copy go out; without a pre-copy, every connection.
     fn export_delta(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
+        let started = Instant::now();
         let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let locked = Instant::now();
         let pre = self
             .precopied
             .lock()
@@ -2613,8 +2680,10 @@ impl http::Control for VnicControl {
             let since = pre.as_ref().map(|p| p.0.as_slice());
             crate::migrate::export_changes(&mut engines, vnic, now, since).map_err(control_error)?
         };
+        let exported = Instant::now();
         Self::quiesce(&mut guards, vnic, true)?;
         drop(guards);
+        let quiesced = Instant::now();
         let blob = palisade_datapath::transfer::encode(&t);
         // A full delta replaces the pre-copy on the destination, whose hash
         // still covers both (it received both).
@@ -2622,6 +2691,18 @@ impl http::Control for VnicControl {
         hash.update(&blob);
         let state = (bytes + blob.len() as u64, hash.finalize().to_hex().to_string());
         self.record_hashed("export", vnic, peer, t.conns.len(), Some(state));
+        let phases = DeltaPhases {
+            conns: t.conns.len(),
+            bytes: blob.len(),
+            lock: locked - started,
+            export: exported - locked,
+            quiesce: quiesced - exported,
+            encode: quiesced.elapsed(),
+        };
+        self.delta_phases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), phases);
         Ok(blob)
     }
 
@@ -2720,6 +2801,39 @@ impl http::Control for VnicControl {
         total
     }
 
+    /// Placed by the identities of the policy the first worker holds
+    /// (every worker's engine binds the same ports and policy); waiting
+    /// for its state when quiesced in any worker, or held for it in the
+    /// last [`LATE_STATE_WINDOW`].
+    fn check_source(&self, vnic: &str, from: &str) -> Result<(), http::ControlError> {
+        let mut placed = None;
+        let mut quiesced = false;
+        for (i, core) in self.workers.iter().enumerate() {
+            let core = lock(core);
+            let port = core
+                .engine
+                .port_of(vnic)
+                .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
+            if i == 0 {
+                placed = core.engine.vnic(port).and_then(|v| {
+                    v.ips
+                        .iter()
+                        .find_map(|ip| core.identities.of(*ip))
+                        .and_then(|id| id.host.clone())
+                });
+            }
+            quiesced |= core.quiesced.contains(&port) || core.engine.is_quiesced(port);
+        }
+        let held_lately = self
+            .holds_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnic)
+            .is_some_and(|t| t.elapsed() < LATE_STATE_WINDOW);
+        crate::peer::check_source(vnic, from, &self.host, placed.as_deref(), quiesced || held_lately)
+            .map_err(http::ControlError::Refused)
+    }
+
     /// Every worker's engine binds the same ports: the first one's say.
     fn has_vnic(&self, vnic: &str) -> bool {
         self.workers
@@ -2775,6 +2889,10 @@ impl http::Control for VnicControl {
         Self::quiesce(&mut guards, vnic, true)?;
         drop(guards);
         self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), Instant::now());
+        self.holds_started
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(vnic.to_string(), Instant::now());

@@ -28,7 +28,12 @@
 //! moments ago (a migration this agent took part in announces itself too):
 //! a guest placed here that announces itself (a boot, a new address) costs
 //! the controller nothing. The controller's answer decides whether the hold
-//! stays (it moved the VM here) or ends at once.
+//! stays (it moved the VM here) or ends at once. A report the controller
+//! does not take (it is away, or refuses while the VM's previous move is
+//! still being carried out) is made again every [`REPORT_INTERVAL`] for up
+//! to [`RETRY_BOUND`] while the inventory here still places the VM
+//! elsewhere: a dropped report would leave the controller placing the VM on
+//! the host it left, and the next migration ordered from the wrong host.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,9 +49,16 @@ use crate::http::Control;
 /// The longest a vNIC is held for its state.
 pub const HOLD_BOUND: Duration = Duration::from_secs(2);
 
-/// A vNIC's announcements are reported at most this often (QEMU sends a
-/// few in a row; a guest may repeat its gratuitous ARP).
-pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// Announcements this soon after a vNIC's arrival was reported are that
+/// arrival's (QEMU's announcement is a burst of five RARPs over about
+/// 0.8 s, seen over a few rounds; a guest may repeat its gratuitous ARP),
+/// not reported again; and a failed report is tried again this often.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long an arrival whose report failed (the controller away, or
+/// refusing while an earlier move of the VM is still being carried out)
+/// is reported again, every [`REPORT_INTERVAL`], before it is given up.
+pub const RETRY_BOUND: Duration = Duration::from_secs(30);
 
 /// What the watcher did, for the metrics and tests.
 #[derive(Debug, Default)]
@@ -68,10 +80,17 @@ pub struct ArrivalCounts {
 pub struct Watcher {
     /// Announcements seen per vNIC.
     seen: HashMap<String, u64>,
-    /// When each vNIC was last reported.
+    /// When each vNIC's arrival was last reported (tried).
     reported: HashMap<String, Instant>,
+    /// When the controller last took a report of each vNIC's arrival.
+    taken: HashMap<String, Instant>,
     /// vNICs held, since when.
     holds: Vec<(String, Instant)>,
+    /// Arrivals not reported yet (waiting out [`REPORT_INTERVAL`], or
+    /// their report failed), since when: reported again each round while
+    /// the inventory still places the vNIC elsewhere, up to [`RETRY_BOUND`].
+    /// With whether a report of it failed already.
+    pending: HashMap<String, (Instant, bool)>,
 }
 
 impl Watcher {
@@ -88,27 +107,49 @@ impl Watcher {
         control.mark_standby();
         for a in control.announcements() {
             let seen = self.seen.entry(a.vnic.clone()).or_insert(0);
-            if a.count <= *seen {
+            let fresh = a.count > *seen;
+            *seen = a.count;
+            // The engine holds it already when it was standby.
+            let elsewhere = a.held_by_engine || a.placed_on.as_deref().is_some_and(|h| h != host);
+            if !elsewhere {
+                // A guest placed here announcing itself (a boot, an address
+                // change), or an arrival the controller has placed here
+                // meanwhile: nothing moved, and the controller is not asked.
+                self.pending.remove(&a.vnic);
                 continue;
             }
-            *seen = a.count;
+            let burst = self
+                .taken
+                .get(&a.vnic)
+                .is_some_and(|t| now.duration_since(*t) < REPORT_INTERVAL);
+            if fresh && !burst {
+                // A new arrival: reported as itself, whatever an earlier one's fate.
+                self.pending.insert(a.vnic.clone(), (now, false));
+            }
+            let Some(&(since, retry)) = self.pending.get(&a.vnic) else {
+                continue;
+            };
+            if now.duration_since(since) >= RETRY_BOUND {
+                self.pending.remove(&a.vnic);
+                eprintln!(
+                    "palisade agent: the arrival of {} is given up: the controller did not take it within {RETRY_BOUND:?}",
+                    a.vnic
+                );
+                continue;
+            }
             if self
                 .reported
                 .get(&a.vnic)
                 .is_some_and(|t| now.duration_since(*t) < REPORT_INTERVAL)
             {
-                continue;
-            }
-            // The engine holds it already when it was standby.
-            let elsewhere = a.held_by_engine || a.placed_on.as_deref().is_some_and(|h| h != host);
-            if !elsewhere {
-                // A guest placed here announcing itself (a boot, an address
-                // change): nothing moved, and the controller is not asked.
+                // Tried moments ago: tried again later, not dropped.
                 continue;
             }
             self.reported.insert(a.vnic.clone(), now);
-            // Held before asking, so no frame is decided without its state meanwhile.
-            let mut held = control.hold_vnic(&a.vnic).unwrap_or(false);
+            // Held before asking, so no frame is decided without its state
+            // meanwhile (a retry after a failed report: the guest forwards
+            // already, and is held only if its state is to follow).
+            let mut held = !retry && control.hold_vnic(&a.vnic).unwrap_or(false);
             let arrival = ArrivalReport {
                 vnic: a.vnic.clone(),
                 mac: a.mac.clone(),
@@ -116,6 +157,12 @@ impl Watcher {
             };
             counts.reported.fetch_add(1, Ordering::Relaxed);
             let answer = report(&arrival);
+            if answer.is_ok() {
+                self.pending.remove(&a.vnic);
+                self.taken.insert(a.vnic.clone(), now);
+            } else {
+                self.pending.insert(a.vnic.clone(), (since, true));
+            }
             let state_follows = match &answer {
                 Ok(r) => {
                     r.moved
@@ -125,7 +172,12 @@ impl Watcher {
                 }
                 Err(e) => {
                     counts.failed.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("palisade agent: reporting the arrival of {}: {e}", a.vnic);
+                    if !retry {
+                        eprintln!(
+                            "palisade agent: reporting the arrival of {}: {e} (reported again every {REPORT_INTERVAL:?})",
+                            a.vnic
+                        );
+                    }
                     false
                 }
             };
@@ -363,5 +415,80 @@ mod tests {
         Watcher::default().round("hv2", &c, &mut away, &counts, t0);
         assert_eq!(c.calls(), ["hold web-1.0", "end web-1.0 true"]);
         assert_eq!(counts.failed.load(Ordering::Relaxed), 1);
+    }
+
+    /// The guest announced itself here while the controller was still
+    /// carrying out its previous move (it answers 409 until that order is
+    /// over): the arrival is reported again until the controller takes it,
+    /// not dropped, which left the controller placing the VM on the host it
+    /// had left (`bench/migration.sh`'s quick back-and-forths).
+    #[test]
+    fn an_arrival_the_controller_refused_is_reported_again_until_taken() {
+        let c = Fake::default();
+        let counts = ArrivalCounts::default();
+        let mut w = Watcher::default();
+        let t0 = Instant::now();
+        let mut answers = 0;
+        let mut busy_then_moved = |r: &ArrivalReport| {
+            answers += 1;
+            if answers == 1 {
+                return Err("controller answered 409: VM \"web-1\" is being migrated from hv2 to hv1".to_string());
+            }
+            moved(r)
+        };
+        c.announce("web-1.0", "hv1");
+        w.round("hv2", &c, &mut busy_then_moved, &counts, t0);
+        // Refused: the hold ends, the guest forwards meanwhile.
+        assert_eq!(c.calls(), ["hold web-1.0", "end web-1.0 true"]);
+        // Not before the interval; then again, taken, and held for the state that follows.
+        w.round("hv2", &c, &mut busy_then_moved, &counts, t0 + REPORT_INTERVAL / 2);
+        assert_eq!(counts.reported.load(Ordering::Relaxed), 1);
+        w.round("hv2", &c, &mut busy_then_moved, &counts, t0 + REPORT_INTERVAL);
+        assert_eq!(counts.reported.load(Ordering::Relaxed), 2);
+        assert_eq!(counts.moved.load(Ordering::Relaxed), 1);
+        assert_eq!(c.calls(), ["hold web-1.0", "end web-1.0 true", "hold web-1.0"]);
+        // Taken: not reported again.
+        w.round("hv2", &c, &mut busy_then_moved, &counts, t0 + 3 * REPORT_INTERVAL);
+        assert_eq!(counts.reported.load(Ordering::Relaxed), 2);
+
+        // A controller that never takes it: tried every interval up to the bound, then given up.
+        let c = Fake::default();
+        let counts = ArrivalCounts::default();
+        let mut w = Watcher::default();
+        let mut away = |_: &ArrivalReport| Err("connection refused".to_string());
+        c.announce("web-1.0", "hv1");
+        let mut t = t0;
+        while t <= t0 + RETRY_BOUND + REPORT_INTERVAL {
+            w.round("hv2", &c, &mut away, &counts, t);
+            t += REPORT_INTERVAL;
+        }
+        let tries = counts.reported.load(Ordering::Relaxed);
+        assert_eq!(
+            tries as u32,
+            RETRY_BOUND.as_secs() as u32 / REPORT_INTERVAL.as_secs() as u32
+        );
+        w.round("hv2", &c, &mut away, &counts, t + RETRY_BOUND);
+        assert_eq!(counts.reported.load(Ordering::Relaxed), tries);
+    }
+
+    /// A guest that comes back to this host a few seconds after its last
+    /// arrival here was reported is a new arrival, reported (it used to be
+    /// taken for the first one's repeat for 5 s, and never reported); the
+    /// repeats of one announcement burst are not.
+    #[test]
+    fn a_guest_back_soon_is_a_new_arrival_and_a_burst_is_one() {
+        let c = Fake::default();
+        let counts = ArrivalCounts::default();
+        let mut w = Watcher::default();
+        let t0 = Instant::now();
+        c.announce("web-1.0", "hv2");
+        w.round("hv1", &c, &mut moved, &counts, t0);
+        c.announce("web-1.0", "hv2");
+        w.round("hv1", &c, &mut moved, &counts, t0 + REPORT_INTERVAL / 2);
+        assert_eq!(counts.reported.load(Ordering::Relaxed), 1, "one burst, one report");
+        // It left (the inventory here places it on hv2 again) and is back 3 s later.
+        c.announce("web-1.0", "hv2");
+        w.round("hv1", &c, &mut moved, &counts, t0 + Duration::from_secs(3));
+        assert_eq!(counts.reported.load(Ordering::Relaxed), 2);
     }
 }

@@ -100,6 +100,15 @@ pub trait Control: Send + Sync {
         let _ = arrival;
         Err(ControlError::Refused("this agent takes no state from peers".into()))
     }
+    /// Whether `vnic`'s state may come from host `from` (an authenticated
+    /// peer agent): only from the host its VM is placed on, see
+    /// [`crate::peer::check_source`]. Checked before anything of a peer's
+    /// session is staged or applied. The default takes any source: a
+    /// control without an inventory has nothing to check against.
+    fn check_source(&self, vnic: &str, from: &str) -> Result<(), ControlError> {
+        let _ = (vnic, from);
+        Ok(())
+    }
     /// Remove a staged pre-copy whose migration was cancelled (the keys of
     /// its connections); returns how many went.
     fn discard_staged(&self, vnic: &str, keys: &[FlowKey]) -> Result<usize, ControlError> {

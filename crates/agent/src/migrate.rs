@@ -324,6 +324,32 @@ pub struct Handover<'a> {
     pub staged: u64,
     /// The pre-copy's time (connect, export, send, staging).
     pub precopy: Duration,
+    /// Per vNIC switched over, where the pause's time went.
+    pub phases: Vec<SwitchPhases>,
+}
+
+/// Where one vNIC's switchover spent the guest's pause, on the source.
+#[derive(Debug, Clone)]
+pub struct SwitchPhases {
+    /// The vNIC.
+    pub vnic: String,
+    /// The delta's export (locks, change export, quiesce, encoding).
+    pub export: Duration,
+    /// The delta's send and the destination's answer (its decode and
+    /// apply, and the round trip).
+    pub commit: Duration,
+}
+
+impl core::fmt::Display for SwitchPhases {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "switchover of {}: delta export {} us, send and destination apply {} us",
+            self.vnic,
+            self.export.as_micros(),
+            self.commit.as_micros()
+        )
+    }
 }
 
 impl<'a> Handover<'a> {
@@ -350,6 +376,7 @@ impl<'a> Handover<'a> {
             committed: false,
             staged: 0,
             precopy: Duration::ZERO,
+            phases: Vec::new(),
         };
         for n in vnics {
             let blob = control
@@ -374,16 +401,23 @@ impl<'a> Handover<'a> {
     ) -> Result<(u64, u64, String), String> {
         let mut moved = 0;
         for n in self.vnics.clone() {
+            let t = Instant::now();
             let delta = self
                 .control
                 .export_delta(&n, Some(to))
                 .map_err(|e| format!("delta of {n}: {}", describe_control(&e)))?;
             exported.borrow_mut().push(n.clone());
             self.quiesced.push(n.clone());
+            let export = t.elapsed();
             moved += self
                 .session
                 .commit(&n, &delta)
                 .map_err(|e| format!("destination agent import: {e}"))?;
+            self.phases.push(SwitchPhases {
+                vnic: n,
+                export,
+                commit: t.elapsed() - export,
+            });
         }
         self.committed = true;
         Ok((moved, self.session.bytes(), self.session.blake3()))

@@ -200,6 +200,11 @@ pub fn carry_out(
         moved = Some(step()?);
         Ok(())
     });
+    if let Some(h) = &handover {
+        for p in &h.phases {
+            eprintln!("palisade agent: migration {}: {p}", order.id);
+        }
+    }
     match (outcome, moved) {
         (Ok(()), Some(moved)) => {
             // The guest runs on the destination: this host drops the

@@ -231,6 +231,22 @@ pub(crate) struct Tombstone {
     pub generation: u64,
 }
 
+/// The slots of connections created or changed while a migration's delta
+/// is being kept ([`Conntrack::arm_tombstones`]): a delta reads these
+/// instead of walking the whole table, so the guest's pause costs what
+/// changed, not what the table holds.
+#[derive(Debug, Clone)]
+struct ChangeLog {
+    /// Slots, each pushed on its connection's first change in a generation
+    /// (so a slot is there once per generation it changed in, at most).
+    slots: Vec<Slot>,
+    /// Every connection changed in a generation from this one on has its slot here.
+    from: u64,
+    /// More changes happened than the log keeps (the table's capacity):
+    /// a delta walks the table instead.
+    overflowed: bool,
+}
+
 /// The connection table.
 #[derive(Debug, Clone)]
 pub struct Conntrack {
@@ -244,6 +260,8 @@ pub struct Conntrack {
     tombstones: Option<Vec<Tombstone>>,
     /// More removals happened than the tombstone log keeps.
     tombstones_overflowed: bool,
+    /// The slots changed since tombstones were armed, `None` when not armed.
+    changes: Option<ChangeLog>,
     /// Timeouts per state.
     pub timeouts: Timeouts,
     /// Full-table behaviour.
@@ -262,6 +280,7 @@ impl Conntrack {
             generation: 1,
             tombstones: None,
             tombstones_overflowed: false,
+            changes: None,
             timeouts,
             full,
         }
@@ -316,8 +335,9 @@ impl Conntrack {
     /// migration's delta).
     pub(crate) fn get_mut(&mut self, slot: Slot) -> Option<&mut Conn> {
         let generation = self.generation;
+        let capacity = self.map.capacity();
         let conn = self.map.get_mut(slot)?;
-        conn.changed = generation;
+        stamp(conn, slot, generation, &mut self.changes, capacity);
         Some(conn)
     }
 
@@ -336,21 +356,51 @@ impl Conntrack {
         ended
     }
 
-    /// Keep the keys of connections removed from now on, for a migration's
-    /// delta (kept as they are when already armed: a VM's other vNIC may be
-    /// mid-migration); at most the table's capacity of them, beyond which
-    /// [`Conntrack::tombstones`] says the log overflowed.
+    /// Keep the keys of connections removed from now on, and the slots of
+    /// those created or changed from the next generation on, for a
+    /// migration's delta (kept as they are when already armed: a VM's other
+    /// vNIC may be mid-migration); at most the table's capacity of each,
+    /// beyond which [`Conntrack::tombstones`] says the log overflowed and
+    /// [`Conntrack::changed_since`] has no answer. Call before
+    /// [`Conntrack::next_generation`] ends the generation an export read.
     pub(crate) fn arm_tombstones(&mut self) {
         if self.tombstones.is_none() {
             self.tombstones = Some(Vec::new());
             self.tombstones_overflowed = false;
         }
+        if self.changes.is_none() {
+            self.changes = Some(ChangeLog {
+                // Reserved whole (4 bytes a slot of capacity), here at the
+                // pre-copy: the packets that log their connections' changes
+                // never reallocate it.
+                slots: Vec::with_capacity(self.map.capacity()),
+                from: self.generation + 1,
+                overflowed: false,
+            });
+        }
     }
 
-    /// Stop keeping removed keys (the migration is over either way).
+    /// Stop keeping removed keys and changed slots (the migration is over either way).
     pub(crate) fn disarm_tombstones(&mut self) {
         self.tombstones = None;
         self.tombstones_overflowed = false;
+        self.changes = None;
+    }
+
+    /// The slots of the connections changed (or created) after generation
+    /// `since`, each once, in slot order, possibly with slots since freed or
+    /// reused (the caller checks [`Conn::changed`]): `None` when the change
+    /// log is not armed, overflowed, or started after `since` (the caller
+    /// walks the table).
+    pub(crate) fn changed_since(&self, since: u64) -> Option<Vec<Slot>> {
+        let log = self.changes.as_ref()?;
+        if log.overflowed || since.saturating_add(1) < log.from {
+            return None;
+        }
+        let mut slots = log.slots.clone();
+        slots.sort_unstable();
+        slots.dedup();
+        Some(slots)
     }
 
     /// The removals logged since [`Conntrack::arm_tombstones`]: `None` when
@@ -433,6 +483,9 @@ impl Conntrack {
             .map
             .insert(conn.key.canonical().0, conn)
             .map_err(|_| DropReason::ConntrackFull)?;
+        if let Some(log) = &mut self.changes {
+            log.push(slot, self.map.capacity());
+        }
         for p in charged(owners).flatten() {
             if let Some(n) = self.per_port.get_mut(usize::from(p.0)) {
                 *n += 1;
@@ -503,8 +556,9 @@ impl Conntrack {
             now,
         } = seen;
         let generation = self.generation;
+        let capacity = self.map.capacity();
         let Some(conn) = self.map.get_mut(slot) else { return };
-        conn.changed = generation;
+        stamp(conn, slot, generation, &mut self.changes, capacity);
         if count {
             conn.count(reply, packets, len as u64);
         }
@@ -535,10 +589,11 @@ impl Conntrack {
             now,
         } = seen;
         let generation = self.generation;
+        let capacity = self.map.capacity();
         let Some(conn) = self.map.get_mut(slot) else {
             return Err(DropReason::TcpNoConnection);
         };
-        conn.changed = generation;
+        stamp(conn, slot, generation, &mut self.changes, capacity);
         let liberal = !conn.strict;
         let (tracked, state) = tcptrack::segment(&mut conn.tcp, Some(conn.state), reply, seg, liberal, c)?;
         if tracked == Tracked::Reopen {
@@ -581,6 +636,33 @@ impl Conntrack {
             }
         }
         Ok(tracked)
+    }
+}
+
+impl ChangeLog {
+    /// Log `slot`, or note the overflow past `capacity` entries.
+    fn push(&mut self, slot: Slot, capacity: usize) {
+        if self.overflowed {
+            return;
+        }
+        if self.slots.len() < capacity {
+            self.slots.push(slot);
+        } else {
+            self.overflowed = true;
+            self.slots = Vec::new();
+        }
+    }
+}
+
+/// Stamp `conn` (in `slot`) as changed in `generation`, logging its slot
+/// on its first change in the generation while a change log is armed.
+#[inline(always)]
+fn stamp(conn: &mut Conn, slot: Slot, generation: u64, changes: &mut Option<ChangeLog>, capacity: usize) {
+    if conn.changed != generation {
+        conn.changed = generation;
+        if let Some(log) = changes {
+            log.push(slot, capacity);
+        }
     }
 }
 
@@ -755,5 +837,144 @@ mod tests {
         assert!(bad_tcp_flags(TcpFlags::SYN | TcpFlags::FIN));
         assert!(bad_tcp_flags(TcpFlags::EMPTY));
         assert!(!bad_tcp_flags(TcpFlags::SYN));
+    }
+
+    /// A small deterministic generator (xorshift64*), so a failing seed replays.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
+        }
+    }
+
+    /// The slots a full-table walk finds changed after `since`.
+    fn walked(ct: &Conntrack, since: u64) -> Vec<Slot> {
+        let mut v: Vec<Slot> = ct.iter().filter(|(_, c)| c.changed > since).map(|(s, _)| s).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// The slots the change log gives for `since`, checked as a delta
+    /// checks them (still there, changed after `since`).
+    fn logged(ct: &Conntrack, since: u64) -> Option<Vec<Slot>> {
+        let slots = ct.changed_since(since)?;
+        Some(
+            slots
+                .into_iter()
+                .filter(|&s| ct.get(s).is_some_and(|c| c.changed > since))
+                .collect(),
+        )
+    }
+
+    /// Random creations, packets, mutable borrows, removals and new
+    /// generations: whenever the change log answers, it names exactly the
+    /// connections a full-table walk finds changed (the log is a shortcut
+    /// for the walk, never a different answer), for the mark of the export
+    /// that armed it and for every later mark.
+    #[test]
+    fn the_change_log_names_what_a_table_walk_finds_changed() {
+        let mut compared = 0u32;
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let mut ct = Conntrack::new(48, 4, Timeouts::default(), FullPolicy::EvictIdle);
+            let (mut ev, mut c) = (Vec::new(), Counters::default());
+            let mut next_port = 1u16;
+            let mut marks: Vec<u64> = Vec::new();
+            for step in 0..400 {
+                let slots: Vec<Slot> = ct.iter().map(|(s, _)| s).collect();
+                let any = |rng: &mut Rng| slots[rng.below(slots.len() as u64) as usize];
+                match rng.below(10) {
+                    0..=2 => {
+                        let mut k = key();
+                        k.src_port = next_port;
+                        k.protocol = IpProtocol::UDP;
+                        next_port = next_port.wrapping_add(1);
+                        let _ = ct.create(Conn::new(k, step), [u32::MAX; 2], step, &mut ev, &mut c);
+                    }
+                    3 | 4 if !slots.is_empty() => {
+                        let s = any(&mut rng);
+                        ct.track_other(s, seen(rng.below(2) == 0, 60, step), &mut ev);
+                    }
+                    5 if !slots.is_empty() => {
+                        let s = any(&mut rng);
+                        if let Some(conn) = ct.get_mut(s) {
+                            conn.packets += 1;
+                        }
+                    }
+                    6 if !slots.is_empty() => {
+                        let s = any(&mut rng);
+                        ct.remove(s, EndReason::Timeout, step, &mut ev, &mut c);
+                    }
+                    7 => {
+                        // An export: the first arms the log, every one ends a generation.
+                        if marks.is_empty() {
+                            ct.arm_tombstones();
+                        }
+                        marks.push(ct.next_generation());
+                    }
+                    _ => {}
+                }
+                // The pre-copy's mark (a delta) and the latest (a further round).
+                for &m in marks.first().into_iter().chain(marks.last()) {
+                    match logged(&ct, m) {
+                        Some(log) => {
+                            assert_eq!(log, walked(&ct, m), "seed {seed} step {step} mark {m}");
+                            compared += 1;
+                        }
+                        // Only past its bound (a delta then walks the table).
+                        None => assert!(
+                            ct.changes.as_ref().is_some_and(|l| l.overflowed),
+                            "seed {seed} step {step}: no answer for mark {m}"
+                        ),
+                    }
+                }
+            }
+            // A mark from before the log was armed has no answer: the caller walks.
+            if let Some(&first) = marks.first() {
+                assert_eq!(ct.changed_since(first - 1), None, "seed {seed}");
+            }
+            ct.disarm_tombstones();
+            assert_eq!(ct.changed_since(marks.last().copied().unwrap_or(0)), None);
+        }
+        assert!(compared > 10_000, "the log answered {compared} times only");
+    }
+
+    /// More changes than the table's capacity: the log gives up (a delta
+    /// then walks the table) instead of growing without bound or answering
+    /// short; re-armed, it starts over.
+    #[test]
+    fn a_change_log_past_the_tables_capacity_overflows_to_a_walk() {
+        let mut ct = Conntrack::new(4, 4, Timeouts::default(), FullPolicy::Refuse);
+        let (mut ev, mut c) = (Vec::new(), Counters::default());
+        let mut slots = Vec::new();
+        for p in 0..4u16 {
+            let mut k = key();
+            k.src_port = p;
+            slots.push(ct.create(Conn::new(k, 0), [u32::MAX; 2], 0, &mut ev, &mut c).unwrap());
+        }
+        ct.arm_tombstones();
+        let mark = ct.next_generation();
+        // One change per connection per generation: 4 entries, at capacity.
+        for &s in &slots {
+            ct.track_other(s, seen(false, 60, 1), &mut ev);
+            // A second change in the same generation is not logged again.
+            ct.track_other(s, seen(true, 60, 1), &mut ev);
+        }
+        assert_eq!(logged(&ct, mark), Some(walked(&ct, mark)));
+        assert_eq!(walked(&ct, mark).len(), 4);
+        // A new generation, one more change: the fifth entry overflows.
+        ct.next_generation();
+        ct.track_other(slots[0], seen(false, 60, 2), &mut ev);
+        assert_eq!(ct.changed_since(mark), None);
+        assert_eq!(walked(&ct, mark).len(), 4, "the walk still answers");
+        ct.disarm_tombstones();
+        ct.arm_tombstones();
+        let mark = ct.next_generation();
+        ct.track_other(slots[1], seen(false, 60, 3), &mut ev);
+        assert_eq!(logged(&ct, mark), Some(vec![slots[1]]));
     }
 }

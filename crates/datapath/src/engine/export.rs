@@ -73,6 +73,10 @@ impl Engine {
     /// created or changed after it and the keys of those removed after it
     /// (a delta). A delta whose removals were not all kept (the log is
     /// bounded by the table's capacity) comes back whole, `full` set.
+    /// A delta reads the slots the table logged as changed since the
+    /// pre-copy armed it, so its cost is the changes', not the table's
+    /// (a log past its bound, or a `since` from before it, walks the
+    /// table instead: the same answer, slower).
     /// `None` for a port that is not a vNIC.
     pub fn export_vnic_changes(&mut self, port: PortId, now: u64, since: Option<u64>) -> Option<VnicExport> {
         let vnic = self.vnic(port)?.name.clone();
@@ -86,12 +90,27 @@ impl Engine {
             .map(|t| t.key)
             .collect();
         let epoch = self.epoch;
-        let conns = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.changed > after && c.owners.contains(&Some(port)))
-            .map(|(_, c)| ConnRecord::of(c, now, c.epoch != epoch))
-            .collect();
+        let wanted = |c: &Conn| c.changed > after && c.owners.contains(&Some(port));
+        let record = |c: &Conn| ConnRecord::of(c, now, c.epoch != epoch);
+        // A delta reads the slots the change log kept (what changed, not
+        // what the table holds); a pre-copy, or a delta the log cannot
+        // answer (not armed, overflowed), walks the table.
+        let logged = if full { None } else { self.conns.changed_since(after) };
+        let conns = match logged {
+            Some(slots) => slots
+                .into_iter()
+                .filter_map(|s| self.conns.get(s))
+                .filter(|c| wanted(c))
+                .map(record)
+                .collect(),
+            None => self
+                .conns
+                .iter()
+                .map(|(_, c)| c)
+                .filter(|c| wanted(c))
+                .map(record)
+                .collect(),
+        };
         if since.is_none() {
             self.conns.arm_tombstones();
         }

@@ -467,6 +467,30 @@ impl Engine {
         sink.announced(&a);
     }
 
+    /// A frame from quiesced vNIC port `port` (dropped): if it is its
+    /// guest announcing itself (RARP, or gratuitous ARP from the vNIC's own
+    /// MAC and address), the announcement is still counted: a guest that
+    /// left this host with its state (the port stays quiesced for
+    /// stragglers) and came back through a migration made without the
+    /// controller is seen, so the agent reports it and its state follows;
+    /// otherwise it would stay dropped here unseen.
+    fn announce_while_quiesced(&mut self, port: PortId, frame: &[u8], sink: &mut dyn EventSink) {
+        let Some(v) = self.vnic(port) else { return };
+        let Ok(l2) = parse_l2(frame, 0) else { return };
+        if l2.src != v.mac || !matches!(l2.ethertype, EtherType::ARP | EtherType::RARP) {
+            return;
+        }
+        let payload = frame.get(l2.payload..).unwrap_or(&[]);
+        if l2.ethertype == EtherType::ARP && switch::check_arp(v, payload).is_err() {
+            return;
+        }
+        if let Some((mac, kind)) = announce::classify(l2.ethertype, payload)
+            && mac == v.mac
+        {
+            self.announce(Announcement { port, mac, kind }, sink);
+        }
+    }
+
     /// Mark a vNIC port standby (`true`): its VM runs on another host as
     /// far as this host knows, so a guest announcing itself on it
     /// ([`crate::announce`]) migrated here without its connections. The
@@ -797,6 +821,7 @@ impl Engine {
             // A port the engine quiesced itself (an arrival on a standby
             // port): the worker does not know to discard its frames.
             if self.any_quiesced && self.is_quiesced(in_port) {
+                self.announce_while_quiesced(in_port, frame, sink);
                 return Err(DropReason::VnicMigrating);
             }
             let role = self.services.role(in_port);
