@@ -991,3 +991,137 @@ fn live_since(engine: &Engine, since: u64, now: u64) -> Vec<FlowEvent> {
         .map(|(_, c)| c.event(EventKind::Update, now))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddrV4, UdpSocket};
+    use std::sync::{Arc, Mutex};
+
+    use palisade_io::port::{FramePort, PortStats, RxFrame};
+
+    use super::*;
+
+    /// A port that records what it is asked to send, in order.
+    struct Recording(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl FramePort for Recording {
+        fn recv_frames(&mut self, _: usize, _: &mut dyn FnMut(&[RxFrame<'_>])) -> std::io::Result<usize> {
+            Ok(0)
+        }
+        fn send_frame(&mut self, frame: &[u8], _: &Offload) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn fd(&self) -> i32 {
+            -1
+        }
+        fn stats(&self) -> PortStats {
+            PortStats::default()
+        }
+    }
+
+    fn port(n: u16) -> (Attached, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let a = Attached {
+            interface: format!("p{n}"),
+            port: PortId(n),
+            io: Box::new(Recording(log.clone())),
+        };
+        (a, log)
+    }
+
+    fn staged(staging: &mut Staging, dest: Dest, bytes: &[u8]) {
+        staging.push(dest, bytes.len(), Some(Offload::NONE), |b| {
+            b[..bytes.len()].copy_from_slice(bytes);
+            Some(bytes.len())
+        });
+    }
+
+    #[test]
+    fn a_port_frame_sent_in_place_leaves_after_those_staged_before_it() {
+        let (p1, log1) = port(1);
+        let (p2, log2) = port(2);
+        let mut ports = vec![p1, p2];
+        let mut sockets = Sockets::new(&ports);
+        let mut staging = Staging::default();
+        staged(&mut staging, Dest::Port(PortId(1)), b"staged first");
+        staged(&mut staging, Dest::Overlay(Ipv4Addr::LOCALHOST), b"for the underlay");
+        staged(&mut staging, Dest::Port(PortId(2)), b"to a quiesced port");
+        let arrived = b"sent where it lies".to_vec();
+        let mut direct = DirectBatch::new(false, true, Vec::new());
+        for port in [PortId(1), PortId(2)] {
+            direct.items.push(Direct::Port {
+                port,
+                frame: &arrived,
+                offload: Offload::NONE,
+            });
+        }
+        let quiesced = [PortId(2)];
+        let dropped = direct.send_ports(&mut ports, &mut staging, &mut sockets, &quiesced);
+        assert_eq!(
+            *log1.lock().unwrap(),
+            vec![b"staged first".to_vec(), arrived.clone()],
+            "in order"
+        );
+        assert!(log2.lock().unwrap().is_empty());
+        assert_eq!(dropped, 2, "the staged and the direct frame for the quiesced port");
+        // Only the underlay's frame is still staged, and the batch is empty.
+        assert_eq!(staging.items.len(), 1);
+        assert!(matches!(staging.items[0].0, Dest::Overlay(_)));
+        assert!(direct.items.is_empty());
+    }
+
+    #[test]
+    fn underlay_copies_are_their_header_then_their_frame_in_order() {
+        // The underlay socket sends to `remote:<its own port>`: to itself here.
+        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut overlay = UdpOverlay::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).unwrap();
+        let mut staging = Staging::default();
+        let head = staging.push_bytes(vxlan::HEADER_LEN, |b| {
+            b.copy_from_slice(b"VXLANhdr");
+            true
+        });
+        let rendered = staging
+            .push_rendered(20, |b| {
+                b[..28].copy_from_slice(b"vxlanHDRrendered frame bytes");
+                Some(28)
+            })
+            .unwrap();
+        let arrived = b"a frame as it arrived".to_vec();
+        let mut direct = DirectBatch::new(true, false, Vec::new());
+        direct.items.push(Direct::Underlay {
+            remote: Ipv4Addr::LOCALHOST,
+            head: head.unwrap(),
+            body: Body::Borrowed(&arrived),
+            offload: Offload::NONE,
+        });
+        direct.items.push(Direct::Underlay {
+            remote: Ipv4Addr::LOCALHOST,
+            head: (rendered.0, rendered.0 + vxlan::HEADER_LEN),
+            body: Body::Staged(rendered.0 + vxlan::HEADER_LEN, rendered.1),
+            offload: Offload::NONE,
+        });
+        direct.send_underlay(&mut overlay, &staging);
+        assert!(direct.items.is_empty());
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            overlay.recv(8, &mut |_, d| got.push(d.to_vec())).unwrap();
+            if got.len() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            got,
+            vec![
+                b"VXLANhdra frame as it arrived".to_vec(),
+                b"vxlanHDRrendered frame bytes".to_vec()
+            ]
+        );
+        // The room of the batch is kept for the next one.
+        assert!(direct.spare().capacity() >= 2);
+    }
+}
