@@ -19,7 +19,17 @@
 //! each frame is cut into plain packets before the engine. A round's
 //! outputs are rendered once, into the staging buffer, and sent from there:
 //! each port's and the underlay's in one call, which gathers the frames (and,
-//! on the underlay, each segment's payload) from where they lie.
+//! on the underlay, each segment's payload) from where they lie. A copy
+//! that rendering would not change (an untagged frame, most of them) is
+//! not rendered at all but sent from where it arrived ([`DirectBatch`]):
+//! a port batch's copies for the underlay from the port's receive buffer,
+//! behind VXLAN headers written in the staging buffer; a super-frame from
+//! the underlay for a local port from the coalescer's buffer. Those
+//! buffers are reused by the next receive, so such copies leave before
+//! it, their connection events journaled first: the kernel's copy into its
+//! own buffer is then the only copy of their bytes on this host after the
+//! receive (measured, bench/README.md: the agents' user-space `memmove`
+//! went from 10 % to 1.5 % of their cycles on a single TCP stream).
 //!
 //! A worker thread waits for any of its sockets, runs each ready one's batch
 //! through its engine and sends that batch's staged outputs before it reads
@@ -39,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use palisade_audit::record::FlowRecord;
 use palisade_datapath::port::{self, PortId};
-use palisade_datapath::{Engine, Processed, Results};
+use palisade_datapath::{Encap, Engine, Output, Processed, Results};
 use palisade_datapath::{EventKind, FlowEvent};
 use palisade_io::gso::Coalescer;
 use palisade_io::overlay::{Outgoing, UdpOverlay};
@@ -121,8 +131,8 @@ struct Staging {
     /// 64 KiB for a super-frame, does not write it again each time.
     buf: Vec<u8>,
     used: usize,
-    /// (destination, end offset in `buf`, the frame's offload state).
-    items: Vec<(Dest, usize, Offload)>,
+    /// The staged frames in order: (destination, `buf[start..end]`, the frame's offload state).
+    items: Vec<(Dest, usize, usize, Offload)>,
     unroutable: u64,
     render_errors: u64,
 }
@@ -152,10 +162,39 @@ impl Staging {
         match offload.and_then(|o| Some((o, fill(&mut self.buf[start..end])?))) {
             Some((offload, n)) => {
                 self.used = start + n;
-                self.items.push((dest, start + n, offload));
+                self.items.push((dest, start, start + n, offload));
             }
             None => self.render_errors += 1,
         }
+    }
+
+    /// Render a frame made from one of `len` bytes as [`Staging::push`]
+    /// does, but keep it out of the staged frames: its place in `buf`
+    /// (`None`: `fill` failed), for a caller that sends it itself.
+    fn push_rendered(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> Option<usize>) -> Option<(usize, usize)> {
+        let start = self.used;
+        let end = start + (len + RENDER_ROOM).max(MIN_FRAME);
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        let n = fill(&mut self.buf[start..end])?;
+        self.used = start + n;
+        Some((start, start + n))
+    }
+
+    /// Append `len` bytes written by `fill` (which returns false when it
+    /// cannot) that are no frame of their own: a header sent before a frame
+    /// that lies elsewhere. Their place in `buf`, `None` when `fill` failed.
+    fn push_bytes(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> bool) -> Option<(usize, usize)> {
+        let (start, end) = (self.used, self.used + len);
+        if self.buf.len() < end {
+            self.buf.resize(end, 0);
+        }
+        if !fill(&mut self.buf[start..end]) {
+            return None;
+        }
+        self.used = end;
+        Some((start, end))
     }
 
     /// Forget the round's frames, keeping the room.
@@ -163,6 +202,209 @@ impl Staging {
         self.items.clear();
         self.used = 0;
     }
+}
+
+/// Copies that `stage` takes out of the staging buffer, to be sent from
+/// where their frame lies: the frame's own bytes are what rendering would
+/// write ([`palisade_datapath::render_overlay_in_place`],
+/// [`palisade_datapath::render_in_place`]), so the kernel copies them
+/// once, when they are sent, instead of twice. They are valid only while
+/// the receive that holds them lasts: the caller sends the batch (after
+/// journaling the events of the frames in it) before that receive returns.
+///
+/// With `underlay` on (a batch from a port), every copy for the underlay
+/// is taken, in order: its VXLAN header written in the staging buffer,
+/// its frame borrowed (or, when rendering changes it, rendered there too).
+/// With `ports` on (a frame from the underlay), super-frames for local
+/// ports are taken; smaller frames are staged and leave together, one call
+/// per port, and [`DirectBatch::send_ports`] sends what was staged for the
+/// ports before them first, so that each port's frames keep their order.
+struct DirectBatch<'f> {
+    underlay: bool,
+    ports: bool,
+    items: Vec<Direct<'f>>,
+}
+
+/// A copy taken by a [`DirectBatch`].
+enum Direct<'f> {
+    /// For the underlay: its VXLAN header (`head`, in the staging buffer), then its frame.
+    Underlay {
+        remote: Ipv4Addr,
+        head: (usize, usize),
+        body: Body<'f>,
+        offload: Offload,
+    },
+    /// A frame for a local port, as it lies.
+    Port {
+        port: PortId,
+        frame: &'f [u8],
+        offload: Offload,
+    },
+}
+
+/// Where the frame of a [`Direct::Underlay`] lies.
+enum Body<'f> {
+    /// `buf[start..end]` of the staging buffer.
+    Staged(usize, usize),
+    /// Where it arrived.
+    Borrowed(&'f [u8]),
+}
+
+impl<'f> DirectBatch<'f> {
+    /// A batch that takes nothing: every copy is staged.
+    fn off() -> Self {
+        DirectBatch {
+            underlay: false,
+            ports: false,
+            items: Vec::new(),
+        }
+    }
+
+    /// A batch taking what `underlay` and `ports` say, reusing the room of
+    /// `spare` (see [`DirectBatch::spare`]).
+    fn new(underlay: bool, ports: bool, spare: Vec<Direct<'static>>) -> Self {
+        DirectBatch {
+            underlay,
+            ports,
+            items: recycle(spare),
+        }
+    }
+
+    /// The (empty) room, for the next batch.
+    fn spare(self) -> Vec<Direct<'static>> {
+        recycle(self.items)
+    }
+
+    /// Take the copy of `p` for the underlay (`encap`); false: stage it.
+    /// `origin` is `p`'s frame, as long as the receive holds it.
+    fn overlay(&mut self, staging: &mut Staging, p: &Processed<'_>, origin: &'f [u8], encap: &Encap) -> bool {
+        if !self.underlay {
+            return false;
+        }
+        let Some(offload) = palisade_datapath::render_overlay_offload(p) else {
+            staging.render_errors += 1;
+            return true;
+        };
+        let (head, body) = match palisade_datapath::render_overlay_in_place(p) {
+            Some(frame) => {
+                let frame = in_place(origin, frame);
+                let Some(head) = staging.push_bytes(vxlan::HEADER_LEN, |b| {
+                    palisade_datapath::render_overlay_header(encap, b).is_ok()
+                }) else {
+                    staging.render_errors += 1;
+                    return true;
+                };
+                (head, Body::Borrowed(frame))
+            }
+            None => {
+                // A tag taken off: the whole copy rendered, as when staged.
+                let Some((start, end)) =
+                    staging.push_rendered(p.frame().len(), |b| palisade_datapath::render_overlay(p, encap, b).ok())
+                else {
+                    staging.render_errors += 1;
+                    return true;
+                };
+                let at = start + vxlan::HEADER_LEN;
+                ((start, at), Body::Staged(at, end))
+            }
+        };
+        self.items.push(Direct::Underlay {
+            remote: encap.remote,
+            head,
+            body,
+            offload,
+        });
+        true
+    }
+
+    /// Take the copy of `p` for local port `out`; false: stage it.
+    /// `origin` is `p`'s frame, as long as the receive holds it.
+    fn port(&mut self, staging: &mut Staging, p: &Processed<'_>, origin: &'f [u8], out: &Output) -> bool {
+        // Small frames are staged and sent together, one call per port.
+        if !self.ports || p.offload().gso.is_none() {
+            return false;
+        }
+        let Some(frame) = palisade_datapath::render_in_place(p, out) else {
+            return false;
+        };
+        match palisade_datapath::render_offload(p, out) {
+            Some(offload) => self.items.push(Direct::Port {
+                port: out.port,
+                frame: in_place(origin, frame),
+                offload,
+            }),
+            None => staging.render_errors += 1,
+        }
+        true
+    }
+
+    /// Send the copies for the underlay (errors are counted by the socket).
+    fn send_underlay(&mut self, overlay: &mut UdpOverlay, staging: &Staging) {
+        if self.items.is_empty() {
+            return;
+        }
+        let buf = &staging.buf;
+        let mut frames = self.items.iter().filter_map(|d| match *d {
+            Direct::Underlay {
+                remote,
+                head,
+                ref body,
+                offload,
+            } => Some(Outgoing {
+                remote,
+                prefix: &buf[head.0..head.1],
+                frame: match *body {
+                    Body::Staged(start, end) => &buf[start..end],
+                    Body::Borrowed(frame) => frame,
+                },
+                offload,
+            }),
+            Direct::Port { .. } => None,
+        });
+        let _ = overlay.send_batch(&mut frames);
+        self.items.retain(|d| matches!(d, Direct::Port { .. }));
+    }
+
+    /// Send the copies for local ports, after what was staged for the
+    /// ports before them; returns how many were dropped for a quiesced port.
+    fn send_ports(
+        &mut self,
+        ports: &mut [Attached],
+        staging: &mut Staging,
+        sockets: &mut Sockets,
+        quiesced: &[PortId],
+    ) -> u64 {
+        if !self.items.iter().any(|d| matches!(d, Direct::Port { .. })) {
+            return 0;
+        }
+        let mut dropped = send_staged_to_ports(ports, staging, sockets, quiesced);
+        for d in &self.items {
+            if let Direct::Port { port, frame, offload } = d {
+                if quiesced.contains(port) {
+                    dropped += 1;
+                } else if let Some(i) = sockets.of(*port) {
+                    let _ = ports[i].io.send_frames(&mut std::iter::once((*frame, offload)));
+                }
+            }
+        }
+        self.items.retain(|d| matches!(d, Direct::Underlay { .. }));
+        dropped
+    }
+}
+
+/// `frame` (the end of a decision's frame, from its Ethernet header on) as
+/// the end of `origin`, the same frame as its receive holds it.
+fn in_place<'f>(origin: &'f [u8], frame: &[u8]) -> &'f [u8] {
+    let at = origin.len() - frame.len();
+    debug_assert!(std::ptr::eq(origin[at..].as_ptr(), frame.as_ptr()));
+    &origin[at..]
+}
+
+/// `v` emptied, its allocation kept for items of another lifetime (an
+/// in-place collect: nothing is allocated, the layouts being the same).
+fn recycle<'a, 'b>(mut v: Vec<Direct<'a>>) -> Vec<Direct<'b>> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!("the vector is empty")).collect()
 }
 
 /// Run one frame that arrived on the underlay through the engine and stage its outputs.
@@ -179,35 +421,56 @@ fn handle_overlay(
 ) {
     engine.process_overlay(now, remote, payload, events, results);
     if let Some(processed) = results.get(0, payload) {
-        inspect_and_stage(engine, staging, events, inline, &processed, port::UPLINK, now, None);
+        let at = Arrived {
+            in_port: port::UPLINK,
+            from: None,
+            origin: payload,
+        };
+        inspect_and_stage(
+            engine,
+            staging,
+            events,
+            inline,
+            &processed,
+            at,
+            now,
+            &mut DirectBatch::off(),
+        );
     }
 }
 
 /// Run a super-frame (or a plain frame) that arrived on the underlay
 /// through the engine whole: `offload` describes `payload` from its start.
+/// Super-frames for local ports may leave straight away (`direct`).
 #[allow(clippy::too_many_arguments)]
-fn handle_overlay_offloaded(
+fn handle_overlay_offloaded<'f>(
     engine: &mut Engine,
     staging: &mut Staging,
     events: &mut Vec<FlowEvent>,
     results: &mut Results,
     now: u64,
     remote: Ipv4Addr,
-    payload: &[u8],
+    payload: &'f [u8],
     offload: Offload,
     inline: &mut Inspection<'_>,
+    direct: &mut DirectBatch<'f>,
 ) {
     engine.process_overlay_offloaded(now, remote, payload, offload, events, results);
     if let Some(processed) = results.get(0, payload) {
-        inspect_and_stage(engine, staging, events, inline, &processed, port::UPLINK, now, None);
+        let at = Arrived {
+            in_port: port::UPLINK,
+            from: None,
+            origin: payload,
+        };
+        inspect_and_stage(engine, staging, events, inline, &processed, at, now, direct);
     }
 }
 
 /// Run a batch of frames with their offload state that arrived on `port`
-/// through the engine whole ([`Engine::process_batch_offloaded`]) and stage
-/// their outputs; `offloads` is scratch kept between batches.
+/// through the engine whole ([`Engine::process_batch_offloaded`]) and stage their outputs
+/// (the copies for the underlay in `direct`); `offloads` is scratch kept between batches.
 #[allow(clippy::too_many_arguments)]
-fn handle_frames(
+fn handle_frames<'f>(
     engine: &mut Engine,
     staging: &mut Staging,
     events: &mut Vec<FlowEvent>,
@@ -216,13 +479,22 @@ fn handle_frames(
     inline: &mut Inspection<'_>,
     now: u64,
     port: PortId,
-    frames: &[RxFrame<'_>],
+    frames: &[RxFrame<'f>],
+    direct: &mut DirectBatch<'f>,
 ) {
     offloads.clear();
     offloads.extend(frames.iter().map(|f| f.offload));
     engine.process_batch_offloaded(now, port, frames, offloads, events, results);
-    for processed in results.iter(frames) {
-        inspect_and_stage(engine, staging, events, inline, &processed, port, now, Some(port));
+    // As `results.iter(frames)`, each frame's own lifetime kept for `direct`.
+    for (i, frame) in frames.iter().enumerate() {
+        if let Some(processed) = results.get(i, frame.bytes) {
+            let at = Arrived {
+                in_port: port,
+                from: Some(port),
+                origin: frame.bytes,
+            };
+            inspect_and_stage(engine, staging, events, inline, &processed, at, now, direct);
+        }
     }
 }
 
@@ -241,7 +513,21 @@ fn handle_batch(
 ) {
     engine.process_batch(now, port, frames, events, results);
     for processed in results.iter(frames) {
-        inspect_and_stage(engine, staging, events, inline, &processed, port, now, Some(port));
+        let at = Arrived {
+            in_port: port,
+            from: Some(port),
+            origin: processed.frame(),
+        };
+        inspect_and_stage(
+            engine,
+            staging,
+            events,
+            inline,
+            &processed,
+            at,
+            now,
+            &mut DirectBatch::off(),
+        );
     }
 }
 
@@ -256,16 +542,17 @@ struct Inspection<'a> {
 /// frames are not staged, a rejected one's sender gets the reply.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn inspect_and_stage(
+fn inspect_and_stage<'f>(
     engine: &mut Engine,
     staging: &mut Staging,
     events: &mut Vec<FlowEvent>,
     inline: &mut Inspection<'_>,
     processed: &Processed<'_>,
-    in_port: PortId,
+    at: Arrived<'f>,
     now: u64,
-    from: Option<PortId>,
+    direct: &mut DirectBatch<'f>,
 ) {
+    let Arrived { in_port, from, .. } = at;
     if processed.inspection().is_some()
         && let Some(ins) = inline.inline.as_deref_mut()
     {
@@ -282,18 +569,33 @@ fn inspect_and_stage(
             }
         }
     }
-    stage(staging, processed, from);
+    stage(staging, processed, at, direct);
+}
+
+/// Where a processed frame came from: its port (the uplink for the
+/// underlay), the port a reply goes back out of (`None` from the
+/// underlay), and the frame itself as long as its receive holds it.
+#[derive(Clone, Copy)]
+struct Arrived<'f> {
+    in_port: PortId,
+    from: Option<PortId>,
+    origin: &'f [u8],
 }
 
 /// Stage what the engine decided for one frame: its outputs, or the reply
-/// to a rejected frame that came in on a port (`from`).
+/// to a rejected frame that came in on a port (`at.from`); `direct` may take
+/// an output to send from where its frame lies.
 /// Each copy leaves with the frame's offload state moved to where
 /// rendering put its headers (for the underlay, counted after the VXLAN header).
-fn stage(staging: &mut Staging, processed: &Processed<'_>, from: Option<PortId>) {
+fn stage<'f>(staging: &mut Staging, processed: &Processed<'_>, at: Arrived<'f>, direct: &mut DirectBatch<'f>) {
+    let from = at.from;
     let len = processed.frame().len();
     for out in processed.outputs {
         match out.encap {
             Some(encap) => {
+                if direct.overlay(staging, processed, at.origin, &encap) {
+                    continue;
+                }
                 let offload = palisade_datapath::render_overlay_offload(processed);
                 staging.push(Dest::Overlay(encap.remote), len, offload, |buf| {
                     palisade_datapath::render_overlay(processed, &encap, buf).ok()
@@ -301,6 +603,9 @@ fn stage(staging: &mut Staging, processed: &Processed<'_>, from: Option<PortId>)
             }
             None if out.port == port::UPLINK => staging.unroutable += 1,
             None => {
+                if direct.port(staging, processed, at.origin, out) {
+                    continue;
+                }
                 let offload = palisade_datapath::render_offload(processed, out);
                 staging.push(Dest::Port(out.port), len, offload, |buf| {
                     palisade_datapath::render(processed, out, buf).ok()
@@ -364,6 +669,7 @@ impl Worker {
         let mut last_housekeeping = Instant::now();
         let mut last_update_round = 0;
         let mut quiesced_drops = 0u64;
+        let mut direct_spare = Vec::new();
         while !halt.load(Ordering::Relaxed) {
             let ready = match wait_readable(&fds, Duration::from_millis(100)) {
                 Ok(r) => r,
@@ -384,24 +690,40 @@ impl Worker {
                     let engine = &mut core.engine;
                     if i == overlay_index {
                         let r = if offloaded {
+                            let journal = &mut core.journal;
+                            let quiesced = &core.quiesced;
+                            let ports = &mut self.io.ports;
+                            let sockets = &mut sockets;
+                            let spare = &mut direct_spare;
+                            let journaled = &mut journaled;
                             self.io
                                 .overlay
                                 .recv_coalesced(BATCH, &mut coalescer, &mut |remote, payload, offload| {
                                     // The coalescer's offsets count from the inner frame; the engine's from the VXLAN header.
-                                    match offload.shifted(0, vxlan::HEADER_LEN as u16) {
-                                        Some(o) => handle_overlay_offloaded(
-                                            engine,
-                                            &mut staging,
-                                            &mut events,
-                                            &mut results,
-                                            now,
-                                            remote,
-                                            payload,
-                                            o,
-                                            &mut inspection,
-                                        ),
-                                        None => staging.render_errors += 1,
+                                    let Some(o) = offload.shifted(0, vxlan::HEADER_LEN as u16) else {
+                                        staging.render_errors += 1;
+                                        return;
+                                    };
+                                    // Super-frames for local ports leave from the coalescer's buffer, before it is reused.
+                                    let mut direct = DirectBatch::new(false, true, std::mem::take(spare));
+                                    handle_overlay_offloaded(
+                                        engine,
+                                        &mut staging,
+                                        &mut events,
+                                        &mut results,
+                                        now,
+                                        remote,
+                                        payload,
+                                        o,
+                                        &mut inspection,
+                                        &mut direct,
+                                    );
+                                    if !direct.items.is_empty() {
+                                        journal_events(journal, engine, &events[*journaled..], now);
+                                        *journaled = events.len();
+                                        quiesced_drops += direct.send_ports(ports, &mut staging, sockets, quiesced);
                                     }
+                                    *spare = direct.spare();
                                 })
                         } else {
                             self.io.overlay.recv(BATCH, &mut |remote, payload| {
@@ -429,7 +751,13 @@ impl Worker {
                         let r = if core.quiesced.contains(&port) {
                             p.io.recv_batch(BATCH, &mut |frames| quiesced_drops += frames.len() as u64)
                         } else if offloaded {
+                            let journal = &mut core.journal;
+                            let overlay = &mut self.io.overlay;
+                            let spare = &mut direct_spare;
+                            let journaled = &mut journaled;
                             p.io.recv_frames(BATCH, &mut |frames| {
+                                // Copies for the underlay leave from the receive buffer, before it is reused.
+                                let mut direct = DirectBatch::new(true, false, std::mem::take(spare));
                                 handle_frames(
                                     engine,
                                     &mut staging,
@@ -440,7 +768,14 @@ impl Worker {
                                     now,
                                     port,
                                     frames,
+                                    &mut direct,
                                 );
+                                if !direct.items.is_empty() {
+                                    journal_events(journal, engine, &events[*journaled..], now);
+                                    *journaled = events.len();
+                                    direct.send_underlay(overlay, &staging);
+                                }
+                                *spare = direct.spare();
                             })
                         } else {
                             p.io.recv_batch(BATCH, &mut |frames| {
@@ -538,45 +873,14 @@ fn journal_events(journal: &mut Option<crate::journal::Journal>, engine: &Engine
 
 /// Send the staged frames; returns how many were dropped for a quiesced port.
 fn send_staged(io: &mut WorkerIo, staging: &mut Staging, sockets: &mut Sockets, quiesced: &[PortId]) -> u64 {
-    let mut dropped = 0;
-    let mut to_underlay = false;
-    for &(dest, _, _) in &staging.items {
-        match dest {
-            Dest::Port(p) if quiesced.contains(&p) => dropped += 1,
-            Dest::Port(p) => {
-                if let Some(i) = sockets.of(p) {
-                    sockets.touched[i] = true;
-                }
-            }
-            Dest::Overlay(_) => to_underlay = true,
-        }
-    }
-    for i in 0..sockets.touched.len() {
-        if !std::mem::take(&mut sockets.touched[i]) {
-            continue;
-        }
-        // Each port's frames in one call, sent from the staging buffer
-        // where they lie. Send errors are counted by the port (tx_errors,
-        // offload_errors) and show in metrics. A port with virtio-net
-        // headers hands a super-frame to the kernel whole; one without
-        // segments it.
-        let port = io.ports[i].port;
-        let mut start = 0;
-        let mut frames = staging.items.iter().filter_map(|(dest, end, offload)| {
-            let frame = &staging.buf[start..*end];
-            start = *end;
-            matches!(dest, Dest::Port(p) if *p == port).then_some((frame, offload))
-        });
-        let _ = io.ports[i].io.send_frames(&mut frames);
-    }
-    if to_underlay {
+    let dropped = send_staged_to_ports(&mut io.ports, staging, sockets, quiesced);
+    if !staging.items.is_empty() {
         // One batch, in order: a super-frame is cut by the kernel
         // (UDP_SEGMENT), each packet's headers written apart and its
         // payload sent from the staging buffer where it lies.
-        let mut start = 0;
-        let mut frames = staging.items.iter().filter_map(|&(dest, end, offload)| {
-            let frame = &staging.buf[start..end];
-            start = end;
+        let buf = &staging.buf;
+        let mut frames = staging.items.iter().filter_map(|&(dest, start, end, offload)| {
+            let frame = &buf[start..end];
             match dest {
                 Dest::Overlay(remote) => {
                     let (prefix, inner) = frame.split_at(vxlan::HEADER_LEN.min(frame.len()));
@@ -603,6 +907,53 @@ fn send_staged(io: &mut WorkerIo, staging: &mut Staging, sockets: &mut Sockets, 
         let _ = io.overlay.send_batch(&mut frames);
     }
     staging.clear();
+    dropped
+}
+
+/// Send the frames staged for local ports, each port's in one call from
+/// the staging buffer where they lie, and keep only those for the
+/// underlay staged; returns how many were dropped for a quiesced port.
+/// Send errors are counted by the port (tx_errors, offload_errors) and
+/// show in metrics. A port with virtio-net headers hands a super-frame
+/// to the kernel whole; one without segments it.
+fn send_staged_to_ports(
+    ports: &mut [Attached],
+    staging: &mut Staging,
+    sockets: &mut Sockets,
+    quiesced: &[PortId],
+) -> u64 {
+    let mut dropped = 0;
+    let mut any = false;
+    for &(dest, ..) in &staging.items {
+        match dest {
+            Dest::Port(p) if quiesced.contains(&p) => dropped += 1,
+            Dest::Port(p) => {
+                if let Some(i) = sockets.of(p) {
+                    sockets.touched[i] = true;
+                    any = true;
+                }
+            }
+            Dest::Overlay(_) => {}
+        }
+    }
+    if !any {
+        staging.items.retain(|(dest, ..)| matches!(dest, Dest::Overlay(_)));
+        return dropped;
+    }
+    for (i, attached) in ports.iter_mut().enumerate() {
+        if !std::mem::take(&mut sockets.touched[i]) {
+            continue;
+        }
+        let port = attached.port;
+        let buf = &staging.buf;
+        let mut frames = staging
+            .items
+            .iter()
+            .filter(|(dest, ..)| matches!(dest, Dest::Port(p) if *p == port))
+            .map(|(_, start, end, offload)| (&buf[*start..*end], offload));
+        let _ = attached.io.send_frames(&mut frames);
+    }
+    staging.items.retain(|(dest, ..)| matches!(dest, Dest::Overlay(_)));
     dropped
 }
 
@@ -639,4 +990,138 @@ fn live_since(engine: &Engine, since: u64, now: u64) -> Vec<FlowEvent> {
         .filter(|(_, c)| c.last_seen >= since && !c.ended)
         .map(|(_, c)| c.event(EventKind::Update, now))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddrV4, UdpSocket};
+    use std::sync::{Arc, Mutex};
+
+    use palisade_io::port::{FramePort, PortStats, RxFrame};
+
+    use super::*;
+
+    /// A port that records what it is asked to send, in order.
+    struct Recording(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl FramePort for Recording {
+        fn recv_frames(&mut self, _: usize, _: &mut dyn FnMut(&[RxFrame<'_>])) -> std::io::Result<usize> {
+            Ok(0)
+        }
+        fn send_frame(&mut self, frame: &[u8], _: &Offload) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(frame.to_vec());
+            Ok(())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn fd(&self) -> i32 {
+            -1
+        }
+        fn stats(&self) -> PortStats {
+            PortStats::default()
+        }
+    }
+
+    fn port(n: u16) -> (Attached, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let a = Attached {
+            interface: format!("p{n}"),
+            port: PortId(n),
+            io: Box::new(Recording(log.clone())),
+        };
+        (a, log)
+    }
+
+    fn staged(staging: &mut Staging, dest: Dest, bytes: &[u8]) {
+        staging.push(dest, bytes.len(), Some(Offload::NONE), |b| {
+            b[..bytes.len()].copy_from_slice(bytes);
+            Some(bytes.len())
+        });
+    }
+
+    #[test]
+    fn a_port_frame_sent_in_place_leaves_after_those_staged_before_it() {
+        let (p1, log1) = port(1);
+        let (p2, log2) = port(2);
+        let mut ports = vec![p1, p2];
+        let mut sockets = Sockets::new(&ports);
+        let mut staging = Staging::default();
+        staged(&mut staging, Dest::Port(PortId(1)), b"staged first");
+        staged(&mut staging, Dest::Overlay(Ipv4Addr::LOCALHOST), b"for the underlay");
+        staged(&mut staging, Dest::Port(PortId(2)), b"to a quiesced port");
+        let arrived = b"sent where it lies".to_vec();
+        let mut direct = DirectBatch::new(false, true, Vec::new());
+        for port in [PortId(1), PortId(2)] {
+            direct.items.push(Direct::Port {
+                port,
+                frame: &arrived,
+                offload: Offload::NONE,
+            });
+        }
+        let quiesced = [PortId(2)];
+        let dropped = direct.send_ports(&mut ports, &mut staging, &mut sockets, &quiesced);
+        assert_eq!(
+            *log1.lock().unwrap(),
+            vec![b"staged first".to_vec(), arrived.clone()],
+            "in order"
+        );
+        assert!(log2.lock().unwrap().is_empty());
+        assert_eq!(dropped, 2, "the staged and the direct frame for the quiesced port");
+        // Only the underlay's frame is still staged, and the batch is empty.
+        assert_eq!(staging.items.len(), 1);
+        assert!(matches!(staging.items[0].0, Dest::Overlay(_)));
+        assert!(direct.items.is_empty());
+    }
+
+    #[test]
+    fn underlay_copies_are_their_header_then_their_frame_in_order() {
+        // The underlay socket sends to `remote:<its own port>`: to itself here.
+        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut overlay = UdpOverlay::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).unwrap();
+        let mut staging = Staging::default();
+        let head = staging.push_bytes(vxlan::HEADER_LEN, |b| {
+            b.copy_from_slice(b"VXLANhdr");
+            true
+        });
+        let rendered = staging
+            .push_rendered(20, |b| {
+                b[..28].copy_from_slice(b"vxlanHDRrendered frame bytes");
+                Some(28)
+            })
+            .unwrap();
+        let arrived = b"a frame as it arrived".to_vec();
+        let mut direct = DirectBatch::new(true, false, Vec::new());
+        direct.items.push(Direct::Underlay {
+            remote: Ipv4Addr::LOCALHOST,
+            head: head.unwrap(),
+            body: Body::Borrowed(&arrived),
+            offload: Offload::NONE,
+        });
+        direct.items.push(Direct::Underlay {
+            remote: Ipv4Addr::LOCALHOST,
+            head: (rendered.0, rendered.0 + vxlan::HEADER_LEN),
+            body: Body::Staged(rendered.0 + vxlan::HEADER_LEN, rendered.1),
+            offload: Offload::NONE,
+        });
+        direct.send_underlay(&mut overlay, &staging);
+        assert!(direct.items.is_empty());
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            overlay.recv(8, &mut |_, d| got.push(d.to_vec())).unwrap();
+            if got.len() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            got,
+            vec![
+                b"VXLANhdra frame as it arrived".to_vec(),
+                b"vxlanHDRrendered frame bytes".to_vec()
+            ]
+        );
+        // The room of the batch is kept for the next one.
+        assert!(direct.spare().capacity() >= 2);
+    }
 }

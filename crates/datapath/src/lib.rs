@@ -63,7 +63,10 @@ pub use events::{EndReason, EventKind, EventSink, FlowEvent};
 pub use flow_table::{CachedVerdict, FlowEntry, FlowHash, FlowTable};
 pub use lookup::{ChainLookup, ChainVerdict, PolicyLookup};
 pub use port::{PortError, PortId, UPLINK, UplinkConfig, VnicPort};
-pub use render::{RenderError, render, render_offload, render_overlay, render_overlay_offload, render_reply};
+pub use render::{
+    RenderError, render, render_in_place, render_offload, render_overlay, render_overlay_header,
+    render_overlay_in_place, render_overlay_offload, render_reply,
+};
 pub use service::{ChainStats, InstanceStats, OffloadError, OffloadVerdict, Steer};
 pub use state::{StateError, relax_tcp_windows};
 pub use tcptrack::{TcpIndex, TcpLast, TcpPeer, TcpTrack, last_flags, peer_flags};

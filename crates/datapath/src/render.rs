@@ -161,6 +161,47 @@ pub fn render_overlay(p: &Processed<'_>, encap: &Encap, buf: &mut [u8]) -> Resul
     Ok(total)
 }
 
+/// The frame [`render`] writes for `out` (a copy for a local port or a
+/// plain uplink, not an encapsulated one) when it is byte for byte the
+/// frame as it arrived, from its Ethernet header on: an untagged frame
+/// leaving untagged. The caller may then send it from where it lies
+/// instead of rendering a copy. `None`: rendering changes it (a VLAN tag
+/// put in or taken out, outer headers), or `out` is encapsulated; use [`render`].
+pub fn render_in_place<'a>(p: &Processed<'a>, out: &Output) -> Option<&'a [u8]> {
+    if out.encap.is_some() || (out.port == UPLINK && p.layout.segment.vlan_id().is_some()) {
+        return None;
+    }
+    untagged_frame(p)
+}
+
+/// The frame [`render_overlay`] writes after its VXLAN header, when it is
+/// byte for byte the frame as it arrived (an untagged one); see
+/// [`render_in_place`]. The VXLAN header itself: [`render_overlay_header`].
+pub fn render_overlay_in_place<'a>(p: &Processed<'a>) -> Option<&'a [u8]> {
+    untagged_frame(p)
+}
+
+/// Write the VXLAN-GBP header [`render_overlay`] puts before the frame of
+/// a copy for `encap.remote`; returns its length.
+pub fn render_overlay_header(encap: &Encap, buf: &mut [u8]) -> Result<usize, RenderError> {
+    let Some(hdr) = buf.get_mut(..vxlan::HEADER_LEN) else {
+        return Err(RenderError::BufferTooSmall(vxlan::HEADER_LEN));
+    };
+    emit_vxlan(encap, hdr);
+    Ok(vxlan::HEADER_LEN)
+}
+
+/// `p`'s frame from its Ethernet header on, when what [`write_inner`] makes
+/// of it without a tag is the same bytes: no tag between the addresses and
+/// the ethertype, which is the one the engine read.
+fn untagged_frame<'a>(p: &Processed<'a>) -> Option<&'a [u8]> {
+    let l2 = p.layout;
+    let frame = p.frame.get(l2.eth()..)?;
+    let untagged =
+        l2.payload() == l2.eth() + ethernet::HEADER_LEN && frame.get(12..14) == Some(&l2.ethertype.0.to_be_bytes()[..]);
+    untagged.then_some(frame)
+}
+
 fn emit_vxlan(e: &Encap, buf: &mut [u8]) {
     let vx = vxlan::VxlanRepr {
         vni: e.vni,

@@ -27,12 +27,16 @@
 
 use core::net::{IpAddr, Ipv4Addr};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use palisade_datapath::port::{self, PortId, UPLINK, UplinkConfig};
 use palisade_datapath::{
     Counters, Disposition, Engine, EngineConfig, EventKind, FlowEvent, PolicyLookup, Processed, Results,
 };
-use palisade_datapath::{render, render_offload, render_overlay, render_overlay_offload, render_reply};
+use palisade_datapath::{
+    render, render_in_place, render_offload, render_overlay, render_overlay_header, render_overlay_in_place,
+    render_overlay_offload, render_reply,
+};
 use palisade_io::gso;
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
@@ -244,13 +248,27 @@ fn on_wire(wire: &mut Wire, dest: Dest, prefix: &[u8], bytes: &[u8], off: &Offlo
     }
 }
 
-/// Render every output of `p` and its reply, as the agent sends them.
+/// Copies whose frame the agent may send from where it arrived
+/// ([`render_in_place`], [`render_overlay_in_place`]), counted by [`send`].
+static IN_PLACE: AtomicUsize = AtomicUsize::new(0);
+
+/// Render every output of `p` and its reply, as the agent sends them; and
+/// check that a copy the agent sends from where its frame lies instead
+/// (the frame in place, behind a VXLAN header written apart) is the same
+/// bytes as the rendered one.
 fn send(wire: &mut Wire, p: &Processed<'_>) {
     let mut buf = vec![0; 70_000];
     for out in p.outputs {
         match out.encap {
             Some(e) => {
                 let n = render_overlay(p, &e, &mut buf).unwrap();
+                if let Some(frame) = render_overlay_in_place(p) {
+                    let mut head = [0; vxlan::HEADER_LEN];
+                    assert_eq!(render_overlay_header(&e, &mut head), Ok(vxlan::HEADER_LEN));
+                    assert_eq!(&head[..], &buf[..vxlan::HEADER_LEN], "VXLAN header written apart");
+                    assert_eq!(frame, &buf[vxlan::HEADER_LEN..n], "an overlay copy in place");
+                    IN_PLACE.fetch_add(1, Ordering::Relaxed);
+                }
                 let off = render_overlay_offload(p).expect("an overlay copy carries its offload");
                 on_wire(
                     wire,
@@ -262,6 +280,10 @@ fn send(wire: &mut Wire, p: &Processed<'_>) {
             }
             None => {
                 let n = render(p, out, &mut buf).unwrap();
+                if let Some(frame) = render_in_place(p, out) {
+                    assert_eq!(frame, &buf[..n], "a local copy in place");
+                    IN_PLACE.fetch_add(1, Ordering::Relaxed);
+                }
                 let off = render_offload(p, out).expect("a local copy carries its offload");
                 on_wire(wire, (out.port.0, None), &[], &buf[..n], &off);
             }
@@ -516,6 +538,8 @@ fn a_super_frame_is_the_packets_it_stands_for() {
     }) {
         run_case(case);
     }
+    // Untagged frames to a local port or another host were sent in place (and checked).
+    assert!(IN_PLACE.load(Ordering::Relaxed) > 0, "no copy could be sent in place");
 }
 
 /// Requests a super-frame cannot make are refused, typed, and counted once.
