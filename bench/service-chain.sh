@@ -103,8 +103,11 @@ if redirect in ("yes", "two"):
     chain = "ns-ips" if redirect == "yes" else "ns-two"
     pol = pol.replace(rule, rule.replace("inspect: full\n", f"inspect: full\n      redirect: {chain}\n"))
 pol = pol.replace("version: 1\n", f"version: {version}\n")
-pol += "\nservice_chains:\n  ns-ips:\n    on_failure: closed\n    appliances:\n      - { vm: ips-1, in: ips-1.in, out: ips-1.out }\n"
-pol += "  ns-two:\n    on_failure: closed\n    stages:\n      - appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }]\n      - appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }]\n"
+# A vNIC serves one chain: ips-1 is in ns-ips, or in ns-two after fw-1.
+if redirect == "two":
+    pol += "\nservice_chains:\n  ns-two:\n    on_failure: closed\n    stages:\n      - appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }]\n      - appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }]\n"
+else:
+    pol += "\nservice_chains:\n  ns-ips:\n    on_failure: closed\n    appliances:\n      - { vm: ips-1, in: ips-1.in, out: ips-1.out }\n"
 open(f"{dst}/inventory.yaml", "w").write(inv)
 open(f"{dst}/policy.yaml.tmp", "w").write(pol)
 EOF

@@ -41,8 +41,15 @@ enum Chain {
 fn policy(chain: Chain) -> String {
     let redirect = match chain {
         Chain::None => "",
-        Chain::One => ", redirect: ns",
-        Chain::Two => ", redirect: ns2",
+        Chain::One | Chain::Two => ", redirect: ns",
+    };
+    // A vNIC serves one chain: ips-1 alone, or after fw-1.
+    let chains = match chain {
+        Chain::None | Chain::One => "  ns: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }",
+        Chain::Two => {
+            "  ns:\n    stages:\n      - { appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }] }\n      \
+             - { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }"
+        }
     };
     format!(
         r#"
@@ -63,11 +70,7 @@ vms:
       - {{ name: fw-1.out, mac: "02:00:00:00:02:02", ips: [], zone: svc }}
 groups: {{ web: {{ zone: web }}, internet: external }}
 service_chains:
-  ns: {{ appliances: [{{ vm: ips-1, in: ips-1.in, out: ips-1.out }}] }}
-  ns2:
-    stages:
-      - {{ appliances: [{{ vm: fw-1, in: fw-1.in, out: fw-1.out }}] }}
-      - {{ appliances: [{{ vm: ips-1, in: ips-1.in, out: ips-1.out }}] }}
+{chains}
 rules:
   zone:web:
     - {{ id: web-in, from: internet, to: web, service: tcp/80, action: allow{redirect} }}

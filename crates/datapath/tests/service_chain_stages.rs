@@ -412,3 +412,117 @@ fn a_refusing_reset_crosses_every_stage_and_ends_the_connection_after_the_last()
     assert_eq!(l.send(2, fw.0, &rst), (FWD, vec![l.router]));
     assert!(l.e.conntrack().find(&key).is_none(), "over once delivered");
 }
+
+/// Where a frame may go in a chain of two stages: random frames of a few
+/// connections from the router, web-1 and every appliance port, with links
+/// going down and up at random. In a `closed` chain nothing skips a stage:
+/// the router's packets go only into stage 1, web-1's only into stage 2,
+/// each stage's returns only to the next stage in their direction or,
+/// after the last, to their destination. In an `open` one a stage may be
+/// skipped but never crossed backwards. Nothing from an appliance port
+/// opens a connection.
+#[test]
+fn random_traffic_and_link_changes_never_skip_a_closed_stage_or_go_backwards() {
+    for (seed, on_failure) in [(1u64, "closed"), (2, "closed"), (3, "open"), (4, "open")] {
+        let mut l = lab(on_failure);
+        let closed = on_failure == "closed";
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let ins = |st: usize, l: &Lab| -> Vec<PortId> { l.stages[st].iter().map(|p| p.0).collect() };
+        let outs = |st: usize, l: &Lab| -> Vec<PortId> { l.stages[st].iter().map(|p| p.1).collect() };
+        let mut forwarded = 0;
+        for step in 0..4000u64 {
+            let sport = 40000 + (next() % 4) as u16;
+            let r = next() % 16;
+            if r == 0 {
+                let (st, i) = ((next() % 2) as usize, (next() % 2) as usize);
+                let port = if next() % 2 == 0 {
+                    l.stages[st][i].0
+                } else {
+                    l.stages[st][i].1
+                };
+                l.e.set_port_link(port, next() % 3 != 0);
+                continue;
+            }
+            let inbound_frame = if next() % 4 == 0 {
+                inbound(sport, (100, 0), TcpFlags::SYN)
+            } else {
+                inbound(sport, (101, 501), TcpFlags::ACK)
+            };
+            let outbound_frame = if next() % 4 == 0 {
+                outbound(sport, (500, 101), TcpFlags::SYN | TcpFlags::ACK)
+            } else {
+                outbound(sport, (501, 101), TcpFlags::ACK)
+            };
+            // (port, frame, where it may go)
+            let (port, frame, allowed): (PortId, &[u8], Vec<PortId>) = match r {
+                1..=4 => {
+                    let mut ok = ins(0, &l);
+                    if !closed {
+                        ok.extend(ins(1, &l));
+                        ok.push(l.web1);
+                    }
+                    (l.router, &inbound_frame, ok)
+                }
+                5..=8 => {
+                    let mut ok = outs(1, &l);
+                    if !closed {
+                        ok.extend(outs(0, &l));
+                        ok.push(l.router);
+                    }
+                    (l.web1, &outbound_frame, ok)
+                }
+                _ => {
+                    let (st, i) = ((next() % 2) as usize, (next() % 2) as usize);
+                    let (pin, pout) = l.stages[st][i];
+                    match (next() % 4, st) {
+                        // The initiator's packets leave a stage by `out`.
+                        (0, 0) => {
+                            let mut ok = ins(1, &l);
+                            if !closed {
+                                ok.push(l.web1);
+                            }
+                            (pout, &inbound_frame, ok)
+                        }
+                        (0, _) => (pout, &inbound_frame, vec![l.web1]),
+                        // The responder's by `in`.
+                        (1, 1) => {
+                            let mut ok = outs(0, &l);
+                            if !closed {
+                                ok.push(l.router);
+                            }
+                            (pin, &outbound_frame, ok)
+                        }
+                        (1, _) => (pin, &outbound_frame, vec![l.router]),
+                        // The wrong side: never forwarded.
+                        (2, _) => (pin, &inbound_frame, vec![]),
+                        _ => (pout, &outbound_frame, vec![]),
+                    }
+                }
+            };
+            let conns = l.e.conntrack().len();
+            let from_appliance = port != l.router && port != l.web1;
+            let (d, to) = l.send(1 + step / 100, port, frame);
+            if from_appliance {
+                assert!(
+                    l.e.conntrack().len() <= conns,
+                    "seed {seed} step {step}: a return opened a connection"
+                );
+            }
+            if d == Disposition::Forward {
+                forwarded += 1;
+                assert_eq!(to.len(), 1, "seed {seed} step {step}: {to:?}");
+                assert!(
+                    allowed.contains(&to[0]),
+                    "seed {seed} ({on_failure}) step {step}: from {port:?} to {to:?}, allowed {allowed:?}"
+                );
+            }
+        }
+        assert!(forwarded > 500, "seed {seed}: the walk forwards ({forwarded})");
+    }
+}
