@@ -168,7 +168,7 @@ impl Engine {
             (Some(k), false) => (k.saturating_add(1).min(n), n),
             (Some(k), true) => (0, k.min(n)),
         };
-        let forward = (!reply).then(|| lo..hi).into_iter().flatten();
+        let forward = (!reply).then_some(lo..hi).into_iter().flatten();
         let backward = reply.then(|| (lo..hi).rev()).into_iter().flatten();
         forward.chain(backward)
     }
