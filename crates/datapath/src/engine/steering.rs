@@ -41,7 +41,7 @@ impl Engine {
 
     /// The service chains as this engine runs them: each instance's ports,
     /// health and counters, indexed as [`Steer::chain`] and
-    /// [`Steer::instance`] index them.
+    /// [`Steer::instances`] index them.
     pub fn service_chains(&self) -> &[ChainStats] {
         &self.services.chains
     }
