@@ -17,6 +17,10 @@
 #              sequential requests, median and p90; iperf3 -c web-1 -p 443
 #              for --seconds (one stream)
 #   unchained  the same with the redirect removed
+#   two_stage  the redirect through ns-two, a chain of two stages: fw-1 (a
+#              second appliance VM on hv1, bridged and counting like ips-1)
+#              then ips-1; the same HTTP and iperf3 figures, and both
+#              appliances' counters
 #   offloaded  chained, then an iperf3 stream offloaded (`POST /flows/offload`
 #              allow on its data connection) after 2 s; its throughput over the
 #              intervals after the offload, and the appliance's counter over
@@ -70,7 +74,7 @@ trap 'exit 130' INT TERM
 
 # The policy: three-tier + ips-1, with or without the redirect.
 mkdir -p "$tmp/policy"
-write_policy() { # redirect(yes|no) version
+write_policy() { # redirect(yes|no|two) version
     python3 - "$here/examples/three-tier" "$tmp/policy" "$1" "$2" <<'EOF'
 import sys
 src, dst, redirect, version = sys.argv[1:]
@@ -83,14 +87,27 @@ inv = open(f"{src}/inventory.yaml").read() + """
     vnics:
       - { name: ips-1.in, mac: "02:00:0a:00:01:41", ips: [], zone: web }
       - { name: ips-1.out, mac: "02:00:0a:00:01:42", ips: [], zone: web }
+  - name: fw-1
+    uuid: 6d1f3c2a-8b7e-4c59-9a1d-0f2e3b4c5d51
+    cluster: prod
+    host: hv1
+    tags: { role: fw }
+    vnics:
+      - { name: fw-1.in, mac: "02:00:0a:00:01:51", ips: [], zone: web }
+      - { name: fw-1.out, mac: "02:00:0a:00:01:52", ips: [], zone: web }
 """
 pol = open(f"{src}/policy.yaml").read()
 rule = "      action: allow\n      inspect: full\n    - { id: web-to-app"
 assert rule in pol, "the example's web-from-internet rule changed"
-if redirect == "yes":
-    pol = pol.replace(rule, rule.replace("inspect: full\n", "inspect: full\n      redirect: ns-ips\n"))
+if redirect in ("yes", "two"):
+    chain = "ns-ips" if redirect == "yes" else "ns-two"
+    pol = pol.replace(rule, rule.replace("inspect: full\n", f"inspect: full\n      redirect: {chain}\n"))
 pol = pol.replace("version: 1\n", f"version: {version}\n")
-pol += "\nservice_chains:\n  ns-ips:\n    on_failure: closed\n    appliances:\n      - { vm: ips-1, in: ips-1.in, out: ips-1.out }\n"
+# A vNIC serves one chain: ips-1 is in ns-ips, or in ns-two after fw-1.
+if redirect == "two":
+    pol += "\nservice_chains:\n  ns-two:\n    on_failure: closed\n    stages:\n      - appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }]\n      - appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }]\n"
+else:
+    pol += "\nservice_chains:\n  ns-ips:\n    on_failure: closed\n    appliances:\n      - { vm: ips-1, in: ips-1.in, out: ips-1.out }\n"
 open(f"{dst}/inventory.yaml", "w").write(inv)
 open(f"{dst}/policy.yaml.tmp", "w").write(pol)
 EOF
@@ -109,8 +126,11 @@ ins=$(plan '.plan.vms[] | select(.name=="ips-1") | .ns')
 wip=$(plan '.plan.vms[] | select(.name=="web-1") | .vnics[0].ips[0]')
 a=$(plan '.plan.vms[] | select(.name=="ips-1") | .vnics[0].guest_if')
 b=$(plan '.plan.vms[] | select(.name=="ips-1") | .vnics[1].guest_if')
+fns=$(plan '.plan.vms[] | select(.name=="fw-1") | .ns')
+fa=$(plan '.plan.vms[] | select(.name=="fw-1") | .vnics[0].guest_if')
+fb=$(plan '.plan.vms[] | select(.name=="fw-1") | .vnics[1].guest_if')
 sock="$state/hv1/agent.sock"
-for v in inet wns ins wip a b; do
+for v in inet wns ins wip a b fns fa fb; do
     [ -n "${!v}" ] && [ "${!v}" != null ] || die "lab plan lacks $v"
 done
 
@@ -119,7 +139,13 @@ ip netns exec "$ins" sh -c "ip link add br0 type bridge && ip link set $a master
     nft add chain bridge ips filt '{ type filter hook forward priority 0; }' &&
     nft add rule bridge ips filt ether type ip udp dport 3785 accept &&
     nft add rule bridge ips filt counter"
+ip netns exec "$fns" sh -c "ip link add br0 type bridge && ip link set $fa master br0 && ip link set $fb master br0 &&
+    ip link set br0 up && nft add table bridge fw &&
+    nft add chain bridge fw filt '{ type filter hook forward priority 0; }' &&
+    nft add rule bridge fw filt ether type ip udp dport 3785 accept &&
+    nft add rule bridge fw filt counter"
 counted() { ip netns exec "$ins" nft list table bridge ips | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | head -1; }
+fw_counted() { ip netns exec "$fns" nft list table bridge fw | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | head -1; }
 
 mkdir -p "$tmp/www"
 head -c 1024 /dev/zero | tr '\0' x >"$tmp/www/index.html"
@@ -188,5 +214,13 @@ log "unchained: the redirect removed"
 write_policy no 2
 sleep 3
 mode unchained
+
+log "two_stage: through fw-1 then ips-1"
+write_policy two 3
+sleep 3
+f0=$(fw_counted)
+line=$(mode two_stage)
+f1=$(fw_counted)
+echo "${line%\}},\"fw_packets\":$((f1 - f0))}"
 
 echo "{\"loadavg_before\":\"$load_before\",\"loadavg_after\":\"$(loadavg)\",\"nproc\":$(nproc)}"

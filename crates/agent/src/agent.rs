@@ -427,6 +427,23 @@ fn port_error(config: &AgentConfig, e: HostError) -> AgentError {
     AgentError::Port { what, message }
 }
 
+/// Instance `instance` of chain `chain` in `from`, as numbered in `to`: the
+/// instance of the chain of the same name with the same `in` vNIC (chains
+/// and instances are numbered by each engine's policy, and the engines take
+/// a policy change one after the other).
+fn same_instance(
+    from: &[palisade_datapath::ChainStats],
+    to: &[palisade_datapath::ChainStats],
+    chain: u16,
+    instance: u16,
+) -> Option<(u16, u16)> {
+    let c = from.get(usize::from(chain))?;
+    let vnic_in = &c.instances.get(usize::from(instance))?.vnic_in.0;
+    let ci = to.iter().position(|t| t.name == c.name)?;
+    let ii = to[ci].instances.iter().position(|i| i.vnic_in.0 == *vnic_in)?;
+    Some((ci as u16, ii as u16))
+}
+
 /// Say so when the policy selects inspection profiles but nothing inspects.
 fn warn_uninspected(model: &Model) {
     if model.policy.profiles.iter().any(|p| !p.signatures.is_empty()) {
@@ -1801,7 +1818,12 @@ impl Agent {
         for core in &self.workers {
             let mut core = lock(core);
             for c in &changes {
-                core.engine.set_probe_health(c.chain, c.instance, c.up);
+                // Resolved against each engine's own chains: a worker that has
+                // not yet taken a policy change the first one has may number
+                // them differently.
+                if let Some((ci, ii)) = same_instance(&chains, core.engine.service_chains(), c.chain, c.instance) {
+                    core.engine.set_probe_health(ci, ii, c.up);
+                }
             }
         }
         if !frames.is_empty() {
@@ -2935,5 +2957,58 @@ impl http::Control for VnicControl {
         } else {
             Err(http::ControlError::UnknownFlow)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_instance;
+    use palisade_datapath::{ChainStats, InstanceStats};
+    use palisade_policy::model::OnFailure;
+
+    fn chain(name: &str, vnics: &[&str]) -> ChainStats {
+        ChainStats {
+            name: name.into(),
+            on_failure: OnFailure::Closed,
+            stages: 1,
+            instances: vnics
+                .iter()
+                .map(|v| InstanceStats {
+                    vm: "vm".into(),
+                    stage: 0,
+                    vnic_in: ((*v).into(), None),
+                    vnic_out: ("out".into(), None),
+                    up: true,
+                    link_up: true,
+                    probe_up: true,
+                    probes_returned: 0,
+                    sent: 0,
+                    returned: 0,
+                    flows: 0,
+                })
+                .collect(),
+            failovers: 0,
+            bypassed: 0,
+            dropped: 0,
+            offloaded: 0,
+            probe: None,
+            probes_rejected: 0,
+        }
+    }
+
+    /// A probe change found on the first worker's chains is applied to the
+    /// same instance on a worker that numbers chains and instances otherwise
+    /// (it has not taken the policy change yet): by name, never by index.
+    #[test]
+    fn a_probe_change_is_applied_to_the_same_named_instance_on_every_worker() {
+        let first = [chain("a", &["a1.in"]), chain("b", &["b1.in", "b2.in"])];
+        let other = [chain("b", &["b2.in", "b1.in"]), chain("a", &["a1.in"])];
+        assert_eq!(same_instance(&first, &other, 1, 0), Some((0, 1)));
+        assert_eq!(same_instance(&first, &other, 1, 1), Some((0, 0)));
+        assert_eq!(same_instance(&first, &other, 0, 0), Some((1, 0)));
+        // Not there (yet, or any more): nothing to apply.
+        assert_eq!(same_instance(&first, &[chain("a", &["x.in"])], 0, 0), None);
+        assert_eq!(same_instance(&first, &other, 2, 0), None);
+        assert_eq!(same_instance(&first, &first, 1, 1), Some((1, 1)));
     }
 }

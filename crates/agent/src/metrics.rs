@@ -446,7 +446,7 @@ fn service_chain_metrics(engines: &[&Engine], metric: &mut Emit<'_>) {
                     .filter_map(|e| e.service_chains().get(ci)?.instances.get(ii))
                     .map(f)
                     .sum();
-                rows.push((format!("chain=\"{}\",appliance=\"{}\"", esc(&c.name), esc(&i.vm)), v));
+                rows.push((instance_labels(c, i), v));
             }
         }
         rows
@@ -474,7 +474,7 @@ fn service_chain_metrics(engines: &[&Engine], metric: &mut Emit<'_>) {
         .iter()
         .flat_map(|c| {
             c.instances.iter().map(|i| {
-                let labels = format!("chain=\"{}\",appliance=\"{}\"", esc(&c.name), esc(&i.vm));
+                let labels = instance_labels(c, i);
                 (labels, u64::from(i.up))
             })
         })
@@ -501,13 +501,13 @@ fn service_chain_metrics(engines: &[&Engine], metric: &mut Emit<'_>) {
     metric(
         "palisade_service_chain_bypassed_total",
         "counter",
-        "Packets delivered without the appliance because no instance was up (on_failure: open).",
+        "Packets that skipped a chain stage because none of its instances was up (on_failure: open).",
         &per_chain(&|c| c.bypassed),
     );
     metric(
         "palisade_service_chain_down_drops_total",
         "counter",
-        "Packets dropped because no instance was up (on_failure: closed).",
+        "Packets dropped because none of a chain stage's instances was up (on_failure: closed).",
         &per_chain(&|c| c.dropped),
     );
     metric(
@@ -521,7 +521,7 @@ fn service_chain_metrics(engines: &[&Engine], metric: &mut Emit<'_>) {
         .filter(|c| c.probe.is_some())
         .flat_map(|c| {
             c.instances.iter().map(|i| {
-                let labels = format!("chain=\"{}\",appliance=\"{}\"", esc(&c.name), esc(&i.vm));
+                let labels = instance_labels(c, i);
                 (labels, u64::from(i.probe_up))
             })
         })
@@ -544,6 +544,16 @@ fn service_chain_metrics(engines: &[&Engine], metric: &mut Emit<'_>) {
         "Probe-shaped frames from a chain's appliance ports that failed the checks (tag, instance, side).",
         &per_chain(&|c| c.probes_rejected),
     );
+}
+
+/// The labels of a chain's instance: its chain and appliance VM, and its
+/// stage (numbered from 1) when the chain has several.
+fn instance_labels(c: &palisade_datapath::ChainStats, i: &palisade_datapath::InstanceStats) -> String {
+    let mut labels = format!("chain=\"{}\",appliance=\"{}\"", esc(&c.name), esc(&i.vm));
+    if c.stages > 1 {
+        labels.push_str(&format!(",stage=\"{}\"", u32::from(i.stage) + 1));
+    }
+    labels
 }
 
 /// The probe monitor's counters per probed instance: frames sent, rounds

@@ -114,8 +114,8 @@ fn build(
         appliance: event
             .steer
             .as_ref()
-            .and_then(|s| engine.appliance_of(s))
-            .map(|(c, vm)| format!("{c}/{vm}")),
+            .and_then(|s| engine.appliances_of(s))
+            .map(|(c, vms)| format!("{c}/{}", vms.join(","))),
         time_ns: clock.unix(event.now),
         flow_id: flow_id(event),
         host: host.to_string(),

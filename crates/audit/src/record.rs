@@ -155,9 +155,10 @@ pub struct FlowRecord {
     pub start_ns: u64,
     /// When its last packet was seen (Unix time, nanoseconds).
     pub last_ns: u64,
-    /// The service-chain appliance the flow was steered through, as
-    /// `CHAIN/VM`; `None` for a flow no rule redirects (and in records
-    /// written before it was kept).
+    /// The service-chain appliances the flow was steered through, as
+    /// `CHAIN/VM` (one stage) or `CHAIN/VM1,VM2,...` (the appliance of each
+    /// stage, in the initiator's order); `None` for a flow no rule
+    /// redirects (and in records written before it was kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub appliance: Option<String>,
 }

@@ -3,8 +3,9 @@
 //! (an `allow` without `redirect`), chained (the engine's work on both legs:
 //! into the appliance's in-port, and back from its out-port to the VM; the
 //! appliance's own forwarding is not included) and offloaded (`allow`
-//! offload: the flow bypasses the appliance again). 1,000 flows, each
-//! packet processed one frame at a time.
+//! offload: the flow bypasses the appliance again), and through a chain of
+//! two stages (two appliances in sequence: the engine's work on three legs).
+//! 1,000 flows, each packet processed one frame at a time.
 //!
 //! Prints one JSON object. Run with `cargo bench -p palisade-datapath --bench service_chain`.
 
@@ -29,8 +30,27 @@ const WEB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 
-fn policy(redirect: bool) -> String {
-    let redirect = if redirect { ", redirect: ns" } else { "" };
+/// The chain the rule redirects through: none, one stage, two stages.
+#[derive(Clone, Copy)]
+enum Chain {
+    None,
+    One,
+    Two,
+}
+
+fn policy(chain: Chain) -> String {
+    let redirect = match chain {
+        Chain::None => "",
+        Chain::One | Chain::Two => ", redirect: ns",
+    };
+    // A vNIC serves one chain: ips-1 alone, or after fw-1.
+    let chains = match chain {
+        Chain::None | Chain::One => "  ns: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }",
+        Chain::Two => {
+            "  ns:\n    stages:\n      - { appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }] }\n      \
+             - { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }"
+        }
+    };
     format!(
         r#"
 version: 1
@@ -43,9 +63,14 @@ vms:
     vnics:
       - {{ name: ips-1.in, mac: "02:00:00:00:01:01", ips: [], zone: svc }}
       - {{ name: ips-1.out, mac: "02:00:00:00:01:02", ips: [], zone: svc }}
+  - name: fw-1
+    uuid: 00000000-0000-4000-8000-000000000004
+    vnics:
+      - {{ name: fw-1.in, mac: "02:00:00:00:02:01", ips: [], zone: svc }}
+      - {{ name: fw-1.out, mac: "02:00:00:00:02:02", ips: [], zone: svc }}
 groups: {{ web: {{ zone: web }}, internet: external }}
 service_chains:
-  ns: {{ appliances: [{{ vm: ips-1, in: ips-1.in, out: ips-1.out }}] }}
+{chains}
 rules:
   zone:web:
     - {{ id: web-in, from: internet, to: web, service: tcp/80, action: allow{redirect} }}
@@ -53,9 +78,9 @@ rules:
     )
 }
 
-/// The engine and its router, web, appliance-in and appliance-out ports.
-fn engine(redirect: bool) -> (Engine, [PortId; 4]) {
-    let loaded = load(&MemorySource::new().with("p.yaml", policy(redirect))).unwrap();
+/// The engine and its router, web, and both appliances' in- and out-ports.
+fn engine(chain: Chain) -> (Engine, [PortId; 6]) {
+    let loaded = load(&MemorySource::new().with("p.yaml", policy(chain))).unwrap();
     assert!(!loaded.has_errors(), "{}", loaded.render());
     let model = loaded.model;
     let uplink = UplinkConfig {
@@ -73,6 +98,7 @@ fn engine(redirect: bool) -> (Engine, [PortId; 4]) {
             .unwrap()
     };
     let (web, a_in, a_out) = (add("web-1.0"), add("ips-1.in"), add("ips-1.out"));
+    let (b_in, b_out) = (add("fw-1.in"), add("fw-1.out"));
     let router = e
         .add_vnic(VnicPort {
             name: "edge-web".into(),
@@ -87,7 +113,7 @@ fn engine(redirect: bool) -> (Engine, [PortId; 4]) {
             any_source: true,
         })
         .unwrap();
-    (e, [router, web, a_in, a_out])
+    (e, [router, web, a_in, a_out, b_in, b_out])
 }
 
 fn frame(inbound: bool, sport: u16, flags: TcpFlags, seq_ack: (u32, u32)) -> Vec<u8> {
@@ -99,27 +125,28 @@ fn frame(inbound: bool, sport: u16, flags: TcpFlags, seq_ack: (u32, u32)) -> Vec
     tcp_v4_frame(src, dst, seq_ack, flags, &[0; 64])
 }
 
-/// Process `f` on `port`; when it goes to an appliance port, process it
-/// again as the appliance returns it. Returns the last output's port.
-fn deliver(e: &mut Engine, ports: [PortId; 4], now: u64, port: PortId, f: &[u8], r: &mut Results) -> PortId {
-    let [_, _, a_in, a_out] = ports;
-    let p = e.process(now, port, f, &mut (), r);
-    assert_eq!(p.disposition, Disposition::Forward);
-    let to = p.outputs[0].port;
-    let back = match to {
-        t if t == a_in => a_out,
-        t if t == a_out => a_in,
-        t => return t,
-    };
-    let p = e.process(now, back, f, &mut (), r);
-    assert_eq!(p.disposition, Disposition::Forward);
-    p.outputs[0].port
+/// Process `f` on `port`; each time it goes to an appliance port, process
+/// it again as the appliance returns it. Returns the last output's port.
+fn deliver(e: &mut Engine, ports: [PortId; 6], now: u64, port: PortId, f: &[u8], r: &mut Results) -> PortId {
+    let [_, _, a_in, a_out, b_in, b_out] = ports;
+    let mut at = port;
+    loop {
+        let p = e.process(now, at, f, &mut (), r);
+        assert_eq!(p.disposition, Disposition::Forward);
+        at = match p.outputs[0].port {
+            t if t == a_in => a_out,
+            t if t == a_out => a_in,
+            t if t == b_in => b_out,
+            t if t == b_out => b_in,
+            t => return t,
+        };
+    }
 }
 
 /// Open every flow, optionally offload it, then time `PASSES` rounds of one
 /// data segment per flow: ns per packet delivered to the web VM.
-fn measure(redirect: bool, offload: bool) -> f64 {
-    let (mut e, ports) = engine(redirect);
+fn measure(chain: Chain, offload: bool) -> f64 {
+    let (mut e, ports) = engine(chain);
     let [router, web, ..] = ports;
     let mut r = Results::default();
     let data: Vec<Vec<u8>> = (0..FLOWS)
@@ -164,14 +191,18 @@ fn main() {
     // Five rounds, the three cases interleaved in each so that the machine's
     // other work weighs on all alike; the best of each kept (the least disturbed).
     let (mut unchained, mut chained, mut offloaded) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+    let mut two = f64::INFINITY;
     for _ in 0..5 {
-        unchained = unchained.min(measure(false, false));
-        chained = chained.min(measure(true, false));
-        offloaded = offloaded.min(measure(true, true));
+        unchained = unchained.min(measure(Chain::None, false));
+        chained = chained.min(measure(Chain::One, false));
+        offloaded = offloaded.min(measure(Chain::One, true));
+        two = two.min(measure(Chain::Two, false));
     }
     println!(
         "{{\"flows\":{FLOWS},\"unchained_ns_per_packet\":{unchained:.1},\"chained_ns_per_packet\":{chained:.1},\
-         \"offloaded_ns_per_packet\":{offloaded:.1},\"chain_added_ns\":{:.1}}}",
-        chained - unchained
+         \"offloaded_ns_per_packet\":{offloaded:.1},\"chain_added_ns\":{:.1},\
+         \"two_stage_ns_per_packet\":{two:.1},\"two_stage_added_ns\":{:.1}}}",
+        chained - unchained,
+        two - unchained
     );
 }

@@ -77,8 +77,9 @@ pub struct FlowEvent {
     pub last_seen: u64,
     /// When (caller's clock, nanoseconds).
     pub now: u64,
-    /// The service chain and appliance instance the connection is steered
-    /// through ([`crate::Engine::appliance_of`] names them).
+    /// The service chain and the appliance instance of each of its stages
+    /// the connection is steered through ([`crate::Engine::appliances_of`]
+    /// names them).
     pub steer: Option<Steer>,
 }
 

@@ -1,30 +1,34 @@
 //! Service chains: steering allowed flows through appliance VMs.
 //!
 //! A rule's `redirect: CHAIN` marks the flows it allows; the engine records
-//! the chain and the instance chosen for the connection ([`Steer`], held in
-//! the [`crate::Conn`]) when it classifies the flow's first packet. From
-//! then on every packet of the connection, in both directions, is sent to
-//! that instance before delivery: the initiator's packets into its `in`
-//! vNIC, the responder's into its `out` vNIC. The appliance bridges them
-//! (bump in the wire, addresses unchanged) and they come back on the other
-//! vNIC, where the engine checks that the packet belongs to a flow steered
-//! through this very instance in this direction (anything else is dropped as
+//! the chain and the instance chosen at each of its stages for the
+//! connection ([`Steer`], held in the [`crate::Conn`]) when it classifies
+//! the flow's first packet. From then on every packet of the connection, in
+//! both directions, crosses those instances before delivery: the
+//! initiator's packets stage by stage in order, each into its instance's
+//! `in` vNIC, the responder's in reverse order, each into its instance's
+//! `out` vNIC. An appliance bridges them (bump in the wire, addresses
+//! unchanged) and they come back on its other vNIC, where the engine checks
+//! that the packet belongs to a flow steered through this very instance, at
+//! this stage, in this direction (anything else is dropped as
 //! [`crate::DropReason::ApplianceNotSteered`]), tracks it through the
-//! connection again (TCP windows, states) without classifying it, and
-//! delivers it to its destination.
+//! connection again (TCP windows, states) without classifying it, and sends
+//! it to the next stage's instance or, after the last, to its destination.
+//! A one-stage chain is the special case.
 //!
-//! The instance is chosen by rendezvous hashing of the flow's symmetric
-//! hash ([`palisade_wire::flow::FlowKey::symmetric_hash`], the one that
-//! steers flows to workers) over the healthy instances: both directions
-//! give the same hash, and an instance going down moves only its own flows.
-//! Health is the instances' link state as the caller reports it
-//! ([`crate::Engine::set_port_link`]): an instance is up when both of its
-//! vNICs are attached to this engine and up. A packet whose instance is down
-//! moves its connection to another healthy instance (counted as a
-//! failover); with none, the chain's `on_failure` decides: `open` delivers
-//! it without the appliance, `closed` drops it
+//! At each stage the instance is chosen by rendezvous hashing of the flow's
+//! symmetric hash ([`palisade_wire::flow::FlowKey::symmetric_hash`], the
+//! one that steers flows to workers) over that stage's healthy instances:
+//! both directions give the same hash, and an instance going down moves
+//! only its own flows. Health is the instances' link state as the caller
+//! reports it ([`crate::Engine::set_port_link`]): an instance is up when
+//! both of its vNICs are attached to this engine and up. A packet whose
+//! instance at a stage is down moves its connection to another healthy
+//! instance of that stage (counted as a failover); with none, the chain's
+//! `on_failure` decides: `open` skips that stage (the packet goes on to
+//! the next one, or to its destination), `closed` drops it
 //! ([`crate::DropReason::ApplianceDown`]), packet by packet, so the flow
-//! goes through the appliance again as soon as one is back.
+//! goes through the stage again as soon as an instance is back.
 //!
 //! An instance whose chain is probed also needs its probes to answer
 //! (`probe` module: a frame through it each way, every round, with
@@ -43,16 +47,22 @@ use palisade_wire::flow::Segment;
 
 use crate::port::PortId;
 
+/// The most stages a chain may have
+/// ([`palisade_policy::model::ServiceChain::MAX_STAGES`]).
+pub const MAX_STAGES: usize = palisade_policy::model::ServiceChain::MAX_STAGES;
+
 /// A connection's steering: the chain and the instance its packets go
-/// through (indices into the engine's current chains, see
+/// through at each stage (indices into the engine's current chains, see
 /// [`crate::Engine::service_chains`]), and what an appliance said of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Steer {
     /// The chain.
     pub chain: u16,
-    /// The instance chosen for it ([`Steer::UNASSIGNED`] until its first
-    /// packet finds one up).
-    pub instance: u16,
+    /// By stage: the instance chosen for it, an index into the chain's
+    /// [`ChainStats::instances`] ([`Steer::UNASSIGNED`] until a packet
+    /// finds one of the stage's instances up; unused past the chain's
+    /// stages).
+    pub instances: [u16; MAX_STAGES],
     /// What an appliance decided for the rest of the flow, if it did.
     pub offload: Option<OffloadVerdict>,
     /// The segment each direction (initiator's, responder's) was switched in
@@ -69,7 +79,7 @@ impl Steer {
     pub fn new(chain: u16) -> Steer {
         Steer {
             chain,
-            instance: Steer::UNASSIGNED,
+            instances: [Steer::UNASSIGNED; MAX_STAGES],
             offload: None,
             segments: [Segment::UNTAGGED; 2],
         }
@@ -128,6 +138,7 @@ pub(crate) enum Side {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ServicePort {
     pub(crate) chain: u16,
+    pub(crate) stage: u16,
     pub(crate) instance: u16,
     pub(crate) side: Side,
 }
@@ -137,6 +148,8 @@ pub(crate) struct ServicePort {
 pub struct InstanceStats {
     /// The appliance VM.
     pub vm: Arc<str>,
+    /// The stage of its chain it serves (0: the first).
+    pub stage: u16,
     /// Its `in` vNIC and that vNIC's port here, if attached.
     pub vnic_in: (Arc<str>, Option<PortId>),
     /// Its `out` vNIC and that vNIC's port here, if attached.
@@ -166,13 +179,16 @@ pub struct ChainStats {
     pub name: Arc<str>,
     /// What its flows do when no instance is up.
     pub on_failure: OnFailure,
-    /// Its instances, in declaration order.
+    /// Its stages (at least one when declared valid).
+    pub stages: u16,
+    /// Its instances, stage by stage, each stage's in declaration order.
     pub instances: Vec<InstanceStats>,
     /// Connections moved from an instance that went down to another.
     pub failovers: u64,
-    /// Packets delivered without the appliance because none was up (`open`).
+    /// Packets that skipped a stage because none of its instances was up
+    /// (`open`; counted once per stage skipped).
     pub bypassed: u64,
-    /// Packets dropped because none was up (`closed`).
+    /// Packets dropped because none of a stage's instances was up (`closed`).
     pub dropped: u64,
     /// Connections an appliance offloaded (either verdict).
     pub offloaded: u64,
@@ -222,7 +238,8 @@ impl ServiceChains {
             let mut stats = ChainStats {
                 name: c.name.as_str().into(),
                 on_failure: c.on_failure,
-                instances: Vec::with_capacity(c.appliances.len()),
+                stages: c.stages.len().min(MAX_STAGES) as u16,
+                instances: Vec::with_capacity(c.appliances().count()),
                 failovers: before.map_or(0, |b| b.failovers),
                 bypassed: before.map_or(0, |b| b.bypassed),
                 dropped: before.map_or(0, |b| b.dropped),
@@ -230,12 +247,19 @@ impl ServiceChains {
                 probe: c.probe,
                 probes_rejected: before.map_or(0, |b| b.probes_rejected),
             };
-            for (ii, a) in c.appliances.iter().enumerate().take(usize::from(u16::MAX)) {
+            let staged = c
+                .stages
+                .iter()
+                .take(MAX_STAGES)
+                .enumerate()
+                .flat_map(|(si, st)| st.appliances.iter().map(move |a| (si as u16, a)));
+            for (ii, (stage, a)) in staged.enumerate().take(usize::from(u16::MAX)) {
                 let (pin, pout) = (port_of(&a.vnic_in), port_of(&a.vnic_out));
                 for (p, side) in [(pin, Side::In), (pout, Side::Out)] {
                     if let Some(slot) = p.and_then(|p| self.roles.get_mut(usize::from(p.0))) {
                         *slot = Some(ServicePort {
                             chain: ci as u16,
+                            stage,
                             instance: ii as u16,
                             side,
                         });
@@ -244,6 +268,7 @@ impl ServiceChains {
                 let prev = before.and_then(|b| b.instances.iter().find(|i| *i.vnic_in.0 == *a.vnic_in));
                 stats.instances.push(InstanceStats {
                     vm: a.vm.as_str().into(),
+                    stage,
                     vnic_in: (a.vnic_in.as_str().into(), pin),
                     vnic_out: (a.vnic_out.as_str().into(), pout),
                     up: false,
@@ -290,15 +315,16 @@ impl ServiceChains {
         self.refresh_health();
     }
 
-    /// The instance of `chain` for a flow whose symmetric hash is `hash`:
-    /// rendezvous hashing over the healthy instances (the highest score
-    /// wins), so an instance going down moves only its own flows.
-    pub(crate) fn pick(&self, chain: u16, hash: u64) -> Option<u16> {
+    /// The instance of `chain`'s `stage` for a flow whose symmetric hash is
+    /// `hash`: rendezvous hashing over the stage's healthy instances (the
+    /// highest score wins), so an instance going down moves only its own
+    /// flows.
+    pub(crate) fn pick(&self, chain: u16, stage: u16, hash: u64) -> Option<u16> {
         let c = self.chains.get(usize::from(chain))?;
         c.instances
             .iter()
             .enumerate()
-            .filter(|(_, i)| i.up)
+            .filter(|(_, i)| i.up && i.stage == stage)
             .max_by_key(|(n, _)| mix(hash ^ (*n as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)))
             .map(|(n, _)| n as u16)
     }

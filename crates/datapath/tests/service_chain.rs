@@ -208,8 +208,8 @@ fn north_south_goes_through_one_instance_both_ways_and_east_west_does_not() {
     let slot = l.e.conntrack().find(&routing(key)).unwrap();
     let steer = l.e.conntrack().get(slot).unwrap().steer.unwrap();
     assert_eq!(
-        l.e.appliance_of(&steer),
-        Some(("ns-ips", if i == 0 { "ips-1" } else { "ips-2" }))
+        l.e.appliances_of(&steer),
+        Some(("ns-ips", vec![if i == 0 { "ips-1" } else { "ips-2" }]))
     );
 
     // East-west: web-2 to web-1 goes straight to web-1.

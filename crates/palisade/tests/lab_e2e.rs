@@ -3331,3 +3331,253 @@ fn service_chain_probes_find_an_appliance_that_keeps_link_but_stops_forwarding()
     drop(guard);
     let _ = std::fs::remove_dir_all(&policy);
 }
+
+/// The three-tier example with two appliance VMs on hv1 (`fw-1`, `ips-1`,
+/// two vNICs each in the web zone, no address) and the web tier's internet
+/// rule redirected through `ns-two`, a chain of two stages: `fw-1` first,
+/// then `ips-1` (the responder's packets the other way round).
+fn two_stage_chain_policy(dir: &std::path::Path, on_failure: &str, version: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    let inv = std::fs::read_to_string(three_tier().join("inventory.yaml")).unwrap();
+    let appliances = r#"
+  - name: fw-1
+    uuid: 6d1f3c2a-8b7e-4c59-9a1d-0f2e3b4c5d51
+    cluster: prod
+    host: hv1
+    tags: { role: fw }
+    vnics:
+      - { name: fw-1.in, mac: "02:00:0a:00:01:51", ips: [], zone: web }
+      - { name: fw-1.out, mac: "02:00:0a:00:01:52", ips: [], zone: web }
+  - name: ips-1
+    uuid: 6d1f3c2a-8b7e-4c59-9a1d-0f2e3b4c5d41
+    cluster: prod
+    host: hv1
+    tags: { role: ips }
+    vnics:
+      - { name: ips-1.in, mac: "02:00:0a:00:01:41", ips: [], zone: web }
+      - { name: ips-1.out, mac: "02:00:0a:00:01:42", ips: [], zone: web }
+"#;
+    std::fs::write(dir.join("inventory.yaml"), format!("{inv}{appliances}")).unwrap();
+    let pol = std::fs::read_to_string(three_tier().join("policy.yaml")).unwrap();
+    let rule = "      action: allow\n      inspect: full\n    - { id: web-to-app";
+    assert!(pol.contains(rule), "the example's web-from-internet rule changed");
+    let pol = pol
+        .replace(
+            rule,
+            &rule.replace("inspect: full\n", "inspect: full\n      redirect: ns-two\n"),
+        )
+        .replace("version: 1\n", &format!("version: {version}\n"));
+    let chains = format!(
+        "\nservice_chains:\n  ns-two:\n    on_failure: {on_failure}\n    stages:\n      \
+         - appliances: [{{ vm: fw-1, in: fw-1.in, out: fw-1.out }}]\n      \
+         - appliances: [{{ vm: ips-1, in: ips-1.in, out: ips-1.out }}]\n"
+    );
+    std::fs::write(dir.join("policy.yaml"), format!("{pol}{chains}")).unwrap();
+}
+
+/// Bridge `vm`'s two vNICs through an nftables table `table` whose forward
+/// chain lets health probes (UDP to 3785) pass uncounted, then applies
+/// `rules` (each a counter).
+fn bridge_counting(lab: &Lab, vm: &str, table: &str, rules: &[&str]) {
+    let v = lab.plan().vms.iter().find(|v| v.name == vm).unwrap().clone();
+    let (a, b) = (&v.vnics[0].guest_if, &v.vnics[1].guest_if);
+    let mut setup = format!(
+        "ip link add br0 type bridge && ip link set {a} master br0 && ip link set {b} master br0 && \
+         ip link set br0 up && nft add table bridge {table} && \
+         nft add chain bridge {table} filt '{{ type filter hook forward priority 0; }}' && \
+         nft add rule bridge {table} filt ether type ip udp dport 3785 accept"
+    );
+    for r in rules {
+        setup.push_str(&format!(" && nft add rule bridge {table} filt {r}"));
+    }
+    let out = lab.exec(vm, &["sh", "-c", &setup], Duration::from_secs(10)).unwrap();
+    assert!(
+        out.status.success(),
+        "{vm} setup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The packet counts of `vm`'s nftables table `table`, in rule order.
+fn nft_counts(lab: &Lab, vm: &str, table: &str) -> Vec<u64> {
+    let out = lab
+        .exec(vm, &["nft", "list", "table", "bridge", table], Duration::from_secs(5))
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split("packets ")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// A chain of two appliance VMs in sequence: north-south HTTP crosses the
+/// first then the second (each one's counters rise; what the first drops
+/// never reaches the second; what the second drops crossed the first and
+/// never arrives), east-west crosses neither, the flow record names both;
+/// with the second stage's appliance down a closed chain blocks, an open
+/// one skips that stage only (the first still drops its pattern), and when
+/// it comes back the flows cross it again.
+#[test]
+fn service_chain_of_two_appliances_is_crossed_in_order_and_a_down_stage_follows_on_failure() {
+    if !lab_possible() || !have("nft") {
+        return;
+    }
+    let _one = one_lab();
+    let policy = std::env::temp_dir().join("palisade-e2e-service-chain-stages");
+    let _ = std::fs::remove_dir_all(&policy);
+    two_stage_chain_policy(&policy, "closed", 1);
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        ..LabSpec::from_inventory(&policy).with_name("pe2m")
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    let guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let started = Instant::now();
+
+    // "GET /X-EVIL" and "GET /X-BAD" at the start of the TCP payload.
+    let evil = "'@ih,0,88 0x474554202f582d4556494c'";
+    let bad = "'@ih,0,80 0x474554202f582d424144'";
+    // fw-1 (stage 1): counts all, counts X-EVIL (and passes it), drops X-BAD.
+    bridge_counting(
+        lab,
+        "fw-1",
+        "fw",
+        &["counter", &format!("{evil} counter"), &format!("{bad} counter drop")],
+    );
+    // ips-1 (stage 2): counts all, drops X-EVIL, counts X-BAD (never reached).
+    bridge_counting(
+        lab,
+        "ips-1",
+        "ips",
+        &["counter", &format!("{evil} counter drop"), &format!("{bad} counter")],
+    );
+    let fw = || -> [u64; 3] { nft_counts(lab, "fw-1", "fw").try_into().expect("three counters") };
+    let ips = || -> [u64; 3] { nft_counts(lab, "ips-1", "ips").try_into().expect("three counters") };
+
+    let www = lab.state().state_dir.join("www-stages");
+    std::fs::create_dir_all(&www).unwrap();
+    for f in ["index.html", "X-EVIL", "X-BAD"] {
+        std::fs::write(www.join(f), "web\n").unwrap();
+    }
+    let dir = www.to_str().unwrap();
+    let mut servers = vec![
+        lab.spawn("web-1", &["busybox", "httpd", "-f", "-p", "80", "-h", dir])
+            .unwrap(),
+        lab.spawn("app-1", &["busybox", "httpd", "-f", "-p", "8080", "-h", dir])
+            .unwrap(),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    let web1 = lab.vm_ip("web-1").unwrap().to_string();
+    let app1 = lab.vm_ip("app-1").unwrap().to_string();
+    let inet = lab.plan().internet_ns.clone();
+    let get = |path: &str| {
+        lab.exec_ns(
+            &inet,
+            &["curl", "-s", "-m", "2", &format!("http://{web1}/{path}")],
+            Duration::from_secs(10),
+        )
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+    };
+
+    // Through both: each counts the connection.
+    let (f0, i0) = (fw(), ips());
+    assert!(get(""), "the internet reaches web-1 through both appliances");
+    let (f1, i1) = (fw(), ips());
+    assert!(f1[0] >= f0[0] + 6, "stage 1 saw the connection: {f0:?} -> {f1:?}");
+    assert!(i1[0] >= i0[0] + 6, "stage 2 saw the connection: {i0:?} -> {i1:?}");
+    // Dropped by the second stage, after crossing the first.
+    assert!(!get("X-EVIL"), "the pattern stage 2 drops never arrives");
+    let (f2, i2) = (fw(), ips());
+    assert!(f2[1] > f1[1], "X-EVIL crossed stage 1: {f1:?} -> {f2:?}");
+    assert!(i2[1] > i1[1], "and was dropped by stage 2: {i1:?} -> {i2:?}");
+    // Dropped by the first stage: the second never sees it.
+    assert!(!get("X-BAD"), "the pattern stage 1 drops never arrives");
+    let (f3, i3) = (fw(), ips());
+    assert!(f3[2] > f2[2], "X-BAD dropped by stage 1: {f2:?} -> {f3:?}");
+    assert_eq!(i3[2], 0, "X-BAD never reaches stage 2");
+
+    // East-west crosses neither.
+    let ew = lab
+        .exec(
+            "web-1",
+            &["curl", "-s", "-m", "2", &format!("http://{app1}:8080/")],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(ew.status.success(), "east-west HTTP works");
+    assert_eq!((fw()[0], ips()[0]), (f3[0], i3[0]), "east-west reaches no appliance");
+
+    // The flow records name both appliances, in the initiator's order.
+    let sock = lab.state().state_dir.join("hv1").join("agent.sock");
+    let named = || {
+        let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
+        let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
+        recs.iter()
+            .any(|r| r.dst.port == 80 && r.appliance.as_deref() == Some("ns-two/fw-1,ips-1"))
+    };
+    assert!(eventually(Duration::from_secs(5), named), "a record names both stages");
+
+    // Stage 2's appliance loses its link: a closed chain blocks (after stage 1).
+    let ips_in = lab.plan().vms.iter().find(|v| v.name == "ips-1").unwrap().vnics[0]
+        .guest_if
+        .clone();
+    let set = |state: &str| {
+        let cmd = format!("ip link set {ips_in} {state}");
+        assert!(
+            lab.exec("ips-1", &["sh", "-c", &cmd], Duration::from_secs(5))
+                .unwrap()
+                .status
+                .success()
+        );
+    };
+    set("down");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!get(""), "closed: nothing passes without stage 2");
+
+    // Open (a policy change the agent reloads): stage 2 is skipped, stage 1 still works.
+    two_stage_chain_policy(&policy, "open", 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get("") {
+        assert!(Instant::now() < deadline, "open: traffic passes while stage 2 is down");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (f4, i4) = (fw(), ips());
+    assert!(get(""));
+    assert!(fw()[0] > f4[0], "stage 1 still sees the flows");
+    assert!(get("X-EVIL"), "open: stage 2 skipped, its pattern passes");
+    assert!(!get("X-BAD"), "stage 1 still drops its pattern");
+    assert_eq!(ips()[0], i4[0], "nothing reaches the appliance that is down");
+
+    // Back: the flows cross stage 2 again.
+    set("up");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(get(""), "through both again");
+    assert!(ips()[0] > i4[0], "stage 2 sees the flows again");
+    assert!(!get("X-EVIL"), "and drops its pattern again");
+
+    // Per-stage metrics (published every 500 ms).
+    std::thread::sleep(Duration::from_millis(700));
+    let metrics = palisade_agent::http::get_unix(&sock, "/metrics").unwrap();
+    let value = |name: &str, labels: &str| -> u64 {
+        let head = format!("{name}{{host=\"hv1\",{labels}}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&head)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {head} in\n{metrics}"))
+    };
+    for (vm, stage) in [("fw-1", 1), ("ips-1", 2)] {
+        let labels = format!("chain=\"ns-two\",appliance=\"{vm}\",stage=\"{stage}\"");
+        assert!(value("palisade_service_chain_sent_total", &labels) > 0, "{labels}");
+        assert!(value("palisade_service_chain_returned_total", &labels) > 0, "{labels}");
+    }
+    assert!(value("palisade_service_chain_down_drops_total", "chain=\"ns-two\"") > 0);
+    assert!(value("palisade_service_chain_bypassed_total", "chain=\"ns-two\"") > 0);
+
+    for s in &mut servers {
+        let _ = lab.kill(s);
+    }
+    eprintln!("two-stage service chain lab test: {:?}", started.elapsed());
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&policy);
+}

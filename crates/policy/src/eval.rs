@@ -820,15 +820,18 @@ fn render_redirect(chain: Option<&ServiceChain>, name: &str) -> String {
     let Some(c) = chain else {
         return format!("redirect: through service chain {name} (not declared)");
     };
-    let instances: Vec<String> = c
-        .appliances
+    let stages: Vec<String> = c
+        .stages
         .iter()
-        .map(|a| format!("{} ({} -> {})", a.vm, a.vnic_in, a.vnic_out))
+        .map(|st| {
+            let instances: Vec<String> = st
+                .appliances
+                .iter()
+                .map(|a| format!("{} ({} -> {})", a.vm, a.vnic_in, a.vnic_out))
+                .collect();
+            instances.join(", ")
+        })
         .collect();
-    let on_failure = match c.on_failure {
-        OnFailure::Open => "open: delivered without it",
-        OnFailure::Closed => "closed: dropped",
-    };
     let health = match c.probe {
         Some(p) => format!(
             "probed every {} ms, down after {} lost, up after {} answered",
@@ -836,10 +839,31 @@ fn render_redirect(chain: Option<&ServiceChain>, name: &str) -> String {
         ),
         None => "probe: off, link state only".to_string(),
     };
+    if let [instances] = stages.as_slice() {
+        let on_failure = match c.on_failure {
+            OnFailure::Open => "open: delivered without it",
+            OnFailure::Closed => "closed: dropped",
+        };
+        return format!(
+            "redirect: through service chain {name}, one of [{instances}] by a symmetric hash of the flow; both \
+             directions meet the same instance (no healthy instance: on_failure {on_failure}; {health})"
+        );
+    }
+    let on_failure = match c.on_failure {
+        OnFailure::Open => "open: that stage is skipped",
+        OnFailure::Closed => "closed: dropped",
+    };
+    let listed: Vec<String> = stages
+        .iter()
+        .enumerate()
+        .map(|(n, instances)| format!("stage {}: one of [{instances}]", n + 1))
+        .collect();
     format!(
-        "redirect: through service chain {name}, one of [{}] by a symmetric hash of the flow; both directions \
-         meet the same instance (no healthy instance: on_failure {on_failure}; {health})",
-        instances.join(", ")
+        "redirect: through service chain {name}, {} stages, in this order for the initiator's packets and in \
+         reverse for the responder's: {}; at each stage one instance by a symmetric hash of the flow, both \
+         directions meet the same instance (a stage with no healthy instance: on_failure {on_failure}; {health})",
+        stages.len(),
+        listed.join("; ")
     )
 }
 

@@ -1225,7 +1225,9 @@ impl ModelBuilder {
         }
     }
 
-    /// `service_chains:`, a mapping of chain names to `{ on_failure, appliances }`.
+    /// `service_chains:`, a mapping of chain names to `{ on_failure,
+    /// stages | appliances, probe }`: `stages:` is a list of `{ appliances }`,
+    /// `appliances:` alone is the one-stage form.
     fn service_chains(&mut self, node: &Node) {
         let NodeKind::Map(m) = &node.kind else {
             if !node.is_null() {
@@ -1237,7 +1239,7 @@ impl ModelBuilder {
             let Some(name) = self.string(k) else { continue };
             let Some(f) = self.fields(
                 v,
-                &["on_failure", "appliances", "probe", "description"],
+                &["on_failure", "appliances", "stages", "probe", "description"],
                 "a service chain",
             ) else {
                 continue;
@@ -1246,23 +1248,31 @@ impl ModelBuilder {
                 None => OnFailure::Closed,
                 Some(n) => self.on_failure(n),
             };
-            let mut appliances = Vec::new();
-            if let Some(list) = self.required(&f, "appliances", "a service chain") {
-                let items = self.seq(list, "appliances");
-                if items.is_empty() {
+            let stages = match (f.get("stages"), f.get("appliances")) {
+                (Some(list), None) => self.chain_stages(&name, list),
+                (None, Some(list)) => vec![ChainStage {
+                    appliances: self.stage_appliances(&name, list),
+                    span: list.span.clone(),
+                }],
+                (Some(_), Some(list)) => {
+                    self.err_hint(
+                        K::InvalidValue,
+                        &list.span,
+                        format!("service chain {} has both `stages` and `appliances`", quote(&name)),
+                        "`appliances:` is the one-stage form: list it as the first of `stages:` instead",
+                    );
+                    Vec::new()
+                }
+                (None, None) => {
                     self.err_hint(
                         K::MissingField,
-                        &list.span,
-                        format!("service chain {} has no appliance", quote(&name)),
-                        "e.g. appliances: [{ vm: ips-1, in: ips-1.0, out: ips-1.1 }]",
+                        &f.span,
+                        format!("service chain {} has no \"stages\" (or \"appliances\")", quote(&name)),
+                        "e.g. appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }]",
                     );
+                    Vec::new()
                 }
-                for a in items {
-                    if let Some(a) = self.appliance(a) {
-                        appliances.push(a);
-                    }
-                }
-            }
+            };
             let probe = match f.get("probe") {
                 None => Some(ChainProbe::default()),
                 Some(n) => self.chain_probe(n),
@@ -1270,11 +1280,66 @@ impl ModelBuilder {
             self.service_chains.push(ServiceChain {
                 name,
                 on_failure,
-                appliances,
+                stages,
                 probe,
                 span: k.span.clone(),
             });
         }
+    }
+
+    /// A chain's `stages:`: a list of `{ appliances }`, at most
+    /// [`ServiceChain::MAX_STAGES`].
+    fn chain_stages(&mut self, chain: &str, list: &Node) -> Vec<ChainStage> {
+        let items = self.seq(list, "stages");
+        if items.is_empty() {
+            self.err_hint(
+                K::MissingField,
+                &list.span,
+                format!("service chain {} has no stage", quote(chain)),
+                "e.g. stages: [{ appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }] }]",
+            );
+        }
+        let mut stages = Vec::new();
+        for (n, item) in items.iter().enumerate() {
+            if n == ServiceChain::MAX_STAGES {
+                self.err_hint(
+                    K::InvalidValue,
+                    &item.span,
+                    format!(
+                        "service chain {} has more than {} stages",
+                        quote(chain),
+                        ServiceChain::MAX_STAGES
+                    ),
+                    "a steered connection records one instance per stage: split the chain's work differently",
+                );
+                break;
+            }
+            let Some(f) = self.fields(item, &["appliances", "description"], "a chain stage") else {
+                continue;
+            };
+            let Some(list) = self.required(&f, "appliances", "a chain stage") else {
+                continue;
+            };
+            stages.push(ChainStage {
+                appliances: self.stage_appliances(chain, list),
+                span: item.span.clone(),
+            });
+        }
+        stages
+    }
+
+    /// One stage's `appliances:`: its instances (at least one).
+    fn stage_appliances(&mut self, chain: &str, list: &Node) -> Vec<Appliance> {
+        let items = self.seq(list, "appliances");
+        if items.is_empty() {
+            self.err_hint(
+                K::MissingField,
+                &list.span,
+                format!("service chain {} has no appliance", quote(chain)),
+                "e.g. appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }]",
+            );
+        }
+        items.iter().filter_map(|a| self.appliance(a)).collect()
     }
 
     /// A chain's `probe:`: `off`, or `{ interval_ms, down_after, up_after }`

@@ -501,20 +501,35 @@ pub struct Appliance {
     pub vnic_spans: [Span; 2],
 }
 
+/// One stage of a service chain: interchangeable instances of one
+/// appliance, of which a flow meets exactly one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChainStage {
+    /// Its instances (at least one).
+    pub appliances: Vec<Appliance>,
+    /// Where it was declared (its item in `stages:`, or the chain's
+    /// `appliances:` for the one-stage form).
+    #[serde(skip)]
+    pub span: Span,
+}
+
 /// A named service chain (`service_chains:`): the appliances a redirected
-/// flow goes through. A flow meets one instance, chosen by a symmetric hash
-/// of its addresses and ports over the healthy instances, and both of its
-/// directions go through that instance, so a stateful appliance sees the
-/// whole connection.
+/// flow goes through, in stages. At each stage a flow meets one instance,
+/// chosen by a symmetric hash of its addresses and ports over that stage's
+/// healthy instances, and both of its directions go through that instance,
+/// so a stateful appliance sees the whole connection. The initiator's
+/// packets cross the stages in order, the responder's in reverse order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceChain {
     /// Name.
     pub name: String,
-    /// What the chain's flows do when no instance is healthy: `open`
-    /// delivers them without the appliance, `closed` drops them.
+    /// What the chain's flows do at a stage with no healthy instance:
+    /// `open` skips that stage, `closed` drops them.
     pub on_failure: OnFailure,
-    /// Its instances (at least one).
-    pub appliances: Vec<Appliance>,
+    /// Its stages, in the initiator's order (at least one, at most
+    /// [`ServiceChain::MAX_STAGES`]). The one-stage form, `appliances:`
+    /// directly under the chain, is one stage.
+    pub stages: Vec<ChainStage>,
     /// The health probe sent through each instance (`None`: `probe: off`,
     /// link state is the only health signal).
     pub probe: Option<ChainProbe>,
@@ -535,6 +550,17 @@ pub struct ChainProbe {
     pub down_after: u32,
     /// Rounds answered in a row that make a down instance up again (at least 1).
     pub up_after: u32,
+}
+
+impl ServiceChain {
+    /// The most stages a chain may have (each steered connection records
+    /// its instance of every stage).
+    pub const MAX_STAGES: usize = 4;
+
+    /// Every instance of every stage, stage by stage.
+    pub fn appliances(&self) -> impl Iterator<Item = &Appliance> {
+        self.stages.iter().flat_map(|s| s.appliances.iter())
+    }
 }
 
 impl ChainProbe {

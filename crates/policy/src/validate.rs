@@ -258,7 +258,7 @@ fn service_chains(model: &Model, diags: &mut Vec<Diagnostic>) {
     let inv = &model.inventory;
     let mut taken: FastMap<&str, (&str, &Span)> = FastMap::default();
     for chain in &model.policy.service_chains {
-        for a in &chain.appliances {
+        for a in chain.appliances() {
             // An undefined VM is reported by the references.
             let Some(vm) = inv.vm(&a.vm) else { continue };
             let same = a.vnic_in == a.vnic_out;

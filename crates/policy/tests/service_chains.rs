@@ -19,6 +19,11 @@ vms:
     vnics:
       - { name: ips-1.in, mac: "02:00:00:00:00:03", ips: [], zone: svc }
       - { name: ips-1.out, mac: "02:00:00:00:00:04", ips: [], zone: svc }
+  - name: fw-1
+    uuid: 00000000-0000-4000-8000-000000000005
+    vnics:
+      - { name: fw-1.in, mac: "02:00:00:00:00:05", ips: [], zone: svc }
+      - { name: fw-1.out, mac: "02:00:00:00:00:06", ips: [], zone: svc }
 groups:
   web: { tags: { tier: web } }
   internet: external
@@ -50,11 +55,12 @@ fn chains_load_and_redirect_compiles_into_the_entries() {
     assert!(!l.has_errors(), "{}", l.render());
     let chain = l.model.policy.service_chain("ns-ips").unwrap();
     assert_eq!(chain.on_failure, OnFailure::Open);
-    assert_eq!(chain.appliances.len(), 1);
+    assert_eq!(chain.stages.len(), 1, "the one-stage form");
+    assert_eq!(chain.stages[0].appliances.len(), 1);
     assert_eq!(
         (
-            chain.appliances[0].vnic_in.as_str(),
-            chain.appliances[0].vnic_out.as_str()
+            chain.stages[0].appliances[0].vnic_in.as_str(),
+            chain.stages[0].appliances[0].vnic_out.as_str()
         ),
         ("ips-1.in", "ips-1.out")
     );
@@ -176,6 +182,54 @@ fn bad_chains_are_refused_where_they_are_written() {
             (2, "port"),
         ),
         (
+            "both stages and appliances",
+            "service_chains:\n  c: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }], stages: [] }\n",
+            DiagnosticKind::InvalidValue,
+            (2, "[{ vm"),
+        ),
+        (
+            "neither stages nor appliances",
+            "service_chains:\n  c: { on_failure: open }\n",
+            DiagnosticKind::MissingField,
+            (2, "{ on_failure"),
+        ),
+        (
+            "no stage",
+            "service_chains:\n  c: { stages: [] }\n",
+            DiagnosticKind::MissingField,
+            (2, "[]"),
+        ),
+        (
+            "a stage without appliances",
+            "service_chains:\n  c:\n    stages:\n      - { appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }] }\n      - { appliances: [] }\n",
+            DiagnosticKind::MissingField,
+            (5, "[]"),
+        ),
+        (
+            "a stage with no appliances key",
+            "service_chains:\n  c: { stages: [{ description: x }] }\n",
+            DiagnosticKind::MissingField,
+            (2, "{ description"),
+        ),
+        (
+            "unknown key in a stage",
+            "service_chains:\n  c: { stages: [{ appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }], name: x }] }\n",
+            DiagnosticKind::UnknownKey,
+            (2, "name"),
+        ),
+        (
+            "five stages",
+            "service_chains:\n  c:\n    stages:\n      - { appliances: [{ vm: g1, in: a, out: b }] }\n      - { appliances: [{ vm: g2, in: a, out: b }] }\n      - { appliances: [{ vm: g3, in: a, out: b }] }\n      - { appliances: [{ vm: g4, in: a, out: b }] }\n      - { appliances: [{ vm: g5, in: a, out: b }] }\n",
+            DiagnosticKind::InvalidValue,
+            (8, "{ appliances"),
+        ),
+        (
+            "a vNIC in two stages of one chain",
+            "service_chains:\n  c:\n    stages:\n      - { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\n      - { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\n",
+            DiagnosticKind::InvalidValue,
+            (5, "ips-1.in"),
+        ),
+        (
             "chain declared twice",
             "service_chains:\n  c: { appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }] }\n---\nservice_chains:\n  c: { appliances: [{ vm: web-2, in: web-2.0, out: web-2.0 }] }\n",
             DiagnosticKind::DuplicateName,
@@ -240,4 +294,86 @@ fn explain_text(policy: &str) -> String {
     let l = load_with(policy);
     let e = explain(&l.model, &flow("203.0.113.9", "10.0.0.1"));
     render_explanation(&e)
+}
+
+const TWO_STAGES: &str = r#"
+service_chains:
+  ns:
+    on_failure: open
+    stages:
+      - appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }]
+      - appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }]
+rules:
+  zone:web:
+    - { id: web-in, from: internet, to: web, service: tcp/80, action: allow, redirect: ns }
+"#;
+
+#[test]
+fn stages_load_in_order_and_the_one_stage_form_is_one_stage() {
+    let l = load_with(TWO_STAGES);
+    assert!(!l.has_errors(), "{}", l.render());
+    let chain = l.model.policy.service_chain("ns").unwrap();
+    let vms: Vec<Vec<&str>> = chain
+        .stages
+        .iter()
+        .map(|s| s.appliances.iter().map(|a| a.vm.as_str()).collect())
+        .collect();
+    assert_eq!(vms, [["fw-1"], ["ips-1"]]);
+    assert_eq!(
+        chain.appliances().map(|a| a.vm.as_str()).collect::<Vec<_>>(),
+        ["fw-1", "ips-1"]
+    );
+    // `appliances:` alone and a `stages:` of one are the same chain.
+    let flat = load_with(GOOD);
+    let staged = load_with(&GOOD.replace(
+        "    appliances:\n      - { vm: ips-1, in: ips-1.in, out: ips-1.out }\n",
+        "    stages:\n      - appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }]\n",
+    ));
+    assert!(!staged.has_errors(), "{}", staged.render());
+    let shape = |l: &Loaded| -> Vec<Vec<(String, String, String)>> {
+        l.model
+            .policy
+            .service_chain("ns-ips")
+            .unwrap()
+            .stages
+            .iter()
+            .map(|s| {
+                s.appliances
+                    .iter()
+                    .map(|a| (a.vm.clone(), a.vnic_in.clone(), a.vnic_out.clone()))
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(shape(&flat), shape(&staged));
+    assert_eq!(shape(&flat).len(), 1);
+    // Four stages are allowed (five are refused, above).
+    let four: String = (1..=4)
+        .map(|n| format!("      - {{ appliances: [{{ vm: g{n}, in: a, out: b }}] }}\n"))
+        .collect();
+    let l = load_with(&format!("service_chains:\n  c:\n    stages:\n{four}"));
+    assert_eq!(l.model.policy.service_chain("c").unwrap().stages.len(), 4);
+    assert!(
+        !l.diagnostics.iter().any(|d| d.message.contains("stages")),
+        "{}",
+        l.render()
+    );
+}
+
+#[test]
+fn explain_lists_the_stages_in_order() {
+    let l = load_with(TWO_STAGES);
+    let e = explain(&l.model, &flow("203.0.113.9", "10.0.0.1"));
+    let text = render_explanation(&e);
+    assert!(
+        text.contains(
+            "redirect: through service chain ns, 2 stages, in this order for the initiator's packets and in \
+             reverse for the responder's: stage 1: one of [fw-1 (fw-1.in -> fw-1.out)]; stage 2: one of \
+             [ips-1 (ips-1.in -> ips-1.out)]"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("on_failure open: that stage is skipped"), "{text}");
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(json["chain"]["stages"][1]["appliances"][0]["vm"], "ips-1");
 }

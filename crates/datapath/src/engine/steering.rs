@@ -3,12 +3,15 @@
 //!
 //! It runs after the connection step (the packet is already accounted to its
 //! connection, which holds the [`Steer`]) and before the outputs are staged:
-//! a steered packet's output is the chosen appliance instance's port instead
-//! of its L2 destination. The semantics are the `service` module's.
+//! a steered packet's output is the port of the chosen instance of the
+//! chain's first stage in its direction instead of its L2 destination, and a
+//! packet back from a stage goes on to the next stage's instance or, after
+//! the last, to its L2 destination. The semantics are the `service` module's.
 
 use palisade_wire::flow::{FlowInfo, FlowKey};
 
 use crate::decision::Results;
+use crate::events::EndReason;
 use crate::events::EventSink;
 use crate::flow_table::FlowHash;
 use crate::port::PortId;
@@ -38,16 +41,23 @@ impl Engine {
 
     /// The service chains as this engine runs them: each instance's ports,
     /// health and counters, indexed as [`Steer::chain`] and
-    /// [`Steer::instance`] index them.
+    /// [`Steer::instances`] index them.
     pub fn service_chains(&self) -> &[ChainStats] {
         &self.services.chains
     }
 
-    /// The chain and appliance VM a steering names (for flow records).
-    pub fn appliance_of(&self, steer: &Steer) -> Option<(&str, &str)> {
+    /// The chain a steering names and the appliance VM of each stage an
+    /// instance was chosen for, in stage order (for flow records).
+    pub fn appliances_of(&self, steer: &Steer) -> Option<(&str, Vec<&str>)> {
         let chain = self.services.chains.get(usize::from(steer.chain))?;
-        let instance = chain.instances.get(usize::from(steer.instance))?;
-        Some((&chain.name, &instance.vm))
+        let vms = steer
+            .instances
+            .iter()
+            .take(usize::from(chain.stages))
+            .filter_map(|&i| chain.instances.get(usize::from(i)))
+            .map(|i| &*i.vm)
+            .collect();
+        Some((&chain.name, vms))
     }
 
     /// Report `port`'s link state (the health of the appliance instances
@@ -131,17 +141,36 @@ impl Engine {
         Ok(())
     }
 
-    /// A new connection's steering through `chain`: the instance its hash
-    /// picks among those up (counted), or none yet.
+    /// A new connection's steering through `chain`: at each stage, the
+    /// instance its hash picks among those up (counted), or none yet.
     pub(super) fn first_instance(&mut self, chain: u16, key: &FlowKey) -> Steer {
         let mut s = Steer::new(chain);
-        if let Some(i) = self.services.pick(chain, key.symmetric_hash()) {
-            s.instance = i;
-            if let Some(inst) = self.services.instance_mut(chain, i) {
-                inst.flows += 1;
+        let stages = self.services.chains.get(usize::from(chain)).map_or(0, |c| c.stages);
+        let hash = key.symmetric_hash();
+        for stage in 0..stages {
+            if let Some(i) = self.services.pick(chain, stage, hash) {
+                s.instances[usize::from(stage)] = i;
+                if let Some(inst) = self.services.instance_mut(chain, i) {
+                    inst.flows += 1;
+                }
             }
         }
         s
+    }
+
+    /// The stages of `chain` a packet crosses after `from` (`None`: all of
+    /// them), in its direction (`reply`: responder → initiator, last stage
+    /// first).
+    fn stages_after(&self, chain: u16, from: Option<u16>, reply: bool) -> impl Iterator<Item = u16> + use<> {
+        let n = self.services.chains.get(usize::from(chain)).map_or(0, |c| c.stages);
+        let (lo, hi) = match (from, reply) {
+            (None, _) => (0, n),
+            (Some(k), false) => (k.saturating_add(1).min(n), n),
+            (Some(k), true) => (0, k.min(n)),
+        };
+        let forward = (!reply).then_some(lo..hi).into_iter().flatten();
+        let backward = reply.then(|| (lo..hi).rev()).into_iter().flatten();
+        forward.chain(backward)
     }
 
     /// Whether a packet whose TCP tracking ends its connection at once (a
@@ -149,14 +178,21 @@ impl Engine {
     /// way into the connection's appliance: a packet of a steered
     /// connection, not offloaded, that is not coming back from the
     /// appliance (or from a router, on a routed flow's second leg).
+    /// Back from stage k of a chain: whether a stage follows in its direction.
     pub(super) fn reset_goes_through_appliance(&self, pkt: &Packet, slot: Slot) -> bool {
-        pkt.service.is_none()
-            && !pkt.second_leg
-            && self
-                .conns
-                .get(slot)
-                .and_then(|c| c.steer)
-                .is_some_and(|s| s.offload.is_none())
+        let Some(s) = self.conns.get(slot).and_then(|c| c.steer) else {
+            return false;
+        };
+        if s.offload.is_some() {
+            return false;
+        }
+        match pkt.service {
+            None => !pkt.second_leg,
+            Some(role) => {
+                let reply = role.side == Side::In;
+                self.stages_after(s.chain, Some(role.stage), reply).next().is_some()
+            }
+        }
     }
 
     /// Whether `to` is an appliance port (where [`Engine::steer`] sends a steered packet).
@@ -176,9 +212,8 @@ impl Engine {
 
     /// Where a packet of connection `slot` goes (`reply`: it travels
     /// responder → initiator): `to`, its L2 destination, unless the
-    /// connection is steered, then the chosen instance's port for its
-    /// direction. An instance that is down hands the connection to another
-    /// one; with none up, `on_failure` decides.
+    /// connection is steered, then the port of its instance at the chain's
+    /// first stage in its direction ([`Engine::next_stage`]).
     pub(super) fn steer(
         &mut self,
         pkt: &Packet,
@@ -186,71 +221,106 @@ impl Engine {
         reply: bool,
         to: Option<Location>,
     ) -> Result<Option<Location>, DropReason> {
-        let Some(conn) = self.conns.get(slot) else {
-            return Ok(to);
-        };
-        let Some(mut s) = conn.steer else { return Ok(to) };
-        // A routed flow's second leg went through the appliance on its first.
+        // A routed flow's second leg went through the appliances on its first.
         if pkt.second_leg {
             return Ok(to);
         }
+        if let Some(c) = self.conns.get_mut(slot)
+            && let Some(s) = c.steer.as_mut()
+            && s.offload.is_none()
+        {
+            s.segments[usize::from(reply)] = pkt.l2.segment;
+        }
+        Ok(self.next_stage(pkt, slot, reply, None)?.map(Location::Port).or(to))
+    }
+
+    /// The port of the appliance instance a packet of connection `slot`
+    /// goes to next (`reply`: it travels responder → initiator), `from`
+    /// the stage it comes back from (`None`: on its way in), or `None` when
+    /// it goes to its destination: not steered, offloaded (`allow`), or no
+    /// stage left. At each stage in its direction, the instance recorded
+    /// for the connection if it is up, else another of the stage's
+    /// instances (a failover, recorded); with none up, `on_failure`
+    /// decides: `open` skips the stage, `closed` drops the packet.
+    fn next_stage(
+        &mut self,
+        pkt: &Packet,
+        slot: Slot,
+        reply: bool,
+        from: Option<u16>,
+    ) -> Result<Option<PortId>, DropReason> {
+        let Some(conn) = self.conns.get(slot) else {
+            return Ok(None);
+        };
+        let Some(mut s) = conn.steer else { return Ok(None) };
         match s.offload {
-            Some(OffloadVerdict::Allow) => return Ok(to),
+            Some(OffloadVerdict::Allow) => return Ok(None),
             Some(OffloadVerdict::Drop) => return Err(DropReason::ApplianceOffloadDrop),
             None => {}
         }
-        let key = conn.key;
+        let hash = conn.key.symmetric_hash();
         let packets = pkt.packets;
-        if !self.services.instance(s.chain, s.instance).is_some_and(|i| i.up) {
-            match self.services.pick(s.chain, key.symmetric_hash()) {
-                Some(i) => {
-                    let moved = s.instance != Steer::UNASSIGNED;
-                    s.instance = i;
-                    if let Some(c) = self.services.chain_mut(s.chain)
-                        && moved
-                    {
-                        c.failovers += 1;
-                    }
-                    if let Some(inst) = self.services.instance_mut(s.chain, i) {
-                        inst.flows += 1;
-                    }
-                }
-                None => {
-                    let Some(c) = self.services.chain_mut(s.chain) else {
-                        return Ok(to);
-                    };
-                    return match c.on_failure {
-                        OnFailure::Open => {
-                            c.bypassed += packets;
-                            Ok(to)
+        let mut next = None;
+        for stage in self.stages_after(s.chain, from, reply) {
+            let st = usize::from(stage);
+            let current = s.instances[st];
+            let serving = self
+                .services
+                .instance(s.chain, current)
+                .is_some_and(|i| i.up && i.stage == stage);
+            if !serving {
+                match self.services.pick(s.chain, stage, hash) {
+                    Some(i) => {
+                        s.instances[st] = i;
+                        if current != Steer::UNASSIGNED
+                            && let Some(c) = self.services.chain_mut(s.chain)
+                        {
+                            c.failovers += 1;
                         }
-                        OnFailure::Closed => {
-                            c.dropped += packets;
-                            Err(DropReason::ApplianceDown)
+                        if let Some(inst) = self.services.instance_mut(s.chain, i) {
+                            inst.flows += 1;
                         }
-                    };
+                    }
+                    None => {
+                        let Some(c) = self.services.chain_mut(s.chain) else {
+                            return Ok(None);
+                        };
+                        match c.on_failure {
+                            OnFailure::Open => {
+                                c.bypassed += packets;
+                                continue;
+                            }
+                            OnFailure::Closed => {
+                                c.dropped += packets;
+                                return Err(DropReason::ApplianceDown);
+                            }
+                        }
+                    }
                 }
             }
+            let Some(inst) = self.services.instance_mut(s.chain, s.instances[st]) else {
+                continue;
+            };
+            // Up implies both ports are attached.
+            let port = if reply { inst.vnic_out.1 } else { inst.vnic_in.1 };
+            if let Some(port) = port {
+                inst.sent += packets;
+                next = Some(port);
+                break;
+            }
         }
-        s.segments[usize::from(reply)] = pkt.l2.segment;
         if let Some(c) = self.conns.get_mut(slot) {
             c.steer = Some(s);
         }
-        let Some(inst) = self.services.instance_mut(s.chain, s.instance) else {
-            return Ok(to);
-        };
-        // Up implies both ports are attached.
-        let port = if reply { inst.vnic_out.1 } else { inst.vnic_in.1 };
-        let Some(port) = port else { return Ok(to) };
-        inst.sent += packets;
-        Ok(Some(Location::Port(port)))
+        Ok(next)
     }
 
     /// Check a packet that came back from an appliance before it touches
     /// any state: its 5-tuple must be a connection steered through this
-    /// instance, arriving on the side its direction leaves by (the
-    /// initiator's packets on `out`, the responder's on `in`), and not
-    /// offloaded. Returns the steering and the direction.
+    /// instance at this instance's stage, arriving on the side its
+    /// direction leaves by (the initiator's packets on `out`, the
+    /// responder's on `in`), and not offloaded. Returns the steering and
+    /// the direction.
     fn check_return(&self, pkt: &Packet, key: &FlowKey) -> Result<(Steer, bool), DropReason> {
         let role = pkt.service.ok_or(DropReason::ApplianceNotSteered)?;
         let conn = self
@@ -261,7 +331,8 @@ impl Engine {
         let s = conn.steer.ok_or(DropReason::ApplianceNotSteered)?;
         let reply = conn.key != *key;
         let side = if reply { Side::In } else { Side::Out };
-        if s.chain != role.chain || s.instance != role.instance || role.side != side || s.offload.is_some() {
+        let recorded = s.instances.get(usize::from(role.stage)).copied();
+        if s.chain != role.chain || recorded != Some(role.instance) || role.side != side || s.offload.is_some() {
             return Err(DropReason::ApplianceNotSteered);
         }
         Ok((s, reply))
@@ -270,7 +341,9 @@ impl Engine {
     /// The rest of the pipeline for a packet back from an appliance: checked
     /// ([`Engine::check_return`]), tracked through its connection again
     /// (windows and states; never classified, never a new connection), and
-    /// switched towards its destination in the segment it was steered from.
+    /// sent to the instance of the next stage in its direction or, after the
+    /// last, switched towards its destination in the segment it was steered
+    /// from.
     pub(super) fn returning(
         &mut self,
         pkt: &mut Packet,
@@ -289,15 +362,33 @@ impl Engine {
             return Err(DropReason::ApplianceNotSteered);
         }
         let (s, reply) = self.check_return(pkt, key)?;
+        let role = pkt.service.ok_or(DropReason::ApplianceNotSteered)?;
         // Tracked, not classified: the connection exists (checked above).
-        // A reset that ends the connection (kept for it on its way in) ends it now.
-        self.decide(pkt, info, hash, inner, sink)?;
-        if let Some(inst) = self.services.instance_mut(s.chain, s.instance) {
+        // A reset that ends the connection (kept for it on its way in) ends
+        // it now, unless a stage follows (then it ends after the last).
+        let conn = self.decide(pkt, info, hash, inner, sink)?;
+        if let Some(inst) = self.services.instance_mut(s.chain, role.instance) {
             inst.returned += pkt.packets;
         }
-        pkt.l2.segment = s.segments[usize::from(reply)];
-        let to = self.l2_destination(pkt)?;
-        self.not_to_appliance(to)?;
+        let next = match conn {
+            Some((slot, _)) => {
+                let next = self.next_stage(pkt, slot, reply, Some(role.stage));
+                if pkt.reset_pending && !matches!(next, Ok(Some(_))) {
+                    self.cut(slot, EndReason::Reset, pkt.now, sink);
+                }
+                next?
+            }
+            None => None,
+        };
+        let to = match next {
+            Some(port) => Some(Location::Port(port)),
+            None => {
+                pkt.l2.segment = s.segments[usize::from(reply)];
+                let to = self.l2_destination(pkt)?;
+                self.not_to_appliance(to)?;
+                to
+            }
+        };
         self.push_outputs(to, pkt, true, Some(key), out);
         Ok(())
     }
