@@ -178,6 +178,7 @@ fn device_health(name: &str, socket: &str, status: &DeviceStatus, handoff: Hando
         "queue_pairs": status.running.len(),
         "queue_pairs_running": status.running.iter().filter(|(rx, tx)| *rx && *tx).count(),
         "requests_refused": status.requests_refused,
+        "ring_stops": status.ring_stops,
         "announcements": status.announcements,
         "announcements_refused": status.announcements_refused,
         "last_error": status.last_error,

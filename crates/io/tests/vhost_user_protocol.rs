@@ -295,6 +295,7 @@ fn a_guest_reset_renegotiates_and_moves_the_rings() {
     // (here without checksum offload), resend the memory table, new rings at new addresses.
     g.frontend.get_vring_base(0).unwrap();
     g.frontend.get_vring_base(1).unwrap();
+    assert_eq!(device.status().ring_stops, 2);
     let offered = g.frontend.get_features().unwrap();
     let fewer = offered & !(mask::CSUM | mask::HOST_TSO4 | mask::HOST_TSO6 | mask::HOST_ECN);
     g.frontend.set_features(fewer).unwrap();

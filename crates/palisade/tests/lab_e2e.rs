@@ -3349,7 +3349,8 @@ fn qemu_guest_on_vhost_user_reboots_and_is_filtered_again() {
     let mut qmp = palisade_lab::qmp::Qmp::connect(&guest.qmp, t).unwrap();
     qmp.execute("set-action", Some(serde_json::json!({ "reboot": "reset" })))
         .unwrap();
-    let rebooted = |lab: &Lab, how: &str| {
+    let ring_stops = |lab: &Lab| vhost_health(lab, "hv1", "vm1.0")["ring_stops"].as_u64().unwrap();
+    let rebooted = |lab: &Lab, stops_before: u64, how: &str| {
         let t0 = Instant::now();
         while !fresh(lab) {
             assert!(t0.elapsed() < Duration::from_secs(120), "vm1 comes back after {how}");
@@ -3360,6 +3361,14 @@ fn qemu_guest_on_vhost_user_reboots_and_is_filtered_again() {
         assert!(running(agent as u32), "hv1's agent survives {how}");
         let device = vhost_health(lab, "hv1", "vm1.0");
         assert_eq!(device["connected"], true, "{device}");
+        assert_eq!(
+            device["sessions"], 1,
+            "the same session: a reset, not a reconnect: {device}"
+        );
+        assert!(
+            device["ring_stops"].as_u64().unwrap() >= stops_before + 2,
+            "the device saw both rings stopped (GET_VRING_BASE): {device}"
+        );
         assert!(
             device["features"]["checksum_from_guest"] == true,
             "renegotiated: {device}"
@@ -3368,16 +3377,18 @@ fn qemu_guest_on_vhost_user_reboots_and_is_filtered_again() {
     };
 
     mark(lab);
+    let stops = ring_stops(lab);
     qmp.execute("system_reset", None).unwrap();
-    rebooted(lab, "QMP system_reset");
+    rebooted(lab, stops, "QMP system_reset");
     let _l = listen(lab);
     filtered(lab, "after system_reset");
 
     // The guest reboots itself (a background job, so the console is not left waiting).
     mark(lab);
+    let stops = ring_stops(lab);
     let _ = lab.spawn("vm1", &["sh", "-c", "sleep 1; reboot -f"]);
     std::thread::sleep(Duration::from_secs(2));
-    rebooted(lab, "reboot -f in the guest");
+    rebooted(lab, stops, "reboot -f in the guest");
     let _l = listen(lab);
     filtered(lab, "after the guest's own reboot");
     let device = vhost_health(lab, "hv1", "vm1.0");

@@ -69,6 +69,8 @@ pub(crate) struct Device {
     refusal: Option<String>,
     /// The vNIC's MAC: the only one `SEND_RARP` may announce (none: every announcement refused).
     mac: Option<[u8; 6]>,
+    /// Rings stopped by `GET_VRING_BASE` (a guest reset or shutdown stops every ring), over all sessions.
+    ring_stops: u64,
 }
 
 /// Set `O_NONBLOCK` on an eventfd QEMU passed: a worker must never block reading or writing one.
@@ -80,6 +82,7 @@ impl Device {
     pub fn new(offered: u64, pairs: Vec<Arc<PairShared>>, mac: Option<[u8; 6]>) -> Device {
         Device {
             mac,
+            ring_stops: 0,
             offered,
             pairs,
             owned: false,
@@ -109,6 +112,11 @@ impl Device {
     /// Whether replies to requests that want one are on (`REPLY_ACK` negotiated).
     pub fn reply_ack(&self) -> bool {
         self.acked_protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
+    /// Rings stopped by `GET_VRING_BASE` so far.
+    pub fn ring_stops(&self) -> u64 {
+        self.ring_stops
     }
 
     /// Change the MAC `SEND_RARP` may announce (the inventory changed the vNIC's).
@@ -374,7 +382,10 @@ impl VhostUserBackendReqHandlerMut for Device {
             Ok(r.base)
         });
         match base {
-            Ok(base) => Ok(VhostUserVringState::new(index, u32::from(base))),
+            Ok(base) => {
+                self.ring_stops += 1;
+                Ok(VhostUserVringState::new(index, u32::from(base)))
+            }
             Err(e) => {
                 // No reply was sent, and QEMU waits for one: the session must end, not go on.
                 self.refusal = None;

@@ -92,6 +92,9 @@ pub struct DeviceStatus {
     pub running: Vec<(bool, bool)>,
     /// Requests refused (bad index, size, address…) while the session went on.
     pub requests_refused: u64,
+    /// Rings QEMU stopped (`GET_VRING_BASE`): every ring at each guest reset,
+    /// shutdown or migration, so a guest reboot shows as a step of twice the pairs.
+    pub ring_stops: u64,
     /// Ring enables QEMU sent before the features were negotiated (at
     /// multiqueue start-up and on reconnect), handled outside the protocol layer.
     pub early_ring_enables: u64,
@@ -218,6 +221,7 @@ impl VhostUserNet {
             status.features = device.features();
             status.protocol_features = device.acked_protocol_features();
             status.memory_regions = device.memory_regions();
+            status.ring_stops = device.ring_stops();
         }
         status.running = self
             .pairs
