@@ -19,8 +19,8 @@
 //! - the device wrote guest memory only in the two used rings and in
 //!   buffers that a receive descriptor (direct or in an indirect table)
 //!   marked device-writable at some point before the step;
-//! - each used element of the transmit ring has length 0 and names a
-//!   descriptor of the ring; each used element of the receive ring has a
+//! - each used element of the transmit ring has length 0 (its id is the
+//!   head the guest made available, whatever it was); each used element of the receive ring has a
 //!   length within what the chain it names could hold when it was made
 //!   available (its writable buffers);
 //! - every frame the guest finds in its receive buffers is, byte for byte
@@ -478,8 +478,11 @@ impl Harness {
 
     fn check_used(&mut self) -> Result<(), String> {
         let size = u32::from(self.tx.layout.size);
+        // A head the guest made available is returned as it was, even one
+        // outside the table (refused and counted; the `virtqueue` target
+        // checks each comes back once): only the length is the device's.
         for (id, len) in self.tx.used(&self.mem) {
-            if !self.tx_used_tainted && (id >= size || len != 0) {
+            if !self.tx_used_tainted && len != 0 {
                 return Err(format!("transmit used element ({id}, {len}) in a ring of {size}"));
             }
         }
