@@ -8,11 +8,15 @@
 #             ports, userspace VXLAN via br-phy), equivalent ct() rules, with
 #             its userspace TSO (other_config:userspace-tso-enable=true)
 #   bridge    Linux bridge + kernel vxlan device, no filtering (upper reference)
-#   qemu-vhost-user, qemu-tap
+#   qemu-vhost-user, qemu-tap, qemu-bridge
 #             the same two VMs as QEMU guests (a second lab, `lab up --qemu`)
 #             behind the Palisade agents, attached through vhost-user (guest
 #             memory shared with the agent, the guests' offloads on) or a tap
-#             (AF_PACKET, the guests' offloads off): four TCP downloads, one
+#             (AF_PACKET, the guests' offloads off); or, for reference, the
+#             same guests on their taps enslaved to a Linux bridge with a
+#             kernel vxlan device in each host (no agents, no filtering; the
+#             lab's taps have no virtio-net header, so the guests' offloads
+#             are off there too): four TCP downloads, one
 #             after the other, of --qemu-mib MiB from the server's busybox
 #             httpd, timed together in the client guest. QEMU runs under TCG unless KVM works (reported as
 #             `accel`): under TCG the guests' CPU emulation, not the datapath,
@@ -49,8 +53,8 @@
 #   --palisade BIN  the palisade binary (lab + agent); default: build
 #                   `cargo build --release -p palisade` here and use that
 #   --seconds N     iperf3 duration of each test (default 5)
-#   --only LIST     comma-separated subset of palisade,ovs,bridge,qemu-vhost-user,qemu-tap
-#                   (default: all but qemu-tap)
+#   --only LIST     comma-separated subset of palisade,ovs,bridge,qemu-vhost-user,qemu-tap,
+#                   qemu-bridge (default: all but qemu-tap and qemu-bridge)
 #   --workers N     Palisade's datapath workers per agent (default: the lab's, 2)
 #   --offloads X    the VMs' NIC offloads (default on; off: the lab's default)
 #   --ovs-tso X     OVS's userspace TSO (default on)
@@ -696,11 +700,34 @@ for dp in palisade ovs bridge; do
 done
 
 # QEMU guests behind the agents (a lab of their own): one timed download.
-phase_qemu() { # nic (vhost-user|tap)
-    local nic=$1 q="${name}q" qs="$tmp/qlab" dp="qemu-$1"
-    log "$dp: building lab $q with QEMU guests on $nic"
-    "$palisade" lab up --policy "$tmp/policy" --name "$q" --state-dir "$qs" --qemu --qemu-nic "$nic" \
+phase_qemu() { # vhost-user|tap (behind the agents) or bridge (taps on a Linux bridge, no agents)
+    local nic=$1 q="${name}q" qs="$tmp/qlab" dp="qemu-$1" extra=()
+    [ "$nic" = bridge ] && { nic=tap; extra=(--no-agents); }
+    log "$dp: building lab $q with QEMU guests on $nic ${extra[*]}"
+    "$palisade" lab up --policy "$tmp/policy" --name "$q" --state-dir "$qs" --qemu --qemu-nic "$nic" "${extra[@]}" \
         >"$tmp/qlab-up.log" 2>&1 || { cat "$tmp/qlab-up.log" >&2; return 1; }
+    if [ "$dp" = qemu-bridge ]; then
+        # The guests' taps on a bridge with a vxlan device in each host, as
+        # phase_bridge does for the namespace VMs (underlay MTU 1600 likewise).
+        local qj="$qs/lab.json" h
+        for h in hv1 hv2; do
+            local hns hul hport
+            hns=$(jq -r ".plan.hosts[] | select(.name==\"$h\") | .ns" "$qj")
+            hport=$(jq -r ".plan.hosts[] | select(.name==\"$h\") | .underlay_port" "$qj")
+            ip -n "$hns" link set ul0 mtu 1600
+            ip -n "$(jq -r '.plan.underlay_ns' "$qj")" link set "$hport" mtu 1600
+        done
+        ip -n "$(jq -r '.plan.underlay_ns' "$qj")" link set br0 mtu 1600
+        local q1 q2 u1 u2 ct st
+        q1=$(jq -r '.plan.hosts[] | select(.name=="hv1") | .ns' "$qj")
+        q2=$(jq -r '.plan.hosts[] | select(.name=="hv2") | .ns' "$qj")
+        u1=$(jq -r '.plan.hosts[] | select(.name=="hv1") | .underlay_ip' "$qj")
+        u2=$(jq -r '.plan.hosts[] | select(.name=="hv2") | .underlay_ip' "$qj")
+        ct=$(jq -r '.plan.vms[] | select(.name=="client") | .vnics[0].host_if' "$qj")
+        st=$(jq -r '.plan.vms[] | select(.name=="server") | .vnics[0].host_if' "$qj")
+        bridge_up "$q1" "$ct" "$u1" "$u2"
+        bridge_up "$q2" "$st" "$u2" "$u1"
+    fi
     local ip accel
     ip=$(jq -r '.plan.vms[] | select(.name=="server") | .vnics[0].ips[0]' "$qs/lab.json")
     accel=$(jq -r '.guests.client.accel | join(" ")' "$qs/lab.json")
@@ -723,7 +750,7 @@ phase_qemu() { # nic (vhost-user|tap)
          guest_offloads: {csum: ($f[0:1] == "1"), tso4: ($f[11:12] == "1")}}' | tee "$tmp/result-$dp.json"
     "$palisade" lab down --name "$q" --state-dir "$qs" >/dev/null
 }
-for dp in qemu-vhost-user qemu-tap; do
+for dp in qemu-vhost-user qemu-tap qemu-bridge; do
     case ",$only," in *",$dp,"*) ;; *) continue ;; esac
     set +e
     (set -e; phase_qemu "${dp#qemu-}")
@@ -750,7 +777,8 @@ jq -cn \
     --arg pc8 "$(get palisade .tcp8.cpu_s_per_gbit)" --arg oc8 "$(get ovs .tcp8.cpu_s_per_gbit)" \
     --arg bc8 "$(get bridge .tcp8.cpu_s_per_gbit)" \
     --arg qv "$(get qemu-vhost-user .tcp1.gbps)" --arg qt "$(get qemu-tap .tcp1.gbps)" \
-    --arg qa "$( (get qemu-vhost-user .accel; get qemu-tap .accel) | head -n1)" \
+    --arg qb "$(get qemu-bridge .tcp1.gbps)" \
+    --arg qa "$( (get qemu-vhost-user .accel; get qemu-tap .accel; get qemu-bridge .accel) | head -n1)" \
     --arg bin "$palisade" --arg when "$(date -u +%FT%TZ)" --argjson s "$seconds" --arg off "$offloads" \
     --arg povm "$(get palisade .vm_offloads)" --arg oovm "$(get ovs .vm_offloads)" --arg bovm "$(get bridge .vm_offloads)" '
     def num: if . == "" then null else tonumber end;
@@ -761,7 +789,9 @@ jq -cn \
      tcp1_gbps: {palisade: ($p1|num), ovs: ($o1|num), bridge: ($b1|num)},
      tcp8_gbps: {palisade: ($p8|num), ovs: ($o8|num), bridge: ($b8|num)},
      udp64_rx_kpps: {palisade: ($pu|num), ovs: ($ou|num), bridge: ($bu|num)},
-     qemu_guest_tcp1_gbps: {vhost_user: ($qv|num), tap: ($qt|num), accel: (if $qa == "" then null else $qa end)},
+     qemu_guest_tcp1_gbps: {vhost_user: ($qv|num), tap: ($qt|num), bridge: ($qb|num),
+                            accel: (if $qa == "" then null else $qa end)},
+     qemu_guest_vhost_user_over_bridge: ratio($qv; $qb),
      tcp1_cpu_s_per_gbit: {palisade: ($pc|num), ovs: ($oc|num), bridge: ($bc|num)},
      tcp8_cpu_s_per_gbit: {palisade: ($pc8|num), ovs: ($oc8|num), bridge: ($bc8|num)},
      ratios: {tcp1_palisade_over_bridge: ratio($p1; $b1), tcp1_palisade_over_ovs: ratio($p1; $o1),

@@ -982,7 +982,15 @@ impl Agent {
         let t_policy = t0.elapsed();
         let mut workers = Vec::new();
         let mut ports = Vec::new();
-        let (vhost, vhost_ports) = crate::vhost::open(&config, n)?;
+        // A vhost-user vNIC's MAC, from the inventory: the only one QEMU may announce (SEND_RARP).
+        let inventory_mac = |name: &str| {
+            let (_, vnic) = model.inventory.vnic(name)?;
+            vnic.mac
+                .parse::<palisade_wire::ethernet::EthernetAddress>()
+                .ok()
+                .map(|m| m.0)
+        };
+        let (vhost, vhost_ports) = crate::vhost::open(&config, n, &inventory_mac)?;
         // Every worker's engine binds the same ports, so the first one's
         // bindings say which sockets to open for all: on a thread of their
         // own, which mostly waits for the kernel's grace periods while this

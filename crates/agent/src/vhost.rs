@@ -86,14 +86,21 @@ pub(crate) fn device_config(
     Some(c)
 }
 
-/// Open a device for every vhost-user vNIC of `config`, each shared out between `workers`.
-pub(crate) fn open(config: &AgentConfig, workers: usize) -> Result<(VhostVnics, VhostPorts), AgentError> {
+/// Open a device for every vhost-user vNIC of `config`, each shared out
+/// between `workers`; `mac` gives a vNIC's MAC from the inventory by name
+/// (the only MAC QEMU may announce for it after a migration).
+pub(crate) fn open(
+    config: &AgentConfig,
+    workers: usize,
+    mac: &dyn Fn(&str) -> Option<[u8; 6]>,
+) -> Result<(VhostVnics, VhostPorts), AgentError> {
     let mut vnics = VhostVnics::default();
     let mut ports = VhostPorts::default();
     for v in &config.vnics {
-        let Some(dc) = device_config(v.attachment(), config.offloads, workers) else {
+        let Some(mut dc) = device_config(v.attachment(), config.offloads, workers) else {
             continue;
         };
+        dc.mac = mac(&v.name);
         let what = || format!("vnic {} on vhost-user {}", v.name, dc.socket.display());
         if let Some(dir) = dc.socket.parent() {
             std::fs::create_dir_all(dir).map_err(|e| AgentError::Port {
@@ -171,6 +178,9 @@ fn device_health(name: &str, socket: &str, status: &DeviceStatus, handoff: Hando
         "queue_pairs": status.running.len(),
         "queue_pairs_running": status.running.iter().filter(|(rx, tx)| *rx && *tx).count(),
         "requests_refused": status.requests_refused,
+        "ring_stops": status.ring_stops,
+        "announcements": status.announcements,
+        "announcements_refused": status.announcements_refused,
         "last_error": status.last_error,
         "frames_passed_between_workers": handoff.passed,
         "frames_dropped_between_workers": handoff.dropped,
@@ -245,7 +255,7 @@ struct Row {
 /// (name, type, help, value) of each device metric.
 type Metric = (&'static str, &'static str, &'static str, fn(&Row) -> u64);
 
-const METRICS: [Metric; 8] = [
+const METRICS: [Metric; 10] = [
     (
         "palisade_vhost_user_connected",
         "gauge",
@@ -281,6 +291,18 @@ const METRICS: [Metric; 8] = [
         "counter",
         "Frames not delivered to the guest (no receive buffers, ring stopped, refused header).",
         |r| r.queues.2,
+    ),
+    (
+        "palisade_vhost_user_announcements_total",
+        "counter",
+        "RARP announcements QEMU asked for after a migration (SEND_RARP), injected as from the guest.",
+        |r| r.status.announcements,
+    ),
+    (
+        "palisade_vhost_user_announcements_refused_total",
+        "counter",
+        "SEND_RARP requests refused (a MAC not the vNIC's, none known, too many waiting).",
+        |r| r.status.announcements_refused,
     ),
     (
         "palisade_vhost_user_handoff_frames_total",

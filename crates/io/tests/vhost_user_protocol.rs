@@ -181,7 +181,7 @@ fn refused_requests_are_answered_and_the_session_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let socket = socket_in(&dir);
     let (device, mut pairs) = open(&socket, 1);
-    let mut fe = connect_retrying(&socket, 2);
+    let (mut fe, raw) = connect_retrying(&socket, 2);
     fe.set_owner().unwrap();
     // QEMU's order: features offered, then protocol features (REPLY_ACK makes refusals visible).
     let offered = fe.get_features().unwrap();
@@ -225,6 +225,7 @@ fn refused_requests_are_answered_and_the_session_goes_on() {
     );
     assert!(status.last_error.unwrap().contains("do not fit"));
     drop(fe);
+    drop(raw);
     // The device still takes a well-behaved guest afterwards.
     let mut g = Guest::connect(&socket, 1, u64::MAX);
     g.transmit(0, &VirtioNetRepr::PLAIN, &tcp4_frame(10, 0));
@@ -239,8 +240,11 @@ fn a_frontend_that_leaves_and_comes_back_finds_a_fresh_device() {
     let mut g = Guest::connect(&socket, 1, u64::MAX);
     g.transmit(0, &VirtioNetRepr::PLAIN, &tcp4_frame(10, 0));
     assert_eq!(receive(&mut pairs[0], 1).len(), 1);
-    let Guest { file, frontend, .. } = g;
+    let Guest {
+        file, frontend, raw, ..
+    } = g;
     drop(frontend);
+    drop(raw);
     eventually("the device to notice the disconnect", || !device.status().connected);
     assert_eq!(pairs[0].running(), (false, false));
     assert_eq!(device.status().memory_regions, 0, "guest memory unmapped");
@@ -291,6 +295,7 @@ fn a_guest_reset_renegotiates_and_moves_the_rings() {
     // (here without checksum offload), resend the memory table, new rings at new addresses.
     g.frontend.get_vring_base(0).unwrap();
     g.frontend.get_vring_base(1).unwrap();
+    assert_eq!(device.status().ring_stops, 2);
     let offered = g.frontend.get_features().unwrap();
     let fewer = offered & !(mask::CSUM | mask::HOST_TSO4 | mask::HOST_TSO6 | mask::HOST_ECN);
     g.frontend.set_features(fewer).unwrap();
@@ -437,4 +442,119 @@ fn socket_paths_are_checked_before_binding() {
     assert!(VhostUserNet::open(&c).is_err());
     c.queue_pairs = 129;
     assert!(VhostUserNet::open(&c).is_err());
+}
+
+/// Send SEND_RARP(`mac`) with NEED_REPLY on `raw` and read the acknowledgement (0: done, 1: refused).
+fn raw_send_rarp(raw: &mut std::os::unix::net::UnixStream, mac: [u8; 6]) -> u64 {
+    use std::io::{Read, Write};
+    let mut msg = Vec::new();
+    for v in [19u32, 0x1 | 0x8, 8] {
+        msg.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut body = [0u8; 8];
+    body[..6].copy_from_slice(&mac);
+    msg.extend_from_slice(&body);
+    raw.write_all(&msg).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut reply = [0u8; 20];
+    raw.read_exact(&mut reply).expect("an acknowledgement of SEND_RARP");
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 19);
+    assert_eq!(
+        u32::from_le_bytes(reply[4..8].try_into().unwrap()) & 0x4,
+        0x4,
+        "a reply"
+    );
+    u64::from_le_bytes(reply[12..20].try_into().unwrap())
+}
+
+const VNIC_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+fn open_with_mac(socket: &Path, pairs: u16, mac: Option<[u8; 6]>) -> (VhostUserNet, Vec<QueuePair>) {
+    let mut c = VhostUserNetConfig::new(socket);
+    c.queue_pairs = pairs;
+    c.mac = mac;
+    VhostUserNet::open(&c).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn send_rarp_for_the_vnics_mac_comes_out_as_the_guests_announcement_and_others_are_refused() {
+    use palisade_io::vhost_user::announce::rarp_frame;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir);
+    let (device, mut pairs) = open_with_mac(&socket, 2, Some(VNIC_MAC));
+    let mut g = Guest::connect(&socket, 2, u64::MAX);
+    assert_ne!(
+        device.status().protocol_features & vhost::vhost_user::message::VhostUserProtocolFeatures::RARP.bits(),
+        0,
+        "RARP offered and acked"
+    );
+
+    // QEMU after a migration: the announcement comes out of the first pair
+    // as a frame from the guest, exactly QEMU's RARP.
+    assert_eq!(raw_send_rarp(&mut g.raw, VNIC_MAC), 0);
+    let got = receive(&mut pairs[0], 1);
+    assert_eq!(got, vec![(VirtioNetRepr::PLAIN, rarp_frame(VNIC_MAC).to_vec())]);
+    assert_eq!(pairs[0].stats().announcements_injected, 1);
+    assert_eq!(pairs[0].stats().from_guest_frames, 0, "not counted as the guest's");
+
+    // Another MAC: refused, counted, nothing handed over, the session goes on.
+    let other = [0x52, 0x54, 0x00, 0x99, 0x99, 0x99];
+    assert_eq!(raw_send_rarp(&mut g.raw, other), 1);
+    assert!(receive_within(&mut pairs[0], 1, Duration::from_millis(200)).is_empty());
+    let status = device.status();
+    assert_eq!((status.announcements, status.announcements_refused), (1, 1));
+    assert!(status.last_error.unwrap().contains("52:54:00:99:99:99"));
+    // Announcements and the guest's own frames share a batch, announcements first.
+    assert_eq!(raw_send_rarp(&mut g.raw, VNIC_MAC), 0);
+    let frame = tcp4_frame(20, 3);
+    g.transmit(0, &partial(), &frame);
+    let got = receive(&mut pairs[0], 2);
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].1, rarp_frame(VNIC_MAC).to_vec());
+    assert_eq!(got[1].1, frame);
+    assert!(device.status().connected);
+
+    // Too many at once (a frontend flooding the worker): bounded, counted.
+    let max = palisade_io::vhost_user::announce::MAX_PENDING_ANNOUNCEMENTS;
+    let answers: Vec<u64> = (0..max + 2).map(|_| raw_send_rarp(&mut g.raw, VNIC_MAC)).collect();
+    assert_eq!(answers.iter().filter(|&&a| a == 0).count(), max);
+    assert_eq!(
+        receive_within(&mut pairs[0], max + 2, Duration::from_secs(1)).len(),
+        max
+    );
+    assert_eq!(pairs[0].stats().announcements_dropped, 2);
+}
+
+#[test]
+fn send_rarp_is_refused_by_a_device_without_a_mac() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir);
+    let (device, mut pairs) = open_with_mac(&socket, 1, None);
+    let mut g = Guest::connect(&socket, 1, u64::MAX);
+    assert_eq!(raw_send_rarp(&mut g.raw, VNIC_MAC), 1);
+    assert!(receive_within(&mut pairs[0], 1, Duration::from_millis(200)).is_empty());
+    assert_eq!(device.status().announcements_refused, 1);
+    // The session goes on.
+    g.transmit(0, &partial(), &tcp4_frame(10, 1));
+    assert_eq!(receive(&mut pairs[0], 1).len(), 1);
+}
+
+#[test]
+fn an_announcement_before_the_rings_run_is_handed_over() {
+    // QEMU's first announce round on the destination comes before it starts
+    // the device (the guest's memory table and rings come with vm_start).
+    let dir = tempfile::tempdir().unwrap();
+    let socket = socket_in(&dir);
+    let (device, mut pairs) = open_with_mac(&socket, 1, Some(VNIC_MAC));
+    let (mut fe, mut raw) = connect_retrying(&socket, 2);
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    fe.set_features(offered).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf).unwrap();
+    assert_eq!(raw_send_rarp(&mut raw, VNIC_MAC), 0);
+    assert_eq!(pairs[0].running(), (false, false));
+    let got = receive(&mut pairs[0], 1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(device.status().announcements, 1);
 }

@@ -3581,3 +3581,206 @@ fn service_chain_of_two_appliances_is_crossed_in_order_and_a_down_stage_follows_
     drop(guard);
     let _ = std::fs::remove_dir_all(&policy);
 }
+
+/// `hv`'s agent's `/health` entry for its vhost-user device of `vnic`.
+fn vhost_health(lab: &Lab, host: &str, vnic: &str) -> serde_json::Value {
+    let health = palisade_agent::http::get_unix(&lab.agent_socket(host), "/health").unwrap();
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    health["vhost_user"]
+        .as_array()
+        .and_then(|a| a.iter().find(|d| d["vnic"] == vnic).cloned())
+        .unwrap_or_else(|| panic!("no vhost-user device for {vnic} on {host}: {health}"))
+}
+
+/// As the detection test above, with the guest on vhost-user: QEMU does not
+/// send the RARP itself for a vhost-user netdev but asks the backend
+/// (`VHOST_USER_SEND_RARP`); hv2's agent injects it as the guest's frame,
+/// its engine sees vm1 announce itself on hv2, and the controller makes the
+/// connections follow. Without SEND_RARP nothing announces the guest (it
+/// did not negotiate `GUEST_ANNOUNCE`, so it sends no gratuitous ARP).
+#[test]
+fn qemu_guest_on_vhost_user_migration_without_the_controller_is_detected_from_send_rarp() {
+    let _one = one_lab();
+    let Some(mut guard) = migration_lab_with("pe2migdv", true, palisade_lab::QemuNic::VhostUser) else {
+        return;
+    };
+    let lab = guard.0.as_mut().unwrap();
+    let flows = guest_flows(lab);
+    let opts = palisade_lab::MigrateOptions {
+        move_state: false,
+        ..Default::default()
+    };
+    let report = lab.migrate("vm1", "hv2", &opts).unwrap();
+    let moved_at = Instant::now();
+    assert_eq!(report.connections, 0, "nothing moved in the pause: {report:?}");
+    assert!(
+        eventually(
+            Duration::from_secs(10),
+            || vhost_health(lab, "hv2", "vm1.0")["announcements"].as_u64().unwrap_or(0) >= 1
+        ),
+        "QEMU asked hv2's backend to announce vm1: {}",
+        vhost_health(lab, "hv2", "vm1.0")
+    );
+    let device = vhost_health(lab, "hv2", "vm1.0");
+    assert_eq!(device["announcements_refused"], 0, "{device}");
+    let changes = || {
+        let out = lab.ctl(&["flows", "--changes", "--vm", "vm1", "--json"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || changes()
+            .lines()
+            .any(|l| l.contains("vm.migrate.completed") && l.contains("follow"))),
+        "the follow order completed: {}",
+        changes()
+    );
+    let recorded = changes();
+    let detected = recorded
+        .lines()
+        .find(|l| l.contains("vm.migrate.detected"))
+        .unwrap_or_else(|| panic!("a detection record: {recorded}"));
+    assert!(detected.contains("agent/hv2"), "{detected}");
+    let vms = lab.ctl(&["get", "vms", "--json"]).unwrap();
+    let vms: serde_json::Value = serde_json::from_slice(&vms.stdout).unwrap();
+    let vm1 = vms.as_array().unwrap().iter().find(|v| v["name"] == "vm1").unwrap();
+    assert_eq!(vm1["host"], "hv2", "the controller places vm1 on hv2");
+    std::thread::sleep(Duration::from_secs(3));
+    let (tcp, udp) = flows.finish(lab);
+    let tcp = tcp.unwrap_or_else(|e| panic!("the TCP stream broke: {e}"));
+    let tcp_after = tcp.iter().filter(|t| **t > moved_at).count();
+    let udp_after = udp.iter().filter(|t| **t > moved_at).count();
+    assert!(tcp_after >= 20, "echoes after the migration: {tcp_after}");
+    assert!(udp_after >= 10, "datagrams after the migration: {udp_after}");
+    eprintln!(
+        "detected vhost-user migration: announcements {}, longest gap TCP echo {:?}, UDP arrival {:?}",
+        vhost_health(lab, "hv2", "vm1.0")["announcements"],
+        longest_gap(&tcp),
+        longest_gap(&udp)
+    );
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2migdv").unwrap(), Vec::<String>::new());
+}
+
+/// A vhost-user guest reboots, twice: reset from QMP (`system_reset`, as a
+/// hypervisor's "reset" button) and from inside (`reboot -f`). Each time
+/// QEMU stops the device's rings (`GET_VRING_BASE`), the guest's driver
+/// negotiates again and new rings start; the agent keeps running, keeps the
+/// session, and the guest's traffic is filtered again: ICMP and HTTP from
+/// vm2 pass, tcp/22 stays denied.
+#[test]
+fn qemu_guest_on_vhost_user_reboots_and_is_filtered_again() {
+    if !lab_possible() {
+        return;
+    }
+    let _one = one_lab();
+    if !have("qemu-system-x86_64") || palisade_lab::qemu::find_kernel().is_none() {
+        assert!(std::env::var_os("CI").is_none(), "CI must run the QEMU test");
+        eprintln!("skipping: no qemu-system-x86_64 or no /boot/vmlinuz-*-cloud-amd64");
+        return;
+    }
+    let dir = palisade_lab::default_state_dir("pe2vr");
+    let _ = Lab::down("pe2vr", &dir);
+    let spec = LabSpec::generated(2, 1, &dir).unwrap();
+    let spec = LabSpec {
+        name: "pe2vr".into(),
+        qemu: palisade_lab::QemuMode::Vms(vec!["vm1".into()]),
+        qemu_nic: palisade_lab::QemuNic::VhostUser,
+        agent_exe: Some(EXE.into()),
+        ..spec
+    };
+    let mut guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let vm1 = lab.vm_ip("vm1").unwrap().to_string();
+    let t = Duration::from_secs(20);
+    let ping = |lab: &Lab| {
+        lab.exec("vm2", &["busybox", "ping", "-c", "1", "-W", "2", &vm1], t)
+            .is_ok_and(|o| o.status.success())
+    };
+    let http = |lab: &Lab| {
+        lab.exec("vm2", &["curl", "-s", "-m", "5", &format!("http://{vm1}/")], t)
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("vm1"))
+    };
+    let ssh = |lab: &Lab| {
+        let script = format!("echo hello | timeout 4 busybox nc {vm1} 22");
+        let o = lab.exec("vm2", &["sh", "-c", &script], t).unwrap();
+        !o.stdout.is_empty()
+    };
+    // The guest answers on tcp/22 (an echo); the policy denies it.
+    let listen = |lab: &Lab| lab.spawn("vm1", &["nc", "-ll", "-p", "22", "-e", "/bin/cat"]).unwrap();
+    let filtered = |lab: &Lab, when: &str| {
+        assert!(
+            eventually(Duration::from_secs(30), || ping(lab)),
+            "ICMP from vm2 reaches vm1 {when}"
+        );
+        assert!(http(lab), "HTTP from vm2 reaches vm1 {when}");
+        assert!(!ssh(lab), "tcp/22 to vm1 is denied {when}");
+    };
+    let _l = listen(lab);
+    filtered(lab, "before the reboots");
+    let agent = lab.state().agents["hv1"].pid;
+    let guest = lab.state().guests["vm1"].clone();
+    // A file in the guest's RAM root, gone once it rebooted.
+    let mark = |lab: &Lab| {
+        let o = lab.exec("vm1", &["touch", "/tmp/before-reboot"], t).unwrap();
+        assert!(o.status.success(), "{o:?}");
+    };
+    let fresh = |lab: &Lab| {
+        lab.exec(
+            "vm1",
+            &["sh", "-c", "test -e /tmp/before-reboot || echo fresh"],
+            Duration::from_secs(5),
+        )
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("fresh"))
+    };
+    // The lab runs QEMU with -no-reboot (a crashing guest exits); for this test a reboot resets it.
+    let mut qmp = palisade_lab::qmp::Qmp::connect(&guest.qmp, t).unwrap();
+    qmp.execute("set-action", Some(serde_json::json!({ "reboot": "reset" })))
+        .unwrap();
+    let ring_stops = |lab: &Lab| vhost_health(lab, "hv1", "vm1.0")["ring_stops"].as_u64().unwrap();
+    let rebooted = |lab: &Lab, stops_before: u64, how: &str| {
+        let t0 = Instant::now();
+        while !fresh(lab) {
+            assert!(t0.elapsed() < Duration::from_secs(120), "vm1 comes back after {how}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        eprintln!("vm1 back {:?} after {how}", t0.elapsed());
+        assert!(running(guest.pid as u32), "QEMU still runs after {how}");
+        assert!(running(agent as u32), "hv1's agent survives {how}");
+        let device = vhost_health(lab, "hv1", "vm1.0");
+        assert_eq!(device["connected"], true, "{device}");
+        assert_eq!(
+            device["sessions"], 1,
+            "the same session: a reset, not a reconnect: {device}"
+        );
+        assert!(
+            device["ring_stops"].as_u64().unwrap() >= stops_before + 2,
+            "the device saw both rings stopped (GET_VRING_BASE): {device}"
+        );
+        assert!(
+            device["features"]["checksum_from_guest"] == true,
+            "renegotiated: {device}"
+        );
+        eprintln!("hv1's device after {how}: {device}");
+    };
+
+    mark(lab);
+    let stops = ring_stops(lab);
+    qmp.execute("system_reset", None).unwrap();
+    rebooted(lab, stops, "QMP system_reset");
+    let _l = listen(lab);
+    filtered(lab, "after system_reset");
+
+    // The guest reboots itself (a background job, so the console is not left waiting).
+    mark(lab);
+    let stops = ring_stops(lab);
+    let _ = lab.spawn("vm1", &["sh", "-c", "sleep 1; reboot -f"]);
+    std::thread::sleep(Duration::from_secs(2));
+    rebooted(lab, stops, "reboot -f in the guest");
+    let _l = listen(lab);
+    filtered(lab, "after the guest's own reboot");
+    let device = vhost_health(lab, "hv1", "vm1.0");
+    assert_eq!(device["requests_refused"], 0, "{device}");
+    drop(qmp);
+    guard.0.take().unwrap().shutdown().unwrap();
+    assert_eq!(leftovers("pe2vr").unwrap(), Vec::<String>::new());
+}

@@ -52,6 +52,7 @@ pub(crate) fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::LOG_SHMFD
+        | VhostUserProtocolFeatures::RARP
 }
 
 /// The device's side of one vhost-user session (and of the ones after it).
@@ -66,6 +67,10 @@ pub(crate) struct Device {
     /// The dirty-page log every region's writes go to (live migration).
     log: Arc<DirtyLog>,
     refusal: Option<String>,
+    /// The vNIC's MAC: the only one `SEND_RARP` may announce (none: every announcement refused).
+    mac: Option<[u8; 6]>,
+    /// Rings stopped by `GET_VRING_BASE` (a guest reset or shutdown stops every ring), over all sessions.
+    ring_stops: u64,
 }
 
 /// Set `O_NONBLOCK` on an eventfd QEMU passed: a worker must never block reading or writing one.
@@ -74,8 +79,10 @@ fn nonblocking(file: &File) -> io::Result<()> {
 }
 
 impl Device {
-    pub fn new(offered: u64, pairs: Vec<Arc<PairShared>>) -> Device {
+    pub fn new(offered: u64, pairs: Vec<Arc<PairShared>>, mac: Option<[u8; 6]>) -> Device {
         Device {
+            mac,
+            ring_stops: 0,
             offered,
             pairs,
             owned: false,
@@ -105,6 +112,42 @@ impl Device {
     /// Whether replies to requests that want one are on (`REPLY_ACK` negotiated).
     pub fn reply_ack(&self) -> bool {
         self.acked_protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
+    /// Rings stopped by `GET_VRING_BASE` so far.
+    pub fn ring_stops(&self) -> u64 {
+        self.ring_stops
+    }
+
+    /// Change the MAC `SEND_RARP` may announce (the inventory changed the vNIC's).
+    pub fn set_mac(&mut self, mac: Option<[u8; 6]>) {
+        self.mac = mac;
+    }
+
+    /// `VHOST_USER_SEND_RARP`: QEMU asks the device to announce `mac` after a
+    /// migration. Injected as a frame from the guest on the first queue
+    /// pair ([`super::announce`]) if the `RARP` protocol feature was acked
+    /// and `mac` is the vNIC's; refused with the reason otherwise.
+    pub fn send_rarp(&mut self, mac: [u8; 6]) -> Result<(), String> {
+        let fmt = |m: [u8; 6]| m.map(|b| format!("{b:02x}")).join(":");
+        if self.acked_protocol & VhostUserProtocolFeatures::RARP.bits() == 0 {
+            return Err("SEND_RARP without the RARP protocol feature".into());
+        }
+        match self.mac {
+            None => return Err(format!("SEND_RARP for {}: the device has no MAC to announce", fmt(mac))),
+            Some(own) if own != mac => {
+                return Err(format!("SEND_RARP for {}, not the vNIC's MAC {}", fmt(mac), fmt(own)));
+            }
+            Some(_) => {}
+        }
+        let Some(first) = self.pairs.first() else {
+            return Err("SEND_RARP: no queue pair".into());
+        };
+        if first.announce(mac) {
+            Ok(())
+        } else {
+            Err("SEND_RARP: announcements already waiting for the worker".into())
+        }
     }
 
     /// The reason the last request was refused, if it was (then the session goes on).
@@ -339,7 +382,10 @@ impl VhostUserBackendReqHandlerMut for Device {
             Ok(r.base)
         });
         match base {
-            Ok(base) => Ok(VhostUserVringState::new(index, u32::from(base))),
+            Ok(base) => {
+                self.ring_stops += 1;
+                Ok(VhostUserVringState::new(index, u32::from(base)))
+            }
             Err(e) => {
                 // No reply was sent, and QEMU waits for one: the session must end, not go on.
                 self.refusal = None;

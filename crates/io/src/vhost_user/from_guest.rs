@@ -41,8 +41,15 @@ impl NetRings {
     /// The first half of `recv_batch`: copy the frames in and complete the
     /// chains, without handing the frames over yet (see `deliver`).
     pub(crate) fn fill_from_guest<M: GuestMemory>(&mut self, mem: &M, max: usize, delivery: Delivery) -> RecvOutcome {
-        self.spans.clear();
-        self.headers.clear();
+        // Announcements injected for QEMU (SEND_RARP) go first, whether or not the ring runs.
+        let injected = self.begin_batch();
+        let mut outcome = self.fill_ring(mem, max, delivery, injected);
+        outcome.frames = self.spans.len();
+        outcome
+    }
+
+    /// Drain the transmit ring into the batch, its arena filled from `filled`.
+    fn fill_ring<M: GuestMemory>(&mut self, mem: &M, max: usize, delivery: Delivery, mut filled: usize) -> RecvOutcome {
         let mut outcome = RecvOutcome::default();
         if !self.tx.running() {
             return outcome;
@@ -62,7 +69,6 @@ impl NetRings {
             indirect: self.features.indirect_descriptors(),
             max_len: Some((header_len + self.limits.max_frame_len) as u64),
         };
-        let mut filled = 0usize;
         let mut chains = 0usize;
         loop {
             let head = match self.tx.pop(mem) {
@@ -119,7 +125,6 @@ impl NetRings {
         if outcome.notify {
             self.stats.guest_notifications += 1;
         }
-        outcome.frames = self.spans.len();
         outcome
     }
 

@@ -48,7 +48,9 @@
 //! `REPLY_ACK`, `RESET_DEVICE`, `LOG_SHMFD` with the feature `VHOST_F_LOG_ALL`:
 //! dirty-page logging, so QEMU can live-migrate the guest ([`log`]: every
 //! page this backend writes is marked in the log QEMU shares while it
-//! migrates). Not offered: UDP segmentation/fragmentation offloads, packed
+//! migrates), and `RARP`: after a migration QEMU asks the backend to
+//! announce the guest's MAC (`SEND_RARP`), and the announcement is handed
+//! to the workers as a frame from the guest ([`announce`]). Not offered: UDP segmentation/fragmentation offloads, packed
 //! rings, in-flight tracking.
 //!
 //! A guest that negotiated less gets frames it can take: a partial
@@ -93,6 +95,7 @@
 //! # Ok::<(), palisade_io::IoError>(())
 //! ```
 
+pub mod announce;
 pub(crate) mod chain;
 pub(crate) mod device;
 pub mod features;

@@ -194,6 +194,14 @@ impl PairShared {
         self.wake(slot);
     }
 
+    /// Queue a RARP announcement of `mac` for the worker (see [`super::announce`]) and wake it.
+    pub fn announce(&self, mac: [u8; 6]) -> bool {
+        let mut slot = self.lock();
+        let queued = slot.rings.announce(mac);
+        self.wake(&mut slot);
+        queued
+    }
+
     /// Take the guest's transmit kick eventfd out of the epoll set (before it is replaced or closed).
     pub fn forget_kick(&self, slot: &PairSlot) {
         if let Some(kick) = &slot.tx.kick {
@@ -232,7 +240,18 @@ fn recv_in(
     if let Some(kick) = &slot.tx.kick {
         drain(kick);
     }
-    let Some(mem) = slot.mem.as_ref() else { return 0 };
+    let Some(mem) = slot.mem.as_ref() else {
+        // No guest memory (QEMU announces a migrated guest before it starts
+        // the rings): only announcements injected for QEMU can be handed over.
+        let n = if slot.rings.announcements_pending() {
+            slot.rings.begin_batch();
+            slot.rings.deliver(f);
+            slot.rings.spans.len()
+        } else {
+            0
+        };
+        return n;
+    };
     let outcome = slot.rings.fill_from_guest(&**mem, max, delivery);
     if outcome.notify {
         signal(slot.tx.call.as_ref());

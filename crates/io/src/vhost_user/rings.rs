@@ -170,6 +170,8 @@ pub struct NetRings {
     pub(crate) stash_segments: Vec<Segment>,
     /// A copy of a frame whose checksum is completed before it goes to the guest.
     pub(crate) scratch: Vec<u8>,
+    /// MACs of RARP announcements to hand over with the next batch ([`super::announce`]).
+    pub(crate) announcements: VecDeque<[u8; 6]>,
 }
 
 impl NetRings {
@@ -191,6 +193,7 @@ impl NetRings {
             stash: VecDeque::new(),
             stash_segments: Vec::new(),
             scratch: Vec::new(),
+            announcements: VecDeque::new(),
         }
     }
 

@@ -56,6 +56,9 @@ pub struct VhostUserNetConfig {
     pub limits: Limits,
     /// Permission bits for the socket (e.g. `0o660` so libvirt's QEMU user can connect); the umask's when `None`.
     pub socket_mode: Option<u32>,
+    /// The vNIC's MAC, the only one QEMU may have announced after a
+    /// migration (`SEND_RARP`, see [`super::announce`]); `None` refuses every announcement.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl VhostUserNetConfig {
@@ -67,6 +70,7 @@ impl VhostUserNetConfig {
             offloads: Offloads::ALL,
             limits: Limits::default(),
             socket_mode: None,
+            mac: None,
         }
     }
 }
@@ -88,9 +92,16 @@ pub struct DeviceStatus {
     pub running: Vec<(bool, bool)>,
     /// Requests refused (bad index, size, address…) while the session went on.
     pub requests_refused: u64,
+    /// Rings QEMU stopped (`GET_VRING_BASE`): every ring at each guest reset,
+    /// shutdown or migration, so a guest reboot shows as a step of twice the pairs.
+    pub ring_stops: u64,
     /// Ring enables QEMU sent before the features were negotiated (at
     /// multiqueue start-up and on reconnect), handled outside the protocol layer.
     pub early_ring_enables: u64,
+    /// Announcements QEMU asked for after a migration (`SEND_RARP`) and injected.
+    pub announcements: u64,
+    /// Announcements refused: not the vNIC's MAC, the feature not negotiated, too many waiting.
+    pub announcements_refused: u64,
     /// The last refusal or session error, for the operator.
     pub last_error: Option<String>,
 }
@@ -167,7 +178,7 @@ impl VhostUserNet {
             .map(|_| PairShared::new(config.limits).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| os("creating eventfd/epoll", e))?;
-        let device = Device::new(offered(config.offloads, config.queue_pairs), pairs.clone());
+        let device = Device::new(offered(config.offloads, config.queue_pairs), pairs.clone(), config.mac);
         let control = Arc::new(Control {
             stop: AtomicBool::new(false),
             stop_fd: EventFd::new(EFD_NONBLOCK).map_err(|e| os("eventfd", e))?,
@@ -210,6 +221,7 @@ impl VhostUserNet {
             status.features = device.features();
             status.protocol_features = device.acked_protocol_features();
             status.memory_regions = device.memory_regions();
+            status.ring_stops = device.ring_stops();
         }
         status.running = self
             .pairs
@@ -220,6 +232,11 @@ impl VhostUserNet {
             })
             .collect();
         status
+    }
+
+    /// Change the MAC QEMU may announce (`SEND_RARP`): the inventory changed the vNIC's.
+    pub fn set_mac(&self, mac: Option<[u8; 6]>) {
+        lock(&self.control.device).set_mac(mac);
     }
 
     /// Counters of every queue pair.
@@ -293,6 +310,7 @@ fn serve(listener: &UnixListener, control: &Control) {
 /// vhost-user request codes this module looks at before the protocol layer does.
 const SET_FEATURES: u32 = 2;
 const SET_VRING_ENABLE: u32 = 18;
+const SEND_RARP: u32 = 19;
 /// Header flags: version 1, a reply, a reply wanted.
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -344,6 +362,14 @@ fn session(stream: UnixStream, control: &Control) {
             _ => return,
         }
         let (request, flags, size) = (le32(&head[0..4]), le32(&head[4..8]), le32(&head[8..12]));
+        // SEND_RARP is not handled by the protocol layer at all (it would end
+        // the session): taken here too.
+        if size == 8 && request == SEND_RARP {
+            if send_rarp(&mut raw, control, flags).is_err() {
+                return;
+            }
+            continue;
+        }
         if size == 8 && (request == SET_FEATURES || (request == SET_VRING_ENABLE && !protocol_acked)) {
             if crate::sys::peek_exact(raw.as_fd(), &mut head).ok() != Some(SMALL_MESSAGE_LEN) {
                 return;
@@ -399,13 +425,46 @@ fn early_ring_enable(stream: &mut UnixStream, control: &Control, flags: u32) -> 
             status.last_error = Some(format!("ring {index}: enable {num} refused"));
         }
     }
+    acknowledge(stream, SET_VRING_ENABLE, flags, reply_ack, ok)
+}
+
+/// Answer a request taken off the socket here with its `REPLY_ACK`
+/// (0: done, 1: refused), if the frontend asked for one and negotiated them.
+fn acknowledge(stream: &mut UnixStream, request: u32, flags: u32, reply_ack: bool, ok: bool) -> std::io::Result<()> {
     if flags & FLAG_NEED_REPLY != 0 && reply_ack {
         let mut reply = [0u8; SMALL_MESSAGE_LEN];
-        reply[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+        reply[0..4].copy_from_slice(&request.to_le_bytes());
         reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
         reply[8..12].copy_from_slice(&8u32.to_le_bytes());
         reply[12..20].copy_from_slice(&u64::from(!ok).to_le_bytes());
         stream.write_all(&reply)?;
     }
     Ok(())
+}
+
+/// Take a SEND_RARP off the socket: QEMU asks for the guest's announcement
+/// after a migration (the MAC in the first six bytes of the `u64` body).
+/// Injected if it is the vNIC's MAC, refused and counted otherwise; the
+/// session goes on either way.
+fn send_rarp(stream: &mut UnixStream, control: &Control, flags: u32) -> std::io::Result<()> {
+    let mut msg = [0u8; SMALL_MESSAGE_LEN];
+    stream.read_exact(&mut msg)?;
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&msg[12..18]);
+    let (result, reply_ack) = {
+        let mut device = lock(&control.device);
+        (device.send_rarp(mac), device.reply_ack())
+    };
+    {
+        let mut status = lock(&control.status);
+        match &result {
+            Ok(()) => status.announcements += 1,
+            Err(why) => {
+                status.announcements_refused += 1;
+                status.requests_refused += 1;
+                status.last_error = Some(why.clone());
+            }
+        }
+    }
+    acknowledge(stream, SEND_RARP, flags, reply_ack, result.is_ok())
 }

@@ -217,6 +217,11 @@ pub struct QueueStats {
     pub budget_exhausted: u64,
     /// Notifications sent to the guest (call eventfd writes).
     pub guest_notifications: u64,
+    /// RARP announcements injected for QEMU (`SEND_RARP`), handed over as frames
+    /// from the guest (not counted in `from_guest_frames`).
+    pub announcements_injected: u64,
+    /// Announcements dropped because too many were already waiting.
+    pub announcements_dropped: u64,
 }
 
 impl QueueStats {
@@ -243,6 +248,8 @@ impl QueueStats {
             ring_faults,
             budget_exhausted,
             guest_notifications,
+            announcements_injected,
+            announcements_dropped,
         } = other;
         self.from_guest_frames += from_guest_frames;
         self.from_guest_bytes += from_guest_bytes;
@@ -264,6 +271,8 @@ impl QueueStats {
         self.ring_faults += ring_faults;
         self.budget_exhausted += budget_exhausted;
         self.guest_notifications += guest_notifications;
+        self.announcements_injected += announcements_injected;
+        self.announcements_dropped += announcements_dropped;
     }
 
     /// Frames not delivered to the guest, all reasons.

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,8 @@ pub struct Guest {
     pub calls: Vec<EventFd>,
     pub bump: Bump,
     pub rx_bufs: Vec<Vec<(u64, u32)>>,
+    /// The frontend's socket, for requests the `vhost` crate's frontend cannot send (`SEND_RARP`).
+    pub raw: UnixStream,
 }
 
 pub fn memory_file() -> File {
@@ -49,7 +52,7 @@ impl Guest {
     }
 
     pub fn connect_with(socket: &Path, pairs: usize, keep: u64, file: File, base: u16) -> Guest {
-        let frontend = connect_retrying(socket, 2 * pairs as u64);
+        let (frontend, raw) = connect_retrying(socket, 2 * pairs as u64);
         let mem = GuestMemoryMmap::from_ranges_with_files(&[(
             GuestAddress(MEM_BASE),
             MEM_LEN as usize,
@@ -65,6 +68,7 @@ impl Guest {
             calls: Vec::new(),
             bump: Bump::new(0, 0),
             rx_bufs: Vec::new(),
+            raw,
         };
         g.negotiate(keep);
         g.set_memory();
@@ -165,13 +169,15 @@ impl Guest {
     }
 }
 
-pub fn connect_retrying(socket: &Path, queues: u64) -> Frontend {
+pub fn connect_retrying(socket: &Path, queues: u64) -> (Frontend, UnixStream) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match Frontend::connect(socket, queues) {
-            Ok(f) => {
+        match UnixStream::connect(socket) {
+            Ok(stream) => {
+                let raw = stream.try_clone().unwrap();
+                let f = Frontend::from_stream(stream, queues);
                 f.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
-                return f;
+                return (f, raw);
             }
             Err(e) if Instant::now() < deadline => {
                 let _ = e;
