@@ -87,7 +87,7 @@ fn the_agent_unit_is_a_notify_service_with_a_watchdog() {
         "Type=notify",
         "Restart=on-failure",
         "WatchdogSec=30s",
-        "CapabilityBoundingSet=CAP_NET_RAW CAP_NET_ADMIN",
+        "CapabilityBoundingSet=CAP_NET_RAW CAP_NET_ADMIN CAP_SYS_NICE",
         // The fallback's modules, loaded outside the sandbox that keeps
         // the agent and ExecStopPost= from loading modules themselves.
         "ProtectKernelModules=yes",
