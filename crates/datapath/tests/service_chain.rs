@@ -2,15 +2,14 @@
 //! flow from the edge router's leg to a web VM is redirected through one of
 //! two bump-in-the-wire appliance VMs; east-west traffic is not.
 
+#[path = "support/chain_lab.rs"]
+mod chain_lab;
+
 use core::net::Ipv4Addr;
 
-use palisade_datapath::port::{self, PortId, UplinkConfig, VnicPort};
-use palisade_datapath::{
-    Disposition, DropReason, Engine, EngineConfig, EventSink, FlowEvent, OffloadError, OffloadVerdict, Output,
-    PolicyLookup, Results,
-};
+use palisade_datapath::port::{self, PortId};
+use palisade_datapath::{Disposition, DropReason, Engine, OffloadError, OffloadVerdict, Output, PolicyLookup, Results};
 use palisade_policy::compile::Compiler;
-use palisade_policy::model::Segment as ZoneSegment;
 use palisade_policy::{MemorySource, load};
 use palisade_testkit::engine::tcp_v4_frame;
 use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
@@ -68,47 +67,14 @@ struct Lab {
     results: Results,
 }
 
-struct NoEvents;
-impl EventSink for NoEvents {
-    fn event(&mut self, _: &FlowEvent) {}
-}
-
 fn lab(on_failure: &str) -> Lab {
-    let loaded = load(&MemorySource::new().with("p.yaml", policy(on_failure))).unwrap();
-    assert!(!loaded.has_errors(), "{}", loaded.render());
-    let model = loaded.model;
-    let uplink = UplinkConfig {
-        local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 1]),
-        local_ip: Ipv4Addr::new(192, 168, 0, 1),
-        gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
-        flood: vec![],
-    };
-    let mut e = Engine::new(
-        EngineConfig::new(uplink),
-        Box::new(PolicyLookup::new(Compiler::new(model.clone()).unwrap())),
-    );
-    let mut add = |name: &str| {
-        e.add_vnic(port::vnic_from_model(&model, name, &[], 1000).unwrap())
-            .unwrap()
-    };
+    let (mut e, model) = chain_lab::engine(policy(on_failure));
+    let mut add = |name: &str| chain_lab::add_vnic(&mut e, &model, name);
     let web1 = add("web-1.0");
     let web2 = add("web-2.0");
     let ips = [(add("ips-1.in"), add("ips-1.out")), (add("ips-2.in"), add("ips-2.out"))];
     // The edge router's leg in the web zone: an appliance port.
-    let router = e
-        .add_vnic(VnicPort {
-            name: "edge-web".into(),
-            vm: "edge".into(),
-            mac: EthernetAddress(ROUTER_MAC),
-            ips: vec![],
-            zone: "web".into(),
-            segment: port::zone_segment(ZoneSegment::Vlan(100)),
-            group_id: 0,
-            strict: false,
-            max_conns: 1000,
-            any_source: true,
-        })
-        .unwrap();
+    let router = chain_lab::add_router_leg(&mut e, ROUTER_MAC);
     Lab {
         e,
         router,
@@ -154,7 +120,9 @@ fn outbound(sport: u16, seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
 impl Lab {
     /// Process `frame` on `port` at `now` ms: its disposition and the ports it goes to.
     fn send(&mut self, now: u64, port: PortId, frame: &[u8]) -> (Disposition, Vec<PortId>) {
-        let p = self.e.process(now * MS, port, frame, &mut NoEvents, &mut self.results);
+        let p = self
+            .e
+            .process(now * MS, port, frame, &mut chain_lab::NoEvents, &mut self.results);
         let ports = p.outputs.iter().map(|o: &Output| o.port).collect();
         (p.disposition, ports)
     }
@@ -291,17 +259,7 @@ fn appliances_cannot_inject_or_reflect() {
 #[test]
 fn an_appliance_port_is_no_l2_destination() {
     let text = policy("closed").replace("zone: svc", "zone: web");
-    let loaded = load(&MemorySource::new().with("p.yaml", text)).unwrap();
-    let model = loaded.model;
-    let mut e = Engine::new(
-        EngineConfig::new(UplinkConfig {
-            local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 1]),
-            local_ip: Ipv4Addr::new(192, 168, 0, 1),
-            gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
-            flood: vec![],
-        }),
-        Box::new(PolicyLookup::new(Compiler::new(model.clone()).unwrap())),
-    );
+    let (mut e, model) = chain_lab::engine(text);
     let web2 = e
         .add_vnic(port::vnic_from_model(&model, "web-2.0", &[], 10).unwrap())
         .unwrap();
@@ -314,7 +272,7 @@ fn an_appliance_port_is_no_l2_destination() {
         TcpFlags::SYN,
     );
     let mut results = Results::default();
-    let p = e.process(MS, web2, &direct, &mut NoEvents, &mut results);
+    let p = e.process(MS, web2, &direct, &mut chain_lab::NoEvents, &mut results);
     assert_eq!(p.disposition, Disposition::Drop(DropReason::NoRoute));
 }
 
@@ -446,7 +404,7 @@ fn an_imported_connection_is_still_steered() {
     let i = old.handshake(1, 40000);
     let blob = old.e.export_all(2 * MS);
     let mut l = lab("closed");
-    assert_eq!(l.e.import_all(&blob, 3 * MS, &mut NoEvents).unwrap(), 1);
+    assert_eq!(l.e.import_all(&blob, 3 * MS, &mut chain_lab::NoEvents).unwrap(), 1);
     let data = inbound(40000, (101, 501), TcpFlags::ACK);
     // The same instance: the appliance keeps seeing the whole connection.
     assert_eq!(l.send(4, l.router, &data), (Disposition::Forward, vec![l.ips[i].0]));

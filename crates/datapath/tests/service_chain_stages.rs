@@ -5,17 +5,14 @@
 //! cross them in that order, the responder's in reverse, each stage through
 //! the same instance both ways.
 
+#[path = "support/chain_lab.rs"]
+mod chain_lab;
+
 use core::net::Ipv4Addr;
 
-use palisade_datapath::port::{self, PortId, UplinkConfig, VnicPort};
-use palisade_datapath::{
-    Disposition, DropReason, Engine, EngineConfig, EventSink, FlowEvent, OffloadVerdict, Output, PolicyLookup, Results,
-};
-use palisade_policy::compile::Compiler;
-use palisade_policy::model::Segment as ZoneSegment;
-use palisade_policy::{MemorySource, load};
+use palisade_datapath::port::PortId;
+use palisade_datapath::{Disposition, DropReason, Engine, OffloadVerdict, Output, Results};
 use palisade_testkit::engine::tcp_v4_frame;
-use palisade_wire::ethernet::EthernetAddress;
 use palisade_wire::flow::{self, FlowKey};
 use palisade_wire::tcp::TcpFlags;
 
@@ -82,46 +79,13 @@ struct Lab {
     results: Results,
 }
 
-struct NoEvents;
-impl EventSink for NoEvents {
-    fn event(&mut self, _: &FlowEvent) {}
-}
-
 fn lab(on_failure: &str) -> Lab {
-    let loaded = load(&MemorySource::new().with("p.yaml", policy(on_failure))).unwrap();
-    assert!(!loaded.has_errors(), "{}", loaded.render());
-    let model = loaded.model;
-    let uplink = UplinkConfig {
-        local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 1]),
-        local_ip: Ipv4Addr::new(192, 168, 0, 1),
-        gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
-        flood: vec![],
-    };
-    let mut e = Engine::new(
-        EngineConfig::new(uplink),
-        Box::new(PolicyLookup::new(Compiler::new(model.clone()).unwrap())),
-    );
-    let mut add = |name: &str| {
-        e.add_vnic(port::vnic_from_model(&model, name, &[], 1000).unwrap())
-            .unwrap()
-    };
+    let (mut e, model) = chain_lab::engine(policy(on_failure));
+    let mut add = |name: &str| chain_lab::add_vnic(&mut e, &model, name);
     let web1 = add("web-1.0");
     let mut pair = |vm: &str| (add(&format!("{vm}.in")), add(&format!("{vm}.out")));
     let stages = [[pair("fw-1"), pair("fw-2")], [pair("ips-1"), pair("ips-2")]];
-    let router = e
-        .add_vnic(VnicPort {
-            name: "edge-web".into(),
-            vm: "edge".into(),
-            mac: EthernetAddress(ROUTER_MAC),
-            ips: vec![],
-            zone: "web".into(),
-            segment: port::zone_segment(ZoneSegment::Vlan(100)),
-            group_id: 0,
-            strict: false,
-            max_conns: 1000,
-            any_source: true,
-        })
-        .unwrap();
+    let router = chain_lab::add_router_leg(&mut e, ROUTER_MAC);
     Lab {
         e,
         router,
@@ -153,7 +117,9 @@ const FWD: Disposition = Disposition::Forward;
 impl Lab {
     /// Process `frame` on `port` at `now` ms: its disposition and the ports it goes to.
     fn send(&mut self, now: u64, port: PortId, frame: &[u8]) -> (Disposition, Vec<PortId>) {
-        let p = self.e.process(now * MS, port, frame, &mut NoEvents, &mut self.results);
+        let p = self
+            .e
+            .process(now * MS, port, frame, &mut chain_lab::NoEvents, &mut self.results);
         let ports = p.outputs.iter().map(|o: &Output| o.port).collect();
         (p.disposition, ports)
     }
