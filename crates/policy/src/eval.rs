@@ -827,7 +827,10 @@ fn render_redirect(chain: Option<&ServiceChain>, name: &str) -> String {
             let instances: Vec<String> = st
                 .appliances
                 .iter()
-                .map(|a| format!("{} ({} -> {})", a.vm, a.vnic_in, a.vnic_out))
+                .map(|a| match &a.external {
+                    Some(e) => format!("external {} (vni {} -> vni {})", e.address, e.vni_in, e.vni_out),
+                    None => format!("{} ({} -> {})", a.vm, a.vnic_in, a.vnic_out),
+                })
                 .collect();
             instances.join(", ")
         })

@@ -1379,9 +1379,22 @@ impl ModelBuilder {
         Some(probe)
     }
 
-    /// One appliance of a service chain: `{ vm: VM, in: VNIC, out: VNIC }`.
+    /// One appliance of a service chain: `{ vm: VM, in: VNIC, out: VNIC }`,
+    /// or `{ external: { address: IPV4, vni_in: VNI, vni_out: VNI } }`.
     fn appliance(&mut self, node: &Node) -> Option<Appliance> {
-        let f = self.fields(node, &["vm", "in", "out"], "an appliance")?;
+        let f = self.fields(node, &["vm", "in", "out", "external"], "an appliance")?;
+        if let Some(ext) = f.get("external") {
+            if let Some(other) = ["vm", "in", "out"].iter().find_map(|k| f.get(k)) {
+                self.err_hint(
+                    K::InvalidValue,
+                    &other.span,
+                    "an appliance is either a VM's vNICs or external, not both",
+                    "external: { address: 192.0.2.10, vni_in: 5001, vni_out: 5002 } alone",
+                );
+                return None;
+            }
+            return self.external_appliance(ext);
+        }
         let vm = self.required(&f, "vm", "an appliance");
         let vnic_in = self.required(&f, "in", "an appliance");
         let vnic_out = self.required(&f, "out", "an appliance");
@@ -1394,6 +1407,77 @@ impl ModelBuilder {
             vnic_out: self.string(vnic_out)?,
             span: vm.span.clone(),
             vnic_spans: [vnic_in.span.clone(), vnic_out.span.clone()],
+            external: None,
+        })
+    }
+
+    /// An external appliance: `{ address: IPV4, vni_in: VNI, vni_out: VNI }`,
+    /// its address a unicast IPv4 address (the underlay's family), its VNIs
+    /// in 1..=2^24-1 (VNI 0 is an untagged segment's). Clashes with segments
+    /// and other instances are the validation's.
+    fn external_appliance(&mut self, node: &Node) -> Option<Appliance> {
+        let what = "an external appliance";
+        let f = self.fields(node, &["address", "vni_in", "vni_out"], what)?;
+        let address = self.required(&f, "address", what);
+        let vni_in = self.required(&f, "vni_in", what);
+        let vni_out = self.required(&f, "vni_out", what);
+        let (address, vni_in, vni_out) = (address?, vni_in?, vni_out?);
+        let ip = match address.as_str().map(str::parse::<IpAddr>) {
+            Some(Ok(IpAddr::V4(ip))) => ip,
+            Some(Ok(IpAddr::V6(_))) => {
+                self.err_hint(
+                    K::InvalidValue,
+                    &address.span,
+                    "an external appliance's address must be IPv4",
+                    "the underlay (VXLAN between tunnel endpoints) is IPv4",
+                );
+                return None;
+            }
+            Some(Err(_)) => {
+                let msg = format!("{} is not an IPv4 address", quote(address.as_str().unwrap_or_default()));
+                self.err_hint(K::InvalidValue, &address.span, msg, "e.g. address: 192.0.2.10");
+                return None;
+            }
+            None => {
+                self.wrong(address, "an IPv4 address");
+                return None;
+            }
+        };
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast() {
+            self.err_hint(
+                K::InvalidValue,
+                &address.span,
+                format!("{ip} cannot be an external appliance's address"),
+                "a unicast underlay address (not 0.0.0.0, loopback, multicast or broadcast)",
+            );
+            return None;
+        }
+        let mut vni = |n: &Node| {
+            let v = self.integer(n)?;
+            if v == 0 || v > u64::from(ExternalAppliance::MAX_VNI) {
+                self.err_hint(
+                    K::InvalidValue,
+                    &n.span,
+                    format!("VNI {v} is out of range"),
+                    format!("1..={} (VNI 0 is the untagged segment's)", ExternalAppliance::MAX_VNI),
+                );
+                return None;
+            }
+            Some(v as u32)
+        };
+        let (vi, vo) = (vni(vni_in), vni(vni_out));
+        let external = ExternalAppliance {
+            address: ip,
+            vni_in: vi?,
+            vni_out: vo?,
+        };
+        Some(Appliance {
+            vm: external.name(),
+            vnic_in: external.side_name(external.vni_in),
+            vnic_out: external.side_name(external.vni_out),
+            span: node.span.clone(),
+            vnic_spans: [vni_in.span.clone(), vni_out.span.clone()],
+            external: Some(external),
         })
     }
 

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -485,20 +485,64 @@ pub struct Rule {
 /// mode. Steered packets enter it on one of its vNICs and leave it,
 /// unchanged in their addresses, on the other: the initiator's direction
 /// in on `vnic_in` and out on `vnic_out`, the responder's the other way.
+///
+/// Or an external appliance ([`Appliance::external`]), reached over the
+/// underlay: the two sides are then two VNIs at one underlay address, and
+/// `vm`, `vnic_in` and `vnic_out` are names made from them
+/// ([`ExternalAppliance::name`], [`ExternalAppliance::side_name`]), so
+/// that every consumer that names an instance by them (records, metrics,
+/// the probe monitor) names an external one too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Appliance {
-    /// The appliance VM.
+    /// The appliance VM (for an external appliance, its address).
     pub vm: String,
     /// The vNIC the initiator's packets enter it on (and the responder's leave it on).
     pub vnic_in: String,
     /// The vNIC the initiator's packets leave it on (and the responder's enter it on).
     pub vnic_out: String,
-    /// Where it was declared (its `vm`).
+    /// Where it was declared (its `vm`, or its `external`).
     #[serde(skip)]
     pub span: Span,
-    /// Where `in` and `out` were written.
+    /// Where `in` and `out` were written (for an external appliance,
+    /// `vni_in` and `vni_out`).
     #[serde(skip)]
     pub vnic_spans: [Span; 2],
+    /// An appliance outside the virtual network, reached over the underlay
+    /// (`None`: a VM's vNIC pair).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalAppliance>,
+}
+
+/// An external appliance (`external: { address, vni_in, vni_out }`): a
+/// box (or a VM of another network) at an underlay address that takes
+/// steered packets VXLAN-encapsulated, the initiator's direction in VNI
+/// `vni_in` and the responder's in `vni_out`, and sends each back, to the
+/// host that sent it, in the other side's VNI (a bridge between two VXLAN
+/// interfaces, bump in the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ExternalAppliance {
+    /// Its underlay (tunnel endpoint) address.
+    pub address: Ipv4Addr,
+    /// The VNI of its `in` side: the initiator's packets enter it in this
+    /// VNI (and the responder's come back from it in it).
+    pub vni_in: u32,
+    /// The VNI of its `out` side.
+    pub vni_out: u32,
+}
+
+impl ExternalAppliance {
+    /// The largest VNI (24 bits).
+    pub const MAX_VNI: u32 = 0x00ff_ffff;
+
+    /// The name it goes by where a VM's name would be: its address.
+    pub fn name(&self) -> String {
+        self.address.to_string()
+    }
+
+    /// The name of one side where a vNIC's would be: `ADDRESS vni N`.
+    pub fn side_name(&self, vni: u32) -> String {
+        format!("{} vni {vni}", self.address)
+    }
 }
 
 /// One stage of a service chain: interchangeable instances of one

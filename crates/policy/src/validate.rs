@@ -6,12 +6,13 @@
 //! legal (a tag may simply not be used yet) but often a typo.
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 
 use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use crate::chars::quote;
 use crate::diag::{Diagnostic, DiagnosticKind as K, did_you_mean};
-use crate::model::{GroupDef, Model, Segment, Span};
+use crate::model::{ExternalAppliance, GroupDef, Model, Segment, Span};
 
 /// What a name reference points at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -251,14 +252,76 @@ pub fn validate(model: &Model, refs: &[Reference], diags: &mut Vec<Diagnostic>) 
     }
 }
 
+/// An external appliance's two VNIs: distinct, neither a zone's segment
+/// (a VLAN zone travels the underlay in its VLAN id as VNI, a VNI zone in
+/// its VNI: a packet back from the appliance must not be taken for one of
+/// the segment's), and no (address, VNI) serving two instances (a packet
+/// back from the appliance must name one instance and side).
+fn external_appliance<'m>(
+    model: &'m Model,
+    chain: &'m str,
+    ext: &ExternalAppliance,
+    spans: &'m [Span; 2],
+    tunnels: &mut FastMap<(Ipv4Addr, u32), (&'m str, &'m Span)>,
+    diags: &mut Vec<Diagnostic>,
+) {
+    if ext.vni_in == ext.vni_out {
+        diags.push(
+            Diagnostic::error(
+                K::InvalidValue,
+                &spans[1],
+                format!("an external appliance's vni_in and vni_out are the same VNI {}", ext.vni_in),
+            )
+            .with_hint("its two sides are told apart by their VNIs"),
+        );
+        return;
+    }
+    for (vni, span) in [ext.vni_in, ext.vni_out].into_iter().zip(spans) {
+        let zone = model.inventory.zones.iter().find(|z| match z.segment {
+            Segment::Vlan(v) => u32::from(v) == vni,
+            Segment::Vni(v) => v == vni,
+        });
+        if let Some(z) = zone {
+            diags.push(
+                Diagnostic::error(
+                    K::InvalidValue,
+                    span,
+                    format!("VNI {vni} is zone {}'s segment", quote(&z.name)),
+                )
+                .with_hint("an external appliance's VNIs must differ from every zone's VLAN id and VNI"),
+            );
+        } else if let Some((other, first)) = tunnels.insert((ext.address, vni), (chain, span)) {
+            diags.push(
+                Diagnostic::error(
+                    K::InvalidValue,
+                    span,
+                    format!(
+                        "VNI {vni} at {} already serves an appliance of chain {}",
+                        ext.address,
+                        quote(other)
+                    ),
+                )
+                .with_hint(format!(
+                    "first used at {first}; an (address, VNI) is one side of one appliance instance"
+                )),
+            );
+        }
+    }
+}
+
 /// The appliances of every service chain: each names a declared VM and two
 /// distinct vNICs of that VM, and no vNIC serves two instances (a steered
 /// packet coming back on it must name one instance).
 fn service_chains(model: &Model, diags: &mut Vec<Diagnostic>) {
     let inv = &model.inventory;
     let mut taken: FastMap<&str, (&str, &Span)> = FastMap::default();
+    let mut tunnels: FastMap<(Ipv4Addr, u32), (&str, &Span)> = FastMap::default();
     for chain in &model.policy.service_chains {
         for a in chain.appliances() {
+            if let Some(ext) = &a.external {
+                external_appliance(model, &chain.name, ext, &a.vnic_spans, &mut tunnels, diags);
+                continue;
+            }
             // An undefined VM is reported by the references.
             let Some(vm) = inv.vm(&a.vm) else { continue };
             let same = a.vnic_in == a.vnic_out;
