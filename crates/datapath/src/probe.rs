@@ -31,9 +31,18 @@
 //! came in. What it can do is pass the probes and nothing else: a probe
 //! checks the path, not the appliance's verdicts.
 //!
+//! An external instance (reached over the underlay) is probed the same
+//! way through its tunnels: the probe frame goes VXLAN-encapsulated to its
+//! address in the VNI of the side it enters ([`ProbeFrame::remote`]), and
+//! must come back from that address in the other side's VNI, where the
+//! engine that receives it checks it as above (the (address, VNI) it comes
+//! from names the instance and side). It has no link: its probes are its
+//! only health.
+//!
 //! Byte order: network (big endian) throughout the frame.
 
 use core::hash::{BuildHasher, Hasher};
+use core::net::Ipv4Addr;
 use core::ops::Range;
 use std::collections::HashMap;
 use std::hash::RandomState;
@@ -41,7 +50,7 @@ use std::sync::Arc;
 
 use palisade_policy::model::ChainProbe;
 
-use crate::port::PortId;
+use crate::port::{PortId, UPLINK};
 use crate::service::ChainStats;
 
 /// The UDP port probes are sent to and from: the BFD echo port.
@@ -123,13 +132,30 @@ impl ProbeKey {
     }
 }
 
-/// A probe frame to send into an appliance port.
+/// A probe frame to send into an appliance port, or over the underlay to
+/// an external appliance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeFrame {
-    /// The port to send it on.
+    /// The port to send it on (for an external appliance, the uplink).
     pub port: PortId,
-    /// The frame.
+    /// The frame; for an external appliance the underlay datagram's
+    /// payload: the VXLAN header (the VNI of the side it enters), then the
+    /// probe frame.
     pub frame: Vec<u8>,
+    /// For an external appliance, its address: `frame` goes to it over the
+    /// underlay socket (`None`: out of `port`).
+    pub remote: Option<Ipv4Addr>,
+}
+
+/// The underlay payload of a probe into an external appliance: a plain
+/// VXLAN header (no group policy: the appliance is no Palisade host) for
+/// `vni`, then `frame`.
+fn tunnelled(vni: u32, frame: &[u8]) -> Vec<u8> {
+    use palisade_wire::vxlan;
+    let mut out = vec![0u8; vxlan::HEADER_LEN + frame.len()];
+    vxlan::VxlanRepr { vni, gbp: None }.emit(&mut vxlan::Packet::new_unchecked(&mut out[..vxlan::HEADER_LEN]));
+    out[vxlan::HEADER_LEN..].copy_from_slice(frame);
+    out
 }
 
 /// A probe that came back through its instance and passed the checks
@@ -334,8 +360,14 @@ impl ProbeMonitor {
         for (ci, chain) in chains.iter().enumerate() {
             let Some(config) = chain.probe else { continue };
             for (ii, inst) in chain.instances.iter().enumerate() {
-                let (Some(p_in), Some(p_out)) = (inst.vnic_in.1, inst.vnic_out.1) else {
-                    continue;
+                // Where each direction's probe goes in: the instance's ports,
+                // or its tunnels.
+                let into = match inst.external {
+                    Some(x) => [(UPLINK, Some((x.address, x.vni_in))), (UPLINK, Some((x.address, x.vni_out)))],
+                    None => match (inst.vnic_in.1, inst.vnic_out.1) {
+                        (Some(p_in), Some(p_out)) => [(p_in, None), (p_out, None)],
+                        _ => continue,
+                    },
                 };
                 let (ci, ii) = (ci as u16, ii as u16);
                 let id = (chain.name.clone(), inst.vm.clone(), inst.vnic_in.0.clone());
@@ -380,10 +412,19 @@ impl ProbeMonitor {
                 state.back = [false; 2];
                 state.sent_at = now;
                 state.sent += 2;
-                for (port, direction) in [(p_in, ProbeDirection::Forward), (p_out, ProbeDirection::Reverse)] {
-                    frames.push(ProbeFrame {
-                        port,
-                        frame: probe_frame(&self.key, ci, ii, direction, self.round),
+                for ((port, tunnel), direction) in into.into_iter().zip([ProbeDirection::Forward, ProbeDirection::Reverse]) {
+                    let frame = probe_frame(&self.key, ci, ii, direction, self.round);
+                    frames.push(match tunnel {
+                        Some((remote, vni)) => ProbeFrame {
+                            port,
+                            frame: tunnelled(vni, &frame),
+                            remote: Some(remote),
+                        },
+                        None => ProbeFrame {
+                            port,
+                            frame,
+                            remote: None,
+                        },
                     });
                 }
             }

@@ -35,14 +35,28 @@
 //! hysteresis), so that an appliance that keeps link but stops forwarding is
 //! taken out of service too.
 //!
+//! An instance may also be an external appliance, reached over the
+//! underlay ([`ExternalAppliance`]): a steered packet is sent to it
+//! VXLAN-encapsulated, to its address in the VNI of the side it enters
+//! (`vni_in` for the initiator's packets, `vni_out` for the responder's),
+//! and comes back from that address in the other side's VNI. What comes
+//! back is matched by (source address, VNI) in this engine's table of
+//! tunnels ([`ServiceChains::tunnel_role`]) before the VNI is taken for a
+//! segment's, and from there on it is exactly a packet back from an
+//! appliance port: the same checks, the same next stage. An external
+//! instance has no link to watch: it is up while its probes answer (or
+//! always, with `probe: off`).
+//!
 //! An appliance may also offload a flow ([`crate::Engine::offload_flow`],
 //! vPath style): `allow` takes it off the chain (its packets stay on the
 //! flow cache and go straight to their destination), `drop` drops the rest
 //! of it ([`crate::DropReason::ApplianceOffloadDrop`]).
 
+use core::net::Ipv4Addr;
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use palisade_policy::model::{ChainProbe, OnFailure, ServiceChain};
+use palisade_policy::model::{ChainProbe, ExternalAppliance, OnFailure, ServiceChain};
 use palisade_wire::flow::Segment;
 
 use crate::port::PortId;
@@ -146,18 +160,22 @@ pub(crate) struct ServicePort {
 /// One instance of a chain and its counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceStats {
-    /// The appliance VM.
+    /// The appliance VM (an external appliance: its address).
     pub vm: Arc<str>,
     /// The stage of its chain it serves (0: the first).
     pub stage: u16,
-    /// Its `in` vNIC and that vNIC's port here, if attached.
+    /// Its `in` vNIC and that vNIC's port here, if attached (an external
+    /// appliance: the side's name, `ADDRESS vni N`, and no port).
     pub vnic_in: (Arc<str>, Option<PortId>),
-    /// Its `out` vNIC and that vNIC's port here, if attached.
+    /// Its `out` vNIC and that vNIC's port here, if attached (as `vnic_in`).
     pub vnic_out: (Arc<str>, Option<PortId>),
+    /// An external appliance's address and VNIs (`None`: a VM's vNICs).
+    pub external: Option<ExternalAppliance>,
     /// In service: both ports attached with link, and its probes answer
     /// (or its chain is not probed).
     pub up: bool,
-    /// Both ports attached and with link.
+    /// Both ports attached and with link (an external appliance: always,
+    /// it has no link here).
     pub link_up: bool,
     /// Its probes answer, as the caller last reported
     /// ([`crate::Engine::set_probe_health`]; up until reported otherwise).
@@ -207,6 +225,9 @@ pub(crate) struct ServiceChains {
     roles: Vec<Option<ServicePort>>,
     /// By port index: link down (reported by the caller; survives policy changes).
     down: Vec<bool>,
+    /// External instances' sides by (address, VNI): what a packet coming
+    /// back over the underlay from that address in that VNI is.
+    tunnels: HashMap<(Ipv4Addr, u32), ServicePort, foldhash::fast::RandomState>,
 }
 
 impl ServiceChains {
@@ -221,6 +242,19 @@ impl ServiceChains {
         self.chains.iter().position(|c| &*c.name == name).map(|i| i as u16)
     }
 
+    /// Whether any chain has an external instance (the underlay path's one
+    /// test when none has).
+    #[inline(always)]
+    pub(crate) fn any_external(&self) -> bool {
+        !self.tunnels.is_empty()
+    }
+
+    /// The external instance's side that sends from `remote` in `vni`, if any.
+    #[inline]
+    pub(crate) fn tunnel_role(&self, remote: Ipv4Addr, vni: u32) -> Option<ServicePort> {
+        self.tunnels.get(&(remote, vni)).copied()
+    }
+
     /// The appliance role of `port`, if any.
     #[inline(always)]
     pub(crate) fn role(&self, port: PortId) -> Option<ServicePort> {
@@ -232,6 +266,7 @@ impl ServiceChains {
     pub(crate) fn resolve(&mut self, decl: &[ServiceChain], ports: usize, port_of: impl Fn(&str) -> Option<PortId>) {
         let old = std::mem::take(&mut self.chains);
         self.roles = vec![None; ports];
+        self.tunnels.clear();
         self.down.resize(ports, false);
         for (ci, c) in decl.iter().enumerate().take(usize::from(u16::MAX)) {
             let before = old.iter().find(|o| *o.name == *c.name);
@@ -254,15 +289,27 @@ impl ServiceChains {
                 .enumerate()
                 .flat_map(|(si, st)| st.appliances.iter().map(move |a| (si as u16, a)));
             for (ii, (stage, a)) in staged.enumerate().take(usize::from(u16::MAX)) {
-                let (pin, pout) = (port_of(&a.vnic_in), port_of(&a.vnic_out));
+                let role = |side| ServicePort {
+                    chain: ci as u16,
+                    stage,
+                    instance: ii as u16,
+                    side,
+                };
+                if let Some(x) = a.external {
+                    // Validation makes every (address, VNI) one side of one
+                    // instance; should a model that skipped it repeat one,
+                    // the first declared keeps it.
+                    for (vni, side) in [(x.vni_in, Side::In), (x.vni_out, Side::Out)] {
+                        self.tunnels.entry((x.address, vni)).or_insert(role(side));
+                    }
+                }
+                let (pin, pout) = match a.external {
+                    Some(_) => (None, None),
+                    None => (port_of(&a.vnic_in), port_of(&a.vnic_out)),
+                };
                 for (p, side) in [(pin, Side::In), (pout, Side::Out)] {
                     if let Some(slot) = p.and_then(|p| self.roles.get_mut(usize::from(p.0))) {
-                        *slot = Some(ServicePort {
-                            chain: ci as u16,
-                            stage,
-                            instance: ii as u16,
-                            side,
-                        });
+                        *slot = Some(role(side));
                     }
                 }
                 let prev = before.and_then(|b| b.instances.iter().find(|i| *i.vnic_in.0 == *a.vnic_in));
@@ -271,6 +318,7 @@ impl ServiceChains {
                     stage,
                     vnic_in: (a.vnic_in.as_str().into(), pin),
                     vnic_out: (a.vnic_out.as_str().into(), pout),
+                    external: a.external,
                     up: false,
                     link_up: false,
                     probe_up: prev.is_none_or(|p| p.probe_up),
@@ -301,7 +349,7 @@ impl ServiceChains {
         for c in &mut self.chains {
             let probed = c.probe.is_some();
             for i in &mut c.instances {
-                i.link_up = up(i.vnic_in.1) && up(i.vnic_out.1);
+                i.link_up = i.external.is_some() || (up(i.vnic_in.1) && up(i.vnic_out.1));
                 i.up = i.link_up && (i.probe_up || !probed);
             }
         }

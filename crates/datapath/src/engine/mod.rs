@@ -801,7 +801,22 @@ impl Engine {
         out: &mut Results,
     ) -> Result<(), DropReason> {
         let in_port = pkt.in_port;
-        if in_port == UPLINK {
+        if in_port == UPLINK
+            && self.services.any_external()
+            && let Some(back) = self.from_external_appliance(frame, pkt.overlay)
+        {
+            // Back over the underlay from an external appliance: as a frame
+            // back on an appliance VM's port, it carries the flow's
+            // addresses (MACs of this host's vNICs among them), so it is
+            // neither checked for spoofing nor learnt from; it is checked
+            // against the steered flows instead ([`Engine::check_return`]).
+            let (role, l2) = back?;
+            if let Some(probe) = frame.get(l2.eth..).and_then(crate::probe::parse) {
+                return Err(self.probe_back(role, &probe));
+            }
+            pkt.l2 = l2;
+            pkt.service = Some(role);
+        } else if in_port == UPLINK {
             let (l2, gbp, from) = match pkt.overlay {
                 Some(remote) => self.vxlan_l2(frame, 0, remote)?,
                 None => self.uplink_l2(frame)?,
@@ -986,18 +1001,18 @@ impl Engine {
         if self.services.any() {
             self.not_to_appliance(to)?;
             let conn = self.decide(pkt, &info, hash, inner, sink)?;
-            let to = match conn {
+            let next = match conn {
                 Some((slot, reply)) => {
                     let steered = self.steer(pkt, slot, reply, to);
-                    if pkt.reset_pending && !steered.is_ok_and(|to| self.is_appliance(to)) {
+                    if pkt.reset_pending && !matches!(steered, Ok(steering::Next::Appliance(_))) {
                         // Its reset goes straight on (or nowhere): it ends here.
                         self.cut(slot, EndReason::Reset, pkt.now, sink);
                     }
                     steered?
                 }
-                None => to,
+                None => steering::Next::Deliver(to),
             };
-            self.push_outputs(to, pkt, true, Some(key), out);
+            self.push_next(next, pkt, key, out);
             return Ok(());
         }
         self.decide(pkt, &info, hash, inner, sink)?;

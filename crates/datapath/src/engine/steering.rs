@@ -7,8 +7,18 @@
 //! chain's first stage in its direction instead of its L2 destination, and a
 //! packet back from a stage goes on to the next stage's instance or, after
 //! the last, to its L2 destination. The semantics are the `service` module's.
+//!
+//! An external instance's "port" is a tunnel: the steered packet leaves on
+//! the uplink VXLAN-encapsulated to the appliance's address in the VNI of
+//! the side it enters ([`Hop::Tunnel`]); what the appliance sends back is
+//! recognised by its (source address, VNI) before the underlay's VNI →
+//! segment lookup ([`Engine::external_return`]) and takes the same return
+//! path as a packet back from an appliance VM.
+
+use core::net::Ipv4Addr;
 
 use palisade_wire::flow::{FlowInfo, FlowKey};
+use palisade_wire::vxlan;
 
 use crate::decision::Results;
 use crate::events::EndReason;
@@ -22,7 +32,37 @@ use crate::table::Slot;
 use crate::verdict::DropReason;
 use palisade_policy::model::OnFailure;
 
+use super::switching::{entropy, parse_l2};
 use super::{Engine, Packet, ROUTING_DOMAIN};
+use crate::decision::{Encap, L2, Output};
+use crate::port::UPLINK;
+
+/// Where a steered packet goes next: an appliance VM's vNIC port, or an
+/// external appliance over the underlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Hop {
+    /// The port of an appliance VM's vNIC.
+    Port(PortId),
+    /// An external appliance: VXLAN to `remote` in `vni`, the VNI of the
+    /// side the packet enters.
+    Tunnel {
+        /// Its underlay address.
+        remote: Ipv4Addr,
+        /// The VNI of the side the packet enters it by.
+        vni: u32,
+    },
+}
+
+/// Where a packet of a connection goes after the steering stage: an
+/// appliance ([`Hop`]), or (not steered, offloaded, no stage left) its L2
+/// destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Next {
+    /// An appliance instance.
+    Appliance(Hop),
+    /// Its L2 destination, as [`Engine::l2_destination`] found it.
+    Deliver(Option<Location>),
+}
 
 impl Engine {
     /// Resolve the policy's service chains against the ports (after a policy
@@ -195,10 +235,6 @@ impl Engine {
         }
     }
 
-    /// Whether `to` is an appliance port (where [`Engine::steer`] sends a steered packet).
-    pub(super) fn is_appliance(&self, to: Option<Location>) -> bool {
-        matches!(to, Some(Location::Port(p)) if self.services.role(p).is_some())
-    }
 
     /// A frame's L2 destination may not be an appliance port: appliances
     /// receive steered packets only.
@@ -212,18 +248,18 @@ impl Engine {
 
     /// Where a packet of connection `slot` goes (`reply`: it travels
     /// responder → initiator): `to`, its L2 destination, unless the
-    /// connection is steered, then the port of its instance at the chain's
-    /// first stage in its direction ([`Engine::next_stage`]).
+    /// connection is steered, then its instance at the chain's first stage
+    /// in its direction ([`Engine::next_stage`]).
     pub(super) fn steer(
         &mut self,
         pkt: &Packet,
         slot: Slot,
         reply: bool,
         to: Option<Location>,
-    ) -> Result<Option<Location>, DropReason> {
+    ) -> Result<Next, DropReason> {
         // A routed flow's second leg went through the appliances on its first.
         if pkt.second_leg {
-            return Ok(to);
+            return Ok(Next::Deliver(to));
         }
         if let Some(c) = self.conns.get_mut(slot)
             && let Some(s) = c.steer.as_mut()
@@ -231,10 +267,60 @@ impl Engine {
         {
             s.segments[usize::from(reply)] = pkt.l2.segment;
         }
-        Ok(self.next_stage(pkt, slot, reply, None)?.map(Location::Port).or(to))
+        Ok(match self.next_stage(pkt, slot, reply, None)? {
+            Some(hop) => Next::Appliance(hop),
+            None => Next::Deliver(to),
+        })
     }
 
-    /// The port of the appliance instance a packet of connection `slot`
+    /// Stage the outputs of a packet the steering stage decided
+    /// ([`Engine::steer`], [`Engine::returning`]): to an appliance port, into
+    /// the tunnel to an external appliance, or towards its L2 destination.
+    pub(super) fn push_next(&mut self, next: Next, pkt: &Packet, key: &FlowKey, out: &mut Results) {
+        match next {
+            Next::Appliance(Hop::Port(p)) => self.push_outputs(Some(Location::Port(p)), pkt, true, Some(key), out),
+            Next::Appliance(Hop::Tunnel { remote, vni }) => {
+                self.counters.encapsulated += pkt.packets;
+                out.push_output(Output {
+                    port: UPLINK,
+                    encap: Some(Encap {
+                        remote,
+                        vni,
+                        group_id: 0,
+                        // The appliance is no Palisade host: nothing to tell it.
+                        policy_applied: false,
+                        source_port: entropy(Some(key)),
+                    }),
+                });
+            }
+            Next::Deliver(to) => self.push_outputs(to, pkt, true, Some(key), out),
+        }
+    }
+
+    /// A VXLAN packet from the underlay (its VXLAN header at `offset` of
+    /// `frame`, sent by `remote`) that an external appliance instance sends
+    /// back: its role (instance and side, by the (address, VNI) it came
+    /// from) and its inner frame's L2, or `None` when it is not one (it then
+    /// goes the way of any underlay packet). Looked up before the VNI is
+    /// taken for a segment's: an appliance's VNIs are its own.
+    pub(super) fn external_return(
+        &self,
+        frame: &[u8],
+        offset: usize,
+        remote: Ipv4Addr,
+    ) -> Option<Result<(ServicePort, L2), DropReason>> {
+        let vx = vxlan::Packet::new_checked(frame.get(offset..)?).ok()?;
+        let repr = vxlan::VxlanRepr::parse(&vx).ok()?;
+        let role = self.services.tunnel_role(remote, repr.vni)?;
+        Some(parse_l2(frame, offset + vxlan::HEADER_LEN).map(|mut l2| {
+            // Switched in the segment it was steered from, once checked
+            // ([`Engine::returning`]); until then in none.
+            l2.segment = palisade_wire::flow::Segment::UNTAGGED;
+            (role, l2)
+        }))
+    }
+
+    /// The appliance instance (its port, or its tunnel) a packet of connection `slot`
     /// goes to next (`reply`: it travels responder → initiator), `from`
     /// the stage it comes back from (`None`: on its way in), or `None` when
     /// it goes to its destination: not steered, offloaded (`allow`), or no
@@ -248,7 +334,7 @@ impl Engine {
         slot: Slot,
         reply: bool,
         from: Option<u16>,
-    ) -> Result<Option<PortId>, DropReason> {
+    ) -> Result<Option<Hop>, DropReason> {
         let Some(conn) = self.conns.get(slot) else {
             return Ok(None);
         };
@@ -301,11 +387,17 @@ impl Engine {
             let Some(inst) = self.services.instance_mut(s.chain, s.instances[st]) else {
                 continue;
             };
-            // Up implies both ports are attached.
-            let port = if reply { inst.vnic_out.1 } else { inst.vnic_in.1 };
-            if let Some(port) = port {
+            // Up implies both ports are attached (or the instance is external).
+            let hop = match inst.external {
+                Some(x) => Some(Hop::Tunnel {
+                    remote: x.address,
+                    vni: if reply { x.vni_out } else { x.vni_in },
+                }),
+                None => (if reply { inst.vnic_out.1 } else { inst.vnic_in.1 }).map(Hop::Port),
+            };
+            if let Some(hop) = hop {
                 inst.sent += packets;
-                next = Some(port);
+                next = Some(hop);
                 break;
             }
         }
@@ -380,16 +472,16 @@ impl Engine {
             }
             None => None,
         };
-        let to = match next {
-            Some(port) => Some(Location::Port(port)),
+        let next = match next {
+            Some(hop) => Next::Appliance(hop),
             None => {
                 pkt.l2.segment = s.segments[usize::from(reply)];
                 let to = self.l2_destination(pkt)?;
                 self.not_to_appliance(to)?;
-                to
+                Next::Deliver(to)
             }
         };
-        self.push_outputs(to, pkt, true, Some(key), out);
+        self.push_next(next, pkt, key, out);
         Ok(())
     }
 }

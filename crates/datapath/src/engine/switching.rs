@@ -26,6 +26,16 @@ impl Engine {
     /// Parse what arrived on the uplink: a VXLAN packet for this tunnel
     /// endpoint (decapsulated), or a plain, possibly tagged frame.
     pub(super) fn uplink_l2(&self, frame: &[u8]) -> Result<(L2, bool, Option<Ipv4Addr>), DropReason> {
+        if let Some((vxlan_off, remote)) = self.uplink_vxlan(frame)? {
+            return self.vxlan_l2(frame, vxlan_off, remote);
+        }
+        Ok((parse_l2(frame, 0)?, false, None))
+    }
+
+    /// Where the VXLAN header of a frame that arrived on the uplink lies and
+    /// which tunnel endpoint sent it, if it is a VXLAN packet for this
+    /// tunnel endpoint (`None`: a plain frame).
+    fn uplink_vxlan(&self, frame: &[u8]) -> Result<Option<(usize, Ipv4Addr)>, DropReason> {
         let outer = parse_l2(frame, 0)?;
         if outer.ethertype == EtherType::IPV4
             && let Some(p) = frame.get(outer.payload..)
@@ -38,9 +48,24 @@ impl Engine {
         {
             // The offsets add up headers that were just checked to be within the frame.
             let vxlan_off = outer.payload + ip.header_len() + udp::HEADER_LEN;
-            return self.vxlan_l2(frame, vxlan_off, ip.src_addr());
+            return Ok(Some((vxlan_off, ip.src_addr())));
         }
-        Ok((outer, false, None))
+        Ok(None)
+    }
+
+    /// A packet from the underlay (the socket's payload from `overlay`, or
+    /// a frame on the uplink) that an external appliance sends back: see
+    /// [`Engine::external_return`]. `None`: not one.
+    pub(super) fn from_external_appliance(
+        &self,
+        frame: &[u8],
+        overlay: Option<Ipv4Addr>,
+    ) -> Option<Result<(crate::service::ServicePort, L2), DropReason>> {
+        let (offset, remote) = match overlay {
+            Some(remote) => (0, remote),
+            None => self.uplink_vxlan(frame).ok()??,
+        };
+        self.external_return(frame, offset, remote)
     }
 
     /// Parse the VXLAN header at `offset` of `frame` (sent by tunnel endpoint
@@ -81,7 +106,9 @@ impl Engine {
         };
         match to {
             Some(Location::Port(p)) if p == in_port => Err(DropReason::NoRoute),
-            Some(Location::Remote(_)) if in_port == UPLINK => Err(DropReason::NoRoute),
+            // Except back from an external appliance: this host sent it
+            // there, and delivers it as it would have.
+            Some(Location::Remote(_)) if in_port == UPLINK && pkt.service.is_none() => Err(DropReason::NoRoute),
             // A frame reaching a migrating VM's old port (a peer that has not
             // yet learned its new host) must not open a connection here.
             Some(Location::Port(p)) if self.any_quiesced && self.is_quiesced(p) => Err(DropReason::VnicMigrating),
