@@ -2986,6 +2986,7 @@ mod tests {
                     stage: 0,
                     vnic_in: ((*v).into(), None),
                     vnic_out: ("out".into(), None),
+                    external: None,
                     up: true,
                     link_up: true,
                     probe_up: true,

@@ -469,6 +469,35 @@ fn service_chain_metrics(engines: &[&Engine], metric: &mut Emit<'_>) {
         "Connections steered to a service-chain appliance instance (first choice or failover).",
         &per_instance(&|i| i.flows),
     );
+    // External instances (over the underlay): their tunnel traffic by address and VNIs.
+    let external = |f: &dyn Fn(&palisade_datapath::InstanceStats) -> u64| -> Vec<(String, u64)> {
+        let mut rows = Vec::new();
+        for (ci, c) in chains.iter().enumerate() {
+            for (ii, i) in c.instances.iter().enumerate() {
+                let Some(x) = i.external else { continue };
+                let v = engines
+                    .iter()
+                    .filter_map(|e| e.service_chains().get(ci)?.instances.get(ii))
+                    .map(f)
+                    .sum();
+                let labels = format!("{},vni_in=\"{}\",vni_out=\"{}\"", instance_labels(c, i), x.vni_in, x.vni_out);
+                rows.push((labels, v));
+            }
+        }
+        rows
+    };
+    metric(
+        "palisade_service_chain_external_sent_total",
+        "counter",
+        "Packets sent VXLAN-encapsulated over the underlay into an external service-chain appliance.",
+        &external(&|i| i.sent),
+    );
+    metric(
+        "palisade_service_chain_external_returned_total",
+        "counter",
+        "Packets that came back over the underlay from an external service-chain appliance and went on.",
+        &external(&|i| i.returned),
+    );
     // Every worker is given the same link state: the first one's is the host's.
     let up: Vec<(String, u64)> = chains
         .iter()
@@ -754,4 +783,97 @@ pub fn inspection(
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use core::net::Ipv4Addr;
+
+    use palisade_datapath::port::{self, UplinkConfig, VnicPort};
+    use palisade_datapath::{Engine, EngineConfig, EventSink, FlowEvent, PolicyLookup, Results};
+    use palisade_policy::compile::Compiler;
+    use palisade_policy::model::Segment as ZoneSegment;
+    use palisade_policy::{MemorySource, load};
+    use palisade_wire::ethernet::EthernetAddress;
+    use palisade_wire::tcp::TcpFlags;
+
+    struct NoEvents;
+    impl EventSink for NoEvents {
+        fn event(&mut self, _: &FlowEvent) {}
+    }
+
+    const POLICY: &str = r#"
+version: 1
+datacenter: { name: dc1, default: deny }
+zones: [{ name: web, vlan: 100 }]
+vms:
+  - { name: web-1, uuid: 00000000-0000-4000-8000-000000000001, tags: { tier: web }, vnics: [{ name: web-1.0, mac: "02:00:00:00:00:01", ips: [10.0.0.1], zone: web }] }
+groups:
+  web: { tags: { tier: web } }
+  internet: external
+service_chains:
+  ns-ext:
+    appliances: [{ external: { address: 192.0.2.10, vni_in: 7001, vni_out: 7002 } }]
+rules:
+  zone:web:
+    - { id: web-in, from: internet, to: web, service: tcp/80, action: allow, redirect: ns-ext }
+"#;
+
+    #[test]
+    fn an_external_instance_is_named_by_address_and_its_tunnel_traffic_counted_with_its_vnis() {
+        let loaded = load(&MemorySource::new().with("p.yaml", POLICY)).unwrap();
+        assert!(!loaded.has_errors(), "{}", loaded.render());
+        let uplink = UplinkConfig {
+            local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 1]),
+            local_ip: Ipv4Addr::new(192, 168, 0, 1),
+            gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
+            flood: vec![],
+        };
+        let mut e = Engine::new(
+            EngineConfig::new(uplink),
+            Box::new(PolicyLookup::new(Compiler::new(loaded.model.clone()).unwrap())),
+        );
+        e.add_vnic(port::vnic_from_model(&loaded.model, "web-1.0", &[], 100).unwrap())
+            .unwrap();
+        let router_mac = [2, 0, 0, 0, 0xee, 1];
+        let router = e
+            .add_vnic(VnicPort {
+                name: "edge-web".into(),
+                vm: "edge".into(),
+                mac: EthernetAddress(router_mac),
+                ips: vec![],
+                zone: "web".into(),
+                segment: port::zone_segment(ZoneSegment::Vlan(100)),
+                group_id: 0,
+                strict: false,
+                max_conns: 100,
+                any_source: true,
+            })
+            .unwrap();
+        let syn = palisade_testkit::engine::tcp_v4_frame(
+            (router_mac, Ipv4Addr::new(203, 0, 113, 9), 40000),
+            ([2, 0, 0, 0, 0, 1], Ipv4Addr::new(10, 0, 0, 1), 80),
+            (1, 0),
+            TcpFlags::SYN,
+            &[],
+        );
+        let mut results = Results::default();
+        let p = e.process(1, router, &syn, &mut NoEvents, &mut results);
+        assert_eq!(p.outputs[0].encap.map(|x| x.remote), Some(Ipv4Addr::new(192, 0, 2, 10)));
+        let mut rows = Vec::new();
+        super::service_chain_metrics(&[&e], &mut |name: &str, _: &str, _: &str, r: &[(String, u64)]| {
+            for (labels, v) in r {
+                rows.push(format!("{name}{{{labels}}} {v}"));
+            }
+        });
+        let tunnel = "chain=\"ns-ext\",appliance=\"192.0.2.10\",vni_in=\"7001\",vni_out=\"7002\"";
+        for want in [
+            format!("palisade_service_chain_external_sent_total{{{tunnel}}} 1"),
+            format!("palisade_service_chain_external_returned_total{{{tunnel}}} 0"),
+            "palisade_service_chain_sent_total{chain=\"ns-ext\",appliance=\"192.0.2.10\"} 1".to_string(),
+            "palisade_service_chain_instance_up{chain=\"ns-ext\",appliance=\"192.0.2.10\"} 1".to_string(),
+        ] {
+            assert!(rows.contains(&want), "{want} not in {rows:#?}");
+        }
+    }
 }

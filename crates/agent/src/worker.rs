@@ -837,7 +837,10 @@ impl Worker {
                 if !core.probe_out.is_empty() {
                     for probe in core.probe_out.drain(..) {
                         let n = probe.frame.len();
-                        staging.push(Dest::Port(probe.port), n, Some(Offload::NONE), |buf| {
+                        // Into an external appliance: over the underlay socket
+                        // (the frame is its VXLAN payload).
+                        let dest = probe.remote.map_or(Dest::Port(probe.port), Dest::Overlay);
+                        staging.push(dest, n, Some(Offload::NONE), |buf| {
                             buf.get_mut(..n)?.copy_from_slice(&probe.frame);
                             Some(n)
                         });
