@@ -3784,3 +3784,281 @@ fn qemu_guest_on_vhost_user_reboots_and_is_filtered_again() {
     guard.0.take().unwrap().shutdown().unwrap();
     assert_eq!(leftovers("pe2vr").unwrap(), Vec::<String>::new());
 }
+
+/// The external appliance's underlay address, on the internet side of the
+/// edge router (the test routes the hosts' underlay to it through the edge
+/// router), and its two VNIs.
+const EXTERNAL_APPLIANCE: &str = "198.51.100.2";
+const EXTERNAL_VNIS: (u32, u32) = (7001, 7002);
+
+/// The three-tier example with the web tier's internet rule redirected
+/// through `ns-ext`, a chain of one external appliance, with `on_failure`.
+fn external_chain_policy(dir: &std::path::Path, on_failure: &str, version: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(three_tier().join("inventory.yaml"), dir.join("inventory.yaml")).unwrap();
+    let pol = std::fs::read_to_string(three_tier().join("policy.yaml")).unwrap();
+    let rule = "      action: allow\n      inspect: full\n    - { id: web-to-app";
+    assert!(pol.contains(rule), "the example's web-from-internet rule changed");
+    let pol = pol
+        .replace(
+            rule,
+            &rule.replace("inspect: full\n", "inspect: full\n      redirect: ns-ext\n"),
+        )
+        .replace("version: 1\n", &format!("version: {version}\n"));
+    let (vi, vo) = EXTERNAL_VNIS;
+    let chains = format!(
+        "\nservice_chains:\n  ns-ext:\n    on_failure: {on_failure}\n    appliances:\n      - {{ external: {{ address: {EXTERNAL_APPLIANCE}, vni_in: {vi}, vni_out: {vo} }} }}\n"
+    );
+    std::fs::write(dir.join("policy.yaml"), format!("{pol}{chains}")).unwrap();
+}
+
+/// Run `script` in namespace `ns`; it must succeed.
+fn sh_ns(lab: &Lab, ns: &str, script: &str) {
+    let out = lab.exec_ns(ns, &["sh", "-c", script], Duration::from_secs(10)).unwrap();
+    assert!(
+        out.status.success(),
+        "in {ns}: {script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The external appliance: a namespace `<lab>-xapp` behind the edge router
+/// (a link of its own on the router's outside, 198.51.100.0/24), the edge
+/// router given a leg on the hosts' underlay (192.168.100.254) and every
+/// host a route to 198.51.100.0/24 through it. In it two Linux VXLAN
+/// devices, one per side (VNI 7001 and 7002, both to the VTEP of the host
+/// that owns the web zone's edge leg, where north-south flows are
+/// classified and steered), bridged, with the counting ruleset of the VM
+/// appliances (probes pass uncounted; requests for "/X-EVIL" dropped).
+/// The namespace goes with the lab (`<lab>-` prefix). Returns its name.
+fn external_appliance(lab: &Lab) -> String {
+    let plan = lab.plan().clone();
+    let ns = format!("{}-xapp", plan.name);
+    let out = Command::new("ip").args(["netns", "add", &ns]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (e, u) = (&plan.edge_ns, &plan.underlay_ns);
+    // The edge router on the underlay, and its outside link to the appliance.
+    sh_ns(
+        lab,
+        e,
+        &format!(
+            "ip link add ul1 mtu 1600 type veth peer name edge-ul mtu 1600 netns {u} && \
+             ip addr add 192.168.100.254/24 dev ul1 && ip link set ul1 up && \
+             ip link add xapp0 mtu 1600 type veth peer name eth0 mtu 1600 netns {ns} && \
+             ip addr add 198.51.100.1/24 dev xapp0 && ip link set xapp0 up"
+        ),
+    );
+    sh_ns(lab, u, "ip link set edge-ul master br0 up");
+    for h in &plan.hosts {
+        sh_ns(lab, &h.ns, "ip route add 198.51.100.0/24 via 192.168.100.254");
+    }
+    let web = plan.zones.iter().find(|z| z.name == "web").unwrap();
+    let vtep = plan.host(&web.host).unwrap().underlay_ip;
+    let (vi, vo) = EXTERNAL_VNIS;
+    // `gbp`: Palisade's VXLAN header is VXLAN-GBP (the G bit set), which a
+    // Linux VXLAN device without it drops as malformed.
+    sh_ns(
+        lab,
+        &ns,
+        &format!(
+            "sysctl -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 >/dev/null && \
+             ip link set lo up && ip addr add {EXTERNAL_APPLIANCE}/24 dev eth0 && ip link set eth0 up && \
+             ip route add default via 198.51.100.1 && \
+             ip link add vx-in mtu 1500 type vxlan id {vi} remote {vtep} local {EXTERNAL_APPLIANCE} dstport 4789 gbp nolearning && \
+             ip link add vx-out mtu 1500 type vxlan id {vo} remote {vtep} local {EXTERNAL_APPLIANCE} dstport 4789 gbp nolearning && \
+             ip link add br0 type bridge && ip link set vx-in master br0 && ip link set vx-out master br0 && \
+             ip link set vx-in up && ip link set vx-out up && ip link set br0 up && \
+             nft add table bridge ips && \
+             nft add chain bridge ips filt '{{ type filter hook forward priority 0; }}' && \
+             nft add rule bridge ips filt ether type ip udp dport 3785 accept && \
+             nft add rule bridge ips filt counter && \
+             nft add rule bridge ips filt '@ih,0,88 0x474554202f582d4556494c' counter drop"
+        ),
+    );
+    ns
+}
+
+/// The external appliance's counters: all it forwarded, and the marked requests it dropped.
+fn external_counts(lab: &Lab, ns: &str) -> (u64, u64) {
+    let out = lab
+        .exec_ns(ns, &["nft", "list", "table", "bridge", "ips"], Duration::from_secs(5))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let packets: Vec<u64> = text
+        .split("packets ")
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(packets.len(), 2, "two counters in\n{text}");
+    (packets[0], packets[1])
+}
+
+/// An external appliance reached over the underlay: north-south HTTP to
+/// web-1 crosses it (its counters rise, the marked request never arrives),
+/// east-west does not; with its VXLAN links down its probes are lost and a
+/// closed chain blocks, an open one passes; when they are back the flows
+/// cross it again. The agent's metrics and flow records name it by address.
+#[test]
+fn service_chain_external_appliance_over_the_underlay_sees_north_south_and_on_failure_decides_when_it_is_down() {
+    if !lab_possible() || !have("nft") {
+        return;
+    }
+    let _one = one_lab();
+    let policy = std::env::temp_dir().join("palisade-e2e-service-chain-external");
+    let _ = std::fs::remove_dir_all(&policy);
+    external_chain_policy(&policy, "closed", 1);
+    let spec = LabSpec {
+        agent_exe: Some(EXE.into()),
+        ..LabSpec::from_inventory(&policy).with_name("pe2x")
+    };
+    let _ = Lab::down(&spec.name, &spec.state_dir);
+    let guard = Teardown(Some(Lab::up(&spec).unwrap()));
+    let lab = guard.0.as_ref().unwrap();
+    let started = Instant::now();
+    let xapp = external_appliance(lab);
+
+    let www = lab.state().state_dir.join("www-sx");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "web\n").unwrap();
+    std::fs::write(www.join("X-EVIL"), "evil\n").unwrap();
+    let dir = www.to_str().unwrap();
+    let mut servers = vec![
+        lab.spawn("web-1", &["busybox", "httpd", "-f", "-p", "80", "-h", dir])
+            .unwrap(),
+        lab.spawn("app-1", &["busybox", "httpd", "-f", "-p", "8080", "-h", dir])
+            .unwrap(),
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    let web1 = lab.vm_ip("web-1").unwrap().to_string();
+    let app1 = lab.vm_ip("app-1").unwrap().to_string();
+    let inet = lab.plan().internet_ns.clone();
+    let get = |path: &str| {
+        lab.exec_ns(
+            &inet,
+            &["curl", "-s", "-m", "2", &format!("http://{web1}/{path}")],
+            Duration::from_secs(10),
+        )
+        .is_ok_and(|o| o.status.success() && !o.stdout.is_empty())
+    };
+    // The probes find the appliance up (it is up until they say otherwise).
+    let (seen0, _) = external_counts(lab, &xapp);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get("") {
+        assert!(
+            Instant::now() < deadline,
+            "the internet reaches web-1 through the external appliance"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (seen1, dropped1) = external_counts(lab, &xapp);
+    assert!(
+        seen1 >= seen0 + 6,
+        "the connection crossed the external appliance: {seen0} -> {seen1}"
+    );
+    assert!(!get("X-EVIL"), "the marked request never arrives");
+    let (seen2, dropped2) = external_counts(lab, &xapp);
+    assert!(
+        dropped2 > dropped1 && seen2 > seen1,
+        "dropped by the external appliance: {dropped1} -> {dropped2}"
+    );
+
+    // East-west (web-1 -> app-1) does not go through it.
+    let ew = lab
+        .exec(
+            "web-1",
+            &["curl", "-s", "-m", "2", &format!("http://{app1}:8080/")],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    assert!(ew.status.success(), "east-west HTTP works");
+    assert_eq!(
+        external_counts(lab, &xapp).0,
+        seen2,
+        "east-west traffic never reaches the external appliance"
+    );
+
+    // The flow record and the metrics name it by address.
+    let hv = &lab.plan().zones.iter().find(|z| z.name == "web").unwrap().host.clone();
+    let sock = lab.state().state_dir.join(hv).join("agent.sock");
+    let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
+    let recs: Vec<palisade_audit::record::FlowRecord> = serde_json::from_str(&flows).unwrap();
+    assert!(
+        recs.iter()
+            .any(|r| r.dst.port == 80 && r.appliance.as_deref() == Some("ns-ext/198.51.100.2")),
+        "a record names the external appliance: {flows}"
+    );
+
+    // Its VXLAN links go down: its probes are lost (3 rounds of 500 ms),
+    // and a closed chain blocks.
+    let links = |state: &str| {
+        sh_ns(
+            lab,
+            &xapp,
+            &format!("ip link set vx-in {state} && ip link set vx-out {state}"),
+        )
+    };
+    links("down");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!get(""), "closed: nothing passes without the external appliance");
+
+    // The chain turns open (a policy change the agent reloads): traffic passes around it.
+    external_chain_policy(&policy, "open", 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get("") {
+        assert!(
+            Instant::now() < deadline,
+            "open: traffic passes while the external appliance is down"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(get("X-EVIL"), "open: not inspected while the external appliance is down");
+    let (seen3, _) = external_counts(lab, &xapp);
+
+    // Back: its probes answer (2 rounds), and the flows cross it again.
+    links("up");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if get("") && external_counts(lab, &xapp).0 > seen3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flows cross the external appliance again"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(!get("X-EVIL"), "and it drops the marked request again");
+
+    // The agent's metrics (published every 500 ms).
+    std::thread::sleep(Duration::from_millis(700));
+    let metrics = palisade_agent::http::get_unix(&sock, "/metrics").unwrap();
+    let value = |name: &str, labels: &str| -> u64 {
+        let head = format!("{name}{{host=\"{hv}\",{labels}}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&head)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {head} in\n{metrics}"))
+    };
+    let instance = "chain=\"ns-ext\",appliance=\"198.51.100.2\"";
+    let tunnel = format!("{instance},vni_in=\"7001\",vni_out=\"7002\"");
+    assert!(value("palisade_service_chain_external_sent_total", &tunnel) > 0);
+    assert!(value("palisade_service_chain_external_returned_total", &tunnel) > 0);
+    assert!(value("palisade_service_chain_probes_returned_total", instance) > 0);
+    assert_eq!(value("palisade_service_chain_instance_up", instance), 1);
+    assert!(
+        value("palisade_service_chain_down_drops_total", "chain=\"ns-ext\"") > 0,
+        "closed while down"
+    );
+    assert!(
+        value("palisade_service_chain_bypassed_total", "chain=\"ns-ext\"") > 0,
+        "open while down"
+    );
+
+    for s in &mut servers {
+        let _ = lab.kill(s);
+    }
+    eprintln!("external appliance lab test: {:?}", started.elapsed());
+    drop(guard);
+    assert_eq!(leftovers("pe2x").unwrap(), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&policy);
+}
