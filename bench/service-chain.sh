@@ -21,6 +21,13 @@
 #              second appliance VM on hv1, bridged and counting like ips-1)
 #              then ips-1; the same HTTP and iperf3 figures, and both
 #              appliances' counters
+#   external   the redirect through ns-ext, a chain of one external
+#              appliance reached over the underlay: a namespace behind the
+#              edge router (198.51.100.2; the edge router joins the underlay
+#              at 192.168.100.254 and every host routes 198.51.100.0/24
+#              through it) bridging two Linux VXLAN devices (VNIs 7001 and
+#              7002, to hv1's tunnel endpoint) with the same counting
+#              ruleset; the same HTTP and iperf3 figures, and its counter
 #   offloaded  chained, then an iperf3 stream offloaded (`POST /flows/offload`
 #              allow on its data connection) after 2 s; its throughput over the
 #              intervals after the offload, and the appliance's counter over
@@ -99,13 +106,15 @@ inv = open(f"{src}/inventory.yaml").read() + """
 pol = open(f"{src}/policy.yaml").read()
 rule = "      action: allow\n      inspect: full\n    - { id: web-to-app"
 assert rule in pol, "the example's web-from-internet rule changed"
-if redirect in ("yes", "two"):
-    chain = "ns-ips" if redirect == "yes" else "ns-two"
+if redirect in ("yes", "two", "ext"):
+    chain = {"yes": "ns-ips", "two": "ns-two", "ext": "ns-ext"}[redirect]
     pol = pol.replace(rule, rule.replace("inspect: full\n", f"inspect: full\n      redirect: {chain}\n"))
 pol = pol.replace("version: 1\n", f"version: {version}\n")
 # A vNIC serves one chain: ips-1 is in ns-ips, or in ns-two after fw-1.
 if redirect == "two":
     pol += "\nservice_chains:\n  ns-two:\n    on_failure: closed\n    stages:\n      - appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }]\n      - appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }]\n"
+elif redirect == "ext":
+    pol += "\nservice_chains:\n  ns-ext:\n    on_failure: closed\n    appliances:\n      - { external: { address: 198.51.100.2, vni_in: 7001, vni_out: 7002 } }\n"
 else:
     pol += "\nservice_chains:\n  ns-ips:\n    on_failure: closed\n    appliances:\n      - { vm: ips-1, in: ips-1.in, out: ips-1.out }\n"
 open(f"{dst}/inventory.yaml", "w").write(inv)
@@ -222,5 +231,35 @@ f0=$(fw_counted)
 line=$(mode two_stage)
 f1=$(fw_counted)
 echo "${line%\}},\"fw_packets\":$((f1 - f0))}"
+
+log "external: through an appliance over the underlay"
+xns="$name-xapp"
+ens=$(plan '.plan.edge_ns')
+uns=$(plan '.plan.underlay_ns')
+vtep=$(plan '.plan.hosts[] | select(.name=="hv1") | .underlay_ip')
+ip netns add "$xns"
+ip netns exec "$ens" sh -c "ip link add ul1 mtu 1600 type veth peer name edge-ul mtu 1600 netns $uns &&
+    ip addr add 192.168.100.254/24 dev ul1 && ip link set ul1 up &&
+    ip link add xapp0 mtu 1600 type veth peer name eth0 mtu 1600 netns $xns &&
+    ip addr add 198.51.100.1/24 dev xapp0 && ip link set xapp0 up"
+ip netns exec "$uns" ip link set edge-ul master br0 up
+for h in $(plan '.plan.hosts[].ns'); do ip netns exec "$h" ip route add 198.51.100.0/24 via 192.168.100.254; done
+ip netns exec "$xns" sh -c "sysctl -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 >/dev/null &&
+    ip link set lo up && ip addr add 198.51.100.2/24 dev eth0 && ip link set eth0 up &&
+    ip route add default via 198.51.100.1 &&
+    ip link add vx-in mtu 1500 type vxlan id 7001 remote $vtep local 198.51.100.2 dstport 4789 gbp nolearning &&
+    ip link add vx-out mtu 1500 type vxlan id 7002 remote $vtep local 198.51.100.2 dstport 4789 gbp nolearning &&
+    ip link add br0 type bridge && ip link set vx-in master br0 && ip link set vx-out master br0 &&
+    ip link set vx-in up && ip link set vx-out up && ip link set br0 up && nft add table bridge ips &&
+    nft add chain bridge ips filt '{ type filter hook forward priority 0; }' &&
+    nft add rule bridge ips filt ether type ip udp dport 3785 accept &&
+    nft add rule bridge ips filt counter"
+ext_counted() { ip netns exec "$xns" nft list table bridge ips | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | head -1; }
+write_policy ext 4
+sleep 3
+x0=$(ext_counted)
+line=$(mode external)
+x1=$(ext_counted)
+echo "${line%\}},\"external_packets\":$((x1 - x0))}"
 
 echo "{\"loadavg_before\":\"$load_before\",\"loadavg_after\":\"$(loadavg)\",\"nproc\":$(nproc)}"

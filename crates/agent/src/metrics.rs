@@ -480,7 +480,12 @@ fn service_chain_metrics(engines: &[&Engine], metric: &mut Emit<'_>) {
                     .filter_map(|e| e.service_chains().get(ci)?.instances.get(ii))
                     .map(f)
                     .sum();
-                let labels = format!("{},vni_in=\"{}\",vni_out=\"{}\"", instance_labels(c, i), x.vni_in, x.vni_out);
+                let labels = format!(
+                    "{},vni_in=\"{}\",vni_out=\"{}\"",
+                    instance_labels(c, i),
+                    x.vni_in,
+                    x.vni_out
+                );
                 rows.push((labels, v));
             }
         }

@@ -363,7 +363,10 @@ impl ProbeMonitor {
                 // Where each direction's probe goes in: the instance's ports,
                 // or its tunnels.
                 let into = match inst.external {
-                    Some(x) => [(UPLINK, Some((x.address, x.vni_in))), (UPLINK, Some((x.address, x.vni_out)))],
+                    Some(x) => [
+                        (UPLINK, Some((x.address, x.vni_in))),
+                        (UPLINK, Some((x.address, x.vni_out))),
+                    ],
                     None => match (inst.vnic_in.1, inst.vnic_out.1) {
                         (Some(p_in), Some(p_out)) => [(p_in, None), (p_out, None)],
                         _ => continue,
@@ -412,7 +415,9 @@ impl ProbeMonitor {
                 state.back = [false; 2];
                 state.sent_at = now;
                 state.sent += 2;
-                for ((port, tunnel), direction) in into.into_iter().zip([ProbeDirection::Forward, ProbeDirection::Reverse]) {
+                for ((port, tunnel), direction) in
+                    into.into_iter().zip([ProbeDirection::Forward, ProbeDirection::Reverse])
+                {
                     let frame = probe_frame(&self.key, ci, ii, direction, self.round);
                     frames.push(match tunnel {
                         Some((remote, vni)) => ProbeFrame {

@@ -214,7 +214,11 @@ impl Lab {
         assert_eq!(back.payloads[0], syn, "delivered as it was sent");
         let syn_ack = outbound(sport, (500, 101), TcpFlags::SYN | TcpFlags::ACK);
         let (encap, payload) = self.send(now, self.web1, &syn_ack).tunnel();
-        assert_eq!((encap.remote, encap.vni), (APPLIANCES[i], VNI_OUT), "the same instance, its out side");
+        assert_eq!(
+            (encap.remote, encap.vni),
+            (APPLIANCES[i], VNI_OUT),
+            "the same instance, its out side"
+        );
         let back = self.from_underlay(now, APPLIANCES[i], &bridged(&payload));
         assert_eq!(
             (back.disposition, back.ports()),
@@ -239,7 +243,11 @@ fn north_south_crosses_one_external_instance_both_ways_and_east_west_does_not() 
     let mut l = lab("closed");
     let before = l.e.counters().classifications;
     let i = l.handshake(1, 40000);
-    assert_eq!(l.e.counters().classifications - before, 1, "classified once, on the SYN");
+    assert_eq!(
+        l.e.counters().classifications - before,
+        1,
+        "classified once, on the SYN"
+    );
     let chain = &l.e.service_chains()[0];
     let inst = &chain.instances[i];
     assert_eq!((inst.sent, inst.returned, inst.flows), (3, 3, 1));
@@ -263,7 +271,12 @@ fn north_south_crosses_one_external_instance_both_ways_and_east_west_does_not() 
     let ew = tcp((WEB2_MAC, WEB2, 5555), (WEB1_MAC, WEB1, 80), (1, 0), TcpFlags::SYN);
     let s = l.send(2, web2, &ew);
     assert_eq!((s.disposition, s.ports()), (Disposition::Forward, vec![l.web1]));
-    let reply = tcp((WEB1_MAC, WEB1, 80), (WEB2_MAC, WEB2, 5555), (9, 2), TcpFlags::SYN | TcpFlags::ACK);
+    let reply = tcp(
+        (WEB1_MAC, WEB1, 80),
+        (WEB2_MAC, WEB2, 5555),
+        (9, 2),
+        TcpFlags::SYN | TcpFlags::ACK,
+    );
     let s = l.send(2, l.web1, &reply);
     assert_eq!((s.disposition, s.ports()), (Disposition::Forward, vec![web2]));
     let sent_after: u64 = l.e.service_chains()[0].instances.iter().map(|i| i.sent).sum();
@@ -319,7 +332,8 @@ fn what_comes_back_is_checked_as_from_an_appliance_vm() {
     // The appliance's VNI from an address that is not the appliance's: not
     // taken for it (and it is no segment's VNI either).
     assert_eq!(
-        l.from_underlay(2, Ipv4Addr::new(192, 0, 2, 99), &bridged(&payload)).disposition,
+        l.from_underlay(2, Ipv4Addr::new(192, 0, 2, 99), &bridged(&payload))
+            .disposition,
         Disposition::Drop(DropReason::UnknownVni)
     );
     // The genuine return still goes on.
@@ -333,7 +347,10 @@ fn what_comes_back_is_checked_as_from_an_appliance_vm() {
     l.e.offload_flow(&key, OffloadVerdict::Allow).unwrap();
     let s = l.send(3, l.router, &data);
     assert_eq!((s.disposition, s.ports()), (Disposition::Forward, vec![l.web1]));
-    assert_eq!(l.from_underlay(3, APPLIANCES[i], &bridged(&payload)).disposition, notsteered);
+    assert_eq!(
+        l.from_underlay(3, APPLIANCES[i], &bridged(&payload)).disposition,
+        notsteered
+    );
 }
 
 #[test]
@@ -469,7 +486,8 @@ fn a_probe_reflected_forged_or_from_elsewhere_does_not_count() {
     assert_eq!(l.e.service_chains()[0].probes_rejected, 3);
     // From an address that is no appliance's: not even matched.
     assert_eq!(
-        l.from_underlay(1, Ipv4Addr::new(192, 0, 2, 99), &bridged(&forward0)).disposition,
+        l.from_underlay(1, Ipv4Addr::new(192, 0, 2, 99), &bridged(&forward0))
+            .disposition,
         Disposition::Drop(DropReason::UnknownVni)
     );
     let mut returns = Vec::new();
@@ -509,7 +527,11 @@ fn both_down_then_back(on_failure: &str) {
             assert_eq!(l.e.service_chains()[0].dropped, 1);
         }
         _ => {
-            assert_eq!((s.disposition, s.ports()), (Disposition::Forward, vec![l.web1]), "bypassed");
+            assert_eq!(
+                (s.disposition, s.ports()),
+                (Disposition::Forward, vec![l.web1]),
+                "bypassed"
+            );
             assert_eq!(l.e.service_chains()[0].bypassed, 1);
         }
     }
@@ -563,11 +585,17 @@ fn a_chain_mixing_a_vm_stage_and_an_external_stage_crosses_both_in_order_and_bac
     assert_eq!(l.send(1, router, &syn).ports(), vec![fw_in]);
     let (encap, payload) = l.send(1, fw_out, &syn).tunnel();
     assert_eq!((encap.remote, encap.vni), (APPLIANCES[0], VNI_IN));
-    assert_eq!(l.from_underlay(1, APPLIANCES[0], &bridged(&payload)).ports(), vec![web1]);
+    assert_eq!(
+        l.from_underlay(1, APPLIANCES[0], &bridged(&payload)).ports(),
+        vec![web1]
+    );
     // The reply: the external appliance first (its out side), then the VM.
     let syn_ack = outbound(43000, (500, 101), TcpFlags::SYN | TcpFlags::ACK);
     let (encap, payload) = l.send(1, web1, &syn_ack).tunnel();
     assert_eq!(encap.vni, VNI_OUT);
-    assert_eq!(l.from_underlay(1, APPLIANCES[0], &bridged(&payload)).ports(), vec![fw_out]);
+    assert_eq!(
+        l.from_underlay(1, APPLIANCES[0], &bridged(&payload)).ports(),
+        vec![fw_out]
+    );
     assert_eq!(l.send(1, fw_in, &syn_ack).ports(), vec![router]);
 }

@@ -4011,7 +4011,10 @@ fn service_chain_external_appliance_over_the_underlay_sees_north_south_and_on_fa
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert!(get("X-EVIL"), "open: not inspected while the external appliance is down");
+    assert!(
+        get("X-EVIL"),
+        "open: not inspected while the external appliance is down"
+    );
     let (seen3, _) = external_counts(lab, &xapp);
 
     // Back: its probes answer (2 rounds), and the flows cross it again.

@@ -270,7 +270,10 @@ fn external_appliance<'m>(
             Diagnostic::error(
                 K::InvalidValue,
                 &spans[1],
-                format!("an external appliance's vni_in and vni_out are the same VNI {}", ext.vni_in),
+                format!(
+                    "an external appliance's vni_in and vni_out are the same VNI {}",
+                    ext.vni_in
+                ),
             )
             .with_hint("its two sides are told apart by their VNIs"),
         );

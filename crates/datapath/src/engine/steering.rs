@@ -235,7 +235,6 @@ impl Engine {
         }
     }
 
-
     /// A frame's L2 destination may not be an appliance port: appliances
     /// receive steered packets only.
     #[inline]
