@@ -180,7 +180,7 @@ impl Lab {
     }
 
     /// Process an underlay payload from `remote` at `now` ms.
-    fn from_underlay(&mut self, now: u64, remote: Ipv4Addr, payload: &[u8]) -> Sent {
+    fn receive_underlay(&mut self, now: u64, remote: Ipv4Addr, payload: &[u8]) -> Sent {
         let mut results = std::mem::take(&mut self.results);
         let p = self
             .e
@@ -206,7 +206,7 @@ impl Lab {
         let i = Lab::instance_of(&encap);
         // Into the `in` side, as a plain data packet: no policy claims.
         assert_eq!((encap.vni, encap.policy_applied, encap.group_id), (VNI_IN, false, 0));
-        let back = self.from_underlay(now, APPLIANCES[i], &bridged(&payload));
+        let back = self.receive_underlay(now, APPLIANCES[i], &bridged(&payload));
         assert_eq!(
             (back.disposition, back.ports()),
             (Disposition::Forward, vec![self.web1])
@@ -219,7 +219,7 @@ impl Lab {
             (APPLIANCES[i], VNI_OUT),
             "the same instance, its out side"
         );
-        let back = self.from_underlay(now, APPLIANCES[i], &bridged(&payload));
+        let back = self.receive_underlay(now, APPLIANCES[i], &bridged(&payload));
         assert_eq!(
             (back.disposition, back.ports()),
             (Disposition::Forward, vec![self.router])
@@ -227,7 +227,7 @@ impl Lab {
         let ack = inbound(sport, (101, 501), TcpFlags::ACK);
         let (encap, payload) = self.send(now, self.router, &ack).tunnel();
         assert_eq!((encap.remote, encap.vni), (APPLIANCES[i], VNI_IN));
-        let back = self.from_underlay(now, APPLIANCES[i], &bridged(&payload));
+        let back = self.receive_underlay(now, APPLIANCES[i], &bridged(&payload));
         assert_eq!(back.ports(), vec![self.web1]);
         i
     }
@@ -308,17 +308,18 @@ fn what_comes_back_is_checked_as_from_an_appliance_vm() {
     let data = inbound(40100, (101, 501), TcpFlags::ACK | TcpFlags::PSH);
     let (_, payload) = l.send(2, l.router, &data).tunnel();
     // Back on the side it entered by (reflected): refused.
-    assert_eq!(l.from_underlay(2, APPLIANCES[i], &payload).disposition, notsteered);
+    assert_eq!(l.receive_underlay(2, APPLIANCES[i], &payload).disposition, notsteered);
     // From the other instance, which the flow is not steered through: refused.
     assert_eq!(
-        l.from_underlay(2, APPLIANCES[1 - i], &bridged(&payload)).disposition,
+        l.receive_underlay(2, APPLIANCES[1 - i], &bridged(&payload)).disposition,
         notsteered
     );
     // A flow it made up: refused, and it opens nothing.
     let conns = l.e.conntrack().len();
     let made_up = inbound(40999, (7, 0), TcpFlags::SYN);
     assert_eq!(
-        l.from_underlay(2, APPLIANCES[i], &vxlan(VNI_OUT, &made_up)).disposition,
+        l.receive_underlay(2, APPLIANCES[i], &vxlan(VNI_OUT, &made_up))
+            .disposition,
         notsteered
     );
     assert_eq!(l.e.conntrack().len(), conns);
@@ -326,19 +327,19 @@ fn what_comes_back_is_checked_as_from_an_appliance_vm() {
     let mut arp = made_up.clone();
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     assert_eq!(
-        l.from_underlay(2, APPLIANCES[i], &vxlan(VNI_OUT, &arp)).disposition,
+        l.receive_underlay(2, APPLIANCES[i], &vxlan(VNI_OUT, &arp)).disposition,
         notsteered
     );
     // The appliance's VNI from an address that is not the appliance's: not
     // taken for it (and it is no segment's VNI either).
     assert_eq!(
-        l.from_underlay(2, Ipv4Addr::new(192, 0, 2, 99), &bridged(&payload))
+        l.receive_underlay(2, Ipv4Addr::new(192, 0, 2, 99), &bridged(&payload))
             .disposition,
         Disposition::Drop(DropReason::UnknownVni)
     );
     // The genuine return still goes on.
     assert_eq!(
-        l.from_underlay(2, APPLIANCES[i], &bridged(&payload)).ports(),
+        l.receive_underlay(2, APPLIANCES[i], &bridged(&payload)).ports(),
         vec![l.web1]
     );
     // Offloaded (allow): later packets go straight to web-1, and the
@@ -348,7 +349,7 @@ fn what_comes_back_is_checked_as_from_an_appliance_vm() {
     let s = l.send(3, l.router, &data);
     assert_eq!((s.disposition, s.ports()), (Disposition::Forward, vec![l.web1]));
     assert_eq!(
-        l.from_underlay(3, APPLIANCES[i], &bridged(&payload)).disposition,
+        l.receive_underlay(3, APPLIANCES[i], &bridged(&payload)).disposition,
         notsteered
     );
 }
@@ -366,12 +367,12 @@ fn a_destination_on_another_host_is_reached_after_the_appliance() {
     arp.extend_from_slice(&WEB2.octets());
     arp.extend_from_slice(&[0; 6]);
     arp.extend_from_slice(&[10, 0, 0, 254]);
-    let s = l.from_underlay(1, H2, &vxlan(100, &arp));
+    let s = l.receive_underlay(1, H2, &vxlan(100, &arp));
     assert_eq!(s.disposition, Disposition::Forward, "{s:?}");
     let syn = inbound_to((WEB2_MAC, WEB2), 42000, (100, 0), TcpFlags::SYN);
     let (encap, payload) = l.send(2, l.router, &syn).tunnel();
     let i = Lab::instance_of(&encap);
-    let back = l.from_underlay(2, APPLIANCES[i], &bridged(&payload));
+    let back = l.receive_underlay(2, APPLIANCES[i], &bridged(&payload));
     assert_eq!(back.disposition, Disposition::Forward, "{back:?}");
     let to = back.outputs[0].encap.expect("to h2, encapsulated");
     // To h2 in web's VNI, with the policy-applied bit: classified here.
@@ -409,7 +410,7 @@ impl Prober {
             if !forwards(i) {
                 continue;
             }
-            let s = l.from_underlay(now, remote, &bridged(&f.frame));
+            let s = l.receive_underlay(now, remote, &bridged(&f.frame));
             assert_eq!(
                 (s.disposition, s.outputs.len()),
                 (Disposition::Drop(DropReason::ApplianceProbe), 0),
@@ -472,21 +473,21 @@ fn a_probe_reflected_forged_or_from_elsewhere_does_not_count() {
         .clone();
     let notsteered = Disposition::Drop(DropReason::ApplianceNotSteered);
     // Reflected: back in the VNI it entered by.
-    assert_eq!(l.from_underlay(1, APPLIANCES[0], &forward0).disposition, notsteered);
+    assert_eq!(l.receive_underlay(1, APPLIANCES[0], &forward0).disposition, notsteered);
     // Out of the other instance: not its probe.
     assert_eq!(
-        l.from_underlay(1, APPLIANCES[1], &bridged(&forward0)).disposition,
+        l.receive_underlay(1, APPLIANCES[1], &bridged(&forward0)).disposition,
         notsteered
     );
     // A tag made up.
     let mut forged = bridged(&forward0);
     let last = forged.len() - 1;
     forged[last] ^= 0x5a;
-    assert_eq!(l.from_underlay(1, APPLIANCES[0], &forged).disposition, notsteered);
+    assert_eq!(l.receive_underlay(1, APPLIANCES[0], &forged).disposition, notsteered);
     assert_eq!(l.e.service_chains()[0].probes_rejected, 3);
     // From an address that is no appliance's: not even matched.
     assert_eq!(
-        l.from_underlay(1, Ipv4Addr::new(192, 0, 2, 99), &bridged(&forward0))
+        l.receive_underlay(1, Ipv4Addr::new(192, 0, 2, 99), &bridged(&forward0))
             .disposition,
         Disposition::Drop(DropReason::UnknownVni)
     );
@@ -545,7 +546,10 @@ fn both_down_then_back(on_failure: &str) {
     let (encap, payload) = l.send(4100, l.router, &data).tunnel();
     assert!(APPLIANCES.contains(&encap.remote));
     let remote = encap.remote;
-    assert_eq!(l.from_underlay(4100, remote, &bridged(&payload)).ports(), vec![l.web1]);
+    assert_eq!(
+        l.receive_underlay(4100, remote, &bridged(&payload)).ports(),
+        vec![l.web1]
+    );
 }
 
 #[test]
@@ -586,7 +590,7 @@ fn a_chain_mixing_a_vm_stage_and_an_external_stage_crosses_both_in_order_and_bac
     let (encap, payload) = l.send(1, fw_out, &syn).tunnel();
     assert_eq!((encap.remote, encap.vni), (APPLIANCES[0], VNI_IN));
     assert_eq!(
-        l.from_underlay(1, APPLIANCES[0], &bridged(&payload)).ports(),
+        l.receive_underlay(1, APPLIANCES[0], &bridged(&payload)).ports(),
         vec![web1]
     );
     // The reply: the external appliance first (its out side), then the VM.
@@ -594,7 +598,7 @@ fn a_chain_mixing_a_vm_stage_and_an_external_stage_crosses_both_in_order_and_bac
     let (encap, payload) = l.send(1, web1, &syn_ack).tunnel();
     assert_eq!(encap.vni, VNI_OUT);
     assert_eq!(
-        l.from_underlay(1, APPLIANCES[0], &bridged(&payload)).ports(),
+        l.receive_underlay(1, APPLIANCES[0], &bridged(&payload)).ports(),
         vec![fw_out]
     );
     assert_eq!(l.send(1, fw_in, &syn_ack).ports(), vec![router]);

@@ -803,7 +803,7 @@ impl Engine {
         let in_port = pkt.in_port;
         if in_port == UPLINK
             && self.services.any_external()
-            && let Some(back) = self.from_external_appliance(frame, pkt.overlay)
+            && let Some(back) = self.back_from_external_appliance(frame, pkt.overlay)
         {
             // Back over the underlay from an external appliance: as a frame
             // back on an appliance VM's port, it carries the flow's

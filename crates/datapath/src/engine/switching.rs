@@ -56,7 +56,7 @@ impl Engine {
     /// A packet from the underlay (the socket's payload from `overlay`, or
     /// a frame on the uplink) that an external appliance sends back: see
     /// [`Engine::external_return`]. `None`: not one.
-    pub(super) fn from_external_appliance(
+    pub(super) fn back_from_external_appliance(
         &self,
         frame: &[u8],
         overlay: Option<Ipv4Addr>,
