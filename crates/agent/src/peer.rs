@@ -686,8 +686,8 @@ pub struct Session {
 }
 
 /// When the source's last exchange began, was written, and was answered
-/// ([`monotonic_ns`] readings: the destination logs its side of the same
-/// exchange on the same clock).
+/// (CLOCK_MONOTONIC readings in nanoseconds: the destination logs its side
+/// of the same exchange on the same clock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExchangeTimes {
     /// Before the request was written.
