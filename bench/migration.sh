@@ -210,4 +210,32 @@ for n in conns:
         xs = [float(m) for m in re.findall(rx, text)]
         cells.append(f"{pct(xs,50):6.0f}/{pct(xs,99):<6.0f}")
     print(f"{'state-' + n:<46} " + " ".join(f"{c:>13}" for c in cells))
+
+# The commit's round trip, split by the clock readings both agents log of
+# it (one monotonic clock on the host): the source's write, request sent
+# until the destination read its first bytes (the write, the crossing and
+# the destination thread's wake-up), the destination's work until it began
+# its answer (read, decode, apply), answer begun until the source read it.
+trips = [
+    ("write(src)", 0), ("to dst", 1), ("at dst", 2), ("back", 3),
+]
+print()
+print("round trip p50/p99 (us)                        " + " ".join(f"{n:>13}" for n, _ in trips) + "      paired")
+for n in conns:
+    try:
+        text = open(f"{out}/state-{n}.phases").read()
+    except FileNotFoundError:
+        continue
+    src = [tuple(int(x) for x in m) for m in re.findall(
+        r"written in (\d+) us; request begun at (\d+) ns, answer read at (\d+) ns", text)]
+    dst = [tuple(int(x) for x in m) for m in re.findall(
+        r"first bytes at (\d+) ns, answer begun at (\d+) ns", text)]
+    rows = []
+    for w, s0, a in src:
+        match = [(f, b) for f, b in dst if s0 <= f <= a and f <= b <= a]
+        if len(match) == 1:
+            f, b = match[0]
+            rows.append((w, (f - s0) / 1e3, (b - f) / 1e3, (a - b) / 1e3))
+    cells = [f"{pct([r[i] for r in rows],50):6.0f}/{pct([r[i] for r in rows],99):<6.0f}" for _, i in trips]
+    print(f"{'state-' + n:<46} " + " ".join(f"{c:>13}" for c in cells) + f"  {len(rows):4}/{len(src):<4}")
 EOF

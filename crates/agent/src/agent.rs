@@ -363,6 +363,16 @@ fn policy_stamp(dir: &Path) -> Option<SystemTime> {
     newest
 }
 
+/// A vhost-user vNIC's MAC, from the inventory: the only one QEMU may
+/// announce for it (`SEND_RARP`).
+fn inventory_mac(model: &Model, vnic: &str) -> Option<[u8; 6]> {
+    let (_, v) = model.inventory.vnic(vnic)?;
+    v.mac
+        .parse::<palisade_wire::ethernet::EthernetAddress>()
+        .ok()
+        .map(|m| m.0)
+}
+
 /// This host's ports as the datapath describes them: the configuration's
 /// vNICs, then its appliances; each vNIC's connection limit is shared out
 /// between the workers.
@@ -982,15 +992,7 @@ impl Agent {
         let t_policy = t0.elapsed();
         let mut workers = Vec::new();
         let mut ports = Vec::new();
-        // A vhost-user vNIC's MAC, from the inventory: the only one QEMU may announce (SEND_RARP).
-        let inventory_mac = |name: &str| {
-            let (_, vnic) = model.inventory.vnic(name)?;
-            vnic.mac
-                .parse::<palisade_wire::ethernet::EthernetAddress>()
-                .ok()
-                .map(|m| m.0)
-        };
-        let (vhost, vhost_ports) = crate::vhost::open(&config, n, &inventory_mac)?;
+        let (vhost, vhost_ports) = crate::vhost::open(&config, n, &|name| inventory_mac(model, name))?;
         // Every worker's engine binds the same ports, so the first one's
         // bindings say which sockets to open for all: on a thread of their
         // own, which mostly waits for the kernel's grace periods while this
@@ -1962,6 +1964,14 @@ impl Agent {
             core.identities = identities.clone();
         }
         self.start_inspection(compiler.model());
+        // The MAC a vhost-user vNIC may announce follows the inventory.
+        let model = compiler.model();
+        for (vnic, mac) in self.vhost.update_macs(&|name| inventory_mac(model, name)) {
+            let mac = mac.map_or("none".to_string(), |m| {
+                palisade_wire::ethernet::EthernetAddress(m).to_string()
+            });
+            eprintln!("palisade agent: vnic {vnic}: vhost-user announcements now for MAC {mac}");
+        }
         self.last_policy_error = None;
     }
 

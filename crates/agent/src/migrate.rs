@@ -338,6 +338,9 @@ pub struct SwitchPhases {
     /// The delta's send and the destination's answer (its decode and
     /// apply, and the round trip).
     pub commit: Duration,
+    /// The commit's exchange on the host's monotonic clock (the
+    /// destination logs its side on the same clock).
+    pub exchange: Option<crate::peer::ExchangeTimes>,
 }
 
 impl core::fmt::Display for SwitchPhases {
@@ -348,7 +351,17 @@ impl core::fmt::Display for SwitchPhases {
             self.vnic,
             self.export.as_micros(),
             self.commit.as_micros()
-        )
+        )?;
+        if let Some(x) = self.exchange {
+            write!(
+                f,
+                " (written in {} us; request begun at {} ns, answer read at {} ns)",
+                x.written_ns.saturating_sub(x.started_ns) / 1000,
+                x.started_ns,
+                x.answered_ns
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -417,6 +430,7 @@ impl<'a> Handover<'a> {
                 vnic: n,
                 export,
                 commit: t.elapsed() - export,
+                exchange: self.session.last_exchange(),
             });
         }
         self.committed = true;

@@ -36,6 +36,8 @@ pub(crate) struct VhostVnics {
 struct VhostVnic {
     name: String,
     device: SteeredVhostUser,
+    /// The MAC the device may announce: the inventory's, as last installed.
+    mac: Option<[u8; 6]>,
 }
 
 /// The workers' ports on the devices, to be taken by each worker as it opens its sockets.
@@ -136,6 +138,7 @@ pub(crate) fn open(
         vnics.devices.push(VhostVnic {
             name: v.name.clone(),
             device,
+            mac: dc.mac,
         });
     }
     Ok((vnics, ports))
@@ -202,6 +205,25 @@ impl VhostVnics {
     /// Whether there are any.
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
+    }
+
+    /// Give each device the MAC the inventory gives its vNIC now (`mac`, by
+    /// name; a policy was installed): the only one QEMU may announce for it
+    /// after a migration (`SEND_RARP`). A device kept the MAC of the policy
+    /// the agent started with, and refused the announcement of a vNIC whose
+    /// MAC the inventory had changed since. Returns the vNICs whose MAC
+    /// changed, with the new one.
+    pub fn update_macs(&mut self, mac: &dyn Fn(&str) -> Option<[u8; 6]>) -> Vec<(String, Option<[u8; 6]>)> {
+        let mut changed = Vec::new();
+        for d in &mut self.devices {
+            let now = mac(&d.name);
+            if now != d.mac {
+                d.device.device().set_mac(now);
+                d.mac = now;
+                changed.push((d.name.clone(), now));
+            }
+        }
+        changed
     }
 
     /// Every device's state, for `/health`.
@@ -358,6 +380,7 @@ mod tests {
             devices: vec![VhostVnic {
                 name: "we\"b".into(),
                 device,
+                mac: None,
             }],
         };
         let text = vnics.metrics("hv1");
@@ -367,6 +390,28 @@ mod tests {
         );
         assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), METRICS.len());
         assert_eq!(vnics.health()[0]["connected"], false);
+    }
+
+    #[test]
+    fn update_macs_reports_the_vnics_whose_mac_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = VhostUserNetConfig::new(dir.path().join("v.sock"));
+        c.mac = Some([2, 0, 0, 0, 0, 1]);
+        let (device, _ports) = SteeredVhostUser::open(&c, 1).unwrap();
+        let mut vnics = VhostVnics {
+            devices: vec![VhostVnic {
+                name: "web.0".into(),
+                device,
+                mac: c.mac,
+            }],
+        };
+        let inventory = |mac: Option<[u8; 6]>| move |name: &str| (name == "web.0").then_some(mac).flatten();
+        assert!(vnics.update_macs(&inventory(c.mac)).is_empty(), "unchanged");
+        let new = Some([2, 0, 0, 0, 0, 2]);
+        assert_eq!(vnics.update_macs(&inventory(new)), [("web.0".to_string(), new)]);
+        assert!(vnics.update_macs(&inventory(new)).is_empty());
+        // Gone from the inventory: nothing to announce.
+        assert_eq!(vnics.update_macs(&inventory(None)), [("web.0".to_string(), None)]);
     }
 
     #[test]

@@ -202,3 +202,56 @@ fn guests_on_vhost_user_are_filtered_and_reconnect_after_an_agent_restart() {
     assert!(received(&mut db, 1, Duration::from_millis(300)).is_empty());
     agent.stop();
 }
+
+/// Send `SEND_RARP(mac)` with `NEED_REPLY` on the guest's raw vhost-user
+/// socket, as QEMU does after a migration, and read the acknowledgement
+/// (0: announced, 1: refused).
+fn send_rarp(guest: &mut Guest, mac: [u8; 6]) -> u64 {
+    use std::io::{Read, Write};
+    let mut msg = Vec::new();
+    // Request 19 (SEND_RARP), flags version 1 | NEED_REPLY, an 8-byte body.
+    for v in [19u32, 0x1 | 0x8, 8] {
+        msg.extend_from_slice(&v.to_le_bytes());
+    }
+    let mut body = [0u8; 8];
+    body[..6].copy_from_slice(&mac);
+    msg.extend_from_slice(&body);
+    guest.raw.write_all(&msg).unwrap();
+    guest.raw.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut reply = [0u8; 20];
+    guest
+        .raw
+        .read_exact(&mut reply)
+        .expect("an acknowledgement of SEND_RARP");
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 19);
+    u64::from_le_bytes(reply[12..20].try_into().unwrap())
+}
+
+/// The MAC a vhost-user vNIC may announce follows the inventory: after a
+/// policy reload that changes vm-0's MAC, QEMU's announcement of the new
+/// one goes out and one of the old one is refused.
+#[test]
+fn a_policy_reload_gives_a_vhost_user_vnic_the_inventorys_new_mac() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    std::fs::write(dir.join("policy/policy.yaml"), support::policy(2)).unwrap();
+    let agent = start(dir, free_udp_port());
+    let mut web = connect(dir, 0, None);
+    let old = support::mac(0).0;
+    let new = [0x02, 0, 0, 0, 0x09, 0];
+    assert_eq!(send_rarp(&mut web, old), 0, "the inventory's MAC is announced");
+    assert_eq!(send_rarp(&mut web, new), 1, "another MAC is not");
+
+    let policy = support::policy(2).replace(&support::mac(0).to_string(), "02:00:00:00:09:00");
+    assert_ne!(policy, support::policy(2));
+    std::fs::write(dir.join("policy/policy.yaml"), policy).unwrap();
+    // The agent reloads the policy on its own (it watches the directory).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while send_rarp(&mut web, new) != 0 {
+        assert!(Instant::now() < deadline, "the new MAC was never announced");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(send_rarp(&mut web, old), 1, "the old MAC is refused now");
+    agent.stop();
+}

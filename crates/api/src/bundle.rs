@@ -128,11 +128,15 @@ impl PolicyBundle {
 
     /// Compile this bundle's effective policy from `compiled`, the compiled
     /// policy of `held`, the bundle it replaces (`None` when there is none).
-    /// When only the tag overlay changed (same version, same files) and it
-    /// only grew ([`overlay_grew`]), `compiled` is taken and only what the
-    /// retagged VMs affect is recompiled ([`retag_changed`]), as the
-    /// controller does: at 50,000 VMs a whole compile takes a second or
-    /// more. Otherwise the bundle is compiled whole, loading with `loader`
+    /// When only the overlays changed (same version, same files), the tag
+    /// overlay only grew ([`overlay_grew`]) and the location overlay lost no
+    /// VM ([`locations_kept`]), `compiled` is taken and brought to this
+    /// bundle: only what the retagged VMs affect is recompiled
+    /// ([`retag_changed`]), as the controller does, and the VMs a live
+    /// migration moved are placed on their new hosts, which recompiles
+    /// nothing ([`relocate_changed`]): at 50,000 VMs a whole compile takes
+    /// a second or more, and every agent would pay it for each migration.
+    /// Otherwise the bundle is compiled whole, loading with `loader`
     /// ([`PolicyBundle::model_with`]), and `compiled` is left for the caller
     /// to drop when it has time: freeing a compiled policy takes about as
     /// long as compiling one.
@@ -145,21 +149,51 @@ impl PolicyBundle {
         if self.same_files || self.delta.is_some() {
             return Err(BundleError::FilesOmitted(self.version));
         }
-        let only_tags = self.version != 0
+        let only_overlays = self.version != 0
             && self.version == held.version
             && !held.same_files
             && held.delta.is_none()
             && self.files == held.files
-            && self.locations == held.locations
+            && locations_kept(&held.locations, &self.locations)
             && overlay_grew(&held.tags, &self.tags);
-        match compiled.take_if(|_| only_tags) {
+        match compiled.take_if(|_| only_overlays) {
             Some(mut c) => {
                 retag_changed(&mut c, &held.tags, &self.tags)?;
+                relocate_changed(&mut c, &held.locations, &self.locations)?;
                 Ok(c)
             }
             None => self.compile_with(loader),
         }
     }
+}
+
+/// Whether every VM the location overlay `held` places is still placed by
+/// `next`. A VM left out goes back to the host its files give, which a
+/// compiled policy no longer holds once relocated: that takes a whole
+/// compile. (The controller only adds and moves entries within a version.)
+pub fn locations_kept(held: &BTreeMap<String, String>, next: &BTreeMap<String, String>) -> bool {
+    held.keys().all(|vm| next.contains_key(vm))
+}
+
+/// Bring `compiled`, the compiled effective policy under location overlay
+/// `held`, to the one under `next` ([`locations_kept`] holds) by placing
+/// each VM whose entry differs on its new host (`Compiler::relocate`: no
+/// chain depends on a VM's host, so nothing is recompiled). On an error
+/// `compiled` may be part-way: compile whole instead.
+pub fn relocate_changed(
+    compiled: &mut Compiler,
+    held: &BTreeMap<String, String>,
+    next: &BTreeMap<String, String>,
+) -> Result<(), BundleError> {
+    for (vm, host) in next {
+        if held.get(vm) == Some(host) {
+            continue;
+        }
+        compiled
+            .relocate(vm, Some(host.clone()))
+            .map_err(|_| BundleError::UnknownLocatedVm(vm.clone()))?;
+    }
+    Ok(())
 }
 
 /// Whether the effective tags under overlay `next` follow from those under
@@ -252,5 +286,118 @@ pub fn apply_overlay(tags: &mut BTreeMap<String, String>, overlay: &BTreeMap<Str
             Some(v) => tags.insert(k.clone(), v.clone()),
             None => tags.remove(k),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three VMs on `hv1` and `hv2` of a cluster, web and db tiers: web may
+    /// reach db on tcp/5432, nothing else is allowed.
+    fn files() -> Files {
+        let mut inv = String::from(
+            "datacenter: { name: dc, default: deny }\nclusters:\n  - name: c\n    hosts: [hv1, hv2, hv3]\n\
+             zones: [{ name: z, vlan: 10 }]\nvms:\n",
+        );
+        for (i, (host, tier)) in [("hv1", "web"), ("hv1", "db"), ("hv2", "db")].iter().enumerate() {
+            inv += &format!(
+                "  - {{ name: vm{i}, uuid: 00000000-0000-4000-8000-{i:012x}, cluster: c, host: {host}, \
+                 tags: {{ tier: {tier} }}, vnics: [{{ name: vm{i}.0, mac: \"02:00:00:00:00:0{i}\", \
+                 ips: [10.0.0.{}], zone: z }}] }}\n",
+                i + 1
+            );
+        }
+        let policy = "version: 3\ngroups: { web: { tags: { tier: web } }, db: { tags: { tier: db } } }\n\
+                      rules:\n  datacenter:\n    - { id: web-db, from: web, to: db, service: tcp/5432, action: allow }\n";
+        [
+            ("inventory.yaml".to_string(), inv),
+            ("policy.yaml".to_string(), policy.to_string()),
+        ]
+        .into()
+    }
+
+    fn bundle(revision: u64, locations: &[(&str, &str)]) -> PolicyBundle {
+        PolicyBundle {
+            revision,
+            version: 3,
+            files: files(),
+            tags: TagOverlay::new(),
+            locations: locations.iter().map(|(v, h)| (v.to_string(), h.to_string())).collect(),
+            same_files: false,
+            delta: None,
+        }
+    }
+
+    fn host_of(c: &Compiler, vm: &str) -> Option<String> {
+        c.model().inventory.vm(vm).and_then(|v| v.host.clone())
+    }
+
+    /// What `next` compiled from `held`'s compiled policy gives, and
+    /// whether the held policy was taken (brought along, not compiled whole).
+    fn from_held(next: &PolicyBundle, held: &PolicyBundle) -> (Compiler, bool) {
+        let mut compiled = Some(held.compile().unwrap());
+        let got = next.compile_from(held, &mut compiled, &mut Loader::new()).unwrap();
+        (got, compiled.is_none())
+    }
+
+    fn assert_same(got: &Compiler, whole: &Compiler) {
+        assert_eq!(got.model(), whole.model(), "the models differ");
+        assert!(got.chains().eq(whole.chains()), "the chains differ");
+    }
+
+    #[test]
+    fn a_location_change_is_brought_along_and_equals_a_whole_compile() {
+        let held = bundle(1, &[]);
+        // A VM migrates: only the location overlay changes.
+        let next = bundle(2, &[("vm1", "hv2")]);
+        let (got, taken) = from_held(&next, &held);
+        assert!(taken, "a location change does not compile the policy whole");
+        assert_eq!(host_of(&got, "vm1").as_deref(), Some("hv2"));
+        assert_same(&got, &next.compile().unwrap());
+        // It moves on, another one moves, and a tag is set in the same revision.
+        let mut after = bundle(3, &[("vm1", "hv3"), ("vm2", "hv1")]);
+        after
+            .tags
+            .insert("vm0".into(), [("tier".to_string(), Some("db".to_string()))].into());
+        let (got, taken) = from_held(&after, &next);
+        assert!(taken);
+        assert_eq!(
+            (host_of(&got, "vm1").as_deref(), host_of(&got, "vm2").as_deref()),
+            (Some("hv3"), Some("hv1"))
+        );
+        assert_same(&got, &after.compile().unwrap());
+        // The same location as before: nothing to do, still the same result.
+        let (got, taken) = from_held(&bundle(4, &[("vm1", "hv2")]), &next);
+        assert!(taken);
+        assert_same(&got, &next.compile().unwrap());
+    }
+
+    #[test]
+    fn a_vm_left_out_of_the_location_overlay_is_compiled_whole_back_on_its_files_host() {
+        let held = bundle(1, &[("vm1", "hv2"), ("vm2", "hv3")]);
+        let next = bundle(2, &[("vm2", "hv3")]);
+        let (got, taken) = from_held(&next, &held);
+        assert!(!taken, "the files' host is not in the compiled policy: compiled whole");
+        assert_eq!(host_of(&got, "vm1").as_deref(), Some("hv1"));
+        assert_same(&got, &next.compile().unwrap());
+        // Other changes still compile whole: another version.
+        let mut other = bundle(3, &[("vm1", "hv2"), ("vm2", "hv3")]);
+        other.version = 4;
+        let (_, taken) = from_held(&other, &held);
+        assert!(!taken);
+    }
+
+    #[test]
+    fn a_location_for_a_vm_the_policy_does_not_have_is_refused_on_both_paths() {
+        let held = bundle(1, &[]);
+        let next = bundle(2, &[("ghost", "hv2")]);
+        let mut compiled = Some(held.compile().unwrap());
+        let e = next.compile_from(&held, &mut compiled, &mut Loader::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "location overlay places VM \"ghost\", which the policy does not have"
+        );
+        assert_eq!(next.compile().unwrap_err().to_string(), e.to_string());
     }
 }

@@ -718,6 +718,20 @@ impl Compiler {
         combine_related(trace(flow.src, Direction::Egress), trace(flow.dst, Direction::Ingress))
     }
 
+    /// Place VM `vm` on `host` (a live migration moved it): only the
+    /// model changes. No chain depends on where a VM runs (selectors match
+    /// tags, names, zones and clusters; the defaults come from zones), so
+    /// nothing is recompiled: the result is what compiling the relocated
+    /// model whole gives.
+    pub fn relocate(&mut self, vm: &str, host: Option<String>) -> Result<(), CompileError> {
+        let vi = *self
+            .vm_by_name
+            .get(vm)
+            .ok_or_else(|| CompileError::UnknownVm(vm.to_string()))?;
+        self.model.inventory.vms[vi].host = host;
+        Ok(())
+    }
+
     /// Change a VM's tags and recompile what that affects.
     pub fn retag(&mut self, vm: &str, tags: BTreeMap<String, String>) -> Result<ChangeSet, CompileError> {
         let vi = *self
