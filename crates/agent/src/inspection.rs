@@ -49,6 +49,8 @@ use palisade_inspect::{
 use palisade_policy::model::{Model, Profile};
 use serde::Serialize;
 
+pub mod carry;
+
 use crate::config::InspectConfig;
 use crate::records::{Clock, Identities};
 
@@ -408,6 +410,12 @@ pub struct InlineCounters {
     pub blocked_discarded: u64,
     /// Repeated `alert`-only hits folded into an earlier record's `count`.
     pub alerts_coalesced: u64,
+    /// Inspected flows taken over from another host with their state (live migration: [`carry`]).
+    pub flows_migrated_in: u64,
+    /// Of them, flows whose reassembly or parser state could not be taken and resumed mid-stream.
+    pub migrated_midstream: u64,
+    /// Migrated flows not taken over: their profile is unknown here (their frames are handled as any such flow's).
+    pub migrated_unknown_profile: u64,
 }
 
 impl InlineCounters {
@@ -426,6 +434,9 @@ impl InlineCounters {
         self.alerts_discarded += o.alerts_discarded;
         self.blocked_discarded += o.blocked_discarded;
         self.alerts_coalesced += o.alerts_coalesced;
+        self.flows_migrated_in += o.flows_migrated_in;
+        self.migrated_midstream += o.migrated_midstream;
+        self.migrated_unknown_profile += o.migrated_unknown_profile;
     }
 }
 

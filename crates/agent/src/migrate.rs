@@ -408,6 +408,17 @@ impl<'a> Handover<'a> {
                 .map_err(|e| format!("delta of {n}: {}", describe_control(&e)))?;
             exported.borrow_mut().push(n.clone());
             self.quiesced.push(n.clone());
+            // The port is quiesced: its inspected flows' state is final. A
+            // destination refusing it fails the switchover as a refused delta does.
+            let inspection = self
+                .control
+                .export_inspection(&n, Some(to))
+                .map_err(|e| format!("inspection state of {n}: {}", describe_control(&e)))?;
+            if !inspection.is_empty() {
+                self.session
+                    .inspect(&n, &inspection)
+                    .map_err(|e| format!("destination agent inspection import: {e}"))?;
+            }
             let export = t.elapsed();
             moved += self
                 .session

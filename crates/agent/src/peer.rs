@@ -58,6 +58,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO: u8 = 1;
 const STAGE: u8 = 2;
 const COMMIT: u8 = 3;
+/// A vNIC's inspection section ([`crate::inspection::carry`]), sent in the
+/// pause before its delta.
+const INSPECT: u8 = 4;
 const OK: u8 = 0x80;
 const ERR: u8 = 0x81;
 
@@ -540,6 +543,15 @@ fn serve_requests(
                 timed = Some((vnic.to_string(), conns, decoded, t.elapsed() - decoded));
                 Ok(n)
             }),
+            (INSPECT, body) => split_request(&body).and_then(|(vnic, blob)| {
+                if !staging.is_staged(vnic) {
+                    source(vnic)?;
+                }
+                control
+                    .import_inspection(vnic, blob, Some(&from))
+                    .map(|n| n as u64)
+                    .map_err(|e| describe(&e))
+            }),
             (kind, _) => Err(format!("unexpected frame kind {kind:#04x}")),
         };
         let written = match answer {
@@ -700,6 +712,12 @@ impl Session {
     /// connections the destination imported.
     pub fn commit(&mut self, vnic: &str, blob: &[u8]) -> Result<u64, PeerError> {
         self.request(COMMIT, vnic, blob)
+    }
+
+    /// Send the inspection section of `vnic` (before its delta); returns
+    /// the flows the destination took up.
+    pub fn inspect(&mut self, vnic: &str, blob: &[u8]) -> Result<u64, PeerError> {
+        self.request(INSPECT, vnic, blob)
     }
 
     /// Transfer bytes sent so far.
