@@ -112,7 +112,9 @@ pub trait Control: Send + Sync {
     /// returns the flows imported.
     fn import_inspection(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, ControlError> {
         let _ = (vnic, blob, peer);
-        Err(ControlError::Refused("this agent takes no inspection state from peers".into()))
+        Err(ControlError::Refused(
+            "this agent takes no inspection state from peers".into(),
+        ))
     }
     /// Whether `vnic`'s state may come from host `from` (an authenticated
     /// peer agent): only from the host its VM is placed on, see

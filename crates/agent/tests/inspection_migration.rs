@@ -130,14 +130,12 @@ impl Host {
             .process_offloaded(now, port, frame, Offload::NONE, &mut self.events, &mut results);
         match p.disposition {
             Disposition::Drop(_) => Fate::Dropped,
-            Disposition::Forward if p.inspection().is_some() => Fate::Inspected(self.inline.frame(
-                &mut self.engine,
-                &p,
-                port,
-                now,
-                &self.identities,
-                &mut self.events,
-            )),
+            Disposition::Forward if p.inspection().is_some() => {
+                Fate::Inspected(
+                    self.inline
+                        .frame(&mut self.engine, &p, port, now, &self.identities, &mut self.events),
+                )
+            }
             Disposition::Forward => Fate::Uninspected,
         }
     }
@@ -305,12 +303,18 @@ fn a_refused_section_changes_nothing_on_the_destination() {
     let mut corrupt = good.clone();
     let mid = corrupt.len() / 2;
     corrupt[mid] ^= 0x40;
-    let cases: Vec<(&str, Vec<u8>, &str, fn(&SectionError) -> bool)> = vec![
-        ("corrupt", corrupt, "a.0", |e| matches!(e, SectionError::Checksum { .. })),
+    // (what, section, vNIC it is sent for, the refusal expected)
+    type Case = (&'static str, Vec<u8>, &'static str, fn(&SectionError) -> bool);
+    let cases: Vec<Case> = vec![
+        ("corrupt", corrupt, "a.0", |e| {
+            matches!(e, SectionError::Checksum { .. })
+        }),
         ("cut", good[..good.len() - 1].to_vec(), "a.0", |e| {
             matches!(e, SectionError::Checksum { .. } | SectionError::Truncated { .. })
         }),
-        ("other vNIC", good.clone(), "b.0", |e| matches!(e, SectionError::ForeignVnic { .. })),
+        ("other vNIC", good.clone(), "b.0", |e| {
+            matches!(e, SectionError::ForeignVnic { .. })
+        }),
         ("not a section", b"PLSDCT\x00\x02 nonsense".to_vec(), "a.0", |e| {
             *e == SectionError::BadMagic
         }),
@@ -356,7 +360,11 @@ fn pause_cost_of_a_thousand_inspected_flows() {
     let mut now = MS;
     for i in 0..1000u16 {
         let mut c = Conn::open(&mut src, 20000 + i, now);
-        let _ = c.send(&mut src, b"GET /index.html HTTP/1.1\r\nHost: b\r\nUser-Agent: t\r\n\r\nLOGIN ", now);
+        let _ = c.send(
+            &mut src,
+            b"GET /index.html HTTP/1.1\r\nHost: b\r\nUser-Agent: t\r\n\r\nLOGIN ",
+            now,
+        );
         now += MS / 100;
     }
     assert_eq!(src.inline.flows(), 1000);

@@ -280,7 +280,10 @@ impl Inspector {
             match w {
                 Some(w) => {
                     out.push(1);
-                    put_u64(out, now.saturating_sub(w.start).as_nanos().min(u128::from(u64::MAX)) as u64);
+                    put_u64(
+                        out,
+                        now.saturating_sub(w.start).as_nanos().min(u128::from(u64::MAX)) as u64,
+                    );
                     put_u32(out, w.count);
                 }
                 None => out.push(0),
@@ -356,12 +359,7 @@ impl Inspector {
     /// Take up a flow from `record` (made by [`Inspector::export_flow`] on
     /// any host) at this inspector's time `now`, its held stream bytes
     /// charged to this inspector's budget. Refused records change nothing.
-    pub fn import_flow(
-        &mut self,
-        importer: &FlowImporter,
-        record: &[u8],
-        now: Duration,
-    ) -> Result<ImportedFlow> {
+    pub fn import_flow(&mut self, importer: &FlowImporter, record: &[u8], now: Duration) -> Result<ImportedFlow> {
         let mut imported = decode(importer, record, now)?;
         let (config, budget, counters) = self.persist_parts();
         let limits = config.stream;
@@ -660,7 +658,12 @@ impl<'a> Reader<'a> {
 
 pub(crate) fn bound(field: &'static str, offset: usize, len: u64, max: u64) -> Result<()> {
     if len > max {
-        return Err(PersistError::TooLong { field, offset, len, max });
+        return Err(PersistError::TooLong {
+            field,
+            offset,
+            len,
+            max,
+        });
     }
     Ok(())
 }
@@ -852,7 +855,11 @@ fn read_stream(r: &mut Reader<'_>) -> Result<Option<Stream>> {
         ));
     }
     if !(s.data_start..=s.next).contains(&s.app_progress) {
-        return Err(inconsistent("stream parsed", app_at, "outside the bytes the stream holds"));
+        return Err(inconsistent(
+            "stream parsed",
+            app_at,
+            "outside the bytes the stream holds",
+        ));
     }
     let len_at = r.at;
     let len = r.u32("stream data length")? as usize;

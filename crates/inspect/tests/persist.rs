@@ -328,34 +328,92 @@ fn hostile_records_are_refused_naming_the_field() {
         r[at..at + bytes.len()].copy_from_slice(bytes);
         r
     };
-    let cases: Vec<(&str, Vec<u8>, fn(&PersistError) -> bool)> = vec![
+    // (what, record, the refusal expected)
+    type Case = (&'static str, Vec<u8>, fn(&PersistError) -> bool);
+    let cases: Vec<Case> = vec![
         ("empty", Vec::new(), |e| {
-            matches!(e, PersistError::Truncated { field: "magic", offset: 0, .. })
+            matches!(
+                e,
+                PersistError::Truncated {
+                    field: "magic",
+                    offset: 0,
+                    ..
+                }
+            )
         }),
         ("bad magic", set(0, b"XXXX"), |e| *e == PersistError::BadMagic),
         ("next version", set(4, &[0, 2]), |e| {
             *e == PersistError::UnknownVersion { found: 2 }
         }),
         ("address family", set(12, &[5]), |e| {
-            matches!(e, PersistError::BadValue { field: "client", offset: 12, value: 5 })
+            matches!(
+                e,
+                PersistError::BadValue {
+                    field: "client",
+                    offset: 12,
+                    value: 5
+                }
+            )
         }),
         ("undefined flag", set(26, &[0x10]), |e| {
-            matches!(e, PersistError::BadValue { field: "flow flags", offset: 26, .. })
+            matches!(
+                e,
+                PersistError::BadValue {
+                    field: "flow flags",
+                    offset: 26,
+                    ..
+                }
+            )
         }),
         ("verdict", set(27, &[3]), |e| {
-            matches!(e, PersistError::BadValue { field: "verdict", offset: 27, value: 3 })
+            matches!(
+                e,
+                PersistError::BadValue {
+                    field: "verdict",
+                    offset: 27,
+                    value: 3
+                }
+            )
         }),
         ("tcp code", set(66, &[3]), |e| {
-            matches!(e, PersistError::BadValue { field: "tcp", offset: 66, .. })
+            matches!(
+                e,
+                PersistError::BadValue {
+                    field: "tcp",
+                    offset: 66,
+                    ..
+                }
+            )
         }),
         ("tcp state", set(67, &[6]), |e| {
-            matches!(e, PersistError::BadValue { field: "tcp state", offset: 67, .. })
+            matches!(
+                e,
+                PersistError::BadValue {
+                    field: "tcp state",
+                    offset: 67,
+                    ..
+                }
+            )
         }),
         ("data start after next", set(74, &5u64.to_be_bytes()), |e| {
-            matches!(e, PersistError::Inconsistent { field: "stream data start", offset: 74, .. })
+            matches!(
+                e,
+                PersistError::Inconsistent {
+                    field: "stream data start",
+                    offset: 74,
+                    ..
+                }
+            )
         }),
         ("offset beyond 2^62", set(82, &u64::MAX.to_be_bytes()), |e| {
-            matches!(e, PersistError::TooLong { field: "stream next", offset: 82, .. })
+            matches!(
+                e,
+                PersistError::TooLong {
+                    field: "stream next",
+                    offset: 82,
+                    ..
+                }
+            )
         }),
         (
             "trailing byte",
@@ -372,7 +430,11 @@ fn hostile_records_are_refused_naming_the_field() {
         let e = insp.import_flow(&importer, &record, Duration::ZERO).unwrap_err();
         assert!(ok(&e), "{what}: {e:?}");
         assert!(!e.to_string().is_empty());
-        assert_eq!(insp.counters().flows_imported, before, "{what}: a refusal imports nothing");
+        assert_eq!(
+            insp.counters().flows_imported,
+            before,
+            "{what}: a refusal imports nothing"
+        );
     }
     // Every cut of a real record is refused, as truncated.
     for n in 0..good.len() {
@@ -385,12 +447,7 @@ fn hostile_records_are_refused_naming_the_field() {
 #[test]
 fn an_unknown_profile_is_named_and_left_to_the_caller() {
     let good = plain_record();
-    let mut dest = Inspector::new(
-        rules(RULES),
-        vec![palisade_inspect::ProfileSpec::critical()],
-        inline(),
-    )
-    .unwrap();
+    let mut dest = Inspector::new(rules(RULES), vec![palisade_inspect::ProfileSpec::critical()], inline()).unwrap();
     let importer = dest.flow_importer();
     let imported = dest.import_flow(&importer, &good, Duration::ZERO).unwrap();
     assert_eq!(imported.profile, None);

@@ -183,12 +183,7 @@ impl Inline {
     /// away), giving back their stream memory. Returns how many.
     pub fn forget_vnic_flows(&mut self, engine: &Engine, port: PortId) -> usize {
         let addresses = vnic_addresses(engine, port);
-        let keys: Vec<Key> = self
-            .flows
-            .keys()
-            .filter(|k| is_vnics(k, &addresses))
-            .copied()
-            .collect();
+        let keys: Vec<Key> = self.flows.keys().filter(|k| is_vnics(k, &addresses)).copied().collect();
         for k in &keys {
             if let Some(t) = self.flows.remove(k) {
                 self.inspector.discard_flow(t.state);
@@ -435,7 +430,12 @@ pub fn decode(blob: &[u8], vnic: &str) -> Result<Vec<CarriedFlow>, SectionError>
 /// (`inlines` in worker order, `None` for a worker without one), each
 /// flow to the worker its connection is steered to, at engine time `now`.
 /// All or nothing: a refused section or record changes nothing.
-pub fn import(inlines: &mut [Option<&mut Inline>], vnic: &str, blob: &[u8], now: u64) -> Result<Imported, SectionError> {
+pub fn import(
+    inlines: &mut [Option<&mut Inline>],
+    vnic: &str,
+    blob: &[u8],
+    now: u64,
+) -> Result<Imported, SectionError> {
     let flows = decode(blob, vnic)?;
     let workers = u32::try_from(inlines.len()).unwrap_or(u32::MAX).max(1);
     let mut shares: Vec<Vec<CarriedFlow>> = vec![Vec::new(); workers as usize];

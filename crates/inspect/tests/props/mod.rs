@@ -395,9 +395,11 @@ alert tcp any any -> any any (content:"ping"; detection_filter:track by_flow, co
 
 /// `PERSIST_RULES` compiled twice: as written, and renumbered (another rule
 /// first, the rest reversed), as another host may have them.
-fn persist_rules() -> &'static [(Arc<RuleSet>, Arc<[palisade_inspect::Detector]>); 2] {
-    static COMPILED: std::sync::OnceLock<[(Arc<RuleSet>, Arc<[palisade_inspect::Detector]>); 2]> =
-        std::sync::OnceLock::new();
+/// Rules and their compiled profiles.
+type Compiled = (Arc<RuleSet>, Arc<[palisade_inspect::Detector]>);
+
+fn persist_rules() -> &'static [Compiled; 2] {
+    static COMPILED: std::sync::OnceLock<[Compiled; 2]> = std::sync::OnceLock::new();
     COMPILED.get_or_init(|| {
         let renumbered = format!(
             "alert tcp any any -> any any (content:\"|00 01 02 03 04 05 06 07|\"; flowbits:set,zz; sid:99;)\n{}",
@@ -557,7 +559,9 @@ fn persist_finish(insp: &mut Inspector, flow: &mut FlowState, n: usize, trace: &
 /// bytes, its flow inspects more packets, and every stream byte charged is
 /// given back.
 pub fn persist(data: &[u8]) {
-    let Some((&first, rest)) = data.split_first() else { return };
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
     let mode = if first & 0x80 != 0 { Mode::Ips } else { Mode::Ids };
     if first & 1 == 1 {
         let mut record = Vec::new();
