@@ -840,6 +840,8 @@ mod tests {
         #[derive(Default)]
         struct Sink {
             arrivals: Mutex<Vec<Got>>,
+            /// Inspection sections: vNIC, source, bytes.
+            sections: Mutex<Vec<(String, String, usize)>>,
         }
 
         impl Control for Sink {
@@ -854,6 +856,14 @@ mod tests {
             }
             fn release_vnic(&self, _: &str, _: Option<&str>) -> Result<usize, ControlError> {
                 unreachable!()
+            }
+            fn import_inspection(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, ControlError> {
+                if vnic == "full.0" {
+                    return Err(ControlError::Refused("inspection section checksum mismatch".into()));
+                }
+                let peer = peer.unwrap_or_default().to_string();
+                self.sections.lock().unwrap().push((vnic.into(), peer, blob.len()));
+                Ok(3)
             }
             fn import_arrival(&self, a: Arrival) -> Result<usize, ControlError> {
                 if a.vnic == "full.0" {
@@ -991,6 +1001,30 @@ mod tests {
             assert_eq!(
                 e.to_string(),
                 format!("hv2 ({}) refused: no room for 9 connections (0 free)", l.addr)
+            );
+        }
+
+        #[test]
+        fn an_inspection_section_goes_to_the_destination_and_its_refusal_comes_back() {
+            let l = lab("good", "hv2");
+            let mut s = Session::connect(&tls(l.dir.path(), "good", "hv1", "hv1"), "hv2", &l.addr, T).unwrap();
+            let (pre, delta) = (blob("a.0", true), blob("a.0", false));
+            assert_eq!(s.stage("a.0", &pre).unwrap(), 0);
+            assert_eq!(s.inspect("a.0", b"section").unwrap(), 3);
+            assert_eq!(s.commit("a.0", &delta).unwrap(), 0);
+            assert_eq!(
+                *l.sink.sections.lock().unwrap(),
+                [("a.0".to_string(), "hv1".to_string(), 7)]
+            );
+            assert_eq!(
+                s.bytes(),
+                (pre.len() + 7 + delta.len()) as u64,
+                "the section is in the transfer's size and hash"
+            );
+            let e = s.inspect("full.0", b"section").unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("hv2 ({}) refused: inspection section checksum mismatch", l.addr)
             );
         }
 
