@@ -408,8 +408,10 @@ impl<'a> Handover<'a> {
                 .map_err(|e| format!("delta of {n}: {}", describe_control(&e)))?;
             exported.borrow_mut().push(n.clone());
             self.quiesced.push(n.clone());
+            let export = t.elapsed();
             // The port is quiesced: its inspected flows' state is final. A
-            // destination refusing it fails the switchover as a refused delta does.
+            // destination refusing it fails the switchover as a refused
+            // delta does. Its time counts with the commit's (sent, applied).
             let inspection = self
                 .control
                 .export_inspection(&n, Some(to))
@@ -419,7 +421,6 @@ impl<'a> Handover<'a> {
                     .inspect(&n, &inspection)
                     .map_err(|e| format!("destination agent inspection import: {e}"))?;
             }
-            let export = t.elapsed();
             moved += self
                 .session
                 .commit(&n, &delta)

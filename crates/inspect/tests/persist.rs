@@ -495,3 +495,38 @@ fn record_sizes() {
     eprintln!("record bytes: TCP after its handshake {handshake}, HTTP/1 after one exchange {http}");
     assert!(handshake < http);
 }
+
+/// Seeds for the `inspect_persist` fuzz target: with
+/// `PALISADE_PERSIST_SEEDS=DIR`, the records of this file's flows cut
+/// mid-way, in the target's record mode (first byte odd; with bit 1 the
+/// target writes the header itself). Without it, nothing.
+#[test]
+fn write_fuzz_seeds_when_asked() {
+    let Some(dir) = std::env::var_os("PALISADE_PERSIST_SEEDS") else {
+        return;
+    };
+    let mut t = Tcp::new("10.0.0.1", 40000, "10.0.0.2", 80);
+    let mut http = t.handshake();
+    http.push(t.c(b"GET /ev"));
+    http.push(t.c_at(30, b"later"));
+    http.push(t.c(b"il HTTP/1.1\r\nHost: a\r\n\r\nLOGIN ping"));
+    let mut t = Tcp::new("10.0.0.1", 40000, "10.0.0.2", 80);
+    let mut h2 = t.handshake();
+    h2.push(t.c(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x0d\x01\x05\x00\x00\x00\x01\x82\x86\x04\x02/x\x40\x03x-h\x04evil"));
+    for (n, packets) in [http, h2].iter().enumerate() {
+        let mut insp = inspector(RULES, inline());
+        let mut flow = FlowState::new(ProfileId(0), &packets[0].packet());
+        let mut trace = (Vec::new(), Vec::new());
+        for (i, p) in packets.iter().enumerate() {
+            step(&mut insp, &mut flow, p, i, &mut trace);
+        }
+        let mut r = Vec::new();
+        insp.export_flow(&flow, Duration::from_secs(9), &mut r);
+        let mut raw = vec![1];
+        raw.extend_from_slice(&r);
+        std::fs::write(std::path::Path::new(&dir).join(format!("record-{n}")), raw).unwrap();
+        let mut headless = vec![3];
+        headless.extend_from_slice(&r[11..]);
+        std::fs::write(std::path::Path::new(&dir).join(format!("headless-{n}")), headless).unwrap();
+    }
+}
