@@ -683,10 +683,21 @@ impl Inline {
     /// Forget flows idle past their timeout (TCP ten minutes, others two).
     pub fn expire(&mut self, now: u64) {
         let now = Duration::from_nanos(now);
+        let inspector = &mut self.inspector;
         self.flows.retain(|k, t| {
             let idle = if k.protocol == 6 { FLOW_IDLE } else { FLOW_IDLE / 5 };
-            now.saturating_sub(t.last) < idle
+            let keep = now.saturating_sub(t.last) < idle;
+            if !keep {
+                // Its held stream bytes go back to the worker's budget.
+                inspector.release_flow_memory(&mut t.state);
+            }
+            keep
         });
+    }
+
+    /// Stream bytes this worker's flows hold (charged to its budget).
+    pub fn stream_memory_in_use(&self) -> usize {
+        self.inspector.stream_memory_in_use()
     }
 
     /// Inspect a forwarded frame (`p`, with an inspection profile) that
@@ -750,11 +761,15 @@ impl Inline {
         });
         if tracked.state.profile() != profile || *tracked.profile != *name {
             // The policy changed the flow's profile: detection starts over under the new one.
-            *tracked = Tracked {
-                state: FlowState::new(profile, pkt),
-                last: t,
-                profile: name.into(),
-            };
+            let old = std::mem::replace(
+                tracked,
+                Tracked {
+                    state: FlowState::new(profile, pkt),
+                    last: t,
+                    profile: name.into(),
+                },
+            );
+            self.inspector.discard_flow(old.state);
         }
         tracked.last = t;
         self.alerts.clear();
@@ -814,7 +829,9 @@ impl Inline {
             return;
         }
         if let Some(oldest) = self.flows.iter().min_by_key(|(_, t)| t.last).map(|(k, _)| *k) {
-            self.flows.remove(&oldest);
+            if let Some(t) = self.flows.remove(&oldest) {
+                self.inspector.discard_flow(t.state);
+            }
             self.counters.flows_evicted += 1;
         }
     }

@@ -395,3 +395,31 @@ fn pause_cost_of_a_thousand_inspected_flows() {
         import.1
     );
 }
+
+/// Flows forgotten (idle expiry, a migrated-away vNIC's release) give
+/// their held stream bytes back to the worker's budget: without that, a
+/// worker's budget drains flow by flow and new stream data is refused.
+#[test]
+fn forgotten_flows_give_their_stream_memory_back() {
+    let m = model();
+    let mut h = host(&m, "h1");
+    let mut now = MS;
+    for cport in [41000, 41001] {
+        let mut c = Conn::open(&mut h, cport, now);
+        // Out of order: held until the hole before it is filled.
+        c.seq += 100;
+        let _ = c.send(&mut h, b"held until the hole is filled", now);
+        now += MS;
+    }
+    assert!(h.inline.stream_memory_in_use() > 0);
+    let port = h.engine.port_of("a.0").unwrap();
+    assert_eq!(h.inline.forget_vnic_flows(&h.engine, port), 2);
+    assert_eq!(h.inline.stream_memory_in_use(), 0);
+    let mut c = Conn::open(&mut h, 41002, now);
+    c.seq += 100;
+    let _ = c.send(&mut h, b"held until the hole is filled", now);
+    assert!(h.inline.stream_memory_in_use() > 0);
+    h.inline.expire(now + 3600 * 1_000_000_000);
+    assert_eq!(h.inline.flows(), 0);
+    assert_eq!(h.inline.stream_memory_in_use(), 0, "expiry gives the bytes back");
+}

@@ -412,6 +412,12 @@ impl Inspector {
     /// Give back the stream memory `flow` holds, dropping it without
     /// inspecting what it holds (an import undone, a flow forgotten).
     pub fn discard_flow(&mut self, mut flow: FlowState) {
+        self.release_flow_memory(&mut flow);
+    }
+
+    /// Give back the stream memory `flow` holds (the caller is about to
+    /// drop it without [`Inspector::flush`]): its streams are emptied.
+    pub fn release_flow_memory(&mut self, flow: &mut FlowState) {
         let (_, budget, _) = self.persist_parts();
         if let Some(t) = flow.tcp.as_mut() {
             t.release(budget);
