@@ -2644,6 +2644,11 @@ impl http::Control for VnicControl {
                 .engine
                 .port_of(vnic)
                 .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
+            // Their inspection state moved with them (or is of no use here now).
+            let core = &mut **core;
+            if let Some(inline) = core.inline.as_mut() {
+                inline.forget_vnic_flows(&core.engine, port);
+            }
             let before = core.engine.conntrack().len();
             // Their end is in the destination's trail, not here.
             core.engine.export_vnic(port, now, true, &mut ());
@@ -2744,6 +2749,64 @@ impl http::Control for VnicControl {
             .unwrap_or_else(|p| p.into_inner())
             .insert(vnic.to_string(), phases);
         Ok(blob)
+    }
+
+    /// The detection state of the vNIC's inspected flows, every worker's,
+    /// as one section (empty without any).
+    fn export_inspection(&self, vnic: &str, _peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
+        let started = Instant::now();
+        let now = self.now();
+        let guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let mut flows = Vec::new();
+        for core in &guards {
+            let port = core
+                .engine
+                .port_of(vnic)
+                .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
+            if let Some(inline) = core.inline.as_ref() {
+                inline.export_vnic_flows(&core.engine, port, now, &mut flows);
+            }
+        }
+        drop(guards);
+        if flows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let blob = crate::inspection::carry::encode(vnic, &flows);
+        eprintln!(
+            "palisade agent: inspection state of {vnic}: {} flows, {} bytes, {} us",
+            flows.len(),
+            blob.len(),
+            started.elapsed().as_micros()
+        );
+        Ok(blob)
+    }
+
+    /// Each flow to the worker its connection is steered to, all or nothing.
+    fn import_inspection(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, http::ControlError> {
+        let started = Instant::now();
+        let now = self.now();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        if guards.iter().any(|g| g.engine.port_of(vnic).is_none()) {
+            return Err(http::ControlError::UnknownVnic(vnic.to_string()));
+        }
+        let done = {
+            let mut inlines: Vec<Option<&mut crate::inspection::Inline>> =
+                guards.iter_mut().map(|g| g.inline.as_mut()).collect();
+            crate::inspection::carry::import(&mut inlines, vnic, blob, now)
+                .map_err(|e| http::ControlError::Refused(e.to_string()))?
+        };
+        drop(guards);
+        eprintln!(
+            "palisade agent: migration from {}: inspection state of {vnic}: {} flows taken up ({} resumed mid-stream), {} of an unknown profile, {} on workers without inspection, {} bytes, {} us",
+            peer.unwrap_or("?"),
+            done.flows,
+            done.midstream,
+            done.unknown_profile,
+            done.uninspected,
+            blob.len(),
+            started.elapsed().as_micros()
+        );
+        Ok(done.flows)
     }
 
     /// A pre-copy goes into the tables with the port left as it is (the

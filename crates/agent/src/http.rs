@@ -100,6 +100,22 @@ pub trait Control: Send + Sync {
         let _ = arrival;
         Err(ControlError::Refused("this agent takes no state from peers".into()))
     }
+    /// A live migration's inspection section, in the guest's pause after
+    /// [`Control::export_delta`] quiesced `vnic`: the detection state of
+    /// its inspected flows ([`crate::inspection::carry`]); empty when it has
+    /// none (nothing is sent then).
+    fn export_inspection(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, ControlError> {
+        let _ = (vnic, peer);
+        Ok(Vec::new())
+    }
+    /// Take up a peer's inspection section for `vnic`, all or nothing;
+    /// returns the flows imported.
+    fn import_inspection(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, ControlError> {
+        let _ = (vnic, blob, peer);
+        Err(ControlError::Refused(
+            "this agent takes no inspection state from peers".into(),
+        ))
+    }
     /// Whether `vnic`'s state may come from host `from` (an authenticated
     /// peer agent): only from the host its VM is placed on, see
     /// [`crate::peer::check_source`]. Checked before anything of a peer's

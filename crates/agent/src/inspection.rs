@@ -49,6 +49,8 @@ use palisade_inspect::{
 use palisade_policy::model::{Model, Profile};
 use serde::Serialize;
 
+pub mod carry;
+
 use crate::config::InspectConfig;
 use crate::records::{Clock, Identities};
 
@@ -408,6 +410,12 @@ pub struct InlineCounters {
     pub blocked_discarded: u64,
     /// Repeated `alert`-only hits folded into an earlier record's `count`.
     pub alerts_coalesced: u64,
+    /// Inspected flows taken over from another host with their state (live migration: [`carry`]).
+    pub flows_migrated_in: u64,
+    /// Of them, flows whose reassembly or parser state could not be taken and resumed mid-stream.
+    pub migrated_midstream: u64,
+    /// Migrated flows not taken over: their profile is unknown here (their frames are handled as any such flow's).
+    pub migrated_unknown_profile: u64,
 }
 
 impl InlineCounters {
@@ -426,6 +434,9 @@ impl InlineCounters {
         self.alerts_discarded += o.alerts_discarded;
         self.blocked_discarded += o.blocked_discarded;
         self.alerts_coalesced += o.alerts_coalesced;
+        self.flows_migrated_in += o.flows_migrated_in;
+        self.migrated_midstream += o.migrated_midstream;
+        self.migrated_unknown_profile += o.migrated_unknown_profile;
     }
 }
 
@@ -672,10 +683,21 @@ impl Inline {
     /// Forget flows idle past their timeout (TCP ten minutes, others two).
     pub fn expire(&mut self, now: u64) {
         let now = Duration::from_nanos(now);
+        let inspector = &mut self.inspector;
         self.flows.retain(|k, t| {
             let idle = if k.protocol == 6 { FLOW_IDLE } else { FLOW_IDLE / 5 };
-            now.saturating_sub(t.last) < idle
+            let keep = now.saturating_sub(t.last) < idle;
+            if !keep {
+                // Its held stream bytes go back to the worker's budget.
+                inspector.release_flow_memory(&mut t.state);
+            }
+            keep
         });
+    }
+
+    /// Stream bytes this worker's flows hold (charged to its budget).
+    pub fn stream_memory_in_use(&self) -> usize {
+        self.inspector.stream_memory_in_use()
     }
 
     /// Inspect a forwarded frame (`p`, with an inspection profile) that
@@ -739,11 +761,15 @@ impl Inline {
         });
         if tracked.state.profile() != profile || *tracked.profile != *name {
             // The policy changed the flow's profile: detection starts over under the new one.
-            *tracked = Tracked {
-                state: FlowState::new(profile, pkt),
-                last: t,
-                profile: name.into(),
-            };
+            let old = std::mem::replace(
+                tracked,
+                Tracked {
+                    state: FlowState::new(profile, pkt),
+                    last: t,
+                    profile: name.into(),
+                },
+            );
+            self.inspector.discard_flow(old.state);
         }
         tracked.last = t;
         self.alerts.clear();
@@ -803,7 +829,9 @@ impl Inline {
             return;
         }
         if let Some(oldest) = self.flows.iter().min_by_key(|(_, t)| t.last).map(|(k, _)| *k) {
-            self.flows.remove(&oldest);
+            if let Some(t) = self.flows.remove(&oldest) {
+                self.inspector.discard_flow(t.state);
+            }
             self.counters.flows_evicted += 1;
         }
     }

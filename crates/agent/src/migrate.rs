@@ -422,6 +422,18 @@ impl<'a> Handover<'a> {
             exported.borrow_mut().push(n.clone());
             self.quiesced.push(n.clone());
             let export = t.elapsed();
+            // The port is quiesced: its inspected flows' state is final. A
+            // destination refusing it fails the switchover as a refused
+            // delta does. Its time counts with the commit's (sent, applied).
+            let inspection = self
+                .control
+                .export_inspection(&n, Some(to))
+                .map_err(|e| format!("inspection state of {n}: {}", describe_control(&e)))?;
+            if !inspection.is_empty() {
+                self.session
+                    .inspect(&n, &inspection)
+                    .map_err(|e| format!("destination agent inspection import: {e}"))?;
+            }
             moved += self
                 .session
                 .commit(&n, &delta)

@@ -58,6 +58,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO: u8 = 1;
 const STAGE: u8 = 2;
 const COMMIT: u8 = 3;
+/// A vNIC's inspection section ([`crate::inspection::carry`]), sent in the
+/// pause before its delta.
+const INSPECT: u8 = 4;
 const OK: u8 = 0x80;
 const ERR: u8 = 0x81;
 
@@ -597,6 +600,15 @@ fn serve_requests(
                 timed = Some((vnic.to_string(), conns, decoded, t.elapsed() - decoded));
                 Ok(n)
             }),
+            (INSPECT, body) => split_request(&body).and_then(|(vnic, blob)| {
+                if !staging.is_staged(vnic) {
+                    source(vnic)?;
+                }
+                control
+                    .import_inspection(vnic, blob, Some(&from))
+                    .map(|n| n as u64)
+                    .map_err(|e| describe(&e))
+            }),
             (kind, _) => Err(format!("unexpected frame kind {kind:#04x}")),
         };
         let answering = monotonic_ns();
@@ -791,6 +803,12 @@ impl Session {
         self.last
     }
 
+    /// Send the inspection section of `vnic` (before its delta); returns
+    /// the flows the destination took up.
+    pub fn inspect(&mut self, vnic: &str, blob: &[u8]) -> Result<u64, PeerError> {
+        self.request(INSPECT, vnic, blob)
+    }
+
     /// Transfer bytes sent so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
@@ -956,6 +974,8 @@ mod tests {
         #[derive(Default)]
         struct Sink {
             arrivals: Mutex<Vec<Got>>,
+            /// Inspection sections: vNIC, source, bytes.
+            sections: Mutex<Vec<(String, String, usize)>>,
         }
 
         impl Control for Sink {
@@ -970,6 +990,14 @@ mod tests {
             }
             fn release_vnic(&self, _: &str, _: Option<&str>) -> Result<usize, ControlError> {
                 unreachable!()
+            }
+            fn import_inspection(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, ControlError> {
+                if vnic == "full.0" {
+                    return Err(ControlError::Refused("inspection section checksum mismatch".into()));
+                }
+                let peer = peer.unwrap_or_default().to_string();
+                self.sections.lock().unwrap().push((vnic.into(), peer, blob.len()));
+                Ok(3)
             }
             fn import_arrival(&self, a: Arrival) -> Result<usize, ControlError> {
                 if a.vnic == "full.0" {
@@ -1107,6 +1135,30 @@ mod tests {
             assert_eq!(
                 e.to_string(),
                 format!("hv2 ({}) refused: no room for 9 connections (0 free)", l.addr)
+            );
+        }
+
+        #[test]
+        fn an_inspection_section_goes_to_the_destination_and_its_refusal_comes_back() {
+            let l = lab("good", "hv2");
+            let mut s = Session::connect(&tls(l.dir.path(), "good", "hv1", "hv1"), "hv2", &l.addr, T).unwrap();
+            let (pre, delta) = (blob("a.0", true), blob("a.0", false));
+            assert_eq!(s.stage("a.0", &pre).unwrap(), 0);
+            assert_eq!(s.inspect("a.0", b"section").unwrap(), 3);
+            assert_eq!(s.commit("a.0", &delta).unwrap(), 0);
+            assert_eq!(
+                *l.sink.sections.lock().unwrap(),
+                [("a.0".to_string(), "hv1".to_string(), 7)]
+            );
+            assert_eq!(
+                s.bytes(),
+                (pre.len() + 7 + delta.len()) as u64,
+                "the section is in the transfer's size and hash"
+            );
+            let e = s.inspect("full.0", b"section").unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("hv2 ({}) refused: inspection section checksum mismatch", l.addr)
             );
         }
 

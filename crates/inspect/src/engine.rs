@@ -176,6 +176,13 @@ pub struct Counters {
     pub ruleset_changes: u64,
     /// Flows that named a profile this inspector does not have (given its first).
     pub unknown_profile: u64,
+    /// Flows taken over from another inspector (live migration: [`crate::persist`]).
+    pub flows_imported: u64,
+    /// Of them, flows whose application-layer or reassembly state could not
+    /// be carried and was resumed as a mid-stream pick-up.
+    pub imported_midstream: u64,
+    /// Flowbits and signatures imported flows named that these rules lack (that state was dropped).
+    pub imported_unknown_refs: u64,
 }
 
 /// One piece of data to run payload signatures on.
@@ -344,6 +351,12 @@ impl Inspector {
     /// Stream bytes the flows of this inspector hold.
     pub fn stream_memory_in_use(&self) -> usize {
         self.budget.in_use()
+    }
+
+    /// What importing a flow's carried state touches: the settings, the
+    /// stream budget it is charged to, the counters ([`crate::persist`]).
+    pub(crate) fn persist_parts(&mut self) -> (&Config, &mut LocalBudget, &mut Counters) {
+        (&self.config, &mut self.budget, &mut self.counters)
     }
 
     fn inline(&self) -> bool {

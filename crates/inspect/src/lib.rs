@@ -68,6 +68,7 @@ pub mod flow;
 pub mod matcher;
 pub mod offline;
 pub mod packet;
+pub mod persist;
 pub mod prefilter;
 pub mod rules;
 pub mod ruleset;

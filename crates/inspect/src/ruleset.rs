@@ -201,6 +201,12 @@ impl RuleSet {
         self.flowbits.len()
     }
 
+    /// The flowbit names, by number (what a flow's bits mean, for carrying
+    /// them to another host's rules: [`crate::persist`]).
+    pub fn flowbit_names(&self) -> &[String] {
+        &self.flowbits
+    }
+
     /// The category text of a signature's classtype.
     pub fn category(&self, id: SigId) -> Option<&str> {
         let c = self.get(id).rule.classtype.as_deref()?;

@@ -204,9 +204,9 @@ pub struct StreamCounters {
 }
 
 #[derive(Debug, Clone)]
-struct Segment {
-    offset: u64,
-    bytes: Vec<u8>,
+pub(crate) struct Segment {
+    pub(crate) offset: u64,
+    pub(crate) bytes: Vec<u8>,
 }
 
 impl Segment {
@@ -219,16 +219,16 @@ impl Segment {
 #[derive(Debug)]
 pub struct Stream {
     /// Sequence number of offset 0.
-    base_seq: u32,
+    pub(crate) base_seq: u32,
     /// Contiguous bytes from `data_start` to `next`.
-    data: Vec<u8>,
-    data_start: u64,
-    next: u64,
-    ooo: Vec<Segment>,
-    ooo_bytes: usize,
+    pub(crate) data: Vec<u8>,
+    pub(crate) data_start: u64,
+    pub(crate) next: u64,
+    pub(crate) ooo: Vec<Segment>,
+    pub(crate) ooo_bytes: usize,
     /// Offset the receiver acknowledged up to.
-    acked: u64,
-    acked_known: bool,
+    pub(crate) acked: u64,
+    pub(crate) acked_known: bool,
     /// Up to where the detection engine inspected.
     pub raw_progress: u64,
     /// Up to where the application-layer parser consumed.
@@ -236,7 +236,7 @@ pub struct Stream {
     /// Offset of the FIN, once seen.
     pub fin: Option<u64>,
     /// Bytes charged to the budget.
-    charged: usize,
+    pub(crate) charged: usize,
     /// Data reached `depth`; later data is not reassembled.
     pub depth_reached: bool,
 }

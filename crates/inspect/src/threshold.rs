@@ -24,8 +24,8 @@ use crate::rules::{Threshold, ThresholdKind, Track};
 /// Window state of one tracked key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Window {
-    start: Duration,
-    count: u32,
+    pub(crate) start: Duration,
+    pub(crate) count: u32,
 }
 
 /// Applies one match to `window` (None: the first ever); returns whether it alerts.

@@ -35,6 +35,7 @@ fn committed_crash_inputs_pass() {
         ("inspect_app", props::app),
         ("inspect_engine", props::engine),
         ("inspect_threshold_config", props::threshold_config),
+        ("inspect_persist", props::persist),
     ] {
         replay(target, prop);
     }
@@ -77,5 +78,6 @@ fn properties_hold_on_generated_inputs() {
         let bytes: Vec<u8> = (0..(next() % 400)).map(|_| next() as u8).collect();
         props::stream(&bytes);
         props::engine(&bytes);
+        props::persist(&bytes);
     }
 }

@@ -236,6 +236,90 @@ impl DnsParser {
     }
 }
 
+// Carrying the parser to another host (live migration): `crate::persist`.
+impl DnsParser {
+    /// Appends the parser's state; its counters stay here.
+    pub(crate) fn persist(&self, out: &mut Vec<u8>) {
+        use crate::persist::{put_bytes, put_u16, put_u64};
+        put_u64(out, self.next_id);
+        for b in &self.tcp_buf {
+            put_bytes(out, b);
+        }
+        out.push(self.txs.len() as u8);
+        for t in &self.txs {
+            put_u64(out, t.id);
+            put_u16(out, t.dns_id);
+            out.push(t.queries.len().min(t.types.len()).min(usize::from(u8::MAX)) as u8);
+            for (q, ty) in t.queries.iter().zip(&t.types).take(usize::from(u8::MAX)) {
+                put_bytes(out, q);
+                put_u16(out, *ty);
+            }
+            match t.rcode {
+                None => out.push(0),
+                Some(c) => {
+                    out.push(1);
+                    out.push(c);
+                }
+            }
+            out.push(
+                u8::from(t.answered)
+                    | u8::from(t.updated) << 1
+                    | u8::from(t.response_only) << 2
+                    | u8::from(t.logged) << 3,
+            );
+        }
+    }
+
+    /// A parser from [`DnsParser::persist`]'s bytes.
+    pub(crate) fn restore(r: &mut crate::persist::Reader<'_>) -> crate::persist::Result<DnsParser> {
+        use crate::persist::bound;
+        let next_id = r.counter("dns next transaction")?;
+        let tcp_buf = [
+            r.bytes("dns partial message", MAX_TCP_MESSAGE + 2)?,
+            r.bytes("dns partial message", MAX_TCP_MESSAGE + 2)?,
+        ];
+        let at = r.at();
+        let n = usize::from(r.u8("dns transaction count")?);
+        bound("dns transaction count", at, n as u64, MAX_TXS as u64)?;
+        let mut txs = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            let id = r.counter("dns transaction id")?;
+            let dns_id = r.u16("dns message id")?;
+            let at = r.at();
+            let q = usize::from(r.u8("dns question count")?);
+            bound("dns question count", at, q as u64, MAX_QUESTIONS as u64)?;
+            let mut queries = Vec::with_capacity(q);
+            let mut types = Vec::with_capacity(q);
+            for _ in 0..q {
+                queries.push(r.bytes("dns question name", 1024)?);
+                types.push(r.u16("dns question type")?);
+            }
+            let rcode = match r.bool("dns rcode")? {
+                false => None,
+                true => Some(r.u8("dns rcode")?),
+            };
+            let f = r.flags("dns transaction flags", 4)?;
+            txs.push_back(DnsTx {
+                id,
+                dns_id,
+                queries,
+                types,
+                answered: f & 1 != 0,
+                rcode,
+                updated: f & 2 != 0,
+                response_only: f & 4 != 0,
+                logged: f & 8 != 0,
+            });
+        }
+        Ok(DnsParser {
+            txs,
+            next_id,
+            tcp_buf,
+            counters: DnsCounters::default(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

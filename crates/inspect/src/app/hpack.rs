@@ -339,6 +339,58 @@ impl Decoder {
     }
 }
 
+// Carrying the dynamic table to another host (live migration): `crate::persist`.
+impl Decoder {
+    /// Appends the dynamic table (oldest entry last, as it is indexed) and its size limit.
+    pub(crate) fn persist(&self, out: &mut Vec<u8>) {
+        use crate::persist::{put_bytes, put_u16, put_u32};
+        match self.max {
+            None => out.push(0),
+            Some(m) => {
+                out.push(1);
+                put_u32(out, m as u32);
+            }
+        }
+        put_u16(out, self.table.len() as u16);
+        for (n, v) in &self.table {
+            put_bytes(out, n);
+            put_bytes(out, v);
+        }
+    }
+
+    /// A decoder from [`Decoder::persist`]'s bytes: the table's size is
+    /// recomputed from its entries and must fit its limit.
+    pub(crate) fn restore(r: &mut crate::persist::Reader<'_>) -> crate::persist::Result<Decoder> {
+        use crate::persist::{bound, inconsistent};
+        let max = match r.bool("hpack limit")? {
+            false => None,
+            true => {
+                let at = r.at();
+                let m = r.u32("hpack limit")?;
+                bound("hpack limit", at, u64::from(m), MAX_TABLE_SIZE as u64)?;
+                Some(m as usize)
+            }
+        };
+        let at = r.at();
+        let n = r.count("hpack entries", MAX_TABLE_SIZE / 32)?;
+        let mut d = Decoder {
+            table: VecDeque::with_capacity(n),
+            size: 0,
+            max,
+        };
+        for _ in 0..n {
+            let name = r.bytes("hpack name", MAX_TABLE_SIZE)?;
+            let value = r.bytes("hpack value", MAX_TABLE_SIZE)?;
+            d.size += name.len() + value.len() + 32;
+            if d.size > d.limit() {
+                return Err(inconsistent("hpack entries", at, "the table is larger than its limit"));
+            }
+            d.table.push_back((name, value));
+        }
+        Ok(d)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,8 @@
 
 use std::collections::VecDeque;
 
+use crate::persist::{Reader, Result as PersistResult, bound, put_bytes, put_opt_bytes, put_u32, put_u64};
+
 /// Longest request, status or header line.
 pub const MAX_LINE: usize = 16 * 1024;
 /// Largest header block of one message.
@@ -795,6 +797,207 @@ pub fn remove_dot_segments(path: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+// Carrying the parser to another host (live migration): `crate::persist`.
+// Every bound the parser relies on is checked on the way in.
+
+/// Bytes one buffered field of a carried transaction or side may have.
+const PERSIST_FIELD: usize = 4 << 20;
+
+fn progress_code(p: Progress) -> u8 {
+    match p {
+        Progress::None => 0,
+        Progress::Line => 1,
+        Progress::Headers => 2,
+        Progress::Complete => 3,
+    }
+}
+
+fn progress_of(r: &mut Reader<'_>, field: &'static str) -> PersistResult<Progress> {
+    Ok(match r.code(field, 3)? {
+        0 => Progress::None,
+        1 => Progress::Line,
+        2 => Progress::Headers,
+        _ => Progress::Complete,
+    })
+}
+
+impl HttpTx {
+    pub(crate) fn persist(&self, out: &mut Vec<u8>) {
+        put_u64(out, self.id);
+        for b in [&self.method, &self.uri_raw, &self.uri, &self.protocol] {
+            put_bytes(out, b);
+        }
+        put_opt_bytes(out, self.host.as_deref());
+        put_opt_bytes(out, self.user_agent.as_deref());
+        put_bytes(out, &self.request_header_block);
+        put_opt_bytes(out, self.status.as_deref());
+        put_bytes(out, &self.response_header_block);
+        put_u64(out, self.response_length);
+        out.push(progress_code(self.request));
+        out.push(progress_code(self.response));
+        out.push(u8::from(self.updated) | u8::from(self.logged) << 1);
+    }
+
+    pub(crate) fn restore(r: &mut Reader<'_>) -> PersistResult<HttpTx> {
+        let id = r.counter("http transaction id")?;
+        let method = r.bytes("http method", PERSIST_FIELD)?;
+        let uri_raw = r.bytes("http raw uri", PERSIST_FIELD)?;
+        let uri = r.bytes("http uri", PERSIST_FIELD)?;
+        let protocol = r.bytes("http protocol", PERSIST_FIELD)?;
+        let host = r.opt_bytes("http host", PERSIST_FIELD)?;
+        let user_agent = r.opt_bytes("http user agent", PERSIST_FIELD)?;
+        let request_header_block = r.bytes("http request headers", PERSIST_FIELD)?;
+        let status = r.opt_bytes("http status", PERSIST_FIELD)?;
+        let response_header_block = r.bytes("http response headers", PERSIST_FIELD)?;
+        let response_length = r.counter("http response length")?;
+        let request = progress_of(r, "http request progress")?;
+        let response = progress_of(r, "http response progress")?;
+        let f = r.flags("http transaction flags", 2)?;
+        Ok(HttpTx {
+            id,
+            method,
+            uri_raw,
+            uri,
+            protocol,
+            host,
+            user_agent,
+            request_header_block,
+            status,
+            response_header_block,
+            response_length,
+            request,
+            response,
+            updated: f & 1 != 0,
+            logged: f & 2 != 0,
+        })
+    }
+}
+
+impl Side {
+    fn persist(&self, out: &mut Vec<u8>) {
+        match self.state {
+            State::Line => out.push(0),
+            State::Headers => out.push(1),
+            State::Body(b) => {
+                out.push(2);
+                match b {
+                    Body::None => out.push(0),
+                    Body::Length(n) => {
+                        out.push(1);
+                        put_u64(out, n);
+                    }
+                    Body::Chunked(c) => {
+                        out.push(2);
+                        match c {
+                            ChunkState::Size => out.push(0),
+                            ChunkState::Data(n) => {
+                                out.push(1);
+                                put_u64(out, n);
+                            }
+                            ChunkState::DataEnd => out.push(2),
+                            ChunkState::Trailer => out.push(3),
+                        }
+                    }
+                    Body::UntilClose => out.push(3),
+                }
+            }
+            State::Stopped => out.push(3),
+        }
+        put_bytes(out, &self.line);
+        put_u64(out, self.header_bytes as u64);
+        put_u32(out, self.headers.len() as u32);
+        for (n, v) in &self.headers {
+            put_bytes(out, n);
+            put_bytes(out, v);
+        }
+        match self.current {
+            None => out.push(0),
+            Some(id) => {
+                out.push(1);
+                put_u64(out, id);
+            }
+        }
+    }
+
+    fn restore(r: &mut Reader<'_>) -> PersistResult<Side> {
+        let state = match r.code("http state", 3)? {
+            0 => State::Line,
+            1 => State::Headers,
+            2 => State::Body(match r.code("http body", 3)? {
+                0 => Body::None,
+                1 => Body::Length(r.u64("http body length")?),
+                2 => Body::Chunked(match r.code("http chunk state", 3)? {
+                    0 => ChunkState::Size,
+                    1 => ChunkState::Data(r.u64("http chunk length")?),
+                    2 => ChunkState::DataEnd,
+                    _ => ChunkState::Trailer,
+                }),
+                _ => Body::UntilClose,
+            }),
+            _ => State::Stopped,
+        };
+        let line = r.bytes("http line", PERSIST_FIELD)?;
+        let at = r.at();
+        let header_bytes = r.u64("http header bytes")?;
+        bound("http header bytes", at, header_bytes, 1 << 32)?;
+        let at = r.at();
+        let n = r.u32("http header count")? as usize;
+        bound("http header count", at, n as u64, MAX_HEADERS as u64)?;
+        let mut headers = Vec::new();
+        for _ in 0..n {
+            headers.push((
+                r.bytes("http header name", MAX_HEADERS)?,
+                r.bytes("http header value", MAX_HEADERS)?,
+            ));
+        }
+        let current = match r.bool("http current")? {
+            false => None,
+            true => Some(r.u64("http current")?),
+        };
+        Ok(Side {
+            state,
+            line,
+            header_bytes: header_bytes as usize,
+            headers,
+            current,
+        })
+    }
+}
+
+impl HttpParser {
+    /// Appends the parser's state (`crate::persist`); its counters stay here.
+    pub(crate) fn persist(&self, out: &mut Vec<u8>) {
+        self.request.persist(out);
+        self.response.persist(out);
+        put_u64(out, self.next_id);
+        out.push(self.txs.len() as u8);
+        for tx in &self.txs {
+            tx.persist(out);
+        }
+    }
+
+    /// A parser from [`HttpParser::persist`]'s bytes.
+    pub(crate) fn restore(r: &mut Reader<'_>) -> PersistResult<HttpParser> {
+        let request = Side::restore(r)?;
+        let response = Side::restore(r)?;
+        let next_id = r.counter("http next transaction")?;
+        let at = r.at();
+        let n = usize::from(r.u8("http transaction count")?);
+        bound("http transaction count", at, n as u64, MAX_TXS as u64)?;
+        let mut txs = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            txs.push_back(HttpTx::restore(r)?);
+        }
+        Ok(HttpParser {
+            request,
+            response,
+            txs,
+            next_id,
+            counters: HttpCounters::default(),
+        })
+    }
 }
 
 #[cfg(test)]

@@ -326,6 +326,114 @@ fn block(headers: &Headers, skip: &[u8]) -> Vec<u8> {
     out
 }
 
+// Carrying the parser to another host (live migration): `crate::persist`.
+// Every bound the parser relies on is checked on the way in.
+impl Side {
+    fn persist(&self, out: &mut Vec<u8>) {
+        use crate::persist::{put_bytes, put_u32};
+        out.push(self.preface_left as u8);
+        put_bytes(out, &self.header);
+        put_u32(out, self.remaining as u32);
+        match self.frame {
+            None => out.push(0),
+            Some((ty, flags, stream)) => {
+                out.push(1);
+                out.push(ty);
+                out.push(flags);
+                put_u32(out, stream);
+            }
+        }
+        put_bytes(out, &self.payload);
+        match &self.block {
+            None => out.push(0),
+            Some((stream, end, block)) => {
+                out.push(1);
+                put_u32(out, *stream);
+                out.push(u8::from(*end));
+                put_bytes(out, block);
+            }
+        }
+        self.hpack.persist(out);
+        out.push(u8::from(self.failed));
+    }
+
+    fn restore(r: &mut crate::persist::Reader<'_>) -> crate::persist::Result<Side> {
+        use crate::persist::bound;
+        let at = r.at();
+        let preface_left = usize::from(r.u8("http2 preface left")?);
+        bound("http2 preface left", at, preface_left as u64, PREFACE.len() as u64)?;
+        let header = r.bytes("http2 frame header", 8)?;
+        let at = r.at();
+        let remaining = r.u32("http2 frame remaining")? as usize;
+        bound("http2 frame remaining", at, remaining as u64, (1 << 24) - 1)?;
+        let frame = match r.bool("http2 frame")? {
+            false => None,
+            true => Some((
+                r.u8("http2 frame type")?,
+                r.u8("http2 frame flags")?,
+                r.u32("http2 frame stream")?,
+            )),
+        };
+        let payload = r.bytes("http2 frame payload", 1 << 24)?;
+        let block = match r.bool("http2 header block")? {
+            false => None,
+            true => Some((
+                r.u32("http2 header block stream")?,
+                r.bool("http2 header block end")?,
+                r.bytes("http2 header block", MAX_HEADER_BLOCK)?,
+            )),
+        };
+        Ok(Side {
+            preface_left,
+            header,
+            remaining,
+            frame,
+            payload,
+            block,
+            hpack: Decoder::restore(r)?,
+            failed: r.bool("http2 failed")?,
+        })
+    }
+}
+
+impl Http2Parser {
+    /// Appends the parser's state, both directions' HPACK tables included
+    /// (`crate::persist`); its counters stay here.
+    pub(crate) fn persist(&self, out: &mut Vec<u8>) {
+        use crate::persist::{put_u32, put_u64};
+        for side in &self.sides {
+            side.persist(out);
+        }
+        put_u64(out, self.next_id);
+        out.push(self.txs.len() as u8);
+        for (stream, tx) in &self.txs {
+            put_u32(out, *stream);
+            tx.persist(out);
+        }
+    }
+
+    /// A parser from [`Http2Parser::persist`]'s bytes.
+    pub(crate) fn restore(r: &mut crate::persist::Reader<'_>) -> crate::persist::Result<Http2Parser> {
+        use crate::persist::bound;
+        let sides = [Side::restore(r)?, Side::restore(r)?];
+        let next_id = r.counter("http2 next transaction")?;
+        let at = r.at();
+        let n = usize::from(r.u8("http2 transaction count")?);
+        bound("http2 transaction count", at, n as u64, MAX_TXS as u64)?;
+        let mut txs = VecDeque::with_capacity(n);
+        for _ in 0..n {
+            let stream = r.u32("http2 transaction stream")?;
+            txs.push_back((stream, HttpTx::restore(r)?));
+        }
+        Ok(Http2Parser {
+            sides,
+            txs,
+            next_id,
+            counters: Http2Counters::default(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

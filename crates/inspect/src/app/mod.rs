@@ -35,8 +35,8 @@ pub(crate) enum Detected {
 
 #[derive(Debug, Default)]
 pub(crate) struct Probe {
-    held: Vec<u8>,
-    failed: bool,
+    pub(crate) held: Vec<u8>,
+    pub(crate) failed: bool,
 }
 
 /// The application layer of one flow.

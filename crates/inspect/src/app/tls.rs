@@ -169,6 +169,72 @@ pub fn parse_client_hello(b: &[u8]) -> Option<(u16, Option<Vec<u8>>)> {
     Some((version, None))
 }
 
+// Carrying the parser to another host (live migration): `crate::persist`.
+impl TlsParser {
+    /// Appends the parser's state.
+    pub(crate) fn persist(&self, out: &mut Vec<u8>) {
+        use crate::persist::{put_bytes, put_opt_bytes, put_u16};
+        out.push(match self.state {
+            State::Records => 0,
+            State::Done => 1,
+            State::Failed => 2,
+        });
+        put_bytes(out, &self.record);
+        put_bytes(out, &self.handshake);
+        put_opt_bytes(out, self.sni.as_deref());
+        match self.version {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                put_u16(out, v);
+            }
+        }
+        out.push(
+            u8::from(self.client_hello)
+                | u8::from(self.updated) << 1
+                | u8::from(self.malformed) << 2
+                | u8::from(self.logged) << 3,
+        );
+    }
+
+    /// A parser from [`TlsParser::persist`]'s bytes. A partial record must
+    /// be one whose header the parser accepted (it counts on its length).
+    pub(crate) fn restore(r: &mut crate::persist::Reader<'_>) -> crate::persist::Result<TlsParser> {
+        use crate::persist::inconsistent;
+        let state = match r.code("tls state", 2)? {
+            0 => State::Records,
+            1 => State::Done,
+            _ => State::Failed,
+        };
+        let at = r.at();
+        let record = r.bytes("tls record", 5 + 16384 + 2048)?;
+        if record.len() >= 5 {
+            let len = usize::from(u16::from_be_bytes([record[3], record[4]]));
+            if record[0] != 0x16 || record[1] != 0x03 || len == 0 || len > 16384 + 2048 || record.len() >= 5 + len {
+                return Err(inconsistent("tls record", at, "not a partial handshake record"));
+            }
+        }
+        let handshake = r.bytes("tls handshake", MAX_HANDSHAKE + 4)?;
+        let sni = r.opt_bytes("tls server name", MAX_HANDSHAKE)?;
+        let version = match r.bool("tls version")? {
+            false => None,
+            true => Some(r.u16("tls version")?),
+        };
+        let f = r.flags("tls flags", 4)?;
+        Ok(TlsParser {
+            state,
+            record,
+            handshake,
+            client_hello: f & 1 != 0,
+            sni,
+            version,
+            updated: f & 2 != 0,
+            malformed: f & 4 != 0,
+            logged: f & 8 != 0,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -381,3 +381,255 @@ alert dns any any -> any any (dns.query; content:"evil"; sid:5;)"#,
         assert_eq!(insp.stream_memory_in_use(), 0);
     }
 }
+
+const PERSIST_RULES: &str = r#"alert tcp any any -> any any (content:"EVIL"; sid:1;)
+alert http any any -> any any (http.uri; content:"/x"; sid:2;)
+drop tcp any any -> any any (content:"DROP"; flowbits:set,d; sid:3;)
+alert tcp any any -> any any (flowbits:isset,d; pcre:"/a+b/"; sid:4;)
+alert dns any any -> any any (dns.query; content:"evil"; sid:5;)
+alert tcp any any -> any any (content:"LOGIN"; flowbits:set,in; flowbits:noalert; sid:6;)
+alert tcp any any -> any any (content:"aab"; flowbits:isset,in; threshold:type limit, track by_flow, count 2, seconds 5; sid:7;)
+alert http any any -> any any (http.header; content:"evil"; sid:8;)
+alert tls any any -> any any (tls.sni; content:"evil"; sid:9;)
+alert tcp any any -> any any (content:"ping"; detection_filter:track by_flow, count 2, seconds 3; sid:10;)"#;
+
+/// `PERSIST_RULES` compiled twice: as written, and renumbered (another rule
+/// first, the rest reversed), as another host may have them.
+/// Rules and their compiled profiles.
+type Compiled = (Arc<RuleSet>, Arc<[palisade_inspect::Detector]>);
+
+fn persist_rules() -> &'static [Compiled; 2] {
+    static COMPILED: std::sync::OnceLock<[Compiled; 2]> = std::sync::OnceLock::new();
+    COMPILED.get_or_init(|| {
+        let renumbered = format!(
+            "alert tcp any any -> any any (content:\"|00 01 02 03 04 05 06 07|\"; flowbits:set,zz; sid:99;)\n{}",
+            PERSIST_RULES.lines().rev().collect::<Vec<_>>().join("\n")
+        );
+        [PERSIST_RULES, renumbered.as_str()].map(|text| {
+            let rules = Arc::new(RuleSet::parse(text, &RuleContext::default(), LoadOptions::default()).unwrap());
+            let detectors = Inspector::compile(&rules, vec![ProfileSpec::full()]).unwrap();
+            (rules, detectors)
+        })
+    })
+}
+
+fn persist_inspector(which: usize, mode: Mode) -> Inspector {
+    let (rules, detectors) = &persist_rules()[which];
+    let config = Config {
+        mode,
+        inline_stream: mode == Mode::Ips,
+        midstream: true,
+        stream: StreamLimits {
+            depth: 2048,
+            max_ooo_bytes: 512,
+            max_ooo_segments: 4,
+        },
+        stream_memory: 4096,
+        ..Config::default()
+    };
+    let budget = MemoryBudget::new(config.stream_memory);
+    Inspector::shared(rules.clone(), detectors.clone(), config, budget)
+}
+
+/// A TCP (or, first byte odd, UDP) conversation from the input: in-order
+/// data, tokens of the protocols the engine parses, out-of-order segments,
+/// bare acknowledgments and FINs, each way.
+fn conversation(input: &mut Input<'_>) -> Vec<Owned> {
+    const TOKENS: &[&[u8]] = &[
+        b"GET /x HTTP/1.1\r\n",
+        b"Host: evil\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+        b"EVIL",
+        b"DROP",
+        b"aab",
+        b"LOGIN",
+        b"ping",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+        // HEADERS, stream 1: GET http /x, x-h: evil indexed into the table.
+        b"\x00\x00\x0d\x01\x05\x00\x00\x00\x01\x82\x86\x04\x02/x\x40\x03x-h\x04evil",
+        // HEADERS, stream 3: the table's entry by index.
+        b"\x00\x00\x04\x01\x05\x00\x00\x00\x03\x82\x86\x84\xbe",
+        b"\x16\x03\x01\x00\x30\x01\x00\x00\x2c\x03\x03",
+        b"\x00\x1d\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x04evil\x03com\x00\x00\x01\x00\x01",
+    ];
+    let udp = input.byte().unwrap_or(0) & 1 == 1;
+    let (mut next, mut seq) = ([1000u32, 9000u32], [1000u32, 9000u32]);
+    let mut out = Vec::new();
+    let mut push = |from_client: bool, flags: u8, seq: u32, ack: u32, payload: Vec<u8>| {
+        let (src, dst, sp, dp) = if from_client {
+            ([10, 0, 0, 1], [10, 0, 0, 2], 40000, 80)
+        } else {
+            ([10, 0, 0, 2], [10, 0, 0, 1], 80, 40000)
+        };
+        let transport = if udp {
+            Transport::Udp {
+                src_port: sp,
+                dst_port: if from_client { 53 } else { dp },
+            }
+        } else {
+            Transport::Tcp(TcpHeader {
+                src_port: sp,
+                dst_port: dp,
+                seq,
+                ack,
+                flags,
+                window: 1000,
+                fast_open: false,
+            })
+        };
+        out.push(Owned {
+            transport,
+            payload,
+            src,
+            dst,
+        });
+    };
+    if !udp && input.byte().unwrap_or(0) & 1 == 0 {
+        use palisade_inspect::packet::tcp_flags::{ACK, SYN};
+        push(true, SYN, 999, 0, Vec::new());
+        push(false, SYN | ACK, 8999, 1000, Vec::new());
+        push(true, ACK, 1000, 9000, Vec::new());
+    }
+    for _ in 0..45 {
+        let Some(b) = input.byte() else { break };
+        let d = usize::from(b & 1);
+        let from_client = d == 0;
+        let payload = match (b >> 1) & 3 {
+            0 => {
+                let n = usize::from(input.byte().unwrap_or(0) % 48).min(input.0.len());
+                let (p, rest) = input.0.split_at(n);
+                input.0 = rest;
+                p.to_vec()
+            }
+            1 | 2 => TOKENS[usize::from(input.byte().unwrap_or(0)) % TOKENS.len()].to_vec(),
+            _ => Vec::new(),
+        };
+        let flags = palisade_inspect::packet::tcp_flags::ACK
+            | if b & 0x40 != 0 && payload.is_empty() {
+                palisade_inspect::packet::tcp_flags::FIN
+            } else {
+                0
+            };
+        // Kind 2: out of order, ahead of the next byte; otherwise in order.
+        let at = if (b >> 1) & 3 == 2 {
+            next[d].wrapping_add(u32::from(b >> 4) + 1)
+        } else {
+            next[d]
+        };
+        if at == next[d] {
+            next[d] = next[d].wrapping_add(payload.len() as u32);
+        }
+        seq[d] = at;
+        push(from_client, flags, seq[d], next[1 - d], payload);
+    }
+    out
+}
+
+/// Outcomes and (packet, sid) alerts of a run, the alerts of each packet sorted.
+type Trace = (Vec<palisade_inspect::Outcome>, Vec<(usize, u32)>);
+
+fn persist_step(insp: &mut Inspector, flow: &mut FlowState, p: &Owned, i: usize, trace: &mut Trace) {
+    let mut alerts = Vec::new();
+    trace
+        .0
+        .push(insp.inspect(flow, &p.packet(), Duration::from_secs(i as u64), &mut alerts));
+    trace
+        .1
+        .extend(alerts.iter().map(|a| (i, insp.rules().get(a.sig).rule.sid)));
+}
+
+fn persist_finish(insp: &mut Inspector, flow: &mut FlowState, n: usize, trace: &mut Trace) {
+    let mut alerts = Vec::new();
+    let _ = insp.flush(flow, Duration::from_secs(n as u64), &mut alerts);
+    trace
+        .1
+        .extend(alerts.iter().map(|a| (usize::MAX, insp.rules().get(a.sig).rule.sid)));
+    trace.1.sort_unstable();
+    assert_eq!(flow.stream_bytes(), 0);
+}
+
+/// A flow's carried state (`palisade_inspect::persist`). First byte even:
+/// the rest is a conversation cut at a point the first byte gives; its
+/// first part inspected by one inspector, its state exported and imported
+/// into another with the rules numbered differently, the rest inspected
+/// there, gives the outcomes and alerts of the uncut conversation, and
+/// nothing is resumed mid-stream. First byte odd: the rest (after a valid
+/// header when bit 1 is set) is a record: importing it never panics; an
+/// accepted one exports to a record that imports and exports to the same
+/// bytes, its flow inspects more packets, and every stream byte charged is
+/// given back.
+pub fn persist(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let mode = if first & 0x80 != 0 { Mode::Ips } else { Mode::Ids };
+    if first & 1 == 1 {
+        let mut record = Vec::new();
+        if first & 2 != 0 {
+            record.extend_from_slice(b"PLSI\x00\x01\x04full");
+        }
+        record.extend_from_slice(rest);
+        let mut insp = persist_inspector(1, mode);
+        let importer = insp.flow_importer();
+        let now = Duration::from_secs(100);
+        let Ok(imported) = insp.import_flow(&importer, &record, now) else {
+            assert_eq!(insp.stream_memory_in_use(), 0);
+            return;
+        };
+        let mut flow = imported.flow;
+        let mut again = Vec::new();
+        insp.export_flow(&flow, now, &mut again);
+        let mut second = insp
+            .import_flow(&importer, &again, now)
+            .unwrap_or_else(|e| panic!("a record this build wrote is refused: {e}"))
+            .flow;
+        let mut third = Vec::new();
+        insp.export_flow(&second, now, &mut third);
+        assert_eq!(again, third, "export after import is stable");
+        let mut input = Input(rest);
+        let packets = conversation(&mut input);
+        let mut trace = (Vec::new(), Vec::new());
+        for (i, p) in packets.iter().enumerate() {
+            persist_step(&mut insp, &mut flow, p, i, &mut trace);
+        }
+        persist_finish(&mut insp, &mut flow, packets.len(), &mut trace);
+        persist_finish(&mut insp, &mut second, packets.len(), &mut trace);
+        assert_eq!(insp.stream_memory_in_use(), 0);
+        return;
+    }
+    let mut input = Input(rest);
+    let packets = conversation(&mut input);
+    if packets.is_empty() {
+        return;
+    }
+    let cut = usize::from(first >> 1 & 0x3f) % (packets.len() + 1);
+    let mut whole = persist_inspector(0, mode);
+    let mut flow = FlowState::new(palisade_inspect::ProfileId(0), &packets[0].packet());
+    let mut want = (Vec::new(), Vec::new());
+    for (i, p) in packets.iter().enumerate() {
+        persist_step(&mut whole, &mut flow, p, i, &mut want);
+    }
+    persist_finish(&mut whole, &mut flow, packets.len(), &mut want);
+    let mut source = persist_inspector(0, mode);
+    let mut flow = FlowState::new(palisade_inspect::ProfileId(0), &packets[0].packet());
+    let mut got = (Vec::new(), Vec::new());
+    for (i, p) in packets[..cut].iter().enumerate() {
+        persist_step(&mut source, &mut flow, p, i, &mut got);
+    }
+    let at = Duration::from_secs(cut as u64);
+    let mut record = Vec::new();
+    source.export_flow(&flow, at, &mut record);
+    let mut dest = persist_inspector(1, mode);
+    let importer = dest.flow_importer();
+    let imported = dest
+        .import_flow(&importer, &record, at)
+        .unwrap_or_else(|e| panic!("a record this build wrote is refused: {e}"));
+    assert!(!imported.resumed_midstream && imported.unknown_refs == 0);
+    let mut flow = imported.flow;
+    for (i, p) in packets.iter().enumerate().skip(cut) {
+        persist_step(&mut dest, &mut flow, p, i, &mut got);
+    }
+    persist_finish(&mut dest, &mut flow, packets.len(), &mut got);
+    assert_eq!(got, want, "cut before packet {cut} of {}", packets.len());
+    assert_eq!(dest.stream_memory_in_use(), 0);
+}
