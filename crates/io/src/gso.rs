@@ -976,15 +976,49 @@ impl Coalescer {
 
 /// A hash of what identifies a TCP flow here: prefix and Ethernet header,
 /// addresses, ports. Equal keys are checked byte for byte before merging.
+///
+/// It runs for every datagram from the underlay, so it mixes eight bytes
+/// at a time (a multiply and a rotation per word), not one, and reads a
+/// part's last bytes as one overlapping word rather than assembling them
+/// in memory (a store-forwarding stall): byte by byte it took 6-7 % of a
+/// receiving agent's cycles on a single TCP stream (bench/README.md).
 fn flow_key(p: &[u8], l3: usize, l4: usize, v6: bool) -> u64 {
     let addrs = if v6 { &p[l3 + 8..l3 + 40] } else { &p[l3 + 12..l3 + 20] };
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for part in [&p[..l3], addrs, &p[l4..l4 + 4]] {
-        for &b in part {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        let n = part.len();
+        if n >= 8 {
+            let mut words = part.chunks_exact(8);
+            for w in &mut words {
+                h = mix(h, le64(w));
+            }
+            if !words.remainder().is_empty() {
+                h = mix(h, le64(&part[n - 8..]));
+            }
+        } else if n >= 4 {
+            h = mix(h, u64::from(le32(&part[..4])) | u64::from(le32(&part[n - 4..])) << 32);
+        } else {
+            for &b in part {
+                h = mix(h, u64::from(b));
+            }
         }
+        // The length keeps parts that differ only in where they end apart.
+        h = mix(h, n as u64);
     }
     h
+}
+
+/// One step of [`flow_key`]'s hash.
+fn mix(h: u64, word: u64) -> u64 {
+    (h ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(31)
+}
+
+fn le64(b: &[u8]) -> u64 {
+    u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+fn le32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
 #[cfg(test)]
