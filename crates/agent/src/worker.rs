@@ -1054,9 +1054,14 @@ mod tests {
 
     use super::*;
 
+    /// What a recording port was asked to send, in order.
+    type Log = Arc<Mutex<Vec<Vec<u8>>>>;
+    /// How many times a recording port transmitted.
+    type Sends = Arc<std::sync::atomic::AtomicUsize>;
+
     /// A port that records what it is asked to send, in order, and how
     /// many times it transmitted (each `send_frames` call flushes once).
-    struct Recording(Arc<Mutex<Vec<Vec<u8>>>>, Arc<std::sync::atomic::AtomicUsize>);
+    struct Recording(Log, Sends);
 
     impl FramePort for Recording {
         fn recv_frames(&mut self, _: usize, _: &mut dyn FnMut(&[RxFrame<'_>])) -> std::io::Result<usize> {
@@ -1084,7 +1089,7 @@ mod tests {
     }
 
     /// A recording port, with the count of its transmissions.
-    fn counting_port(n: u16) -> (Attached, Arc<Mutex<Vec<Vec<u8>>>>, Arc<std::sync::atomic::AtomicUsize>) {
+    fn counting_port(n: u16) -> (Attached, Log, Sends) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let flushes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let a = Attached {

@@ -1138,9 +1138,13 @@ mod tests {
         c.hold();
         for _ in 0..2 {
             for p in &packets {
-                c.push(p, &mut |f, _| emitted.push((f.as_ptr(), f.to_vec(), std::ptr::eq(f, &p[..]))));
+                c.push(p, &mut |f, _| {
+                    emitted.push((f.as_ptr(), f.to_vec(), std::ptr::eq(f, &p[..])))
+                });
             }
-            c.push(&arp, &mut |f, _| emitted.push((f.as_ptr(), f.to_vec(), std::ptr::eq(f, &arp[..]))));
+            c.push(&arp, &mut |f, _| {
+                emitted.push((f.as_ptr(), f.to_vec(), std::ptr::eq(f, &arp[..])))
+            });
             c.flush(&mut |f, _| emitted.push((f.as_ptr(), f.to_vec(), false)));
         }
         // The ARP frame passes as it came (first, the run still open), then the merged run; twice.

@@ -557,7 +557,7 @@ impl UdpOverlay {
     /// Receive as [`UdpOverlay::recv_coalesced`] does, but hand the
     /// payloads over in batches, all valid during one call of `f`: those
     /// of one `recvmmsg` (fewer when the coalescer would hold more than
-    /// [`HOLD_MAX`] merged frames), in the order `recv_coalesced` would
+    /// 32 frames of its own, each up to 64 KiB), in the order `recv_coalesced` would
     /// hand them over. Datagrams passed on as they came are handed over
     /// from the receive buffer, merged frames from the coalescer's
     /// buffers ([`Coalescer::hold`]): a caller can send a whole batch, one
@@ -1094,7 +1094,11 @@ fn hand_over(
             })
         })
         .collect();
-    debug_assert_eq!(arrivals.len(), batch.len(), "every payload of the batch is where it was emitted");
+    debug_assert_eq!(
+        arrivals.len(),
+        batch.len(),
+        "every payload of the batch is where it was emitted"
+    );
     f(&arrivals);
 }
 

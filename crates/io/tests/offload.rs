@@ -750,10 +750,7 @@ fn one_packet_flows(prefix: &[u8; 8]) -> (Vec<u8>, usize) {
 
 #[test]
 fn coalesced_batches_hand_over_what_the_frame_by_frame_receive_does() {
-    if !common::can_run(
-        "coalesced_batches_hand_over_what_the_frame_by_frame_receive_does",
-        &[],
-    ) {
+    if !common::can_run("coalesced_batches_hand_over_what_the_frame_by_frame_receive_does", &[]) {
         return;
     }
     let (_n1, _n2, mut a, mut b) = underlay("cb");
@@ -806,9 +803,7 @@ fn coalesced_batches_hand_over_what_the_frame_by_frame_receive_does() {
     assert_eq!(n, want);
     assert_eq!(batched.len(), 1 + 64 + 1, "{batch_sizes:?}");
     assert!(
-        batched
-            .iter()
-            .any(|(p, o)| o.gso.is_some() && p[8..] == frame[..]),
+        batched.iter().any(|(p, o)| o.gso.is_some() && p[8..] == frame[..]),
         "the super-frame merged back"
     );
     // The same payloads (flows may come in another order, each whole).
@@ -817,8 +812,5 @@ fn coalesced_batches_hand_over_what_the_frame_by_frame_receive_does() {
     assert_eq!(one_by_one, batched);
     // The 64 one-packet runs of one receive came in more than one batch:
     // the coalescer holds a bounded number of frames.
-    assert!(
-        batch_sizes.iter().all(|&n| n < 64),
-        "batches {batch_sizes:?}"
-    );
+    assert!(batch_sizes.iter().all(|&n| n < 64), "batches {batch_sizes:?}");
 }
