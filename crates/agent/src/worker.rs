@@ -23,8 +23,10 @@
 //! that rendering would not change (an untagged frame, most of them) is
 //! not rendered at all but sent from where it arrived ([`DirectBatch`]):
 //! a port batch's copies for the underlay from the port's receive buffer,
-//! behind VXLAN headers written in the staging buffer; a super-frame from
-//! the underlay for a local port from the coalescer's buffer. Those
+//! behind VXLAN headers written in the staging buffer; the super-frames of
+//! an underlay receive for local ports from the coalescer's buffers, which
+//! it holds for the receive (`recv_coalesced_batch`), each port's in one
+//! call with the smaller frames staged for it, in the order decided. Those
 //! buffers are reused by the next receive, so such copies leave before
 //! it, their connection events journaled first: the kernel's copy into its
 //! own buffer is then the only copy of their bytes on this host after the
@@ -215,10 +217,10 @@ impl Staging {
 /// With `underlay` on (a batch from a port), every copy for the underlay
 /// is taken, in order: its VXLAN header written in the staging buffer,
 /// its frame borrowed (or, when rendering changes it, rendered there too).
-/// With `ports` on (a frame from the underlay), super-frames for local
-/// ports are taken; smaller frames are staged and leave together, one call
-/// per port, and [`DirectBatch::send_ports`] sends what was staged for the
-/// ports before them first, so that each port's frames keep their order.
+/// With `ports` on (a receive from the underlay), super-frames for local
+/// ports are taken; smaller frames are staged, and [`DirectBatch::send_ports`]
+/// sends both together, one call per port, each port's frames in the order
+/// they were decided.
 struct DirectBatch<'f> {
     underlay: bool,
     ports: bool,
@@ -234,11 +236,13 @@ enum Direct<'f> {
         body: Body<'f>,
         offload: Offload,
     },
-    /// A frame for a local port, as it lies.
+    /// A frame for a local port, as it lies; it leaves after the first
+    /// `after` frames staged (those staged before it was taken).
     Port {
         port: PortId,
         frame: &'f [u8],
         offload: Offload,
+        after: usize,
     },
 }
 
@@ -332,6 +336,7 @@ impl<'f> DirectBatch<'f> {
                 port: out.port,
                 frame: in_place(origin, frame),
                 offload,
+                after: staging.items.len(),
             }),
             None => staging.render_errors += 1,
         }
@@ -365,8 +370,10 @@ impl<'f> DirectBatch<'f> {
         self.items.retain(|d| matches!(d, Direct::Port { .. }));
     }
 
-    /// Send the copies for local ports, after what was staged for the
-    /// ports before them; returns how many were dropped for a quiesced port.
+    /// Send the copies for local ports with what was staged for the ports,
+    /// each port's in one call and in the order they were decided (a copy
+    /// taken here after the frames staged before it); returns how many
+    /// were dropped for a quiesced port.
     fn send_ports(
         &mut self,
         ports: &mut [Attached],
@@ -377,16 +384,58 @@ impl<'f> DirectBatch<'f> {
         if !self.items.iter().any(|d| matches!(d, Direct::Port { .. })) {
             return 0;
         }
-        let mut dropped = send_staged_to_ports(ports, staging, sockets, quiesced);
-        for d in &self.items {
-            if let Direct::Port { port, frame, offload } = d {
-                if quiesced.contains(port) {
-                    dropped += 1;
-                } else if let Some(i) = sockets.of(*port) {
-                    let _ = ports[i].io.send_frames(&mut std::iter::once((*frame, offload)));
-                }
+        let mut dropped = 0;
+        let staged = staging.items.iter().filter_map(|&(dest, ..)| match dest {
+            Dest::Port(p) => Some(p),
+            Dest::Overlay(_) => None,
+        });
+        let direct = self.items.iter().filter_map(|d| match d {
+            Direct::Port { port, .. } => Some(*port),
+            Direct::Underlay { .. } => None,
+        });
+        for p in staged.chain(direct) {
+            if quiesced.contains(&p) {
+                dropped += 1;
+            } else if let Some(i) = sockets.of(p) {
+                sockets.touched[i] = true;
             }
         }
+        for (i, attached) in ports.iter_mut().enumerate() {
+            if !std::mem::take(&mut sockets.touched[i]) {
+                continue;
+            }
+            let port = attached.port;
+            let buf = &staging.buf;
+            let mut staged = staging
+                .items
+                .iter()
+                .enumerate()
+                .filter(|(_, (dest, ..))| matches!(dest, Dest::Port(p) if *p == port))
+                .map(|(k, (_, start, end, offload))| (k, &buf[*start..*end], offload))
+                .peekable();
+            let mut direct = self
+                .items
+                .iter()
+                .filter_map(|d| match d {
+                    Direct::Port {
+                        port: p,
+                        frame,
+                        offload,
+                        after,
+                    } if *p == port => Some((*after, *frame, offload)),
+                    _ => None,
+                })
+                .peekable();
+            // The two in the order they were decided.
+            let mut frames = std::iter::from_fn(|| match (staged.peek(), direct.peek()) {
+                (Some(&(k, ..)), Some(&(after, ..))) if after > k => staged.next().map(|(_, f, o)| (f, o)),
+                (_, Some(_)) => direct.next().map(|(_, f, o)| (f, o)),
+                (Some(_), None) => staged.next().map(|(_, f, o)| (f, o)),
+                (None, None) => None,
+            });
+            let _ = attached.io.send_frames(&mut frames);
+        }
+        staging.items.retain(|(dest, ..)| matches!(dest, Dest::Overlay(_)));
         self.items.retain(|d| matches!(d, Direct::Underlay { .. }));
         dropped
     }
@@ -698,26 +747,30 @@ impl Worker {
                             let journaled = &mut journaled;
                             self.io
                                 .overlay
-                                .recv_coalesced(BATCH, &mut coalescer, &mut |remote, payload, offload| {
-                                    // The coalescer's offsets count from the inner frame; the engine's from the VXLAN header.
-                                    let Some(o) = offload.shifted(0, vxlan::HEADER_LEN as u16) else {
-                                        staging.render_errors += 1;
-                                        return;
-                                    };
-                                    // Super-frames for local ports leave from the coalescer's buffer, before it is reused.
+                                .recv_coalesced_batch(BATCH, &mut coalescer, &mut |arrivals| {
+                                    // Super-frames for local ports leave from where they lie (the
+                                    // receive buffer, the coalescer's), before those are reused:
+                                    // a receive's in one call per port.
                                     let mut direct = DirectBatch::new(false, true, std::mem::take(spare));
-                                    handle_overlay_offloaded(
-                                        engine,
-                                        &mut staging,
-                                        &mut events,
-                                        &mut results,
-                                        now,
-                                        remote,
-                                        payload,
-                                        o,
-                                        &mut inspection,
-                                        &mut direct,
-                                    );
+                                    for a in arrivals {
+                                        // The coalescer's offsets count from the inner frame; the engine's from the VXLAN header.
+                                        let Some(o) = a.offload.shifted(0, vxlan::HEADER_LEN as u16) else {
+                                            staging.render_errors += 1;
+                                            continue;
+                                        };
+                                        handle_overlay_offloaded(
+                                            engine,
+                                            &mut staging,
+                                            &mut events,
+                                            &mut results,
+                                            now,
+                                            a.remote,
+                                            a.payload,
+                                            o,
+                                            &mut inspection,
+                                            &mut direct,
+                                        );
+                                    }
                                     if !direct.items.is_empty() {
                                         journal_events(journal, engine, &events[*journaled..], now);
                                         *journaled = events.len();
@@ -1004,8 +1057,14 @@ mod tests {
 
     use super::*;
 
-    /// A port that records what it is asked to send, in order.
-    struct Recording(Arc<Mutex<Vec<Vec<u8>>>>);
+    /// What a recording port was asked to send, in order.
+    type Log = Arc<Mutex<Vec<Vec<u8>>>>;
+    /// How many times a recording port transmitted.
+    type Sends = Arc<std::sync::atomic::AtomicUsize>;
+
+    /// A port that records what it is asked to send, in order, and how
+    /// many times it transmitted (each `send_frames` call flushes once).
+    struct Recording(Log, Sends);
 
     impl FramePort for Recording {
         fn recv_frames(&mut self, _: usize, _: &mut dyn FnMut(&[RxFrame<'_>])) -> std::io::Result<usize> {
@@ -1016,6 +1075,7 @@ mod tests {
             Ok(())
         }
         fn flush(&mut self) -> std::io::Result<()> {
+            self.1.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
         fn fd(&self) -> i32 {
@@ -1027,13 +1087,20 @@ mod tests {
     }
 
     fn port(n: u16) -> (Attached, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let (a, log, _) = counting_port(n);
+        (a, log)
+    }
+
+    /// A recording port, with the count of its transmissions.
+    fn counting_port(n: u16) -> (Attached, Log, Sends) {
         let log = Arc::new(Mutex::new(Vec::new()));
+        let flushes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let a = Attached {
             interface: format!("p{n}"),
             port: PortId(n),
-            io: Box::new(Recording(log.clone())),
+            io: Box::new(Recording(log.clone(), flushes.clone())),
         };
-        (a, log)
+        (a, log, flushes)
     }
 
     fn staged(staging: &mut Staging, dest: Dest, bytes: &[u8]) {
@@ -1060,6 +1127,7 @@ mod tests {
                 port,
                 frame: &arrived,
                 offload: Offload::NONE,
+                after: staging.items.len(),
             });
         }
         let quiesced = [PortId(2)];
@@ -1074,6 +1142,57 @@ mod tests {
         // Only the underlay's frame is still staged, and the batch is empty.
         assert_eq!(staging.items.len(), 1);
         assert!(matches!(staging.items[0].0, Dest::Overlay(_)));
+        assert!(direct.items.is_empty());
+    }
+
+    #[test]
+    fn a_receive_s_copies_for_a_port_leave_in_one_call_in_the_order_decided() {
+        // A batch from the underlay: a super-frame taken in place, a small
+        // frame staged after it, another in place, another staged; for two ports.
+        let (p1, log1, sends1) = counting_port(1);
+        let (p2, log2, sends2) = counting_port(2);
+        let mut ports = vec![p1, p2];
+        let mut sockets = Sockets::new(&ports);
+        let mut staging = Staging::default();
+        let (first, third) = (b"first, in place".to_vec(), b"third, in place".to_vec());
+        let other = b"for the other port, in place".to_vec();
+        let mut direct = DirectBatch::new(false, true, Vec::new());
+        fn take<'f>(direct: &mut DirectBatch<'f>, staging: &Staging, port: PortId, frame: &'f [u8]) {
+            direct.items.push(Direct::Port {
+                port,
+                frame,
+                offload: Offload::NONE,
+                after: staging.items.len(),
+            })
+        }
+        take(&mut direct, &staging, PortId(1), &first[..]);
+        staged(&mut staging, Dest::Port(PortId(1)), b"second, staged");
+        take(&mut direct, &staging, PortId(2), &other[..]);
+        staged(&mut staging, Dest::Overlay(Ipv4Addr::LOCALHOST), b"for the underlay");
+        take(&mut direct, &staging, PortId(1), &third[..]);
+        staged(&mut staging, Dest::Port(PortId(1)), b"fourth, staged");
+        staged(&mut staging, Dest::Port(PortId(2)), b"for the other port, staged");
+        let dropped = direct.send_ports(&mut ports, &mut staging, &mut sockets, &[]);
+        assert_eq!(dropped, 0);
+        assert_eq!(
+            *log1.lock().unwrap(),
+            vec![
+                first.clone(),
+                b"second, staged".to_vec(),
+                third.clone(),
+                b"fourth, staged".to_vec()
+            ]
+        );
+        assert_eq!(
+            *log2.lock().unwrap(),
+            vec![other.clone(), b"for the other port, staged".to_vec()]
+        );
+        assert_eq!(
+            (sends1.load(Ordering::Relaxed), sends2.load(Ordering::Relaxed)),
+            (1, 1),
+            "one transmission per port"
+        );
+        assert_eq!(staging.items.len(), 1, "the underlay's frame stays staged");
         assert!(direct.items.is_empty());
     }
 

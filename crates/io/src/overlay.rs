@@ -39,7 +39,10 @@
 //! hands datagrams over one by one; [`UdpOverlay::recv_segments`] hands over
 //! each receive whole; [`UdpOverlay::recv_coalesced`] merges consecutive
 //! in-order TCP segments of one inner flow back into super-frames
-//! ([`crate::gso::Coalescer`]). A kernel without `UDP_GRO` refuses the option
+//! ([`crate::gso::Coalescer`]), and [`UdpOverlay::recv_coalesced_batch`]
+//! hands a receive's payloads over together, where they lie (the receive
+//! buffer, the coalescer's held buffers), so that a caller can send them on
+//! in one call per destination. A kernel without `UDP_GRO` refuses the option
 //! and the socket stays as it was.
 //!
 //! With several workers, each binds its own socket to the same address
@@ -126,6 +129,41 @@ struct TxSpan {
     msg: TxMsg,
 }
 
+/// One message of the last receive: its sender, where it lies in the
+/// receive buffer, its length and the size of the datagrams it holds.
+#[derive(Clone, Copy)]
+struct RxMsg {
+    from: Ipv4Addr,
+    at: usize,
+    len: usize,
+    segment: usize,
+}
+
+/// A payload from the underlay, as [`UdpOverlay::recv_coalesced_batch`]
+/// hands it over: valid for that call.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    /// The host it came from.
+    pub remote: Ipv4Addr,
+    /// The payload: VXLAN header, then the inner frame.
+    pub payload: &'a [u8],
+    /// The inner frame's offload state (offsets from the inner frame's start).
+    pub offload: Offload,
+}
+
+/// Where a payload of a [`UdpOverlay::recv_coalesced_batch`] batch lies.
+#[derive(Clone, Copy)]
+enum Source {
+    /// `rx_buf[at..at + len]`: a datagram as it came.
+    Received { at: usize, len: usize },
+    /// The coalescer's held frame `index`, `len` bytes long.
+    Held { index: usize, len: usize },
+}
+
+/// Most frames the coalescer holds before a batch is handed over early
+/// (each holds a buffer of up to 64 KiB).
+const HOLD_MAX: usize = 32;
+
 /// A frame for the underlay, borrowed for one [`UdpOverlay::send_batch`] call.
 #[derive(Debug, Clone, Copy)]
 pub struct Outgoing<'a> {
@@ -153,6 +191,10 @@ pub struct UdpOverlay {
     rx_iov: Vec<libc::iovec>,
     rx_ctrl: Vec<Control>,
     rx_msgs: Vec<libc::mmsghdr>,
+    /// The messages of the last receive.
+    rx_got: Vec<RxMsg>,
+    /// The payloads of a coalesced batch being gathered.
+    rx_batch: Vec<(Ipv4Addr, Source, Offload)>,
     tx_buf: Vec<u8>,
     /// Segment headers of gathered super-frames ([`UdpOverlay::send_batch`]).
     tx_hdrs: Vec<u8>,
@@ -322,6 +364,8 @@ impl UdpOverlay {
             rx_iov: vec![iov; RX_BATCH],
             rx_ctrl: vec![ctrl; RX_BATCH],
             rx_msgs: vec![msg; RX_BATCH],
+            rx_got: Vec::with_capacity(RX_BATCH),
+            rx_batch: Vec::new(),
             tx_buf: Vec::with_capacity(TX_BUFFER),
             tx_hdrs: Vec::new(),
             tx_pieces: Vec::with_capacity(TX_BATCH),
@@ -368,37 +412,35 @@ impl UdpOverlay {
         !self.gso_refused
     }
 
-    /// Receive up to `max` messages without blocking; call `f` with each
-    /// sender, the bytes received, and the size of the datagrams they hold
-    /// (the last may be shorter; equal to the length when the kernel did not
-    /// coalesce). Returns how many datagrams were received.
-    pub fn recv_segments(&mut self, max: usize, f: &mut dyn FnMut(Ipv4Addr, &[u8], usize)) -> io::Result<usize> {
-        let mut delivered = 0;
-        let mut seen = 0;
+    /// One `recvmmsg` of up to `want` messages without blocking, described
+    /// in `rx_got` (messages cut short are counted and left out). Returns
+    /// how many messages the kernel gave (0: none waiting).
+    fn receive_once(&mut self, want: usize) -> io::Result<usize> {
+        self.rx_got.clear();
         let slot = self.rx_slot;
-        while seen < max {
-            let want = RX_BATCH.min(max - seen);
-            let base = self.rx_buf.as_mut_ptr();
-            for i in 0..want {
-                self.rx_iov[i] = libc::iovec {
-                    // SAFETY: slot `i < RX_BATCH` starts inside `rx_buf` (RX_BATCH * slot bytes).
-                    iov_base: unsafe { base.add(i * slot) }.cast(),
-                    iov_len: slot,
-                };
-                let h = &mut self.rx_msgs[i].msg_hdr;
-                h.msg_name = (&mut self.rx_addrs[i] as *mut libc::sockaddr_in).cast();
-                h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-                h.msg_iov = &mut self.rx_iov[i];
-                h.msg_iovlen = 1;
-                if self.gro {
-                    h.msg_control = self.rx_ctrl[i].0.as_mut_ptr().cast();
-                    h.msg_controllen = CONTROL_LEN as _;
-                } else {
-                    h.msg_control = ptr::null_mut();
-                    h.msg_controllen = 0;
-                }
-                h.msg_flags = 0;
+        let want = want.min(RX_BATCH);
+        let base = self.rx_buf.as_mut_ptr();
+        for i in 0..want {
+            self.rx_iov[i] = libc::iovec {
+                // SAFETY: slot `i < RX_BATCH` starts inside `rx_buf` (RX_BATCH * slot bytes).
+                iov_base: unsafe { base.add(i * slot) }.cast(),
+                iov_len: slot,
+            };
+            let h = &mut self.rx_msgs[i].msg_hdr;
+            h.msg_name = (&mut self.rx_addrs[i] as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            h.msg_iov = &mut self.rx_iov[i];
+            h.msg_iovlen = 1;
+            if self.gro {
+                h.msg_control = self.rx_ctrl[i].0.as_mut_ptr().cast();
+                h.msg_controllen = CONTROL_LEN as _;
+            } else {
+                h.msg_control = ptr::null_mut();
+                h.msg_controllen = 0;
             }
+            h.msg_flags = 0;
+        }
+        let r = loop {
             // SAFETY: the first `want` headers point at live buffers, addresses and control
             // buffers owned by `self`; the timeout may be null.
             let r = unsafe {
@@ -410,34 +452,57 @@ impl UdpOverlay {
                     ptr::null_mut(),
                 )
             };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => break,
-                    _ if seen == 0 => return Err(e),
-                    _ => break,
-                }
+            if r >= 0 {
+                break r as usize;
             }
-            let got = r as usize;
-            for i in 0..got {
-                seen += 1;
-                let m = &self.rx_msgs[i];
-                if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                    self.stats.truncated += 1;
-                    continue;
-                }
-                let len = (m.msg_len as usize).min(slot);
-                let segment = if self.gro { gro_size(&m.msg_hdr) } else { None };
-                let segment = segment.filter(|&s| s > 0 && s < len).unwrap_or(len);
-                let from = Ipv4Addr::from(u32::from_be(self.rx_addrs[i].sin_addr.s_addr));
-                let payload = &self.rx_buf[i * slot..i * slot + len];
-                let count = len.div_ceil(segment.max(1)).max(1);
-                self.stats.rx_frames += count as u64;
-                self.stats.rx_bytes += len as u64;
-                self.stats.rx_super_frames += u64::from(count > 1);
-                f(from, payload, segment);
-                delivered += count;
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(0),
+                _ => return Err(e),
+            }
+        };
+        for i in 0..r {
+            let m = &self.rx_msgs[i];
+            if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                self.stats.truncated += 1;
+                continue;
+            }
+            let len = (m.msg_len as usize).min(slot);
+            let segment = if self.gro { gro_size(&m.msg_hdr) } else { None };
+            let segment = segment.filter(|&s| s > 0 && s < len).unwrap_or(len);
+            let count = len.div_ceil(segment.max(1)).max(1);
+            self.stats.rx_frames += count as u64;
+            self.stats.rx_bytes += len as u64;
+            self.stats.rx_super_frames += u64::from(count > 1);
+            self.rx_got.push(RxMsg {
+                from: Ipv4Addr::from(u32::from_be(self.rx_addrs[i].sin_addr.s_addr)),
+                at: i * slot,
+                len,
+                segment,
+            });
+        }
+        Ok(r)
+    }
+
+    /// Receive up to `max` messages without blocking; call `f` with each
+    /// sender, the bytes received, and the size of the datagrams they hold
+    /// (the last may be shorter; equal to the length when the kernel did not
+    /// coalesce). Returns how many datagrams were received.
+    pub fn recv_segments(&mut self, max: usize, f: &mut dyn FnMut(Ipv4Addr, &[u8], usize)) -> io::Result<usize> {
+        let mut delivered = 0;
+        let mut seen = 0;
+        while seen < max {
+            let want = RX_BATCH.min(max - seen);
+            let got = match self.receive_once(want) {
+                Ok(got) => got,
+                Err(e) if seen == 0 => return Err(e),
+                Err(_) => break,
+            };
+            seen += got;
+            for m in &self.rx_got {
+                f(m.from, &self.rx_buf[m.at..m.at + m.len], m.segment);
+                delivered += m.len.div_ceil(m.segment.max(1)).max(1);
             }
             if got < want {
                 break;
@@ -487,6 +552,84 @@ impl UdpOverlay {
             coalescer.flush(&mut |p, o| f(prev, p, o));
         }
         r
+    }
+
+    /// Receive as [`UdpOverlay::recv_coalesced`] does, but hand the
+    /// payloads over in batches, all valid during one call of `f`: those
+    /// of one `recvmmsg` (fewer when the coalescer would hold more than
+    /// 32 frames of its own, each up to 64 KiB), in the order `recv_coalesced` would
+    /// hand them over. Datagrams passed on as they came are handed over
+    /// from the receive buffer, merged frames from the coalescer's
+    /// buffers ([`Coalescer::hold`]): a caller can send a whole batch, one
+    /// call per destination, from where it lies. The coalescer is flushed
+    /// at the end of each receive. Returns how many datagrams were received.
+    pub fn recv_coalesced_batch(
+        &mut self,
+        max: usize,
+        coalescer: &mut Coalescer,
+        f: &mut dyn FnMut(&[Arrival<'_>]),
+    ) -> io::Result<usize> {
+        let mut delivered = 0;
+        let mut seen = 0;
+        let mut batch = mem::take(&mut self.rx_batch);
+        let mut r = Ok(());
+        while seen < max {
+            let want = RX_BATCH.min(max - seen);
+            let got = match self.receive_once(want) {
+                Ok(got) => got,
+                Err(e) => {
+                    if seen == 0 {
+                        r = Err(e);
+                    }
+                    break;
+                }
+            };
+            seen += got;
+            batch.clear();
+            coalescer.hold();
+            let mut held = 0;
+            let mut current: Option<Ipv4Addr> = None;
+            for k in 0..self.rx_got.len() {
+                let m = self.rx_got[k];
+                if let Some(prev) = current
+                    && prev != m.from
+                {
+                    coalescer.flush(&mut |p, o| batch.push((prev, held_source(p, &mut held), *o)));
+                }
+                current = Some(m.from);
+                let segment = m.segment.max(1);
+                for (j, datagram) in self.rx_buf[m.at..m.at + m.len].chunks(segment).enumerate() {
+                    let at = m.at + j * segment;
+                    coalescer.push(datagram, &mut |p, o| {
+                        let source = if std::ptr::eq(p, datagram) {
+                            Source::Received { at, len: p.len() }
+                        } else {
+                            held_source(p, &mut held)
+                        };
+                        batch.push((m.from, source, *o));
+                    });
+                    delivered += 1;
+                    if coalescer.held().len() >= HOLD_MAX {
+                        hand_over(&batch, &self.rx_buf, coalescer, f);
+                        batch.clear();
+                        coalescer.release();
+                        coalescer.hold();
+                        held = 0;
+                    }
+                }
+            }
+            if let Some(prev) = current {
+                coalescer.flush(&mut |p, o| batch.push((prev, held_source(p, &mut held), *o)));
+            }
+            hand_over(&batch, &self.rx_buf, coalescer, f);
+            batch.clear();
+            coalescer.release();
+            if got < want {
+                break;
+            }
+        }
+        self.rx_batch = batch;
+        r.map(|()| delivered)
     }
 
     /// Make room for `len` more bytes and one more message, flushing first if
@@ -914,6 +1057,49 @@ impl UdpOverlay {
     pub fn stats(&self) -> PortStats {
         self.stats
     }
+}
+
+/// The source of a frame the coalescer emitted from a run's buffer: its
+/// next held frame (`held` counts them).
+fn held_source(p: &[u8], held: &mut usize) -> Source {
+    let index = *held;
+    *held += 1;
+    Source::Held { index, len: p.len() }
+}
+
+/// Call `f` with the payloads of `batch`, from the receive buffer and the
+/// coalescer's held frames.
+fn hand_over(
+    batch: &[(Ipv4Addr, Source, Offload)],
+    rx_buf: &[u8],
+    coalescer: &Coalescer,
+    f: &mut dyn FnMut(&[Arrival<'_>]),
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let held = coalescer.held();
+    let arrivals: Vec<Arrival<'_>> = batch
+        .iter()
+        .filter_map(|&(remote, source, offload)| {
+            let payload = match source {
+                Source::Received { at, len } => rx_buf.get(at..at + len)?,
+                // The coalescer keeps each frame it emitted from a run's buffer, in order.
+                Source::Held { index, len } => held.get(index).map(Vec::as_slice).filter(|b| b.len() == len)?,
+            };
+            Some(Arrival {
+                remote,
+                payload,
+                offload,
+            })
+        })
+        .collect();
+    debug_assert_eq!(
+        arrivals.len(),
+        batch.len(),
+        "every payload of the batch is where it was emitted"
+    );
+    f(&arrivals);
 }
 
 /// Point `h` at `ctrl`, holding one `UDP_SEGMENT` control message for datagrams of `size` bytes.

@@ -724,3 +724,93 @@ fn same_size_datagrams_share_one_segmented_send() {
     }
     assert_eq!(datagrams(&mut other, 1), vec![datagram(73, 200)]);
 }
+
+/// 64 one-segment TCP packets of 64 flows, each behind `prefix`, as the
+/// underlay carries them (checksums complete), all of one length.
+fn one_packet_flows(prefix: &[u8; 8]) -> (Vec<u8>, usize) {
+    let mut all = Vec::new();
+    let mut len = 0;
+    for flow in 0..64u8 {
+        let spec = props::Spec {
+            flow,
+            payload_len: 100,
+            segment_size: 100,
+            prefix: *prefix,
+            ..props::Spec::default()
+        };
+        let (frame, offload) = props::build(&spec);
+        let mut buf = Vec::new();
+        let segs = gso::segment(&frame, &offload, prefix, &mut buf, 1 << 16).unwrap();
+        assert_eq!(segs.count, 1);
+        len = buf.len();
+        all.extend_from_slice(&buf);
+    }
+    (all, len)
+}
+
+#[test]
+fn coalesced_batches_hand_over_what_the_frame_by_frame_receive_does() {
+    if !common::can_run("coalesced_batches_hand_over_what_the_frame_by_frame_receive_does", &[]) {
+        return;
+    }
+    let (_n1, _n2, mut a, mut b) = underlay("cb");
+    assert!(b.enable_gro());
+    let spec = props::Spec::default();
+    let (frame, offload) = props::build(&spec);
+    let (singles, single_len) = one_packet_flows(&spec.prefix);
+    // A super-frame (45 datagrams, merged back), 64 one-packet runs in one
+    // UDP_SEGMENT send (more than the coalescer holds at once), a datagram
+    // that is no TCP.
+    let send = |a: &mut UdpOverlay| {
+        a.send_super_frame(B, &spec.prefix, &frame, &offload).unwrap();
+        a.send_segments(B, &singles, single_len).unwrap();
+        a.send_to(B, b"not a tcp segment").unwrap();
+        a.flush().unwrap();
+    };
+    let want = 45 + 64 + 1;
+    let receive_until = |b: &mut UdpOverlay, recv: &mut dyn FnMut(&mut UdpOverlay) -> usize| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut received = 0;
+        while received < want && Instant::now() < deadline {
+            wait_readable(&[b.fd()], Duration::from_millis(20)).unwrap();
+            received += recv(b);
+        }
+        received
+    };
+
+    send(&mut a);
+    let mut coalescer = Coalescer::new(8);
+    let mut one_by_one: Vec<(Vec<u8>, Offload)> = Vec::new();
+    let n = receive_until(&mut b, &mut |b| {
+        b.recv_coalesced(64, &mut coalescer, &mut |_, p, o| one_by_one.push((p.to_vec(), *o)))
+            .unwrap()
+    });
+    assert_eq!(n, want);
+
+    send(&mut a);
+    let mut batched: Vec<(Vec<u8>, Offload)> = Vec::new();
+    let mut batch_sizes = Vec::new();
+    let n = receive_until(&mut b, &mut |b| {
+        b.recv_coalesced_batch(64, &mut coalescer, &mut |arrivals| {
+            batch_sizes.push(arrivals.len());
+            for x in arrivals {
+                assert_eq!(x.remote, Ipv4Addr::new(10, 9, 2, 1));
+                batched.push((x.payload.to_vec(), x.offload));
+            }
+        })
+        .unwrap()
+    });
+    assert_eq!(n, want);
+    assert_eq!(batched.len(), 1 + 64 + 1, "{batch_sizes:?}");
+    assert!(
+        batched.iter().any(|(p, o)| o.gso.is_some() && p[8..] == frame[..]),
+        "the super-frame merged back"
+    );
+    // The same payloads (flows may come in another order, each whole).
+    one_by_one.sort_by(|x, y| x.0.cmp(&y.0));
+    batched.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(one_by_one, batched);
+    // The 64 one-packet runs of one receive came in more than one batch:
+    // the coalescer holds a bounded number of frames.
+    assert!(batch_sizes.iter().all(|&n| n < 64), "batches {batch_sizes:?}");
+}
