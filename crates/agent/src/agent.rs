@@ -1038,6 +1038,7 @@ impl Agent {
                 journal: None,
                 inline: None,
                 probe_out: Vec::new(),
+                takeover: None,
             })));
         }
         let t_sockets = t0.elapsed();
@@ -1233,6 +1234,7 @@ impl Agent {
             alert_stats: AlertStats::default(),
         };
         agent.start_inspection(model);
+        agent.start_takeover(model);
         let t_rest = t0.elapsed();
         agent.save_fallback_plan(model);
         let t_plan = t0.elapsed();
@@ -1984,6 +1986,31 @@ impl Agent {
         }
     }
 
+    /// If this start ended a fail-open episode, have every worker count the
+    /// episode's connections it meets (see [`crate::takeover`]): those with
+    /// an end on a port of one of the episode's zones.
+    fn start_takeover(&mut self, model: &Model) {
+        let Some(episode) = &self.fail_open else {
+            return;
+        };
+        let len = self.ports.iter().map(|p| usize::from(p.port.0) + 1).max().unwrap_or(0);
+        let mut in_episode = vec![false; len];
+        for p in &self.ports {
+            let zone = model.inventory.vnic(&p.name).map(|(_, n)| n.zone.as_str()).or_else(|| {
+                self.config
+                    .appliances
+                    .iter()
+                    .find(|a| a.name == p.name)
+                    .map(|a| a.zone.as_str())
+            });
+            in_episode[usize::from(p.port.0)] = zone.is_some_and(|z| episode.zones.iter().any(|e| e == z));
+        }
+        let in_episode: Arc<[bool]> = in_episode.into();
+        for core in &self.workers {
+            lock(core).takeover = Some(crate::takeover::TakeOver::new(in_episode.clone()));
+        }
+    }
+
     /// Swap in the policy in `dir`, or keep enforcing the current one if it is broken.
     pub fn reload_policy(&mut self, dir: &Path) {
         match load_policy(dir) {
@@ -2105,6 +2132,13 @@ impl Agent {
                 inline_flows += i.flows();
             }
         }
+        let takeover = self.fail_open.as_ref().map(|_| {
+            let mut all = crate::takeover::TakeOverCounts::default();
+            for t in guards.iter().filter_map(|g| g.takeover.as_ref()) {
+                all.add(t.counts());
+            }
+            all
+        });
         let engines: Vec<&Engine> = guards.iter().map(|g| &g.engine).collect();
         let journal = guards.iter().filter_map(|g| g.journal.as_ref()).fold(
             crate::journal::JournalStats::default(),
@@ -2205,6 +2239,7 @@ impl Agent {
             self.fallback_open.as_deref(),
             self.fail_open.as_ref(),
         ));
+        text.push_str(&metrics::fallback_takeover(&self.config.host, takeover));
         let connections: usize = engines.iter().map(|e| e.conntrack().len()).sum();
         let policy_version = engines.first().map_or(0, |e| e.policy_version());
         let ring_drops_total = port_stats.iter().map(|(_, _, s)| s.kernel_drops).sum::<u64>() + overlay.kernel_drops;
@@ -2222,6 +2257,7 @@ impl Agent {
             zones: self.zones.clone(),
             fallback_planned: self.fallback_open.is_some(),
             last_fail_open: self.fail_open.as_ref(),
+            takeover,
         });
         drop(engines);
         drop(guards);
@@ -2282,6 +2318,7 @@ impl Agent {
                         "armed_at_ns": e.armed_at_ns,
                         "ended_at_ns": e.ended_at_ns,
                         "active_ms": e.active_ms(),
+                        "taken_over": takeover,
                     })),
                 }),
             );

@@ -121,6 +121,14 @@ pub struct FailOpenEpisode {
     pub armed_at_ns: u64,
     /// When the restarted agent removed it (the host's clock, Unix nanoseconds).
     pub ended_at_ns: u64,
+    /// TCP connections that passed during the episode, met mid-stream by the
+    /// restarted agent and picked up as established under its policy (so far).
+    #[serde(default)]
+    pub picked_up: u64,
+    /// TCP connections that passed during the episode, met mid-stream by the
+    /// restarted agent and cut: its policy denies them (so far).
+    #[serde(default)]
+    pub cut: u64,
 }
 
 impl FailOpenEpisode {
