@@ -310,9 +310,14 @@ mod tests {
             zones: vec!["web".into()],
             armed_at_ns: 1_000_000,
             ended_at_ns: 5_000_000,
+            ..Default::default()
         });
         assert!(r.check("hv1").is_ok());
         assert_eq!(r.last_fail_open.as_ref().unwrap().active_ms(), 4);
+        // An episode reported before the take-over was counted reads as none counted.
+        let older: FailOpenEpisode =
+            serde_json::from_str(r#"{"zones":["web"],"armed_at_ns":1,"ended_at_ns":2}"#).unwrap();
+        assert_eq!((older.picked_up, older.cut), (0, 0));
         r.last_fail_open.as_mut().unwrap().zones.push("\n".into());
         assert!(r.check("hv1").is_err());
         let mut r = report();
