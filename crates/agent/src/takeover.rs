@@ -12,7 +12,7 @@
 //! see [`palisade_datapath::FlowEvent::state`]), and every later segment of
 //! it is dropped.
 //!
-//! [`TakeOver`] counts both, per worker, for the start that ended an
+//! `TakeOver` counts both, per worker, for the start that ended an
 //! episode and only for connections with a local end in one of the
 //! episode's zones: connections the runs before held were imported before
 //! the workers ran, so they make no start event and are not counted. TCP
