@@ -35,7 +35,11 @@
 # machine the tail is mostly the agents waiting for a core.
 # By default the lab runs the debug build (target/debug/palisade, workspace
 # crates at opt-level 1); --release builds the test and the binary with the
-# release profile (what users run) and runs that.
+# release profile (what users run) and runs that. The build it ran is
+# printed first (profile, the profile settings the environment overrides,
+# the binary). For a shorter release build, LTO can be turned off:
+# `CARGO_PROFILE_RELEASE_LTO=false bash bench/chaos.sh --release` (what
+# users run has it on: the figures then say so).
 #
 #   sudo bash bench/chaos.sh [--kills N] [--flows N] [--seed N] [--release]
 #
@@ -61,7 +65,22 @@ out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 status=0
 # Built first, so that the load averages below frame the run only.
-cargo test -q "${profile[@]}" -p palisade --test lab_e2e --no-run >/dev/null 2>&1 || true
+if ! cargo test -q "${profile[@]}" -p palisade --test lab_e2e --no-run >"$out" 2>&1; then
+    echo "the build failed:" >&2
+    tail -20 "$out" >&2
+    exit 1
+fi
+# Which build this is: the profile, what the environment changes of it, and
+# the binary the lab runs (the test's, built beside it).
+if [ ${#profile[@]} -gt 0 ]; then
+    build="release profile (lto ${CARGO_PROFILE_RELEASE_LTO:-thin, as in Cargo.toml}, codegen-units ${CARGO_PROFILE_RELEASE_CODEGEN_UNITS:-1})"
+    dir=release
+else
+    build="debug: dev profile (workspace crates opt-level ${CARGO_PROFILE_DEV_OPT_LEVEL:-1}, dependencies 2)"
+    dir=debug
+fi
+exe="${CARGO_TARGET_DIR:-target}/$dir/palisade"
+echo "chaos build: $build; binary $exe ($(stat -c '%s bytes, built %y' "$exe" 2>/dev/null || echo 'not found'))"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 cargo test -q "${profile[@]}" -p palisade --test lab_e2e \
     agents_killed_with_sigkill_at_random_moments_keep_every_established_connection \
@@ -89,4 +108,5 @@ printf '%-52s %8s  %s\n' "new-flow stall after a restart, p99 (ms)" "$p99" "<= 1
 printf '%-52s %8s  %s\n' "  one agent's start to ready, p50 (ms)" "$agent50" "-"
 printf '%-52s %8s  %s\n' "  one agent's start to ready, p99 (ms)" "$agent99" "-"
 printf '%-52s %8s  %s\n' "packets a closed zone received while down" "$closed" "0"
+echo "(build: $build)"
 exit "$status"

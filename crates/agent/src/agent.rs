@@ -98,6 +98,9 @@ pub struct Agent {
     /// with a large segment, which a restart does not wait for), and the
     /// records kept for it meanwhile.
     audit_opening: Option<(TrailOpening, Vec<Record>)>,
+    /// Holds the trail's opening back until the workers have forwarded a
+    /// while ([`AUDIT_OPEN_AFTER_WORKERS`]): sent, or dropped, to let it go.
+    audit_gate: Option<std::sync::mpsc::Sender<()>>,
     /// Live IPFIX export of flow records.
     ipfix: Option<palisade_audit::ipfix::IpfixExporter>,
     /// Flow records for the controller (controller mode), sent once a second.
@@ -253,7 +256,11 @@ impl core::fmt::Debug for Agent {
 
 /// Open the audit trail of `config` on a thread of its own (with a
 /// controller, its heads also go there once its key is registered).
-fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<TrailOpening>, AgentError> {
+fn open_trail(
+    config: &AgentConfig,
+    stop: &Arc<AtomicBool>,
+    gate: std::sync::mpsc::Receiver<()>,
+) -> Result<Option<TrailOpening>, AgentError> {
     let Some(dir) = config.audit.clone() else {
         return Ok(None);
     };
@@ -268,6 +275,8 @@ fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<Tra
     };
     let nice = config.nice();
     let open = move || {
+        // Not before the gate opens (or its sender is gone): see `AUDIT_OPEN_AFTER_WORKERS`.
+        let _ = gate.recv();
         // Below the start-up's own threads: the datapath waits for the
         // policy, the engines, the state and the sockets, never for the
         // trail (records are kept until it is open), and on a small host
@@ -294,6 +303,19 @@ fn open_trail(config: &AgentConfig, stop: &Arc<AtomicBool>) -> Result<Option<Tra
 
 /// The nice value the audit trail's opening runs at during start-up.
 const AUDIT_OPEN_NICE: i32 = 10;
+
+/// How long after the workers start the audit trail's opening begins.
+///
+/// Opening recovers the trail (reads, parses and re-hashes its active
+/// segment): a fifth of the agents' CPU over a chaos run (perf, bench/
+/// README.md), and even at nice 10 it took a core whenever a start-up
+/// thread waited, from the other restarting agent on a small host. The
+/// first new connections after a restart come within a few milliseconds
+/// of the workers' start, so it begins after them (and after the first
+/// snapshot round, due 200 ms after the start); the records made
+/// meanwhile are kept for it, as before, and a start that never runs its
+/// workers lets it begin at once when it stops.
+const AUDIT_OPEN_AFTER_WORKERS: Duration = Duration::from_millis(250);
 
 /// Set the calling thread's nice value (on Linux a thread's own, not the
 /// process's; the threads it starts afterwards inherit it). A failure
@@ -570,15 +592,15 @@ fn af_packet_config(workers: usize, rx: crate::config::AfPacketRx) -> AfPacketCo
 /// join order (another order would hand flows to workers that do not hold
 /// their connections).
 fn open_af_packet_ports(
-    ports: &[PortBinding],
+    ports: &[(String, String)],
     vhost: &[bool],
     workers: usize,
     rx: crate::config::AfPacketRx,
 ) -> Result<Vec<Vec<Option<AfPacket>>>, AgentError> {
     let afp = af_packet_config(workers, rx);
     let afp = &afp;
-    let port_error = |p: &PortBinding, index: usize, message: String| AgentError::Port {
-        what: format!("{} on {} (worker {index})", p.name, p.interface),
+    let port_error = |(name, interface): &(String, String), index: usize, message: String| AgentError::Port {
+        what: format!("{name} on {interface} (worker {index})"),
         message,
     };
     std::thread::scope(|s| {
@@ -590,7 +612,7 @@ fn open_af_packet_ports(
                     s.spawn(move || {
                         (0..workers)
                             .map(|index| {
-                                AfPacket::open(&p.interface, afp)
+                                AfPacket::open(&p.1, afp)
                                     .map(Some)
                                     .map_err(|e| port_error(p, index, e.to_string()))
                             })
@@ -918,6 +940,32 @@ impl Agent {
             );
             n = 1;
         }
+        // Every worker's AF_PACKET socket on every interface port, opened
+        // from here on a thread of its own (joined before `start` returns):
+        // it mostly waits for the kernel's grace periods, the longest wait
+        // of a start, and needs only the configuration's interfaces (in the
+        // engines' port order: the vNICs', then the appliances'), not the
+        // policy nor the engines, which are built meanwhile. After the
+        // fallback is gone, as every socket.
+        let opening = {
+            let interfaces: Vec<(String, String)> = config
+                .vnics
+                .iter()
+                .map(|v| (v.name.clone(), v.port_label()))
+                .chain(config.appliances.iter().map(|a| (a.name.clone(), a.interface.clone())))
+                .collect();
+            let is_vhost: Vec<bool> = config
+                .vnics
+                .iter()
+                .map(|v| matches!(v.attachment(), crate::config::VnicAttachment::VhostUser { .. }))
+                .chain(config.appliances.iter().map(|_| false))
+                .collect();
+            let rx = config.af_packet_rx;
+            std::thread::Builder::new()
+                .name("palisade-open".into())
+                .spawn(move || open_af_packet_ports(&interfaces, &is_vhost, n, rx))
+                .map_err(io_err("starting the socket opening"))?
+        };
         // The state the runs before left, read and decoded while the policy
         // and the engines are built (joined at the import), and this run's
         // journals made ready (see `Agent::start_journals`).
@@ -936,7 +984,8 @@ impl Agent {
                 })
                 .map_err(io_err("starting the state reading"))?
         };
-        let audit_opening = open_trail(&config, &stop)?;
+        let (audit_gate, gate) = std::sync::mpsc::channel();
+        let audit_opening = open_trail(&config, &stop, gate)?;
         let (compiler, policy_stamp, upstream, revision) = match (&config.policy, &config.controller) {
             (Some(dir), _) => (Arc::new(load_policy(dir)?), policy_stamp(dir), None, None),
             (None, Some(cc)) => {
@@ -993,14 +1042,9 @@ impl Agent {
         let mut workers = Vec::new();
         let mut ports = Vec::new();
         let (vhost, vhost_ports) = crate::vhost::open(&config, n, &|name| inventory_mac(model, name))?;
-        // Every worker's engine binds the same ports, so the first one's
-        // bindings say which sockets to open for all: on a thread of their
-        // own, which mostly waits for the kernel's grace periods while this
-        // one imports the saved state (joined before `start` returns).
-        let mut opening = None;
-        // The first engine here (its bindings start the socket opening), the
-        // others at the same time, each on a thread of its own: building one
-        // (the host's tables, each port's pipeline) is worker-local work.
+        // The first engine here, the others at the same time, each on a
+        // thread of its own: building one (the host's tables, each port's
+        // pipeline) is worker-local work.
         let engines = std::thread::scope(|s| -> Result<Vec<(Engine, Vec<PortBinding>)>, AgentError> {
             let others: Vec<_> = (1..n)
                 .map(|_| {
@@ -1009,14 +1053,6 @@ impl Agent {
                 })
                 .collect();
             let first = build_engine(&config, model, lookup.clone(), n)?;
-            let is_vhost: Vec<bool> = first.1.iter().map(|b| vhost_ports.is_vhost(&b.interface)).collect();
-            let bindings = first.1.clone();
-            let rx = config.af_packet_rx;
-            let t = std::thread::Builder::new()
-                .name("palisade-open".into())
-                .spawn(move || open_af_packet_ports(&bindings, &is_vhost, n, rx))
-                .map_err(io_err("starting the socket opening"))?;
-            opening = Some(t);
             let mut all = vec![first];
             for h in others {
                 all.push(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?);
@@ -1040,6 +1076,7 @@ impl Agent {
                 journal: None,
                 inline: None,
                 probe_out: Vec::new(),
+                takeover: None,
             })));
         }
         let t_sockets = t0.elapsed();
@@ -1192,6 +1229,7 @@ impl Agent {
             clock,
             audit: None,
             audit_opening: audit_opening.map(|h| (h, Vec::new())),
+            audit_gate: Some(audit_gate),
             ipfix,
             to_controller,
             controller_batch: Vec::new(),
@@ -1235,6 +1273,7 @@ impl Agent {
             alert_stats: AlertStats::default(),
         };
         agent.start_inspection(model);
+        agent.start_takeover(model);
         let t_rest = t0.elapsed();
         agent.save_fallback_plan(model);
         let t_plan = t0.elapsed();
@@ -1242,7 +1281,7 @@ impl Agent {
         let t_import = t0.elapsed();
         agent.start_journals();
         let t_journal = t0.elapsed();
-        agent.attach_sockets(opening, vhost_ports)?;
+        agent.attach_sockets(Some(opening), vhost_ports)?;
         let t_attach = t0.elapsed();
         agent.publish();
         eprintln!(
@@ -1343,8 +1382,12 @@ impl Agent {
         let now = self.now();
         let mut resumed_total = 0;
         let t = Instant::now();
-        for (snap, source, what) in merged {
-            let resumed = self.import_decoded(snap, now, source.as_ref());
+        let (snaps, sources): (Vec<_>, Vec<_>) =
+            merged.into_iter().map(|(s, source, what)| (s, (source, what))).unzip();
+        for ((source, what), (resumed, refused)) in sources.into_iter().zip(self.import_decoded(snaps, now)) {
+            if let Some(e) = refused {
+                self.refuse(&source.unwrap_or_default(), refusal_reason(&e), &e.to_string());
+            }
             eprintln!("palisade agent: resumed {resumed} connection(s) from {what}");
             resumed_total += resumed;
         }
@@ -1382,40 +1425,69 @@ impl Agent {
         self.snapshots = SnapshotTimer::new(self.config.state_snapshot_interval(), Instant::now());
     }
 
-    /// Hand each connection of `snap` to the worker its flows are steered
-    /// to; returns how many were imported (`source` names it in a refusal).
+    /// Hand each connection of every snapshot in `snaps` to the worker its
+    /// flows are steered to; returns per snapshot how many were imported
+    /// and why some were not (the first worker's refusal).
+    ///
+    /// Every worker imports its shares of all the snapshots at once, each
+    /// on a thread of its own: a worker's file holds (nearly) only its own
+    /// connections, so importing file by file kept one worker busy while
+    /// the others waited.
     fn import_decoded(
         &mut self,
-        snap: palisade_datapath::state::Snapshot,
+        snaps: Vec<palisade_datapath::state::Snapshot>,
         now: u64,
-        source: Option<&PathBuf>,
-    ) -> usize {
+    ) -> Vec<(usize, Option<palisade_datapath::StateError>)> {
         let n = self.workers.len() as u32;
-        // Each connection to the worker its flows are steered to, in one pass.
-        let mut parts: Vec<palisade_datapath::state::Snapshot> = (0..n)
-            .map(|_| palisade_datapath::state::Snapshot {
-                vnic: snap.vnic.clone(),
-                policy_version: snap.policy_version,
-                conns: Vec::with_capacity(snap.conns.len() / n as usize + 1),
-            })
-            .collect();
-        for c in snap.conns {
-            let k = &c.key;
-            let w = steer::addresses_worker(k.src_addr(), k.dst_addr(), n) as usize;
-            parts[w.min(n as usize - 1)].conns.push(c);
+        // By worker, its share of each snapshot (in the snapshots' order), in one pass over each.
+        let mut shares: Vec<Vec<palisade_datapath::state::Snapshot>> = (0..n).map(|_| Vec::new()).collect();
+        for snap in snaps {
+            // Counted first, so that each share is allocated once, to size.
+            let to: Vec<usize> = snap
+                .conns
+                .iter()
+                .map(|c| (steer::addresses_worker(c.key.src_addr(), c.key.dst_addr(), n) as usize).min(n as usize - 1))
+                .collect();
+            let mut sizes = vec![0; n as usize];
+            for &w in &to {
+                sizes[w] += 1;
+            }
+            // All of it one worker's (a worker's own file, the usual case): moved whole.
+            let whole = sizes.iter().position(|&size| size == snap.conns.len());
+            let mut parts: Vec<palisade_datapath::state::Snapshot> = sizes
+                .iter()
+                .map(|&size| palisade_datapath::state::Snapshot {
+                    vnic: snap.vnic.clone(),
+                    policy_version: snap.policy_version,
+                    conns: Vec::with_capacity(if whole.is_some() { 0 } else { size }),
+                })
+                .collect();
+            match whole {
+                Some(w) => parts[w].conns = snap.conns,
+                None => {
+                    for (c, w) in snap.conns.into_iter().zip(to) {
+                        parts[w].conns.push(c);
+                    }
+                }
+            }
+            for (w, part) in parts.into_iter().enumerate() {
+                shares[w].push(part);
+            }
         }
-        let mut resumed = 0;
-        // Every worker's share at once, each on a thread of its own.
-        let results: Vec<_> = std::thread::scope(|s| {
+        let results: Vec<Vec<Result<usize, palisade_datapath::StateError>>> = std::thread::scope(|s| {
             let imports: Vec<_> = self
                 .workers
                 .iter()
-                .zip(parts)
-                .map(|(core, part)| {
+                .zip(shares)
+                .map(|(core, parts)| {
                     s.spawn(move || {
+                        let mut core = lock(core);
                         // Imported connections are not new flows: their start was
                         // recorded before the restart. Their events are not kept.
-                        lock(core).engine.import_decoded_where(part, now, &mut (), |_| true)
+                        parts
+                            .into_iter()
+                            .map(|part| core.engine.import_decoded_where(part, now, &mut (), |_| true))
+                            .collect()
                     })
                 })
                 .collect();
@@ -1424,20 +1496,19 @@ impl Agent {
                 .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect()
         });
-        let mut refused = None;
-        for r in results {
-            match r {
-                Ok(k) => resumed += k,
-                Err(e) => {
-                    refused.get_or_insert(e);
+        let files = results.first().map_or(0, Vec::len);
+        let mut out: Vec<(usize, Option<palisade_datapath::StateError>)> = (0..files).map(|_| (0, None)).collect();
+        for worker in results {
+            for ((resumed, refused), r) in out.iter_mut().zip(worker) {
+                match r {
+                    Ok(k) => *resumed += k,
+                    Err(e) => {
+                        refused.get_or_insert(e);
+                    }
                 }
             }
         }
-        if let Some(e) = refused {
-            let path = source.cloned().unwrap_or_default();
-            self.refuse(&path, refusal_reason(&e), &e.to_string());
-        }
-        resumed
+        out
     }
 
     /// Say that the state file `path` was refused and why, and count it.
@@ -1673,6 +1744,8 @@ impl Agent {
         let mut last_links = Instant::now();
         let mut last_probes = Instant::now();
         let health_interval = self.health_interval();
+        // The workers were started just before.
+        let workers_started = Instant::now();
         self.workers_alive = workers.iter().filter(|h| !h.is_finished()).count() as u32;
         self.notifier.ready(&format!(
             "{} datapath worker(s) on {} port(s)",
@@ -1724,6 +1797,12 @@ impl Agent {
             }
             if self.snapshots.due(Instant::now()) {
                 self.snapshot();
+            }
+            if self.audit_gate.is_some() && workers_started.elapsed() >= AUDIT_OPEN_AFTER_WORKERS {
+                // The trail's opening may begin.
+                if let Some(gate) = self.audit_gate.take() {
+                    let _ = gate.send(());
+                }
             }
             if let Some(line) = self.after_ready.as_mut().and_then(|a| a.line(Instant::now())) {
                 eprintln!("{line}");
@@ -1862,6 +1941,10 @@ impl Agent {
     /// start-up are then lost with the process, as a batch not yet
     /// appended would be.
     fn poll_trail(&mut self, wait: bool) -> Result<(), AgentError> {
+        if wait {
+            // Whatever held it back: it must open now.
+            self.audit_gate = None;
+        }
         let finished = self
             .audit_opening
             .as_ref()
@@ -1994,6 +2077,31 @@ impl Agent {
         }
     }
 
+    /// If this start ended a fail-open episode, have every worker count the
+    /// episode's connections it meets (see [`crate::takeover`]): those with
+    /// an end on a port of one of the episode's zones.
+    fn start_takeover(&mut self, model: &Model) {
+        let Some(episode) = &self.fail_open else {
+            return;
+        };
+        let len = self.ports.iter().map(|p| usize::from(p.port.0) + 1).max().unwrap_or(0);
+        let mut in_episode = vec![false; len];
+        for p in &self.ports {
+            let zone = model.inventory.vnic(&p.name).map(|(_, n)| n.zone.as_str()).or_else(|| {
+                self.config
+                    .appliances
+                    .iter()
+                    .find(|a| a.name == p.name)
+                    .map(|a| a.zone.as_str())
+            });
+            in_episode[usize::from(p.port.0)] = zone.is_some_and(|z| episode.zones.iter().any(|e| e == z));
+        }
+        let in_episode: Arc<[bool]> = in_episode.into();
+        for core in &self.workers {
+            lock(core).takeover = Some(crate::takeover::TakeOver::new(in_episode.clone()));
+        }
+    }
+
     /// Swap in the policy in `dir`, or keep enforcing the current one if it is broken.
     pub fn reload_policy(&mut self, dir: &Path) {
         match load_policy(dir) {
@@ -2115,6 +2223,13 @@ impl Agent {
                 inline_flows += i.flows();
             }
         }
+        let takeover = self.fail_open.as_ref().map(|_| {
+            let mut all = crate::takeover::TakeOverCounts::default();
+            for t in guards.iter().filter_map(|g| g.takeover.as_ref()) {
+                all.add(t.counts());
+            }
+            all
+        });
         let engines: Vec<&Engine> = guards.iter().map(|g| &g.engine).collect();
         let journal = guards.iter().filter_map(|g| g.journal.as_ref()).fold(
             crate::journal::JournalStats::default(),
@@ -2215,6 +2330,7 @@ impl Agent {
             self.fallback_open.as_deref(),
             self.fail_open.as_ref(),
         ));
+        text.push_str(&metrics::fallback_takeover(&self.config.host, takeover));
         let connections: usize = engines.iter().map(|e| e.conntrack().len()).sum();
         let policy_version = engines.first().map_or(0, |e| e.policy_version());
         let ring_drops_total = port_stats.iter().map(|(_, _, s)| s.kernel_drops).sum::<u64>() + overlay.kernel_drops;
@@ -2232,6 +2348,7 @@ impl Agent {
             zones: self.zones.clone(),
             fallback_planned: self.fallback_open.is_some(),
             last_fail_open: self.fail_open.as_ref(),
+            takeover,
         });
         drop(engines);
         drop(guards);
@@ -2292,6 +2409,7 @@ impl Agent {
                         "armed_at_ns": e.armed_at_ns,
                         "ended_at_ns": e.ended_at_ns,
                         "active_ms": e.active_ms(),
+                        "taken_over": takeover,
                     })),
                 }),
             );

@@ -73,6 +73,8 @@ pub struct Inputs<'a> {
     pub fallback_planned: bool,
     /// The fail-open episode this start ended.
     pub last_fail_open: Option<&'a crate::fallback::Episode>,
+    /// What became of the connections that episode let through, so far.
+    pub takeover: Option<crate::takeover::TakeOverCounts>,
 }
 
 /// The report, and the cumulative counts it was computed from (the next baseline).
@@ -115,6 +117,8 @@ pub fn report(i: Inputs<'_>) -> (HealthReport, DropBaseline) {
             zones: e.zones.clone(),
             armed_at_ns: e.armed_at_ns,
             ended_at_ns: e.ended_at_ns,
+            picked_up: i.takeover.map_or(0, |t| t.picked_up),
+            cut: i.takeover.map_or(0, |t| t.cut),
         }),
     };
     let totals = DropBaseline {
@@ -143,6 +147,7 @@ mod tests {
             zones: BTreeMap::new(),
             fallback_planned: false,
             last_fail_open: None,
+            takeover: None,
         }
     }
 
@@ -178,12 +183,18 @@ mod tests {
         let mut i = inputs(&[], DropBaseline::default(), 0);
         i.fallback_planned = true;
         i.last_fail_open = Some(&e);
+        i.takeover = Some(crate::takeover::TakeOverCounts { picked_up: 3, cut: 1 });
         let (r, _) = report(i);
         assert!(r.fallback_planned);
         let got = r.last_fail_open.unwrap();
         assert_eq!(
             (got.zones.as_slice(), got.active_ms()),
             (&["web".to_string()][..], 3500)
+        );
+        assert_eq!(
+            (got.picked_up, got.cut),
+            (3, 1),
+            "the episode's connections taken over and cut"
         );
     }
 

@@ -37,6 +37,8 @@
 //!   only while it is gone, disarmed when it starts.
 //! - [`supervise`]: a tiny supervisor for hosts without systemd: restarts
 //!   the agent and arms the fallback when it dies.
+//! - [`takeover`]: the connections a fail-open episode let through, picked
+//!   up or cut by the agent that ended it (counted).
 #![deny(missing_docs)]
 
 mod after_ready;
@@ -61,6 +63,7 @@ pub mod qmp;
 pub mod records;
 pub mod snapshot;
 pub mod supervise;
+pub mod takeover;
 pub mod trail;
 pub mod upstream;
 mod vhost;

@@ -687,6 +687,30 @@ pub fn fallback(
     o
 }
 
+/// What became of the connections the fail-open episode this start ended
+/// let through (`palisade_fallback_takeover_connections_total{outcome}`:
+/// `picked_up` as established under the policy, or `cut`; see
+/// [`crate::takeover`]). Nothing when this start ended no episode.
+pub fn fallback_takeover(host: &str, counts: Option<crate::takeover::TakeOverCounts>) -> String {
+    let Some(c) = counts else {
+        return String::new();
+    };
+    let h = esc(host);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP palisade_fallback_takeover_connections_total TCP connections the last fail-open episode let through that this agent met mid-stream: picked up under the policy, or cut.\n\
+         # TYPE palisade_fallback_takeover_connections_total counter"
+    );
+    for (outcome, n) in [("picked_up", c.picked_up), ("cut", c.cut)] {
+        let _ = writeln!(
+            o,
+            "palisade_fallback_takeover_connections_total{{host=\"{h}\",outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    o
+}
+
 /// Inline inspection's counters (`palisade_inspect_*`), summed over the workers.
 pub fn inspection(
     host: &str,

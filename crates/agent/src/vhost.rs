@@ -52,11 +52,6 @@ impl VhostPorts {
     pub fn take(&mut self, label: &str, worker: usize) -> Option<WorkerPort> {
         self.ports.get_mut(label)?.get_mut(worker)?.take()
     }
-
-    /// Whether the port labelled `label` is a vhost-user device's.
-    pub fn is_vhost(&self, label: &str) -> bool {
-        self.ports.contains_key(label)
-    }
 }
 
 /// The device configuration for a vNIC's attachment (`None`: not vhost-user).

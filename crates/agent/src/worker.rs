@@ -116,6 +116,9 @@ pub(crate) struct WorkerCore {
     /// Service-chain health probes to send into appliance ports (put here
     /// by the control thread, sent with the worker's next round).
     pub probe_out: Vec<palisade_datapath::probe::ProbeFrame>,
+    /// The count of a fail-open episode's connections this worker meets
+    /// (`None`: this start ended no episode).
+    pub takeover: Option<crate::takeover::TakeOver>,
 }
 
 /// Lock a worker's core. A worker that panicked while holding it has
@@ -880,6 +883,9 @@ impl Worker {
                 }
                 journal_events(&mut core.journal, &core.engine, &events[journaled..], now);
                 for ev in events.drain(..) {
+                    if let Some(t) = &mut core.takeover {
+                        t.note(&ev);
+                    }
                     if let Some(rec) = records::flow_record(&ev, &self.host, &core.engine, &core.identities, self.clock)
                     {
                         records.push(rec);

@@ -260,3 +260,20 @@ fn optional_sections_appear_only_when_enabled() {
         Some(11)
     );
 }
+
+#[test]
+fn the_take_over_of_a_fail_open_episode_is_two_counters() {
+    use palisade_agent::metrics::fallback_takeover;
+    use palisade_agent::takeover::TakeOverCounts;
+    assert_eq!(fallback_takeover(HOST, None), "", "no episode ended: no family");
+    let text = fallback_takeover(HOST, Some(TakeOverCounts { picked_up: 4, cut: 2 }));
+    let samples = parse(&text);
+    let v = |outcome| {
+        value(
+            &samples,
+            "palisade_fallback_takeover_connections_total",
+            &[("host", "hv\"1\\\n"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!((v("picked_up"), v("cut")), (Some(4), Some(2)));
+}

@@ -121,6 +121,14 @@ pub struct FailOpenEpisode {
     pub armed_at_ns: u64,
     /// When the restarted agent removed it (the host's clock, Unix nanoseconds).
     pub ended_at_ns: u64,
+    /// TCP connections that passed during the episode, met mid-stream by the
+    /// restarted agent and picked up as established under its policy (so far).
+    #[serde(default)]
+    pub picked_up: u64,
+    /// TCP connections that passed during the episode, met mid-stream by the
+    /// restarted agent and cut: its policy denies them (so far).
+    #[serde(default)]
+    pub cut: u64,
 }
 
 impl FailOpenEpisode {
@@ -302,9 +310,14 @@ mod tests {
             zones: vec!["web".into()],
             armed_at_ns: 1_000_000,
             ended_at_ns: 5_000_000,
+            ..Default::default()
         });
         assert!(r.check("hv1").is_ok());
         assert_eq!(r.last_fail_open.as_ref().unwrap().active_ms(), 4);
+        // An episode reported before the take-over was counted reads as none counted.
+        let older: FailOpenEpisode =
+            serde_json::from_str(r#"{"zones":["web"],"armed_at_ns":1,"ended_at_ns":2}"#).unwrap();
+        assert_eq!((older.picked_up, older.cut), (0, 0));
         r.last_fail_open.as_mut().unwrap().zones.push("\n".into());
         assert!(r.check("hv1").is_err());
         let mut r = report();

@@ -51,7 +51,11 @@ pub struct FlowEvent {
     pub kind: EventKind,
     /// The connection's key, in the initiator's direction.
     pub key: FlowKey,
-    /// Its state after the event.
+    /// Its state after the event. A `Denied` event has no connection: its
+    /// state says what the denied packet was, `Established` for a TCP
+    /// segment with ACK and without RST (a segment of a connection this
+    /// engine never saw open, met mid-stream: one that passed while the
+    /// host's agent was gone, say), `New` for anything else.
     pub state: ConnState,
     /// Packets seen (both directions).
     pub packets: u64,

@@ -504,6 +504,51 @@ fn strict_zone_drops_out_of_window_and_liberal_counts_it() {
     }
 }
 
+/// What an agent taking over after a fail-open episode counts: a
+/// connection met mid-stream that the policy allows is picked up (its start
+/// event says `Established`, not `SynSent`); one it denies makes a denial
+/// that says `Established` (a segment, not an opening), where a denied SYN
+/// or a stray reset says `New`.
+#[test]
+fn a_connection_met_mid_stream_is_picked_up_or_denied_as_such() {
+    let mut e = h1();
+    let mut ev = Vec::new();
+    let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+    // Allowed (tcp/443), met by a plain ACK with data: picked up.
+    let mid = tcp(10, 11, 40010, 443, (5000, 9000), TcpFlags::ACK | TcpFlags::PSH, b"data");
+    fwd(&mut e, 1, a, &mid, b, &mut ev);
+    let start = ev.last().unwrap();
+    assert_eq!((start.kind, start.state), (EventKind::Start, ConnState::Established));
+    // Allowed, opened by a SYN: not a pickup.
+    let syn = tcp(10, 11, 40011, 443, (7000, 0), TcpFlags::SYN, b"");
+    fwd(&mut e, 2, a, &syn, b, &mut ev);
+    let start = ev.last().unwrap();
+    assert_eq!((start.kind, start.state), (EventKind::Start, ConnState::SynSent));
+    // Denied (tcp/2222): a segment of a connection, and a SYN.
+    let n = ev.len();
+    let denied_mid = tcp(10, 11, 40012, 2222, (5000, 9000), TcpFlags::ACK, b"x");
+    assert_eq!(
+        e.process(3, a, &denied_mid, &mut ev, &mut Results::new()).disposition,
+        Disposition::Drop(DropReason::PolicyDeny)
+    );
+    let denied_syn = tcp(10, 11, 40013, 2222, (5000, 0), TcpFlags::SYN, b"");
+    assert_eq!(
+        e.process(4, a, &denied_syn, &mut ev, &mut Results::new()).disposition,
+        Disposition::Drop(DropReason::PolicyDeny)
+    );
+    let denied_rst = tcp(10, 11, 40014, 2222, (5000, 0), TcpFlags::RST, b"");
+    e.process(5, a, &denied_rst, &mut ev, &mut Results::new());
+    let got: Vec<_> = ev[n..].iter().map(|e| (e.kind, e.key.dst_port, e.state)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (EventKind::Denied(DropReason::PolicyDeny), 2222, ConnState::Established),
+            (EventKind::Denied(DropReason::PolicyDeny), 2222, ConnState::New),
+            (EventKind::Denied(DropReason::PolicyDeny), 2222, ConnState::New),
+        ]
+    );
+}
+
 #[test]
 fn icmp_echo_and_related_errors() {
     let mut e = h1();

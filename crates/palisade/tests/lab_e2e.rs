@@ -1902,6 +1902,29 @@ fn killed_agent_fail_open_zone_forwards_fail_closed_zone_does_not_and_the_agent_
     // The stream opened during fail-open is a connection of the agent now.
     let flows = palisade_agent::http::get_unix(&sock, "/flows").unwrap();
     assert!(flows.contains(&lab.vm_ip("vm7").unwrap().to_string()), "{flows}");
+    // The take-over counted: the blue stream opened during fail-open picked
+    // up (the one established before was resumed from the snapshots, not
+    // picked up), the denied vm3 → vm1:2222 cut (and vm3's first denied
+    // attempt, c4, if its SYN's retransmission connected while down).
+    let (picked_up, cut) = (
+        health["last_fail_open"]["picked_up"].as_u64(),
+        health["last_fail_open"]["cut"].as_u64(),
+    );
+    println!("take-over: {picked_up:?} connection(s) picked up, {cut:?} cut");
+    assert_eq!(picked_up, Some(1), "{health}");
+    assert!(cut.is_some_and(|c| (1..=2).contains(&c)), "{health}");
+    for (outcome, n) in [("picked_up", picked_up), ("cut", cut)] {
+        let line = format!(
+            "palisade_fallback_takeover_connections_total{{host=\"hv1\",outcome=\"{outcome}\"}} {}",
+            n.unwrap()
+        );
+        assert!(metrics.contains(&line), "{line}\n{metrics}");
+    }
+    assert_eq!(
+        health["fallback"]["last"]["taken_over"],
+        serde_json::json!({"picked_up": picked_up, "cut": cut}),
+        "{health}"
+    );
 
     for s in [
         &mut s1,

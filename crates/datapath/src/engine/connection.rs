@@ -161,7 +161,13 @@ impl Engine {
         } else {
             match self.classify(&key) {
                 Ok(c) => (c.rules, c.inspect, c.chain),
-                Err((rules, reason)) => return Err(self.deny_new(pkt, key, hash, reason, rules, sink)),
+                Err((rules, reason)) => {
+                    // A segment of a connection, not its opening: one met
+                    // mid-stream (see `FlowEvent::state` of a denial).
+                    let midstream =
+                        tcp.is_some_and(|s| s.flags.contains(TcpFlags::ACK) && !s.flags.contains(TcpFlags::RST));
+                    return Err(self.deny_new(pkt, key, hash, reason, rules, midstream, sink));
+                }
             }
         };
         pkt.inspect = inspect;
@@ -215,7 +221,10 @@ impl Engine {
 
     /// A new flow the policy denies: its verdict cached (later packets meet
     /// it on the cache), its rules counted, and one `Denied` event with both
-    /// ends; returns `reason` for the caller to drop with.
+    /// ends (its state `Established` when `midstream`: a TCP segment of a
+    /// connection this engine never saw open); returns `reason` for the
+    /// caller to drop with.
+    #[allow(clippy::too_many_arguments)]
     fn deny_new(
         &mut self,
         pkt: &Packet,
@@ -223,6 +232,7 @@ impl Engine {
         hash: FlowHash,
         reason: DropReason,
         rules: [Option<u32>; 2],
+        midstream: bool,
         sink: &mut dyn EventSink,
     ) -> DropReason {
         self.cache(key, hash, CachedVerdict::Drop(reason), None, rules);
@@ -231,7 +241,11 @@ impl Engine {
         sink.event(&FlowEvent {
             kind: EventKind::Denied(reason),
             key,
-            state: ConnState::New,
+            state: if midstream {
+                ConnState::Established
+            } else {
+                ConnState::New
+            },
             packets: pkt.packets,
             bytes: pkt.len as u64,
             reply_packets: 0,
@@ -378,7 +392,7 @@ impl Engine {
                 self.tally_rules(pkt, rules);
                 Ok(())
             }
-            Err((rules, _)) => Err(self.deny_new(pkt, key, hash, DropReason::IcmpErrorUnrelated, rules, sink)),
+            Err((rules, _)) => Err(self.deny_new(pkt, key, hash, DropReason::IcmpErrorUnrelated, rules, false, sink)),
         }
     }
 }
