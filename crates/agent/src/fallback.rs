@@ -620,7 +620,21 @@ fn batch(tool: &'static str, lines: &[String]) -> Result<(), FallbackError> {
 /// dies, however it dies.
 #[derive(Debug)]
 pub struct StateLock {
-    _file: File,
+    file: File,
+}
+
+impl Drop for StateLock {
+    /// Unlock before the descriptor closes: an `flock` lock belongs to the
+    /// open file description, which a child that another thread is forking
+    /// shares until its `exec` closes it (the descriptor is close-on-exec).
+    /// Closing ours alone would leave the lock held for that moment, and a
+    /// lock taken right after the drop would fail (seen once in the tests).
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: flock only reads the descriptor, which `self.file` keeps
+        // open for the call; an error leaves the close below to release it.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
 }
 
 /// Open (creating) the lock file of `state_dir`.
@@ -642,7 +656,7 @@ impl StateLock {
         // (`File::try_lock` is newer than the workspace's MSRV.)
         // SAFETY: flock only reads the descriptor, which `file` keeps open for the call.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(Some(StateLock { _file: file }));
+            return Ok(Some(StateLock { file }));
         }
         match std::io::Error::last_os_error() {
             e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
@@ -1109,6 +1123,30 @@ mod tests {
         assert!(matches!(arm(dir.path()), Err(FallbackError::AgentRunning(_))));
         drop(held);
         assert!(StateLock::try_take(dir.path()).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_dropped_lock_is_free_while_a_forked_child_still_holds_its_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = StateLock::try_take(dir.path()).unwrap().unwrap();
+        // A child forked with the lock's descriptor open, as one another
+        // thread spawns between its fork and its exec: it only sleeps.
+        // SAFETY: the child calls only async-signal-safe functions.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+        if child == 0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::usleep(400_000);
+                libc::_exit(0);
+            }
+        }
+        drop(held);
+        let free = StateLock::try_take(dir.path()).unwrap().is_some();
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        unsafe { libc::waitpid(child, &mut status, 0) };
+        assert!(free, "the lock stayed held by the child's copy of the descriptor");
     }
 
     #[test]
