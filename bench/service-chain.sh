@@ -41,6 +41,7 @@
 #   --seconds N     iperf3 duration (default 5)
 #   --requests N    HTTP requests per mode (default 50)
 # Run as root. A benchmark, not a test. Needs iperf3, jq, curl, nft, busybox.
+# The appliances (bridges, rulesets) are built by `palisade lab appliance`.
 # The lab is removed on exit.
 set -euo pipefail
 
@@ -133,30 +134,19 @@ log "lab up ($name)"
 plan() { jq -r "$1" "$state/lab.json"; }
 inet=$(plan '.plan.internet_ns')
 wns=$(plan '.plan.vms[] | select(.name=="web-1") | .ns')
-ins=$(plan '.plan.vms[] | select(.name=="ips-1") | .ns')
 wip=$(plan '.plan.vms[] | select(.name=="web-1") | .vnics[0].ips[0]')
-a=$(plan '.plan.vms[] | select(.name=="ips-1") | .vnics[0].guest_if')
-b=$(plan '.plan.vms[] | select(.name=="ips-1") | .vnics[1].guest_if')
-fns=$(plan '.plan.vms[] | select(.name=="fw-1") | .ns')
-fa=$(plan '.plan.vms[] | select(.name=="fw-1") | .vnics[0].guest_if')
-fb=$(plan '.plan.vms[] | select(.name=="fw-1") | .vnics[1].guest_if')
 sock="$state/hv1/agent.sock"
-for v in inet wns ins wip a b fns fa fb; do
+for v in inet wns wip; do
     [ -n "${!v}" ] && [ "${!v}" != null ] || die "lab plan lacks $v"
 done
 
-ip netns exec "$ins" sh -c "ip link add br0 type bridge && ip link set $a master br0 && ip link set $b master br0 &&
-    ip link set br0 up && nft add table bridge ips &&
-    nft add chain bridge ips filt '{ type filter hook forward priority 0; }' &&
-    nft add rule bridge ips filt ether type ip udp dport 3785 accept &&
-    nft add rule bridge ips filt counter"
-ip netns exec "$fns" sh -c "ip link add br0 type bridge && ip link set $fa master br0 && ip link set $fb master br0 &&
-    ip link set br0 up && nft add table bridge fw &&
-    nft add chain bridge fw filt '{ type filter hook forward priority 0; }' &&
-    nft add rule bridge fw filt ether type ip udp dport 3785 accept &&
-    nft add rule bridge fw filt counter"
-counted() { ip netns exec "$ins" nft list table bridge ips | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | head -1; }
-fw_counted() { ip netns exec "$fns" nft list table bridge fw | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | head -1; }
+# The appliances' bridges and counting ruleset: the lab's (`lab appliance`),
+# as the end-to-end tests build them.
+appliance() { "$palisade" lab appliance --name "$name" --state-dir "$state" "$@"; }
+appliance bridge ips-1 --table ips
+appliance bridge fw-1 --table fw
+counted() { appliance counters ips-1 --table ips | head -1; }
+fw_counted() { appliance counters fw-1 --table fw | head -1; }
 
 mkdir -p "$tmp/www"
 head -c 1024 /dev/zero | tr '\0' x >"$tmp/www/index.html"
@@ -235,29 +225,8 @@ f1=$(fw_counted)
 echo "${line%\}},\"fw_packets\":$((f1 - f0))}"
 
 log "external: through an appliance over the underlay"
-xns="$name-xapp"
-ens=$(plan '.plan.edge_ns')
-uns=$(plan '.plan.underlay_ns')
-vtep=$(plan '.plan.hosts[] | select(.name=="hv1") | .underlay_ip')
-ip netns add "$xns"
-ip netns exec "$ens" sh -c "ip link add ul1 mtu 1600 type veth peer name edge-ul mtu 1600 netns $uns &&
-    ip addr add 192.168.100.254/24 dev ul1 && ip link set ul1 up &&
-    ip link add xapp0 mtu 1600 type veth peer name eth0 mtu 1600 netns $xns &&
-    ip addr add 198.51.100.1/24 dev xapp0 && ip link set xapp0 up"
-ip netns exec "$uns" ip link set edge-ul master br0 up
-for h in $(plan '.plan.hosts[].ns'); do ip netns exec "$h" ip route add 198.51.100.0/24 via 192.168.100.254; done
-ip netns exec "$xns" sh -c "sysctl -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 >/dev/null &&
-    ip link set lo up && ip addr add 198.51.100.2/24 dev eth0 && ip link set eth0 up &&
-    ip route add default via 198.51.100.1 &&
-    ip link add vx-in mtu 1500 type vxlan id 7001 remote $vtep local 198.51.100.2 dstport 4789 gbp nolearning &&
-    ip link add vx-out mtu 1500 type vxlan id 7002 remote $vtep local 198.51.100.2 dstport 4789 gbp nolearning &&
-    ip link add br0 type bridge && ip link set vx-in master br0 && ip link set vx-out master br0 &&
-    ip link set vx-in up && ip link set vx-out up && ip link set br0 up &&
-    ethtool -K vx-in gro off && ethtool -K vx-out gro off && nft add table bridge ips &&
-    nft add chain bridge ips filt '{ type filter hook forward priority 0; }' &&
-    nft add rule bridge ips filt ether type ip udp dport 3785 accept &&
-    nft add rule bridge ips filt counter"
-ext_counted() { ip netns exec "$xns" nft list table bridge ips | sed -n 's/.*counter packets \([0-9]*\).*/\1/p' | head -1; }
+xns=$(appliance external --zone web --table ips)
+ext_counted() { appliance counters --netns "$xns" --table ips | head -1; }
 write_policy ext 4
 sleep 3
 x0=$(ext_counted)

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub mod appliance;
 mod migrate;
 pub use migrate::{Incoming, MigrateOptions, MigrationReport, agent_post};
 

@@ -13,6 +13,8 @@
 //! - [`config`]: agent configuration files and generated lab policies.
 //! - [`mod@lab`]: up, down, status, exec, and live migration of a QEMU guest
 //!   with its firewall state ([`Lab::migrate`]).
+//! - [`lab::appliance`]: service-chain appliances (a VM's vNICs bridged, or
+//!   an external appliance over the underlay) and their nftables ruleset.
 //! - [`qemu`]: the guest initramfs, QEMU command line and serial-console exec.
 //! - [`qmp`]: a QMP client and live migration with a switchover step (the
 //!   agent's hypervisor driver, re-exported).

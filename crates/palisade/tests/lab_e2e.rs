@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use palisade_lab::lab::appliance::{ApplianceAt, EXTERNAL_APPLIANCE, EXTERNAL_VNIS};
 use palisade_lab::{Lab, LabSpec, Spawned, leftovers};
 
 const EXE: &str = env!("CARGO_BIN_EXE_palisade");
@@ -2935,21 +2936,9 @@ fn service_chain_policy(dir: &std::path::Path, on_failure: &str, version: u32) {
 /// The packets the appliance's nftables ruleset counted (all of them, and
 /// those dropped for the marked pattern).
 fn appliance_counts(lab: &Lab) -> (u64, u64) {
-    let out = lab
-        .exec(
-            "ips-1",
-            &["nft", "list", "table", "bridge", "ips"],
-            Duration::from_secs(5),
-        )
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let packets: Vec<u64> = text
-        .split("packets ")
-        .skip(1)
-        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-        .collect();
-    assert_eq!(packets.len(), 2, "two counters in\n{text}");
-    (packets[0], packets[1])
+    let c = lab.appliance_counters(ApplianceAt::Vm("ips-1"), "ips").unwrap();
+    assert_eq!(c.len(), 2, "two counters, not {c:?}");
+    (c[0], c[1])
 }
 
 #[test]
@@ -2973,24 +2962,8 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
     // The appliance: its two vNICs bridged, a ruleset counting what crosses
     // (the agent's health probes, UDP to 3785, pass uncounted) and dropping
     // requests for the marked path "/X-EVIL".
-    let ips = lab.plan().vms.iter().find(|v| v.name == "ips-1").unwrap().clone();
-    let (a, b) = (&ips.vnics[0].guest_if, &ips.vnics[1].guest_if);
-    let setup = format!(
-        "ip link add br0 type bridge && ip link set {a} master br0 && ip link set {b} master br0 && \
-         ip link set br0 up && nft add table bridge ips && \
-         nft add chain bridge ips filt '{{ type filter hook forward priority 0; }}' && \
-         nft add rule bridge ips filt ether type ip udp dport 3785 accept && \
-         nft add rule bridge ips filt counter && \
-         nft add rule bridge ips filt '@ih,0,88 0x474554202f582d4556494c' counter drop"
-    );
-    let out = lab
-        .exec("ips-1", &["sh", "-c", &setup], Duration::from_secs(10))
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "appliance setup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    bridge_appliance(lab);
+    let a = lab.plan().vm("ips-1").unwrap().vnics[0].guest_if.clone();
 
     let www = lab.state().state_dir.join("www-sc");
     std::fs::create_dir_all(&www).unwrap();
@@ -3210,27 +3183,10 @@ fn service_chain_appliance_sees_north_south_http_not_east_west_and_on_failure_de
     let _ = std::fs::remove_dir_all(&policy);
 }
 
-/// Bridge `ips-1`'s two vNICs with the counting ruleset of the service-chain
-/// test (health probes pass uncounted).
+/// Bridge `ips-1`'s two vNICs with the lab's counting ruleset (health
+/// probes pass uncounted; requests for "/X-EVIL" dropped).
 fn bridge_appliance(lab: &Lab) {
-    let ips = lab.plan().vms.iter().find(|v| v.name == "ips-1").unwrap().clone();
-    let (a, b) = (&ips.vnics[0].guest_if, &ips.vnics[1].guest_if);
-    let setup = format!(
-        "ip link add br0 type bridge && ip link set {a} master br0 && ip link set {b} master br0 && \
-         ip link set br0 up && nft add table bridge ips && \
-         nft add chain bridge ips filt '{{ type filter hook forward priority 0; }}' && \
-         nft add rule bridge ips filt ether type ip udp dport 3785 accept && \
-         nft add rule bridge ips filt counter && \
-         nft add rule bridge ips filt '@ih,0,88 0x474554202f582d4556494c' counter drop"
-    );
-    let out = lab
-        .exec("ips-1", &["sh", "-c", &setup], Duration::from_secs(10))
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "appliance setup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.bridge_appliance("ips-1", "ips", &[]).unwrap();
 }
 
 /// An appliance that keeps its links up but stops forwarding (an nftables
@@ -3399,38 +3355,15 @@ fn two_stage_chain_policy(dir: &std::path::Path, on_failure: &str, version: u32)
 }
 
 /// Bridge `vm`'s two vNICs through an nftables table `table` whose forward
-/// chain lets health probes (UDP to 3785) pass uncounted, then applies
-/// `rules` (each a counter).
+/// chain lets health probes pass uncounted, then applies `rules` (each a counter).
 fn bridge_counting(lab: &Lab, vm: &str, table: &str, rules: &[&str]) {
-    let v = lab.plan().vms.iter().find(|v| v.name == vm).unwrap().clone();
-    let (a, b) = (&v.vnics[0].guest_if, &v.vnics[1].guest_if);
-    let mut setup = format!(
-        "ip link add br0 type bridge && ip link set {a} master br0 && ip link set {b} master br0 && \
-         ip link set br0 up && nft add table bridge {table} && \
-         nft add chain bridge {table} filt '{{ type filter hook forward priority 0; }}' && \
-         nft add rule bridge {table} filt ether type ip udp dport 3785 accept"
-    );
-    for r in rules {
-        setup.push_str(&format!(" && nft add rule bridge {table} filt {r}"));
-    }
-    let out = lab.exec(vm, &["sh", "-c", &setup], Duration::from_secs(10)).unwrap();
-    assert!(
-        out.status.success(),
-        "{vm} setup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let rules: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
+    lab.bridge_appliance(vm, table, &rules).unwrap();
 }
 
 /// The packet counts of `vm`'s nftables table `table`, in rule order.
 fn nft_counts(lab: &Lab, vm: &str, table: &str) -> Vec<u64> {
-    let out = lab
-        .exec(vm, &["nft", "list", "table", "bridge", table], Duration::from_secs(5))
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split("packets ")
-        .skip(1)
-        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-        .collect()
+    lab.appliance_counters(ApplianceAt::Vm(vm), table).unwrap()
 }
 
 /// A chain of two appliance VMs in sequence: north-south HTTP crosses the
@@ -3808,12 +3741,6 @@ fn qemu_guest_on_vhost_user_reboots_and_is_filtered_again() {
     assert_eq!(leftovers("pe2vr").unwrap(), Vec::<String>::new());
 }
 
-/// The external appliance's underlay address, on the internet side of the
-/// edge router (the test routes the hosts' underlay to it through the edge
-/// router), and its two VNIs.
-const EXTERNAL_APPLIANCE: &str = "198.51.100.2";
-const EXTERNAL_VNIS: (u32, u32) = (7001, 7002);
-
 /// The three-tier example with the web tier's internet rule redirected
 /// through `ns-ext`, a chain of one external appliance, with `on_failure`.
 fn external_chain_policy(dir: &std::path::Path, on_failure: &str, version: u32) {
@@ -3845,83 +3772,19 @@ fn sh_ns(lab: &Lab, ns: &str, script: &str) {
     );
 }
 
-/// The external appliance: a namespace `<lab>-xapp` behind the edge router
-/// (a link of its own on the router's outside, 198.51.100.0/24), the edge
-/// router given a leg on the hosts' underlay (192.168.100.254) and every
-/// host a route to 198.51.100.0/24 through it. In it two Linux VXLAN
-/// devices, one per side (VNI 7001 and 7002, both to the VTEP of the host
-/// that owns the web zone's edge leg, where north-south flows are
-/// classified and steered), bridged, with the counting ruleset of the VM
-/// appliances (probes pass uncounted; requests for "/X-EVIL" dropped).
-/// The namespace goes with the lab (`<lab>-` prefix). Returns its name.
+/// The external appliance for the web zone (`Lab::external_appliance`:
+/// a namespace `<lab>-xapp` behind the edge router, VXLAN-GBP to the web
+/// zone's host, the counting ruleset of the VM appliances: probes pass
+/// uncounted, requests for "/X-EVIL" dropped). Returns its namespace.
 fn external_appliance(lab: &Lab) -> String {
-    let plan = lab.plan().clone();
-    let ns = format!("{}-xapp", plan.name);
-    let out = Command::new("ip").args(["netns", "add", &ns]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (e, u) = (&plan.edge_ns, &plan.underlay_ns);
-    // The edge router on the underlay, and its outside link to the appliance.
-    sh_ns(
-        lab,
-        e,
-        &format!(
-            "ip link add ul1 mtu 1600 type veth peer name edge-ul mtu 1600 netns {u} && \
-             ip addr add 192.168.100.254/24 dev ul1 && ip link set ul1 up && \
-             ip link add xapp0 mtu 1600 type veth peer name eth0 mtu 1600 netns {ns} && \
-             ip addr add 198.51.100.1/24 dev xapp0 && ip link set xapp0 up"
-        ),
-    );
-    sh_ns(lab, u, "ip link set edge-ul master br0 up");
-    for h in &plan.hosts {
-        sh_ns(lab, &h.ns, "ip route add 198.51.100.0/24 via 192.168.100.254");
-    }
-    let web = plan.zones.iter().find(|z| z.name == "web").unwrap();
-    let vtep = plan.host(&web.host).unwrap().underlay_ip;
-    let (vi, vo) = EXTERNAL_VNIS;
-    // `gbp`: Palisade's VXLAN header is VXLAN-GBP (the G bit set), which a
-    // Linux VXLAN device without it drops as malformed. GRO off on the
-    // VXLAN devices: with it the kernel merges the inner TCP segments, the
-    // bridge forwards the merged packet and the other device sends it as
-    // one tunnel-GSO packet, which crosses the veths and the edge router
-    // whole and reaches the agent's UDP socket as one oversized datagram
-    // (the kernel segments UDP-GSO for a socket, not tunnel-GSO); a real
-    // appliance's NIC sends wire-sized packets. Measured: a 2 MB download
-    // stalled at 168 kB with it, passed with it off.
-    sh_ns(
-        lab,
-        &ns,
-        &format!(
-            "sysctl -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 >/dev/null && \
-             ip link set lo up && ip addr add {EXTERNAL_APPLIANCE}/24 dev eth0 && ip link set eth0 up && \
-             ip route add default via 198.51.100.1 && \
-             ip link add vx-in mtu 1500 type vxlan id {vi} remote {vtep} local {EXTERNAL_APPLIANCE} dstport 4789 gbp nolearning && \
-             ip link add vx-out mtu 1500 type vxlan id {vo} remote {vtep} local {EXTERNAL_APPLIANCE} dstport 4789 gbp nolearning && \
-             ip link add br0 type bridge && ip link set vx-in master br0 && ip link set vx-out master br0 && \
-             ip link set vx-in up && ip link set vx-out up && ip link set br0 up && \
-             ethtool -K vx-in gro off && ethtool -K vx-out gro off && \
-             nft add table bridge ips && \
-             nft add chain bridge ips filt '{{ type filter hook forward priority 0; }}' && \
-             nft add rule bridge ips filt ether type ip udp dport 3785 accept && \
-             nft add rule bridge ips filt counter && \
-             nft add rule bridge ips filt '@ih,0,88 0x474554202f582d4556494c' counter drop"
-        ),
-    );
-    ns
+    lab.external_appliance("web", "ips", &[]).unwrap()
 }
 
 /// The external appliance's counters: all it forwarded, and the marked requests it dropped.
 fn external_counts(lab: &Lab, ns: &str) -> (u64, u64) {
-    let out = lab
-        .exec_ns(ns, &["nft", "list", "table", "bridge", "ips"], Duration::from_secs(5))
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let packets: Vec<u64> = text
-        .split("packets ")
-        .skip(1)
-        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
-        .collect();
-    assert_eq!(packets.len(), 2, "two counters in\n{text}");
-    (packets[0], packets[1])
+    let c = lab.appliance_counters(ApplianceAt::Netns(ns), "ips").unwrap();
+    assert_eq!(c.len(), 2, "two counters, not {c:?}");
+    (c[0], c[1])
 }
 
 /// An external appliance reached over the underlay: north-south HTTP to

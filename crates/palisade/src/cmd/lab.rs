@@ -1,4 +1,4 @@
-//! `palisade lab up|down|status|exec|migrate`: a small virtual datacenter on this machine.
+//! `palisade lab up|down|status|exec|migrate|appliance`: a small virtual datacenter on this machine.
 //!
 //! Presentation only; the lab itself is `palisade_lab`, which the demo and the
 //! end-to-end tests call directly. The hidden `serve` subcommands are traffic
@@ -143,6 +143,19 @@ pub enum LabCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Make a service-chain appliance: bridge its two sides and load the
+    /// lab's counting nftables ruleset (`palisade_lab::lab::appliance`).
+    Appliance {
+        /// Lab name.
+        #[arg(long, default_value = "pal")]
+        name: String,
+        /// State directory (default /run/palisade/lab-NAME).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// What to build or read.
+        #[command(subcommand)]
+        cmd: ApplianceCmd,
+    },
     /// Traffic helpers run inside the lab.
     #[command(subcommand, hide = true)]
     Serve(ServeCmd),
@@ -176,6 +189,49 @@ pub enum QemuNicArg {
     VhostUser,
     /// Taps in the host namespace.
     Tap,
+}
+
+/// `palisade lab appliance …`.
+#[derive(clap::Subcommand, Debug)]
+pub enum ApplianceCmd {
+    /// Bridge a VM's two vNICs with the ruleset.
+    Bridge {
+        /// The VM (its first two vNICs are the appliance's sides).
+        vm: String,
+        /// The nftables bridge table.
+        #[arg(long, default_value = "ips")]
+        table: String,
+        /// An nftables rule after the probes' accept (repeatable); default:
+        /// count everything, count and drop "GET /X-EVIL".
+        #[arg(long = "rule", value_name = "RULE")]
+        rules: Vec<String>,
+    },
+    /// The external appliance over the underlay (namespace `NAME-xapp`,
+    /// 198.51.100.2, VNIs 7001 in and 7002 out); prints its namespace.
+    External {
+        /// The zone whose north-south flows it serves (its VTEP is the host
+        /// owning the zone's edge leg).
+        #[arg(long, default_value = "web")]
+        zone: String,
+        /// The nftables bridge table.
+        #[arg(long, default_value = "ips")]
+        table: String,
+        /// As for `bridge`.
+        #[arg(long = "rule", value_name = "RULE")]
+        rules: Vec<String>,
+    },
+    /// Print an appliance's packet counters, in rule order, one a line.
+    Counters {
+        /// The VM appliance.
+        #[arg(required_unless_present = "netns")]
+        vm: Option<String>,
+        /// Or the namespace of an external appliance.
+        #[arg(long, conflicts_with = "vm")]
+        netns: Option<String>,
+        /// The nftables bridge table.
+        #[arg(long, default_value = "ips")]
+        table: String,
+    },
 }
 
 /// `palisade lab serve …`.
@@ -362,6 +418,27 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             std::io::stderr().write_all(&out.stderr)?;
             let code = out.status.code().unwrap_or(1);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        LabCmd::Appliance { name, state_dir, cmd } => {
+            use palisade_lab::lab::appliance::ApplianceAt;
+            let lab = Lab::load(&state(&name, state_dir)).with_context(|| format!("lab {name} is not up"))?;
+            match cmd {
+                ApplianceCmd::Bridge { vm, table, rules } => lab.bridge_appliance(&vm, &table, &rules)?,
+                ApplianceCmd::External { zone, table, rules } => {
+                    println!("{}", lab.external_appliance(&zone, &table, &rules)?);
+                }
+                ApplianceCmd::Counters { vm, netns, table } => {
+                    let at = match (&vm, &netns) {
+                        (_, Some(ns)) => ApplianceAt::Netns(ns),
+                        (Some(vm), None) => ApplianceAt::Vm(vm),
+                        (None, None) => bail!("give a VM or --netns"),
+                    };
+                    for n in lab.appliance_counters(at, &table)? {
+                        println!("{n}");
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         LabCmd::Serve(ServeCmd::Dns {
             zone_file,
