@@ -5,18 +5,15 @@
 #[path = "support/chain_lab.rs"]
 mod chain_lab;
 
-use core::net::Ipv4Addr;
+use chain_lab::{MS, ROUTER_MAC, WEB1, WEB1_MAC, WEB2, WEB2_MAC, inbound, outbound, tcp};
 
 use palisade_datapath::port::{self, PortId};
-use palisade_datapath::{Disposition, DropReason, Engine, OffloadError, OffloadVerdict, Output, PolicyLookup, Results};
+use palisade_datapath::{Disposition, DropReason, Engine, OffloadError, OffloadVerdict, PolicyLookup, Results};
 use palisade_policy::compile::Compiler;
 use palisade_policy::{MemorySource, load};
-use palisade_testkit::engine::tcp_v4_frame;
 use palisade_wire::ethernet::{self, EtherType, EthernetAddress, EthernetRepr};
 use palisade_wire::flow::{self, FlowKey};
 use palisade_wire::tcp::TcpFlags;
-
-const MS: u64 = 1_000_000;
 
 fn policy(on_failure: &str) -> String {
     format!(
@@ -53,9 +50,6 @@ rules:
 "#
     )
 }
-
-const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0xee, 1];
-const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 
 struct Lab {
     e: Engine,
@@ -97,34 +91,11 @@ fn eth(src: [u8; 6], dst: [u8; 6], ethertype: EtherType, payload: &[u8]) -> Vec<
     f
 }
 
-/// A TCP frame `src:sport -> dst:dport` between the two MACs.
-fn tcp(src: ([u8; 6], Ipv4Addr, u16), dst: ([u8; 6], Ipv4Addr, u16), seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
-    tcp_v4_frame(src, dst, seq_ack, flags, &[])
-}
-
-const WEB1_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const WEB2_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
-const WEB1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const WEB2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
-
-/// The client's segment `(seq, ack)` with `flags`, as the router's leg hands it to web-1.
-fn inbound(sport: u16, seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
-    tcp((ROUTER_MAC, CLIENT, sport), (WEB1_MAC, WEB1, 80), seq_ack, flags)
-}
-
-/// web-1's answer to the client, towards the router's leg.
-fn outbound(sport: u16, seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
-    tcp((WEB1_MAC, WEB1, 80), (ROUTER_MAC, CLIENT, sport), seq_ack, flags)
-}
 
 impl Lab {
     /// Process `frame` on `port` at `now` ms: its disposition and the ports it goes to.
     fn send(&mut self, now: u64, port: PortId, frame: &[u8]) -> (Disposition, Vec<PortId>) {
-        let p = self
-            .e
-            .process(now * MS, port, frame, &mut chain_lab::NoEvents, &mut self.results);
-        let ports = p.outputs.iter().map(|o: &Output| o.port).collect();
-        (p.disposition, ports)
+        chain_lab::send(&mut self.e, &mut self.results, now, port, frame)
     }
 
     /// The instance (index) whose in-port a frame was steered to.
@@ -535,15 +506,7 @@ impl Prober {
                 "a probe back is consumed, never delivered"
             );
         }
-        let mut returns = Vec::new();
-        l.e.take_probe_returns(&mut returns);
-        let chains = l.e.service_chains().to_vec();
-        let mut next = Vec::new();
-        let changes = self.monitor.tick(now * MS, &chains, &returns, &mut next);
-        for c in &changes {
-            l.e.set_probe_health(c.chain, c.instance, c.up);
-        }
-        (changes, next)
+        chain_lab::probe_tick(&mut l.e, &mut self.monitor, now)
     }
 }
 

@@ -10,16 +10,15 @@
 #[path = "support/chain_lab.rs"]
 mod chain_lab;
 
+use chain_lab::{MS, ROUTER_MAC, WEB1, WEB1_MAC, WEB2, WEB2_MAC, inbound, inbound_to, outbound, tcp};
+
 use core::net::Ipv4Addr;
 
 use palisade_datapath::port::PortId;
 use palisade_datapath::probe::{ProbeChange, ProbeFrame, ProbeKey, ProbeMonitor};
 use palisade_datapath::{Disposition, DropReason, Encap, Engine, OffloadVerdict, Output, Results, UPLINK};
-use palisade_testkit::engine::tcp_v4_frame;
 use palisade_wire::flow;
 use palisade_wire::tcp::TcpFlags;
-
-const MS: u64 = 1_000_000;
 
 /// The two instances' underlay addresses; both use VNIs 7001 (in) and 7002 (out).
 const APPLIANCES: [Ipv4Addr; 2] = [Ipv4Addr::new(192, 0, 2, 10), Ipv4Addr::new(192, 0, 2, 11)];
@@ -53,13 +52,6 @@ rules:
 "#
     )
 }
-
-const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0xee, 1];
-const WEB1_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const WEB2_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
-const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
-const WEB1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-const WEB2: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 
 /// What the engine did with one frame: its disposition, its outputs, and
 /// for each output the bytes it sends (an encapsulated one: the underlay
@@ -104,24 +96,6 @@ fn lab(on_failure: &str) -> Lab {
         web1,
         results: Results::default(),
     }
-}
-
-fn tcp(src: ([u8; 6], Ipv4Addr, u16), dst: ([u8; 6], Ipv4Addr, u16), seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
-    tcp_v4_frame(src, dst, seq_ack, flags, &[])
-}
-
-/// The client's segment, as the router's leg hands it to `web` (web-1 or web-2).
-fn inbound_to(web: ([u8; 6], Ipv4Addr), sport: u16, seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
-    tcp((ROUTER_MAC, CLIENT, sport), (web.0, web.1, 80), seq_ack, flags)
-}
-
-fn inbound(sport: u16, seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
-    inbound_to((WEB1_MAC, WEB1), sport, seq_ack, flags)
-}
-
-/// web-1's answer, towards the router's leg.
-fn outbound(sport: u16, seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
-    tcp((WEB1_MAC, WEB1, 80), (ROUTER_MAC, CLIENT, sport), seq_ack, flags)
 }
 
 /// The VNI of an underlay payload (VXLAN header first).
@@ -417,15 +391,7 @@ impl Prober {
                 "a probe back is consumed, never delivered"
             );
         }
-        let mut returns = Vec::new();
-        l.e.take_probe_returns(&mut returns);
-        let chains = l.e.service_chains().to_vec();
-        let mut next = Vec::new();
-        let changes = self.monitor.tick(now * MS, &chains, &returns, &mut next);
-        for c in &changes {
-            l.e.set_probe_health(c.chain, c.instance, c.up);
-        }
-        (changes, next)
+        chain_lab::probe_tick(&mut l.e, &mut self.monitor, now)
     }
 }
 

@@ -8,15 +8,12 @@
 #[path = "support/chain_lab.rs"]
 mod chain_lab;
 
-use core::net::Ipv4Addr;
+use chain_lab::{ROUTER_MAC, inbound, outbound};
 
 use palisade_datapath::port::PortId;
-use palisade_datapath::{Disposition, DropReason, Engine, OffloadVerdict, Output, Results};
-use palisade_testkit::engine::tcp_v4_frame;
+use palisade_datapath::{Disposition, DropReason, Engine, OffloadVerdict, Results};
 use palisade_wire::flow::{self, FlowKey};
 use palisade_wire::tcp::TcpFlags;
-
-const MS: u64 = 1_000_000;
 
 fn appliance_vm(name: &str, n: u8) -> String {
     format!(
@@ -62,11 +59,6 @@ rules:
     )
 }
 
-const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0xee, 1];
-const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
-const WEB1_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const WEB1: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
-
 /// One appliance instance's (in, out) ports.
 type Sides = (PortId, PortId);
 
@@ -95,16 +87,6 @@ fn lab(on_failure: &str) -> Lab {
     }
 }
 
-/// The client's segment as the router's leg hands it to web-1.
-fn inbound(sport: u16, seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
-    tcp_v4_frame((ROUTER_MAC, CLIENT, sport), (WEB1_MAC, WEB1, 80), seq_ack, flags, &[])
-}
-
-/// web-1's answer to the client, towards the router's leg.
-fn outbound(sport: u16, seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
-    tcp_v4_frame((WEB1_MAC, WEB1, 80), (ROUTER_MAC, CLIENT, sport), seq_ack, flags, &[])
-}
-
 /// The engine's key of the connection a frame belongs to.
 fn conn_key(frame: &[u8]) -> FlowKey {
     let mut key = flow::extract(frame).unwrap().unwrap().key;
@@ -117,11 +99,7 @@ const FWD: Disposition = Disposition::Forward;
 impl Lab {
     /// Process `frame` on `port` at `now` ms: its disposition and the ports it goes to.
     fn send(&mut self, now: u64, port: PortId, frame: &[u8]) -> (Disposition, Vec<PortId>) {
-        let p = self
-            .e
-            .process(now * MS, port, frame, &mut chain_lab::NoEvents, &mut self.results);
-        let ports = p.outputs.iter().map(|o: &Output| o.port).collect();
-        (p.disposition, ports)
+        chain_lab::send(&mut self.e, &mut self.results, now, port, frame)
     }
 
     /// The instance of `stage` whose in-port (`reply`: out-port) `ports` is.

@@ -1,36 +1,20 @@
 //! Service chains: `service_chains:` and a rule's `redirect`, loaded with
 //! positioned diagnostics, compiled into the entries, and shown by `explain`.
 
+#[path = "support/chain_policy.rs"]
+mod chain_policy;
+
 use palisade_policy::compile::Compiler;
 use palisade_policy::diag::DiagnosticKind;
 use palisade_policy::eval::{Flow, evaluate, explain, render_explanation};
 use palisade_policy::model::OnFailure;
-use palisade_policy::{Loaded, MemorySource, load};
-
-const INVENTORY: &str = r#"
-version: 4
-datacenter: { name: dc1, default: deny }
-zones: [{ name: web, vlan: 100 }, { name: svc, vlan: 900 }]
-vms:
-  - { name: web-1, uuid: 00000000-0000-4000-8000-000000000001, tags: { tier: web }, vnics: [{ name: web-1.0, mac: "02:00:00:00:00:01", ips: [10.0.0.1], zone: web }] }
-  - { name: web-2, uuid: 00000000-0000-4000-8000-000000000002, tags: { tier: web }, vnics: [{ name: web-2.0, mac: "02:00:00:00:00:02", ips: [10.0.0.2], zone: web }] }
-  - name: ips-1
-    uuid: 00000000-0000-4000-8000-000000000003
-    vnics:
-      - { name: ips-1.in, mac: "02:00:00:00:00:03", ips: [], zone: svc }
-      - { name: ips-1.out, mac: "02:00:00:00:00:04", ips: [], zone: svc }
-  - name: fw-1
-    uuid: 00000000-0000-4000-8000-000000000005
-    vnics:
-      - { name: fw-1.in, mac: "02:00:00:00:00:05", ips: [], zone: svc }
-      - { name: fw-1.out, mac: "02:00:00:00:00:06", ips: [], zone: svc }
-groups:
-  web: { tags: { tier: web } }
-  internet: external
-"#;
+use palisade_policy::Loaded;
 
 fn load_with(policy: &str) -> Loaded {
-    load(&MemorySource::new().with("inv.yaml", INVENTORY).with("pol.yaml", policy)).unwrap()
+    let ips = chain_policy::appliance_vm("ips-1", 3);
+    let fw = chain_policy::appliance_vm("fw-1", 5);
+    let vms = [chain_policy::WEB_1, chain_policy::WEB_2, &ips, &fw];
+    chain_policy::load_with(&chain_policy::inventory("vlan: 900", &vms), policy)
 }
 
 const GOOD: &str = r#"
@@ -246,17 +230,7 @@ fn bad_chains_are_refused_where_they_are_written() {
         l.render()
     );
     for (what, policy, kind, (line, token)) in cases {
-        let text = policy.lines().nth(*line as usize - 1).unwrap();
-        let column = text.find(token).unwrap() as u32 + 1;
-        let l = load_with(policy);
-        let found = l
-            .diagnostics
-            .iter()
-            .find(|d| d.kind == *kind && d.file == "pol.yaml" && d.is_error());
-        let Some(d) = found else {
-            panic!("{what}: no {kind:?} error in\n{}", l.render());
-        };
-        assert_eq!((d.line, d.column), (*line, column), "{what}: {}", l.render());
+        chain_policy::assert_refused_at(&load_with(policy), what, policy, *kind, (*line, token));
     }
 }
 
