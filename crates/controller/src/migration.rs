@@ -115,6 +115,41 @@ fn record(o: &MigrationOrder, actor: &str) -> ChangeRecord {
 }
 
 /// The VMs whose orders agent `host` is to look at: `migration-queues/<host>`.
+/// A new order, `pending` and without an outcome: named for `vm` and the
+/// time it is made (`now`), due by [`MIGRATION_DEADLINE`] from then. A
+/// `follow` order is staged from the start (its guest runs on `to` already:
+/// nothing to pre-stage); an ordered one waits for its destination's word.
+fn pending_order(
+    vm: &str,
+    vnics: Vec<String>,
+    kind: MigrationKind,
+    from: &str,
+    to: &str,
+    requested_by: String,
+    now: u64,
+) -> MigrationOrder {
+    MigrationOrder {
+        id: format!("{vm}@{now}"),
+        vm: vm.to_string(),
+        vnics,
+        kind,
+        from: from.to_string(),
+        to: to.to_string(),
+        requested_by,
+        requested_ns: now,
+        deadline_ns: now.saturating_add(MIGRATION_DEADLINE.as_nanos() as u64),
+        staged_ns: (kind == MigrationKind::Follow).then_some(now),
+        state: MigrationState::Pending,
+        started_ns: None,
+        finished_ns: None,
+        connections: None,
+        state_bytes: None,
+        state_blake3: None,
+        switchover_us: None,
+        reason: None,
+    }
+}
+
 fn queue_key(host: &str) -> String {
     format!("{QUEUES}{host}")
 }
@@ -298,26 +333,15 @@ impl Controller {
                     )));
                 }
             }
-            let order = MigrationOrder {
-                id: format!("{vm}@{now}"),
-                vm: vm.to_string(),
-                vnics: info.vnics.clone(),
-                kind: MigrationKind::Ordered,
-                from: from.clone(),
-                to: req.to.clone(),
-                requested_by: actor.to_string(),
-                requested_ns: now,
-                deadline_ns: now.saturating_add(MIGRATION_DEADLINE.as_nanos() as u64),
-                staged_ns: None,
-                state: MigrationState::Pending,
-                started_ns: None,
-                finished_ns: None,
-                connections: None,
-                state_bytes: None,
-                state_blake3: None,
-                switchover_us: None,
-                reason: None,
-            };
+            let order = pending_order(
+                vm,
+                info.vnics.clone(),
+                MigrationKind::Ordered,
+                &from,
+                &req.to,
+                actor.to_string(),
+                now,
+            );
             let change = ChangeRecord {
                 time_ns: now,
                 actor: actor.to_string(),
@@ -584,27 +608,15 @@ impl Controller {
                 });
             };
             let now = now_ns();
-            let order = MigrationOrder {
-                id: format!("{name}@{now}"),
-                vm: name.clone(),
-                vnics: vm.vnics.iter().map(|n| n.name.clone()).collect(),
-                kind: MigrationKind::Follow,
-                from: from.clone(),
-                to: host.to_string(),
-                requested_by: format!("agent/{host}"),
-                requested_ns: now,
-                deadline_ns: now.saturating_add(MIGRATION_DEADLINE.as_nanos() as u64),
-                // The guest runs there already: nothing to pre-stage.
-                staged_ns: Some(now),
-                state: MigrationState::Pending,
-                started_ns: None,
-                finished_ns: None,
-                connections: None,
-                state_bytes: None,
-                state_blake3: None,
-                switchover_us: None,
-                reason: None,
-            };
+            let order = pending_order(
+                &name,
+                vm.vnics.iter().map(|n| n.name.clone()).collect(),
+                MigrationKind::Follow,
+                &from,
+                host,
+                format!("agent/{host}"),
+                now,
+            );
             let change = ChangeRecord {
                 time_ns: now,
                 actor: format!("agent/{host}"),
@@ -641,27 +653,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_new_order_is_pending_due_by_the_deadline_and_staged_only_when_it_follows() {
+        let o = pending_order("web-1", vec![], MigrationKind::Ordered, "hv1", "hv2", "ops".into(), 7);
+        assert_eq!((o.id.as_str(), o.state, o.staged_ns), ("web-1@7", MigrationState::Pending, None));
+        assert_eq!(o.deadline_ns, 7 + MIGRATION_DEADLINE.as_nanos() as u64);
+        let f = pending_order("web-1", vec![], MigrationKind::Follow, "hv1", "hv2", "agent/hv2".into(), 7);
+        assert_eq!(f.staged_ns, Some(7));
+        assert!(f.started_ns.is_none() && f.finished_ns.is_none() && f.reason.is_none());
+    }
+
+    #[test]
     fn a_migration_record_names_everything_the_trail_needs() {
-        let o = MigrationOrder {
-            id: "web-1@5".into(),
-            vm: "web-1".into(),
-            vnics: vec!["web-1.0".into()],
-            kind: MigrationKind::Ordered,
-            from: "hv1".into(),
-            to: "hv2".into(),
-            requested_by: "ops".into(),
-            requested_ns: 5,
-            deadline_ns: 10,
-            staged_ns: Some(5),
-            state: MigrationState::Completed,
-            started_ns: Some(6),
-            finished_ns: Some(9),
-            connections: Some(3),
-            state_bytes: Some(400),
-            state_blake3: Some("ab".repeat(32)),
-            switchover_us: Some(1500),
-            reason: None,
-        };
+        let mut o = pending_order(
+            "web-1",
+            vec!["web-1.0".into()],
+            MigrationKind::Ordered,
+            "hv1",
+            "hv2",
+            "ops".into(),
+            5,
+        );
+        o.staged_ns = Some(5);
+        o.state = MigrationState::Completed;
+        o.started_ns = Some(6);
+        o.finished_ns = Some(9);
+        o.connections = Some(3);
+        o.state_bytes = Some(400);
+        o.state_blake3 = Some("ab".repeat(32));
+        o.switchover_us = Some(1500);
         let r = record(&o, "agent/hv1");
         assert_eq!(r.action, "vm.migrate.completed");
         assert_eq!(r.resource, "vm/web-1");
