@@ -145,8 +145,8 @@ done
 appliance() { "$palisade" lab appliance --name "$name" --state-dir "$state" "$@"; }
 appliance bridge ips-1 --table ips
 appliance bridge fw-1 --table fw
-counted() { appliance counters ips-1 --table ips | head -1; }
-fw_counted() { appliance counters fw-1 --table fw | head -1; }
+counted() { appliance counters ips-1 --table ips | sed -n 1p; }
+fw_counted() { appliance counters fw-1 --table fw | sed -n 1p; }
 
 mkdir -p "$tmp/www"
 head -c 1024 /dev/zero | tr '\0' x >"$tmp/www/index.html"
@@ -226,7 +226,7 @@ echo "${line%\}},\"fw_packets\":$((f1 - f0))}"
 
 log "external: through an appliance over the underlay"
 xns=$(appliance external --zone web --table ips)
-ext_counted() { appliance counters --netns "$xns" --table ips | head -1; }
+ext_counted() { appliance counters --netns "$xns" --table ips | sed -n 1p; }
 write_policy ext 4
 sleep 3
 x0=$(ext_counted)
