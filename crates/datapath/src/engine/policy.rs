@@ -31,6 +31,34 @@ pub(super) struct Classified {
     pub chain: Option<u16>,
 }
 
+/// What both ends' chains decided on a new flow (`None` where that end is
+/// not managed: no vNIC here, or no chains).
+struct EndDecisions<'a> {
+    /// The source's vNIC.
+    src: Option<&'a str>,
+    /// The destination's vNIC.
+    dst: Option<&'a str>,
+    /// The source vNIC's egress chain's verdict.
+    egress: Option<ChainVerdict>,
+    /// The destination vNIC's ingress chain's verdict.
+    ingress: Option<ChainVerdict>,
+}
+
+impl EndDecisions<'_> {
+    /// At least one end's chain decided.
+    fn managed(&self) -> bool {
+        self.egress.is_some() || self.ingress.is_some()
+    }
+
+    /// No deciding chain denies or rejects.
+    fn allowed(&self) -> bool {
+        [&self.egress, &self.ingress]
+            .into_iter()
+            .flatten()
+            .all(|v| v.action == Action::Allow)
+    }
+}
+
 impl Engine {
     /// Classify a flow once: the source's egress chain and the destination's
     /// ingress chain. Returns the deciding rules' counter indices, the
@@ -39,25 +67,20 @@ impl Engine {
     /// the rules with the drop reason when denied.
     pub(super) fn classify(&mut self, key: &FlowKey) -> Result<Classified, (RuleRefs, DropReason)> {
         self.counters.classifications += 1;
-        let flow = policy_flow(key);
-        let src = self.lookup.vnic_of(flow.src);
-        let dst = self.lookup.vnic_of(flow.dst);
-        let eg = src.and_then(|v| self.lookup.decide(v, Direction::Egress, &flow));
-        let ig = dst.and_then(|v| self.lookup.decide(v, Direction::Ingress, &flow));
-        if eg.is_none() && ig.is_none() {
+        let ends = self.decide_ends(key);
+        if !ends.managed() {
             // Neither end is managed: nothing here may forward it.
             return Err(([None; 2], DropReason::PolicyDeny));
         }
         // Resolved once, here, for the connection's life: the fast path
         // only copies the number the connection keeps.
-        let allowed = [&eg, &ig].into_iter().flatten().all(|v| v.action == Action::Allow);
-        let inspect = if allowed {
-            self.lookup.inspection(src, dst, [eg.as_ref(), ig.as_ref()])
-        } else {
-            None
-        };
-        let redirect = [&eg, &ig].into_iter().flatten().find_map(|v| v.redirect.clone());
-        let rules = self.rule_verdicts([eg, ig])?;
+        let inspect = self.inspection_name(&ends);
+        let redirect = [&ends.egress, &ends.ingress]
+            .into_iter()
+            .flatten()
+            .find_map(|v| v.redirect.clone());
+        let EndDecisions { egress, ingress, .. } = ends;
+        let rules = self.rule_verdicts([egress, ingress])?;
         let inspect = inspect.and_then(|name| self.inspect_profile_id(name));
         // A chain this engine does not know (none declared under that name)
         // steers nothing: validation refuses such a policy.
@@ -67,20 +90,40 @@ impl Engine {
 
     /// The inspection profile of a connection whose initiator's cache entry
     /// is gone (imported with a current verdict, or evicted), so that it is
-    /// not classified again: its chains consulted as [`Engine::classify`]
-    /// does, nothing counted.
+    /// not classified again: the profile [`Engine::classify`] would give it,
+    /// decided by the same code, nothing counted.
     pub(super) fn inspection_of(&mut self, key: &FlowKey) -> Option<InspectProfile> {
+        let ends = self.decide_ends(key);
+        let name = self.inspection_name(&ends)?;
+        self.inspect_profile_id(name)
+    }
+
+    /// Both ends' chains on a new flow: the source vNIC's egress chain and
+    /// the destination vNIC's ingress chain.
+    fn decide_ends(&self, key: &FlowKey) -> EndDecisions<'_> {
         let flow = policy_flow(key);
         let src = self.lookup.vnic_of(flow.src);
         let dst = self.lookup.vnic_of(flow.dst);
-        let eg = src.and_then(|v| self.lookup.decide(v, Direction::Egress, &flow));
-        let ig = dst.and_then(|v| self.lookup.decide(v, Direction::Ingress, &flow));
-        let allowed = [&eg, &ig].into_iter().flatten().all(|v| v.action == Action::Allow);
-        if !allowed || (eg.is_none() && ig.is_none()) {
+        EndDecisions {
+            src,
+            dst,
+            egress: src.and_then(|v| self.lookup.decide(v, Direction::Egress, &flow)),
+            ingress: dst.and_then(|v| self.lookup.decide(v, Direction::Ingress, &flow)),
+        }
+    }
+
+    /// The one decision of a flow's inspection profile (its name): none
+    /// unless an end is managed and every managed end's chain allows the
+    /// flow; then the deciding rule's `inspect`, egress first, else the
+    /// traffic class's default ([`ChainLookup::inspection`]).
+    ///
+    /// [`ChainLookup::inspection`]: crate::lookup::ChainLookup::inspection
+    fn inspection_name(&self, ends: &EndDecisions<'_>) -> Option<Arc<str>> {
+        if !ends.managed() || !ends.allowed() {
             return None;
         }
-        let name = self.lookup.inspection(src, dst, [eg.as_ref(), ig.as_ref()])?;
-        self.inspect_profile_id(name)
+        self.lookup
+            .inspection(ends.src, ends.dst, [ends.egress.as_ref(), ends.ingress.as_ref()])
     }
 
     /// The number of inspection profile `name`, numbering it if new.
