@@ -6,11 +6,10 @@
 //! connections may have opened that this agent never saw begin. When it is
 //! back, the first segment of each meets an empty entry: a TCP segment with
 //! ACK (not an opening SYN) of a connection the tables do not hold. The
-//! engine then picks it up as established if the policy allows it (its
-//! start event says `Established` where an opening says `SynSent`), or
-//! denies it (its denial says `Established` where a denied SYN says `New`:
-//! see [`palisade_datapath::FlowEvent::state`]), and every later segment of
-//! it is dropped.
+//! engine then picks it up as established if the policy allows it, or
+//! denies it, and every later segment of it is dropped; either event is
+//! marked [`palisade_datapath::FlowEvent::midstream`] (where an opening's
+//! start or a denied SYN is not).
 //!
 //! `TakeOver` counts both, per worker, for the start that ended an
 //! episode and only for connections with a local end in one of the
@@ -26,7 +25,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use palisade_datapath::{ConnState, EventKind, FlowEvent};
+use palisade_datapath::{EventKind, FlowEvent};
 use palisade_wire::flow::FlowKey;
 use palisade_wire::ip::IpProtocol;
 
@@ -78,7 +77,7 @@ impl TakeOver {
 
     /// Count `ev` if it is a TCP connection of the episode's ports met mid-stream.
     pub fn note(&mut self, ev: &FlowEvent) {
-        if ev.key.protocol != IpProtocol::TCP || ev.state != ConnState::Established {
+        if ev.key.protocol != IpProtocol::TCP || !ev.midstream {
             return;
         }
         let in_episode = ev
@@ -114,7 +113,7 @@ impl TakeOver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use palisade_datapath::DropReason;
+    use palisade_datapath::{ConnState, DropReason};
     use palisade_datapath::port::PortId;
     use palisade_wire::flow::Segment;
 
@@ -132,11 +131,20 @@ mod tests {
         }
     }
 
-    fn event(kind: EventKind, key: FlowKey, state: ConnState, owners: [Option<PortId>; 2]) -> FlowEvent {
+    /// An event of `kind`, met mid-stream or not, with the state the engine
+    /// gives it (a denial has no connection: `New`; a start met mid-stream
+    /// is `Established`, an opening `SynSent`).
+    fn event(kind: EventKind, key: FlowKey, midstream: bool, owners: [Option<PortId>; 2]) -> FlowEvent {
+        let state = match kind {
+            EventKind::Denied(_) => ConnState::New,
+            _ if midstream => ConnState::Established,
+            _ => ConnState::SynSent,
+        };
         FlowEvent {
             kind,
             key,
             state,
+            midstream,
             packets: 1,
             bytes: 60,
             reply_packets: 0,
@@ -153,7 +161,8 @@ mod tests {
     }
 
     const DENY: EventKind = EventKind::Denied(DropReason::PolicyDeny);
-    const EST: ConnState = ConnState::Established;
+    const MID: bool = true;
+    const OPENING: bool = false;
 
     #[test]
     fn mid_stream_connections_of_the_episode_zones_are_counted_once() {
@@ -162,41 +171,42 @@ mod tests {
         let (open, closed) = (Some(PortId(1)), Some(PortId(2)));
         let tcp = IpProtocol::TCP;
         // Picked up: a start met mid-stream, an end in the open zone.
-        t.note(&event(EventKind::Start, key(40000, 80, tcp), EST, [closed, open]));
-        // Not counted: an opening, a UDP flow, the closed zone's, its later events.
+        t.note(&event(EventKind::Start, key(40000, 80, tcp), MID, [closed, open]));
+        // Not counted: an opening, a UDP flow, the closed zone's, its later
+        // events (an update is never marked; one that were is not counted).
         t.note(&event(
             EventKind::Start,
             key(40001, 80, tcp),
-            ConnState::SynSent,
+            OPENING,
             [open, None],
         ));
         t.note(&event(
             EventKind::Start,
             key(40002, 53, IpProtocol::UDP),
-            EST,
+            MID,
             [open, None],
         ));
-        t.note(&event(EventKind::Start, key(40003, 80, tcp), EST, [closed, None]));
-        t.note(&event(EventKind::Update, key(40000, 80, tcp), EST, [closed, open]));
+        t.note(&event(EventKind::Start, key(40003, 80, tcp), MID, [closed, None]));
+        t.note(&event(EventKind::Update, key(40000, 80, tcp), MID, [closed, open]));
         // A denied SYN is no cut connection.
-        t.note(&event(DENY, key(40004, 2222, tcp), ConnState::New, [open, None]));
+        t.note(&event(DENY, key(40004, 2222, tcp), OPENING, [open, None]));
         assert_eq!(t.counts(), TakeOverCounts { picked_up: 1, cut: 0 });
         // Cut: both directions denied, counted once.
         let denied = key(40005, 2222, tcp);
-        t.note(&event(DENY, denied, EST, [open, None]));
-        t.note(&event(DENY, denied.reversed(), EST, [None, open]));
+        t.note(&event(DENY, denied, MID, [open, None]));
+        t.note(&event(DENY, denied.reversed(), MID, [None, open]));
         assert_eq!(t.counts(), TakeOverCounts { picked_up: 1, cut: 1 });
         // Denied one way, then picked up from the other: picked up.
         let one_way = key(40006, 443, tcp);
-        t.note(&event(DENY, one_way.reversed(), EST, [None, open]));
+        t.note(&event(DENY, one_way.reversed(), MID, [None, open]));
         assert_eq!(t.counts().cut, 2);
-        t.note(&event(EventKind::Start, one_way, EST, [open, None]));
+        t.note(&event(EventKind::Start, one_way, MID, [open, None]));
         assert_eq!(t.counts(), TakeOverCounts { picked_up: 2, cut: 1 });
         // A port id beyond the map is no episode port.
         t.note(&event(
             EventKind::Start,
             key(40007, 80, tcp),
-            EST,
+            MID,
             [Some(PortId(9)), None],
         ));
         assert_eq!(t.counts().picked_up, 2);

@@ -183,6 +183,12 @@ impl Conn {
             kind,
             key: self.key,
             state: self.state,
+            // A TCP connection starts `Established` only when its first
+            // segment was not an opening (`tcptrack::open`, liberal): met
+            // mid-stream.
+            midstream: kind == EventKind::Start
+                && self.key.protocol == palisade_wire::ip::IpProtocol::TCP
+                && self.state == ConnState::Established,
             packets: self.packets,
             bytes: self.bytes,
             reply_packets: self.reply_packets,

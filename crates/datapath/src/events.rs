@@ -51,12 +51,17 @@ pub struct FlowEvent {
     pub kind: EventKind,
     /// The connection's key, in the initiator's direction.
     pub key: FlowKey,
-    /// Its state after the event. A `Denied` event has no connection: its
-    /// state says what the denied packet was, `Established` for a TCP
-    /// segment with ACK and without RST (a segment of a connection this
-    /// engine never saw open, met mid-stream: one that passed while the
-    /// host's agent was gone, say), `New` for anything else.
+    /// Its connection-tracking state after the event. A `Denied` event has
+    /// no connection: `New`.
     pub state: ConnState,
+    /// The packet behind the event was a TCP segment with ACK and without
+    /// RST of a connection this engine never saw open: one met mid-stream
+    /// (that passed while the host's agent was gone, say). Set on a
+    /// `Denied` event for such a segment (where a denied SYN or stray reset
+    /// leaves it unset) and on the `Start` of a connection picked up from
+    /// one (its state `Established`, where an opening's is `SynSent`);
+    /// unset on every other event.
+    pub midstream: bool,
     /// Packets seen (both directions).
     pub packets: u64,
     /// Bytes seen (both directions).

@@ -506,9 +506,10 @@ fn strict_zone_drops_out_of_window_and_liberal_counts_it() {
 
 /// What an agent taking over after a fail-open episode counts: a
 /// connection met mid-stream that the policy allows is picked up (its start
-/// event says `Established`, not `SynSent`); one it denies makes a denial
-/// that says `Established` (a segment, not an opening), where a denied SYN
-/// or a stray reset says `New`.
+/// event marked `midstream`, its state `Established`, not `SynSent`); one it
+/// denies makes a denial marked `midstream` (a segment, not an opening),
+/// where a denied SYN or a stray reset is not. A denial's state is `New`
+/// either way: there is no connection.
 #[test]
 fn a_connection_met_mid_stream_is_picked_up_or_denied_as_such() {
     let mut e = h1();
@@ -518,12 +519,20 @@ fn a_connection_met_mid_stream_is_picked_up_or_denied_as_such() {
     let mid = tcp(10, 11, 40010, 443, (5000, 9000), TcpFlags::ACK | TcpFlags::PSH, b"data");
     fwd(&mut e, 1, a, &mid, b, &mut ev);
     let start = ev.last().unwrap();
-    assert_eq!((start.kind, start.state), (EventKind::Start, ConnState::Established));
+    assert_eq!(
+        (start.kind, start.state, start.midstream),
+        (EventKind::Start, ConnState::Established, true)
+    );
     // Allowed, opened by a SYN: not a pickup.
     let syn = tcp(10, 11, 40011, 443, (7000, 0), TcpFlags::SYN, b"");
     fwd(&mut e, 2, a, &syn, b, &mut ev);
     let start = ev.last().unwrap();
-    assert_eq!((start.kind, start.state), (EventKind::Start, ConnState::SynSent));
+    assert_eq!(
+        (start.kind, start.state, start.midstream),
+        (EventKind::Start, ConnState::SynSent, false)
+    );
+    // Their later events are not marked.
+    assert!(ev.iter().all(|e| e.kind == EventKind::Start || !e.midstream));
     // Denied (tcp/2222): a segment of a connection, and a SYN.
     let n = ev.len();
     let denied_mid = tcp(10, 11, 40012, 2222, (5000, 9000), TcpFlags::ACK, b"x");
@@ -538,13 +547,17 @@ fn a_connection_met_mid_stream_is_picked_up_or_denied_as_such() {
     );
     let denied_rst = tcp(10, 11, 40014, 2222, (5000, 0), TcpFlags::RST, b"");
     e.process(5, a, &denied_rst, &mut ev, &mut Results::new());
-    let got: Vec<_> = ev[n..].iter().map(|e| (e.kind, e.key.dst_port, e.state)).collect();
+    let got: Vec<_> = ev[n..]
+        .iter()
+        .map(|e| (e.kind, e.key.src_port, e.state, e.midstream))
+        .collect();
+    let deny = EventKind::Denied(DropReason::PolicyDeny);
     assert_eq!(
         got,
         vec![
-            (EventKind::Denied(DropReason::PolicyDeny), 2222, ConnState::Established),
-            (EventKind::Denied(DropReason::PolicyDeny), 2222, ConnState::New),
-            (EventKind::Denied(DropReason::PolicyDeny), 2222, ConnState::New),
+            (deny, 40012, ConnState::New, true),
+            (deny, 40013, ConnState::New, false),
+            (deny, 40014, ConnState::New, false),
         ]
     );
 }

@@ -163,7 +163,7 @@ impl Engine {
                 Ok(c) => (c.rules, c.inspect, c.chain),
                 Err((rules, reason)) => {
                     // A segment of a connection, not its opening: one met
-                    // mid-stream (see `FlowEvent::state` of a denial).
+                    // mid-stream (`FlowEvent::midstream`).
                     let midstream =
                         tcp.is_some_and(|s| s.flags.contains(TcpFlags::ACK) && !s.flags.contains(TcpFlags::RST));
                     return Err(self.deny_new(pkt, key, hash, reason, rules, midstream, sink));
@@ -221,9 +221,8 @@ impl Engine {
 
     /// A new flow the policy denies: its verdict cached (later packets meet
     /// it on the cache), its rules counted, and one `Denied` event with both
-    /// ends (its state `Established` when `midstream`: a TCP segment of a
-    /// connection this engine never saw open); returns `reason` for the
-    /// caller to drop with.
+    /// ends (marked `midstream` for a TCP segment of a connection this
+    /// engine never saw open); returns `reason` for the caller to drop with.
     #[allow(clippy::too_many_arguments)]
     fn deny_new(
         &mut self,
@@ -241,11 +240,8 @@ impl Engine {
         sink.event(&FlowEvent {
             kind: EventKind::Denied(reason),
             key,
-            state: if midstream {
-                ConnState::Established
-            } else {
-                ConnState::New
-            },
+            state: ConnState::New,
+            midstream,
             packets: pkt.packets,
             bytes: pkt.len as u64,
             reply_packets: 0,
