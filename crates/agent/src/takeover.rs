@@ -113,8 +113,8 @@ impl TakeOver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use palisade_datapath::{ConnState, DropReason};
     use palisade_datapath::port::PortId;
+    use palisade_datapath::{ConnState, DropReason};
     use palisade_wire::flow::Segment;
 
     fn key(sport: u16, dport: u16, protocol: IpProtocol) -> FlowKey {
@@ -174,12 +174,7 @@ mod tests {
         t.note(&event(EventKind::Start, key(40000, 80, tcp), MID, [closed, open]));
         // Not counted: an opening, a UDP flow, the closed zone's, its later
         // events (an update is never marked; one that were is not counted).
-        t.note(&event(
-            EventKind::Start,
-            key(40001, 80, tcp),
-            OPENING,
-            [open, None],
-        ));
+        t.note(&event(EventKind::Start, key(40001, 80, tcp), OPENING, [open, None]));
         t.note(&event(
             EventKind::Start,
             key(40002, 53, IpProtocol::UDP),

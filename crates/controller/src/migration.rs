@@ -655,9 +655,20 @@ mod tests {
     #[test]
     fn a_new_order_is_pending_due_by_the_deadline_and_staged_only_when_it_follows() {
         let o = pending_order("web-1", vec![], MigrationKind::Ordered, "hv1", "hv2", "ops".into(), 7);
-        assert_eq!((o.id.as_str(), o.state, o.staged_ns), ("web-1@7", MigrationState::Pending, None));
+        assert_eq!(
+            (o.id.as_str(), o.state, o.staged_ns),
+            ("web-1@7", MigrationState::Pending, None)
+        );
         assert_eq!(o.deadline_ns, 7 + MIGRATION_DEADLINE.as_nanos() as u64);
-        let f = pending_order("web-1", vec![], MigrationKind::Follow, "hv1", "hv2", "agent/hv2".into(), 7);
+        let f = pending_order(
+            "web-1",
+            vec![],
+            MigrationKind::Follow,
+            "hv1",
+            "hv2",
+            "agent/hv2".into(),
+            7,
+        );
         assert_eq!(f.staged_ns, Some(7));
         assert!(f.started_ns.is_none() && f.finished_ns.is_none() && f.reason.is_none());
     }

@@ -91,7 +91,6 @@ fn eth(src: [u8; 6], dst: [u8; 6], ethertype: EtherType, payload: &[u8]) -> Vec<
     f
 }
 
-
 impl Lab {
     /// Process `frame` on `port` at `now` ms: its disposition and the ports it goes to.
     fn send(&mut self, now: u64, port: PortId, frame: &[u8]) -> (Disposition, Vec<PortId>) {

@@ -5,10 +5,10 @@
 #[path = "support/chain_policy.rs"]
 mod chain_policy;
 
+use palisade_policy::Loaded;
 use palisade_policy::diag::DiagnosticKind;
 use palisade_policy::eval::{Flow, explain, render_explanation};
 use palisade_policy::model::ExternalAppliance;
-use palisade_policy::Loaded;
 
 fn load_with(policy: &str) -> Loaded {
     let vms = [chain_policy::WEB_1, &chain_policy::appliance_vm("ips-1", 3)];

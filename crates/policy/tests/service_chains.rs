@@ -4,11 +4,11 @@
 #[path = "support/chain_policy.rs"]
 mod chain_policy;
 
+use palisade_policy::Loaded;
 use palisade_policy::compile::Compiler;
 use palisade_policy::diag::DiagnosticKind;
 use palisade_policy::eval::{Flow, evaluate, explain, render_explanation};
 use palisade_policy::model::OnFailure;
-use palisade_policy::Loaded;
 
 fn load_with(policy: &str) -> Loaded {
     let ips = chain_policy::appliance_vm("ips-1", 3);

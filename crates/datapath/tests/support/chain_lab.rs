@@ -80,7 +80,12 @@ pub fn add_router_leg(e: &mut Engine, mac: [u8; 6]) -> PortId {
 }
 
 /// A TCP frame without payload `src:sport -> dst:dport` between the two MACs.
-pub fn tcp(src: ([u8; 6], Ipv4Addr, u16), dst: ([u8; 6], Ipv4Addr, u16), seq_ack: (u32, u32), flags: TcpFlags) -> Vec<u8> {
+pub fn tcp(
+    src: ([u8; 6], Ipv4Addr, u16),
+    dst: ([u8; 6], Ipv4Addr, u16),
+    seq_ack: (u32, u32),
+    flags: TcpFlags,
+) -> Vec<u8> {
     tcp_v4_frame(src, dst, seq_ack, flags, &[])
 }
 
