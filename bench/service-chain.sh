@@ -82,48 +82,19 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# The policy: three-tier + ips-1, with or without the redirect.
-mkdir -p "$tmp/policy"
-write_policy() { # redirect(yes|no|two) version
-    python3 - "$here/examples/three-tier" "$tmp/policy" "$1" "$2" <<'EOF'
-import sys
-src, dst, redirect, version = sys.argv[1:]
-inv = open(f"{src}/inventory.yaml").read() + """
-  - name: ips-1
-    uuid: 6d1f3c2a-8b7e-4c59-9a1d-0f2e3b4c5d41
-    cluster: prod
-    host: hv1
-    tags: { role: ips }
-    vnics:
-      - { name: ips-1.in, mac: "02:00:0a:00:01:41", ips: [], zone: web }
-      - { name: ips-1.out, mac: "02:00:0a:00:01:42", ips: [], zone: web }
-  - name: fw-1
-    uuid: 6d1f3c2a-8b7e-4c59-9a1d-0f2e3b4c5d51
-    cluster: prod
-    host: hv1
-    tags: { role: fw }
-    vnics:
-      - { name: fw-1.in, mac: "02:00:0a:00:01:51", ips: [], zone: web }
-      - { name: fw-1.out, mac: "02:00:0a:00:01:52", ips: [], zone: web }
-"""
-pol = open(f"{src}/policy.yaml").read()
-rule = "      action: allow\n      inspect: full\n    - { id: web-to-app"
-assert rule in pol, "the example's web-from-internet rule changed"
-if redirect in ("yes", "two", "ext"):
-    chain = {"yes": "ns-ips", "two": "ns-two", "ext": "ns-ext"}[redirect]
-    pol = pol.replace(rule, rule.replace("inspect: full\n", f"inspect: full\n      redirect: {chain}\n"))
-pol = pol.replace("version: 1\n", f"version: {version}\n")
-# A vNIC serves one chain: ips-1 is in ns-ips, or in ns-two after fw-1.
-if redirect == "two":
-    pol += "\nservice_chains:\n  ns-two:\n    on_failure: closed\n    stages:\n      - appliances: [{ vm: fw-1, in: fw-1.in, out: fw-1.out }]\n      - appliances: [{ vm: ips-1, in: ips-1.in, out: ips-1.out }]\n"
-elif redirect == "ext":
-    pol += "\nservice_chains:\n  ns-ext:\n    on_failure: closed\n    appliances:\n      - { external: { address: 198.51.100.2, vni_in: 7001, vni_out: 7002 } }\n"
-else:
-    pol += "\nservice_chains:\n  ns-ips:\n    on_failure: closed\n    appliances:\n      - { vm: ips-1, in: ips-1.in, out: ips-1.out }\n"
-open(f"{dst}/inventory.yaml", "w").write(inv)
-open(f"{dst}/policy.yaml.tmp", "w").write(pol)
-EOF
-    mv "$tmp/policy/policy.yaml.tmp" "$tmp/policy/policy.yaml"
+# The policy: three-tier + ips-1 and fw-1 (in every mode: the lab is built
+# once), with or without the redirect; the lab's (`lab chain-policy`), as
+# the end-to-end tests write it.
+write_policy() { # redirect(yes|no|two|ext) version
+    local chain
+    case "$1" in
+    yes) chain=(--chain vm) ;;
+    no) chain=(--chain vm --no-redirect) ;;
+    two) chain=(--chain two-stage) ;;
+    ext) chain=(--chain external) ;;
+    esac
+    "$palisade" lab chain-policy --example "$here/examples/three-tier" --out "$tmp/policy" \
+        --with-vms ips-1,fw-1 --on-failure closed --policy-version "$2" "${chain[@]}"
 }
 write_policy yes 1
 

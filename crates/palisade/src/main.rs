@@ -113,3 +113,15 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap checks a command's definition only when it parses through it
+    /// (a `--version` argument beside the binary's own flag, say, panics
+    /// then): every subcommand is checked here instead.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use palisade_lab::lab::appliance::{ApplianceAt, EXTERNAL_APPLIANCE, EXTERNAL_VNIS};
+use palisade_lab::lab::appliance::{ApplianceAt, Chain, ChainPolicy, write_chain_policy};
 use palisade_lab::{Lab, LabSpec, Spawned, leftovers};
 
 const EXE: &str = env!("CARGO_BIN_EXE_palisade");
@@ -2905,32 +2905,20 @@ fn inspect_inline_drops_a_signature_north_south_and_passes_it_east_west_under_cr
 /// redirected through the service chain `ns-ips` with `on_failure`, in a
 /// directory of its own (the test rewrites it).
 fn service_chain_policy(dir: &std::path::Path, on_failure: &str, version: u32) {
-    std::fs::create_dir_all(dir).unwrap();
-    let inv = std::fs::read_to_string(three_tier().join("inventory.yaml")).unwrap();
-    let appliance = r#"
-  - name: ips-1
-    uuid: 6d1f3c2a-8b7e-4c59-9a1d-0f2e3b4c5d41
-    cluster: prod
-    host: hv1
-    tags: { role: ips }
-    vnics:
-      - { name: ips-1.in, mac: "02:00:0a:00:01:41", ips: [], zone: web }
-      - { name: ips-1.out, mac: "02:00:0a:00:01:42", ips: [], zone: web }
-"#;
-    std::fs::write(dir.join("inventory.yaml"), format!("{inv}{appliance}")).unwrap();
-    let pol = std::fs::read_to_string(three_tier().join("policy.yaml")).unwrap();
-    let rule = "      action: allow\n      inspect: full\n    - { id: web-to-app";
-    assert!(pol.contains(rule), "the example's web-from-internet rule changed");
-    let pol = pol
-        .replace(
-            rule,
-            &rule.replace("inspect: full\n", "inspect: full\n      redirect: ns-ips\n"),
-        )
-        .replace("version: 1\n", &format!("version: {version}\n"));
-    let chains = format!(
-        "\nservice_chains:\n  ns-ips:\n    on_failure: {on_failure}\n    appliances:\n      - {{ vm: ips-1, in: ips-1.in, out: ips-1.out }}\n"
-    );
-    std::fs::write(dir.join("policy.yaml"), format!("{pol}{chains}")).unwrap();
+    chain_policy(dir, Chain::Vm, on_failure, version);
+}
+
+/// `chain`'s policy ([`palisade_lab::lab::appliance::write_chain_policy`]),
+/// redirected, with no appliance VM besides the chain's.
+fn chain_policy(dir: &std::path::Path, chain: Chain, on_failure: &str, version: u32) {
+    let spec = ChainPolicy {
+        chain,
+        redirect: true,
+        extra_vms: &[],
+        on_failure,
+        version,
+    };
+    write_chain_policy(&three_tier(), dir, &spec).unwrap();
 }
 
 /// The packets the appliance's nftables ruleset counted (all of them, and
@@ -3316,42 +3304,7 @@ fn service_chain_probes_find_an_appliance_that_keeps_link_but_stops_forwarding()
 /// rule redirected through `ns-two`, a chain of two stages: `fw-1` first,
 /// then `ips-1` (the responder's packets the other way round).
 fn two_stage_chain_policy(dir: &std::path::Path, on_failure: &str, version: u32) {
-    std::fs::create_dir_all(dir).unwrap();
-    let inv = std::fs::read_to_string(three_tier().join("inventory.yaml")).unwrap();
-    let appliances = r#"
-  - name: fw-1
-    uuid: 6d1f3c2a-8b7e-4c59-9a1d-0f2e3b4c5d51
-    cluster: prod
-    host: hv1
-    tags: { role: fw }
-    vnics:
-      - { name: fw-1.in, mac: "02:00:0a:00:01:51", ips: [], zone: web }
-      - { name: fw-1.out, mac: "02:00:0a:00:01:52", ips: [], zone: web }
-  - name: ips-1
-    uuid: 6d1f3c2a-8b7e-4c59-9a1d-0f2e3b4c5d41
-    cluster: prod
-    host: hv1
-    tags: { role: ips }
-    vnics:
-      - { name: ips-1.in, mac: "02:00:0a:00:01:41", ips: [], zone: web }
-      - { name: ips-1.out, mac: "02:00:0a:00:01:42", ips: [], zone: web }
-"#;
-    std::fs::write(dir.join("inventory.yaml"), format!("{inv}{appliances}")).unwrap();
-    let pol = std::fs::read_to_string(three_tier().join("policy.yaml")).unwrap();
-    let rule = "      action: allow\n      inspect: full\n    - { id: web-to-app";
-    assert!(pol.contains(rule), "the example's web-from-internet rule changed");
-    let pol = pol
-        .replace(
-            rule,
-            &rule.replace("inspect: full\n", "inspect: full\n      redirect: ns-two\n"),
-        )
-        .replace("version: 1\n", &format!("version: {version}\n"));
-    let chains = format!(
-        "\nservice_chains:\n  ns-two:\n    on_failure: {on_failure}\n    stages:\n      \
-         - appliances: [{{ vm: fw-1, in: fw-1.in, out: fw-1.out }}]\n      \
-         - appliances: [{{ vm: ips-1, in: ips-1.in, out: ips-1.out }}]\n"
-    );
-    std::fs::write(dir.join("policy.yaml"), format!("{pol}{chains}")).unwrap();
+    chain_policy(dir, Chain::TwoStage, on_failure, version);
 }
 
 /// Bridge `vm`'s two vNICs through an nftables table `table` whose forward
@@ -3744,22 +3697,7 @@ fn qemu_guest_on_vhost_user_reboots_and_is_filtered_again() {
 /// The three-tier example with the web tier's internet rule redirected
 /// through `ns-ext`, a chain of one external appliance, with `on_failure`.
 fn external_chain_policy(dir: &std::path::Path, on_failure: &str, version: u32) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::copy(three_tier().join("inventory.yaml"), dir.join("inventory.yaml")).unwrap();
-    let pol = std::fs::read_to_string(three_tier().join("policy.yaml")).unwrap();
-    let rule = "      action: allow\n      inspect: full\n    - { id: web-to-app";
-    assert!(pol.contains(rule), "the example's web-from-internet rule changed");
-    let pol = pol
-        .replace(
-            rule,
-            &rule.replace("inspect: full\n", "inspect: full\n      redirect: ns-ext\n"),
-        )
-        .replace("version: 1\n", &format!("version: {version}\n"));
-    let (vi, vo) = EXTERNAL_VNIS;
-    let chains = format!(
-        "\nservice_chains:\n  ns-ext:\n    on_failure: {on_failure}\n    appliances:\n      - {{ external: {{ address: {EXTERNAL_APPLIANCE}, vni_in: {vi}, vni_out: {vo} }} }}\n"
-    );
-    std::fs::write(dir.join("policy.yaml"), format!("{pol}{chains}")).unwrap();
+    chain_policy(dir, Chain::External, on_failure, version);
 }
 
 /// Run `script` in namespace `ns`; it must succeed.

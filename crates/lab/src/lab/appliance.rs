@@ -16,9 +16,13 @@
 //!
 //! The end-to-end tests and `bench/service-chain.sh` (through `palisade lab
 //! appliance`) both build their appliances here, so a change of the ruleset
-//! is made once. [`Lab::appliance_counters`] reads the counters back.
+//! is made once. [`Lab::appliance_counters`] reads the counters back, and
+//! [`write_chain_policy`] writes the policy both run them with: the
+//! three-tier example with appliance VMs and the web tier's internet rule
+//! redirected through a chain.
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -74,6 +78,137 @@ pub fn parse_counters(listing: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The service chains of [`write_chain_policy`], each over the lab's
+/// appliances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chain {
+    /// `ns-ips`: one stage, the VM `ips-1`.
+    Vm,
+    /// `ns-two`: two stages, `fw-1` then `ips-1` (replies the other way round).
+    TwoStage,
+    /// `ns-ext`: the external appliance over the underlay.
+    External,
+}
+
+impl Chain {
+    /// The chain's name in the policy.
+    pub fn name(self) -> &'static str {
+        match self {
+            Chain::Vm => "ns-ips",
+            Chain::TwoStage => "ns-two",
+            Chain::External => "ns-ext",
+        }
+    }
+
+    /// The appliance VMs it goes through.
+    pub fn vms(self) -> &'static [&'static str] {
+        match self {
+            Chain::Vm => &["ips-1"],
+            Chain::TwoStage => &["fw-1", "ips-1"],
+            Chain::External => &[],
+        }
+    }
+
+    /// Its `service_chains:` entry.
+    fn declaration(self, on_failure: &str) -> String {
+        let vm = |v: &str| format!("{{ vm: {v}, in: {v}.in, out: {v}.out }}");
+        let body = match self {
+            Chain::Vm => format!("    appliances:\n      - {}\n", vm("ips-1")),
+            Chain::TwoStage => format!(
+                "    stages:\n      - appliances: [{}]\n      - appliances: [{}]\n",
+                vm("fw-1"),
+                vm("ips-1")
+            ),
+            Chain::External => {
+                let (vi, vo) = EXTERNAL_VNIS;
+                format!(
+                    "    appliances:\n      - {{ external: {{ address: {EXTERNAL_APPLIANCE}, vni_in: {vi}, vni_out: {vo} }} }}\n"
+                )
+            }
+        };
+        format!(
+            "\nservice_chains:\n  {}:\n    on_failure: {on_failure}\n{body}",
+            self.name()
+        )
+    }
+}
+
+/// The appliance VMs a chain policy may add to the inventory, in this
+/// order: name, role tag, and the last byte of its UUID and first MAC.
+const APPLIANCE_VMS: [(&str, &str, u8); 2] = [("ips-1", "ips", 0x41), ("fw-1", "fw", 0x51)];
+
+/// What [`write_chain_policy`] writes.
+#[derive(Clone, Copy, Debug)]
+pub struct ChainPolicy<'a> {
+    /// The chain declared.
+    pub chain: Chain,
+    /// Whether the web tier's internet rule is redirected through it (else
+    /// it is declared and unused).
+    pub redirect: bool,
+    /// Appliance VMs in the inventory besides the chain's own (`ips-1`, `fw-1`).
+    pub extra_vms: &'a [&'a str],
+    /// The chain's `on_failure`: `open` or `closed`.
+    pub on_failure: &'a str,
+    /// The policy's version.
+    pub version: u32,
+}
+
+/// Write into `dir` the three-tier example (from `example`) with the
+/// appliance VMs (on hv1, two vNICs each in the web zone, no address) and
+/// `spec`'s chain. The policy file is replaced whole (written aside, then
+/// renamed), so an agent watching it never reads half of it.
+pub fn write_chain_policy(example: &Path, dir: &Path, spec: &ChainPolicy<'_>) -> Result<(), LabError> {
+    let read = |f: &str| {
+        let p = example.join(f);
+        std::fs::read_to_string(&p).map_err(LabError::io(format!("reading {}", p.display())))
+    };
+    let write = |f: &str, text: String| {
+        let p = dir.join(f);
+        let tmp = dir.join(format!(".{f}.tmp"));
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &p))
+            .map_err(LabError::io(format!("writing {}", p.display())))
+    };
+    for v in spec.extra_vms {
+        if !APPLIANCE_VMS.iter().any(|(n, ..)| n == v) {
+            return Err(LabError::Unknown {
+                kind: "appliance VM",
+                name: v.to_string(),
+            });
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(LabError::io(format!("creating {}", dir.display())))?;
+    let mut inv = read("inventory.yaml")?;
+    for (name, role, n) in APPLIANCE_VMS {
+        if spec.chain.vms().contains(&name) || spec.extra_vms.contains(&name) {
+            inv.push_str(&format!(
+                "\n  - name: {name}\n    uuid: 6d1f3c2a-8b7e-4c59-9a1d-0f2e3b4c5d{n:02x}\n    cluster: prod\n    host: hv1\n    \
+                 tags: {{ role: {role} }}\n    vnics:\n      \
+                 - {{ name: {name}.in, mac: \"02:00:0a:00:01:{n:02x}\", ips: [], zone: web }}\n      \
+                 - {{ name: {name}.out, mac: \"02:00:0a:00:01:{:02x}\", ips: [], zone: web }}\n",
+                n + 1
+            ));
+        }
+    }
+    let pol = read("policy.yaml")?;
+    // The web tier's internet rule, which the redirect joins.
+    let rule = "      action: allow\n      inspect: full\n    - { id: web-to-app";
+    if !pol.contains(rule) {
+        return Err(LabError::Invalid(format!(
+            "{}: the web tier's internet rule is not the three-tier example's",
+            example.display()
+        )));
+    }
+    let mut pol = pol.replace("version: 1\n", &format!("version: {}\n", spec.version));
+    if spec.redirect {
+        let redirected = format!("inspect: full\n      redirect: {}\n", spec.chain.name());
+        pol = pol.replace(rule, &rule.replace("inspect: full\n", &redirected));
+    }
+    pol.push_str(&spec.chain.declaration(spec.on_failure));
+    write("inventory.yaml", inv)?;
+    write("policy.yaml", pol)
+}
+
 /// Where an appliance's table lives: in a VM, or in a namespace of the lab's
 /// (the external appliance's).
 #[derive(Clone, Copy, Debug)]
@@ -102,7 +237,11 @@ impl Lab {
                 v.vnics.len()
             )));
         };
-        let rules = if rules.is_empty() { counting_rules() } else { rules.to_vec() };
+        let rules = if rules.is_empty() {
+            counting_rules()
+        } else {
+            rules.to_vec()
+        };
         let script = bridge_script(&a.guest_if, &b.guest_if, table, &rules);
         checked(self.exec(vm, &["sh", "-c", &script], EXEC_TIMEOUT)?, &script, vm)
     }
@@ -118,10 +257,14 @@ impl Lab {
     /// empty). Returns the namespace's name.
     pub fn external_appliance(&self, zone: &str, table: &str, rules: &[String]) -> Result<String, LabError> {
         let plan = self.plan().clone();
-        let z = plan.zones.iter().find(|z| z.name == zone).ok_or_else(|| LabError::Unknown {
-            kind: "zone",
-            name: zone.to_string(),
-        })?;
+        let z = plan
+            .zones
+            .iter()
+            .find(|z| z.name == zone)
+            .ok_or_else(|| LabError::Unknown {
+                kind: "zone",
+                name: zone.to_string(),
+            })?;
         let vtep = plan
             .host(&z.host)
             .ok_or_else(|| LabError::Unknown {
@@ -157,7 +300,11 @@ impl Lab {
         // (the kernel segments UDP-GSO for a socket, not tunnel-GSO); a real
         // appliance's NIC sends wire-sized packets. Measured: a 2 MB download
         // stalled at 168 kB with it, passed with it off.
-        let rules = if rules.is_empty() { counting_rules() } else { rules.to_vec() };
+        let rules = if rules.is_empty() {
+            counting_rules()
+        } else {
+            rules.to_vec()
+        };
         self.sh_ns(
             &ns,
             &format!(
@@ -219,6 +366,47 @@ mod tests {
         assert!(s.starts_with("ip link add br0 type bridge && ip link set a0 master br0"));
         // No rule: the table accepts probes and nothing else is added.
         assert!(bridge_script("a0", "b0", "t", &[]).ends_with("udp dport 3785 accept"));
+    }
+
+    #[test]
+    fn chain_policies_load_with_their_appliances_and_redirect() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/three-tier");
+        let dir = std::env::temp_dir().join(format!("palisade-lab-chain-policy-{}", std::process::id()));
+        for chain in [Chain::Vm, Chain::TwoStage, Chain::External] {
+            for redirect in [true, false] {
+                let spec = ChainPolicy {
+                    chain,
+                    redirect,
+                    extra_vms: &["fw-1"],
+                    on_failure: "open",
+                    version: 3,
+                };
+                write_chain_policy(&example, &dir, &spec).unwrap();
+                let l = crate::lab::load_inventory(&dir).unwrap();
+                assert!(l.vm("fw-1").is_some(), "{chain:?}");
+                assert_eq!(l.vm("ips-1").is_some(), chain != Chain::External, "{chain:?}");
+                let pol = std::fs::read_to_string(dir.join("policy.yaml")).unwrap();
+                let loaded = palisade_policy::load(&palisade_policy::DirSource::new(&dir)).unwrap();
+                assert!(!loaded.has_errors(), "{chain:?}: {}", loaded.render());
+                let model = loaded.model;
+                assert_eq!(model.policy.version, 3);
+                assert!(model.policy.service_chain(chain.name()).is_some(), "{chain:?}");
+                assert_eq!(
+                    pol.contains(&format!("redirect: {}", chain.name())),
+                    redirect,
+                    "{chain:?}"
+                );
+            }
+        }
+        let bad = ChainPolicy {
+            chain: Chain::Vm,
+            redirect: true,
+            extra_vms: &["ghost"],
+            on_failure: "open",
+            version: 1,
+        };
+        assert!(write_chain_policy(&example, &dir, &bad).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `palisade lab up|down|status|exec|migrate|appliance`: a small virtual datacenter on this machine.
+//! `palisade lab up|down|status|exec|migrate|appliance|chain-policy`: a small virtual datacenter on this machine.
 //!
 //! Presentation only; the lab itself is `palisade_lab`, which the demo and the
 //! end-to-end tests call directly. The hidden `serve` subcommands are traffic
@@ -156,6 +156,36 @@ pub enum LabCmd {
         #[command(subcommand)]
         cmd: ApplianceCmd,
     },
+    /// Write a policy directory for service-chain appliances (no lab
+    /// needed): the three-tier example with the appliance VMs (on hv1, two
+    /// vNICs each in the web zone) and the web tier's internet rule
+    /// redirected through a chain; the policy file replaced whole, as a
+    /// running lab's agents reload it.
+    ChainPolicy {
+        /// The three-tier example.
+        #[arg(long, default_value = "examples/three-tier")]
+        example: PathBuf,
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The chain: `vm` (ns-ips: ips-1), `two-stage` (ns-two: fw-1 then
+        /// ips-1), `external` (ns-ext).
+        #[arg(long, value_enum)]
+        chain: ChainArg,
+        /// Declare the chain but do not redirect through it.
+        #[arg(long)]
+        no_redirect: bool,
+        /// Appliance VMs in the inventory besides the chain's (`ips-1`,
+        /// `fw-1`; comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "VMS")]
+        with_vms: Vec<String>,
+        /// The chain's `on_failure`.
+        #[arg(long, default_value = "closed")]
+        on_failure: String,
+        /// The policy's version (`--version` is the binary's).
+        #[arg(long, default_value_t = 1)]
+        policy_version: u32,
+    },
     /// Traffic helpers run inside the lab.
     #[command(subcommand, hide = true)]
     Serve(ServeCmd),
@@ -232,6 +262,17 @@ pub enum ApplianceCmd {
         #[arg(long, default_value = "ips")]
         table: String,
     },
+}
+
+/// `lab chain-policy --chain`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ChainArg {
+    /// ns-ips: the VM ips-1.
+    Vm,
+    /// ns-two: fw-1, then ips-1.
+    TwoStage,
+    /// ns-ext: the external appliance.
+    External,
 }
 
 /// `palisade lab serve …`.
@@ -418,6 +459,31 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<ExitCode> {
             std::io::stderr().write_all(&out.stderr)?;
             let code = out.status.code().unwrap_or(1);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        LabCmd::ChainPolicy {
+            example,
+            out,
+            chain,
+            no_redirect,
+            with_vms,
+            on_failure,
+            policy_version,
+        } => {
+            use palisade_lab::lab::appliance::{Chain, ChainPolicy, write_chain_policy};
+            let extra: Vec<&str> = with_vms.iter().map(String::as_str).collect();
+            let spec = ChainPolicy {
+                chain: match chain {
+                    ChainArg::Vm => Chain::Vm,
+                    ChainArg::TwoStage => Chain::TwoStage,
+                    ChainArg::External => Chain::External,
+                },
+                redirect: !no_redirect,
+                extra_vms: &extra,
+                on_failure: &on_failure,
+                version: policy_version,
+            };
+            write_chain_policy(&example, &out, &spec)?;
+            Ok(ExitCode::SUCCESS)
         }
         LabCmd::Appliance { name, state_dir, cmd } => {
             use palisade_lab::lab::appliance::ApplianceAt;
