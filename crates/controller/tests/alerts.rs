@@ -63,23 +63,11 @@ fn alert(host: &str, i: u64, blocked: bool, vm: &str) -> AlertRecord {
     }
 }
 
-fn agent(ca: &std::path::Path, url: &str, name: &str) -> Client {
-    let auth = ClientAuth::Cert {
-        ca: ca.join("ca.pem"),
-        cert: ca.join(format!("{name}.pem")),
-        key: ca.join(format!("{name}.key")),
-    };
-    Client::new(url, auth).unwrap()
-}
-
 #[test]
 fn agents_push_their_own_alerts_over_mtls_and_every_role_reads_them_filtered() {
     let tmp = TempDir::new("alerts-mtls");
     let ca = tmp.0.join("ca");
-    tls::init_ca(&ca).unwrap();
-    tls::issue(&ca, "controller", true, &["127.0.0.1".parse().unwrap()]).unwrap();
-    tls::issue(&ca, "hv1", false, &[]).unwrap();
-    tls::issue(&ca, "hv2", false, &[]).unwrap();
+    test_ca(&ca, &["hv1", "hv2"]);
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&tmp.0.join("s.redb")).unwrap());
     let ctl = Controller::new(store);
     let tokens: Vec<String> = [Role::ReadOnly, Role::Auditor, Role::Operator, Role::Admin]

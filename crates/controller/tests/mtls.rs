@@ -13,23 +13,11 @@ use palisade_controller::server::{self, ServeOptions};
 use palisade_controller::store::{EmbeddedStore, Store};
 use palisade_controller::tls;
 
-fn agent(dir: &std::path::Path, url: &str, name: &str) -> Client {
-    let auth = ClientAuth::Cert {
-        ca: dir.join("ca.pem"),
-        cert: dir.join(format!("{name}.pem")),
-        key: dir.join(format!("{name}.key")),
-    };
-    Client::new(url, auth).unwrap()
-}
-
 #[test]
 fn agent_certificates_are_bound_to_their_host() {
     let tmp = TempDir::new("mtls");
     let ca = tmp.0.join("ca");
-    tls::init_ca(&ca).unwrap();
-    tls::issue(&ca, "controller", true, &["127.0.0.1".parse().unwrap()]).unwrap();
-    tls::issue(&ca, "hv1", false, &[]).unwrap();
-    tls::issue(&ca, "hv2", false, &[]).unwrap();
+    test_ca(&ca, &["hv1", "hv2"]);
     // A certificate from another CA, with the right name.
     let rogue = tmp.0.join("rogue");
     tls::init_ca(&rogue).unwrap();

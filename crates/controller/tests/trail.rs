@@ -175,23 +175,11 @@ fn one_process_per_audit_log() {
     Trail::open(&dir).unwrap();
 }
 
-fn agent(ca: &std::path::Path, url: &str, name: &str) -> Client {
-    let auth = ClientAuth::Cert {
-        ca: ca.join("ca.pem"),
-        cert: ca.join(format!("{name}.pem")),
-        key: ca.join(format!("{name}.key")),
-    };
-    Client::new(url, auth).unwrap()
-}
-
 #[test]
 fn agents_push_flows_over_mtls_and_the_api_queries_them() {
     let tmp = TempDir::new("trail-mtls");
     let ca = tmp.0.join("ca");
-    tls::init_ca(&ca).unwrap();
-    tls::issue(&ca, "controller", true, &["127.0.0.1".parse().unwrap()]).unwrap();
-    tls::issue(&ca, "hv1", false, &[]).unwrap();
-    tls::issue(&ca, "hv2", false, &[]).unwrap();
+    test_ca(&ca, &["hv1", "hv2"]);
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&tmp.0.join("s.redb")).unwrap());
     let audit = tmp.0.join("audit");
     let trail = Arc::new(Trail::open(&audit).unwrap());

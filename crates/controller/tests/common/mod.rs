@@ -279,3 +279,24 @@ impl Drop for TestEtcdCluster {
         }
     }
 }
+
+/// A CA in `ca` with the controller's server certificate (for 127.0.0.1)
+/// and a client certificate for each of `hosts`.
+pub fn test_ca(ca: &std::path::Path, hosts: &[&str]) {
+    palisade_controller::tls::init_ca(ca).unwrap();
+    palisade_controller::tls::issue(ca, "controller", true, &["127.0.0.1".parse().unwrap()]).unwrap();
+    for h in hosts {
+        palisade_controller::tls::issue(ca, h, false, &[]).unwrap();
+    }
+}
+
+/// A client of the controller at `url` with host `name`'s certificate from
+/// the CA in `ca` (an agent's mutual TLS).
+pub fn agent(ca: &std::path::Path, url: &str, name: &str) -> palisade_api::client::Client {
+    let auth = palisade_api::client::ClientAuth::Cert {
+        ca: ca.join("ca.pem"),
+        cert: ca.join(format!("{name}.pem")),
+        key: ca.join(format!("{name}.key")),
+    };
+    palisade_api::client::Client::new(url, auth).unwrap()
+}
