@@ -6,7 +6,9 @@
 # Shape: `palisade lab up` on examples/three-tier plus an appliance VM ips-1
 # on hv1 (two vNICs in the web zone, bridged inside its namespace by a Linux
 # bridge with an nftables bridge-family ruleset that counts what it forwards;
-# the agent's health probes, UDP to 3785, pass uncounted). The rule
+# the agent's health probes, UDP to 3785, pass uncounted; requests for
+# "/X-EVIL", which the bench never makes, are dropped: the lab's appliance,
+# `palisade lab appliance`, as the end-to-end tests build it). The rule
 # web-from-internet (http, https) carries `redirect: ns-ips` in the chained
 # mode; the unchained mode is the same policy without the redirect (the
 # agents reload it). Client: the lab's internet namespace; server: web-1.
