@@ -1145,6 +1145,7 @@ impl Agent {
             records: migrations.clone(),
             peer_tls: peer_tls.clone(),
             precopied: Mutex::new(std::collections::HashMap::new()),
+            inspect_marks: Mutex::new(HashMap::new()),
             delta_phases: Mutex::new(HashMap::new()),
             imported: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
@@ -2217,10 +2218,12 @@ impl Agent {
         let quiesced_drops: u64 = guards.iter().map(|g| g.quiesced_drops).sum();
         let mut inline = crate::inspection::InlineCounters::default();
         let mut inline_flows = 0;
+        let mut inline_gauges = metrics::InlineGauges::default();
         for g in &mut guards {
             if let Some(i) = &mut g.inline {
                 inline.merge(&i.counters());
                 inline_flows += i.flows();
+                inline_gauges.add(i);
             }
         }
         let takeover = self.fail_open.as_ref().map(|_| {
@@ -2323,6 +2326,7 @@ impl Agent {
                 &self.alert_stats,
                 self.alert_queue.as_ref().map(|q| q.stats()),
             ));
+            text.push_str(&metrics::inspection_state(&self.config.host, &inline_gauges, &inline));
         }
         text.push_str(&metrics::fallback(
             &self.config.host,
@@ -2570,6 +2574,9 @@ struct VnicControl {
     /// it, and the pre-copy's size and hash (the export's record covers
     /// pre-copy and delta, as the destination's import record does).
     precopied: Mutex<std::collections::HashMap<String, Precopied>>,
+    /// Per vNIC with an inspection pre-copy out: each worker's mark (`None`
+    /// for a worker without inspection), what its delta is taken against.
+    inspect_marks: Mutex<HashMap<String, Vec<Option<crate::inspection::carry::PrecopyMark>>>>,
     /// Per vNIC, where its last delta's time in the guest's pause went:
     /// logged once the pause is over (by the release or the resume), not in it.
     delta_phases: Mutex<HashMap<String, DeltaPhases>>,
@@ -2652,6 +2659,10 @@ impl VnicControl {
     /// Forget `vnic`'s pre-copy; with none left, the engines stop keeping
     /// removed connections' keys.
     fn end_precopy(&self, guards: &mut [std::sync::MutexGuard<'_, WorkerCore>], vnic: &str) {
+        self.inspect_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vnic);
         let mut pre = self.precopied.lock().unwrap_or_else(|p| p.into_inner());
         pre.remove(vnic);
         if pre.is_empty() {
@@ -2686,6 +2697,20 @@ impl VnicControl {
             .unwrap_or_else(|p| p.into_inner())
             .insert(vnic.to_string(), Instant::now());
         self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(vnic);
+    }
+
+    /// Move the inspected flows held for `vnic`'s commit into the workers' live tables.
+    fn commit_held_inspection(guards: &mut [std::sync::MutexGuard<'_, WorkerCore>], vnic: &str, now: u64) {
+        let mut inlines: Vec<Option<&mut crate::inspection::Inline>> =
+            guards.iter_mut().map(|g| g.inline.as_mut()).collect();
+        crate::inspection::carry::commit_staged(&mut inlines, vnic, now);
+    }
+
+    /// Forget the inspected flows held for `vnic` (its commit was refused).
+    fn drop_held_inspection(guards: &mut [std::sync::MutexGuard<'_, WorkerCore>], vnic: &str) {
+        let mut inlines: Vec<Option<&mut crate::inspection::Inline>> =
+            guards.iter_mut().map(|g| g.inline.as_mut()).collect();
+        crate::inspection::carry::discard_staged(&mut inlines, vnic);
     }
 
     fn quiesce(
@@ -2739,10 +2764,21 @@ impl http::Control for VnicControl {
     fn import_vnic(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, http::ControlError> {
         let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
-        let n = {
+        let imported = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
-            crate::migrate::import(&mut engines, vnic, blob, now).map_err(control_error)?
+            crate::migrate::import(&mut engines, vnic, blob, now).map_err(control_error)
         };
+        let n = match imported {
+            Ok(n) => n,
+            Err(e) => {
+                // Refused: the inspection section sent before it goes too.
+                Self::drop_held_inspection(&mut guards, vnic);
+                return Err(e);
+            }
+        };
+        // The inspection section sent before it (the control socket's
+        // `inspection` request) joins the live tables with the connections.
+        Self::commit_held_inspection(&mut guards, vnic, now);
         Self::forward_arrived(&mut guards, vnic)?;
         drop(guards);
         self.arrived(vnic);
@@ -2869,29 +2905,43 @@ impl http::Control for VnicControl {
         Ok(blob)
     }
 
-    /// The detection state of the vNIC's inspected flows, every worker's,
-    /// as one section (empty without any).
-    fn export_inspection(&self, vnic: &str, _peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
+    /// Every inspected flow of the vNIC, every worker's, as one pre-copy
+    /// section (empty when no worker inspects); each worker's mark is kept
+    /// for the delta.
+    fn export_inspection_precopy(&self, vnic: &str, _peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
         let started = Instant::now();
         let now = self.now();
-        let guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
         let mut flows = Vec::new();
-        for core in &guards {
+        let mut marks = Vec::with_capacity(guards.len());
+        for core in guards.iter_mut() {
+            let core = &mut **core;
             let port = core
                 .engine
                 .port_of(vnic)
                 .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
-            if let Some(inline) = core.inline.as_ref() {
-                inline.export_vnic_flows(&core.engine, port, now, &mut flows);
-            }
+            marks.push(
+                core.inline
+                    .as_mut()
+                    .map(|inline| inline.precopy_vnic_flows(&core.engine, port, now, &mut flows)),
+            );
         }
         drop(guards);
-        if flows.is_empty() {
+        if marks.iter().all(Option::is_none) {
             return Ok(Vec::new());
         }
-        let blob = crate::inspection::carry::encode(vnic, &flows);
+        self.inspect_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), marks);
+        let blob = crate::inspection::carry::encode_section(
+            vnic,
+            crate::inspection::carry::SectionKind::Precopy,
+            &flows,
+            &[],
+        );
         eprintln!(
-            "palisade agent: inspection state of {vnic}: {} flows, {} bytes, {} us",
+            "palisade agent: inspection pre-copy of {vnic}: {} flows, {} bytes, {} us",
             flows.len(),
             blob.len(),
             started.elapsed().as_micros()
@@ -2899,7 +2949,82 @@ impl http::Control for VnicControl {
         Ok(blob)
     }
 
-    /// Each flow to the worker its connection is steered to, all or nothing.
+    /// The detection state of the vNIC's inspected flows, every worker's,
+    /// as one section (empty when no worker inspects): after a pre-copy
+    /// the delta since it (whole when a worker's inspector changed since),
+    /// else every flow.
+    fn export_inspection(&self, vnic: &str, _peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
+        use crate::inspection::carry::{self, SectionKind};
+        let started = Instant::now();
+        let now = self.now();
+        let marks = self
+            .inspect_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnic)
+            .cloned();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        if guards.iter().all(|g| g.inline.is_none()) {
+            return Ok(Vec::new());
+        }
+        let mut flows = Vec::new();
+        let mut gone = Vec::new();
+        let mut kind = if marks.is_some() {
+            SectionKind::Delta
+        } else {
+            SectionKind::Whole
+        };
+        let mut ports = Vec::with_capacity(guards.len());
+        for core in guards.iter() {
+            ports.push(
+                core.engine
+                    .port_of(vnic)
+                    .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?,
+            );
+        }
+        if let Some(marks) = &marks {
+            for ((core, port), mark) in guards.iter_mut().zip(&ports).zip(marks) {
+                let core = &mut **core;
+                let Some(inline) = core.inline.as_mut() else {
+                    continue;
+                };
+                let taken = mark
+                    .as_ref()
+                    .and_then(|m| inline.delta_vnic_flows(&core.engine, *port, now, m, &mut flows, &mut gone));
+                if taken.is_none() {
+                    // This worker's inspector is not the one the pre-copy saw: all go whole.
+                    kind = SectionKind::Whole;
+                    break;
+                }
+            }
+        }
+        if kind == SectionKind::Whole {
+            flows.clear();
+            gone.clear();
+            for (core, port) in guards.iter_mut().zip(&ports) {
+                let core = &mut **core;
+                if let Some(inline) = core.inline.as_mut() {
+                    inline.export_vnic_flows(&core.engine, *port, now, &mut flows);
+                }
+            }
+        }
+        drop(guards);
+        let blob = carry::encode_section(vnic, kind, &flows, &gone);
+        eprintln!(
+            "palisade agent: inspection state of {vnic} ({kind:?}): {} flows, {} removed, {} bytes, {} us",
+            flows.len(),
+            gone.len(),
+            blob.len(),
+            started.elapsed().as_micros()
+        );
+        Ok(blob)
+    }
+
+    /// Held for the vNIC's commit, each flow on the worker its connection
+    /// is steered to, all or nothing: a pre-copy or whole section instead
+    /// of what is held, a delta over it. The flows join the live tables
+    /// when the vNIC's connections are committed ([`Self::import_arrival`],
+    /// [`Self::import_vnic`]).
     fn import_inspection(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, http::ControlError> {
         let started = Instant::now();
         let now = self.now();
@@ -2910,12 +3035,12 @@ impl http::Control for VnicControl {
         let done = {
             let mut inlines: Vec<Option<&mut crate::inspection::Inline>> =
                 guards.iter_mut().map(|g| g.inline.as_mut()).collect();
-            crate::inspection::carry::import(&mut inlines, vnic, blob, now)
+            crate::inspection::carry::stage(&mut inlines, vnic, blob, now)
                 .map_err(|e| http::ControlError::Refused(e.to_string()))?
         };
         drop(guards);
         eprintln!(
-            "palisade agent: migration from {}: inspection state of {vnic}: {} flows taken up ({} resumed mid-stream), {} of an unknown profile, {} on workers without inspection, {} bytes, {} us",
+            "palisade agent: migration from {}: inspection state of {vnic}: {} flows held for the commit ({} resumed mid-stream), {} of an unknown profile, {} on workers without inspection, {} bytes, {} us",
             peer.unwrap_or("?"),
             done.flows,
             done.midstream,
@@ -2935,14 +3060,27 @@ impl http::Control for VnicControl {
         let now = self.now();
         let vnic = a.vnic.clone();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
-        let n = {
+        let applied = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             crate::migrate::apply_arrival(&mut engines, &a.removed, a.revalidate, a.snapshot, now)
-                .map_err(control_error)?
+                .map_err(control_error)
+        };
+        let n = match applied {
+            Ok(n) => n,
+            Err(e) => {
+                if !a.stage {
+                    // A refused commit: the inspection state held for it goes too.
+                    Self::drop_held_inspection(&mut guards, &vnic);
+                }
+                return Err(e);
+            }
         };
         let n = if a.stage {
             n
         } else {
+            // The inspected flows held for this commit join the live tables
+            // before the port forwards.
+            Self::commit_held_inspection(&mut guards, &vnic, now);
             // What moved is what the vNIC holds now, staged and delta together.
             Self::forward_arrived(&mut guards, &vnic)?;
             guards
@@ -2973,6 +3111,9 @@ impl http::Control for VnicControl {
                 .port_of(vnic)
                 .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
             removed += core.engine.remove_vnic_conns(port, keys, now, &mut ());
+            if let Some(inline) = core.inline.as_mut() {
+                crate::inspection::carry::discard_staged(&mut [Some(inline)], vnic);
+            }
         }
         self.record("discard", vnic, None, removed, None);
         Ok(removed)

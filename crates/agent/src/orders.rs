@@ -348,6 +348,21 @@ fn move_state(
     let mut moved = 0u64;
     let mut hasher = blake3::Hasher::new();
     for (n, blob) in order.vnics.iter().zip(&blobs) {
+        // The port is quiesced: its inspected flows' state is final. The
+        // destination holds it until the import below commits it (a
+        // refused import drops it there).
+        let inspection = control
+            .export_inspection(n, Some(&order.to))
+            .map_err(|e| format!("inspection state of {n}: {}", describe(&e)))?;
+        if !inspection.is_empty() {
+            control_post(
+                Path::new(peer),
+                &format!("/vnics/{n}/inspection?peer={host}"),
+                &inspection,
+                CONTROL_TIMEOUT,
+            )
+            .map_err(|e| format!("destination agent inspection import: {e}"))?;
+        }
         let answer = control_post(
             Path::new(peer),
             &format!("/vnics/{n}/import?peer={host}"),

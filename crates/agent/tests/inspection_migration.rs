@@ -295,7 +295,7 @@ fn a_rule_limited_to_one_alert_per_flow_does_not_alert_again() {
 
 #[test]
 fn a_refused_section_changes_nothing_on_the_destination() {
-    let (src, mut dst, _c, now) = scenario(&[b"LOGIN x\r\n"], false);
+    let (mut src, mut dst, _c, now) = scenario(&[b"LOGIN x\r\n"], false);
     let port = src.engine.port_of("a.0").unwrap();
     let mut flows = Vec::new();
     assert_eq!(src.inline.export_vnic_flows(&src.engine, port, now, &mut flows), 1);
@@ -335,7 +335,8 @@ fn a_refused_section_changes_nothing_on_the_destination() {
         assert_eq!(dst.inline.flows(), 0, "{what}: nothing imported");
     }
     // A record refused inside a valid section (checksum recomputed): named by its index.
-    let record_at = good.len() - 4 - flows[0].record_len();
+    // The record ends before the removed count (u32) and the checksum (u32).
+    let record_at = good.len() - 8 - flows[0].record_len();
     let mut bad = good[..good.len() - 4].to_vec();
     bad[record_at + 4] = 0xff;
     bad[record_at + 5] = 0xff;
