@@ -9,186 +9,14 @@
 //! again. Each against a control: the same traffic at a destination that
 //! did not get the section behaves otherwise, so the tests can fail.
 
-use core::net::Ipv4Addr;
-use std::path::Path;
-use std::sync::Arc;
+mod migrating_host;
+
 use std::time::Instant;
 
+use migrating_host::{Conn, Fate, Host, MS, host, model};
+use palisade_agent::inspection::InlineVerdict;
 use palisade_agent::inspection::carry::{self, SectionError};
-use palisade_agent::inspection::{Inline, InlineSetup, InlineVerdict, Signatures};
 use palisade_agent::migrate;
-use palisade_agent::records::{Clock, Identities};
-use palisade_datapath::port::{self, PortId, UplinkConfig};
-use palisade_datapath::{Disposition, Engine, EngineConfig, FlowEvent, PolicyLookup, Results};
-use palisade_inspect::classification::Classifications;
-use palisade_policy::compile::Compiler;
-use palisade_policy::model::Model;
-use palisade_policy::{MemorySource, load};
-use palisade_testkit::engine::tcp_v4_frame;
-use palisade_wire::ethernet::EthernetAddress;
-use palisade_wire::tcp::TcpFlags;
-use palisade_wire::virtio_net::Offload;
-
-const POLICY: &str = r#"
-version: 1
-datacenter: { name: dc1, default: deny }
-zones: [{ name: web, vlan: 100 }]
-vms:
-  - { name: a, uuid: 00000000-0000-4000-8000-00000000000a, host: h1, vnics: [{ name: a.0, mac: "02:00:00:00:00:0a", ips: [10.0.0.10], zone: web }] }
-  - { name: b, uuid: 00000000-0000-4000-8000-00000000000b, host: h1, vnics: [{ name: b.0, mac: "02:00:00:00:00:0b", ips: [10.0.0.11], zone: web }] }
-groups: { web: { zone: web } }
-profiles:
-  full: { signatures: [all] }
-inspection_defaults: { intra_zone: full }
-rules:
-  datacenter:
-    - { id: full-8080, from: web, to: web, service: tcp/8080, action: allow, inspect: full }
-"#;
-
-const RULES: &str = r#"
-drop tcp any any -> any any (msg:"marker"; flow:to_server,established; content:"evil-7f3a"; sid:1; rev:1;)
-alert tcp any any -> any any (msg:"login"; flow:to_server; content:"LOGIN"; flowbits:set,logged; flowbits:noalert; sid:2; rev:1;)
-alert tcp any any -> any any (msg:"secret after login"; flow:to_server; content:"SECRET"; flowbits:isset,logged; sid:3; rev:1;)
-alert tcp any any -> any any (msg:"once per flow"; flow:to_server; content:"ONCE"; threshold:type limit, track by_flow, count 1, seconds 600; sid:4; rev:1;)
-"#;
-
-const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
-const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
-const MS: u64 = 1_000_000;
-
-/// One host: its engine and one worker's inline inspection.
-struct Host {
-    engine: Engine,
-    inline: Inline,
-    identities: Identities,
-    events: Vec<FlowEvent>,
-}
-
-fn host(model: &Model, name: &str) -> Host {
-    let sigs = Signatures::compile(RULES, Path::new("test.rules"), Classifications::default(), false, model).unwrap();
-    let compiler = Compiler::new(model.clone()).unwrap();
-    let mut engine = Engine::new(
-        EngineConfig::new(UplinkConfig {
-            local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 1]),
-            local_ip: Ipv4Addr::new(192, 168, 0, 1),
-            gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
-            flood: vec![],
-        }),
-        Box::new(PolicyLookup::new(compiler)),
-    );
-    for nic in ["a.0", "b.0"] {
-        engine
-            .add_vnic(port::vnic_from_model(model, nic, &[], 4096).unwrap())
-            .unwrap();
-    }
-    let setup = InlineSetup {
-        signatures: Arc::new(sigs),
-        budget_bytes_per_s: None,
-        stream_memory: 64 << 20,
-        max_flows: 4096,
-        fail_closed: vec![true; 3].into(),
-        host: name.into(),
-        clock: Clock { unix_at_zero: 0 },
-    };
-    Host {
-        identities: Identities::new(model),
-        engine,
-        inline: Inline::new(setup),
-        events: Vec::new(),
-    }
-}
-
-fn model() -> Model {
-    let loaded = load(&MemorySource::new().with("p.yaml", POLICY.to_string())).unwrap();
-    assert!(!loaded.has_errors(), "{}", loaded.render());
-    loaded.model
-}
-
-fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
-    let end = |(ip, port): (Ipv4Addr, u16)| ([2, 0, 0, 0, 0, ip.octets()[3]], ip, port);
-    tcp_v4_frame(end(src), end(dst), (seq, ack), flags, data)
-}
-
-/// What became of a frame.
-#[derive(Debug, PartialEq, Eq)]
-enum Fate {
-    /// The engine dropped it.
-    Dropped,
-    /// Forwarded by the engine; inline inspection's verdict.
-    Inspected(InlineVerdict),
-    /// Forwarded, not inspected.
-    Uninspected,
-}
-
-impl Host {
-    fn send(&mut self, from: Ipv4Addr, frame: &[u8], now: u64) -> Fate {
-        let name = if from == A { "a.0" } else { "b.0" };
-        let port: PortId = self.engine.port_of(name).unwrap();
-        let mut results = Results::new();
-        let p = self
-            .engine
-            .process_offloaded(now, port, frame, Offload::NONE, &mut self.events, &mut results);
-        match p.disposition {
-            Disposition::Drop(_) => Fate::Dropped,
-            Disposition::Forward if p.inspection().is_some() => {
-                Fate::Inspected(
-                    self.inline
-                        .frame(&mut self.engine, &p, port, now, &self.identities, &mut self.events),
-                )
-            }
-            Disposition::Forward => Fate::Uninspected,
-        }
-    }
-
-    /// Signature ids of the alert records raised since the last call.
-    fn alerts(&mut self) -> Vec<u32> {
-        self.inline
-            .take_records()
-            .records
-            .iter()
-            .map(|r| r.alert.signature_id)
-            .collect()
-    }
-}
-
-/// A connection a:`cport` → b:8080 and its client's next data segment.
-struct Conn {
-    cport: u16,
-    seq: u32,
-    ack: u32,
-}
-
-impl Conn {
-    fn open(h: &mut Host, cport: u16, now: u64) -> Conn {
-        let (c, s) = ((A, cport), (B, 8080));
-        for (from, frame) in [
-            (A, tcp_frame(c, s, 1000, 0, TcpFlags::SYN, &[])),
-            (B, tcp_frame(s, c, 5000, 1001, TcpFlags::SYN | TcpFlags::ACK, &[])),
-            (A, tcp_frame(c, s, 1001, 5001, TcpFlags::ACK, &[])),
-        ] {
-            assert_eq!(h.send(from, &frame, now), Fate::Inspected(InlineVerdict::Forward));
-        }
-        Conn {
-            cport,
-            seq: 1001,
-            ack: 5001,
-        }
-    }
-
-    /// The client sends `data` through `h`.
-    fn send(&mut self, h: &mut Host, data: &[u8], now: u64) -> Fate {
-        let f = tcp_frame(
-            (A, self.cport),
-            (B, 8080),
-            self.seq,
-            self.ack,
-            TcpFlags::ACK | TcpFlags::PSH,
-            data,
-        );
-        self.seq += data.len() as u32;
-        h.send(A, &f, now)
-    }
-}
 
 /// Move vNIC a.0 from `src` to `dst`: its connections, and (`inspection`)
 /// its inspection section. Returns the section's size.
@@ -423,4 +251,126 @@ fn forgotten_flows_give_their_stream_memory_back() {
     h.inline.expire(now + 3600 * 1_000_000_000);
     assert_eq!(h.inline.flows(), 0);
     assert_eq!(h.inline.stream_memory_in_use(), 0, "expiry gives the bytes back");
+}
+
+/// One step of a conversation on vNIC a.0's host.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Open connection `n` (client port 30000 + n).
+    Open(usize),
+    /// Connection `n`'s client sends the bytes.
+    Send(usize, &'static [u8]),
+    /// Idle flows are forgotten (only connection 0 is idle by then).
+    Expire,
+}
+
+/// Connections 1 to 3 talk while connection 0, idle ten minutes by then,
+/// is forgotten midway: a marker split across segments (drop), a flowbit
+/// set then tested, a rule limited to one alert per flow.
+const STEPS: &[Step] = &[
+    Step::Open(0),
+    Step::Send(0, b"LOGIN x\r\n"),
+    Step::Open(1),
+    Step::Send(1, b"GET /?q=evil-"),
+    Step::Open(2),
+    Step::Send(2, b"LOGIN bob\r\n"),
+    Step::Expire,
+    Step::Send(1, b"7f3a HTTP/1.1\r\n\r\n"),
+    Step::Send(2, b"read SECRET\r\n"),
+    Step::Open(3),
+    Step::Send(3, b"ONCE\r\n"),
+    Step::Send(3, b"ONCE again\r\n"),
+    Step::Send(2, b"more\r\n"),
+];
+
+/// Step `i`'s time: the first two at the start, the others ten minutes on.
+fn step_time(i: usize) -> u64 {
+    if i < 2 { (i as u64 + 1) * MS } else { 601_000 * MS + i as u64 * MS }
+}
+
+/// What a step did: the frames' fates and the alerts raised.
+type Trace = Vec<(usize, Vec<Fate>, Vec<u32>)>;
+
+fn run(h: &mut Host, conns: &mut [Option<Conn>], from: usize, to: usize, trace: &mut Trace) {
+    for (i, step) in STEPS.iter().enumerate().take(to).skip(from) {
+        let now = step_time(i);
+        let fates = match *step {
+            Step::Open(n) => {
+                conns[n] = Some(Conn::open(h, 30000 + n as u16, now));
+                Vec::new()
+            }
+            Step::Send(n, data) => vec![conns[n].as_mut().unwrap().send(h, data, now)],
+            Step::Expire => {
+                h.inline.expire(now);
+                Vec::new()
+            }
+        };
+        let mut alerts = h.alerts();
+        alerts.sort_unstable();
+        trace.push((i, fates, alerts));
+    }
+}
+
+/// The flows of a.0 on `h` as (record, idle) pairs, sorted: what a whole export carries.
+fn whole_state(h: &mut Host, now: u64) -> Vec<(Vec<u8>, u64)> {
+    let port = h.engine.port_of("a.0").unwrap();
+    let mut flows = Vec::new();
+    h.inline.export_vnic_flows(&h.engine, port, now, &mut flows);
+    let mut v: Vec<_> = flows.iter().map(|f| (f.record().to_vec(), f.idle_ns())).collect();
+    v.sort();
+    v
+}
+
+/// The conversation cut twice, at every pair of steps: a pre-copy of the
+/// inspected flows before step `p` (held on the destination), the delta
+/// before step `d` (applied over it), the connections moved and the held
+/// flows committed then, and the steps from `d` on run on the destination.
+/// At every cut the destination holds exactly what a whole export at `d`
+/// carries (byte for byte), and the conversation's fates and alerts are
+/// the uncut conversation's; a delta with nothing changed since its
+/// pre-copy carries no flow.
+#[test]
+fn a_delta_over_a_precopy_equals_a_whole_export_at_every_cut() {
+    let m = model();
+    let mut uncut = Trace::new();
+    let mut h = host(&m, "h1");
+    run(&mut h, &mut [None, None, None, None], 0, STEPS.len(), &mut uncut);
+    let sids: Vec<u32> = uncut.iter().flat_map(|(_, _, a)| a.clone()).collect();
+    assert_eq!(sids, vec![1, 3, 4], "the conversation raises what it is built to");
+    let n = STEPS.len();
+    for p in 0..=n {
+        for d in p..=n {
+            let (mut src, mut dst) = (host(&m, "h1"), host(&m, "h2"));
+            let mut conns = [None, None, None, None];
+            let mut trace = Trace::new();
+            run(&mut src, &mut conns, 0, p, &mut trace);
+            let port = src.engine.port_of("a.0").unwrap();
+            let t = step_time(p.min(n - 1)) - MS / 2;
+            let mut flows = Vec::new();
+            let mark = src.inline.precopy_vnic_flows(&src.engine, port, t, &mut flows);
+            let pre = carry::encode_section("a.0", carry::SectionKind::Precopy, &flows, &[]);
+            let staged = carry::stage(&mut [Some(&mut dst.inline)], "a.0", &pre, t).unwrap();
+            assert_eq!(staged.flows, flows.len(), "cut {p}/{d}");
+            assert_eq!(dst.inline.flows(), 0, "cut {p}/{d}: a pre-copy is held, not live");
+            run(&mut src, &mut conns, p, d, &mut trace);
+            let t = step_time(d.min(n - 1)) - MS / 2;
+            let (mut changed, mut gone) = (Vec::new(), Vec::new());
+            src.inline
+                .delta_vnic_flows(&src.engine, port, t, &mark, &mut changed, &mut gone)
+                .expect("the pre-copy's inspector");
+            if p == d {
+                assert!(changed.is_empty() && gone.is_empty(), "cut {p}/{d}: nothing changed");
+            }
+            let delta = carry::encode_section("a.0", carry::SectionKind::Delta, &changed, &gone);
+            carry::stage(&mut [Some(&mut dst.inline)], "a.0", &delta, t).unwrap();
+            let blob = migrate::export(&mut [&mut src.engine], "a.0", t).unwrap();
+            migrate::import(&mut [&mut dst.engine], "a.0", &blob, t).unwrap();
+            let want = whole_state(&mut src, t);
+            carry::commit_staged(&mut [Some(&mut dst.inline)], "a.0", t);
+            assert_eq!(dst.inline.staged_flows("a.0"), None, "cut {p}/{d}");
+            assert_eq!(whole_state(&mut dst, t), want, "cut {p}/{d}: delta over pre-copy = whole export");
+            run(&mut dst, &mut conns, d, n, &mut trace);
+            assert_eq!(trace, uncut, "cut {p}/{d}");
+        }
+    }
 }
