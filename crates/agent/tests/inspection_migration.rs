@@ -374,3 +374,155 @@ fn a_delta_over_a_precopy_equals_a_whole_export_at_every_cut() {
         }
     }
 }
+
+/// A source host with two connections' inspected flows (0: `LOGIN`, 1:
+/// idle), their pre-copy, then connection 0 talking on and connection 1
+/// forgotten: returns the source, the pre-copy section, the delta's
+/// changed flows and gone flows, and the time.
+fn precopy_then_changes() -> (Host, Vec<u8>, Vec<carry::CarriedFlow>, Vec<carry::GoneFlow>, u64) {
+    let m = model();
+    let mut src = host(&m, "h1");
+    let mut idle = Conn::open(&mut src, 31001, MS);
+    let _ = idle.send(&mut src, b"hello\r\n", MS);
+    let now = 601_000 * MS;
+    let mut c = Conn::open(&mut src, 31000, now);
+    let _ = c.send(&mut src, b"LOGIN x\r\n", now);
+    let port = src.engine.port_of("a.0").unwrap();
+    let mut flows = Vec::new();
+    let mark = src.inline.precopy_vnic_flows(&src.engine, port, now, &mut flows);
+    assert_eq!(flows.len(), 2);
+    let pre = carry::encode_section("a.0", carry::SectionKind::Precopy, &flows, &[]);
+    let now = now + MS;
+    let _ = c.send(&mut src, b"read SECRET\r\n", now);
+    src.inline.expire(now);
+    let (mut changed, mut gone) = (Vec::new(), Vec::new());
+    src.inline
+        .delta_vnic_flows(&src.engine, port, now, &mark, &mut changed, &mut gone)
+        .unwrap();
+    assert_eq!((changed.len(), gone.len()), (1, 1));
+    (src, pre, changed, gone, now)
+}
+
+/// A delta from the network is hostile input: one for a vNIC with no
+/// pre-copy held, removing a flow the pre-copy did not hold, naming a flow
+/// twice, cut anywhere, or removing flows in a section that is not a
+/// delta, is refused with its reason, and what the destination holds and
+/// tracks is unchanged (each refusal counted); the good delta then applies.
+#[test]
+fn hostile_deltas_are_refused_and_change_nothing() {
+    let (_src, pre, changed, gone, now) = precopy_then_changes();
+    let m = model();
+    let mut dst = host(&m, "h2");
+    let delta = carry::encode_section("a.0", carry::SectionKind::Delta, &changed, &gone);
+    let mut refusals = 0;
+    let mut refuse = |dst: &mut Host, blob: &[u8], held: Option<usize>| -> SectionError {
+        let e = carry::stage(&mut [Some(&mut dst.inline)], "a.0", blob, now).unwrap_err();
+        refusals += 1;
+        assert_eq!(dst.inline.staged_flows("a.0"), held, "{e}: what is held is unchanged");
+        assert_eq!(dst.inline.flows(), 0, "{e}: nothing live");
+        assert_eq!(dst.inline.counters().migration_sections_refused, refusals, "{e}: counted");
+        e
+    };
+    // Before any pre-copy.
+    let e = refuse(&mut dst, &delta, None);
+    assert_eq!(e, SectionError::NoStagedCopy("a.0".into()), "{e}");
+    // Over a pre-copy that did not hold the flow it removes: one held from an empty copy.
+    let empty = carry::encode_section("a.0", carry::SectionKind::Precopy, &[], &[]);
+    carry::stage(&mut [Some(&mut dst.inline)], "a.0", &empty, now).unwrap();
+    let e = refuse(&mut dst, &delta, Some(0));
+    assert_eq!(e, SectionError::UnknownFlow { index: 0 }, "{e}");
+    carry::stage(&mut [Some(&mut dst.inline)], "a.0", &pre, now).unwrap();
+    assert_eq!(dst.inline.staged_flows("a.0"), Some(2));
+    // A flow twice; a flow both carried and removed.
+    let twice = carry::encode_section(
+        "a.0",
+        carry::SectionKind::Delta,
+        &[changed[0].clone(), changed[0].clone()],
+        &[],
+    );
+    assert!(matches!(refuse(&mut dst, &twice, Some(2)), SectionError::Duplicate { .. }));
+    let both = carry::encode_section("a.0", carry::SectionKind::Delta, &changed, &[gone[0], gone[0]]);
+    assert!(matches!(refuse(&mut dst, &both, Some(2)), SectionError::Duplicate { .. }));
+    // Cut at every length.
+    for len in 0..delta.len() {
+        let e = refuse(&mut dst, &delta[..len], Some(2));
+        assert!(
+            matches!(e, SectionError::Truncated { .. } | SectionError::Checksum { .. } | SectionError::BadMagic),
+            "cut at {len}: {e}"
+        );
+    }
+    // Removals in a section that is not a delta (its kind byte rewritten, checksum recomputed).
+    let mut not_delta = delta[..delta.len() - 4].to_vec();
+    not_delta[8] = 1; // pre-copy
+    let crc = palisade_datapath::state::crc32(&not_delta);
+    not_delta.extend_from_slice(&crc.to_be_bytes());
+    let e = refuse(&mut dst, &not_delta, Some(2));
+    assert!(matches!(e, SectionError::Invalid { .. }) && e.to_string().contains("removed"), "{e}");
+    // A delta is not a whole section: the control socket's import refuses it.
+    let e = carry::import(&mut [Some(&mut dst.inline)], "a.0", &delta, now).unwrap_err();
+    refusals += 1;
+    assert!(matches!(e, SectionError::WrongKind { .. }), "{e}");
+    assert_eq!(dst.inline.counters().migration_sections_refused, refusals);
+    // The good delta: the changed flow replaces its copy, the gone one goes.
+    carry::stage(&mut [Some(&mut dst.inline)], "a.0", &delta, now).unwrap();
+    assert_eq!(dst.inline.staged_flows("a.0"), Some(1));
+    assert_eq!(carry::commit_staged(&mut [Some(&mut dst.inline)], "a.0", now), 1);
+    assert_eq!(dst.inline.flows(), 1);
+}
+
+/// The value of the series `name` for host `host` in Prometheus text.
+fn series(text: &str, name: &str, host: &str) -> Option<u64> {
+    let prefix = format!("{name}{{host=\"{host}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+}
+
+/// `/metrics`' inspection state and migration series follow the workers'
+/// inline inspection: the flows tracked and the bytes they hold, the flows
+/// carried out and in, those held for a commit, the sections refused.
+#[test]
+fn inspection_state_and_migration_counts_are_in_the_metrics() {
+    use palisade_agent::metrics::{InlineGauges, inspection_state};
+    let render = |h: &Host, name: &str| {
+        let mut g = InlineGauges::default();
+        g.add(&h.inline);
+        inspection_state(name, &g, &h.inline.counters())
+    };
+    let (mut src, pre, changed, gone, now) = precopy_then_changes();
+    // An out-of-order segment the source holds for reassembly.
+    let mut held = Conn::open(&mut src, 31002, now);
+    held.seq += 100;
+    let _ = held.send(&mut src, b"held until the hole is filled", now);
+    let text = render(&src, "h1");
+    assert_eq!(series(&text, "palisade_inspect_flows", "h1"), Some(2), "{text}");
+    assert_eq!(
+        series(&text, "palisade_inspect_held_bytes", "h1"),
+        Some(src.inline.stream_memory_in_use() as u64)
+    );
+    assert!(src.inline.stream_memory_in_use() > 0);
+    assert_eq!(
+        series(&text, "palisade_inspect_migration_flows_out_total", "h1"),
+        Some(3),
+        "two pre-copied, one in the delta: {text}"
+    );
+    let m = model();
+    let mut dst = host(&m, "h2");
+    let delta = carry::encode_section("a.0", carry::SectionKind::Delta, &changed, &gone);
+    assert!(carry::stage(&mut [Some(&mut dst.inline)], "a.0", &delta, now).is_err());
+    carry::stage(&mut [Some(&mut dst.inline)], "a.0", &pre, now).unwrap();
+    let text = render(&dst, "h2");
+    assert_eq!(series(&text, "palisade_inspect_migration_staged_flows", "h2"), Some(2));
+    assert_eq!(series(&text, "palisade_inspect_flows", "h2"), Some(0));
+    assert_eq!(
+        series(&text, "palisade_inspect_migration_sections_refused_total", "h2"),
+        Some(1)
+    );
+    carry::stage(&mut [Some(&mut dst.inline)], "a.0", &delta, now).unwrap();
+    carry::commit_staged(&mut [Some(&mut dst.inline)], "a.0", now);
+    let text = render(&dst, "h2");
+    assert_eq!(series(&text, "palisade_inspect_migration_staged_flows", "h2"), Some(0));
+    assert_eq!(series(&text, "palisade_inspect_flows", "h2"), Some(1));
+    assert_eq!(series(&text, "palisade_inspect_migration_flows_in_total", "h2"), Some(1));
+    for name in ["flows", "held_bytes", "migration_staged_flows"] {
+        assert!(text.contains(&format!("# TYPE palisade_inspect_{name} gauge\n")), "{name}");
+    }
+}
