@@ -3353,3 +3353,118 @@ mod tests {
         assert_eq!(same_instance(&first, &first, 1, 1), Some((1, 1)));
     }
 }
+
+/// The agent's side of a live migration's inspection state
+/// ([`VnicControl`]): held on the destination until the commit, dropped
+/// when the commit is refused.
+#[cfg(test)]
+mod migration_inspection_tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use crate::migrating_host::{self, Conn, Host, host, host_with, model};
+
+    use super::{HashMap, VnicControl, WorkerCore};
+    use crate::http::Control;
+    use palisade_io::port::PortStats;
+
+    /// A one-worker host's control over `h`'s engine and inline inspection.
+    fn control(h: Host, name: &str) -> VnicControl {
+        let identities = Arc::new(h.identities);
+        let core = WorkerCore {
+            engine: h.engine,
+            identities,
+            port_stats: Vec::new(),
+            overlay_stats: PortStats::default(),
+            unroutable: 0,
+            render_errors: 0,
+            quiesced: Vec::new(),
+            quiesced_drops: 0,
+            journal: None,
+            inline: Some(h.inline),
+            probe_out: Vec::new(),
+            takeover: None,
+        };
+        VnicControl {
+            workers: vec![Arc::new(Mutex::new(core))],
+            origin: Instant::now(),
+            host: name.into(),
+            records: Arc::new(Mutex::new(Vec::new())),
+            peer_tls: None,
+            precopied: Mutex::new(HashMap::new()),
+            inspect_marks: Mutex::new(HashMap::new()),
+            delta_phases: Mutex::new(HashMap::new()),
+            imported: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            holds_started: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// (live inspected flows, flows held for a commit) on `c`.
+    fn inspected(c: &VnicControl) -> (usize, usize) {
+        let core = super::lock(&c.workers[0]);
+        let inline = core.inline.as_ref().unwrap();
+        (inline.flows(), inline.staged_total())
+    }
+
+    /// a.0 moves from a source with one inspected connection to a
+    /// destination whose connection table holds `capacity`: its pre-copy
+    /// and inspection pre-copy while the connection talks on, then in the
+    /// pause its delta and inspection delta, as the peer channel carries
+    /// them. Returns the destination and whether its commit was taken.
+    fn migrate(capacity: usize) -> (VnicControl, Result<usize, crate::http::ControlError>) {
+        let m = model();
+        let mut src = host(&m, "h1");
+        let now = migrating_host::MS;
+        let mut c = Conn::open(&mut src, 40000, now);
+        let _ = c.send(&mut src, b"LOGIN x\r\n", now);
+        let src = control(src, "h1");
+        let dst = control(host_with(&m, "h2", Some(capacity)), "h2");
+        let mut staging = crate::peer::Staging::new("h1");
+        let pre = src.export_precopy("a.0", Some("h2")).unwrap();
+        dst.import_arrival(staging.stage("a.0", &pre).unwrap()).unwrap();
+        let section = src.export_inspection_precopy("a.0", Some("h2")).unwrap();
+        assert_eq!(dst.import_inspection("a.0", &section, Some("h1")).unwrap(), 1);
+        assert_eq!(inspected(&dst), (0, 1), "held, not live");
+        {
+            // The guest talks on while the pre-copy is out.
+            let mut core = super::lock(&src.workers[0]);
+            let core = &mut *core;
+            let mut h = Host {
+                engine: std::mem::replace(&mut core.engine, host(&m, "x").engine),
+                inline: core.inline.take().unwrap(),
+                identities: (*core.identities).clone(),
+                events: Vec::new(),
+            };
+            let _ = c.send(&mut h, b"read SECRET\r\n", 2 * now);
+            core.engine = h.engine;
+            core.inline = Some(h.inline);
+        }
+        let delta = src.export_delta("a.0", Some("h2")).unwrap();
+        let section = src.export_inspection("a.0", Some("h2")).unwrap();
+        assert_eq!(dst.import_inspection("a.0", &section, Some("h1")).unwrap(), 1);
+        let committed = staging
+            .commit("a.0", &delta)
+            .map_err(crate::http::ControlError::Refused)
+            .and_then(|a| dst.import_arrival(a));
+        (dst, committed)
+    }
+
+    #[test]
+    fn a_committed_delta_brings_the_held_inspection_state_live() {
+        let (dst, committed) = migrate(16);
+        assert_eq!(committed.unwrap(), 1);
+        assert_eq!(inspected(&dst), (1, 0));
+    }
+
+    /// A commit refused after the inspection section was taken (here: no
+    /// room for the connection on the destination) leaves no inspected
+    /// flow behind, neither live nor held.
+    #[test]
+    fn a_refused_commit_drops_the_inspection_state_it_held() {
+        let (dst, committed) = migrate(1);
+        let e = committed.unwrap_err();
+        assert!(matches!(&e, crate::http::ControlError::Refused(m) if m.contains("room")), "{e:?}");
+        assert_eq!(inspected(&dst), (0, 0));
+    }
+}

@@ -58,17 +58,23 @@ pub struct Host {
 }
 
 pub fn host(model: &Model, name: &str) -> Host {
+    host_with(model, name, None)
+}
+
+/// [`host`] whose connection table holds at most `conns` (`None`: the default).
+pub fn host_with(model: &Model, name: &str, conns: Option<usize>) -> Host {
     let sigs = Signatures::compile(RULES, Path::new("test.rules"), Classifications::default(), false, model).unwrap();
     let compiler = Compiler::new(model.clone()).unwrap();
-    let mut engine = Engine::new(
-        EngineConfig::new(UplinkConfig {
-            local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 1]),
-            local_ip: Ipv4Addr::new(192, 168, 0, 1),
-            gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
-            flood: vec![],
-        }),
-        Box::new(PolicyLookup::new(compiler)),
-    );
+    let mut config = EngineConfig::new(UplinkConfig {
+        local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 1]),
+        local_ip: Ipv4Addr::new(192, 168, 0, 1),
+        gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
+        flood: vec![],
+    });
+    if let Some(n) = conns {
+        config.conn_capacity = n;
+    }
+    let mut engine = Engine::new(config, Box::new(PolicyLookup::new(compiler)));
     for nic in ["a.0", "b.0"] {
         engine
             .add_vnic(port::vnic_from_model(model, nic, &[], 4096).unwrap())
