@@ -619,6 +619,8 @@ pub struct Inline {
     /// Per vNIC arriving by live migration, the flows taken up from its
     /// pre-copy (and delta), not in `flows` until its commit ([`carry`]).
     staged: HashMap<String, HashMap<Key, Tracked>>,
+    /// The names of this inspector's rules for migrated records, once built ([`carry`]).
+    importer: Option<Arc<palisade_inspect::persist::FlowImporter>>,
 }
 
 impl core::fmt::Debug for Inline {
@@ -659,6 +661,7 @@ impl Inline {
             id: INLINE_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             generation: 0,
             staged: HashMap::new(),
+            importer: None,
         }
     }
 

@@ -51,6 +51,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use palisade_datapath::Engine;
@@ -379,7 +380,14 @@ impl Inline {
     /// Decode `flows` under this worker's signatures, charging their held
     /// bytes; on a refused record, everything decoded is given back.
     fn stage(&mut self, flows: Vec<CarriedFlow>, now: u64) -> Result<Staged, SectionError> {
-        let importer = self.inspector.flow_importer();
+        // The names of this inspector's rules, built once: it keeps its
+        // rules for its life (a policy change builds another), and with
+        // tens of thousands of signatures building them would weigh on a
+        // delta applied in the guest's pause.
+        let importer = self
+            .importer
+            .get_or_insert_with(|| Arc::new(self.inspector.flow_importer()))
+            .clone();
         let t = Duration::from_nanos(now);
         let mut staged = Staged::default();
         for f in flows {
@@ -430,10 +438,12 @@ impl Inline {
     fn adopt(&mut self, staged: Staged, now: u64) {
         self.counters.migrated_midstream += staged.midstream as u64;
         self.counters.migrated_unknown_profile += staged.unknown_profile as u64;
-        self.adopt_flows(staged.flows, now);
+        self.adopt_flows(staged.flows.into_iter(), now);
     }
 
-    fn adopt_flows(&mut self, flows: impl IntoIterator<Item = (Key, Tracked)>, now: u64) {
+    fn adopt_flows(&mut self, flows: impl ExactSizeIterator<Item = (Key, Tracked)>, now: u64) {
+        // One growth of the table, not one per doubling.
+        self.flows.reserve(flows.len().min(self.setup.max_flows.saturating_sub(self.flows.len())));
         for (key, mut tracked) in flows {
             if !self.flows.contains_key(&key) && self.flows.len() >= self.setup.max_flows {
                 self.make_room(Duration::from_nanos(now));
@@ -878,7 +888,7 @@ pub fn commit_staged(inlines: &mut [Option<&mut Inline>], vnic: &str, now: u64) 
     for inline in inlines.iter_mut().flatten() {
         if let Some(held) = inline.staged.remove(vnic) {
             n += held.len();
-            inline.adopt_flows(held, now);
+            inline.adopt_flows(held.into_iter(), now);
         }
     }
     n
