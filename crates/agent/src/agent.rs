@@ -2964,6 +2964,14 @@ impl http::Control for VnicControl {
             .get(vnic)
             .cloned();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let mut ports = Vec::with_capacity(guards.len());
+        for core in guards.iter() {
+            ports.push(
+                core.engine
+                    .port_of(vnic)
+                    .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?,
+            );
+        }
         if guards.iter().all(|g| g.inline.is_none()) {
             return Ok(Vec::new());
         }
@@ -2974,14 +2982,6 @@ impl http::Control for VnicControl {
         } else {
             SectionKind::Whole
         };
-        let mut ports = Vec::with_capacity(guards.len());
-        for core in guards.iter() {
-            ports.push(
-                core.engine
-                    .port_of(vnic)
-                    .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?,
-            );
-        }
         if let Some(marks) = &marks {
             for ((core, port), mark) in guards.iter_mut().zip(&ports).zip(marks) {
                 let core = &mut **core;

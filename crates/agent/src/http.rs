@@ -14,9 +14,12 @@
 //! /vnics/{name}/export` (the vNIC's connection state, forwarding for it
 //! stopped), `POST /vnics/{name}/import` (a state blob as the body) and
 //! `POST /vnics/{name}/resume` (forwarding back on: a migration that
-//! failed), and `POST /vnics/{name}/inspection` (the vNIC's inspection
-//! section, [`crate::inspection::carry`], sent before its import, held
-//! until the import commits it). These are never served on the TCP address. So is `POST
+//! failed), and for inline inspection's state ([`crate::inspection::carry`])
+//! `POST /vnics/{name}/export-inspection` (the vNIC's inspection section,
+//! after its export; empty when nothing here inspects) and `POST
+//! /vnics/{name}/import-inspection` (a section as the body, sent before the
+//! import, held until the import commits it; a refused import drops it).
+//! These are never served on the TCP address. So is `POST
 //! /flows/offload` (a JSON [`OffloadRequest`]): a service-chain appliance's
 //! decision for the rest of a flow, vPath style (`allow`: its later packets
 //! bypass the appliance; `drop`: they are dropped).
@@ -524,7 +527,7 @@ fn vnic_request<R: Read>(
     let Some((vnic, action)) = rest.split_once('/') else {
         return text(
             "404 Not Found",
-            "not found: try /vnics/NAME/export, import, inspection, resume or release".into(),
+            "not found: try /vnics/NAME/export, import, export-inspection, import-inspection, resume or release".into(),
         );
     };
     if vnic.is_empty() || vnic.len() > MAX_VNIC_NAME || !vnic.bytes().all(|b| b.is_ascii_graphic()) {
@@ -534,10 +537,15 @@ fn vnic_request<R: Read>(
         Ok(x) => x,
         Err(why) => return text("400 Bad Request", why),
     };
-    if !matches!(action, "export" | "import" | "inspection" | "resume" | "release") {
+    if !matches!(
+        action,
+        "export" | "import" | "export-inspection" | "import-inspection" | "resume" | "release"
+    ) {
         return text(
             "404 Not Found",
-            format!("not found: no action {action:?} (export, import, inspection, resume, release)"),
+            format!(
+                "not found: no action {action:?} (export, import, export-inspection, import-inspection, resume, release)"
+            ),
         );
     }
     if method != "POST" {
@@ -551,6 +559,10 @@ fn vnic_request<R: Read>(
     match action {
         "export" => match control.export_vnic(vnic, peer) {
             Ok(blob) => ("200 OK", "application/octet-stream", blob),
+            Err(e) => refused(e),
+        },
+        "export-inspection" => match control.export_inspection(vnic, peer) {
+            Ok(section) => ("200 OK", "application/octet-stream", section),
             Err(e) => refused(e),
         },
         "resume" => match control.resume_vnic(vnic, peer) {
@@ -567,7 +579,7 @@ fn vnic_request<R: Read>(
         },
         _ => {
             // An inspection section holds reassembled bytes: the channel's frame bound.
-            let max = if action == "inspection" {
+            let max = if action == "import-inspection" {
                 crate::peer::MAX_FRAME
             } else {
                 crate::migrate::MAX_BLOB
@@ -590,7 +602,7 @@ fn vnic_request<R: Read>(
                     format!("state blob shorter than its Content-Length ({e})"),
                 );
             }
-            if action == "inspection" {
+            if action == "import-inspection" {
                 return match control.import_inspection(vnic, &blob, peer) {
                     Ok(n) => (
                         "200 OK",

@@ -357,7 +357,7 @@ fn move_state(
         if !inspection.is_empty() {
             control_post(
                 Path::new(peer),
-                &format!("/vnics/{n}/inspection?peer={host}"),
+                &format!("/vnics/{n}/import-inspection?peer={host}"),
                 &inspection,
                 CONTROL_TIMEOUT,
             )
@@ -654,7 +654,7 @@ mod tests {
         let r = carry_out(&order, "hv1", &config, &control);
         assert_eq!(r.state, MigrationState::Completed, "{r:?}");
         let seen = peer.join().unwrap();
-        assert!(seen[0].0.starts_with("POST /vnics/vm1.0/inspection?peer=hv1 "), "{seen:?}");
+        assert!(seen[0].0.starts_with("POST /vnics/vm1.0/import-inspection?peer=hv1 "), "{seen:?}");
         assert_eq!(seen[0].1, b"inspection section");
         assert!(seen[1].0.starts_with("POST /vnics/vm1.0/import?peer=hv1 "), "{seen:?}");
         assert_eq!(

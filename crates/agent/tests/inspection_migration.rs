@@ -10,6 +10,7 @@
 //! did not get the section behaves otherwise, so the tests can fail.
 
 mod migrating_host;
+mod support;
 
 use std::time::Instant;
 
@@ -525,4 +526,55 @@ fn inspection_state_and_migration_counts_are_in_the_metrics() {
     for name in ["flows", "held_bytes", "migration_staged_flows"] {
         assert!(text.contains(&format!("# TYPE palisade_inspect_{name} gauge\n")), "{name}");
     }
+}
+
+/// The agent's Unix socket serves the inspection section both ways
+/// (`export-inspection` on the source after its export,
+/// `import-inspection` on the destination before its import) and refuses
+/// what it cannot take with the reason: an unknown vNIC, a section over the
+/// bound, a request without a body's length. An agent with no ports needs
+/// no privileges.
+#[test]
+fn the_agent_socket_serves_inspection_sections_and_refuses_bad_ones() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use palisade_agent::{Agent, http};
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("policy")).unwrap();
+    std::fs::write(tmp.path().join("policy/policy.yaml"), support::policy(2)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let agent = Agent::start(support::agent_config(tmp.path()), stop.clone()).unwrap();
+    let sock = tmp.path().join("state/agent.sock");
+    let (_src, pre, _, _, _) = precopy_then_changes();
+    for (path, body) in [
+        ("/vnics/vm-0.0/export-inspection", &b""[..]),
+        ("/vnics/vm-0.0/import-inspection", &pre[..]),
+    ] {
+        let e = http::post_unix(&sock, path, body).unwrap_err().to_string();
+        assert!(
+            e.contains("404 Not Found") && e.contains("no vNIC \"vm-0.0\" on this host"),
+            "{path}: {e}"
+        );
+    }
+    let e = http::post_unix(&sock, "/vnics/vm-0.0/inspect", b"").unwrap_err().to_string();
+    assert!(e.contains("404") && e.contains("import-inspection"), "{e}");
+    let raw = |request: String| {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let _ = s.write_all(request.as_bytes());
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.lines().next().unwrap_or("").to_string()
+    };
+    let big = palisade_agent::peer::MAX_FRAME + 1;
+    let line = raw(format!(
+        "POST /vnics/vm-0.0/import-inspection HTTP/1.1\r\nContent-Length: {big}\r\n\r\n"
+    ));
+    assert!(line.contains("413"), "{line}");
+    let line = raw("POST /vnics/vm-0.0/import-inspection HTTP/1.1\r\n\r\n".into());
+    assert!(line.contains("411"), "{line}");
+    drop(agent);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
 }
