@@ -108,7 +108,10 @@ fn main() {
         let (done, whole_destination) =
             timed(|| carry::import(&mut [Some(&mut dst2.inline)], "a.0", &whole, now).unwrap());
         assert_eq!(done.flows, flows);
-        for (s, (w, c)) in series.iter_mut().zip([source, destination, whole_source, whole_destination]) {
+        for (s, (w, c)) in series
+            .iter_mut()
+            .zip([source, destination, whole_source, whole_destination])
+        {
             s.0.push(w);
             s.1.push(c);
         }

@@ -2934,12 +2934,8 @@ impl http::Control for VnicControl {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(vnic.to_string(), marks);
-        let blob = crate::inspection::carry::encode_section(
-            vnic,
-            crate::inspection::carry::SectionKind::Precopy,
-            &flows,
-            &[],
-        );
+        let blob =
+            crate::inspection::carry::encode_section(vnic, crate::inspection::carry::SectionKind::Precopy, &flows, &[]);
         eprintln!(
             "palisade agent: inspection pre-copy of {vnic}: {} flows, {} bytes, {} us",
             flows.len(),
@@ -3464,7 +3460,10 @@ mod migration_inspection_tests {
     fn a_refused_commit_drops_the_inspection_state_it_held() {
         let (dst, committed) = migrate(1);
         let e = committed.unwrap_err();
-        assert!(matches!(&e, crate::http::ControlError::Refused(m) if m.contains("room")), "{e:?}");
+        assert!(
+            matches!(&e, crate::http::ControlError::Refused(m) if m.contains("room")),
+            "{e:?}"
+        );
         assert_eq!(inspected(&dst), (0, 0));
     }
 }

@@ -654,7 +654,10 @@ mod tests {
         let r = carry_out(&order, "hv1", &config, &control);
         assert_eq!(r.state, MigrationState::Completed, "{r:?}");
         let seen = peer.join().unwrap();
-        assert!(seen[0].0.starts_with("POST /vnics/vm1.0/import-inspection?peer=hv1 "), "{seen:?}");
+        assert!(
+            seen[0].0.starts_with("POST /vnics/vm1.0/import-inspection?peer=hv1 "),
+            "{seen:?}"
+        );
         assert_eq!(seen[0].1, b"inspection section");
         assert!(seen[1].0.starts_with("POST /vnics/vm1.0/import?peer=hv1 "), "{seen:?}");
         assert_eq!(
@@ -677,7 +680,10 @@ mod tests {
         let r = carry_out(&order, "hv1", &config, &control);
         assert_eq!(r.state, MigrationState::Failed, "{r:?}");
         let reason = r.reason.clone().unwrap_or_default();
-        assert!(reason.contains("inspection import") && reason.contains("checksum"), "{reason}");
+        assert!(
+            reason.contains("inspection import") && reason.contains("checksum"),
+            "{reason}"
+        );
         assert_eq!(peer.join().unwrap().len(), 1, "no import after a refused section");
         assert_eq!(
             *control.calls.lock().unwrap(),

@@ -286,7 +286,11 @@ const STEPS: &[Step] = &[
 
 /// Step `i`'s time: the first two at the start, the others ten minutes on.
 fn step_time(i: usize) -> u64 {
-    if i < 2 { (i as u64 + 1) * MS } else { 601_000 * MS + i as u64 * MS }
+    if i < 2 {
+        (i as u64 + 1) * MS
+    } else {
+        601_000 * MS + i as u64 * MS
+    }
 }
 
 /// What a step did: the frames' fates and the alerts raised.
@@ -369,7 +373,11 @@ fn a_delta_over_a_precopy_equals_a_whole_export_at_every_cut() {
             let want = whole_state(&mut src, t);
             carry::commit_staged(&mut [Some(&mut dst.inline)], "a.0", t);
             assert_eq!(dst.inline.staged_flows("a.0"), None, "cut {p}/{d}");
-            assert_eq!(whole_state(&mut dst, t), want, "cut {p}/{d}: delta over pre-copy = whole export");
+            assert_eq!(
+                whole_state(&mut dst, t),
+                want,
+                "cut {p}/{d}: delta over pre-copy = whole export"
+            );
             run(&mut dst, &mut conns, d, n, &mut trace);
             assert_eq!(trace, uncut, "cut {p}/{d}");
         }
@@ -421,7 +429,11 @@ fn hostile_deltas_are_refused_and_change_nothing() {
         refusals += 1;
         assert_eq!(dst.inline.staged_flows("a.0"), held, "{e}: what is held is unchanged");
         assert_eq!(dst.inline.flows(), 0, "{e}: nothing live");
-        assert_eq!(dst.inline.counters().migration_sections_refused, refusals, "{e}: counted");
+        assert_eq!(
+            dst.inline.counters().migration_sections_refused,
+            refusals,
+            "{e}: counted"
+        );
         e
     };
     // Before any pre-copy.
@@ -441,14 +453,23 @@ fn hostile_deltas_are_refused_and_change_nothing() {
         &[changed[0].clone(), changed[0].clone()],
         &[],
     );
-    assert!(matches!(refuse(&mut dst, &twice, Some(2)), SectionError::Duplicate { .. }));
+    assert!(matches!(
+        refuse(&mut dst, &twice, Some(2)),
+        SectionError::Duplicate { .. }
+    ));
     let both = carry::encode_section("a.0", carry::SectionKind::Delta, &changed, &[gone[0], gone[0]]);
-    assert!(matches!(refuse(&mut dst, &both, Some(2)), SectionError::Duplicate { .. }));
+    assert!(matches!(
+        refuse(&mut dst, &both, Some(2)),
+        SectionError::Duplicate { .. }
+    ));
     // Cut at every length.
     for len in 0..delta.len() {
         let e = refuse(&mut dst, &delta[..len], Some(2));
         assert!(
-            matches!(e, SectionError::Truncated { .. } | SectionError::Checksum { .. } | SectionError::BadMagic),
+            matches!(
+                e,
+                SectionError::Truncated { .. } | SectionError::Checksum { .. } | SectionError::BadMagic
+            ),
             "cut at {len}: {e}"
         );
     }
@@ -458,7 +479,10 @@ fn hostile_deltas_are_refused_and_change_nothing() {
     let crc = palisade_datapath::state::crc32(&not_delta);
     not_delta.extend_from_slice(&crc.to_be_bytes());
     let e = refuse(&mut dst, &not_delta, Some(2));
-    assert!(matches!(e, SectionError::Invalid { .. }) && e.to_string().contains("removed"), "{e}");
+    assert!(
+        matches!(e, SectionError::Invalid { .. }) && e.to_string().contains("removed"),
+        "{e}"
+    );
     // A delta is not a whole section: the control socket's import refuses it.
     let e = carry::import(&mut [Some(&mut dst.inline)], "a.0", &delta, now).unwrap_err();
     refusals += 1;
@@ -522,9 +546,15 @@ fn inspection_state_and_migration_counts_are_in_the_metrics() {
     let text = render(&dst, "h2");
     assert_eq!(series(&text, "palisade_inspect_migration_staged_flows", "h2"), Some(0));
     assert_eq!(series(&text, "palisade_inspect_flows", "h2"), Some(1));
-    assert_eq!(series(&text, "palisade_inspect_migration_flows_in_total", "h2"), Some(1));
+    assert_eq!(
+        series(&text, "palisade_inspect_migration_flows_in_total", "h2"),
+        Some(1)
+    );
     for name in ["flows", "held_bytes", "migration_staged_flows"] {
-        assert!(text.contains(&format!("# TYPE palisade_inspect_{name} gauge\n")), "{name}");
+        assert!(
+            text.contains(&format!("# TYPE palisade_inspect_{name} gauge\n")),
+            "{name}"
+        );
     }
 }
 
@@ -557,7 +587,9 @@ fn the_agent_socket_serves_inspection_sections_and_refuses_bad_ones() {
             "{path}: {e}"
         );
     }
-    let e = http::post_unix(&sock, "/vnics/vm-0.0/inspect", b"").unwrap_err().to_string();
+    let e = http::post_unix(&sock, "/vnics/vm-0.0/inspect", b"")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("404") && e.contains("import-inspection"), "{e}");
     let raw = |request: String| {
         use std::io::{Read, Write};

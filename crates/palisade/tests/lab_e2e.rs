@@ -4220,24 +4220,38 @@ fn qemu_guest_live_migration_keeps_its_inspection_state() {
     assert_eq!(lab.vm_host("vm1").unwrap(), "hv2");
     // The metrics are a snapshot the agents publish a few times a second.
     assert!(
-        eventually(Duration::from_secs(3), || inspect_series(lab, "hv1", "migration_flows_out_total") >= 2),
+        eventually(Duration::from_secs(3), || inspect_series(
+            lab,
+            "hv1",
+            "migration_flows_out_total"
+        ) >= 2),
         "hv1 sent the flows' inspection state"
     );
     assert!(
-        eventually(Duration::from_secs(3), || inspect_series(lab, "hv2", "migration_flows_in_total") >= 2),
+        eventually(Duration::from_secs(3), || inspect_series(
+            lab,
+            "hv2",
+            "migration_flows_in_total"
+        ) >= 2),
         "hv2 took both flows' inspection state"
     );
     assert_eq!(inspect_series(lab, "hv2", "migration_sections_refused_total"), 0);
-    assert_eq!(inspect_series(lab, "hv2", "migration_staged_flows"), 0, "nothing left held");
+    assert_eq!(
+        inspect_series(lab, "hv2", "migration_staged_flows"),
+        0,
+        "nothing left held"
+    );
 
     lab.exec("vm1", &["touch", "/tmp/go"], t).unwrap();
     assert!(
-        eventually(Duration::from_secs(15), || echoed(lab, "control").contains("7f3a HTTP/1.0")),
+        eventually(Duration::from_secs(15), || echoed(lab, "control")
+            .contains("7f3a HTTP/1.0")),
         "control: the same second half after a harmless first half passes hv2 and is answered: {:?}",
         echoed(lab, "control")
     );
     assert!(
-        eventually(Duration::from_secs(10), || inspect_series(lab, "hv2", "drops_total") >= 1),
+        eventually(Duration::from_secs(10), || inspect_series(lab, "hv2", "drops_total")
+            >= 1),
         "the marker split across the switchover is dropped on hv2"
     );
     // Past the metrics' refresh: the counts below are final.

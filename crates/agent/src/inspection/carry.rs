@@ -443,7 +443,8 @@ impl Inline {
 
     fn adopt_flows(&mut self, flows: impl ExactSizeIterator<Item = (Key, Tracked)>, now: u64) {
         // One growth of the table, not one per doubling.
-        self.flows.reserve(flows.len().min(self.setup.max_flows.saturating_sub(self.flows.len())));
+        self.flows
+            .reserve(flows.len().min(self.setup.max_flows.saturating_sub(self.flows.len())));
         for (key, mut tracked) in flows {
             if !self.flows.contains_key(&key) && self.flows.len() >= self.setup.max_flows {
                 self.make_room(Duration::from_nanos(now));
@@ -830,12 +831,7 @@ pub fn import(
 /// refused section (a record refused, a delta without a held pre-copy or
 /// removing a flow it did not hold) changes nothing. Returns what the
 /// section's flows did.
-pub fn stage(
-    inlines: &mut [Option<&mut Inline>],
-    vnic: &str,
-    blob: &[u8],
-    now: u64,
-) -> Result<Imported, SectionError> {
+pub fn stage(inlines: &mut [Option<&mut Inline>], vnic: &str, blob: &[u8], now: u64) -> Result<Imported, SectionError> {
     let result = stage_section(inlines, vnic, blob, now);
     if result.is_err() {
         refused(inlines);

@@ -103,7 +103,14 @@ pub fn model() -> Model {
     loaded.model
 }
 
-pub fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
+pub fn tcp_frame(
+    src: (Ipv4Addr, u16),
+    dst: (Ipv4Addr, u16),
+    seq: u32,
+    ack: u32,
+    flags: TcpFlags,
+    data: &[u8],
+) -> Vec<u8> {
     let end = |(ip, port): (Ipv4Addr, u16)| ([2, 0, 0, 0, 0, ip.octets()[3]], ip, port);
     tcp_v4_frame(end(src), end(dst), (seq, ack), flags, data)
 }
@@ -189,4 +196,3 @@ impl Conn {
         h.send(A, &f, now)
     }
 }
-
