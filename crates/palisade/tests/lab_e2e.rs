@@ -4159,23 +4159,30 @@ fn inspect_series(lab: &Lab, host: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// How a lab test moves the guest: through the controller (the agents'
+/// channel: pre-copy and delta), or the lab's own driver through the
+/// agents' control sockets (the section whole, in the pause).
+#[derive(Clone, Copy, Debug)]
+enum MigrationPath {
+    Controller,
+    ControlSockets,
+}
+
 /// A QEMU guest whose tcp/80 is inspected (profile `full`) live-migrates
-/// hv1 → hv2 through the controller in the middle of two requests it
-/// makes to vm3: each sent its first half before the migration (through
-/// hv1, the source) and sends its second half after it (through hv2). The
-/// marked one (`evil-` | `7f3a`, a signature no half matches alone) is
-/// dropped on hv2, the destination, which took the flows' inspection state
-/// in the migration's pre-copy and delta; the control, the same second
-/// half after a harmless first half (`good-` | `7f3a`), passes and is
-/// answered. So hv2 decided by what hv1 saw: without the carried state it
-/// would see `7f3a …` alone, as the control shows, and miss the marker
-/// (vm3's host, which sees the whole stream, would catch it instead: it
-/// never gets the second half here, so it raises nothing).
-#[test]
-fn qemu_guest_live_migration_keeps_its_inspection_state() {
+/// hv1 → hv2 along `path` in the middle of two requests it makes to vm3:
+/// each sent its first half before the migration (through hv1, the
+/// source) and sends its second half after it (through hv2). The marked
+/// one (`evil-` | `7f3a`, a signature no half matches alone) is dropped on
+/// hv2, the destination, which took the flows' inspection state in the
+/// migration; the control, the same second half after a harmless first
+/// half (`good-` | `7f3a`), passes and is answered. So hv2 decided by what
+/// hv1 saw: without the carried state it would see `7f3a …` alone, as the
+/// control shows, and miss the marker (vm3's host, which sees the whole
+/// stream, would catch it instead: it never gets the second half here, so
+/// it raises nothing). Bounded: lab up to down within 90 s.
+fn guest_migration_keeps_its_inspection_state(name: &str, path: MigrationPath) {
     let _one = one_lab();
     let started = Instant::now();
-    let name = "pe2mgi";
     let rules = std::env::temp_dir().join(format!("palisade-{name}-{}.rules", std::process::id()));
     std::fs::write(
         &rules,
@@ -4183,7 +4190,8 @@ fn qemu_guest_live_migration_keeps_its_inspection_state() {
          content:\"evil-7f3a\"; sid:9100020; rev:1;)\n",
     )
     .unwrap();
-    let Some(mut guard) = migration_lab_inspected(name, true, palisade_lab::QemuNic::Tap, Some(&rules)) else {
+    let controller = matches!(path, MigrationPath::Controller);
+    let Some(mut guard) = migration_lab_inspected(name, controller, palisade_lab::QemuNic::Tap, Some(&rules)) else {
         let _ = std::fs::remove_file(&rules);
         return;
     };
@@ -4215,8 +4223,12 @@ fn qemu_guest_live_migration_keeps_its_inspection_state() {
     );
     assert_eq!(inspect_series(lab, "hv1", "drops_total"), 0);
 
-    let report = lab.migrate_ordered("vm1", "hv2", Duration::from_secs(40)).unwrap();
-    eprintln!("migration: {}", report.to_json());
+    let report = match path {
+        MigrationPath::Controller => lab.migrate_ordered("vm1", "hv2", Duration::from_secs(40)),
+        MigrationPath::ControlSockets => lab.migrate("vm1", "hv2", &palisade_lab::MigrateOptions::default()),
+    }
+    .unwrap();
+    eprintln!("migration ({path:?}): {}", report.to_json());
     assert_eq!(lab.vm_host("vm1").unwrap(), "hv2");
     // The metrics are a snapshot the agents publish a few times a second.
     assert!(
@@ -4272,7 +4284,7 @@ fn qemu_guest_live_migration_keeps_its_inspection_state() {
         "vm3's host never saw the marked second half"
     );
     let _ = lab.kill(&mut echo);
-    eprintln!("inspection-state migration test: {:?}", started.elapsed());
+    eprintln!("inspection-state migration test ({path:?}): {:?}", started.elapsed());
     guard.0.take().unwrap().shutdown().unwrap();
     let _ = std::fs::remove_file(&rules);
     assert_eq!(leftovers(name).unwrap(), Vec::<String>::new());
@@ -4281,4 +4293,22 @@ fn qemu_guest_live_migration_keeps_its_inspection_state() {
         "bounded: {:?}",
         started.elapsed()
     );
+}
+
+/// [`guest_migration_keeps_its_inspection_state`] through the controller:
+/// the source's agent carries the migration out, the inspection state over
+/// the agents' channel (a pre-copy while the guest runs, the delta in its
+/// pause, held on hv2 until the commit).
+#[test]
+fn qemu_guest_live_migration_keeps_its_inspection_state() {
+    guest_migration_keeps_its_inspection_state("pe2mgi", MigrationPath::Controller);
+}
+
+/// [`guest_migration_keeps_its_inspection_state`] without a controller:
+/// the lab's driver moves the state through the agents' control sockets
+/// (`export`, `export-inspection` on hv1; `import-inspection`, `import` on
+/// hv2).
+#[test]
+fn qemu_guest_live_migration_through_the_control_sockets_keeps_its_inspection_state() {
+    guest_migration_keeps_its_inspection_state("pe2mgs", MigrationPath::ControlSockets);
 }
