@@ -1145,6 +1145,7 @@ impl Agent {
             records: migrations.clone(),
             peer_tls: peer_tls.clone(),
             precopied: Mutex::new(std::collections::HashMap::new()),
+            inspect_marks: Mutex::new(HashMap::new()),
             delta_phases: Mutex::new(HashMap::new()),
             imported: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
@@ -2217,10 +2218,12 @@ impl Agent {
         let quiesced_drops: u64 = guards.iter().map(|g| g.quiesced_drops).sum();
         let mut inline = crate::inspection::InlineCounters::default();
         let mut inline_flows = 0;
+        let mut inline_gauges = metrics::InlineGauges::default();
         for g in &mut guards {
             if let Some(i) = &mut g.inline {
                 inline.merge(&i.counters());
                 inline_flows += i.flows();
+                inline_gauges.add(i);
             }
         }
         let takeover = self.fail_open.as_ref().map(|_| {
@@ -2323,6 +2326,7 @@ impl Agent {
                 &self.alert_stats,
                 self.alert_queue.as_ref().map(|q| q.stats()),
             ));
+            text.push_str(&metrics::inspection_state(&self.config.host, &inline_gauges, &inline));
         }
         text.push_str(&metrics::fallback(
             &self.config.host,
@@ -2570,6 +2574,9 @@ struct VnicControl {
     /// it, and the pre-copy's size and hash (the export's record covers
     /// pre-copy and delta, as the destination's import record does).
     precopied: Mutex<std::collections::HashMap<String, Precopied>>,
+    /// Per vNIC with an inspection pre-copy out: each worker's mark (`None`
+    /// for a worker without inspection), what its delta is taken against.
+    inspect_marks: Mutex<HashMap<String, Vec<Option<crate::inspection::carry::PrecopyMark>>>>,
     /// Per vNIC, where its last delta's time in the guest's pause went:
     /// logged once the pause is over (by the release or the resume), not in it.
     delta_phases: Mutex<HashMap<String, DeltaPhases>>,
@@ -2652,6 +2659,10 @@ impl VnicControl {
     /// Forget `vnic`'s pre-copy; with none left, the engines stop keeping
     /// removed connections' keys.
     fn end_precopy(&self, guards: &mut [std::sync::MutexGuard<'_, WorkerCore>], vnic: &str) {
+        self.inspect_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vnic);
         let mut pre = self.precopied.lock().unwrap_or_else(|p| p.into_inner());
         pre.remove(vnic);
         if pre.is_empty() {
@@ -2686,6 +2697,20 @@ impl VnicControl {
             .unwrap_or_else(|p| p.into_inner())
             .insert(vnic.to_string(), Instant::now());
         self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(vnic);
+    }
+
+    /// Move the inspected flows held for `vnic`'s commit into the workers' live tables.
+    fn commit_held_inspection(guards: &mut [std::sync::MutexGuard<'_, WorkerCore>], vnic: &str, now: u64) {
+        let mut inlines: Vec<Option<&mut crate::inspection::Inline>> =
+            guards.iter_mut().map(|g| g.inline.as_mut()).collect();
+        crate::inspection::carry::commit_staged(&mut inlines, vnic, now);
+    }
+
+    /// Forget the inspected flows held for `vnic` (its commit was refused).
+    fn drop_held_inspection(guards: &mut [std::sync::MutexGuard<'_, WorkerCore>], vnic: &str) {
+        let mut inlines: Vec<Option<&mut crate::inspection::Inline>> =
+            guards.iter_mut().map(|g| g.inline.as_mut()).collect();
+        crate::inspection::carry::discard_staged(&mut inlines, vnic);
     }
 
     fn quiesce(
@@ -2739,10 +2764,21 @@ impl http::Control for VnicControl {
     fn import_vnic(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, http::ControlError> {
         let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
-        let n = {
+        let imported = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
-            crate::migrate::import(&mut engines, vnic, blob, now).map_err(control_error)?
+            crate::migrate::import(&mut engines, vnic, blob, now).map_err(control_error)
         };
+        let n = match imported {
+            Ok(n) => n,
+            Err(e) => {
+                // Refused: the inspection section sent before it goes too.
+                Self::drop_held_inspection(&mut guards, vnic);
+                return Err(e);
+            }
+        };
+        // The inspection section sent before it (the control socket's
+        // `inspection` request) joins the live tables with the connections.
+        Self::commit_held_inspection(&mut guards, vnic, now);
         Self::forward_arrived(&mut guards, vnic)?;
         drop(guards);
         self.arrived(vnic);
@@ -2869,29 +2905,39 @@ impl http::Control for VnicControl {
         Ok(blob)
     }
 
-    /// The detection state of the vNIC's inspected flows, every worker's,
-    /// as one section (empty without any).
-    fn export_inspection(&self, vnic: &str, _peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
+    /// Every inspected flow of the vNIC, every worker's, as one pre-copy
+    /// section (empty when no worker inspects); each worker's mark is kept
+    /// for the delta.
+    fn export_inspection_precopy(&self, vnic: &str, _peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
         let started = Instant::now();
         let now = self.now();
-        let guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
         let mut flows = Vec::new();
-        for core in &guards {
+        let mut marks = Vec::with_capacity(guards.len());
+        for core in guards.iter_mut() {
+            let core = &mut **core;
             let port = core
                 .engine
                 .port_of(vnic)
                 .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
-            if let Some(inline) = core.inline.as_ref() {
-                inline.export_vnic_flows(&core.engine, port, now, &mut flows);
-            }
+            marks.push(
+                core.inline
+                    .as_mut()
+                    .map(|inline| inline.precopy_vnic_flows(&core.engine, port, now, &mut flows)),
+            );
         }
         drop(guards);
-        if flows.is_empty() {
+        if marks.iter().all(Option::is_none) {
             return Ok(Vec::new());
         }
-        let blob = crate::inspection::carry::encode(vnic, &flows);
+        self.inspect_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vnic.to_string(), marks);
+        let blob =
+            crate::inspection::carry::encode_section(vnic, crate::inspection::carry::SectionKind::Precopy, &flows, &[]);
         eprintln!(
-            "palisade agent: inspection state of {vnic}: {} flows, {} bytes, {} us",
+            "palisade agent: inspection pre-copy of {vnic}: {} flows, {} bytes, {} us",
             flows.len(),
             blob.len(),
             started.elapsed().as_micros()
@@ -2899,7 +2945,82 @@ impl http::Control for VnicControl {
         Ok(blob)
     }
 
-    /// Each flow to the worker its connection is steered to, all or nothing.
+    /// The detection state of the vNIC's inspected flows, every worker's,
+    /// as one section (empty when no worker inspects): after a pre-copy
+    /// the delta since it (whole when a worker's inspector changed since),
+    /// else every flow.
+    fn export_inspection(&self, vnic: &str, _peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
+        use crate::inspection::carry::{self, SectionKind};
+        let started = Instant::now();
+        let now = self.now();
+        let marks = self
+            .inspect_marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnic)
+            .cloned();
+        let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let mut ports = Vec::with_capacity(guards.len());
+        for core in guards.iter() {
+            ports.push(
+                core.engine
+                    .port_of(vnic)
+                    .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?,
+            );
+        }
+        if guards.iter().all(|g| g.inline.is_none()) {
+            return Ok(Vec::new());
+        }
+        let mut flows = Vec::new();
+        let mut gone = Vec::new();
+        let mut kind = if marks.is_some() {
+            SectionKind::Delta
+        } else {
+            SectionKind::Whole
+        };
+        if let Some(marks) = &marks {
+            for ((core, port), mark) in guards.iter_mut().zip(&ports).zip(marks) {
+                let core = &mut **core;
+                let Some(inline) = core.inline.as_mut() else {
+                    continue;
+                };
+                let taken = mark
+                    .as_ref()
+                    .and_then(|m| inline.delta_vnic_flows(&core.engine, *port, now, m, &mut flows, &mut gone));
+                if taken.is_none() {
+                    // This worker's inspector is not the one the pre-copy saw: all go whole.
+                    kind = SectionKind::Whole;
+                    break;
+                }
+            }
+        }
+        if kind == SectionKind::Whole {
+            flows.clear();
+            gone.clear();
+            for (core, port) in guards.iter_mut().zip(&ports) {
+                let core = &mut **core;
+                if let Some(inline) = core.inline.as_mut() {
+                    inline.export_vnic_flows(&core.engine, *port, now, &mut flows);
+                }
+            }
+        }
+        drop(guards);
+        let blob = carry::encode_section(vnic, kind, &flows, &gone);
+        eprintln!(
+            "palisade agent: inspection state of {vnic} ({kind:?}): {} flows, {} removed, {} bytes, {} us",
+            flows.len(),
+            gone.len(),
+            blob.len(),
+            started.elapsed().as_micros()
+        );
+        Ok(blob)
+    }
+
+    /// Held for the vNIC's commit, each flow on the worker its connection
+    /// is steered to, all or nothing: a pre-copy or whole section instead
+    /// of what is held, a delta over it. The flows join the live tables
+    /// when the vNIC's connections are committed ([`Self::import_arrival`],
+    /// [`Self::import_vnic`]).
     fn import_inspection(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, http::ControlError> {
         let started = Instant::now();
         let now = self.now();
@@ -2910,12 +3031,12 @@ impl http::Control for VnicControl {
         let done = {
             let mut inlines: Vec<Option<&mut crate::inspection::Inline>> =
                 guards.iter_mut().map(|g| g.inline.as_mut()).collect();
-            crate::inspection::carry::import(&mut inlines, vnic, blob, now)
+            crate::inspection::carry::stage(&mut inlines, vnic, blob, now)
                 .map_err(|e| http::ControlError::Refused(e.to_string()))?
         };
         drop(guards);
         eprintln!(
-            "palisade agent: migration from {}: inspection state of {vnic}: {} flows taken up ({} resumed mid-stream), {} of an unknown profile, {} on workers without inspection, {} bytes, {} us",
+            "palisade agent: migration from {}: inspection state of {vnic}: {} flows held for the commit ({} resumed mid-stream), {} of an unknown profile, {} on workers without inspection, {} bytes, {} us",
             peer.unwrap_or("?"),
             done.flows,
             done.midstream,
@@ -2935,14 +3056,27 @@ impl http::Control for VnicControl {
         let now = self.now();
         let vnic = a.vnic.clone();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
-        let n = {
+        let applied = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             crate::migrate::apply_arrival(&mut engines, &a.removed, a.revalidate, a.snapshot, now)
-                .map_err(control_error)?
+                .map_err(control_error)
+        };
+        let n = match applied {
+            Ok(n) => n,
+            Err(e) => {
+                if !a.stage {
+                    // A refused commit: the inspection state held for it goes too.
+                    Self::drop_held_inspection(&mut guards, &vnic);
+                }
+                return Err(e);
+            }
         };
         let n = if a.stage {
             n
         } else {
+            // The inspected flows held for this commit join the live tables
+            // before the port forwards.
+            Self::commit_held_inspection(&mut guards, &vnic, now);
             // What moved is what the vNIC holds now, staged and delta together.
             Self::forward_arrived(&mut guards, &vnic)?;
             guards
@@ -2973,6 +3107,9 @@ impl http::Control for VnicControl {
                 .port_of(vnic)
                 .ok_or_else(|| http::ControlError::UnknownVnic(vnic.to_string()))?;
             removed += core.engine.remove_vnic_conns(port, keys, now, &mut ());
+            if let Some(inline) = core.inline.as_mut() {
+                crate::inspection::carry::discard_staged(&mut [Some(inline)], vnic);
+            }
         }
         self.record("discard", vnic, None, removed, None);
         Ok(removed)
@@ -3210,5 +3347,123 @@ mod tests {
         assert_eq!(same_instance(&first, &[chain("a", &["x.in"])], 0, 0), None);
         assert_eq!(same_instance(&first, &other, 2, 0), None);
         assert_eq!(same_instance(&first, &first, 1, 1), Some((1, 1)));
+    }
+}
+
+/// The agent's side of a live migration's inspection state
+/// ([`VnicControl`]): held on the destination until the commit, dropped
+/// when the commit is refused.
+#[cfg(test)]
+mod migration_inspection_tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    use crate::migrating_host::{self, Conn, Host, host, host_with, model};
+
+    use super::{HashMap, VnicControl, WorkerCore};
+    use crate::http::Control;
+    use palisade_io::port::PortStats;
+
+    /// A one-worker host's control over `h`'s engine and inline inspection.
+    fn control(h: Host, name: &str) -> VnicControl {
+        let identities = Arc::new(h.identities);
+        let core = WorkerCore {
+            engine: h.engine,
+            identities,
+            port_stats: Vec::new(),
+            overlay_stats: PortStats::default(),
+            unroutable: 0,
+            render_errors: 0,
+            quiesced: Vec::new(),
+            quiesced_drops: 0,
+            journal: None,
+            inline: Some(h.inline),
+            probe_out: Vec::new(),
+            takeover: None,
+        };
+        VnicControl {
+            workers: vec![Arc::new(Mutex::new(core))],
+            origin: Instant::now(),
+            host: name.into(),
+            records: Arc::new(Mutex::new(Vec::new())),
+            peer_tls: None,
+            precopied: Mutex::new(HashMap::new()),
+            inspect_marks: Mutex::new(HashMap::new()),
+            delta_phases: Mutex::new(HashMap::new()),
+            imported: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            holds_started: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// (live inspected flows, flows held for a commit) on `c`.
+    fn inspected(c: &VnicControl) -> (usize, usize) {
+        let core = super::lock(&c.workers[0]);
+        let inline = core.inline.as_ref().unwrap();
+        (inline.flows(), inline.staged_total())
+    }
+
+    /// a.0 moves from a source with one inspected connection to a
+    /// destination whose connection table holds `capacity`: its pre-copy
+    /// and inspection pre-copy while the connection talks on, then in the
+    /// pause its delta and inspection delta, as the peer channel carries
+    /// them. Returns the destination and whether its commit was taken.
+    fn migrate(capacity: usize) -> (VnicControl, Result<usize, crate::http::ControlError>) {
+        let m = model();
+        let mut src = host(&m, "h1");
+        let now = migrating_host::MS;
+        let mut c = Conn::open(&mut src, 40000, now);
+        let _ = c.send(&mut src, b"LOGIN x\r\n", now);
+        let src = control(src, "h1");
+        let dst = control(host_with(&m, "h2", Some(capacity)), "h2");
+        let mut staging = crate::peer::Staging::new("h1");
+        let pre = src.export_precopy("a.0", Some("h2")).unwrap();
+        dst.import_arrival(staging.stage("a.0", &pre).unwrap()).unwrap();
+        let section = src.export_inspection_precopy("a.0", Some("h2")).unwrap();
+        assert_eq!(dst.import_inspection("a.0", &section, Some("h1")).unwrap(), 1);
+        assert_eq!(inspected(&dst), (0, 1), "held, not live");
+        {
+            // The guest talks on while the pre-copy is out.
+            let mut core = super::lock(&src.workers[0]);
+            let core = &mut *core;
+            let mut h = Host {
+                engine: std::mem::replace(&mut core.engine, host(&m, "x").engine),
+                inline: core.inline.take().unwrap(),
+                identities: (*core.identities).clone(),
+                events: Vec::new(),
+            };
+            let _ = c.send(&mut h, b"read SECRET\r\n", 2 * now);
+            core.engine = h.engine;
+            core.inline = Some(h.inline);
+        }
+        let delta = src.export_delta("a.0", Some("h2")).unwrap();
+        let section = src.export_inspection("a.0", Some("h2")).unwrap();
+        assert_eq!(dst.import_inspection("a.0", &section, Some("h1")).unwrap(), 1);
+        let committed = staging
+            .commit("a.0", &delta)
+            .map_err(crate::http::ControlError::Refused)
+            .and_then(|a| dst.import_arrival(a));
+        (dst, committed)
+    }
+
+    #[test]
+    fn a_committed_delta_brings_the_held_inspection_state_live() {
+        let (dst, committed) = migrate(16);
+        assert_eq!(committed.unwrap(), 1);
+        assert_eq!(inspected(&dst), (1, 0));
+    }
+
+    /// A commit refused after the inspection section was taken (here: no
+    /// room for the connection on the destination) leaves no inspected
+    /// flow behind, neither live nor held.
+    #[test]
+    fn a_refused_commit_drops_the_inspection_state_it_held() {
+        let (dst, committed) = migrate(1);
+        let e = committed.unwrap_err();
+        assert!(
+            matches!(&e, crate::http::ControlError::Refused(m) if m.contains("room")),
+            "{e:?}"
+        );
+        assert_eq!(inspected(&dst), (0, 0));
     }
 }

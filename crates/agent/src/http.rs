@@ -14,7 +14,12 @@
 //! /vnics/{name}/export` (the vNIC's connection state, forwarding for it
 //! stopped), `POST /vnics/{name}/import` (a state blob as the body) and
 //! `POST /vnics/{name}/resume` (forwarding back on: a migration that
-//! failed). These are never served on the TCP address. So is `POST
+//! failed), and for inline inspection's state ([`crate::inspection::carry`])
+//! `POST /vnics/{name}/export-inspection` (the vNIC's inspection section,
+//! after its export; empty when nothing here inspects) and `POST
+//! /vnics/{name}/import-inspection` (a section as the body, sent before the
+//! import, held until the import commits it; a refused import drops it).
+//! These are never served on the TCP address. So is `POST
 //! /flows/offload` (a JSON [`OffloadRequest`]): a service-chain appliance's
 //! decision for the rest of a flow, vPath style (`allow`: its later packets
 //! bypass the appliance; `drop`: they are dropped).
@@ -100,16 +105,28 @@ pub trait Control: Send + Sync {
         let _ = arrival;
         Err(ControlError::Refused("this agent takes no state from peers".into()))
     }
+    /// A live migration's inspection pre-copy, while the guest runs, after
+    /// [`Control::export_precopy`]: every inspected flow of `vnic`
+    /// ([`crate::inspection::carry`]); its changes from now on are told
+    /// apart for [`Control::export_inspection`]. Empty when nothing here
+    /// inspects (nothing is sent then).
+    fn export_inspection_precopy(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, ControlError> {
+        let _ = (vnic, peer);
+        Ok(Vec::new())
+    }
     /// A live migration's inspection section, in the guest's pause after
     /// [`Control::export_delta`] quiesced `vnic`: the detection state of
-    /// its inspected flows ([`crate::inspection::carry`]); empty when it has
-    /// none (nothing is sent then).
+    /// its inspected flows ([`crate::inspection::carry`]), after an
+    /// inspection pre-copy only what changed since; empty when nothing
+    /// here inspects (nothing is sent then).
     fn export_inspection(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, ControlError> {
         let _ = (vnic, peer);
         Ok(Vec::new())
     }
-    /// Take up a peer's inspection section for `vnic`, all or nothing;
-    /// returns the flows imported.
+    /// Take up a peer's inspection section for `vnic`, all or nothing,
+    /// held until `vnic`'s connections are committed (then its flows join
+    /// the live tables; a refused commit drops them); returns the flows
+    /// the section carried.
     fn import_inspection(&self, vnic: &str, blob: &[u8], peer: Option<&str>) -> Result<usize, ControlError> {
         let _ = (vnic, blob, peer);
         Err(ControlError::Refused(
@@ -510,7 +527,7 @@ fn vnic_request<R: Read>(
     let Some((vnic, action)) = rest.split_once('/') else {
         return text(
             "404 Not Found",
-            "not found: try /vnics/NAME/export, import, resume or release".into(),
+            "not found: try /vnics/NAME/export, import, export-inspection, import-inspection, resume or release".into(),
         );
     };
     if vnic.is_empty() || vnic.len() > MAX_VNIC_NAME || !vnic.bytes().all(|b| b.is_ascii_graphic()) {
@@ -520,10 +537,15 @@ fn vnic_request<R: Read>(
         Ok(x) => x,
         Err(why) => return text("400 Bad Request", why),
     };
-    if !matches!(action, "export" | "import" | "resume" | "release") {
+    if !matches!(
+        action,
+        "export" | "import" | "export-inspection" | "import-inspection" | "resume" | "release"
+    ) {
         return text(
             "404 Not Found",
-            format!("not found: no action {action:?} (export, import, resume, release)"),
+            format!(
+                "not found: no action {action:?} (export, import, export-inspection, import-inspection, resume, release)"
+            ),
         );
     }
     if method != "POST" {
@@ -539,6 +561,10 @@ fn vnic_request<R: Read>(
             Ok(blob) => ("200 OK", "application/octet-stream", blob),
             Err(e) => refused(e),
         },
+        "export-inspection" => match control.export_inspection(vnic, peer) {
+            Ok(section) => ("200 OK", "application/octet-stream", section),
+            Err(e) => refused(e),
+        },
         "resume" => match control.resume_vnic(vnic, peer) {
             Ok(()) => ("200 OK", "application/json", b"{\"resumed\":true}".to_vec()),
             Err(e) => refused(e),
@@ -552,13 +578,19 @@ fn vnic_request<R: Read>(
             Err(e) => refused(e),
         },
         _ => {
+            // An inspection section holds reassembled bytes: the channel's frame bound.
+            let max = if action == "import-inspection" {
+                crate::peer::MAX_FRAME
+            } else {
+                crate::migrate::MAX_BLOB
+            };
             let n = match length {
                 None => return text("411 Length Required", "a state blob needs a Content-Length".into()),
                 Some(Err(())) => return text("400 Bad Request", "Content-Length does not parse".into()),
-                Some(Ok(n)) if n > crate::migrate::MAX_BLOB => {
+                Some(Ok(n)) if n > max => {
                     return text(
                         "413 Content Too Large",
-                        format!("state blob of {n} bytes exceeds {} bytes", crate::migrate::MAX_BLOB),
+                        format!("state blob of {n} bytes exceeds {max} bytes"),
                     );
                 }
                 Some(Ok(n)) => n,
@@ -569,6 +601,16 @@ fn vnic_request<R: Read>(
                     "400 Bad Request",
                     format!("state blob shorter than its Content-Length ({e})"),
                 );
+            }
+            if action == "import-inspection" {
+                return match control.import_inspection(vnic, &blob, peer) {
+                    Ok(n) => (
+                        "200 OK",
+                        "application/json",
+                        format!("{{\"inspected_flows\":{n}}}").into_bytes(),
+                    ),
+                    Err(e) => refused(e),
+                };
             }
             match control.import_vnic(vnic, &blob, peer) {
                 Ok(n) => (

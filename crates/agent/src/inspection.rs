@@ -416,6 +416,10 @@ pub struct InlineCounters {
     pub migrated_midstream: u64,
     /// Migrated flows not taken over: their profile is unknown here (their frames are handled as any such flow's).
     pub migrated_unknown_profile: u64,
+    /// Inspected flows' records sent to another host (live migration: pre-copy, delta or whole).
+    pub flows_migrated_out: u64,
+    /// Inspection sections from another host refused (nothing of them taken up).
+    pub migration_sections_refused: u64,
 }
 
 impl InlineCounters {
@@ -437,6 +441,8 @@ impl InlineCounters {
         self.flows_migrated_in += o.flows_migrated_in;
         self.migrated_midstream += o.migrated_midstream;
         self.migrated_unknown_profile += o.migrated_unknown_profile;
+        self.flows_migrated_out += o.flows_migrated_out;
+        self.migration_sections_refused += o.migration_sections_refused;
     }
 }
 
@@ -519,7 +525,15 @@ struct Tracked {
     state: FlowState,
     last: Duration,
     profile: Arc<str>,
+    /// The worker's change generation when the flow's state last changed
+    /// (a frame inspected, a migration's state taken up): a live
+    /// migration's delta carries the flows changed since its pre-copy.
+    changed: u64,
 }
+
+/// Identities of [`Inline`]s, so a pre-copy's mark taken on one is never
+/// read against another's generations (a policy change that rebuilt it).
+static INLINE_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A port's inspection budget: a token bucket of bytes, a second's worth deep.
 #[derive(Debug, Clone, Copy)]
@@ -598,6 +612,15 @@ pub struct Inline {
     coalesce: HashMap<(Key, u32, bool), usize>,
     /// The bounds on `pending`: `alert`-only records, `drop`/`reject` records.
     bounds: (usize, usize),
+    /// This inspector's identity ([`INLINE_IDS`]).
+    id: u64,
+    /// Change generation, advanced by every change to a flow's state.
+    generation: u64,
+    /// Per vNIC arriving by live migration, the flows taken up from its
+    /// pre-copy (and delta), not in `flows` until its commit ([`carry`]).
+    staged: HashMap<String, HashMap<Key, Tracked>>,
+    /// The names of this inspector's rules for migrated records, once built ([`carry`]).
+    importer: Option<Arc<palisade_inspect::persist::FlowImporter>>,
 }
 
 impl core::fmt::Debug for Inline {
@@ -635,6 +658,10 @@ impl Inline {
             pending_blocked: 0,
             coalesce: HashMap::new(),
             bounds: (WORKER_ALERTS, WORKER_BLOCKED_ALERTS),
+            id: INLINE_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            generation: 0,
+            staged: HashMap::new(),
+            importer: None,
         }
     }
 
@@ -754,10 +781,13 @@ impl Inline {
         if !self.flows.contains_key(&key) && self.flows.len() >= self.setup.max_flows {
             self.make_room(t);
         }
+        self.generation += 1;
+        let generation = self.generation;
         let tracked = self.flows.entry(key).or_insert_with(|| Tracked {
             state: FlowState::new(profile, pkt),
             last: t,
             profile: name.into(),
+            changed: generation,
         });
         if tracked.state.profile() != profile || *tracked.profile != *name {
             // The policy changed the flow's profile: detection starts over under the new one.
@@ -767,11 +797,13 @@ impl Inline {
                     state: FlowState::new(profile, pkt),
                     last: t,
                     profile: name.into(),
+                    changed: generation,
                 },
             );
             self.inspector.discard_flow(old.state);
         }
         tracked.last = t;
+        tracked.changed = generation;
         self.alerts.clear();
         let outcome = self.inspector.inspect(&mut tracked.state, pkt, t, &mut self.alerts);
         let verdict = match outcome {

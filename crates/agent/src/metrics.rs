@@ -814,6 +814,89 @@ pub fn inspection(
     out
 }
 
+/// What inline inspection holds now (every worker's): gauges beside its counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InlineGauges {
+    /// Inspected flows tracked.
+    pub flows: usize,
+    /// Stream bytes those flows hold (reassembly, charged to the workers' budgets).
+    pub held_bytes: usize,
+    /// Flows taken from another host's migration, held until its commit.
+    pub staged_flows: usize,
+}
+
+impl InlineGauges {
+    /// Add one worker's `inline`.
+    pub fn add(&mut self, inline: &crate::inspection::Inline) {
+        self.flows += inline.flows();
+        self.held_bytes += inline.stream_memory_in_use();
+        self.staged_flows += inline.staged_total();
+    }
+}
+
+/// Inline inspection's state and its live migration counts, in the
+/// Prometheus text format (`palisade_inspect_*`, beside [`inspection`]'s):
+/// the flows and held bytes now, the flows carried in and out, those taken
+/// up mid-stream or of an unknown profile, and the sections refused.
+pub fn inspection_state(host: &str, g: &InlineGauges, c: &crate::inspection::InlineCounters) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let host = esc(host);
+    let gauges: [(&str, &str, usize); 3] = [
+        ("flows", "Inspected flows tracked by inline inspection.", g.flows),
+        (
+            "held_bytes",
+            "Stream bytes the inspected flows hold for reassembly.",
+            g.held_bytes,
+        ),
+        (
+            "migration_staged_flows",
+            "Inspected flows taken from a migration's pre-copy or delta, held until its commit.",
+            g.staged_flows,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let _ = write!(
+            out,
+            "# HELP palisade_inspect_{name} {help}\n# TYPE palisade_inspect_{name} gauge\npalisade_inspect_{name}{{host=\"{host}\"}} {v}\n"
+        );
+    }
+    let counters: [(&str, &str, u64); 5] = [
+        (
+            "migration_flows_in_total",
+            "Inspected flows taken over from another host with their state (live migration).",
+            c.flows_migrated_in,
+        ),
+        (
+            "migration_flows_out_total",
+            "Inspected flows' records sent to another host (pre-copy, delta or whole).",
+            c.flows_migrated_out,
+        ),
+        (
+            "migration_midstream_total",
+            "Migrated flows whose reassembly or parser state could not be taken, resumed mid-stream.",
+            c.migrated_midstream,
+        ),
+        (
+            "migration_unknown_profile_total",
+            "Migrated flows not taken over: their inspection profile is unknown here.",
+            c.migrated_unknown_profile,
+        ),
+        (
+            "migration_sections_refused_total",
+            "Inspection sections from another host refused (nothing of them taken up).",
+            c.migration_sections_refused,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = write!(
+            out,
+            "# HELP palisade_inspect_{name} {help}\n# TYPE palisade_inspect_{name} counter\npalisade_inspect_{name}{{host=\"{host}\"}} {v}\n"
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use core::net::Ipv4Addr;

@@ -397,6 +397,15 @@ impl<'a> Handover<'a> {
                 .map_err(|e| format!("pre-copy of {n}: {}", describe_control(&e)))?;
             h.vnics.push(n.clone());
             h.staged += h.session.stage(n, &blob).map_err(|e| e.to_string())?;
+            // Its inspected flows too, so the pause carries only what changes from now on.
+            let inspection = control
+                .export_inspection_precopy(n, Some(to))
+                .map_err(|e| format!("inspection pre-copy of {n}: {}", describe_control(&e)))?;
+            if !inspection.is_empty() {
+                h.session
+                    .inspect(n, &inspection)
+                    .map_err(|e| format!("destination agent inspection pre-copy: {e}"))?;
+            }
         }
         h.precopy = t.elapsed();
         Ok(Some(h))
@@ -422,9 +431,10 @@ impl<'a> Handover<'a> {
             exported.borrow_mut().push(n.clone());
             self.quiesced.push(n.clone());
             let export = t.elapsed();
-            // The port is quiesced: its inspected flows' state is final. A
-            // destination refusing it fails the switchover as a refused
-            // delta does. Its time counts with the commit's (sent, applied).
+            // The port is quiesced: its inspected flows' state is final; what
+            // changed since the inspection pre-copy goes. A destination
+            // refusing it fails the switchover as a refused delta does. Its
+            // time counts with the commit's (sent, applied).
             let inspection = self
                 .control
                 .export_inspection(&n, Some(to))

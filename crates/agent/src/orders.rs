@@ -348,6 +348,21 @@ fn move_state(
     let mut moved = 0u64;
     let mut hasher = blake3::Hasher::new();
     for (n, blob) in order.vnics.iter().zip(&blobs) {
+        // The port is quiesced: its inspected flows' state is final. The
+        // destination holds it until the import below commits it (a
+        // refused import drops it there).
+        let inspection = control
+            .export_inspection(n, Some(&order.to))
+            .map_err(|e| format!("inspection state of {n}: {}", describe(&e)))?;
+        if !inspection.is_empty() {
+            control_post(
+                Path::new(peer),
+                &format!("/vnics/{n}/import-inspection?peer={host}"),
+                &inspection,
+                CONTROL_TIMEOUT,
+            )
+            .map_err(|e| format!("destination agent inspection import: {e}"))?;
+        }
         let answer = control_post(
             Path::new(peer),
             &format!("/vnics/{n}/import?peer={host}"),
@@ -490,6 +505,8 @@ mod tests {
         /// Frames from the guest: grows at each look when `live`.
         received: std::sync::atomic::AtomicU64,
         live: bool,
+        /// What `export_inspection` gives (empty: nothing here inspects).
+        inspection: Vec<u8>,
     }
 
     impl Control for FakeControl {
@@ -514,6 +531,12 @@ mod tests {
         fn release_vnic(&self, vnic: &str, _: Option<&str>) -> Result<usize, ControlError> {
             self.calls.lock().unwrap().push(format!("release {vnic}"));
             Ok(3)
+        }
+        fn export_inspection(&self, vnic: &str, _: Option<&str>) -> Result<Vec<u8>, ControlError> {
+            if !self.inspection.is_empty() {
+                self.calls.lock().unwrap().push(format!("inspection {vnic}"));
+            }
+            Ok(self.inspection.clone())
         }
     }
 
@@ -576,6 +599,97 @@ mod tests {
             s.write_all(answer.as_bytes()).unwrap();
             head
         })
+    }
+
+    /// A destination agent's control socket answering one request per
+    /// answer, in turn; each request's head and body.
+    fn fake_peer_requests(path: &Path, answers: Vec<&'static str>) -> std::thread::JoinHandle<Vec<(String, Vec<u8>)>> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for answer in answers {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let (mut head, mut len) = (String::new(), 0);
+                loop {
+                    let mut line = String::new();
+                    r.read_line(&mut line).unwrap();
+                    if let Some(v) = line.strip_prefix("Content-Length: ") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                s.write_all(answer.as_bytes()).unwrap();
+                seen.push((head, body));
+            }
+            seen
+        })
+    }
+
+    /// Without the agents' channel the inspection section goes through the
+    /// destination's control socket too, after the export (the port
+    /// quiesced: its state final) and before the import that commits it;
+    /// a destination refusing it fails the migration and the source resumes.
+    #[test]
+    fn the_control_socket_path_carries_the_inspection_section_before_the_import() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, order) = setup(dir.path());
+        let (_qemu, q) = fake_qemu(&dir.path().join("vm1.qmp"));
+        let peer = fake_peer_requests(
+            &dir.path().join("hv2.sock"),
+            vec![
+                "HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{\"inspected_flows\":2}",
+                "HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n{\"imported\":3}",
+            ],
+        );
+        let control = FakeControl {
+            inspection: b"inspection section".to_vec(),
+            ..FakeControl::default()
+        };
+        let r = carry_out(&order, "hv1", &config, &control);
+        assert_eq!(r.state, MigrationState::Completed, "{r:?}");
+        let seen = peer.join().unwrap();
+        assert!(
+            seen[0].0.starts_with("POST /vnics/vm1.0/import-inspection?peer=hv1 "),
+            "{seen:?}"
+        );
+        assert_eq!(seen[0].1, b"inspection section");
+        assert!(seen[1].0.starts_with("POST /vnics/vm1.0/import?peer=hv1 "), "{seen:?}");
+        assert_eq!(
+            *control.calls.lock().unwrap(),
+            ["export vm1.0 Some(\"hv2\")", "inspection vm1.0", "release vm1.0"]
+        );
+        q.join().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let (config, order) = setup(dir.path());
+        let (_qemu, q) = fake_qemu(&dir.path().join("vm1.qmp"));
+        let peer = fake_peer_requests(
+            &dir.path().join("hv2.sock"),
+            vec!["HTTP/1.1 400 Bad Request\r\nContent-Length: 36\r\n\r\ninspection section checksum mismatch"],
+        );
+        let control = FakeControl {
+            inspection: b"inspection section".to_vec(),
+            ..FakeControl::default()
+        };
+        let r = carry_out(&order, "hv1", &config, &control);
+        assert_eq!(r.state, MigrationState::Failed, "{r:?}");
+        let reason = r.reason.clone().unwrap_or_default();
+        assert!(
+            reason.contains("inspection import") && reason.contains("checksum"),
+            "{reason}"
+        );
+        assert_eq!(peer.join().unwrap().len(), 1, "no import after a refused section");
+        assert_eq!(
+            *control.calls.lock().unwrap(),
+            ["export vm1.0 Some(\"hv2\")", "inspection vm1.0", "resume vm1.0"]
+        );
+        q.join().unwrap();
     }
 
     fn setup(dir: &Path) -> (MigrationConfig, MigrationOrder) {

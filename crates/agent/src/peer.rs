@@ -23,6 +23,11 @@
 //!    to the staged copy and imported all or nothing ([`Control::import_arrival`]);
 //!    a full transfer here needs no pre-copy.
 //!
+//! `INSPECT` carries a vNIC's inspection section
+//! ([`crate::inspection::carry`]): its pre-copy after the `STAGE`, its delta
+//! in the pause before the `COMMIT`; the destination holds what it takes
+//! until the `COMMIT` is applied ([`Control::import_inspection`]).
+//!
 //! Each request is answered `OK count` or `ERR message`. What is staged
 //! lives in the connection: a source that goes away (a cancelled
 //! migration) leaves nothing behind. Framing errors (a frame over the
@@ -58,8 +63,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO: u8 = 1;
 const STAGE: u8 = 2;
 const COMMIT: u8 = 3;
-/// A vNIC's inspection section ([`crate::inspection::carry`]), sent in the
-/// pause before its delta.
+/// A vNIC's inspection section ([`crate::inspection::carry`]): its
+/// pre-copy after the `STAGE`, its delta in the pause before the `COMMIT`.
 const INSPECT: u8 = 4;
 const OK: u8 = 0x80;
 const ERR: u8 = 0x81;
@@ -803,7 +808,7 @@ impl Session {
         self.last
     }
 
-    /// Send the inspection section of `vnic` (before its delta); returns
+    /// Send an inspection section of `vnic` (its pre-copy, or its delta before the `COMMIT`); returns
     /// the flows the destination took up.
     pub fn inspect(&mut self, vnic: &str, blob: &[u8]) -> Result<u64, PeerError> {
         self.request(INSPECT, vnic, blob)

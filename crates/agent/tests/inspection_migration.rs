@@ -9,186 +9,16 @@
 //! again. Each against a control: the same traffic at a destination that
 //! did not get the section behaves otherwise, so the tests can fail.
 
-use core::net::Ipv4Addr;
-use std::path::Path;
-use std::sync::Arc;
+mod migrating_host;
+mod section_check;
+mod support;
+
 use std::time::Instant;
 
+use migrating_host::{Conn, Fate, Host, MS, host, model};
+use palisade_agent::inspection::InlineVerdict;
 use palisade_agent::inspection::carry::{self, SectionError};
-use palisade_agent::inspection::{Inline, InlineSetup, InlineVerdict, Signatures};
 use palisade_agent::migrate;
-use palisade_agent::records::{Clock, Identities};
-use palisade_datapath::port::{self, PortId, UplinkConfig};
-use palisade_datapath::{Disposition, Engine, EngineConfig, FlowEvent, PolicyLookup, Results};
-use palisade_inspect::classification::Classifications;
-use palisade_policy::compile::Compiler;
-use palisade_policy::model::Model;
-use palisade_policy::{MemorySource, load};
-use palisade_testkit::engine::tcp_v4_frame;
-use palisade_wire::ethernet::EthernetAddress;
-use palisade_wire::tcp::TcpFlags;
-use palisade_wire::virtio_net::Offload;
-
-const POLICY: &str = r#"
-version: 1
-datacenter: { name: dc1, default: deny }
-zones: [{ name: web, vlan: 100 }]
-vms:
-  - { name: a, uuid: 00000000-0000-4000-8000-00000000000a, host: h1, vnics: [{ name: a.0, mac: "02:00:00:00:00:0a", ips: [10.0.0.10], zone: web }] }
-  - { name: b, uuid: 00000000-0000-4000-8000-00000000000b, host: h1, vnics: [{ name: b.0, mac: "02:00:00:00:00:0b", ips: [10.0.0.11], zone: web }] }
-groups: { web: { zone: web } }
-profiles:
-  full: { signatures: [all] }
-inspection_defaults: { intra_zone: full }
-rules:
-  datacenter:
-    - { id: full-8080, from: web, to: web, service: tcp/8080, action: allow, inspect: full }
-"#;
-
-const RULES: &str = r#"
-drop tcp any any -> any any (msg:"marker"; flow:to_server,established; content:"evil-7f3a"; sid:1; rev:1;)
-alert tcp any any -> any any (msg:"login"; flow:to_server; content:"LOGIN"; flowbits:set,logged; flowbits:noalert; sid:2; rev:1;)
-alert tcp any any -> any any (msg:"secret after login"; flow:to_server; content:"SECRET"; flowbits:isset,logged; sid:3; rev:1;)
-alert tcp any any -> any any (msg:"once per flow"; flow:to_server; content:"ONCE"; threshold:type limit, track by_flow, count 1, seconds 600; sid:4; rev:1;)
-"#;
-
-const A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
-const B: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
-const MS: u64 = 1_000_000;
-
-/// One host: its engine and one worker's inline inspection.
-struct Host {
-    engine: Engine,
-    inline: Inline,
-    identities: Identities,
-    events: Vec<FlowEvent>,
-}
-
-fn host(model: &Model, name: &str) -> Host {
-    let sigs = Signatures::compile(RULES, Path::new("test.rules"), Classifications::default(), false, model).unwrap();
-    let compiler = Compiler::new(model.clone()).unwrap();
-    let mut engine = Engine::new(
-        EngineConfig::new(UplinkConfig {
-            local_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 1]),
-            local_ip: Ipv4Addr::new(192, 168, 0, 1),
-            gateway_mac: EthernetAddress([0x0e, 0, 0, 0, 0, 0xfe]),
-            flood: vec![],
-        }),
-        Box::new(PolicyLookup::new(compiler)),
-    );
-    for nic in ["a.0", "b.0"] {
-        engine
-            .add_vnic(port::vnic_from_model(model, nic, &[], 4096).unwrap())
-            .unwrap();
-    }
-    let setup = InlineSetup {
-        signatures: Arc::new(sigs),
-        budget_bytes_per_s: None,
-        stream_memory: 64 << 20,
-        max_flows: 4096,
-        fail_closed: vec![true; 3].into(),
-        host: name.into(),
-        clock: Clock { unix_at_zero: 0 },
-    };
-    Host {
-        identities: Identities::new(model),
-        engine,
-        inline: Inline::new(setup),
-        events: Vec::new(),
-    }
-}
-
-fn model() -> Model {
-    let loaded = load(&MemorySource::new().with("p.yaml", POLICY.to_string())).unwrap();
-    assert!(!loaded.has_errors(), "{}", loaded.render());
-    loaded.model
-}
-
-fn tcp_frame(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), seq: u32, ack: u32, flags: TcpFlags, data: &[u8]) -> Vec<u8> {
-    let end = |(ip, port): (Ipv4Addr, u16)| ([2, 0, 0, 0, 0, ip.octets()[3]], ip, port);
-    tcp_v4_frame(end(src), end(dst), (seq, ack), flags, data)
-}
-
-/// What became of a frame.
-#[derive(Debug, PartialEq, Eq)]
-enum Fate {
-    /// The engine dropped it.
-    Dropped,
-    /// Forwarded by the engine; inline inspection's verdict.
-    Inspected(InlineVerdict),
-    /// Forwarded, not inspected.
-    Uninspected,
-}
-
-impl Host {
-    fn send(&mut self, from: Ipv4Addr, frame: &[u8], now: u64) -> Fate {
-        let name = if from == A { "a.0" } else { "b.0" };
-        let port: PortId = self.engine.port_of(name).unwrap();
-        let mut results = Results::new();
-        let p = self
-            .engine
-            .process_offloaded(now, port, frame, Offload::NONE, &mut self.events, &mut results);
-        match p.disposition {
-            Disposition::Drop(_) => Fate::Dropped,
-            Disposition::Forward if p.inspection().is_some() => {
-                Fate::Inspected(
-                    self.inline
-                        .frame(&mut self.engine, &p, port, now, &self.identities, &mut self.events),
-                )
-            }
-            Disposition::Forward => Fate::Uninspected,
-        }
-    }
-
-    /// Signature ids of the alert records raised since the last call.
-    fn alerts(&mut self) -> Vec<u32> {
-        self.inline
-            .take_records()
-            .records
-            .iter()
-            .map(|r| r.alert.signature_id)
-            .collect()
-    }
-}
-
-/// A connection a:`cport` → b:8080 and its client's next data segment.
-struct Conn {
-    cport: u16,
-    seq: u32,
-    ack: u32,
-}
-
-impl Conn {
-    fn open(h: &mut Host, cport: u16, now: u64) -> Conn {
-        let (c, s) = ((A, cport), (B, 8080));
-        for (from, frame) in [
-            (A, tcp_frame(c, s, 1000, 0, TcpFlags::SYN, &[])),
-            (B, tcp_frame(s, c, 5000, 1001, TcpFlags::SYN | TcpFlags::ACK, &[])),
-            (A, tcp_frame(c, s, 1001, 5001, TcpFlags::ACK, &[])),
-        ] {
-            assert_eq!(h.send(from, &frame, now), Fate::Inspected(InlineVerdict::Forward));
-        }
-        Conn {
-            cport,
-            seq: 1001,
-            ack: 5001,
-        }
-    }
-
-    /// The client sends `data` through `h`.
-    fn send(&mut self, h: &mut Host, data: &[u8], now: u64) -> Fate {
-        let f = tcp_frame(
-            (A, self.cport),
-            (B, 8080),
-            self.seq,
-            self.ack,
-            TcpFlags::ACK | TcpFlags::PSH,
-            data,
-        );
-        self.seq += data.len() as u32;
-        h.send(A, &f, now)
-    }
-}
 
 /// Move vNIC a.0 from `src` to `dst`: its connections, and (`inspection`)
 /// its inspection section. Returns the section's size.
@@ -295,7 +125,7 @@ fn a_rule_limited_to_one_alert_per_flow_does_not_alert_again() {
 
 #[test]
 fn a_refused_section_changes_nothing_on_the_destination() {
-    let (src, mut dst, _c, now) = scenario(&[b"LOGIN x\r\n"], false);
+    let (mut src, mut dst, _c, now) = scenario(&[b"LOGIN x\r\n"], false);
     let port = src.engine.port_of("a.0").unwrap();
     let mut flows = Vec::new();
     assert_eq!(src.inline.export_vnic_flows(&src.engine, port, now, &mut flows), 1);
@@ -335,7 +165,8 @@ fn a_refused_section_changes_nothing_on_the_destination() {
         assert_eq!(dst.inline.flows(), 0, "{what}: nothing imported");
     }
     // A record refused inside a valid section (checksum recomputed): named by its index.
-    let record_at = good.len() - 4 - flows[0].record_len();
+    // The record ends before the removed count (u32) and the checksum (u32).
+    let record_at = good.len() - 8 - flows[0].record_len();
     let mut bad = good[..good.len() - 4].to_vec();
     bad[record_at + 4] = 0xff;
     bad[record_at + 5] = 0xff;
@@ -422,4 +253,388 @@ fn forgotten_flows_give_their_stream_memory_back() {
     h.inline.expire(now + 3600 * 1_000_000_000);
     assert_eq!(h.inline.flows(), 0);
     assert_eq!(h.inline.stream_memory_in_use(), 0, "expiry gives the bytes back");
+}
+
+/// One step of a conversation on vNIC a.0's host.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// Open connection `n` (client port 30000 + n).
+    Open(usize),
+    /// Connection `n`'s client sends the bytes.
+    Send(usize, &'static [u8]),
+    /// Idle flows are forgotten (only connection 0 is idle by then).
+    Expire,
+}
+
+/// Connections 1 to 3 talk while connection 0, idle ten minutes by then,
+/// is forgotten midway: a marker split across segments (drop), a flowbit
+/// set then tested, a rule limited to one alert per flow.
+const STEPS: &[Step] = &[
+    Step::Open(0),
+    Step::Send(0, b"LOGIN x\r\n"),
+    Step::Open(1),
+    Step::Send(1, b"GET /?q=evil-"),
+    Step::Open(2),
+    Step::Send(2, b"LOGIN bob\r\n"),
+    Step::Expire,
+    Step::Send(1, b"7f3a HTTP/1.1\r\n\r\n"),
+    Step::Send(2, b"read SECRET\r\n"),
+    Step::Open(3),
+    Step::Send(3, b"ONCE\r\n"),
+    Step::Send(3, b"ONCE again\r\n"),
+    Step::Send(2, b"more\r\n"),
+];
+
+/// Step `i`'s time: the first two at the start, the others ten minutes on.
+fn step_time(i: usize) -> u64 {
+    if i < 2 {
+        (i as u64 + 1) * MS
+    } else {
+        601_000 * MS + i as u64 * MS
+    }
+}
+
+/// What a step did: the frames' fates and the alerts raised.
+type Trace = Vec<(usize, Vec<Fate>, Vec<u32>)>;
+
+fn run(h: &mut Host, conns: &mut [Option<Conn>], from: usize, to: usize, trace: &mut Trace) {
+    for (i, step) in STEPS.iter().enumerate().take(to).skip(from) {
+        let now = step_time(i);
+        let fates = match *step {
+            Step::Open(n) => {
+                conns[n] = Some(Conn::open(h, 30000 + n as u16, now));
+                Vec::new()
+            }
+            Step::Send(n, data) => vec![conns[n].as_mut().unwrap().send(h, data, now)],
+            Step::Expire => {
+                h.inline.expire(now);
+                Vec::new()
+            }
+        };
+        let mut alerts = h.alerts();
+        alerts.sort_unstable();
+        trace.push((i, fates, alerts));
+    }
+}
+
+/// The flows of a.0 on `h` as (record, idle) pairs, sorted: what a whole export carries.
+fn whole_state(h: &mut Host, now: u64) -> Vec<(Vec<u8>, u64)> {
+    let port = h.engine.port_of("a.0").unwrap();
+    let mut flows = Vec::new();
+    h.inline.export_vnic_flows(&h.engine, port, now, &mut flows);
+    let mut v: Vec<_> = flows.iter().map(|f| (f.record().to_vec(), f.idle_ns())).collect();
+    v.sort();
+    v
+}
+
+/// The conversation cut twice, at every pair of steps: a pre-copy of the
+/// inspected flows before step `p` (held on the destination), the delta
+/// before step `d` (applied over it), the connections moved and the held
+/// flows committed then, and the steps from `d` on run on the destination.
+/// At every cut the destination holds exactly what a whole export at `d`
+/// carries (byte for byte), and the conversation's fates and alerts are
+/// the uncut conversation's; a delta with nothing changed since its
+/// pre-copy carries no flow.
+#[test]
+fn a_delta_over_a_precopy_equals_a_whole_export_at_every_cut() {
+    let m = model();
+    let mut uncut = Trace::new();
+    let mut h = host(&m, "h1");
+    run(&mut h, &mut [None, None, None, None], 0, STEPS.len(), &mut uncut);
+    let sids: Vec<u32> = uncut.iter().flat_map(|(_, _, a)| a.clone()).collect();
+    assert_eq!(sids, vec![1, 3, 4], "the conversation raises what it is built to");
+    let n = STEPS.len();
+    for p in 0..=n {
+        for d in p..=n {
+            let (mut src, mut dst) = (host(&m, "h1"), host(&m, "h2"));
+            let mut conns = [None, None, None, None];
+            let mut trace = Trace::new();
+            run(&mut src, &mut conns, 0, p, &mut trace);
+            let port = src.engine.port_of("a.0").unwrap();
+            let t = step_time(p.min(n - 1)) - MS / 2;
+            let mut flows = Vec::new();
+            let mark = src.inline.precopy_vnic_flows(&src.engine, port, t, &mut flows);
+            let pre = carry::encode_section("a.0", carry::SectionKind::Precopy, &flows, &[]);
+            let staged = carry::stage(&mut [Some(&mut dst.inline)], "a.0", &pre, t).unwrap();
+            assert_eq!(staged.flows, flows.len(), "cut {p}/{d}");
+            assert_eq!(dst.inline.flows(), 0, "cut {p}/{d}: a pre-copy is held, not live");
+            run(&mut src, &mut conns, p, d, &mut trace);
+            let t = step_time(d.min(n - 1)) - MS / 2;
+            let (mut changed, mut gone) = (Vec::new(), Vec::new());
+            src.inline
+                .delta_vnic_flows(&src.engine, port, t, &mark, &mut changed, &mut gone)
+                .expect("the pre-copy's inspector");
+            if p == d {
+                assert!(changed.is_empty() && gone.is_empty(), "cut {p}/{d}: nothing changed");
+            }
+            let delta = carry::encode_section("a.0", carry::SectionKind::Delta, &changed, &gone);
+            carry::stage(&mut [Some(&mut dst.inline)], "a.0", &delta, t).unwrap();
+            let blob = migrate::export(&mut [&mut src.engine], "a.0", t).unwrap();
+            migrate::import(&mut [&mut dst.engine], "a.0", &blob, t).unwrap();
+            let want = whole_state(&mut src, t);
+            carry::commit_staged(&mut [Some(&mut dst.inline)], "a.0", t);
+            assert_eq!(dst.inline.staged_flows("a.0"), None, "cut {p}/{d}");
+            assert_eq!(
+                whole_state(&mut dst, t),
+                want,
+                "cut {p}/{d}: delta over pre-copy = whole export"
+            );
+            run(&mut dst, &mut conns, d, n, &mut trace);
+            assert_eq!(trace, uncut, "cut {p}/{d}");
+        }
+    }
+}
+
+/// A source host with two connections' inspected flows (0: `LOGIN`, 1:
+/// idle), their pre-copy, then connection 0 talking on and connection 1
+/// forgotten: returns the source, the pre-copy section, the delta's
+/// changed flows and gone flows, and the time.
+fn precopy_then_changes() -> (Host, Vec<u8>, Vec<carry::CarriedFlow>, Vec<carry::GoneFlow>, u64) {
+    let m = model();
+    let mut src = host(&m, "h1");
+    let mut idle = Conn::open(&mut src, 31001, MS);
+    let _ = idle.send(&mut src, b"hello\r\n", MS);
+    let now = 601_000 * MS;
+    let mut c = Conn::open(&mut src, 31000, now);
+    let _ = c.send(&mut src, b"LOGIN x\r\n", now);
+    let port = src.engine.port_of("a.0").unwrap();
+    let mut flows = Vec::new();
+    let mark = src.inline.precopy_vnic_flows(&src.engine, port, now, &mut flows);
+    assert_eq!(flows.len(), 2);
+    let pre = carry::encode_section("a.0", carry::SectionKind::Precopy, &flows, &[]);
+    let now = now + MS;
+    let _ = c.send(&mut src, b"read SECRET\r\n", now);
+    src.inline.expire(now);
+    let (mut changed, mut gone) = (Vec::new(), Vec::new());
+    src.inline
+        .delta_vnic_flows(&src.engine, port, now, &mark, &mut changed, &mut gone)
+        .unwrap();
+    assert_eq!((changed.len(), gone.len()), (1, 1));
+    (src, pre, changed, gone, now)
+}
+
+/// A delta from the network is hostile input: one for a vNIC with no
+/// pre-copy held, removing a flow the pre-copy did not hold, naming a flow
+/// twice, cut anywhere, or removing flows in a section that is not a
+/// delta, is refused with its reason, and what the destination holds and
+/// tracks is unchanged (each refusal counted); the good delta then applies.
+#[test]
+fn hostile_deltas_are_refused_and_change_nothing() {
+    let (_src, pre, changed, gone, now) = precopy_then_changes();
+    let m = model();
+    let mut dst = host(&m, "h2");
+    let delta = carry::encode_section("a.0", carry::SectionKind::Delta, &changed, &gone);
+    let mut refusals = 0;
+    let mut refuse = |dst: &mut Host, blob: &[u8], held: Option<usize>| -> SectionError {
+        let e = carry::stage(&mut [Some(&mut dst.inline)], "a.0", blob, now).unwrap_err();
+        refusals += 1;
+        assert_eq!(dst.inline.staged_flows("a.0"), held, "{e}: what is held is unchanged");
+        assert_eq!(dst.inline.flows(), 0, "{e}: nothing live");
+        assert_eq!(
+            dst.inline.counters().migration_sections_refused,
+            refusals,
+            "{e}: counted"
+        );
+        e
+    };
+    // Before any pre-copy.
+    let e = refuse(&mut dst, &delta, None);
+    assert_eq!(e, SectionError::NoStagedCopy("a.0".into()), "{e}");
+    // Over a pre-copy that did not hold the flow it removes: one held from an empty copy.
+    let empty = carry::encode_section("a.0", carry::SectionKind::Precopy, &[], &[]);
+    carry::stage(&mut [Some(&mut dst.inline)], "a.0", &empty, now).unwrap();
+    let e = refuse(&mut dst, &delta, Some(0));
+    assert_eq!(e, SectionError::UnknownFlow { index: 0 }, "{e}");
+    carry::stage(&mut [Some(&mut dst.inline)], "a.0", &pre, now).unwrap();
+    assert_eq!(dst.inline.staged_flows("a.0"), Some(2));
+    // A flow twice; a flow both carried and removed.
+    let twice = carry::encode_section(
+        "a.0",
+        carry::SectionKind::Delta,
+        &[changed[0].clone(), changed[0].clone()],
+        &[],
+    );
+    assert!(matches!(
+        refuse(&mut dst, &twice, Some(2)),
+        SectionError::Duplicate { .. }
+    ));
+    let both = carry::encode_section("a.0", carry::SectionKind::Delta, &changed, &[gone[0], gone[0]]);
+    assert!(matches!(
+        refuse(&mut dst, &both, Some(2)),
+        SectionError::Duplicate { .. }
+    ));
+    // Cut at every length.
+    for len in 0..delta.len() {
+        let e = refuse(&mut dst, &delta[..len], Some(2));
+        assert!(
+            matches!(
+                e,
+                SectionError::Truncated { .. } | SectionError::Checksum { .. } | SectionError::BadMagic
+            ),
+            "cut at {len}: {e}"
+        );
+    }
+    // Removals in a section that is not a delta (its kind byte rewritten, checksum recomputed).
+    let mut not_delta = delta[..delta.len() - 4].to_vec();
+    not_delta[8] = 1; // pre-copy
+    let crc = palisade_datapath::state::crc32(&not_delta);
+    not_delta.extend_from_slice(&crc.to_be_bytes());
+    let e = refuse(&mut dst, &not_delta, Some(2));
+    assert!(
+        matches!(e, SectionError::Invalid { .. }) && e.to_string().contains("removed"),
+        "{e}"
+    );
+    // A delta is not a whole section: the control socket's import refuses it.
+    let e = carry::import(&mut [Some(&mut dst.inline)], "a.0", &delta, now).unwrap_err();
+    refusals += 1;
+    assert!(matches!(e, SectionError::WrongKind { .. }), "{e}");
+    assert_eq!(dst.inline.counters().migration_sections_refused, refusals);
+    // The good delta: the changed flow replaces its copy, the gone one goes.
+    carry::stage(&mut [Some(&mut dst.inline)], "a.0", &delta, now).unwrap();
+    assert_eq!(dst.inline.staged_flows("a.0"), Some(1));
+    assert_eq!(carry::commit_staged(&mut [Some(&mut dst.inline)], "a.0", now), 1);
+    assert_eq!(dst.inline.flows(), 1);
+}
+
+/// The value of the series `name` for host `host` in Prometheus text.
+fn series(text: &str, name: &str, host: &str) -> Option<u64> {
+    let prefix = format!("{name}{{host=\"{host}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+}
+
+/// `/metrics`' inspection state and migration series follow the workers'
+/// inline inspection: the flows tracked and the bytes they hold, the flows
+/// carried out and in, those held for a commit, the sections refused.
+#[test]
+fn inspection_state_and_migration_counts_are_in_the_metrics() {
+    use palisade_agent::metrics::{InlineGauges, inspection_state};
+    let render = |h: &Host, name: &str| {
+        let mut g = InlineGauges::default();
+        g.add(&h.inline);
+        inspection_state(name, &g, &h.inline.counters())
+    };
+    let (mut src, pre, changed, gone, now) = precopy_then_changes();
+    // An out-of-order segment the source holds for reassembly.
+    let mut held = Conn::open(&mut src, 31002, now);
+    held.seq += 100;
+    let _ = held.send(&mut src, b"held until the hole is filled", now);
+    let text = render(&src, "h1");
+    assert_eq!(series(&text, "palisade_inspect_flows", "h1"), Some(2), "{text}");
+    assert_eq!(
+        series(&text, "palisade_inspect_held_bytes", "h1"),
+        Some(src.inline.stream_memory_in_use() as u64)
+    );
+    assert!(src.inline.stream_memory_in_use() > 0);
+    assert_eq!(
+        series(&text, "palisade_inspect_migration_flows_out_total", "h1"),
+        Some(3),
+        "two pre-copied, one in the delta: {text}"
+    );
+    let m = model();
+    let mut dst = host(&m, "h2");
+    let delta = carry::encode_section("a.0", carry::SectionKind::Delta, &changed, &gone);
+    assert!(carry::stage(&mut [Some(&mut dst.inline)], "a.0", &delta, now).is_err());
+    carry::stage(&mut [Some(&mut dst.inline)], "a.0", &pre, now).unwrap();
+    let text = render(&dst, "h2");
+    assert_eq!(series(&text, "palisade_inspect_migration_staged_flows", "h2"), Some(2));
+    assert_eq!(series(&text, "palisade_inspect_flows", "h2"), Some(0));
+    assert_eq!(
+        series(&text, "palisade_inspect_migration_sections_refused_total", "h2"),
+        Some(1)
+    );
+    carry::stage(&mut [Some(&mut dst.inline)], "a.0", &delta, now).unwrap();
+    carry::commit_staged(&mut [Some(&mut dst.inline)], "a.0", now);
+    let text = render(&dst, "h2");
+    assert_eq!(series(&text, "palisade_inspect_migration_staged_flows", "h2"), Some(0));
+    assert_eq!(series(&text, "palisade_inspect_flows", "h2"), Some(1));
+    assert_eq!(
+        series(&text, "palisade_inspect_migration_flows_in_total", "h2"),
+        Some(1)
+    );
+    for name in ["flows", "held_bytes", "migration_staged_flows"] {
+        assert!(
+            text.contains(&format!("# TYPE palisade_inspect_{name} gauge\n")),
+            "{name}"
+        );
+    }
+}
+
+/// The agent's Unix socket serves the inspection section both ways
+/// (`export-inspection` on the source after its export,
+/// `import-inspection` on the destination before its import) and refuses
+/// what it cannot take with the reason: an unknown vNIC, a section over the
+/// bound, a request without a body's length. An agent with no ports needs
+/// no privileges.
+#[test]
+fn the_agent_socket_serves_inspection_sections_and_refuses_bad_ones() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use palisade_agent::{Agent, http};
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("policy")).unwrap();
+    std::fs::write(tmp.path().join("policy/policy.yaml"), support::policy(2)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let agent = Agent::start(support::agent_config(tmp.path()), stop.clone()).unwrap();
+    let sock = tmp.path().join("state/agent.sock");
+    let (_src, pre, _, _, _) = precopy_then_changes();
+    for (path, body) in [
+        ("/vnics/vm-0.0/export-inspection", &b""[..]),
+        ("/vnics/vm-0.0/import-inspection", &pre[..]),
+    ] {
+        let e = http::post_unix(&sock, path, body).unwrap_err().to_string();
+        assert!(
+            e.contains("404 Not Found") && e.contains("no vNIC \"vm-0.0\" on this host"),
+            "{path}: {e}"
+        );
+    }
+    let e = http::post_unix(&sock, "/vnics/vm-0.0/inspect", b"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("404") && e.contains("import-inspection"), "{e}");
+    let raw = |request: String| {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let _ = s.write_all(request.as_bytes());
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.lines().next().unwrap_or("").to_string()
+    };
+    let big = palisade_agent::peer::MAX_FRAME + 1;
+    let line = raw(format!(
+        "POST /vnics/vm-0.0/import-inspection HTTP/1.1\r\nContent-Length: {big}\r\n\r\n"
+    ));
+    assert!(line.contains("413"), "{line}");
+    let line = raw("POST /vnics/vm-0.0/import-inspection HTTP/1.1\r\n\r\n".into());
+    assert!(line.contains("411"), "{line}");
+    drop(agent);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The section decoder's property (the fuzz target's,
+/// `section_check`) over real sections of every kind and every one-byte
+/// change to them, the checksum made right so the decoder behind it is
+/// reached: no panic, and what it accepts encodes back to the same bytes.
+#[test]
+fn sections_and_every_one_byte_change_keep_the_decoders_property() {
+    let (_src, pre, changed, gone, _) = precopy_then_changes();
+    let delta = carry::encode_section("a.0", carry::SectionKind::Delta, &changed, &gone);
+    let whole = carry::encode("a.0", &changed);
+    for good in [&pre, &delta, &whole] {
+        section_check::check_section(good).unwrap();
+        assert!(carry::decode(good, "a.0").is_ok());
+        for at in 0..good.len() - 4 {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut b = good.clone();
+                b[at] ^= flip;
+                let body = b.len() - 4;
+                let crc = palisade_datapath::state::crc32(&b[..body]);
+                b[body..].copy_from_slice(&crc.to_be_bytes());
+                if let Err(e) = section_check::check_section(&b) {
+                    panic!("byte {at} ^ {flip:#04x}: {e}");
+                }
+            }
+        }
+    }
 }

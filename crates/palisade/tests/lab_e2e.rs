@@ -1975,6 +1975,18 @@ fn migration_lab(name: &str) -> Option<Teardown> {
 /// carry out the migrations it orders: `[migration]` in their configs), the
 /// guest on `nic`.
 fn migration_lab_with(name: &str, controller: bool, nic: palisade_lab::QemuNic) -> Option<Teardown> {
+    migration_lab_inspected(name, controller, nic, None)
+}
+
+/// [`migration_lab_with`], every agent inspecting inline under `rules`
+/// when given: the policy's `lab-http` rule (tcp/80 between lab VMs)
+/// selects profile `full` (every signature).
+fn migration_lab_inspected(
+    name: &str,
+    controller: bool,
+    nic: palisade_lab::QemuNic,
+    rules: Option<&std::path::Path>,
+) -> Option<Teardown> {
     if !lab_possible() {
         return None;
     }
@@ -1991,6 +2003,15 @@ fn migration_lab_with(name: &str, controller: bool, nic: palisade_lab::QemuNic) 
         .unwrap()
         .replace("  http: tcp/80\n", "  http: tcp/80\n  syslog: udp/5140\n")
         + "    - { id: lab-syslog, from: lab-vms, to: lab-vms, service: syslog, action: allow }\n";
+    let text = match rules {
+        Some(_) => {
+            text.replace(
+                "service: http, action: allow }",
+                "service: http, action: allow, inspect: full }",
+            ) + "profiles:\n  full: { signatures: [all] }\n"
+        }
+        None => text,
+    };
     std::fs::write(&policy, text).unwrap();
     let spec = LabSpec {
         name: name.into(),
@@ -1999,6 +2020,7 @@ fn migration_lab_with(name: &str, controller: bool, nic: palisade_lab::QemuNic) 
         agent_exe: Some(EXE.into()),
         standby: vec![("vm1".into(), "hv2".into())],
         controller,
+        inspect_rules: rules.map(std::path::Path::to_path_buf),
         ..spec
     };
     Some(Teardown(Some(Lab::up(&spec).unwrap())))
@@ -3920,4 +3942,174 @@ fn service_chain_external_appliance_over_the_underlay_sees_north_south_and_on_fa
     drop(guard);
     assert_eq!(leftovers("pe2x").unwrap(), Vec::<String>::new());
     let _ = std::fs::remove_dir_all(&policy);
+}
+
+/// What vm3 echoed to the guest's request `out` (`/tmp/OUT.out` in vm1).
+fn echoed(lab: &Lab, out: &str) -> String {
+    lab.exec("vm1", &["cat", &format!("/tmp/{out}.out")], Duration::from_secs(20))
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// `palisade_inspect_NAME{host="HOST"}` on `host`'s agent (0 when absent).
+fn inspect_series(lab: &Lab, host: &str, name: &str) -> u64 {
+    let m = palisade_agent::http::get_unix(&lab.agent_socket(host), "/metrics").unwrap();
+    let prefix = format!("palisade_inspect_{name}{{host=\"{host}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// How a lab test moves the guest: through the controller (the agents'
+/// channel: pre-copy and delta), or the lab's own driver through the
+/// agents' control sockets (the section whole, in the pause).
+#[derive(Clone, Copy, Debug)]
+enum MigrationPath {
+    Controller,
+    ControlSockets,
+}
+
+/// A QEMU guest whose tcp/80 is inspected (profile `full`) live-migrates
+/// hv1 → hv2 along `path` in the middle of two requests it makes to vm3:
+/// each sent its first half before the migration (through hv1, the
+/// source) and sends its second half after it (through hv2). The marked
+/// one (`evil-` | `7f3a`, a signature no half matches alone) is dropped on
+/// hv2, the destination, which took the flows' inspection state in the
+/// migration; the control, the same second half after a harmless first
+/// half (`good-` | `7f3a`), passes and is answered. So hv2 decided by what
+/// hv1 saw: without the carried state it would see `7f3a …` alone, as the
+/// control shows, and miss the marker (vm3's host, which sees the whole
+/// stream, would catch it instead: it never gets the second half here, so
+/// it raises nothing). Bounded: lab up to down within 90 s.
+fn guest_migration_keeps_its_inspection_state(name: &str, path: MigrationPath) {
+    let _one = one_lab();
+    let started = Instant::now();
+    let rules = std::env::temp_dir().join(format!("palisade-{name}-{}.rules", std::process::id()));
+    std::fs::write(
+        &rules,
+        "drop tcp any any -> any any (msg:\"palisade e2e split marker\"; flow:to_server,established; \
+         content:\"evil-7f3a\"; sid:9100020; rev:1;)\n",
+    )
+    .unwrap();
+    let controller = matches!(path, MigrationPath::Controller);
+    let Some(mut guard) = migration_lab_inspected(name, controller, palisade_lab::QemuNic::Tap, Some(&rules)) else {
+        let _ = std::fs::remove_file(&rules);
+        return;
+    };
+    let lab = guard.0.as_mut().unwrap();
+    let t = Duration::from_secs(20);
+    let vm3 = lab.vm_ip("vm3").unwrap().to_string();
+    let mut echo = lab
+        .spawn("vm3", &["busybox", "nc", "-ll", "-p", "80", "-e", "/bin/cat"])
+        .unwrap();
+    // Each request: its first half, then (once /tmp/go exists) its second;
+    // what vm3 echoes goes to /tmp/NAME.out.
+    for (out, first) in [("marked", "GET /?q=evil-"), ("control", "GET /?q=good-")] {
+        let script = format!(
+            "(printf '{first}'; while [ ! -e /tmp/go ]; do usleep 100000; done; \
+             printf '7f3a HTTP/1.0\\r\\n\\r\\n'; sleep 6) | nc {vm3} 80 >/tmp/{out}.out"
+        );
+        lab.spawn("vm1", &["sh", "-c", &script]).unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || echoed(lab, "marked").contains("evil-")
+            && echoed(lab, "control").contains("good-")),
+        "both first halves crossed the source: {:?} {:?}",
+        echoed(lab, "marked"),
+        echoed(lab, "control")
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || inspect_series(lab, "hv1", "flows") >= 2),
+        "hv1 inspects the guest's two requests"
+    );
+    assert_eq!(inspect_series(lab, "hv1", "drops_total"), 0);
+
+    let report = match path {
+        MigrationPath::Controller => lab.migrate_ordered("vm1", "hv2", Duration::from_secs(40)),
+        MigrationPath::ControlSockets => lab.migrate("vm1", "hv2", &palisade_lab::MigrateOptions::default()),
+    }
+    .unwrap();
+    eprintln!("migration ({path:?}): {}", report.to_json());
+    assert_eq!(lab.vm_host("vm1").unwrap(), "hv2");
+    // The metrics are a snapshot the agents publish a few times a second.
+    assert!(
+        eventually(Duration::from_secs(3), || inspect_series(
+            lab,
+            "hv1",
+            "migration_flows_out_total"
+        ) >= 2),
+        "hv1 sent the flows' inspection state"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || inspect_series(
+            lab,
+            "hv2",
+            "migration_flows_in_total"
+        ) >= 2),
+        "hv2 took both flows' inspection state"
+    );
+    assert_eq!(inspect_series(lab, "hv2", "migration_sections_refused_total"), 0);
+    assert_eq!(
+        inspect_series(lab, "hv2", "migration_staged_flows"),
+        0,
+        "nothing left held"
+    );
+
+    lab.exec("vm1", &["touch", "/tmp/go"], t).unwrap();
+    assert!(
+        eventually(Duration::from_secs(15), || echoed(lab, "control")
+            .contains("7f3a HTTP/1.0")),
+        "control: the same second half after a harmless first half passes hv2 and is answered: {:?}",
+        echoed(lab, "control")
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || inspect_series(lab, "hv2", "drops_total")
+            >= 1),
+        "the marker split across the switchover is dropped on hv2"
+    );
+    // Past the metrics' refresh: the counts below are final.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !echoed(lab, "marked").contains("7f3a"),
+        "the marked second half never reached vm3: {:?}",
+        echoed(lab, "marked")
+    );
+    assert_eq!(
+        inspect_series(lab, "hv2", "drops_total"),
+        1,
+        "only the marked request is dropped there"
+    );
+    assert_eq!(
+        inspect_series(lab, "hv3", "drops_total"),
+        0,
+        "vm3's host never saw the marked second half"
+    );
+    let _ = lab.kill(&mut echo);
+    eprintln!("inspection-state migration test ({path:?}): {:?}", started.elapsed());
+    guard.0.take().unwrap().shutdown().unwrap();
+    let _ = std::fs::remove_file(&rules);
+    assert_eq!(leftovers(name).unwrap(), Vec::<String>::new());
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+}
+
+/// [`guest_migration_keeps_its_inspection_state`] through the controller:
+/// the source's agent carries the migration out, the inspection state over
+/// the agents' channel (a pre-copy while the guest runs, the delta in its
+/// pause, held on hv2 until the commit).
+#[test]
+fn qemu_guest_live_migration_keeps_its_inspection_state() {
+    guest_migration_keeps_its_inspection_state("pe2mgi", MigrationPath::Controller);
+}
+
+/// [`guest_migration_keeps_its_inspection_state`] without a controller:
+/// the lab's driver moves the state through the agents' control sockets
+/// (`export`, `export-inspection` on hv1; `import-inspection`, `import` on
+/// hv2).
+#[test]
+fn qemu_guest_live_migration_through_the_control_sockets_keeps_its_inspection_state() {
+    guest_migration_keeps_its_inspection_state("pe2mgs", MigrationPath::ControlSockets);
 }

@@ -258,18 +258,43 @@ impl Lab {
             }
             let t = Instant::now();
             let mut blobs = Vec::new();
+            let mut sections = Vec::new();
             for n in &vnics {
                 exported.set(true);
                 let blob = agent_post(&src_sock, &format!("/vnics/{n}/export?peer={to}"), b"", AGENT_TIMEOUT)
                     .map_err(|e| format!("source agent export: {e}"))?;
                 blobs.push(blob);
+                // Its inspected flows' state, final now the port is quiesced
+                // (empty when the source inspects nothing; an agent that
+                // predates the route has none to give).
+                let section = match agent_post(
+                    &src_sock,
+                    &format!("/vnics/{n}/export-inspection?peer={to}"),
+                    b"",
+                    AGENT_TIMEOUT,
+                ) {
+                    Ok(s) => s,
+                    Err(e) if e.contains("no action") => Vec::new(),
+                    Err(e) => return Err(format!("source agent inspection export: {e}")),
+                };
+                sections.push(section);
             }
             let export = t.elapsed();
             between();
             let t = Instant::now();
             let mut moved = 0;
             let mut hasher = blake3::Hasher::new();
-            for (n, blob) in vnics.iter().zip(&blobs) {
+            for ((n, blob), section) in vnics.iter().zip(&blobs).zip(&sections) {
+                // Held by the destination until the import below commits it.
+                if !section.is_empty() {
+                    agent_post(
+                        &dst_sock,
+                        &format!("/vnics/{n}/import-inspection?peer={from}"),
+                        section,
+                        AGENT_TIMEOUT,
+                    )
+                    .map_err(|e| format!("destination agent inspection import: {e}"))?;
+                }
                 let answer = agent_post(
                     &dst_sock,
                     &format!("/vnics/{n}/import?peer={from}"),
