@@ -179,6 +179,8 @@ pub struct Agent {
     alert_queue: Option<Arc<crate::upstream::AlertQueue>>,
     /// What became of the alerts the workers handed over.
     alert_stats: AlertStats,
+    /// The kernel fast path's state, for `/health`.
+    fast_path: crate::fastpath::Status,
 }
 
 /// Where the alerts the workers raised went (for metrics).
@@ -1077,6 +1079,7 @@ impl Agent {
                 inline: None,
                 probe_out: Vec::new(),
                 takeover: None,
+                fast: None,
             })));
         }
         let t_sockets = t0.elapsed();
@@ -1271,6 +1274,10 @@ impl Agent {
             alerts_json: String::new(),
             alert_queue,
             alert_stats: AlertStats::default(),
+            fast_path: crate::fastpath::Status {
+                mode: "off",
+                ..Default::default()
+            },
         };
         agent.start_inspection(model);
         agent.start_takeover(model);
@@ -1325,7 +1332,66 @@ impl Agent {
             let io = open_sockets(&self.config, &self.ports, &mut opened, &mut vhost_ports, i, n)?;
             self.io.push(io);
         }
+        self.set_up_fast_path();
         Ok(())
+    }
+
+    /// With `fast_path = "kernel"`, load and attach the kernel fast path
+    /// (`crate::fastpath`) on the vNIC ports' sockets and netdevs and the
+    /// underlay, and give each worker its part. When the kernel refuses, the
+    /// agent runs without it and says so (log, `/health`).
+    fn set_up_fast_path(&mut self) {
+        use std::os::fd::BorrowedFd;
+        if self.config.fast_path != crate::config::FastPathMode::Kernel {
+            return;
+        }
+        let vnic_names: std::collections::HashSet<&str> = self.config.vnics.iter().map(|v| v.name.as_str()).collect();
+        let vnics: Vec<(PortId, String, Vec<BorrowedFd<'_>>)> = self
+            .ports
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| vnic_names.contains(p.name.as_str()))
+            .map(|(j, p)| {
+                let fds = self
+                    .io
+                    .iter()
+                    .filter_map(|w| w.ports.get(j))
+                    .filter(|a| a.port == p.port && a.io.fd() >= 0)
+                    // SAFETY: the descriptor belongs to a socket in `self.io`, which outlives this borrow.
+                    .map(|a| unsafe { BorrowedFd::borrow_raw(a.io.fd()) })
+                    .collect();
+                (p.port, p.interface.clone(), fds)
+            })
+            .collect();
+        let snap = af_packet_config(self.workers.len(), self.config.af_packet_rx).frame_size as u32;
+        let local = self.config.underlay.local;
+        match crate::fastpath::KernelPath::set_up(local, self.config.underlay.port, snap, &vnics) {
+            Ok((shared, status)) => {
+                eprintln!(
+                    "palisade agent: kernel fast path on: vNICs [{}]{}",
+                    status.interfaces.join(","),
+                    if status.skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; left to user space: {}", status.skipped.join("; "))
+                    }
+                );
+                let shared = Arc::new(shared);
+                for w in &self.workers {
+                    crate::worker::lock(w).fast = Some(crate::fastpath::FastPath::new(shared.clone()));
+                }
+                self.fast_path = status;
+            }
+            Err(e) => {
+                eprintln!("palisade agent: kernel fast path refused, running without it: {e}");
+                self.fast_path = crate::fastpath::Status {
+                    mode: "kernel",
+                    active: false,
+                    error: Some(e),
+                    ..Default::default()
+                };
+            }
+        }
     }
 
     /// Write the fail-open plan of `model` for whoever arms the fallback
@@ -2384,6 +2450,23 @@ impl Agent {
                 "audit".into(),
                 serde_json::to_value(self.audit.as_ref().map(|t| t.status())).unwrap_or_default(),
             );
+            // The kernel fast path: configured mode, whether it runs, and
+            // the workers' counts of what it forwarded (folded so far).
+            let mut fast = serde_json::to_value(&self.fast_path).unwrap_or_default();
+            if self.fast_path.active
+                && let Some(f) = fast.as_object_mut()
+            {
+                let stats: Vec<_> = self
+                    .workers
+                    .iter()
+                    .filter_map(|w| crate::worker::lock(w).fast.as_ref().map(|p| p.stats))
+                    .collect();
+                f.insert("workers".into(), serde_json::to_value(&stats).unwrap_or_default());
+                f.insert("installed".into(), stats.iter().map(|s| s.installed).sum::<usize>().into());
+                f.insert("kernel_packets".into(), stats.iter().map(|s| s.kernel_packets).sum::<u64>().into());
+                f.insert("kernel_bytes".into(), stats.iter().map(|s| s.kernel_bytes).sum::<u64>().into());
+            }
+            h.insert("fast_path".into(), fast);
         }
         if let Some(h) = health.as_object_mut() {
             h.insert(
