@@ -2329,6 +2329,43 @@ impl Agent {
              palisade_vnic_migrating_drops_total{{host=\"{}\"}} {quiesced_drops}\n",
             self.config.host
         ));
+        // The kernel fast path: what the kernel forwarded (folded into the
+        // connections and rules above at each worker's sync, a few times a second).
+        let fast_stats: Vec<_> = guards.iter().filter_map(|g| g.fast.as_ref().map(|f| f.stats)).collect();
+        let fast = &fast_stats;
+        if !fast.is_empty() {
+            let host = &self.config.host;
+            for (name, help, kind, v) in [
+                (
+                    "palisade_fast_path_kernel_packets_total",
+                    "Packets the kernel fast path forwarded (a super-frame's segments each).",
+                    "counter",
+                    fast.iter().map(|f| f.kernel_packets).sum::<u64>(),
+                ),
+                (
+                    "palisade_fast_path_kernel_bytes_total",
+                    "Bytes the kernel fast path forwarded.",
+                    "counter",
+                    fast.iter().map(|f| f.kernel_bytes).sum::<u64>(),
+                ),
+                (
+                    "palisade_fast_path_entries",
+                    "Flow directions in the kernel fast path's map.",
+                    "gauge",
+                    fast.iter().map(|f| f.installed as u64).sum::<u64>(),
+                ),
+                (
+                    "palisade_fast_path_errors_total",
+                    "Kernel fast path map operations that failed.",
+                    "counter",
+                    fast.iter().map(|f| f.errors).sum::<u64>(),
+                ),
+            ] {
+                text.push_str(&format!(
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{host=\"{host}\"}} {v}\n"
+                ));
+            }
+        }
         if let Some(a) = &self.arrivals {
             use std::sync::atomic::Ordering::Relaxed;
             for (name, help, v) in [
@@ -2456,12 +2493,9 @@ impl Agent {
             if self.fast_path.active
                 && let Some(f) = fast.as_object_mut()
             {
-                let stats: Vec<_> = self
-                    .workers
-                    .iter()
-                    .filter_map(|w| crate::worker::lock(w).fast.as_ref().map(|p| p.stats))
-                    .collect();
-                f.insert("workers".into(), serde_json::to_value(&stats).unwrap_or_default());
+                // As read with the metrics above, under the workers' locks.
+                let stats = &fast_stats;
+                f.insert("workers".into(), serde_json::to_value(stats).unwrap_or_default());
                 f.insert("installed".into(), stats.iter().map(|s| s.installed).sum::<usize>().into());
                 f.insert("kernel_packets".into(), stats.iter().map(|s| s.kernel_packets).sum::<u64>().into());
                 f.insert("kernel_bytes".into(), stats.iter().map(|s| s.kernel_bytes).sum::<u64>().into());
