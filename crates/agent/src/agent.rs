@@ -1670,6 +1670,7 @@ impl Agent {
                         let (n, blob, held) = {
                             let mut core = lock(core);
                             let locked = Instant::now();
+                            core.settle_fast_path(now, None);
                             let n = core.engine.conntrack().len() as u64;
                             let blob = core.engine.export_all_named(name, now);
                             if let Some(j) = &mut core.journal {
@@ -2582,7 +2583,8 @@ impl Agent {
         }
         let mut saved = 0;
         for (i, core) in self.workers.iter().enumerate() {
-            let core = lock(core);
+            let mut core = lock(core);
+            core.settle_fast_path(now, None);
             saved += core.engine.conntrack().len();
             let blob = core
                 .engine
@@ -2842,6 +2844,11 @@ impl http::Control for VnicControl {
     fn export_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
         let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        // Kernel-forwarded traffic counted, and the vNIC's flows out of the kernel, before the export.
+        for g in guards.iter_mut() {
+            let port = g.engine.port_of(vnic);
+            g.settle_fast_path(now, port);
+        }
         let blob = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             crate::migrate::export(&mut engines, vnic, now).map_err(control_error)?
@@ -2922,6 +2929,9 @@ impl http::Control for VnicControl {
     fn export_precopy(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
         let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        for g in guards.iter_mut() {
+            g.settle_fast_path(now, None);
+        }
         let (t, marks) = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             crate::migrate::export_changes(&mut engines, vnic, now, None).map_err(control_error)?
@@ -2955,6 +2965,11 @@ impl http::Control for VnicControl {
             .unwrap_or_else(|p| p.into_inner())
             .get(vnic)
             .map(|p| (p.marks.clone(), p.bytes, p.hash.clone()));
+        // The pause: kernel-forwarded traffic counted, the vNIC's flows out of the kernel.
+        for g in guards.iter_mut() {
+            let port = g.engine.port_of(vnic);
+            g.settle_fast_path(now, port);
+        }
         let (t, _) = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             let since = pre.as_ref().map(|p| p.0.as_slice());

@@ -123,6 +123,20 @@ pub(crate) struct WorkerCore {
     pub fast: Option<crate::fastpath::FastPath>,
 }
 
+impl WorkerCore {
+    /// Fold what the kernel fast path forwarded into the engine now, for a
+    /// reader of the connections (a snapshot, a state export, a migration's
+    /// export) that must see it; with `pull_back`, that port's flows leave
+    /// the kernel too (a migration pauses it). No-op without the fast path.
+    pub(crate) fn settle_fast_path(&mut self, now: u64, pull_back: Option<PortId>) {
+        if let Some(fast) = &mut self.fast {
+            let mut parked = self.quiesced.clone();
+            parked.extend(pull_back);
+            fast.sync(&mut self.engine, now, &parked);
+        }
+    }
+}
+
 /// Lock a worker's core. A worker that panicked while holding it has
 /// stopped (the control thread notices and stops the agent), so the state
 /// behind a poisoned lock is still the best there is to read or save.
