@@ -2112,6 +2112,11 @@ impl Agent {
             let mut core = lock(core);
             core.engine.update_policy(Box::new(lookup.clone()));
             core.identities = identities.clone();
+            // Revocation is immediate: every flow the kernel forwards was
+            // judged under the epoch that just ended, so all come back to
+            // user space now (to be judged again), not at the worker's next sync.
+            let now = self.origin.elapsed().as_nanos() as u64;
+            core.settle_fast_path(now, None);
         }
         self.start_inspection(compiler.model());
         // The MAC a vhost-user vNIC may announce follows the inventory.
@@ -2497,9 +2502,18 @@ impl Agent {
                 // As read with the metrics above, under the workers' locks.
                 let stats = &fast_stats;
                 f.insert("workers".into(), serde_json::to_value(stats).unwrap_or_default());
-                f.insert("installed".into(), stats.iter().map(|s| s.installed).sum::<usize>().into());
-                f.insert("kernel_packets".into(), stats.iter().map(|s| s.kernel_packets).sum::<u64>().into());
-                f.insert("kernel_bytes".into(), stats.iter().map(|s| s.kernel_bytes).sum::<u64>().into());
+                f.insert(
+                    "installed".into(),
+                    stats.iter().map(|s| s.installed).sum::<usize>().into(),
+                );
+                f.insert(
+                    "kernel_packets".into(),
+                    stats.iter().map(|s| s.kernel_packets).sum::<u64>().into(),
+                );
+                f.insert(
+                    "kernel_bytes".into(),
+                    stats.iter().map(|s| s.kernel_bytes).sum::<u64>().into(),
+                );
             }
             h.insert("fast_path".into(), fast);
         }

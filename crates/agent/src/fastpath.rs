@@ -281,10 +281,13 @@ impl FastPath {
             }
             let word1 = u32::from_be_bytes([vx[4], vx[5], vx[6], vx[7]]);
             let word0 = [vx[0], vx[1], vx[2], vx[3]];
-            (Scope::Underlay(word1), Action::Decap {
-                ifindex,
-                vxlan_word0: word0,
-            })
+            (
+                Scope::Underlay(word1),
+                Action::Decap {
+                    ifindex,
+                    vxlan_word0: word0,
+                },
+            )
         } else {
             let Some(&in_ifindex) = shared.ports.get(&in_port) else {
                 return;
@@ -329,11 +332,14 @@ impl FastPath {
         let Some(info) = flow::extract(inner).ok().flatten() else {
             return;
         };
-        self.candidates.insert(key, Candidate {
-            flow: info.key,
-            in_port,
-            action,
-        });
+        self.candidates.insert(
+            key,
+            Candidate {
+                flow: info.key,
+                in_port,
+                action,
+            },
+        );
     }
 
     /// Whether a sync is due.
@@ -368,16 +374,22 @@ impl FastPath {
                     continue;
                 }
             };
-            let Some(inst) = self.installed.get_mut(&key) else { continue };
+            let Some(inst) = self.installed.get_mut(&key) else {
+                continue;
+            };
             let Some(v) = value else {
                 // Gone from the map (not by us): forget it.
                 self.installed.remove(&key);
                 continue;
             };
             fold(engine, inst, &v, offset, &mut self.stats);
-            let conn = engine.conntrack().find(&with_domain(&inst.flow)).and_then(|s| engine.conntrack().get(s));
+            let conn = engine
+                .conntrack()
+                .find(&with_domain(&inst.flow))
+                .and_then(|s| engine.conntrack().get(s));
             let stale = self.candidates.get(&key).is_some_and(|c| c.action != inst.action);
-            let parked = quiesced.contains(&inst.in_port) || out_port(&inst.action).is_some_and(|p| quiesced.contains(&p));
+            let parked =
+                quiesced.contains(&inst.in_port) || out_port(&inst.action).is_some_and(|p| quiesced.contains(&p));
             if stale || parked || !conn.is_some_and(|c| eligible(c, epoch)) {
                 removals.push(key);
             }
@@ -451,14 +463,17 @@ impl FastPath {
                 self.stats.errors += 1;
                 continue;
             }
-            self.installed.insert(key, Installed {
-                flow: c.flow,
-                in_port: c.in_port,
-                action: c.action,
-                packets: 0,
-                bytes: 0,
-                last_seen: 0,
-            });
+            self.installed.insert(
+                key,
+                Installed {
+                    flow: c.flow,
+                    in_port: c.in_port,
+                    action: c.action,
+                    packets: 0,
+                    bytes: 0,
+                    last_seen: 0,
+                },
+            );
             self.stats.installs += 1;
         }
         self.stats.installed = self.installed.len();
@@ -489,12 +504,16 @@ fn fold(engine: &mut Engine, inst: &mut Installed, v: &FlowValue, offset: u64, s
         limit: v.tcp.limit,
         max_win: v.tcp.max_win,
     });
-    engine.fold_kernel_forwarded(inst.in_port, &inst.flow, &KernelForwarded {
-        packets,
-        bytes,
-        last_seen,
-        tcp,
-    });
+    engine.fold_kernel_forwarded(
+        inst.in_port,
+        &inst.flow,
+        &KernelForwarded {
+            packets,
+            bytes,
+            last_seen,
+            tcp,
+        },
+    );
     inst.packets = v.packets;
     inst.bytes = v.bytes;
     inst.last_seen = inst.last_seen.max(v.last_seen);

@@ -2249,7 +2249,15 @@ fn kernel_forwarded_packets_fold_in_as_if_the_engine_had_seen_them() {
     // `seen`; on `folded` the kernel does, and the agent folds its counts.
     let mut bytes = 0;
     for i in 0..3u32 {
-        let f = tcp(11, 10, 443, 40000, (9001 + i * 100, 1001), TcpFlags::ACK | TcpFlags::PSH, &[7; 100]);
+        let f = tcp(
+            11,
+            10,
+            443,
+            40000,
+            (9001 + i * 100, 1001),
+            TcpFlags::ACK | TcpFlags::PSH,
+            &[7; 100],
+        );
         bytes += f.len() as u64;
         fwd(&mut seen, (10 + u64::from(i)) * MS, b, &f, a, &mut ev);
     }
@@ -2275,7 +2283,10 @@ fn kernel_forwarded_packets_fold_in_as_if_the_engine_had_seen_them() {
         (s.packets, s.bytes, s.reply_packets, s.reply_bytes, s.last_seen)
     );
     assert_eq!(f.tcp.peers[1].end, s.tcp.peers[1].end, "the server's sequence end");
-    assert_eq!(folded.rule_tally("web-https").packets, seen.rule_tally("web-https").packets);
+    assert_eq!(
+        folded.rule_tally("web-https").packets,
+        seen.rule_tally("web-https").packets
+    );
     assert_eq!(folded.rule_tally("web-https").bytes, seen.rule_tally("web-https").bytes);
     assert_eq!(folded.port_tally(b).packets, seen.port_tally(b).packets);
     assert_eq!(folded.port_tally(b).bytes, seen.port_tally(b).bytes);
@@ -2285,7 +2296,15 @@ fn kernel_forwarded_packets_fold_in_as_if_the_engine_had_seen_them() {
         &mut folded,
         13 * MS,
         b,
-        &tcp(11, 10, 443, 40000, (9301, 1001), TcpFlags::ACK | TcpFlags::PSH, &[7; 100]),
+        &tcp(
+            11,
+            10,
+            443,
+            40000,
+            (9301, 1001),
+            TcpFlags::ACK | TcpFlags::PSH,
+            &[7; 100],
+        ),
         a,
         &mut ev,
     );
@@ -2301,7 +2320,15 @@ fn kernel_forwarded_packets_fold_in_as_if_the_engine_had_seen_them() {
 fn kernel_tcp_marks_keep_a_strict_zone_s_window_with_the_stream() {
     let key_of = |frame: &[u8]| palisade_wire::flow::extract(frame).unwrap().unwrap().key;
     let far = 9001u32 + 3_000_000;
-    let next = tcp(11, 10, 443, 40000, (far, 1001), TcpFlags::ACK | TcpFlags::PSH, &[7; 100]);
+    let next = tcp(
+        11,
+        10,
+        443,
+        40000,
+        (far, 1001),
+        TcpFlags::ACK | TcpFlags::PSH,
+        &[7; 100],
+    );
     for fold in [true, false] {
         let mut e = host(compile_mem(policy(true)), "h1", 1, &["web"], |_| {});
         let mut ev = Vec::new();

@@ -512,7 +512,10 @@ fn parse_object(elf: &[u8]) -> Result<Object, String> {
             (name, rd16(s, 6).unwrap_or(0) as usize, rd64(s, 8).unwrap_or(0) as usize)
         })
         .collect();
-    let maps_index = sh.iter().position(|s| s.name == "maps").ok_or_else(|| bad("no maps section"))?;
+    let maps_index = sh
+        .iter()
+        .position(|s| s.name == "maps")
+        .ok_or_else(|| bad("no maps section"))?;
     let mut maps = Vec::new();
     for (name, shndx, value) in &syms {
         if *shndx == maps_index && !name.is_empty() {
@@ -604,7 +607,7 @@ impl KernelFastPath {
                     return Err(KfastError::Object(format!("{section}: relocation not at an ld_imm64")));
                 }
                 insn[1] = (insn[1] & 0x0f) | (BPF_PSEUDO_MAP_FD << 4);
-                insn[4..8].copy_from_slice(&(fd as i32).to_le_bytes());
+                insn[4..8].copy_from_slice(&fd.to_le_bytes());
             }
             let mut log = vec![0u8; 1 << 20];
             let try_load = |log_level: u32, log: &mut Vec<u8>| {
@@ -625,8 +628,17 @@ impl KernelFastPath {
                 Err(source) => {
                     // Again with the verifier's log, for the error.
                     let _ = try_load(1, &mut log);
-                    let text = String::from_utf8_lossy(&log[..log.iter().position(|&c| c == 0).unwrap_or(0)]).into_owned();
-                    let tail: String = text.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                    let text =
+                        String::from_utf8_lossy(&log[..log.iter().position(|&c| c == 0).unwrap_or(0)]).into_owned();
+                    let tail: String = text
+                        .lines()
+                        .rev()
+                        .take(20)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect::<Vec<_>>()
+                        .join("\n");
                     Err(KfastError::Verifier {
                         program,
                         source,
@@ -648,7 +660,9 @@ impl KernelFastPath {
         let flows = take(&mut maps, "kfast_flows")?;
         let config = take(&mut maps, "kfast_cfg")?;
         if flows.key_size != KEY_LEN || flows.value_size != VALUE_LEN {
-            return Err(KfastError::Object("kfast_flows has other sizes than this loader's".into()));
+            return Err(KfastError::Object(
+                "kfast_flows has other sizes than this loader's".into(),
+            ));
         }
         let k = Self {
             flows,
@@ -829,9 +843,13 @@ mod tests {
 
     #[test]
     fn a_value_is_laid_out_as_struct_flow_val_and_reads_back() {
-        let outer = outer_headers(Ipv4Addr::new(192, 168, 100, 1), Ipv4Addr::new(192, 168, 100, 2), 51000, 4789, [
-            0x88, 0x08, 0x00, 0x05, 0, 0, 10, 0,
-        ]);
+        let outer = outer_headers(
+            Ipv4Addr::new(192, 168, 100, 1),
+            Ipv4Addr::new(192, 168, 100, 2),
+            51000,
+            4789,
+            [0x88, 0x08, 0x00, 0x05, 0, 0, 10, 0],
+        );
         let v = FlowValue {
             state: EntryState::Dual,
             action: Action::Encap { ifindex: 4, outer },
@@ -869,7 +887,13 @@ mod tests {
 
     #[test]
     fn outer_headers_are_ipv4_udp_vxlan_with_lengths_left_to_the_kernel() {
-        let o = outer_headers(Ipv4Addr::new(1, 2, 3, 4), Ipv4Addr::new(5, 6, 7, 8), 50000, 4789, [1; 8]);
+        let o = outer_headers(
+            Ipv4Addr::new(1, 2, 3, 4),
+            Ipv4Addr::new(5, 6, 7, 8),
+            50000,
+            4789,
+            [1; 8],
+        );
         assert_eq!(o[0], 0x45);
         assert_eq!(&o[2..4], &[0, 0], "total length: the kernel's");
         assert_eq!(o[6], 0x40, "don't fragment");
@@ -887,7 +911,10 @@ mod tests {
         names.sort_unstable();
         assert_eq!(names, ["socket", "tc/underlay", "tc/vnic"]);
         let flows = obj.maps.iter().find(|(n, _)| n == "kfast_flows").expect("flows map").1;
-        assert_eq!((flows.key_size as usize, flows.value_size as usize), (KEY_LEN, VALUE_LEN));
+        assert_eq!(
+            (flows.key_size as usize, flows.value_size as usize),
+            (KEY_LEN, VALUE_LEN)
+        );
         assert_eq!(flows.max_entries as usize, MAX_ENTRIES);
         assert!(obj.progs.iter().all(|p| !p.relocs.is_empty()));
         assert!(parse_object(&OBJECT[..100]).is_err());

@@ -4144,14 +4144,27 @@ fn metric_of(lab: &Lab, host: &str, name: &str, label: &str) -> u64 {
 /// at the end of its input, and a half-closed connection is not
 /// established): the server, the client (killing it closes the
 /// connection) and the client's lines.
-fn open_stream(lab: &Lab, server: &str, client: &str, port: u16) -> (Spawned, std::process::Child, std::sync::mpsc::Receiver<String>) {
+fn open_stream(
+    lab: &Lab,
+    server: &str,
+    client: &str,
+    port: u16,
+) -> (Spawned, std::process::Child, std::sync::mpsc::Receiver<String>) {
     let ip = lab.vm_ip(server).unwrap().to_string();
     let s = lab
         .spawn(server, &[EXE, "lab", "serve", "stream", &port.to_string()])
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let mut c = Command::new("ip")
-        .args(["netns", "exec", &lab.vm_netns(client).unwrap(), "busybox", "nc", &ip, &port.to_string()])
+        .args([
+            "netns",
+            "exec",
+            &lab.vm_netns(client).unwrap(),
+            "busybox",
+            "nc",
+            &ip,
+            &port.to_string(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -4265,7 +4278,8 @@ rules:
     let (mut server, mut session, lines) = open_stream(lab, "server", "client", 5201);
     assert!(lines.recv_timeout(Duration::from_secs(5)).is_ok(), "the stream flows");
     assert!(
-        eventually(Duration::from_secs(2), || installed("hv1") >= 2 && installed("hv2") >= 2),
+        eventually(Duration::from_secs(2), || installed("hv1") >= 2
+            && installed("hv2") >= 2),
         "installed: hv1 {} hv2 {}",
         fast_path_health(lab, "hv1"),
         fast_path_health(lab, "hv2")
@@ -4287,7 +4301,8 @@ rules:
     assert!(n >= 15, "{n} lines in 3 s");
     // Counted within 2 s of the traffic (each worker folds 4 times a second).
     assert!(
-        eventually(Duration::from_secs(2), || kernel_bytes("hv1") > before.2 && kernel_bytes("hv2") > before.3),
+        eventually(Duration::from_secs(2), || kernel_bytes("hv1") > before.2
+            && kernel_bytes("hv2") > before.3),
         "kernel-forwarded bytes in /metrics: hv1 {} -> {}, hv2 {} -> {}",
         before.2,
         kernel_bytes("hv1"),
@@ -4297,7 +4312,12 @@ rules:
     // Each line is a segment from the server: at least that many packets,
     // on the rule's count where it was decided (hv1, the client's egress;
     // hv2 takes the flow on hv1's verdict, VXLAN-GBP policy-applied).
-    assert!(rule_packets("hv1") >= before.4 + n as u64, "rule packets {} -> {}", before.4, rule_packets("hv1"));
+    assert!(
+        rule_packets("hv1") >= before.4 + n as u64,
+        "rule packets {} -> {}",
+        before.4,
+        rule_packets("hv1")
+    );
     let after = (rx_frames("hv1", &client_if), rx_frames("hv2", &server_if));
     // The client's ACKs and the server's lines: none copied to user space
     // (a frame or two of something else, an ARP, may be).
@@ -4314,7 +4334,8 @@ rules:
     let _ = session.kill();
     let _ = session.wait();
     assert!(
-        eventually(Duration::from_secs(3), || installed("hv1") == 0 && installed("hv2") == 0),
+        eventually(Duration::from_secs(3), || installed("hv1") == 0
+            && installed("hv2") == 0),
         "entries left after the close: hv1 {} hv2 {}",
         fast_path_health(lab, "hv1"),
         fast_path_health(lab, "hv2")
@@ -4323,18 +4344,29 @@ rules:
     // A policy version that revokes the service: the stream, kernel-forwarded
     // until then, is pulled back and cut.
     let (mut server2, mut session2, lines2) = open_stream(lab, "server", "client", 5201);
-    assert!(lines2.recv_timeout(Duration::from_secs(5)).is_ok(), "the second stream flows");
     assert!(
-        eventually(Duration::from_secs(2), || installed("hv1") >= 2 && installed("hv2") >= 2),
+        lines2.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "the second stream flows"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || installed("hv1") >= 2
+            && installed("hv2") >= 2),
         "second stream installed"
     );
     std::fs::write(lab.state().policy_dir.join("policy.yaml"), policy_v(2, false)).unwrap();
     // Within a few seconds (the agents look for a new policy every second) it stops.
-    let cut = eventually(Duration::from_secs(6), || fresh_lines(&lines2, Duration::from_millis(600)) == 0);
+    let cut = eventually(Duration::from_secs(6), || {
+        fresh_lines(&lines2, Duration::from_millis(600)) == 0
+    });
     assert!(cut, "the revoked stream still flows");
-    assert_eq!(fresh_lines(&lines2, Duration::from_secs(2)), 0, "the revoked stream stays cut");
+    assert_eq!(
+        fresh_lines(&lines2, Duration::from_secs(2)),
+        0,
+        "the revoked stream stays cut"
+    );
     assert!(
-        eventually(Duration::from_secs(2), || installed("hv1") == 0 && installed("hv2") == 0),
+        eventually(Duration::from_secs(2), || installed("hv1") == 0
+            && installed("hv2") == 0),
         "revoked entries left"
     );
 
