@@ -982,6 +982,22 @@ mac = "02:00:00:00:fe:01"
     }
 
     #[test]
+    fn the_kernel_fast_path_is_off_unless_asked_for_and_its_value_is_checked() {
+        let c = AgentConfig::parse(GOOD, Path::new("hv1.toml")).unwrap();
+        assert_eq!(c.fast_path, FastPathMode::Off);
+        let with = |v: &str| {
+            AgentConfig::parse(
+                &GOOD.replace("metrics =", &format!("fast_path = {v}\nmetrics =")),
+                Path::new("hv1.toml"),
+            )
+        };
+        assert_eq!(with("\"kernel\"").unwrap().fast_path, FastPathMode::Kernel);
+        assert_eq!(with("\"off\"").unwrap().fast_path, FastPathMode::Off);
+        let e = with("\"xdp\"").unwrap_err().to_string();
+        assert!(e.contains("fast_path") || e.contains("xdp"), "{e}");
+    }
+
+    #[test]
     fn state_snapshots_default_on_and_their_interval_is_checked() {
         let c = AgentConfig::parse(GOOD, Path::new("hv1.toml")).unwrap();
         assert_eq!(c.state_snapshot_interval(), Some(crate::snapshot::DEFAULT_INTERVAL));
