@@ -520,3 +520,76 @@ fn fold(engine: &mut Engine, inst: &mut Installed, v: &FlowValue, offset: u64, s
     stats.kernel_packets += packets;
     stats.kernel_bytes += bytes;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(protocol: u8, state: ConnState, epoch: u64) -> palisade_datapath::Conn {
+        let mut key = palisade_wire::flow::extract(&frame(protocol)).unwrap().unwrap().key;
+        key.segment = palisade_datapath::ROUTING_DOMAIN;
+        let mut c = palisade_datapath::Conn::new(key, 0);
+        c.state = state;
+        c.epoch = epoch;
+        c
+    }
+
+    /// An untagged IPv4 frame of `protocol` (TCP or UDP), 10.0.0.1:1000 → 10.0.0.2:2000.
+    fn frame(protocol: u8) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 20];
+        f[12] = 8;
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&40u16.to_be_bytes());
+        f[22] = 64;
+        f[23] = protocol;
+        f[26..30].copy_from_slice(&[10, 0, 0, 1]);
+        f[30..34].copy_from_slice(&[10, 0, 0, 2]);
+        f[34..36].copy_from_slice(&1000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&2000u16.to_be_bytes());
+        if protocol == 6 {
+            f[46] = 0x50;
+            f[47] = 0x10;
+        } else {
+            f[38..40].copy_from_slice(&20u16.to_be_bytes());
+        }
+        f
+    }
+
+    #[test]
+    fn only_established_tcp_and_answered_udp_of_the_current_epoch_are_eligible() {
+        assert!(eligible(&conn(6, ConnState::Established, 3), 3));
+        assert!(
+            !eligible(&conn(6, ConnState::Established, 2), 3),
+            "judged under an older policy"
+        );
+        for state in [
+            ConnState::SynSent,
+            ConnState::FinWait,
+            ConnState::CloseWait,
+            ConnState::TimeWait,
+            ConnState::Close,
+        ] {
+            assert!(!eligible(&conn(6, state, 3), 3), "{state:?}");
+        }
+        assert!(eligible(&conn(17, ConnState::Replied, 3), 3));
+        assert!(!eligible(&conn(17, ConnState::New, 3), 3), "unanswered");
+        let mut ended = conn(6, ConnState::Established, 3);
+        ended.ended = true;
+        assert!(!eligible(&ended, 3));
+    }
+
+    /// Without a netdev holding the underlay address (or, not root, without
+    /// the kernel's consent) the set-up fails with a reason, which the agent
+    /// logs and shows in `/health` before running without the fast path.
+    #[test]
+    fn set_up_says_why_it_cannot_run() {
+        // 192.0.2.0/24 is TEST-NET-1: no interface here holds it.
+        let e = KernelPath::set_up(Ipv4Addr::new(192, 0, 2, 77), 4789, 9216, &[]).unwrap_err();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(e.contains("no interface holds the underlay address 192.0.2.77"), "{e}");
+        } else {
+            assert!(!e.is_empty());
+        }
+    }
+}
