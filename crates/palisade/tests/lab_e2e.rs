@@ -4255,6 +4255,17 @@ rules:
         std::fs::write(&path, config).unwrap();
     }
     let mut agents: Vec<_> = ["hv1", "hv2"].iter().map(|h| start_agent(lab, h)).collect();
+    // A kernel without tcx (before 6.6) or BPF refuses it; the agent then
+    // runs without it and says why. CI's kernel must take it.
+    let refused = fast_path_health(lab, "hv1");
+    if refused["active"] != true && std::env::var_os("CI").is_none() {
+        eprintln!("skipping: this kernel refuses the fast path: {refused}");
+        for a in &mut agents {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        return;
+    }
     for h in ["hv1", "hv2"] {
         let f = fast_path_health(lab, h);
         assert_eq!(f["active"], true, "{h}: {f}");
