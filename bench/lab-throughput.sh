@@ -49,7 +49,7 @@
 #
 # usage: bench/lab-throughput.sh [--palisade BIN] [--seconds N] [--only LIST] [--workers N]
 #                                [--offloads on|off] [--ovs-tso on|off] [--qemu-mib N]
-#                                [--af-packet-rx socket|ring]
+#                                [--af-packet-rx socket|ring] [--fast-path kernel|off]
 #   --palisade BIN  the palisade binary (lab + agent); default: build
 #                   `cargo build --release -p palisade` here and use that
 #   --seconds N     iperf3 duration of each test (default 5)
@@ -61,6 +61,8 @@
 #   --qemu-mib N    size of the QEMU guests' download (default 64)
 #   --af-packet-rx X  how the Palisade agents' interface ports receive
 #                   (the agents' `af_packet_rx`; default: the agent's, socket)
+#   --fast-path X   the Palisade agents' `fast_path` (kernel: established flows
+#                   forwarded by the in-kernel flow cache; default: the agent's, off)
 # Run as root. A benchmark, not a test: CI does not run it. Needs iperf3, jq,
 # ethtool, Open vSwitch (Debian openvswitch-switch; its kernel module is not
 # used). Everything it starts is stopped on exit (trap), the lab removed.
@@ -75,6 +77,7 @@ workers=""
 offloads=on
 ovs_tso=on
 af_packet_rx=""
+fast_path=""
 name="plbench"
 
 while [ $# -gt 0 ]; do
@@ -87,7 +90,8 @@ while [ $# -gt 0 ]; do
         --ovs-tso) ovs_tso="$2"; shift 2 ;;
         --qemu-mib) qemu_mib="$2"; shift 2 ;;
         --af-packet-rx) af_packet_rx="$2"; shift 2 ;;
-        -h|--help) sed -n '2,62p' "$0"; exit 0 ;;
+        --fast-path) fast_path="$2"; shift 2 ;;
+        -h|--help) sed -n '2,67p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -101,6 +105,7 @@ case "$workers" in ''|[1-9]|[1-9][0-9]) ;; *) die "--workers wants 1 to 64" ;; e
 case "$offloads" in on|off) ;; *) die "--offloads wants on or off" ;; esac
 case "$ovs_tso" in on|off) ;; *) die "--ovs-tso wants on or off" ;; esac
 case "$af_packet_rx" in ''|socket|ring) ;; *) die "--af-packet-rx wants socket or ring" ;; esac
+case "$fast_path" in ''|kernel|off) ;; *) die "--fast-path wants kernel or off" ;; esac
 case "$qemu_mib" in ''|*[!0-9]*|0) die "--qemu-mib wants a positive integer" ;; esac
 for t in ip ethtool iperf3 jq ovsdb-tool ovsdb-server ovs-vswitchd ovs-vsctl ovs-ofctl ovs-appctl; do
     command -v "$t" >/dev/null 2>&1 || die "\`$t\` is not installed (iperf3, jq, ethtool, openvswitch-switch)"
@@ -523,11 +528,11 @@ measure() { # datapath expect-reverse-blocked(true|false)
     jq -cn --arg dp "$dp" --argjson tcp1 "$tcp1" --argjson tcp8 "$tcp8" --argjson udp "$udp" --argjson blocked "$blocked" \
         --argjson s "$seconds" --arg load "$(cut -d' ' -f1-3 /proc/loadavg)" --arg off "$vm_offloads_now" \
         --argjson rtt_idle "$rtt_idle" \
-        --arg tso "$vm_tso" --arg ovstso "$ovs_tso" --arg afrx "${af_packet_rx:-socket}" \
+        --arg tso "$vm_tso" --arg ovstso "$ovs_tso" --arg afrx "${af_packet_rx:-socket}" --arg fp "${fast_path:-off}" \
         '{datapath: $dp, shape: "2 hosts, 1 VM each, one zone, VXLAN underlay (MTU 1600)", seconds: $s,
           vm_offloads: $off, vm_tso: $tso}
          + (if $dp == "ovs" then {ovs_userspace_tso: $ovstso} else {} end)
-         + (if $dp == "palisade" then {af_packet_rx: $afrx} else {} end)
+         + (if $dp == "palisade" then {af_packet_rx: $afrx, fast_path: $fp} else {} end)
          + {rtt_idle_ms: $rtt_idle, tcp1: $tcp1, tcp8: $tcp8, udp64: $udp, reverse_tcp_blocked: $blocked,
             loadavg_after: $load}' |
         tee "$tmp/result-$dp.json"
@@ -546,6 +551,10 @@ phase_palisade() {
             sed -i '/^af_packet_rx = /d' "$state/agents/$h.toml"
             sed -i "0,/^\[/s//af_packet_rx = \"$af_packet_rx\"\n[/" "$state/agents/$h.toml"
         fi
+        if [ -n "$fast_path" ]; then
+            sed -i '/^fast_path = /d' "$state/agents/$h.toml"
+            sed -i "0,/^\[/s//fast_path = \"$fast_path\"\n[/" "$state/agents/$h.toml"
+        fi
         start_bg "$tmp/agent-$h.log" ip netns exec "$ns" "$palisade" agent --config "$state/agents/$h.toml" >/dev/null
         pid[$h]=$(tail -1 "$pids_file")
     done
@@ -557,6 +566,14 @@ phase_palisade() {
             sleep 0.1
         done
     done
+    if [ "$fast_path" = kernel ]; then
+        # Measured with the fast path it asked for, or not at all.
+        for h in hv1 hv2; do
+            grep -q "kernel fast path on" "$tmp/agent-$h.log" ||
+                { grep "fast path" "$tmp/agent-$h.log" >&2; die "palisade: agent $h runs without the kernel fast path"; }
+            log "agent $h: $(grep -m1 "kernel fast path on" "$tmp/agent-$h.log")"
+        done
+    fi
     dp_pids="${pid[hv1]} ${pid[hv2]}"
     agents_up=1
     measure palisade true

@@ -179,6 +179,8 @@ pub struct Agent {
     alert_queue: Option<Arc<crate::upstream::AlertQueue>>,
     /// What became of the alerts the workers handed over.
     alert_stats: AlertStats,
+    /// The kernel fast path's state, for `/health`.
+    fast_path: crate::fastpath::Status,
 }
 
 /// Where the alerts the workers raised went (for metrics).
@@ -1077,6 +1079,7 @@ impl Agent {
                 inline: None,
                 probe_out: Vec::new(),
                 takeover: None,
+                fast: None,
             })));
         }
         let t_sockets = t0.elapsed();
@@ -1272,6 +1275,10 @@ impl Agent {
             alerts_json: String::new(),
             alert_queue,
             alert_stats: AlertStats::default(),
+            fast_path: crate::fastpath::Status {
+                mode: "off",
+                ..Default::default()
+            },
         };
         agent.start_inspection(model);
         agent.start_takeover(model);
@@ -1326,7 +1333,66 @@ impl Agent {
             let io = open_sockets(&self.config, &self.ports, &mut opened, &mut vhost_ports, i, n)?;
             self.io.push(io);
         }
+        self.set_up_fast_path();
         Ok(())
+    }
+
+    /// With `fast_path = "kernel"`, load and attach the kernel fast path
+    /// (`crate::fastpath`) on the vNIC ports' sockets and netdevs and the
+    /// underlay, and give each worker its part. When the kernel refuses, the
+    /// agent runs without it and says so (log, `/health`).
+    fn set_up_fast_path(&mut self) {
+        use std::os::fd::BorrowedFd;
+        if self.config.fast_path != crate::config::FastPathMode::Kernel {
+            return;
+        }
+        let vnic_names: std::collections::HashSet<&str> = self.config.vnics.iter().map(|v| v.name.as_str()).collect();
+        let vnics: Vec<(PortId, String, Vec<BorrowedFd<'_>>)> = self
+            .ports
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| vnic_names.contains(p.name.as_str()))
+            .map(|(j, p)| {
+                let fds = self
+                    .io
+                    .iter()
+                    .filter_map(|w| w.ports.get(j))
+                    .filter(|a| a.port == p.port && a.io.fd() >= 0)
+                    // SAFETY: the descriptor belongs to a socket in `self.io`, which outlives this borrow.
+                    .map(|a| unsafe { BorrowedFd::borrow_raw(a.io.fd()) })
+                    .collect();
+                (p.port, p.interface.clone(), fds)
+            })
+            .collect();
+        let snap = af_packet_config(self.workers.len(), self.config.af_packet_rx).frame_size as u32;
+        let local = self.config.underlay.local;
+        match crate::fastpath::KernelPath::set_up(local, self.config.underlay.port, snap, &vnics) {
+            Ok((shared, status)) => {
+                eprintln!(
+                    "palisade agent: kernel fast path on: vNICs [{}]{}",
+                    status.interfaces.join(","),
+                    if status.skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; left to user space: {}", status.skipped.join("; "))
+                    }
+                );
+                let shared = Arc::new(shared);
+                for w in &self.workers {
+                    crate::worker::lock(w).fast = Some(crate::fastpath::FastPath::new(shared.clone()));
+                }
+                self.fast_path = status;
+            }
+            Err(e) => {
+                eprintln!("palisade agent: kernel fast path refused, running without it: {e}");
+                self.fast_path = crate::fastpath::Status {
+                    mode: "kernel",
+                    active: false,
+                    error: Some(e),
+                    ..Default::default()
+                };
+            }
+        }
     }
 
     /// Write the fail-open plan of `model` for whoever arms the fallback
@@ -1605,6 +1671,7 @@ impl Agent {
                         let (n, blob, held) = {
                             let mut core = lock(core);
                             let locked = Instant::now();
+                            core.settle_fast_path(now, None);
                             let n = core.engine.conntrack().len() as u64;
                             let blob = core.engine.export_all_named(name, now);
                             if let Some(j) = &mut core.journal {
@@ -2046,6 +2113,11 @@ impl Agent {
             let mut core = lock(core);
             core.engine.update_policy(Box::new(lookup.clone()));
             core.identities = identities.clone();
+            // Revocation is immediate: every flow the kernel forwards was
+            // judged under the epoch that just ended, so all come back to
+            // user space now (to be judged again), not at the worker's next sync.
+            let now = self.origin.elapsed().as_nanos() as u64;
+            core.settle_fast_path(now, None);
         }
         self.start_inspection(compiler.model());
         // The MAC a vhost-user vNIC may announce follows the inventory.
@@ -2266,6 +2338,43 @@ impl Agent {
              palisade_vnic_migrating_drops_total{{host=\"{}\"}} {quiesced_drops}\n",
             self.config.host
         ));
+        // The kernel fast path: what the kernel forwarded (folded into the
+        // connections and rules above at each worker's sync, a few times a second).
+        let fast_stats: Vec<_> = guards.iter().filter_map(|g| g.fast.as_ref().map(|f| f.stats)).collect();
+        let fast = &fast_stats;
+        if !fast.is_empty() {
+            let host = &self.config.host;
+            for (name, help, kind, v) in [
+                (
+                    "palisade_fast_path_kernel_packets_total",
+                    "Packets the kernel fast path forwarded (a super-frame's segments each).",
+                    "counter",
+                    fast.iter().map(|f| f.kernel_packets).sum::<u64>(),
+                ),
+                (
+                    "palisade_fast_path_kernel_bytes_total",
+                    "Bytes the kernel fast path forwarded.",
+                    "counter",
+                    fast.iter().map(|f| f.kernel_bytes).sum::<u64>(),
+                ),
+                (
+                    "palisade_fast_path_entries",
+                    "Flow directions in the kernel fast path's map.",
+                    "gauge",
+                    fast.iter().map(|f| f.installed as u64).sum::<u64>(),
+                ),
+                (
+                    "palisade_fast_path_errors_total",
+                    "Kernel fast path map operations that failed.",
+                    "counter",
+                    fast.iter().map(|f| f.errors).sum::<u64>(),
+                ),
+            ] {
+                text.push_str(&format!(
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{host=\"{host}\"}} {v}\n"
+                ));
+            }
+        }
         if let Some(a) = &self.arrivals {
             use std::sync::atomic::Ordering::Relaxed;
             for (name, help, v) in [
@@ -2388,6 +2497,29 @@ impl Agent {
                 "audit".into(),
                 serde_json::to_value(self.audit.as_ref().map(|t| t.status())).unwrap_or_default(),
             );
+            // The kernel fast path: configured mode, whether it runs, and
+            // the workers' counts of what it forwarded (folded so far).
+            let mut fast = serde_json::to_value(&self.fast_path).unwrap_or_default();
+            if self.fast_path.active
+                && let Some(f) = fast.as_object_mut()
+            {
+                // As read with the metrics above, under the workers' locks.
+                let stats = &fast_stats;
+                f.insert("workers".into(), serde_json::to_value(stats).unwrap_or_default());
+                f.insert(
+                    "installed".into(),
+                    stats.iter().map(|s| s.installed).sum::<usize>().into(),
+                );
+                f.insert(
+                    "kernel_packets".into(),
+                    stats.iter().map(|s| s.kernel_packets).sum::<u64>().into(),
+                );
+                f.insert(
+                    "kernel_bytes".into(),
+                    stats.iter().map(|s| s.kernel_bytes).sum::<u64>().into(),
+                );
+            }
+            h.insert("fast_path".into(), fast);
         }
         if let Some(h) = health.as_object_mut() {
             h.insert(
@@ -2469,7 +2601,8 @@ impl Agent {
         }
         let mut saved = 0;
         for (i, core) in self.workers.iter().enumerate() {
-            let core = lock(core);
+            let mut core = lock(core);
+            core.settle_fast_path(now, None);
             saved += core.engine.conntrack().len();
             let blob = core
                 .engine
@@ -2750,6 +2883,11 @@ impl http::Control for VnicControl {
     fn export_vnic(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
         let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        // Kernel-forwarded traffic counted, and the vNIC's flows out of the kernel, before the export.
+        for g in guards.iter_mut() {
+            let port = g.engine.port_of(vnic);
+            g.settle_fast_path(now, port);
+        }
         let blob = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             crate::migrate::export(&mut engines, vnic, now).map_err(control_error)?
@@ -2841,6 +2979,9 @@ impl http::Control for VnicControl {
     fn export_precopy(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
         let now = self.now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        for g in guards.iter_mut() {
+            g.settle_fast_path(now, None);
+        }
         let (t, marks) = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             crate::migrate::export_changes(&mut engines, vnic, now, None).map_err(control_error)?
@@ -2874,6 +3015,11 @@ impl http::Control for VnicControl {
             .unwrap_or_else(|p| p.into_inner())
             .get(vnic)
             .map(|p| (p.marks.clone(), p.bytes, p.hash.clone()));
+        // The pause: kernel-forwarded traffic counted, the vNIC's flows out of the kernel.
+        for g in guards.iter_mut() {
+            let port = g.engine.port_of(vnic);
+            g.settle_fast_path(now, port);
+        }
         let (t, _) = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             let since = pre.as_ref().map(|p| p.0.as_slice());

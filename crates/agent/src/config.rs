@@ -12,6 +12,7 @@
 //! state_snapshot_ms = 200            # connection-table snapshots for crash recovery (0: off)
 //! offloads = true                    # TSO/GSO super-frames and partial checksums through the engine whole (default)
 //! af_packet_rx = "socket"            # ports read their socket queue (default); "ring": a TPACKET_V3 ring
+//! fast_path = "off"                  # "kernel": established flows forwarded in the kernel (tcx/BPF); default off
 //! nice = 0                          # the agent's scheduling priority as a nice value (default 0; -10: as ovs-vswitchd)
 //! # [controller]                     # controller mode instead of `policy`:
 //! # servers = ["https://ctl:7443"]   #   ca, cert, key (mutual TLS) or token
@@ -145,6 +146,17 @@ pub struct AgentConfig {
     /// `ring` suits hosts that carry mostly small packets at high rates.
     #[serde(default)]
     pub af_packet_rx: AfPacketRx,
+    /// The kernel fast path (default `off`): `kernel` installs each
+    /// established connection that needs nothing more from user space (an
+    /// allow verdict of the current policy, no inspection, no service
+    /// chain, untagged IPv4 TCP/UDP between AF_PACKET vNICs and the
+    /// underlay) in an in-kernel flow cache (`palisade_io::kfast`), which
+    /// forwards its packets without a copy to the agent. Needs root
+    /// (`CAP_BPF`, `CAP_NET_ADMIN`) and tcx (Linux 6.6); when the kernel
+    /// refuses, the agent runs without it and says so in its log and
+    /// `/health`. See `crate::fastpath`.
+    #[serde(default)]
+    pub fast_path: FastPathMode,
     /// The agent's scheduling priority as a nice value, -20 to 19 (default
     /// [`DEFAULT_NICE`], 0: the default priority). Set when the agent
     /// starts, so every thread it starts has it. On a host whose guests'
@@ -170,6 +182,17 @@ pub struct AgentConfig {
 
 /// The agent's default scheduling priority ([`AgentConfig::nice`]).
 pub const DEFAULT_NICE: i32 = 0;
+
+/// The kernel fast path ([`AgentConfig::fast_path`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPathMode {
+    /// Every packet through the engine.
+    #[default]
+    Off,
+    /// Established flows forwarded by the kernel.
+    Kernel,
+}
 
 /// How the AF_PACKET ports receive ([`AgentConfig::af_packet_rx`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -956,6 +979,22 @@ mac = "02:00:00:00:fe:01"
         )
         .unwrap();
         assert!(!off.offloads);
+    }
+
+    #[test]
+    fn the_kernel_fast_path_is_off_unless_asked_for_and_its_value_is_checked() {
+        let c = AgentConfig::parse(GOOD, Path::new("hv1.toml")).unwrap();
+        assert_eq!(c.fast_path, FastPathMode::Off);
+        let with = |v: &str| {
+            AgentConfig::parse(
+                &GOOD.replace("metrics =", &format!("fast_path = {v}\nmetrics =")),
+                Path::new("hv1.toml"),
+            )
+        };
+        assert_eq!(with("\"kernel\"").unwrap().fast_path, FastPathMode::Kernel);
+        assert_eq!(with("\"off\"").unwrap().fast_path, FastPathMode::Off);
+        let e = with("\"xdp\"").unwrap_err().to_string();
+        assert!(e.contains("fast_path") || e.contains("xdp"), "{e}");
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub mod attach;
 pub mod config;
 mod error;
 pub mod fallback;
+mod fastpath;
 pub mod health;
 pub mod http;
 pub mod hypervisor;

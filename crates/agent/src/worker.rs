@@ -119,6 +119,22 @@ pub(crate) struct WorkerCore {
     /// The count of a fail-open episode's connections this worker meets
     /// (`None`: this start ended no episode).
     pub takeover: Option<crate::takeover::TakeOver>,
+    /// This worker's part of the kernel fast path (`None`: off, or the kernel refused it).
+    pub fast: Option<crate::fastpath::FastPath>,
+}
+
+impl WorkerCore {
+    /// Fold what the kernel fast path forwarded into the engine now, for a
+    /// reader of the connections (a snapshot, a state export, a migration's
+    /// export) that must see it; with `pull_back`, that port's flows leave
+    /// the kernel too (a migration pauses it). No-op without the fast path.
+    pub(crate) fn settle_fast_path(&mut self, now: u64, pull_back: Option<PortId>) {
+        if let Some(fast) = &mut self.fast {
+            let mut parked = self.quiesced.clone();
+            parked.extend(pull_back);
+            fast.sync(&mut self.engine, now, &parked);
+        }
+    }
 }
 
 /// Lock a worker's core. A worker that panicked while holding it has
@@ -587,6 +603,8 @@ fn handle_batch(
 struct Inspection<'a> {
     inline: Option<&'a mut Inline>,
     identities: &'a Identities,
+    /// The kernel fast path, which notes the directions it could take.
+    fast: Option<&'a mut crate::fastpath::FastPath>,
 }
 
 /// Stage a processed frame, first inspecting it when its flow has a
@@ -620,6 +638,9 @@ fn inspect_and_stage<'f>(
                 return;
             }
         }
+    }
+    if let Some(fast) = inline.fast.as_deref_mut() {
+        fast.observe(processed, in_port);
     }
     stage(staging, processed, at, direct);
 }
@@ -735,6 +756,7 @@ impl Worker {
                 let mut inspection = Inspection {
                     inline: core.inline.as_mut(),
                     identities: &core.identities,
+                    fast: core.fast.as_mut(),
                 };
                 // Events before this one are in the journal.
                 let mut journaled = 0;
@@ -880,6 +902,12 @@ impl Worker {
                             ));
                         }
                     }
+                }
+                // The kernel fast path: its counts folded in, flows installed and removed.
+                if let Some(fast) = &mut core.fast
+                    && fast.due()
+                {
+                    fast.sync(&mut core.engine, now, &core.quiesced);
                 }
                 journal_events(&mut core.journal, &core.engine, &events[journaled..], now);
                 for ev in events.drain(..) {

@@ -58,7 +58,9 @@ pub use classified::{ClassifiedLookup, MAX_RULES_PER_CHAIN};
 pub use conn_state::ConnState;
 pub use conntrack::{Conn, Conntrack, FullPolicy, Timeouts};
 pub use decision::{Disposition, Encap, Output, Processed, Reply, Results};
-pub use engine::{Engine, EngineConfig, ROUTING_DOMAIN, RuleInfo, VnicExport, policy_flow};
+pub use engine::{
+    Engine, EngineConfig, KernelForwarded, KernelTcpMarks, ROUTING_DOMAIN, RuleInfo, VnicExport, policy_flow,
+};
 pub use events::{EndReason, EventKind, EventSink, FlowEvent};
 pub use flow_table::{CachedVerdict, FlowEntry, FlowHash, FlowTable};
 pub use lookup::{ChainLookup, ChainVerdict, PolicyLookup};

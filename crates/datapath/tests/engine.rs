@@ -2244,3 +2244,131 @@ fn a_quiesced_ports_guest_announcing_itself_is_counted_and_dropped() {
     assert_eq!(e.announcements(b).0, 0);
     assert_eq!(e.conntrack().len(), 0, "nothing opened from the quiesced port");
 }
+
+/// What a kernel fast path forwarded, folded in (`fold_kernel_forwarded`),
+/// leaves the connection, its rule, its port and the engine counted as if
+/// the engine had forwarded those packets itself; the kernel's TCP marks
+/// move the tracker on, so the next segment (back in user space) is in
+/// its window; a fold for a connection that is gone is refused.
+#[test]
+fn kernel_forwarded_packets_fold_in_as_if_the_engine_had_seen_them() {
+    let mut seen = h1();
+    let mut folded = h1();
+    let mut ev = Vec::new();
+    handshake(&mut seen, &mut ev, 40000, 443, 0);
+    handshake(&mut folded, &mut ev, 40000, 443, 0);
+    let (a, b) = (port(&seen, "a.0"), port(&seen, "b.0"));
+    // Three data segments server -> client: the engine forwards them on
+    // `seen`; on `folded` the kernel does, and the agent folds its counts.
+    let mut bytes = 0;
+    for i in 0..3u32 {
+        let f = tcp(
+            11,
+            10,
+            443,
+            40000,
+            (9001 + i * 100, 1001),
+            TcpFlags::ACK | TcpFlags::PSH,
+            &[7; 100],
+        );
+        bytes += f.len() as u64;
+        fwd(&mut seen, (10 + u64::from(i)) * MS, b, &f, a, &mut ev);
+    }
+    let before = folded.counters().clone();
+    let key_of = |frame: &[u8]| palisade_wire::flow::extract(frame).unwrap().unwrap().key;
+    let key = key_of(&tcp(11, 10, 443, 40000, (0, 0), TcpFlags::ACK, b""));
+    let forwarded = palisade_datapath::KernelForwarded {
+        packets: 3,
+        bytes,
+        last_seen: 12 * MS,
+        tcp: Some(palisade_datapath::KernelTcpMarks {
+            seq_end: 9301,
+            ack: 1001,
+            limit: 1001 + 65535,
+            max_win: 65535,
+        }),
+    };
+    assert!(folded.fold_kernel_forwarded(b, &key, &forwarded));
+    let conn = |e: &Engine| e.conntrack().iter().next().unwrap().1.clone();
+    let (s, f) = (conn(&seen), conn(&folded));
+    assert_eq!(
+        (f.packets, f.bytes, f.reply_packets, f.reply_bytes, f.last_seen),
+        (s.packets, s.bytes, s.reply_packets, s.reply_bytes, s.last_seen)
+    );
+    assert_eq!(f.tcp.peers[1].end, s.tcp.peers[1].end, "the server's sequence end");
+    assert_eq!(
+        folded.rule_tally("web-https").packets,
+        seen.rule_tally("web-https").packets
+    );
+    assert_eq!(folded.rule_tally("web-https").bytes, seen.rule_tally("web-https").bytes);
+    assert_eq!(folded.port_tally(b).packets, seen.port_tally(b).packets);
+    assert_eq!(folded.port_tally(b).bytes, seen.port_tally(b).bytes);
+    assert_eq!(delta(&before, folded.counters(), |c| c.forwarded), 3);
+    // The next segment, in user space again, continues where the kernel left off.
+    fwd(
+        &mut folded,
+        13 * MS,
+        b,
+        &tcp(
+            11,
+            10,
+            443,
+            40000,
+            (9301, 1001),
+            TcpFlags::ACK | TcpFlags::PSH,
+            &[7; 100],
+        ),
+        a,
+        &mut ev,
+    );
+    // No such connection: nothing to fold into.
+    let other = key_of(&tcp(11, 10, 443, 40001, (0, 0), TcpFlags::ACK, b""));
+    assert!(!folded.fold_kernel_forwarded(b, &other, &forwarded));
+}
+
+/// In a strict zone, a stream the kernel carried far past the tracker's
+/// window continues in user space once the kernel's marks of both
+/// directions are folded in; without them the same segment is out of window.
+#[test]
+fn kernel_tcp_marks_keep_a_strict_zone_s_window_with_the_stream() {
+    let key_of = |frame: &[u8]| palisade_wire::flow::extract(frame).unwrap().unwrap().key;
+    let far = 9001u32 + 3_000_000;
+    let next = tcp(
+        11,
+        10,
+        443,
+        40000,
+        (far, 1001),
+        TcpFlags::ACK | TcpFlags::PSH,
+        &[7; 100],
+    );
+    for fold in [true, false] {
+        let mut e = host(compile_mem(policy(true)), "h1", 1, &["web"], |_| {});
+        let mut ev = Vec::new();
+        handshake(&mut e, &mut ev, 40000, 443, 0);
+        let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+        if fold {
+            let server = key_of(&tcp(11, 10, 443, 40000, (0, 0), TcpFlags::ACK, b""));
+            let client = key_of(&tcp(10, 11, 40000, 443, (0, 0), TcpFlags::ACK, b""));
+            let marks = |seq_end, ack| palisade_datapath::KernelForwarded {
+                packets: 1,
+                bytes: 66,
+                last_seen: 5 * MS,
+                tcp: Some(palisade_datapath::KernelTcpMarks {
+                    seq_end,
+                    ack,
+                    limit: ack.wrapping_add(65535),
+                    max_win: 65535,
+                }),
+            };
+            assert!(e.fold_kernel_forwarded(b, &server, &marks(far, 1001)));
+            assert!(e.fold_kernel_forwarded(a, &client, &marks(1001, far)));
+        }
+        let d = e.process(10 * MS, b, &next, &mut ev, &mut Results::new()).disposition;
+        if fold {
+            assert_eq!(d, Disposition::Forward);
+        } else {
+            assert_eq!(d, Disposition::Drop(DropReason::TcpOutOfWindow));
+        }
+    }
+}

@@ -26,6 +26,7 @@ pub mod capture;
 pub mod csum;
 mod error;
 pub mod gso;
+pub mod kfast;
 pub mod overlay;
 #[doc(hidden)]
 pub mod packets;

@@ -60,6 +60,7 @@ use crate::verdict::{Counters, DropReason, InspectProfile, Tally};
 mod connection;
 mod counters;
 mod export;
+mod kernel;
 mod policy;
 mod steering;
 mod switching;
@@ -69,6 +70,8 @@ pub use export::VnicExport;
 use policy::RuleRefs;
 pub use policy::policy_flow;
 use switching::parse_l2;
+
+pub use kernel::{KernelForwarded, KernelTcpMarks};
 
 /// Engine sizing and behaviour.
 #[derive(Debug, Clone)]
