@@ -49,6 +49,7 @@ mod render;
 mod service;
 pub mod state;
 mod switch;
+mod sweep;
 mod table;
 mod tcptrack;
 pub mod transfer;
@@ -70,4 +71,5 @@ pub use render::{
 pub use service::{ChainStats, InstanceStats, OffloadError, OffloadVerdict, Steer};
 pub use state::{StateError, relax_tcp_windows};
 pub use tcptrack::{TcpIndex, TcpLast, TcpPeer, TcpTrack, last_flags, peer_flags};
+pub use sweep::{Sweep, SweepStep};
 pub use verdict::{Counters, DropReason, InspectProfile, Tally};
