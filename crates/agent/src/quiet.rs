@@ -96,7 +96,9 @@ impl Quiet {
     /// Whether a migration in flight holds housekeeping (snapshot rounds,
     /// sweep steps) off now.
     pub(crate) fn migration_quiet(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) > 0 && now_ns() < self.until.load(Ordering::SeqCst)
+        self.in_flight.load(Ordering::SeqCst) > 0
+            && now_ns() < self.until.load(Ordering::SeqCst)
+            && !quiet_disabled()
     }
 
     /// Whether a worker may take a sweep step now.
@@ -124,6 +126,13 @@ pub(crate) fn sweep_step_slots() -> usize {
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|&n| n > 0)
         .unwrap_or(SWEEP_STEP_SLOTS)
+}
+
+/// Whether migrations leave housekeeping alone (`PALISADE_MIGRATION_QUIET=0`,
+/// for a measurement of what the quiet saves).
+fn quiet_disabled() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| std::env::var("PALISADE_MIGRATION_QUIET").is_ok_and(|v| v == "0"))
 }
 
 /// Whether housekeeping's lock holds are logged (`PALISADE_LOG_HOLDS=1`,
