@@ -96,9 +96,7 @@ impl Quiet {
     /// Whether a migration in flight holds housekeeping (snapshot rounds,
     /// sweep steps) off now.
     pub(crate) fn migration_quiet(&self) -> bool {
-        self.in_flight.load(Ordering::SeqCst) > 0
-            && now_ns() < self.until.load(Ordering::SeqCst)
-            && !quiet_disabled()
+        self.in_flight.load(Ordering::SeqCst) > 0 && now_ns() < self.until.load(Ordering::SeqCst) && !quiet_disabled()
     }
 
     /// Whether a worker may take a sweep step now.

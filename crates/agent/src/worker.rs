@@ -50,9 +50,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use palisade_audit::record::FlowRecord;
+use palisade_datapath::FlowEvent;
 use palisade_datapath::port::{self, PortId};
 use palisade_datapath::{Encap, Engine, Output, Processed, Results};
-use palisade_datapath::FlowEvent;
 use palisade_io::gso::Coalescer;
 use palisade_io::overlay::{Outgoing, UdpOverlay};
 use palisade_io::port::{FramePort, Offload, PortStats, RxFrame, wait_readable};

@@ -133,12 +133,7 @@ mod tests {
     }
 
     /// The same pass in steps of `scan` slots; returns the events and each step's slots.
-    fn stepped(
-        t: &mut Conntrack,
-        now: u64,
-        since: u64,
-        scan: usize,
-    ) -> (Vec<FlowEvent>, Vec<FlowEvent>, Vec<usize>) {
+    fn stepped(t: &mut Conntrack, now: u64, since: u64, scan: usize) -> (Vec<FlowEvent>, Vec<FlowEvent>, Vec<usize>) {
         let (mut ends, mut updates, mut steps) = (Vec::new(), Vec::new(), Vec::new());
         let mut next = 0;
         let mut c = Counters::default();
