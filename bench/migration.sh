@@ -74,6 +74,8 @@ SERVER_PID=""
 
 cleanup() {
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
+    # The lab's logs (controller, agents) stay with the results.
+    mkdir -p "$OUT/logs" && cp "$STATE"/logs/*.log "$OUT/logs/" 2>/dev/null || true
     "$EXE" lab down --name "$NAME" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -133,7 +135,8 @@ series() { # series NAME [migrate options...]
     # Housekeeping's lock holds, when the agents log them (PALISADE_LOG_HOLDS=1
     # in the environment, which the lab's agents inherit): sweep passes and
     # snapshot rounds, with their times on the migration lines' clock.
-    { tail -n +"$((from1 + 1))" "$STATE/logs/hv1.log"; tail -n +"$((from2 + 1))" "$STATE/logs/hv2.log"; } \
+    { tail -n +"$((from1 + 1))" "$STATE/logs/hv1.log" | sed 's/^/hv1: /'
+      tail -n +"$((from2 + 1))" "$STATE/logs/hv2.log" | sed 's/^/hv2: /'; } \
         | grep -E ': sweep of [0-9]+ slots|: snapshot round of ' >"$OUT/$name.holds" || true
 }
 
@@ -260,7 +263,8 @@ for n in conns:
 # snapshot rounds; logged with PALISADE_LOG_HOLDS=1) that overlap it.
 for n, rows in slowest.items():
     try:
-        holds = [(int(b), int(e), l.split("palisade agent: ", 1)[-1].split(";")[0]) for l in open(f"{out}/state-{n}.holds")
+        holds = [(int(b), int(e), l.split(": ", 1)[0] + " " + l.split("palisade agent: ", 1)[-1].split(";")[0])
+                 for l in open(f"{out}/state-{n}.holds")
                  for b, e in re.findall(r"from (\d+) ns to (\d+) ns", l)]
     except FileNotFoundError:
         holds = []
