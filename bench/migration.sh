@@ -74,6 +74,8 @@ SERVER_PID=""
 
 cleanup() {
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null || true
+    # The lab's logs (controller, agents) stay with the results.
+    mkdir -p "$OUT/logs" && cp "$STATE"/logs/*.log "$OUT/logs/" 2>/dev/null || true
     "$EXE" lab down --name "$NAME" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -130,6 +132,12 @@ series() { # series NAME [migrate options...]
     # destination's answer, the destination's decode and apply.
     { tail -n +"$((from1 + 1))" "$STATE/logs/hv1.log"; tail -n +"$((from2 + 1))" "$STATE/logs/hv2.log"; } \
         | grep -E 'switchover of |: delta of [0-9]+ connections|: commit of ' >"$OUT/$name.phases" || true
+    # Housekeeping's lock holds, when the agents log them (PALISADE_LOG_HOLDS=1
+    # in the environment, which the lab's agents inherit): sweep passes and
+    # snapshot rounds, with their times on the migration lines' clock.
+    { tail -n +"$((from1 + 1))" "$STATE/logs/hv1.log" | sed 's/^/hv1: /'
+      tail -n +"$((from2 + 1))" "$STATE/logs/hv2.log" | sed 's/^/hv2: /'; } \
+        | grep -E ': sweep of [0-9]+ slots|: snapshot round of ' >"$OUT/$name.holds" || true
 }
 
 # The template: the guest's connection as its agent holds it now. The
@@ -158,6 +166,10 @@ out, count, conns = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 def pct(xs, p):
     xs = sorted(x for x in xs if x is not None and not math.isnan(x))
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+def top(xs):
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return max(xs) if xs else float("nan")
 
 def load(name):
     return [json.loads(l) for l in open(f"{out}/{name}.jsonl") if l.strip()]
@@ -199,7 +211,8 @@ phases = [
     ("delta conns", r"delta of (\d+) connections"),
 ]
 print()
-print("pause phases p50/p99 (us; delta conns: count) " + " ".join(f"{n:>13}" for n, _ in phases))
+# (With 100 samples the p99 is the second slowest: the max is printed too.)
+print("pause phases p50/p99/max (us; delta conns: count) " + " ".join(f"{n:>20}" for n, _ in phases))
 for n in conns:
     try:
         text = open(f"{out}/state-{n}.phases").read()
@@ -208,8 +221,8 @@ for n in conns:
     cells = []
     for _, rx in phases:
         xs = [float(m) for m in re.findall(rx, text)]
-        cells.append(f"{pct(xs,50):6.0f}/{pct(xs,99):<6.0f}")
-    print(f"{'state-' + n:<46} " + " ".join(f"{c:>13}" for c in cells))
+        cells.append(f"{pct(xs,50):6.0f}/{pct(xs,99):.0f}/{top(xs):<6.0f}")
+    print(f"{'state-' + n:<50} " + " ".join(f"{c:>20}" for c in cells))
 
 # The commit's round trip, split by the clock readings both agents log of
 # it (one monotonic clock on the host): the source's write, request sent
@@ -220,7 +233,8 @@ trips = [
     ("write(src)", 0), ("to dst", 1), ("at dst", 2), ("back", 3),
 ]
 print()
-print("round trip p50/p99 (us)                        " + " ".join(f"{n:>13}" for n, _ in trips) + "      paired")
+print("round trip p50/p99/max (us)                        " + " ".join(f"{n:>20}" for n, _ in trips) + "      paired")
+slowest = {}
 for n in conns:
     try:
         text = open(f"{out}/state-{n}.phases").read()
@@ -230,12 +244,34 @@ for n in conns:
         r"written in (\d+) us; request begun at (\d+) ns, answer read at (\d+) ns", text)]
     dst = [tuple(int(x) for x in m) for m in re.findall(
         r"first bytes at (\d+) ns, answer begun at (\d+) ns", text)]
+    # The destination's lock wait for each commit, when it logs it.
+    waits = {int(f): int(w) for f, w in re.findall(
+        r"first bytes at (\d+) ns, answer begun at \d+ ns; workers' locks waited for (\d+) us", text)}
     rows = []
     for w, s0, a in src:
         match = [(f, b) for f, b in dst if s0 <= f <= a and f <= b <= a]
         if len(match) == 1:
             f, b = match[0]
-            rows.append((w, (f - s0) / 1e3, (b - f) / 1e3, (a - b) / 1e3))
-    cells = [f"{pct([r[i] for r in rows],50):6.0f}/{pct([r[i] for r in rows],99):<6.0f}" for _, i in trips]
-    print(f"{'state-' + n:<46} " + " ".join(f"{c:>13}" for c in cells) + f"  {len(rows):4}/{len(src):<4}")
+            rows.append((w, (f - s0) / 1e3, (b - f) / 1e3, (a - b) / 1e3, s0, a, waits.get(f)))
+    cells = [f"{pct([r[i] for r in rows],50):6.0f}/{pct([r[i] for r in rows],99):.0f}/{top([r[i] for r in rows]):<6.0f}"
+             for _, i in trips]
+    print(f"{'state-' + n:<50} " + " ".join(f"{c:>20}" for c in cells) + f"  {len(rows):4}/{len(src):<4}")
+    slowest[n] = sorted(rows, key=lambda r: r[5] - r[4], reverse=True)[:5]
+
+# The five slowest round trips of each series, each with the destination's
+# wait for the workers' locks and the housekeeping holds (sweep passes,
+# snapshot rounds; logged with PALISADE_LOG_HOLDS=1) that overlap it.
+for n, rows in slowest.items():
+    try:
+        holds = [(int(b), int(e), l.split(": ", 1)[0] + " " + l.split("palisade agent: ", 1)[-1].split(";")[0])
+                 for l in open(f"{out}/state-{n}.holds")
+                 for b, e in re.findall(r"from (\d+) ns to (\d+) ns", l)]
+    except FileNotFoundError:
+        holds = []
+    print()
+    print(f"state-{n}: slowest round trips (us): total, write(src), to dst, at dst, back; dst lock wait; overlapping holds ({len(holds)} logged)")
+    for w, to, at, back, s0, a, wait in rows:
+        over = [h for b, e, h in holds if b <= a and e >= s0]
+        print(f"  {(a - s0) / 1e3:8.0f} {w:6} {to:8.0f} {at:8.0f} {back:8.0f}  wait {wait if wait is not None else '-':>5}  "
+              + ("; ".join(over) if over else "none"))
 EOF

@@ -1153,6 +1153,8 @@ impl Agent {
             imported: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             holds_started: Mutex::new(HashMap::new()),
+            quiet_staged: Mutex::new(std::collections::HashSet::new()),
+            apply_locks: Mutex::new(HashMap::new()),
         });
         if let (Some(mc), Some(tls)) = (&config.migration, &peer_tls)
             && let Some(listen) = &mc.listen
@@ -1709,6 +1711,15 @@ impl Agent {
             }
         }
         let ended = Instant::now();
+        if crate::quiet::log_holds() {
+            let at = crate::quiet::monotonic_ns();
+            eprintln!(
+                "palisade agent: snapshot round of {connections} connections: lock held {} us at most, round {} us; from {} ns to {at} ns",
+                held.as_micros(),
+                (ended - started).as_micros(),
+                at.saturating_sub((ended - started).as_nanos() as u64),
+            );
+        }
         self.snapshots.done(started, ended, connections, bytes, ok);
         if let Some(a) = &mut self.after_ready {
             a.snapshot_round(started, ended, held);
@@ -1863,7 +1874,9 @@ impl Agent {
                 last_housekeeping = Instant::now();
                 self.housekeeping();
             }
-            if self.snapshots.due(Instant::now()) {
+            // Not in a migration's flight: its pause would wait for the
+            // round's locks (see `crate::quiet`); taken when it is over.
+            if self.snapshots.due(Instant::now()) && !crate::quiet::QUIET.migration_quiet() {
                 self.snapshot();
             }
             if self.audit_gate.is_some() && workers_started.elapsed() >= AUDIT_OPEN_AFTER_WORKERS {
@@ -2722,6 +2735,12 @@ struct VnicControl {
     /// order's state arriving after the hold expired is still taken from
     /// the VM's last host ([`http::Control::check_source`]).
     holds_started: Mutex<HashMap<String, Instant>>,
+    /// vNICs staged here whose migration holds housekeeping off until its
+    /// delta is applied or the staging discarded ([`crate::quiet`]).
+    quiet_staged: Mutex<std::collections::HashSet<String>>,
+    /// Per vNIC, how its last delta's apply waited for the workers' locks
+    /// and held them ([`http::Control::apply_note`]).
+    apply_locks: Mutex<HashMap<String, (Duration, Duration)>>,
 }
 
 /// How long after a vNIC's hold started its state is still taken from the
@@ -2797,7 +2816,10 @@ impl VnicControl {
             .unwrap_or_else(|p| p.into_inner())
             .remove(vnic);
         let mut pre = self.precopied.lock().unwrap_or_else(|p| p.into_inner());
-        pre.remove(vnic);
+        if pre.remove(vnic).is_some() {
+            // Its pause is over (released or resumed): housekeeping may run.
+            crate::quiet::QUIET.end_migration();
+        }
         if pre.is_empty() {
             for core in guards.iter_mut() {
                 core.engine.end_vnic_changes();
@@ -2990,7 +3012,7 @@ impl http::Control for VnicControl {
         let blob = palisade_datapath::transfer::encode(&t);
         let mut hash = blake3::Hasher::new();
         hash.update(&blob);
-        self.precopied.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        let earlier = self.precopied.lock().unwrap_or_else(|p| p.into_inner()).insert(
             vnic.to_string(),
             Precopied {
                 marks,
@@ -2998,6 +3020,11 @@ impl http::Control for VnicControl {
                 hash,
             },
         );
+        if earlier.is_none() {
+            // Until its pause is over (`end_precopy`), no housekeeping
+            // hold lands in it.
+            crate::quiet::QUIET.begin_migration();
+        }
         self.record("precopy", vnic, peer, t.conns.len(), Some(&blob));
         Ok(blob)
     }
@@ -3007,6 +3034,8 @@ impl http::Control for VnicControl {
     fn export_delta(&self, vnic: &str, peer: Option<&str>) -> Result<Vec<u8>, http::ControlError> {
         let started = Instant::now();
         let now = self.now();
+        // No sweep step starts until the pause's work here is done.
+        let _wanted = crate::quiet::QUIET.want_locks();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
         let locked = Instant::now();
         let pre = self
@@ -3201,7 +3230,12 @@ impl http::Control for VnicControl {
     fn import_arrival(&self, a: crate::peer::Arrival) -> Result<usize, http::ControlError> {
         let now = self.now();
         let vnic = a.vnic.clone();
+        // A delta is applied in the guest's pause: no sweep step starts
+        // meanwhile, and the wait for the locks is measured.
+        let _wanted = crate::quiet::QUIET.want_locks();
+        let asked = Instant::now();
         let mut guards: Vec<_> = self.workers.iter().map(|c| lock(c)).collect();
+        let locked = Instant::now();
         let applied = {
             let mut engines: Vec<&mut Engine> = guards.iter_mut().map(|g| &mut g.engine).collect();
             crate::migrate::apply_arrival(&mut engines, &a.removed, a.revalidate, a.snapshot, now)
@@ -3235,12 +3269,42 @@ impl http::Control for VnicControl {
                 .sum()
         };
         drop(guards);
+        let held = locked.elapsed();
+        let mut quiet = self.quiet_staged.lock().unwrap_or_else(|p| p.into_inner());
+        if a.stage {
+            if quiet.insert(vnic.clone()) {
+                // Staged: housekeeping holds off until the delta is in.
+                crate::quiet::QUIET.begin_migration();
+            }
+        } else {
+            if quiet.remove(&vnic) {
+                crate::quiet::QUIET.end_migration();
+            }
+            self.apply_locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(vnic.clone(), (locked - asked, held));
+        }
+        drop(quiet);
         if !a.stage {
             self.arrived(&vnic);
         }
         let action = if a.stage { "stage" } else { "import" };
         self.record_hashed(action, &vnic, Some(&a.peer), n, Some((a.bytes, a.blake3)));
         Ok(n)
+    }
+
+    fn apply_note(&self, vnic: &str) -> Option<String> {
+        let (waited, held) = self
+            .apply_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vnic)?;
+        Some(format!(
+            "workers' locks waited for {} us, held {} us",
+            waited.as_micros(),
+            held.as_micros()
+        ))
     }
 
     fn discard_staged(&self, vnic: &str, keys: &[palisade_wire::flow::FlowKey]) -> Result<usize, http::ControlError> {
@@ -3256,6 +3320,9 @@ impl http::Control for VnicControl {
             if let Some(inline) = core.inline.as_mut() {
                 crate::inspection::carry::discard_staged(&mut [Some(inline)], vnic);
             }
+        }
+        if self.quiet_staged.lock().unwrap_or_else(|p| p.into_inner()).remove(vnic) {
+            crate::quiet::QUIET.end_migration();
         }
         self.record("discard", vnic, None, removed, None);
         Ok(removed)

@@ -142,6 +142,13 @@ pub trait Control: Send + Sync {
         let _ = (vnic, from);
         Ok(())
     }
+    /// How the last delta applied to `vnic` ([`Control::import_arrival`])
+    /// waited for and held the workers' locks, for the log once the pause
+    /// is over (taken: asked once). The default has nothing to say.
+    fn apply_note(&self, vnic: &str) -> Option<String> {
+        let _ = vnic;
+        None
+    }
     /// Remove a staged pre-copy whose migration was cancelled (the keys of
     /// its connections); returns how many went.
     fn discard_staged(&self, vnic: &str, keys: &[FlowKey]) -> Result<usize, ControlError> {

@@ -70,6 +70,7 @@ pub mod notify;
 pub mod orders;
 pub mod peer;
 pub mod qmp;
+mod quiet;
 pub mod records;
 pub mod snapshot;
 pub mod supervise;

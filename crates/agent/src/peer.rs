@@ -627,9 +627,10 @@ fn serve_requests(
             // The clock readings line up with the source's log of the same
             // exchange (one monotonic clock on the host): how long the
             // request took to arrive and the answer to get back.
+            let locks = control.apply_note(&vnic).map(|n| format!("; {n}")).unwrap_or_default();
             staging.notes.push(format!(
                 "commit of {vnic}: {conns} connections, decode {} us, apply {} us, answer written in {} us; \
-                 request's first bytes at {first_byte} ns, answer begun at {answering} ns",
+                 request's first bytes at {first_byte} ns, answer begun at {answering} ns{locks}",
                 decoded.as_micros(),
                 applied.as_micros(),
                 answered.saturating_sub(answering) / 1000,

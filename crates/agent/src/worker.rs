@@ -50,9 +50,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use palisade_audit::record::FlowRecord;
+use palisade_datapath::FlowEvent;
 use palisade_datapath::port::{self, PortId};
 use palisade_datapath::{Encap, Engine, Output, Processed, Results};
-use palisade_datapath::{EventKind, FlowEvent};
 use palisade_io::gso::Coalescer;
 use palisade_io::overlay::{Outgoing, UdpOverlay};
 use palisade_io::port::{FramePort, Offload, PortStats, RxFrame, wait_readable};
@@ -743,8 +743,21 @@ impl Worker {
         let mut last_update_round = 0;
         let mut quiesced_drops = 0u64;
         let mut direct_spare = Vec::new();
+        // The connection table's sweep, in steps of a bounded number of
+        // slots under the lock, one a round (see `crate::quiet`).
+        let mut sweep = palisade_datapath::Sweep::new();
+        let sweep_slots = crate::quiet::sweep_step_slots();
+        let mut sweep_updates = Vec::new();
+        let mut sweep_pass = SweepPass::default();
         while !halt.load(Ordering::Relaxed) {
-            let ready = match wait_readable(&fds, Duration::from_millis(100)) {
+            // While a sweep pass is under way the next round comes at once
+            // (its step is this round's housekeeping), unless it is held off.
+            let wait = if sweep.is_active() && crate::quiet::QUIET.sweep_may_step() {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(100)
+            };
+            let ready = match wait_readable(&fds, wait) {
                 Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(WorkerFailure::Wait(e)),
@@ -881,26 +894,40 @@ impl Worker {
                     journaled = events.len();
                     quiesced_drops += send_staged(&mut self.io, &mut staging, &mut sockets, &core.quiesced);
                 }
-                if last_housekeeping.elapsed() >= Duration::from_secs(1) {
+                if !sweep.is_active() && last_housekeeping.elapsed() >= Duration::from_secs(1) {
                     last_housekeeping = Instant::now();
-                    core.engine.expire(now, 65_536, &mut events);
                     if let Some(ins) = &mut core.inline {
                         ins.expire(now);
                     }
-                    // Long-lived flows get an update record every minute.
+                    // Long-lived flows get an update record every minute:
+                    // this pass reports those seen since the last round.
                     let minute = now / 60_000_000_000;
+                    let mut updates_since = None;
                     if minute > last_update_round {
-                        let since = last_update_round * 60_000_000_000;
+                        updates_since = Some(last_update_round * 60_000_000_000);
                         last_update_round = minute;
-                        for ev in live_since(&core.engine, since, now) {
-                            records.push(records::update_record(
-                                &ev,
-                                &self.host,
-                                &core.engine,
-                                &core.identities,
-                                self.clock,
-                            ));
-                        }
+                    }
+                    sweep.start(updates_since);
+                    sweep_pass = SweepPass::default();
+                }
+                if sweep.is_active() && crate::quiet::QUIET.sweep_may_step() {
+                    let held = Instant::now();
+                    let step = core
+                        .engine
+                        .sweep_step(&mut sweep, now, sweep_slots, &mut events, &mut sweep_updates);
+                    for ev in sweep_updates.drain(..) {
+                        records.push(records::update_record(
+                            &ev,
+                            &self.host,
+                            &core.engine,
+                            &core.identities,
+                            self.clock,
+                        ));
+                    }
+                    sweep_pass.note(step.scanned, held.elapsed());
+                    if step.done && crate::quiet::log_holds() {
+                        // Printed after the lock is released.
+                        sweep_pass.log = true;
                     }
                 }
                 // The kernel fast path: its counts folded in, flows installed and removed.
@@ -941,6 +968,9 @@ impl Worker {
                 core.unroutable = staging.unroutable;
                 core.render_errors = staging.render_errors;
                 core.quiesced_drops = quiesced_drops;
+            }
+            if std::mem::take(&mut sweep_pass.log) {
+                eprintln!("palisade agent: worker {}: {sweep_pass}", self.index);
             }
             if !records.is_empty() && self.records.send(std::mem::take(&mut records)).is_err() {
                 return Err(WorkerFailure::ControlGone);
@@ -1072,14 +1102,50 @@ impl Sockets {
     }
 }
 
-/// Update events for the live connections seen since `since`.
-fn live_since(engine: &Engine, since: u64, now: u64) -> Vec<FlowEvent> {
-    engine
-        .conntrack()
-        .iter()
-        .filter(|(_, c)| c.last_seen >= since && !c.ended)
-        .map(|(_, c)| c.event(EventKind::Update, now))
-        .collect()
+/// One sweep pass's lock holds, for its log line (`PALISADE_LOG_HOLDS=1`).
+#[derive(Debug, Default)]
+struct SweepPass {
+    /// When its first step began (CLOCK_MONOTONIC ns, as the migration logs').
+    began_ns: u64,
+    /// When its last step ended.
+    ended_ns: u64,
+    steps: usize,
+    slots: usize,
+    /// Its steps' lock holds together, and the longest.
+    held: Duration,
+    longest: Duration,
+    /// A line is due once the lock is released.
+    log: bool,
+}
+
+impl SweepPass {
+    /// A step that looked at `slots` slots holding the lock `held`.
+    fn note(&mut self, slots: usize, held: Duration) {
+        let at = crate::quiet::monotonic_ns();
+        if self.steps == 0 {
+            self.began_ns = at.saturating_sub(held.as_nanos() as u64);
+        }
+        self.ended_ns = at;
+        self.steps += 1;
+        self.slots += slots;
+        self.held += held;
+        self.longest = self.longest.max(held);
+    }
+}
+
+impl std::fmt::Display for SweepPass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sweep of {} slots in {} steps: lock held {} us at most, {} us in all; from {} ns to {} ns",
+            self.slots,
+            self.steps,
+            self.longest.as_micros(),
+            self.held.as_micros(),
+            self.began_ns,
+            self.ended_ns
+        )
+    }
 }
 
 #[cfg(test)]

@@ -551,6 +551,52 @@ impl Conntrack {
         expired.len()
     }
 
+    /// One step of a resumable sweep ([`crate::Sweep`]): the slots
+    /// `from..from + scan` (those past the slab's end do not exist), each
+    /// expired connection in them removed (its end event to `sink`, as
+    /// [`Conntrack::expire`]), and with `updates_since` each live one seen
+    /// since then reported to `updates` as an update event at `now`.
+    /// Returns the slot the next step starts at and how many were removed;
+    /// the sweep is over when that slot is [`Conntrack::slab_len`] or more.
+    /// At most `scan` slots are looked at, whatever the table holds: that
+    /// bounds the step's time, and the caller's lock hold with it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn sweep(
+        &mut self,
+        from: usize,
+        scan: usize,
+        now: u64,
+        updates_since: Option<u64>,
+        sink: &mut dyn EventSink,
+        updates: &mut dyn EventSink,
+        c: &mut Counters,
+    ) -> (usize, usize) {
+        let t = self.timeouts;
+        let end = from.saturating_add(scan).min(self.map.slab_len());
+        let mut removed = 0;
+        for slot in from..end {
+            // A slot below the slab's length is a valid index (slots are u32).
+            let slot = slot as Slot;
+            let Some(conn) = self.map.get(slot) else { continue };
+            if conn.expired(now, &t) {
+                self.remove(slot, EndReason::Timeout, now, sink, c);
+                removed += 1;
+            } else if let Some(since) = updates_since
+                && conn.last_seen >= since
+                && !conn.ended
+            {
+                updates.event(&conn.event(EventKind::Update, now));
+            }
+        }
+        (end.max(from), removed)
+    }
+
+    /// How many slots have ever been handed out: a sweep that reached it
+    /// has looked at every connection.
+    pub fn slab_len(&self) -> usize {
+        self.map.slab_len()
+    }
+
     /// Account a non-TCP packet to its connection.
     #[inline(always)]
     pub(crate) fn track_other(&mut self, slot: Slot, seen: Sighting, sink: &mut dyn EventSink) {

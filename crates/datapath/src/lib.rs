@@ -48,6 +48,7 @@ pub mod probe;
 mod render;
 mod service;
 pub mod state;
+mod sweep;
 mod switch;
 mod table;
 mod tcptrack;
@@ -71,5 +72,6 @@ pub use render::{
 };
 pub use service::{ChainStats, InstanceStats, OffloadError, OffloadVerdict, Steer};
 pub use state::{StateError, relax_tcp_windows};
+pub use sweep::{Sweep, SweepStep};
 pub use tcptrack::{TcpIndex, TcpLast, TcpPeer, TcpTrack, last_flags, peer_flags};
 pub use verdict::{Counters, DropReason, InspectProfile, Tally};

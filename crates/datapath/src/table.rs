@@ -205,6 +205,12 @@ impl<V> BoundedMap<V> {
         fallback
     }
 
+    /// How many slots have ever been handed out: every occupied slot is
+    /// below it (a resumable walk of the table goes up to it).
+    pub fn slab_len(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Every occupied slot with its key and value.
     pub fn iter(&self) -> impl Iterator<Item = (Slot, &FlowKey, &V)> {
         self.slots

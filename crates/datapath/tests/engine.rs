@@ -1004,6 +1004,46 @@ fn timeouts_expire_connections() {
     );
 }
 
+#[test]
+fn a_stepped_sweep_expires_as_the_whole_sweep_does() {
+    // Two engines with the same connections; one swept whole, one in steps of a slot.
+    let run = |stepped: bool| {
+        let mut e = h1();
+        let mut ev = Vec::new();
+        let (a, b) = (port(&e, "a.0"), port(&e, "b.0"));
+        for (i, sport) in (7000..7010).enumerate() {
+            fwd(&mut e, i as u64 * 1_000 * MS, a, &udp(10, 11, sport, 53), b, &mut ev);
+        }
+        ev.clear();
+        // At 35 s the first five (seen at 0-4 s, unreplied: 30 s) are due.
+        let now = 35 * 1_000 * MS;
+        let mut updates = Vec::new();
+        if stepped {
+            let mut sweep = palisade_datapath::Sweep::new();
+            sweep.start(Some(0));
+            let mut steps = 0;
+            while sweep.is_active() {
+                let step = e.sweep_step(&mut sweep, now, 1, &mut ev, &mut updates);
+                assert!(step.scanned <= 1 && step.expired <= 1);
+                steps += 1;
+            }
+            assert_eq!(steps, 10);
+        } else {
+            e.expire(now, usize::MAX, &mut ev);
+        }
+        (ev, updates, e.conntrack().len())
+    };
+    let (whole, _, left) = run(false);
+    let (steps, updates, left_stepped) = run(true);
+    assert_eq!(whole.len(), 5);
+    assert!(whole.iter().all(|e| e.kind == EventKind::End(EndReason::Timeout)));
+    assert_eq!(whole, steps);
+    assert_eq!((left, left_stepped), (5, 5));
+    // The survivors are reported as updates (seen since 0).
+    assert_eq!(updates.len(), 5);
+    assert!(updates.iter().all(|e| e.kind == EventKind::Update));
+}
+
 /// A neighbour advertisement from a's MAC for `target`, with target link-layer address `tlla`.
 fn neighbor_advert(target: &str, tlla: [u8; 6]) -> Vec<u8> {
     let src: core::net::Ipv6Addr = "fd00::a".parse().unwrap();

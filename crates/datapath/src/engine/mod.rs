@@ -453,6 +453,44 @@ impl Engine {
         self.conns.expire(now, budget, sink, &mut self.counters)
     }
 
+    /// One step of `sweep`'s pass ([`crate::Sweep`]): at most `scan` slots
+    /// of the connection table (at least one, so a pass always ends),
+    /// expired connections removed with their end events to `sink` (as
+    /// [`Engine::expire`]), and, when the pass reports updates, an update
+    /// event per live connection seen since its time to `updates`. An idle
+    /// sweep does nothing.
+    pub fn sweep_step(
+        &mut self,
+        sweep: &mut crate::Sweep,
+        now: u64,
+        scan: usize,
+        sink: &mut dyn EventSink,
+        updates: &mut dyn EventSink,
+    ) -> crate::SweepStep {
+        let Some(from) = sweep.next else {
+            return crate::SweepStep {
+                done: true,
+                ..crate::SweepStep::default()
+            };
+        };
+        let (next, expired) = self.conns.sweep(
+            from,
+            scan.max(1),
+            now,
+            sweep.updates_since,
+            sink,
+            updates,
+            &mut self.counters,
+        );
+        let done = next >= self.conns.slab_len();
+        sweep.next = if done { None } else { Some(next) };
+        crate::SweepStep {
+            scanned: next - from.min(next),
+            expired,
+            done,
+        }
+    }
+
     /// A vNIC's guest announced itself: counted, and told to `sink`; on a
     /// standby port the port is quiesced from this frame on (it is still
     /// switched, so the network learns where the guest is).
