@@ -3593,6 +3593,7 @@ mod migration_inspection_tests {
             inline: Some(h.inline),
             probe_out: Vec::new(),
             takeover: None,
+            fast: None,
         };
         VnicControl {
             workers: vec![Arc::new(Mutex::new(core))],
@@ -3606,6 +3607,8 @@ mod migration_inspection_tests {
             imported: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             holds_started: Mutex::new(HashMap::new()),
+            quiet_staged: Mutex::new(std::collections::HashSet::new()),
+            apply_locks: Mutex::new(HashMap::new()),
         }
     }
 
