@@ -720,7 +720,6 @@ pub fn inspection(
     alerts: &crate::agent::AlertStats,
     pushed: Option<crate::upstream::AlertPushStats>,
 ) -> String {
-    use std::fmt::Write as _;
     let mut out = String::new();
     let host = esc(host);
     let mut rows: Vec<(&str, &str, u64)> = vec![
@@ -806,12 +805,19 @@ pub fn inspection(
         ]);
     }
     for (name, help, v) in rows {
-        let _ = write!(
-            out,
-            "# HELP palisade_inspect_{name} {help}\n# TYPE palisade_inspect_{name} counter\npalisade_inspect_{name}{{host=\"{host}\"}} {v}\n"
-        );
+        inspect_series(&mut out, "counter", name, help, &host, v);
     }
     out
+}
+
+/// One `palisade_inspect_NAME{host="HOST"}` series of `kind` (counter or
+/// gauge) with its HELP and TYPE lines.
+fn inspect_series(out: &mut String, kind: &str, name: &str, help: &str, host: &str, v: impl std::fmt::Display) {
+    use std::fmt::Write as _;
+    let _ = write!(
+        out,
+        "# HELP palisade_inspect_{name} {help}\n# TYPE palisade_inspect_{name} {kind}\npalisade_inspect_{name}{{host=\"{host}\"}} {v}\n"
+    );
 }
 
 /// What inline inspection holds now (every worker's): gauges beside its counters.
@@ -839,7 +845,6 @@ impl InlineGauges {
 /// the flows and held bytes now, the flows carried in and out, those taken
 /// up mid-stream or of an unknown profile, and the sections refused.
 pub fn inspection_state(host: &str, g: &InlineGauges, c: &crate::inspection::InlineCounters) -> String {
-    use std::fmt::Write as _;
     let mut out = String::new();
     let host = esc(host);
     let gauges: [(&str, &str, usize); 3] = [
@@ -856,10 +861,7 @@ pub fn inspection_state(host: &str, g: &InlineGauges, c: &crate::inspection::Inl
         ),
     ];
     for (name, help, v) in gauges {
-        let _ = write!(
-            out,
-            "# HELP palisade_inspect_{name} {help}\n# TYPE palisade_inspect_{name} gauge\npalisade_inspect_{name}{{host=\"{host}\"}} {v}\n"
-        );
+        inspect_series(&mut out, "gauge", name, help, &host, v);
     }
     let counters: [(&str, &str, u64); 5] = [
         (
@@ -889,10 +891,7 @@ pub fn inspection_state(host: &str, g: &InlineGauges, c: &crate::inspection::Inl
         ),
     ];
     for (name, help, v) in counters {
-        let _ = write!(
-            out,
-            "# HELP palisade_inspect_{name} {help}\n# TYPE palisade_inspect_{name} counter\npalisade_inspect_{name}{{host=\"{host}\"}} {v}\n"
-        );
+        inspect_series(&mut out, "counter", name, help, &host, v);
     }
     out
 }
