@@ -964,11 +964,19 @@ fn connections_opened_after_the_last_snapshot_survive_a_kill_from_the_journal() 
     // Opened after every snapshot the agents will take before the kill.
     let (mut server, mut session, lines) = db_stream(lab);
     let mut held = HeldFlows::open(lab, "web-1", "app-2", 8080, 300);
-    std::thread::sleep(Duration::from_millis(300));
     for (c, h) in agents.iter_mut().zip(hosts) {
-        let health =
-            palisade_agent::http::get_unix(&lab.state().state_dir.join(h).join("agent.sock"), "/health").unwrap();
-        let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+        // `/health` is what the agent last published (every 500 ms): wait
+        // for a report that includes the connections just opened.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let health = loop {
+            let health =
+                palisade_agent::http::get_unix(&lab.state().state_dir.join(h).join("agent.sock"), "/health").unwrap();
+            let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+            if health["state"]["journal"]["records"].as_u64() > Some(300) || Instant::now() >= deadline {
+                break health;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         assert_eq!(
             health["state"]["snapshots"]["written"], 1,
             "{h}: only the start's snapshot: {health}"
