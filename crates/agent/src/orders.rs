@@ -578,27 +578,30 @@ mod tests {
     /// A destination agent's control socket answering one import with `answer`.
     fn fake_peer(path: &Path, answer: &'static str) -> std::thread::JoinHandle<String> {
         let listener = UnixListener::bind(path).unwrap();
-        std::thread::spawn(move || {
-            let (mut s, _) = listener.accept().unwrap();
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut head = String::new();
-            let mut len = 0;
-            loop {
-                let mut line = String::new();
-                r.read_line(&mut line).unwrap();
-                if let Some(v) = line.strip_prefix("Content-Length: ") {
-                    len = v.trim().parse().unwrap();
-                }
-                if line == "\r\n" {
-                    break;
-                }
-                head.push_str(&line);
+        std::thread::spawn(move || answer_one(&listener, answer).0)
+    }
+
+    /// Accept one request on `listener`, answer it with `answer`; its head
+    /// (up to the blank line) and body.
+    fn answer_one(listener: &UnixListener, answer: &str) -> (String, Vec<u8>) {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let (mut head, mut len) = (String::new(), 0);
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            if let Some(v) = line.strip_prefix("Content-Length: ") {
+                len = v.trim().parse().unwrap();
             }
-            let mut body = vec![0; len];
-            r.read_exact(&mut body).unwrap();
-            s.write_all(answer.as_bytes()).unwrap();
-            head
-        })
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        s.write_all(answer.as_bytes()).unwrap();
+        (head, body)
     }
 
     /// A destination agent's control socket answering one request per
@@ -608,24 +611,7 @@ mod tests {
         std::thread::spawn(move || {
             let mut seen = Vec::new();
             for answer in answers {
-                let (mut s, _) = listener.accept().unwrap();
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let (mut head, mut len) = (String::new(), 0);
-                loop {
-                    let mut line = String::new();
-                    r.read_line(&mut line).unwrap();
-                    if let Some(v) = line.strip_prefix("Content-Length: ") {
-                        len = v.trim().parse().unwrap();
-                    }
-                    if line == "\r\n" {
-                        break;
-                    }
-                    head.push_str(&line);
-                }
-                let mut body = vec![0; len];
-                r.read_exact(&mut body).unwrap();
-                s.write_all(answer.as_bytes()).unwrap();
-                seen.push((head, body));
+                seen.push(answer_one(&listener, answer));
             }
             seen
         })
