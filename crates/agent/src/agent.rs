@@ -1066,21 +1066,7 @@ impl Agent {
         for (mut engine, p) in engines {
             engine.set_probe_key(probe_key.clone());
             ports = p;
-            workers.push(Arc::new(Mutex::new(WorkerCore {
-                engine,
-                identities: identities.clone(),
-                port_stats: Vec::new(),
-                overlay_stats: PortStats::default(),
-                unroutable: 0,
-                render_errors: 0,
-                quiesced: Vec::new(),
-                quiesced_drops: 0,
-                journal: None,
-                inline: None,
-                probe_out: Vec::new(),
-                takeover: None,
-                fast: None,
-            })));
+            workers.push(Arc::new(Mutex::new(WorkerCore::new(engine, identities.clone()))));
         }
         let t_sockets = t0.elapsed();
         let origin = Instant::now();
@@ -3575,26 +3561,12 @@ mod migration_inspection_tests {
 
     use super::{HashMap, VnicControl, WorkerCore};
     use crate::http::Control;
-    use palisade_io::port::PortStats;
 
     /// A one-worker host's control over `h`'s engine and inline inspection.
     fn control(h: Host, name: &str) -> VnicControl {
         let identities = Arc::new(h.identities);
-        let core = WorkerCore {
-            engine: h.engine,
-            identities,
-            port_stats: Vec::new(),
-            overlay_stats: PortStats::default(),
-            unroutable: 0,
-            render_errors: 0,
-            quiesced: Vec::new(),
-            quiesced_drops: 0,
-            journal: None,
-            inline: Some(h.inline),
-            probe_out: Vec::new(),
-            takeover: None,
-            fast: None,
-        };
+        let mut core = WorkerCore::new(h.engine, identities);
+        core.inline = Some(h.inline);
         VnicControl {
             workers: vec![Arc::new(Mutex::new(core))],
             origin: Instant::now(),

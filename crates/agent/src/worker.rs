@@ -124,6 +124,27 @@ pub(crate) struct WorkerCore {
 }
 
 impl WorkerCore {
+    /// A worker's core around `engine`, before it has run: no journal,
+    /// inline inspection, take-over count or fast path yet (the agent adds
+    /// what its configuration asks for), every tally at zero.
+    pub(crate) fn new(engine: Engine, identities: Arc<Identities>) -> WorkerCore {
+        WorkerCore {
+            engine,
+            identities,
+            port_stats: Vec::new(),
+            overlay_stats: PortStats::default(),
+            unroutable: 0,
+            render_errors: 0,
+            quiesced: Vec::new(),
+            quiesced_drops: 0,
+            journal: None,
+            inline: None,
+            probe_out: Vec::new(),
+            takeover: None,
+            fast: None,
+        }
+    }
+
     /// Fold what the kernel fast path forwarded into the engine now, for a
     /// reader of the connections (a snapshot, a state export, a migration's
     /// export) that must see it; with `pull_back`, that port's flows leave
